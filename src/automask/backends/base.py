@@ -1,0 +1,59 @@
+"""The backend protocol: a backend turns a decoded image and target prompts into scores, nothing more.
+
+Backends know nothing of HTTP, files, base64, thresholds, growing or rendering.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol, runtime_checkable
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Scores:
+    """What a backend returns for one image and N targets (or N detected instances).
+
+    maps:   N×H×W float32 in [0, 1], in original-image pixel coordinates (H, W of the input image).
+    labels: N target or instance labels.
+    kind:   "dense"     - a pixel of map i is selected iff maps[i] >= threshold (CLIPSeg-like score maps);
+            "instances" - instance i is kept iff scores[i] >= threshold, and then its pixels with
+                          maps[i] >= 0.5 are selected (detector + segmenter, e.g. Grounded-SAM).
+    scores: N float32 confidences (for "dense", the peak of each map).
+    boxes:  N×4 float32 boxes XYXY in original pixels, or None when the backend has no boxes.
+    """
+
+    maps: np.ndarray
+    labels: list[str]
+    kind: Literal["dense", "instances"] = "dense"
+    scores: np.ndarray | None = None
+    boxes: np.ndarray | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.maps.ndim != 3 or self.maps.shape[0] != len(self.labels):
+            raise ValueError(f"maps must be N×H×W with N={len(self.labels)}, got {self.maps.shape}")
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """A loaded model. `encode` once per image, then `score` any number of prompt lists against it."""
+
+    name: str
+    """Backend id, e.g. 'clipseg'."""
+
+    model_id: str
+    """What was loaded: a hub name or a local folder."""
+
+    def encode(self, image: np.ndarray) -> Any:
+        """Encode an H×W×3 uint8 RGB image; the result is opaque and passed back to `score`."""
+        ...
+
+    def score(self, features: Any, prompts: list[str], *, min_score: float = 0.0) -> Scores:
+        """Score `prompts` against encoded image features.
+
+        `min_score` is a hint: instances scoring below it may be dropped early to save work; the pipeline
+        still applies the threshold itself. Maps are at the original image size.
+        """
+        ...

@@ -1,0 +1,54 @@
+"""Backend registry: names -> factories. Factories import their heavy dependencies lazily."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from automask.backends.base import Backend
+from automask.errors import UnknownModelError
+from automask.settings import Settings
+
+Factory = Callable[[Path, Settings], Backend]
+"""Builds a loaded backend from a local model folder and the settings."""
+
+_FACTORIES: dict[str, Callable[[], Factory]] = {}
+_LOADED: dict[tuple[str, str, str], Backend] = {}
+_LOCK = threading.Lock()
+
+
+def register(name: str, loader: Callable[[], Factory]) -> None:
+    """Register backend `name`; `loader()` imports the backend module and returns its factory."""
+    _FACTORIES[name] = loader
+
+
+def backend_names() -> list[str]:
+    """Names of every registered backend, sorted."""
+    return sorted(_FACTORIES)
+
+
+def create(name: str, path: Path, settings: Settings) -> Backend:
+    """Load backend `name` from `path`, once per (backend, folder, device); later calls reuse it."""
+    if name not in _FACTORIES:
+        raise UnknownModelError(f"Unknown backend '{name}'. Valid backends: {', '.join(backend_names())}.")
+    key = (name, str(Path(path).resolve()), settings.device)
+    with _LOCK:
+        if key not in _LOADED:
+            _LOADED[key] = _FACTORIES[name]()(Path(path), settings)
+        return _LOADED[key]
+
+
+def clear_cache() -> None:
+    """Forget every loaded backend (tests, or to free memory)."""
+    with _LOCK:
+        _LOADED.clear()
+
+
+def _clipseg() -> Factory:
+    from automask.backends.clipseg import load
+
+    return load
+
+
+register("clipseg", _clipseg)

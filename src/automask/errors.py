@@ -1,0 +1,74 @@
+"""One error hierarchy for automask.
+
+Every error carries a message a user can act on. Front-ends (CLI, HTTP) map the classes to exit codes
+and HTTP status codes at the edge; nothing below them knows about either.
+"""
+
+from __future__ import annotations
+
+
+class AutomaskError(Exception):
+    """Base class of every error automask raises on purpose."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidOptionError(AutomaskError, ValueError):
+    """An option or parameter is missing, of the wrong type, or out of range (names the field)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}" if field else message)
+        self.field = field
+
+
+class ImageDecodeError(AutomaskError, ValueError):
+    """The input could not be read as an image."""
+
+
+class ImageTooLargeError(AutomaskError):
+    """The input exceeds a configured limit (bytes or pixels)."""
+
+
+class URLRefusedError(AutomaskError):
+    """An image URL was refused by the safety guard (scheme, or an internal address)."""
+
+
+class FetchError(AutomaskError):
+    """The image URL's server failed, or answered with an error."""
+
+
+class FetchTimeoutError(AutomaskError):
+    """Fetching the image URL ran past its time limit."""
+
+
+class InferenceTimeoutError(AutomaskError):
+    """Inference ran past its time limit."""
+
+
+class EmptyMaskError(AutomaskError):
+    """`stop_on_empty_mask` was set and nothing was selected."""
+
+
+class UnknownModelError(AutomaskError, LookupError):
+    """A model or backend name that automask does not know (the message lists the valid ones)."""
+
+
+class ModelNotAvailableError(AutomaskError):
+    """A known model that is not installed or cannot be loaded (the message says how to install it)."""
+
+
+class MissingDependencyError(AutomaskError, ImportError):
+    """An optional dependency is missing (the message names the `pip install` that fixes it)."""
+
+
+def require(module: str, extra: str) -> None:
+    """Raise `MissingDependencyError` naming `pip install "automask[extra]"` if `module` is missing."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise MissingDependencyError(
+            f"This feature needs the Python package '{module}'. "
+            f'Install it with: pip install "automask[{extra}]"'
+        )

@@ -1,0 +1,9 @@
+"""Image input: every accepted source -> H×W×3 uint8 RGB, EXIF orientation applied.
+
+Sources: a path, raw bytes, a PIL image, a numpy array, a bare base64 string, a `data:image/...;base64,`
+URI, or an http(s) URL (fetched through the guard in `fetch`).
+"""
+
+from automask.imageio.load import ImageSource, load_image
+
+__all__ = ["ImageSource", "load_image"]

@@ -1,0 +1,104 @@
+"""Validated options: one frozen object, checked once at the boundary, passed down typed.
+
+Names, types, defaults and ranges are those of the hosted API (see CONTRACT.md).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from automask.errors import InvalidOptionError
+
+SEED_MAX = 999_999_999_999_999
+
+
+class MaskOptions(BaseModel):
+    """How a mask is selected and rendered.
+
+    Order of operations: score -> threshold -> grow -> invert -> render.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    threshold: float = Field(0.2, ge=0.0, le=1.0, description="Score below which nothing is selected.")
+    grow_mask: int = Field(10, ge=0, le=100, description="Grow the selection by this many original pixels.")
+    invert_mask: bool = Field(False, description="Invert the selection, after growing.")
+    return_mask: bool = Field(True, description="True: output the mask. False: output a tinted preview.")
+    return_alpha: bool = Field(False, description="Output an RGBA cut-out (takes precedence).")
+    stop_on_empty_mask: bool = Field(False, description="Fail with an error when nothing is selected.")
+    seed: int = Field(-1, ge=-1, le=SEED_MAX, description="Accepted and echoed; masking is deterministic.")
+
+    @field_validator("threshold", mode="before")
+    @classmethod
+    def _no_bool_threshold(cls, v: Any) -> Any:
+        if isinstance(v, bool):
+            raise ValueError("must be a number between 0 and 1, not a boolean")
+        return v
+
+    @field_validator("grow_mask", "seed", mode="before")
+    @classmethod
+    def _integral(cls, v: Any) -> Any:
+        if isinstance(v, float) and v.is_integer():
+            return int(v)
+        return v
+
+    @property
+    def output_kind(self) -> str:
+        """'alpha', 'mask' or 'preview': what `render` produces."""
+        if self.return_alpha:
+            return "alpha"
+        return "mask" if self.return_mask else "preview"
+
+    @classmethod
+    def parse(cls, data: dict[str, Any] | None = None, *, strict: bool = True, **kwargs: Any) -> MaskOptions:
+        """Validate `data` (and keyword overrides); raise `InvalidOptionError` naming the first bad field.
+
+        `strict=False` accepts strings such as "0.3" or "true", as form fields and the command line send them.
+        """
+        merged = {**(data or {}), **kwargs}
+        try:
+            return cls.model_validate(merged, strict=strict)
+        except ValidationError as exc:
+            raise validation_error(exc) from None
+
+
+def validation_error(exc: ValidationError) -> InvalidOptionError:
+    """Turn a pydantic error into one `InvalidOptionError` naming the first offending field."""
+    err = exc.errors()[0]
+    field = ".".join(str(p) for p in err["loc"]) or "body"
+    if err["type"] == "extra_forbidden":
+        return InvalidOptionError(field, "unknown field")
+    if err["type"] == "missing":
+        return InvalidOptionError(field, "this field is required")
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    return InvalidOptionError(field, msg)
+
+
+_SPLIT = re.compile(r"\s*,\s*|\s+\.\s+|\s*\.\s*$|^\s*\.\s*")
+
+
+def parse_prompt(prompt: str | list[str]) -> list[str]:
+    """Split a prompt into its targets: "sofa, lamp" and "sofa . lamp ." both give ["sofa", "lamp"].
+
+    Duplicates are dropped, order is kept. Raises `InvalidOptionError` if nothing is left.
+    """
+    if isinstance(prompt, list):
+        parts = [p for item in prompt for p in parse_prompt_parts(item)]
+    elif isinstance(prompt, str):
+        parts = parse_prompt_parts(prompt)
+    else:
+        raise InvalidOptionError("prompt", "must be a string")
+    targets = list(dict.fromkeys(parts))
+    if not targets:
+        raise InvalidOptionError("prompt", "must name at least one thing to select, e.g. 'sofa' or 'sofa, lamp'")
+    return targets
+
+
+def parse_prompt_parts(prompt: str) -> list[str]:
+    """Split one prompt string on ',' and ' . ' separators; blanks are dropped."""
+    if not isinstance(prompt, str):
+        raise InvalidOptionError("prompt", "must be a string")
+    return [p.strip() for p in _SPLIT.split(prompt) if p and p.strip()]

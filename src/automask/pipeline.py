@@ -1,0 +1,204 @@
+"""The one library call: image + prompt + options -> `MaskResult`.
+
+input -> backend.encode (cached per image) -> backend.score -> threshold -> grow -> invert -> render.
+The CLI, the HTTP service and the web page all call `MaskGenerator.generate`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections import OrderedDict
+from typing import Any
+
+import numpy as np
+
+from automask import postprocess as pp
+from automask.backends import registry
+from automask.backends.base import Backend, Scores
+from automask.errors import EmptyMaskError
+from automask.imageio import ImageSource, load_image
+from automask.models import resolve
+from automask.options import MaskOptions, parse_prompt
+from automask.result import Detection, MaskResult
+from automask.settings import Settings
+
+
+class FeatureCache:
+    """A small LRU of encoded image features keyed by (backend, image content), thread-safe."""
+
+    def __init__(self, max_items: int = 4) -> None:
+        self.max_items = max_items
+        self._items: OrderedDict[tuple[str, bytes], Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def key(backend: Backend, image: np.ndarray) -> tuple[str, bytes]:
+        h = hashlib.blake2b(image.tobytes(), digest_size=16)
+        h.update(repr(image.shape).encode())
+        return (f"{backend.name}:{backend.model_id}:{id(backend)}", h.digest())
+
+    def get(self, key: tuple[str, bytes]) -> Any | None:
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+        return None
+
+    def put(self, key: tuple[str, bytes], value: Any) -> None:
+        if self.max_items <= 0:
+            return
+        with self._lock:
+            self._items[key] = value
+            self._items.move_to_end(key)
+            while len(self._items) > self.max_items:
+                self._items.popitem(last=False)
+
+
+class MaskGenerator:
+    """Keeps a model loaded and answers any number of masking calls.
+
+    `model` is a catalogue name ('clipseg'), a local model folder, an already loaded `Backend`, or None
+    for the default (AUTOMASK_MODEL, else the first installed model).
+    """
+
+    def __init__(
+        self, model: str | Backend | None = None, settings: Settings | None = None, cache_size: int = 4
+    ) -> None:
+        self.settings = settings or Settings()
+        if isinstance(model, str) or model is None:
+            found = resolve(model, self.settings)
+            self.backend: Backend = registry.create(found.backend, found.path, self.settings)
+        else:
+            self.backend = model
+        self.cache = FeatureCache(cache_size)
+
+    def generate(
+        self, image: ImageSource, prompt: str | list[str], options: MaskOptions | None = None, **kwargs: Any
+    ) -> MaskResult:
+        """Mask what `prompt` names in `image`.
+
+        `options` (or keyword options such as threshold=0.3, grow_mask=5) are validated here.
+        Raises `EmptyMaskError` when `stop_on_empty_mask` is set and nothing is selected.
+        """
+        opts = MaskOptions.parse(options.model_dump() if options else None, **kwargs) if kwargs else options
+        opts = opts or MaskOptions()
+        prompts = parse_prompt(prompt)
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        rgb = load_image(image, self.settings)
+        timings["decode"] = time.perf_counter() - t0
+        scores = self._score(rgb, prompts, opts.threshold, timings)
+        return finish(rgb, scores, prompts, opts, self.backend, timings, t0)
+
+    def _score(self, rgb: np.ndarray, prompts: list[str], threshold: float, timings: dict[str, float]) -> Scores:
+        t = time.perf_counter()
+        key = self.cache.key(self.backend, rgb)
+        features = self.cache.get(key)
+        if features is None:
+            features = self.backend.encode(rgb)
+            self.cache.put(key, features)
+            timings["encode"] = time.perf_counter() - t
+        else:
+            timings["encode"] = 0.0
+        t = time.perf_counter()
+        scores = self.backend.score(features, prompts, min_score=threshold)
+        timings["score"] = time.perf_counter() - t
+        return scores
+
+
+def finish(
+    rgb: np.ndarray,
+    scores: Scores,
+    prompts: list[str],
+    opts: MaskOptions,
+    backend: Backend,
+    timings: dict[str, float],
+    t0: float,
+) -> MaskResult:
+    """Threshold, grow, invert and render `scores` for image `rgb` (H×W×3 uint8) into a `MaskResult`."""
+    t = time.perf_counter()
+    instance_masks, detections = _instances(scores, opts.threshold)
+    selected = pp.select(scores, opts.threshold)
+    empty = not selected.any()
+    if empty and opts.stop_on_empty_mask:
+        raise EmptyMaskError(
+            f"Nothing matching {', '.join(repr(p) for p in prompts)} was found at threshold {opts.threshold}. "
+            "Try a lower threshold or another prompt."
+        )
+    selected = pp.grow(selected, opts.grow_mask)
+    if opts.invert_mask:
+        selected = pp.invert(selected)
+    mask = pp.to_uint8(selected)
+    timings["postprocess"] = time.perf_counter() - t
+    t = time.perf_counter()
+    output = pp.render(rgb, mask, opts.output_kind)
+    timings["render"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - t0
+    return MaskResult(
+        mask=mask,
+        output=output,
+        kind=opts.output_kind,
+        prompts=prompts,
+        backend=backend.name,
+        model=backend.model_id,
+        detections=detections,
+        instance_masks=instance_masks,
+        timings=timings,
+        empty=empty,
+        seed=opts.seed,
+    )
+
+
+def _instances(scores: Scores, threshold: float) -> tuple[list[np.ndarray], list[Detection]]:
+    """Per-instance uint8 masks and detections that pass the threshold (before grow/invert)."""
+    masks: list[np.ndarray] = []
+    dets: list[Detection] = []
+    for i, label in enumerate(scores.labels):
+        m = scores.maps[i]
+        if scores.kind == "dense":
+            sel = m >= threshold
+            score = float(m.max()) if m.size else 0.0
+        else:
+            assert scores.scores is not None
+            score = float(scores.scores[i])
+            if score < threshold:
+                continue
+            sel = m >= 0.5
+        if scores.kind == "dense" and not sel.any():
+            continue
+        box = tuple(float(v) for v in scores.boxes[i]) if scores.boxes is not None else _box_of(sel)
+        masks.append(pp.to_uint8(sel))
+        dets.append(Detection(label=label, score=score, box=box, area=int(np.count_nonzero(sel))))  # type: ignore[arg-type]
+    return masks, dets
+
+
+def _box_of(mask: np.ndarray) -> tuple[float, float, float, float] | None:
+    """Tight XYXY box (pixels, exclusive max) of an H×W bool mask, or None if empty."""
+    ys, xs = np.nonzero(mask)
+    if ys.size == 0:
+        return None
+    return (float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1))
+
+
+_DEFAULT: dict[tuple[str | None, Settings], MaskGenerator] = {}
+_DEFAULT_LOCK = threading.Lock()
+
+
+def generate(
+    image: ImageSource,
+    prompt: str | list[str],
+    *,
+    model: str | None = None,
+    settings: Settings | None = None,
+    **options: Any,
+) -> MaskResult:
+    """One-shot helper: `MaskGenerator(model, settings).generate(image, prompt, **options)`, the generator
+    kept for later calls with the same model and settings."""
+    settings = settings or Settings()
+    with _DEFAULT_LOCK:
+        gen = _DEFAULT.get((model, settings))
+        if gen is None:
+            gen = _DEFAULT[(model, settings)] = MaskGenerator(model, settings)
+    return gen.generate(image, prompt, **options)

@@ -1,0 +1,86 @@
+"""The typed result of one masking call."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+
+@dataclass(frozen=True)
+class Detection:
+    """One scored target or instance. `box` is XYXY in original pixels, or None; `area` in pixels."""
+
+    label: str
+    score: float
+    box: tuple[float, float, float, float] | None
+    area: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"label": self.label, "score": round(self.score, 6), "box": self.box, "area": self.area}
+
+
+@dataclass(frozen=True)
+class MaskResult:
+    """mask:   H×W uint8, 255 = selected, in original (EXIF-upright) image coordinates, after grow/invert.
+    output: the rendered output: H×W uint8 (mask), H×W×4 uint8 RGBA (alpha) or H×W×3 uint8 RGB (preview).
+    kind:   'mask', 'alpha' or 'preview'.
+    instance_masks: one H×W uint8 mask per detection (thresholded, before grow/invert).
+    timings: seconds per stage ('decode', 'encode', 'score', 'postprocess', 'render', 'total').
+    """
+
+    mask: np.ndarray
+    output: np.ndarray
+    kind: str
+    prompts: list[str]
+    backend: str
+    model: str
+    detections: list[Detection]
+    instance_masks: list[np.ndarray] = field(repr=False)
+    timings: dict[str, float]
+    empty: bool
+    """True when nothing was selected (before invert)."""
+    seed: int = -1
+
+    @property
+    def width(self) -> int:
+        return int(self.mask.shape[1])
+
+    @property
+    def height(self) -> int:
+        return int(self.mask.shape[0])
+
+    @property
+    def image(self) -> Image.Image:
+        """The rendered output as a PIL image (mode 'L', 'RGBA' or 'RGB')."""
+        return Image.fromarray(self.output)
+
+    def to_png(self) -> bytes:
+        """The rendered output encoded as PNG bytes."""
+        return encode_png(self.output)
+
+    def metadata(self) -> dict[str, Any]:
+        """JSON-ready facts about the result (no image data)."""
+        return {
+            "width": self.width,
+            "height": self.height,
+            "kind": self.kind,
+            "prompts": self.prompts,
+            "backend": self.backend,
+            "model": self.model,
+            "seed": self.seed,
+            "empty": self.empty,
+            "selected_pixels": int(np.count_nonzero(self.mask)),
+            "detections": [d.to_dict() for d in self.detections],
+            "timings": {k: round(v, 6) for k, v in self.timings.items()},
+        }
+
+
+def encode_png(array: np.ndarray, compress_level: int = 1) -> bytes:
+    """Encode an H×W, H×W×3 or H×W×4 uint8 array as PNG bytes (fast compression by default)."""
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG", compress_level=compress_level)
+    return buf.getvalue()

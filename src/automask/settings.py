@@ -1,0 +1,33 @@
+"""One settings object, read when asked for (never at import): `AUTOMASK_*` environment variables, then flags."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _default_data_dir() -> Path:
+    return Path.home() / ".cache" / "automask"
+
+
+class Settings(BaseSettings):
+    """Process-wide settings. Construct with `Settings()` to read the environment, or pass overrides."""
+
+    model_config = SettingsConfigDict(env_prefix="AUTOMASK_", extra="ignore", frozen=True)
+
+    data_dir: Path = Field(default_factory=_default_data_dir, description="Models, keys database, job results.")
+    model: str | None = Field(None, description="Model name (e.g. 'clipseg') or a local folder; None: the default.")
+    device: str = Field("cpu", description="Torch device for torch backends ('cpu', 'cuda', 'cuda:1').")
+    allow_private_urls: bool = Field(False, description="Let image URLs reach private/loopback addresses.")
+    fetch_timeout: float = Field(10.0, gt=0, description="Seconds allowed to fetch an image URL.")
+    max_image_bytes: int = Field(32 * 1024 * 1024, gt=0, description="Largest encoded image accepted, in bytes.")
+    max_image_pixels: int = Field(40_000_000, gt=0, description="Largest decoded image accepted, in pixels.")
+    max_redirects: int = Field(3, ge=0, le=10, description="Redirects followed when fetching an image URL.")
+    threads: int | None = Field(None, ge=1, description="CPU threads for inference; None: all cores.")
+
+    @property
+    def models_dir(self) -> Path:
+        """Where `automask models pull` stores weights: `<data_dir>/models`."""
+        return self.data_dir / "models"

@@ -1,0 +1,69 @@
+"""Shared fixtures: tiny random models in temp folders, real photos from scikit-image, isolated settings."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from automask.settings import Settings
+from tiny_models import make_tiny_clipseg
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """No test sees the user's AUTOMASK_* settings or reaches a model hub."""
+    import os
+
+    for key in list(os.environ):
+        if key.startswith("AUTOMASK_"):
+            monkeypatch.delenv(key)
+    monkeypatch.setenv("AUTOMASK_DATA_DIR", str(tmp_path_factory.mktemp("data")))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_clipseg_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder holding a tiny random CLIPSeg checkpoint + processor (save_pretrained layout)."""
+    return make_tiny_clipseg(tmp_path_factory.mktemp("tiny-clipseg"))
+
+
+@pytest.fixture()
+def settings(tmp_path: Path) -> Settings:
+    """Settings with a fresh data folder."""
+    return Settings(data_dir=tmp_path / "data")
+
+
+@pytest.fixture(scope="session")
+def astronaut() -> np.ndarray:
+    """skimage's astronaut: 512×512×3 uint8 RGB."""
+    from skimage import data
+
+    return np.ascontiguousarray(data.astronaut())
+
+
+@pytest.fixture(scope="session")
+def coffee() -> np.ndarray:
+    """skimage's coffee: 400×600×3 uint8 RGB."""
+    from skimage import data
+
+    return np.ascontiguousarray(data.coffee())
+
+
+@pytest.fixture(scope="session")
+def chelsea() -> np.ndarray:
+    """skimage's chelsea (a cat): 300×451×3 uint8 RGB."""
+    from skimage import data
+
+    return np.ascontiguousarray(data.chelsea())
+
+
+def jpeg_bytes(image: np.ndarray, quality: int = 90) -> bytes:
+    """Encode an H×W×3 uint8 array as JPEG bytes."""
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
