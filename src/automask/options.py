@@ -41,6 +41,8 @@ class MaskOptions(BaseModel):
     @field_validator("grow_mask", "seed", mode="before")
     @classmethod
     def _integral(cls, v: Any) -> Any:
+        if isinstance(v, bool):
+            raise ValueError("must be an integer, not a boolean")
         if isinstance(v, float) and v.is_integer():
             return int(v)
         return v
@@ -77,7 +79,8 @@ def validation_error(exc: ValidationError) -> InvalidOptionError:
     return InvalidOptionError(field, msg)
 
 
-_SPLIT = re.compile(r"\s*,\s*|\s+\.\s+|\s*\.\s*$|^\s*\.\s*")
+_STANDALONE_DOTS = re.compile(r"(?<!\S)\.+(?!\S)")
+"""A run of dots with whitespace (or the string's ends) on both sides: "sofa . lamp", ". sofa", "sofa ."."""
 
 
 def parse_prompt(prompt: str | list[str]) -> list[str]:
@@ -98,7 +101,13 @@ def parse_prompt(prompt: str | list[str]) -> list[str]:
 
 
 def parse_prompt_parts(prompt: str) -> list[str]:
-    """Split one prompt string on ',' and ' . ' separators; blanks are dropped."""
+    """Split one prompt string on ',' and standalone '.' separators; blanks are dropped.
+
+    A '.' inside a word or number is kept ("3.5 inch floppy", "Mr. Smith"); one '.' ending a target is
+    dropped ("sofa." is "sofa"); runs of whitespace inside a target become one space.
+    """
     if not isinstance(prompt, str):
         raise InvalidOptionError("prompt", "must be a string")
-    return [p.strip() for p in _SPLIT.split(prompt) if p and p.strip()]
+    parts = (p for chunk in prompt.split(",") for p in _STANDALONE_DOTS.split(chunk))
+    targets = (" ".join(p.split()).removesuffix(".").rstrip() for p in parts)
+    return [t for t in targets if t]

@@ -10,6 +10,7 @@ import hashlib
 import threading
 import time
 from collections import OrderedDict
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -19,9 +20,10 @@ from automask.backends import registry
 from automask.backends.base import Backend, Scores
 from automask.errors import EmptyMaskError
 from automask.imageio import ImageSource, load_image
-from automask.models import resolve
+from automask.models import EMBEDDED, ResolvedModel
 from automask.options import MaskOptions, parse_prompt
 from automask.result import Detection, MaskResult
+from automask.routing import Route, Target, plan_models, route
 from automask.settings import Settings
 
 
@@ -57,21 +59,34 @@ class FeatureCache:
 
 
 class MaskGenerator:
-    """Keeps a model loaded and answers any number of masking calls.
+    """Keeps its models loaded and answers any number of masking calls.
 
-    `model` is a catalogue name ('clipseg'), a local model folder, an already loaded `Backend`, or None
-    for the default (AUTOMASK_MODEL, else the first installed model).
+    `model` is a catalogue name ('clipseg', 'subject'), a local model folder, an already loaded `Backend`
+    (used alone), or None for the default: AUTOMASK_MODEL, else the installed open-vocabulary model, else the
+    embedded 'subject' model. Beside an open-vocabulary model, the embedded model (when installed, and
+    `settings.route_embedded`) answers the words of `automask.routing.VOCABULARY`; see `automask.routing`.
     """
 
     def __init__(
         self, model: str | Backend | None = None, settings: Settings | None = None, cache_size: int = 4
     ) -> None:
         self.settings = settings or Settings()
+        self.open: Backend | None = None
+        """The open-vocabulary backend, or None (the embedded model alone)."""
+        self.embedded: Backend | None = None
+        """The embedded 'subject' backend, or None."""
         if isinstance(model, str) or model is None:
-            found = resolve(model, self.settings)
-            self.backend: Backend = registry.create(found.backend, found.path, self.settings)
+            plan = plan_models(model, self.settings)
+            self.open = _load(plan.open, self.settings)
+            self.embedded = _load(plan.embedded, self.settings)
+        elif model.name == EMBEDDED:
+            self.embedded = model
         else:
-            self.backend = model
+            self.open = model
+        primary = self.open or self.embedded
+        assert primary is not None
+        self.backend: Backend = primary
+        """The main backend: the open-vocabulary one when there is one."""
         self.cache = FeatureCache(cache_size)
 
     def generate(
@@ -80,47 +95,100 @@ class MaskGenerator:
         """Mask what `prompt` names in `image`.
 
         `options` (or keyword options such as threshold=0.3, grow_mask=5) are validated here.
-        Raises `EmptyMaskError` when `stop_on_empty_mask` is set and nothing is selected.
+        Raises `EmptyMaskError` when `stop_on_empty_mask` is set and nothing is selected, and
+        `ModelNotAvailableError` for a target that none of the loaded models can serve.
         """
         opts = MaskOptions.parse(options.model_dump() if options else None, **kwargs) if kwargs else options
         opts = opts or MaskOptions()
         prompts = parse_prompt(prompt)
-        timings: dict[str, float] = {}
+        plan = route(prompts, embedded=self.embedded is not None, open_vocab=self.open is not None)
+        timings: dict[str, float] = {"encode": 0.0, "score": 0.0}
         t0 = time.perf_counter()
         rgb = load_image(image, self.settings)
         timings["decode"] = time.perf_counter() - t0
-        scores = self._score(rgb, prompts, opts.threshold, timings)
-        return finish(rgb, scores, prompts, opts, self.backend, timings, t0)
+        parts: list[Part] = []
+        if plan.open:
+            assert self.open is not None
+            parts.append(Part(self._score(self.open, rgb, list(plan.open), opts.threshold, timings), self.open))
+        if plan.embedded or plan.background:
+            assert self.embedded is not None
+            parts += self._embedded_parts(rgb, plan, opts.threshold, timings)
+        return finish(rgb, parts, prompts, opts, self.backend, timings, t0)
 
-    def _score(self, rgb: np.ndarray, prompts: list[str], threshold: float, timings: dict[str, float]) -> Scores:
+    def _embedded_parts(self, rgb: np.ndarray, plan: Route, threshold: float, timings: dict[str, float]) -> list[Part]:
+        """Subject/person targets as scored; background targets as the complement of the subject selection."""
+        assert self.embedded is not None
+        parts = []
+        if plan.embedded:
+            parts.append(Part(self._score(self.embedded, rgb, list(plan.embedded), threshold, timings), self.embedded))
+        if plan.background:
+            subject = self._score(self.embedded, rgb, [Target.SUBJECT.value] * len(plan.background), threshold, timings)
+            relabelled = replace(subject, labels=list(plan.background))
+            parts.append(Part(relabelled, self.embedded, complement=True))
+        return parts
+
+    def _score(
+        self, backend: Backend, rgb: np.ndarray, prompts: list[str], threshold: float, timings: dict[str, float]
+    ) -> Scores:
         t = time.perf_counter()
-        key = self.cache.key(self.backend, rgb)
+        key = self.cache.key(backend, rgb)
         features = self.cache.get(key)
         if features is None:
-            features = self.backend.encode(rgb)
+            features = backend.encode(rgb)
             self.cache.put(key, features)
-            timings["encode"] = time.perf_counter() - t
-        else:
-            timings["encode"] = 0.0
+            timings["encode"] += time.perf_counter() - t
         t = time.perf_counter()
-        scores = self.backend.score(features, prompts, min_score=threshold)
-        timings["score"] = time.perf_counter() - t
+        scores = backend.score(features, prompts, min_score=threshold)
+        timings["score"] += time.perf_counter() - t
         return scores
+
+
+def _load(found: ResolvedModel | None, settings: Settings) -> Backend | None:
+    return registry.create(found.backend, found.path, settings) if found is not None else None
+
+
+@dataclass(frozen=True)
+class Part:
+    """The scores of some targets and the backend that made them.
+
+    complement: select where the maps do NOT select at the threshold. "background" is scored as the subject
+    map with complement=True, so it is exactly the inverse of the subject selection for any threshold.
+    """
+
+    scores: Scores
+    backend: Backend
+    complement: bool = False
+
+    def select(self, threshold: float) -> np.ndarray:
+        """H×W bool: the union of this part's selected pixels."""
+        selected = pp.select(self.scores, threshold)
+        return ~selected if self.complement else selected
 
 
 def finish(
     rgb: np.ndarray,
-    scores: Scores,
+    scores: Scores | list[Part],
     prompts: list[str],
     opts: MaskOptions,
     backend: Backend,
     timings: dict[str, float],
     t0: float,
 ) -> MaskResult:
-    """Threshold, grow, invert and render `scores` for image `rgb` (H×W×3 uint8) into a `MaskResult`."""
+    """Threshold, grow, invert and render `scores` for image `rgb` (H×W×3 uint8) into a `MaskResult`.
+
+    `scores`: one backend's `Scores`, or the `Part`s of several backends (their selections are unioned).
+    """
     t = time.perf_counter()
-    instance_masks, detections = _instances(scores, opts.threshold)
-    selected = pp.select(scores, opts.threshold)
+    parts = [Part(scores, backend)] if isinstance(scores, Scores) else scores
+    h, w = rgb.shape[:2]
+    selected = np.zeros((h, w), dtype=bool)
+    instance_masks: list[np.ndarray] = []
+    detections: list[Detection] = []
+    for part in parts:
+        selected |= part.select(opts.threshold)
+        masks, dets = _instances(part.scores, opts.threshold, complement=part.complement)
+        instance_masks += masks
+        detections += dets
     empty = not selected.any()
     if empty and opts.stop_on_empty_mask:
         raise EmptyMaskError(
@@ -136,13 +204,15 @@ def finish(
     output = pp.render(rgb, mask, opts.output_kind)
     timings["render"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
+    used = list(dict.fromkeys((p.backend.name, p.backend.model_id) for p in parts))
+    used = used or [(backend.name, backend.model_id)]
     return MaskResult(
         mask=mask,
         output=output,
         kind=opts.output_kind,
         prompts=prompts,
-        backend=backend.name,
-        model=backend.model_id,
+        backend="+".join(name for name, _ in used),
+        model="+".join(model for _, model in used),
         detections=detections,
         instance_masks=instance_masks,
         timings=timings,
@@ -151,8 +221,13 @@ def finish(
     )
 
 
-def _instances(scores: Scores, threshold: float) -> tuple[list[np.ndarray], list[Detection]]:
-    """Per-instance uint8 masks and detections that pass the threshold (before grow/invert)."""
+def _instances(
+    scores: Scores, threshold: float, *, complement: bool = False
+) -> tuple[list[np.ndarray], list[Detection]]:
+    """Per-instance uint8 masks and detections that pass the threshold (before grow/invert).
+
+    complement: each dense map selects where it is below the threshold (its score is then 1 - its minimum).
+    """
     masks: list[np.ndarray] = []
     dets: list[Detection] = []
     for i, label in enumerate(scores.labels):
@@ -160,6 +235,8 @@ def _instances(scores: Scores, threshold: float) -> tuple[list[np.ndarray], list
         if scores.kind == "dense":
             sel = m >= threshold
             score = float(m.max()) if m.size else 0.0
+            if complement:
+                sel, score = ~sel, (1.0 - float(m.min()) if m.size else 0.0)
         else:
             assert scores.scores is not None
             score = float(scores.scores[i])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -26,6 +27,13 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(40_000_000, gt=0, description="Largest decoded image accepted, in pixels.")
     max_redirects: int = Field(3, ge=0, le=10, description="Redirects followed when fetching an image URL.")
     threads: int | None = Field(None, ge=1, description="CPU threads for inference; None: all cores.")
+    route_embedded: bool = Field(
+        True, description="With an open-vocabulary model, send subject/person/background words to the embedded model."
+    )
+    runtime: Literal["auto", "onnx", "torch"] = Field(
+        "auto", description="CLIPSeg runtime. auto: ONNX Runtime when the model has an ONNX export (CPU), else torch."
+    )
+    int8: bool = Field(False, description="Use the int8 (dynamically quantized) ONNX export; not validated.")
 
     @property
     def models_dir(self) -> Path:

@@ -52,3 +52,12 @@ def _clipseg() -> Factory:
 
 
 register("clipseg", _clipseg)
+
+
+def _subject() -> Factory:
+    from automask.backends.subject import load
+
+    return load
+
+
+register("subject", _subject)

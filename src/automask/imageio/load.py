@@ -1,63 +1,160 @@
-"""Dispatch an image source to the right reader. (Minimal version; see decode.py / fetch.py.)"""
+"""Dispatch an image source to the right reader: every accepted source -> H×W×3 uint8 RGB.
+
+A string is, in this order: an http(s) URL (fetched through the guard in `fetch`), a `data:` URI, an existing
+file, or bare base64 image data. Any other `scheme://` string is a refused URL; anything else is an error that
+says which of these it is not ("No such file: ..." when it looks like a path).
+"""
 
 from __future__ import annotations
 
 import base64
 import binascii
-import io
+import re
 from pathlib import Path
-from typing import Union
+from typing import BinaryIO
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
-from automask.errors import ImageDecodeError
+from automask.errors import ImageDecodeError, URLRefusedError
+from automask.imageio.decode import array_to_rgb, check_encoded_size, decode_image, pil_to_rgb
 from automask.settings import Settings
 
-ImageSource = Union[str, bytes, Path, Image.Image, np.ndarray]
+ImageSource = str | Path | bytes | bytearray | memoryview | Image.Image | np.ndarray | BinaryIO
+
+_SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
+_DATA_URI = re.compile(r"^data:([^,;]*)((?:;[^,;]*)*?),", re.IGNORECASE)
+_MAX_PATH_CHARS = 1024
+_KINDS = "An image string must be an existing file, an http(s) URL, a data:image/...;base64, URI or base64 image data."
 
 
 def load_image(source: ImageSource, settings: Settings | None = None) -> np.ndarray:
-    """Read `source` into an H×W×3 uint8 RGB array (EXIF orientation applied)."""
+    """Read `source` into an H×W×3 uint8 RGB array (rows top to bottom as displayed: EXIF orientation applied).
+
+    `source`: a path (str or Path), encoded bytes (bytes, bytearray, memoryview), a binary file object
+    (e.g. `sys.stdin.buffer` or an upload's file), a PIL image (its current frame), a numpy array (H×W, H×W×1,
+    H×W×3 RGB or H×W×4 RGBA), a bare base64 string, a `data:image/...;base64,` URI, or an http(s) URL.
+    Raises ImageDecodeError, ImageTooLargeError, URLRefusedError, FetchError or FetchTimeoutError.
+    """
     settings = settings or Settings()
     if isinstance(source, np.ndarray):
-        return _from_array(source)
+        return array_to_rgb(source, settings)
     if isinstance(source, Image.Image):
-        return np.asarray(ImageOps.exif_transpose(source).convert("RGB"))
+        return pil_to_rgb(source, settings)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return decode_image(bytes(source), settings)
     if isinstance(source, Path):
-        return decode_bytes(source.read_bytes())
-    if isinstance(source, bytes):
-        return decode_bytes(source)
+        return decode_image(read_file(source, settings), settings)
     if isinstance(source, str):
-        if source.startswith("data:"):
-            return decode_bytes(_b64(source.partition(",")[2]))
-        if Path(source).is_file():
-            return decode_bytes(Path(source).read_bytes())
-        return decode_bytes(_b64(source))
-    raise ImageDecodeError(f"Unsupported image source of type {type(source).__name__}.")
+        return _from_string(source, settings)
+    if hasattr(source, "read"):
+        return decode_image(read_stream(source, settings), settings)
+    raise ImageDecodeError(
+        f"Unsupported image source of type {type(source).__name__}: pass a path, URL, bytes, base64 string, "
+        "PIL image or numpy array."
+    )
 
 
-def _b64(text: str) -> bytes:
+def read_stream(stream: BinaryIO, settings: Settings) -> bytes:
+    """Read a binary stream, at most `settings.max_image_bytes` bytes (one more to detect overflow)."""
+    data = stream.read(settings.max_image_bytes + 1)
+    if not isinstance(data, bytes):
+        raise ImageDecodeError("The image stream must be opened in binary mode (it returned text).")
+    check_encoded_size(len(data), settings)
+    return data
+
+
+def read_file(path: Path, settings: Settings) -> bytes:
+    """The bytes of the image file at `path` (size checked before reading); clear errors for missing files."""
+    path = path.expanduser()
     try:
-        return base64.b64decode(text, validate=True)
+        check_encoded_size(path.stat().st_size, settings)
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise ImageDecodeError(f"No such file: {_short(str(path))}") from None
+    except IsADirectoryError:
+        raise ImageDecodeError(f"{_short(str(path))} is a folder, not an image file.") from None
+    except PermissionError:
+        raise ImageDecodeError(f"Cannot read {_short(str(path))}: permission denied.") from None
+    except OSError as exc:
+        raise ImageDecodeError(f"Cannot read {_short(str(path))}: {exc.strerror or exc}.") from None
+
+
+def _from_string(text: str, settings: Settings) -> np.ndarray:
+    scheme = _SCHEME.match(text)
+    if scheme and scheme.group(1).lower() in ("http", "https"):
+        from automask.imageio.fetch import fetch_url  # httpx is imported only when a URL is given
+
+        return decode_image(fetch_url(text, settings), settings)
+    if scheme:
+        raise URLRefusedError(
+            f"Refused the image URL {_short(text)}: only http:// and https:// URLs are fetched "
+            f"(got {scheme.group(1)}://). Pass a local path or the image data instead."
+        )
+    if not text.strip():
+        raise ImageDecodeError(f"The image string is empty. {_KINDS}")
+    if text[:5].lower() == "data:":
+        return decode_image(decode_data_uri(text, settings), settings)
+    if _is_existing_path(text):
+        return decode_image(read_file(Path(text), settings), settings)
+    data = decode_base64(text, settings)
+    if data is None:
+        if _may_be_path(text):
+            raise ImageDecodeError(f"No such file: {_short(text)}. {_KINDS}")
+        raise ImageDecodeError(f"The image string is not valid base64. {_KINDS}")
+    try:
+        return decode_image(data, settings)
+    except ImageDecodeError:
+        if _may_be_path(text) and len(text) < 64:  # too short for base64 image data: most likely a path
+            raise ImageDecodeError(f"No such file: {_short(text)}. {_KINDS}") from None
+        raise
+
+
+def decode_data_uri(uri: str, settings: Settings) -> bytes:
+    """The bytes of a `data:[<media type>][;params];base64,<data>` URI (only base64 data URIs hold images)."""
+    match = _DATA_URI.match(uri)
+    if match is None:
+        raise ImageDecodeError("The data: URI is malformed; expected data:image/png;base64,<data>.")
+    media_type = match.group(1).strip().lower()
+    params = [p.strip().lower() for p in match.group(2).split(";") if p.strip()]
+    if "base64" not in params:
+        raise ImageDecodeError("The data: URI must be base64-encoded (data:image/png;base64,<data>).")
+    if media_type and not media_type.startswith("image/") and media_type != "application/octet-stream":
+        raise ImageDecodeError(f"The data: URI holds {media_type!r}, not an image.")
+    data = decode_base64(uri[match.end() :], settings)
+    if data is None:
+        raise ImageDecodeError("The data: URI's payload is not valid base64.")
+    return data
+
+
+def decode_base64(text: str, settings: Settings) -> bytes | None:
+    """Decode standard or URL-safe base64 (whitespace and missing padding tolerated); None if it is not base64."""
+    compact = "".join(text.split())
+    check_encoded_size(len(compact) * 3 // 4, settings)
+    if not compact:
+        return None
+    if "-" in compact or "_" in compact:
+        compact = compact.replace("-", "+").replace("_", "/")
+    compact += "=" * (-len(compact) % 4)
+    try:
+        return base64.b64decode(compact, validate=True)
     except (binascii.Error, ValueError):
-        raise ImageDecodeError("The image is neither a readable file, a URL, nor valid base64.") from None
+        return None
 
 
-def _from_array(a: np.ndarray) -> np.ndarray:
-    if a.dtype != np.uint8:
-        raise ImageDecodeError(f"Array images must be uint8, got {a.dtype}.")
-    if a.ndim == 2:
-        return np.dstack([a, a, a])
-    if a.ndim == 3 and a.shape[2] in (3, 4):
-        return np.ascontiguousarray(a[:, :, :3])
-    raise ImageDecodeError(f"Array images must be H×W, H×W×3 or H×W×4, got shape {a.shape}.")
+def _may_be_path(text: str) -> bool:
+    """Whether `text` could name a file (short, one line); base64 and data URIs are long."""
+    return 0 < len(text) <= _MAX_PATH_CHARS and "\n" not in text and "\x00" not in text
 
 
-def decode_bytes(data: bytes) -> np.ndarray:
+def _is_existing_path(text: str) -> bool:
+    if not _may_be_path(text):
+        return False
     try:
-        img = Image.open(io.BytesIO(data))
-        img = ImageOps.exif_transpose(img)
-        return np.asarray(img.convert("RGB"))
-    except Exception as exc:  # noqa: BLE001 - replaced by the full decoder
-        raise ImageDecodeError(f"The image could not be decoded: {exc}") from None
+        return Path(text).expanduser().exists()
+    except (OSError, ValueError):
+        return False
+
+
+def _short(text: str, limit: int = 120) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -1,0 +1,161 @@
+"""What the two CLIPSeg runtimes share, with no heavy import: the ONNX artifact layout and runtime choice.
+
+A CLIPSeg model folder (save_pretrained layout) may hold an `onnx/` sub-folder written by
+`automask models export` (see `clipseg_export`):
+
+    onnx/manifest.json          what follows, plus the shapes and the tokenizer's padding
+    onnx/image.onnx             pixel_values 1×3×S×S float32 -> hidden_states K×1×T×D float32
+                                (the vision layers the decoder reads, in `extract_layers` order)
+    onnx/prompt.onnx            hidden_states, input_ids N×L int64, attention_mask N×L int64 -> logits N×S×S
+    onnx/tokenizer.json         the checkpoint's tokenizer, for the `tokenizers` library
+    onnx/*.int8.onnx            optional dynamically quantized copies (`--int8`)
+
+`load` picks the runtime: `runtime=auto` uses ONNX Runtime when these artifacts are present (and the device is
+the CPU), the torch/transformers backend otherwise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from automask.backends.base import Backend
+from automask.errors import ModelNotAvailableError
+from automask.settings import Settings
+
+ONNX_DIR = "onnx"
+MANIFEST = "manifest.json"
+FORMAT = 1
+"""Version of the artifact layout; bumped when an older export can no longer be read."""
+
+GRAPHS = ("image", "prompt")
+
+
+@dataclass(frozen=True)
+class OnnxArtifacts:
+    """The exported graphs of one checkpoint, as described by its `onnx/manifest.json`.
+
+    image_size: (height, width) of the model input; extract_layers: the vision layers `image.onnx` returns.
+    pad_id / max_length: how prompts are padded (to the longest, with `pad_id`) and truncated.
+    """
+
+    folder: Path
+    image: Path
+    prompt: Path
+    tokenizer: Path
+    int8: bool
+    image_size: tuple[int, int]
+    extract_layers: tuple[int, ...]
+    pad_id: int
+    pad_token: str
+    max_length: int
+    fingerprint: str
+
+
+def onnx_dir(model_path: Path) -> Path:
+    """Where the ONNX artifacts of the checkpoint in `model_path` live."""
+    return Path(model_path) / ONNX_DIR
+
+
+def fingerprint(model_path: Path) -> str:
+    """A cheap identity of a checkpoint: its config.json and the names and sizes of its weight files.
+
+    Stored in the manifest so that artifacts exported from other weights are not used by mistake.
+    """
+    h = hashlib.sha256()
+    config = Path(model_path) / "config.json"
+    h.update(config.read_bytes() if config.is_file() else b"")
+    for f in sorted(Path(model_path).glob("*.safetensors")) + sorted(Path(model_path).glob("*.bin")):
+        h.update(f"{f.name}:{f.stat().st_size};".encode())
+    return h.hexdigest()[:16]
+
+
+def read_manifest(model_path: Path) -> dict[str, Any] | None:
+    """The parsed `onnx/manifest.json` of `model_path`, or None when there is none (or it is unreadable)."""
+    path = onnx_dir(model_path) / MANIFEST
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and data.get("format") == FORMAT else None
+
+
+def find_artifacts(model_path: Path, int8: bool = False) -> OnnxArtifacts | None:
+    """The usable ONNX artifacts of the checkpoint in `model_path` (the int8 set when `int8`), else None.
+
+    None when there is no export, when a file is missing, or when the export was made from other weights.
+    """
+    data = read_manifest(model_path)
+    if data is None or data.get("fingerprint") != fingerprint(model_path):
+        return None
+    files = data.get("int8_files" if int8 else "files") or {}
+    folder = onnx_dir(model_path)
+    paths = {g: folder / str(files.get(g, "")) for g in GRAPHS}
+    tok = data.get("tokenizer", {})
+    tokenizer = folder / str(tok.get("file", ""))
+    if not all(p.is_file() for p in [*paths.values(), tokenizer]):
+        return None
+    return OnnxArtifacts(
+        folder=folder,
+        image=paths["image"],
+        prompt=paths["prompt"],
+        tokenizer=tokenizer,
+        int8=int8,
+        image_size=(int(data["image_size"][0]), int(data["image_size"][1])),
+        extract_layers=tuple(int(i) for i in data["extract_layers"]),
+        pad_id=int(tok["pad_id"]),
+        pad_token=str(tok["pad_token"]),
+        max_length=int(tok["max_length"]),
+        fingerprint=str(data["fingerprint"]),
+    )
+
+
+def has_onnx(model_path: Path, int8: bool = False) -> bool:
+    """True when `model_path` holds usable ONNX artifacts (the int8 set when `int8`)."""
+    return find_artifacts(model_path, int8) is not None
+
+
+def export_hint(model_path: Path, int8: bool) -> str:
+    """The command that writes the missing artifacts."""
+    return f"automask models export {model_path}" + (" --int8" if int8 else "")
+
+
+def choose_runtime(model_path: Path, settings: Settings) -> Literal["onnx", "torch"]:
+    """Which CLIPSeg runtime serves `model_path` under `settings.runtime` (auto | onnx | torch).
+
+    auto: ONNX Runtime when the artifacts are present, onnxruntime is installed and the device is the CPU;
+    torch otherwise. onnx: ONNX Runtime, or `ModelNotAvailableError` naming the export command.
+    """
+    if settings.runtime == "torch":
+        return "torch"
+    found = has_onnx(model_path, settings.int8)
+    if settings.runtime == "onnx":
+        if not found:
+            raise ModelNotAvailableError(
+                f"AUTOMASK_RUNTIME is 'onnx' but '{model_path}' has no usable{' int8' if settings.int8 else ''} "
+                f"ONNX export. Create it with: {export_hint(model_path, settings.int8)} "
+                "(needs the export extra: pip install \"automask[export]\"), or use AUTOMASK_RUNTIME=torch."
+            )
+        return "onnx"
+    if settings.int8 and not found and has_onnx(model_path, False):
+        raise ModelNotAvailableError(
+            f"AUTOMASK_INT8 is set but '{model_path}' has no int8 export. "
+            f"Create it with: {export_hint(model_path, True)}, or unset AUTOMASK_INT8."
+        )
+    on_cpu = settings.device == "cpu"
+    return "onnx" if found and on_cpu and importlib.util.find_spec("onnxruntime") is not None else "torch"
+
+
+def load(path: Path, settings: Settings) -> Backend:
+    """Load the CLIPSeg checkpoint in `path` with the runtime `choose_runtime` picks."""
+    if choose_runtime(path, settings) == "onnx":
+        from automask.backends import clipseg_onnx
+
+        return clipseg_onnx.load(path, settings)
+    from automask.backends import clipseg
+
+    return clipseg.load(path, settings)

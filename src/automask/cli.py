@@ -1,0 +1,362 @@
+"""The `automask` command line: a thin adapter over `MaskGenerator.generate` (CONTRACT.md, "Command line").
+
+Options are the library's, spelled as flags (`--grow-mask` is `grow_mask`) and validated once by
+`MaskOptions.parse`. Errors become one line on stderr and an exit code (`EXIT_CODES`); tracebacks only
+with `--debug` or `AUTOMASK_DEBUG=1`. Other modules add commands with `main.add_command(...)` and read
+the settings with `settings_of(ctx)`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+from pydantic import ValidationError
+
+from automask import errors
+from automask.cli_io import OutputError, Reporter, find_images, output_target, plan_outputs, read_source, write_atomic
+from automask.errors import AutomaskError, InvalidOptionError
+from automask.options import MaskOptions, parse_prompt, validation_error
+from automask.settings import Settings
+
+EXIT_FAILED = 1
+EXIT_INTERNAL = 70
+EXIT_INTERRUPTED = 130
+EXIT_CODES: dict[type[AutomaskError], int] = {
+    InvalidOptionError: 2,
+    errors.ImageDecodeError: 3,
+    errors.ImageTooLargeError: 3,
+    errors.URLRefusedError: 3,
+    errors.UnknownModelError: 4,
+    errors.ModelNotAvailableError: 4,
+    errors.MissingDependencyError: 4,
+    errors.EmptyMaskError: 5,
+    errors.FetchError: 6,
+    errors.FetchTimeoutError: 6,
+    errors.InferenceTimeoutError: 7,
+    OutputError: 8,
+}
+"""Error class -> exit code; a subclass gets its nearest listed base's code, any other AutomaskError 1."""
+
+EXIT_HELP = (
+    (0, "success"),
+    (1, "batch: one or more files failed (any other error: see below)"),
+    (2, "usage error or invalid option"),
+    (3, "the image cannot be read or decoded, its URL is refused, or it is too large"),
+    (4, "the model is unknown, not installed, or needs a package that is missing"),
+    (5, "nothing was selected and --stop-on-empty-mask was given"),
+    (6, "fetching the image URL failed or timed out"),
+    (7, "inference ran past its time limit"),
+    (8, "the output could not be written"),
+    (EXIT_INTERNAL, "internal error (run with --debug for the traceback)"),
+    (EXIT_INTERRUPTED, "interrupted (Ctrl-C)"),
+)
+EPILOG = "\b\nExit codes:\n" + "\n".join(f"  {code:<4} {text}" for code, text in EXIT_HELP)
+EPILOG += "\n\n\bSettings come from AUTOMASK_* environment variables (AUTOMASK_MODEL, AUTOMASK_DATA_DIR...); flags win."
+
+
+def exit_code(exc: AutomaskError) -> int:
+    """The exit code for `exc` (see `EXIT_CODES`)."""
+    return next((EXIT_CODES[c] for c in type(exc).__mro__ if c in EXIT_CODES), EXIT_FAILED)
+
+
+def one_line(text: str) -> str:
+    """`text` with its line breaks folded, for one-line error reports."""
+    return " ".join(text.splitlines()).strip()
+
+
+class AutomaskGroup(click.Group):
+    """A click group that turns every error of its commands into one line on stderr and an exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except AutomaskError as exc:
+            _fail(ctx, f"error: {one_line(exc.message)}", exit_code(exc), exc)
+        except KeyboardInterrupt:
+            _fail(ctx, "interrupted", EXIT_INTERRUPTED)
+        except BrokenPipeError:
+            # The reader of our stdout went away (e.g. `| head`): stop quietly.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            ctx.exit(EXIT_FAILED)
+        except Exception as exc:  # noqa: BLE001 - the edge: any bug becomes one line and exit 70, never a crash dump
+            _fail(ctx, f"internal error: {type(exc).__name__}: {one_line(str(exc))}", EXIT_INTERNAL, exc)
+
+
+def _fail(ctx: click.Context, line: str, code: int, exc: BaseException | None = None) -> NoReturn:
+    debug = ctx.params.get("debug") or os.environ.get("AUTOMASK_DEBUG", "").lower() in {"1", "true", "yes", "on"}
+    if debug and exc is not None:
+        traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+    click.echo(line, err=True)
+    ctx.exit(code)
+
+
+@dataclass
+class CliState:
+    """What the group's global options decide, shared by every command (`ctx.obj`)."""
+
+    overrides: dict[str, Any]
+    debug: bool = False
+    _settings: Settings | None = field(default=None, repr=False)
+
+    @property
+    def settings(self) -> Settings:
+        """One Settings object: AUTOMASK_* environment variables, then the global flags."""
+        if self._settings is None:
+            try:
+                self._settings = Settings(**self.overrides)
+            except ValidationError as exc:
+                err = validation_error(exc)
+                name = f"{err.field} (AUTOMASK_{err.field.upper()})"
+                raise InvalidOptionError(name, err.message.removeprefix(f"{err.field}: ")) from None
+        return self._settings
+
+
+def settings_of(ctx: click.Context) -> Settings:
+    """The settings of the running `automask` invocation, for commands added with `main.add_command`."""
+    state = ctx.find_object(CliState)
+    return state.settings if state else Settings()
+
+
+@click.group(cls=AutomaskGroup, epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), help="Models, keys, results.")
+@click.option("--device", metavar="DEVICE", help="Torch device: cpu, cuda, cuda:1 [AUTOMASK_DEVICE].")
+@click.option(
+    "--allow-private-urls/--no-allow-private-urls", default=None, help="Let image URLs reach private addresses."
+)
+@click.option("--debug", is_flag=True, help="Print tracebacks of internal errors (or AUTOMASK_DEBUG=1).")
+@click.version_option(package_name="automask", prog_name="automask")
+@click.pass_context
+def main(
+    ctx: click.Context, data_dir: Path | None, device: str | None, allow_private_urls: bool | None, debug: bool
+) -> None:
+    """automask: image + text prompt -> a mask for inpainting."""
+    given = {"data_dir": data_dir, "device": device, "allow_private_urls": allow_private_urls}
+    ctx.obj = CliState({k: v for k, v in given.items() if v is not None}, debug=debug)
+
+
+# -- options shared by `mask` and `batch` ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Job:
+    """A validated masking request: targets, options, the model to use, and whether to print JSON."""
+
+    prompts: list[str]
+    options: MaskOptions
+    model: str | None
+    as_json: bool
+
+
+def _flag_error(exc: InvalidOptionError) -> InvalidOptionError:
+    """Re-spell a library field name as its flag: 'grow_mask: ...' -> '--grow-mask: ...'."""
+    flag = "--" + exc.field.replace("_", "-")
+    return InvalidOptionError(flag, exc.message.removeprefix(f"{exc.field}: "))
+
+
+def build_job(raw: dict[str, Any]) -> Job:
+    """Validate the raw flag values once, through `parse_prompt` and `MaskOptions.parse(strict=False)`."""
+    data = {k: raw[k] for k in ("threshold", "grow_mask", "seed") if raw[k] is not None}
+    data |= {k: True for k in ("invert_mask", "return_alpha", "stop_on_empty_mask") if raw[k]}
+    if raw["preview"]:
+        data["return_mask"] = False
+    try:
+        prompts = parse_prompt(raw["prompt"])
+        options = MaskOptions.parse(data, strict=False)
+    except InvalidOptionError as exc:
+        raise _flag_error(exc) from None
+    return Job(prompts=prompts, options=options, model=raw["model"], as_json=raw["as_json"])
+
+
+_MASK_FLAGS = (
+    click.option("-p", "--prompt", required=True, help="What to select; several targets: 'sofa, lamp'."),
+    click.option("--threshold", metavar="F", help="Score threshold, 0-1.  [default: 0.2]"),
+    click.option("--grow-mask", metavar="N", help="Grow the selection by N pixels, 0-100.  [default: 10]"),
+    click.option("--invert-mask", is_flag=True, help="Invert the selection (after growing)."),
+    click.option("--return-alpha", is_flag=True, help="Write an RGBA cut-out: the image, alpha = the mask."),
+    click.option("--preview", is_flag=True, help="Write a preview: the image with the selection tinted."),
+    click.option("--stop-on-empty-mask", is_flag=True, help="Fail (exit 5) when nothing is selected."),
+    click.option("--seed", metavar="N", help="Accepted and echoed; masking is deterministic."),
+    click.option("--model", metavar="NAME|PATH", help="A model name or a local model folder [AUTOMASK_MODEL]."),
+    click.option("--json", "as_json", is_flag=True, help="Print the result's metadata as JSON on stdout."),
+)
+
+
+_MASK_NAMES = (
+    *("prompt", "threshold", "grow_mask", "invert_mask", "return_alpha", "preview"),
+    *("stop_on_empty_mask", "seed", "model", "as_json"),
+)
+
+
+def mask_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Add the masking flags to `command`, which receives them validated as one `job: Job` argument."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        raw = {name: kwargs.pop(name) for name in _MASK_NAMES}
+        return command(*args, job=build_job(raw), **kwargs)
+
+    for flag in reversed(_MASK_FLAGS):
+        wrapper = flag(wrapper)
+    return wrapper
+
+
+def load_generator(model: str | None, settings: Settings) -> Any:
+    """Load the model once (stdout kept clean: anything a library prints goes to stderr)."""
+    from automask.pipeline import MaskGenerator
+
+    with contextlib.redirect_stdout(sys.stderr):
+        return MaskGenerator(model, settings)
+
+
+# -- commands ----------------------------------------------------------------------------------------
+
+
+@main.command(epilog=EPILOG)
+@click.argument("image")
+@click.option("-o", "--output", "out", metavar="OUT", help="Output PNG, a folder, or - for stdout.")
+@mask_options
+@click.pass_obj
+def mask(state: CliState, image: str, out: str | None, job: Job) -> None:
+    """Mask what --prompt names in IMAGE: a file, an http(s) URL, or - (standard input).
+
+    Writes a PNG: the mask (default), an RGBA cut-out (--return-alpha) or a preview (--preview), by
+    default beside the input as <stem>.mask.png / .alpha.png / .preview.png. --json cannot be combined
+    with -o - (standard output carries the PNG).
+    """
+    if out == "-" and job.as_json:
+        raise InvalidOptionError("--json", "cannot be combined with -o - (stdout carries the PNG); use -o FILE.")
+    source, path = read_source(image, state.settings)
+    target = output_target(out, path, job.options.output_kind)
+    generator = load_generator(job.model, state.settings)
+    with contextlib.redirect_stdout(sys.stderr):
+        result = generator.generate(source, job.prompts, job.options)
+    png = result.to_png()
+    if target is None:
+        stdout = sys.stdout.buffer
+        stdout.write(png)
+        stdout.flush()
+    else:
+        write_atomic(target, png)
+    meta = result.metadata()
+    if job.as_json:
+        click.echo(json.dumps({**meta, "output": str(target or "-")}))
+    where = "stdout" if target is None else f"'{target}'"
+    share = 100.0 * meta["selected_pixels"] / max(1, result.width * result.height)
+    click.echo(f"wrote {where}: {result.kind} {result.width}×{result.height}, {share:.1f}% selected", err=True)
+    if result.empty:
+        click.echo(f"note: nothing matched {', '.join(job.prompts)!r} at threshold {job.options.threshold}", err=True)
+
+
+# -- batch -------------------------------------------------------------------------------------------
+
+
+def process(generator: Any, src: Path, dst: Path, job: Job) -> dict[str, Any]:
+    """Mask one file and write it; a bad file gives {"ok": false, "error": ...} instead of raising."""
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            result = generator.generate(src, job.prompts, job.options)
+        write_atomic(dst, result.to_png())
+    except AutomaskError as exc:
+        return {"input": str(src), "ok": False, "error": one_line(exc.message), "exit_code": exit_code(exc)}
+    except OSError as exc:  # the input could not be read (permissions, a vanished file)
+        message = f"Cannot read '{src}': {exc.strerror or exc}."
+        return {"input": str(src), "ok": False, "error": message, "exit_code": 3}
+    return {"input": str(src), "output": str(dst), "ok": True, **result.metadata()}
+
+
+@main.command(epilog=EPILOG)
+@click.argument("source", metavar="DIR_OR_GLOB")
+@click.option("-o", "--output", "outdir", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("-r", "--recursive", is_flag=True, help="Include subfolders (a glob: let ** span folders).")
+@mask_options
+@click.pass_context
+def batch(ctx: click.Context, source: str, outdir: Path, recursive: bool, job: Job) -> None:
+    """Mask every image of a folder (or a quoted glob such as 'photos/*.jpg') into OUTDIR/<stem>.png.
+
+    A file that fails is reported (one line naming it) and skipped; the others are done. Exit 0 when
+    all succeeded, 1 when any failed. --json prints one JSON line per file on stdout.
+    """
+    files, base = find_images(source, recursive, outdir)
+    plan = plan_outputs(files, outdir, base)
+    generator = load_generator(job.model, settings_of(ctx))
+    failed = 0
+    with Reporter(len(plan)) as report:
+        for src, dst in plan:
+            report.start(src)
+            record = process(generator, src, dst, job)
+            if record["ok"]:
+                report.done(f"{src} -> {dst}")
+            else:
+                failed += 1
+                report.error(f"error: {src}: {record['error']}")
+                report.done(f"{src} failed")
+            if job.as_json:
+                click.echo(json.dumps(record))
+    click.echo(f"{len(plan) - failed} done, {failed} failed", err=True)
+    ctx.exit(EXIT_FAILED if failed else 0)
+
+
+# -- models ------------------------------------------------------------------------------------------
+
+
+@main.group()
+def models() -> None:
+    """List and download models."""
+
+
+@models.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list instead of a table.")
+@click.pass_context
+def models_list(ctx: click.Context, as_json: bool) -> None:
+    """The models automask knows: name, backend, whether installed, and where."""
+    from automask.models import list_models
+
+    infos = list_models(settings_of(ctx))
+    if as_json:
+        keys = ("name", "backend", "installed", "path", "description", "source")
+        click.echo(json.dumps([{k: _jsonable(getattr(m, k, None)) for k in keys} for m in infos]))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("name", "backend", "installed")
+    table.add_column("path", overflow="fold")
+    table.add_column("description")
+    for m in infos:
+        source: str = getattr(m, "source", "")
+        installed = ("yes" + (f" ({source})" if source else "")) if m.installed else "no"
+        table.add_row(m.name, m.backend, installed, str(m.path), m.description)
+    Console(width=None if sys.stdout.isatty() else 160).print(table)
+    if not all(m.installed for m in infos):
+        click.echo("Install a model with: automask models pull NAME", err=True)
+
+
+@models.command("pull")
+@click.argument("name")
+@click.pass_context
+def models_pull(ctx: click.Context, name: str) -> None:
+    """Download model NAME (e.g. clipseg) into the data folder, with a progress bar."""
+    from automask.models import pull
+
+    path = pull(name, settings_of(ctx), progress=True)
+    click.echo(f"{name} installed in {path}")
+
+
+def _jsonable(value: Any) -> Any:
+    return str(value) if isinstance(value, Path) else value
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,177 @@
+"""Files for the command line: reading IMAGE, naming and writing outputs atomically, finding batch inputs,
+and progress reporting on stderr. No model code here."""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import re
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+from automask import errors
+from automask.errors import AutomaskError, InvalidOptionError
+from automask.imageio import ImageSource
+from automask.settings import Settings
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+"""What `automask batch FOLDER` picks up (case-insensitive); a glob takes every file it matches."""
+
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://|^data:")
+
+
+class OutputError(AutomaskError):
+    """The output file or folder could not be written."""
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to `path` through a temp file in the same folder and `os.replace`: never half-written."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    except OSError as exc:
+        raise OutputError(f"Cannot write '{path}': {exc.strerror or exc}.") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise OutputError(f"Cannot write '{path}': {exc.strerror or exc}.") from None
+        raise
+
+
+def read_source(image: str, settings: Settings) -> tuple[ImageSource, Path | None]:
+    """The IMAGE argument -> (what `load_image` takes, the input file or None for stdin and URLs)."""
+    if image == "-":
+        stdin = sys.stdin.buffer
+        if stdin.isatty():
+            raise InvalidOptionError("IMAGE", "'-' reads the image from standard input, but nothing is piped in.")
+        data = stdin.read(settings.max_image_bytes + 1)
+        if len(data) > settings.max_image_bytes:
+            raise errors.ImageTooLargeError(
+                f"The image on standard input is over {settings.max_image_bytes} bytes (AUTOMASK_MAX_IMAGE_BYTES)."
+            )
+        if not data:
+            raise errors.ImageDecodeError("Standard input was empty: pipe an image in, e.g. automask mask - < a.jpg")
+        return data, None
+    if _URL.match(image):
+        return image, None
+    path = Path(image)
+    if not path.is_file():
+        why = "it is a folder (use automask batch)" if path.is_dir() else "no such file"
+        raise errors.ImageDecodeError(f"Cannot read '{image}': {why}.")
+    return path, path
+
+
+def output_target(out: str | None, source: Path | None, kind: str) -> Path | None:
+    """Where `mask` writes: None for stdout ('-'); by default `<stem>.<kind>.png` beside the input file,
+    or `<kind>.png` in the current folder for stdin and URLs; an existing folder gets that name inside."""
+    if out == "-":
+        return None
+    default = f"{source.stem}.{kind}.png" if source else f"{kind}.png"
+    if out is None:
+        return source.parent / default if source else Path(default)
+    target = Path(out)
+    return target / default if target.is_dir() else target
+
+
+def find_images(source: str, recursive: bool, outdir: Path) -> tuple[list[Path], Path | None]:
+    """(input files, the folder their output paths mirror or None) for a folder, a glob or one file.
+
+    A folder gives its files with an image suffix (not hidden; `recursive`: subfolders too, except
+    `outdir`); a glob gives every file it matches (`recursive`: `**` spans folders).
+    """
+    root = Path(source)
+    if root.is_dir():
+        found = root.rglob("*") if recursive else root.iterdir()
+        skip = outdir.resolve()
+        files = [
+            p
+            for p in found
+            if p.suffix.lower() in IMAGE_SUFFIXES
+            and p.is_file()
+            and not any(part.startswith(".") for part in p.relative_to(root).parts)
+            and skip not in p.resolve().parents
+        ]
+        base: Path | None = root
+    else:
+        files = [Path(p) for p in glob.glob(source, recursive=recursive) if Path(p).is_file()]
+        base = None
+    if not files:
+        looked = f" (files ending {', '.join(sorted(IMAGE_SUFFIXES))})" if base else ""
+        raise InvalidOptionError("DIR_OR_GLOB", f"no images found in '{source}'{looked}.")
+    return sorted(files), base
+
+
+def plan_outputs(files: list[Path], outdir: Path, base: Path | None) -> list[tuple[Path, Path]]:
+    """Pair every input with its output `<outdir>/<stem>.png` (subfolders of `base` mirrored).
+
+    Inputs sharing a stem (a.jpg, a.png) get `<stem>.<ext>.png`; a name still taken, or equal to an
+    input file, gets `-2`, `-3`...; names are compared case-insensitively (macOS, Windows).
+    """
+    folders = [outdir / f.parent.relative_to(base) if base else outdir for f in files]
+    stems = [str(d / f.stem).lower() for d, f in zip(folders, files, strict=True)]
+    shared = {stem for stem, n in Counter(stems).items() if n > 1}
+    taken = {str(f.resolve()).lower() for f in files}
+    plan = []
+    for folder, f, stem in zip(folders, files, stems, strict=True):
+        name = f"{f.stem}{f.suffix}" if stem in shared else f.stem
+        target, n = folder / f"{name}.png", 1
+        while str(target.resolve()).lower() in taken:
+            n += 1
+            target = folder / f"{name}-{n}.png"
+        taken.add(str(target.resolve()).lower())
+        plan.append((f, target))
+    return plan
+
+
+class Reporter:
+    """Progress on stderr: a rich bar on a terminal, else one plain line per file."""
+
+    def __init__(self, total: int) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.total, self.count = total, 0
+        self.console = Console(stderr=True, highlight=False, soft_wrap=True)
+        text = TextColumn("{task.description}", markup=False)
+        columns = (text, BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+        self.bar = Progress(*columns, console=self.console) if self.console.is_terminal else None
+        self.task = self.bar.add_task("masking", total=total) if self.bar else None
+
+    def __enter__(self) -> Reporter:
+        if self.bar:
+            self.bar.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar:
+            self.bar.stop()
+
+    def start(self, src: Path) -> None:
+        """Show `src` as the file being worked on."""
+        if self.bar is not None and self.task is not None:
+            self.bar.update(self.task, description=src.name)
+
+    def done(self, line: str) -> None:
+        """Count one file as handled; `line` is printed when there is no bar."""
+        self.count += 1
+        if self.bar is not None and self.task is not None:
+            self.bar.update(self.task, advance=1)
+        else:
+            self.console.print(f"[{self.count}/{self.total}] {line}", markup=False)
+
+    def error(self, line: str) -> None:
+        """Print one error line (above the bar)."""
+        self.console.print(line, markup=False, style="red" if self.bar else None)

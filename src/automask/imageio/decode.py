@@ -1,0 +1,247 @@
+"""Decode images into H×W×3 uint8 RGB: encoded bytes, PIL images and numpy arrays.
+
+Choices, the same for every source:
+- **Alpha is composited onto white** (RGBA, LA, PA, palette or single-colour transparency). Dropping alpha
+  would expose whatever colour the encoder left under transparent pixels (often black or noise), which the
+  model would then try to segment; white is what a viewer shows on a light page.
+- **EXIF orientation is applied** (all 8 values), so rows and columns are those of the image as displayed.
+- **16-bit samples are scaled, never clipped**: v -> round(v · 255 / 65535).
+- **Animated images give their first frame** (GIF, WebP, APNG, multi-page TIFF).
+- **Limits come first**: the encoded size is checked before opening, the pixel count from the header before any
+  pixel is decoded; Pillow's own decompression-bomb error and warning become `ImageTooLargeError` too.
+- Only the raster formats in `ALLOWED_FORMATS` are opened (no EPS, which would start Ghostscript).
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import struct
+import warnings
+import zlib
+from collections.abc import Callable
+
+import numpy as np
+from PIL import Image
+
+from automask.errors import ImageDecodeError, ImageTooLargeError
+from automask.settings import Settings
+
+ALLOWED_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF", "AVIF", "HEIF", "PPM", "TGA", "QOI")
+
+# What Pillow raises on damaged input (UnidentifiedImageError is an OSError).
+PIL_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    ValueError,
+    SyntaxError,
+    EOFError,
+    IndexError,
+    TypeError,
+    KeyError,
+    struct.error,
+    zlib.error,
+)
+
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+_ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+_EXIF_ORIENTATION = 0x0112
+
+# EXIF orientation -> the transform that turns the stored pixels into the displayed ones (H×W×C arrays).
+_ORIENT: dict[int, Callable[[np.ndarray], np.ndarray]] = {
+    1: lambda a: a,
+    2: lambda a: a[:, ::-1],  # mirrored left-right
+    3: lambda a: a[::-1, ::-1],  # rotated 180°
+    4: lambda a: a[::-1],  # mirrored top-bottom
+    5: lambda a: a.transpose(1, 0, 2),  # transposed (mirror across the main diagonal)
+    6: lambda a: np.rot90(a, -1),  # stored rotated 90° counter-clockwise: turn clockwise
+    7: lambda a: a.transpose(1, 0, 2)[::-1, ::-1],  # transversed
+    8: lambda a: np.rot90(a, 1),  # stored rotated 90° clockwise: turn counter-clockwise
+}
+
+
+@functools.cache
+def _formats() -> tuple[str, ...]:
+    """The allowed formats this Pillow build can open (plugins are registered on first use)."""
+    Image.init()
+    return tuple(f for f in ALLOWED_FORMATS if f in Image.OPEN)
+
+
+def check_encoded_size(size: int, settings: Settings) -> None:
+    """Raise `ImageTooLargeError` if `size` bytes of encoded image exceed `settings.max_image_bytes`."""
+    if size > settings.max_image_bytes:
+        raise ImageTooLargeError(
+            f"The image is {size:,} bytes; the limit is {settings.max_image_bytes:,} bytes "
+            "(AUTOMASK_MAX_IMAGE_BYTES). Send a smaller file or raise the limit."
+        )
+
+
+def check_pixels(width: int, height: int, settings: Settings) -> None:
+    """Raise `ImageTooLargeError` if a width×height image exceeds `settings.max_image_pixels`."""
+    if width * height > settings.max_image_pixels:
+        raise ImageTooLargeError(
+            f"The image is {width}×{height} = {width * height:,} pixels; the limit is "
+            f"{settings.max_image_pixels:,} pixels (AUTOMASK_MAX_IMAGE_PIXELS). Downscale it or raise the limit."
+        )
+
+
+def decode_image(data: bytes, settings: Settings) -> np.ndarray:
+    """Decode an encoded image (JPEG, PNG, WebP, ...) into an H×W×3 uint8 RGB array, EXIF orientation applied."""
+    check_encoded_size(len(data), settings)
+    if not data:
+        raise ImageDecodeError("The image is empty (0 bytes). Send the bytes of a JPEG, PNG or WebP file.")
+    with _open(data, settings) as img:
+        return pil_to_rgb(img, settings)
+
+
+def _open(data: bytes, settings: Settings) -> Image.Image:
+    """Open `data` lazily (header only) and check its pixel count before anything is decoded."""
+    try:
+        with warnings.catch_warnings():
+            # Pillow warns above MAX_IMAGE_PIXELS and raises above twice that: both become our error.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data), formats=_formats())
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageTooLargeError(
+            f"The image is too large to decode safely ({exc}). The limit is {settings.max_image_pixels:,} pixels."
+        ) from None
+    except Image.UnidentifiedImageError:
+        raise ImageDecodeError(_unidentified_message(data)) from None
+    except PIL_ERRORS as exc:
+        raise ImageDecodeError(f"The image could not be read: it is corrupt or truncated ({exc}).") from None
+    width, height = img.size
+    try:
+        check_pixels(width, height, settings)
+    except ImageTooLargeError:
+        img.close()
+        raise
+    return img
+
+
+_SIGNATURES = (
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"GIF8", "GIF"),
+    (b"BM", "BMP"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+)
+
+
+def _unidentified_message(data: bytes) -> str:
+    known = next((name for sig, name in _SIGNATURES if data.startswith(sig)), None)
+    if known is None and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        known = "WebP"
+    if known:
+        return f"The input starts like a {known} file but could not be read: it is corrupt or truncated."
+    head = data[:512]
+    printable = sum(32 <= b < 127 or b in (9, 10, 13) for b in head)
+    kind = "looks like text (HTML, JSON or similar)" if printable >= 0.95 * len(head) else "is not in a known format"
+    supported = ", ".join(_formats())
+    return f"The input {kind}, not an image automask can read. Supported formats: {supported}."
+
+
+def pil_to_rgb(img: Image.Image, settings: Settings) -> np.ndarray:
+    """A PIL image (its current frame) -> H×W×3 uint8 RGB, EXIF orientation applied, pixel limit checked."""
+    check_pixels(img.width, img.height, settings)
+    try:
+        img.load()
+        rgb = _pil_pixels(img)
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLargeError(f"The image is too large to decode safely ({exc}).") from None
+    except PIL_ERRORS as exc:
+        raise ImageDecodeError(f"The image could not be decoded: it is corrupt or truncated ({exc}).") from None
+    oriented = _ORIENT[exif_orientation(img)](rgb)
+    return np.ascontiguousarray(oriented)
+
+
+def exif_orientation(img: Image.Image) -> int:
+    """The EXIF orientation (1–8) of `img`; 1 when absent or unreadable (a damaged EXIF block is ignored)."""
+    try:
+        value = img.getexif().get(_EXIF_ORIENTATION, 1)
+    except PIL_ERRORS:
+        return 1
+    return value if isinstance(value, int) and value in _ORIENT else 1
+
+
+def _pil_pixels(img: Image.Image) -> np.ndarray:
+    """The pixels of a loaded PIL image as H×W×3 uint8 RGB, stored orientation."""
+    mode = img.mode
+    if mode == "RGB" and "transparency" not in img.info:
+        return np.array(img)
+    if mode in _ALPHA_MODES or "transparency" in img.info:
+        return composite_on_white(np.asarray(img.convert("RGBA")))
+    if mode in _SIXTEEN_BIT_MODES:
+        return _gray(scale_16bit(np.asarray(img)))
+    if mode in ("I", "F"):
+        return _gray(to_uint8(np.asarray(img)))
+    try:
+        return np.array(img.convert("RGB"))
+    except ValueError:
+        raise ImageDecodeError(f"Images in colour mode {mode!r} are not supported; convert it to RGB.") from None
+
+
+def composite_on_white(rgba: np.ndarray) -> np.ndarray:
+    """H×W×4 uint8 RGBA (straight alpha) -> H×W×3 uint8 RGB over a white background, rounded."""
+    alpha = rgba[..., 3:4].astype(np.uint16)
+    rgb = rgba[..., :3].astype(np.uint16)
+    out = (rgb * alpha + 255 * (255 - alpha) + 127) // 255
+    return out.astype(np.uint8)
+
+
+def scale_16bit(values: np.ndarray) -> np.ndarray:
+    """Integer samples in 0..65535 -> uint8, v -> round(v · 255 / 65535)."""
+    wide = values.astype(np.uint32)
+    return ((wide * 255 + 32767) // 65535).astype(np.uint8)
+
+
+def to_uint8(a: np.ndarray) -> np.ndarray:
+    """Samples of any numeric dtype -> uint8, by their range.
+
+    bool: 0/255. uint16: always the 16-bit range (scaled). Other integers: 0..255 kept, 0..65535 scaled as
+    16-bit, anything else refused. Floats: 0..1 scaled by 255, 0..255 rounded, anything else (or NaN/inf)
+    refused. Negative values are refused.
+    """
+    if a.dtype == np.uint8:
+        return a
+    if a.dtype == np.bool_:
+        return a.astype(np.uint8) * 255
+    if a.dtype == np.uint16:
+        return scale_16bit(a)
+    if a.dtype.kind not in "uif":
+        raise ImageDecodeError(f"Array images of dtype {a.dtype} are not supported; pass uint8 RGB.")
+    if a.dtype.kind == "f" and not np.isfinite(a).all():
+        raise ImageDecodeError("The image array contains NaN or infinite values.")
+    lo, hi = float(a.min()), float(a.max())
+    if lo < 0:
+        raise ImageDecodeError(f"The image array has negative values (min {lo:g}); pass values in 0–255.")
+    if a.dtype.kind == "f":
+        if hi > 255:
+            raise ImageDecodeError(f"Float image arrays must hold 0–1 or 0–255 values, got max {hi:g}.")
+        scale = 255.0 if hi <= 1.0 else 1.0
+        return np.clip(np.rint(a * scale), 0, 255).astype(np.uint8)
+    if hi <= 255:
+        return a.astype(np.uint8)
+    if hi <= 65535:
+        return scale_16bit(a)
+    raise ImageDecodeError(f"Integer image arrays must hold 0–255 or 0–65535 values, got max {hi:g}.")
+
+
+def array_to_rgb(a: np.ndarray, settings: Settings) -> np.ndarray:
+    """An H×W, H×W×1, H×W×3 (RGB) or H×W×4 (RGBA) array -> a new H×W×3 uint8 RGB array (alpha over white)."""
+    if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] not in (1, 3, 4)):
+        raise ImageDecodeError(f"Array images must be H×W, H×W×1, H×W×3 or H×W×4; got shape {a.shape}.")
+    height, width = a.shape[:2]
+    if height == 0 or width == 0:
+        raise ImageDecodeError(f"The image array is empty (shape {a.shape}).")
+    check_pixels(width, height, settings)
+    pixels = to_uint8(a)
+    if pixels.ndim == 2 or pixels.shape[2] == 1:
+        return _gray(pixels.reshape(height, width))
+    if pixels.shape[2] == 4:
+        return composite_on_white(pixels)
+    return np.array(pixels, dtype=np.uint8, order="C", copy=True)
+
+
+def _gray(values: np.ndarray) -> np.ndarray:
+    """H×W uint8 -> H×W×3 uint8 (the same value in R, G and B)."""
+    return np.repeat(values[:, :, None], 3, axis=2)

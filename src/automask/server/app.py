@@ -1,0 +1,162 @@
+"""The ASGI app: `create_app(settings, server, generator)` wires the store, runner, job queue and routes.
+
+Run it with `automask serve`, or `uvicorn --factory automask.server.app:app_from_env`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from automask import __version__, web
+from automask.errors import AutomaskError
+from automask.pipeline import MaskGenerator
+from automask.server import keys
+from automask.server.config import ServerSettings
+from automask.server.errors import ApiError, status_of
+from automask.server.jobs import JobQueue, Jobs
+from automask.server.limits import ASGIApp, BodyLimitMiddleware, Message, RateLimiter, Receive, Scope, Send
+from automask.server.routes import ServerState, error_response, router
+from automask.server.runner import Runner
+from automask.server.store import Store
+from automask.settings import Settings
+
+log = logging.getLogger("automask.server")
+access_log = logging.getLogger("automask.server.access")
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+DESCRIPTION = """Self-hosted, drop-in replacement for the hosted "automatic-mask-generator" API.
+
+Send the key in the `x-api-key` header. v1 answers with the image (or JSON with `base64`); v2 queues a job
+and answers with absolute `status_url` / `response_url`. Every error is `{"error": "..."}`."""
+
+
+def create_app(
+    settings: Settings | None = None, server: ServerSettings | None = None, generator: MaskGenerator | None = None
+) -> FastAPI:
+    """Build the service. `generator` (e.g. with a custom `Backend`) replaces loading `settings.model`."""
+    settings = settings or Settings()
+    server = server or ServerSettings()
+    store = Store.in_data_dir(settings.data_dir)
+    runner = Runner(settings, server, generator)
+    jobs = Jobs(store, settings.data_dir / "results")
+    state = ServerState(
+        settings,
+        server,
+        store,
+        runner,
+        jobs,
+        JobQueue(jobs, runner, server),
+        RateLimiter(),
+        server.body_limit(settings.max_image_bytes),
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        runner.start_loading()
+        released = await asyncio.to_thread(keys.release_orphan_holds, store)
+        if released:
+            log.info("gave back %d credits held by requests a stopped server never finished", released)
+        await state.queue.start()
+        yield
+        await state.queue.stop()
+        runner.close()
+
+    app = FastAPI(title="automask", version=__version__, description=DESCRIPTION, lifespan=lifespan)
+    app.state.automask = state
+    _install_error_handlers(app)
+    app.add_middleware(BodyLimitMiddleware, limit=state.body_limit)
+    app.add_middleware(RequestContextMiddleware)
+    app.include_router(router)
+    web.mount(app)  # the try-it page at /, a client of the v1 API like any other
+    return app
+
+
+def app_from_env() -> FastAPI:
+    """`create_app()` with settings from the environment (for `uvicorn --factory`)."""
+    return create_app()
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return error_response(exc.status, exc.message, exc.headers)
+
+    @app.exception_handler(AutomaskError)
+    async def _automask_error(request: Request, exc: AutomaskError) -> JSONResponse:
+        return error_response(status_of(exc), exc.message)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        err = exc.errors()[0]
+        field = ".".join(str(p) for p in err.get("loc", ()) if p not in ("body", "path", "query")) or "request"
+        return error_response(400, f"{field}: {err.get('msg', 'is invalid')}")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code in (404, 405):
+            return error_response(
+                404, f"No endpoint {request.method} {request.url.path}. The API is described at /docs."
+            )
+        return error_response(exc.status_code, str(exc.detail))
+
+
+class RequestContextMiddleware:
+    """Outermost: gives every request an id (`x-request-id` on the response), writes one JSON access-log line
+    (request id, method, path, status, duration, key id), and turns an unexpected exception into a logged 500
+    whose body names the request id but no internals."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+        request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        start, status = time.perf_counter(), 500
+        started = False
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status, started
+            if message["type"] == "http.response.start":
+                started, status = True, message["status"]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:
+            log.exception("unexpected error in request %s %s %s", request_id, scope["method"], scope["path"])
+            if not started:
+                message = f"Unexpected server error (request id {request_id}); the server log has the details."
+                await error_response(500, message)(scope, receive, send_with_id)
+        finally:
+            _log_access(scope, request_id, status, time.perf_counter() - start)
+
+
+def _log_access(scope: Scope, request_id: str, status: int, seconds: float) -> None:
+    state = scope.get("state", {})
+    line = {
+        "request_id": request_id,
+        "method": scope["method"],
+        "path": scope["path"],
+        "status": status,
+        "duration_ms": round(seconds * 1000, 1),
+        "key_id": state.get("key_id"),
+    }
+    access_log.info(json.dumps(line))

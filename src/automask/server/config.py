@@ -1,0 +1,61 @@
+"""Server settings: `AUTOMASK_SERVER_*` environment variables, then `automask serve` flags."""
+
+from __future__ import annotations
+
+import ipaddress
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def is_loopback(host: str) -> bool:
+    """True for 'localhost' and loopback addresses (127.0.0.0/8, ::1)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+class ServerSettings(BaseSettings):
+    """How the HTTP service runs. The model, data folder and image limits come from `automask.Settings`."""
+
+    model_config = SettingsConfigDict(env_prefix="AUTOMASK_SERVER_", extra="ignore", frozen=True)
+
+    host: str = Field("127.0.0.1", description="Interface to listen on.")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port to listen on.")
+    concurrency: int = Field(1, ge=1, le=64, description="Inference threads (v1 requests and v2 jobs share them).")
+    job_workers: int | None = Field(None, ge=1, le=64, description="v2 jobs run at once; None: `concurrency`.")
+    timeout: float = Field(60.0, gt=0, description="Seconds one inference may take (queueing included) -> 504.")
+    auth: bool = Field(True, description="Require an API key. False is allowed only on a loopback host.")
+    max_body_bytes: int | None = Field(
+        None, gt=0, description="Largest request body; None: room for a base64 image of `max_image_bytes`."
+    )
+    result_ttl: float = Field(3600.0, ge=60, description="Seconds v2 results are kept after they finish.")
+    cleanup_interval: float = Field(60.0, gt=0, description="Seconds between sweeps of expired v2 results.")
+    max_job_attempts: int = Field(3, ge=1, description="Starts of one v2 job (restarts included) before FAILED.")
+    public_url: str | None = Field(
+        None, description="Base URL clients reach the service at (behind a proxy); None: from each request."
+    )
+    debug_delay: float = Field(
+        0.0, ge=0, description="TEST ONLY: seconds every inference sleeps, to exercise timeouts and restarts."
+    )
+
+    @model_validator(mode="after")
+    def _auth_off_only_on_loopback(self) -> ServerSettings:
+        if not self.auth and not is_loopback(self.host):
+            raise ValueError(
+                f"--no-auth is allowed only on a loopback host (127.0.0.1, ::1, localhost), not {self.host!r}. "
+                "Create a key with `automask keys create` instead."
+            )
+        return self
+
+    @property
+    def workers_for_jobs(self) -> int:
+        """How many v2 jobs run at once."""
+        return self.job_workers or self.concurrency
+
+    def body_limit(self, max_image_bytes: int) -> int:
+        """Largest accepted request body: base64 of the largest image plus 1 MiB for the other fields."""
+        return self.max_body_bytes or (max_image_bytes * 4 // 3 + 4 + (1 << 20))

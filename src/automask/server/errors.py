@@ -1,0 +1,51 @@
+"""HTTP status codes of errors: the one table that maps automask's errors to the codes of CONTRACT.md."""
+
+from __future__ import annotations
+
+from automask.errors import (
+    AutomaskError,
+    EmptyMaskError,
+    FetchError,
+    FetchTimeoutError,
+    ImageDecodeError,
+    ImageTooLargeError,
+    InferenceTimeoutError,
+    InvalidOptionError,
+    MissingDependencyError,
+    ModelNotAvailableError,
+    UnknownModelError,
+    URLRefusedError,
+)
+
+STATUS: dict[type[AutomaskError], int] = {
+    InvalidOptionError: 400,
+    ImageDecodeError: 400,
+    URLRefusedError: 400,
+    ImageTooLargeError: 413,
+    EmptyMaskError: 422,
+    UnknownModelError: 404,
+    FetchError: 502,
+    ModelNotAvailableError: 503,
+    MissingDependencyError: 503,
+    FetchTimeoutError: 504,
+    InferenceTimeoutError: 504,
+}
+"""automask error class -> HTTP status. A subclass takes its nearest listed base's code; unlisted: 400."""
+
+
+class ApiError(Exception):
+    """An error of the HTTP layer itself (keys, credits, limits, unknown ids): a status and a message."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = headers or {}
+
+
+def status_of(exc: AutomaskError) -> int:
+    """The HTTP status for `exc`, from `STATUS` (the nearest listed class in its MRO)."""
+    for cls in type(exc).__mro__:
+        if cls in STATUS:
+            return STATUS[cls]
+    return 400

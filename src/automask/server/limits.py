@@ -1,0 +1,110 @@
+"""Request limits: a per-key sliding-window rate limiter and a request-body size limit (pure ASGI)."""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, MutableMapping
+from datetime import datetime, timezone
+from typing import Any
+
+from automask.server.errors import ApiError
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+WINDOW = 60.0
+"""Rate limits count requests in the last 60 seconds."""
+
+
+class RateLimiter:
+    """At most `limit` requests per key in any 60-second window (in memory, per server process)."""
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self._seen: dict[str, deque[float]] = {}
+        self._lock = threading.Lock()
+
+    def check(self, key_id: str, limit: int | None) -> None:
+        """Count one request of `key_id`; raise a 429 `ApiError` (nothing counted) when over `limit`."""
+        if limit is None:
+            return
+        now = self._clock()
+        with self._lock:
+            seen = self._seen.setdefault(key_id, deque())
+            while seen and seen[0] <= now - WINDOW:
+                seen.popleft()
+            if len(seen) < limit:
+                seen.append(now)
+                return
+            reset_at = seen[len(seen) - limit] + WINDOW
+        raise rate_limited(limit, now, reset_at)
+
+
+def rate_limited(limit: int, now: float, reset_at: float) -> ApiError:
+    """The 429 for a key over its `limit`: `Retry-After` (whole seconds) and `x-rate-limit-reset-at-utc`."""
+    stamp = datetime.fromtimestamp(reset_at, tz=timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+    retry_after = max(1, math.ceil(reset_at - now))
+    return ApiError(
+        429,
+        f"Rate limit of {limit} requests per minute reached; retry after {retry_after} s ({stamp}).",
+        {"Retry-After": str(retry_after), "x-rate-limit-reset-at-utc": stamp},
+    )
+
+
+class BodyTooLarge(ApiError):
+    """The request body is over the server's limit (413)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            413,
+            f"The request body is over the limit of {limit} bytes. Send a smaller image "
+            f"(at most AUTOMASK_MAX_IMAGE_BYTES), or an image URL instead of the file.",
+        )
+
+
+class BodyLimitMiddleware:
+    """Answer 413 for a body over `limit` bytes: at once from Content-Length, else while it streams in.
+
+    A streamed body over the limit makes `receive` raise `BodyTooLarge`, which the app answers as a 413.
+    """
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            await _send_json(send, 413, BodyTooLarge(self.limit).message)
+            return
+        received = 0
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    raise BodyTooLarge(self.limit)
+            return message
+
+        await self.app(scope, counting_receive, send)
+
+
+async def _send_json(send: Send, status: int, error: str) -> None:
+    """Send a complete `{"error": ...}` response from ASGI middleware."""
+    import json
+
+    body = json.dumps({"error": error}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,253 @@
+"""The endpoints: v1 (one blocking call), v2 (submit, status, response, output), health and readiness.
+
+Every endpoint is a thin adapter over `MaskGenerator.generate` (run by the `Runner`); none re-implements a
+step of the library.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import FileResponse, JSONResponse, Response
+
+from automask.result import MaskResult
+from automask.server import keys
+from automask.server.config import ServerSettings
+from automask.server.errors import ApiError
+from automask.server.jobs import COMPLETED, FAILED, Job, JobQueue, Jobs, no_credits
+from automask.server.keys import ApiKey
+from automask.server.limits import RateLimiter
+from automask.server.runner import Runner
+from automask.server.schemas import (
+    ErrorResponse,
+    MaskRequest,
+    ResultResponse,
+    StatusResponse,
+    SubmitResponse,
+    read_request,
+)
+from automask.server.store import Store
+from automask.settings import Settings
+
+SLUG = "automatic-mask-generator"
+router = APIRouter()
+
+
+@dataclass
+class ServerState:
+    """Everything the routes share; `app.state.automask`."""
+
+    settings: Settings
+    server: ServerSettings
+    store: Store
+    runner: Runner
+    jobs: Jobs
+    queue: JobQueue
+    limiter: RateLimiter
+    body_limit: int
+
+
+def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    """`{"error": message}` with `status`."""
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse, "description": text}
+    for code, text in {
+        400: "Invalid parameters, an undecodable image, or a refused image URL.",
+        401: "Missing or unknown API key.",
+        403: "The key is revoked.",
+        404: "Unknown endpoint or request id.",
+        406: "Insufficient credits.",
+        413: "Request body or image over the limits.",
+        422: "stop_on_empty_mask and nothing was found.",
+        429: "Rate limited (see Retry-After and x-rate-limit-reset-at-utc).",
+        500: "Unexpected server error.",
+        502: "The image URL's server failed.",
+        503: "The model is not installed or not loaded.",
+        504: "The image fetch or the inference ran past its time limit.",
+    }.items()
+}
+_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": MaskRequest.model_json_schema()},
+            "multipart/form-data": {"schema": MaskRequest.model_json_schema()},
+        },
+    }
+}
+
+
+def state_of(request: Request) -> ServerState:
+    """The app's shared state."""
+    state: ServerState = request.app.state.automask
+    return state
+
+
+async def current_key(request: Request) -> ApiKey | None:
+    """The caller's key from `x-api-key` (401/403 otherwise); None when the server runs without auth."""
+    state = state_of(request)
+    if not state.server.auth:
+        return None
+    key = await asyncio.to_thread(keys.authenticate, state.store, request.headers.get("x-api-key"))
+    request.state.key_id = key.id
+    return key
+
+
+CallerKey = Annotated["ApiKey | None", Depends(current_key)]
+
+
+@asynccontextmanager
+async def credit_hold(state: ServerState, key: ApiKey | None, hold_id: str) -> AsyncIterator[None]:
+    """Hold one credit of `key` for the block (406 when none is left); keep it if the block succeeds."""
+    if key is None:
+        yield
+        return
+    if not await asyncio.to_thread(keys.reserve, state.store, key.id, hold_id):
+        raise no_credits(key.id)
+    charged = False
+    try:
+        yield
+        charged = True
+    finally:
+        keys.settle(state.store, hold_id, charge=charged)  # one quick local write, also on cancellation
+
+
+def render(result: MaskResult, as_base64: bool) -> Response:
+    """The v1 answer: the PNG itself, or JSON {"image": base64 PNG, ...metadata}."""
+    png = result.to_png()
+    if as_base64:
+        return JSONResponse({"image": base64.b64encode(png).decode("ascii"), **result.metadata()})
+    return Response(png, media_type="image/png")
+
+
+@router.post(
+    f"/v1/{SLUG}",
+    summary="Mask what the prompt names (one blocking call)",
+    openapi_extra=_BODY,
+    responses={200: {"content": {"image/png": {}, "application/json": {}}}, **_ERRORS},
+    tags=["v1"],
+)
+async def v1_generate(request: Request, key: CallerKey) -> Response:
+    state = state_of(request)
+    if key is not None:
+        state.limiter.check(key.id, key.rate_limit)
+    req = await read_request(request, state.body_limit)
+    async with credit_hold(state, key, request.state.request_id):
+        result, _ = await state.runner.run(req.source(), req.prompt, req.options())
+        return await asyncio.to_thread(render, result, req.base64)
+
+
+@router.post(
+    f"/v2/{SLUG}",
+    summary="Queue a masking job; poll its status_url",
+    openapi_extra=_BODY,
+    response_model=SubmitResponse,
+    responses=_ERRORS,
+    tags=["v2"],
+)
+async def v2_submit(request: Request, key: CallerKey) -> SubmitResponse:
+    state = state_of(request)
+    if key is not None:
+        state.limiter.check(key.id, key.rate_limit)
+    req = await read_request(request, state.body_limit)
+    if state.runner.error is not None:
+        await asyncio.to_thread(state.runner.generator)  # 503 now rather than a FAILED job (or a late load)
+    job_id = await asyncio.to_thread(state.jobs.submit, key.id if key else None, req, charge=key is not None)
+    state.queue.notify()
+    base = _base_url(request, state)
+    status_url = f"{base}/v2/requests/{job_id}/status"
+    return SubmitResponse(
+        request_id=job_id, poll_url=status_url, status_url=status_url, response_url=f"{base}/v2/requests/{job_id}"
+    )
+
+
+async def owned_job(request: Request, request_id: str, key: CallerKey) -> Job:
+    """Job `request_id` if the caller's key owns it; 404 otherwise (another key's job is not revealed)."""
+    job = await asyncio.to_thread(state_of(request).jobs.get, request_id)
+    if job is None or (key is not None and job.key_id != key.id):
+        raise ApiError(404, f"No request {request_id!r} for this key (results are kept for a limited time).")
+    return job
+
+
+OwnedJob = Annotated[Job, Depends(owned_job)]
+
+
+def _failed(job: Job) -> JSONResponse:
+    return JSONResponse({"request_id": job.id, "status": FAILED, "error": job.error}, status_code=422)
+
+
+@router.get(
+    "/v2/requests/{request_id}/status",
+    response_model=StatusResponse,
+    responses=_ERRORS,
+    tags=["v2"],
+    summary="A job's status: QUEUED, PROCESSING, COMPLETED or FAILED (422)",
+)
+async def v2_status(job: OwnedJob) -> Response:
+    if job.status == FAILED:
+        return _failed(job)
+    return JSONResponse({"request_id": job.id, "status": job.status})
+
+
+@router.get(
+    "/v2/requests/{request_id}",
+    response_model=ResultResponse,
+    responses=_ERRORS,
+    tags=["v2"],
+    summary="A job's response: output (absolute URL, or base64), metrics and metadata",
+)
+async def v2_response(request: Request, job: OwnedJob) -> Response:
+    if job.status == FAILED:
+        return _failed(job)
+    body: dict[str, Any] = {"request_id": job.id, "status": job.status, "output": None, "metrics": {}}
+    if job.status == COMPLETED and job.result_path is not None:
+        if job.base64:
+            body["output"] = base64.b64encode(await asyncio.to_thread(job.result_path.read_bytes)).decode("ascii")
+        else:
+            body["output"] = f"{_base_url(request, state_of(request))}/v2/requests/{job.id}/output"
+        body["metrics"] = {"inference_time": round(job.inference_time or 0.0, 6)}
+        body.update(job.metadata or {})
+    return JSONResponse(body)
+
+
+@router.get(
+    "/v2/requests/{request_id}/output",
+    response_class=FileResponse,
+    tags=["v2"],
+    responses={200: {"content": {"image/png": {}}}, **_ERRORS},
+    summary="A completed job's result image",
+)
+async def v2_output(job: OwnedJob) -> Response:
+    if job.status == FAILED:
+        return _failed(job)
+    if job.status != COMPLETED or job.result_path is None:
+        raise ApiError(404, f"The result of request {job.id} is not ready yet ({job.status}); poll its status_url.")
+    return FileResponse(job.result_path, media_type="image/png")
+
+
+@router.get("/healthz", tags=["health"], summary="The process is up")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/readyz", tags=["health"], summary="The model is loaded (503 with the reason otherwise)")
+async def readyz(request: Request) -> Response:
+    runner = state_of(request).runner
+    if runner.model_id is not None:
+        return JSONResponse({"status": "ready", "model": runner.model_id})
+    reason = runner.error.message if runner.error else "The model is still loading."
+    return error_response(503, reason)
+
+
+def _base_url(request: Request, state: ServerState) -> str:
+    """Where clients reach the service: `public_url`, else this request's base URL (no trailing slash)."""
+    return (state.server.public_url or str(request.base_url)).rstrip("/")

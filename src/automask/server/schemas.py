@@ -1,0 +1,129 @@
+"""The request body (every option of the hosted API, validated once) and the v2 response shapes."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+
+from automask.errors import InvalidOptionError
+from automask.imageio import ImageSource
+from automask.options import MaskOptions, parse_prompt, validation_error
+
+_URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
+
+
+class MaskRequest(MaskOptions):
+    """`POST /v1|v2/automatic-mask-generator`: the image, the prompt, every `MaskOptions` field, and `base64`."""
+
+    image: str | bytes = Field(
+        description="An http(s) URL, a bare base64 string or a data:image/...;base64, URI "
+        "(or, in a multipart body, the image file itself)."
+    )
+    prompt: str = Field(description="What to select; several targets separated by ',' or ' . ' are unioned.")
+    base64: bool = Field(False, description='true: answer JSON {"image": "<base64 PNG>", ...metadata}.')
+
+    def options(self) -> MaskOptions:
+        """The masking options alone."""
+        return MaskOptions.parse(self.model_dump(include=set(MaskOptions.model_fields)))
+
+    def source(self) -> ImageSource:
+        """The image for `load_image`: bytes, a URL or a data URI, never a server-side file path.
+
+        A bare base64 string is passed as a data URI, so that no client string is read as a local path.
+        """
+        if isinstance(self.image, bytes) or _URL.match(self.image) or self.image.startswith("data:"):
+            return self.image
+        return "data:;base64," + self.image.strip()
+
+
+def validate_request(data: Any, *, strict: bool) -> MaskRequest:
+    """Validate a decoded body; raise `InvalidOptionError` naming the first bad field. `strict=False` accepts
+    strings such as "0.3" or "true" (form fields)."""
+    if not isinstance(data, dict):
+        raise InvalidOptionError("body", "must be a JSON object with at least 'image' and 'prompt'")
+    try:
+        req = MaskRequest.model_validate(data, strict=strict)
+    except ValidationError as exc:
+        raise validation_error(exc) from None
+    if (isinstance(req.image, str) and not req.image.strip()) or (isinstance(req.image, bytes) and not req.image):
+        raise InvalidOptionError("image", "is empty: send an image URL, base64 data or a file")
+    parse_prompt(req.prompt)  # an empty or blank prompt is a 400 now, not a failed job later
+    return req
+
+
+async def read_request(request: Request, max_part_size: int) -> MaskRequest:
+    """Read a JSON or form (multipart / urlencoded) body into a `MaskRequest`."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type in FORM_TYPES:
+        return await _read_form(request, max_part_size)
+    body = await request.body()
+    try:
+        data = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidOptionError(
+            "body", f"is not valid JSON ({exc}); send a JSON object, or a multipart form with an 'image' file"
+        ) from None
+    return validate_request(data, strict=True)
+
+
+async def _read_form(request: Request, max_part_size: int) -> MaskRequest:
+    await request.body()  # read whole first: the body limit applies before the form parser sees it
+    try:
+        form = await request.form(max_files=1, max_fields=32, max_part_size=max_part_size)
+    except HTTPException as exc:  # starlette's answer to a malformed form
+        raise InvalidOptionError("body", f"is not a valid form: {exc.detail}") from None
+    data: dict[str, Any] = {}
+    try:
+        for name, value in form.multi_items():
+            if name in data:
+                raise InvalidOptionError(name, "is given more than once")
+            data[name] = await value.read() if isinstance(value, UploadFile) else value
+    finally:
+        await form.close()
+    return validate_request(data, strict=False)
+
+
+class SubmitResponse(BaseModel):
+    """`POST /v2/automatic-mask-generator`: the job was accepted and queued."""
+
+    request_id: str
+    status: str = "QUEUED"
+    poll_url: str = Field(description="Absolute URL of the job's status (the same as status_url).")
+    status_url: str
+    response_url: str
+
+
+class StatusResponse(BaseModel):
+    """`GET /v2/requests/{id}/status`. A FAILED job is served with HTTP 422 and carries `error`."""
+
+    model_config = ConfigDict(extra="allow")
+
+    request_id: str
+    status: str = Field(description="QUEUED, PROCESSING, COMPLETED or FAILED.")
+    error: str | None = None
+
+
+class ResultResponse(BaseModel):
+    """`GET /v2/requests/{id}`: once COMPLETED, `output` is the result image's absolute URL (fetch it with the
+    same key), or its base64 PNG when the request had base64=true. The result metadata follows."""
+
+    model_config = ConfigDict(extra="allow")
+
+    request_id: str
+    status: str
+    output: str | None = None
+    metrics: dict[str, float] = Field(default_factory=dict, description='{"inference_time": seconds}')
+    error: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """Every error: one sentence saying what is wrong and how to fix it."""
+
+    error: str

@@ -1,0 +1,388 @@
+"""The `automask` command line through its real entry point (a subprocess running the installed script),
+checked against the library call on the same input; CliRunner for the quick error paths."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from automask import errors
+from automask.cli import EXIT_CODES, EXIT_HELP, OutputError, exit_code, main
+from automask.cli_io import output_target, plan_outputs, write_atomic
+from automask.imageio import load_image
+from automask.options import parse_prompt
+from automask.pipeline import MaskGenerator
+from automask.result import MaskResult
+from automask.settings import Settings
+from conftest import jpeg_bytes
+
+PROMPT = "cat, grass"
+PNG_END = b"IEND\xaeB`\x82"
+
+
+def automask_command() -> list[str]:
+    """The installed console script beside this Python, else `python -m automask.cli`."""
+    script = Path(sys.executable).with_name("automask")
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "automask.cli"]
+
+
+def run_cli(*args: Any, expect: int, stdin: bytes | None = None, cwd: Path | None = None, **env: str) -> Any:
+    """Run `automask ARGS` in a subprocess; check the exit code and that stderr holds no traceback."""
+    proc = subprocess.run(
+        [*automask_command(), *map(str, args)],
+        input=stdin if stdin is not None else b"",
+        capture_output=True,
+        cwd=cwd,
+        env={**os.environ, **env},
+        timeout=180,
+    )
+    stderr = proc.stderr.decode()
+    assert "Traceback" not in stderr, stderr
+    assert proc.returncode == expect, stderr
+    return proc
+
+
+def error_lines(stderr: bytes | str) -> list[str]:
+    text = stderr.decode() if isinstance(stderr, bytes) else stderr
+    return [line for line in text.splitlines() if line.startswith(("error:", "internal error:"))]
+
+
+def read_png(data: bytes | Path) -> Image.Image:
+    img = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
+    assert img.format == "PNG"
+    img.load()
+    return img
+
+
+@dataclass
+class Library:
+    """The library, in this process, on the same tiny model the CLI is given."""
+
+    generator: MaskGenerator
+    model: Path
+    photo: Path
+    threshold: str
+    """A threshold that selects part of the photo (as the CLI is given it)."""
+
+    def run(self, source: Any, **options: Any) -> MaskResult:
+        return self.generator.generate(source, PROMPT, threshold=float(self.threshold), **options)
+
+
+@pytest.fixture(scope="module")
+def lib(tiny_clipseg_dir: Path, chelsea: np.ndarray, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Library]:
+    with pytest.MonkeyPatch.context() as mp:
+        for key in [k for k in os.environ if k.startswith("AUTOMASK_")]:
+            mp.delenv(key)
+        settings = Settings(data_dir=tmp_path_factory.mktemp("lib-data"))
+    generator = MaskGenerator(str(tiny_clipseg_dir), settings)
+    photo = tmp_path_factory.mktemp("photos") / "photo.png"
+    Image.fromarray(chelsea).resize((150, 100)).save(photo)
+    backend = generator.backend
+    maps = backend.score(backend.encode(load_image(photo, settings)), parse_prompt(PROMPT)).maps
+    assert maps.max() < 1.0, "the tiny model must leave threshold 1 empty for the empty-mask test"
+    threshold = f"{np.quantile(maps.max(axis=0), 0.7):.6f}"
+    yield Library(generator, tiny_clipseg_dir, photo, threshold)
+
+
+def test_library_reference_is_a_partial_mask(lib: Library) -> None:
+    mask = lib.run(lib.photo, grow_mask=0).mask
+    assert 0.1 < np.count_nonzero(mask) / mask.size < 0.5  # the comparisons below are not trivial
+
+
+# -- mask: subprocess ---------------------------------------------------------------------------------
+
+
+def test_mask_default_output_beside_the_input_equals_the_library(lib: Library, tmp_path: Path) -> None:
+    proc = run_cli(
+        "mask", lib.photo, "-p", PROMPT, "--threshold", lib.threshold, "--model", lib.model, expect=0, cwd=tmp_path
+    )
+    out = lib.photo.with_name("photo.mask.png")
+    img = read_png(out)
+    expected = lib.run(lib.photo).mask
+    assert img.mode == "L" and img.size == (150, 100)
+    assert np.array_equal(np.asarray(img), expected)
+    assert proc.stdout == b""
+    assert "wrote" in proc.stderr.decode() and not error_lines(proc.stderr)
+    out.unlink()
+
+
+@pytest.mark.parametrize(
+    ("flags", "options", "mode"),
+    [
+        (["--return-alpha"], {"return_alpha": True}, "RGBA"),
+        (["--preview", "--grow-mask", "0"], {"return_mask": False, "grow_mask": 0}, "RGB"),
+        (["--invert-mask", "--grow-mask", "3", "--seed", "7", "--json"], {"invert_mask": True, "grow_mask": 3}, "L"),
+    ],
+    ids=["alpha", "preview", "invert-grow-seed-json"],
+)
+def test_mask_flags_equal_the_library(
+    lib: Library, tmp_path: Path, flags: list[str], options: dict[str, Any], mode: str
+) -> None:
+    out = tmp_path / "new" / "out.png"
+    args = ["mask", lib.photo, "-p", PROMPT, "--threshold", lib.threshold, "--model", lib.model, "-o", out, *flags]
+    proc = run_cli(*args, expect=0)
+    img = read_png(out)
+    expected = lib.run(lib.photo, **options)
+    assert img.mode == mode and img.size == (150, 100)
+    assert np.array_equal(np.asarray(img), expected.output)
+    if mode == "RGBA":
+        assert np.array_equal(np.asarray(img)[..., 3], expected.mask)
+        assert np.array_equal(np.asarray(img)[..., :3], load_image(lib.photo))
+    if "--json" in flags:
+        meta = json.loads(proc.stdout)
+        assert meta["output"] == str(out)
+        assert meta["seed"] == 7 and meta["kind"] == "mask" and meta["prompts"] == ["cat", "grass"]
+        assert (meta["width"], meta["height"]) == (150, 100)
+        assert meta["selected_pixels"] == int(np.count_nonzero(expected.mask))
+        assert meta["backend"] == "clipseg" and meta["empty"] is False
+    else:
+        assert proc.stdout == b""
+    assert sorted(p.name for p in out.parent.iterdir()) == ["out.png"]  # no temp file left beside it
+
+
+def test_mask_stdin_to_stdout(lib: Library, chelsea: np.ndarray) -> None:
+    small = chelsea[::2, ::2]
+    data = jpeg_bytes(small)
+    args = ["mask", "-", "-o", "-", "-p", PROMPT, "--threshold", lib.threshold, "--model", lib.model, "--return-alpha"]
+    proc = run_cli(*args, expect=0, stdin=data)
+    assert proc.stdout.startswith(b"\x89PNG\r\n\x1a\n") and proc.stdout.endswith(PNG_END)  # the PNG and nothing else
+    img = read_png(proc.stdout)
+    expected = lib.run(data, return_alpha=True)
+    assert img.mode == "RGBA" and img.size == (small.shape[1], small.shape[0])
+    assert np.array_equal(np.asarray(img), expected.output)
+
+
+def test_mask_stop_on_empty_mask_exits_5_and_writes_nothing(lib: Library, tmp_path: Path) -> None:
+    out = tmp_path / "empty.png"
+    args = ["mask", lib.photo, "-p", PROMPT, "--threshold", "1", "--stop-on-empty-mask", "--model", lib.model]
+    proc = run_cli(*args, "-o", out, expect=5)
+    (line,) = error_lines(proc.stderr)
+    assert "Nothing matching" in line and "threshold" in line
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_mask_without_a_model_names_the_pull_command(lib: Library, tmp_path: Path) -> None:
+    empty = tmp_path / "data"
+    proc = run_cli("mask", lib.photo, "-p", "cat", "-o", tmp_path / "x.png", expect=4, AUTOMASK_DATA_DIR=str(empty))
+    (line,) = error_lines(proc.stderr)
+    assert "automask models pull clipseg" in line
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_mask_invalid_option_names_the_flag(lib: Library) -> None:
+    proc = run_cli("mask", lib.photo, "-p", "cat", "--grow-mask", "2.5", "--model", lib.model, expect=2)
+    (line,) = error_lines(proc.stderr)
+    assert line.startswith("error: --grow-mask: ") and "integer" in line
+
+
+# -- batch: subprocess --------------------------------------------------------------------------------
+
+
+def test_batch_folder_skips_a_bad_file_and_does_the_rest(lib: Library, tmp_path: Path, chelsea: np.ndarray) -> None:
+    src, out = tmp_path / "in", tmp_path / "out"
+    (src / "sub").mkdir(parents=True)
+    Image.open(lib.photo).save(src / "a.png")
+    (src / "a.jpg").write_bytes(jpeg_bytes(chelsea[:90, :120]))
+    good = jpeg_bytes(chelsea[:60, :80])
+    (src / "broken.jpg").write_bytes(good[: len(good) // 2])
+    (src / "notes.txt").write_text("not an image\n")
+    (src / "sub" / "deep.png").write_bytes((src / "a.png").read_bytes())  # not recursive: left alone
+    args = ["batch", src, "-o", out, "-p", PROMPT, "--threshold", lib.threshold, "--model", lib.model, "--json"]
+    proc = run_cli(*args, expect=1)
+    assert sorted(p.name for p in out.iterdir()) == ["a.jpg.png", "a.png.png"]  # a.jpg / a.png kept apart
+    for name in ("a.jpg", "a.png"):
+        assert np.array_equal(np.asarray(read_png(out / f"{name}.png")), lib.run(src / name).mask)
+    stderr = proc.stderr.decode()
+    (line,) = error_lines(stderr)
+    assert line.startswith(f"error: {src / 'broken.jpg'}: ") and "truncated" in line
+    assert "notes.txt" not in stderr and "deep.png" not in stderr
+    assert stderr.rstrip().endswith("2 done, 1 failed")
+    records = [json.loads(x) for x in proc.stdout.decode().splitlines()]
+    assert [(Path(r["input"]).name, r["ok"]) for r in records] == [
+        ("a.jpg", True),
+        ("a.png", True),
+        ("broken.jpg", False),
+    ]
+    assert records[2]["exit_code"] == 3 and "truncated" in records[2]["error"]
+    assert records[0]["output"] == str(out / "a.jpg.png") and records[0]["width"] == 120
+
+
+def test_batch_glob_recursive(lib: Library, tmp_path: Path) -> None:
+    src, out = tmp_path / "in", tmp_path / "out"
+    (src / "sub").mkdir(parents=True)
+    photo = Image.open(lib.photo)
+    photo.save(src / "x.png")
+    photo.resize((64, 48)).save(src / "sub" / "y.png")
+    photo.save(src / "z.jpg")  # not matched by the glob
+    args = ["batch", f"{src}/**/*.png", "-r", "-o", out, "-p", PROMPT, "--threshold", lib.threshold]
+    proc = run_cli(*args, "--model", lib.model, "--return-alpha", expect=0)
+    assert sorted(p.name for p in out.iterdir()) == ["x.png", "y.png"]
+    y = read_png(out / "y.png")
+    assert y.mode == "RGBA" and y.size == (64, 48)
+    assert np.array_equal(np.asarray(y), lib.run(src / "sub" / "y.png", return_alpha=True).output)
+    assert proc.stderr.decode().rstrip().endswith("2 done, 0 failed") and not error_lines(proc.stderr)
+
+
+# -- quick error paths: CliRunner ---------------------------------------------------------------------
+
+
+def invoke(*args: Any, **env: str) -> Any:
+    return CliRunner().invoke(main, [str(a) for a in args], env=env or None)
+
+
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        (["--threshold", "abc"], "--threshold"),
+        (["--threshold", "1.5"], "--threshold"),
+        (["--seed", "-5"], "--seed"),
+        (["--grow-mask", "101"], "--grow-mask"),
+        (["-p", " . "], "--prompt"),
+    ],
+)
+def test_invalid_options_fail_before_the_model_loads(tmp_path: Path, flags: list[str], named: str) -> None:
+    photo = tmp_path / "p.png"
+    Image.new("RGB", (8, 8)).save(photo)
+    result = invoke("mask", photo, "-p", "cat", *flags, "--model", tmp_path / "no-such-model")
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith(f"error: {named}: ") and result.stderr.count("\n") == 1
+
+
+def test_usage_errors(tmp_path: Path) -> None:
+    missing = invoke("mask", tmp_path / "nope.png", "-p", "cat")
+    assert missing.exit_code == 3 and "no such file" in missing.stderr
+    folder = invoke("mask", tmp_path, "-p", "cat")
+    assert folder.exit_code == 3 and "automask batch" in folder.stderr
+    both = invoke("mask", "-", "-o", "-", "--json", "-p", "cat")
+    assert both.exit_code == 2 and both.stderr.startswith("error: --json: ")
+    nothing = invoke("batch", tmp_path, "-o", tmp_path / "out", "-p", "cat")
+    assert nothing.exit_code == 2 and "no images found" in nothing.stderr
+    no_prompt = invoke("mask", tmp_path / "nope.png")
+    assert no_prompt.exit_code == 2 and "--prompt" in no_prompt.stderr
+    bad_env = invoke("models", "list", AUTOMASK_FETCH_TIMEOUT="soon")
+    assert bad_env.exit_code == 2 and "AUTOMASK_FETCH_TIMEOUT" in bad_env.stderr
+
+
+def test_internal_errors_are_one_line_unless_debug(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    def boom(*_: Any) -> None:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr("automask.cli.load_generator", boom)
+    photo = tmp_path / "p.png"
+    Image.new("RGB", (8, 8)).save(photo)
+    plain = invoke("mask", photo, "-p", "cat")
+    assert plain.exit_code == 70
+    assert plain.stderr == "internal error: RuntimeError: boom\n"
+    for result in (
+        invoke("--debug", "mask", photo, "-p", "cat"),
+        invoke("mask", photo, "-p", "cat", AUTOMASK_DEBUG="1"),
+    ):
+        assert result.exit_code == 70
+        assert "Traceback" in result.stderr and result.stderr.endswith("internal error: RuntimeError: boom\n")
+
+
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [
+        (errors.InvalidOptionError("threshold", "bad"), 2),
+        (errors.ImageDecodeError("x"), 3),
+        (errors.ImageTooLargeError("x"), 3),
+        (errors.URLRefusedError("x"), 3),
+        (errors.UnknownModelError("x"), 4),
+        (errors.ModelNotAvailableError("x"), 4),
+        (errors.MissingDependencyError("x"), 4),
+        (errors.EmptyMaskError("x"), 5),
+        (errors.FetchError("x"), 6),
+        (errors.FetchTimeoutError("x"), 6),
+        (errors.InferenceTimeoutError("x"), 7),
+        (OutputError("x"), 8),
+        (errors.AutomaskError("x"), 1),
+    ],
+)
+def test_exit_codes(error: errors.AutomaskError, code: int) -> None:
+    assert exit_code(error) == code
+    assert code in {c for c, _ in EXIT_HELP}
+
+
+def test_every_exit_code_is_documented() -> None:
+    documented = {c for c, _ in EXIT_HELP}
+    assert set(EXIT_CODES.values()) <= documented
+    help_text = invoke("--help").output
+    for code, text in EXIT_HELP:
+        assert f"{code:<4} {text}" in help_text
+
+
+def test_models_list_and_pull_use_the_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    data = tmp_path / "flag-data"
+    listed = invoke("--data-dir", data, "models", "list", "--json", AUTOMASK_DATA_DIR=str(tmp_path / "env-data"))
+    assert listed.exit_code == 0, listed.output
+    rows = {row["name"]: row for row in json.loads(listed.stdout)}
+    assert rows["clipseg"]["backend"] == "clipseg" and rows["clipseg"]["installed"] is False
+    assert rows["clipseg"]["path"] == str(data / "models" / "clipseg")  # the flag wins over AUTOMASK_DATA_DIR
+    table = invoke("--data-dir", data, "models", "list")
+    assert table.exit_code == 0 and "clipseg" in table.stdout and "no" in table.stdout
+
+    calls: list[tuple[str, Settings, bool]] = []
+
+    def fake_pull(name: str, settings: Settings, *, progress: bool = True) -> Path:
+        calls.append((name, settings, progress))
+        return settings.models_dir / name
+
+    monkeypatch.setattr("automask.models.pull", fake_pull)
+    pulled = invoke("--data-dir", data, "models", "pull", "clipseg")
+    assert pulled.exit_code == 0, pulled.output
+    assert [(n, s.data_dir, p) for n, s, p in calls] == [("clipseg", data, True)]
+    assert str(data / "models" / "clipseg") in pulled.stdout
+
+
+# -- file helpers -------------------------------------------------------------------------------------
+
+
+def test_plan_outputs_keeps_names_apart(tmp_path: Path) -> None:
+    src = tmp_path / "in"
+    files = [src / "a.jpg", src / "a.png", src / "b.PNG", src / "B.jpg", src / "c.webp", src / "sub" / "c.png"]
+    plan = dict(plan_outputs(files, tmp_path / "out", src))
+    out = tmp_path / "out"
+    assert plan[src / "a.jpg"] == out / "a.jpg.png" and plan[src / "a.png"] == out / "a.png.png"
+    assert plan[src / "b.PNG"] == out / "b.PNG.png" and plan[src / "B.jpg"] == out / "B.jpg.png"  # case-blind
+    assert plan[src / "c.webp"] == out / "c.png" and plan[src / "sub" / "c.png"] == out / "sub" / "c.png"
+    flat = dict(plan_outputs([src / "c.webp", src / "sub" / "c.png"], out, None))
+    assert sorted(p.name for p in flat.values()) == ["c.png.png", "c.webp.png"]
+    in_place = plan_outputs([src / "x.png"], src, None)  # the output folder is the input folder
+    assert in_place == [(src / "x.png", src / "x-2.png")]  # the input is never overwritten
+
+
+def test_output_target_defaults(tmp_path: Path) -> None:
+    photo = tmp_path / "p.jpg"
+    assert output_target(None, photo, "alpha") == tmp_path / "p.alpha.png"
+    assert output_target(None, None, "preview") == Path("preview.png")
+    assert output_target("-", photo, "mask") is None
+    assert output_target(str(tmp_path), photo, "mask") == tmp_path / "p.mask.png"
+    assert output_target(str(tmp_path / "o.png"), None, "mask") == tmp_path / "o.png"
+
+
+def test_write_atomic_never_leaves_a_partial_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    target = tmp_path / "deep" / "m.png"
+    write_atomic(target, b"first")
+    assert target.read_bytes() == b"first" and os.stat(target).st_mode & 0o644 == 0o644
+
+    def fail(*_: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", fail)
+    with pytest.raises(OutputError, match="No space left"):
+        write_atomic(target, b"second")
+    assert target.read_bytes() == b"first"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["m.png"]

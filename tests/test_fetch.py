@@ -1,0 +1,493 @@
+"""The URL guard and fetcher, against real sockets on loopback only (no test leaves this machine)."""
+
+from __future__ import annotations
+
+import io
+import ipaddress
+import re
+import shutil
+import socket
+import ssl
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from automask.errors import FetchError, FetchTimeoutError, ImageTooLargeError, URLRefusedError
+from automask.imageio import load_image
+from automask.imageio.fetch import IPAddress, blocked_reason, fetch_url, resolve_host
+from automask.settings import Settings
+
+LOOPBACK = ipaddress.ip_address("127.0.0.1")
+PIXELS = np.arange(8 * 10 * 3, dtype=np.uint8).reshape(8, 10, 3)
+
+
+def png_bytes() -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(PIXELS).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def loopback_is_public(ip: IPAddress) -> bool:
+    """An address policy for tests: 127.0.0.1 plays a public address; everything else is judged as usual."""
+    return ip == LOOPBACK or blocked_reason(ip) is None
+
+
+def fake_resolver(table: dict[str, list[str]]) -> Callable[[str, int], Sequence[IPAddress]]:
+    """Names in `table` resolve to its addresses; anything else through the real (numeric-only here) resolver."""
+
+    def resolve(host: str, port: int) -> list[IPAddress]:
+        if host in table:
+            return [ipaddress.ip_address(a) for a in table[host]]
+        return resolve_host(host, port)
+
+    return resolve
+
+
+# --- a listener that must never be reached -----------------------------------------------------------------
+
+
+class Listener:
+    """A TCP socket listening on loopback that never answers; `connections()` counts who got through.
+
+    A connection is complete once the kernel has accepted the handshake, so after a fetch attempt returns,
+    every connection it made is waiting in the backlog: draining it without blocking counts them all.
+    """
+
+    def __init__(self, family: socket.AddressFamily, host: str, port: int = 0) -> None:
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        self.sock.bind((host, port))
+        self.sock.listen(16)
+        self.sock.setblocking(False)
+        self.port = self.sock.getsockname()[1]
+        self.accepted = 0
+
+    def connections(self) -> int:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except BlockingIOError:
+                return self.accepted
+            conn.close()
+            self.accepted += 1
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture()
+def listeners() -> Iterator[tuple[Listener, Listener | None]]:
+    """One listener on 127.0.0.1 and, where the machine has IPv6, one on [::1] with the same port."""
+    v4 = Listener(socket.AF_INET, "127.0.0.1")
+    try:
+        v6: Listener | None = Listener(socket.AF_INET6, "::1", v4.port)
+    except OSError:
+        v6 = None
+    yield v4, v6
+    v4.close()
+    if v6:
+        v6.close()
+
+
+REFUSED_URLS = [
+    "http://127.0.0.1:{port}/x.png",
+    "http://localhost:{port}/",
+    "http://2130706433:{port}/",  # decimal
+    "http://0x7f000001:{port}/",  # hex
+    "http://0x7f.1:{port}/",  # hex, short form
+    "http://0177.0.0.1:{port}/",  # octal
+    "http://017700000001:{port}/",  # octal, one number
+    "http://127.1:{port}/",  # short form
+    "http://0.0.0.0:{port}/",  # unspecified: Linux connects it to this machine
+    "http://[::1]:{port}/",
+    "http://[::]:{port}/",
+    "http://[::ffff:127.0.0.1]:{port}/",  # IPv4-mapped
+    "http://[::ffff:7f00:1]:{port}/",  # IPv4-mapped, hex
+    "https://127.0.0.1:{port}/x.png",
+    "http://user:pw@127.0.0.1:{port}/",
+]
+
+
+@pytest.mark.parametrize("template", REFUSED_URLS)
+def test_internal_urls_are_refused_before_connecting(
+    template: str, listeners: tuple[Listener, Listener | None]
+) -> None:
+    v4, v6 = listeners
+    url = template.format(port=v4.port)
+    with pytest.raises(URLRefusedError, match="Refused the image URL"):
+        load_image(url, Settings(fetch_timeout=2.0))
+    assert v4.connections() == 0
+    assert v6 is None or v6.connections() == 0
+
+
+def test_the_listener_does_count_connections(listeners: tuple[Listener, Listener | None]) -> None:
+    """Control for the test above: with private URLs allowed, the same fetch reaches the listener."""
+    v4, _ = listeners
+    with pytest.raises(FetchTimeoutError):
+        fetch_url(f"http://127.0.0.1:{v4.port}/x.png", Settings(fetch_timeout=0.3, allow_private_urls=True))
+    assert v4.connections() == 1
+
+
+@pytest.mark.parametrize(
+    ("url", "phrase"),
+    [
+        ("file:///etc/passwd", "only http:// and https://"),
+        ("ftp://example.com/a.png", "only http:// and https://"),
+        ("gopher://127.0.0.1:70/_x", "only http:// and https://"),
+        ("//example.com/a.png", "only http:// and https://"),
+        ("http:///a.png", "no host"),
+        ("http://999.1.1.1/", "not a valid URL"),
+    ],
+)
+def test_bad_urls_are_refused(url: str, phrase: str) -> None:
+    with pytest.raises(URLRefusedError, match=phrase):
+        fetch_url(url, Settings(allow_private_urls=True))
+
+
+# --- the address classifier --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("address", "reason"),
+    [
+        ("127.0.0.1", "loopback"),
+        ("127.255.0.9", "loopback"),
+        ("::1", "loopback"),
+        ("10.0.0.1", "private"),
+        ("172.16.5.4", "private"),
+        ("192.168.1.1", "private"),
+        ("169.254.169.254", "cloud metadata"),
+        ("169.254.1.1", "link-local"),
+        ("fe80::1", "link-local"),
+        ("100.64.0.1", "shared"),
+        ("100.127.255.254", "shared"),
+        ("fc00::1", "unique-local"),
+        ("fd12:3456::1", "unique-local"),
+        ("fec0::1", "site-local"),
+        ("0.0.0.0", "unspecified"),
+        ("::", "unspecified"),
+        ("224.0.0.1", "multicast"),
+        ("239.255.255.250", "multicast"),
+        ("ff02::1", "multicast"),
+        ("240.0.0.1", "reserved"),
+        ("255.255.255.255", "broadcast"),
+        ("192.0.2.1", "private"),  # TEST-NET-1
+        ("198.18.0.1", "private"),  # benchmarking
+        ("::ffff:10.0.0.1", "IPv4-mapped private"),
+        ("::ffff:127.0.0.1", "IPv4-mapped loopback"),
+        ("::ffff:169.254.169.254", "IPv4-mapped cloud metadata"),
+        ("2002:7f00:1::1", "6to4 tunnel to a loopback"),
+        ("2002:a9fe:a9fe::1", "6to4 tunnel to a cloud metadata"),
+        ("2001::1", "Teredo"),
+        ("64:ff9b::a00:1", "NAT64"),
+        ("::7f00:1", "reserved"),  # IPv4-compatible 127.0.0.1
+        ("2001:db8::1", "private"),  # documentation
+    ],
+)
+def test_classifier_refuses_special_ranges(address: str, reason: str) -> None:
+    found = blocked_reason(ipaddress.ip_address(address))
+    assert found is not None and reason in found, (address, found)
+
+
+@pytest.mark.parametrize(
+    "address", ["8.8.8.8", "1.1.1.1", "93.184.215.14", "2606:4700:4700::1111", "::ffff:8.8.8.8", "2002:808:808::1"]
+)
+def test_classifier_lets_public_addresses_through(address: str) -> None:
+    assert blocked_reason(ipaddress.ip_address(address)) is None
+
+
+@pytest.mark.parametrize("host", ["2130706433", "0x7f000001", "0x7f.1", "0177.0.0.1", "127.1"])
+def test_numeric_spellings_resolve_to_what_they_denote(host: str) -> None:
+    assert resolve_host(host, 80) == [LOOPBACK]
+
+
+# --- a real loopback HTTP server ---------------------------------------------------------------------------
+
+Route = Callable[[BaseHTTPRequestHandler], None]
+
+
+class Site:
+    """A threaded HTTP server on 127.0.0.1 with a route table and a log of (path, Host header)."""
+
+    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
+        self.routes: dict[str, Route] = {}
+        self.log: list[tuple[str, str | None]] = []
+        self.stop = threading.Event()
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.server.daemon_threads = True
+        if tls is not None:
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
+        self.thread.start()
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        site = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:
+                site.log.append((self.path, self.headers.get("Host")))
+                route = site.routes.get(self.path)
+                if route is None:
+                    self.send_error(404)
+                else:
+                    route(self)
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        return Handler
+
+    def url(self, path: str, host: str = "127.0.0.1", scheme: str = "http") -> str:
+        return f"{scheme}://{host}:{self.port}{path}"
+
+    def close(self) -> None:
+        self.stop.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def send(handler: BaseHTTPRequestHandler, status: int, body: bytes = b"", **headers: str) -> None:
+    handler.send_response(status)
+    handler.send_header("Content-Length", str(len(body)))
+    for name, value in headers.items():
+        handler.send_header(name.replace("_", "-"), value)
+    handler.end_headers()
+    handler.wfile.write(body)
+
+
+def image_route(handler: BaseHTTPRequestHandler) -> None:
+    send(handler, 200, png_bytes(), Content_Type="image/png")
+
+
+def redirect_route(location: str, status: int = 302) -> Route:
+    return lambda handler: send(handler, status, Location=location)
+
+
+@pytest.fixture()
+def site() -> Iterator[Site]:
+    server = Site()
+    server.routes["/img.png"] = image_route
+    yield server
+    server.close()
+
+
+PRIVATE_OK = Settings(allow_private_urls=True, fetch_timeout=3.0)
+
+
+def test_allow_private_fetches_and_decodes(site: Site) -> None:
+    assert np.array_equal(load_image(site.url("/img.png"), PRIVATE_OK), PIXELS)
+    assert site.log == [("/img.png", f"127.0.0.1:{site.port}")]
+
+
+def test_redirects_are_followed_by_hand(site: Site) -> None:
+    site.routes["/a"] = redirect_route("/b", 301)  # relative
+    site.routes["/b"] = redirect_route(site.url("/img.png"), 307)  # absolute
+    assert fetch_url(site.url("/a"), PRIVATE_OK) == png_bytes()
+    assert [path for path, _ in site.log] == ["/a", "/b", "/img.png"]
+
+
+@pytest.mark.parametrize(
+    ("target", "table", "phrase"),
+    [
+        ("http://internal.test:{port}/secret", {"internal.test": ["127.0.0.1", "10.0.0.5"]}, "10.0.0.5, a private"),
+        ("http://metadata.test:{port}/latest", {"metadata.test": ["169.254.169.254"]}, "cloud metadata"),
+        ("http://127.0.0.2:{port}/", {}, "127.0.0.2, a loopback"),
+        ("http://[::ffff:127.0.0.1]:{port}/", {}, "IPv4-mapped loopback"),
+    ],
+)
+def test_redirect_to_a_refused_address_is_refused_without_connecting(
+    site: Site, listeners: tuple[Listener, Listener | None], target: str, table: dict[str, list[str]], phrase: str
+) -> None:
+    """127.0.0.1 counts as public for the first hop; the redirect's target is resolved and checked again."""
+    v4, _ = listeners
+    site.routes["/hop"] = redirect_route(target.format(port=v4.port))
+    resolve = fake_resolver(table)
+    with pytest.raises(URLRefusedError, match=re.escape(phrase)):
+        fetch_url(site.url("/hop"), Settings(), resolve=resolve, is_allowed=loopback_is_public)
+    assert site.log == [("/hop", f"127.0.0.1:{site.port}")]  # the first hop was allowed and made
+    assert v4.connections() == 0  # the refused target never saw a connection
+
+
+def test_redirect_to_another_scheme_is_refused(site: Site) -> None:
+    site.routes["/hop"] = redirect_route("file:///etc/passwd")
+    with pytest.raises(URLRefusedError, match="only http:// and https://"):
+        fetch_url(site.url("/hop"), PRIVATE_OK)
+
+
+def test_at_most_three_redirects(site: Site) -> None:
+    for i in range(4):
+        site.routes[f"/r{i}"] = redirect_route(f"/r{i + 1}")
+    site.routes["/r4"] = redirect_route("/img.png")
+    assert fetch_url(site.url("/r2"), PRIVATE_OK) == png_bytes()  # three redirects: fine
+    site.log.clear()
+    with pytest.raises(FetchError, match="redirected more than 3 times"):
+        fetch_url(site.url("/r0"), PRIVATE_OK)
+    assert [path for path, _ in site.log] == ["/r0", "/r1", "/r2", "/r3"]
+
+
+def test_declared_body_over_the_cap(site: Site) -> None:
+    site.routes["/big"] = lambda h: send(h, 200, b"\0" * 50_000)
+    with pytest.raises(ImageTooLargeError, match="50,000 bytes"):
+        fetch_url(site.url("/big"), Settings(allow_private_urls=True, max_image_bytes=10_000))
+
+
+def test_streamed_body_over_the_cap_stops_reading(site: Site) -> None:
+    total, sent, done = 64 * 1024 * 1024, [0], threading.Event()
+
+    def endless(handler: BaseHTTPRequestHandler) -> None:
+        handler.send_response(200)
+        handler.send_header("Connection", "close")  # no Content-Length: the body ends when the socket closes
+        handler.end_headers()
+        try:
+            while sent[0] < total:
+                handler.wfile.write(b"\0" * 65536)
+                sent[0] += 65536
+        except OSError:
+            pass
+        finally:
+            done.set()
+
+    site.routes["/endless"] = endless
+    with pytest.raises(ImageTooLargeError, match="more than 10,000 bytes"):
+        fetch_url(site.url("/endless"), Settings(allow_private_urls=True, max_image_bytes=10_000))
+    assert done.wait(5)
+    assert sent[0] < total  # the client hung up long before the end
+
+
+def test_slow_server_times_out(site: Site) -> None:
+    def slow(handler: BaseHTTPRequestHandler) -> None:
+        site.stop.wait(10)
+        send(handler, 200, png_bytes())
+
+    site.routes["/slow"] = slow
+    start = time.monotonic()
+    with pytest.raises(FetchTimeoutError, match=r"longer than 0\.5 s"):
+        fetch_url(site.url("/slow"), Settings(allow_private_urls=True, fetch_timeout=0.5))
+    assert time.monotonic() - start < 2.5
+
+
+def test_trickling_server_hits_the_overall_deadline(site: Site) -> None:
+    """A byte every 0.1 s never trips a per-read timeout; the one deadline for the whole fetch does."""
+
+    def trickle(handler: BaseHTTPRequestHandler) -> None:
+        handler.send_response(200)
+        handler.send_header("Content-Length", "1000")
+        handler.end_headers()
+        for _ in range(1000):
+            if site.stop.wait(0.1):
+                return
+            try:
+                handler.wfile.write(b"\0")
+                handler.wfile.flush()
+            except OSError:
+                return
+
+    site.routes["/trickle"] = trickle
+    start = time.monotonic()
+    with pytest.raises(FetchTimeoutError):
+        fetch_url(site.url("/trickle"), Settings(allow_private_urls=True, fetch_timeout=0.6))
+    assert time.monotonic() - start < 2.5
+
+
+@pytest.mark.parametrize(("status", "phrase"), [(404, "HTTP 404"), (500, "HTTP 500"), (302, "HTTP 302")])
+def test_error_answers_are_fetch_errors(site: Site, status: int, phrase: str) -> None:
+    site.routes["/err"] = lambda h: send(h, status, b"nope")  # a 302 without Location is an error too
+    with pytest.raises(FetchError, match=phrase):
+        fetch_url(site.url("/err"), PRIVATE_OK)
+
+
+def test_connection_refused_is_a_fetch_error() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # closed again before the fetch: nothing listens there
+    with pytest.raises(FetchError, match="Could not connect"):
+        fetch_url(f"http://127.0.0.1:{port}/", PRIVATE_OK)
+
+
+def test_connection_goes_to_the_checked_address(site: Site, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A made-up name resolved once; the request reaches that IP and still says `Host: images.test`."""
+    real = socket.getaddrinfo
+    lookups: list[str] = []
+
+    def getaddrinfo(host: str, port: int, *args: object, **kwargs: object) -> list[tuple[Any, ...]]:
+        lookups.append(host)
+        if host == "images.test":
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port))]
+        return real(host, port, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    data = fetch_url(site.url("/img.png", host="images.test"), Settings(), is_allowed=loopback_is_public)
+    assert data == png_bytes()
+    assert lookups.count("images.test") == 1
+    assert site.log == [("/img.png", f"images.test:{site.port}")]
+
+
+def test_every_resolved_address_is_checked(listeners: tuple[Listener, Listener | None]) -> None:
+    v4, _ = listeners
+    resolve = fake_resolver({"mixed.test": ["127.0.0.1", "192.168.0.7"]})
+    with pytest.raises(URLRefusedError, match=r"192\.168\.0\.7, a private"):
+        fetch_url(f"http://mixed.test:{v4.port}/", Settings(), resolve=resolve, is_allowed=loopback_is_public)
+    assert v4.connections() == 0
+
+
+# --- https: the TLS name is the URL's host, the connection goes to the checked IP --------------------------
+
+
+def openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=30)
+
+
+@pytest.fixture(scope="module")
+def certificates(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A throwaway CA and a server certificate for DNS:images.test only (made with the openssl command)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl command is not installed")
+    d = tmp_path_factory.mktemp("tls")
+    ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+    (d / "leaf.ext").write_text(
+        "subjectAltName=DNS:images.test\nbasicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\n"
+        "extendedKeyUsage=serverAuth\nsubjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid\n"
+    )
+    openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=test CA",
+            "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=d)  # fmt: skip
+    openssl("req", "-new", *ec, "-keyout", "leaf.key", "-out", "leaf.csr", "-subj", "/CN=images.test", cwd=d)
+    openssl("x509", "-req", "-in", "leaf.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+            "-out", "leaf.pem", "-days", "2", "-extfile", "leaf.ext", cwd=d)  # fmt: skip
+    return d
+
+
+@pytest.fixture()
+def tls_site(certificates: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Site]:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(certificates / "leaf.pem", certificates / "leaf.key")
+    monkeypatch.setenv("SSL_CERT_FILE", str(certificates / "ca.pem"))  # the fetcher trusts the test CA
+    server = Site(tls=context)
+    server.routes["/img.png"] = image_route
+    yield server
+    server.close()
+
+
+def test_https_verifies_the_original_name_while_connecting_to_the_ip(tls_site: Site) -> None:
+    resolve = fake_resolver({"images.test": ["127.0.0.1"]})
+    url = tls_site.url("/img.png", host="images.test", scheme="https")
+    assert fetch_url(url, Settings(), resolve=resolve, is_allowed=loopback_is_public) == png_bytes()
+    assert tls_site.log == [("/img.png", f"images.test:{tls_site.port}")]
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "other.test"])
+def test_https_certificate_for_another_name_fails(tls_site: Site, host: str) -> None:
+    resolve = fake_resolver({"other.test": ["127.0.0.1"]})
+    url = tls_site.url("/img.png", host=host, scheme="https")
+    with pytest.raises(FetchError, match="Could not connect"):
+        fetch_url(url, Settings(fetch_timeout=3.0), resolve=resolve, is_allowed=loopback_is_public)
+    assert tls_site.log == []

@@ -1,0 +1,462 @@
+"""Image input: every source kind and the decoding edge cases real files bring (no network here)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import struct
+import time
+import warnings
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, features
+
+from automask.errors import AutomaskError, ImageDecodeError, ImageTooLargeError, URLRefusedError
+from automask.imageio import ImageSource, load_image
+from automask.imageio.decode import composite_on_white, to_uint8
+from automask.settings import Settings
+
+RED, GREEN, BLUE, WHITE = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)
+
+
+def encode(img: Image.Image, fmt: str, **kwargs: object) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kwargs)
+    return buf.getvalue()
+
+
+def raw_png(width: int, height: int, depth: int, color_type: int, idat: bytes) -> bytes:
+    """A PNG written by hand: IHDR as given (any size), `idat` as the compressed data."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, depth, color_type, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def png_of(array: np.ndarray) -> bytes:
+    return encode(Image.fromarray(array), "PNG")
+
+
+def close(actual: np.ndarray, expected: tuple[int, ...], tol: int) -> bool:
+    return bool(np.all(np.abs(actual.astype(int) - np.array(expected)) <= tol))
+
+
+@pytest.fixture()
+def small_rgb() -> np.ndarray:
+    """A 6×5×3 uint8 image with distinct values in every channel."""
+    return np.arange(6 * 5 * 3, dtype=np.uint8).reshape(6, 5, 3) * 2
+
+
+# --- EXIF orientation --------------------------------------------------------------------------------------
+
+# Where the stored top-left (red) and top-right (green) corners appear once displayed, per the EXIF spec.
+ORIENTATIONS = {
+    1: ("TL", "TR"),
+    2: ("TR", "TL"),
+    3: ("BR", "BL"),
+    4: ("BL", "BR"),
+    5: ("TL", "BL"),
+    6: ("TR", "BR"),
+    7: ("BR", "TR"),
+    8: ("BL", "TL"),
+}
+
+
+def corner(a: np.ndarray, name: str, size: int = 6) -> np.ndarray:
+    """The mean colour of a size×size patch inset by 2 px at the named corner."""
+    h, w = a.shape[:2]
+    rows = slice(2, 2 + size) if name[0] == "T" else slice(h - 2 - size, h - 2)
+    cols = slice(2, 2 + size) if name[1] == "L" else slice(w - 2 - size, w - 2)
+    return a[rows, cols].reshape(-1, 3).mean(axis=0)
+
+
+def marked_jpeg(orientation: int | None, exif_bytes: bytes | None = None) -> bytes:
+    """A 40×64 (H×W) white JPEG, red block at the stored top-left, green at the stored top-right."""
+    stored = np.full((40, 64, 3), 255, np.uint8)
+    stored[:12, :12] = RED
+    stored[:12, -12:] = GREEN
+    img = Image.fromarray(stored)
+    if orientation is not None:
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        exif_bytes = exif.tobytes()
+    return encode(img, "JPEG", quality=95, **({"exif": exif_bytes} if exif_bytes else {}))
+
+
+@pytest.mark.parametrize("orientation", sorted(ORIENTATIONS))
+def test_exif_orientation_moves_pixels(orientation: int, settings: Settings) -> None:
+    out = load_image(marked_jpeg(orientation), settings)
+    assert out.dtype == np.uint8 and out.flags.c_contiguous
+    assert out.shape == ((40, 64, 3) if orientation <= 4 else (64, 40, 3))
+    red_at, green_at = ORIENTATIONS[orientation]
+    assert close(corner(out, red_at), RED, 40), (orientation, corner(out, red_at))
+    assert close(corner(out, green_at), GREEN, 40), (orientation, corner(out, green_at))
+    others = {"TL", "TR", "BL", "BR"} - {red_at, green_at}
+    for name in others:
+        assert close(corner(out, name), WHITE, 20)
+
+
+def test_exif_orientation_applies_to_pil_input(settings: Settings) -> None:
+    opened = Image.open(io.BytesIO(marked_jpeg(6)))
+    out = load_image(opened, settings)
+    assert out.shape == (64, 40, 3)
+    assert close(corner(out, "TR"), RED, 40)
+
+
+def test_damaged_exif_is_ignored_not_fatal(settings: Settings) -> None:
+    out = load_image(marked_jpeg(None, exif_bytes=b"Exif\x00\x00MM\x00*garbage-garbage"), settings)
+    assert out.shape == (40, 64, 3)
+    assert close(corner(out, "TL"), RED, 40)
+
+
+# --- colour modes ------------------------------------------------------------------------------------------
+
+
+def test_cmyk_jpeg_becomes_rgb(settings: Settings) -> None:
+    cmyk = Image.new("CMYK", (16, 8), (0, 255, 255, 0))  # no cyan, full magenta + yellow: red
+    out = load_image(encode(cmyk, "JPEG", quality=95), settings)
+    assert out.shape == (8, 16, 3)
+    assert close(out[4, 8], RED, 12)
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "GIF"])
+def test_palette_with_transparency_composites_on_white(fmt: str, settings: Settings) -> None:
+    img = Image.new("P", (4, 2), 0)
+    img.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)  # index 0 red, index 1 blue
+    img.putpixel((3, 1), 1)
+    img.info["transparency"] = 1
+    out = load_image(encode(img, fmt, transparency=1), settings)
+    assert out.shape == (2, 4, 3)
+    assert tuple(out[0, 0]) == RED
+    assert tuple(out[1, 3]) == WHITE  # the transparent (blue) pixel
+
+
+def test_palette_without_transparency(settings: Settings) -> None:
+    img = Image.new("P", (3, 3), 1)
+    img.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)
+    assert tuple(load_image(encode(img, "PNG"), settings)[1, 1]) == BLUE
+
+
+def test_la_alpha_composites_on_white(settings: Settings) -> None:
+    la = np.zeros((1, 3, 2), np.uint8)
+    la[0, 0] = (0, 255)  # opaque black
+    la[0, 1] = (0, 0)  # transparent black
+    la[0, 2] = (0, 128)  # half-transparent black
+    out = load_image(encode(Image.fromarray(la, "LA"), "PNG"), settings)
+    assert tuple(out[0, 0]) == (0, 0, 0)
+    assert tuple(out[0, 1]) == WHITE
+    assert tuple(out[0, 2]) == (127, 127, 127)
+
+
+def test_rgba_composites_on_white(settings: Settings) -> None:
+    rgba = np.array([[[255, 0, 0, 255], [255, 0, 0, 0], [0, 0, 255, 128]]], np.uint8)
+    out = load_image(encode(Image.fromarray(rgba, "RGBA"), "PNG"), settings)
+    assert [tuple(p) for p in out[0]] == [RED, WHITE, (127, 127, 255)]
+
+
+def test_grayscale_l_and_bilevel(settings: Settings) -> None:
+    gray = np.array([[0, 100, 255]], np.uint8)
+    out = load_image(encode(Image.fromarray(gray), "PNG"), settings)
+    assert out.shape == (1, 3, 3) and np.array_equal(out[..., 0], gray) and np.array_equal(out[..., 2], gray)
+    bilevel = Image.fromarray(np.array([[True, False]]))
+    assert [tuple(p) for p in load_image(encode(bilevel, "PNG"), settings)[0]] == [WHITE, (0, 0, 0)]
+
+
+def test_16bit_grayscale_png_is_scaled_not_clipped(settings: Settings) -> None:
+    values = np.array([[0, 257 * 100, 65535, 32768]], np.uint16)
+    data = encode(Image.fromarray(values), "PNG")
+    assert Image.open(io.BytesIO(data)).mode == "I;16"  # the case under test
+    out = load_image(data, settings)
+    assert out[0, :, 0].tolist() == [0, 100, 255, 128]
+
+
+def test_16bit_rgb_png(settings: Settings) -> None:
+    pixels = np.array([[[65535, 0, 32896], [257 * 7, 65280, 0]]], dtype=">u2")
+    out = load_image(raw_png(2, 1, 16, 2, zlib.compress(b"\x00" + pixels.tobytes())), settings)
+    expected = np.rint(pixels.astype(float) / 257)
+    assert np.abs(out.astype(float) - expected).max() <= 1
+
+
+def test_32bit_int_and_float_tiff(settings: Settings) -> None:
+    ints = np.array([[0, 255 * 257, 65535]], np.int32)
+    assert load_image(encode(Image.fromarray(ints), "TIFF"), settings)[0, :, 1].tolist() == [0, 255, 255]
+    floats = np.array([[0.0, 0.5, 1.0]], np.float32)
+    assert load_image(encode(Image.fromarray(floats), "TIFF"), settings)[0, :, 0].tolist() == [0, 128, 255]
+
+
+def frames(fmt: str) -> bytes:
+    first = Image.new("RGB", (8, 6), RED)
+    second = Image.new("RGB", (8, 6), BLUE)
+    data = encode(first, fmt, save_all=True, append_images=[second], duration=100, loop=0)
+    check = Image.open(io.BytesIO(data))
+    assert getattr(check, "n_frames", 1) == 2
+    check.seek(1)
+    assert close(np.asarray(check.convert("RGB"))[3, 4], BLUE, 8)  # the second frame really differs
+    return data
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "WEBP"])
+def test_animated_gives_first_frame(fmt: str, settings: Settings) -> None:
+    if fmt == "WEBP" and not features.check("webp"):
+        pytest.skip("Pillow built without WebP")
+    out = load_image(frames(fmt), settings)
+    assert out.shape == (6, 8, 3)
+    assert close(out[3, 4], RED, 8)
+
+
+# --- bad input ---------------------------------------------------------------------------------------------
+
+
+def test_corrupt_inputs_give_clear_errors(settings: Settings, small_rgb: np.ndarray) -> None:
+    jpeg = encode(Image.fromarray(np.tile(small_rgb, (20, 20, 1))), "JPEG")
+    png = bytearray(png_of(small_rgb))
+    png[45] ^= 0xFF  # inside IDAT's data: its CRC no longer matches
+    bad_chunk = bytearray(png_of(small_rgb))
+    bad_chunk[12] ^= 0xFF  # IHDR's chunk type
+    cases = {
+        b"": "empty",
+        bytes(np.random.default_rng(0).integers(0, 256, 300, dtype=np.uint8)): "not in a known format",
+        b"<!doctype html><html><body>Not found</body></html>": "looks like text",
+        jpeg[: len(jpeg) // 2]: "corrupt or truncated",
+        bytes(png): "corrupt or truncated",
+        bytes(bad_chunk): "starts like a PNG file",
+        b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n": "looks like text",  # EPS is never opened
+    }
+    for data, phrase in cases.items():
+        with pytest.raises(ImageDecodeError) as info:
+            load_image(data, settings)
+        assert phrase in str(info.value), (data[:20], str(info.value))
+
+
+def test_damaged_files_never_escape_as_tracebacks(small_rgb: np.ndarray) -> None:
+    """Truncations and byte flips of every format: an RGB array or an AutomaskError, nothing else."""
+    settings = Settings(max_image_pixels=1_000_000)
+    img = Image.fromarray(np.tile(small_rgb, (6, 6, 1)))
+    rng = np.random.default_rng(1)
+    for fmt in ["PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF"]:
+        data = encode(img, fmt)
+        variants = [data[:cut] for cut in np.linspace(1, len(data) - 1, 12).astype(int)]
+        for _ in range(12):
+            flipped = bytearray(data)
+            for pos in rng.integers(0, len(data), 3):
+                flipped[pos] = int(rng.integers(0, 256))
+            variants.append(bytes(flipped))
+        for variant in variants:
+            try:
+                out = load_image(variant, settings)
+            except AutomaskError:
+                continue
+            assert out.dtype == np.uint8 and out.ndim == 3 and out.shape[2] == 3
+
+
+# --- size limits -------------------------------------------------------------------------------------------
+
+
+def test_pixel_limit_checked_from_header_before_decoding(settings: Settings) -> None:
+    # The IDAT holds no pixels: decoding would fail with a "truncated" error, so ImageTooLargeError shows that
+    # the limit was checked from the header first.
+    small_limit = Settings(max_image_pixels=10_000)
+    with pytest.raises(ImageTooLargeError, match="AUTOMASK_MAX_IMAGE_PIXELS"):
+        load_image(raw_png(300, 300, 8, 2, zlib.compress(b"")), small_limit)
+    with pytest.raises(ImageDecodeError):
+        load_image(raw_png(30, 30, 8, 2, zlib.compress(b"")), small_limit)
+
+
+@pytest.mark.parametrize("side", [10_000, 100_000])  # Pillow's warning zone, then its error zone
+def test_decompression_bomb_header_is_refused_quickly(side: int, settings: Settings) -> None:
+    data = raw_png(side, side, 8, 2, zlib.compress(b"\x00" * 64))  # claims up to 30 GB of RGB
+    start = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(ImageTooLargeError):
+            load_image(data, settings)
+    assert time.perf_counter() - start < 1.0
+    assert not [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
+
+
+def test_gif_header_claiming_huge_screen_is_refused(settings: Settings) -> None:
+    data = bytearray(encode(Image.new("P", (4, 4)), "GIF"))
+    data[6:10] = struct.pack("<HH", 65535, 65535)  # logical screen: 4.3 gigapixels
+    with pytest.raises(ImageTooLargeError):
+        load_image(bytes(data), settings)
+
+
+def test_encoded_byte_limit_for_every_source_kind(tmp_path: Path, small_rgb: np.ndarray) -> None:
+    data = png_of(np.tile(small_rgb, (10, 10, 1)))
+    limit = Settings(max_image_bytes=len(data) - 1)
+    path = tmp_path / "a.png"
+    path.write_bytes(data)
+    b64 = base64.b64encode(data).decode()
+    sources: list[ImageSource] = [data, path, str(path), io.BytesIO(data), b64, "data:image/png;base64," + b64]
+    for source in sources:
+        with pytest.raises(ImageTooLargeError, match="AUTOMASK_MAX_IMAGE_BYTES"):
+            load_image(source, limit)
+    assert load_image(data, Settings(max_image_bytes=len(data))).shape == (60, 50, 3)
+
+
+# --- numpy and PIL inputs ----------------------------------------------------------------------------------
+
+
+def test_numpy_rgb_is_copied_unchanged(settings: Settings, small_rgb: np.ndarray) -> None:
+    out = load_image(small_rgb, settings)
+    assert np.array_equal(out, small_rgb) and out.dtype == np.uint8
+    out[0, 0] = 1
+    assert small_rgb[0, 0, 0] == 0  # the caller's array is not aliased
+    strided = load_image(small_rgb[::2, ::-1], settings)
+    assert np.array_equal(strided, small_rgb[::2, ::-1]) and strided.flags.c_contiguous
+
+
+def test_numpy_gray_and_single_channel(settings: Settings) -> None:
+    gray = np.array([[0, 10], [200, 255]], np.uint8)
+    for source in (gray, gray[:, :, None]):
+        out = load_image(source, settings)
+        assert out.shape == (2, 2, 3) and all(np.array_equal(out[..., c], gray) for c in range(3))
+
+
+def test_numpy_rgba_composites_like_files(settings: Settings) -> None:
+    rgba = np.array([[[255, 0, 0, 255], [10, 20, 30, 0], [0, 0, 0, 128]]], np.uint8)
+    from_array = load_image(rgba, settings)
+    from_png = load_image(encode(Image.fromarray(rgba, "RGBA"), "PNG"), settings)
+    assert np.array_equal(from_array, from_png)
+    assert [tuple(p) for p in from_array[0]] == [RED, WHITE, (127, 127, 127)]
+
+
+@pytest.mark.parametrize(
+    ("array", "expected"),
+    [
+        (np.array([[True, False]]), [255, 0]),
+        (np.array([[0, 257, 65535]], np.uint16), [0, 1, 255]),
+        (np.array([[0.0, 0.5, 1.0]], np.float32), [0, 128, 255]),
+        (np.array([[0.0, 100.4, 255.0]], np.float64), [0, 100, 255]),
+        (np.array([[0, 7, 255]], np.int64), [0, 7, 255]),
+        (np.array([[0, 1000, 65535]], np.int32), [0, 4, 255]),
+    ],
+)
+def test_numpy_other_dtypes_by_range(array: np.ndarray, expected: list[int], settings: Settings) -> None:
+    out = load_image(array, settings)
+    assert out.shape == (*array.shape, 3) and out[0, :, 0].tolist() == expected
+
+
+@pytest.mark.parametrize(
+    ("array", "phrase"),
+    [
+        (np.zeros((4, 4, 2), np.uint8), "H×W×3"),
+        (np.zeros((2, 2, 2, 3), np.uint8), "H×W×3"),
+        (np.zeros((0, 5, 3), np.uint8), "empty"),
+        (np.array([[-1, 5]], np.int16), "negative"),
+        (np.array([[np.nan, 0.5]]), "NaN"),
+        (np.array([[0.5, 300.0]]), "0–255"),
+        (np.array([[0, 70000]], np.int64), "0–65535"),
+        (np.zeros((2, 2), np.complex64), "complex64"),
+        (np.array([["a", "b"]]), "<U1"),
+    ],
+)
+def test_numpy_bad_arrays_are_refused(array: np.ndarray, phrase: str, settings: Settings) -> None:
+    with pytest.raises(ImageDecodeError, match=phrase):
+        load_image(array, settings)
+
+
+def test_numpy_and_pil_pixel_limit() -> None:
+    limit = Settings(max_image_pixels=99)
+    with pytest.raises(ImageTooLargeError):
+        load_image(np.zeros((10, 10, 3), np.uint8), limit)
+    with pytest.raises(ImageTooLargeError):
+        load_image(Image.new("RGB", (10, 10)), limit)
+    assert load_image(np.zeros((9, 11), np.uint8), limit).shape == (9, 11, 3)
+
+
+def test_pil_inputs(settings: Settings, small_rgb: np.ndarray) -> None:
+    assert np.array_equal(load_image(Image.fromarray(small_rgb), settings), small_rgb)
+    jpeg = encode(Image.fromarray(np.tile(small_rgb, (40, 40, 1))), "JPEG")
+    truncated = jpeg[: len(jpeg) * 2 // 3]
+    with pytest.raises(ImageDecodeError, match="corrupt or truncated"):
+        load_image(Image.open(io.BytesIO(truncated)), settings)
+
+
+# --- strings, paths, streams -------------------------------------------------------------------------------
+
+
+def test_base64_forms(settings: Settings, small_rgb: np.ndarray) -> None:
+    data = png_of(small_rgb)
+    plain = base64.b64encode(data).decode()
+    forms = [
+        plain,
+        base64.encodebytes(data).decode(),  # wrapped at 76 characters
+        base64.urlsafe_b64encode(data).decode().rstrip("="),  # URL-safe, padding dropped
+        f"  {plain}\n",
+        "data:image/png;base64," + plain,
+        "DATA:IMAGE/PNG;BASE64," + plain,
+        "data:;base64," + plain,
+        "data:image/png;charset=utf-8;base64," + plain,
+    ]
+    for form in forms:
+        assert np.array_equal(load_image(form, settings), small_rgb), form[:40]
+
+
+@pytest.mark.parametrize(
+    ("text", "phrase"),
+    [
+        ("data:image/png,rawdata", "base64-encoded"),
+        ("data:text/plain;base64,aGVsbG8=", "'text/plain', not an image"),
+        ("data:image/png;base64,@@@@", "not valid base64"),
+        ("data:image/png;base64", "malformed"),
+        ("", "empty"),
+        ("   ", "empty"),
+        ("!" * 5000, "not valid base64"),
+        (base64.b64encode(b"just some text, not an image at all " * 3).decode(), "looks like text"),
+    ],
+)
+def test_bad_strings(text: str, phrase: str, settings: Settings) -> None:
+    with pytest.raises(ImageDecodeError, match=phrase):
+        load_image(text, settings)
+
+
+@pytest.mark.parametrize("name", ["missing.png", "photos/cat.jpg", "abcd", "C:\\images\\x.jpg"])
+def test_missing_path_says_no_such_file(name: str, settings: Settings, tmp_path: Path) -> None:
+    target = str(tmp_path / name) if "/" in name else name
+    with pytest.raises(ImageDecodeError, match="No such file"):
+        load_image(target, settings)
+    if "/" in name:
+        with pytest.raises(ImageDecodeError, match="No such file"):
+            load_image(Path(target), settings)
+
+
+def test_paths_streams_and_bytes_like(tmp_path: Path, settings: Settings, small_rgb: np.ndarray) -> None:
+    data = png_of(small_rgb)
+    path = tmp_path / "img.png"
+    path.write_bytes(data)
+    sources: list[ImageSource] = [path, str(path), io.BytesIO(data), bytearray(data), memoryview(data)]
+    for source in sources:
+        assert np.array_equal(load_image(source, settings), small_rgb), type(source)
+
+
+def test_folder_text_file_and_odd_sources(tmp_path: Path, settings: Settings) -> None:
+    with pytest.raises(ImageDecodeError, match="is a folder"):
+        load_image(tmp_path, settings)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("shopping list: eggs, milk\n" * 10)
+    with pytest.raises(ImageDecodeError, match="looks like text"):
+        load_image(str(notes), settings)
+    with pytest.raises(ImageDecodeError, match="binary mode"):
+        load_image(io.StringIO("abc"), settings)  # type: ignore[arg-type]
+    with pytest.raises(ImageDecodeError, match="Unsupported image source of type int"):
+        load_image(42, settings)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("url", ["file:///etc/passwd", "ftp://example.com/a.png", "gopher://127.0.0.1:70/_x"])
+def test_non_http_schemes_are_refused(url: str, settings: Settings) -> None:
+    with pytest.raises(URLRefusedError, match="only http:// and https://"):
+        load_image(url, settings)
+
+
+def test_composite_and_to_uint8_helpers() -> None:
+    rgba = np.array([[[200, 100, 0, 51]]], np.uint8)  # 20 % opaque
+    expected = np.rint(np.array([200, 100, 0]) * 0.2 + 255 * 0.8)
+    assert np.abs(composite_on_white(rgba)[0, 0] - expected).max() <= 1
+    same = np.zeros((2, 2), np.uint8)
+    assert to_uint8(same) is same

@@ -1,0 +1,265 @@
+"""Model management: pull (with a fake hub, never the network), resolve, list, the Hugging Face cache fallback."""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import huggingface_hub
+import huggingface_hub.constants
+import pytest
+from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+
+from automask import models
+from automask.errors import ModelNotAvailableError, UnknownModelError
+from automask.pipeline import MaskGenerator
+from automask.settings import Settings
+
+REPO = "CIDAS/clipseg-rd64-refined"
+
+
+_REAL_SNAPSHOT_DOWNLOAD = huggingface_hub.snapshot_download
+
+
+def _no_network(*args: Any, **kwargs: Any) -> Any:
+    """snapshot_download that allows only cache look-ups (local_files_only=True), never a download."""
+    if kwargs.get("local_files_only"):
+        return _REAL_SNAPSHOT_DOWNLOAD(*args, **kwargs)
+    raise AssertionError("the hub must not be contacted")
+
+
+@pytest.fixture()
+def online(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lift the offline switches; every test using it replaces snapshot_download, so nothing can leave."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", _no_network)
+
+
+class FakeHub:
+    """Stands in for huggingface_hub.snapshot_download: copies the files of `source` matching allow_patterns."""
+
+    def __init__(self, source: Path, fail_after: int | None = None, error: BaseException | None = None) -> None:
+        self.source, self.fail_after, self.error = source, fail_after, error
+        self.calls: list[dict[str, Any]] = []
+
+    def __call__(self, repo_id: str, *, local_dir: Path, allow_patterns: list[str], **kw: Any) -> str:
+        self.calls.append({"repo_id": repo_id, "local_dir": Path(local_dir), "allow_patterns": allow_patterns, **kw})
+        Path(local_dir).mkdir(parents=True, exist_ok=True)
+        (Path(local_dir) / ".cache" / "huggingface").mkdir(parents=True, exist_ok=True)  # the hub's bookkeeping
+        for i, f in enumerate(sorted(self.source.iterdir())):
+            if self.fail_after is not None and i >= self.fail_after:
+                raise self.error or httpx.ConnectError("connection reset")
+            if any(fnmatch.fnmatch(f.name, p) for p in allow_patterns):
+                shutil.copy2(f, Path(local_dir) / f.name)
+        return str(local_dir)
+
+
+def test_pull_offline_fails_fast_without_touching_the_hub(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", _no_network)
+    t = time.perf_counter()
+    with pytest.raises(ModelNotAvailableError) as err:
+        models.pull("clipseg", settings)
+    assert time.perf_counter() - t < 2.0
+    msg = err.value.message
+    assert "HF_HUB_OFFLINE" in msg and "automask models pull clipseg" in msg and "AUTOMASK_MODEL" in msg
+    assert not settings.models_dir.exists() or not any(settings.models_dir.iterdir())
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        LocalEntryNotFoundError("Cannot find an appropriate cached snapshot folder; check your connection"),
+        OfflineModeIsEnabled("offline"),
+        httpx.ConnectError("[Errno -3] Temporary failure in name resolution"),
+        TimeoutError("timed out"),
+    ],
+    ids=["local-entry-not-found", "offline-mode", "connect-error", "timeout"],
+)
+def test_pull_with_the_hub_unreachable(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, online: None, tiny_clipseg_dir: Path, error: BaseException
+) -> None:
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", FakeHub(tiny_clipseg_dir, fail_after=0, error=error))
+    with pytest.raises(ModelNotAvailableError) as err:
+        models.pull("clipseg", settings, progress=False)
+    assert "automask models pull clipseg" in err.value.message and type(error).__name__ in err.value.message
+    assert list(settings.models_dir.iterdir()) == []
+
+
+def test_pull_downloads_atomically_and_writes_the_marker(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, online: None, tiny_clipseg_dir: Path
+) -> None:
+    target = settings.models_dir / "clipseg"
+    seen: list[bool] = []
+
+    class Watching(FakeHub):
+        def __call__(self, repo_id: str, **kw: Any) -> str:
+            seen.append(target.exists())  # the final folder must not exist while the download runs
+            return super().__call__(repo_id, **kw)
+
+    hub = Watching(tiny_clipseg_dir)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", hub)
+    assert models.pull("clipseg", settings, progress=False) == target
+    assert seen == [False]
+    [call] = hub.calls
+    assert call["repo_id"] == REPO
+    assert call["local_dir"].parent == settings.models_dir and call["local_dir"].name.startswith(".clipseg-")
+    assert "*.safetensors" in call["allow_patterns"] and not any(p.endswith(".bin") for p in call["allow_patterns"])
+    marker = json.loads((target / models.MARKER).read_text())
+    assert marker == {"name": "clipseg", "backend": "clipseg", "repos": [REPO]}
+    assert (target / "model.safetensors").is_file() and (target / "config.json").is_file()
+    assert not (target / ".cache").exists()
+    assert sorted(p.name for p in settings.models_dir.iterdir()) == ["clipseg"]  # no temp folder left
+    found = models.resolve("clipseg", settings)
+    assert (found.name, found.backend, found.path) == ("clipseg", "clipseg", target)
+    assert MaskGenerator("clipseg", settings).backend.name == "clipseg"
+    # installed: a second pull is a no-op that does not reach the hub
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", _no_network)
+    assert models.pull("clipseg", settings) == target
+
+
+def test_pull_falls_back_to_bin_weights(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, online: None, tiny_clipseg_dir: Path, tmp_path: Path
+) -> None:
+    repo = tmp_path / "repo"
+    shutil.copytree(tiny_clipseg_dir, repo)
+    (repo / "model.safetensors").rename(repo / "pytorch_model.bin")
+    (repo / "training_args.bin").write_bytes(b"not needed")
+    hub = FakeHub(repo)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", hub)
+    target = models.pull("clipseg", settings, progress=False)
+    assert [c["allow_patterns"] for c in hub.calls][1] == list(models.FALLBACK_WEIGHTS)
+    assert (target / "pytorch_model.bin").is_file() and not (target / "training_args.bin").exists()
+
+
+def test_pull_of_a_repo_without_weights_leaves_nothing(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, online: None, tiny_clipseg_dir: Path, tmp_path: Path
+) -> None:
+    repo = tmp_path / "repo"
+    shutil.copytree(tiny_clipseg_dir, repo)
+    (repo / "model.safetensors").unlink()
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", FakeHub(repo))
+    with pytest.raises(ModelNotAvailableError, match="no model weights"):
+        models.pull("clipseg", settings, progress=False)
+    assert list(settings.models_dir.iterdir()) == []
+
+
+def test_a_failure_midway_leaves_nothing_and_keeps_an_old_install(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, online: None, tiny_clipseg_dir: Path
+) -> None:
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", FakeHub(tiny_clipseg_dir, fail_after=2))
+    with pytest.raises(ModelNotAvailableError, match="ConnectError"):
+        models.pull("clipseg", settings, progress=False)
+    assert list(settings.models_dir.iterdir()) == []
+    # a complete install survives a failed forced re-pull untouched
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", FakeHub(tiny_clipseg_dir))
+    target = models.pull("clipseg", settings, progress=False)
+    before = sorted(p.name for p in target.iterdir())
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", FakeHub(tiny_clipseg_dir, fail_after=1))
+    with pytest.raises(ModelNotAvailableError):
+        models.pull("clipseg", settings, progress=False, force=True)
+    assert sorted(p.name for p in target.iterdir()) == before
+    assert [p.name for p in settings.models_dir.iterdir()] == ["clipseg"]
+    # and a forced re-pull that succeeds replaces it
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", FakeHub(tiny_clipseg_dir))
+    assert models.pull("clipseg", settings, progress=False, force=True) == target
+    assert models.is_installed("clipseg", settings)
+    assert [p.name for p in settings.models_dir.iterdir()] == ["clipseg"]
+
+
+def test_pull_of_an_unknown_name_lists_the_valid_ones(settings: Settings) -> None:
+    with pytest.raises(UnknownModelError, match="clipseg"):
+        models.pull("sam-9000", settings)
+
+
+def test_resolve_a_local_folder(tiny_clipseg_dir: Path, settings: Settings) -> None:
+    found = models.resolve(str(tiny_clipseg_dir), settings)
+    assert (found.backend, found.path, found.name) == ("clipseg", tiny_clipseg_dir, str(tiny_clipseg_dir))
+
+
+def test_resolve_an_unknown_name_lists_the_valid_ones(settings: Settings) -> None:
+    with pytest.raises(UnknownModelError) as err:
+        models.resolve("no-such-model", settings)
+    assert "'no-such-model'" in err.value.message and "clipseg" in err.value.message
+
+
+def test_resolve_a_missing_folder_says_so(settings: Settings, tmp_path: Path) -> None:
+    with pytest.raises(UnknownModelError, match="No model folder at"):
+        models.resolve(str(tmp_path / "nowhere"), settings)
+
+
+def test_resolve_an_uninstalled_model_names_the_pull_command(settings: Settings) -> None:
+    with pytest.raises(ModelNotAvailableError, match="automask models pull clipseg"):
+        models.resolve("clipseg", settings)
+
+
+def test_resolve_a_folder_of_an_unsupported_model(settings: Settings, tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(ModelNotAvailableError, match="model_type 'bert'"):
+        models.resolve(str(tmp_path), settings)
+
+
+def test_automask_model_env_points_at_a_folder(tiny_clipseg_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AUTOMASK_MODEL", str(tiny_clipseg_dir))
+    settings = Settings()
+    assert settings.model == str(tiny_clipseg_dir)
+    assert models.resolve(None, settings).path == tiny_clipseg_dir
+    gen = MaskGenerator(settings=settings)
+    assert gen.backend.name == "clipseg" and gen.backend.model_id == str(tiny_clipseg_dir)
+
+
+def _fake_hf_cache(tiny: Path) -> Path:
+    """Lay `tiny` out as the Hugging Face cache holds a downloaded CIDAS/clipseg-rd64-refined."""
+    root = Path(huggingface_hub.constants.HF_HUB_CACHE) / "models--CIDAS--clipseg-rd64-refined"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    (root / "refs").mkdir(parents=True)
+    (root / "refs" / "main").write_text(commit)
+    snapshot = root / "snapshots" / commit
+    shutil.copytree(tiny, snapshot)
+    return snapshot
+
+
+def test_resolve_falls_back_to_the_hf_cache(
+    tiny_clipseg_dir: Path, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    snapshot = _fake_hf_cache(tiny_clipseg_dir)
+    found = models.resolve("clipseg", settings)
+    assert (found.name, found.backend, found.path) == ("clipseg", "clipseg", snapshot)
+    info = _info(settings, "clipseg")
+    assert info.installed and info.source == "hf-cache" and info.path == snapshot
+    assert MaskGenerator("clipseg", settings).backend.model_id == str(snapshot)
+
+
+def test_an_hf_cache_snapshot_without_weights_is_not_used(tiny_clipseg_dir: Path, settings: Settings) -> None:
+    snapshot = _fake_hf_cache(tiny_clipseg_dir)
+    (snapshot / "model.safetensors").unlink()
+    assert models.hf_cached("clipseg") is None
+    with pytest.raises(ModelNotAvailableError, match="automask models pull clipseg"):
+        models.resolve("clipseg", settings)
+
+
+def _info(settings: Settings, name: str) -> models.ModelInfo:
+    infos = models.list_models(settings)
+    assert [i.name for i in infos] == list(models.CATALOGUE)
+    return next(i for i in infos if i.name == name)
+
+
+def test_list_models(settings: Settings, monkeypatch: pytest.MonkeyPatch, online: None, tiny_clipseg_dir: Path) -> None:
+    info = _info(settings, "clipseg")
+    assert (info.name, info.backend, info.installed, info.source) == ("clipseg", "clipseg", False, "")
+    assert info.path == settings.models_dir / "clipseg" and "CLIPSeg" in info.description
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", FakeHub(tiny_clipseg_dir))
+    models.pull("clipseg", settings, progress=False)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", _no_network)
+    info = _info(settings, "clipseg")
+    assert info.installed and info.source == "data-dir" and info.path == settings.models_dir / "clipseg"
+
+
+def test_repo_folder() -> None:
+    assert models.repo_folder("IDEA-Research/grounding-dino-tiny") == "IDEA-Research--grounding-dino-tiny"
