@@ -164,15 +164,6 @@ def test_mask_stdin_to_stdout(lib: Library, chelsea: np.ndarray) -> None:
     assert np.array_equal(np.asarray(img), expected.output)
 
 
-def test_mask_stop_on_empty_mask_exits_5_and_writes_nothing(lib: Library, tmp_path: Path) -> None:
-    out = tmp_path / "empty.png"
-    args = ["mask", lib.photo, "-p", PROMPT, "--threshold", "1", "--stop-on-empty-mask", "--model", lib.model]
-    proc = run_cli(*args, "-o", out, expect=5)
-    (line,) = error_lines(proc.stderr)
-    assert "Nothing matching" in line and "threshold" in line
-    assert not out.exists() and list(tmp_path.iterdir()) == []
-
-
 def test_mask_without_a_model_names_the_pull_command(lib: Library, tmp_path: Path) -> None:
     empty = tmp_path / "data"
     proc = run_cli("mask", lib.photo, "-p", "cat", "-o", tmp_path / "x.png", expect=4, AUTOMASK_DATA_DIR=str(empty))
@@ -242,6 +233,19 @@ def invoke(*args: Any, **env: str) -> Any:
     return CliRunner().invoke(main, [str(a) for a in args], env=env or None)
 
 
+def test_mask_stop_on_empty_mask_exits_5_and_writes_nothing(lib: Library, tmp_path: Path) -> None:
+    out = tmp_path / "empty.png"
+    args = ["mask", lib.photo, "-p", PROMPT, "--threshold", "1", "--stop-on-empty-mask", "--model", lib.model]
+    result = invoke(*args, "-o", out)  # in process: the model loaded by `lib` is reused
+    assert result.exit_code == 5, result.output
+    (line,) = error_lines(result.stderr)
+    assert "Nothing matching" in line and "threshold" in line
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+    kept = invoke(*[a for a in args if a != "--stop-on-empty-mask"], "-o", out)  # an all-black mask, and a note
+    assert kept.exit_code == 0 and "nothing matched" in kept.stderr
+    assert not np.asarray(read_png(out)).any()
+
+
 @pytest.mark.parametrize(
     ("flags", "named"),
     [
@@ -250,6 +254,7 @@ def invoke(*args: Any, **env: str) -> Any:
         (["--seed", "-5"], "--seed"),
         (["--grow-mask", "101"], "--grow-mask"),
         (["-p", " . "], "--prompt"),
+        (["--text-threshold", "2"], "--text-threshold"),
     ],
 )
 def test_invalid_options_fail_before_the_model_loads(tmp_path: Path, flags: list[str], named: str) -> None:
@@ -340,10 +345,13 @@ def test_models_list_and_pull_use_the_settings(monkeypatch: pytest.MonkeyPatch, 
         calls.append((name, settings, progress))
         return settings.models_dir / name
 
+    exported: list[tuple[str, Path]] = []
     monkeypatch.setattr("automask.models.pull", fake_pull)
+    monkeypatch.setattr("automask.cli._export_after_pull", lambda name, path, _: exported.append((name, path)))
     pulled = invoke("--data-dir", data, "models", "pull", "clipseg")
     assert pulled.exit_code == 0, pulled.output
     assert [(n, s.data_dir, p) for n, s, p in calls] == [("clipseg", data, True)]
+    assert exported == [("clipseg", data / "models" / "clipseg")]
     assert str(data / "models" / "clipseg") in pulled.stdout
 
 

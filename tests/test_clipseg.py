@@ -78,6 +78,17 @@ def test_read_preprocessing_of_the_hub_layout(tmp_path: Path) -> None:
     np.testing.assert_allclose(x[0, :, 0, 0], [(1 - 0.1) / 0.5, (1 - 0.2) / 0.6, (1 - 0.3) / 0.7], rtol=1e-6)
 
 
+def test_preprocess_defaults_and_non_square_size_match_the_vit_processor(tmp_path: Path, chelsea: np.ndarray) -> None:
+    """Keys missing from the config take ViTImageProcessor's defaults; size is (height, width)."""
+    from transformers import ViTImageProcessor
+
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"size": {"height": 32, "width": 48}}))
+    ours = preprocess(chelsea, read_preprocessing(tmp_path))
+    theirs = ViTImageProcessor(size={"height": 32, "width": 48})(images=[chelsea], return_tensors="np")
+    assert ours.shape == (1, 3, 32, 48)
+    np.testing.assert_array_equal(ours, theirs["pixel_values"])
+
+
 @pytest.mark.parametrize("prompts", [["a cup of coffee"], PROMPTS_3], ids=["1-prompt", "3-prompts"])
 def test_logits_equal_transformers_float64(model_dir: Path, coffee: np.ndarray, prompts: list[str]) -> None:
     """In float64 rounding is negligible: any difference would be a difference in how the model is composed."""

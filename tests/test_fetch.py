@@ -301,7 +301,7 @@ def test_redirects_are_followed_by_hand(site: Site) -> None:
     [
         ("http://internal.test:{port}/secret", {"internal.test": ["127.0.0.1", "10.0.0.5"]}, "10.0.0.5, a private"),
         ("http://metadata.test:{port}/latest", {"metadata.test": ["169.254.169.254"]}, "cloud metadata"),
-        ("http://127.0.0.2:{port}/", {}, "127.0.0.2, a loopback"),
+        ("http://127.0.0.2:{port}/", {}, "127.0.0.2 is a loopback"),
         ("http://[::ffff:127.0.0.1]:{port}/", {}, "IPv4-mapped loopback"),
     ],
 )

@@ -173,6 +173,13 @@ def test_a_failure_midway_leaves_nothing_and_keeps_an_old_install(
     assert [p.name for p in settings.models_dir.iterdir()] == ["clipseg"]
 
 
+def test_pull_into_an_unwritable_data_dir(tmp_path: Path, online: None) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(ModelNotAvailableError, match="AUTOMASK_DATA_DIR"):
+        models.pull("clipseg", Settings(data_dir=blocker), progress=False)
+
+
 def test_pull_of_an_unknown_name_lists_the_valid_ones(settings: Settings) -> None:
     with pytest.raises(UnknownModelError, match="clipseg"):
         models.pull("sam-9000", settings)
@@ -242,6 +249,25 @@ def test_an_hf_cache_snapshot_without_weights_is_not_used(tiny_clipseg_dir: Path
     assert models.hf_cached("clipseg") is None
     with pytest.raises(ModelNotAvailableError, match="automask models pull clipseg"):
         models.resolve("clipseg", settings)
+
+
+def test_an_hf_cache_snapshot_missing_unneeded_files_is_used(
+    tiny_clipseg_dir: Path, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The hub calls a snapshot incomplete when files of the repo listing are missing (e.g. a snapshot made by
+    from_pretrained, without merges.txt); with config and weights present it still loads."""
+    from huggingface_hub.errors import IncompleteSnapshotError
+
+    snapshot = _fake_hf_cache(tiny_clipseg_dir)
+
+    def incomplete(*args: Any, **kwargs: Any) -> Any:
+        assert kwargs.get("local_files_only")
+        raise IncompleteSnapshotError("1 file(s) are missing (merges.txt)", snapshot_path=str(snapshot))
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", incomplete)
+    assert models.resolve("clipseg", settings).path == snapshot
+    (snapshot / "model.safetensors").unlink()
+    assert models.hf_cached("clipseg") is None
 
 
 def _info(settings: Settings, name: str) -> models.ModelInfo:

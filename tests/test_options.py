@@ -23,7 +23,8 @@ CONTRACT_DEFAULTS = {
 
 def test_defaults_and_names_equal_the_contract() -> None:
     opts = MaskOptions()
-    assert opts.model_dump() == CONTRACT_DEFAULTS
+    assert {k: v for k, v in opts.model_dump().items() if k in CONTRACT_DEFAULTS} == CONTRACT_DEFAULTS
+    assert set(CONTRACT_DEFAULTS) <= set(MaskOptions.model_fields)  # extensions may add fields, never rename
     assert MaskOptions.parse() == opts
     assert MaskOptions.parse({}, strict=False) == opts
     assert type(opts.threshold) is float and type(opts.grow_mask) is int and type(opts.seed) is int

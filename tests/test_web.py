@@ -9,15 +9,10 @@ they fail instead. Set WEB_SCREENSHOTS=DIR to keep the screenshots they take.
 from __future__ import annotations
 
 import base64
-import io
-import os
 import re
-import socket
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,110 +20,56 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
-from scipy import ndimage
 
 from automask.settings import Settings
+from server_helpers import LiveServer, decode, wait_ready
+from web_helpers import (
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    DESKTOP,
+    FIRST,
+    PHONE,
+    WAIT_MS,
+    Live,
+    check_overlay,
+    data_uri,
+    download,
+    keep,
+    open_page,
+    pick_photo,
+    require_browser,
+    set_first_options,
+    set_slider,
+    shot,
+    submit_prompt,
+    wait_result,
+)
 
 pytest.importorskip("fastapi")
-
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless=new",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-TINT = np.array([255, 0, 80], np.float32)  # app.js TINT
-DESKTOP = {"width": 1280, "height": 900}
-PHONE = {"width": 390, "height": 844}
-WAIT_MS = 20_000
-# With the tiny random CLIPSeg these thresholds select about 50% and 38% of the astronaut: a real, partial mask.
-FIRST = {"prompt": "person", "threshold": 0.5, "grow_mask": 0}
-
-
-def _browser_unavailable() -> str | None:
-    if not CHROMIUM.exists():
-        return f"{CHROMIUM} is missing (apt-get install -y chromium)"
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        return "playwright is not installed (pip install playwright; no `playwright install` needed)"
-    return None
-
-
-def require_browser() -> None:
-    """Skip (fail under CI) when the browser or its driver is missing."""
-    reason = _browser_unavailable()
-    if reason is None:
-        return
-    if os.environ.get("CI"):
-        pytest.fail(f"browser tests must run in CI: {reason}")
-    pytest.skip(reason)
-
 
 # ---- a real server on a loopback port ------------------------------------------------------------------
 
 
-@dataclass
-class Live:
-    """A running server: its base URL and the API key the tests use (None: no auth)."""
-
-    url: str
-    key: str | None
-
-    def api(self, image: str, **options: Any) -> httpx.Response:
-        """POST v1 as any client would (JSON body), with this server's key."""
-        headers = {"x-api-key": self.key} if self.key else {}
-        body = {"image": image, **options}
-        return httpx.post(f"{self.url}/v1/automatic-mask-generator", json=body, headers=headers, timeout=60)
-
-
 @contextmanager
 def serve(settings: Settings, *, auth: bool) -> Iterator[Live]:
-    """create_app(...) served by uvicorn in a thread on 127.0.0.1:<free port>; stopped on exit."""
-    import uvicorn
-
+    """create_app(...) served by uvicorn in a thread on 127.0.0.1:<free port>, its model loaded."""
     from automask.server import keys
     from automask.server.app import create_app
     from automask.server.config import ServerSettings
     from automask.server.store import Store
 
     token = keys.create_key(Store.in_data_dir(settings.data_dir), name="web-test")[1] if auth else None
-    app = create_app(settings, ServerSettings(host="127.0.0.1", auth=auth))
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.05)
-    live = Live(f"http://127.0.0.1:{port}", token)
-    _wait_ready(live.url)
-    try:
-        yield live
-    finally:
-        server.should_exit = True
-        thread.join(15)
-        sock.close()
-
-
-def _wait_ready(url: str) -> None:
-    deadline = time.monotonic() + 30
-    while httpx.get(f"{url}/readyz", timeout=5).status_code != 200:
-        assert time.monotonic() < deadline, "the model did not load"
-        time.sleep(0.1)
+    with LiveServer(create_app(settings, ServerSettings(host="127.0.0.1", auth=auth))) as server:
+        wait_ready(server.url, 30)
+        yield Live(server.url, token)
 
 
 @pytest.fixture(scope="module")
 def live(tiny_clipseg_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
-    settings = Settings(data_dir=tmp_path_factory.mktemp("web-data"), model=str(tiny_clipseg_dir))
+    """The server the page tests use; it may fetch image URLs on loopback (the tests' photo server)."""
+    settings = Settings(
+        data_dir=tmp_path_factory.mktemp("web-data"), model=str(tiny_clipseg_dir), allow_private_urls=True
+    )
     with serve(settings, auth=True) as running:
         yield running
 
@@ -144,13 +85,24 @@ def photo(astronaut: np.ndarray, tmp_path_factory: pytest.TempPathFactory) -> Pa
     return path
 
 
-def data_uri(path: Path, mime: str = "image/png") -> str:
-    """The data URI the page's FileReader makes of `path`."""
-    return f"data:{mime};base64,{base64.b64encode(path.read_bytes()).decode()}"
+@pytest.fixture(scope="module")
+def photo_url(photo: Path) -> Iterator[str]:
+    """`photo` served over HTTP on a loopback port, as an image URL a user would paste."""
+    from functools import partial
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
 
-def png_array(data: bytes) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(data)))
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), partial(Quiet, directory=str(photo.parent)))
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}/{photo.name}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
 
 
 # ---- the browser ---------------------------------------------------------------------------------------
@@ -191,92 +143,6 @@ def page(browser_context: Any, live: Live) -> Iterator[Any]:
     yield tab
     tab.close()
     assert not errors, f"uncaught errors in the page: {errors}"
-
-
-def open_page(tab: Any, live: Live) -> None:
-    tab.goto(f"{live.url}/")
-    tab.wait_for_selector("body[data-loaded=true]", state="attached")
-    if live.key:
-        tab.fill("#api-key", live.key)
-
-
-def pick_photo(tab: Any, path: Path) -> None:
-    tab.set_input_files("#file", str(path))
-    tab.wait_for_function("() => { const i = document.getElementById('source'); return !i.hidden && i.naturalWidth; }")
-
-
-def set_slider(tab: Any, selector: str, key: str, times: int = 1) -> None:
-    """Move a slider with the keyboard, as a keyboard user would."""
-    tab.focus(selector)
-    for _ in range(times):
-        tab.keyboard.press(key)
-
-
-def set_first_options(tab: Any) -> None:
-    set_slider(tab, "#threshold", "ArrowRight", 30)  # 0.20 -> 0.50
-    set_slider(tab, "#grow_mask", "Home")  # 10 -> 0
-    assert tab.input_value("#threshold") == "0.5"
-    assert tab.input_value("#grow_mask") == "0"
-
-
-def submit_prompt(tab: Any, prompt: str) -> str:
-    """Type the prompt, press Enter, wait for the result; return the result's sequence number."""
-    tab.fill("#prompt", prompt)
-    tab.press("#prompt", "Enter")
-    return wait_result(tab, None)
-
-
-def wait_result(tab: Any, previous: str | None, **options: Any) -> str:
-    """Wait until a result newer than `previous` made with `options` is shown; return its sequence number."""
-    tab.wait_for_function(
-        """([prev, want]) => {
-             const r = document.getElementById('result');
-             if (!r.dataset.ready || r.dataset.ready === prev || r.getAttribute('aria-busy') !== 'false') return false;
-             const used = JSON.parse(r.dataset.options);
-             return Object.entries(want).every(([k, v]) => used[k] === v);
-           }""",
-        arg=[previous, options],
-    )
-    ready = tab.get_attribute("#result", "data-ready")
-    assert ready is not None
-    return str(ready)
-
-
-def shot(tab: Any, selector: str, name: str) -> np.ndarray:
-    """An element's screenshot as an H×W×3 uint8 array (also saved under WEB_SCREENSHOTS)."""
-    png = tab.locator(selector).screenshot()
-    _keep(png, name)
-    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
-
-
-def _keep(png: bytes, name: str) -> None:
-    folder = os.environ.get("WEB_SCREENSHOTS")
-    if folder:
-        Path(folder).mkdir(parents=True, exist_ok=True)
-        (Path(folder) / f"{name}.png").write_bytes(png)
-
-
-def download(tab: Any, button: str) -> bytes:
-    with tab.expect_download() as info:
-        tab.click(button)
-    return Path(info.value.path()).read_bytes()
-
-
-def check_overlay(before: np.ndarray, after: np.ndarray, mask: np.ndarray, opacity: float) -> None:
-    """`after` is `before` blended towards TINT by `opacity` exactly where `mask` (H×W uint8) is 255."""
-    assert before.shape == after.shape, "the image moved or resized when the result appeared"
-    h, w = before.shape[:2]
-    sel = np.asarray(Image.fromarray(mask).resize((w, h), Image.Resampling.NEAREST)) > 127
-    inside = ndimage.binary_erosion(sel, iterations=2)
-    outside = ndimage.binary_erosion(~sel, iterations=2)
-    assert inside.mean() > 0.1 and outside.mean() > 0.1, "the test needs a partial mask"
-    expected = before.astype(np.float32) * (1 - opacity) + TINT * opacity
-    err_in = np.abs(after[inside].astype(np.float32) - expected[inside]).mean()
-    err_out = np.abs(after[outside].astype(np.float32) - before[outside].astype(np.float32)).mean()
-    moved_in = np.abs(after[inside].astype(np.float32) - before[inside].astype(np.float32)).mean()
-    assert moved_in > 20, f"the selected pixels barely changed ({moved_in:.1f}): no overlay drawn"
-    assert err_in < 3, f"selected pixels are not the image tinted at {opacity:.0%} (mean error {err_in:.1f})"
-    assert err_out < 1, f"unselected pixels changed (mean {err_out:.1f})"
 
 
 # ---- tests without a browser ---------------------------------------------------------------------------
@@ -325,10 +191,10 @@ def test_overlay_appears_over_the_photo(page: Any, live: Live, photo: Path) -> N
     before = shot(page, ".layers", "desktop-before")
     submit_prompt(page, FIRST["prompt"])
     after = shot(page, ".layers", "desktop-overlay")
-    _keep(page.screenshot(full_page=True), "desktop-page")
+    keep(page.screenshot(full_page=True), "desktop-page")
     answer = live.api(data_uri(photo), **FIRST)
     assert answer.status_code == 200
-    mask = png_array(answer.content)
+    mask = decode(answer.content)
     check_overlay(before, after, mask, opacity=0.6)
     status = page.inner_text("#status")
     assert re.search(r"Done in \d+ ms|Done in [\d.]+ s", status), status
@@ -341,6 +207,7 @@ def test_overlay_appears_over_the_photo(page: Any, live: Live, photo: Path) -> N
     # Side by side: the server's output next to the image, the overlay gone.
     page.check("input[name=view][value=side]")
     assert page.is_visible("#output") and not page.is_visible("#overlay")
+    keep(page.screenshot(), "desktop-side-by-side")
     assert page.evaluate("document.getElementById('output').naturalWidth") == mask.shape[1]
 
 
@@ -354,11 +221,11 @@ def test_slider_change_gives_a_new_result(page: Any, live: Live, photo: Path) ->
     second = wait_result(page, first, threshold=0.6)
     assert page.input_value("#threshold") == "0.6"
     mask_b = download(page, "#dl-mask")
-    a, b = png_array(mask_a), png_array(mask_b)
+    a, b = decode(mask_a), decode(mask_b)
     assert a.shape == b.shape == (512, 512)
     assert np.count_nonzero(b) < np.count_nonzero(a), "a higher threshold must select less"
     answer = live.api(data_uri(photo), **{**FIRST, "threshold": 0.6})
-    assert np.array_equal(b, png_array(answer.content))
+    assert np.array_equal(b, decode(answer.content))
     assert second != first
 
 
@@ -380,9 +247,9 @@ def test_downloads_equal_the_api_answers(page: Any, live: Live, photo: Path) -> 
         answer = live.api(image, **options, **extra)
         assert answer.status_code == 200
         assert got == answer.content, f"{button} differs from the API's answer for the same options"
-    mask = png_array(download(page, "#dl-mask"))
+    mask = decode(download(page, "#dl-mask"))
     assert mask.ndim == 2 and set(np.unique(mask)) == {0, 255}
-    assert png_array(download(page, "#dl-alpha")).shape == (512, 512, 4)
+    assert decode(download(page, "#dl-alpha")).shape == (512, 512, 4)
 
 
 @pytest.mark.browser
@@ -399,11 +266,63 @@ def test_output_choice_shows_the_server_output(page: Any, live: Live, photo: Pat
 
 
 @pytest.mark.browser
+def test_large_photo_fits_and_the_overlay_covers_it(page: Any, live: Live, coffee: np.ndarray, tmp_path: Path) -> None:
+    big = tmp_path / "coffee-big.jpg"
+    Image.fromarray(coffee).resize((1800, 1200)).save(big, quality=90)
+    pick_photo(page, big)
+    page.fill("#prompt", "cup")
+    page.press("#prompt", "Enter")
+    wait_result(page, None)
+    for size in (DESKTOP, PHONE):
+        page.set_viewport_size(size)
+        image = page.locator("#source").bounding_box()
+        overlay = page.locator("#overlay").bounding_box()
+        frame = page.locator("#source").evaluate("el => el.closest('.frame').getBoundingClientRect().toJSON()")
+        assert image is not None and overlay is not None
+        for side in ("x", "y", "width", "height"):
+            assert abs(image[side] - overlay[side]) < 1, (size, side, image, overlay)
+        assert image["width"] <= frame["width"] and image["height"] <= size["height"] * 0.75 + 1
+        assert abs(image["width"] / image["height"] - 1.5) < 0.01  # not distorted
+
+
+@pytest.mark.browser
+def test_image_from_a_url(page: Any, live: Live, photo_url: str) -> None:
+    page.fill("#image-url", photo_url)
+    page.press("#image-url", "Tab")  # 'change': the page shows the image from its URL
+    page.wait_for_function("() => document.getElementById('source').naturalWidth === 512")
+    set_first_options(page)
+    submit_prompt(page, FIRST["prompt"])
+    got = download(page, "#dl-mask")
+    answer = live.api(photo_url, **FIRST)
+    assert answer.status_code == 200 and got == answer.content
+
+
+@pytest.mark.browser
+def test_dropped_file_is_used(page: Any, live: Live, photo: Path) -> None:
+    page.evaluate(
+        """async (b64) => {
+             const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+             const data = new DataTransfer();
+             data.items.add(new File([bytes], 'dropped.png', { type: 'image/png' }));
+             const zone = document.getElementById('drop');
+             zone.dispatchEvent(new DragEvent('dragover', { dataTransfer: data, bubbles: true, cancelable: true }));
+             zone.dispatchEvent(new DragEvent('drop', { dataTransfer: data, bubbles: true, cancelable: true }));
+           }""",
+        base64.b64encode(photo.read_bytes()).decode(),
+    )
+    page.wait_for_function("() => document.getElementById('source').naturalWidth === 512")
+    assert "dropped.png" in page.inner_text("#image-info")
+    set_first_options(page)
+    submit_prompt(page, FIRST["prompt"])
+    assert download(page, "#dl-mask") == live.api(data_uri(photo), **FIRST).content
+
+
+@pytest.mark.browser
 def test_invalid_image_shows_the_server_message(page: Any, live: Live, tmp_path: Path) -> None:
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"this is not an image at all")
     page.set_input_files("#file", str(broken))
-    page.wait_for_function("document.getElementById('image-info').textContent.includes('cannot show it')")
+    page.wait_for_function("() => document.getElementById('image-info').textContent.includes('cannot show it')")
     page.fill("#prompt", "person")
     page.press("#prompt", "Enter")
     page.wait_for_selector("#error:not([hidden])")
@@ -411,6 +330,7 @@ def test_invalid_image_shows_the_server_message(page: Any, live: Live, tmp_path:
     assert answer.status_code == 400
     message = answer.json()["error"]
     assert message and page.inner_text("#error") == message
+    keep(page.screenshot(), "desktop-error")
     assert "Failed" in page.inner_text("#status")
     assert page.is_disabled("#dl-mask")
 
@@ -465,7 +385,7 @@ def test_phone_width_is_usable_and_labelled(browser_context: Any, live: Live, ph
             control_box = tab.locator(control).bounding_box()
             assert control_box is not None and control_box["x"] >= 0
             assert control_box["x"] + control_box["width"] <= PHONE["width"], control
-        _keep(tab.screenshot(full_page=True), "phone-page")
+        keep(tab.screenshot(full_page=True), "phone-page")
         # Keyboard focus is visible.
         tab.focus("#threshold")
         tab.keyboard.press("Tab")

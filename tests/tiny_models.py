@@ -83,3 +83,137 @@ def make_tiny_clipseg(folder: Path, seed: int = 0, image_size: int = 64, vision_
     )
     CLIPSegProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
     return folder
+
+
+TINY_BERT_WORDS = (
+    *("sofa", "lamp", "cat", "dog", "chair", "chairs", "person", "cup", "table", "tree", "car", "red", "the"),
+    *("a", "b", "c", "d", "e", "f", "g", "h", "i", "j", "k", "l", "m", "n", "o", "p", "q", "r", "s", "t"),
+    *("u", "v", "w", "x", "y", "z", "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", ",", "-"),
+)
+
+
+def tiny_bert_vocab() -> dict[str, int]:
+    """A WordPiece vocabulary laid out like bert-base-uncased where GroundingDINO hard-codes ids:
+    [PAD]=0, [UNK]=100, [CLS]=101, [SEP]=102, [MASK]=103, '.'=1012, '?'=1029. Any lower-case ASCII word
+    tokenizes (single letters and their '##' continuations are in it)."""
+    fixed = {0: "[PAD]", 100: "[UNK]", 101: "[CLS]", 102: "[SEP]", 103: "[MASK]", 1012: ".", 1029: "?"}
+    words = [*TINY_BERT_WORDS, *(f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz0123456789")]
+    free = (i for i in range(1100) if i not in fixed)
+    vocab = {tok: i for i, tok in fixed.items()}
+    vocab.update({w: next(free) for w in words})
+    vocab.update({f"[unused{i}]": i for i in free})
+    return vocab
+
+
+def make_tiny_grounding_dino(folder: Path, seed: int = 0, num_queries: int = 30, image_size: int = 64) -> Path:
+    """Save a tiny random GroundingDINO (d_model 32, 1+2 layers, tiny Swin and BERT) with its processor.
+
+    Shapes follow transformers' own tests (tests/models/grounding_dino/test_modeling_grounding_dino.py); the
+    image processor resizes the shortest edge to `image_size` (longest at most 1.5×).
+    """
+    import torch
+    from transformers import (
+        BertTokenizer,
+        GroundingDinoConfig,
+        GroundingDinoForObjectDetection,
+        GroundingDinoProcessor,
+        SwinConfig,
+    )
+    from transformers.models.grounding_dino.image_processing_pil_grounding_dino import (
+        GroundingDinoImageProcessorPil,
+    )
+
+    vocab = tiny_bert_vocab()
+    swin = SwinConfig(
+        window_size=7,
+        embed_dim=8,
+        depths=[1, 1, 1, 1],
+        num_heads=[1, 1, 1, 1],
+        image_size=image_size,
+        out_indices=[2, 3, 4],
+    )
+    text = {
+        "model_type": "bert",
+        "vocab_size": len(vocab),
+        "hidden_size": 16,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "intermediate_size": 16,
+        "max_position_embeddings": 64,
+    }
+    config = GroundingDinoConfig(
+        backbone_config=swin,
+        text_config=text,
+        d_model=32,
+        encoder_layers=1,
+        decoder_layers=2,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=16,
+        decoder_ffn_dim=16,
+        num_queries=num_queries,
+        num_feature_levels=4,
+        encoder_n_points=2,
+        decoder_n_points=2,
+        max_text_len=32,
+    )
+    torch.manual_seed(seed)
+    model = GroundingDinoForObjectDetection(config).eval()
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    tokenizer = BertTokenizer(vocab=vocab, do_lower_case=True, model_max_length=32)
+    size = {"shortest_edge": image_size, "longest_edge": image_size * 3 // 2}
+    GroundingDinoProcessor(GroundingDinoImageProcessorPil(size=size), tokenizer).save_pretrained(folder)
+    return folder
+
+
+def make_tiny_sam(folder: Path, seed: int = 0, image_size: int = 64) -> Path:
+    """Save a tiny random SAM (ViT hidden 32, 2 layers, patch 8: an 8×8 embedding; 32×32 low-res masks) with its
+    processor (longest edge and padding `image_size`) into `folder`; return it."""
+    import torch
+    from transformers import SamConfig, SamModel, SamProcessor
+    from transformers.models.sam.image_processing_pil_sam import SamImageProcessorPil
+
+    patch = 8
+    vision = {
+        "hidden_size": 32,
+        "output_channels": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "image_size": image_size,
+        "patch_size": patch,
+        "window_size": 4,
+        "global_attn_indexes": [1],
+        "num_pos_feats": 16,
+        "mlp_dim": 64,
+        "initializer_range": 0.02,
+    }
+    prompt = {"hidden_size": 32, "image_size": image_size, "patch_size": patch, "mask_input_channels": 4}
+    decoder = {
+        "hidden_size": 32,
+        "mlp_dim": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "iou_head_hidden_dim": 32,
+    }
+    config = SamConfig(vision_config=vision, prompt_encoder_config=prompt, mask_decoder_config=decoder)
+    torch.manual_seed(seed)
+    model = SamModel(config).eval()
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    processor = SamImageProcessorPil(
+        size={"longest_edge": image_size},
+        pad_size={"height": image_size, "width": image_size},
+        mask_size={"longest_edge": image_size // 4},
+        mask_pad_size={"height": image_size // 4, "width": image_size // 4},
+    )
+    SamProcessor(processor).save_pretrained(folder)
+    return folder
+
+
+def make_tiny_grounded_sam(folder: Path, seed: int = 0, num_queries: int = 30) -> Path:
+    """A local grounded-sam folder as `automask models pull grounded-sam` lays it out: one subfolder per
+    hub repository (GroundingDINO, SAM), no automask.json (found by the subfolders' config.json)."""
+    make_tiny_grounding_dino(folder / "IDEA-Research--grounding-dino-tiny", seed=seed, num_queries=num_queries)
+    make_tiny_sam(folder / "facebook--sam-vit-base", seed=seed)
+    return folder

@@ -167,8 +167,8 @@ def _flag_error(exc: InvalidOptionError) -> InvalidOptionError:
 
 def build_job(raw: dict[str, Any]) -> Job:
     """Validate the raw flag values once, through `parse_prompt` and `MaskOptions.parse(strict=False)`."""
-    data = {k: raw[k] for k in ("threshold", "grow_mask", "seed") if raw[k] is not None}
-    data |= {k: True for k in ("invert_mask", "return_alpha", "stop_on_empty_mask") if raw[k]}
+    data = {k: raw[k] for k in ("threshold", "grow_mask", "seed", "text_threshold") if raw[k] is not None}
+    data |= {k: True for k in ("invert_mask", "return_alpha", "stop_on_empty_mask", "refine") if raw[k]}
     if raw["preview"]:
         data["return_mask"] = False
     try:
@@ -188,6 +188,8 @@ _MASK_FLAGS = (
     click.option("--preview", is_flag=True, help="Write a preview: the image with the selection tinted."),
     click.option("--stop-on-empty-mask", is_flag=True, help="Fail (exit 5) when nothing is selected."),
     click.option("--seed", metavar="N", help="Accepted and echoed; masking is deterministic."),
+    click.option("--text-threshold", metavar="F", help="grounded-sam: word score a detection needs.  [default: 0.25]"),
+    click.option("--refine", is_flag=True, help="clipseg: sharpen the mask's edges with SAM (model 'sam')."),
     click.option("--model", metavar="NAME|PATH", help="A model name or a local model folder [AUTOMASK_MODEL]."),
     click.option("--json", "as_json", is_flag=True, help="Print the result's metadata as JSON on stdout."),
 )
@@ -195,7 +197,7 @@ _MASK_FLAGS = (
 
 _MASK_NAMES = (
     *("prompt", "threshold", "grow_mask", "invert_mask", "return_alpha", "preview"),
-    *("stop_on_empty_mask", "seed", "model", "as_json"),
+    *("stop_on_empty_mask", "seed", "text_threshold", "refine", "model", "as_json"),
 )
 
 
@@ -352,10 +354,45 @@ def models_pull(ctx: click.Context, name: str) -> None:
 
     path = pull(name, settings_of(ctx), progress=True)
     click.echo(f"{name} installed in {path}")
+    _export_after_pull(name, path, settings_of(ctx))
+
+
+def _export_after_pull(name: str, path: Path, settings: Settings) -> None:
+    """Give a pulled CLIPSeg model its fast ONNX Runtime graphs when torch is here to export them."""
+    from automask.backends.clipseg_common import has_onnx
+    from automask.models import CATALOGUE, can_export, export_onnx
+
+    if CATALOGUE[name].backend != "clipseg" or has_onnx(path, settings.int8):
+        return
+    if not can_export():
+        click.echo(f'For the fast CPU runtime, run: pip install "automask[export]" && automask models export {name}')
+        return
+    click.echo("Exporting the ONNX Runtime graphs (once; about a minute)...", err=True)
+    click.echo(f"ONNX Runtime graphs written to {export_onnx(str(path), settings)}")
+
+
+@models.command("export")
+@click.argument("model", metavar="NAME_OR_PATH")
+@click.option("--int8/--no-int8", default=None, help="Also write int8 graphs (not validated) [AUTOMASK_INT8].")
+@click.pass_context
+def models_export(ctx: click.Context, model: str, int8: bool | None) -> None:
+    """Export CLIPSeg model NAME_OR_PATH to ONNX Runtime graphs (the fast CPU path; needs torch once)."""
+    from automask.models import export_onnx
+
+    click.echo("Exporting the ONNX Runtime graphs (about a minute)...", err=True)
+    click.echo(f"ONNX Runtime graphs written to {export_onnx(model, settings_of(ctx), int8=int8)}")
 
 
 def _jsonable(value: Any) -> Any:
     return str(value) if isinstance(value, Path) else value
+
+
+# -- the HTTP service (fastapi/uvicorn load only when `serve` runs) ------------------------------------
+
+from automask.server.commands import keys, serve  # noqa: E402 - after `main` and `settings_of`, which they use
+
+main.add_command(serve)
+main.add_command(keys)
 
 
 if __name__ == "__main__":

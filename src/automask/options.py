@@ -30,8 +30,12 @@ class MaskOptions(BaseModel):
     return_alpha: bool = Field(False, description="Output an RGBA cut-out (takes precedence).")
     stop_on_empty_mask: bool = Field(False, description="Fail with an error when nothing is selected.")
     seed: int = Field(-1, ge=-1, le=SEED_MAX, description="Accepted and echoed; masking is deterministic.")
+    text_threshold: float = Field(
+        0.25, ge=0.0, le=1.0, description="grounded-sam: a detection needs a prompt word scoring above this."
+    )
+    refine: bool = Field(False, description="clipseg: sharpen the mask's edges with SAM (needs the 'sam' model).")
 
-    @field_validator("threshold", mode="before")
+    @field_validator("threshold", "text_threshold", mode="before")
     @classmethod
     def _no_bool_threshold(cls, v: Any) -> Any:
         if isinstance(v, bool):

@@ -17,7 +17,7 @@ import numpy as np
 
 from automask import postprocess as pp
 from automask.backends import registry
-from automask.backends.base import Backend, Scores
+from automask.backends.base import Backend, ScoreParams, Scores, score_with
 from automask.errors import EmptyMaskError
 from automask.imageio import ImageSource, load_image
 from automask.models import EMBEDDED, ResolvedModel
@@ -109,7 +109,9 @@ class MaskGenerator:
         parts: list[Part] = []
         if plan.open:
             assert self.open is not None
-            parts.append(Part(self._score(self.open, rgb, list(plan.open), opts.threshold, timings), self.open))
+            backend = self._refined(self.open) if opts.refine else self.open
+            params = ScoreParams(text_threshold=opts.text_threshold)
+            parts.append(Part(self._score(backend, rgb, list(plan.open), opts.threshold, timings, params), backend))
         if plan.embedded or plan.background:
             assert self.embedded is not None
             parts += self._embedded_parts(rgb, plan, opts.threshold, timings)
@@ -127,8 +129,20 @@ class MaskGenerator:
             parts.append(Part(relabelled, self.embedded, complement=True))
         return parts
 
+    def _refined(self, backend: Backend) -> Backend:
+        """`backend` with SAM refinement (`refine` option); SAM is loaded on first use, then kept."""
+        from automask.backends.refine import refined
+
+        return refined(backend, self.settings)
+
     def _score(
-        self, backend: Backend, rgb: np.ndarray, prompts: list[str], threshold: float, timings: dict[str, float]
+        self,
+        backend: Backend,
+        rgb: np.ndarray,
+        prompts: list[str],
+        threshold: float,
+        timings: dict[str, float],
+        params: ScoreParams | None = None,
     ) -> Scores:
         t = time.perf_counter()
         key = self.cache.key(backend, rgb)
@@ -138,7 +152,7 @@ class MaskGenerator:
             self.cache.put(key, features)
             timings["encode"] += time.perf_counter() - t
         t = time.perf_counter()
-        scores = backend.score(features, prompts, min_score=threshold)
+        scores = score_with(backend, features, prompts, threshold, params or ScoreParams())
         timings["score"] += time.perf_counter() - t
         return scores
 

@@ -36,6 +36,17 @@ class Scores:
             raise ValueError(f"maps must be N×H×W with N={len(self.labels)}, got {self.maps.shape}")
 
 
+@dataclass(frozen=True)
+class ScoreParams:
+    """Per-request scoring knobs beyond `min_score`, for backends that declare `takes_params = True`.
+
+    text_threshold: detector backends (grounded-sam): a detection is credited to a prompt only if one of that
+                    prompt's words scores above it (GroundingDINO's text threshold).
+    """
+
+    text_threshold: float = 0.25
+
+
 @runtime_checkable
 class Backend(Protocol):
     """A loaded model. `encode` once per image, then `score` any number of prompt lists against it."""
@@ -57,3 +68,13 @@ class Backend(Protocol):
         still applies the threshold itself. Maps are at the original image size.
         """
         ...
+
+
+def score_with(
+    backend: Backend, features: Any, prompts: list[str], min_score: float, params: ScoreParams
+) -> Scores:
+    """`backend.score(...)`, passing `params` to backends whose class sets `takes_params = True` (their `score`
+    accepts a keyword `params: ScoreParams`); other backends get `min_score` only."""
+    if getattr(backend, "takes_params", False):
+        return backend.score(features, prompts, min_score=min_score, params=params)  # type: ignore[call-arg]
+    return backend.score(features, prompts, min_score=min_score)

@@ -170,8 +170,8 @@ class ClipSegBackend:
             acts = [a.expand(n, -1, -1) for a in features.activations]
             out = self.model.decoder(acts, cond)
             logits = out.logits if hasattr(out, "logits") else out[0]
-        s = logits.shape[-1]
-        return logits.reshape(n, logits.shape[-2], s).float().cpu().numpy()
+        # older transformers squeeze a batch of one to S×S: reshape restores N×S×S
+        return logits.reshape(n, *logits.shape[-2:]).float().cpu().numpy()
 
     def score(self, features: ClipSegFeatures, prompts: list[str], *, min_score: float = 0.0) -> Scores:
         """Sigmoid score maps N×H×W float32 in [0, 1] at the original image size, one per prompt.
@@ -201,9 +201,10 @@ def load(path: Path, settings: Settings) -> ClipSegBackend:
         model = CLIPSegForImageSegmentation.from_pretrained(str(path)).eval().to(device)
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ModelNotAvailableError(
-            f"The CLIPSeg model in '{path}' could not be loaded ({exc}). Re-download it with: "
-            "automask models pull clipseg"
+            f"The CLIPSeg model in '{path}' could not be loaded ({why}). "
+            "Re-download it with: automask models pull clipseg"
         ) from exc
     _drop_unused_layers(model)
     return ClipSegBackend(model, tokenizer, prep, model_id=str(path), device=device)

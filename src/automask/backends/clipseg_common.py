@@ -138,7 +138,7 @@ def choose_runtime(model_path: Path, settings: Settings) -> Literal["onnx", "tor
             raise ModelNotAvailableError(
                 f"AUTOMASK_RUNTIME is 'onnx' but '{model_path}' has no usable{' int8' if settings.int8 else ''} "
                 f"ONNX export. Create it with: {export_hint(model_path, settings.int8)} "
-                "(needs the export extra: pip install \"automask[export]\"), or use AUTOMASK_RUNTIME=torch."
+                '(needs the export extra: pip install "automask[export]"), or use AUTOMASK_RUNTIME=torch.'
             )
         return "onnx"
     if settings.int8 and not found and has_onnx(model_path, False):

@@ -56,8 +56,10 @@ class OnnxFeatures:
 class ClipSegOnnxBackend:
     """A CLIPSeg export loaded in ONNX Runtime. Thread-safe (sessions are); holds no per-request state."""
 
-    def __init__(self, image: Any, prompt: Any, tokenizer: PromptTokenizer, prep: Preprocessing, model_id: str,
-                 int8: bool = False) -> None:  # fmt: skip
+    def __init__(
+        self, image: Any, prompt: Any, tokenizer: PromptTokenizer, prep: Preprocessing, model_id: str, int8: bool
+    ) -> None:
+        """`image` and `prompt`: ONNX Runtime sessions of image.onnx and prompt.onnx (or their int8 copies)."""
         self.image_session = image
         self.prompt_session = prompt
         self.tokenizer = tokenizer
@@ -143,17 +145,26 @@ def load(path: Path, settings: Settings, warm_up: bool = True) -> ClipSegOnnxBac
             f"processor resizes to {prep.size}. Re-export it with: {export_hint(path, settings.int8)}"
         )
     options = session_options(settings)
+    errors: tuple[type[BaseException], ...] = (OSError, *_ort_errors())
     try:
-        sessions = [
+        image, prompt = (
             ort.InferenceSession(str(p), options, providers=["CPUExecutionProvider"])
             for p in (artifacts.image, artifacts.prompt)
-        ]
-    except Exception as exc:  # noqa: BLE001 - ORT raises its own unexported exception types
+        )
+    except errors as exc:
         raise ModelNotAvailableError(
             f"The ONNX export in '{artifacts.folder}' could not be loaded ({exc}). "
             f"Re-export it with: {export_hint(path, settings.int8)}"
         ) from exc
-    backend = ClipSegOnnxBackend(*sessions, PromptTokenizer(artifacts), prep, str(path), artifacts.int8)
+    backend = ClipSegOnnxBackend(image, prompt, PromptTokenizer(artifacts), prep, str(path), artifacts.int8)
     if warm_up:
         backend.warm_up()
     return backend
+
+
+def _ort_errors() -> tuple[type[Exception], ...]:
+    """The exception classes ONNX Runtime raises when it cannot load a graph (they derive from Exception only)."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+    names = ("Fail", "InvalidArgument", "NoSuchFile", "NoModel", "InvalidProtobuf", "InvalidGraph", "RuntimeException")
+    return tuple(cls for n in names if isinstance(cls := getattr(state, n, None), type) and issubclass(cls, Exception))

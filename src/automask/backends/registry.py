@@ -14,7 +14,7 @@ Factory = Callable[[Path, Settings], Backend]
 """Builds a loaded backend from a local model folder and the settings."""
 
 _FACTORIES: dict[str, Callable[[], Factory]] = {}
-_LOADED: dict[tuple[str, str, str], Backend] = {}
+_LOADED: dict[tuple[str, ...], Backend] = {}
 _LOCK = threading.Lock()
 
 
@@ -29,10 +29,10 @@ def backend_names() -> list[str]:
 
 
 def create(name: str, path: Path, settings: Settings) -> Backend:
-    """Load backend `name` from `path`, once per (backend, folder, device); later calls reuse it."""
+    """Load backend `name` from `path`, once per (backend, folder, device, runtime, int8); later calls reuse it."""
     if name not in _FACTORIES:
         raise UnknownModelError(f"Unknown backend '{name}'. Valid backends: {', '.join(backend_names())}.")
-    key = (name, str(Path(path).resolve()), settings.device)
+    key = (name, str(Path(path).resolve()), settings.device, settings.runtime, str(settings.int8))
     with _LOCK:
         if key not in _LOADED:
             _LOADED[key] = _FACTORIES[name]()(Path(path), settings)
@@ -46,7 +46,8 @@ def clear_cache() -> None:
 
 
 def _clipseg() -> Factory:
-    from automask.backends.clipseg import load
+    # Picks ONNX Runtime or torch per `settings.runtime` and the artifacts in the model folder.
+    from automask.backends.clipseg_common import load
 
     return load
 
@@ -61,3 +62,16 @@ def _subject() -> Factory:
 
 
 register("subject", _subject)
+
+
+def _grounded_sam() -> Factory:
+    from automask.errors import require
+
+    require("torch", "torch")
+    require("transformers", "torch")
+    from automask.backends.grounded_sam import load
+
+    return load
+
+
+register("grounded-sam", _grounded_sam)

@@ -59,12 +59,13 @@ class SubjectBackend:
         self.session = session
         self.model_id = model_id
         self._input = session.get_inputs()[0].name
+        self._d0 = session.get_outputs()[0].name
 
     def encode(self, image: np.ndarray) -> np.ndarray:
         """H×W×3 uint8 RGB -> H×W float32 probability that a pixel belongs to the main subject."""
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise ValueError(f"expected an H×W×3 uint8 image, got {image.shape} {image.dtype}")
-        d0 = self.session.run(None, {self._input: preprocess(image)})[0]
+        d0 = self.session.run([self._d0], {self._input: preprocess(image)})[0]
         return upsample(d0[0, 0], image.shape[0], image.shape[1])
 
     def score(self, features: np.ndarray, prompts: list[str], *, min_score: float = 0.0) -> Scores:
@@ -100,6 +101,7 @@ def load(path: Path, settings: Settings) -> SubjectBackend:
         session = ort.InferenceSession(str(model), sess_options=opts, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own untyped errors for a bad file
         raise ModelNotAvailableError(
-            f"{model} could not be loaded ({exc}). Reinstall it with: automask models pull subject --force"
+            f"{model} could not be loaded ({exc}). "
+            "Reinstall it with: automask models pull subject (it re-checks the file)"
         ) from None
     return SubjectBackend(session, model_id=str(path))

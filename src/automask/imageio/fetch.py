@@ -101,14 +101,14 @@ def fetch_url(
     """
     check = is_allowed or _default_policy(settings)
     deadline = time.monotonic() + settings.fetch_timeout
-    current = parse_url(url)
+    current = first = parse_url(url)
     for _hop in range(settings.max_redirects + 1):
         addresses = _checked_addresses(current, resolve, check)
         outcome = _get(current, addresses, deadline, settings)
         if isinstance(outcome, bytes):
             return outcome
         current = _redirect_target(current, outcome)
-    raise FetchError(f"The image URL {_short(url)} redirected more than {settings.max_redirects} times.")
+    raise FetchError(f"The image URL {_show(first)} redirected more than {settings.max_redirects} times.")
 
 
 def parse_url(url: str) -> httpx.URL:
@@ -119,11 +119,11 @@ def parse_url(url: str) -> httpx.URL:
         raise URLRefusedError(f"Refused the image URL {_short(url)}: it is not a valid URL ({exc}).") from None
     if parsed.scheme not in ("http", "https"):
         raise URLRefusedError(
-            f"Refused the image URL {_short(url)}: only http:// and https:// URLs are fetched "
+            f"Refused the image URL {_show(parsed)}: only http:// and https:// URLs are fetched "
             f"(got {parsed.scheme + '://' if parsed.scheme else 'no scheme'}). Send the image data instead."
         )
     if not parsed.raw_host:
-        raise URLRefusedError(f"Refused the image URL {_short(url)}: it has no host.")
+        raise URLRefusedError(f"Refused the image URL {_show(parsed)}: it has no host.")
     return parsed
 
 

@@ -1,8 +1,8 @@
 """Dispatch an image source to the right reader: every accepted source -> H×W×3 uint8 RGB.
 
-A string is, in this order: an http(s) URL (fetched through the guard in `fetch`), a `data:` URI, an existing
-file, or bare base64 image data. Any other `scheme://` string is a refused URL; anything else is an error that
-says which of these it is not ("No such file: ..." when it looks like a path).
+A string is, in this order: a URL (http(s) is fetched through the guard in `fetch`; any other `scheme://` is
+refused there), a `data:` URI, an existing file, or bare base64 image data. Anything else is an error that
+names the kinds accepted ("No such file: ..." when it could be a path).
 """
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image
 
-from automask.errors import ImageDecodeError, URLRefusedError
+from automask.errors import ImageDecodeError
 from automask.imageio.decode import array_to_rgb, check_encoded_size, decode_image, pil_to_rgb
 from automask.settings import Settings
 
 ImageSource = str | Path | bytes | bytearray | memoryview | Image.Image | np.ndarray | BinaryIO
 
-_SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
+_SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 _DATA_URI = re.compile(r"^data:([^,;]*)((?:;[^,;]*)*?),", re.IGNORECASE)
 _MAX_PATH_CHARS = 1024
 _KINDS = "An image string must be an existing file, an http(s) URL, a data:image/...;base64, URI or base64 image data."
@@ -81,20 +81,15 @@ def read_file(path: Path, settings: Settings) -> bytes:
 
 
 def _from_string(text: str, settings: Settings) -> np.ndarray:
-    scheme = _SCHEME.match(text)
-    if scheme and scheme.group(1).lower() in ("http", "https"):
+    stripped = text.strip()
+    if _SCHEME.match(stripped):  # any scheme://: the fetcher refuses all but http(s)
         from automask.imageio.fetch import fetch_url  # httpx is imported only when a URL is given
 
-        return decode_image(fetch_url(text, settings), settings)
-    if scheme:
-        raise URLRefusedError(
-            f"Refused the image URL {_short(text)}: only http:// and https:// URLs are fetched "
-            f"(got {scheme.group(1)}://). Pass a local path or the image data instead."
-        )
-    if not text.strip():
+        return decode_image(fetch_url(stripped, settings), settings)
+    if not stripped:
         raise ImageDecodeError(f"The image string is empty. {_KINDS}")
-    if text[:5].lower() == "data:":
-        return decode_image(decode_data_uri(text, settings), settings)
+    if stripped[:5].lower() == "data:":
+        return decode_image(decode_data_uri(stripped, settings), settings)
     if _is_existing_path(text):
         return decode_image(read_file(Path(text), settings), settings)
     data = decode_base64(text, settings)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -141,7 +142,7 @@ async def v1_generate(request: Request, key: CallerKey) -> Response:
     if key is not None:
         state.limiter.check(key.id, key.rate_limit)
     req = await read_request(request, state.body_limit)
-    async with credit_hold(state, key, request.state.request_id):
+    async with credit_hold(state, key, uuid.uuid4().hex):
         result, _ = await state.runner.run(req.source(), req.prompt, req.options())
         return await asyncio.to_thread(render, result, req.base64)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from typing import Any
@@ -64,6 +65,10 @@ async def read_request(request: Request, max_part_size: int) -> MaskRequest:
     if content_type in FORM_TYPES:
         return await _read_form(request, max_part_size)
     body = await request.body()
+    return await asyncio.to_thread(_from_json, body)  # a base64 image may be tens of MB: off the event loop
+
+
+def _from_json(body: bytes) -> MaskRequest:
     try:
         data = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:

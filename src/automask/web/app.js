@@ -171,9 +171,7 @@ function serverTime(headers) {
 function checkReady() {
   if (!state.image) return ["Choose an image file or type an image URL first.", $("file")];
   if (!$("prompt").value.trim()) return ["Type a prompt: what to select, e.g. “person”.", $("prompt")];
-  if (state.config.auth && !$("api-key").value.trim())
-    return ["Type your API key (create one with: automask keys create).", $("api-key")];
-  return null;
+  return null; // a missing key is the server's to explain (401)
 }
 
 async function run({ fromUser = true } = {}) {
@@ -200,6 +198,7 @@ async function run({ fromUser = true } = {}) {
     if (kind !== "mask") results.set(kind, await callApi(payload(opts, kind), controller.signal));
     if (seq !== state.seq) return;
     await showResult(opts, results, kind);
+    if (fromUser) revealResult();
   } catch (err) {
     if (err.name === "AbortError" || seq !== state.seq) return;
     clearResult();
@@ -211,7 +210,7 @@ async function run({ fromUser = true } = {}) {
 }
 
 function scheduleAuto(delay = 250) {
-  if (!$("auto").checked || checkReady()) return;
+  if (!$("auto").checked || checkReady() || (state.config.auth && !$("api-key").value.trim())) return;
   clearTimeout(state.timer);
   state.timer = setTimeout(() => run({ fromUser: false }), delay);
 }
@@ -242,6 +241,12 @@ async function showResult(opts, results, kind) {
   ]);
   $("result").dataset.options = JSON.stringify(opts);
   $("result").dataset.ready = String(state.seq);
+}
+
+function revealResult() {
+  // On a phone the result is below the form: bring it into view (a no-op when it is already visible).
+  const box = $("result").getBoundingClientRect();
+  if (box.top > window.innerHeight * 0.6) $("result").scrollIntoView({ block: "start" });
 }
 
 async function drawOverlay(blob) {
@@ -396,6 +401,7 @@ function wire() {
   for (const radio of document.querySelectorAll("input[name=view]")) {
     radio.addEventListener("change", () => {
       $("stage").dataset.view = radio.value;
+      opacity.closest(".slider").hidden = radio.value !== "overlay";
     });
   }
   $("api-key").addEventListener("input", () => localStorage.setItem(KEY_STORAGE, $("api-key").value.trim()));

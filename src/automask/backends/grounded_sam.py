@@ -1,0 +1,339 @@
+"""Grounded-SAM backend (transformers + torch): GroundingDINO finds boxes for the prompts, SAM cuts them out.
+
+One GroundingDINO pass scores all prompts at once (the text "sofa. lamp."); each box kept becomes a SAM box
+prompt, and SAM's best mask of three (by predicted IoU) is the instance's mask. Returns
+`Scores(kind="instances")`: per instance a mask probability map, the box score, the box and the prompt it
+matches.
+
+What is computed once per image (in `encode`, and kept by the pipeline's `FeatureCache`, so a second request
+on the same image skips it):
+- SAM's image embedding (the ViT image encoder, most of SAM's cost), reused for every box of every prompt;
+- GroundingDINO's image backbone (Swin + position embeddings), replayed into the detector by
+  `ReplayableBackbone`. The rest of GroundingDINO (its encoder fuses image and text features from the first
+  layer on, then the decoder) depends on the prompt text and runs in `score`.
+
+Speed: the detector runs at `DETECTOR_SHORTEST_EDGE` (640) instead of the processor's 800 (GroundingDINO was
+trained at shortest edges 480-800), and SAM's image encoder in bfloat16 on CPUs with native bf16.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from automask.backends.base import ScoreParams, Scores
+from automask.backends.sam import Precision, SamEmbedding, SamSegmenter, is_sam_folder, load_segmenter, model_type
+from automask.errors import InvalidOptionError, ModelNotAvailableError
+from automask.settings import Settings
+
+NAME = "grounded-sam"
+DETECTOR_MODEL_TYPES = frozenset({"grounding-dino"})
+DETECTOR_SHORTEST_EDGE = 640
+"""Shortest image edge the detector sees (the checkpoint's processor says 800); longest edge scaled alike."""
+MAX_DETECTIONS = 100
+"""At most this many instances (the best scoring) per request."""
+NMS_IOU = 0.8
+"""Boxes of the same prompt overlapping more than this (IoU) with a better one are dropped."""
+
+
+@dataclass(frozen=True)
+class Detections:
+    """Detector output for one image, best first.
+
+    boxes: N×4 float32 XYXY in original pixels, clipped to the image; scores: N float32 box scores in [0, 1];
+    labels: the prompt each box matches best; phrases: GroundingDINO's own phrase per box (the words whose
+    score is above the text threshold, as transformers' `post_process_grounded_object_detection` decodes them).
+    """
+
+    boxes: np.ndarray
+    scores: np.ndarray
+    labels: list[str]
+    phrases: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class GroundedFeatures:
+    """One encoded image. detector_inputs: GroundingDINO pixel_values 1×3×h×w and pixel_mask 1×h×w;
+    backbone: the detector backbone's output for them; sam: SAM's embedding; image_size: (H, W)."""
+
+    image_size: tuple[int, int]
+    detector_inputs: dict[str, torch.Tensor]
+    backbone: tuple[list[Any], list[torch.Tensor]]
+    sam: SamEmbedding
+
+
+class ReplayableBackbone(nn.Module):
+    """GroundingDINO's image backbone that can replay features computed earlier instead of recomputing them.
+
+    Installed in place of `GroundingDinoModel.backbone`; inside `replaying(saved)` (per thread) its forward
+    returns `saved`, otherwise it runs the wrapped backbone.
+    """
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.position_embedding = inner.position_embedding  # the model calls it for its extra feature levels
+        self._local = threading.local()
+
+    def forward(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor) -> tuple[list[Any], list[torch.Tensor]]:
+        saved = getattr(self._local, "saved", None)
+        if saved is None:
+            return self.inner(pixel_values, pixel_mask)
+        features, positions = saved
+        return list(features), list(positions)  # copies: the model appends to the position list
+
+    @contextlib.contextmanager
+    def replaying(self, saved: tuple[list[Any], list[torch.Tensor]]) -> Iterator[None]:
+        self._local.saved = saved
+        try:
+            yield
+        finally:
+            self._local.saved = None
+
+
+class GroundedSamBackend:
+    """A loaded GroundingDINO + SAM pair. Thread-safe for concurrent inference; no per-request state."""
+
+    name = NAME
+    takes_params = True
+
+    def __init__(self, detector: Any, processor: Any, segmenter: SamSegmenter, model_id: str, device: str) -> None:
+        self.detector = detector
+        self.processor = processor
+        self.segmenter = segmenter
+        self.model_id = model_id
+        self.device = device
+        self.backbone = ReplayableBackbone(detector.model.backbone)
+        detector.model.backbone = self.backbone
+        self.max_text_len = int(detector.config.max_text_len)
+        self.special_tokens = {int(t) for t in detector.model.special_tokens.tolist()}
+        self.detector_size = _detector_size(processor.image_processor.size)
+
+    def encode(self, image: np.ndarray) -> GroundedFeatures:
+        """Detector preprocessing and backbone, and SAM's image embedding, for an H×W×3 uint8 RGB image."""
+        inputs = self.processor.image_processor(images=image, size=self.detector_size, return_tensors="pt")
+        det = {k: inputs[k].to(self.device) for k in ("pixel_values", "pixel_mask")}
+        with torch.inference_mode():
+            backbone = self.backbone.inner(det["pixel_values"], det["pixel_mask"])
+        sam = self.segmenter.embed(image)
+        return GroundedFeatures((int(image.shape[0]), int(image.shape[1])), det, backbone, sam)
+
+    def score(
+        self,
+        features: GroundedFeatures,
+        prompts: list[str],
+        *,
+        min_score: float = 0.0,
+        params: ScoreParams | None = None,
+    ) -> Scores:
+        """Instances for `prompts`: SAM mask probabilities N×H×W float32, box scores, XYXY boxes, prompt labels.
+
+        Boxes scoring below `min_score` are dropped before SAM runs (the pipeline applies the threshold too).
+        """
+        params = params or ScoreParams()
+        dets = self.detect(features, prompts, min_score, params.text_threshold)
+        masks = self.segmenter.segment(features.sam, boxes=dets.boxes)
+        return Scores(
+            maps=masks.probs,
+            labels=dets.labels,
+            kind="instances",
+            scores=dets.scores,
+            boxes=dets.boxes,
+            extra={"phrases": dets.phrases, "mask_iou": masks.iou},
+        )
+
+    def detect(
+        self, features: GroundedFeatures, prompts: list[str], min_score: float, text_threshold: float
+    ) -> Detections:
+        """Run GroundingDINO (image backbone replayed from `features`) on all prompts in one pass."""
+        if not prompts:
+            return Detections(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), [], [])
+        text, spans = merge_prompts(prompts)
+        enc = self.processor.tokenizer(text, return_offsets_mapping=True, return_token_type_ids=True)
+        ids = list(enc["input_ids"])
+        if len(ids) > self.max_text_len:
+            raise InvalidOptionError(
+                "prompt", f"too long for {NAME}: {len(ids)} tokens, at most {self.max_text_len}. Use fewer targets."
+            )
+        owners = token_owners(enc["offset_mapping"], ids, spans, self.special_tokens)
+        text_inputs = {k: torch.tensor([enc[k]], device=self.device) for k in ("input_ids", "token_type_ids")}
+        text_inputs["attention_mask"] = torch.tensor([enc["attention_mask"]], device=self.device)
+        with torch.inference_mode(), self.backbone.replaying(features.backbone):
+            out = self.detector(**features.detector_inputs, **text_inputs)
+        logits = out.logits[0, :, : len(ids)].float().cpu().numpy()
+        boxes = out.pred_boxes[0].float().cpu().numpy()
+        dets = postprocess(logits, boxes, owners, prompts, features.image_size, min_score, text_threshold)
+        phrases = self.phrases(logits, ids, dets, text_threshold)
+        return Detections(dets.boxes, dets.scores, dets.labels, phrases)
+
+    def phrases(self, logits: np.ndarray, ids: list[int], dets: _Kept, text_threshold: float) -> list[str]:
+        """GroundingDINO's phrase per kept box: its tokens scoring above `text_threshold`, decoded."""
+        from transformers.models.grounding_dino.processing_grounding_dino import get_phrases_from_posmap
+
+        if not len(dets.index):
+            return []
+        probs = torch.from_numpy(sigmoid(logits[dets.index]))
+        posmap = torch.zeros((len(dets.index), self.max_text_len), dtype=torch.bool)
+        posmap[:, : len(ids)] = probs > text_threshold
+        return list(self.processor.batch_decode(get_phrases_from_posmap(posmap, ids)))
+
+
+def merge_prompts(prompts: list[str]) -> tuple[str, list[tuple[int, int]]]:
+    """GroundingDINO's text for `prompts` and each prompt's character span in it.
+
+    ["Sofa", "lamp"] -> ("sofa. lamp.", [(0, 4), (6, 10)]): lower case, ". " between, "." at the end, as
+    transformers' GroundingDinoProcessor merges a list of labels.
+    """
+    text, spans = "", []
+    for i, p in enumerate(prompts):
+        if i:
+            text += ". "
+        spans.append((len(text), len(text) + len(p.strip())))
+        text += p.strip().lower()
+    return text + ".", spans
+
+
+def token_owners(
+    offsets: list[tuple[int, int]], ids: list[int], spans: list[tuple[int, int]], special: set[int]
+) -> np.ndarray:
+    """T int64: for each token, the index of the prompt whose span holds it, or -1 (special tokens, '.')."""
+    owners = np.full(len(ids), -1, np.int64)
+    for t, ((start, end), tok) in enumerate(zip(offsets, ids, strict=True)):
+        if end <= start or tok in special:
+            continue
+        for i, (s, e) in enumerate(spans):
+            if s <= start and end <= e:
+                owners[t] = i
+                break
+    return owners
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    return np.asarray(1.0 / (1.0 + np.exp(-x)), np.float32)
+
+
+@dataclass(frozen=True)
+class _Kept:
+    """Boxes kept by `postprocess`: `index` into the detector's queries, best first."""
+
+    index: np.ndarray
+    boxes: np.ndarray
+    scores: np.ndarray
+    labels: list[str]
+
+
+def postprocess(
+    logits: np.ndarray,
+    pred_boxes: np.ndarray,
+    owners: np.ndarray,
+    prompts: list[str],
+    image_size: tuple[int, int],
+    min_score: float,
+    text_threshold: float,
+    *,
+    nms_iou: float = NMS_IOU,
+    max_detections: int | None = None,
+) -> _Kept:
+    """Detector outputs -> kept boxes, best first.
+
+    logits: Q×T token logits; pred_boxes: Q×4 (cx, cy, w, h) relative to the image; owners: T prompt index per
+    token (-1: none); `prompts` non-empty. A box's score is its best token probability (as in transformers'
+    `post_process_grounded_object_detection`); it is kept if the score is >= `min_score`, its best prompt's
+    best word scores above `text_threshold`, and no better box of the same prompt overlaps it by more than
+    `nms_iou`; then the `max_detections` (default `MAX_DETECTIONS`) best. Boxes become XYXY original pixels,
+    clipped to the image.
+    """
+    h, w = image_size
+    probs = sigmoid(logits)
+    scores = probs.max(axis=1, initial=0.0)
+    per_prompt = np.zeros((len(probs), len(prompts)), np.float32)
+    for i in range(len(prompts)):
+        per_prompt[:, i] = probs[:, owners == i].max(axis=1, initial=0.0)
+    best = per_prompt.argmax(axis=1)
+    credited = per_prompt.max(axis=1) > text_threshold
+    boxes = corners(pred_boxes) * np.array([w, h, w, h], np.float32)
+    boxes = np.clip(boxes, 0, [w, h, w, h]).astype(np.float32)
+    keep = np.flatnonzero((scores >= min_score) & credited)
+    keep = keep[np.argsort(-scores[keep], kind="stable")]
+    keep = keep[nms(boxes[keep], best[keep], nms_iou)][: MAX_DETECTIONS if max_detections is None else max_detections]
+    return _Kept(keep, boxes[keep], scores[keep].astype(np.float32), [prompts[i] for i in best[keep]])
+
+
+def corners(cxcywh: np.ndarray) -> np.ndarray:
+    """N×4 (cx, cy, w, h) -> N×4 (x0, y0, x1, y1), the same units."""
+    cx, cy, bw, bh = cxcywh.T
+    return np.stack([cx - 0.5 * bw, cy - 0.5 * bh, cx + 0.5 * bw, cy + 0.5 * bh], axis=1).astype(np.float32)
+
+
+def nms(boxes: np.ndarray, groups: np.ndarray, iou: float) -> np.ndarray:
+    """Greedy non-maximum suppression within each group, for N×4 XYXY `boxes` sorted best first.
+
+    Returns the indices kept, in their original (best first) order.
+    """
+    keep: list[int] = []
+    area = np.clip(boxes[:, 2] - boxes[:, 0], 0, None) * np.clip(boxes[:, 3] - boxes[:, 1], 0, None)
+    for i in range(len(boxes)):
+        kept = np.array([k for k in keep if groups[k] == groups[i]], np.int64)
+        if kept.size:
+            x0 = np.maximum(boxes[kept, 0], boxes[i, 0])
+            y0 = np.maximum(boxes[kept, 1], boxes[i, 1])
+            x1 = np.minimum(boxes[kept, 2], boxes[i, 2])
+            y1 = np.minimum(boxes[kept, 3], boxes[i, 3])
+            inter = np.clip(x1 - x0, 0, None) * np.clip(y1 - y0, 0, None)
+            union = area[kept] + area[i] - inter
+            if (inter > iou * np.maximum(union, 1e-9)).any():
+                continue
+        keep.append(i)
+    return np.array(keep, np.int64)
+
+
+def _detector_size(size: Any) -> dict[str, int]:
+    """The processor size dict with the shortest edge capped at `DETECTOR_SHORTEST_EDGE` (longest edge alike)."""
+    short = int(size.get("shortest_edge") or 800) if isinstance(size, dict) else int(size.shortest_edge or 800)
+    long = int(size.get("longest_edge") or 1333) if isinstance(size, dict) else int(size.longest_edge or 1333)
+    if short <= DETECTOR_SHORTEST_EDGE:
+        return {"shortest_edge": short, "longest_edge": long}
+    return {"shortest_edge": DETECTOR_SHORTEST_EDGE, "longest_edge": round(long * DETECTOR_SHORTEST_EDGE / short)}
+
+
+def find_parts(path: Path) -> tuple[Path, Path]:
+    """The GroundingDINO and SAM checkpoint folders of a grounded-sam model folder (found by the subfolders'
+    config.json `model_type`: one 'grounding-dino', one 'sam')."""
+    folders = [path, *sorted(p for p in path.iterdir() if p.is_dir())] if path.is_dir() else []
+    detector = next((p for p in folders if model_type(p) in DETECTOR_MODEL_TYPES), None)
+    sam = next((p for p in folders if is_sam_folder(p)), None)
+    if detector is None or sam is None:
+        missing = " and ".join(n for n, p in (("GroundingDINO", detector), ("SAM", sam)) if p is None)
+        raise ModelNotAvailableError(
+            f"'{path}' has no {missing} checkpoint. A grounded-sam folder holds one subfolder per model, each "
+            "saved with save_pretrained (config.json model_type 'grounding-dino' and 'sam'). "
+            "Install one with: automask models pull grounded-sam"
+        )
+    return detector, sam
+
+
+def load(path: Path, settings: Settings, precision: Precision = "auto") -> GroundedSamBackend:
+    """Load the grounded-sam model in folder `path` on `settings.device`."""
+    from transformers import AutoProcessor, GroundingDinoForObjectDetection
+
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    detector_dir, sam_dir = find_parts(path)
+    try:
+        detector = GroundingDinoForObjectDetection.from_pretrained(str(detector_dir)).eval().to(settings.device)
+        processor = AutoProcessor.from_pretrained(str(detector_dir))
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise ModelNotAvailableError(
+            f"The GroundingDINO model in '{detector_dir}' could not be loaded ({exc}). Re-download it with: "
+            "automask models pull grounded-sam"
+        ) from exc
+    segmenter = load_segmenter(sam_dir, settings, precision)
+    return GroundedSamBackend(detector, processor, segmenter, model_id=str(path), device=settings.device)

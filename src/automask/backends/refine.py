@@ -1,0 +1,149 @@
+"""refine: sharpen a dense backend's score maps (CLIPSeg) with SAM.
+
+CLIPSeg's masks come from a 352×352 score map: right place, soft edges. With `refine`, each region of a score
+map at the threshold (a connected component) becomes a SAM prompt: its bounding box plus its peak point as a
+foreground point. SAM's best mask (by predicted IoU) replaces the region; the union of the regions' masks is
+the mask. SAM's image embedding is computed once per image (in `encode`, cached by the pipeline like any
+features), so refining costs one SAM image encoding plus a light decoder call per region.
+
+`RefinedBackend` is a composition: it wraps any backend that returns dense maps and a `SamSegmenter`; it
+changes neither. Backends that already return instances (grounded-sam) are returned unchanged by `refined`.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import cv2
+import numpy as np
+
+from automask.backends.base import Backend, ScoreParams, Scores, score_with
+from automask.errors import require
+from automask.settings import Settings
+
+if TYPE_CHECKING:  # torch is imported only when SAM is loaded
+    from automask.backends.sam import SamEmbedding, SamSegmenter
+
+MIN_AREA_FRACTION = 0.0005
+"""Regions smaller than this share of the image (0.05%, ~20×20 px of a 1024×768 image) are not refined away
+from noise: they are dropped."""
+MAX_REGIONS = 16
+"""At most this many regions (the largest) per prompt are handed to SAM."""
+
+
+@dataclass(frozen=True)
+class Region:
+    """One connected region of a thresholded score map: box XYXY (pixels, exclusive max), the peak (x, y) and
+    its score, and the area in pixels."""
+
+    box: tuple[int, int, int, int]
+    peak: tuple[int, int]
+    score: float
+    area: int
+
+
+def regions(score_map: np.ndarray, threshold: float, min_area: int = 1, limit: int = MAX_REGIONS) -> list[Region]:
+    """Connected regions (8-connectivity) of `score_map >= threshold` (H×W float32), largest first.
+
+    Regions under `min_area` pixels are dropped; at most `limit` are returned.
+    """
+    selected = (score_map >= threshold).astype(np.uint8)
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(selected, connectivity=8)
+    order = sorted(range(1, n), key=lambda k: -int(stats[k, cv2.CC_STAT_AREA]))
+    out: list[Region] = []
+    for k in order:
+        area = int(stats[k, cv2.CC_STAT_AREA])
+        if area < min_area or len(out) >= limit:
+            break
+        x, y, w, h = (int(v) for v in stats[k, :4])
+        window = np.where(labels[y : y + h, x : x + w] == k, score_map[y : y + h, x : x + w], -np.inf)
+        py, px = np.unravel_index(int(np.argmax(window)), window.shape)
+        peak = (x + int(px), y + int(py))
+        out.append(Region((x, y, x + w, y + h), peak, float(score_map[peak[1], peak[0]]), area))
+    return out
+
+
+@dataclass(frozen=True)
+class RefinedFeatures:
+    """The wrapped backend's features of one image and SAM's embedding of it."""
+
+    inner: Any
+    sam: SamEmbedding
+
+
+class RefinedBackend:
+    """A dense backend (e.g. CLIPSeg) whose regions are re-cut by SAM. Thread-safe if the wrapped one is."""
+
+    takes_params = True
+
+    def __init__(self, inner: Backend, segmenter: SamSegmenter) -> None:
+        self.inner = inner
+        self.segmenter = segmenter
+        self.name = f"{inner.name}+sam"
+        self.model_id = f"{inner.model_id}+{segmenter.model_id}"
+
+    def encode(self, image: np.ndarray) -> RefinedFeatures:
+        """The wrapped backend's features and SAM's image embedding for an H×W×3 uint8 RGB image."""
+        return RefinedFeatures(self.inner.encode(image), self.segmenter.embed(image))
+
+    def score(
+        self,
+        features: RefinedFeatures,
+        prompts: list[str],
+        *,
+        min_score: float = 0.0,
+        params: ScoreParams | None = None,
+    ) -> Scores:
+        """Instances: one per region of each prompt's map at `min_score` (the request's threshold).
+
+        maps: N×H×W SAM mask probabilities; scores: each region's peak score (>= `min_score`); labels: its
+        prompt; boxes None (the pipeline takes each instance's box from its mask).
+        """
+        dense = score_with(self.inner, features.inner, prompts, min_score, params or ScoreParams())
+        if dense.kind != "dense":
+            return dense
+        h, w = dense.maps.shape[1:]
+        min_area = max(1, round(MIN_AREA_FRACTION * h * w))
+        found = [
+            (label, r)
+            for m, label in zip(dense.maps, dense.labels, strict=True)
+            for r in regions(m, min_score, min_area)
+        ]
+        boxes = np.array([r.box for _, r in found], np.float32).reshape(-1, 4)
+        points = np.array([[r.peak] for _, r in found], np.float32).reshape(-1, 1, 2)
+        masks = self.segmenter.segment(features.sam, boxes=boxes, points=points)
+        return Scores(
+            maps=masks.probs,
+            labels=[label for label, _ in found],
+            kind="instances",
+            scores=np.array([r.score for _, r in found], np.float32),
+            boxes=None,
+            extra={"mask_iou": masks.iou, "regions": [r for _, r in found]},
+        )
+
+
+_REFINED: dict[tuple[int, str, str], RefinedBackend] = {}
+_LOCK = threading.Lock()
+
+
+def refined(backend: Backend, settings: Settings) -> Backend:
+    """`backend` refined by SAM (SAM from `find_sam_folder`); kept per (backend, SAM folder, device).
+
+    A backend that already returns instances (grounded-sam) or is already refined comes back unchanged.
+    Raises `ModelNotAvailableError` (saying what to pull) when no SAM model is installed.
+    """
+    if backend.name == "grounded-sam" or isinstance(backend, RefinedBackend):
+        return backend
+    require("torch", "torch")
+    require("transformers", "torch")
+    from automask.backends.sam import find_sam_folder, load_segmenter
+
+    folder = find_sam_folder(settings)
+    key = (id(backend), str(folder.resolve()), settings.device)
+    with _LOCK:
+        cached = _REFINED.get(key)
+        if cached is None or cached.inner is not backend:
+            cached = _REFINED[key] = RefinedBackend(backend, load_segmenter(folder, settings))
+        return cached

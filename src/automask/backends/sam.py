@@ -1,0 +1,246 @@
+"""SAM (Segment Anything) through transformers: embed an image once, then turn boxes and points into masks.
+
+Shared by the `grounded-sam` backend (GroundingDINO boxes -> masks) and by `refine` (CLIPSeg boxes and peak
+points -> masks). Follows SAM's own `set_image` / `predict` split: `embed` runs the ViT image encoder once
+per image (the expensive part, about 90% of SAM's work); `segment` runs only the light prompt encoder and mask
+decoder, for any number of boxes, and can be called again and again on the same `SamEmbedding`.
+
+Any checkpoint transformers loads as `SamModel` works (config.json `model_type` "sam"): facebook/sam-vit-base
+(the default), -large, -huge, and the pruned SlimSAM checkpoints (e.g. Zigeng/SlimSAM-uniform-77).
+
+Coordinates: boxes XYXY and points XY in original-image pixels; masks H×W at the original image size.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from automask.errors import ModelNotAvailableError
+from automask.settings import Settings
+
+SAM_MODEL_TYPES = frozenset({"sam"})
+"""config.json `model_type` values this helper loads (through `transformers.SamModel`)."""
+
+DECODER_BATCH = 32
+"""Prompts decoded per mask-decoder call (bounds memory for many instances)."""
+
+Precision = Literal["auto", "fp32", "bf16"]
+
+
+@dataclass(frozen=True)
+class SamEmbedding:
+    """One embedded image.
+
+    embeddings: 1×C×h×w float32 torch tensor (C=256, h=w=64 for SAM ViT-B/L/H), on the model's device.
+    image_size: (H, W) of the original image; input_size: (h', w') of the resized image before padding.
+    """
+
+    embeddings: torch.Tensor
+    image_size: tuple[int, int]
+    input_size: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class SamMasks:
+    """SAM's masks for N prompts, the best of its three candidates per prompt (by predicted IoU).
+
+    probs: N×H×W float32 in [0, 1], sigmoid of the mask logits at the original image size (a pixel belongs to
+           the mask iff its probability is >= 0.5, i.e. its logit >= 0, as in SAM's `post_process_masks`).
+    iou:   N float32, SAM's predicted IoU of each chosen mask.
+    """
+
+    probs: np.ndarray
+    iou: np.ndarray
+
+
+class SamSegmenter:
+    """A loaded SAM checkpoint. Stateless between calls: thread-safe for concurrent inference."""
+
+    def __init__(self, model: Any, image_processor: Any, model_id: str, device: str, dtype: torch.dtype) -> None:
+        self.model = model
+        self.image_processor = image_processor
+        self.model_id = model_id
+        self.device = device
+        self.dtype = dtype
+        """dtype of the image encoder (bfloat16 on CPUs with native bf16); the mask decoder runs in float32."""
+        pad = image_processor.pad_size
+        self.pad_size = (int(pad["height"]), int(pad["width"]))
+
+    def embed(self, image: np.ndarray) -> SamEmbedding:
+        """Run the image encoder once on an H×W×3 uint8 RGB image (resized to the checkpoint's 1024 longest
+        edge and padded, exactly as `SamProcessor` does)."""
+        inputs = self.image_processor(images=image, return_tensors="pt")
+        pixels = inputs["pixel_values"].to(self.device, self.dtype)
+        with torch.inference_mode():
+            emb = self.model.vision_encoder(pixels)[0].float()
+        h, w = (int(v) for v in inputs["reshaped_input_sizes"][0])
+        return SamEmbedding(emb, image_size=(int(image.shape[0]), int(image.shape[1])), input_size=(h, w))
+
+    def segment(
+        self,
+        emb: SamEmbedding,
+        boxes: np.ndarray | None = None,
+        points: np.ndarray | None = None,
+        point_labels: np.ndarray | None = None,
+    ) -> SamMasks:
+        """Masks for N prompts: `boxes` N×4 XYXY and/or `points` N×P×2 XY (original pixels), `point_labels`
+        N×P (1 = foreground, 0 = background; default all 1). Returns `SamMasks` at the original size."""
+        n = len(boxes) if boxes is not None else len(points) if points is not None else 0
+        h, w = emb.image_size
+        if n == 0:
+            return SamMasks(np.zeros((0, h, w), np.float32), np.zeros(0, np.float32))
+        probs, ious = [], []
+        for start in range(0, n, DECODER_BATCH):
+            part = slice(start, start + DECODER_BATCH)
+            logits, iou = self._decode(
+                emb,
+                None if boxes is None else boxes[part],
+                None if points is None else points[part],
+                None if point_labels is None else point_labels[part],
+            )
+            probs.append(torch.sigmoid(logits).numpy())
+            ious.append(iou.numpy())
+        return SamMasks(np.concatenate(probs).astype(np.float32), np.concatenate(ious).astype(np.float32))
+
+    def _decode(
+        self, emb: SamEmbedding, boxes: np.ndarray | None, points: np.ndarray | None, labels: np.ndarray | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Best-of-three mask logits N×H×W (original size) and their predicted IoU (N,), as CPU float32 tensors."""
+        scale = np.array([emb.input_size[1] / emb.image_size[1], emb.input_size[0] / emb.image_size[0]])
+        kwargs: dict[str, torch.Tensor] = {}
+        if boxes is not None:
+            scaled = np.asarray(boxes, np.float64).reshape(-1, 2, 2) * scale
+            kwargs["input_boxes"] = self._tensor(scaled.reshape(1, -1, 4))
+        if points is not None:
+            pts = np.asarray(points, np.float64) * scale
+            kwargs["input_points"] = self._tensor(pts[None])
+            lab = np.ones(pts.shape[:2], np.int64) if labels is None else np.asarray(labels, np.int64)
+            kwargs["input_labels"] = torch.from_numpy(lab[None]).to(self.device)
+        with torch.inference_mode():
+            out = self.model(image_embeddings=emb.embeddings, multimask_output=True, **kwargs)
+            iou = out.iou_scores[0].float()  # N×3
+            best = iou.argmax(dim=-1)
+            rows = torch.arange(iou.shape[0], device=iou.device)
+            low = out.pred_masks[0][rows, best].float()  # N×h×w low-res logits
+            logits = upscale_logits(low[:, None], self.pad_size, emb.input_size, emb.image_size)[:, 0]
+        return logits.cpu(), iou[rows, best].cpu()
+
+    def _tensor(self, array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(array, np.float32)).to(self.device)
+
+
+def upscale_logits(
+    low_res: torch.Tensor, pad_size: tuple[int, int], input_size: tuple[int, int], image_size: tuple[int, int]
+) -> torch.Tensor:
+    """N×C×h×w low-res mask logits -> N×C×H×W logits at the original image size.
+
+    The steps of transformers' `SamImageProcessor.post_process_masks` (before its `> 0` binarisation): bilinear
+    upscale to the padded input size, crop the padding away, bilinear resize to the original (H, W).
+    """
+    up = F.interpolate(low_res, pad_size, mode="bilinear", align_corners=False)
+    up = up[..., : input_size[0], : input_size[1]]
+    return F.interpolate(up, image_size, mode="bilinear", align_corners=False)
+
+
+def choose_dtype(precision: Precision, device: str) -> torch.dtype:
+    """bfloat16 for the image encoder when asked, or ('auto') on a CPU with native bf16 matrix units
+    (AVX512-BF16 / AMX: about 2× faster there); float32 otherwise."""
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp32" or device != "cpu":
+        return torch.float32
+    return torch.bfloat16 if _cpu_has_bf16() else torch.float32
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()) and _cpu_flag("avx512_bf16", "amx_bf16")
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _cpu_flag(*flags: str) -> bool:
+    """True when /proc/cpuinfo lists one of `flags` (native bf16 dot products, not emulation)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(f in text for f in flags)
+
+
+def model_type(folder: Path) -> str | None:
+    """config.json `model_type` of the checkpoint in `folder`, or None."""
+    config = folder / "config.json"
+    if not config.is_file():
+        return None
+    try:
+        value = json.loads(config.read_text()).get("model_type")
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, str) else None
+
+
+def is_sam_folder(folder: Path) -> bool:
+    """True when `folder` holds a SAM checkpoint transformers can load as `SamModel`."""
+    return model_type(folder) in SAM_MODEL_TYPES
+
+
+def find_sam_folder(settings: Settings) -> Path:
+    """Where `refine` takes its SAM weights: the `sam` model (`automask models pull sam`), else the SAM part
+    of the `grounded-sam` model, in the data folder or the Hugging Face cache."""
+    from automask import models
+
+    candidates: list[Path] = []
+    for name in ("sam", "grounded-sam"):
+        if name in models.CATALOGUE:
+            folder = models.model_dir(name, settings)
+            candidates += [folder, *sorted(p for p in folder.glob("*") if p.is_dir())]
+    if "sam" in models.CATALOGUE and (cached := models.hf_cached("sam")) is not None:
+        candidates.append(cached)
+    for folder in candidates:
+        if is_sam_folder(folder):
+            return folder
+    raise ModelNotAvailableError(
+        "refine needs SAM weights, which are not installed. Install them with: automask models pull sam "
+        "(or automask models pull grounded-sam, which includes SAM)."
+    )
+
+
+_LOADED: dict[tuple[str, str, str], SamSegmenter] = {}
+_LOCK = threading.Lock()
+
+
+def load_segmenter(folder: Path, settings: Settings, precision: Precision = "auto") -> SamSegmenter:
+    """Load the SAM checkpoint in `folder` (save_pretrained layout) once per (folder, device, precision)."""
+    key = (str(folder.resolve()), settings.device, precision)
+    with _LOCK:
+        if key not in _LOADED:
+            _LOADED[key] = _load(folder, settings, precision)
+        return _LOADED[key]
+
+
+def _load(folder: Path, settings: Settings, precision: Precision) -> SamSegmenter:
+    from transformers import AutoProcessor, SamModel
+
+    if not is_sam_folder(folder):
+        raise ModelNotAvailableError(f"'{folder}' holds no SAM checkpoint (config.json with model_type 'sam').")
+    try:
+        model = SamModel.from_pretrained(str(folder)).eval().to(settings.device)
+        processor = AutoProcessor.from_pretrained(str(folder))
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise ModelNotAvailableError(
+            f"The SAM model in '{folder}' could not be loaded ({exc}). Re-download it with: "
+            "automask models pull grounded-sam"
+        ) from exc
+    dtype = choose_dtype(precision, settings.device)
+    model.vision_encoder.to(dtype)
+    image_processor = getattr(processor, "image_processor", processor)
+    return SamSegmenter(model, image_processor, model_id=str(folder), device=settings.device, dtype=dtype)

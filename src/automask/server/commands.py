@@ -1,0 +1,170 @@
+"""`automask serve` and `automask keys ...`: click commands only; fastapi and uvicorn load inside `serve`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import sys
+from datetime import datetime, timezone
+from typing import Any
+
+import click
+from pydantic import ValidationError
+
+from automask.server import keys as keystore
+from automask.server.config import ServerSettings
+from automask.server.store import Store
+from automask.settings import Settings
+
+
+def _settings(ctx: click.Context) -> Settings:
+    """The `automask` group's settings (AUTOMASK_* variables, then its global flags such as --data-dir)."""
+    settings = getattr(ctx.find_root().obj, "settings", None)
+    return settings if isinstance(settings, Settings) else Settings()
+
+
+def _store(ctx: click.Context) -> Store:
+    return Store.in_data_dir(_settings(ctx).data_dir)
+
+
+@click.command()
+@click.option("--host", help="Interface to listen on [default: 127.0.0.1; AUTOMASK_SERVER_HOST].")
+@click.option("--port", type=click.IntRange(0, 65535), help="Port [default: 8000; AUTOMASK_SERVER_PORT].")
+@click.option("--model", help="Model name or local model folder [AUTOMASK_MODEL].")
+@click.option("--concurrency", type=click.IntRange(1, 64), help="Inference threads [default: 1].")
+@click.option("--timeout", type=click.FloatRange(0, min_open=True), help="Seconds per inference -> 504 [60].")
+@click.option("--no-auth", is_flag=True, help="No API keys (only on a loopback host: local use).")
+@click.option("--public-url", help="Base URL clients use, for the v2 URLs (behind a proxy).")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info")
+@click.pass_context
+def serve(ctx: click.Context, model: str | None, log_level: str, no_auth: bool, **flags: Any) -> None:
+    """Run the HTTP service: a drop-in replacement for the hosted automatic-mask-generator API.
+
+    \b
+    POST /v1/automatic-mask-generator   one blocking call (JSON or multipart)
+    POST /v2/automatic-mask-generator   queue a job; poll its status_url
+    GET  /healthz, /readyz, /docs
+    Create a key first: automask keys create
+    """
+    from automask.errors import require
+
+    require("fastapi", "server")
+    require("uvicorn", "server")
+    import uvicorn
+
+    from automask.server.app import create_app
+
+    settings = _settings(ctx)
+    if model:
+        settings = settings.model_copy(update={"model": model})
+    overrides = {k: v for k, v in flags.items() if v is not None}
+    if no_auth:
+        overrides["auth"] = False
+    try:
+        server = ServerSettings(**overrides)
+    except ValidationError as exc:
+        raise click.UsageError(str(exc.errors()[0]["msg"]).removeprefix("Value error, ")) from None
+    _configure_logging(log_level)
+    auth = "API keys required" if server.auth else "NO AUTH (loopback only)"
+    click.echo(f"automask: serving on http://{server.host}:{server.port} ({auth}); docs at /docs", err=True)
+    uvicorn.run(create_app(settings, server), host=server.host, port=server.port, access_log=False, log_level=log_level)
+
+
+def _configure_logging(level: str) -> None:
+    """Service logs as text on stderr; the access log as one JSON object per line."""
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    access = logging.getLogger("automask.server.access")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    access.addHandler(handler)
+    access.propagate = False
+
+
+@click.group()
+def keys() -> None:
+    """Create, list, update and revoke API keys (stored as hashes in the data folder)."""
+
+
+@keys.command("create")
+@click.option("--name", default="", help="A label for the key.")
+@click.option("--credits", type=click.IntRange(0), help="Requests the key may make [default: unlimited].")
+@click.option("--rate-limit", type=click.IntRange(1), help="Requests per minute [default: unlimited].")
+@click.pass_context
+def keys_create(ctx: click.Context, name: str, credits: int | None, rate_limit: int | None) -> None:
+    """Create a key and print it (on stdout, once: only its hash is stored)."""
+    key, token = keystore.create_key(_store(ctx), name=name, credits=credits, rate_limit=rate_limit)
+    click.echo(token)
+    click.echo(
+        f"Created key {key.id} (credits: {_or_unlimited(key.credits)}, requests per minute: "
+        f"{_or_unlimited(key.rate_limit)}). Save it now: it cannot be shown again.",
+        err=True,
+    )
+
+
+@keys.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.pass_context
+def keys_list(ctx: click.Context, as_json: bool) -> None:
+    """Every key: id, name, credits, rate limit, created, revoked (never the secret)."""
+    found = keystore.list_keys(_store(ctx))
+    if as_json:
+        click.echo(json.dumps([dataclasses.asdict(k) for k in found]))
+        return
+    rows = [_key_row(k) for k in found]
+    if not rows:
+        click.echo("No keys yet. Create one with: automask keys create", err=True)
+        return
+    columns = list(rows[0])
+    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in columns}
+    for r in [{c: c for c in columns}, *rows]:
+        click.echo("  ".join(str(r[c]).ljust(widths[c]) for c in columns).rstrip())
+
+
+@keys.command("revoke")
+@click.argument("key_id")
+@click.pass_context
+def keys_revoke(ctx: click.Context, key_id: str) -> None:
+    """Revoke KEY_ID for good: its requests get 403."""
+    if not keystore.revoke_key(_store(ctx), _key_id(key_id)):
+        raise click.BadParameter(f"no key {key_id!r} (see: automask keys list)", param_hint="KEY_ID")
+    click.echo(f"Revoked key {_key_id(key_id)}.", err=True)
+
+
+@keys.command("update")
+@click.argument("key_id")
+@click.option("--credits", type=click.IntRange(0), help="Set the credit balance.")
+@click.option("--rate-limit", type=click.IntRange(1), help="Set the requests per minute.")
+@click.pass_context
+def keys_update(ctx: click.Context, key_id: str, credits: int | None, rate_limit: int | None) -> None:
+    """Set the credits or rate limit of KEY_ID."""
+    if credits is None and rate_limit is None:
+        raise click.UsageError("give --credits and/or --rate-limit")
+    if not keystore.update_key(_store(ctx), _key_id(key_id), credits=credits, rate_limit=rate_limit):
+        raise click.BadParameter(f"no key {key_id!r} (see: automask keys list)", param_hint="KEY_ID")
+    click.echo(f"Updated key {_key_id(key_id)}.", err=True)
+
+
+def _key_id(text: str) -> str:
+    """Accept a key id, or a whole key `am_<id>_<secret>` (its id is used)."""
+    parts = text.split("_", 2)
+    return parts[1] if len(parts) == 3 and parts[0] == keystore.PREFIX else text
+
+
+def _or_unlimited(value: int | None) -> str:
+    return "unlimited" if value is None else str(value)
+
+
+def _key_row(key: keystore.ApiKey) -> dict[str, Any]:
+    return {
+        "id": key.id,
+        "name": key.name,
+        "credits": _or_unlimited(key.credits),
+        "rate_limit": _or_unlimited(key.rate_limit),
+        "created": _utc(key.created_at),
+        "revoked": _utc(key.disabled_at) if key.disabled_at else "no",
+    }
+
+
+def _utc(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")

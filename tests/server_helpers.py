@@ -1,0 +1,141 @@
+"""Helpers for the HTTP service tests: a predictable fake backend, live servers on loopback ports."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+from PIL import Image
+
+from automask.backends.base import Scores
+
+
+class FakeBackend:
+    """Scores every pixel by its column: map = x / (W - 1), so threshold t selects the columns x >= t·(W-1).
+
+    Prompt "left" scores 1 - x / (W - 1); "nothing" scores 0 everywhere. `delay` sleeps in `score`;
+    `fail` raises a RuntimeError there (an unexpected bug, as far as the server knows).
+    """
+
+    name = "fake"
+    model_id = "fake-gradient"
+
+    def __init__(self, delay: float = 0.0, fail: bool = False) -> None:
+        self.delay = delay
+        self.fail = fail
+
+    def encode(self, image: np.ndarray) -> np.ndarray:
+        return image
+
+    def score(self, features: Any, prompts: list[str], *, min_score: float = 0.0) -> Scores:
+        if self.delay:
+            time.sleep(self.delay)
+        if self.fail:
+            raise RuntimeError("secret internal detail /srv/model.bin")
+        h, w = features.shape[:2]
+        ramp = np.tile(np.linspace(0.0, 1.0, w, dtype=np.float32), (h, 1))
+        maps = {"left": 1.0 - ramp, "nothing": np.zeros_like(ramp)}
+        return Scores(maps=np.stack([maps.get(p, ramp) for p in prompts]), labels=list(prompts))
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    """Encode an H×W×3 uint8 array as PNG bytes."""
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def decode(data: bytes) -> np.ndarray:
+    """Decode image bytes to an array (mode kept: L -> H×W, RGB -> H×W×3, RGBA -> H×W×4)."""
+    return np.asarray(Image.open(io.BytesIO(data)))
+
+
+def loopback_socket() -> socket.socket:
+    """A TCP socket bound to 127.0.0.1 on a free port."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+def free_port() -> int:
+    with contextlib.closing(loopback_socket()) as sock:
+        return int(sock.getsockname()[1])
+
+
+class LiveServer:
+    """Run an ASGI app with uvicorn in a background thread on a free loopback port."""
+
+    def __init__(self, app: Any) -> None:
+        import uvicorn
+
+        self.app = app
+        self.sock = loopback_socket()
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self) -> LiveServer:
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=15)
+        self.sock.close()
+
+
+def wait_ready(url: str, seconds: float = 60.0, proc: subprocess.Popen[bytes] | None = None) -> None:
+    """Poll `url`/readyz until 200 (bounded); fail early if `proc` exits."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"the server exited with {proc.returncode}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"{url} was not ready after {seconds} s")
+
+
+@contextlib.contextmanager
+def server_process(data_dir: Path, model: Path, port: int, env: dict[str, str], log: Path) -> Iterator[Any]:
+    """`automask serve` as a subprocess (killed on exit if still running); yields the Popen."""
+    cmd = [sys.executable, "-m", "automask.cli", "--data-dir", str(data_dir), "serve"]
+    cmd += ["--port", str(port), "--model", str(model), "--log-level", "warning"]
+    with log.open("ab") as out:
+        proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=10)
+
+
+def wait_for(predicate: Any, seconds: float, interval: float = 0.05) -> Any:
+    """Call `predicate` until it returns a truthy value (returned), at most `seconds`; else fail."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"condition not met within {seconds} s")

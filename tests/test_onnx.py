@@ -1,0 +1,266 @@
+"""The ONNX Runtime CLIPSeg path against the transformers reference and the torch backend (same tiny weights).
+
+Every export goes into a temporary copy of a tiny random checkpoint; the shared fixtures stay untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from transformers import CLIPSegForImageSegmentation, CLIPSegProcessor
+
+from automask.backends import clipseg, clipseg_onnx, registry
+from automask.backends.clipseg_common import choose_runtime, find_artifacts, has_onnx, onnx_dir, read_manifest
+from automask.backends.clipseg_export import export
+from automask.errors import ModelNotAvailableError, UnknownModelError
+from automask.models import export_onnx
+from automask.pipeline import MaskGenerator
+from automask.settings import Settings
+from tiny_models import make_tiny_clipseg
+
+PROMPTS_3 = ["a cup of coffee", "spoon", "the wooden table"]
+LOGIT_ATOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory, tiny_clipseg_dir: Path) -> Path:
+    """A copy of the tiny checkpoint with its fp32 and int8 ONNX export."""
+    folder = tmp_path_factory.mktemp("onnx") / "clipseg"
+    shutil.copytree(tiny_clipseg_dir, folder)
+    export(folder, int8=True)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def deep_exported(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny checkpoint whose 4th vision layer is never read by the decoder, exported (fp32 only)."""
+    folder = make_tiny_clipseg(tmp_path_factory.mktemp("deep-onnx") / "clipseg", seed=1, vision_layers=4)
+    export(folder)
+    return folder
+
+
+@pytest.fixture(autouse=True)
+def _fresh_registry() -> None:
+    registry.clear_cache()
+
+
+def _reference(folder: Path, image: np.ndarray, prompts: list[str]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """transformers' own flow (processor + full model, N copies of the image): N×S×S logits and its inputs."""
+    model = CLIPSegForImageSegmentation.from_pretrained(str(folder)).eval()
+    inputs = CLIPSegProcessor.from_pretrained(str(folder))(
+        text=prompts, images=[image] * len(prompts), padding=True, return_tensors="pt"
+    )
+    with torch.inference_mode():
+        logits = model(**inputs).logits
+    return logits.reshape(len(prompts), *logits.shape[-2:]).numpy(), {k: v.numpy() for k, v in inputs.items()}
+
+
+@pytest.mark.parametrize("prompts", [["a cup of coffee"], PROMPTS_3], ids=["1-prompt", "3-prompts"])
+@pytest.mark.parametrize("which", ["tiny", "deep"])
+def test_onnx_logits_equal_transformers(
+    which: str, prompts: list[str], exported: Path, deep_exported: Path, coffee: np.ndarray
+) -> None:
+    folder = exported if which == "tiny" else deep_exported
+    ref, inputs = _reference(folder, coffee, prompts)
+    backend = clipseg_onnx.load(folder, Settings())
+    ids, mask = clipseg.tokenize(backend.tokenizer, prompts)
+    np.testing.assert_array_equal(ids, inputs["input_ids"])
+    np.testing.assert_array_equal(mask, inputs["attention_mask"])
+    # the same pixel values as the reference: the processor's
+    (hidden,) = backend.image_session.run(None, {"pixel_values": inputs["pixel_values"][:1]})
+    ours = backend.logits(clipseg_onnx.OnnxFeatures(hidden, coffee.shape[:2]), prompts)
+    assert ours.shape == ref.shape == (len(prompts), 64, 64)
+    assert np.abs(ref).max() > 1.0  # the logits are not trivially small
+    np.testing.assert_allclose(ours, ref, rtol=0, atol=LOGIT_ATOL)
+    # and through our own preprocessing (bit-equal to the processor's)
+    np.testing.assert_allclose(backend.logits(backend.encode(coffee), prompts), ref, rtol=0, atol=LOGIT_ATOL)
+
+
+def test_the_image_graph_stops_at_the_last_layer_the_decoder_reads(deep_exported: Path) -> None:
+    import onnx
+
+    names = [n.name for n in onnx.load(str(onnx_dir(deep_exported) / "image.onnx")).graph.node]
+    assert any("/layers.2/" in n for n in names)
+    assert not any("/layers.3/" in n for n in names)
+    manifest = read_manifest(deep_exported)
+    assert manifest is not None and manifest["extract_layers"] == [1, 2]
+
+
+@pytest.mark.parametrize("prompts", [["cup"], PROMPTS_3, ["", "ÉTÉ à Paris 🌞", "x " * 100]])
+def test_tokenizer_without_transformers_equals_the_processor(exported: Path, prompts: list[str]) -> None:
+    artifacts = find_artifacts(exported)
+    assert artifacts is not None
+    ids, mask = clipseg.tokenize(clipseg_onnx.PromptTokenizer(artifacts), prompts)
+    theirs = CLIPSegProcessor.from_pretrained(str(exported))(text=prompts, padding=True, truncation=True)
+    np.testing.assert_array_equal(ids, np.array(theirs["input_ids"]))
+    np.testing.assert_array_equal(mask, np.array(theirs["attention_mask"]))
+    assert ids.dtype == np.int64 and ids.shape[1] <= 77
+
+
+def test_masks_equal_the_torch_backend(exported: Path, coffee: np.ndarray) -> None:
+    onnx_gen = MaskGenerator(str(exported), Settings(runtime="onnx"))
+    torch_gen = MaskGenerator(str(exported), Settings(runtime="torch"))
+    assert onnx_gen.backend.name == "clipseg-onnx" and torch_gen.backend.name == "clipseg"
+    ours = onnx_gen.backend.score(onnx_gen.backend.encode(coffee), PROMPTS_3)
+    ref = torch_gen.backend.score(torch_gen.backend.encode(coffee), PROMPTS_3)
+    assert ours.maps.shape == ref.maps.shape == (3, *coffee.shape[:2])
+    np.testing.assert_allclose(ours.maps, ref.maps, rtol=0, atol=2e-5)
+    np.testing.assert_allclose(ours.scores, ref.scores, rtol=0, atol=2e-5)  # type: ignore[arg-type]
+    partial = 0
+    for options in ({}, {"threshold": 0.5, "grow_mask": 0}, {"threshold": 0.7, "grow_mask": 3, "invert_mask": True}):
+        a = onnx_gen.generate(coffee, PROMPTS_3, **options)
+        b = torch_gen.generate(coffee, PROMPTS_3, **options)
+        thr = options.get("threshold", 0.2)
+        borderline = (np.abs(ref.maps - thr) < 1e-4).any(axis=0)
+        if not borderline.any():
+            np.testing.assert_array_equal(a.mask, b.mask)
+        else:  # a score within rounding of the threshold may flip; nowhere else
+            selected_a = (ours.maps >= thr).any(axis=0)
+            selected_b = (ref.maps >= thr).any(axis=0)
+            assert not (selected_a != selected_b)[~borderline].any()
+        partial += 0 < np.count_nonzero(b.mask) < b.mask.size
+    assert partial >= 2  # masks with something in them, not everything
+
+
+def test_int8_runs_and_roughly_agrees(exported: Path, coffee: np.ndarray) -> None:
+    """Not a validation of int8 on real weights: on tiny random weights, probabilities stay within 0.02 on
+    average and at least 98% of the thresholded pixels agree (measured: 0.004 and 99.4%)."""
+    fp32 = clipseg_onnx.load(exported, Settings())
+    int8 = clipseg_onnx.load(exported, Settings(int8=True))
+    assert int8.name == "clipseg-onnx-int8" and int8.int8
+    a = fp32.score(fp32.encode(coffee), PROMPTS_3).maps
+    b = int8.score(int8.encode(coffee), PROMPTS_3).maps
+    assert not np.array_equal(a, b)  # it is a different model
+    assert float(np.abs(a - b).mean()) < 0.02
+    for thr in (0.2, 0.5):
+        assert float(((a >= thr) == (b >= thr)).mean()) > 0.98
+
+
+def test_auto_runtime_picks_onnx_when_exported_and_torch_otherwise(exported: Path, tiny_clipseg_dir: Path) -> None:
+    assert not has_onnx(tiny_clipseg_dir)
+    assert registry.create("clipseg", exported, Settings()).name == "clipseg-onnx"
+    assert registry.create("clipseg", exported, Settings(int8=True)).name == "clipseg-onnx-int8"
+    assert registry.create("clipseg", exported, Settings(runtime="torch")).name == "clipseg"
+    assert registry.create("clipseg", tiny_clipseg_dir, Settings()).name == "clipseg"
+    assert choose_runtime(exported, Settings(device="cuda")) == "torch"  # GPUs keep the torch path
+
+
+def test_onnx_runtime_without_an_export_names_the_export_command(tiny_clipseg_dir: Path) -> None:
+    with pytest.raises(ModelNotAvailableError, match="automask models export"):
+        registry.create("clipseg", tiny_clipseg_dir, Settings(runtime="onnx"))
+
+
+def test_cli_export_fp32_only_then_int8_is_missing(tiny_clipseg_dir: Path, tmp_path: Path) -> None:
+    from automask.cli import main
+
+    folder = tmp_path / "clipseg"
+    shutil.copytree(tiny_clipseg_dir, folder)
+    result = CliRunner().invoke(main, ["models", "export", str(folder)])
+    assert result.exit_code == 0, result.output
+    assert str(onnx_dir(folder)) in result.output
+    assert has_onnx(folder) and not has_onnx(folder, int8=True)
+    assert sorted(p.name for p in folder.iterdir() if p.name.startswith(".")) == []  # no temporary left
+    with pytest.raises(ModelNotAvailableError, match=r"automask models export .* --int8"):
+        choose_runtime(folder, Settings(int8=True))
+    with pytest.raises(ModelNotAvailableError, match="--int8"):
+        clipseg_onnx.load(folder, Settings(int8=True))
+
+
+def test_an_export_of_other_weights_is_not_used(exported: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "clipseg"
+    shutil.copytree(exported, folder)
+    assert has_onnx(folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["reduce_dim"] = 8  # the checkpoint changed after the export
+    (folder / "config.json").write_text(json.dumps(config))
+    assert not has_onnx(folder)
+    assert choose_runtime(folder, Settings()) == "torch"
+    with pytest.raises(ModelNotAvailableError, match="automask models export"):
+        choose_runtime(folder, Settings(runtime="onnx"))
+
+
+def test_export_of_a_folder_without_a_checkpoint(tmp_path: Path, settings: Settings) -> None:
+    with pytest.raises(ModelNotAvailableError):
+        export_onnx(str(tmp_path), settings)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "clipseg"}))
+    with pytest.raises(ModelNotAvailableError):
+        export(tmp_path)
+    assert not onnx_dir(tmp_path).exists()
+
+
+def test_export_of_a_non_clipseg_catalogue_model_is_refused(settings: Settings) -> None:
+    with pytest.raises((UnknownModelError, ModelNotAvailableError)):
+        export_onnx("subject", settings)
+
+
+def test_session_settings_for_small_cpus() -> None:
+    import onnxruntime as ort
+
+    options = clipseg_onnx.session_options(Settings(threads=3))
+    assert options.intra_op_num_threads == 3 and options.inter_op_num_threads == 1
+    assert options.execution_mode == ort.ExecutionMode.ORT_SEQUENTIAL
+    assert options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    assert clipseg_onnx.session_options(Settings()).intra_op_num_threads == clipseg_onnx.physical_cores() >= 1
+
+
+def test_empty_prompt_list_gives_empty_maps(exported: Path, chelsea: np.ndarray) -> None:
+    backend = clipseg_onnx.load(exported, Settings(), warm_up=False)
+    scores = backend.score(backend.encode(chelsea), [])
+    assert scores.maps.shape == (0, *chelsea.shape[:2]) and scores.labels == []
+
+
+def test_the_onnx_runtime_needs_no_torch(exported: Path, coffee: np.ndarray, tmp_path: Path) -> None:
+    """In a fresh interpreter where importing torch or transformers fails, the ONNX path still masks."""
+    np.save(tmp_path / "image.npy", coffee)
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.modules["torch"] = None
+        sys.modules["transformers"] = None
+        import numpy as np
+        from automask import MaskGenerator, Settings
+        gen = MaskGenerator({str(exported)!r}, Settings(data_dir={str(tmp_path)!r}))
+        result = gen.generate(np.load({str(tmp_path / "image.npy")!r}), {PROMPTS_3!r})
+        np.save({str(tmp_path / "mask.npy")!r}, result.mask)
+        print(result.backend, sorted(m for m in ("torch", "transformers") if sys.modules.get(m) is not None))
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["clipseg-onnx", "[]"]
+    expected = MaskGenerator(str(exported), Settings(runtime="onnx")).generate(coffee, PROMPTS_3).mask
+    np.testing.assert_array_equal(np.load(tmp_path / "mask.npy"), expected)
+
+
+@pytest.mark.parametrize("tools", [True, False], ids=["with-torch", "without-export-tools"])
+def test_cli_pull_exports_the_onnx_graphs_when_it_can(
+    tools: bool, tiny_clipseg_dir: Path, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import automask.models
+    from automask.cli import main
+
+    def fake_pull(name: str, settings: Settings, **_: object) -> Path:  # the download itself is test_models' job
+        target = automask.models.model_dir(name, settings)
+        shutil.copytree(tiny_clipseg_dir, target)
+        (target / automask.models.MARKER).write_text(json.dumps({"name": name, "backend": "clipseg", "repos": []}))
+        return target
+
+    monkeypatch.setattr(automask.models, "pull", fake_pull)
+    monkeypatch.setattr(automask.models, "can_export", lambda: tools)
+    result = CliRunner().invoke(main, ["--data-dir", str(settings.data_dir), "models", "pull", "clipseg"])
+    assert result.exit_code == 0, result.output
+    folder = automask.models.model_dir("clipseg", settings)
+    assert has_onnx(folder) is tools
+    if tools:
+        assert MaskGenerator("clipseg", settings).backend.name == "clipseg-onnx"
+    else:
+        assert "automask models export clipseg" in result.output

@@ -1,0 +1,110 @@
+"""API keys, credits and rate limits below HTTP, and the `automask keys` / `serve` commands."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from automask.cli import main
+from automask.server import keys as keystore
+from automask.server.errors import ApiError
+from automask.server.limits import RateLimiter
+from automask.server.store import Store
+
+
+@pytest.fixture()
+def store(tmp_path: Path) -> Store:
+    return Store.in_data_dir(tmp_path / "data")
+
+
+def test_keys_are_stored_as_hashes_and_checked(store: Store) -> None:
+    key, token = keystore.create_key(store, name="ci", credits=3, rate_limit=10)
+    prefix, key_id, secret = token.split("_", 2)
+    assert (prefix, key_id) == ("am", key.id) and len(secret) >= 40
+    assert secret.encode() not in store.path.read_bytes()
+    assert keystore.authenticate(store, token) == key
+    for bad in (None, "", token[:-1] + ("A" if token[-1] != "A" else "B"), f"am_{key.id}_", "am_unknown_x", "xyz"):
+        with pytest.raises(ApiError) as err:
+            keystore.authenticate(store, bad)
+        assert err.value.status == 401
+    assert keystore.revoke_key(store, key.id) and not keystore.revoke_key(store, "nope")
+    with pytest.raises(ApiError) as err:
+        keystore.authenticate(store, token)
+    assert err.value.status == 403
+
+
+def test_credits_never_go_below_zero_under_a_race(store: Store) -> None:
+    key, _ = keystore.create_key(store, credits=7)
+    results: dict[int, bool] = {}
+    barrier = threading.Barrier(20)
+
+    def take(i: int) -> None:
+        barrier.wait(timeout=10)
+        results[i] = keystore.reserve(store, key.id, f"hold-{i}")  # each thread has its own connection
+
+    threads = [threading.Thread(target=take, args=(i,)) for i in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=20)
+    assert list(results.values()).count(True) == 7 and len(results) == 20
+    assert keystore.get_key(store, key.id).credits == 0
+    granted = [i for i, ok in results.items() if ok]
+    keystore.settle(store, f"hold-{granted[0]}", charge=False)  # a failure: refunded
+    keystore.settle(store, f"hold-{granted[0]}", charge=False)  # settling twice changes nothing
+    keystore.settle(store, f"hold-{granted[1]}", charge=True)  # a success: kept
+    assert keystore.get_key(store, key.id).credits == 1
+    assert keystore.release_orphan_holds(store) == 5  # v1 holds a crash left behind are given back
+    assert keystore.get_key(store, key.id).credits == 6
+
+
+def test_unlimited_credits(store: Store) -> None:
+    key, _ = keystore.create_key(store)
+    assert all(keystore.reserve(store, key.id, f"h{i}") for i in range(5))
+    assert keystore.get_key(store, key.id).credits is None
+
+
+def test_rate_limiter_sliding_window() -> None:
+    now = [1000.0]
+    limiter = RateLimiter(clock=lambda: now[0])
+    for _ in range(3):
+        limiter.check("k", 3)
+        now[0] += 10
+    with pytest.raises(ApiError) as err:
+        limiter.check("k", 3)  # t=1030; the first request (t=1000) leaves the window at t=1060
+    assert err.value.status == 429
+    assert err.value.headers["Retry-After"] == "30"
+    assert err.value.headers["x-rate-limit-reset-at-utc"] == "1970-01-01T00:17:40Z"  # 1060 s
+    limiter.check("other", 3)  # per key
+    limiter.check("k", None)  # no limit
+    now[0] = 1060.5
+    limiter.check("k", 3)
+
+
+def test_keys_commands(tmp_path: Path) -> None:
+    runner = CliRunner()
+    data = ["--data-dir", str(tmp_path / "d")]
+    created = runner.invoke(main, [*data, "keys", "create", "--credits", "5", "--rate-limit", "10", "--name", "ci"])
+    assert created.exit_code == 0, created.output
+    token = created.stdout.strip()
+    assert token.startswith("am_") and "\n" not in token
+    key_id = token.split("_")[1]
+    listed = json.loads(runner.invoke(main, [*data, "keys", "list", "--json"]).stdout)
+    assert [(k["id"], k["name"], k["credits"], k["rate_limit"]) for k in listed] == [(key_id, "ci", 5, 10)]
+    table = runner.invoke(main, [*data, "keys", "list"]).stdout
+    assert key_id in table and token.split("_", 2)[2] not in table
+    assert runner.invoke(main, [*data, "keys", "update", key_id, "--credits", "9"]).exit_code == 0
+    assert runner.invoke(main, [*data, "keys", "revoke", token]).exit_code == 0  # a whole key works too
+    listed = json.loads(runner.invoke(main, [*data, "keys", "list", "--json"]).stdout)
+    assert listed[0]["credits"] == 9 and listed[0]["disabled_at"] is not None
+    missing = runner.invoke(main, [*data, "keys", "revoke", "nope"])
+    assert missing.exit_code == 2 and "no key 'nope'" in missing.output
+
+
+def test_serve_refuses_no_auth_off_loopback(tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["--data-dir", str(tmp_path), "serve", "--no-auth", "--host", "0.0.0.0"])
+    assert result.exit_code == 2 and "loopback" in result.output
