@@ -48,9 +48,9 @@ VOCABULARY: Mapping[str, Target] = MappingProxyType(
             Target.PERSON,
             *("person", "persons", "people", "human", "humans", "human being", "man", "men", "woman", "women"),
             *("child", "children", "kid", "kids", "boy", "boys", "girl", "girls", "baby", "adult", "adults"),
-            *("lady", "guy", "someone", "portrait"),
+            *("lady", "guy", "someone"),
         ),
-        **_words(Target.BACKGROUND, "background", "backdrop", "the background"),
+        **_words(Target.BACKGROUND, "background", "backdrop"),
     }
 )
 """Normalised prompt target -> what the embedded model selects. 'face', 'hair', 'cat' etc. are not in it:
@@ -60,11 +60,10 @@ _ARTICLES = ("the ", "a ", "an ", "all ")
 
 
 def normalise(target: str) -> str:
-    """Lower-case, single spaces, leading articles dropped: "The  Person" -> "person"."""
+    """Lower-case, single spaces, leading articles dropped: "All the  People" -> "people"."""
     text = " ".join(target.lower().split())
-    for article in _ARTICLES:
-        if text.startswith(article) and text not in VOCABULARY:
-            text = text[len(article) :]
+    while article := next((a for a in _ARTICLES if text.startswith(a)), None):
+        text = text[len(article) :]
     return text
 
 
