@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import itertools
 import json
 import logging
 import threading
@@ -42,15 +43,18 @@ def image_b64(image: np.ndarray) -> str:
 
 @pytest.fixture()
 def serve(tmp_path: Path) -> Iterator[Callable[..., Any]]:
-    """serve(backend=FakeBackend(), settings=..., **server_settings) -> a running LiveServer with `.data_dir`."""
+    """serve(backend, no_model=, settings={...}, **server_settings) -> a running LiveServer with `.store`.
+
+    The backend defaults to `FakeBackend()`; `no_model=True` starts with no generator and no model installed.
+    """
+    counter = itertools.count()
     with contextlib.ExitStack() as stack:
 
-        def start(backend: Any = None, generator: Any = "fake", settings: dict[str, Any] | None = None, **kw: Any):
-            data_dir = tmp_path / f"data{len(stack._exit_callbacks)}"
+        def start(backend: Any = None, no_model: bool = False, settings: dict[str, Any] | None = None, **kw: Any):
+            data_dir = tmp_path / f"data{next(counter)}"
             s = Settings(data_dir=data_dir, **(settings or {}))
-            gen = MaskGenerator(backend or FakeBackend(), s) if generator == "fake" else generator
+            gen = None if no_model else MaskGenerator(backend or FakeBackend(), s)
             live = stack.enter_context(LiveServer(create_app(s, ServerSettings(**kw), gen)))
-            live.data_dir = data_dir
             live.store = Store.in_data_dir(data_dir)
             return live
 
@@ -338,11 +342,11 @@ def test_504_inference_timeout_is_not_charged(serve: Any, image_b64: str) -> Non
 
 
 def test_503_when_the_model_is_not_installed(serve: Any, image_b64: str) -> None:
-    live = serve(generator=None)  # no model named, none pulled
+    live = serve(no_model=True)  # no model named, none pulled
     _, headers = new_key(live)
     assert httpx.get(f"{live.url}/healthz").json() == {"status": "ok"}
-    ready = wait_for(lambda: (r := httpx.get(f"{live.url}/readyz")).status_code == 503 and r, 10)
-    assert "automask models pull" in ready.json()["error"]
+    ready = wait_for(lambda: "still loading" not in (r := httpx.get(f"{live.url}/readyz")).text and r, 10)
+    assert ready.status_code == 503 and "automask models pull" in ready.json()["error"]
     for version in ("v1", "v2"):
         r = post(live, headers, version, json={"image": image_b64, "prompt": "sofa"})
         assert r.status_code == 503 and "automask models pull" in r.json()["error"]

@@ -218,8 +218,20 @@ def load_generator(model: str | None, settings: Settings) -> Any:
     """Load the model once (stdout kept clean: anything a library prints goes to stderr)."""
     from automask.pipeline import MaskGenerator
 
+    _quiet_transformers()
     with contextlib.redirect_stdout(sys.stderr):
         return MaskGenerator(model, settings)
+
+
+def _quiet_transformers() -> None:
+    """No per-load progress bars or advice from transformers on a terminal tool's stderr (when it is installed)."""
+    import importlib.util
+
+    if importlib.util.find_spec("transformers") is not None:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
 
 
 # -- commands ----------------------------------------------------------------------------------------
@@ -343,6 +355,11 @@ def models_list(ctx: click.Context, as_json: bool) -> None:
     Console(width=None if sys.stdout.isatty() else 160).print(table)
     if not all(m.installed for m in infos):
         click.echo("Install a model with: automask models pull NAME", err=True)
+    from automask.routing import vocabulary_lines
+
+    click.echo("\nThe embedded 'subject' model answers these prompt words (others need an open-vocabulary model):")
+    for line in vocabulary_lines():
+        click.echo(f"  {line}")
 
 
 @models.command("pull")
@@ -389,7 +406,7 @@ def _jsonable(value: Any) -> Any:
 
 # -- the HTTP service (fastapi/uvicorn load only when `serve` runs) ------------------------------------
 
-from automask.server.commands import keys, serve  # noqa: E402 - after `main` and `settings_of`, which they use
+from automask.server.commands import keys, serve  # noqa: E402 - click-only; fastapi loads inside `serve`
 
 main.add_command(serve)
 main.add_command(keys)
