@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import socket
 import subprocess
@@ -47,6 +48,20 @@ class FakeBackend:
         ramp = np.tile(np.linspace(0.0, 1.0, w, dtype=np.float32), (h, 1))
         maps = {"left": 1.0 - ramp, "nothing": np.zeros_like(ramp)}
         return Scores(maps=np.stack([maps.get(p, ramp) for p in prompts]), labels=list(prompts))
+
+
+def install_as_catalogue(data_dir: Path, name: str, seed: int) -> Path:
+    """Install a tiny random CLIPSeg (`seed`) as catalogue model `name` in `data_dir`, the way
+    `automask models pull` leaves it (the checkpoint and its automask.json marker); return its folder."""
+    from automask.models import CATALOGUE, MARKER
+    from automask.settings import Settings
+    from tiny_models import make_tiny_clipseg
+
+    spec = CATALOGUE[name]
+    folder = make_tiny_clipseg(Settings(data_dir=data_dir).models_dir / name, seed=seed)
+    marker = {"name": name, "backend": spec.backend, "repos": list(spec.repos)}
+    (folder / MARKER).write_text(json.dumps(marker))
+    return folder
 
 
 def png_bytes(image: np.ndarray) -> bytes:

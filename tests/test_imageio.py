@@ -435,6 +435,26 @@ def test_paths_streams_and_bytes_like(tmp_path: Path, settings: Settings, small_
         assert np.array_equal(load_image(source, settings), small_rgb), type(source)
 
 
+def test_allow_paths_false_never_reads_a_file(
+    tmp_path: Path, settings: Settings, small_rgb: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = png_of(small_rgb)
+    path = tmp_path / "img.png"
+    path.write_bytes(data)
+    (tmp_path / "QUJD").write_bytes(data)  # a file whose name is also valid base64
+    monkeypatch.chdir(tmp_path)
+    assert np.array_equal(load_image("QUJD", settings), small_rgb)  # the default still reads files
+    for source in (str(path), f"  {path}\n", "QUJD", "img.png"):
+        with pytest.raises(ImageDecodeError) as info:
+            load_image(source, settings, allow_paths=False)
+        assert "existing file" not in info.value.message and "No such file" not in info.value.message
+    with pytest.raises(ImageDecodeError, match="cannot be read here"):
+        load_image(path, settings, allow_paths=False)
+    plain = base64.b64encode(data).decode()
+    for source in (plain, "data:image/png;base64," + plain, data):
+        assert np.array_equal(load_image(source, settings, allow_paths=False), small_rgb)
+
+
 def test_folder_text_file_and_odd_sources(tmp_path: Path, settings: Settings) -> None:
     with pytest.raises(ImageDecodeError, match="is a folder"):
         load_image(tmp_path, settings)

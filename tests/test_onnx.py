@@ -209,6 +209,7 @@ def test_session_settings_for_small_cpus() -> None:
     assert options.intra_op_num_threads == 3 and options.inter_op_num_threads == 1
     assert options.execution_mode == ort.ExecutionMode.ORT_SEQUENTIAL
     assert options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
     assert clipseg_onnx.session_options(Settings()).intra_op_num_threads == clipseg_onnx.physical_cores() >= 1
 
 
@@ -264,3 +265,19 @@ def test_cli_pull_exports_the_onnx_graphs_when_it_can(
         assert MaskGenerator("clipseg", settings).backend.name == "clipseg-onnx"
     else:
         assert "automask models export clipseg" in result.output
+
+
+def test_an_export_that_disagrees_with_torch_is_not_installed(
+    exported: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from automask.backends import clipseg_export
+    from automask.errors import AutomaskError
+
+    folder = tmp_path / "clipseg"
+    shutil.copytree(exported, folder)
+    before = (onnx_dir(folder) / "manifest.json").read_text()
+    monkeypatch.setattr(clipseg_export, "EXPORT_TOLERANCE", -1.0)  # nothing can pass the self-check
+    with pytest.raises(AutomaskError, match="disagrees with torch"):
+        export(folder)
+    assert (onnx_dir(folder) / "manifest.json").read_text() == before  # the old export is untouched
+    assert [p.name for p in folder.iterdir() if p.name.startswith(".")] == []

@@ -125,9 +125,12 @@ def test_v1_outputs_alpha_preview_prompts_seed_base64(serve: Any, image: np.ndar
     assert not np.array_equal(preview[:, 20:], image[:, 20:])  # tinted where selected
     union = decode(post(live, headers, json={**base, "prompt": "left, sofa", "threshold": 0.9}).content)
     assert selected_columns(union) == [*range(4), *range(36, 40)]
+    png = post(live, headers, json=base)
+    assert float(png.headers["x-inference-time"]) > 0
     r = post(live, headers, json={**base, "base64": True, "seed": 468685})
     body = r.json()
     assert r.headers["content-type"] == "application/json"
+    assert float(r.headers["x-inference-time"]) == body["inference_time"] == body["timings"]["total"] > 0
     assert selected_columns(decode(base64.b64decode(body["image"]))) == list(range(20, 40))
     assert (body["width"], body["height"], body["seed"], body["prompts"]) == (W, H, 468685, ["sofa"])
     assert body["selected_pixels"] == 20 * H
@@ -155,9 +158,13 @@ def test_v1_never_reads_a_server_side_file(serve: Any, image: np.ndarray, tmp_pa
     _, headers = new_key(live)
     path = tmp_path / "secret.png"
     path.write_bytes(png_bytes(image))
-    r = post(live, headers, json={"image": str(path), "prompt": "sofa"})
-    assert r.status_code == 400
-    assert "base64" in r.json()["error"]
+    for body in ({"json": {"image": str(path), "prompt": "sofa"}}, {"data": {"image": str(path), "prompt": "sofa"}}):
+        r = post(live, headers, **body)
+        assert r.status_code == 400
+        assert "base64" in r.json()["error"] and "file" not in r.json()["error"]
+    sub = post(live, headers, "v2", json={"image": str(path), "prompt": "sofa"}).json()
+    failed = poll(sub["status_url"], headers)
+    assert failed.status_code == 422 and "base64" in failed.json()["error"]
 
 
 # -- errors -------------------------------------------------------------------------------------------
@@ -290,6 +297,11 @@ def test_413_image_over_pixel_limit(serve: Any, image_b64: str) -> None:
     assert r.status_code == 413, r.text
 
 
+def access_lines(caplog: pytest.LogCaptureFixture) -> list[dict[str, Any]]:
+    """The access log's lines captured so far, decoded."""
+    return [json.loads(rec.getMessage()) for rec in caplog.records if rec.name == "automask.server.access"]
+
+
 def test_500_hides_internals_and_logs_request_id(serve: Any, image_b64: str, caplog: pytest.LogCaptureFixture) -> None:
     live = serve(FakeBackend(fail=True))
     key_id, headers = new_key(live, credits=3)
@@ -298,11 +310,10 @@ def test_500_hides_internals_and_logs_request_id(serve: Any, image_b64: str, cap
     assert r.status_code == 500
     request_id = r.headers["x-request-id"]
     assert request_id in r.json()["error"] and "secret" not in r.text and "Traceback" not in r.text
-    assert any(request_id in rec.getMessage() and rec.exc_info for rec in caplog.records)
-    access = [json.loads(rec.getMessage()) for rec in caplog.records if rec.name == "automask.server.access"]
-    assert {"request_id": request_id, "status": 500, "key_id": key_id, "path": f"/v1/{SLUG}"}.items() <= access[
-        -1
-    ].items()
+    # the server logs after the response is sent: wait (bounded) for its lines
+    wait_for(lambda: any(request_id in rec.getMessage() and rec.exc_info for rec in caplog.records), 5)
+    access = wait_for(lambda: [line for line in access_lines(caplog) if line["request_id"] == request_id], 5)
+    assert {"status": 500, "key_id": key_id, "path": f"/v1/{SLUG}"}.items() <= access[-1].items()
     assert keystore.get_key(live.store, key_id).credits == 3
 
 

@@ -54,8 +54,12 @@ def test_sdk_run_sync_returns_the_mask(live: Any, photo: tuple[str, tuple[int, i
     assert mask.shape == size and set(np.unique(mask)) <= {0, 255}
     alpha = decode(client(live, token).run_sync(SLUG, image=image, prompt="cat", return_alpha=True).content)
     assert alpha.shape == (*size, 4)
-    body = client(live, token).run_sync(SLUG, image=image, prompt="cat", base64=True).json()
-    assert decode(base64.b64decode(body["image"])).shape == size and body["model"] == str(tiny_clipseg_dir)
+    answer = client(live, token).run_sync(SLUG, image=image, prompt="cat", base64=True)
+    body = answer.json()
+    assert decode(base64.b64decode(body["image"])).shape == size
+    assert body["model"] == tiny_clipseg_dir.name  # the model's name, never the server's path
+    assert body["inference_time"] == pytest.approx(body["timings"]["total"], abs=1e-6)
+    assert float(answer.headers["x-inference-time"]) == pytest.approx(body["inference_time"], abs=1e-6)
     assert keystore.get_key(live.store, key.id).credits == 7
 
 

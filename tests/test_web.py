@@ -22,7 +22,7 @@ import pytest
 from PIL import Image
 
 from automask.settings import Settings
-from server_helpers import LiveServer, decode, wait_ready
+from server_helpers import LiveServer, decode, install_as_catalogue, wait_ready
 from web_helpers import (
     CHROMIUM,
     CHROMIUM_ARGS,
@@ -177,6 +177,7 @@ def test_config_says_key_needed_and_names_the_model(live: Live, tiny_clipseg_dir
     config = httpx.get(f"{live.url}/web/config").json()
     assert config["auth"] is True
     assert config["model"] == tiny_clipseg_dir.name  # the folder's name, never the server's path
+    assert config["models"] == [tiny_clipseg_dir.name]
     assert config["ready"] is True
     assert config["max_image_bytes"] == Settings().max_image_bytes
 
@@ -198,6 +199,8 @@ def test_overlay_appears_over_the_photo(page: Any, live: Live, photo: Path) -> N
     check_overlay(before, after, mask, opacity=0.6)
     status = page.inner_text("#status")
     assert re.search(r"Done in \d+ ms|Done in [\d.]+ s", status), status
+    assert re.search(r"server (\d+ ms|[\d.]+ s)\)", status), "the server's x-inference-time is not shown"
+    assert not page.is_visible("#model"), "one model installed: nothing to choose"
     selected = int(np.count_nonzero(mask))
     assert f"{selected:,} pixels selected" in status
     # Full opacity: the selected pixels are the tint itself.
@@ -412,5 +415,42 @@ def test_local_server_without_auth_hides_the_key(
             got = download(tab, "#dl-mask")
             assert got == open_server.api(data_uri(photo), **FIRST).content
             assert "no API key needed" in tab.inner_text("#server-info")
+        finally:
+            tab.close()
+
+
+@pytest.mark.browser
+def test_model_choice_changes_the_result(
+    browser_context: Any, tiny_clipseg_dir: Path, tmp_path: Path, photo: Path
+) -> None:
+    """Two models installed: the default (a folder) and a tiny CLIPSeg of another seed as 'clipseg'."""
+    data_dir = tmp_path / "data"
+    install_as_catalogue(data_dir, "clipseg", seed=1)
+    settings = Settings(data_dir=data_dir, model=str(tiny_clipseg_dir))
+    with serve(settings, auth=True) as two:
+        tab = browser_context.new_page()
+        try:
+            open_page(tab, two)
+            assert tab.is_visible("#model")
+            assert tab.evaluate("document.getElementById('model').labels[0].textContent") == "Model"
+            names = tab.eval_on_selector_all("#model option", "options => options.map(o => o.value)")
+            assert names == [tiny_clipseg_dir.name, "clipseg"]
+            assert tab.input_value("#model") == tiny_clipseg_dir.name
+            pick_photo(tab, photo)
+            set_first_options(tab)
+            first = submit_prompt(tab, FIRST["prompt"])
+            default_mask = download(tab, "#dl-mask")
+            tab.focus("#model")
+            tab.keyboard.press("ArrowDown")  # a keyboard user picks the other model; the page asks again
+            assert tab.input_value("#model") == "clipseg"
+            wait_result(tab, first, model="clipseg")
+            other_mask = download(tab, "#dl-mask")
+            image = data_uri(photo)
+            assert other_mask == two.api(image, **FIRST, model="clipseg").content
+            assert default_mask == two.api(image, **FIRST).content
+            changed = np.count_nonzero(decode(other_mask) != decode(default_mask))
+            assert changed > 1000, f"the other model changed only {changed} pixels"
+            assert "model=clipseg" in tab.inner_text("#facts")
+            keep(tab.screenshot(full_page=True), "desktop-two-models")
         finally:
             tab.close()

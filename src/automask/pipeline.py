@@ -90,11 +90,18 @@ class MaskGenerator:
         self.cache = FeatureCache(cache_size)
 
     def generate(
-        self, image: ImageSource, prompt: str | list[str], options: MaskOptions | None = None, **kwargs: Any
+        self,
+        image: ImageSource,
+        prompt: str | list[str],
+        options: MaskOptions | None = None,
+        *,
+        allow_paths: bool = True,
+        **kwargs: Any,
     ) -> MaskResult:
         """Mask what `prompt` names in `image`.
 
         `options` (or keyword options such as threshold=0.3, grow_mask=5) are validated here.
+        `allow_paths=False`: `image` is never read as a local file path (see `load_image`; for servers).
         Raises `EmptyMaskError` when `stop_on_empty_mask` is set and nothing is selected, and
         `ModelNotAvailableError` for a target that none of the loaded models can serve.
         """
@@ -104,7 +111,7 @@ class MaskGenerator:
         plan = route(prompts, embedded=self.embedded is not None, open_vocab=self.open is not None)
         timings: dict[str, float] = {"encode": 0.0, "score": 0.0}
         t0 = time.perf_counter()
-        rgb = load_image(image, self.settings)
+        rgb = load_image(image, self.settings, allow_paths=allow_paths)
         timings["decode"] = time.perf_counter() - t0
         parts: list[Part] = []
         if plan.open:

@@ -15,10 +15,14 @@ Position embeddings are interpolated to S once, at export time, exactly as trans
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import shutil
 import uuid
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,13 +51,19 @@ def export(model_path: Path, *, int8: bool = False, weight_type: str = "QInt8") 
     model, tokenizer = _load(model_path)
     size = read_preprocessing(model_path).size
     tmp = model_path / f".onnx-tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    try:
+        tmp.mkdir()
+    except OSError as exc:
+        raise AutomaskError(
+            f"Cannot write the ONNX export into '{model_path}' ({exc}). Copy the model folder "
+            "somewhere writable and export that copy."
+        ) from exc
     try:
         pixels, ids, mask = _example_inputs(tokenizer, size)
         _export_image(model, size, pixels, tmp / "image.onnx")
         hidden = _run(tmp / "image.onnx", {"pixel_values": pixels})[0]
         _export_prompt(model, hidden, ids, mask, tmp / "prompt.onnx")
-        _check(model, tmp, pixels, ids, mask)
+        _check(model, tokenizer, tmp, pixels)
         manifest = _manifest(model, tokenizer, size, model_path)
         tokenizer.backend_tokenizer.save(str(tmp / manifest["tokenizer"]["file"]))
         if int8:
@@ -76,20 +86,36 @@ def quantize(folder: Path, weight_type: str = "QInt8") -> dict[str, str]:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     files = {}
-    for graph in ("image", "prompt"):
-        source, name = folder / f"{graph}.onnx", f"{graph}.int8.onnx"
-        nodes = onnx.load(str(source), load_external_data=False).graph.node
-        quantize_dynamic(
-            source,
-            folder / name,
-            weight_type=QuantType[weight_type],
-            per_channel=True,
-            op_types_to_quantize=["MatMul", "Gemm"],
-            nodes_to_exclude=[n.name for n in nodes if n.name.startswith("/decoder/")],
-            extra_options={"MatMulConstBOnly": True},
-        )
-        files[graph] = name
+    quiet = _DropMessage("pre-processing before quantization")  # advice for static quantization, not ours
+    logging.getLogger().addFilter(quiet)
+    try:
+        for graph in ("image", "prompt"):
+            source, name = folder / f"{graph}.onnx", f"{graph}.int8.onnx"
+            nodes = onnx.load(str(source), load_external_data=False).graph.node
+            quantize_dynamic(
+                source,
+                folder / name,
+                weight_type=QuantType[weight_type],
+                per_channel=True,
+                op_types_to_quantize=["MatMul", "Gemm"],
+                nodes_to_exclude=[n.name for n in nodes if n.name.startswith("/decoder/")],
+                extra_options={"MatMulConstBOnly": True},
+            )
+            files[graph] = name
+    finally:
+        logging.getLogger().removeFilter(quiet)
     return files
+
+
+class _DropMessage(logging.Filter):
+    """Drops log records whose message contains `text`."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
 
 
 def _load(model_path: Path) -> tuple[Any, Any]:
@@ -172,7 +198,7 @@ def _prompt_graph(model: Any) -> Any:
 def _export_image(model: Any, size: tuple[int, int], pixels: np.ndarray, out: Path) -> None:
     import torch
 
-    with torch.no_grad():
+    with torch.no_grad(), _tracer_warnings_off():
         torch.onnx.export(
             _image_graph(model, size),
             (torch.from_numpy(pixels),),
@@ -188,7 +214,7 @@ def _export_prompt(model: Any, hidden: np.ndarray, ids: np.ndarray, mask: np.nda
     import torch
 
     prompts_axes = {0: "prompts", 1: "tokens"}
-    with torch.no_grad():
+    with torch.no_grad(), _tracer_warnings_off():
         torch.onnx.export(
             _prompt_graph(model),
             (torch.from_numpy(hidden), torch.from_numpy(ids), torch.from_numpy(mask)),
@@ -201,6 +227,16 @@ def _export_prompt(model: Any, hidden: np.ndarray, ids: np.ndarray, mask: np.nda
         )
 
 
+@contextlib.contextmanager
+def _tracer_warnings_off() -> Iterator[None]:
+    """Silence the tracer's warnings. They flag values frozen into the graph: the image size (fixed), the
+    'sequence longer than 77' and padding checks (false for every tokenised input) and non-negative indices;
+    `_check` compares the graphs with torch on prompts of other counts and lengths after every export."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
 def _run(path: Path, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
     import onnxruntime as ort
 
@@ -208,19 +244,23 @@ def _run(path: Path, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
     return list(session.run(None, feeds))
 
 
-def _check(model: Any, folder: Path, pixels: np.ndarray, ids: np.ndarray, mask: np.ndarray) -> None:
-    """Compare the exported graphs with the torch model on the trace inputs and on one prompt."""
+CHECK_PROMPTS = (["sofa"], ["a lamp", "the red sofa by the window", "x"])
+"""Prompt sets the self-check runs: other counts and lengths than the trace inputs."""
+
+
+def _check(model: Any, tokenizer: Any, folder: Path, pixels: np.ndarray) -> None:
+    """Compare the exported graphs with the torch model on `CHECK_PROMPTS`; raise `AutomaskError` if they differ."""
     import torch
 
-    for n in (2, 1):
-        feeds = {"input_ids": ids[:n], "attention_mask": mask[:n]}
-        hidden = _run(folder / "image.onnx", {"pixel_values": pixels})[0]
+    hidden = _run(folder / "image.onnx", {"pixel_values": pixels})[0]
+    for prompts in CHECK_PROMPTS:
+        enc = tokenizer(prompts, padding=True, return_tensors="np")
+        feeds = {k: enc[k].astype(np.int64) for k in ("input_ids", "attention_mask")}
         got = _run(folder / "prompt.onnx", {"hidden_states": hidden, **feeds})[0]
         with torch.no_grad():
             ref = model(
-                pixel_values=torch.from_numpy(pixels).expand(n, -1, -1, -1),
-                input_ids=torch.from_numpy(feeds["input_ids"]),
-                attention_mask=torch.from_numpy(feeds["attention_mask"]),
+                pixel_values=torch.from_numpy(pixels).expand(len(prompts), -1, -1, -1),
+                **{k: torch.from_numpy(v) for k, v in feeds.items()},
             ).logits.reshape(got.shape)
         err = float(np.abs(got - ref.numpy()).max() / max(1.0, float(np.abs(ref.numpy()).max())))
         if not err <= EXPORT_TOLERANCE:

@@ -2,7 +2,8 @@
 
 A string is, in this order: a URL (http(s) is fetched through the guard in `fetch`; any other `scheme://` is
 refused there), a `data:` URI, an existing file, or bare base64 image data. Anything else is an error that
-names the kinds accepted ("No such file: ..." when it could be a path).
+names the kinds accepted ("No such file: ..." when it could be a path). With `allow_paths=False` (a server
+reading a client's string) no string is ever read as a file path, and `Path` sources are refused.
 """
 
 from __future__ import annotations
@@ -26,17 +27,22 @@ _SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 _DATA_URI = re.compile(r"^data:([^,;]*)((?:;[^,;]*)*?),", re.IGNORECASE)
 _MAX_PATH_CHARS = 1024
 _KINDS = "An image string must be an existing file, an http(s) URL, a data:image/...;base64, URI or base64 image data."
+_KINDS_NO_PATHS = "An image string must be an http(s) URL, a data:image/...;base64, URI or base64 image data."
 
 
-def load_image(source: ImageSource, settings: Settings | None = None) -> np.ndarray:
+def load_image(source: ImageSource, settings: Settings | None = None, *, allow_paths: bool = True) -> np.ndarray:
     """Read `source` into an H×W×3 uint8 RGB array (rows top to bottom as displayed: EXIF orientation applied).
 
     `source`: a path (str or Path), encoded bytes (bytes, bytearray, memoryview), a binary file object
     (e.g. `sys.stdin.buffer` or an upload's file), a PIL image (its current frame), a numpy array (H×W, H×W×1,
     H×W×3 RGB or H×W×4 RGBA), a bare base64 string, a `data:image/...;base64,` URI, or an http(s) URL.
+    `allow_paths=False`: a string is only a URL, a data URI or base64, never a file path, and a `Path` is
+    refused (for strings that come from an untrusted client).
     Raises ImageDecodeError, ImageTooLargeError, URLRefusedError, FetchError or FetchTimeoutError.
     """
     settings = settings or Settings()
+    if isinstance(source, Path) and not allow_paths:
+        raise ImageDecodeError(f"Image files on this machine cannot be read here. {_KINDS_NO_PATHS}")
     if isinstance(source, np.ndarray):
         return array_to_rgb(source, settings)
     if isinstance(source, Image.Image):
@@ -46,7 +52,7 @@ def load_image(source: ImageSource, settings: Settings | None = None) -> np.ndar
     if isinstance(source, Path):
         return decode_image(read_file(source, settings), settings)
     if isinstance(source, str):
-        return _from_string(source, settings)
+        return _from_string(source, settings, allow_paths=allow_paths)
     if hasattr(source, "read"):
         return decode_image(read_stream(source, settings), settings)
     raise ImageDecodeError(
@@ -80,28 +86,29 @@ def read_file(path: Path, settings: Settings) -> bytes:
         raise ImageDecodeError(f"Cannot read {_short(str(path))}: {exc.strerror or exc}.") from None
 
 
-def _from_string(text: str, settings: Settings) -> np.ndarray:
+def _from_string(text: str, settings: Settings, *, allow_paths: bool) -> np.ndarray:
     stripped = text.strip()
+    kinds = _KINDS if allow_paths else _KINDS_NO_PATHS
     if _SCHEME.match(stripped):  # any scheme://: the fetcher refuses all but http(s)
         from automask.imageio.fetch import fetch_url  # httpx is imported only when a URL is given
 
         return decode_image(fetch_url(stripped, settings), settings)
     if not stripped:
-        raise ImageDecodeError(f"The image string is empty. {_KINDS}")
+        raise ImageDecodeError(f"The image string is empty. {kinds}")
     if stripped[:5].lower() == "data:":
         return decode_image(decode_data_uri(stripped, settings), settings)
-    if _is_existing_path(text):
+    if allow_paths and _is_existing_path(text):
         return decode_image(read_file(Path(text), settings), settings)
     data = decode_base64(text, settings)
     if data is None:
-        if _may_be_path(text):
-            raise ImageDecodeError(f"No such file: {_short(text)}. {_KINDS}")
-        raise ImageDecodeError(f"The image string is not valid base64. {_KINDS}")
+        if allow_paths and _may_be_path(text):
+            raise ImageDecodeError(f"No such file: {_short(text)}. {kinds}")
+        raise ImageDecodeError(f"The image string is not valid base64. {kinds}")
     try:
         return decode_image(data, settings)
     except ImageDecodeError:
-        if _may_be_path(text) and len(text) < 64:  # too short for base64 image data: most likely a path
-            raise ImageDecodeError(f"No such file: {_short(text)}. {_KINDS}") from None
+        if allow_paths and _may_be_path(text) and len(text) < 64:  # too short for base64 image data: a path
+            raise ImageDecodeError(f"No such file: {_short(text)}. {kinds}") from None
         raise
 
 

@@ -40,7 +40,10 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 DESCRIPTION = """Self-hosted, drop-in replacement for the hosted "automatic-mask-generator" API.
 
 Send the key in the `x-api-key` header. v1 answers with the image (or JSON with `base64`); v2 queues a job
-and answers with absolute `status_url` / `response_url`. Every error is `{"error": "..."}`."""
+and answers with absolute `status_url` / `response_url`. Every error is `{"error": "..."}`.
+
+automask extensions: an optional `model` field (one of the names `GET /v1/models` lists; absent: the server's
+default) and an `x-inference-time` header (seconds) on v1 answers."""
 
 
 def create_app(

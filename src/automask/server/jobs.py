@@ -23,7 +23,7 @@ from automask.errors import AutomaskError
 from automask.server import keys
 from automask.server.config import ServerSettings
 from automask.server.errors import ApiError
-from automask.server.runner import Runner
+from automask.server.runner import Runner, served_metadata
 from automask.server.schemas import MaskRequest
 from automask.server.store import Store
 
@@ -36,7 +36,7 @@ POLL_SECONDS = 1.0
 
 @dataclass(frozen=True)
 class Job:
-    """A job as its owner sees it. `metadata` is `MaskResult.metadata()` once COMPLETED."""
+    """A job as its owner sees it. `metadata` is `runner.served_metadata(...)` once COMPLETED."""
 
     id: str
     key_id: str | None
@@ -216,9 +216,10 @@ class JobQueue:
             return
         try:
             req = MaskRequest.model_validate(job.request)
-            result, seconds = await self.runner.run(req.source(), req.prompt, req.options())
+            model = await asyncio.to_thread(self.runner.name_of, req.model)
+            result, seconds = await self.runner.run(req.image, req.prompt, req.options(), model)
             png = await asyncio.to_thread(result.to_png)
-            await asyncio.to_thread(self.jobs.complete, job.id, png, result.metadata(), seconds)
+            await asyncio.to_thread(self.jobs.complete, job.id, png, served_metadata(result, model), seconds)
         except AutomaskError as exc:
             await asyncio.to_thread(self.jobs.fail, job.id, exc.message)
         except Exception:

@@ -1,4 +1,5 @@
-"""The endpoints: v1 (one blocking call), v2 (submit, status, response, output), health and readiness.
+"""The endpoints: v1 (one blocking call), v2 (submit, status, response, output), the model list, health and
+readiness.
 
 Every endpoint is a thin adapter over `MaskGenerator.generate` (run by the `Runner`); none re-implements a
 step of the library.
@@ -24,10 +25,11 @@ from automask.server.errors import ApiError
 from automask.server.jobs import COMPLETED, FAILED, Job, JobQueue, Jobs, no_credits
 from automask.server.keys import ApiKey
 from automask.server.limits import RateLimiter
-from automask.server.runner import Runner
+from automask.server.runner import Runner, inference_time, served_metadata
 from automask.server.schemas import (
     ErrorResponse,
     MaskRequest,
+    ModelList,
     ResultResponse,
     StatusResponse,
     SubmitResponse,
@@ -65,7 +67,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         400: "Invalid parameters, an undecodable image, or a refused image URL.",
         401: "Missing or unknown API key.",
         403: "The key is revoked.",
-        404: "Unknown endpoint or request id.",
+        404: "Unknown endpoint, model or request id.",
         406: "Insufficient credits.",
         413: "Request body or image over the limits.",
         422: "stop_on_empty_mask and nothing was found.",
@@ -122,12 +124,19 @@ async def credit_hold(state: ServerState, key: ApiKey | None, hold_id: str) -> A
         keys.settle(state.store, hold_id, charge=charged)  # one quick local write, also on cancellation
 
 
-def render(result: MaskResult, as_base64: bool) -> Response:
-    """The v1 answer: the PNG itself, or JSON {"image": base64 PNG, ...metadata}."""
+def render(result: MaskResult, as_base64: bool, model: str) -> Response:
+    """The v1 answer: the PNG itself, or JSON {"image": base64 PNG, ...metadata}; header `x-inference-time`
+    (seconds the library call took)."""
     png = result.to_png()
+    headers = {"x-inference-time": f"{inference_time(result):.6f}"}
     if as_base64:
-        return JSONResponse({"image": base64.b64encode(png).decode("ascii"), **result.metadata()})
-    return Response(png, media_type="image/png")
+        body = {
+            "image": base64.b64encode(png).decode("ascii"),
+            **served_metadata(result, model),
+            "inference_time": inference_time(result),
+        }
+        return JSONResponse(body, headers=headers)
+    return Response(png, media_type="image/png", headers=headers)
 
 
 @router.post(
@@ -142,9 +151,10 @@ async def v1_generate(request: Request, key: CallerKey) -> Response:
     if key is not None:
         state.limiter.check(key.id, key.rate_limit)
     req = await read_request(request, state.body_limit)
+    model = await asyncio.to_thread(state.runner.check, req.model)  # 404 / 503 before a credit is held
     async with credit_hold(state, key, uuid.uuid4().hex):
-        result, _ = await state.runner.run(req.source(), req.prompt, req.options())
-        return await asyncio.to_thread(render, result, req.base64)
+        result, _ = await state.runner.run(req.image, req.prompt, req.options(), model)
+        return await asyncio.to_thread(render, result, req.base64, model)
 
 
 @router.post(
@@ -160,8 +170,7 @@ async def v2_submit(request: Request, key: CallerKey) -> SubmitResponse:
     if key is not None:
         state.limiter.check(key.id, key.rate_limit)
     req = await read_request(request, state.body_limit)
-    if state.runner.error is not None:
-        await asyncio.to_thread(state.runner.generator)  # 503 now rather than a FAILED job (or a late load)
+    await asyncio.to_thread(state.runner.check, req.model)  # 404 / 503 now rather than a FAILED job
     job_id = await asyncio.to_thread(state.jobs.submit, key.id if key else None, req, charge=key is not None)
     state.queue.notify()
     base = _base_url(request, state)
@@ -235,6 +244,18 @@ async def v2_output(job: OwnedJob) -> Response:
     return FileResponse(job.result_path, media_type="image/png")
 
 
+@router.get(
+    "/v1/models",
+    response_model=ModelList,
+    responses={k: _ERRORS[k] for k in (401, 403)},
+    tags=["v1"],
+    summary="The models this server answers with (automask extension); send one's name as 'model'",
+)
+async def v1_models(request: Request, key: CallerKey) -> ModelList:
+    runner = state_of(request).runner
+    return ModelList.of(runner.default, await asyncio.to_thread(runner.models))
+
+
 @router.get("/healthz", tags=["health"], summary="The process is up")
 async def healthz() -> dict[str, str]:
     return {"status": "ok"}
@@ -243,8 +264,8 @@ async def healthz() -> dict[str, str]:
 @router.get("/readyz", tags=["health"], summary="The model is loaded (503 with the reason otherwise)")
 async def readyz(request: Request) -> Response:
     runner = state_of(request).runner
-    if runner.model_id is not None:
-        return JSONResponse({"status": "ready", "model": runner.model_id})
+    if runner.ready:
+        return JSONResponse({"status": "ready", "model": runner.default})  # its name: no server path
     reason = runner.error.message if runner.error else "The model is still loading."
     return error_response(503, reason)
 

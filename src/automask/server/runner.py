@@ -1,4 +1,10 @@
-"""Inference off the event loop: one `MaskGenerator`, a bounded thread pool, and a time limit per call."""
+"""Inference off the event loop: one `MaskGenerator` per model, a bounded thread pool, a time limit per call.
+
+The server answers with its default model (`--model`, `AUTOMASK_MODEL`, else `automask.models.default_model`)
+and, when a request names one (the `model` field, an automask extension), with any other catalogue model
+installed in the data folder. A request names a model only by its name, never by a path: the default is known
+by its catalogue name, or by its folder's name when it is a local folder.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +14,17 @@ import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
-from automask.errors import AutomaskError, InferenceTimeoutError, ModelNotAvailableError
+from automask.errors import AutomaskError, InferenceTimeoutError, ModelNotAvailableError, UnknownModelError
 from automask.imageio import ImageSource
+from automask.models import CATALOGUE, REFINERS, list_models
 from automask.options import MaskOptions
 from automask.pipeline import MaskGenerator
 from automask.result import MaskResult
+from automask.routing import plan_models
 from automask.server.config import ServerSettings
 from automask.settings import Settings
 
@@ -21,79 +32,197 @@ log = logging.getLogger("automask.server")
 
 RETRY_LOAD_AFTER = 5.0
 """Seconds before a failed model load is tried again (a model pulled while the server runs is picked up)."""
+DEFAULT_ALIAS = "default"
+"""The default model's name when it is a folder whose name is a catalogue name (or has no name)."""
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """A model this server answers with, as `GET /v1/models` lists it."""
+
+    name: str
+    backend: str | None
+    description: str
+    default: bool
+    loaded: bool
+
+
+@dataclass
+class _Slot:
+    """One model: what to load (`spec`: a catalogue name, a folder or None), and its generator once loaded."""
+
+    name: str
+    spec: str | None
+    generator: MaskGenerator | None = None
+    error: AutomaskError | None = None
+    failed_at: float = 0.0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def recent_error(self) -> AutomaskError | None:
+        """The last load error if it is too recent to try again."""
+        if self.error is not None and time.monotonic() - self.failed_at < RETRY_LOAD_AFTER:
+            return self.error
+        return None
+
+
+def default_name(settings: Settings, generator: MaskGenerator | None = None) -> str:
+    """The name clients use for the server's default model (never a path)."""
+    from automask.models import default_model
+
+    spec = settings.model or (generator.backend.model_id if generator is not None else default_model(settings))
+    if spec in CATALOGUE:
+        return spec
+    name = Path(spec).name
+    return DEFAULT_ALIAS if not name or name in CATALOGUE else name
 
 
 class Runner:
     """Runs `MaskGenerator.generate` in at most `concurrency` threads, each call within `timeout` seconds.
 
-    The model loads in the background at start-up (`start_loading`); until it has, calls wait for it. A load
-    that failed (model not installed...) makes calls raise `ModelNotAvailableError` (503) and is retried.
+    The default model loads in the background at start-up (`start_loading`); until it has, calls wait for it.
+    Other models load on their first request (in the pool), once, and are kept. A load that failed (model not
+    installed...) makes calls raise `ModelNotAvailableError` (503) and is retried after `RETRY_LOAD_AFTER`.
     """
 
     def __init__(self, settings: Settings, server: ServerSettings, generator: MaskGenerator | None = None) -> None:
         self.settings = settings
         self.server = server
-        self._generator = generator
-        self._error: AutomaskError | None = None
-        self._failed_at = 0.0
-        self._lock = threading.Lock()
+        self.default = default_name(settings, generator)
+        """The default model's name."""
+        self._slots = {self.default: _Slot(self.default, settings.model, generator)}
+        self._slots_lock = threading.Lock()
         self.pool = ThreadPoolExecutor(max_workers=server.concurrency, thread_name_prefix="automask-infer")
 
     @property
+    def _default_slot(self) -> _Slot:
+        return self._slots[self.default]
+
+    @property
     def ready(self) -> bool:
-        """True once the model is loaded."""
-        return self._generator is not None
+        """True once the default model is loaded."""
+        return self._default_slot.generator is not None
 
     @property
     def model_id(self) -> str | None:
-        """What the loaded model is (a hub name or a folder), or None before it has loaded."""
-        return self._generator.backend.model_id if self._generator is not None else None
+        """What the default model is (a hub name or a folder), or None before it has loaded."""
+        generator = self._default_slot.generator
+        return generator.backend.model_id if generator is not None else None
 
     @property
     def error(self) -> AutomaskError | None:
-        """Why the model is not loaded (None while loading, or once loaded)."""
-        return None if self._generator is not None else self._error
+        """Why the default model is not loaded (None while loading, or once loaded)."""
+        slot = self._default_slot
+        return None if slot.generator is not None else slot.error
 
     def start_loading(self) -> None:
-        """Load the model in a pool thread now, so the first request does not pay for it."""
+        """Load the default model in a pool thread now, so the first request does not pay for it."""
         self.pool.submit(self._load_quietly)
 
     def _load_quietly(self) -> None:
-        with contextlib.suppress(AutomaskError):  # kept in self._error: answered 503, shown by /readyz
+        with contextlib.suppress(AutomaskError):  # kept in the slot: answered 503, shown by /readyz
             self.generator()
 
-    def generator(self) -> MaskGenerator:
-        """The loaded generator; loads it (once, thread-safe) if needed. Raises `ModelNotAvailableError`."""
-        with self._lock:
-            if self._generator is not None:
-                return self._generator
-            if self._error is not None and time.monotonic() - self._failed_at < RETRY_LOAD_AFTER:
-                raise self._error
-            try:
-                self._generator = MaskGenerator(self.settings.model, self.settings)
-                log.info("model loaded: %s", self._generator.backend.model_id)
-            except AutomaskError as exc:
-                self._error = ModelNotAvailableError(f"The server's model is not available. {exc.message}")
-                self._failed_at = time.monotonic()
-                log.error("model not loaded: %s", exc.message)
-                raise self._error from None
-            return self._generator
+    def name_of(self, model: str | None) -> str:
+        """The name of the model a request asks for (None: the default). `UnknownModelError` (404) for a name
+        that is neither the default nor a catalogue model that answers prompts; paths are never accepted."""
+        if model is None or model == self.default:
+            return self.default
+        if model in CATALOGUE and model not in REFINERS:
+            return model
+        shown = model if len(model) <= 64 else model[:63] + "…"
+        names = ", ".join(e.name + (" (the default)" if e.default else "") for e in self.models())
+        raise UnknownModelError(
+            f"Unknown model {shown!r}. This server has: {names} (GET /v1/models lists them); "
+            "leave 'model' out for the default."
+        )
 
-    def _generate(self, image: ImageSource, prompt: str, options: MaskOptions) -> tuple[MaskResult, float]:
-        generator = self.generator()
+    def _slot(self, name: str) -> _Slot:
+        with self._slots_lock:
+            if name not in self._slots:  # only catalogue names get here: at most len(CATALOGUE) slots
+                self._slots[name] = _Slot(name, name)
+            return self._slots[name]
+
+    def check(self, model: str | None) -> str:
+        """`name_of(model)`, after checking that the model is installed (`ModelNotAvailableError`, 503, saying
+        how to install it, otherwise). Loads nothing: a quick look at the disk."""
+        name = self.name_of(model)
+        slot = self._slot(name)
+        if slot.generator is not None:
+            return name
+        if (error := slot.recent_error()) is not None:
+            raise error
+        try:
+            plan_models(slot.spec, self.settings)
+        except AutomaskError as exc:
+            raise self._not_available(slot, exc) from None
+        return name
+
+    def _not_available(self, slot: _Slot, exc: AutomaskError) -> ModelNotAvailableError:
+        if slot.name == self.default:
+            return ModelNotAvailableError(f"The server's model is not available. {exc.message}")
+        return exc if isinstance(exc, ModelNotAvailableError) else ModelNotAvailableError(exc.message)
+
+    def generator(self, model: str | None = None) -> MaskGenerator:
+        """The generator of `model` (None: the default); loads it (once, thread-safe) if needed.
+
+        Raises `UnknownModelError` (404) or `ModelNotAvailableError` (503).
+        """
+        slot = self._slot(self.name_of(model))
+        with slot.lock:
+            if slot.generator is not None:
+                return slot.generator
+            if (error := slot.recent_error()) is not None:
+                raise error
+            try:
+                slot.generator = MaskGenerator(slot.spec, self.settings)
+                log.info("model %s loaded: %s", slot.name, slot.generator.backend.model_id)
+            except AutomaskError as exc:
+                slot.error, slot.failed_at = self._not_available(slot, exc), time.monotonic()
+                log.error("model %s not loaded: %s", slot.name, exc.message)
+                raise slot.error from None
+            return slot.generator
+
+    def models(self) -> list[ModelEntry]:
+        """The default model, then every other installed catalogue model that answers prompts."""
+        slot = self._default_slot
+        default_spec = CATALOGUE.get(self.default)
+        backend = slot.generator.backend.name if slot.generator is not None else None
+        entries = [
+            ModelEntry(
+                name=self.default,
+                backend=backend or (default_spec.backend if default_spec else None),
+                description=default_spec.description if default_spec else "The server's model (a local folder).",
+                default=True,
+                loaded=slot.generator is not None,
+            )
+        ]
+        for info in list_models(self.settings):
+            if info.installed and info.name != self.default and info.name not in REFINERS:
+                loaded = (found := self._slots.get(info.name)) is not None and found.generator is not None
+                entries.append(ModelEntry(info.name, info.backend, info.description, False, loaded))
+        return entries
+
+    def _generate(
+        self, image: ImageSource, prompt: str, options: MaskOptions, model: str | None
+    ) -> tuple[MaskResult, float]:
+        generator = self.generator(model)
         t0 = time.perf_counter()
         if self.server.debug_delay:
             time.sleep(self.server.debug_delay)
-        result = generator.generate(image, prompt, options)
+        result = generator.generate(image, prompt, options, allow_paths=False)  # a client's string: never a path
         return result, time.perf_counter() - t0
 
-    async def run(self, image: ImageSource, prompt: str, options: MaskOptions) -> tuple[MaskResult, float]:
-        """`generate` in a pool thread; returns the result and the seconds it took.
+    async def run(
+        self, image: ImageSource, prompt: str, options: MaskOptions, model: str | None = None
+    ) -> tuple[MaskResult, float]:
+        """`generate` with model `model` (None: the default) in a pool thread; returns the result and the
+        seconds it took. A string `image` is a URL, a data URI or base64, never read as a server-side path.
 
         Raises the library's `AutomaskError`s, and `InferenceTimeoutError` after `timeout` seconds (queueing
-        included); a call already running then finishes in its thread and its result is dropped.
+        and a first load included); a call already running then finishes in its thread and its result is
+        dropped (a model it was loading stays loaded).
         """
-        future = self.pool.submit(self._generate, image, prompt, options)
+        future = self.pool.submit(self._generate, image, prompt, options, model)
         try:
             return await asyncio.wait_for(asyncio.wrap_future(future), self.server.timeout)
         except asyncio.TimeoutError:
@@ -106,3 +235,13 @@ class Runner:
     def close(self) -> None:
         """Stop taking work; calls already running finish in their threads."""
         self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def served_metadata(result: MaskResult, model: str) -> dict[str, Any]:
+    """`result.metadata()` as a client sees it: `model` is the served model's name, not a server path."""
+    return {**result.metadata(), "model": model}
+
+
+def inference_time(result: MaskResult) -> float:
+    """Seconds the library call took, from the result's timings (decode to render)."""
+    return round(float(result.timings.get("total", 0.0)), 6)

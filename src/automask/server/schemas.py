@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
+from collections.abc import Sequence
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -13,15 +13,15 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 
 from automask.errors import InvalidOptionError
-from automask.imageio import ImageSource
 from automask.options import MaskOptions, parse_prompt, validation_error
 
-_URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+MAX_MODEL_NAME = 200
 FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 
 
 class MaskRequest(MaskOptions):
-    """`POST /v1|v2/automatic-mask-generator`: the image, the prompt, every `MaskOptions` field, and `base64`."""
+    """`POST /v1|v2/automatic-mask-generator`: the image, the prompt, every `MaskOptions` field, `base64`, and
+    `model` (an automask extension)."""
 
     image: str | bytes = Field(
         description="An http(s) URL, a bare base64 string or a data:image/...;base64, URI "
@@ -29,19 +29,16 @@ class MaskRequest(MaskOptions):
     )
     prompt: str = Field(description="What to select; several targets separated by ',' or ' . ' are unioned.")
     base64: bool = Field(False, description='true: answer JSON {"image": "<base64 PNG>", ...metadata}.')
+    model: str | None = Field(
+        None,
+        max_length=MAX_MODEL_NAME,
+        description="automask extension (the hosted API has no such field): the name of a model installed on "
+        "this server, as GET /v1/models lists them. Absent: the server's default model.",
+    )
 
     def options(self) -> MaskOptions:
         """The masking options alone."""
         return MaskOptions.parse(self.model_dump(include=set(MaskOptions.model_fields)))
-
-    def source(self) -> ImageSource:
-        """The image for `load_image`: bytes, a URL or a data URI, never a server-side file path.
-
-        A bare base64 string is passed as a data URI, so that no client string is read as a local path.
-        """
-        if isinstance(self.image, bytes) or _URL.match(self.image) or self.image.startswith("data:"):
-            return self.image
-        return "data:;base64," + self.image.strip()
 
 
 def validate_request(data: Any, *, strict: bool) -> MaskRequest:
@@ -55,6 +52,8 @@ def validate_request(data: Any, *, strict: bool) -> MaskRequest:
         raise validation_error(exc) from None
     if (isinstance(req.image, str) and not req.image.strip()) or (isinstance(req.image, bytes) and not req.image):
         raise InvalidOptionError("image", "is empty: send an image URL, base64 data or a file")
+    if req.model is not None and not req.model.strip():
+        raise InvalidOptionError("model", "is empty: leave it out for the server's default model (GET /v1/models)")
     parse_prompt(req.prompt)  # an empty or blank prompt is a 400 now, not a failed job later
     return req
 
@@ -126,6 +125,28 @@ class ResultResponse(BaseModel):
     output: str | None = None
     metrics: dict[str, float] = Field(default_factory=dict, description='{"inference_time": seconds}')
     error: str | None = None
+
+
+class ModelInfo(BaseModel):
+    """One model of `GET /v1/models`."""
+
+    name: str = Field(description="What to send as the request's 'model'.")
+    backend: str | None = Field(description="The backend that runs it (clipseg, grounded-sam, subject...).")
+    description: str
+    default: bool = Field(description="The model used when a request names none.")
+    loaded: bool = Field(description="In memory already (else the first request that names it loads it).")
+
+
+class ModelList(BaseModel):
+    """`GET /v1/models`: the models installed on this server (an automask extension of the hosted API)."""
+
+    default: str
+    models: list[ModelInfo]
+
+    @classmethod
+    def of(cls, default: str, entries: Sequence[Any]) -> ModelList:
+        """From the runner's `ModelEntry` dataclasses."""
+        return cls(default=default, models=[ModelInfo.model_validate(e, from_attributes=True) for e in entries])
 
 
 class ErrorResponse(BaseModel):

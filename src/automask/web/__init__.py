@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -43,13 +44,16 @@ class PageConfig:
     """What the page shows and asks for.
 
     auth:  the v1 API wants an `x-api-key` (False: the page hides its key field).
-    model: the name of the model the server answers with (None: not known yet).
-    ready: the model is loaded (False: requests will wait for it or fail with a 503).
+    model: the name of the server's default model (None: not known yet).
+    models: the names of every model the server answers with, the default first; the page offers a choice
+           (sent as the request's `model`) when there are several.
+    ready: the default model is loaded (False: requests will wait for it or fail with a 503).
     max_image_bytes / max_image_pixels: the server's image limits, shown as a hint.
     """
 
     auth: bool
     model: str | None = None
+    models: tuple[str, ...] = ()
     ready: bool | None = None
     max_image_bytes: int | None = None
     max_image_pixels: int | None = None
@@ -63,17 +67,16 @@ def assets_dir() -> Path:
 def server_config(app: Starlette) -> PageConfig:
     """The `PageConfig` of an app built by `automask.server.app.create_app` (its `app.state.automask`).
 
-    Names the model by its folder name only: the page is public, the server's paths are not.
+    Names models as the API does (a catalogue name, or a folder's name only): the page is public, the server's
+    paths are not. Looks at the disk (the installed models): call it off the event loop.
     """
-    from automask.models import default_model
-
     state = app.state.automask
     runner = state.runner
-    model_id = runner.model_id or default_model(state.settings)
     return PageConfig(
         auth=state.server.auth,
-        model=Path(model_id).name,
-        ready=runner.model_id is not None,
+        model=runner.default,
+        models=tuple(entry.name for entry in runner.models()),
+        ready=runner.ready,
         max_image_bytes=state.settings.max_image_bytes,
         max_image_pixels=state.settings.max_image_pixels,
     )
@@ -84,6 +87,7 @@ def mount(app: Starlette, config: Callable[[], PageConfig] | None = None) -> Non
 
     `config` defaults to `server_config(app)`, for apps built by `create_app`.
     """
+    from starlette.concurrency import run_in_threadpool
     from starlette.requests import Request
     from starlette.responses import FileResponse, JSONResponse, Response
     from starlette.routing import Route
@@ -100,7 +104,7 @@ def mount(app: Starlette, config: Callable[[], PageConfig] | None = None) -> Non
         return FileResponse(folder / name, media_type=MEDIA_TYPES[Path(name).suffix], headers=NO_CACHE)
 
     async def page_config(request: Request) -> Response:
-        found = config() if config is not None else server_config(app)
+        found = await run_in_threadpool(config or partial(server_config, app))
         return JSONResponse(asdict(found), headers={"cache-control": "no-store"})
 
     app.router.routes.extend(

@@ -12,7 +12,7 @@ const OUTPUT_NAMES = { mask: "mask", alpha: "cut-out", preview: "preview" };
 const $ = (id) => document.getElementById(id);
 
 const state = {
-  config: { auth: true, model: null, ready: null, max_image_bytes: null },
+  config: { auth: true, model: null, models: [], ready: null, max_image_bytes: null },
   image: null, // {kind: "file", name, dataUrl} | {kind: "url", name, url}
   shown: null, // {opts, results: Map(kind -> {blob, url, ms, serverMs})}: what the result area shows
   seq: 0,
@@ -39,11 +39,33 @@ async function loadConfig() {
   const { auth, model, ready, max_image_bytes: maxBytes } = state.config;
   $("key-row").hidden = !auth;
   $("api-key").value = auth ? localStorage.getItem(KEY_STORAGE) || "" : "";
+  fillModels();
   const parts = [];
-  if (model) parts.push(`Model: ${model}${ready === false ? " (loading or not installed)" : ""}`);
+  if (model && !choosingModel()) parts.push(`Model: ${model}${ready === false ? " (loading or not installed)" : ""}`);
   if (maxBytes) parts.push(`images up to ${formatBytes(maxBytes)}`);
   if (!auth) parts.push("no API key needed on this local server");
   $("server-info").textContent = parts.join(" · ");
+}
+
+// The model selector: shown only when the server offers several models; the default is chosen first.
+function fillModels() {
+  const { model, models } = state.config;
+  const names = Array.isArray(models) ? models.filter((name) => typeof name === "string") : [];
+  const select = $("model");
+  select.replaceChildren(
+    ...names.map((name) => {
+      const option = document.createElement("option");
+      option.value = name;
+      option.textContent = name === model ? `${name} (default)` : name;
+      return option;
+    }),
+  );
+  if (names.includes(model)) select.value = model;
+  $("model-row").hidden = names.length < 2;
+}
+
+function choosingModel() {
+  return !$("model-row").hidden && $("model").value !== "";
 }
 
 // ---- the image -----------------------------------------------------------------------------------------
@@ -115,6 +137,7 @@ function formOptions() {
     stop_on_empty_mask: $("stop_on_empty_mask").checked,
     seed: $("seed").value === "" ? -1 : Number($("seed").value),
   };
+  if (choosingModel()) opts.model = $("model").value;
   return opts;
 }
 
@@ -392,7 +415,7 @@ function wire() {
   };
   opacity.addEventListener("input", applyOpacity);
   applyOpacity();
-  for (const id of ["threshold", "grow_mask", "invert_mask", "stop_on_empty_mask"]) {
+  for (const id of ["threshold", "grow_mask", "invert_mask", "stop_on_empty_mask", "model"]) {
     $(id).addEventListener("change", () => state.shown && scheduleAuto());
   }
   for (const radio of document.querySelectorAll("input[name=output]")) {
