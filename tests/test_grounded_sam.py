@@ -190,6 +190,20 @@ def test_bf16_image_encoder_stays_close(gs_dir: Path, image: np.ndarray, setting
     assert float((e16 - e32).norm() / e32.norm()) < 0.05
 
 
+def test_bf16_detector_encoder_stays_close(gs_dir: Path, image: np.ndarray, settings: Settings) -> None:
+    fp32 = load(gs_dir, settings, precision="fp32")
+    bf16 = load(gs_dir, settings, precision="bf16")
+    assert isinstance(bf16.detector.model.encoder, gs.AutocastEncoder)
+    assert not isinstance(fp32.detector.model.encoder, gs.AutocastEncoder)
+    d32 = fp32.detect(fp32.encode(image), ["sofa", "lamp"], 0.3, 0.25)
+    d16 = bf16.detect(bf16.encode(image), ["sofa", "lamp"], 0.3, 0.25)
+    assert len(d32.scores) == len(d16.scores) > 0
+    # compared as sets: near-tied scores (the random tiny model scores both prompts alike) may swap places
+    o32, o16 = np.lexsort(d32.boxes.T.round()), np.lexsort(d16.boxes.T.round())
+    np.testing.assert_allclose(d16.boxes[o16], d32.boxes[o32], atol=1.0)
+    np.testing.assert_allclose(np.sort(d16.scores), np.sort(d32.scores), atol=0.02)
+
+
 # -- detections through the pipeline -----------------------------------------------------------------
 
 BOX_SOFA = (10.0, 20.0, 70.0, 80.0)

@@ -13,7 +13,9 @@ on the same image skips it):
   layer on, then the decoder) depends on the prompt text and runs in `score`.
 
 Speed: the detector runs at `DETECTOR_SHORTEST_EDGE` (640) instead of the processor's 800 (GroundingDINO was
-trained at shortest edges 480-800), and SAM's image encoder in bfloat16 on CPUs with native bf16.
+trained at shortest edges 480-800). On CPUs with native bfloat16 (AVX512-BF16, AMX) and precision "auto", SAM's
+image encoder runs in bfloat16 and the detector's encoder under bfloat16 autocast (as Grounded-SAM-2 runs both
+models on GPUs); precision "fp32" gives transformers' float32 numbers exactly.
 """
 
 from __future__ import annotations
@@ -30,7 +32,15 @@ import torch
 from torch import nn
 
 from automask.backends.base import ScoreParams, Scores
-from automask.backends.sam import Precision, SamEmbedding, SamSegmenter, is_sam_folder, load_segmenter, model_type
+from automask.backends.sam import (
+    Precision,
+    SamEmbedding,
+    SamSegmenter,
+    choose_dtype,
+    is_sam_folder,
+    load_segmenter,
+    model_type,
+)
 from automask.errors import InvalidOptionError, ModelNotAvailableError
 from automask.settings import Settings
 
@@ -99,13 +109,41 @@ class ReplayableBackbone(nn.Module):
             self._local.saved = None
 
 
+class AutocastEncoder(nn.Module):
+    """GroundingDINO's encoder run under CPU bfloat16 autocast (matrix products in bf16, the rest float32), its
+    outputs cast back to float32. The encoder is the detector's text-dependent bulk (about 80% of `score`)."""
+
+    def __init__(self, inner: nn.Module, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.inner = inner
+        self.dtype = dtype
+
+    def forward(self, **kwargs: Any) -> Any:
+        with torch.autocast("cpu", dtype=self.dtype):
+            out = self.inner(**kwargs)
+        out.last_hidden_state_vision = out.last_hidden_state_vision.float()
+        out.last_hidden_state_text = out.last_hidden_state_text.float()
+        return out
+
+
 class GroundedSamBackend:
-    """A loaded GroundingDINO + SAM pair. Thread-safe for concurrent inference; no per-request state."""
+    """A loaded GroundingDINO + SAM pair. Thread-safe for concurrent inference; no per-request state.
+
+    detector_dtype: bfloat16 runs the detector's encoder under CPU autocast (`AutocastEncoder`).
+    """
 
     name = NAME
     takes_params = True
 
-    def __init__(self, detector: Any, processor: Any, segmenter: SamSegmenter, model_id: str, device: str) -> None:
+    def __init__(
+        self,
+        detector: Any,
+        processor: Any,
+        segmenter: SamSegmenter,
+        model_id: str,
+        device: str,
+        detector_dtype: torch.dtype = torch.float32,
+    ) -> None:
         self.detector = detector
         self.processor = processor
         self.segmenter = segmenter
@@ -113,6 +151,8 @@ class GroundedSamBackend:
         self.device = device
         self.backbone = ReplayableBackbone(detector.model.backbone)
         detector.model.backbone = self.backbone
+        if detector_dtype != torch.float32 and not isinstance(detector.model.encoder, AutocastEncoder):
+            detector.model.encoder = AutocastEncoder(detector.model.encoder, detector_dtype)
         self.max_text_len = int(detector.config.max_text_len)
         self.special_tokens = {int(t) for t in detector.model.special_tokens.tolist()}
         self.detector_size = _detector_size(processor.image_processor.size)
@@ -336,4 +376,5 @@ def load(path: Path, settings: Settings, precision: Precision = "auto") -> Groun
             "automask models pull grounded-sam"
         ) from exc
     segmenter = load_segmenter(sam_dir, settings, precision)
-    return GroundedSamBackend(detector, processor, segmenter, model_id=str(path), device=settings.device)
+    dtype = choose_dtype(precision, settings.device)
+    return GroundedSamBackend(detector, processor, segmenter, str(path), settings.device, detector_dtype=dtype)
