@@ -16,7 +16,7 @@ Flows (medians over --runs after --warmup):
                and mask decoder, float32) -> post_process_masks -> best of 3 by IoU -> union: a script written
                from the model cards.
   automask     MaskGenerator(grounded-sam).generate(image, prompt) on a new image (empty cache), default
-               options (grow 10): detector at shortest edge 640, its backbone features kept; on CPUs with
+               options (grow 10): detector at shortest edge 512, its backbone features kept; on CPUs with
                native bf16, SAM's image encoder in bfloat16 and the detector's encoder under bf16 autocast
                (else float32); mask decoder float32; union, grow.
   2nd prompt   the same generator and image, another prompt: both image encoders skipped (feature cache).
@@ -307,7 +307,7 @@ def main() -> None:
     if args.variants:
         for name, edge, precision in (
             ("automask, detector 800, fp32 (cache only)", 800, "fp32"),
-            ("automask, detector 640, fp32", None, "fp32"),
+            ("automask, detector 512, fp32", None, "fp32"),
             ("automask, detector 800, bf16 auto", 800, "auto"),
         ):
             flows[name] = automask_flow(automask_backend(m, edge, precision), args.boxes)

@@ -302,6 +302,25 @@ def test_many_instances(monkeypatch: pytest.MonkeyPatch, backend: GroundedSamBac
     monkeypatch.setattr(gs, "MAX_DETECTIONS", 5)
     capped = gen.generate(image, "sofa, lamp", threshold=0.5, grow_mask=0)
     assert [d.score for d in capped.detections] == [d.score for d in result.detections[:5]]
+    monkeypatch.setattr(gs, "max_masks", lambda size: 3 if size == (H, W) else 0)  # the memory bound
+    bounded = MaskGenerator(backend).generate(image, "sofa, lamp", threshold=0.5, grow_mask=0)
+    assert [d.score for d in bounded.detections] == [d.score for d in result.detections[:3]]
+
+
+def test_decoder_batches_and_mask_budget(gs_dir: Path, image: np.ndarray, settings: Settings) -> None:
+    from automask.backends import sam
+
+    assert sam.max_masks((768, 1024)) == 341 and sam.max_masks((3000, 4000)) == 22 and sam.max_masks((1, 10**9)) == 1
+    assert sam.decoder_batch((768, 1024)) == 32 and sam.decoder_batch((3000, 4000)) == 5
+    seg = load_segmenter(gs_dir / "facebook--sam-vit-base", settings, precision="fp32")
+    emb = seg.embed(image)
+    boxes = np.array([[i, i, 60 + i, 50 + i] for i in range(0, 35, 5)], np.float32)
+    whole = seg.segment(emb, boxes=boxes)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sam, "DECODER_BATCH", 2)
+        chunked = seg.segment(emb, boxes=boxes)
+    np.testing.assert_allclose(chunked.probs, whole.probs, atol=1e-6)
+    np.testing.assert_allclose(chunked.iou, whole.iou, atol=1e-6)
 
 
 def test_instance_output_and_json(
@@ -408,3 +427,51 @@ def test_sam_alone_is_not_a_prompt_model(settings: Settings, gs_dir: Path) -> No
     assert models.default_model(settings) == models.EMBEDDED  # never picked as the default
     with pytest.raises(UnknownModelError, match="refine"):
         models.resolve("sam", settings)
+
+
+# -- one mask per instance: the library API and the CLI -------------------------------------------------------
+
+
+def test_instance_masks_are_grown_one_by_one(
+    monkeypatch: pytest.MonkeyPatch, backend: GroundedSamBackend, image: np.ndarray, tmp_path: Path
+) -> None:
+    from automask import postprocess as pp
+    from automask.instances import instance_filename, instance_masks, save_instances
+
+    two_objects(monkeypatch, backend)
+    result = MaskGenerator(backend).generate(image, "sofa, lamp", threshold=0.3, grow_mask=6)
+    pairs = instance_masks(result, grow_mask=6)
+    assert [d.label for d, _ in pairs] == ["sofa", "lamp"]
+    for (_, grown), raw in zip(pairs, result.instance_masks, strict=True):
+        assert np.array_equal(grown > 0, pp.grow(raw > 0, 6))
+    assert np.array_equal(pairs[0][1] | pairs[1][1], result.mask)  # growing distributes over the union
+    paths = save_instances(result, tmp_path / "out", grow_mask=6)
+    assert [p.name for p in paths] == ["00-sofa.png", "01-lamp.png"]
+    from PIL import Image
+
+    assert np.array_equal(np.asarray(Image.open(paths[1])), pairs[1][1])
+    det = result.detections[0]
+    assert instance_filename(12, type(det)("Floor Lamp (left)!", 0.5, None, 3)) == "12-floor-lamp-left.png"
+
+
+def test_cli_instances_folder(gs_dir: Path, image: np.ndarray, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from automask.cli import main
+
+    src = tmp_path / "room.png"
+    Image.fromarray(image).save(src)
+    out, folder = tmp_path / "mask.png", tmp_path / "instances"
+    args = ["mask", str(src), "-p", "sofa, lamp", "--model", str(gs_dir), "--threshold", "0.9", "--grow-mask", "3"]
+    res = CliRunner().invoke(main, [*args, "-o", str(out), "--instances", str(folder), "--json"])
+    assert res.exit_code == 0, res.output
+    meta = json.loads(res.stdout)
+    assert len(meta["detections"]) > 3
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == sorted(Path(p).name for p in meta["instances"])
+    assert [n.split("-", 1)[1] for n in names] == [f"{d['label']}.png" for d in meta["detections"]]
+    union = np.zeros(image.shape[:2], bool)
+    for p in meta["instances"]:
+        union |= np.asarray(Image.open(p)) > 0
+    assert np.array_equal(union, np.asarray(Image.open(out)) > 0)

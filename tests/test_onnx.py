@@ -157,6 +157,8 @@ def test_auto_runtime_picks_onnx_when_exported_and_torch_otherwise(exported: Pat
 def test_onnx_runtime_without_an_export_names_the_export_command(tiny_clipseg_dir: Path) -> None:
     with pytest.raises(ModelNotAvailableError, match="automask models export"):
         registry.create("clipseg", tiny_clipseg_dir, Settings(runtime="onnx"))
+    with pytest.raises(ModelNotAvailableError, match=r"AUTOMASK_INT8 .* automask models export .* --int8"):
+        registry.create("clipseg", tiny_clipseg_dir, Settings(int8=True))
 
 
 def test_cli_export_fp32_only_then_int8_is_missing(tiny_clipseg_dir: Path, tmp_path: Path) -> None:
@@ -281,3 +283,11 @@ def test_an_export_that_disagrees_with_torch_is_not_installed(
         export(folder)
     assert (onnx_dir(folder) / "manifest.json").read_text() == before  # the old export is untouched
     assert [p.name for p in folder.iterdir() if p.name.startswith(".")] == []
+
+
+def test_a_damaged_graph_is_a_clear_error(exported: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "clipseg"
+    shutil.copytree(exported, folder)
+    (onnx_dir(folder) / "image.onnx").write_bytes(b"not an onnx graph")
+    with pytest.raises(ModelNotAvailableError, match=r"could not be loaded.*automask models export"):
+        clipseg_onnx.load(folder, Settings())

@@ -240,9 +240,15 @@ def _quiet_transformers() -> None:
 @main.command(epilog=EPILOG)
 @click.argument("image")
 @click.option("-o", "--output", "out", metavar="OUT", help="Output PNG, a folder, or - for stdout.")
+@click.option(
+    "--instances",
+    "instances_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Also write one mask PNG per detected instance into DIR (00-sofa.png, ...; grown, not inverted).",
+)
 @mask_options
 @click.pass_obj
-def mask(state: CliState, image: str, out: str | None, job: Job) -> None:
+def mask(state: CliState, image: str, out: str | None, instances_dir: Path | None, job: Job) -> None:
     """Mask what --prompt names in IMAGE: a file, an http(s) URL, or - (standard input).
 
     Writes a PNG: the mask (default), an RGBA cut-out (--return-alpha) or a preview (--preview), by
@@ -264,6 +270,12 @@ def mask(state: CliState, image: str, out: str | None, job: Job) -> None:
     else:
         write_atomic(target, png)
     meta = result.metadata()
+    if instances_dir is not None:
+        from automask.instances import save_instances
+
+        saved = save_instances(result, instances_dir, job.options.grow_mask, write=write_atomic)
+        meta["instances"] = [str(p) for p in saved]
+        click.echo(f"wrote {len(saved)} instance masks into '{instances_dir}'", err=True)
     if job.as_json:
         click.echo(json.dumps({**meta, "output": str(target or "-")}))
     where = "stdout" if target is None else f"'{target}'"

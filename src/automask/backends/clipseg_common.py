@@ -127,27 +127,23 @@ def export_hint(model_path: Path, int8: bool) -> str:
 def choose_runtime(model_path: Path, settings: Settings) -> Literal["onnx", "torch"]:
     """Which CLIPSeg runtime serves `model_path` under `settings.runtime` (auto | onnx | torch).
 
-    auto: ONNX Runtime when the artifacts are present, onnxruntime is installed and the device is the CPU;
-    torch otherwise. onnx: ONNX Runtime, or `ModelNotAvailableError` naming the export command.
+    auto: ONNX Runtime when the device is the CPU, the artifacts are present and onnxruntime is installed;
+    torch otherwise (GPUs always). onnx: ONNX Runtime. On the CPU, a missing export that `runtime=onnx` or
+    `int8` asks for is a `ModelNotAvailableError` naming the export command.
     """
-    if settings.runtime == "torch":
+    if settings.runtime == "torch" or (settings.runtime == "auto" and settings.device != "cpu"):
         return "torch"
     found = has_onnx(model_path, settings.int8)
-    if settings.runtime == "onnx":
-        if not found:
-            raise ModelNotAvailableError(
-                f"AUTOMASK_RUNTIME is 'onnx' but '{model_path}' has no usable{' int8' if settings.int8 else ''} "
-                f"ONNX export. Create it with: {export_hint(model_path, settings.int8)} "
-                '(needs the export extra: pip install "automask[export]"), or use AUTOMASK_RUNTIME=torch.'
-            )
-        return "onnx"
-    if settings.int8 and not found and has_onnx(model_path, False):
+    if not found and (settings.runtime == "onnx" or settings.int8):
+        setting = "AUTOMASK_RUNTIME is 'onnx'" if settings.runtime == "onnx" else "AUTOMASK_INT8 is set"
         raise ModelNotAvailableError(
-            f"AUTOMASK_INT8 is set but '{model_path}' has no int8 export. "
-            f"Create it with: {export_hint(model_path, True)}, or unset AUTOMASK_INT8."
+            f"{setting} but '{model_path}' has no usable{' int8' if settings.int8 else ''} ONNX export. "
+            f"Create it with: {export_hint(model_path, settings.int8)} "
+            '(needs the export extra: pip install "automask[export]"), or use AUTOMASK_RUNTIME=torch.'
         )
-    on_cpu = settings.device == "cpu"
-    return "onnx" if found and on_cpu and importlib.util.find_spec("onnxruntime") is not None else "torch"
+    if settings.runtime == "onnx":
+        return "onnx"
+    return "onnx" if found and importlib.util.find_spec("onnxruntime") is not None else "torch"
 
 
 def load(path: Path, settings: Settings) -> Backend:

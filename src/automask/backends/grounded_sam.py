@@ -12,7 +12,7 @@ on the same image skips it):
   `ReplayableBackbone`. The rest of GroundingDINO (its encoder fuses image and text features from the first
   layer on, then the decoder) depends on the prompt text and runs in `score`.
 
-Speed: the detector runs at `DETECTOR_SHORTEST_EDGE` (640) instead of the processor's 800 (GroundingDINO was
+Speed: the detector runs at `DETECTOR_SHORTEST_EDGE` (512) instead of the processor's 800 (GroundingDINO was
 trained at shortest edges 480-800). On CPUs with native bfloat16 (AVX512-BF16, AMX) and precision "auto", SAM's
 image encoder runs in bfloat16 and the detector's encoder under bfloat16 autocast (as Grounded-SAM-2 runs both
 models on GPUs); precision "fp32" gives transformers' float32 numbers exactly.
@@ -39,6 +39,7 @@ from automask.backends.sam import (
     choose_dtype,
     is_sam_folder,
     load_segmenter,
+    max_masks,
     model_type,
 )
 from automask.errors import InvalidOptionError, ModelNotAvailableError
@@ -46,10 +47,10 @@ from automask.settings import Settings
 
 NAME = "grounded-sam"
 DETECTOR_MODEL_TYPES = frozenset({"grounding-dino"})
-DETECTOR_SHORTEST_EDGE = 640
+DETECTOR_SHORTEST_EDGE = 512
 """Shortest image edge the detector sees (the checkpoint's processor says 800); longest edge scaled alike."""
 MAX_DETECTIONS = 100
-"""At most this many instances (the best scoring) per request."""
+"""At most this many instances (the best scoring) per request; fewer on very large images (`sam.max_masks`)."""
 NMS_IOU = 0.8
 """Boxes of the same prompt overlapping more than this (IoU) with a better one are dropped."""
 
@@ -210,7 +211,10 @@ class GroundedSamBackend:
             out = self.detector(**features.detector_inputs, **text_inputs)
         logits = out.logits[0, :, : len(ids)].float().cpu().numpy()
         boxes = out.pred_boxes[0].float().cpu().numpy()
-        dets = postprocess(logits, boxes, owners, prompts, features.image_size, min_score, text_threshold)
+        limit = min(MAX_DETECTIONS, max_masks(features.image_size))
+        dets = postprocess(
+            logits, boxes, owners, prompts, features.image_size, min_score, text_threshold, max_detections=limit
+        )
         phrases = self.phrases(logits, ids, dets, text_threshold)
         return Detections(dets.boxes, dets.scores, dets.labels, phrases)
 

@@ -111,6 +111,10 @@ class RefinedBackend:
             for m, label in zip(dense.maps, dense.labels, strict=True)
             for r in regions(m, min_score, min_area)
         ]
+        from automask.backends.sam import max_masks
+
+        if len(found) > (limit := max_masks((h, w))):  # bound memory on huge images: keep the largest regions
+            found = sorted(found, key=lambda f: -f[1].area)[:limit]
         boxes = np.array([r.box for _, r in found], np.float32).reshape(-1, 4)
         points = np.array([[r.peak] for _, r in found], np.float32).reshape(-1, 1, 2)
         masks = self.segmenter.segment(features.sam, boxes=boxes, points=points)

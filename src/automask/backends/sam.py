@@ -30,7 +30,21 @@ SAM_MODEL_TYPES = frozenset({"sam"})
 """config.json `model_type` values this helper loads (through `transformers.SamModel`)."""
 
 DECODER_BATCH = 32
-"""Prompts decoded per mask-decoder call (bounds memory for many instances)."""
+"""Prompts decoded per mask-decoder call, at most (fewer for large images: see `decoder_batch`)."""
+MASK_BUDGET_PIXELS = 256 * 2**20
+"""Masks of one request hold at most this many float32 pixels together (1 GiB): `max_masks`."""
+
+
+def max_masks(image_size: tuple[int, int]) -> int:
+    """How many full-size masks of an image of `image_size` (H, W) fit in `MASK_BUDGET_PIXELS` (at least 1):
+    341 for 1024×768 (the detector's cap of 100 comes first), 22 at 12 MP, 6 at 40 MP."""
+    return max(1, MASK_BUDGET_PIXELS // max(1, image_size[0] * image_size[1]))
+
+
+def decoder_batch(image_size: tuple[int, int]) -> int:
+    """Prompts per decoder call: `DECODER_BATCH`, fewer when their full-size logits would pass 64 Mi pixels."""
+    return max(1, min(DECODER_BATCH, (64 * 2**20) // max(1, image_size[0] * image_size[1])))
+
 
 Precision = Literal["auto", "fp32", "bf16"]
 
@@ -98,8 +112,9 @@ class SamSegmenter:
         if n == 0:
             return SamMasks(np.zeros((0, h, w), np.float32), np.zeros(0, np.float32))
         probs, ious = [], []
-        for start in range(0, n, DECODER_BATCH):
-            part = slice(start, start + DECODER_BATCH)
+        step = decoder_batch(emb.image_size)
+        for start in range(0, n, step):
+            part = slice(start, start + step)
             logits, iou = self._decode(
                 emb,
                 None if boxes is None else boxes[part],

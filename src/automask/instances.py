@@ -1,0 +1,52 @@
+"""One mask per detected instance: the library side of `automask mask --instances DIR`.
+
+`MaskResult.detections[i]` and `MaskResult.instance_masks[i]` describe instance i (thresholded, before grow and
+invert). `instance_masks` grows each one like the main mask, for inpainting one object at a time;
+`save_instances` writes them as PNGs named after their index and label.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from automask import postprocess as pp
+from automask.result import Detection, MaskResult, encode_png
+
+
+def instance_masks(result: MaskResult, grow_mask: int = 0) -> list[tuple[Detection, np.ndarray]]:
+    """(detection, H×W uint8 mask, 255 = selected) per instance, best first as the detections are; each mask
+    grown by `grow_mask` pixels (0-100, as the option), never inverted."""
+    return [
+        (det, pp.to_uint8(pp.grow(mask > 0, grow_mask)))
+        for det, mask in zip(result.detections, result.instance_masks, strict=True)
+    ]
+
+
+def instance_filename(index: int, detection: Detection) -> str:
+    """'00-sofa.png', '01-floor-lamp.png': the index, then the label as lower-case ASCII words."""
+    slug = re.sub(r"[^a-z0-9]+", "-", detection.label.lower()).strip("-") or "instance"
+    return f"{index:02d}-{slug[:60]}.png"
+
+
+def save_instances(
+    result: MaskResult,
+    folder: Path,
+    grow_mask: int = 0,
+    write: Callable[[Path, bytes], None] | None = None,
+) -> list[Path]:
+    """Write one mask PNG per instance into `folder` (created if needed); return the paths, in order.
+
+    `write(path, data)` writes one file (default: `Path.write_bytes`; the CLI passes its atomic writer).
+    """
+    if write is None:
+        folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, (det, mask) in enumerate(instance_masks(result, grow_mask)):
+        path = folder / instance_filename(i, det)
+        (write or Path.write_bytes)(path, encode_png(mask))
+        paths.append(path)
+    return paths
