@@ -93,6 +93,18 @@ def test_local_folder_is_detected_and_loaded(gs_dir: Path, settings: Settings) -
     assert gen.backend.name == "grounded-sam" and isinstance(gen.backend, GroundedSamBackend)
 
 
+def test_precision_and_detector_size_come_from_the_settings(gs_dir: Path, tmp_path: Path) -> None:
+    """AUTOMASK_PRECISION / AUTOMASK_DETECTOR_SIZE reach the loaded model; the cap never enlarges the input."""
+    plain = load(gs_dir, Settings(data_dir=tmp_path, precision="fp32", detector_size=32))  # the tiny one says 64
+    assert plain.detector_size["shortest_edge"] == 32
+    assert plain.segmenter.dtype == torch.float32
+    assert gs._detector_size({"shortest_edge": 800, "longest_edge": 1333}, 512) == {
+        "shortest_edge": 512,
+        "longest_edge": 853,
+    }
+    assert gs._detector_size({"shortest_edge": 400, "longest_edge": 666}, 512)["shortest_edge"] == 400
+
+
 def test_folder_without_sam_says_what_is_missing(tmp_path: Path, settings: Settings) -> None:
     make_tiny_grounding_dino(tmp_path / "dino")
     with pytest.raises(ModelNotAvailableError, match=r"no SAM checkpoint.*pull grounded-sam"):

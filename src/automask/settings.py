@@ -27,6 +27,12 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(40_000_000, gt=0, description="Largest decoded image accepted, in pixels.")
     max_redirects: int = Field(3, ge=0, le=10, description="Redirects followed when fetching an image URL.")
     threads: int | None = Field(None, ge=1, description="CPU threads for inference; None: all cores.")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="SAM/GroundingDINO compute type: auto = bfloat16 on CPUs with native bf16, else fp32."
+    )
+    detector_size: int = Field(
+        512, ge=32, le=1333, description="GroundingDINO input shortest edge (checkpoint: 800; 512 is faster)."
+    )
     route_embedded: bool = Field(
         True, description="With an open-vocabulary model, send subject/person/background words to the embedded model."
     )

@@ -12,7 +12,7 @@ on the same image skips it):
   `ReplayableBackbone`. The rest of GroundingDINO (its encoder fuses image and text features from the first
   layer on, then the decoder) depends on the prompt text and runs in `score`.
 
-Speed: the detector runs at `DETECTOR_SHORTEST_EDGE` (512) instead of the processor's 800 (GroundingDINO was
+Speed: the detector runs at `settings.detector_size` (default 512) instead of the processor's 800 (GroundingDINO was
 trained at shortest edges 480-800). On CPUs with native bfloat16 (AVX512-BF16, AMX) and precision "auto", SAM's
 image encoder runs in bfloat16 and the detector's encoder under bfloat16 autocast (as Grounded-SAM-2 runs both
 models on GPUs); precision "fp32" gives transformers' float32 numbers exactly.
@@ -339,13 +339,13 @@ def nms(boxes: np.ndarray, groups: np.ndarray, iou: float) -> np.ndarray:
     return np.array(keep, np.int64)
 
 
-def _detector_size(size: Any) -> dict[str, int]:
-    """The processor size dict with the shortest edge capped at `DETECTOR_SHORTEST_EDGE` (longest edge alike)."""
+def _detector_size(size: Any, cap: int = DETECTOR_SHORTEST_EDGE) -> dict[str, int]:
+    """The processor size dict with the shortest edge capped at `cap` (longest edge scaled alike)."""
     short = int(size.get("shortest_edge") or 800) if isinstance(size, dict) else int(size.shortest_edge or 800)
     long = int(size.get("longest_edge") or 1333) if isinstance(size, dict) else int(size.longest_edge or 1333)
-    if short <= DETECTOR_SHORTEST_EDGE:
+    if short <= cap:
         return {"shortest_edge": short, "longest_edge": long}
-    return {"shortest_edge": DETECTOR_SHORTEST_EDGE, "longest_edge": round(long * DETECTOR_SHORTEST_EDGE / short)}
+    return {"shortest_edge": cap, "longest_edge": round(long * cap / short)}
 
 
 def find_parts(path: Path) -> tuple[Path, Path]:
@@ -364,8 +364,8 @@ def find_parts(path: Path) -> tuple[Path, Path]:
     return detector, sam
 
 
-def load(path: Path, settings: Settings, precision: Precision = "auto") -> GroundedSamBackend:
-    """Load the grounded-sam model in folder `path` on `settings.device`."""
+def load(path: Path, settings: Settings, precision: Precision | None = None) -> GroundedSamBackend:
+    """Load the grounded-sam model in folder `path` on `settings.device` (`precision` None: settings.precision)."""
     from transformers import AutoProcessor, GroundingDinoForObjectDetection
 
     if settings.threads:
@@ -379,6 +379,9 @@ def load(path: Path, settings: Settings, precision: Precision = "auto") -> Groun
             f"The GroundingDINO model in '{detector_dir}' could not be loaded ({exc}). Re-download it with: "
             "automask models pull grounded-sam"
         ) from exc
+    precision = precision or settings.precision
     segmenter = load_segmenter(sam_dir, settings, precision)
     dtype = choose_dtype(precision, settings.device)
-    return GroundedSamBackend(detector, processor, segmenter, str(path), settings.device, detector_dtype=dtype)
+    backend = GroundedSamBackend(detector, processor, segmenter, str(path), settings.device, detector_dtype=dtype)
+    backend.detector_size = _detector_size(processor.image_processor.size, settings.detector_size)
+    return backend

@@ -233,8 +233,11 @@ _LOADED: dict[tuple[str, str, str], SamSegmenter] = {}
 _LOCK = threading.Lock()
 
 
-def load_segmenter(folder: Path, settings: Settings, precision: Precision = "auto") -> SamSegmenter:
-    """Load the SAM checkpoint in `folder` (save_pretrained layout) once per (folder, device, precision)."""
+def load_segmenter(folder: Path, settings: Settings, precision: Precision | None = None) -> SamSegmenter:
+    """Load the SAM checkpoint in `folder` (save_pretrained layout) once per (folder, device, precision).
+
+    `precision` None: `settings.precision`."""
+    precision = precision or settings.precision
     key = (str(folder.resolve()), settings.device, precision)
     with _LOCK:
         if key not in _LOADED:
