@@ -107,8 +107,9 @@ def tokenize(tokenizer: Any, prompts: list[str]) -> tuple[np.ndarray, np.ndarray
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
-    """Element-wise logistic function, float32."""
-    return (1.0 / (1.0 + np.exp(-x.astype(np.float32)))).astype(np.float32)
+    """Element-wise logistic function, float32 (exp overflows to inf for very negative x: the result is 0)."""
+    with np.errstate(over="ignore"):
+        return (1.0 / (1.0 + np.exp(-x.astype(np.float32)))).astype(np.float32)
 
 
 def upsample(maps: np.ndarray, size: tuple[int, int]) -> np.ndarray:

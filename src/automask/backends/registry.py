@@ -32,7 +32,15 @@ def create(name: str, path: Path, settings: Settings) -> Backend:
     """Load backend `name` from `path`, once per (backend, folder, device, runtime, int8); later calls reuse it."""
     if name not in _FACTORIES:
         raise UnknownModelError(f"Unknown backend '{name}'. Valid backends: {', '.join(backend_names())}.")
-    key = (name, str(Path(path).resolve()), settings.device, settings.runtime, str(settings.int8))
+    key = (
+        name,
+        str(Path(path).resolve()),
+        settings.device,
+        settings.runtime,
+        str(settings.int8),
+        settings.precision,
+        str(settings.detector_size),
+    )
     with _LOCK:
         if key not in _LOADED:
             _LOADED[key] = _FACTORIES[name]()(Path(path), settings)
