@@ -347,7 +347,7 @@ def test_models_list_and_pull_use_the_settings(monkeypatch: pytest.MonkeyPatch, 
 
     exported: list[tuple[str, Path]] = []
     monkeypatch.setattr("automask.models.pull", fake_pull)
-    monkeypatch.setattr("automask.cli._export_after_pull", lambda name, path, _: exported.append((name, path)))
+    monkeypatch.setattr("automask.cli_models._export_after_pull", lambda name, path, _: exported.append((name, path)))
     pulled = invoke("--data-dir", data, "models", "pull", "clipseg")
     assert pulled.exit_code == 0, pulled.output
     assert [(n, s.data_dir, p) for n, s, p in calls] == [("clipseg", data, True)]

@@ -3,7 +3,7 @@
 Options are the library's, spelled as flags (`--grow-mask` is `grow_mask`) and validated once by
 `MaskOptions.parse`. Errors become one line on stderr and an exit code (`EXIT_CODES`); tracebacks only
 with `--debug` or `AUTOMASK_DEBUG=1`. Other modules add commands with `main.add_command(...)` and read
-the settings with `settings_of(ctx)`.
+the settings with `automask.cli_io.root_settings(ctx)`.
 """
 
 from __future__ import annotations
@@ -334,92 +334,12 @@ def batch(ctx: click.Context, source: str, outdir: Path, recursive: bool, job: J
     ctx.exit(EXIT_FAILED if failed else 0)
 
 
-# -- models ------------------------------------------------------------------------------------------
-
-
-@main.group()
-def models() -> None:
-    """List and download models."""
-
-
-@models.command("list")
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON list instead of a table.")
-@click.pass_context
-def models_list(ctx: click.Context, as_json: bool) -> None:
-    """The models automask knows: name, backend, whether installed, and where."""
-    from automask.models import list_models
-
-    infos = list_models(settings_of(ctx))
-    if as_json:
-        keys = ("name", "backend", "installed", "path", "description", "source")
-        click.echo(json.dumps([{k: _jsonable(getattr(m, k, None)) for k in keys} for m in infos]))
-        return
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table("name", "backend", "installed")
-    table.add_column("path", overflow="fold")
-    table.add_column("description")
-    for m in infos:
-        source: str = getattr(m, "source", "")
-        installed = ("yes" + (f" ({source})" if source else "")) if m.installed else "no"
-        table.add_row(m.name, m.backend, installed, str(m.path), m.description)
-    Console(width=None if sys.stdout.isatty() else 160).print(table)
-    if not all(m.installed for m in infos):
-        click.echo("Install a model with: automask models pull NAME", err=True)
-    from automask.routing import vocabulary_lines
-
-    click.echo("\nThe embedded 'subject' model answers these prompt words (others need an open-vocabulary model):")
-    for line in vocabulary_lines():
-        click.echo(f"  {line}")
-
-
-@models.command("pull")
-@click.argument("name")
-@click.pass_context
-def models_pull(ctx: click.Context, name: str) -> None:
-    """Download model NAME (e.g. clipseg) into the data folder, with a progress bar."""
-    from automask.models import pull
-
-    path = pull(name, settings_of(ctx), progress=True)
-    click.echo(f"{name} installed in {path}")
-    _export_after_pull(name, path, settings_of(ctx))
-
-
-def _export_after_pull(name: str, path: Path, settings: Settings) -> None:
-    """Give a pulled CLIPSeg model its fast ONNX Runtime graphs when torch is here to export them."""
-    from automask.backends.clipseg_common import has_onnx
-    from automask.models import CATALOGUE, can_export, export_onnx
-
-    if CATALOGUE[name].backend != "clipseg" or has_onnx(path, settings.int8):
-        return
-    if not can_export():
-        click.echo(f'For the fast CPU runtime, run: pip install "automask[export]" && automask models export {name}')
-        return
-    click.echo("Exporting the ONNX Runtime graphs (once; about a minute)...", err=True)
-    click.echo(f"ONNX Runtime graphs written to {export_onnx(str(path), settings)}")
-
-
-@models.command("export")
-@click.argument("model", metavar="NAME_OR_PATH")
-@click.option("--int8/--no-int8", default=None, help="Also write int8 graphs (not validated) [AUTOMASK_INT8].")
-@click.pass_context
-def models_export(ctx: click.Context, model: str, int8: bool | None) -> None:
-    """Export CLIPSeg model NAME_OR_PATH to ONNX Runtime graphs (the fast CPU path; needs torch once)."""
-    from automask.models import export_onnx
-
-    click.echo("Exporting the ONNX Runtime graphs (about a minute)...", err=True)
-    click.echo(f"ONNX Runtime graphs written to {export_onnx(model, settings_of(ctx), int8=int8)}")
-
-
-def _jsonable(value: Any) -> Any:
-    return str(value) if isinstance(value, Path) else value
-
-
 # -- the HTTP service (fastapi/uvicorn load only when `serve` runs) ------------------------------------
 
+from automask.cli_models import models  # noqa: E402 - the `models` group
 from automask.server.commands import keys, serve  # noqa: E402 - click-only; fastapi loads inside `serve`
 
+main.add_command(models)
 main.add_command(serve)
 main.add_command(keys)
 

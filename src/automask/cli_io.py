@@ -12,6 +12,8 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
+import click
+
 from automask import errors
 from automask.errors import AutomaskError, InvalidOptionError
 from automask.imageio import ImageSource
@@ -175,3 +177,9 @@ class Reporter:
     def error(self, line: str) -> None:
         """Print one error line (above the bar)."""
         self.console.print(line, markup=False, style="red" if self.bar else None)
+
+
+def root_settings(ctx: click.Context) -> Settings:
+    """The `automask` group's settings (AUTOMASK_* variables, then its global flags such as --data-dir)."""
+    settings = getattr(ctx.find_root().obj, "settings", None)
+    return settings if isinstance(settings, Settings) else Settings()

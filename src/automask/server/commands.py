@@ -12,16 +12,12 @@ from typing import Any
 import click
 from pydantic import ValidationError
 
+from automask.cli_io import root_settings
 from automask.server import keys as keystore
 from automask.server.config import ServerSettings
 from automask.server.store import Store
-from automask.settings import Settings
 
-
-def _settings(ctx: click.Context) -> Settings:
-    """The `automask` group's settings (AUTOMASK_* variables, then its global flags such as --data-dir)."""
-    settings = getattr(ctx.find_root().obj, "settings", None)
-    return settings if isinstance(settings, Settings) else Settings()
+_settings = root_settings
 
 
 def _store(ctx: click.Context) -> Store:
