@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 import torch
 
-from automask import models
+from automask import install, models
 from automask.backends import grounded_sam as gs
-from automask.backends.grounded_sam import GroundedSamBackend, load, nms, postprocess
+from automask.backends.grounded_sam import GroundedSamBackend, load
+from automask.backends.grounding import nms, postprocess
 from automask.backends.sam import choose_dtype, load_segmenter
 from automask.errors import EmptyMaskError, InvalidOptionError, ModelNotAvailableError, UnknownModelError
 from automask.options import MaskOptions
@@ -418,7 +419,7 @@ def test_pull_puts_each_repository_in_its_subfolder(
         shutil.copytree(sources[repo], local_dir, dirs_exist_ok=True)
         return str(local_dir)
 
-    monkeypatch.setattr(models, "_offline", lambda: False)
+    monkeypatch.setattr(install, "offline", lambda: False)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
     folder = models.pull("grounded-sam", settings, progress=False)
     assert sorted(p.name for p in folder.iterdir()) == [

@@ -15,7 +15,7 @@ import huggingface_hub.constants
 import pytest
 from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
 
-from automask import models
+from automask import install, models
 from automask.errors import ModelNotAvailableError, UnknownModelError
 from automask.pipeline import MaskGenerator
 from automask.settings import Settings
@@ -134,7 +134,7 @@ def test_pull_falls_back_to_bin_weights(
     hub = FakeHub(repo)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", hub)
     target = models.pull("clipseg", settings, progress=False)
-    assert [c["allow_patterns"] for c in hub.calls][1] == list(models.FALLBACK_WEIGHTS)
+    assert [c["allow_patterns"] for c in hub.calls][1] == list(install.FALLBACK_WEIGHTS)
     assert (target / "pytorch_model.bin").is_file() and not (target / "training_args.bin").exists()
 
 

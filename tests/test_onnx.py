@@ -18,7 +18,7 @@ import torch
 from click.testing import CliRunner
 from transformers import CLIPSegForImageSegmentation, CLIPSegProcessor
 
-from automask.backends import clipseg, clipseg_onnx, registry
+from automask.backends import clipseg, clipseg_onnx, onnx_runtime, registry
 from automask.backends.clipseg_common import choose_runtime, find_artifacts, has_onnx, onnx_dir, read_manifest
 from automask.backends.clipseg_export import export
 from automask.errors import ModelNotAvailableError, UnknownModelError
@@ -207,12 +207,12 @@ def test_export_of_a_non_clipseg_catalogue_model_is_refused(settings: Settings) 
 def test_session_settings_for_small_cpus() -> None:
     import onnxruntime as ort
 
-    options = clipseg_onnx.session_options(Settings(threads=3))
+    options = onnx_runtime.session_options(Settings(threads=3))
     assert options.intra_op_num_threads == 3 and options.inter_op_num_threads == 1
     assert options.execution_mode == ort.ExecutionMode.ORT_SEQUENTIAL
     assert options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
-    assert clipseg_onnx.session_options(Settings()).intra_op_num_threads == clipseg_onnx.physical_cores() >= 1
+    assert onnx_runtime.session_options(Settings()).intra_op_num_threads == onnx_runtime.physical_cores() >= 1
 
 
 def test_empty_prompt_list_gives_empty_maps(exported: Path, chelsea: np.ndarray) -> None:

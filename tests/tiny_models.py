@@ -6,6 +6,16 @@ Loaded back through automask's real loading code, exactly like a downloaded chec
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
+
+
+def save_random(model_class: Any, config: Any, folder: Path, seed: int) -> None:
+    """Build `model_class(config)` with random weights drawn from `seed`; save it into `folder` (created)."""
+    import torch
+
+    torch.manual_seed(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    model_class(config).eval().save_pretrained(folder)
 
 
 def byte_level_vocab() -> dict[str, int]:
@@ -31,7 +41,6 @@ def make_tiny_clipseg(folder: Path, seed: int = 0, image_size: int = 64, vision_
     The decoder reads vision layers (1, 2) of `vision_layers` (>= 3); image_size 64, patch 16; the text vocab
     is byte level.
     """
-    import torch
     from transformers import (
         CLIPSegConfig,
         CLIPSegForImageSegmentation,
@@ -70,10 +79,7 @@ def make_tiny_clipseg(folder: Path, seed: int = 0, image_size: int = 64, vision_
         decoder_intermediate_size=32,
         conditional_layer=0,
     )
-    torch.manual_seed(seed)
-    model = CLIPSegForImageSegmentation(config).eval()
-    folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder)
+    save_random(CLIPSegForImageSegmentation, config, folder, seed)
     tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
     image_processor = ViTImageProcessor(
         do_resize=True,
@@ -111,7 +117,6 @@ def make_tiny_grounding_dino(folder: Path, seed: int = 0, num_queries: int = 30,
     Shapes follow transformers' own tests (tests/models/grounding_dino/test_modeling_grounding_dino.py); the
     image processor resizes the shortest edge to `image_size` (longest at most 1.5×).
     """
-    import torch
     from transformers import (
         BertTokenizer,
         GroundingDinoConfig,
@@ -157,10 +162,7 @@ def make_tiny_grounding_dino(folder: Path, seed: int = 0, num_queries: int = 30,
         decoder_n_points=2,
         max_text_len=32,
     )
-    torch.manual_seed(seed)
-    model = GroundingDinoForObjectDetection(config).eval()
-    folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder)
+    save_random(GroundingDinoForObjectDetection, config, folder, seed)
     tokenizer = BertTokenizer(vocab=vocab, do_lower_case=True, model_max_length=32)
     size = {"shortest_edge": image_size, "longest_edge": image_size * 3 // 2}
     GroundingDinoProcessor(GroundingDinoImageProcessorPil(size=size), tokenizer).save_pretrained(folder)
@@ -170,7 +172,6 @@ def make_tiny_grounding_dino(folder: Path, seed: int = 0, num_queries: int = 30,
 def make_tiny_sam(folder: Path, seed: int = 0, image_size: int = 64) -> Path:
     """Save a tiny random SAM (ViT hidden 32, 2 layers, patch 8: an 8×8 embedding; 32×32 low-res masks) with its
     processor (longest edge and padding `image_size`) into `folder`; return it."""
-    import torch
     from transformers import SamConfig, SamModel, SamProcessor
     from transformers.models.sam.image_processing_pil_sam import SamImageProcessorPil
 
@@ -197,10 +198,7 @@ def make_tiny_sam(folder: Path, seed: int = 0, image_size: int = 64) -> Path:
         "iou_head_hidden_dim": 32,
     }
     config = SamConfig(vision_config=vision, prompt_encoder_config=prompt, mask_decoder_config=decoder)
-    torch.manual_seed(seed)
-    model = SamModel(config).eval()
-    folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder)
+    save_random(SamModel, config, folder, seed)
     processor = SamImageProcessorPil(
         size={"longest_edge": image_size},
         pad_size={"height": image_size, "width": image_size},

@@ -23,7 +23,16 @@ import click
 from pydantic import ValidationError
 
 from automask import errors
-from automask.cli_io import OutputError, Reporter, find_images, output_target, plan_outputs, read_source, write_atomic
+from automask.cli_io import (
+    OutputError,
+    Reporter,
+    find_images,
+    output_target,
+    plan_outputs,
+    read_source,
+    root_settings,
+    write_atomic,
+)
 from automask.errors import AutomaskError, InvalidOptionError
 from automask.options import MaskOptions, parse_prompt, validation_error
 from automask.settings import Settings
@@ -107,7 +116,6 @@ class CliState:
     """What the group's global options decide, shared by every command (`ctx.obj`)."""
 
     overrides: dict[str, Any]
-    debug: bool = False
     _settings: Settings | None = field(default=None, repr=False)
 
     @property
@@ -121,12 +129,6 @@ class CliState:
                 name = f"{err.field} (AUTOMASK_{err.field.upper()})"
                 raise InvalidOptionError(name, err.message.removeprefix(f"{err.field}: ")) from None
         return self._settings
-
-
-def settings_of(ctx: click.Context) -> Settings:
-    """The settings of the running `automask` invocation, for commands added with `main.add_command`."""
-    state = ctx.find_object(CliState)
-    return state.settings if state else Settings()
 
 
 @click.group(cls=AutomaskGroup, epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
@@ -143,7 +145,8 @@ def main(
 ) -> None:
     """automask: image + text prompt -> a mask for inpainting."""
     given = {"data_dir": data_dir, "device": device, "allow_private_urls": allow_private_urls}
-    ctx.obj = CliState({k: v for k, v in given.items() if v is not None}, debug=debug)
+    del debug  # `_fail` reads it from ctx.params, also when the group's own set-up fails
+    ctx.obj = CliState({k: v for k, v in given.items() if v is not None})
 
 
 # -- options shared by `mask` and `batch` ------------------------------------------------------------
@@ -316,7 +319,7 @@ def batch(ctx: click.Context, source: str, outdir: Path, recursive: bool, job: J
     """
     files, base = find_images(source, recursive, outdir)
     plan = plan_outputs(files, outdir, base)
-    generator = load_generator(job.model, settings_of(ctx))
+    generator = load_generator(job.model, root_settings(ctx))
     failed = 0
     with Reporter(len(plan)) as report:
         for src, dst in plan:

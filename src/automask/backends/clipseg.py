@@ -5,8 +5,8 @@ hidden states of `config.extract_layers`; `score` runs the text encoder for all 
 light decoder for all prompts in one batch, re-using the model's own submodules, so the logits equal those of
 `CLIPSegForImageSegmentation(**CLIPSegProcessor(...)(text=prompts, images=[image] * N))`.
 
-The pure helpers (`read_preprocessing`, `preprocess`, `tokenize`, `upsample`) hold no torch and are shared by
-other runtimes of the same checkpoint.
+The pure helpers (`read_preprocessing`, `preprocess`, `tokenize`, `upsample`) and `ClipSegScoring` hold no torch and
+are shared by the ONNX Runtime backend of the same checkpoint.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from automask.backends.base import Scores
+from automask.backends.base import Scores, sigmoid
+from automask.backends.torch_loading import checkpoint_errors, prepare_torch
 from automask.errors import ModelNotAvailableError, require
 from automask.settings import Settings
 
@@ -106,12 +107,6 @@ def tokenize(tokenizer: Any, prompts: list[str]) -> tuple[np.ndarray, np.ndarray
     return enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)
 
 
-def sigmoid(x: np.ndarray) -> np.ndarray:
-    """Element-wise logistic function, float32 (exp overflows to inf for very negative x: the result is 0)."""
-    with np.errstate(over="ignore"):
-        return (1.0 / (1.0 + np.exp(-x.astype(np.float32)))).astype(np.float32)
-
-
 def upsample(maps: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """N×s×s float32 maps -> N×H×W float32, bilinear (half-pixel centres, like align_corners=False)."""
     h, w = size
@@ -130,7 +125,29 @@ class ClipSegFeatures:
     image_size: tuple[int, int]
 
 
-class ClipSegBackend:
+class ClipSegScoring:
+    """`score` for both CLIPSeg runtimes, on top of their own `logits(features, prompts)` (N×S×S float32) and
+    features that carry the original `image_size` (H, W)."""
+
+    def logits(self, features: Any, prompts: list[str]) -> np.ndarray:
+        """Decoder logits for N prompts at the model resolution: N×S×S float32 (before the sigmoid)."""
+        raise NotImplementedError
+
+    def score(self, features: Any, prompts: list[str], *, min_score: float = 0.0) -> Scores:
+        """Sigmoid score maps N×H×W float32 in [0, 1] at the original image size, one per prompt; scores: the
+        N peaks.
+
+        `min_score` is unused: every pixel of a dense map is thresholded by the pipeline.
+        """
+        h, w = features.image_size
+        if not prompts:
+            return Scores(maps=np.zeros((0, h, w), np.float32), labels=[], kind="dense", scores=np.zeros(0, np.float32))
+        maps = upsample(sigmoid(self.logits(features, prompts)), (h, w))
+        peaks = maps.reshape(len(prompts), -1).max(axis=1).astype(np.float32)
+        return Scores(maps=maps, labels=list(prompts), kind="dense", scores=peaks)
+
+
+class ClipSegBackend(ClipSegScoring):
     """A loaded CLIPSeg checkpoint. Thread-safe for concurrent inference; holds no per-request state."""
 
     name = NAME
@@ -174,57 +191,20 @@ class ClipSegBackend:
         # older transformers squeeze a batch of one to S×S: reshape restores N×S×S
         return logits.reshape(n, *logits.shape[-2:]).float().cpu().numpy()
 
-    def score(self, features: ClipSegFeatures, prompts: list[str], *, min_score: float = 0.0) -> Scores:
-        """Sigmoid score maps N×H×W float32 in [0, 1] at the original image size, one per prompt.
-
-        `min_score` is unused: every pixel of a dense map is thresholded by the pipeline.
-        """
-        h, w = features.image_size
-        if not prompts:
-            return Scores(maps=np.zeros((0, h, w), np.float32), labels=[], kind="dense", scores=np.zeros(0, np.float32))
-        maps = upsample(sigmoid(self.logits(features, prompts)), (h, w))
-        peaks = maps.reshape(len(prompts), -1).max(axis=1).astype(np.float32)
-        return Scores(maps=maps, labels=list(prompts), kind="dense", scores=peaks)
-
 
 def load(path: Path, settings: Settings) -> ClipSegBackend:
     """Load the CLIPSeg checkpoint in folder `path` (save_pretrained layout) on `settings.device`."""
     require("torch", "torch")
     require("transformers", "torch")
-    import torch
     from transformers import AutoTokenizer, CLIPSegForImageSegmentation
 
-    if settings.threads:
-        torch.set_num_threads(settings.threads)
-    device = _check_device(settings.device)
+    device = prepare_torch(settings)
     prep = read_preprocessing(path)
-    try:
+    with checkpoint_errors("CLIPSeg", path, pull="clipseg"):
         model = CLIPSegForImageSegmentation.from_pretrained(str(path)).eval().to(device)
         tokenizer = AutoTokenizer.from_pretrained(str(path))
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ModelNotAvailableError(
-            f"The CLIPSeg model in '{path}' could not be loaded ({why}). "
-            "Re-download it with: automask models pull clipseg"
-        ) from exc
     _drop_unused_layers(model)
     return ClipSegBackend(model, tokenizer, prep, model_id=str(path), device=device)
-
-
-def _check_device(device: str) -> str:
-    """Validate a torch device string against what this machine has."""
-    import torch
-
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ModelNotAvailableError(
-            f"AUTOMASK_DEVICE is '{device}' but torch sees no CUDA GPU. Use AUTOMASK_DEVICE=cpu, or install a "
-            "CUDA build of torch."
-        )
-    try:
-        torch.device(device)
-    except RuntimeError as exc:
-        raise ModelNotAvailableError(f"Invalid AUTOMASK_DEVICE '{device}': {exc}") from exc
-    return device
 
 
 def _drop_unused_layers(model: Any) -> None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import shutil
 import uuid
 import warnings
@@ -31,6 +30,7 @@ import numpy as np
 from automask.backends.clipseg import read_preprocessing
 from automask.backends.clipseg_common import FORMAT, MANIFEST, fingerprint, onnx_dir
 from automask.errors import AutomaskError, ModelNotAvailableError, require
+from automask.install import replace_dir
 
 OPSET = 17
 EXPORT_TOLERANCE = 1e-4
@@ -70,7 +70,7 @@ def export(model_path: Path, *, int8: bool = False, weight_type: str = "QInt8") 
             manifest["int8_files"] = quantize(tmp, weight_type)
             manifest["int8_weight_type"] = weight_type
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        _replace_dir(tmp, onnx_dir(model_path))
+        replace_dir(tmp, onnx_dir(model_path))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return onnx_dir(model_path)
@@ -290,14 +290,3 @@ def _manifest(model: Any, tokenizer: Any, size: tuple[int, int], model_path: Pat
         "fingerprint": fingerprint(model_path),
         "exported_with": {"torch": torch.__version__, "transformers": transformers.__version__, "opset": OPSET},
     }
-
-
-def _replace_dir(new: Path, dest: Path) -> None:
-    """Put folder `new` at `dest`, moving any older `dest` aside first and deleting it after."""
-    old = None
-    if dest.exists():
-        old = dest.with_name(f".{dest.name}-old-{uuid.uuid4().hex[:8]}")
-        os.replace(dest, old)
-    os.replace(new, dest)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

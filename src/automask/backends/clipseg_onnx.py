@@ -8,16 +8,15 @@ upsampling; `encode` runs the vision encoder once per image (only up to the deep
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from automask.backends.base import Scores
-from automask.backends.clipseg import Preprocessing, preprocess, read_preprocessing, sigmoid, tokenize, upsample
+from automask.backends.clipseg import ClipSegScoring, Preprocessing, preprocess, read_preprocessing, tokenize
 from automask.backends.clipseg_common import OnnxArtifacts, export_hint, find_artifacts
+from automask.backends.onnx_runtime import load_errors, session_options
 from automask.errors import ModelNotAvailableError, require
 from automask.settings import Settings
 
@@ -53,7 +52,7 @@ class OnnxFeatures:
     image_size: tuple[int, int]
 
 
-class ClipSegOnnxBackend:
+class ClipSegOnnxBackend(ClipSegScoring):
     """A CLIPSeg export loaded in ONNX Runtime. Thread-safe (sessions are); holds no per-request state."""
 
     def __init__(
@@ -80,53 +79,11 @@ class ClipSegOnnxBackend:
         (logits,) = self.prompt_session.run(None, feeds)
         return np.asarray(logits, np.float32).reshape(len(prompts), *logits.shape[-2:])
 
-    def score(self, features: OnnxFeatures, prompts: list[str], *, min_score: float = 0.0) -> Scores:
-        """Sigmoid score maps N×H×W float32 in [0, 1] at the original image size, one per prompt.
-
-        `min_score` is unused: every pixel of a dense map is thresholded by the pipeline.
-        """
-        h, w = features.image_size
-        if not prompts:
-            return Scores(maps=np.zeros((0, h, w), np.float32), labels=[], kind="dense", scores=np.zeros(0, np.float32))
-        maps = upsample(sigmoid(self.logits(features, prompts)), (h, w))
-        peaks = maps.reshape(len(prompts), -1).max(axis=1).astype(np.float32)
-        return Scores(maps=maps, labels=list(prompts), kind="dense", scores=peaks)
-
     def warm_up(self) -> None:
         """One run of each graph, so that the first request does not pay for ONNX Runtime's lazy set-up."""
         h, w = self.prep.size
         features = self.encode(np.zeros((h, w, 3), np.uint8))
         self.logits(features, ["a photo"])
-
-
-def physical_cores() -> int:
-    """Physical CPU cores this process may run on (SMT siblings counted once); at least 1."""
-    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
-    cores = set()
-    for cpu in cpus:
-        topo = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
-        try:
-            cores.add((topo / "physical_package_id").read_text().strip() + ":" + (topo / "core_id").read_text().strip())
-        except OSError:
-            cores.add(f"cpu{cpu}")
-    return max(1, len(cores))
-
-
-def session_options(settings: Settings) -> Any:
-    """ONNX Runtime options for small CPUs: an intra-op pool of `settings.threads` (default: the physical
-    cores), no inter-op parallelism, sequential execution, every graph optimisation, and no spinning: idle
-    ORT threads sleep instead of busy-waiting, leaving the cores to the HTTP server and the post-processing
-    between graph runs (on a busy 2-core machine this halved the end-to-end time)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = settings.threads or physical_cores()
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.log_severity_level = 3
-    return options
 
 
 def load(path: Path, settings: Settings, warm_up: bool = True) -> ClipSegOnnxBackend:
@@ -148,13 +105,12 @@ def load(path: Path, settings: Settings, warm_up: bool = True) -> ClipSegOnnxBac
             f"processor resizes to {prep.size}. Re-export it with: {export_hint(path, settings.int8)}"
         )
     options = session_options(settings)
-    errors: tuple[type[BaseException], ...] = (OSError, *_ort_errors())
     try:
         image, prompt = (
             ort.InferenceSession(str(p), options, providers=["CPUExecutionProvider"])
             for p in (artifacts.image, artifacts.prompt)
         )
-    except errors as exc:
+    except load_errors() as exc:
         raise ModelNotAvailableError(
             f"The ONNX export in '{artifacts.folder}' could not be loaded ({exc}). "
             f"Re-export it with: {export_hint(path, settings.int8)}"
@@ -163,11 +119,3 @@ def load(path: Path, settings: Settings, warm_up: bool = True) -> ClipSegOnnxBac
     if warm_up:
         backend.warm_up()
     return backend
-
-
-def _ort_errors() -> tuple[type[Exception], ...]:
-    """The exception classes ONNX Runtime raises when it cannot load a graph (they derive from Exception only)."""
-    from onnxruntime.capi import onnxruntime_pybind11_state as state
-
-    names = ("Fail", "InvalidArgument", "NoSuchFile", "NoModel", "InvalidProtobuf", "InvalidGraph", "RuntimeException")
-    return tuple(cls for n in names if isinstance(cls := getattr(state, n, None), type) and issubclass(cls, Exception))

@@ -16,6 +16,8 @@ Speed: the detector runs at `settings.detector_size` (default 512) instead of th
 trained at shortest edges 480-800). On CPUs with native bfloat16 (AVX512-BF16, AMX) and precision "auto", SAM's
 image encoder runs in bfloat16 and the detector's encoder under bfloat16 autocast (as Grounded-SAM-2 runs both
 models on GPUs); precision "fp32" gives transformers' float32 numbers exactly.
+
+The detector's outputs become boxes in `grounding` (pure numpy: prompt merging, scoring, non-maximum suppression).
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from automask.backends.base import ScoreParams, Scores
+from automask.backends.base import ScoreParams, Scores, sigmoid
+from automask.backends.grounding import MAX_DETECTIONS, KeptBoxes, merge_prompts, postprocess, token_owners
 from automask.backends.sam import (
     Precision,
     SamEmbedding,
@@ -40,19 +43,16 @@ from automask.backends.sam import (
     is_sam_folder,
     load_segmenter,
     max_masks,
-    model_type,
 )
+from automask.backends.torch_loading import checkpoint_errors, prepare_torch
 from automask.errors import InvalidOptionError, ModelNotAvailableError
+from automask.models import model_type
 from automask.settings import Settings
 
 NAME = "grounded-sam"
 DETECTOR_MODEL_TYPES = frozenset({"grounding-dino"})
 DETECTOR_SHORTEST_EDGE = 512
 """Shortest image edge the detector sees (the checkpoint's processor says 800); longest edge scaled alike."""
-MAX_DETECTIONS = 100
-"""At most this many instances (the best scoring) per request; fewer on very large images (`sam.max_masks`)."""
-NMS_IOU = 0.8
-"""Boxes of the same prompt overlapping more than this (IoU) with a better one are dropped."""
 
 
 @dataclass(frozen=True)
@@ -131,6 +131,7 @@ class GroundedSamBackend:
     """A loaded GroundingDINO + SAM pair. Thread-safe for concurrent inference; no per-request state.
 
     detector_dtype: bfloat16 runs the detector's encoder under CPU autocast (`AutocastEncoder`).
+    detector_edge: the shortest image edge the detector sees, at most (`_detector_size`).
     """
 
     name = NAME
@@ -144,6 +145,7 @@ class GroundedSamBackend:
         model_id: str,
         device: str,
         detector_dtype: torch.dtype = torch.float32,
+        detector_edge: int = DETECTOR_SHORTEST_EDGE,
     ) -> None:
         self.detector = detector
         self.processor = processor
@@ -156,7 +158,7 @@ class GroundedSamBackend:
             detector.model.encoder = AutocastEncoder(detector.model.encoder, detector_dtype)
         self.max_text_len = int(detector.config.max_text_len)
         self.special_tokens = {int(t) for t in detector.model.special_tokens.tolist()}
-        self.detector_size = _detector_size(processor.image_processor.size)
+        self.detector_size = _detector_size(processor.image_processor.size, detector_edge)
 
     def encode(self, image: np.ndarray) -> GroundedFeatures:
         """Detector preprocessing and backbone, and SAM's image embedding, for an H×W×3 uint8 RGB image."""
@@ -218,8 +220,11 @@ class GroundedSamBackend:
         phrases = self.phrases(logits, ids, dets, text_threshold)
         return Detections(dets.boxes, dets.scores, dets.labels, phrases)
 
-    def phrases(self, logits: np.ndarray, ids: list[int], dets: _Kept, text_threshold: float) -> list[str]:
-        """GroundingDINO's phrase per kept box: its tokens scoring above `text_threshold`, decoded."""
+    def phrases(self, logits: np.ndarray, ids: list[int], dets: KeptBoxes, text_threshold: float) -> list[str]:
+        """GroundingDINO's phrase per kept box: its tokens scoring above `text_threshold`, decoded.
+
+        logits: Q×T float32 token logits of the Q queries; ids: the T token ids of the merged prompt text.
+        """
         from transformers.models.grounding_dino.processing_grounding_dino import get_phrases_from_posmap
 
         if not len(dets.index):
@@ -228,115 +233,6 @@ class GroundedSamBackend:
         posmap = torch.zeros((len(dets.index), self.max_text_len), dtype=torch.bool)
         posmap[:, : len(ids)] = probs > text_threshold
         return list(self.processor.batch_decode(get_phrases_from_posmap(posmap, ids)))
-
-
-def merge_prompts(prompts: list[str]) -> tuple[str, list[tuple[int, int]]]:
-    """GroundingDINO's text for `prompts` and each prompt's character span in it.
-
-    ["Sofa", "lamp"] -> ("sofa. lamp.", [(0, 4), (6, 10)]): lower case, ". " between, "." at the end, as
-    transformers' GroundingDinoProcessor merges a list of labels.
-    """
-    text, spans = "", []
-    for i, p in enumerate(prompts):
-        if i:
-            text += ". "
-        spans.append((len(text), len(text) + len(p.strip())))
-        text += p.strip().lower()
-    return text + ".", spans
-
-
-def token_owners(
-    offsets: list[tuple[int, int]], ids: list[int], spans: list[tuple[int, int]], special: set[int]
-) -> np.ndarray:
-    """T int64: for each token, the index of the prompt whose span holds it, or -1 (special tokens, '.')."""
-    owners = np.full(len(ids), -1, np.int64)
-    for t, ((start, end), tok) in enumerate(zip(offsets, ids, strict=True)):
-        if end <= start or tok in special:
-            continue
-        for i, (s, e) in enumerate(spans):
-            if s <= start and end <= e:
-                owners[t] = i
-                break
-    return owners
-
-
-def sigmoid(x: np.ndarray) -> np.ndarray:
-    return np.asarray(1.0 / (1.0 + np.exp(-x)), np.float32)
-
-
-@dataclass(frozen=True)
-class _Kept:
-    """Boxes kept by `postprocess`: `index` into the detector's queries, best first."""
-
-    index: np.ndarray
-    boxes: np.ndarray
-    scores: np.ndarray
-    labels: list[str]
-
-
-def postprocess(
-    logits: np.ndarray,
-    pred_boxes: np.ndarray,
-    owners: np.ndarray,
-    prompts: list[str],
-    image_size: tuple[int, int],
-    min_score: float,
-    text_threshold: float,
-    *,
-    nms_iou: float = NMS_IOU,
-    max_detections: int | None = None,
-) -> _Kept:
-    """Detector outputs -> kept boxes, best first.
-
-    logits: Q×T token logits; pred_boxes: Q×4 (cx, cy, w, h) relative to the image; owners: T prompt index per
-    token (-1: none); `prompts` non-empty. A box's score is its best token probability (as in transformers'
-    `post_process_grounded_object_detection`); it is kept if the score is >= `min_score`, its best prompt's
-    best word scores above `text_threshold`, and no better box of the same prompt overlaps it by more than
-    `nms_iou`; then the `max_detections` (default `MAX_DETECTIONS`) best. Boxes become XYXY original pixels,
-    clipped to the image.
-    """
-    h, w = image_size
-    probs = sigmoid(logits)
-    scores = probs.max(axis=1, initial=0.0)
-    per_prompt = np.zeros((len(probs), len(prompts)), np.float32)
-    for i in range(len(prompts)):
-        per_prompt[:, i] = probs[:, owners == i].max(axis=1, initial=0.0)
-    best = per_prompt.argmax(axis=1)
-    credited = per_prompt.max(axis=1) > text_threshold
-    boxes = corners(pred_boxes) * np.array([w, h, w, h], np.float32)
-    boxes = np.clip(boxes, 0, [w, h, w, h]).astype(np.float32)
-    keep = np.flatnonzero((scores >= min_score) & credited)
-    keep = keep[np.argsort(-scores[keep], kind="stable")]
-    keep = keep[nms(boxes[keep], best[keep], nms_iou)][: MAX_DETECTIONS if max_detections is None else max_detections]
-    return _Kept(keep, boxes[keep], scores[keep].astype(np.float32), [prompts[i] for i in best[keep]])
-
-
-def corners(cxcywh: np.ndarray) -> np.ndarray:
-    """N×4 (cx, cy, w, h) -> N×4 (x0, y0, x1, y1), the same units."""
-    cx, cy, bw, bh = cxcywh.T
-    return np.stack([cx - 0.5 * bw, cy - 0.5 * bh, cx + 0.5 * bw, cy + 0.5 * bh], axis=1).astype(np.float32)
-
-
-def nms(boxes: np.ndarray, groups: np.ndarray, iou: float) -> np.ndarray:
-    """Greedy non-maximum suppression within each group, for N×4 XYXY `boxes` sorted best first.
-
-    Returns the indices kept, in their original (best first) order.
-    """
-    keep: list[int] = []
-    area = np.clip(boxes[:, 2] - boxes[:, 0], 0, None) * np.clip(boxes[:, 3] - boxes[:, 1], 0, None)
-    for i in range(len(boxes)):
-        kept = np.array([k for k in keep if groups[k] == groups[i]], np.int64)
-        if kept.size:
-            x0 = np.maximum(boxes[kept, 0], boxes[i, 0])
-            y0 = np.maximum(boxes[kept, 1], boxes[i, 1])
-            x1 = np.minimum(boxes[kept, 2], boxes[i, 2])
-            y1 = np.minimum(boxes[kept, 3], boxes[i, 3])
-            inter = np.clip(x1 - x0, 0, None) * np.clip(y1 - y0, 0, None)
-            union = area[kept] + area[i] - inter
-            if (inter > iou * np.maximum(union, 1e-9)).any():
-                continue
-        keep.append(i)
-    return np.array(keep, np.int64)
 
 
 def _detector_size(size: Any, cap: int = DETECTOR_SHORTEST_EDGE) -> dict[str, int]:
@@ -368,20 +264,14 @@ def load(path: Path, settings: Settings, precision: Precision | None = None) -> 
     """Load the grounded-sam model in folder `path` on `settings.device` (`precision` None: settings.precision)."""
     from transformers import AutoProcessor, GroundingDinoForObjectDetection
 
-    if settings.threads:
-        torch.set_num_threads(settings.threads)
+    device = prepare_torch(settings)
     detector_dir, sam_dir = find_parts(path)
-    try:
-        detector = GroundingDinoForObjectDetection.from_pretrained(str(detector_dir)).eval().to(settings.device)
+    with checkpoint_errors("GroundingDINO", detector_dir, pull="grounded-sam"):
+        detector = GroundingDinoForObjectDetection.from_pretrained(str(detector_dir)).eval().to(device)
         processor = AutoProcessor.from_pretrained(str(detector_dir))
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        raise ModelNotAvailableError(
-            f"The GroundingDINO model in '{detector_dir}' could not be loaded ({exc}). Re-download it with: "
-            "automask models pull grounded-sam"
-        ) from exc
     precision = precision or settings.precision
     segmenter = load_segmenter(sam_dir, settings, precision)
-    dtype = choose_dtype(precision, settings.device)
-    backend = GroundedSamBackend(detector, processor, segmenter, str(path), settings.device, detector_dtype=dtype)
-    backend.detector_size = _detector_size(processor.image_processor.size, settings.detector_size)
-    return backend
+    dtype = choose_dtype(precision, device)
+    return GroundedSamBackend(
+        detector, processor, segmenter, str(path), device, detector_dtype=dtype, detector_edge=settings.detector_size
+    )

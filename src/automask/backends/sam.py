@@ -13,7 +13,6 @@ Coordinates: boxes XYXY and points XY in original-image pixels; masks H×W at th
 
 from __future__ import annotations
 
-import json
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from automask import models
+from automask.backends.torch_loading import check_device, checkpoint_errors
 from automask.errors import ModelNotAvailableError
 from automask.settings import Settings
 
@@ -191,28 +192,14 @@ def _cpu_flag(*flags: str) -> bool:
     return any(f in text for f in flags)
 
 
-def model_type(folder: Path) -> str | None:
-    """config.json `model_type` of the checkpoint in `folder`, or None."""
-    config = folder / "config.json"
-    if not config.is_file():
-        return None
-    try:
-        value = json.loads(config.read_text()).get("model_type")
-    except (OSError, ValueError):
-        return None
-    return value if isinstance(value, str) else None
-
-
 def is_sam_folder(folder: Path) -> bool:
     """True when `folder` holds a SAM checkpoint transformers can load as `SamModel`."""
-    return model_type(folder) in SAM_MODEL_TYPES
+    return models.model_type(folder) in SAM_MODEL_TYPES
 
 
 def find_sam_folder(settings: Settings) -> Path:
     """Where `refine` takes its SAM weights: the `sam` model (`automask models pull sam`), else the SAM part
     of the `grounded-sam` model, in the data folder or the Hugging Face cache."""
-    from automask import models
-
     candidates: list[Path] = []
     for name in ("sam", "grounded-sam"):
         if name in models.CATALOGUE:
@@ -250,15 +237,11 @@ def _load(folder: Path, settings: Settings, precision: Precision) -> SamSegmente
 
     if not is_sam_folder(folder):
         raise ModelNotAvailableError(f"'{folder}' holds no SAM checkpoint (config.json with model_type 'sam').")
-    try:
-        model = SamModel.from_pretrained(str(folder)).eval().to(settings.device)
+    device = check_device(settings.device)
+    with checkpoint_errors("SAM", folder, pull="grounded-sam"):
+        model = SamModel.from_pretrained(str(folder)).eval().to(device)
         processor = AutoProcessor.from_pretrained(str(folder))
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        raise ModelNotAvailableError(
-            f"The SAM model in '{folder}' could not be loaded ({exc}). Re-download it with: "
-            "automask models pull grounded-sam"
-        ) from exc
-    dtype = choose_dtype(precision, settings.device)
+    dtype = choose_dtype(precision, device)
     model.vision_encoder.to(dtype)
     image_processor = getattr(processor, "image_processor", processor)
-    return SamSegmenter(model, image_processor, model_id=str(folder), device=settings.device, dtype=dtype)
+    return SamSegmenter(model, image_processor, model_id=str(folder), device=device, dtype=dtype)

@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image
 
 from automask.backends.base import Scores
+from automask.backends.onnx_runtime import load_errors
 from automask.errors import ModelNotAvailableError, require
 from automask.routing import Target, target_of, unknown_words_message
 from automask.settings import Settings
@@ -99,7 +100,7 @@ def load(path: Path, settings: Settings) -> SubjectBackend:
     opts.log_severity_level = 3
     try:
         session = ort.InferenceSession(str(model), sess_options=opts, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own untyped errors for a bad file
+    except load_errors() as exc:
         raise ModelNotAvailableError(
             f"{model} could not be loaded ({exc}). "
             "Reinstall it with: automask models pull subject (it re-checks the file)"

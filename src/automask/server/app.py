@@ -18,13 +18,14 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from automask import __version__, web
 from automask.errors import AutomaskError
 from automask.pipeline import MaskGenerator
 from automask.server import keys
 from automask.server.config import ServerSettings
-from automask.server.errors import ApiError, status_of
+from automask.server.errors import ApiError, shown, status_of
 from automask.server.jobs import JobQueue, Jobs
 from automask.server.limits import ASGIApp, BodyLimitMiddleware, Message, RateLimiter, Receive, Scope, Send
 from automask.server.routes import ServerState, error_response, router
@@ -36,6 +37,8 @@ log = logging.getLogger("automask.server")
 access_log = logging.getLogger("automask.server.access")
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+CLIENT_CLOSED = 499
+"""The access log's status for a request whose client went away before it was answered (nginx's code)."""
 
 DESCRIPTION = """Self-hosted, drop-in replacement for the hosted "automatic-mask-generator" API.
 
@@ -111,7 +114,7 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         if exc.status_code in (404, 405):
             return error_response(
-                404, f"No endpoint {request.method} {request.url.path}. The API is described at /docs."
+                404, f"No endpoint {request.method} {shown(request.url.path)}. The API is described at /docs."
             )
         return error_response(exc.status_code, str(exc.detail))
 
@@ -143,6 +146,9 @@ class RequestContextMiddleware:
 
         try:
             await self.app(scope, receive, send_with_id)
+        except ClientDisconnect:  # the client left before its body was read: no one to answer, nothing broke
+            status = CLIENT_CLOSED
+            log.info("client left before sending its body: %s %s %s", request_id, scope["method"], scope["path"])
         except Exception:
             log.exception("unexpected error in request %s %s %s", request_id, scope["method"], scope["path"])
             if not started:

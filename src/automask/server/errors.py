@@ -49,3 +49,8 @@ def status_of(exc: AutomaskError) -> int:
         if cls in STATUS:
             return STATUS[cls]
     return 400
+
+
+def shown(text: str, limit: int = 100) -> str:
+    """`text` cut to `limit` characters (with '…'), to echo a client's string in an error message."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -15,13 +15,14 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi import APIRouter, Depends, Request, Security
+from fastapi.responses import JSONResponse, Response
+from fastapi.security import APIKeyHeader
 
 from automask.result import MaskResult
 from automask.server import keys
 from automask.server.config import ServerSettings
-from automask.server.errors import ApiError
+from automask.server.errors import ApiError, shown
 from automask.server.jobs import COMPLETED, FAILED, Job, JobQueue, Jobs, no_credits
 from automask.server.keys import ApiKey
 from automask.server.limits import RateLimiter
@@ -61,32 +62,59 @@ def error_response(status: int, message: str, headers: dict[str, str] | None = N
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse, "description": text}
-    for code, text in {
-        400: "Invalid parameters, an undecodable image, or a refused image URL.",
-        401: "Missing or unknown API key.",
-        403: "The key is revoked.",
-        404: "Unknown endpoint, model or request id.",
-        406: "Insufficient credits.",
-        413: "Request body or image over the limits.",
-        422: "stop_on_empty_mask and nothing was found.",
-        429: "Rate limited (see Retry-After and x-rate-limit-reset-at-utc).",
-        500: "Unexpected server error.",
-        502: "The image URL's server failed.",
-        503: "The model is not installed or not loaded.",
-        504: "The image fetch or the inference ran past its time limit.",
-    }.items()
+_ERROR_TEXT = {
+    400: "Invalid parameters, an undecodable image, or a refused image URL.",
+    401: "Missing or unknown API key.",
+    403: "The key is revoked.",
+    404: "Unknown endpoint, model or request id.",
+    406: "Insufficient credits.",
+    413: "Request body or image over the limits.",
+    422: "stop_on_empty_mask and nothing was found.",
+    429: "Rate limited.",
+    500: "Unexpected server error (the body names the request id the server log has).",
+    502: "The image URL's server failed.",
+    503: "The model is not installed or not loaded.",
+    504: "The image fetch or the inference ran past its time limit.",
 }
+_RATE_HEADERS = {
+    "Retry-After": {"description": "Seconds to wait.", "required": True, "schema": {"type": "string"}},
+    "x-rate-limit-reset-at-utc": {
+        "description": "When the next request is allowed (ISO 8601, UTC).",
+        "required": True,
+        "schema": {"type": "string"},
+    },
+}
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """The OpenAPI `responses` of the error `codes` an endpoint can answer: each `{"error": "..."}`."""
+    out: dict[int | str, dict[str, Any]] = {c: {"model": ErrorResponse, "description": _ERROR_TEXT[c]} for c in codes}
+    if 429 in out:
+        out[429]["headers"] = _RATE_HEADERS
+    return out
+
+
+EXAMPLE_IMAGE = (
+    "iVBORw0KGgoAAAANSUhEUgAAAAgAAAAICAIAAABLbSncAAAAF0lEQVR42mNkQAInTpyAs5kYcIDBKQEAuwcCaGIR0xsAAAAASUVORK5CYII="
+)
+"""An 8×8 PNG (left half black, right half grey) as base64: the request example of the API description."""
 _BODY = {
     "requestBody": {
         "required": True,
         "content": {
-            "application/json": {"schema": MaskRequest.model_json_schema()},
+            "application/json": {
+                "schema": MaskRequest.model_json_schema(),
+                "example": {"image": EXAMPLE_IMAGE, "prompt": "sofa, lamp", "threshold": 0.2, "grow_mask": 10},
+            },
             "multipart/form-data": {"schema": MaskRequest.model_json_schema()},
         },
     }
 }
+_JOB_ERRORS = {
+    **_errors(401, 403, 404, 500),
+    422: {"model": StatusResponse, "description": "The job FAILED; `error` says why."},
+}
+"""What the `/v2/requests/{id}...` endpoints answer besides 200."""
 
 
 def state_of(request: Request) -> ServerState:
@@ -95,12 +123,18 @@ def state_of(request: Request) -> ServerState:
     return state
 
 
-async def current_key(request: Request) -> ApiKey | None:
+API_KEY = APIKeyHeader(
+    name="x-api-key", auto_error=False, description="A key made with `automask keys create` (am_<id>_<secret>)."
+)
+"""The `x-api-key` header, declared as the API's security scheme (checked by `current_key`, not here)."""
+
+
+async def current_key(request: Request, token: Annotated[str | None, Security(API_KEY)]) -> ApiKey | None:
     """The caller's key from `x-api-key` (401/403 otherwise); None when the server runs without auth."""
     state = state_of(request)
     if not state.server.auth:
         return None
-    key = await asyncio.to_thread(keys.authenticate, state.store, request.headers.get("x-api-key"))
+    key = await asyncio.to_thread(keys.authenticate, state.store, token)
     request.state.key_id = key.id
     return key
 
@@ -143,7 +177,20 @@ def render(result: MaskResult, as_base64: bool, model: str) -> Response:
     f"/v1/{SLUG}",
     summary="Mask what the prompt names (one blocking call)",
     openapi_extra=_BODY,
-    responses={200: {"content": {"image/png": {}, "application/json": {}}}, **_ERRORS},
+    responses={
+        200: {
+            "content": {"image/png": {}, "application/json": {}},
+            "description": "The result image, or JSON with `base64`.",
+            "headers": {
+                "x-inference-time": {
+                    "description": "Seconds the masking took (automask extension).",
+                    "required": True,
+                    "schema": {"type": "string"},
+                }
+            },
+        },
+        **_errors(400, 401, 403, 404, 406, 413, 422, 429, 500, 502, 503, 504),
+    },
     tags=["v1"],
 )
 async def v1_generate(request: Request, key: CallerKey) -> Response:
@@ -162,7 +209,7 @@ async def v1_generate(request: Request, key: CallerKey) -> Response:
     summary="Queue a masking job; poll its status_url",
     openapi_extra=_BODY,
     response_model=SubmitResponse,
-    responses=_ERRORS,
+    responses=_errors(400, 401, 403, 404, 406, 413, 429, 500, 503),
     tags=["v2"],
 )
 async def v2_submit(request: Request, key: CallerKey) -> SubmitResponse:
@@ -184,7 +231,7 @@ async def owned_job(request: Request, request_id: str, key: CallerKey) -> Job:
     """Job `request_id` if the caller's key owns it; 404 otherwise (another key's job is not revealed)."""
     job = await asyncio.to_thread(state_of(request).jobs.get, request_id)
     if job is None or (key is not None and job.key_id != key.id):
-        raise ApiError(404, f"No request {request_id!r} for this key (results are kept for a limited time).")
+        raise ApiError(404, f"No request {shown(request_id)!r} for this key (results are kept for a limited time).")
     return job
 
 
@@ -198,7 +245,7 @@ def _failed(job: Job) -> JSONResponse:
 @router.get(
     "/v2/requests/{request_id}/status",
     response_model=StatusResponse,
-    responses=_ERRORS,
+    responses=_JOB_ERRORS,
     tags=["v2"],
     summary="A job's status: QUEUED, PROCESSING, COMPLETED or FAILED (422)",
 )
@@ -211,7 +258,7 @@ async def v2_status(job: OwnedJob) -> Response:
 @router.get(
     "/v2/requests/{request_id}",
     response_model=ResultResponse,
-    responses=_ERRORS,
+    responses=_JOB_ERRORS,
     tags=["v2"],
     summary="A job's response: output (absolute URL, or base64), metrics and metadata",
 )
@@ -221,7 +268,7 @@ async def v2_response(request: Request, job: OwnedJob) -> Response:
     body: dict[str, Any] = {"request_id": job.id, "status": job.status, "output": None, "metrics": {}}
     if job.status == COMPLETED and job.result_path is not None:
         if job.base64:
-            body["output"] = base64.b64encode(await asyncio.to_thread(job.result_path.read_bytes)).decode("ascii")
+            body["output"] = base64.b64encode(await result_png(job)).decode("ascii")
         else:
             body["output"] = f"{_base_url(request, state_of(request))}/v2/requests/{job.id}/output"
         body["metrics"] = {"inference_time": round(job.inference_time or 0.0, 6)}
@@ -231,9 +278,9 @@ async def v2_response(request: Request, job: OwnedJob) -> Response:
 
 @router.get(
     "/v2/requests/{request_id}/output",
-    response_class=FileResponse,
+    response_class=Response,
     tags=["v2"],
-    responses={200: {"content": {"image/png": {}}}, **_ERRORS},
+    responses={200: {"content": {"image/png": {}}, "description": "The result PNG."}, **_JOB_ERRORS},
     summary="A completed job's result image",
 )
 async def v2_output(job: OwnedJob) -> Response:
@@ -241,13 +288,24 @@ async def v2_output(job: OwnedJob) -> Response:
         return _failed(job)
     if job.status != COMPLETED or job.result_path is None:
         raise ApiError(404, f"The result of request {job.id} is not ready yet ({job.status}); poll its status_url.")
-    return FileResponse(job.result_path, media_type="image/png")
+    return Response(await result_png(job), media_type="image/png")
+
+
+async def result_png(job: Job) -> bytes:
+    """The PNG of a COMPLETED job; 404 if it has just expired (the sweeper deletes the row, then the file)."""
+    assert job.result_path is not None
+    try:
+        return await asyncio.to_thread(job.result_path.read_bytes)
+    except FileNotFoundError:
+        raise ApiError(
+            404, f"The result of request {job.id} has expired (results are kept for a limited time)."
+        ) from None
 
 
 @router.get(
     "/v1/models",
     response_model=ModelList,
-    responses={k: _ERRORS[k] for k in (401, 403)},
+    responses=_errors(401, 403, 500),
     tags=["v1"],
     summary="The models this server answers with (automask extension); send one's name as 'model'",
 )
@@ -261,7 +319,12 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", tags=["health"], summary="The model is loaded (503 with the reason otherwise)")
+@router.get(
+    "/readyz",
+    tags=["health"],
+    summary="The model is loaded (503 with the reason otherwise)",
+    responses={503: {"model": ErrorResponse, "description": "The model is still loading, or failed to load."}},
+)
 async def readyz(request: Request) -> Response:
     runner = state_of(request).runner
     if runner.ready:

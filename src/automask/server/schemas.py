@@ -16,6 +16,10 @@ from automask.errors import InvalidOptionError
 from automask.options import MaskOptions, parse_prompt, validation_error
 
 MAX_MODEL_NAME = 200
+MAX_PROMPT_CHARS = 2000
+"""Longest prompt the service accepts (text encoders read a few hundred characters per target at most)."""
+MAX_PROMPT_TARGETS = 32
+"""Most targets one prompt may name: each is scored separately, so this bounds the work of one request."""
 FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 
 
@@ -27,7 +31,11 @@ class MaskRequest(MaskOptions):
         description="An http(s) URL, a bare base64 string or a data:image/...;base64, URI "
         "(or, in a multipart body, the image file itself)."
     )
-    prompt: str = Field(description="What to select; several targets separated by ',' or ' . ' are unioned.")
+    prompt: str = Field(
+        max_length=MAX_PROMPT_CHARS,
+        description=f"What to select; several targets (at most {MAX_PROMPT_TARGETS}) separated by ',' or ' . ' "
+        "are unioned.",
+    )
     base64: bool = Field(False, description='true: answer JSON {"image": "<base64 PNG>", ...metadata}.')
     model: str | None = Field(
         None,
@@ -50,12 +58,30 @@ def validate_request(data: Any, *, strict: bool) -> MaskRequest:
         req = MaskRequest.model_validate(data, strict=strict)
     except ValidationError as exc:
         raise validation_error(exc) from None
+    for name in ("image", "prompt", "model"):
+        _check_text(name, getattr(req, name))
     if (isinstance(req.image, str) and not req.image.strip()) or (isinstance(req.image, bytes) and not req.image):
         raise InvalidOptionError("image", "is empty: send an image URL, base64 data or a file")
     if req.model is not None and not req.model.strip():
         raise InvalidOptionError("model", "is empty: leave it out for the server's default model (GET /v1/models)")
-    parse_prompt(req.prompt)  # an empty or blank prompt is a 400 now, not a failed job later
+    targets = parse_prompt(req.prompt)  # an empty or blank prompt is a 400 now, not a failed job later
+    if len(targets) > MAX_PROMPT_TARGETS:
+        raise InvalidOptionError(
+            "prompt", f"names {len(targets)} targets; at most {MAX_PROMPT_TARGETS} per request: split it in several"
+        )
     return req
+
+
+def _check_text(name: str, value: object) -> None:
+    """A JSON string may hold an unpaired surrogate escape ("\\ud800"): valid JSON, but no text (it cannot be
+    encoded, stored or sent on); refuse it."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidOptionError(
+                name, "is not valid text: it holds an unpaired surrogate such as \\ud800"
+            ) from None
 
 
 async def read_request(request: Request, max_part_size: int) -> MaskRequest:
@@ -74,6 +100,10 @@ def _from_json(body: bytes) -> MaskRequest:
         raise InvalidOptionError(
             "body", f"is not valid JSON ({exc}); send a JSON object, or a multipart form with an 'image' file"
         ) from None
+    except RecursionError:
+        raise InvalidOptionError("body", "is nested too deeply; send a flat JSON object of the fields") from None
+    except ValueError:  # json's other ValueError: an integer of more than 4300 digits (sys.get_int_max_str_digits)
+        raise InvalidOptionError("body", "holds a number with too many digits to read") from None
     return validate_request(data, strict=True)
 
 

@@ -1,0 +1,56 @@
+"""What the torch/transformers backends (clipseg, grounded-sam, SAM for refine) share when loading a checkpoint:
+torch's thread count and device, and one clear error for a checkpoint transformers cannot read.
+
+torch is imported inside the functions, so importing this module stays light.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+from automask.errors import ModelNotAvailableError
+from automask.settings import Settings
+
+LOAD_ERRORS: tuple[type[Exception], ...] = (OSError, ValueError, KeyError, RuntimeError)
+"""What `from_pretrained` raises for a missing, partial or damaged checkpoint folder."""
+
+
+def prepare_torch(settings: Settings) -> str:
+    """Apply `settings.threads` to torch (when set) and return `settings.device`, validated by `check_device`."""
+    import torch
+
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    return check_device(settings.device)
+
+
+def check_device(device: str) -> str:
+    """Validate a torch device string ('cpu', 'cuda', 'cuda:1') against what this machine has; return it."""
+    import torch
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelNotAvailableError(
+            f"AUTOMASK_DEVICE is '{device}' but torch sees no CUDA GPU. Use AUTOMASK_DEVICE=cpu, or install a "
+            "CUDA build of torch."
+        )
+    try:
+        torch.device(device)
+    except RuntimeError as exc:
+        raise ModelNotAvailableError(f"Invalid AUTOMASK_DEVICE '{device}': {exc}") from exc
+    return device
+
+
+@contextlib.contextmanager
+def checkpoint_errors(what: str, folder: Path, pull: str) -> Iterator[None]:
+    """Turn `LOAD_ERRORS` raised in the block into a `ModelNotAvailableError` naming the `what` model in
+    `folder`, the first line of the cause, and `automask models pull <pull>` as the fix."""
+    try:
+        yield
+    except LOAD_ERRORS as exc:
+        why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ModelNotAvailableError(
+            f"The {what} model in '{folder}' could not be loaded ({why}). "
+            f"Re-download it with: automask models pull {pull}"
+        ) from exc

@@ -1,0 +1,151 @@
+"""Putting model files on disk: downloads from the Hugging Face hub, and the staging folder and atomic swap that
+every installer uses (hub models in `models.pull`, the embedded model in `embedded.install`, ONNX exports), so
+that nothing half-written is ever left where a model is looked for.
+
+huggingface_hub is imported only inside the functions that talk to it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import sys
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+from automask.errors import ModelNotAvailableError
+
+FALLBACK_WEIGHTS = ("pytorch_model*.bin",)
+"""Downloaded only when a repository has no safetensors weights."""
+
+
+@contextlib.contextmanager
+def staging(folder: Path) -> Iterator[Path]:
+    """A new empty folder beside `folder` (the same file system, so `replace_dir` from it is a rename), removed
+    with whatever is left in it after the block. `ModelNotAvailableError` when it cannot be created."""
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", suffix=".partial", dir=folder.parent))
+    except OSError as exc:
+        raise ModelNotAvailableError(
+            f"Cannot write to the models folder '{folder.parent}' ({exc.strerror}). "
+            "Point AUTOMASK_DATA_DIR at a writable folder and run again."
+        ) from exc
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def replace_dir(new: Path, dest: Path) -> None:
+    """Rename the complete folder `new` to `dest` (the same file system). Whatever `dest` held (a folder or a
+    symlink) is moved aside first and deleted only once `new` is in place; if that rename fails it is put back."""
+    old = None
+    if os.path.lexists(dest):
+        old = dest.with_name(f".{dest.name}-{uuid.uuid4().hex[:8]}.old")
+        os.replace(dest, old)
+    try:
+        os.replace(new, dest)
+    except OSError:
+        if old is not None:
+            os.replace(old, dest)
+        raise
+    if old is None:
+        return
+    if old.is_symlink():
+        old.unlink()
+    else:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def has_weights(folder: Path) -> bool:
+    """True when `folder` (or a subfolder) holds safetensors or pytorch_model*.bin weights."""
+    return any(folder.rglob("*.safetensors")) or any(folder.rglob("pytorch_model*.bin"))
+
+
+def cached_snapshot(repo: str, files: tuple[str, ...]) -> Path | None:
+    """The Hugging Face cache folder of hub repository `repo` holding its config.json and weights, or None.
+    Never uses the network; `files`: the patterns the model needs (others may be missing)."""
+    from huggingface_hub import snapshot_download
+
+    errors: tuple[type[BaseException], ...] = (OSError, ValueError, *hub_errors())
+    try:
+        folder = Path(snapshot_download(repo, local_files_only=True, allow_patterns=list(files)))
+    except errors as exc:
+        # a snapshot missing files we do not need (e.g. one fetched by from_pretrained) is still usable
+        snapshot = getattr(exc, "snapshot_path", None)
+        if snapshot is None:
+            return None
+        folder = Path(snapshot)
+    return folder if (folder / "config.json").is_file() and has_weights(folder) else None
+
+
+def download_repo(name: str, repo: str, dest: Path, files: tuple[str, ...], progress: bool) -> None:
+    """Download the `files` of hub repository `repo` into folder `dest` (safetensors, else .bin weights), for
+    catalogue model `name`. `ModelNotAvailableError` when the hub fails or the repository has no weights."""
+    from huggingface_hub import snapshot_download
+
+    errors: tuple[type[BaseException], ...] = (OSError, ConnectionError, TimeoutError, *hub_errors())
+    try:
+        with progress_bars(progress):
+            snapshot_download(repo, local_dir=dest, allow_patterns=list(files))
+            if "*.safetensors" in files and not any(dest.glob("*.safetensors")):
+                snapshot_download(repo, local_dir=dest, allow_patterns=list(FALLBACK_WEIGHTS))
+    except errors as exc:
+        raise ModelNotAvailableError(offline_message(name, f"downloading {repo} failed: {_short(exc)}")) from exc
+    shutil.rmtree(dest / ".cache", ignore_errors=True)  # the hub's download bookkeeping
+    if not has_weights(dest):
+        raise ModelNotAvailableError(f"The hub repository {repo} holds no model weights automask can load.")
+
+
+def offline() -> bool:
+    """True when Hugging Face offline mode is on (environment, or as the hub library read it at import)."""
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(var, "").strip().upper() in {"1", "ON", "YES", "TRUE"}:
+            return True
+    hub = sys.modules.get("huggingface_hub.constants")
+    return bool(getattr(hub, "HF_HUB_OFFLINE", False))
+
+
+def offline_message(name: str, why: str) -> str:
+    """The error for catalogue model `name` that cannot be downloaded, saying `why` and what to do instead."""
+    return (
+        f"Cannot download the model '{name}': {why}. Check the network connection (and unset HF_HUB_OFFLINE) "
+        f"and run again: automask models pull {name}. Or copy a model folder saved with save_pretrained to this "
+        "machine and point --model / AUTOMASK_MODEL at it."
+    )
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def hub_errors() -> tuple[type[BaseException], ...]:
+    """Exception classes the hub client raises for network and HTTP failures (whichever HTTP library it uses)."""
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    errors: list[type[BaseException]] = [HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled]
+    for module, attr in (("httpx", "HTTPError"), ("httpx2", "HTTPError"), ("requests", "RequestException")):
+        cls = getattr(sys.modules.get(module), attr, None)
+        if isinstance(cls, type) and issubclass(cls, BaseException):
+            errors.append(cls)
+    return tuple(errors)
+
+
+@contextlib.contextmanager
+def progress_bars(enabled: bool) -> Iterator[None]:
+    """Show (or hide) the hub's tqdm download bars for the duration of the block."""
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    was_disabled = are_progress_bars_disabled()
+    if not enabled and not was_disabled:
+        disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not enabled and not was_disabled:
+            enable_progress_bars()

@@ -1,0 +1,72 @@
+"""automask.install: the staging folder and atomic folder swap every model installer uses."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from automask.errors import ModelNotAvailableError
+from automask.install import replace_dir, staging
+
+
+def _folder(path: Path, content: str) -> Path:
+    path.mkdir(parents=True)
+    (path / "weights").write_text(content)
+    return path
+
+
+def test_replace_dir_swaps_in_the_new_folder_and_removes_the_old(tmp_path: Path) -> None:
+    dest = _folder(tmp_path / "models" / "m", "old")
+    replace_dir(_folder(tmp_path / "models" / ".m-new", "new"), dest)
+    assert (dest / "weights").read_text() == "new"
+    assert [p.name for p in dest.parent.iterdir()] == ["m"]
+    replace_dir(_folder(tmp_path / "models" / ".m-fresh", "fresh"), tmp_path / "models" / "n")  # nothing to replace
+    assert (tmp_path / "models" / "n" / "weights").read_text() == "fresh"
+
+
+def test_replace_dir_over_a_symlink_replaces_the_link_not_its_target(tmp_path: Path) -> None:
+    shared = _folder(tmp_path / "shared", "shared")
+    dest = tmp_path / "models" / "m"
+    dest.parent.mkdir()
+    dest.symlink_to(shared, target_is_directory=True)
+    replace_dir(_folder(tmp_path / "models" / ".m-new", "new"), dest)
+    assert not dest.is_symlink() and (dest / "weights").read_text() == "new"
+    assert (shared / "weights").read_text() == "shared"
+    assert [p.name for p in dest.parent.iterdir()] == ["m"]
+
+
+def test_a_failed_swap_puts_the_old_folder_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    dest = _folder(tmp_path / "models" / "m", "old")
+    new = _folder(tmp_path / "models" / ".m-new", "new")
+    real = os.replace
+
+    def fail_on_new(src: Any, dst: Any) -> None:
+        if Path(src) == new:
+            raise OSError(28, "No space left on device")
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", fail_on_new)
+    with pytest.raises(OSError, match="No space"):
+        replace_dir(new, dest)
+    assert (dest / "weights").read_text() == "old"
+    assert sorted(p.name for p in dest.parent.iterdir()) == [".m-new", "m"]
+
+
+def test_staging_is_beside_the_target_and_removed_after(tmp_path: Path) -> None:
+    target = tmp_path / "models" / "m"
+    with staging(target) as tmp:
+        assert tmp.parent == target.parent and tmp.name.startswith(".m-") and not any(tmp.iterdir())
+        (tmp / "partial").write_text("x")
+    assert not tmp.exists() and list(target.parent.iterdir()) == []
+    with pytest.raises(RuntimeError), staging(target) as tmp:
+        raise RuntimeError("download failed")
+    assert not tmp.exists()
+
+
+def test_staging_in_an_unwritable_place_names_the_setting(tmp_path: Path) -> None:
+    (tmp_path / "data").write_text("a file where the data folder should be")
+    with pytest.raises(ModelNotAvailableError, match="AUTOMASK_DATA_DIR"), staging(tmp_path / "data" / "models" / "m"):
+        pass

@@ -1,0 +1,44 @@
+"""automask.backends.torch_loading: device checks and checkpoint errors shared by the torch backends."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from automask.backends import grounded_sam, sam
+from automask.backends.torch_loading import check_device, checkpoint_errors
+from automask.errors import ModelNotAvailableError
+from automask.settings import Settings
+from tiny_models import make_tiny_sam
+
+
+def test_check_device() -> None:
+    assert check_device("cpu") == "cpu"
+    with pytest.raises(ModelNotAvailableError, match="Invalid AUTOMASK_DEVICE 'gpu0'"):
+        check_device("gpu0")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
+def test_every_torch_loader_refuses_cuda_without_a_gpu(tmp_path: Path) -> None:
+    cuda = Settings(data_dir=tmp_path, device="cuda")
+    with pytest.raises(ModelNotAvailableError, match="no CUDA GPU"):
+        grounded_sam.load(tmp_path, cuda)  # checked before the folder is even read
+    folder = make_tiny_sam(tmp_path / "sam")
+    with pytest.raises(ModelNotAvailableError, match="no CUDA GPU"):
+        sam.load_segmenter(folder, cuda)
+
+
+def test_checkpoint_errors_name_the_model_the_cause_and_the_fix(tmp_path: Path) -> None:
+    with pytest.raises(ModelNotAvailableError) as err, checkpoint_errors("SAM", tmp_path, pull="sam"):
+        raise OSError("model.safetensors is missing\nlong transformers advice")
+    assert err.value.message == (
+        f"The SAM model in '{tmp_path}' could not be loaded (model.safetensors is missing). "
+        "Re-download it with: automask models pull sam"
+    )
+    assert isinstance(err.value.__cause__, OSError)
+    with pytest.raises(ModelNotAvailableError, match=r"\(KeyError\)"), checkpoint_errors("SAM", tmp_path, "sam"):
+        raise KeyError()
+    with pytest.raises(ZeroDivisionError), checkpoint_errors("SAM", tmp_path, "sam"):  # a bug is not hidden
+        raise ZeroDivisionError()
