@@ -11,7 +11,7 @@ import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from automask.server import keys as keystore
 from automask.server.app import create_app
 from automask.server.config import ServerSettings
 from automask.server.store import Store
+from loopback import serve_http
 from server_helpers import FakeBackend, LiveServer, decode, loopback_socket, png_bytes, wait_for
 
 SLUG = "automatic-mask-generator"
@@ -330,14 +331,9 @@ class _Failing(BaseHTTPRequestHandler):
 def test_502_and_504_from_the_image_url(serve: Any) -> None:
     live = serve(settings={"allow_private_urls": True, "fetch_timeout": 0.5})
     _, headers = new_key(live)
-    upstream = ThreadingHTTPServer(("127.0.0.1", 0), _Failing)
-    threading.Thread(target=upstream.serve_forever, daemon=True).start()
-    try:
-        r = post(live, headers, json={"image": f"http://127.0.0.1:{upstream.server_port}/a.png", "prompt": "sofa"})
+    with serve_http(_Failing) as upstream:
+        r = post(live, headers, json={"image": f"{upstream}/a.png", "prompt": "sofa"})
         assert r.status_code == 502, r.text
-    finally:
-        upstream.shutdown()
-        upstream.server_close()
     with contextlib.closing(loopback_socket()) as silent:  # accepts connections (backlog), never answers
         silent.listen(4)
         r = post(live, headers, json={"image": f"http://127.0.0.1:{silent.getsockname()[1]}/a.png", "prompt": "x"})

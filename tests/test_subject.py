@@ -14,9 +14,8 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -32,6 +31,7 @@ from automask.embedded import MARKER, SUBJECT, download_wheel, install, is_compl
 from automask.errors import EmptyMaskError, ModelNotAvailableError
 from automask.models import pull
 from automask.settings import Settings
+from loopback import serve_http
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -175,14 +175,8 @@ def loopback_index(subject_wheel: Path) -> Iterator[str]:
         def log_message(self, *args: object) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/pypi"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serve_http(Handler) as base:
+        yield f"{base}/pypi"
 
 
 def test_download_without_pip_uses_the_index_json_api(tmp_path: Path, loopback_index: str) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import re
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,6 +21,7 @@ import pytest
 from PIL import Image
 
 from automask.settings import Settings
+from loopback import serve_http
 from server_helpers import LiveServer, decode, install_as_catalogue, wait_ready
 from web_helpers import (
     CHROMIUM,
@@ -89,20 +89,14 @@ def photo(astronaut: np.ndarray, tmp_path_factory: pytest.TempPathFactory) -> Pa
 def photo_url(photo: Path) -> Iterator[str]:
     """`photo` served over HTTP on a loopback port, as an image URL a user would paste."""
     from functools import partial
-    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+    from http.server import SimpleHTTPRequestHandler
 
     class Quiet(SimpleHTTPRequestHandler):
         def log_message(self, format: str, *args: Any) -> None:
             pass
 
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), partial(Quiet, directory=str(photo.parent)))
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}/{photo.name}"
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
+    with serve_http(partial(Quiet, directory=str(photo.parent))) as base:
+        yield f"{base}/{photo.name}"
 
 
 # ---- the browser ---------------------------------------------------------------------------------------
