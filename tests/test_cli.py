@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -353,6 +354,54 @@ def test_models_list_and_pull_use_the_settings(monkeypatch: pytest.MonkeyPatch, 
     assert [(n, s.data_dir, p) for n, s, p in calls] == [("clipseg", data, True)]
     assert exported == [("clipseg", data / "models" / "clipseg")]
     assert str(data / "models" / "clipseg") in pulled.stdout
+
+
+def fake_onnx_export(model_path: Path, *, int8: bool) -> None:
+    """Write the files `has_onnx` looks for (manifest naming this checkpoint, graphs, tokenizer); not runnable."""
+    from automask.backends.clipseg_common import FORMAT, MANIFEST, fingerprint, onnx_dir
+
+    folder = onnx_dir(model_path)
+    folder.mkdir()
+    manifest: dict[str, Any] = {"format": FORMAT, "fingerprint": fingerprint(model_path), "image_size": [8, 8]}
+    manifest |= {"extract_layers": [1], "files": {"image": "image.onnx", "prompt": "prompt.onnx"}}
+    manifest["tokenizer"] = {"file": "tokenizer.json", "pad_id": 0, "pad_token": "!", "max_length": 8}
+    if int8:
+        manifest["int8_files"] = {"image": "image.int8.onnx", "prompt": "prompt.int8.onnx"}
+    for name in ["tokenizer.json", *manifest["files"].values(), *manifest.get("int8_files", {}).values()]:
+        (folder / name).write_bytes(b"x")
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+
+
+def test_models_list_shows_the_onnx_exports_of_clipseg(tmp_path: Path) -> None:
+    from server_helpers import install_as_catalogue
+
+    folder = install_as_catalogue(tmp_path, "clipseg", seed=0)
+
+    def listed() -> tuple[dict[str, Any], str]:
+        as_json = invoke("--data-dir", tmp_path, "models", "list", "--json")
+        table = invoke("--data-dir", tmp_path, "models", "list")
+        assert as_json.exit_code == 0 and table.exit_code == 0, as_json.output + table.output
+        rows = {row["name"]: row for row in json.loads(as_json.stdout)}
+        cells = [[c.strip() for c in line.split("│")] for line in table.stdout.splitlines() if "│" in line]
+        return rows, next(c[4] for c in cells if c[1] == "clipseg")
+
+    rows, cell = listed()
+    assert rows["clipseg"]["onnx"] == [] and cell == "no"
+    assert all(r["onnx"] is None for r in rows.values() if r["backend"] != "clipseg")
+    fake_onnx_export(folder, int8=False)
+    rows, cell = listed()
+    assert rows["clipseg"]["onnx"] == ["fp32"] and cell == "fp32"
+    shutil.rmtree(folder / "onnx")
+    fake_onnx_export(folder, int8=True)
+    rows, cell = listed()
+    assert rows["clipseg"]["onnx"] == ["fp32", "int8"] and cell == "fp32, int8"
+    manifest = folder / "onnx" / "manifest.json"
+    data = json.loads(manifest.read_text())
+    del data["image_size"]
+    data["tokenizer"]["max_length"] = "many"
+    manifest.write_text(json.dumps(data))  # damaged: counts as no export (re-export fixes it), not a crash
+    rows, cell = listed()
+    assert rows["clipseg"]["onnx"] == [] and cell == "no"
 
 
 # -- file helpers -------------------------------------------------------------------------------------

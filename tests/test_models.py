@@ -212,6 +212,26 @@ def test_resolve_a_folder_of_an_unsupported_model(settings: Settings, tmp_path: 
         models.resolve(str(tmp_path), settings)
 
 
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        (b'{"backend": "clipseg"', "not a JSON object"),
+        (b'["clipseg"]', "not a JSON object"),
+        (b'{"name": "clipseg"}', 'names no "backend"'),
+        (b'{"backend": ""}', 'names no "backend"'),
+        (b"\xff\xfe{}", "cannot be read"),
+    ],
+)
+def test_a_damaged_marker_says_to_re_pull(settings: Settings, content: bytes, problem: str) -> None:
+    folder = models.model_dir("clipseg", settings)
+    folder.mkdir(parents=True)
+    (folder / models.MARKER).write_bytes(content)
+    with pytest.raises(ModelNotAvailableError) as info:
+        models.resolve(str(folder), settings)
+    assert problem in info.value.message
+    assert str(folder / models.MARKER) in info.value.message and "automask models pull clipseg" in info.value.message
+
+
 def test_automask_model_env_points_at_a_folder(tiny_clipseg_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AUTOMASK_MODEL", str(tiny_clipseg_dir))
     settings = Settings()

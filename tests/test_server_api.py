@@ -446,6 +446,23 @@ def test_v2_expired_results_are_cleaned_up(serve: Any, image_b64: str) -> None:
     assert httpx.get(sub["status_url"], headers=headers).status_code == 404
 
 
+def test_the_sweeper_deletes_expired_results_on_its_own(tmp_path: Path, image_b64: str) -> None:
+    """The periodic sweep (not a direct `expire` call) removes a finished job after TTL + interval."""
+    server = ServerSettings().model_copy(update={"result_ttl": 0.3, "cleanup_interval": 0.2})  # below the floor
+    settings = Settings(data_dir=tmp_path)
+    with LiveServer(create_app(settings, server, MaskGenerator(FakeBackend(), settings))) as live:
+        live.store = Store.in_data_dir(tmp_path)
+        _, headers = new_key(live)
+        sub = post(live, headers, "v2", json={"image": image_b64, "prompt": "sofa"}).json()
+        assert poll(sub["status_url"], headers, seconds=5).json()["status"] == "COMPLETED"
+        path = tmp_path / "results" / f"{sub['request_id']}.png"
+        assert path.is_file()
+        wait_for(lambda: not path.exists(), 5)
+        for url in (sub["status_url"], sub["response_url"], sub["response_url"] + "/output"):
+            r = httpx.get(url, headers=headers)
+            assert r.status_code == 404 and "expired" in r.json()["error"]
+
+
 def test_no_auth_mode_needs_loopback(serve: Any, image_b64: str) -> None:
     live = serve(auth=False)
     assert post(live, {}, json={"image": image_b64, "prompt": "sofa"}).status_code == 200

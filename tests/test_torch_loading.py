@@ -42,3 +42,14 @@ def test_checkpoint_errors_name_the_model_the_cause_and_the_fix(tmp_path: Path) 
         raise KeyError()
     with pytest.raises(ZeroDivisionError), checkpoint_errors("SAM", tmp_path, "sam"):  # a bug is not hidden
         raise ZeroDivisionError()
+
+
+def test_sam_for_refine_applies_the_thread_setting(tmp_path: Path) -> None:
+    before = torch.get_num_threads()
+    wanted = 2 if before == 1 else 1
+    folder = make_tiny_sam(tmp_path / "sam")  # a fresh folder: not in the loaded-segmenter cache
+    try:
+        sam.load_segmenter(folder, Settings(data_dir=tmp_path, threads=wanted))
+        assert torch.get_num_threads() == wanted
+    finally:
+        torch.set_num_threads(before)

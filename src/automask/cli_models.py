@@ -26,19 +26,23 @@ def models_list(ctx: click.Context, as_json: bool) -> None:
     from automask.models import list_models
 
     infos = list_models(root_settings(ctx))
+    onnx = {m.name: _onnx_exports(m.backend, m.path) if m.installed else None for m in infos}
     if as_json:
         keys = ("name", "backend", "installed", "path", "description", "source")
-        click.echo(json.dumps([{k: _jsonable(getattr(m, k)) for k in keys} for m in infos]))
+        rows = [{**{k: _jsonable(getattr(m, k)) for k in keys}, "onnx": onnx[m.name]} for m in infos]
+        click.echo(json.dumps(rows))
         return
     from rich.console import Console
     from rich.table import Table
 
-    table = Table("name", "backend", "installed")
+    table = Table("name", "backend", "installed", "onnx")
     table.add_column("path", overflow="fold")
     table.add_column("description")
     for m in infos:
         installed = ("yes" + (f" ({m.source})" if m.source else "")) if m.installed else "no"
-        table.add_row(m.name, m.backend, installed, str(m.path), m.description)
+        exports = onnx[m.name]
+        shown = "" if exports is None else ", ".join(exports) or "no"
+        table.add_row(m.name, m.backend, installed, shown, str(m.path), m.description)
     Console(width=None if sys.stdout.isatty() else 160).print(table)
     if not all(m.installed for m in infos):
         click.echo("Install a model with: automask models pull NAME", err=True)
@@ -86,6 +90,15 @@ def models_export(ctx: click.Context, model: str, int8: bool | None) -> None:
 
     click.echo("Exporting the ONNX Runtime graphs (about a minute)...", err=True)
     click.echo(f"ONNX Runtime graphs written to {export_onnx(model, root_settings(ctx), int8=int8)}")
+
+
+def _onnx_exports(backend: str, path: Path) -> list[str] | None:
+    """The ONNX Runtime graph sets present for a CLIPSeg model ("fp32", "int8"); None for other backends."""
+    if backend != "clipseg":
+        return None
+    from automask.backends.clipseg_common import has_onnx
+
+    return [kind for kind, int8 in (("fp32", False), ("int8", True)) if has_onnx(path, int8)]
 
 
 def _jsonable(value: Any) -> Any:

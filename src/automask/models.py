@@ -94,9 +94,8 @@ def is_installed(name: str, settings: Settings) -> bool:
 
 def detect_backend(path: Path) -> str:
     """Which backend runs the checkpoint in folder `path` (from automask.json or config.json)."""
-    marker = path / MARKER
-    if marker.is_file():
-        return str(json.loads(marker.read_text())["backend"])
+    if (path / MARKER).is_file():
+        return marker_backend(path)
     if (path / "config.json").is_file():
         kind = model_type(path)
         if kind in _MODEL_TYPES:
@@ -111,6 +110,28 @@ def detect_backend(path: Path) -> str:
     raise ModelNotAvailableError(
         f"'{path}' holds no model automask can load (no {MARKER} or config.json). "
         "Point --model at a folder saved with save_pretrained, or pull one: automask models pull clipseg"
+    )
+
+
+def marker_backend(path: Path) -> str:
+    """The "backend" of the automask.json marker in model folder `path`; `ModelNotAvailableError` (saying how
+    to re-pull) when the marker is unreadable, not JSON, or names no backend."""
+    marker = path / MARKER
+    try:
+        backend = json.loads(marker.read_text(encoding="utf-8")).get("backend")
+        if isinstance(backend, str) and backend:
+            return backend
+        problem = 'it names no "backend"'
+    except OSError as exc:
+        problem = f"it cannot be read ({exc.strerror or exc.__class__.__name__})"
+    except UnicodeDecodeError:
+        problem = "it cannot be read (not UTF-8 text)"
+    except (ValueError, AttributeError):
+        problem = "it is not a JSON object"
+    name = path.name if path.name in CATALOGUE else "NAME"
+    raise ModelNotAvailableError(
+        f"The model marker '{marker}' is damaged: {problem}. Re-pull the model: delete '{path}', then run "
+        f"automask models pull {name}."
     )
 
 

@@ -87,7 +87,8 @@ def read_manifest(model_path: Path) -> dict[str, Any] | None:
 def find_artifacts(model_path: Path, int8: bool = False) -> OnnxArtifacts | None:
     """The usable ONNX artifacts of the checkpoint in `model_path` (the int8 set when `int8`), else None.
 
-    None when there is no export, when a file is missing, or when the export was made from other weights.
+    None when there is no export, when a file is missing, when the manifest is damaged (missing or malformed
+    keys), or when the export was made from other weights: `automask models export` writes a fresh one.
     """
     data = read_manifest(model_path)
     if data is None or data.get("fingerprint") != fingerprint(model_path):
@@ -99,6 +100,17 @@ def find_artifacts(model_path: Path, int8: bool = False) -> OnnxArtifacts | None
     tokenizer = folder / str(tok.get("file", ""))
     if not all(p.is_file() for p in [*paths.values(), tokenizer]):
         return None
+    try:
+        return _artifacts(data, folder, paths, tokenizer, int8)
+    except (KeyError, TypeError, ValueError, IndexError):
+        return None
+
+
+def _artifacts(
+    data: dict[str, Any], folder: Path, paths: dict[str, Path], tokenizer: Path, int8: bool
+) -> OnnxArtifacts:
+    """`OnnxArtifacts` from a manifest's fields; raises KeyError/TypeError/ValueError when they are malformed."""
+    tok = data["tokenizer"]
     return OnnxArtifacts(
         folder=folder,
         image=paths["image"],

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from automask import models
-from automask.backends.torch_loading import check_device, checkpoint_errors
+from automask.backends.torch_loading import checkpoint_errors, prepare_torch
 from automask.errors import ModelNotAvailableError
 from automask.settings import Settings
 
@@ -237,7 +237,7 @@ def _load(folder: Path, settings: Settings, precision: Precision) -> SamSegmente
 
     if not is_sam_folder(folder):
         raise ModelNotAvailableError(f"'{folder}' holds no SAM checkpoint (config.json with model_type 'sam').")
-    device = check_device(settings.device)
+    device = prepare_torch(settings)
     with checkpoint_errors("SAM", folder, pull="grounded-sam"):
         model = SamModel.from_pretrained(str(folder)).eval().to(device)
         processor = AutoProcessor.from_pretrained(str(folder))

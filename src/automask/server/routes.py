@@ -231,7 +231,11 @@ async def owned_job(request: Request, request_id: str, key: CallerKey) -> Job:
     """Job `request_id` if the caller's key owns it; 404 otherwise (another key's job is not revealed)."""
     job = await asyncio.to_thread(state_of(request).jobs.get, request_id)
     if job is None or (key is not None and job.key_id != key.id):
-        raise ApiError(404, f"No request {shown(request_id)!r} for this key (results are kept for a limited time).")
+        raise ApiError(
+            404,
+            f"No request {shown(request_id)!r} for this key"
+            " (it may have expired: results are kept for a limited time).",
+        )
     return job
 
 
