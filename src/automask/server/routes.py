@@ -173,6 +173,17 @@ def render(result: MaskResult, as_base64: bool, model: str) -> Response:
     return Response(png, media_type="image/png", headers=headers)
 
 
+async def accept(request: Request, key: ApiKey | None) -> tuple[ServerState, MaskRequest, str]:
+    """What v1 and v2 do before any work: the rate limit (429), the body (400/413), and the model (404/503,
+    answered before a credit is held or a job is queued). Returns the state, the request and the model name."""
+    state = state_of(request)
+    if key is not None:
+        state.limiter.check(key.id, key.rate_limit)
+    req = await read_request(request, state.body_limit)
+    model = await asyncio.to_thread(state.runner.check, req.model)
+    return state, req, model
+
+
 @router.post(
     f"/v1/{SLUG}",
     summary="Mask what the prompt names (one blocking call)",
@@ -194,11 +205,7 @@ def render(result: MaskResult, as_base64: bool, model: str) -> Response:
     tags=["v1"],
 )
 async def v1_generate(request: Request, key: CallerKey) -> Response:
-    state = state_of(request)
-    if key is not None:
-        state.limiter.check(key.id, key.rate_limit)
-    req = await read_request(request, state.body_limit)
-    model = await asyncio.to_thread(state.runner.check, req.model)  # 404 / 503 before a credit is held
+    state, req, model = await accept(request, key)
     async with credit_hold(state, key, uuid.uuid4().hex):
         result, _ = await state.runner.run(req.image, req.prompt, req.options(), model)
         return await asyncio.to_thread(render, result, req.base64, model)
@@ -213,11 +220,7 @@ async def v1_generate(request: Request, key: CallerKey) -> Response:
     tags=["v2"],
 )
 async def v2_submit(request: Request, key: CallerKey) -> SubmitResponse:
-    state = state_of(request)
-    if key is not None:
-        state.limiter.check(key.id, key.rate_limit)
-    req = await read_request(request, state.body_limit)
-    await asyncio.to_thread(state.runner.check, req.model)  # 404 / 503 now rather than a FAILED job
+    state, req, _ = await accept(request, key)
     job_id = await asyncio.to_thread(state.jobs.submit, key.id if key else None, req, charge=key is not None)
     state.queue.notify()
     base = _base_url(request, state)
