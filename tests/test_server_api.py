@@ -57,6 +57,7 @@ def serve(tmp_path: Path) -> Iterator[Callable[..., Any]]:
             gen = None if no_model else MaskGenerator(backend or FakeBackend(), s)
             live = stack.enter_context(LiveServer(create_app(s, ServerSettings(**kw), gen)))
             live.store = Store.in_data_dir(data_dir)
+            live.data_dir = data_dir
             return live
 
         yield start
@@ -438,11 +439,12 @@ def test_v2_expired_results_are_cleaned_up(serve: Any, image_b64: str) -> None:
     sub = post(live, headers, "v2", json={"image": image_b64, "prompt": "sofa"}).json()
     poll(sub["status_url"], headers)
     jobs = live.app.state.automask.jobs
-    path = jobs.get(sub["request_id"]).result_path
-    assert path.is_file()
+    png = jobs.result(sub["request_id"])
+    assert png is not None and decode(png).shape == (30, 40)  # the result lives in the database
+    assert not (live.data_dir / "results").exists()  # nothing on a node's disk
     assert jobs.expire(ttl=3600) == 0  # kept for the hour
     assert jobs.expire(ttl=-1) == 1
-    assert not path.exists()
+    assert jobs.result(sub["request_id"]) is None
     assert httpx.get(sub["status_url"], headers=headers).status_code == 404
 
 
@@ -455,9 +457,9 @@ def test_the_sweeper_deletes_expired_results_on_its_own(tmp_path: Path, image_b6
         _, headers = new_key(live)
         sub = post(live, headers, "v2", json={"image": image_b64, "prompt": "sofa"}).json()
         assert poll(sub["status_url"], headers, seconds=5).json()["status"] == "COMPLETED"
-        path = tmp_path / "results" / f"{sub['request_id']}.png"
-        assert path.is_file()
-        wait_for(lambda: not path.exists(), 5)
+        jobs = live.app.state.automask.jobs
+        assert jobs.result(sub["request_id"]) is not None
+        wait_for(lambda: jobs.get(sub["request_id"]) is None, 5)
         for url in (sub["status_url"], sub["response_url"], sub["response_url"] + "/output"):
             r = httpx.get(url, headers=headers)
             assert r.status_code == 404 and "expired" in r.json()["error"]

@@ -43,6 +43,7 @@ class Served:
 
     def __init__(self, live: LiveServer, data_dir: Path) -> None:
         _, token = keystore.create_key(Store.in_data_dir(data_dir))
+        self.live = live
         self.url = live.url
         self.data_dir = data_dir
         self.headers = {"x-api-key": token}
@@ -86,7 +87,7 @@ def served_spec() -> dict[str, Any]:
         s = Settings(data_dir=Path(folder))
         app = create_app(s, ServerSettings(), MaskGenerator(FakeBackend(), s))
         spec = app.openapi()
-        app.state.automask.runner.close()
+        app.state.automask.dispatcher.runner.close()
         app.state.automask.store.close()
     return spec
 
@@ -118,7 +119,9 @@ def test_live_server_serves_this_schema(served: Served) -> None:
         "GET /v2/requests/{request_id}/status",
         "GET /v2/requests/{request_id}",
         "GET /v2/requests/{request_id}/output",
+        "POST /v2/requests/{request_id}/cancel",
         "GET /v1/models",
+        "GET /v1/credits",
     }
     assert SPEC["paths"][f"/v1/{SLUG}"]["post"]["security"] == [{scheme_name: []}]
 
@@ -424,14 +427,23 @@ def test_very_long_paths_and_request_ids_are_404_with_a_short_message(served: Se
     assert_still_serves(served)
 
 
-def test_an_expired_result_file_is_404_not_500(served: Served) -> None:
+def test_an_expired_result_file_is_404_not_500(served: Served, monkeypatch: pytest.MonkeyPatch) -> None:
     """Before: the sweeper deleting a result between the row lookup and the read made /output a 500."""
+    jobs = served.live.app.state.automask.jobs
+    read_row = jobs.get
+
+    def get_then_expire(job_id: str) -> Any:  # the sweeper strikes right after the row was read
+        row = read_row(job_id)
+        jobs.expire(ttl=-1)
+        return row
+
     for as_base64 in (False, True):
         job = served.post("v2", json={"image": served.image_b64, "prompt": "sofa", "base64": as_base64}).json()
         wait_for(lambda j=job: httpx.get(j["status_url"], headers=served.headers).json()["status"] == "COMPLETED", 20)
-        (served.data_dir / "results" / f"{job['request_id']}.png").unlink()
+        monkeypatch.setattr(jobs, "get", get_then_expire)
         url = job["response_url"] + ("" if as_base64 else "/output")
         assert_error(httpx.get(url, headers=served.headers), 404, "expired", job["request_id"])
+        monkeypatch.setattr(jobs, "get", read_row)
     assert_still_serves(served)
 
 

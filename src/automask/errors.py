@@ -59,6 +59,11 @@ class ModelNotAvailableError(AutomaskError):
     """A known model that is not installed or cannot be loaded (the message says how to install it)."""
 
 
+class ServiceConfigError(AutomaskError):
+    """The service cannot start as configured: a database at an older schema, an unreachable broker, a missing
+    setting (the message names the fix)."""
+
+
 class MissingDependencyError(AutomaskError, ImportError):
     """An optional dependency is missing (the message names the `pip install` that fixes it)."""
 

@@ -27,11 +27,30 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(40_000_000, gt=0, description="Largest decoded image accepted, in pixels.")
     max_redirects: int = Field(3, ge=0, le=10, description="Redirects followed when fetching an image URL.")
     threads: int | None = Field(None, ge=1, description="CPU threads for inference; None: all cores.")
-    precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="SAM/GroundingDINO compute type: auto = bfloat16 on CPUs with native bf16, else fp32."
+    offline: bool = Field(
+        False,
+        description="Never download on its own (AUTOMASK_OFFLINE=1, HF_HUB_OFFLINE=1 or --no-download): the embedded "
+        "'subject' model is then not installed on first use (automask models pull still downloads when asked).",
     )
-    detector_size: int = Field(
-        512, ge=32, le=1333, description="GroundingDINO input shortest edge (checkpoint: 800; 512 is faster)."
+    preset: Literal["reference", "fast"] = Field(
+        "reference",
+        description="reference: the checkpoints' own settings (float32; GroundingDINO at its processor's shortest "
+        "edge, 800). fast: bfloat16 on CPUs with native bf16 and GroundingDINO at 512 (faster; not validated on real "
+        "weights).",
+    )
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto",
+        description="SAM/EdgeTAM/GroundingDINO/SAM 3 compute type. auto: per preset (reference: fp32, bf16 autocast "
+        "for SAM 3 on CUDA as its reference code; fast: bf16 on CPUs with native bf16).",
+    )
+    detector_size: int | None = Field(
+        None,
+        ge=32,
+        le=1333,
+        description="GroundingDINO input shortest edge. None: per preset (reference: 800, fast: 512).",
+    )
+    mask_head: Literal["auto", "sam", "edgetam"] = Field(
+        "auto", description="Mask head for refine=true: auto = SAM if installed, else EdgeTAM."
     )
     route_embedded: bool = Field(
         True, description="With an open-vocabulary model, send subject/person/background words to the embedded model."
@@ -40,6 +59,15 @@ class Settings(BaseSettings):
         "auto", description="CLIPSeg runtime. auto: ONNX Runtime when the model has an ONNX export (CPU), else torch."
     )
     int8: bool = Field(False, description="Use the int8 (dynamically quantized) ONNX export; not validated.")
+    database_url: str | None = Field(
+        None, description="sqlite:///PATH or postgresql://USER:PASS@HOST:PORT/DB; None: <data_dir>/automask.db."
+    )
+    broker_url: str | None = Field(
+        None, description="amqp://USER:PASS@HOST:PORT/VHOST (RabbitMQ): API nodes queue every request to workers."
+    )
+    redis_url: str | None = Field(
+        None, description="redis://HOST:PORT/N: rate limits shared by every API node, and the v1 hand-off."
+    )
 
     @property
     def models_dir(self) -> Path:

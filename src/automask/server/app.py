@@ -17,20 +17,31 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from automask import __version__, web
 from automask.errors import AutomaskError
 from automask.pipeline import MaskGenerator
-from automask.server import keys
 from automask.server.config import ServerSettings
+from automask.server.dispatch import make_dispatcher
 from automask.server.errors import ApiError, shown, status_of
-from automask.server.jobs import JobQueue, Jobs
-from automask.server.limits import ASGIApp, BodyLimitMiddleware, Message, RateLimiter, Receive, Scope, Send
+from automask.server.headers import EdgeMiddleware
+from automask.server.jobs import Jobs
+from automask.server.limits import (
+    ASGIApp,
+    BodyLimitMiddleware,
+    Message,
+    RateLimiter,
+    Receive,
+    RedisRateLimiter,
+    Scope,
+    Send,
+)
 from automask.server.routes import ServerState, error_response, router
-from automask.server.runner import Runner
 from automask.server.store import Store
+from automask.server.sweeper import Sweeper
 from automask.settings import Settings
 
 log = logging.getLogger("automask.server")
@@ -55,36 +66,32 @@ def create_app(
     """Build the service. `generator` (e.g. with a custom `Backend`) replaces loading `settings.model`."""
     settings = settings or Settings()
     server = server or ServerSettings()
-    store = Store.in_data_dir(settings.data_dir)
-    runner = Runner(settings, server, generator)
-    jobs = Jobs(store, settings.data_dir / "results")
-    state = ServerState(
-        settings,
-        server,
-        store,
-        runner,
-        jobs,
-        JobQueue(jobs, runner, server),
-        RateLimiter(),
-        server.body_limit(settings.max_image_bytes),
-    )
+    store = Store.from_settings(settings, create=True)  # an older schema: refuse, say `automask db migrate`
+    jobs = Jobs(store, max_per_key=server.max_queued_per_key, max_total=server.max_queued)
+    dispatcher = make_dispatcher(settings, server, store, jobs, generator)
+    limiter = RedisRateLimiter(settings.redis_url) if settings.redis_url else RateLimiter()
+    state = ServerState(settings, server, store, jobs, dispatcher, limiter, server.body_limit(settings.max_image_bytes))
+    sweeper = Sweeper(store, jobs, dispatcher, server)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        runner.start_loading()
-        released = await asyncio.to_thread(keys.release_orphan_holds, store)
-        if released:
-            log.info("gave back %d credits held by requests a stopped server never finished", released)
-        await state.queue.start()
+        await dispatcher.start()
+        sweeper.start()
         yield
-        await state.queue.stop()
-        runner.close()
+        await sweeper.stop()
+        await dispatcher.stop()
+        if state.background:  # credit settles still being retried get a last chance
+            await asyncio.wait(state.background, timeout=5)
+        if isinstance(limiter, RedisRateLimiter):
+            await limiter.close()
+        store.close()
 
     app = FastAPI(title="automask", version=__version__, description=DESCRIPTION, lifespan=lifespan)
     app.state.automask = state
     _install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, limit=state.body_limit)
     app.add_middleware(RequestContextMiddleware)
+    app.add_middleware(EdgeMiddleware)  # outermost: nosniff / no-store on every answer; /docs served locally
     app.include_router(router)
     web.mount(app)  # the try-it page at /, a client of the v1 API like any other
     return app
@@ -103,6 +110,13 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(AutomaskError)
     async def _automask_error(request: Request, exc: AutomaskError) -> JSONResponse:
         return error_response(status_of(exc), exc.message)
+
+    @app.exception_handler(SQLAlchemyError)
+    async def _database_error(request: Request, exc: SQLAlchemyError) -> JSONResponse:
+        log.error("database error in %s %s: %s", request.method, request.url.path, exc)
+        return error_response(
+            503, "The server's database is busy or unreachable; try again in a few seconds.", {"Retry-After": "5"}
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -7,21 +7,35 @@ import json
 import logging
 import sys
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from pydantic import ValidationError
 
 from automask.cli_io import root_settings
-from automask.server import keys as keystore
 from automask.server.config import ServerSettings
-from automask.server.store import Store
+
+if TYPE_CHECKING:
+    from automask.server.keys import ApiKey
+    from automask.server.store import Store
 
 _settings = root_settings
 
 
 def _store(ctx: click.Context) -> Store:
-    return Store.in_data_dir(_settings(ctx).data_dir)
+    """The configured database (AUTOMASK_DATABASE_URL, else the data folder's), at the current schema."""
+    from automask.errors import require
+
+    require("sqlalchemy", "server")
+    from automask.server.store import Store
+
+    return Store.from_settings(_settings(ctx), create=True)
+
+
+def _keystore() -> Any:
+    from automask.server import keys as keystore
+
+    return keystore
 
 
 @click.command()
@@ -32,6 +46,11 @@ def _store(ctx: click.Context) -> Store:
 @click.option("--timeout", type=click.FloatRange(0, min_open=True), help="Seconds per inference -> 504 [60].")
 @click.option("--no-auth", is_flag=True, help="No API keys (only on a loopback host: local use).")
 @click.option("--public-url", help="Base URL clients use, for the v2 URLs (behind a proxy).")
+@click.option("--header-timeout", type=click.FloatRange(0, min_open=True), help="Seconds to send headers [10].")
+@click.option("--body-timeout", type=click.FloatRange(0, min_open=True), help="Longest pause in a body, s [30].")
+@click.option("--keepalive-timeout", type=click.FloatRange(0, min_open=True), help="Idle keep-alive, s [5].")
+@click.option("--max-connections", type=click.IntRange(1), help="Open connections at most [512].")
+@click.option("--shutdown-timeout", type=click.FloatRange(0, min_open=True), help="Seconds to finish on SIGTERM [10].")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info")
 @click.pass_context
 def serve(ctx: click.Context, model: str | None, log_level: str, no_auth: bool, **flags: Any) -> None:
@@ -47,8 +66,7 @@ def serve(ctx: click.Context, model: str | None, log_level: str, no_auth: bool, 
 
     require("fastapi", "server")
     require("uvicorn", "server")
-    import uvicorn
-
+    from automask.server import http
     from automask.server.app import create_app
 
     settings = _settings(ctx)
@@ -64,7 +82,7 @@ def serve(ctx: click.Context, model: str | None, log_level: str, no_auth: bool, 
     _configure_logging(log_level)
     auth = "API keys required" if server.auth else "NO AUTH (loopback only)"
     click.echo(f"automask: serving on http://{server.host}:{server.port} ({auth}); docs at /docs", err=True)
-    uvicorn.run(create_app(settings, server), host=server.host, port=server.port, access_log=False, log_level=log_level)
+    http.run(create_app(settings, server), server, log_level=log_level)
 
 
 def _configure_logging(level: str) -> None:
@@ -89,7 +107,7 @@ def keys() -> None:
 @click.pass_context
 def keys_create(ctx: click.Context, name: str, credits: int | None, rate_limit: int | None) -> None:
     """Create a key and print it (on stdout, once: only its hash is stored)."""
-    key, token = keystore.create_key(_store(ctx), name=name, credits=credits, rate_limit=rate_limit)
+    key, token = _keystore().create_key(_store(ctx), name=name, credits=credits, rate_limit=rate_limit)
     click.echo(token)
     click.echo(
         f"Created key {key.id} (credits: {_or_unlimited(key.credits)}, requests per minute: "
@@ -103,7 +121,7 @@ def keys_create(ctx: click.Context, name: str, credits: int | None, rate_limit: 
 @click.pass_context
 def keys_list(ctx: click.Context, as_json: bool) -> None:
     """Every key: id, name, credits, rate limit, created, revoked (never the secret)."""
-    found = keystore.list_keys(_store(ctx))
+    found = _keystore().list_keys(_store(ctx))
     if as_json:
         click.echo(json.dumps([dataclasses.asdict(k) for k in found]))
         return
@@ -122,7 +140,7 @@ def keys_list(ctx: click.Context, as_json: bool) -> None:
 @click.pass_context
 def keys_revoke(ctx: click.Context, key_id: str) -> None:
     """Revoke KEY_ID for good: its requests get 403."""
-    if not keystore.revoke_key(_store(ctx), _key_id(key_id)):
+    if not _keystore().revoke_key(_store(ctx), _key_id(key_id)):
         raise click.BadParameter(f"no key {key_id!r} (see: automask keys list)", param_hint="KEY_ID")
     click.echo(f"Revoked key {_key_id(key_id)}.", err=True)
 
@@ -136,7 +154,7 @@ def keys_update(ctx: click.Context, key_id: str, credits: int | None, rate_limit
     """Set the credits or rate limit of KEY_ID."""
     if credits is None and rate_limit is None:
         raise click.UsageError("give --credits and/or --rate-limit")
-    if not keystore.update_key(_store(ctx), _key_id(key_id), credits=credits, rate_limit=rate_limit):
+    if not _keystore().update_key(_store(ctx), _key_id(key_id), credits=credits, rate_limit=rate_limit):
         raise click.BadParameter(f"no key {key_id!r} (see: automask keys list)", param_hint="KEY_ID")
     click.echo(f"Updated key {_key_id(key_id)}.", err=True)
 
@@ -144,14 +162,14 @@ def keys_update(ctx: click.Context, key_id: str, credits: int | None, rate_limit
 def _key_id(text: str) -> str:
     """Accept a key id, or a whole key `am_<id>_<secret>` (its id is used)."""
     parts = text.split("_", 2)
-    return parts[1] if len(parts) == 3 and parts[0] == keystore.PREFIX else text
+    return parts[1] if len(parts) == 3 and parts[0] == "am" else text  # keys.PREFIX
 
 
 def _or_unlimited(value: int | None) -> str:
     return "unlimited" if value is None else str(value)
 
 
-def _key_row(key: keystore.ApiKey) -> dict[str, Any]:
+def _key_row(key: ApiKey) -> dict[str, Any]:
     return {
         "id": key.id,
         "name": key.name,
@@ -164,3 +182,85 @@ def _key_row(key: keystore.ApiKey) -> dict[str, Any]:
 
 def _utc(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+@click.command()
+@click.option("--model", help="The model this worker serves: a catalogue name or a local folder [AUTOMASK_MODEL].")
+@click.option(
+    "--concurrency",
+    type=click.IntRange(1, 64),
+    default=1,
+    show_default=True,
+    help="Pool processes, each with the model loaded (a GPU node: one worker per GPU).",
+)
+@click.option("--timeout", type=click.FloatRange(0, min_open=True), help="Seconds per inference [60; as serve].")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info")
+@click.pass_context
+def worker(ctx: click.Context, model: str | None, concurrency: int, timeout: float | None, log_level: str) -> None:
+    """Run a worker: load one model, take its v1 and v2 queues from the broker.
+
+    \b
+    Needs AUTOMASK_BROKER_URL (RabbitMQ), AUTOMASK_REDIS_URL and AUTOMASK_DATABASE_URL (PostgreSQL), the same
+    as the API nodes' (`automask serve`). SIGTERM finishes the running tasks, then stops.
+    """
+    from automask.errors import ServiceConfigError, require
+
+    require("celery", "scale")
+    require("redis", "scale")
+    from automask.server.worker import run_worker
+
+    settings = _settings(ctx)
+    if not settings.broker_url:
+        raise ServiceConfigError("automask worker needs AUTOMASK_BROKER_URL=amqp://USER:PASS@HOST:PORT/VHOST.")
+    overrides: dict[str, Any] = {"timeout": timeout} if timeout else {}
+    server = ServerSettings(**overrides)
+    _configure_logging(log_level)
+    click.echo(
+        f"automask: worker for model {model or settings.model or 'the default'}, {concurrency} process(es)", err=True
+    )
+    run_worker(settings, server, model=model, concurrency=concurrency, loglevel=log_level)
+
+
+@click.group()
+def db() -> None:
+    """The service's database (AUTOMASK_DATABASE_URL, else <data-dir>/automask.db)."""
+
+
+@db.command("migrate")
+@click.pass_context
+def db_migrate(ctx: click.Context) -> None:
+    """Create or upgrade the database schema to this release's (idempotent; keys and jobs are kept)."""
+    from automask.errors import require
+
+    require("alembic", "server")
+    from automask.server.migrations import migrate
+    from automask.server.store import Store
+
+    settings = _settings(ctx)
+    url = settings.database_url or f"sqlite:///{settings.data_dir / 'automask.db'}"
+    store = Store(url)
+    try:
+        before, after = migrate(store)
+    finally:
+        store.close()
+    if before == after:
+        click.echo(f"The database {store.describe()} is up to date (schema revision {after}).", err=True)
+    else:
+        click.echo(f"Migrated {store.describe()} from {before or 'release 0.1'} to schema revision {after}.", err=True)
+
+
+@db.command("status")
+@click.pass_context
+def db_status(ctx: click.Context) -> None:
+    """Print the database's schema revision and this release's."""
+    from automask.server.migrations import current, head
+    from automask.server.store import Store
+
+    settings = _settings(ctx)
+    store = Store(settings.database_url or f"sqlite:///{settings.data_dir / 'automask.db'}")
+    try:
+        with store.read() as conn:
+            rev = current(conn)
+    finally:
+        store.close()
+    click.echo(f"{store.describe()}: schema revision {rev or 'none'}; this release: {head()}")

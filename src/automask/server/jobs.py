@@ -1,42 +1,38 @@
-"""v2 jobs: stored durably in SQLite, run by worker tasks in the server process, never lost.
+"""v2 jobs in the database: submit, claim by id, complete, fail, cancel, expire, and what the sweeper recovers.
 
-QUEUED -> PROCESSING -> COMPLETED | FAILED. A job holds one credit of its key from submission (kept when it
-completes, given back when it fails). On start-up, jobs left QUEUED or PROCESSING by a stopped or killed
-server are run again; finished jobs are deleted, with their result files, `result_ttl` seconds after.
+QUEUED -> PROCESSING -> COMPLETED | FAILED (| CANCELLED, an automask extension, from QUEUED only). A job holds one
+credit of its key from submission (kept when it completes, given back otherwise). Delivery to the code that runs
+a job is at least once, so every step is a conditional UPDATE by id: a job is claimed only while QUEUED (or
+PROCESSING on a node that died, or when its message was redelivered because its worker died); it is completed only
+while PROCESSING, in the transaction that settles its hold, so a duplicate run never charges twice. Results (PNG)
+live in the database until `result_ttl` after they finish, so any node can serve them.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
-import logging
-import os
-import sqlite3
 import time
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from automask.errors import AutomaskError
+from sqlalchemy import delete, func, insert, select, update
+
 from automask.server import keys
-from automask.server.config import ServerSettings
 from automask.server.errors import ApiError
-from automask.server.runner import Runner, served_metadata
 from automask.server.schemas import MaskRequest
-from automask.server.store import Store
+from automask.server.store import Store, jobs_table
 
-log = logging.getLogger("automask.server")
-
-QUEUED, PROCESSING, COMPLETED, FAILED = "QUEUED", "PROCESSING", "COMPLETED", "FAILED"
-POLL_SECONDS = 1.0
-"""Idle workers look for jobs at least this often (a submit wakes them at once)."""
+QUEUED, PROCESSING, COMPLETED, FAILED, CANCELLED = "QUEUED", "PROCESSING", "COMPLETED", "FAILED", "CANCELLED"
+UNFINISHED = (QUEUED, PROCESSING)
+FINISHED = (COMPLETED, FAILED, CANCELLED)
+J = jobs_table.c
 
 
 @dataclass(frozen=True)
 class Job:
-    """A job as its owner sees it. `metadata` is `runner.served_metadata(...)` once COMPLETED."""
+    """A job as its owner sees it (never its upload or result bytes). `metadata`: the served metadata once
+    COMPLETED."""
 
     id: str
     key_id: str | None
@@ -44,115 +40,36 @@ class Job:
     base64: bool
     error: str | None
     metadata: dict[str, Any] | None
-    result_path: Path | None
     inference_time: float | None
+    model: str | None
+    has_result: bool
 
 
 @dataclass(frozen=True)
 class Claimed:
-    """A job a worker has just taken: its stored request and how many times it was started."""
+    """A job a worker has just taken: its stored request, its model and how many times it was started."""
 
     id: str
     request: dict[str, Any]
+    model: str | None
     attempts: int
 
 
-def _to_job(row: sqlite3.Row) -> Job:
+_JOB_COLUMNS = (J.id, J.key_id, J.status, J.base64, J.error, J.metadata, J.inference_time, J.model)
+
+
+def _to_job(row: Any) -> Job:
     return Job(
-        id=row["id"],
-        key_id=row["key_id"],
-        status=row["status"],
-        base64=bool(row["base64"]),
-        error=row["error"],
-        metadata=json.loads(row["metadata"]) if row["metadata"] else None,
-        result_path=Path(row["result_path"]) if row["result_path"] else None,
-        inference_time=row["inference_time"],
+        id=row.id,
+        key_id=row.key_id,
+        status=row.status,
+        base64=bool(row.base64),
+        error=row.error,
+        metadata=json.loads(row.metadata) if row.metadata else None,
+        inference_time=row.inference_time,
+        model=row.model,
+        has_result=bool(row.has_result),
     )
-
-
-class Jobs:
-    """The jobs table and the result files under `results_dir`."""
-
-    def __init__(self, store: Store, results_dir: Path) -> None:
-        self.store = store
-        self.results_dir = Path(results_dir)
-        self.results_dir.mkdir(parents=True, exist_ok=True)
-
-    def submit(self, key_id: str | None, request: MaskRequest, *, charge: bool) -> str:
-        """Store a new QUEUED job (taking one credit of `key_id` when `charge`); return its id. 406: no credits."""
-        job_id = uuid.uuid4().hex
-        upload = request.image if isinstance(request.image, bytes) else None
-        body = request.model_dump_json(exclude={"image"} if upload is not None else None)
-        with self.store.transaction() as conn:
-            if charge and key_id is not None and not keys.reserve_in(conn, key_id, job_id):
-                raise no_credits(key_id)
-            conn.execute(
-                "INSERT INTO jobs (id, key_id, status, request, upload, base64, created_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (job_id, key_id, QUEUED, body, upload, int(request.base64), time.time()),
-            )
-        return job_id
-
-    def get(self, job_id: str) -> Job | None:
-        """Job `job_id`, or None (unknown or expired)."""
-        row = self.store.connection().execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        return _to_job(row) if row else None
-
-    def claim(self) -> Claimed | None:
-        """Take the oldest QUEUED job (now PROCESSING), or None when none is waiting."""
-        with self.store.transaction() as conn:
-            row = conn.execute(
-                "UPDATE jobs SET status = ?, started_at = ?, attempts = attempts + 1 WHERE id ="
-                " (SELECT id FROM jobs WHERE status = ? ORDER BY created_at, rowid LIMIT 1)"
-                " RETURNING id, request, upload, attempts",
-                (PROCESSING, time.time(), QUEUED),
-            ).fetchone()
-        if row is None:
-            return None
-        data = json.loads(row["request"])
-        if row["upload"] is not None:
-            data["image"] = bytes(row["upload"])
-        return Claimed(id=row["id"], request=data, attempts=row["attempts"])
-
-    def complete(self, job_id: str, png: bytes, metadata: dict[str, Any], seconds: float) -> None:
-        """Save the result PNG and mark the job COMPLETED, keeping its credit."""
-        path = self.results_dir / f"{job_id}.png"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_bytes(png)
-        os.replace(tmp, path)
-        with self.store.transaction() as conn:
-            conn.execute(
-                "UPDATE jobs SET status = ?, result_path = ?, metadata = ?, inference_time = ?, finished_at = ?,"
-                " request = NULL, upload = NULL WHERE id = ?",
-                (COMPLETED, str(path), json.dumps(metadata), seconds, time.time(), job_id),
-            )
-            keys.settle_in(conn, job_id, charge=True)
-
-    def fail(self, job_id: str, error: str) -> None:
-        """Mark the job FAILED with `error`, giving its credit back."""
-        with self.store.transaction() as conn:
-            conn.execute(
-                "UPDATE jobs SET status = ?, error = ?, finished_at = ?, request = NULL, upload = NULL WHERE id = ?",
-                (FAILED, error, time.time(), job_id),
-            )
-            keys.settle_in(conn, job_id, charge=False)
-
-    def requeue_interrupted(self) -> int:
-        """Put jobs left PROCESSING (by a server that stopped) back in the queue; return how many."""
-        with self.store.transaction() as conn:
-            return conn.execute("UPDATE jobs SET status = ? WHERE status = ?", (QUEUED, PROCESSING)).rowcount
-
-    def expire(self, ttl: float) -> int:
-        """Delete jobs finished more than `ttl` seconds ago, and their result files; return how many."""
-        with self.store.transaction() as conn:
-            rows = conn.execute(
-                "DELETE FROM jobs WHERE status IN (?, ?) AND finished_at < ? RETURNING result_path",
-                (COMPLETED, FAILED, time.time() - ttl),
-            ).fetchall()
-        for row in rows:
-            if row["result_path"]:
-                Path(row["result_path"]).unlink(missing_ok=True)
-        return len(rows)
 
 
 def no_credits(key_id: str) -> ApiError:
@@ -162,74 +79,188 @@ def no_credits(key_id: str) -> ApiError:
     )
 
 
-class JobQueue:
-    """Worker tasks that run queued jobs through the `Runner`, and a task that sweeps expired results."""
+class Jobs:
+    """The jobs table. `max_per_key` / `max_total`: how many unfinished jobs one key / everyone may have."""
 
-    def __init__(self, jobs: Jobs, runner: Runner, server: ServerSettings) -> None:
-        self.jobs = jobs
-        self.runner = runner
-        self.server = server
-        self._wake = asyncio.Event()
-        self._tasks: list[asyncio.Task[None]] = []
+    def __init__(self, store: Store, *, max_per_key: int | None = None, max_total: int | None = None) -> None:
+        self.store = store
+        self.max_per_key = max_per_key
+        self.max_total = max_total
 
-    async def start(self) -> None:
-        """Re-queue interrupted jobs, then start the workers and the sweeper."""
-        requeued = await asyncio.to_thread(self.jobs.requeue_interrupted)
-        if requeued:
-            log.info("re-queued %d interrupted v2 jobs", requeued)
-        self._tasks = [asyncio.create_task(self._work()) for _ in range(self.server.workers_for_jobs)]
-        self._tasks.append(asyncio.create_task(self._sweep()))
-        self.notify()
+    def submit(self, key_id: str | None, request: MaskRequest, *, charge: bool, model: str | None = None) -> str:
+        """Store a new QUEUED job (taking one credit of `key_id` when `charge`); return its id.
 
-    def notify(self) -> None:
-        """Wake idle workers: a job was queued."""
-        self._wake.set()
+        406: no credits; 429: the key has `max_per_key` unfinished jobs; 503: the queue holds `max_total`."""
+        job_id = uuid.uuid4().hex
+        upload = request.image if isinstance(request.image, bytes) else None
+        body = request.model_dump_json(exclude={"image"} if upload is not None else None)
+        now = time.time()
+        with self.store.transaction() as conn:
+            self._check_room(conn, key_id)
+            if charge and key_id is not None and not keys.reserve_in(conn, key_id, job_id):
+                raise no_credits(key_id)
+            conn.execute(
+                insert(jobs_table).values(
+                    id=job_id,
+                    key_id=key_id,
+                    status=QUEUED,
+                    request=body,
+                    upload=upload,
+                    base64=int(request.base64),
+                    created_at=now,
+                    model=model,
+                    published_at=now,
+                )
+            )
+        return job_id
 
-    async def stop(self) -> None:
-        """Cancel the workers; a job they were running stays PROCESSING and runs again at the next start."""
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._tasks = []
+    def _check_room(self, conn: Any, key_id: str | None) -> None:
+        waiting = select(func.count()).select_from(jobs_table).where(J.status.in_(UNFINISHED))
+        if self.max_per_key is not None and key_id is not None:
+            mine = conn.execute(waiting.where(J.key_id == key_id)).scalar_one()
+            if mine >= self.max_per_key:
+                raise ApiError(
+                    429,
+                    f"This key has {mine} v2 jobs waiting or running, the most one key may have "
+                    f"({self.max_per_key}); wait for some to finish (poll their status_url), then submit again.",
+                    {"Retry-After": "5"},
+                )
+        if self.max_total is not None and conn.execute(waiting).scalar_one() >= self.max_total:
+            raise ApiError(503, "The server's job queue is full; try again in a minute.", {"Retry-After": "30"})
 
-    async def _work(self) -> None:
-        while True:
-            self._wake.clear()
-            try:
-                claimed = await asyncio.to_thread(self.jobs.claim)
-            except sqlite3.Error:
-                log.exception("could not read the v2 job queue; retrying")
-                claimed = None
-            if claimed is None:
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), POLL_SECONDS)
-                continue
-            self._wake.set()  # more may be waiting: let another idle worker look
-            await self._run(claimed)
+    def get(self, job_id: str) -> Job | None:
+        """Job `job_id`, or None (unknown or expired)."""
+        with self.store.read() as conn:
+            row = conn.execute(
+                select(*_JOB_COLUMNS, J.result.is_not(None).label("has_result")).where(J.id == job_id)
+            ).first()
+        return _to_job(row) if row else None
 
-    async def _run(self, job: Claimed) -> None:
-        if job.attempts > self.server.max_job_attempts:
-            message = f"The job was started {job.attempts - 1} times and never finished (the server stopped)."
-            await asyncio.to_thread(self.jobs.fail, job.id, message)
-            return
-        try:
-            req = MaskRequest.model_validate(job.request)
-            model = await asyncio.to_thread(self.runner.name_of, req.model)
-            result, seconds = await self.runner.run(req.image, req.prompt, req.options(), model)
-            png = await asyncio.to_thread(result.to_png)
-            await asyncio.to_thread(self.jobs.complete, job.id, png, served_metadata(result, model), seconds)
-        except AutomaskError as exc:
-            await asyncio.to_thread(self.jobs.fail, job.id, exc.message)
-        except Exception:
-            log.exception("v2 job %s failed unexpectedly", job.id)
-            message = f"Unexpected server error while running request {job.id}; the server log has the details."
-            await asyncio.to_thread(self.jobs.fail, job.id, message)
+    def result(self, job_id: str) -> bytes | None:
+        """The result PNG of COMPLETED job `job_id` (None: unknown, not completed or expired)."""
+        with self.store.read() as conn:
+            row = conn.execute(select(J.result).where(J.id == job_id, J.status == COMPLETED)).first()
+        return bytes(row.result) if row is not None and row.result is not None else None
 
-    async def _sweep(self) -> None:
-        while True:
-            removed = await asyncio.to_thread(self.jobs.expire, self.server.result_ttl)
-            if removed:
-                log.info("deleted %d expired v2 results", removed)
-            await asyncio.sleep(self.server.cleanup_interval)
+    def claim(
+        self, job_id: str, node: str, *, takeover: bool = False, dead_nodes: list[str] | None = None
+    ) -> Claimed | None:
+        """Take job `job_id` (now PROCESSING on `node`, one more attempt), or None when it is not there to take.
+
+        A QUEUED job is always taken; a PROCESSING one only when `takeover` (its message came back because the
+        worker running it died) or when its node is one of `dead_nodes`."""
+        takeable = J.status == QUEUED
+        if takeover:
+            takeable = J.status.in_(UNFINISHED)
+        elif dead_nodes:
+            takeable = takeable | ((J.status == PROCESSING) & J.node.in_(dead_nodes))
+        with self.store.transaction() as conn:
+            row = conn.execute(
+                update(jobs_table)
+                .where(J.id == job_id, takeable)
+                .values(status=PROCESSING, started_at=time.time(), attempts=J.attempts + 1, node=node)
+                .returning(J.id, J.request, J.upload, J.attempts, J.model)
+            ).first()
+        if row is None:
+            return None
+        data = json.loads(row.request)
+        if row.upload is not None:
+            data["image"] = bytes(row.upload)
+        return Claimed(id=row.id, request=data, model=row.model, attempts=row.attempts)
+
+    def release(self, job_id: str) -> bool:
+        """Put a PROCESSING job back in the queue without counting the attempt (its model is not available)."""
+        with self.store.transaction() as conn:
+            cur = conn.execute(
+                update(jobs_table)
+                .where(J.id == job_id, J.status == PROCESSING)
+                .values(status=QUEUED, node=None, attempts=J.attempts - 1, published_at=time.time())
+            )
+        return cur.rowcount == 1
+
+    def complete(self, job_id: str, png: bytes, metadata: dict[str, Any], seconds: float) -> bool:
+        """Store the result and mark the job COMPLETED, keeping its credit, only if it is still PROCESSING
+        (False: another run finished it first, nothing changed)."""
+        with self.store.transaction() as conn:
+            cur = conn.execute(
+                update(jobs_table)
+                .where(J.id == job_id, J.status == PROCESSING)
+                .values(
+                    status=COMPLETED,
+                    result=png,
+                    metadata=json.dumps(metadata),
+                    inference_time=seconds,
+                    finished_at=time.time(),
+                    request=None,
+                    upload=None,
+                    node=None,
+                )
+            )
+            if cur.rowcount != 1:
+                return False
+            keys.settle_in(conn, job_id, charge=True)
+        return True
+
+    def fail(self, job_id: str, error: str, *, status: str = FAILED) -> bool:
+        """Mark an unfinished job FAILED (or CANCELLED) with `error`, giving its credit back; False if it had
+        already finished."""
+        allowed = (QUEUED,) if status == CANCELLED else UNFINISHED
+        with self.store.transaction() as conn:
+            cur = conn.execute(
+                update(jobs_table)
+                .where(J.id == job_id, J.status.in_(allowed))
+                .values(status=status, error=error, finished_at=time.time(), request=None, upload=None, node=None)
+            )
+            if cur.rowcount != 1:
+                return False
+            keys.settle_in(conn, job_id, charge=False)
+        return True
+
+    def cancel(self, job_id: str) -> bool:
+        """Cancel a QUEUED job: it never runs and its credit is given back. False once it has started."""
+        return self.fail(job_id, "Cancelled by the client before it ran.", status=CANCELLED)
+
+    def expire(self, ttl: float) -> int:
+        """Delete jobs finished more than `ttl` seconds ago, with their results; return how many."""
+        with self.store.transaction() as conn:
+            cur = conn.execute(delete(jobs_table).where(J.status.in_(FINISHED), J.finished_at < time.time() - ttl))
+        return int(cur.rowcount)
+
+    def queued(self, *, models: list[str] | None = None, limit: int = 100) -> list[tuple[str, str | None]]:
+        """(id, model) of QUEUED jobs, oldest first (of `models` only, when given)."""
+        query = select(J.id, J.model).where(J.status == QUEUED).order_by(J.created_at).limit(limit)
+        if models is not None:
+            query = query.where(J.model.in_(models))
+        with self.store.read() as conn:
+            return [(r.id, r.model) for r in conn.execute(query)]
+
+    def unpublished(self, older_than: float, limit: int = 1000) -> list[tuple[str, str | None]]:
+        """QUEUED jobs last handed to the dispatcher before `older_than` (a publish may have been lost); their
+        `published_at` is set to now."""
+        now = time.time()
+        with self.store.transaction() as conn:
+            rows = conn.execute(
+                select(J.id, J.model)
+                .where(J.status == QUEUED, (J.published_at.is_(None)) | (J.published_at < older_than))
+                .order_by(J.created_at)
+                .limit(limit)
+            ).all()
+            if rows:
+                conn.execute(update(jobs_table).where(J.id.in_([r.id for r in rows])).values(published_at=now))
+        return [(r.id, r.model) for r in rows]
+
+    def orphaned(self, live_nodes: list[str]) -> list[tuple[str, str | None]]:
+        """PROCESSING jobs whose node is not among `live_nodes` (it died mid-run): put back to QUEUED (the attempt
+        stays counted) and returned, to be handed to the dispatcher again."""
+        now = time.time()
+        with self.store.transaction() as conn:
+            rows = conn.execute(
+                select(J.id, J.model).where(J.status == PROCESSING, J.node.is_(None) | J.node.not_in(live_nodes))
+            ).all()
+            if rows:
+                conn.execute(
+                    update(jobs_table)
+                    .where(J.id.in_([r.id for r in rows]), J.status == PROCESSING)
+                    .values(status=QUEUED, node=None, published_at=now)
+                )
+        return [(r.id, r.model) for r in rows]

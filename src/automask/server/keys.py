@@ -1,8 +1,10 @@
 """API keys and credits, stored in the `Store`.
 
 A key reads `am_<id>_<secret>`; only sha256(secret) is stored, compared in constant time. Credits (None:
-unlimited) are taken as a *hold* when a request is admitted (`reserve`, one atomic UPDATE that never lets the
-balance go below zero) and either kept or given back when it ends (`settle`), so a failed request is free.
+unlimited) are taken as a *hold* when a request is admitted (`reserve`, one conditional UPDATE that never lets the
+balance go below zero) and either kept or given back when it ends (`settle`), so a failed request is free. A hold
+settles once (its row is deleted by whoever settles it first). An admin's `update_key(credits=N)` sets the balance
+outright: holds taken before it are no longer refundable, so a refund cannot raise the balance above N.
 """
 
 from __future__ import annotations
@@ -10,15 +12,18 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-import sqlite3
 import time
 from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Connection, delete, insert, or_, select, update
 
 from automask.server.errors import ApiError
-from automask.server.store import Store
+from automask.server.store import Store, holds_table, jobs_table, keys_table
 
 PREFIX = "am"
 _DUMMY_HASH = hashlib.sha256(b"").hexdigest()
+K, H, J = keys_table.c, holds_table.c, jobs_table.c
 
 
 @dataclass(frozen=True)
@@ -41,14 +46,14 @@ def _hash(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
-def _row_to_key(row: sqlite3.Row) -> ApiKey:
+def _row_to_key(row: Any) -> ApiKey:
     return ApiKey(
-        id=row["id"],
-        name=row["name"],
-        credits=row["credits"],
-        rate_limit=row["rate_limit"],
-        created_at=row["created_at"],
-        disabled_at=row["disabled_at"],
+        id=row.id,
+        name=row.name,
+        credits=row.credits,
+        rate_limit=row.rate_limit,
+        created_at=row.created_at,
+        disabled_at=row.disabled_at,
     )
 
 
@@ -63,8 +68,14 @@ def create_key(
     key_id, secret = secrets.token_hex(6), secrets.token_urlsafe(32)
     with store.transaction() as conn:
         conn.execute(
-            "INSERT INTO keys (id, name, secret_hash, credits, rate_limit, created_at) VALUES (?, ?, ?, ?, ?, ?)",
-            (key_id, name, _hash(secret), credits, rate_limit, time.time()),
+            insert(keys_table).values(
+                id=key_id,
+                name=name,
+                secret_hash=_hash(secret),
+                credits=credits,
+                rate_limit=rate_limit,
+                created_at=time.time(),
+            )
         )
     key = get_key(store, key_id)
     assert key is not None
@@ -73,32 +84,41 @@ def create_key(
 
 def get_key(store: Store, key_id: str) -> ApiKey | None:
     """The key `key_id`, or None."""
-    row = store.connection().execute("SELECT * FROM keys WHERE id = ?", (key_id,)).fetchone()
+    with store.read() as conn:
+        row = conn.execute(select(keys_table).where(K.id == key_id)).first()
     return _row_to_key(row) if row else None
 
 
 def list_keys(store: Store) -> list[ApiKey]:
     """Every key, oldest first."""
-    rows = store.connection().execute("SELECT * FROM keys ORDER BY created_at, id").fetchall()
+    with store.read() as conn:
+        rows = conn.execute(select(keys_table).order_by(K.created_at, K.id)).all()
     return [_row_to_key(r) for r in rows]
 
 
 def revoke_key(store: Store, key_id: str) -> bool:
     """Disable key `key_id` for good; False when there is no such key."""
     with store.transaction() as conn:
-        cur = conn.execute("UPDATE keys SET disabled_at = COALESCE(disabled_at, ?) WHERE id = ?", (time.time(), key_id))
-    return cur.rowcount == 1
+        cur = conn.execute(
+            update(keys_table).where(K.id == key_id, K.disabled_at.is_(None)).values(disabled_at=time.time())
+        )
+        found = cur.rowcount == 1 or conn.execute(select(K.id).where(K.id == key_id)).first() is not None
+    return found
 
 
 def update_key(store: Store, key_id: str, *, credits: int | None = None, rate_limit: int | None = None) -> bool:
-    """Set the credit balance and/or rate limit of `key_id` (None: unchanged); False when no such key."""
+    """Set the credit balance and/or rate limit of `key_id` (None: unchanged); False when no such key.
+
+    The balance is set outright: credits held by requests still running are not given back when they fail."""
     with store.transaction() as conn:
+        if conn.execute(select(K.id).where(K.id == key_id)).first() is None:
+            return False
         if credits is not None:
-            conn.execute("UPDATE keys SET credits = ? WHERE id = ?", (credits, key_id))
+            conn.execute(update(keys_table).where(K.id == key_id).values(credits=credits))
+            conn.execute(update(holds_table).where(H.key_id == key_id).values(refundable=False))
         if rate_limit is not None:
-            conn.execute("UPDATE keys SET rate_limit = ? WHERE id = ?", (rate_limit, key_id))
-        found = conn.execute("SELECT 1 FROM keys WHERE id = ?", (key_id,)).fetchone()
-    return found is not None
+            conn.execute(update(keys_table).where(K.id == key_id).values(rate_limit=rate_limit))
+    return True
 
 
 def authenticate(store: Store, token: str | None) -> ApiKey:
@@ -109,8 +129,9 @@ def authenticate(store: Store, token: str | None) -> ApiKey:
     key_id, _, secret = rest.partition("_")
     row = None
     if prefix == PREFIX and key_id and secret:
-        row = store.connection().execute("SELECT * FROM keys WHERE id = ?", (key_id,)).fetchone()
-    stored = row["secret_hash"] if row else _DUMMY_HASH
+        with store.read() as conn:
+            row = conn.execute(select(keys_table).where(K.id == key_id)).first()
+    stored = row.secret_hash if row else _DUMMY_HASH
     if not hmac.compare_digest(stored, _hash(secret)) or row is None:
         raise ApiError(401, "Invalid API key: check the x-api-key header (list keys with: automask keys list).")
     key = _row_to_key(row)
@@ -119,20 +140,22 @@ def authenticate(store: Store, token: str | None) -> ApiKey:
     return key
 
 
-def reserve(store: Store, key_id: str, hold_id: str) -> bool:
-    """Take one credit from `key_id` for request `hold_id`; False (nothing taken) when none is left."""
+def reserve(store: Store, key_id: str, hold_id: str, *, expires_at: float | None = None) -> bool:
+    """Take one credit from `key_id` for request `hold_id`; False (nothing taken) when none is left.
+
+    `expires_at`: when the sweeper may give it back if nobody settled it (the request can no longer be running)."""
     with store.transaction() as conn:
-        return reserve_in(conn, key_id, hold_id)
+        return reserve_in(conn, key_id, hold_id, expires_at=expires_at)
 
 
-def reserve_in(conn: sqlite3.Connection, key_id: str, hold_id: str) -> bool:
+def reserve_in(conn: Connection, key_id: str, hold_id: str, *, expires_at: float | None = None) -> bool:
     """`reserve` inside the caller's transaction (e.g. together with inserting a v2 job)."""
     cur = conn.execute(
-        "UPDATE keys SET credits = credits - 1 WHERE id = ? AND (credits IS NULL OR credits >= 1)", (key_id,)
+        update(keys_table).where(K.id == key_id, or_(K.credits.is_(None), K.credits >= 1)).values(credits=K.credits - 1)
     )
     if cur.rowcount != 1:
         return False
-    conn.execute("INSERT INTO holds (id, key_id, created_at) VALUES (?, ?, ?)", (hold_id, key_id, time.time()))
+    conn.execute(insert(holds_table).values(id=hold_id, key_id=key_id, created_at=time.time(), expires_at=expires_at))
     return True
 
 
@@ -142,19 +165,29 @@ def settle(store: Store, hold_id: str, *, charge: bool) -> None:
         settle_in(conn, hold_id, charge=charge)
 
 
-def settle_in(conn: sqlite3.Connection, hold_id: str, *, charge: bool) -> None:
-    """`settle` inside the caller's transaction. A hold settles once; settling it again does nothing."""
-    row = conn.execute("DELETE FROM holds WHERE id = ? RETURNING key_id", (hold_id,)).fetchone()
-    if row is not None and not charge:
-        conn.execute("UPDATE keys SET credits = credits + 1 WHERE id = ? AND credits IS NOT NULL", (row["key_id"],))
+def settle_in(conn: Connection, hold_id: str, *, charge: bool) -> bool:
+    """`settle` inside the caller's transaction. A hold settles once; settling it again does nothing (False)."""
+    row = conn.execute(delete(holds_table).where(H.id == hold_id).returning(H.key_id, H.refundable)).first()
+    if row is None:
+        return False
+    if not charge and row.refundable:
+        conn.execute(update(keys_table).where(K.id == row.key_id, K.credits.is_not(None)).values(credits=K.credits + 1))
+    return True
 
 
-def release_orphan_holds(store: Store) -> int:
-    """Give back the credits of holds that no unfinished v2 job owns (v1 requests cut off by a crash)."""
+def release_orphan_holds(store: Store, now: float | None = None) -> int:
+    """Give back the credits of holds that no unfinished v2 job owns and whose request can no longer be running
+    (v1 requests cut off by a crash: past their `expires_at`, or from release 0.1, which set none)."""
+    now = time.time() if now is None else now
+    unfinished = select(J.id).where(J.status.in_(("QUEUED", "PROCESSING")))
     with store.transaction() as conn:
         orphans = conn.execute(
-            "SELECT id FROM holds WHERE id NOT IN (SELECT id FROM jobs WHERE status IN ('QUEUED', 'PROCESSING'))"
-        ).fetchall()
-        for row in orphans:
-            settle_in(conn, row["id"], charge=False)
-    return len(orphans)
+            select(H.id).where(H.id.not_in(unfinished), or_(H.expires_at.is_(None), H.expires_at < now))
+        ).all()
+        return sum(settle_in(conn, row.id, charge=False) for row in orphans)
+
+
+def balance(store: Store, key_id: str) -> int | None:
+    """The credits left to `key_id` (None: unlimited)."""
+    key = get_key(store, key_id)
+    return key.credits if key is not None else None

@@ -45,6 +45,58 @@ class RateLimiter:
             reset_at = seen[len(seen) - limit] + WINDOW
         raise rate_limited(limit, now, reset_at)
 
+    async def hit(self, key_id: str, limit: int | None) -> None:
+        """`check` for the event loop (in memory: no I/O)."""
+        self.check(key_id, limit)
+
+
+_SLIDING_WINDOW = """
+local now = redis.call('TIME')
+local t = tonumber(now[1]) * 1000000 + tonumber(now[2])
+local window, limit = tonumber(ARGV[1]), tonumber(ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', t - window)
+local n = redis.call('ZCARD', KEYS[1])
+if n < limit then
+  redis.call('ZADD', KEYS[1], t, ARGV[3])
+  redis.call('PEXPIRE', KEYS[1], math.ceil(window / 1000))
+  return {1, tostring(t), '0'}
+end
+local oldest = redis.call('ZRANGE', KEYS[1], n - limit, n - limit, 'WITHSCORES')
+return {0, tostring(t), oldest[2]}
+"""
+"""One atomic sliding-window step on the Redis server's clock (microseconds): drop what left the window, then
+count the request if there is room, else answer when the oldest counted request leaves it."""
+
+
+class RedisRateLimiter:
+    """The same limit as `RateLimiter`, shared by every API node: one sorted set per key in Redis (`redis_url`),
+    updated by an atomic Lua script on the Redis server's clock."""
+
+    def __init__(self, redis_url: str, prefix: str = "automask:rate:") -> None:
+        import redis.asyncio as aioredis
+
+        self.client = aioredis.Redis.from_url(redis_url)
+        self.prefix = prefix
+        self._script = self.client.register_script(_SLIDING_WINDOW)
+
+    async def hit(self, key_id: str, limit: int | None) -> None:
+        """Count one request of `key_id`; raise a 429 `ApiError` (nothing counted) when over `limit`."""
+        if limit is None:
+            return
+        import uuid
+
+        window_us = int(WINDOW * 1_000_000)
+        allowed, now, oldest = await self._script(
+            keys=[self.prefix + key_id], args=[window_us, limit, uuid.uuid4().hex]
+        )
+        if int(allowed):
+            return
+        now_s = float(now) / 1e6
+        raise rate_limited(limit, now_s, float(oldest) / 1e6 + WINDOW)
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
 
 def rate_limited(limit: int, now: float, reset_at: float) -> ApiError:
     """The 429 for a key over its `limit`: `Retry-After` (whole seconds) and `x-rate-limit-reset-at-utc`."""

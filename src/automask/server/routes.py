@@ -9,25 +9,31 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
+import time
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from typing import Annotated, Any
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass, field
+from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, Request, Security
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import APIKeyHeader
+from sqlalchemy.exc import SQLAlchemyError
+from starlette.requests import ClientDisconnect
 
-from automask.result import MaskResult
+from automask.imageio.decode import check_encoded_size
 from automask.server import keys
 from automask.server.config import ServerSettings
+from automask.server.dispatch import Dispatcher
 from automask.server.errors import ApiError, shown
-from automask.server.jobs import COMPLETED, FAILED, Job, JobQueue, Jobs, no_credits
+from automask.server.execute import Outcome
+from automask.server.jobs import CANCELLED, COMPLETED, FAILED, Job, Jobs, no_credits
 from automask.server.keys import ApiKey
-from automask.server.limits import RateLimiter
-from automask.server.runner import Runner, inference_time, served_metadata
+from automask.server.limits import RateLimiter, RedisRateLimiter
 from automask.server.schemas import (
+    CreditsResponse,
     ErrorResponse,
     MaskRequest,
     ModelList,
@@ -39,22 +45,26 @@ from automask.server.schemas import (
 from automask.server.store import Store
 from automask.settings import Settings
 
+log = logging.getLogger("automask.server")
+T = TypeVar("T")
+SETTLE_WAIT = 2.0
+"""Seconds a v1 answer waits for its credit to be settled before it is sent anyway (the settle goes on)."""
 SLUG = "automatic-mask-generator"
 router = APIRouter()
 
 
 @dataclass
 class ServerState:
-    """Everything the routes share; `app.state.automask`."""
+    """Everything the routes share; `app.state.automask`. `dispatcher`: where requests run (chosen once)."""
 
     settings: Settings
     server: ServerSettings
     store: Store
-    runner: Runner
     jobs: Jobs
-    queue: JobQueue
-    limiter: RateLimiter
+    dispatcher: Dispatcher
+    limiter: RateLimiter | RedisRateLimiter
     body_limit: int
+    background: set[asyncio.Task[None]] = field(default_factory=set)
 
 
 def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -144,33 +154,84 @@ CallerKey = Annotated["ApiKey | None", Depends(current_key)]
 
 @asynccontextmanager
 async def credit_hold(state: ServerState, key: ApiKey | None, hold_id: str) -> AsyncIterator[None]:
-    """Hold one credit of `key` for the block (406 when none is left); keep it if the block succeeds."""
+    """Hold one credit of `key` for the block (406 when none is left); keep it if the block succeeds, give it
+    back otherwise (an error, a timeout, the client leaving). The hold expires (the sweeper gives it back) if this
+    process dies before settling it."""
     if key is None:
         yield
         return
-    if not await asyncio.to_thread(keys.reserve, state.store, key.id, hold_id):
+    expires_at = time.time() + state.server.timeout + state.server.hold_grace
+    if not await asyncio.to_thread(keys.reserve, state.store, key.id, hold_id, expires_at=expires_at):
         raise no_credits(key.id)
     charged = False
     try:
         yield
         charged = True
     finally:
-        keys.settle(state.store, hold_id, charge=charged)  # one quick local write, also on cancellation
+        await settle_soon(state, hold_id, charge=charged)
 
 
-def render(result: MaskResult, as_base64: bool, model: str) -> Response:
+async def settle_soon(state: ServerState, hold_id: str, *, charge: bool) -> None:
+    """Settle a hold off the event loop, retried until it is written; wait at most `SETTLE_WAIT` seconds for it
+    (a locked database never holds up or fails the answer of a finished request)."""
+    task = asyncio.create_task(_settle(state, hold_id, charge))
+    state.background.add(task)
+    task.add_done_callback(state.background.discard)
+    with suppress(asyncio.TimeoutError, asyncio.CancelledError):
+        await asyncio.wait_for(asyncio.shield(task), SETTLE_WAIT)
+
+
+async def _settle(state: ServerState, hold_id: str, charge: bool) -> None:
+    delay, deadline = 0.2, time.monotonic() + state.server.timeout + state.server.hold_grace
+    while True:
+        try:
+            await asyncio.to_thread(keys.settle, state.store, hold_id, charge=charge)
+            return
+        except SQLAlchemyError:
+            if time.monotonic() > deadline:  # the sweeper gives the credit back once the hold expires
+                log.exception("could not settle credit hold %s; the sweeper will release it", hold_id)
+                return
+            log.warning("could not settle credit hold %s yet (database busy); retrying", hold_id)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
+async def unless_client_leaves(request: Request, work: Awaitable[T]) -> T:
+    """Await `work`, cancelling it if the client disconnects first (then `ClientDisconnect`): a request still
+    waiting for a thread never runs, and its credit is given back."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+    if task.cancelled() or not task.done():
+        with suppress(asyncio.CancelledError):
+            await task
+        raise ClientDisconnect()
+    return task.result()
+
+
+async def _disconnected(request: Request) -> None:
+    """Return when the client has gone (the body has been read: the next message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def render(outcome: Outcome, as_base64: bool) -> Response:
     """The v1 answer: the PNG itself, or JSON {"image": base64 PNG, ...metadata}; header `x-inference-time`
     (seconds the library call took)."""
-    png = result.to_png()
-    headers = {"x-inference-time": f"{inference_time(result):.6f}"}
+    headers = {"x-inference-time": f"{outcome.inference_time:.6f}"}
     if as_base64:
         body = {
-            "image": base64.b64encode(png).decode("ascii"),
-            **served_metadata(result, model),
-            "inference_time": inference_time(result),
+            "image": base64.b64encode(outcome.png).decode("ascii"),
+            **outcome.metadata,
+            "inference_time": outcome.inference_time,
         }
         return JSONResponse(body, headers=headers)
-    return Response(png, media_type="image/png", headers=headers)
+    return Response(outcome.png, media_type="image/png", headers=headers)
 
 
 async def accept(request: Request, key: ApiKey | None) -> tuple[ServerState, MaskRequest, str]:
@@ -178,10 +239,24 @@ async def accept(request: Request, key: ApiKey | None) -> tuple[ServerState, Mas
     answered before a credit is held or a job is queued). Returns the state, the request and the model name."""
     state = state_of(request)
     if key is not None:
-        state.limiter.check(key.id, key.rate_limit)
+        await state.limiter.hit(key.id, key.rate_limit)
     req = await read_request(request, state.body_limit)
-    model = await asyncio.to_thread(state.runner.check, req.model)
+    model = await asyncio.to_thread(state.dispatcher.check, req.model)
     return state, req, model
+
+
+def check_image_size(image: str | bytes, settings: Settings) -> None:
+    """413 now for an image that is over `max_image_bytes` (a file, base64 or a data URI; a URL is checked when
+    it is fetched)."""
+    if isinstance(image, bytes):
+        check_encoded_size(len(image), settings)
+        return
+    text = image.strip()
+    if text[:8].lower().startswith(("http://", "https://")):
+        return
+    if text[:5].lower() == "data:":
+        text = text.partition(",")[2]
+    check_encoded_size(len("".join(text.split())) * 3 // 4, settings)
 
 
 @router.post(
@@ -207,8 +282,11 @@ async def accept(request: Request, key: ApiKey | None) -> tuple[ServerState, Mas
 async def v1_generate(request: Request, key: CallerKey) -> Response:
     state, req, model = await accept(request, key)
     async with credit_hold(state, key, uuid.uuid4().hex):
-        result, _ = await state.runner.run(req.image, req.prompt, req.options(), model)
-        return await asyncio.to_thread(render, result, req.base64, model)
+        request_id = request.scope.get("state", {}).get("request_id", "")
+        outcome = await unless_client_leaves(request, state.dispatcher.run_v1(req, model, request_id))
+        if outcome.error is not None:
+            raise ApiError(outcome.status, outcome.error)
+        return render(outcome, req.base64)
 
 
 @router.post(
@@ -220,9 +298,15 @@ async def v1_generate(request: Request, key: CallerKey) -> Response:
     tags=["v2"],
 )
 async def v2_submit(request: Request, key: CallerKey) -> SubmitResponse:
-    state, req, _ = await accept(request, key)
-    job_id = await asyncio.to_thread(state.jobs.submit, key.id if key else None, req, charge=key is not None)
-    state.queue.notify()
+    state, req, model = await accept(request, key)
+    check_image_size(req.image, state.settings)
+    job_id = await asyncio.to_thread(
+        state.jobs.submit, key.id if key else None, req, charge=key is not None, model=model
+    )
+    try:
+        await asyncio.to_thread(state.dispatcher.publish, job_id, model)
+    except Exception:  # stored: the sweeper hands it out again (republish_after)
+        log.warning("could not queue v2 job %s now; the sweeper will", job_id, exc_info=True)
     base = _base_url(request, state)
     status_url = f"{base}/v2/requests/{job_id}/status"
     return SubmitResponse(
@@ -233,7 +317,7 @@ async def v2_submit(request: Request, key: CallerKey) -> SubmitResponse:
 async def owned_job(request: Request, request_id: str, key: CallerKey) -> Job:
     """Job `request_id` if the caller's key owns it; 404 otherwise (another key's job is not revealed)."""
     job = await asyncio.to_thread(state_of(request).jobs.get, request_id)
-    if job is None or (key is not None and job.key_id != key.id):
+    if job is None or job.key_id != (key.id if key is not None else None):  # --no-auth sees unkeyed jobs only
         raise ApiError(
             404,
             f"No request {shown(request_id)!r} for this key"
@@ -246,7 +330,7 @@ OwnedJob = Annotated[Job, Depends(owned_job)]
 
 
 def _failed(job: Job) -> JSONResponse:
-    return JSONResponse({"request_id": job.id, "status": FAILED, "error": job.error}, status_code=422)
+    return JSONResponse({"request_id": job.id, "status": job.status, "error": job.error}, status_code=422)
 
 
 @router.get(
@@ -257,7 +341,7 @@ def _failed(job: Job) -> JSONResponse:
     summary="A job's status: QUEUED, PROCESSING, COMPLETED or FAILED (422)",
 )
 async def v2_status(job: OwnedJob) -> Response:
-    if job.status == FAILED:
+    if job.status in (FAILED, CANCELLED):
         return _failed(job)
     return JSONResponse({"request_id": job.id, "status": job.status})
 
@@ -270,12 +354,12 @@ async def v2_status(job: OwnedJob) -> Response:
     summary="A job's response: output (absolute URL, or base64), metrics and metadata",
 )
 async def v2_response(request: Request, job: OwnedJob) -> Response:
-    if job.status == FAILED:
+    if job.status in (FAILED, CANCELLED):
         return _failed(job)
     body: dict[str, Any] = {"request_id": job.id, "status": job.status, "output": None, "metrics": {}}
-    if job.status == COMPLETED and job.result_path is not None:
+    if job.status == COMPLETED and job.has_result:
         if job.base64:
-            body["output"] = base64.b64encode(await result_png(job)).decode("ascii")
+            body["output"] = base64.b64encode(await result_png(request, job)).decode("ascii")
         else:
             body["output"] = f"{_base_url(request, state_of(request))}/v2/requests/{job.id}/output"
         body["metrics"] = {"inference_time": round(job.inference_time or 0.0, 6)}
@@ -290,23 +374,50 @@ async def v2_response(request: Request, job: OwnedJob) -> Response:
     responses={200: {"content": {"image/png": {}}, "description": "The result PNG."}, **_JOB_ERRORS},
     summary="A completed job's result image",
 )
-async def v2_output(job: OwnedJob) -> Response:
-    if job.status == FAILED:
+async def v2_output(request: Request, job: OwnedJob) -> Response:
+    if job.status in (FAILED, CANCELLED):
         return _failed(job)
-    if job.status != COMPLETED or job.result_path is None:
+    if job.status != COMPLETED or not job.has_result:
         raise ApiError(404, f"The result of request {job.id} is not ready yet ({job.status}); poll its status_url.")
-    return Response(await result_png(job), media_type="image/png")
+    return Response(await result_png(request, job), media_type="image/png")
 
 
-async def result_png(job: Job) -> bytes:
-    """The PNG of a COMPLETED job; 404 if it has just expired (the sweeper deletes the row, then the file)."""
-    assert job.result_path is not None
-    try:
-        return await asyncio.to_thread(job.result_path.read_bytes)
-    except FileNotFoundError:
-        raise ApiError(
-            404, f"The result of request {job.id} has expired (results are kept for a limited time)."
-        ) from None
+async def result_png(request: Request, job: Job) -> bytes:
+    """The PNG of a COMPLETED job; 404 if it has expired since the job was read."""
+    png = await asyncio.to_thread(state_of(request).jobs.result, job.id)
+    if png is None:
+        raise ApiError(404, f"The result of request {job.id} has expired (results are kept for a limited time).")
+    return png
+
+
+@router.post(
+    "/v2/requests/{request_id}/cancel",
+    response_model=StatusResponse,
+    responses=_errors(401, 403, 404, 500),
+    tags=["v2"],
+    summary="Cancel a QUEUED job: it never runs and is not charged (automask extension)",
+)
+async def v2_cancel(request: Request, job: OwnedJob) -> Response:
+    state = state_of(request)
+    if await asyncio.to_thread(state.jobs.cancel, job.id):
+        return JSONResponse({"request_id": job.id, "status": CANCELLED})
+    found = await asyncio.to_thread(state.jobs.get, job.id)
+    current = found.status if found is not None else job.status
+    return JSONResponse({"request_id": job.id, "status": current})
+
+
+@router.get(
+    "/v1/credits",
+    response_model=CreditsResponse,
+    responses=_errors(401, 403, 500),
+    tags=["v1"],
+    summary="The calling key's credits left (automask extension); null: unlimited",
+)
+async def v1_credits(request: Request, key: CallerKey) -> CreditsResponse:
+    if key is None:
+        return CreditsResponse(key_id=None, credits=None)
+    credits = await asyncio.to_thread(keys.balance, state_of(request).store, key.id)
+    return CreditsResponse(key_id=key.id, credits=credits)
 
 
 @router.get(
@@ -317,8 +428,9 @@ async def result_png(job: Job) -> bytes:
     summary="The models this server answers with (automask extension); send one's name as 'model'",
 )
 async def v1_models(request: Request, key: CallerKey) -> ModelList:
-    runner = state_of(request).runner
-    return ModelList.of(runner.default, await asyncio.to_thread(runner.models))
+    dispatcher = state_of(request).dispatcher
+    entries = await asyncio.to_thread(dispatcher.models)
+    return ModelList.of(dispatcher.default, entries)
 
 
 @router.get("/healthz", tags=["health"], summary="The process is up")
@@ -333,13 +445,21 @@ async def healthz() -> dict[str, str]:
     responses={503: {"model": ErrorResponse, "description": "The model is still loading, or failed to load."}},
 )
 async def readyz(request: Request) -> Response:
-    runner = state_of(request).runner
-    if runner.ready:
-        return JSONResponse({"status": "ready", "model": runner.default})  # its name: no server path
-    reason = runner.error.message if runner.error else "The model is still loading."
+    dispatcher = state_of(request).dispatcher
+    reason = await asyncio.to_thread(dispatcher.readiness)
+    if reason is None:
+        return JSONResponse({"status": "ready", "model": dispatcher.default})  # its name: no server path
     return error_response(503, reason)
 
 
 def _base_url(request: Request, state: ServerState) -> str:
-    """Where clients reach the service: `public_url`, else this request's base URL (no trailing slash)."""
-    return (state.server.public_url or str(request.base_url)).rstrip("/")
+    """Where clients reach the service (no trailing slash): `public_url`, else the address and port the request's
+    connection came in on (never the client's `Host` header, which anyone can set)."""
+    if state.server.public_url:
+        return state.server.public_url.rstrip("/")
+    host, port = request.scope.get("server") or (state.server.host, state.server.port)
+    scheme = request.scope.get("scheme", "http")
+    host = f"[{host}]" if ":" in str(host) else str(host)
+    default = {"http": 80, "https": 443}.get(scheme)
+    netloc = host if port in (None, default) else f"{host}:{port}"
+    return f"{scheme}://{netloc}{request.scope.get('root_path', '')}".rstrip("/")

@@ -14,6 +14,7 @@ import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -158,6 +159,14 @@ class Runner:
         return name
 
     def _not_available(self, slot: _Slot, exc: AutomaskError) -> ModelNotAvailableError:
+        """The public error for a model that cannot load: it names the model, never a server path (a local
+        folder's problem is in the server log only)."""
+        if slot.spec is not None and slot.spec not in CATALOGUE:
+            log.error("model %s (%s) is not available: %s", slot.name, slot.spec, exc.message)
+            return ModelNotAvailableError(
+                f"The server's model {slot.name!r} is not available (its folder is missing or cannot be loaded); "
+                "the server log says why."
+            )
         if slot.name == self.default:
             return ModelNotAvailableError(f"The server's model is not available. {exc.message}")
         return exc if isinstance(exc, ModelNotAvailableError) else ModelNotAvailableError(exc.message)
@@ -218,19 +227,36 @@ class Runner:
         """`generate` with model `model` (None: the default) in a pool thread; returns the result and the
         seconds it took. A string `image` is a URL, a data URI or base64, never read as a server-side path.
 
-        Raises the library's `AutomaskError`s, and `InferenceTimeoutError` after `timeout` seconds (queueing
-        and a first load included); a call already running then finishes in its thread and its result is
-        dropped (a model it was loading stays loaded).
+        Loads the model first (a first load does not count against the limit), then raises the library's
+        `AutomaskError`s, and `InferenceTimeoutError` after `timeout` seconds (queueing included); a call
+        already running then finishes in its thread and its result is dropped. Cancelling the call before a
+        thread has taken it means it never runs.
         """
+        await asyncio.wrap_future(self.pool.submit(self.generator, model))
         future = self.pool.submit(self._generate, image, prompt, options, model)
         try:
             return await asyncio.wait_for(asyncio.wrap_future(future), self.server.timeout)
         except asyncio.TimeoutError:
             future.cancel()
-            raise InferenceTimeoutError(
-                f"Masking took longer than the server's limit of {self.server.timeout:g} s. "
-                "Try a smaller image, or raise the limit with `automask serve --timeout`."
-            ) from None
+            raise self._timeout() from None
+
+    def run_blocking(
+        self, image: ImageSource, prompt: str, options: MaskOptions, model: str | None = None
+    ) -> tuple[MaskResult, float]:
+        """`run` for a caller that is a thread (a job runner, a Celery task): the same load, limit and errors."""
+        self.generator(model)
+        future = self.pool.submit(self._generate, image, prompt, options, model)
+        try:
+            return future.result(timeout=self.server.timeout)
+        except FutureTimeout:
+            future.cancel()
+            raise self._timeout() from None
+
+    def _timeout(self) -> InferenceTimeoutError:
+        return InferenceTimeoutError(
+            f"Masking took longer than the server's limit of {self.server.timeout:g} s. "
+            "Try a smaller image, or raise the limit with `automask serve --timeout`."
+        )
 
     def close(self) -> None:
         """Stop taking work; calls already running finish in their threads."""

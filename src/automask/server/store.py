@@ -1,93 +1,198 @@
-"""The service's embedded database: SQLite (WAL) at `<data_dir>/automask.db`, keys, credit holds and v2 jobs.
+"""The service's database: keys, credit holds, v2 jobs (uploads and results), worker nodes.
 
-One connection per thread; every write runs in `transaction()` (BEGIN IMMEDIATE), so the atomic statements
-in `keys` and `jobs` hold across threads and across processes (`automask keys ...` beside a running server).
+One code path for SQLite (embedded, the default: `<data_dir>/automask.db`) and PostgreSQL (a fleet of API nodes
+and workers), through SQLAlchemy Core. Every write runs in `transaction()`: on SQLite a `BEGIN IMMEDIATE` (the
+write lock up front, so the conditional UPDATEs of `keys` and `jobs` hold across threads and processes); on
+PostgreSQL a READ COMMITTED transaction in which those single-statement conditional UPDATEs are atomic too.
+The schema is versioned by Alembic (`automask.server.migrations`); `automask db migrate` upgrades it.
 """
 
 from __future__ import annotations
 
-import sqlite3
-import threading
+import os
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS keys (
-    id          TEXT PRIMARY KEY,
-    name        TEXT NOT NULL DEFAULT '',
-    secret_hash TEXT NOT NULL,
-    credits     INTEGER CHECK (credits IS NULL OR credits >= 0),  -- NULL: unlimited
-    rate_limit  INTEGER CHECK (rate_limit IS NULL OR rate_limit >= 1),  -- per minute; NULL: unlimited
-    created_at  REAL NOT NULL,
-    disabled_at REAL
-);
--- One credit taken from a key for a request in flight (v1) or a v2 job not yet finished.
-CREATE TABLE IF NOT EXISTS holds (
-    id         TEXT PRIMARY KEY,
-    key_id     TEXT NOT NULL,
-    created_at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS jobs (
-    id             TEXT PRIMARY KEY,
-    key_id         TEXT,
-    status         TEXT NOT NULL,  -- QUEUED, PROCESSING, COMPLETED, FAILED
-    request        TEXT,           -- the validated request as JSON (image as given); dropped when finished
-    upload         BLOB,           -- an uploaded image file (multipart), else NULL
-    base64         INTEGER NOT NULL DEFAULT 0,
-    error          TEXT,
-    metadata       TEXT,           -- MaskResult.metadata() as JSON
-    result_path    TEXT,
-    inference_time REAL,
-    attempts       INTEGER NOT NULL DEFAULT 0,
-    created_at     REAL NOT NULL,
-    started_at     REAL,
-    finished_at    REAL
-);
-CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, created_at);
-"""
+from sqlalchemy import (
+    Boolean,
+    CheckConstraint,
+    Column,
+    Connection,
+    Engine,
+    Float,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    create_engine,
+    event,
+    make_url,
+    true,
+)
+from sqlalchemy.engine import URL
+
+metadata = MetaData()
+
+keys_table = Table(
+    "keys",
+    metadata,
+    Column("id", String, primary_key=True),
+    Column("name", String, nullable=False, server_default=""),
+    Column("secret_hash", String, nullable=False),
+    Column("credits", Integer, CheckConstraint("credits IS NULL OR credits >= 0")),  # NULL: unlimited
+    Column("rate_limit", Integer, CheckConstraint("rate_limit IS NULL OR rate_limit >= 1")),  # per minute
+    Column("created_at", Float, nullable=False),
+    Column("disabled_at", Float),
+)
+
+holds_table = Table(
+    "holds",
+    metadata,
+    Column("id", String, primary_key=True),  # a v2 hold has its job's id; a v1 hold a request's
+    Column("key_id", String, nullable=False),
+    Column("created_at", Float, nullable=False),
+    # v1 holds: when the sweeper may give the credit back (the request can no longer be running); v2: NULL
+    Column("expires_at", Float),
+    # False once an admin set the balance outright (`keys update --credits`): a refund must not add to it
+    Column("refundable", Boolean, nullable=False, server_default=true()),
+)
+
+jobs_table = Table(
+    "jobs",
+    metadata,
+    Column("id", String, primary_key=True),
+    Column("key_id", String),
+    Column("status", String, nullable=False),  # QUEUED, PROCESSING, COMPLETED, FAILED, CANCELLED
+    Column("request", Text),  # the validated request as JSON (image as given); dropped when finished
+    Column("upload", LargeBinary),  # an uploaded image file (multipart), else NULL
+    Column("base64", Integer, nullable=False, server_default="0"),
+    Column("error", Text),
+    Column("metadata", Text),  # the served metadata as JSON
+    Column("result_path", Text),  # release 0.1 kept results on disk; migrated into `result`
+    Column("inference_time", Float),
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    Column("created_at", Float, nullable=False),
+    Column("started_at", Float),
+    Column("finished_at", Float),
+    Column("result", LargeBinary),  # the result PNG of a COMPLETED job
+    Column("model", String),  # the served model's name: which queue runs it
+    Column("published_at", Float),  # when it was last handed to the dispatcher
+    Column("node", String),  # the node running it (PROCESSING)
+)
+Index("jobs_by_status", jobs_table.c.status, jobs_table.c.created_at)
+
+nodes_table = Table(
+    "nodes",
+    metadata,
+    Column("id", String, primary_key=True),
+    Column("kind", String, nullable=False),  # "server" (in-process jobs) or "worker"
+    Column("models", Text, nullable=False, server_default="[]"),  # JSON list of the model names it serves
+    Column("default_model", String),
+    Column("started_at", Float, nullable=False),
+    Column("heartbeat_at", Float, nullable=False),
+)
+
+
+def normalize_url(url: str) -> URL:
+    """A database URL as SQLAlchemy takes it: `postgresql://` (and `postgres://`) use psycopg 3."""
+    parsed = make_url(url)
+    if parsed.drivername in ("postgresql", "postgres"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    if not (parsed.drivername.startswith("sqlite") or parsed.drivername.startswith("postgresql")):
+        raise ValueError(f"unsupported database URL scheme {parsed.drivername!r}: use sqlite:///PATH or postgresql://")
+    return parsed
+
+
+def _private_file(path: Path) -> None:
+    """Create `path` (and its folder) readable by this user only: 0700 folder, 0600 file, whatever the umask."""
+    folder = path.parent
+    if not folder.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        os.chmod(folder, 0o700)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    os.close(fd)
+    if stat.S_IMODE(path.stat().st_mode) & 0o077:
+        os.chmod(path, 0o600)
 
 
 class Store:
-    """The database file `path`, created with its tables on first use."""
+    """The database at `url`. SQLite files (and their WAL) are created private (0600 in a 0700 folder)."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._local = threading.local()
-        self.connection().executescript(SCHEMA)
+    def __init__(self, url: str | URL) -> None:
+        self.url = normalize_url(str(url) if isinstance(url, str) else url.render_as_string(hide_password=False))
+        self.is_sqlite = self.url.drivername.startswith("sqlite")
+        self.path: Path | None = Path(self.url.database) if self.is_sqlite and self.url.database else None
+        self.engine = self._engine()
 
     @classmethod
     def in_data_dir(cls, data_dir: Path) -> Store:
-        """The store of the data folder `data_dir` (what the server and `automask keys` share)."""
-        return cls(Path(data_dir) / "automask.db")
+        """The embedded database of the data folder `data_dir`, created and migrated on first use."""
+        store = cls(f"sqlite:///{Path(data_dir) / 'automask.db'}")
+        from automask.server.migrations import ensure_schema
 
-    def connection(self) -> sqlite3.Connection:
-        """This thread's connection (autocommit; WAL; waits up to 10 s for another writer)."""
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = sqlite3.connect(self.path, timeout=10.0, isolation_level=None, check_same_thread=True)
-            conn.row_factory = sqlite3.Row
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            self._local.conn = conn
-        return conn
+        ensure_schema(store, create=True)
+        return store
+
+    @classmethod
+    def from_settings(cls, settings: Any, *, create: bool = True) -> Store:
+        """`settings.database_url`, else the data folder's embedded database. `create`: an empty database is
+        given the current schema (a database at an older schema revision is never changed: `automask db
+        migrate` does that), else `SchemaError`."""
+        if not settings.database_url:
+            return cls.in_data_dir(settings.data_dir)
+        store = cls(settings.database_url)
+        from automask.server.migrations import ensure_schema
+
+        ensure_schema(store, create=create)
+        return store
+
+    def describe(self) -> str:
+        """The database for messages and logs: the SQLite path, or the server URL without its password."""
+        return str(self.path) if self.path is not None else self.url.render_as_string(hide_password=True)
+
+    def _engine(self) -> Engine:
+        if not self.is_sqlite:
+            return create_engine(self.url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+        if self.path is not None:
+            _private_file(self.path)
+        engine = create_engine(self.url, connect_args={"timeout": 10.0, "check_same_thread": False})
+
+        @event.listens_for(engine, "connect")
+        def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+            dbapi_conn.isolation_level = None  # SQLAlchemy emits BEGIN itself (below)
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+
+        @event.listens_for(engine, "begin")
+        def _on_begin(conn: Connection) -> None:
+            immediate = conn.get_execution_options().get("immediate", False)
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+        return engine
 
     @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        """A write transaction taken up front (BEGIN IMMEDIATE): committed on success, rolled back on error."""
-        conn = self.connection()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+    def transaction(self) -> Iterator[Connection]:
+        """A write transaction: committed on success, rolled back on error (SQLite: the write lock up front)."""
+        with self.engine.connect() as conn:
+            conn.execution_options(immediate=True)
+            with conn.begin():
+                yield conn
+
+    @contextmanager
+    def read(self) -> Iterator[Connection]:
+        """A read-only snapshot (no write lock)."""
+        with self.engine.connect() as conn, conn.begin():
             yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
 
     def close(self) -> None:
-        """Close this thread's connection (others close when their thread ends)."""
-        conn = getattr(self._local, "conn", None)
-        if conn is not None:
-            conn.close()
-            self._local.conn = None
+        """Close every pooled connection."""
+        self.engine.dispose()

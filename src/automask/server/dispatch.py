@@ -1,0 +1,159 @@
+"""Where requests run: the dispatcher seam, chosen once at start-up (`make_dispatcher`).
+
+- `LocalDispatcher`: the models live in this process; v1 requests and v2 jobs run in its thread pool (the
+  single-process default).
+- `automask.server.fleet.CeleryDispatcher` (when `AUTOMASK_BROKER_URL` is set): this process loads no model; every
+  request is queued on RabbitMQ to `automask worker` processes, v1 answers come back through Redis.
+
+Routes and the sweeper only use the `Dispatcher` protocol; neither knows which one runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Protocol
+
+from automask.errors import AutomaskError, ModelNotAvailableError
+from automask.pipeline import MaskGenerator
+from automask.server.config import ServerSettings
+from automask.server.execute import Outcome, execute_job
+from automask.server.jobs import Jobs
+from automask.server.nodes import Heartbeat, new_node_id
+from automask.server.runner import ModelEntry, Runner, inference_time, served_metadata
+from automask.server.schemas import MaskRequest
+from automask.server.store import Store
+from automask.settings import Settings
+
+log = logging.getLogger("automask.server")
+
+MODEL_RETRY_SECONDS = 5.0
+"""How long a job whose model is not available waits before it is looked at again."""
+
+
+class Dispatcher(Protocol):
+    """Runs requests somewhere."""
+
+    @property
+    def default(self) -> str:
+        """The public name of the model used when a request names none."""
+
+    async def start(self) -> None:
+        """Start taking work (load models, connect, start the in-process job workers)."""
+
+    async def stop(self) -> None:
+        """Stop taking work; jobs not finished stay in the database and run again elsewhere or later."""
+
+    def check(self, model: str | None) -> str:
+        """The name of the model a request asks for, once it is known to be served (404 unknown, 503 not
+        available): cheap, may touch the disk or the database, never loads a model. Call it off the loop."""
+
+    async def run_v1(self, request: MaskRequest, model: str, request_id: str) -> Outcome:
+        """Answer a v1 request (cancelling the call cancels the work if it has not started). Raises the library's
+        `AutomaskError`s or returns an error `Outcome`."""
+
+    def publish(self, job_id: str, model: str | None) -> None:
+        """Hand stored v2 job `job_id` to whatever runs jobs (at least once; a duplicate is harmless)."""
+
+    def readiness(self) -> str | None:
+        """None when requests can be answered now, else why not (public: names models, never paths)."""
+
+    def models(self) -> list[ModelEntry]:
+        """The models requests may name, the default first."""
+
+
+class LocalDispatcher:
+    """Models in this process, a bounded thread pool (`Runner`), and `workers_for_jobs` asyncio tasks that run
+    v2 jobs by id. This process is a node of kind "server": its heartbeat lets the sweeper of another process
+    (sharing a PostgreSQL database) take over its jobs if it dies."""
+
+    def __init__(
+        self, settings: Settings, server: ServerSettings, store: Store, jobs: Jobs, generator: MaskGenerator | None
+    ) -> None:
+        self.server = server
+        self.store = store
+        self.jobs = jobs
+        self.runner = Runner(settings, server, generator)
+        self.default = self.runner.default
+        self.node = new_node_id("server")
+        self._queue: asyncio.Queue[tuple[str, str | None]] = asyncio.Queue()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._heartbeat: Heartbeat | None = None
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.runner.start_loading()
+        self._heartbeat = Heartbeat(
+            self.store, self.node, "server", [self.default], self.default, self.server.heartbeat_interval
+        )
+        await asyncio.to_thread(self._heartbeat.start)
+        for job_id, model in await asyncio.to_thread(self.jobs.queued, limit=self.server.max_queued):
+            self._queue.put_nowait((job_id, model))
+        self._tasks = [asyncio.create_task(self._work()) for _ in range(self.server.workers_for_jobs)]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+        if self._heartbeat is not None:
+            await asyncio.to_thread(self._heartbeat.stop)
+        self.runner.close()
+
+    def check(self, model: str | None) -> str:
+        return self.runner.check(model)
+
+    async def run_v1(self, request: MaskRequest, model: str, request_id: str) -> Outcome:
+        result, _ = await self.runner.run(request.image, request.prompt, request.options(), model)
+        png = await asyncio.to_thread(result.to_png)
+        return Outcome(200, png, served_metadata(result, model), inference_time(result))
+
+    def publish(self, job_id: str, model: str | None) -> None:
+        if self._loop is None:
+            return  # not started: `start` enqueues every QUEUED job
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, (job_id, model))
+
+    def readiness(self) -> str | None:
+        if self.runner.ready:
+            return None
+        return self.runner.error.message if self.runner.error else "The model is still loading."
+
+    def models(self) -> list[ModelEntry]:
+        return self.runner.models()
+
+    async def _work(self) -> None:
+        while True:
+            job_id, model = await self._queue.get()
+            try:
+                await asyncio.to_thread(self.runner.check, model)
+            except AutomaskError as exc:  # not available (yet): the job stays QUEUED and is looked at again
+                if not isinstance(exc, ModelNotAvailableError):
+                    await asyncio.to_thread(self.jobs.fail, job_id, exc.message)
+                    continue
+                asyncio.get_running_loop().call_later(MODEL_RETRY_SECONDS, self._queue.put_nowait, (job_id, model))
+                await asyncio.sleep(0.5)
+                continue
+            try:
+                status = await asyncio.to_thread(
+                    execute_job, self.jobs, self.runner, job_id, self.node, max_attempts=self.server.max_job_attempts
+                )
+            except Exception:  # the database failed us: the job stays where it was and the sweeper recovers it
+                log.exception("could not run v2 job %s; it will be retried", job_id)
+                continue
+            if status == "QUEUED":
+                asyncio.get_running_loop().call_later(MODEL_RETRY_SECONDS, self._queue.put_nowait, (job_id, model))
+
+
+def make_dispatcher(
+    settings: Settings, server: ServerSettings, store: Store, jobs: Jobs, generator: MaskGenerator | None
+) -> Dispatcher:
+    """The in-process pool, or Celery workers when `settings.broker_url` is set: chosen once, here."""
+    if settings.broker_url:
+        from automask.server.fleet import CeleryDispatcher
+
+        return CeleryDispatcher(settings, server, store)
+    return LocalDispatcher(settings, server, store, jobs, generator)

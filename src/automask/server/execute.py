@@ -1,0 +1,103 @@
+"""Running requests, wherever they run: the one code path of the in-process pool and of Celery workers.
+
+`execute_job` runs a stored v2 job by id (claim, run, complete or fail); `compute` answers a v1 request as an
+`Outcome` (the PNG and metadata, or the error status and message) that can travel from a worker to the API node
+that holds the client, which renders it exactly as if it had computed it itself.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from automask.errors import AutomaskError, ModelNotAvailableError
+from automask.server.errors import status_of
+from automask.server.jobs import FAILED, Jobs
+from automask.server.runner import Runner, inference_time, served_metadata
+from automask.server.schemas import MaskRequest
+
+log = logging.getLogger("automask.server")
+
+
+@dataclass
+class Outcome:
+    """A v1 answer: `status` 200 with `png`, the served `metadata` and `inference_time` (seconds), or an error
+    `status` with its `error` message."""
+
+    status: int
+    png: bytes = b""
+    metadata: dict[str, Any] = field(default_factory=dict)
+    inference_time: float = 0.0
+    error: str | None = None
+
+    def dumps(self) -> bytes:
+        """One bytes value: a JSON header line, then the PNG."""
+        head = {k: v for k, v in asdict(self).items() if k != "png"}
+        return json.dumps(head).encode() + b"\n" + self.png
+
+    @classmethod
+    def loads(cls, data: bytes) -> Outcome:
+        head, _, png = data.partition(b"\n")
+        return cls(png=png, **json.loads(head))
+
+
+def unexpected_error(request_id: str) -> str:
+    """The 500 message of an unexpected error: the request id the server log has, no internals."""
+    return f"Unexpected server error (request id {request_id}); the server log has the details."
+
+
+def compute(runner: Runner, request: MaskRequest, model: str, request_id: str) -> Outcome:
+    """Answer a v1 request in this thread: never raises (an unexpected error is logged and becomes a 500)."""
+    try:
+        result, _ = runner.run_blocking(request.image, request.prompt, request.options(), model)
+        return Outcome(200, result.to_png(), served_metadata(result, model), inference_time(result))
+    except AutomaskError as exc:
+        return Outcome(status_of(exc), error=exc.message)
+    except Exception:
+        log.exception("unexpected error in request %s", request_id)
+        return Outcome(500, error=unexpected_error(request_id))
+
+
+def execute_job(
+    jobs: Jobs,
+    runner: Runner,
+    job_id: str,
+    node: str,
+    *,
+    max_attempts: int,
+    takeover: bool = False,
+    dead_nodes: list[str] | None = None,
+) -> str | None:
+    """Run v2 job `job_id` on `node` to its end, in this thread; returns its new status, or None when it was not
+    there to take (finished, cancelled, or running elsewhere).
+
+    A job started more than `max_attempts` times (each start that never finished: a crash, a killed worker)
+    ends FAILED. A job whose model is not available here goes back to QUEUED, its attempt not counted, to run
+    once the model is back."""
+    claimed = jobs.claim(job_id, node, takeover=takeover, dead_nodes=dead_nodes)
+    if claimed is None:
+        return None
+    if claimed.attempts > max_attempts:
+        message = f"The job was started {claimed.attempts - 1} times and never finished (its worker stopped)."
+        jobs.fail(job_id, message)
+        return FAILED
+    try:
+        req = MaskRequest.model_validate(claimed.request)
+        model = claimed.model or runner.name_of(req.model)
+        try:
+            runner.generator(model)
+        except ModelNotAvailableError:
+            jobs.release(job_id)
+            return "QUEUED"
+        result, seconds = runner.run_blocking(req.image, req.prompt, req.options(), model)
+        if jobs.complete(job_id, result.to_png(), served_metadata(result, model), seconds):
+            return "COMPLETED"
+        return None
+    except AutomaskError as exc:
+        jobs.fail(job_id, exc.message)
+    except Exception:
+        log.exception("v2 job %s failed unexpectedly", job_id)
+        jobs.fail(job_id, f"Unexpected server error while running request {job_id}; the server log has the details.")
+    return FAILED

@@ -1,0 +1,241 @@
+"""The fleet dispatcher: API nodes queue every request on RabbitMQ (Celery) to `automask worker` processes.
+
+Messages carry ids, never image bytes: a v2 job is stored in the database first, then its id is published to
+`automask.v2.<model>`; a v1 request is put in Redis (request and image, with a TTL), its id published to
+`automask.v1.<model>`, and the API node awaits the worker's `Outcome` on a Redis list (`BLPOP`, on the event loop
+through `redis.asyncio`). Queues are RabbitMQ quorum queues with a delivery limit; workers ack late and reject a
+task whose worker died, so RabbitMQ hands it to another worker at once. Which models are served, and by whom,
+comes from the workers' heartbeats in the database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import logging
+import time
+import uuid
+from typing import Any
+
+from automask.errors import InferenceTimeoutError, ModelNotAvailableError, ServiceConfigError, UnknownModelError
+from automask.models import CATALOGUE, EMBEDDED
+from automask.server import nodes
+from automask.server.config import ServerSettings
+from automask.server.execute import Outcome
+from automask.server.runner import ModelEntry, default_name
+from automask.server.schemas import MaskRequest
+from automask.server.store import Store
+from automask.settings import Settings
+
+log = logging.getLogger("automask.server")
+
+TIME_LIMIT_MARGIN = 30.0
+"""Seconds a task may run past the request timeout before Celery kills it (a hung model, a poison input)."""
+V1_TTL_MARGIN = 60.0
+"""Seconds the v1 hand-off keys outlive the request timeout in Redis."""
+NODES_CACHE_SECONDS = 1.0
+
+
+def queue_name(kind: str, model: str) -> str:
+    """The queue of `kind` ("v1" or "v2") requests for `model`."""
+    return f"automask.{kind}.{model}"
+
+
+def v1_keys(request_id: str) -> dict[str, str]:
+    """The Redis keys of one v1 hand-off: the request, its image, the outcome list, the cancel flag."""
+    base = f"automask:v1:{request_id}:"
+    return {name: base + name for name in ("request", "image", "outcome", "cancel")}
+
+
+def make_celery(broker_url: str, server: ServerSettings) -> Any:
+    """The Celery app that API nodes publish with and workers consume with (same settings on both sides)."""
+    from celery import Celery
+
+    app = Celery("automask", broker=broker_url, set_as_current=False)
+    app.conf.update(
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_time_limit=server.timeout + TIME_LIMIT_MARGIN,
+        task_ignore_result=True,
+        task_serializer="json",
+        accept_content=["json"],
+        broker_transport_options={"confirm_publish": True},
+        broker_connection_retry_on_startup=True,
+        broker_connection_timeout=5,
+        worker_detect_quorum_queues=True,
+        worker_enable_remote_control=False,
+        worker_send_task_events=False,
+        worker_hijack_root_logger=False,
+        worker_cancel_long_running_tasks_on_connection_loss=True,
+    )
+    return app
+
+
+def queue(kind: str, model: str, server: ServerSettings) -> Any:
+    """The quorum queue of `kind` requests for `model`, declared identically by publishers and workers. Its
+    delivery limit is a safety net above `max_job_attempts`, which the database enforces first."""
+    from kombu import Exchange, Queue
+
+    name = queue_name(kind, model)
+    args = {"x-queue-type": "quorum", "x-delivery-limit": server.max_job_attempts + 2}
+    return Queue(name, Exchange("automask", type="direct"), routing_key=name, queue_arguments=args, durable=True)
+
+
+def require_fleet_settings(settings: Settings) -> None:
+    """A broker needs Redis (the v1 hand-off) and a shared database (workers have data folders of their own)."""
+    if not settings.redis_url:
+        raise ServiceConfigError(
+            "AUTOMASK_BROKER_URL is set but AUTOMASK_REDIS_URL is not: API nodes and workers hand v1 requests "
+            "over through Redis. Set AUTOMASK_REDIS_URL=redis://HOST:PORT/0."
+        )
+    if not settings.database_url:
+        raise ServiceConfigError(
+            "AUTOMASK_BROKER_URL is set but AUTOMASK_DATABASE_URL is not: API nodes and workers must share one "
+            "database. Set AUTOMASK_DATABASE_URL=postgresql://USER:PASS@HOST:PORT/DB."
+        )
+
+
+class CeleryDispatcher:
+    """Queues every request to workers; loads no model."""
+
+    def __init__(self, settings: Settings, server: ServerSettings, store: Store) -> None:
+        require_fleet_settings(settings)
+        import redis.asyncio as aioredis
+
+        self.settings, self.server, self.store = settings, server, store
+        self.app = make_celery(str(settings.broker_url), server)
+        self.redis = aioredis.Redis.from_url(str(settings.redis_url))
+        self._configured_default = default_name(settings) if settings.model else None
+        self._nodes: list[nodes.Node] = []
+        self._nodes_at = 0.0
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self._live_workers)
+
+    async def stop(self) -> None:
+        await self.redis.aclose()
+        self.app.close()
+
+    # -- which models the fleet serves ------------------------------------------------------------------
+
+    def _live_workers(self) -> list[nodes.Node]:
+        if time.monotonic() - self._nodes_at > NODES_CACHE_SECONDS:
+            self._nodes = [n for n in nodes.live(self.store, self.server.node_ttl) if n.kind == "worker"]
+            self._nodes_at = time.monotonic()
+        return self._nodes
+
+    def _served(self) -> list[str]:
+        seen: dict[str, None] = {}
+        for node in self._live_workers():
+            seen.update(dict.fromkeys(node.models))
+        return list(seen)
+
+    @property
+    def default(self) -> str:
+        """AUTOMASK_MODEL's name when set, else the default most live workers announce, else any served model."""
+        if self._configured_default:
+            return self._configured_default
+        announced = collections.Counter(n.default_model for n in self._live_workers() if n.default_model)
+        if announced:
+            return announced.most_common(1)[0][0]
+        served = self._served()
+        return served[0] if served else EMBEDDED
+
+    def check(self, model: str | None) -> str:
+        default = self.default
+        name = model or default
+        if name in self._served():
+            return name
+        if name != default and name not in CATALOGUE:
+            shown = name if len(name) <= 64 else name[:63] + "…"
+            names = ", ".join(e.name + (" (the default)" if e.default else "") for e in self.models()) or "none"
+            raise UnknownModelError(
+                f"Unknown model {shown!r}. This server has: {names} (GET /v1/models lists them); "
+                "leave 'model' out for the default."
+            )
+        raise ModelNotAvailableError(
+            f"No worker serves the model {name!r} right now; start one with: automask worker --model {name}"
+        )
+
+    def readiness(self) -> str | None:
+        try:
+            self.check(None)
+        except (ModelNotAvailableError, UnknownModelError) as exc:
+            return exc.message
+        return None
+
+    def models(self) -> list[ModelEntry]:
+        default = self.default
+        names = self._served()
+        ordered = [default] + [n for n in names if n != default] if default in names else names
+        entries = []
+        for name in ordered:
+            spec = CATALOGUE.get(name)
+            entries.append(
+                ModelEntry(
+                    name=name,
+                    backend=spec.backend if spec else None,
+                    description=spec.description if spec else "A worker's model (a local folder).",
+                    default=name == default,
+                    loaded=True,
+                )
+            )
+        return entries
+
+    # -- running -----------------------------------------------------------------------------------------
+
+    def publish(self, job_id: str, model: str | None) -> None:
+        name = model or self.default
+        self.app.send_task("automask.v2", args=[job_id], queue=queue("v2", name, self.server))
+
+    async def run_v1(self, request: MaskRequest, model: str, request_id: str) -> Outcome:
+        rid = uuid.uuid4().hex
+        keys = v1_keys(rid)
+        ttl = int(self.server.timeout + V1_TTL_MARGIN)
+        deadline = time.time() + self.server.timeout
+        upload = request.image if isinstance(request.image, bytes) else None
+        body = request.model_dump_json(exclude={"image"} if upload is not None else None)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.set(keys["request"], body, ex=ttl)
+            if upload is not None:
+                pipe.set(keys["image"], upload, ex=ttl)
+            await pipe.execute()
+        try:
+            await asyncio.to_thread(
+                self.app.send_task,
+                "automask.v1",
+                args=[rid, model, deadline, request_id],
+                queue=queue("v1", model, self.server),
+                expires=deadline,
+            )
+            got = await self.redis.blpop([keys["outcome"]], timeout=max(0.01, deadline - time.time()))
+        except asyncio.CancelledError:  # the client left: a worker that has not started it yet skips it
+            await asyncio.shield(self._cancel(keys, ttl))
+            raise
+        if got is None:
+            await self._cancel(keys, ttl)
+            raise InferenceTimeoutError(
+                f"Masking took longer than the server's limit of {self.server.timeout:g} s. "
+                "Try a smaller image, or raise the limit with `automask serve --timeout`."
+            )
+        data = got[1]
+        return Outcome.loads(data if isinstance(data, bytes) else data.encode())
+
+    async def _cancel(self, keys: dict[str, str], ttl: int) -> None:
+        try:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.set(keys["cancel"], b"1", ex=ttl)
+                pipe.delete(keys["request"], keys["image"])
+                await pipe.execute()
+        except Exception:  # Redis is down: the hand-off keys expire on their own
+            log.warning("could not cancel a v1 hand-off", exc_info=True)
+
+
+def parse_v1(body: bytes, image: bytes | None) -> MaskRequest:
+    """The request a v1 hand-off carries (its image apart when it was an uploaded file)."""
+    data = json.loads(body)
+    if image is not None:
+        data["image"] = image
+    return MaskRequest.model_validate(data)

@@ -1,0 +1,92 @@
+"""Versioned schema migrations (Alembic): `migrate` (what `automask db migrate` runs) and `ensure_schema`
+(what `serve`, `worker` and `keys` check at start-up).
+
+Revision 0001 is the schema of release 0.1 (created only where missing, so a database written by that release,
+which has no version table, upgrades in place); later revisions alter it. An empty database is given the current
+schema directly (`metadata.create_all`, then stamped), which a test proves equal to migrating from 0001.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Connection, inspect, text
+
+from automask.errors import ServiceConfigError
+from automask.server.store import Store, metadata
+
+LOCK_ID = 0x6175746F6D61  # "automa": the PostgreSQL advisory lock that serialises migrations
+
+
+def config(store: Store | None = None) -> Config:
+    """Alembic's configuration for our scripts (no alembic.ini needed)."""
+    cfg = Config()
+    cfg.set_main_option("script_location", str(Path(__file__).parent))
+    cfg.attributes["store"] = store
+    return cfg
+
+
+def head() -> str:
+    """This release's schema revision."""
+    rev = ScriptDirectory.from_config(config()).get_current_head()
+    assert rev is not None
+    return rev
+
+
+def _lock(conn: Connection, store: Store) -> None:
+    if not store.is_sqlite:  # SQLite: the BEGIN IMMEDIATE of `transaction()` already serialises
+        conn.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": LOCK_ID})
+
+
+def current(conn: Connection) -> str | None:
+    """The revision the database is at (None: unversioned, i.e. empty or written by release 0.1)."""
+    return MigrationContext.configure(conn).get_current_revision()
+
+
+def migrate(store: Store, revision: str = "head") -> tuple[str | None, str]:
+    """Upgrade the database to `revision` in one transaction (idempotent); returns (before, after)."""
+    cfg = config(store)
+    with store.transaction() as conn:
+        _lock(conn, store)
+        before = current(conn)
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, revision)
+        after = current(conn) or ""
+    for path in cfg.attributes.get("delete_after_commit", []):  # result files now held by the database
+        path.unlink(missing_ok=True)
+    return before, after
+
+
+def ensure_schema(store: Store, *, create: bool) -> None:
+    """Return when the database is at this release's schema. An empty one gets it when `create`; any other is
+    left unchanged and `ServiceConfigError` says to run `automask db migrate`."""
+    target = head()
+    with store.read() as conn:
+        if current(conn) == target:
+            return
+    with store.transaction() as conn:
+        _lock(conn, store)
+        rev = current(conn)
+        if rev == target:
+            return
+        empty = not inspect(conn).get_table_names()
+        if rev is None and empty and create:
+            metadata.create_all(conn)
+            MigrationContext.configure(conn).stamp(ScriptDirectory.from_config(config()), target)
+            return
+    where = store.describe()
+    if rev is not None and rev not in _known():
+        raise ServiceConfigError(
+            f"The database {where} is at schema revision {rev}, which this release of automask does not know "
+            "(a newer release wrote it). Upgrade automask."
+        )
+    state = "is empty" if empty else f"is at schema revision {rev or '0.1 (unversioned)'}, older than {target}"
+    raise ServiceConfigError(f"The database {where} {state}. Run: automask db migrate")
+
+
+def _known() -> set[str]:
+    return {s.revision for s in ScriptDirectory.from_config(config()).walk_revisions()}

@@ -1,0 +1,115 @@
+"""Nodes that run jobs announce themselves in the database: which models they serve, and a heartbeat.
+
+A node silent for `ttl` seconds is dead: the sweeper hands its PROCESSING jobs to others, and API nodes stop
+counting its models as served. Servers running jobs in-process (kind "server") and Celery workers ("worker") both
+register; a node removes its row when it stops cleanly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+
+from sqlalchemy import delete, insert, select, update
+
+from automask.server.store import Store, nodes_table
+
+log = logging.getLogger("automask.server")
+N = nodes_table.c
+
+
+def new_node_id(kind: str) -> str:
+    """A node id that says where it runs: `<kind>-<host>-<pid>-<random>`."""
+    return f"{kind}-{socket.gethostname()[:32]}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+@dataclass(frozen=True)
+class Node:
+    """A live node as the database last heard of it."""
+
+    id: str
+    kind: str
+    models: list[str]
+    default_model: str | None
+    heartbeat_at: float
+
+
+def register(store: Store, node_id: str, kind: str, models: list[str], default_model: str | None) -> None:
+    """Announce node `node_id` (or refresh what it serves)."""
+    now = time.time()
+    with store.transaction() as conn:
+        conn.execute(delete(nodes_table).where(N.id == node_id))
+        conn.execute(
+            insert(nodes_table).values(
+                id=node_id,
+                kind=kind,
+                models=json.dumps(models),
+                default_model=default_model,
+                started_at=now,
+                heartbeat_at=now,
+            )
+        )
+
+
+def heartbeat(store: Store, node_id: str) -> bool:
+    """Refresh the node's heartbeat; False when its row is gone (the sweeper declared it dead)."""
+    with store.transaction() as conn:
+        return conn.execute(update(nodes_table).where(N.id == node_id).values(heartbeat_at=time.time())).rowcount == 1
+
+
+def unregister(store: Store, node_id: str) -> None:
+    """Remove the node (a clean stop)."""
+    with store.transaction() as conn:
+        conn.execute(delete(nodes_table).where(N.id == node_id))
+
+
+def live(store: Store, ttl: float) -> list[Node]:
+    """Nodes heard from in the last `ttl` seconds."""
+    with store.read() as conn:
+        rows = conn.execute(select(nodes_table).where(N.heartbeat_at >= time.time() - ttl)).all()
+    return [Node(r.id, r.kind, json.loads(r.models), r.default_model, r.heartbeat_at) for r in rows]
+
+
+def forget_dead(store: Store, ttl: float) -> int:
+    """Delete nodes silent for more than `ttl` seconds; return how many."""
+    with store.transaction() as conn:
+        return int(conn.execute(delete(nodes_table).where(N.heartbeat_at < time.time() - ttl)).rowcount)
+
+
+class Heartbeat:
+    """A daemon thread that keeps node `node_id` alive every `interval` seconds (re-registering if it was
+    declared dead after a long pause), until `stop()`."""
+
+    def __init__(
+        self, store: Store, node_id: str, kind: str, models: list[str], default: str | None, interval: float
+    ) -> None:
+        self.store, self.node_id, self.kind, self.models, self.default = store, node_id, kind, models, default
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="automask-heartbeat", daemon=True)
+
+    def start(self) -> None:
+        register(self.store, self.node_id, self.kind, self.models, self.default)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                if not heartbeat(self.store, self.node_id):
+                    register(self.store, self.node_id, self.kind, self.models, self.default)
+            except Exception:  # the database is briefly unreachable: the next beat tries again
+                log.warning("node heartbeat failed; retrying", exc_info=True)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        try:
+            unregister(self.store, self.node_id)
+        except Exception:
+            log.warning("could not unregister node %s", self.node_id, exc_info=True)

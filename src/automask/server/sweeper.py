@@ -1,0 +1,91 @@
+"""The sweeper: what keeps a fleet correct when processes die or messages are lost. One node at a time sweeps
+(a PostgreSQL advisory lock; SQLite has one server per database).
+
+Every `sweep_interval` seconds: PROCESSING jobs of dead nodes go back to the queue and are handed out again;
+QUEUED jobs whose hand-off may have been lost (`republish_after`) are handed out again; credit holds that no live
+request owns are given back; every `cleanup_interval`, finished jobs older than `result_ttl` are deleted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Iterator
+
+from sqlalchemy import text
+
+from automask.server import keys, nodes
+from automask.server.config import ServerSettings
+from automask.server.dispatch import Dispatcher
+from automask.server.jobs import Jobs
+from automask.server.store import Store
+
+log = logging.getLogger("automask.server")
+LOCK_ID = 0x6175746F6D62  # the PostgreSQL advisory lock held while one node sweeps
+
+
+@contextlib.contextmanager
+def sweeping_lock(store: Store) -> Iterator[bool]:
+    """True when this process may sweep now (it holds the fleet's sweeper lock until the block ends)."""
+    if store.is_sqlite:
+        yield True
+        return
+    with store.engine.connect() as conn:
+        got = bool(conn.execute(text("SELECT pg_try_advisory_lock(:id)"), {"id": LOCK_ID}).scalar())
+        conn.commit()
+        try:
+            yield got
+        finally:
+            if got:
+                conn.execute(text("SELECT pg_advisory_unlock(:id)"), {"id": LOCK_ID})
+                conn.commit()
+
+
+class Sweeper:
+    """Sweeps `store` for `dispatcher` (which hands recovered jobs out again)."""
+
+    def __init__(self, store: Store, jobs: Jobs, dispatcher: Dispatcher, server: ServerSettings) -> None:
+        self.store, self.jobs, self.dispatcher, self.server = store, jobs, dispatcher, server
+        self._last_expiry = 0.0
+        self._task: asyncio.Task[None] | None = None
+
+    def sweep(self) -> dict[str, int]:
+        """One sweep (in a thread); returns what it did, by kind. Does nothing when another node sweeps."""
+        done = {"requeued": 0, "republished": 0, "holds": 0, "expired": 0}
+        with sweeping_lock(self.store) as mine:
+            if not mine:
+                return done
+            live = [n.id for n in nodes.live(self.store, self.server.node_ttl)]
+            for job_id, model in self.jobs.orphaned(live):
+                self.dispatcher.publish(job_id, model)
+                done["requeued"] += 1
+            for job_id, model in self.jobs.unpublished(time.time() - self.server.republish_after):
+                self.dispatcher.publish(job_id, model)
+                done["republished"] += 1
+            done["holds"] = keys.release_orphan_holds(self.store)
+            if time.monotonic() - self._last_expiry >= self.server.cleanup_interval:
+                self._last_expiry = time.monotonic()
+                done["expired"] = self.jobs.expire(self.server.result_ttl)
+                nodes.forget_dead(self.store, max(60.0, 10 * self.server.node_ttl))
+        if any(done.values()):
+            log.info("sweep: %s", ", ".join(f"{v} {k}" for k, v in done.items() if v))
+        return done
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                await asyncio.to_thread(self.sweep)
+            except Exception:  # e.g. the database is briefly unreachable: the next sweep tries again
+                log.warning("sweep failed; retrying", exc_info=True)
+            await asyncio.sleep(min(self.server.sweep_interval, self.server.cleanup_interval))
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task

@@ -1,0 +1,150 @@
+"""`automask worker`: a Celery worker that loads one model and takes that model's queues.
+
+The worker process announces itself (its model, a heartbeat) in the shared database; each pool process loads the
+model once when it starts. A v2 task runs `execute_job` by id (a redelivered message may take over a job whose
+worker died); a v1 task reads its request from Redis, computes the `Outcome` and pushes it back for the API node.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from automask.pipeline import MaskGenerator
+from automask.routing import plan_models
+from automask.server import nodes
+from automask.server.config import ServerSettings
+from automask.server.execute import compute, execute_job
+from automask.server.fleet import V1_TTL_MARGIN, make_celery, parse_v1, queue, require_fleet_settings, v1_keys
+from automask.server.jobs import Jobs
+from automask.server.runner import Runner, default_name
+from automask.server.store import Store
+from automask.settings import Settings
+
+log = logging.getLogger("automask.worker")
+
+
+@dataclass
+class _Process:
+    """What one pool process holds: its own database engine, Redis client and loaded model."""
+
+    jobs: Jobs
+    runner: Runner
+    redis: Any
+
+
+@dataclass
+class _Worker:
+    """What the worker's main process decided before forking its pool (inherited by every pool process)."""
+
+    settings: Settings
+    server: ServerSettings
+    model: str
+    node: str
+    generator_factory: Callable[[], MaskGenerator] | None
+    process: _Process | None = None
+
+
+_WORKER: _Worker | None = None
+
+
+def _process() -> _Process:
+    """This pool process's state, created (and the model loaded) on first use."""
+    assert _WORKER is not None, "not inside automask worker"
+    if _WORKER.process is None:
+        import redis
+
+        w = _WORKER
+        generator = w.generator_factory() if w.generator_factory else None
+        runner = Runner(w.settings, w.server, generator)
+        runner.generator(w.model)  # load once, before the first task
+        store = Store(str(w.settings.database_url))
+        w.process = _Process(Jobs(store), runner, redis.Redis.from_url(str(w.settings.redis_url)))
+        log.info("pool process ready with model %s", w.model)
+    return _WORKER.process  # type: ignore[return-value]
+
+
+def v2_task(task: Any, job_id: str) -> str | None:
+    """Run v2 job `job_id`. A redelivered message (its worker died) may take the job over from PROCESSING."""
+    assert _WORKER is not None
+    proc = _process()
+    takeover = bool((task.request.delivery_info or {}).get("redelivered"))
+    return execute_job(
+        proc.jobs, proc.runner, job_id, _WORKER.node, max_attempts=_WORKER.server.max_job_attempts, takeover=takeover
+    )
+
+
+def v1_task(task: Any, rid: str, model: str, deadline: float, request_id: str) -> None:
+    """Answer v1 hand-off `rid` unless its client left or its deadline passed."""
+    proc = _process()
+    keys = v1_keys(rid)
+    if time.time() > deadline or proc.redis.exists(keys["cancel"]):
+        return
+    body, image = proc.redis.mget([keys["request"], keys["image"]])
+    if body is None:
+        return  # expired or cancelled
+    outcome = compute(proc.runner, parse_v1(body, image), model, request_id)
+    assert _WORKER is not None
+    ttl = int(_WORKER.server.timeout + V1_TTL_MARGIN)
+    pipe = proc.redis.pipeline(transaction=True)
+    pipe.rpush(keys["outcome"], outcome.dumps())
+    pipe.expire(keys["outcome"], ttl)
+    pipe.delete(keys["request"], keys["image"])
+    pipe.execute()
+
+
+def run_worker(
+    settings: Settings,
+    server: ServerSettings,
+    *,
+    model: str | None = None,
+    concurrency: int = 1,
+    loglevel: str = "info",
+    generator_factory: Callable[[], MaskGenerator] | None = None,
+) -> None:
+    """Run a worker until it is stopped (SIGTERM: warm shutdown, running tasks finish)."""
+    global _WORKER
+    require_fleet_settings(settings)
+    store = Store.from_settings(settings, create=False)  # an older schema: refuse, say `automask db migrate`
+    if model:
+        settings = settings.model_copy(update={"model": model})
+    if generator_factory is None:
+        plan_models(settings.model, settings)  # the model is installed here (else: the command that installs it)
+    name = default_name(settings, generator_factory() if generator_factory else None)
+    node = nodes.new_node_id("worker")
+    _WORKER = _Worker(settings, server, name, node, generator_factory)
+
+    app = make_celery(str(settings.broker_url), server)
+    app.task(name="automask.v2", bind=True)(v2_task)
+    app.task(name="automask.v1", bind=True)(v1_task)
+    queues = [queue("v1", name, server), queue("v2", name, server)]
+    app.conf.task_queues = queues
+    app.conf.worker_proc_alive_timeout = 600.0  # a pool process loads its model before it reports alive
+
+    from celery.signals import worker_process_init
+
+    worker_process_init.connect(lambda **_: _process(), weak=False)
+    heartbeat = nodes.Heartbeat(store, node, "worker", [name], None if model else name, server.heartbeat_interval)
+    heartbeat.start()
+    try:
+        worker = app.Worker(
+            queues=[q.name for q in queues],
+            concurrency=concurrency,
+            pool="prefork",
+            loglevel=loglevel.upper(),
+            hostname=f"{node}@automask",
+            without_mingle=True,
+            without_gossip=True,
+            without_heartbeat=True,
+            optimization="fair",
+        )
+        worker.start()
+    finally:
+        heartbeat.stop()
+        store.close()
+    code = getattr(worker, "exitcode", 0)
+    if code:
+        raise SystemExit(code)
