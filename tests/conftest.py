@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from automask.settings import Settings
+from services import *  # noqa: F403 - the server fixtures (PostgreSQL, Redis, RabbitMQ) and their marker
 from tiny_models import make_tiny_clipseg
 
 

@@ -246,7 +246,8 @@ def db_migrate(ctx: click.Context) -> None:
     if before == after:
         click.echo(f"The database {store.describe()} is up to date (schema revision {after}).", err=True)
     else:
-        click.echo(f"Migrated {store.describe()} from {before or 'release 0.1'} to schema revision {after}.", err=True)
+        was = before or "release 0.1 or empty"
+        click.echo(f"Migrated {store.describe()} from {was} to schema revision {after}.", err=True)
 
 
 @db.command("status")

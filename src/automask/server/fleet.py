@@ -22,6 +22,7 @@ from automask.errors import InferenceTimeoutError, ModelNotAvailableError, Servi
 from automask.models import CATALOGUE, EMBEDDED
 from automask.server import nodes
 from automask.server.config import ServerSettings
+from automask.server.errors import ApiError
 from automask.server.execute import Outcome
 from automask.server.runner import ModelEntry, default_name
 from automask.server.schemas import MaskRequest
@@ -35,6 +36,7 @@ TIME_LIMIT_MARGIN = 30.0
 V1_TTL_MARGIN = 60.0
 """Seconds the v1 hand-off keys outlive the request timeout in Redis."""
 NODES_CACHE_SECONDS = 1.0
+BROKER_DOWN = "The server's request queue is unreachable right now; try again in a few seconds."
 
 
 def queue_name(kind: str, model: str) -> str:
@@ -106,7 +108,8 @@ class CeleryDispatcher:
 
         self.settings, self.server, self.store = settings, server, store
         self.app = make_celery(str(settings.broker_url), server)
-        self.redis = aioredis.Redis.from_url(str(settings.redis_url))
+        # BLPOP waits up to `timeout`: the socket must wait longer (redis-py's default gives up after 5 s)
+        self.redis = aioredis.Redis.from_url(str(settings.redis_url), socket_timeout=server.timeout + 10)
         self._configured_default = default_name(settings) if settings.model else None
         self._nodes: list[nodes.Node] = []
         self._nodes_at = 0.0
@@ -203,13 +206,18 @@ class CeleryDispatcher:
                 pipe.set(keys["image"], upload, ex=ttl)
             await pipe.execute()
         try:
-            await asyncio.to_thread(
-                self.app.send_task,
-                "automask.v1",
-                args=[rid, model, deadline, request_id],
-                queue=queue("v1", model, self.server),
-                expires=deadline,
-            )
+            try:
+                await asyncio.to_thread(
+                    self.app.send_task,
+                    "automask.v1",
+                    args=[rid, model, deadline, request_id],
+                    queue=queue("v1", model, self.server),
+                    expires=self.server.timeout,  # seconds: the message's TTL in the queue
+                )
+            except Exception as exc:  # noqa: BLE001 - kombu's connection/channel errors: the broker is down
+                log.error("could not queue v1 request %s: %s", request_id, exc)
+                await self._cancel(keys, ttl)
+                raise ApiError(503, BROKER_DOWN, {"Retry-After": "5"}) from None
             got = await self.redis.blpop([keys["outcome"]], timeout=max(0.01, deadline - time.time()))
         except asyncio.CancelledError:  # the client left: a worker that has not started it yet skips it
             await asyncio.shield(self._cancel(keys, ttl))

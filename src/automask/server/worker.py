@@ -43,6 +43,7 @@ class _Worker:
     settings: Settings
     server: ServerSettings
     model: str
+    default: str | None
     node: str
     generator_factory: Callable[[], MaskGenerator] | None
     process: _Process | None = None
@@ -63,6 +64,7 @@ def _process() -> _Process:
         runner.generator(w.model)  # load once, before the first task
         store = Store(str(w.settings.database_url))
         w.process = _Process(Jobs(store), runner, redis.Redis.from_url(str(w.settings.redis_url)))
+        nodes.register(store, w.node, "worker", [w.model], w.default)  # API nodes count the model as served
         log.info("pool process ready with model %s", w.model)
     return _WORKER.process  # type: ignore[return-value]
 
@@ -115,7 +117,7 @@ def run_worker(
         plan_models(settings.model, settings)  # the model is installed here (else: the command that installs it)
     name = default_name(settings, generator_factory() if generator_factory else None)
     node = nodes.new_node_id("worker")
-    _WORKER = _Worker(settings, server, name, node, generator_factory)
+    _WORKER = _Worker(settings, server, name, None if model else name, node, generator_factory)
 
     app = make_celery(str(settings.broker_url), server)
     app.task(name="automask.v2", bind=True)(v2_task)
@@ -127,8 +129,10 @@ def run_worker(
     from celery.signals import worker_process_init
 
     worker_process_init.connect(lambda **_: _process(), weak=False)
-    heartbeat = nodes.Heartbeat(store, node, "worker", [name], None if model else name, server.heartbeat_interval)
-    heartbeat.start()
+    heartbeat = nodes.Heartbeat(
+        store, node, "worker", [name], _WORKER.default, server.heartbeat_interval, announce=False
+    )
+    heartbeat.start()  # beats once a pool process has loaded the model and announced the node (`_process`)
     try:
         worker = app.Worker(
             queues=[q.name for q in queues],

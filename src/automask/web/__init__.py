@@ -1,18 +1,20 @@
 """The try-it page: static files served by automask itself (no CDN, no build step), mounted on the server's app.
 
-`mount(app, config)` adds three routes to a FastAPI/Starlette app:
+`mount(app, config)` adds these routes to a FastAPI/Starlette app:
 
-- `GET /`              the page (index.html);
-- `GET /static/{file}` its script and style sheet;
-- `GET /web/config`    what the page needs to know about this server (`PageConfig`, read on every call).
+- `GET /`                        the page (index.html);
+- `GET /static/{file}`           its scripts (ES modules) and style sheet;
+- `GET /static/examples/{file}`  the example photos (from scikit-image's data, see examples/LICENSE.md);
+- `GET /web/config`              what the page needs to know about this server (`PageConfig`, read on every call).
 
-The page itself only calls the public v1 API, like any other client.
+The page itself only calls the public v1 API (and `GET /v1/credits`), like any other client: one charged
+request per mask; the overlay, cut-out and preview are rendered in the browser from that mask and the image.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from importlib import resources
 from pathlib import Path
@@ -21,11 +23,26 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from starlette.applications import Starlette
 
-ASSETS = ("index.html", "app.js", "style.css")
+ASSETS = (
+    "index.html",
+    "app.js",
+    "api.js",
+    "controls.js",
+    "downloads.js",
+    "input.js",
+    "models.js",
+    "prefs.js",
+    "render.js",
+    "status.js",
+    "targets.js",
+    "viewer.js",
+    "style.css",
+)
 MEDIA_TYPES = {
     ".html": "text/html; charset=utf-8",
     ".js": "text/javascript; charset=utf-8",
     ".css": "text/css; charset=utf-8",
+    ".jpg": "image/jpeg",
 }
 NO_CACHE = {"cache-control": "no-cache"}
 """Browsers revalidate (ETag / Last-Modified) so an upgraded automask never runs a stale script."""
@@ -37,6 +54,43 @@ PAGE_HEADERS = {
     "referrer-policy": "no-referrer",
 }
 """Everything the page loads comes from this server; only images (a URL the user types) may come from elsewhere."""
+EXTENSION_FIELDS = ("negative_prompt", "feather", "fill_holes", "min_area")
+"""Optional request fields (automask extensions) the page offers when this server's options have them."""
+
+
+@dataclass(frozen=True)
+class Example:
+    """An example photo: `file` under static/examples/, and a prompt that works with each kind of model."""
+
+    name: str
+    file: str
+    title: str
+    open_prompt: str
+    """For an open-vocabulary model (clipseg, grounded-sam...)."""
+    embedded_prompt: str
+    """For the embedded `subject` model alone (a word of `automask.routing.VOCABULARY`)."""
+
+
+EXAMPLES = (
+    Example("astronaut", "astronaut.jpg", "Astronaut", "person", "person"),
+    Example("coffee", "coffee.jpg", "Coffee cup", "cup", "subject"),
+    Example("cat", "chelsea.jpg", "Cat", "cat", "subject"),
+)
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """A model the page can send as `model`.
+
+    open_vocabulary: answers any words (False: only the embedded vocabulary; None: not known until it loads).
+    """
+
+    name: str
+    backend: str | None
+    open_vocabulary: bool | None
+    loaded: bool
+    description: str
+    default: bool
 
 
 @dataclass(frozen=True)
@@ -45,23 +99,45 @@ class PageConfig:
 
     auth:  the v1 API wants an `x-api-key` (False: the page hides its key field).
     model: the name of the server's default model (None: not known yet).
-    models: the names of every model the server answers with, the default first; the page offers a choice
-           (sent as the request's `model`) when there are several.
+    models: every model the server answers with, the default first; the page offers a choice when there are
+           several.
     ready: the default model is loaded (False: requests will wait for it or fail with a 503).
     max_image_bytes / max_image_pixels: the server's image limits, shown as a hint.
+    vocabulary: the embedded model's words, per target ('subject', 'person', 'background').
+    embedded_words: beside an open-vocabulary model, the vocabulary words go to the embedded model.
+    options: the extension fields (of `EXTENSION_FIELDS`) this server accepts.
+    examples: the example photos.
     """
 
     auth: bool
     model: str | None = None
-    models: tuple[str, ...] = ()
+    models: tuple[ModelChoice, ...] = ()
     ready: bool | None = None
     max_image_bytes: int | None = None
     max_image_pixels: int | None = None
+    vocabulary: dict[str, list[str]] = field(default_factory=dict)
+    embedded_words: bool = False
+    options: tuple[str, ...] = ()
+    examples: tuple[Example, ...] = EXAMPLES
 
 
 def assets_dir() -> Path:
-    """The folder holding index.html, app.js and style.css (inside the installed package)."""
+    """The folder holding index.html, the scripts and the style sheet (inside the installed package)."""
     return Path(str(resources.files("automask.web")))
+
+
+def vocabulary() -> dict[str, list[str]]:
+    """`automask.routing.VOCABULARY` grouped by target: {'subject': [...], 'person': [...], 'background': [...]}."""
+    from automask.routing import VOCABULARY, Target
+
+    return {t.value: [w for w, target in VOCABULARY.items() if target is t] for t in Target}
+
+
+def supported_options() -> tuple[str, ...]:
+    """The `EXTENSION_FIELDS` the request options of this automask have."""
+    from automask.options import MaskOptions
+
+    return tuple(name for name in EXTENSION_FIELDS if name in MaskOptions.model_fields)
 
 
 def server_config(app: Starlette) -> PageConfig:
@@ -70,15 +146,31 @@ def server_config(app: Starlette) -> PageConfig:
     Names models as the API does (a catalogue name, or a folder's name only): the page is public, the server's
     paths are not. Looks at the disk (the installed models): call it off the event loop.
     """
+    from automask.models import EMBEDDED, is_installed
+
     state = app.state.automask
-    runner = state.runner
+    dispatcher = state.dispatcher  # where requests run (in-process models or workers): see automask.server.dispatch
+    models = tuple(
+        ModelChoice(
+            name=e.name,
+            backend=e.backend,
+            open_vocabulary=None if e.backend is None else e.backend != EMBEDDED,
+            loaded=e.loaded,
+            description=e.description,
+            default=e.default,
+        )
+        for e in dispatcher.models()
+    )
     return PageConfig(
         auth=state.server.auth,
-        model=runner.default,
-        models=tuple(entry.name for entry in runner.models()),
-        ready=runner.ready,
+        model=dispatcher.default,
+        models=models,
+        ready=dispatcher.readiness() is None,
         max_image_bytes=state.settings.max_image_bytes,
         max_image_pixels=state.settings.max_image_pixels,
+        vocabulary=vocabulary(),
+        embedded_words=bool(state.settings.route_embedded and is_installed(EMBEDDED, state.settings)),
+        options=supported_options(),
     )
 
 
@@ -93,6 +185,10 @@ def mount(app: Starlette, config: Callable[[], PageConfig] | None = None) -> Non
     from starlette.routing import Route
 
     folder = assets_dir()
+    examples = {e.file for e in EXAMPLES}
+
+    def not_found(name: str) -> Response:
+        return JSONResponse({"error": f"There is no page asset named {name!r}."}, status_code=404)
 
     async def page(request: Request) -> Response:
         return FileResponse(folder / "index.html", media_type=MEDIA_TYPES[".html"], headers=PAGE_HEADERS)
@@ -100,8 +196,14 @@ def mount(app: Starlette, config: Callable[[], PageConfig] | None = None) -> Non
     async def static(request: Request) -> Response:
         name = request.path_params["name"]
         if name not in ASSETS or name == "index.html":
-            return JSONResponse({"error": f"There is no page asset named {name!r}."}, status_code=404)
+            return not_found(name)
         return FileResponse(folder / name, media_type=MEDIA_TYPES[Path(name).suffix], headers=NO_CACHE)
+
+    async def example(request: Request) -> Response:
+        name = request.path_params["name"]
+        if name not in examples:
+            return not_found(f"examples/{name}")
+        return FileResponse(folder / "examples" / name, media_type=MEDIA_TYPES[".jpg"], headers=NO_CACHE)
 
     async def page_config(request: Request) -> Response:
         found = await run_in_threadpool(config or partial(server_config, app))
@@ -110,6 +212,7 @@ def mount(app: Starlette, config: Callable[[], PageConfig] | None = None) -> Non
     app.router.routes.extend(
         [
             Route("/", page, methods=["GET", "HEAD"], name="web_page"),
+            Route("/static/examples/{name}", example, methods=["GET", "HEAD"], name="web_example"),
             Route("/static/{name}", static, methods=["GET", "HEAD"], name="web_static"),
             Route("/web/config", page_config, methods=["GET"], name="web_config"),
         ]

@@ -1,0 +1,161 @@
+"""`automask db migrate`: a database written by release 0.1 upgrades in place; servers refuse an older schema; a
+fresh database created directly equals one built by the migrations."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+from sqlalchemy import inspect
+
+from automask.cli import main
+from automask.errors import ServiceConfigError
+from automask.server import keys as keystore
+from automask.server.jobs import Jobs
+from automask.server.migrations import ensure_schema, head, migrate
+from automask.server.store import Store
+from automask.settings import Settings
+
+RELEASE_0_1_SCHEMA = """
+CREATE TABLE IF NOT EXISTS keys (
+    id          TEXT PRIMARY KEY,
+    name        TEXT NOT NULL DEFAULT '',
+    secret_hash TEXT NOT NULL,
+    credits     INTEGER CHECK (credits IS NULL OR credits >= 0),
+    rate_limit  INTEGER CHECK (rate_limit IS NULL OR rate_limit >= 1),
+    created_at  REAL NOT NULL,
+    disabled_at REAL
+);
+CREATE TABLE IF NOT EXISTS holds (
+    id         TEXT PRIMARY KEY,
+    key_id     TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS jobs (
+    id             TEXT PRIMARY KEY,
+    key_id         TEXT,
+    status         TEXT NOT NULL,
+    request        TEXT,
+    upload         BLOB,
+    base64         INTEGER NOT NULL DEFAULT 0,
+    error          TEXT,
+    metadata       TEXT,
+    result_path    TEXT,
+    inference_time REAL,
+    attempts       INTEGER NOT NULL DEFAULT 0,
+    created_at     REAL NOT NULL,
+    started_at     REAL,
+    finished_at    REAL
+);
+CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, created_at);
+"""
+"""The schema `automask serve` of release 0.1 created itself (src/automask/server/store.py at 08af33b)."""
+
+
+def release_0_1_database(data_dir: Path) -> dict[str, Any]:
+    """A data folder as release 0.1 left it: a key with credits, a queued upload job holding a credit, a completed
+    job whose result is a file, and a v1 hold a crash left behind. Returns what the test checks."""
+    data_dir.mkdir(parents=True)
+    (data_dir / "results").mkdir()
+    png = b"\x89PNG\r\n\x1a\n" + b"result" * 10
+    (data_dir / "results" / "done.png").write_bytes(png)
+    secret = "s3cret-of-release-0.1"
+    conn = sqlite3.connect(data_dir / "automask.db")
+    conn.executescript(RELEASE_0_1_SCHEMA)
+    conn.execute("PRAGMA journal_mode=WAL")
+    now = time.time()
+    conn.execute(
+        "INSERT INTO keys (id, name, secret_hash, credits, rate_limit, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+        ("abc123", "old", keystore._hash(secret), 4, 30, now - 100),
+    )
+    request = json.dumps({"prompt": "cat", "threshold": 0.3, "base64": False})
+    conn.execute(
+        "INSERT INTO jobs (id, key_id, status, request, upload, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+        ("queued", "abc123", "QUEUED", request, b"image-bytes", now - 50),
+    )
+    conn.execute(
+        "INSERT INTO jobs (id, key_id, status, metadata, result_path, inference_time, attempts, created_at,"
+        " finished_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        ("done", "abc123", "COMPLETED", json.dumps({"model": "clipseg"}), str(data_dir / "results" / "done.png"),
+         0.25, 1, now - 40, now - 30),
+    )  # fmt: skip
+    conn.execute("INSERT INTO holds (id, key_id, created_at) VALUES ('queued', 'abc123', ?)", (now - 50,))
+    conn.execute("INSERT INTO holds (id, key_id, created_at) VALUES ('v1-crashed', 'abc123', ?)", (now - 20,))
+    conn.commit()
+    conn.close()
+    return {"token": f"am_abc123_{secret}", "png": png}
+
+
+def test_release_0_1_database_migrates_in_place(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    old = release_0_1_database(data)
+    with pytest.raises(ServiceConfigError, match=r"older than 0002\. Run: automask db migrate"):
+        Store.from_settings(Settings(data_dir=data))  # serve, worker and keys refuse an older schema
+    cli = CliRunner()
+    refused = cli.invoke(main, ["--data-dir", str(data), "keys", "list"])
+    assert refused.exit_code == 9 and "automask db migrate" in refused.output
+
+    done = cli.invoke(main, ["--data-dir", str(data), "db", "migrate"])
+    assert done.exit_code == 0, done.output
+    assert "Migrated" in done.output and f"schema revision {head()}" in done.output
+    again = cli.invoke(main, ["--data-dir", str(data), "db", "migrate"])
+    assert again.exit_code == 0 and "up to date" in again.output
+
+    store = Store.from_settings(Settings(data_dir=data))
+    key = keystore.authenticate(store, old["token"])
+    assert (key.id, key.name, key.credits, key.rate_limit) == ("abc123", "old", 4, 30)
+    jobs = Jobs(store)
+    claimed = jobs.claim("queued", "node")
+    assert claimed is not None and claimed.request["prompt"] == "cat" and claimed.request["image"] == b"image-bytes"
+    done_job = jobs.get("done")
+    assert done_job is not None and done_job.status == "COMPLETED" and done_job.metadata == {"model": "clipseg"}
+    assert jobs.result("done") == old["png"]  # the result file moved into the database...
+    assert not (data / "results" / "done.png").exists()  # ...and off the disk
+    assert keystore.release_orphan_holds(store) == 1  # the crashed v1 hold (no expiry in 0.1); the job's stays
+    assert keystore.get_key(store, "abc123").credits == 5  # type: ignore[union-attr]
+
+
+def test_an_empty_database_is_created_but_an_unknown_revision_is_refused(tmp_path: Path) -> None:
+    store = Store(f"sqlite:///{tmp_path / 'x.db'}")
+    with pytest.raises(ServiceConfigError, match="is empty. Run: automask db migrate"):
+        ensure_schema(store, create=False)
+    ensure_schema(store, create=True)
+    ensure_schema(store, create=False)
+    with store.transaction() as conn:
+        conn.exec_driver_sql("UPDATE alembic_version SET version_num = '9999'")
+    with pytest.raises(ServiceConfigError, match="does not know"):
+        ensure_schema(store, create=True)
+
+
+def _schema(store: Store) -> dict[str, Any]:
+    with store.read() as conn:
+        insp = inspect(conn)
+        return {
+            table: (
+                sorted((c["name"], type(c["type"]).__name__, c["nullable"]) for c in insp.get_columns(table)),
+                sorted(i["name"] for i in insp.get_indexes(table)),
+                sorted(insp.get_pk_constraint(table)["constrained_columns"]),
+            )
+            for table in sorted(insp.get_table_names())
+        }
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_created_schema_equals_the_migrated_one(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    if kind == "sqlite":
+        created, migrated = Store(f"sqlite:///{tmp_path / 'a.db'}"), Store(f"sqlite:///{tmp_path / 'b.db'}")
+    else:
+        pg = request.getfixturevalue("postgres_service")
+        other = pg.create_database()
+        request.addfinalizer(lambda: (migrated.close(), pg.drop_database(other)))
+        created, migrated = Store(request.getfixturevalue("postgres_db")), Store(pg.url_for(other))
+    ensure_schema(created, create=True)
+    assert migrate(migrated) == (None, head())
+    assert migrate(migrated) == (head(), head())  # idempotent
+    assert _schema(created) == _schema(migrated)
+    assert {"keys", "holds", "jobs", "nodes", "alembic_version"} <= set(_schema(created))

@@ -1,0 +1,190 @@
+"""Keys, credits, holds and v2 jobs: the same tests on SQLite (embedded) and on a real PostgreSQL server."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from automask.server import keys as keystore
+from automask.server import nodes
+from automask.server.errors import ApiError
+from automask.server.jobs import CANCELLED, COMPLETED, FAILED, PROCESSING, QUEUED, Jobs
+from automask.server.migrations import ensure_schema
+from automask.server.schemas import MaskRequest
+from automask.server.store import Store
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
+    """A fresh database of each kind, at the current schema."""
+    if request.param == "sqlite":
+        s = Store.in_data_dir(tmp_path / "data")
+    else:
+        s = Store(request.getfixturevalue("postgres_db"))
+        ensure_schema(s, create=True)
+    yield s
+    s.close()
+
+
+def request_of(**kw: Any) -> MaskRequest:
+    return MaskRequest.model_validate({"image": "aGVsbG8=", "prompt": "sofa", **kw})
+
+
+def credits(store: Store, key_id: str) -> int | None:
+    key = keystore.get_key(store, key_id)
+    assert key is not None
+    return key.credits
+
+
+def test_keys_hashes_auth_revoke(store: Store) -> None:
+    key, token = keystore.create_key(store, name="ci", credits=3, rate_limit=10)
+    assert keystore.authenticate(store, token) == key
+    assert [k.id for k in keystore.list_keys(store)] == [key.id]
+    for bad in (None, "", token + "x", "am_nope_secret", token.replace("am_", "xx_")):
+        with pytest.raises(ApiError) as err:
+            keystore.authenticate(store, bad)
+        assert err.value.status == 401
+    assert keystore.revoke_key(store, key.id) and keystore.revoke_key(store, key.id)  # idempotent
+    assert not keystore.revoke_key(store, "nope")
+    with pytest.raises(ApiError) as err:
+        keystore.authenticate(store, token)
+    assert err.value.status == 403
+
+
+def test_credits_never_go_below_zero_under_a_race(store: Store) -> None:
+    key, _ = keystore.create_key(store, credits=7)
+    results: list[bool] = [False] * 20
+
+    def take(i: int) -> None:
+        results[i] = keystore.reserve(store, key.id, f"hold-{i}")
+
+    threads = [threading.Thread(target=take, args=(i,)) for i in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    granted = [i for i, ok in enumerate(results) if ok]
+    assert len(granted) == 7 and credits(store, key.id) == 0
+    keystore.settle(store, f"hold-{granted[0]}", charge=False)  # a failure: refunded
+    keystore.settle(store, f"hold-{granted[0]}", charge=False)  # settling twice changes nothing
+    keystore.settle(store, f"hold-{granted[1]}", charge=True)  # a success: kept
+    assert credits(store, key.id) == 1
+
+
+def test_an_admin_balance_sticks_when_a_held_credit_is_refunded(store: Store) -> None:
+    """Before: `keys update --credits 0` while a request held a credit that was then refunded ended at 1."""
+    key, _ = keystore.create_key(store, credits=5)
+    assert keystore.reserve(store, key.id, "in-flight")
+    assert keystore.update_key(store, key.id, credits=0)
+    keystore.settle(store, "in-flight", charge=False)
+    assert credits(store, key.id) == 0
+    assert keystore.reserve(store, key.id, "after") is False
+    assert keystore.update_key(store, key.id, credits=2)
+    assert keystore.reserve(store, key.id, "new")  # holds taken after the update refund as usual
+    keystore.settle(store, "new", charge=False)
+    assert credits(store, key.id) == 2
+
+
+def test_orphan_holds_are_released_only_once_expired(store: Store) -> None:
+    key, _ = keystore.create_key(store, credits=5)
+    now = time.time()
+    assert keystore.reserve(store, key.id, "running", expires_at=now + 60)  # a v1 request still running
+    assert keystore.reserve(store, key.id, "crashed", expires_at=now - 1)  # its node died long ago
+    assert keystore.release_orphan_holds(store) == 1
+    assert credits(store, key.id) == 4
+    assert keystore.release_orphan_holds(store, now=now + 61) == 1
+    assert credits(store, key.id) == 5
+
+
+def test_job_lifecycle_charges_once_even_when_run_twice(store: Store) -> None:
+    key, _ = keystore.create_key(store, credits=2)
+    jobs = Jobs(store)
+    job_id = jobs.submit(key.id, request_of(base64=True), charge=True, model="m")
+    assert credits(store, key.id) == 1
+    job = jobs.get(job_id)
+    assert job is not None and (job.status, job.model, job.base64, job.has_result) == (QUEUED, "m", True, False)
+    first = jobs.claim(job_id, "node-a")
+    assert first is not None and first.attempts == 1 and first.request["prompt"] == "sofa" and first.model == "m"
+    assert jobs.claim(job_id, "node-b") is None  # a duplicate message: not taken
+    second = jobs.claim(job_id, "node-b", takeover=True)  # a redelivery after node-a's worker died
+    assert second is not None and second.attempts == 2
+    assert jobs.complete(job_id, b"png-1", {"a": 1}, 0.5) is True
+    assert jobs.complete(job_id, b"png-2", {"a": 2}, 0.7) is False  # the other run finishing later: ignored
+    assert jobs.fail(job_id, "late failure") is False
+    job = jobs.get(job_id)
+    assert job is not None and job.status == COMPLETED and job.metadata == {"a": 1} and job.has_result
+    assert jobs.result(job_id) == b"png-1"
+    assert credits(store, key.id) == 1  # charged exactly once
+    assert jobs.expire(ttl=3600) == 0 and jobs.expire(ttl=-1) == 1
+    assert jobs.get(job_id) is None and jobs.result(job_id) is None
+
+
+def test_uploads_are_stored_and_dropped_when_finished(store: Store) -> None:
+    jobs = Jobs(store)
+    image = bytes(range(256)) * 10
+    job_id = jobs.submit(None, request_of(image=image), charge=False)
+    claimed = jobs.claim(job_id, "n")
+    assert claimed is not None and claimed.request["image"] == image
+    assert jobs.fail(job_id, "bad image") is True
+    job = jobs.get(job_id)
+    assert job is not None and job.status == FAILED and job.error == "bad image"
+
+
+def test_failed_and_cancelled_jobs_are_free(store: Store) -> None:
+    key, _ = keystore.create_key(store, credits=3)
+    jobs = Jobs(store)
+    failed, cancelled, started = (jobs.submit(key.id, request_of(), charge=True) for _ in range(3))
+    assert credits(store, key.id) == 0
+    assert jobs.claim(failed, "n") is not None and jobs.fail(failed, "nope")
+    assert jobs.cancel(cancelled) is True
+    assert jobs.claim(cancelled, "n") is None  # a cancelled job never runs
+    assert jobs.claim(started, "n") is not None
+    assert jobs.cancel(started) is False  # already running: not cancelled
+    statuses = [j.status for j in (jobs.get(failed), jobs.get(cancelled), jobs.get(started)) if j]
+    assert statuses == [FAILED, CANCELLED, PROCESSING]
+    assert credits(store, key.id) == 2
+
+
+def test_queue_caps_per_key_and_in_total(store: Store) -> None:
+    a, _ = keystore.create_key(store)
+    b, _ = keystore.create_key(store)
+    jobs = Jobs(store, max_per_key=2, max_total=3)
+    ids = [jobs.submit(a.id, request_of(), charge=False) for _ in range(2)]
+    with pytest.raises(ApiError) as err:
+        jobs.submit(a.id, request_of(), charge=False)
+    assert err.value.status == 429 and "2" in err.value.message
+    jobs.submit(b.id, request_of(), charge=False)
+    with pytest.raises(ApiError) as err:
+        jobs.submit(b.id, request_of(), charge=False)
+    assert err.value.status == 503 and err.value.headers["Retry-After"]
+    assert jobs.claim(ids[0], "n") is not None and jobs.complete(ids[0], b"x", {}, 0.1)  # finished: room again
+    jobs.submit(a.id, request_of(), charge=False)
+
+
+def test_dead_nodes_jobs_and_lost_publishes_are_found(store: Store) -> None:
+    jobs = Jobs(store)
+    alive, dead, lost = (jobs.submit(None, request_of(), charge=False, model="m") for _ in range(3))
+    nodes.register(store, "node-alive", "worker", ["m"], "m")
+    assert jobs.claim(alive, "node-alive") and jobs.claim(dead, "node-dead")
+    assert [n.id for n in nodes.live(store, ttl=10)] == ["node-alive"]
+    assert jobs.orphaned(["node-alive"]) == [(dead, "m")]
+    job = jobs.get(dead)
+    assert job is not None and job.status == QUEUED
+    assert jobs.unpublished(time.time() - 3600) == []  # all handed out recently
+    assert {j for j, _ in jobs.unpublished(time.time() + 1)} == {dead, lost}
+    assert jobs.unpublished(time.time() - 1) == []  # their publish time was just renewed
+    again = jobs.claim(dead, "node-alive")
+    assert again is not None and again.attempts == 2  # the attempt on the dead node counts
+
+
+def test_a_node_that_stops_beating_is_dead(store: Store) -> None:
+    nodes.register(store, "n1", "worker", ["a", "b"], None)
+    (node,) = nodes.live(store, ttl=10)
+    assert (node.models, node.default_model) == (["a", "b"], None)
+    assert nodes.heartbeat(store, "n1") and not nodes.heartbeat(store, "n2")
+    assert nodes.live(store, ttl=-1) == []
+    assert nodes.forget_dead(store, ttl=-1) == 1 and nodes.live(store, ttl=10) == []
