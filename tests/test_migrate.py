@@ -122,7 +122,7 @@ def test_release_0_1_database_migrates_in_place(tmp_path: Path) -> None:
 
 def test_an_empty_database_is_created_but_an_unknown_revision_is_refused(tmp_path: Path) -> None:
     store = Store(f"sqlite:///{tmp_path / 'x.db'}")
-    with pytest.raises(ServiceConfigError, match="is empty. Run: automask db migrate"):
+    with pytest.raises(ServiceConfigError, match=r"is empty\. Run: automask db migrate"):
         ensure_schema(store, create=False)
     ensure_schema(store, create=True)
     ensure_schema(store, create=False)

@@ -110,7 +110,9 @@ def test_restart_with_a_missing_model_keeps_jobs_queued_and_names_no_path(
         assert httpx.get(f"{live.url}/readyz").status_code == 200
 
 
-def test_model_loading_does_not_count_against_the_timeout(tmp_path: Path, tiny_clipseg_dir: Path, image_b64: str) -> None:
+def test_model_loading_does_not_count_against_the_timeout(
+    tmp_path: Path, tiny_clipseg_dir: Path, image_b64: str
+) -> None:
     """Before: the first jobs after a start failed with "Masking took longer than the server's limit" because
     loading the model (importing torch and transformers) counted against a short --timeout."""
     with live_server(tmp_path / "data", model=str(tiny_clipseg_dir), auth=False, timeout=0.5) as live:
@@ -179,7 +181,8 @@ def test_no_auth_never_shows_keyed_jobs(tmp_path: Path, image_b64: str) -> None:
         _, token = keystore.create_key(Store.in_data_dir(data))
         keyed = httpx.post(f"{live.url}/v2/{SLUG}", headers={"x-api-key": token},
                            json={"image": image_b64, "prompt": "sofa"}).json()  # fmt: skip
-        wait_for(lambda: httpx.get(keyed["status_url"], headers={"x-api-key": token}).json()["status"] == "COMPLETED", 10)
+        done = lambda: httpx.get(keyed["status_url"], headers={"x-api-key": token}).json()["status"] == "COMPLETED"  # noqa: E731
+        wait_for(done, 10)
     with live_server(data, FakeBackend(), auth=False) as live:
         for suffix in ("/status", "", "/output"):
             r = httpx.get(f"{live.url}/v2/requests/{keyed['request_id']}{suffix}")

@@ -1,0 +1,50 @@
+"""`automask worker` with a scripted backend, for tests/test_fleet.py: `python tests/fleet_worker.py`.
+
+The real worker (`automask.server.worker.run_worker`, settings from the environment) with `FakeBackend` scores,
+plus two prompts that exercise failures: "slow" takes `FLEET_SLOW_SECONDS` (a worker can be killed mid-run), and
+"poison" kills the pool process running it (SIGKILL), every time.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from automask.backends.base import Scores
+from automask.pipeline import MaskGenerator
+from automask.server.config import ServerSettings
+from automask.server.worker import run_worker
+from automask.settings import Settings
+from server_helpers import FakeBackend
+
+
+class FleetBackend(FakeBackend):
+    """`FakeBackend`, with "slow" and "poison" prompts."""
+
+    def score(self, features: Any, prompts: list[str], *, min_score: float = 0.0) -> Scores:
+        if "poison" in prompts:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if "slow" in prompts:
+            time.sleep(float(os.environ.get("FLEET_SLOW_SECONDS", "2")))
+        return super().score(features, prompts, min_score=min_score)
+
+
+def main() -> None:
+    settings = Settings()
+    run_worker(
+        settings,
+        ServerSettings(),
+        concurrency=1,
+        loglevel="info",
+        generator_factory=lambda: MaskGenerator(FleetBackend(), settings),
+    )
+
+
+if __name__ == "__main__":
+    main()
