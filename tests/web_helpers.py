@@ -1,11 +1,18 @@
-"""Helpers of tests/test_web.py: the browser, the page's controls, and pixel checks of its screenshots."""
+"""Helpers of the page's tests (tests/test_web*.py): live servers, the browser, the page's controls, and pixel
+checks of screenshots and downloads.
+
+Screenshots go to $WEB_SCREENSHOTS, else to out/web-screenshots (the folder CI keeps).
+"""
 
 from __future__ import annotations
 
 import base64
 import io
 import os
-from dataclasses import dataclass
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +22,11 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
+from automask.backends.base import Scores
+from automask.settings import Settings
+from server_helpers import LiveServer, wait_ready
+
+ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
     "--headless=new",
@@ -26,12 +38,14 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-TINT = np.array([255, 0, 80], np.float32)  # app.js TINT
-DESKTOP = {"width": 1280, "height": 900}
+TINT = np.array([255, 0, 80], np.float32)  # the overlay colour's default (index.html #tint)
+DESKTOP = {"width": 1366, "height": 900}
 PHONE = {"width": 390, "height": 844}
 WAIT_MS = 20_000
+API_PATH = "/v1/automatic-mask-generator"
 # With the tiny random CLIPSeg these thresholds select about 50% and 38% of the astronaut: a real, partial mask.
 FIRST = {"prompt": "person", "threshold": 0.5, "grow_mask": 0}
+HTTP_STATUS_NOISE = "Failed to load resource: the server responded with a status of"
 
 
 def _browser_unavailable() -> str | None:
@@ -54,6 +68,9 @@ def require_browser() -> None:
     pytest.skip(reason)
 
 
+# ---- live servers --------------------------------------------------------------------------------------
+
+
 @dataclass
 class Live:
     """A running server: its base URL and the API key the tests use (None: no auth)."""
@@ -61,11 +78,147 @@ class Live:
     url: str
     key: str | None
 
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"x-api-key": self.key} if self.key else {}
+
     def api(self, image: str, **options: Any) -> httpx.Response:
         """POST v1 as any client would (JSON body), with this server's key."""
-        headers = {"x-api-key": self.key} if self.key else {}
         body = {"image": image, **options}
-        return httpx.post(f"{self.url}/v1/automatic-mask-generator", json=body, headers=headers, timeout=60)
+        return httpx.post(f"{self.url}{API_PATH}", json=body, headers=self.headers, timeout=60)
+
+    def credits(self) -> int | None:
+        """The key's balance from GET /v1/credits (None: unlimited)."""
+        res = httpx.get(f"{self.url}/v1/credits", headers=self.headers, timeout=10)
+        assert res.status_code == 200, res.text
+        value = res.json()["credits"]
+        return None if value is None else int(value)
+
+    def settled_credits(self, seconds: float = 10.0) -> int | None:
+        """The balance once it stops changing for 0.5 s (a cancelled request's hold may still be settling)."""
+        deadline = time.monotonic() + seconds
+        last = self.credits()
+        while time.monotonic() < deadline:
+            time.sleep(0.5)
+            now = self.credits()
+            if now == last:
+                return now
+            last = now
+        return last
+
+
+@contextmanager
+def serve(
+    settings: Settings, *, auth: bool, credits: int | None = None, generator: Any = None, **server: Any
+) -> Iterator[Live]:
+    """create_app(...) served by uvicorn in a thread on 127.0.0.1:<free port>, its model loaded; a key with
+    `credits` when `auth`. `server`: more ServerSettings fields (e.g. debug_delay)."""
+    from automask.server import keys
+    from automask.server.app import create_app
+    from automask.server.config import ServerSettings
+    from automask.server.store import Store
+
+    token = None
+    if auth:
+        token = keys.create_key(Store.in_data_dir(settings.data_dir), name="web-test", credits=credits)[1]
+    app = create_app(settings, ServerSettings(host="127.0.0.1", auth=auth, **server), generator)
+    with LiveServer(app) as running:
+        wait_ready(running.url, 30)
+        yield Live(running.url, token)
+
+
+class FakeSubject:
+    """Stands in for the embedded `subject` model (same name, so it answers only its vocabulary): it selects a
+    centred disk (score 1 at the centre, falling to 0 at the border)."""
+
+    name = "subject"
+    model_id = "subject"
+
+    def encode(self, image: np.ndarray) -> np.ndarray:
+        return image
+
+    def score(self, features: Any, prompts: list[str], *, min_score: float = 0.0) -> Scores:
+        h, w = features.shape[:2]
+        y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+        r = np.hypot((x - w / 2) / (w / 2), (y - h / 2) / (h / 2))
+        disk = np.clip(1.0 - r, 0.0, 1.0)
+        return Scores(maps=np.stack([disk] * len(prompts)), labels=list(prompts))
+
+
+# ---- the browser ---------------------------------------------------------------------------------------
+
+
+@contextmanager
+def browser(profile: Path) -> Iterator[Any]:
+    """One chromium with a fresh profile (each test opens its own tab)."""
+    require_browser()
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        context = pw.chromium.launch_persistent_context(
+            str(profile),
+            executable_path=str(CHROMIUM),
+            args=CHROMIUM_ARGS,
+            headless=True,
+            accept_downloads=True,
+            viewport=DESKTOP,
+            device_scale_factor=1,
+            color_scheme="light",
+        )
+        context.set_default_timeout(WAIT_MS)
+        try:
+            yield context
+        finally:
+            context.close()
+
+
+@dataclass
+class Tab:
+    """A page in the browser, with what it logged and the API requests it sent (their JSON bodies)."""
+
+    page: Any
+    errors: list[str] = field(default_factory=list)
+    http_errors: list[str] = field(default_factory=list)
+    api_bodies: list[dict[str, Any]] = field(default_factory=list)
+
+    def check_console(self, allow_http_errors: bool = False) -> None:
+        """No uncaught error and no console error (answers >= 400 only where the test provoked them)."""
+        assert not self.errors, f"errors in the page: {self.errors}"
+        if not allow_http_errors:
+            assert not self.http_errors, f"failed requests logged: {self.http_errors}"
+
+
+@contextmanager
+def open_tab(context: Any, live: Live, size: dict[str, int] = DESKTOP) -> Iterator[Tab]:
+    """The page loaded from `live` at `size`, the test key typed in as a user would."""
+    page = context.new_page()
+    page.set_viewport_size(size)
+    tab = Tab(page)
+    page.on("pageerror", lambda exc: tab.errors.append(str(exc)))
+
+    def console(msg: Any) -> None:
+        if msg.type == "error":
+            (tab.http_errors if msg.text.startswith(HTTP_STATUS_NOISE) else tab.errors).append(msg.text)
+
+    def request(req: Any) -> None:
+        if req.method == "POST" and req.url.endswith(API_PATH):
+            tab.api_bodies.append(req.post_data_json)
+
+    page.on("console", console)
+    page.on("request", request)
+    page.goto(f"{live.url}/")
+    page.evaluate("localStorage.removeItem('automask.settings')")  # each test starts from the defaults
+    page.reload()
+    page.wait_for_selector("body[data-loaded=true]", state="attached")
+    if live.key:
+        page.fill("#api-key", live.key)
+    try:
+        yield tab
+    finally:
+        page.close()
+
+
+# ---- the page's controls -------------------------------------------------------------------------------
 
 
 def data_uri(path: Path, mime: str = "image/png") -> str:
@@ -73,85 +226,95 @@ def data_uri(path: Path, mime: str = "image/png") -> str:
     return f"data:{mime};base64,{base64.b64encode(path.read_bytes()).decode()}"
 
 
-def open_page(tab: Any, live: Live) -> None:
-    tab.goto(f"{live.url}/")
-    tab.wait_for_selector("body[data-loaded=true]", state="attached")
-    if live.key:
-        tab.fill("#api-key", live.key)
+def pick_photo(page: Any, path: Path) -> None:
+    page.set_input_files("#file", str(path))
+    page.wait_for_function(
+        "() => { const i = document.getElementById('source'); return i.complete && i.naturalWidth; }"
+    )
+    page.wait_for_selector("#canvas-box:not([hidden])")
 
 
-def pick_photo(tab: Any, path: Path) -> None:
-    tab.set_input_files("#file", str(path))
-    tab.wait_for_function("() => { const i = document.getElementById('source'); return !i.hidden && i.naturalWidth; }")
-
-
-def set_slider(tab: Any, selector: str, key: str, times: int = 1) -> None:
+def set_slider(page: Any, selector: str, key: str, times: int = 1) -> None:
     """Move a slider with the keyboard, as a keyboard user would."""
-    tab.focus(selector)
+    page.focus(selector)
     for _ in range(times):
-        tab.keyboard.press(key)
+        page.keyboard.press(key)
 
 
-def set_first_options(tab: Any) -> None:
-    set_slider(tab, "#threshold", "ArrowRight", 30)  # 0.20 -> 0.50
-    set_slider(tab, "#grow_mask", "Home")  # 10 -> 0
-    assert tab.input_value("#threshold") == "0.5"
-    assert tab.input_value("#grow_mask") == "0"
+def set_first_options(page: Any) -> None:
+    set_slider(page, "#threshold", "ArrowRight", 30)  # 0.20 -> 0.50
+    set_slider(page, "#grow_mask", "Home")  # 10 -> 0
+    assert page.input_value("#threshold") == "0.5"
+    assert page.input_value("#grow_mask") == "0"
 
 
-def submit_prompt(tab: Any, prompt: str) -> str:
+def submit_prompt(page: Any, prompt: str, previous: str | None = None) -> str:
     """Type the prompt, press Enter, wait for the result; return the result's sequence number."""
-    tab.fill("#prompt", prompt)
-    tab.press("#prompt", "Enter")
-    return wait_result(tab, None)
+    page.fill("#prompt", prompt)
+    page.press("#prompt", "Enter")
+    return wait_result(page, previous, prompt=prompt)
 
 
-def wait_result(tab: Any, previous: str | None, **options: Any) -> str:
+def wait_result(page: Any, previous: str | None, **options: Any) -> str:
     """Wait until a result newer than `previous` made with `options` is shown; return its sequence number."""
-    tab.wait_for_function(
+    page.wait_for_function(
         """([prev, want]) => {
              const r = document.getElementById('result');
-             if (!r.dataset.ready || r.dataset.ready === prev || r.getAttribute('aria-busy') !== 'false') return false;
+             if (!r.dataset.ready || r.dataset.ready === prev || r.getAttribute('aria-busy') === 'true') return false;
              const used = JSON.parse(r.dataset.options);
              return Object.entries(want).every(([k, v]) => used[k] === v);
            }""",
         arg=[previous, options],
     )
-    ready = tab.get_attribute("#result", "data-ready")
+    ready = page.get_attribute("#result", "data-ready")
     assert ready is not None
     return str(ready)
 
 
-def shot(tab: Any, selector: str, name: str) -> np.ndarray:
-    """An element's screenshot as an H×W×3 uint8 array (also saved under WEB_SCREENSHOTS)."""
-    png = tab.locator(selector).screenshot()
+def shot(page: Any, selector: str, name: str) -> np.ndarray:
+    """An element's screenshot as an H×W×3 uint8 array (also kept, see `keep`)."""
+    png = page.locator(selector).screenshot()
     keep(png, name)
     return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
 
 
 def keep(png: bytes, name: str) -> None:
-    """Save a screenshot as NAME.png under $WEB_SCREENSHOTS, when set."""
-    folder = os.environ.get("WEB_SCREENSHOTS")
-    if folder:
-        Path(folder).mkdir(parents=True, exist_ok=True)
-        (Path(folder) / f"{name}.png").write_bytes(png)
+    """Save a screenshot as NAME.png under $WEB_SCREENSHOTS, else out/web-screenshots."""
+    folder = Path(os.environ.get("WEB_SCREENSHOTS") or ROOT / "out" / "web-screenshots")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.png").write_bytes(png)
 
 
-def download(tab: Any, button: str) -> bytes:
-    with tab.expect_download() as info:
-        tab.click(button)
+def download(page: Any, button: str) -> bytes:
+    with page.expect_download() as info:
+        page.click(button)
     return Path(info.value.path()).read_bytes()
 
 
-def check_overlay(before: np.ndarray, after: np.ndarray, mask: np.ndarray, opacity: float) -> None:
-    """`after` is `before` blended towards TINT by `opacity` exactly where `mask` (H×W uint8) is 255."""
+def in_viewport(page: Any, selector: str) -> bool:
+    """The element's box lies entirely inside the window."""
+    box = page.locator(selector).bounding_box()
+    size = page.viewport_size
+    return bool(
+        box
+        and box["y"] >= -0.5
+        and box["x"] >= -0.5
+        and box["y"] + box["height"] <= size["height"] + 0.5
+        and box["x"] + box["width"] <= size["width"] + 0.5
+    )
+
+
+def check_overlay(
+    before: np.ndarray, after: np.ndarray, mask: np.ndarray, opacity: float, tint: np.ndarray = TINT
+) -> None:
+    """`after` is `before` blended towards `tint` by `opacity` exactly where `mask` (H×W uint8) is 255."""
     assert before.shape == after.shape, "the image moved or resized when the result appeared"
     h, w = before.shape[:2]
     sel = np.asarray(Image.fromarray(mask).resize((w, h), Image.Resampling.NEAREST)) > 127
     inside = ndimage.binary_erosion(sel, iterations=2)
     outside = ndimage.binary_erosion(~sel, iterations=2)
     assert inside.mean() > 0.1 and outside.mean() > 0.1, "the test needs a partial mask"
-    expected = before.astype(np.float32) * (1 - opacity) + TINT * opacity
+    expected = before.astype(np.float32) * (1 - opacity) + tint * opacity
     err_in = np.abs(after[inside].astype(np.float32) - expected[inside]).mean()
     err_out = np.abs(after[outside].astype(np.float32) - before[outside].astype(np.float32)).mean()
     moved_in = np.abs(after[inside].astype(np.float32) - before[inside].astype(np.float32)).mean()

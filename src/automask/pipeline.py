@@ -1,7 +1,12 @@
 """The one library call: image + prompt + options -> `MaskResult`.
 
-input -> backend.encode (cached per image) -> backend.score -> threshold -> grow -> invert -> render.
-The CLI, the HTTP service and the web page all call `MaskGenerator.generate`.
+input -> backend.encode (cached per image) -> backend.score -> threshold -> negative -> fill_holes -> min_area
+-> grow -> invert -> feather -> render. The CLI, the HTTP service and the web page all call `MaskGenerator.generate`.
+
+The targets of `negative_prompt` are scored in the same `score` call as the prompt's (one call per backend), then
+split off by label: a dense backend scores each target on its own, so its prompt maps are those of a call without
+negatives; a detector (grounded-sam) reads all targets in one text, so each region is credited to whichever target,
+positive or negative, fits it best.
 """
 
 from __future__ import annotations
@@ -15,15 +20,16 @@ from typing import Any
 
 import numpy as np
 
+from automask import embedded
 from automask import postprocess as pp
 from automask.backends import registry
 from automask.backends.base import Backend, ScoreParams, Scores, score_with
-from automask.errors import EmptyMaskError
+from automask.errors import EmptyMaskError, ModelNotAvailableError
 from automask.imageio import ImageSource, load_image
 from automask.models import EMBEDDED, ResolvedModel
 from automask.options import MaskOptions, parse_prompt
 from automask.result import Detection, MaskResult
-from automask.routing import Route, Target, plan_models, route
+from automask.routing import ModelPlan, Route, Target, plan_models, route
 from automask.settings import Settings
 
 
@@ -74,6 +80,8 @@ class MaskGenerator:
     (used alone), or None for the default: AUTOMASK_MODEL, else the installed open-vocabulary model, else the
     embedded 'subject' model. Beside an open-vocabulary model, the embedded model (when installed, and
     `settings.route_embedded`) answers the words of `automask.routing.VOCABULARY`; see `automask.routing`.
+    When the embedded model is the one to use and is missing, it is installed on first use unless downloads are
+    off (`Settings.offline`, HF_HUB_OFFLINE; see `automask.embedded.install_if_needed`).
     """
 
     def __init__(
@@ -85,7 +93,7 @@ class MaskGenerator:
         self.embedded: Backend | None = None
         """The embedded 'subject' backend, or None."""
         if isinstance(model, str) or model is None:
-            plan = plan_models(model, self.settings)
+            plan = _plan(model, self.settings)
             self.open = _load(plan.open, self.settings)
             self.embedded = _load(plan.embedded, self.settings)
         elif model.name == EMBEDDED:
@@ -118,7 +126,8 @@ class MaskGenerator:
         opts = MaskOptions.parse(options.model_dump() if options else None, **kwargs) if kwargs else options
         opts = opts or MaskOptions()
         prompts = parse_prompt(prompt)
-        plan = route(prompts, embedded=self.embedded is not None, open_vocab=self.open is not None)
+        targets = list(dict.fromkeys(prompts + opts.negative_targets))
+        plan = route(targets, embedded=self.embedded is not None, open_vocab=self.open is not None)
         t0 = time.perf_counter()
         decoded = Decoded(load_image(image, self.settings, allow_paths=allow_paths))
         timings: dict[str, float] = {"encode": 0.0, "score": 0.0, "decode": time.perf_counter() - t0}
@@ -191,6 +200,17 @@ class Decoded:
         return self._digest
 
 
+def _plan(spec: str | None, settings: Settings) -> ModelPlan:
+    """`plan_models`, after installing the embedded model on first use when `spec` needs it (`embedded`)."""
+    offline_note = embedded.install_if_needed(spec, settings)
+    try:
+        return plan_models(spec, settings)
+    except ModelNotAvailableError as exc:
+        if offline_note:
+            raise ModelNotAvailableError(f"{exc.message.rstrip('. ')}. {offline_note}") from None
+        raise
+
+
 def _load(found: ResolvedModel | None, settings: Settings) -> Backend | None:
     return registry.create(found.backend, found.path, settings) if found is not None else None
 
@@ -212,6 +232,31 @@ class Part:
         selected = pp.select(self.scores, threshold)
         return ~selected if self.complement else selected
 
+    def only(self, labels: set[str]) -> Part | None:
+        """This part restricted to the maps labelled with one of `labels` (`extra` kept whole), or None if none."""
+        keep = [i for i, label in enumerate(self.scores.labels) if label in labels]
+        if len(keep) == len(self.scores.labels):
+            return self
+        if not keep:
+            return None
+        s = self.scores
+        index = np.asarray(keep, np.int64)
+        scores = replace(
+            s,
+            maps=s.maps[index],
+            labels=[s.labels[i] for i in keep],
+            scores=None if s.scores is None else s.scores[index],
+            boxes=None if s.boxes is None else s.boxes[index],
+        )
+        return replace(self, scores=scores)
+
+
+def split(parts: list[Part], prompts: list[str], negatives: list[str]) -> tuple[list[Part], list[Part]]:
+    """The parts of the prompt's targets and those of the negative targets (a target in both is in both)."""
+    positive = [p for part in parts if (p := part.only(set(prompts))) is not None]
+    negative = [p for part in parts if (p := part.only(set(negatives))) is not None] if negatives else []
+    return positive, negative
+
 
 def finish(
     rgb: np.ndarray,
@@ -222,18 +267,24 @@ def finish(
     timings: dict[str, float],
     t0: float,
 ) -> MaskResult:
-    """Threshold, grow, invert and render the scores of `parts` (their selections unioned) for image `rgb`
-    (H×W×3 uint8) into a `MaskResult`; `backend` names the result when no part does."""
+    """Threshold, remove the negative targets' pixels, fill holes, drop small regions, grow, invert, feather and
+    render the scores of `parts` (the prompt's selections unioned) for image `rgb` (H×W×3 uint8) into a
+    `MaskResult`; `backend` names the result when no part does."""
     t = time.perf_counter()
-    selected, instance_masks, detections = _union(parts, rgb.shape[:2], opts.threshold)
+    negatives = opts.negative_targets
+    positive, negative = split(parts, prompts, negatives)
+    selected, instance_masks, detections = _union(positive, rgb.shape[:2], opts.threshold)
+    if negative:
+        selected = pp.remove(selected, _union(negative, rgb.shape[:2], opts.threshold)[0])
+    if opts.fill_holes:
+        selected = pp.fill_holes(selected)
+    if opts.min_area:
+        selected = pp.drop_small(selected, opts.min_area)
     empty = not selected.any()
     if empty and opts.stop_on_empty_mask:
-        raise EmptyMaskError(
-            f"Nothing matching {', '.join(repr(p) for p in prompts)} was found at threshold {opts.threshold}. "
-            "Try a lower threshold or another prompt."
-        )
+        raise EmptyMaskError(_empty_message(prompts, opts))
     selected = pp.grow(selected, opts.grow_mask)
-    mask = pp.to_uint8(pp.invert(selected) if opts.invert_mask else selected)
+    mask = pp.feather(pp.to_uint8(pp.invert(selected) if opts.invert_mask else selected), opts.feather)
     timings["postprocess"] = time.perf_counter() - t
     t = time.perf_counter()
     output = pp.render(rgb, mask, opts.output_kind)
@@ -253,6 +304,21 @@ def finish(
         timings=timings,
         empty=empty,
         seed=opts.seed,
+        negative_prompts=negatives,
+        fill_holes=opts.fill_holes,
+        min_area=opts.min_area,
+        feather=opts.feather,
+    )
+
+
+def _empty_message(prompts: list[str], opts: MaskOptions) -> str:
+    """The `EmptyMaskError` message: what was looked for, and which options may have removed it."""
+    removed = [f"negative_prompt {opts.negative_prompt!r}"] if opts.negative_targets else []
+    removed += [f"min_area {opts.min_area}"] if opts.min_area > 1 else []
+    after = f" (after {' and '.join(removed)} removed what was found)" if removed else ""
+    return (
+        f"Nothing matching {', '.join(repr(p) for p in prompts)} was found at threshold {opts.threshold}{after}. "
+        "Try a lower threshold or another prompt."
     )
 
 

@@ -1,6 +1,10 @@
-"""Post-processing: pure array functions, in the contract's order threshold -> grow -> invert -> render.
+"""Post-processing: pure array functions, in the contract's order
+threshold -> negative -> fill_holes -> min_area -> grow -> invert -> feather -> render.
 
-Masks are H×W bool (selection) or H×W uint8 (output, 255 = selected). Images are H×W×3 uint8 RGB.
+Masks are H×W bool (selection) or H×W uint8 (output, 255 = selected; between 0 and 255 only after `feather`).
+Images are H×W×3 uint8 RGB. Connectivity: a region is 8-connected (pixels touching at a corner belong to one
+region), so a hole is a 4-connected part of the unselected pixels that does not touch the image border
+(scipy.ndimage's `binary_fill_holes` and `label(..., structure=np.ones((3, 3)))` follow the same rules).
 """
 
 from __future__ import annotations
@@ -41,6 +45,31 @@ def grow(mask: np.ndarray, radius: int) -> np.ndarray:
     return dist <= radius
 
 
+def remove(mask: np.ndarray, negative: np.ndarray) -> np.ndarray:
+    """The H×W bool `mask` without the pixels of the H×W bool `negative` selection (negative_prompt)."""
+    return mask & ~negative
+
+
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """Select the holes of an H×W bool mask: the 4-connected unselected regions that do not touch the image border."""
+    if not mask.any():
+        return mask.copy()
+    n, labels = cv2.connectedComponents((~mask).astype(np.uint8), connectivity=4)
+    outside = np.zeros(n, dtype=bool)  # label 0: the selected pixels, which stay selected whatever outside[0] says
+    outside[np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])] = True
+    return mask | ~outside[labels]
+
+
+def drop_small(mask: np.ndarray, min_area: int) -> np.ndarray:
+    """An H×W bool mask without its 8-connected selected regions of fewer than `min_area` pixels."""
+    if min_area <= 1 or not mask.any():
+        return mask.copy()
+    _, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    keep = stats[:, cv2.CC_STAT_AREA] >= min_area
+    keep[0] = False  # label 0: the unselected pixels
+    return keep[labels]
+
+
 def invert(mask: np.ndarray) -> np.ndarray:
     """Invert an H×W bool mask."""
     return ~mask
@@ -51,6 +80,28 @@ def to_uint8(mask: np.ndarray) -> np.ndarray:
     return np.where(mask, 255, 0).astype(np.uint8)
 
 
+def feather_kernel(radius: int) -> np.ndarray:
+    """(2r+1)×(2r+1) float32 weights summing to 1: a Gaussian with sigma = r/2 on the disk x² + y² <= r², 0 outside."""
+    y, x = np.mgrid[-radius : radius + 1, -radius : radius + 1].astype(np.float64)
+    sigma = radius / 2.0
+    weights = np.exp(-(x * x + y * y) / (2.0 * sigma * sigma))
+    weights[x * x + y * y > radius * radius] = 0.0
+    return (weights / weights.sum()).astype(np.float32)
+
+
+def feather(mask: np.ndarray, radius: int) -> np.ndarray:
+    """Soften the edge of an H×W uint8 mask: its convolution with `feather_kernel(radius)`, rounded to uint8.
+
+    The image border is extended by repeating its pixels. A pixel farther than `radius` (Euclidean, between pixel
+    centres) from every pixel of the other value keeps its value exactly (255 inside, 0 outside); only pixels
+    within `radius` of the edge get values in between. radius 0 returns the mask unchanged.
+    """
+    if radius <= 0 or mask.min() == mask.max():
+        return mask.copy()
+    soft = cv2.filter2D(mask.astype(np.float32) / 255.0, -1, feather_kernel(radius), borderType=cv2.BORDER_REPLICATE)
+    return np.clip(np.rint(soft * 255.0), 0, 255).astype(np.uint8)
+
+
 def render_alpha(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """RGBA cut-out: H×W×4 uint8, the original pixels with alpha = the uint8 mask."""
     return np.dstack([image, mask])
@@ -59,10 +110,11 @@ def render_alpha(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
 def render_preview(
     image: np.ndarray, mask: np.ndarray, tint: tuple[int, int, int] = PREVIEW_TINT, opacity: float = PREVIEW_OPACITY
 ) -> np.ndarray:
-    """Preview: H×W×3 uint8, the image with selected pixels blended towards `tint` by `opacity`."""
+    """Preview: H×W×3 uint8, the image blended towards `tint` by `opacity` × mask / 255 (a soft mask's edge fades)."""
     out = image.astype(np.float32)
     sel = mask > 0
-    out[sel] = out[sel] * (1.0 - opacity) + np.asarray(tint, np.float32) * opacity
+    weight = (mask[sel].astype(np.float32) / 255.0 * opacity)[:, None]
+    out[sel] = out[sel] * (1.0 - weight) + np.asarray(tint, np.float32) * weight
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 

@@ -25,10 +25,11 @@ class Detection:
 
 @dataclass(frozen=True)
 class MaskResult:
-    """mask:   H×W uint8, 255 = selected, in original (EXIF-upright) image coordinates, after grow/invert.
+    """mask:   H×W uint8, 255 = selected, in original (EXIF-upright) image coordinates, after grow/invert/feather
+            (0/255 only, unless `feather` softened its edge).
     output: the rendered output: H×W uint8 (mask), H×W×4 uint8 RGBA (alpha) or H×W×3 uint8 RGB (preview).
     kind:   'mask', 'alpha' or 'preview'.
-    instance_masks: one H×W uint8 mask per detection (thresholded, before grow/invert).
+    instance_masks: one H×W uint8 mask per detection (thresholded, before negative_prompt and grow/invert).
     timings: seconds per stage ('decode', 'encode', 'score', 'postprocess', 'render', 'total').
     """
 
@@ -42,8 +43,13 @@ class MaskResult:
     instance_masks: list[np.ndarray] = field(repr=False)
     timings: dict[str, float]
     empty: bool
-    """True when nothing was selected (before invert)."""
+    """True when nothing was selected (after negative_prompt and min_area, before grow and invert)."""
     seed: int = -1
+    negative_prompts: list[str] = field(default_factory=list)
+    """The targets of negative_prompt (automask extension), [] when none."""
+    fill_holes: bool = False
+    min_area: int = 0
+    feather: int = 0
 
     @property
     def width(self) -> int:
@@ -63,8 +69,10 @@ class MaskResult:
         return encode_png(self.output)
 
     def metadata(self) -> dict[str, Any]:
-        """JSON-ready facts about the result (no image data)."""
-        return {
+        """JSON-ready facts about the result (no image data). The automask extensions `negative_prompts`,
+        `fill_holes`, `min_area` and `feather` are reported only when used (so default calls answer as before).
+        `selected_pixels` counts the mask's non-zero pixels."""
+        meta = {
             "width": self.width,
             "height": self.height,
             "kind": self.kind,
@@ -77,6 +85,14 @@ class MaskResult:
             "detections": [d.to_dict() for d in self.detections],
             "timings": {k: round(v, 6) for k, v in self.timings.items()},
         }
+        extensions = {
+            "negative_prompts": self.negative_prompts,
+            "fill_holes": self.fill_holes,
+            "min_area": self.min_area,
+            "feather": self.feather,
+        }
+        meta.update({k: v for k, v in extensions.items() if v})
+        return meta
 
 
 def encode_png(array: np.ndarray, compress_level: int = 1) -> bytes:

@@ -24,8 +24,10 @@ FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 
 
 class MaskRequest(MaskOptions):
-    """`POST /v1|v2/automatic-mask-generator`: the image, the prompt, every `MaskOptions` field, `base64`, and
-    `model` (an automask extension)."""
+    """`POST /v1|v2/automatic-mask-generator`: the image, the prompt, every `MaskOptions` field (the automask
+    extensions negative_prompt, fill_holes, min_area, feather among them: all optional), `base64`, and `model`
+    (an automask extension). Order of operations: score -> threshold -> negative_prompt -> fill_holes -> min_area
+    -> grow_mask -> invert_mask -> feather -> render."""
 
     image: str | bytes = Field(
         description="An http(s) URL, a bare base64 string or a data:image/...;base64, URI "
@@ -35,6 +37,11 @@ class MaskRequest(MaskOptions):
         max_length=MAX_PROMPT_CHARS,
         description=f"What to select; several targets (at most {MAX_PROMPT_TARGETS}) separated by ',' or ' . ' "
         "are unioned.",
+    )
+    negative_prompt: str | None = Field(
+        None,
+        max_length=MAX_PROMPT_CHARS,
+        description=MaskOptions.model_fields["negative_prompt"].description,
     )
     base64: bool = Field(False, description='true: answer JSON {"image": "<base64 PNG>", ...metadata}.')
     model: str | None = Field(
@@ -58,7 +65,7 @@ def validate_request(data: Any, *, strict: bool) -> MaskRequest:
         req = MaskRequest.model_validate(data, strict=strict)
     except ValidationError as exc:
         raise validation_error(exc) from None
-    for name in ("image", "prompt", "model"):
+    for name in ("image", "prompt", "negative_prompt", "model"):
         _check_text(name, getattr(req, name))
     if (isinstance(req.image, str) and not req.image.strip()) or (isinstance(req.image, bytes) and not req.image):
         raise InvalidOptionError("image", "is empty: send an image URL, base64 data or a file")
@@ -68,6 +75,12 @@ def validate_request(data: Any, *, strict: bool) -> MaskRequest:
     if len(targets) > MAX_PROMPT_TARGETS:
         raise InvalidOptionError(
             "prompt", f"names {len(targets)} targets; at most {MAX_PROMPT_TARGETS} per request: split it in several"
+        )
+    scored = len(dict.fromkeys(targets + req.negative_targets))
+    if scored > MAX_PROMPT_TARGETS:
+        raise InvalidOptionError(
+            "negative_prompt",
+            f"brings the targets to score to {scored} with the prompt's; at most {MAX_PROMPT_TARGETS} per request",
         )
     return req
 
@@ -183,3 +196,10 @@ class ErrorResponse(BaseModel):
     """Every error: one sentence saying what is wrong and how to fix it."""
 
     error: str
+
+
+class CreditsResponse(BaseModel):
+    """`GET /v1/credits` (an automask extension): the calling key and its credits left."""
+
+    key_id: str | None = Field(description="The key's id; null when the server runs without keys.")
+    credits: int | None = Field(description="Requests the key may still make; null: unlimited.")

@@ -99,8 +99,9 @@ class PageConfig:
 
     auth:  the v1 API wants an `x-api-key` (False: the page hides its key field).
     model: the name of the server's default model (None: not known yet).
-    models: every model the server answers with, the default first; the page offers a choice when there are
-           several.
+    models: the names of every model the server answers with, the default first; the page offers a choice when
+           there are several.
+    choices: the same models, described (`ModelChoice`).
     ready: the default model is loaded (False: requests will wait for it or fail with a 503).
     max_image_bytes / max_image_pixels: the server's image limits, shown as a hint.
     vocabulary: the embedded model's words, per target ('subject', 'person', 'background').
@@ -111,7 +112,8 @@ class PageConfig:
 
     auth: bool
     model: str | None = None
-    models: tuple[ModelChoice, ...] = ()
+    models: tuple[str, ...] = ()
+    choices: tuple[ModelChoice, ...] = ()
     ready: bool | None = None
     max_image_bytes: int | None = None
     max_image_pixels: int | None = None
@@ -150,7 +152,7 @@ def server_config(app: Starlette) -> PageConfig:
 
     state = app.state.automask
     dispatcher = state.dispatcher  # where requests run (in-process models or workers): see automask.server.dispatch
-    models = tuple(
+    choices = tuple(
         ModelChoice(
             name=e.name,
             backend=e.backend,
@@ -164,7 +166,8 @@ def server_config(app: Starlette) -> PageConfig:
     return PageConfig(
         auth=state.server.auth,
         model=dispatcher.default,
-        models=models,
+        models=tuple(c.name for c in choices),
+        choices=choices,
         ready=dispatcher.readiness() is None,
         max_image_bytes=state.settings.max_image_bytes,
         max_image_pixels=state.settings.max_image_pixels,

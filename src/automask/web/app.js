@@ -1,200 +1,203 @@
 // automask's try-it page: a plain client of the public v1 API (no framework, no build step).
 //
-// Every result comes from POST v1/automatic-mask-generator. The overlay is drawn from the mask the server
-// returned; the mask, cut-out and preview downloads are the server's own PNG bytes for the shown options.
+// One charged request per mask: POST v1/automatic-mask-generator with base64=true answers the mask and the
+// targets found; the overlay, cut-out, preview, their downloads and per-target masks are rendered here from
+// that mask and the image. A request the user no longer wants (new image, new prompt, new settings, Cancel)
+// is aborted, and the server neither runs nor charges it. Results already seen are shown again from memory.
 
-const API = "v1/automatic-mask-generator";
-const CONFIG = "web/config";
-const KEY_STORAGE = "automask.apiKey";
-const TINT = [255, 0, 80];
-const OUTPUT_NAMES = { mask: "mask", alpha: "cut-out", preview: "preview" };
+import { ApiError, fetchCredits, loadConfig, requestMask } from "./api.js";
+import { bindSlider, cutoutPreset, growHint, keepInView } from "./controls.js";
+import { downloads } from "./downloads.js";
+import { wireInput } from "./input.js";
+import { choosingModel, chosenModel as chosenOf, fillModels, serverInfo, showModel } from "./models.js";
+import { KEY_STORAGE, applyControls, loadPrefs, readControls, savePrefs, vocabularyProblem } from "./prefs.js";
+import { base64Bytes, countSelected, decodeMask, withTargets } from "./render.js";
+import { clearError, formatMs, setBusy, setFacts, setStale, setStatus, showError as sayError } from "./status.js";
+import { showTargets } from "./targets.js";
+import { Viewer } from "./viewer.js";
 
 const $ = (id) => document.getElementById(id);
+const CACHE_SIZE = 16;
+const AUTO_DELAY_MS = 300;
 
 const state = {
-  config: { auth: true, model: null, models: [], ready: null, max_image_bytes: null },
-  image: null, // {kind: "file", name, dataUrl} | {kind: "url", name, url}
-  shown: null, // {opts, results: Map(kind -> {blob, url, ms, serverMs})}: what the result area shows
+  config: { auth: true, models: [], vocabulary: {}, options: [], examples: [] },
+  image: null, // {id, kind: "file"|"url", name, src, pixels: {data, width, height}|null, shown: bool}
+  result: null, // {opts, imageId, mask, width, height, blob, data, ms, serverMs, enabled: bool[], fromCache}
+  cache: new Map(), // `${imageId}|${options}` -> result: seen masks are shown again without a request
   seq: 0,
-  controller: null,
+  shown: 0,
+  inflight: null, // {controller, seq, started, loading, cancelled}
   timer: 0,
+  ticker: 0,
+  creditsSeq: 0,
+  growAuto: false, // grow_mask / feather were set by the page for a cut-out, not by the user
 };
-
-class ApiError extends Error {
-  constructor(status, message) {
-    super(message);
-    this.status = status;
-  }
-}
+const viewer = new Viewer(
+  {
+    viewport: $("viewport"),
+    box: $("canvas-box"),
+    img: $("source"),
+    canvas: $("after"),
+    divider: $("divider"),
+    placeholder: $("placeholder"),
+  },
+  (zoom) => {
+    $("zoom-value").textContent = `${Math.round(zoom * 100)}%`;
+  },
+);
 
 // ---- configuration -------------------------------------------------------------------------------------
 
-async function loadConfig() {
-  try {
-    const res = await fetch(CONFIG, { headers: { accept: "application/json" } });
-    if (res.ok) Object.assign(state.config, await res.json());
-  } catch {
-    // A server without the page's config: ask for a key.
-  }
-  const { auth, model, ready, max_image_bytes: maxBytes } = state.config;
+async function setup() {
+  Object.assign(state.config, await loadConfig());
+  const { auth } = state.config;
   $("key-row").hidden = !auth;
   $("api-key").value = auth ? localStorage.getItem(KEY_STORAGE) || "" : "";
-  fillModels();
-  const parts = [];
-  if (model && !choosingModel()) parts.push(`Model: ${model}${ready === false ? " (loading or not installed)" : ""}`);
-  if (maxBytes) parts.push(`images up to ${formatBytes(maxBytes)}`);
-  if (!auth) parts.push("no API key needed on this local server");
-  $("server-info").textContent = parts.join(" · ");
+  fillModels(state.config);
+  for (const name of ["negative_prompt", "feather", "fill_holes", "min_area"]) {
+    $(`opt-${name}`).hidden = !(state.config.options || []).includes(name);
+  }
+  applyControls(loadPrefs());
+  for (const id of ["threshold", "grow_mask", "feather", "opacity", "compare"]) $(id).dispatchEvent(new Event("input"));
+  modelChanged();
+  serverInfo(state.config);
+  refreshCredits();
 }
 
-// The model selector: shown only when the server offers several models; the default is chosen first.
-function fillModels() {
-  const { model, models } = state.config;
-  const names = Array.isArray(models) ? models.filter((name) => typeof name === "string") : [];
-  const select = $("model");
-  select.replaceChildren(
-    ...names.map((name) => {
-      const option = document.createElement("option");
-      option.value = name;
-      option.textContent = name === model ? `${name} (default)` : name;
-      return option;
-    }),
-  );
-  if (names.includes(model)) select.value = model;
-  $("model-row").hidden = names.length < 2;
+function chosenModel() {
+  return chosenOf(state.config);
 }
 
-function choosingModel() {
-  return !$("model-row").hidden && $("model").value !== "";
+function modelChanged() {
+  showModel(state.config, usePrompt);
 }
 
-// ---- the image -----------------------------------------------------------------------------------------
-
-function readFile(file) {
-  return new Promise((resolve, reject) => {
-    const reader = new FileReader();
-    reader.onload = () => resolve(reader.result);
-    reader.onerror = () => reject(new Error(`Could not read the file ${file.name}.`));
-    reader.readAsDataURL(file);
-  });
+function showError(text) {
+  sayError(text, Boolean(state.result));
 }
 
-async function useFile(file) {
-  if (!file) return;
-  $("image-url").value = "";
-  const dataUrl = await readFile(file);
-  state.image = { kind: "file", name: file.name, dataUrl };
-  showSource(dataUrl, `${file.name} — ${formatBytes(file.size)}`);
+function apiKey() {
+  return state.config.auth ? $("api-key").value.trim() : "";
 }
 
-function useUrl() {
-  const url = $("image-url").value.trim();
-  if (!url) return;
-  $("file").value = "";
-  const name = url.split(/[?#]/)[0].split("/").pop() || "image";
-  state.image = { kind: "url", name, url };
-  showSource(url, url);
+async function refreshCredits() {
+  const box = $("credits");
+  const seq = ++state.creditsSeq;
+  const found = state.config.auth && apiKey() ? await fetchCredits(apiKey()) : null;
+  if (seq !== state.creditsSeq) return; // a newer look-up answers
+  box.hidden = !found;
+  if (!found) return;
+  const { credits } = found;
+  box.dataset.credits = credits === null ? "unlimited" : String(credits);
+  box.textContent = credits === null ? "Credits: unlimited" : `Credits left: ${credits.toLocaleString()}`;
 }
 
-function showSource(src, label) {
+// ---- the image (from input.js) -------------------------------------------------------------------------
+
+let nextImageId = 0;
+
+async function setImage(image, label) {
+  supersede();
   clearResult();
   clearError();
+  state.image = { id: ++nextImageId, shown: false, ...image };
   const img = $("source");
-  img.onload = () => {
+  img.src = image.src;
+  try {
+    await img.decode();
+    state.image.shown = true;
+    viewer.setSize(img.naturalWidth, img.naturalHeight);
+    $("viewport").setAttribute("aria-label", `The image ${image.name}`);
     $("image-info").textContent = `${label} — ${img.naturalWidth}×${img.naturalHeight}`;
-    $("placeholder").hidden = true;
-    img.hidden = false;
-  };
-  img.onerror = () => {
-    img.hidden = true;
-    $("placeholder").hidden = false;
+  } catch {
+    viewer.clear();
     $("image-info").textContent = `${label} — this browser cannot show it; the server will say if it can read it.`;
-  };
-  img.src = src;
+  }
+  if (image.kind === "url") state.image.pixels = pixelsOfShownImage(img);
+  bringIntoView($("stage"));
   setStatus("Image ready. Type a prompt and press Enter.");
-  scheduleAuto(0);
 }
 
-function formatBytes(n) {
-  if (n < 1024) return `${n} B`;
-  if (n < 1024 * 1024) return `${(n / 1024).toFixed(0)} KB`;
-  return `${(n / 1024 / 1024).toFixed(1)} MB`;
+function pixelsOfShownImage(img) {
+  // A URL image from another site taints the canvas: its pixels stay unreadable (null).
+  if (!state.image.shown) return null;
+  try {
+    const canvas = document.createElement("canvas");
+    canvas.width = img.naturalWidth;
+    canvas.height = img.naturalHeight;
+    const ctx = canvas.getContext("2d", { willReadFrequently: true });
+    ctx.drawImage(img, 0, 0);
+    return { data: ctx.getImageData(0, 0, canvas.width, canvas.height).data, width: canvas.width, height: canvas.height };
+  } catch {
+    return null;
+  }
 }
 
-function baseName() {
-  const name = state.image ? state.image.name : "image";
-  return name.replace(/\.[A-Za-z0-9]+$/, "") || "image";
+function usePrompt(text, { runNow = true } = {}) {
+  $("prompt").value = text;
+  savePrefs(readControls());
+  if (runNow && state.image) run();
+  else if (runNow) setStatus(`Prompt “${text}”: now choose an image, or try an example.`);
 }
 
-// ---- options and requests ------------------------------------------------------------------------------
+function bringIntoView(el) {
+  const box = el.getBoundingClientRect();
+  if (box.top < 0 || box.bottom > window.innerHeight) el.scrollIntoView({ block: "nearest" });
+}
+
+// ---- options and running -------------------------------------------------------------------------------
 
 function formOptions() {
   const opts = {
-    prompt: $("prompt").value,
+    prompt: $("prompt").value.trim(),
     threshold: Number($("threshold").value),
     grow_mask: Math.round(Number($("grow_mask").value)),
     invert_mask: $("invert_mask").checked,
     stop_on_empty_mask: $("stop_on_empty_mask").checked,
-    seed: $("seed").value === "" ? -1 : Number($("seed").value),
   };
+  const seed = $("seed").value === "" ? -1 : Number($("seed").value);
+  if (seed !== -1) opts.seed = seed;
   if (choosingModel()) opts.model = $("model").value;
+  // automask extensions: sent only when the server has them and they are not at their default
+  const ext = state.config.options || [];
+  const negative = $("negative_prompt").value.trim();
+  if (ext.includes("negative_prompt") && negative) opts.negative_prompt = negative;
+  if (ext.includes("feather") && Number($("feather").value) > 0) opts.feather = Number($("feather").value);
+  if (ext.includes("fill_holes") && $("fill_holes").checked) opts.fill_holes = true;
+  if (ext.includes("min_area") && Number($("min_area").value) > 0) opts.min_area = Math.round(Number($("min_area").value));
   return opts;
 }
 
-function outputKind() {
-  return document.querySelector("input[name=output]:checked").value;
+function payload(opts) {
+  return { image: state.image.src, ...opts, return_mask: true, return_alpha: false };
 }
 
-function payload(opts, kind) {
-  const image = state.image.kind === "file" ? state.image.dataUrl : state.image.url;
-  return { image, ...opts, return_mask: kind !== "preview", return_alpha: kind === "alpha", base64: false };
-}
-
-async function callApi(body, signal) {
-  const headers = { "content-type": "application/json", accept: "image/png, application/json" };
-  const key = $("api-key").value.trim();
-  if (state.config.auth && key) headers["x-api-key"] = key;
-  const t0 = performance.now();
-  let res;
-  try {
-    res = await fetch(API, { method: "POST", headers, body: JSON.stringify(body), signal });
-  } catch (err) {
-    if (err.name === "AbortError") throw err;
-    throw new ApiError(0, `Could not reach the server (${err.message}). Is automask serve still running?`);
-  }
-  if (!res.ok) throw new ApiError(res.status, await errorSentence(res));
-  const blob = await res.blob();
-  const ms = performance.now() - t0;
-  return { blob, url: URL.createObjectURL(blob), ms, serverMs: serverTime(res.headers) };
-}
-
-async function errorSentence(res) {
-  const text = await res.text().catch(() => "");
-  try {
-    const body = JSON.parse(text);
-    if (body && typeof body.error === "string") return body.error;
-    if (body && typeof body.detail === "string") return body.detail;
-  } catch {
-    // Not JSON: a proxy's page or a plain-text error; show its start below.
-  }
-  const snippet = text.replace(/<[^>]*>/g, " ").replace(/\s+/g, " ").trim().slice(0, 200);
-  return `The server answered ${res.status} ${res.statusText}${snippet ? `: ${snippet}` : "."}`;
-}
-
-function serverTime(headers) {
-  for (const name of ["x-inference-time", "x-process-time"]) {
-    const value = Number.parseFloat(headers.get(name) || "");
-    if (Number.isFinite(value)) return value * 1000;
+function checkReady() {
+  if (!state.image) return ["Choose an image, drop or paste one, or try an example first.", $("file")];
+  if (!$("prompt").value.trim()) return ["Type a prompt: what to select, e.g. “person”.", $("prompt")];
+  if (state.config.auth && !apiKey()) {
+    return ["Type your API key first (the server's admin makes one with: automask keys create).", $("api-key")];
   }
   return null;
 }
 
-// ---- running -------------------------------------------------------------------------------------------
+// Abort the request in flight and any pending automatic one: their results are no longer wanted.
+function supersede() {
+  clearTimeout(state.timer);
+  state.seq += 1;
+  if (state.inflight) {
+    state.inflight.controller.abort();
+    state.inflight = null;
+    setBusy(null);
+  }
+}
 
-function checkReady() {
-  if (!state.image) return ["Choose an image file or type an image URL first.", $("file")];
-  if (!$("prompt").value.trim()) return ["Type a prompt: what to select, e.g. “person”.", $("prompt")];
-  return null; // a missing key is the server's to explain (401)
+function cancel() {
+  if (!state.inflight) return;
+  supersede();
+  setStatus("Cancelled. The server does not run or charge a request the page cancels.");
+  refreshCredits();
 }
 
 async function run({ fromUser = true } = {}) {
@@ -207,252 +210,238 @@ async function run({ fromUser = true } = {}) {
     }
     return;
   }
-  if (state.controller) state.controller.abort();
-  const controller = new AbortController();
-  state.controller = controller;
-  const seq = ++state.seq;
   const opts = formOptions();
-  const kind = outputKind();
-  setBusy(true);
-  clearError();
-  setStatus("Working…");
+  const unanswerable = vocabularyProblem(opts.prompt, chosenModel(), state.config);
+  if (unanswerable) {
+    showError(unanswerable);
+    if (fromUser) (choosingModel() ? $("model") : $("prompt")).focus();
+    return;
+  }
+  supersede();
+  const cacheKey = `${state.image.id}|${JSON.stringify(opts)}`;
+  if (state.cache.has(cacheKey)) {
+    const seen = state.cache.get(cacheKey);
+    state.cache.delete(cacheKey);
+    state.cache.set(cacheKey, seen);
+    await showResult({ ...seen, fromCache: true });
+    return;
+  }
+  const model = chosenModel();
+  const job = { controller: new AbortController(), seq: state.seq, started: performance.now() };
+  job.loading = Boolean(model && model.loaded === false);
+  state.inflight = job;
+  setBusy(job);
   try {
-    const results = new Map([["mask", await callApi(payload(opts, "mask"), controller.signal)]]);
-    if (kind !== "mask") results.set(kind, await callApi(payload(opts, kind), controller.signal));
-    if (seq !== state.seq) return;
-    await showResult(opts, results, kind);
-    if (fromUser) revealResult();
+    const answer = await requestMask(payload(opts), { key: apiKey(), signal: job.controller.signal });
+    const decoded = await decodeMask(base64Bytes(answer.data.image));
+    if (job.seq !== state.seq) return;
+    const result = { opts, imageId: state.image.id, ...decoded, ...answer };
+    state.cache.set(cacheKey, result);
+    if (state.cache.size > CACHE_SIZE) state.cache.delete(state.cache.keys().next().value);
+    if (model) model.loaded = true;
+    await showResult(result);
   } catch (err) {
-    if (err.name === "AbortError" || seq !== state.seq) return;
-    clearResult();
+    if (err.name === "AbortError" || job.seq !== state.seq) return;
     showError(err instanceof ApiError ? err.message : `Something went wrong in the page: ${err.message}`);
     if (err.status === 401 || err.status === 403) $("api-key").focus();
   } finally {
-    if (seq === state.seq) setBusy(false);
+    if (state.inflight === job) {
+      state.inflight = null;
+      setBusy(null);
+    }
+    if (job.seq === state.seq) refreshCredits();
   }
 }
 
-function scheduleAuto(delay = 250) {
-  if (!$("auto").checked || checkReady() || (state.config.auth && !$("api-key").value.trim())) return;
+function scheduleAuto(delay = AUTO_DELAY_MS) {
   clearTimeout(state.timer);
+  if (!$("auto").checked || checkReady()) return;
   state.timer = setTimeout(() => run({ fromUser: false }), delay);
 }
 
-// ---- showing results -----------------------------------------------------------------------------------
-
-async function showResult(opts, results, kind) {
-  clearResult();
-  state.shown = { opts, results };
-  const mask = results.get("mask");
-  const selected = await drawOverlay(mask.blob);
-  const out = results.get(kind);
-  const output = $("output");
-  output.src = out.url;
-  output.hidden = false;
-  output.alt = `The ${OUTPUT_NAMES[kind]} returned by the server`;
-  $("output-caption").textContent = `Output: ${OUTPUT_NAMES[kind]}`;
-  for (const k of Object.keys(OUTPUT_NAMES)) $(`dl-${k}`).disabled = false;
-  const total = [...results.values()].reduce((sum, r) => sum + r.ms, 0);
-  const server = mask.serverMs === null ? "" : `, server ${formatMs(mask.serverMs)}`;
-  setStatus(`Done in ${formatMs(total)} (mask request ${formatMs(mask.ms)}${server}). ${selected.text}`);
-  setFacts([
-    ["Size", `${selected.width}×${selected.height}`],
-    ["Selected", selected.text],
-    ["Mask request", formatMs(mask.ms) + server],
-    ...(kind === "mask" ? [] : [[`${OUTPUT_NAMES[kind]} request`, formatMs(out.ms)]]),
-    ["Options", describe(opts)],
-  ]);
-  $("result").dataset.options = JSON.stringify(opts);
-  $("result").dataset.ready = String(state.seq);
+// A request option changed: ask again (auto-update), or say the shown result is stale.
+function optionsChanged() {
+  savePrefs(readControls());
+  if (!state.image) return;
+  if ($("auto").checked) scheduleAuto();
+  else if (state.result) setStale("The result is for the previous settings: press Make mask (or Enter) to update it.");
 }
 
-function revealResult() {
-  // On a phone the result is below the form: bring it into view (a no-op when it is already visible).
-  const box = $("result").getBoundingClientRect();
-  if (box.top > window.innerHeight * 0.6) $("result").scrollIntoView({ block: "start" });
+function promptEdited() {
+  savePrefs(readControls());
+  if (state.inflight || state.timer) supersede(); // the request for the old prompt is no longer wanted
+  if (state.result) setStale("Press Enter (or Make mask) to mask the new prompt.");
 }
 
-async function drawOverlay(blob) {
-  const bitmap = await createImageBitmap(blob);
-  const canvas = $("overlay");
-  canvas.width = bitmap.width;
-  canvas.height = bitmap.height;
-  const ctx = canvas.getContext("2d", { willReadFrequently: true });
-  ctx.drawImage(bitmap, 0, 0);
-  const pixels = ctx.getImageData(0, 0, bitmap.width, bitmap.height);
-  const d = pixels.data;
-  let count = 0;
-  for (let i = 0; i < d.length; i += 4) {
-    const v = d[i];
-    if (v >= 128) count += 1;
-    d[i] = TINT[0];
-    d[i + 1] = TINT[1];
-    d[i + 2] = TINT[2];
-    d[i + 3] = v;
-  }
-  ctx.putImageData(pixels, 0, 0);
-  canvas.hidden = false;
-  const total = bitmap.width * bitmap.height;
-  const pct = total ? ((100 * count) / total).toFixed(1) : "0";
-  return { width: bitmap.width, height: bitmap.height, text: `${count.toLocaleString()} pixels selected (${pct}%).` };
+// ---- results -------------------------------------------------------------------------------------------
+
+function currentShow() {
+  return document.querySelector("input[name=show]:checked").value;
+}
+
+// The shown mask: the server's mask without the targets switched off in the list.
+function shownMask() {
+  const r = state.result;
+  const grow = r.opts.invert_mask ? 0 : r.opts.grow_mask;
+  return withTargets(r.mask, r.width, r.height, r.data.detections || [], r.enabled, grow);
+}
+
+async function showResult(result) {
+  state.result = { ...result, enabled: (result.data.detections || []).map(() => true) };
+  clearError();
+  setStale(null);
+  draw();
+  renderTargets();
+  setOutputsEnabled(true);
+  const server = result.serverMs === null ? "" : ` (server ${formatMs(result.serverMs)})`;
+  const done = result.fromCache
+    ? "Shown again from this page's memory: no request, nothing charged."
+    : `Done in ${formatMs(result.ms)}${server}.`;
+  setStatus(`${done} ${selectedText()}`);
+  setFacts(result, server);
+  $("result").dataset.options = JSON.stringify(result.opts);
+  $("result").dataset.ready = String(++state.shown);
+}
+
+function selectedText() {
+  const r = state.result;
+  const count = countSelected(shownMask());
+  const pct = ((100 * count) / (r.width * r.height || 1)).toFixed(1);
+  return `${count.toLocaleString()} pixels selected (${pct}%).`;
+}
+
+function draw() {
+  const r = state.result;
+  if (!r) return;
+  if (!state.image.shown && viewer.width !== r.width) viewer.setSize(r.width, r.height);
+  const show = state.image.shown ? currentShow() : "mask";
+  const look = { tint: $("tint").value, opacity: Number($("opacity").value) / 100, outline: $("outline").checked };
+  viewer.drawResult(shownMask(), show, look);
+  viewer.setCompare(Number($("compare").value));
+  $("stage").dataset.show = show;
+}
+
+function renderTargets() {
+  const r = state.result;
+  showTargets(r, {
+    toggle(i, on) {
+      r.enabled[i] = on;
+      draw();
+      setStatus(selectedText());
+    },
+    download: (i) => guarded(() => files.target(i))(),
+  });
 }
 
 function clearResult() {
-  if (state.shown) for (const r of state.shown.results.values()) URL.revokeObjectURL(r.url);
-  state.shown = null;
-  $("overlay").hidden = true;
-  const output = $("output");
-  output.hidden = true;
-  output.removeAttribute("src");
-  for (const k of Object.keys(OUTPUT_NAMES)) $(`dl-${k}`).disabled = true;
+  state.result = null;
+  viewer.hideResult();
+  setOutputsEnabled(false);
+  $("instances-box").hidden = true;
   $("facts").replaceChildren();
+  setStale(null);
   delete $("result").dataset.ready;
   delete $("result").dataset.options;
 }
 
-function setFacts(rows) {
-  $("facts").replaceChildren(
-    ...rows.flatMap(([term, value]) => {
-      const dt = document.createElement("dt");
-      const dd = document.createElement("dd");
-      dt.textContent = term;
-      dd.textContent = value;
-      return [dt, dd];
-    }),
-  );
+function setOutputsEnabled(on) {
+  for (const id of ["dl-mask", "dl-alpha", "dl-preview", "copy-mask"]) $(id).disabled = !on;
+  const remote = on && !state.image.pixels;
+  $("dl-alpha").textContent = remote ? "Download cut-out (1 more request)" : "Download cut-out";
+  $("dl-preview").textContent = remote ? "Download preview (1 more request)" : "Download preview";
 }
 
-function describe(opts) {
-  return Object.entries(opts)
-    .filter(([name]) => name !== "prompt")
-    .map(([name, value]) => `${name}=${value}`)
-    .join(", ");
-}
-
-function formatMs(ms) {
-  return ms < 1000 ? `${Math.round(ms)} ms` : `${(ms / 1000).toFixed(2)} s`;
-}
-
-// ---- downloads -----------------------------------------------------------------------------------------
-
-async function download(kind) {
-  if (!state.shown) return;
-  const { opts, results } = state.shown;
-  const button = $(`dl-${kind}`);
-  try {
-    if (!results.has(kind)) {
-      button.disabled = true;
-      setStatus(`Fetching the ${OUTPUT_NAMES[kind]}…`);
-      results.set(kind, await callApi(payload(opts, kind)));
-      setStatus(`The ${OUTPUT_NAMES[kind]} is ready (${formatMs(results.get(kind).ms)}).`);
-    }
-    const a = document.createElement("a");
-    a.href = results.get(kind).url;
-    a.download = `${baseName()}-${kind === "alpha" ? "cutout" : kind}.png`;
-    document.body.append(a);
-    a.click();
-    a.remove();
-  } catch (err) {
-    showError(err instanceof ApiError ? err.message : `The download failed: ${err.message}`);
-  } finally {
-    if (state.shown) button.disabled = false;
-  }
-}
-
-// ---- status, errors, busy ------------------------------------------------------------------------------
-
-function setStatus(text) {
-  $("status").textContent = text;
-}
-
-function showError(text) {
-  const box = $("error");
-  box.textContent = text;
-  box.hidden = false;
-  setStatus("Failed: see the message below.");
-}
-
-function clearError() {
-  const box = $("error");
-  box.hidden = true;
-  box.textContent = "";
-}
-
-function setBusy(busy) {
-  $("result").setAttribute("aria-busy", String(busy));
-  $("submit").textContent = busy ? "Working…" : "Make mask";
+function guarded(action) {
+  return () => {
+    if (!state.result) return Promise.resolve();
+    return action().catch((err) => {
+      showError(err instanceof ApiError ? err.message : `That did not work: ${err.message}`);
+    });
+  };
 }
 
 // ---- wiring --------------------------------------------------------------------------------------------
 
-function bindSlider(id, format) {
-  const input = $(id);
-  const out = $(`${id}-value`);
-  const update = () => {
-    out.textContent = format(Number(input.value));
-  };
-  input.addEventListener("input", update);
-  update();
-  return input;
+// The Show choice changed: a cut-out gets no halo by default (grow 0, a little feather); back, the defaults return.
+function showChanged() {
+  const show = currentShow();
+  const offered = state.config.options || [];
+  if (cutoutPreset(show, state, offered.includes("feather"))) optionsChanged();
+  savePrefs(readControls());
+  growHint(show, offered);
+  draw();
 }
+
+const files = downloads({
+  state,
+  shownMask: () => shownMask(),
+  payload: (opts) => payload(opts),
+  apiKey: () => apiKey(),
+  refreshCredits: () => refreshCredits(),
+  setStatus,
+});
 
 function wire() {
   $("form").addEventListener("submit", (event) => {
     event.preventDefault();
     run();
   });
-  $("file").addEventListener("change", () => useFile($("file").files[0]).catch((e) => showError(e.message)));
-  $("image-url").addEventListener("change", useUrl);
-  $("image-url").addEventListener("keydown", (event) => {
-    if (event.key === "Enter") useUrl();
+  $("cancel").addEventListener("click", cancel);
+  document.addEventListener("keydown", (event) => {
+    if (event.key === "Escape" && state.inflight) cancel();
   });
-  wireDrop();
   bindSlider("threshold", (v) => v.toFixed(2));
-  bindSlider("grow_mask", (v) => String(v));
-  const opacity = bindSlider("opacity", (v) => `${v}%`);
-  const applyOpacity = () => {
-    $("overlay").style.opacity = String(Number(opacity.value) / 100);
-  };
-  opacity.addEventListener("input", applyOpacity);
-  applyOpacity();
-  for (const id of ["threshold", "grow_mask", "invert_mask", "stop_on_empty_mask", "model"]) {
-    $(id).addEventListener("change", () => state.shown && scheduleAuto());
-  }
-  for (const radio of document.querySelectorAll("input[name=output]")) {
-    radio.addEventListener("change", () => state.shown && scheduleAuto(0));
-  }
-  for (const radio of document.querySelectorAll("input[name=view]")) {
-    radio.addEventListener("change", () => {
-      $("stage").dataset.view = radio.value;
-      opacity.closest(".slider").hidden = radio.value !== "overlay";
+  bindSlider("grow_mask", String);
+  bindSlider("feather", String);
+  bindSlider("opacity", (v) => `${v}%`);
+  bindSlider("compare", (v) => `${v}%`);
+  const requestInputs = ["threshold", "grow_mask", "invert_mask", "stop_on_empty_mask", "model", "feather"];
+  for (const id of [...requestInputs, "fill_holes", "min_area", "seed", "negative_prompt"]) {
+    $(id).addEventListener("change", () => {
+      if (id === "grow_mask" || id === "feather") state.growAuto = false;
+      if (id === "model") modelChanged();
+      if (id === "grow_mask") growHint(currentShow(), state.config.options || []);
+      optionsChanged();
     });
   }
-  $("api-key").addEventListener("input", () => localStorage.setItem(KEY_STORAGE, $("api-key").value.trim()));
-  for (const kind of Object.keys(OUTPUT_NAMES)) $(`dl-${kind}`).addEventListener("click", () => download(kind));
-}
-
-function wireDrop() {
-  const zone = $("drop");
-  const take = (files) => {
-    const file = [...(files || [])].find((f) => f.type.startsWith("image/")) || (files || [])[0];
-    if (file) useFile(file).catch((e) => showError(e.message));
-  };
-  for (const type of ["dragenter", "dragover"]) {
-    zone.addEventListener(type, (event) => {
-      event.preventDefault();
-      zone.classList.add("over");
+  $("prompt").addEventListener("input", promptEdited);
+  $("auto").addEventListener("change", () => savePrefs(readControls()));
+  for (const id of ["opacity", "tint", "outline"]) {
+    $(id).addEventListener("input", () => {
+      requestAnimationFrame(draw);
+      savePrefs(readControls());
     });
   }
-  for (const type of ["dragleave", "drop"]) zone.addEventListener(type, () => zone.classList.remove("over"));
-  zone.addEventListener("drop", (event) => {
-    event.preventDefault();
-    take(event.dataTransfer.files);
+  $("compare").addEventListener("input", () => viewer.setCompare(Number($("compare").value)));
+  for (const radio of document.querySelectorAll("input[name=show]")) radio.addEventListener("change", showChanged);
+  $("zoom-in").addEventListener("click", () => viewer.zoomTo(viewer.zoom * 1.25));
+  $("zoom-out").addEventListener("click", () => viewer.zoomTo(viewer.zoom * 0.8));
+  $("zoom-fit").addEventListener("click", () => viewer.fit());
+  $("zoom-native").addEventListener("click", () => viewer.zoomTo(1));
+  $("api-key").addEventListener("input", () => {
+    localStorage.setItem(KEY_STORAGE, apiKey());
+    refreshCredits();
   });
-  document.addEventListener("paste", (event) => {
-    const files = event.clipboardData ? event.clipboardData.files : null;
-    if (files && files.length) take(files);
+  $("dl-mask").addEventListener("click", guarded(files.mask));
+  $("dl-alpha").addEventListener("click", guarded(files.cutout));
+  $("dl-preview").addEventListener("click", guarded(files.preview));
+  $("copy-mask").addEventListener("click", guarded(files.copy));
+  return wireInput({
+    setImage,
+    showError,
+    examples: () => state.config.examples || [],
+    examplePrompt: (ex) => (chosenModel()?.open_vocabulary === false ? ex.embedded_prompt : ex.open_prompt),
+    usePrompt,
+    run: () => run(),
+    autoRun: () => scheduleAuto(500),
+    maxBytes: () => state.config.max_image_bytes,
   });
 }
 
-wire();
-loadConfig().then(() => document.body.setAttribute("data-loaded", "true"));
+const input = wire();
+keepInView();
+setup().then(() => {
+  input.fillExamples();
+  growHint(currentShow(), state.config.options || []);
+  document.body.setAttribute("data-loaded", "true");
+});

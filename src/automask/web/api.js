@@ -1,0 +1,91 @@
+// The page's calls to the server: the public v1 API, GET v1/credits (an automask extension) and web/config.
+// Paths are relative, so the page works behind a proxy under any prefix.
+
+export const API = "v1/automatic-mask-generator";
+const CREDITS = "v1/credits";
+const CONFIG = "web/config";
+
+export class ApiError extends Error {
+  constructor(status, message) {
+    super(message);
+    this.status = status;
+  }
+}
+
+export async function loadConfig() {
+  try {
+    const res = await fetch(CONFIG, { headers: { accept: "application/json" } });
+    if (res.ok) return await res.json();
+  } catch {
+    // A server without the page's config: ask for a key and send no model.
+  }
+  return {};
+}
+
+function headersFor(key, accept) {
+  const headers = { "content-type": "application/json", accept };
+  if (key) headers["x-api-key"] = key;
+  return headers;
+}
+
+// POST the v1 call with `base64: true`: the answer is JSON {image: base64 PNG, ...metadata}.
+// Returns {data, ms, serverMs}; `ms` is this request's own round trip.
+export async function requestMask(body, { key, signal }) {
+  const t0 = performance.now();
+  const res = await post({ ...body, base64: true }, key, signal, "application/json");
+  const data = await res.json();
+  return { data, ms: performance.now() - t0, serverMs: serverTime(res.headers, data) };
+}
+
+// POST the v1 call for the image itself (a cut-out or preview of an image the page cannot read).
+export async function requestImage(body, { key, signal }) {
+  const res = await post({ ...body, base64: false }, key, signal, "image/png, application/json");
+  return res.blob();
+}
+
+async function post(body, key, signal, accept) {
+  let res;
+  try {
+    res = await fetch(API, { method: "POST", headers: headersFor(key, accept), body: JSON.stringify(body), signal });
+  } catch (err) {
+    if (err.name === "AbortError") throw err;
+    throw new ApiError(0, `Could not reach the server (${err.message}). Is automask serve still running?`);
+  }
+  if (!res.ok) throw new ApiError(res.status, await errorSentence(res));
+  return res;
+}
+
+// The key's balance: {credits: number|null (null: unlimited)}, or null when the server has no such endpoint
+// (an older automask, or another implementation of the API) or the key is refused.
+export async function fetchCredits(key) {
+  try {
+    const res = await fetch(CREDITS, { headers: headersFor(key, "application/json"), cache: "no-store" });
+    if (!res.ok) return null;
+    const body = await res.json();
+    return "credits" in body ? { credits: body.credits } : null;
+  } catch {
+    return null;
+  }
+}
+
+export async function errorSentence(res) {
+  const text = await res.text().catch(() => "");
+  try {
+    const body = JSON.parse(text);
+    if (body && typeof body.error === "string") return body.error;
+    if (body && typeof body.detail === "string") return body.detail;
+  } catch {
+    // Not JSON: a proxy's page or a plain-text error; show its start below.
+  }
+  const snippet = text.replace(/<[^>]*>/g, " ").replace(/\s+/g, " ").trim().slice(0, 200);
+  return `The server answered ${res.status} ${res.statusText}${snippet ? `: ${snippet}` : "."}`;
+}
+
+function serverTime(headers, data) {
+  for (const name of ["x-inference-time", "x-process-time"]) {
+    const value = Number.parseFloat(headers.get(name) || "");
+    if (Number.isFinite(value)) return value * 1000;
+  }
+  const inBody = data && Number(data.inference_time);
+  return Number.isFinite(inBody) ? inBody * 1000 : null;
+}

@@ -1,0 +1,72 @@
+// Downloads and the clipboard, rendered in the page from the mask and the image: no request, no credit. Only an
+// image from another site (its pixels unreadable here) needs the server for a cut-out or preview.
+
+import { requestImage } from "./api.js";
+import { cutoutPixels, encodePng, previewPixels, targetMask } from "./render.js";
+
+// ctx: {state, shownMask(), payload(opts), apiKey(), refreshCredits(), setStatus(text)}
+export function downloads(ctx) {
+  const { state } = ctx;
+
+  function baseName() {
+    const name = state.image ? state.image.name : "image";
+    return name.replace(/\.[A-Za-z0-9]+$/, "").replace(/[^\w.-]+/g, "-") || "image";
+  }
+
+  function save(blob, name) {
+    const a = document.createElement("a");
+    a.href = URL.createObjectURL(blob);
+    a.download = name;
+    document.body.append(a);
+    a.click();
+    a.remove();
+    setTimeout(() => URL.revokeObjectURL(a.href), 60_000);
+  }
+
+  // The server's PNG when every target is on, else the shown mask encoded here.
+  async function maskPng() {
+    const r = state.result;
+    return r.enabled.every(Boolean) ? r.blob : encodePng(ctx.shownMask(), r.width, r.height, 1);
+  }
+
+  async function rendered(kind) {
+    const r = state.result;
+    const px = state.image.pixels;
+    if (px && px.width === r.width && px.height === r.height) {
+      const mask = ctx.shownMask();
+      return kind === "alpha"
+        ? encodePng(cutoutPixels(px.data, mask), r.width, r.height, 4)
+        : encodePng(previewPixels(px.data, mask), r.width, r.height, 3);
+    }
+    r.remote = r.remote || {};
+    if (!r.remote[kind]) {
+      ctx.setStatus("Asking the server for it (this page cannot read the pixels of an image on another site)…");
+      const body = { ...ctx.payload(r.opts), return_mask: kind !== "preview", return_alpha: kind === "alpha" };
+      r.remote[kind] = await requestImage(body, { key: ctx.apiKey() });
+      ctx.setStatus("Downloaded.");
+      ctx.refreshCredits();
+    }
+    return r.remote[kind];
+  }
+
+  return {
+    mask: async () => save(await maskPng(), `${baseName()}-mask.png`),
+    cutout: async () => save(await rendered("alpha"), `${baseName()}-cutout.png`),
+    preview: async () => save(await rendered("preview"), `${baseName()}-preview.png`),
+    async target(i) {
+      const r = state.result;
+      const det = r.data.detections[i];
+      const grow = r.opts.invert_mask ? 0 : r.opts.grow_mask;
+      const slug = String(det.label).toLowerCase().replace(/[^a-z0-9]+/g, "-").replace(/^-|-$/g, "") || "target";
+      const blob = await encodePng(targetMask(r.mask, r.width, r.height, det, grow), r.width, r.height, 1);
+      save(blob, `${baseName()}-${String(i).padStart(2, "0")}-${slug}.png`);
+    },
+    async copy() {
+      if (!navigator.clipboard || !window.ClipboardItem) {
+        throw new Error("this browser copies images only on a secure page: an https address, or localhost.");
+      }
+      await navigator.clipboard.write([new ClipboardItem({ "image/png": maskPng() })]);
+      ctx.setStatus("The mask is on the clipboard (PNG).");
+    },
+  };
+}

@@ -1,0 +1,159 @@
+// Where images come from: the file picker, a drop anywhere on the page, a paste (an image or its URL), the URL
+// field, and the one-click examples. Nothing that is not an image (or an http(s) URL) is sent to the server.
+
+import { fileProblem, formatBytes, parseImageUrl } from "./prefs.js";
+import { readPixels } from "./render.js";
+
+const $ = (id) => document.getElementById(id);
+
+function readDataUrl(file) {
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(reader.result);
+    reader.onerror = () => reject(new Error(`Could not read the file ${file.name}.`));
+    reader.readAsDataURL(file);
+  });
+}
+
+function isTextField(el) {
+  return Boolean(el && (el.tagName === "TEXTAREA" || (el.tagName === "INPUT" && !["file", "range", "checkbox", "radio", "color"].includes(el.type))));
+}
+
+// `app` gives: setImage(image, label), showError(text), examples(), examplePrompt(example), usePrompt(text, opts),
+// run(), autoRun(), maxBytes().
+export function wireInput(app) {
+  async function useFile(file, { auto = true } = {}) {
+    const problem = fileProblem(file, app.maxBytes());
+    if (problem) {
+      app.showError(problem);
+      return false;
+    }
+    $("image-url").value = "";
+    const [src, pixels] = await Promise.all([readDataUrl(file), readPixels(file).catch(() => null)]);
+    const name = file.name || "pasted image.png";
+    await app.setImage({ kind: "file", name, src, pixels }, `${name} — ${formatBytes(file.size)}`);
+    if (auto) app.autoRun();
+    return true;
+  }
+
+  async function useUrl(text, { auto = true } = {}) {
+    if (!text.trim()) return;
+    const { url, problem } = parseImageUrl(text);
+    if (problem) {
+      app.showError(problem);
+      return;
+    }
+    if ($("source").dataset.url === url) return; // 'change' and Enter both fire for one URL
+    $("file").value = "";
+    $("source").dataset.url = url;
+    const name = url.startsWith("data:") ? "pasted image" : url.split(/[?#]/)[0].split("/").pop() || "image";
+    await app.setImage({ kind: "url", name, src: url, pixels: null }, url.startsWith("data:") ? name : url);
+    if (auto) app.autoRun();
+  }
+
+  function takeFiles(files) {
+    const list = [...(files || [])];
+    const file = list.find((f) => f.type.startsWith("image/")) || list[0];
+    if (!file) return false;
+    delete $("source").dataset.url;
+    useFile(file).catch((err) => app.showError(err.message));
+    return true;
+  }
+
+  $("file").addEventListener("change", () => takeFiles($("file").files));
+  $("image-url").addEventListener("change", () => useUrl($("image-url").value));
+  $("image-url").addEventListener("keydown", (event) => {
+    if (event.key === "Enter") {
+      event.preventDefault(); // not the form's submit: the URL is the image, not a request yet
+      useUrl($("image-url").value);
+    }
+  });
+
+  // Drop anywhere: the whole page is a drop target, so a photo dropped off the box never replaces the page.
+  const zone = $("dropzone");
+  const carries = (event) => {
+    const types = [...(event.dataTransfer ? event.dataTransfer.types : [])];
+    if (types.includes("Files")) return true;
+    return !isTextField(event.target) && (types.includes("text/uri-list") || types.includes("text/plain"));
+  };
+  let depth = 0;
+  document.addEventListener("dragenter", (event) => {
+    if (!carries(event)) return;
+    event.preventDefault();
+    depth += 1;
+    zone.hidden = false;
+  });
+  document.addEventListener("dragover", (event) => {
+    if (!carries(event)) return;
+    event.preventDefault();
+    event.dataTransfer.dropEffect = "copy";
+    zone.hidden = false;
+  });
+  document.addEventListener("dragleave", () => {
+    depth = Math.max(0, depth - 1);
+    if (depth === 0) zone.hidden = true;
+  });
+  document.addEventListener("drop", (event) => {
+    depth = 0;
+    zone.hidden = true;
+    if (!carries(event)) return;
+    event.preventDefault();
+    const data = event.dataTransfer;
+    if (takeFiles(data.files)) return;
+    const text = (data.getData("text/uri-list") || data.getData("text/plain")).split("\n")[0].trim();
+    if (text) {
+      $("image-url").value = text;
+      useUrl(text);
+    }
+  });
+
+  // Paste: an image anywhere; an image URL when the focus is not in a text field.
+  document.addEventListener("paste", (event) => {
+    const data = event.clipboardData;
+    if (!data) return;
+    if (data.files && data.files.length) {
+      event.preventDefault();
+      takeFiles(data.files);
+      return;
+    }
+    if (isTextField(document.activeElement)) return;
+    const text = data.getData("text/plain").trim();
+    if (!text) return;
+    event.preventDefault();
+    $("image-url").value = text;
+    useUrl(text);
+  });
+
+  // One-click examples: the photo, a prompt the chosen model answers, and the request.
+  function fillExamples() {
+    const list = $("examples");
+    const examples = app.examples();
+    list.closest(".examples").hidden = !examples.length;
+    list.replaceChildren(
+    ...examples.map((ex) => {
+      const button = document.createElement("button");
+      button.type = "button";
+      button.className = "example";
+      button.dataset.example = ex.name;
+      const thumb = document.createElement("img");
+      thumb.src = `static/examples/${ex.file}`;
+      thumb.alt = "";
+      button.append(thumb, ex.title);
+      button.addEventListener("click", () => useExample(ex).catch((err) => app.showError(err.message)));
+      return button;
+    }),
+    );
+  }
+
+  async function useExample(ex) {
+    const res = await fetch(`static/examples/${ex.file}`);
+    if (!res.ok) throw new Error(`The example ${ex.file} is missing on this server (${res.status}).`);
+    const blob = await res.blob();
+    const file = new File([blob], ex.file, { type: blob.type || "image/jpeg" });
+    delete $("source").dataset.url;
+    app.usePrompt(app.examplePrompt(ex), { runNow: false });
+    if (await useFile(file, { auto: false })) app.run();
+  }
+
+  return { fillExamples };
+}

@@ -1,0 +1,144 @@
+// Checks the page makes before it sends anything (image type, image URL, prompt words a model cannot answer),
+// and the settings it keeps in this browser across a reload.
+
+const PREFS_KEY = "automask.settings";
+export const KEY_STORAGE = "automask.apiKey";
+
+// Form fields kept across a reload (the image is not kept).
+export const KEPT = [
+  "prompt", "threshold", "grow_mask", "invert_mask", "stop_on_empty_mask", "model", "negative_prompt", "feather",
+  "fill_holes", "min_area", "seed", "auto", "tint", "outline", "opacity",
+];
+
+const IMAGE_NAME = /\.(png|jpe?g|webp|gif|bmp|tiff?|avif|heic|heif)$/i;
+
+// null when `file` looks like an image, else the sentence to show.
+export function fileProblem(file, maxBytes) {
+  const typed = file.type ? file.type.startsWith("image/") : IMAGE_NAME.test(file.name);
+  if (!typed) {
+    const kind = file.type ? ` (${file.type})` : "";
+    return `${file.name} is not an image${kind}. Choose a photo: PNG, JPEG, WebP, GIF, BMP or TIFF.`;
+  }
+  if (maxBytes && file.size > maxBytes) {
+    return `${file.name} is ${formatBytes(file.size)}; this server takes images up to ${formatBytes(maxBytes)}.`;
+  }
+  return null;
+}
+
+// {url} for an http(s) URL (or a data:image URI), else {problem: sentence}.
+export function parseImageUrl(text) {
+  const value = text.trim();
+  if (/^data:image\//i.test(value)) return { url: value };
+  let url = null;
+  try {
+    url = new URL(value);
+  } catch {
+    // not a URL at all
+  }
+  if (!url || !["http:", "https:"].includes(url.protocol) || !url.hostname) {
+    const shown = value.length > 60 ? `${value.slice(0, 59)}…` : value;
+    return {
+      problem: `“${shown}” is not an image URL. Paste a link that starts with https:// (or http://), or choose a file.`,
+    };
+  }
+  return { url: url.href };
+}
+
+export function formatBytes(n) {
+  if (n < 1024) return `${n} B`;
+  if (n < 1024 * 1024) return `${(n / 1024).toFixed(0)} KB`;
+  return `${(n / 1024 / 1024).toFixed(1)} MB`;
+}
+
+// ---- prompts ---------------------------------------------------------------------------------------------
+
+// The prompt's targets, split as the server splits them (automask.options.parse_prompt_parts).
+export function targetsOf(prompt) {
+  return prompt
+    .split(",")
+    .flatMap((chunk) => chunk.split(/(?<!\S)\.+(?!\S)/))
+    .map((p) => p.split(/\s+/).filter(Boolean).join(" ").replace(/\.$/, "").trimEnd())
+    .filter(Boolean);
+}
+
+// As automask.routing.normalise: lower-case, single spaces, leading articles dropped.
+export function normalise(target) {
+  let text = target.toLowerCase().split(/\s+/).filter(Boolean).join(" ");
+  for (;;) {
+    const article = ["the ", "a ", "an ", "all "].find((a) => text.startsWith(a));
+    if (!article) return text;
+    text = text.slice(article.length);
+  }
+}
+
+// The sentence to show when `model` (a PageConfig model) cannot answer some targets of `prompt`, else null.
+export function vocabularyProblem(prompt, model, config) {
+  if (!model || model.open_vocabulary !== false) return null;
+  const known = new Set(Object.values(config.vocabulary || {}).flat());
+  if (!known.size) return null;
+  const unknown = targetsOf(prompt).filter((t) => !known.has(normalise(t)));
+  if (!unknown.length) return null;
+  const words = unknown.map((w) => `“${w}”`).join(", ");
+  const open = (config.choices || []).filter((m) => m.open_vocabulary).map((m) => m.name);
+  const fix = open.length
+    ? `Choose ${open.map((n) => `“${n}”`).join(" or ")} in Model: it answers any words.`
+    : "Install an open-vocabulary model on the server: automask models pull clipseg";
+  return (
+    `The model “${model.name}” can't answer ${words}: it only knows person words (person, people, man, woman…), ` +
+    `subject words (subject, foreground, product…) and background. ${fix}`
+  );
+}
+
+// The chips under the prompt and the placeholder, for the chosen model.
+export function suggestions(model, config) {
+  if (model && model.open_vocabulary === false) {
+    return { chips: ["person", "subject", "background"], placeholder: "person" };
+  }
+  const chips = ["person", "cup", "cat", "sky", "background"];
+  if (config.embedded_words) chips.splice(1, 0, "subject");
+  return { chips, placeholder: "person, cup" };
+}
+
+// ---- kept settings -------------------------------------------------------------------------------------
+
+export function loadPrefs() {
+  try {
+    const saved = JSON.parse(localStorage.getItem(PREFS_KEY) || "{}");
+    return saved && typeof saved === "object" ? saved : {};
+  } catch {
+    return {};
+  }
+}
+
+export function savePrefs(values) {
+  try {
+    localStorage.setItem(PREFS_KEY, JSON.stringify(values));
+  } catch {
+    // storage full or disabled: settings are simply not kept
+  }
+}
+
+// Read the KEPT controls (and the "show" radio) into a plain object.
+export function readControls() {
+  const values = {};
+  for (const id of KEPT) {
+    const el = document.getElementById(id);
+    if (el) values[id] = el.type === "checkbox" ? el.checked : el.value;
+  }
+  values.show = document.querySelector("input[name=show]:checked").value;
+  return values;
+}
+
+// Put saved values back into the controls; unknown or impossible values are skipped.
+export function applyControls(values) {
+  for (const id of KEPT) {
+    const el = document.getElementById(id);
+    if (!el || !(id in values)) continue;
+    if (el.type === "checkbox") el.checked = Boolean(values[id]);
+    else if (el.tagName === "SELECT") {
+      if ([...el.options].some((o) => o.value === values[id])) el.value = values[id];
+    } else el.value = String(values[id]);
+  }
+  const radio = document.querySelector(`input[name=show][value="${values.show}"]`);
+  if (radio) radio.checked = true;
+}

@@ -1,0 +1,214 @@
+// Pixels: decoding the server's mask, the overlay / cut-out / preview the page renders from the mask and the
+// image, per-target masks, and a PNG encoder (exact pixel values, no canvas premultiplication).
+//
+// Conventions: a mask is a Uint8Array of width*height bytes, row-major, 255 = selected (soft values when
+// feathered); an image is RGBA bytes (ImageData.data) of the same size, in the image's upright orientation.
+
+export const PREVIEW_TINT = [255, 0, 80]; // automask.postprocess.PREVIEW_TINT: the server's preview
+export const PREVIEW_OPACITY = 0.5; // automask.postprocess.PREVIEW_OPACITY
+
+const DECODE = { colorSpaceConversion: "none", premultiplyAlpha: "none", imageOrientation: "from-image" };
+
+function canvasOf(width, height) {
+  const canvas = document.createElement("canvas");
+  canvas.width = width;
+  canvas.height = height;
+  return canvas;
+}
+
+// RGBA pixels of an image blob (a file, a PNG): {data, width, height}. EXIF orientation applied, as the server does.
+export async function readPixels(blob) {
+  const bitmap = await createImageBitmap(blob, DECODE);
+  const canvas = canvasOf(bitmap.width, bitmap.height);
+  const ctx = canvas.getContext("2d", { willReadFrequently: true });
+  ctx.drawImage(bitmap, 0, 0);
+  bitmap.close();
+  const { data } = ctx.getImageData(0, 0, canvas.width, canvas.height);
+  return { data, width: canvas.width, height: canvas.height };
+}
+
+export function base64Bytes(b64) {
+  return Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+}
+
+// The server's mask PNG (grayscale) -> {mask, width, height, blob}.
+export async function decodeMask(pngBytes) {
+  const blob = new Blob([pngBytes], { type: "image/png" });
+  const { data, width, height } = await readPixels(blob);
+  const mask = new Uint8Array(width * height);
+  for (let i = 0, j = 0; j < mask.length; i += 4, j += 1) mask[j] = data[i];
+  return { mask, width, height, blob };
+}
+
+export function countSelected(mask) {
+  let n = 0;
+  for (let i = 0; i < mask.length; i += 1) if (mask[i] >= 128) n += 1;
+  return n;
+}
+
+// A detection's box (XYXY pixels, exclusive max) widened by `grow` pixels and clipped to the image.
+function boxOf(det, grow, width, height) {
+  if (!det || !Array.isArray(det.box)) return null;
+  const [x0, y0, x1, y1] = det.box;
+  return [
+    Math.max(0, Math.floor(x0 - grow)),
+    Math.max(0, Math.floor(y0 - grow)),
+    Math.min(width, Math.ceil(x1 + grow)),
+    Math.min(height, Math.ceil(y1 + grow)),
+  ];
+}
+
+export function canToggle(det) {
+  return Boolean(det && Array.isArray(det.box));
+}
+
+// The mask without the targets switched off: a pixel is cleared when it lies in the (grown) box of a target
+// that is off and in no box of a target that is on.
+export function withTargets(mask, width, height, detections, enabled, grow) {
+  if (enabled.every(Boolean)) return mask;
+  const flag = new Uint8Array(width * height); // 1: in an off box; 2: in an on box
+  const paint = (box, value) => {
+    if (!box) return;
+    for (let y = box[1]; y < box[3]; y += 1) flag.fill(value, y * width + box[0], y * width + box[2]);
+  };
+  detections.forEach((det, i) => !enabled[i] && paint(boxOf(det, grow, width, height), 1));
+  detections.forEach((det, i) => enabled[i] && paint(boxOf(det, grow, width, height), 2));
+  const out = new Uint8Array(mask);
+  for (let i = 0; i < out.length; i += 1) if (flag[i] === 1) out[i] = 0;
+  return out;
+}
+
+// One target's mask: the mask inside its (grown) box, 0 elsewhere.
+export function targetMask(mask, width, height, det, grow) {
+  const out = new Uint8Array(mask.length);
+  const box = boxOf(det, grow, width, height);
+  if (!box) return out;
+  for (let y = box[1]; y < box[3]; y += 1) {
+    const row = y * width;
+    out.set(mask.subarray(row + box[0], row + box[2]), row + box[0]);
+  }
+  return out;
+}
+
+// The selection's border, `thickness` pixels wide inside the selection (H×W 0/1).
+function edges(mask, width, height, thickness) {
+  let edge = new Uint8Array(mask.length);
+  const on = (x, y) => x >= 0 && y >= 0 && x < width && y < height && mask[y * width + x] >= 128;
+  for (let y = 0; y < height; y += 1) {
+    for (let x = 0; x < width; x += 1) {
+      if (on(x, y) && !(on(x - 1, y) && on(x + 1, y) && on(x, y - 1) && on(x, y + 1))) edge[y * width + x] = 1;
+    }
+  }
+  for (let t = 1; t < thickness; t += 1) {
+    const grown = new Uint8Array(edge);
+    for (let i = 0; i < edge.length; i += 1) {
+      if (edge[i] || mask[i] < 128) continue;
+      const x = i % width;
+      if ((x > 0 && edge[i - 1]) || (x < width - 1 && edge[i + 1]) || edge[i - width] || edge[i + width]) grown[i] = 1;
+    }
+    edge = grown;
+  }
+  return edge;
+}
+
+// The overlay's tint layer (drawn over the image): RGB = `rgb`, alpha = mask × opacity, or the outline only.
+export function tintLayer(mask, width, height, rgb, opacity, outline) {
+  const layer = new ImageData(width, height);
+  const d = layer.data;
+  const line = outline ? edges(mask, width, height, Math.max(2, Math.round(Math.max(width, height) / 250))) : null;
+  for (let i = 0, j = 0; j < mask.length; i += 4, j += 1) {
+    d[i] = rgb[0];
+    d[i + 1] = rgb[1];
+    d[i + 2] = rgb[2];
+    d[i + 3] = line ? line[j] * 255 : Math.round(mask[j] * opacity);
+  }
+  return layer;
+}
+
+// The mask as a grey image (for the "Mask" view), or as alpha over black (to cut an image out with a canvas).
+export function maskLayer(mask, width, height, asAlpha = false) {
+  const layer = new ImageData(width, height);
+  const d = layer.data;
+  for (let i = 0, j = 0; j < mask.length; i += 4, j += 1) {
+    d[i] = d[i + 1] = d[i + 2] = asAlpha ? 0 : mask[j];
+    d[i + 3] = asAlpha ? mask[j] : 255;
+  }
+  return layer;
+}
+
+// The cut-out: RGBA, the image's pixels with alpha = the mask (automask.postprocess.render_alpha).
+export function cutoutPixels(image, mask) {
+  const out = new Uint8Array(mask.length * 4);
+  for (let i = 0, j = 0; j < mask.length; i += 4, j += 1) {
+    out[i] = image[i];
+    out[i + 1] = image[i + 1];
+    out[i + 2] = image[i + 2];
+    out[i + 3] = mask[j];
+  }
+  return out;
+}
+
+function roundHalfEven(x) {
+  const r = Math.round(x);
+  return Math.abs(x % 1) === 0.5 ? 2 * Math.round(x / 2) : r;
+}
+
+// The server's preview: RGB, pixels blended towards PREVIEW_TINT by PREVIEW_OPACITY × mask / 255
+// (automask.postprocess.render_preview: its float32 arithmetic and numpy's round-half-to-even included).
+export function previewPixels(image, mask) {
+  const f = Math.fround;
+  const out = new Uint8Array(mask.length * 3);
+  for (let i = 0, j = 0, k = 0; j < mask.length; i += 4, j += 1, k += 3) {
+    const w = f(f(mask[j] / 255) * PREVIEW_OPACITY);
+    for (let c = 0; c < 3; c += 1) {
+      out[k + c] = mask[j] > 0 ? roundHalfEven(f(f(image[i + c] * f(1 - w)) + f(PREVIEW_TINT[c] * w))) : image[i + c];
+    }
+  }
+  return out;
+}
+
+// ---- PNG encoding ----------------------------------------------------------------------------------------
+
+const CRC_TABLE = (() => {
+  const table = new Uint32Array(256);
+  for (let n = 0; n < 256; n += 1) {
+    let c = n;
+    for (let k = 0; k < 8; k += 1) c = c & 1 ? 0xedb88320 ^ (c >>> 1) : c >>> 1;
+    table[n] = c >>> 0;
+  }
+  return table;
+})();
+
+function crc32(bytes) {
+  let c = 0xffffffff;
+  for (let i = 0; i < bytes.length; i += 1) c = CRC_TABLE[(c ^ bytes[i]) & 0xff] ^ (c >>> 8);
+  return (c ^ 0xffffffff) >>> 0;
+}
+
+function chunk(type, data) {
+  const out = new Uint8Array(12 + data.length);
+  const view = new DataView(out.buffer);
+  view.setUint32(0, data.length);
+  for (let i = 0; i < 4; i += 1) out[4 + i] = type.charCodeAt(i);
+  out.set(data, 8);
+  view.setUint32(8 + data.length, crc32(out.subarray(4, 8 + data.length)));
+  return out;
+}
+
+// A PNG of `pixels` (width*height*channels bytes; channels 1 = grey, 3 = RGB, 4 = RGBA), 8 bits per sample.
+export async function encodePng(pixels, width, height, channels) {
+  const colorType = { 1: 0, 3: 2, 4: 6 }[channels];
+  const stride = width * channels;
+  const raw = new Uint8Array((stride + 1) * height); // filter byte 0 (none) before each row
+  for (let y = 0; y < height; y += 1) raw.set(pixels.subarray(y * stride, (y + 1) * stride), y * (stride + 1) + 1);
+  const stream = new Blob([raw]).stream().pipeThrough(new CompressionStream("deflate"));
+  const idat = new Uint8Array(await new Response(stream).arrayBuffer());
+  const header = new Uint8Array(13);
+  const view = new DataView(header.buffer);
+  view.setUint32(0, width);
+  view.setUint32(4, height);
+  header.set([8, colorType, 0, 0, 0], 8);
+  const signature = new Uint8Array([137, 80, 78, 71, 13, 10, 26, 10]);
+  const parts = [signature, chunk("IHDR", header), chunk("IDAT", idat), chunk("IEND", new Uint8Array(0))];
+  return new Blob(parts, { type: "image/png" });
+}

@@ -1,0 +1,70 @@
+// What the page says: the status line, the error (the last result stays, greyed), the stale-result note, the
+// busy state with the elapsed time and Cancel, and the facts of a result.
+
+const $ = (id) => document.getElementById(id);
+let ticker = 0;
+
+export function setStatus(text) {
+  $("status").textContent = text;
+}
+
+// Show an error; when a result is shown (`kept`), it stays visible, greyed.
+export function showError(text, kept) {
+  const box = $("error");
+  box.textContent = text;
+  box.hidden = false;
+  setStatus(kept ? "Failed: the last result is kept below, greyed." : "Failed: see the message below.");
+  $("stage").classList.toggle("stale", kept);
+}
+
+export function clearError() {
+  $("error").hidden = true;
+  $("error").textContent = "";
+  $("stage").classList.toggle("stale", !$("stale-note").hidden);
+}
+
+export function setStale(text) {
+  const note = $("stale-note");
+  note.hidden = !text;
+  note.textContent = text || "";
+  $("stage").classList.toggle("stale", Boolean(text) || !$("error").hidden);
+}
+
+// job: {started (performance.now()), loading (the model is not loaded yet)} while a request runs; null after.
+export function setBusy(job) {
+  clearInterval(ticker);
+  $("result").setAttribute("aria-busy", String(Boolean(job)));
+  $("cancel").hidden = !job;
+  $("submit").textContent = job ? "Working… (Enter: ask again)" : "Make mask";
+  if (!job) return;
+  const tick = () => {
+    const s = ((performance.now() - job.started) / 1000).toFixed(1);
+    const note = job.loading ? " Loading the model on the server (its first request)…" : "";
+    setStatus(`Working… ${s} s.${note}`);
+  };
+  tick();
+  ticker = setInterval(tick, 100);
+}
+
+export function formatMs(ms) {
+  return ms < 1000 ? `${Math.round(ms)} ms` : `${(ms / 1000).toFixed(2)} s`;
+}
+
+export function setFacts(r, server) {
+  const options = Object.entries(r.opts).filter(([k]) => k !== "prompt");
+  const rows = [
+    ["Size", `${r.width}×${r.height}`],
+    ["Request", r.fromCache ? "none (shown from memory)" : `${formatMs(r.ms)}${server}`],
+    ["Model", [r.data.model, r.data.backend].filter(Boolean).join(" · ")],
+    ["Options", options.map(([k, v]) => `${k}=${v}`).join(", ")],
+  ];
+  $("facts").replaceChildren(
+    ...rows.flatMap(([term, value]) => {
+      const dt = document.createElement("dt");
+      const dd = document.createElement("dd");
+      dt.textContent = term;
+      dd.textContent = value;
+      return [dt, dd];
+    }),
+  );
+}

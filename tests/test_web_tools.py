@@ -1,0 +1,438 @@
+"""The try-it page, end to end (part 2: getting an image in, prompts that work on the install, models, the viewer,
+targets, cut-outs, kept settings, the clipboard, advanced options). See test_web.py for how the tests run."""
+
+from __future__ import annotations
+
+import base64
+import re
+from collections.abc import Iterator
+from functools import partial
+from http.server import SimpleHTTPRequestHandler
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from automask.settings import Settings
+from loopback import serve_http
+from server_helpers import decode, install_as_catalogue
+from web_helpers import (
+    FIRST,
+    FakeSubject,
+    Live,
+    Tab,
+    browser,
+    data_uri,
+    download,
+    open_tab,
+    pick_photo,
+    serve,
+    set_first_options,
+    set_slider,
+    shot,
+    submit_prompt,
+    wait_result,
+)
+
+pytest.importorskip("fastapi")
+EXAMPLES = Path(__file__).resolve().parent.parent / "src" / "automask" / "web" / "examples"
+EXTENSIONS = ("negative_prompt", "feather", "fill_holes", "min_area")
+pytestmark = pytest.mark.browser
+
+
+@pytest.fixture(scope="module")
+def live(tiny_clipseg_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
+    settings = Settings(
+        data_dir=tmp_path_factory.mktemp("web-data"), model=str(tiny_clipseg_dir), allow_private_urls=True
+    )
+    with serve(settings, auth=True) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def photo(astronaut: np.ndarray, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("photos") / "astronaut.png"
+    Image.fromarray(astronaut).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def photo_url(photo: Path) -> Iterator[str]:
+    """`photo` served over HTTP on a loopback port (another origin than the page's), as a pasted image URL."""
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    with serve_http(partial(Quiet, directory=str(photo.parent))) as base:
+        yield f"{base}/{photo.name}"
+
+
+@pytest.fixture(scope="module")
+def context(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    with browser(tmp_path_factory.mktemp("chromium-profile")) as ctx:
+        yield ctx
+
+
+@pytest.fixture()
+def tab(context: Any, live: Live) -> Iterator[Tab]:
+    with open_tab(context, live) as opened:
+        yield opened
+        opened.check_console()
+
+
+def sent_options(tab: Tab) -> dict[str, Any]:
+    """The last API request's options, as any client would send them (the image as a binary answer)."""
+    return {k: v for k, v in tab.api_bodies[-1].items() if k not in ("base64",)}
+
+
+# ---- getting an image in -------------------------------------------------------------------------------
+
+DROP = """async ([b64, target]) => {
+  const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+  const data = new DataTransfer();
+  data.items.add(new File([bytes], 'dropped.png', { type: 'image/png' }));
+  const el = document.querySelector(target);
+  const over = new DragEvent('dragover', { dataTransfer: data, bubbles: true, cancelable: true });
+  const drop = new DragEvent('drop', { dataTransfer: data, bubbles: true, cancelable: true });
+  el.dispatchEvent(over);
+  el.dispatchEvent(drop);
+  return [over.defaultPrevented, drop.defaultPrevented];
+}"""
+
+
+def test_drop_anywhere_and_paste(tab: Tab, live: Live, photo: Path, photo_url: str) -> None:
+    page = tab.page
+    b64 = base64.b64encode(photo.read_bytes()).decode()
+    url = page.url
+    for target in ("h1", "#facts", "#prompt"):  # far from the file box: the page takes it, the browser does not
+        page.evaluate("() => { const i = document.getElementById('source'); i.removeAttribute('src'); }")
+        assert page.evaluate(DROP, [b64, target]) == [True, True], target
+        page.wait_for_function("() => document.getElementById('source').naturalWidth === 512")
+        assert "dropped.png" in page.inner_text("#image-info") and page.url == url
+    set_first_options(page)
+    submit_prompt(page, FIRST["prompt"])
+    assert download(page, "#dl-mask") == live.api(data_uri(photo), **FIRST).content
+    # Paste an image file: it replaces the photo.
+    page.evaluate(
+        """(b64) => {
+             const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+             const data = new DataTransfer();
+             data.items.add(new File([bytes], 'pasted.png', { type: 'image/png' }));
+             document.body.dispatchEvent(new ClipboardEvent('paste', { clipboardData: data, bubbles: true }));
+           }""",
+        b64,
+    )
+    page.wait_for_function("() => document.getElementById('image-info').textContent.includes('pasted.png')")
+    # Paste an image URL (focus outside text fields): the server fetches it; the page shows it.
+    page.evaluate(
+        """(url) => {
+             document.activeElement.blur();
+             const data = new DataTransfer();
+             data.setData('text/plain', url);
+             document.body.dispatchEvent(new ClipboardEvent('paste', { clipboardData: data, bubbles: true }));
+           }""",
+        photo_url,
+    )
+    page.wait_for_function("(u) => document.getElementById('image-info').textContent.startsWith(u)", arg=photo_url)
+    assert page.input_value("#image-url") == photo_url
+    wait_result(page, None, prompt=FIRST["prompt"])  # auto-update with the prompt already typed
+    assert tab.api_bodies[-1]["image"] == photo_url
+    assert download(page, "#dl-mask") == live.api(photo_url, **FIRST).content
+    # Another site's image: the page cannot read its pixels, so a cut-out is the server's (one more request).
+    assert page.inner_text("#dl-alpha") == "Download cut-out (1 more request)"
+    assert download(page, "#dl-alpha") == live.api(photo_url, **FIRST, return_alpha=True).content
+
+
+def test_examples_work_in_one_click(tab: Tab, live: Live) -> None:
+    page = tab.page
+    page.click("button.example[data-example=coffee]")
+    wait_result(page, None, prompt="cup")  # an open-vocabulary model: the example's open prompt
+    example = EXAMPLES / "coffee.jpg"
+    assert tab.api_bodies[-1]["image"] == data_uri(example, "image/jpeg")
+    assert page.evaluate("document.getElementById('source').naturalWidth") == 512
+    options = sent_options(tab)
+    answer = live.api(**options)
+    assert answer.status_code == 200 and download(page, "#dl-mask") == answer.content
+    assert decode(answer.content).shape == (341, 512)
+
+
+def test_chips_and_placeholder_fit_the_install(tab: Tab, live: Live, photo: Path) -> None:
+    page = tab.page
+    chips = page.eval_on_selector_all("#chips .chip", "cs => cs.map(c => c.textContent)")
+    assert "cup" in chips and "person" in chips and "background" in chips
+    placeholder = page.get_attribute("#prompt", "placeholder")
+    assert placeholder and live.api(data_uri(photo), prompt=placeholder).status_code == 200
+    pick_photo(page, photo)
+    page.click("#chips .chip:text-is('background')")
+    wait_result(page, None, prompt="background")
+    assert page.input_value("#prompt") == "background"
+
+
+def embedded_only(tmp_path: Path, with_clipseg: bool) -> Any:
+    """A server whose default model is the embedded `subject` one (a stand-in), optionally with clipseg."""
+    from automask.pipeline import MaskGenerator
+
+    data_dir = tmp_path / "data"
+    if with_clipseg:
+        install_as_catalogue(data_dir, "clipseg", seed=1)
+    settings = Settings(data_dir=data_dir)
+    return serve(settings, auth=True, generator=MaskGenerator(FakeSubject(), settings))  # type: ignore[arg-type]
+
+
+def test_embedded_only_install(context: Any, tmp_path: Path, photo: Path) -> None:
+    with embedded_only(tmp_path, with_clipseg=False) as server, open_tab(context, server) as tab:
+        page = tab.page
+        chips = page.eval_on_selector_all("#chips .chip", "cs => cs.map(c => c.textContent)")
+        assert chips == ["person", "subject", "background"]
+        placeholder = page.get_attribute("#prompt", "placeholder")
+        assert placeholder and server.api(data_uri(photo), prompt=placeholder).status_code == 200
+        pick_photo(page, photo)
+        page.fill("#prompt", "cup")
+        page.press("#prompt", "Enter")
+        page.wait_for_selector("#error:not([hidden])")
+        error = page.inner_text("#error")
+        assert "“subject” can't answer “cup”" in error and "automask models pull clipseg" in error
+        assert tab.api_bodies == [], "a prompt the model cannot answer was sent"
+        page.click("button.example[data-example=cat]")
+        wait_result(page, None, prompt="subject")  # the example's prompt for the embedded model
+        assert np.count_nonzero(decode(download(page, "#dl-mask"))) > 1000
+        tab.check_console()
+
+
+def test_model_that_cannot_answer_names_one_that_can(context: Any, tmp_path: Path, photo: Path) -> None:
+    with embedded_only(tmp_path, with_clipseg=True) as server, open_tab(context, server) as tab:
+        page = tab.page
+        assert page.input_value("#model") == "subject"
+        pick_photo(page, photo)
+        page.fill("#prompt", "cup")
+        page.press("#prompt", "Enter")
+        page.wait_for_selector("#error:not([hidden])")
+        error = page.inner_text("#error")
+        assert "“subject” can't answer “cup”" in error and "Choose “clipseg” in Model" in error
+        assert "No open-vocabulary model is installed" not in error and tab.api_bodies == []
+        page.select_option("#model", "clipseg")  # the page asks again by itself, with the model that can
+        wait_result(page, None, prompt="cup", model="clipseg")
+        assert page.is_hidden("#error")
+        tab.check_console()
+
+
+def test_model_choice_changes_the_result(context: Any, tiny_clipseg_dir: Path, tmp_path: Path, photo: Path) -> None:
+    """Two models installed: the default (a folder) and a tiny CLIPSeg of another seed as 'clipseg'."""
+    data_dir = tmp_path / "data"
+    install_as_catalogue(data_dir, "clipseg", seed=1)
+    settings = Settings(data_dir=data_dir, model=str(tiny_clipseg_dir))
+    with serve(settings, auth=True) as two, open_tab(context, two) as tab:
+        page = tab.page
+        names = page.eval_on_selector_all("#model option", "options => options.map(o => o.value)")
+        assert names == [tiny_clipseg_dir.name, "clipseg"] and page.input_value("#model") == tiny_clipseg_dir.name
+        assert page.inner_text("#model-hint") == f"{tiny_clipseg_dir.name}: answers any words."
+        pick_photo(page, photo)
+        set_first_options(page)
+        first = submit_prompt(page, FIRST["prompt"])
+        default_mask = download(page, "#dl-mask")
+        page.evaluate(
+            """() => { window.statuses = [];
+                 new MutationObserver(() => statuses.push(document.getElementById('status').textContent))
+                   .observe(document.getElementById('status'), { childList: true, characterData: true, subtree: true });
+               }"""
+        )
+        page.focus("#model")
+        page.keyboard.press("ArrowDown")  # a keyboard user picks the other model; the page asks again
+        assert (
+            page.inner_text("#model-hint") == "clipseg: answers any words; not loaded yet (its first request loads it)."
+        )
+        wait_result(page, first, model="clipseg")
+        statuses = page.evaluate("window.statuses")
+        assert any(re.match(r"Working… \d+\.\d s\. Loading the model on the server", t) for t in statuses), statuses
+        other_mask = download(page, "#dl-mask")
+        image = data_uri(photo)
+        assert other_mask == two.api(image, **FIRST, model="clipseg").content
+        assert default_mask == two.api(image, **FIRST).content
+        assert np.count_nonzero(decode(other_mask) != decode(default_mask)) > 1000
+        tab.check_console()
+
+
+def test_local_server_without_auth_hides_the_key(
+    context: Any, tiny_clipseg_dir: Path, tmp_path: Path, photo: Path
+) -> None:
+    settings = Settings(data_dir=tmp_path / "data", model=str(tiny_clipseg_dir))
+    with serve(settings, auth=False) as open_server, open_tab(context, open_server) as tab:
+        page = tab.page
+        assert httpx.get(f"{open_server.url}/web/config").json()["auth"] is False
+        assert not page.is_visible("#api-key") and not page.is_visible("#credits")
+        pick_photo(page, photo)
+        set_first_options(page)
+        submit_prompt(page, FIRST["prompt"])
+        assert download(page, "#dl-mask") == open_server.api(data_uri(photo), **FIRST).content
+        assert "no API key needed" in page.inner_text("#server-info")
+        tab.check_console()
+
+
+# ---- the viewer ----------------------------------------------------------------------------------------
+
+
+def test_compare_slider_zoom_and_pan(tab: Tab, photo: Path, tmp_path: Path) -> None:
+    page = tab.page
+    pick_photo(page, photo)
+    original = shot(page, "#canvas-box", "desktop-compare-before")
+    set_first_options(page)
+    submit_prompt(page, FIRST["prompt"])
+    result = shot(page, "#canvas-box", "desktop-compare-result")
+    set_slider(page, "#compare", "ArrowRight", 50)  # the left half shows the original
+    half = shot(page, "#canvas-box", "desktop-compare-half")
+    assert np.abs(half[:, :250].astype(int) - original[:, :250]).mean() < 1
+    assert np.abs(half[:, 262:].astype(int) - result[:, 262:]).mean() < 1
+    assert np.abs(result[:, :250].astype(int) - original[:, :250]).mean() > 10
+    # Zoom and pan with the keyboard; Fit shows the whole image again, at its native size (512 px).
+    page.focus("#viewport")
+    page.keyboard.press("+")
+    assert page.inner_text("#zoom-value") == "125%"
+    assert page.locator("#canvas-box").evaluate("b => b.getBoundingClientRect().width") == pytest.approx(640)
+    moved = page.get_attribute("#canvas-box", "style")
+    page.keyboard.press("ArrowDown")  # 640 px high in a 512 px frame: it pans up and down
+    assert page.get_attribute("#canvas-box", "style") != moved, "the arrow keys do not pan"
+    page.click("#zoom-fit")
+    assert page.inner_text("#zoom-value") == "100%"
+    # A small image is shown at its native size, not blown up.
+    small = tmp_path / "small.png"
+    Image.open(photo).crop((200, 100, 264, 164)).save(small)
+    pick_photo(page, small)
+    box = page.locator("#canvas-box").bounding_box()
+    assert box is not None and (box["width"], box["height"]) == (64, 64)
+
+
+def test_targets_list_toggle_and_download(tab: Tab, live: Live, photo: Path) -> None:
+    page = tab.page
+    pick_photo(page, photo)
+    set_first_options(page)
+    submit_prompt(page, "person, cup")
+    answer = live.api(data_uri(photo), **{**FIRST, "prompt": "person, cup"}, base64=True).json()
+    dets = answer["detections"]
+    assert [d["label"] for d in dets] == ["person", "cup"]
+    rows = page.eval_on_selector_all("#instances li", "rows => rows.map(r => r.textContent)")
+    assert len(rows) == 2
+    for row, det in zip(rows, dets, strict=True):
+        assert det["label"] in row and f"{det['area']:,} px" in row and f"score {det['score']:.2f}" in row
+    mask = decode(base64.b64decode(answer["image"]))
+
+    def region(det: dict[str, Any]) -> np.ndarray:
+        x0, y0, x1, y1 = det["box"]
+        inside = np.zeros(mask.shape, bool)
+        inside[int(np.floor(y0)) : int(np.ceil(y1)), int(np.floor(x0)) : int(np.ceil(x1))] = True
+        return inside
+
+    with page.expect_download() as info:
+        page.click("#instances li:nth-child(1) button")
+    assert info.value.suggested_filename == "astronaut-00-person.png"
+    assert np.array_equal(decode(Path(info.value.path()).read_bytes()), np.where(region(dets[0]), mask, 0))
+    page.uncheck("#instances li:nth-child(2) input")  # leave "cup" out: no request, the mask changes here
+    expected = np.where(region(dets[1]) & ~region(dets[0]), 0, mask)
+    assert np.array_equal(decode(download(page, "#dl-mask")), expected)
+    assert f"{int(np.count_nonzero(expected)):,} pixels selected" in page.inner_text("#status")
+    assert len(tab.api_bodies) == 1
+
+
+def test_cutout_has_no_halo_by_default(tab: Tab, live: Live, photo: Path) -> None:
+    page = tab.page
+    feather = "feather" in httpx.get(f"{live.url}/web/config").json()["options"]
+    pick_photo(page, photo)
+    set_slider(page, "#threshold", "ArrowRight", 30)
+    first = submit_prompt(page, "person")
+    assert tab.api_bodies[-1]["grow_mask"] == 10  # a mask for inpainting: the API's default growth
+    page.check("input[name=show][value=cutout]")
+    wait_result(page, first, grow_mask=0)  # a cut-out: no band of background around the subject
+    assert page.input_value("#grow_mask") == "0" and "tight" in page.inner_text("#grow-hint")
+    sent = sent_options(tab)
+    assert sent.get("feather") == (2 if feather else None)
+    cutout = decode(download(page, "#dl-alpha"))
+    reference = decode(live.api(**{**sent, "return_alpha": True}).content)
+    assert np.array_equal(cutout, reference)
+    shot(page, "#canvas-box", "desktop-cutout")
+    page.check("input[name=show][value=overlay]")  # back: the growth returns, that mask is shown from memory
+    wait_result(page, None, grow_mask=10)
+    assert "no request" in page.inner_text("#status") and len(tab.api_bodies) == 2
+    page.check("input[name=show][value=cutout]")
+    set_slider(page, "#grow_mask", "ArrowRight", 4)
+    assert "keeps a 4 px band of background" in page.inner_text("#grow-hint")
+
+
+# ---- kept settings, clipboard, auto-update, advanced options -------------------------------------------
+
+
+def test_settings_are_kept_across_a_reload(tab: Tab) -> None:
+    page = tab.page
+    page.fill("#prompt", "cup, saucer")
+    set_slider(page, "#threshold", "ArrowRight", 15)
+    page.check("#invert_mask")
+    page.check("input[name=show][value=mask]")
+    page.fill("#tint", "#00ff00")
+    page.click("#advanced summary")
+    page.uncheck("#auto")
+    page.reload()
+    page.wait_for_selector("body[data-loaded=true]", state="attached")
+    assert page.input_value("#prompt") == "cup, saucer"
+    assert page.input_value("#threshold") == "0.35" and page.inner_text("#threshold-value") == "0.35"
+    assert page.is_checked("#invert_mask") and page.is_checked("input[name=show][value=mask]")
+    assert page.input_value("#tint") == "#00ff00" and not page.is_checked("#auto")
+
+
+def test_copy_mask_to_the_clipboard(context: Any, tab: Tab, live: Live, photo: Path) -> None:
+    context.grant_permissions(["clipboard-read", "clipboard-write"], origin=live.url)
+    page = tab.page
+    pick_photo(page, photo)
+    set_first_options(page)
+    submit_prompt(page, FIRST["prompt"])
+    page.click("#copy-mask")
+    page.wait_for_function("() => document.getElementById('status').textContent.includes('clipboard')")
+    b64 = page.evaluate(
+        """async () => {
+             const [item] = await navigator.clipboard.read();
+             const bytes = new Uint8Array(await (await item.getType('image/png')).arrayBuffer());
+             return btoa(String.fromCharCode(...bytes));
+           }"""
+    )
+    copied = decode(base64.b64decode(b64))  # the browser's clipboard keeps the pixels, as grey RGB
+    mask = decode(live.api(data_uri(photo), **FIRST).content)
+    assert copied.shape[:2] == mask.shape and all(np.array_equal(copied[..., c], mask) for c in range(3))
+
+
+def test_auto_update_off_says_the_result_is_stale(tab: Tab, photo: Path) -> None:
+    page = tab.page
+    page.click("#advanced summary")
+    page.uncheck("#auto")
+    pick_photo(page, photo)
+    set_first_options(page)
+    first = submit_prompt(page, FIRST["prompt"])
+    set_slider(page, "#threshold", "ArrowRight", 5)
+    page.wait_for_selector("#stale-note:not([hidden])")
+    assert "previous settings" in page.inner_text("#stale-note")
+    page.wait_for_timeout(600)
+    assert len(tab.api_bodies) == 1, "auto-update is off, yet the page asked again"
+    page.click("#submit")
+    wait_result(page, first, threshold=0.55)
+    assert page.is_hidden("#stale-note")
+
+
+def test_advanced_options_are_sent_only_when_set(tab: Tab, live: Live, photo: Path) -> None:
+    page = tab.page
+    offered = httpx.get(f"{live.url}/web/config").json()["options"]
+    if set(offered) != set(EXTENSIONS):
+        pytest.skip(f"this automask's options lack {set(EXTENSIONS) - set(offered)} (issue 13)")
+    pick_photo(page, photo)
+    set_first_options(page)
+    first = submit_prompt(page, FIRST["prompt"])
+    assert not set(EXTENSIONS) & set(tab.api_bodies[-1]), "default extension fields were sent"
+    page.click("#advanced summary")
+    page.fill("#negative_prompt", "face")
+    page.check("#fill_holes")
+    page.fill("#min_area", "50")
+    page.press("#min_area", "Tab")
+    set_slider(page, "#feather", "ArrowRight", 3)
+    wait_result(page, first, negative_prompt="face", feather=3, fill_holes=True, min_area=50)
+    sent = sent_options(tab)
+    assert download(page, "#dl-mask") == live.api(**sent).content
+    assert len(np.unique(decode(download(page, "#dl-mask")))) > 2, "a feathered mask has soft values"
