@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from automask.errors import ModelNotAvailableError
@@ -181,3 +182,23 @@ def test_automask_model_setting_is_the_default(settings: Settings) -> None:
 def test_explicit_subject_not_installed_says_how_to_install(settings: Settings) -> None:
     with pytest.raises(ModelNotAvailableError, match="automask models pull subject"):
         plan_models("subject", settings)
+
+
+def test_the_embedded_model_chosen_beside_an_open_vocabulary_one_names_it(settings: Settings) -> None:
+    """Before: model 'subject' and prompt 'cup' said "No open-vocabulary model is installed" although one was."""
+    from automask.pipeline import MaskGenerator
+    from server_helpers import FakeBackend
+
+    class EmbeddedOnly(FakeBackend):
+        name = "subject"
+
+    image = np.zeros((8, 8, 3), np.uint8)
+    with pytest.raises(ModelNotAvailableError) as err:
+        MaskGenerator(EmbeddedOnly(), settings).generate(image, "cup")
+    assert "No open-vocabulary model is installed" in err.value.message  # true: none is
+    _fake_install(settings, "clipseg", "clipseg")
+    with pytest.raises(ModelNotAvailableError) as err:
+        MaskGenerator(EmbeddedOnly(), settings).generate(image, "person, cup")
+    message = err.value.message
+    assert message.startswith("The model 'subject' cannot mask 'cup'") and "'clipseg'" in message, message
+    assert "No open-vocabulary model is installed" not in message

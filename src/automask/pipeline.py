@@ -107,6 +107,16 @@ class MaskGenerator:
         self.cache = FeatureCache(cache_size)
         self._refined: Backend | None = None
 
+    def _no_open_vocabulary(self, exc: ModelNotAvailableError, targets: list[str]) -> ModelNotAvailableError:
+        """The routing error, naming the installed models that could answer the unknown words (when this
+        generator runs the embedded model alone although an open-vocabulary model is installed)."""
+        from automask.models import EMBEDDED, REFINERS, list_models
+        from automask.routing import target_of, unknown_words_message
+
+        others = [m.name for m in list_models(self.settings) if m.installed and m.name not in (EMBEDDED, *REFINERS)]
+        unknown = [t for t in targets if target_of(t) is None]
+        return ModelNotAvailableError(unknown_words_message(unknown, others)) if others and unknown else exc
+
     def generate(
         self,
         image: ImageSource,
@@ -127,7 +137,10 @@ class MaskGenerator:
         opts = opts or MaskOptions()
         prompts = parse_prompt(prompt)
         targets = list(dict.fromkeys(prompts + opts.negative_targets))
-        plan = route(targets, embedded=self.embedded is not None, open_vocab=self.open is not None)
+        try:
+            plan = route(targets, embedded=self.embedded is not None, open_vocab=self.open is not None)
+        except ModelNotAvailableError as exc:
+            raise self._no_open_vocabulary(exc, targets) from None
         t0 = time.perf_counter()
         decoded = Decoded(load_image(image, self.settings, allow_paths=allow_paths))
         timings: dict[str, float] = {"encode": 0.0, "score": 0.0, "decode": time.perf_counter() - t0}

@@ -103,9 +103,16 @@ def route(prompts: Iterable[str], *, embedded: bool, open_vocab: bool, prefer_em
     return Route(embedded=tuple(emb), background=tuple(bg), open=tuple(other))
 
 
-def unknown_words_message(words: list[str]) -> str:
-    """The error for targets the embedded model does not know, with no open-vocabulary model available."""
+def unknown_words_message(words: list[str], installed: list[str] | None = None) -> str:
+    """The error for targets the embedded model does not know. `installed`: the open-vocabulary models installed
+    (but not chosen); none: the message says how to install one."""
     quoted = ", ".join(repr(w) for w in words)
+    if installed:
+        names = ", ".join(repr(n) for n in installed)
+        return (
+            f"The model 'subject' cannot mask {quoted}: it only knows {vocabulary_summary()}. "
+            f"Choose a model that answers any word: {names} (the request's 'model' field, or --model)."
+        )
     return (
         f"No open-vocabulary model is installed, so {quoted} cannot be masked: the embedded offline model only "
         f"knows {vocabulary_summary()}. Install an open-vocabulary model with: automask models pull clipseg"
