@@ -203,6 +203,80 @@ def test_classifier_lets_public_addresses_through(address: str) -> None:
     assert blocked_reason(ipaddress.ip_address(address)) is None
 
 
+# Every range of IANA's IPv4 and IPv6 special-purpose address registries that is not globally reachable, as
+# (an address inside it, the RFC): written out here from the registries, independently of fetch.SPECIAL_PURPOSE.
+IANA_NOT_GLOBAL = [
+    ("0.1.2.3", "RFC 791 this network"),
+    ("10.255.0.1", "RFC 1918"),
+    ("100.100.0.1", "RFC 6598 shared"),
+    ("127.0.0.2", "RFC 1122 loopback"),
+    ("169.254.10.10", "RFC 3927 link-local"),
+    ("172.31.255.254", "RFC 1918"),
+    ("192.0.0.1", "RFC 7335 IPv4 service continuity"),
+    ("192.0.0.8", "RFC 7600 dummy"),
+    ("192.0.0.170", "RFC 8880 NAT64 discovery"),
+    ("192.0.0.200", "RFC 6890 IETF protocol assignments, outside the /29"),
+    ("192.0.0.255", "RFC 6890 IETF protocol assignments, last"),
+    ("192.0.2.200", "RFC 5737 TEST-NET-1"),
+    ("192.88.99.1", "RFC 7526 deprecated 6to4 relay anycast"),
+    ("192.168.255.255", "RFC 1918"),
+    ("198.19.255.1", "RFC 2544 benchmarking"),
+    ("198.51.100.7", "RFC 5737 TEST-NET-2"),
+    ("203.0.113.9", "RFC 5737 TEST-NET-3"),
+    ("239.1.1.1", "RFC 5771 multicast"),
+    ("250.1.2.3", "RFC 1112 reserved"),
+    ("255.255.255.255", "RFC 8190 limited broadcast"),
+    ("::", "RFC 4291 unspecified"),
+    ("::1", "RFC 4291 loopback"),
+    ("::ffff:192.0.0.200", "RFC 4291 IPv4-mapped (of a non-global IPv4)"),
+    ("64:ff9b:1::a", "RFC 8215 local-use translation"),
+    ("100::1", "RFC 6666 discard-only"),
+    ("100:0:0:1::1", "RFC 9780 dummy prefix"),
+    ("2001:0:4136:e378:8000:63bf:3fff:fdd2", "RFC 4380 Teredo"),
+    ("2001:2::1", "RFC 5180 benchmarking"),
+    ("2001:10::1", "RFC 4843 deprecated ORCHID"),
+    ("2001:100::1", "RFC 2928 IETF protocol assignments"),
+    ("2001:1ff:ffff::1", "RFC 2928 IETF protocol assignments, last /32"),
+    ("2001:db8:1::1", "RFC 3849 documentation"),
+    ("2002:c000:2c8::1", "RFC 3056 6to4 (of a non-global IPv4)"),
+    ("3fff::1", "RFC 9637 documentation"),
+    ("3fff:fff:ffff:ffff:ffff:ffff:ffff:ffff", "RFC 9637 documentation, last"),
+    ("5f00::1", "RFC 9602 SRv6 SIDs"),
+    ("fd00::1", "RFC 4193 unique-local"),
+    ("febf::1", "RFC 4291 link-local"),
+    ("fec0::1", "RFC 3879 site-local"),
+    ("ff0e::1", "RFC 4291 multicast"),
+]
+
+
+@pytest.mark.parametrize(("address", "what"), IANA_NOT_GLOBAL)
+def test_every_iana_range_that_is_not_globally_reachable_is_refused(address: str, what: str) -> None:
+    assert blocked_reason(ipaddress.ip_address(address)) is not None, what
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "192.0.1.1",  # just past 192.0.0.0/24
+        "192.31.196.1",  # AS112-v4 (RFC 7535): globally reachable
+        "192.52.193.1",  # AMT (RFC 7450): globally reachable
+        "192.88.100.1",  # just past the 6to4 relay anycast /24
+        "192.175.48.1",  # AS112 direct delegation (RFC 7534): globally reachable
+        "3fff:1000::1",  # just past 3fff::/20
+        "2620:4f:8000::1",  # AS112 direct delegation (RFC 7534): globally reachable
+        "2001:200::1",  # just past 2001::/23
+    ],
+)
+def test_globally_reachable_neighbours_of_special_ranges_are_allowed(address: str) -> None:
+    assert blocked_reason(ipaddress.ip_address(address)) is None
+
+
+@pytest.mark.parametrize("host", ["192.0.0.200", "[3fff::1]", "[5f00::1]", "192.88.99.1"])
+def test_urls_in_ranges_python_calls_public_are_refused_before_connecting(host: str) -> None:
+    with pytest.raises(URLRefusedError, match="automask fetches only public addresses"):
+        fetch_url(f"http://{host}/cat.png", Settings())
+
+
 @pytest.mark.parametrize("host", ["2130706433", "0x7f000001", "0x7f.1", "0177.0.0.1", "127.1"])
 def test_numeric_spellings_resolve_to_what_they_denote(host: str) -> None:
     assert resolve_host(host, 80) == [LOOPBACK]

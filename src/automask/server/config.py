@@ -35,9 +35,38 @@ class ServerSettings(BaseSettings):
     result_ttl: float = Field(3600.0, ge=60, description="Seconds v2 results are kept after they finish.")
     cleanup_interval: float = Field(60.0, gt=0, description="Seconds between sweeps of expired v2 results.")
     max_job_attempts: int = Field(3, ge=1, description="Starts of one v2 job (restarts included) before FAILED.")
-    public_url: str | None = Field(
-        None, description="Base URL clients reach the service at (behind a proxy); None: from each request."
+    max_queued_per_key: int = Field(100, ge=1, description="Unfinished v2 jobs one key may have -> 429.")
+    max_queued: int = Field(10_000, ge=1, description="Unfinished v2 jobs in all -> 503.")
+    sweep_interval: float = Field(
+        2.0, gt=0, description="Seconds between sweeps: dead nodes' jobs, lost publishes, expired credit holds."
     )
+    node_ttl: float = Field(10.0, gt=0, description="A node silent this many seconds is dead: its jobs run elsewhere.")
+    heartbeat_interval: float = Field(2.0, gt=0, description="Seconds between a node's heartbeats.")
+    republish_after: float = Field(
+        120.0, gt=0, description="A v2 job QUEUED this long since it was handed to the queue is handed again."
+    )
+    hold_grace: float = Field(
+        30.0, ge=0, description="Seconds past `timeout` after which an unsettled v1 credit hold is given back."
+    )
+    public_url: str | None = Field(
+        None,
+        description="Base URL clients reach the service at (set it behind a proxy); None: the address and port "
+        "each connection came in on (never the client's Host header).",
+    )
+    header_timeout: float = Field(
+        10.0, gt=0, description="Seconds a client may take to send a request's headers (from connecting) -> closed."
+    )
+    body_timeout: float = Field(
+        30.0, gt=0, description="Seconds a client may pause while sending a request body -> 408, closed."
+    )
+    keepalive_timeout: float = Field(5.0, gt=0, description="Seconds an idle keep-alive connection stays open.")
+    max_connections: int = Field(
+        512, ge=1, description="Open connections at most (also kept below the open-file limit); more get a 503."
+    )
+    shutdown_timeout: float = Field(
+        10.0, gt=0, description="Seconds in-flight requests get to finish after SIGTERM before they are cut off."
+    )
+    max_header_bytes: int = Field(16384, ge=1024, description="Largest request line plus headers -> 431.")
     debug_delay: float = Field(
         0.0, ge=0, description="TEST ONLY: seconds every inference sleeps, to exercise timeouts and restarts."
     )

@@ -1,0 +1,111 @@
+"""`EdgeMiddleware`: the response headers every answer carries, and Swagger UI served from this server.
+
+Headers: every answer gets `x-content-type-options: nosniff`; every answer that sets no `cache-control` of its
+own gets `cache-control: no-store` (API answers hold results, keys' data and per-key errors: no browser or
+shared cache may keep them). The try-it page and its files keep the `no-cache` they set (browsers store them
+but revalidate with ETag / Last-Modified, so an upgrade is never served stale), and so do Swagger UI's files.
+
+Docs: FastAPI's `/docs` page loads Swagger UI from a CDN. When the `fastapi-offline` package (MIT; a copy of
+swagger-ui-dist 5) is installed, as the `server` extra does, `GET /docs` is answered here with a page that
+loads Swagger UI from `/docs/assets/` instead, so the docs work on a host with no internet and leak nothing
+to a CDN. Without that package, FastAPI's own `/docs` (CDN) answers.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from fastapi.openapi.docs import get_swagger_ui_html
+from starlette.exceptions import HTTPException
+from starlette.responses import JSONResponse
+from starlette.staticfiles import StaticFiles
+
+from automask.server.limits import ASGIApp, Message, Receive, Scope, Send
+
+NOSNIFF = (b"x-content-type-options", b"nosniff")
+NO_STORE = (b"cache-control", b"no-store")
+DOCS = "/docs"
+DOCS_ASSETS = "/docs/assets"
+
+
+@cache
+def swagger_assets() -> Path | None:
+    """The folder holding swagger-ui-bundle.js and swagger-ui.css (fastapi-offline's), or None."""
+    try:
+        folder = Path(str(resources.files("fastapi_offline") / "static"))
+    except ModuleNotFoundError:
+        return None
+    return folder if (folder / "swagger-ui-bundle.js").is_file() else None
+
+
+class EdgeMiddleware:
+    """Adds `nosniff` and (unless set) `cache-control: no-store` to every HTTP answer; serves `/docs` locally."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        folder = swagger_assets()
+        self.assets = StaticFiles(directory=folder) if folder else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != NOSNIFF[0]]
+                headers.append(NOSNIFF)
+                if not any(k.lower() == NO_STORE[0] for k, _v in headers):
+                    headers.append(NO_STORE)
+                message["headers"] = headers
+            await send(message)
+
+        await self._route(scope, receive, send_with_headers)
+
+    async def _route(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path, method = scope["path"], scope["method"]
+        root = scope.get("root_path", "")
+        local = path.removeprefix(root) if root and path.startswith(root) else path
+        if self.assets is None or method not in ("GET", "HEAD"):
+            await self.app(scope, receive, send)
+        elif local == DOCS:
+            await _docs_page(scope, root)(scope, receive, send)
+        elif local.startswith(DOCS_ASSETS + "/"):
+            try:
+                await self.assets({**scope, "root_path": root + DOCS_ASSETS}, receive, _no_cache(send))
+            except HTTPException:
+                message = f"No file {local.removeprefix(DOCS_ASSETS + '/')[:100]!r} in the API docs' assets."
+                await JSONResponse({"error": message}, status_code=404)(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+
+def _docs_page(scope: Scope, root: str) -> Any:
+    """FastAPI's Swagger UI page, pointed at this server's copy of Swagger UI."""
+    app = scope.get("app")
+    title = getattr(app, "title", "automask")
+    response = get_swagger_ui_html(
+        openapi_url=root + (getattr(app, "openapi_url", None) or "/openapi.json"),
+        title=f"{title} - Swagger UI",
+        swagger_js_url=f"{root}{DOCS_ASSETS}/swagger-ui-bundle.js",
+        swagger_css_url=f"{root}{DOCS_ASSETS}/swagger-ui.css",
+        swagger_favicon_url=f"{root}{DOCS_ASSETS}/favicon.png",
+        oauth2_redirect_url=getattr(app, "swagger_ui_oauth2_redirect_url", None),
+        swagger_ui_parameters=getattr(app, "swagger_ui_parameters", None),
+    )
+    response.headers["cache-control"] = "no-cache"
+    return response
+
+
+def _no_cache(send: Send) -> Send:
+    """Mark Swagger UI's files `no-cache` (revalidated by ETag), like the page's own files."""
+
+    async def wrapped(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message["headers"] = [*message.get("headers", []), (b"cache-control", b"no-cache")]
+        await send(message)
+
+    return wrapped

@@ -1,0 +1,346 @@
+"""The service's edges: slow and silent clients, the connection cap, SIGTERM, HTTP framing, response headers,
+the v2 URLs.
+
+Transport tests run a real `automask serve` subprocess on a loopback port with short timeouts (1 s) and talk
+raw HTTP over sockets; every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from automask import MaskGenerator, Settings
+from automask.server.app import create_app
+from automask.server.config import ServerSettings
+from automask.server.http import connection_cap, error_bytes
+from server_helpers import FakeBackend, free_port, png_bytes, server_process, wait_for, wait_ready
+
+T = 1.0
+"""The header, body and keep-alive timeouts of the module's server (seconds)."""
+CAP = 8
+SLACK = 2.5
+"""How late past a deadline a close may come on a busy 2-core machine."""
+SLUG = "automatic-mask-generator"
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory: pytest.TempPathFactory, tiny_clipseg_dir: Path) -> Iterator[tuple[str, int]]:
+    """A running `automask serve` (no auth, loopback) with 1 s timeouts and a cap of 8; yields (url, pid)."""
+    tmp = tmp_path_factory.mktemp("hardening")
+    port = free_port()
+    env = {
+        "AUTOMASK_SERVER_AUTH": "false",
+        "AUTOMASK_SERVER_HEADER_TIMEOUT": str(T),
+        "AUTOMASK_SERVER_BODY_TIMEOUT": str(T),
+        "AUTOMASK_SERVER_KEEPALIVE_TIMEOUT": str(T),
+        "AUTOMASK_SERVER_MAX_CONNECTIONS": str(CAP),
+    }
+    with server_process(tmp / "data", tiny_clipseg_dir, port, env, tmp / "server.log") as proc:
+        url = f"http://127.0.0.1:{port}"
+        wait_ready(url, proc=proc)
+        yield url, proc.pid
+
+
+def connect(url: str) -> socket.socket:
+    port = int(url.rsplit(":", 1)[1])
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.settimeout(T + SLACK + 3)  # a server that never closes fails the test instead of hanging it
+    return sock
+
+
+def read_until_closed(sock: socket.socket) -> tuple[bytes, float]:
+    """Everything the server sends until it closes the connection, and when it closed (monotonic)."""
+    data = b""
+    with contextlib.suppress(ConnectionResetError):
+        while chunk := sock.recv(65536):
+            data += chunk
+    return data, time.monotonic()
+
+
+def status_and_json(answer: bytes) -> tuple[int, dict[str, Any], dict[str, str]]:
+    head, _, body = answer.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.lower().split(": ", 1) for line in lines[1:])
+    return int(lines[0].split()[1]), json.loads(body), headers
+
+
+def healthy(url: str) -> bool:
+    return httpx.get(f"{url}/healthz", timeout=5).status_code == 200
+
+
+# --- slow, silent and idle connections -----------------------------------------------------------------
+
+
+def test_silent_connection_is_closed_after_the_header_timeout(live: tuple[str, int]) -> None:
+    url, _ = live
+    with connect(url) as sock:
+        start = time.monotonic()
+        data, closed = read_until_closed(sock)
+    assert data == b""
+    assert T - 0.1 <= closed - start <= T + SLACK
+
+
+def test_trickled_headers_get_408_within_the_header_timeout_while_others_are_served(live: tuple[str, int]) -> None:
+    url, _ = live
+    with connect(url) as sock:
+        start = time.monotonic()
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        sock.settimeout(0.2)
+        data = b""
+        with contextlib.suppress(TimeoutError, BrokenPipeError, ConnectionResetError):
+            for i in range(30):  # one header line every 0.2 s: never idle, never done
+                sock.sendall(f"X-Slow-{i}: 1\r\n".encode())
+                if i == 1:
+                    assert healthy(url)  # another client is served meanwhile
+                data += sock.recv(65536)
+                if data:
+                    break
+        sock.settimeout(T + SLACK)
+        more, closed = read_until_closed(sock)
+    status, body, headers = status_and_json(data + more)
+    assert status == 408 and "headers took longer than 1 s" in body["error"]
+    assert headers["content-type"] == "application/json"
+    assert closed - start <= T + SLACK
+
+
+def test_stalled_body_gets_408_within_the_body_timeout(live: tuple[str, int]) -> None:
+    url, _ = live
+    with connect(url) as sock:
+        sock.sendall(
+            f"POST /v1/{SLUG} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            "Content-Length: 1000\r\n\r\n".encode()
+        )
+        for piece in (b'{"image": "', b"iVBOR", b"w0KGgo"):  # pauses shorter than the timeout: still open
+            time.sleep(T / 2)
+            sock.sendall(piece)
+        stalled = time.monotonic()
+        assert healthy(url)
+        data, closed = read_until_closed(sock)
+    status, body, _ = status_and_json(data)
+    assert status == 408 and "body stalled" in body["error"]
+    assert T - 0.1 <= closed - stalled <= T + SLACK
+
+
+def test_idle_keepalive_connection_is_closed(live: tuple[str, int]) -> None:
+    url, _ = live
+    with connect(url) as sock:
+        sent = time.monotonic()
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        data, closed = read_until_closed(sock)
+    assert data.startswith(b"HTTP/1.1 200") and data.count(b"HTTP/1.1") == 1
+    assert data.endswith(b'{"status":"ok"}')
+    assert T - 0.1 <= closed - sent <= T + SLACK
+
+
+# --- the connection cap --------------------------------------------------------------------------------
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="counts descriptors in /proc")
+def test_connection_cap_keeps_descriptors_and_lets_a_client_in_once_idle_ones_drop(live: tuple[str, int]) -> None:
+    url, pid = live
+    wait_for(lambda: healthy(url), 5)
+    before = open_fds(pid)
+    with contextlib.ExitStack() as stack:
+        idle = [stack.enter_context(connect(url)) for _ in range(CAP)]
+        time.sleep(0.2)
+        extra = [stack.enter_context(connect(url)) for _ in range(3 * CAP)]
+        for sock in extra:  # past the cap: answered 503 JSON and closed at once
+            data, _ = read_until_closed(sock)
+            status, body, _ = status_and_json(data)
+            assert status == 503 and "connection limit" in body["error"]
+        assert open_fds(pid) <= before + CAP + 2
+        start = time.monotonic()
+        # the idle ones are dropped after the header timeout; then a legitimate client gets in
+        wait_for(lambda: _ok_or_refused(url), T + SLACK + 2, interval=0.2)
+        assert time.monotonic() - start <= T + SLACK + 2
+        for sock in idle:
+            assert read_until_closed(sock)[0] == b""
+
+
+def _ok_or_refused(url: str) -> bool:
+    try:
+        return healthy(url)
+    except httpx.HTTPError:
+        return False
+
+
+def test_connection_cap_is_kept_below_the_open_file_limit() -> None:
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    assert connection_cap(10) == 10
+    if soft != resource.RLIM_INFINITY:
+        assert connection_cap(soft * 2) == soft - 64
+
+
+# --- HTTP framing ----------------------------------------------------------------------------------------
+
+
+def test_content_length_with_chunked_is_refused(live: tuple[str, int]) -> None:
+    url, _ = live
+    with connect(url) as sock:
+        head = b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"
+        sock.sendall(head + b"0\r\n\r\n")
+        data, _ = read_until_closed(sock)
+    status, body, headers = status_and_json(data)
+    assert status == 400 and "Content-Length and Transfer-Encoding" in body["error"]
+    assert headers["connection"] == "close"
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status"),
+    [
+        (b"NOT HTTP AT ALL\r\n\r\n", 400),
+        (b"GET /healthz HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n", 400),
+        (b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n", 431),
+        (b"POST /healthz HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n", 501),
+    ],
+)
+def test_malformed_http_gets_a_json_error(live: tuple[str, int], request_bytes: bytes, status: int) -> None:
+    url, _ = live
+    with connect(url) as sock:
+        sock.sendall(request_bytes)
+        data, _ = read_until_closed(sock)
+    got, body, headers = status_and_json(data)
+    assert got == status and body["error"].startswith("Malformed HTTP request")
+    assert headers["content-type"] == "application/json"
+
+
+def test_error_bytes_is_a_complete_answer() -> None:
+    status, body, headers = status_and_json(error_bytes(503, "busy"))
+    assert (status, body) == (503, {"error": "busy"})
+    assert int(headers["content-length"]) == len(json.dumps({"error": "busy"}))
+
+
+# --- SIGTERM with a stalled client ----------------------------------------------------------------------
+
+
+def test_sigterm_with_a_client_stuck_mid_body_exits_within_the_deadline(tmp_path: Path, tiny_clipseg_dir: Path) -> None:
+    port, deadline = free_port(), 2.0
+    cmd = [sys.executable, "-m", "automask.cli", "--data-dir", str(tmp_path / "data"), "serve", "--no-auth"]
+    cmd += ["--port", str(port), "--model", str(tiny_clipseg_dir), "--log-level", "warning"]
+    env = {"AUTOMASK_SERVER_SHUTDOWN_TIMEOUT": str(deadline), "AUTOMASK_SERVER_BODY_TIMEOUT": "60"}
+    with (tmp_path / "server.log").open("ab") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env})
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_ready(url, proc=proc)
+        with connect(url) as sock:
+            sock.sendall(f"POST /v1/{SLUG} HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{{".encode())
+            time.sleep(0.3)
+            start = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=deadline + 10)
+            took = time.monotonic() - start
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+    assert took <= deadline + SLACK, took
+
+
+def test_serve_flags_reach_the_server(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from automask.cli import main
+    from automask.server import http
+
+    seen: list[ServerSettings] = []
+    monkeypatch.setattr(http, "run", lambda app, server, log_level="info": seen.append(server))
+    flags = ["--header-timeout", "3", "--body-timeout", "4", "--keepalive-timeout", "2"]
+    flags += ["--max-connections", "7", "--shutdown-timeout", "6"]
+    result = CliRunner().invoke(main, ["--data-dir", str(tmp_path / "data"), "serve", "--no-auth", *flags])
+    assert result.exit_code == 0, result.output
+    server = seen[0]
+    got = (server.header_timeout, server.body_timeout, server.keepalive_timeout, server.max_connections)
+    assert (*got, server.shutdown_timeout) == (3, 4, 2, 7, 6)
+
+
+# --- response headers and v2 URLs (in process) ----------------------------------------------------------
+
+
+@pytest.fixture()
+def client(tmp_path: Path) -> Iterator[TestClient]:
+    settings = Settings(data_dir=tmp_path / "data")
+    app = create_app(settings, ServerSettings(auth=False), MaskGenerator(FakeBackend(), settings))
+    with TestClient(app) as c:
+        yield c
+
+
+def image_b64() -> str:
+    return base64.b64encode(png_bytes(np.zeros((8, 8, 3), np.uint8))).decode()
+
+
+def test_every_api_answer_is_nosniff_and_no_store(client: TestClient) -> None:
+    answers = [
+        client.get("/healthz"),
+        client.get("/readyz"),
+        client.get("/no/such/endpoint"),
+        client.post(f"/v1/{SLUG}", json={"image": image_b64(), "prompt": ""}),
+        client.post(f"/v1/{SLUG}", json={"image": image_b64(), "prompt": "x"}),
+        client.get("/openapi.json"),
+    ]
+    assert [r.status_code for r in answers] == [200, 200, 404, 400, 200, 200]
+    for r in answers:
+        assert r.headers["x-content-type-options"] == "nosniff", r.request.url
+        assert r.headers["cache-control"] == "no-store", r.request.url
+
+
+def test_the_page_and_its_files_are_revalidated_not_stored(client: TestClient) -> None:
+    for path in ("/", "/static/app.js"):
+        r = client.get(path)
+        assert r.status_code == 200
+        assert r.headers["cache-control"] == "no-cache" and r.headers["x-content-type-options"] == "nosniff"
+
+
+def test_docs_load_swagger_ui_from_this_server(client: TestClient) -> None:
+    page = client.get("/docs")
+    assert page.status_code == 200
+    assert "/docs/assets/swagger-ui-bundle.js" in page.text and "cdn" not in page.text.lower()
+    for asset in ("swagger-ui-bundle.js", "swagger-ui.css"):
+        r = client.get(f"/docs/assets/{asset}")
+        assert r.status_code == 200 and len(r.content) > 10_000
+        assert r.headers["cache-control"] == "no-cache"
+    assert client.get("/docs/assets/no-such-file.js").status_code == 404
+
+
+def test_v2_urls_never_echo_the_host_header(client: TestClient) -> None:
+    r = client.post(f"/v2/{SLUG}", json={"image": image_b64(), "prompt": "x"}, headers={"host": "evil.example"})
+    assert r.status_code == 200
+    for key in ("status_url", "response_url", "poll_url"):
+        assert r.json()[key].startswith("http://testserver/v2/requests/"), r.json()[key]
+    job = r.json()["request_id"]
+    wait_for(lambda: client.get(f"/v2/requests/{job}/status").json()["status"] == "COMPLETED", 30)
+    output = client.get(f"/v2/requests/{job}", headers={"host": "evil.example"}).json()["output"]
+    assert output == f"http://testserver/v2/requests/{job}/output"
+
+
+def test_v2_urls_use_the_public_url(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path / "data")
+    server = ServerSettings(auth=False, public_url="https://masks.example.com/api/")
+    app = create_app(settings, server, MaskGenerator(FakeBackend(), settings))
+    with TestClient(app) as c:
+        r = c.post(f"/v2/{SLUG}", json={"image": image_b64(), "prompt": "x"}, headers={"host": "evil.example"})
+        job = r.json()["request_id"]
+        wait_for(lambda: c.get(f"/v2/requests/{job}/status").json()["status"] == "COMPLETED", 30)
+    assert r.json()["status_url"] == f"https://masks.example.com/api/v2/requests/{job}/status"
