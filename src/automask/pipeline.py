@@ -382,10 +382,10 @@ def _instances(
 
 def _box_of(mask: np.ndarray) -> tuple[float, float, float, float] | None:
     """Tight XYXY box (pixels, exclusive max) of an H×W bool mask, or None if empty."""
-    ys, xs = np.nonzero(mask)
-    if ys.size == 0:
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))  # no index array per pixel
+    if rows.size == 0:
         return None
-    return (float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1))
+    return (float(cols[0]), float(rows[0]), float(cols[-1] + 1), float(rows[-1] + 1))
 
 
 _DEFAULT: dict[tuple[str | None, Settings], MaskGenerator] = {}

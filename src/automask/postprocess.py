@@ -40,7 +40,7 @@ def grow(mask: np.ndarray, radius: int) -> np.ndarray:
     if mask.all():
         return mask.copy()
     # distance of every unselected pixel to the nearest selected one (exact Euclidean, cv2's DIST_MASK_PRECISE).
-    inv = np.where(mask, 0, 255).astype(np.uint8)
+    inv = np.where(mask, np.uint8(0), np.uint8(255))  # uint8 throughout: no int64 image of a 36 MP photo
     dist = cv2.distanceTransform(inv, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
     return dist <= radius
 
@@ -77,7 +77,7 @@ def invert(mask: np.ndarray) -> np.ndarray:
 
 def to_uint8(mask: np.ndarray) -> np.ndarray:
     """H×W bool -> H×W uint8, 255 = selected."""
-    return np.where(mask, 255, 0).astype(np.uint8)
+    return np.where(mask, np.uint8(255), np.uint8(0))
 
 
 def feather_kernel(radius: int) -> np.ndarray:

@@ -70,6 +70,7 @@ def make_celery(broker_url: str, server: ServerSettings) -> Any:
         worker_enable_remote_control=False,
         worker_send_task_events=False,
         worker_hijack_root_logger=False,
+        worker_redirect_stdouts=False,  # a model's progress bars are not warnings
         worker_cancel_long_running_tasks_on_connection_loss=True,
     )
     return app
@@ -82,7 +83,8 @@ def queue(kind: str, model: str, server: ServerSettings) -> Any:
 
     name = queue_name(kind, model)
     args = {"x-queue-type": "quorum", "x-delivery-limit": server.max_job_attempts + 2}
-    return Queue(name, Exchange("automask", type="direct"), routing_key=name, queue_arguments=args, durable=True)
+    # a topic exchange (routing keys are exact queue names): Celery's native delayed delivery accepts it
+    return Queue(name, Exchange("automask", type="topic"), routing_key=name, queue_arguments=args, durable=True)
 
 
 def require_fleet_settings(settings: Settings) -> None:
