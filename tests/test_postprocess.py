@@ -177,3 +177,15 @@ def test_render_unknown_kind(image_and_mask: tuple[np.ndarray, np.ndarray]) -> N
     image, mask = image_and_mask
     with pytest.raises(ValueError, match="unknown output kind"):
         pp.render(image, mask, "jpeg")
+
+
+@pytest.mark.parametrize("band", [1, 7, 1000, 10**12])
+def test_grow_in_bands_equals_the_whole_image_distance(band: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`grow` bounds its memory by working in bands of rows; any band size gives the exact Euclidean answer."""
+    rng = np.random.default_rng(3)
+    mask = rng.random((120, 90)) < 0.002
+    mask[0, 0] = mask[-1, 45] = True  # selected pixels on the first and last rows
+    monkeypatch.setattr(pp, "GROW_BAND_PIXELS", band)
+    for radius in (1, 5, 33):
+        expected = distance_transform_edt(~mask) <= radius
+        assert np.array_equal(pp.grow(mask, radius), expected), radius
