@@ -4,7 +4,9 @@ fresh database created directly equals one built by the migrations."""
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
+import stat
 import time
 from pathlib import Path
 from typing import Any
@@ -59,7 +61,7 @@ CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, created_at);
 
 def release_0_1_database(data_dir: Path) -> dict[str, Any]:
     """A data folder as release 0.1 left it: a key with credits, a queued upload job holding a credit, a completed
-    job whose result is a file, and a v1 hold a crash left behind. Returns what the test checks."""
+    job whose result is a file, and a v1 hold a crash left behind (files 0644). Returns what the test checks."""
     data_dir.mkdir(parents=True)
     (data_dir / "results").mkdir()
     png = b"\x89PNG\r\n\x1a\n" + b"result" * 10
@@ -88,6 +90,7 @@ def release_0_1_database(data_dir: Path) -> dict[str, Any]:
     conn.execute("INSERT INTO holds (id, key_id, created_at) VALUES ('v1-crashed', 'abc123', ?)", (now - 20,))
     conn.commit()
     conn.close()
+    os.chmod(data_dir / "automask.db", 0o644)
     return {"token": f"am_abc123_{secret}", "png": png}
 
 
@@ -107,6 +110,9 @@ def test_release_0_1_database_migrates_in_place(tmp_path: Path) -> None:
     assert again.exit_code == 0 and "up to date" in again.output
 
     store = Store.from_settings(Settings(data_dir=data))
+    for name in ("automask.db", "automask.db-wal", "automask.db-shm"):  # 0.1 left them 0644 under umask 022
+        if (data / name).exists():
+            assert stat.S_IMODE((data / name).stat().st_mode) == 0o600, name
     key = keystore.authenticate(store, old["token"])
     assert (key.id, key.name, key.credits, key.rate_limit) == ("abc123", "old", 4, 30)
     jobs = Jobs(store)

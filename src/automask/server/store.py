@@ -117,8 +117,9 @@ def _private_file(path: Path) -> None:
         os.chmod(folder, 0o700)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     os.close(fd)
-    if stat.S_IMODE(path.stat().st_mode) & 0o077:
-        os.chmod(path, 0o600)
+    for file in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        if file.exists() and stat.S_IMODE(file.stat().st_mode) & 0o077:  # e.g. written by release 0.1 (0644)
+            os.chmod(file, 0o600)
 
 
 class Store:
