@@ -33,6 +33,9 @@ def _store(ctx: click.Context) -> Store:
 
 
 def _keystore() -> Any:
+    from automask.errors import require
+
+    require("sqlalchemy", "server")
     from automask.server import keys as keystore
 
     return keystore
