@@ -1,0 +1,54 @@
+"""The fleet's settings at the command line: keys and migrations on the configured database, and clear refusals
+when a setting the fleet needs is missing (no server is started for those)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from automask.cli import main
+from automask.server import keys as keystore
+from automask.server.store import Store
+
+
+def test_keys_and_migrations_act_on_the_configured_postgresql(postgres_db: str, tmp_path: Path) -> None:
+    env = {"AUTOMASK_DATABASE_URL": postgres_db, "AUTOMASK_DATA_DIR": str(tmp_path / "data")}
+    cli = CliRunner()
+    migrated = cli.invoke(main, ["db", "migrate"], env=env)
+    assert migrated.exit_code == 0 and "postgresql+psycopg://automask:***@" in migrated.output  # no password shown
+    assert "Migrated" in migrated.output and "schema revision 0002" in migrated.output
+    created = cli.invoke(main, ["keys", "create", "--credits", "7", "--name", "fleet"], env=env)
+    assert created.exit_code == 0, created.output
+    token = created.stdout.strip()
+    store = Store(postgres_db)
+    key = keystore.authenticate(store, token)
+    assert (key.name, key.credits) == ("fleet", 7)
+    listed = json.loads(cli.invoke(main, ["keys", "list", "--json"], env=env).stdout)
+    assert [k["id"] for k in listed] == [key.id]
+    assert not (tmp_path / "data" / "automask.db").exists()  # nothing went to the data folder's SQLite
+    status = cli.invoke(main, ["db", "status"], env=env)
+    assert status.exit_code == 0 and "schema revision 0002; this release: 0002" in status.output
+
+
+@pytest.mark.parametrize(
+    ("env", "args", "message"),
+    [
+        ({"AUTOMASK_BROKER_URL": "amqp://u:p@127.0.0.1:1//"}, ["serve"], "AUTOMASK_REDIS_URL is not"),
+        (
+            {"AUTOMASK_BROKER_URL": "amqp://u:p@127.0.0.1:1//", "AUTOMASK_REDIS_URL": "redis://127.0.0.1:1/0"},
+            ["serve"],
+            "AUTOMASK_DATABASE_URL is not",
+        ),
+        ({}, ["worker"], "automask worker needs AUTOMASK_BROKER_URL"),
+        ({"AUTOMASK_BROKER_URL": "amqp://u:p@127.0.0.1:1//"}, ["worker"], "AUTOMASK_REDIS_URL is not"),
+    ],
+)
+def test_missing_fleet_settings_are_refused_with_the_fix(
+    env: dict[str, str], args: list[str], message: str, tmp_path: Path
+) -> None:
+    result = CliRunner().invoke(main, ["--data-dir", str(tmp_path), *args], env=env)
+    assert result.exit_code == 9, result.output
+    assert message in result.output and "Traceback" not in result.output
