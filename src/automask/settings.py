@@ -35,8 +35,8 @@ class Settings(BaseSettings):
     preset: Literal["reference", "fast"] = Field(
         "reference",
         description="reference: the checkpoints' own settings (float32; GroundingDINO at its processor's shortest "
-        "edge, 800). fast: bfloat16 on CPUs with native bf16 and GroundingDINO at 512 (faster; not validated on real "
-        "weights).",
+        "edge, 800). fast: GroundingDINO at 512 and SAM/GroundingDINO in bfloat16 on CPUs with native bf16 (faster; "
+        "not validated on real weights).",
     )
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto",

@@ -1,5 +1,8 @@
 """Grounded-SAM backend (transformers + torch): GroundingDINO finds boxes for the prompts, SAM cuts them out.
 
+The mask head is SAM (`grounded-sam`) or EdgeTAM (`grounded-edgetam`: the same detector, EdgeTAM's much lighter
+image encoder): whichever checkpoint the model folder holds beside GroundingDINO (`find_parts`).
+
 One GroundingDINO pass scores all prompts at once (the text "sofa. lamp."); each box kept becomes a SAM box
 prompt, and SAM's best mask of three (by predicted IoU) is the instance's mask. Returns
 `Scores(kind="instances")`: per instance a mask probability map, the box score, the box and the prompt it
@@ -12,10 +15,12 @@ on the same image skips it):
   `ReplayableBackbone`. The rest of GroundingDINO (its encoder fuses image and text features from the first
   layer on, then the decoder) depends on the prompt text and runs in `score`.
 
-Speed: the detector runs at `settings.detector_size` (default 512) instead of the processor's 800 (GroundingDINO was
-trained at shortest edges 480-800). On CPUs with native bfloat16 (AVX512-BF16, AMX) and precision "auto", SAM's
-image encoder runs in bfloat16 and the detector's encoder under bfloat16 autocast (as Grounded-SAM-2 runs both
-models on GPUs); precision "fp32" gives transformers' float32 numbers exactly.
+Settings (`Settings.preset`): by default ('reference') the checkpoints' own: float32 throughout, the detector at its
+processor's shortest edge (800), so the published models' numbers hold. `AUTOMASK_PRESET=fast` trades that for
+speed: the detector at shortest edge 512 (GroundingDINO was trained at 480-800) and, on CPUs with native bfloat16
+(AVX512-BF16, AMX), SAM's image encoder in bfloat16 (EdgeTAM stays float32) and the detector's encoder under
+bfloat16 autocast (as Grounded-SAM-2 runs both models on GPUs). `AUTOMASK_PRECISION` and `AUTOMASK_DETECTOR_SIZE`
+override either.
 
 The detector's outputs become boxes in `grounding` (pure numpy: prompt merging, scoring, non-maximum suppression).
 """
@@ -36,13 +41,13 @@ from torch import nn
 from automask.backends.base import ScoreParams, Scores, sigmoid
 from automask.backends.grounding import MAX_DETECTIONS, KeptBoxes, merge_prompts, postprocess, token_owners
 from automask.backends.sam import (
+    MaskHead,
     Precision,
-    SamEmbedding,
-    SamSegmenter,
     choose_dtype,
-    is_sam_folder,
-    load_segmenter,
+    is_mask_head_folder,
+    load_mask_head,
     max_masks,
+    preset_precision,
 )
 from automask.backends.torch_loading import checkpoint_errors, prepare_torch
 from automask.errors import InvalidOptionError, ModelNotAvailableError
@@ -50,9 +55,12 @@ from automask.models import model_type
 from automask.settings import Settings
 
 NAME = "grounded-sam"
+EDGETAM_NAME = "grounded-edgetam"
+"""The backend's name when its mask head is EdgeTAM."""
 DETECTOR_MODEL_TYPES = frozenset({"grounding-dino"})
-DETECTOR_SHORTEST_EDGE = 512
-"""Shortest image edge the detector sees (the checkpoint's processor says 800); longest edge scaled alike."""
+FAST_DETECTOR_EDGE = 512
+"""Shortest image edge the detector sees under the 'fast' preset (the checkpoint's processor says 800); longest edge
+scaled alike."""
 
 
 @dataclass(frozen=True)
@@ -73,12 +81,12 @@ class Detections:
 @dataclass(frozen=True)
 class GroundedFeatures:
     """One encoded image. detector_inputs: GroundingDINO pixel_values 1×3×h×w and pixel_mask 1×h×w;
-    backbone: the detector backbone's output for them; sam: SAM's embedding; image_size: (H, W)."""
+    backbone: the detector backbone's output for them; sam: the mask head's embedding; image_size: (H, W)."""
 
     image_size: tuple[int, int]
     detector_inputs: dict[str, torch.Tensor]
     backbone: tuple[list[Any], list[torch.Tensor]]
-    sam: SamEmbedding
+    sam: Any
 
 
 class ReplayableBackbone(nn.Module):
@@ -128,28 +136,29 @@ class AutocastEncoder(nn.Module):
 
 
 class GroundedSamBackend:
-    """A loaded GroundingDINO + SAM pair. Thread-safe for concurrent inference; no per-request state.
+    """A loaded GroundingDINO + mask head (SAM or EdgeTAM) pair. Thread-safe for concurrent inference; no
+    per-request state.
 
     detector_dtype: bfloat16 runs the detector's encoder under CPU autocast (`AutocastEncoder`).
-    detector_edge: the shortest image edge the detector sees, at most (`_detector_size`).
+    detector_edge: the shortest image edge the detector sees, at most (`_detector_size`); None: the processor's.
     """
 
-    name = NAME
     takes_params = True
 
     def __init__(
         self,
         detector: Any,
         processor: Any,
-        segmenter: SamSegmenter,
+        segmenter: MaskHead,
         model_id: str,
         device: str,
         detector_dtype: torch.dtype = torch.float32,
-        detector_edge: int = DETECTOR_SHORTEST_EDGE,
+        detector_edge: int | None = None,
     ) -> None:
         self.detector = detector
         self.processor = processor
         self.segmenter = segmenter
+        self.name = EDGETAM_NAME if segmenter.kind == "edgetam" else NAME
         self.model_id = model_id
         self.device = device
         self.backbone = ReplayableBackbone(detector.model.backbone)
@@ -235,33 +244,36 @@ class GroundedSamBackend:
         return list(self.processor.batch_decode(get_phrases_from_posmap(posmap, ids)))
 
 
-def _detector_size(size: Any, cap: int = DETECTOR_SHORTEST_EDGE) -> dict[str, int]:
-    """The processor size dict with the shortest edge capped at `cap` (longest edge scaled alike)."""
+def _detector_size(size: Any, cap: int | None = None) -> dict[str, int]:
+    """The processor size dict with the shortest edge capped at `cap` (longest edge scaled alike); None: as is."""
     short = int(size.get("shortest_edge") or 800) if isinstance(size, dict) else int(size.shortest_edge or 800)
     long = int(size.get("longest_edge") or 1333) if isinstance(size, dict) else int(size.longest_edge or 1333)
-    if short <= cap:
+    if cap is None or short <= cap:
         return {"shortest_edge": short, "longest_edge": long}
     return {"shortest_edge": cap, "longest_edge": round(long * cap / short)}
 
 
 def find_parts(path: Path) -> tuple[Path, Path]:
-    """The GroundingDINO and SAM checkpoint folders of a grounded-sam model folder (found by the subfolders'
-    config.json `model_type`: one 'grounding-dino', one 'sam')."""
+    """The GroundingDINO and mask head checkpoint folders of a grounded-sam / grounded-edgetam model folder (found
+    by the subfolders' config.json `model_type`: one 'grounding-dino', one 'sam' or 'edgetam')."""
     folders = [path, *sorted(p for p in path.iterdir() if p.is_dir())] if path.is_dir() else []
     detector = next((p for p in folders if model_type(p) in DETECTOR_MODEL_TYPES), None)
-    sam = next((p for p in folders if is_sam_folder(p)), None)
-    if detector is None or sam is None:
-        missing = " and ".join(n for n, p in (("GroundingDINO", detector), ("SAM", sam)) if p is None)
+    head = next((p for p in folders if is_mask_head_folder(p)), None)
+    if detector is None or head is None:
+        missing = " and ".join(n for n, p in (("GroundingDINO", detector), ("SAM", head)) if p is None)
         raise ModelNotAvailableError(
             f"'{path}' has no {missing} checkpoint. A grounded-sam folder holds one subfolder per model, each "
-            "saved with save_pretrained (config.json model_type 'grounding-dino' and 'sam'). "
-            "Install one with: automask models pull grounded-sam"
+            "saved with save_pretrained (config.json model_type 'grounding-dino', and 'sam' or 'edgetam'). "
+            "Install one with: automask models pull grounded-sam (or grounded-edgetam)"
         )
-    return detector, sam
+    return detector, head
 
 
 def load(path: Path, settings: Settings, precision: Precision | None = None) -> GroundedSamBackend:
-    """Load the grounded-sam model in folder `path` on `settings.device` (`precision` None: settings.precision)."""
+    """Load the grounded-sam (or grounded-edgetam) model in folder `path` on `settings.device`.
+
+    `precision` None: `preset_precision(settings)`; the detector edge: `settings.detector_size`, else the preset's
+    (reference: the processor's own, fast: `FAST_DETECTOR_EDGE`)."""
     from transformers import AutoProcessor, GroundingDinoForObjectDetection
 
     device = prepare_torch(settings)
@@ -269,9 +281,10 @@ def load(path: Path, settings: Settings, precision: Precision | None = None) -> 
     with checkpoint_errors("GroundingDINO", detector_dir, pull="grounded-sam"):
         detector = GroundingDinoForObjectDetection.from_pretrained(str(detector_dir)).eval().to(device)
         processor = AutoProcessor.from_pretrained(str(detector_dir))
-    precision = precision or settings.precision
-    segmenter = load_segmenter(sam_dir, settings, precision)
+    precision = precision or preset_precision(settings)
+    segmenter = load_mask_head(sam_dir, settings, precision)
     dtype = choose_dtype(precision, device)
+    edge = settings.detector_size or (FAST_DETECTOR_EDGE if settings.preset == "fast" else None)
     return GroundedSamBackend(
-        detector, processor, segmenter, str(path), device, detector_dtype=dtype, detector_edge=settings.detector_size
+        detector, processor, segmenter, str(path), device, detector_dtype=dtype, detector_edge=edge
     )

@@ -1,4 +1,4 @@
-"""refine: sharpen a dense backend's score maps (CLIPSeg) with SAM.
+"""refine: sharpen a dense backend's score maps (CLIPSeg) with a mask head: SAM or EdgeTAM (`Settings.mask_head`).
 
 CLIPSeg's masks come from a 352×352 score map: right place, soft edges. With `refine`, each region of a score
 map at the threshold (a connected component) becomes a SAM prompt: its bounding box plus its peak point as a
@@ -6,8 +6,9 @@ foreground point. SAM's best mask (by predicted IoU) replaces the region; the un
 the mask. SAM's image embedding is computed once per image (in `encode`, cached by the pipeline like any
 features), so refining costs one SAM image encoding plus a light decoder call per region.
 
-`RefinedBackend` is a composition: it wraps any backend that returns dense maps and a `SamSegmenter`; it
-changes neither. Backends that already return instances (grounded-sam) are returned unchanged by `refined`.
+`RefinedBackend` is a composition: it wraps any backend that returns dense maps and a mask head (`sam.MaskHead`:
+SAM or EdgeTAM); it changes neither. Backends that already return instances (grounded-sam, grounded-edgetam, sam3)
+are returned unchanged by `refined`.
 """
 
 from __future__ import annotations
@@ -23,8 +24,11 @@ from automask.backends.base import Backend, ScoreParams, Scores, score_with
 from automask.errors import require
 from automask.settings import Settings
 
-if TYPE_CHECKING:  # torch is imported only when SAM is loaded
-    from automask.backends.sam import SamEmbedding, SamSegmenter
+if TYPE_CHECKING:  # torch is imported only when a mask head is loaded
+    from automask.backends.sam import MaskHead
+
+INSTANCE_BACKENDS = frozenset({"grounded-sam", "grounded-edgetam", "sam3"})
+"""Backends whose scores are already one mask per instance: refine leaves them as they are."""
 
 MIN_AREA_FRACTION = 0.0005
 """Regions smaller than this share of the image (0.05%, ~20×20 px of a 1024×768 image) are not refined away
@@ -67,10 +71,10 @@ def regions(score_map: np.ndarray, threshold: float, min_area: int = 1, limit: i
 
 @dataclass(frozen=True)
 class RefinedFeatures:
-    """The wrapped backend's features of one image and SAM's embedding of it."""
+    """The wrapped backend's features of one image and the mask head's embedding of it."""
 
     inner: Any
-    sam: SamEmbedding
+    sam: Any
 
 
 class RefinedBackend:
@@ -78,10 +82,10 @@ class RefinedBackend:
 
     takes_params = True
 
-    def __init__(self, inner: Backend, segmenter: SamSegmenter) -> None:
+    def __init__(self, inner: Backend, segmenter: MaskHead) -> None:
         self.inner = inner
         self.segmenter = segmenter
-        self.name = f"{inner.name}+sam"
+        self.name = f"{inner.name}+{segmenter.kind}"
         self.model_id = f"{inner.model_id}+{segmenter.model_id}"
 
     def encode(self, image: np.ndarray) -> RefinedFeatures:
@@ -133,21 +137,21 @@ _LOCK = threading.Lock()
 
 
 def refined(backend: Backend, settings: Settings) -> Backend:
-    """`backend` refined by SAM (SAM from `find_sam_folder`); kept per (backend, SAM folder, device).
+    """`backend` refined by a mask head (from `find_mask_head_folder`); kept per (backend, folder, device).
 
-    A backend that already returns instances (grounded-sam) or is already refined comes back unchanged.
-    Raises `ModelNotAvailableError` (saying what to pull) when no SAM model is installed.
+    A backend that already returns instances (`INSTANCE_BACKENDS`) or is already refined comes back unchanged.
+    Raises `ModelNotAvailableError` (saying what to pull) when no mask head is installed.
     """
-    if backend.name == "grounded-sam" or isinstance(backend, RefinedBackend):
+    if backend.name in INSTANCE_BACKENDS or isinstance(backend, RefinedBackend):
         return backend
     require("torch", "torch")
     require("transformers", "torch")
-    from automask.backends.sam import find_sam_folder, load_segmenter
+    from automask.backends.sam import find_mask_head_folder, load_mask_head
 
-    folder = find_sam_folder(settings)
+    folder = find_mask_head_folder(settings)
     key = (id(backend), str(folder.resolve()), settings.device)
     with _LOCK:
         cached = _REFINED.get(key)
         if cached is None or cached.inner is not backend:
-            cached = _REFINED[key] = RefinedBackend(backend, load_segmenter(folder, settings))
+            cached = _REFINED[key] = RefinedBackend(backend, load_mask_head(folder, settings))
         return cached

@@ -29,7 +29,8 @@ def backend_names() -> list[str]:
 
 
 def create(name: str, path: Path, settings: Settings) -> Backend:
-    """Load backend `name` from `path`, once per (backend, folder, device, runtime, int8); later calls reuse it."""
+    """Load backend `name` from `path`, once per (backend, folder, device, runtime, int8, precision, detector size,
+    preset); later calls reuse it."""
     if name not in _FACTORIES:
         raise UnknownModelError(f"Unknown backend '{name}'. Valid backends: {', '.join(backend_names())}.")
     key = (
@@ -40,6 +41,7 @@ def create(name: str, path: Path, settings: Settings) -> Backend:
         str(settings.int8),
         settings.precision,
         str(settings.detector_size),
+        settings.preset,
     )
     with _LOCK:
         if key not in _LOADED:
@@ -83,3 +85,17 @@ def _grounded_sam() -> Factory:
 
 
 register("grounded-sam", _grounded_sam)
+register("grounded-edgetam", _grounded_sam)  # the same backend: the folder's mask head decides
+
+
+def _sam3() -> Factory:
+    from automask.errors import require
+
+    require("torch", "torch")
+    require("transformers", "torch")
+    from automask.backends.sam3 import load
+
+    return load
+
+
+register("sam3", _sam3)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
@@ -29,6 +29,8 @@ from automask.settings import Settings
 
 SAM_MODEL_TYPES = frozenset({"sam"})
 """config.json `model_type` values this helper loads (through `transformers.SamModel`)."""
+EDGETAM_MODEL_TYPES = frozenset({"edgetam"})
+"""config.json `model_type` of EdgeTAM checkpoints (`automask.backends.edgetam`)."""
 
 DECODER_BATCH = 32
 """Prompts decoded per mask-decoder call, at most (fewer for large images: see `decoder_batch`)."""
@@ -76,8 +78,31 @@ class SamMasks:
     iou: np.ndarray
 
 
+class MaskHead(Protocol):
+    """A promptable mask model: SAM (`SamSegmenter`) or EdgeTAM (`edgetam.EdgeTamSegmenter`). `embed` once per
+    image (opaque result), then `segment` any number of box/point prompts against it."""
+
+    kind: str
+    """'sam' or 'edgetam'."""
+    model_id: str
+    dtype: torch.dtype
+    """The image encoder's compute type (bfloat16 or float32); masks are always float32."""
+
+    def embed(self, image: np.ndarray) -> Any: ...
+
+    def segment(
+        self,
+        emb: Any,
+        boxes: np.ndarray | None = None,
+        points: np.ndarray | None = None,
+        point_labels: np.ndarray | None = None,
+    ) -> SamMasks: ...
+
+
 class SamSegmenter:
     """A loaded SAM checkpoint. Stateless between calls: thread-safe for concurrent inference."""
+
+    kind = "sam"
 
     def __init__(self, model: Any, image_processor: Any, model_id: str, device: str, dtype: torch.dtype) -> None:
         self.model = model
@@ -166,6 +191,14 @@ def upscale_logits(
     return F.interpolate(up, image_size, mode="bilinear", align_corners=False)
 
 
+def preset_precision(settings: Settings) -> Precision:
+    """The precision SAM, EdgeTAM and GroundingDINO run at: `settings.precision` when set; for 'auto', the preset's:
+    'reference' -> 'fp32' (the checkpoints' own float32), 'fast' -> 'auto' (`choose_dtype`)."""
+    if settings.precision != "auto":
+        return settings.precision
+    return "auto" if settings.preset == "fast" else "fp32"
+
+
 def choose_dtype(precision: Precision, device: str) -> torch.dtype:
     """bfloat16 for the image encoder when asked, or ('auto') on a CPU with native bf16 matrix units
     (AVX512-BF16 / AMX: about 2× faster there); float32 otherwise."""
@@ -173,10 +206,11 @@ def choose_dtype(precision: Precision, device: str) -> torch.dtype:
         return torch.bfloat16
     if precision == "fp32" or device != "cpu":
         return torch.float32
-    return torch.bfloat16 if _cpu_has_bf16() else torch.float32
+    return torch.bfloat16 if cpu_has_bf16() else torch.float32
 
 
-def _cpu_has_bf16() -> bool:
+def cpu_has_bf16() -> bool:
+    """True on CPUs with native bfloat16 dot products (AVX512-BF16 or AMX) that oneDNN uses."""
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()) and _cpu_flag("avx512_bf16", "amx_bf16")
     except (AttributeError, RuntimeError):
@@ -197,23 +231,53 @@ def is_sam_folder(folder: Path) -> bool:
     return models.model_type(folder) in SAM_MODEL_TYPES
 
 
-def find_sam_folder(settings: Settings) -> Path:
-    """Where `refine` takes its SAM weights: the `sam` model (`automask models pull sam`), else the SAM part
-    of the `grounded-sam` model, in the data folder or the Hugging Face cache."""
-    candidates: list[Path] = []
-    for name in ("sam", "grounded-sam"):
-        if name in models.CATALOGUE:
-            folder = models.model_dir(name, settings)
-            candidates += [folder, *sorted(p for p in folder.glob("*") if p.is_dir())]
-    if "sam" in models.CATALOGUE and (cached := models.hf_cached("sam")) is not None:
-        candidates.append(cached)
-    for folder in candidates:
-        if is_sam_folder(folder):
-            return folder
+def is_mask_head_folder(folder: Path) -> bool:
+    """True when `folder` holds a SAM or an EdgeTAM checkpoint."""
+    return models.model_type(folder) in SAM_MODEL_TYPES | EDGETAM_MODEL_TYPES
+
+
+_HEAD_MODELS = {"sam": ("sam", "grounded-sam"), "edgetam": ("edgetam", "grounded-edgetam")}
+"""Catalogue models that hold each kind of mask head, the standalone one first."""
+
+
+def find_mask_head_folder(settings: Settings) -> Path:
+    """Where `refine` takes its mask head (`settings.mask_head`: 'sam', 'edgetam', or 'auto' = SAM if installed,
+    else EdgeTAM): the standalone model (`automask models pull sam` / `edgetam`), else the mask head of the
+    grounded model, in the data folder or (standalone ones) the Hugging Face cache."""
+    kinds = ["sam", "edgetam"] if settings.mask_head == "auto" else [settings.mask_head]
+    for kind in kinds:
+        types = SAM_MODEL_TYPES if kind == "sam" else EDGETAM_MODEL_TYPES
+        candidates: list[Path] = []
+        for name in _HEAD_MODELS[kind]:
+            if name in models.CATALOGUE:
+                folder = models.model_dir(name, settings)
+                candidates += [folder, *sorted(p for p in folder.glob("*") if p.is_dir())]
+        if kind in models.CATALOGUE and (cached := models.hf_cached(kind)) is not None:
+            candidates.append(cached)
+        for folder in candidates:
+            if models.model_type(folder) in types:
+                return folder
+    wanted = " or ".join(kinds)
     raise ModelNotAvailableError(
-        "refine needs SAM weights, which are not installed. Install them with: automask models pull sam "
-        "(or automask models pull grounded-sam, which includes SAM)."
+        f"refine needs a mask head ({wanted}), which is not installed. Install one with: automask models pull sam "
+        "(SAM ViT-B) or automask models pull edgetam (EdgeTAM, smaller and faster); the grounded-sam and "
+        "grounded-edgetam models include theirs."
     )
+
+
+def find_sam_folder(settings: Settings) -> Path:
+    """`find_mask_head_folder` (kept under its first name)."""
+    return find_mask_head_folder(settings)
+
+
+def load_mask_head(folder: Path, settings: Settings, precision: Precision | None = None) -> MaskHead:
+    """Load the SAM or EdgeTAM checkpoint in `folder` (by its config.json `model_type`), cached like
+    `load_segmenter`."""
+    if models.model_type(folder) in EDGETAM_MODEL_TYPES:
+        from automask.backends import edgetam
+
+        return edgetam.load_segmenter(folder, settings, precision)
+    return load_segmenter(folder, settings, precision)
 
 
 _LOADED: dict[tuple[str, str, str], SamSegmenter] = {}
@@ -223,8 +287,8 @@ _LOCK = threading.Lock()
 def load_segmenter(folder: Path, settings: Settings, precision: Precision | None = None) -> SamSegmenter:
     """Load the SAM checkpoint in `folder` (save_pretrained layout) once per (folder, device, precision).
 
-    `precision` None: `settings.precision`."""
-    precision = precision or settings.precision
+    `precision` None: `preset_precision(settings)`."""
+    precision = precision or preset_precision(settings)
     key = (str(folder.resolve()), settings.device, precision)
     with _LOCK:
         if key not in _LOADED:

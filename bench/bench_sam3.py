@@ -1,0 +1,252 @@
+"""Speed of the text-prompted instance backends on a CPU: SAM 3, Grounded-SAM (SAM ViT-B) and Grounded-EdgeTAM, at
+the reference settings and under the `fast` preset.
+
+    python bench/bench_sam3.py [--runs 2] [--warmup 1] [--boxes 3] [--skip-sam3] | --heads 5
+
+Models, built from configs in code with random weights (timing does not depend on weight values; nothing is
+downloaded): SAM 3 at full size (`Sam3Config()`: the 32-layer ViT at 1008×1008, the 24-layer CLIP text encoder,
+DETR encoder/decoder with 200 queries, 848 M parameters), GroundingDINO-T and SAM ViT-B as in
+bench_grounded_sam.py, EdgeTAM at full size (RepViT-M1 backbone via automask's RepViT, SAM 2 decoder at 1024×1024).
+Input: a 1024×768 RGB array (scikit-image's astronaut, resized), a new one per run (no cache answers a run).
+Random weights give arbitrary detections, so every flow keeps the same number of instances, the best scoring
+(--boxes; threshold and text threshold 0).
+
+Flows, each `MaskGenerator(backend).generate(image, "helmet")` on a new image, then "flag" on the same image
+(image features from the cache); the flows take turns on each image (round-robin), so that load from other jobs on a
+shared machine falls on all of them alike:
+  sam3                  SAM 3, float32 (the reference on a CPU).
+  grounded-sam          GroundingDINO-T at shortest edge 800 + SAM ViT-B, float32 (the reference).
+  grounded-edgetam      GroundingDINO-T at 800 + EdgeTAM, float32 (the reference).
+  ... fast              the same under AUTOMASK_PRESET=fast: detector at 512, bf16 on CPUs with native bf16.
+--heads N instead times only the two mask heads' image encoders (SAM ViT-B, EdgeTAM; float32 and bf16),
+interleaved N times so that load from other jobs hits both alike; writes mask-heads-<host>-<date>.*.
+Writes bench/results/sam3-<host>-<date>.{json,md}. The machine and its load average are recorded: compare the rows
+of one run with each other (ratios), not with other machines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
+
+from bench_grounded_sam import PROMPT, SECOND_PROMPT, build_models, images, machine  # noqa: E402
+
+Stages = dict[str, float]
+
+
+def build_sam3() -> Any:
+    """Full-size SAM 3 (random weights) as automask's backend, float32 on the CPU."""
+    import torch
+    from transformers import CLIPTokenizer, Sam3Config, Sam3Model
+
+    from automask.backends.sam3 import DEFAULT_TRANSFORM, Sam3Backend
+    from tiny_models import byte_level_vocab
+
+    torch.manual_seed(0)
+    model = Sam3Model(Sam3Config()).eval()
+    tokenizer = CLIPTokenizer(vocab=byte_level_vocab(), merges=[], model_max_length=32)
+    return Sam3Backend(model, tokenizer, DEFAULT_TRANSFORM, "sam3 (random)", "cpu", autocast=False)
+
+
+def build_edgetam() -> Any:
+    """Full-size EdgeTAM (RepViT-M1, random weights), as transformers' EdgeTamModel builds it."""
+    import torch
+    from transformers import EdgeTamConfig, EdgeTamModel, TimmWrapperConfig
+
+    from automask.backends.repvit import repvit_backbones
+
+    backbone = TimmWrapperConfig(
+        architecture="repvit_m1.dist_in1k",
+        model_args={"in_chans": 3, "features_only": True, "out_indices": [0, 1, 2, 3]},
+    )
+    config = EdgeTamConfig(vision_config={"model_type": "edgetam_vision_model", "backbone_config": backbone})
+    torch.manual_seed(0)
+    with repvit_backbones():
+        return EdgeTamModel(config).eval()
+
+
+def grounded(m: dict[str, Any], head: str, fast: bool) -> Any:
+    """automask's grounded backend on copies of the models: mask head 'sam' or 'edgetam'; reference or fast."""
+    import torch
+
+    from automask.backends.edgetam import DEFAULT_TRANSFORM, EdgeTamSegmenter
+    from automask.backends.grounded_sam import FAST_DETECTOR_EDGE, GroundedSamBackend
+    from automask.backends.sam import SamSegmenter, choose_dtype
+
+    dtype = choose_dtype("auto" if fast else "fp32", "cpu")
+    if head == "sam":
+        sam = copy.deepcopy(m["sam"])
+        sam.vision_encoder.to(dtype)
+        segmenter: Any = SamSegmenter(sam, m["sam_processor"].image_processor, "sam-vit-b (random)", "cpu", dtype)
+    else:  # the fast preset keeps EdgeTAM in float32 (edgetam._load)
+        segmenter = EdgeTamSegmenter(m["edgetam"], DEFAULT_TRANSFORM, "edgetam (random)", "cpu", torch.float32)
+    detector, processor = copy.deepcopy(m["detector"]), copy.copy(m["dino_processor"])
+    edge = FAST_DETECTOR_EDGE if fast else None
+    return GroundedSamBackend(detector, processor, segmenter, "grounding-dino-t (random)", "cpu", dtype, edge)
+
+
+def flow(backend: Any, image: np.ndarray) -> Stages:
+    """One request on a new image, then a second prompt on it: seconds per stage (from the result's timings)."""
+    from automask.options import MaskOptions
+    from automask.pipeline import MaskGenerator
+
+    gen = MaskGenerator(backend)
+    opts = MaskOptions(threshold=0.0, text_threshold=0.0)
+    first = gen.generate(image, PROMPT, opts)
+    second = gen.generate(image, SECOND_PROMPT, opts)
+    t1, t2 = first.timings, second.timings
+    return {"encode": t1["encode"], "score": t1["score"], "total": t1["total"], "2nd prompt": t2["total"]}
+
+
+def measure(backends: dict[str, Any], imgs: list[np.ndarray], warmup: int) -> dict[str, Stages]:
+    """Median ms per stage of every flow. Flows take turns on each image (round-robin), so that load from other jobs
+    on a shared machine falls on all of them alike; the first `warmup` rounds are not counted."""
+    samples: dict[str, list[Stages]] = {name: [] for name in backends}
+    for i, img in enumerate(imgs):
+        for name, backend in backends.items():
+            print(f"round {i + 1}/{len(imgs)}: {name}", file=sys.stderr)
+            stages = flow(backend, img)
+            if i >= warmup:
+                samples[name].append(stages)
+    return {
+        name: {k: round(1000 * float(np.median([s[k] for s in runs])), 1) for k in runs[0]}
+        for name, runs in samples.items()
+    }
+
+
+def heads(n: int, out: Path) -> None:
+    """Median ms of the SAM ViT-B and EdgeTAM image encoders (`embed`), interleaved `n` times, fp32 and fast."""
+    import torch
+    from transformers import SamConfig, SamModel, SamProcessor
+    from transformers.models.sam.image_processing_pil_sam import SamImageProcessorPil
+
+    from automask.backends.edgetam import DEFAULT_TRANSFORM, EdgeTamSegmenter
+    from automask.backends.sam import SamSegmenter, choose_dtype, cpu_has_bf16
+
+    torch.manual_seed(0)
+    sam, edgetam = SamModel(SamConfig(vision_config={"initializer_range": 0.02})).eval(), build_edgetam()
+    processor = SamProcessor(SamImageProcessorPil()).image_processor
+    fast = choose_dtype("auto", "cpu")
+    sam_fast = copy.deepcopy(sam)
+    sam_fast.vision_encoder.to(fast)
+    start = machine()
+    heads_: dict[str, Any] = {
+        "SAM ViT-B, fp32": SamSegmenter(sam, processor, "sam", "cpu", torch.float32),
+        "EdgeTAM, fp32": EdgeTamSegmenter(edgetam, DEFAULT_TRANSFORM, "edgetam", "cpu", torch.float32),
+        f"SAM ViT-B, fast ({fast})": SamSegmenter(sam_fast, processor, "sam", "cpu", fast),
+        f"EdgeTAM, {fast} (AUTOMASK_PRECISION=bf16)": EdgeTamSegmenter(
+            edgetam, DEFAULT_TRANSFORM, "edgetam", "cpu", fast
+        ),
+    }
+    imgs = images(n + 1)
+    times: dict[str, list[float]] = {k: [] for k in heads_}
+    for i, img in enumerate(imgs):
+        for name, head in heads_.items():
+            t = time.perf_counter()
+            head.embed(img)
+            if i:  # the first round warms up
+                times[name].append(time.perf_counter() - t)
+    ms = {k: round(1000 * float(np.median(v)), 1) for k, v in times.items()}
+    base = ms["SAM ViT-B, fp32"]
+    report: dict[str, Any] = {"machine": start, "rounds": n, "native_bf16": cpu_has_bf16(), "ms": ms}
+    report["load_average_at_end"] = round(os.getloadavg()[0], 2)
+    m = report["machine"]
+    lines = [
+        f"CPU: {m['cpu']}, {m['cores']} cores, torch {m['torch']}; load average at start {m['load_average_at_start']}, "
+        f"at end {report['load_average_at_end']}. Image encoder (`embed`) of a 1024×768 image, random weights, median "
+        f"of {n} interleaved rounds after 1 warm-up, ms. No GPU.",
+        "",
+        "| mask head | image encoder | vs SAM ViT-B fp32 |",
+        "| --- | ---: | ---: |",
+        *(f"| {k} | {v} | {v / base:.2f}× |" for k, v in ms.items()),
+    ]
+    text = "\n".join(lines) + "\n"
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"mask-heads-{socket.gethostname()}-{time.strftime('%Y%m%d-%H%M')}"
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(text)
+    print(text)
+
+
+def markdown(report: dict[str, Any]) -> str:
+    m, rows = report["machine"], report["rows"]
+    base = rows["grounded-sam"]["total"]
+    out = [
+        f"CPU: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads); load average at "
+        f"start {m['load_average_at_start']}, at end {report['load_average_at_end']} (the machine is shared with "
+        f"other jobs: compare rows of this run, as ratios). Native bf16: {report['native_bf16']}. No GPU. "
+        f"1024×768 image, {report['boxes']} instances per request, random weights; medians of {report['runs']} "
+        f"run(s) after {report['warmup']} warm-up, the flows taking turns on each image, ms.",
+        "",
+        "| flow | encode | score | 1st request | 2nd prompt, same image | 1st vs grounded-sam |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name, ms in rows.items():
+        out.append(
+            f"| {name} | {ms['encode']} | {ms['score']} | **{ms['total']}** | {ms['2nd prompt']} | "
+            f"{ms['total'] / base:.2f}× |"
+        )
+    return "\n".join(out) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--runs", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--boxes", type=int, default=3, help="instances kept per request (the best scoring)")
+    parser.add_argument("--skip-sam3", action="store_true")
+    parser.add_argument("--heads", type=int, default=0, help="only time the mask heads' encoders, N rounds")
+    parser.add_argument("--out", type=Path, default=HERE / "results")
+    args = parser.parse_args()
+    import torch
+
+    from automask.backends import grounded_sam, sam3
+    from automask.backends.sam import cpu_has_bf16
+
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    if args.heads:
+        heads(args.heads, args.out)
+        return
+    grounded_sam.MAX_DETECTIONS = sam3.MAX_DETECTIONS = args.boxes
+    report: dict[str, Any] = {"machine": machine(), "runs": args.runs, "warmup": args.warmup, "boxes": args.boxes}
+    report["native_bf16"] = cpu_has_bf16()
+    print("building GroundingDINO-T, SAM ViT-B, EdgeTAM (random weights)...", file=sys.stderr)
+    m = build_models()
+    m["edgetam"] = build_edgetam()
+    imgs = images(args.warmup + args.runs)
+    backends = {
+        name: grounded(m, head, fast)
+        for name, head, fast in (
+            ("grounded-sam", "sam", False),
+            ("grounded-edgetam", "edgetam", False),
+            ("grounded-sam, fast", "sam", True),
+            ("grounded-edgetam, fast", "edgetam", True),
+        )
+    }
+    if not args.skip_sam3:
+        print("building SAM 3 (848 M parameters, random weights)...", file=sys.stderr)
+        backends["sam3"] = build_sam3()
+    report["rows"] = measure(backends, imgs, args.warmup)
+    report["load_average_at_end"] = round(os.getloadavg()[0], 2)
+    text = markdown(report)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"sam3-{socket.gethostname()}-{time.strftime('%Y%m%d-%H%M')}"
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,179 @@
+"""EdgeTAM as a mask head (transformers `EdgeTamModel`): SAM 2's promptable decoder on a small RepViT encoder.
+
+A drop-in for `sam.SamSegmenter` wherever SAM cuts masks from boxes and points: Grounded-SAM (`grounded-edgetam`)
+and `refine`. Same split: `embed` runs the image encoder once per image (RepViT + FPN, then the decoder's
+high-resolution projections, `EdgeTamModel.get_image_embeddings`); `segment` runs the prompt encoder and mask
+decoder for any number of prompts on that embedding.
+
+Mirrors transformers' `Sam2Processor` / `Sam2ImageProcessor` (EdgeTAM's processor), which need torchvision:
+- image: stretched to 1024×1024, ImageNet mean/std (`sam2_processing.pixel_values`);
+- prompts: pixel coordinates scaled by (1024 / W, 1024 / H) in float32 (processing_sam2.py
+  `_normalize_coordinates`);
+- masks: SAM 2's three candidates per prompt, the best by predicted IoU, its 256×256 logits resized bilinearly to
+  the image (`post_process_masks`); probability = sigmoid(logit), selected iff >= 0.5 (logit >= 0).
+The RepViT backbone is automask's own (`repvit`), equal to timm's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from automask.backends.sam import (
+    DECODER_BATCH,
+    EDGETAM_MODEL_TYPES,
+    Precision,
+    SamMasks,
+    decoder_batch,
+    preset_precision,
+)
+from automask.backends.sam2_processing import (
+    IMAGENET_DEFAULT_MEAN,
+    IMAGENET_DEFAULT_STD,
+    ImageTransform,
+    pixel_values,
+    upscale,
+)
+from automask.backends.torch_loading import checkpoint_errors, prepare_torch
+from automask.errors import ModelNotAvailableError
+from automask.models import model_type
+from automask.settings import Settings
+
+DEFAULT_TRANSFORM = ImageTransform((1024, 1024), IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+"""`Sam2ImageProcessor`'s defaults, used when the checkpoint ships no processor config."""
+__all__ = ["DECODER_BATCH", "EdgeTamEmbedding", "EdgeTamSegmenter", "load_segmenter"]
+
+
+@dataclass(frozen=True)
+class EdgeTamEmbedding:
+    """One embedded image: `features` the three FPN levels EdgeTAM's decoder reads (1×C×h×w float32, high to low
+    resolution, on the model's device); image_size: (H, W) of the original image."""
+
+    features: list[torch.Tensor]
+    image_size: tuple[int, int]
+
+
+class EdgeTamSegmenter:
+    """A loaded EdgeTAM checkpoint used as a mask head. Stateless between calls: thread-safe."""
+
+    kind = "edgetam"
+
+    def __init__(self, model: Any, transform: ImageTransform, model_id: str, device: str, dtype: torch.dtype) -> None:
+        self.model = model
+        self.transform = transform
+        self.model_id = model_id
+        self.device = device
+        self.dtype = dtype
+        """bfloat16 (precision 'bf16' only): the image encoder runs under bfloat16 autocast (the decoder in
+        float32)."""
+
+    def embed(self, image: np.ndarray) -> EdgeTamEmbedding:
+        """Run the image encoder once on an H×W×3 uint8 RGB image."""
+        pixels = pixel_values(image, self.transform).to(self.device)
+        with torch.inference_mode(), self._autocast():
+            feats = self.model.get_image_embeddings(pixels)
+        return EdgeTamEmbedding([f.float() for f in feats], (int(image.shape[0]), int(image.shape[1])))
+
+    def segment(
+        self,
+        emb: EdgeTamEmbedding,
+        boxes: np.ndarray | None = None,
+        points: np.ndarray | None = None,
+        point_labels: np.ndarray | None = None,
+    ) -> SamMasks:
+        """Masks for N prompts: `boxes` N×4 XYXY and/or `points` N×P×2 XY (original pixels), `point_labels` N×P
+        (1 = foreground, 0 = background; default all 1). Returns `SamMasks` at the original size."""
+        n = len(boxes) if boxes is not None else len(points) if points is not None else 0
+        h, w = emb.image_size
+        if n == 0:
+            return SamMasks(np.zeros((0, h, w), np.float32), np.zeros(0, np.float32))
+        probs, ious = [], []
+        step = decoder_batch(emb.image_size)
+        for start in range(0, n, step):
+            part = slice(start, start + step)
+            logits, iou = self.decode(
+                emb,
+                None if boxes is None else boxes[part],
+                None if points is None else points[part],
+                None if point_labels is None else point_labels[part],
+            )
+            probs.append(torch.sigmoid(logits).numpy())
+            ious.append(iou.numpy())
+        return SamMasks(np.concatenate(probs).astype(np.float32), np.concatenate(ious).astype(np.float32))
+
+    def decode(
+        self, emb: EdgeTamEmbedding, boxes: np.ndarray | None, points: np.ndarray | None, labels: np.ndarray | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Best-of-three mask logits N×H×W (original size) and their predicted IoU (N,), CPU float32 tensors."""
+        kwargs: dict[str, torch.Tensor] = {}
+        if boxes is not None:
+            kwargs["input_boxes"] = self.scaled(boxes, emb.image_size).reshape(1, -1, 4).to(self.device)
+        if points is not None:
+            pts = np.asarray(points, np.float32)
+            kwargs["input_points"] = self.scaled(pts, emb.image_size)[None].to(self.device)
+            lab = np.ones(pts.shape[:2], np.int64) if labels is None else np.asarray(labels, np.int64)
+            kwargs["input_labels"] = torch.from_numpy(lab[None]).to(self.device)
+        with torch.inference_mode():
+            out = self.model(image_embeddings=emb.features, multimask_output=True, **kwargs)
+            iou = out.iou_scores[0].float()  # N×3
+            best = iou.argmax(dim=-1)
+            rows = torch.arange(iou.shape[0], device=iou.device)
+            low = out.pred_masks[0][rows, best].float()  # N×256×256 logits
+        return upscale(low.cpu(), emb.image_size), iou[rows, best].cpu()
+
+    def scaled(self, coords: np.ndarray, image_size: tuple[int, int]) -> torch.Tensor:
+        """Pixel coordinates (…×2 XY, or N×4 XYXY) in the model's input frame, as `Sam2Processor` scales them:
+        float32, x × (target_w / W), y × (target_h / H)."""
+        c = torch.tensor(np.asarray(coords, np.float32))
+        shape = c.shape
+        c = c.reshape(*shape[:-1], -1, 2)
+        c[..., 0] = c[..., 0] * (self.transform.size[1] / image_size[1])
+        c[..., 1] = c[..., 1] * (self.transform.size[0] / image_size[0])
+        return c.reshape(shape)
+
+    @contextlib.contextmanager
+    def _autocast(self) -> Iterator[None]:
+        if self.dtype == torch.float32:
+            yield
+            return
+        with torch.autocast(torch.device(self.device).type, dtype=self.dtype):
+            yield
+
+
+_LOADED: dict[tuple[str, str, str], EdgeTamSegmenter] = {}
+_LOCK = threading.Lock()
+
+
+def load_segmenter(folder: Path, settings: Settings, precision: Precision | None = None) -> EdgeTamSegmenter:
+    """Load the EdgeTAM checkpoint in `folder` (save_pretrained layout) once per (folder, device, precision);
+    `precision` None: `preset_precision(settings)`."""
+    precision = precision or preset_precision(settings)
+    key = (str(folder.resolve()), settings.device, precision)
+    with _LOCK:
+        if key not in _LOADED:
+            _LOADED[key] = _load(folder, settings, precision)
+        return _LOADED[key]
+
+
+def _load(folder: Path, settings: Settings, precision: Precision) -> EdgeTamSegmenter:
+    from transformers import EdgeTamModel
+
+    from automask.backends.repvit import repvit_backbones
+
+    if model_type(folder) not in EDGETAM_MODEL_TYPES:
+        raise ModelNotAvailableError(f"'{folder}' holds no EdgeTAM checkpoint (config.json with model_type 'edgetam').")
+    device = prepare_torch(settings)
+    with checkpoint_errors("EdgeTAM", folder, pull="edgetam"), repvit_backbones():
+        model = EdgeTamModel.from_pretrained(str(folder)).eval().to(device)
+    transform = ImageTransform.from_folder(folder, DEFAULT_TRANSFORM)
+    # bf16 only when asked for: EdgeTAM's image encoder gained nothing from CPU bf16 autocast (496 vs 508 ms,
+    # bench/results/mask-heads-*), so the fast preset keeps its float32 numbers.
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    return EdgeTamSegmenter(model, transform, model_id=str(folder), device=device, dtype=dtype)

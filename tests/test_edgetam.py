@@ -1,0 +1,257 @@
+"""EdgeTAM as a mask head (tiny random `EdgeTamModel` from a config, automask's RepViT as its backbone), in
+Grounded-SAM (`grounded-edgetam`) and in refine; the presets of the grounded backends.
+
+The reference is transformers' `EdgeTamModel.forward` on the processor's inputs and `Sam2ImageProcessor
+.post_process_masks` (its own code, compiled unbound: see sam_reference.py); RepViT is checked against timm when
+REFERENCE_LIBS is set.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from automask import models
+from automask.backends import grounded_sam as gs
+from automask.backends.edgetam import DEFAULT_TRANSFORM, EdgeTamSegmenter, load_segmenter
+from automask.backends.refine import regions
+from automask.backends.sam import find_mask_head_folder, load_mask_head
+from automask.errors import ModelNotAvailableError
+from automask.pipeline import MaskGenerator
+from automask.settings import Settings
+from sam_reference import (
+    native_here,
+    needs_reference_libs,
+    reference_pixel_values,
+    run_with_reference_libs,
+    transformers_functions,
+)
+from tiny_models import make_tiny_edgetam, make_tiny_grounding_dino, make_tiny_sam
+
+BOXES = np.array([[30.0, 40.0, 300.0, 350.0], [250.5, 10.0, 590.0, 200.25], [0.0, 0.0, 600.0, 400.0]], np.float32)
+POINTS = np.array([[[100.0, 120.0]], [[400.0, 90.0]], [[300.0, 200.0]]], np.float32)
+
+
+@pytest.fixture(scope="module")
+def edgetam_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_edgetam(tmp_path_factory.mktemp("edgetam"))
+
+
+@pytest.fixture(scope="module")
+def segmenter(edgetam_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> EdgeTamSegmenter:
+    return load_segmenter(edgetam_dir, Settings(data_dir=tmp_path_factory.mktemp("data")))
+
+
+@pytest.fixture(scope="module")
+def ge_dir(tmp_path_factory: pytest.TempPathFactory, edgetam_dir: Path) -> Path:
+    """A grounded-edgetam folder as `automask models pull grounded-edgetam` lays it out (no marker)."""
+    folder = tmp_path_factory.mktemp("grounded-edgetam")
+    make_tiny_grounding_dino(folder / "IDEA-Research--grounding-dino-tiny")
+    shutil.copytree(edgetam_dir, folder / "yonigozlan--EdgeTAM-hf")
+    return folder
+
+
+# -- equality with transformers --------------------------------------------------------------------------------
+
+
+def test_masks_equal_transformers(segmenter: EdgeTamSegmenter, coffee: np.ndarray) -> None:
+    """Boxes + points through the cached embedding equal `EdgeTamModel.forward` on the processor's inputs, then
+    `post_process_masks` and the best of three by predicted IoU (float32, 1e-5)."""
+    h, w = coffee.shape[:2]
+    ours_logits, ours_iou = segmenter.decode(segmenter.embed(coffee), BOXES, POINTS, None)
+
+    t = segmenter.transform
+    pixels = reference_pixel_values(coffee, t.size, t.mean, t.std, native_here())
+    boxes = torch.tensor(BOXES).reshape(-1, 2, 2)  # processing_sam2.py _normalize_coordinates, target 128 here
+    boxes[..., 0] = boxes[..., 0] * (t.size[1] / w)
+    boxes[..., 1] = boxes[..., 1] * (t.size[0] / h)
+    points = torch.tensor(POINTS)
+    points[..., 0] = points[..., 0] * (t.size[1] / w)
+    points[..., 1] = points[..., 1] * (t.size[0] / h)
+    with torch.inference_mode():
+        out = segmenter.model(
+            pixel_values=pixels,
+            input_boxes=boxes.reshape(1, -1, 4),
+            input_points=points[None],
+            input_labels=torch.ones(1, 3, 1, dtype=torch.long),
+            multimask_output=True,
+        )
+    post = transformers_functions("models.sam2.image_processing_sam2", ["Sam2ImageProcessor.post_process_masks"])
+    masks = post["Sam2ImageProcessor.post_process_masks"](None, [out.pred_masks[0]], [[h, w]], binarize=False)[0]
+    best = out.iou_scores[0].argmax(-1)
+    rows = torch.arange(3)
+    torch.testing.assert_close(ours_iou, out.iou_scores[0][rows, best], atol=1e-5, rtol=0)
+    torch.testing.assert_close(ours_logits, masks[rows, best], atol=1e-5, rtol=0)
+    probs = segmenter.segment(segmenter.embed(coffee), boxes=BOXES, points=POINTS).probs
+    np.testing.assert_array_equal(probs, torch.sigmoid(ours_logits).numpy())  # selected iff logit >= 0
+
+
+def test_pixel_values_are_bit_exact_on_photos(segmenter: EdgeTamSegmenter, astronaut: np.ndarray) -> None:
+    from automask.backends.sam2_processing import pixel_values
+
+    want = reference_pixel_values(astronaut, (1024, 1024), DEFAULT_TRANSFORM.mean, DEFAULT_TRANSFORM.std, native_here())
+    assert torch.equal(pixel_values(astronaut, DEFAULT_TRANSFORM), want)
+    assert segmenter.transform.size == (128, 128)  # the checkpoint's preprocessor_config.json
+
+
+@needs_reference_libs
+def test_pixel_values_equal_the_real_processor(astronaut: np.ndarray, tmp_path: Path) -> None:
+    from automask.backends.sam2_processing import pixel_values
+
+    np.save(tmp_path / "in.npy", astronaut)
+    run_with_reference_libs(
+        f"""
+        import numpy as np
+        from transformers.models.sam2.image_processing_sam2 import Sam2ImageProcessor
+        out = Sam2ImageProcessor()(images=np.load({str(tmp_path / "in.npy")!r}), return_tensors="pt")
+        np.save({str(tmp_path / "out.npy")!r}, out["pixel_values"].numpy())
+        """,
+        tmp_path,
+    )
+    assert np.array_equal(pixel_values(astronaut, DEFAULT_TRANSFORM).numpy(), np.load(tmp_path / "out.npy"))
+
+
+@needs_reference_libs
+def test_repvit_equals_timm(tmp_path: Path) -> None:
+    """automask's RepViT-M1 (full size, random weights) against timm's `repvit_m1` features_only model holding the
+    same state dict: same parameter names, same feature maps."""
+    from automask.backends.repvit import VARIANTS, RepVitFeatures
+
+    torch.manual_seed(0)
+    ours = RepVitFeatures(**VARIANTS["repvit_m1"]).eval()
+    for m in ours.modules():  # non-trivial batch-norm statistics
+        if isinstance(m, torch.nn.BatchNorm2d):
+            assert m.running_mean is not None and m.running_var is not None
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+    x = torch.randn(1, 3, 256, 256)
+    torch.save({"state": ours.state_dict(), "x": x}, tmp_path / "in.pt")
+    with torch.inference_mode():
+        want = ours(x)
+    run_with_reference_libs(
+        f"""
+        import torch, timm
+        data = torch.load({str(tmp_path / "in.pt")!r})
+        m = timm.create_model("repvit_m1", features_only=True, out_indices=(0, 1, 2, 3)).eval()
+        assert sorted(m.state_dict()) == sorted(data["state"]), "parameter names differ"
+        m.load_state_dict(data["state"])
+        with torch.inference_mode():
+            torch.save(m(data["x"]), {str(tmp_path / "out.pt")!r})
+        """,
+        tmp_path,
+    )
+    got = torch.load(tmp_path / "out.pt")
+    assert [g.shape for g in got] == [o.shape for o in want]
+    for g, o in zip(got, want, strict=True):
+        torch.testing.assert_close(o, g, atol=1e-5, rtol=1e-5)
+
+
+# -- grounded-edgetam ---------------------------------------------------------------------------------------------
+
+
+def test_grounded_edgetam_folder_loads_and_segments_its_boxes(ge_dir: Path, coffee: np.ndarray, tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path)
+    assert models.detect_backend(ge_dir) == "grounded-edgetam"
+    gen = MaskGenerator(str(ge_dir), settings)
+    backend = gen.backend
+    assert isinstance(backend, gs.GroundedSamBackend) and backend.name == "grounded-edgetam"
+    assert isinstance(backend.segmenter, EdgeTamSegmenter)
+    result = gen.generate(coffee, "cup, saucer", threshold=0.3, grow_mask=0)
+    boxes = np.array([d.box for d in result.detections], np.float32)
+    assert len(boxes) > 0 and result.backend == "grounded-edgetam"
+    want = backend.segmenter.segment(backend.segmenter.embed(coffee), boxes=boxes).probs >= 0.5
+    for inst, m in zip(result.instance_masks, want, strict=True):
+        assert np.array_equal(inst > 0, m)
+
+
+def test_cli_json_with_grounded_edgetam(ge_dir: Path, coffee: np.ndarray, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from automask.cli import main
+
+    src = tmp_path / "coffee.png"
+    Image.fromarray(coffee).save(src)
+    args = ["mask", str(src), "-p", "cup", "--model", str(ge_dir), "--threshold", "0.3", "-o", str(tmp_path / "m.png")]
+    res = CliRunner().invoke(main, [*args, "--json"])
+    assert res.exit_code == 0, res.output
+    meta = json.loads(res.stdout)
+    assert meta["backend"] == "grounded-edgetam" and len(meta["detections"]) > 0
+    assert all(d["label"] == "cup" and len(d["box"]) == 4 for d in meta["detections"])
+
+
+def test_presets(ge_dir: Path, tmp_path: Path) -> None:
+    """reference (default): float32, the detector at its processor's size; fast: 512 cap and bf16 where native."""
+    from automask.backends.sam import choose_dtype
+
+    ref = gs.load(ge_dir, Settings(data_dir=tmp_path))
+    assert ref.detector_size == {"shortest_edge": 64, "longest_edge": 96}  # the tiny processor's own
+    assert ref.segmenter.dtype == torch.float32 and not isinstance(ref.detector.model.encoder, gs.AutocastEncoder)
+    assert Settings(data_dir=tmp_path).detector_size is None and Settings(data_dir=tmp_path).preset == "reference"
+    fast = gs.load(ge_dir, Settings(data_dir=tmp_path, preset="fast"))
+    assert fast.segmenter.dtype == torch.float32  # EdgeTAM stays float32: bf16 gained nothing
+    assert isinstance(fast.detector.model.encoder, gs.AutocastEncoder) == (choose_dtype("auto", "cpu") != torch.float32)
+    assert fast.detector_size == ref.detector_size  # the tiny processor's 64 is under the 512 cap
+    bf16 = gs.load(ge_dir, Settings(data_dir=tmp_path, precision="bf16"))
+    assert bf16.segmenter.dtype == torch.bfloat16
+    checkpoint = {"shortest_edge": 800, "longest_edge": 1333}
+    assert gs._detector_size(checkpoint, gs.FAST_DETECTOR_EDGE) == {"shortest_edge": 512, "longest_edge": 853}
+    assert gs._detector_size(checkpoint, None) == checkpoint
+
+
+def test_catalogue_entries() -> None:
+    spec = models.CATALOGUE["grounded-edgetam"]
+    assert spec.repos == ("IDEA-Research/grounding-dino-tiny", "yonigozlan/EdgeTAM-hf")
+    assert models.CATALOGUE["edgetam"].repos == ("yonigozlan/EdgeTAM-hf",) and "edgetam" in models.REFINERS
+
+
+def test_pull_offline_fails_at_once(settings: Settings) -> None:
+    for name in ("grounded-edgetam", "edgetam"):
+        with pytest.raises(ModelNotAvailableError, match=f"automask models pull {name}"):
+            models.pull(name, settings, progress=False)
+
+
+# -- refine -----------------------------------------------------------------------------------------------------------
+
+
+def install(settings: Settings, name: str, source: Path) -> Path:
+    target = models.model_dir(name, settings)
+    shutil.copytree(source, target)
+    (target / models.MARKER).write_text(json.dumps({"name": name, "backend": name, "repos": []}))
+    return target
+
+
+def test_refine_with_edgetam(tiny_clipseg_dir: Path, edgetam_dir: Path, settings: Settings, coffee: np.ndarray) -> None:
+    install(settings, "edgetam", edgetam_dir)
+    gen = MaskGenerator(str(tiny_clipseg_dir), settings)
+    assert gen.open is not None
+    score_map = gen.open.score(gen.open.encode(coffee), ["cup"]).maps[0]
+    t = float(np.quantile(score_map, 0.8))
+    result = gen.generate(coffee, "cup", threshold=t, refine=True, grow_mask=0)
+    assert result.backend == "clipseg+edgetam"
+    found = regions(score_map, t, max(1, round(0.0005 * score_map.size)))
+    seg = load_mask_head(find_mask_head_folder(settings), settings)
+    assert isinstance(seg, EdgeTamSegmenter)
+    boxes = np.array([r.box for r in found], np.float32)
+    points = np.array([[r.peak] for r in found], np.float32)
+    want = seg.segment(seg.embed(coffee), boxes=boxes, points=points).probs >= 0.5
+    assert len(result.instance_masks) == len(found) > 0
+    for inst, m in zip(result.instance_masks, want, strict=True):
+        assert np.array_equal(inst > 0, m)
+
+
+def test_mask_head_setting_picks_the_head(edgetam_dir: Path, tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path)
+    install(settings, "edgetam", edgetam_dir)
+    sam = install(settings, "sam", make_tiny_sam(tmp_path / "sam-src"))
+    assert find_mask_head_folder(settings) == sam  # auto: SAM first
+    assert find_mask_head_folder(Settings(data_dir=tmp_path, mask_head="edgetam")).name == "edgetam"
+    empty = Settings(data_dir=tmp_path / "empty", mask_head="edgetam")
+    with pytest.raises(ModelNotAvailableError, match="automask models pull edgetam"):
+        find_mask_head_folder(empty)
