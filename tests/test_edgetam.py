@@ -186,6 +186,33 @@ def test_cli_json_with_grounded_edgetam(ge_dir: Path, coffee: np.ndarray, tmp_pa
     assert all(d["label"] == "cup" and len(d["box"]) == 4 for d in meta["detections"])
 
 
+def test_http_v1_with_grounded_edgetam(ge_dir: Path, coffee: np.ndarray, tmp_path: Path) -> None:
+    """A live server on loopback with the grounded-edgetam folder as its model: v1 JSON carries the instances, and
+    the mask equals the library's."""
+    import base64
+
+    import httpx
+
+    from automask.server.app import create_app
+    from automask.server.config import ServerSettings
+    from server_helpers import LiveServer, decode, png_bytes, wait_ready
+
+    settings = Settings(data_dir=tmp_path / "data", model=str(ge_dir))
+    with LiveServer(create_app(settings, ServerSettings(auth=False))) as live:
+        wait_ready(live.url, 120)
+        body = {"image": base64.b64encode(png_bytes(coffee)).decode(), "prompt": "cup", "threshold": 0.3,
+                "grow_mask": 0, "base64": True}  # fmt: skip
+        r = httpx.post(f"{live.url}/v1/automatic-mask-generator", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    meta = r.json()
+    want = MaskGenerator(str(ge_dir), Settings(data_dir=tmp_path / "d")).generate(
+        coffee, "cup", threshold=0.3, grow_mask=0
+    )
+    assert meta["backend"] == "grounded-edgetam" and meta["model"] == ge_dir.name  # a name, never the path
+    assert [d["label"] for d in meta["detections"]] == [d.label for d in want.detections] and want.detections
+    assert np.array_equal(decode(base64.b64decode(meta["image"])), want.mask)
+
+
 def test_presets(ge_dir: Path, tmp_path: Path) -> None:
     """reference (default): float32, the detector at its processor's size; fast: 512 cap and bf16 where native."""
     from automask.backends.sam import choose_dtype
