@@ -176,12 +176,23 @@ def test_v1_through_both_nodes_answers_as_the_single_process_does(fleet: Fleet, 
             for volatile in ("timings", "inference_time"):
                 as_json.pop(volatile), single_json.pop(volatile)
             assert as_json == single_json
+            instances = {**body, "base64": True, "instance_masks": True}  # automask extension: per-target masks
+            mine_json = httpx.post(f"{fleet.urls[node]}/v1/{SLUG}", json=instances, headers={"x-api-key": token})
+            single_instances = httpx.post(f"{single.url}/v1/{SLUG}", json=instances,
+                                          headers={"x-api-key": single_token}).json()  # fmt: skip
+            assert mine_json.status_code == 200, mine_json.text
+            assert len(mine_json.json()["instances"]) == 1
+            assert mine_json.json()["instances"] == single_instances["instances"]  # the same PNGs, byte for byte
             for bad in ({"threshold": 1.5}, {"model": "nope"}, {"image": "bm90IGFuIGltYWdl"}):
                 sent = {**body, **bad}
                 mine = httpx.post(f"{fleet.urls[node]}/v1/{SLUG}", json=sent, headers={"x-api-key": token})
                 theirs = httpx.post(f"{single.url}/v1/{SLUG}", json=sent, headers={"x-api-key": single_token})
                 assert (mine.status_code, mine.content) == (theirs.status_code, theirs.content), bad
-    assert credits(fleet.store, key.id) == 20 - 4  # two PNGs and two JSON answers; errors are free
+        sub = fleet.sdk("api-a", token).submit_async(SLUG, **body, instance_masks=True)  # v2, run by a worker
+        sub.wait(timeout=60, interval=0.2)
+        v2 = httpx.get(f"{fleet.urls['api-b']}/v2/requests/{sub.request_id}", headers={"x-api-key": token}).json()
+        assert v2["instances"] == single_instances["instances"]
+    assert credits(fleet.store, key.id) == 20 - 7  # two PNGs, four JSON answers, one v2 job; errors are free
 
 
 def test_a_key_limited_to_n_per_minute_gets_n_answers_across_both_nodes(fleet: Fleet) -> None:

@@ -15,7 +15,9 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
+from scipy import ndimage
 
+from automask import postprocess as pp
 from automask.settings import Settings
 from loopback import serve_http
 from server_helpers import decode, install_as_catalogue
@@ -86,7 +88,7 @@ def tab(context: Any, live: Live) -> Iterator[Tab]:
 
 def sent_options(tab: Tab) -> dict[str, Any]:
     """The last API request's options, as any client would send them (the image as a binary answer)."""
-    return {k: v for k, v in tab.api_bodies[-1].items() if k not in ("base64",)}
+    return {k: v for k, v in tab.api_bodies[-1].items() if k not in ("base64", "instance_masks")}
 
 
 # ---- getting an image in -------------------------------------------------------------------------------
@@ -309,31 +311,85 @@ def test_targets_list_toggle_and_download(tab: Tab, live: Live, photo: Path) -> 
     page = tab.page
     pick_photo(page, photo)
     set_first_options(page)
-    submit_prompt(page, "person, cup")
-    answer = live.api(data_uri(photo), **{**FIRST, "prompt": "person, cup"}, base64=True).json()
+    first = submit_prompt(page, "person, cup")
+    assert tab.api_bodies[-1]["instance_masks"] is True  # each target's own mask comes in the same answer
+    answer = live.api(data_uri(photo), **{**FIRST, "prompt": "person, cup"}, base64=True, instance_masks=True).json()
     dets = answer["detections"]
     assert [d["label"] for d in dets] == ["person", "cup"]
     rows = page.eval_on_selector_all("#instances li", "rows => rows.map(r => r.textContent)")
     assert len(rows) == 2
     for row, det in zip(rows, dets, strict=True):
         assert det["label"] in row and f"{det['area']:,} px" in row and f"score {det['score']:.2f}" in row
+    assert "approximate" not in page.inner_text("#instances-box") and "box" not in page.inner_text("#instances-hint")
     mask = decode(base64.b64decode(answer["image"]))
-
-    def region(det: dict[str, Any]) -> np.ndarray:
-        x0, y0, x1, y1 = det["box"]
-        inside = np.zeros(mask.shape, bool)
-        inside[int(np.floor(y0)) : int(np.ceil(y1)), int(np.floor(x0)) : int(np.ceil(x1))] = True
-        return inside
+    person, cup = (decode(base64.b64decode(inst["mask"])) > 0 for inst in answer["instances"])
+    assert (cup & ~person).sum() > 1000 and (cup & person).sum() > 1000, "the test needs overlapping targets"
 
     with page.expect_download() as info:
         page.click("#instances li:nth-child(1) button")
     assert info.value.suggested_filename == "astronaut-00-person.png"
-    assert np.array_equal(decode(Path(info.value.path()).read_bytes()), np.where(region(dets[0]), mask, 0))
-    page.uncheck("#instances li:nth-child(2) input")  # leave "cup" out: no request, the mask changes here
-    expected = np.where(region(dets[1]) & ~region(dets[0]), 0, mask)
-    assert np.array_equal(decode(download(page, "#dl-mask")), expected)
-    assert f"{int(np.count_nonzero(expected)):,} pixels selected" in page.inner_text("#status")
+    assert np.array_equal(decode(Path(info.value.path()).read_bytes()), pp.to_uint8(person))  # the server's own
+    page.uncheck("#instances li:nth-child(2) input")  # leave "cup" out: no request, exactly its pixels go
+    page.wait_for_selector("#result[data-targets='10']")
+    shown = decode(download(page, "#dl-mask"))
+    assert np.array_equal(shown, np.where(cup & ~person, 0, mask))
+    assert np.array_equal(shown, pp.to_uint8(person))  # the mask of the targets left, exactly
+    assert f"{int(np.count_nonzero(shown)):,} pixels selected" in page.inner_text("#status")
+    page.check("input[name=show][value=mask]")
+    screen = shot(page, "#canvas-box", "desktop-targets-one-off")[..., 0]
+    assert screen.shape == mask.shape and np.abs(screen.astype(int) - shown).mean() < 1  # shown at native size
+    assert screen[cup & ~person].mean() < 5 and screen[person].mean() > 250  # cup's own pixels went, person's stay
+    page.check("#instances li:nth-child(2) input")  # back on: the server's mask again
+    page.wait_for_selector("#result[data-targets='11']")
+    assert np.array_equal(decode(download(page, "#dl-mask")), mask)
     assert len(tab.api_bodies) == 1
+
+    # grown: each target's mask grows as the server grows the selection (the library's exact Euclidean growth)
+    set_slider(page, "#grow_mask", "ArrowRight", 5)
+    wait_result(page, first, grow_mask=5)
+    assert len(tab.api_bodies) == 2
+    grown = {label: pp.to_uint8(pp.grow(m, 5)) for label, m in (("person", person), ("cup", cup))}
+    assert np.array_equal(decode(download(page, "#instances li:nth-child(2) button")), grown["cup"])
+    page.uncheck("#instances li:nth-child(2) input")
+    page.wait_for_selector("#result[data-targets='10']")
+    assert np.array_equal(decode(download(page, "#dl-mask")), grown["person"])
+    assert len(tab.api_bodies) == 2
+    if "feather" not in httpx.get(f"{live.url}/web/config").json()["options"]:
+        return
+    # feathered (the cut-out's grow 0, feather 2): cup's soft edge goes with it, nothing beyond person's edge stays
+    set_slider(page, "#grow_mask", "ArrowRight", 5)  # back to the default growth, which a cut-out replaces
+    wait_result(page, None, grow_mask=10)
+    page.check("input[name=show][value=cutout]")
+    wait_result(page, None, grow_mask=0, feather=2)
+    soft = decode(base64.b64decode(live.api(**sent_options(tab), base64=True).json()["image"]))
+    page.uncheck("#instances li:nth-child(2) input")
+    page.wait_for_selector("#result[data-targets='10']")
+    owned = {label: pp.grow(m, 2) for label, m in (("person", person), ("cup", cup))}
+    shown = decode(download(page, "#dl-mask"))
+    assert np.array_equal(shown, np.where(owned["cup"] & ~owned["person"], 0, soft))
+    assert not shown[~owned["person"]].any() and soft[~owned["person"]].any()
+    assert len(tab.api_bodies) == 4
+
+
+GROW = """async ([bytes, width, height, radius]) => {
+  const { growMask } = await import('/static/render.js');
+  return Array.from(growMask(Uint8Array.from(bytes), width, height, radius));
+}"""
+
+
+def test_the_page_grows_a_target_as_the_library_does(tab: Tab) -> None:
+    """render.js's growMask (a target's mask grown by grow_mask, in the page) equals automask.postprocess.grow."""
+    rng = np.random.default_rng(5)
+    h, w = 60, 90
+    blobs = ndimage.gaussian_filter(rng.random((h, w)), 3) > 0.52  # irregular shapes touching the borders
+    dot = np.zeros((h, w), bool)
+    dot[7, 80] = True
+    for mask in (blobs, dot, np.zeros((h, w), bool)):
+        for radius in (0, 1, 2, 5, 13, 37, 100):
+            got = tab.page.evaluate(GROW, [pp.to_uint8(mask).ravel().tolist(), w, h, radius])
+            want = pp.to_uint8(pp.grow(mask, radius))
+            assert np.array_equal(np.array(got, np.uint8).reshape(h, w), want), (int(mask.sum()), radius)
+    assert 0.1 < blobs.mean() < 0.9
 
 
 def test_cutout_has_no_halo_by_default(tab: Tab, live: Live, photo: Path) -> None:

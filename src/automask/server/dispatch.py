@@ -18,10 +18,10 @@ from typing import Protocol
 from automask.errors import AutomaskError, ModelNotAvailableError
 from automask.pipeline import MaskGenerator
 from automask.server.config import ServerSettings
-from automask.server.execute import Outcome, execute_job
+from automask.server.execute import Outcome, answer, execute_job
 from automask.server.jobs import Jobs
 from automask.server.nodes import Heartbeat, new_node_id
-from automask.server.runner import ModelEntry, Runner, inference_time, served_metadata
+from automask.server.runner import ModelEntry, Runner
 from automask.server.schemas import MaskRequest
 from automask.server.store import Store
 from automask.settings import Settings
@@ -55,6 +55,10 @@ class Dispatcher(Protocol):
 
     def publish(self, job_id: str, model: str | None) -> None:
         """Hand stored v2 job `job_id` to whatever runs jobs (at least once; a duplicate is harmless)."""
+
+    @property
+    def node(self) -> str | None:
+        """This process's node id when it runs jobs itself (its sweeper never takes them over), else None."""
 
     def readiness(self) -> str | None:
         """None when requests can be answered now, else why not (public: names models, never paths)."""
@@ -109,8 +113,7 @@ class LocalDispatcher:
 
     async def run_v1(self, request: MaskRequest, model: str, request_id: str) -> Outcome:
         result, _ = await self.runner.run(request.image, request.prompt, request.options(), model)
-        png = await asyncio.to_thread(result.to_png)
-        return Outcome(200, png, served_metadata(result, model), inference_time(result))
+        return await asyncio.to_thread(answer, result, request, model)
 
     def publish(self, job_id: str, model: str | None) -> None:
         if self._loop is None:

@@ -2,17 +2,20 @@
 
 `execute_job` runs a stored v2 job by id (claim, run, complete or fail); `compute` answers a v1 request as an
 `Outcome` (the PNG and metadata, or the error status and message) that can travel from a worker to the API node
-that holds the client, which renders it exactly as if it had computed it itself.
+that holds the client, which renders it exactly as if it had computed it itself. Both build their answer with
+`answer` (the PNG, and the metadata the JSON body carries).
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from automask.errors import AutomaskError, ModelNotAvailableError
+from automask.result import MaskResult, encode_png
 from automask.server.errors import status_of
 from automask.server.jobs import FAILED, Jobs
 from automask.server.runner import Runner, inference_time, served_metadata
@@ -43,6 +46,26 @@ class Outcome:
         return cls(png=png, **json.loads(head))
 
 
+def answer(result: MaskResult, request: MaskRequest, model: str) -> Outcome:
+    """The 200 `Outcome` of `result`, for v1 and v2 alike, wherever it was computed: the rendered PNG, the served
+    metadata (plus `instances` when the request asked for `instance_masks`) and the inference time. CPU work
+    (PNG encoding): call it off the event loop."""
+    metadata = served_metadata(result, model)
+    if request.instance_masks:
+        metadata["instances"] = instances(result)
+    return Outcome(200, result.to_png(), metadata, inference_time(result))
+
+
+def instances(result: MaskResult) -> list[dict[str, Any]]:
+    """One `{"label", "score", "box", "area", "mask"}` per detection, in the order of `detections`; `mask` is
+    `result.instance_masks[i]` (H×W uint8, 255 = selected, thresholded, before negative_prompt and grow/invert) as
+    a base64 PNG."""
+    return [
+        {**det.to_dict(), "mask": base64.b64encode(encode_png(mask)).decode("ascii")}
+        for det, mask in zip(result.detections, result.instance_masks, strict=True)
+    ]
+
+
 def unexpected_error(request_id: str) -> str:
     """The 500 message of an unexpected error: the request id the server log has, no internals."""
     return f"Unexpected server error (request id {request_id}); the server log has the details."
@@ -52,7 +75,7 @@ def compute(runner: Runner, request: MaskRequest, model: str, request_id: str) -
     """Answer a v1 request in this thread: never raises (an unexpected error is logged and becomes a 500)."""
     try:
         result, _ = runner.run_blocking(request.image, request.prompt, request.options(), model)
-        return Outcome(200, result.to_png(), served_metadata(result, model), inference_time(result))
+        return answer(result, request, model)
     except AutomaskError as exc:
         return Outcome(status_of(exc), error=exc.message)
     except Exception:
@@ -92,7 +115,8 @@ def execute_job(
             jobs.release(job_id)
             return "QUEUED"
         result, seconds = runner.run_blocking(req.image, req.prompt, req.options(), model)
-        if jobs.complete(job_id, result.to_png(), served_metadata(result, model), seconds):
+        done = answer(result, req, model)
+        if jobs.complete(job_id, done.png, done.metadata, seconds):
             return "COMPLETED"
         return None
     except AutomaskError as exc:

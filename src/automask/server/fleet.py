@@ -123,6 +123,10 @@ class CeleryDispatcher:
         await self.redis.aclose()
         self.app.close()
 
+    @property
+    def node(self) -> str | None:
+        return None  # an API node runs no jobs
+
     # -- which models the fleet serves ------------------------------------------------------------------
 
     def _live_workers(self) -> list[nodes.Node]:
@@ -201,7 +205,7 @@ class CeleryDispatcher:
         ttl = int(self.server.timeout + V1_TTL_MARGIN)
         deadline = time.time() + self.server.timeout
         upload = request.image if isinstance(request.image, bytes) else None
-        body = request.model_dump_json(exclude={"image"} if upload is not None else None)
+        body = request.model_dump_json(exclude={"image"} if upload is not None else None, exclude_defaults=True)
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.set(keys["request"], body, ex=ttl)
             if upload is not None:

@@ -93,7 +93,8 @@ class Jobs:
         406: no credits; 429: the key has `max_per_key` unfinished jobs; 503: the queue holds `max_total`."""
         job_id = uuid.uuid4().hex
         upload = request.image if isinstance(request.image, bytes) else None
-        body = request.model_dump_json(exclude={"image"} if upload is not None else None)
+        # defaults left out: a worker of the previous release still reads a request that names no new field
+        body = request.model_dump_json(exclude={"image"} if upload is not None else None, exclude_defaults=True)
         now = time.time()
         with self.store.transaction() as conn:
             self._check_room(conn, key_id)

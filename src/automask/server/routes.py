@@ -23,6 +23,7 @@ from fastapi.security import APIKeyHeader
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.requests import ClientDisconnect
 
+from automask.errors import InvalidOptionError
 from automask.imageio.decode import check_encoded_size
 from automask.server import keys
 from automask.server.config import ServerSettings
@@ -281,6 +282,10 @@ def check_image_size(image: str | bytes, settings: Settings) -> None:
 )
 async def v1_generate(request: Request, key: CallerKey) -> Response:
     state, req, model = await accept(request, key)
+    if req.instance_masks and not req.base64:
+        raise InvalidOptionError(
+            "instance_masks", "needs base64: true on v1 (the instances come in the JSON answer; a PNG body has none)"
+        )
     async with credit_hold(state, key, uuid.uuid4().hex):
         request_id = request.scope.get("state", {}).get("request_id", "")
         outcome = await unless_client_leaves(request, state.dispatcher.run_v1(req, model, request_id))

@@ -25,9 +25,9 @@ FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 
 class MaskRequest(MaskOptions):
     """`POST /v1|v2/automatic-mask-generator`: the image, the prompt, every `MaskOptions` field (the automask
-    extensions negative_prompt, fill_holes, min_area, feather among them: all optional), `base64`, and `model`
-    (an automask extension). Order of operations: score -> threshold -> negative_prompt -> fill_holes -> min_area
-    -> grow_mask -> invert_mask -> feather -> render."""
+    extensions negative_prompt, fill_holes, min_area, feather among them: all optional), `base64`, and the automask
+    extensions `model` and `instance_masks`. Order of operations: score -> threshold -> negative_prompt ->
+    fill_holes -> min_area -> grow_mask -> invert_mask -> feather -> render."""
 
     image: str | bytes = Field(
         description="An http(s) URL, a bare base64 string or a data:image/...;base64, URI "
@@ -44,6 +44,15 @@ class MaskRequest(MaskOptions):
         description=MaskOptions.model_fields["negative_prompt"].description,
     )
     base64: bool = Field(False, description='true: answer JSON {"image": "<base64 PNG>", ...metadata}.')
+    instance_masks: bool = Field(
+        False,
+        description='automask extension (the hosted API has no such field): true adds "instances" to the JSON '
+        'answer, one {"label", "score", "box", "area", "mask"} per entry of "detections" (same order), "mask" '
+        "being that instance's own mask as a base64 PNG (H×W 8-bit grayscale, 255 = selected; thresholded, "
+        "before negative_prompt, fill_holes, min_area, grow_mask, invert_mask and feather). v1 needs base64: "
+        "true with it (a PNG body has no room for them: 400 otherwise); v2 carries them in the JSON of "
+        "GET /v2/requests/{id} whatever base64 is.",
+    )
     model: str | None = Field(
         None,
         max_length=MAX_MODEL_NAME,

@@ -58,6 +58,8 @@ class Sweeper:
             if not mine:
                 return done
             live = [n.id for n in nodes.live(self.store, self.server.node_ttl)]
+            if self.dispatcher.node is not None:  # this process is alive, whatever its heartbeat's delay
+                live.append(self.dispatcher.node)
             for job_id, model in self.jobs.orphaned(live):
                 self.dispatcher.publish(job_id, model)
                 done["requeued"] += 1

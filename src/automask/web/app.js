@@ -1,7 +1,7 @@
 // automask's try-it page: a plain client of the public v1 API (no framework, no build step).
 //
-// One charged request per mask: POST v1/automatic-mask-generator with base64=true answers the mask and the
-// targets found; the overlay, cut-out, preview, their downloads and per-target masks are rendered here from
+// One charged request per mask: POST v1/automatic-mask-generator with base64=true and instance_masks=true answers
+// the mask, the targets found and each target's own mask; the overlay, cut-out, preview, their downloads and per-target masks are rendered here from
 // that mask and the image. A request the user no longer wants (new image, new prompt, new settings, Cancel)
 // is aborted, and the server neither runs nor charges it. Results already seen are shown again from memory.
 
@@ -13,7 +13,7 @@ import { choosingModel, chosenModel as chosenOf, fillModels, serverInfo, showMod
 import { KEY_STORAGE, applyControls, loadPrefs, readControls, savePrefs, vocabularyProblem } from "./prefs.js";
 import { base64Bytes, countSelected, decodeMask, withTargets } from "./render.js";
 import { clearError, formatMs, setBusy, setFacts, setStale, setStatus, showError as sayError } from "./status.js";
-import { showTargets } from "./targets.js";
+import { ownerRadius, showTargets, targetMasks } from "./targets.js";
 import { Viewer } from "./viewer.js";
 
 const $ = (id) => document.getElementById(id);
@@ -23,7 +23,7 @@ const AUTO_DELAY_MS = 300;
 const state = {
   config: { auth: true, models: [], vocabulary: {}, options: [], examples: [] },
   image: null, // {id, kind: "file"|"url", name, src, pixels: {data, width, height}|null, shown: bool}
-  result: null, // {opts, imageId, mask, width, height, blob, data, ms, serverMs, enabled: bool[], fromCache}
+  result: null, // {opts, imageId, mask, width, height, blob, data, ms, serverMs, enabled: bool[], owners, fromCache}
   cache: new Map(), // `${imageId}|${options}` -> result: seen masks are shown again without a request
   seq: 0,
   shown: 0,
@@ -279,15 +279,15 @@ function currentShow() {
   return document.querySelector("input[name=show]:checked").value;
 }
 
-// The shown mask: the server's mask without the targets switched off in the list.
+// The shown mask: the server's mask without the pixels of the targets switched off in the list (`owners`: each
+// target's own mask, grown as the server grew the selection; loaded when a target is first switched off).
 function shownMask() {
   const r = state.result;
-  const grow = r.opts.invert_mask ? 0 : r.opts.grow_mask;
-  return withTargets(r.mask, r.width, r.height, r.data.detections || [], r.enabled, grow);
+  return r.enabled.every(Boolean) ? r.mask : withTargets(r.mask, r.owners, r.enabled);
 }
 
 async function showResult(result) {
-  state.result = { ...result, enabled: (result.data.detections || []).map(() => true) };
+  state.result = { ...result, enabled: (result.data.detections || []).map(() => true), owners: null };
   clearError();
   setStale(null);
   draw();
@@ -300,6 +300,7 @@ async function showResult(result) {
   setStatus(`${done} ${selectedText()}`);
   setFacts(result, server);
   $("result").dataset.options = JSON.stringify(result.opts);
+  $("result").dataset.targets = state.result.enabled.map(Number).join("");
   $("result").dataset.ready = String(++state.shown);
 }
 
@@ -324,11 +325,16 @@ function draw() {
 function renderTargets() {
   const r = state.result;
   showTargets(r, {
-    toggle(i, on) {
-      r.enabled[i] = on;
-      draw();
-      setStatus(selectedText());
-    },
+    toggle: (i, on) =>
+      guarded(async () => {
+        const owners = await targetMasks(r, ownerRadius(r.opts));
+        if (state.result !== r) return;
+        r.owners = owners;
+        r.enabled[i] = on;
+        draw();
+        setStatus(selectedText());
+        $("result").dataset.targets = r.enabled.map(Number).join("");
+      })(),
     download: (i) => guarded(() => files.target(i))(),
   });
 }
@@ -342,6 +348,7 @@ function clearResult() {
   setStale(null);
   delete $("result").dataset.ready;
   delete $("result").dataset.options;
+  delete $("result").dataset.targets;
 }
 
 function setOutputsEnabled(on) {

@@ -2,7 +2,8 @@
 // image from another site (its pixels unreadable here) needs the server for a cut-out or preview.
 
 import { requestImage } from "./api.js";
-import { cutoutPixels, encodePng, previewPixels, targetMask } from "./render.js";
+import { cutoutPixels, encodePng, previewPixels } from "./render.js";
+import { targetMasks } from "./targets.js";
 
 // ctx: {state, shownMask(), payload(opts), apiKey(), refreshCredits(), setStatus(text)}
 export function downloads(ctx) {
@@ -53,12 +54,13 @@ export function downloads(ctx) {
     mask: async () => save(await maskPng(), `${baseName()}-mask.png`),
     cutout: async () => save(await rendered("alpha"), `${baseName()}-cutout.png`),
     preview: async () => save(await rendered("preview"), `${baseName()}-preview.png`),
+    // Target i's own mask from the server, grown by grow_mask (never inverted), as `automask mask --instances`.
     async target(i) {
       const r = state.result;
       const det = r.data.detections[i];
-      const grow = r.opts.invert_mask ? 0 : r.opts.grow_mask;
       const slug = String(det.label).toLowerCase().replace(/[^a-z0-9]+/g, "-").replace(/^-|-$/g, "") || "target";
-      const blob = await encodePng(targetMask(r.mask, r.width, r.height, det, grow), r.width, r.height, 1);
+      const mask = (await targetMasks(r, r.opts.grow_mask || 0))[i];
+      const blob = await encodePng(mask, r.width, r.height, 1);
       save(blob, `${baseName()}-${String(i).padStart(2, "0")}-${slug}.png`);
     },
     async copy() {

@@ -1,5 +1,6 @@
 // Pixels: decoding the server's mask, the overlay / cut-out / preview the page renders from the mask and the
-// image, per-target masks, and a PNG encoder (exact pixel values, no canvas premultiplication).
+// image, growing a mask and leaving targets out of it, and a PNG encoder (exact pixel values, no canvas
+// premultiplication).
 //
 // Conventions: a mask is a Uint8Array of width*height bytes, row-major, 255 = selected (soft values when
 // feathered); an image is RGBA bytes (ImageData.data) of the same size, in the image's upright orientation.
@@ -46,47 +47,88 @@ export function countSelected(mask) {
   return n;
 }
 
-// A detection's box (XYXY pixels, exclusive max) widened by `grow` pixels and clipped to the image.
-function boxOf(det, grow, width, height) {
-  if (!det || !Array.isArray(det.box)) return null;
-  const [x0, y0, x1, y1] = det.box;
-  return [
-    Math.max(0, Math.floor(x0 - grow)),
-    Math.max(0, Math.floor(y0 - grow)),
-    Math.min(width, Math.ceil(x1 + grow)),
-    Math.min(height, Math.ceil(y1 + grow)),
-  ];
-}
-
-export function canToggle(det) {
-  return Boolean(det && Array.isArray(det.box));
-}
-
-// The mask without the targets switched off: a pixel is cleared when it lies in the (grown) box of a target
-// that is off and in no box of a target that is on.
-export function withTargets(mask, width, height, detections, enabled, grow) {
-  if (enabled.every(Boolean)) return mask;
-  const flag = new Uint8Array(width * height); // 1: in an off box; 2: in an on box
-  const paint = (box, value) => {
-    if (!box) return;
-    for (let y = box[1]; y < box[3]; y += 1) flag.fill(value, y * width + box[0], y * width + box[2]);
-  };
-  detections.forEach((det, i) => !enabled[i] && paint(boxOf(det, grow, width, height), 1));
-  detections.forEach((det, i) => enabled[i] && paint(boxOf(det, grow, width, height), 2));
-  const out = new Uint8Array(mask);
-  for (let i = 0; i < out.length; i += 1) if (flag[i] === 1) out[i] = 0;
+// The mask grown by `radius` pixels: a pixel is selected iff its Euclidean distance to a selected pixel (>= 128)
+// is <= radius (automask.postprocess.grow, exactly: squared distances are integers). Felzenszwalb & Huttenlocher's
+// distance transform, on the selection's box widened by `radius` (no pixel farther out can be selected).
+export function growMask(mask, width, height, radius) {
+  let [x0, y0, x1, y1] = [width, height, -1, -1];
+  for (let y = 0; y < height; y += 1) {
+    for (let x = 0; x < width; x += 1) {
+      if (mask[y * width + x] < 128) continue;
+      if (x < x0) x0 = x;
+      if (x > x1) x1 = x;
+      if (y < y0) y0 = y;
+      y1 = y;
+    }
+  }
+  const out = new Uint8Array(mask.length);
+  if (x1 < 0) return out;
+  const r = Math.max(0, Math.floor(radius));
+  [x0, y0] = [Math.max(0, x0 - r), Math.max(0, y0 - r)];
+  [x1, y1] = [Math.min(width, x1 + 1 + r), Math.min(height, y1 + 1 + r)];
+  const w = x1 - x0;
+  const h = y1 - y0;
+  const rowDist = rowDistances(mask, width, x0, y0, w, h); // squared, -1: no selected pixel in the row
+  const v = new Int32Array(h); // the envelope's parabolas (their rows) ...
+  const z = new Float64Array(h + 1); // ... and where each starts
+  const f = (q, x) => rowDist[q * w + x];
+  for (let x = 0; x < w; x += 1) {
+    let k = -1;
+    for (let q = 0; q < h; q += 1) {
+      if (f(q, x) < 0) continue;
+      let s = -Infinity;
+      while (k >= 0) {
+        s = (f(q, x) + q * q - (f(v[k], x) + v[k] * v[k])) / (2 * (q - v[k]));
+        if (s > z[k]) break;
+        k -= 1;
+      }
+      k += 1;
+      v[k] = q;
+      z[k] = k === 0 ? -Infinity : s;
+      z[k + 1] = Infinity;
+    }
+    if (k < 0) continue;
+    for (let y = 0, j = 0; y < h; y += 1) {
+      while (z[j + 1] < y) j += 1;
+      const d = (y - v[j]) * (y - v[j]) + f(v[j], x);
+      if (d <= r * r) out[(y + y0) * width + x + x0] = 255;
+    }
+  }
   return out;
 }
 
-// One target's mask: the mask inside its (grown) box, 0 elsewhere.
-export function targetMask(mask, width, height, det, grow) {
-  const out = new Uint8Array(mask.length);
-  const box = boxOf(det, grow, width, height);
-  if (!box) return out;
-  for (let y = box[1]; y < box[3]; y += 1) {
-    const row = y * width;
-    out.set(mask.subarray(row + box[0], row + box[2]), row + box[0]);
+// Per row of the w×h box at (x0, y0): the squared distance to the nearest selected pixel of the same row, -1 if none.
+function rowDistances(mask, width, x0, y0, w, h) {
+  const out = new Float64Array(w * h);
+  for (let y = 0; y < h; y += 1) {
+    const row = (y + y0) * width + x0;
+    let last = -Infinity;
+    for (let x = 0; x < w; x += 1) {
+      if (mask[row + x] >= 128) last = x;
+      out[y * w + x] = x - last;
+    }
+    last = Infinity;
+    for (let x = w - 1; x >= 0; x -= 1) {
+      if (mask[row + x] >= 128) last = x;
+      const d = Math.min(out[y * w + x], last - x);
+      out[y * w + x] = Number.isFinite(d) ? d * d : -1;
+    }
   }
+  return out;
+}
+
+// The mask without the targets switched off: a pixel is cleared when a target that is off owns it and no target
+// that is on does. `owners`: one mask per target (its instance mask grown as the server grew the selection).
+export function withTargets(mask, owners, enabled) {
+  if (enabled.every(Boolean)) return mask;
+  const kept = new Uint8Array(mask.length);
+  owners.forEach((own, i) => {
+    if (enabled[i]) for (let j = 0; j < own.length; j += 1) kept[j] |= own[j];
+  });
+  const out = new Uint8Array(mask);
+  owners.forEach((own, i) => {
+    if (!enabled[i]) for (let j = 0; j < own.length; j += 1) if (own[j] && !kept[j]) out[j] = 0;
+  });
   return out;
 }
 
