@@ -52,3 +52,26 @@ def test_missing_fleet_settings_are_refused_with_the_fix(
     result = CliRunner().invoke(main, ["--data-dir", str(tmp_path), *args], env=env)
     assert result.exit_code == 9, result.output
     assert message in result.output and "Traceback" not in result.output
+
+
+def test_a_worker_that_cannot_reach_the_database_hands_the_task_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not a job stuck PROCESSING: the message goes back to the queue (redelivered, it may take the job over)."""
+    from types import SimpleNamespace
+
+    from celery.exceptions import Reject
+    from sqlalchemy.exc import OperationalError
+
+    from automask.server import worker
+    from automask.server.config import ServerSettings
+
+    def database_down(*args: object, **kwargs: object) -> None:
+        raise OperationalError("UPDATE jobs", {}, Exception("connection refused"))
+
+    monkeypatch.setattr(worker, "_WORKER", SimpleNamespace(node="n1", server=ServerSettings()))
+    monkeypatch.setattr(worker, "_process", lambda: SimpleNamespace(jobs=None, runner=None))
+    monkeypatch.setattr(worker, "execute_job", database_down)
+    monkeypatch.setattr(worker, "RETRY_PAUSE", 0.0)
+    task = SimpleNamespace(request=SimpleNamespace(delivery_info={"redelivered": False}))
+    with pytest.raises(Reject) as rejected:
+        worker.v2_task(task, "job-1")
+    assert rejected.value.requeue is True

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import update
 
 from automask.server import keys as keystore
 from automask.server import nodes
@@ -15,7 +16,7 @@ from automask.server.errors import ApiError
 from automask.server.jobs import CANCELLED, COMPLETED, FAILED, PROCESSING, QUEUED, Jobs
 from automask.server.migrations import ensure_schema
 from automask.server.schemas import MaskRequest
-from automask.server.store import Store
+from automask.server.store import Store, jobs_table
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -188,3 +189,14 @@ def test_a_node_that_stops_beating_is_dead(store: Store) -> None:
     assert nodes.heartbeat(store, "n1") and not nodes.heartbeat(store, "n2")
     assert nodes.live(store, ttl=-1) == []
     assert nodes.forget_dead(store, ttl=-1) == 1 and nodes.live(store, ttl=10) == []
+
+
+def test_a_run_older_than_any_run_may_last_is_lost_even_on_a_live_node(store: Store) -> None:
+    jobs = Jobs(store)
+    fresh, stale = (jobs.submit(None, request_of(), charge=False, model="m") for _ in range(2))
+    nodes.register(store, "alive", "worker", ["m"], "m")
+    assert jobs.claim(fresh, "alive") and jobs.claim(stale, "alive")
+    with store.transaction() as conn:  # `stale` started an hour ago
+        conn.execute(update(jobs_table).where(jobs_table.c.id == stale).values(started_at=time.time() - 3600))
+    assert jobs.orphaned(["alive"], started_before=time.time() - 600) == [(stale, "m")]
+    assert [jobs.get(j).status for j in (fresh, stale)] == [PROCESSING, QUEUED]  # type: ignore[union-attr]

@@ -250,14 +250,16 @@ class Jobs:
                 conn.execute(update(jobs_table).where(J.id.in_([r.id for r in rows])).values(published_at=now))
         return [(r.id, r.model) for r in rows]
 
-    def orphaned(self, live_nodes: list[str]) -> list[tuple[str, str | None]]:
-        """PROCESSING jobs whose node is not among `live_nodes` (it died mid-run): put back to QUEUED (the attempt
-        stays counted) and returned, to be handed to the dispatcher again."""
+    def orphaned(self, live_nodes: list[str], started_before: float | None = None) -> list[tuple[str, str | None]]:
+        """PROCESSING jobs whose node is not among `live_nodes` (it died mid-run), or that started before
+        `started_before` (longer ago than any run may last: the run was lost, e.g. its worker could not reach the
+        database to finish it): put back to QUEUED (the attempt stays counted) and returned, to be handed out again."""
         now = time.time()
+        lost = J.node.is_(None) | J.node.not_in(live_nodes)
+        if started_before is not None:
+            lost = lost | (J.started_at < started_before)
         with self.store.transaction() as conn:
-            rows = conn.execute(
-                select(J.id, J.model).where(J.status == PROCESSING, J.node.is_(None) | J.node.not_in(live_nodes))
-            ).all()
+            rows = conn.execute(select(J.id, J.model).where(J.status == PROCESSING, lost)).all()
             if rows:
                 conn.execute(
                     update(jobs_table)

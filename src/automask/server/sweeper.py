@@ -24,6 +24,9 @@ from automask.server.store import Store
 
 log = logging.getLogger("automask.server")
 LOCK_ID = 0x6175746F6D62  # the PostgreSQL advisory lock held while one node sweeps
+LONGEST_RUN_MARGIN = 120.0
+"""Seconds past the request timeout after which a PROCESSING job is taken as lost even though its node is alive
+(Celery's hard limit is timeout + 30 s; model loading in-process does not count against the timeout)."""
 
 
 @contextlib.contextmanager
@@ -60,7 +63,8 @@ class Sweeper:
             live = [n.id for n in nodes.live(self.store, self.server.node_ttl)]
             if self.dispatcher.node is not None:  # this process is alive, whatever its heartbeat's delay
                 live.append(self.dispatcher.node)
-            for job_id, model in self.jobs.orphaned(live):
+            longest = self.server.timeout + LONGEST_RUN_MARGIN  # no run lasts longer: Celery kills it before
+            for job_id, model in self.jobs.orphaned(live, started_before=time.time() - longest):
                 self.dispatcher.publish(job_id, model)
                 done["requeued"] += 1
             for job_id, model in self.jobs.unpublished(time.time() - self.server.republish_after):

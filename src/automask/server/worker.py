@@ -13,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from automask.pipeline import MaskGenerator
 from automask.routing import plan_models
 from automask.server import nodes
@@ -25,6 +27,8 @@ from automask.server.store import Store
 from automask.settings import Settings
 
 log = logging.getLogger("automask.worker")
+RETRY_PAUSE = 2.0
+"""Seconds a worker waits before handing back a task it could not run because the database failed."""
 
 
 @dataclass
@@ -74,9 +78,17 @@ def v2_task(task: Any, job_id: str) -> str | None:
     assert _WORKER is not None
     proc = _process()
     takeover = bool((task.request.delivery_info or {}).get("redelivered"))
-    return execute_job(
-        proc.jobs, proc.runner, job_id, _WORKER.node, max_attempts=_WORKER.server.max_job_attempts, takeover=takeover
-    )
+    try:
+        return execute_job(
+            proc.jobs, proc.runner, job_id, _WORKER.node, max_attempts=_WORKER.server.max_job_attempts,
+            takeover=takeover,
+        )  # fmt: skip
+    except SQLAlchemyError as exc:  # the database is unreachable: hand the message back, after a pause
+        from celery.exceptions import Reject
+
+        log.warning("v2 job %s: database error (%s); returning it to the queue", job_id, exc)
+        time.sleep(RETRY_PAUSE)
+        raise Reject(str(exc), requeue=True) from None
 
 
 def v1_task(task: Any, rid: str, model: str, deadline: float, request_id: str) -> None:
