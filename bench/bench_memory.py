@@ -5,7 +5,8 @@
 The child process imports automask (from `--src` when given: e.g. an older checkout's `src/` to measure
 "before"), builds a tiny random CLIPSeg (tests/tiny_models.py: the model itself weighs a few MB, so what grows
 is the image's memory), then decodes the JPEG alone (`load_image`), then runs what the v1 endpoint runs:
-`generate(jpeg bytes, "cat", grow_mask=10)` -> the mask encoded as PNG. It reports the peak resident set size
+`generate(jpeg bytes, PROMPT, grow_mask=10)` -> the mask encoded as PNG (PROMPT: `--prompt`, default "cat").
+It reports the peak resident set size
 (ru_maxrss) after each stage; "image" is the growth above the baseline (imports + model): what the image costs.
 The JPEG is random 1/16-size noise upscaled bilinearly (smooth blocks, quality 90), width×height pixels.
 Results are appended to bench/results/bench_memory.json.
@@ -27,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CHILD = r"""
 import io, json, resource, sys, tempfile
 sys.path[:0] = [p for p in sys.argv[1:3] if p]
-width, height = int(sys.argv[3]), int(sys.argv[4])
+width, height, prompt = int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 
 def peak_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
@@ -51,7 +52,7 @@ gen.generate(np.zeros((64, 64, 3), np.uint8), "cat")  # load the model: part of 
 stages = {"baseline": peak_mb()}
 shape = list(load_image(jpeg, settings, allow_paths=False).shape)  # decoding alone
 stages["decode"] = peak_mb()
-result = gen.generate(jpeg, "cat", grow_mask=10, allow_paths=False)  # what the v1 endpoint runs
+result = gen.generate(jpeg, prompt, grow_mask=10, allow_paths=False)  # what the v1 endpoint runs
 stages["mask"] = peak_mb()
 out = io.BytesIO()
 Image.fromarray(result.mask).save(out, "PNG")
@@ -60,9 +61,9 @@ print(json.dumps({"stages_mb": stages, "jpeg_bytes": len(jpeg), "shape": shape})
 """
 
 
-def measure(src: str | None, width: int, height: int) -> dict[str, object]:
+def measure(src: str | None, width: int, height: int, prompt: str = "cat") -> dict[str, object]:
     """Run the child once (a fresh process) and return its stage peaks."""
-    cmd = [sys.executable, "-c", CHILD, src or "", str(ROOT / "tests"), str(width), str(height)]
+    cmd = [sys.executable, "-c", CHILD, src or "", str(ROOT / "tests"), str(width), str(height), prompt]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "AUTOMASK_THREADS": "1"}
     done = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env, timeout=900)
     if done.returncode != 0:
@@ -77,14 +78,16 @@ def main() -> None:
     parser.add_argument("--src", help="a source tree to import automask from (default: the installed one)")
     parser.add_argument("--width", type=int, default=7360)
     parser.add_argument("--height", type=int, default=4912)
+    parser.add_argument("--prompt", default="cat", help="the prompt (several targets: 'cat, dog, sofa')")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     args = parser.parse_args()
-    got = measure(args.src, args.width, args.height)
+    got = measure(args.src, args.width, args.height, args.prompt)
     stages = got["stages_mb"]
     assert isinstance(stages, dict)
     row = {
         "label": args.label,
         "megapixels": round(args.width * args.height / 1e6, 1),
+        "prompt": args.prompt,
         **got,
         "peak_mb": round(max(stages.values()), 1),
         "image_mb": round(max(stages.values()) - stages["baseline"], 1),

@@ -131,9 +131,13 @@ def test_maps_are_the_sigmoid_upsampled_to_the_original_size(tiny_clipseg_dir: P
     )[:, 0].numpy()
     assert scores.kind == "dense" and scores.labels == PROMPTS_3
     assert scores.maps.shape == (3, 400, 600) and scores.maps.dtype == np.float32
-    assert np.abs(scores.maps - expected).max() <= 1e-5
+    maps = np.asarray(scores.maps)
+    assert np.abs(maps - expected).max() <= 1e-5
     assert scores.scores is not None
-    np.testing.assert_allclose(scores.scores, scores.maps.reshape(3, -1).max(axis=1))
+    np.testing.assert_allclose(scores.scores, maps.reshape(3, -1).max(axis=1))
+    # the maps exist at full size one at a time (memory): each read equals the whole array's map
+    assert len(scores.maps) == 3 and all(np.array_equal(m, maps[i]) for i, m in enumerate(scores.maps))
+    assert np.array_equal(scores.maps[1], maps[1]) and np.array_equal(np.asarray(scores.maps[[2, 0]]), maps[[2, 0]])
 
 
 def test_several_prompts_score_as_each_alone(tiny_clipseg_dir: Path, chelsea: np.ndarray) -> None:

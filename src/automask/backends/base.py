@@ -15,7 +15,9 @@ import numpy as np
 class Scores:
     """What a backend returns for one image and N targets (or N detected instances).
 
-    maps:   N×H×W float32 in [0, 1], in original-image pixel coordinates (H, W of the input image).
+    maps:   N×H×W float32 in [0, 1], in original-image pixel coordinates (H, W of the input image): an array, or
+            an array-like that makes each map on demand (`clipseg.UpsampledMaps`: read it by iterating or
+            indexing, one map at a time, to keep memory to one full-size map).
     labels: N target or instance labels.
     kind:   "dense"     - a pixel of map i is selected iff maps[i] >= threshold (CLIPSeg-like score maps);
             "instances" - instance i is kept iff scores[i] >= threshold, and then its pixels with

@@ -12,6 +12,7 @@ are shared by the ONNX Runtime backend of the same checkpoint.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -112,8 +113,67 @@ def upsample(maps: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     h, w = size
     out = np.empty((maps.shape[0], h, w), np.float32)
     for i, m in enumerate(maps):
-        out[i] = cv2.resize(m.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
+        out[i] = upsample_one(m, size)
     return out
+
+
+def upsample_one(low: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """One s×s map -> H×W float32, bilinear (half-pixel centres, like align_corners=False)."""
+    h, w = size
+    return cv2.resize(low.astype(np.float32, copy=False), (w, h), interpolation=cv2.INTER_LINEAR)
+
+
+class UpsampledMaps:
+    """N×H×W float32 maps that exist at full size one at a time: the N×s×s low-resolution maps, each upsampled
+    (`upsample_one`) when it is read. Reads like the array `upsample(low, size)` would be — `shape`, `ndim`,
+    `len`, iteration, `maps[i]`, `maps[index_array]` (a subset, still lazy), `np.asarray(maps)` (all at once) —
+    but a request naming 32 targets on a 36-megapixel photo holds one 145 MB map at a time, not 32."""
+
+    dtype = np.dtype(np.float32)
+    ndim = 3
+
+    def __init__(self, low: np.ndarray, size: tuple[int, int]) -> None:
+        self.low = low
+        self.size = size
+        self.shape = (low.shape[0], *size)
+
+    def __len__(self) -> int:
+        return int(self.low.shape[0])
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return (upsample_one(m, self.size) for m in self.low)
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, (int, np.integer)):
+            return upsample_one(self.low[index], self.size)
+        return UpsampledMaps(self.low[index], self.size)
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        out = upsample(self.low, self.size)
+        return out if dtype is None else out.astype(dtype)
+
+    # Anything else (arithmetic, comparisons, `.max()`, `.reshape()`...) works on the whole array, made at once:
+    # convenient for callers that want the array, at the memory cost the class exists to avoid.
+    def __array_ufunc__(self, ufunc: Any, method: str, *inputs: Any, **kwargs: Any) -> Any:
+        args = [np.asarray(x) if isinstance(x, UpsampledMaps) else x for x in inputs]
+        return getattr(ufunc, method)(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(np.asarray(self), name)
+
+    def __sub__(self, other: Any) -> Any:
+        return np.subtract(np.asarray(self), other)
+
+    def __rsub__(self, other: Any) -> Any:
+        return np.subtract(other, np.asarray(self))
+
+    def __ge__(self, other: Any) -> Any:
+        return np.greater_equal(np.asarray(self), other)
+
+    def __lt__(self, other: Any) -> Any:
+        return np.less(np.asarray(self), other)
 
 
 @dataclass(frozen=True)
@@ -142,9 +202,9 @@ class ClipSegScoring:
         h, w = features.image_size
         if not prompts:
             return Scores(maps=np.zeros((0, h, w), np.float32), labels=[], kind="dense", scores=np.zeros(0, np.float32))
-        maps = upsample(sigmoid(self.logits(features, prompts)), (h, w))
-        peaks = maps.reshape(len(prompts), -1).max(axis=1).astype(np.float32)
-        return Scores(maps=maps, labels=list(prompts), kind="dense", scores=peaks)
+        maps = UpsampledMaps(sigmoid(self.logits(features, prompts)), (h, w))  # full size one at a time
+        peaks = np.array([m.max() for m in maps], np.float32)
+        return Scores(maps=maps, labels=list(prompts), kind="dense", scores=peaks)  # type: ignore[arg-type]
 
 
 class ClipSegBackend(ClipSegScoring):
