@@ -214,6 +214,17 @@ def test_a_poison_job_ends_failed_after_the_attempts_cap(fleet: Fleet) -> None:
     assert credits(fleet.store, key.id) == 3  # a failed job is free
 
 
+def test_a_v1_request_that_kills_its_worker_every_time_is_answered_500(fleet: Fleet) -> None:
+    key, token = keystore.create_key(fleet.store, credits=3)
+    r = httpx.post(f"{fleet.urls['api-b']}/v1/{SLUG}", json={"image": image_b64(8, 8), "prompt": "poison"},
+                   headers={"x-api-key": token}, timeout=60)  # fmt: skip
+    assert r.status_code == 500, r.text
+    assert r.json()["error"] == (
+        f"Unexpected server error (request id {r.headers['x-request-id']}); the server log has the details."
+    )
+    assert credits(fleet.store, key.id) == 3  # a failure is free
+
+
 def test_the_sweeper_republishes_a_job_whose_publish_was_lost(fleet: Fleet) -> None:
     key, token = keystore.create_key(fleet.store, credits=1)
     request = MaskRequest.model_validate({"image": image_b64(8, 8), "prompt": "sofa"})

@@ -45,9 +45,10 @@ def queue_name(kind: str, model: str) -> str:
 
 
 def v1_keys(request_id: str) -> dict[str, str]:
-    """The Redis keys of one v1 hand-off: the request, its image, the outcome list, the cancel flag."""
+    """The Redis keys of one v1 hand-off: the request, its image, the outcome list, the cancel flag, and how many
+    times a worker started it."""
     base = f"automask:v1:{request_id}:"
-    return {name: base + name for name in ("request", "image", "outcome", "cancel")}
+    return {name: base + name for name in ("request", "image", "outcome", "cancel", "starts")}
 
 
 def make_celery(broker_url: str, server: ServerSettings) -> Any:
@@ -241,7 +242,7 @@ class CeleryDispatcher:
         try:
             async with self.redis.pipeline(transaction=True) as pipe:
                 pipe.set(keys["cancel"], b"1", ex=ttl)
-                pipe.delete(keys["request"], keys["image"])
+                pipe.delete(keys["request"], keys["image"], keys["starts"])
                 await pipe.execute()
         except Exception:  # Redis is down: the hand-off keys expire on their own
             log.warning("could not cancel a v1 hand-off", exc_info=True)

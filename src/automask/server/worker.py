@@ -19,7 +19,7 @@ from automask.pipeline import MaskGenerator
 from automask.routing import plan_models
 from automask.server import nodes
 from automask.server.config import ServerSettings
-from automask.server.execute import compute, execute_job
+from automask.server.execute import Outcome, compute, execute_job, unexpected_error
 from automask.server.fleet import V1_TTL_MARGIN, make_celery, parse_v1, queue, require_fleet_settings, v1_keys
 from automask.server.jobs import Jobs
 from automask.server.runner import Runner, default_name
@@ -100,13 +100,19 @@ def v1_task(task: Any, rid: str, model: str, deadline: float, request_id: str) -
     body, image = proc.redis.mget([keys["request"], keys["image"]])
     if body is None:
         return  # expired or cancelled
-    outcome = compute(proc.runner, parse_v1(body, image), model, request_id)
     assert _WORKER is not None
     ttl = int(_WORKER.server.timeout + V1_TTL_MARGIN)
+    starts = int(proc.redis.incr(keys["starts"]))
+    proc.redis.expire(keys["starts"], ttl)
+    if starts > _WORKER.server.max_job_attempts:  # it killed the worker running it every time: a poison input
+        log.error("v1 request %s was started %d times and never finished; answering 500", request_id, starts - 1)
+        outcome = Outcome(500, error=unexpected_error(request_id))
+    else:
+        outcome = compute(proc.runner, parse_v1(body, image), model, request_id)
     pipe = proc.redis.pipeline(transaction=True)
     pipe.rpush(keys["outcome"], outcome.dumps())
     pipe.expire(keys["outcome"], ttl)
-    pipe.delete(keys["request"], keys["image"])
+    pipe.delete(keys["request"], keys["image"], keys["starts"])
     pipe.execute()
 
 
