@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -72,3 +73,21 @@ def test_refine_finds_and_wraps_sam_once_per_generator(
     for _ in range(3):
         gen.generate(coffee, "cup", refine=True)
     assert calls[2:] == [gen.open]  # found once, then kept
+
+
+def test_the_feature_cache_keeps_a_byte_budget() -> None:
+    """A few 36-megapixel feature maps (145 MB each) must not pile up: the cache drops the oldest past its budget
+    and never keeps an entry larger than the whole budget."""
+    from automask.pipeline import FeatureCache, nbytes
+
+    cache = FeatureCache(max_items=4, max_bytes=1000)
+    arrays = {name: np.zeros(n, np.uint8) for name, n in (("a", 400), ("b", 400), ("c", 400), ("huge", 1001))}
+    for name in ("a", "b"):
+        cache.put((name, b""), arrays[name])
+    assert cache.get(("a", b"")) is arrays["a"]  # a is now the most recently used
+    cache.put(("c", b""), arrays["c"])  # 1200 bytes: b, the least recently used, goes
+    assert cache.get(("b", b"")) is None and cache.get(("a", b"")) is arrays["a"] and cache.get(("c", b"")) is not None
+    cache.put(("huge", b""), arrays["huge"])
+    assert cache.get(("huge", b"")) is None and cache.get(("a", b"")) is not None
+    nested = SimpleNamespace(activations=(np.zeros(10, np.float32), np.zeros(5, np.float32)), image_size=(2, 3))
+    assert nbytes(nested) == 60 and nbytes(np.zeros((2, 2), np.float64)) == 32

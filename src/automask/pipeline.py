@@ -41,12 +41,41 @@ def image_digest(image: np.ndarray) -> bytes:
     return h.digest()
 
 
-class FeatureCache:
-    """A small LRU of encoded image features keyed by (backend, image content), thread-safe."""
+CACHE_BYTES = 256 * 1024 * 1024
+"""Most bytes of array data a `FeatureCache` keeps (the embedded model's features of a 36-megapixel photo are a
+145 MB float32 map: a few of those must not pile up in a server)."""
 
-    def __init__(self, max_items: int = 4) -> None:
+
+def nbytes(value: Any) -> int:
+    """Bytes of the arrays (numpy or torch) in `value`, looked for in it, its fields and its tuples/lists/dicts, two
+    levels deep: what caching it costs, roughly."""
+
+    def size(v: Any, depth: int) -> int:
+        if isinstance(v, np.ndarray):
+            return int(v.nbytes)
+        if hasattr(v, "element_size") and hasattr(v, "nelement"):  # a torch tensor, without importing torch
+            return int(v.element_size() * v.nelement())
+        if depth == 0:
+            return 0
+        if isinstance(v, (tuple, list)):
+            return sum(size(x, depth - 1) for x in v)
+        if isinstance(v, dict):
+            return sum(size(x, depth - 1) for x in v.values())
+        fields = getattr(v, "__dict__", None)
+        return sum(size(x, depth - 1) for x in fields.values()) if isinstance(fields, dict) else 0
+
+    return size(value, 2)
+
+
+class FeatureCache:
+    """A small LRU of encoded image features keyed by (backend, image content), thread-safe: at most `max_items`
+    entries and `max_bytes` of their arrays (an entry larger than that alone is not kept)."""
+
+    def __init__(self, max_items: int = 4, max_bytes: int = CACHE_BYTES) -> None:
         self.max_items = max_items
+        self.max_bytes = max_bytes
         self._items: OrderedDict[tuple[str, bytes], Any] = OrderedDict()
+        self._sizes: dict[tuple[str, bytes], int] = {}
         self._lock = threading.Lock()
 
     @staticmethod
@@ -66,11 +95,16 @@ class FeatureCache:
         """Cache `value` under `key`, dropping the least recently used entries past `max_items`."""
         if self.max_items <= 0:
             return
+        size = nbytes(value)
+        if size > self.max_bytes:
+            return
         with self._lock:
             self._items[key] = value
+            self._sizes[key] = size
             self._items.move_to_end(key)
-            while len(self._items) > self.max_items:
-                self._items.popitem(last=False)
+            while len(self._items) > self.max_items or sum(self._sizes.values()) > self.max_bytes:
+                old, _ = self._items.popitem(last=False)
+                del self._sizes[old]
 
 
 class MaskGenerator:
