@@ -190,3 +190,31 @@ def test_no_auth_never_shows_keyed_jobs(tmp_path: Path, image_b64: str) -> None:
         mine = httpx.post(f"{live.url}/v2/{SLUG}", json={"image": image_b64, "prompt": "sofa"}).json()
         wait_for(lambda: httpx.get(mine["status_url"]).json()["status"] == "COMPLETED", 10)
         assert httpx.get(f"{live.url}/v2/requests/{mine['request_id']}/output").status_code == 200
+
+
+def test_v2_cancel_and_credits_extensions(tmp_path: Path, image_b64: str) -> None:
+    data = tmp_path / "data"
+    with live_server(data, FakeBackend(delay=1.5), job_workers=1) as live:
+        store = Store.in_data_dir(data)
+        key, token = keystore.create_key(store, credits=5)
+        _, other = keystore.create_key(store)
+        headers = {"x-api-key": token}
+        credits = lambda h=headers: httpx.get(f"{live.url}/v1/credits", headers=h).json()  # noqa: E731
+        assert credits() == {"key_id": key.id, "credits": 5}
+        assert credits({"x-api-key": other})["credits"] is None  # unlimited
+        assert httpx.get(f"{live.url}/v1/credits").status_code == 401
+        body = {"image": image_b64, "prompt": "sofa"}
+        running, queued = (httpx.post(f"{live.url}/v2/{SLUG}", json=body, headers=headers).json() for _ in range(2))
+        assert credits()["credits"] == 3  # both held
+        cancel = f"{live.url}/v2/requests/{queued['request_id']}/cancel"
+        assert httpx.post(cancel, headers={"x-api-key": other}).status_code == 404  # not another key's job
+        r = httpx.post(cancel, headers=headers)
+        assert r.status_code == 200 and r.json() == {"request_id": queued["request_id"], "status": "CANCELLED"}
+        status = httpx.get(queued["status_url"], headers=headers)
+        assert status.status_code == 422 and status.json()["status"] == "CANCELLED"
+        wait_for(lambda: httpx.get(running["status_url"], headers=headers).json()["status"] == "COMPLETED", 20)
+        done = httpx.post(f"{live.url}/v2/requests/{running['request_id']}/cancel", headers=headers)
+        assert done.json() == {"request_id": running["request_id"], "status": "COMPLETED"}  # unchanged
+        time.sleep(2.0)  # the cancelled job never runs
+        assert httpx.get(queued["status_url"], headers=headers).json()["status"] == "CANCELLED"
+        assert credits()["credits"] == 4  # one completed job charged; the cancelled one given back
