@@ -6,6 +6,7 @@ Run it with `automask serve`, or `uvicorn --factory automask.server.app:app_from
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import logging
 import re
@@ -117,6 +118,16 @@ def _install_error_handlers(app: FastAPI) -> None:
         return error_response(
             503, "The server's database is busy or unreachable; try again in a few seconds.", {"Retry-After": "5"}
         )
+
+    if importlib.util.find_spec("redis") is not None:  # the fleet's shared state (rate limits, v1 hand-off)
+        from redis.exceptions import RedisError
+
+        @app.exception_handler(RedisError)
+        async def _redis_error(request: Request, exc: RedisError) -> JSONResponse:
+            log.error("redis error in %s %s: %s", request.method, request.url.path, exc)
+            return error_response(
+                503, "The server's shared state is unreachable; try again in a few seconds.", {"Retry-After": "5"}
+            )
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
