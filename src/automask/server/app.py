@@ -40,7 +40,8 @@ from automask.server.limits import (
     Scope,
     Send,
 )
-from automask.server.routes import ServerState, error_response, router
+from automask.server.routes import error_response, router
+from automask.server.state import ServerState
 from automask.server.store import Store
 from automask.server.sweeper import Sweeper
 from automask.settings import Settings

@@ -1,0 +1,35 @@
+"""What the routes share: `ServerState`, built once by `create_app` and kept as `app.state.automask`."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from starlette.requests import Request
+
+from automask.server.config import ServerSettings
+from automask.server.dispatch import Dispatcher
+from automask.server.jobs import Jobs
+from automask.server.limits import RateLimiter, RedisRateLimiter
+from automask.server.store import Store
+from automask.settings import Settings
+
+
+@dataclass
+class ServerState:
+    """Everything the routes share; `app.state.automask`. `dispatcher`: where requests run (chosen once)."""
+
+    settings: Settings
+    server: ServerSettings
+    store: Store
+    jobs: Jobs
+    dispatcher: Dispatcher
+    limiter: RateLimiter | RedisRateLimiter
+    body_limit: int
+    background: set[asyncio.Task[None]] = field(default_factory=set)
+
+
+def state_of(request: Request) -> ServerState:
+    """The app's shared state."""
+    state: ServerState = request.app.state.automask
+    return state
