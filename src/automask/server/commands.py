@@ -237,11 +237,10 @@ def db_migrate(ctx: click.Context) -> None:
 
     require("alembic", "server")
     from automask.server.migrations import migrate
-    from automask.server.store import Store
+    from automask.server.store import Store, database_url
 
     settings = _settings(ctx)
-    url = settings.database_url or f"sqlite:///{settings.data_dir / 'automask.db'}"
-    store = Store(url)
+    store = Store(database_url(settings))
     try:
         before, after = migrate(store)
     finally:
@@ -258,10 +257,10 @@ def db_migrate(ctx: click.Context) -> None:
 def db_status(ctx: click.Context) -> None:
     """Print the database's schema revision and this release's."""
     from automask.server.migrations import current, head
-    from automask.server.store import Store
+    from automask.server.store import Store, database_url
 
     settings = _settings(ctx)
-    store = Store(settings.database_url or f"sqlite:///{settings.data_dir / 'automask.db'}")
+    store = Store(database_url(settings))
     try:
         with store.read() as conn:
             rev = current(conn)

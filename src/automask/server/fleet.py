@@ -12,19 +12,18 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import json
 import logging
 import time
 import uuid
 from typing import Any
 
-from automask.errors import InferenceTimeoutError, ModelNotAvailableError, ServiceConfigError, UnknownModelError
+from automask.errors import ModelNotAvailableError, ServiceConfigError, UnknownModelError
 from automask.models import CATALOGUE, EMBEDDED
 from automask.server import nodes
 from automask.server.config import ServerSettings
 from automask.server.errors import ApiError
 from automask.server.execute import Outcome
-from automask.server.runner import ModelEntry, default_name
+from automask.server.runner import ModelEntry, default_name, inference_timeout, unknown_model
 from automask.server.schemas import MaskRequest
 from automask.server.store import Store
 from automask.settings import Settings
@@ -159,12 +158,7 @@ class CeleryDispatcher:
         if name in self._served():
             return name
         if name != default and name not in CATALOGUE:
-            shown = name if len(name) <= 64 else name[:63] + "…"
-            names = ", ".join(e.name + (" (the default)" if e.default else "") for e in self.models()) or "none"
-            raise UnknownModelError(
-                f"Unknown model {shown!r}. This server has: {names} (GET /v1/models lists them); "
-                "leave 'model' out for the default."
-            )
+            raise unknown_model(name, self.models())
         raise ModelNotAvailableError(
             f"No worker serves the model {name!r} right now; start one with: automask worker --model {name}"
         )
@@ -205,8 +199,7 @@ class CeleryDispatcher:
         keys = v1_keys(rid)
         ttl = int(self.server.timeout + V1_TTL_MARGIN)
         deadline = time.time() + self.server.timeout
-        upload = request.image if isinstance(request.image, bytes) else None
-        body = request.model_dump_json(exclude={"image"} if upload is not None else None, exclude_defaults=True)
+        body, upload = request.stored()
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.set(keys["request"], body, ex=ttl)
             if upload is not None:
@@ -231,10 +224,7 @@ class CeleryDispatcher:
             raise
         if got is None:
             await self._cancel(keys, ttl)
-            raise InferenceTimeoutError(
-                f"Masking took longer than the server's limit of {self.server.timeout:g} s. "
-                "Try a smaller image, or raise the limit with `automask serve --timeout`."
-            )
+            raise inference_timeout(self.server.timeout)
         data = got[1]
         return Outcome.loads(data if isinstance(data, bytes) else data.encode())
 
@@ -250,7 +240,4 @@ class CeleryDispatcher:
 
 def parse_v1(body: bytes, image: bytes | None) -> MaskRequest:
     """The request a v1 hand-off carries (its image apart when it was an uploaded file)."""
-    data = json.loads(body)
-    if image is not None:
-        data["image"] = image
-    return MaskRequest.model_validate(data)
+    return MaskRequest.model_validate(MaskRequest.unstored(body, image))

@@ -92,9 +92,7 @@ class Jobs:
 
         406: no credits; 429: the key has `max_per_key` unfinished jobs; 503: the queue holds `max_total`."""
         job_id = uuid.uuid4().hex
-        upload = request.image if isinstance(request.image, bytes) else None
-        # defaults left out: a worker of the previous release still reads a request that names no new field
-        body = request.model_dump_json(exclude={"image"} if upload is not None else None, exclude_defaults=True)
+        body, upload = request.stored()
         now = time.time()
         with self.store.transaction() as conn:
             self._check_room(conn, key_id)
@@ -164,9 +162,7 @@ class Jobs:
             ).first()
         if row is None:
             return None
-        data = json.loads(row.request)
-        if row.upload is not None:
-            data["image"] = bytes(row.upload)
+        data = MaskRequest.unstored(row.request, row.upload)
         return Claimed(id=row.id, request=data, model=row.model, attempts=row.attempts)
 
     def release(self, job_id: str) -> bool:
@@ -227,11 +223,9 @@ class Jobs:
             cur = conn.execute(delete(jobs_table).where(J.status.in_(FINISHED), J.finished_at < time.time() - ttl))
         return int(cur.rowcount)
 
-    def queued(self, *, models: list[str] | None = None, limit: int = 100) -> list[tuple[str, str | None]]:
-        """(id, model) of QUEUED jobs, oldest first (of `models` only, when given)."""
+    def queued(self, *, limit: int = 100) -> list[tuple[str, str | None]]:
+        """(id, model) of QUEUED jobs, oldest first."""
         query = select(J.id, J.model).where(J.status == QUEUED).order_by(J.created_at).limit(limit)
-        if models is not None:
-            query = query.where(J.model.in_(models))
         with self.store.read() as conn:
             return [(r.id, r.model) for r in conn.execute(query)]
 

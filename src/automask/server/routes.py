@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.security import APIKeyHeader
 
 from automask.errors import InvalidOptionError
-from automask.imageio.decode import check_encoded_size
+from automask.imageio.load import check_size
 from automask.server import keys
 from automask.server.errors import ApiError, shown
 from automask.server.execute import Outcome
@@ -36,7 +36,6 @@ from automask.server.schemas import (
     read_request,
 )
 from automask.server.state import ServerState, state_of
-from automask.settings import Settings
 
 log = logging.getLogger("automask.server")
 SLUG = "automatic-mask-generator"
@@ -147,20 +146,6 @@ async def accept(request: Request, key: ApiKey | None) -> tuple[ServerState, Mas
     return state, req, model
 
 
-def check_image_size(image: str | bytes, settings: Settings) -> None:
-    """413 now for an image that is over `max_image_bytes` (a file, base64 or a data URI; a URL is checked when
-    it is fetched)."""
-    if isinstance(image, bytes):
-        check_encoded_size(len(image), settings)
-        return
-    text = image.strip()
-    if text[:8].lower().startswith(("http://", "https://")):
-        return
-    if text[:5].lower() == "data:":
-        text = text.partition(",")[2]
-    check_encoded_size(len("".join(text.split())) * 3 // 4, settings)
-
-
 @router.post(
     f"/v1/{SLUG}",
     summary="Mask what the prompt names (one blocking call)",
@@ -205,7 +190,7 @@ async def v1_generate(request: Request, key: CallerKey) -> Response:
 )
 async def v2_submit(request: Request, key: CallerKey) -> SubmitResponse:
     state, req, model = await accept(request, key)
-    check_image_size(req.image, state.settings)
+    check_size(req.image, state.settings)  # 413 now, as v1 would answer, not when the job runs
     job_id = await asyncio.to_thread(
         state.jobs.submit, key.id if key else None, req, charge=key is not None, model=model
     )

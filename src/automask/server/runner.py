@@ -130,12 +130,7 @@ class Runner:
             return self.default
         if model in CATALOGUE and model not in REFINERS:
             return model
-        shown = model if len(model) <= 64 else model[:63] + "…"
-        names = ", ".join(e.name + (" (the default)" if e.default else "") for e in self.models())
-        raise UnknownModelError(
-            f"Unknown model {shown!r}. This server has: {names} (GET /v1/models lists them); "
-            "leave 'model' out for the default."
-        )
+        raise unknown_model(model, self.models())
 
     def _slot(self, name: str) -> _Slot:
         with self._slots_lock:
@@ -238,7 +233,7 @@ class Runner:
             return await asyncio.wait_for(asyncio.wrap_future(future), self.server.timeout)
         except asyncio.TimeoutError:
             future.cancel()
-            raise self._timeout() from None
+            raise inference_timeout(self.server.timeout) from None
 
     def run_blocking(
         self, image: ImageSource, prompt: str, options: MaskOptions, model: str | None = None
@@ -250,17 +245,29 @@ class Runner:
             return future.result(timeout=self.server.timeout)
         except FutureTimeout:
             future.cancel()
-            raise self._timeout() from None
-
-    def _timeout(self) -> InferenceTimeoutError:
-        return InferenceTimeoutError(
-            f"Masking took longer than the server's limit of {self.server.timeout:g} s. "
-            "Try a smaller image, or raise the limit with `automask serve --timeout`."
-        )
+            raise inference_timeout(self.server.timeout) from None
 
     def close(self) -> None:
         """Stop taking work; calls already running finish in their threads."""
         self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def inference_timeout(seconds: float) -> InferenceTimeoutError:
+    """The 504 of a request that ran past the server's `timeout` (wherever it ran)."""
+    return InferenceTimeoutError(
+        f"Masking took longer than the server's limit of {seconds:g} s. "
+        "Try a smaller image, or raise the limit with `automask serve --timeout`."
+    )
+
+
+def unknown_model(name: str, served: list[ModelEntry]) -> UnknownModelError:
+    """The 404 of a request naming a model the server does not have, listing the `served` ones."""
+    shown = name if len(name) <= 64 else name[:63] + "…"
+    names = ", ".join(e.name + (" (the default)" if e.default else "") for e in served) or "none"
+    return UnknownModelError(
+        f"Unknown model {shown!r}. This server has: {names} (GET /v1/models lists them); "
+        "leave 'model' out for the default."
+    )
 
 
 def served_metadata(result: MaskResult, model: str) -> dict[str, Any]:

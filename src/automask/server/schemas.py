@@ -64,6 +64,21 @@ class MaskRequest(MaskOptions):
         """The masking options alone."""
         return MaskOptions.parse(self.model_dump(include=set(MaskOptions.model_fields)))
 
+    def stored(self) -> tuple[str, bytes | None]:
+        """The request as it is kept until it runs (a v2 job's row, a v1 hand-off in Redis): JSON without the
+        fields left at their defaults (a worker of the previous release still reads it), and an uploaded image
+        file apart, as bytes (None when the image is a string, kept in the JSON)."""
+        upload = self.image if isinstance(self.image, bytes) else None
+        return self.model_dump_json(exclude={"image"} if upload is not None else None, exclude_defaults=True), upload
+
+    @staticmethod
+    def unstored(body: str | bytes, upload: bytes | None) -> dict[str, Any]:
+        """The fields of a `stored()` request, its uploaded image put back (validate with `model_validate`)."""
+        data: dict[str, Any] = json.loads(body)
+        if upload is not None:
+            data["image"] = bytes(upload)
+        return data
+
 
 def validate_request(data: Any, *, strict: bool) -> MaskRequest:
     """Validate a decoded body; raise `InvalidOptionError` naming the first bad field. `strict=False` accepts

@@ -122,6 +122,16 @@ def _private_file(path: Path) -> None:
             os.chmod(file, 0o600)
 
 
+def embedded_url(data_dir: Path) -> str:
+    """The URL of the data folder's embedded SQLite database."""
+    return f"sqlite:///{Path(data_dir) / 'automask.db'}"
+
+
+def database_url(settings: Any) -> str:
+    """`settings.database_url` (AUTOMASK_DATABASE_URL), else the data folder's embedded database."""
+    return str(settings.database_url or embedded_url(settings.data_dir))
+
+
 class Store:
     """The database at `url`. SQLite files (and their WAL) are created private (0600 in a 0700 folder)."""
 
@@ -133,21 +143,19 @@ class Store:
 
     @classmethod
     def in_data_dir(cls, data_dir: Path) -> Store:
-        """The embedded database of the data folder `data_dir`, created and migrated on first use."""
-        store = cls(f"sqlite:///{Path(data_dir) / 'automask.db'}")
-        from automask.server.migrations import ensure_schema
-
-        ensure_schema(store, create=True)
-        return store
+        """The embedded database of the data folder `data_dir`, given the current schema when it is new."""
+        return cls.at_schema(embedded_url(data_dir), create=True)
 
     @classmethod
     def from_settings(cls, settings: Any, *, create: bool = True) -> Store:
-        """`settings.database_url`, else the data folder's embedded database. `create`: an empty database is
-        given the current schema (a database at an older schema revision is never changed: `automask db
-        migrate` does that), else `SchemaError`."""
-        if not settings.database_url:
-            return cls.in_data_dir(settings.data_dir)
-        store = cls(settings.database_url)
+        """The configured database (`database_url(settings)`), at this release's schema."""
+        return cls.at_schema(database_url(settings), create=create)
+
+    @classmethod
+    def at_schema(cls, url: str, *, create: bool) -> Store:
+        """The database at `url`, checked to be at this release's schema. `create`: an empty database is given
+        it (one at an older revision is never changed: `automask db migrate` does that); else `ServiceConfigError`."""
+        store = cls(url)
         from automask.server.migrations import ensure_schema
 
         ensure_schema(store, create=create)
