@@ -136,22 +136,17 @@ class UpsampledMaps:
         self.low = low
         self.size = size
         self.shape = (low.shape[0], *size)
-        self._last: tuple[int, np.ndarray] | None = None  # the map made last: one target is read three times
 
     def __len__(self) -> int:
         return int(self.low.shape[0])
 
     def __iter__(self) -> Iterator[np.ndarray]:
-        return (self[i] for i in range(len(self)))
+        # made anew on each read (0.3 ms at 1 MP, 17 ms at 36 MP): keeping one would hold 145 MB at 36 MP
+        return (upsample_one(m, self.size) for m in self.low)
 
     def __getitem__(self, index: Any) -> Any:
         if isinstance(index, (int, np.integer)):
-            i = int(index) % len(self)
-            if self._last is None or self._last[0] != i:
-                made = upsample_one(self.low[i], self.size)
-                made.flags.writeable = False  # handed out more than once: nobody may change it in place
-                self._last = (i, made)
-            return self._last[1]
+            return upsample_one(self.low[index], self.size)
         return UpsampledMaps(self.low[index], self.size)
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
