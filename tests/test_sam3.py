@@ -4,6 +4,9 @@ The reference is transformers itself: `Sam3Model.forward` on the processor's inp
 `Sam3ImageProcessor.post_process_instance_segmentation` (its post-processing needs no torchvision: it is called
 unbound). Pre-processing is checked against the processor's formulas (sam_reference.py), and against the processor
 itself when REFERENCE_LIBS is set.
+
+The models run on `torch_device` (TEST_TORCH_DEVICE: the CPU in CI; `bash bench/gpu_check.sh` runs this file on
+CUDA), in float32 and under the bfloat16 autocast that SAM 3 uses on GPUs.
 """
 
 from __future__ import annotations
@@ -41,20 +44,24 @@ def sam3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def backend(sam3_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Sam3Backend:
-    return load(sam3_dir, Settings(data_dir=tmp_path_factory.mktemp("data")))
+def backend(sam3_dir: Path, torch_device: str, tmp_path_factory: pytest.TempPathFactory) -> Sam3Backend:
+    """The tiny model in float32 on the test device."""
+    return load(sam3_dir, Settings(data_dir=tmp_path_factory.mktemp("data"), device=torch_device, precision="fp32"))
 
 
-def forward(backend: Sam3Backend, image: np.ndarray, prompt: str, features: Any = None) -> Any:
+def forward(backend: Sam3Backend, image: np.ndarray, prompt: str, features: Any = None, bf16: bool = False) -> Any:
     """`Sam3Model.forward` on the processor's inputs (pixel values from the formulas of sam_reference.py, the text
-    padded as processing_sam3.py pads it), or on cached `features` (vision_embeds) when given."""
-    text = backend.tokenizer(prompt, return_tensors="pt", padding="max_length", max_length=32)
+    padded as processing_sam3.py pads it), or on cached `features` (vision_embeds) when given; on the backend's
+    device, under bfloat16 autocast when `bf16` (as SAM 3's own inference code runs on GPUs)."""
+    text = backend.tokenizer(prompt, return_tensors="pt", padding="max_length", max_length=32).to(backend.device)
     if features is None:
         t = backend.transform
-        image_inputs = {"pixel_values": reference_pixel_values(image, t.size, t.mean, t.std, native_here())}
+        pixels = reference_pixel_values(image, t.size, t.mean, t.std, native_here())
+        image_inputs = {"pixel_values": pixels.to(backend.device)}
     else:
         image_inputs = {"vision_embeds": features.vision}
-    with torch.inference_mode():
+    device_type = torch.device(backend.device).type
+    with torch.inference_mode(), torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
         return backend.model(**image_inputs, input_ids=text["input_ids"], attention_mask=text["attention_mask"])
 
 
@@ -76,10 +83,30 @@ def test_cached_path_equals_the_full_forward(backend: Sam3Backend, coffee: np.nd
     h, w = coffee.shape[:2]
     logits, score, boxes = backend.detect(backend.encode(coffee), "cup")
     out = forward(backend, coffee, "cup")
-    torch.testing.assert_close(logits, out.pred_masks[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits, out.pred_masks[0].cpu(), atol=1e-5, rtol=0)
     want_score = torch.sigmoid(out.pred_logits[0]) * torch.sigmoid(out.presence_logits[0])
-    torch.testing.assert_close(score, want_score, atol=1e-6, rtol=0)
-    torch.testing.assert_close(boxes, out.pred_boxes[0] * torch.tensor([w, h, w, h]), atol=1e-4, rtol=0)
+    torch.testing.assert_close(score, want_score.cpu(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(boxes, out.pred_boxes[0].cpu() * torch.tensor([w, h, w, h]), atol=1e-4, rtol=0)
+
+
+def test_bf16_autocast_equals_transformers_under_autocast(
+    sam3_dir: Path, torch_device: str, coffee: np.ndarray, backend: Sam3Backend, tmp_path: Path
+) -> None:
+    """The autocast path (CUDA's default; precision 'bf16' here, the same code on the CPU): encode, then the cached
+    forward, equals transformers' full forward under the same autocast, and stays near the float32 answer."""
+    bf16 = load(sam3_dir, Settings(data_dir=tmp_path, device=torch_device, precision="bf16"))
+    assert bf16.autocast and not backend.autocast
+    features = bf16.encode(coffee)
+    assert features.vision.fpn_hidden_states[-1].dtype == torch.bfloat16  # the encoder really ran in bf16
+    logits, score, _ = bf16.detect(features, "cup")
+    out = forward(bf16, coffee, "cup", bf16=True)
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits, out.pred_masks[0].float().cpu(), atol=1e-5, rtol=0)
+    want = torch.sigmoid(out.pred_logits[0].float()) * torch.sigmoid(out.presence_logits[0].float())
+    torch.testing.assert_close(score, want.cpu(), atol=1e-6, rtol=0)
+    fp32_logits, fp32_score, _ = backend.detect(backend.encode(coffee), "cup")
+    assert not torch.equal(logits, fp32_logits)  # bf16 rounding shows ...
+    torch.testing.assert_close(score, fp32_score, atol=0.05, rtol=0)  # ... but moves scores little
 
 
 def test_instances_equal_transformers_post_processing(backend: Sam3Backend, coffee: np.ndarray) -> None:
@@ -205,7 +232,7 @@ def test_precision_follows_device_and_preset(tmp_path: Path) -> None:
 # -- front-ends ---------------------------------------------------------------------------------------------------
 
 
-def test_cli_json_lists_the_instances(sam3_dir: Path, coffee: np.ndarray, tmp_path: Path) -> None:
+def test_cli_json_lists_the_instances(sam3_dir: Path, coffee: np.ndarray, torch_device: str, tmp_path: Path) -> None:
     from click.testing import CliRunner
     from PIL import Image
 
@@ -214,10 +241,10 @@ def test_cli_json_lists_the_instances(sam3_dir: Path, coffee: np.ndarray, tmp_pa
     src = tmp_path / "coffee.png"
     Image.fromarray(coffee).save(src)
     args = ["mask", str(src), "-p", "cup, saucer", "--model", str(sam3_dir), "--threshold", "0.2", "--grow-mask", "0"]
-    res = CliRunner().invoke(main, [*args, "-o", str(tmp_path / "m.png"), "--json"])
+    res = CliRunner().invoke(main, ["--device", torch_device, *args, "-o", str(tmp_path / "m.png"), "--json"])
     assert res.exit_code == 0, res.output
     meta = json.loads(res.stdout)
-    want = MaskGenerator(str(sam3_dir), Settings(data_dir=tmp_path / "d")).generate(
+    want = MaskGenerator(str(sam3_dir), Settings(data_dir=tmp_path / "d", device=torch_device)).generate(
         coffee, "cup, saucer", threshold=0.2, grow_mask=0
     )
     assert meta["backend"] == "sam3" and len(meta["detections"]) == len(want.detections) > 0
