@@ -15,6 +15,7 @@ Flows, each `MaskGenerator(backend).generate(image, "helmet")` on a new image, t
 (image features from the cache); the flows take turns on each image (round-robin), so that load from other jobs on a
 shared machine falls on all of them alike:
   sam3                  SAM 3, float32 (the reference on a CPU).
+  sam3, fast            SAM 3 under bfloat16 autocast (AUTOMASK_PRESET=fast, on CPUs with native bf16 only).
   grounded-sam          GroundingDINO-T at shortest edge 800 + SAM ViT-B, float32 (the reference).
   grounded-edgetam      GroundingDINO-T at 800 + EdgeTAM, float32 (the reference).
   ... fast              the same under AUTOMASK_PRESET=fast: detector at 512, bf16 on CPUs with native bf16.
@@ -238,6 +239,9 @@ def main() -> None:
     if not args.skip_sam3:
         print("building SAM 3 (848 M parameters, random weights)...", file=sys.stderr)
         backends["sam3"] = build_sam3()
+        if cpu_has_bf16():  # the fast preset: bf16 autocast over the same weights (sam3.use_autocast)
+            backends["sam3, fast"] = copy.copy(backends["sam3"])
+            backends["sam3, fast"].autocast = True
     report["rows"] = measure(backends, imgs, args.warmup)
     report["load_average_at_end"] = round(os.getloadavg()[0], 2)
     text = markdown(report)
