@@ -19,7 +19,7 @@ from automask.errors import AutomaskError, ModelNotAvailableError
 from automask.pipeline import MaskGenerator
 from automask.server.config import ServerSettings
 from automask.server.execute import Outcome, answer, execute_job
-from automask.server.jobs import Jobs
+from automask.server.jobs import FAILED, Jobs
 from automask.server.nodes import Heartbeat, new_node_id
 from automask.server.runner import ModelEntry, Runner
 from automask.server.schemas import MaskRequest
@@ -48,6 +48,10 @@ class Dispatcher(Protocol):
     def check(self, model: str | None) -> str:
         """The name of the model a request asks for, once it is known to be served (404 unknown, 503 not
         available): cheap, may touch the disk or the database, never loads a model. Call it off the loop."""
+
+    async def prepare(self, model: str) -> None:
+        """Have `model` ready to answer before a v1 request's credit is held and its time limit starts: load it
+        (no time limit) where requests run in this process; a no-op where workers load their models at start."""
 
     async def run_v1(self, request: MaskRequest, model: str, request_id: str) -> Outcome:
         """Answer a v1 request (cancelling the call cancels the work if it has not started). Raises the library's
@@ -82,6 +86,10 @@ class LocalDispatcher:
         self.default = self.runner.default
         self.node = new_node_id("server")
         self._queue: asyncio.Queue[tuple[str, str | None]] = asyncio.Queue()
+        self._held: set[str] = set()
+        """Ids of the jobs this process has in hand (queued, running, or parked): a publish of one is a no-op."""
+        self._parked: dict[str | None, set[str]] = {}
+        """Jobs waiting for their model to become available, by model; one watcher per model looks again."""
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._heartbeat: Heartbeat | None = None
@@ -94,13 +102,14 @@ class LocalDispatcher:
         )
         await asyncio.to_thread(self._heartbeat.start)
         for job_id, model in await asyncio.to_thread(self.jobs.queued, limit=self.server.max_queued):
-            self._queue.put_nowait((job_id, model))
+            self._enqueue(job_id, model)
         self._tasks = [asyncio.create_task(self._work()) for _ in range(self.server.workers_for_jobs)]
 
     async def stop(self) -> None:
-        for task in self._tasks:
+        tasks = list(self._tasks)
+        for task in tasks:
             task.cancel()
-        for task in self._tasks:
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
@@ -111,6 +120,9 @@ class LocalDispatcher:
     def check(self, model: str | None) -> str:
         return self.runner.check(model)
 
+    async def prepare(self, model: str) -> None:
+        await self.runner.load(model)
+
     async def run_v1(self, request: MaskRequest, model: str, request_id: str) -> Outcome:
         result, _ = await self.runner.run(request.image, request.prompt, request.options(), model)
         return await asyncio.to_thread(answer, result, request, model)
@@ -118,7 +130,13 @@ class LocalDispatcher:
     def publish(self, job_id: str, model: str | None) -> None:
         if self._loop is None:
             return  # not started: `start` enqueues every QUEUED job
-        self._loop.call_soon_threadsafe(self._queue.put_nowait, (job_id, model))
+        self._loop.call_soon_threadsafe(self._enqueue, job_id, model)
+
+    def _enqueue(self, job_id: str, model: str | None) -> None:
+        """Queue a job unless this process already has it in hand (the sweeper re-publishes QUEUED jobs)."""
+        if job_id not in self._held:
+            self._held.add(job_id)
+            self._queue.put_nowait((job_id, model))
 
     def readiness(self) -> str | None:
         if self.runner.ready:
@@ -131,25 +149,50 @@ class LocalDispatcher:
     async def _work(self) -> None:
         while True:
             job_id, model = await self._queue.get()
+            status = await self._run(job_id, model)
+            if status == "QUEUED":  # its model is not available (yet): the job waits, QUEUED, for it to be
+                self._park(job_id, model)
+            else:
+                self._held.discard(job_id)
+
+    async def _run(self, job_id: str, model: str | None) -> str | None:
+        """Run one job; "QUEUED" when its model is not available (the job stays QUEUED)."""
+        try:
+            await asyncio.to_thread(self.runner.check, model)
+        except ModelNotAvailableError:
+            return "QUEUED"
+        except AutomaskError as exc:  # e.g. a model this server no longer has
+            await asyncio.to_thread(self.jobs.fail, job_id, exc.message)
+            return FAILED
+        try:
+            return await asyncio.to_thread(
+                execute_job, self.jobs, self.runner, job_id, self.node, max_attempts=self.server.max_job_attempts
+            )
+        except Exception:  # the database failed us: the job stays where it was and the sweeper recovers it
+            log.exception("could not run v2 job %s; it will be retried", job_id)
+            return None
+
+    def _park(self, job_id: str, model: str | None) -> None:
+        waiting = self._parked.setdefault(model, set())
+        if not waiting:
+            watcher = asyncio.create_task(self._watch(model))
+            self._tasks.append(watcher)
+            watcher.add_done_callback(self._tasks.remove)
+        waiting.add(job_id)
+
+    async def _watch(self, model: str | None) -> None:
+        """Look at `model` every `MODEL_RETRY_SECONDS` until it is available, then queue its parked jobs."""
+        while True:
+            await asyncio.sleep(MODEL_RETRY_SECONDS)
             try:
                 await asyncio.to_thread(self.runner.check, model)
-            except AutomaskError as exc:  # not available (yet): the job stays QUEUED and is looked at again
-                if not isinstance(exc, ModelNotAvailableError):
-                    await asyncio.to_thread(self.jobs.fail, job_id, exc.message)
-                    continue
-                asyncio.get_running_loop().call_later(MODEL_RETRY_SECONDS, self._queue.put_nowait, (job_id, model))
-                await asyncio.sleep(0.5)
+            except ModelNotAvailableError:
                 continue
-            try:
-                status = await asyncio.to_thread(
-                    execute_job, self.jobs, self.runner, job_id, self.node, max_attempts=self.server.max_job_attempts
-                )
-            except Exception:  # the database failed us: the job stays where it was and the sweeper recovers it
-                log.exception("could not run v2 job %s; it will be retried", job_id)
-                continue
-            if status == "QUEUED":
-                asyncio.get_running_loop().call_later(MODEL_RETRY_SECONDS, self._queue.put_nowait, (job_id, model))
-
+            except AutomaskError:
+                pass  # each job fails with this error when it is run
+            break
+        for job_id in self._parked.pop(model, set()):
+            self._queue.put_nowait((job_id, model))
 
 def make_dispatcher(
     settings: Settings, server: ServerSettings, store: Store, jobs: Jobs, generator: MaskGenerator | None

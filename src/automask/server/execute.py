@@ -18,7 +18,7 @@ from automask.errors import AutomaskError, ModelNotAvailableError
 from automask.result import MaskResult, encode_png
 from automask.server.errors import status_of
 from automask.server.jobs import FAILED, Jobs
-from automask.server.runner import Runner, inference_time, served_metadata
+from automask.server.runner import Runner, RunnerClosed, inference_time, served_metadata
 from automask.server.schemas import MaskRequest
 
 log = logging.getLogger("automask.server")
@@ -119,6 +119,9 @@ def execute_job(
         if jobs.complete(job_id, done.png, done.metadata, seconds):
             return "COMPLETED"
         return None
+    except RunnerClosed:  # stopping before it ran: it runs after the restart, or on another node
+        jobs.release(job_id)
+        return "QUEUED"
     except AutomaskError as exc:
         jobs.fail(job_id, exc.message)
     except Exception:

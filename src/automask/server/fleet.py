@@ -194,6 +194,9 @@ class CeleryDispatcher:
         name = model or self.default
         self.app.send_task("automask.v2", args=[job_id], queue=queue("v2", name, self.server))
 
+    async def prepare(self, model: str) -> None:
+        """Nothing: workers load their models before they take requests (`check` finds a live one)."""
+
     async def run_v1(self, request: MaskRequest, model: str, request_id: str) -> Outcome:
         rid = uuid.uuid4().hex
         keys = v1_keys(rid)

@@ -40,27 +40,28 @@ async def credit_hold(state: ServerState, key: ApiKey | None, hold_id: str) -> A
         yield
         charged = True
     finally:
-        await settle_soon(state, hold_id, charge=charged)
+        await settle_soon(state, hold_id, charge=charged, expires_at=expires_at)
 
 
-async def settle_soon(state: ServerState, hold_id: str, *, charge: bool) -> None:
-    """Settle a hold off the event loop, retried until it is written; wait at most `SETTLE_WAIT` seconds for it
-    (a locked database never holds up or fails the answer of a finished request)."""
-    task = asyncio.create_task(_settle(state, hold_id, charge))
+async def settle_soon(state: ServerState, hold_id: str, *, charge: bool, expires_at: float) -> None:
+    """Settle a hold off the event loop, retried until it is written or the hold expires (then the sweeper gives
+    the credit back: in doubt, no charge); wait at most `SETTLE_WAIT` seconds for it (a locked database never
+    holds up or fails the answer of a finished request)."""
+    task = asyncio.create_task(_settle(state, hold_id, charge, expires_at))
     state.background.add(task)
     task.add_done_callback(state.background.discard)
     with suppress(asyncio.TimeoutError, asyncio.CancelledError):
         await asyncio.wait_for(asyncio.shield(task), SETTLE_WAIT)
 
 
-async def _settle(state: ServerState, hold_id: str, charge: bool) -> None:
-    delay, deadline = 0.2, time.monotonic() + state.server.timeout + state.server.hold_grace
+async def _settle(state: ServerState, hold_id: str, charge: bool, expires_at: float) -> None:
+    delay = 0.2
     while True:
         try:
             await asyncio.to_thread(keys.settle, state.store, hold_id, charge=charge)
             return
         except SQLAlchemyError:
-            if time.monotonic() > deadline:  # the sweeper gives the credit back once the hold expires
+            if time.time() + delay > expires_at:  # the sweeper gives the credit back once the hold expires
                 log.exception("could not settle credit hold %s; the sweeper will release it", hold_id)
                 return
             log.warning("could not settle credit hold %s yet (database busy); retrying", hold_id)

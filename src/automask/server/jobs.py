@@ -166,7 +166,8 @@ class Jobs:
         return Claimed(id=row.id, request=data, model=row.model, attempts=row.attempts)
 
     def release(self, job_id: str) -> bool:
-        """Put a PROCESSING job back in the queue without counting the attempt (its model is not available)."""
+        """Put a PROCESSING job back in the queue without counting the attempt (its model is not available, or
+        the server stopped before it ran)."""
         with self.store.transaction() as conn:
             cur = conn.execute(
                 update(jobs_table)

@@ -23,7 +23,7 @@ from automask.server import keys
 from automask.server.errors import ApiError, shown
 from automask.server.execute import Outcome
 from automask.server.holds import credit_hold, unless_client_leaves
-from automask.server.jobs import CANCELLED, COMPLETED, FAILED, Job
+from automask.server.jobs import CANCELLED, COMPLETED, FAILED, Job, no_credits
 from automask.server.keys import ApiKey
 from automask.server.schemas import (
     CreditsResponse,
@@ -136,11 +136,14 @@ def render(outcome: Outcome, as_base64: bool) -> Response:
 
 
 async def accept(request: Request, key: ApiKey | None) -> tuple[ServerState, MaskRequest, str]:
-    """What v1 and v2 do before any work: the rate limit (429), the body (400/413), and the model (404/503,
-    answered before a credit is held or a job is queued). Returns the state, the request and the model name."""
+    """What v1 and v2 do before any work: the rate limit (429), a spent key (406, before the body is read), the
+    body (400/413), and the model (404/503, answered before a credit is held or a job is queued). Returns the
+    state, the request and the model name."""
     state = state_of(request)
     if key is not None:
         await state.limiter.hit(key.id, key.rate_limit)
+        if key.credits is not None and key.credits < 1:  # as authenticated; the hold re-checks atomically
+            raise no_credits(key.id)
     req = await read_request(request, state.body_limit)
     model = await asyncio.to_thread(state.dispatcher.check, req.model)
     return state, req, model
@@ -172,6 +175,7 @@ async def v1_generate(request: Request, key: CallerKey) -> Response:
         raise InvalidOptionError(
             "instance_masks", "needs base64: true on v1 (the instances come in the JSON answer; a PNG body has none)"
         )
+    await unless_client_leaves(request, state.dispatcher.prepare(model))  # a first load: before the hold and limit
     async with credit_hold(state, key, uuid.uuid4().hex):
         request_id = request.scope.get("state", {}).get("request_id", "")
         outcome = await unless_client_leaves(request, state.dispatcher.run_v1(req, model, request_id))

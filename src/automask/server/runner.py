@@ -11,9 +11,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import CancelledError as FutureCancelled
+from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +35,8 @@ log = logging.getLogger("automask.server")
 
 RETRY_LOAD_AFTER = 5.0
 """Seconds before a failed model load is tried again (a model pulled while the server runs is picked up)."""
+_PATH = re.compile(r"(?<![:/\w.~-])(?:/|~/|[A-Za-z]:\\)[^\s'\"]+")
+"""A file system path in a message (not the path part of a URL)."""
 DEFAULT_ALIAS = "default"
 """The default model's name when it is a folder whose name is a catalogue name (or has no name)."""
 
@@ -80,8 +84,9 @@ def default_name(settings: Settings, generator: MaskGenerator | None = None) -> 
 class Runner:
     """Runs `MaskGenerator.generate` in at most `concurrency` threads, each call within `timeout` seconds.
 
-    The default model loads in the background at start-up (`start_loading`); until it has, calls wait for it.
-    Other models load on their first request (in the pool), once, and are kept. A load that failed (model not
+    Models load in a thread of their own, never in the inference pool: the default one in the background at
+    start-up (`start_loading`), others on their first request, once, and are kept; a request waits for its
+    model's load (`load`, no time limit) before its time limit starts. A load that failed (model not
     installed...) makes calls raise `ModelNotAvailableError` (503) and is retried after `RETRY_LOAD_AFTER`.
     """
 
@@ -93,6 +98,7 @@ class Runner:
         self._slots = {self.default: _Slot(self.default, settings.model, generator)}
         self._slots_lock = threading.Lock()
         self.pool = ThreadPoolExecutor(max_workers=server.concurrency, thread_name_prefix="automask-infer")
+        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="automask-load")
 
     @property
     def _default_slot(self) -> _Slot:
@@ -116,8 +122,20 @@ class Runner:
         return None if slot.generator is not None else slot.error
 
     def start_loading(self) -> None:
-        """Load the default model in a pool thread now, so the first request does not pay for it."""
-        self.pool.submit(self._load_quietly)
+        """Load the default model in the loader thread now, so the first request does not pay for it."""
+        self._loader.submit(self._load_quietly)
+
+    async def load(self, model: str | None = None) -> None:
+        """Have `model` (None: the default) loaded, in the loader thread; waits without holding a thread, with
+        no time limit (a first load may download). Raises `UnknownModelError` (404), `ModelNotAvailableError`
+        (503), or `RunnerClosed` once the server is stopping."""
+        if self._slot(self.name_of(model)).generator is not None:
+            return
+        try:
+            future = self._loader.submit(self.generator, model)
+        except RuntimeError:  # shut down
+            raise RunnerClosed() from None
+        await asyncio.wrap_future(future)
 
     def _load_quietly(self) -> None:
         with contextlib.suppress(AutomaskError):  # kept in the slot: answered 503, shown by /readyz
@@ -161,6 +179,12 @@ class Runner:
             return ModelNotAvailableError(
                 f"The server's model {slot.name!r} is not available (its folder is missing or cannot be loaded); "
                 "the server log says why."
+            )
+        if _PATH.search(exc.message):  # e.g. a pulled folder with a file missing: the path stays in the log
+            log.error("model %s is not available: %s", slot.name, exc.message)
+            return ModelNotAvailableError(
+                f"The server's model {slot.name!r} is not available: its files are missing or incomplete (the "
+                f"server log says which). Install it again with: automask models pull {slot.name}"
             )
         if slot.name == self.default:
             return ModelNotAvailableError(f"The server's model is not available. {exc.message}")
@@ -222,13 +246,13 @@ class Runner:
         """`generate` with model `model` (None: the default) in a pool thread; returns the result and the
         seconds it took. A string `image` is a URL, a data URI or base64, never read as a server-side path.
 
-        Loads the model first (a first load does not count against the limit), then raises the library's
-        `AutomaskError`s, and `InferenceTimeoutError` after `timeout` seconds (queueing included); a call
-        already running then finishes in its thread and its result is dropped. Cancelling the call before a
-        thread has taken it means it never runs.
+        Loads the model first (`load`: a first load does not count against the limit), then raises the
+        library's `AutomaskError`s, and `InferenceTimeoutError` after `timeout` seconds (waiting for a pool
+        thread included); a call already running then finishes in its thread and its result is dropped.
+        Cancelling the call before a thread has taken it means it never runs.
         """
-        await asyncio.wrap_future(self.pool.submit(self.generator, model))
-        future = self.pool.submit(self._generate, image, prompt, options, model)
+        await self.load(model)
+        future = self._submit(image, prompt, options, model)
         try:
             return await asyncio.wait_for(asyncio.wrap_future(future), self.server.timeout)
         except asyncio.TimeoutError:
@@ -240,16 +264,33 @@ class Runner:
     ) -> tuple[MaskResult, float]:
         """`run` for a caller that is a thread (a job runner, a Celery task): the same load, limit and errors."""
         self.generator(model)
-        future = self.pool.submit(self._generate, image, prompt, options, model)
+        future = self._submit(image, prompt, options, model)
         try:
             return future.result(timeout=self.server.timeout)
         except FutureTimeout:
             future.cancel()
             raise inference_timeout(self.server.timeout) from None
+        except FutureCancelled:  # the pool was shut down before a thread took the call
+            raise RunnerClosed() from None
+
+    def _submit(
+        self, image: ImageSource, prompt: str, options: MaskOptions, model: str | None
+    ) -> Future[tuple[MaskResult, float]]:
+        try:
+            return self.pool.submit(self._generate, image, prompt, options, model)
+        except RuntimeError:  # "cannot schedule new futures after shutdown"
+            raise RunnerClosed() from None
 
     def close(self) -> None:
-        """Stop taking work; calls already running finish in their threads."""
+        """Stop taking work: calls waiting for a thread raise `RunnerClosed`; calls already running finish in
+        their threads."""
         self.pool.shutdown(wait=False, cancel_futures=True)
+        self._loader.shutdown(wait=False, cancel_futures=True)
+
+
+class RunnerClosed(Exception):
+    """The server is stopping and the call was not run: not the request's fault (a v2 job goes back to the
+    queue, its attempt not counted)."""
 
 
 def inference_timeout(seconds: float) -> InferenceTimeoutError:

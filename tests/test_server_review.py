@@ -1,0 +1,189 @@
+"""Fixes from a review of the service: each finding through a live server on loopback (the single process)."""
+
+from __future__ import annotations
+
+import base64
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from automask.backends.base import Scores
+from automask.pipeline import MaskGenerator
+from automask.server import keys as keystore
+from automask.server import runner as runner_module
+from automask.server.app import create_app
+from automask.server.config import ServerSettings
+from automask.server.jobs import Jobs
+from automask.server.store import Store
+from automask.settings import Settings
+from server_helpers import FakeBackend, LiveServer, install_as_catalogue, png_bytes, wait_for
+
+URL = "/v1/automatic-mask-generator"
+V2 = "/v2/automatic-mask-generator"
+
+
+@pytest.fixture()
+def image_b64() -> str:
+    rng = np.random.default_rng(2)
+    return base64.b64encode(png_bytes(rng.integers(0, 256, (24, 32, 3), dtype=np.uint8))).decode()
+
+
+class SlowOnPrompt(FakeBackend):
+    """FakeBackend that takes `seconds` for the prompt "slow" (any other prompt: at once)."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self.seconds = seconds
+
+    def score(self, features: Any, prompts: list[str], *, min_score: float = 0.0) -> Scores:
+        if "slow" in prompts:
+            time.sleep(self.seconds)
+        return super().score(features, ["x"] * len(prompts), min_score=min_score)
+
+
+def serve(data: Path, backend: Any = None, **server: Any) -> LiveServer:
+    settings = Settings(data_dir=data)
+    generator = MaskGenerator(backend, settings) if backend is not None else None
+    return LiveServer(create_app(settings, ServerSettings(**server), generator))
+
+
+@pytest.mark.slow
+def test_v1_behind_a_stuck_call_ends_at_its_limit_and_is_never_free(tmp_path: Path, image_b64: str) -> None:
+    """Before: loading went through the inference pool with no limit, so a request behind a call that had already
+    timed out waited past `timeout` and its hold expired; the sweeper gave the credit back, then it succeeded free."""
+    settings = {"timeout": 2.0, "hold_grace": 0.0, "sweep_interval": 0.2, "concurrency": 1}
+    with serve(tmp_path / "data", SlowOnPrompt(6.0), **settings) as live:
+        store = Store.in_data_dir(tmp_path / "data")
+        key, token = keystore.create_key(store, credits=5)
+        headers = {"x-api-key": token}
+        slow: dict[str, int] = {}
+
+        def send_slow() -> None:
+            r = httpx.post(f"{live.url}{URL}", json={"image": image_b64, "prompt": "slow"}, headers=headers, timeout=30)
+            slow["status"] = r.status_code
+
+        thread = threading.Thread(target=send_slow)
+        thread.start()
+        time.sleep(0.3)
+        t = time.monotonic()
+        behind = httpx.post(f"{live.url}{URL}", json={"image": image_b64, "prompt": "a"}, headers=headers, timeout=30)
+        waited = time.monotonic() - t
+        thread.join()
+        assert slow["status"] == 504 and behind.status_code == 504, behind.text
+        assert waited < 3.5  # the contract's 504 at the limit (2 s), not after the stuck call (~6 s)
+        assert keystore.balance(store, key.id) == 5  # two failures: nothing charged
+        wait_for(lambda: httpx.post(f"{live.url}{URL}", json={"image": image_b64, "prompt": "a"}, headers=headers,
+                                    timeout=30).status_code == 200, 15)  # fmt: skip
+        time.sleep(0.6)  # three sweeps
+        assert keystore.balance(store, key.id) == 4  # the success is charged, once
+
+
+@pytest.mark.slow
+def test_a_slow_first_load_happens_before_the_credit_is_held(
+    tmp_path: Path, image_b64: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model that takes longer to load than `timeout` + `hold_grace`: the request still succeeds, is charged
+    once, and its hold never outlived its expiry (before: the sweeper refunded it mid-load)."""
+    data = tmp_path / "data"
+    install_as_catalogue(data, "clipseg", seed=0)
+    real = runner_module.MaskGenerator
+
+    def slow_load(*args: Any, **kwargs: Any) -> MaskGenerator:
+        time.sleep(3.0)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner_module, "MaskGenerator", slow_load)
+    with serve(data, FakeBackend(), timeout=1.0, hold_grace=0.0, sweep_interval=0.2) as live:
+        store = Store.in_data_dir(data)
+        key, token = keystore.create_key(store, credits=3)
+        body = {"image": image_b64, "prompt": "cat", "model": "clipseg"}
+        r = httpx.post(f"{live.url}{URL}", json=body, headers={"x-api-key": token}, timeout=60)
+        assert r.status_code == 200, r.text
+        time.sleep(0.6)
+        assert keystore.balance(store, key.id) == 2
+
+
+@pytest.mark.slow
+def test_stopping_the_server_leaves_waiting_jobs_queued_for_the_restart(tmp_path: Path, image_b64: str) -> None:
+    """Before: a v2 job waiting for a pool thread at shutdown got the pool's CancelledError and ended FAILED."""
+    data = tmp_path / "data"
+    with serve(data, FakeBackend(delay=2.0), concurrency=1, job_workers=2) as live:
+        store = Store.in_data_dir(data)
+        key, token = keystore.create_key(store, credits=5)
+        body = {"image": image_b64, "prompt": "x"}
+        ids = [httpx.post(f"{live.url}{V2}", json=body, headers={"x-api-key": token}).json()["request_id"]
+               for _ in range(2)]  # fmt: skip
+        jobs = Jobs(store)
+        wait_for(lambda: all(jobs.get(i).status == "PROCESSING" for i in ids), 10)  # type: ignore[union-attr]
+    time.sleep(2.5)  # the running one finishes in its thread
+    statuses = sorted(jobs.get(i).status for i in ids)  # type: ignore[union-attr]
+    assert statuses == ["COMPLETED", "QUEUED"], statuses
+    with serve(data, FakeBackend(), concurrency=1):
+        for job_id in ids:
+            wait_for(lambda j=job_id: jobs.get(j).status == "COMPLETED", 20)  # type: ignore[union-attr]
+    assert keystore.balance(store, key.id) == 3  # each charged once
+
+
+@pytest.mark.slow
+def test_a_job_waiting_for_its_model_is_held_once_and_runs_when_it_is_back(
+    tmp_path: Path, image_b64: str, tiny_clipseg_dir: Path
+) -> None:
+    """Before: every re-publish by the sweeper added another queue entry, each retried every 5 s for ever."""
+    data = tmp_path / "data"
+    folder = install_as_catalogue(data, "clipseg", seed=0)
+    with serve(data, FakeBackend(), republish_after=0.3, sweep_interval=0.1) as live:
+        state = live.app.state.automask
+        key, token = keystore.create_key(state.store, credits=2)
+        body = {"image": image_b64, "prompt": "cat", "model": "clipseg"}
+        hidden = folder.with_name("away")
+        folder.rename(hidden)  # gone after the submit-time check
+        r = httpx.post(f"{live.url}{V2}", json=body, headers={"x-api-key": token})
+        assert r.status_code == 503  # a model missing at submit is refused at once
+        hidden.rename(folder)
+        job_id = httpx.post(f"{live.url}{V2}", json=body, headers={"x-api-key": token}).json()["request_id"]
+        folder.rename(hidden)
+        dispatcher = state.dispatcher
+        time.sleep(3)  # ~10 re-publishes by the sweeper
+        jobs = Jobs(state.store)
+        if jobs.get(job_id).status == "QUEUED":  # type: ignore[union-attr]  # (it may have run before the rename)
+            assert dispatcher._queue.qsize() <= 1 and sum(map(len, dispatcher._parked.values())) <= 1
+            assert len(dispatcher._held) == 1
+            hidden.rename(folder)  # the operator puts it back
+        wait_for(lambda: jobs.get(job_id).status == "COMPLETED", 30, interval=0.2)  # type: ignore[union-attr]
+        assert not dispatcher._held and not dispatcher._parked
+        assert keystore.balance(state.store, key.id) == 1
+
+
+def test_an_incomplete_catalogue_model_names_no_path(tmp_path: Path, image_b64: str) -> None:
+    data = tmp_path / "data"
+    folder = install_as_catalogue(data, "clipseg", seed=0)
+    for part in folder.iterdir():  # a pull cut short: only its marker is left
+        if part.name != "automask.json":
+            part.unlink()
+    settings = Settings(data_dir=data, model="clipseg")
+    with LiveServer(create_app(settings, ServerSettings(auth=False))) as live:
+        r = wait_for(lambda: "loading" not in (x := httpx.get(f"{live.url}/readyz")).text and x, 30)
+        v1 = httpx.post(f"{live.url}{URL}", json={"image": image_b64, "prompt": "cat"})
+    for answer in (r, v1):
+        assert answer.status_code == 503 and str(tmp_path) not in answer.text, answer.text
+        assert "automask models pull clipseg" in answer.json()["error"]
+
+
+def test_a_spent_key_is_refused_before_its_body_is_read(tmp_path: Path) -> None:
+    with serve(tmp_path / "data", FakeBackend()) as live:
+        _, token = keystore.create_key(Store.in_data_dir(tmp_path / "data"), credits=0)
+        host, port = live.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=5) as sock:
+            sock.sendall(
+                f"POST {URL} HTTP/1.1\r\nHost: x\r\nx-api-key: {token}\r\ncontent-type: application/json\r\n"
+                "content-length: 40000000\r\n\r\n".encode()
+            )  # and no body: the answer must not wait for 40 MB
+            t = time.monotonic()
+            head = sock.recv(4096).decode(errors="replace")
+        assert head.startswith("HTTP/1.1 406") and time.monotonic() - t < 3, head
