@@ -247,17 +247,18 @@ class Jobs:
     def orphaned(self, live_nodes: list[str], started_before: float | None = None) -> list[tuple[str, str | None]]:
         """PROCESSING jobs whose node is not among `live_nodes` (it died mid-run), or that started before
         `started_before` (longer ago than any run may last: the run was lost, e.g. its worker could not reach the
-        database to finish it): put back to QUEUED (the attempt stays counted) and returned, to be handed out again."""
-        now = time.time()
+        database to finish it): put back to QUEUED (the attempt stays counted) and returned, to be handed out again.
+
+        One UPDATE ... RETURNING: a job a live node claims meanwhile (a redelivered message) no longer matches
+        `lost` (PostgreSQL re-checks the WHERE on a row another transaction changed), so it is left running."""
         lost = J.node.is_(None) | J.node.not_in(live_nodes)
         if started_before is not None:
             lost = lost | (J.started_at < started_before)
         with self.store.transaction() as conn:
-            rows = conn.execute(select(J.id, J.model).where(J.status == PROCESSING, lost)).all()
-            if rows:
-                conn.execute(
-                    update(jobs_table)
-                    .where(J.id.in_([r.id for r in rows]), J.status == PROCESSING)
-                    .values(status=QUEUED, node=None, published_at=now)
-                )
+            rows = conn.execute(
+                update(jobs_table)
+                .where(J.status == PROCESSING, lost)
+                .values(status=QUEUED, node=None, published_at=time.time())
+                .returning(J.id, J.model)
+            ).all()
         return [(r.id, r.model) for r in rows]
