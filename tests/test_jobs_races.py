@@ -6,17 +6,32 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Connection, text, update
+from sqlalchemy import Connection, event, text, update
 
+from automask.server import keys as keystore
+from automask.server.errors import ApiError
 from automask.server.jobs import PROCESSING, Jobs
 from automask.server.migrations import ensure_schema
 from automask.server.schemas import MaskRequest
 from automask.server.store import Store, jobs_table
 
 J = jobs_table.c
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    """A fresh database of each kind, at the current schema."""
+    if request.param == "sqlite":
+        s = Store.in_data_dir(tmp_path / "data")
+    else:
+        s = Store(request.getfixturevalue("postgres_db"))
+        ensure_schema(s, create=True)
+    yield s
+    s.close()
 
 
 @pytest.fixture()
@@ -74,3 +89,51 @@ def test_the_sweeper_leaves_a_job_that_a_live_node_reclaims_while_it_sweeps(pg_s
     with pg_store.read() as conn:
         assert conn.execute(jobs_table.select().where(J.id == job_id)).one().node == "node-live"
     assert jobs.orphaned(["node-other"]) == [(job_id, "m")]  # once node-live dies, it is recovered
+
+
+def slow_counts(store: Store, seconds: float) -> None:
+    """Make every COUNT query on `store` take `seconds` longer (widens the window between a count and an insert)."""
+
+    def pause(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        if statement.lstrip().upper().startswith("SELECT COUNT"):
+            time.sleep(seconds)
+
+    event.listen(store.engine, "after_cursor_execute", pause)
+
+
+@pytest.mark.parametrize(
+    ("per_key", "total", "admitted"),
+    [(3, None, 3), (None, 4, 4), (2, 5, 5)],
+    ids=["per-key", "total", "both"],
+)
+def test_concurrent_submits_never_pass_the_caps(
+    store: Store, per_key: int | None, total: int | None, admitted: int
+) -> None:
+    """Before: on PostgreSQL every submit counted the unfinished jobs before any had inserted its own, and all of
+    them were admitted."""
+    key_ids = [keystore.create_key(store)[0].id for _ in range(3)]
+    jobs = Jobs(store, max_per_key=per_key, max_total=total)
+    slow_counts(store, 0.05)
+    callers = [key_ids[i % 3] if total else key_ids[0] for i in range(12)]
+    start = threading.Barrier(len(callers))
+    outcomes: list[str | int] = [0] * len(callers)
+
+    def submit(i: int) -> None:
+        start.wait()
+        try:
+            outcomes[i] = jobs.submit(callers[i], request_of(), charge=False)
+        except ApiError as exc:
+            outcomes[i] = exc.status
+
+    threads = [threading.Thread(target=submit, args=(i,)) for i in range(len(callers))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    accepted = [callers[i] for i, o in enumerate(outcomes) if isinstance(o, str)]
+    assert len(accepted) == admitted
+    assert all(accepted.count(k) <= (per_key or admitted) for k in key_ids)
+    refused = {o for o in outcomes if not isinstance(o, str)}
+    assert refused == ({429} if total is None else {429, 503} if per_key else {503})
+    with store.read() as conn:
+        assert conn.execute(text("SELECT count(*) FROM jobs")).scalar_one() == admitted

@@ -114,6 +114,12 @@ class Jobs:
         return job_id
 
     def _check_room(self, conn: Any, key_id: str | None) -> None:
+        """Raise the 429 / 503 when the caps are reached. The counts hold until the job is inserted: concurrent
+        submits take a lock first (one for everyone when there is a total cap, else one per key)."""
+        if self.max_total is not None:
+            self.store.lock(conn, "jobs.submit")
+        elif self.max_per_key is not None and key_id is not None:
+            self.store.lock(conn, f"jobs.submit.{key_id}")
         waiting = select(func.count()).select_from(jobs_table).where(J.status.in_(UNFINISHED))
         if self.max_per_key is not None and key_id is not None:
             mine = conn.execute(waiting.where(J.key_id == key_id)).scalar_one()
