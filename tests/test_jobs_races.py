@@ -14,7 +14,8 @@ from sqlalchemy import Connection, event, text, update
 
 from automask.server import keys as keystore
 from automask.server.errors import ApiError
-from automask.server.jobs import PROCESSING, Jobs
+from automask.server.execute import execute_job
+from automask.server.jobs import COMPLETED, FAILED, PROCESSING, QUEUED, Jobs
 from automask.server.migrations import ensure_schema
 from automask.server.schemas import MaskRequest
 from automask.server.store import Store, jobs_table
@@ -137,3 +138,77 @@ def test_concurrent_submits_never_pass_the_caps(
     assert refused == ({429} if total is None else {429, 503} if per_key else {503})
     with store.read() as conn:
         assert conn.execute(text("SELECT count(*) FROM jobs")).scalar_one() == admitted
+
+
+def credits(store: Store, key_id: str) -> int | None:
+    key = keystore.get_key(store, key_id)
+    assert key is not None
+    return key.credits
+
+
+def test_a_slow_run_whose_job_was_taken_over_cannot_end_it(store: Store) -> None:
+    """Before: complete / fail / release guarded on the status only, so node-a (declared dead, its job re-claimed
+    by node-b) could fail and refund, put back, or complete the job node-b was running."""
+    key, _ = keystore.create_key(store, credits=1)
+    jobs = Jobs(store)
+    job_id = jobs.submit(key.id, request_of(), charge=True, model="m")
+    assert jobs.claim(job_id, "node-a") is not None
+    assert jobs.orphaned(["node-b"]) == [(job_id, "m")]  # node-a missed its heartbeats
+    taken = jobs.claim(job_id, "node-b")
+    assert taken is not None and taken.attempts == 2
+    assert jobs.fail(job_id, "node-a timed out", node="node-a") is False
+    assert jobs.release(job_id, "node-a") is False
+    assert jobs.complete(job_id, "node-a", b"png-a", {"run": "a"}, 1.0) is False
+    assert jobs.fail(job_id, "not runnable here") is False  # a caller that never claimed it: QUEUED jobs only
+    job = jobs.get(job_id)
+    assert job is not None and (job.status, job.has_result) == (PROCESSING, False)
+    assert credits(store, key.id) == 0  # still held: no refund
+    assert jobs.complete(job_id, "node-b", b"png-b", {"run": "b"}, 1.0) is True
+    assert jobs.result(job_id) == b"png-b" and credits(store, key.id) == 0  # charged once
+    assert jobs.fail(job_id, "late", node="node-b") is False and credits(store, key.id) == 0
+
+
+def test_a_failure_is_refunded_once_and_only_by_the_run_holding_the_job(store: Store) -> None:
+    key, _ = keystore.create_key(store, credits=1)
+    jobs = Jobs(store)
+    job_id = jobs.submit(key.id, request_of(), charge=True, model="m")
+    assert jobs.claim(job_id, "node-a") is not None and jobs.release(job_id, "node-a") is True
+    assert jobs.get(job_id).status == QUEUED  # type: ignore[union-attr]
+    assert jobs.claim(job_id, "node-b") is not None
+    assert jobs.release(job_id, "node-a") is False and jobs.fail(job_id, "a", node="node-a") is False
+    assert jobs.fail(job_id, "b failed", node="node-b") is True
+    assert jobs.fail(job_id, "b failed", node="node-b") is False
+    job = jobs.get(job_id)
+    assert job is not None and (job.status, job.error) == (FAILED, "b failed")
+    assert credits(store, key.id) == 1  # refunded exactly once
+
+
+class TakenOverWhileRunning:
+    """A runner whose inference lasts while the sweeper declares this node dead and `other` claims the job."""
+
+    def __init__(self, jobs: Jobs, other: str) -> None:
+        self.jobs, self.other = jobs, other
+
+    def name_of(self, model: str | None) -> str:
+        return model or "m"
+
+    def generator(self, model: str) -> None:
+        return None
+
+    def run_blocking(self, image: Any, prompt: Any, options: Any, model: str) -> Any:
+        (job_id, _), *_ = self.jobs.orphaned([self.other])
+        assert self.jobs.claim(job_id, self.other) is not None
+        raise RuntimeError("the model crashed")
+
+
+def test_execute_job_leaves_a_job_taken_over_mid_run_to_the_new_run(store: Store) -> None:
+    key, _ = keystore.create_key(store, credits=1)
+    jobs = Jobs(store)
+    job_id = jobs.submit(key.id, request_of(), charge=True, model="m")
+    runner: Any = TakenOverWhileRunning(jobs, "node-b")
+    assert execute_job(jobs, runner, job_id, "node-a", max_attempts=3) is None  # not FAILED: node-b runs it
+    job = jobs.get(job_id)
+    assert job is not None and job.status == PROCESSING and credits(store, key.id) == 0
+    assert jobs.complete(job_id, "node-b", b"png", {}, 0.1) is True
+    job = jobs.get(job_id)
+    assert job is not None and job.status == COMPLETED and credits(store, key.id) == 0

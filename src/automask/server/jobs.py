@@ -3,9 +3,11 @@
 QUEUED -> PROCESSING -> COMPLETED | FAILED (| CANCELLED, an automask extension, from QUEUED only). A job holds one
 credit of its key from submission (kept when it completes, given back otherwise). Delivery to the code that runs
 a job is at least once, so every step is a conditional UPDATE by id: a job is claimed only while QUEUED (or
-PROCESSING on a node that died, or when its message was redelivered because its worker died); it is completed only
-while PROCESSING, in the transaction that settles its hold, so a duplicate run never charges twice. Results (PNG)
-live in the database until `result_ttl` after they finish, so any node can serve them.
+PROCESSING on a node that died, or when its message was redelivered because its worker died); it is completed,
+failed or released only by the run that holds it (PROCESSING on the node that claimed it last), and completed or
+failed in the transaction that settles its hold, so a duplicate run never charges or refunds twice, and a slow run
+whose job was taken over cannot end the run that took it. Results (PNG) live in the database until `result_ttl`
+after they finish, so any node can serve them.
 """
 
 from __future__ import annotations
@@ -70,6 +72,11 @@ def _to_job(row: Any) -> Job:
         model=row.model,
         has_result=bool(row.has_result),
     )
+
+
+def _running_on(job_id: str, node: str) -> Any:
+    """The WHERE clause of job `job_id` while it is PROCESSING on `node`: held by the run that claimed it there."""
+    return (J.id == job_id) & (J.status == PROCESSING) & (J.node == node)
 
 
 def no_credits(key_id: str) -> ApiError:
@@ -171,23 +178,24 @@ class Jobs:
         data = MaskRequest.unstored(row.request, row.upload)
         return Claimed(id=row.id, request=data, model=row.model, attempts=row.attempts)
 
-    def release(self, job_id: str) -> bool:
-        """Put a PROCESSING job back in the queue without counting the attempt (its model is not available)."""
+    def release(self, job_id: str, node: str) -> bool:
+        """Put a job PROCESSING on `node` back in the queue without counting the attempt (its model is not
+        available); False when it no longer runs there (taken over, or finished)."""
         with self.store.transaction() as conn:
             cur = conn.execute(
                 update(jobs_table)
-                .where(J.id == job_id, J.status == PROCESSING)
+                .where(_running_on(job_id, node))
                 .values(status=QUEUED, node=None, attempts=J.attempts - 1, published_at=time.time())
             )
         return cur.rowcount == 1
 
-    def complete(self, job_id: str, png: bytes, metadata: dict[str, Any], seconds: float) -> bool:
-        """Store the result and mark the job COMPLETED, keeping its credit, only if it is still PROCESSING
-        (False: another run finished it first, nothing changed)."""
+    def complete(self, job_id: str, node: str, png: bytes, metadata: dict[str, Any], seconds: float) -> bool:
+        """Store the result and mark the job COMPLETED, keeping its credit, only if it is still PROCESSING on
+        `node` (False: another run took it over or finished it first, nothing changed)."""
         with self.store.transaction() as conn:
             cur = conn.execute(
                 update(jobs_table)
-                .where(J.id == job_id, J.status == PROCESSING)
+                .where(_running_on(job_id, node))
                 .values(
                     status=COMPLETED,
                     result=png,
@@ -204,14 +212,14 @@ class Jobs:
             keys.settle_in(conn, job_id, charge=True)
         return True
 
-    def fail(self, job_id: str, error: str, *, status: str = FAILED) -> bool:
-        """Mark an unfinished job FAILED (or CANCELLED) with `error`, giving its credit back; False if it had
-        already finished."""
-        allowed = (QUEUED,) if status == CANCELLED else UNFINISHED
+    def fail(self, job_id: str, error: str, *, node: str | None = None, status: str = FAILED) -> bool:
+        """Mark a job FAILED (or CANCELLED) with `error`, giving its credit back: a job PROCESSING on `node` (the
+        run that claimed it), or with `node` None a QUEUED one (it never ran). False otherwise, nothing changed."""
+        owned = _running_on(job_id, node) if node is not None else (J.id == job_id) & (J.status == QUEUED)
         with self.store.transaction() as conn:
             cur = conn.execute(
                 update(jobs_table)
-                .where(J.id == job_id, J.status.in_(allowed))
+                .where(owned)
                 .values(status=status, error=error, finished_at=time.time(), request=None, upload=None, node=None)
             )
             if cur.rowcount != 1:
