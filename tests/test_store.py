@@ -158,6 +158,7 @@ def test_queue_caps_per_key_and_in_total(store: Store) -> None:
     with pytest.raises(ApiError) as err:
         jobs.submit(a.id, request_of(), charge=False)
     assert err.value.status == 429 and "2" in err.value.message
+    assert err.value.headers["Retry-After"] == "5" and err.value.headers["x-rate-limit-reset-at-utc"].endswith("Z")
     jobs.submit(b.id, request_of(), charge=False)
     with pytest.raises(ApiError) as err:
         jobs.submit(b.id, request_of(), charge=False)

@@ -22,6 +22,7 @@ from sqlalchemy import delete, func, insert, select, update
 
 from automask.server import keys
 from automask.server.errors import ApiError
+from automask.server.limits import retry_headers
 from automask.server.schemas import MaskRequest
 from automask.server.store import Store, jobs_table
 
@@ -29,6 +30,8 @@ QUEUED, PROCESSING, COMPLETED, FAILED, CANCELLED = "QUEUED", "PROCESSING", "COMP
 UNFINISHED = (QUEUED, PROCESSING)
 FINISHED = (COMPLETED, FAILED, CANCELLED)
 J = jobs_table.c
+KEY_CAP_RETRY_SECONDS = 5
+"""How long a key at its cap of unfinished jobs is told to wait (429 `Retry-After`)."""
 
 
 @dataclass(frozen=True)
@@ -131,11 +134,12 @@ class Jobs:
         if self.max_per_key is not None and key_id is not None:
             mine = conn.execute(waiting.where(J.key_id == key_id)).scalar_one()
             if mine >= self.max_per_key:
+                now = time.time()
                 raise ApiError(
                     429,
                     f"This key has {mine} v2 jobs waiting or running, the most one key may have "
                     f"({self.max_per_key}); wait for some to finish (poll their status_url), then submit again.",
-                    {"Retry-After": "5"},
+                    retry_headers(now, now + KEY_CAP_RETRY_SECONDS),
                 )
         if self.max_total is not None and conn.execute(waiting).scalar_one() >= self.max_total:
             raise ApiError(503, "The server's job queue is full; try again in a minute.", {"Retry-After": "30"})
