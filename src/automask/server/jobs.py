@@ -247,17 +247,18 @@ class Jobs:
         with self.store.read() as conn:
             return [(r.id, r.model) for r in conn.execute(query)]
 
-    def unpublished(self, older_than: float, limit: int = 1000) -> list[tuple[str, str | None]]:
+    def unpublished(
+        self, older_than: float, limit: int = 1000, *, models: list[str] | None = None
+    ) -> list[tuple[str, str | None]]:
         """QUEUED jobs last handed to the dispatcher before `older_than` (a publish may have been lost); their
-        `published_at` is set to now."""
+        `published_at` is set to now. `models`: only jobs of these models (or of none: the default's), the others
+        keep their `published_at`, so they are returned as soon as their model is among `models`."""
         now = time.time()
+        due = (J.status == QUEUED) & (J.published_at.is_(None) | (J.published_at < older_than))
+        if models is not None:
+            due = due & (J.model.is_(None) | J.model.in_(models))
         with self.store.transaction() as conn:
-            rows = conn.execute(
-                select(J.id, J.model)
-                .where(J.status == QUEUED, (J.published_at.is_(None)) | (J.published_at < older_than))
-                .order_by(J.created_at)
-                .limit(limit)
-            ).all()
+            rows = conn.execute(select(J.id, J.model).where(due).order_by(J.created_at).limit(limit)).all()
             if rows:
                 conn.execute(update(jobs_table).where(J.id.in_([r.id for r in rows])).values(published_at=now))
         return [(r.id, r.model) for r in rows]
