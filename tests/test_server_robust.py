@@ -9,6 +9,7 @@ import sqlite3
 import stat
 import threading
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -146,9 +147,11 @@ def test_v2_refuses_an_oversized_image_at_once_and_caps_the_queue(tmp_path: Path
         assert Jobs(store).queued() == [] and keystore.get_key(store, a.id).credits == 10  # type: ignore[union-attr]
 
         ok = {"image": base64.b64encode(png_bytes(np.zeros((8, 8, 3), np.uint8))).decode(), "prompt": "sofa"}
-        codes = [httpx.post(f"{live.url}/v2/{SLUG}", headers={"x-api-key": token_a}, json=ok).status_code
-                 for _ in range(3)]  # fmt: skip
-        assert codes == [200, 200, 429]
+        answers = [httpx.post(f"{live.url}/v2/{SLUG}", headers={"x-api-key": token_a}, json=ok) for _ in range(3)]
+        assert [r.status_code for r in answers] == [200, 200, 429]
+        assert answers[2].headers["retry-after"] == "5"  # like every 429, it says when to come back (CONTRACT.md)
+        reset_at = datetime.strptime(answers[2].headers["x-rate-limit-reset-at-utc"], "%Y-%m-%dT%H:%M:%SZ")
+        assert abs(reset_at.replace(tzinfo=timezone.utc).timestamp() - (time.time() + 5)) < 3
         full = httpx.post(f"{live.url}/v2/{SLUG}", headers={"x-api-key": token_b}, json=ok)
         assert full.status_code == 200
         full = httpx.post(f"{live.url}/v2/{SLUG}", headers={"x-api-key": token_b}, json=ok)

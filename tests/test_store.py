@@ -113,9 +113,9 @@ def test_job_lifecycle_charges_once_even_when_run_twice(store: Store) -> None:
     assert jobs.claim(job_id, "node-b") is None  # a duplicate message: not taken
     second = jobs.claim(job_id, "node-b", takeover=True)  # a redelivery after node-a's worker died
     assert second is not None and second.attempts == 2
-    assert jobs.complete(job_id, b"png-1", {"a": 1}, 0.5) is True
-    assert jobs.complete(job_id, b"png-2", {"a": 2}, 0.7) is False  # the other run finishing later: ignored
-    assert jobs.fail(job_id, "late failure") is False
+    assert jobs.complete(job_id, "node-b", b"png-1", {"a": 1}, 0.5) is True
+    assert jobs.complete(job_id, "node-b", b"png-2", {"a": 2}, 0.7) is False  # the other run finishing later: ignored
+    assert jobs.fail(job_id, "late failure", node="node-b") is False
     job = jobs.get(job_id)
     assert job is not None and job.status == COMPLETED and job.metadata == {"a": 1} and job.has_result
     assert jobs.result(job_id) == b"png-1"
@@ -130,7 +130,7 @@ def test_uploads_are_stored_and_dropped_when_finished(store: Store) -> None:
     job_id = jobs.submit(None, request_of(image=image), charge=False)
     claimed = jobs.claim(job_id, "n")
     assert claimed is not None and claimed.request["image"] == image
-    assert jobs.fail(job_id, "bad image") is True
+    assert jobs.fail(job_id, "bad image", node="n") is True
     job = jobs.get(job_id)
     assert job is not None and job.status == FAILED and job.error == "bad image"
 
@@ -140,7 +140,7 @@ def test_failed_and_cancelled_jobs_are_free(store: Store) -> None:
     jobs = Jobs(store)
     failed, cancelled, started = (jobs.submit(key.id, request_of(), charge=True) for _ in range(3))
     assert credits(store, key.id) == 0
-    assert jobs.claim(failed, "n") is not None and jobs.fail(failed, "nope")
+    assert jobs.claim(failed, "n") is not None and jobs.fail(failed, "nope", node="n")
     assert jobs.cancel(cancelled) is True
     assert jobs.claim(cancelled, "n") is None  # a cancelled job never runs
     assert jobs.claim(started, "n") is not None
@@ -158,11 +158,12 @@ def test_queue_caps_per_key_and_in_total(store: Store) -> None:
     with pytest.raises(ApiError) as err:
         jobs.submit(a.id, request_of(), charge=False)
     assert err.value.status == 429 and "2" in err.value.message
+    assert err.value.headers["Retry-After"] == "5" and err.value.headers["x-rate-limit-reset-at-utc"].endswith("Z")
     jobs.submit(b.id, request_of(), charge=False)
     with pytest.raises(ApiError) as err:
         jobs.submit(b.id, request_of(), charge=False)
     assert err.value.status == 503 and err.value.headers["Retry-After"]
-    assert jobs.claim(ids[0], "n") is not None and jobs.complete(ids[0], b"x", {}, 0.1)  # finished: room again
+    assert jobs.claim(ids[0], "n") is not None and jobs.complete(ids[0], "n", b"x", {}, 0.1)  # finished: room again
     jobs.submit(a.id, request_of(), charge=False)
 
 

@@ -60,6 +60,10 @@ class Dispatcher(Protocol):
     def publish(self, job_id: str, model: str | None) -> None:
         """Hand stored v2 job `job_id` to whatever runs jobs (at least once; a duplicate is harmless)."""
 
+    def serving(self) -> list[str] | None:
+        """The models whose jobs something can run now, so that handing them out again is worth it (None: any
+        model; the dispatcher looks at a job's model itself when it runs it)."""
+
     @property
     def node(self) -> str | None:
         """This process's node id when it runs jobs itself (its sweeper never takes them over), else None."""
@@ -137,6 +141,9 @@ class LocalDispatcher:
         if job_id not in self._held:
             self._held.add(job_id)
             self._queue.put_nowait((job_id, model))
+
+    def serving(self) -> list[str] | None:
+        return None  # `_work` checks each job's model and retries it in memory while it is not available
 
     def readiness(self) -> str | None:
         if self.runner.ready:

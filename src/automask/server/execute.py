@@ -17,7 +17,7 @@ from typing import Any
 from automask.errors import AutomaskError, ModelNotAvailableError
 from automask.result import MaskResult, encode_png
 from automask.server.errors import status_of
-from automask.server.jobs import FAILED, Jobs
+from automask.server.jobs import FAILED, QUEUED, Jobs
 from automask.server.runner import Runner, RunnerClosed, inference_time, served_metadata
 from automask.server.schemas import MaskRequest
 
@@ -94,7 +94,8 @@ def execute_job(
     dead_nodes: list[str] | None = None,
 ) -> str | None:
     """Run v2 job `job_id` on `node` to its end, in this thread; returns its new status, or None when it was not
-    there to take (finished, cancelled, or running elsewhere).
+    there to take (finished, cancelled, or running elsewhere) or was taken over while it ran here (the sweeper
+    declared `node` dead and another node claimed it: that run ends it, never this one).
 
     A job started more than `max_attempts` times (each start that never finished: a crash, a killed worker)
     ends FAILED. A job whose model is not available here goes back to QUEUED, its attempt not counted, to run
@@ -104,27 +105,25 @@ def execute_job(
         return None
     if claimed.attempts > max_attempts:
         message = f"The job was started {claimed.attempts - 1} times and never finished (its worker stopped)."
-        jobs.fail(job_id, message)
-        return FAILED
+        return FAILED if jobs.fail(job_id, message, node=node) else None
     try:
         req = MaskRequest.model_validate(claimed.request)
         model = claimed.model or runner.name_of(req.model)
         try:
             runner.generator(model)
         except ModelNotAvailableError:
-            jobs.release(job_id)
-            return "QUEUED"
+            return QUEUED if jobs.release(job_id, node) else None
         result, seconds = runner.run_blocking(req.image, req.prompt, req.options(), model)
         done = answer(result, req, model)
-        if jobs.complete(job_id, done.png, done.metadata, seconds):
+        if jobs.complete(job_id, node, done.png, done.metadata, seconds):
             return "COMPLETED"
         return None
     except RunnerClosed:  # stopping before it ran: it runs after the restart, or on another node
-        jobs.release(job_id)
-        return "QUEUED"
+        return QUEUED if jobs.release(job_id, node) else None
     except AutomaskError as exc:
-        jobs.fail(job_id, exc.message)
+        failed = jobs.fail(job_id, exc.message, node=node)
     except Exception:
         log.exception("v2 job %s failed unexpectedly", job_id)
-        jobs.fail(job_id, f"Unexpected server error while running request {job_id}; the server log has the details.")
-    return FAILED
+        error = f"Unexpected server error while running request {job_id}; the server log has the details."
+        failed = jobs.fail(job_id, error, node=node)
+    return FAILED if failed else None

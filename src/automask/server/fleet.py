@@ -190,6 +190,9 @@ class CeleryDispatcher:
 
     # -- running -----------------------------------------------------------------------------------------
 
+    def serving(self) -> list[str]:
+        return self._served()  # a job of another model would wait in its queue, copies piling up at each sweep
+
     def publish(self, job_id: str, model: str | None) -> None:
         name = model or self.default
         self.app.send_task("automask.v2", args=[job_id], queue=queue("v2", name, self.server))

@@ -3,9 +3,11 @@
 QUEUED -> PROCESSING -> COMPLETED | FAILED (| CANCELLED, an automask extension, from QUEUED only). A job holds one
 credit of its key from submission (kept when it completes, given back otherwise). Delivery to the code that runs
 a job is at least once, so every step is a conditional UPDATE by id: a job is claimed only while QUEUED (or
-PROCESSING on a node that died, or when its message was redelivered because its worker died); it is completed only
-while PROCESSING, in the transaction that settles its hold, so a duplicate run never charges twice. Results (PNG)
-live in the database until `result_ttl` after they finish, so any node can serve them.
+PROCESSING on a node that died, or when its message was redelivered because its worker died); it is completed,
+failed or released only by the run that holds it (PROCESSING on the node that claimed it last), and completed or
+failed in the transaction that settles its hold, so a duplicate run never charges or refunds twice, and a slow run
+whose job was taken over cannot end the run that took it. Results (PNG) live in the database until `result_ttl`
+after they finish, so any node can serve them.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from sqlalchemy import delete, func, insert, select, update
 
 from automask.server import keys
 from automask.server.errors import ApiError
+from automask.server.limits import retry_headers
 from automask.server.schemas import MaskRequest
 from automask.server.store import Store, jobs_table
 
@@ -27,6 +30,8 @@ QUEUED, PROCESSING, COMPLETED, FAILED, CANCELLED = "QUEUED", "PROCESSING", "COMP
 UNFINISHED = (QUEUED, PROCESSING)
 FINISHED = (COMPLETED, FAILED, CANCELLED)
 J = jobs_table.c
+KEY_CAP_RETRY_SECONDS = 5
+"""How long a key at its cap of unfinished jobs is told to wait (429 `Retry-After`)."""
 
 
 @dataclass(frozen=True)
@@ -72,6 +77,11 @@ def _to_job(row: Any) -> Job:
     )
 
 
+def _running_on(job_id: str, node: str) -> Any:
+    """The WHERE clause of job `job_id` while it is PROCESSING on `node`: held by the run that claimed it there."""
+    return (J.id == job_id) & (J.status == PROCESSING) & (J.node == node)
+
+
 def no_credits(key_id: str) -> ApiError:
     """The 406 for a key whose credits are spent."""
     return ApiError(
@@ -114,15 +124,22 @@ class Jobs:
         return job_id
 
     def _check_room(self, conn: Any, key_id: str | None) -> None:
+        """Raise the 429 / 503 when the caps are reached. The counts hold until the job is inserted: concurrent
+        submits take a lock first (one for everyone when there is a total cap, else one per key)."""
+        if self.max_total is not None:
+            self.store.lock(conn, "jobs.submit")
+        elif self.max_per_key is not None and key_id is not None:
+            self.store.lock(conn, f"jobs.submit.{key_id}")
         waiting = select(func.count()).select_from(jobs_table).where(J.status.in_(UNFINISHED))
         if self.max_per_key is not None and key_id is not None:
             mine = conn.execute(waiting.where(J.key_id == key_id)).scalar_one()
             if mine >= self.max_per_key:
+                now = time.time()
                 raise ApiError(
                     429,
                     f"This key has {mine} v2 jobs waiting or running, the most one key may have "
                     f"({self.max_per_key}); wait for some to finish (poll their status_url), then submit again.",
-                    {"Retry-After": "5"},
+                    retry_headers(now, now + KEY_CAP_RETRY_SECONDS),
                 )
         if self.max_total is not None and conn.execute(waiting).scalar_one() >= self.max_total:
             raise ApiError(503, "The server's job queue is full; try again in a minute.", {"Retry-After": "30"})
@@ -165,24 +182,25 @@ class Jobs:
         data = MaskRequest.unstored(row.request, row.upload)
         return Claimed(id=row.id, request=data, model=row.model, attempts=row.attempts)
 
-    def release(self, job_id: str) -> bool:
-        """Put a PROCESSING job back in the queue without counting the attempt (its model is not available, or
-        the server stopped before it ran)."""
+    def release(self, job_id: str, node: str) -> bool:
+        """Put a job PROCESSING on `node` back in the queue without counting the attempt (its model is not
+        available, or the server stopped before it ran); False when it no longer runs there (taken over, or
+        finished)."""
         with self.store.transaction() as conn:
             cur = conn.execute(
                 update(jobs_table)
-                .where(J.id == job_id, J.status == PROCESSING)
+                .where(_running_on(job_id, node))
                 .values(status=QUEUED, node=None, attempts=J.attempts - 1, published_at=time.time())
             )
         return cur.rowcount == 1
 
-    def complete(self, job_id: str, png: bytes, metadata: dict[str, Any], seconds: float) -> bool:
-        """Store the result and mark the job COMPLETED, keeping its credit, only if it is still PROCESSING
-        (False: another run finished it first, nothing changed)."""
+    def complete(self, job_id: str, node: str, png: bytes, metadata: dict[str, Any], seconds: float) -> bool:
+        """Store the result and mark the job COMPLETED, keeping its credit, only if it is still PROCESSING on
+        `node` (False: another run took it over or finished it first, nothing changed)."""
         with self.store.transaction() as conn:
             cur = conn.execute(
                 update(jobs_table)
-                .where(J.id == job_id, J.status == PROCESSING)
+                .where(_running_on(job_id, node))
                 .values(
                     status=COMPLETED,
                     result=png,
@@ -199,14 +217,14 @@ class Jobs:
             keys.settle_in(conn, job_id, charge=True)
         return True
 
-    def fail(self, job_id: str, error: str, *, status: str = FAILED) -> bool:
-        """Mark an unfinished job FAILED (or CANCELLED) with `error`, giving its credit back; False if it had
-        already finished."""
-        allowed = (QUEUED,) if status == CANCELLED else UNFINISHED
+    def fail(self, job_id: str, error: str, *, node: str | None = None, status: str = FAILED) -> bool:
+        """Mark a job FAILED (or CANCELLED) with `error`, giving its credit back: a job PROCESSING on `node` (the
+        run that claimed it), or with `node` None a QUEUED one (it never ran). False otherwise, nothing changed."""
+        owned = _running_on(job_id, node) if node is not None else (J.id == job_id) & (J.status == QUEUED)
         with self.store.transaction() as conn:
             cur = conn.execute(
                 update(jobs_table)
-                .where(J.id == job_id, J.status.in_(allowed))
+                .where(owned)
                 .values(status=status, error=error, finished_at=time.time(), request=None, upload=None, node=None)
             )
             if cur.rowcount != 1:
@@ -230,17 +248,18 @@ class Jobs:
         with self.store.read() as conn:
             return [(r.id, r.model) for r in conn.execute(query)]
 
-    def unpublished(self, older_than: float, limit: int = 1000) -> list[tuple[str, str | None]]:
+    def unpublished(
+        self, older_than: float, limit: int = 1000, *, models: list[str] | None = None
+    ) -> list[tuple[str, str | None]]:
         """QUEUED jobs last handed to the dispatcher before `older_than` (a publish may have been lost); their
-        `published_at` is set to now."""
+        `published_at` is set to now. `models`: only jobs of these models (or of none: the default's), the others
+        keep their `published_at`, so they are returned as soon as their model is among `models`."""
         now = time.time()
+        due = (J.status == QUEUED) & (J.published_at.is_(None) | (J.published_at < older_than))
+        if models is not None:
+            due = due & (J.model.is_(None) | J.model.in_(models))
         with self.store.transaction() as conn:
-            rows = conn.execute(
-                select(J.id, J.model)
-                .where(J.status == QUEUED, (J.published_at.is_(None)) | (J.published_at < older_than))
-                .order_by(J.created_at)
-                .limit(limit)
-            ).all()
+            rows = conn.execute(select(J.id, J.model).where(due).order_by(J.created_at).limit(limit)).all()
             if rows:
                 conn.execute(update(jobs_table).where(J.id.in_([r.id for r in rows])).values(published_at=now))
         return [(r.id, r.model) for r in rows]
@@ -248,17 +267,18 @@ class Jobs:
     def orphaned(self, live_nodes: list[str], started_before: float | None = None) -> list[tuple[str, str | None]]:
         """PROCESSING jobs whose node is not among `live_nodes` (it died mid-run), or that started before
         `started_before` (longer ago than any run may last: the run was lost, e.g. its worker could not reach the
-        database to finish it): put back to QUEUED (the attempt stays counted) and returned, to be handed out again."""
-        now = time.time()
+        database to finish it): put back to QUEUED (the attempt stays counted) and returned, to be handed out again.
+
+        One UPDATE ... RETURNING: a job a live node claims meanwhile (a redelivered message) no longer matches
+        `lost` (PostgreSQL re-checks the WHERE on a row another transaction changed), so it is left running."""
         lost = J.node.is_(None) | J.node.not_in(live_nodes)
         if started_before is not None:
             lost = lost | (J.started_at < started_before)
         with self.store.transaction() as conn:
-            rows = conn.execute(select(J.id, J.model).where(J.status == PROCESSING, lost)).all()
-            if rows:
-                conn.execute(
-                    update(jobs_table)
-                    .where(J.id.in_([r.id for r in rows]), J.status == PROCESSING)
-                    .values(status=QUEUED, node=None, published_at=now)
-                )
+            rows = conn.execute(
+                update(jobs_table)
+                .where(J.status == PROCESSING, lost)
+                .values(status=QUEUED, node=None, published_at=time.time())
+                .returning(J.id, J.model)
+            ).all()
         return [(r.id, r.model) for r in rows]

@@ -98,14 +98,21 @@ class RedisRateLimiter:
         await self.client.aclose()
 
 
-def rate_limited(limit: int, now: float, reset_at: float) -> ApiError:
-    """The 429 for a key over its `limit`: `Retry-After` (whole seconds) and `x-rate-limit-reset-at-utc`."""
+def retry_headers(now: float, reset_at: float) -> dict[str, str]:
+    """The headers every 429 carries: `Retry-After` (whole seconds from `now`, at least 1) and
+    `x-rate-limit-reset-at-utc` (`reset_at`, UNIX seconds, as ISO 8601 UTC: `2025-01-31T12:00:05Z`)."""
     stamp = datetime.fromtimestamp(reset_at, tz=timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
-    retry_after = max(1, math.ceil(reset_at - now))
+    return {"Retry-After": str(max(1, math.ceil(reset_at - now))), "x-rate-limit-reset-at-utc": stamp}
+
+
+def rate_limited(limit: int, now: float, reset_at: float) -> ApiError:
+    """The 429 for a key over its `limit` (`retry_headers`)."""
+    headers = retry_headers(now, reset_at)
     return ApiError(
         429,
-        f"Rate limit of {limit} requests per minute reached; retry after {retry_after} s ({stamp}).",
-        {"Retry-After": str(retry_after), "x-rate-limit-reset-at-utc": stamp},
+        f"Rate limit of {limit} requests per minute reached; retry after {headers['Retry-After']} s "
+        f"({headers['x-rate-limit-reset-at-utc']}).",
+        headers,
     )
 
 

@@ -3,12 +3,14 @@
 One code path for SQLite (embedded, the default: `<data_dir>/automask.db`) and PostgreSQL (a fleet of API nodes
 and workers), through SQLAlchemy Core. Every write runs in `transaction()`: on SQLite a `BEGIN IMMEDIATE` (the
 write lock up front, so the conditional UPDATEs of `keys` and `jobs` hold across threads and processes); on
-PostgreSQL a READ COMMITTED transaction in which those single-statement conditional UPDATEs are atomic too.
+PostgreSQL a READ COMMITTED transaction in which those single-statement conditional UPDATEs are atomic too, and
+a read followed by a write that depends on it (a cap on unfinished jobs) takes an advisory lock first (`lock`).
 The schema is versioned by Alembic (`automask.server.migrations`); `automask db migrate` upgrades it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
 from collections.abc import Iterator
@@ -33,6 +35,7 @@ from sqlalchemy import (
     create_engine,
     event,
     make_url,
+    text,
     true,
 )
 from sqlalchemy.engine import URL
@@ -132,6 +135,11 @@ def database_url(settings: Any) -> str:
     return str(settings.database_url or embedded_url(settings.data_dir))
 
 
+def advisory_lock_id(name: str) -> int:
+    """The PostgreSQL advisory lock key (a signed 64-bit integer) of lock `name`: a stable hash."""
+    return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "big", signed=True)
+
+
 class Store:
     """The database at `url`. SQLite files (and their WAL) are created private (0600 in a 0700 folder)."""
 
@@ -195,6 +203,13 @@ class Store:
             conn.execution_options(immediate=True)
             with conn.begin():
                 yield conn
+
+    def lock(self, conn: Connection, name: str) -> None:
+        """Inside `transaction()`: wait for the lock `name`, held until the transaction ends, so a count followed by
+        an insert holds against every other transaction that takes it first. PostgreSQL: a transaction advisory
+        lock; SQLite: nothing to do, its write transaction already runs alone."""
+        if not self.is_sqlite:
+            conn.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": advisory_lock_id(name)})
 
     @contextmanager
     def read(self) -> Iterator[Connection]:

@@ -2,8 +2,9 @@
 (a PostgreSQL advisory lock; SQLite has one server per database).
 
 Every `sweep_interval` seconds: PROCESSING jobs of dead nodes go back to the queue and are handed out again;
-QUEUED jobs whose hand-off may have been lost (`republish_after`) are handed out again; credit holds that no live
-request owns are given back; every `cleanup_interval`, finished jobs older than `result_ttl` are deleted.
+QUEUED jobs whose hand-off may have been lost (`republish_after`) are handed out again, once something serves their
+model (`Dispatcher.serving`: in a fleet, a live worker); credit holds that no live request owns are given back;
+every `cleanup_interval`, finished jobs older than `result_ttl` are deleted.
 """
 
 from __future__ import annotations
@@ -67,7 +68,8 @@ class Sweeper:
             for job_id, model in self.jobs.orphaned(live, started_before=time.time() - longest):
                 self.dispatcher.publish(job_id, model)
                 done["requeued"] += 1
-            for job_id, model in self.jobs.unpublished(time.time() - self.server.republish_after):
+            served = self.dispatcher.serving()  # jobs no live node can run would only pile up in their queue
+            for job_id, model in self.jobs.unpublished(time.time() - self.server.republish_after, models=served):
                 self.dispatcher.publish(job_id, model)
                 done["republished"] += 1
             done["holds"] = keys.release_orphan_holds(self.store)

@@ -1,0 +1,214 @@
+"""v2 jobs under concurrency: what READ COMMITTED lets interleave on PostgreSQL (SQLite serialises writers), and
+a slow run that lost its job to another node."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import Connection, event, text, update
+
+from automask.server import keys as keystore
+from automask.server.errors import ApiError
+from automask.server.execute import execute_job
+from automask.server.jobs import COMPLETED, FAILED, PROCESSING, QUEUED, Jobs
+from automask.server.migrations import ensure_schema
+from automask.server.schemas import MaskRequest
+from automask.server.store import Store, jobs_table
+
+J = jobs_table.c
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    """A fresh database of each kind, at the current schema."""
+    if request.param == "sqlite":
+        s = Store.in_data_dir(tmp_path / "data")
+    else:
+        s = Store(request.getfixturevalue("postgres_db"))
+        ensure_schema(s, create=True)
+    yield s
+    s.close()
+
+
+@pytest.fixture()
+def pg_store(postgres_db: str) -> Iterator[Store]:
+    """A fresh PostgreSQL database at the current schema (for races SQLite's write lock rules out)."""
+    s = Store(postgres_db)
+    ensure_schema(s, create=True)
+    yield s
+    s.close()
+
+
+def request_of(**kw: Any) -> MaskRequest:
+    return MaskRequest.model_validate({"image": "aGVsbG8=", "prompt": "sofa", **kw})
+
+
+def wait_for_lock_waiters(store: Store, count: int, timeout: float = 10.0) -> None:
+    """Wait until `count` backends of this database are blocked on a lock (a row lock, an advisory lock)."""
+    query = text(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+    )
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with store.read() as conn:
+            if conn.execute(query).scalar_one() >= count:
+                return
+        time.sleep(0.02)
+    raise AssertionError(f"{count} transaction(s) never waited on a lock")
+
+
+def claim_uncommitted(conn: Connection, job_id: str, node: str) -> None:
+    """What `Jobs.claim(job_id, node, takeover=True)` writes, left uncommitted in `conn`'s transaction."""
+    conn.execute(
+        update(jobs_table)
+        .where(J.id == job_id)
+        .values(status=PROCESSING, node=node, started_at=time.time(), attempts=J.attempts + 1)
+    )
+
+
+def test_the_sweeper_leaves_a_job_that_a_live_node_reclaims_while_it_sweeps(pg_store: Store) -> None:
+    """Before: `orphaned` picked the job (its node dead), a live node took it over (a redelivered message), and the
+    sweeper's UPDATE, checking only `status == PROCESSING`, put the running job back to QUEUED: a second run."""
+    jobs = Jobs(pg_store)
+    job_id = jobs.submit(None, request_of(), charge=False, model="m")
+    assert jobs.claim(job_id, "node-dead") is not None
+    found: list[list[tuple[str, str | None]]] = []
+    with pg_store.engine.connect() as live, live.begin():
+        claim_uncommitted(live, job_id, "node-live")  # the takeover holds the row until it commits
+        sweep = threading.Thread(target=lambda: found.append(jobs.orphaned(["node-live"])))
+        sweep.start()
+        wait_for_lock_waiters(pg_store, 1)  # the sweeper saw node-dead's job and waits for the row
+    sweep.join(timeout=10)
+    assert found == [[]]
+    job = jobs.get(job_id)
+    assert job is not None and job.status == PROCESSING
+    with pg_store.read() as conn:
+        assert conn.execute(jobs_table.select().where(J.id == job_id)).one().node == "node-live"
+    assert jobs.orphaned(["node-other"]) == [(job_id, "m")]  # once node-live dies, it is recovered
+
+
+def slow_counts(store: Store, seconds: float) -> None:
+    """Make every COUNT query on `store` take `seconds` longer (widens the window between a count and an insert)."""
+
+    def pause(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        if statement.lstrip().upper().startswith("SELECT COUNT"):
+            time.sleep(seconds)
+
+    event.listen(store.engine, "after_cursor_execute", pause)
+
+
+@pytest.mark.parametrize(
+    ("per_key", "total", "admitted"),
+    [(3, None, 3), (None, 4, 4), (2, 5, 5)],
+    ids=["per-key", "total", "both"],
+)
+def test_concurrent_submits_never_pass_the_caps(
+    store: Store, per_key: int | None, total: int | None, admitted: int
+) -> None:
+    """Before: on PostgreSQL every submit counted the unfinished jobs before any had inserted its own, and all of
+    them were admitted."""
+    key_ids = [keystore.create_key(store)[0].id for _ in range(3)]
+    jobs = Jobs(store, max_per_key=per_key, max_total=total)
+    slow_counts(store, 0.05)
+    callers = [key_ids[i % 3] if total else key_ids[0] for i in range(12)]
+    start = threading.Barrier(len(callers))
+    outcomes: list[str | int] = [0] * len(callers)
+
+    def submit(i: int) -> None:
+        start.wait()
+        try:
+            outcomes[i] = jobs.submit(callers[i], request_of(), charge=False)
+        except ApiError as exc:
+            outcomes[i] = exc.status
+
+    threads = [threading.Thread(target=submit, args=(i,)) for i in range(len(callers))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    accepted = [callers[i] for i, o in enumerate(outcomes) if isinstance(o, str)]
+    assert len(accepted) == admitted
+    assert all(accepted.count(k) <= (per_key or admitted) for k in key_ids)
+    refused = {o for o in outcomes if not isinstance(o, str)}
+    assert refused == ({429} if total is None else {429, 503} if per_key else {503})
+    with store.read() as conn:
+        assert conn.execute(text("SELECT count(*) FROM jobs")).scalar_one() == admitted
+
+
+def credits(store: Store, key_id: str) -> int | None:
+    key = keystore.get_key(store, key_id)
+    assert key is not None
+    return key.credits
+
+
+def test_a_slow_run_whose_job_was_taken_over_cannot_end_it(store: Store) -> None:
+    """Before: complete / fail / release guarded on the status only, so node-a (declared dead, its job re-claimed
+    by node-b) could fail and refund, put back, or complete the job node-b was running."""
+    key, _ = keystore.create_key(store, credits=1)
+    jobs = Jobs(store)
+    job_id = jobs.submit(key.id, request_of(), charge=True, model="m")
+    assert jobs.claim(job_id, "node-a") is not None
+    assert jobs.orphaned(["node-b"]) == [(job_id, "m")]  # node-a missed its heartbeats
+    taken = jobs.claim(job_id, "node-b")
+    assert taken is not None and taken.attempts == 2
+    assert jobs.fail(job_id, "node-a timed out", node="node-a") is False
+    assert jobs.release(job_id, "node-a") is False
+    assert jobs.complete(job_id, "node-a", b"png-a", {"run": "a"}, 1.0) is False
+    assert jobs.fail(job_id, "not runnable here") is False  # a caller that never claimed it: QUEUED jobs only
+    job = jobs.get(job_id)
+    assert job is not None and (job.status, job.has_result) == (PROCESSING, False)
+    assert credits(store, key.id) == 0  # still held: no refund
+    assert jobs.complete(job_id, "node-b", b"png-b", {"run": "b"}, 1.0) is True
+    assert jobs.result(job_id) == b"png-b" and credits(store, key.id) == 0  # charged once
+    assert jobs.fail(job_id, "late", node="node-b") is False and credits(store, key.id) == 0
+
+
+def test_a_failure_is_refunded_once_and_only_by_the_run_holding_the_job(store: Store) -> None:
+    key, _ = keystore.create_key(store, credits=1)
+    jobs = Jobs(store)
+    job_id = jobs.submit(key.id, request_of(), charge=True, model="m")
+    assert jobs.claim(job_id, "node-a") is not None and jobs.release(job_id, "node-a") is True
+    assert jobs.get(job_id).status == QUEUED  # type: ignore[union-attr]
+    assert jobs.claim(job_id, "node-b") is not None
+    assert jobs.release(job_id, "node-a") is False and jobs.fail(job_id, "a", node="node-a") is False
+    assert jobs.fail(job_id, "b failed", node="node-b") is True
+    assert jobs.fail(job_id, "b failed", node="node-b") is False
+    job = jobs.get(job_id)
+    assert job is not None and (job.status, job.error) == (FAILED, "b failed")
+    assert credits(store, key.id) == 1  # refunded exactly once
+
+
+class TakenOverWhileRunning:
+    """A runner whose inference lasts while the sweeper declares this node dead and `other` claims the job."""
+
+    def __init__(self, jobs: Jobs, other: str) -> None:
+        self.jobs, self.other = jobs, other
+
+    def name_of(self, model: str | None) -> str:
+        return model or "m"
+
+    def generator(self, model: str) -> None:
+        return None
+
+    def run_blocking(self, image: Any, prompt: Any, options: Any, model: str) -> Any:
+        (job_id, _), *_ = self.jobs.orphaned([self.other])
+        assert self.jobs.claim(job_id, self.other) is not None
+        raise RuntimeError("the model crashed")
+
+
+def test_execute_job_leaves_a_job_taken_over_mid_run_to_the_new_run(store: Store) -> None:
+    key, _ = keystore.create_key(store, credits=1)
+    jobs = Jobs(store)
+    job_id = jobs.submit(key.id, request_of(), charge=True, model="m")
+    runner: Any = TakenOverWhileRunning(jobs, "node-b")
+    assert execute_job(jobs, runner, job_id, "node-a", max_attempts=3) is None  # not FAILED: node-b runs it
+    job = jobs.get(job_id)
+    assert job is not None and job.status == PROCESSING and credits(store, key.id) == 0
+    assert jobs.complete(job_id, "node-b", b"png", {}, 0.1) is True
+    job = jobs.get(job_id)
+    assert job is not None and job.status == COMPLETED and credits(store, key.id) == 0
