@@ -49,8 +49,8 @@ class Settings(BaseSettings):
         le=1333,
         description="GroundingDINO input shortest edge. None: per preset (reference: 800, fast: 512).",
     )
-    mask_head: Literal["auto", "sam", "edgetam"] = Field(
-        "auto", description="Mask head for refine=true: auto = SAM if installed, else EdgeTAM."
+    mask_head: Literal["auto", "sam", "sam2", "edgetam"] = Field(
+        "auto", description="Mask head for refine=true: auto = SAM if installed, else SAM 2, else EdgeTAM."
     )
     route_embedded: bool = Field(
         True, description="With an open-vocabulary model, send subject/person/background words to the embedded model."
