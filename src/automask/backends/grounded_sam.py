@@ -19,9 +19,9 @@ on the same image skips it):
 Settings (`Settings.preset`): by default ('reference') the checkpoints' own: float32 throughout, the detector at its
 processor's shortest edge (800), so the published models' numbers hold. `AUTOMASK_PRESET=fast` trades that for
 speed: the detector at shortest edge 512 (GroundingDINO was trained at 480-800) and, on CPUs with native bfloat16
-(AVX512-BF16, AMX), SAM's image encoder in bfloat16 (EdgeTAM stays float32) and the detector's encoder under
-bfloat16 autocast (as Grounded-SAM-2 runs both models on GPUs). `AUTOMASK_PRECISION` and `AUTOMASK_DETECTOR_SIZE`
-override either.
+(AVX512-BF16, AMX), SAM's and SAM 2's image encoders in bfloat16 (EdgeTAM stays float32) and the detector's encoder
+under bfloat16 autocast (as Grounded-SAM-2 runs both models on GPUs). `AUTOMASK_PRECISION` and
+`AUTOMASK_DETECTOR_SIZE` override either.
 
 The detector's outputs become boxes in `grounding` (pure numpy: prompt merging, scoring, non-maximum suppression).
 """

@@ -166,8 +166,9 @@ def _load(folder: Path, settings: Settings, precision: Precision) -> Sam2Segment
 
 def _dtype(kind: str, precision: Precision, device: str) -> torch.dtype:
     """The image encoder's autocast type. EdgeTAM: bfloat16 only when asked for (its encoder gained nothing from CPU
-    bf16 autocast: 496 vs 508 ms, bench/results/mask-heads-*), so the fast preset keeps its float32 numbers. SAM 2:
-    as SAM (`choose_dtype`)."""
+    bf16 autocast: 432 vs 462 ms), so the fast preset keeps its float32 numbers. SAM 2: as SAM (`choose_dtype`:
+    bfloat16 under the fast preset on CPUs with native bf16, where Hiera-L took 2928 ms instead of 8701 ms in float32;
+    bench/results/mask-heads-vm-20261202-1232.md)."""
     if kind == "edgetam":
         return torch.bfloat16 if precision == "bf16" else torch.float32
     return choose_dtype(precision, device)
