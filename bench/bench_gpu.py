@@ -1,5 +1,5 @@
 """The text-prompted instance backends on a CUDA GPU: SAM 3 (float32 and its default bfloat16 autocast),
-Grounded-SAM (SAM ViT-B) and Grounded-EdgeTAM at the reference settings.
+Grounded-SAM (SAM ViT-B), Grounded-SAM-2 (SAM 2.1 Hiera-L) and Grounded-EdgeTAM at the reference settings.
 
     python bench/bench_gpu.py [--runs 5] [--warmup 2] [--boxes 3] [--out DIR] [--device cuda]
 
@@ -26,23 +26,23 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
 
 from bench_grounded_sam import build_models, images, machine  # noqa: E402
-from bench_sam3 import build_edgetam, build_sam3, flow  # noqa: E402
+from bench_sam3 import build_edgetam, build_sam2, build_sam3, flow  # noqa: E402
 
 
 def grounded_on_gpu(m: dict[str, Any], head: str, device: str) -> Any:
     """automask's grounded backend in float32 (what precision 'auto' picks on CUDA: `sam.choose_dtype`)."""
     import torch
 
-    from automask.backends.edgetam import DEFAULT_TRANSFORM, EdgeTamSegmenter
     from automask.backends.grounded_sam import GroundedSamBackend
     from automask.backends.sam import SamSegmenter
+    from automask.backends.sam2 import DEFAULT_TRANSFORM, Sam2Segmenter
 
     dtype = torch.float32
     if head == "sam":
         sam = copy.deepcopy(m["sam"]).to(device)
         segmenter: Any = SamSegmenter(sam, m["sam_processor"].image_processor, "sam-vit-b (random)", device, dtype)
-    else:
-        segmenter = EdgeTamSegmenter(m["edgetam"].to(device), DEFAULT_TRANSFORM, "edgetam (random)", device, dtype)
+    else:  # 'sam2' or 'edgetam'
+        segmenter = Sam2Segmenter(m[head].to(device), head, DEFAULT_TRANSFORM, f"{head} (random)", device, dtype)
     detector = copy.deepcopy(m["detector"]).to(device)
     return GroundedSamBackend(detector, m["dino_processor"], segmenter, "grounding-dino-t (random)", device, dtype)
 
@@ -78,9 +78,10 @@ def main() -> None:
     report.update(warmup=args.warmup, boxes=args.boxes, torch_cuda=torch.version.cuda)
     print("building the models (random weights)...", file=sys.stderr)
     m = build_models()
-    m["edgetam"] = build_edgetam()
+    m["edgetam"], m["sam2"] = build_edgetam(), build_sam2()
     backends = {
         "grounded-sam (fp32)": grounded_on_gpu(m, "sam", device),
+        "grounded-sam2 (fp32)": grounded_on_gpu(m, "sam2", device),
         "grounded-edgetam (fp32)": grounded_on_gpu(m, "edgetam", device),
         "sam3 (bf16 autocast: the CUDA default)": sam3_on_gpu(True, device),
         "sam3 (fp32: AUTOMASK_PRECISION=fp32)": sam3_on_gpu(False, device),

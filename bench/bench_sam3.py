@@ -1,12 +1,13 @@
-"""Speed of the text-prompted instance backends on a CPU: SAM 3, Grounded-SAM (SAM ViT-B) and Grounded-EdgeTAM, at
-the reference settings and under the `fast` preset.
+"""Speed of the text-prompted instance backends on a CPU: SAM 3, Grounded-SAM (SAM ViT-B), Grounded-SAM-2 (SAM 2.1
+Hiera-L) and Grounded-EdgeTAM, at the reference settings and under the `fast` preset.
 
     python bench/bench_sam3.py [--runs 2] [--warmup 1] [--boxes 3] [--skip-sam3] | --heads 5
 
 Models, built from configs in code with random weights (timing does not depend on weight values; nothing is
 downloaded): SAM 3 at full size (`Sam3Config()`: the 32-layer ViT at 1008×1008, the 24-layer CLIP text encoder,
 DETR encoder/decoder with 200 queries, 848 M parameters), GroundingDINO-T and SAM ViT-B as in
-bench_grounded_sam.py, EdgeTAM at full size (RepViT-M1 backbone via automask's RepViT, SAM 2 decoder at 1024×1024).
+bench_grounded_sam.py, EdgeTAM at full size (RepViT-M1 backbone via automask's RepViT, SAM 2 decoder at 1024×1024),
+SAM 2.1 Hiera-L and Hiera-B+ at full size (the hub configs' numbers, from transformers' convert_sam2_to_hf.py).
 Input: a 1024×768 RGB array (scikit-image's astronaut, resized), a new one per run (no cache answers a run).
 Random weights give arbitrary detections, so every flow keeps the same number of instances, the best scoring
 (--boxes; threshold and text threshold 0).
@@ -17,9 +18,11 @@ shared machine falls on all of them alike:
   sam3                  SAM 3, float32 (the reference on a CPU).
   sam3, fast            SAM 3 under bfloat16 autocast (AUTOMASK_PRESET=fast, on CPUs with native bf16 only).
   grounded-sam          GroundingDINO-T at shortest edge 800 + SAM ViT-B, float32 (the reference).
+  grounded-sam2         GroundingDINO-T at 800 + SAM 2.1 Hiera-L, float32 (the reference).
   grounded-edgetam      GroundingDINO-T at 800 + EdgeTAM, float32 (the reference).
   ... fast              the same under AUTOMASK_PRESET=fast: detector at 512, bf16 on CPUs with native bf16.
---heads N instead times only the two mask heads' image encoders (SAM ViT-B, EdgeTAM; float32 and bf16),
+--heads N instead times only the mask heads' image encoders (SAM ViT-B, SAM 2.1 Hiera-L and Hiera-B+, EdgeTAM;
+float32 and bf16),
 interleaved N times so that load from other jobs hits both alike; writes mask-heads-<host>-<date>.*.
 Writes bench/results/sam3-<host>-<date>.{json,md}. The machine and its load average are recorded: compare the rows
 of one run with each other (ratios), not with other machines.
@@ -78,21 +81,62 @@ def build_edgetam() -> Any:
         return EdgeTamModel(config).eval()
 
 
-def grounded(m: dict[str, Any], head: str, fast: bool) -> Any:
-    """automask's grounded backend on copies of the models: mask head 'sam' or 'edgetam'; reference or fast."""
-    import torch
+SAM2_BACKBONES: dict[str, dict[str, Any]] = {
+    "Hiera-L": {
+        "hidden_size": 144,
+        "embed_dim_per_stage": [144, 288, 576, 1152],
+        "num_attention_heads_per_stage": [2, 4, 8, 16],
+        "blocks_per_stage": [2, 6, 36, 4],
+        "global_attention_blocks": [23, 33, 43],
+        "window_positional_embedding_background_size": [7, 7],
+        "window_size_per_stage": [8, 4, 16, 8],
+    },
+    "Hiera-B+": {
+        "hidden_size": 112,
+        "embed_dim_per_stage": [112, 224, 448, 896],
+        "num_attention_heads_per_stage": [2, 4, 8, 16],
+        "blocks_per_stage": [2, 3, 16, 3],
+        "global_attention_blocks": [12, 16, 20],
+        "window_positional_embedding_background_size": [14, 14],
+    },
+}
+"""SAM 2.1's Hiera image encoders as transformers' convert_sam2_to_hf.py `get_config` builds facebook/sam2.1-hiera-large
+and -base-plus (the rest: `Sam2HieraDetConfig`'s defaults; FPN channels the stage widths reversed)."""
 
-    from automask.backends.edgetam import DEFAULT_TRANSFORM, EdgeTamSegmenter
+
+def build_sam2(variant: str = "Hiera-L") -> Any:
+    """Full-size SAM 2.1 (`variant` a key of `SAM2_BACKBONES`, random weights) as transformers' Sam2Model."""
+    import torch
+    from transformers import Sam2Config, Sam2Model
+
+    backbone = {"model_type": "sam2_hiera_det_model", **SAM2_BACKBONES[variant]}
+    channels = backbone["embed_dim_per_stage"][::-1]
+    vision = {"model_type": "sam2_vision_model", "backbone_config": backbone, "backbone_channel_list": channels}
+    torch.manual_seed(0)
+    return Sam2Model(Sam2Config(vision_config=vision)).eval()
+
+
+def sam2_head(model: Any, kind: str, dtype: Any) -> Any:
+    """automask's SAM 2-family mask head on `model` (kind 'sam2' or 'edgetam'), its encoder autocast to `dtype`."""
+    from automask.backends.sam2 import DEFAULT_TRANSFORM, Sam2Segmenter
+
+    return Sam2Segmenter(model, kind, DEFAULT_TRANSFORM, f"{kind} (random)", "cpu", dtype)
+
+
+def grounded(m: dict[str, Any], head: str, fast: bool) -> Any:
+    """automask's grounded backend on copies of the models: mask head 'sam', 'sam2' or 'edgetam'; reference or
+    fast (the dtypes `sam._load` and `sam2._dtype` pick)."""
     from automask.backends.grounded_sam import FAST_DETECTOR_EDGE, GroundedSamBackend
     from automask.backends.sam import SamSegmenter, choose_dtype
+    from automask.backends.sam2 import _dtype
 
     dtype = choose_dtype("auto" if fast else "fp32", "cpu")
     if head == "sam":
         sam = copy.deepcopy(m["sam"])
         sam.vision_encoder.to(dtype)
         segmenter: Any = SamSegmenter(sam, m["sam_processor"].image_processor, "sam-vit-b (random)", "cpu", dtype)
-    else:  # the fast preset keeps EdgeTAM in float32 (edgetam._load)
-        segmenter = EdgeTamSegmenter(m["edgetam"], DEFAULT_TRANSFORM, "edgetam (random)", "cpu", torch.float32)
+    else:
+        segmenter = sam2_head(m[head], head, _dtype(head, "auto" if fast else "fp32", "cpu"))
     detector, processor = copy.deepcopy(m["detector"]), copy.copy(m["dino_processor"])
     edge = FAST_DETECTOR_EDGE if fast else None
     return GroundedSamBackend(detector, processor, segmenter, "grounding-dino-t (random)", "cpu", dtype, edge)
@@ -128,29 +172,33 @@ def measure(backends: dict[str, Any], imgs: list[np.ndarray], warmup: int) -> di
 
 
 def heads(n: int, out: Path) -> None:
-    """Median ms of the SAM ViT-B and EdgeTAM image encoders (`embed`), interleaved `n` times, fp32 and fast."""
+    """Median ms of the SAM ViT-B, SAM 2.1 Hiera-L / Hiera-B+ and EdgeTAM image encoders (`embed`), interleaved `n`
+    times, in float32 and in bfloat16 (SAM: its encoder's weights; the SAM 2 family: autocast)."""
     import torch
     from transformers import SamConfig, SamModel, SamProcessor
     from transformers.models.sam.image_processing_pil_sam import SamImageProcessorPil
 
-    from automask.backends.edgetam import DEFAULT_TRANSFORM, EdgeTamSegmenter
     from automask.backends.sam import SamSegmenter, choose_dtype, cpu_has_bf16
 
     torch.manual_seed(0)
-    sam, edgetam = SamModel(SamConfig(vision_config={"initializer_range": 0.02})).eval(), build_edgetam()
+    sam = SamModel(SamConfig(vision_config={"initializer_range": 0.02})).eval()
+    sam2 = {variant: build_sam2(variant) for variant in SAM2_BACKBONES}
+    edgetam = build_edgetam()
     processor = SamProcessor(SamImageProcessorPil()).image_processor
-    fast = choose_dtype("auto", "cpu")
+    fast = choose_dtype("bf16", "cpu")
     sam_fast = copy.deepcopy(sam)
     sam_fast.vision_encoder.to(fast)
     start = machine()
     heads_: dict[str, Any] = {
         "SAM ViT-B, fp32": SamSegmenter(sam, processor, "sam", "cpu", torch.float32),
-        "EdgeTAM, fp32": EdgeTamSegmenter(edgetam, DEFAULT_TRANSFORM, "edgetam", "cpu", torch.float32),
-        f"SAM ViT-B, fast ({fast})": SamSegmenter(sam_fast, processor, "sam", "cpu", fast),
-        f"EdgeTAM, {fast} (AUTOMASK_PRECISION=bf16)": EdgeTamSegmenter(
-            edgetam, DEFAULT_TRANSFORM, "edgetam", "cpu", fast
-        ),
+        **{f"SAM 2.1 {v}, fp32": sam2_head(model, "sam2", torch.float32) for v, model in sam2.items()},
+        "EdgeTAM, fp32": sam2_head(edgetam, "edgetam", torch.float32),
+        "SAM ViT-B, bf16": SamSegmenter(sam_fast, processor, "sam", "cpu", fast),
+        **{f"SAM 2.1 {v}, bf16 autocast": sam2_head(model, "sam2", fast) for v, model in sam2.items()},
+        "EdgeTAM, bf16 autocast": sam2_head(edgetam, "edgetam", fast),
     }
+    params = {"SAM ViT-B": sam, **{f"SAM 2.1 {v}": m for v, m in sam2.items()}, "EdgeTAM": edgetam}
+    encoder_params = {k: sum(p.numel() for p in m.vision_encoder.parameters()) for k, m in params.items()}
     imgs = images(n + 1)
     times: dict[str, list[float]] = {k: [] for k in heads_}
     for i, img in enumerate(imgs):
@@ -162,12 +210,15 @@ def heads(n: int, out: Path) -> None:
     ms = {k: round(1000 * float(np.median(v)), 1) for k, v in times.items()}
     base = ms["SAM ViT-B, fp32"]
     report: dict[str, Any] = {"machine": start, "rounds": n, "native_bf16": cpu_has_bf16(), "ms": ms}
+    report["image_encoder_parameters"] = encoder_params
     report["load_average_at_end"] = round(os.getloadavg()[0], 2)
     m = report["machine"]
     lines = [
         f"CPU: {m['cpu']}, {m['cores']} cores, torch {m['torch']}; load average at start {m['load_average_at_start']}, "
         f"at end {report['load_average_at_end']}. Image encoder (`embed`) of a 1024×768 image, random weights, median "
-        f"of {n} interleaved rounds after 1 warm-up, ms. No GPU.",
+        f"of {n} interleaved rounds after 1 warm-up, ms. No GPU. Image encoder parameters: "
+        + ", ".join(f"{k} {v / 1e6:.1f} M" for k, v in encoder_params.items())
+        + ".",
         "",
         "| mask head | image encoder | vs SAM ViT-B fp32 |",
         "| --- | ---: | ---: |",
@@ -223,16 +274,19 @@ def main() -> None:
     grounded_sam.MAX_DETECTIONS = sam3.MAX_DETECTIONS = args.boxes
     report: dict[str, Any] = {"machine": machine(), "runs": args.runs, "warmup": args.warmup, "boxes": args.boxes}
     report["native_bf16"] = cpu_has_bf16()
-    print("building GroundingDINO-T, SAM ViT-B, EdgeTAM (random weights)...", file=sys.stderr)
+    print("building GroundingDINO-T, SAM ViT-B, SAM 2.1 Hiera-L, EdgeTAM (random weights)...", file=sys.stderr)
     m = build_models()
     m["edgetam"] = build_edgetam()
+    m["sam2"] = build_sam2()
     imgs = images(args.warmup + args.runs)
     backends = {
         name: grounded(m, head, fast)
         for name, head, fast in (
             ("grounded-sam", "sam", False),
+            ("grounded-sam2", "sam2", False),
             ("grounded-edgetam", "edgetam", False),
             ("grounded-sam, fast", "sam", True),
+            ("grounded-sam2, fast", "sam2", True),
             ("grounded-edgetam, fast", "edgetam", True),
         )
     }

@@ -11,7 +11,7 @@
 
        pip download torchvision timm --no-deps -d /tmp/dl && mkdir -p /tmp/reflib && \\
        for w in /tmp/dl/*.whl; do python -m zipfile -e "$w" /tmp/reflib; done
-       REFERENCE_LIBS=/tmp/reflib python -m pytest tests/test_sam3.py tests/test_edgetam.py
+       REFERENCE_LIBS=/tmp/reflib python -m pytest tests/test_sam3.py tests/test_sam2_heads.py
 
    Each reference runs in its own subprocess, so the stubs never reach the test process. Without REFERENCE_LIBS
    those tests are skipped (the formula tests above still run).

@@ -108,7 +108,7 @@ def test_precision_and_detector_size_come_from_the_settings(gs_dir: Path, tmp_pa
 
 def test_folder_without_sam_says_what_is_missing(tmp_path: Path, settings: Settings) -> None:
     make_tiny_grounding_dino(tmp_path / "dino")
-    with pytest.raises(ModelNotAvailableError, match=r"no SAM checkpoint.*pull grounded-sam"):
+    with pytest.raises(ModelNotAvailableError, match=r"no SAM, SAM 2 or EdgeTAM checkpoint.*pull grounded-sam"):
         load(tmp_path, settings)
 
 

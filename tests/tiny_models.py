@@ -317,3 +317,43 @@ def make_tiny_edgetam(folder: Path, seed: int = 0, image_size: int = 128) -> Pat
         save_random(EdgeTamModel, config, folder, seed)
     _write_image_processor(folder, "Sam2ImageProcessor", image_size, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
     return folder
+
+
+def make_tiny_sam2(folder: Path, seed: int = 0, image_size: int = 128, video: bool = False) -> Path:
+    """Save a tiny random SAM 2 (Hiera hidden 12, widths 12/24/48/96, blocks 1/1/2/1; FPN 32; decoder hidden 32) with
+    a processor config (`image_size` square, ImageNet mean/std) into `folder`; return it. Shapes follow transformers'
+    own tests (tests/models/sam2/test_modeling_sam2.py). `video`: saved as `Sam2VideoModel` (config.json 'sam2_video',
+    the memory modules' weights too), as the hub's facebook/sam2.1-hiera-* checkpoints are."""
+    from transformers import Sam2Config, Sam2Model, Sam2VideoConfig, Sam2VideoModel
+
+    grid = image_size // 4
+    backbone = {
+        "model_type": "sam2_hiera_det_model",
+        "hidden_size": 12,
+        "embed_dim_per_stage": [12, 24, 48, 96],
+        "num_attention_heads_per_stage": [1, 2, 4, 8],
+        "blocks_per_stage": [1, 1, 2, 1],
+        "global_attention_blocks": [3],
+        "window_size_per_stage": [8, 4, 4, 4],
+        "image_size": [image_size, image_size],
+    }
+    vision = {
+        "model_type": "sam2_vision_model",
+        "backbone_config": backbone,
+        "backbone_channel_list": [96, 48, 24, 12],
+        "backbone_feature_sizes": [[grid, grid], [grid // 2, grid // 2], [grid // 4, grid // 4]],
+        "fpn_hidden_size": 32,
+    }
+    prompt = {"hidden_size": 32, "image_size": image_size, "patch_size": 16, "mask_input_channels": 8}
+    decoder = {"hidden_size": 32, "mlp_dim": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+               "iou_head_hidden_dim": 32}  # fmt: skip
+    parts = {"vision_config": vision, "prompt_encoder_config": prompt, "mask_decoder_config": decoder}
+    if video:
+        memory = {"memory_attention_hidden_size": 32, "memory_encoder_hidden_size": 32, "memory_fuser_embed_dim": 32,
+                  "mask_downsampler_embed_dim": 32, "memory_attention_num_layers": 1,
+                  "memory_attention_feed_forward_hidden_size": 32}  # fmt: skip
+        save_random(Sam2VideoModel, Sam2VideoConfig(**parts, image_size=image_size, **memory), folder, seed)
+    else:
+        save_random(Sam2Model, Sam2Config(**parts), folder, seed)
+    _write_image_processor(folder, "Sam2ImageProcessor", image_size, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    return folder

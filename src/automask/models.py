@@ -17,9 +17,12 @@ from automask.errors import ModelNotAvailableError, UnknownModelError
 from automask.settings import Settings
 
 DEFAULT_FILES = ("*.json", "*.txt", "*.model", "*.safetensors")
+"""What `pull` downloads from a repository: configs, tokenizer/processor files and safetensors weights."""
 EDGETAM_REPO = "yonigozlan/EdgeTAM-hf"
 """EdgeTAM in transformers' format (the checkpoint transformers' EdgeTAM docs name)."""
-"""What `pull` downloads from a repository: configs, tokenizer/processor files and safetensors weights."""
+SAM2_REPO = "facebook/sam2.1-hiera-large"
+"""SAM 2.1 Hiera-L, the mask head of Grounded-SAM-2 (transformers' convert_sam2_to_hf.py converts the sam2.1_hiera_*
+checkpoints to facebook/sam2.1-hiera-*; the repository also holds the original .pt, which `pull` skips)."""
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,13 @@ CATALOGUE: dict[str, ModelSpec] = {
         repos=("IDEA-Research/grounding-dino-tiny", EDGETAM_REPO),
         description="GroundingDINO-T boxes + EdgeTAM masks: Grounded-SAM with a 14 M-parameter mask head (~0.75 GB).",
     ),
+    "grounded-sam2": ModelSpec(
+        name="grounded-sam2",
+        backend="grounded-sam2",
+        repos=("IDEA-Research/grounding-dino-tiny", SAM2_REPO),
+        description="GroundingDINO-T boxes + SAM 2.1 Hiera-L masks: Grounded-SAM-2's pair, one mask per instance "
+        "(~1.6 GB).",
+    ),
     "sam3": ModelSpec(
         name="sam3",
         backend="sam3",
@@ -68,6 +78,13 @@ CATALOGUE: dict[str, ModelSpec] = {
         backend="sam",
         repos=("facebook/sam-vit-base",),
         description="SAM ViT-B alone, for refine=true with clipseg (~375 MB); it reads no text prompt.",
+    ),
+    "sam2": ModelSpec(
+        name="sam2",
+        backend="sam2",
+        repos=(SAM2_REPO,),
+        description="SAM 2.1 Hiera-L alone, for refine=true with clipseg (AUTOMASK_MASK_HEAD=sam2, ~0.9 GB); reads no "
+        "text prompt.",
     ),
     "edgetam": ModelSpec(
         name="edgetam",
@@ -92,8 +109,10 @@ _MODEL_TYPES = {"clipseg": "clipseg", "grounding-dino": "grounded-sam", "sam3": 
 _PART_TYPES = {
     frozenset({"grounding-dino", "sam"}): "grounded-sam",
     frozenset({"grounding-dino", "edgetam"}): "grounded-edgetam",
+    frozenset({"grounding-dino", "sam2"}): "grounded-sam2",
+    frozenset({"grounding-dino", "sam2_video"}): "grounded-sam2",  # the hub's SAM 2.1 checkpoints
 }
-REFINERS = frozenset({"sam", "edgetam"})
+REFINERS = frozenset({"sam", "sam2", "edgetam"})
 """Catalogue models that sharpen another model's masks (refine=true) and cannot answer a prompt alone."""
 
 MARKER = "automask.json"

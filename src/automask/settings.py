@@ -35,13 +35,13 @@ class Settings(BaseSettings):
     preset: Literal["reference", "fast"] = Field(
         "reference",
         description="reference: the checkpoints' own settings (float32; GroundingDINO at its processor's shortest "
-        "edge, 800). fast: GroundingDINO at 512 and SAM/GroundingDINO in bfloat16 on CPUs with native bf16 (faster; "
-        "not validated on real weights).",
+        "edge, 800). fast: GroundingDINO at 512 and SAM/SAM 2/GroundingDINO in bfloat16 on CPUs with native bf16 "
+        "(faster; not validated on real weights).",
     )
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto",
-        description="SAM/EdgeTAM/GroundingDINO/SAM 3 compute type. auto: per preset (reference: fp32, bf16 autocast "
-        "for SAM 3 on CUDA as its reference code; fast: bf16 on CPUs with native bf16).",
+        description="SAM/SAM 2/EdgeTAM/GroundingDINO/SAM 3 compute type. auto: per preset (reference: fp32, bf16 "
+        "autocast for SAM 3 on CUDA as its reference code; fast: bf16 on CPUs with native bf16).",
     )
     detector_size: int | None = Field(
         None,
@@ -49,8 +49,8 @@ class Settings(BaseSettings):
         le=1333,
         description="GroundingDINO input shortest edge. None: per preset (reference: 800, fast: 512).",
     )
-    mask_head: Literal["auto", "sam", "edgetam"] = Field(
-        "auto", description="Mask head for refine=true: auto = SAM if installed, else EdgeTAM."
+    mask_head: Literal["auto", "sam", "sam2", "edgetam"] = Field(
+        "auto", description="Mask head for refine=true: auto = SAM if installed, else SAM 2, else EdgeTAM."
     )
     route_embedded: bool = Field(
         True, description="With an open-vocabulary model, send subject/person/background words to the embedded model."

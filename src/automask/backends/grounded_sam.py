@@ -1,7 +1,8 @@
 """Grounded-SAM backend (transformers + torch): GroundingDINO finds boxes for the prompts, SAM cuts them out.
 
-The mask head is SAM (`grounded-sam`) or EdgeTAM (`grounded-edgetam`: the same detector, EdgeTAM's much lighter
-image encoder): whichever checkpoint the model folder holds beside GroundingDINO (`find_parts`).
+The mask head is SAM (`grounded-sam`), SAM 2.1 (`grounded-sam2`, the pair Grounded-SAM-2 runs) or EdgeTAM
+(`grounded-edgetam`: the same detector, EdgeTAM's much lighter image encoder): whichever checkpoint the model folder
+holds beside GroundingDINO (`find_parts`).
 
 One GroundingDINO pass scores all prompts at once (the text "sofa. lamp."); each box kept becomes a SAM box
 prompt, and SAM's best mask of three (by predicted IoU) is the instance's mask. Returns
@@ -18,9 +19,9 @@ on the same image skips it):
 Settings (`Settings.preset`): by default ('reference') the checkpoints' own: float32 throughout, the detector at its
 processor's shortest edge (800), so the published models' numbers hold. `AUTOMASK_PRESET=fast` trades that for
 speed: the detector at shortest edge 512 (GroundingDINO was trained at 480-800) and, on CPUs with native bfloat16
-(AVX512-BF16, AMX), SAM's image encoder in bfloat16 (EdgeTAM stays float32) and the detector's encoder under
-bfloat16 autocast (as Grounded-SAM-2 runs both models on GPUs). `AUTOMASK_PRECISION` and `AUTOMASK_DETECTOR_SIZE`
-override either.
+(AVX512-BF16, AMX), SAM's and SAM 2's image encoders in bfloat16 (EdgeTAM stays float32) and the detector's encoder
+under bfloat16 autocast (as Grounded-SAM-2 runs both models on GPUs). `AUTOMASK_PRECISION` and
+`AUTOMASK_DETECTOR_SIZE` override either.
 
 The detector's outputs become boxes in `grounding` (pure numpy: prompt merging, scoring, non-maximum suppression).
 """
@@ -56,7 +57,9 @@ from automask.settings import Settings
 
 NAME = "grounded-sam"
 EDGETAM_NAME = "grounded-edgetam"
-"""The backend's name when its mask head is EdgeTAM."""
+SAM2_NAME = "grounded-sam2"
+NAMES = {"sam": NAME, "sam2": SAM2_NAME, "edgetam": EDGETAM_NAME}
+"""The backend's name for each kind of mask head (`MaskHead.kind`)."""
 DETECTOR_MODEL_TYPES = frozenset({"grounding-dino"})
 FAST_DETECTOR_EDGE = 512
 """Shortest image edge the detector sees under the 'fast' preset (the checkpoint's processor says 800); longest edge
@@ -136,7 +139,7 @@ class AutocastEncoder(nn.Module):
 
 
 class GroundedSamBackend:
-    """A loaded GroundingDINO + mask head (SAM or EdgeTAM) pair. Thread-safe for concurrent inference; no
+    """A loaded GroundingDINO + mask head (SAM, SAM 2 or EdgeTAM) pair. Thread-safe for concurrent inference; no
     per-request state.
 
     detector_dtype: bfloat16 runs the detector's encoder under CPU autocast (`AutocastEncoder`).
@@ -158,7 +161,7 @@ class GroundedSamBackend:
         self.detector = detector
         self.processor = processor
         self.segmenter = segmenter
-        self.name = EDGETAM_NAME if segmenter.kind == "edgetam" else NAME
+        self.name = NAMES[segmenter.kind]
         self.model_id = model_id
         self.device = device
         self.backbone = ReplayableBackbone(detector.model.backbone)
@@ -254,23 +257,24 @@ def _detector_size(size: Any, cap: int | None = None) -> dict[str, int]:
 
 
 def find_parts(path: Path) -> tuple[Path, Path]:
-    """The GroundingDINO and mask head checkpoint folders of a grounded-sam / grounded-edgetam model folder (found
-    by the subfolders' config.json `model_type`: one 'grounding-dino', one 'sam' or 'edgetam')."""
+    """The GroundingDINO and mask head checkpoint folders of a grounded-sam / -sam2 / -edgetam model folder (found
+    by the subfolders' config.json `model_type`: one 'grounding-dino', one of a mask head in `sam.HEADS`)."""
     folders = [path, *sorted(p for p in path.iterdir() if p.is_dir())] if path.is_dir() else []
     detector = next((p for p in folders if model_type(p) in DETECTOR_MODEL_TYPES), None)
     head = next((p for p in folders if is_mask_head_folder(p)), None)
     if detector is None or head is None:
-        missing = " and ".join(n for n, p in (("GroundingDINO", detector), ("SAM", head)) if p is None)
+        parts = (("GroundingDINO", detector), ("SAM, SAM 2 or EdgeTAM", head))
+        missing = " and ".join(n for n, p in parts if p is None)
         raise ModelNotAvailableError(
             f"'{path}' has no {missing} checkpoint. A grounded-sam folder holds one subfolder per model, each "
-            "saved with save_pretrained (config.json model_type 'grounding-dino', and 'sam' or 'edgetam'). "
-            "Install one with: automask models pull grounded-sam (or grounded-edgetam)"
+            "saved with save_pretrained (config.json model_type 'grounding-dino', and 'sam', 'sam2' or 'edgetam'). "
+            "Install one with: automask models pull grounded-sam (or grounded-sam2, grounded-edgetam)"
         )
     return detector, head
 
 
 def load(path: Path, settings: Settings, precision: Precision | None = None) -> GroundedSamBackend:
-    """Load the grounded-sam (or grounded-edgetam) model in folder `path` on `settings.device`.
+    """Load the grounded-sam (or grounded-sam2, grounded-edgetam) model in folder `path` on `settings.device`.
 
     `precision` None: `preset_precision(settings)`; the detector edge: `settings.detector_size`, else the preset's
     (reference: the processor's own, fast: `FAST_DETECTOR_EDGE`)."""

@@ -1,4 +1,5 @@
-"""refine: sharpen a dense backend's score maps (CLIPSeg) with a mask head: SAM or EdgeTAM (`Settings.mask_head`).
+"""refine: sharpen a dense backend's score maps (CLIPSeg) with a mask head: SAM, SAM 2 or EdgeTAM
+(`Settings.mask_head`).
 
 CLIPSeg's masks come from a 352×352 score map: right place, soft edges. With `refine`, each region of a score
 map at the threshold (a connected component) becomes a SAM prompt: its bounding box plus its peak point as a
@@ -7,8 +8,8 @@ the mask. SAM's image embedding is computed once per image (in `encode`, cached 
 features), so refining costs one SAM image encoding plus a light decoder call per region.
 
 `RefinedBackend` is a composition: it wraps any backend that returns dense maps and a mask head (`sam.MaskHead`:
-SAM or EdgeTAM); it changes neither. Backends that already return instances (grounded-sam, grounded-edgetam, sam3)
-are returned unchanged by `refined`.
+SAM, SAM 2 or EdgeTAM); it changes neither. Backends that already return instances (grounded-sam, grounded-sam2,
+grounded-edgetam, sam3) are returned unchanged by `refined`.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from automask.settings import Settings
 if TYPE_CHECKING:  # torch is imported only when a mask head is loaded
     from automask.backends.sam import MaskHead
 
-INSTANCE_BACKENDS = frozenset({"grounded-sam", "grounded-edgetam", "sam3"})
+INSTANCE_BACKENDS = frozenset({"grounded-sam", "grounded-sam2", "grounded-edgetam", "sam3"})
 """Backends whose scores are already one mask per instance: refine leaves them as they are."""
 
 MIN_AREA_FRACTION = 0.0005

@@ -85,7 +85,8 @@ def _grounded_sam() -> Factory:
 
 
 register("grounded-sam", _grounded_sam)
-register("grounded-edgetam", _grounded_sam)  # the same backend: the folder's mask head decides
+register("grounded-sam2", _grounded_sam)  # the same backend: the folder's mask head decides
+register("grounded-edgetam", _grounded_sam)
 
 
 def _sam3() -> Factory:

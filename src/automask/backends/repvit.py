@@ -5,8 +5,8 @@ features_only=True, out_indices=(0, 1, 2, 3)))`, and timm imports torchvision, w
 torch wheel. This module is the same network, layer for layer and with the same parameter names, as timm 1.0's
 `timm/models/repvit.py` (`RepVit` wrapped in `FeatureListNet` with `flatten_sequential=True`: modules `stem`,
 `stages_0` ... `stages_3`), so EdgeTAM checkpoints load into it unchanged
-(`vision_encoder.backbone.timm_model.stages_2.blocks.3.token_mixer.conv.c.weight`, ...). tests/test_edgetam.py checks
-it against timm itself where timm can be imported.
+(`vision_encoder.backbone.timm_model.stages_2.blocks.3.token_mixer.conv.c.weight`, ...). tests/test_sam2_heads.py
+checks it against timm itself where timm can be imported.
 
 `repvit_backbones()` makes transformers build this class for RepViT `TimmWrapperConfig`s while a model loads.
 """

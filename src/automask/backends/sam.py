@@ -17,7 +17,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, TypeVar, cast
 
 import numpy as np
 import torch
@@ -30,8 +30,37 @@ from automask.settings import Settings
 
 SAM_MODEL_TYPES = frozenset({"sam"})
 """config.json `model_type` values this helper loads (through `transformers.SamModel`)."""
-EDGETAM_MODEL_TYPES = frozenset({"edgetam"})
-"""config.json `model_type` of EdgeTAM checkpoints (`automask.backends.edgetam`)."""
+
+
+@dataclass(frozen=True)
+class HeadKind:
+    """One kind of mask head: how its checkpoints are recognised and where they are installed."""
+
+    kind: str
+    """`MaskHead.kind` and the `AUTOMASK_MASK_HEAD` value: 'sam', 'sam2' or 'edgetam'."""
+    label: str
+    """Its name in messages."""
+    model_types: frozenset[str]
+    """config.json `model_type` values of its checkpoints."""
+    models: tuple[str, str]
+    """The catalogue models holding it: the standalone one (refine), then the grounded one."""
+
+
+HEADS: dict[str, HeadKind] = {
+    h.kind: h
+    for h in (
+        HeadKind("sam", "SAM", SAM_MODEL_TYPES, ("sam", "grounded-sam")),
+        # The hub's SAM 2.1 checkpoints (facebook/sam2.1-hiera-*) are 'sam2_video' configs; transformers loads them
+        # as `Sam2Model` (models/auto/modeling_auto.py MODEL_FOR_MASK_GENERATION_MAPPING_NAMES: sam2_video ->
+        # Sam2Model), leaving the video memory weights unused.
+        HeadKind("sam2", "SAM 2", frozenset({"sam2", "sam2_video"}), ("sam2", "grounded-sam2")),
+        HeadKind("edgetam", "EdgeTAM", frozenset({"edgetam"}), ("edgetam", "grounded-edgetam")),
+    )
+}
+"""Every mask head automask loads: SAM (`SamSegmenter`), SAM 2 and EdgeTAM (`sam2.Sam2Segmenter`)."""
+AUTO_ORDER = ("sam", "sam2", "edgetam")
+"""`AUTOMASK_MASK_HEAD=auto` takes the first installed: SAM first as before SAM 2 was added (an install that refined
+with SAM keeps doing so, even with SAM 2.1 in its Hugging Face cache), then SAM 2, then EdgeTAM."""
 
 DECODER_BATCH = 32
 """Prompts decoded per mask-decoder call, at most (fewer for large images: see `decoder_batch`)."""
@@ -125,11 +154,11 @@ def best_of_three(iou_scores: torch.Tensor, pred_masks: torch.Tensor) -> tuple[t
 
 
 class MaskHead(Protocol):
-    """A promptable mask model: SAM (`SamSegmenter`) or EdgeTAM (`edgetam.EdgeTamSegmenter`). `embed` once per
+    """A promptable mask model: SAM (`SamSegmenter`), SAM 2 or EdgeTAM (`sam2.Sam2Segmenter`). `embed` once per
     image (opaque result), then `segment` any number of box/point prompts against it."""
 
     kind: str
-    """'sam' or 'edgetam'."""
+    """A key of `HEADS`: 'sam', 'sam2' or 'edgetam'."""
     model_id: str
     dtype: torch.dtype
     """The image encoder's compute type (bfloat16 or float32); masks are always float32."""
@@ -258,37 +287,38 @@ def is_sam_folder(folder: Path) -> bool:
     return models.model_type(folder) in SAM_MODEL_TYPES
 
 
+def head_kind(folder: Path) -> str | None:
+    """The `HEADS` kind of the checkpoint in `folder` (by its config.json `model_type`), or None."""
+    kind = models.model_type(folder)
+    return next((h.kind for h in HEADS.values() if kind in h.model_types), None)
+
+
 def is_mask_head_folder(folder: Path) -> bool:
-    """True when `folder` holds a SAM or an EdgeTAM checkpoint."""
-    return models.model_type(folder) in SAM_MODEL_TYPES | EDGETAM_MODEL_TYPES
-
-
-_HEAD_MODELS = {"sam": ("sam", "grounded-sam"), "edgetam": ("edgetam", "grounded-edgetam")}
-"""Catalogue models that hold each kind of mask head, the standalone one first."""
+    """True when `folder` holds a SAM, SAM 2 or EdgeTAM checkpoint."""
+    return head_kind(folder) is not None
 
 
 def find_mask_head_folder(settings: Settings) -> Path:
-    """Where `refine` takes its mask head (`settings.mask_head`: 'sam', 'edgetam', or 'auto' = SAM if installed,
-    else EdgeTAM): the standalone model (`automask models pull sam` / `edgetam`), else the mask head of the
-    grounded model, in the data folder or (standalone ones) the Hugging Face cache."""
-    kinds = ["sam", "edgetam"] if settings.mask_head == "auto" else [settings.mask_head]
+    """Where `refine` takes its mask head (`settings.mask_head`: 'sam', 'sam2', 'edgetam', or 'auto' = the first
+    installed in `AUTO_ORDER`): the standalone model (`automask models pull sam` / `sam2` / `edgetam`), else the
+    mask head of the grounded model, in the data folder or (standalone ones) the Hugging Face cache."""
+    kinds = AUTO_ORDER if settings.mask_head == "auto" else (settings.mask_head,)
     for kind in kinds:
-        types = SAM_MODEL_TYPES if kind == "sam" else EDGETAM_MODEL_TYPES
         candidates: list[Path] = []
-        for name in _HEAD_MODELS[kind]:
+        for name in HEADS[kind].models:
             if name in models.CATALOGUE:
                 folder = models.model_dir(name, settings)
                 candidates += [folder, *sorted(p for p in folder.glob("*") if p.is_dir())]
         if kind in models.CATALOGUE and (cached := models.hf_cached(kind)) is not None:
             candidates.append(cached)
         for folder in candidates:
-            if models.model_type(folder) in types:
+            if head_kind(folder) == kind:
                 return folder
-    wanted = " or ".join(kinds)
+    wanted = " or ".join(HEADS[k].label for k in kinds)
     raise ModelNotAvailableError(
         f"refine needs a mask head ({wanted}), which is not installed. Install one with: automask models pull sam "
-        "(SAM ViT-B) or automask models pull edgetam (EdgeTAM, smaller and faster); the grounded-sam and "
-        "grounded-edgetam models include theirs."
+        "(SAM ViT-B), automask models pull sam2 (SAM 2.1 Hiera-L, the most accurate) or automask models pull "
+        "edgetam (EdgeTAM, the fastest); the grounded-sam, grounded-sam2 and grounded-edgetam models include theirs."
     )
 
 
@@ -298,29 +328,38 @@ def find_sam_folder(settings: Settings) -> Path:
 
 
 def load_mask_head(folder: Path, settings: Settings, precision: Precision | None = None) -> MaskHead:
-    """Load the SAM or EdgeTAM checkpoint in `folder` (by its config.json `model_type`), cached like
+    """Load the SAM, SAM 2 or EdgeTAM checkpoint in `folder` (by its config.json `model_type`), cached like
     `load_segmenter`."""
-    if models.model_type(folder) in EDGETAM_MODEL_TYPES:
-        from automask.backends import edgetam
+    if head_kind(folder) in ("sam2", "edgetam"):
+        from automask.backends import sam2
 
-        return edgetam.load_segmenter(folder, settings, precision)
+        return sam2.load_segmenter(folder, settings, precision)
     return load_segmenter(folder, settings, precision)
 
 
-_LOADED: dict[tuple[str, str, str], SamSegmenter] = {}
+_LOADED: dict[tuple[str, str, str], Any] = {}
 _LOCK = threading.Lock()
+H = TypeVar("H", bound=MaskHead)
+
+
+def load_once(
+    folder: Path, settings: Settings, precision: Precision | None, load: Callable[[Path, Settings, Precision], H]
+) -> H:
+    """`load(folder, settings, precision)`, once per (folder, device, precision) for every kind of mask head;
+    `precision` None: `preset_precision(settings)`."""
+    precision = precision or preset_precision(settings)
+    key = (str(folder.resolve()), settings.device, precision)
+    with _LOCK:
+        if key not in _LOADED:
+            _LOADED[key] = load(folder, settings, precision)
+        return cast(H, _LOADED[key])
 
 
 def load_segmenter(folder: Path, settings: Settings, precision: Precision | None = None) -> SamSegmenter:
     """Load the SAM checkpoint in `folder` (save_pretrained layout) once per (folder, device, precision).
 
     `precision` None: `preset_precision(settings)`."""
-    precision = precision or preset_precision(settings)
-    key = (str(folder.resolve()), settings.device, precision)
-    with _LOCK:
-        if key not in _LOADED:
-            _LOADED[key] = _load(folder, settings, precision)
-        return _LOADED[key]
+    return load_once(folder, settings, precision, _load)
 
 
 def _load(folder: Path, settings: Settings, precision: Precision) -> SamSegmenter:
