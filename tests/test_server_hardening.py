@@ -34,6 +34,8 @@ from server_helpers import FakeBackend, free_port, png_bytes, server_process, wa
 T = 1.0
 """The header, body and keep-alive timeouts of the module's server (seconds)."""
 CAP = 8
+RATE = 10.0
+"""The module's server's `body_min_rate` (bytes/s)."""
 SLACK = 2.5
 """How late past a deadline a close may come on a busy 2-core machine."""
 SLUG = "automatic-mask-generator"
@@ -48,6 +50,7 @@ def live(tmp_path_factory: pytest.TempPathFactory, tiny_clipseg_dir: Path) -> It
         "AUTOMASK_SERVER_AUTH": "false",
         "AUTOMASK_SERVER_HEADER_TIMEOUT": str(T),
         "AUTOMASK_SERVER_BODY_TIMEOUT": str(T),
+        "AUTOMASK_SERVER_BODY_MIN_RATE": str(RATE),
         "AUTOMASK_SERVER_KEEPALIVE_TIMEOUT": str(T),
         "AUTOMASK_SERVER_MAX_CONNECTIONS": str(CAP),
     }
@@ -135,6 +138,26 @@ def test_stalled_body_gets_408_within_the_body_timeout(live: tuple[str, int]) ->
     status, body, _ = status_and_json(data)
     assert status == 408 and "body stalled" in body["error"]
     assert T - 0.1 <= closed - stalled <= T + SLACK
+
+
+def test_a_trickled_body_gets_408_at_its_minimum_rate(live: tuple[str, int]) -> None:
+    """Two bytes every 0.4 s (5 B/s, never a pause as long as the body timeout): the body's time runs out at
+    T + bytes / RATE, i.e. after T / (1 - 5 / RATE) = 2 s."""
+    url, _ = live
+    with connect(url) as sock:
+        sock.sendall(
+            f"POST /v1/{SLUG} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            "Content-Length: 100000\r\n\r\n".encode()
+        )
+        start = time.monotonic()
+        with contextlib.suppress(OSError):  # the server closes the connection mid-trickle
+            while time.monotonic() - start < 2 * T / (1 - 5 / RATE) + SLACK:
+                time.sleep(0.4)
+                sock.sendall(b"AA")
+        data, closed = read_until_closed(sock)
+    status, body, _ = status_and_json(data)
+    assert status == 408 and "too slowly" in body["error"], body
+    assert 2 * T - 0.3 <= closed - start <= 2 * T + SLACK
 
 
 def test_idle_keepalive_connection_is_closed(live: tuple[str, int]) -> None:

@@ -187,3 +187,40 @@ def test_a_spent_key_is_refused_before_its_body_is_read(tmp_path: Path) -> None:
             t = time.monotonic()
             head = sock.recv(4096).decode(errors="replace")
         assert head.startswith("HTTP/1.1 406") and time.monotonic() - t < 3, head
+
+
+def test_bodies_in_memory_have_a_budget_and_one_key_a_share(tmp_path: Path, image_b64: str) -> None:
+    """Before: every connection could buffer a largest body (max_connections × ~44 MB by default). Now bodies
+    past `body_memory` (one key: past its share) are answered 503 before they are read."""
+    data = tmp_path / "data"
+    body = f'{{"image": "{image_b64}", "prompt": "x"}}'.encode()
+    size = 150_000  # what each upload declares; the first bytes are sent, the rest held back
+    with serve(data, FakeBackend(), max_body_bytes=200_000, body_memory=300_000) as live:
+        store = Store.in_data_dir(data)
+        tokens = [keystore.create_key(store, credits=5)[1] for _ in range(3)]
+        host, port = live.url.removeprefix("http://").split(":")
+
+        def start_upload(token: str) -> socket.socket:
+            sock = socket.create_connection((host, int(port)), timeout=10)
+            head = f"POST {URL} HTTP/1.1\r\nHost: x\r\nx-api-key: {token}\r\ncontent-type: application/json\r\n"
+            sock.sendall(f"{head}content-length: {size}\r\n\r\n".encode() + body[:-1])
+            return sock
+
+        def answer(sock: socket.socket) -> str:
+            return sock.recv(65536).decode(errors="replace")
+
+        first = start_upload(tokens[0])
+        time.sleep(0.5)
+        second = start_upload(tokens[1])  # 300 kB held: the whole budget
+        time.sleep(0.5)
+        for token in (tokens[2], tokens[0]):  # past the budget; and past the first key's share (200 kB)
+            with start_upload(token) as third:
+                refused = answer(third)
+            assert refused.startswith("HTTP/1.1 503") and "retry-after: 5" in refused.lower(), refused
+            assert "too many large requests" in refused
+        for sock in (first, second):  # the held uploads finish: room again
+            with sock:
+                sock.sendall(body[-1:] + b" " * (size - len(body)))
+                assert answer(sock).startswith("HTTP/1.1 200")
+        r = httpx.post(f"{live.url}{URL}", json={"image": image_b64, "prompt": "x"}, headers={"x-api-key": tokens[2]})
+        assert r.status_code == 200 and live.app.state.automask.bodies.used == 0

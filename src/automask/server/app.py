@@ -32,6 +32,7 @@ from automask.server.headers import EdgeMiddleware
 from automask.server.jobs import Jobs
 from automask.server.limits import (
     ASGIApp,
+    BodyBudget,
     BodyLimitMiddleware,
     Message,
     RateLimiter,
@@ -72,7 +73,9 @@ def create_app(
     jobs = Jobs(store, max_per_key=server.max_queued_per_key, max_total=server.max_queued)
     dispatcher = make_dispatcher(settings, server, store, jobs, generator)
     limiter = RedisRateLimiter(settings.redis_url) if settings.redis_url else RateLimiter()
-    state = ServerState(settings, server, store, jobs, dispatcher, limiter, server.body_limit(settings.max_image_bytes))
+    body_limit = server.body_limit(settings.max_image_bytes)
+    bodies = BodyBudget(server.body_memory, per_key=max(body_limit, server.body_memory // 4))
+    state = ServerState(settings, server, store, jobs, dispatcher, limiter, body_limit, bodies)
     sweeper = Sweeper(store, jobs, dispatcher, server)
 
     @asynccontextmanager

@@ -51,6 +51,8 @@ def _keystore() -> Any:
 @click.option("--public-url", help="Base URL clients use, for the v2 URLs (behind a proxy).")
 @click.option("--header-timeout", type=click.FloatRange(0, min_open=True), help="Seconds to send headers [10].")
 @click.option("--body-timeout", type=click.FloatRange(0, min_open=True), help="Longest pause in a body, s [30].")
+@click.option("--body-min-rate", type=click.FloatRange(0, min_open=True), help="Slowest body, bytes/s [1000].")
+@click.option("--body-memory", type=click.IntRange(1), help="Bytes of bodies held at once [1 GiB].")
 @click.option("--keepalive-timeout", type=click.FloatRange(0, min_open=True), help="Idle keep-alive, s [5].")
 @click.option("--max-connections", type=click.IntRange(1), help="Open connections at most [512].")
 @click.option("--shutdown-timeout", type=click.FloatRange(0, min_open=True), help="Seconds to finish on SIGTERM [10].")

@@ -32,6 +32,12 @@ class ServerSettings(BaseSettings):
     max_body_bytes: int | None = Field(
         None, gt=0, description="Largest request body; None: room for a base64 image of `max_image_bytes`."
     )
+    body_memory: int = Field(
+        1 << 30,
+        gt=0,
+        description="Bytes of request bodies held in memory at once (one key: a quarter of it, at least one "
+        "largest body); a request past it is answered 503 before its body is read.",
+    )
     result_ttl: float = Field(3600.0, ge=60, description="Seconds v2 results are kept after they finish.")
     cleanup_interval: float = Field(60.0, gt=0, description="Seconds between sweeps of expired v2 results.")
     max_job_attempts: int = Field(3, ge=1, description="Starts of one v2 job (restarts included) before FAILED.")
@@ -58,6 +64,12 @@ class ServerSettings(BaseSettings):
     )
     body_timeout: float = Field(
         30.0, gt=0, description="Seconds a client may pause while sending a request body -> 408, closed."
+    )
+    body_min_rate: float = Field(
+        1000.0,
+        gt=0,
+        description="Bytes per second a request body must arrive at on average: it gets `body_timeout` seconds, "
+        "plus one second per this many bytes received -> 408, closed (a trickling client cannot hold memory).",
     )
     keepalive_timeout: float = Field(5.0, gt=0, description="Seconds an idle keep-alive connection stays open.")
     max_connections: int = Field(

@@ -7,9 +7,11 @@ except while the app works on its request:
 
 - headers: `header_timeout` seconds from connecting (or from the first byte of a keep-alive request) until
   the request's headers are complete -> 408 JSON (nothing sent yet: closed silently);
-- body: the client may pause at most `body_timeout` seconds between pieces of the body -> 408 JSON; the
-  same bound on reading and discarding the rest of a body the app answered early (e.g. 413), and on a
-  client that stops reading its answer;
+- body: the client may pause at most `body_timeout` seconds between pieces of the body, and the whole body
+  must arrive within `body_timeout` seconds plus one second per `body_min_rate` bytes received (a client
+  trickling a byte now and then is cut off, as Apache's mod_reqtimeout MinRate does) -> 408 JSON; time the
+  app spends not reading does not count. The same pause bound on reading and discarding the rest of a body the
+  app answered early (e.g. 413), and on a client that stops reading its answer;
 - keep-alive: `keepalive_timeout` seconds idle between requests -> closed;
 - at most `max_connections` open (kept below the process's open-file limit): a connection past it is
   answered 503 JSON and closed at once, so it never pins a descriptor;
@@ -62,6 +64,7 @@ class Limits:
 
     header_timeout: float
     body_timeout: float
+    body_min_rate: float
     keepalive_timeout: float
     max_connections: int
 
@@ -70,6 +73,7 @@ class Limits:
         return cls(
             header_timeout=server.header_timeout,
             body_timeout=server.body_timeout,
+            body_min_rate=server.body_min_rate,
             keepalive_timeout=server.keepalive_timeout,
             max_connections=connection_cap(server.max_connections),
         )
@@ -153,6 +157,8 @@ class GuardedH11Protocol(H11Protocol):
         self._phase: str | None = None
         self._got_data = False
         self._refused = False
+        self._body_deadline: float | None = None
+        """When the body being received must be complete (loop time): extended by each piece that arrives."""
 
     # --- connection lifecycle ---------------------------------------------------------------------------
 
@@ -175,6 +181,8 @@ class GuardedH11Protocol(H11Protocol):
         if self._refused:
             return
         self._got_data = True
+        if self._body_deadline is not None:
+            self._body_deadline += len(data) / self.limits.body_min_rate
         super().data_received(data)
 
     def handle_events(self) -> None:
@@ -214,6 +222,8 @@ class GuardedH11Protocol(H11Protocol):
             self._disarm()
             return
         theirs, ours = self.conn.their_state, self.conn.our_state
+        if theirs is not h11.SEND_BODY:
+            self._body_deadline = None
         if theirs is h11.IDLE:
             if self.conn.trailing_data[0]:  # part of a request's headers is here
                 if self._phase != "headers":
@@ -227,7 +237,11 @@ class GuardedH11Protocol(H11Protocol):
                 if self._phase != "linger":
                     self._arm("linger", self.limits.body_timeout, self._on_linger)
             elif got_data or self._phase != "body":
-                self._arm("body", self.limits.body_timeout, self._on_body_timeout)
+                now = self.loop.time()
+                if self._body_deadline is None:
+                    self._body_deadline = now + self.limits.body_timeout
+                wait = min(self.limits.body_timeout, max(0.0, self._body_deadline - now))
+                self._arm("body", wait, self._on_body_timeout)
         elif self._phase != "write":
             self._disarm()  # the request is in: the app's own time limit applies
 
@@ -251,11 +265,17 @@ class GuardedH11Protocol(H11Protocol):
 
     def _on_body_timeout(self) -> None:
         self._timer = None
-        if self.flow.read_paused:  # the app is not reading yet: the client is not the slow one
-            self._arm("body", self.limits.body_timeout, self._on_body_timeout)
-            return
         t = self.limits.body_timeout
-        message = f"The request body stalled: nothing arrived for {t:g} s. Send the body without pauses."
+        if self.flow.read_paused:  # the app is not reading yet: the client is not the slow one
+            if self._body_deadline is not None:
+                self._body_deadline = max(self._body_deadline, self.loop.time()) + t
+            self._arm("body", t, self._on_body_timeout)
+            return
+        if self._body_deadline is not None and self.loop.time() >= self._body_deadline - 1e-3:
+            rate = self.limits.body_min_rate
+            message = f"The request body arrived too slowly (under {rate:g} bytes/s). Send it at a steady pace."
+        else:
+            message = f"The request body stalled: nothing arrived for {t:g} s. Send the body without pauses."
         if self.cycle is not None and self.cycle.response_started:
             self.transport.close()
         else:

@@ -1,4 +1,5 @@
-"""Request limits: a per-key sliding-window rate limiter and a request-body size limit (pure ASGI)."""
+"""Request limits: a per-key sliding-window rate limiter, a request-body size limit (pure ASGI), and a budget for
+the request bodies held in memory at once."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from typing import Any
 
@@ -167,3 +169,45 @@ async def _send_json(send: Send, status: int, error: str) -> None:
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+
+
+class BodyBudget:
+    """Bytes of request bodies the service holds in memory at once (`capacity`), of which one key may hold at most
+    `per_key` (so no one client can take it all). A v1 request holds its body until it is answered, so with many
+    large uploads in flight memory would grow without bound; past the budget a request is answered 503 with
+    Retry-After before its body is read. Used on the event loop only (no lock)."""
+
+    def __init__(self, capacity: int, per_key: int) -> None:
+        self.capacity = capacity
+        self.per_key = per_key
+        self.used = 0
+        self._by_key: dict[str | None, int] = {}
+
+    @contextmanager
+    def hold(self, key_id: str | None, size: int) -> Iterator[None]:
+        """Hold `size` bytes for `key_id` (None: unkeyed) for the block, or raise a 503 `ApiError`. A body larger
+        than the whole budget is admitted only when nothing else is held."""
+        mine = self._by_key.get(key_id, 0)
+        if self.used and (self.used + size > self.capacity or (mine and mine + size > self.per_key)):
+            raise ApiError(
+                503,
+                "The server is receiving too many large requests at once; try again in a few seconds.",
+                {"Retry-After": "5"},
+            )
+        self.used += size
+        self._by_key[key_id] = mine + size
+        try:
+            yield
+        finally:
+            self.used -= size
+            left = self._by_key[key_id] - size
+            if left:
+                self._by_key[key_id] = left
+            else:
+                del self._by_key[key_id]
+
+
+def declared_size(headers: Any, limit: int) -> int:
+    """The body size a request declares (Content-Length), or `limit` when it declares none (chunked)."""
+    declared = headers.get("content-length", "")
+    return int(declared) if declared.isdigit() and int(declared) <= limit else limit

@@ -11,6 +11,8 @@ import asyncio
 import base64
 import logging
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request, Security
@@ -25,6 +27,7 @@ from automask.server.execute import Outcome
 from automask.server.holds import credit_hold, unless_client_leaves
 from automask.server.jobs import CANCELLED, COMPLETED, FAILED, Job, no_credits
 from automask.server.keys import ApiKey
+from automask.server.limits import declared_size
 from automask.server.schemas import (
     CreditsResponse,
     ErrorResponse,
@@ -135,18 +138,21 @@ def render(outcome: Outcome, as_base64: bool) -> Response:
     return Response(outcome.png, media_type="image/png", headers=headers)
 
 
-async def accept(request: Request, key: ApiKey | None) -> tuple[ServerState, MaskRequest, str]:
-    """What v1 and v2 do before any work: the rate limit (429), a spent key (406, before the body is read), the
-    body (400/413), and the model (404/503, answered before a credit is held or a job is queued). Returns the
-    state, the request and the model name."""
+@asynccontextmanager
+async def accepted(request: Request, key: ApiKey | None) -> AsyncIterator[tuple[ServerState, MaskRequest, str]]:
+    """What v1 and v2 do before any work: the rate limit (429), a spent key (406), room for the body in memory
+    (503; these three before the body is read), the body (400/413), and the model (404/503, answered before a
+    credit is held or a job is queued). Yields the state, the request and the model name; the body's room in
+    `state.bodies` is held until the block ends."""
     state = state_of(request)
     if key is not None:
         await state.limiter.hit(key.id, key.rate_limit)
         if key.credits is not None and key.credits < 1:  # as authenticated; the hold re-checks atomically
             raise no_credits(key.id)
-    req = await read_request(request, state.body_limit)
-    model = await asyncio.to_thread(state.dispatcher.check, req.model)
-    return state, req, model
+    with state.bodies.hold(key.id if key else None, declared_size(request.headers, state.body_limit)):
+        req = await read_request(request, state.body_limit)
+        model = await asyncio.to_thread(state.dispatcher.check, req.model)
+        yield state, req, model
 
 
 @router.post(
@@ -170,18 +176,19 @@ async def accept(request: Request, key: ApiKey | None) -> tuple[ServerState, Mas
     tags=["v1"],
 )
 async def v1_generate(request: Request, key: CallerKey) -> Response:
-    state, req, model = await accept(request, key)
-    if req.instance_masks and not req.base64:
-        raise InvalidOptionError(
-            "instance_masks", "needs base64: true on v1 (the instances come in the JSON answer; a PNG body has none)"
-        )
-    await unless_client_leaves(request, state.dispatcher.prepare(model))  # a first load: before the hold and limit
-    async with credit_hold(state, key, uuid.uuid4().hex):
-        request_id = request.scope.get("state", {}).get("request_id", "")
-        outcome = await unless_client_leaves(request, state.dispatcher.run_v1(req, model, request_id))
-        if outcome.error is not None:
-            raise ApiError(outcome.status, outcome.error)
-        return render(outcome, req.base64)
+    async with accepted(request, key) as (state, req, model):
+        if req.instance_masks and not req.base64:
+            raise InvalidOptionError(
+                "instance_masks",
+                "needs base64: true on v1 (the instances come in the JSON answer; a PNG body has none)",
+            )
+        await unless_client_leaves(request, state.dispatcher.prepare(model))  # a first load: before hold and limit
+        async with credit_hold(state, key, uuid.uuid4().hex):
+            request_id = request.scope.get("state", {}).get("request_id", "")
+            outcome = await unless_client_leaves(request, state.dispatcher.run_v1(req, model, request_id))
+            if outcome.error is not None:
+                raise ApiError(outcome.status, outcome.error)
+            return render(outcome, req.base64)
 
 
 @router.post(
@@ -193,11 +200,11 @@ async def v1_generate(request: Request, key: CallerKey) -> Response:
     tags=["v2"],
 )
 async def v2_submit(request: Request, key: CallerKey) -> SubmitResponse:
-    state, req, model = await accept(request, key)
-    check_size(req.image, state.settings)  # 413 now, as v1 would answer, not when the job runs
-    job_id = await asyncio.to_thread(
-        state.jobs.submit, key.id if key else None, req, charge=key is not None, model=model
-    )
+    async with accepted(request, key) as (state, req, model):
+        check_size(req.image, state.settings)  # 413 now, as v1 would answer, not when the job runs
+        job_id = await asyncio.to_thread(
+            state.jobs.submit, key.id if key else None, req, charge=key is not None, model=model
+        )
     try:
         await asyncio.to_thread(state.dispatcher.publish, job_id, model)
     except Exception:  # stored: the sweeper hands it out again (republish_after)

@@ -10,7 +10,7 @@ from starlette.requests import Request
 from automask.server.config import ServerSettings
 from automask.server.dispatch import Dispatcher
 from automask.server.jobs import Jobs
-from automask.server.limits import RateLimiter, RedisRateLimiter
+from automask.server.limits import BodyBudget, RateLimiter, RedisRateLimiter
 from automask.server.store import Store
 from automask.settings import Settings
 
@@ -26,6 +26,7 @@ class ServerState:
     dispatcher: Dispatcher
     limiter: RateLimiter | RedisRateLimiter
     body_limit: int
+    bodies: BodyBudget
     background: set[asyncio.Task[None]] = field(default_factory=set)
 
 
