@@ -473,6 +473,33 @@ def test_trickling_server_hits_the_overall_deadline(site: Site) -> None:
     assert time.monotonic() - start < 2.5
 
 
+def trickled_headers(site: Site) -> Route:
+    """A route that sends its status line, then a header byte every 0.1 s (h11 takes ~100 kB of headers)."""
+
+    def route(handler: BaseHTTPRequestHandler) -> None:
+        handler.wfile.write(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+        for _ in range(1000):
+            if site.stop.wait(0.1):
+                return
+            try:
+                handler.wfile.write(b"a")
+                handler.wfile.flush()
+            except OSError:
+                return
+
+    return route
+
+
+def test_trickled_headers_hit_the_overall_deadline(site: Site) -> None:
+    """Before: the deadline was checked between body chunks only, so a server trickling its headers held the
+    fetch (and a server thread) for as long as it liked."""
+    site.routes["/headers"] = trickled_headers(site)
+    start = time.monotonic()
+    with pytest.raises(FetchTimeoutError):
+        fetch_url(site.url("/headers"), Settings(allow_private_urls=True, fetch_timeout=0.6))
+    assert time.monotonic() - start < 2.5
+
+
 @pytest.mark.parametrize(("status", "phrase"), [(404, "HTTP 404"), (500, "HTTP 500"), (302, "HTTP 302")])
 def test_error_answers_are_fetch_errors(site: Site, status: int, phrase: str) -> None:
     site.routes["/err"] = lambda h: send(h, status, b"nope")  # a 302 without Location is an error too
@@ -565,3 +592,14 @@ def test_https_certificate_for_another_name_fails(tls_site: Site, host: str) -> 
     with pytest.raises(FetchError, match="Could not connect"):
         fetch_url(url, Settings(fetch_timeout=3.0), resolve=resolve, is_allowed=loopback_is_public)
     assert tls_site.log == []
+
+
+def test_https_trickled_headers_hit_the_overall_deadline(tls_site: Site) -> None:
+    """The deadline also cuts a TLS connection (the watchdog follows the socket through the handshake)."""
+    tls_site.routes["/headers"] = trickled_headers(tls_site)
+    resolve = fake_resolver({"images.test": ["127.0.0.1"]})
+    url = tls_site.url("/headers", host="images.test", scheme="https")
+    start = time.monotonic()
+    with pytest.raises(FetchTimeoutError):
+        fetch_url(url, Settings(fetch_timeout=0.8), resolve=resolve, is_allowed=loopback_is_public)
+    assert time.monotonic() - start < 2.5

@@ -19,10 +19,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import socket
+import threading
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import httpx
 
@@ -34,7 +37,9 @@ Resolver = Callable[[str, int], Sequence[IPAddress]]
 AddressCheck = Callable[[IPAddress], bool]
 
 _REDIRECTS = (301, 302, 303, 307, 308)
-_HEADERS = {"User-Agent": "automask", "Accept": "image/*,*/*;q=0.8"}
+_HEADERS = {"User-Agent": "automask", "Accept": "image/*,*/*;q=0.8", "Accept-Encoding": "identity"}
+"""Sent with every fetch. `identity`: the byte cap counts what is held in memory (a compressed body would be
+inflated in one piece per read, several times the cap)."""
 _NAMED_NETWORKS = (
     (ipaddress.ip_network("169.254.169.254/32"), "cloud metadata"),
     (ipaddress.ip_network("255.255.255.255/32"), "broadcast"),
@@ -219,12 +224,13 @@ def _get(url: httpx.URL, addresses: list[IPAddress], deadline: float, settings: 
     for index, ip in enumerate(addresses):
         try:
             return _get_from(url, ip, deadline, settings)
-        except httpx.ConnectError as exc:
-            if index == len(addresses) - 1:
-                raise FetchError(f"Could not connect to the image URL's server {url.host} ({exc}).") from None
-        except httpx.TimeoutException:
-            raise _timeout(url, settings) from None
         except httpx.HTTPError as exc:
+            if isinstance(exc, httpx.TimeoutException) or time.monotonic() >= deadline:  # (the watchdog's cut)
+                raise _timeout(url, settings) from None
+            if isinstance(exc, httpx.ConnectError):
+                if index == len(addresses) - 1:
+                    raise FetchError(f"Could not connect to the image URL's server {url.host} ({exc}).") from None
+                continue
             raise FetchError(f"Fetching the image URL {_show(url)} failed: {exc}.") from None
     raise AssertionError("unreachable: addresses is never empty")
 
@@ -233,13 +239,17 @@ def _get_from(url: httpx.URL, ip: IPAddress, deadline: float, settings: Settings
     """GET `url` over a connection to `ip` (Host header and TLS server name stay the URL's own host)."""
     pinned = url.copy_with(host=str(ip))
     headers = {**_HEADERS, "Host": url.netloc.decode("ascii")}
-    extensions = {"sni_hostname": url.raw_host.decode("ascii")} if url.scheme == "https" else {}
+    watchdog = _Watchdog(deadline)
+    extensions: dict[str, Any] = {"trace": watchdog.trace}
+    if url.scheme == "https":
+        extensions["sni_hostname"] = url.raw_host.decode("ascii")
     timeout = httpx.Timeout(_remaining(deadline, url, settings))
     # Proxy variables are ignored (a proxy would resolve the name again); SSL_CERT_FILE / SSL_CERT_DIR are
     # honoured. Plain http has no TLS to verify (False skips loading the CA bundle, ~40 ms).
     # A client per hop: no connection (or TLS session) is ever reused for another host name.
     verify = httpx.create_ssl_context(trust_env=True) if url.scheme == "https" else False
     with (
+        watchdog,
         httpx.Client(trust_env=False, verify=verify, follow_redirects=False, timeout=timeout) as client,
         client.stream("GET", pinned, headers=headers, extensions=extensions) as response,
     ):
@@ -250,6 +260,44 @@ def _get_from(url: httpx.URL, ip: IPAddress, deadline: float, settings: Settings
                 f"The image URL {_show(url)} answered HTTP {response.status_code} {response.reason_phrase}."
             )
         return _read_capped(response, url, deadline, settings)
+
+
+class _Watchdog:
+    """Cuts a fetch's connection at `deadline`. httpx's timeouts are per read, so a server that trickles its
+    headers or body a byte at a time would never trip them; this shuts the socket down at the deadline (httpcore's
+    `trace` extension hands over the connected socket), which ends any read in progress with an error."""
+
+    def __init__(self, deadline: float) -> None:
+        self.deadline = deadline
+        self.sock: socket.socket | None = None
+        self._lock = threading.Lock()
+        self._timer: threading.Timer | None = None
+
+    def trace(self, event: str, info: dict[str, Any]) -> None:
+        if event not in ("connection.connect_tcp.complete", "connection.start_tls.complete"):
+            return
+        stream = info.get("return_value")
+        sock = stream.get_extra_info("socket") if stream is not None else None
+        with self._lock:
+            self.sock = sock  # after TLS: the TLS socket, which owns the descriptor now
+            if self._timer is None:
+                self._timer = threading.Timer(max(0.0, self.deadline - time.monotonic()), self._cut)
+                self._timer.daemon = True
+                self._timer.start()
+
+    def _cut(self) -> None:
+        with self._lock, contextlib.suppress(OSError):
+            if self.sock is not None:
+                self.sock.shutdown(socket.SHUT_RDWR)
+
+    def __enter__(self) -> _Watchdog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with self._lock:
+            if self._timer is not None:
+                self._timer.cancel()
+            self.sock = None
 
 
 def _read_capped(response: httpx.Response, url: httpx.URL, deadline: float, settings: Settings) -> bytes:
