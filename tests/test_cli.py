@@ -428,6 +428,7 @@ def test_output_target_defaults(tmp_path: Path) -> None:
     assert output_target("-", photo, "mask") is None
     assert output_target(str(tmp_path), photo, "mask") == tmp_path / "p.mask.png"
     assert output_target(str(tmp_path / "o.png"), None, "mask") == tmp_path / "o.png"
+    assert output_target(f"{tmp_path / 'new'}/", photo, "mask") == tmp_path / "new" / "p.mask.png"  # a folder to be
 
 
 def test_write_atomic_never_leaves_a_partial_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -125,6 +125,12 @@ def test_options_defaults_and_validation() -> None:
 # -- equality with transformers' own flow -------------------------------------------------------------
 
 
+def test_prompt_spans_follow_lower_casing() -> None:
+    """Each prompt's span covers its lower-cased text, also when lower() changes the length ('İ' -> 'i̇')."""
+    text, spans = gs.merge_prompts(["İstanbul Sign", "cat"])
+    assert [text[a:b] for a, b in spans] == ["i̇stanbul sign", "cat"] and text.endswith("cat.")
+
+
 def test_detection_postprocess_equals_transformers(backend: GroundedSamBackend, image: np.ndarray) -> None:
     """Our box post-processing (NMS off) keeps the boxes, scores and phrases transformers' keeps."""
     prompts = ["sofa", "lamp"]

@@ -175,6 +175,28 @@ def test_16bit_grayscale_png_is_scaled_not_clipped(settings: Settings) -> None:
     assert out[0, :, 0].tolist() == [0, 100, 255, 128]
 
 
+def test_16bit_grayscale_png_with_a_transparent_level(settings: Settings) -> None:
+    """Before: the tRNS branch converted I;16 to RGBA first, clipping every value over 255 to white."""
+    values = np.full((2, 3), 30000, np.uint16)
+    values[0, 0] = 5  # the transparent level
+    out = load_image(encode(Image.fromarray(values), "PNG", transparency=5), settings)
+    assert out[1, 1].tolist() == [117] * 3 and out[0, 0].tolist() == [255] * 3  # 30000·255/65535; over white
+
+
+def test_16bit_pgm_is_scaled_whatever_its_values(settings: Settings) -> None:
+    """Pillow opens a 16-bit PGM as mode "I" on the 0..65535 scale: never guessed from the image's own range."""
+    dark = b"P5\n2 1\n65535\n" + np.array([200, 200], ">u2").tobytes()
+    mixed = b"P5\n2 1\n65535\n" + np.array([200, 300], ">u2").tobytes()
+    assert load_image(dark, settings)[0, :, 0].tolist() == [1, 1]
+    assert load_image(mixed, settings)[0, :, 0].tolist() == [1, 1]
+
+
+def test_16bit_arrays_of_either_byte_order(settings: Settings) -> None:
+    values = np.array([[200, 255]], np.uint16)  # a dark 16-bit image: never mistaken for 8-bit values
+    assert load_image(values.astype(">u2"), settings)[0, :, 0].tolist() == [1, 1]
+    assert load_image(values.astype("<u2"), settings)[0, :, 0].tolist() == [1, 1]
+
+
 def test_16bit_rgb_png(settings: Settings) -> None:
     pixels = np.array([[[65535, 0, 32896], [257 * 7, 65280, 0]]], dtype=">u2")
     out = load_image(raw_png(2, 1, 16, 2, zlib.compress(b"\x00" + pixels.tobytes())), settings)

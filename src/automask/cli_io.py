@@ -78,14 +78,16 @@ def read_source(image: str, settings: Settings) -> tuple[ImageSource, Path | Non
 
 def output_target(out: str | None, source: Path | None, kind: str) -> Path | None:
     """Where `mask` writes: None for stdout ('-'); by default `<stem>.<kind>.png` beside the input file,
-    or `<kind>.png` in the current folder for stdin and URLs; an existing folder gets that name inside."""
+    or `<kind>.png` in the current folder for stdin and URLs; a folder (an existing one, or any path ending in
+    '/', created when written) gets that name inside."""
     if out == "-":
         return None
     default = f"{source.stem}.{kind}.png" if source else f"{kind}.png"
     if out is None:
         return source.parent / default if source else Path(default)
     target = Path(out)
-    return target / default if target.is_dir() else target
+    folder = target.is_dir() or out.endswith(("/", os.sep))
+    return target / default if folder else target
 
 
 def find_images(source: str, recursive: bool, outdir: Path) -> tuple[list[Path], Path | None]:

@@ -29,8 +29,9 @@ def merge_prompts(prompts: list[str]) -> tuple[str, list[tuple[int, int]]]:
     for i, p in enumerate(prompts):
         if i:
             text += ". "
-        spans.append((len(text), len(text) + len(p.strip())))
-        text += p.strip().lower()
+        lowered = p.strip().lower()  # lower() may change the length ('İ' -> 'i̇'): the span is the lowered text's
+        spans.append((len(text), len(text) + len(lowered)))
+        text += lowered
     return text + ".", spans
 
 

@@ -168,10 +168,17 @@ def _pil_pixels(img: Image.Image) -> np.ndarray:
     mode = img.mode
     if mode == "RGB" and "transparency" not in img.info:
         return rgb_array(img)
+    if mode in _SIXTEEN_BIT_MODES or (mode == "I" and img.format == "PPM"):  # samples on the 0..65535 scale
+        # (Pillow reads a 16-bit PGM as mode "I", scaled to 0..65535 whatever its maxval)
+        values = np.asarray(img)
+        gray = _gray(scale_16bit(values))
+        transparent = img.info.get("transparency")
+        if isinstance(transparent, int):  # PNG tRNS: one 16-bit gray level is transparent
+            alpha = np.where(values == transparent, 0, 255).astype(np.uint8)
+            return composite_on_white(np.dstack([gray, alpha]))
+        return gray
     if mode in _ALPHA_MODES or "transparency" in img.info:
         return composite_on_white(np.asarray(img.convert("RGBA")))
-    if mode in _SIXTEEN_BIT_MODES:
-        return _gray(scale_16bit(np.asarray(img)))
     if mode in ("I", "F"):
         return _gray(to_uint8(np.asarray(img)))
     try:
@@ -225,7 +232,7 @@ def to_uint8(a: np.ndarray) -> np.ndarray:
         return a
     if a.dtype == np.bool_:
         return a.astype(np.uint8) * 255
-    if a.dtype == np.uint16:
+    if a.dtype.kind == "u" and a.dtype.itemsize == 2:  # any byte order
         return scale_16bit(a)
     if a.dtype.kind not in "uif":
         raise ImageDecodeError(f"Array images of dtype {a.dtype} are not supported; pass uint8 RGB.")
