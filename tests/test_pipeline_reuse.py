@@ -26,7 +26,7 @@ class FakeSubject:
         return image[..., 0].astype(np.float32) / 255
 
     def score(self, features: np.ndarray, prompts: list[str], *, min_score: float = 0.0) -> Scores:
-        maps = np.stack([features] * len(prompts))
+        maps = np.stack([1 - features if p == "background" else features for p in prompts])  # as SubjectBackend
         return Scores(maps=maps, labels=list(prompts), scores=maps.reshape(len(prompts), -1).max(1))
 
 

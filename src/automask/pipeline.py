@@ -29,7 +29,7 @@ from automask.imageio import ImageSource, load_image
 from automask.models import EMBEDDED, ResolvedModel
 from automask.options import MaskOptions, parse_prompt
 from automask.result import Detection, MaskResult
-from automask.routing import ModelPlan, Route, Target, plan_models, route
+from automask.routing import ModelPlan, Route, plan_models, route
 from automask.settings import Settings
 
 
@@ -189,15 +189,15 @@ class MaskGenerator:
         return finish(decoded.rgb, parts, prompts, opts, self.backend, timings, t0)
 
     def _embedded_parts(self, image: Decoded, plan: Route, threshold: float, timings: dict[str, float]) -> list[Part]:
-        """Subject/person targets as scored; background targets as the complement of the subject selection."""
+        """Subject/person targets scored p (the salient-object probability), background targets 1 - p: each
+        selected where its own score reaches the threshold, as every other target."""
         embedded = self.embedded
         assert embedded is not None
         parts = []
         if plan.embedded:
             parts.append(Part(self._score(embedded, image, list(plan.embedded), threshold, timings), embedded))
         if plan.background:
-            subject = self._score(embedded, image, [Target.SUBJECT.value] * len(plan.background), threshold, timings)
-            parts.append(Part(replace(subject, labels=list(plan.background)), embedded, complement=True))
+            parts.append(Part(self._score(embedded, image, list(plan.background), threshold, timings), embedded))
         return parts
 
     def _refined_open(self) -> Backend:
@@ -264,20 +264,14 @@ def _load(found: ResolvedModel | None, settings: Settings) -> Backend | None:
 
 @dataclass(frozen=True)
 class Part:
-    """The scores of some targets and the backend that made them.
-
-    complement: select where the maps do NOT select at the threshold. "background" is scored as the subject
-    map with complement=True, so it is exactly the inverse of the subject selection for any threshold.
-    """
+    """The scores of some targets and the backend that made them."""
 
     scores: Scores
     backend: Backend
-    complement: bool = False
 
     def select(self, threshold: float) -> np.ndarray:
         """H×W bool: the union of this part's selected pixels."""
-        selected = pp.select(self.scores, threshold)
-        return ~selected if self.complement else selected
+        return pp.select(self.scores, threshold)
 
     def only(self, labels: set[str]) -> Part | None:
         """This part restricted to the maps labelled with one of `labels` (`extra` kept whole), or None if none."""
@@ -378,19 +372,14 @@ def _union(
     detections: list[Detection] = []
     for part in parts:
         selected |= part.select(threshold)
-        masks, dets = _instances(part.scores, threshold, complement=part.complement)
+        masks, dets = _instances(part.scores, threshold)
         instance_masks += masks
         detections += dets
     return selected, instance_masks, detections
 
 
-def _instances(
-    scores: Scores, threshold: float, *, complement: bool = False
-) -> tuple[list[np.ndarray], list[Detection]]:
-    """Per-instance uint8 masks and detections that pass the threshold (before grow/invert).
-
-    complement: each dense map selects where it is below the threshold (its score is then 1 - its minimum).
-    """
+def _instances(scores: Scores, threshold: float) -> tuple[list[np.ndarray], list[Detection]]:
+    """Per-instance uint8 masks and detections that pass the threshold (before grow/invert)."""
     masks: list[np.ndarray] = []
     dets: list[Detection] = []
     for i, label in enumerate(scores.labels):
@@ -398,8 +387,6 @@ def _instances(
         if scores.kind == "dense":
             sel = m >= threshold
             score = float(m.max()) if m.size else 0.0
-            if complement:
-                sel, score = ~sel, (1.0 - float(m.min()) if m.size else 0.0)
         else:
             assert scores.scores is not None
             score = float(scores.scores[i])

@@ -74,7 +74,7 @@ def target_of(prompt: str) -> Target | None:
 
 @dataclass(frozen=True)
 class Route:
-    """Where each prompt target goes. `embedded`: salient mask; `background`: its exact complement;
+    """Where each prompt target goes. `embedded`: salient mask; `background`: 1 - its probability;
     `open`: the open-vocabulary model."""
 
     embedded: tuple[str, ...] = ()

@@ -11,8 +11,8 @@ different on every image. The map is resized back to the original size with bili
 keeps it in [0, 1]).
 
 The backend knows only the routing vocabulary (`automask.routing`): subject and person words score the
-probability p, background words 1 - p (the pipeline selects "background" as the exact complement of the
-subject selection, see `automask.pipeline`).
+probability p, background words 1 - p; like any score, a pixel is selected where it reaches `threshold` (so at
+0.5 "background" is the exact complement of "subject"; below 0.5 the two overlap on the subject's soft edge).
 """
 
 from __future__ import annotations
