@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
@@ -38,6 +39,14 @@ def age_publishes(store: Store, seconds: float) -> None:
         conn.execute(update(jobs_table).values(published_at=time.time() - seconds))
 
 
+def handed(published: list[tuple[str, str | None]], job: tuple[str, str | None]) -> Future[None]:
+    """Record a publish, confirmed at once."""
+    published.append(job)
+    done: Future[None] = Future()
+    done.set_result(None)
+    return done
+
+
 def test_a_job_no_live_worker_serves_is_handed_out_again_only_once_one_does(
     store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -53,7 +62,7 @@ def test_a_job_no_live_worker_serves_is_handed_out_again_only_once_one_does(
     server = ServerSettings(republish_after=60.0)
     dispatcher = CeleryDispatcher(settings, server, store)
     published: list[tuple[str, str | None]] = []
-    monkeypatch.setattr(dispatcher, "publish", lambda job_id, model: published.append((job_id, model)))
+    monkeypatch.setattr(dispatcher, "publish", lambda job_id, model: handed(published, (job_id, model)))
     jobs = Jobs(store)
     sweeper = Sweeper(store, jobs, dispatcher, server)
     nodes.register(store, "worker-a", "worker", ["a"], "a")
