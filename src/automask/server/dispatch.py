@@ -139,7 +139,9 @@ class LocalDispatcher:
         return await asyncio.to_thread(answer, result, request, model)
 
     def publish(self, job_id: str, model: str | None) -> Future[None]:
-        """Queue the job in memory (done at once; a job this process has in hand is not queued twice)."""
+        """Queue the job in memory: done at once, and confirmed as it is (nothing is lost between the route and
+        this queue but by a crash, after which `start` queues every QUEUED job). A job this process has in hand
+        is not queued twice."""
         handed: Future[None] = Future()
         try:
             if self._loop is not None:  # else not started: `start` enqueues every QUEUED job

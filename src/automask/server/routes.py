@@ -208,6 +208,7 @@ async def v2_submit(request: Request, key: CallerKey) -> SubmitResponse:
         )
     try:  # bounded: RabbitMQ may hold a send up for as long as a memory or disk alarm lasts
         await asyncio.wait_for(asyncio.wrap_future(state.dispatcher.publish(job_id, model)), PUBLISH_TIMEOUT)
+        await asyncio.to_thread(state.jobs.published, [job_id])  # confirmed: the sweeper never sends it again
     except Exception:  # stored: the sweeper hands it out again (republish_after)
         log.warning("could not queue v2 job %s now; the sweeper will", job_id, exc_info=True)
     base = _base_url(request, state)

@@ -2,8 +2,11 @@
 (a PostgreSQL advisory lock; SQLite has one server per database).
 
 Every `sweep_interval` seconds: PROCESSING jobs of dead nodes go back to the queue and are handed out again;
-QUEUED jobs whose hand-off may have been lost (`republish_after`) are handed out again, once something serves their
-model (`Dispatcher.serving`: in a fleet, a live worker); credit holds that no live request owns are given back;
+QUEUED jobs whose hand-off was never confirmed (`republish_after` after they were stored: their publish failed, or
+they were put back) are handed out again, once something serves their model (`Dispatcher.serving`: in a fleet, a
+live worker); a job whose message RabbitMQ confirmed is never sent twice, however long it waits behind others (a
+message lost after that is covered by dead nodes' jobs and the attempts cap); credit holds that no live request owns
+are given back;
 every `cleanup_interval`, finished jobs older than `result_ttl` are deleted.
 """
 
@@ -61,7 +64,8 @@ class Sweeper:
 
         What to hand out again is gathered under the fleet's sweeper lock, and handed out after it is released:
         RabbitMQ may hold sends up (an alarm), and the lock must not wait for it. The hand-offs together wait
-        `PUBLISH_TIMEOUT` seconds at most; "republished" counts those confirmed."""
+        `PUBLISH_TIMEOUT` seconds at most; those confirmed are recorded (`Jobs.published`), counted in
+        "republished"."""
         done = {"requeued": 0, "republished": 0, "holds": 0, "expired": 0}
         with sweeping_lock(self.store) as mine:
             if not mine:
@@ -72,13 +76,16 @@ class Sweeper:
             longest = self.server.timeout + LONGEST_RUN_MARGIN  # no run lasts longer: Celery kills it before
             requeued = self.jobs.orphaned(live, started_before=time.time() - longest)
             served = self.dispatcher.serving()  # jobs no live node can run would only pile up in their queue
-            due = self.jobs.unpublished(time.time() - self.server.republish_after, models=served)
+            back = {job_id for job_id, _ in requeued}
+            due = [job for job in self.jobs.unpublished(time.time() - self.server.republish_after, models=served)
+                   if job[0] not in back]  # fmt: skip
             done["holds"] = keys.release_orphan_holds(self.store)
             if time.monotonic() - self._last_expiry >= self.server.cleanup_interval:
                 self._last_expiry = time.monotonic()
                 done["expired"] = self.jobs.expire(self.server.result_ttl)
                 nodes.forget_dead(self.store, max(60.0, 10 * self.server.node_ttl))
         handed = self.hand_out(requeued + due)
+        self.jobs.published(sorted(handed))
         done["requeued"] = len(requeued)
         done["republished"] = sum(job_id in handed for job_id, _ in due)
         if any(done.values()):
