@@ -14,7 +14,7 @@ import pytest
 
 from automask.server.config import ServerSettings
 from automask.server.errors import ApiError
-from automask.server.fleet import BROKER_DOWN, BrokerBlocked, CeleryDispatcher
+from automask.server.fleet import BROKER_DOWN, DELIVERY_LIMIT, BrokerBlocked, CeleryDispatcher, make_celery, queue
 from automask.server.jobs import Jobs
 from automask.server.schemas import MaskRequest
 from automask.server.store import Store
@@ -123,3 +123,20 @@ def test_a_sweep_under_a_memory_alarm_ends_within_its_publish_bound(
     time.sleep(0.2)
     assert sweeper.sweep()["republished"] == 1  # the job is handed out once RabbitMQ takes messages again
     assert jobs.get(job_id).status == "QUEUED"  # type: ignore[union-attr]
+
+
+def test_every_node_declares_the_queue_arguments_rabbitmq_keeps(
+    rabbitmq_service: RabbitMQServer, rabbitmq_vhost_url: str
+) -> None:
+    """Before: the delivery limit was `max_job_attempts` + 2, but RabbitMQ keeps the arguments a queue was created
+    with and silently ignores another node's, so a node with another setting had a limit it never got."""
+    vhost = rabbitmq_vhost_url.rsplit("/", 1)[1]
+    for attempts in (3, 5):  # two nodes, set differently, publishing to one queue
+        app = make_celery(rabbitmq_vhost_url, ServerSettings(max_job_attempts=attempts))
+        try:
+            app.send_task("automask.v2", args=["job"], queue=queue("v2", "m"))
+        finally:
+            app.close()
+        kept = rabbitmq_service.ctl("list_queues", "-p", vhost, "name", "arguments")
+        assert '{"x-delivery-limit",20}' in kept.replace(" ", ""), kept
+        assert queue("v2", "m").queue_arguments["x-delivery-limit"] == DELIVERY_LIMIT == 20

@@ -39,6 +39,13 @@ TIME_LIMIT_MARGIN = 30.0
 V1_TTL_MARGIN = 60.0
 """Seconds the v1 hand-off keys outlive the request timeout in Redis."""
 NODES_CACHE_SECONDS = 1.0
+DELIVERY_LIMIT = 20
+"""Deliveries of one message before RabbitMQ drops it (`x-delivery-limit`, RabbitMQ 4's default): a safety net
+for when the database cannot count starts. `max_job_attempts` ends a poison job first (counted in the database
+across messages); set above `DELIVERY_LIMIT - 2`, a message dropped at the limit leaves its job PROCESSING on a dead
+worker, which the sweeper hands out again in a new message. A constant, not derived from `max_job_attempts`: a queue
+keeps the arguments it was created with, whatever a later node declares, so a setting there would hold only for the
+node that happened to declare the queue first."""
 BROKER_DOWN = "The server's request queue is unreachable right now; try again in a few seconds."
 PUBLISH_THREADS = 4
 """Threads an API node sends messages to RabbitMQ from (each send the broker holds up holds one)."""
@@ -138,13 +145,14 @@ def make_celery(broker_url: str, server: ServerSettings) -> Any:
     return app
 
 
-def queue(kind: str, model: str, server: ServerSettings) -> Any:
-    """The quorum queue of `kind` requests for `model`, declared identically by publishers and workers. Its
-    delivery limit is a safety net above `max_job_attempts`, which the database enforces first."""
+def queue(kind: str, model: str) -> Any:
+    """The quorum queue of `kind` requests for `model`, declared identically by every publisher and worker: its
+    arguments depend on no setting, since RabbitMQ keeps those a queue was created with and ignores another
+    node's (see `DELIVERY_LIMIT`)."""
     from kombu import Exchange, Queue
 
     name = queue_name(kind, model)
-    args = {"x-queue-type": "quorum", "x-delivery-limit": server.max_job_attempts + 2}
+    args = {"x-queue-type": "quorum", "x-delivery-limit": DELIVERY_LIMIT}
     # a topic exchange (routing keys are exact queue names): Celery's native delayed delivery accepts it
     return Queue(name, Exchange("automask", type="topic"), routing_key=name, queue_arguments=args, durable=True)
 
@@ -271,7 +279,7 @@ class CeleryDispatcher:
 
     def _send_v2(self, job_id: str, model: str | None) -> None:
         name = model or self.default
-        self.app.send_task("automask.v2", args=[job_id], queue=queue("v2", name, self.server))
+        self.app.send_task("automask.v2", args=[job_id], queue=queue("v2", name))
 
     async def prepare(self, model: str) -> None:
         """Nothing: workers load their models before they take requests (`check` finds a live one)."""
@@ -290,7 +298,7 @@ class CeleryDispatcher:
         send = lambda: self.app.send_task(  # noqa: E731
             "automask.v1",
             args=[rid, model, deadline, request_id],
-            queue=queue("v1", model, self.server),
+            queue=queue("v1", model),
             expires=self.server.timeout,  # seconds: the message's TTL in the queue
         )
         try:
