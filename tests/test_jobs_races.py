@@ -3,22 +3,30 @@ a slow run that lost its job to another node."""
 
 from __future__ import annotations
 
+import base64
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from sqlalchemy import Connection, event, text, update
+from sqlalchemy.exc import OperationalError
 
+from automask.pipeline import MaskGenerator
 from automask.server import keys as keystore
+from automask.server.config import ServerSettings
 from automask.server.errors import ApiError
 from automask.server.execute import execute_job
 from automask.server.jobs import COMPLETED, FAILED, PROCESSING, QUEUED, Jobs
 from automask.server.migrations import ensure_schema
+from automask.server.runner import Runner
 from automask.server.schemas import MaskRequest
 from automask.server.store import Store, jobs_table
+from automask.settings import Settings
+from server_helpers import FakeBackend, png_bytes
 
 J = jobs_table.c
 
@@ -212,3 +220,41 @@ def test_execute_job_leaves_a_job_taken_over_mid_run_to_the_new_run(store: Store
     assert jobs.complete(job_id, "node-b", b"png", {}, 0.1) is True
     job = jobs.get(job_id)
     assert job is not None and job.status == COMPLETED and credits(store, key.id) == 0
+
+
+class CompleteFailsOnce(Jobs):
+    """Jobs whose first `complete` loses its database connection (a dropped connection, a deadlock victim)."""
+
+    def __init__(self, store: Store) -> None:
+        super().__init__(store)
+        self.failures = 1
+
+    def complete(self, job_id: str, node: str, png: bytes, metadata: dict[str, Any], seconds: float) -> bool:
+        if self.failures:
+            self.failures -= 1
+            raise OperationalError("UPDATE jobs ...", {}, Exception("server closed the connection unexpectedly"))
+        return super().complete(job_id, node, png, metadata, seconds)
+
+
+def test_a_database_error_while_completing_is_retried_not_failed(store: Store, tmp_path: Path) -> None:
+    """Before: `execute_job` caught the OperationalError of `complete` as an unexpected error and marked the job
+    FAILED with its credit refunded, though its result was computed; now it reaches the caller's retry path (a
+    worker requeues the task, whose redelivery takes the job over) and the job completes, charged once."""
+    settings = Settings(data_dir=tmp_path / "models")
+    runner = Runner(settings, ServerSettings(), MaskGenerator(FakeBackend(), settings))
+    key, _ = keystore.create_key(store, credits=2)
+    jobs = CompleteFailsOnce(store)
+    job_id = jobs.submit(
+        key.id,
+        request_of(image=base64.b64encode(png_bytes(np.zeros((8, 8, 3), np.uint8))).decode()),
+        charge=True,
+        model="fake-gradient",
+    )
+    with pytest.raises(OperationalError):
+        execute_job(jobs, runner, job_id, "node-a", max_attempts=3)
+    job = jobs.get(job_id)
+    assert job is not None and (job.status, job.error) == (PROCESSING, None) and credits(store, key.id) == 1
+    assert execute_job(jobs, runner, job_id, "node-a", max_attempts=3, takeover=True) == COMPLETED
+    job = jobs.get(job_id)
+    assert job is not None and job.status == COMPLETED and jobs.result(job_id) is not None
+    assert credits(store, key.id) == 1  # charged once, never refunded

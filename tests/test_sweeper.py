@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
-from sqlalchemy import update
+from sqlalchemy import text, update
 
 from automask.server import fleet, nodes
 from automask.server.config import ServerSettings
@@ -16,7 +17,7 @@ from automask.server.jobs import Jobs
 from automask.server.migrations import ensure_schema
 from automask.server.schemas import MaskRequest
 from automask.server.store import Store, jobs_table
-from automask.server.sweeper import Sweeper
+from automask.server.sweeper import LOCK_ID, Sweeper
 from automask.settings import Settings
 
 
@@ -32,10 +33,18 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
     s.close()
 
 
-def age_publishes(store: Store, seconds: float) -> None:
-    """Pretend every job was last handed out `seconds` ago."""
+def age_jobs(store: Store, seconds: float) -> None:
+    """Pretend every job was stored `seconds` ago."""
     with store.transaction() as conn:
-        conn.execute(update(jobs_table).values(published_at=time.time() - seconds))
+        conn.execute(update(jobs_table).values(created_at=time.time() - seconds))
+
+
+def handed(published: list[tuple[str, str | None]], job: tuple[str, str | None]) -> Future[None]:
+    """Record a publish, confirmed at once."""
+    published.append(job)
+    done: Future[None] = Future()
+    done.set_result(None)
+    return done
 
 
 def test_a_job_no_live_worker_serves_is_handed_out_again_only_once_one_does(
@@ -53,22 +62,101 @@ def test_a_job_no_live_worker_serves_is_handed_out_again_only_once_one_does(
     server = ServerSettings(republish_after=60.0)
     dispatcher = CeleryDispatcher(settings, server, store)
     published: list[tuple[str, str | None]] = []
-    monkeypatch.setattr(dispatcher, "publish", lambda job_id, model: published.append((job_id, model)))
+    monkeypatch.setattr(dispatcher, "publish", lambda job_id, model: handed(published, (job_id, model)))
     jobs = Jobs(store)
     sweeper = Sweeper(store, jobs, dispatcher, server)
     nodes.register(store, "worker-a", "worker", ["a"], "a")
     job_a = jobs.submit(None, MaskRequest.model_validate({"image": "aGVsbG8=", "prompt": "x"}), charge=False, model="a")
     job_b = jobs.submit(None, MaskRequest.model_validate({"image": "aGVsbG8=", "prompt": "x"}), charge=False, model="b")
     try:
-        age_publishes(store, 600)
+        age_jobs(store, 600)  # neither publish was confirmed (RabbitMQ was down when they were submitted)
         assert sweeper.sweep()["republished"] == 1 and published == [(job_a, "a")]
-        for _ in range(3):  # b's publish stays old, and b's queue gets nothing while no worker serves b
-            age_publishes(store, 600)
+        for _ in range(3):  # b's queue gets nothing while no worker serves b; a's hand-off was confirmed
+            age_jobs(store, 600)
             sweeper.sweep()
-        assert (job_b, "b") not in published and published.count((job_a, "a")) == 4
+        assert published == [(job_a, "a")]
         published.clear()
         nodes.register(store, "worker-b", "worker", ["b"], "b")  # a worker for b comes up
-        assert sweeper.sweep()["republished"] == 1 and published == [(job_b, "b")]  # a's publish was just renewed
-        assert sweeper.sweep()["republished"] == 0  # b's too
+        assert sweeper.sweep()["republished"] == 1 and published == [(job_b, "b")]
+        assert sweeper.sweep()["republished"] == 0 and published == [(job_b, "b")]  # confirmed: never sent again
     finally:
         dispatcher.app.close()
+
+
+class Recording:
+    """A dispatcher that records publishes, serves every model and confirms a publish unless `failing`; `check`
+    runs in each publish (in the sweeping thread)."""
+
+    node = None
+
+    def __init__(self, check: Callable[[], None] = lambda: None) -> None:
+        self.published: list[str] = []
+        self.failing = False
+        self.check = check
+
+    def serving(self) -> None:
+        return None
+
+    def publish(self, job_id: str, model: str | None) -> Future[None]:
+        self.check()
+        done: Future[None] = Future()
+        if self.failing:
+            done.set_exception(ConnectionRefusedError("RabbitMQ is down"))
+        else:
+            self.published.append(job_id)
+            done.set_result(None)
+        return done
+
+
+def test_a_job_waiting_behind_others_is_never_sent_twice(store: Store) -> None:
+    """Before: every sweep re-sent each QUEUED job whose last publish was `republish_after` old, though RabbitMQ
+    held its message: a job waiting behind a backlog got one duplicate per `republish_after` it waited."""
+    jobs = Jobs(store)
+    dispatcher = Recording()
+    sweeper = Sweeper(store, jobs, dispatcher, ServerSettings(republish_after=60.0))  # type: ignore[arg-type]
+    request = MaskRequest.model_validate({"image": "aGVsbG8=", "prompt": "x"})
+    waiting = jobs.submit(None, request, charge=False, model="m")
+    jobs.published([waiting])  # v2_submit's publish was confirmed
+    lost = jobs.submit(None, request, charge=False, model="m")  # its publish failed: never confirmed
+    fresh = jobs.submit(None, request, charge=False, model="m")
+    age_jobs(store, 600)
+    with store.transaction() as conn:  # stored just now: v2_submit is still publishing it
+        conn.execute(update(jobs_table).where(jobs_table.c.id == fresh).values(created_at=time.time()))
+    dispatcher.failing = True  # RabbitMQ is down at the first sweep: nothing counts as handed out
+    assert sweeper.sweep()["republished"] == 0 and jobs.unpublished(time.time() - 60.0) == [(lost, "m")]
+    dispatcher.failing = False
+    for _ in range(3):
+        sweeper.sweep()
+    assert dispatcher.published == [lost]  # once, confirmed; `waiting` never, however long it waits
+    assert jobs.unpublished(time.time()) == [(fresh, "m")]
+    assert jobs.claim(waiting, "node-a") is not None and jobs.release(waiting, "node-a")  # put back: sent again
+    assert sweeper.sweep()["republished"] == 1 and dispatcher.published == [lost, waiting]
+    assert jobs.claim(lost, "node-a") is not None  # node-a dies while running it
+    assert sweeper.sweep()["requeued"] == 1 and dispatcher.published == [lost, waiting, lost]
+    sweeper.sweep()
+    assert dispatcher.published == [lost, waiting, lost]
+
+
+def test_the_sweeper_publishes_after_releasing_its_lock(postgres_db: str) -> None:
+    """Before: it published while holding the fleet's sweeper lock, so a publish RabbitMQ held up held the lock."""
+    store = Store(postgres_db)
+    ensure_schema(store, create=True)
+    free: list[bool] = []
+
+    def lock_is_free() -> None:
+        with store.engine.connect() as conn:  # another session, as another node's sweeper
+            got = bool(conn.execute(text("SELECT pg_try_advisory_lock(:id)"), {"id": LOCK_ID}).scalar())
+            if got:
+                conn.execute(text("SELECT pg_advisory_unlock(:id)"), {"id": LOCK_ID})
+            conn.commit()
+        free.append(got)
+
+    jobs = Jobs(store)
+    sweeper = Sweeper(store, jobs, Recording(lock_is_free), ServerSettings(republish_after=1.0))  # type: ignore[arg-type]
+    job_id = jobs.submit(None, MaskRequest.model_validate({"image": "aGVsbG8=", "prompt": "x"}), charge=False)
+    age_jobs(store, 600)
+    try:
+        assert sweeper.sweep()["republished"] == 1 and free == [True]
+        assert jobs.unpublished(time.time()) == [] and jobs.get(job_id).status == "QUEUED"  # type: ignore[union-attr]
+    finally:
+        store.close()

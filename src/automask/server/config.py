@@ -49,7 +49,10 @@ class ServerSettings(BaseSettings):
     node_ttl: float = Field(10.0, gt=0, description="A node silent this many seconds is dead: its jobs run elsewhere.")
     heartbeat_interval: float = Field(2.0, gt=0, description="Seconds between a node's heartbeats.")
     republish_after: float = Field(
-        120.0, gt=0, description="A v2 job QUEUED this long since it was handed to the queue is handed again."
+        30.0,
+        gt=0,
+        description="A v2 job QUEUED this long after it was stored whose hand-off to the queue was never confirmed "
+        "(the queue was unreachable) is handed out again; one put back in the queue is at the next sweep.",
     )
     hold_grace: float = Field(
         30.0, ge=0, description="Seconds past `timeout` after which an unsettled v1 credit hold is given back."

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from concurrent.futures import Future
 from typing import Protocol
 
 from automask.errors import AutomaskError, ModelNotAvailableError
@@ -30,6 +31,9 @@ log = logging.getLogger("automask.server")
 
 MODEL_RETRY_SECONDS = 5.0
 """How long a job whose model is not available waits before it is looked at again."""
+PUBLISH_TIMEOUT = 5.0
+"""Seconds a v2 submit, or a sweep, waits for its jobs' hand-offs (`Dispatcher.publish`) before giving up on them
+(the job is stored: a later sweep hands it out again)."""
 
 
 class Dispatcher(Protocol):
@@ -57,8 +61,11 @@ class Dispatcher(Protocol):
         """Answer a v1 request (cancelling the call cancels the work if it has not started). Raises the library's
         `AutomaskError`s or returns an error `Outcome`."""
 
-    def publish(self, job_id: str, model: str | None) -> None:
-        """Hand stored v2 job `job_id` to whatever runs jobs (at least once; a duplicate is harmless)."""
+    def publish(self, job_id: str, model: str | None) -> Future[None]:
+        """Hand stored v2 job `job_id` to whatever runs jobs (at least once; a duplicate is harmless). Never blocks,
+        callable from any thread or the event loop: the future is done once the hand-off is sure (RabbitMQ
+        confirmed the message), or failed; a caller bounds its wait and may cancel it (a send not started yet is
+        dropped)."""
 
     def serving(self) -> list[str] | None:
         """The models whose jobs something can run now, so that handing them out again is worth it (None: any
@@ -131,10 +138,19 @@ class LocalDispatcher:
         result, _ = await self.runner.run(request.image, request.prompt, request.options(), model)
         return await asyncio.to_thread(answer, result, request, model)
 
-    def publish(self, job_id: str, model: str | None) -> None:
-        if self._loop is None:
-            return  # not started: `start` enqueues every QUEUED job
-        self._loop.call_soon_threadsafe(self._enqueue, job_id, model)
+    def publish(self, job_id: str, model: str | None) -> Future[None]:
+        """Queue the job in memory: done at once, and confirmed as it is (nothing is lost between the route and
+        this queue but by a crash, after which `start` queues every QUEUED job). A job this process has in hand
+        is not queued twice."""
+        handed: Future[None] = Future()
+        try:
+            if self._loop is not None:  # else not started: `start` enqueues every QUEUED job
+                self._loop.call_soon_threadsafe(self._enqueue, job_id, model)
+        except RuntimeError as exc:  # the loop is closed: the server stopped
+            handed.set_exception(exc)
+        else:
+            handed.set_result(None)
+        return handed
 
     def _enqueue(self, job_id: str, model: str | None) -> None:
         """Queue a job unless this process already has it in hand (the sweeper re-publishes QUEUED jobs)."""
@@ -200,6 +216,7 @@ class LocalDispatcher:
             break
         for job_id in self._parked.pop(model, set()):
             self._queue.put_nowait((job_id, model))
+
 
 def make_dispatcher(
     settings: Settings, server: ServerSettings, store: Store, jobs: Jobs, generator: MaskGenerator | None

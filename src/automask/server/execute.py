@@ -14,6 +14,8 @@ import logging
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from automask.errors import AutomaskError, ModelNotAvailableError
 from automask.result import MaskResult, encode_png
 from automask.server.errors import status_of
@@ -99,7 +101,12 @@ def execute_job(
 
     A job started more than `max_attempts` times (each start that never finished: a crash, a killed worker)
     ends FAILED. A job whose model is not available here goes back to QUEUED, its attempt not counted, to run
-    once the model is back."""
+    once the model is back.
+
+    A database error (`SQLAlchemyError`, from claiming, completing, failing or releasing the job) is raised, never
+    turned into a FAILED job: the job stays as the database last had it (PROCESSING on `node` once claimed) for the
+    caller's retry path (a worker hands its task back and the redelivery takes the job over; the in-process pool
+    leaves it to the sweeper), and a result computed here is computed again rather than refunded."""
     claimed = jobs.claim(job_id, node, takeover=takeover, dead_nodes=dead_nodes)
     if claimed is None:
         return None
@@ -120,6 +127,8 @@ def execute_job(
         return None
     except RunnerClosed:  # stopping before it ran: it runs after the restart, or on another node
         return QUEUED if jobs.release(job_id, node) else None
+    except SQLAlchemyError:  # the database failed us, not the job: the caller retries it
+        raise
     except AutomaskError as exc:
         failed = jobs.fail(job_id, exc.message, node=node)
     except Exception:

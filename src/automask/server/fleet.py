@@ -13,9 +13,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import queue as threadqueue
+import threading
 import time
 import uuid
-from typing import Any
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any, TypeVar
 
 from automask.errors import ModelNotAvailableError, ServiceConfigError, UnknownModelError
 from automask.models import CATALOGUE, EMBEDDED
@@ -35,7 +39,72 @@ TIME_LIMIT_MARGIN = 30.0
 V1_TTL_MARGIN = 60.0
 """Seconds the v1 hand-off keys outlive the request timeout in Redis."""
 NODES_CACHE_SECONDS = 1.0
+DELIVERY_LIMIT = 20
+"""Deliveries of one message before RabbitMQ drops it (`x-delivery-limit`, RabbitMQ 4's default): a safety net
+for when the database cannot count starts. `max_job_attempts` ends a poison job first (counted in the database
+across messages); set above `DELIVERY_LIMIT - 2`, a message dropped at the limit leaves its job PROCESSING on a dead
+worker, which the sweeper hands out again in a new message. A constant, not derived from `max_job_attempts`: a queue
+keeps the arguments it was created with, whatever a later node declares, so a setting there would hold only for the
+node that happened to declare the queue first."""
 BROKER_DOWN = "The server's request queue is unreachable right now; try again in a few seconds."
+PUBLISH_THREADS = 4
+"""Threads an API node sends messages to RabbitMQ from (each send the broker holds up holds one)."""
+T = TypeVar("T")
+
+
+class BrokerBlocked(Exception):
+    """RabbitMQ blocks this node's publishes (a memory or disk alarm): a send now would wait until it clears."""
+
+
+class Publisher:
+    """`threads` daemon threads that run sends to RabbitMQ, so that a send the broker holds up (while a memory or
+    disk alarm lasts, RabbitMQ stops reading from publishing connections, and closing one waits too) holds one of
+    them: never a thread of asyncio's default executor (the node's database calls), never the process's exit.
+
+    `blocked` is RabbitMQ's reason while it blocks this node's connections (its `connection.blocked` notice, read
+    by whichever send is waiting on the connection), else None: sends fail at once with `BrokerBlocked` meanwhile."""
+
+    def __init__(self, threads: int = PUBLISH_THREADS) -> None:
+        self.blocked: str | None = None
+        self._work: threadqueue.SimpleQueue[tuple[Future[Any], Callable[[], Any]] | None] = threadqueue.SimpleQueue()
+        self._threads = [
+            threading.Thread(target=self._run, name=f"automask-publish-{i}", daemon=True) for i in range(threads)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, send: Callable[[], T]) -> Future[T]:
+        """Run `send` in a publish thread; its future can be cancelled until a thread takes it. While RabbitMQ
+        blocks publishers it fails with `BrokerBlocked` without running."""
+        future: Future[T] = Future()
+        self._work.put((future, send))
+        return future
+
+    def on_blocked(self, reason: str) -> None:
+        self.blocked = reason or "blocked"
+        log.warning("RabbitMQ blocks publishing (%s): queueing requests fails until it clears", reason)
+
+    def on_unblocked(self) -> None:
+        if self.blocked is not None:
+            log.warning("RabbitMQ takes messages again")
+        self.blocked = None
+
+    def close(self) -> None:
+        """Let the threads end once they are free (a send still held up stays so: its thread is a daemon)."""
+        for _ in self._threads:
+            self._work.put(None)
+
+    def _run(self) -> None:
+        while (item := self._work.get()) is not None:
+            future, send = item
+            if not future.set_running_or_notify_cancel():
+                continue  # its caller gave up before a thread was free
+            try:
+                if self.blocked is not None:
+                    raise BrokerBlocked(self.blocked)
+                future.set_result(send())
+            except BaseException as exc:  # noqa: BLE001 - the caller gets it through the future
+                future.set_exception(exc)
 
 
 def queue_name(kind: str, model: str) -> str:
@@ -76,13 +145,14 @@ def make_celery(broker_url: str, server: ServerSettings) -> Any:
     return app
 
 
-def queue(kind: str, model: str, server: ServerSettings) -> Any:
-    """The quorum queue of `kind` requests for `model`, declared identically by publishers and workers. Its
-    delivery limit is a safety net above `max_job_attempts`, which the database enforces first."""
+def queue(kind: str, model: str) -> Any:
+    """The quorum queue of `kind` requests for `model`, declared identically by every publisher and worker: its
+    arguments depend on no setting, since RabbitMQ keeps those a queue was created with and ignores another
+    node's (see `DELIVERY_LIMIT`)."""
     from kombu import Exchange, Queue
 
     name = queue_name(kind, model)
-    args = {"x-queue-type": "quorum", "x-delivery-limit": server.max_job_attempts + 2}
+    args = {"x-queue-type": "quorum", "x-delivery-limit": DELIVERY_LIMIT}
     # a topic exchange (routing keys are exact queue names): Celery's native delayed delivery accepts it
     return Queue(name, Exchange("automask", type="topic"), routing_key=name, queue_arguments=args, durable=True)
 
@@ -110,6 +180,13 @@ class CeleryDispatcher:
 
         self.settings, self.server, self.store = settings, server, store
         self.app = make_celery(str(settings.broker_url), server)
+        self.publisher = Publisher()
+        # py-amqp calls these on RabbitMQ's connection.blocked / connection.unblocked notices
+        self.app.conf.broker_transport_options = {
+            **self.app.conf.broker_transport_options,
+            "on_blocked": self.publisher.on_blocked,
+            "on_unblocked": self.publisher.on_unblocked,
+        }
         # BLPOP waits up to `timeout`: the socket must wait longer (redis-py's default gives up after 5 s)
         self.redis = aioredis.Redis.from_url(str(settings.redis_url), socket_timeout=server.timeout + 10)
         self._configured_default = default_name(settings) if settings.model else None
@@ -121,7 +198,9 @@ class CeleryDispatcher:
 
     async def stop(self) -> None:
         await self.redis.aclose()
-        self.app.close()
+        self.publisher.close()
+        if self.publisher.blocked is None:
+            self.app.close()  # closing a blocked connection would wait for RabbitMQ, as its sends do
 
     @property
     def node(self) -> str | None:
@@ -193,9 +272,14 @@ class CeleryDispatcher:
     def serving(self) -> list[str]:
         return self._served()  # a job of another model would wait in its queue, copies piling up at each sweep
 
-    def publish(self, job_id: str, model: str | None) -> None:
+    def publish(self, job_id: str, model: str | None) -> Future[None]:
+        """Send job `job_id` to its model's v2 queue from a publish thread; the future is done once RabbitMQ
+        confirmed the message (or failed: the broker is down or blocks publishers)."""
+        return self.publisher.submit(lambda: self._send_v2(job_id, model))
+
+    def _send_v2(self, job_id: str, model: str | None) -> None:
         name = model or self.default
-        self.app.send_task("automask.v2", args=[job_id], queue=queue("v2", name, self.server))
+        self.app.send_task("automask.v2", args=[job_id], queue=queue("v2", name))
 
     async def prepare(self, model: str) -> None:
         """Nothing: workers load their models before they take requests (`check` finds a live one)."""
@@ -211,17 +295,18 @@ class CeleryDispatcher:
             if upload is not None:
                 pipe.set(keys["image"], upload, ex=ttl)
             await pipe.execute()
+        send = lambda: self.app.send_task(  # noqa: E731
+            "automask.v1",
+            args=[rid, model, deadline, request_id],
+            queue=queue("v1", model),
+            expires=self.server.timeout,  # seconds: the message's TTL in the queue
+        )
         try:
-            try:
-                await asyncio.to_thread(
-                    self.app.send_task,
-                    "automask.v1",
-                    args=[rid, model, deadline, request_id],
-                    queue=queue("v1", model, self.server),
-                    expires=self.server.timeout,  # seconds: the message's TTL in the queue
-                )
-            except Exception as exc:  # noqa: BLE001 - kombu's connection/channel errors: the broker is down
-                log.error("could not queue v1 request %s: %s", request_id, exc)
+            try:  # within the request's time: RabbitMQ may hold a send up for as long as an alarm lasts
+                sent = asyncio.wrap_future(self.publisher.submit(send))
+                await asyncio.wait_for(sent, max(0.01, deadline - time.time()))
+            except Exception as exc:  # noqa: BLE001 - kombu's connection/channel errors, blocked, or too slow
+                log.error("could not queue v1 request %s: %s", request_id, repr(exc))
                 await self._cancel(keys, ttl)
                 raise ApiError(503, BROKER_DOWN, {"Retry-After": "5"}) from None
             got = await self.redis.blpop([keys["outcome"]], timeout=max(0.01, deadline - time.time()))

@@ -98,7 +98,8 @@ class Jobs:
         self.max_total = max_total
 
     def submit(self, key_id: str | None, request: MaskRequest, *, charge: bool, model: str | None = None) -> str:
-        """Store a new QUEUED job (taking one credit of `key_id` when `charge`); return its id.
+        """Store a new QUEUED job (taking one credit of `key_id` when `charge`), not yet handed out (`published`
+        records it once the dispatcher confirmed its hand-off); return its id.
 
         406: no credits; 429: the key has `max_per_key` unfinished jobs; 503: the queue holds `max_total`."""
         job_id = uuid.uuid4().hex
@@ -118,7 +119,6 @@ class Jobs:
                     base64=int(request.base64),
                     created_at=now,
                     model=model,
-                    published_at=now,
                 )
             )
         return job_id
@@ -184,13 +184,13 @@ class Jobs:
 
     def release(self, job_id: str, node: str) -> bool:
         """Put a job PROCESSING on `node` back in the queue without counting the attempt (its model is not
-        available, or the server stopped before it ran); False when it no longer runs there (taken over, or
-        finished)."""
+        available, or the server stopped before it ran), to be handed out again (its message is gone: it counts as
+        never handed out); False when it no longer runs there (taken over, or finished)."""
         with self.store.transaction() as conn:
             cur = conn.execute(
                 update(jobs_table)
                 .where(_running_on(job_id, node))
-                .values(status=QUEUED, node=None, attempts=J.attempts - 1, published_at=time.time())
+                .values(status=QUEUED, node=None, attempts=J.attempts - 1, published_at=None)
             )
         return cur.rowcount == 1
 
@@ -251,23 +251,31 @@ class Jobs:
     def unpublished(
         self, older_than: float, limit: int = 1000, *, models: list[str] | None = None
     ) -> list[tuple[str, str | None]]:
-        """QUEUED jobs last handed to the dispatcher before `older_than` (a publish may have been lost); their
-        `published_at` is set to now. `models`: only jobs of these models (or of none: the default's), the others
-        keep their `published_at`, so they are returned as soon as their model is among `models`."""
-        now = time.time()
-        due = (J.status == QUEUED) & (J.published_at.is_(None) | (J.published_at < older_than))
+        """(id, model) of QUEUED jobs, oldest first, stored before `older_than`, whose hand-off was never confirmed
+        (`published`): the publish at submit failed or timed out, or the job was put back in the queue (`release`,
+        `orphaned`). A job whose message RabbitMQ confirmed is never returned, however long it waits behind others.
+        `models`: only jobs of these models (or of none: the default's); the others are returned as soon as their
+        model is among `models`. Changes nothing: `published` records the hand-offs that succeed."""
+        due = (J.status == QUEUED) & J.published_at.is_(None) & (J.created_at < older_than)
         if models is not None:
             due = due & (J.model.is_(None) | J.model.in_(models))
-        with self.store.transaction() as conn:
+        with self.store.read() as conn:
             rows = conn.execute(select(J.id, J.model).where(due).order_by(J.created_at).limit(limit)).all()
-            if rows:
-                conn.execute(update(jobs_table).where(J.id.in_([r.id for r in rows])).values(published_at=now))
         return [(r.id, r.model) for r in rows]
+
+    def published(self, job_ids: list[str]) -> None:
+        """Record that the hand-off of each job in `job_ids` was confirmed (RabbitMQ acknowledged its message; the
+        in-process pool queued it): `unpublished` no longer returns it, until it is put back in the queue."""
+        if not job_ids:
+            return
+        with self.store.transaction() as conn:
+            conn.execute(update(jobs_table).where(J.id.in_(job_ids)).values(published_at=time.time()))
 
     def orphaned(self, live_nodes: list[str], started_before: float | None = None) -> list[tuple[str, str | None]]:
         """PROCESSING jobs whose node is not among `live_nodes` (it died mid-run), or that started before
         `started_before` (longer ago than any run may last: the run was lost, e.g. its worker could not reach the
-        database to finish it): put back to QUEUED (the attempt stays counted) and returned, to be handed out again.
+        database to finish it): put back to QUEUED (the attempt stays counted), as never handed out, and returned,
+        to be handed out again.
 
         One UPDATE ... RETURNING: a job a live node claims meanwhile (a redelivered message) no longer matches
         `lost` (PostgreSQL re-checks the WHERE on a row another transaction changed), so it is left running."""
@@ -278,7 +286,7 @@ class Jobs:
             rows = conn.execute(
                 update(jobs_table)
                 .where(J.status == PROCESSING, lost)
-                .values(status=QUEUED, node=None, published_at=time.time())
+                .values(status=QUEUED, node=None, published_at=None)
                 .returning(J.id, J.model)
             ).all()
         return [(r.id, r.model) for r in rows]

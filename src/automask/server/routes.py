@@ -22,6 +22,7 @@ from fastapi.security import APIKeyHeader
 from automask.errors import InvalidOptionError
 from automask.imageio.load import check_size
 from automask.server import keys
+from automask.server.dispatch import PUBLISH_TIMEOUT
 from automask.server.errors import ApiError, shown
 from automask.server.execute import Outcome
 from automask.server.holds import credit_hold, unless_client_leaves
@@ -205,8 +206,9 @@ async def v2_submit(request: Request, key: CallerKey) -> SubmitResponse:
         job_id = await asyncio.to_thread(
             state.jobs.submit, key.id if key else None, req, charge=key is not None, model=model
         )
-    try:
-        await asyncio.to_thread(state.dispatcher.publish, job_id, model)
+    try:  # bounded: RabbitMQ may hold a send up for as long as a memory or disk alarm lasts
+        await asyncio.wait_for(asyncio.wrap_future(state.dispatcher.publish(job_id, model)), PUBLISH_TIMEOUT)
+        await asyncio.to_thread(state.jobs.published, [job_id])  # confirmed: the sweeper never sends it again
     except Exception:  # stored: the sweeper hands it out again (republish_after)
         log.warning("could not queue v2 job %s now; the sweeper will", job_id, exc_info=True)
     base = _base_url(request, state)

@@ -2,14 +2,18 @@
 (a PostgreSQL advisory lock; SQLite has one server per database).
 
 Every `sweep_interval` seconds: PROCESSING jobs of dead nodes go back to the queue and are handed out again;
-QUEUED jobs whose hand-off may have been lost (`republish_after`) are handed out again, once something serves their
-model (`Dispatcher.serving`: in a fleet, a live worker); credit holds that no live request owns are given back;
+QUEUED jobs whose hand-off was never confirmed (`republish_after` after they were stored: their publish failed, or
+they were put back) are handed out again, once something serves their model (`Dispatcher.serving`: in a fleet, a
+live worker); a job whose message RabbitMQ confirmed is never sent twice, however long it waits behind others (a
+message lost after that is covered by dead nodes' jobs and the attempts cap); credit holds that no live request owns
+are given back;
 every `cleanup_interval`, finished jobs older than `result_ttl` are deleted.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import time
@@ -19,7 +23,7 @@ from sqlalchemy import text
 
 from automask.server import keys, nodes
 from automask.server.config import ServerSettings
-from automask.server.dispatch import Dispatcher
+from automask.server.dispatch import PUBLISH_TIMEOUT, Dispatcher
 from automask.server.jobs import Jobs
 from automask.server.store import Store
 
@@ -56,7 +60,12 @@ class Sweeper:
         self._task: asyncio.Task[None] | None = None
 
     def sweep(self) -> dict[str, int]:
-        """One sweep (in a thread); returns what it did, by kind. Does nothing when another node sweeps."""
+        """One sweep (in a thread); returns what it did, by kind. Does nothing when another node sweeps.
+
+        What to hand out again is gathered under the fleet's sweeper lock, and handed out after it is released:
+        RabbitMQ may hold sends up (an alarm), and the lock must not wait for it. The hand-offs together wait
+        `PUBLISH_TIMEOUT` seconds at most; those confirmed are recorded (`Jobs.published`), counted in
+        "republished"."""
         done = {"requeued": 0, "republished": 0, "holds": 0, "expired": 0}
         with sweeping_lock(self.store) as mine:
             if not mine:
@@ -65,21 +74,39 @@ class Sweeper:
             if self.dispatcher.node is not None:  # this process is alive, whatever its heartbeat's delay
                 live.append(self.dispatcher.node)
             longest = self.server.timeout + LONGEST_RUN_MARGIN  # no run lasts longer: Celery kills it before
-            for job_id, model in self.jobs.orphaned(live, started_before=time.time() - longest):
-                self.dispatcher.publish(job_id, model)
-                done["requeued"] += 1
+            requeued = self.jobs.orphaned(live, started_before=time.time() - longest)
             served = self.dispatcher.serving()  # jobs no live node can run would only pile up in their queue
-            for job_id, model in self.jobs.unpublished(time.time() - self.server.republish_after, models=served):
-                self.dispatcher.publish(job_id, model)
-                done["republished"] += 1
+            back = {job_id for job_id, _ in requeued}
+            due = [job for job in self.jobs.unpublished(time.time() - self.server.republish_after, models=served)
+                   if job[0] not in back]  # fmt: skip
             done["holds"] = keys.release_orphan_holds(self.store)
             if time.monotonic() - self._last_expiry >= self.server.cleanup_interval:
                 self._last_expiry = time.monotonic()
                 done["expired"] = self.jobs.expire(self.server.result_ttl)
                 nodes.forget_dead(self.store, max(60.0, 10 * self.server.node_ttl))
+        handed = self.hand_out(requeued + due)
+        self.jobs.published(sorted(handed))
+        done["requeued"] = len(requeued)
+        done["republished"] = sum(job_id in handed for job_id, _ in due)
         if any(done.values()):
             log.info("sweep: %s", ", ".join(f"{v} {k}" for k, v in done.items() if v))
         return done
+
+    def hand_out(self, due: list[tuple[str, str | None]]) -> set[str]:
+        """Publish the jobs `due` ((id, model) pairs) and wait `PUBLISH_TIMEOUT` seconds at most for them (the
+        sends not started by then are dropped); return the ids whose hand-off was confirmed."""
+        if not due:
+            return set()
+        sent = {self.dispatcher.publish(job_id, model): job_id for job_id, model in due}
+        finished, late = concurrent.futures.wait(sent, timeout=PUBLISH_TIMEOUT)
+        for future in late:
+            future.cancel()
+        handed = {sent[f] for f in finished if not f.cancelled() and f.exception() is None}
+        if len(handed) < len(due):
+            failed = next((f.exception() for f in finished if not f.cancelled() and f.exception()), "timed out")
+            log.warning("sweep: %d of %d jobs not handed out (%r); a later sweep tries again",
+                        len(due) - len(handed), len(due), failed)  # fmt: skip
+        return handed
 
     async def _loop(self) -> None:
         while True:

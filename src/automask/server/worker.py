@@ -140,7 +140,7 @@ def run_worker(
     app = make_celery(str(settings.broker_url), server)
     app.task(name="automask.v2", bind=True)(v2_task)
     app.task(name="automask.v1", bind=True)(v1_task)
-    queues = [queue("v1", name, server), queue("v2", name, server)]
+    queues = [queue("v1", name), queue("v2", name)]
     app.conf.task_queues = queues
     app.conf.worker_proc_alive_timeout = 600.0  # a pool process loads its model before it reports alive
 
