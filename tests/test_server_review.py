@@ -207,12 +207,21 @@ def test_bodies_in_memory_have_a_budget_and_one_key_a_share(tmp_path: Path, imag
             return sock
 
         def answer(sock: socket.socket) -> str:
-            return sock.recv(65536).decode(errors="replace")
+            """One whole HTTP answer (head and Content-Length body), however the segments arrive."""
+            data = b""
+            while b"\r\n\r\n" not in data and (chunk := sock.recv(65536)):
+                data += chunk
+            head = data.split(b"\r\n\r\n", 1)[0].decode("latin-1").lower()
+            length = int(head.split("content-length: ", 1)[1].split("\r\n", 1)[0]) if "content-length: " in head else 0
+            while len(data) < len(head) + 4 + length and (chunk := sock.recv(65536)):
+                data += chunk
+            return data.decode(errors="replace")
 
+        bodies = live.app.state.automask.bodies
         first = start_upload(tokens[0])
-        time.sleep(0.5)
+        wait_for(lambda: bodies.used == size, 10)
         second = start_upload(tokens[1])  # 300 kB held: the whole budget
-        time.sleep(0.5)
+        wait_for(lambda: bodies.used == 2 * size, 10)
         for token in (tokens[2], tokens[0]):  # past the budget; and past the first key's share (200 kB)
             with start_upload(token) as third:
                 refused = answer(third)
@@ -223,4 +232,4 @@ def test_bodies_in_memory_have_a_budget_and_one_key_a_share(tmp_path: Path, imag
                 sock.sendall(body[-1:] + b" " * (size - len(body)))
                 assert answer(sock).startswith("HTTP/1.1 200")
         r = httpx.post(f"{live.url}{URL}", json={"image": image_b64, "prompt": "x"}, headers={"x-api-key": tokens[2]})
-        assert r.status_code == 200 and live.app.state.automask.bodies.used == 0
+        assert r.status_code == 200 and bodies.used == 0

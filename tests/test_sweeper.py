@@ -137,6 +137,28 @@ def test_a_job_waiting_behind_others_is_never_sent_twice(store: Store) -> None:
     assert dispatcher.published == [lost, waiting, lost]
 
 
+def test_a_job_confirmed_long_ago_and_still_queued_is_sent_once_more(store: Store) -> None:
+    """A confirmed message can still be lost (RabbitMQ drops it at its delivery limit when a worker put it back
+    after database errors 20 times): a job QUEUED `resend_after` past its confirmation goes out once more, then
+    waits another `resend_after`."""
+    jobs = Jobs(store)
+    dispatcher = Recording()
+    settings = ServerSettings(republish_after=60.0, resend_after=900.0)
+    sweeper = Sweeper(store, jobs, dispatcher, settings)  # type: ignore[arg-type]
+    request = MaskRequest.model_validate({"image": "aGVsbG8=", "prompt": "x"})
+    job = jobs.submit(None, request, charge=False, model="m")
+    jobs.published([job])
+    age_jobs(store, 3600)
+    sweeper.sweep()
+    assert dispatcher.published == []  # confirmed just now: it waits behind others
+    with store.transaction() as conn:
+        conn.execute(update(jobs_table).values(published_at=time.time() - 901))
+    assert sweeper.sweep()["republished"] == 1 and dispatcher.published == [job]
+    for _ in range(2):
+        sweeper.sweep()
+    assert dispatcher.published == [job]  # its confirmation is fresh again
+
+
 def test_the_sweeper_publishes_after_releasing_its_lock(postgres_db: str) -> None:
     """Before: it published while holding the fleet's sweeper lock, so a publish RabbitMQ held up held the lock."""
     store = Store(postgres_db)

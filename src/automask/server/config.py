@@ -54,6 +54,12 @@ class ServerSettings(BaseSettings):
         description="A v2 job QUEUED this long after it was stored whose hand-off to the queue was never confirmed "
         "(the queue was unreachable) is handed out again; one put back in the queue is at the next sweep.",
     )
+    resend_after: float = Field(
+        900.0,
+        gt=0,
+        description="A v2 job still QUEUED this long after its hand-off was confirmed is handed out once more (its "
+        "message may have been dropped, e.g. by RabbitMQ's delivery limit); a duplicate is never run twice.",
+    )
     hold_grace: float = Field(
         30.0, ge=0, description="Seconds past `timeout` after which an unsettled v1 credit hold is given back."
     )

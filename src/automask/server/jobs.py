@@ -249,14 +249,23 @@ class Jobs:
             return [(r.id, r.model) for r in conn.execute(query)]
 
     def unpublished(
-        self, older_than: float, limit: int = 1000, *, models: list[str] | None = None
+        self,
+        older_than: float,
+        limit: int = 1000,
+        *,
+        models: list[str] | None = None,
+        confirmed_before: float | None = None,
     ) -> list[tuple[str, str | None]]:
         """(id, model) of QUEUED jobs, oldest first, stored before `older_than`, whose hand-off was never confirmed
         (`published`): the publish at submit failed or timed out, or the job was put back in the queue (`release`,
-        `orphaned`). A job whose message RabbitMQ confirmed is never returned, however long it waits behind others.
-        `models`: only jobs of these models (or of none: the default's); the others are returned as soon as their
-        model is among `models`. Changes nothing: `published` records the hand-offs that succeed."""
+        `orphaned`). A job whose message RabbitMQ confirmed is returned only once that confirmation is older than
+        `confirmed_before` (None: never): its message may have been dropped since (RabbitMQ's delivery limit after
+        repeated database errors), and one late duplicate is harmless. `models`: only jobs of these models (or of
+        none: the default's); the others are returned as soon as their model is among `models`. Changes nothing:
+        `published` records the hand-offs that succeed."""
         due = (J.status == QUEUED) & J.published_at.is_(None) & (J.created_at < older_than)
+        if confirmed_before is not None:
+            due = due | ((J.status == QUEUED) & (J.published_at < confirmed_before))
         if models is not None:
             due = due & (J.model.is_(None) | J.model.in_(models))
         with self.store.read() as conn:

@@ -77,8 +77,11 @@ class Sweeper:
             requeued = self.jobs.orphaned(live, started_before=time.time() - longest)
             served = self.dispatcher.serving()  # jobs no live node can run would only pile up in their queue
             back = {job_id for job_id, _ in requeued}
-            due = [job for job in self.jobs.unpublished(time.time() - self.server.republish_after, models=served)
-                   if job[0] not in back]  # fmt: skip
+            now = time.time()
+            pending = self.jobs.unpublished(
+                now - self.server.republish_after, models=served, confirmed_before=now - self.server.resend_after
+            )
+            due = [job for job in pending if job[0] not in back]
             done["holds"] = keys.release_orphan_holds(self.store)
             if time.monotonic() - self._last_expiry >= self.server.cleanup_interval:
                 self._last_expiry = time.monotonic()
