@@ -1,8 +1,10 @@
 """`automask worker`: a Celery worker that loads one model and takes that model's queues.
 
-The worker process announces itself (its model, a heartbeat) in the shared database; each pool process loads the
-model once when it starts. A v2 task runs `execute_job` by id (a redelivered message may take over a job whose
-worker died); a v1 task reads its request from Redis, computes the `Outcome` and pushes it back for the API node.
+Each pool process loads the model once when it starts, then announces itself in the shared database as a node of
+its own (its model, a heartbeat from a thread of that process): a pool process that dies stops beating on its own,
+and the node guard on a job (complete, fail, release) tells two runs in one worker apart. A v2 task runs
+`execute_job` by id (a redelivered message may take over a job whose worker died); a v1 task reads its request from
+Redis, computes the `Outcome` and pushes it back for the API node.
 """
 
 from __future__ import annotations
@@ -33,8 +35,11 @@ RETRY_PAUSE = 2.0
 
 @dataclass
 class _Process:
-    """What one pool process holds: its own database engine, Redis client and loaded model."""
+    """What one pool process holds: its node id and heartbeat, its own database engine, Redis client and loaded
+    model."""
 
+    node: str
+    heartbeat: nodes.Heartbeat
     jobs: Jobs
     runner: Runner
     redis: Any
@@ -48,7 +53,6 @@ class _Worker:
     server: ServerSettings
     model: str
     default: str | None
-    node: str
     generator_factory: Callable[[], MaskGenerator] | None
     process: _Process | None = None
 
@@ -67,10 +71,18 @@ def _process() -> _Process:
         runner = Runner(w.settings, w.server, generator)
         runner.generator(w.model)  # load once, before the first task
         store = Store(str(w.settings.database_url))
-        w.process = _Process(Jobs(store), runner, redis.Redis.from_url(str(w.settings.redis_url)))
-        nodes.register(store, w.node, "worker", [w.model], w.default)  # API nodes count the model as served
-        log.info("pool process ready with model %s", w.model)
+        node = nodes.new_node_id("worker")  # this process's pid: its jobs are its own
+        heartbeat = nodes.Heartbeat(store, node, "worker", [w.model], w.default, w.server.heartbeat_interval)
+        heartbeat.start()  # registers the node: API nodes count the model as served
+        w.process = _Process(node, heartbeat, Jobs(store), runner, redis.Redis.from_url(str(w.settings.redis_url)))
+        log.info("pool process %s ready with model %s", node, w.model)
     return _WORKER.process  # type: ignore[return-value]
+
+
+def _process_exits() -> None:
+    """A pool process stops (recycled, or the worker stops): its node goes at once, not `node_ttl` later."""
+    if _WORKER is not None and _WORKER.process is not None:
+        _WORKER.process.heartbeat.stop()
 
 
 def v2_task(task: Any, job_id: str) -> str | None:
@@ -80,7 +92,7 @@ def v2_task(task: Any, job_id: str) -> str | None:
     takeover = bool((task.request.delivery_info or {}).get("redelivered"))
     try:
         return execute_job(
-            proc.jobs, proc.runner, job_id, _WORKER.node, max_attempts=_WORKER.server.max_job_attempts,
+            proc.jobs, proc.runner, job_id, proc.node, max_attempts=_WORKER.server.max_job_attempts,
             takeover=takeover,
         )  # fmt: skip
     except SQLAlchemyError as exc:  # the database is unreachable: hand the message back, after a pause
@@ -128,14 +140,13 @@ def run_worker(
     """Run a worker until it is stopped (SIGTERM: warm shutdown, running tasks finish)."""
     global _WORKER
     require_fleet_settings(settings)
-    store = Store.from_settings(settings, create=False)  # an older schema: refuse, say `automask db migrate`
+    Store.from_settings(settings, create=False).close()  # an older schema: refuse, say `automask db migrate`
     if model:
         settings = settings.model_copy(update={"model": model})
     if generator_factory is None:
         plan_models(settings.model, settings)  # the model is installed here (else: the command that installs it)
     name = default_name(settings, generator_factory() if generator_factory else None)
-    node = nodes.new_node_id("worker")
-    _WORKER = _Worker(settings, server, name, None if model else name, node, generator_factory)
+    _WORKER = _Worker(settings, server, name, None if model else name, generator_factory)
 
     app = make_celery(str(settings.broker_url), server)
     app.task(name="automask.v2", bind=True)(v2_task)
@@ -144,29 +155,22 @@ def run_worker(
     app.conf.task_queues = queues
     app.conf.worker_proc_alive_timeout = 600.0  # a pool process loads its model before it reports alive
 
-    from celery.signals import worker_process_init
+    from celery.signals import worker_process_init, worker_process_shutdown
 
     worker_process_init.connect(lambda **_: _process(), weak=False)
-    heartbeat = nodes.Heartbeat(
-        store, node, "worker", [name], _WORKER.default, server.heartbeat_interval, announce=False
+    worker_process_shutdown.connect(lambda **_: _process_exits(), weak=False)
+    worker = app.Worker(
+        queues=[q.name for q in queues],
+        concurrency=concurrency,
+        pool="prefork",
+        loglevel=loglevel.upper(),
+        hostname=f"{nodes.new_node_id('worker')}@automask",
+        without_mingle=True,
+        without_gossip=True,
+        without_heartbeat=True,
+        optimization="fair",
     )
-    heartbeat.start()  # beats once a pool process has loaded the model and announced the node (`_process`)
-    try:
-        worker = app.Worker(
-            queues=[q.name for q in queues],
-            concurrency=concurrency,
-            pool="prefork",
-            loglevel=loglevel.upper(),
-            hostname=f"{node}@automask",
-            without_mingle=True,
-            without_gossip=True,
-            without_heartbeat=True,
-            optimization="fair",
-        )
-        worker.start()
-    finally:
-        heartbeat.stop()
-        store.close()
+    worker.start()
     code = getattr(worker, "exitcode", 0)
     if code:
         raise SystemExit(code)
