@@ -13,12 +13,13 @@ import pytest
 from sqlalchemy import Connection, event, text, update
 
 from automask.server import keys as keystore
+from automask.server import nodes
 from automask.server.errors import ApiError
 from automask.server.execute import execute_job
 from automask.server.jobs import COMPLETED, FAILED, PROCESSING, QUEUED, Jobs
 from automask.server.migrations import ensure_schema
 from automask.server.schemas import MaskRequest
-from automask.server.store import Store, jobs_table
+from automask.server.store import Store, jobs_table, nodes_table
 
 J = jobs_table.c
 
@@ -212,3 +213,48 @@ def test_execute_job_leaves_a_job_taken_over_mid_run_to_the_new_run(store: Store
     assert jobs.complete(job_id, "node-b", b"png", {}, 0.1) is True
     job = jobs.get(job_id)
     assert job is not None and job.status == COMPLETED and credits(store, key.id) == 0
+
+
+class Unused:
+    """A runner a run that never starts does not touch."""
+
+    def name_of(self, model: str | None) -> str:
+        raise AssertionError("the job ran")
+
+
+def test_a_redelivered_message_takes_a_job_over_only_from_a_dead_node(store: Store) -> None:
+    """Before: any redelivered message took its job over, even from a healthy run on a live node (a duplicate
+    message, one handed back after a database error): a second run, an attempt used, the first run's result
+    thrown away, and past `max_attempts` a healthy job ended FAILED."""
+    key, _ = keystore.create_key(store, credits=1)
+    jobs = Jobs(store)
+    job_id = jobs.submit(key.id, request_of(), charge=True, model="m")
+    nodes.register(store, "node-a", "worker", ["m"], "m")
+    assert jobs.claim(job_id, "node-a") is not None  # node-a runs it, alive
+    runner: Any = Unused()
+    assert execute_job(jobs, runner, job_id, "node-d", max_attempts=1, takeover_ttl=10.0) is None
+    assert jobs.claim(job_id, "node-d", takeover_ttl=10.0) is None
+    with store.transaction() as conn:
+        conn.execute(update(nodes_table).where(nodes_table.c.id == "node-a").values(heartbeat_at=time.time() - 11))
+    taken = jobs.claim(job_id, "node-b", takeover_ttl=10.0)  # node-a fell silent: dead, its job is taken over
+    assert taken is not None and taken.attempts == 2
+    assert jobs.complete(job_id, "node-a", b"png-a", {}, 0.1) is False
+    nodes.unregister(store, "node-b")  # gone from the table (never registered here): dead too
+    assert jobs.claim(job_id, "node-c", takeover_ttl=10.0) is not None
+    assert jobs.complete(job_id, "node-c", b"png-c", {}, 0.1) is True
+    assert jobs.result(job_id) == b"png-c" and credits(store, key.id) == 0
+
+
+def test_a_redelivered_message_leaves_a_healthy_run_to_finish(store: Store) -> None:
+    """The reviewer's case: attempt 2 of 2 runs on live node-b when a duplicate is redelivered to node-d."""
+    key, _ = keystore.create_key(store, credits=1)
+    jobs = Jobs(store)
+    job_id = jobs.submit(key.id, request_of(), charge=True, model="m")
+    assert jobs.claim(job_id, "node-a") is not None  # node-a is SIGKILLed (never in the live set here)
+    nodes.register(store, "node-b", "worker", ["m"], "m")
+    assert jobs.claim(job_id, "node-b", takeover_ttl=10.0) is not None  # its message redelivered to node-b
+    runner: Any = Unused()
+    assert execute_job(jobs, runner, job_id, "node-d", max_attempts=2, takeover_ttl=10.0) is None
+    assert jobs.complete(job_id, "node-b", b"png-b", {}, 0.1) is True
+    job = jobs.get(job_id)
+    assert job is not None and (job.status, job.error) == (COMPLETED, None) and credits(store, key.id) == 0

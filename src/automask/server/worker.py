@@ -3,8 +3,8 @@
 Each pool process loads the model once when it starts, then announces itself in the shared database as a node of
 its own (its model, a heartbeat from a thread of that process): a pool process that dies stops beating on its own,
 and the node guard on a job (complete, fail, release) tells two runs in one worker apart. A v2 task runs
-`execute_job` by id (a redelivered message may take over a job whose worker died); a v1 task reads its request from
-Redis, computes the `Outcome` and pushes it back for the API node.
+`execute_job` by id (a redelivered message may take over a job whose pool process died); a v1 task reads its request
+from Redis, computes the `Outcome` and pushes it back for the API node.
 """
 
 from __future__ import annotations
@@ -86,14 +86,18 @@ def _process_exits() -> None:
 
 
 def v2_task(task: Any, job_id: str) -> str | None:
-    """Run v2 job `job_id`. A redelivered message (its worker died) may take the job over from PROCESSING."""
+    """Run v2 job `job_id`. A redelivered message may take the job over from PROCESSING, only from a dead node.
+
+    A redelivered message whose job still runs on a live node is acknowledged and dropped: a duplicate, or the
+    message of a process killed so recently that its heartbeat has not expired yet; the sweeper puts such a job
+    back in the queue once its node is dead (`Jobs.orphaned`)."""
     assert _WORKER is not None
     proc = _process()
-    takeover = bool((task.request.delivery_info or {}).get("redelivered"))
+    redelivered = bool((task.request.delivery_info or {}).get("redelivered"))
     try:
-        return execute_job(
+        status = execute_job(
             proc.jobs, proc.runner, job_id, proc.node, max_attempts=_WORKER.server.max_job_attempts,
-            takeover=takeover,
+            takeover_ttl=_WORKER.server.node_ttl if redelivered else None,
         )  # fmt: skip
     except SQLAlchemyError as exc:  # the database is unreachable: hand the message back, after a pause
         from celery.exceptions import Reject
@@ -101,6 +105,9 @@ def v2_task(task: Any, job_id: str) -> str | None:
         log.warning("v2 job %s: database error (%s); returning it to the queue", job_id, exc)
         time.sleep(RETRY_PAUSE)
         raise Reject(str(exc), requeue=True) from None
+    if status is None and redelivered:
+        log.info("v2 job %s: redelivered, left to the node running it (or finished)", job_id)
+    return status
 
 
 def v1_task(task: Any, rid: str, model: str, deadline: float, request_id: str) -> None:
