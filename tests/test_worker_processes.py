@@ -1,24 +1,33 @@
 """One `automask worker` (tests/fleet_worker.py) on real PostgreSQL, RabbitMQ and Redis, watched from its pool
-processes' side: each is a node of its own."""
+processes' side: each is a node of its own, and one whose model hung is replaced by a fresh one."""
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import contextlib
 import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from automask.server import nodes
+from automask.server.config import ServerSettings
+from automask.server.fleet import CeleryDispatcher
+from automask.server.jobs import Jobs
 from automask.server.migrations import migrate
+from automask.server.runner import inference_timeout
+from automask.server.schemas import MaskRequest
 from automask.server.store import Store
 from automask.settings import Settings
-from server_helpers import wait_for
+from server_helpers import png_bytes, wait_for
 
 pytest.importorskip("celery")
 pytestmark = pytest.mark.slow
@@ -109,3 +118,43 @@ def test_each_pool_process_is_a_node_of_its_own_that_dies_with_it(services: Serv
         assert len(set(after) - set(first)) == 1 and set(after.values()) == pool_pids(proc)
     with services.store.read() as conn:  # a warm shutdown removes its nodes at once (the killed one's is stale)
         assert [r.id for r in conn.execute(nodes.nodes_table.select())] == [killed], services.log.read_text()
+
+
+def test_a_pool_process_whose_model_hung_is_replaced_after_its_answer(services: Services) -> None:
+    """Before: an inference past `timeout` was answered 504 but its thread ran on in the pool process's one
+    inference thread, so every later request to that process waited behind it and was answered 504 too."""
+    with worker(services, concurrency=1) as proc:
+        wait_for(lambda: "@automask ready." in services.log.read_text(), 60)
+        (hung_pid,) = pool_pids(proc)
+        asyncio.run(hang_then_ask(services))
+        assert hung_pid not in pool_pids(proc)
+    log = services.log.read_text()
+    assert "WorkerLostError" not in log and log.count("ran past its time limit") == 2, log  # acknowledged, not lost
+    with services.store.read() as conn:  # each process that left removed its node
+        assert conn.execute(nodes.nodes_table.select()).all() == [], log
+
+
+async def hang_then_ask(services: Services) -> None:
+    """A v1 request that hangs the model, then one that must be answered; the same with v2 jobs."""
+    dispatcher = CeleryDispatcher(services.settings, ServerSettings(timeout=20), services.store)
+    jobs = Jobs(services.store)
+    try:
+        hung = await dispatcher.run_v1(request_of("hang"), MODEL, "req-hang")
+        assert (hung.status, hung.error) == (504, inference_timeout(2).message)  # answered before its process went
+        started = time.monotonic()
+        answered = await dispatcher.run_v1(request_of("sofa"), MODEL, "req-sofa")
+        assert answered.status == 200 and time.monotonic() - started < 15, services.log.read_text()
+        v2_hung = jobs.submit(None, request_of("hang"), charge=False)
+        dispatcher.publish(v2_hung, MODEL)
+        v2_next = jobs.submit(None, request_of("sofa"), charge=False)
+        dispatcher.publish(v2_next, MODEL)
+        await asyncio.to_thread(wait_for, lambda: jobs.get(v2_next).status == "COMPLETED", 30)  # type: ignore[union-attr]
+        job = jobs.get(v2_hung)
+        assert job is not None and (job.status, job.error) == ("FAILED", inference_timeout(2).message)
+    finally:
+        await dispatcher.stop()
+
+
+def request_of(prompt: str) -> MaskRequest:
+    image = base64.b64encode(png_bytes(np.zeros((8, 8, 3), np.uint8))).decode()
+    return MaskRequest.model_validate({"image": image, "prompt": prompt})

@@ -31,6 +31,8 @@ from automask.settings import Settings
 log = logging.getLogger("automask.worker")
 RETRY_PAUSE = 2.0
 """Seconds a worker waits before handing back a task it could not run because the database failed."""
+RETIRING = 75
+"""The exit code of a pool process that leaves after its answer because its model hung (`_leave_if_hung`)."""
 
 
 @dataclass
@@ -107,6 +109,7 @@ def v2_task(task: Any, job_id: str) -> str | None:
         raise Reject(str(exc), requeue=True) from None
     if status is None and redelivered:
         log.info("v2 job %s: redelivered, left to the node running it (or finished)", job_id)
+    _leave_if_hung(proc)
     return status
 
 
@@ -133,6 +136,34 @@ def v1_task(task: Any, rid: str, model: str, deadline: float, request_id: str) -
     pipe.expire(keys["outcome"], ttl)
     pipe.delete(keys["request"], keys["image"], keys["starts"])
     pipe.execute()
+    _leave_if_hung(proc)
+
+
+def _leave_if_hung(proc: _Process) -> None:
+    """After a task's answer is stored: when an inference ran past its time limit and still holds this process's
+    inference thread (a hung model), every later task here would time out too. Leave: `_Request` acknowledges
+    the message, and Celery's pool starts a fresh process in this one's place."""
+    if proc.runner.overdue:
+        log.error("pool process %s: an inference ran past its time limit and still runs; replacing it", proc.node)
+        raise SystemExit(RETIRING)
+
+
+def _request_class() -> type:
+    """Celery's request, but a pool process that leaves on purpose (`_leave_if_hung`) after its answer has its
+    message acknowledged (not handed back as a worker lost: there is nothing left to run)."""
+    from celery.worker.request import Request
+    from celery.worker.state import task_ready
+
+    class _Request(Request):
+        def on_failure(self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False) -> None:
+            exc = getattr(exc_info.exception, "exc", exc_info.exception)
+            if isinstance(exc, SystemExit) and exc.code == RETIRING:
+                task_ready(self)
+                self.acknowledge()
+                return
+            super().on_failure(exc_info, send_failed_event, return_ok)
+
+    return _Request
 
 
 def run_worker(
@@ -156,8 +187,9 @@ def run_worker(
     _WORKER = _Worker(settings, server, name, None if model else name, generator_factory)
 
     app = make_celery(str(settings.broker_url), server)
-    app.task(name="automask.v2", bind=True)(v2_task)
-    app.task(name="automask.v1", bind=True)(v1_task)
+    request = _request_class()
+    app.task(name="automask.v2", bind=True, Request=request)(v2_task)
+    app.task(name="automask.v1", bind=True, Request=request)(v1_task)
     queues = [queue("v1", name, server), queue("v2", name, server)]
     app.conf.task_queues = queues
     app.conf.worker_proc_alive_timeout = 600.0  # a pool process loads its model before it reports alive
