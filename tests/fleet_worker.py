@@ -1,8 +1,9 @@
 """`automask worker` with a scripted backend, for tests/test_fleet.py: `python tests/fleet_worker.py`.
 
-The real worker (`automask.server.worker.run_worker`, settings from the environment) with `FakeBackend` scores,
-plus two prompts that exercise failures: "slow" takes `FLEET_SLOW_SECONDS` (a worker can be killed mid-run), and
-"poison" kills the pool process running it (SIGKILL), every time.
+The real worker (`automask.server.worker.run_worker`, settings from the environment, `FLEET_CONCURRENCY` pool
+processes) with `FakeBackend` scores, plus prompts that exercise failures: "slow" takes `FLEET_SLOW_SECONDS` (a
+worker can be killed mid-run), "hang" never returns (a hung model), and "poison" kills the pool process running it
+(SIGKILL), every time.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -25,11 +27,13 @@ from server_helpers import FakeBackend
 
 
 class FleetBackend(FakeBackend):
-    """`FakeBackend`, with "slow" and "poison" prompts."""
+    """`FakeBackend`, with "slow", "hang" and "poison" prompts."""
 
     def score(self, features: Any, prompts: list[str], *, min_score: float = 0.0) -> Scores:
         if "poison" in prompts:
             os.kill(os.getpid(), signal.SIGKILL)
+        if "hang" in prompts:
+            threading.Event().wait()
         if "slow" in prompts:
             time.sleep(float(os.environ.get("FLEET_SLOW_SECONDS", "2")))
         return super().score(features, prompts, min_score=min_score)
@@ -40,7 +44,7 @@ def main() -> None:
     run_worker(
         settings,
         ServerSettings(),
-        concurrency=1,
+        concurrency=int(os.environ.get("FLEET_CONCURRENCY", "1")),
         loglevel="info",
         generator_factory=lambda: MaskGenerator(FleetBackend(), settings),
     )

@@ -145,6 +145,13 @@ def processing(store: Store, ids: list[str]) -> list[tuple[str, str]]:
     return [(r.id, r.node) for r in rows]
 
 
+def runs_on(fleet: Fleet, worker: str, node: str) -> bool:
+    """Whether `node` is one of `worker`'s pool processes (a node each: `worker-<host>-<pid>-<random>`)."""
+    pid = fleet.procs[worker].pid
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return node.rsplit("-", 2)[1] in children
+
+
 def attempts(store: Store, job_id: str) -> int:
     with store.read() as conn:
         return int(conn.execute(select(J.attempts).where(J.id == job_id)).scalar_one())
@@ -242,9 +249,8 @@ def test_killed_workers_and_api_node_lose_nothing_and_charge_once(fleet: Fleet) 
         node = ("api-a", "api-b")[i % 2]
         jobs.append(fleet.sdk(node, token).submit_async(SLUG, image=image_b64(), prompt="slow", grow_mask=i))
     ids = [job.request_id for job in jobs]
-    on_worker_1 = f"-{fleet.procs['worker-1'].pid}-"
-    running = wait_for(lambda: [i for i, node in processing(fleet.store, ids) if on_worker_1 in node], 30)
-    fleet.kill("worker-1")  # mid-run: its job goes back to the queue at once (RabbitMQ) and runs on worker-2
+    running = wait_for(lambda: [i for i, node in processing(fleet.store, ids) if runs_on(fleet, "worker-1", node)], 30)
+    fleet.kill("worker-1")  # mid-run: its job runs on worker-2 once its heartbeat expired
     fleet.kill("api-a")  # the jobs it accepted still finish; api-b answers for them
     fleet.start_worker("worker-1")
     for job in jobs:

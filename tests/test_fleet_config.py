@@ -67,8 +67,8 @@ def test_a_worker_that_cannot_reach_the_database_hands_the_task_back(monkeypatch
     def database_down(*args: object, **kwargs: object) -> None:
         raise OperationalError("UPDATE jobs", {}, Exception("connection refused"))
 
-    monkeypatch.setattr(worker, "_WORKER", SimpleNamespace(node="n1", server=ServerSettings()))
-    monkeypatch.setattr(worker, "_process", lambda: SimpleNamespace(jobs=None, runner=None))
+    monkeypatch.setattr(worker, "_WORKER", SimpleNamespace(server=ServerSettings()))
+    monkeypatch.setattr(worker, "_process", lambda: SimpleNamespace(jobs=None, runner=None, node="n1"))
     monkeypatch.setattr(worker, "execute_job", database_down)
     monkeypatch.setattr(worker, "RETRY_PAUSE", 0.0)
     task = SimpleNamespace(request=SimpleNamespace(delivery_info={"redelivered": False}))

@@ -17,6 +17,7 @@ from sqlalchemy.exc import OperationalError
 
 from automask.pipeline import MaskGenerator
 from automask.server import keys as keystore
+from automask.server import nodes
 from automask.server.config import ServerSettings
 from automask.server.errors import ApiError
 from automask.server.execute import execute_job
@@ -24,7 +25,7 @@ from automask.server.jobs import COMPLETED, FAILED, PROCESSING, QUEUED, Jobs
 from automask.server.migrations import ensure_schema
 from automask.server.runner import Runner
 from automask.server.schemas import MaskRequest
-from automask.server.store import Store, jobs_table
+from automask.server.store import Store, jobs_table, nodes_table
 from automask.settings import Settings
 from server_helpers import FakeBackend, png_bytes
 
@@ -71,7 +72,7 @@ def wait_for_lock_waiters(store: Store, count: int, timeout: float = 10.0) -> No
 
 
 def claim_uncommitted(conn: Connection, job_id: str, node: str) -> None:
-    """What `Jobs.claim(job_id, node, takeover=True)` writes, left uncommitted in `conn`'s transaction."""
+    """What `Jobs.claim(job_id, node, takeover_ttl=...)` writes, left uncommitted in `conn`'s transaction."""
     conn.execute(
         update(jobs_table)
         .where(J.id == job_id)
@@ -250,11 +251,57 @@ def test_a_database_error_while_completing_is_retried_not_failed(store: Store, t
         charge=True,
         model="fake-gradient",
     )
+    nodes.register(store, "node-a", "worker", ["fake-gradient"], "fake-gradient")  # alive all along
     with pytest.raises(OperationalError):
         execute_job(jobs, runner, job_id, "node-a", max_attempts=3)
     job = jobs.get(job_id)
     assert job is not None and (job.status, job.error) == (PROCESSING, None) and credits(store, key.id) == 1
-    assert execute_job(jobs, runner, job_id, "node-a", max_attempts=3, takeover=True) == COMPLETED
+    assert execute_job(jobs, runner, job_id, "node-a", max_attempts=3, takeover_ttl=10.0) == COMPLETED
     job = jobs.get(job_id)
     assert job is not None and job.status == COMPLETED and jobs.result(job_id) is not None
     assert credits(store, key.id) == 1  # charged once, never refunded
+
+
+class Unused:
+    """A runner a run that never starts does not touch."""
+
+    def name_of(self, model: str | None) -> str:
+        raise AssertionError("the job ran")
+
+
+def test_a_redelivered_message_takes_a_job_over_only_from_a_dead_node(store: Store) -> None:
+    """Before: any redelivered message took its job over, even from a healthy run on a live node (a duplicate
+    message, one handed back after a database error): a second run, an attempt used, the first run's result
+    thrown away, and past `max_attempts` a healthy job ended FAILED."""
+    key, _ = keystore.create_key(store, credits=1)
+    jobs = Jobs(store)
+    job_id = jobs.submit(key.id, request_of(), charge=True, model="m")
+    nodes.register(store, "node-a", "worker", ["m"], "m")
+    assert jobs.claim(job_id, "node-a") is not None  # node-a runs it, alive
+    runner: Any = Unused()
+    assert execute_job(jobs, runner, job_id, "node-d", max_attempts=1, takeover_ttl=10.0) is None
+    assert jobs.claim(job_id, "node-d", takeover_ttl=10.0) is None
+    with store.transaction() as conn:
+        conn.execute(update(nodes_table).where(nodes_table.c.id == "node-a").values(heartbeat_at=time.time() - 11))
+    taken = jobs.claim(job_id, "node-b", takeover_ttl=10.0)  # node-a fell silent: dead, its job is taken over
+    assert taken is not None and taken.attempts == 2
+    assert jobs.complete(job_id, "node-a", b"png-a", {}, 0.1) is False
+    nodes.unregister(store, "node-b")  # gone from the table (never registered here): dead too
+    assert jobs.claim(job_id, "node-c", takeover_ttl=10.0) is not None
+    assert jobs.complete(job_id, "node-c", b"png-c", {}, 0.1) is True
+    assert jobs.result(job_id) == b"png-c" and credits(store, key.id) == 0
+
+
+def test_a_redelivered_message_leaves_a_healthy_run_to_finish(store: Store) -> None:
+    """The reviewer's case: attempt 2 of 2 runs on live node-b when a duplicate is redelivered to node-d."""
+    key, _ = keystore.create_key(store, credits=1)
+    jobs = Jobs(store)
+    job_id = jobs.submit(key.id, request_of(), charge=True, model="m")
+    assert jobs.claim(job_id, "node-a") is not None  # node-a is SIGKILLed (never in the live set here)
+    nodes.register(store, "node-b", "worker", ["m"], "m")
+    assert jobs.claim(job_id, "node-b", takeover_ttl=10.0) is not None  # its message redelivered to node-b
+    runner: Any = Unused()
+    assert execute_job(jobs, runner, job_id, "node-d", max_attempts=2, takeover_ttl=10.0) is None
+    assert jobs.complete(job_id, "node-b", b"png-b", {}, 0.1) is True
+    job = jobs.get(job_id)
+    assert job is not None and (job.status, job.error) == (COMPLETED, None) and credits(store, key.id) == 0

@@ -92,12 +92,12 @@ def execute_job(
     node: str,
     *,
     max_attempts: int,
-    takeover: bool = False,
-    dead_nodes: list[str] | None = None,
+    takeover_ttl: float | None = None,
 ) -> str | None:
     """Run v2 job `job_id` on `node` to its end, in this thread; returns its new status, or None when it was not
-    there to take (finished, cancelled, or running elsewhere) or was taken over while it ran here (the sweeper
-    declared `node` dead and another node claimed it: that run ends it, never this one).
+    there to take (finished, cancelled, or running on a live node; `takeover_ttl`: see `Jobs.claim`) or was taken
+    over while it ran here (the sweeper declared `node` dead and another node claimed it: that run ends it, never
+    this one).
 
     A job started more than `max_attempts` times (each start that never finished: a crash, a killed worker)
     ends FAILED. A job whose model is not available here goes back to QUEUED, its attempt not counted, to run
@@ -107,7 +107,7 @@ def execute_job(
     turned into a FAILED job: the job stays as the database last had it (PROCESSING on `node` once claimed) for the
     caller's retry path (a worker hands its task back and the redelivery takes the job over; the in-process pool
     leaves it to the sweeper), and a result computed here is computed again rather than refunded."""
-    claimed = jobs.claim(job_id, node, takeover=takeover, dead_nodes=dead_nodes)
+    claimed = jobs.claim(job_id, node, takeover_ttl=takeover_ttl)
     if claimed is None:
         return None
     if claimed.attempts > max_attempts:

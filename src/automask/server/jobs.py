@@ -2,11 +2,11 @@
 
 QUEUED -> PROCESSING -> COMPLETED | FAILED (| CANCELLED, an automask extension, from QUEUED only). A job holds one
 credit of its key from submission (kept when it completes, given back otherwise). Delivery to the code that runs
-a job is at least once, so every step is a conditional UPDATE by id: a job is claimed only while QUEUED (or
-PROCESSING on a node that died, or when its message was redelivered because its worker died); it is completed,
-failed or released only by the run that holds it (PROCESSING on the node that claimed it last), and completed or
-failed in the transaction that settles its hold, so a duplicate run never charges or refunds twice, and a slow run
-whose job was taken over cannot end the run that took it. Results (PNG) live in the database until `result_ttl`
+a job is at least once, so every step is a conditional UPDATE by id: a job is claimed only while QUEUED (or, by a
+redelivered message, PROCESSING on a node that died: never from a live run); it is completed, failed or released
+only by the run that holds it (PROCESSING on the node that claimed it last), and completed or failed in the
+transaction that settles its hold, so a duplicate run never charges or refunds twice, and a slow run whose job was
+taken over cannot end the run that took it. Results (PNG) live in the database until `result_ttl`
 after they finish, so any node can serve them.
 """
 
@@ -24,12 +24,13 @@ from automask.server import keys
 from automask.server.errors import ApiError
 from automask.server.limits import retry_headers
 from automask.server.schemas import MaskRequest
-from automask.server.store import Store, jobs_table
+from automask.server.store import Store, jobs_table, nodes_table
 
 QUEUED, PROCESSING, COMPLETED, FAILED, CANCELLED = "QUEUED", "PROCESSING", "COMPLETED", "FAILED", "CANCELLED"
 UNFINISHED = (QUEUED, PROCESSING)
 FINISHED = (COMPLETED, FAILED, CANCELLED)
 J = jobs_table.c
+N = nodes_table.c
 KEY_CAP_RETRY_SECONDS = 5
 """How long a key at its cap of unfinished jobs is told to wait (429 `Retry-After`)."""
 
@@ -158,18 +159,20 @@ class Jobs:
             row = conn.execute(select(J.result).where(J.id == job_id, J.status == COMPLETED)).first()
         return bytes(row.result) if row is not None and row.result is not None else None
 
-    def claim(
-        self, job_id: str, node: str, *, takeover: bool = False, dead_nodes: list[str] | None = None
-    ) -> Claimed | None:
+    def claim(self, job_id: str, node: str, *, takeover_ttl: float | None = None) -> Claimed | None:
         """Take job `job_id` (now PROCESSING on `node`, one more attempt), or None when it is not there to take.
 
-        A QUEUED job is always taken; a PROCESSING one only when `takeover` (its message came back because the
-        worker running it died) or when its node is one of `dead_nodes`."""
+        A QUEUED job is always taken. A PROCESSING one only with `takeover_ttl` (its message was redelivered) and
+        only when the node running it is dead (silent for `takeover_ttl` seconds or gone from the nodes table) or is
+        `node` itself (a worker process runs one task at a time: its own earlier run ended, e.g. on a database
+        error, and handed the task back). A redelivered message whose job runs on another live node is a
+        duplicate: the job stays with that run (should that node die, the sweeper puts the job back in the queue:
+        `orphaned`)."""
         takeable = J.status == QUEUED
-        if takeover:
-            takeable = J.status.in_(UNFINISHED)
-        elif dead_nodes:
-            takeable = takeable | ((J.status == PROCESSING) & J.node.in_(dead_nodes))
+        if takeover_ttl is not None:
+            live = select(N.id).where(N.heartbeat_at >= time.time() - takeover_ttl)
+            lost = J.node.is_(None) | (J.node == node) | J.node.not_in(live)
+            takeable = takeable | ((J.status == PROCESSING) & lost)
         with self.store.transaction() as conn:
             row = conn.execute(
                 update(jobs_table)

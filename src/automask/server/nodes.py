@@ -84,39 +84,25 @@ def forget_dead(store: Store, ttl: float) -> int:
 
 class Heartbeat:
     """A daemon thread that keeps node `node_id` alive every `interval` seconds (re-registering if it was
-    declared dead after a long pause), until `stop()`.
-
-    `announce=False`: the node is registered by someone else once it is ready (a worker's pool process, once it
-    has loaded the model); until then the beats do nothing."""
+    declared dead after a long pause), until `stop()`, which removes the node. The node is alive as long as the
+    process that started the thread: a killed process stops beating."""
 
     def __init__(
-        self,
-        store: Store,
-        node_id: str,
-        kind: str,
-        models: list[str],
-        default: str | None,
-        interval: float,
-        *,
-        announce: bool = True,
+        self, store: Store, node_id: str, kind: str, models: list[str], default: str | None, interval: float
     ) -> None:
         self.store, self.node_id, self.kind, self.models, self.default = store, node_id, kind, models, default
         self.interval = interval
-        self._announced = announce
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="automask-heartbeat", daemon=True)
 
     def start(self) -> None:
-        if self._announced:
-            register(self.store, self.node_id, self.kind, self.models, self.default)
+        register(self.store, self.node_id, self.kind, self.models, self.default)
         self._thread.start()
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             try:
-                if heartbeat(self.store, self.node_id):
-                    self._announced = True
-                elif self._announced:
+                if not heartbeat(self.store, self.node_id):
                     register(self.store, self.node_id, self.kind, self.models, self.default)
             except Exception:  # the database is briefly unreachable: the next beat tries again
                 log.warning("node heartbeat failed; retrying", exc_info=True)

@@ -98,6 +98,8 @@ class Runner:
         self._slots = {self.default: _Slot(self.default, settings.model, generator)}
         self._slots_lock = threading.Lock()
         self.pool = ThreadPoolExecutor(max_workers=server.concurrency, thread_name_prefix="automask-infer")
+        self._overdue: set[Future[Any]] = set()
+        self._overdue_lock = threading.Lock()
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="automask-load")
 
     @property
@@ -256,7 +258,7 @@ class Runner:
         try:
             return await asyncio.wait_for(asyncio.wrap_future(future), self.server.timeout)
         except asyncio.TimeoutError:
-            future.cancel()
+            self._give_up(future)
             raise inference_timeout(self.server.timeout) from None
 
     def run_blocking(
@@ -268,10 +270,28 @@ class Runner:
         try:
             return future.result(timeout=self.server.timeout)
         except FutureTimeout:
-            future.cancel()
+            self._give_up(future)
             raise inference_timeout(self.server.timeout) from None
         except FutureCancelled:  # the pool was shut down before a thread took the call
             raise RunnerClosed() from None
+
+    def _give_up(self, future: Future[Any]) -> None:
+        """Drop a call past its time limit: it never runs if no thread has taken it yet, else it is `overdue`."""
+        if future.cancel():
+            return
+        with self._overdue_lock:
+            self._overdue.add(future)
+        future.add_done_callback(self._done_overdue)
+
+    def _done_overdue(self, future: Future[Any]) -> None:
+        with self._overdue_lock:
+            self._overdue.discard(future)
+
+    @property
+    def overdue(self) -> int:
+        """Calls that ran past their time limit and still hold an inference thread (a hung model keeps it)."""
+        with self._overdue_lock:
+            return len(self._overdue)
 
     def _submit(
         self, image: ImageSource, prompt: str, options: MaskOptions, model: str | None

@@ -1,8 +1,10 @@
 """`automask worker`: a Celery worker that loads one model and takes that model's queues.
 
-The worker process announces itself (its model, a heartbeat) in the shared database; each pool process loads the
-model once when it starts. A v2 task runs `execute_job` by id (a redelivered message may take over a job whose
-worker died); a v1 task reads its request from Redis, computes the `Outcome` and pushes it back for the API node.
+Each pool process loads the model once when it starts, then announces itself in the shared database as a node of
+its own (its model, a heartbeat from a thread of that process): a pool process that dies stops beating on its own,
+and the node guard on a job (complete, fail, release) tells two runs in one worker apart. A v2 task runs
+`execute_job` by id (a redelivered message may take over a job whose pool process died); a v1 task reads its request
+from Redis, computes the `Outcome` and pushes it back for the API node.
 """
 
 from __future__ import annotations
@@ -29,12 +31,17 @@ from automask.settings import Settings
 log = logging.getLogger("automask.worker")
 RETRY_PAUSE = 2.0
 """Seconds a worker waits before handing back a task it could not run because the database failed."""
+RETIRING = 75
+"""The exit code of a pool process that leaves after its answer because its model hung (`_leave_if_hung`)."""
 
 
 @dataclass
 class _Process:
-    """What one pool process holds: its own database engine, Redis client and loaded model."""
+    """What one pool process holds: its node id and heartbeat, its own database engine, Redis client and loaded
+    model."""
 
+    node: str
+    heartbeat: nodes.Heartbeat
     jobs: Jobs
     runner: Runner
     redis: Any
@@ -48,7 +55,6 @@ class _Worker:
     server: ServerSettings
     model: str
     default: str | None
-    node: str
     generator_factory: Callable[[], MaskGenerator] | None
     process: _Process | None = None
 
@@ -67,21 +73,33 @@ def _process() -> _Process:
         runner = Runner(w.settings, w.server, generator)
         runner.generator(w.model)  # load once, before the first task
         store = Store(str(w.settings.database_url))
-        w.process = _Process(Jobs(store), runner, redis.Redis.from_url(str(w.settings.redis_url)))
-        nodes.register(store, w.node, "worker", [w.model], w.default)  # API nodes count the model as served
-        log.info("pool process ready with model %s", w.model)
+        node = nodes.new_node_id("worker")  # this process's pid: its jobs are its own
+        heartbeat = nodes.Heartbeat(store, node, "worker", [w.model], w.default, w.server.heartbeat_interval)
+        heartbeat.start()  # registers the node: API nodes count the model as served
+        w.process = _Process(node, heartbeat, Jobs(store), runner, redis.Redis.from_url(str(w.settings.redis_url)))
+        log.info("pool process %s ready with model %s", node, w.model)
     return _WORKER.process  # type: ignore[return-value]
 
 
+def _process_exits() -> None:
+    """A pool process stops (recycled, or the worker stops): its node goes at once, not `node_ttl` later."""
+    if _WORKER is not None and _WORKER.process is not None:
+        _WORKER.process.heartbeat.stop()
+
+
 def v2_task(task: Any, job_id: str) -> str | None:
-    """Run v2 job `job_id`. A redelivered message (its worker died) may take the job over from PROCESSING."""
+    """Run v2 job `job_id`. A redelivered message may take the job over from PROCESSING, only from a dead node.
+
+    A redelivered message whose job still runs on a live node is acknowledged and dropped: a duplicate, or the
+    message of a process killed so recently that its heartbeat has not expired yet; the sweeper puts such a job
+    back in the queue once its node is dead (`Jobs.orphaned`)."""
     assert _WORKER is not None
     proc = _process()
-    takeover = bool((task.request.delivery_info or {}).get("redelivered"))
+    redelivered = bool((task.request.delivery_info or {}).get("redelivered"))
     try:
-        return execute_job(
-            proc.jobs, proc.runner, job_id, _WORKER.node, max_attempts=_WORKER.server.max_job_attempts,
-            takeover=takeover,
+        status = execute_job(
+            proc.jobs, proc.runner, job_id, proc.node, max_attempts=_WORKER.server.max_job_attempts,
+            takeover_ttl=_WORKER.server.node_ttl if redelivered else None,
         )  # fmt: skip
     except SQLAlchemyError as exc:  # the database is unreachable: hand the message back, after a pause
         from celery.exceptions import Reject
@@ -89,6 +107,10 @@ def v2_task(task: Any, job_id: str) -> str | None:
         log.warning("v2 job %s: database error (%s); returning it to the queue", job_id, exc)
         time.sleep(RETRY_PAUSE)
         raise Reject(str(exc), requeue=True) from None
+    if status is None and redelivered:
+        log.info("v2 job %s: redelivered, left to the node running it (or finished)", job_id)
+    _leave_if_hung(proc)
+    return status
 
 
 def v1_task(task: Any, rid: str, model: str, deadline: float, request_id: str) -> None:
@@ -114,6 +136,34 @@ def v1_task(task: Any, rid: str, model: str, deadline: float, request_id: str) -
     pipe.expire(keys["outcome"], ttl)
     pipe.delete(keys["request"], keys["image"], keys["starts"])
     pipe.execute()
+    _leave_if_hung(proc)
+
+
+def _leave_if_hung(proc: _Process) -> None:
+    """After a task's answer is stored: when an inference ran past its time limit and still holds this process's
+    inference thread (a hung model), every later task here would time out too. Leave: `_Request` acknowledges
+    the message, and Celery's pool starts a fresh process in this one's place."""
+    if proc.runner.overdue:
+        log.error("pool process %s: an inference ran past its time limit and still runs; replacing it", proc.node)
+        raise SystemExit(RETIRING)
+
+
+def _request_class() -> type:
+    """Celery's request, but a pool process that leaves on purpose (`_leave_if_hung`) after its answer has its
+    message acknowledged (not handed back as a worker lost: there is nothing left to run)."""
+    from celery.worker.request import Request
+    from celery.worker.state import task_ready
+
+    class _Request(Request):
+        def on_failure(self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False) -> None:
+            exc = getattr(exc_info.exception, "exc", exc_info.exception)
+            if isinstance(exc, SystemExit) and exc.code == RETIRING:
+                task_ready(self)
+                self.acknowledge()
+                return
+            super().on_failure(exc_info, send_failed_event, return_ok)
+
+    return _Request
 
 
 def run_worker(
@@ -128,45 +178,38 @@ def run_worker(
     """Run a worker until it is stopped (SIGTERM: warm shutdown, running tasks finish)."""
     global _WORKER
     require_fleet_settings(settings)
-    store = Store.from_settings(settings, create=False)  # an older schema: refuse, say `automask db migrate`
+    Store.from_settings(settings, create=False).close()  # an older schema: refuse, say `automask db migrate`
     if model:
         settings = settings.model_copy(update={"model": model})
     if generator_factory is None:
         plan_models(settings.model, settings)  # the model is installed here (else: the command that installs it)
     name = default_name(settings, generator_factory() if generator_factory else None)
-    node = nodes.new_node_id("worker")
-    _WORKER = _Worker(settings, server, name, None if model else name, node, generator_factory)
+    _WORKER = _Worker(settings, server, name, None if model else name, generator_factory)
 
     app = make_celery(str(settings.broker_url), server)
-    app.task(name="automask.v2", bind=True)(v2_task)
-    app.task(name="automask.v1", bind=True)(v1_task)
+    request = _request_class()
+    app.task(name="automask.v2", bind=True, Request=request)(v2_task)
+    app.task(name="automask.v1", bind=True, Request=request)(v1_task)
     queues = [queue("v1", name), queue("v2", name)]
     app.conf.task_queues = queues
     app.conf.worker_proc_alive_timeout = 600.0  # a pool process loads its model before it reports alive
 
-    from celery.signals import worker_process_init
+    from celery.signals import worker_process_init, worker_process_shutdown
 
     worker_process_init.connect(lambda **_: _process(), weak=False)
-    heartbeat = nodes.Heartbeat(
-        store, node, "worker", [name], _WORKER.default, server.heartbeat_interval, announce=False
+    worker_process_shutdown.connect(lambda **_: _process_exits(), weak=False)
+    worker = app.Worker(
+        queues=[q.name for q in queues],
+        concurrency=concurrency,
+        pool="prefork",
+        loglevel=loglevel.upper(),
+        hostname=f"{nodes.new_node_id('worker')}@automask",
+        without_mingle=True,
+        without_gossip=True,
+        without_heartbeat=True,
+        optimization="fair",
     )
-    heartbeat.start()  # beats once a pool process has loaded the model and announced the node (`_process`)
-    try:
-        worker = app.Worker(
-            queues=[q.name for q in queues],
-            concurrency=concurrency,
-            pool="prefork",
-            loglevel=loglevel.upper(),
-            hostname=f"{node}@automask",
-            without_mingle=True,
-            without_gossip=True,
-            without_heartbeat=True,
-            optimization="fair",
-        )
-        worker.start()
-    finally:
-        heartbeat.stop()
-        store.close()
+    worker.start()
     code = getattr(worker, "exitcode", 0)
     if code:
         raise SystemExit(code)

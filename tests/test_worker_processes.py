@@ -1,0 +1,160 @@
+"""One `automask worker` (tests/fleet_worker.py) on real PostgreSQL, RabbitMQ and Redis, watched from its pool
+processes' side: each is a node of its own, and one whose model hung is replaced by a fresh one."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from automask.server import nodes
+from automask.server.config import ServerSettings
+from automask.server.fleet import CeleryDispatcher
+from automask.server.jobs import Jobs
+from automask.server.migrations import migrate
+from automask.server.runner import inference_timeout
+from automask.server.schemas import MaskRequest
+from automask.server.store import Store
+from automask.settings import Settings
+from server_helpers import png_bytes, wait_for
+
+pytest.importorskip("celery")
+pytestmark = pytest.mark.slow
+TESTS = Path(__file__).parent
+MODEL = "fake-gradient"
+FAST = {"AUTOMASK_SERVER_NODE_TTL": "2", "AUTOMASK_SERVER_HEARTBEAT_INTERVAL": "0.3", "AUTOMASK_SERVER_TIMEOUT": "2"}
+
+
+@dataclass
+class Services:
+    """The servers a worker needs, as settings (for the test's own dispatcher) and as its environment."""
+
+    settings: Settings
+    env: dict[str, str]
+    store: Store
+    log: Path
+
+
+@pytest.fixture()
+def services(postgres_db: str, redis_db: str, rabbitmq_vhost_url: str, tmp_path: Path) -> Iterator[Services]:
+    settings = Settings(
+        data_dir=tmp_path / "api", database_url=postgres_db, broker_url=rabbitmq_vhost_url, redis_url=redis_db
+    )
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("AUTOMASK_")},
+        **FAST,
+        "AUTOMASK_DATA_DIR": str(tmp_path / "worker"),
+        "AUTOMASK_DATABASE_URL": postgres_db,
+        "AUTOMASK_BROKER_URL": rabbitmq_vhost_url,
+        "AUTOMASK_REDIS_URL": redis_db,
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+    }
+    store = Store(postgres_db)
+    migrate(store)
+    yield Services(settings, env, store, tmp_path / "worker.log")
+    store.close()
+
+
+@contextlib.contextmanager
+def worker(services: Services, concurrency: int) -> Iterator[subprocess.Popen[bytes]]:
+    """`automask worker` with `concurrency` pool processes, stopped (SIGTERM: warm shutdown) at the end."""
+    env = {**services.env, "FLEET_CONCURRENCY": str(concurrency)}
+    with services.log.open("ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, str(TESTS / "fleet_worker.py")], env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+    try:
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def live_workers(store: Store) -> dict[str, int]:
+    """Live worker nodes by id, with the pid their id names (`worker-<host>-<pid>-<random>`)."""
+    found = [n.id for n in nodes.live(store, float(FAST["AUTOMASK_SERVER_NODE_TTL"])) if n.kind == "worker"]
+    return {node: int(node.rsplit("-", 2)[1]) for node in found}
+
+
+def two_live(store: Store, without: str = "") -> dict[str, int] | None:
+    """`live_workers` once there are two, `without` among them."""
+    found = live_workers(store)
+    return found if len(found) == 2 and without not in found else None
+
+
+def pool_pids(proc: subprocess.Popen[bytes]) -> set[int]:
+    """The pids of the worker's pool processes (its children)."""
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    return {int(pid) for pid in children}
+
+
+def test_each_pool_process_is_a_node_of_its_own_that_dies_with_it(services: Services) -> None:
+    """Before: the worker's main process beat for one node id that all its pool processes shared, so two runs in
+    one worker looked alike to the node guard, and a pool process killed mid-run stayed "alive"."""
+    with worker(services, concurrency=2) as proc:
+        first = wait_for(lambda: two_live(services.store), 60)
+        wait_for(lambda: "@automask ready." in services.log.read_text(), 30)  # consuming: a lost process is replaced
+        assert set(first.values()) == pool_pids(proc), services.log.read_text()  # one node per pool process
+        killed, pid = next(iter(first.items()))
+        os.kill(pid, signal.SIGKILL)
+        # its heartbeat stops with it; Celery starts a fresh pool process, a new node
+        after = wait_for(lambda: two_live(services.store, without=killed), 30)
+        assert len(set(after) - set(first)) == 1 and set(after.values()) == pool_pids(proc)
+    with services.store.read() as conn:  # a warm shutdown removes its nodes at once (the killed one's is stale)
+        assert [r.id for r in conn.execute(nodes.nodes_table.select())] == [killed], services.log.read_text()
+
+
+def test_a_pool_process_whose_model_hung_is_replaced_after_its_answer(services: Services) -> None:
+    """Before: an inference past `timeout` was answered 504 but its thread ran on in the pool process's one
+    inference thread, so every later request to that process waited behind it and was answered 504 too."""
+    with worker(services, concurrency=1) as proc:
+        wait_for(lambda: "@automask ready." in services.log.read_text(), 60)
+        (hung_pid,) = pool_pids(proc)
+        asyncio.run(hang_then_ask(services))
+        assert hung_pid not in pool_pids(proc)
+    log = services.log.read_text()
+    assert "WorkerLostError" not in log and log.count("ran past its time limit") == 2, log  # acknowledged, not lost
+    with services.store.read() as conn:  # each process that left removed its node
+        assert conn.execute(nodes.nodes_table.select()).all() == [], log
+
+
+async def hang_then_ask(services: Services) -> None:
+    """A v1 request that hangs the model, then one that must be answered; the same with v2 jobs."""
+    dispatcher = CeleryDispatcher(services.settings, ServerSettings(timeout=20), services.store)
+    jobs = Jobs(services.store)
+    try:
+        hung = await dispatcher.run_v1(request_of("hang"), MODEL, "req-hang")
+        assert (hung.status, hung.error) == (504, inference_timeout(2).message)  # answered before its process went
+        started = time.monotonic()
+        answered = await dispatcher.run_v1(request_of("sofa"), MODEL, "req-sofa")
+        assert answered.status == 200 and time.monotonic() - started < 15, services.log.read_text()
+        v2_hung = jobs.submit(None, request_of("hang"), charge=False)
+        dispatcher.publish(v2_hung, MODEL)
+        v2_next = jobs.submit(None, request_of("sofa"), charge=False)
+        dispatcher.publish(v2_next, MODEL)
+        await asyncio.to_thread(wait_for, lambda: jobs.get(v2_next).status == "COMPLETED", 30)  # type: ignore[union-attr]
+        job = jobs.get(v2_hung)
+        assert job is not None and (job.status, job.error) == ("FAILED", inference_timeout(2).message)
+    finally:
+        await dispatcher.stop()
+
+
+def request_of(prompt: str) -> MaskRequest:
+    image = base64.b64encode(png_bytes(np.zeros((8, 8, 3), np.uint8))).decode()
+    return MaskRequest.model_validate({"image": image, "prompt": prompt})
