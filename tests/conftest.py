@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -71,6 +73,22 @@ def subject_wheel(suite_cache: Path) -> Path:
 def torch_device() -> str:
     """The torch device of the device-aware model tests (`TORCH_DEVICE`)."""
     return TORCH_DEVICE
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
+    """A fresh database of each kind (SQLite in a temp folder; a throwaway PostgreSQL database), at the current
+    schema: `automask.server.store.Store`."""
+    from automask.server.migrations import ensure_schema
+    from automask.server.store import Store
+
+    if request.param == "sqlite":
+        s = Store.in_data_dir(tmp_path / "data")
+    else:
+        s = Store(request.getfixturevalue("postgres_db"))
+        ensure_schema(s, create=True)
+    yield s
+    s.close()
 
 
 @pytest.fixture()

@@ -32,18 +32,6 @@ from server_helpers import FakeBackend, png_bytes
 J = jobs_table.c
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    """A fresh database of each kind, at the current schema."""
-    if request.param == "sqlite":
-        s = Store.in_data_dir(tmp_path / "data")
-    else:
-        s = Store(request.getfixturevalue("postgres_db"))
-        ensure_schema(s, create=True)
-    yield s
-    s.close()
-
-
 @pytest.fixture()
 def pg_store(postgres_db: str) -> Iterator[Store]:
     """A fresh PostgreSQL database at the current schema (for races SQLite's write lock rules out)."""

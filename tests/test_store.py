@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,21 +13,8 @@ from automask.server import keys as keystore
 from automask.server import nodes
 from automask.server.errors import ApiError
 from automask.server.jobs import CANCELLED, COMPLETED, FAILED, PROCESSING, QUEUED, Jobs
-from automask.server.migrations import ensure_schema
 from automask.server.schemas import MaskRequest
 from automask.server.store import Store, jobs_table
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
-    """A fresh database of each kind, at the current schema."""
-    if request.param == "sqlite":
-        s = Store.in_data_dir(tmp_path / "data")
-    else:
-        s = Store(request.getfixturevalue("postgres_db"))
-        ensure_schema(s, create=True)
-    yield s
-    s.close()
 
 
 def request_of(**kw: Any) -> MaskRequest:

@@ -347,7 +347,7 @@ def test_person_words_on_the_astronaut(gen: MaskGenerator, astronaut: np.ndarray
 def test_background_follows_the_threshold_like_any_score(
     gen: MaskGenerator, photo: str, request: pytest.FixtureRequest
 ) -> None:
-    """"background" scores 1 - p and, like every target, selects where its score reaches the threshold: a higher
+    """ "background" scores 1 - p and, like every target, selects where its score reaches the threshold: a higher
     threshold selects less (before: it selected the complement of the subject, so a higher threshold selected
     more, and a pixel scoring 0.75 was left out at 0.2). At 0.5 it is the complement of "subject"."""
     image = request.getfixturevalue(photo)

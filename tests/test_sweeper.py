@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -19,18 +19,6 @@ from automask.server.schemas import MaskRequest
 from automask.server.store import Store, jobs_table
 from automask.server.sweeper import LOCK_ID, Sweeper
 from automask.settings import Settings
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    """A fresh database of each kind, at the current schema."""
-    if request.param == "sqlite":
-        s = Store.in_data_dir(tmp_path / "data")
-    else:
-        s = Store(request.getfixturevalue("postgres_db"))
-        ensure_schema(s, create=True)
-    yield s
-    s.close()
 
 
 def age_jobs(store: Store, seconds: float) -> None:
