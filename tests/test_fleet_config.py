@@ -4,6 +4,7 @@ when a setting the fleet needs is missing (no server is started for those)."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -68,13 +69,34 @@ def test_a_worker_that_cannot_reach_the_database_hands_the_task_back(monkeypatch
         raise OperationalError("UPDATE jobs", {}, Exception("connection refused"))
 
     monkeypatch.setattr(worker, "_WORKER", SimpleNamespace(server=ServerSettings()))
-    monkeypatch.setattr(worker, "_process", lambda: SimpleNamespace(jobs=None, runner=None, node="n1"))
+    released: list[tuple[str, str]] = []
+    jobs = SimpleNamespace(release=lambda job_id, node: released.append((job_id, node)))
+    monkeypatch.setattr(worker, "_process", lambda: SimpleNamespace(jobs=jobs, runner=None, node="n1"))
     monkeypatch.setattr(worker, "execute_job", database_down)
     monkeypatch.setattr(worker, "RETRY_PAUSE", 0.0)
     task = SimpleNamespace(request=SimpleNamespace(delivery_info={"redelivered": False}))
     with pytest.raises(Reject) as rejected:
         worker.v2_task(task, "job-1")
     assert rejected.value.requeue is True
+    assert released == [("job-1", "n1")]  # the job, if this process held it, goes back: any process may take it
+
+
+def test_a_publisher_finds_out_when_rabbitmq_no_longer_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before: only RabbitMQ's `connection.unblocked` cleared the flag; if the blocked connection was lost, every
+    later send failed at once for good (all v1 calls 503, no v2 job ever handed out) until a restart."""
+    from automask.server import fleet
+
+    monkeypatch.setattr(fleet, "PROBE_AFTER", 0.3)
+    publisher = fleet.Publisher(threads=1)
+    try:
+        publisher.on_blocked("low on memory")
+        with pytest.raises(fleet.BrokerBlocked):
+            publisher.submit(lambda: "sent").result(timeout=5)  # known blocked: at once
+        time.sleep(0.35)
+        assert publisher.submit(lambda: "sent").result(timeout=5) == "sent"  # the probe went through...
+        assert publisher.blocked is None  # ... so RabbitMQ takes messages again
+    finally:
+        publisher.close()
 
 
 def test_an_unreachable_redis_is_a_503_not_a_500(tmp_path: Path) -> None:

@@ -233,3 +233,29 @@ def test_bodies_in_memory_have_a_budget_and_one_key_a_share(tmp_path: Path, imag
                 assert answer(sock).startswith("HTTP/1.1 200")
         r = httpx.post(f"{live.url}{URL}", json={"image": image_b64, "prompt": "x"}, headers={"x-api-key": tokens[2]})
         assert r.status_code == 200 and bodies.used == 0
+
+
+def test_a_database_error_before_a_job_runs_is_retried_in_process(
+    tmp_path: Path, image_b64: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before: the in-process pool dropped a job whose claim hit a database error ("database is locked"); QUEUED
+    and counted as handed out, it waited `resend_after` (15 min) for the sweeper."""
+    from sqlalchemy.exc import OperationalError
+
+    from automask.server import dispatch
+
+    real, failures = dispatch.execute_job, [1]
+
+    def locked_once(*args: Any, **kwargs: Any) -> Any:
+        if failures:
+            failures.pop()
+            raise OperationalError("UPDATE jobs", {}, Exception("database is locked"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(dispatch, "execute_job", locked_once)
+    monkeypatch.setattr(dispatch, "MODEL_RETRY_SECONDS", 0.5)
+    with serve(tmp_path / "data", FakeBackend(), auth=False) as live:
+        job_id = httpx.post(f"{live.url}{V2}", json={"image": image_b64, "prompt": "x"}).json()["request_id"]
+        jobs = Jobs(live.app.state.automask.store)
+        wait_for(lambda: jobs.get(job_id).status == "COMPLETED", 10)  # type: ignore[union-attr]
+        assert not failures

@@ -104,7 +104,7 @@ def test_a_job_waiting_behind_others_is_never_sent_twice(store: Store) -> None:
     sweeper = Sweeper(store, jobs, dispatcher, ServerSettings(republish_after=60.0))  # type: ignore[arg-type]
     request = MaskRequest.model_validate({"image": "aGVsbG8=", "prompt": "x"})
     waiting = jobs.submit(None, request, charge=False, model="m")
-    jobs.published([waiting])  # v2_submit's publish was confirmed
+    jobs.published([waiting], time.time())  # v2_submit's publish was confirmed
     lost = jobs.submit(None, request, charge=False, model="m")  # its publish failed: never confirmed
     fresh = jobs.submit(None, request, charge=False, model="m")
     age_jobs(store, 600)
@@ -135,7 +135,7 @@ def test_a_job_confirmed_long_ago_and_still_queued_is_sent_once_more(store: Stor
     sweeper = Sweeper(store, jobs, dispatcher, settings)  # type: ignore[arg-type]
     request = MaskRequest.model_validate({"image": "aGVsbG8=", "prompt": "x"})
     job = jobs.submit(None, request, charge=False, model="m")
-    jobs.published([job])
+    jobs.published([job], time.time())
     age_jobs(store, 3600)
     sweeper.sweep()
     assert dispatcher.published == []  # confirmed just now: it waits behind others
@@ -145,6 +145,22 @@ def test_a_job_confirmed_long_ago_and_still_queued_is_sent_once_more(store: Stor
     for _ in range(2):
         sweeper.sweep()
     assert dispatcher.published == [job]  # its confirmation is fresh again
+
+
+def test_a_late_confirmation_never_hides_a_job_put_back_meanwhile(store: Store) -> None:
+    """Before: `published` marked the job whatever happened since the send: a job claimed (its message consumed)
+    and put back (`release`) before the confirmation was recorded waited `resend_after` with no message anywhere."""
+    jobs = Jobs(store)
+    request = MaskRequest.model_validate({"image": "aGVsbG8=", "prompt": "x"})
+    job = jobs.submit(None, request, charge=False, model="m")
+    sent_at = time.time()
+    time.sleep(0.01)
+    assert jobs.claim(job, "node-a") is not None and jobs.release(job, "node-a")  # consumed, then put back
+    jobs.published([job], sent_at)  # the confirmation of that send, recorded late
+    assert jobs.unpublished(time.time() + 1) == [(job, "m")]  # still to be handed out
+    other = jobs.submit(None, request, charge=False, model="m")
+    jobs.published([other], time.time())
+    assert jobs.unpublished(time.time() + 1) == [(job, "m")]  # a plain confirmation still counts
 
 
 def test_the_sweeper_publishes_after_releasing_its_lock(postgres_db: str) -> None:

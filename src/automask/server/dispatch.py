@@ -29,6 +29,8 @@ from automask.settings import Settings
 
 log = logging.getLogger("automask.server")
 
+RETRY = "RETRY"
+"""`LocalDispatcher._run`'s answer when the database failed it: try the job again later."""
 MODEL_RETRY_SECONDS = 5.0
 """How long a job whose model is not available waits before it is looked at again."""
 PUBLISH_TIMEOUT = 5.0
@@ -175,6 +177,8 @@ class LocalDispatcher:
             status = await self._run(job_id, model)
             if status == "QUEUED":  # its model is not available (yet): the job waits, QUEUED, for it to be
                 self._park(job_id, model)
+            elif status == RETRY:  # the database failed us: the job stays in hand and is tried again
+                asyncio.get_running_loop().call_later(MODEL_RETRY_SECONDS, self._queue.put_nowait, (job_id, model))
             else:
                 self._held.discard(job_id)
 
@@ -191,9 +195,9 @@ class LocalDispatcher:
             return await asyncio.to_thread(
                 execute_job, self.jobs, self.runner, job_id, self.node, max_attempts=self.server.max_job_attempts
             )
-        except Exception:  # the database failed us: the job stays where it was and the sweeper recovers it
+        except Exception:  # the database failed us: the job stays where it was (PROCESSING: `orphaned` recovers it)
             log.exception("could not run v2 job %s; it will be retried", job_id)
-            return None
+            return RETRY
 
     def _park(self, job_id: str, model: str | None) -> None:
         waiting = self._parked.setdefault(model, set())

@@ -47,6 +47,9 @@ worker, which the sweeper hands out again in a new message. A constant, not deri
 keeps the arguments it was created with, whatever a later node declares, so a setting there would hold only for the
 node that happened to declare the queue first."""
 BROKER_DOWN = "The server's request queue is unreachable right now; try again in a few seconds."
+PROBE_AFTER = 5.0
+"""While RabbitMQ is known to block publishers, one send every this many seconds goes through to find out whether it
+still does (its `connection.unblocked` notice never comes if the blocked connection was lost meanwhile)."""
 PUBLISH_THREADS = 4
 """Threads an API node sends messages to RabbitMQ from (each send the broker holds up holds one)."""
 T = TypeVar("T")
@@ -62,10 +65,13 @@ class Publisher:
     them: never a thread of asyncio's default executor (the node's database calls), never the process's exit.
 
     `blocked` is RabbitMQ's reason while it blocks this node's connections (its `connection.blocked` notice, read
-    by whichever send is waiting on the connection), else None: sends fail at once with `BrokerBlocked` meanwhile."""
+    by whichever send is waiting on the connection), else None: sends fail at once with `BrokerBlocked` meanwhile,
+    but for one every `PROBE_AFTER` seconds, which finds out; any send that succeeds clears it."""
 
     def __init__(self, threads: int = PUBLISH_THREADS) -> None:
         self.blocked: str | None = None
+        self._probed_at = 0.0
+        self._lock = threading.Lock()
         self._work: threadqueue.SimpleQueue[tuple[Future[Any], Callable[[], Any]] | None] = threadqueue.SimpleQueue()
         self._threads = [
             threading.Thread(target=self._run, name=f"automask-publish-{i}", daemon=True) for i in range(threads)
@@ -81,7 +87,8 @@ class Publisher:
         return future
 
     def on_blocked(self, reason: str) -> None:
-        self.blocked = reason or "blocked"
+        with self._lock:
+            self.blocked, self._probed_at = reason or "blocked", time.monotonic()
         log.warning("RabbitMQ blocks publishing (%s): queueing requests fails until it clears", reason)
 
     def on_unblocked(self) -> None:
@@ -100,11 +107,25 @@ class Publisher:
             if not future.set_running_or_notify_cancel():
                 continue  # its caller gave up before a thread was free
             try:
-                if self.blocked is not None:
-                    raise BrokerBlocked(self.blocked)
-                future.set_result(send())
+                if (reason := self._refusal()) is not None:
+                    raise BrokerBlocked(reason)
+                result = send()
             except BaseException as exc:  # noqa: BLE001 - the caller gets it through the future
                 future.set_exception(exc)
+            else:
+                self.on_unblocked()  # a send went through: whatever blocked us is over
+                future.set_result(result)
+
+    def _refusal(self) -> str | None:
+        """Why a send must fail at once (RabbitMQ blocks publishers), or None to send: also when blocked, once
+        every `PROBE_AFTER` seconds."""
+        with self._lock:
+            if self.blocked is None:
+                return None
+            if time.monotonic() - self._probed_at < PROBE_AFTER:
+                return self.blocked
+            self._probed_at = time.monotonic()
+            return None
 
 
 def queue_name(kind: str, model: str) -> str:

@@ -275,13 +275,16 @@ class Jobs:
             rows = conn.execute(select(J.id, J.model).where(due).order_by(J.created_at).limit(limit)).all()
         return [(r.id, r.model) for r in rows]
 
-    def published(self, job_ids: list[str]) -> None:
-        """Record that the hand-off of each job in `job_ids` was confirmed (RabbitMQ acknowledged its message; the
-        in-process pool queued it): `unpublished` no longer returns it, until it is put back in the queue."""
+    def published(self, job_ids: list[str], sent_at: float) -> None:
+        """Record that the hand-off of each job in `job_ids`, sent at `sent_at`, was confirmed (RabbitMQ
+        acknowledged its message; the in-process pool queued it): `unpublished` no longer returns it, until it is
+        put back in the queue. A job claimed since `sent_at` is left alone: its message is consumed, and if it was
+        put back meanwhile (`release`, `orphaned`) it must be handed out again."""
         if not job_ids:
             return
+        fresh = (J.status == QUEUED) & (J.started_at.is_(None) | (J.started_at < sent_at))
         with self.store.transaction() as conn:
-            conn.execute(update(jobs_table).where(J.id.in_(job_ids)).values(published_at=time.time()))
+            conn.execute(update(jobs_table).where(J.id.in_(job_ids), fresh).values(published_at=time.time()))
 
     def orphaned(self, live_nodes: list[str], started_before: float | None = None) -> list[tuple[str, str | None]]:
         """PROCESSING jobs whose node is not among `live_nodes` (it died mid-run), or that started before

@@ -87,8 +87,9 @@ class Sweeper:
                 self._last_expiry = time.monotonic()
                 done["expired"] = self.jobs.expire(self.server.result_ttl)
                 nodes.forget_dead(self.store, max(60.0, 10 * self.server.node_ttl))
+        sent_at = time.time()
         handed = self.hand_out(requeued + due)
-        self.jobs.published(sorted(handed))
+        self.jobs.published(sorted(handed), sent_at)
         done["requeued"] = len(requeued)
         done["republished"] = sum(job_id in handed for job_id, _ in due)
         if any(done.values()):

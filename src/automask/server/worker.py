@@ -9,6 +9,7 @@ from Redis, computes the `Outcome` and pushes it back for the API node.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -106,6 +107,8 @@ def v2_task(task: Any, job_id: str) -> str | None:
 
         log.warning("v2 job %s: database error (%s); returning it to the queue", job_id, exc)
         time.sleep(RETRY_PAUSE)
+        with contextlib.suppress(SQLAlchemyError):  # if the job is ours, put it back: any process may take it
+            proc.jobs.release(job_id, proc.node)  # (else a live node's job waits for `orphaned`)
         raise Reject(str(exc), requeue=True) from None
     if status is None and redelivered:
         log.info("v2 job %s: redelivered, left to the node running it (or finished)", job_id)
