@@ -233,7 +233,7 @@ def test_stop_leaves_no_process_port_or_folder(kind: str) -> None:
     with STARTERS[kind]() as server:
         pids, port, workdir = list(server.pids), server.port, server.workdir
         ports = [port, getattr(server, "_epmd_port", port)]
-        assert pids and all(pid_alive(pid) for pid in pids)
+        assert pids and pid_alive(pids[0])  # the server (PostgreSQL's short-lived children may be gone already)
         assert not any(port_is_free(p) for p in ports) and workdir.is_dir()
         print(f"{kind} started in {server.startup_s:.2f} s with {len(pids)} processes")
     assert [pid for pid in pids if pid_alive(pid)] == []
