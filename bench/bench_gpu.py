@@ -26,7 +26,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
 
 from bench_grounded_sam import build_models, images, machine  # noqa: E402
-from bench_sam3 import build_edgetam, build_sam2, build_sam3, flow  # noqa: E402
+from bench_sam3 import Stages, build_edgetam, build_sam2, build_sam3, flow, flow_table, measure  # noqa: E402
 
 
 def grounded_on_gpu(m: dict[str, Any], head: str, device: str) -> Any:
@@ -56,7 +56,6 @@ def sam3_on_gpu(autocast: bool, device: str) -> Any:
 
 
 def main() -> None:
-    import numpy as np
     import torch
 
     from automask.backends import grounded_sam, sam3
@@ -86,22 +85,17 @@ def main() -> None:
         "sam3 (bf16 autocast: the CUDA default)": sam3_on_gpu(True, device),
         "sam3 (fp32: AUTOMASK_PRECISION=fp32)": sam3_on_gpu(False, device),
     }
-    samples: dict[str, list[dict[str, float]]] = {name: [] for name in backends}
     peak: dict[str, float] = {}
-    for i, img in enumerate(images(args.warmup + args.runs)):
-        for name, backend in backends.items():
-            print(f"round {i + 1}: {name}", file=sys.stderr)
-            if gpu:
-                torch.cuda.reset_peak_memory_stats()
-            stages = flow(backend, img)
-            used = torch.cuda.max_memory_allocated() / 2**20 if gpu else 0.0
-            peak[name] = max(peak.get(name, 0.0), used)
-            if i >= args.warmup:
-                samples[name].append(stages)
-    report["rows"] = {
-        name: {k: round(1000 * float(np.median([s[k] for s in runs])), 1) for k in runs[0]}
-        for name, runs in samples.items()
-    }
+
+    def run(name: str, backend: Any, image: Any) -> Stages:
+        """One flow, recording its peak GPU memory."""
+        if gpu:
+            torch.cuda.reset_peak_memory_stats()
+        stages = flow(backend, image)
+        peak[name] = max(peak.get(name, 0.0), torch.cuda.max_memory_allocated() / 2**20 if gpu else 0.0)
+        return stages
+
+    report["rows"] = measure(backends, images(args.warmup + args.runs), args.warmup, run)
     report["peak_gpu_mib"] = {k: round(v) for k, v in peak.items()}
     text = markdown(report)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -119,14 +113,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"image, {report['boxes']} instances per request, random weights; medians of {report['runs']} runs after "
         f"{report['warmup']} warm-up, the flows taking turns on each image, ms.",
         "",
-        "| flow (GPU) | encode | score | 1st request | 2nd prompt, same image | 1st vs grounded-sam | peak GPU MiB |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        *flow_table(rows, base, ("peak GPU MiB", report["peak_gpu_mib"])),
     ]
-    for name, ms in rows.items():
-        out.append(
-            f"| {name} | {ms['encode']} | {ms['score']} | **{ms['total']}** | {ms['2nd prompt']} | "
-            f"{ms['total'] / base:.2f}× | {report['peak_gpu_mib'][name]} |"
-        )
     return "\n".join(out) + "\n"
 
 

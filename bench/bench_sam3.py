@@ -37,6 +37,7 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -155,14 +156,20 @@ def flow(backend: Any, image: np.ndarray) -> Stages:
     return {"encode": t1["encode"], "score": t1["score"], "total": t1["total"], "2nd prompt": t2["total"]}
 
 
-def measure(backends: dict[str, Any], imgs: list[np.ndarray], warmup: int) -> dict[str, Stages]:
+def measure(
+    backends: dict[str, Any],
+    imgs: list[np.ndarray],
+    warmup: int,
+    run: Callable[[str, Any, np.ndarray], Stages] | None = None,
+) -> dict[str, Stages]:
     """Median ms per stage of every flow. Flows take turns on each image (round-robin), so that load from other jobs
-    on a shared machine falls on all of them alike; the first `warmup` rounds are not counted."""
+    on a shared machine falls on all of them alike; the first `warmup` rounds are not counted. `run(name, backend,
+    image)` runs one flow (default: `flow`)."""
     samples: dict[str, list[Stages]] = {name: [] for name in backends}
     for i, img in enumerate(imgs):
         for name, backend in backends.items():
             print(f"round {i + 1}/{len(imgs)}: {name}", file=sys.stderr)
-            stages = flow(backend, img)
+            stages = run(name, backend, img) if run is not None else flow(backend, img)
             if i >= warmup:
                 samples[name].append(stages)
     return {
@@ -242,15 +249,24 @@ def markdown(report: dict[str, Any]) -> str:
         f"1024×768 image, {report['boxes']} instances per request, random weights; medians of {report['runs']} "
         f"run(s) after {report['warmup']} warm-up, the flows taking turns on each image, ms.",
         "",
-        "| flow | encode | score | 1st request | 2nd prompt, same image | 1st vs grounded-sam |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        *flow_table(rows, base),
     ]
-    for name, ms in rows.items():
-        out.append(
-            f"| {name} | {ms['encode']} | {ms['score']} | **{ms['total']}** | {ms['2nd prompt']} | "
-            f"{ms['total'] / base:.2f}× |"
-        )
     return "\n".join(out) + "\n"
+
+
+def flow_table(rows: dict[str, Stages], base: float, extra: tuple[str, dict[str, Any]] | None = None) -> list[str]:
+    """Markdown table lines of the flows' medians (ms), each first request as a ratio of `base`; `extra`: (a column
+    title, its value per flow)."""
+    title, values = extra or ("", {})
+    head = "| flow | encode | score | 1st request | 2nd prompt, same image | 1st vs grounded-sam |"
+    lines = [head + (f" {title} |" if extra else ""), "| --- |" + " ---: |" * (5 + bool(extra))]
+    for name, ms in rows.items():
+        cell = f" {values[name]} |" if extra else ""
+        lines.append(
+            f"| {name} | {ms['encode']} | {ms['score']} | **{ms['total']}** | {ms['2nd prompt']} | "
+            f"{ms['total'] / base:.2f}× |{cell}"
+        )
+    return lines
 
 
 def main() -> None:

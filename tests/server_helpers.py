@@ -117,6 +117,19 @@ class LiveServer:
         self.sock.close()
 
 
+def live_server(data_dir: Path, backend: Any = None, model: str | None = None, **server: Any) -> LiveServer:
+    """The service (not started: use it as a context manager) with data in `data_dir`, answering with `backend`
+    (None: it loads `model`, or the default one, itself) and `ServerSettings(**server)`."""
+    from automask.pipeline import MaskGenerator
+    from automask.server.app import create_app
+    from automask.server.config import ServerSettings
+    from automask.settings import Settings
+
+    settings = Settings(data_dir=data_dir, model=model)
+    generator = MaskGenerator(backend, settings) if backend is not None else None
+    return LiveServer(create_app(settings, ServerSettings(**server), generator))
+
+
 def wait_ready(url: str, seconds: float = 60.0, proc: subprocess.Popen[bytes] | None = None) -> None:
     """Poll `url`/readyz until 200 (bounded); fail early if `proc` exits."""
     deadline = time.monotonic() + seconds

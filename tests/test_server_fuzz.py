@@ -31,7 +31,7 @@ from automask.server.app import create_app
 from automask.server.config import ServerSettings
 from automask.server.schemas import MAX_PROMPT_CHARS, MAX_PROMPT_TARGETS
 from automask.server.store import Store
-from server_helpers import FakeBackend, LiveServer, png_bytes, wait_for
+from server_helpers import FakeBackend, LiveServer, live_server, png_bytes, wait_for
 
 SLUG = "automatic-mask-generator"
 MAX_EXAMPLES = 25
@@ -56,8 +56,7 @@ class Served:
 
 def serve(data_dir: Path, **server: Any) -> LiveServer:
     """A server (not started) with the fake backend, `ServerSettings(**server)`, data in `data_dir`."""
-    s = Settings(data_dir=data_dir)
-    return LiveServer(create_app(s, ServerSettings(**server), MaskGenerator(FakeBackend(), s)))
+    return live_server(data_dir, FakeBackend(), **server)
 
 
 @pytest.fixture()

@@ -22,7 +22,7 @@ from automask.server.config import ServerSettings
 from automask.server.jobs import Jobs
 from automask.server.store import Store
 from automask.settings import Settings
-from server_helpers import FakeBackend, LiveServer, install_as_catalogue, png_bytes, wait_for
+from server_helpers import FakeBackend, LiveServer, install_as_catalogue, live_server, png_bytes, wait_for
 
 URL = "/v1/automatic-mask-generator"
 V2 = "/v2/automatic-mask-generator"
@@ -47,18 +47,12 @@ class SlowOnPrompt(FakeBackend):
         return super().score(features, ["x"] * len(prompts), min_score=min_score)
 
 
-def serve(data: Path, backend: Any = None, **server: Any) -> LiveServer:
-    settings = Settings(data_dir=data)
-    generator = MaskGenerator(backend, settings) if backend is not None else None
-    return LiveServer(create_app(settings, ServerSettings(**server), generator))
-
-
 @pytest.mark.slow
 def test_v1_behind_a_stuck_call_ends_at_its_limit_and_is_never_free(tmp_path: Path, image_b64: str) -> None:
     """Before: loading went through the inference pool with no limit, so a request behind a call that had already
     timed out waited past `timeout` and its hold expired; the sweeper gave the credit back, then it succeeded free."""
     settings = {"timeout": 2.0, "hold_grace": 0.0, "sweep_interval": 0.2, "concurrency": 1}
-    with serve(tmp_path / "data", SlowOnPrompt(6.0), **settings) as live:
+    with live_server(tmp_path / "data", SlowOnPrompt(6.0), **settings) as live:
         store = Store.in_data_dir(tmp_path / "data")
         key, token = keystore.create_key(store, credits=5)
         headers = {"x-api-key": token}
@@ -99,7 +93,7 @@ def test_a_slow_first_load_happens_before_the_credit_is_held(
         return real(*args, **kwargs)
 
     monkeypatch.setattr(runner_module, "MaskGenerator", slow_load)
-    with serve(data, FakeBackend(), timeout=1.0, hold_grace=0.0, sweep_interval=0.2) as live:
+    with live_server(data, FakeBackend(), timeout=1.0, hold_grace=0.0, sweep_interval=0.2) as live:
         store = Store.in_data_dir(data)
         key, token = keystore.create_key(store, credits=3)
         body = {"image": image_b64, "prompt": "cat", "model": "clipseg"}
@@ -113,7 +107,7 @@ def test_a_slow_first_load_happens_before_the_credit_is_held(
 def test_stopping_the_server_leaves_waiting_jobs_queued_for_the_restart(tmp_path: Path, image_b64: str) -> None:
     """Before: a v2 job waiting for a pool thread at shutdown got the pool's CancelledError and ended FAILED."""
     data = tmp_path / "data"
-    with serve(data, FakeBackend(delay=2.0), concurrency=1, job_workers=2) as live:
+    with live_server(data, FakeBackend(delay=2.0), concurrency=1, job_workers=2) as live:
         store = Store.in_data_dir(data)
         key, token = keystore.create_key(store, credits=5)
         body = {"image": image_b64, "prompt": "x"}
@@ -124,7 +118,7 @@ def test_stopping_the_server_leaves_waiting_jobs_queued_for_the_restart(tmp_path
     time.sleep(2.5)  # the running one finishes in its thread
     statuses = sorted(jobs.get(i).status for i in ids)  # type: ignore[union-attr]
     assert statuses == ["COMPLETED", "QUEUED"], statuses
-    with serve(data, FakeBackend(), concurrency=1):
+    with live_server(data, FakeBackend(), concurrency=1):
         for job_id in ids:
             wait_for(lambda j=job_id: jobs.get(j).status == "COMPLETED", 20)  # type: ignore[union-attr]
     assert keystore.balance(store, key.id) == 3  # each charged once
@@ -137,7 +131,7 @@ def test_a_job_waiting_for_its_model_is_held_once_and_runs_when_it_is_back(
     """Before: every re-publish by the sweeper added another queue entry, each retried every 5 s for ever."""
     data = tmp_path / "data"
     folder = install_as_catalogue(data, "clipseg", seed=0)
-    with serve(data, FakeBackend(), republish_after=0.3, sweep_interval=0.1) as live:
+    with live_server(data, FakeBackend(), republish_after=0.3, sweep_interval=0.1) as live:
         state = live.app.state.automask
         key, token = keystore.create_key(state.store, credits=2)
         body = {"image": image_b64, "prompt": "cat", "model": "clipseg"}
@@ -176,7 +170,7 @@ def test_an_incomplete_catalogue_model_names_no_path(tmp_path: Path, image_b64: 
 
 
 def test_a_spent_key_is_refused_before_its_body_is_read(tmp_path: Path) -> None:
-    with serve(tmp_path / "data", FakeBackend()) as live:
+    with live_server(tmp_path / "data", FakeBackend()) as live:
         _, token = keystore.create_key(Store.in_data_dir(tmp_path / "data"), credits=0)
         host, port = live.url.removeprefix("http://").split(":")
         with socket.create_connection((host, int(port)), timeout=5) as sock:
@@ -195,7 +189,7 @@ def test_bodies_in_memory_have_a_budget_and_one_key_a_share(tmp_path: Path, imag
     data = tmp_path / "data"
     body = f'{{"image": "{image_b64}", "prompt": "x"}}'.encode()
     size = 150_000  # what each upload declares; the first bytes are sent, the rest held back
-    with serve(data, FakeBackend(), max_body_bytes=200_000, body_memory=300_000) as live:
+    with live_server(data, FakeBackend(), max_body_bytes=200_000, body_memory=300_000) as live:
         store = Store.in_data_dir(data)
         tokens = [keystore.create_key(store, credits=5)[1] for _ in range(3)]
         host, port = live.url.removeprefix("http://").split(":")
@@ -254,7 +248,7 @@ def test_a_database_error_before_a_job_runs_is_retried_in_process(
 
     monkeypatch.setattr(dispatch, "execute_job", locked_once)
     monkeypatch.setattr(dispatch, "MODEL_RETRY_SECONDS", 0.5)
-    with serve(tmp_path / "data", FakeBackend(), auth=False) as live:
+    with live_server(tmp_path / "data", FakeBackend(), auth=False) as live:
         job_id = httpx.post(f"{live.url}{V2}", json={"image": image_b64, "prompt": "x"}).json()["request_id"]
         jobs = Jobs(live.app.state.automask.store)
         wait_for(lambda: jobs.get(job_id).status == "COMPLETED", 10)  # type: ignore[union-attr]

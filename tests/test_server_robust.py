@@ -25,7 +25,7 @@ from automask.server.jobs import Jobs
 from automask.server.schemas import MaskRequest
 from automask.server.store import Store
 from automask.settings import Settings
-from server_helpers import FakeBackend, LiveServer, png_bytes, wait_for
+from server_helpers import FakeBackend, LiveServer, live_server, png_bytes, wait_for
 
 SLUG = "automatic-mask-generator"
 
@@ -34,12 +34,6 @@ SLUG = "automatic-mask-generator"
 def image_b64() -> str:
     rng = np.random.default_rng(1)
     return base64.b64encode(png_bytes(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8))).decode()
-
-
-def live_server(data_dir: Path, backend: Any = None, model: str | None = None, **server: Any) -> LiveServer:
-    settings = Settings(data_dir=data_dir, model=model)
-    generator = MaskGenerator(backend, settings) if backend is not None else None
-    return LiveServer(create_app(settings, ServerSettings(**server), generator))
 
 
 def holds(data_dir: Path) -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -74,29 +75,21 @@ def _subject() -> Factory:
 register("subject", _subject)
 
 
-def _grounded_sam() -> Factory:
-    from automask.errors import require
+def _torch_backend(module: str) -> Callable[[], Factory]:
+    """The loader of `automask.backends.<module>.load`, a backend that needs torch and transformers."""
 
-    require("torch", "torch")
-    require("transformers", "torch")
-    from automask.backends.grounded_sam import load
+    def loader() -> Factory:
+        from automask.errors import require
 
-    return load
+        require("torch", "torch")
+        require("transformers", "torch")
+        factory: Factory = importlib.import_module(f"automask.backends.{module}").load
+        return factory
 
-
-register("grounded-sam", _grounded_sam)
-register("grounded-sam2", _grounded_sam)  # the same backend: the folder's mask head decides
-register("grounded-edgetam", _grounded_sam)
-
-
-def _sam3() -> Factory:
-    from automask.errors import require
-
-    require("torch", "torch")
-    require("transformers", "torch")
-    from automask.backends.sam3 import load
-
-    return load
+    return loader
 
 
-register("sam3", _sam3)
+register("grounded-sam", _torch_backend("grounded_sam"))
+register("grounded-sam2", _torch_backend("grounded_sam"))  # the same backend: the folder's mask head decides
+register("grounded-edgetam", _torch_backend("grounded_sam"))
+register("sam3", _torch_backend("sam3"))
