@@ -73,7 +73,11 @@ def worker(services: Services, concurrency: int) -> Iterator[subprocess.Popen[by
     env = {**services.env, "FLEET_CONCURRENCY": str(concurrency)}
     with services.log.open("ab") as log:
         proc = subprocess.Popen(
-            [sys.executable, str(TESTS / "fleet_worker.py")], env=env, stdout=log, stderr=subprocess.STDOUT
+            [sys.executable, str(TESTS / "fleet_worker.py")],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its pool processes in its group: none outlives the test
         )
     try:
         yield proc
@@ -84,6 +88,8 @@ def worker(services: Services, concurrency: int) -> Iterator[subprocess.Popen[by
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # a pool process left behind
 
 
 def live_workers(store: Store) -> dict[str, int]:
