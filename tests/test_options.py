@@ -129,6 +129,14 @@ def test_output_kind_alpha_takes_precedence(return_mask: bool, return_alpha: boo
         ("e.g. cat", ["e.g. cat"]),
         ("sofa.lamp", ["sofa.lamp"]),
         ("v1.2 box . cat", ["v1.2 box", "cat"]),
+        # GroundingDINO's caption style (the last target ends with a '.' touching it): every '. ' ends a target.
+        ("sofa. lamp.", ["sofa", "lamp"]),
+        ("the sofa.  a lamp...", ["the sofa", "a lamp"]),
+        ("sofa.\nlamp.", ["sofa", "lamp"]),
+        ("3.5 inch floppy. cable.", ["3.5 inch floppy", "cable"]),
+        ("Mr. Smith.", ["Mr", "Smith"]),
+        ("sofa. lamp", ["sofa. lamp"]),
+        ("hat . Mr. Smith's bag .", ["hat", "Mr. Smith's bag"]),
         (["sofa, lamp", "lamp", "chair"], ["sofa", "lamp", "chair"]),
     ],
 )

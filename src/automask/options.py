@@ -141,14 +141,24 @@ def parse_prompt(prompt: str | list[str]) -> list[str]:
     return targets
 
 
+_CAPTION_END = re.compile(r"[^\s.]\.+\s*$")
+"""A prompt whose last target ends with a '.' touching it: GroundingDINO's caption style, "sofa. lamp."."""
+
+_ENDING_DOTS = re.compile(r"\.+(?=\s|$)")
+"""In a caption-style prompt, a run of dots followed by whitespace (or the end) ends a target."""
+
+
 def parse_prompt_parts(prompt: str) -> list[str]:
     """Split one prompt string on ',' and standalone '.' separators; blanks are dropped.
 
     A '.' inside a word or number is kept ("3.5 inch floppy", "Mr. Smith"); one '.' ending a target is
-    dropped ("sofa." is "sofa"); runs of whitespace inside a target become one space.
+    dropped ("sofa." is "sofa"); runs of whitespace inside a target become one space. A prompt written the way
+    GroundingDINO's demos write captions, ending with a '.' that touches its last word ("sofa. lamp."), also splits
+    at every '.' followed by whitespace, as GroundingDINO's tokenizer does ("Mr. Smith." is then "Mr" | "Smith").
     """
     if not isinstance(prompt, str):
         raise InvalidOptionError("prompt", "must be a string")
-    parts = (p for chunk in prompt.split(",") for p in _STANDALONE_DOTS.split(chunk))
+    separators = _ENDING_DOTS if _CAPTION_END.search(prompt) else _STANDALONE_DOTS
+    parts = (p for chunk in prompt.split(",") for q in _STANDALONE_DOTS.split(chunk) for p in separators.split(q))
     targets = (" ".join(p.split()).removesuffix(".").rstrip() for p in parts)
     return [t for t in targets if t]

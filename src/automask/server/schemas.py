@@ -36,7 +36,7 @@ class MaskRequest(MaskOptions):
     prompt: str = Field(
         max_length=MAX_PROMPT_CHARS,
         description=f"What to select; several targets (at most {MAX_PROMPT_TARGETS}) separated by ',' or ' . ' "
-        "are unioned.",
+        "(or written GroundingDINO-style, 'sofa. lamp.') are unioned.",
     )
     negative_prompt: str | None = Field(
         None,
