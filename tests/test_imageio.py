@@ -496,6 +496,28 @@ def test_non_http_schemes_are_refused(url: str, settings: Settings) -> None:
         load_image(url, settings)
 
 
+def test_keep_alpha_returns_the_stored_rgba_of_an_image_with_transparency(settings: Settings) -> None:
+    rgba = np.zeros((3, 4, 4), np.uint8)
+    rgba[..., :3] = (200, 100, 0)
+    rgba[..., 3] = [[0], [51], [255]]  # rows: transparent, 20 % opaque, opaque
+    png = io.BytesIO()
+    Image.fromarray(rgba, "RGBA").save(png, format="PNG")
+    kept = load_image(png.getvalue(), settings, keep_alpha=True)
+    assert kept.shape == (3, 4, 4) and kept.flags.c_contiguous and np.array_equal(kept, rgba)
+    assert np.array_equal(load_image(png.getvalue(), settings), composite_on_white(rgba))  # the default: flattened
+    assert np.array_equal(load_image(rgba, settings, keep_alpha=True), rgba)  # an array source too
+    la = Image.fromarray(rgba[..., 3], "L").convert("LA")  # LA: gray with alpha
+    la.putalpha(Image.fromarray(rgba[..., 3]))
+    assert load_image(la, settings, keep_alpha=True).shape == (3, 4, 4)
+
+
+@pytest.mark.parametrize("image", ["opaque-rgba", "rgb", "gray"])
+def test_keep_alpha_gives_rgb_for_an_image_without_transparency(image: str, settings: Settings) -> None:
+    pixels = np.full((2, 2, 4), 255, np.uint8) if image == "opaque-rgba" else None
+    src = {"opaque-rgba": pixels, "rgb": np.zeros((2, 2, 3), np.uint8), "gray": np.zeros((2, 2), np.uint8)}[image]
+    assert load_image(src, settings, keep_alpha=True).shape == (2, 2, 3)
+
+
 def test_composite_and_to_uint8_helpers() -> None:
     rgba = np.array([[[200, 100, 0, 51]]], np.uint8)  # 20 % opaque
     expected = np.rint(np.array([200, 100, 0]) * 0.2 + 255 * 0.8)

@@ -171,6 +171,27 @@ def test_return_alpha_is_a_cut_out(gen: MaskGenerator, coffee: np.ndarray, retur
     assert result.image.mode == "RGBA"
 
 
+def test_a_cut_out_keeps_the_images_transparency_and_the_models_see_it_on_white(
+    gen: MaskGenerator, coffee: np.ndarray
+) -> None:
+    """A PNG with transparency: the cut-out's alpha is mask · a / 255 over the stored colours; the mask itself is
+    that of the image composited onto white (as a viewer shows it, and as every other output kind sees it)."""
+    rgba = np.dstack([coffee, np.zeros(coffee.shape[:2], np.uint8)])
+    rgba[:, :300, 3] = 255  # left half opaque, right half fully transparent
+    rgba[:200, 300:, 3] = 128  # top right half-transparent
+    png = io.BytesIO()
+    Image.fromarray(rgba, "RGBA").save(png, format="PNG")
+    flat = automask.imageio.decode.composite_on_white(rgba)
+    t = median_threshold(maps_of(gen, flat, ["cup"]))
+    cut = gen.generate(png.getvalue(), "cup", threshold=t, return_alpha=True)
+    assert np.array_equal(cut.mask, gen.generate(flat, "cup", threshold=t).mask)
+    assert cut.output.shape == (400, 600, 4) and np.array_equal(cut.output[..., :3], coffee)
+    expected = (cut.mask.astype(np.uint16) * rgba[..., 3] + 127) // 255
+    assert np.array_equal(cut.output[..., 3], expected) and cut.output[:, 300:][200:, :, 3].max() == 0
+    assert cut.mask[:, :300].any()  # the opaque half keeps the mask's selection as alpha
+    assert gen.generate(png.getvalue(), "cup", threshold=t).output.ndim == 2  # other kinds are unchanged
+
+
 def test_stop_on_empty_mask(gen: MaskGenerator, coffee: np.ndarray) -> None:
     assert maps_of(gen, coffee, ["cup"]).max() < 1.0  # so threshold 1.0 selects nothing
     with pytest.raises(EmptyMaskError, match="cup"):

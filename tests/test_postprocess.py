@@ -158,6 +158,16 @@ def test_render_alpha_is_the_image_with_alpha_equal_to_the_mask(image_and_mask: 
     assert np.array_equal(out[..., 3], mask)
 
 
+def test_render_alpha_keeps_the_images_own_transparency() -> None:
+    """An RGBA image's cut-out: its colours, alpha = round(mask · a / 255) — transparent stays transparent."""
+    mask = np.array([[255, 255, 255, 0, 128, 128]], np.uint8)
+    rgba = np.array([[[9, 8, 7, 255], [9, 8, 7, 0], [9, 8, 7, 51], [9, 8, 7, 255], [9, 8, 7, 255], [9, 8, 7, 51]]])
+    out = pp.render(rgba.astype(np.uint8), mask, "alpha")
+    assert out.dtype == np.uint8 and out.shape == (1, 6, 4)
+    assert (out[..., :3] == [9, 8, 7]).all()  # the stored colours, not the ones composited onto white
+    assert out[0, :, 3].tolist() == [255, 0, 51, 0, 128, 26]  # 128·51/255 = 25.6
+
+
 def test_render_preview_tints_selected_pixels_only(image_and_mask: tuple[np.ndarray, np.ndarray]) -> None:
     image, mask = image_and_mask
     out = pp.render(image, mask, "preview")

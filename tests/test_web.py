@@ -191,6 +191,29 @@ def test_downloads_equal_the_api_answers(page: Any, live: Live, photo: Path) -> 
 
 
 @pytest.mark.browser
+def test_downloads_of_an_image_with_transparency_equal_the_api_answers(
+    page: Any, live: Live, astronaut: np.ndarray, tmp_path: Path
+) -> None:
+    """A PNG whose left part is transparent: the page's cut-out keeps that transparency and its preview shows it on
+    white, as the API's do. (A canvas forgets the colour under alpha 0, so colours compare where alpha > 0.)"""
+    rgba = np.dstack([astronaut, np.full(astronaut.shape[:2], 255, np.uint8)])
+    rgba[:, :200, 3] = 0
+    path = tmp_path / "astronaut-transparent.png"
+    Image.fromarray(rgba, "RGBA").save(path)
+    pick_photo(page, path)
+    set_first_options(page)
+    submit_prompt(page, FIRST["prompt"])
+    image = data_uri(path)
+    api = decode(live.api(image, **FIRST, return_alpha=True).content)
+    cutout = decode(download(page, "#dl-alpha"))
+    assert np.array_equal(cutout[..., 3], api[..., 3]) and not api[:, :200, 3].any() and api[:, 200:, 3].any()
+    shown = api[..., 3] > 0
+    assert np.array_equal(cutout[..., :3][shown], api[..., :3][shown])
+    preview = decode(download(page, "#dl-preview"))
+    assert np.array_equal(preview, decode(live.api(image, **FIRST, return_mask=False).content))
+
+
+@pytest.mark.browser
 def test_slider_change_gives_a_new_result(page: Any, live: Live, photo: Path) -> None:
     pick_photo(page, photo)
     set_first_options(page)

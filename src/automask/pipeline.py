@@ -26,6 +26,7 @@ from automask.backends import registry
 from automask.backends.base import Backend, ScoreParams, Scores, score_with
 from automask.errors import EmptyMaskError, ModelNotAvailableError
 from automask.imageio import ImageSource, load_image
+from automask.imageio.decode import composite_on_white
 from automask.models import EMBEDDED, ResolvedModel
 from automask.options import MaskOptions, parse_prompt
 from automask.result import Detection, MaskResult
@@ -176,7 +177,8 @@ class MaskGenerator:
         except ModelNotAvailableError as exc:
             raise self._no_open_vocabulary(exc, targets) from None
         t0 = time.perf_counter()
-        decoded = Decoded(load_image(image, self.settings, allow_paths=allow_paths))
+        keep_alpha = opts.output_kind == "alpha"  # a cut-out keeps the image's own transparency
+        decoded = Decoded(load_image(image, self.settings, allow_paths=allow_paths, keep_alpha=keep_alpha))
         timings: dict[str, float] = {"encode": 0.0, "score": 0.0, "decode": time.perf_counter() - t0}
         parts: list[Part] = []
         if plan.open:
@@ -186,7 +188,7 @@ class MaskGenerator:
             parts.append(Part(self._score(backend, decoded, list(plan.open), opts.threshold, timings, params), backend))
         if plan.embedded or plan.background:
             parts += self._embedded_parts(decoded, plan, opts.threshold, timings)
-        return finish(decoded.rgb, parts, prompts, opts, self.backend, timings, t0)
+        return finish(decoded.rgb, parts, prompts, opts, self.backend, timings, t0, rgba=decoded.rgba)
 
     def _embedded_parts(self, image: Decoded, plan: Route, threshold: float, timings: dict[str, float]) -> list[Part]:
         """Subject/person targets scored p (the salient-object probability), background targets 1 - p: each
@@ -234,10 +236,13 @@ class MaskGenerator:
 
 
 class Decoded:
-    """A request's decoded image: `rgb` H×W×3 uint8, and its `image_digest`, hashed on first use only."""
+    """A request's decoded image: `rgb` H×W×3 uint8 (transparency composited onto white, what models see), `rgba`
+    H×W×4 uint8 when it was loaded with its transparency kept (else None), and its `image_digest`, hashed on first
+    use only (of `rgb`: features cached for one are those of the other)."""
 
-    def __init__(self, rgb: np.ndarray) -> None:
-        self.rgb = rgb
+    def __init__(self, pixels: np.ndarray) -> None:
+        self.rgba = pixels if pixels.shape[2] == 4 else None
+        self.rgb = composite_on_white(pixels) if self.rgba is not None else pixels
         self._digest: bytes | None = None
 
     @property
@@ -307,10 +312,12 @@ def finish(
     backend: Backend,
     timings: dict[str, float],
     t0: float,
+    rgba: np.ndarray | None = None,
 ) -> MaskResult:
     """Threshold, remove the negative targets' pixels, fill holes, drop small regions, grow, invert, feather and
     render the scores of `parts` (the prompt's selections unioned) for image `rgb` (H×W×3 uint8) into a
-    `MaskResult`; `backend` names the result when no part does."""
+    `MaskResult`; `backend` names the result when no part does. `rgba` (H×W×4 uint8, the image with its own
+    transparency) is what a cut-out is made of, when given."""
     t = time.perf_counter()
     negatives = opts.negative_targets
     positive, negative = split(parts, prompts, negatives)
@@ -328,7 +335,7 @@ def finish(
     mask = pp.feather(pp.to_uint8(pp.invert(selected) if opts.invert_mask else selected), opts.feather)
     timings["postprocess"] = time.perf_counter() - t
     t = time.perf_counter()
-    output = pp.render(rgb, mask, opts.output_kind)
+    output = pp.render(rgb if rgba is None else rgba, mask, opts.output_kind)
     timings["render"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
     used = list(dict.fromkeys((p.backend.name, p.backend.model_id) for p in parts))

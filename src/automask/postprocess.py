@@ -118,8 +118,15 @@ def feather(mask: np.ndarray, radius: int) -> np.ndarray:
 
 
 def render_alpha(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """RGBA cut-out: H×W×4 uint8, the original pixels with alpha = the uint8 mask."""
-    return np.dstack([image, mask])
+    """RGBA cut-out: H×W×4 uint8, the original pixels with alpha = the uint8 mask.
+
+    `image` H×W×3 RGB, or H×W×4 RGBA (straight alpha) whose own transparency is kept: alpha = round(mask · a / 255),
+    so a pixel transparent in the image stays transparent and a selected opaque one gets the mask's value.
+    """
+    if image.shape[2] == 3:
+        return np.dstack([image, mask])
+    alpha = (mask.astype(np.uint16) * image[..., 3] + 127) // 255
+    return np.dstack([image[..., :3], alpha.astype(np.uint8)])
 
 
 def render_preview(
@@ -134,7 +141,8 @@ def render_preview(
 
 
 def render(image: np.ndarray, mask: np.ndarray, kind: str) -> np.ndarray:
-    """Render the output array for `kind` in {'mask', 'alpha', 'preview'} from an H×W uint8 mask."""
+    """Render the output array for `kind` in {'mask', 'alpha', 'preview'} from an H×W uint8 mask; `image` H×W×3
+    RGB (H×W×4 RGBA only for 'alpha', see `render_alpha`)."""
     if kind == "mask":
         return mask
     if kind == "alpha":

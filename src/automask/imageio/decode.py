@@ -3,7 +3,8 @@
 Choices, the same for every source:
 - **Alpha is composited onto white** (RGBA, LA, PA, palette or single-colour transparency). Dropping alpha
   would expose whatever colour the encoder left under transparent pixels (often black or noise), which the
-  model would then try to segment; white is what a viewer shows on a light page.
+  model would then try to segment; white is what a viewer shows on a light page. `keep_alpha=True` returns an
+  image with transparency as H×W×4 RGBA instead (straight alpha, the stored colours), for cut-outs that keep it.
 - **EXIF orientation is applied** (all 8 values), so rows and columns are those of the image as displayed.
 - **16-bit samples are scaled, never clipped**: v -> round(v · 255 / 65535).
 - **Animated images give their first frame** (GIF, WebP, APNG, multi-page TIFF).
@@ -84,13 +85,14 @@ def check_pixels(width: int, height: int, settings: Settings) -> None:
         )
 
 
-def decode_image(data: bytes, settings: Settings) -> np.ndarray:
-    """Decode an encoded image (JPEG, PNG, WebP, ...) into an H×W×3 uint8 RGB array, EXIF orientation applied."""
+def decode_image(data: bytes, settings: Settings, *, keep_alpha: bool = False) -> np.ndarray:
+    """Decode an encoded image (JPEG, PNG, WebP, ...) into an H×W×3 uint8 RGB array, EXIF orientation applied
+    (H×W×4 RGBA for an image with transparency when `keep_alpha`)."""
     check_encoded_size(len(data), settings)
     if not data:
         raise ImageDecodeError("The image is empty (0 bytes). Send the bytes of a JPEG, PNG or WebP file.")
     with _open(data, settings) as img:
-        return pil_to_rgb(img, settings)
+        return pil_to_rgb(img, settings, keep_alpha=keep_alpha)
 
 
 def _open(data: bytes, settings: Settings) -> Image.Image:
@@ -140,12 +142,13 @@ def _unidentified_message(data: bytes) -> str:
     return f"The input {kind}, not an image automask can read. Supported formats: {supported}."
 
 
-def pil_to_rgb(img: Image.Image, settings: Settings) -> np.ndarray:
-    """A PIL image (its current frame) -> H×W×3 uint8 RGB, EXIF orientation applied, pixel limit checked."""
+def pil_to_rgb(img: Image.Image, settings: Settings, *, keep_alpha: bool = False) -> np.ndarray:
+    """A PIL image (its current frame) -> H×W×3 uint8 RGB, EXIF orientation applied, pixel limit checked
+    (H×W×4 RGBA, straight alpha, for an image with transparency when `keep_alpha`)."""
     check_pixels(img.width, img.height, settings)
     try:
         img.load()
-        rgb = _pil_pixels(img)
+        rgb = _pil_pixels(img, keep_alpha)
     except Image.DecompressionBombError as exc:
         raise ImageTooLargeError(f"The image is too large to decode safely ({exc}).") from None
     except PIL_ERRORS as exc:
@@ -163,8 +166,9 @@ def exif_orientation(img: Image.Image) -> int:
     return value if isinstance(value, int) and value in _ORIENT else 1
 
 
-def _pil_pixels(img: Image.Image) -> np.ndarray:
-    """The pixels of a loaded PIL image as H×W×3 uint8 RGB, stored orientation."""
+def _pil_pixels(img: Image.Image, keep_alpha: bool) -> np.ndarray:
+    """The pixels of a loaded PIL image as H×W×3 uint8 RGB (H×W×4 RGBA if `keep_alpha` and it has transparency),
+    stored orientation."""
     mode = img.mode
     if mode == "RGB" and "transparency" not in img.info:
         return rgb_array(img)
@@ -175,10 +179,10 @@ def _pil_pixels(img: Image.Image) -> np.ndarray:
         transparent = img.info.get("transparency")
         if isinstance(transparent, int):  # PNG tRNS: one 16-bit gray level is transparent
             alpha = np.where(values == transparent, 0, 255).astype(np.uint8)
-            return composite_on_white(np.dstack([gray, alpha]))
+            return flatten(np.dstack([gray, alpha]), keep_alpha)
         return gray
     if mode in _ALPHA_MODES or "transparency" in img.info:
-        return composite_on_white(np.asarray(img.convert("RGBA")))
+        return flatten(np.asarray(img.convert("RGBA")), keep_alpha)
     if mode in ("I", "F"):
         return _gray(to_uint8(np.asarray(img)))
     try:
@@ -205,6 +209,14 @@ def rgb_array(img: Image.Image) -> np.ndarray:
         bottom = min(height, top + rows)
         out[top:bottom] = np.asarray(img.crop((0, top, width, bottom)))
     return out
+
+
+def flatten(rgba: np.ndarray, keep_alpha: bool = False) -> np.ndarray:
+    """H×W×4 uint8 RGBA -> composited on white (`composite_on_white`), or, if `keep_alpha` and some pixel is not
+    opaque, the RGBA pixels themselves (a new contiguous array)."""
+    if keep_alpha and rgba[..., 3].min() < 255:
+        return np.array(rgba, dtype=np.uint8, order="C", copy=True)
+    return composite_on_white(rgba)
 
 
 def composite_on_white(rgba: np.ndarray) -> np.ndarray:
@@ -253,8 +265,9 @@ def to_uint8(a: np.ndarray) -> np.ndarray:
     raise ImageDecodeError(f"Integer image arrays must hold 0–255 or 0–65535 values, got max {hi:g}.")
 
 
-def array_to_rgb(a: np.ndarray, settings: Settings) -> np.ndarray:
-    """An H×W, H×W×1, H×W×3 (RGB) or H×W×4 (RGBA) array -> a new H×W×3 uint8 RGB array (alpha over white)."""
+def array_to_rgb(a: np.ndarray, settings: Settings, *, keep_alpha: bool = False) -> np.ndarray:
+    """An H×W, H×W×1, H×W×3 (RGB) or H×W×4 (RGBA) array -> a new H×W×3 uint8 RGB array (alpha over white; kept,
+    H×W×4, when `keep_alpha` and some pixel is not opaque)."""
     if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] not in (1, 3, 4)):
         raise ImageDecodeError(f"Array images must be H×W, H×W×1, H×W×3 or H×W×4; got shape {a.shape}.")
     height, width = a.shape[:2]
@@ -265,7 +278,7 @@ def array_to_rgb(a: np.ndarray, settings: Settings) -> np.ndarray:
     if pixels.ndim == 2 or pixels.shape[2] == 1:
         return _gray(pixels.reshape(height, width))
     if pixels.shape[2] == 4:
-        return composite_on_white(pixels)
+        return flatten(pixels, keep_alpha)
     return np.array(pixels, dtype=np.uint8, order="C", copy=True)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import re
 from pathlib import Path
 from typing import BinaryIO
@@ -30,31 +31,34 @@ _KINDS = "An image string must be an existing file, an http(s) URL, a data:image
 _KINDS_NO_PATHS = "An image string must be an http(s) URL, a data:image/...;base64, URI or base64 image data."
 
 
-def load_image(source: ImageSource, settings: Settings | None = None, *, allow_paths: bool = True) -> np.ndarray:
+def load_image(
+    source: ImageSource, settings: Settings | None = None, *, allow_paths: bool = True, keep_alpha: bool = False
+) -> np.ndarray:
     """Read `source` into an H×W×3 uint8 RGB array (rows top to bottom as displayed: EXIF orientation applied).
 
     `source`: a path (str or Path), encoded bytes (bytes, bytearray, memoryview), a binary file object
     (e.g. `sys.stdin.buffer` or an upload's file), a PIL image (its current frame), a numpy array (H×W, H×W×1,
     H×W×3 RGB or H×W×4 RGBA), a bare base64 string, a `data:image/...;base64,` URI, or an http(s) URL.
     `allow_paths=False`: a string is only a URL, a data URI or base64, never a file path, and a `Path` is
-    refused (for strings that come from an untrusted client).
+    refused (for strings that come from an untrusted client). Transparency is composited onto white, unless
+    `keep_alpha`: then an image with transparency gives H×W×4 RGBA (straight alpha).
     Raises ImageDecodeError, ImageTooLargeError, URLRefusedError, FetchError or FetchTimeoutError.
     """
     settings = settings or Settings()
     if isinstance(source, Path) and not allow_paths:
         raise ImageDecodeError(f"Image files on this machine cannot be read here. {_KINDS_NO_PATHS}")
     if isinstance(source, np.ndarray):
-        return array_to_rgb(source, settings)
+        return array_to_rgb(source, settings, keep_alpha=keep_alpha)
     if isinstance(source, Image.Image):
-        return pil_to_rgb(source, settings)
+        return pil_to_rgb(source, settings, keep_alpha=keep_alpha)
     if isinstance(source, (bytes, bytearray, memoryview)):
-        return decode_image(bytes(source), settings)
+        return decode_image(bytes(source), settings, keep_alpha=keep_alpha)
     if isinstance(source, Path):
-        return decode_image(read_file(source, settings), settings)
+        return decode_image(read_file(source, settings), settings, keep_alpha=keep_alpha)
     if isinstance(source, str):
-        return _from_string(source, settings, allow_paths=allow_paths)
+        return _from_string(source, settings, allow_paths=allow_paths, keep_alpha=keep_alpha)
     if hasattr(source, "read"):
-        return decode_image(read_stream(source, settings), settings)
+        return decode_image(read_stream(source, settings), settings, keep_alpha=keep_alpha)
     raise ImageDecodeError(
         f"Unsupported image source of type {type(source).__name__}: pass a path, URL, bytes, base64 string, "
         "PIL image or numpy array."
@@ -86,26 +90,27 @@ def read_file(path: Path, settings: Settings) -> bytes:
         raise ImageDecodeError(f"Cannot read {_short(str(path))}: {exc.strerror or exc}.") from None
 
 
-def _from_string(text: str, settings: Settings, *, allow_paths: bool) -> np.ndarray:
+def _from_string(text: str, settings: Settings, *, allow_paths: bool, keep_alpha: bool) -> np.ndarray:
     stripped = text.strip()
+    decode = functools.partial(decode_image, settings=settings, keep_alpha=keep_alpha)
     kinds = _KINDS if allow_paths else _KINDS_NO_PATHS
     if _SCHEME.match(stripped):  # any scheme://: the fetcher refuses all but http(s)
         from automask.imageio.fetch import fetch_url  # httpx is imported only when a URL is given
 
-        return decode_image(fetch_url(stripped, settings), settings)
+        return decode(fetch_url(stripped, settings))
     if not stripped:
         raise ImageDecodeError(f"The image string is empty. {kinds}")
     if stripped[:5].lower() == "data:":
-        return decode_image(decode_data_uri(stripped, settings), settings)
+        return decode(decode_data_uri(stripped, settings))
     if allow_paths and _is_existing_path(text):
-        return decode_image(read_file(Path(text), settings), settings)
+        return decode(read_file(Path(text), settings))
     data = decode_base64(text, settings)
     if data is None:
         if allow_paths and _may_be_path(text):
             raise ImageDecodeError(f"No such file: {_short(text)}. {kinds}")
         raise ImageDecodeError(f"The image string is not valid base64. {kinds}")
     try:
-        return decode_image(data, settings)
+        return decode(data)
     except ImageDecodeError:
         if allow_paths and _may_be_path(text) and len(text) < 64:  # too short for base64 image data: a path
             raise ImageDecodeError(f"No such file: {_short(text)}. {kinds}") from None

@@ -178,16 +178,22 @@ export function maskLayer(mask, width, height, asAlpha = false) {
   return layer;
 }
 
-// The cut-out: RGBA, the image's pixels with alpha = the mask (automask.postprocess.render_alpha).
+// The cut-out: RGBA, the image's pixels with alpha = round(mask × the image's own alpha / 255), so what is
+// transparent in the image stays so (automask.postprocess.render_alpha).
 export function cutoutPixels(image, mask) {
   const out = new Uint8Array(mask.length * 4);
   for (let i = 0, j = 0; j < mask.length; i += 4, j += 1) {
     out[i] = image[i];
     out[i + 1] = image[i + 1];
     out[i + 2] = image[i + 2];
-    out[i + 3] = mask[j];
+    out[i + 3] = Math.floor((mask[j] * image[i + 3] + 127) / 255);
   }
   return out;
+}
+
+// One channel of a pixel composited onto white, as the server decodes transparency (imageio.decode).
+function onWhite(c, a) {
+  return Math.floor((c * a + 255 * (255 - a) + 127) / 255);
 }
 
 function roundHalfEven(x) {
@@ -195,7 +201,7 @@ function roundHalfEven(x) {
   return Math.abs(x % 1) === 0.5 ? 2 * Math.round(x / 2) : r;
 }
 
-// The server's preview: RGB, pixels blended towards PREVIEW_TINT by PREVIEW_OPACITY × mask / 255
+// The server's preview: RGB, pixels (on white) blended towards PREVIEW_TINT by PREVIEW_OPACITY × mask / 255
 // (automask.postprocess.render_preview: its float32 arithmetic and numpy's round-half-to-even included).
 export function previewPixels(image, mask) {
   const f = Math.fround;
@@ -203,7 +209,8 @@ export function previewPixels(image, mask) {
   for (let i = 0, j = 0, k = 0; j < mask.length; i += 4, j += 1, k += 3) {
     const w = f(f(mask[j] / 255) * PREVIEW_OPACITY);
     for (let c = 0; c < 3; c += 1) {
-      out[k + c] = mask[j] > 0 ? roundHalfEven(f(f(image[i + c] * f(1 - w)) + f(PREVIEW_TINT[c] * w))) : image[i + c];
+      const v = onWhite(image[i + c], image[i + 3]);
+      out[k + c] = mask[j] > 0 ? roundHalfEven(f(f(v * f(1 - w)) + f(PREVIEW_TINT[c] * w))) : v;
     }
   }
   return out;
