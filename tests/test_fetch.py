@@ -22,7 +22,7 @@ from PIL import Image
 
 from automask.errors import FetchError, FetchTimeoutError, ImageTooLargeError, URLRefusedError
 from automask.imageio import load_image
-from automask.imageio.fetch import IPAddress, blocked_reason, fetch_url, resolve_host
+from automask.imageio.fetch import IPAddress, blocked_reason, fetch_url, never_fetched, resolve_host
 from automask.settings import Settings
 
 LOOPBACK = ipaddress.ip_address("127.0.0.1")
@@ -149,6 +149,32 @@ def test_the_listener_does_count_connections(listeners: tuple[Listener, Listener
 def test_bad_urls_are_refused(url: str, phrase: str) -> None:
     with pytest.raises(URLRefusedError, match=phrase):
         fetch_url(url, Settings(allow_private_urls=True))
+
+
+@pytest.mark.parametrize(
+    ("address", "reason"),
+    [
+        ("169.254.169.254", "cloud metadata"),
+        ("169.254.170.2", "cloud metadata"),
+        ("100.100.100.200", "cloud metadata"),
+        ("fd00:ec2::254", "cloud metadata"),
+        ("::ffff:169.254.169.254", "IPv4-mapped cloud metadata"),
+        ("2002:a9fe:a9fe::1", "6to4 tunnel to a cloud metadata"),
+        ("169.254.1.1", "link-local"),
+        ("fe80::1", "link-local"),
+    ],
+)
+def test_metadata_and_link_local_are_refused_even_with_private_urls_allowed(address: str, reason: str) -> None:
+    """`allow_private_urls` is for loopback and the LAN; it never opens the machine's credentials to a client."""
+    resolve = fake_resolver({"images.test": [address]})
+    with pytest.raises(URLRefusedError, match=f"a {re.escape(reason)}.* never fetches from cloud metadata"):
+        fetch_url("http://images.test/a.png", Settings(allow_private_urls=True), resolve=resolve)
+    assert never_fetched(ipaddress.ip_address(address))
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1", "10.0.0.1", "192.168.1.1", "fd12:3456::1", "::1", "100.64.0.1"])
+def test_private_addresses_are_not_never_fetched(address: str) -> None:
+    assert not never_fetched(ipaddress.ip_address(address))  # (the control: allow_private_urls reaches these)
 
 
 # --- the address classifier --------------------------------------------------------------------------------

@@ -14,7 +14,8 @@
 - Redirects are followed by hand, at most `settings.max_redirects`, each one resolved and checked again.
 - The body is streamed and reading stops past `settings.max_image_bytes`; one deadline of
   `settings.fetch_timeout` seconds covers every hop.
-- `settings.allow_private_urls` turns the address check off, for local use.
+- `settings.allow_private_urls` turns the address check off, for local use, except for `NEVER_FETCHED` (cloud
+  metadata services and link-local addresses, refused whatever the settings).
 """
 
 from __future__ import annotations
@@ -40,8 +41,21 @@ _REDIRECTS = (301, 302, 303, 307, 308)
 _HEADERS = {"User-Agent": "automask", "Accept": "image/*,*/*;q=0.8", "Accept-Encoding": "identity"}
 """Sent with every fetch. `identity`: the byte cap counts what is held in memory (a compressed body would be
 inflated in one piece per read, several times the cap)."""
+_METADATA = (
+    ipaddress.ip_network("169.254.169.254/32"),  # AWS, GCP, Azure, Oracle, DigitalOcean, OpenStack
+    ipaddress.ip_network("169.254.170.2/32"),  # AWS ECS task credentials
+    ipaddress.ip_network("100.100.100.200/32"),  # Alibaba Cloud
+    ipaddress.ip_network("fd00:ec2::254/128"),  # AWS over IPv6
+)
+NEVER_FETCHED = (
+    *_METADATA,
+    ipaddress.ip_network("169.254.0.0/16"),
+    ipaddress.ip_network("fe80::/10"),
+)
+"""Refused even with `allow_private_urls` (and in every IPv4-mapped or 6to4 spelling): cloud metadata services,
+which hand out the machine's credentials, and the link-local ranges they live in; no image is served from there."""
 _NAMED_NETWORKS = (
-    (ipaddress.ip_network("169.254.169.254/32"), "cloud metadata"),
+    *((network, "cloud metadata") for network in _METADATA),
     (ipaddress.ip_network("255.255.255.255/32"), "broadcast"),
     (ipaddress.ip_network("100.64.0.0/10"), "shared (carrier-grade NAT)"),
     (ipaddress.ip_network("fc00::/7"), "unique-local"),
@@ -193,9 +207,18 @@ def _redirect_target(current: httpx.URL, location: str) -> httpx.URL:
     return parse_url(str(target))
 
 
+def never_fetched(ip: IPAddress) -> bool:
+    """Whether `ip` (or the IPv4 address an IPv4-mapped or 6to4 address embeds) is in `NEVER_FETCHED`."""
+    if isinstance(ip, ipaddress.IPv6Address):
+        inner = ip.ipv4_mapped or ip.sixtofour
+        if inner is not None:
+            return never_fetched(inner)
+    return any(ip.version == network.version and ip in network for network in NEVER_FETCHED)
+
+
 def _default_policy(settings: Settings) -> AddressCheck:
     if settings.allow_private_urls:
-        return lambda ip: True
+        return lambda ip: not never_fetched(ip)
     return lambda ip: blocked_reason(ip) is None
 
 
@@ -208,9 +231,13 @@ def _checked_addresses(url: httpx.URL, resolve: Resolver, check: AddressCheck) -
     for ip in addresses:
         if not check(ip):
             where = f"{host} is" if host == str(ip) else f"{host} resolves to {ip},"
+            why = (
+                "automask never fetches from cloud metadata or link-local addresses."
+                if never_fetched(ip)
+                else "automask fetches only public addresses; for local use set AUTOMASK_ALLOW_PRIVATE_URLS=true."
+            )
             raise URLRefusedError(
-                f"Refused the image URL {_show(url)}: {where} a {blocked_reason(ip) or 'refused'} address. "
-                "automask fetches only public addresses; for local use set AUTOMASK_ALLOW_PRIVATE_URLS=true."
+                f"Refused the image URL {_show(url)}: {where} a {blocked_reason(ip) or 'refused'} address. {why}"
             )
     return addresses
 
