@@ -301,6 +301,21 @@ def test_decompression_bomb_header_is_refused_quickly(side: int, settings: Setti
     assert not [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
 
 
+def test_our_pixel_limit_decides_not_pillows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pillow's own limit (here shrunk to 1,000 pixels: it warns above, refuses above 2,000) neither refuses what
+    AUTOMASK_MAX_IMAGE_PIXELS allows nor speaks for it: one clean message quoting our limit."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1_000)
+    png = encode(Image.new("RGB", (60, 50), (10, 20, 30)), "PNG")  # 3,000 pixels: Pillow's error zone
+    assert load_image(png, Settings(max_image_pixels=5_000)).shape == (50, 60, 3)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1_000)
+    warning_zone = encode(Image.new("RGB", (30, 50)), "PNG")  # 1,500 pixels
+    with pytest.raises(ImageTooLargeError, match=r"^The image is 30×50 = 1,500 pixels; the limit is 500 pixels"):
+        load_image(warning_zone, Settings(max_image_pixels=500))
+    with pytest.raises(ImageTooLargeError, match=r"^The image has more than 2,000 pixels; the limit is 500 pixels"):
+        load_image(png, Settings(max_image_pixels=500))
+    assert Image.MAX_IMAGE_PIXELS == 1_000  # a lower limit of ours never lowers Pillow's
+
+
 def test_gif_header_claiming_huge_screen_is_refused(settings: Settings) -> None:
     data = bytearray(encode(Image.new("P", (4, 4)), "GIF"))
     data[6:10] = struct.pack("<HH", 65535, 65535)  # logical screen: 4.3 gigapixels

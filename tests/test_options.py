@@ -48,6 +48,13 @@ def test_ranges(field: str, ok: list[Any], bad: list[Any]) -> None:
         assert str(err.value).startswith(f"{field}: ")
 
 
+@pytest.mark.parametrize("field", ["threshold", "text_threshold"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), "nan", "-inf"])
+def test_nan_and_infinite_thresholds_are_not_finite_numbers(field: str, value: Any) -> None:
+    with pytest.raises(InvalidOptionError, match=f"^{field}: Input should be a finite number$"):
+        MaskOptions.parse({field: value}, strict=False)
+
+
 @pytest.mark.parametrize("strict", [True, False])
 @pytest.mark.parametrize(("field", "value"), [("threshold", True), ("grow_mask", True), ("seed", False)])
 def test_booleans_are_not_numbers(field: str, value: bool, strict: bool) -> None:

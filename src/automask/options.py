@@ -28,7 +28,9 @@ class MaskOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
-    threshold: float = Field(0.2, ge=0.0, le=1.0, description="Score below which nothing is selected.")
+    threshold: float = Field(
+        0.2, ge=0.0, le=1.0, allow_inf_nan=False, description="Score below which nothing is selected."
+    )
     grow_mask: int = Field(10, ge=0, le=100, description="Grow the selection by this many original pixels.")
     invert_mask: bool = Field(False, description="Invert the selection, after growing.")
     return_mask: bool = Field(True, description="True: output the mask. False: output a tinted preview.")
@@ -36,7 +38,11 @@ class MaskOptions(BaseModel):
     stop_on_empty_mask: bool = Field(False, description="Fail with an error when nothing is selected.")
     seed: int = Field(-1, ge=-1, le=SEED_MAX, description="Accepted and echoed; masking is deterministic.")
     text_threshold: float = Field(
-        0.25, ge=0.0, le=1.0, description="grounded-sam: a detection needs a prompt word scoring above this."
+        0.25,
+        ge=0.0,
+        le=1.0,
+        allow_inf_nan=False,
+        description="grounded-sam: a detection needs a prompt word scoring above this.",
     )
     refine: bool = Field(False, description="clipseg: sharpen the mask's edges with SAM (needs the 'sam' model).")
     negative_prompt: str | None = Field(

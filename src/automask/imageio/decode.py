@@ -96,15 +96,21 @@ def decode_image(data: bytes, settings: Settings, *, keep_alpha: bool = False) -
 
 
 def _open(data: bytes, settings: Settings) -> Image.Image:
-    """Open `data` lazily (header only) and check its pixel count before anything is decoded."""
+    """Open `data` lazily (header only) and check its pixel count before anything is decoded.
+
+    Our limit is the one that counts: Pillow's own (`Image.MAX_IMAGE_PIXELS`, ~89.5 MP, which warns above it and
+    refuses above twice it) is raised to `settings.max_image_pixels` when that is higher (never lowered), and its
+    warning is left to our check, which follows at once.
+    """
+    _raise_pillow_limit(settings.max_image_pixels)
     try:
         with warnings.catch_warnings():
-            # Pillow warns above MAX_IMAGE_PIXELS and raises above twice that: both become our error.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data), formats=_formats())
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+    except Image.DecompressionBombError:
         raise ImageTooLargeError(
-            f"The image is too large to decode safely ({exc}). The limit is {settings.max_image_pixels:,} pixels."
+            f"The image has more than {2 * (Image.MAX_IMAGE_PIXELS or 0):,} pixels; the limit is "
+            f"{settings.max_image_pixels:,} pixels (AUTOMASK_MAX_IMAGE_PIXELS). Downscale it or raise the limit."
         ) from None
     except Image.UnidentifiedImageError:
         raise ImageDecodeError(_unidentified_message(data)) from None
@@ -117,6 +123,12 @@ def _open(data: bytes, settings: Settings) -> Image.Image:
         img.close()
         raise
     return img
+
+
+def _raise_pillow_limit(pixels: int) -> None:
+    """Let Pillow open images of up to `pixels` pixels (a process-wide setting of Pillow's; only ever raised)."""
+    if Image.MAX_IMAGE_PIXELS is not None and pixels > Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = pixels
 
 
 _SIGNATURES = (
