@@ -11,6 +11,7 @@ from click.testing import CliRunner
 
 from automask.cli import main
 from automask.server import keys as keystore
+from automask.server.config import ServerSettings
 from automask.server.errors import ApiError
 from automask.server.limits import RateLimiter
 from automask.server.store import Store
@@ -108,3 +109,15 @@ def test_keys_commands(tmp_path: Path) -> None:
 def test_serve_refuses_no_auth_off_loopback(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["--data-dir", str(tmp_path), "serve", "--no-auth", "--host", "0.0.0.0"])
     assert result.exit_code == 2 and "loopback" in result.output
+
+
+def test_serve_refuses_heartbeats_that_would_make_a_live_node_look_dead(tmp_path: Path) -> None:
+    env = {"AUTOMASK_SERVER_HEARTBEAT_INTERVAL": "5", "AUTOMASK_SERVER_NODE_TTL": "10"}
+    result = CliRunner().invoke(main, ["--data-dir", str(tmp_path), "serve"], env=env)
+    assert result.exit_code == 2 and "at most a third of the node TTL (10 s)" in result.output, result.output
+    assert ServerSettings(heartbeat_interval=2, node_ttl=6).node_ttl == 6  # the default 2 s beat fits a 6 s TTL
+    pytest.importorskip("celery")
+    worker = CliRunner().invoke(
+        main, ["--data-dir", str(tmp_path), "worker"], env={**env, "AUTOMASK_BROKER_URL": "amqp://u:p@127.0.0.1:1/"}
+    )
+    assert worker.exit_code == 2 and "at most a third" in worker.output, worker.output  # a usage error, no traceback

@@ -80,14 +80,21 @@ def serve(ctx: click.Context, model: str | None, log_level: str, no_auth: bool, 
     overrides = {k: v for k, v in flags.items() if v is not None}
     if no_auth:
         overrides["auth"] = False
-    try:
-        server = ServerSettings(**overrides)
-    except ValidationError as exc:
-        raise click.UsageError(str(exc.errors()[0]["msg"]).removeprefix("Value error, ")) from None
+    server = _server_settings(overrides)
     _configure_logging(log_level)
     auth = "API keys required" if server.auth else "NO AUTH (loopback only)"
     click.echo(f"automask: serving on http://{server.host}:{server.port} ({auth}); docs at /docs", err=True)
     http.run(create_app(settings, server), server, log_level=log_level)
+
+
+def _server_settings(overrides: dict[str, Any]) -> ServerSettings:
+    """`ServerSettings` from the environment and `overrides`; a bad value is a usage error naming it."""
+    try:
+        return ServerSettings(**overrides)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = f"{'.'.join(str(p) for p in err['loc'])}: " if err["loc"] else ""
+        raise click.UsageError(where + str(err["msg"]).removeprefix("Value error, ")) from None
 
 
 def _configure_logging(level: str) -> None:
@@ -218,7 +225,7 @@ def worker(ctx: click.Context, model: str | None, concurrency: int, timeout: flo
     if not settings.broker_url:
         raise ServiceConfigError("automask worker needs AUTOMASK_BROKER_URL=amqp://USER:PASS@HOST:PORT/VHOST.")
     overrides: dict[str, Any] = {"timeout": timeout} if timeout else {}
-    server = ServerSettings(**overrides)
+    server = _server_settings(overrides)
     _configure_logging(log_level)
     click.echo(
         f"automask: worker for model {model or settings.model or 'the default'}, {concurrency} process(es)", err=True

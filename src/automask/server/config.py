@@ -101,6 +101,16 @@ class ServerSettings(BaseSettings):
             )
         return self
 
+    @model_validator(mode="after")
+    def _heartbeats_well_within_the_ttl(self) -> ServerSettings:
+        if self.heartbeat_interval * 3 > self.node_ttl:
+            raise ValueError(
+                f"The heartbeat interval ({self.heartbeat_interval:g} s) must be at most a third of the node TTL "
+                f"({self.node_ttl:g} s), or a live node would be taken for dead and its jobs run twice: lower "
+                "AUTOMASK_SERVER_HEARTBEAT_INTERVAL or raise AUTOMASK_SERVER_NODE_TTL."
+            )
+        return self
+
     @property
     def workers_for_jobs(self) -> int:
         """How many v2 jobs run at once."""
