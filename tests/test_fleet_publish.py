@@ -9,9 +9,12 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from amqp.exceptions import NotFound
 
+from automask.errors import InferenceTimeoutError
 from automask.server.config import ServerSettings
 from automask.server.errors import ApiError
 from automask.server.fleet import BROKER_DOWN, DELIVERY_LIMIT, BrokerBlocked, CeleryDispatcher, make_celery, queue
@@ -140,3 +143,31 @@ def test_every_node_declares_the_queue_arguments_rabbitmq_keeps(
         kept = rabbitmq_service.ctl("list_queues", "-p", vhost, "name", "arguments")
         assert '{"x-delivery-limit",20}' in kept.replace(" ", ""), kept
         assert queue("v2", "m").queue_arguments["x-delivery-limit"] == DELIVERY_LIMIT == 20
+
+
+def test_a_v1_message_carries_a_ttl_for_rabbitmq_and_no_time_of_this_hosts(dispatcher: CeleryDispatcher) -> None:
+    """A v1 hand-off expires in RabbitMQ after the request's timeout (a per-message TTL: the broker's clock alone)
+    and carries no absolute time by the API node's clock. Before: Celery's `expires`, which also put that absolute
+    time in the message for the worker to compare with its own clock: a worker whose clock ran ahead by the
+    timeout dropped every v1 request (a 504 for each)."""
+
+    def take() -> Any:
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            with dispatcher.app.connection_for_write() as conn, contextlib.suppress(NotFound):  # (not declared yet)
+                message = conn.default_channel.basic_get(queue("v1", "m").name, no_ack=True)
+                if message is not None:
+                    return message
+            time.sleep(0.05)
+        raise AssertionError("no v1 message was queued")
+
+    async def v1_and_its_message() -> Any:
+        call = asyncio.ensure_future(dispatcher.run_v1(request_of(), "m", "req-ttl"))
+        message = await asyncio.to_thread(take)
+        with pytest.raises(InferenceTimeoutError):  # no worker: the 2 s timeout (a 504)
+            await call
+        return message
+
+    message = asyncio.run(v1_and_its_message())
+    assert message.properties["expiration"] == "2000"  # milliseconds: the request's timeout
+    assert message.headers.get("expires") is None

@@ -13,8 +13,9 @@ from automask.server import keys as keystore
 from automask.server import nodes
 from automask.server.errors import ApiError
 from automask.server.jobs import CANCELLED, COMPLETED, FAILED, PROCESSING, QUEUED, Jobs
+from automask.server.migrations import ensure_schema
 from automask.server.schemas import MaskRequest
-from automask.server.store import Store, jobs_table
+from automask.server.store import Store, jobs_table, nodes_table
 
 
 def request_of(**kw: Any) -> MaskRequest:
@@ -187,3 +188,43 @@ def test_a_run_older_than_any_run_may_last_is_lost_even_on_a_live_node(store: St
         conn.execute(update(jobs_table).where(jobs_table.c.id == stale).values(started_at=time.time() - 3600))
     assert jobs.orphaned(["alive"], started_before=time.time() - 600) == [(stale, "m")]
     assert [jobs.get(j).status for j in (fresh, stale)] == [PROCESSING, QUEUED]  # type: ignore[union-attr]
+
+
+def test_the_fleet_runs_on_the_database_servers_clock(postgres_db: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Two hosts whose clocks are 10 minutes off either way agree on the time (the PostgreSQL server's, here this
+    machine's): a node beating from the slow host is alive to the fast one, a job it runs is not taken from it, and
+    a dead one is found dead after the TTL, not 10 minutes later. Each host logs how far off it is."""
+    slow, fast = Store(postgres_db), Store(postgres_db)
+    ensure_schema(slow, create=True)
+    slow.host_clock = lambda: time.time() - 600
+    fast.host_clock = lambda: time.time() + 600
+    with caplog.at_level("WARNING", "automask.server"):
+        slow.read_clock()
+        fast.read_clock()
+    assert abs(slow.now() - time.time()) < 1 and abs(fast.now() - time.time()) < 1
+    assert "clock is -600.0 s off" in caplog.text and "clock is +600.0 s off" in caplog.text
+    jobs_slow, jobs_fast = Jobs(slow), Jobs(fast)
+    job = jobs_fast.submit(None, request_of(), charge=False, model="m")
+    nodes.register(slow, "slow-node", "worker", ["m"], "m")
+    assert jobs_slow.claim(job, "slow-node") is not None
+    assert [n.id for n in nodes.live(fast, ttl=10)] == ["slow-node"]
+    assert jobs_fast.orphaned(["slow-node"], started_before=fast.now() - 60) == []  # a fresh run, not a lost one
+    with slow.transaction() as conn:  # the slow node's last beat, 11 s ago by the database's clock
+        conn.execute(update(nodes_table).values(heartbeat_at=slow.now() - 11))
+    assert nodes.live(fast, ttl=10) == [] and nodes.live(slow, ttl=10) == []
+    slow.close()
+    fast.close()
+
+
+def test_the_clock_never_waits_for_the_database() -> None:
+    """`now` is called on the event loop: a database that accepts connections but never answers must not stall
+    it (the reading happens in a thread of its own; until then this host's clock stands in)."""
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # accepts (backlog), never speaks PostgreSQL
+        store = Store(f"postgresql://u:p@127.0.0.1:{silent.getsockname()[1]}/db")
+        start = time.perf_counter()
+        stamps = [store.now() for _ in range(3)]
+        assert time.perf_counter() - start < 0.2
+        assert all(abs(t - time.time()) < 1 for t in stamps)
+    store.close()

@@ -309,7 +309,8 @@ class CeleryDispatcher:
         rid = uuid.uuid4().hex
         keys = v1_keys(rid)
         ttl = int(self.server.timeout + V1_TTL_MARGIN)
-        deadline = time.time() + self.server.timeout
+        deadline = self.store.now() + self.server.timeout  # the fleet's clock: the worker compares it with its own
+        local_deadline = time.monotonic() + self.server.timeout
         body, upload = request.stored()
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.set(keys["request"], body, ex=ttl)
@@ -320,17 +321,17 @@ class CeleryDispatcher:
             "automask.v1",
             args=[rid, model, deadline, request_id],
             queue=queue("v1", model),
-            expires=self.server.timeout,  # seconds: the message's TTL in the queue
+            expiration=self.server.timeout,  # seconds: RabbitMQ drops it after (no clock of ours compared)
         )
         try:
             try:  # within the request's time: RabbitMQ may hold a send up for as long as an alarm lasts
                 sent = asyncio.wrap_future(self.publisher.submit(send))
-                await asyncio.wait_for(sent, max(0.01, deadline - time.time()))
+                await asyncio.wait_for(sent, max(0.01, local_deadline - time.monotonic()))
             except Exception as exc:  # noqa: BLE001 - kombu's connection/channel errors, blocked, or too slow
                 log.error("could not queue v1 request %s: %s", request_id, repr(exc))
                 await self._cancel(keys, ttl)
                 raise ApiError(503, BROKER_DOWN, {"Retry-After": "5"}) from None
-            got = await self.redis.blpop([keys["outcome"]], timeout=max(0.01, deadline - time.time()))
+            got = await self.redis.blpop([keys["outcome"]], timeout=max(0.01, local_deadline - time.monotonic()))
         except asyncio.CancelledError:  # the client left: a worker that has not started it yet skips it
             await asyncio.shield(self._cancel(keys, ttl))
             raise

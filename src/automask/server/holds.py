@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager, suppress
 from typing import TypeVar
@@ -32,7 +31,7 @@ async def credit_hold(state: ServerState, key: ApiKey | None, hold_id: str) -> A
     if key is None:
         yield
         return
-    expires_at = time.time() + state.server.timeout + state.server.hold_grace
+    expires_at = state.store.now() + state.server.timeout + state.server.hold_grace
     if not await asyncio.to_thread(keys.reserve, state.store, key.id, hold_id, expires_at=expires_at):
         raise no_credits(key.id)
     charged = False
@@ -61,7 +60,7 @@ async def _settle(state: ServerState, hold_id: str, charge: bool, expires_at: fl
             await asyncio.to_thread(keys.settle, state.store, hold_id, charge=charge)
             return
         except SQLAlchemyError:
-            if time.time() + delay > expires_at:  # the sweeper gives the credit back once the hold expires
+            if state.store.now() + delay > expires_at:  # the sweeper gives the credit back once the hold expires
                 log.exception("could not settle credit hold %s; the sweeper will release it", hold_id)
                 return
             log.warning("could not settle credit hold %s yet (database busy); retrying", hold_id)

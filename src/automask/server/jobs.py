@@ -13,7 +13,6 @@ after they finish, so any node can serve them.
 from __future__ import annotations
 
 import json
-import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -105,7 +104,7 @@ class Jobs:
         406: no credits; 429: the key has `max_per_key` unfinished jobs; 503: the queue holds `max_total`."""
         job_id = uuid.uuid4().hex
         body, upload = request.stored()
-        now = time.time()
+        now = self.store.now()
         with self.store.transaction() as conn:
             self._check_room(conn, key_id)
             if charge and key_id is not None and not keys.reserve_in(conn, key_id, job_id):
@@ -135,7 +134,7 @@ class Jobs:
         if self.max_per_key is not None and key_id is not None:
             mine = conn.execute(waiting.where(J.key_id == key_id)).scalar_one()
             if mine >= self.max_per_key:
-                now = time.time()
+                now = self.store.now()
                 raise ApiError(
                     429,
                     f"This key has {mine} v2 jobs waiting or running, the most one key may have "
@@ -170,14 +169,14 @@ class Jobs:
         `orphaned`)."""
         takeable = J.status == QUEUED
         if takeover_ttl is not None:
-            live = select(N.id).where(N.heartbeat_at >= time.time() - takeover_ttl)
+            live = select(N.id).where(N.heartbeat_at >= self.store.now() - takeover_ttl)
             lost = J.node.is_(None) | (J.node == node) | J.node.not_in(live)
             takeable = takeable | ((J.status == PROCESSING) & lost)
         with self.store.transaction() as conn:
             row = conn.execute(
                 update(jobs_table)
                 .where(J.id == job_id, takeable)
-                .values(status=PROCESSING, started_at=time.time(), attempts=J.attempts + 1, node=node)
+                .values(status=PROCESSING, started_at=self.store.now(), attempts=J.attempts + 1, node=node)
                 .returning(J.id, J.request, J.upload, J.attempts, J.model)
             ).first()
         if row is None:
@@ -209,7 +208,7 @@ class Jobs:
                     result=png,
                     metadata=json.dumps(metadata),
                     inference_time=seconds,
-                    finished_at=time.time(),
+                    finished_at=self.store.now(),
                     request=None,
                     upload=None,
                     node=None,
@@ -228,7 +227,7 @@ class Jobs:
             cur = conn.execute(
                 update(jobs_table)
                 .where(owned)
-                .values(status=status, error=error, finished_at=time.time(), request=None, upload=None, node=None)
+                .values(status=status, error=error, finished_at=self.store.now(), request=None, upload=None, node=None)
             )
             if cur.rowcount != 1:
                 return False
@@ -242,7 +241,7 @@ class Jobs:
     def expire(self, ttl: float) -> int:
         """Delete jobs finished more than `ttl` seconds ago, with their results; return how many."""
         with self.store.transaction() as conn:
-            cur = conn.execute(delete(jobs_table).where(J.status.in_(FINISHED), J.finished_at < time.time() - ttl))
+            cur = conn.execute(delete(jobs_table).where(J.status.in_(FINISHED), J.finished_at < self.store.now() - ttl))
         return int(cur.rowcount)
 
     def queued(self, *, limit: int = 100) -> list[tuple[str, str | None]]:
@@ -284,7 +283,7 @@ class Jobs:
             return
         fresh = (J.status == QUEUED) & (J.started_at.is_(None) | (J.started_at < sent_at))
         with self.store.transaction() as conn:
-            conn.execute(update(jobs_table).where(J.id.in_(job_ids), fresh).values(published_at=time.time()))
+            conn.execute(update(jobs_table).where(J.id.in_(job_ids), fresh).values(published_at=self.store.now()))
 
     def orphaned(self, live_nodes: list[str], started_before: float | None = None) -> list[tuple[str, str | None]]:
         """PROCESSING jobs whose node is not among `live_nodes` (it died mid-run), or that started before

@@ -74,7 +74,7 @@ def create_key(
                 secret_hash=_hash(secret),
                 credits=credits,
                 rate_limit=rate_limit,
-                created_at=time.time(),
+                created_at=store.now(),
             )
         )
     key = get_key(store, key_id)
@@ -100,7 +100,7 @@ def revoke_key(store: Store, key_id: str) -> bool:
     """Disable key `key_id` for good; False when there is no such key."""
     with store.transaction() as conn:
         cur = conn.execute(
-            update(keys_table).where(K.id == key_id, K.disabled_at.is_(None)).values(disabled_at=time.time())
+            update(keys_table).where(K.id == key_id, K.disabled_at.is_(None)).values(disabled_at=store.now())
         )
         found = cur.rowcount == 1 or conn.execute(select(K.id).where(K.id == key_id)).first() is not None
     return found
@@ -178,7 +178,7 @@ def settle_in(conn: Connection, hold_id: str, *, charge: bool) -> bool:
 def release_orphan_holds(store: Store, now: float | None = None) -> int:
     """Give back the credits of holds that no unfinished v2 job owns and whose request can no longer be running
     (v1 requests cut off by a crash: past their `expires_at`, or from release 0.1, which set none)."""
-    now = time.time() if now is None else now
+    now = store.now() if now is None else now
     unfinished = select(J.id).where(J.status.in_(("QUEUED", "PROCESSING")))
     with store.transaction() as conn:
         orphans = conn.execute(

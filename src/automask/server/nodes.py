@@ -12,7 +12,6 @@ import logging
 import os
 import socket
 import threading
-import time
 import uuid
 from dataclasses import dataclass
 
@@ -42,7 +41,7 @@ class Node:
 
 def register(store: Store, node_id: str, kind: str, models: list[str], default_model: str | None) -> None:
     """Announce node `node_id` (or refresh what it serves)."""
-    now = time.time()
+    now = store.now()
     with store.transaction() as conn:
         conn.execute(delete(nodes_table).where(N.id == node_id))
         conn.execute(
@@ -60,7 +59,7 @@ def register(store: Store, node_id: str, kind: str, models: list[str], default_m
 def heartbeat(store: Store, node_id: str) -> bool:
     """Refresh the node's heartbeat; False when its row is gone (the sweeper declared it dead)."""
     with store.transaction() as conn:
-        return conn.execute(update(nodes_table).where(N.id == node_id).values(heartbeat_at=time.time())).rowcount == 1
+        return conn.execute(update(nodes_table).where(N.id == node_id).values(heartbeat_at=store.now())).rowcount == 1
 
 
 def unregister(store: Store, node_id: str) -> None:
@@ -72,14 +71,14 @@ def unregister(store: Store, node_id: str) -> None:
 def live(store: Store, ttl: float) -> list[Node]:
     """Nodes heard from in the last `ttl` seconds."""
     with store.read() as conn:
-        rows = conn.execute(select(nodes_table).where(N.heartbeat_at >= time.time() - ttl)).all()
+        rows = conn.execute(select(nodes_table).where(N.heartbeat_at >= store.now() - ttl)).all()
     return [Node(r.id, r.kind, json.loads(r.models), r.default_model, r.heartbeat_at) for r in rows]
 
 
 def forget_dead(store: Store, ttl: float) -> int:
     """Delete nodes silent for more than `ttl` seconds; return how many."""
     with store.transaction() as conn:
-        return int(conn.execute(delete(nodes_table).where(N.heartbeat_at < time.time() - ttl)).rowcount)
+        return int(conn.execute(delete(nodes_table).where(N.heartbeat_at < store.now() - ttl)).rowcount)
 
 
 class Heartbeat:

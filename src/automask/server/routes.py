@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
-import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -208,7 +207,7 @@ async def v2_submit(request: Request, key: CallerKey) -> SubmitResponse:
             state.jobs.submit, key.id if key else None, req, charge=key is not None, model=model
         )
     try:  # bounded: RabbitMQ may hold a send up for as long as a memory or disk alarm lasts
-        sent_at = time.time()
+        sent_at = state.store.now()
         await asyncio.wait_for(asyncio.wrap_future(state.dispatcher.publish(job_id, model)), PUBLISH_TIMEOUT)
         await asyncio.to_thread(state.jobs.published, [job_id], sent_at)  # confirmed: not sent again
     except Exception:  # stored: the sweeper hands it out again (republish_after)

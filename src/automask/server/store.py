@@ -11,9 +11,13 @@ The schema is versioned by Alembic (`automask.server.migrations`); `automask db 
 from __future__ import annotations
 
 import hashlib
+import logging
+import math
 import os
 import stat
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -39,7 +43,9 @@ from sqlalchemy import (
     true,
 )
 from sqlalchemy.engine import URL
+from sqlalchemy.exc import SQLAlchemyError
 
+log = logging.getLogger("automask.server")
 metadata = MetaData()
 
 keys_table = Table(
@@ -135,6 +141,12 @@ def database_url(settings: Any) -> str:
     return str(settings.database_url or embedded_url(settings.data_dir))
 
 
+CLOCK_REFRESH = 30.0
+"""Seconds between two readings of the database server's clock (`Store.now`)."""
+CLOCK_SKEW_WARNING = 1.0
+"""Seconds this host's clock may differ from the database server's before a warning is logged."""
+
+
 def advisory_lock_id(name: str) -> int:
     """The PostgreSQL advisory lock key (a signed 64-bit integer) of lock `name`: a stable hash."""
     return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "big", signed=True)
@@ -148,6 +160,46 @@ class Store:
         self.is_sqlite = self.url.drivername.startswith("sqlite")
         self.path: Path | None = Path(self.url.database) if self.is_sqlite and self.url.database else None
         self.engine = self._engine()
+        self.host_clock: Callable[[], float] = time.time  # this host's clock (a seam for tests)
+        self._skew = 0.0  # the database server's clock minus this host's, seconds
+        self._skew_read_at = -math.inf  # time.monotonic() of the last reading
+        self._skew_lock = threading.Lock()
+
+    def now(self) -> float:
+        """The fleet's one clock, in seconds since the epoch: the database server's. Every timestamp that is stored
+        or compared with a stored one (heartbeats, job and hold times, deadlines handed to workers) is read here, so
+        nodes whose own clocks disagree still agree on who is alive and what has expired. This host's clock plus
+        its difference to the server's, read again every `CLOCK_REFRESH` seconds in a thread of its own (this never
+        waits for the database: safe on the event loop). SQLite: this host's clock."""
+        due = time.monotonic() - self._skew_read_at >= CLOCK_REFRESH
+        if due and not self.is_sqlite and self._skew_lock.acquire(blocking=False):
+            threading.Thread(target=self._read_clock_locked, name="automask-clock", daemon=True).start()
+        return self.host_clock() + self._skew
+
+    def read_clock(self) -> None:
+        """Read the database server's clock now (waits for it; `now` does this by itself in the background)."""
+        if not self.is_sqlite:
+            with self._skew_lock:
+                self._read_clock()
+
+    def _read_clock_locked(self) -> None:
+        try:
+            self._read_clock()
+        finally:
+            self._skew_lock.release()
+
+    def _read_clock(self) -> None:
+        try:
+            before = self.host_clock()
+            with self.engine.connect() as conn:
+                server = float(conn.execute(text("SELECT extract(epoch FROM clock_timestamp())")).scalar_one())
+            skew = server - (before + self.host_clock()) / 2
+        except SQLAlchemyError:  # unreachable now: keep the last difference, read again in a second
+            self._skew_read_at = time.monotonic() - CLOCK_REFRESH + 1.0
+            return
+        if abs(skew) > CLOCK_SKEW_WARNING and abs(skew - self._skew) > CLOCK_SKEW_WARNING:
+            log.warning("this host's clock is %+.1f s off the database server's; the fleet uses the server's", -skew)
+        self._skew, self._skew_read_at = skew, time.monotonic()
 
     @classmethod
     def in_data_dir(cls, data_dir: Path) -> Store:
@@ -167,6 +219,7 @@ class Store:
         from automask.server.migrations import ensure_schema
 
         ensure_schema(store, create=create)
+        store.read_clock()  # timestamps are right from the first one
         return store
 
     def describe(self) -> str:

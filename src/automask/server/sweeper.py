@@ -74,10 +74,10 @@ class Sweeper:
             if self.dispatcher.node is not None:  # this process is alive, whatever its heartbeat's delay
                 live.append(self.dispatcher.node)
             longest = self.server.timeout + LONGEST_RUN_MARGIN  # no run lasts longer: Celery kills it before
-            requeued = self.jobs.orphaned(live, started_before=time.time() - longest)
+            requeued = self.jobs.orphaned(live, started_before=self.store.now() - longest)
             served = self.dispatcher.serving()  # jobs no live node can run would only pile up in their queue
             back = {job_id for job_id, _ in requeued}
-            now = time.time()
+            now = self.store.now()
             pending = self.jobs.unpublished(
                 now - self.server.republish_after, models=served, confirmed_before=now - self.server.resend_after
             )
@@ -87,7 +87,7 @@ class Sweeper:
                 self._last_expiry = time.monotonic()
                 done["expired"] = self.jobs.expire(self.server.result_ttl)
                 nodes.forget_dead(self.store, max(60.0, 10 * self.server.node_ttl))
-        sent_at = time.time()
+        sent_at = self.store.now()
         handed = self.hand_out(requeued + due)
         self.jobs.published(sorted(handed), sent_at)
         done["requeued"] = len(requeued)

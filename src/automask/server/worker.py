@@ -120,7 +120,7 @@ def v1_task(task: Any, rid: str, model: str, deadline: float, request_id: str) -
     """Answer v1 hand-off `rid` unless its client left or its deadline passed."""
     proc = _process()
     keys = v1_keys(rid)
-    if time.time() > deadline or proc.redis.exists(keys["cancel"]):
+    if proc.jobs.store.now() > deadline or proc.redis.exists(keys["cancel"]):
         return
     body, image = proc.redis.mget([keys["request"], keys["image"]])
     if body is None:
