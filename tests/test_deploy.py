@@ -25,6 +25,7 @@ from automask.cli import main
 from automask.models import CATALOGUE
 from automask.server.config import ServerSettings
 from automask.settings import Settings
+from server_helpers import loopback_socket
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -206,11 +207,12 @@ def test_api_nodes_serve_on_all_interfaces_with_keys(
     run = Recorder()
     monkeypatch.setattr(automask.server.app, "create_app", create_app)
     monkeypatch.setattr(automask.server.http, "run", run)
+    monkeypatch.setattr(automask.server.http, "listen", lambda server: [loopback_socket()])  # not 0.0.0.0:8000
     service = compose["services"][name]
     assert "--no-auth" not in service["command"]
     run_service(service, monkeypatch, tmp_path)
     ((tag, settings, app_server), server), kwargs = run.calls[0]
-    assert tag == "app" and app_server is server and kwargs == {"log_level": "info"}
+    assert tag == "app" and app_server is server and kwargs["log_level"] == "info"
     assert (server.host, server.port, server.auth) == ("0.0.0.0", 8000, True)
     assert server.public_url == "http://localhost:8080"
     assert settings.database_url == "postgresql://automask:automask@postgres:5432/automask"

@@ -164,9 +164,8 @@ def test_v1_never_reads_a_server_side_file(serve: Any, image: np.ndarray, tmp_pa
         r = post(live, headers, **body)
         assert r.status_code == 400
         assert "base64" in r.json()["error"] and "file" not in r.json()["error"]
-    sub = post(live, headers, "v2", json={"image": str(path), "prompt": "sofa"}).json()
-    failed = poll(sub["status_url"], headers)
-    assert failed.status_code == 422 and "base64" in failed.json()["error"]
+    v2 = post(live, headers, "v2", json={"image": str(path), "prompt": "sofa"})  # refused at submit, as v1 does
+    assert v2.status_code == 400 and v2.json() == r.json()
 
 
 # -- errors -------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from automask import MaskGenerator, Settings
 from automask.server.app import create_app
 from automask.server.config import ServerSettings
 from automask.server.http import connection_cap, error_bytes
-from server_helpers import FakeBackend, free_port, png_bytes, server_process, wait_for, wait_ready
+from server_helpers import FakeBackend, free_port, loopback_socket, png_bytes, server_process, wait_for, wait_ready
 
 T = 1.0
 """The header, body and keep-alive timeouts of the module's server (seconds)."""
@@ -289,7 +289,8 @@ def test_serve_flags_reach_the_server(monkeypatch: pytest.MonkeyPatch, tmp_path:
     from automask.server import http
 
     seen: list[ServerSettings] = []
-    monkeypatch.setattr(http, "run", lambda app, server, log_level="info": seen.append(server))
+    monkeypatch.setattr(http, "listen", lambda server: [loopback_socket()])  # not 127.0.0.1:8000 itself
+    monkeypatch.setattr(http, "run", lambda app, server, log_level="info", sockets=(): seen.append(server))
     flags = ["--header-timeout", "3", "--body-timeout", "4", "--keepalive-timeout", "2"]
     flags += ["--max-connections", "7", "--shutdown-timeout", "6"]
     result = CliRunner().invoke(main, ["--data-dir", str(tmp_path / "data"), "serve", "--no-auth", *flags])

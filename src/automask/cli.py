@@ -67,7 +67,11 @@ EXIT_HELP = (
     (6, "fetching the image URL failed or timed out"),
     (7, "inference ran past its time limit"),
     (8, "the output could not be written"),
-    (9, "serve/worker/keys: the database needs `automask db migrate`, or a service setting is missing"),
+    (
+        9,
+        "serve/worker/keys: the database needs `automask db migrate`, a service setting is missing, or serve "
+        "cannot listen on --host/--port (e.g. the port is in use) or start",
+    ),
     (EXIT_INTERNAL, "internal error (run with --debug for the traceback)"),
     (EXIT_INTERRUPTED, "interrupted (Ctrl-C)"),
 )

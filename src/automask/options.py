@@ -94,6 +94,11 @@ class MaskOptions(BaseModel):
         """The targets of `negative_prompt` (split as `parse_prompt` splits a prompt); [] when it names none."""
         return list(dict.fromkeys(parse_prompt_parts(self.negative_prompt or "")))
 
+    def scored_targets(self, prompts: list[str]) -> list[str]:
+        """Every target a call with these options scores, once each: `prompts` (from `parse_prompt`), then the
+        negative prompt's."""
+        return list(dict.fromkeys(prompts + self.negative_targets))
+
     @property
     def output_kind(self) -> str:
         """'alpha', 'mask' or 'preview': what `render` produces."""

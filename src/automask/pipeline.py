@@ -30,7 +30,7 @@ from automask.imageio.decode import composite_on_white
 from automask.models import EMBEDDED, ResolvedModel
 from automask.options import MaskOptions, parse_prompt
 from automask.result import Detection, MaskResult
-from automask.routing import ModelPlan, Route, plan_models, route
+from automask.routing import ModelPlan, Route, installed_alternatives, plan_models, routed
 from automask.settings import Settings
 
 
@@ -142,15 +142,15 @@ class MaskGenerator:
         self.cache = FeatureCache(cache_size)
         self._refined: Backend | None = None
 
-    def _no_open_vocabulary(self, exc: ModelNotAvailableError, targets: list[str]) -> ModelNotAvailableError:
-        """The routing error, naming the installed models that could answer the unknown words (when this
-        generator runs the embedded model alone although an open-vocabulary model is installed)."""
-        from automask.models import EMBEDDED, REFINERS, list_models
-        from automask.routing import target_of, unknown_words_message
-
-        others = [m.name for m in list_models(self.settings) if m.installed and m.name not in (EMBEDDED, *REFINERS)]
-        unknown = [t for t in targets if target_of(t) is None]
-        return ModelNotAvailableError(unknown_words_message(unknown, others)) if others and unknown else exc
+    def route(self, targets: list[str]) -> Route:
+        """Which of this generator's models scores each target; `ModelNotAvailableError` (naming the installed
+        models that could) for a target none of them can serve. Loads and decodes nothing."""
+        return routed(
+            targets,
+            embedded=self.embedded is not None,
+            open_vocab=self.open is not None,
+            alternatives=lambda: installed_alternatives(self.settings),
+        )
 
     def generate(
         self,
@@ -171,11 +171,7 @@ class MaskGenerator:
         opts = MaskOptions.parse(options.model_dump() if options else None, **kwargs) if kwargs else options
         opts = opts or MaskOptions()
         prompts = parse_prompt(prompt)
-        targets = list(dict.fromkeys(prompts + opts.negative_targets))
-        try:
-            plan = route(targets, embedded=self.embedded is not None, open_vocab=self.open is not None)
-        except ModelNotAvailableError as exc:
-            raise self._no_open_vocabulary(exc, targets) from None
+        plan = self.route(opts.scored_targets(prompts))
         t0 = time.perf_counter()
         keep_alpha = opts.output_kind == "alpha"  # a cut-out keeps the image's own transparency
         decoded = Decoded(load_image(image, self.settings, allow_paths=allow_paths, keep_alpha=keep_alpha))

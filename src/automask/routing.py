@@ -15,7 +15,7 @@ selections of all targets are unioned.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from enum import Enum
 from types import MappingProxyType
@@ -101,6 +101,27 @@ def route(prompts: Iterable[str], *, embedded: bool, open_vocab: bool, prefer_em
     if other and not open_vocab:
         raise ModelNotAvailableError(unknown_words_message(other))
     return Route(embedded=tuple(emb), background=tuple(bg), open=tuple(other))
+
+
+def routed(targets: list[str], *, embedded: bool, open_vocab: bool, alternatives: Callable[[], list[str]]) -> Route:
+    """`route(targets, ...)` for the models a generator has (or will load); a target none of them can serve raises
+    `ModelNotAvailableError` naming `alternatives()` (called only then: the open-vocabulary models the caller could
+    choose instead, e.g. those installed) when there are some, else saying how to install one."""
+    try:
+        return route(targets, embedded=embedded, open_vocab=open_vocab)
+    except ModelNotAvailableError as exc:
+        unknown = [t for t in targets if target_of(t) is None]
+        others = alternatives() if unknown else []
+        if not others:
+            raise
+        raise ModelNotAvailableError(unknown_words_message(unknown, others)) from exc
+
+
+def installed_alternatives(settings: Settings) -> list[str]:
+    """The open-vocabulary models installed in `settings.data_dir` (for `routed`'s error)."""
+    from automask.models import REFINERS, list_models
+
+    return [m.name for m in list_models(settings) if m.installed and m.name not in (EMBEDDED, *REFINERS)]
 
 
 def unknown_words_message(words: list[str], installed: list[str] | None = None) -> str:

@@ -88,20 +88,27 @@ def check_pixels(width: int, height: int, settings: Settings) -> None:
 def decode_image(data: bytes, settings: Settings, *, keep_alpha: bool = False) -> np.ndarray:
     """Decode an encoded image (JPEG, PNG, WebP, ...) into an H×W×3 uint8 RGB array, EXIF orientation applied
     (H×W×4 RGBA for an image with transparency when `keep_alpha`)."""
-    check_encoded_size(len(data), settings)
-    if not data:
-        raise ImageDecodeError("The image is empty (0 bytes). Send the bytes of a JPEG, PNG or WebP file.")
     with _open(data, settings) as img:
         return pil_to_rgb(img, settings, keep_alpha=keep_alpha)
 
 
+def check_header(data: bytes, settings: Settings) -> None:
+    """Raise now what `decode_image(data)` raises before decoding any pixel: over the byte or pixel limits
+    (`ImageTooLargeError`), empty or not an image of an allowed format (`ImageDecodeError`). Reads the header only."""
+    _open(data, settings).close()
+
+
 def _open(data: bytes, settings: Settings) -> Image.Image:
-    """Open `data` lazily (header only) and check its pixel count before anything is decoded.
+    """Open `data` lazily (header only), after checking its size, and check its pixel count before anything is
+    decoded.
 
     Our limit is the one that counts: Pillow's own (`Image.MAX_IMAGE_PIXELS`, ~89.5 MP, which warns above it and
     refuses above twice it) is raised to `settings.max_image_pixels` when that is higher (never lowered), and its
     warning is left to our check, which follows at once.
     """
+    check_encoded_size(len(data), settings)
+    if not data:
+        raise ImageDecodeError("The image is empty (0 bytes). Send the bytes of a JPEG, PNG or WebP file.")
     _raise_pillow_limit(settings.max_image_pixels)
     try:
         with warnings.catch_warnings():

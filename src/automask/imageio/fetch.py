@@ -143,11 +143,17 @@ def blocked_reason(ip: IPAddress) -> str | None:
     return None if ip.is_global else "not globally routable"
 
 
-def resolve_host(host: str, port: int) -> list[IPAddress]:
-    """Every address `host` resolves to for TCP (once, through the system resolver), in resolver order."""
+def resolve_host(host: str, port: int, *, numeric_only: bool = False) -> list[IPAddress]:
+    """Every address `host` resolves to for TCP (once, through the system resolver), in resolver order.
+    `numeric_only`: only a host spelled as an address ('10.0.0.1', '2130706433', '0x7f.1', '::1') is resolved,
+    with no lookup at all; a host name gives []."""
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        infos = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST if numeric_only else 0
+        )
     except (socket.gaierror, UnicodeError) as exc:
+        if numeric_only:
+            return []
         raise FetchError(f"Could not resolve the image URL's host {host!r}: {exc}.") from None
     addresses: list[IPAddress] = []
     for info in infos:
@@ -180,6 +186,16 @@ def fetch_url(
             return outcome
         current = _redirect_target(current, outcome)
     raise FetchError(f"The image URL {_show(first)} redirected more than {settings.max_redirects} times.")
+
+
+def check_url(url: str, settings: Settings) -> None:
+    """The checks of `fetch_url` that need no network, for a URL fetched later (a stored v2 job): the scheme and
+    host (`parse_url`) and, for a host spelled as an address, that address. Raises URLRefusedError. A host name is
+    not looked up here: its addresses are checked when it is fetched."""
+    parsed = parse_url(url)
+    addresses = resolve_host(parsed.raw_host.decode("ascii"), _port(parsed), numeric_only=True)
+    if addresses:
+        _checked_addresses(parsed, lambda _host, _port: addresses, _default_policy(settings))
 
 
 def parse_url(url: str) -> httpx.URL:

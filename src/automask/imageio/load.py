@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from automask.errors import ImageDecodeError
-from automask.imageio.decode import array_to_rgb, check_encoded_size, decode_image, pil_to_rgb
+from automask.imageio.decode import array_to_rgb, check_encoded_size, check_header, decode_image, pil_to_rgb
 from automask.settings import Settings
 
 ImageSource = str | Path | bytes | bytearray | memoryview | Image.Image | np.ndarray | BinaryIO
@@ -98,38 +98,47 @@ def _from_string(text: str, settings: Settings, *, allow_paths: bool, keep_alpha
         from automask.imageio.fetch import fetch_url  # httpx is imported only when a URL is given
 
         return decode(fetch_url(stripped, settings))
+    inline = not stripped or stripped[:5].lower() == "data:"
+    if allow_paths and not inline and _is_existing_path(text):
+        return decode(read_file(Path(text), settings))
+    data = _inline_bytes(text, settings, allow_paths=allow_paths)
+    try:
+        return decode(data)
+    except ImageDecodeError:
+        if allow_paths and not inline and _may_be_path(text) and len(text) < 64:  # too short for base64: a path
+            raise ImageDecodeError(f"No such file: {_short(text)}. {kinds}") from None
+        raise
+
+
+def _inline_bytes(text: str, settings: Settings, *, allow_paths: bool) -> bytes:
+    """The encoded image a `data:` URI or a bare base64 string holds; `ImageDecodeError` naming the kinds of image
+    string accepted when `text` is neither (with `allow_paths`, "No such file" when it could be a path)."""
+    stripped = text.strip()
+    kinds = _KINDS if allow_paths else _KINDS_NO_PATHS
     if not stripped:
         raise ImageDecodeError(f"The image string is empty. {kinds}")
     if stripped[:5].lower() == "data:":
-        return decode(decode_data_uri(stripped, settings))
-    if allow_paths and _is_existing_path(text):
-        return decode(read_file(Path(text), settings))
+        return decode_data_uri(stripped, settings)
     data = decode_base64(text, settings)
     if data is None:
         if allow_paths and _may_be_path(text):
             raise ImageDecodeError(f"No such file: {_short(text)}. {kinds}")
         raise ImageDecodeError(f"The image string is not valid base64. {kinds}")
-    try:
-        return decode(data)
-    except ImageDecodeError:
-        if allow_paths and _may_be_path(text) and len(text) < 64:  # too short for base64 image data: a path
-            raise ImageDecodeError(f"No such file: {_short(text)}. {kinds}") from None
-        raise
+    return data
 
 
-def check_size(image: str | bytes, settings: Settings) -> None:
-    """Raise `ImageTooLargeError` now, decoding nothing, for an image given as bytes, base64 or a `data:` URI that
-    is over `settings.max_image_bytes` (a URL is checked while it downloads). For a server that stores the image
-    to decode it later (v2 jobs)."""
-    if isinstance(image, bytes):
-        check_encoded_size(len(image), settings)
+def check_image(image: str | bytes, settings: Settings) -> None:
+    """Raise now what `load_image(image, allow_paths=False)` would raise before any download or pixel decoding,
+    for a server that stores a client's image to load it later (v2 jobs): a URL refused by its scheme or by a host
+    spelled as an address (`fetch.check_url`: no DNS lookup; a host name is checked when fetched); data that is not
+    base64; over the byte limit; and from the image's header, not an image or over the pixel limit
+    (`ImageDecodeError`, `ImageTooLargeError`, `URLRefusedError`)."""
+    if isinstance(image, str) and _SCHEME.match(image.strip()):
+        from automask.imageio.fetch import check_url
+
+        check_url(image.strip(), settings)
         return
-    text = image.strip()
-    if _SCHEME.match(text):
-        return
-    if text[:5].lower() == "data:":
-        text = text.partition(",")[2]
-    check_encoded_size(len("".join(text.split())) * 3 // 4, settings)  # as `decode_base64` counts it
+    check_header(image if isinstance(image, bytes) else _inline_bytes(image, settings, allow_paths=False), settings)
 
 
 def decode_data_uri(uri: str, settings: Settings) -> bytes:

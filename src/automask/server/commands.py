@@ -82,9 +82,16 @@ def serve(ctx: click.Context, model: str | None, log_level: str, no_auth: bool, 
         overrides["auth"] = False
     server = _server_settings(overrides)
     _configure_logging(log_level)
+    sockets = http.listen(server)  # first: a busy port is one line, before the database or a model is touched
+    try:
+        app = create_app(settings, server)
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
     auth = "API keys required" if server.auth else "NO AUTH (loopback only)"
-    click.echo(f"automask: serving on http://{server.host}:{server.port} ({auth}); docs at /docs", err=True)
-    http.run(create_app(settings, server), server, log_level=log_level)
+    click.echo(f"automask: serving on {http.address(sockets)} ({auth}); docs at /docs", err=True)
+    http.run(app, server, log_level=log_level, sockets=sockets)
 
 
 def _server_settings(overrides: dict[str, Any]) -> ServerSettings:
@@ -105,6 +112,8 @@ def _configure_logging(level: str) -> None:
     handler.setFormatter(logging.Formatter("%(message)s"))
     access.addHandler(handler)
     access.propagate = False
+    if level != "debug":  # alembic says INFO on every start, a migration or not (`ensure_schema` logs one)
+        logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
 @click.group()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Sequence
 from concurrent.futures import Future
 from typing import Protocol
 
@@ -51,9 +52,10 @@ class Dispatcher(Protocol):
     async def stop(self) -> None:
         """Stop taking work; jobs not finished stay in the database and run again elsewhere or later."""
 
-    def check(self, model: str | None) -> str:
-        """The name of the model a request asks for, once it is known to be served (404 unknown, 503 not
-        available): cheap, may touch the disk or the database, never loads a model. Call it off the loop."""
+    def check(self, model: str | None, targets: Sequence[str] = ()) -> str:
+        """The name of the model a request asks for, once it is known to be served and to answer `targets` (the
+        request's scored targets, `MaskRequest.targets`) (404 unknown, 503 not available or no served model
+        answers a target): cheap, may touch the disk or the database, never loads a model. Call it off the loop."""
 
     async def prepare(self, model: str) -> None:
         """Have `model` ready to answer before a v1 request's credit is held and its time limit starts: load it
@@ -130,8 +132,8 @@ class LocalDispatcher:
             await asyncio.to_thread(self._heartbeat.stop)
         self.runner.close()
 
-    def check(self, model: str | None) -> str:
-        return self.runner.check(model)
+    def check(self, model: str | None, targets: Sequence[str] = ()) -> str:
+        return self.runner.check(model, targets)
 
     async def prepare(self, model: str) -> None:
         await self.runner.load(model)

@@ -17,12 +17,13 @@ import queue as threadqueue
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
 from automask.errors import ModelNotAvailableError, ServiceConfigError, UnknownModelError
-from automask.models import CATALOGUE, EMBEDDED
+from automask.models import CATALOGUE, EMBEDDED, REFINERS
+from automask.routing import routed
 from automask.server import nodes
 from automask.server.config import ServerSettings
 from automask.server.errors import ApiError
@@ -252,10 +253,14 @@ class CeleryDispatcher:
         served = self._served()
         return served[0] if served else EMBEDDED
 
-    def check(self, model: str | None) -> str:
+    def check(self, model: str | None, targets: Sequence[str] = ()) -> str:
         default = self.default
         name = model or default
-        if name in self._served():
+        served = self._served()
+        if name in served:
+            if name == EMBEDDED:  # its workers answer its vocabulary only (any other model answers any word)
+                others = [n for n in served if n not in (EMBEDDED, *REFINERS)]
+                routed(list(targets), embedded=True, open_vocab=False, alternatives=lambda: others)
             return name
         if name != default and name not in CATALOGUE:
             raise unknown_model(name, self.models())

@@ -18,18 +18,21 @@ except while the app works on its request:
 - a request with both Content-Length and Transfer-Encoding (request smuggling) -> 400; malformed HTTP ->
   400 (431 for headers over `max_header_bytes`, 501 for an unknown transfer coding), all `{"error": ...}`.
 
-`run(app, server)` serves an ASGI app with these limits; SIGTERM stops accepting, gives requests in flight
-`shutdown_timeout` seconds, cancels the rest, and a watchdog ends the process if the app's own clean-up
-hangs more than `SHUTDOWN_GRACE` seconds after that.
+`listen(server)` binds the address before anything else starts (a busy port: a one-line `ServiceConfigError`);
+`run(app, server, sockets=...)` serves an ASGI app on those sockets with these limits; SIGTERM stops accepting,
+gives requests in flight `shutdown_timeout` seconds, cancels the rest, and a watchdog ends the process if the app's
+own clean-up hangs more than `SHUTDOWN_GRACE` seconds after that.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import os
 import resource
+import socket
 import sys
 import threading
 import time
@@ -40,14 +43,18 @@ from typing import Any, ClassVar
 
 import h11
 import uvicorn
+from uvicorn.config import STARTUP_FAILURE
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from automask.errors import ServiceConfigError
 from automask.server.config import ServerSettings
 
 log = logging.getLogger("automask.server.http")
 
 RESERVED_FDS = 64
 """File descriptors kept free of client connections: the database, models, logs, threads' pipes."""
+BACKLOG = 2048
+"""Connections the system queues before they are accepted (uvicorn's default)."""
 SHUTDOWN_GRACE = 5.0
 """Seconds the app's clean-up (job queue, model threads) may take after `shutdown_timeout`."""
 _ERROR_HEADERS = (
@@ -343,10 +350,50 @@ def config_for(app: Any, server: ServerSettings, log_level: str = "info") -> uvi
         timeout_graceful_shutdown=max(1, round(server.shutdown_timeout)),
         h11_max_incomplete_event_size=server.max_header_bytes,
         server_header=False,
+        backlog=BACKLOG,
     )
 
 
-def run(app: Any, server: ServerSettings, log_level: str = "info") -> None:
-    """Serve the ASGI `app` on `server.host:server.port` until SIGINT/SIGTERM (see the module docstring)."""
+_LISTEN_HINTS = {
+    errno.EADDRINUSE: "the address is already in use. Choose another --port (or stop the server that holds it).",
+    errno.EACCES: "permission denied. Ports below 1024 need privileges: choose another --port.",
+    errno.EADDRNOTAVAIL: "no interface of this machine has that address. Check --host.",
+}
+
+
+def listen(server: ServerSettings) -> list[socket.socket]:
+    """Bind and listen on `server.host:server.port` now, before the app starts (port 0: a free port, see
+    `address`). Raises `ServiceConfigError` saying what to change when the address cannot be had."""
+    family = socket.AF_INET6 if ":" in server.host else socket.AF_INET
+    where = f"[{server.host}]:{server.port}" if family == socket.AF_INET6 else f"{server.host}:{server.port}"
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: restart over TIME_WAIT
+        sock.bind((server.host, server.port))
+        sock.listen(BACKLOG)  # the port is ours from here (another bind with SO_REUSEADDR fails too)
+    except OSError as exc:
+        sock.close()
+        reason = _LISTEN_HINTS.get(exc.errno or 0) or f"{exc.strerror or exc}. Check --host and --port."
+        raise ServiceConfigError(f"Cannot listen on {where}: {reason}") from None
+    return [sock]
+
+
+def address(sockets: list[socket.socket]) -> str:
+    """`http://HOST:PORT` of the first listening socket (the port the system chose for port 0)."""
+    host, port = sockets[0].getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def run(app: Any, server: ServerSettings, log_level: str = "info", *, sockets: list[socket.socket]) -> None:
+    """Serve the ASGI `app` on `sockets` (from `listen`) until SIGINT/SIGTERM (see the module docstring); the
+    sockets are closed on return. The app's start-up failing raises `ServiceConfigError` (uvicorn logged why)."""
     config = config_for(app, server, log_level)
-    _Server(config, deadline=server.shutdown_timeout + SHUTDOWN_GRACE).run()
+    try:
+        _Server(config, deadline=server.shutdown_timeout + SHUTDOWN_GRACE).run(sockets=sockets)
+    except SystemExit as exc:
+        if exc.code != STARTUP_FAILURE:
+            raise
+        raise ServiceConfigError("The server could not start: the error above says why.") from None
+    finally:
+        for sock in sockets:
+            sock.close()

@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.security import APIKeyHeader
 
 from automask.errors import InvalidOptionError
-from automask.imageio.load import check_size
+from automask.imageio.load import check_image
 from automask.server import keys
 from automask.server.dispatch import PUBLISH_TIMEOUT
 from automask.server.errors import ApiError, shown
@@ -142,9 +142,9 @@ def render(outcome: Outcome, as_base64: bool) -> Response:
 @asynccontextmanager
 async def accepted(request: Request, key: ApiKey | None) -> AsyncIterator[tuple[ServerState, MaskRequest, str]]:
     """What v1 and v2 do before any work: the rate limit (429), a spent key (406), room for the body in memory
-    (503; these three before the body is read), the body (400/413), and the model (404/503, answered before a
-    credit is held or a job is queued). Yields the state, the request and the model name; the body's room in
-    `state.bodies` is held until the block ends."""
+    (503; these three before the body is read), the body (400/413), and the model and whether it answers the
+    prompt's targets (404/503, answered before a credit is held or a job is queued). Yields the state, the request
+    and the model name; the body's room in `state.bodies` is held until the block ends."""
     state = state_of(request)
     if key is not None:
         await state.limiter.hit(key.id, key.rate_limit)
@@ -152,7 +152,7 @@ async def accepted(request: Request, key: ApiKey | None) -> AsyncIterator[tuple[
             raise no_credits(key.id)
     with state.bodies.hold(key.id if key else None, declared_size(request.headers, state.body_limit)):
         req = await read_request(request, state.body_limit)
-        model = await asyncio.to_thread(state.dispatcher.check, req.model)
+        model = await asyncio.to_thread(state.dispatcher.check, req.model, req.targets)
         yield state, req, model
 
 
@@ -202,7 +202,8 @@ async def v1_generate(request: Request, key: CallerKey) -> Response:
 )
 async def v2_submit(request: Request, key: CallerKey) -> SubmitResponse:
     async with accepted(request, key) as (state, req, model):
-        check_size(req.image, state.settings)  # 413 now, as v1 would answer, not when the job runs
+        # what v1 answers before any download or inference (400, 413), now, not when the job runs
+        await asyncio.to_thread(check_image, req.image, state.settings)
         job_id = await asyncio.to_thread(
             state.jobs.submit, key.id if key else None, req, charge=key is not None, model=model
         )

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import re
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import CancelledError as FutureCancelled
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -27,7 +29,7 @@ from automask.models import CATALOGUE, REFINERS, list_models
 from automask.options import MaskOptions
 from automask.pipeline import MaskGenerator
 from automask.result import MaskResult
-from automask.routing import plan_models
+from automask.routing import installed_alternatives, plan_models, routed
 from automask.server.config import ServerSettings
 from automask.settings import Settings
 
@@ -158,19 +160,28 @@ class Runner:
                 self._slots[name] = _Slot(name, name)
             return self._slots[name]
 
-    def check(self, model: str | None) -> str:
-        """`name_of(model)`, after checking that the model is installed (`ModelNotAvailableError`, 503, saying
-        how to install it, otherwise). Loads nothing: a quick look at the disk."""
+    def check(self, model: str | None, targets: Sequence[str] = ()) -> str:
+        """`name_of(model)`, after checking that the model is installed and can answer `targets` (the request's
+        scored targets: `MaskRequest.targets`); `ModelNotAvailableError` (503, saying what to install or choose)
+        otherwise. Loads nothing: a quick look at the disk."""
         name = self.name_of(model)
         slot = self._slot(name)
         if slot.generator is not None:
+            slot.generator.route(list(targets))
             return name
         if (error := slot.recent_error()) is not None:
             raise error
         try:
-            plan_models(slot.spec, self.settings)
+            plan = plan_models(slot.spec, self.settings)
         except AutomaskError as exc:
             raise self._not_available(slot, exc) from None
+        alternatives = functools.partial(installed_alternatives, self.settings)
+        routed(
+            list(targets),
+            embedded=plan.embedded is not None,
+            open_vocab=plan.open is not None,
+            alternatives=alternatives,
+        )
         return name
 
     def _not_available(self, slot: _Slot, exc: AutomaskError) -> ModelNotAvailableError:

@@ -60,6 +60,11 @@ class MaskRequest(MaskOptions):
         "this server, as GET /v1/models lists them. Absent: the server's default model.",
     )
 
+    @property
+    def targets(self) -> list[str]:
+        """Every target the request scores, once each: the prompt's, then the negative prompt's."""
+        return self.scored_targets(parse_prompt(self.prompt))
+
     def options(self) -> MaskOptions:
         """The masking options alone."""
         return MaskOptions.parse(self.model_dump(include=set(MaskOptions.model_fields)))
@@ -100,7 +105,7 @@ def validate_request(data: Any, *, strict: bool) -> MaskRequest:
         raise InvalidOptionError(
             "prompt", f"names {len(targets)} targets; at most {MAX_PROMPT_TARGETS} per request: split it in several"
         )
-    scored = len(dict.fromkeys(targets + req.negative_targets))
+    scored = len(req.scored_targets(targets))
     if scored > MAX_PROMPT_TARGETS:
         raise InvalidOptionError(
             "negative_prompt",

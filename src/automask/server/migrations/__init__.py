@@ -8,6 +8,7 @@ schema directly (`metadata.create_all`, then stamped), which a test proves equal
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from alembic import command
@@ -19,6 +20,7 @@ from sqlalchemy import Connection, inspect, text
 from automask.errors import ServiceConfigError
 from automask.server.store import Store, metadata
 
+log = logging.getLogger("automask.server")
 LOCK_ID = 0x6175746F6D61  # "automa": the PostgreSQL advisory lock that serialises migrations
 
 
@@ -77,6 +79,7 @@ def ensure_schema(store: Store, *, create: bool) -> None:
         if rev is None and empty and create:
             metadata.create_all(conn)
             MigrationContext.configure(conn).stamp(ScriptDirectory.from_config(config()), target)
+            log.info("created the schema (revision %s) in the empty database %s", target, store.describe())
             return
     where = store.describe()
     if rev is not None and rev not in _known():
