@@ -20,7 +20,7 @@ def test_keys_and_migrations_act_on_the_configured_postgresql(postgres_db: str, 
     cli = CliRunner()
     migrated = cli.invoke(main, ["db", "migrate"], env=env)
     assert migrated.exit_code == 0 and "postgresql+psycopg://automask:***@" in migrated.output  # no password shown
-    assert "Migrated" in migrated.output and "schema revision 0002" in migrated.output
+    assert "Migrated" in migrated.output and "schema revision 0003" in migrated.output
     created = cli.invoke(main, ["keys", "create", "--credits", "7", "--name", "fleet"], env=env)
     assert created.exit_code == 0, created.output
     token = created.stdout.strip()
@@ -31,7 +31,7 @@ def test_keys_and_migrations_act_on_the_configured_postgresql(postgres_db: str, 
     assert [k["id"] for k in listed] == [key.id]
     assert not (tmp_path / "data" / "automask.db").exists()  # nothing went to the data folder's SQLite
     status = cli.invoke(main, ["db", "status"], env=env)
-    assert status.exit_code == 0 and "schema revision 0002; this release: 0002" in status.output
+    assert status.exit_code == 0 and "schema revision 0003; this release: 0003" in status.output
 
 
 @pytest.mark.parametrize(
@@ -68,17 +68,37 @@ def test_a_worker_that_cannot_reach_the_database_hands_the_task_back(monkeypatch
     def database_down(*args: object, **kwargs: object) -> None:
         raise OperationalError("UPDATE jobs", {}, Exception("connection refused"))
 
-    monkeypatch.setattr(worker, "_WORKER", SimpleNamespace(server=ServerSettings()))
+    monkeypatch.setattr(worker, "_WORKER", SimpleNamespace(server=ServerSettings(timeout=1.0)))
     released: list[tuple[str, str]] = []
-    jobs = SimpleNamespace(release=lambda job_id, node: released.append((job_id, node)))
+    pings: list[float] = []
+    answers = [False, False, True]  # the database is back at the third try
+    store = SimpleNamespace(ping=lambda: pings.append(time.monotonic()) or answers.pop(0))
+    jobs = SimpleNamespace(release=lambda job_id, node: released.append((job_id, node)), store=store)
     monkeypatch.setattr(worker, "_process", lambda: SimpleNamespace(jobs=jobs, runner=None, node="n1"))
     monkeypatch.setattr(worker, "execute_job", database_down)
-    monkeypatch.setattr(worker, "RETRY_PAUSE", 0.0)
+    monkeypatch.setattr(worker, "RETRY_PAUSE", 0.05)
     task = SimpleNamespace(request=SimpleNamespace(delivery_info={"redelivered": False}))
     with pytest.raises(Reject) as rejected:
         worker.v2_task(task, "job-1")
     assert rejected.value.requeue is True
     assert released == [("job-1", "n1")]  # the job, if this process held it, goes back: any process may take it
+    assert len(pings) == 3 and not answers  # handed back once the database answered, not at the first error
+
+
+def test_a_worker_spends_a_delivery_per_timeout_not_per_retry_while_the_database_is_down(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Before: handed back every 2 s; each hand-back counts towards RabbitMQ's delivery limit (20), so an outage of
+    about a minute dropped the message and the job waited 15 minutes for the sweeper's resend."""
+    from types import SimpleNamespace
+
+    from automask.server import worker
+
+    monkeypatch.setattr(worker, "RETRY_PAUSE", 0.05)
+    pings: list[float] = []
+    start = time.monotonic()
+    worker._wait_for_database(SimpleNamespace(ping=lambda: pings.append(1.0) or False), 0.5)  # type: ignore[arg-type]
+    assert 0.5 <= time.monotonic() - start < 0.7 and len(pings) >= 5
 
 
 def test_a_publisher_finds_out_when_rabbitmq_no_longer_blocks(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from amqp.exceptions import NotFound
+from amqp.exceptions import InternalError, NotFound
 
 from automask.errors import InferenceTimeoutError
 from automask.server.config import ServerSettings
@@ -154,7 +154,8 @@ def test_a_v1_message_carries_a_ttl_for_rabbitmq_and_no_time_of_this_hosts(dispa
     def take() -> Any:
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:
-            with dispatcher.app.connection_for_write() as conn, contextlib.suppress(NotFound):  # (not declared yet)
+            not_up_yet = contextlib.suppress(NotFound, InternalError)  # the queue is declared by the first send
+            with dispatcher.app.connection_for_write() as conn, not_up_yet:
                 message = conn.default_channel.basic_get(queue("v1", "m").name, no_ack=True)
                 if message is not None:
                     return message

@@ -239,7 +239,7 @@ def test_a_database_error_while_completing_is_retried_not_failed(store: Store, t
         charge=True,
         model="fake-gradient",
     )
-    nodes.register(store, "node-a", "worker", ["fake-gradient"], "fake-gradient")  # alive all along
+    nodes.register(store, "node-a", "worker", ["fake-gradient"], "fake-gradient", 10.0)  # alive all along
     with pytest.raises(OperationalError):
         execute_job(jobs, runner, job_id, "node-a", max_attempts=3)
     job = jobs.get(job_id)
@@ -264,7 +264,7 @@ def test_a_redelivered_message_takes_a_job_over_only_from_a_dead_node(store: Sto
     key, _ = keystore.create_key(store, credits=1)
     jobs = Jobs(store)
     job_id = jobs.submit(key.id, request_of(), charge=True, model="m")
-    nodes.register(store, "node-a", "worker", ["m"], "m")
+    nodes.register(store, "node-a", "worker", ["m"], "m", 10.0)
     assert jobs.claim(job_id, "node-a") is not None  # node-a runs it, alive
     runner: Any = Unused()
     assert execute_job(jobs, runner, job_id, "node-d", max_attempts=1, takeover_ttl=10.0) is None
@@ -286,7 +286,7 @@ def test_a_redelivered_message_leaves_a_healthy_run_to_finish(store: Store) -> N
     jobs = Jobs(store)
     job_id = jobs.submit(key.id, request_of(), charge=True, model="m")
     assert jobs.claim(job_id, "node-a") is not None  # node-a is SIGKILLed (never in the live set here)
-    nodes.register(store, "node-b", "worker", ["m"], "m")
+    nodes.register(store, "node-b", "worker", ["m"], "m", 10.0)
     assert jobs.claim(job_id, "node-b", takeover_ttl=10.0) is not None  # its message redelivered to node-b
     runner: Any = Unused()
     assert execute_job(jobs, runner, job_id, "node-d", max_attempts=2, takeover_ttl=10.0) is None

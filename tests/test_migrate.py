@@ -97,7 +97,7 @@ def release_0_1_database(data_dir: Path) -> dict[str, Any]:
 def test_release_0_1_database_migrates_in_place(tmp_path: Path) -> None:
     data = tmp_path / "data"
     old = release_0_1_database(data)
-    with pytest.raises(ServiceConfigError, match=r"older than 0002\. Run: automask db migrate"):
+    with pytest.raises(ServiceConfigError, match=rf"older than {head()}\. Run: automask db migrate"):
         Store.from_settings(Settings(data_dir=data))  # serve, worker and keys refuse an older schema
     cli = CliRunner()
     refused = cli.invoke(main, ["--data-dir", str(data), "keys", "list"])

@@ -157,7 +157,7 @@ def test_queue_caps_per_key_and_in_total(store: Store) -> None:
 def test_dead_nodes_jobs_and_lost_publishes_are_found(store: Store) -> None:
     jobs = Jobs(store)
     alive, dead, lost = (jobs.submit(None, request_of(), charge=False, model="m") for _ in range(3))
-    nodes.register(store, "node-alive", "worker", ["m"], "m")
+    nodes.register(store, "node-alive", "worker", ["m"], "m", 10.0)
     assert jobs.claim(alive, "node-alive") and jobs.claim(dead, "node-dead")
     assert [n.id for n in nodes.live(store, ttl=10)] == ["node-alive"]
     assert jobs.orphaned(["node-alive"]) == [(dead, "m")]
@@ -170,23 +170,65 @@ def test_dead_nodes_jobs_and_lost_publishes_are_found(store: Store) -> None:
     assert again is not None and again.attempts == 2  # the attempt on the dead node counts
 
 
+def silent_for(store: Store, node_id: str, seconds: float) -> None:
+    """Node `node_id`'s last heartbeat, `seconds` ago."""
+    with store.transaction() as conn:
+        conn.execute(update(nodes_table).where(nodes_table.c.id == node_id).values(heartbeat_at=store.now() - seconds))
+
+
 def test_a_node_that_stops_beating_is_dead(store: Store) -> None:
-    nodes.register(store, "n1", "worker", ["a", "b"], None)
+    nodes.register(store, "n1", "worker", ["a", "b"], None, 10.0)
     (node,) = nodes.live(store, ttl=10)
     assert (node.models, node.default_model) == (["a", "b"], None)
     assert nodes.heartbeat(store, "n1") and not nodes.heartbeat(store, "n2")
-    assert nodes.live(store, ttl=-1) == []
-    assert nodes.forget_dead(store, ttl=-1) == 1 and nodes.live(store, ttl=10) == []
+    silent_for(store, "n1", 11)
+    assert nodes.live(store, ttl=10) == []
+    assert nodes.forget_dead(store, ttl=60) == 0  # dead, but kept for ten times its TTL (for status pages, logs)
+    silent_for(store, "n1", 101)
+    assert nodes.forget_dead(store, ttl=60) == 1
+
+
+def test_every_node_is_judged_by_its_own_ttl_not_the_readers(store: Store) -> None:
+    """A worker beating every 5 s with a 15 s TTL, seen by an API node whose own TTL is 4 s: alive for 15 s of
+    silence, dead after. Before: judged by the reader's 4 s, so a live worker flickered dead between beats (503s,
+    its jobs taken from it and run twice)."""
+    nodes.register(store, "slow-beat", "worker", ["m"], "m", 15.0)
+    silent_for(store, "slow-beat", 6)
+    assert [n.id for n in nodes.live(store, ttl=4)] == ["slow-beat"]
+    jobs = Jobs(store)
+    job = jobs.submit(None, request_of(), charge=False, model="m")
+    assert jobs.claim(job, "slow-beat") is not None
+    assert jobs.claim(job, "other", takeover_ttl=4) is None  # a redelivery does not take it from a live node
+    assert jobs.orphaned([n.id for n in nodes.live(store, ttl=4)]) == []
+    silent_for(store, "slow-beat", 16)
+    assert nodes.live(store, ttl=4) == []
+    assert jobs.claim(job, "other", takeover_ttl=4) is not None  # now it is dead: taken over
+
+
+def test_a_run_lasts_as_long_as_its_claimers_limit_allows(store: Store) -> None:
+    """A worker with a 600 s timeout claims a job; a sweeper whose own timeout is 60 s leaves it running at 200 s
+    and takes it back only past the claimer's limit. Before: taken back at the sweeper's 60 + 120 s, and run again
+    each time until the attempts cap failed it."""
+    jobs = Jobs(store)
+    job = jobs.submit(None, request_of(), charge=False, model="m")
+    nodes.register(store, "w", "worker", ["m"], "m", 10.0)
+    assert jobs.claim(job, "w", run_limit=600 + 120) is not None
+    with store.transaction() as conn:  # started 200 s ago
+        conn.execute(update(jobs_table).values(started_at=store.now() - 200, run_deadline=store.now() + 520))
+    assert jobs.orphaned(["w"], longest=60 + 120) == []
+    with store.transaction() as conn:  # started 800 s ago: past 600 + 120
+        conn.execute(update(jobs_table).values(started_at=store.now() - 800, run_deadline=store.now() - 80))
+    assert jobs.orphaned(["w"], longest=60 + 120) == [(job, "m")]
 
 
 def test_a_run_older_than_any_run_may_last_is_lost_even_on_a_live_node(store: Store) -> None:
     jobs = Jobs(store)
     fresh, stale = (jobs.submit(None, request_of(), charge=False, model="m") for _ in range(2))
-    nodes.register(store, "alive", "worker", ["m"], "m")
+    nodes.register(store, "alive", "worker", ["m"], "m", 10.0)
     assert jobs.claim(fresh, "alive") and jobs.claim(stale, "alive")
     with store.transaction() as conn:  # `stale` started an hour ago
         conn.execute(update(jobs_table).where(jobs_table.c.id == stale).values(started_at=time.time() - 3600))
-    assert jobs.orphaned(["alive"], started_before=time.time() - 600) == [(stale, "m")]
+    assert jobs.orphaned(["alive"], longest=600) == [(stale, "m")]
     assert [jobs.get(j).status for j in (fresh, stale)] == [PROCESSING, QUEUED]  # type: ignore[union-attr]
 
 
@@ -205,10 +247,10 @@ def test_the_fleet_runs_on_the_database_servers_clock(postgres_db: str, caplog: 
     assert "clock is -600.0 s off" in caplog.text and "clock is +600.0 s off" in caplog.text
     jobs_slow, jobs_fast = Jobs(slow), Jobs(fast)
     job = jobs_fast.submit(None, request_of(), charge=False, model="m")
-    nodes.register(slow, "slow-node", "worker", ["m"], "m")
+    nodes.register(slow, "slow-node", "worker", ["m"], "m", 10.0)
     assert jobs_slow.claim(job, "slow-node") is not None
     assert [n.id for n in nodes.live(fast, ttl=10)] == ["slow-node"]
-    assert jobs_fast.orphaned(["slow-node"], started_before=fast.now() - 60) == []  # a fresh run, not a lost one
+    assert jobs_fast.orphaned(["slow-node"], longest=60) == []  # a fresh run, not a lost one
     with slow.transaction() as conn:  # the slow node's last beat, 11 s ago by the database's clock
         conn.execute(update(nodes_table).values(heartbeat_at=slow.now() - 11))
     assert nodes.live(fast, ttl=10) == [] and nodes.live(slow, ttl=10) == []

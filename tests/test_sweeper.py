@@ -53,7 +53,7 @@ def test_a_job_no_live_worker_serves_is_handed_out_again_only_once_one_does(
     monkeypatch.setattr(dispatcher, "publish", lambda job_id, model: handed(published, (job_id, model)))
     jobs = Jobs(store)
     sweeper = Sweeper(store, jobs, dispatcher, server)
-    nodes.register(store, "worker-a", "worker", ["a"], "a")
+    nodes.register(store, "worker-a", "worker", ["a"], "a", 10.0)
     job_a = jobs.submit(None, MaskRequest.model_validate({"image": "aGVsbG8=", "prompt": "x"}), charge=False, model="a")
     job_b = jobs.submit(None, MaskRequest.model_validate({"image": "aGVsbG8=", "prompt": "x"}), charge=False, model="b")
     try:
@@ -64,7 +64,7 @@ def test_a_job_no_live_worker_serves_is_handed_out_again_only_once_one_does(
             sweeper.sweep()
         assert published == [(job_a, "a")]
         published.clear()
-        nodes.register(store, "worker-b", "worker", ["b"], "b")  # a worker for b comes up
+        nodes.register(store, "worker-b", "worker", ["b"], "b", 10.0)  # a worker for b comes up
         assert sweeper.sweep()["republished"] == 1 and published == [(job_b, "b")]
         assert sweeper.sweep()["republished"] == 0 and published == [(job_b, "b")]  # confirmed: never sent again
     finally:
@@ -186,3 +186,29 @@ def test_the_sweeper_publishes_after_releasing_its_lock(postgres_db: str) -> Non
         assert jobs.unpublished(time.time()) == [] and jobs.get(job_id).status == "QUEUED"  # type: ignore[union-attr]
     finally:
         store.close()
+
+
+def test_after_a_database_outage_no_node_is_taken_for_dead_and_every_queued_job_goes_out_again(
+    store: Store,
+) -> None:
+    """While the database was down nobody could beat, and workers handed messages back until RabbitMQ may have
+    dropped them (its delivery limit). Before: the first sweep after it took every running job from its live node
+    (run twice, an attempt burnt each), and a job whose message was dropped waited `resend_after` (15 min)."""
+    jobs = Jobs(store)
+    dispatcher = Recording()
+    settings = ServerSettings(node_ttl=0.6, heartbeat_interval=0.2, resend_after=900.0)
+    sweeper = Sweeper(store, jobs, dispatcher, settings)  # type: ignore[arg-type]
+    request = MaskRequest.model_validate({"image": "aGVsbG8=", "prompt": "x"})
+    running, waiting = (jobs.submit(None, request, charge=False, model="m") for _ in range(2))
+    nodes.register(store, "w", "worker", ["m"], "m", 0.6)
+    assert jobs.claim(running, "w") is not None
+    jobs.published([waiting], store.now())  # confirmed: its message was in the queue...
+    time.sleep(0.7)  # ... and the database went away for longer than the node TTL
+    sweeper.failed()
+    done = sweeper.sweep()
+    assert done["requeued"] == 0 and jobs.get(running).status == "PROCESSING"  # type: ignore[union-attr]
+    assert done["republished"] == 1 and dispatcher.published == [waiting]  # sent again, once
+    assert sweeper.sweep() == {"requeued": 0, "republished": 0, "holds": 0, "expired": 0}
+    nodes.heartbeat(store, "w")  # the worker beats again: it keeps its job
+    time.sleep(0.65)
+    assert sweeper.sweep()["requeued"] == 1  # a node silent for a TTL past the outage is dead, as usual

@@ -103,7 +103,7 @@ class ServerSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _heartbeats_well_within_the_ttl(self) -> ServerSettings:
-        if self.heartbeat_interval * 3 > self.node_ttl:
+        if self.heartbeat_interval * 3 > self.node_ttl * (1 + 1e-9):  # (0.2 s fits 0.6 s, floats aside)
             raise ValueError(
                 f"The heartbeat interval ({self.heartbeat_interval:g} s) must be at most a third of the node TTL "
                 f"({self.node_ttl:g} s), or a live node would be taken for dead and its jobs run twice: lower "

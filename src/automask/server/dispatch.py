@@ -113,7 +113,13 @@ class LocalDispatcher:
         self._loop = asyncio.get_running_loop()
         self.runner.start_loading()
         self._heartbeat = Heartbeat(
-            self.store, self.node, "server", [self.default], self.default, self.server.heartbeat_interval
+            self.store,
+            self.node,
+            "server",
+            [self.default],
+            self.default,
+            interval=self.server.heartbeat_interval,
+            dead_after=self.server.node_ttl,
         )
         await asyncio.to_thread(self._heartbeat.start)
         for job_id, model in await asyncio.to_thread(self.jobs.queued, limit=self.server.max_queued):
@@ -195,7 +201,13 @@ class LocalDispatcher:
             return FAILED
         try:
             return await asyncio.to_thread(
-                execute_job, self.jobs, self.runner, job_id, self.node, max_attempts=self.server.max_job_attempts
+                execute_job,
+                self.jobs,
+                self.runner,
+                job_id,
+                self.node,
+                max_attempts=self.server.max_job_attempts,
+                timeout=self.server.timeout,
             )
         except Exception:  # the database failed us: the job stays where it was (PROCESSING: `orphaned` recovers it)
             log.exception("could not run v2 job %s; it will be retried", job_id)

@@ -19,7 +19,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from automask.errors import AutomaskError, ModelNotAvailableError
 from automask.result import MaskResult, encode_png
 from automask.server.errors import status_of
-from automask.server.jobs import FAILED, QUEUED, Jobs
+from automask.server.jobs import FAILED, LONGEST_RUN_MARGIN, QUEUED, Jobs
 from automask.server.runner import Runner, RunnerClosed, inference_time, served_metadata
 from automask.server.schemas import MaskRequest
 
@@ -93,11 +93,12 @@ def execute_job(
     *,
     max_attempts: int,
     takeover_ttl: float | None = None,
+    timeout: float | None = None,
 ) -> str | None:
     """Run v2 job `job_id` on `node` to its end, in this thread; returns its new status, or None when it was not
     there to take (finished, cancelled, or running on a live node; `takeover_ttl`: see `Jobs.claim`) or was taken
     over while it ran here (the sweeper declared `node` dead and another node claimed it: that run ends it, never
-    this one).
+    this one). `timeout`: this node's limit on a run; past it (plus `LONGEST_RUN_MARGIN`) the run is taken as lost.
 
     A job started more than `max_attempts` times (each start that never finished: a crash, a killed worker)
     ends FAILED. A job whose model is not available here goes back to QUEUED, its attempt not counted, to run
@@ -107,7 +108,8 @@ def execute_job(
     turned into a FAILED job: the job stays as the database last had it (PROCESSING on `node` once claimed) for the
     caller's retry path (a worker hands its task back and the redelivery takes the job over; the in-process pool
     leaves it to the sweeper), and a result computed here is computed again rather than refunded."""
-    claimed = jobs.claim(job_id, node, takeover_ttl=takeover_ttl)
+    run_limit = None if timeout is None else timeout + LONGEST_RUN_MARGIN
+    claimed = jobs.claim(job_id, node, takeover_ttl=takeover_ttl, run_limit=run_limit)
     if claimed is None:
         return None
     if claimed.attempts > max_attempts:

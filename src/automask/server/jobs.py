@@ -19,7 +19,7 @@ from typing import Any
 
 from sqlalchemy import delete, func, insert, select, update
 
-from automask.server import keys
+from automask.server import keys, nodes
 from automask.server.errors import ApiError
 from automask.server.limits import retry_headers
 from automask.server.schemas import MaskRequest
@@ -31,6 +31,9 @@ FINISHED = (COMPLETED, FAILED, CANCELLED)
 J = jobs_table.c
 N = nodes_table.c
 KEY_CAP_RETRY_SECONDS = 5
+LONGEST_RUN_MARGIN = 120.0
+"""Seconds past the request timeout after which a PROCESSING job is taken as lost even though its node is alive
+(Celery's hard limit is timeout + 30 s; model loading in-process does not count against the timeout)."""
 """How long a key at its cap of unfinished jobs is told to wait (429 `Retry-After`)."""
 
 
@@ -158,25 +161,32 @@ class Jobs:
             row = conn.execute(select(J.result).where(J.id == job_id, J.status == COMPLETED)).first()
         return bytes(row.result) if row is not None and row.result is not None else None
 
-    def claim(self, job_id: str, node: str, *, takeover_ttl: float | None = None) -> Claimed | None:
+    def claim(
+        self, job_id: str, node: str, *, takeover_ttl: float | None = None, run_limit: float | None = None
+    ) -> Claimed | None:
         """Take job `job_id` (now PROCESSING on `node`, one more attempt), or None when it is not there to take.
+        `run_limit`: the seconds after which this run can no longer be going (the claiming node's own timeout plus
+        a margin): past them the sweeper takes the job back (`orphaned`).
 
         A QUEUED job is always taken. A PROCESSING one only with `takeover_ttl` (its message was redelivered) and
-        only when the node running it is dead (silent for `takeover_ttl` seconds or gone from the nodes table) or is
+        only when the node running it is dead (silent for longer than its own TTL, else `takeover_ttl` seconds, or
+        gone from the nodes table) or is
         `node` itself (a worker process runs one task at a time: its own earlier run ended, e.g. on a database
         error, and handed the task back). A redelivered message whose job runs on another live node is a
         duplicate: the job stays with that run (should that node die, the sweeper puts the job back in the queue:
         `orphaned`)."""
         takeable = J.status == QUEUED
         if takeover_ttl is not None:
-            live = select(N.id).where(N.heartbeat_at >= self.store.now() - takeover_ttl)
+            live = select(N.id).where(nodes.alive(self.store.now(), takeover_ttl))
             lost = J.node.is_(None) | (J.node == node) | J.node.not_in(live)
             takeable = takeable | ((J.status == PROCESSING) & lost)
+        now = self.store.now()
+        deadline = None if run_limit is None else now + run_limit
         with self.store.transaction() as conn:
             row = conn.execute(
                 update(jobs_table)
                 .where(J.id == job_id, takeable)
-                .values(status=PROCESSING, started_at=self.store.now(), attempts=J.attempts + 1, node=node)
+                .values(status=PROCESSING, started_at=now, attempts=J.attempts + 1, node=node, run_deadline=deadline)
                 .returning(J.id, J.request, J.upload, J.attempts, J.model)
             ).first()
         if row is None:
@@ -285,17 +295,18 @@ class Jobs:
         with self.store.transaction() as conn:
             conn.execute(update(jobs_table).where(J.id.in_(job_ids), fresh).values(published_at=self.store.now()))
 
-    def orphaned(self, live_nodes: list[str], started_before: float | None = None) -> list[tuple[str, str | None]]:
-        """PROCESSING jobs whose node is not among `live_nodes` (it died mid-run), or that started before
-        `started_before` (longer ago than any run may last: the run was lost, e.g. its worker could not reach the
-        database to finish it): put back to QUEUED (the attempt stays counted), as never handed out, and returned,
-        to be handed out again.
+    def orphaned(self, live_nodes: list[str], longest: float | None = None) -> list[tuple[str, str | None]]:
+        """PROCESSING jobs whose node is not among `live_nodes` (it died mid-run), or whose run is past its
+        `run_deadline` (set by the claiming node; a run claimed without one: started over `longest` seconds ago), so
+        the run was lost (e.g. its worker could not reach the database to finish it): put back to QUEUED (the
+        attempt stays counted), as never handed out, and returned, to be handed out again.
 
         One UPDATE ... RETURNING: a job a live node claims meanwhile (a redelivered message) no longer matches
         `lost` (PostgreSQL re-checks the WHERE on a row another transaction changed), so it is left running."""
-        lost = J.node.is_(None) | J.node.not_in(live_nodes)
-        if started_before is not None:
-            lost = lost | (J.started_at < started_before)
+        now = self.store.now()
+        lost = J.node.is_(None) | J.node.not_in(live_nodes) | (J.run_deadline < now)
+        if longest is not None:
+            lost = lost | (J.run_deadline.is_(None) & (J.started_at < now - longest))
         with self.store.transaction() as conn:
             rows = conn.execute(
                 update(jobs_table)

@@ -1,8 +1,10 @@
 """Nodes that run jobs announce themselves in the database: which models they serve, and a heartbeat.
 
-A node silent for `ttl` seconds is dead: the sweeper hands its PROCESSING jobs to others, and API nodes stop
-counting its models as served. Servers running jobs in-process (kind "server") and Celery workers ("worker") both
-register; a node removes its row when it stops cleanly.
+A node silent for longer than its own `node_ttl` (stored with it: `dead_after`) is dead: the sweeper hands its
+PROCESSING jobs to others, and API nodes stop counting its models as served. Every node judges every other by the
+other's setting, never its own (a row without one, from an older release, is judged by the reader's `ttl`).
+Servers running jobs in-process (kind "server") and Celery workers ("worker") both register; a node removes its
+row when it stops cleanly.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import threading
 import uuid
 from dataclasses import dataclass
 
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import ColumnElement, delete, func, insert, select, update
 
 from automask.server.store import Store, nodes_table
 
@@ -39,8 +41,10 @@ class Node:
     heartbeat_at: float
 
 
-def register(store: Store, node_id: str, kind: str, models: list[str], default_model: str | None) -> None:
-    """Announce node `node_id` (or refresh what it serves)."""
+def register(
+    store: Store, node_id: str, kind: str, models: list[str], default_model: str | None, dead_after: float
+) -> None:
+    """Announce node `node_id` (or refresh what it serves), dead once silent for `dead_after` seconds."""
     now = store.now()
     with store.transaction() as conn:
         conn.execute(delete(nodes_table).where(N.id == node_id))
@@ -52,6 +56,7 @@ def register(store: Store, node_id: str, kind: str, models: list[str], default_m
                 default_model=default_model,
                 started_at=now,
                 heartbeat_at=now,
+                dead_after=dead_after,
             )
         )
 
@@ -68,17 +73,24 @@ def unregister(store: Store, node_id: str) -> None:
         conn.execute(delete(nodes_table).where(N.id == node_id))
 
 
+def alive(now: float, ttl: float) -> ColumnElement[bool]:
+    """SQL: the node of the row was heard from within its own `dead_after` seconds of `now` (else `ttl`)."""
+    return N.heartbeat_at >= now - func.coalesce(N.dead_after, ttl)
+
+
 def live(store: Store, ttl: float) -> list[Node]:
-    """Nodes heard from in the last `ttl` seconds."""
+    """Nodes heard from within their own TTL (`ttl` for a row that has none)."""
     with store.read() as conn:
-        rows = conn.execute(select(nodes_table).where(N.heartbeat_at >= store.now() - ttl)).all()
+        rows = conn.execute(select(nodes_table).where(alive(store.now(), ttl))).all()
     return [Node(r.id, r.kind, json.loads(r.models), r.default_model, r.heartbeat_at) for r in rows]
 
 
 def forget_dead(store: Store, ttl: float) -> int:
-    """Delete nodes silent for more than `ttl` seconds; return how many."""
+    """Delete nodes silent for more than `ttl` seconds and ten times their own TTL; return how many."""
+    now = store.now()
+    silent = (N.heartbeat_at < now - ttl) & (N.heartbeat_at < now - 10 * func.coalesce(N.dead_after, 0.0))
     with store.transaction() as conn:
-        return int(conn.execute(delete(nodes_table).where(N.heartbeat_at < store.now() - ttl)).rowcount)
+        return int(conn.execute(delete(nodes_table).where(silent)).rowcount)
 
 
 class Heartbeat:
@@ -87,22 +99,30 @@ class Heartbeat:
     process that started the thread: a killed process stops beating."""
 
     def __init__(
-        self, store: Store, node_id: str, kind: str, models: list[str], default: str | None, interval: float
+        self,
+        store: Store,
+        node_id: str,
+        kind: str,
+        models: list[str],
+        default: str | None,
+        *,
+        interval: float,
+        dead_after: float,
     ) -> None:
         self.store, self.node_id, self.kind, self.models, self.default = store, node_id, kind, models, default
-        self.interval = interval
+        self.interval, self.dead_after = interval, dead_after
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="automask-heartbeat", daemon=True)
 
     def start(self) -> None:
-        register(self.store, self.node_id, self.kind, self.models, self.default)
+        register(self.store, self.node_id, self.kind, self.models, self.default, self.dead_after)
         self._thread.start()
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             try:
                 if not heartbeat(self.store, self.node_id):
-                    register(self.store, self.node_id, self.kind, self.models, self.default)
+                    register(self.store, self.node_id, self.kind, self.models, self.default, self.dead_after)
             except Exception:  # the database is briefly unreachable: the next beat tries again
                 log.warning("node heartbeat failed; retrying", exc_info=True)
 

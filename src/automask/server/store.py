@@ -93,6 +93,7 @@ jobs_table = Table(
     Column("model", String),  # the served model's name: which queue runs it
     Column("published_at", Float),  # when it was last handed to the dispatcher
     Column("node", String),  # the node running it (PROCESSING)
+    Column("run_deadline", Float),  # PROCESSING: after this (the database's clock) the run can no longer be going
 )
 Index("jobs_by_status", jobs_table.c.status, jobs_table.c.created_at)
 
@@ -105,6 +106,7 @@ nodes_table = Table(
     Column("default_model", String),
     Column("started_at", Float, nullable=False),
     Column("heartbeat_at", Float, nullable=False),
+    Column("dead_after", Float),  # seconds of silence after which it is dead: its own node_ttl
 )
 
 
@@ -269,6 +271,15 @@ class Store:
         """A read-only snapshot (no write lock)."""
         with self.engine.connect() as conn, conn.begin():
             yield conn
+
+    def ping(self) -> bool:
+        """Whether the database answers a query now."""
+        try:
+            with self.engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+        except SQLAlchemyError:
+            return False
+        return True
 
     def close(self) -> None:
         """Close every pooled connection."""

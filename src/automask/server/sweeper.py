@@ -24,14 +24,11 @@ from sqlalchemy import text
 from automask.server import keys, nodes
 from automask.server.config import ServerSettings
 from automask.server.dispatch import PUBLISH_TIMEOUT, Dispatcher
-from automask.server.jobs import Jobs
+from automask.server.jobs import LONGEST_RUN_MARGIN, Jobs
 from automask.server.store import Store
 
 log = logging.getLogger("automask.server")
 LOCK_ID = 0x6175746F6D62  # the PostgreSQL advisory lock held while one node sweeps
-LONGEST_RUN_MARGIN = 120.0
-"""Seconds past the request timeout after which a PROCESSING job is taken as lost even though its node is alive
-(Celery's hard limit is timeout + 30 s; model loading in-process does not count against the timeout)."""
 
 
 @contextlib.contextmanager
@@ -58,6 +55,14 @@ class Sweeper:
         self.store, self.jobs, self.dispatcher, self.server = store, jobs, dispatcher, server
         self._last_expiry = 0.0
         self._task: asyncio.Task[None] | None = None
+        self._outage = False  # the last sweep failed (the database was unreachable)
+        self._trust_after = 0.0  # time.monotonic() from which the nodes' heartbeats are current again
+
+    def failed(self) -> None:
+        """A sweep failed (the database was unreachable). Once it answers again, the nodes' heartbeats are stale for
+        one node TTL (nobody could write them), so no node is taken for dead until then; and RabbitMQ may have
+        dropped the messages that workers handed back while it was down, so every QUEUED job goes out once more."""
+        self._outage = True
 
     def sweep(self) -> dict[str, int]:
         """One sweep (in a thread); returns what it did, by kind. Does nothing when another node sweeps.
@@ -70,17 +75,22 @@ class Sweeper:
         with sweeping_lock(self.store) as mine:
             if not mine:
                 return done
-            live = [n.id for n in nodes.live(self.store, self.server.node_ttl)]
-            if self.dispatcher.node is not None:  # this process is alive, whatever its heartbeat's delay
-                live.append(self.dispatcher.node)
-            longest = self.server.timeout + LONGEST_RUN_MARGIN  # no run lasts longer: Celery kills it before
-            requeued = self.jobs.orphaned(live, started_before=self.store.now() - longest)
+            recovered, self._outage = self._outage, False
+            if recovered:
+                self._trust_after = time.monotonic() + self.server.node_ttl
+            requeued = []
+            if time.monotonic() >= self._trust_after:
+                live = [n.id for n in nodes.live(self.store, self.server.node_ttl)]
+                if self.dispatcher.node is not None:  # this process is alive, whatever its heartbeat's delay
+                    live.append(self.dispatcher.node)
+                # a run past its claimer's time limit is lost (Celery kills it before); a run from an older
+                # release, which set none, is judged by this node's
+                requeued = self.jobs.orphaned(live, longest=self.server.timeout + LONGEST_RUN_MARGIN)
             served = self.dispatcher.serving()  # jobs no live node can run would only pile up in their queue
             back = {job_id for job_id, _ in requeued}
             now = self.store.now()
-            pending = self.jobs.unpublished(
-                now - self.server.republish_after, models=served, confirmed_before=now - self.server.resend_after
-            )
+            resend = now if recovered else now - self.server.resend_after
+            pending = self.jobs.unpublished(now - self.server.republish_after, models=served, confirmed_before=resend)
             due = [job for job in pending if job[0] not in back]
             done["holds"] = keys.release_orphan_holds(self.store)
             if time.monotonic() - self._last_expiry >= self.server.cleanup_interval:
@@ -118,6 +128,7 @@ class Sweeper:
                 await asyncio.to_thread(self.sweep)
             except Exception:  # e.g. the database is briefly unreachable: the next sweep tries again
                 log.warning("sweep failed; retrying", exc_info=True)
+                self.failed()
             await asyncio.sleep(min(self.server.sweep_interval, self.server.cleanup_interval))
 
     def start(self) -> None:

@@ -31,7 +31,7 @@ from automask.settings import Settings
 
 log = logging.getLogger("automask.worker")
 RETRY_PAUSE = 2.0
-"""Seconds a worker waits before handing back a task it could not run because the database failed."""
+"""Seconds between a worker's tries to reach the database again after a task failed on it."""
 RETIRING = 75
 """The exit code of a pool process that leaves after its answer because its model hung (`_leave_if_hung`)."""
 
@@ -75,7 +75,8 @@ def _process() -> _Process:
         runner.generator(w.model)  # load once, before the first task
         store = Store(str(w.settings.database_url))
         node = nodes.new_node_id("worker")  # this process's pid: its jobs are its own
-        heartbeat = nodes.Heartbeat(store, node, "worker", [w.model], w.default, w.server.heartbeat_interval)
+        beat, ttl = w.server.heartbeat_interval, w.server.node_ttl
+        heartbeat = nodes.Heartbeat(store, node, "worker", [w.model], w.default, interval=beat, dead_after=ttl)
         heartbeat.start()  # registers the node: API nodes count the model as served
         w.process = _Process(node, heartbeat, Jobs(store), runner, redis.Redis.from_url(str(w.settings.redis_url)))
         log.info("pool process %s ready with model %s", node, w.model)
@@ -100,13 +101,13 @@ def v2_task(task: Any, job_id: str) -> str | None:
     try:
         status = execute_job(
             proc.jobs, proc.runner, job_id, proc.node, max_attempts=_WORKER.server.max_job_attempts,
-            takeover_ttl=_WORKER.server.node_ttl if redelivered else None,
+            takeover_ttl=_WORKER.server.node_ttl if redelivered else None, timeout=_WORKER.server.timeout,
         )  # fmt: skip
     except SQLAlchemyError as exc:  # the database is unreachable: hand the message back, after a pause
         from celery.exceptions import Reject
 
-        log.warning("v2 job %s: database error (%s); returning it to the queue", job_id, exc)
-        time.sleep(RETRY_PAUSE)
+        log.warning("v2 job %s: database error (%s); returning it to the queue once it answers", job_id, exc)
+        _wait_for_database(proc.jobs.store, _WORKER.server.timeout)
         with contextlib.suppress(SQLAlchemyError):  # if the job is ours, put it back: any process may take it
             proc.jobs.release(job_id, proc.node)  # (else a live node's job waits for `orphaned`)
         raise Reject(str(exc), requeue=True) from None
@@ -114,6 +115,17 @@ def v2_task(task: Any, job_id: str) -> str | None:
         log.info("v2 job %s: redelivered, left to the node running it (or finished)", job_id)
     _leave_if_hung(proc)
     return status
+
+
+def _wait_for_database(store: Store, limit: float) -> None:
+    """Wait until the database answers again, `limit` seconds at most (below Celery's hard time limit). Each hand
+    back counts towards the queue's delivery limit (RabbitMQ drops the message past it): handing a task back every
+    few seconds of an outage would lose it within a minute; this way it lasts `DELIVERY_LIMIT` × `limit`."""
+    deadline = time.monotonic() + limit
+    while True:
+        time.sleep(max(0.0, min(RETRY_PAUSE, deadline - time.monotonic())))
+        if time.monotonic() >= deadline or store.ping():
+            return
 
 
 def v1_task(task: Any, rid: str, model: str, deadline: float, request_id: str) -> None:
