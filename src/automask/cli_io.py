@@ -7,6 +7,7 @@ import contextlib
 import glob
 import os
 import re
+import stat
 import sys
 import tempfile
 from collections import Counter
@@ -30,12 +31,44 @@ class OutputError(AutomaskError):
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a temp file in the same folder and `os.replace`: never half-written."""
+    """Write `data` to `path`, never half-written and never replacing what is not a regular file.
+
+    A regular file, or a new path, is written through a temp file in its folder and `os.replace`; a symlink is
+    followed (its target written so, in the target's folder); a device, FIFO or socket (`-o /dev/null`, a named
+    pipe) is opened and written in place.
+    """
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:  # a new file (or a dangling symlink: its target is created)
+        mode = stat.S_IFREG
     except OSError as exc:
         raise OutputError(f"Cannot write '{path}': {exc.strerror or exc}.") from None
+    real = Path(os.path.realpath(path))
+    if stat.S_ISREG(mode) and _same_file(path, real):
+        _replace(real, data, shown=path)
+        return
+    try:  # not a regular file, or one reached through a link that is no path (/dev/stdout -> /proc/self/fd/1)
+        with open(path, "wb") as f:
+            f.write(data)
+    except OSError as exc:
+        raise OutputError(f"Cannot write '{path}': {exc.strerror or exc}.") from None
+
+
+def _same_file(path: Path, real: Path) -> bool:
+    """Whether `real` (the resolved `path`) is a path to `path`'s file, or to nothing yet when `path` is new."""
+    try:
+        return os.path.samefile(path, real)
+    except FileNotFoundError:
+        return not path.exists()
+
+
+def _replace(path: Path, data: bytes, shown: Path) -> None:
+    """Write the regular file `path` through a temp file beside it and `os.replace`; errors name `shown`."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".automask-", suffix=".part")
+    except OSError as exc:
+        raise OutputError(f"Cannot write '{shown}': {exc.strerror or exc}.") from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -49,7 +82,7 @@ def write_atomic(path: Path, data: bytes) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         if isinstance(exc, OSError):
-            raise OutputError(f"Cannot write '{path}': {exc.strerror or exc}.") from None
+            raise OutputError(f"Cannot write '{shown}': {exc.strerror or exc}.") from None
         raise
 
 
