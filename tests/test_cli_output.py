@@ -3,14 +3,21 @@ and `--instances` (nothing left behind when a run fails)."""
 
 from __future__ import annotations
 
+import json
 import os
 import stat
+import subprocess
 import threading
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
+from PIL import Image
 
+from automask.cli import OutputError
 from automask.cli_io import write_atomic
+from test_cli import automask_command, invoke
 
 
 def test_write_atomic_takes_a_long_file_name(tmp_path: Path) -> None:
@@ -65,3 +72,71 @@ def test_write_atomic_writes_into_a_device(tmp_path: Path) -> None:
     write_atomic(node, b"discarded")
     assert stat.S_ISCHR(os.stat(node).st_mode)
     assert [p.name for p in tmp_path.iterdir()] == ["null"]
+
+
+# -- the mask command's outputs ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def photo(chelsea: np.ndarray, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("photos") / "photo.png"
+    Image.fromarray(chelsea).resize((60, 40)).save(path)
+    return path
+
+
+@pytest.mark.parametrize("output", ["-", "file"])
+def test_a_failed_write_to_stdout_leaves_no_output(
+    tiny_clipseg_dir: Path, photo: Path, tmp_path: Path, output: str
+) -> None:
+    out = tmp_path / "m.png"
+    json_flag = [] if output == "-" else ["--json"]
+    args = ["mask", photo, "-p", "cat", "--model", tiny_clipseg_dir, "-o", "-" if output == "-" else out, *json_flag]
+    with open("/dev/full", "wb") as full:  # every write fails with ENOSPC; nothing is replaced or deleted
+        proc = subprocess.run([*automask_command(), *map(str, args)], stdout=full, stderr=subprocess.PIPE, timeout=180)
+    stderr = proc.stderr.decode()
+    assert proc.returncode == 8, stderr
+    assert stderr.splitlines()[-1] == "error: Cannot write to standard output: No space left on device."
+    assert "Exception ignored" not in stderr and "Traceback" not in stderr
+    assert stat.S_ISCHR(os.stat("/dev/full").st_mode)
+    assert list(tmp_path.iterdir()) == []  # the mask written before the JSON failed is removed
+
+
+def test_an_unusable_instances_folder_fails_before_anything_is_written(
+    tiny_clipseg_dir: Path, photo: Path, tmp_path: Path
+) -> None:
+    (tmp_path / "file.txt").write_text("a file, not a folder")
+    out, folder = tmp_path / "m.png", tmp_path / "file.txt" / "instances"
+    result = invoke("mask", photo, "-p", "cat", "--model", tiny_clipseg_dir, "-o", out, "--instances", folder, "--json")
+    assert result.exit_code == 8, result.output
+    assert result.stderr == f"error: Cannot write into '{folder}': Not a directory.\n"
+    record = json.loads(result.stdout)
+    assert record == {"input": str(photo), "ok": False, "error": result.stderr[7:-1], "exit_code": 8}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt"]
+
+
+def test_instances_failing_half_way_remove_every_output(
+    monkeypatch: pytest.MonkeyPatch, tiny_clipseg_dir: Path, photo: Path, tmp_path: Path
+) -> None:
+    def half_way(result: Any, folder: Path, grow_mask: int, write: Any) -> list[Path]:
+        write(folder / "00-cat.png", b"first instance")
+        raise OutputError(f"Cannot write '{folder / '01-cat.png'}': No space left on device.")
+
+    monkeypatch.setattr("automask.instances.save_instances", half_way)
+    out, folder = tmp_path / "m.png", tmp_path / "new" / "instances"
+    result = invoke("mask", photo, "-p", "cat", "--model", tiny_clipseg_dir, "-o", out, "--instances", folder, "--json")
+    assert result.exit_code == 8, result.output
+    assert json.loads(result.stdout)["exit_code"] == 8
+    assert list(tmp_path.iterdir()) == []  # neither the mask, nor the first instance, nor the folders made for them
+
+
+def test_mask_json_reports_a_failure_as_batch_does(tiny_clipseg_dir: Path, photo: Path, tmp_path: Path) -> None:
+    out = tmp_path / "m.png"
+    args = ["mask", photo, "-p", "cat", "--model", tiny_clipseg_dir, "--threshold", "1", "--stop-on-empty-mask"]
+    result = invoke(*args, "-o", out, "--json")
+    assert result.exit_code == 5, result.output
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("error: Nothing matching")
+    assert json.loads(result.stdout) == {"input": str(photo), "ok": False, "error": line[7:], "exit_code": 5}
+    assert list(tmp_path.iterdir()) == []
+    done = json.loads(invoke(*args[:-3], "-o", out, "--json").stdout)  # success: the same keys as batch's records
+    assert done["ok"] is True and done["input"] == str(photo) and done["output"] == str(out)

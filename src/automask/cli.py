@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import os
 import sys
 import traceback
@@ -25,13 +24,17 @@ from pydantic import ValidationError
 from automask import errors
 from automask.cli_io import (
     OutputError,
+    Outputs,
     Reporter,
+    echo_json,
     find_images,
     output_target,
     plan_outputs,
     read_source,
     root_settings,
+    silence_stdout,
     write_atomic,
+    write_stdout,
 )
 from automask.errors import AutomaskError, InvalidOptionError
 from automask.options import MaskOptions, parse_prompt, validation_error
@@ -80,6 +83,11 @@ def exit_code(exc: AutomaskError) -> int:
     return next((EXIT_CODES[c] for c in type(exc).__mro__ if c in EXIT_CODES), EXIT_FAILED)
 
 
+def error_record(image: str, exc: AutomaskError) -> dict[str, Any]:
+    """What `--json` prints for an input that failed: {"input", "ok": false, "error", "exit_code"}."""
+    return {"input": image, "ok": False, "error": one_line(exc.message), "exit_code": exit_code(exc)}
+
+
 def one_line(text: str) -> str:
     """`text` with its line breaks folded, for one-line error reports."""
     return " ".join(text.splitlines()).strip()
@@ -99,7 +107,7 @@ class AutomaskGroup(click.Group):
             _fail(ctx, "interrupted", EXIT_INTERRUPTED)
         except BrokenPipeError:
             # The reader of our stdout went away (e.g. `| head`): stop quietly.
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            silence_stdout()
             ctx.exit(EXIT_FAILED)
         except Exception as exc:  # noqa: BLE001 - the edge: any bug becomes one line and exit 70, never a crash dump
             _fail(ctx, f"internal error: {type(exc).__name__}: {one_line(str(exc))}", EXIT_INTERNAL, exc)
@@ -281,27 +289,39 @@ def mask(state: CliState, image: str, out: str | None, instances_dir: Path | Non
     """
     if out == "-" and job.as_json:
         raise InvalidOptionError("--json", "cannot be combined with -o - (stdout carries the PNG); use -o FILE.")
-    source, path = read_source(image, state.settings)
+    outputs = Outputs()
+    try:
+        _mask(state.settings, image, out, instances_dir, job, outputs)
+    except BaseException as exc:
+        outputs.discard()
+        if job.as_json and isinstance(exc, AutomaskError):
+            echo_json(error_record(image, exc))
+        raise
+
+
+def _mask(settings: Settings, image: str, out: str | None, instances: Path | None, job: Job, outputs: Outputs) -> None:
+    """`mask`'s work: every file it writes goes through `outputs` (the instances folder is checked first)."""
+    source, path = read_source(image, settings)
     target = output_target(out, path, job.options.output_kind)
-    generator = load_generator(job.model, state.settings)
+    if instances is not None:
+        outputs.folder(instances)
+    generator = load_generator(job.model, settings)
     with contextlib.redirect_stdout(sys.stderr):
         result = generator.generate(source, job.prompts, job.options)
     png = result.to_png()
     if target is None:
-        stdout = sys.stdout.buffer
-        stdout.write(png)
-        stdout.flush()
+        write_stdout(png)
     else:
-        write_atomic(target, png)
-    meta = result.metadata()
-    if instances_dir is not None:
+        outputs.write(target, png)
+    meta = {"input": image, "output": str(target or "-"), "ok": True, **result.metadata()}
+    if instances is not None:
         from automask.instances import save_instances
 
-        saved = save_instances(result, instances_dir, job.options.grow_mask, write=write_atomic)
+        saved = save_instances(result, instances, job.options.grow_mask, write=outputs.write)
         meta["instances"] = [str(p) for p in saved]
-        click.echo(f"wrote {len(saved)} instance masks into '{instances_dir}'", err=True)
+        click.echo(f"wrote {len(saved)} instance masks into '{instances}'", err=True)
     if job.as_json:
-        click.echo(json.dumps({**meta, "output": str(target or "-")}))
+        echo_json(meta)
     where = "stdout" if target is None else f"'{target}'"
     share = 100.0 * meta["selected_pixels"] / max(1, result.width * result.height)
     click.echo(f"wrote {where}: {result.kind} {result.width}×{result.height}, {share:.1f}% selected", err=True)
@@ -319,7 +339,7 @@ def process(generator: Any, src: Path, dst: Path, job: Job) -> dict[str, Any]:
             result = generator.generate(src, job.prompts, job.options)
         write_atomic(dst, result.to_png())
     except AutomaskError as exc:
-        return {"input": str(src), "ok": False, "error": one_line(exc.message), "exit_code": exit_code(exc)}
+        return error_record(str(src), exc)
     except OSError as exc:  # the input could not be read (permissions, a vanished file)
         message = f"Cannot read '{src}': {exc.strerror or exc}."
         return {"input": str(src), "ok": False, "error": message, "exit_code": 3}
@@ -353,7 +373,7 @@ def batch(ctx: click.Context, source: str, outdir: Path, recursive: bool, job: J
                 report.error(f"error: {src}: {record['error']}")
                 report.done(f"{src} failed")
             if job.as_json:
-                click.echo(json.dumps(record))
+                echo_json(record)
     click.echo(f"{len(plan) - failed} done, {failed} failed", err=True)
     ctx.exit(EXIT_FAILED if failed else 0)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import json
 import os
 import re
 import stat
@@ -12,6 +13,7 @@ import sys
 import tempfile
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -30,12 +32,12 @@ class OutputError(AutomaskError):
     """The output file or folder could not be written."""
 
 
-def write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes) -> Path | None:
     """Write `data` to `path`, never half-written and never replacing what is not a regular file.
 
     A regular file, or a new path, is written through a temp file in its folder and `os.replace`; a symlink is
     followed (its target written so, in the target's folder); a device, FIFO or socket (`-o /dev/null`, a named
-    pipe) is opened and written in place.
+    pipe) is opened and written in place. Returns the regular file written, or None for one written in place.
     """
     try:
         mode = os.stat(path).st_mode
@@ -46,12 +48,13 @@ def write_atomic(path: Path, data: bytes) -> None:
     real = Path(os.path.realpath(path))
     if stat.S_ISREG(mode) and _same_file(path, real):
         _replace(real, data, shown=path)
-        return
+        return real
     try:  # not a regular file, or one reached through a link that is no path (/dev/stdout -> /proc/self/fd/1)
         with open(path, "wb") as f:
             f.write(data)
     except OSError as exc:
         raise OutputError(f"Cannot write '{path}': {exc.strerror or exc}.") from None
+    return None
 
 
 def _same_file(path: Path, real: Path) -> bool:
@@ -84,6 +87,66 @@ def _replace(path: Path, data: bytes, shown: Path) -> None:
         if isinstance(exc, OSError):
             raise OutputError(f"Cannot write '{shown}': {exc.strerror or exc}.") from None
         raise
+
+
+class Outputs:
+    """What one command writes, undone by `discard` when it fails: no partial result is left behind."""
+
+    def __init__(self) -> None:
+        self.files: list[Path] = []
+        self.folders: list[Path] = []
+
+    def folder(self, path: Path) -> None:
+        """Create the folder `path` (and its missing parents) and check that a file can be made in it."""
+        self.folders += [p for p in (path, *path.parents) if not p.exists()]
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(dir=path, prefix=".automask-", suffix=".part")
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:
+            raise OutputError(f"Cannot write into '{path}': {exc.strerror or exc}.") from None
+
+    def write(self, path: Path, data: bytes) -> None:
+        """`write_atomic`, remembering the regular file written."""
+        self.folders += [p for p in path.parents if not p.exists()]
+        written = write_atomic(path, data)
+        if written is not None:
+            self.files.append(written)
+
+    def discard(self) -> None:
+        """Remove the files written and the (then empty) folders made."""
+        for path in self.files:
+            with contextlib.suppress(OSError):
+                path.unlink()
+        for folder in sorted(set(self.folders), key=lambda f: len(f.parts), reverse=True):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+
+
+def echo_json(record: dict[str, Any]) -> None:
+    """Print `record` as one JSON line on standard output (see `write_stdout`)."""
+    write_stdout(json.dumps(record).encode() + b"\n")
+
+
+def write_stdout(data: bytes) -> None:
+    """Write `data` to standard output and flush it. A failure (a full disk: `-o - > /dev/full`) is an
+    `OutputError`; a reader that went away (`| head`) raises `BrokenPipeError`, for the caller to stop quietly."""
+    try:
+        sys.stdout.flush()  # what click.echo may have left in the text layer goes first
+        sys.stdout.buffer.write(data)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        silence_stdout()
+        raise
+    except OSError as exc:
+        silence_stdout()
+        raise OutputError(f"Cannot write to standard output: {exc.strerror or exc}.") from None
+
+
+def silence_stdout() -> None:
+    """Point standard output at the null device, so that what is still buffered cannot fail again at exit."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def read_source(image: str, settings: Settings) -> tuple[ImageSource, Path | None]:
