@@ -189,22 +189,26 @@ def output_target(out: str | None, source: Path | None, kind: str) -> Path | Non
 def find_images(source: str, recursive: bool, outdir: Path) -> tuple[list[Path], Path | None]:
     """(input files, the folder their output paths mirror or None) for a folder, a glob or one file.
 
-    A folder gives its files with an image suffix (not hidden; `recursive`: subfolders too, except
-    `outdir`); a glob gives every file it matches (`recursive`: `**` spans folders).
+    A folder gives its files with an image suffix (not hidden; `recursive`: subfolders too, except `outdir`
+    when it is a subfolder: the outputs of an earlier run are not inputs); a glob gives every file it matches
+    (`recursive`: `**` spans folders). `outdir` may be the folder itself (`plan_outputs` never names an input).
     """
     root = Path(source)
     if root.is_dir():
         found = root.rglob("*") if recursive else root.iterdir()
         skip = outdir.resolve()
+        apart = skip not in (root.resolve(), *root.resolve().parents)  # OUTDIR is not the folder nor above it
         files = [
             p
             for p in found
             if p.suffix.lower() in IMAGE_SUFFIXES
             and p.is_file()
             and not any(part.startswith(".") for part in p.relative_to(root).parts)
-            and skip not in p.resolve().parents
+            and not (apart and skip in p.resolve().parents)
         ]
         base: Path | None = root
+    elif not glob.has_magic(source) and not os.path.lexists(source):
+        raise InvalidOptionError("DIR_OR_GLOB", f"no such file or folder: '{source}'.")
     else:
         files = [Path(p) for p in glob.glob(source, recursive=recursive) if Path(p).is_file()]
         base = None
