@@ -1,8 +1,9 @@
 """`automask batch`: which files it takes (the output folder may be the input folder), a source that does not
-exist,"""
+exist, and a model-level error that stops the run at once."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 from PIL import Image
 
 from conftest import jpeg_bytes
-from test_cli import invoke
+from test_cli import error_lines, invoke
 
 
 @pytest.fixture()
@@ -54,3 +55,17 @@ def test_batch_of_a_missing_source_says_it_does_not_exist(tmp_path: Path) -> Non
     assert glob.exit_code == 2 and "no images found" in glob.stderr
     assert not (tmp_path / "x").exists()
 
+
+def test_batch_stops_at_a_model_level_error(tiny_clipseg_dir: Path, folder: Path, tmp_path: Path) -> None:
+    """--refine with no SAM installed: every file would fail the same way. A bad file before it is still skipped."""
+    (folder / "0-broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    out = tmp_path / "out"
+    result = invoke("batch", folder, "-o", out, "-p", "cat", "--model", tiny_clipseg_dir, "--refine", "--json")
+    assert result.exit_code == 4, result.output
+    broken, model = error_lines(result.stderr)
+    assert broken.startswith(f"error: {folder / '0-broken.jpg'}: ")
+    assert model.startswith("error: ") and "automask models pull" in model and "a.jpg" not in model
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [(Path(r["input"]).name, r["exit_code"]) for r in records] == [("0-broken.jpg", 3), ("a.jpg", 4)]
+    assert records[1]["error"] == model.removeprefix("error: ")
+    assert not out.exists() or list(out.iterdir()) == []  # b.png was not tried

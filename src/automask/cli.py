@@ -332,13 +332,20 @@ def _mask(settings: Settings, image: str, out: str | None, instances: Path | Non
 # -- batch -------------------------------------------------------------------------------------------
 
 
+EXIT_MODEL = EXIT_CODES[errors.ModelNotAvailableError]
+"""The exit code of errors of the model, not of a file (unknown, not installed, a prompt it cannot answer)."""
+
+
 def process(generator: Any, src: Path, dst: Path, job: Job) -> dict[str, Any]:
-    """Mask one file and write it; a bad file gives {"ok": false, "error": ...} instead of raising."""
+    """Mask one file and write it; a bad file gives {"ok": false, "error": ...} instead of raising. An error of
+    the model (`EXIT_MODEL`), which every file would meet, is raised."""
     try:
         with contextlib.redirect_stdout(sys.stderr):
             result = generator.generate(src, job.prompts, job.options)
         write_atomic(dst, result.to_png())
     except AutomaskError as exc:
+        if exit_code(exc) == EXIT_MODEL:
+            raise
         return error_record(str(src), exc)
     except OSError as exc:  # the input could not be read (permissions, a vanished file)
         message = f"Cannot read '{src}': {exc.strerror or exc}."
@@ -356,7 +363,8 @@ def batch(ctx: click.Context, source: str, outdir: Path, recursive: bool, job: J
     """Mask every image of a folder (or a quoted glob such as 'photos/*.jpg') into OUTDIR/<stem>.png.
 
     A file that fails is reported (one line naming it) and skipped; the others are done. Exit 0 when
-    all succeeded, 1 when any failed. --json prints one JSON line per file on stdout.
+    all succeeded, 1 when any failed. An error of the model (unknown, not installed, a prompt it cannot answer)
+    stops the run at once with exit 4. --json prints one JSON line per file on stdout.
     """
     files, base = find_images(source, recursive, outdir)
     plan = plan_outputs(files, outdir, base)
@@ -365,7 +373,12 @@ def batch(ctx: click.Context, source: str, outdir: Path, recursive: bool, job: J
     with Reporter(len(plan)) as report:
         for src, dst in plan:
             report.start(src)
-            record = process(generator, src, dst, job)
+            try:
+                record = process(generator, src, dst, job)
+            except AutomaskError as exc:  # stop: the group prints the error once and exits EXIT_MODEL
+                if job.as_json:
+                    echo_json(error_record(str(src), exc))
+                raise
             if record["ok"]:
                 report.done(f"{src} -> {dst}")
             else:
