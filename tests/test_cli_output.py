@@ -140,3 +140,12 @@ def test_mask_json_reports_a_failure_as_batch_does(tiny_clipseg_dir: Path, photo
     assert list(tmp_path.iterdir()) == []
     done = json.loads(invoke(*args[:-3], "-o", out, "--json").stdout)  # success: the same keys as batch's records
     assert done["ok"] is True and done["input"] == str(photo) and done["output"] == str(out)
+
+
+def test_a_huge_prompt_is_not_echoed_whole(tiny_clipseg_dir: Path, photo: Path, tmp_path: Path) -> None:
+    args = ["mask", photo, "-p", "cat" * 2000, "--model", tiny_clipseg_dir, "--threshold", "1", "-o", tmp_path / "m"]
+    for stop in ([], ["--stop-on-empty-mask"]):
+        result = invoke(*args, *stop)
+        assert result.exit_code == (5 if stop else 0), result.output
+        (line,) = [line for line in result.stderr.splitlines() if line.startswith(("error:", "note:"))]
+        assert "cat" * 20 in line and "cat" * 40 not in line and "…" in line

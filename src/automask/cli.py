@@ -38,6 +38,7 @@ from automask.cli_io import (
 )
 from automask.errors import AutomaskError, InvalidOptionError
 from automask.options import MaskOptions, parse_prompt, validation_error
+from automask.routing import quote_targets
 from automask.settings import Settings
 
 EXIT_FAILED = 1
@@ -326,7 +327,7 @@ def _mask(settings: Settings, image: str, out: str | None, instances: Path | Non
     share = 100.0 * meta["selected_pixels"] / max(1, result.width * result.height)
     click.echo(f"wrote {where}: {result.kind} {result.width}×{result.height}, {share:.1f}% selected", err=True)
     if result.empty:
-        click.echo(f"note: nothing matched {', '.join(job.prompts)!r} at threshold {job.options.threshold}", err=True)
+        click.echo(f"note: nothing matched {quote_targets(job.prompts)} at threshold {job.options.threshold}", err=True)
 
 
 # -- batch -------------------------------------------------------------------------------------------
