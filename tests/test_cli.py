@@ -20,7 +20,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from automask import errors
-from automask.cli import EXIT_CODES, EXIT_HELP, OutputError, exit_code, main
+from automask.cli import EXIT_CODES, EXIT_HELP, OutputError, error_record, exit_code, main
 from automask.cli_io import output_target, plan_outputs, write_atomic
 from automask.imageio import load_image
 from automask.options import parse_prompt
@@ -444,3 +444,12 @@ def test_write_atomic_never_leaves_a_partial_file(monkeypatch: pytest.MonkeyPatc
         write_atomic(target, b"second")
     assert target.read_bytes() == b"first"
     assert sorted(p.name for p in target.parent.iterdir()) == ["m.png"]
+
+
+def test_a_refused_private_url_names_the_flag(lib: Library, tmp_path: Path) -> None:
+    result = invoke("mask", "http://127.0.0.1:9/x.png", "-p", "cat", "--model", lib.model, "-o", tmp_path / "m.png")
+    assert result.exit_code == 3, result.output
+    (line,) = result.stderr.splitlines()
+    assert line.endswith("AUTOMASK_ALLOW_PRIVATE_URLS=true. On the command line: automask --allow-private-urls ...")
+    record = errors.PrivateAddressError("Refused the image URL http://10.0.0.1/: a private address.")
+    assert error_record("http://10.0.0.1/", record)["error"].endswith("automask --allow-private-urls ...")

@@ -86,7 +86,15 @@ def exit_code(exc: AutomaskError) -> int:
 
 def error_record(image: str, exc: AutomaskError) -> dict[str, Any]:
     """What `--json` prints for an input that failed: {"input", "ok": false, "error", "exit_code"}."""
-    return {"input": image, "ok": False, "error": one_line(exc.message), "exit_code": exit_code(exc)}
+    return {"input": image, "ok": False, "error": error_message(exc), "exit_code": exit_code(exc)}
+
+
+def error_message(exc: AutomaskError) -> str:
+    """`exc`'s message on one line, with the command line's spelling of the setting it names, if any."""
+    text = one_line(exc.message)
+    if isinstance(exc, errors.PrivateAddressError):
+        text += " On the command line: automask --allow-private-urls ..."
+    return text
 
 
 def one_line(text: str) -> str:
@@ -103,7 +111,7 @@ class AutomaskGroup(click.Group):
         except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
         except AutomaskError as exc:
-            _fail(ctx, f"error: {one_line(exc.message)}", exit_code(exc), exc)
+            _fail(ctx, f"error: {error_message(exc)}", exit_code(exc), exc)
         except KeyboardInterrupt:
             _fail(ctx, "interrupted", EXIT_INTERRUPTED)
         except BrokenPipeError:

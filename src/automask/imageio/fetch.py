@@ -29,7 +29,13 @@ from typing import Any
 
 import httpx
 
-from automask.errors import FetchError, FetchTimeoutError, ImageTooLargeError, URLRefusedError
+from automask.errors import (
+    FetchError,
+    FetchTimeoutError,
+    ImageTooLargeError,
+    PrivateAddressError,
+    URLRefusedError,
+)
 from automask.settings import Settings
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -208,7 +214,7 @@ def _checked_addresses(url: httpx.URL, resolve: Resolver, check: AddressCheck) -
     for ip in addresses:
         if not check(ip):
             where = f"{host} is" if host == str(ip) else f"{host} resolves to {ip},"
-            raise URLRefusedError(
+            raise PrivateAddressError(
                 f"Refused the image URL {_show(url)}: {where} a {blocked_reason(ip) or 'refused'} address. "
                 "automask fetches only public addresses; for local use set AUTOMASK_ALLOW_PRIVATE_URLS=true."
             )
