@@ -255,13 +255,31 @@ def mask_options(command: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def load_generator(model: str | None, settings: Settings) -> Any:
-    """Load the model once (stdout kept clean: anything a library prints goes to stderr)."""
+def ignored_flags(generator: Any, options: MaskOptions) -> list[str]:
+    """Notes on the flags given that the loaded model ignores: --refine (it re-cuts clipseg's score maps) and
+    --text-threshold (grounded-sam's word scores)."""
+    from automask.backends.refine import INSTANCE_BACKENDS
+
+    model, name = generator.open, generator.backend.name
+    notes = []
+    if options.refine and (model is None or model.name in INSTANCE_BACKENDS):
+        notes.append(f"--refine is ignored: it sharpens clipseg's masks, not '{name}''s")
+    if "text_threshold" in options.model_fields_set and not getattr(model, "takes_params", False):
+        notes.append(f"--text-threshold is ignored: it applies to grounded-sam models, not '{name}'")
+    return notes
+
+
+def load_generator(job: Job, settings: Settings) -> Any:
+    """Load the model once (stdout kept clean: anything a library prints goes to stderr); note on stderr the
+    flags it ignores."""
     from automask.pipeline import MaskGenerator
 
     _quiet_transformers()
     with contextlib.redirect_stdout(sys.stderr):
-        return MaskGenerator(model, settings)
+        generator = MaskGenerator(job.model, settings)
+    for note in ignored_flags(generator, job.options):
+        click.echo(f"note: {note}", err=True)
+    return generator
 
 
 def _quiet_transformers() -> None:
@@ -314,7 +332,7 @@ def _mask(settings: Settings, image: str, out: str | None, instances: Path | Non
     target = output_target(out, path, job.options.output_kind)
     if instances is not None:
         outputs.folder(instances)
-    generator = load_generator(job.model, settings)
+    generator = load_generator(job, settings)
     with contextlib.redirect_stdout(sys.stderr):
         result = generator.generate(source, job.prompts, job.options)
     png = result.to_png()
@@ -377,7 +395,7 @@ def batch(ctx: click.Context, source: str, outdir: Path, recursive: bool, job: J
     """
     files, base = find_images(source, recursive, outdir)
     plan = plan_outputs(files, outdir, base)
-    generator = load_generator(job.model, root_settings(ctx))
+    generator = load_generator(job, root_settings(ctx))
     failed = 0
     with Reporter(len(plan)) as report:
         for src, dst in plan:
