@@ -21,8 +21,9 @@ from click.testing import CliRunner
 from PIL import Image
 
 from automask import errors
-from automask.cli import EXIT_CODES, EXIT_HELP, OutputError, error_record, exit_code, ignored_flags, main
+from automask.cli import EXIT_CODES, EXIT_HELP, OutputError, error_record, exit_code, main
 from automask.cli_io import output_target, plan_outputs, write_atomic
+from automask.cli_job import ignored_flags
 from automask.imageio import load_image
 from automask.options import MaskOptions, parse_prompt
 from automask.pipeline import MaskGenerator
