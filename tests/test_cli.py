@@ -12,6 +12,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -20,10 +21,11 @@ from click.testing import CliRunner
 from PIL import Image
 
 from automask import errors
-from automask.cli import EXIT_CODES, EXIT_HELP, OutputError, exit_code, main
+from automask.cli import EXIT_CODES, EXIT_HELP, OutputError, error_record, exit_code, main
 from automask.cli_io import output_target, plan_outputs, write_atomic
+from automask.cli_job import ignored_flags
 from automask.imageio import load_image
-from automask.options import parse_prompt
+from automask.options import MaskOptions, parse_prompt
 from automask.pipeline import MaskGenerator
 from automask.result import MaskResult
 from automask.settings import Settings
@@ -444,3 +446,41 @@ def test_write_atomic_never_leaves_a_partial_file(monkeypatch: pytest.MonkeyPatc
         write_atomic(target, b"second")
     assert target.read_bytes() == b"first"
     assert sorted(p.name for p in target.parent.iterdir()) == ["m.png"]
+
+
+def test_a_refused_private_url_names_the_flag(lib: Library, tmp_path: Path) -> None:
+    result = invoke("mask", "http://127.0.0.1:9/x.png", "-p", "cat", "--model", lib.model, "-o", tmp_path / "m.png")
+    assert result.exit_code == 3, result.output
+    (line,) = result.stderr.splitlines()
+    assert line.endswith("AUTOMASK_ALLOW_PRIVATE_URLS=true. On the command line: automask --allow-private-urls ...")
+    record = errors.PrivateAddressError("Refused the image URL http://10.0.0.1/: a private address.")
+    assert error_record("http://10.0.0.1/", record)["error"].endswith("automask --allow-private-urls ...")
+
+
+def test_flags_the_model_ignores_get_a_note(lib: Library, tmp_path: Path) -> None:
+    out = tmp_path / "m.png"
+    result = invoke("mask", lib.photo, "-p", PROMPT, "--model", lib.model, "--text-threshold", "0.5", "-o", out)
+    assert result.exit_code == 0 and out.is_file(), result.output
+    assert "note: --text-threshold is ignored: it applies to grounded-sam models, not 'clipseg'" in result.stderr
+    plain = invoke("mask", lib.photo, "-p", PROMPT, "--model", lib.model, "-o", out)
+    assert "note: --" not in plain.stderr
+    subject = SimpleNamespace(open=None, backend=SimpleNamespace(name="subject"))
+    options = MaskOptions.parse({"refine": True, "text_threshold": 0.3})
+    assert ignored_flags(subject, options) == [
+        "--refine is ignored: it sharpens clipseg's masks, not 'subject''s",
+        "--text-threshold is ignored: it applies to grounded-sam models, not 'subject'",
+    ]
+    grounded = SimpleNamespace(name="grounded-sam", takes_params=True)
+    assert ignored_flags(SimpleNamespace(open=grounded, backend=grounded), options) == [
+        "--refine is ignored: it sharpens clipseg's masks, not 'grounded-sam''s"
+    ]
+
+
+@pytest.mark.parametrize("device", ["tpu", "cuda:x", "gpu0", ""])
+def test_an_invalid_device_is_a_usage_error(tmp_path: Path, device: str) -> None:
+    result = invoke("--device", device, "models", "list")
+    assert result.exit_code == 2, result.output
+    assert result.stderr == (
+        f"error: device (AUTOMASK_DEVICE): must be cpu, cuda, cuda:N (a GPU's index) or mps, not {device!r}\n"
+    )
+    assert [Settings(device=d).device for d in ("cpu", "cuda", "cuda:1", "mps")] == ["cpu", "cuda", "cuda:1", "mps"]

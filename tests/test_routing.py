@@ -16,8 +16,10 @@ from automask.routing import (
     Target,
     normalise,
     plan_models,
+    quote_targets,
     route,
     target_of,
+    unknown_words_message,
     vocabulary_lines,
 )
 from automask.settings import Settings
@@ -202,3 +204,16 @@ def test_the_embedded_model_chosen_beside_an_open_vocabulary_one_names_it(settin
     message = err.value.message
     assert message.startswith("The model 'subject' cannot mask 'cup'") and "'clipseg'" in message, message
     assert "No open-vocabulary model is installed" not in message
+
+
+def test_messages_shorten_long_and_many_targets() -> None:
+    """A 5,000-character prompt is not echoed whole: each target at most ~80 characters, at most 8 of them."""
+    huge = "x" * 5000
+    for installed in (None, ["clipseg"]):
+        message = unknown_words_message([huge, "lamp"], installed)
+        assert f"'{'x' * 77}…'" in message and "x" * 78 not in message and "'lamp'" in message
+        assert len(message) < 600
+    many = [f"thing{i}" for i in range(20)]
+    message = unknown_words_message(many)
+    assert "'thing7'" in message and "'thing8'" not in message and "and 12 more" in message
+    assert quote_targets(["sofa", "lamp"]) == "'sofa', 'lamp'"

@@ -1,20 +1,17 @@
 """The `automask` command line: a thin adapter over `MaskGenerator.generate` (CONTRACT.md, "Command line").
 
 Options are the library's, spelled as flags (`--grow-mask` is `grow_mask`) and validated once by
-`MaskOptions.parse`. Errors become one line on stderr and an exit code (`EXIT_CODES`); tracebacks only
-with `--debug` or `AUTOMASK_DEBUG=1`. Other modules add commands with `main.add_command(...)` and read
+`MaskOptions.parse` (`automask.cli_job`). Errors become one line on stderr and an exit code (`EXIT_CODES`);
+tracebacks only with `--debug` or `AUTOMASK_DEBUG=1`. Other modules add commands with `main.add_command(...)` and read
 the settings with `automask.cli_io.root_settings(ctx)`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
-import json
 import os
 import sys
 import traceback
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
@@ -25,16 +22,22 @@ from pydantic import ValidationError
 from automask import errors
 from automask.cli_io import (
     OutputError,
+    Outputs,
     Reporter,
+    echo_json,
     find_images,
     output_target,
     plan_outputs,
     read_source,
     root_settings,
+    silence_stdout,
     write_atomic,
+    write_stdout,
 )
+from automask.cli_job import Job, load_generator, mask_options
 from automask.errors import AutomaskError, InvalidOptionError
-from automask.options import MaskOptions, parse_prompt, validation_error
+from automask.options import validation_error
+from automask.routing import quote_targets
 from automask.settings import Settings
 
 EXIT_FAILED = 1
@@ -84,6 +87,19 @@ def exit_code(exc: AutomaskError) -> int:
     return next((EXIT_CODES[c] for c in type(exc).__mro__ if c in EXIT_CODES), EXIT_FAILED)
 
 
+def error_record(image: str, exc: AutomaskError) -> dict[str, Any]:
+    """What `--json` prints for an input that failed: {"input", "ok": false, "error", "exit_code"}."""
+    return {"input": image, "ok": False, "error": error_message(exc), "exit_code": exit_code(exc)}
+
+
+def error_message(exc: AutomaskError) -> str:
+    """`exc`'s message on one line, with the command line's spelling of the setting it names, if any."""
+    text = one_line(exc.message)
+    if isinstance(exc, errors.PrivateAddressError):
+        text += " On the command line: automask --allow-private-urls ..."
+    return text
+
+
 def one_line(text: str) -> str:
     """`text` with its line breaks folded, for one-line error reports."""
     return " ".join(text.splitlines()).strip()
@@ -98,12 +114,12 @@ class AutomaskGroup(click.Group):
         except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
         except AutomaskError as exc:
-            _fail(ctx, f"error: {one_line(exc.message)}", exit_code(exc), exc)
+            _fail(ctx, f"error: {error_message(exc)}", exit_code(exc), exc)
         except KeyboardInterrupt:
             _fail(ctx, "interrupted", EXIT_INTERRUPTED)
         except BrokenPipeError:
             # The reader of our stdout went away (e.g. `| head`): stop quietly.
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            silence_stdout()
             ctx.exit(EXIT_FAILED)
         except Exception as exc:  # noqa: BLE001 - the edge: any bug becomes one line and exit 70, never a crash dump
             _fail(ctx, f"internal error: {type(exc).__name__}: {one_line(str(exc))}", EXIT_INTERNAL, exc)
@@ -139,7 +155,7 @@ class CliState:
 
 @click.group(cls=AutomaskGroup, epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), help="Models, keys, results.")
-@click.option("--device", metavar="DEVICE", help="Torch device: cpu, cuda, cuda:1 [AUTOMASK_DEVICE].")
+@click.option("--device", metavar="DEVICE", help="Torch device: cpu, cuda, cuda:N or mps [AUTOMASK_DEVICE].")
 @click.option(
     "--allow-private-urls/--no-allow-private-urls", default=None, help="Let image URLs reach private addresses."
 )
@@ -168,100 +184,6 @@ def main(
     ctx.obj = CliState({k: v for k, v in given.items() if v is not None})
 
 
-# -- options shared by `mask` and `batch` ------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Job:
-    """A validated masking request: targets, options, the model to use, and whether to print JSON."""
-
-    prompts: list[str]
-    options: MaskOptions
-    model: str | None
-    as_json: bool
-
-
-def _flag_error(exc: InvalidOptionError) -> InvalidOptionError:
-    """Re-spell a library field name as its flag: 'grow_mask: ...' -> '--grow-mask: ...'."""
-    flag = "--" + exc.field.replace("_", "-")
-    return InvalidOptionError(flag, exc.message.removeprefix(f"{exc.field}: "))
-
-
-def build_job(raw: dict[str, Any]) -> Job:
-    """Validate the raw flag values once, through `parse_prompt` and `MaskOptions.parse(strict=False)`."""
-    valued = ("threshold", "grow_mask", "seed", "text_threshold", "negative_prompt", "feather", "min_area")
-    data = {k: raw[k] for k in valued if raw[k] is not None}
-    data |= {k: True for k in ("invert_mask", "return_alpha", "stop_on_empty_mask", "refine", "fill_holes") if raw[k]}
-    if raw["preview"]:
-        data["return_mask"] = False
-    try:
-        prompts = parse_prompt(raw["prompt"])
-        options = MaskOptions.parse(data, strict=False)
-    except InvalidOptionError as exc:
-        raise _flag_error(exc) from None
-    return Job(prompts=prompts, options=options, model=raw["model"], as_json=raw["as_json"])
-
-
-_MASK_FLAGS = (
-    click.option("-p", "--prompt", required=True, help="What to select; several targets: 'sofa, lamp'."),
-    click.option("--threshold", metavar="F", help="Score threshold, 0-1.  [default: 0.2]"),
-    click.option("--grow-mask", metavar="N", help="Grow the selection by N pixels, 0-100.  [default: 10]"),
-    click.option("--invert-mask", is_flag=True, help="Invert the selection (after growing)."),
-    click.option("--return-alpha", is_flag=True, help="Write an RGBA cut-out: the image, alpha = the mask."),
-    click.option("--preview", is_flag=True, help="Write a preview: the image with the selection tinted."),
-    click.option("--stop-on-empty-mask", is_flag=True, help="Fail (exit 5) when nothing is selected."),
-    click.option("--seed", metavar="N", help="Accepted and echoed; masking is deterministic."),
-    click.option("--text-threshold", metavar="F", help="grounded-sam: word score a detection needs.  [default: 0.25]"),
-    click.option("--refine", is_flag=True, help="clipseg: sharpen the mask's edges with SAM (model 'sam')."),
-    click.option("--negative-prompt", metavar="TEXT", help="What NOT to select ('hat, bag'): removed after threshold."),
-    click.option("--fill-holes", is_flag=True, help="Select the holes the selection encloses (before growing)."),
-    click.option("--min-area", metavar="N", help="Drop selected regions under N pixels (before growing)."),
-    click.option("--feather", metavar="N", help="Soften the mask's edge over N pixels, 0-100 (last).  [default: 0]"),
-    click.option("--model", metavar="NAME|PATH", help="A model name or a local model folder [AUTOMASK_MODEL]."),
-    click.option("--json", "as_json", is_flag=True, help="Print the result's metadata as JSON on stdout."),
-)
-
-
-_MASK_NAMES = (
-    *("prompt", "threshold", "grow_mask", "invert_mask", "return_alpha", "preview"),
-    *("stop_on_empty_mask", "seed", "text_threshold", "refine", "model", "as_json"),
-    *("negative_prompt", "fill_holes", "min_area", "feather"),
-)
-
-
-def mask_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Add the masking flags to `command`, which receives them validated as one `job: Job` argument."""
-
-    @functools.wraps(command)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        raw = {name: kwargs.pop(name) for name in _MASK_NAMES}
-        return command(*args, job=build_job(raw), **kwargs)
-
-    for flag in reversed(_MASK_FLAGS):
-        wrapper = flag(wrapper)
-    return wrapper
-
-
-def load_generator(model: str | None, settings: Settings) -> Any:
-    """Load the model once (stdout kept clean: anything a library prints goes to stderr)."""
-    from automask.pipeline import MaskGenerator
-
-    _quiet_transformers()
-    with contextlib.redirect_stdout(sys.stderr):
-        return MaskGenerator(model, settings)
-
-
-def _quiet_transformers() -> None:
-    """No per-load progress bars or advice from transformers on a terminal tool's stderr (when it is installed)."""
-    import importlib.util
-
-    if importlib.util.find_spec("transformers") is not None:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-
-
 # -- commands ----------------------------------------------------------------------------------------
 
 
@@ -285,45 +207,64 @@ def mask(state: CliState, image: str, out: str | None, instances_dir: Path | Non
     """
     if out == "-" and job.as_json:
         raise InvalidOptionError("--json", "cannot be combined with -o - (stdout carries the PNG); use -o FILE.")
-    source, path = read_source(image, state.settings)
+    outputs = Outputs()
+    try:
+        _mask(state.settings, image, out, instances_dir, job, outputs)
+    except BaseException as exc:
+        outputs.discard()
+        if job.as_json and isinstance(exc, AutomaskError):
+            echo_json(error_record(image, exc))
+        raise
+
+
+def _mask(settings: Settings, image: str, out: str | None, instances: Path | None, job: Job, outputs: Outputs) -> None:
+    """`mask`'s work: every file it writes goes through `outputs` (the instances folder is checked first)."""
+    source, path = read_source(image, settings)
     target = output_target(out, path, job.options.output_kind)
-    generator = load_generator(job.model, state.settings)
+    if instances is not None:
+        outputs.folder(instances)
+    generator = load_generator(job, settings)
     with contextlib.redirect_stdout(sys.stderr):
         result = generator.generate(source, job.prompts, job.options)
     png = result.to_png()
     if target is None:
-        stdout = sys.stdout.buffer
-        stdout.write(png)
-        stdout.flush()
+        write_stdout(png)
     else:
-        write_atomic(target, png)
-    meta = result.metadata()
-    if instances_dir is not None:
+        outputs.write(target, png)
+    meta = {"input": image, "output": str(target or "-"), "ok": True, **result.metadata()}
+    if instances is not None:
         from automask.instances import save_instances
 
-        saved = save_instances(result, instances_dir, job.options.grow_mask, write=write_atomic)
+        saved = save_instances(result, instances, job.options.grow_mask, write=outputs.write)
         meta["instances"] = [str(p) for p in saved]
-        click.echo(f"wrote {len(saved)} instance masks into '{instances_dir}'", err=True)
+        click.echo(f"wrote {len(saved)} instance masks into '{instances}'", err=True)
     if job.as_json:
-        click.echo(json.dumps({**meta, "output": str(target or "-")}))
+        echo_json(meta)
     where = "stdout" if target is None else f"'{target}'"
     share = 100.0 * meta["selected_pixels"] / max(1, result.width * result.height)
     click.echo(f"wrote {where}: {result.kind} {result.width}×{result.height}, {share:.1f}% selected", err=True)
     if result.empty:
-        click.echo(f"note: nothing matched {', '.join(job.prompts)!r} at threshold {job.options.threshold}", err=True)
+        click.echo(f"note: nothing matched {quote_targets(job.prompts)} at threshold {job.options.threshold}", err=True)
 
 
 # -- batch -------------------------------------------------------------------------------------------
 
 
+EXIT_MODEL = EXIT_CODES[errors.ModelNotAvailableError]
+"""The exit code of errors of the model, not of a file (unknown, not installed, a prompt it cannot answer)."""
+
+
 def process(generator: Any, src: Path, dst: Path, job: Job) -> dict[str, Any]:
-    """Mask one file and write it; a bad file gives {"ok": false, "error": ...} instead of raising."""
+    """Mask one file and write it; a bad file gives {"ok": false, "error": ...} instead of raising. An error of
+    the model (`EXIT_MODEL`), which every file would meet, is raised."""
     try:
         with contextlib.redirect_stdout(sys.stderr):
             result = generator.generate(src, job.prompts, job.options)
         write_atomic(dst, result.to_png())
     except AutomaskError as exc:
-        return {"input": str(src), "ok": False, "error": one_line(exc.message), "exit_code": exit_code(exc)}
+        if exit_code(exc) == EXIT_MODEL:
+            raise
+        return error_record(str(src), exc)
     except OSError as exc:  # the input could not be read (permissions, a vanished file)
         message = f"Cannot read '{src}': {exc.strerror or exc}."
         return {"input": str(src), "ok": False, "error": message, "exit_code": 3}
@@ -340,16 +281,22 @@ def batch(ctx: click.Context, source: str, outdir: Path, recursive: bool, job: J
     """Mask every image of a folder (or a quoted glob such as 'photos/*.jpg') into OUTDIR/<stem>.png.
 
     A file that fails is reported (one line naming it) and skipped; the others are done. Exit 0 when
-    all succeeded, 1 when any failed. --json prints one JSON line per file on stdout.
+    all succeeded, 1 when any failed. An error of the model (unknown, not installed, a prompt it cannot answer)
+    stops the run at once with exit 4. --json prints one JSON line per file on stdout.
     """
     files, base = find_images(source, recursive, outdir)
     plan = plan_outputs(files, outdir, base)
-    generator = load_generator(job.model, root_settings(ctx))
+    generator = load_generator(job, root_settings(ctx))
     failed = 0
     with Reporter(len(plan)) as report:
         for src, dst in plan:
             report.start(src)
-            record = process(generator, src, dst, job)
+            try:
+                record = process(generator, src, dst, job)
+            except AutomaskError as exc:  # stop: the group prints the error once and exits EXIT_MODEL
+                if job.as_json:
+                    echo_json(error_record(str(src), exc))
+                raise
             if record["ok"]:
                 report.done(f"{src} -> {dst}")
             else:
@@ -357,7 +304,7 @@ def batch(ctx: click.Context, source: str, outdir: Path, recursive: bool, job: J
                 report.error(f"error: {src}: {record['error']}")
                 report.done(f"{src} failed")
             if job.as_json:
-                click.echo(json.dumps(record))
+                echo_json(record)
     click.echo(f"{len(plan) - failed} done, {failed} failed", err=True)
     ctx.exit(EXIT_FAILED if failed else 0)
 

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import json
 import os
 import re
+import stat
 import sys
 import tempfile
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -29,13 +32,46 @@ class OutputError(AutomaskError):
     """The output file or folder could not be written."""
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a temp file in the same folder and `os.replace`: never half-written."""
+def write_atomic(path: Path, data: bytes) -> Path | None:
+    """Write `data` to `path`, never half-written and never replacing what is not a regular file.
+
+    A regular file, or a new path, is written through a temp file in its folder and `os.replace`; a symlink is
+    followed (its target written so, in the target's folder); a device, FIFO or socket (`-o /dev/null`, a named
+    pipe) is opened and written in place. Returns the regular file written, or None for one written in place.
+    """
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:  # a new file (or a dangling symlink: its target is created)
+        mode = stat.S_IFREG
     except OSError as exc:
         raise OutputError(f"Cannot write '{path}': {exc.strerror or exc}.") from None
+    real = Path(os.path.realpath(path))
+    if stat.S_ISREG(mode) and _same_file(path, real):
+        _replace(real, data, shown=path)
+        return real
+    try:  # not a regular file, or one reached through a link that is no path (/dev/stdout -> /proc/self/fd/1)
+        with open(path, "wb") as f:
+            f.write(data)
+    except OSError as exc:
+        raise OutputError(f"Cannot write '{path}': {exc.strerror or exc}.") from None
+    return None
+
+
+def _same_file(path: Path, real: Path) -> bool:
+    """Whether `real` (the resolved `path`) is a path to `path`'s file, or to nothing yet when `path` is new."""
+    try:
+        return os.path.samefile(path, real)
+    except FileNotFoundError:
+        return not path.exists()
+
+
+def _replace(path: Path, data: bytes, shown: Path) -> None:
+    """Write the regular file `path` through a temp file beside it and `os.replace`; errors name `shown`."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".automask-", suffix=".part")
+    except OSError as exc:
+        raise OutputError(f"Cannot write '{shown}': {exc.strerror or exc}.") from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -49,8 +85,68 @@ def write_atomic(path: Path, data: bytes) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         if isinstance(exc, OSError):
-            raise OutputError(f"Cannot write '{path}': {exc.strerror or exc}.") from None
+            raise OutputError(f"Cannot write '{shown}': {exc.strerror or exc}.") from None
         raise
+
+
+class Outputs:
+    """What one command writes, undone by `discard` when it fails: no partial result is left behind."""
+
+    def __init__(self) -> None:
+        self.files: list[Path] = []
+        self.folders: list[Path] = []
+
+    def folder(self, path: Path) -> None:
+        """Create the folder `path` (and its missing parents) and check that a file can be made in it."""
+        self.folders += [p for p in (path, *path.parents) if not p.exists()]
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(dir=path, prefix=".automask-", suffix=".part")
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:
+            raise OutputError(f"Cannot write into '{path}': {exc.strerror or exc}.") from None
+
+    def write(self, path: Path, data: bytes) -> None:
+        """`write_atomic`, remembering the regular file written."""
+        self.folders += [p for p in path.parents if not p.exists()]
+        written = write_atomic(path, data)
+        if written is not None:
+            self.files.append(written)
+
+    def discard(self) -> None:
+        """Remove the files written and the (then empty) folders made."""
+        for path in self.files:
+            with contextlib.suppress(OSError):
+                path.unlink()
+        for folder in sorted(set(self.folders), key=lambda f: len(f.parts), reverse=True):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+
+
+def echo_json(record: dict[str, Any]) -> None:
+    """Print `record` as one JSON line on standard output (see `write_stdout`)."""
+    write_stdout(json.dumps(record).encode() + b"\n")
+
+
+def write_stdout(data: bytes) -> None:
+    """Write `data` to standard output and flush it. A failure (a full disk: `-o - > /dev/full`) is an
+    `OutputError`; a reader that went away (`| head`) raises `BrokenPipeError`, for the caller to stop quietly."""
+    try:
+        sys.stdout.flush()  # what click.echo may have left in the text layer goes first
+        sys.stdout.buffer.write(data)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        silence_stdout()
+        raise
+    except OSError as exc:
+        silence_stdout()
+        raise OutputError(f"Cannot write to standard output: {exc.strerror or exc}.") from None
+
+
+def silence_stdout() -> None:
+    """Point standard output at the null device, so that what is still buffered cannot fail again at exit."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def read_source(image: str, settings: Settings) -> tuple[ImageSource, Path | None]:
@@ -93,22 +189,26 @@ def output_target(out: str | None, source: Path | None, kind: str) -> Path | Non
 def find_images(source: str, recursive: bool, outdir: Path) -> tuple[list[Path], Path | None]:
     """(input files, the folder their output paths mirror or None) for a folder, a glob or one file.
 
-    A folder gives its files with an image suffix (not hidden; `recursive`: subfolders too, except
-    `outdir`); a glob gives every file it matches (`recursive`: `**` spans folders).
+    A folder gives its files with an image suffix (not hidden; `recursive`: subfolders too, except `outdir`
+    when it is a subfolder: the outputs of an earlier run are not inputs); a glob gives every file it matches
+    (`recursive`: `**` spans folders). `outdir` may be the folder itself (`plan_outputs` never names an input).
     """
     root = Path(source)
     if root.is_dir():
         found = root.rglob("*") if recursive else root.iterdir()
         skip = outdir.resolve()
+        apart = skip not in (root.resolve(), *root.resolve().parents)  # OUTDIR is not the folder nor above it
         files = [
             p
             for p in found
             if p.suffix.lower() in IMAGE_SUFFIXES
             and p.is_file()
             and not any(part.startswith(".") for part in p.relative_to(root).parts)
-            and skip not in p.resolve().parents
+            and not (apart and skip in p.resolve().parents)
         ]
         base: Path | None = root
+    elif not glob.has_magic(source) and not os.path.lexists(source):
+        raise InvalidOptionError("DIR_OR_GLOB", f"no such file or folder: '{source}'.")
     else:
         files = [Path(p) for p in glob.glob(source, recursive=recursive) if Path(p).is_file()]
         base = None

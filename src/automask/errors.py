@@ -35,6 +35,10 @@ class URLRefusedError(AutomaskError):
     """An image URL was refused by the safety guard (scheme, or an internal address)."""
 
 
+class PrivateAddressError(URLRefusedError):
+    """An image URL was refused for its address (private, loopback, ...): the `allow_private_urls` setting lifts it."""
+
+
 class FetchError(AutomaskError):
     """The image URL's server failed, or answered with an error."""
 

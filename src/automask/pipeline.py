@@ -30,7 +30,7 @@ from automask.imageio.decode import composite_on_white
 from automask.models import EMBEDDED, ResolvedModel
 from automask.options import MaskOptions, parse_prompt
 from automask.result import Detection, MaskResult
-from automask.routing import ModelPlan, Route, installed_alternatives, plan_models, routed
+from automask.routing import ModelPlan, Route, installed_alternatives, plan_models, quote_targets, routed
 from automask.settings import Settings
 
 
@@ -357,11 +357,11 @@ def finish(
 
 def _empty_message(prompts: list[str], opts: MaskOptions) -> str:
     """The `EmptyMaskError` message: what was looked for, and which options may have removed it."""
-    removed = [f"negative_prompt {opts.negative_prompt!r}"] if opts.negative_targets else []
+    removed = [f"negative_prompt {quote_targets(opts.negative_targets)}"] if opts.negative_targets else []
     removed += [f"min_area {opts.min_area}"] if opts.min_area > 1 else []
     after = f" (after {' and '.join(removed)} removed what was found)" if removed else ""
     return (
-        f"Nothing matching {', '.join(repr(p) for p in prompts)} was found at threshold {opts.threshold}{after}. "
+        f"Nothing matching {quote_targets(prompts)} was found at threshold {opts.threshold}{after}. "
         "Try a lower threshold or another prompt."
     )
 

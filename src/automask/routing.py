@@ -127,7 +127,7 @@ def installed_alternatives(settings: Settings) -> list[str]:
 def unknown_words_message(words: list[str], installed: list[str] | None = None) -> str:
     """The error for targets the embedded model does not know. `installed`: the open-vocabulary models installed
     (but not chosen); none: the message says how to install one."""
-    quoted = ", ".join(repr(w) for w in words)
+    quoted = quote_targets(words)
     if installed:
         names = ", ".join(repr(n) for n in installed)
         return (
@@ -138,6 +138,19 @@ def unknown_words_message(words: list[str], installed: list[str] | None = None) 
         f"No open-vocabulary model is installed, so {quoted} cannot be masked: the embedded offline model only "
         f"knows {vocabulary_summary()}. Install an open-vocabulary model with: automask models pull clipseg"
     )
+
+
+QUOTED_CHARS = 80
+"""A target echoed in a message is cut to this many characters (with '…'): a huge prompt is not printed whole."""
+QUOTED_TARGETS = 8
+"""At most this many targets are echoed in a message; the rest are counted ('and 12 more')."""
+
+
+def quote_targets(targets: list[str]) -> str:
+    """The targets quoted for a message ("'sofa', 'lamp'"), each cut to `QUOTED_CHARS`, at most `QUOTED_TARGETS`."""
+    cut = [t if len(t) <= QUOTED_CHARS else t[: QUOTED_CHARS - 3] + "…" for t in targets[:QUOTED_TARGETS]]
+    more = len(targets) - QUOTED_TARGETS
+    return ", ".join(repr(t) for t in cut) + (f" and {more} more" if more > 0 else "")
 
 
 def vocabulary_summary() -> str:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+_DEVICE = re.compile(r"cpu|mps|cuda(:[0-9]+)?")
+"""The torch devices automask runs on (whether this machine has them is checked when a torch model loads)."""
 
 
 def _default_data_dir() -> Path:
@@ -20,7 +24,7 @@ class Settings(BaseSettings):
 
     data_dir: Path = Field(default_factory=_default_data_dir, description="Models, keys database, job results.")
     model: str | None = Field(None, description="Model name (e.g. 'clipseg') or a local folder; None: the default.")
-    device: str = Field("cpu", description="Torch device for torch backends ('cpu', 'cuda', 'cuda:1').")
+    device: str = Field("cpu", description="Torch device for torch backends: 'cpu', 'cuda', 'cuda:N' or 'mps'.")
     allow_private_urls: bool = Field(False, description="Let image URLs reach private/loopback addresses.")
     fetch_timeout: float = Field(10.0, gt=0, description="Seconds allowed to fetch an image URL.")
     max_image_bytes: int = Field(32 * 1024 * 1024, gt=0, description="Largest encoded image accepted, in bytes.")
@@ -68,6 +72,13 @@ class Settings(BaseSettings):
     redis_url: str | None = Field(
         None, description="redis://HOST:PORT/N: rate limits shared by every API node, and the v1 hand-off."
     )
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, v: str) -> str:
+        if not _DEVICE.fullmatch(v):
+            raise ValueError(f"must be cpu, cuda, cuda:N (a GPU's index) or mps, not {v!r}")
+        return v
 
     @property
     def models_dir(self) -> Path:

@@ -30,7 +30,13 @@ from typing import Any
 
 import httpx
 
-from automask.errors import FetchError, FetchTimeoutError, ImageTooLargeError, URLRefusedError
+from automask.errors import (
+    FetchError,
+    FetchTimeoutError,
+    ImageTooLargeError,
+    PrivateAddressError,
+    URLRefusedError,
+)
 from automask.settings import Settings
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -247,13 +253,11 @@ def _checked_addresses(url: httpx.URL, resolve: Resolver, check: AddressCheck) -
     for ip in addresses:
         if not check(ip):
             where = f"{host} is" if host == str(ip) else f"{host} resolves to {ip},"
-            why = (
-                "automask never fetches from cloud metadata or link-local addresses."
-                if never_fetched(ip)
-                else "automask fetches only public addresses; for local use set AUTOMASK_ALLOW_PRIVATE_URLS=true."
-            )
-            raise URLRefusedError(
-                f"Refused the image URL {_show(url)}: {where} a {blocked_reason(ip) or 'refused'} address. {why}"
+            message = f"Refused the image URL {_show(url)}: {where} a {blocked_reason(ip) or 'refused'} address."
+            if never_fetched(ip):  # whatever the settings
+                raise URLRefusedError(f"{message} automask never fetches from cloud metadata or link-local addresses.")
+            raise PrivateAddressError(
+                f"{message} automask fetches only public addresses; for local use set AUTOMASK_ALLOW_PRIVATE_URLS=true."
             )
     return addresses
 

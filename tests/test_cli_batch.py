@@ -1,0 +1,71 @@
+"""`automask batch`: which files it takes (the output folder may be the input folder), a source that does not
+exist, and a model-level error that stops the run at once."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import jpeg_bytes
+from test_cli import error_lines, invoke
+
+
+@pytest.fixture()
+def folder(chelsea: np.ndarray, tmp_path: Path) -> Path:
+    """b/a.jpg and b/b.png: two small photos."""
+    path = tmp_path / "b"
+    path.mkdir()
+    (path / "a.jpg").write_bytes(jpeg_bytes(chelsea[:40, :60]))
+    Image.fromarray(chelsea[:30, :50]).save(path / "b.png")
+    return path
+
+
+def test_batch_into_its_own_folder_masks_the_images(tiny_clipseg_dir: Path, folder: Path) -> None:
+    result = invoke("batch", folder, "-o", folder, "-p", "cat", "--model", tiny_clipseg_dir)
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in folder.iterdir()) == ["a.jpg", "a.png", "b-2.png", "b.png"]  # inputs kept
+    assert Image.open(folder / "b-2.png").size == (50, 30) and Image.open(folder / "a.png").size == (60, 40)
+    assert result.stderr.rstrip().endswith("2 done, 0 failed")
+
+
+def test_batch_into_a_parent_folder_masks_the_images(tiny_clipseg_dir: Path, folder: Path) -> None:
+    result = invoke("batch", folder, "-o", folder.parent, "-p", "cat", "--model", tiny_clipseg_dir)
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in folder.parent.iterdir()) == ["a.png", "b", "b.png"]
+
+
+def test_batch_into_a_subfolder_skips_the_subfolder(tiny_clipseg_dir: Path, folder: Path) -> None:
+    out = folder / "masks"
+    out.mkdir()
+    (out / "old.png").write_bytes((folder / "b.png").read_bytes())  # an output of an earlier run: not an input
+    result = invoke("batch", folder, "-r", "-o", out, "-p", "cat", "--model", tiny_clipseg_dir)
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == ["a.png", "b.png", "old.png"]
+
+
+def test_batch_of_a_missing_source_says_it_does_not_exist(tmp_path: Path) -> None:
+    result = invoke("batch", tmp_path / "nonexist", "-p", "subject", "-o", tmp_path / "x")
+    assert result.exit_code == 2, result.output
+    assert result.stderr == f"error: DIR_OR_GLOB: no such file or folder: '{tmp_path / 'nonexist'}'.\n"
+    glob = invoke("batch", f"{tmp_path}/*.jpg", "-p", "subject", "-o", tmp_path / "x")  # a glob may match nothing
+    assert glob.exit_code == 2 and "no images found" in glob.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_batch_stops_at_a_model_level_error(tiny_clipseg_dir: Path, folder: Path, tmp_path: Path) -> None:
+    """--refine with no SAM installed: every file would fail the same way. A bad file before it is still skipped."""
+    (folder / "0-broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    out = tmp_path / "out"
+    result = invoke("batch", folder, "-o", out, "-p", "cat", "--model", tiny_clipseg_dir, "--refine", "--json")
+    assert result.exit_code == 4, result.output
+    broken, model = error_lines(result.stderr)
+    assert broken.startswith(f"error: {folder / '0-broken.jpg'}: ")
+    assert model.startswith("error: ") and "automask models pull" in model and "a.jpg" not in model
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [(Path(r["input"]).name, r["exit_code"]) for r in records] == [("0-broken.jpg", 3), ("a.jpg", 4)]
+    assert records[1]["error"] == model.removeprefix("error: ")
+    assert not out.exists() or list(out.iterdir()) == []  # b.png was not tried

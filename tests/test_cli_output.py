@@ -1,0 +1,151 @@
+"""Where the command line writes: `write_atomic` on regular files, symlinks, FIFOs and devices, standard output,
+and `--instances` (nothing left behind when a run fails)."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from automask.cli import OutputError
+from automask.cli_io import write_atomic
+from test_cli import automask_command, invoke
+
+
+def test_write_atomic_takes_a_long_file_name(tmp_path: Path) -> None:
+    target = tmp_path / ("m" * 240 + ".png")  # 244 characters: valid where names may have 255
+    write_atomic(target, b"png")
+    assert target.read_bytes() == b"png"
+    assert [p.name for p in tmp_path.iterdir()] == [target.name]
+
+
+def test_write_atomic_writes_through_a_symlink(tmp_path: Path) -> None:
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / "target.png").write_bytes(b"old")
+    link = tmp_path / "link.png"
+    link.symlink_to(real / "target.png")
+    write_atomic(link, b"new")
+    assert link.is_symlink() and os.readlink(link) == str(real / "target.png")
+    assert (real / "target.png").read_bytes() == b"new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.png", "real"]
+    assert [p.name for p in real.iterdir()] == ["target.png"]  # the temp file was made beside the target
+
+
+def test_write_atomic_creates_the_target_of_a_dangling_symlink(tmp_path: Path) -> None:
+    link = tmp_path / "link.png"
+    link.symlink_to(tmp_path / "later.png")
+    write_atomic(link, b"new")
+    assert link.is_symlink() and (tmp_path / "later.png").read_bytes() == b"new"
+
+
+def test_write_atomic_writes_into_a_fifo(tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo.png"
+    os.mkfifo(fifo)
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()), daemon=True)
+    reader.start()
+    write_atomic(fifo, b"through the pipe")
+    reader.join(timeout=10)
+    assert got == [b"through the pipe"]
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)  # still a FIFO, not replaced by a regular file
+    assert [p.name for p in tmp_path.iterdir()] == ["fifo.png"]
+
+
+def test_write_atomic_writes_into_a_device(tmp_path: Path) -> None:
+    """A character device of our own (a copy of /dev/null's numbers, made in tmp_path): written, never replaced."""
+    if os.geteuid() != 0:
+        pytest.skip("making a device node needs root")
+    node = tmp_path / "null"
+    try:
+        os.mknod(node, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    except PermissionError:
+        pytest.skip("this container may not make device nodes")
+    write_atomic(node, b"discarded")
+    assert stat.S_ISCHR(os.stat(node).st_mode)
+    assert [p.name for p in tmp_path.iterdir()] == ["null"]
+
+
+# -- the mask command's outputs ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def photo(chelsea: np.ndarray, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("photos") / "photo.png"
+    Image.fromarray(chelsea).resize((60, 40)).save(path)
+    return path
+
+
+@pytest.mark.parametrize("output", ["-", "file"])
+def test_a_failed_write_to_stdout_leaves_no_output(
+    tiny_clipseg_dir: Path, photo: Path, tmp_path: Path, output: str
+) -> None:
+    out = tmp_path / "m.png"
+    json_flag = [] if output == "-" else ["--json"]
+    args = ["mask", photo, "-p", "cat", "--model", tiny_clipseg_dir, "-o", "-" if output == "-" else out, *json_flag]
+    with open("/dev/full", "wb") as full:  # every write fails with ENOSPC; nothing is replaced or deleted
+        proc = subprocess.run([*automask_command(), *map(str, args)], stdout=full, stderr=subprocess.PIPE, timeout=180)
+    stderr = proc.stderr.decode()
+    assert proc.returncode == 8, stderr
+    assert stderr.splitlines()[-1] == "error: Cannot write to standard output: No space left on device."
+    assert "Exception ignored" not in stderr and "Traceback" not in stderr
+    assert stat.S_ISCHR(os.stat("/dev/full").st_mode)
+    assert list(tmp_path.iterdir()) == []  # the mask written before the JSON failed is removed
+
+
+def test_an_unusable_instances_folder_fails_before_anything_is_written(
+    tiny_clipseg_dir: Path, photo: Path, tmp_path: Path
+) -> None:
+    (tmp_path / "file.txt").write_text("a file, not a folder")
+    out, folder = tmp_path / "m.png", tmp_path / "file.txt" / "instances"
+    result = invoke("mask", photo, "-p", "cat", "--model", tiny_clipseg_dir, "-o", out, "--instances", folder, "--json")
+    assert result.exit_code == 8, result.output
+    assert result.stderr == f"error: Cannot write into '{folder}': Not a directory.\n"
+    record = json.loads(result.stdout)
+    assert record == {"input": str(photo), "ok": False, "error": result.stderr[7:-1], "exit_code": 8}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt"]
+
+
+def test_instances_failing_half_way_remove_every_output(
+    monkeypatch: pytest.MonkeyPatch, tiny_clipseg_dir: Path, photo: Path, tmp_path: Path
+) -> None:
+    def half_way(result: Any, folder: Path, grow_mask: int, write: Any) -> list[Path]:
+        write(folder / "00-cat.png", b"first instance")
+        raise OutputError(f"Cannot write '{folder / '01-cat.png'}': No space left on device.")
+
+    monkeypatch.setattr("automask.instances.save_instances", half_way)
+    out, folder = tmp_path / "m.png", tmp_path / "new" / "instances"
+    result = invoke("mask", photo, "-p", "cat", "--model", tiny_clipseg_dir, "-o", out, "--instances", folder, "--json")
+    assert result.exit_code == 8, result.output
+    assert json.loads(result.stdout)["exit_code"] == 8
+    assert list(tmp_path.iterdir()) == []  # neither the mask, nor the first instance, nor the folders made for them
+
+
+def test_mask_json_reports_a_failure_as_batch_does(tiny_clipseg_dir: Path, photo: Path, tmp_path: Path) -> None:
+    out = tmp_path / "m.png"
+    args = ["mask", photo, "-p", "cat", "--model", tiny_clipseg_dir, "--threshold", "1", "--stop-on-empty-mask"]
+    result = invoke(*args, "-o", out, "--json")
+    assert result.exit_code == 5, result.output
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("error: Nothing matching")
+    assert json.loads(result.stdout) == {"input": str(photo), "ok": False, "error": line[7:], "exit_code": 5}
+    assert list(tmp_path.iterdir()) == []
+    done = json.loads(invoke(*args[:-3], "-o", out, "--json").stdout)  # success: the same keys as batch's records
+    assert done["ok"] is True and done["input"] == str(photo) and done["output"] == str(out)
+
+
+def test_a_huge_prompt_is_not_echoed_whole(tiny_clipseg_dir: Path, photo: Path, tmp_path: Path) -> None:
+    args = ["mask", photo, "-p", "cat" * 2000, "--model", tiny_clipseg_dir, "--threshold", "1", "-o", tmp_path / "m"]
+    for stop in ([], ["--stop-on-empty-mask"]):
+        result = invoke(*args, *stop)
+        assert result.exit_code == (5 if stop else 0), result.output
+        (line,) = [line for line in result.stderr.splitlines() if line.startswith(("error:", "note:"))]
+        assert "cat" * 20 in line and "cat" * 40 not in line and "…" in line
