@@ -155,11 +155,11 @@ def test_a_fleet_api_node_refuses_a_prompt_its_embedded_only_workers_cannot_answ
     api_node: tuple[CeleryDispatcher, Store],
 ) -> None:
     dispatcher, store = api_node
-    nodes.register(store, "worker-a", "worker", ["subject"], "subject")
+    nodes.register(store, "worker-a", "worker", ["subject"], "subject", 10.0)
     assert dispatcher.check(None, ["person", "background"]) == "subject"
     with pytest.raises(ModelNotAvailableError, match="'sofa' cannot be masked"):
         dispatcher.check(None, ["person", "sofa"])
-    nodes.register(store, "worker-b", "worker", ["clipseg"], "clipseg")
+    nodes.register(store, "worker-b", "worker", ["clipseg"], "clipseg", 10.0)
     with pytest.raises(ModelNotAvailableError, match="Choose a model that answers any word: 'clipseg'"):
         dispatcher.check("subject", ["sofa"])
     assert dispatcher.check("clipseg", ["sofa"]) == "clipseg"
