@@ -88,7 +88,12 @@ def test_sdk_sees_errors(live: Any, photo: tuple[str, tuple[int, int]]) -> None:
     with pytest.raises(segmind.SegmindError) as err:
         client(live, token).run_sync(SLUG, image=image, prompt="cat", threshold=1.5)
     assert err.value.status == 400 and err.value.detail.startswith("threshold: ")
-    job = client(live, token).submit_async(SLUG, image="bm90IGFuIGltYWdl", prompt="cat")
+    with pytest.raises(segmind.SegmindError) as err:  # not an image: refused at submit, as v1 refuses it
+        client(live, token).submit_async(SLUG, image="bm90IGFuIGltYWdl", prompt="cat")
+    assert err.value.status == 400 and "not an image" in err.value.detail
+    png = base64.b64decode(image)
+    truncated = base64.b64encode(png[: len(png) // 2]).decode()  # a sound header: it fails when the job decodes it
+    job = client(live, token).submit_async(SLUG, image=truncated, prompt="cat")
     with pytest.raises(segmind.InferenceFailed) as failed:
         job.wait(timeout=30, interval=0.2)
-    assert failed.value.status_body["status"] == "FAILED" and "not an image" in failed.value.detail
+    assert failed.value.status_body["status"] == "FAILED" and "truncated" in failed.value.detail
