@@ -11,6 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from automask.cli import main
+from automask.errors import ServiceConfigError
 from automask.server import keys as keystore
 from automask.server.store import Store
 
@@ -142,3 +143,24 @@ def test_an_unreachable_redis_is_a_503_not_a_500(tmp_path: Path) -> None:
                        headers={"x-api-key": token}, timeout=30)  # fmt: skip
         assert r.status_code == 503 and "shared state is unreachable" in r.json()["error"], r.text
         assert keystore.get_key(store, key.id).credits == 2  # type: ignore[union-attr]
+
+
+def test_an_api_node_without_a_broker_refuses_a_fleets_database(postgres_db: str, tmp_path: Path) -> None:
+    """Before: `serve` with the fleet's database URL but no broker URL ran jobs in-process: it took every QUEUED job
+    and FAILED those of models it did not have ("Unknown model"), and marked others as handed out."""
+    from automask.server import nodes
+    from automask.server.migrations import ensure_schema
+
+    store = Store(postgres_db)
+    ensure_schema(store, create=True)
+    nodes.register(store, "worker-x", "worker", ["clipseg"], "clipseg", 10.0)
+    env = {"AUTOMASK_DATABASE_URL": postgres_db, "AUTOMASK_DATA_DIR": str(tmp_path / "data")}
+    served = CliRunner().invoke(main, ["serve", "--port", "0"], env=env)
+    assert served.exit_code == 9, served.output
+    assert "used by a fleet of Celery workers" in served.output and "AUTOMASK_BROKER_URL" in served.output
+    assert "Traceback" not in served.output
+    nodes.unregister(store, "worker-x")
+    nodes.register(store, "server-y", "server", ["subject"], "subject", 10.0)
+    with pytest.raises(ServiceConfigError, match="runs its models in-process"):  # and workers refuse the reverse
+        nodes.refuse_mixed(store, 10.0, "server")
+    store.close()

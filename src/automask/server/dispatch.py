@@ -19,6 +19,7 @@ from typing import Protocol
 
 from automask.errors import AutomaskError, ModelNotAvailableError
 from automask.pipeline import MaskGenerator
+from automask.server import nodes
 from automask.server.config import ServerSettings
 from automask.server.execute import Outcome, answer, execute_job
 from automask.server.jobs import FAILED, Jobs
@@ -239,9 +240,12 @@ class LocalDispatcher:
 def make_dispatcher(
     settings: Settings, server: ServerSettings, store: Store, jobs: Jobs, generator: MaskGenerator | None
 ) -> Dispatcher:
-    """The in-process pool, or Celery workers when `settings.broker_url` is set: chosen once, here."""
+    """The in-process pool, or Celery workers when `settings.broker_url` is set: chosen once, here. An in-process
+    pool on a database that live Celery workers use is refused (`ServiceConfigError`): it would take their jobs."""
     if settings.broker_url:
         from automask.server.fleet import CeleryDispatcher
 
         return CeleryDispatcher(settings, server, store)
+    nodes.refuse_mixed(store, server.node_ttl, "worker")
     return LocalDispatcher(settings, server, store, jobs, generator)
+

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import ColumnElement, delete, func, insert, select, update
 
+from automask.errors import ServiceConfigError
 from automask.server.store import Store, nodes_table
 
 log = logging.getLogger("automask.server")
@@ -91,6 +92,26 @@ def forget_dead(store: Store, ttl: float) -> int:
     silent = (N.heartbeat_at < now - ttl) & (N.heartbeat_at < now - 10 * func.coalesce(N.dead_after, 0.0))
     with store.transaction() as conn:
         return int(conn.execute(delete(nodes_table).where(silent)).rowcount)
+
+
+def refuse_mixed(store: Store, ttl: float, other: str) -> None:
+    """Raise `ServiceConfigError` if live nodes of kind `other` share `store`: an API node with models in-process
+    ("server") and Celery workers ("worker") would each take the other's queued jobs (and fail those of models they
+    do not have). One database serves one kind of deployment."""
+    found = [n.id for n in live(store, ttl) if n.kind == other]
+    if not found:
+        return
+    if other == "worker":
+        fix = (
+            "this database is used by a fleet of Celery workers; start API nodes with the same AUTOMASK_BROKER_URL "
+            "and AUTOMASK_REDIS_URL as the others"
+        )
+    else:
+        fix = (
+            "this database is used by a server that runs its models in-process (no AUTOMASK_BROKER_URL); stop it, or "
+            "give it the fleet's AUTOMASK_BROKER_URL and AUTOMASK_REDIS_URL, before starting workers"
+        )
+    raise ServiceConfigError(f"Refusing to start: {fix} (live: {', '.join(found[:3])}).")
 
 
 class Heartbeat:

@@ -193,7 +193,11 @@ def run_worker(
     """Run a worker until it is stopped (SIGTERM: warm shutdown, running tasks finish)."""
     global _WORKER
     require_fleet_settings(settings)
-    Store.from_settings(settings, create=False).close()  # an older schema: refuse, say `automask db migrate`
+    store = Store.from_settings(settings, create=False)  # an older schema: refuse, say `automask db migrate`
+    try:
+        nodes.refuse_mixed(store, server.node_ttl, "server")
+    finally:
+        store.close()
     if model:
         settings = settings.model_copy(update={"model": model})
     if generator_factory is None:
