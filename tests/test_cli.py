@@ -481,6 +481,8 @@ def test_an_invalid_device_is_a_usage_error(tmp_path: Path, device: str) -> None
     result = invoke("--device", device, "models", "list")
     assert result.exit_code == 2, result.output
     assert result.stderr == (
-        f"error: device (AUTOMASK_DEVICE): must be cpu, cuda, cuda:N (a GPU's index) or mps, not {device!r}\n"
+        f"error: device (AUTOMASK_DEVICE): must be cpu, cuda, cuda:N (a GPU's index), mps or another torch device "
+        f"type, not {device!r}\n"
     )
-    assert [Settings(device=d).device for d in ("cpu", "cuda", "cuda:1", "mps")] == ["cpu", "cuda", "cuda:1", "mps"]
+    valid = ("cpu", "cuda", "cuda:1", "mps", "mps:0", "xpu", "xpu:1")  # every torch device type, with an index
+    assert [Settings(device=d).device for d in valid] == list(valid)

@@ -160,6 +160,7 @@ def test_bad_urls_are_refused(url: str, phrase: str) -> None:
         ("fd00:ec2::254", "cloud metadata"),
         ("::ffff:169.254.169.254", "IPv4-mapped cloud metadata"),
         ("2002:a9fe:a9fe::1", "6to4 tunnel to a cloud metadata"),
+        ("64:ff9b::a9fe:a9fe", "NAT64"),  # 169.254.169.254 through a NAT64 gateway
         ("169.254.1.1", "link-local"),
         ("fe80::1", "link-local"),
     ],

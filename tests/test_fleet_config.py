@@ -86,6 +86,39 @@ def test_a_worker_that_cannot_reach_the_database_hands_the_task_back(monkeypatch
     assert len(pings) == 3 and not answers  # handed back once the database answered, not at the first error
 
 
+def test_a_worker_waiting_for_the_database_hands_its_task_back_before_celerys_hard_limit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The hard limit counts from the task's start (timeout + TIME_LIMIT_MARGIN): a task that failed late waits only
+    what is left, less HAND_BACK_MARGIN. Before: it waited a whole timeout and Celery killed it mid-wait (the
+    message acknowledged, not handed back)."""
+    from types import SimpleNamespace
+
+    from celery.exceptions import Reject
+    from sqlalchemy.exc import OperationalError
+
+    from automask.server import worker
+    from automask.server.config import ServerSettings
+
+    def late_database_error(*args: object, **kwargs: object) -> None:
+        time.sleep(1.0)  # the job ran 1 s before the database failed it
+        raise OperationalError("UPDATE jobs", {}, Exception("connection refused"))
+
+    monkeypatch.setattr(worker, "_WORKER", SimpleNamespace(server=ServerSettings(timeout=1.0)))
+    monkeypatch.setattr(worker, "TIME_LIMIT_MARGIN", 0.5)  # hard limit: 1.5 s from the start
+    monkeypatch.setattr(worker, "HAND_BACK_MARGIN", 0.2)  # so 0.3 s are left to wait
+    monkeypatch.setattr(worker, "RETRY_PAUSE", 0.05)
+    store = SimpleNamespace(ping=lambda: False)  # the database stays down
+    jobs = SimpleNamespace(release=lambda job_id, node: None, store=store)
+    monkeypatch.setattr(worker, "_process", lambda: SimpleNamespace(jobs=jobs, runner=None, node="n1"))
+    monkeypatch.setattr(worker, "execute_job", late_database_error)
+    task = SimpleNamespace(request=SimpleNamespace(delivery_info={"redelivered": False}))
+    start = time.monotonic()
+    with pytest.raises(Reject):
+        worker.v2_task(task, "job-1")
+    assert 1.25 <= time.monotonic() - start < 1.45  # 1 s of work + 0.3 s of waiting, not + 1 s
+
+
 def test_a_worker_spends_a_delivery_per_timeout_not_per_retry_while_the_database_is_down(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

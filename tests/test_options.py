@@ -144,6 +144,9 @@ def test_output_kind_alpha_takes_precedence(return_mask: bool, return_alpha: boo
         ("Mr. Smith.", ["Mr", "Smith"]),
         ("sofa. lamp", ["sofa. lamp"]),
         ("hat . Mr. Smith's bag .", ["hat", "Mr. Smith's bag"]),
+        ("the U.S. flag.", ["the U.S. flag"]),  # an abbreviation or an initial does not end a target
+        ("J. Smith. dog.", ["J. Smith", "dog"]),
+        ("a photo of Mr. Smith, sofa.", ["a photo of Mr. Smith", "sofa"]),  # commas: the comma style alone
         (["sofa, lamp", "lamp", "chair"], ["sofa", "lamp", "chair"]),
     ],
 )

@@ -115,7 +115,8 @@ def test_serve_refuses_heartbeats_that_would_make_a_live_node_look_dead(tmp_path
     env = {"AUTOMASK_SERVER_HEARTBEAT_INTERVAL": "5", "AUTOMASK_SERVER_NODE_TTL": "10"}
     result = CliRunner().invoke(main, ["--data-dir", str(tmp_path), "serve"], env=env)
     assert result.exit_code == 2 and "at most a third of the node TTL (10 s)" in result.output, result.output
-    assert ServerSettings(heartbeat_interval=2, node_ttl=6).node_ttl == 6  # the default 2 s beat fits a 6 s TTL
+    assert ServerSettings(heartbeat_interval=2, node_ttl=6).beat == 2  # a 2 s beat fits a 6 s TTL
+    assert ServerSettings(node_ttl=5).beat == 1 and ServerSettings().beat == 2  # unset: a fifth of the TTL
     pytest.importorskip("celery")
     worker = CliRunner().invoke(
         main, ["--data-dir", str(tmp_path), "worker"], env={**env, "AUTOMASK_BROKER_URL": "amqp://u:p@127.0.0.1:1/"}

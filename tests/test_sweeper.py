@@ -16,7 +16,7 @@ from automask.server.fleet import CeleryDispatcher
 from automask.server.jobs import Jobs
 from automask.server.migrations import ensure_schema
 from automask.server.schemas import MaskRequest
-from automask.server.store import Store, jobs_table
+from automask.server.store import Store, jobs_table, nodes_table
 from automask.server.sweeper import LOCK_ID, Sweeper
 from automask.settings import Settings
 
@@ -212,3 +212,20 @@ def test_after_a_database_outage_no_node_is_taken_for_dead_and_every_queued_job_
     nodes.heartbeat(store, "w")  # the worker beats again: it keeps its job
     time.sleep(0.65)
     assert sweeper.sweep()["requeued"] == 1  # a node silent for a TTL past the outage is dead, as usual
+
+
+def test_after_an_outage_the_grace_is_the_longest_ttl_of_any_node(store: Store) -> None:
+    """The sweeping node's TTL is 0.6 s; a worker's is 2 s. Before: the grace after an outage was the sweeper's own
+    0.6 s, so the worker's running job was taken from it before it could beat again."""
+    jobs = Jobs(store)
+    settings = ServerSettings(node_ttl=0.6, heartbeat_interval=0.2)
+    sweeper = Sweeper(store, jobs, Recording(), settings)  # type: ignore[arg-type]
+    job = jobs.submit(None, MaskRequest.model_validate({"image": "aGVsbG8=", "prompt": "x"}), charge=False)
+    nodes.register(store, "w", "worker", ["m"], "m", 2.0)
+    assert jobs.claim(job, "w") is not None
+    with store.transaction() as conn:  # its last beat before the outage: 5 s ago
+        conn.execute(update(nodes_table).values(heartbeat_at=store.now() - 5))
+    sweeper.failed()
+    assert sweeper.sweep()["requeued"] == 0
+    time.sleep(1.0)  # past the sweeper's own TTL, within the worker's
+    assert sweeper.sweep()["requeued"] == 0 and jobs.get(job).status == "PROCESSING"  # type: ignore[union-attr]

@@ -155,21 +155,24 @@ def parse_prompt(prompt: str | list[str]) -> list[str]:
 _CAPTION_END = re.compile(r"[^\s.]\.+\s*$")
 """A prompt whose last target ends with a '.' touching it: GroundingDINO's caption style, "sofa. lamp."."""
 
-_ENDING_DOTS = re.compile(r"\.+(?=\s|$)")
-"""In a caption-style prompt, a run of dots followed by whitespace (or the end) ends a target."""
+_ENDING_DOTS = re.compile(r"(?<![\s.])(?<!(?<!\S)\w)(?<!\.\w)\.+(?=\s|$)")
+"""In a caption-style prompt, a run of dots followed by whitespace (or the end) ends a target, unless it ends a
+single letter ("J. Smith") or a word with a dot inside ("U.S. flag", "e.g. cat"): initials and abbreviations."""
 
 
 def parse_prompt_parts(prompt: str) -> list[str]:
     """Split one prompt string on ',' and standalone '.' separators; blanks are dropped.
 
     A '.' inside a word or number is kept ("3.5 inch floppy", "Mr. Smith"); one '.' ending a target is
-    dropped ("sofa." is "sofa"); runs of whitespace inside a target become one space. A prompt written the way
-    GroundingDINO's demos write captions, ending with a '.' that touches its last word ("sofa. lamp."), also splits
-    at every '.' followed by whitespace, as GroundingDINO's tokenizer does ("Mr. Smith." is then "Mr" | "Smith").
+    dropped ("sofa." is "sofa"); runs of whitespace inside a target become one space. A prompt without commas
+    written the way GroundingDINO's demos write captions, ending with a '.' that touches its last word
+    ("sofa. lamp."), also splits at every '.' that ends a word of two or more characters without a dot inside, as
+    GroundingDINO's tokenizer does ("Mr. Smith." is then "Mr" | "Smith"; "the U.S. flag." stays one target).
     """
     if not isinstance(prompt, str):
         raise InvalidOptionError("prompt", "must be a string")
-    separators = _ENDING_DOTS if _CAPTION_END.search(prompt) else _STANDALONE_DOTS
+    caption = "," not in prompt and _CAPTION_END.search(prompt) is not None
+    separators = _ENDING_DOTS if caption else _STANDALONE_DOTS
     parts = (p for chunk in prompt.split(",") for q in _STANDALONE_DOTS.split(chunk) for p in separators.split(q))
     targets = (" ".join(p.split()).removesuffix(".").rstrip() for p in parts)
     return [t for t in targets if t]

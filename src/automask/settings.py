@@ -9,7 +9,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-_DEVICE = re.compile(r"cpu|mps|cuda(:[0-9]+)?")
+_DEVICE = re.compile(r"cpu|(cuda|mps|xpu|hpu|npu|mtia|xla)(:[0-9]+)?")
 """The torch devices automask runs on (whether this machine has them is checked when a torch model loads)."""
 
 
@@ -77,7 +77,7 @@ class Settings(BaseSettings):
     @classmethod
     def _known_device(cls, v: str) -> str:
         if not _DEVICE.fullmatch(v):
-            raise ValueError(f"must be cpu, cuda, cuda:N (a GPU's index) or mps, not {v!r}")
+            raise ValueError(f"must be cpu, cuda, cuda:N (a GPU's index), mps or another torch device type, not {v!r}")
         return v
 
     @property

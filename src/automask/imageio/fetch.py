@@ -53,6 +53,7 @@ _METADATA = (
     ipaddress.ip_network("100.100.100.200/32"),  # Alibaba Cloud
     ipaddress.ip_network("fd00:ec2::254/128"),  # AWS over IPv6
 )
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
 NEVER_FETCHED = (
     *_METADATA,
     ipaddress.ip_network("169.254.0.0/16"),
@@ -230,9 +231,11 @@ def _redirect_target(current: httpx.URL, location: str) -> httpx.URL:
 
 
 def never_fetched(ip: IPAddress) -> bool:
-    """Whether `ip` (or the IPv4 address an IPv4-mapped or 6to4 address embeds) is in `NEVER_FETCHED`."""
+    """Whether `ip` (or the IPv4 address an IPv4-mapped, 6to4 or NAT64 address embeds) is in `NEVER_FETCHED`."""
     if isinstance(ip, ipaddress.IPv6Address):
         inner = ip.ipv4_mapped or ip.sixtofour
+        if inner is None and ip in _NAT64:
+            inner = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
         if inner is not None:
             return never_fetched(inner)
     return any(ip.version == network.version and ip in network for network in NEVER_FETCHED)

@@ -71,7 +71,11 @@ def create_app(
     server = server or ServerSettings()
     store = Store.from_settings(settings, create=True)  # an older schema: refuse, say `automask db migrate`
     jobs = Jobs(store, max_per_key=server.max_queued_per_key, max_total=server.max_queued)
-    dispatcher = make_dispatcher(settings, server, store, jobs, generator)
+    try:
+        dispatcher = make_dispatcher(settings, server, store, jobs, generator)
+    except BaseException:
+        store.close()
+        raise
     limiter = RedisRateLimiter(settings.redis_url) if settings.redis_url else RateLimiter()
     body_limit = server.body_limit(settings.max_image_bytes)
     bodies = BodyBudget(server.body_memory, per_key=max(body_limit, server.body_memory // 4))

@@ -47,7 +47,9 @@ class ServerSettings(BaseSettings):
         2.0, gt=0, description="Seconds between sweeps: dead nodes' jobs, lost publishes, expired credit holds."
     )
     node_ttl: float = Field(10.0, gt=0, description="A node silent this many seconds is dead: its jobs run elsewhere.")
-    heartbeat_interval: float = Field(2.0, gt=0, description="Seconds between a node's heartbeats.")
+    heartbeat_interval: float | None = Field(
+        None, gt=0, description="Seconds between a node's heartbeats, at most a third of node_ttl; None: node_ttl / 5."
+    )
     republish_after: float = Field(
         30.0,
         gt=0,
@@ -103,13 +105,18 @@ class ServerSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _heartbeats_well_within_the_ttl(self) -> ServerSettings:
-        if self.heartbeat_interval * 3 > self.node_ttl * (1 + 1e-9):  # (0.2 s fits 0.6 s, floats aside)
+        if self.beat * 3 > self.node_ttl * (1 + 1e-9):  # (0.2 s fits 0.6 s, floats aside)
             raise ValueError(
-                f"The heartbeat interval ({self.heartbeat_interval:g} s) must be at most a third of the node TTL "
+                f"The heartbeat interval ({self.beat:g} s) must be at most a third of the node TTL "
                 f"({self.node_ttl:g} s), or a live node would be taken for dead and its jobs run twice: lower "
                 "AUTOMASK_SERVER_HEARTBEAT_INTERVAL or raise AUTOMASK_SERVER_NODE_TTL."
             )
         return self
+
+    @property
+    def beat(self) -> float:
+        """Seconds between this node's heartbeats: `heartbeat_interval`, else a fifth of `node_ttl` (2 s of 10)."""
+        return self.heartbeat_interval or self.node_ttl / 5
 
     @property
     def workers_for_jobs(self) -> int:

@@ -119,7 +119,7 @@ class LocalDispatcher:
             "server",
             [self.default],
             self.default,
-            interval=self.server.heartbeat_interval,
+            interval=self.server.beat,
             dead_after=self.server.node_ttl,
         )
         await asyncio.to_thread(self._heartbeat.start)

@@ -86,6 +86,13 @@ def live(store: Store, ttl: float) -> list[Node]:
     return [Node(r.id, r.kind, json.loads(r.models), r.default_model, r.heartbeat_at) for r in rows]
 
 
+def longest_ttl(store: Store, ttl: float) -> float:
+    """The longest TTL of any node in the table (`ttl` when none is longer)."""
+    with store.read() as conn:
+        longest = conn.execute(select(func.max(N.dead_after))).scalar()
+    return max(ttl, float(longest or 0.0))
+
+
 def forget_dead(store: Store, ttl: float) -> int:
     """Delete nodes silent for more than `ttl` seconds and ten times their own TTL; return how many."""
     now = store.now()

@@ -230,7 +230,9 @@ class Store:
 
     def _engine(self) -> Engine:
         if not self.is_sqlite:
-            return create_engine(self.url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+            return create_engine(
+                self.url, pool_pre_ping=True, pool_size=10, max_overflow=20, connect_args={"connect_timeout": 10}
+            )
         if self.path is not None:
             _private_file(self.path)
         engine = create_engine(self.url, connect_args={"timeout": 10.0, "check_same_thread": False})

@@ -20,6 +20,7 @@ import time
 from collections.abc import Iterator
 
 from sqlalchemy import text
+from sqlalchemy.exc import SQLAlchemyError
 
 from automask.server import keys, nodes
 from automask.server.config import ServerSettings
@@ -60,8 +61,9 @@ class Sweeper:
 
     def failed(self) -> None:
         """A sweep failed (the database was unreachable). Once it answers again, the nodes' heartbeats are stale for
-        one node TTL (nobody could write them), so no node is taken for dead until then; and RabbitMQ may have
-        dropped the messages that workers handed back while it was down, so every QUEUED job goes out once more."""
+        the longest TTL any node has (nobody could write them), so no node is taken for dead until then; and RabbitMQ
+        may have dropped the messages that workers handed back while it was down, so every QUEUED job goes out once
+        more."""
         self._outage = True
 
     def sweep(self) -> dict[str, int]:
@@ -77,7 +79,7 @@ class Sweeper:
                 return done
             recovered, self._outage = self._outage, False
             if recovered:
-                self._trust_after = time.monotonic() + self.server.node_ttl
+                self._trust_after = time.monotonic() + nodes.longest_ttl(self.store, self.server.node_ttl)
             requeued = []
             if time.monotonic() >= self._trust_after:
                 live = [n.id for n in nodes.live(self.store, self.server.node_ttl)]
@@ -126,9 +128,10 @@ class Sweeper:
         while True:
             try:
                 await asyncio.to_thread(self.sweep)
-            except Exception:  # e.g. the database is briefly unreachable: the next sweep tries again
+            except Exception as exc:  # e.g. the database is briefly unreachable: the next sweep tries again
                 log.warning("sweep failed; retrying", exc_info=True)
-                self.failed()
+                if isinstance(exc, SQLAlchemyError):
+                    self.failed()
             await asyncio.sleep(min(self.server.sweep_interval, self.server.cleanup_interval))
 
     def start(self) -> None:

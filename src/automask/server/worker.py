@@ -23,7 +23,15 @@ from automask.routing import plan_models
 from automask.server import nodes
 from automask.server.config import ServerSettings
 from automask.server.execute import Outcome, compute, execute_job, unexpected_error
-from automask.server.fleet import V1_TTL_MARGIN, make_celery, parse_v1, queue, require_fleet_settings, v1_keys
+from automask.server.fleet import (
+    TIME_LIMIT_MARGIN,
+    V1_TTL_MARGIN,
+    make_celery,
+    parse_v1,
+    queue,
+    require_fleet_settings,
+    v1_keys,
+)
 from automask.server.jobs import Jobs
 from automask.server.runner import Runner, default_name
 from automask.server.store import Store
@@ -32,6 +40,8 @@ from automask.settings import Settings
 log = logging.getLogger("automask.worker")
 RETRY_PAUSE = 2.0
 """Seconds between a worker's tries to reach the database again after a task failed on it."""
+HAND_BACK_MARGIN = 10.0
+"""Seconds before Celery's hard time limit by which a task waiting for the database hands itself back."""
 RETIRING = 75
 """The exit code of a pool process that leaves after its answer because its model hung (`_leave_if_hung`)."""
 
@@ -74,8 +84,9 @@ def _process() -> _Process:
         runner = Runner(w.settings, w.server, generator)
         runner.generator(w.model)  # load once, before the first task
         store = Store(str(w.settings.database_url))
+        store.read_clock()  # its first beat and claim are on the fleet's clock
         node = nodes.new_node_id("worker")  # this process's pid: its jobs are its own
-        beat, ttl = w.server.heartbeat_interval, w.server.node_ttl
+        beat, ttl = w.server.beat, w.server.node_ttl
         heartbeat = nodes.Heartbeat(store, node, "worker", [w.model], w.default, interval=beat, dead_after=ttl)
         heartbeat.start()  # registers the node: API nodes count the model as served
         w.process = _Process(node, heartbeat, Jobs(store), runner, redis.Redis.from_url(str(w.settings.redis_url)))
@@ -96,6 +107,7 @@ def v2_task(task: Any, job_id: str) -> str | None:
     message of a process killed so recently that its heartbeat has not expired yet; the sweeper puts such a job
     back in the queue once its node is dead (`Jobs.orphaned`)."""
     assert _WORKER is not None
+    started = time.monotonic()
     proc = _process()
     redelivered = bool((task.request.delivery_info or {}).get("redelivered"))
     try:
@@ -107,7 +119,10 @@ def v2_task(task: Any, job_id: str) -> str | None:
         from celery.exceptions import Reject
 
         log.warning("v2 job %s: database error (%s); returning it to the queue once it answers", job_id, exc)
-        _wait_for_database(proc.jobs.store, _WORKER.server.timeout)
+        # within Celery's hard time limit (timeout + TIME_LIMIT_MARGIN from the task's start), or it kills this
+        # process mid-wait and the message is acknowledged, not handed back
+        left = _WORKER.server.timeout + TIME_LIMIT_MARGIN - (time.monotonic() - started) - HAND_BACK_MARGIN
+        _wait_for_database(proc.jobs.store, min(_WORKER.server.timeout, left))
         with contextlib.suppress(SQLAlchemyError):  # if the job is ours, put it back: any process may take it
             proc.jobs.release(job_id, proc.node)  # (else a live node's job waits for `orphaned`)
         raise Reject(str(exc), requeue=True) from None
