@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from sqlalchemy import update
 
 from automask.cli import main
 from automask.errors import ServiceConfigError
 from automask.server import keys as keystore
-from automask.server.store import Store
+from automask.server.store import Store, nodes_table
 
 
 def test_keys_and_migrations_act_on_the_configured_postgresql(postgres_db: str, tmp_path: Path) -> None:
@@ -195,5 +196,11 @@ def test_an_api_node_without_a_broker_refuses_a_fleets_database(postgres_db: str
     nodes.unregister(store, "worker-x")
     nodes.register(store, "server-y", "server", ["subject"], "subject", 10.0)
     with pytest.raises(ServiceConfigError, match="runs its models in-process"):  # and workers refuse the reverse
-        nodes.refuse_mixed(store, 10.0, "server")
+        nodes.refuse_mixed(store, "server")
+    with store.transaction() as conn:  # a server killed 30 s ago (its row stays until forgotten): still refused
+        conn.execute(update(nodes_table).values(heartbeat_at=store.now() - 30))
+    with pytest.raises(ServiceConfigError, match="server-y"):
+        nodes.refuse_mixed(store, "server")
+    nodes.unregister(store, "server-y")  # a clean stop removes the row: the database is free for a fleet
+    nodes.refuse_mixed(store, "server")
     store.close()

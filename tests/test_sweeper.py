@@ -82,8 +82,10 @@ class Recording:
         self.failing = False
         self.check = check
 
-    def serving(self) -> None:
-        return None
+    served: list[str] | None = None  # None: every model
+
+    def serving(self) -> list[str] | None:
+        return self.served
 
     def publish(self, job_id: str, model: str | None) -> Future[None]:
         self.check()
@@ -229,3 +231,20 @@ def test_after_an_outage_the_grace_is_the_longest_ttl_of_any_node(store: Store) 
     assert sweeper.sweep()["requeued"] == 0
     time.sleep(1.0)  # past the sweeper's own TTL, within the worker's
     assert sweeper.sweep()["requeued"] == 0 and jobs.get(job).status == "PROCESSING"  # type: ignore[union-attr]
+
+
+def test_after_an_outage_a_job_goes_out_again_once_a_worker_serves_its_model(store: Store) -> None:
+    """Workers come back after the database: the first sweeps see no live worker for the job's model. Before: the
+    post-outage re-send happened at the first sweep only, found nothing to send, and the job (its message dropped
+    during the outage) waited `resend_after` (15 min)."""
+    jobs = Jobs(store)
+    dispatcher = Recording()
+    dispatcher.served = []  # no live worker yet
+    sweeper = Sweeper(store, jobs, dispatcher, ServerSettings(resend_after=900.0))  # type: ignore[arg-type]
+    job = jobs.submit(None, MaskRequest.model_validate({"image": "aGVsbG8=", "prompt": "x"}), charge=False, model="m")
+    jobs.published([job], store.now())
+    sweeper.failed()
+    assert sweeper.sweep()["republished"] == 0 and sweeper.sweep()["republished"] == 0
+    dispatcher.served = ["m"]  # a worker for m beats again
+    assert sweeper.sweep()["republished"] == 1 and dispatcher.published == [job]
+    assert sweeper.sweep()["republished"] == 0  # once

@@ -246,6 +246,6 @@ def make_dispatcher(
         from automask.server.fleet import CeleryDispatcher
 
         return CeleryDispatcher(settings, server, store)
-    nodes.refuse_mixed(store, server.node_ttl, "worker")
+    nodes.refuse_mixed(store, "worker")
     return LocalDispatcher(settings, server, store, jobs, generator)
 

@@ -101,11 +101,13 @@ def forget_dead(store: Store, ttl: float) -> int:
         return int(conn.execute(delete(nodes_table).where(silent)).rowcount)
 
 
-def refuse_mixed(store: Store, ttl: float, other: str) -> None:
-    """Raise `ServiceConfigError` if live nodes of kind `other` share `store`: an API node with models in-process
-    ("server") and Celery workers ("worker") would each take the other's queued jobs (and fail those of models they
-    do not have). One database serves one kind of deployment."""
-    found = [n.id for n in live(store, ttl) if n.kind == other]
+def refuse_mixed(store: Store, other: str) -> None:
+    """Raise `ServiceConfigError` if nodes of kind `other` share `store`, alive or recently dead (a killed node's row
+    stays until `forget_dead`; a stopped one removes it): an API node with models in-process ("server") and Celery
+    workers ("worker") would each take the other's queued jobs (and fail those of models they do not have). One
+    database serves one kind of deployment."""
+    with store.read() as conn:
+        found = list(conn.execute(select(N.id).where(N.kind == other).order_by(N.heartbeat_at.desc())).scalars())
     if not found:
         return
     if other == "worker":
@@ -118,7 +120,7 @@ def refuse_mixed(store: Store, ttl: float, other: str) -> None:
             "this database is used by a server that runs its models in-process (no AUTOMASK_BROKER_URL); stop it, or "
             "give it the fleet's AUTOMASK_BROKER_URL and AUTOMASK_REDIS_URL, before starting workers"
         )
-    raise ServiceConfigError(f"Refusing to start: {fix} (live: {', '.join(found[:3])}).")
+    raise ServiceConfigError(f"Refusing to start: {fix} (nodes: {', '.join(found[:3])}).")
 
 
 class Heartbeat:

@@ -16,6 +16,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Iterator
 
@@ -58,6 +59,7 @@ class Sweeper:
         self._task: asyncio.Task[None] | None = None
         self._outage = False  # the last sweep failed (the database was unreachable)
         self._trust_after = 0.0  # time.monotonic() from which the nodes' heartbeats are current again
+        self._resend_before = -math.inf  # a QUEUED job confirmed before this (the database's clock) goes out again
 
     def failed(self) -> None:
         """A sweep failed (the database was unreachable). Once it answers again, the nodes' heartbeats are stale for
@@ -80,6 +82,9 @@ class Sweeper:
             recovered, self._outage = self._outage, False
             if recovered:
                 self._trust_after = time.monotonic() + nodes.longest_ttl(self.store, self.server.node_ttl)
+                # each such job once, when a live worker serves its model (then or later): its re-send is recorded
+                # as a newer confirmation
+                self._resend_before = self.store.now()
             requeued = []
             if time.monotonic() >= self._trust_after:
                 live = [n.id for n in nodes.live(self.store, self.server.node_ttl)]
@@ -91,7 +96,7 @@ class Sweeper:
             served = self.dispatcher.serving()  # jobs no live node can run would only pile up in their queue
             back = {job_id for job_id, _ in requeued}
             now = self.store.now()
-            resend = now if recovered else now - self.server.resend_after
+            resend = max(now - self.server.resend_after, self._resend_before)
             pending = self.jobs.unpublished(now - self.server.republish_after, models=served, confirmed_before=resend)
             due = [job for job in pending if job[0] not in back]
             done["holds"] = keys.release_orphan_holds(self.store)

@@ -210,7 +210,7 @@ def run_worker(
     require_fleet_settings(settings)
     store = Store.from_settings(settings, create=False)  # an older schema: refuse, say `automask db migrate`
     try:
-        nodes.refuse_mixed(store, server.node_ttl, "server")
+        nodes.refuse_mixed(store, "server")
     finally:
         store.close()
     if model:
