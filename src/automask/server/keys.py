@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -145,17 +144,19 @@ def reserve(store: Store, key_id: str, hold_id: str, *, expires_at: float | None
 
     `expires_at`: when the sweeper may give it back if nobody settled it (the request can no longer be running)."""
     with store.transaction() as conn:
-        return reserve_in(conn, key_id, hold_id, expires_at=expires_at)
+        return reserve_in(conn, key_id, hold_id, now=store.now(), expires_at=expires_at)
 
 
-def reserve_in(conn: Connection, key_id: str, hold_id: str, *, expires_at: float | None = None) -> bool:
-    """`reserve` inside the caller's transaction (e.g. together with inserting a v2 job)."""
+def reserve_in(
+    conn: Connection, key_id: str, hold_id: str, *, now: float, expires_at: float | None = None
+) -> bool:
+    """`reserve` inside the caller's transaction (e.g. together with inserting a v2 job); `now`: `Store.now()`."""
     cur = conn.execute(
         update(keys_table).where(K.id == key_id, or_(K.credits.is_(None), K.credits >= 1)).values(credits=K.credits - 1)
     )
     if cur.rowcount != 1:
         return False
-    conn.execute(insert(holds_table).values(id=hold_id, key_id=key_id, created_at=time.time(), expires_at=expires_at))
+    conn.execute(insert(holds_table).values(id=hold_id, key_id=key_id, created_at=now, expires_at=expires_at))
     return True
 
 
