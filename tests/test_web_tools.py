@@ -113,8 +113,11 @@ def test_drop_anywhere_and_paste(tab: Tab, live: Live, photo: Path, photo_url: s
     for target in ("h1", "#facts", "#prompt"):  # far from the file box: the page takes it, the browser does not
         page.evaluate("() => { const i = document.getElementById('source'); i.removeAttribute('src'); }")
         assert page.evaluate(DROP, [b64, target]) == [True, True], target
-        page.wait_for_function("() => document.getElementById('source').naturalWidth === 512")
-        assert "dropped.png" in page.inner_text("#image-info") and page.url == url
+        page.wait_for_function(  # the image, then its caption (set once the image is shown)
+            "() => document.getElementById('source').naturalWidth === 512"
+            " && document.getElementById('image-info').textContent.includes('dropped.png')"
+        )
+        assert page.url == url
     set_first_options(page)
     submit_prompt(page, FIRST["prompt"])
     assert download(page, "#dl-mask") == live.api(data_uri(photo), **FIRST).content
