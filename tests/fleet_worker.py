@@ -27,7 +27,7 @@ from server_helpers import FakeBackend
 
 
 class FleetBackend(FakeBackend):
-    """`FakeBackend`, with "slow", "hang" and "poison" prompts."""
+    """`FakeBackend`, with "slow", "slower", "hang" and "poison" prompts."""
 
     def score(self, features: Any, prompts: list[str], *, min_score: float = 0.0) -> Scores:
         if "poison" in prompts:
@@ -36,6 +36,8 @@ class FleetBackend(FakeBackend):
             threading.Event().wait()
         if "slow" in prompts:
             time.sleep(float(os.environ.get("FLEET_SLOW_SECONDS", "2")))
+        if "slower" in prompts:  # four times "slow"
+            time.sleep(4 * float(os.environ.get("FLEET_SLOW_SECONDS", "2")))
         return super().score(features, prompts, min_score=min_score)
 
 

@@ -30,7 +30,7 @@ from automask.server.config import ServerSettings
 from automask.server.jobs import Jobs
 from automask.server.migrations import migrate
 from automask.server.schemas import MaskRequest
-from automask.server.store import Store, jobs_table
+from automask.server.store import Store, jobs_table, nodes_table
 from automask.settings import Settings
 from server_helpers import FakeBackend, LiveServer, decode, free_port, png_bytes, wait_for, wait_ready
 
@@ -267,6 +267,36 @@ def test_killed_workers_and_api_node_lose_nothing_and_charge_once(fleet: Fleet) 
     first = jobs[0].request_id
     r = httpx.get(f"{fleet.urls['api-a']}/v2/requests/{first}/output", headers={"x-api-key": token})
     assert r.status_code == 200 and decode(r.content).shape == (30, 40)
+
+
+def worker_nodes(store: Store) -> set[str]:
+    with store.read() as conn:
+        return set(conn.execute(select(nodes_table.c.id).where(nodes_table.c.kind == "worker")).scalars())
+
+
+def test_a_rabbitmq_blip_stops_neither_the_running_jobs_nor_the_fleet(fleet: Fleet, rabbitmq_service: Any) -> None:
+    """Before: Celery terminated the pool processes running tasks when the connection to RabbitMQ dropped: every
+    worker left the nodes table (v1, v2 submits and /readyz answered 503 until it reconnected, longer than the
+    outage) and each running job ran again, an attempt burnt per blip (a long job FAILED after a few)."""
+    key, token = keystore.create_key(fleet.store, credits=10)
+    jobs = [fleet.sdk("api-b", token).submit_async(SLUG, image=image_b64(), prompt="slower") for _ in range(2)]
+    ids = [job.request_id for job in jobs]
+    wait_for(lambda: len(processing(fleet.store, ids)) == 2, 30)
+    before = worker_nodes(fleet.store)
+    rabbitmq_service.ctl("stop_app")
+    try:
+        time.sleep(2.0)  # RabbitMQ is down; the jobs are still running
+        assert worker_nodes(fleet.store) == before, fleet.logs()  # no pool process was terminated
+        assert httpx.get(f"{fleet.urls['api-b']}/readyz").status_code == 200
+    finally:
+        rabbitmq_service.ctl("start_app")
+        rabbitmq_service.ctl("await_startup")
+    for job_id in ids:
+        url = f"{fleet.urls['api-b']}/v2/requests/{job_id}/status"
+        wait_for(lambda u=url: httpx.get(u, headers={"x-api-key": token}).json()["status"] == "COMPLETED", 60,
+                 interval=0.3)  # fmt: skip
+        assert attempts(fleet.store, job_id) == 1  # run once: not killed, and its redelivered copy dropped
+    assert credits(fleet.store, key.id) == 10 - 2
 
 
 def test_a_v1_call_whose_worker_dies_is_answered_by_another(fleet: Fleet) -> None:

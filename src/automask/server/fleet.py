@@ -162,7 +162,11 @@ def make_celery(broker_url: str, server: ServerSettings) -> Any:
         worker_send_task_events=False,
         worker_hijack_root_logger=False,
         worker_redirect_stdouts=False,  # a model's progress bars are not warnings
-        worker_cancel_long_running_tasks_on_connection_loss=True,
+        # A lost connection to RabbitMQ leaves running tasks running (Celery's default would terminate their pool
+        # processes: every worker gone from the nodes table, 503s until it reconnects, each running job re-run with
+        # an attempt burnt). Their messages come back once it is up again; the copies are dropped (a v2 job is
+        # claimed only from a dead node, a v1 request is gone once answered), so nothing runs twice.
+        worker_cancel_long_running_tasks_on_connection_loss=False,
     )
     return app
 
