@@ -484,14 +484,7 @@ def test_trickling_server_hits_the_overall_deadline(site: Site) -> None:
         handler.send_response(200)
         handler.send_header("Content-Length", "1000")
         handler.end_headers()
-        for _ in range(1000):
-            if site.stop.wait(0.1):
-                return
-            try:
-                handler.wfile.write(b"\0")
-                handler.wfile.flush()
-            except OSError:
-                return
+        drip(site, handler, b"\0")
 
     site.routes["/trickle"] = trickle
     start = time.monotonic()
@@ -500,19 +493,24 @@ def test_trickling_server_hits_the_overall_deadline(site: Site) -> None:
     assert time.monotonic() - start < 2.5
 
 
+def drip(site: Site, handler: BaseHTTPRequestHandler, byte: bytes) -> None:
+    """Send `byte` every 0.1 s, a thousand times, until the site stops or the client goes away."""
+    for _ in range(1000):
+        if site.stop.wait(0.1):
+            return
+        try:
+            handler.wfile.write(byte)
+            handler.wfile.flush()
+        except OSError:
+            return
+
+
 def trickled_headers(site: Site) -> Route:
     """A route that sends its status line, then a header byte every 0.1 s (h11 takes ~100 kB of headers)."""
 
     def route(handler: BaseHTTPRequestHandler) -> None:
         handler.wfile.write(b"HTTP/1.1 200 OK\r\nX-Slow: ")
-        for _ in range(1000):
-            if site.stop.wait(0.1):
-                return
-            try:
-                handler.wfile.write(b"a")
-                handler.wfile.flush()
-            except OSError:
-                return
+        drip(site, handler, b"a")
 
     return route
 

@@ -21,7 +21,7 @@ from enum import Enum
 from types import MappingProxyType
 
 from automask.errors import ModelNotAvailableError
-from automask.models import EMBEDDED, ResolvedModel, default_model, is_installed, resolve
+from automask.models import EMBEDDED, REFINERS, ResolvedModel, default_model, is_installed, resolve
 from automask.settings import Settings
 
 
@@ -117,11 +117,16 @@ def routed(targets: list[str], *, embedded: bool, open_vocab: bool, alternatives
         raise ModelNotAvailableError(unknown_words_message(unknown, others)) from exc
 
 
+def open_vocabulary(names: Iterable[str]) -> list[str]:
+    """The models among `names` that answer any word: neither the embedded model nor a refiner (mask head)."""
+    return [name for name in names if name != EMBEDDED and name not in REFINERS]
+
+
 def installed_alternatives(settings: Settings) -> list[str]:
     """The open-vocabulary models installed in `settings.data_dir` (for `routed`'s error)."""
-    from automask.models import REFINERS, list_models
+    from automask.models import list_models
 
-    return [m.name for m in list_models(settings) if m.installed and m.name not in (EMBEDDED, *REFINERS)]
+    return open_vocabulary(m.name for m in list_models(settings) if m.installed)
 
 
 def unknown_words_message(words: list[str], installed: list[str] | None = None) -> str:

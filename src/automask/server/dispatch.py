@@ -248,4 +248,3 @@ def make_dispatcher(
         return CeleryDispatcher(settings, server, store)
     nodes.refuse_mixed(store, "worker")
     return LocalDispatcher(settings, server, store, jobs, generator)
-

@@ -22,8 +22,8 @@ from concurrent.futures import Future
 from typing import Any, TypeVar
 
 from automask.errors import ModelNotAvailableError, ServiceConfigError, UnknownModelError
-from automask.models import CATALOGUE, EMBEDDED, REFINERS
-from automask.routing import routed
+from automask.models import CATALOGUE, EMBEDDED
+from automask.routing import open_vocabulary, routed
 from automask.server import nodes
 from automask.server.config import ServerSettings
 from automask.server.errors import ApiError
@@ -263,8 +263,7 @@ class CeleryDispatcher:
         served = self._served()
         if name in served:
             if name == EMBEDDED:  # its workers answer its vocabulary only (any other model answers any word)
-                others = [n for n in served if n not in (EMBEDDED, *REFINERS)]
-                routed(list(targets), embedded=True, open_vocab=False, alternatives=lambda: others)
+                routed(list(targets), embedded=True, open_vocab=False, alternatives=lambda: open_vocabulary(served))
             return name
         if name != default and name not in CATALOGUE:
             raise unknown_model(name, self.models())

@@ -31,10 +31,10 @@ FINISHED = (COMPLETED, FAILED, CANCELLED)
 J = jobs_table.c
 N = nodes_table.c
 KEY_CAP_RETRY_SECONDS = 5
+"""How long a key at its cap of unfinished jobs is told to wait (429 `Retry-After`)."""
 LONGEST_RUN_MARGIN = 120.0
 """Seconds past the request timeout after which a PROCESSING job is taken as lost even though its node is alive
 (Celery's hard limit is timeout + 30 s; model loading in-process does not count against the timeout)."""
-"""How long a key at its cap of unfinished jobs is told to wait (429 `Retry-After`)."""
 
 
 @dataclass(frozen=True)
@@ -170,17 +170,16 @@ class Jobs:
 
         A QUEUED job is always taken. A PROCESSING one only with `takeover_ttl` (its message was redelivered) and
         only when the node running it is dead (silent for longer than its own TTL, else `takeover_ttl` seconds, or
-        gone from the nodes table) or is
-        `node` itself (a worker process runs one task at a time: its own earlier run ended, e.g. on a database
-        error, and handed the task back). A redelivered message whose job runs on another live node is a
-        duplicate: the job stays with that run (should that node die, the sweeper puts the job back in the queue:
-        `orphaned`)."""
+        gone from the nodes table) or is `node` itself (a worker process runs one task at a time: its own earlier
+        run ended, e.g. on a database error, and handed the task back). A redelivered message whose job runs on
+        another live node is a duplicate: the job stays with that run (should that node die, the sweeper puts the
+        job back in the queue: `orphaned`)."""
+        now = self.store.now()
         takeable = J.status == QUEUED
         if takeover_ttl is not None:
-            live = select(N.id).where(nodes.alive(self.store.now(), takeover_ttl))
+            live = select(N.id).where(nodes.alive(now, takeover_ttl))
             lost = J.node.is_(None) | (J.node == node) | J.node.not_in(live)
             takeable = takeable | ((J.status == PROCESSING) & lost)
-        now = self.store.now()
         deadline = None if run_limit is None else now + run_limit
         with self.store.transaction() as conn:
             row = conn.execute(
