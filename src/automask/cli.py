@@ -155,7 +155,7 @@ class CliState:
 
 @click.group(cls=AutomaskGroup, epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), help="Models, keys, results.")
-@click.option("--device", metavar="DEVICE", help="Torch device: cpu, cuda, cuda:N or mps [AUTOMASK_DEVICE].")
+@click.option("--device", metavar="DEVICE", help="Torch device: cpu, cuda[:N], mps, xpu[:N], ... [AUTOMASK_DEVICE].")
 @click.option(
     "--allow-private-urls/--no-allow-private-urls", default=None, help="Let image URLs reach private addresses."
 )
