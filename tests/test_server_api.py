@@ -185,6 +185,11 @@ def test_v1_never_reads_a_server_side_file(serve: Any, image: np.ndarray, tmp_pa
         ({"prompt": "  "}, "prompt"),
         ({"prompt": None}, "prompt"),
         ({"image": ""}, "image"),
+        ({"image": 123}, "image"),  # a union field (str | bytes): named as sent, never image.str
+        ({"image": None}, "image"),
+        ({"image": ["a"]}, "image"),
+        ({"negative_prompt": 3}, "negative_prompt"),
+        ({"model": False}, "model"),
     ],
 )
 def test_v1_invalid_fields_are_400_naming_the_field(
@@ -194,7 +199,21 @@ def test_v1_invalid_fields_are_400_naming_the_field(
     _, headers = new_key(live)
     r = post(live, headers, json={"image": image_b64, "prompt": "sofa", **body})
     assert r.status_code == 400
-    assert r.json()["error"].startswith(f"{field}: ")
+    assert r.json()["error"].startswith(f"{field}: ") and set(r.json()) == {"error"}
+    v2 = post(live, headers, "v2", json={"image": image_b64, "prompt": "sofa", **body})
+    assert (v2.status_code, v2.json()) == (400, r.json())
+
+
+def test_v1_wrong_image_type_names_image_and_what_it_takes(serve: Any) -> None:
+    live = serve()
+    _, headers = new_key(live)
+    for value, kind in ((123, "a number"), (None, "null"), ({"url": "x"}, "an object"), (True, "a boolean")):
+        r = post(live, headers, json={"image": value, "prompt": "sofa"})
+        assert r.status_code == 400
+        assert r.json() == {
+            "error": "image: must be a string (an http(s) URL, base64 data or a data:image/...;base64, URI), "
+            f"not {kind}"
+        }
 
 
 def test_v1_bad_bodies_and_images_are_400(serve: Any, image: np.ndarray) -> None:

@@ -88,6 +88,9 @@ def test_sdk_sees_errors(live: Any, photo: tuple[str, tuple[int, int]]) -> None:
     with pytest.raises(segmind.SegmindError) as err:
         client(live, token).run_sync(SLUG, image=image, prompt="cat", threshold=1.5)
     assert err.value.status == 400 and err.value.detail.startswith("threshold: ")
+    with pytest.raises(segmind.SegmindError) as err:  # a union-typed field: named as sent, not "image.str"
+        client(live, token).run_sync(SLUG, image=12345, prompt="cat")
+    assert err.value.status == 400 and err.value.detail.startswith("image: must be a string")
     with pytest.raises(segmind.SegmindError) as err:  # not an image: refused at submit, as v1 refuses it
         client(live, token).submit_async(SLUG, image="bm90IGFuIGltYWdl", prompt="cat")
     assert err.value.status == 400 and "not an image" in err.value.detail

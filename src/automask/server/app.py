@@ -140,7 +140,8 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         err = exc.errors()[0]
-        field = ".".join(str(p) for p in err.get("loc", ()) if p not in ("body", "path", "query")) or "request"
+        loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "path", "query", "header")]
+        field = loc[0] if loc else "request"  # the parameter the client sent, not a union branch inside it
         return error_response(400, f"{field}: {err.get('msg', 'is invalid')}")
 
     @app.exception_handler(StarletteHTTPException)
