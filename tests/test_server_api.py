@@ -260,19 +260,58 @@ def test_credits_charged_only_for_successes_406_when_spent(serve: Any, image_b64
     assert keystore.get_key(live.store, key_id).credits == 0
 
 
+def test_v1_remaining_credits_header_counts_down_only_on_success(serve: Any, image_b64: str) -> None:
+    live = serve()
+    key_id, headers = new_key(live, credits=3)
+    ok = {"image": image_b64, "prompt": "sofa"}
+    first = post(live, headers, json=ok)
+    assert (first.status_code, first.headers["x-remaining-credits"]) == (200, "2")
+    failures = [
+        post(live, headers, json={**ok, "prompt": "nothing", "stop_on_empty_mask": True}),  # 422, after the hold
+        post(live, headers, json={**ok, "threshold": 7}),  # 400, before it
+    ]
+    assert [r.status_code for r in failures] == [422, 400]
+    assert all("x-remaining-credits" not in r.headers for r in failures)
+    assert keystore.get_key(live.store, key_id).credits == 2  # the failures cost nothing
+    second = post(live, headers, json={**ok, "base64": True})
+    assert (second.status_code, second.headers["x-remaining-credits"]) == (200, "1")
+    keystore.update_key(live.store, key_id, credits=10)  # an admin's top-up shows in the next answer
+    assert post(live, headers, json=ok).headers["x-remaining-credits"] == "9"
+    assert keystore.get_key(live.store, key_id).credits == 9
+    _, unlimited = new_key(live)
+    r = post(live, unlimited, json=ok)
+    assert r.status_code == 200 and "x-remaining-credits" not in r.headers
+    _, spent = new_key(live, credits=1)
+    assert post(live, spent, json=ok).headers["x-remaining-credits"] == "0"
+    r = post(live, spent, json=ok)
+    assert r.status_code == 406 and "x-remaining-credits" not in r.headers
+
+
+def test_v1_remaining_credits_header_absent_without_keys(serve: Any, image_b64: str) -> None:
+    live = serve(auth=False)
+    r = post(live, {}, json={"image": image_b64, "prompt": "sofa"})
+    assert r.status_code == 200 and "x-remaining-credits" not in r.headers
+    spec = httpx.get(f"{live.url}/openapi.json").json()
+    header = spec["paths"][f"/v1/{SLUG}"]["post"]["responses"]["200"]["headers"]["x-remaining-credits"]
+    assert header["schema"] == {"type": "integer", "minimum": 0} and not header["required"]
+    assert "unlimited" in header["description"]
+
+
 def test_credit_race_exactly_m_of_n_succeed(serve: Any, image_b64: str) -> None:
     live = serve(FakeBackend(delay=0.05), concurrency=2)
     key_id, headers = new_key(live, credits=5)
     body = {"image": image_b64, "prompt": "sofa"}
     barrier = threading.Barrier(12)
 
-    def one(_: int) -> int:
+    def one(_: int) -> tuple[int, str | None]:
         barrier.wait(timeout=10)
-        return post(live, headers, json=body).status_code
+        r = post(live, headers, json=body)
+        return r.status_code, r.headers.get("x-remaining-credits")
 
     with ThreadPoolExecutor(12) as pool:
-        codes = list(pool.map(one, range(12)))
-    assert sorted(codes) == [200] * 5 + [406] * 7
+        answers = list(pool.map(one, range(12)))
+    assert sorted(code for code, _ in answers) == [200] * 5 + [406] * 7
+    assert sorted(left for code, left in answers if code == 200) == ["0", "1", "2", "3", "4"]  # each its own
     assert keystore.get_key(live.store, key_id).credits == 0
 
 

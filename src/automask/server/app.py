@@ -59,6 +59,9 @@ DESCRIPTION = """Self-hosted, drop-in replacement for the hosted "automatic-mask
 Send the key in the `x-api-key` header. v1 answers with the image (or JSON with `base64`); v2 queues a job
 and answers with absolute `status_url` / `response_url`. Every error is `{"error": "..."}`.
 
+A successful v1 answer carries `x-remaining-credits`: the key's credits left once it is charged (absent for a key
+with unlimited credits). A failed request is not charged.
+
 automask extensions: an optional `model` field (one of the names `GET /v1/models` lists; absent: the server's
 default) and an `x-inference-time` header (seconds) on v1 answers."""
 

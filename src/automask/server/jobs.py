@@ -110,7 +110,7 @@ class Jobs:
         now = self.store.now()
         with self.store.transaction() as conn:
             self._check_room(conn, key_id)
-            if charge and key_id is not None and not keys.reserve_in(conn, key_id, job_id, now=now):
+            if charge and key_id is not None and keys.reserve_in(conn, key_id, job_id, now=now) is None:
                 raise no_credits(key_id)
             conn.execute(
                 insert(jobs_table).values(
