@@ -23,6 +23,7 @@ from automask import MaskGenerator, Settings
 from automask.server import keys as keystore
 from automask.server.app import create_app
 from automask.server.config import ServerSettings
+from automask.server.schemas import MaskRequest
 from automask.server.store import Store
 from loopback import serve_http
 from server_helpers import FakeBackend, LiveServer, decode, loopback_socket, png_bytes, wait_for
@@ -470,6 +471,30 @@ def test_v2_submit_poll_response_output(serve: Any, image: np.ndarray, image_b64
     poll(sub["status_url"], headers)
     res = httpx.get(sub["response_url"], headers=headers).json()
     assert selected_columns(decode(base64.b64decode(res["output"]))) == list(range(20, 40))
+
+
+def test_v2_status_never_goes_back_from_processing_to_queued(serve: Any, image_b64: str) -> None:
+    """CONTRACT: QUEUED -> PROCESSING -> COMPLETED | FAILED. A job put back in the queue after it started (here: its
+    run handed it back, as when its model went missing or its server stopped) is still shown PROCESSING."""
+    live = serve(republish_after=3600)  # a job stored without a hand-off stays put until the test hands it out
+    key_id, headers = new_key(live, credits=2)
+    state = live.app.state.automask
+    request = MaskRequest.model_validate({"image": image_b64, "prompt": "sofa", "grow_mask": 0, "threshold": 0.5})
+    job_id = state.jobs.submit(key_id, request, charge=True)
+    status_url, response_url = (f"{live.url}/v2/requests/{job_id}{end}" for end in ("/status", ""))
+    assert httpx.get(status_url, headers=headers).json() == {"request_id": job_id, "status": "QUEUED"}
+    node = state.dispatcher.node
+    assert state.jobs.claim(job_id, node) is not None
+    assert httpx.get(status_url, headers=headers).json()["status"] == "PROCESSING"
+    assert state.jobs.release(job_id, node) and state.jobs.get(job_id).status == "QUEUED"  # back in the queue
+    assert httpx.get(status_url, headers=headers).json() == {"request_id": job_id, "status": "PROCESSING"}
+    assert httpx.get(response_url, headers=headers).json()["status"] == "PROCESSING"
+    out = httpx.get(f"{response_url}/output", headers=headers)
+    assert out.status_code == 404 and "not ready yet (PROCESSING)" in out.json()["error"]
+    state.dispatcher.publish(job_id, None).result(timeout=10)
+    assert poll(status_url, headers).json() == {"request_id": job_id, "status": "COMPLETED"}
+    assert selected_columns(decode(httpx.get(f"{response_url}/output", headers=headers).content)) == list(range(20, 40))
+    assert keystore.get_key(live.store, key_id).credits == 1  # charged once
 
 
 def test_v2_failed_job_is_422_and_free_other_keys_get_404(serve: Any, image_b64: str) -> None:

@@ -259,7 +259,7 @@ def _failed(job: Job) -> JSONResponse:
 async def v2_status(job: OwnedJob) -> Response:
     if job.status in (FAILED, CANCELLED):
         return _failed(job)
-    return JSONResponse({"request_id": job.id, "status": job.status})
+    return JSONResponse({"request_id": job.id, "status": job.shown_status})
 
 
 @router.get(
@@ -272,7 +272,7 @@ async def v2_status(job: OwnedJob) -> Response:
 async def v2_response(request: Request, job: OwnedJob) -> Response:
     if job.status in (FAILED, CANCELLED):
         return _failed(job)
-    body: dict[str, Any] = {"request_id": job.id, "status": job.status, "output": None, "metrics": {}}
+    body: dict[str, Any] = {"request_id": job.id, "status": job.shown_status, "output": None, "metrics": {}}
     if job.status == COMPLETED and job.has_result:
         if job.base64:
             body["output"] = base64.b64encode(await result_png(request, job)).decode("ascii")
@@ -294,7 +294,9 @@ async def v2_output(request: Request, job: OwnedJob) -> Response:
     if job.status in (FAILED, CANCELLED):
         return _failed(job)
     if job.status != COMPLETED or not job.has_result:
-        raise ApiError(404, f"The result of request {job.id} is not ready yet ({job.status}); poll its status_url.")
+        raise ApiError(
+            404, f"The result of request {job.id} is not ready yet ({job.shown_status}); poll its status_url."
+        )
     return Response(await result_png(request, job), media_type="image/png")
 
 
@@ -318,7 +320,7 @@ async def v2_cancel(request: Request, job: OwnedJob) -> Response:
     if await asyncio.to_thread(state.jobs.cancel, job.id):
         return JSONResponse({"request_id": job.id, "status": CANCELLED})
     found = await asyncio.to_thread(state.jobs.get, job.id)
-    current = found.status if found is not None else job.status
+    current = (found or job).shown_status
     return JSONResponse({"request_id": job.id, "status": current})
 
 

@@ -205,7 +205,10 @@ class StatusResponse(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     request_id: str
-    status: str = Field(description="QUEUED, PROCESSING, COMPLETED or FAILED.")
+    status: str = Field(
+        description="QUEUED, PROCESSING, COMPLETED or FAILED, in that order: once started, a job is PROCESSING until "
+        "it ends, even while it waits to run again (its worker stopped)."
+    )
     error: str | None = None
 
 
