@@ -128,3 +128,10 @@ def test_serve_refuses_heartbeats_that_would_make_a_live_node_look_dead(tmp_path
         main, ["--data-dir", str(tmp_path), "worker"], env={**env, "AUTOMASK_BROKER_URL": "amqp://u:p@127.0.0.1:1/"}
     )
     assert worker.exit_code == 2 and "at most a third" in worker.output, worker.output  # a usage error, no traceback
+
+
+def test_serve_refuses_to_keep_v2_results_for_less_than_an_hour(tmp_path: Path) -> None:
+    """CONTRACT.md: results are kept at least one hour."""
+    result = CliRunner().invoke(main, ["--data-dir", str(tmp_path), "serve"], env={"AUTOMASK_SERVER_RESULT_TTL": "600"})
+    assert result.exit_code == 2 and "result_ttl: Input should be greater than or equal to 3600" in result.output
+    assert ServerSettings(result_ttl=3600).result_ttl == ServerSettings().result_ttl == 3600
