@@ -247,6 +247,13 @@ def test_auth_401_403_and_unknown_endpoint_404(serve: Any, image_b64: str) -> No
     for method, path in (("GET", "/v1/nowhere"), ("GET", f"/v1/{SLUG}"), ("DELETE", "/healthz")):
         r = httpx.request(method, live.url + path)
         assert r.status_code == 404 and "No endpoint" in r.json()["error"]
+    # a trailing slash: a JSON 404 that says so, never a redirect to wherever the client's Host header points
+    for method, path in (("POST", f"/v1/{SLUG}/"), ("GET", "/v2/requests/abc/status/"), ("GET", "/v1/models/")):
+        r = httpx.request(method, live.url + path, headers={**headers, "host": "elsewhere.example"}, json=body)
+        assert (r.status_code, r.json()) == (
+            404,
+            {"error": f"No endpoint {method} {path} (without the trailing slash?). The API is described at /docs."},
+        )
 
 
 def test_credits_charged_only_for_successes_406_when_spent(serve: Any, image_b64: str) -> None:

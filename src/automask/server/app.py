@@ -98,7 +98,11 @@ def create_app(
             await limiter.close()
         store.close()
 
-    app = FastAPI(title="automask", version=__version__, description=DESCRIPTION, lifespan=lifespan)
+    # redirect_slashes=False: a path with a trailing slash is an unknown endpoint (a JSON 404 that says so), not a
+    # 307 whose Location is built from the client's Host header
+    app = FastAPI(
+        title="automask", version=__version__, description=DESCRIPTION, lifespan=lifespan, redirect_slashes=False
+    )
     app.state.automask = state
     _install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, limit=state.body_limit)
@@ -150,8 +154,10 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         if exc.status_code in (404, 405):
+            path = request.url.path
+            hint = " (without the trailing slash?)" if len(path) > 1 and path.endswith("/") else ""
             return error_response(
-                404, f"No endpoint {request.method} {shown(request.url.path)}. The API is described at /docs."
+                404, f"No endpoint {request.method} {shown(path)}{hint}. The API is described at /docs."
             )
         return error_response(exc.status_code, str(exc.detail))
 
