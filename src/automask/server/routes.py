@@ -43,8 +43,6 @@ from automask.server.state import ServerState, state_of
 
 log = logging.getLogger("automask.server")
 SLUG = "automatic-mask-generator"
-REMAINING_CREDITS = "x-remaining-credits"
-"""v1 success header: the key's credits left once the request is charged (absent: unlimited, or no keys)."""
 router = APIRouter()
 
 
@@ -75,6 +73,8 @@ _RATE_HEADERS = {
         "schema": {"type": "string"},
     },
 }
+REMAINING_CREDITS = "x-remaining-credits"
+"""v1 success header: the key's credits left once the request is charged (absent: unlimited, or no keys)."""
 
 
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
