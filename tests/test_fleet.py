@@ -177,6 +177,8 @@ def test_v1_through_both_nodes_answers_as_the_single_process_does(fleet: Fleet, 
             mask = decode(r.content)
             assert mask.shape == (30, 40) and np.flatnonzero(mask[0]).tolist() == list(range(20, 40))
             assert set(r.headers) >= {"x-inference-time", "x-request-id", "content-type"}
+            assert r.headers["x-remaining-credits"] == str(credits(fleet.store, key.id))  # as the single process
+            assert "x-remaining-credits" not in one.headers  # its key has unlimited credits
             as_json = fleet.sdk(node, token).run_sync(SLUG, **body, base64=True).json()
             single_json = httpx.post(f"{single.url}/v1/{SLUG}", json={**body, "base64": True},
                                      headers={"x-api-key": single_token}).json()  # fmt: skip

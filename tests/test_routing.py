@@ -217,3 +217,13 @@ def test_messages_shorten_long_and_many_targets() -> None:
     message = unknown_words_message(many)
     assert "'thing7'" in message and "'thing8'" not in message and "and 12 more" in message
     assert quote_targets(["sofa", "lamp"]) == "'sofa', 'lamp'"
+
+
+def test_could_answer_by_backend() -> None:
+    from automask.routing import could_answer
+
+    for backend in ("clipseg", "grounded-sam", "grounded-sam2", "sam3"):
+        assert could_answer(backend, ["cup", "the person"])
+    assert could_answer("subject", ["the person", "background"]) and not could_answer("subject", ["person", "cup"])
+    for backend in ("sam", "sam2", "edgetam", None):  # mask heads read no text; None: not known yet
+        assert not could_answer(backend, ["person"])

@@ -23,6 +23,7 @@ from automask import MaskGenerator, Settings
 from automask.server import keys as keystore
 from automask.server.app import create_app
 from automask.server.config import ServerSettings
+from automask.server.schemas import MaskRequest
 from automask.server.store import Store
 from loopback import serve_http
 from server_helpers import FakeBackend, LiveServer, decode, loopback_socket, png_bytes, wait_for
@@ -185,6 +186,11 @@ def test_v1_never_reads_a_server_side_file(serve: Any, image: np.ndarray, tmp_pa
         ({"prompt": "  "}, "prompt"),
         ({"prompt": None}, "prompt"),
         ({"image": ""}, "image"),
+        ({"image": 123}, "image"),  # a union field (str | bytes): named as sent, never image.str
+        ({"image": None}, "image"),
+        ({"image": ["a"]}, "image"),
+        ({"negative_prompt": 3}, "negative_prompt"),
+        ({"model": False}, "model"),
     ],
 )
 def test_v1_invalid_fields_are_400_naming_the_field(
@@ -194,7 +200,21 @@ def test_v1_invalid_fields_are_400_naming_the_field(
     _, headers = new_key(live)
     r = post(live, headers, json={"image": image_b64, "prompt": "sofa", **body})
     assert r.status_code == 400
-    assert r.json()["error"].startswith(f"{field}: ")
+    assert r.json()["error"].startswith(f"{field}: ") and set(r.json()) == {"error"}
+    v2 = post(live, headers, "v2", json={"image": image_b64, "prompt": "sofa", **body})
+    assert (v2.status_code, v2.json()) == (400, r.json())
+
+
+def test_v1_wrong_image_type_names_image_and_what_it_takes(serve: Any) -> None:
+    live = serve()
+    _, headers = new_key(live)
+    for value, kind in ((123, "a number"), (None, "null"), ({"url": "x"}, "an object"), (True, "a boolean")):
+        r = post(live, headers, json={"image": value, "prompt": "sofa"})
+        assert r.status_code == 400
+        assert r.json() == {
+            "error": "image: must be a string (an http(s) URL, base64 data or a data:image/...;base64, URI), "
+            f"not {kind}"
+        }
 
 
 def test_v1_bad_bodies_and_images_are_400(serve: Any, image: np.ndarray) -> None:
@@ -227,6 +247,13 @@ def test_auth_401_403_and_unknown_endpoint_404(serve: Any, image_b64: str) -> No
     for method, path in (("GET", "/v1/nowhere"), ("GET", f"/v1/{SLUG}"), ("DELETE", "/healthz")):
         r = httpx.request(method, live.url + path)
         assert r.status_code == 404 and "No endpoint" in r.json()["error"]
+    # a trailing slash: a JSON 404 that says so, never a redirect to wherever the client's Host header points
+    for method, path in (("POST", f"/v1/{SLUG}/"), ("GET", "/v2/requests/abc/status/"), ("GET", "/v1/models/")):
+        r = httpx.request(method, live.url + path, headers={**headers, "host": "elsewhere.example"}, json=body)
+        assert (r.status_code, r.json()) == (
+            404,
+            {"error": f"No endpoint {method} {path} (without the trailing slash?). The API is described at /docs."},
+        )
 
 
 def test_credits_charged_only_for_successes_406_when_spent(serve: Any, image_b64: str) -> None:
@@ -241,19 +268,58 @@ def test_credits_charged_only_for_successes_406_when_spent(serve: Any, image_b64
     assert keystore.get_key(live.store, key_id).credits == 0
 
 
+def test_v1_remaining_credits_header_counts_down_only_on_success(serve: Any, image_b64: str) -> None:
+    live = serve()
+    key_id, headers = new_key(live, credits=3)
+    ok = {"image": image_b64, "prompt": "sofa"}
+    first = post(live, headers, json=ok)
+    assert (first.status_code, first.headers["x-remaining-credits"]) == (200, "2")
+    failures = [
+        post(live, headers, json={**ok, "prompt": "nothing", "stop_on_empty_mask": True}),  # 422, after the hold
+        post(live, headers, json={**ok, "threshold": 7}),  # 400, before it
+    ]
+    assert [r.status_code for r in failures] == [422, 400]
+    assert all("x-remaining-credits" not in r.headers for r in failures)
+    assert keystore.get_key(live.store, key_id).credits == 2  # the failures cost nothing
+    second = post(live, headers, json={**ok, "base64": True})
+    assert (second.status_code, second.headers["x-remaining-credits"]) == (200, "1")
+    keystore.update_key(live.store, key_id, credits=10)  # an admin's top-up shows in the next answer
+    assert post(live, headers, json=ok).headers["x-remaining-credits"] == "9"
+    assert keystore.get_key(live.store, key_id).credits == 9
+    _, unlimited = new_key(live)
+    r = post(live, unlimited, json=ok)
+    assert r.status_code == 200 and "x-remaining-credits" not in r.headers
+    _, spent = new_key(live, credits=1)
+    assert post(live, spent, json=ok).headers["x-remaining-credits"] == "0"
+    r = post(live, spent, json=ok)
+    assert r.status_code == 406 and "x-remaining-credits" not in r.headers
+
+
+def test_v1_remaining_credits_header_absent_without_keys(serve: Any, image_b64: str) -> None:
+    live = serve(auth=False)
+    r = post(live, {}, json={"image": image_b64, "prompt": "sofa"})
+    assert r.status_code == 200 and "x-remaining-credits" not in r.headers
+    spec = httpx.get(f"{live.url}/openapi.json").json()
+    header = spec["paths"][f"/v1/{SLUG}"]["post"]["responses"]["200"]["headers"]["x-remaining-credits"]
+    assert header["schema"] == {"type": "integer", "minimum": 0} and not header["required"]
+    assert "unlimited" in header["description"]
+
+
 def test_credit_race_exactly_m_of_n_succeed(serve: Any, image_b64: str) -> None:
     live = serve(FakeBackend(delay=0.05), concurrency=2)
     key_id, headers = new_key(live, credits=5)
     body = {"image": image_b64, "prompt": "sofa"}
     barrier = threading.Barrier(12)
 
-    def one(_: int) -> int:
+    def one(_: int) -> tuple[int, str | None]:
         barrier.wait(timeout=10)
-        return post(live, headers, json=body).status_code
+        r = post(live, headers, json=body)
+        return r.status_code, r.headers.get("x-remaining-credits")
 
     with ThreadPoolExecutor(12) as pool:
-        codes = list(pool.map(one, range(12)))
-    assert sorted(codes) == [200] * 5 + [406] * 7
+        answers = list(pool.map(one, range(12)))
+    assert sorted(code for code, _ in answers) == [200] * 5 + [406] * 7
+    assert sorted(left for code, left in answers if code == 200) == ["0", "1", "2", "3", "4"]  # each its own
     assert keystore.get_key(live.store, key_id).credits == 0
 
 
@@ -412,6 +478,30 @@ def test_v2_submit_poll_response_output(serve: Any, image: np.ndarray, image_b64
     poll(sub["status_url"], headers)
     res = httpx.get(sub["response_url"], headers=headers).json()
     assert selected_columns(decode(base64.b64decode(res["output"]))) == list(range(20, 40))
+
+
+def test_v2_status_never_goes_back_from_processing_to_queued(serve: Any, image_b64: str) -> None:
+    """CONTRACT: QUEUED -> PROCESSING -> COMPLETED | FAILED. A job put back in the queue after it started (here: its
+    run handed it back, as when its model went missing or its server stopped) is still shown PROCESSING."""
+    live = serve(republish_after=3600)  # a job stored without a hand-off stays put until the test hands it out
+    key_id, headers = new_key(live, credits=2)
+    state = live.app.state.automask
+    request = MaskRequest.model_validate({"image": image_b64, "prompt": "sofa", "grow_mask": 0, "threshold": 0.5})
+    job_id = state.jobs.submit(key_id, request, charge=True)
+    status_url, response_url = (f"{live.url}/v2/requests/{job_id}{end}" for end in ("/status", ""))
+    assert httpx.get(status_url, headers=headers).json() == {"request_id": job_id, "status": "QUEUED"}
+    node = state.dispatcher.node
+    assert state.jobs.claim(job_id, node) is not None
+    assert httpx.get(status_url, headers=headers).json()["status"] == "PROCESSING"
+    assert state.jobs.release(job_id, node) and state.jobs.get(job_id).status == "QUEUED"  # back in the queue
+    assert httpx.get(status_url, headers=headers).json() == {"request_id": job_id, "status": "PROCESSING"}
+    assert httpx.get(response_url, headers=headers).json()["status"] == "PROCESSING"
+    out = httpx.get(f"{response_url}/output", headers=headers)
+    assert out.status_code == 404 and "not ready yet (PROCESSING)" in out.json()["error"]
+    state.dispatcher.publish(job_id, None).result(timeout=10)
+    assert poll(status_url, headers).json() == {"request_id": job_id, "status": "COMPLETED"}
+    assert selected_columns(decode(httpx.get(f"{response_url}/output", headers=headers).content)) == list(range(20, 40))
+    assert keystore.get_key(live.store, key_id).credits == 1  # charged once
 
 
 def test_v2_failed_job_is_422_and_free_other_keys_get_404(serve: Any, image_b64: str) -> None:

@@ -41,11 +41,15 @@ def test_keys_are_stored_as_hashes_and_checked(store: Store) -> None:
 def test_credits_never_go_below_zero_under_a_race(store: Store) -> None:
     key, _ = keystore.create_key(store, credits=7)
     results: dict[int, bool] = {}
+    lefts: list[int | None] = []
     barrier = threading.Barrier(20)
 
     def take(i: int) -> None:
         barrier.wait(timeout=10)
-        results[i] = keystore.reserve(store, key.id, f"hold-{i}")  # each thread has its own connection
+        reserved = keystore.reserve_left(store, key.id, f"hold-{i}")  # each thread has its own connection
+        results[i] = reserved is not None
+        if reserved is not None:
+            lefts.append(reserved.left)
 
     threads = [threading.Thread(target=take, args=(i,)) for i in range(20)]
     for t in threads:
@@ -53,6 +57,7 @@ def test_credits_never_go_below_zero_under_a_race(store: Store) -> None:
     for t in threads:
         t.join(timeout=20)
     assert list(results.values()).count(True) == 7 and len(results) == 20
+    assert sorted(lefts) == list(range(7))  # each charge read its own balance, in the transaction that took it
     assert keystore.get_key(store, key.id).credits == 0
     granted = [i for i, ok in results.items() if ok]
     keystore.settle(store, f"hold-{granted[0]}", charge=False)  # a failure: refunded
@@ -66,6 +71,7 @@ def test_credits_never_go_below_zero_under_a_race(store: Store) -> None:
 def test_unlimited_credits(store: Store) -> None:
     key, _ = keystore.create_key(store)
     assert all(keystore.reserve(store, key.id, f"h{i}") for i in range(5))
+    assert keystore.reserve_left(store, key.id, "h5") == keystore.Reserved(left=None)
     assert keystore.get_key(store, key.id).credits is None
 
 
@@ -122,3 +128,10 @@ def test_serve_refuses_heartbeats_that_would_make_a_live_node_look_dead(tmp_path
         main, ["--data-dir", str(tmp_path), "worker"], env={**env, "AUTOMASK_BROKER_URL": "amqp://u:p@127.0.0.1:1/"}
     )
     assert worker.exit_code == 2 and "at most a third" in worker.output, worker.output  # a usage error, no traceback
+
+
+def test_serve_refuses_to_keep_v2_results_for_less_than_an_hour(tmp_path: Path) -> None:
+    """CONTRACT.md: results are kept at least one hour."""
+    result = CliRunner().invoke(main, ["--data-dir", str(tmp_path), "serve"], env={"AUTOMASK_SERVER_RESULT_TTL": "600"})
+    assert result.exit_code == 2 and "result_ttl: Input should be greater than or equal to 3600" in result.output
+    assert ServerSettings(result_ttl=3600).result_ttl == ServerSettings().result_ttl == 3600

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -136,7 +137,9 @@ def test_v2_job_keeps_and_uses_its_model(live: Any, photo: str) -> None:
     assert np.array_equal(decode(httpx.get(result["output"], headers=headers).content), v1)
 
 
-def test_unknown_paths_and_missing_models_are_refused(live: Any, photo: str, tiny_clipseg_dir: Path) -> None:
+def test_unknown_paths_and_missing_models_are_refused(
+    live: Any, photo: str, tiny_clipseg_dir: Path, data_dir: Path
+) -> None:
     key, token = keystore.create_key(live.store, credits=5)
     # A client may not name a folder on the server, not even one holding a model.
     for model in ("nope", str(tiny_clipseg_dir), "../clipseg", "sam"):
@@ -145,10 +148,11 @@ def test_unknown_paths_and_missing_models_are_refused(live: Any, photo: str, tin
             assert r.status_code == 404, (model, r.text)
             error = r.json()["error"]
             assert tiny_clipseg_dir.name in error and "clipseg" in error and "/v1/models" in error
-    r = post(live, "v1", token, json={"image": photo, **OPTIONS, "model": "grounded-sam"})
-    assert r.status_code == 503 and "automask models pull grounded-sam" in r.json()["error"]
-    r = post(live, "v2", token, json={"image": photo, **OPTIONS, "model": "grounded-sam"})
-    assert r.status_code == 503 and "automask models pull grounded-sam" in r.json()["error"]
+    others = f"This server also has '{tiny_clipseg_dir.name}', 'clipseg', which can answer this prompt"
+    for version in ("v1", "v2"):  # not installed: how to install it, and what this server can answer with instead
+        r = post(live, version, token, json={"image": photo, **OPTIONS, "model": "grounded-sam"})
+        assert r.status_code == 503 and "automask models pull grounded-sam" in r.json()["error"]
+        assert others in r.json()["error"] and str(data_dir) not in r.json()["error"]
     for bad in ("", 3, "x" * 201):
         r = post(live, "v1", token, json={"image": photo, **OPTIONS, "model": bad})
         assert r.status_code == 400 and r.json()["error"].startswith("model"), r.text
@@ -163,3 +167,39 @@ def test_inference_time_header(live: Any, photo: str) -> None:
     seconds = float(r.headers["x-inference-time"])
     assert 0 < seconds < elapsed
     assert Image.open(io.BytesIO(r.content)).size == (512, 512)
+
+
+def test_a_missing_model_names_the_models_that_could_answer_the_prompt(tmp_path: Path) -> None:
+    """Only models whose backend reads the prompt's words: any open-vocabulary one; the embedded 'subject' only for
+    its own words; never a refiner (it reads no text), the missing model itself, or one whose load just failed."""
+    from automask.errors import ModelNotAvailableError
+    from automask.models import MARKER
+    from automask.server.runner import Runner
+    from server_helpers import FakeBackend
+
+    settings = Settings(data_dir=tmp_path)
+    install_as_catalogue(tmp_path, "clipseg", seed=2)
+    for name in ("subject", "sam"):  # installed as far as the server can tell (a marker); never loaded here
+        folder = settings.models_dir / name
+        folder.mkdir(parents=True)
+        (folder / MARKER).write_text(json.dumps({"name": name, "backend": name, "repos": []}))
+    runner = Runner(settings, ServerSettings(), MaskGenerator(FakeBackend(), settings))
+    try:
+        for targets, named in (
+            (["person"], "'fake-gradient', 'clipseg', 'subject'"),
+            (["person", "cup"], "'fake-gradient', 'clipseg'"),  # 'subject' cannot mask a cup
+        ):
+            with pytest.raises(ModelNotAvailableError) as err:
+                runner.check("grounded-sam", targets)
+            message = err.value.message
+            assert message.startswith("The model 'grounded-sam' is not installed. Install it with: automask models")
+            assert message.endswith(
+                f"This server also has {named}, which can answer this prompt: send one as the request's 'model' "
+                "(GET /v1/models lists them)."
+            ), message
+        assert runner.alternatives("clipseg", ["cup"]) == ["fake-gradient"]
+        runner._slot("clipseg").error = ModelNotAvailableError("broken")  # a load that failed a moment ago
+        runner._slot("clipseg").failed_at = time.monotonic()
+        assert runner.alternatives("grounded-sam", ["cup"]) == ["fake-gradient"]
+    finally:
+        runner.close()

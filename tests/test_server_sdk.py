@@ -50,6 +50,7 @@ def test_sdk_run_sync_returns_the_mask(live: Any, photo: tuple[str, tuple[int, i
     image, size = photo
     r = client(live, token).run_sync(SLUG, image=image, prompt="cat", threshold=0.2, grow_mask=5, seed=468685)
     assert r.headers["content-type"] == "image/png"
+    assert r.headers["x-remaining-credits"] == "9"  # what the hosted API reports after the charge
     mask = decode(r.content)
     assert mask.shape == size and set(np.unique(mask)) <= {0, 255}
     alpha = decode(client(live, token).run_sync(SLUG, image=image, prompt="cat", return_alpha=True).content)
@@ -60,6 +61,7 @@ def test_sdk_run_sync_returns_the_mask(live: Any, photo: tuple[str, tuple[int, i
     assert body["model"] == tiny_clipseg_dir.name  # the model's name, never the server's path
     assert body["inference_time"] == pytest.approx(body["timings"]["total"], abs=1e-6)
     assert float(answer.headers["x-inference-time"]) == pytest.approx(body["inference_time"], abs=1e-6)
+    assert answer.headers["x-remaining-credits"] == "7"
     assert keystore.get_key(live.store, key.id).credits == 7
 
 
@@ -88,6 +90,9 @@ def test_sdk_sees_errors(live: Any, photo: tuple[str, tuple[int, int]]) -> None:
     with pytest.raises(segmind.SegmindError) as err:
         client(live, token).run_sync(SLUG, image=image, prompt="cat", threshold=1.5)
     assert err.value.status == 400 and err.value.detail.startswith("threshold: ")
+    with pytest.raises(segmind.SegmindError) as err:  # a union-typed field: named as sent, not "image.str"
+        client(live, token).run_sync(SLUG, image=12345, prompt="cat")
+    assert err.value.status == 400 and err.value.detail.startswith("image: must be a string")
     with pytest.raises(segmind.SegmindError) as err:  # not an image: refused at submit, as v1 refuses it
         client(live, token).submit_async(SLUG, image="bm90IGFuIGltYWdl", prompt="cat")
     assert err.value.status == 400 and "not an image" in err.value.detail

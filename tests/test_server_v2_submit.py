@@ -163,3 +163,10 @@ def test_a_fleet_api_node_refuses_a_prompt_its_embedded_only_workers_cannot_answ
     with pytest.raises(ModelNotAvailableError, match="Choose a model that answers any word: 'clipseg'"):
         dispatcher.check("subject", ["sofa"])
     assert dispatcher.check("clipseg", ["sofa"]) == "clipseg"
+    with pytest.raises(ModelNotAvailableError) as err:  # no worker for it: names the served ones that could answer
+        dispatcher.check("grounded-sam", ["sofa"])
+    assert err.value.message.startswith("No worker serves the model 'grounded-sam' right now")
+    assert "This server also has 'clipseg', which can answer this prompt" in err.value.message
+    with pytest.raises(ModelNotAvailableError) as err:
+        dispatcher.check("grounded-sam", ["person"])
+    assert "also has 'subject', 'clipseg', which can answer" in err.value.message

@@ -163,6 +163,8 @@ def test_dead_nodes_jobs_and_lost_publishes_are_found(store: Store) -> None:
     assert jobs.orphaned(["node-alive"]) == [(dead, "m")]
     job = jobs.get(dead)
     assert job is not None and job.status == QUEUED
+    assert job.shown_status == PROCESSING  # its owner never sees it go back to QUEUED
+    assert jobs.get(lost).shown_status == QUEUED  # type: ignore[union-attr]  # never started
     assert jobs.unpublished(time.time() - 3600) == []  # all handed out recently
     assert {j for j, _ in jobs.unpublished(time.time() + 1)} == {dead, lost}
     assert jobs.unpublished(time.time() - 1) == []  # their publish time was just renewed

@@ -120,9 +120,10 @@ class MaskOptions(BaseModel):
 
 
 def validation_error(exc: ValidationError) -> InvalidOptionError:
-    """Turn a pydantic error into one `InvalidOptionError` naming the first offending field."""
+    """Turn a pydantic error into one `InvalidOptionError` naming the first offending field: the top-level field
+    the client sent (`image`, never a union branch such as `image.str`)."""
     err = exc.errors()[0]
-    field = ".".join(str(p) for p in err["loc"]) or "body"
+    field = str(err["loc"][0]) if err["loc"] else "body"
     if err["type"] == "extra_forbidden":
         return InvalidOptionError(field, "unknown field")
     if err["type"] == "missing":

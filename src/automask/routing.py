@@ -21,7 +21,7 @@ from enum import Enum
 from types import MappingProxyType
 
 from automask.errors import ModelNotAvailableError
-from automask.models import EMBEDDED, REFINERS, ResolvedModel, default_model, is_installed, resolve
+from automask.models import CATALOGUE, EMBEDDED, REFINERS, ResolvedModel, default_model, is_installed, resolve
 from automask.settings import Settings
 
 
@@ -120,6 +120,17 @@ def routed(targets: list[str], *, embedded: bool, open_vocab: bool, alternatives
 def open_vocabulary(names: Iterable[str]) -> list[str]:
     """The models among `names` that answer any word: neither the embedded model nor a refiner (mask head)."""
     return [name for name in names if name != EMBEDDED and name not in REFINERS]
+
+
+def could_answer(backend: str | None, targets: Iterable[str]) -> bool:
+    """Whether a model run by `backend` can answer every one of `targets`: a backend that reads any text prompt
+    can; the embedded one only when each target is in its vocabulary; a refiner (mask head, no text) and an
+    unknown backend (None: a folder not loaded yet) cannot."""
+    if backend is None or backend in {CATALOGUE[name].backend for name in REFINERS}:
+        return False
+    if backend == CATALOGUE[EMBEDDED].backend:
+        return all(target_of(t) is not None for t in targets)
+    return True
 
 
 def installed_alternatives(settings: Settings) -> list[str]:

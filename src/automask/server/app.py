@@ -59,6 +59,9 @@ DESCRIPTION = """Self-hosted, drop-in replacement for the hosted "automatic-mask
 Send the key in the `x-api-key` header. v1 answers with the image (or JSON with `base64`); v2 queues a job
 and answers with absolute `status_url` / `response_url`. Every error is `{"error": "..."}`.
 
+A successful v1 answer carries `x-remaining-credits`: the key's credits left once it is charged (absent for a key
+with unlimited credits). A failed request is not charged.
+
 automask extensions: an optional `model` field (one of the names `GET /v1/models` lists; absent: the server's
 default) and an `x-inference-time` header (seconds) on v1 answers."""
 
@@ -95,7 +98,11 @@ def create_app(
             await limiter.close()
         store.close()
 
-    app = FastAPI(title="automask", version=__version__, description=DESCRIPTION, lifespan=lifespan)
+    # redirect_slashes=False: a path with a trailing slash is an unknown endpoint (a JSON 404 that says so), not a
+    # 307 whose Location is built from the client's Host header
+    app = FastAPI(
+        title="automask", version=__version__, description=DESCRIPTION, lifespan=lifespan, redirect_slashes=False
+    )
     app.state.automask = state
     _install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, limit=state.body_limit)
@@ -140,14 +147,17 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         err = exc.errors()[0]
-        field = ".".join(str(p) for p in err.get("loc", ()) if p not in ("body", "path", "query")) or "request"
+        loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "path", "query", "header")]
+        field = loc[0] if loc else "request"  # the parameter the client sent, not a union branch inside it
         return error_response(400, f"{field}: {err.get('msg', 'is invalid')}")
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         if exc.status_code in (404, 405):
+            path = request.url.path
+            hint = " (without the trailing slash?)" if len(path) > 1 and path.endswith("/") else ""
             return error_response(
-                404, f"No endpoint {request.method} {shown(request.url.path)}. The API is described at /docs."
+                404, f"No endpoint {request.method} {shown(path)}{hint}. The API is described at /docs."
             )
         return error_response(exc.status_code, str(exc.detail))
 

@@ -18,6 +18,10 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+RESULT_TTL_MIN = 3600.0
+"""v2 results are kept at least an hour after they finish (the external contract's promise to clients)."""
+
+
 class ServerSettings(BaseSettings):
     """How the HTTP service runs. The model, data folder and image limits come from `automask.Settings`."""
 
@@ -38,7 +42,11 @@ class ServerSettings(BaseSettings):
         description="Bytes of request bodies held in memory at once (one key: a quarter of it, at least one "
         "largest body); a request past it is answered 503 before its body is read.",
     )
-    result_ttl: float = Field(3600.0, ge=60, description="Seconds v2 results are kept after they finish.")
+    result_ttl: float = Field(
+        3600.0,
+        ge=RESULT_TTL_MIN,
+        description="Seconds v2 results are kept after they finish: at least an hour, as CONTRACT.md promises clients.",
+    )
     cleanup_interval: float = Field(60.0, gt=0, description="Seconds between sweeps of expired v2 results.")
     max_job_attempts: int = Field(3, ge=1, description="Starts of one v2 job (restarts included) before FAILED.")
     max_queued_per_key: int = Field(100, ge=1, description="Unfinished v2 jobs one key may have -> 429.")

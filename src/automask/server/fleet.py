@@ -28,7 +28,14 @@ from automask.server import nodes
 from automask.server.config import ServerSettings
 from automask.server.errors import ApiError
 from automask.server.execute import Outcome
-from automask.server.runner import ModelEntry, default_name, inference_timeout, unknown_model
+from automask.server.runner import (
+    ModelEntry,
+    answering,
+    default_name,
+    inference_timeout,
+    naming_alternatives,
+    unknown_model,
+)
 from automask.server.schemas import MaskRequest
 from automask.server.store import Store
 from automask.settings import Settings
@@ -267,9 +274,10 @@ class CeleryDispatcher:
             return name
         if name != default and name not in CATALOGUE:
             raise unknown_model(name, self.models())
-        raise ModelNotAvailableError(
+        missing = ModelNotAvailableError(
             f"No worker serves the model {name!r} right now; start one with: automask worker --model {name}"
         )
+        raise naming_alternatives(missing, answering(self.models(), name, targets))
 
     def readiness(self) -> str | None:
         try:

@@ -24,19 +24,21 @@ SETTLE_WAIT = 2.0
 
 
 @asynccontextmanager
-async def credit_hold(state: ServerState, key: ApiKey | None, hold_id: str) -> AsyncIterator[None]:
+async def credit_hold(state: ServerState, key: ApiKey | None, hold_id: str) -> AsyncIterator[int | None]:
     """Hold one credit of `key` for the block (406 when none is left); keep it if the block succeeds, give it
     back otherwise (an error, a timeout, the client leaving). The hold expires (the sweeper gives it back) if this
-    process dies before settling it."""
+    process dies before settling it. Yields the credits the key has left with this one taken (read as it is
+    taken), None for no key or unlimited credits."""
     if key is None:
-        yield
+        yield None
         return
     expires_at = state.store.now() + state.server.timeout + state.server.hold_grace
-    if not await asyncio.to_thread(keys.reserve, state.store, key.id, hold_id, expires_at=expires_at):
+    reserved = await asyncio.to_thread(keys.reserve_left, state.store, key.id, hold_id, expires_at=expires_at)
+    if reserved is None:
         raise no_credits(key.id)
     charged = False
     try:
-        yield
+        yield reserved.left
         charged = True
     finally:
         await settle_soon(state, hold_id, charge=charged, expires_at=expires_at)

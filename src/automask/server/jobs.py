@@ -51,6 +51,14 @@ class Job:
     inference_time: float | None
     model: str | None
     has_result: bool
+    started: bool = False
+    """Claimed at least once (by a run that may have been lost since: the job is then QUEUED again)."""
+
+    @property
+    def shown_status(self) -> str:
+        """The status its owner is shown: QUEUED -> PROCESSING -> COMPLETED | FAILED, never back. A job put back in
+        the queue after it started (its worker died, its run was lost, its server stopped) stays PROCESSING."""
+        return PROCESSING if self.status == QUEUED and self.started else self.status
 
 
 @dataclass(frozen=True)
@@ -77,6 +85,7 @@ def _to_job(row: Any) -> Job:
         inference_time=row.inference_time,
         model=row.model,
         has_result=bool(row.has_result),
+        started=bool(row.started),
     )
 
 
@@ -110,7 +119,7 @@ class Jobs:
         now = self.store.now()
         with self.store.transaction() as conn:
             self._check_room(conn, key_id)
-            if charge and key_id is not None and not keys.reserve_in(conn, key_id, job_id, now=now):
+            if charge and key_id is not None and keys.reserve_in(conn, key_id, job_id, now=now) is None:
                 raise no_credits(key_id)
             conn.execute(
                 insert(jobs_table).values(
@@ -151,7 +160,9 @@ class Jobs:
         """Job `job_id`, or None (unknown or expired)."""
         with self.store.read() as conn:
             row = conn.execute(
-                select(*_JOB_COLUMNS, J.result.is_not(None).label("has_result")).where(J.id == job_id)
+                select(
+                    *_JOB_COLUMNS, J.result.is_not(None).label("has_result"), J.started_at.is_not(None).label("started")
+                ).where(J.id == job_id)
             ).first()
         return _to_job(row) if row else None
 

@@ -139,25 +139,43 @@ def authenticate(store: Store, token: str | None) -> ApiKey:
     return key
 
 
+@dataclass(frozen=True)
+class Reserved:
+    """A credit taken: `left` is what the key has once it is taken (None: unlimited credits)."""
+
+    left: int | None
+
+
 def reserve(store: Store, key_id: str, hold_id: str, *, expires_at: float | None = None) -> bool:
     """Take one credit from `key_id` for request `hold_id`; False (nothing taken) when none is left.
 
     `expires_at`: when the sweeper may give it back if nobody settled it (the request can no longer be running)."""
+    return reserve_left(store, key_id, hold_id, expires_at=expires_at) is not None
+
+
+def reserve_left(store: Store, key_id: str, hold_id: str, *, expires_at: float | None = None) -> Reserved | None:
+    """`reserve`, answering with the credits `key_id` has left once this one is taken, read in the transaction
+    that takes it (a v1 answer's `x-remaining-credits`); None when none was left (nothing taken)."""
     with store.transaction() as conn:
         return reserve_in(conn, key_id, hold_id, now=store.now(), expires_at=expires_at)
 
 
 def reserve_in(
     conn: Connection, key_id: str, hold_id: str, *, now: float, expires_at: float | None = None
-) -> bool:
-    """`reserve` inside the caller's transaction (e.g. together with inserting a v2 job); `now`: `Store.now()`."""
-    cur = conn.execute(
-        update(keys_table).where(K.id == key_id, or_(K.credits.is_(None), K.credits >= 1)).values(credits=K.credits - 1)
-    )
-    if cur.rowcount != 1:
-        return False
+) -> Reserved | None:
+    """`reserve_left` inside the caller's transaction (e.g. together with inserting a v2 job); `now`: `Store.now()`.
+    One conditional UPDATE ... RETURNING: the balance never goes below zero, and the one returned is this charge's
+    own, whatever other requests race."""
+    row = conn.execute(
+        update(keys_table)
+        .where(K.id == key_id, or_(K.credits.is_(None), K.credits >= 1))
+        .values(credits=K.credits - 1)
+        .returning(K.credits)
+    ).first()
+    if row is None:
+        return None
     conn.execute(insert(holds_table).values(id=hold_id, key_id=key_id, created_at=now, expires_at=expires_at))
-    return True
+    return Reserved(row.credits)
 
 
 def settle(store: Store, hold_id: str, *, charge: bool) -> None:

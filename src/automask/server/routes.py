@@ -73,6 +73,8 @@ _RATE_HEADERS = {
         "schema": {"type": "string"},
     },
 }
+REMAINING_CREDITS = "x-remaining-credits"
+"""v1 success header: the key's credits left once the request is charged (absent: unlimited, or no keys)."""
 
 
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
@@ -125,10 +127,12 @@ async def current_key(request: Request, token: Annotated[str | None, Security(AP
 CallerKey = Annotated["ApiKey | None", Depends(current_key)]
 
 
-def render(outcome: Outcome, as_base64: bool) -> Response:
-    """The v1 answer: the PNG itself, or JSON {"image": base64 PNG, ...metadata}; header `x-inference-time`
-    (seconds the library call took)."""
+def render(outcome: Outcome, as_base64: bool, credits_left: int | None = None) -> Response:
+    """The v1 answer: the PNG itself, or JSON {"image": base64 PNG, ...metadata}; headers `x-inference-time`
+    (seconds the library call took) and, for a key with limited credits, `x-remaining-credits`."""
     headers = {"x-inference-time": f"{outcome.inference_time:.6f}"}
+    if credits_left is not None:
+        headers[REMAINING_CREDITS] = str(credits_left)
     if as_base64:
         body = {
             "image": base64.b64encode(outcome.png).decode("ascii"),
@@ -169,7 +173,13 @@ async def accepted(request: Request, key: ApiKey | None) -> AsyncIterator[tuple[
                     "description": "Seconds the masking took (automask extension).",
                     "required": True,
                     "schema": {"type": "string"},
-                }
+                },
+                REMAINING_CREDITS: {
+                    "description": "The calling key's credits left after this request was charged, as the hosted "
+                    "API sends them. Absent for a key with unlimited credits and on a server run with --no-auth.",
+                    "required": False,
+                    "schema": {"type": "integer", "minimum": 0},
+                },
             },
         },
         **_errors(400, 401, 403, 404, 406, 413, 422, 429, 500, 502, 503, 504),
@@ -184,12 +194,12 @@ async def v1_generate(request: Request, key: CallerKey) -> Response:
                 "needs base64: true on v1 (the instances come in the JSON answer; a PNG body has none)",
             )
         await unless_client_leaves(request, state.dispatcher.prepare(model))  # a first load: before hold and limit
-        async with credit_hold(state, key, uuid.uuid4().hex):
+        async with credit_hold(state, key, uuid.uuid4().hex) as credits_left:
             request_id = request.scope.get("state", {}).get("request_id", "")
             outcome = await unless_client_leaves(request, state.dispatcher.run_v1(req, model, request_id))
             if outcome.error is not None:
                 raise ApiError(outcome.status, outcome.error)
-            return render(outcome, req.base64)
+            return render(outcome, req.base64, credits_left)
 
 
 @router.post(
@@ -249,7 +259,7 @@ def _failed(job: Job) -> JSONResponse:
 async def v2_status(job: OwnedJob) -> Response:
     if job.status in (FAILED, CANCELLED):
         return _failed(job)
-    return JSONResponse({"request_id": job.id, "status": job.status})
+    return JSONResponse({"request_id": job.id, "status": job.shown_status})
 
 
 @router.get(
@@ -262,7 +272,7 @@ async def v2_status(job: OwnedJob) -> Response:
 async def v2_response(request: Request, job: OwnedJob) -> Response:
     if job.status in (FAILED, CANCELLED):
         return _failed(job)
-    body: dict[str, Any] = {"request_id": job.id, "status": job.status, "output": None, "metrics": {}}
+    body: dict[str, Any] = {"request_id": job.id, "status": job.shown_status, "output": None, "metrics": {}}
     if job.status == COMPLETED and job.has_result:
         if job.base64:
             body["output"] = base64.b64encode(await result_png(request, job)).decode("ascii")
@@ -284,7 +294,9 @@ async def v2_output(request: Request, job: OwnedJob) -> Response:
     if job.status in (FAILED, CANCELLED):
         return _failed(job)
     if job.status != COMPLETED or not job.has_result:
-        raise ApiError(404, f"The result of request {job.id} is not ready yet ({job.status}); poll its status_url.")
+        raise ApiError(
+            404, f"The result of request {job.id} is not ready yet ({job.shown_status}); poll its status_url."
+        )
     return Response(await result_png(request, job), media_type="image/png")
 
 
@@ -308,7 +320,7 @@ async def v2_cancel(request: Request, job: OwnedJob) -> Response:
     if await asyncio.to_thread(state.jobs.cancel, job.id):
         return JSONResponse({"request_id": job.id, "status": CANCELLED})
     found = await asyncio.to_thread(state.jobs.get, job.id)
-    current = found.status if found is not None else job.status
+    current = (found or job).shown_status
     return JSONResponse({"request_id": job.id, "status": current})
 
 

@@ -29,7 +29,7 @@ from automask.models import CATALOGUE, REFINERS, list_models
 from automask.options import MaskOptions
 from automask.pipeline import MaskGenerator
 from automask.result import MaskResult
-from automask.routing import installed_alternatives, plan_models, routed
+from automask.routing import could_answer, installed_alternatives, plan_models, routed
 from automask.server.config import ServerSettings
 from automask.settings import Settings
 
@@ -170,11 +170,11 @@ class Runner:
             slot.generator.route(list(targets))
             return name
         if (error := slot.recent_error()) is not None:
-            raise error
+            raise self._naming_alternatives(error, name, targets)
         try:
             plan = plan_models(slot.spec, self.settings)
         except AutomaskError as exc:
-            raise self._not_available(slot, exc) from None
+            raise self._naming_alternatives(self._not_available(slot, exc), name, targets) from None
         alternatives = functools.partial(installed_alternatives, self.settings)
         routed(
             list(targets),
@@ -183,6 +183,17 @@ class Runner:
             alternatives=alternatives,
         )
         return name
+
+    def alternatives(self, name: str, targets: Sequence[str]) -> list[str]:
+        """`answering(self.models(), name, targets)`, leaving out any model whose load just failed."""
+        return [
+            other
+            for other in answering(self.models(), name, targets)
+            if (found := self._slots.get(other)) is None or found.recent_error() is None
+        ]
+
+    def _naming_alternatives(self, error: AutomaskError, name: str, targets: Sequence[str]) -> AutomaskError:
+        return naming_alternatives(error, self.alternatives(name, targets))
 
     def _not_available(self, slot: _Slot, exc: AutomaskError) -> ModelNotAvailableError:
         """The public error for a model that cannot load: it names the model, never a server path (a local
@@ -339,6 +350,25 @@ def unknown_model(name: str, served: list[ModelEntry]) -> UnknownModelError:
     return UnknownModelError(
         f"Unknown model {shown!r}. This server has: {names} (GET /v1/models lists them); "
         "leave 'model' out for the default."
+    )
+
+
+def answering(served: Sequence[ModelEntry], name: str, targets: Sequence[str]) -> list[str]:
+    """The names of the `served` models, besides `name`, that could answer `targets` (`routing.could_answer`: an
+    open-vocabulary backend, or the embedded model for its own words)."""
+    return [e.name for e in served if e.name != name and could_answer(e.backend, targets)]
+
+
+def naming_alternatives(error: AutomaskError, others: Sequence[str]) -> AutomaskError:
+    """`error` (a model that cannot answer: 503), its message followed by `others`, the server's models that could
+    answer the request instead (`answering`), when there are some."""
+    if not isinstance(error, ModelNotAvailableError) or not others:
+        return error
+    names = ", ".join(repr(n) for n in others)
+    first = error.message.rstrip()
+    return ModelNotAvailableError(
+        f"{first}{'' if first.endswith('.') else '.'} This server also has {names}, which can answer this "
+        "prompt: send one as the request's 'model' (GET /v1/models lists them)."
     )
 
 

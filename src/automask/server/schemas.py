@@ -7,7 +7,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -59,6 +59,16 @@ class MaskRequest(MaskOptions):
         description="automask extension (the hosted API has no such field): the name of a model installed on "
         "this server, as GET /v1/models lists them. Absent: the server's default model.",
     )
+
+    @field_validator("image", mode="before")
+    @classmethod
+    def _image_type(cls, v: Any) -> Any:
+        """One message for a wrong type, naming `image` itself (not pydantic's union branches `image.str`...)."""
+        if not isinstance(v, (str, bytes)):
+            raise ValueError(
+                f"must be a string (an http(s) URL, base64 data or a data:image/...;base64, URI), not {_json_type(v)}"
+            )
+        return v
 
     @property
     def targets(self) -> list[str]:
@@ -112,6 +122,19 @@ def validate_request(data: Any, *, strict: bool) -> MaskRequest:
             f"brings the targets to score to {scored} with the prompt's; at most {MAX_PROMPT_TARGETS} per request",
         )
     return req
+
+
+def _json_type(value: object) -> str:
+    """The JSON name of `value`'s type, for an error message: 'a number', 'an array'..."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, (list, tuple)):
+        return "an array"
+    return "an object" if isinstance(value, dict) else f"a {type(value).__name__}"
 
 
 def _check_text(name: str, value: object) -> None:
@@ -182,7 +205,10 @@ class StatusResponse(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     request_id: str
-    status: str = Field(description="QUEUED, PROCESSING, COMPLETED or FAILED.")
+    status: str = Field(
+        description="QUEUED, PROCESSING, COMPLETED or FAILED, in that order: once started, a job is PROCESSING until "
+        "it ends, even while it waits to run again (its worker stopped)."
+    )
     error: str | None = None
 
 
