@@ -21,6 +21,7 @@ from automask.errors import AutomaskError, ModelNotAvailableError
 from automask.pipeline import MaskGenerator
 from automask.server import nodes
 from automask.server.config import ServerSettings
+from automask.server.deployment import SINGLE
 from automask.server.execute import Outcome, answer, execute_job
 from automask.server.jobs import FAILED, Jobs
 from automask.server.nodes import Heartbeat, new_node_id
@@ -42,6 +43,10 @@ PUBLISH_TIMEOUT = 5.0
 
 class Dispatcher(Protocol):
     """Runs requests somewhere."""
+
+    deployment: str
+    """The kind of deployment this dispatcher makes of its database (`automask.server.deployment`): claimed at
+    start-up, re-read at each sweep."""
 
     @property
     def default(self) -> str:
@@ -91,6 +96,8 @@ class LocalDispatcher:
     """Models in this process, a bounded thread pool (`Runner`), and `workers_for_jobs` asyncio tasks that run
     v2 jobs by id. This process is a node of kind "server": its heartbeat lets the sweeper of another process
     (sharing a PostgreSQL database) take over its jobs if it dies."""
+
+    deployment = SINGLE
 
     def __init__(
         self, settings: Settings, server: ServerSettings, store: Store, jobs: Jobs, generator: MaskGenerator | None

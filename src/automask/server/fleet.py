@@ -26,6 +26,7 @@ from automask.models import CATALOGUE, EMBEDDED
 from automask.routing import open_vocabulary, routed
 from automask.server import nodes
 from automask.server.config import ServerSettings
+from automask.server.deployment import FLEET
 from automask.server.errors import ApiError
 from automask.server.execute import Outcome
 from automask.server.runner import ModelEntry, default_name, inference_timeout, unknown_model
@@ -199,6 +200,8 @@ def require_fleet_settings(settings: Settings) -> None:
 
 class CeleryDispatcher:
     """Queues every request to workers; loads no model."""
+
+    deployment = FLEET
 
     def __init__(self, settings: Settings, server: ServerSettings, store: Store) -> None:
         require_fleet_settings(settings)

@@ -22,6 +22,7 @@ from automask.pipeline import MaskGenerator
 from automask.routing import plan_models
 from automask.server import nodes
 from automask.server.config import ServerSettings
+from automask.server.deployment import FLEET, Guard
 from automask.server.execute import Outcome, compute, execute_job, unexpected_error
 from automask.server.fleet import (
     TIME_LIMIT_MARGIN,
@@ -238,6 +239,7 @@ def run_worker(
     store = Store.from_settings(settings, create=False)  # an older schema: refuse, say `automask db migrate`
     try:
         nodes.refuse_mixed(store, "server")
+        Guard(store, FLEET).claim()  # a database serving a single server: refuse, naming the fix
     finally:
         store.close()
     if model:
