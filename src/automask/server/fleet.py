@@ -343,7 +343,7 @@ class CeleryDispatcher:
                 await self._cancel(keys, ttl)
                 raise ApiError(503, BROKER_DOWN, {"Retry-After": "5"}) from None
             got = await self.redis.blpop([keys["outcome"]], timeout=max(0.01, local_deadline - time.monotonic()))
-        except asyncio.CancelledError:  # the client left: a worker that has not started it yet skips it
+        except asyncio.CancelledError:  # the client left: a worker skips it, or stops it at its next stage boundary
             await asyncio.shield(self._cancel(keys, ttl))
             raise
         if got is None:

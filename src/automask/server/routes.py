@@ -62,7 +62,7 @@ _ERROR_TEXT = {
     429: "Rate limited.",
     500: "Unexpected server error (the body names the request id the server log has).",
     502: "The image URL's server failed.",
-    503: "The model is not installed or not loaded.",
+    503: "The model is not installed or not loaded, or this node no longer serves its database (see the message).",
     504: "The image fetch or the inference ran past its time limit.",
 }
 _RATE_HEADERS = {
