@@ -3,7 +3,8 @@
 The real worker (`automask.server.worker.run_worker`, settings from the environment, `FLEET_CONCURRENCY` pool
 processes) with `FakeBackend` scores, plus prompts that exercise failures: "slow" takes `FLEET_SLOW_SECONDS` (a
 worker can be killed mid-run), "hang" never returns (a hung model), and "poison" kills the pool process running it
-(SIGKILL), every time.
+(SIGKILL), every time; a prompt "staged-NAME" creates the file `NAME.scoring` in the folder `FLEET_STAGES` as its
+score starts, then waits (30 s at most) for the test to create `NAME.go` there.
 """
 
 from __future__ import annotations
@@ -27,9 +28,12 @@ from server_helpers import FakeBackend
 
 
 class FleetBackend(FakeBackend):
-    """`FakeBackend`, with "slow", "slower", "hang" and "poison" prompts."""
+    """`FakeBackend`, with "slow", "slower", "hang", "poison" and "staged-NAME" prompts."""
 
     def score(self, features: Any, prompts: list[str], *, min_score: float = 0.0) -> Scores:
+        for prompt in prompts:
+            if prompt.startswith("staged-"):
+                staged(Path(os.environ["FLEET_STAGES"]), prompt.removeprefix("staged-"))
         if "poison" in prompts:
             os.kill(os.getpid(), signal.SIGKILL)
         if "hang" in prompts:
@@ -39,6 +43,14 @@ class FleetBackend(FakeBackend):
         if "slower" in prompts:  # four times "slow"
             time.sleep(4 * float(os.environ.get("FLEET_SLOW_SECONDS", "2")))
         return super().score(features, prompts, min_score=min_score)
+
+
+def staged(folder: Path, name: str) -> None:
+    """Say that the score of `name` started, and wait for the test to let it go on."""
+    (folder / f"{name}.scoring").touch()
+    deadline = time.monotonic() + 30
+    while not (folder / f"{name}.go").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def main() -> None:

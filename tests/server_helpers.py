@@ -50,6 +50,40 @@ class FakeBackend:
         return Scores(maps=np.stack([maps.get(p, ramp) for p in prompts]), labels=list(prompts))
 
 
+class StagedBackend(FakeBackend):
+    """`FakeBackend` whose stages (`encode`, `score`) the test drives: on entering one it records its name in `seen`
+    and sets `entered[stage]`, then blocks until the test sets `proceed[stage]` (`release`), 30 s at most. A test
+    holds a run inside a stage, makes its client leave or its time limit pass, releases it, and sees whether the run
+    went on to the next stage."""
+
+    STAGES = ("encode", "score")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+        self.entered = {stage: threading.Event() for stage in self.STAGES}
+        self.proceed = {stage: threading.Event() for stage in self.STAGES}
+
+    def release(self, *stages: str) -> None:
+        """Let runs through `stages` (all of them when none is named), now and later."""
+        for stage in stages or self.STAGES:
+            self.proceed[stage].set()
+
+    def _stage(self, stage: str) -> None:
+        self.seen.append(stage)
+        self.entered[stage].set()
+        if not self.proceed[stage].wait(30):
+            raise RuntimeError(f"the test never released stage {stage!r}")
+
+    def encode(self, image: np.ndarray) -> np.ndarray:
+        self._stage("encode")
+        return super().encode(image)
+
+    def score(self, features: Any, prompts: list[str], *, min_score: float = 0.0) -> Scores:
+        self._stage("score")
+        return super().score(features, prompts, min_score=min_score)
+
+
 def install_as_catalogue(data_dir: Path, name: str, seed: int) -> Path:
     """Install a tiny random CLIPSeg (`seed`) as catalogue model `name` in `data_dir`, the way
     `automask models pull` leaves it (the checkpoint and its automask.json marker); return its folder."""

@@ -470,7 +470,7 @@ def test_flags_the_model_ignores_get_a_note(lib: Library, tmp_path: Path) -> Non
         "--refine is ignored: it sharpens clipseg's masks, not 'subject''s",
         "--text-threshold is ignored: it applies to grounded-sam models, not 'subject'",
     ]
-    grounded = SimpleNamespace(name="grounded-sam", takes_params=True)
+    grounded = SimpleNamespace(name="grounded-sam", takes_text_threshold=True)
     assert ignored_flags(SimpleNamespace(open=grounded, backend=grounded), options) == [
         "--refine is ignored: it sharpens clipseg's masks, not 'grounded-sam''s"
     ]

@@ -18,10 +18,17 @@ import torch
 
 from automask import install, models
 from automask.backends import grounded_sam as gs
+from automask.backends.base import ScoreParams
 from automask.backends.grounded_sam import GroundedSamBackend, load
 from automask.backends.grounding import nms, postprocess
 from automask.backends.sam import choose_dtype, load_segmenter
-from automask.errors import EmptyMaskError, InvalidOptionError, ModelNotAvailableError, UnknownModelError
+from automask.errors import (
+    EmptyMaskError,
+    InvalidOptionError,
+    ModelNotAvailableError,
+    StoppedError,
+    UnknownModelError,
+)
 from automask.options import MaskOptions
 from automask.pipeline import MaskGenerator
 from automask.settings import Settings
@@ -258,6 +265,23 @@ def test_several_prompts_give_labelled_instances(
         assert np.array_equal(inst > 0, want)
         assert det.area == int(want.sum())
     assert np.array_equal(result.mask > 0, expected[0] | expected[1])
+
+
+def test_a_run_told_to_stop_stops_between_the_detector_and_the_mask_head(
+    monkeypatch: pytest.MonkeyPatch, backend: GroundedSamBackend, image: np.ndarray
+) -> None:
+    calls = two_objects(monkeypatch, backend)
+    segmented: list[int] = []
+    segment = backend.segmenter.segment
+    monkeypatch.setattr(backend.segmenter, "segment", lambda *a, **kw: segmented.append(1) or segment(*a, **kw))
+    features = backend.encode(image)
+    stop = ScoreParams(should_stop=lambda: bool(calls))  # once the detector has run
+    with pytest.raises(StoppedError):
+        backend.score(features, ["sofa", "lamp"], min_score=0.3, params=stop)
+    assert calls == [6] and segmented == []
+    go_on = ScoreParams(should_stop=lambda: False)
+    assert backend.score(features, ["sofa", "lamp"], min_score=0.3, params=go_on).labels == ["sofa", "lamp"]
+    assert segmented == [1]
 
 
 def test_one_prompt(monkeypatch: pytest.MonkeyPatch, backend: GroundedSamBackend, image: np.ndarray) -> None:

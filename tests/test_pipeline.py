@@ -16,8 +16,8 @@ from PIL import Image, ImageOps
 from scipy.ndimage import distance_transform_edt
 
 import automask
-from automask.errors import EmptyMaskError, InvalidOptionError
-from automask.pipeline import MaskGenerator
+from automask.errors import EmptyMaskError, InvalidOptionError, StoppedError
+from automask.pipeline import FeatureCache, MaskGenerator
 
 STAGES = {"decode", "encode", "score", "postprocess", "render", "total"}
 
@@ -117,6 +117,34 @@ def test_the_image_is_encoded_once_for_all_prompts(
     assert result.timings["encode"] > 0
     gen.generate(coffee, "saucer")  # the same image again: its features are reused
     assert len(calls["encode"]) == 1 and calls["score"][-1] == ["saucer"]
+
+
+@pytest.mark.parametrize("stop_after", [1, 2, 3, 4])
+def test_a_run_told_to_stop_raises_at_the_next_stage_boundary(
+    gen: MaskGenerator, coffee: np.ndarray, monkeypatch: pytest.MonkeyPatch, stop_after: int
+) -> None:
+    """`should_stop` is asked after decoding, after the encode, after the score and before rendering: the first True
+    raises `StoppedError` there, and no later stage runs."""
+    backend: Any = gen.backend
+    stages: list[str] = []
+    encode, score = backend.encode, backend.score
+    monkeypatch.setattr(backend, "encode", lambda image: stages.append("encode") or encode(image))
+    monkeypatch.setattr(backend, "score", lambda f, p, **kw: stages.append("score") or score(f, p, **kw))
+    render = automask.pipeline.pp.render
+    monkeypatch.setattr(automask.pipeline.pp, "render", lambda *a: stages.append("render") or render(*a))
+    asked: list[list[str]] = []
+
+    def should_stop() -> bool:
+        asked.append(list(stages))
+        return len(asked) >= stop_after
+
+    with pytest.raises(StoppedError):
+        gen.generate(coffee, "cup", should_stop=should_stop)
+    ran = [[], ["encode"], ["encode", "score"], ["encode", "score"]][stop_after - 1]
+    assert asked[-1] == stages == ran  # it stopped at the boundary it was told to: nothing ran after it
+    gen.cache = FeatureCache()  # no features kept: the next run encodes again
+    never = gen.generate(coffee, "cup", should_stop=lambda: False)
+    assert never.mask.shape == (400, 600) and stages[len(ran) :] == ["encode", "score", "render"]
 
 
 def test_threshold_selects_the_pixels_scoring_at_least_it(gen: MaskGenerator, coffee: np.ndarray) -> None:

@@ -14,7 +14,7 @@ import pytest
 from automask import models
 from automask.backends.refine import RefinedBackend, refined, regions
 from automask.backends.sam import find_sam_folder, load_segmenter
-from automask.errors import EmptyMaskError, ModelNotAvailableError
+from automask.errors import EmptyMaskError, ModelNotAvailableError, StoppedError
 from automask.pipeline import MaskGenerator
 from automask.settings import Settings
 from tiny_models import make_tiny_sam
@@ -96,6 +96,24 @@ def test_refine_second_request_skips_the_encoders(
     gen.generate(coffee, "cup", threshold=t, refine=True)
     gen.generate(coffee, "cup, saucer", threshold=t, refine=True)
     assert sorted(calls) == ["clipseg", "sam"]
+
+
+def test_a_run_told_to_stop_stops_before_refining(
+    monkeypatch: pytest.MonkeyPatch, tiny_clipseg_dir: Path, sam_settings: Settings, coffee: np.ndarray
+) -> None:
+    gen = MaskGenerator(str(tiny_clipseg_dir), sam_settings)
+    t = float(np.quantile(clipseg_map(gen, coffee, "cup"), 0.8))
+    backend = gen._refined_open()
+    assert isinstance(backend, RefinedBackend)
+    steps: list[str] = []
+    score, segment = backend.inner.score, backend.segmenter.segment
+    monkeypatch.setattr(backend.inner, "score", lambda *a, **kw: steps.append("score") or score(*a, **kw))
+    monkeypatch.setattr(backend.segmenter, "segment", lambda *a, **kw: steps.append("refine") or segment(*a, **kw))
+    with pytest.raises(StoppedError):  # asked after the encode, then inside the backend before refining
+        gen.generate(coffee, "cup", threshold=t, refine=True, should_stop=lambda: steps == ["score"])
+    assert steps == ["score"]
+    gen.generate(coffee, "cup", threshold=t, refine=True, should_stop=lambda: False)
+    assert steps == ["score", "score", "refine"]
 
 
 def test_refine_finds_nothing(tiny_clipseg_dir: Path, sam_settings: Settings, coffee: np.ndarray) -> None:

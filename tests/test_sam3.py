@@ -24,8 +24,9 @@ import torch
 
 from automask import install, models
 from automask.backends import sam2_processing, sam3
+from automask.backends.base import ScoreParams
 from automask.backends.sam3 import DEFAULT_TRANSFORM, Sam3Backend, load, use_autocast
-from automask.errors import InvalidOptionError, ModelNotAvailableError
+from automask.errors import InvalidOptionError, ModelNotAvailableError, StoppedError
 from automask.pipeline import MaskGenerator
 from automask.settings import Settings
 from sam_reference import (
@@ -190,6 +191,19 @@ def test_several_prompts_are_unioned_and_the_image_encoded_once(
         union |= (s.maps >= 0.5).any(axis=0)
     assert union.any() and np.array_equal(second.mask > 0, union)
     assert [d.score for d in first.detections] == pytest.approx(np.asarray(per_prompt[0].scores).tolist(), abs=1e-6)
+
+
+def test_a_run_told_to_stop_stops_before_its_next_prompt(
+    backend: Sam3Backend, coffee: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    detected: list[str] = []
+    detect = backend.detect
+    monkeypatch.setattr(backend, "detect", lambda f, prompt: detected.append(prompt) or detect(f, prompt))
+    with pytest.raises(StoppedError):  # told to stop once the first prompt is done
+        MaskGenerator(backend).generate(coffee, "cup, saucer, spoon", should_stop=lambda: len(detected) == 1)
+    assert detected == ["cup"]
+    backend.score(backend.encode(coffee), ["saucer", "spoon"], params=ScoreParams(should_stop=lambda: False))
+    assert detected == ["cup", "saucer", "spoon"]
 
 
 def test_threshold_applies_to_the_instance_score(backend: Sam3Backend, coffee: np.ndarray) -> None:

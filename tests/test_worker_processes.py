@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from automask.errors import InferenceTimeoutError
 from automask.server import nodes
 from automask.server.config import ServerSettings
 from automask.server.fleet import CeleryDispatcher
@@ -159,6 +160,58 @@ async def hang_then_ask(services: Services) -> None:
         assert job is not None and (job.status, job.error) == ("FAILED", inference_timeout(2).message)
     finally:
         await dispatcher.stop()
+
+
+def test_a_v1_run_nobody_waits_for_stops_in_the_worker_and_pushes_no_outcome(
+    services: Services, tmp_path: Path
+) -> None:
+    """Before: a worker checked the cancel flag only before it started a v1 run: once started, a run whose client
+    had left (or whose API node had answered 504) computed to the end and pushed an outcome nobody read; and a run
+    past its time limit made the pool process replace itself."""
+    stages = tmp_path / "stages"
+    stages.mkdir()
+    services.env["FLEET_STAGES"] = str(stages)
+    with worker(services, concurrency=1) as proc:
+        wait_for(lambda: "@automask ready." in services.log.read_text(), 60)
+        (pid,) = pool_pids(proc)
+        asyncio.run(leave_mid_run(services, stages))
+        assert pool_pids(proc) == {pid}  # each run stopped at its next stage boundary: nothing to replace
+    log = services.log.read_text()
+    assert log.count("stopped: nobody waits for its answer") == 2 and "ran past its time limit" not in log, log
+
+
+async def leave_mid_run(services: Services, stages: Path) -> None:
+    """A client that leaves while its run is in the backend's score; then a request whose API node gives up
+    (its timeout, 1.5 s, shorter than the worker's 2 s: the run's limit is the time left to the request's deadline)."""
+    dispatcher = CeleryDispatcher(services.settings, ServerSettings(timeout=20), services.store)
+    hasty = CeleryDispatcher(services.settings, ServerSettings(timeout=1.5), services.store)
+    log = services.log
+    try:
+        left = asyncio.create_task(dispatcher.run_v1(request_of("staged-left"), MODEL, "req-left"))
+        await asyncio.to_thread(wait_for, (stages / "left.scoring").exists, 30)
+        left.cancel()  # the client leaves: the API node cancels the hand-off
+        with contextlib.suppress(asyncio.CancelledError):
+            await left
+        (stages / "left.go").touch()
+        await asyncio.to_thread(wait_for, lambda: "stopped: nobody waits" in log.read_text(), 30)
+        assert await hand_off_keys(dispatcher) == ["cancel"]  # no outcome pushed; the request is gone
+
+        started = time.monotonic()
+        with pytest.raises(InferenceTimeoutError):  # answered 504 by the API node
+            await hasty.run_v1(request_of("staged-late"), MODEL, "req-late")
+        assert 1.4 < time.monotonic() - started < 5 and (stages / "late.scoring").exists()
+        (stages / "late.go").touch()
+        await asyncio.to_thread(wait_for, lambda: log.read_text().count("stopped: nobody waits") == 2, 30)
+        assert await hand_off_keys(dispatcher) == ["cancel", "cancel"]
+    finally:
+        await dispatcher.stop()
+        await hasty.stop()
+
+
+async def hand_off_keys(dispatcher: CeleryDispatcher) -> list[str]:
+    """The kinds of v1 hand-off keys left in Redis (`automask:v1:<id>:<kind>`), sorted."""
+    found = await dispatcher.redis.keys("automask:v1:*")
+    return sorted(key.decode().rsplit(":", 1)[1] for key in found)
 
 
 def request_of(prompt: str) -> MaskRequest:

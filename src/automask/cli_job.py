@@ -97,7 +97,7 @@ def ignored_flags(generator: Any, options: MaskOptions) -> list[str]:
     notes = []
     if options.refine and (model is None or model.name in INSTANCE_BACKENDS):
         notes.append(f"--refine is ignored: it sharpens clipseg's masks, not '{name}''s")
-    if "text_threshold" in options.model_fields_set and not getattr(model, "takes_params", False):
+    if "text_threshold" in options.model_fields_set and not getattr(model, "takes_text_threshold", False):
         notes.append(f"--text-threshold is ignored: it applies to grounded-sam models, not '{name}'")
     return notes
 

@@ -6,6 +6,8 @@ and HTTP status codes at the edge; nothing below them knows about either.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 
 class AutomaskError(Exception):
     """Base class of every error automask raises on purpose."""
@@ -51,6 +53,11 @@ class InferenceTimeoutError(AutomaskError):
     """Inference ran past its time limit."""
 
 
+class StoppedError(AutomaskError):
+    """The run was told to stop (its `should_stop` said so at a stage boundary): nobody waits for its answer any
+    more (the client left, or its time limit passed)."""
+
+
 class EmptyMaskError(AutomaskError):
     """`stop_on_empty_mask` was set and nothing was selected."""
 
@@ -70,6 +77,12 @@ class ServiceConfigError(AutomaskError):
 
 class MissingDependencyError(AutomaskError, ImportError):
     """An optional dependency is missing (the message names the `pip install` that fixes it)."""
+
+
+def stop_if_asked(should_stop: Callable[[], bool] | None) -> None:
+    """A stage boundary of a run: raise `StoppedError` when `should_stop` (None: never) returns True."""
+    if should_stop is not None and should_stop():
+        raise StoppedError("The run was stopped: nobody waits for its answer any more.")
 
 
 def require(module: str, extra: str) -> None:

@@ -15,6 +15,7 @@ import hashlib
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -24,7 +25,7 @@ from automask import embedded
 from automask import postprocess as pp
 from automask.backends import registry
 from automask.backends.base import Backend, ScoreParams, Scores, score_with
-from automask.errors import EmptyMaskError, ModelNotAvailableError
+from automask.errors import EmptyMaskError, ModelNotAvailableError, stop_if_asked
 from automask.imageio import ImageSource, load_image
 from automask.imageio.decode import composite_on_white
 from automask.models import EMBEDDED, ResolvedModel
@@ -159,12 +160,16 @@ class MaskGenerator:
         options: MaskOptions | None = None,
         *,
         allow_paths: bool = True,
+        should_stop: Callable[[], bool] | None = None,
         **kwargs: Any,
     ) -> MaskResult:
         """Mask what `prompt` names in `image`.
 
         `options` (or keyword options such as threshold=0.3, grow_mask=5) are validated here.
         `allow_paths=False`: `image` is never read as a local file path (see `load_image`; for servers).
+        `should_stop` (None: never) is asked at each stage boundary (after decoding, after each encode and score,
+        inside the backends that have stages of their own, before rendering): True raises `StoppedError` there,
+        so a run nobody waits for any more ends early (a server's client left, or its time limit passed).
         Raises `EmptyMaskError` when `stop_on_empty_mask` is set and nothing is selected, and
         `ModelNotAvailableError` for a target that none of the loaded models can serve.
         """
@@ -176,27 +181,31 @@ class MaskGenerator:
         keep_alpha = opts.output_kind == "alpha"  # a cut-out keeps the image's own transparency
         decoded = Decoded(load_image(image, self.settings, allow_paths=allow_paths, keep_alpha=keep_alpha))
         timings: dict[str, float] = {"encode": 0.0, "score": 0.0, "decode": time.perf_counter() - t0}
+        stop_if_asked(should_stop)
+        params = ScoreParams(text_threshold=opts.text_threshold, should_stop=should_stop)
         parts: list[Part] = []
         if plan.open:
             assert self.open is not None
             backend = self._refined_open() if opts.refine else self.open
-            params = ScoreParams(text_threshold=opts.text_threshold)
             parts.append(Part(self._score(backend, decoded, list(plan.open), opts.threshold, timings, params), backend))
         if plan.embedded or plan.background:
-            parts += self._embedded_parts(decoded, plan, opts.threshold, timings)
-        return finish(decoded.rgb, parts, prompts, opts, self.backend, timings, t0, rgba=decoded.rgba)
+            parts += self._embedded_parts(decoded, plan, opts.threshold, timings, params)
+        return finish(
+            decoded.rgb, parts, prompts, opts, self.backend, timings, t0, rgba=decoded.rgba, should_stop=should_stop
+        )
 
-    def _embedded_parts(self, image: Decoded, plan: Route, threshold: float, timings: dict[str, float]) -> list[Part]:
+    def _embedded_parts(
+        self, image: Decoded, plan: Route, threshold: float, timings: dict[str, float], params: ScoreParams
+    ) -> list[Part]:
         """Subject/person targets scored p (the salient-object probability), background targets 1 - p: each
         selected where its own score reaches the threshold, as every other target."""
         embedded = self.embedded
         assert embedded is not None
-        parts = []
-        if plan.embedded:
-            parts.append(Part(self._score(embedded, image, list(plan.embedded), threshold, timings), embedded))
-        if plan.background:
-            parts.append(Part(self._score(embedded, image, list(plan.background), threshold, timings), embedded))
-        return parts
+        return [
+            Part(self._score(embedded, image, list(targets), threshold, timings, params), embedded)
+            for targets in (plan.embedded, plan.background)
+            if targets
+        ]
 
     def _refined_open(self) -> Backend:
         """The open-vocabulary backend with SAM refinement (`refine` option). SAM is found and loaded on first use,
@@ -215,9 +224,10 @@ class MaskGenerator:
         prompts: list[str],
         threshold: float,
         timings: dict[str, float],
-        params: ScoreParams | None = None,
+        params: ScoreParams,
     ) -> Scores:
-        """`backend`'s scores of `prompts`, its features of `image` taken from the cache when there."""
+        """`backend`'s scores of `prompts`, its features of `image` taken from the cache when there;
+        `params.should_stop` is asked after the encode and after the score."""
         t = time.perf_counter()
         key = self.cache.key(backend, image.digest)
         features = self.cache.get(key)
@@ -225,9 +235,11 @@ class MaskGenerator:
             features = backend.encode(image.rgb)
             self.cache.put(key, features)
             timings["encode"] += time.perf_counter() - t
+            stop_if_asked(params.should_stop)
         t = time.perf_counter()
-        scores = score_with(backend, features, prompts, threshold, params or ScoreParams())
+        scores = score_with(backend, features, prompts, threshold, params)
         timings["score"] += time.perf_counter() - t
+        stop_if_asked(params.should_stop)
         return scores
 
 
@@ -309,11 +321,12 @@ def finish(
     timings: dict[str, float],
     t0: float,
     rgba: np.ndarray | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> MaskResult:
     """Threshold, remove the negative targets' pixels, fill holes, drop small regions, grow, invert, feather and
     render the scores of `parts` (the prompt's selections unioned) for image `rgb` (H×W×3 uint8) into a
     `MaskResult`; `backend` names the result when no part does. `rgba` (H×W×4 uint8, the image with its own
-    transparency) is what a cut-out is made of, when given."""
+    transparency) is what a cut-out is made of, when given. `should_stop` is asked before rendering."""
     t = time.perf_counter()
     negatives = opts.negative_targets
     positive, negative = split(parts, prompts, negatives)
@@ -330,6 +343,7 @@ def finish(
     selected = pp.grow(selected, opts.grow_mask)
     mask = pp.feather(pp.to_uint8(pp.invert(selected) if opts.invert_mask else selected), opts.feather)
     timings["postprocess"] = time.perf_counter() - t
+    stop_if_asked(should_stop)
     t = time.perf_counter()
     output = pp.render(rgb if rgba is None else rgba, mask, opts.output_kind)
     timings["render"] = time.perf_counter() - t

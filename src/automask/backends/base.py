@@ -5,6 +5,7 @@ Backends know nothing of HTTP, files, base64, thresholds, growing or rendering.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -44,9 +45,12 @@ class ScoreParams:
 
     text_threshold: detector backends (grounded-sam): a detection is credited to a prompt only if one of that
                     prompt's words scores above it (GroundingDINO's text threshold).
+    should_stop:    asked at the backend's own stage boundaries (between detector and mask head, before each
+                    target...): True raises `StoppedError` there (`automask.errors.stop_if_asked`); None: never.
     """
 
     text_threshold: float = 0.25
+    should_stop: Callable[[], bool] | None = None
 
 
 @runtime_checkable

@@ -51,7 +51,7 @@ from automask.backends.sam import (
     preset_precision,
 )
 from automask.backends.torch_loading import checkpoint_errors, prepare_torch
-from automask.errors import InvalidOptionError, ModelNotAvailableError
+from automask.errors import InvalidOptionError, ModelNotAvailableError, stop_if_asked
 from automask.models import model_type
 from automask.settings import Settings
 
@@ -147,6 +147,7 @@ class GroundedSamBackend:
     """
 
     takes_params = True
+    takes_text_threshold = True
 
     def __init__(
         self,
@@ -192,9 +193,11 @@ class GroundedSamBackend:
         """Instances for `prompts`: SAM mask probabilities N×H×W float32, box scores, XYXY boxes, prompt labels.
 
         Boxes scoring below `min_score` are dropped before SAM runs (the pipeline applies the threshold too).
+        `params.should_stop` is asked between the detector and the mask head.
         """
         params = params or ScoreParams()
         dets = self.detect(features, prompts, min_score, params.text_threshold)
+        stop_if_asked(params.should_stop)
         masks = self.segmenter.segment(features.sam, boxes=dets.boxes)
         return Scores(
             maps=masks.probs,

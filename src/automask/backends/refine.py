@@ -22,7 +22,7 @@ import cv2
 import numpy as np
 
 from automask.backends.base import Backend, ScoreParams, Scores, score_with
-from automask.errors import require
+from automask.errors import require, stop_if_asked
 from automask.settings import Settings
 
 if TYPE_CHECKING:  # torch is imported only when a mask head is loaded
@@ -104,11 +104,14 @@ class RefinedBackend:
         """Instances: one per region of each prompt's map at `min_score` (the request's threshold).
 
         maps: N×H×W SAM mask probabilities; scores: each region's peak score (>= `min_score`); labels: its
-        prompt; boxes None (the pipeline takes each instance's box from its mask).
+        prompt; boxes None (the pipeline takes each instance's box from its mask). `params.should_stop` is asked
+        before the regions are refined.
         """
-        dense = score_with(self.inner, features.inner, prompts, min_score, params or ScoreParams())
+        params = params or ScoreParams()
+        dense = score_with(self.inner, features.inner, prompts, min_score, params)
         if dense.kind != "dense":
             return dense
+        stop_if_asked(params.should_stop)
         h, w = dense.maps.shape[1:]
         min_area = max(1, round(MIN_AREA_FRACTION * h * w))
         found = [

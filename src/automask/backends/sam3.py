@@ -31,12 +31,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from automask.backends.base import Scores
+from automask.backends.base import ScoreParams, Scores
 from automask.backends.grounding import MAX_DETECTIONS
 from automask.backends.sam import cpu_has_bf16, max_masks
 from automask.backends.sam2_processing import IMAGENET_STANDARD, ImageTransform, pixel_values, upscale
 from automask.backends.torch_loading import checkpoint_errors, prepare_torch
-from automask.errors import InvalidOptionError, ModelNotAvailableError
+from automask.errors import InvalidOptionError, ModelNotAvailableError, stop_if_asked
 from automask.models import model_type
 from automask.settings import Settings
 
@@ -63,6 +63,7 @@ class Sam3Backend:
     """A loaded SAM 3 image model. Stateless between calls: thread-safe for concurrent inference."""
 
     name = NAME
+    takes_params = True
 
     def __init__(
         self, model: Any, tokenizer: Any, transform: ImageTransform, model_id: str, device: str, autocast: bool
@@ -82,14 +83,19 @@ class Sam3Backend:
             vision = self.model.get_vision_features(pixel_values=pixels)
         return Sam3Features(vision, (int(image.shape[0]), int(image.shape[1])))
 
-    def score(self, features: Sam3Features, prompts: list[str], *, min_score: float = 0.0) -> Scores:
+    def score(
+        self, features: Sam3Features, prompts: list[str], *, min_score: float = 0.0, params: ScoreParams | None = None
+    ) -> Scores:
         """Instances of every prompt: N×H×W mask probabilities, N scores (see the module docstring), N×4 XYXY pixel
         boxes, grouped by prompt, best first within each. Instances scoring below `min_score` are dropped; at most
-        100 in all (fewer on huge images: `sam.max_masks`), the best."""
+        100 in all (fewer on huge images: `sam.max_masks`), the best. `params.should_stop` is asked before each
+        prompt (`text_threshold` does not apply)."""
         h, w = features.image_size
         limit = min(MAX_DETECTIONS, max_masks(features.image_size))
+        should_stop = params.should_stop if params is not None else None
         low, scores, boxes, labels = [], [], [], []
         for prompt in prompts:
+            stop_if_asked(should_stop)
             logits, score, box = self.detect(features, prompt)
             keep = torch.nonzero(score >= min_score).flatten()
             keep = keep[torch.argsort(score[keep], descending=True, stable=True)][:limit]

@@ -26,6 +26,7 @@ from automask import __version__, web
 from automask.errors import AutomaskError
 from automask.pipeline import MaskGenerator
 from automask.server.config import ServerSettings
+from automask.server.deployment import Guard
 from automask.server.dispatch import make_dispatcher
 from automask.server.errors import ApiError, shown, status_of
 from automask.server.headers import EdgeMiddleware
@@ -76,14 +77,16 @@ def create_app(
     jobs = Jobs(store, max_per_key=server.max_queued_per_key, max_total=server.max_queued)
     try:
         dispatcher = make_dispatcher(settings, server, store, jobs, generator)
+        guard = Guard(store, dispatcher.deployment)
+        guard.claim()  # a database serving the other kind of deployment: refuse, naming the fix
     except BaseException:
         store.close()
         raise
     limiter = RedisRateLimiter(settings.redis_url) if settings.redis_url else RateLimiter()
     body_limit = server.body_limit(settings.max_image_bytes)
     bodies = BodyBudget(server.body_memory, per_key=max(body_limit, server.body_memory // 4))
-    state = ServerState(settings, server, store, jobs, dispatcher, limiter, body_limit, bodies)
-    sweeper = Sweeper(store, jobs, dispatcher, server)
+    state = ServerState(settings, server, store, jobs, dispatcher, guard, limiter, body_limit, bodies)
+    sweeper = Sweeper(store, jobs, dispatcher, server, guard=guard)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -285,3 +285,40 @@ def db_status(ctx: click.Context) -> None:
     finally:
         store.close()
     click.echo(f"{store.describe()}: schema revision {rev or 'none'}; this release: {head()}")
+
+
+@db.command("deployment")
+@click.argument("kind", required=False, type=click.Choice(["single", "fleet"]))
+@click.option("--force", is_flag=True, help="Switch a database that serves the other kind (stop its nodes first).")
+@click.pass_context
+def db_deployment(ctx: click.Context, kind: str | None, force: bool) -> None:
+    """Print, or set to KIND, the kind of deployment the database serves.
+
+    \b
+    single  one `automask serve` running its models in-process (no AUTOMASK_BROKER_URL)
+    fleet   API nodes with AUTOMASK_BROKER_URL, and `automask worker` processes
+    Servers and workers record their kind when they first start on a database, and refuse one of the other kind.
+    A server still running when --force switches its database stops serving (503) at its next sweep.
+    """
+    from automask.errors import ServiceConfigError
+    from automask.server import deployment
+
+    store = _store(ctx)
+    try:
+        before = deployment.current(store) if kind is None else deployment.record(store, kind, force=force)
+    finally:
+        store.close()
+    if kind is None:
+        click.echo(before or "none")
+        if before is None:
+            click.echo("No kind recorded yet: the first server or worker to start records its own.", err=True)
+    elif before not in (None, kind) and not force:
+        raise ServiceConfigError(
+            f"The database {store.describe()} serves {deployment.DESCRIPTION[before]}. Stop its nodes, then switch "
+            f"it with: automask db deployment {kind} --force"
+        )
+    elif before == kind:
+        click.echo(f"The database {store.describe()} already serves {deployment.DESCRIPTION[kind]}.", err=True)
+    else:
+        was = f" (was: {before})" if before else ""
+        click.echo(f"The database {store.describe()} now serves {deployment.DESCRIPTION[kind]}{was}.", err=True)

@@ -21,6 +21,7 @@ from automask.errors import AutomaskError, ModelNotAvailableError
 from automask.pipeline import MaskGenerator
 from automask.server import nodes
 from automask.server.config import ServerSettings
+from automask.server.deployment import SINGLE
 from automask.server.execute import Outcome, answer, execute_job
 from automask.server.jobs import FAILED, Jobs
 from automask.server.nodes import Heartbeat, new_node_id
@@ -43,6 +44,10 @@ PUBLISH_TIMEOUT = 5.0
 class Dispatcher(Protocol):
     """Runs requests somewhere."""
 
+    deployment: str
+    """The kind of deployment this dispatcher makes of its database (`automask.server.deployment`): claimed at
+    start-up, re-read at each sweep."""
+
     @property
     def default(self) -> str:
         """The public name of the model used when a request names none."""
@@ -63,8 +68,8 @@ class Dispatcher(Protocol):
         (no time limit) where requests run in this process; a no-op where workers load their models at start."""
 
     async def run_v1(self, request: MaskRequest, model: str, request_id: str) -> Outcome:
-        """Answer a v1 request (cancelling the call cancels the work if it has not started). Raises the library's
-        `AutomaskError`s or returns an error `Outcome`."""
+        """Answer a v1 request (cancelling the call cancels the work: before it starts, or at its next stage
+        boundary). Raises the library's `AutomaskError`s or returns an error `Outcome`."""
 
     def publish(self, job_id: str, model: str | None) -> Future[None]:
         """Hand stored v2 job `job_id` to whatever runs jobs (at least once; a duplicate is harmless). Never blocks,
@@ -91,6 +96,8 @@ class LocalDispatcher:
     """Models in this process, a bounded thread pool (`Runner`), and `workers_for_jobs` asyncio tasks that run
     v2 jobs by id. This process is a node of kind "server": its heartbeat lets the sweeper of another process
     (sharing a PostgreSQL database) take over its jobs if it dies."""
+
+    deployment = SINGLE
 
     def __init__(
         self, settings: Settings, server: ServerSettings, store: Store, jobs: Jobs, generator: MaskGenerator | None

@@ -13,6 +13,7 @@ from automask.errors import (
     InvalidOptionError,
     MissingDependencyError,
     ModelNotAvailableError,
+    StoppedError,
     UnknownModelError,
     URLRefusedError,
 )
@@ -29,6 +30,7 @@ STATUS: dict[type[AutomaskError], int] = {
     MissingDependencyError: 503,
     FetchTimeoutError: 504,
     InferenceTimeoutError: 504,
+    StoppedError: 504,
 }
 """automask error class -> HTTP status. A subclass takes its nearest listed base's code; unlisted: 400."""
 

@@ -11,12 +11,13 @@ from __future__ import annotations
 import base64
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from automask.errors import AutomaskError, ModelNotAvailableError
+from automask.errors import AutomaskError, ModelNotAvailableError, StoppedError
 from automask.result import MaskResult, encode_png
 from automask.server.errors import status_of
 from automask.server.jobs import FAILED, LONGEST_RUN_MARGIN, QUEUED, Jobs
@@ -73,11 +74,25 @@ def unexpected_error(request_id: str) -> str:
     return f"Unexpected server error (request id {request_id}); the server log has the details."
 
 
-def compute(runner: Runner, request: MaskRequest, model: str, request_id: str) -> Outcome:
-    """Answer a v1 request in this thread: never raises (an unexpected error is logged and becomes a 500)."""
+def compute(
+    runner: Runner,
+    request: MaskRequest,
+    model: str,
+    request_id: str,
+    *,
+    timeout: float | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> Outcome | None:
+    """Answer a v1 request in this thread within `timeout` seconds (None: the server's): never raises (an
+    unexpected error is logged and becomes a 500). None when `should_stop` stopped the run: nobody waits for it."""
     try:
-        result, _ = runner.run_blocking(request.image, request.prompt, request.options(), model)
+        options = request.options()
+        result, _ = runner.run_blocking(
+            request.image, request.prompt, options, model, timeout=timeout, should_stop=should_stop
+        )
         return answer(result, request, model)
+    except StoppedError:
+        return None
     except AutomaskError as exc:
         return Outcome(status_of(exc), error=exc.message)
     except Exception:

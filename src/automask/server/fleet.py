@@ -26,6 +26,7 @@ from automask.models import CATALOGUE, EMBEDDED
 from automask.routing import open_vocabulary, routed
 from automask.server import nodes
 from automask.server.config import ServerSettings
+from automask.server.deployment import FLEET
 from automask.server.errors import ApiError
 from automask.server.execute import Outcome
 from automask.server.runner import (
@@ -207,6 +208,8 @@ def require_fleet_settings(settings: Settings) -> None:
 class CeleryDispatcher:
     """Queues every request to workers; loads no model."""
 
+    deployment = FLEET
+
     def __init__(self, settings: Settings, server: ServerSettings, store: Store) -> None:
         require_fleet_settings(settings)
         import redis.asyncio as aioredis
@@ -348,7 +351,7 @@ class CeleryDispatcher:
                 await self._cancel(keys, ttl)
                 raise ApiError(503, BROKER_DOWN, {"Retry-After": "5"}) from None
             got = await self.redis.blpop([keys["outcome"]], timeout=max(0.01, local_deadline - time.monotonic()))
-        except asyncio.CancelledError:  # the client left: a worker that has not started it yet skips it
+        except asyncio.CancelledError:  # the client left: a worker skips it, or stops it at its next stage boundary
             await asyncio.shield(self._cancel(keys, ttl))
             raise
         if got is None:

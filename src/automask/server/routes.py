@@ -62,7 +62,7 @@ _ERROR_TEXT = {
     429: "Rate limited.",
     500: "Unexpected server error (the body names the request id the server log has).",
     502: "The image URL's server failed.",
-    503: "The model is not installed or not loaded.",
+    503: "The model is not installed or not loaded, or this node no longer serves its database (see the message).",
     504: "The image fetch or the inference ran past its time limit.",
 }
 _RATE_HEADERS = {
@@ -115,8 +115,11 @@ API_KEY = APIKeyHeader(
 
 
 async def current_key(request: Request, token: Annotated[str | None, Security(API_KEY)]) -> ApiKey | None:
-    """The caller's key from `x-api-key` (401/403 otherwise); None when the server runs without auth."""
+    """The caller's key from `x-api-key` (401/403 otherwise); None when the server runs without auth. Every API
+    endpoint asks for it: first, 503 once this node no longer serves its database (`deployment.Guard`)."""
     state = state_of(request)
+    if state.guard.refusal is not None:
+        raise ApiError(503, state.guard.refusal)
     if not state.server.auth:
         return None
     key = await asyncio.to_thread(keys.authenticate, state.store, token)
@@ -360,11 +363,18 @@ async def healthz() -> dict[str, str]:
     "/readyz",
     tags=["health"],
     summary="The model is loaded (503 with the reason otherwise)",
-    responses={503: {"model": ErrorResponse, "description": "The model is still loading, or failed to load."}},
+    responses={
+        503: {
+            "model": ErrorResponse,
+            "description": "The model is still loading or failed to load, or the database now serves another kind "
+            "of deployment.",
+        }
+    },
 )
 async def readyz(request: Request) -> Response:
-    dispatcher = state_of(request).dispatcher
-    reason = await asyncio.to_thread(dispatcher.readiness)
+    state = state_of(request)
+    dispatcher = state.dispatcher
+    reason = state.guard.refusal or await asyncio.to_thread(dispatcher.readiness)
     if reason is None:
         return JSONResponse({"status": "ready", "model": dispatcher.default})  # its name: no server path
     return error_response(503, reason)

@@ -15,7 +15,7 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import CancelledError as FutureCancelled
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -101,7 +101,7 @@ class Runner:
         self._slots_lock = threading.Lock()
         self.pool = ThreadPoolExecutor(max_workers=server.concurrency, thread_name_prefix="automask-infer")
         self._overdue: set[Future[Any]] = set()
-        self._overdue_lock = threading.Lock()
+        self._overdue_changed = threading.Condition()
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="automask-load")
 
     @property
@@ -255,13 +255,14 @@ class Runner:
         return entries
 
     def _generate(
-        self, image: ImageSource, prompt: str, options: MaskOptions, model: str | None
+        self, image: ImageSource, prompt: str, options: MaskOptions, model: str | None, should_stop: Callable[[], bool]
     ) -> tuple[MaskResult, float]:
         generator = self.generator(model)
         t0 = time.perf_counter()
         if self.server.debug_delay:
             time.sleep(self.server.debug_delay)
-        result = generator.generate(image, prompt, options, allow_paths=False)  # a client's string: never a path
+        # a client's string: never a path
+        result = generator.generate(image, prompt, options, allow_paths=False, should_stop=should_stop)
         return result, time.perf_counter() - t0
 
     async def run(
@@ -272,54 +273,83 @@ class Runner:
 
         Loads the model first (`load`: a first load does not count against the limit), then raises the
         library's `AutomaskError`s, and `InferenceTimeoutError` after `timeout` seconds (waiting for a pool
-        thread included); a call already running then finishes in its thread and its result is dropped.
-        Cancelling the call before a thread has taken it means it never runs.
+        thread included). A call given up on (past its limit, or cancelled: the client left) never runs if no
+        thread has taken it yet; one already running is told to stop, and stops at its next stage boundary
+        (`MaskGenerator.generate`'s `should_stop`), its result dropped.
         """
         await self.load(model)
-        future = self._submit(image, prompt, options, model)
+        abandoned = threading.Event()
+        future = self._submit(image, prompt, options, model, abandoned.is_set)
         try:
             return await asyncio.wait_for(asyncio.wrap_future(future), self.server.timeout)
         except asyncio.TimeoutError:
-            self._give_up(future)
             raise inference_timeout(self.server.timeout) from None
+        finally:
+            if not future.done():  # past its limit, or the caller was cancelled (the client left)
+                abandoned.set()
+                self._give_up(future)
 
     def run_blocking(
-        self, image: ImageSource, prompt: str, options: MaskOptions, model: str | None = None
+        self,
+        image: ImageSource,
+        prompt: str,
+        options: MaskOptions,
+        model: str | None = None,
+        *,
+        timeout: float | None = None,
+        should_stop: Callable[[], bool] | None = None,
     ) -> tuple[MaskResult, float]:
-        """`run` for a caller that is a thread (a job runner, a Celery task): the same load, limit and errors."""
+        """`run` for a caller that is a thread (a job runner, a Celery task): the same load, limit and errors.
+        `timeout` (None: the server's) is the limit of this call; `should_stop` is asked at each stage boundary
+        besides the runner's own giving up (a call past its limit stops at its next boundary)."""
         self.generator(model)
-        future = self._submit(image, prompt, options, model)
+        limit = self.server.timeout if timeout is None else timeout
+        abandoned = threading.Event()
+
+        def stop() -> bool:
+            return abandoned.is_set() or (should_stop is not None and should_stop())
+
+        future = self._submit(image, prompt, options, model, stop)
         try:
-            return future.result(timeout=self.server.timeout)
+            return future.result(timeout=limit)
         except FutureTimeout:
+            abandoned.set()
             self._give_up(future)
-            raise inference_timeout(self.server.timeout) from None
+            raise inference_timeout(limit) from None
         except FutureCancelled:  # the pool was shut down before a thread took the call
             raise RunnerClosed() from None
 
     def _give_up(self, future: Future[Any]) -> None:
-        """Drop a call past its time limit: it never runs if no thread has taken it yet, else it is `overdue`."""
+        """Drop a call past its time limit: it never runs if no thread has taken it yet, else it is `overdue`
+        (until it stops at its next stage boundary, or ends)."""
         if future.cancel():
             return
-        with self._overdue_lock:
+        with self._overdue_changed:
             self._overdue.add(future)
         future.add_done_callback(self._done_overdue)
 
     def _done_overdue(self, future: Future[Any]) -> None:
-        with self._overdue_lock:
+        with self._overdue_changed:
             self._overdue.discard(future)
+            self._overdue_changed.notify_all()
 
     @property
     def overdue(self) -> int:
-        """Calls that ran past their time limit and still hold an inference thread (a hung model keeps it)."""
-        with self._overdue_lock:
+        """Calls given up on that still hold an inference thread (until their next stage boundary; a hung model
+        keeps it)."""
+        with self._overdue_changed:
             return len(self._overdue)
 
+    def wait_overdue(self, seconds: float) -> bool:
+        """Wait up to `seconds` for the calls given up on to stop; True when none holds a thread any more."""
+        with self._overdue_changed:
+            return self._overdue_changed.wait_for(lambda: not self._overdue, timeout=seconds)
+
     def _submit(
-        self, image: ImageSource, prompt: str, options: MaskOptions, model: str | None
+        self, image: ImageSource, prompt: str, options: MaskOptions, model: str | None, should_stop: Callable[[], bool]
     ) -> Future[tuple[MaskResult, float]]:
         try:
-            return self.pool.submit(self._generate, image, prompt, options, model)
+            return self.pool.submit(self._generate, image, prompt, options, model, should_stop)
         except RuntimeError:  # "cannot schedule new futures after shutdown"
             raise RunnerClosed() from None
 

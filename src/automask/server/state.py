@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from starlette.requests import Request
 
 from automask.server.config import ServerSettings
+from automask.server.deployment import Guard
 from automask.server.dispatch import Dispatcher
 from automask.server.jobs import Jobs
 from automask.server.limits import BodyBudget, RateLimiter, RedisRateLimiter
@@ -17,13 +18,15 @@ from automask.settings import Settings
 
 @dataclass
 class ServerState:
-    """Everything the routes share; `app.state.automask`. `dispatcher`: where requests run (chosen once)."""
+    """Everything the routes share; `app.state.automask`. `dispatcher`: where requests run (chosen once); `guard`:
+    whether this node still serves its database (`automask.server.deployment`)."""
 
     settings: Settings
     server: ServerSettings
     store: Store
     jobs: Jobs
     dispatcher: Dispatcher
+    guard: Guard
     limiter: RateLimiter | RedisRateLimiter
     body_limit: int
     bodies: BodyBudget

@@ -1,4 +1,4 @@
-"""The service's database: keys, credit holds, v2 jobs (uploads and results), worker nodes.
+"""The service's database: keys, credit holds, v2 jobs (uploads and results), worker nodes, settings.
 
 One code path for SQLite (embedded, the default: `<data_dir>/automask.db`) and PostgreSQL (a fleet of API nodes
 and workers), through SQLAlchemy Core. Every write runs in `transaction()`: on SQLite a `BEGIN IMMEDIATE` (the
@@ -107,6 +107,14 @@ nodes_table = Table(
     Column("started_at", Float, nullable=False),
     Column("heartbeat_at", Float, nullable=False),
     Column("dead_after", Float),  # seconds of silence after which it is dead: its own node_ttl
+)
+
+settings_table = Table(
+    "settings",
+    metadata,
+    Column("name", String, primary_key=True),  # e.g. "deployment" (`automask.server.deployment`)
+    Column("value", Text, nullable=False),
+    Column("updated_at", Float, nullable=False),
 )
 
 

@@ -8,6 +8,10 @@ live worker); a job whose message RabbitMQ confirmed is never sent twice, howeve
 message lost after that is covered by dead nodes' jobs and the attempts cap); credit holds that no live request owns
 are given back;
 every `cleanup_interval`, finished jobs older than `result_ttl` are deleted.
+
+Before each sweep it reads again which kind of deployment the database serves (`deployment.Guard`): once another
+kind has taken it, this node stops sweeping and stops its dispatcher (no job runs here any more); its routes answer
+503.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from automask.server import keys, nodes
 from automask.server.config import ServerSettings
+from automask.server.deployment import Guard
 from automask.server.dispatch import PUBLISH_TIMEOUT, Dispatcher
 from automask.server.jobs import LONGEST_RUN_MARGIN, Jobs
 from automask.server.store import Store
@@ -51,10 +56,13 @@ def sweeping_lock(store: Store) -> Iterator[bool]:
 
 
 class Sweeper:
-    """Sweeps `store` for `dispatcher` (which hands recovered jobs out again)."""
+    """Sweeps `store` for `dispatcher` (which hands recovered jobs out again), as long as `guard` holds (None: no
+    guard, for a sweeper driven by hand)."""
 
-    def __init__(self, store: Store, jobs: Jobs, dispatcher: Dispatcher, server: ServerSettings) -> None:
-        self.store, self.jobs, self.dispatcher, self.server = store, jobs, dispatcher, server
+    def __init__(
+        self, store: Store, jobs: Jobs, dispatcher: Dispatcher, server: ServerSettings, *, guard: Guard | None = None
+    ) -> None:
+        self.store, self.jobs, self.dispatcher, self.server, self.guard = store, jobs, dispatcher, server, guard
         self._last_expiry = 0.0
         self._task: asyncio.Task[None] | None = None
         self._outage = False  # the last sweep failed (the database was unreachable)
@@ -132,12 +140,16 @@ class Sweeper:
     async def _loop(self) -> None:
         while True:
             try:
+                if self.guard is not None and not await asyncio.to_thread(self.guard.holds):
+                    break
                 await asyncio.to_thread(self.sweep)
             except Exception as exc:  # e.g. the database is briefly unreachable: the next sweep tries again
                 log.warning("sweep failed; retrying", exc_info=True)
                 if isinstance(exc, SQLAlchemyError):
                     self.failed()
             await asyncio.sleep(min(self.server.sweep_interval, self.server.cleanup_interval))
+        log.error("another kind of deployment took the database: this node stops sweeping and running jobs")
+        await self.dispatcher.stop()
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop())

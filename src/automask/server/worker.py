@@ -22,6 +22,7 @@ from automask.pipeline import MaskGenerator
 from automask.routing import plan_models
 from automask.server import nodes
 from automask.server.config import ServerSettings
+from automask.server.deployment import FLEET, Guard
 from automask.server.execute import Outcome, compute, execute_job, unexpected_error
 from automask.server.fleet import (
     TIME_LIMIT_MARGIN,
@@ -44,6 +45,9 @@ HAND_BACK_MARGIN = 10.0
 """Seconds before Celery's hard time limit by which a task waiting for the database hands itself back."""
 RETIRING = 75
 """The exit code of a pool process that leaves after its answer because its model hung (`_leave_if_hung`)."""
+STOP_GRACE = 5.0
+"""Seconds a pool process waits for a call it gave up on (past its time limit) to stop at its next stage boundary
+before it takes the model for hung and replaces itself."""
 
 
 @dataclass
@@ -144,10 +148,15 @@ def _wait_for_database(store: Store, limit: float) -> None:
 
 
 def v1_task(task: Any, rid: str, model: str, deadline: float, request_id: str) -> None:
-    """Answer v1 hand-off `rid` unless its client left or its deadline passed."""
+    """Answer v1 hand-off `rid` unless its client left or its deadline passed.
+
+    The run's time limit is what is left to `deadline` (the fleet's clock, `Store.now`: past it the API node has
+    answered 504 already), at most this worker's own `timeout`. It stops at its next stage boundary once the API
+    node cancels the hand-off (the client left, or it answered 504), and then pushes no outcome: nobody waits for
+    one (nor for one finished past the deadline)."""
     proc = _process()
     keys = v1_keys(rid)
-    if proc.jobs.store.now() > deadline or proc.redis.exists(keys["cancel"]):
+    if proc.jobs.store.now() > deadline or _cancelled(proc, keys["cancel"]):
         return
     body, image = proc.redis.mget([keys["request"], keys["image"]])
     if body is None:
@@ -156,24 +165,43 @@ def v1_task(task: Any, rid: str, model: str, deadline: float, request_id: str) -
     ttl = int(_WORKER.server.timeout + V1_TTL_MARGIN)
     starts = int(proc.redis.incr(keys["starts"]))
     proc.redis.expire(keys["starts"], ttl)
+    outcome: Outcome | None
     if starts > _WORKER.server.max_job_attempts:  # it killed the worker running it every time: a poison input
         log.error("v1 request %s was started %d times and never finished; answering 500", request_id, starts - 1)
         outcome = Outcome(500, error=unexpected_error(request_id))
     else:
-        outcome = compute(proc.runner, parse_v1(body, image), model, request_id)
+        left = min(_WORKER.server.timeout, max(0.0, deadline - proc.jobs.store.now()))  # and never past ours
+        stop = lambda: _cancelled(proc, keys["cancel"])  # noqa: E731
+        outcome = compute(proc.runner, parse_v1(body, image), model, request_id, timeout=left, should_stop=stop)
     pipe = proc.redis.pipeline(transaction=True)
-    pipe.rpush(keys["outcome"], outcome.dumps())
-    pipe.expire(keys["outcome"], ttl)
+    if outcome is None or proc.jobs.store.now() > deadline:  # the API node answered 504 already
+        log.info("v1 request %s stopped: nobody waits for its answer any more", request_id)
+    else:
+        pipe.rpush(keys["outcome"], outcome.dumps())
+        pipe.expire(keys["outcome"], ttl)
     pipe.delete(keys["request"], keys["image"], keys["starts"])
     pipe.execute()
     _leave_if_hung(proc)
 
 
+def _cancelled(proc: _Process, key: str) -> bool:
+    """Whether the API node cancelled a v1 hand-off (its cancel `key` is set); False while Redis does not answer
+    (the run goes on: its outcome may still be read)."""
+    from redis.exceptions import RedisError
+
+    try:
+        return bool(proc.redis.exists(key))
+    except RedisError:
+        log.warning("could not read a v1 cancel flag; the run goes on", exc_info=True)
+        return False
+
+
 def _leave_if_hung(proc: _Process) -> None:
-    """After a task's answer is stored: when an inference ran past its time limit and still holds this process's
-    inference thread (a hung model), every later task here would time out too. Leave: `_Request` acknowledges
-    the message, and Celery's pool starts a fresh process in this one's place."""
-    if proc.runner.overdue:
+    """After a task's answer is stored: a call given up on (past its time limit) stops at its next stage boundary;
+    wait `STOP_GRACE` seconds for it. One still running after that (a hung model) holds this process's inference
+    thread, and every later task here would time out too. Leave: `_Request` acknowledges the message, and Celery's
+    pool starts a fresh process in this one's place."""
+    if proc.runner.overdue and not proc.runner.wait_overdue(STOP_GRACE):
         log.error("pool process %s: an inference ran past its time limit and still runs; replacing it", proc.node)
         raise SystemExit(RETIRING)
 
@@ -211,6 +239,7 @@ def run_worker(
     store = Store.from_settings(settings, create=False)  # an older schema: refuse, say `automask db migrate`
     try:
         nodes.refuse_mixed(store, "server")
+        Guard(store, FLEET).claim()  # a database serving a single server: refuse, naming the fix
     finally:
         store.close()
     if model:

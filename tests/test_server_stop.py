@@ -1,0 +1,95 @@
+"""A run nobody waits for stops: through a live server on loopback (in-process models), a run whose client left or
+whose time limit passed stops at its next stage boundary, and is never charged."""
+
+from __future__ import annotations
+
+import base64
+import json
+import socket
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import numpy as np
+import pytest
+
+from automask.server import keys as keystore
+from automask.server.runner import Runner, inference_timeout
+from automask.server.store import Store
+from server_helpers import LiveServer, StagedBackend, live_server, png_bytes, wait_for
+
+SLUG = "automatic-mask-generator"
+
+
+@pytest.fixture()
+def body() -> dict[str, Any]:
+    image = base64.b64encode(png_bytes(np.zeros((12, 16, 3), np.uint8))).decode()
+    return {"image": image, "prompt": "sofa"}
+
+
+def runner_of(live: LiveServer) -> Runner:
+    runner: Runner = live.app.state.automask.dispatcher.runner
+    return runner
+
+
+def send_and_leave_open(url: str, token: str, body: dict[str, Any]) -> socket.socket:
+    """POST a v1 request on a raw connection and return it unread (the test closes it: the client leaves)."""
+    parts = urlsplit(url)
+    data = json.dumps(body).encode()
+    head = (
+        f"POST /v1/{SLUG} HTTP/1.1\r\nHost: {parts.netloc}\r\nContent-Type: application/json\r\n"
+        f"x-api-key: {token}\r\nContent-Length: {len(data)}\r\n\r\n"
+    )
+    sock = socket.create_connection((parts.hostname, parts.port), timeout=10)
+    sock.sendall(head.encode() + data)
+    return sock
+
+
+def credits(store: Store, key_id: str) -> int | None:
+    key = keystore.get_key(store, key_id)
+    assert key is not None
+    return key.credits
+
+
+def test_a_run_whose_client_left_stops_at_the_next_stage_and_is_not_charged(
+    tmp_path: Path, body: dict[str, Any]
+) -> None:
+    """Before: the client leaving cancelled only a call still waiting for a thread; one running went through every
+    stage to the end (holding the inference thread) and its result was dropped."""
+    data = tmp_path / "data"
+    backend = StagedBackend()
+    with live_server(data, backend) as live:
+        store = Store.in_data_dir(data)
+        key, token = keystore.create_key(store, credits=3)
+        client = send_and_leave_open(live.url, token, body)
+        assert backend.entered["encode"].wait(10)
+        assert credits(store, key.id) == 2  # held while it runs
+        client.close()  # the client leaves mid-encode
+        wait_for(lambda: credits(store, key.id) == 3, 10)  # the server saw it go: the credit is back
+        backend.release()
+        wait_for(lambda: runner_of(live).overdue == 0, 10)  # the thread is free again...
+        assert backend.seen == ["encode"] and not backend.entered["score"].is_set()  # ... and it never scored
+        answered = httpx.post(f"{live.url}/v1/{SLUG}", json=body, headers={"x-api-key": token}, timeout=30)
+        assert answered.status_code == 200, answered.text
+        assert backend.seen == ["encode", "score"]  # the next request scores (the features were cached)
+        assert credits(store, key.id) == 2  # only the answered request is charged
+        store.close()
+
+
+def test_a_run_past_its_time_limit_is_answered_504_and_its_thread_stops(tmp_path: Path, body: dict[str, Any]) -> None:
+    """Before: the request was answered 504 but its thread ran on to the end, holding the server's only inference
+    thread for as long as the model took."""
+    data = tmp_path / "data"
+    backend = StagedBackend()
+    with live_server(data, backend, timeout=1.0) as live:
+        store = Store.in_data_dir(data)
+        key, token = keystore.create_key(store, credits=3)
+        r = httpx.post(f"{live.url}/v1/{SLUG}", json=body, headers={"x-api-key": token}, timeout=30)
+        assert r.status_code == 504 and r.json() == {"error": inference_timeout(1.0).message}
+        assert backend.entered["encode"].is_set() and runner_of(live).overdue == 1  # still in its encode
+        backend.release()
+        wait_for(lambda: runner_of(live).overdue == 0, 10)
+        assert backend.seen == ["encode"] and not backend.entered["score"].is_set()
+        assert credits(store, key.id) == 3  # a request answered 504 is never charged
+        store.close()
