@@ -315,6 +315,7 @@ def test_internal_errors_are_one_line_unless_debug(monkeypatch: pytest.MonkeyPat
         (errors.FetchError("x"), 6),
         (errors.FetchTimeoutError("x"), 6),
         (errors.InferenceTimeoutError("x"), 7),
+        (errors.StoppedError("x"), 7),
         (OutputError("x"), 8),
         (errors.AutomaskError("x"), 1),
     ],

@@ -55,6 +55,7 @@ EXIT_CODES: dict[type[AutomaskError], int] = {
     errors.FetchError: 6,
     errors.FetchTimeoutError: 6,
     errors.InferenceTimeoutError: 7,
+    errors.StoppedError: 7,
     OutputError: 8,
     errors.ServiceConfigError: 9,
 }
@@ -68,7 +69,7 @@ EXIT_HELP = (
     (4, "the model is unknown, not installed, or needs a package that is missing"),
     (5, "nothing was selected and --stop-on-empty-mask was given"),
     (6, "fetching the image URL failed or timed out"),
-    (7, "inference ran past its time limit"),
+    (7, "inference ran past its time limit or was stopped"),
     (8, "the output could not be written"),
     (
         9,
