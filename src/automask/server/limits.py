@@ -175,7 +175,8 @@ class BodyBudget:
     """Bytes of request bodies the service holds in memory at once (`capacity`), of which one key may hold at most
     `per_key` (so no one client can take it all). A v1 request holds its body until it is answered, so with many
     large uploads in flight memory would grow without bound; past the budget a request is answered 503 with
-    Retry-After before its body is read. Used on the event loop only (no lock)."""
+    Retry-After before its body is read. A request that comes to hold more (a v2 submit's decoded image) grows its
+    `Hold`. Used on the event loop only (no lock)."""
 
     def __init__(self, capacity: int, per_key: int) -> None:
         self.capacity = capacity
@@ -184,11 +185,21 @@ class BodyBudget:
         self._by_key: dict[str | None, int] = {}
 
     @contextmanager
-    def hold(self, key_id: str | None, size: int) -> Iterator[None]:
-        """Hold `size` bytes for `key_id` (None: unkeyed) for the block, or raise a 503 `ApiError`. A body larger
-        than the whole budget is admitted only when nothing else is held."""
+    def hold(self, key_id: str | None, size: int) -> Iterator[Hold]:
+        """Hold `size` bytes for `key_id` (None: unkeyed) for the block, or raise a 503 `ApiError`; yields the
+        `Hold`, which may grow. A request larger than the whole budget is admitted only when it holds all there is."""
+        held = Hold(self, key_id)
+        held.grow(size)
+        try:
+            yield held
+        finally:
+            self._release(key_id, held.size)
+
+    def _take(self, key_id: str | None, size: int, own: int) -> None:
+        """Count `size` more bytes for `key_id`, whose request holds `own` already; 503 past the budget or the key's
+        share, unless nothing but that request holds any."""
         mine = self._by_key.get(key_id, 0)
-        if self.used and (self.used + size > self.capacity or (mine and mine + size > self.per_key)):
+        if (self.used > own and self.used + size > self.capacity) or (mine > own and mine + size > self.per_key):
             raise ApiError(
                 503,
                 "The server is receiving too many large requests at once; try again in a few seconds.",
@@ -196,15 +207,30 @@ class BodyBudget:
             )
         self.used += size
         self._by_key[key_id] = mine + size
-        try:
-            yield
-        finally:
-            self.used -= size
-            left = self._by_key[key_id] - size
-            if left:
-                self._by_key[key_id] = left
-            else:
-                del self._by_key[key_id]
+
+    def _release(self, key_id: str | None, size: int) -> None:
+        self.used -= size
+        left = self._by_key.get(key_id, 0) - size
+        if left:
+            self._by_key[key_id] = left
+        else:
+            self._by_key.pop(key_id, None)
+
+
+class Hold:
+    """One request's bytes in a `BodyBudget` (`size`), given back when its `hold` block ends."""
+
+    def __init__(self, budget: BodyBudget, key_id: str | None) -> None:
+        self.budget = budget
+        self.key_id = key_id
+        self.size = 0
+
+    def grow(self, size: int) -> None:
+        """Hold `size` bytes more, or raise the budget's 503 (nothing more held); admitted when this request is alone
+        in the budget."""
+        if size > 0:
+            self.budget._take(self.key_id, size, self.size)
+            self.size += size
 
 
 def declared_size(headers: Any, limit: int) -> int:

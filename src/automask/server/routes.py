@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.security import APIKeyHeader
 
 from automask.errors import InvalidOptionError
-from automask.imageio.load import check_image
+from automask.imageio.load import check_image, inline_size
 from automask.server import keys
 from automask.server.dispatch import PUBLISH_TIMEOUT
 from automask.server.errors import ApiError, shown
@@ -28,7 +28,7 @@ from automask.server.execute import Outcome
 from automask.server.holds import credit_hold, unless_client_leaves
 from automask.server.jobs import CANCELLED, COMPLETED, FAILED, Job, no_credits
 from automask.server.keys import ApiKey
-from automask.server.limits import declared_size
+from automask.server.limits import Hold, declared_size
 from automask.server.schemas import (
     CreditsResponse,
     ErrorResponse,
@@ -140,20 +140,20 @@ def render(outcome: Outcome, as_base64: bool) -> Response:
 
 
 @asynccontextmanager
-async def accepted(request: Request, key: ApiKey | None) -> AsyncIterator[tuple[ServerState, MaskRequest, str]]:
+async def accepted(request: Request, key: ApiKey | None) -> AsyncIterator[tuple[ServerState, MaskRequest, str, Hold]]:
     """What v1 and v2 do before any work: the rate limit (429), a spent key (406), room for the body in memory
     (503; these three before the body is read), the body (400/413), and the model and whether it answers the
-    prompt's targets (404/503, answered before a credit is held or a job is queued). Yields the state, the request
-    and the model name; the body's room in `state.bodies` is held until the block ends."""
+    prompt's targets (404/503, answered before a credit is held or a job is queued). Yields the state, the request,
+    the model name and the request's `Hold` in `state.bodies`: the body's room, held until the block ends."""
     state = state_of(request)
     if key is not None:
         await state.limiter.hit(key.id, key.rate_limit)
         if key.credits is not None and key.credits < 1:  # as authenticated; the hold re-checks atomically
             raise no_credits(key.id)
-    with state.bodies.hold(key.id if key else None, declared_size(request.headers, state.body_limit)):
+    with state.bodies.hold(key.id if key else None, declared_size(request.headers, state.body_limit)) as held:
         req = await read_request(request, state.body_limit)
         model = await asyncio.to_thread(state.dispatcher.check, req.model, req.targets)
-        yield state, req, model
+        yield state, req, model, held
 
 
 @router.post(
@@ -177,7 +177,7 @@ async def accepted(request: Request, key: ApiKey | None) -> AsyncIterator[tuple[
     tags=["v1"],
 )
 async def v1_generate(request: Request, key: CallerKey) -> Response:
-    async with accepted(request, key) as (state, req, model):
+    async with accepted(request, key) as (state, req, model, _held):
         if req.instance_masks and not req.base64:
             raise InvalidOptionError(
                 "instance_masks",
@@ -201,7 +201,8 @@ async def v1_generate(request: Request, key: CallerKey) -> Response:
     tags=["v2"],
 )
 async def v2_submit(request: Request, key: CallerKey) -> SubmitResponse:
-    async with accepted(request, key) as (state, req, model):
+    async with accepted(request, key) as (state, req, model, held):
+        held.grow(inline_size(req.image))  # its decoded bytes, besides the body, until the job is stored (503)
         # what v1 answers before any download or inference (400, 413), now, not when the job runs
         await asyncio.to_thread(check_image, req.image, state.settings)
         job_id = await asyncio.to_thread(
