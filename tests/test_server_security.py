@@ -102,3 +102,66 @@ def test_a_v2_submit_holds_its_decoded_image_in_the_budget(tmp_path: Path, monke
         other = httpx.post(f"{live.url}{V1}", content=body, headers={**headers, "x-api-key": second}, timeout=30)
         assert other.status_code == 200, other.text
         store.close()
+
+
+# --- a server without keys serves this machine only --------------------------------------------------------
+
+
+def test_without_keys_only_this_machine_is_served(tmp_path: Path) -> None:
+    """Before: with `--no-auth`, a web page open in the user's browser could use the service: another site posting
+    to 127.0.0.1 (CSRF), or a name of the attacker's resolved to 127.0.0.1 (DNS rebinding: Host is that name)."""
+    image = noise_b64(8)
+    with live_server(tmp_path / "data", FakeBackend(), auth=False) as live:
+        port = int(live.url.rsplit(":", 1)[1])
+        served = [
+            {},
+            {"host": f"localhost:{port}"},
+            {"host": "LOCALHOST"},
+            {"host": "[::1]:1"},
+            {"origin": live.url},
+            {"host": f"localhost:{port}", "origin": f"http://localhost:{port}"},
+        ]
+        refused = [
+            {"host": "evil.example"},
+            {"host": f"evil.example:{port}"},  # DNS rebinding: evil.example resolves to 127.0.0.1
+            {"host": "127.0.0.1.evil.example"},
+            {"host": "localhost@evil.example"},
+            {"origin": "https://evil.example"},  # CSRF: another site's page
+            {"origin": f"http://localhost:{port}"},  # not the Host's own origin
+            {"origin": f"https://127.0.0.1:{port}"},
+            {"origin": "null"},  # a sandboxed frame or a file: page
+            {"origin": "http://[::1"},
+        ]
+        for headers in served:
+            r = httpx.get(f"{live.url}/v1/models", headers=headers)
+            assert r.status_code == 200, (headers, r.text)
+        for headers in refused:
+            for method, path in (("GET", "/v1/models"), ("POST", V1), ("GET", "/healthz")):
+                r = httpx.request(method, f"{live.url}{path}", headers=headers, json={"image": image, "prompt": "x"})
+                assert r.status_code == 403, (headers, method, path, r.text)
+                assert "without API keys (--no-auth)" in r.json()["error"], r.text
+        r = httpx.post(f"{live.url}{V1}", headers={"host": "evil.example"}, json={"image": image, "prompt": "x"})
+        assert f"Use http://127.0.0.1:{port}" in r.json()["error"] and "'evil.example'" in r.json()["error"]
+        r = httpx.post(f"{live.url}{V1}", headers={"origin": live.url}, json={"image": image, "prompt": "x"})
+        assert r.status_code == 200 and r.headers["content-type"] == "image/png"  # the page's own requests
+
+
+def test_without_keys_the_public_urls_host_is_served_too(tmp_path: Path) -> None:
+    """Behind a proxy on this machine that keeps the client's Host (`--public-url`)."""
+    with live_server(tmp_path / "data", FakeBackend(), auth=False, public_url="https://Masks.example.com/api/") as live:
+        ok = {"host": "masks.example.com", "origin": "https://masks.example.com"}
+        assert httpx.get(f"{live.url}/v1/models", headers=ok).status_code == 200
+        proxied = {"origin": "https://masks.example.com"}  # a proxy that sends its own Host
+        assert httpx.get(f"{live.url}/v1/models", headers=proxied).status_code == 200
+        for bad in ({"host": "other.example.com"}, {"origin": "http://masks.example.com"}):
+            assert httpx.get(f"{live.url}/v1/models", headers=bad).status_code == 403, bad
+
+
+def test_with_keys_the_key_decides_whatever_the_host(tmp_path: Path) -> None:
+    with live_server(tmp_path / "data", FakeBackend()) as live:
+        store = Store.in_data_dir(tmp_path / "data")
+        _, token = keystore.create_key(store)
+        forged = {"host": "evil.example", "origin": "https://evil.example"}
+        assert httpx.get(f"{live.url}/v1/models", headers=forged).status_code == 401
+        assert httpx.get(f"{live.url}/v1/models", headers={**forged, "x-api-key": token}).status_code == 200
+        store.close()

@@ -28,7 +28,11 @@ class ServerSettings(BaseSettings):
     concurrency: int = Field(1, ge=1, le=64, description="Inference threads (v1 requests and v2 jobs share them).")
     job_workers: int | None = Field(None, ge=1, le=64, description="v2 jobs run at once; None: `concurrency`.")
     timeout: float = Field(60.0, gt=0, description="Seconds one inference may take (queueing included) -> 504.")
-    auth: bool = Field(True, description="Require an API key. False is allowed only on a loopback host.")
+    auth: bool = Field(
+        True,
+        description="Require an API key. False is allowed only on a loopback host, and then serves only requests to "
+        "this machine (Host and Origin checked: `routes.only_this_machine`).",
+    )
     max_body_bytes: int | None = Field(
         None, gt=0, description="Largest request body; None: room for a base64 image of `max_image_bytes`."
     )
