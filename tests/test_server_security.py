@@ -165,3 +165,23 @@ def test_with_keys_the_key_decides_whatever_the_host(tmp_path: Path) -> None:
         assert httpx.get(f"{live.url}/v1/models", headers=forged).status_code == 401
         assert httpx.get(f"{live.url}/v1/models", headers={**forged, "x-api-key": token}).status_code == 200
         store.close()
+
+
+# --- ambiguous credentials ----------------------------------------------------------------------------------
+
+
+def test_the_key_header_given_twice_with_different_keys_is_401(tmp_path: Path) -> None:
+    """Before: the first x-api-key counted and the second was ignored; a proxy or client that adds its own key
+    header to a request that had one would charge whichever came first."""
+    image = noise_b64(8)
+    with live_server(tmp_path / "data", FakeBackend()) as live:
+        store = Store.in_data_dir(tmp_path / "data")
+        (first, one), (second, two) = (keystore.create_key(store, credits=5) for _ in range(2))
+        for path, kw in (("/v1/credits", {}), (V1, {"json": {"image": image, "prompt": "x"}})):
+            method = "POST" if kw else "GET"
+            r = httpx.request(method, f"{live.url}{path}", headers=[("x-api-key", one), ("x-api-key", two)], **kw)
+            assert r.status_code == 401 and "given 2 times with different keys" in r.json()["error"], r.text
+        assert [keystore.balance(store, k.id) for k in (first, second)] == [5, 5]
+        same = httpx.get(f"{live.url}/v1/credits", headers=[("x-api-key", one), ("x-api-key", one)])
+        assert same.status_code == 200 and same.json() == {"key_id": first.id, "credits": 5}, same.text
+        store.close()

@@ -174,10 +174,16 @@ API_KEY = APIKeyHeader(
 
 
 async def current_key(request: Request, token: Annotated[str | None, Security(API_KEY)]) -> ApiKey | None:
-    """The caller's key from `x-api-key` (401/403 otherwise); None when the server runs without auth."""
+    """The caller's key from `x-api-key` (401/403 otherwise; 401 for the header given twice with different keys,
+    which one would count is anyone's guess); None when the server runs without auth."""
     state = state_of(request)
     if not state.server.auth:
         return None
+    given = request.headers.getlist("x-api-key")
+    if len({value.strip() for value in given}) > 1:
+        raise ApiError(
+            401, f"The x-api-key header is given {len(given)} times with different keys: send the request's key once."
+        )
     key = await asyncio.to_thread(keys.authenticate, state.store, token)
     request.state.key_id = key.id
     return key
