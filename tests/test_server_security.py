@@ -185,3 +185,29 @@ def test_the_key_header_given_twice_with_different_keys_is_401(tmp_path: Path) -
         same = httpx.get(f"{live.url}/v1/credits", headers=[("x-api-key", one), ("x-api-key", one)])
         assert same.status_code == 200 and same.json() == {"key_id": first.id, "credits": 5}, same.text
         store.close()
+
+
+# --- polling has a limit too --------------------------------------------------------------------------------
+
+
+def test_polling_is_rate_limited_per_key_apart_from_submits(tmp_path: Path) -> None:
+    """Before: only submits counted; one key could poll status, results, credits and models without end."""
+    image = noise_b64(8)
+    with live_server(tmp_path / "data", FakeBackend(), poll_rate_limit=4) as live:
+        store = Store.in_data_dir(tmp_path / "data")
+        _, token = keystore.create_key(store, rate_limit=2)
+        _, other = keystore.create_key(store)
+        job = httpx.post(f"{live.url}{V2}", json={"image": image, "prompt": "x"}, headers={"x-api-key": token})
+        assert job.status_code == 200, job.text
+        polls = [f"/v2/requests/{job.json()['request_id']}/status", f"/v2/requests/{job.json()['request_id']}"]
+        polls += ["/v1/credits", "/v1/models"]
+        for path in polls:  # 4 polls: the limit
+            assert httpx.get(f"{live.url}{path}", headers={"x-api-key": token}).status_code == 200, path
+        for path in polls:
+            r = httpx.get(f"{live.url}{path}", headers={"x-api-key": token})
+            assert r.status_code == 429 and "Rate limit of 4 polls per minute" in r.json()["error"], r.text
+            assert 1 <= int(r.headers["retry-after"]) <= 60 and r.headers["x-rate-limit-reset-at-utc"].endswith("Z")
+        assert httpx.get(f"{live.url}/v1/credits", headers={"x-api-key": other}).status_code == 200  # per key
+        again = httpx.post(f"{live.url}{V1}", json={"image": image, "prompt": "x"}, headers={"x-api-key": token})
+        assert again.status_code == 200, again.text  # the polls took none of the key's 2 submits a minute
+        store.close()

@@ -42,6 +42,13 @@ class ServerSettings(BaseSettings):
         description="Bytes of request bodies held in memory at once (one key: a quarter of it, at least one "
         "largest body); a request past it is answered 503 before its body is read.",
     )
+    poll_rate_limit: int | None = Field(
+        6000,
+        ge=1,
+        description="Requests per minute one key may make to the endpoints it polls (v2 status, response, output "
+        "and cancel; /v1/credits, /v1/models), counted apart from its submits -> 429. The default leaves room for a "
+        "key's most queued jobs (100) each polled every second, as the segmind SDK does; None: no limit.",
+    )
     result_ttl: float = Field(3600.0, ge=60, description="Seconds v2 results are kept after they finish.")
     cleanup_interval: float = Field(60.0, gt=0, description="Seconds between sweeps of expired v2 results.")
     max_job_attempts: int = Field(3, ge=1, description="Starts of one v2 job (restarts included) before FAILED.")

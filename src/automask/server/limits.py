@@ -32,8 +32,9 @@ class RateLimiter:
         self._seen: dict[str, deque[float]] = {}
         self._lock = threading.Lock()
 
-    def check(self, key_id: str, limit: int | None) -> None:
-        """Count one request of `key_id`; raise a 429 `ApiError` (nothing counted) when over `limit`."""
+    def check(self, key_id: str, limit: int | None, what: str = "requests") -> None:
+        """Count one request of `key_id`; raise a 429 `ApiError` (nothing counted, the limit named as `limit` `what`
+        per minute) when over `limit`."""
         if limit is None:
             return
         now = self._clock()
@@ -45,11 +46,11 @@ class RateLimiter:
                 seen.append(now)
                 return
             reset_at = seen[len(seen) - limit] + WINDOW
-        raise rate_limited(limit, now, reset_at)
+        raise rate_limited(limit, now, reset_at, what)
 
-    async def hit(self, key_id: str, limit: int | None) -> None:
+    async def hit(self, key_id: str, limit: int | None, what: str = "requests") -> None:
         """`check` for the event loop (in memory: no I/O)."""
-        self.check(key_id, limit)
+        self.check(key_id, limit, what)
 
 
 _SLIDING_WINDOW = """
@@ -81,7 +82,7 @@ class RedisRateLimiter:
         self.prefix = prefix
         self._script = self.client.register_script(_SLIDING_WINDOW)
 
-    async def hit(self, key_id: str, limit: int | None) -> None:
+    async def hit(self, key_id: str, limit: int | None, what: str = "requests") -> None:
         """Count one request of `key_id`; raise a 429 `ApiError` (nothing counted) when over `limit`."""
         if limit is None:
             return
@@ -94,7 +95,7 @@ class RedisRateLimiter:
         if int(allowed):
             return
         now_s = float(now) / 1e6
-        raise rate_limited(limit, now_s, float(oldest) / 1e6 + WINDOW)
+        raise rate_limited(limit, now_s, float(oldest) / 1e6 + WINDOW, what)
 
     async def close(self) -> None:
         await self.client.aclose()
@@ -107,12 +108,12 @@ def retry_headers(now: float, reset_at: float) -> dict[str, str]:
     return {"Retry-After": str(max(1, math.ceil(reset_at - now))), "x-rate-limit-reset-at-utc": stamp}
 
 
-def rate_limited(limit: int, now: float, reset_at: float) -> ApiError:
-    """The 429 for a key over its `limit` (`retry_headers`)."""
+def rate_limited(limit: int, now: float, reset_at: float, what: str = "requests") -> ApiError:
+    """The 429 for a key over its `limit` of `what` per minute (`retry_headers`)."""
     headers = retry_headers(now, reset_at)
     return ApiError(
         429,
-        f"Rate limit of {limit} requests per minute reached; retry after {headers['Retry-After']} s "
+        f"Rate limit of {limit} {what} per minute reached; retry after {headers['Retry-After']} s "
         f"({headers['x-rate-limit-reset-at-utc']}).",
         headers,
     )

@@ -161,7 +161,7 @@ _BODY = {
     }
 }
 _JOB_ERRORS = {
-    **_errors(401, 403, 404, 500),
+    **_errors(401, 403, 404, 429, 500),
     422: {"model": StatusResponse, "description": "The job FAILED; `error` says why."},
 }
 """What the `/v2/requests/{id}...` endpoints answer besides 200."""
@@ -190,6 +190,17 @@ async def current_key(request: Request, token: Annotated[str | None, Security(AP
 
 
 CallerKey = Annotated["ApiKey | None", Depends(current_key)]
+
+
+async def polling_key(request: Request, key: CallerKey) -> ApiKey | None:
+    """The caller's key (`current_key`), for an endpoint clients poll: at most `poll_rate_limit` such requests per
+    minute per key (429, with the headers of any rate limit), counted apart from the key's submits."""
+    if key is not None:
+        await state_of(request).limiter.hit(f"{key.id}:poll", state_of(request).server.poll_rate_limit, "polls")
+    return key
+
+
+PollingKey = Annotated["ApiKey | None", Depends(polling_key)]
 
 
 def render(outcome: Outcome, as_base64: bool) -> Response:
@@ -288,7 +299,7 @@ async def v2_submit(request: Request, key: CallerKey) -> SubmitResponse:
     )
 
 
-async def owned_job(request: Request, request_id: str, key: CallerKey) -> Job:
+async def owned_job(request: Request, request_id: str, key: PollingKey) -> Job:
     """Job `request_id` if the caller's key owns it; 404 otherwise (another key's job is not revealed)."""
     job = await asyncio.to_thread(state_of(request).jobs.get, request_id)
     if job is None or job.key_id != (key.id if key is not None else None):  # --no-auth sees unkeyed jobs only
@@ -367,7 +378,7 @@ async def result_png(request: Request, job: Job) -> bytes:
 @router.post(
     "/v2/requests/{request_id}/cancel",
     response_model=StatusResponse,
-    responses=_errors(401, 403, 404, 500),
+    responses=_errors(401, 403, 404, 429, 500),
     tags=["v2"],
     summary="Cancel a QUEUED job: it never runs and is not charged (automask extension)",
 )
@@ -383,11 +394,11 @@ async def v2_cancel(request: Request, job: OwnedJob) -> Response:
 @router.get(
     "/v1/credits",
     response_model=CreditsResponse,
-    responses=_errors(401, 403, 500),
+    responses=_errors(401, 403, 429, 500),
     tags=["v1"],
     summary="The calling key's credits left (automask extension); null: unlimited",
 )
-async def v1_credits(request: Request, key: CallerKey) -> CreditsResponse:
+async def v1_credits(request: Request, key: PollingKey) -> CreditsResponse:
     if key is None:
         return CreditsResponse(key_id=None, credits=None)
     credits = await asyncio.to_thread(keys.balance, state_of(request).store, key.id)
@@ -397,11 +408,11 @@ async def v1_credits(request: Request, key: CallerKey) -> CreditsResponse:
 @router.get(
     "/v1/models",
     response_model=ModelList,
-    responses=_errors(401, 403, 500),
+    responses=_errors(401, 403, 429, 500),
     tags=["v1"],
     summary="The models this server answers with (automask extension); send one's name as 'model'",
 )
-async def v1_models(request: Request, key: CallerKey) -> ModelList:
+async def v1_models(request: Request, key: PollingKey) -> ModelList:
     dispatcher = state_of(request).dispatcher
     entries = await asyncio.to_thread(dispatcher.models)
     return ModelList.of(dispatcher.default, entries)
