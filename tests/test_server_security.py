@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import threading
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ import httpx
 import numpy as np
 import pytest
 
+from automask.backends.base import Scores
 from automask.imageio.load import inline_size
 from automask.server import keys as keystore
 from automask.server import routes
@@ -102,6 +104,44 @@ def test_a_v2_submit_holds_its_decoded_image_in_the_budget(tmp_path: Path, monke
         other = httpx.post(f"{live.url}{V1}", content=body, headers={**headers, "x-api-key": second}, timeout=30)
         assert other.status_code == 200, other.text
         store.close()
+
+
+class MemoryProbe(FakeBackend):
+    """FakeBackend noting the memory traced (`tracemalloc`) when it is asked to score: what the request holds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: list[int] = []
+
+    def score(self, features: Any, prompts: list[str], *, min_score: float = 0.0) -> Scores:
+        self.held.append(tracemalloc.get_traced_memory()[0])
+        return super().score(features, prompts, min_score=min_score)
+
+
+@pytest.mark.parametrize("form", [False, True], ids=["json", "multipart"])
+def test_a_v1_request_holds_its_body_once_while_it_runs(form: bool, tmp_path: Path) -> None:
+    """The budget counts a body once. Before: the route read it with `request.body()`, which keeps the bytes for as
+    long as the request runs, next to the parsed text or the uploaded file's bytes: a v1 request held its body twice
+    during inference."""
+    pixels = np.random.default_rng(0).integers(0, 256, (1000, 1000, 3), dtype=np.uint8)
+    png = png_bytes(pixels)
+    if form:
+        request = httpx.Request("POST", "http://x", data={"prompt": "x"}, files={"image": ("a.png", png)})
+    else:
+        request = httpx.Request("POST", "http://x", json={"image": base64.b64encode(png).decode(), "prompt": "x"})
+    body, headers = request.read(), {"content-type": request.headers["content-type"]}
+    del png, request
+    probe = MemoryProbe()
+    with live_server(tmp_path / "data", probe, auth=False) as live:
+        assert httpx.post(f"{live.url}{V1}", content=body, headers=headers, timeout=60).status_code == 200
+        tracemalloc.start()
+        try:
+            r = httpx.post(f"{live.url}{V1}", content=body, headers=headers, timeout=60)
+        finally:
+            tracemalloc.stop()
+    assert r.status_code == 200, r.text
+    held = probe.held[-1]  # the parsed body (the base64 text or the file, once) and the pixels, with some slack
+    assert held <= len(body) + pixels.nbytes + len(body) // 4, held / len(body)
 
 
 # --- a server without keys serves this machine only --------------------------------------------------------
