@@ -67,7 +67,8 @@ def test_a_v2_submit_holds_its_decoded_image_in_the_budget(tmp_path: Path, monke
     image = noise_b64(150)
     body = json.dumps({"image": image, "prompt": "x"}).encode()
     decoded = inline_size(image)
-    assert decoded > 60_000
+    assert decoded >= len(base64.b64decode(image)) > 60_000
+    assert inline_size(base64.b64decode(image)) == inline_size(" https://example.com/a.png") == 0  # nothing decoded
     release, checking = threading.Event(), threading.Event()
     check_image = routes.check_image
 

@@ -166,11 +166,10 @@ def decode_data_uri(uri: str, settings: Settings) -> bytes:
 
 
 def inline_size(image: str | bytes) -> int:
-    """Bytes a request's `image` takes once decoded, at most (no decoding): an upload's own size, about three
-    quarters of base64 text or a data: URI, 0 for a URL (fetched later, under its own limits)."""
-    if isinstance(image, bytes):
-        return len(image)
-    if _SCHEME.match(image):
+    """Bytes that decoding a request's `image` adds to what the request holds, at most (nothing is decoded here):
+    about three quarters of base64 text or a data: URI; 0 for an uploaded file (bytes already) and for a URL (fetched
+    later, under its own limits)."""
+    if isinstance(image, bytes) or _SCHEME.match(image):
         return 0
     return len(image) * 3 // 4
 
