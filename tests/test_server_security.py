@@ -3,6 +3,7 @@ polling limits. Each finding through a live server on loopback, or the piece tha
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import threading
@@ -19,7 +20,7 @@ from automask.imageio.load import inline_size
 from automask.server import keys as keystore
 from automask.server import routes
 from automask.server.errors import ApiError
-from automask.server.limits import BodyBudget
+from automask.server.limits import BodyBudget, RedisRateLimiter
 from automask.server.store import Store
 from server_helpers import FakeBackend, live_server, png_bytes, wait_for
 
@@ -252,3 +253,24 @@ def test_polling_is_rate_limited_per_key_apart_from_submits(tmp_path: Path) -> N
         again = httpx.post(f"{live.url}{V1}", json={"image": image, "prompt": "x"}, headers={"x-api-key": token})
         assert again.status_code == 200, again.text  # the polls took none of the key's 2 submits a minute
         store.close()
+
+
+@pytest.mark.services
+def test_polls_and_submits_are_counted_apart_across_the_fleet(redis_db: str) -> None:
+    """The fleet's limiter (Redis) keeps the two counts apart too, and names the polling limit in its 429."""
+    limiter = RedisRateLimiter(redis_db)
+
+    async def run() -> None:
+        try:
+            await limiter.hit("k", 1)
+            for _ in range(2):
+                await limiter.hit("k:poll", 2, "polls")
+            with pytest.raises(ApiError, match="Rate limit of 2 polls per minute") as polls:
+                await limiter.hit("k:poll", 2, "polls")
+            assert polls.value.status == 429 and "Retry-After" in polls.value.headers
+            with pytest.raises(ApiError, match="Rate limit of 1 requests per minute"):
+                await limiter.hit("k", 1)
+        finally:
+            await limiter.close()
+
+    asyncio.run(run())
