@@ -16,11 +16,13 @@ import numpy as np
 import pytest
 
 from automask.backends.base import Scores
+from automask.errors import InvalidOptionError
 from automask.imageio.load import inline_size
 from automask.server import keys as keystore
 from automask.server import routes
 from automask.server.errors import ApiError
 from automask.server.limits import BodyBudget, RedisRateLimiter
+from automask.server.schemas import validate_request
 from automask.server.store import Store
 from server_helpers import FakeBackend, live_server, png_bytes, wait_for
 
@@ -106,6 +108,22 @@ def test_a_v2_submit_holds_its_decoded_image_in_the_budget(tmp_path: Path, monke
         other = httpx.post(f"{live.url}{V1}", content=body, headers={**headers, "x-api-key": second}, timeout=30)
         assert other.status_code == 200, other.text
         store.close()
+
+
+def test_validating_a_request_copies_no_image_text() -> None:
+    """Before: the check for unpaired surrogates encoded every string field, the image's base64 (tens of MB) too: a
+    full copy of it per request. Now an ASCII string (all base64) needs no look at all, and others are searched."""
+    image = noise_b64(600)
+    tracemalloc.start()
+    try:
+        req = validate_request({"image": image, "prompt": "x"}, strict=True)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert req.image is image and peak < len(image) // 20, peak / len(image)
+    for strict in (True, False):  # and a string that is not text is still refused
+        with pytest.raises(InvalidOptionError, match="prompt"):
+            validate_request({"image": image, "prompt": "caf\u00e9 \ud800"}, strict=strict)
 
 
 class MemoryProbe(FakeBackend):

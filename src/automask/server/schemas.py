@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,6 +23,7 @@ MAX_PROMPT_CHARS = 2000
 MAX_PROMPT_TARGETS = 32
 """Most targets one prompt may name: each is scored separately, so this bounds the work of one request."""
 FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class MaskRequest(MaskOptions):
@@ -117,14 +119,9 @@ def validate_request(data: Any, *, strict: bool) -> MaskRequest:
 
 def _check_text(name: str, value: object) -> None:
     """A JSON string may hold an unpaired surrogate escape ("\\ud800"): valid JSON, but no text (it cannot be
-    encoded, stored or sent on); refuse it."""
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            raise InvalidOptionError(
-                name, "is not valid text: it holds an unpaired surrogate such as \\ud800"
-            ) from None
+    encoded, stored or sent on); refuse it. Searched for, not encoded: the string may be tens of MB of base64."""
+    if isinstance(value, str) and not value.isascii() and _SURROGATE.search(value):
+        raise InvalidOptionError(name, "is not valid text: it holds an unpaired surrogate such as \\ud800")
 
 
 async def read_request(request: Request, max_part_size: int) -> MaskRequest:
@@ -159,9 +156,13 @@ def _replay(body: bytearray, chunk: int = 1 << 16) -> Receive:
     return receive
 
 
-def _from_json(body: bytes | bytearray) -> MaskRequest:
+def _from_json(body: bytearray) -> MaskRequest:
+    """Parse and validate a JSON body. `body` is emptied once it is decoded to text: the peak is twice the body (the
+    text, then the text and the values parsed from it), not three times."""
     try:
-        data = json.loads(body)
+        text = body.decode(json.detect_encoding(body), "surrogatepass")  # what json.loads(bytes) does
+        body.clear()
+        data = json.loads(text)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InvalidOptionError(
             "body", f"is not valid JSON ({exc}); send a JSON object, or a multipart form with an 'image' file"
