@@ -115,7 +115,7 @@ def error_response(status: int, message: str, headers: dict[str, str] | None = N
 _ERROR_TEXT = {
     400: "Invalid parameters, an undecodable image, or a refused image URL.",
     401: "Missing or unknown API key.",
-    403: "The key is revoked.",
+    403: "The key is revoked; or, on a server without keys (--no-auth), the request is not from this machine.",
     404: "Unknown endpoint, model or request id.",
     406: "Insufficient credits.",
     413: "Request body or image over the limits.",
