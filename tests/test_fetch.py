@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 
 from automask.errors import FetchError, FetchTimeoutError, ImageTooLargeError, URLRefusedError
-from automask.imageio import load_image
+from automask.imageio import fetch, load_image
 from automask.imageio.fetch import IPAddress, blocked_reason, fetch_url, never_fetched, resolve_host
 from automask.settings import Settings
 
@@ -491,6 +491,31 @@ def test_trickling_server_hits_the_overall_deadline(site: Site) -> None:
     with pytest.raises(FetchTimeoutError):
         fetch_url(site.url("/trickle"), Settings(allow_private_urls=True, fetch_timeout=0.6))
     assert time.monotonic() - start < 2.5
+
+
+def test_the_host_name_lookup_is_under_the_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before: the lookup came before the deadline was checked: a name server that never answers held the fetch
+    (and a server thread) for as long as the system resolver's own limits, tens of seconds. Now the lookup is given
+    what is left of `fetch_timeout`, and stuck lookups hold at most `DNS_LOOKUPS` threads."""
+    monkeypatch.setattr(fetch, "_LOOKUPS", threading.BoundedSemaphore(1), raising=False)
+    release = threading.Event()
+
+    def stuck(host: str, port: int) -> list[IPAddress]:
+        release.wait(10)
+        return [ipaddress.ip_address("10.0.0.1")]
+
+    quick = fake_resolver({"images.test": ["10.0.0.1"]})
+    settings = Settings(fetch_timeout=0.5)
+    try:
+        for resolve in (stuck, quick):  # the second finds the one lookup thread still taken: it waits, in its time
+            start = time.monotonic()
+            with pytest.raises(FetchTimeoutError, match=r"longer than 0\.5 s"):
+                fetch_url("http://images.test/a.png", settings, resolve=resolve)
+            assert time.monotonic() - start < 1.5
+    finally:
+        release.set()
+    with pytest.raises(URLRefusedError, match=r"10\.0\.0\.1"):  # the stuck lookup ended: the thread is free again
+        fetch_url("http://images.test/a.png", settings, resolve=quick)
 
 
 def drip(site: Site, handler: BaseHTTPRequestHandler, byte: bytes) -> None:

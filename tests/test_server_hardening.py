@@ -26,9 +26,11 @@ import pytest
 from fastapi.testclient import TestClient
 
 from automask import MaskGenerator, Settings
+from automask.server import keys
 from automask.server.app import create_app
 from automask.server.config import ServerSettings
 from automask.server.http import connection_cap, error_bytes
+from automask.server.store import Store
 from server_helpers import FakeBackend, free_port, loopback_socket, png_bytes, server_process, wait_for, wait_ready
 
 T = 1.0
@@ -103,7 +105,7 @@ def test_trickled_headers_get_408_within_the_header_timeout_while_others_are_ser
     url, _ = live
     with connect(url) as sock:
         start = time.monotonic()
-        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")
         sock.settimeout(0.2)
         data = b""
         with contextlib.suppress(TimeoutError, BrokenPipeError, ConnectionResetError):
@@ -126,7 +128,7 @@ def test_stalled_body_gets_408_within_the_body_timeout(live: tuple[str, int]) ->
     url, _ = live
     with connect(url) as sock:
         sock.sendall(
-            f"POST /v1/{SLUG} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"POST /v1/{SLUG} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
             "Content-Length: 1000\r\n\r\n".encode()
         )
         for piece in (b'{"image": "', b"iVBOR", b"w0KGgo"):  # pauses shorter than the timeout: still open
@@ -146,7 +148,7 @@ def test_a_trickled_body_gets_408_at_its_minimum_rate(live: tuple[str, int]) -> 
     url, _ = live
     with connect(url) as sock:
         sock.sendall(
-            f"POST /v1/{SLUG} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"POST /v1/{SLUG} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
             "Content-Length: 100000\r\n\r\n".encode()
         )
         start = time.monotonic()
@@ -164,7 +166,7 @@ def test_idle_keepalive_connection_is_closed(live: tuple[str, int]) -> None:
     url, _ = live
     with connect(url) as sock:
         sent = time.monotonic()
-        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         data, closed = read_until_closed(sock)
     assert data.startswith(b"HTTP/1.1 200") and data.count(b"HTTP/1.1") == 1
     assert data.endswith(b'{"status":"ok"}')
@@ -222,7 +224,7 @@ def test_connection_cap_is_kept_below_the_open_file_limit() -> None:
 def test_content_length_with_chunked_is_refused(live: tuple[str, int]) -> None:
     url, _ = live
     with connect(url) as sock:
-        head = b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"
+        head = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"
         sock.sendall(head + b"0\r\n\r\n")
         data, _ = read_until_closed(sock)
     status, body, headers = status_and_json(data)
@@ -234,9 +236,9 @@ def test_content_length_with_chunked_is_refused(live: tuple[str, int]) -> None:
     ("request_bytes", "status"),
     [
         (b"NOT HTTP AT ALL\r\n\r\n", 400),
-        (b"GET /healthz HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n", 400),
-        (b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n", 431),
-        (b"POST /healthz HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n", 501),
+        (b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nBad Header\r\n\r\n", 400),
+        (b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n", 431),
+        (b"POST /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: gzip\r\n\r\n", 501),
     ],
 )
 def test_malformed_http_gets_a_json_error(live: tuple[str, int], request_bytes: bytes, status: int) -> None:
@@ -269,7 +271,7 @@ def test_sigterm_with_a_client_stuck_mid_body_exits_within_the_deadline(tmp_path
         url = f"http://127.0.0.1:{port}"
         wait_ready(url, proc=proc)
         with connect(url) as sock:
-            sock.sendall(f"POST /v1/{SLUG} HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{{".encode())
+            sock.sendall(f"POST /v1/{SLUG} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1000\r\n\r\n{{".encode())
             time.sleep(0.3)
             start = time.monotonic()
             proc.send_signal(signal.SIGTERM)
@@ -307,7 +309,7 @@ def test_serve_flags_reach_the_server(monkeypatch: pytest.MonkeyPatch, tmp_path:
 def client(tmp_path: Path) -> Iterator[TestClient]:
     settings = Settings(data_dir=tmp_path / "data")
     app = create_app(settings, ServerSettings(auth=False), MaskGenerator(FakeBackend(), settings))
-    with TestClient(app) as c:
+    with TestClient(app, base_url="http://127.0.0.1") as c:  # without keys, only this machine is served
         yield c
 
 
@@ -348,14 +350,26 @@ def test_docs_load_swagger_ui_from_this_server(client: TestClient) -> None:
     assert client.get("/docs/assets/no-such-file.js").status_code == 404
 
 
-def test_v2_urls_never_echo_the_host_header(client: TestClient) -> None:
-    r = client.post(f"/v2/{SLUG}", json={"image": image_b64(), "prompt": "x"}, headers={"host": "evil.example"})
+@pytest.fixture()
+def keyed(tmp_path: Path) -> Iterator[TestClient]:
+    """A server with keys (any Host is served: the key decides), as a client that sends one."""
+    settings = Settings(data_dir=tmp_path / "data")
+    app = create_app(settings, ServerSettings(), MaskGenerator(FakeBackend(), settings))
+    with TestClient(app) as c:
+        store = Store.in_data_dir(tmp_path / "data")
+        c.headers["x-api-key"] = keys.create_key(store)[1]
+        store.close()
+        yield c
+
+
+def test_v2_urls_never_echo_the_host_header(keyed: TestClient) -> None:
+    r = keyed.post(f"/v2/{SLUG}", json={"image": image_b64(), "prompt": "x"}, headers={"host": "evil.example"})
     assert r.status_code == 200
     for key in ("status_url", "response_url", "poll_url"):
         assert r.json()[key].startswith("http://testserver/v2/requests/"), r.json()[key]
     job = r.json()["request_id"]
-    wait_for(lambda: client.get(f"/v2/requests/{job}/status").json()["status"] == "COMPLETED", 30)
-    output = client.get(f"/v2/requests/{job}", headers={"host": "evil.example"}).json()["output"]
+    wait_for(lambda: keyed.get(f"/v2/requests/{job}/status").json()["status"] == "COMPLETED", 30)
+    output = keyed.get(f"/v2/requests/{job}", headers={"host": "evil.example"}).json()["output"]
     assert output == f"http://testserver/v2/requests/{job}/output"
 
 
@@ -363,8 +377,8 @@ def test_v2_urls_use_the_public_url(tmp_path: Path) -> None:
     settings = Settings(data_dir=tmp_path / "data")
     server = ServerSettings(auth=False, public_url="https://masks.example.com/api/")
     app = create_app(settings, server, MaskGenerator(FakeBackend(), settings))
-    with TestClient(app) as c:
-        r = c.post(f"/v2/{SLUG}", json={"image": image_b64(), "prompt": "x"}, headers={"host": "evil.example"})
+    with TestClient(app, base_url="http://localhost:8000") as c:
+        r = c.post(f"/v2/{SLUG}", json={"image": image_b64(), "prompt": "x"})
         job = r.json()["request_id"]
         wait_for(lambda: c.get(f"/v2/requests/{job}/status").json()["status"] == "COMPLETED", 30)
     assert r.json()["status_url"] == f"https://masks.example.com/api/v2/requests/{job}/status"

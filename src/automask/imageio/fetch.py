@@ -13,7 +13,9 @@
   (httpcore's `sni_hostname` request extension). No second DNS lookup happens.
 - Redirects are followed by hand, at most `settings.max_redirects`, each one resolved and checked again.
 - The body is streamed and reading stops past `settings.max_image_bytes`; one deadline of
-  `settings.fetch_timeout` seconds covers every hop.
+  `settings.fetch_timeout` seconds covers every hop, each host name lookup included (the system resolver's own
+  time limits are its own: seconds per try per name server; a lookup past the deadline is left to finish in its
+  thread, at most `DNS_LOOKUPS` of them at once).
 - `settings.allow_private_urls` turns the address check off, for local use, except for `NEVER_FETCHED` (cloud
   metadata services and link-local addresses, refused whatever the settings).
 """
@@ -26,6 +28,8 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as WaitedTooLong
 from typing import Any
 
 import httpx
@@ -43,6 +47,10 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Resolver = Callable[[str, int], Sequence[IPAddress]]
 AddressCheck = Callable[[IPAddress], bool]
 
+DNS_LOOKUPS = 16
+"""Host name lookups that may run at once: each runs in a thread of its own (`getaddrinfo` cannot be interrupted),
+so a resolver that never answers holds at most this many threads; a fetch waits for a free one within its deadline."""
+_LOOKUPS = threading.BoundedSemaphore(DNS_LOOKUPS)
 _REDIRECTS = (301, 302, 303, 307, 308)
 _HEADERS = {"User-Agent": "automask", "Accept": "image/*,*/*;q=0.8", "Accept-Encoding": "identity"}
 """Sent with every fetch. `identity`: the byte cap counts what is held in memory (a compressed body would be
@@ -187,7 +195,7 @@ def fetch_url(
     deadline = time.monotonic() + settings.fetch_timeout
     current = first = parse_url(url)
     for _hop in range(settings.max_redirects + 1):
-        addresses = _checked_addresses(current, resolve, check)
+        addresses = _checked_addresses(current, _by_deadline(resolve, deadline, current, settings), check)
         outcome = _get(current, addresses, deadline, settings)
         if isinstance(outcome, bytes):
             return outcome
@@ -263,6 +271,32 @@ def _checked_addresses(url: httpx.URL, resolve: Resolver, check: AddressCheck) -
                 f"{message} automask fetches only public addresses; for local use set AUTOMASK_ALLOW_PRIVATE_URLS=true."
             )
     return addresses
+
+
+def _by_deadline(resolve: Resolver, deadline: float, url: httpx.URL, settings: Settings) -> Resolver:
+    """`resolve`, given until `deadline` (then `FetchTimeoutError`): it runs in a daemon thread, one of at most
+    `DNS_LOOKUPS`, which is left to finish on its own if the deadline passes first."""
+
+    def within(host: str, port: int) -> Sequence[IPAddress]:
+        if not _LOOKUPS.acquire(timeout=_remaining(deadline, url, settings)):
+            raise _timeout(url, settings)
+        answer: Future[Sequence[IPAddress]] = Future()
+
+        def lookup() -> None:
+            try:
+                answer.set_result(resolve(host, port))
+            except Exception as exc:  # noqa: BLE001 (raised again by the fetch that waits for it)
+                answer.set_exception(exc)
+            finally:
+                _LOOKUPS.release()
+
+        threading.Thread(target=lookup, name="automask-dns", daemon=True).start()
+        try:
+            return answer.result(timeout=_remaining(deadline, url, settings))
+        except WaitedTooLong:  # (the builtin TimeoutError from Python 3.11 on)
+            raise _timeout(url, settings) from None
+
+    return within
 
 
 def _port(url: httpx.URL) -> int:

@@ -8,10 +8,11 @@ reading a client's string) no string is ever read as a file path, and `Path` sou
 
 from __future__ import annotations
 
-import base64
 import binascii
+import contextlib
 import functools
 import re
+import sys
 from pathlib import Path
 from typing import BinaryIO
 
@@ -24,8 +25,17 @@ from automask.settings import Settings
 
 ImageSource = str | Path | bytes | bytearray | memoryview | Image.Image | np.ndarray | BinaryIO
 
-_SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
-_DATA_URI = re.compile(r"^data:([^,;]*)((?:;[^,;]*)*?),", re.IGNORECASE)
+_SCHEME = re.compile(r"\s*[a-zA-Z][a-zA-Z0-9+.-]*://")
+_DATA_START = re.compile(r"\s*data:", re.IGNORECASE)
+_DATA_URI = re.compile(r"\s*data:([^,;]*)((?:;[^,;]*)*?),", re.IGNORECASE)
+_ASCII_SPACE = " \t\n\r\f\v"
+_PADDED_BASE64 = re.compile(r"[A-Za-z0-9+/ \t\n\r\f\v]*(?:=[ \t\n\r\f\v]*){0,2}")
+"""Standard base64, ASCII whitespace anywhere, padding at the end only: what `binascii.a2b_base64` reads as is."""
+_BASE64_PIECE = re.compile(r"[A-Za-z0-9+/]*(=*)")
+_URLSAFE = str.maketrans("-_", "+/")
+BASE64_CHUNK = 1 << 18
+"""Characters of base64 text decoded at a time when it cannot be decoded in one call (a data: URI, URL-safe or
+unpadded base64)."""
 _MAX_PATH_CHARS = 1024
 _KINDS = "An image string must be an existing file, an http(s) URL, a data:image/...;base64, URI or base64 image data."
 _KINDS_NO_PATHS = "An image string must be an http(s) URL, a data:image/...;base64, URI or base64 image data."
@@ -91,14 +101,13 @@ def read_file(path: Path, settings: Settings) -> bytes:
 
 
 def _from_string(text: str, settings: Settings, *, allow_paths: bool, keep_alpha: bool) -> np.ndarray:
-    stripped = text.strip()
     decode = functools.partial(decode_image, settings=settings, keep_alpha=keep_alpha)
     kinds = _KINDS if allow_paths else _KINDS_NO_PATHS
-    if _SCHEME.match(stripped):  # any scheme://: the fetcher refuses all but http(s)
+    if _SCHEME.match(text):  # any scheme://: the fetcher refuses all but http(s)
         from automask.imageio.fetch import fetch_url  # httpx is imported only when a URL is given
 
-        return decode(fetch_url(stripped, settings))
-    inline = not stripped or stripped[:5].lower() == "data:"
+        return decode(fetch_url(text.strip(), settings))
+    inline = not text or text.isspace() or _DATA_START.match(text) is not None
     if allow_paths and not inline and _is_existing_path(text):
         return decode(read_file(Path(text), settings))
     data = _inline_bytes(text, settings, allow_paths=allow_paths)
@@ -112,13 +121,13 @@ def _from_string(text: str, settings: Settings, *, allow_paths: bool, keep_alpha
 
 def _inline_bytes(text: str, settings: Settings, *, allow_paths: bool) -> bytes:
     """The encoded image a `data:` URI or a bare base64 string holds; `ImageDecodeError` naming the kinds of image
-    string accepted when `text` is neither (with `allow_paths`, "No such file" when it could be a path)."""
-    stripped = text.strip()
+    string accepted when `text` is neither (with `allow_paths`, "No such file" when it could be a path). The text
+    is never copied whole (it may be tens of MB)."""
     kinds = _KINDS if allow_paths else _KINDS_NO_PATHS
-    if not stripped:
+    if not text or text.isspace():
         raise ImageDecodeError(f"The image string is empty. {kinds}")
-    if stripped[:5].lower() == "data:":
-        return decode_data_uri(stripped, settings)
+    if _DATA_START.match(text):
+        return decode_data_uri(text, settings)
     data = decode_base64(text, settings)
     if data is None:
         if allow_paths and _may_be_path(text):
@@ -133,7 +142,7 @@ def check_image(image: str | bytes, settings: Settings) -> None:
     spelled as an address (`fetch.check_url`: no DNS lookup; a host name is checked when fetched); data that is not
     base64; over the byte limit; and from the image's header, not an image or over the pixel limit
     (`ImageDecodeError`, `ImageTooLargeError`, `URLRefusedError`)."""
-    if isinstance(image, str) and _SCHEME.match(image.strip()):
+    if isinstance(image, str) and _SCHEME.match(image):
         from automask.imageio.fetch import check_url
 
         check_url(image.strip(), settings)
@@ -152,25 +161,70 @@ def decode_data_uri(uri: str, settings: Settings) -> bytes:
         raise ImageDecodeError("The data: URI must be base64-encoded (data:image/png;base64,<data>).")
     if media_type and not media_type.startswith("image/") and media_type != "application/octet-stream":
         raise ImageDecodeError(f"The data: URI holds {media_type!r}, not an image.")
-    data = decode_base64(uri[match.end() :], settings)
+    data = decode_base64(uri, settings, start=match.end())
     if data is None:
         raise ImageDecodeError("The data: URI's payload is not valid base64.")
     return data
 
 
-def decode_base64(text: str, settings: Settings) -> bytes | None:
-    """Decode standard or URL-safe base64 (whitespace and missing padding tolerated); None if it is not base64."""
-    compact = "".join(text.split())
-    check_encoded_size(len(compact) * 3 // 4, settings)
-    if not compact:
+def inline_size(image: str | bytes) -> int:
+    """Bytes that decoding a request's `image` adds to what the request holds, at most (nothing is decoded here):
+    about three quarters of base64 text or a data: URI; 0 for an uploaded file (bytes already) and for a URL (fetched
+    later, under its own limits)."""
+    if isinstance(image, bytes) or _SCHEME.match(image):
+        return 0
+    return len(image) * 3 // 4
+
+
+def decode_base64(text: str, settings: Settings, *, start: int = 0) -> bytes | None:
+    """Decode the standard or URL-safe base64 in `text[start:]` (whitespace and missing padding tolerated); None if
+    it is not base64.
+
+    The text (tens of MB for a large image) is not copied: standard padded base64 is decoded in one call straight
+    from the string's own buffer, the rest `BASE64_CHUNK` characters at a time. Extra memory at the peak: the
+    decoded bytes (twice them for a data: URI, URL-safe or unpadded base64)."""
+    if sys.version_info >= (3, 11) and start == 0 and text and len(text) % 4 == 0:
+        if len(text) * 3 // 4 <= settings.max_image_bytes:  # (whitespace would not count: looked at below)
+            with contextlib.suppress(binascii.Error, ValueError):  # whitespace, URL-safe...: below
+                return binascii.a2b_base64(text, strict_mode=True)  # checks as it decodes, in the str's buffer
+    spaces = sum(text.count(c, start) for c in _ASCII_SPACE)
+    chars = len(text) - start - spaces
+    check_encoded_size(chars * 3 // 4, settings)
+    if chars == 0:
         return None
-    if "-" in compact or "_" in compact:
-        compact = compact.replace("-", "+").replace("_", "/")
-    compact += "=" * (-len(compact) % 4)
     try:
-        return base64.b64decode(compact, validate=True)
+        if start == 0 and chars % 4 == 0 and _PADDED_BASE64.fullmatch(text):
+            return binascii.a2b_base64(text)  # skips the whitespace; reads a str's ASCII buffer in place
+        return _decode_base64_chunks(text, start, settings)
     except (binascii.Error, ValueError):
         return None
+
+
+def _decode_base64_chunks(text: str, start: int, settings: Settings) -> bytes | None:
+    """`decode_base64` a chunk at a time: whitespace dropped, URL-safe letters made standard, padding checked at
+    the end (after a partial group, at most two '=' counting those a missing padding needs; after whole groups,
+    any number, as Python's own `b64decode` takes them)."""
+    urlsafe = text.find("-", start) >= 0 or text.find("_", start) >= 0
+    out: list[bytes] = []
+    carry, chars, pads = "", 0, 0
+    for pos in range(start, len(text), BASE64_CHUNK):
+        piece = "".join(text[pos : pos + BASE64_CHUNK].split())
+        if urlsafe:
+            piece = piece.translate(_URLSAFE)
+        match = _BASE64_PIECE.fullmatch(piece)
+        if match is None or (pads and len(piece) > len(match.group(1))):  # a letter after padding
+            return None
+        pads += len(match.group(1))
+        data = carry + piece[: len(piece) - len(match.group(1))]
+        chars += len(data) - len(carry)
+        whole = len(data) - len(data) % 4
+        out.append(binascii.a2b_base64(data[:whole]))
+        carry = data[whole:]
+    if chars == 0 or len(carry) == 1 or (carry and pads + -(chars + pads) % 4 > 2):
+        return None
+    if carry:
+        out.append(binascii.a2b_base64(carry + "=" * (-len(carry) % 4)))
+    return b"".join(out)
 
 
 def _may_be_path(text: str) -> bool:

@@ -32,7 +32,11 @@ class ServerSettings(BaseSettings):
     concurrency: int = Field(1, ge=1, le=64, description="Inference threads (v1 requests and v2 jobs share them).")
     job_workers: int | None = Field(None, ge=1, le=64, description="v2 jobs run at once; None: `concurrency`.")
     timeout: float = Field(60.0, gt=0, description="Seconds one inference may take (queueing included) -> 504.")
-    auth: bool = Field(True, description="Require an API key. False is allowed only on a loopback host.")
+    auth: bool = Field(
+        True,
+        description="Require an API key. False is allowed only on a loopback host, and then serves only requests to "
+        "this machine (Host and Origin checked: `routes.only_this_machine`).",
+    )
     max_body_bytes: int | None = Field(
         None, gt=0, description="Largest request body; None: room for a base64 image of `max_image_bytes`."
     )
@@ -41,6 +45,13 @@ class ServerSettings(BaseSettings):
         gt=0,
         description="Bytes of request bodies held in memory at once (one key: a quarter of it, at least one "
         "largest body); a request past it is answered 503 before its body is read.",
+    )
+    poll_rate_limit: int | None = Field(
+        6000,
+        ge=1,
+        description="Requests per minute one key may make to the endpoints it polls (v2 status, response, output "
+        "and cancel; /v1/credits, /v1/models), counted apart from its submits -> 429. The default leaves room for a "
+        "key's most queued jobs (100) each polled every second, as the segmind SDK does; None: no limit.",
     )
     result_ttl: float = Field(
         3600.0,

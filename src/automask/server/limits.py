@@ -32,8 +32,9 @@ class RateLimiter:
         self._seen: dict[str, deque[float]] = {}
         self._lock = threading.Lock()
 
-    def check(self, key_id: str, limit: int | None) -> None:
-        """Count one request of `key_id`; raise a 429 `ApiError` (nothing counted) when over `limit`."""
+    def check(self, key_id: str, limit: int | None, what: str = "requests") -> None:
+        """Count one request of `key_id`; raise a 429 `ApiError` (nothing counted, the limit named as `limit` `what`
+        per minute) when over `limit`."""
         if limit is None:
             return
         now = self._clock()
@@ -45,11 +46,11 @@ class RateLimiter:
                 seen.append(now)
                 return
             reset_at = seen[len(seen) - limit] + WINDOW
-        raise rate_limited(limit, now, reset_at)
+        raise rate_limited(limit, now, reset_at, what)
 
-    async def hit(self, key_id: str, limit: int | None) -> None:
+    async def hit(self, key_id: str, limit: int | None, what: str = "requests") -> None:
         """`check` for the event loop (in memory: no I/O)."""
-        self.check(key_id, limit)
+        self.check(key_id, limit, what)
 
 
 _SLIDING_WINDOW = """
@@ -81,7 +82,7 @@ class RedisRateLimiter:
         self.prefix = prefix
         self._script = self.client.register_script(_SLIDING_WINDOW)
 
-    async def hit(self, key_id: str, limit: int | None) -> None:
+    async def hit(self, key_id: str, limit: int | None, what: str = "requests") -> None:
         """Count one request of `key_id`; raise a 429 `ApiError` (nothing counted) when over `limit`."""
         if limit is None:
             return
@@ -94,7 +95,7 @@ class RedisRateLimiter:
         if int(allowed):
             return
         now_s = float(now) / 1e6
-        raise rate_limited(limit, now_s, float(oldest) / 1e6 + WINDOW)
+        raise rate_limited(limit, now_s, float(oldest) / 1e6 + WINDOW, what)
 
     async def close(self) -> None:
         await self.client.aclose()
@@ -107,12 +108,12 @@ def retry_headers(now: float, reset_at: float) -> dict[str, str]:
     return {"Retry-After": str(max(1, math.ceil(reset_at - now))), "x-rate-limit-reset-at-utc": stamp}
 
 
-def rate_limited(limit: int, now: float, reset_at: float) -> ApiError:
-    """The 429 for a key over its `limit` (`retry_headers`)."""
+def rate_limited(limit: int, now: float, reset_at: float, what: str = "requests") -> ApiError:
+    """The 429 for a key over its `limit` of `what` per minute (`retry_headers`)."""
     headers = retry_headers(now, reset_at)
     return ApiError(
         429,
-        f"Rate limit of {limit} requests per minute reached; retry after {headers['Retry-After']} s "
+        f"Rate limit of {limit} {what} per minute reached; retry after {headers['Retry-After']} s "
         f"({headers['x-rate-limit-reset-at-utc']}).",
         headers,
     )
@@ -175,7 +176,8 @@ class BodyBudget:
     """Bytes of request bodies the service holds in memory at once (`capacity`), of which one key may hold at most
     `per_key` (so no one client can take it all). A v1 request holds its body until it is answered, so with many
     large uploads in flight memory would grow without bound; past the budget a request is answered 503 with
-    Retry-After before its body is read. Used on the event loop only (no lock)."""
+    Retry-After before its body is read. A request that comes to hold more (a v2 submit's decoded image) grows its
+    `Hold`. Used on the event loop only (no lock)."""
 
     def __init__(self, capacity: int, per_key: int) -> None:
         self.capacity = capacity
@@ -184,11 +186,21 @@ class BodyBudget:
         self._by_key: dict[str | None, int] = {}
 
     @contextmanager
-    def hold(self, key_id: str | None, size: int) -> Iterator[None]:
-        """Hold `size` bytes for `key_id` (None: unkeyed) for the block, or raise a 503 `ApiError`. A body larger
-        than the whole budget is admitted only when nothing else is held."""
+    def hold(self, key_id: str | None, size: int) -> Iterator[Hold]:
+        """Hold `size` bytes for `key_id` (None: unkeyed) for the block, or raise a 503 `ApiError`; yields the
+        `Hold`, which may grow. A request larger than the whole budget is admitted only when it holds all there is."""
+        held = Hold(self, key_id)
+        held.grow(size)
+        try:
+            yield held
+        finally:
+            self._release(key_id, held.size)
+
+    def _take(self, key_id: str | None, size: int, own: int) -> None:
+        """Count `size` more bytes for `key_id`, whose request holds `own` already; 503 past the budget or the key's
+        share, unless nothing but that request holds any."""
         mine = self._by_key.get(key_id, 0)
-        if self.used and (self.used + size > self.capacity or (mine and mine + size > self.per_key)):
+        if (self.used > own and self.used + size > self.capacity) or (mine > own and mine + size > self.per_key):
             raise ApiError(
                 503,
                 "The server is receiving too many large requests at once; try again in a few seconds.",
@@ -196,15 +208,30 @@ class BodyBudget:
             )
         self.used += size
         self._by_key[key_id] = mine + size
-        try:
-            yield
-        finally:
-            self.used -= size
-            left = self._by_key[key_id] - size
-            if left:
-                self._by_key[key_id] = left
-            else:
-                del self._by_key[key_id]
+
+    def _release(self, key_id: str | None, size: int) -> None:
+        self.used -= size
+        left = self._by_key.get(key_id, 0) - size
+        if left:
+            self._by_key[key_id] = left
+        else:
+            self._by_key.pop(key_id, None)
+
+
+class Hold:
+    """One request's bytes in a `BodyBudget` (`size`), given back when its `hold` block ends."""
+
+    def __init__(self, budget: BodyBudget, key_id: str | None) -> None:
+        self.budget = budget
+        self.key_id = key_id
+        self.size = 0
+
+    def grow(self, size: int) -> None:
+        """Hold `size` bytes more, or raise the budget's 503 (nothing more held); admitted when this request is alone
+        in the budget."""
+        if size > 0:
+            self.budget._take(self.key_id, size, self.size)
+            self.size += size
 
 
 def declared_size(headers: Any, limit: int) -> int:

@@ -10,17 +10,19 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import re
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Depends, Request, Security
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import APIKeyHeader
 
 from automask.errors import InvalidOptionError
-from automask.imageio.load import check_image
+from automask.imageio.load import check_image, inline_size
 from automask.server import keys
 from automask.server.dispatch import PUBLISH_TIMEOUT
 from automask.server.errors import ApiError, shown
@@ -28,7 +30,7 @@ from automask.server.execute import Outcome
 from automask.server.holds import credit_hold, unless_client_leaves
 from automask.server.jobs import CANCELLED, COMPLETED, FAILED, Job, no_credits
 from automask.server.keys import ApiKey
-from automask.server.limits import declared_size
+from automask.server.limits import Hold, declared_size
 from automask.server.schemas import (
     CreditsResponse,
     ErrorResponse,
@@ -43,7 +45,66 @@ from automask.server.state import ServerState, state_of
 
 log = logging.getLogger("automask.server")
 SLUG = "automatic-mask-generator"
-router = APIRouter()
+THIS_MACHINE = ("127.0.0.1", "::1", "localhost")
+"""The host names a server without keys answers to (any port), besides its public URL's."""
+_HOST = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[^\[\]:/@\s]+)(?::([0-9]{1,5}))?")
+"""A Host header (or an origin's netloc): the host name or bracketed IPv6 address, and the port."""
+
+
+async def only_this_machine(request: Request) -> None:
+    """Without API keys (`--no-auth`) anyone who reaches the port uses the service, and so could a web page open in
+    the user's browser: another site posting to 127.0.0.1 (CSRF) or a name of its own resolved to 127.0.0.1 (DNS
+    rebinding). So with auth off, answer 403 unless the `Host` is this machine (127.0.0.1, [::1], localhost: any
+    port) or the public URL's host, and any `Origin` is the `Host`'s own (or the public URL's): only programs on this
+    machine and the page the server serves itself get in. With API keys, the key decides and this checks nothing."""
+    state = state_of(request)
+    if state.server.auth:
+        return
+    public = _origin(state.server.public_url or "")
+    hosts = request.headers.getlist("host")
+    host = _host_and_port(hosts[0]) if len(hosts) == 1 else None
+    if host is None or (host[0] not in THIS_MACHINE and (public is None or host[0] != public[1])):
+        given = repr(shown(hosts[0])) if len(hosts) == 1 else f"{len(hosts)} Host headers"
+        port = (request.scope.get("server") or (None, state.server.port))[1]
+        raise ApiError(
+            403,
+            f"This server runs without API keys (--no-auth), so it answers only requests to this machine: Host "
+            f"127.0.0.1, [::1] or localhost (or the --public-url host), not {given}. Use http://127.0.0.1:{port}, "
+            "or serve with API keys (automask keys create).",
+        )
+    origin = request.headers.get("origin")
+    theirs = _origin(origin) if origin is not None else None
+    own = _origin(f"{request.scope.get('scheme', 'http')}://{hosts[0]}")
+    if origin is not None and (theirs is None or theirs not in (own, public)):
+        raise ApiError(
+            403,
+            f"This server runs without API keys (--no-auth), so it answers no web page but its own: the request came "
+            f"from {shown(origin)!r}. Serve with API keys (automask keys create) to be called from other sites.",
+        )
+
+
+def _host_and_port(value: str) -> tuple[str, int | None] | None:
+    """(host name lower-cased, IPv6 without brackets; port or None) of a Host header; None if it is not one."""
+    match = _HOST.fullmatch(value.strip())
+    if match is None:
+        return None
+    return match.group(1).lower().strip("[]"), int(match.group(2)) if match.group(2) else None
+
+
+def _origin(url: str) -> tuple[str, str, int] | None:
+    """(scheme, host as `_host_and_port` gives it, port) of an http(s) origin or URL; None for anything else (the
+    "null" origin of a sandboxed frame or a file: page)."""
+    try:
+        parts = urlsplit(url.strip())
+    except ValueError:  # e.g. an unclosed [
+        return None
+    scheme = parts.scheme.lower()
+    default = {"http": 80, "https": 443}.get(scheme)
+    host = _host_and_port(parts.netloc) if default else None
+    return None if default is None or host is None else (scheme, host[0], host[1] or default)
+
+
+router = APIRouter(dependencies=[Depends(only_this_machine)])
 
 
 def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -54,7 +115,7 @@ def error_response(status: int, message: str, headers: dict[str, str] | None = N
 _ERROR_TEXT = {
     400: "Invalid parameters, an undecodable image, or a refused image URL.",
     401: "Missing or unknown API key.",
-    403: "The key is revoked.",
+    403: "The key is revoked; or, on a server without keys (--no-auth), the request is not from this machine.",
     404: "Unknown endpoint, model or request id.",
     406: "Insufficient credits.",
     413: "Request body or image over the limits.",
@@ -102,7 +163,7 @@ _BODY = {
     }
 }
 _JOB_ERRORS = {
-    **_errors(401, 403, 404, 500),
+    **_errors(401, 403, 404, 429, 500),
     422: {"model": StatusResponse, "description": "The job FAILED; `error` says why."},
 }
 """What the `/v2/requests/{id}...` endpoints answer besides 200."""
@@ -115,19 +176,36 @@ API_KEY = APIKeyHeader(
 
 
 async def current_key(request: Request, token: Annotated[str | None, Security(API_KEY)]) -> ApiKey | None:
-    """The caller's key from `x-api-key` (401/403 otherwise); None when the server runs without auth. Every API
-    endpoint asks for it: first, 503 once this node no longer serves its database (`deployment.Guard`)."""
+    """The caller's key from `x-api-key` (401/403 otherwise; 401 for the header given twice with different keys,
+    which one would count is anyone's guess); None when the server runs without auth. Every API endpoint asks for
+    it: first, 503 once this node no longer serves its database (`deployment.Guard`)."""
     state = state_of(request)
     if state.guard.refusal is not None:
         raise ApiError(503, state.guard.refusal)
     if not state.server.auth:
         return None
+    given = request.headers.getlist("x-api-key")
+    if len({value.strip() for value in given}) > 1:
+        raise ApiError(
+            401, f"The x-api-key header is given {len(given)} times with different keys: send the request's key once."
+        )
     key = await asyncio.to_thread(keys.authenticate, state.store, token)
     request.state.key_id = key.id
     return key
 
 
 CallerKey = Annotated["ApiKey | None", Depends(current_key)]
+
+
+async def polling_key(request: Request, key: CallerKey) -> ApiKey | None:
+    """The caller's key (`current_key`), for an endpoint clients poll: at most `poll_rate_limit` such requests per
+    minute per key (429, with the headers of any rate limit), counted apart from the key's submits."""
+    if key is not None:
+        await state_of(request).limiter.hit(f"{key.id}:poll", state_of(request).server.poll_rate_limit, "polls")
+    return key
+
+
+PollingKey = Annotated["ApiKey | None", Depends(polling_key)]
 
 
 def render(outcome: Outcome, as_base64: bool, credits_left: int | None = None) -> Response:
@@ -147,20 +225,20 @@ def render(outcome: Outcome, as_base64: bool, credits_left: int | None = None) -
 
 
 @asynccontextmanager
-async def accepted(request: Request, key: ApiKey | None) -> AsyncIterator[tuple[ServerState, MaskRequest, str]]:
+async def accepted(request: Request, key: ApiKey | None) -> AsyncIterator[tuple[ServerState, MaskRequest, str, Hold]]:
     """What v1 and v2 do before any work: the rate limit (429), a spent key (406), room for the body in memory
     (503; these three before the body is read), the body (400/413), and the model and whether it answers the
-    prompt's targets (404/503, answered before a credit is held or a job is queued). Yields the state, the request
-    and the model name; the body's room in `state.bodies` is held until the block ends."""
+    prompt's targets (404/503, answered before a credit is held or a job is queued). Yields the state, the request,
+    the model name and the request's `Hold` in `state.bodies`: the body's room, held until the block ends."""
     state = state_of(request)
     if key is not None:
         await state.limiter.hit(key.id, key.rate_limit)
         if key.credits is not None and key.credits < 1:  # as authenticated; the hold re-checks atomically
             raise no_credits(key.id)
-    with state.bodies.hold(key.id if key else None, declared_size(request.headers, state.body_limit)):
+    with state.bodies.hold(key.id if key else None, declared_size(request.headers, state.body_limit)) as held:
         req = await read_request(request, state.body_limit)
         model = await asyncio.to_thread(state.dispatcher.check, req.model, req.targets)
-        yield state, req, model
+        yield state, req, model, held
 
 
 @router.post(
@@ -190,7 +268,7 @@ async def accepted(request: Request, key: ApiKey | None) -> AsyncIterator[tuple[
     tags=["v1"],
 )
 async def v1_generate(request: Request, key: CallerKey) -> Response:
-    async with accepted(request, key) as (state, req, model):
+    async with accepted(request, key) as (state, req, model, _held):
         if req.instance_masks and not req.base64:
             raise InvalidOptionError(
                 "instance_masks",
@@ -214,7 +292,8 @@ async def v1_generate(request: Request, key: CallerKey) -> Response:
     tags=["v2"],
 )
 async def v2_submit(request: Request, key: CallerKey) -> SubmitResponse:
-    async with accepted(request, key) as (state, req, model):
+    async with accepted(request, key) as (state, req, model, held):
+        held.grow(inline_size(req.image))  # its decoded bytes, besides the body, until the job is stored (503)
         # what v1 answers before any download or inference (400, 413), now, not when the job runs
         await asyncio.to_thread(check_image, req.image, state.settings)
         job_id = await asyncio.to_thread(
@@ -233,7 +312,7 @@ async def v2_submit(request: Request, key: CallerKey) -> SubmitResponse:
     )
 
 
-async def owned_job(request: Request, request_id: str, key: CallerKey) -> Job:
+async def owned_job(request: Request, request_id: str, key: PollingKey) -> Job:
     """Job `request_id` if the caller's key owns it; 404 otherwise (another key's job is not revealed)."""
     job = await asyncio.to_thread(state_of(request).jobs.get, request_id)
     if job is None or job.key_id != (key.id if key is not None else None):  # --no-auth sees unkeyed jobs only
@@ -314,7 +393,7 @@ async def result_png(request: Request, job: Job) -> bytes:
 @router.post(
     "/v2/requests/{request_id}/cancel",
     response_model=StatusResponse,
-    responses=_errors(401, 403, 404, 500),
+    responses=_errors(401, 403, 404, 429, 500),
     tags=["v2"],
     summary="Cancel a QUEUED job: it never runs and is not charged (automask extension)",
 )
@@ -330,11 +409,11 @@ async def v2_cancel(request: Request, job: OwnedJob) -> Response:
 @router.get(
     "/v1/credits",
     response_model=CreditsResponse,
-    responses=_errors(401, 403, 500),
+    responses=_errors(401, 403, 429, 500),
     tags=["v1"],
     summary="The calling key's credits left (automask extension); null: unlimited",
 )
-async def v1_credits(request: Request, key: CallerKey) -> CreditsResponse:
+async def v1_credits(request: Request, key: PollingKey) -> CreditsResponse:
     if key is None:
         return CreditsResponse(key_id=None, credits=None)
     credits = await asyncio.to_thread(keys.balance, state_of(request).store, key.id)
@@ -344,11 +423,11 @@ async def v1_credits(request: Request, key: CallerKey) -> CreditsResponse:
 @router.get(
     "/v1/models",
     response_model=ModelList,
-    responses=_errors(401, 403, 500),
+    responses=_errors(401, 403, 429, 500),
     tags=["v1"],
     summary="The models this server answers with (automask extension); send one's name as 'model'",
 )
-async def v1_models(request: Request, key: CallerKey) -> ModelList:
+async def v1_models(request: Request, key: PollingKey) -> ModelList:
     dispatcher = state_of(request).dispatcher
     entries = await asyncio.to_thread(dispatcher.models)
     return ModelList.of(dispatcher.default, entries)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -14,6 +15,7 @@ from starlette.requests import Request
 
 from automask.errors import InvalidOptionError
 from automask.options import MaskOptions, parse_prompt, validation_error
+from automask.server.limits import Message, Receive
 
 MAX_MODEL_NAME = 200
 MAX_PROMPT_CHARS = 2000
@@ -21,6 +23,7 @@ MAX_PROMPT_CHARS = 2000
 MAX_PROMPT_TARGETS = 32
 """Most targets one prompt may name: each is scored separately, so this bounds the work of one request."""
 FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class MaskRequest(MaskOptions):
@@ -139,14 +142,9 @@ def _json_type(value: object) -> str:
 
 def _check_text(name: str, value: object) -> None:
     """A JSON string may hold an unpaired surrogate escape ("\\ud800"): valid JSON, but no text (it cannot be
-    encoded, stored or sent on); refuse it."""
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            raise InvalidOptionError(
-                name, "is not valid text: it holds an unpaired surrogate such as \\ud800"
-            ) from None
+    encoded, stored or sent on); refuse it. Searched for, not encoded: the string may be tens of MB of base64."""
+    if isinstance(value, str) and not value.isascii() and _SURROGATE.search(value):
+        raise InvalidOptionError(name, "is not valid text: it holds an unpaired surrogate such as \\ud800")
 
 
 async def read_request(request: Request, max_part_size: int) -> MaskRequest:
@@ -154,13 +152,40 @@ async def read_request(request: Request, max_part_size: int) -> MaskRequest:
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type in FORM_TYPES:
         return await _read_form(request, max_part_size)
-    body = await request.body()
+    body = await _read_body(request)
     return await asyncio.to_thread(_from_json, body)  # a base64 image may be tens of MB: off the event loop
 
 
-def _from_json(body: bytes) -> MaskRequest:
+async def _read_body(request: Request) -> bytearray:
+    """The whole body, kept by the caller alone. `request.body()` would keep its bytes on the request for as long as
+    the request runs: once parsed, a v1 request would hold its body twice during inference (the budget counts it
+    once)."""
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+    return body
+
+
+def _replay(body: bytearray, chunk: int = 1 << 16) -> Receive:
+    """An ASGI `receive` that sends `body` again, `chunk` bytes at a time (for the form parser)."""
+    view, offset = memoryview(body), 0
+
+    async def receive() -> Message:
+        nonlocal offset
+        piece = bytes(view[offset : offset + chunk])
+        offset += len(piece)
+        return {"type": "http.request", "body": piece, "more_body": offset < len(view)}
+
+    return receive
+
+
+def _from_json(body: bytearray) -> MaskRequest:
+    """Parse and validate a JSON body. `body` is emptied once it is decoded to text: the peak is twice the body (the
+    text, then the text and the values parsed from it), not three times."""
     try:
-        data = json.loads(body)
+        text = body.decode(json.detect_encoding(body), "surrogatepass")  # what json.loads(bytes) does
+        body.clear()
+        data = json.loads(text)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InvalidOptionError(
             "body", f"is not valid JSON ({exc}); send a JSON object, or a multipart form with an 'image' file"
@@ -173,9 +198,9 @@ def _from_json(body: bytes) -> MaskRequest:
 
 
 async def _read_form(request: Request, max_part_size: int) -> MaskRequest:
-    await request.body()  # read whole first: the body limit applies before the form parser sees it
-    try:
-        form = await request.form(max_files=1, max_fields=32, max_part_size=max_part_size)
+    body = await _read_body(request)  # whole first: the body limit applies before the form parser sees it
+    try:  # parsed from a request of its own, which keeps no copy of the body once this returns
+        form = await Request(request.scope, _replay(body)).form(max_files=1, max_fields=32, max_part_size=max_part_size)
     except HTTPException as exc:  # starlette's answer to a malformed form
         raise InvalidOptionError("body", f"is not a valid form: {exc.detail}") from None
     data: dict[str, Any] = {}
