@@ -47,7 +47,11 @@ def _keystore() -> Any:
 @click.option("--model", help="Model name or local model folder [AUTOMASK_MODEL].")
 @click.option("--concurrency", type=click.IntRange(1, 64), help="Inference threads [default: 1].")
 @click.option("--timeout", type=click.FloatRange(0, min_open=True), help="Seconds per inference -> 504 [60].")
-@click.option("--no-auth", is_flag=True, help="No API keys (only on a loopback host: local use).")
+@click.option(
+    "--no-auth",
+    is_flag=True,
+    help="No API keys: local use (a loopback host; only requests addressed to this machine: Host, Origin).",
+)
 @click.option("--public-url", help="Base URL clients use, for the v2 URLs (behind a proxy).")
 @click.option("--header-timeout", type=click.FloatRange(0, min_open=True), help="Seconds to send headers [10].")
 @click.option("--body-timeout", type=click.FloatRange(0, min_open=True), help="Longest pause in a body, s [30].")
