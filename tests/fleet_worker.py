@@ -20,6 +20,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).parent))
 
 from automask.backends.base import Scores
+from automask.errors import ServiceConfigError
 from automask.pipeline import MaskGenerator
 from automask.server.config import ServerSettings
 from automask.server.worker import run_worker
@@ -55,13 +56,17 @@ def staged(folder: Path, name: str) -> None:
 
 def main() -> None:
     settings = Settings()
-    run_worker(
-        settings,
-        ServerSettings(),
-        concurrency=int(os.environ.get("FLEET_CONCURRENCY", "1")),
-        loglevel="info",
-        generator_factory=lambda: MaskGenerator(FleetBackend(), settings),
-    )
+    try:
+        run_worker(
+            settings,
+            ServerSettings(),
+            concurrency=int(os.environ.get("FLEET_CONCURRENCY", "1")),
+            loglevel="info",
+            generator_factory=lambda: MaskGenerator(FleetBackend(), settings),
+        )
+    except ServiceConfigError as exc:  # as `automask worker` exits
+        print(f"Error: {exc.message}", file=sys.stderr)
+        raise SystemExit(9) from None
 
 
 if __name__ == "__main__":

@@ -12,9 +12,17 @@ import torch
 from transformers import CLIPSegForImageSegmentation, CLIPSegProcessor
 
 from automask.backends import registry
-from automask.backends.base import Backend
-from automask.backends.clipseg import ClipSegBackend, load, preprocess, read_preprocessing, tokenize
-from automask.errors import MissingDependencyError, ModelNotAvailableError
+from automask.backends.base import Backend, ScoreParams, sigmoid
+from automask.backends.clipseg import (
+    PROMPTS_PER_PASS,
+    ClipSegBackend,
+    load,
+    preprocess,
+    read_preprocessing,
+    tokenize,
+)
+from automask.errors import MissingDependencyError, ModelNotAvailableError, StoppedError
+from automask.pipeline import MaskGenerator
 from automask.settings import Settings
 from tiny_models import make_tiny_clipseg
 
@@ -149,6 +157,53 @@ def test_several_prompts_score_as_each_alone(tiny_clipseg_dir: Path, chelsea: np
         assert alone.shape == (1, 300, 451)
         assert np.abs(together[i] - alone[0]).max() <= 1e-5
     assert np.abs(together[0] - together[1]).max() > 1e-3  # different prompts, different maps
+
+
+MANY = [f"thing {i}" for i in range(2 * PROMPTS_PER_PASS + 3)]
+"""Prompts for three passes of the decoder."""
+
+
+class CountedPasses:
+    """Wraps `backend.logits` to record the prompts of each decoder pass."""
+
+    def __init__(self, backend: ClipSegBackend) -> None:
+        self.passes: list[list[str]] = []
+        self.logits = backend.logits
+
+    def __call__(self, features: object, prompts: list[str]) -> np.ndarray:
+        self.passes.append(list(prompts))
+        return self.logits(features, prompts)
+
+
+def test_many_prompts_are_decoded_in_passes_that_score_as_one_batch(
+    tiny_clipseg_dir: Path, chelsea: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    backend = load(tiny_clipseg_dir, Settings())
+    features = backend.encode(chelsea)
+    one_batch = sigmoid(backend.logits(features, MANY))
+    counted = CountedPasses(backend)
+    monkeypatch.setattr(backend, "logits", counted)
+    asked: list[int] = []
+    scores = backend.score(features, MANY, params=ScoreParams(should_stop=lambda: asked.append(1) and False))
+    assert counted.passes == [MANY[:8], MANY[8:16], MANY[16:]] and len(asked) == 2  # asked before passes 2 and 3
+    assert scores.labels == MANY and scores.maps.shape == (len(MANY), 300, 451)
+    assert np.abs(scores.maps.low - one_batch).max() <= 1e-5  # type: ignore[attr-defined]
+
+
+def test_a_many_prompt_call_stops_between_passes(
+    tiny_clipseg_dir: Path, chelsea: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before: CLIPSeg decoded every prompt in one batch, with no boundary in it: a run told to stop scored all
+    of them first (the 32 targets a request may name)."""
+    backend = load(tiny_clipseg_dir, Settings())
+    counted = CountedPasses(backend)
+    monkeypatch.setattr(backend, "logits", counted)
+    generator = MaskGenerator(backend, Settings())
+    with pytest.raises(StoppedError):  # told to stop once the first pass ran: the others never run
+        generator.generate(chelsea, MANY, should_stop=lambda: bool(counted.passes))
+    assert counted.passes == [MANY[:8]]
+    result = generator.generate(chelsea, MANY, should_stop=lambda: False)
+    assert len(counted.passes) == 4 and result.mask.shape == (300, 451)  # the features were cached: three passes
 
 
 def test_the_registry_loads_it_once(tiny_clipseg_dir: Path) -> None:

@@ -105,7 +105,9 @@ def fleet(
         "AUTOMASK_REDIS_URL": redis_service.url.rsplit("/", 1)[0] + "/3",
         "HF_HUB_OFFLINE": "1",
         "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+        "FLEET_STAGES": str(root / "stages"),
     }
+    (root / "stages").mkdir()
     store = Store(env["AUTOMASK_DATABASE_URL"])
     migrate(store)
     running = Fleet(root, env, store)
@@ -232,6 +234,25 @@ def test_a_v1_request_that_kills_its_worker_every_time_is_answered_500(fleet: Fl
         f"Unexpected server error (request id {r.headers['x-request-id']}); the server log has the details."
     )
     assert credits(fleet.store, key.id) == 3  # a failure is free
+
+
+def test_a_job_cancelled_on_one_api_node_stops_on_its_worker_and_is_free(fleet: Fleet) -> None:
+    """Before: a running job could not be cancelled; its worker ran it to the end and it was charged."""
+    key, token = keystore.create_key(fleet.store, credits=2)
+    headers = {"x-api-key": token}
+    body = {"image": image_b64(8, 8), "prompt": "staged-fleet-cancel"}
+    job = httpx.post(f"{fleet.urls['api-a']}/v2/{SLUG}", json=body, headers=headers, timeout=30).json()
+    stages = fleet.root / "stages"
+    wait_for((stages / "fleet-cancel.scoring").exists, 30)  # a worker runs it, in its score
+    r = httpx.post(f"{fleet.urls['api-b']}/v2/requests/{job['request_id']}/cancel", headers=headers, timeout=30)
+    assert r.json() == {"request_id": job["request_id"], "status": "CANCELLED"}
+    assert credits(fleet.store, key.id) == 2  # given back at once
+    (stages / "fleet-cancel.go").touch()
+    stopped = lambda: any("stopped: it was cancelled" in p.read_text() for p in fleet.root.glob("worker-*.log"))  # noqa: E731
+    wait_for(stopped, 30)  # the worker read the cancel at its next stage boundary
+    status = httpx.get(f"{fleet.urls['api-a']}/v2/requests/{job['request_id']}/status", headers=headers, timeout=30)
+    assert status.status_code == 422 and status.json()["status"] == "CANCELLED"
+    assert Jobs(fleet.store).result(job["request_id"]) is None and credits(fleet.store, key.id) == 2
 
 
 def test_the_sweeper_republishes_a_job_whose_publish_was_lost(fleet: Fleet) -> None:

@@ -21,7 +21,7 @@ from automask.server import nodes
 from automask.server.config import ServerSettings
 from automask.server.errors import ApiError
 from automask.server.execute import execute_job
-from automask.server.jobs import COMPLETED, FAILED, PROCESSING, QUEUED, Jobs
+from automask.server.jobs import CANCELLED, COMPLETED, FAILED, PROCESSING, QUEUED, Jobs
 from automask.server.migrations import ensure_schema
 from automask.server.runner import Runner
 from automask.server.schemas import MaskRequest
@@ -192,7 +192,7 @@ class TakenOverWhileRunning:
     def generator(self, model: str) -> None:
         return None
 
-    def run_blocking(self, image: Any, prompt: Any, options: Any, model: str) -> Any:
+    def run_blocking(self, image: Any, prompt: Any, options: Any, model: str, **_: Any) -> Any:
         (job_id, _), *_ = self.jobs.orphaned([self.other])
         assert self.jobs.claim(job_id, self.other) is not None
         raise RuntimeError("the model crashed")
@@ -293,3 +293,77 @@ def test_a_redelivered_message_leaves_a_healthy_run_to_finish(store: Store) -> N
     assert jobs.complete(job_id, "node-b", b"png-b", {}, 0.1) is True
     job = jobs.get(job_id)
     assert job is not None and (job.status, job.error) == (COMPLETED, None) and credits(store, key.id) == 0
+
+
+def settle_race(jobs: Jobs, job_id: str, node: str) -> tuple[bool, bool]:
+    """`complete` (by the run on `node`) and `cancel` of `job_id` at once, from two threads released together;
+    return (completed, cancelled)."""
+    start = threading.Barrier(2)
+    out: dict[str, bool] = {}
+
+    def complete() -> None:
+        start.wait()
+        out["complete"] = jobs.complete(job_id, node, b"png", {"run": node}, 0.1)
+
+    def cancel() -> None:
+        start.wait()
+        out["cancel"] = jobs.cancel(job_id)
+
+    threads = [threading.Thread(target=complete), threading.Thread(target=cancel)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=20)
+    return out["complete"], out["cancel"]
+
+
+def test_a_cancel_racing_a_completion_settles_the_credit_once(store: Store) -> None:
+    """A cancel of a running job and its run's completion: one transaction each, exactly one wins (the status,
+    the result and the credit agree with it), whichever comes first."""
+    rounds = 12
+    key, _ = keystore.create_key(store, credits=rounds)
+    jobs = Jobs(store)
+    wins = {COMPLETED: 0, CANCELLED: 0}
+    for _ in range(rounds):
+        job_id = jobs.submit(key.id, request_of(), charge=True, model="m")
+        assert jobs.claim(job_id, "node-a") is not None
+        completed, cancelled = settle_race(jobs, job_id, "node-a")
+        assert completed != cancelled  # exactly one won
+        job = jobs.get(job_id)
+        assert job is not None and job.status == (COMPLETED if completed else CANCELLED)
+        assert (jobs.result(job_id) is not None) == completed
+        assert jobs.cancel(job_id) is False and jobs.complete(job_id, "node-a", b"late", {}, 0.1) is False
+        wins[job.status] += 1
+    assert credits(store, key.id) == wins[CANCELLED]  # each completion charged once, each cancel refunded once
+    with store.read() as conn:
+        assert conn.execute(text("SELECT count(*) FROM holds")).scalar_one() == 0
+
+
+@pytest.mark.parametrize("first", ["complete", "cancel"])
+def test_a_cancel_and_a_completion_waiting_on_one_row_leave_one_winner(pg_store: Store, first: str) -> None:
+    """PostgreSQL (READ COMMITTED): both UPDATEs wait on the row while another transaction holds it, then each
+    re-checks its WHERE on the committed row; the one that takes the lock first wins, the other matches nothing."""
+    key, _ = keystore.create_key(pg_store, credits=1)
+    jobs = Jobs(pg_store)
+    job_id = jobs.submit(key.id, request_of(), charge=True, model="m")
+    assert jobs.claim(job_id, "node-a") is not None
+    out: dict[str, bool] = {}
+    calls = {
+        "complete": lambda: out.setdefault("complete", jobs.complete(job_id, "node-a", b"png", {}, 0.1)),
+        "cancel": lambda: out.setdefault("cancel", jobs.cancel(job_id)),
+    }
+    second = "cancel" if first == "complete" else "complete"
+    with pg_store.engine.connect() as holder, holder.begin():
+        holder.execute(text("SELECT id FROM jobs WHERE id = :id FOR UPDATE"), {"id": job_id})
+        threads = [threading.Thread(target=calls[first])]
+        threads[0].start()
+        wait_for_lock_waiters(pg_store, 1)
+        threads.append(threading.Thread(target=calls[second]))
+        threads[1].start()
+        wait_for_lock_waiters(pg_store, 2)
+    for t in threads:
+        t.join(timeout=10)
+    assert out == {first: True, second: False}
+    job = jobs.get(job_id)
+    assert job is not None and job.status == (COMPLETED if first == "complete" else CANCELLED)
+    assert credits(pg_store, key.id) == (0 if first == "complete" else 1)

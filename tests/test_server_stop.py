@@ -93,3 +93,33 @@ def test_a_run_past_its_time_limit_is_answered_504_and_its_thread_stops(tmp_path
         assert backend.seen == ["encode"] and not backend.entered["score"].is_set()
         assert credits(store, key.id) == 3  # a request answered 504 is never charged
         store.close()
+
+
+def test_a_running_v2_job_cancelled_stops_at_the_next_stage_and_is_not_charged(
+    tmp_path: Path, body: dict[str, Any]
+) -> None:
+    """Before: cancel answered a running job with its status unchanged; it ran to the end and was charged."""
+    data = tmp_path / "data"
+    backend = StagedBackend()
+    with live_server(data, backend, job_workers=1) as live:
+        store = Store.in_data_dir(data)
+        key, token = keystore.create_key(store, credits=3)
+        headers = {"x-api-key": token}
+        job = httpx.post(f"{live.url}/v2/{SLUG}", json=body, headers=headers, timeout=30).json()
+        assert backend.entered["encode"].wait(10)
+        assert httpx.get(job["status_url"], headers=headers).json()["status"] == "PROCESSING"
+        assert credits(store, key.id) == 2  # held while it runs
+        r = httpx.post(f"{live.url}/v2/requests/{job['request_id']}/cancel", headers=headers)
+        assert r.status_code == 200 and r.json() == {"request_id": job["request_id"], "status": "CANCELLED"}
+        assert credits(store, key.id) == 3  # given back at once
+        backend.release()
+        # the next job runs once the cancelled one left the only job worker; its features are cached
+        nxt = httpx.post(f"{live.url}/v2/{SLUG}", json=body, headers=headers, timeout=30).json()
+        wait_for(lambda: httpx.get(nxt["status_url"], headers=headers).json()["status"] == "COMPLETED", 20)
+        assert backend.seen == ["encode", "score"]  # the cancelled run never scored; the next one did
+        status = httpx.get(job["status_url"], headers=headers)
+        assert status.status_code == 422 and status.json()["status"] == "CANCELLED"
+        assert httpx.get(f"{live.url}/v2/requests/{job['request_id']}/output", headers=headers).status_code == 422
+        again = httpx.post(f"{live.url}/v2/requests/{job['request_id']}/cancel", headers=headers)
+        assert again.json()["status"] == "CANCELLED" and credits(store, key.id) == 2  # refunded once; one charged
+        store.close()

@@ -12,7 +12,16 @@ from sqlalchemy import update
 from automask.server import keys as keystore
 from automask.server import nodes
 from automask.server.errors import ApiError
-from automask.server.jobs import CANCELLED, COMPLETED, FAILED, PROCESSING, QUEUED, Jobs
+from automask.server.jobs import (
+    CANCELLED,
+    CANCELLED_QUEUED,
+    CANCELLED_RUNNING,
+    COMPLETED,
+    FAILED,
+    PROCESSING,
+    QUEUED,
+    Jobs,
+)
 from automask.server.migrations import ensure_schema
 from automask.server.schemas import MaskRequest
 from automask.server.store import Store, jobs_table, nodes_table
@@ -131,10 +140,16 @@ def test_failed_and_cancelled_jobs_are_free(store: Store) -> None:
     assert jobs.cancel(cancelled) is True
     assert jobs.claim(cancelled, "n") is None  # a cancelled job never runs
     assert jobs.claim(started, "n") is not None
-    assert jobs.cancel(started) is False  # already running: not cancelled
-    statuses = [j.status for j in (jobs.get(failed), jobs.get(cancelled), jobs.get(started)) if j]
-    assert statuses == [FAILED, CANCELLED, PROCESSING]
-    assert credits(store, key.id) == 2
+    assert jobs.held(started, "n") and not jobs.held(started, "other")
+    assert jobs.cancel(started) is True  # running: cancelled too, its run stops at its next stage boundary
+    assert not jobs.held(started, "n")
+    assert jobs.complete(started, "n", b"png", {}, 0.1) is False  # a run that finishes anyway: neither stored...
+    assert jobs.cancel(started) is False and jobs.cancel(failed) is False  # finished: nothing to cancel
+    jobs_seen = [jobs.get(j) for j in (failed, cancelled, started)]
+    assert [j.status for j in jobs_seen if j] == [FAILED, CANCELLED, CANCELLED]
+    assert [j.error for j in jobs_seen[1:] if j] == [CANCELLED_QUEUED, CANCELLED_RUNNING]
+    assert jobs.result(started) is None
+    assert credits(store, key.id) == 3  # ... nor charged: every credit is back, each given back once
 
 
 def test_queue_caps_per_key_and_in_total(store: Store) -> None:

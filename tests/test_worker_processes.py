@@ -11,18 +11,20 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 from automask.errors import InferenceTimeoutError
-from automask.server import nodes
+from automask.server import deployment, nodes
+from automask.server import keys as keystore
 from automask.server.config import ServerSettings
 from automask.server.fleet import CeleryDispatcher
-from automask.server.jobs import Jobs
+from automask.server.jobs import CANCELLED, CANCELLED_RUNNING, COMPLETED, Jobs
 from automask.server.migrations import migrate
 from automask.server.runner import inference_timeout
 from automask.server.schemas import MaskRequest
@@ -162,21 +164,31 @@ async def hang_then_ask(services: Services) -> None:
         await dispatcher.stop()
 
 
-def test_a_v1_run_nobody_waits_for_stops_in_the_worker_and_pushes_no_outcome(
-    services: Services, tmp_path: Path
-) -> None:
-    """Before: a worker checked the cancel flag only before it started a v1 run: once started, a run whose client
-    had left (or whose API node had answered 504) computed to the end and pushed an outcome nobody read; and a run
-    past its time limit made the pool process replace itself."""
+Scenario = Callable[[Services, Path], Coroutine[Any, Any, None]]
+"""An async test body given the services and the folder of its staged prompts (`tests/fleet_worker.py`)."""
+
+
+def run_staged(services: Services, tmp_path: Path, scenario: Scenario) -> str:
+    """Run `scenario` (its staged prompts wait in the folder it is given) against a worker with one pool process;
+    check that each of its runs stopped at a stage boundary (the process was never replaced); return the log."""
     stages = tmp_path / "stages"
     stages.mkdir()
     services.env["FLEET_STAGES"] = str(stages)
     with worker(services, concurrency=1) as proc:
         wait_for(lambda: "@automask ready." in services.log.read_text(), 60)
         (pid,) = pool_pids(proc)
-        asyncio.run(leave_mid_run(services, stages))
+        asyncio.run(scenario(services, stages))
         assert pool_pids(proc) == {pid}  # each run stopped at its next stage boundary: nothing to replace
-    log = services.log.read_text()
+    return services.log.read_text()
+
+
+def test_a_v1_run_nobody_waits_for_stops_in_the_worker_and_pushes_no_outcome(
+    services: Services, tmp_path: Path
+) -> None:
+    """Before: a worker checked the cancel flag only before it started a v1 run: once started, a run whose client
+    had left (or whose API node had answered 504) computed to the end and pushed an outcome nobody read; and a run
+    past its time limit made the pool process replace itself."""
+    log = run_staged(services, tmp_path, leave_mid_run)
     assert log.count("stopped: nobody waits for its answer") == 2 and "ran past its time limit" not in log, log
 
 
@@ -217,3 +229,50 @@ async def hand_off_keys(dispatcher: CeleryDispatcher) -> list[str]:
 def request_of(prompt: str) -> MaskRequest:
     image = base64.b64encode(png_bytes(np.zeros((8, 8, 3), np.uint8))).decode()
     return MaskRequest.model_validate({"image": image, "prompt": prompt})
+
+
+def test_a_v2_job_cancelled_while_it_runs_stops_in_the_worker_and_is_not_charged(
+    services: Services, tmp_path: Path
+) -> None:
+    """Before: a cancel left a running job alone; its worker ran it to the end and charged it."""
+    log = run_staged(services, tmp_path, cancel_mid_run)
+    assert log.count("stopped: it was cancelled") == 1 and "ran past its time limit" not in log, log
+
+
+async def cancel_mid_run(services: Services, stages: Path) -> None:
+    """A v2 job cancelled (as the route does, from another node) while its run is in the backend's score."""
+    dispatcher = CeleryDispatcher(services.settings, ServerSettings(timeout=20), services.store)
+    jobs = Jobs(services.store)
+    key, _ = keystore.create_key(services.store, credits=2)
+    try:
+        job_id = jobs.submit(key.id, request_of("staged-cancel"), charge=True, model=MODEL)
+        dispatcher.publish(job_id, MODEL)
+        await asyncio.to_thread(wait_for, (stages / "cancel.scoring").exists, 30)
+        assert jobs.cancel(job_id) is True
+        (stages / "cancel.go").touch()
+        await asyncio.to_thread(wait_for, lambda: "stopped: it was cancelled" in services.log.read_text(), 30)
+        job = jobs.get(job_id)
+        assert job is not None and (job.status, job.error, job.has_result) == (CANCELLED, CANCELLED_RUNNING, False)
+        assert keystore.balance(services.store, key.id) == 2  # given back once, never charged
+        after = jobs.submit(key.id, request_of("sofa"), charge=True, model=MODEL)
+        dispatcher.publish(after, MODEL)
+        await asyncio.to_thread(wait_for, lambda: jobs.get(after).status == COMPLETED, 30)  # type: ignore[union-attr]
+        assert keystore.balance(services.store, key.id) == 1
+    finally:
+        await dispatcher.stop()
+
+
+def test_a_running_worker_stops_once_its_database_serves_a_single_server(services: Services) -> None:
+    """Before: a worker checked the deployment only at start-up; after `automask db deployment single --force` it
+    went on taking the queue's tasks for a database that a single server now runs."""
+    with worker(services, concurrency=2) as proc:
+        wait_for(lambda: len(live_workers(services.store)) == 2, 60)
+        wait_for(lambda: "@automask ready." in services.log.read_text(), 30)
+        assert deployment.current(services.store) == deployment.FLEET
+        deployment.record(services.store, deployment.SINGLE, force=True)
+        assert proc.wait(timeout=30) == 9  # a warm shutdown, then the reason, as `automask worker` exits
+    log = services.log.read_text()
+    assert "shutting the worker down" in log and "This worker stops taking tasks" in log, log
+    assert "automask db deployment fleet --force" in log
+    with services.store.read() as conn:  # its pool processes left cleanly: their nodes are gone
+        assert conn.execute(nodes.nodes_table.select()).all() == [], log

@@ -21,9 +21,9 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from automask.backends.base import Scores, sigmoid
+from automask.backends.base import ScoreParams, Scores, sigmoid
 from automask.backends.torch_loading import checkpoint_errors, prepare_torch
-from automask.errors import ModelNotAvailableError, require
+from automask.errors import ModelNotAvailableError, require, stop_if_asked
 from automask.settings import Settings
 
 NAME = "clipseg"
@@ -186,24 +186,40 @@ class ClipSegFeatures:
     image_size: tuple[int, int]
 
 
+PROMPTS_PER_PASS = 8
+"""Prompts the text encoder and decoder take in one batch: a many-prompt call makes several passes, and asks its
+`should_stop` between them (each prompt's logits do not depend on the others in its batch)."""
+
+
 class ClipSegScoring:
     """`score` for both CLIPSeg runtimes, on top of their own `logits(features, prompts)` (N×S×S float32) and
     features that carry the original `image_size` (H, W)."""
+
+    takes_params = True
 
     def logits(self, features: Any, prompts: list[str]) -> np.ndarray:
         """Decoder logits for N prompts at the model resolution: N×S×S float32 (before the sigmoid)."""
         raise NotImplementedError
 
-    def score(self, features: Any, prompts: list[str], *, min_score: float = 0.0) -> Scores:
+    def score(
+        self, features: Any, prompts: list[str], *, min_score: float = 0.0, params: ScoreParams | None = None
+    ) -> Scores:
         """Sigmoid score maps N×H×W float32 in [0, 1] at the original image size, one per prompt; scores: the
-        N peaks.
+        N peaks. The prompts are decoded `PROMPTS_PER_PASS` at a time; `params.should_stop` is asked before each
+        pass but the first (`text_threshold` does not apply).
 
         `min_score` is unused: every pixel of a dense map is thresholded by the pipeline.
         """
         h, w = features.image_size
         if not prompts:
             return Scores(maps=np.zeros((0, h, w), np.float32), labels=[], kind="dense", scores=np.zeros(0, np.float32))
-        maps = UpsampledMaps(sigmoid(self.logits(features, prompts)), (h, w))  # full size one at a time
+        should_stop = params.should_stop if params is not None else None
+        low = []
+        for start in range(0, len(prompts), PROMPTS_PER_PASS):
+            if start:
+                stop_if_asked(should_stop)
+            low.append(sigmoid(self.logits(features, prompts[start : start + PROMPTS_PER_PASS])))
+        maps = UpsampledMaps(np.concatenate(low), (h, w))  # full size one at a time
         peaks = np.array([m.max() for m in maps], np.float32)
         return Scores(maps=maps, labels=list(prompts), kind="dense", scores=peaks)  # type: ignore[arg-type]
 

@@ -6,7 +6,9 @@ The kind is recorded in the database (the `settings` row `deployment`). Every se
 start-up (`Guard.claim`, with the kind its dispatcher makes): it is written if absent, and a database of the other
 kind is refused with a `ServiceConfigError` naming the fix. A running server re-reads it at every sweep
 (`Guard.holds`): once another kind has taken the database (`automask db deployment KIND --force`), the node stops
-sweeping and running jobs, and answers 503 with `Guard.refusal`, /readyz included.
+sweeping and running jobs, and answers 503 with `Guard.refusal`, /readyz included. A worker's pool processes re-read
+it at every heartbeat: once a single server has taken the database, the worker stops taking tasks and shuts down
+(`automask.server.worker`).
 """
 
 from __future__ import annotations
@@ -60,11 +62,12 @@ def record(store: Store, kind: str, *, force: bool = False) -> str | None:
 
 
 class Guard:
-    """A node's claim that its database serves `kind` of deployment: `claim` at start-up, `holds` at each sweep.
-    `refusal` is None while it holds, then for good the 503 message of a node whose database another kind took."""
+    """A node's claim that its database serves `kind` of deployment: `claim` at start-up, `holds` at each sweep (a
+    server) or heartbeat (a worker's pool process). `refusal` is None while it holds, then for good the message of
+    a node whose database another kind took: a server's 503, or the reason a `worker` stops taking tasks."""
 
-    def __init__(self, store: Store, kind: str) -> None:
-        self.store, self.kind = store, kind
+    def __init__(self, store: Store, kind: str, *, worker: bool = False) -> None:
+        self.store, self.kind, self.worker = store, kind, worker
         self.refusal: str | None = None
 
     def claim(self) -> None:
@@ -79,12 +82,26 @@ class Guard:
         if self.refusal is None:
             found = current(self.store)
             if found is not None and found != self.kind:
-                self.refusal = (
-                    f"This server no longer serves requests: its database was switched to {DESCRIPTION[found]}. "
-                    f"Restart it configured as one, or point it at another database (AUTOMASK_DATABASE_URL)."
-                )
+                self.refusal = (worker_refusal if self.worker else server_refusal)(found)
                 log.error("the database %s now serves %s: %s", self.store.describe(), DESCRIPTION[found], self.refusal)
         return self.refusal is None
+
+
+def server_refusal(found: str) -> str:
+    """The 503 of a server whose database now serves `found`."""
+    return (
+        f"This server no longer serves requests: its database was switched to {DESCRIPTION[found]}. "
+        f"Restart it configured as one, or point it at another database (AUTOMASK_DATABASE_URL)."
+    )
+
+
+def worker_refusal(found: str) -> str:
+    """Why a running worker stops taking tasks once its database serves `found`, and what to do."""
+    return (
+        f"This worker stops taking tasks: its database was switched to {DESCRIPTION[found]}. Point the fleet at "
+        "another database (AUTOMASK_DATABASE_URL); if the switch was a mistake, stop that server, then run: "
+        "automask db deployment fleet --force"
+    )
 
 
 def start_refusal(store: Store, kind: str, found: str) -> str:

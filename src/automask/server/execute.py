@@ -100,6 +100,22 @@ def compute(
         return Outcome(500, error=unexpected_error(request_id))
 
 
+def still_held(jobs: Jobs, job_id: str, node: str) -> Callable[[], bool]:
+    """The `should_stop` of a v2 run: True once job `job_id` no longer runs on `node` (its owner cancelled it, or
+    the sweeper gave it to another node), read from the database at each stage boundary, wherever the run is (the
+    in-process pool, a Celery worker) and whichever node took the cancel. While the database does not answer, the
+    run goes on (its `complete` decides)."""
+
+    def stop() -> bool:
+        try:
+            return not jobs.held(job_id, node)
+        except SQLAlchemyError:
+            log.warning("v2 job %s: could not read whether it was cancelled; the run goes on", job_id, exc_info=True)
+            return False
+
+    return stop
+
+
 def execute_job(
     jobs: Jobs,
     runner: Runner,
@@ -117,7 +133,9 @@ def execute_job(
 
     A job started more than `max_attempts` times (each start that never finished: a crash, a killed worker)
     ends FAILED. A job whose model is not available here goes back to QUEUED, its attempt not counted, to run
-    once the model is back.
+    once the model is back. A job cancelled while it runs (`Jobs.cancel`, from any node) stops at its next stage
+    boundary (`still_held`); one that finishes first is neither stored nor charged (`Jobs.complete` no longer
+    matches it).
 
     A database error (`SQLAlchemyError`, from claiming, completing, failing or releasing the job) is raised, never
     turned into a FAILED job: the job stays as the database last had it (PROCESSING on `node` once claimed) for the
@@ -137,10 +155,14 @@ def execute_job(
             runner.generator(model)
         except ModelNotAvailableError:
             return QUEUED if jobs.release(job_id, node) else None
-        result, seconds = runner.run_blocking(req.image, req.prompt, req.options(), model)
+        stop = still_held(jobs, job_id, node)
+        result, seconds = runner.run_blocking(req.image, req.prompt, req.options(), model, should_stop=stop)
         done = answer(result, req, model)
         if jobs.complete(job_id, node, done.png, done.metadata, seconds):
             return "COMPLETED"
+        return None
+    except StoppedError:  # cancelled (or taken over) while it ran: whoever took the job has settled it
+        log.info("v2 job %s stopped: it was cancelled, or taken over by another node", job_id)
         return None
     except RunnerClosed:  # stopping before it ran: it runs after the restart, or on another node
         return QUEUED if jobs.release(job_id, node) else None

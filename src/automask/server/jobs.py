@@ -1,13 +1,15 @@
 """v2 jobs in the database: submit, claim by id, complete, fail, cancel, expire, and what the sweeper recovers.
 
-QUEUED -> PROCESSING -> COMPLETED | FAILED (| CANCELLED, an automask extension, from QUEUED only). A job holds one
-credit of its key from submission (kept when it completes, given back otherwise). Delivery to the code that runs
-a job is at least once, so every step is a conditional UPDATE by id: a job is claimed only while QUEUED (or, by a
-redelivered message, PROCESSING on a node that died: never from a live run); it is completed, failed or released
+QUEUED -> PROCESSING -> COMPLETED | FAILED (| CANCELLED, an automask extension, from QUEUED or PROCESSING). A job
+holds one credit of its key from submission (kept when it completes, given back otherwise). Delivery to the code that
+runs a job is at least once, so every step is a conditional UPDATE by id: a job is claimed only while QUEUED (or, by
+a redelivered message, PROCESSING on a node that died: never from a live run); it is completed, failed or released
 only by the run that holds it (PROCESSING on the node that claimed it last), and completed or failed in the
 transaction that settles its hold, so a duplicate run never charges or refunds twice, and a slow run whose job was
-taken over cannot end the run that took it. Results (PNG) live in the database until `result_ttl`
-after they finish, so any node can serve them.
+taken over cannot end the run that took it. A cancel is one such UPDATE too: of a cancel and a completion racing,
+exactly one matches the row, and only its transaction settles the credit. A run asks `held` at each stage boundary
+and stops once its job is no longer its own (cancelled, or taken over). Results (PNG) live in the database until
+`result_ttl` after they finish, so any node can serve them.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy import case, delete, func, insert, select, update
 
 from automask.server import keys, nodes
 from automask.server.errors import ApiError
@@ -30,6 +32,8 @@ UNFINISHED = (QUEUED, PROCESSING)
 FINISHED = (COMPLETED, FAILED, CANCELLED)
 J = jobs_table.c
 N = nodes_table.c
+CANCELLED_QUEUED = "Cancelled by the client before it ran."
+CANCELLED_RUNNING = "Cancelled by the client while it ran."
 KEY_CAP_RETRY_SECONDS = 5
 """How long a key at its cap of unfinished jobs is told to wait (429 `Retry-After`)."""
 LONGEST_RUN_MARGIN = 120.0
@@ -255,8 +259,29 @@ class Jobs:
         return True
 
     def cancel(self, job_id: str) -> bool:
-        """Cancel a QUEUED job: it never runs and its credit is given back. False once it has started."""
-        return self.fail(job_id, "Cancelled by the client before it ran.", status=CANCELLED)
+        """Cancel an unfinished job (QUEUED, or PROCESSING wherever it runs): CANCELLED at once, its credit given
+        back, in one transaction. The run of a PROCESSING job sees it at its next stage boundary (`held`) and
+        stops; should it finish first, its `complete` (or `fail`) no longer matches the row: it neither stores its
+        result nor charges. False when the job had finished already (a completion that won the race included)."""
+        error = case((J.started_at.is_(None), CANCELLED_QUEUED), else_=CANCELLED_RUNNING)
+        with self.store.transaction() as conn:
+            cur = conn.execute(
+                update(jobs_table)
+                .where(J.id == job_id, J.status.in_(UNFINISHED))
+                .values(
+                    status=CANCELLED, error=error, finished_at=self.store.now(), request=None, upload=None, node=None
+                )
+            )
+            if cur.rowcount != 1:
+                return False
+            keys.settle_in(conn, job_id, charge=False)
+        return True
+
+    def held(self, job_id: str, node: str) -> bool:
+        """Whether job `job_id` still runs on `node` (PROCESSING there): False once it was cancelled, or taken over
+        by another node, so the run there may stop. A read by primary key, asked at each stage boundary."""
+        with self.store.read() as conn:
+            return conn.execute(select(J.id).where(_running_on(job_id, node))).first() is not None
 
     def expire(self, ttl: float) -> int:
         """Delete jobs finished more than `ttl` seconds ago, with their results; return how many."""

@@ -15,6 +15,7 @@ import os
 import socket
 import threading
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from sqlalchemy import ColumnElement, delete, func, insert, select, update
@@ -126,7 +127,8 @@ def refuse_mixed(store: Store, other: str) -> None:
 class Heartbeat:
     """A daemon thread that keeps node `node_id` alive every `interval` seconds (re-registering if it was
     declared dead after a long pause), until `stop()`, which removes the node. The node is alive as long as the
-    process that started the thread: a killed process stops beating."""
+    process that started the thread: a killed process stops beating. `watch` (None: nothing) is called after each
+    beat, in that thread: a check the node repeats as long as it lives (a worker's deployment guard)."""
 
     def __init__(
         self,
@@ -138,9 +140,10 @@ class Heartbeat:
         *,
         interval: float,
         dead_after: float,
+        watch: Callable[[], None] | None = None,
     ) -> None:
         self.store, self.node_id, self.kind, self.models, self.default = store, node_id, kind, models, default
-        self.interval, self.dead_after = interval, dead_after
+        self.interval, self.dead_after, self.watch = interval, dead_after, watch
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="automask-heartbeat", daemon=True)
 
@@ -153,6 +156,8 @@ class Heartbeat:
             try:
                 if not heartbeat(self.store, self.node_id):
                     register(self.store, self.node_id, self.kind, self.models, self.default, self.dead_after)
+                if self.watch is not None:
+                    self.watch()
             except Exception:  # the database is briefly unreachable: the next beat tries again
                 log.warning("node heartbeat failed; retrying", exc_info=True)
 

@@ -395,9 +395,17 @@ async def result_png(request: Request, job: Job) -> bytes:
     response_model=StatusResponse,
     responses=_errors(401, 403, 404, 429, 500),
     tags=["v2"],
-    summary="Cancel a QUEUED job: it never runs and is not charged (automask extension)",
+    summary="Cancel a queued or running job: it is not charged (automask extension)",
+    description=(
+        "Cancels a QUEUED or PROCESSING job at once: its status is CANCELLED (polling it answers 422 with "
+        "status CANCELLED) and its credit is given back. A queued job never runs; a running one stops at its next "
+        "stage boundary, wherever it runs, and its result, should it finish anyway, is neither stored nor "
+        "charged. A job that finished first (COMPLETED or FAILED) is answered with its status unchanged: of a "
+        "cancel and a completion arriving together, exactly one takes effect."
+    ),
 )
 async def v2_cancel(request: Request, job: OwnedJob) -> Response:
+    """The job's run learns of it from the database (`execute.still_held`), whichever node took the cancel."""
     state = state_of(request)
     if await asyncio.to_thread(state.jobs.cancel, job.id):
         return JSONResponse({"request_id": job.id, "status": CANCELLED})

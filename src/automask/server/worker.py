@@ -5,12 +5,20 @@ its own (its model, a heartbeat from a thread of that process): a pool process t
 and the node guard on a job (complete, fail, release) tells two runs in one worker apart. A v2 task runs
 `execute_job` by id (a redelivered message may take over a job whose pool process died); a v1 task reads its request
 from Redis, computes the `Outcome` and pushes it back for the API node.
+
+The worker claims its database for a fleet at start-up (`deployment.Guard`), and each pool process reads the claim
+again at every heartbeat: once the database serves a single server (`automask db deployment single --force`), the
+process logs why, hands back any task it is given (unrun, to the queue) and asks the worker for a warm shutdown
+(running tasks finish, prefetched messages go back to RabbitMQ); the worker then exits with the reason
+(`ServiceConfigError`: `automask worker` exits 9), and a restart is refused until the database serves a fleet again.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,9 +26,10 @@ from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
+from automask.errors import ServiceConfigError
 from automask.pipeline import MaskGenerator
 from automask.routing import plan_models
-from automask.server import nodes
+from automask.server import deployment, nodes
 from automask.server.config import ServerSettings
 from automask.server.deployment import FLEET, Guard
 from automask.server.execute import Outcome, compute, execute_job, unexpected_error
@@ -60,6 +69,7 @@ class _Process:
     jobs: Jobs
     runner: Runner
     redis: Any
+    guard: Guard
 
 
 @dataclass
@@ -91,11 +101,31 @@ def _process() -> _Process:
         store.read_clock()  # its first beat and claim are on the fleet's clock
         node = nodes.new_node_id("worker")  # this process's pid: its jobs are its own
         beat, ttl = w.server.beat, w.server.node_ttl
-        heartbeat = nodes.Heartbeat(store, node, "worker", [w.model], w.default, interval=beat, dead_after=ttl)
+        guard = Guard(store, FLEET, worker=True)
+        heartbeat = nodes.Heartbeat(
+            store, node, "worker", [w.model], w.default, interval=beat, dead_after=ttl, watch=lambda: _watch(guard)
+        )
         heartbeat.start()  # registers the node: API nodes count the model as served
-        w.process = _Process(node, heartbeat, Jobs(store), runner, redis.Redis.from_url(str(w.settings.redis_url)))
+        client = redis.Redis.from_url(str(w.settings.redis_url))
+        w.process = _Process(node, heartbeat, Jobs(store), runner, client, guard)
         log.info("pool process %s ready with model %s", node, w.model)
     return _WORKER.process  # type: ignore[return-value]
+
+
+def _watch(guard: Guard) -> None:
+    """At each heartbeat of a pool process: once the database no longer serves a fleet (`Guard.holds` logs why),
+    ask the worker's main process for a warm shutdown (SIGTERM), once."""
+    if guard.refusal is None and not guard.holds():
+        log.error("pool process %d: %s; shutting the worker down", os.getpid(), guard.refusal)
+        os.kill(os.getppid(), signal.SIGTERM)
+
+
+def _refuse_if_switched(proc: _Process) -> None:
+    """Hand a task back, unrun, once this worker's database serves a single server (the worker is stopping)."""
+    if proc.guard.refusal is not None:
+        from celery.exceptions import Reject
+
+        raise Reject(proc.guard.refusal, requeue=True)
 
 
 def _process_exits() -> None:
@@ -113,6 +143,7 @@ def v2_task(task: Any, job_id: str) -> str | None:
     assert _WORKER is not None
     started = time.monotonic()
     proc = _process()
+    _refuse_if_switched(proc)
     redelivered = bool((task.request.delivery_info or {}).get("redelivered"))
     try:
         status = execute_job(
@@ -155,6 +186,7 @@ def v1_task(task: Any, rid: str, model: str, deadline: float, request_id: str) -
     node cancels the hand-off (the client left, or it answered 504), and then pushes no outcome: nobody waits for
     one (nor for one finished past the deadline)."""
     proc = _process()
+    _refuse_if_switched(proc)
     keys = v1_keys(rid)
     if proc.jobs.store.now() > deadline or _cancelled(proc, keys["cancel"]):
         return
@@ -233,7 +265,8 @@ def run_worker(
     loglevel: str = "info",
     generator_factory: Callable[[], MaskGenerator] | None = None,
 ) -> None:
-    """Run a worker until it is stopped (SIGTERM: warm shutdown, running tasks finish)."""
+    """Run a worker until it is stopped (SIGTERM: warm shutdown, running tasks finish), or until its database
+    serves a single server (then the same warm shutdown, and `ServiceConfigError` saying why)."""
     global _WORKER
     require_fleet_settings(settings)
     store = Store.from_settings(settings, create=False)  # an older schema: refuse, say `automask db migrate`
@@ -273,6 +306,22 @@ def run_worker(
         optimization="fair",
     )
     worker.start()
+    _refuse_if_not_fleet(settings)
     code = getattr(worker, "exitcode", 0)
     if code:
         raise SystemExit(code)
+
+
+def _refuse_if_not_fleet(settings: Settings) -> None:
+    """After the worker stopped: `ServiceConfigError` if it stopped because its database now serves a single
+    server (a pool process saw it), so that `automask worker` exits saying why (9), not as if asked to stop."""
+    store = Store(str(settings.database_url))
+    try:
+        found = deployment.current(store)
+    except SQLAlchemyError:  # unreachable now: the worker stopped for another reason (a restart says which)
+        log.warning("could not read the database's deployment after stopping", exc_info=True)
+        return
+    finally:
+        store.close()
+    if found is not None and found != FLEET:
+        raise ServiceConfigError(deployment.worker_refusal(found))
