@@ -76,7 +76,8 @@ def test_a_worker_that_cannot_reach_the_database_hands_the_task_back(monkeypatch
     answers = [False, False, True]  # the database is back at the third try
     store = SimpleNamespace(ping=lambda: pings.append(time.monotonic()) or answers.pop(0))
     jobs = SimpleNamespace(release=lambda job_id, node: released.append((job_id, node)), store=store)
-    monkeypatch.setattr(worker, "_process", lambda: SimpleNamespace(jobs=jobs, runner=None, node="n1"))
+    serving = SimpleNamespace(refusal=None)  # the database still serves the fleet
+    monkeypatch.setattr(worker, "_process", lambda: SimpleNamespace(jobs=jobs, runner=None, node="n1", guard=serving))
     monkeypatch.setattr(worker, "execute_job", database_down)
     monkeypatch.setattr(worker, "RETRY_PAUSE", 0.05)
     task = SimpleNamespace(request=SimpleNamespace(delivery_info={"redelivered": False}))
@@ -111,7 +112,8 @@ def test_a_worker_waiting_for_the_database_hands_its_task_back_before_celerys_ha
     monkeypatch.setattr(worker, "RETRY_PAUSE", 0.05)
     store = SimpleNamespace(ping=lambda: False)  # the database stays down
     jobs = SimpleNamespace(release=lambda job_id, node: None, store=store)
-    monkeypatch.setattr(worker, "_process", lambda: SimpleNamespace(jobs=jobs, runner=None, node="n1"))
+    serving = SimpleNamespace(refusal=None)  # the database still serves the fleet
+    monkeypatch.setattr(worker, "_process", lambda: SimpleNamespace(jobs=jobs, runner=None, node="n1", guard=serving))
     monkeypatch.setattr(worker, "execute_job", late_database_error)
     task = SimpleNamespace(request=SimpleNamespace(delivery_info={"redelivered": False}))
     start = time.monotonic()
