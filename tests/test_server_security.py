@@ -216,7 +216,7 @@ def test_without_keys_every_loopback_spelling_of_this_machine_is_served(tmp_path
             headers = {"host": host, "origin": f"http://{host}"}
             r = httpx.get(f"{live.url}/v1/models", headers=headers)
             assert r.status_code == 200, (host, r.text)
-        for host in ("localhost..", "127.0.0.1.", "localhost.evil.example", "128.0.0.1", "[::2]"):
+        for host in ("localhost..", "localhost.evil.example", "128.0.0.1", "[::2]", "[::1].", "."):
             assert httpx.get(f"{live.url}/v1/models", headers={"host": host}).status_code == 403, host
 
 
@@ -229,6 +229,9 @@ def test_without_keys_the_public_urls_host_is_served_too(tmp_path: Path) -> None
         assert httpx.get(f"{live.url}/v1/models", headers=proxied).status_code == 200
         for bad in ({"host": "other.example.com"}, {"origin": "http://masks.example.com"}):
             assert httpx.get(f"{live.url}/v1/models", headers=bad).status_code == 403, bad
+        # the fully qualified spelling (a trailing dot) names the same host: before, it was 403
+        fqdn = {"host": "masks.example.com.:443", "origin": "https://masks.example.com."}
+        assert httpx.get(f"{live.url}/v1/models", headers=fqdn).status_code == 200
 
 
 def test_with_keys_the_key_decides_whatever_the_host(tmp_path: Path) -> None:

@@ -46,7 +46,7 @@ from automask.server.state import ServerState, state_of
 
 log = logging.getLogger("automask.server")
 SLUG = "automatic-mask-generator"
-THIS_MACHINE = ("localhost", "localhost.")
+THIS_MACHINE = ("localhost",)
 """The host names a server without keys answers to (any port), besides loopback addresses and its public URL's."""
 _HOST = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[^\[\]:/@\s]+)(?::([0-9]{1,5}))?")
 """A Host header (or an origin's netloc): the host name or bracketed IPv6 address, and the port."""
@@ -96,11 +96,17 @@ def _is_this_machine(host: str) -> bool:
 
 
 def _host_and_port(value: str) -> tuple[str, int | None] | None:
-    """(host name lower-cased, IPv6 without brackets; port or None) of a Host header; None if it is not one."""
+    """(host name lower-cased without the trailing dot of its fully qualified spelling, IPv6 without brackets; port
+    or None) of a Host header; None if it is not one."""
     match = _HOST.fullmatch(value.strip())
     if match is None:
         return None
-    return match.group(1).lower().strip("[]"), int(match.group(2)) if match.group(2) else None
+    host = match.group(1).lower()
+    if host.startswith("["):
+        host = host[1:-1]
+    elif len(host) > 1:
+        host = host.removesuffix(".")  # "localhost.", "example.com.": the same hosts
+    return host, int(match.group(2)) if match.group(2) else None
 
 
 def _origin(url: str) -> tuple[str, str, int] | None:
