@@ -496,8 +496,8 @@ def test_trickling_server_hits_the_overall_deadline(site: Site) -> None:
 def test_the_host_name_lookup_is_under_the_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
     """Before: the lookup came before the deadline was checked: a name server that never answers held the fetch
     (and a server thread) for as long as the system resolver's own limits, tens of seconds. Now the lookup is given
-    what is left of `fetch_timeout`, and stuck lookups hold at most `DNS_LOOKUPS` threads."""
-    monkeypatch.setattr(fetch, "_LOOKUPS", threading.BoundedSemaphore(1), raising=False)
+    what is left of `fetch_timeout`; a stuck one is left to finish in its thread, at most `DNS_LOOKUPS` of them."""
+    monkeypatch.setattr(fetch, "_LEFT_BEHIND", threading.BoundedSemaphore(1), raising=False)
     release = threading.Event()
 
     def stuck(host: str, port: int) -> list[IPAddress]:
@@ -506,16 +506,31 @@ def test_the_host_name_lookup_is_under_the_deadline(monkeypatch: pytest.MonkeyPa
 
     quick = fake_resolver({"images.test": ["10.0.0.1"]})
     settings = Settings(fetch_timeout=0.5)
+    late: list[float] = []
+
+    def stuck_again() -> None:  # the one lookup left behind is taken: this fetch waits for its own lookup
+        start = time.monotonic()
+        with pytest.raises(FetchTimeoutError, match=r"longer than 0\.5 s"):
+            fetch_url("http://slow.test/a.png", settings, resolve=stuck)
+        late.append(time.monotonic() - start)
+
     try:
-        for resolve in (stuck, quick):  # the second finds the one lookup thread still taken: it waits, in its time
-            start = time.monotonic()
-            with pytest.raises(FetchTimeoutError, match=r"longer than 0\.5 s"):
-                fetch_url("http://images.test/a.png", settings, resolve=resolve)
-            assert time.monotonic() - start < 1.5
+        start = time.monotonic()
+        with pytest.raises(FetchTimeoutError, match=r"longer than 0\.5 s"):
+            fetch_url("http://slow.test/a.png", settings, resolve=stuck)
+        assert time.monotonic() - start < 1.5
+        waiting = threading.Thread(target=stuck_again)
+        waiting.start()
+        time.sleep(0.8)
+        assert waiting.is_alive() and not late  # its thread, not another one, waits for its stuck lookup
+        # Before: every other fetch waited for a free lookup slot behind the stuck ones (a 504 for all, whatever
+        # their host) until the system resolver gave up on them: any client could deny URL fetches to all others.
+        with pytest.raises(URLRefusedError, match=r"10\.0\.0\.1"):
+            fetch_url("http://images.test/a.png", settings, resolve=quick)
     finally:
         release.set()
-    with pytest.raises(URLRefusedError, match=r"10\.0\.0\.1"):  # the stuck lookup ended: the thread is free again
-        fetch_url("http://images.test/a.png", settings, resolve=quick)
+    waiting.join(5)
+    assert late and late[0] >= 0.8
 
 
 def drip(site: Site, handler: BaseHTTPRequestHandler, byte: bytes) -> None:

@@ -206,6 +206,20 @@ def test_without_keys_only_this_machine_is_served(tmp_path: Path) -> None:
         assert r.status_code == 200 and r.headers["content-type"] == "image/png"  # the page's own requests
 
 
+def test_without_keys_every_loopback_spelling_of_this_machine_is_served(tmp_path: Path) -> None:
+    """Before: `--no-auth` is allowed on any loopback host (127.0.0.0/8, ::1), but a server bound to 127.0.0.2
+    refused every request addressed to it (Host 127.0.0.2: 403), and so did `localhost.` (the fully qualified
+    spelling browsers accept). A loopback address literal cannot be a rebound DNS name: it is this machine."""
+    with live_server(tmp_path / "data", FakeBackend(), auth=False) as live:
+        port = int(live.url.rsplit(":", 1)[1])
+        for host in (f"127.0.0.2:{port}", "127.1.2.3", f"localhost.:{port}", "LocalHost.", "[0:0:0:0:0:0:0:1]:1"):
+            headers = {"host": host, "origin": f"http://{host}"}
+            r = httpx.get(f"{live.url}/v1/models", headers=headers)
+            assert r.status_code == 200, (host, r.text)
+        for host in ("localhost..", "localhost.evil.example", "128.0.0.1", "[::2]", "[::1].", "."):
+            assert httpx.get(f"{live.url}/v1/models", headers={"host": host}).status_code == 403, host
+
+
 def test_without_keys_the_public_urls_host_is_served_too(tmp_path: Path) -> None:
     """Behind a proxy on this machine that keeps the client's Host (`--public-url`)."""
     with live_server(tmp_path / "data", FakeBackend(), auth=False, public_url="https://Masks.example.com/api/") as live:
@@ -215,6 +229,9 @@ def test_without_keys_the_public_urls_host_is_served_too(tmp_path: Path) -> None
         assert httpx.get(f"{live.url}/v1/models", headers=proxied).status_code == 200
         for bad in ({"host": "other.example.com"}, {"origin": "http://masks.example.com"}):
             assert httpx.get(f"{live.url}/v1/models", headers=bad).status_code == 403, bad
+        # the fully qualified spelling (a trailing dot) names the same host: before, it was 403
+        fqdn = {"host": "masks.example.com.:443", "origin": "https://masks.example.com."}
+        assert httpx.get(f"{live.url}/v1/models", headers=fqdn).status_code == 200
 
 
 def test_with_keys_the_key_decides_whatever_the_host(tmp_path: Path) -> None:

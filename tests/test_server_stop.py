@@ -14,9 +14,14 @@ import httpx
 import numpy as np
 import pytest
 
+from automask.errors import InferenceTimeoutError
+from automask.options import MaskOptions
+from automask.pipeline import MaskGenerator
 from automask.server import keys as keystore
+from automask.server.config import ServerSettings
 from automask.server.runner import Runner, inference_timeout
 from automask.server.store import Store
+from automask.settings import Settings
 from server_helpers import LiveServer, StagedBackend, live_server, png_bytes, wait_for
 
 SLUG = "automatic-mask-generator"
@@ -123,3 +128,19 @@ def test_a_running_v2_job_cancelled_stops_at_the_next_stage_and_is_not_charged(
         again = httpx.post(f"{live.url}/v2/requests/{job['request_id']}/cancel", headers=headers)
         assert again.json()["status"] == "CANCELLED" and credits(store, key.id) == 2  # refunded once; one charged
         store.close()
+
+
+def test_a_call_given_what_is_left_of_the_limit_names_the_servers_limit(tmp_path: Path, body: dict[str, Any]) -> None:
+    """A fleet worker runs a v1 request within what is left of its deadline (`run_blocking(timeout=...)`). Before:
+    its 504 named that remainder ("the server's limit of 0.5 s", 57.2839 s after a wait in the queue), where the
+    single process (and the API node itself) says "the server's limit of 60 s": the fleet's answer differed."""
+    settings = Settings(data_dir=tmp_path / "models")
+    backend = StagedBackend()
+    runner = Runner(settings, ServerSettings(timeout=60.0), MaskGenerator(backend, settings))
+    try:
+        with pytest.raises(InferenceTimeoutError) as timed_out:
+            runner.run_blocking(body["image"], "sofa", MaskOptions(), timeout=0.5)
+        assert timed_out.value.message == inference_timeout(60.0).message
+    finally:
+        backend.release()
+        runner.close()

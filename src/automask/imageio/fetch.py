@@ -15,7 +15,7 @@
 - The body is streamed and reading stops past `settings.max_image_bytes`; one deadline of
   `settings.fetch_timeout` seconds covers every hop, each host name lookup included (the system resolver's own
   time limits are its own: seconds per try per name server; a lookup past the deadline is left to finish in its
-  thread, at most `DNS_LOOKUPS` of them at once).
+  thread, at most `DNS_LOOKUPS` of them at once, then waited for).
 - `settings.allow_private_urls` turns the address check off, for local use, except for `NEVER_FETCHED` (cloud
   metadata services and link-local addresses, refused whatever the settings).
 """
@@ -48,9 +48,11 @@ Resolver = Callable[[str, int], Sequence[IPAddress]]
 AddressCheck = Callable[[IPAddress], bool]
 
 DNS_LOOKUPS = 16
-"""Host name lookups that may run at once: each runs in a thread of its own (`getaddrinfo` cannot be interrupted),
-so a resolver that never answers holds at most this many threads; a fetch waits for a free one within its deadline."""
-_LOOKUPS = threading.BoundedSemaphore(DNS_LOOKUPS)
+"""Host name lookups that may be left running past their fetch's deadline: each runs in a thread of its own
+(`getaddrinfo` cannot be interrupted), so a resolver that never answers holds at most this many threads beyond the
+fetches'. Past it, a fetch whose lookup is stuck waits for it (in its own thread, as without a deadline); no fetch
+ever waits for another's lookup."""
+_LEFT_BEHIND = threading.BoundedSemaphore(DNS_LOOKUPS)
 _REDIRECTS = (301, 302, 303, 307, 308)
 _HEADERS = {"User-Agent": "automask", "Accept": "image/*,*/*;q=0.8", "Accept-Encoding": "identity"}
 """Sent with every fetch. `identity`: the byte cap counts what is held in memory (a compressed body would be
@@ -274,12 +276,11 @@ def _checked_addresses(url: httpx.URL, resolve: Resolver, check: AddressCheck) -
 
 
 def _by_deadline(resolve: Resolver, deadline: float, url: httpx.URL, settings: Settings) -> Resolver:
-    """`resolve`, given until `deadline` (then `FetchTimeoutError`): it runs in a daemon thread, one of at most
-    `DNS_LOOKUPS`, which is left to finish on its own if the deadline passes first."""
+    """`resolve`, given until `deadline` (then `FetchTimeoutError`): it runs in a daemon thread, left to finish on
+    its own if the deadline passes first while fewer than `DNS_LOOKUPS` are left so (else waited for)."""
 
     def within(host: str, port: int) -> Sequence[IPAddress]:
-        if not _LOOKUPS.acquire(timeout=_remaining(deadline, url, settings)):
-            raise _timeout(url, settings)
+        left = _remaining(deadline, url, settings)
         answer: Future[Sequence[IPAddress]] = Future()
 
         def lookup() -> None:
@@ -287,13 +288,15 @@ def _by_deadline(resolve: Resolver, deadline: float, url: httpx.URL, settings: S
                 answer.set_result(resolve(host, port))
             except Exception as exc:  # noqa: BLE001 (raised again by the fetch that waits for it)
                 answer.set_exception(exc)
-            finally:
-                _LOOKUPS.release()
 
         threading.Thread(target=lookup, name="automask-dns", daemon=True).start()
         try:
-            return answer.result(timeout=_remaining(deadline, url, settings))
+            return answer.result(timeout=left)
         except WaitedTooLong:  # (the builtin TimeoutError from Python 3.11 on)
+            if _LEFT_BEHIND.acquire(blocking=False):
+                answer.add_done_callback(lambda _: _LEFT_BEHIND.release())
+            else:  # as many stuck lookups as may be left behind: this fetch's thread waits for its own
+                answer.exception()
             raise _timeout(url, settings) from None
 
     return within

@@ -300,8 +300,10 @@ class Runner:
         should_stop: Callable[[], bool] | None = None,
     ) -> tuple[MaskResult, float]:
         """`run` for a caller that is a thread (a job runner, a Celery task): the same load, limit and errors.
-        `timeout` (None: the server's) is the limit of this call; `should_stop` is asked at each stage boundary
-        besides the runner's own giving up (a call past its limit stops at its next boundary)."""
+        `timeout` (None: the server's) is the limit of this call, e.g. what is left of the server's limit to a
+        request that waited in a queue (its 504 names the server's limit all the same, as `run` does);
+        `should_stop` is asked at each stage boundary besides the runner's own giving up (a call past its limit
+        stops at its next boundary)."""
         self.generator(model)
         limit = self.server.timeout if timeout is None else timeout
         abandoned = threading.Event()
@@ -315,7 +317,7 @@ class Runner:
         except FutureTimeout:
             abandoned.set()
             self._give_up(future)
-            raise inference_timeout(limit) from None
+            raise inference_timeout(self.server.timeout) from None
         except FutureCancelled:  # the pool was shut down before a thread took the call
             raise RunnerClosed() from None
 
