@@ -125,3 +125,24 @@ def test_db_deployment_prints_sets_and_switches_only_with_force(tmp_path: Path) 
     assert cli.invoke(main, [*data, "db", "deployment"]).stdout == "fleet\n"
     wrong = cli.invoke(main, [*data, "db", "deployment", "both"])
     assert wrong.exit_code == 2 and "'both' is not one of 'single', 'fleet'" in wrong.stderr
+
+
+def test_a_pool_process_asks_only_its_own_main_process_to_stop(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pool process that sees the database switched to a single server sends SIGTERM to the worker's main process,
+    and to no other process: once the main process died, its parent is whoever adopted it (often pid 1)."""
+    import signal
+
+    from automask.server import worker
+
+    Guard(store, FLEET, worker=True).claim()
+    deployment.record(store, SINGLE, force=True)
+    kills: list[tuple[int, int]] = []
+    monkeypatch.setattr(worker.os, "kill", lambda pid, sig: kills.append((pid, sig)))
+    monkeypatch.setattr(worker.os, "getppid", lambda: 1)  # the main process is gone: adopted by init
+    worker._watch(Guard(store, FLEET, worker=True), main_pid=4242)
+    assert kills == []
+    monkeypatch.setattr(worker.os, "getppid", lambda: 4242)
+    guard = Guard(store, FLEET, worker=True)
+    worker._watch(guard, main_pid=4242)
+    worker._watch(guard, main_pid=4242)  # once: the guard has said no already
+    assert kills == [(4242, signal.SIGTERM)] and guard.refusal is not None

@@ -16,6 +16,7 @@ process logs why, hands back any task it is given (unrun, to the queue) and asks
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -102,8 +103,9 @@ def _process() -> _Process:
         node = nodes.new_node_id("worker")  # this process's pid: its jobs are its own
         beat, ttl = w.server.beat, w.server.node_ttl
         guard = Guard(store, FLEET, worker=True)
+        watch = functools.partial(_watch, guard, os.getppid())
         heartbeat = nodes.Heartbeat(
-            store, node, "worker", [w.model], w.default, interval=beat, dead_after=ttl, watch=lambda: _watch(guard)
+            store, node, "worker", [w.model], w.default, interval=beat, dead_after=ttl, watch=watch
         )
         heartbeat.start()  # registers the node: API nodes count the model as served
         client = redis.Redis.from_url(str(w.settings.redis_url))
@@ -112,12 +114,14 @@ def _process() -> _Process:
     return _WORKER.process  # type: ignore[return-value]
 
 
-def _watch(guard: Guard) -> None:
+def _watch(guard: Guard, main_pid: int) -> None:
     """At each heartbeat of a pool process: once the database no longer serves a fleet (`Guard.holds` logs why),
-    ask the worker's main process for a warm shutdown (SIGTERM), once."""
+    ask the worker's main process (`main_pid`, this process's parent when it started) for a warm shutdown
+    (SIGTERM), once; never another process that adopted this one after the main process died."""
     if guard.refusal is None and not guard.holds():
         log.error("pool process %d: %s; shutting the worker down", os.getpid(), guard.refusal)
-        os.kill(os.getppid(), signal.SIGTERM)
+        if os.getppid() == main_pid:
+            os.kill(main_pid, signal.SIGTERM)
 
 
 def _refuse_if_switched(proc: _Process) -> None:
