@@ -210,3 +210,22 @@ def test_failed_authentications_are_counted_across_the_fleet(redis_db: str) -> N
     assert 0 < client.pttl("automask:rate:auth-fail:192.0.2.1") <= WINDOW * 1000
     assert not client.exists("automask:rate:auth-fail:192.0.2.2")  # looking counts nothing
     client.close()
+
+
+def test_the_limit_is_60_a_minute_and_none_turns_it_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    from automask.server.config import ServerSettings
+
+    monkeypatch.delenv("AUTOMASK_SERVER_AUTH_FAIL_LIMIT", raising=False)
+    assert ServerSettings().auth_fail_limit == 60
+    monkeypatch.setenv("AUTOMASK_SERVER_AUTH_FAIL_LIMIT", "none")
+    assert ServerSettings().auth_fail_limit is None
+    limiter = RateLimiter(clock=Clock())
+    failed_auth = FailedAuth(limiter, None)
+
+    async def run() -> None:
+        for _ in range(100):
+            await failed_auth.failed("192.0.2.1", "am_x_y")
+        await failed_auth.admit("192.0.2.1", "am_x_y")
+
+    asyncio.run(run())
+    assert len(limiter) == 0  # nothing counted
