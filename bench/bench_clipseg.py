@@ -53,34 +53,43 @@ def build_model(folder: Path) -> Path:
     """Save a full-size CLIPSeg rd64-refined with random weights + a processor (byte-level vocabulary) to `folder`,
     then export its ONNX graphs (fp32 and int8)."""
     if not (folder / "onnx" / "manifest.json").is_file():
-        import torch
-        from transformers import (
-            CLIPSegConfig,
-            CLIPSegForImageSegmentation,
-            CLIPSegProcessor,
-            CLIPTokenizer,
-            ViTImageProcessor,
-        )
-
-        sys.path.insert(0, str(HERE.parent / "tests"))
-        from tiny_models import byte_level_vocab
-
-        config = CLIPSegConfig(  # the non-default fields of CIDAS/clipseg-rd64-refined's config.json
-            text_config={"vocab_size": 49408, "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1},
-            vision_config={"patch_size": 16, "image_size": 224},
-            extract_layers=[3, 6, 9],
-            reduce_dim=64,
-            use_complex_transposed_convolution=True,
-        )
-        torch.manual_seed(0)
-        CLIPSegForImageSegmentation(config).eval().save_pretrained(folder)
-        size = {"height": 352, "width": 352}
-        images = ViTImageProcessor(size=size, image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
-        tokenizer = CLIPTokenizer(vocab=byte_level_vocab(), merges=[], model_max_length=77)
-        CLIPSegProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(folder)
+        save_random_model(folder)
         from automask.backends.clipseg_export import export
 
         export(folder, int8=True)
+    return folder
+
+
+def save_random_model(folder: Path) -> Path:
+    """Save a full-size CLIPSeg rd64-refined with random weights (seed 0) + a processor (byte-level vocabulary) to
+    `folder`, unless it holds one already."""
+    if (folder / "config.json").is_file() and (folder / "preprocessor_config.json").is_file():
+        return folder
+    import torch
+    from transformers import (
+        CLIPSegConfig,
+        CLIPSegForImageSegmentation,
+        CLIPSegProcessor,
+        CLIPTokenizer,
+        ViTImageProcessor,
+    )
+
+    sys.path.insert(0, str(HERE.parent / "tests"))
+    from tiny_models import byte_level_vocab
+
+    config = CLIPSegConfig(  # the non-default fields of CIDAS/clipseg-rd64-refined's config.json
+        text_config={"vocab_size": 49408, "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1},
+        vision_config={"patch_size": 16, "image_size": 224},
+        extract_layers=[3, 6, 9],
+        reduce_dim=64,
+        use_complex_transposed_convolution=True,
+    )
+    torch.manual_seed(0)
+    CLIPSegForImageSegmentation(config).eval().save_pretrained(folder)
+    size = {"height": 352, "width": 352}
+    images = ViTImageProcessor(size=size, image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
+    tokenizer = CLIPTokenizer(vocab=byte_level_vocab(), merges=[], model_max_length=77)
+    CLIPSegProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(folder)
     return folder
 
 

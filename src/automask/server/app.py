@@ -35,6 +35,7 @@ from automask.server.limits import (
     ASGIApp,
     BodyBudget,
     BodyLimitMiddleware,
+    FailedAuth,
     Message,
     RateLimiter,
     Receive,
@@ -85,7 +86,9 @@ def create_app(
     limiter = RedisRateLimiter(settings.redis_url) if settings.redis_url else RateLimiter()
     body_limit = server.body_limit(settings.max_image_bytes)
     bodies = BodyBudget(server.body_memory, per_key=max(body_limit, server.body_memory // 4))
-    state = ServerState(settings, server, store, jobs, dispatcher, guard, limiter, body_limit, bodies)
+    failures = limiter if isinstance(limiter, RedisRateLimiter) else RateLimiter()  # addresses never evict key counts
+    failed_auth = FailedAuth(failures, server.auth_fail_limit)
+    state = ServerState(settings, server, store, jobs, dispatcher, guard, limiter, body_limit, bodies, failed_auth)
     sweeper = Sweeper(store, jobs, dispatcher, server, guard=guard)
 
     @asynccontextmanager

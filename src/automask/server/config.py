@@ -25,7 +25,9 @@ RESULT_TTL_MIN = 3600.0
 class ServerSettings(BaseSettings):
     """How the HTTP service runs. The model, data folder and image limits come from `automask.Settings`."""
 
-    model_config = SettingsConfigDict(env_prefix="AUTOMASK_SERVER_", extra="ignore", frozen=True)
+    model_config = SettingsConfigDict(
+        env_prefix="AUTOMASK_SERVER_", extra="ignore", frozen=True, env_parse_none_str="none"
+    )
 
     host: str = Field("127.0.0.1", description="Interface to listen on.")
     port: int = Field(8000, ge=0, le=65535, description="TCP port to listen on.")
@@ -52,6 +54,13 @@ class ServerSettings(BaseSettings):
         description="Requests per minute one key may make to the endpoints it polls (v2 status, response, output "
         "and cancel; /v1/credits, /v1/models), counted apart from its submits -> 429. The default leaves room for a "
         "key's most queued jobs (100) each polled every second, as the segmind SDK does; None: no limit.",
+    )
+    auth_fail_limit: int | None = Field(
+        60,
+        ge=1,
+        description="Failed authentications (missing, unknown or revoked x-api-key) per minute from one client "
+        "address (an IPv6 one: its /64); past it that address is answered 429 before any database read for the rest "
+        "of the minute, except requests with a key this server process saw succeed lately. None: no limit.",
     )
     result_ttl: float = Field(
         3600.0,

@@ -1,12 +1,14 @@
-"""Request limits: a per-key sliding-window rate limiter, a request-body size limit (pure ASGI), and a budget for
-the request bodies held in memory at once."""
+"""Request limits: a per-key sliding-window rate limiter (also counting failed authentications per client
+address), a request-body size limit (pure ASGI), and a budget for the request bodies held in memory at once."""
 
 from __future__ import annotations
 
+import hashlib
+import ipaddress
 import math
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -24,33 +26,58 @@ WINDOW = 60.0
 """Rate limits count requests in the last 60 seconds."""
 
 
-class RateLimiter:
-    """At most `limit` requests per key in any 60-second window (in memory, per server process)."""
+MAX_COUNTED = 100_000
+"""Keys (or client addresses) the in-process limiter keeps counts for at most; past it the least recently counted
+is forgotten, so many addresses cannot grow its memory without bound."""
 
-    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+
+class RateLimiter:
+    """At most `limit` requests per key in any 60-second window (in memory, per server process), for at most
+    `max_keys` keys at once: a key none of whose requests is left in the window is dropped, and past `max_keys` the
+    least recently counted key is forgotten (its count starts again)."""
+
+    def __init__(self, clock: Callable[[], float] = time.time, max_keys: int = MAX_COUNTED) -> None:
         self._clock = clock
-        self._seen: dict[str, deque[float]] = {}
+        self.max_keys = max_keys
+        self._seen: OrderedDict[str, deque[float]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def check(self, key_id: str, limit: int | None, what: str = "requests") -> None:
-        """Count one request of `key_id`; raise a 429 `ApiError` (nothing counted, the limit named as `limit` `what`
-        per minute) when over `limit`."""
+    def check(self, key_id: str, limit: int | None, what: str = "requests", count: bool = True) -> None:
+        """Count one request of `key_id` (only look, with `count=False`); raise a 429 `ApiError` (nothing counted,
+        the limit named as `limit` `what` per minute) when `limit` are counted already."""
         if limit is None:
             return
         now = self._clock()
         with self._lock:
-            seen = self._seen.setdefault(key_id, deque())
+            self._forget_old(now)
+            seen = self._seen.get(key_id)
             while seen and seen[0] <= now - WINDOW:
                 seen.popleft()
-            if len(seen) < limit:
-                seen.append(now)
+            if seen is None or len(seen) < limit:
+                if count:
+                    self._seen.setdefault(key_id, deque()).append(now)
+                    self._seen.move_to_end(key_id)
+                    self._forget_old(now)
                 return
             reset_at = seen[len(seen) - limit] + WINDOW
         raise rate_limited(limit, now, reset_at, what)
 
-    async def hit(self, key_id: str, limit: int | None, what: str = "requests") -> None:
+    def _forget_old(self, now: float) -> None:
+        """Drop the least recently counted keys while their last request has left the window or there are more than
+        `max_keys` (amortised O(1): keys are kept in the order they were last counted)."""
+        while self._seen:
+            key_id, seen = next(iter(self._seen.items()))
+            if seen and seen[-1] > now - WINDOW and len(self._seen) <= self.max_keys:
+                return
+            del self._seen[key_id]
+
+    def __len__(self) -> int:
+        """Keys counted now."""
+        return len(self._seen)
+
+    async def hit(self, key_id: str, limit: int | None, what: str = "requests", count: bool = True) -> None:
         """`check` for the event loop (in memory: no I/O)."""
-        self.check(key_id, limit, what)
+        self.check(key_id, limit, what, count)
 
 
 _SLIDING_WINDOW = """
@@ -60,15 +87,17 @@ local window, limit = tonumber(ARGV[1]), tonumber(ARGV[2])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', t - window)
 local n = redis.call('ZCARD', KEYS[1])
 if n < limit then
-  redis.call('ZADD', KEYS[1], t, ARGV[3])
-  redis.call('PEXPIRE', KEYS[1], math.ceil(window / 1000))
+  if ARGV[4] == '1' then
+    redis.call('ZADD', KEYS[1], t, ARGV[3])
+    redis.call('PEXPIRE', KEYS[1], math.ceil(window / 1000))
+  end
   return {1, tostring(t), '0'}
 end
 local oldest = redis.call('ZRANGE', KEYS[1], n - limit, n - limit, 'WITHSCORES')
 return {0, tostring(t), oldest[2]}
 """
 """One atomic sliding-window step on the Redis server's clock (microseconds): drop what left the window, then
-count the request if there is room, else answer when the oldest counted request leaves it."""
+count the request if there is room (and ARGV[4] is '1'), else answer when the oldest counted request leaves it."""
 
 
 class RedisRateLimiter:
@@ -82,15 +111,16 @@ class RedisRateLimiter:
         self.prefix = prefix
         self._script = self.client.register_script(_SLIDING_WINDOW)
 
-    async def hit(self, key_id: str, limit: int | None, what: str = "requests") -> None:
-        """Count one request of `key_id`; raise a 429 `ApiError` (nothing counted) when over `limit`."""
+    async def hit(self, key_id: str, limit: int | None, what: str = "requests", count: bool = True) -> None:
+        """Count one request of `key_id` (only look, with `count=False`); raise a 429 `ApiError` (nothing counted)
+        when `limit` are counted already. A key expires with its window."""
         if limit is None:
             return
         import uuid
 
         window_us = int(WINDOW * 1_000_000)
         allowed, now, oldest = await self._script(
-            keys=[self.prefix + key_id], args=[window_us, limit, uuid.uuid4().hex]
+            keys=[self.prefix + key_id], args=[window_us, limit, uuid.uuid4().hex, "1" if count else "0"]
         )
         if int(allowed):
             return
@@ -99,6 +129,95 @@ class RedisRateLimiter:
 
     async def close(self) -> None:
         await self.client.aclose()
+
+
+class FailedAuth:
+    """Failed authentications per client address (`limit` a minute; None: no limit), counted in the server's rate
+    limiter (`RateLimiter` or `RedisRateLimiter`) under `auth-fail:<address>`. Past the limit the address is locked
+    out for the rest of the window: its requests are answered 429 before the database is read, except those that
+    carry a key this process saw authenticate lately (`Known`): brute force gets nowhere (a guess is refused
+    unread), while a client with a valid key behind the same address keeps working."""
+
+    def __init__(self, limiter: RateLimiter | RedisRateLimiter, limit: int | None, known: Known | None = None) -> None:
+        self.limiter = limiter
+        self.limit = limit
+        self.known = known or Known()
+
+    async def admit(self, address: str, token: str | None) -> None:
+        """429 when `address` is locked out and `token` is not a key known to be good; otherwise nothing."""
+        if self.limit is not None and not self.known.has(token):
+            await self.limiter.hit(f"auth-fail:{address}", self.limit, "failed authentications", count=False)
+
+    async def failed(self, address: str, token: str | None) -> None:
+        """Count one failed authentication of `address` (`token` is no longer known to be good)."""
+        self.known.forget(token)
+        if self.limit is not None:
+            with _suppress_429():
+                await self.limiter.hit(f"auth-fail:{address}", self.limit, "failed authentications")
+
+    def succeeded(self, token: str | None) -> None:
+        """`token` authenticated: it passes a lock-out of its address from now on (on this process)."""
+        self.known.add(token)
+
+
+@contextmanager
+def _suppress_429() -> Iterator[None]:
+    """Swallow the 429 of a count that found the limit reached already (requests that were in flight together)."""
+    try:
+        yield
+    except ApiError as exc:
+        if exc.status != 429:
+            raise
+
+
+class Known:
+    """SHA-256 digests of tokens that authenticated lately (never the tokens), the `capacity` most recent ones."""
+
+    def __init__(self, capacity: int = 10_000) -> None:
+        self.capacity = capacity
+        self._digests: OrderedDict[bytes, None] = OrderedDict()
+
+    @staticmethod
+    def _digest(token: str | None) -> bytes | None:
+        return hashlib.sha256(token.strip().encode()).digest() if token else None
+
+    def has(self, token: str | None) -> bool:
+        digest = self._digest(token)
+        return digest is not None and digest in self._digests
+
+    def add(self, token: str | None) -> None:
+        digest = self._digest(token)
+        if digest is not None:
+            self._digests[digest] = None
+            self._digests.move_to_end(digest)
+            while len(self._digests) > self.capacity:
+                self._digests.popitem(last=False)
+
+    def forget(self, token: str | None) -> None:
+        digest = self._digest(token)
+        if digest is not None:
+            self._digests.pop(digest, None)
+
+    def __len__(self) -> int:
+        return len(self._digests)
+
+
+def client_address(peer: str | None) -> str:
+    """The address failed authentications are counted for: the client's IP (the socket peer, or the one a trusted
+    proxy forwarded in X-Forwarded-For: uvicorn's proxy headers, trusted from FORWARDED_ALLOW_IPS, by default
+    127.0.0.1 and ::1), an IPv6 one as its /64 (what one host is usually given;
+    an IPv4-mapped one as the IPv4 address), or "unknown"."""
+    if not peer:
+        return "unknown"
+    try:
+        ip = ipaddress.ip_address(peer.strip("[]"))
+    except ValueError:
+        return peer
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network(f"{ip}/64", strict=False))
+    return str(ip)
 
 
 def retry_headers(now: float, reset_at: float) -> dict[str, str]:

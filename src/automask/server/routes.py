@@ -31,7 +31,7 @@ from automask.server.execute import Outcome
 from automask.server.holds import credit_hold, unless_client_leaves
 from automask.server.jobs import CANCELLED, COMPLETED, FAILED, Job, no_credits
 from automask.server.keys import ApiKey
-from automask.server.limits import Hold, declared_size
+from automask.server.limits import Hold, client_address, declared_size
 from automask.server.schemas import (
     CreditsResponse,
     ErrorResponse,
@@ -138,7 +138,9 @@ _ERROR_TEXT = {
     406: "Insufficient credits.",
     413: "Request body or image over the limits.",
     422: "stop_on_empty_mask and nothing was found.",
-    429: "Rate limited.",
+    429: "Rate limited: the key's requests or polls per minute, or too many failed authentications (missing, unknown "
+    "or revoked keys) from the client's address, which is then refused for the rest of the minute unless its key "
+    "is one the server saw succeed lately.",
     500: "Unexpected server error (the body names the request id the server log has).",
     502: "The image URL's server failed.",
     503: "The model is not installed or not loaded, or this node no longer serves its database (see the message).",
@@ -196,7 +198,8 @@ API_KEY = APIKeyHeader(
 async def current_key(request: Request, token: Annotated[str | None, Security(API_KEY)]) -> ApiKey | None:
     """The caller's key from `x-api-key` (401/403 otherwise; 401 for the header given twice with different keys,
     which one would count is anyone's guess); None when the server runs without auth. Every API endpoint asks for
-    it: first, 503 once this node no longer serves its database (`deployment.Guard`)."""
+    it: first, 503 once this node no longer serves its database (`deployment.Guard`); 429 for a client address over
+    its failed authentications (`ServerSettings.auth_fail_limit`) unless the key is one known to be good."""
     state = state_of(request)
     if state.guard.refusal is not None:
         raise ApiError(503, state.guard.refusal)
@@ -207,7 +210,14 @@ async def current_key(request: Request, token: Annotated[str | None, Security(AP
         raise ApiError(
             401, f"The x-api-key header is given {len(given)} times with different keys: send the request's key once."
         )
-    key = await asyncio.to_thread(keys.authenticate, state.store, token)
+    address = client_address(request.client.host if request.client else None)
+    await state.failed_auth.admit(address, token)  # a locked-out address: 429 before the database is read
+    try:
+        key = await asyncio.to_thread(keys.authenticate, state.store, token)
+    except ApiError:
+        await state.failed_auth.failed(address, token)
+        raise
+    state.failed_auth.succeeded(token)
     request.state.key_id = key.id
     return key
 

@@ -11,7 +11,7 @@ from automask.server.config import ServerSettings
 from automask.server.deployment import Guard
 from automask.server.dispatch import Dispatcher
 from automask.server.jobs import Jobs
-from automask.server.limits import BodyBudget, RateLimiter, RedisRateLimiter
+from automask.server.limits import BodyBudget, FailedAuth, RateLimiter, RedisRateLimiter
 from automask.server.store import Store
 from automask.settings import Settings
 
@@ -19,7 +19,8 @@ from automask.settings import Settings
 @dataclass
 class ServerState:
     """Everything the routes share; `app.state.automask`. `dispatcher`: where requests run (chosen once); `guard`:
-    whether this node still serves its database (`automask.server.deployment`)."""
+    whether this node still serves its database (`automask.server.deployment`); `failed_auth`: the lock-out of
+    client addresses that send bad keys."""
 
     settings: Settings
     server: ServerSettings
@@ -30,6 +31,7 @@ class ServerState:
     limiter: RateLimiter | RedisRateLimiter
     body_limit: int
     bodies: BodyBudget
+    failed_auth: FailedAuth
     background: set[asyncio.Task[None]] = field(default_factory=set)
 
 

@@ -1,0 +1,231 @@
+"""Failed authentications are limited per client address: past `auth_fail_limit` a minute the address is answered
+429 before the database is read, for the rest of the window; requests with a key known to be good still pass. Each
+through a live server on loopback, or the piece that enforces it."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from automask.server import keys as keystore
+from automask.server.errors import ApiError
+from automask.server.limits import WINDOW, FailedAuth, Known, RateLimiter, RedisRateLimiter, client_address
+from automask.server.store import Store
+from server_helpers import FakeBackend, LiveServer, live_server
+
+MODELS = "/v1/models"
+
+
+class Clock:
+    """A settable clock (UNIX seconds) for the limiter."""
+
+    def __init__(self, now: float = 1_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def limited(live: LiveServer, limit: int, clock: Clock) -> FailedAuth:
+    """Give the server a failed-authentication limit on `clock` (before it serves)."""
+    failed_auth = FailedAuth(RateLimiter(clock=clock), limit)
+    live.app.state.automask.failed_auth = failed_auth
+    return failed_auth
+
+
+def counting_authenticate(monkeypatch: pytest.MonkeyPatch) -> list[str | None]:
+    """Record each token `keys.authenticate` is asked about (each one a database read)."""
+    calls: list[str | None] = []
+    real = keystore.authenticate
+
+    def spy(store: Store, token: str | None) -> keystore.ApiKey:
+        calls.append(token)
+        return real(store, token)
+
+    monkeypatch.setattr(keystore, "authenticate", spy)
+    return calls
+
+
+def get(url: str, token: str | None = None, **headers: str) -> httpx.Response:
+    return httpx.get(f"{url}{MODELS}", headers={**({"x-api-key": token} if token else {}), **headers})
+
+
+def test_bad_keys_past_the_limit_are_429_unread_and_known_keys_still_pass(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before: every bad key cost a database read and a SHA-256, without end."""
+    clock = Clock()
+    with live_server(tmp_path / "data", FakeBackend()) as live:
+        store = Store.in_data_dir(tmp_path / "data")
+        used, good = keystore.create_key(store)
+        _, fresh = keystore.create_key(store)
+        revoked, gone = keystore.create_key(store)
+        keystore.revoke_key(store, revoked.id)
+        limited(live, 3, clock)
+        assert get(live.url, good).status_code == 200  # a key seen to succeed before the lock-out
+        calls = counting_authenticate(monkeypatch)
+        codes = [get(live.url, token).status_code for token in (None, f"am_{used.id}_wrong", gone)]
+        assert codes == [401, 401, 403] and len(calls) == 3
+        for token in (f"am_{used.id}_guess", None, gone, fresh):  # a valid key never seen here waits too
+            r = get(live.url, token)
+            assert r.status_code == 429, r.text
+            assert "Rate limit of 3 failed authentications per minute" in r.json()["error"]
+            assert r.headers["retry-after"] == "60" and r.headers["x-rate-limit-reset-at-utc"].endswith("Z")
+        assert len(calls) == 3  # refused before the database was read
+        assert get(live.url, good).status_code == 200  # the known key: served (read once more, as any request)
+        assert calls[-1] == good
+        clock.now += WINDOW / 2
+        assert get(live.url, "am_x_y").headers["retry-after"] == "30"
+        clock.now += WINDOW / 2  # the window has passed: counted afresh
+        assert [get(live.url, fresh).status_code, get(live.url, "am_x_y").status_code] == [200, 401]
+        store.close()
+
+
+def test_successful_requests_do_not_count(tmp_path: Path) -> None:
+    clock = Clock()
+    with live_server(tmp_path / "data", FakeBackend()) as live:
+        store = Store.in_data_dir(tmp_path / "data")
+        _, good = keystore.create_key(store)
+        limited(live, 2, clock)
+        assert [get(live.url, good).status_code for _ in range(5)] == [200] * 5
+        assert [get(live.url, "am_x_y").status_code for _ in range(3)] == [401, 401, 429]
+        store.close()
+
+
+def test_a_revoked_key_is_no_longer_known_to_be_good(tmp_path: Path) -> None:
+    clock = Clock()
+    with live_server(tmp_path / "data", FakeBackend()) as live:
+        store = Store.in_data_dir(tmp_path / "data")
+        key, token = keystore.create_key(store)
+        failed_auth = limited(live, 1, clock)
+        assert get(live.url, token).status_code == 200 and failed_auth.known.has(token)
+        keystore.revoke_key(store, key.id)
+        assert get(live.url, token).status_code == 403 and not failed_auth.known.has(token)
+        assert get(live.url, token).status_code == 429
+        store.close()
+
+
+class ConfiguredServer(LiveServer):
+    """A `LiveServer` run with the uvicorn configuration `automask serve` uses (`http.config_for`)."""
+
+    def __init__(self, app: Any) -> None:
+        import uvicorn
+
+        from automask.server.config import ServerSettings
+        from automask.server.http import config_for
+
+        super().__init__(app)
+        self.server = uvicorn.Server(config_for(app, ServerSettings()))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+
+@pytest.mark.parametrize("trusted", [None, "192.0.2.1"])
+def test_a_forwarded_address_counts_only_from_a_trusted_proxy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, trusted: str | None
+) -> None:
+    """The client is who a trusted proxy says (uvicorn's FORWARDED_ALLOW_IPS, by default loopback: the reverse proxy
+    the README shows), each forwarded client counted apart; from any other peer X-Forwarded-For is ignored, so a
+    client cannot pick a fresh address for each guess."""
+    if trusted is None:
+        monkeypatch.delenv("FORWARDED_ALLOW_IPS", raising=False)
+    else:
+        monkeypatch.setenv("FORWARDED_ALLOW_IPS", trusted)  # the test's peer (127.0.0.1) is not trusted
+    unused = live_server(tmp_path / "data", FakeBackend())  # for its app
+    unused.sock.close()
+    with ConfiguredServer(unused.app) as live:
+        limited(live, 2, Clock())
+        codes = [get(live.url, "am_x_y", **{"x-forwarded-for": f"203.0.113.{n}"}).status_code for n in range(4)]
+        assert codes == ([401] * 4 if trusted is None else [401, 401, 429, 429])
+        if trusted is None:
+            same = [get(live.url, "am_x_y", **{"x-forwarded-for": "198.51.100.7"}).status_code for _ in range(3)]
+            assert same == [401, 401, 429]
+
+
+def test_the_in_process_limiter_keeps_at_most_max_keys() -> None:
+    """Before: one entry per key ever counted, kept for good; many client addresses would grow it without end."""
+    clock = Clock()
+    limiter = RateLimiter(clock=clock, max_keys=100)
+    for n in range(10_000):
+        limiter.check(f"auth-fail:10.{n >> 16}.{(n >> 8) & 255}.{n & 255}", 5)
+    assert len(limiter) == 100
+    for _ in range(5):
+        limiter.check("recent", 5)
+    with pytest.raises(ApiError):  # the most recently counted keys are the ones kept
+        limiter.check("recent", 5)
+    clock.now += WINDOW
+    limiter.check("later", 5)
+    assert len(limiter) == 1  # keys whose requests all left the window are dropped
+    limiter.check("peek", 5, count=False)
+    assert len(limiter) == 1  # looking counts nothing and keeps nothing
+
+
+def test_known_keys_are_digests_and_bounded() -> None:
+    known = Known(capacity=3)
+    for n in range(10):
+        known.add(f"am_k_{n}")
+    assert len(known) == 3 and known.has("am_k_9") and not known.has("am_k_0") and not known.has(None)
+    assert all(isinstance(d, bytes) and len(d) == 32 for d in known._digests)
+    known.forget("am_k_9")
+    assert not known.has("am_k_9")
+
+
+def test_the_client_address() -> None:
+    assert client_address("192.0.2.1") == "192.0.2.1"
+    assert client_address("::ffff:192.0.2.1") == "192.0.2.1"
+    assert client_address("2001:db8:1:2:3:4:5:6") == client_address("2001:db8:1:2::9") == "2001:db8:1:2::/64"
+    assert client_address(None) == "unknown"
+
+
+@pytest.mark.services
+def test_failed_authentications_are_counted_across_the_fleet(redis_db: str) -> None:
+    """The fleet's limiter (Redis) keeps the counts: the same lock-out on every node, each count expiring with its
+    window."""
+    import redis
+
+    limiter = RedisRateLimiter(redis_db)
+    failed_auth = FailedAuth(limiter, 2)
+
+    async def run() -> None:
+        try:
+            await failed_auth.admit("192.0.2.1", "am_x_y")
+            for _ in range(3):  # the third (in flight with the others) finds the limit reached: no error
+                await failed_auth.failed("192.0.2.1", "am_x_y")
+            with pytest.raises(ApiError, match="Rate limit of 2 failed authentications per minute") as refused:
+                await failed_auth.admit("192.0.2.1", "am_x_y")
+            assert refused.value.status == 429 and 1 <= int(refused.value.headers["Retry-After"]) <= 60
+            await failed_auth.admit("192.0.2.2", "am_x_y")  # per address
+            failed_auth.succeeded("am_good")
+            await failed_auth.admit("192.0.2.1", "am_good")  # a known key passes
+        finally:
+            await limiter.close()
+
+    asyncio.run(run())
+    client = redis.Redis.from_url(redis_db)
+    assert client.zcard("automask:rate:auth-fail:192.0.2.1") == 2
+    assert 0 < client.pttl("automask:rate:auth-fail:192.0.2.1") <= WINDOW * 1000
+    assert not client.exists("automask:rate:auth-fail:192.0.2.2")  # looking counts nothing
+    client.close()
+
+
+def test_the_limit_is_60_a_minute_and_none_turns_it_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    from automask.server.config import ServerSettings
+
+    monkeypatch.delenv("AUTOMASK_SERVER_AUTH_FAIL_LIMIT", raising=False)
+    assert ServerSettings().auth_fail_limit == 60
+    monkeypatch.setenv("AUTOMASK_SERVER_AUTH_FAIL_LIMIT", "none")
+    assert ServerSettings().auth_fail_limit is None
+    limiter = RateLimiter(clock=Clock())
+    failed_auth = FailedAuth(limiter, None)
+
+    async def run() -> None:
+        for _ in range(100):
+            await failed_auth.failed("192.0.2.1", "am_x_y")
+        await failed_auth.admit("192.0.2.1", "am_x_y")
+
+    asyncio.run(run())
+    assert len(limiter) == 0  # nothing counted
