@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
 import platform
 import statistics
 import sys
@@ -116,25 +115,11 @@ def time_scores(backend: Any, counts: list[int], passes: list[int | None], runs:
 
 
 def machine() -> dict[str, Any]:
+    """`bench_clipseg.machine()` and torch's thread count."""
     import torch
+    from bench_clipseg import machine as described
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "host": platform.node(),
-        "cpu": cpu,
-        "cores": len(os.sched_getaffinity(0)),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "load_average_at_start": os.getloadavg()[0],
-    }
+    return {**described(), "host": platform.node(), "torch_threads": torch.get_num_threads()}
 
 
 def markdown(report: dict[str, Any]) -> str:
