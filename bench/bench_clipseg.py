@@ -273,6 +273,16 @@ def wait_ready(base: str, server: subprocess.Popen[bytes], limit: float = 600) -
 # -- report ----------------------------------------------------------------------------------------------------
 
 
+def save_report(out: Path, name: str, report: dict[str, Any], text: str) -> None:
+    """Write `report` as `out/NAME-HOST-TIME.json` and its markdown `text` beside it (`.md`); print `text`."""
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"{name}-{platform.node() or 'host'}-{time.strftime('%Y%m%d-%H%M%S')}"
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(text)
+    print(text)
+    print(f"written: {stem}.json, {stem}.md", file=sys.stderr)
+
+
 def machine() -> dict[str, Any]:
     import onnxruntime
     import torch
@@ -368,12 +378,7 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown flows {sorted(unknown)}; choose from {', '.join(ALL_FLOWS)}")
     report = run_all(args, flows)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"clipseg-{platform.node() or 'host'}-{time.strftime('%Y%m%d-%H%M%S')}"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(markdown(report))
-    print(markdown(report))
-    print(f"written: {stem}.json, {stem}.md", file=sys.stderr)
+    save_report(args.out, "clipseg", report, markdown(report))
 
 
 def run_all(args: argparse.Namespace, flows: list[str]) -> dict[str, Any]:

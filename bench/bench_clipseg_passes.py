@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import platform
 import statistics
 import sys
@@ -154,7 +153,7 @@ def main() -> None:
         parser.error(f"at most {len(WORDS)} prompts")
     passes: list[int | None] = [None if p == "all" else int(p) for p in args.passes.split(",")]
     sys.path.insert(0, str(HERE))
-    from bench_clipseg import save_random_model
+    from bench_clipseg import save_random_model, save_report
 
     report: dict[str, Any] = {"machine": machine(), "runs": args.runs, "warmup": args.warmup, "runtimes": {}}
     save_random_model(args.model_dir)
@@ -166,12 +165,7 @@ def main() -> None:
             export(args.model_dir, int8=True)  # the folder bench_clipseg.py builds (int8 too)
         print(f"timing {runtime}...", file=sys.stderr)
         report["runtimes"][runtime] = time_scores(load(args.model_dir, runtime), counts, passes, args.runs, args.warmup)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"clipseg-passes-{platform.node() or 'host'}-{time.strftime('%Y%m%d-%H%M%S')}"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(markdown(report))
-    print(markdown(report))
-    print(f"written: {stem}.json, {stem}.md", file=sys.stderr)
+    save_report(args.out, "clipseg-passes", report, markdown(report))
 
 
 if __name__ == "__main__":

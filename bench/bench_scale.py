@@ -31,9 +31,7 @@ import base64
 import contextlib
 import functools
 import io
-import json
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -47,6 +45,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_clipseg import save_report
 from scale_procs import (
     BURN_MODEL,
     CLI,
@@ -456,12 +455,7 @@ def main() -> None:
     if args.quick:
         args.requests, args.warmup, args.jobs, args.rounds = 20, 3, 16, 1
     report = run_all(args)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"scale-{platform.node() or 'host'}-{time.strftime('%Y%m%d-%H%M%S')}"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(markdown(report))
-    print(markdown(report))
-    print(f"written: {stem}.json, {stem}.md", file=sys.stderr)
+    save_report(args.out, "scale", report, markdown(report))
 
 
 if __name__ == "__main__":
