@@ -50,15 +50,16 @@ def record(store: Store, kind: str, *, force: bool = False) -> str | None:
         raise ValueError(f"unknown deployment kind {kind!r}")
     with store.transaction() as conn:
         store.lock(conn, "settings." + ROW)  # two nodes starting at once: one inserts, the other reads it
-        before = conn.execute(select(S.value).where(S.name == ROW)).scalar()
+        value = conn.execute(select(S.value).where(S.name == ROW)).scalar()
+        before = None if value is None else str(value)
         if before == kind or (before is not None and not force):
-            return None if before is None else str(before)
+            return before
         row = {"value": kind, "updated_at": store.now()}
         if before is None:
             conn.execute(insert(settings_table).values(name=ROW, **row))
         else:
             conn.execute(update(settings_table).where(S.name == ROW).values(**row))
-    return None if before is None else str(before)
+    return before
 
 
 class Guard:

@@ -243,14 +243,19 @@ class Jobs:
             keys.settle_in(conn, job_id, charge=True)
         return True
 
-    def fail(self, job_id: str, error: str, *, node: str | None = None, status: str = FAILED) -> bool:
-        """Mark a job FAILED (or CANCELLED) with `error`, giving its credit back: a job PROCESSING on `node` (the
-        run that claimed it), or with `node` None a QUEUED one (it never ran). False otherwise, nothing changed."""
+    def fail(self, job_id: str, error: str, *, node: str | None = None) -> bool:
+        """Mark a job FAILED with `error`, giving its credit back: a job PROCESSING on `node` (the run that claimed
+        it), or with `node` None a QUEUED one (it never ran). False otherwise, nothing changed."""
         owned = _running_on(job_id, node) if node is not None else (J.id == job_id) & (J.status == QUEUED)
+        return self._end(owned, FAILED, error, job_id)
+
+    def _end(self, where: Any, status: str, error: Any, job_id: str) -> bool:
+        """Finish job `job_id` as `status` with `error` (a value or SQL expression) if its row matches `where`,
+        giving its credit back in the same transaction; False (nothing changed) if it does not."""
         with self.store.transaction() as conn:
             cur = conn.execute(
                 update(jobs_table)
-                .where(owned)
+                .where(where)
                 .values(status=status, error=error, finished_at=self.store.now(), request=None, upload=None, node=None)
             )
             if cur.rowcount != 1:
@@ -264,18 +269,7 @@ class Jobs:
         stops; should it finish first, its `complete` (or `fail`) no longer matches the row: it neither stores its
         result nor charges. False when the job had finished already (a completion that won the race included)."""
         error = case((J.started_at.is_(None), CANCELLED_QUEUED), else_=CANCELLED_RUNNING)
-        with self.store.transaction() as conn:
-            cur = conn.execute(
-                update(jobs_table)
-                .where(J.id == job_id, J.status.in_(UNFINISHED))
-                .values(
-                    status=CANCELLED, error=error, finished_at=self.store.now(), request=None, upload=None, node=None
-                )
-            )
-            if cur.rowcount != 1:
-                return False
-            keys.settle_in(conn, job_id, charge=False)
-        return True
+        return self._end((J.id == job_id) & J.status.in_(UNFINISHED), CANCELLED, error, job_id)
 
     def held(self, job_id: str, node: str) -> bool:
         """Whether job `job_id` still runs on `node` (PROCESSING there): False once it was cancelled, or taken over

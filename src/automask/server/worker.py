@@ -207,7 +207,7 @@ def v1_task(task: Any, rid: str, model: str, deadline: float, request_id: str) -
         outcome = Outcome(500, error=unexpected_error(request_id))
     else:
         left = min(_WORKER.server.timeout, max(0.0, deadline - proc.jobs.store.now()))  # and never past ours
-        stop = lambda: _cancelled(proc, keys["cancel"])  # noqa: E731
+        stop = functools.partial(_cancelled, proc, keys["cancel"])
         outcome = compute(proc.runner, parse_v1(body, image), model, request_id, timeout=left, should_stop=stop)
     pipe = proc.redis.pipeline(transaction=True)
     if outcome is None or proc.jobs.store.now() > deadline:  # the API node answered 504 already
