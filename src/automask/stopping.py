@@ -55,10 +55,10 @@ _CURRENT: ContextVar[StopCheck | None] = ContextVar("automask_stop_check", defau
 
 
 @contextlib.contextmanager
-def stopping(should_stop: Callable[[], bool] | None, every: float = INSIDE_EVERY) -> Iterator[StopCheck | None]:
-    """The run's `StopCheck` (None when `should_stop` is None: never stops), current in this context for the
-    duration of the block (and no longer, however it ends)."""
-    check = None if should_stop is None else StopCheck(should_stop, every)
+def stopping(should_stop: Callable[[], bool] | None, every: float | None = None) -> Iterator[StopCheck | None]:
+    """The run's `StopCheck` (None when `should_stop` is None: never stops; `every` None: `INSIDE_EVERY`), current
+    in this context for the duration of the block (and no longer, however it ends)."""
+    check = None if should_stop is None else StopCheck(should_stop, INSIDE_EVERY if every is None else every)
     token = _CURRENT.set(check)
     try:
         yield check
