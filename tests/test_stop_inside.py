@@ -22,7 +22,14 @@ from automask.errors import StoppedError
 from automask.pipeline import MaskGenerator, image_digest
 from automask.settings import Settings
 from automask.stopping import StopCheck, current, stopping
-from tiny_models import make_tiny_edgetam, make_tiny_grounded_sam, make_tiny_sam, make_tiny_sam2, make_tiny_sam3
+from tiny_models import (
+    make_tiny_clipseg,
+    make_tiny_edgetam,
+    make_tiny_grounded_sam,
+    make_tiny_sam,
+    make_tiny_sam2,
+    make_tiny_sam3,
+)
 
 
 class Entered:
@@ -71,8 +78,6 @@ def every_layer(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _clipseg(folder: Path, settings: Settings) -> tuple[Backend, list[torch.nn.Module]]:
-    from tiny_models import make_tiny_clipseg
-
     b = clipseg.load(make_tiny_clipseg(folder / "clipseg"), settings)
     return b, [b.model]
 

@@ -6,8 +6,9 @@ torch and onnxruntime are imported inside the functions, so importing this modul
 
 from __future__ import annotations
 
+import functools
 import weakref
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
@@ -15,11 +16,13 @@ from automask.errors import StoppedError
 from automask.stopping import current, stop_inside
 
 _HOOKED: weakref.WeakSet[Any] = weakref.WeakSet()
-"""The modules that already ask (a mask head shared by several backends is hooked once)."""
+"""The modules that already ask (`stop_at_layers` called again on a model adds no second hook)."""
 
 WATCH_EVERY = 0.05
 """Seconds between two looks at the stop check while an ONNX Runtime call runs (the check itself is throttled:
 `automask.stopping.INSIDE_EVERY`)."""
+HELPER_THREADS = 32
+"""Watched ONNX Runtime calls that run at once, at most (more wait for a thread)."""
 
 
 def stop_at_layers(model: Any) -> Any:
@@ -55,19 +58,27 @@ def run_session(session: Any, outputs: list[str] | None, feeds: dict[str, Any]) 
     """`session.run(outputs, feeds)` (an ONNX Runtime `InferenceSession`), ended early with `StoppedError` once the
     current run's stop check says so: the call runs in a helper thread while this one asks the check (in the run's
     own thread, as every asking), then sets ONNX Runtime's `RunOptions.terminate`, which ends the call before its
-    next node. Outside a run, or in one nobody can stop, a plain `session.run`."""
+    next node, and waits for it to end. Outside a run, or in one nobody can stop, a plain `session.run`."""
     check = current()
     if check is None:
         return list(session.run(outputs, feeds))
     import onnxruntime as ort
 
     options = ort.RunOptions()
-    with ThreadPoolExecutor(1, thread_name_prefix="automask-onnx-run") as pool:
-        future = pool.submit(session.run, outputs, feeds, options)
-        while True:
-            try:
-                return list(future.result(timeout=WATCH_EVERY))
-            except FutureTimeout:
-                if check.inside():
-                    options.terminate = True  # the call ends before its next node; the pool waits for it
-                    raise StoppedError() from None
+    future = _helpers().submit(session.run, outputs, feeds, options)
+    while True:
+        try:
+            return list(future.result(timeout=WATCH_EVERY))
+        except FutureTimeout:
+            if check.inside():
+                options.terminate = True
+                future.cancel()  # not started yet: never starts
+                wait([future])
+                raise StoppedError() from None
+
+
+@functools.cache
+def _helpers() -> ThreadPoolExecutor:
+    """The threads that run watched ONNX Runtime calls, started on first use and kept (a thread per call would add
+    half a millisecond to each)."""
+    return ThreadPoolExecutor(HELPER_THREADS, thread_name_prefix="automask-onnx-run")
