@@ -138,8 +138,11 @@ def test_a_run_told_to_stop_stops_inside_its_encode_and_caches_nothing(
     assert current() is None  # no check left installed
 
 
-MASK_HEADS = {"sam": (make_tiny_sam, sam.load_segmenter), "sam2": (make_tiny_sam2, sam2.load_segmenter)}
-MASK_HEADS["edgetam"] = (make_tiny_edgetam, sam2.load_segmenter)
+MASK_HEADS: dict[str, tuple[Callable[[Path], Path], Callable[..., Any]]] = {
+    "sam": (make_tiny_sam, sam.load_segmenter),
+    "sam2": (make_tiny_sam2, sam2.load_segmenter),
+    "edgetam": (make_tiny_edgetam, sam2.load_segmenter),
+}
 
 
 @pytest.mark.parametrize("kind", sorted(MASK_HEADS))

@@ -188,6 +188,7 @@ class MaskGenerator:
         allow_paths: bool,
         should_stop: Callable[[], bool] | None,
     ) -> MaskResult:
+        """`generate`'s work, `should_stop` (the run's `StopCheck`, or None) asked at each stage boundary."""
         prompts = parse_prompt(prompt)
         plan = self.route(opts.scored_targets(prompts))
         t0 = time.perf_counter()
