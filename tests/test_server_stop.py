@@ -105,13 +105,13 @@ def test_a_run_past_its_time_limit_is_answered_504_and_its_thread_stops(tmp_path
 def test_a_run_past_its_time_limit_stops_inside_its_encode(
     tmp_path: Path, body: dict[str, Any], tiny_clipseg_dir: Path
 ) -> None:
-    """A real model whose encode takes 3 s (three vision layers of 1 s), a limit of 0.5 s: answered 504, the thread
+    """A real model whose encode takes 4.5 s (three vision layers of 1.5 s), a limit of 0.5 s: answered 504, the thread
     is free again once the layer running at the limit ends (the next one asks: it is more than
     `automask.stopping.INSIDE_EVERY` since the last asking). Before: it ran the encode's three layers to the end."""
     backend = clipseg.load(tiny_clipseg_dir, Settings())
     entered: list[int] = []
     slow = [
-        layer.register_forward_pre_hook(lambda *_: entered.append(1) or time.sleep(1.0))
+        layer.register_forward_pre_hook(lambda *_: entered.append(1) or time.sleep(1.5))
         for layer in backend.model.clip.vision_model.encoder.layers
     ]
     data = tmp_path / "data"
