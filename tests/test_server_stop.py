@@ -1,11 +1,12 @@
 """A run nobody waits for stops: through a live server on loopback (in-process models), a run whose client left or
-whose time limit passed stops at its next stage boundary, and is never charged."""
+whose time limit passed stops at its next stage boundary (or inside a running model stage), and is never charged."""
 
 from __future__ import annotations
 
 import base64
 import json
 import socket
+import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -14,6 +15,7 @@ import httpx
 import numpy as np
 import pytest
 
+from automask.backends import clipseg
 from automask.errors import InferenceTimeoutError
 from automask.options import MaskOptions
 from automask.pipeline import MaskGenerator
@@ -98,6 +100,32 @@ def test_a_run_past_its_time_limit_is_answered_504_and_its_thread_stops(tmp_path
         assert backend.seen == ["encode"] and not backend.entered["score"].is_set()
         assert credits(store, key.id) == 3  # a request answered 504 is never charged
         store.close()
+
+
+def test_a_run_past_its_time_limit_stops_inside_its_encode(
+    tmp_path: Path, body: dict[str, Any], tiny_clipseg_dir: Path
+) -> None:
+    """A real model whose encode takes 4.5 s (three vision layers of 1.5 s), a limit of 0.5 s: answered 504, the thread
+    is free again once the layer running at the limit ends (the next one asks: it is more than
+    `automask.stopping.INSIDE_EVERY` since the last asking). Before: it ran the encode's three layers to the end."""
+    backend = clipseg.load(tiny_clipseg_dir, Settings())
+    entered: list[int] = []
+    slow = [
+        layer.register_forward_pre_hook(lambda *_: entered.append(1) or time.sleep(1.5))
+        for layer in backend.model.clip.vision_model.encoder.layers
+    ]
+    data = tmp_path / "data"
+    with live_server(data, backend, timeout=0.5) as live:
+        store = Store.in_data_dir(data)
+        key, token = keystore.create_key(store, credits=3)
+        r = httpx.post(f"{live.url}/v1/{SLUG}", json=body, headers={"x-api-key": token}, timeout=30)
+        assert r.status_code == 504 and runner_of(live).overdue == 1
+        wait_for(lambda: runner_of(live).overdue == 0, 10)
+        assert 1 <= len(entered) < 3  # stopped between two of its layers
+        assert credits(store, key.id) == 3
+        store.close()
+    for handle in slow:
+        handle.remove()
 
 
 def test_a_running_v2_job_cancelled_stops_at_the_next_stage_and_is_not_charged(

@@ -54,8 +54,11 @@ class InferenceTimeoutError(AutomaskError):
 
 
 class StoppedError(AutomaskError):
-    """The run was told to stop (its `should_stop` said so at a stage boundary): nobody waits for its answer any
-    more (the client left, or its time limit passed)."""
+    """The run was told to stop (its `should_stop` said so at a stage boundary, or inside a model stage: see
+    `automask.stopping`): nobody waits for its answer any more (the client left, or its time limit passed)."""
+
+    def __init__(self, message: str = "The run was stopped: nobody waits for its answer any more.") -> None:
+        super().__init__(message)
 
 
 class EmptyMaskError(AutomaskError):
@@ -82,7 +85,7 @@ class MissingDependencyError(AutomaskError, ImportError):
 def stop_if_asked(should_stop: Callable[[], bool] | None) -> None:
     """A stage boundary of a run: raise `StoppedError` when `should_stop` (None: never) returns True."""
     if should_stop is not None and should_stop():
-        raise StoppedError("The run was stopped: nobody waits for its answer any more.")
+        raise StoppedError()
 
 
 def require(module: str, extra: str) -> None:

@@ -33,6 +33,7 @@ from automask.options import MaskOptions, parse_prompt
 from automask.result import Detection, MaskResult
 from automask.routing import ModelPlan, Route, installed_alternatives, plan_models, quote_targets, routed
 from automask.settings import Settings
+from automask.stopping import stopping
 
 
 def image_digest(image: np.ndarray) -> bytes:
@@ -168,13 +169,26 @@ class MaskGenerator:
         `options` (or keyword options such as threshold=0.3, grow_mask=5) are validated here.
         `allow_paths=False`: `image` is never read as a local file path (see `load_image`; for servers).
         `should_stop` (None: never) is asked at each stage boundary (after decoding, after each encode and score,
-        inside the backends that have stages of their own, before rendering): True raises `StoppedError` there,
-        so a run nobody waits for any more ends early (a server's client left, or its time limit passed).
+        inside the backends that have stages of their own, before rendering) and, at most every
+        `automask.stopping.INSIDE_EVERY` seconds, inside a running model stage (at each layer, during each ONNX
+        Runtime call): True raises `StoppedError` there, so a run nobody waits for any more ends early (a server's
+        client left, or its time limit passed); a stopped encode caches nothing.
         Raises `EmptyMaskError` when `stop_on_empty_mask` is set and nothing is selected, and
         `ModelNotAvailableError` for a target that none of the loaded models can serve.
         """
         opts = MaskOptions.parse(options.model_dump() if options else None, **kwargs) if kwargs else options
-        opts = opts or MaskOptions()
+        with stopping(should_stop) as check:
+            return self._generate(image, prompt, opts or MaskOptions(), allow_paths, check)
+
+    def _generate(
+        self,
+        image: ImageSource,
+        prompt: str | list[str],
+        opts: MaskOptions,
+        allow_paths: bool,
+        should_stop: Callable[[], bool] | None,
+    ) -> MaskResult:
+        """`generate`'s work, `should_stop` (the run's `StopCheck`, or None) asked at each stage boundary."""
         prompts = parse_prompt(prompt)
         plan = self.route(opts.scored_targets(prompts))
         t0 = time.perf_counter()

@@ -47,6 +47,7 @@ class ScoreParams:
                     prompt's words scores above it (GroundingDINO's text threshold).
     should_stop:    asked at the backend's own stage boundaries (between detector and mask head, before each
                     target...): True raises `StoppedError` there (`automask.errors.stop_if_asked`); None: never.
+                    Inside a model stage, the run's check is asked by the model's layers (`automask.stopping`).
     """
 
     text_threshold: float = 0.25

@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image
 
 from automask.backends.base import ScoreParams, Scores, sigmoid
+from automask.backends.interrupt import stop_at_layers
 from automask.backends.torch_loading import checkpoint_errors, prepare_torch
 from automask.errors import ModelNotAvailableError, require, stop_if_asked
 from automask.settings import Settings
@@ -278,7 +279,7 @@ def load(path: Path, settings: Settings) -> ClipSegBackend:
     device = prepare_torch(settings)
     prep = read_preprocessing(path)
     with checkpoint_errors("CLIPSeg", path, pull="clipseg"):
-        model = CLIPSegForImageSegmentation.from_pretrained(str(path)).eval().to(device)
+        model = stop_at_layers(CLIPSegForImageSegmentation.from_pretrained(str(path)).eval().to(device))
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     _drop_unused_layers(model)
     return ClipSegBackend(model, tokenizer, prep, model_id=str(path), device=device)

@@ -16,6 +16,7 @@ import numpy as np
 
 from automask.backends.clipseg import ClipSegScoring, Preprocessing, preprocess, read_preprocessing, tokenize
 from automask.backends.clipseg_common import OnnxArtifacts, export_hint, find_artifacts
+from automask.backends.interrupt import run_session
 from automask.backends.onnx_runtime import load_errors, session_options
 from automask.errors import ModelNotAvailableError, require
 from automask.settings import Settings
@@ -69,14 +70,14 @@ class ClipSegOnnxBackend(ClipSegScoring):
 
     def encode(self, image: np.ndarray) -> OnnxFeatures:
         """Run the vision graph once on an H×W×3 uint8 RGB image."""
-        (hidden,) = self.image_session.run(None, {"pixel_values": preprocess(image, self.prep)})
+        (hidden,) = run_session(self.image_session, None, {"pixel_values": preprocess(image, self.prep)})
         return OnnxFeatures(hidden_states=hidden, image_size=(int(image.shape[0]), int(image.shape[1])))
 
     def logits(self, features: OnnxFeatures, prompts: list[str]) -> np.ndarray:
         """Decoder logits for N prompts at the model resolution: N×S×S float32 (before the sigmoid)."""
         ids, mask = tokenize(self.tokenizer, prompts)
         feeds = {"hidden_states": features.hidden_states, "input_ids": ids, "attention_mask": mask}
-        (logits,) = self.prompt_session.run(None, feeds)
+        (logits,) = run_session(self.prompt_session, None, feeds)
         return np.asarray(logits, np.float32).reshape(len(prompts), *logits.shape[-2:])
 
     def warm_up(self) -> None:

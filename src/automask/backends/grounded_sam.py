@@ -41,6 +41,7 @@ from torch import nn
 
 from automask.backends.base import ScoreParams, Scores, sigmoid
 from automask.backends.grounding import MAX_DETECTIONS, KeptBoxes, merge_prompts, postprocess, token_owners
+from automask.backends.interrupt import stop_at_layers
 from automask.backends.sam import (
     MaskHead,
     Precision,
@@ -286,7 +287,7 @@ def load(path: Path, settings: Settings, precision: Precision | None = None) -> 
     device = prepare_torch(settings)
     detector_dir, sam_dir = find_parts(path)
     with checkpoint_errors("GroundingDINO", detector_dir, pull="grounded-sam"):
-        detector = GroundingDinoForObjectDetection.from_pretrained(str(detector_dir)).eval().to(device)
+        detector = stop_at_layers(GroundingDinoForObjectDetection.from_pretrained(str(detector_dir)).eval().to(device))
         processor = AutoProcessor.from_pretrained(str(detector_dir))
     precision = precision or preset_precision(settings)
     segmenter = load_mask_head(sam_dir, settings, precision)

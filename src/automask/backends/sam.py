@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from automask import models
+from automask.backends.interrupt import stop_at_layers
 from automask.backends.torch_loading import checkpoint_errors, prepare_torch
 from automask.errors import ModelNotAvailableError
 from automask.settings import Settings
@@ -369,7 +370,7 @@ def _load(folder: Path, settings: Settings, precision: Precision) -> SamSegmente
         raise ModelNotAvailableError(f"'{folder}' holds no SAM checkpoint (config.json with model_type 'sam').")
     device = prepare_torch(settings)
     with checkpoint_errors("SAM", folder, pull="grounded-sam"):
-        model = SamModel.from_pretrained(str(folder)).eval().to(device)
+        model = stop_at_layers(SamModel.from_pretrained(str(folder)).eval().to(device))
         processor = AutoProcessor.from_pretrained(str(folder))
     dtype = choose_dtype(precision, device)
     model.vision_encoder.to(dtype)

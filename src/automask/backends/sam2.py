@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from automask.backends.interrupt import stop_at_layers
 from automask.backends.sam import (
     DECODER_BATCH,
     HEADS,
@@ -159,6 +160,7 @@ def _load(folder: Path, settings: Settings, precision: Precision) -> Sam2Segment
     backbones = repvit_backbones() if kind == "edgetam" else contextlib.nullcontext()
     with checkpoint_errors(HEADS[kind].label, folder, pull=kind), backbones:
         model = getattr(transformers, MODEL_CLASSES[kind]).from_pretrained(str(folder)).eval().to(device)
+    stop_at_layers(model)
     transform = ImageTransform.from_folder(folder, DEFAULT_TRANSFORM)
     dtype = _dtype(kind, precision, device)
     return Sam2Segmenter(model, kind, transform, model_id=str(folder), device=device, dtype=dtype)

@@ -33,6 +33,7 @@ import torch
 
 from automask.backends.base import ScoreParams, Scores
 from automask.backends.grounding import MAX_DETECTIONS
+from automask.backends.interrupt import stop_at_layers
 from automask.backends.sam import cpu_has_bf16, max_masks
 from automask.backends.sam2_processing import IMAGENET_STANDARD, ImageTransform, pixel_values, upscale
 from automask.backends.torch_loading import checkpoint_errors, prepare_torch
@@ -180,7 +181,7 @@ def load(path: Path, settings: Settings) -> Sam3Backend:
         )
     device = prepare_torch(settings)
     with checkpoint_errors("SAM 3", path, pull=NAME):
-        model = Sam3Model.from_pretrained(str(path)).eval().to(device)
+        model = stop_at_layers(Sam3Model.from_pretrained(str(path)).eval().to(device))
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     transform = ImageTransform.from_folder(path, DEFAULT_TRANSFORM)
     return Sam3Backend(model, tokenizer, transform, str(path), device, autocast=use_autocast(settings, device))

@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image
 
 from automask.backends.base import Scores
+from automask.backends.interrupt import run_session
 from automask.backends.onnx_runtime import load_errors
 from automask.errors import ModelNotAvailableError, require
 from automask.routing import Target, target_of, unknown_words_message
@@ -66,7 +67,7 @@ class SubjectBackend:
         """H×W×3 uint8 RGB -> H×W float32 probability that a pixel belongs to the main subject."""
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise ValueError(f"expected an H×W×3 uint8 image, got {image.shape} {image.dtype}")
-        d0 = self.session.run([self._d0], {self._input: preprocess(image)})[0]
+        d0 = run_session(self.session, [self._d0], {self._input: preprocess(image)})[0]
         return upsample(d0[0, 0], image.shape[0], image.shape[1])
 
     def score(self, features: np.ndarray, prompts: list[str], *, min_score: float = 0.0) -> Scores:

@@ -69,7 +69,7 @@ class Dispatcher(Protocol):
 
     async def run_v1(self, request: MaskRequest, model: str, request_id: str) -> Outcome:
         """Answer a v1 request (cancelling the call cancels the work: before it starts, or at its next stage
-        boundary). Raises the library's `AutomaskError`s or returns an error `Outcome`."""
+        boundary or model layer). Raises the library's `AutomaskError`s or returns an error `Outcome`."""
 
     def publish(self, job_id: str, model: str | None) -> Future[None]:
         """Hand stored v2 job `job_id` to whatever runs jobs (at least once; a duplicate is harmless). Never blocks,

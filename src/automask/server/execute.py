@@ -101,10 +101,10 @@ def compute(
 
 
 def still_held(jobs: Jobs, job_id: str, node: str) -> Callable[[], bool]:
-    """The `should_stop` of a v2 run: True once job `job_id` no longer runs on `node` (its owner cancelled it, or
-    the sweeper gave it to another node), read from the database at each stage boundary, wherever the run is (the
-    in-process pool, a Celery worker) and whichever node took the cancel. While the database does not answer, the
-    run goes on (its `complete` decides)."""
+    """The `should_stop` of a v2 run: True once job `job_id` no longer runs on `node` (its owner cancelled it, or the
+    sweeper gave it to another node), read from the database at each stage boundary (and, inside a running model, at
+    most every `automask.stopping.INSIDE_EVERY` seconds), wherever the run is (the in-process pool, a Celery worker) and
+    whichever node took the cancel. While the database does not answer, the run goes on (its `complete` decides)."""
 
     def stop() -> bool:
         try:
@@ -131,11 +131,10 @@ def execute_job(
     over while it ran here (the sweeper declared `node` dead and another node claimed it: that run ends it, never
     this one). `timeout`: this node's limit on a run; past it (plus `LONGEST_RUN_MARGIN`) the run is taken as lost.
 
-    A job started more than `max_attempts` times (each start that never finished: a crash, a killed worker)
-    ends FAILED. A job whose model is not available here goes back to QUEUED, its attempt not counted, to run
-    once the model is back. A job cancelled while it runs (`Jobs.cancel`, from any node) stops at its next stage
-    boundary (`still_held`); one that finishes first is neither stored nor charged (`Jobs.complete` no longer
-    matches it).
+    A job started more than `max_attempts` times (each start that never finished: a crash, a killed worker) ends FAILED.
+    A job whose model is not available here goes back to QUEUED, its attempt not counted, to run once the model is back.
+    A job cancelled while it runs (`Jobs.cancel`, from any node) stops at its next stage boundary or model layer
+    (`still_held`); one that finishes first is neither stored nor charged (`Jobs.complete` no longer matches it).
 
     A database error (`SQLAlchemyError`, from claiming, completing, failing or releasing the job) is raised, never
     turned into a FAILED job: the job stays as the database last had it (PROCESSING on `node` once claimed) for the

@@ -71,8 +71,9 @@ async def _settle(state: ServerState, hold_id: str, charge: bool, expires_at: fl
 
 
 async def unless_client_leaves(request: Request, work: Awaitable[T]) -> T:
-    """Await `work`, cancelling it if the client disconnects first (then `ClientDisconnect`): a request still
-    waiting for a thread never runs, one running stops at its next stage boundary, and its credit is given back."""
+    """Await `work`, cancelling it if the client disconnects first (then `ClientDisconnect`): a request still waiting
+    for a thread never runs, one running stops at its next stage boundary or model layer, and its credit is given
+    back."""
     task = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(_disconnected(request))
     try:

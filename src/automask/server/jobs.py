@@ -1,15 +1,15 @@
 """v2 jobs in the database: submit, claim by id, complete, fail, cancel, expire, and what the sweeper recovers.
 
-QUEUED -> PROCESSING -> COMPLETED | FAILED (| CANCELLED, an automask extension, from QUEUED or PROCESSING). A job
-holds one credit of its key from submission (kept when it completes, given back otherwise). Delivery to the code that
-runs a job is at least once, so every step is a conditional UPDATE by id: a job is claimed only while QUEUED (or, by
-a redelivered message, PROCESSING on a node that died: never from a live run); it is completed, failed or released
-only by the run that holds it (PROCESSING on the node that claimed it last), and completed or failed in the
-transaction that settles its hold, so a duplicate run never charges or refunds twice, and a slow run whose job was
-taken over cannot end the run that took it. A cancel is one such UPDATE too: of a cancel and a completion racing,
-exactly one matches the row, and only its transaction settles the credit. A run asks `held` at each stage boundary
-and stops once its job is no longer its own (cancelled, or taken over). Results (PNG) live in the database until
-`result_ttl` after they finish, so any node can serve them.
+QUEUED -> PROCESSING -> COMPLETED | FAILED (| CANCELLED, an automask extension, from QUEUED or PROCESSING). A job holds
+one credit of its key from submission (kept when it completes, given back otherwise). Delivery to the code that runs a
+job is at least once, so every step is a conditional UPDATE by id: a job is claimed only while QUEUED (or, by a
+redelivered message, PROCESSING on a node that died: never from a live run); it is completed, failed or released only by
+the run that holds it (PROCESSING on the node that claimed it last), and completed or failed in the transaction that
+settles its hold, so a duplicate run never charges or refunds twice, and a slow run whose job was taken over cannot end
+the run that took it. A cancel is one such UPDATE too: of a cancel and a completion racing, exactly one matches the row,
+and only its transaction settles the credit. A run asks `held` at each stage boundary (and at most every
+`automask.stopping.INSIDE_EVERY` seconds inside a running model) and stops once its job is no longer its own (cancelled,
+or taken over). Results (PNG) live in the database until `result_ttl` after they finish, so any node can serve them.
 """
 
 from __future__ import annotations
@@ -264,16 +264,17 @@ class Jobs:
         return True
 
     def cancel(self, job_id: str) -> bool:
-        """Cancel an unfinished job (QUEUED, or PROCESSING wherever it runs): CANCELLED at once, its credit given
-        back, in one transaction. The run of a PROCESSING job sees it at its next stage boundary (`held`) and
+        """Cancel an unfinished job (QUEUED, or PROCESSING wherever it runs): CANCELLED at once, its credit given back,
+        in one transaction. The run of a PROCESSING job sees it at its next stage boundary or model layer (`held`) and
         stops; should it finish first, its `complete` (or `fail`) no longer matches the row: it neither stores its
         result nor charges. False when the job had finished already (a completion that won the race included)."""
         error = case((J.started_at.is_(None), CANCELLED_QUEUED), else_=CANCELLED_RUNNING)
         return self._end((J.id == job_id) & J.status.in_(UNFINISHED), CANCELLED, error, job_id)
 
     def held(self, job_id: str, node: str) -> bool:
-        """Whether job `job_id` still runs on `node` (PROCESSING there): False once it was cancelled, or taken over
-        by another node, so the run there may stop. A read by primary key, asked at each stage boundary."""
+        """Whether job `job_id` still runs on `node` (PROCESSING there): False once it was cancelled, or taken over by
+        another node, so the run there may stop. A read by primary key, asked at each stage boundary (inside a running
+        model: at most every `automask.stopping.INSIDE_EVERY` seconds)."""
         with self.store.read() as conn:
             return conn.execute(select(J.id).where(_running_on(job_id, node))).first() is not None
 

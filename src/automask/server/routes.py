@@ -427,9 +427,10 @@ async def result_png(request: Request, job: Job) -> bytes:
     description=(
         "Cancels a QUEUED or PROCESSING job at once: its status is CANCELLED (polling it answers 422 with "
         "status CANCELLED) and its credit is given back. A queued job never runs; a running one stops at its next "
-        "stage boundary, wherever it runs, and its result, should it finish anyway, is neither stored nor "
-        "charged. A job that finished first (COMPLETED or FAILED) is answered with its status unchanged: of a "
-        "cancel and a completion arriving together, exactly one takes effect."
+        "stage boundary or between two layers of its model (within about half a second), wherever it runs, and its "
+        "result, should it finish anyway, is neither stored nor charged. A job that finished first (COMPLETED or "
+        "FAILED) is answered with its status unchanged: of a cancel and a completion arriving together, exactly one "
+        "takes effect."
     ),
 )
 async def v2_cancel(request: Request, job: OwnedJob) -> Response:

@@ -275,7 +275,7 @@ class Runner:
         library's `AutomaskError`s, and `InferenceTimeoutError` after `timeout` seconds (waiting for a pool
         thread included). A call given up on (past its limit, or cancelled: the client left) never runs if no
         thread has taken it yet; one already running is told to stop, and stops at its next stage boundary
-        (`MaskGenerator.generate`'s `should_stop`), its result dropped.
+        or model layer (`MaskGenerator.generate`'s `should_stop`), its result dropped.
         """
         await self.load(model)
         abandoned = threading.Event()
@@ -302,8 +302,8 @@ class Runner:
         """`run` for a caller that is a thread (a job runner, a Celery task): the same load, limit and errors.
         `timeout` (None: the server's) is the limit of this call, e.g. what is left of the server's limit to a
         request that waited in a queue (its 504 names the server's limit all the same, as `run` does);
-        `should_stop` is asked at each stage boundary besides the runner's own giving up (a call past its limit
-        stops at its next boundary)."""
+        `should_stop` is asked at each stage boundary and inside the model stages besides the runner's own giving up
+        (a call past its limit stops at its next boundary or model layer)."""
         self.generator(model)
         limit = self.server.timeout if timeout is None else timeout
         abandoned = threading.Event()
@@ -323,7 +323,7 @@ class Runner:
 
     def _give_up(self, future: Future[Any]) -> None:
         """Drop a call past its time limit: it never runs if no thread has taken it yet, else it is `overdue`
-        (until it stops at its next stage boundary, or ends)."""
+        (until it stops at its next stage boundary or model layer, or ends)."""
         if future.cancel():
             return
         with self._overdue_changed:
@@ -337,8 +337,8 @@ class Runner:
 
     @property
     def overdue(self) -> int:
-        """Calls given up on that still hold an inference thread (until their next stage boundary; a hung model
-        keeps it)."""
+        """Calls given up on that still hold an inference thread (until their next stage boundary or model layer; a hung
+        model keeps it)."""
         with self._overdue_changed:
             return len(self._overdue)
 

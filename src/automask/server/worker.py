@@ -57,7 +57,7 @@ RETIRING = 75
 """The exit code of a pool process that leaves after its answer because its model hung (`_leave_if_hung`)."""
 STOP_GRACE = 5.0
 """Seconds a pool process waits for a call it gave up on (past its time limit) to stop at its next stage boundary
-before it takes the model for hung and replaces itself."""
+or model layer before it takes the model for hung and replaces itself."""
 
 
 @dataclass
@@ -186,9 +186,9 @@ def v1_task(task: Any, rid: str, model: str, deadline: float, request_id: str) -
     """Answer v1 hand-off `rid` unless its client left or its deadline passed.
 
     The run's time limit is what is left to `deadline` (the fleet's clock, `Store.now`: past it the API node has
-    answered 504 already), at most this worker's own `timeout`. It stops at its next stage boundary once the API
-    node cancels the hand-off (the client left, or it answered 504), and then pushes no outcome: nobody waits for
-    one (nor for one finished past the deadline)."""
+    answered 504 already), at most this worker's own `timeout`. It stops at its next stage boundary or model layer once
+    the API node cancels the hand-off (the client left, or it answered 504), and then pushes no outcome: nobody waits
+    for one (nor for one finished past the deadline)."""
     proc = _process()
     _refuse_if_switched(proc)
     keys = v1_keys(rid)
@@ -233,10 +233,10 @@ def _cancelled(proc: _Process, key: str) -> bool:
 
 
 def _leave_if_hung(proc: _Process) -> None:
-    """After a task's answer is stored: a call given up on (past its time limit) stops at its next stage boundary;
-    wait `STOP_GRACE` seconds for it. One still running after that (a hung model) holds this process's inference
-    thread, and every later task here would time out too. Leave: `_Request` acknowledges the message, and Celery's
-    pool starts a fresh process in this one's place."""
+    """After a task's answer is stored: a call given up on (past its time limit) stops at its next stage boundary or
+    model layer; wait `STOP_GRACE` seconds for it. One still running after that (a hung model) holds this process's
+    inference thread, and every later task here would time out too. Leave: `_Request` acknowledges the message, and
+    Celery's pool starts a fresh process in this one's place."""
     if proc.runner.overdue and not proc.runner.wait_overdue(STOP_GRACE):
         log.error("pool process %s: an inference ran past its time limit and still runs; replacing it", proc.node)
         raise SystemExit(RETIRING)
