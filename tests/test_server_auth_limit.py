@@ -13,8 +13,9 @@ import httpx
 import pytest
 
 from automask.server import keys as keystore
+from automask.server.auth_limit import FailedAuth, Known, client_address
 from automask.server.errors import ApiError
-from automask.server.limits import WINDOW, FailedAuth, Known, RateLimiter, RedisRateLimiter, client_address
+from automask.server.limits import WINDOW, RateLimiter, RedisRateLimiter
 from automask.server.store import Store
 from server_helpers import FakeBackend, LiveServer, live_server
 
@@ -199,7 +200,7 @@ def test_failed_authentications_are_counted_across_the_fleet(redis_db: str) -> N
                 await failed_auth.admit("192.0.2.1", "am_x_y")
             assert refused.value.status == 429 and 1 <= int(refused.value.headers["Retry-After"]) <= 60
             await failed_auth.admit("192.0.2.2", "am_x_y")  # per address
-            failed_auth.succeeded("am_good")
+            await failed_auth.succeeded("am_good")
             await failed_auth.admit("192.0.2.1", "am_good")  # a known key passes
         finally:
             await limiter.close()

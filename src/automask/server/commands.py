@@ -168,6 +168,28 @@ def keys_revoke(ctx: click.Context, key_id: str) -> None:
     if not _keystore().revoke_key(_store(ctx), _key_id(key_id)):
         raise click.BadParameter(f"no key {key_id!r} (see: automask keys list)", param_hint="KEY_ID")
     click.echo(f"Revoked key {_key_id(key_id)}.", err=True)
+    redis_url = _settings(ctx).redis_url
+    if redis_url:
+        _forget_known(redis_url, _key_id(key_id))
+
+
+def _forget_known(redis_url: str, key_id: str) -> None:
+    """Tell the fleet (Redis) that revoked `key_id` is no longer known to be good; a warning if Redis is not there."""
+    from automask.errors import require
+
+    require("redis", "scale")
+    from redis.exceptions import RedisError
+
+    from automask.server.auth_limit import forget_everywhere
+
+    try:
+        forget_everywhere(redis_url, key_id)
+    except RedisError as exc:  # the key is revoked all the same: say what is left undone
+        click.echo(
+            f"warning: Redis (AUTOMASK_REDIS_URL) did not answer ({exc}): until each API node has refused the key "
+            "once (403), it may still let it past a failed-authentication lock-out.",
+            err=True,
+        )
 
 
 @keys.command("update")
