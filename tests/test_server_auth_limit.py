@@ -230,3 +230,55 @@ def test_the_limit_is_60_a_minute_and_none_turns_it_off(monkeypatch: pytest.Monk
 
     asyncio.run(run())
     assert len(limiter) == 0  # nothing counted
+
+
+@pytest.mark.parametrize(
+    ("env", "flags", "limits"),
+    [
+        ({}, [], (6000, 60)),
+        ({}, ["--poll-rate-limit", "12", "--auth-fail-limit", "3"], (12, 3)),
+        (
+            {"AUTOMASK_SERVER_AUTH_FAIL_LIMIT": "9"},
+            ["--poll-rate-limit", "none", "--auth-fail-limit", "None"],
+            (None, None),
+        ),
+        (
+            {"AUTOMASK_SERVER_POLL_RATE_LIMIT": "none", "AUTOMASK_SERVER_AUTH_FAIL_LIMIT": "none"},
+            ["--auth-fail-limit", "5"],
+            (None, 5),
+        ),
+    ],
+)
+def test_serve_flags_set_the_poll_and_auth_fail_limits(
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    env: dict[str, str],
+    flags: list[str],
+    limits: tuple[int | None, ...],
+) -> None:
+    """`--poll-rate-limit` and `--auth-fail-limit` (N or none) win over their environment variables, reach the app."""
+    from click.testing import CliRunner
+
+    from automask.cli import main
+    from automask.server import http
+    from server_helpers import loopback_socket
+
+    served: list[Any] = []
+    monkeypatch.setattr(http, "listen", lambda server: [loopback_socket()])  # not 127.0.0.1:8000 itself
+    monkeypatch.setattr(http, "run", lambda app, server, log_level="info", sockets=(): served.append(app))
+    result = CliRunner().invoke(main, ["--data-dir", str(tmp_path / "data"), "serve", *flags], env=env)
+    assert result.exit_code == 0, result.output
+    state = served[0].state.automask
+    assert (state.server.poll_rate_limit, state.failed_auth.limit) == limits
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "abc", "1.5", ""])
+@pytest.mark.parametrize("flag", ["--poll-rate-limit", "--auth-fail-limit"])
+def test_bad_limit_flags_are_usage_errors(tmp_path: Path, flag: str, value: str) -> None:
+    from click.testing import CliRunner
+
+    from automask.cli import main
+
+    result = CliRunner().invoke(main, ["--data-dir", str(tmp_path / "data"), "serve", flag, value])
+    assert result.exit_code == 2, result.output
+    assert f"Invalid value for '{flag}': '{value}': give a whole number a minute, 1 or more, or 'none'" in result.output
