@@ -91,6 +91,5 @@ def require(module: str, extra: str) -> None:
 
     if importlib.util.find_spec(module) is None:
         raise MissingDependencyError(
-            f"This feature needs the Python package '{module}'. "
-            f'Install it with: pip install "automask[{extra}]"'
+            f"This feature needs the Python package '{module}'. Install it with: pip install \"automask[{extra}]\""
         )
