@@ -184,11 +184,13 @@ def test_known_keys_are_recorded_once_and_refreshed(redis_db: str) -> None:
     asyncio.run(run())
 
 
-def test_the_fleet_secret_is_made_once_and_kept_in_the_database(tmp_path: Path) -> None:
-    store = Store.in_data_dir(tmp_path / "data")
-    secret = fleet_secret(store)
-    assert len(secret) == 32 and fleet_secret(store) == secret
-    store.close()
+def test_the_fleet_secret_is_made_once_and_kept_in_the_database(store: Store) -> None:
+    """Nodes starting at once (threads here) all get the one secret the first of them made."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(4) as pool:
+        secrets = list(pool.map(lambda _: fleet_secret(store), range(4)))
+    assert len(secrets[0]) == 32 and secrets == [secrets[0]] * 4 == [fleet_secret(store)] * 4
 
 
 def test_keys_revoke_with_redis_down_revokes_and_warns(tmp_path: Path) -> None:

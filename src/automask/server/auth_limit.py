@@ -38,9 +38,10 @@ KNOWN_TTL = 86_400
 day passes a lock-out of its address on every node; one idle for longer waits out the window once, as a new key
 does. It also bounds how long an entry a revocation could not clear (Redis down) lets that key's requests reach the
 database (each such request is refused 403, and clears the entry)."""
-REFRESH = KNOWN_TTL / 2
-"""A node records a key it already knows again once this many seconds have passed since it last did, so a key in use
-never expires: one Redis write per key and node every 12 hours, not one per request."""
+REFRESH = 3600.0
+"""A node records a key it already knows again once this many seconds have passed since it last did: a key stays
+known for a day after it last authenticated, to within an hour, at one Redis write per key and node an hour at most
+(not one per request)."""
 TIMEOUT = 1.0
 """Seconds one known-key read or write in Redis may take; past it, or on any Redis error, the key counts as unknown."""
 SECRET_ROW = "known-keys"
