@@ -36,8 +36,8 @@ KNOWN_PREFIX = "automask:known:"
 KNOWN_TTL = 86_400
 """Seconds a key stays known fleet-wide after a node last recorded it: a day. A client that used its key within a
 day passes a lock-out of its address on every node; one idle for longer waits out the window once, as a new key
-does. It also bounds how long an entry a revocation could not clear (Redis down) lets that key's requests reach the
-database (each such request is refused 403, and clears the entry)."""
+does. It also bounds how long an entry that a revocation could not clear (Redis down) lasts; meanwhile the revoked
+key's first request on a node is let through to the database, refused 403, and clears it."""
 REFRESH = 3600.0
 """A node records a key it already knows again once this many seconds have passed since it last did: a key stays
 known for a day after it last authenticated, to within an hour, at one Redis write per key and node an hour at most
@@ -152,9 +152,9 @@ class Known:
 class FleetKnown(Known):
     """`Known` shared by the API nodes: a key that authenticated on any node within `ttl` seconds passes a lock-out
     on every node. Redis (`client`, a `redis.asyncio` client) holds `KNOWN_PREFIX<key id>` = HMAC-SHA256(`secret`,
-    key), written when a key this node does not know yet authenticates (or every `REFRESH` seconds), read only for a
-    locked-out address, and cleared when that key fails (revoked). Redis failing or slower than `TIMEOUT`: the key
-    counts as unknown (the lock-out holds) and is not recorded."""
+    key), written when a key this node does not know yet authenticates (then at most every `REFRESH` seconds while it
+    does), read only for a locked-out address, and cleared when that very key fails (revoked). Redis failing or
+    slower than `TIMEOUT`: the key counts as unknown (the lock-out holds) and is not recorded."""
 
     def __init__(
         self,
@@ -179,13 +179,13 @@ class FleetKnown(Known):
         entry = self._entry(token)
         if entry is None:
             return False
-        stored = await self._redis(self.client.get(entry[0]), "look up a known key")
+        stored = await self._redis(self.client.get(entry[0]), "look up a known key (it counts as unknown)")
         return isinstance(stored, bytes) and hmac.compare_digest(stored, entry[1])
 
     async def succeeded(self, token: str | None) -> None:
         recorded, now, entry = self.recorded(token), self._clock(), self._entry(token)
         if entry is not None and (recorded is None or now - recorded >= REFRESH):
-            written = await self._redis(self.client.set(*entry, ex=self.ttl), "record a known key")
+            written = await self._redis(self.client.set(*entry, ex=self.ttl), "record a known key (tried again)")
             recorded = now if written else recorded
         self.add(token, -math.inf if recorded is None else recorded)
 
@@ -193,7 +193,7 @@ class FleetKnown(Known):
         self.forget(token)
         entry = self._entry(token)
         if entry is not None:
-            await self._redis(self._forget(keys=[entry[0]], args=[entry[1]]), "forget a known key")
+            await self._redis(self._forget(keys=[entry[0]], args=[entry[1]]), "forget a key (it expires in a day)")
 
     @staticmethod
     async def _redis(call: Awaitable[T], what: str) -> T | None:
@@ -203,7 +203,7 @@ class FleetKnown(Known):
         try:
             return await asyncio.wait_for(call, TIMEOUT)
         except (RedisError, asyncio.TimeoutError) as exc:
-            log.warning("Redis did not %s (%s): the key counts as unknown", what, exc or "timed out")
+            log.warning("Redis did not %s: %s", what, str(exc) or f"no answer in {TIMEOUT:g} s")
             return None
 
 
