@@ -13,8 +13,9 @@ import httpx
 import pytest
 
 from automask.server import keys as keystore
+from automask.server.auth_limit import FailedAuth, Known, client_address
 from automask.server.errors import ApiError
-from automask.server.limits import WINDOW, FailedAuth, Known, RateLimiter, RedisRateLimiter, client_address
+from automask.server.limits import WINDOW, RateLimiter, RedisRateLimiter
 from automask.server.store import Store
 from server_helpers import FakeBackend, LiveServer, live_server
 
@@ -199,7 +200,7 @@ def test_failed_authentications_are_counted_across_the_fleet(redis_db: str) -> N
                 await failed_auth.admit("192.0.2.1", "am_x_y")
             assert refused.value.status == 429 and 1 <= int(refused.value.headers["Retry-After"]) <= 60
             await failed_auth.admit("192.0.2.2", "am_x_y")  # per address
-            failed_auth.succeeded("am_good")
+            await failed_auth.succeeded("am_good")
             await failed_auth.admit("192.0.2.1", "am_good")  # a known key passes
         finally:
             await limiter.close()
@@ -229,3 +230,55 @@ def test_the_limit_is_60_a_minute_and_none_turns_it_off(monkeypatch: pytest.Monk
 
     asyncio.run(run())
     assert len(limiter) == 0  # nothing counted
+
+
+@pytest.mark.parametrize(
+    ("env", "flags", "limits"),
+    [
+        ({}, [], (6000, 60)),
+        ({}, ["--poll-rate-limit", "12", "--auth-fail-limit", "3"], (12, 3)),
+        (
+            {"AUTOMASK_SERVER_AUTH_FAIL_LIMIT": "9"},
+            ["--poll-rate-limit", "none", "--auth-fail-limit", "None"],
+            (None, None),
+        ),
+        (
+            {"AUTOMASK_SERVER_POLL_RATE_LIMIT": "none", "AUTOMASK_SERVER_AUTH_FAIL_LIMIT": "none"},
+            ["--auth-fail-limit", "5"],
+            (None, 5),
+        ),
+    ],
+)
+def test_serve_flags_set_the_poll_and_auth_fail_limits(
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    env: dict[str, str],
+    flags: list[str],
+    limits: tuple[int | None, ...],
+) -> None:
+    """`--poll-rate-limit` and `--auth-fail-limit` (N or none) win over their environment variables, reach the app."""
+    from click.testing import CliRunner
+
+    from automask.cli import main
+    from automask.server import http
+    from server_helpers import loopback_socket
+
+    served: list[Any] = []
+    monkeypatch.setattr(http, "listen", lambda server: [loopback_socket()])  # not 127.0.0.1:8000 itself
+    monkeypatch.setattr(http, "run", lambda app, server, log_level="info", sockets=(): served.append(app))
+    result = CliRunner().invoke(main, ["--data-dir", str(tmp_path / "data"), "serve", *flags], env=env)
+    assert result.exit_code == 0, result.output
+    state = served[0].state.automask
+    assert (state.server.poll_rate_limit, state.failed_auth.limit) == limits
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "abc", "1.5", ""])
+@pytest.mark.parametrize("flag", ["--poll-rate-limit", "--auth-fail-limit"])
+def test_bad_limit_flags_are_usage_errors(tmp_path: Path, flag: str, value: str) -> None:
+    from click.testing import CliRunner
+
+    from automask.cli import main
+
+    result = CliRunner().invoke(main, ["--data-dir", str(tmp_path / "data"), "serve", flag, value])
+    assert result.exit_code == 2, result.output
+    assert f"Invalid value for '{flag}': '{value}': give a whole number a minute, 1 or more, or 'none'" in result.output

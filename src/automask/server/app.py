@@ -25,6 +25,7 @@ from starlette.requests import ClientDisconnect
 from automask import __version__, web
 from automask.errors import AutomaskError
 from automask.pipeline import MaskGenerator
+from automask.server.auth_limit import failed_auth_for
 from automask.server.config import ServerSettings
 from automask.server.deployment import Guard
 from automask.server.dispatch import make_dispatcher
@@ -35,7 +36,6 @@ from automask.server.limits import (
     ASGIApp,
     BodyBudget,
     BodyLimitMiddleware,
-    FailedAuth,
     Message,
     RateLimiter,
     Receive,
@@ -80,14 +80,13 @@ def create_app(
         dispatcher = make_dispatcher(settings, server, store, jobs, generator)
         guard = Guard(store, dispatcher.deployment)
         guard.claim()  # a database serving the other kind of deployment: refuse, naming the fix
+        limiter = RedisRateLimiter(settings.redis_url) if settings.redis_url else RateLimiter()
+        failed_auth = failed_auth_for(limiter, store, server.auth_fail_limit)  # in-process, or shared through Redis
     except BaseException:
         store.close()
         raise
-    limiter = RedisRateLimiter(settings.redis_url) if settings.redis_url else RateLimiter()
     body_limit = server.body_limit(settings.max_image_bytes)
     bodies = BodyBudget(server.body_memory, per_key=max(body_limit, server.body_memory // 4))
-    failures = limiter if isinstance(limiter, RedisRateLimiter) else RateLimiter()  # addresses never evict key counts
-    failed_auth = FailedAuth(failures, server.auth_fail_limit)
     state = ServerState(settings, server, store, jobs, dispatcher, guard, limiter, body_limit, bodies, failed_auth)
     sweeper = Sweeper(store, jobs, dispatcher, server, guard=guard)
 

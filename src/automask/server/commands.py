@@ -41,6 +41,35 @@ def _keystore() -> Any:
     return keystore
 
 
+class NoLimit:
+    """`none` given to a limit flag: no limit (None in `ServerSettings`, where a flag's None means not given)."""
+
+
+NO_LIMIT = NoLimit()
+
+
+class PerMinute(click.ParamType):
+    """A limit a minute: a whole number, 1 or more, or `none` for no limit (`NO_LIMIT`)."""
+
+    name = "N|none"
+
+    def get_metavar(self, param: click.Parameter, ctx: click.Context | None = None) -> str:
+        return self.name  # as typed (click would upper-case it)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int | NoLimit:
+        if isinstance(value, (int, NoLimit)) and not isinstance(value, bool):
+            return value
+        if str(value).strip().lower() == "none":
+            return NO_LIMIT
+        try:
+            number = int(value)
+        except ValueError:
+            number = 0
+        if number < 1:
+            self.fail(f"{value!r}: give a whole number a minute, 1 or more, or 'none' for no limit.", param, ctx)
+        return number
+
+
 @click.command()
 @click.option("--host", help="Interface to listen on [default: 127.0.0.1; AUTOMASK_SERVER_HOST].")
 @click.option("--port", type=click.IntRange(0, 65535), help="Port [default: 8000; AUTOMASK_SERVER_PORT].")
@@ -60,6 +89,8 @@ def _keystore() -> Any:
 @click.option("--keepalive-timeout", type=click.FloatRange(0, min_open=True), help="Idle keep-alive, s [5].")
 @click.option("--max-connections", type=click.IntRange(1), help="Open connections at most [512].")
 @click.option("--shutdown-timeout", type=click.FloatRange(0, min_open=True), help="Seconds to finish on SIGTERM [10].")
+@click.option("--poll-rate-limit", type=PerMinute(), help="Polls a minute per key, or none [6000].")
+@click.option("--auth-fail-limit", type=PerMinute(), help="Failed authentications a minute per address, or none [60].")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info")
 @click.pass_context
 def serve(ctx: click.Context, model: str | None, log_level: str, no_auth: bool, **flags: Any) -> None:
@@ -81,7 +112,7 @@ def serve(ctx: click.Context, model: str | None, log_level: str, no_auth: bool, 
     settings = _settings(ctx)
     if model:
         settings = settings.model_copy(update={"model": model})
-    overrides = {k: v for k, v in flags.items() if v is not None}
+    overrides = {k: None if v is NO_LIMIT else v for k, v in flags.items() if v is not None}
     if no_auth:
         overrides["auth"] = False
     server = _server_settings(overrides)
@@ -168,6 +199,28 @@ def keys_revoke(ctx: click.Context, key_id: str) -> None:
     if not _keystore().revoke_key(_store(ctx), _key_id(key_id)):
         raise click.BadParameter(f"no key {key_id!r} (see: automask keys list)", param_hint="KEY_ID")
     click.echo(f"Revoked key {_key_id(key_id)}.", err=True)
+    redis_url = _settings(ctx).redis_url
+    if redis_url:
+        _forget_known(redis_url, _key_id(key_id))
+
+
+def _forget_known(redis_url: str, key_id: str) -> None:
+    """Tell the fleet (Redis) that revoked `key_id` is no longer known to be good; a warning if Redis is not there."""
+    from automask.errors import require
+
+    require("redis", "scale")
+    from redis.exceptions import RedisError
+
+    from automask.server.auth_limit import forget_everywhere
+
+    try:
+        forget_everywhere(redis_url, key_id)
+    except RedisError as exc:  # the key is revoked all the same: say what is left undone
+        click.echo(
+            f"warning: Redis (AUTOMASK_REDIS_URL) did not answer ({exc}): until each API node has refused the key "
+            "once (403), it may still let it past a failed-authentication lock-out.",
+            err=True,
+        )
 
 
 @keys.command("update")

@@ -120,14 +120,20 @@ def update_key(store: Store, key_id: str, *, credits: int | None = None, rate_li
     return True
 
 
+def split_token(token: str | None) -> tuple[str, str] | None:
+    """The id and secret of a key written `am_<id>_<secret>` (surrounding whitespace ignored); None otherwise."""
+    prefix, _, rest = (token or "").strip().partition("_")
+    key_id, _, secret = rest.partition("_")
+    return (key_id, secret) if prefix == PREFIX and key_id and secret else None
+
+
 def authenticate(store: Store, token: str | None) -> ApiKey:
     """The key behind `token` (the x-api-key header). 401: missing or unknown; 403: revoked."""
     if not token:
         raise ApiError(401, "Missing API key: send it in the x-api-key header (create one with: automask keys create).")
-    prefix, _, rest = token.strip().partition("_")
-    key_id, _, secret = rest.partition("_")
+    key_id, secret = split_token(token) or ("", "")
     row = None
-    if prefix == PREFIX and key_id and secret:
+    if key_id:
         with store.read() as conn:
             row = conn.execute(select(keys_table).where(K.id == key_id)).first()
     stored = row.secret_hash if row else _DUMMY_HASH

@@ -1,10 +1,9 @@
 """Request limits: a per-key sliding-window rate limiter (also counting failed authentications per client
-address), a request-body size limit (pure ASGI), and a budget for the request bodies held in memory at once."""
+address: `automask.server.auth_limit`), a request-body size limit (pure ASGI), and a budget for the request bodies
+held in memory at once."""
 
 from __future__ import annotations
 
-import hashlib
-import ipaddress
 import math
 import threading
 import time
@@ -129,95 +128,6 @@ class RedisRateLimiter:
 
     async def close(self) -> None:
         await self.client.aclose()
-
-
-class FailedAuth:
-    """Failed authentications per client address (`limit` a minute; None: no limit), counted in the server's rate
-    limiter (`RateLimiter` or `RedisRateLimiter`) under `auth-fail:<address>`. Past the limit the address is locked
-    out for the rest of the window: its requests are answered 429 before the database is read, except those that
-    carry a key this process saw authenticate lately (`Known`): brute force gets nowhere (a guess is refused
-    unread), while a client with a valid key behind the same address keeps working."""
-
-    def __init__(self, limiter: RateLimiter | RedisRateLimiter, limit: int | None, known: Known | None = None) -> None:
-        self.limiter = limiter
-        self.limit = limit
-        self.known = known or Known()
-
-    async def admit(self, address: str, token: str | None) -> None:
-        """429 when `address` is locked out and `token` is not a key known to be good; otherwise nothing."""
-        if self.limit is not None and not self.known.has(token):
-            await self.limiter.hit(f"auth-fail:{address}", self.limit, "failed authentications", count=False)
-
-    async def failed(self, address: str, token: str | None) -> None:
-        """Count one failed authentication of `address` (`token` is no longer known to be good)."""
-        self.known.forget(token)
-        if self.limit is not None:
-            with _suppress_429():
-                await self.limiter.hit(f"auth-fail:{address}", self.limit, "failed authentications")
-
-    def succeeded(self, token: str | None) -> None:
-        """`token` authenticated: it passes a lock-out of its address from now on (on this process)."""
-        self.known.add(token)
-
-
-@contextmanager
-def _suppress_429() -> Iterator[None]:
-    """Swallow the 429 of a count that found the limit reached already (requests that were in flight together)."""
-    try:
-        yield
-    except ApiError as exc:
-        if exc.status != 429:
-            raise
-
-
-class Known:
-    """SHA-256 digests of tokens that authenticated lately (never the tokens), the `capacity` most recent ones."""
-
-    def __init__(self, capacity: int = 10_000) -> None:
-        self.capacity = capacity
-        self._digests: OrderedDict[bytes, None] = OrderedDict()
-
-    @staticmethod
-    def _digest(token: str | None) -> bytes | None:
-        return hashlib.sha256(token.strip().encode()).digest() if token else None
-
-    def has(self, token: str | None) -> bool:
-        digest = self._digest(token)
-        return digest is not None and digest in self._digests
-
-    def add(self, token: str | None) -> None:
-        digest = self._digest(token)
-        if digest is not None:
-            self._digests[digest] = None
-            self._digests.move_to_end(digest)
-            while len(self._digests) > self.capacity:
-                self._digests.popitem(last=False)
-
-    def forget(self, token: str | None) -> None:
-        digest = self._digest(token)
-        if digest is not None:
-            self._digests.pop(digest, None)
-
-    def __len__(self) -> int:
-        return len(self._digests)
-
-
-def client_address(peer: str | None) -> str:
-    """The address failed authentications are counted for: the client's IP (the socket peer, or the one a trusted
-    proxy forwarded in X-Forwarded-For: uvicorn's proxy headers, trusted from FORWARDED_ALLOW_IPS, by default
-    127.0.0.1 and ::1), an IPv6 one as its /64 (what one host is usually given;
-    an IPv4-mapped one as the IPv4 address), or "unknown"."""
-    if not peer:
-        return "unknown"
-    try:
-        ip = ipaddress.ip_address(peer.strip("[]"))
-    except ValueError:
-        return peer
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            return str(ip.ipv4_mapped)
-        return str(ipaddress.IPv6Network(f"{ip}/64", strict=False))
-    return str(ip)
 
 
 def retry_headers(now: float, reset_at: float) -> dict[str, str]:

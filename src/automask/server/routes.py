@@ -25,13 +25,14 @@ from fastapi.security import APIKeyHeader
 from automask.errors import InvalidOptionError
 from automask.imageio.load import check_image, inline_size
 from automask.server import keys
+from automask.server.auth_limit import client_address
 from automask.server.dispatch import PUBLISH_TIMEOUT
 from automask.server.errors import ApiError, shown
 from automask.server.execute import Outcome
 from automask.server.holds import credit_hold, unless_client_leaves
 from automask.server.jobs import CANCELLED, COMPLETED, FAILED, Job, no_credits
 from automask.server.keys import ApiKey
-from automask.server.limits import Hold, client_address, declared_size
+from automask.server.limits import Hold, declared_size
 from automask.server.schemas import (
     CreditsResponse,
     ErrorResponse,
@@ -217,7 +218,7 @@ async def current_key(request: Request, token: Annotated[str | None, Security(AP
     except ApiError:
         await state.failed_auth.failed(address, token)
         raise
-    state.failed_auth.succeeded(token)
+    await state.failed_auth.succeeded(token)
     request.state.key_id = key.id
     return key
 
