@@ -39,10 +39,10 @@ def test_keys_and_migrations_act_on_the_configured_postgresql(postgres_db: str, 
 @pytest.mark.parametrize(
     ("env", "args", "message"),
     [
-        ({"AUTOMASK_BROKER_URL": "amqp://u:p@127.0.0.1:1//"}, ["serve"], "AUTOMASK_REDIS_URL is not"),
+        ({"AUTOMASK_BROKER_URL": "amqp://u:p@127.0.0.1:1//"}, ["serve", "--port", "0"], "AUTOMASK_REDIS_URL is not"),
         (
             {"AUTOMASK_BROKER_URL": "amqp://u:p@127.0.0.1:1//", "AUTOMASK_REDIS_URL": "redis://127.0.0.1:1/0"},
-            ["serve"],
+            ["serve", "--port", "0"],  # any free port: the test must not need 8000
             "AUTOMASK_DATABASE_URL is not",
         ),
         ({}, ["worker"], "automask worker needs AUTOMASK_BROKER_URL"),
