@@ -112,6 +112,29 @@ def test_keys_commands(tmp_path: Path) -> None:
     assert missing.exit_code == 2 and "no key 'nope'" in missing.output
 
 
+def test_keys_commands_refuse_counts_the_database_cannot_hold(tmp_path: Path, postgres_db: str) -> None:
+    """Credits and rate limits are INTEGER columns (32 bits on PostgreSQL): a larger value is a usage error naming
+    the largest, not an "internal error" from the database (on SQLite past 2**63, on PostgreSQL past 2**31 - 1)."""
+    runner = CliRunner()
+    largest = str(2**31 - 1)
+    for env in ({"AUTOMASK_DATABASE_URL": postgres_db}, {}):
+        data = ["--data-dir", str(tmp_path / "d")]
+        for flag in ("--credits", "--rate-limit"):
+            for too_big in (str(2**31), str(2**64)):
+                refused = runner.invoke(main, [*data, "keys", "create", flag, too_big], env=env)
+                assert refused.exit_code == 2, refused.output
+                assert largest in refused.output and "internal error" not in refused.output
+        created = runner.invoke(main, [*data, "keys", "create", "--credits", largest, "--rate-limit", largest], env=env)
+        assert created.exit_code == 0, created.output
+        key_id = created.stdout.strip().split("_")[1]
+        listed = json.loads(runner.invoke(main, [*data, "keys", "list", "--json"], env=env).stdout)
+        assert [(k["credits"], k["rate_limit"]) for k in listed if k["id"] == key_id] == [(2**31 - 1, 2**31 - 1)]
+        refused = runner.invoke(main, [*data, "keys", "update", key_id, "--credits", str(2**31)], env=env)
+        assert refused.exit_code == 2 and largest in refused.output
+    with pytest.raises(ValueError, match=largest):
+        keystore.create_key(Store.in_data_dir(tmp_path / "lib"), credits=2**31)
+
+
 def test_serve_refuses_no_auth_off_loopback(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["--data-dir", str(tmp_path), "serve", "--no-auth", "--host", "0.0.0.0"])
     assert result.exit_code == 2 and "loopback" in result.output

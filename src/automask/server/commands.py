@@ -13,7 +13,7 @@ import click
 from pydantic import ValidationError
 
 from automask.cli_io import root_settings
-from automask.server.config import ServerSettings
+from automask.server.config import MAX_KEY_COUNT, ServerSettings
 
 if TYPE_CHECKING:
     from automask.server.keys import ApiKey
@@ -127,8 +127,10 @@ def keys() -> None:
 
 @keys.command("create")
 @click.option("--name", default="", help="A label for the key.")
-@click.option("--credits", type=click.IntRange(0), help="Requests the key may make [default: unlimited].")
-@click.option("--rate-limit", type=click.IntRange(1), help="Requests per minute [default: unlimited].")
+@click.option(
+    "--credits", type=click.IntRange(0, MAX_KEY_COUNT), help="Requests the key may make [default: unlimited]."
+)
+@click.option("--rate-limit", type=click.IntRange(1, MAX_KEY_COUNT), help="Requests per minute [default: unlimited].")
 @click.pass_context
 def keys_create(ctx: click.Context, name: str, credits: int | None, rate_limit: int | None) -> None:
     """Create a key and print it (on stdout, once: only its hash is stored)."""
@@ -172,8 +174,8 @@ def keys_revoke(ctx: click.Context, key_id: str) -> None:
 
 @keys.command("update")
 @click.argument("key_id")
-@click.option("--credits", type=click.IntRange(0), help="Set the credit balance.")
-@click.option("--rate-limit", type=click.IntRange(1), help="Set the requests per minute.")
+@click.option("--credits", type=click.IntRange(0, MAX_KEY_COUNT), help="Set the credit balance.")
+@click.option("--rate-limit", type=click.IntRange(1, MAX_KEY_COUNT), help="Set the requests per minute.")
 @click.pass_context
 def keys_update(ctx: click.Context, key_id: str, credits: int | None, rate_limit: int | None) -> None:
     """Set the credits or rate limit of KEY_ID."""

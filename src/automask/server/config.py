@@ -18,6 +18,9 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+MAX_KEY_COUNT = 2**31 - 1
+"""The largest credit balance or rate limit a key may have: what the database's INTEGER columns hold (PostgreSQL's
+are 32-bit)."""
 RESULT_TTL_MIN = 3600.0
 """v2 results are kept at least an hour after they finish (the external contract's promise to clients)."""
 
