@@ -266,6 +266,7 @@ def db_migrate(ctx: click.Context) -> None:
     settings = _settings(ctx)
     store = Store(database_url(settings))
     try:
+        store.check_connection()
         before, after = migrate(store)
     finally:
         store.close()
@@ -286,6 +287,7 @@ def db_status(ctx: click.Context) -> None:
     settings = _settings(ctx)
     store = Store(database_url(settings))
     try:
+        store.check_connection()
         with store.read() as conn:
             rev = current(conn)
     finally:

@@ -43,10 +43,13 @@ from sqlalchemy import (
     true,
 )
 from sqlalchemy.engine import URL
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, OperationalError, SQLAlchemyError
+
+from automask.errors import ServiceConfigError
 
 log = logging.getLogger("automask.server")
 metadata = MetaData()
+_URL_FORMS = "sqlite:///PATH or postgresql://USER:PASS@HOST:PORT/DB"
 
 keys_table = Table(
     "keys",
@@ -119,12 +122,18 @@ settings_table = Table(
 
 
 def normalize_url(url: str) -> URL:
-    """A database URL as SQLAlchemy takes it: `postgresql://` (and `postgres://`) use psycopg 3."""
-    parsed = make_url(url)
+    """A database URL as SQLAlchemy takes it: `postgresql://` (and `postgres://`) use psycopg 3. `ServiceConfigError`
+    for one that is not a URL, or names another kind of database."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise ServiceConfigError(f"AUTOMASK_DATABASE_URL is not a database URL: use {_URL_FORMS}.") from None
     if parsed.drivername in ("postgresql", "postgres"):
         parsed = parsed.set(drivername="postgresql+psycopg")
     if not (parsed.drivername.startswith("sqlite") or parsed.drivername.startswith("postgresql")):
-        raise ValueError(f"unsupported database URL scheme {parsed.drivername!r}: use sqlite:///PATH or postgresql://")
+        raise ServiceConfigError(
+            f"AUTOMASK_DATABASE_URL: unsupported database URL scheme {parsed.drivername!r}: use {_URL_FORMS}."
+        )
     return parsed
 
 
@@ -228,9 +237,27 @@ class Store:
         store = cls(url)
         from automask.server.migrations import ensure_schema
 
-        ensure_schema(store, create=create)
+        try:
+            store.check_connection()
+            ensure_schema(store, create=create)
+        except BaseException:
+            store.close()
+            raise
         store.read_clock()  # timestamps are right from the first one
         return store
+
+    def check_connection(self) -> None:
+        """Connect once: `ServiceConfigError` naming the database and the fix when it cannot be reached or opened (a
+        start-up check: a wrong AUTOMASK_DATABASE_URL, a database server not running, a wrong password)."""
+        try:
+            with self.engine.connect():
+                pass
+        except OperationalError as exc:
+            reason = " ".join(str(exc.orig or exc).split())
+            raise ServiceConfigError(
+                f"Cannot connect to the database {self.describe()}: {reason}. Check AUTOMASK_DATABASE_URL, and that "
+                "the database server is running and lets this user in."
+            ) from None
 
     def describe(self) -> str:
         """The database for messages and logs: the SQLite path, or the server URL without its password."""
