@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from pydantic import ValidationError
 
 from automask.cli import main
 from automask.server import keys as keystore
@@ -158,3 +159,20 @@ def test_serve_refuses_to_keep_v2_results_for_less_than_an_hour(tmp_path: Path) 
     result = CliRunner().invoke(main, ["--data-dir", str(tmp_path), "serve"], env={"AUTOMASK_SERVER_RESULT_TTL": "600"})
     assert result.exit_code == 2 and "result_ttl: Input should be greater than or equal to 3600" in result.output
     assert ServerSettings(result_ttl=3600).result_ttl == ServerSettings().result_ttl == 3600
+
+
+@pytest.mark.parametrize(
+    "url", ["masks.example.com", "masks.example.com:8000/api", "ftp://masks.example.com", "https://", "https://x/?a=1"]
+)
+def test_serve_refuses_a_public_url_the_v2_urls_cannot_be_built_from(tmp_path: Path, url: str) -> None:
+    """CONTRACT.md: the v2 URLs are absolute. Before, `--public-url masks.example.com` was taken as it is, and every
+    submit answered status_url "masks.example.com/v2/requests/..." that no client can poll."""
+    with pytest.raises(ValidationError, match="must be an absolute http"):
+        ServerSettings(public_url=url)
+    result = CliRunner().invoke(main, ["--data-dir", str(tmp_path), "serve", "--public-url", url])
+    assert result.exit_code == 2, result.output
+    assert "public_url: must be an absolute http(s) URL such as https://masks.example.com" in result.output
+    env = {"AUTOMASK_SERVER_PUBLIC_URL": url}
+    assert CliRunner().invoke(main, ["--data-dir", str(tmp_path), "serve"], env=env).exit_code == 2
+    for fine in ("https://masks.example.com", "http://10.0.0.5:8000/api/", "HTTPS://Masks.example.com/a/b"):
+        assert ServerSettings(public_url=fine).public_url == fine
