@@ -43,3 +43,19 @@ def test_a_request_id_holding_a_nul_is_unknown_not_a_database_outage(
         assert answer.json()["error"].startswith("No request 'a\\x00b'" if "a" in request_id else "No request '\\x00'")
     cancel = client.post("/v2/requests/a%00b/cancel", headers={"x-api-key": token})
     assert cancel.status_code == 404, cancel.text
+
+
+def test_health_checks_answer_head_as_get(tmp_path: Path) -> None:
+    """HAProxy (`option httpchk HEAD /healthz`) and many monitors probe with HEAD, which HTTP requires of every GET
+    resource; before, both answered 404 "No endpoint HEAD /healthz", and the node was taken for down."""
+    import httpx
+
+    from server_helpers import live_server, wait_ready
+
+    with live_server(tmp_path / "data", FakeBackend()) as live:
+        wait_ready(live.url)
+        for path in ("/healthz", "/readyz"):
+            get, head = httpx.get(live.url + path), httpx.head(live.url + path)
+            assert head.status_code == get.status_code == 200, head.text
+            assert head.content == b"" and head.headers["content-type"] == get.headers["content-type"]
+            assert head.headers["content-length"] == str(len(get.content))
