@@ -120,10 +120,14 @@ def test_a_database_that_cannot_be_reached_or_used_is_exit_9_naming_the_fix(tmp_
     from server_helpers import free_port
 
     closed = f"postgresql://someone:s3cret@127.0.0.1:{free_port()}/automask"
+    not_sqlite = tmp_path / "notes.txt"
+    not_sqlite.write_text("not a database, and not a folder either\n" * 100)
     for url, expected in (
         (closed, "Cannot connect to the database postgresql+psycopg://someone:***@127.0.0.1:"),
         ("mysql://someone:s3cret@127.0.0.1/automask", "AUTOMASK_DATABASE_URL: unsupported database URL scheme 'mysql'"),
         ("not a url", "AUTOMASK_DATABASE_URL is not a database URL"),
+        (f"sqlite:///{not_sqlite}", f"Cannot connect to the database {not_sqlite}: file is not a database."),
+        (f"sqlite:///{not_sqlite}/x.db", f"Cannot create the database file {not_sqlite}/x.db: "),
     ):
         env = {"AUTOMASK_DATABASE_URL": url}
         result = CliRunner().invoke(main, ["--data-dir", str(tmp_path / "data"), *command], env=env)

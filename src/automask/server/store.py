@@ -43,7 +43,7 @@ from sqlalchemy import (
     true,
 )
 from sqlalchemy.engine import URL
-from sqlalchemy.exc import ArgumentError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
 
 from automask.errors import ServiceConfigError
 
@@ -140,11 +140,16 @@ def normalize_url(url: str) -> URL:
 def _private_file(path: Path) -> None:
     """Create `path` (and its folder) readable by this user only: 0700 folder, 0600 file, whatever the umask."""
     folder = path.parent
-    if not folder.exists():
-        folder.mkdir(parents=True, exist_ok=True)
-        os.chmod(folder, 0o700)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    os.close(fd)
+    try:
+        if not folder.exists():
+            folder.mkdir(parents=True, exist_ok=True)
+            os.chmod(folder, 0o700)
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+    except OSError as exc:
+        raise ServiceConfigError(
+            f"Cannot create the database file {path}: {exc.strerror or exc}. Check --data-dir / AUTOMASK_DATA_DIR "
+            "(or AUTOMASK_DATABASE_URL)."
+        ) from None
     for file in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
         if file.exists() and stat.S_IMODE(file.stat().st_mode) & 0o077:  # e.g. written by release 0.1 (0644)
             os.chmod(file, 0o600)
@@ -252,7 +257,7 @@ class Store:
         try:
             with self.engine.connect():
                 pass
-        except OperationalError as exc:
+        except DBAPIError as exc:  # refused, a wrong password, not a database (SQLite), ...
             reason = " ".join(str(exc.orig or exc).split())
             raise ServiceConfigError(
                 f"Cannot connect to the database {self.describe()}: {reason}. Check AUTOMASK_DATABASE_URL, and that "
