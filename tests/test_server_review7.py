@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
@@ -14,7 +16,7 @@ from automask.server.app import create_app
 from automask.server.config import ServerSettings
 from automask.server.store import Store
 from automask.settings import Settings
-from server_helpers import FakeBackend
+from server_helpers import FakeBackend, png_bytes
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -59,3 +61,37 @@ def test_health_checks_answer_head_as_get(tmp_path: Path) -> None:
             assert head.status_code == get.status_code == 200, head.text
             assert head.content == b"" and head.headers["content-type"] == get.headers["content-type"]
             assert head.headers["content-length"] == str(len(get.content))
+
+
+def test_the_inference_time_limit_is_at_most_a_day_and_v2_jobs_run_under_the_longest(tmp_path: Path) -> None:
+    """Before: `serve --timeout inf` (or 1e10: "no limit") was taken; v1 answered, but every v2 job ended FAILED
+    "Unexpected server error" (OverflowError: a thread cannot wait that long), and the fleet's hand-off TTLs overflow
+    too. Now a usage error naming the largest; the largest runs v2 jobs."""
+    from click.testing import CliRunner
+    from pydantic import ValidationError
+
+    from automask.cli import main
+    from server_helpers import wait_for
+
+    for too_long in ("inf", "1e10", "86401"):
+        with pytest.raises(ValidationError, match="less than or equal to 86400"):
+            ServerSettings(timeout=too_long)
+        result = CliRunner().invoke(main, ["--data-dir", str(tmp_path / "data"), "serve", "--timeout", too_long])
+        assert result.exit_code == 2 and "timeout: Input should be less than or equal to 86400" in result.output
+    settings = Settings(data_dir=tmp_path / "data")
+    app = create_app(settings, ServerSettings(timeout=86400), MaskGenerator(FakeBackend(), settings))
+    store = Store.from_settings(settings)
+    _, token = keystore.create_key(store, credits=1)
+    with TestClient(app) as client:
+        image = base64.b64encode(png_bytes(np.zeros((4, 6, 3), np.uint8))).decode()
+        job = client.post(
+            "/v2/automatic-mask-generator", json={"image": image, "prompt": "x"}, headers={"x-api-key": token}
+        )
+        status = job.json()["status_url"].removeprefix("http://testserver")
+
+        def finished() -> dict[str, str] | None:
+            body: dict[str, str] = client.get(status, headers={"x-api-key": token}).json()
+            return body if body["status"] in ("COMPLETED", "FAILED") else None
+
+        assert wait_for(finished, 30)["status"] == "COMPLETED"
+    store.close()

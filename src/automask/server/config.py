@@ -35,6 +35,9 @@ def is_base_url(url: str) -> bool:
     return scheme_ok and port_ok and bool(parts.hostname) and not parts.query and not parts.fragment
 
 
+MAX_TIMEOUT = 86400.0
+"""The longest inference time limit, a day: no longer is "no limit" (`inf`), which a thread cannot wait for (and the
+fleet's hand-offs and credit holds expire after the limit)."""
 RESULT_TTL_MIN = 3600.0
 """v2 results are kept at least an hour after they finish (the external contract's promise to clients)."""
 
@@ -50,7 +53,9 @@ class ServerSettings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535, description="TCP port to listen on.")
     concurrency: int = Field(1, ge=1, le=64, description="Inference threads (v1 requests and v2 jobs share them).")
     job_workers: int | None = Field(None, ge=1, le=64, description="v2 jobs run at once; None: `concurrency`.")
-    timeout: float = Field(60.0, gt=0, description="Seconds one inference may take (queueing included) -> 504.")
+    timeout: float = Field(
+        60.0, gt=0, le=MAX_TIMEOUT, description="Seconds one inference may take (queueing included) -> 504."
+    )
     auth: bool = Field(
         True,
         description="Require an API key. False is allowed only on a loopback host, and then serves only requests to "
