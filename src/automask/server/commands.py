@@ -266,7 +266,6 @@ def db_migrate(ctx: click.Context) -> None:
     settings = _settings(ctx)
     store = Store(database_url(settings))
     try:
-        store.check_connection()
         before, after = migrate(store)
     finally:
         store.close()

@@ -50,7 +50,9 @@ def current(conn: Connection) -> str | None:
 
 
 def migrate(store: Store, revision: str = "head") -> tuple[str | None, str]:
-    """Upgrade the database to `revision` in one transaction (idempotent); returns (before, after)."""
+    """Upgrade the database to `revision` in one transaction (idempotent); returns (before, after).
+    `ServiceConfigError` when it cannot be reached, or a newer release wrote it."""
+    store.check_connection()
     cfg = config(store)
     with store.transaction() as conn:
         _lock(conn, store)
