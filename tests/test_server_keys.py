@@ -176,3 +176,17 @@ def test_serve_refuses_a_public_url_the_v2_urls_cannot_be_built_from(tmp_path: P
     assert CliRunner().invoke(main, ["--data-dir", str(tmp_path), "serve"], env=env).exit_code == 2
     for fine in ("https://masks.example.com", "http://10.0.0.5:8000/api/", "HTTPS://Masks.example.com/a/b"):
         assert ServerSettings(public_url=fine).public_url == fine
+
+
+def test_keys_list_shows_control_characters_of_a_name_escaped(tmp_path: Path) -> None:
+    """A key's name may come from elsewhere (a customer's sign-up): before, `keys list` printed it raw, so an escape
+    sequence in it ran in the admin's terminal (cursor moves that hide other keys' rows, a new window title...) and a
+    newline broke the table. The table shows such characters escaped; --json keeps the name as it is."""
+    runner = CliRunner()
+    data = ["--data-dir", str(tmp_path / "d")]
+    name = "Café\x1b[2A\x1b[2K\nevil\tcorp\x07\x9b"
+    assert runner.invoke(main, [*data, "keys", "create", "--name", name]).exit_code == 0
+    table = runner.invoke(main, [*data, "keys", "list"], color=True).stdout  # as on a terminal: nothing stripped
+    assert len(table.splitlines()) == 2 and not any(c in table for c in "\x1b\t\x07\x9b")
+    assert "Café\\x1b[2A\\x1b[2K\\nevil\\tcorp\\x07\\x9b" in table
+    assert json.loads(runner.invoke(main, [*data, "keys", "list", "--json"]).stdout)[0]["name"] == name

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 import sys
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
@@ -20,6 +21,8 @@ if TYPE_CHECKING:
     from automask.server.store import Store
 
 _settings = root_settings
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+"""Control characters (C0, DEL, C1): shown escaped in the `keys list` table."""
 
 
 def _store(ctx: click.Context) -> Store:
@@ -199,7 +202,7 @@ def _or_unlimited(value: int | None) -> str:
 def _key_row(key: ApiKey) -> dict[str, Any]:
     return {
         "id": key.id,
-        "name": key.name,
+        "name": _CONTROL.sub(lambda m: repr(m.group())[1:-1], key.name),  # no escape sequence reaches the terminal
         "credits": _or_unlimited(key.credits),
         "rate_limit": _or_unlimited(key.rate_limit),
         "created": _utc(key.created_at),
