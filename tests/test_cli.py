@@ -3,12 +3,14 @@ checked against the library call on the same input; CliRunner for the quick erro
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import shutil
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -165,6 +167,33 @@ def test_mask_stdin_to_stdout(lib: Library, chelsea: np.ndarray) -> None:
     expected = lib.run(data, return_alpha=True)
     assert img.mode == "RGBA" and img.size == (small.shape[1], small.shape[0])
     assert np.array_equal(np.asarray(img), expected.output)
+
+
+def test_mask_reads_a_pipe_given_as_a_path(lib: Library, chelsea: np.ndarray, tmp_path: Path) -> None:
+    """`automask mask <(curl -s URL) -p cat`, or `/dev/stdin`: before, "Cannot read '/dev/fd/63': no such file."
+    (exit 3). A pipe is read as standard input is (at most AUTOMASK_MAX_IMAGE_BYTES); its default output is
+    ./mask.png, not a name beside the pipe."""
+    small = chelsea[::4, ::4]
+    fifo = tmp_path / "in.jpg"
+    os.mkfifo(fifo)
+
+    def feed(data: bytes) -> threading.Thread:
+        def write() -> None:
+            with contextlib.suppress(OSError):  # the reader stops at the size limit
+                fifo.write_bytes(data)
+
+        thread = threading.Thread(target=write, daemon=True)
+        thread.start()
+        return thread
+
+    writer = feed(jpeg_bytes(small))
+    run_cli("mask", fifo, "-p", "cat", "--model", lib.model, expect=0, cwd=tmp_path)
+    writer.join(timeout=10)
+    assert read_png(tmp_path / "mask.png").size == (small.shape[1], small.shape[0])
+    writer = feed(jpeg_bytes(small))
+    proc = run_cli("mask", fifo, "-p", "cat", "--model", lib.model, expect=3, AUTOMASK_MAX_IMAGE_BYTES="100")
+    writer.join(timeout=10)
+    assert error_lines(proc.stderr) == [f"error: The image in '{fifo}' is over 100 bytes (AUTOMASK_MAX_IMAGE_BYTES)."]
 
 
 def test_mask_without_a_model_names_the_pull_command(lib: Library, tmp_path: Path) -> None:

@@ -138,6 +138,24 @@ def test_an_empty_database_is_created_but_an_unknown_revision_is_refused(tmp_pat
         ensure_schema(store, create=True)
 
 
+def test_db_migrate_refuses_a_revision_of_a_newer_release_naming_the_fix(tmp_path: Path) -> None:
+    """A rollback of automask (the deploy's `migrate` one-shot runs on every start): before, `automask db migrate`
+    said "internal error: CommandError: Can't locate revision identified by '9999'" (exit 70), while serve and keys
+    named the fix. The database is left as it was."""
+    data = tmp_path / "data"
+    Store.in_data_dir(data).close()
+    store = Store(f"sqlite:///{data / 'automask.db'}")
+    with store.transaction() as conn:
+        conn.exec_driver_sql("UPDATE alembic_version SET version_num = '9999'")
+    result = CliRunner().invoke(main, ["--data-dir", str(data), "db", "migrate"])
+    assert result.exit_code == 9, result.output
+    assert "is at schema revision 9999, which this release of automask does not know" in result.output
+    assert "Upgrade automask" in result.output and "internal error" not in result.output
+    with store.read() as conn:
+        assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar_one() == "9999"
+    store.close()
+
+
 def _schema(store: Store) -> dict[str, Any]:
     with store.read() as conn:
         insp = inspect(conn)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from pydantic import ValidationError
 
 from automask.cli import main
 from automask.server import keys as keystore
@@ -112,6 +113,29 @@ def test_keys_commands(tmp_path: Path) -> None:
     assert missing.exit_code == 2 and "no key 'nope'" in missing.output
 
 
+def test_keys_commands_refuse_counts_the_database_cannot_hold(tmp_path: Path, postgres_db: str) -> None:
+    """Credits and rate limits are INTEGER columns (32 bits on PostgreSQL): a larger value is a usage error naming
+    the largest, not an "internal error" from the database (on SQLite past 2**63, on PostgreSQL past 2**31 - 1)."""
+    runner = CliRunner()
+    largest = str(2**31 - 1)
+    for env in ({"AUTOMASK_DATABASE_URL": postgres_db}, {}):
+        data = ["--data-dir", str(tmp_path / "d")]
+        for flag in ("--credits", "--rate-limit"):
+            for too_big in (str(2**31), str(2**64)):
+                refused = runner.invoke(main, [*data, "keys", "create", flag, too_big], env=env)
+                assert refused.exit_code == 2, refused.output
+                assert largest in refused.output and "internal error" not in refused.output
+        created = runner.invoke(main, [*data, "keys", "create", "--credits", largest, "--rate-limit", largest], env=env)
+        assert created.exit_code == 0, created.output
+        key_id = created.stdout.strip().split("_")[1]
+        listed = json.loads(runner.invoke(main, [*data, "keys", "list", "--json"], env=env).stdout)
+        assert [(k["credits"], k["rate_limit"]) for k in listed if k["id"] == key_id] == [(2**31 - 1, 2**31 - 1)]
+        refused = runner.invoke(main, [*data, "keys", "update", key_id, "--credits", str(2**31)], env=env)
+        assert refused.exit_code == 2 and largest in refused.output
+    with pytest.raises(ValueError, match=largest):
+        keystore.create_key(Store.in_data_dir(tmp_path / "lib"), credits=2**31)
+
+
 def test_serve_refuses_no_auth_off_loopback(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["--data-dir", str(tmp_path), "serve", "--no-auth", "--host", "0.0.0.0"])
     assert result.exit_code == 2 and "loopback" in result.output
@@ -135,3 +159,34 @@ def test_serve_refuses_to_keep_v2_results_for_less_than_an_hour(tmp_path: Path) 
     result = CliRunner().invoke(main, ["--data-dir", str(tmp_path), "serve"], env={"AUTOMASK_SERVER_RESULT_TTL": "600"})
     assert result.exit_code == 2 and "result_ttl: Input should be greater than or equal to 3600" in result.output
     assert ServerSettings(result_ttl=3600).result_ttl == ServerSettings().result_ttl == 3600
+
+
+@pytest.mark.parametrize(
+    "url", ["masks.example.com", "masks.example.com:8000/api", "ftp://masks.example.com", "https://", "https://x/?a=1"]
+)
+def test_serve_refuses_a_public_url_the_v2_urls_cannot_be_built_from(tmp_path: Path, url: str) -> None:
+    """CONTRACT.md: the v2 URLs are absolute. Before, `--public-url masks.example.com` was taken as it is, and every
+    submit answered status_url "masks.example.com/v2/requests/..." that no client can poll."""
+    with pytest.raises(ValidationError, match="must be an absolute http"):
+        ServerSettings(public_url=url)
+    result = CliRunner().invoke(main, ["--data-dir", str(tmp_path), "serve", "--public-url", url])
+    assert result.exit_code == 2, result.output
+    assert "public_url: must be an absolute http(s) URL such as https://masks.example.com" in result.output
+    env = {"AUTOMASK_SERVER_PUBLIC_URL": url}
+    assert CliRunner().invoke(main, ["--data-dir", str(tmp_path), "serve"], env=env).exit_code == 2
+    for fine in ("https://masks.example.com", "http://10.0.0.5:8000/api/", "HTTPS://Masks.example.com/a/b"):
+        assert ServerSettings(public_url=fine).public_url == fine
+
+
+def test_keys_list_shows_control_characters_of_a_name_escaped(tmp_path: Path) -> None:
+    """A key's name may come from elsewhere (a customer's sign-up): before, `keys list` printed it raw, so an escape
+    sequence in it ran in the admin's terminal (cursor moves that hide other keys' rows, a new window title...) and a
+    newline broke the table. The table shows such characters escaped; --json keeps the name as it is."""
+    runner = CliRunner()
+    data = ["--data-dir", str(tmp_path / "d")]
+    name = "Café\x1b[2A\x1b[2K\nevil\tcorp\x07\x9b"
+    assert runner.invoke(main, [*data, "keys", "create", "--name", name]).exit_code == 0
+    table = runner.invoke(main, [*data, "keys", "list"], color=True).stdout  # as on a terminal: nothing stripped
+    assert len(table.splitlines()) == 2 and not any(c in table for c in "\x1b\t\x07\x9b")
+    assert "Café\\x1b[2A\\x1b[2K\\nevil\\tcorp\\x07\\x9b" in table
+    assert json.loads(runner.invoke(main, [*data, "keys", "list", "--json"]).stdout)[0]["name"] == name

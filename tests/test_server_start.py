@@ -106,3 +106,32 @@ def test_listen_names_the_address_and_the_fix() -> None:
         port = taken.getsockname()[1]
         with pytest.raises(ServiceConfigError, match=f"127.0.0.1:{port}: the address is already in use"):
             http.listen(ServerSettings(host="127.0.0.1", port=port))
+
+
+@pytest.mark.parametrize(
+    "command", [["keys", "list"], ["keys", "create"], ["db", "migrate"], ["db", "status"], ["serve", "--port", "0"]]
+)
+def test_a_database_that_cannot_be_reached_or_used_is_exit_9_naming_the_fix(tmp_path: Path, command: list[str]) -> None:
+    """Before: "internal error: OperationalError: (psycopg.OperationalError) connection failed: ..." and exit 70,
+    documented as a bug to report with --debug, for a wrong AUTOMASK_DATABASE_URL or a database server not running."""
+    from click.testing import CliRunner
+
+    from automask.cli import main
+    from server_helpers import free_port
+
+    closed = f"postgresql://someone:s3cret@127.0.0.1:{free_port()}/automask"
+    not_sqlite = tmp_path / "notes.txt"
+    not_sqlite.write_text("not a database, and not a folder either\n" * 100)
+    for url, expected in (
+        (closed, "Cannot connect to the database postgresql+psycopg://someone:***@127.0.0.1:"),
+        ("mysql://someone:s3cret@127.0.0.1/automask", "AUTOMASK_DATABASE_URL: unsupported database URL scheme 'mysql'"),
+        ("not a url", "AUTOMASK_DATABASE_URL is not a database URL"),
+        (f"sqlite:///{not_sqlite}", f"Cannot connect to the database {not_sqlite}: file is not a database."),
+        (f"sqlite:///{not_sqlite}/x.db", f"Cannot create the database file {not_sqlite}/x.db: "),
+    ):
+        env = {"AUTOMASK_DATABASE_URL": url}
+        result = CliRunner().invoke(main, ["--data-dir", str(tmp_path / "data"), *command], env=env)
+        assert result.exit_code == 9, result.output
+        assert result.output.startswith(f"error: {expected}"), result.output
+        assert "AUTOMASK_DATABASE_URL" in result.output and "s3cret" not in result.output
+        assert "internal error" not in result.output and len(result.output.strip().splitlines()) == 1

@@ -20,6 +20,21 @@ def test_check_device() -> None:
         check_device("gpu0")
 
 
+@pytest.mark.parametrize("kind", ["mps", "xpu"])
+def test_a_device_this_machine_lacks_is_named_with_the_fix(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before: `--device mps` on a machine without it passed the check, and loading failed with "The CLIPSeg model
+    ... could not be loaded (PyTorch is not linked with support for mps devices). Re-download it", which no
+    download fixes."""
+    monkeypatch.setattr(getattr(torch, kind), "is_available", lambda: False)
+    for device in (kind, f"{kind}:0"):
+        with pytest.raises(ModelNotAvailableError) as err:
+            check_device(device)
+        assert err.value.message == (
+            f"AUTOMASK_DEVICE is '{device}' but torch sees no {kind} device. Use AUTOMASK_DEVICE=cpu, or install a "
+            f"build of torch with {kind} support."
+        )
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
 def test_every_torch_loader_refuses_cuda_without_a_gpu(tmp_path: Path) -> None:
     cuda = Settings(data_dir=tmp_path, device="cuda")

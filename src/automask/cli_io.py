@@ -155,21 +155,33 @@ def read_source(image: str, settings: Settings) -> tuple[ImageSource, Path | Non
         stdin = sys.stdin.buffer
         if stdin.isatty():
             raise InvalidOptionError("IMAGE", "'-' reads the image from standard input, but nothing is piped in.")
-        data = stdin.read(settings.max_image_bytes + 1)
-        if len(data) > settings.max_image_bytes:
-            raise errors.ImageTooLargeError(
-                f"The image on standard input is over {settings.max_image_bytes} bytes (AUTOMASK_MAX_IMAGE_BYTES)."
-            )
+        data = _read_stream(stdin, "on standard input", settings)
         if not data:
             raise errors.ImageDecodeError("Standard input was empty: pipe an image in, e.g. automask mask - < a.jpg")
         return data, None
     if _URL.match(image):
         return image, None
     path = Path(image)
-    if not path.is_file():
+    if path.is_dir() or not path.exists():
         why = "it is a folder (use automask batch)" if path.is_dir() else "no such file"
         raise errors.ImageDecodeError(f"Cannot read '{image}': {why}.")
+    if not path.is_file():  # a pipe (`<(curl ...)`, /dev/stdin) or a device: read as standard input is
+        try:
+            with path.open("rb") as stream:
+                return _read_stream(stream, f"in '{image}'", settings), None
+        except OSError as exc:
+            raise errors.ImageDecodeError(f"Cannot read '{image}': {exc.strerror or exc}.") from None
     return path, path
+
+
+def _read_stream(stream: Any, where: str, settings: Settings) -> bytes:
+    """At most `settings.max_image_bytes` of `stream` (an `ImageTooLargeError` naming `where` past them)."""
+    data: bytes = stream.read(settings.max_image_bytes + 1)
+    if len(data) > settings.max_image_bytes:
+        raise errors.ImageTooLargeError(
+            f"The image {where} is over {settings.max_image_bytes} bytes (AUTOMASK_MAX_IMAGE_BYTES)."
+        )
+    return data
 
 
 def output_target(out: str | None, source: Path | None, kind: str) -> Path | None:

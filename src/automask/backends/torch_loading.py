@@ -36,9 +36,15 @@ def check_device(device: str) -> str:
             "CUDA build of torch."
         )
     try:
-        torch.device(device)
+        kind = torch.device(device).type
     except RuntimeError as exc:
         raise ModelNotAvailableError(f"Invalid AUTOMASK_DEVICE '{device}': {exc}") from exc
+    available = getattr(getattr(torch, kind, None), "is_available", None)  # torch.mps, torch.xpu...
+    if kind != "cpu" and callable(available) and not available():
+        raise ModelNotAvailableError(
+            f"AUTOMASK_DEVICE is '{device}' but torch sees no {kind} device. Use AUTOMASK_DEVICE=cpu, or install a "
+            f"build of torch with {kind} support."
+        )
     return device
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 import sys
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
@@ -13,13 +14,15 @@ import click
 from pydantic import ValidationError
 
 from automask.cli_io import root_settings
-from automask.server.config import ServerSettings
+from automask.server.config import MAX_KEY_COUNT, ServerSettings
 
 if TYPE_CHECKING:
     from automask.server.keys import ApiKey
     from automask.server.store import Store
 
 _settings = root_settings
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+"""Control characters (C0, DEL, C1): shown escaped in the `keys list` table."""
 
 
 def _store(ctx: click.Context) -> Store:
@@ -158,8 +161,10 @@ def keys() -> None:
 
 @keys.command("create")
 @click.option("--name", default="", help="A label for the key.")
-@click.option("--credits", type=click.IntRange(0), help="Requests the key may make [default: unlimited].")
-@click.option("--rate-limit", type=click.IntRange(1), help="Requests per minute [default: unlimited].")
+@click.option(
+    "--credits", type=click.IntRange(0, MAX_KEY_COUNT), help="Requests the key may make [default: unlimited]."
+)
+@click.option("--rate-limit", type=click.IntRange(1, MAX_KEY_COUNT), help="Requests per minute [default: unlimited].")
 @click.pass_context
 def keys_create(ctx: click.Context, name: str, credits: int | None, rate_limit: int | None) -> None:
     """Create a key and print it (on stdout, once: only its hash is stored)."""
@@ -225,8 +230,8 @@ def _forget_known(redis_url: str, key_id: str) -> None:
 
 @keys.command("update")
 @click.argument("key_id")
-@click.option("--credits", type=click.IntRange(0), help="Set the credit balance.")
-@click.option("--rate-limit", type=click.IntRange(1), help="Set the requests per minute.")
+@click.option("--credits", type=click.IntRange(0, MAX_KEY_COUNT), help="Set the credit balance.")
+@click.option("--rate-limit", type=click.IntRange(1, MAX_KEY_COUNT), help="Set the requests per minute.")
 @click.pass_context
 def keys_update(ctx: click.Context, key_id: str, credits: int | None, rate_limit: int | None) -> None:
     """Set the credits or rate limit of KEY_ID."""
@@ -250,7 +255,7 @@ def _or_unlimited(value: int | None) -> str:
 def _key_row(key: ApiKey) -> dict[str, Any]:
     return {
         "id": key.id,
-        "name": key.name,
+        "name": _CONTROL.sub(lambda m: repr(m.group())[1:-1], key.name),  # no escape sequence reaches the terminal
         "credits": _or_unlimited(key.credits),
         "rate_limit": _or_unlimited(key.rate_limit),
         "created": _utc(key.created_at),
@@ -337,6 +342,7 @@ def db_status(ctx: click.Context) -> None:
     settings = _settings(ctx)
     store = Store(database_url(settings))
     try:
+        store.check_connection()
         with store.read() as conn:
             rev = current(conn)
     finally:

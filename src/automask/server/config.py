@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import ipaddress
+from urllib.parse import urlsplit
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -18,6 +19,25 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+MAX_KEY_COUNT = 2**31 - 1
+"""The largest credit balance or rate limit a key may have: what the database's INTEGER columns hold (PostgreSQL's
+are 32-bit)."""
+
+
+def is_base_url(url: str) -> bool:
+    """Whether `url` is http(s)://HOST[:PORT][/PATH], with no query or fragment: a base for absolute URLs."""
+    try:
+        parts = urlsplit(url)
+        port_ok = parts.port is None or parts.port >= 0  # reading the port raises ValueError for one that is no number
+    except ValueError:  # an unclosed [ too
+        return False
+    scheme_ok = parts.scheme.lower() in ("http", "https")
+    return scheme_ok and port_ok and bool(parts.hostname) and not parts.query and not parts.fragment
+
+
+MAX_TIMEOUT = 86400.0
+"""The longest inference time limit, a day: no longer is "no limit" (`inf`), which a thread cannot wait for (and the
+fleet's hand-offs and credit holds expire after the limit)."""
 RESULT_TTL_MIN = 3600.0
 """v2 results are kept at least an hour after they finish (the external contract's promise to clients)."""
 
@@ -33,7 +53,9 @@ class ServerSettings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535, description="TCP port to listen on.")
     concurrency: int = Field(1, ge=1, le=64, description="Inference threads (v1 requests and v2 jobs share them).")
     job_workers: int | None = Field(None, ge=1, le=64, description="v2 jobs run at once; None: `concurrency`.")
-    timeout: float = Field(60.0, gt=0, description="Seconds one inference may take (queueing included) -> 504.")
+    timeout: float = Field(
+        60.0, gt=0, le=MAX_TIMEOUT, description="Seconds one inference may take (queueing included) -> 504."
+    )
     auth: bool = Field(
         True,
         description="Require an API key. False is allowed only on a loopback host, and then serves only requests to "
@@ -122,6 +144,17 @@ class ServerSettings(BaseSettings):
     debug_delay: float = Field(
         0.0, ge=0, description="TEST ONLY: seconds every inference sleeps, to exercise timeouts and restarts."
     )
+
+    @field_validator("public_url")
+    @classmethod
+    def _absolute_public_url(cls, url: str | None) -> str | None:
+        """The v2 URLs are built on it and must be absolute (CONTRACT.md)."""
+        if url and not is_base_url(url):
+            raise ValueError(
+                f"must be an absolute http(s) URL such as https://masks.example.com or http://10.0.0.5:8000/api "
+                f"(the base of the v2 status_url, response_url and output URLs), not {url!r}"
+            )
+        return url
 
     @model_validator(mode="after")
     def _auth_off_only_on_loopback(self) -> ServerSettings:

@@ -161,7 +161,10 @@ class Jobs:
             raise ApiError(503, "The server's job queue is full; try again in a minute.", {"Retry-After": "30"})
 
     def get(self, job_id: str) -> Job | None:
-        """Job `job_id`, or None (unknown or expired)."""
+        """Job `job_id`, or None (unknown or expired). An id holding NUL is no job's, and not looked up: PostgreSQL
+        text cannot hold it (the query would fail as if the database were down)."""
+        if "\x00" in job_id:
+            return None
         with self.store.read() as conn:
             row = conn.execute(
                 select(

@@ -17,6 +17,7 @@ from typing import Any
 
 from sqlalchemy import Connection, delete, insert, or_, select, update
 
+from automask.server.config import MAX_KEY_COUNT
 from automask.server.errors import ApiError
 from automask.server.store import Store, holds_table, jobs_table, keys_table
 
@@ -60,10 +61,7 @@ def create_key(
     store: Store, *, name: str = "", credits: int | None = None, rate_limit: int | None = None
 ) -> tuple[ApiKey, str]:
     """Create a key; return it and its full token `am_<id>_<secret>` (shown once, never stored)."""
-    if credits is not None and credits < 0:
-        raise ValueError("credits must be 0 or more")
-    if rate_limit is not None and rate_limit < 1:
-        raise ValueError("rate_limit must be 1 or more requests per minute")
+    _check_counts(credits, rate_limit)
     key_id, secret = secrets.token_hex(6), secrets.token_urlsafe(32)
     with store.transaction() as conn:
         conn.execute(
@@ -79,6 +77,14 @@ def create_key(
     key = get_key(store, key_id)
     assert key is not None
     return key, f"{PREFIX}_{key_id}_{secret}"
+
+
+def _check_counts(credits: int | None, rate_limit: int | None) -> None:
+    """Raise `ValueError` for a credit balance or rate limit out of range (the database holds up to MAX_KEY_COUNT)."""
+    if credits is not None and not 0 <= credits <= MAX_KEY_COUNT:
+        raise ValueError(f"credits must be 0 to {MAX_KEY_COUNT}")
+    if rate_limit is not None and not 1 <= rate_limit <= MAX_KEY_COUNT:
+        raise ValueError(f"rate_limit must be 1 to {MAX_KEY_COUNT} requests per minute")
 
 
 def get_key(store: Store, key_id: str) -> ApiKey | None:
@@ -109,6 +115,7 @@ def update_key(store: Store, key_id: str, *, credits: int | None = None, rate_li
     """Set the credit balance and/or rate limit of `key_id` (None: unchanged); False when no such key.
 
     The balance is set outright: credits held by requests still running are not given back when they fail."""
+    _check_counts(credits, rate_limit)
     with store.transaction() as conn:
         if conn.execute(select(K.id).where(K.id == key_id)).first() is None:
             return False

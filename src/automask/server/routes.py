@@ -471,11 +471,13 @@ async def v1_models(request: Request, key: PollingKey) -> ModelList:
     return ModelList.of(dispatcher.default, entries)
 
 
+@router.head("/healthz", include_in_schema=False)  # load balancers' health checks probe with HEAD or GET
 @router.get("/healthz", tags=["health"], summary="The process is up")
 async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
+@router.head("/readyz", include_in_schema=False)  # as /healthz
 @router.get(
     "/readyz",
     tags=["health"],

@@ -43,10 +43,13 @@ from sqlalchemy import (
     true,
 )
 from sqlalchemy.engine import URL
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
+
+from automask.errors import ServiceConfigError
 
 log = logging.getLogger("automask.server")
 metadata = MetaData()
+_URL_FORMS = "sqlite:///PATH or postgresql://USER:PASS@HOST:PORT/DB"
 
 keys_table = Table(
     "keys",
@@ -119,23 +122,34 @@ settings_table = Table(
 
 
 def normalize_url(url: str) -> URL:
-    """A database URL as SQLAlchemy takes it: `postgresql://` (and `postgres://`) use psycopg 3."""
-    parsed = make_url(url)
+    """A database URL as SQLAlchemy takes it: `postgresql://` (and `postgres://`) use psycopg 3. `ServiceConfigError`
+    for one that is not a URL, or names another kind of database."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise ServiceConfigError(f"AUTOMASK_DATABASE_URL is not a database URL: use {_URL_FORMS}.") from None
     if parsed.drivername in ("postgresql", "postgres"):
         parsed = parsed.set(drivername="postgresql+psycopg")
     if not (parsed.drivername.startswith("sqlite") or parsed.drivername.startswith("postgresql")):
-        raise ValueError(f"unsupported database URL scheme {parsed.drivername!r}: use sqlite:///PATH or postgresql://")
+        raise ServiceConfigError(
+            f"AUTOMASK_DATABASE_URL: unsupported database URL scheme {parsed.drivername!r}: use {_URL_FORMS}."
+        )
     return parsed
 
 
 def _private_file(path: Path) -> None:
     """Create `path` (and its folder) readable by this user only: 0700 folder, 0600 file, whatever the umask."""
     folder = path.parent
-    if not folder.exists():
-        folder.mkdir(parents=True, exist_ok=True)
-        os.chmod(folder, 0o700)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    os.close(fd)
+    try:
+        if not folder.exists():
+            folder.mkdir(parents=True, exist_ok=True)
+            os.chmod(folder, 0o700)
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+    except OSError as exc:
+        raise ServiceConfigError(
+            f"Cannot create the database file {path}: {exc.strerror or exc}. Check --data-dir / AUTOMASK_DATA_DIR "
+            "(or AUTOMASK_DATABASE_URL)."
+        ) from None
     for file in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
         if file.exists() and stat.S_IMODE(file.stat().st_mode) & 0o077:  # e.g. written by release 0.1 (0644)
             os.chmod(file, 0o600)
@@ -228,9 +242,27 @@ class Store:
         store = cls(url)
         from automask.server.migrations import ensure_schema
 
-        ensure_schema(store, create=create)
+        try:
+            store.check_connection()
+            ensure_schema(store, create=create)
+        except BaseException:
+            store.close()
+            raise
         store.read_clock()  # timestamps are right from the first one
         return store
+
+    def check_connection(self) -> None:
+        """Connect once: `ServiceConfigError` naming the database and the fix when it cannot be reached or opened (a
+        start-up check: a wrong AUTOMASK_DATABASE_URL, a database server not running, a wrong password)."""
+        try:
+            with self.engine.connect():
+                pass
+        except DBAPIError as exc:  # refused, a wrong password, not a database (SQLite), ...
+            reason = " ".join(str(exc.orig or exc).split())
+            raise ServiceConfigError(
+                f"Cannot connect to the database {self.describe()}: {reason}. Check AUTOMASK_DATABASE_URL, and that "
+                "the database server is running and lets this user in."
+            ) from None
 
     def describe(self) -> str:
         """The database for messages and logs: the SQLite path, or the server URL without its password."""

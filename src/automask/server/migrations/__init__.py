@@ -50,11 +50,14 @@ def current(conn: Connection) -> str | None:
 
 
 def migrate(store: Store, revision: str = "head") -> tuple[str | None, str]:
-    """Upgrade the database to `revision` in one transaction (idempotent); returns (before, after)."""
+    """Upgrade the database to `revision` in one transaction (idempotent); returns (before, after).
+    `ServiceConfigError` when it cannot be reached, or a newer release wrote it."""
+    store.check_connection()
     cfg = config(store)
     with store.transaction() as conn:
         _lock(conn, store)
         before = current(conn)
+        _refuse_unknown(before, store)
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, revision)
         after = current(conn) or ""
@@ -81,15 +84,15 @@ def ensure_schema(store: Store, *, create: bool) -> None:
             MigrationContext.configure(conn).stamp(ScriptDirectory.from_config(config()), target)
             log.info("created the schema (revision %s) in the empty database %s", target, store.describe())
             return
-    where = store.describe()
-    if rev is not None and rev not in _known():
-        raise ServiceConfigError(
-            f"The database {where} is at schema revision {rev}, which this release of automask does not know "
-            "(a newer release wrote it). Upgrade automask."
-        )
+    _refuse_unknown(rev, store)
     state = "is empty" if empty else f"is at schema revision {rev or '0.1 (unversioned)'}, older than {target}"
-    raise ServiceConfigError(f"The database {where} {state}. Run: automask db migrate")
+    raise ServiceConfigError(f"The database {store.describe()} {state}. Run: automask db migrate")
 
 
-def _known() -> set[str]:
-    return {s.revision for s in ScriptDirectory.from_config(config()).walk_revisions()}
+def _refuse_unknown(rev: str | None, store: Store) -> None:
+    """`ServiceConfigError` when the database is at a revision this release does not know (a newer one wrote it)."""
+    if rev is not None and rev not in {s.revision for s in ScriptDirectory.from_config(config()).walk_revisions()}:
+        raise ServiceConfigError(
+            f"The database {store.describe()} is at schema revision {rev}, which this release of automask does not "
+            "know (a newer release wrote it). Upgrade automask."
+        )
