@@ -286,6 +286,7 @@ def test_mask_stop_on_empty_mask_exits_5_and_writes_nothing(lib: Library, tmp_pa
         (["--seed", "-5"], "--seed"),
         (["--grow-mask", "101"], "--grow-mask"),
         (["-p", " . "], "--prompt"),
+        (["-p", "\u200b \ufeff"], "--prompt"),
         (["--text-threshold", "2"], "--text-threshold"),
     ],
 )

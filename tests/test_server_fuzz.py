@@ -325,12 +325,14 @@ def test_a_content_type_lying_about_the_body_is_400(served: Served) -> None:
     ("prompt", "answered"),
     [
         ("sofa\x00lamp", True),
-        ("\x00", True),
+        ("\x00", False),  # invisible: no target
         ("so\x1b[31mfa\x07", True),
         ("sofa\r\nX-Injected: 1", True),
         ("\u202esofa", True),
         ("ソファ, 🛋️", True),
-        ("\ufeff\u200b", True),  # not whitespace to Python: a (strange) target
+        ("\u200bsofa\ufeff", True),  # invisible characters around a word: kept, the word is the target
+        ("\ufeff\u200b", False),  # not whitespace to Python, but invisible: no target
+        ("sofa, \u2060", True),
         (" \t\r\n\x0b\x0c", False),
         (" . , . ", False),
     ],
