@@ -15,11 +15,12 @@ from typing import Any
 import numpy as np
 import pytest
 from PIL import Image, features
+from skimage import data as skimage_data
 
 from automask.errors import AutomaskError, ImageDecodeError, ImageTooLargeError, URLRefusedError
 from automask.imageio import ImageSource, load_image
 from automask.imageio.decode import composite_on_white, to_uint8
-from automask.imageio.load import BASE64_CHUNK, decode_base64, decode_data_uri
+from automask.imageio.load import BASE64_CHUNK, check_image, decode_base64, decode_data_uri
 from automask.settings import Settings
 
 RED, GREEN, BLUE, WHITE = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)
@@ -483,6 +484,34 @@ def test_base64_decoding_makes_no_copies_of_the_text(form: Any, copies: int, set
 def test_bad_strings(text: str, phrase: str, settings: Settings) -> None:
     with pytest.raises(ImageDecodeError, match=phrase):
         load_image(text, settings)
+
+
+def coffee_base64(rows: int) -> str:
+    """A PNG of the top `rows` rows of scikit-image's coffee photo (120 px wide), as standard base64."""
+    return base64.b64encode(png_of(skimage_data.coffee()[:rows, :120])).decode()
+
+
+@pytest.mark.parametrize("rows", [100, 103])  # 100: no longer base64; 103: still base64, but not the image
+@pytest.mark.parametrize("prefix", ["", "data:image/png;base64,"])
+def test_base64_whose_plus_became_spaces_says_so(rows: int, prefix: str, settings: Settings) -> None:
+    """A form-urlencoded body or a query string turns '+' into ' '. Before: "not valid base64" or "corrupt or
+    truncated", which did not say why."""
+    plain = coffee_base64(rows)
+    assert "+" in plain and np.array_equal(load_image(prefix + plain, settings), skimage_data.coffee()[:rows, :120])
+    spaced = prefix + plain.replace("+", " ")
+    for allow_paths in (True, False):
+        with pytest.raises(ImageDecodeError, match=r"'\+' characters became spaces \(URL form encoding.*URL-encode"):
+            load_image(spaced, settings, allow_paths=allow_paths)
+    if rows == 100:  # a v2 job's early check finds it too (the other decodes to bytes with a valid PNG header)
+        with pytest.raises(ImageDecodeError, match="became spaces"):
+            check_image(spaced, settings)
+
+
+@pytest.mark.parametrize("text", ["my photo.png", "@@@@ @@@@", "ab+c d" * 50, "!" * 5000])
+def test_text_with_spaces_is_not_taken_for_spaced_base64(text: str, settings: Settings) -> None:
+    with pytest.raises(ImageDecodeError) as err:
+        load_image(text, settings, allow_paths=False)
+    assert "became spaces" not in str(err.value)
 
 
 @pytest.mark.parametrize("name", ["missing.png", "photos/cat.jpg", "abcd", "C:\\images\\x.jpg"])
