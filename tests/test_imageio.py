@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import tifffile
 from PIL import Image, features
 from skimage import data as skimage_data
 
@@ -213,6 +214,57 @@ def test_32bit_int_and_float_tiff(settings: Settings) -> None:
     assert load_image(encode(Image.fromarray(ints), "TIFF"), settings)[0, :, 1].tolist() == [0, 255, 255]
     floats = np.array([[0.0, 0.5, 1.0]], np.float32)
     assert load_image(encode(Image.fromarray(floats), "TIFF"), settings)[0, :, 0].tolist() == [0, 128, 255]
+
+
+def tiff_of(array: np.ndarray) -> bytes:
+    """`array` as a TIFF that keeps its sample type (tifffile: int32, uint32, int16, big-endian uint16...)."""
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, array)
+    return buf.getvalue()
+
+
+CAMERA = skimage_data.camera()[::4, ::3]  # 128×171 uint8: a real photo, not square (rows and columns kept apart)
+
+
+@pytest.mark.parametrize(
+    ("samples", "mode"),
+    [
+        ((CAMERA.astype(np.int64) * (2**31 - 1) // 255).astype(np.int32), "I"),  # int32, its whole range
+        ((CAMERA.astype(np.int64) * (2**32 - 1) // 255).astype(np.uint32), "I"),  # uint32: Pillow wraps past 2**31
+        ((CAMERA.astype(np.int64) * 257).astype(">u2"), "I;16B"),  # big-endian 16-bit
+        ((CAMERA.astype(np.int64) * 257 - 32768).astype(np.int16), "I"),  # signed 16-bit, its whole range
+    ],
+    ids=["int32", "uint32", "uint16-big-endian", "int16"],
+)
+def test_32bit_and_signed_tiff_are_scaled_by_their_type(samples: np.ndarray, mode: str, settings: Settings) -> None:
+    """Before: "corrupt or truncated" (values past 65535, or negative). Now: the type's range onto 0..255."""
+    data = tiff_of(samples)
+    assert Image.open(io.BytesIO(data)).mode == mode
+    out = load_image(data, settings)
+    assert out.shape == (*CAMERA.shape, 3) and np.array_equal(out[..., 0], out[..., 2])
+    assert np.abs(out[..., 1].astype(int) - CAMERA).max() <= 1, np.abs(out[..., 1].astype(int) - CAMERA).max()
+
+
+def test_32bit_tiff_keeps_its_darkness_and_signed_zero_is_mid_gray(settings: Settings) -> None:
+    dim = (CAMERA.astype(np.int64) * 2**22).astype(np.int32)  # up to 2**30: half the int32 range
+    assert np.abs(load_image(tiff_of(dim), settings)[..., 0].astype(int) - CAMERA / 2).max() <= 1
+    signed = np.array([[-(2**31), -(2**26), 0, 2**31 - 1]], np.int32)
+    assert load_image(tiff_of(signed), settings)[0, :, 0].tolist() == [0, 124, 128, 255]
+
+
+def test_32bit_int_tiff_masks_at_the_image_size(tiny_clipseg_dir: Path, tmp_path: Path) -> None:
+    from automask import MaskGenerator
+
+    path = tmp_path / "camera.tif"
+    path.write_bytes(tiff_of((CAMERA.astype(np.int64) * 2**23).astype(np.int32)))
+    result = MaskGenerator(str(tiny_clipseg_dir)).generate(path, "person", threshold=0.0)
+    assert result.mask.shape == CAMERA.shape and (result.width, result.height) == (171, 128)
+
+
+def test_float_tiff_out_of_range_is_not_called_corrupt(settings: Settings) -> None:
+    with pytest.raises(ImageDecodeError, match="0–1 or 0–255") as err:
+        load_image(tiff_of(CAMERA.astype(np.float32) * 1000), settings)
+    assert "corrupt" not in str(err.value)
 
 
 def frames(fmt: str) -> bytes:
