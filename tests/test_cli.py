@@ -454,6 +454,15 @@ def test_plan_outputs_keeps_names_apart(tmp_path: Path) -> None:
     assert in_place == [(src / "x.png", src / "x-2.png")]  # the input is never overwritten
 
 
+def test_plan_outputs_never_names_an_input_through_a_link(tmp_path: Path) -> None:
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    out.mkdir()
+    (src / "x.jpg").write_bytes(b"jpeg")
+    os.link(src / "x.jpg", out / "x.png")  # out/x.png is the input file under another name
+    assert plan_outputs([src / "x.jpg"], out, src) == [(src / "x.jpg", out / "x-2.png")]
+
+
 def test_output_target_defaults(tmp_path: Path) -> None:
     photo = tmp_path / "p.jpg"
     assert output_target(None, photo, "alpha") == tmp_path / "p.alpha.png"
