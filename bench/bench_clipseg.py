@@ -60,11 +60,34 @@ def build_model(folder: Path) -> Path:
     return folder
 
 
+SAVED_FILES = ("model.safetensors", "tokenizer.json", "tokenizer_config.json", "processor_config.json", "config.json")
+"""What `save_random_model` writes (transformers 5 keeps the image processor's settings in processor_config.json:
+there is no preprocessor_config.json), in the order they are moved into place: config.json last."""
+
+
 def save_random_model(folder: Path) -> Path:
     """Save a full-size CLIPSeg rd64-refined with random weights (seed 0) + a processor (byte-level vocabulary) to
-    `folder`, unless it holds one already."""
-    if (folder / "config.json").is_file() and (folder / "preprocessor_config.json").is_file():
+    `folder`, unless it holds every file of `SAVED_FILES` already.
+
+    Written into a temp folder beside it, then moved in file by file (each `os.replace` is whole), config.json
+    last: a run stopped half-way leaves files that are complete but not all of them, and the next run writes
+    them again."""
+    if all((folder / name).is_file() for name in SAVED_FILES):
         return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".{folder.name}-") as tmp:
+        staged = Path(tmp)
+        write_random_model(staged)
+        missing = [name for name in SAVED_FILES if not (staged / name).is_file()]
+        if missing:
+            raise RuntimeError(f"save_pretrained wrote no {', '.join(missing)}: update SAVED_FILES")
+        for name in sorted(os.listdir(staged), key=lambda name: name == "config.json"):
+            os.replace(staged / name, folder / name)
+    return folder
+
+
+def write_random_model(folder: Path) -> None:
+    """Write the model of `save_random_model` into `folder` (`save_pretrained` of the model and its processor)."""
     import torch
     from transformers import (
         CLIPSegConfig,
@@ -90,7 +113,6 @@ def save_random_model(folder: Path) -> Path:
     images = ViTImageProcessor(size=size, image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
     tokenizer = CLIPTokenizer(vocab=byte_level_vocab(), merges=[], model_max_length=77)
     CLIPSegProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(folder)
-    return folder
 
 
 def jpegs(count: int, width: int = 1024, height: int = 768) -> list[bytes]:

@@ -286,6 +286,7 @@ def test_mask_stop_on_empty_mask_exits_5_and_writes_nothing(lib: Library, tmp_pa
         (["--seed", "-5"], "--seed"),
         (["--grow-mask", "101"], "--grow-mask"),
         (["-p", " . "], "--prompt"),
+        (["-p", "\u200b \ufeff"], "--prompt"),
         (["--text-threshold", "2"], "--text-threshold"),
     ],
 )
@@ -451,6 +452,15 @@ def test_plan_outputs_keeps_names_apart(tmp_path: Path) -> None:
     assert sorted(p.name for p in flat.values()) == ["c.png.png", "c.webp.png"]
     in_place = plan_outputs([src / "x.png"], src, None)  # the output folder is the input folder
     assert in_place == [(src / "x.png", src / "x-2.png")]  # the input is never overwritten
+
+
+def test_plan_outputs_never_names_an_input_through_a_link(tmp_path: Path) -> None:
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    out.mkdir()
+    (src / "x.jpg").write_bytes(b"jpeg")
+    os.link(src / "x.jpg", out / "x.png")  # out/x.png is the input file under another name
+    assert plan_outputs([src / "x.jpg"], out, src) == [(src / "x.jpg", out / "x-2.png")]
 
 
 def test_output_target_defaults(tmp_path: Path) -> None:

@@ -47,6 +47,17 @@ def test_batch_into_a_subfolder_skips_the_subfolder(tiny_clipseg_dir: Path, fold
     assert sorted(p.name for p in out.iterdir()) == ["a.png", "b.png", "old.png"]
 
 
+def test_batch_to_stdout_is_a_usage_error(folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before: `-o -` made a folder named '-' and wrote the masks into it."""
+    monkeypatch.chdir(tmp_path)
+    result = invoke("batch", folder, "-o", "-", "-p", "cat", "--model", tmp_path / "no-such-model")
+    assert result.exit_code == 2, result.output
+    (line,) = error_lines(result.stderr)
+    assert line.startswith("error: --output: '-' is standard output, but batch writes one file per image into a folder")
+    assert "automask mask IMAGE -o -" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+
+
 def test_batch_of_a_missing_source_says_it_does_not_exist(tmp_path: Path) -> None:
     result = invoke("batch", tmp_path / "nonexist", "-p", "subject", "-o", tmp_path / "x")
     assert result.exit_code == 2, result.output

@@ -84,6 +84,23 @@ def photo(chelsea: np.ndarray, tmp_path_factory: pytest.TempPathFactory) -> Path
     return path
 
 
+@pytest.mark.parametrize("how", ["same path", "relative", "symlink", "hard link"])
+def test_mask_refuses_to_overwrite_its_input(tiny_clipseg_dir: Path, photo: Path, tmp_path: Path, how: str) -> None:
+    """Before: `automask mask a.png -o a.png` replaced the photo with its mask."""
+    image = tmp_path / "a.png"
+    image.write_bytes(photo.read_bytes())
+    out = {"same path": str(image), "relative": os.path.relpath(image), "symlink": str(tmp_path / "link.png")}
+    out["hard link"] = str(tmp_path / "hard.png")
+    (tmp_path / "link.png").symlink_to(image)
+    os.link(image, tmp_path / "hard.png")
+    result = invoke("mask", image, "-p", "cat", "--model", tiny_clipseg_dir, "-o", out[how])
+    assert result.exit_code == 2, result.output
+    why = "is the input image: writing the mask there would replace it. Name another file."
+    assert result.stderr == f"error: --output: '{out[how]}' {why}\n"
+    assert image.read_bytes() == photo.read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "hard.png", "link.png"]
+
+
 @pytest.mark.parametrize("output", ["-", "file"])
 def test_a_failed_write_to_stdout_leaves_no_output(
     tiny_clipseg_dir: Path, photo: Path, tmp_path: Path, output: str

@@ -14,12 +14,14 @@ from typing import Any
 
 import numpy as np
 import pytest
+import tifffile
 from PIL import Image, features
+from skimage import data as skimage_data
 
 from automask.errors import AutomaskError, ImageDecodeError, ImageTooLargeError, URLRefusedError
 from automask.imageio import ImageSource, load_image
 from automask.imageio.decode import composite_on_white, to_uint8
-from automask.imageio.load import BASE64_CHUNK, decode_base64, decode_data_uri
+from automask.imageio.load import BASE64_CHUNK, check_image, decode_base64, decode_data_uri
 from automask.settings import Settings
 
 RED, GREEN, BLUE, WHITE = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)
@@ -212,6 +214,57 @@ def test_32bit_int_and_float_tiff(settings: Settings) -> None:
     assert load_image(encode(Image.fromarray(ints), "TIFF"), settings)[0, :, 1].tolist() == [0, 255, 255]
     floats = np.array([[0.0, 0.5, 1.0]], np.float32)
     assert load_image(encode(Image.fromarray(floats), "TIFF"), settings)[0, :, 0].tolist() == [0, 128, 255]
+
+
+def tiff_of(array: np.ndarray) -> bytes:
+    """`array` as a TIFF that keeps its sample type (tifffile: int32, uint32, int16, big-endian uint16...)."""
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, array)
+    return buf.getvalue()
+
+
+CAMERA = skimage_data.camera()[::4, ::3]  # 128×171 uint8: a real photo, not square (rows and columns kept apart)
+
+
+@pytest.mark.parametrize(
+    ("samples", "mode"),
+    [
+        ((CAMERA.astype(np.int64) * (2**31 - 1) // 255).astype(np.int32), "I"),  # int32, its whole range
+        ((CAMERA.astype(np.int64) * (2**32 - 1) // 255).astype(np.uint32), "I"),  # uint32: Pillow wraps past 2**31
+        ((CAMERA.astype(np.int64) * 257).astype(">u2"), "I;16B"),  # big-endian 16-bit
+        ((CAMERA.astype(np.int64) * 257 - 32768).astype(np.int16), "I"),  # signed 16-bit, its whole range
+    ],
+    ids=["int32", "uint32", "uint16-big-endian", "int16"],
+)
+def test_32bit_and_signed_tiff_are_scaled_by_their_type(samples: np.ndarray, mode: str, settings: Settings) -> None:
+    """Before: "corrupt or truncated" (values past 65535, or negative). Now: the type's range onto 0..255."""
+    data = tiff_of(samples)
+    assert Image.open(io.BytesIO(data)).mode == mode
+    out = load_image(data, settings)
+    assert out.shape == (*CAMERA.shape, 3) and np.array_equal(out[..., 0], out[..., 2])
+    assert np.abs(out[..., 1].astype(int) - CAMERA).max() <= 1, np.abs(out[..., 1].astype(int) - CAMERA).max()
+
+
+def test_32bit_tiff_keeps_its_darkness_and_signed_zero_is_mid_gray(settings: Settings) -> None:
+    dim = (CAMERA.astype(np.int64) * 2**22).astype(np.int32)  # up to 2**30: half the int32 range
+    assert np.abs(load_image(tiff_of(dim), settings)[..., 0].astype(int) - CAMERA / 2).max() <= 1
+    signed = np.array([[-(2**31), -(2**26), 0, 2**31 - 1]], np.int32)
+    assert load_image(tiff_of(signed), settings)[0, :, 0].tolist() == [0, 124, 128, 255]
+
+
+def test_32bit_int_tiff_masks_at_the_image_size(tiny_clipseg_dir: Path, tmp_path: Path) -> None:
+    from automask import MaskGenerator
+
+    path = tmp_path / "camera.tif"
+    path.write_bytes(tiff_of((CAMERA.astype(np.int64) * 2**23).astype(np.int32)))
+    result = MaskGenerator(str(tiny_clipseg_dir)).generate(path, "person", threshold=0.0)
+    assert result.mask.shape == CAMERA.shape and (result.width, result.height) == (171, 128)
+
+
+def test_float_tiff_out_of_range_is_not_called_corrupt(settings: Settings) -> None:
+    with pytest.raises(ImageDecodeError, match="0–1 or 0–255") as err:
+        load_image(tiff_of(CAMERA.astype(np.float32) * 1000), settings)
+    assert "corrupt" not in str(err.value)
 
 
 def frames(fmt: str) -> bytes:
@@ -483,6 +536,34 @@ def test_base64_decoding_makes_no_copies_of_the_text(form: Any, copies: int, set
 def test_bad_strings(text: str, phrase: str, settings: Settings) -> None:
     with pytest.raises(ImageDecodeError, match=phrase):
         load_image(text, settings)
+
+
+def coffee_base64(rows: int) -> str:
+    """A PNG of the top `rows` rows of scikit-image's coffee photo (120 px wide), as standard base64."""
+    return base64.b64encode(png_of(skimage_data.coffee()[:rows, :120])).decode()
+
+
+@pytest.mark.parametrize("rows", [100, 103])  # 100: no longer base64; 103: still base64, but not the image
+@pytest.mark.parametrize("prefix", ["", "data:image/png;base64,"])
+def test_base64_whose_plus_became_spaces_says_so(rows: int, prefix: str, settings: Settings) -> None:
+    """A form-urlencoded body or a query string turns '+' into ' '. Before: "not valid base64" or "corrupt or
+    truncated", which did not say why."""
+    plain = coffee_base64(rows)
+    assert "+" in plain and np.array_equal(load_image(prefix + plain, settings), skimage_data.coffee()[:rows, :120])
+    spaced = prefix + plain.replace("+", " ")
+    for allow_paths in (True, False):
+        with pytest.raises(ImageDecodeError, match=r"'\+' characters became spaces \(URL form encoding.*URL-encode"):
+            load_image(spaced, settings, allow_paths=allow_paths)
+    if rows == 100:  # a v2 job's early check finds it too (the other decodes to bytes with a valid PNG header)
+        with pytest.raises(ImageDecodeError, match="became spaces"):
+            check_image(spaced, settings)
+
+
+@pytest.mark.parametrize("text", ["my photo.png", "@@@@ @@@@", "ab+c d" * 50, "!" * 5000])
+def test_text_with_spaces_is_not_taken_for_spaced_base64(text: str, settings: Settings) -> None:
+    with pytest.raises(ImageDecodeError) as err:
+        load_image(text, settings, allow_paths=False)
+    assert "became spaces" not in str(err.value)
 
 
 @pytest.mark.parametrize("name", ["missing.png", "photos/cat.jpg", "abcd", "C:\\images\\x.jpg"])

@@ -402,7 +402,7 @@ def test_form_strings_are_accepted_and_negative_targets_split_like_the_prompt() 
     assert (lax.feather, lax.min_area, lax.fill_holes, lax.negative_prompt) == (3, 20, True, "x")
     text = "hat, Mr. Smith's bag . hat ."
     assert MaskOptions(negative_prompt=text).negative_targets == parse_prompt(text) == ["hat", "Mr. Smith's bag"]
-    for blank in (None, "", "  ", " , . ,"):
+    for blank in (None, "", "  ", " , . ,", "\u200b", "\ufeff , \u2060 \u00a0"):
         assert MaskOptions(negative_prompt=blank).negative_targets == []
 
 

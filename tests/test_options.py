@@ -148,13 +148,23 @@ def test_output_kind_alpha_takes_precedence(return_mask: bool, return_alpha: boo
         ("J. Smith. dog.", ["J. Smith", "dog"]),
         ("a photo of Mr. Smith, sofa.", ["a photo of Mr. Smith", "sofa"]),  # commas: the comma style alone
         (["sofa, lamp", "lamp", "chair"], ["sofa", "lamp", "chair"]),
+        # An invisible target (zero-width space, BOM...) is blank; invisible characters inside a word are kept.
+        ("cup, \u200b", ["cup"]),
+        ("cup . \ufeff\u2060 . lamp", ["cup", "lamp"]),
+        ("\u200bcup, ca\u00adt", ["\u200bcup", "ca\u00adt"]),
     ],
 )
 def test_parse_prompt(prompt: str | list[str], targets: list[str]) -> None:
     assert parse_prompt(prompt) == targets
 
 
-@pytest.mark.parametrize("prompt", ["", "   ", "\n\t", ",", " , , ", ".", " . ", "...", [], ["", " . "]])
+@pytest.mark.parametrize(
+    "prompt",
+    [
+        *("", "   ", "\n\t", ",", " , , ", ".", " . ", "...", [], ["", " . "]),
+        *("\u200b", "\ufeff", "\u2060", " \u200b\t\u2060\u3000", "\u200b, \ufeff . \u3164", "\ufe0f\u2800", "\x00"),
+    ],
+)
 def test_parse_prompt_with_nothing_to_select_is_an_error(prompt: str | list[str]) -> None:
     with pytest.raises(InvalidOptionError) as err:
         parse_prompt(prompt)

@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
+from skimage import data as skimage_data
 
 from automask import MaskGenerator, Settings
 from automask.options import parse_prompt
@@ -321,16 +322,30 @@ def test_a_content_type_lying_about_the_body_is_400(served: Served) -> None:
     assert_still_serves(served)
 
 
+def test_base64_sent_form_urlencoded_says_plus_became_spaces(served: Served) -> None:
+    """A client that puts raw base64 in a form-urlencoded body unencoded sends its '+' as spaces. Before: "not
+    valid base64", which did not say why."""
+    image = base64.b64encode(png_bytes(skimage_data.coffee()[:100, :120])).decode()
+    assert "+" in image
+    body = f"image={image}&prompt=cup".encode()  # as `curl -d "image=$B64&prompt=cup"` sends it
+    for version in ("v1", "v2"):
+        r = served.post(version, content=body, headers={"content-type": "application/x-www-form-urlencoded"})
+        assert_error(r, 400, "became spaces (URL form encoding", "URL-encode")
+    assert_still_serves(served)
+
+
 @pytest.mark.parametrize(
     ("prompt", "answered"),
     [
         ("sofa\x00lamp", True),
-        ("\x00", True),
+        ("\x00", False),  # invisible: no target
         ("so\x1b[31mfa\x07", True),
         ("sofa\r\nX-Injected: 1", True),
         ("\u202esofa", True),
         ("ソファ, 🛋️", True),
-        ("\ufeff\u200b", True),  # not whitespace to Python: a (strange) target
+        ("\u200bsofa\ufeff", True),  # invisible characters around a word: kept, the word is the target
+        ("\ufeff\u200b", False),  # not whitespace to Python, but invisible: no target
+        ("sofa, \u2060", True),
         (" \t\r\n\x0b\x0c", False),
         (" . , . ", False),
     ],

@@ -274,17 +274,32 @@ def process(generator: Any, src: Path, dst: Path, job: Job) -> dict[str, Any]:
 
 @main.command(epilog=EPILOG)
 @click.argument("source", metavar="DIR_OR_GLOB")
-@click.option("-o", "--output", "outdir", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "-o",
+    "--output",
+    "out",
+    metavar="OUTDIR",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Folder to write into.",
+)
 @click.option("-r", "--recursive", is_flag=True, help="Include subfolders (a glob: let ** span folders).")
 @mask_options
 @click.pass_context
-def batch(ctx: click.Context, source: str, outdir: Path, recursive: bool, job: Job) -> None:
+def batch(ctx: click.Context, source: str, out: str, recursive: bool, job: Job) -> None:
     """Mask every image of a folder (or a quoted glob such as 'photos/*.jpg') into OUTDIR/<stem>.png.
 
     A file that fails is reported (one line naming it) and skipped; the others are done. Exit 0 when
     all succeeded, 1 when any failed. An error of the model (unknown, not installed, a prompt it cannot answer)
     stops the run at once with exit 4. --json prints one JSON line per file on stdout.
     """
+    if out == "-":
+        raise InvalidOptionError(
+            "--output",
+            "'-' is standard output, but batch writes one file per image into a folder: name a folder (./- for one "
+            "called '-'). To stream one image: automask mask IMAGE -o -",
+        )
+    outdir = Path(out)
     files, base = find_images(source, recursive, outdir)
     plan = plan_outputs(files, outdir, base)
     generator = load_generator(job, root_settings(ctx))

@@ -187,15 +187,32 @@ def _read_stream(stream: Any, where: str, settings: Settings) -> bytes:
 def output_target(out: str | None, source: Path | None, kind: str) -> Path | None:
     """Where `mask` writes: None for stdout ('-'); by default `<stem>.<kind>.png` beside the input file,
     or `<kind>.png` in the current folder for stdin and URLs; a folder (an existing one, or any path ending in
-    '/', created when written) gets that name inside."""
+    '/', created when written) gets that name inside. A target that is the input file itself (by any path or link)
+    is an `InvalidOptionError`: the input is never replaced."""
     if out == "-":
         return None
     default = f"{source.stem}.{kind}.png" if source else f"{kind}.png"
     if out is None:
-        return source.parent / default if source else Path(default)
-    target = Path(out)
-    folder = target.is_dir() or out.endswith(("/", os.sep))
-    return target / default if folder else target
+        target = source.parent / default if source else Path(default)
+    else:
+        folder = Path(out).is_dir() or out.endswith(("/", os.sep))
+        target = Path(out) / default if folder else Path(out)
+    source_id = _file_id(source) if source is not None else None
+    if source_id is not None and _file_id(target) == source_id:
+        raise InvalidOptionError(
+            "--output", f"'{target}' is the input image: writing the {kind} there would replace it. Name another file."
+        )
+    return target
+
+
+def _file_id(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of the file `path` names (links followed), None if there is none: two paths name the same
+    file iff their ids are equal and not None (what `os.path.samefile` compares)."""
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return st.st_dev, st.st_ino
 
 
 def find_images(source: str, recursive: bool, outdir: Path) -> tuple[list[Path], Path | None]:
@@ -233,18 +250,19 @@ def find_images(source: str, recursive: bool, outdir: Path) -> tuple[list[Path],
 def plan_outputs(files: list[Path], outdir: Path, base: Path | None) -> list[tuple[Path, Path]]:
     """Pair every input with its output `<outdir>/<stem>.png` (subfolders of `base` mirrored).
 
-    Inputs sharing a stem (a.jpg, a.png) get `<stem>.<ext>.png`; a name still taken, or equal to an
-    input file, gets `-2`, `-3`...; names are compared case-insensitively (macOS, Windows).
+    Inputs sharing a stem (a.jpg, a.png) get `<stem>.<ext>.png`; a name still taken, or naming an input file
+    (also through a link), gets `-2`, `-3`...; names are compared case-insensitively (macOS, Windows).
     """
     folders = [outdir / f.parent.relative_to(base) if base else outdir for f in files]
     stems = [str(d / f.stem).lower() for d, f in zip(folders, files, strict=True)]
     shared = {stem for stem, n in Counter(stems).items() if n > 1}
     taken = {str(f.resolve()).lower() for f in files}
+    inputs = {_file_id(f) for f in files} - {None}  # the same files by other names (hard links)
     plan = []
     for folder, f, stem in zip(folders, files, stems, strict=True):
         name = f"{f.stem}{f.suffix}" if stem in shared else f.stem
         target, n = folder / f"{name}.png", 1
-        while str(target.resolve()).lower() in taken:
+        while str(target.resolve()).lower() in taken or _file_id(target) in inputs:
             n += 1
             target = folder / f"{name}-{n}.png"
         taken.add(str(target.resolve()).lower())

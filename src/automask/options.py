@@ -6,6 +6,7 @@ Names, types, defaults and ranges are those of the hosted API (see CONTRACT.md).
 from __future__ import annotations
 
 import re
+import unicodedata
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -153,6 +154,21 @@ def parse_prompt(prompt: str | list[str]) -> list[str]:
     return targets
 
 
+_INVISIBLE = frozenset(
+    "\u034f\u115f\u1160\u17b4\u17b5\u180b\u180c\u180d\u180f\u2800\u3164\uffa0"  # fillers, blank marks
+    + "".join(map(chr, range(0xFE00, 0xFE10)))  # variation selectors
+    + "".join(map(chr, range(0xE0100, 0xE01F0)))
+)
+"""Invisible code points that are neither whitespace nor format characters: the Hangul fillers, the braille
+blank, the combining grapheme joiner, Khmer's inherent vowels, Mongolian and Unicode variation selectors."""
+
+
+def is_blank(text: str) -> bool:
+    """Whether `text` shows nothing: only whitespace, format characters (Unicode category Cf: zero-width space,
+    byte order mark, word joiner...), control characters and the invisible code points of `_INVISIBLE`."""
+    return all(c.isspace() or c in _INVISIBLE or unicodedata.category(c) in ("Cf", "Cc") for c in text)
+
+
 _CAPTION_END = re.compile(r"[^\s.]\.+\s*$")
 """A prompt whose last target ends with a '.' touching it: GroundingDINO's caption style, "sofa. lamp."."""
 
@@ -162,7 +178,7 @@ single letter ("J. Smith") or a word with a dot inside ("U.S. flag", "e.g. cat")
 
 
 def parse_prompt_parts(prompt: str) -> list[str]:
-    """Split one prompt string on ',' and standalone '.' separators; blanks are dropped.
+    """Split one prompt string on ',' and standalone '.' separators; blank targets (`is_blank`) are dropped.
 
     A '.' inside a word or number is kept ("3.5 inch floppy", "Mr. Smith"); one '.' ending a target is
     dropped ("sofa." is "sofa"); runs of whitespace inside a target become one space. A prompt without commas
@@ -176,4 +192,4 @@ def parse_prompt_parts(prompt: str) -> list[str]:
     separators = _ENDING_DOTS if caption else _STANDALONE_DOTS
     parts = (p for chunk in prompt.split(",") for q in _STANDALONE_DOTS.split(chunk) for p in separators.split(q))
     targets = (" ".join(p.split()).removesuffix(".").rstrip() for p in parts)
-    return [t for t in targets if t]
+    return [t for t in targets if not is_blank(t)]

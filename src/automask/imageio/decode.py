@@ -7,6 +7,9 @@ Choices, the same for every source:
   image with transparency as H×W×4 RGBA instead (straight alpha, the stored colours), for cut-outs that keep it.
 - **EXIF orientation is applied** (all 8 values), so rows and columns are those of the image as displayed.
 - **16-bit samples are scaled, never clipped**: v -> round(v · 255 / 65535).
+- **32-bit integer samples** (Pillow's mode "I": int32 TIFFs, uint32 ones, signed 16-bit ones) are scaled by their
+  type's range too, once their values leave 0..65535 (`wide_to_uint8`): an image's own min..max would make every
+  image full-contrast and a tile decode unlike the whole.
 - **Animated images give their first frame** (GIF, WebP, APNG, multi-page TIFF).
 - **Limits come first**: the encoded size is checked before opening, the pixel count from the header before any
   pixel is decoded; Pillow's own decompression-bomb error and warning become `ImageTooLargeError` too.
@@ -170,6 +173,8 @@ def pil_to_rgb(img: Image.Image, settings: Settings, *, keep_alpha: bool = False
         rgb = _pil_pixels(img, keep_alpha)
     except Image.DecompressionBombError as exc:
         raise ImageTooLargeError(f"The image is too large to decode safely ({exc}).") from None
+    except ImageDecodeError:  # ours: it says what is wrong (not corrupt, e.g. float samples out of range)
+        raise
     except PIL_ERRORS as exc:
         raise ImageDecodeError(f"The image could not be decoded: it is corrupt or truncated ({exc}).") from None
     oriented = _ORIENT[exif_orientation(img)](rgb)
@@ -202,12 +207,53 @@ def _pil_pixels(img: Image.Image, keep_alpha: bool) -> np.ndarray:
         return gray
     if mode in _ALPHA_MODES or "transparency" in img.info:
         return flatten(np.asarray(img.convert("RGBA")), keep_alpha)
-    if mode in ("I", "F"):
+    if mode == "I":
+        values = np.asarray(img)
+        return _gray(wide_to_uint8(values.view(np.uint32) if _unsigned_32(img) else values))
+    if mode == "F":
         return _gray(to_uint8(np.asarray(img)))
     try:
         return np.array(img.convert("RGB"))
     except ValueError:
         raise ImageDecodeError(f"Images in colour mode {mode!r} are not supported; convert it to RGB.") from None
+
+
+def _unsigned_32(img: Image.Image) -> bool:
+    """Whether the mode "I" image `img` is a TIFF of unsigned 32-bit samples (BitsPerSample 32, SampleFormat 1 or
+    absent), which Pillow reads as int32: values past 2**31 - 1 wrapped to negative ones."""
+    tags = getattr(img, "tag_v2", None)
+    if img.format != "TIFF" or tags is None:
+        return False
+    bits, kind = tags.get(258, (1,)), tags.get(339, (1,))
+    first = [v[0] if isinstance(v, tuple) and v else v for v in (bits, kind)]
+    return first == [32, 1]
+
+
+def wide_to_uint8(values: np.ndarray) -> np.ndarray:
+    """H×W int32 (or uint32) samples, Pillow's mode "I" -> H×W uint8, by the range of their type.
+
+    0..65535: as `to_uint8` reads them (0..255 kept, else scaled as 16-bit). Larger values: v -> round(v · 255 /
+    max) with the type's max (2**31 - 1 for int32, 2**32 - 1 for uint32). Negative values (signed samples): the
+    signed type's whole range onto 0..255, int16's when every value fits it, int32's otherwise (0 becomes 128).
+    """
+    lo, hi = int(values.min()), int(values.max())
+    if lo >= 0 and hi <= 65535:
+        return to_uint8(values)
+    if lo >= 0:
+        return _stretch(values, 0, int(np.iinfo(values.dtype).max))
+    short = np.iinfo(np.int16)
+    kind = short if short.min <= lo and hi <= short.max else np.iinfo(np.int32)
+    return _stretch(values, int(kind.min), int(kind.max))
+
+
+def _stretch(values: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """Samples in lo..hi -> uint8, v -> round((v - lo) · 255 / (hi - lo)); float32 steps, in place (4 bytes a
+    pixel: plenty for 256 levels)."""
+    out = values.astype(np.float32)
+    out -= lo
+    out *= 255 / (hi - lo)
+    np.rint(out, out=out)
+    return out.astype(np.uint8)
 
 
 STRIP_PIXELS = 1 << 20

@@ -31,6 +31,11 @@ _DATA_URI = re.compile(r"\s*data:([^,;]*)((?:;[^,;]*)*?),", re.IGNORECASE)
 _ASCII_SPACE = " \t\n\r\f\v"
 _PADDED_BASE64 = re.compile(r"[A-Za-z0-9+/ \t\n\r\f\v]*(?:=[ \t\n\r\f\v]*){0,2}")
 """Standard base64, ASCII whitespace anywhere, padding at the end only: what `binascii.a2b_base64` reads as is."""
+_SPACE_INSIDE = re.compile(r"[A-Za-z0-9/] +[A-Za-z0-9/=]")
+_PLUS_AS_SPACE = (
+    "The image string looks like base64 whose '+' characters became spaces (URL form encoding, as in a "
+    "form-urlencoded body or a query string): send it as JSON or multipart, or URL-encode it ('+' as %2B)."
+)
 _BASE64_PIECE = re.compile(r"[A-Za-z0-9+/]*(=*)")
 _URLSAFE = str.maketrans("-_", "+/")
 BASE64_CHUNK = 1 << 18
@@ -113,10 +118,10 @@ def _from_string(text: str, settings: Settings, *, allow_paths: bool, keep_alpha
     data = _inline_bytes(text, settings, allow_paths=allow_paths)
     try:
         return decode(data)
-    except ImageDecodeError:
+    except ImageDecodeError as exc:
         if allow_paths and not inline and _may_be_path(text) and len(text) < 64:  # too short for base64: a path
             raise ImageDecodeError(f"No such file: {_short(text)}. {kinds}") from None
-        raise
+        raise _plus_hint(exc, text) from None
 
 
 def _inline_bytes(text: str, settings: Settings, *, allow_paths: bool) -> bytes:
@@ -127,13 +132,26 @@ def _inline_bytes(text: str, settings: Settings, *, allow_paths: bool) -> bytes:
     if not text or text.isspace():
         raise ImageDecodeError(f"The image string is empty. {kinds}")
     if _DATA_START.match(text):
-        return decode_data_uri(text, settings)
+        try:
+            return decode_data_uri(text, settings)
+        except ImageDecodeError as exc:
+            raise _plus_hint(exc, text) from None
     data = decode_base64(text, settings)
     if data is None:
         if allow_paths and _may_be_path(text):
             raise ImageDecodeError(f"No such file: {_short(text)}. {kinds}")
-        raise ImageDecodeError(f"The image string is not valid base64. {kinds}")
+        raise _plus_hint(ImageDecodeError(f"The image string is not valid base64. {kinds}"), text)
     return data
+
+
+def _plus_hint(exc: ImageDecodeError, text: str) -> ImageDecodeError:
+    """`exc`, or one saying what went wrong when the undecodable `text` (base64 or a data: URI) looks like base64
+    whose '+' became spaces: base64 letters and spaces only, a space between two letters, and no '+'. Searched,
+    never copied (the text may be tens of MB)."""
+    start = match.end() if (match := _DATA_URI.match(text)) else 0
+    if text.find("+", start) >= 0 or not _SPACE_INSIDE.search(text, start):
+        return exc
+    return ImageDecodeError(_PLUS_AS_SPACE) if _PADDED_BASE64.fullmatch(text, start) else exc
 
 
 def check_image(image: str | bytes, settings: Settings) -> None:
@@ -147,7 +165,13 @@ def check_image(image: str | bytes, settings: Settings) -> None:
 
         check_url(image.strip(), settings)
         return
-    check_header(image if isinstance(image, bytes) else _inline_bytes(image, settings, allow_paths=False), settings)
+    if isinstance(image, bytes):
+        check_header(image, settings)
+        return
+    try:
+        check_header(_inline_bytes(image, settings, allow_paths=False), settings)
+    except ImageDecodeError as exc:
+        raise _plus_hint(exc, image) from None
 
 
 def decode_data_uri(uri: str, settings: Settings) -> bytes:
