@@ -164,8 +164,9 @@ def _install_error_handlers(app: FastAPI) -> None:
         if exc.status_code in (404, 405):
             path = request.url.path
             hint = " (without the trailing slash?)" if len(path) > 1 and path.endswith("/") else ""
+            docs = request.scope.get("root_path", "") + "/docs"  # under the proxy's prefix, if any
             return error_response(
-                404, f"No endpoint {request.method} {shown(path)}{hint}. The API is described at /docs."
+                404, f"No endpoint {request.method} {shown(path)}{hint}. The API is described at {docs}."
             )
         return error_response(exc.status_code, str(exc.detail))
 

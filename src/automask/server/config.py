@@ -196,6 +196,13 @@ class ServerSettings(BaseSettings):
         return self.heartbeat_interval or self.node_ttl / 5
 
     @property
+    def root_path(self) -> str:
+        """The path prefix a proxy serves the API under, stripping it: `public_url`'s path without its trailing
+        slash ('/masks' for https://example.com/masks/); '' for none. The docs page and the OpenAPI document's
+        `servers` point under it."""
+        return urlsplit(self.public_url).path.rstrip("/") if self.public_url else ""
+
+    @property
     def workers_for_jobs(self) -> int:
         """How many v2 jobs run at once."""
         return self.job_workers or self.concurrency
