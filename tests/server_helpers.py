@@ -124,15 +124,20 @@ def free_port() -> int:
 
 
 class LiveServer:
-    """Run an ASGI app with uvicorn in a background thread on a free loopback port."""
+    """Run an ASGI app with uvicorn in a background thread on a free loopback port; configured as `automask serve`
+    configures it (`http.config_for`) when `server` settings are given."""
 
-    def __init__(self, app: Any) -> None:
+    def __init__(self, app: Any, server: Any = None) -> None:
         import uvicorn
+
+        from automask.server import http
 
         self.app = app
         self.sock = loopback_socket()
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
         config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on")
+        if server is not None:
+            config = http.config_for(app, server, log_level="warning")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 

@@ -156,31 +156,6 @@ def test_a_publisher_finds_out_when_rabbitmq_no_longer_blocks(monkeypatch: pytes
         publisher.close()
 
 
-def test_an_unreachable_redis_is_a_503_not_a_500(tmp_path: Path) -> None:
-    """Rate limits live in Redis when AUTOMASK_REDIS_URL is set: Redis down answers 503 JSON, and frees the slot."""
-    import base64
-
-    import httpx
-    import numpy as np
-
-    from automask.pipeline import MaskGenerator
-    from automask.server.app import create_app
-    from automask.server.config import ServerSettings
-    from automask.settings import Settings
-    from server_helpers import FakeBackend, LiveServer, free_port, png_bytes
-
-    settings = Settings(data_dir=tmp_path / "data", redis_url=f"redis://127.0.0.1:{free_port()}/0")  # nothing there
-    app = create_app(settings, ServerSettings(), MaskGenerator(FakeBackend(), settings))
-    with LiveServer(app) as live:
-        store = Store.in_data_dir(settings.data_dir)
-        key, token = keystore.create_key(store, rate_limit=5, credits=2)
-        image = base64.b64encode(png_bytes(np.zeros((8, 8, 3), np.uint8))).decode()
-        r = httpx.post(f"{live.url}/v1/automatic-mask-generator", json={"image": image, "prompt": "s"},
-                       headers={"x-api-key": token}, timeout=30)  # fmt: skip
-        assert r.status_code == 503 and "shared state is unreachable" in r.json()["error"], r.text
-        assert keystore.get_key(store, key.id).credits == 2  # type: ignore[union-attr]
-
-
 def test_an_api_node_without_a_broker_refuses_a_fleets_database(postgres_db: str, tmp_path: Path) -> None:
     """Before: `serve` with the fleet's database URL but no broker URL ran jobs in-process: it took every QUEUED job
     and FAILED those of models it did not have ("Unknown model"), and marked others as handed out."""

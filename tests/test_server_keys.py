@@ -136,6 +136,41 @@ def test_keys_commands_refuse_counts_the_database_cannot_hold(tmp_path: Path, po
         keystore.create_key(Store.in_data_dir(tmp_path / "lib"), credits=2**31)
 
 
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_keys_update_sets_credits_and_rate_limit_back_to_unlimited(
+    tmp_path: Path, database: str, request: pytest.FixtureRequest
+) -> None:
+    """Before, a key given credits or a rate limit could never be made unlimited again (`--credits` took only N)."""
+    runner = CliRunner()
+    env = {"AUTOMASK_DATABASE_URL": request.getfixturevalue("postgres_db")} if database == "postgresql" else {}
+    data = ["--data-dir", str(tmp_path / "d")]
+
+    def keys(*args: str) -> str:
+        result = runner.invoke(main, [*data, "keys", *args], env=env)
+        assert result.exit_code == 0, result.output
+        return result.stdout
+
+    def listed(key_id: str) -> tuple[int | None, int | None]:
+        return next((k["credits"], k["rate_limit"]) for k in json.loads(keys("list", "--json")) if k["id"] == key_id)
+
+    key_id = keys("create", "--credits", "5", "--rate-limit", "10").strip().split("_")[1]
+    keys("update", key_id, "--credits", "none")
+    assert listed(key_id) == (None, 10)
+    keys("update", key_id, "--rate-limit", "None")
+    assert listed(key_id) == (None, None)
+    assert "unlimited  unlimited" in keys("list")
+    keys("update", key_id, "--credits", "0", "--rate-limit", "1")
+    assert listed(key_id) == (0, 1)
+    keys("update", key_id, "--credits", "unlimited", "--rate-limit", "unlimited")  # as `keys list` shows it
+    assert listed(key_id) == (None, None)
+    other = keys("create", "--credits", "none", "--rate-limit", "none").strip().split("_")[1]
+    assert listed(other) == (None, None)
+    for flag, value in (("--credits", "-1"), ("--credits", "lots"), ("--rate-limit", "0"), ("--credits", "2.5")):
+        refused = runner.invoke(main, [*data, "keys", "update", key_id, flag, value], env=env)
+        assert refused.exit_code == 2 and "or 'none' for no limit" in refused.output, refused.output
+    assert listed(key_id) == (None, None)
+
+
 def test_serve_refuses_no_auth_off_loopback(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["--data-dir", str(tmp_path), "serve", "--no-auth", "--host", "0.0.0.0"])
     assert result.exit_code == 2 and "loopback" in result.output

@@ -12,6 +12,7 @@ positive or negative, fits it best.
 from __future__ import annotations
 
 import hashlib
+import math
 import threading
 import time
 from collections import OrderedDict
@@ -410,23 +411,30 @@ def _union(
 
 
 def _instances(scores: Scores, threshold: float) -> tuple[list[np.ndarray], list[Detection]]:
-    """Per-instance uint8 masks and detections that pass the threshold (before grow/invert)."""
+    """Per-instance uint8 masks and detections that pass the threshold (before grow/invert).
+
+    Only finite numbers come out, whatever a model scored: a NaN score (or pixel) passes no threshold, as in
+    `pp.select`; a score of +inf reads as 1; a box with a NaN or infinite corner is replaced by the tight
+    box of the instance's pixels."""
     masks: list[np.ndarray] = []
     dets: list[Detection] = []
     for i, label in enumerate(scores.labels):
         m = scores.maps[i]
         if scores.kind == "dense":
             sel = m >= threshold
-            score = float(m.max()) if m.size else 0.0
+            if not sel.any():
+                continue
+            score = float(np.nanmax(m))  # not NaN: some pixel passed the threshold
         else:
             assert scores.scores is not None
             score = float(scores.scores[i])
-            if score < threshold:
+            if not score >= threshold:  # NaN too
                 continue
             sel = m >= 0.5
-        if scores.kind == "dense" and not sel.any():
-            continue
-        box = tuple(float(v) for v in scores.boxes[i]) if scores.boxes is not None else _box_of(sel)
+        box = tuple(float(v) for v in scores.boxes[i]) if scores.boxes is not None else None
+        if box is None or not all(math.isfinite(v) for v in box):
+            box = _box_of(sel)
+        score = score if math.isfinite(score) else 1.0
         masks.append(pp.to_uint8(sel))
         dets.append(Detection(label=label, score=score, box=box, area=int(np.count_nonzero(sel))))  # type: ignore[arg-type]
     return masks, dets

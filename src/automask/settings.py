@@ -26,7 +26,12 @@ class Settings(BaseSettings):
     model: str | None = Field(None, description="Model name (e.g. 'clipseg') or a local folder; None: the default.")
     device: str = Field("cpu", description="Torch device for torch backends: 'cpu', 'cuda', 'cuda:N' or 'mps'.")
     allow_private_urls: bool = Field(False, description="Let image URLs reach private/loopback addresses.")
-    fetch_timeout: float = Field(10.0, gt=0, description="Seconds allowed to fetch an image URL.")
+    fetch_timeout: float = Field(
+        10.0,
+        gt=0,
+        le=3600.0,
+        description="Seconds allowed to fetch an image URL (an hour at most: a thread or socket cannot wait for inf).",
+    )
     max_image_bytes: int = Field(32 * 1024 * 1024, gt=0, description="Largest encoded image accepted, in bytes.")
     max_image_pixels: int = Field(40_000_000, gt=0, description="Largest decoded image accepted, in pixels.")
     max_redirects: int = Field(3, ge=0, le=10, description="Redirects followed when fetching an image URL.")

@@ -42,6 +42,7 @@ from automask.server.limits import (
     RedisRateLimiter,
     Scope,
     Send,
+    check_redis,
 )
 from automask.server.routes import error_response, router
 from automask.server.state import ServerState
@@ -80,6 +81,8 @@ def create_app(
         dispatcher = make_dispatcher(settings, server, store, jobs, generator)
         guard = Guard(store, dispatcher.deployment)
         guard.claim()  # a database serving the other kind of deployment: refuse, naming the fix
+        if settings.redis_url:
+            check_redis(settings.redis_url)  # unreachable: refuse to start, naming the setting (as the database)
         limiter = RedisRateLimiter(settings.redis_url) if settings.redis_url else RateLimiter()
         failed_auth = failed_auth_for(limiter, store, server.auth_fail_limit)  # in-process, or shared through Redis
     except BaseException:
@@ -161,8 +164,9 @@ def _install_error_handlers(app: FastAPI) -> None:
         if exc.status_code in (404, 405):
             path = request.url.path
             hint = " (without the trailing slash?)" if len(path) > 1 and path.endswith("/") else ""
+            docs = request.scope.get("root_path", "") + "/docs"  # under the proxy's prefix, if any
             return error_response(
-                404, f"No endpoint {request.method} {shown(path)}{hint}. The API is described at /docs."
+                404, f"No endpoint {request.method} {shown(path)}{hint}. The API is described at {docs}."
             )
         return error_response(exc.status_code, str(exc.detail))
 

@@ -45,16 +45,21 @@ def _keystore() -> Any:
 
 
 class NoLimit:
-    """`none` given to a limit flag: no limit (None in `ServerSettings`, where a flag's None means not given)."""
+    """`none` given to a limit flag: no limit (None in `ServerSettings` and for a key, where a flag's None means not
+    given)."""
 
 
 NO_LIMIT = NoLimit()
 
 
-class PerMinute(click.ParamType):
-    """A limit a minute: a whole number, 1 or more, or `none` for no limit (`NO_LIMIT`)."""
+class Limit(click.ParamType):
+    """A whole number from `low` to `high` (None: no maximum), or `none` (also `unlimited`, as `keys list` shows it)
+    for no limit (`NO_LIMIT`). `what` names the number in the error message."""
 
     name = "N|none"
+
+    def __init__(self, low: int = 1, high: int | None = None, what: str = "a whole number a minute") -> None:
+        self.low, self.high, self.what = low, high, what
 
     def get_metavar(self, param: click.Parameter, ctx: click.Context | None = None) -> str:
         return self.name  # as typed (click would upper-case it)
@@ -62,15 +67,21 @@ class PerMinute(click.ParamType):
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int | NoLimit:
         if isinstance(value, (int, NoLimit)) and not isinstance(value, bool):
             return value
-        if str(value).strip().lower() == "none":
+        if str(value).strip().lower() in ("none", "unlimited"):
             return NO_LIMIT
         try:
             number = int(value)
         except ValueError:
-            number = 0
-        if number < 1:
-            self.fail(f"{value!r}: give a whole number a minute, 1 or more, or 'none' for no limit.", param, ctx)
+            number = self.low - 1
+        if number < self.low or (self.high is not None and number > self.high):
+            most = f" and at most {self.high}" if self.high is not None else ""
+            self.fail(f"{value!r}: give {self.what}, {self.low} or more{most}, or 'none' for no limit.", param, ctx)
         return number
+
+
+CREDITS = Limit(0, MAX_KEY_COUNT, "a whole number of credits")
+PER_MINUTE = Limit(1, MAX_KEY_COUNT)
+"""A key's credits and rate limit: what the database's INTEGER columns hold, or `none` for unlimited."""
 
 
 @click.command()
@@ -92,8 +103,8 @@ class PerMinute(click.ParamType):
 @click.option("--keepalive-timeout", type=click.FloatRange(0, min_open=True), help="Idle keep-alive, s [5].")
 @click.option("--max-connections", type=click.IntRange(1), help="Open connections at most [512].")
 @click.option("--shutdown-timeout", type=click.FloatRange(0, min_open=True), help="Seconds to finish on SIGTERM [10].")
-@click.option("--poll-rate-limit", type=PerMinute(), help="Polls a minute per key, or none [6000].")
-@click.option("--auth-fail-limit", type=PerMinute(), help="Failed authentications a minute per address, or none [60].")
+@click.option("--poll-rate-limit", type=Limit(), help="Polls a minute per key, or none [6000].")
+@click.option("--auth-fail-limit", type=Limit(), help="Failed authentications a minute per address, or none [60].")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info")
 @click.pass_context
 def serve(ctx: click.Context, model: str | None, log_level: str, no_auth: bool, **flags: Any) -> None:
@@ -161,13 +172,12 @@ def keys() -> None:
 
 @keys.command("create")
 @click.option("--name", default="", help="A label for the key.")
-@click.option(
-    "--credits", type=click.IntRange(0, MAX_KEY_COUNT), help="Requests the key may make [default: unlimited]."
-)
-@click.option("--rate-limit", type=click.IntRange(1, MAX_KEY_COUNT), help="Requests per minute [default: unlimited].")
+@click.option("--credits", type=CREDITS, help="Requests the key may make, or none [default: none: unlimited].")
+@click.option("--rate-limit", type=PER_MINUTE, help="Requests per minute, or none [default: none: unlimited].")
 @click.pass_context
-def keys_create(ctx: click.Context, name: str, credits: int | None, rate_limit: int | None) -> None:
+def keys_create(ctx: click.Context, name: str, credits: int | NoLimit | None, rate_limit: int | NoLimit | None) -> None:
     """Create a key and print it (on stdout, once: only its hash is stored)."""
+    credits, rate_limit = _unlimited_as(None, credits), _unlimited_as(None, rate_limit)
     key, token = _keystore().create_key(_store(ctx), name=name, credits=credits, rate_limit=rate_limit)
     click.echo(token)
     click.echo(
@@ -230,16 +240,25 @@ def _forget_known(redis_url: str, key_id: str) -> None:
 
 @keys.command("update")
 @click.argument("key_id")
-@click.option("--credits", type=click.IntRange(0, MAX_KEY_COUNT), help="Set the credit balance.")
-@click.option("--rate-limit", type=click.IntRange(1, MAX_KEY_COUNT), help="Set the requests per minute.")
+@click.option("--credits", type=CREDITS, help="Set the credit balance, or none: unlimited.")
+@click.option("--rate-limit", type=PER_MINUTE, help="Set the requests per minute, or none: unlimited.")
 @click.pass_context
-def keys_update(ctx: click.Context, key_id: str, credits: int | None, rate_limit: int | None) -> None:
-    """Set the credits or rate limit of KEY_ID."""
+def keys_update(
+    ctx: click.Context, key_id: str, credits: int | NoLimit | None, rate_limit: int | NoLimit | None
+) -> None:
+    """Set the credits or rate limit of KEY_ID (`none`: unlimited)."""
     if credits is None and rate_limit is None:
         raise click.UsageError("give --credits and/or --rate-limit")
-    if not _keystore().update_key(_store(ctx), _key_id(key_id), credits=credits, rate_limit=rate_limit):
+    keystore = _keystore()
+    credits, rate_limit = _unlimited_as(keystore.UNLIMITED, credits), _unlimited_as(keystore.UNLIMITED, rate_limit)
+    if not keystore.update_key(_store(ctx), _key_id(key_id), credits=credits, rate_limit=rate_limit):
         raise click.BadParameter(f"no key {key_id!r} (see: automask keys list)", param_hint="KEY_ID")
     click.echo(f"Updated key {_key_id(key_id)}.", err=True)
+
+
+def _unlimited_as(unlimited: Any, value: int | NoLimit | None) -> Any:
+    """A key's credits or rate limit flag for the key store: `none` as `unlimited`, else as given (None: not given)."""
+    return unlimited if isinstance(value, NoLimit) else value
 
 
 def _key_id(text: str) -> str:

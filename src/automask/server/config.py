@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+from typing import Any
 from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator, model_validator
@@ -38,8 +39,24 @@ def is_base_url(url: str) -> bool:
 MAX_TIMEOUT = 86400.0
 """The longest inference time limit, a day: no longer is "no limit" (`inf`), which a thread cannot wait for (and the
 fleet's hand-offs and credit holds expire after the limit)."""
+MAX_WAIT = 3600.0
+"""The longest connection timeout, node TTL and sweep interval, an hour: a value past what a thread, timer or socket
+can wait for (`inf`, 1e12: about 9.2e9 s on Linux) crashed the thread that waited, so none may be "no limit"."""
 RESULT_TTL_MIN = 3600.0
 """v2 results are kept at least an hour after they finish (the external contract's promise to clients)."""
+
+
+def _seconds(default: float, most: float, description: str, *, zero: bool = False) -> Any:
+    """A duration setting's field: more than 0 seconds (or 0 and more, with `zero`), at most `most` (an hour or a
+    day), which its description states."""
+    ceiling = "an hour" if most == MAX_WAIT else "a day"
+    return Field(
+        default,
+        gt=None if zero else 0,
+        ge=0 if zero else None,
+        le=most,
+        description=f"{description} ({ceiling} at most).",
+    )
 
 
 class ServerSettings(BaseSettings):
@@ -53,9 +70,7 @@ class ServerSettings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535, description="TCP port to listen on.")
     concurrency: int = Field(1, ge=1, le=64, description="Inference threads (v1 requests and v2 jobs share them).")
     job_workers: int | None = Field(None, ge=1, le=64, description="v2 jobs run at once; None: `concurrency`.")
-    timeout: float = Field(
-        60.0, gt=0, le=MAX_TIMEOUT, description="Seconds one inference may take (queueing included) -> 504."
-    )
+    timeout: float = _seconds(60.0, MAX_TIMEOUT, "Seconds one inference may take (queueing included) -> 504")
     auth: bool = Field(
         True,
         description="Require an API key. False is allowed only on a loopback host, and then serves only requests to "
@@ -90,42 +105,42 @@ class ServerSettings(BaseSettings):
         ge=RESULT_TTL_MIN,
         description="Seconds v2 results are kept after they finish: at least an hour, as CONTRACT.md promises clients.",
     )
-    cleanup_interval: float = Field(60.0, gt=0, description="Seconds between sweeps of expired v2 results.")
+    cleanup_interval: float = _seconds(60.0, MAX_WAIT, "Seconds between sweeps of expired v2 results")
     max_job_attempts: int = Field(3, ge=1, description="Starts of one v2 job (restarts included) before FAILED.")
     max_queued_per_key: int = Field(100, ge=1, description="Unfinished v2 jobs one key may have -> 429.")
     max_queued: int = Field(10_000, ge=1, description="Unfinished v2 jobs in all -> 503.")
-    sweep_interval: float = Field(
-        2.0, gt=0, description="Seconds between sweeps: dead nodes' jobs, lost publishes, expired credit holds."
+    sweep_interval: float = _seconds(
+        2.0, MAX_WAIT, "Seconds between sweeps: dead nodes' jobs, lost publishes, expired credit holds"
     )
-    node_ttl: float = Field(10.0, gt=0, description="A node silent this many seconds is dead: its jobs run elsewhere.")
+    node_ttl: float = _seconds(10.0, MAX_WAIT, "A node silent this many seconds is dead: its jobs run elsewhere")
     heartbeat_interval: float | None = Field(
         None, gt=0, description="Seconds between a node's heartbeats, at most a third of node_ttl; None: node_ttl / 5."
     )
-    republish_after: float = Field(
+    republish_after: float = _seconds(
         30.0,
-        gt=0,
-        description="A v2 job QUEUED this long after it was stored whose hand-off to the queue was never confirmed "
-        "(the queue was unreachable) is handed out again; one put back in the queue is at the next sweep.",
+        MAX_TIMEOUT,
+        "A v2 job QUEUED this long after it was stored whose hand-off to the queue was never confirmed "
+        "(the queue was unreachable) is handed out again; one put back in the queue is at the next sweep",
     )
-    resend_after: float = Field(
+    resend_after: float = _seconds(
         900.0,
-        gt=0,
-        description="A v2 job still QUEUED this long after its hand-off was confirmed is handed out once more (its "
-        "message may have been dropped, e.g. by RabbitMQ's delivery limit); a duplicate is never run twice.",
+        MAX_TIMEOUT,
+        "A v2 job still QUEUED this long after its hand-off was confirmed is handed out once more (its "
+        "message may have been dropped, e.g. by RabbitMQ's delivery limit); a duplicate is never run twice",
     )
-    hold_grace: float = Field(
-        30.0, ge=0, description="Seconds past `timeout` after which an unsettled v1 credit hold is given back."
+    hold_grace: float = _seconds(
+        30.0, MAX_TIMEOUT, "Seconds past `timeout` after which an unsettled v1 credit hold is given back", zero=True
     )
     public_url: str | None = Field(
         None,
         description="Base URL clients reach the service at (set it behind a proxy); None: the address and port "
         "each connection came in on (never the client's Host header).",
     )
-    header_timeout: float = Field(
-        10.0, gt=0, description="Seconds a client may take to send a request's headers (from connecting) -> closed."
+    header_timeout: float = _seconds(
+        10.0, MAX_WAIT, "Seconds a client may take to send a request's headers (from connecting) -> closed"
     )
-    body_timeout: float = Field(
-        30.0, gt=0, description="Seconds a client may pause while sending a request body -> 408, closed."
+    body_timeout: float = _seconds(
+        30.0, MAX_WAIT, "Seconds a client may pause while sending a request body -> 408, closed"
     )
     body_min_rate: float = Field(
         1000.0,
@@ -133,16 +148,16 @@ class ServerSettings(BaseSettings):
         description="Bytes per second a request body must arrive at on average: it gets `body_timeout` seconds, "
         "plus one second per this many bytes received -> 408, closed (a trickling client cannot hold memory).",
     )
-    keepalive_timeout: float = Field(5.0, gt=0, description="Seconds an idle keep-alive connection stays open.")
+    keepalive_timeout: float = _seconds(5.0, MAX_WAIT, "Seconds an idle keep-alive connection stays open")
     max_connections: int = Field(
         512, ge=1, description="Open connections at most (also kept below the open-file limit); more get a 503."
     )
-    shutdown_timeout: float = Field(
-        10.0, gt=0, description="Seconds in-flight requests get to finish after SIGTERM before they are cut off."
+    shutdown_timeout: float = _seconds(
+        10.0, MAX_TIMEOUT, "Seconds in-flight requests get to finish after SIGTERM before they are cut off"
     )
     max_header_bytes: int = Field(16384, ge=1024, description="Largest request line plus headers -> 431.")
-    debug_delay: float = Field(
-        0.0, ge=0, description="TEST ONLY: seconds every inference sleeps, to exercise timeouts and restarts."
+    debug_delay: float = _seconds(
+        0.0, MAX_TIMEOUT, "TEST ONLY: seconds every inference sleeps, to exercise timeouts and restarts", zero=True
     )
 
     @field_validator("public_url")
@@ -179,6 +194,13 @@ class ServerSettings(BaseSettings):
     def beat(self) -> float:
         """Seconds between this node's heartbeats: `heartbeat_interval`, else a fifth of `node_ttl` (2 s of 10)."""
         return self.heartbeat_interval or self.node_ttl / 5
+
+    @property
+    def root_path(self) -> str:
+        """The path prefix a proxy serves the API under, stripping it: `public_url`'s path without its trailing
+        slash ('/masks' for https://example.com/masks/); '' for none. The docs page and the OpenAPI document's
+        `servers` point under it."""
+        return urlsplit(self.public_url).path.rstrip("/") if self.public_url else ""
 
     @property
     def workers_for_jobs(self) -> int:

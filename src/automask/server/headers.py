@@ -75,7 +75,8 @@ class EdgeMiddleware:
             await _docs_page(scope, root)(scope, receive, send)
         elif local.startswith(DOCS_ASSETS + "/"):
             try:
-                await self.assets({**scope, "root_path": root + DOCS_ASSETS}, receive, _no_cache(send))
+                files = {**scope, "path": root + local, "root_path": root + DOCS_ASSETS}  # the path under the root
+                await self.assets(files, receive, _no_cache(send))
             except HTTPException:
                 message = f"No file {local.removeprefix(DOCS_ASSETS + '/')[:100]!r} in the API docs' assets."
                 await JSONResponse({"error": message}, status_code=404)(scope, receive, send)

@@ -351,6 +351,7 @@ def config_for(app: Any, server: ServerSettings, log_level: str = "info") -> uvi
         h11_max_incomplete_event_size=server.max_header_bytes,
         server_header=False,
         backlog=BACKLOG,
+        root_path=server.root_path,  # behind a proxy, under --public-url's path: the docs load from under it
     )
 
 

@@ -4,11 +4,13 @@ A key reads `am_<id>_<secret>`; only sha256(secret) is stored, compared in const
 unlimited) are taken as a *hold* when a request is admitted (`reserve`, one conditional UPDATE that never lets the
 balance go below zero) and either kept or given back when it ends (`settle`), so a failed request is free. A hold
 settles once (its row is deleted by whoever settles it first). An admin's `update_key(credits=N)` sets the balance
-outright: holds taken before it are no longer refundable, so a refund cannot raise the balance above N.
+outright: holds taken before it are no longer refundable, so a refund cannot raise the balance above N;
+`update_key(credits=UNLIMITED)` (or `rate_limit=UNLIMITED`) takes the limit away.
 """
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import hmac
 import secrets
@@ -24,6 +26,15 @@ from automask.server.store import Store, holds_table, jobs_table, keys_table
 PREFIX = "am"
 _DUMMY_HASH = hashlib.sha256(b"").hexdigest()
 K, H, J = keys_table.c, holds_table.c, jobs_table.c
+
+
+class Unlimited(enum.Enum):
+    """`update_key`'s value for no limit (its None means unchanged)."""
+
+    UNLIMITED = "unlimited"
+
+
+UNLIMITED = Unlimited.UNLIMITED
 
 
 @dataclass(frozen=True)
@@ -111,19 +122,26 @@ def revoke_key(store: Store, key_id: str) -> bool:
     return found
 
 
-def update_key(store: Store, key_id: str, *, credits: int | None = None, rate_limit: int | None = None) -> bool:
-    """Set the credit balance and/or rate limit of `key_id` (None: unchanged); False when no such key.
+def update_key(
+    store: Store, key_id: str, *, credits: int | Unlimited | None = None, rate_limit: int | Unlimited | None = None
+) -> bool:
+    """Set the credit balance and/or rate limit of `key_id` (None: unchanged; `UNLIMITED`: no limit); False when no
+    such key.
 
     The balance is set outright: credits held by requests still running are not given back when they fail."""
-    _check_counts(credits, rate_limit)
+    changes = {
+        name: None if value is UNLIMITED else value
+        for name, value in (("credits", credits), ("rate_limit", rate_limit))
+        if value is not None
+    }
+    _check_counts(changes.get("credits"), changes.get("rate_limit"))
     with store.transaction() as conn:
         if conn.execute(select(K.id).where(K.id == key_id)).first() is None:
             return False
-        if credits is not None:
-            conn.execute(update(keys_table).where(K.id == key_id).values(credits=credits))
+        if changes:
+            conn.execute(update(keys_table).where(K.id == key_id).values(**changes))
+        if "credits" in changes:
             conn.execute(update(holds_table).where(H.key_id == key_id).values(refundable=False))
-        if rate_limit is not None:
-            conn.execute(update(keys_table).where(K.id == key_id).values(rate_limit=rate_limit))
     return True
 
 

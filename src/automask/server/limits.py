@@ -4,7 +4,10 @@ held in memory at once."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import math
+import re
 import threading
 import time
 from collections import OrderedDict, deque
@@ -13,7 +16,10 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from typing import Any
 
+from automask.errors import ServiceConfigError
 from automask.server.errors import ApiError
+
+log = logging.getLogger("automask.server")
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -23,6 +29,15 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 WINDOW = 60.0
 """Rate limits count requests in the last 60 seconds."""
+
+PING_TIMEOUT = 3.0
+"""Seconds Redis has to answer a PING (at start-up, and on every /readyz) before it counts as unreachable."""
+
+REDIS_DOWN = (
+    "Redis (AUTOMASK_REDIS_URL) is unreachable: requests are refused (503) until it answers again; the server log "
+    "has the details."
+)
+"""The /readyz reason while Redis does not answer (public: no address)."""
 
 
 MAX_COUNTED = 100_000
@@ -78,6 +93,10 @@ class RateLimiter:
         """`check` for the event loop (in memory: no I/O)."""
         self.check(key_id, limit, what, count)
 
+    async def unreachable(self) -> str | None:
+        """None: in memory, it is always there."""
+        return None
+
 
 _SLIDING_WINDOW = """
 local now = redis.call('TIME')
@@ -126,8 +145,36 @@ class RedisRateLimiter:
         now_s = float(now) / 1e6
         raise rate_limited(limit, now_s, float(oldest) / 1e6 + WINDOW, what)
 
+    async def unreachable(self) -> str | None:
+        """None when Redis answers a PING within `PING_TIMEOUT` seconds, else why not (`REDIS_DOWN`, for /readyz)."""
+        from redis.exceptions import RedisError
+
+        try:
+            await asyncio.wait_for(self.client.ping(), PING_TIMEOUT)
+        except (RedisError, OSError, TimeoutError) as exc:
+            log.warning("redis does not answer: %s", " ".join(str(exc).split()) or type(exc).__name__)
+            return REDIS_DOWN
+        return None
+
     async def close(self) -> None:
         await self.client.aclose()
+
+
+def check_redis(url: str) -> None:
+    """Connect once and PING: `ServiceConfigError` naming AUTOMASK_REDIS_URL (without its password) and the fix when
+    Redis cannot be reached (a start-up check, as `Store.check_connection` is for the database)."""
+    import redis
+
+    shown = re.sub(r"//[^@/]*@", "//", url)
+    try:
+        with redis.Redis.from_url(url, socket_timeout=PING_TIMEOUT, socket_connect_timeout=PING_TIMEOUT) as client:
+            client.ping()
+    except (redis.RedisError, ValueError) as exc:
+        reason = " ".join(str(exc).split())
+        raise ServiceConfigError(
+            f"Cannot connect to Redis at {shown}: {reason}. Check AUTOMASK_REDIS_URL, and that the Redis server is "
+            "running and lets this client in."
+        ) from None
 
 
 def retry_headers(now: float, reset_at: float) -> dict[str, str]:

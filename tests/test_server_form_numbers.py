@@ -1,0 +1,95 @@
+"""A number means the same in a multipart form as in JSON, for v1 and v2: the same text (`1.0`, `1e3`) is accepted by
+both or refused by both, naming the field. An integer option takes a whole number however it is written (`1e3` is
+1000, as JSON's number is), never one with a fraction (`1.5`).
+
+Before, an integer option written with an exponent (`seed=1e3`, `grow_mask=2e0`) was a 400 in a form ("unable to
+parse string as an integer") while JSON took it.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from automask.pipeline import MaskGenerator
+from automask.server import keys as keystore
+from automask.server.app import create_app
+from automask.server.config import ServerSettings
+from automask.server.store import Store
+from automask.settings import Settings
+from server_helpers import FakeBackend, png_bytes
+
+PNG = png_bytes(np.zeros((6, 8, 3), np.uint8))
+ACCEPTED = [  # (field, the number's text in both encodings, what the v1 answer's metadata says; None: not shown)
+    ("seed", "1.0", 1),
+    ("seed", "1e3", 1000),
+    ("seed", "1E2", 100),
+    ("seed", "9.99999999999999e14", 999999999999999),
+    ("grow_mask", "2.0", None),
+    ("grow_mask", "2e1", None),
+    ("feather", "1e0", 1),
+    ("min_area", "3.0E0", 3),
+    ("threshold", "1", None),
+    ("threshold", "5e-1", None),
+    ("text_threshold", "0.5", None),
+]
+REFUSED = [
+    ("seed", "1.5"),
+    ("seed", "1e15"),
+    ("seed", "1e400"),
+    ("grow_mask", "2.5"),
+    ("grow_mask", "1e3"),
+    ("feather", "5e-1"),
+    ("min_area", "1e-3"),
+    ("threshold", "2"),
+]
+
+
+@pytest.fixture()
+def client(tmp_path: Path) -> Iterator[tuple[TestClient, dict[str, str]]]:
+    settings = Settings(data_dir=tmp_path / "data")
+    app = create_app(settings, ServerSettings(), MaskGenerator(FakeBackend(), settings))
+    store = Store.from_settings(settings, create=True)
+    _, token = keystore.create_key(store)
+    with TestClient(app) as test_client:
+        yield test_client, {"x-api-key": token}
+    store.close()
+
+
+def post(client: tuple[TestClient, dict[str, str]], version: str, form: bool, field: str, text: str) -> Any:
+    """POST `field` written as `text` (with an image, a prompt and base64) in a JSON body, or in a multipart form."""
+    test_client, headers = client
+    url = f"/{version}/automatic-mask-generator"
+    if form:
+        data = {"prompt": "x", "base64": "true", field: text}
+        return test_client.post(url, data=data, files={"image": ("i.png", PNG, "image/png")}, headers=headers)
+    image = base64.b64encode(PNG).decode()
+    body = f'{{"image": "{image}", "prompt": "x", "base64": true, "{field}": {text}}}'
+    return test_client.post(url, content=body, headers={**headers, "content-type": "application/json"})
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+@pytest.mark.parametrize(("field", "text", "shown"), ACCEPTED)
+def test_a_form_takes_the_numbers_json_takes(
+    client: tuple[TestClient, dict[str, str]], version: str, field: str, text: str, shown: int | None
+) -> None:
+    answers = [post(client, version, form, field, text) for form in (False, True)]
+    assert [a.status_code for a in answers] == [200, 200], [a.text for a in answers]
+    if version == "v1" and shown is not None:
+        assert [a.json()[field] for a in answers] == [shown, shown]
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+@pytest.mark.parametrize(("field", "text"), REFUSED)
+def test_a_form_refuses_the_numbers_json_refuses(
+    client: tuple[TestClient, dict[str, str]], version: str, field: str, text: str
+) -> None:
+    answers = [post(client, version, form, field, text) for form in (False, True)]
+    assert [a.status_code for a in answers] == [400, 400], [a.text for a in answers]
+    assert all(a.json()["error"].startswith(f"{field}: ") for a in answers)

@@ -1,0 +1,86 @@
+"""Behind a proxy that serves the API under a path prefix (nginx `location /masks/ { proxy_pass http://automask/; }`,
+which strips it) with `--public-url https://host/masks`: the docs page, its Swagger UI files, the OpenAPI document
+and the v2 URLs all point under the prefix.
+
+Before, `/docs` loaded `/openapi.json` and its Swagger UI files from the host's root, outside the prefix: the page
+stayed blank behind such a proxy.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from automask.pipeline import MaskGenerator
+from automask.server import keys as keystore
+from automask.server.app import create_app
+from automask.server.config import ServerSettings
+from automask.server.store import Store
+from automask.settings import Settings
+from server_helpers import FakeBackend, LiveServer, png_bytes, wait_for
+
+PUBLIC = "https://masks.example.com/tools/masks"
+
+
+class Proxied:
+    """The service run as `automask serve` runs it, asked as its proxy asks (the prefix stripped), with a key."""
+
+    def __init__(self, live: LiveServer, token: str) -> None:
+        self.live, self.headers = live, {"x-api-key": token}
+
+    def get(self, path: str) -> httpx.Response:
+        return httpx.get(self.live.url + path, headers=self.headers, timeout=30)
+
+    def post(self, path: str, body: dict[str, Any]) -> httpx.Response:
+        return httpx.post(self.live.url + path, json=body, headers=self.headers, timeout=30)
+
+
+@pytest.fixture(params=[PUBLIC, PUBLIC + "/"])
+def proxied(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Proxied]:
+    settings = Settings(data_dir=tmp_path / "data")
+    server = ServerSettings(public_url=request.param)
+    with LiveServer(create_app(settings, server, MaskGenerator(FakeBackend(), settings)), server) as live:
+        store = Store.in_data_dir(tmp_path / "data")
+        token = keystore.create_key(store)[1]
+        store.close()
+        yield Proxied(live, token)
+
+
+def test_the_docs_load_everything_from_under_the_prefix(proxied: Proxied) -> None:
+    page = proxied.get("/docs")
+    assert page.status_code == 200, page.text
+    assert "url: '/tools/masks/openapi.json'" in page.text, page.text
+    for asset in ("swagger-ui-bundle.js", "swagger-ui.css"):
+        assert f'"/tools/masks/docs/assets/{asset}"' in page.text
+        assert proxied.get(f"/docs/assets/{asset}").status_code == 200  # what the proxy asks for, prefix stripped
+    schema = proxied.get("/openapi.json").json()
+    assert schema["servers"] == [{"url": "/tools/masks"}]  # Swagger UI's "Try it out" goes through the proxy too
+    assert "/v1/automatic-mask-generator" in schema["paths"]
+    missing = proxied.get("/v3/nothing")
+    assert missing.status_code == 404 and "/tools/masks/docs" in missing.json()["error"]
+
+
+def test_the_api_and_its_v2_urls_work_under_the_prefix(proxied: Proxied) -> None:
+    body = {"image": base64.b64encode(png_bytes(np.zeros((4, 6, 3), np.uint8))).decode(), "prompt": "x"}
+    assert proxied.post("/v1/automatic-mask-generator", body).headers["content-type"] == "image/png"
+    job = proxied.post("/v2/automatic-mask-generator", body).json()
+    assert job["status_url"] == f"{PUBLIC}/v2/requests/{job['request_id']}/status"
+    wait_for(lambda: proxied.get(f"/v2/requests/{job['request_id']}/status").json()["status"] == "COMPLETED", 30)
+    output = proxied.get(f"/v2/requests/{job['request_id']}").json()["output"]
+    assert output == f"{PUBLIC}/v2/requests/{job['request_id']}/output"
+    assert proxied.get(output.removeprefix(PUBLIC)).headers["content-type"] == "image/png"
+    assert proxied.get("/").status_code == 200 and 'src="static/app.js"' in proxied.get("/").text  # relative
+
+
+def test_without_a_prefix_the_docs_stay_at_the_root(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path / "data")
+    server = ServerSettings(public_url="https://masks.example.com")
+    with LiveServer(create_app(settings, server, MaskGenerator(FakeBackend(), settings)), server) as live:
+        assert "url: '/openapi.json'" in httpx.get(f"{live.url}/docs").text
+        assert "servers" not in httpx.get(f"{live.url}/openapi.json").json()

@@ -1,0 +1,77 @@
+"""AUTOMASK_REDIS_URL unreachable: `serve` refuses to start (exit 9, naming the setting); Redis going away while it
+runs makes /readyz say so (503) and requests answer 503 without being charged, until Redis is back.
+
+Before, `serve` started with an unreachable Redis and /readyz said ready, yet every request was answered 503.
+"""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from automask.cli import main
+from automask.pipeline import MaskGenerator
+from automask.server import keys as keystore
+from automask.server.app import create_app
+from automask.server.config import ServerSettings
+from automask.server.store import Store
+from automask.settings import Settings
+from server_helpers import FakeBackend, LiveServer, free_port, png_bytes, wait_for
+from services import redis_server
+
+FLEET = {"AUTOMASK_BROKER_URL": "amqp://guest:guest@127.0.0.1:9//"}  # never connected before Redis is checked
+
+
+@pytest.mark.parametrize("kind", ["single", "fleet"])
+def test_serve_refuses_to_start_when_redis_is_unreachable(tmp_path: Path, kind: str) -> None:
+    env = {"AUTOMASK_REDIS_URL": f"redis://:hunter2@127.0.0.1:{free_port()}/0"}  # nothing listens there
+    if kind == "fleet":  # an API node of a fleet: the same start-up
+        env |= {**FLEET, "AUTOMASK_DATABASE_URL": f"sqlite:///{tmp_path / 'fleet.db'}"}
+    result = CliRunner().invoke(main, ["--data-dir", str(tmp_path / "data"), "serve", "--port", "0"], env=env)
+    assert result.exit_code == 9, result.output
+    assert "Cannot connect to Redis at redis://127.0.0.1:" in result.output
+    assert "Check AUTOMASK_REDIS_URL" in result.output
+    assert "hunter2" not in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.services
+def test_readyz_follows_redis_and_requests_are_refused_uncharged_while_it_is_down(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import services
+
+    settings_dir = tmp_path / "data"
+    with redis_server() as rd:
+        settings = Settings(data_dir=settings_dir, redis_url=rd.url)
+        app = create_app(settings, ServerSettings(), MaskGenerator(FakeBackend(), settings))
+        store = Store.in_data_dir(settings_dir)
+        key, token = keystore.create_key(store, rate_limit=5, credits=2)
+        image = base64.b64encode(png_bytes(np.zeros((8, 8, 3), np.uint8))).decode()
+        with LiveServer(app) as live:
+
+            def ask(path: str = "/readyz") -> httpx.Response:
+                if path == "/readyz":
+                    return httpx.get(live.url + path, timeout=30)
+                body = {"image": image, "prompt": "s"}
+                return httpx.post(live.url + path, json=body, headers={"x-api-key": token}, timeout=30)
+
+            assert wait_for(lambda: ask().status_code == 200, 30)
+            port = rd.port
+            rd.stop()
+            ready = ask()
+            assert ready.status_code == 503 and "AUTOMASK_REDIS_URL" in ready.json()["error"], ready.text
+            assert "127.0.0.1" not in ready.text  # public: no address
+            refused = ask("/v1/automatic-mask-generator")
+            assert refused.status_code == 503 and "shared state is unreachable" in refused.json()["error"]
+            assert keystore.get_key(store, key.id).credits == 2  # type: ignore[union-attr]
+            monkeypatch.setattr(services, "free_port", lambda: port)  # Redis back, where it was
+            rd.start()
+            assert wait_for(lambda: ask().status_code == 200, 30)
+            assert ask("/v1/automatic-mask-generator").status_code == 200
+            assert keystore.get_key(store, key.id).credits == 1  # type: ignore[union-attr]
+        store.close()
