@@ -14,7 +14,17 @@ from automask.errors import ModelNotAvailableError
 from automask.settings import Settings
 
 LOAD_ERRORS: tuple[type[Exception], ...] = (OSError, ValueError, KeyError, RuntimeError)
-"""What `from_pretrained` raises for a missing, partial or damaged checkpoint folder."""
+"""What `from_pretrained` raises for a missing, partial or damaged checkpoint folder (and, see `load_errors`,
+safetensors' `SafetensorError` for a truncated weights file)."""
+
+
+def load_errors() -> tuple[type[Exception], ...]:
+    """`LOAD_ERRORS` plus safetensors' `SafetensorError` (a half-written .safetensors file) when it is installed."""
+    try:
+        from safetensors import SafetensorError
+    except ImportError:
+        return LOAD_ERRORS
+    return (*LOAD_ERRORS, SafetensorError)
 
 
 def prepare_torch(settings: Settings) -> str:
@@ -50,11 +60,11 @@ def check_device(device: str) -> str:
 
 @contextlib.contextmanager
 def checkpoint_errors(what: str, folder: Path, pull: str) -> Iterator[None]:
-    """Turn `LOAD_ERRORS` raised in the block into a `ModelNotAvailableError` naming the `what` model in
+    """Turn `load_errors()` raised in the block into a `ModelNotAvailableError` naming the `what` model in
     `folder`, the first line of the cause, and `automask models pull <pull>` as the fix."""
     try:
         yield
-    except LOAD_ERRORS as exc:
+    except load_errors() as exc:
         why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ModelNotAvailableError(
             f"The {what} model in '{folder}' could not be loaded ({why}). "
