@@ -247,6 +247,23 @@ def test_incomplete_folder_is_a_clear_error(tiny_clipseg_dir: Path, tmp_path: Pa
         load(no_weights, Settings())
 
 
+def test_a_folder_without_its_tokenizer_is_a_clear_error(tiny_clipseg_dir: Path, tmp_path: Path) -> None:
+    """Before: without tokenizer.json and tokenizer_config.json, transformers built a CLIPTokenizer knowing only its
+    two special tokens, so every prompt became the same unknown tokens and every prompt got the same mask, silently
+    (`automask mask` wrote a mask; `models export` exported that tokenizer)."""
+    folder = tmp_path / "no-tokenizer"
+    shutil.copytree(tiny_clipseg_dir, folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (folder / name).unlink()
+    with pytest.raises(ModelNotAvailableError) as err:
+        load(folder, Settings())
+    assert err.value.message == (
+        f"The CLIPSeg model in '{folder}' has no tokenizer (tokenizer.json, or vocab.json and merges.txt): it would "
+        "read every prompt as the same unknown words. Save it with CLIPSegProcessor.save_pretrained, or pull one: "
+        "automask models pull clipseg"
+    )
+
+
 def test_a_half_downloaded_weights_file_is_a_clear_error(tiny_clipseg_dir: Path, tmp_path: Path) -> None:
     """Before: a truncated model.safetensors (an interrupted copy) raised safetensors' SafetensorError, which the
     CLI reported as "internal error: SafetensorError: Error while deserializing header"."""

@@ -199,6 +199,18 @@ def test_export_of_a_folder_without_a_checkpoint(tmp_path: Path, settings: Setti
     assert not onnx_dir(tmp_path).exists()
 
 
+def test_export_of_a_folder_without_its_tokenizer_is_refused(tiny_clipseg_dir: Path, tmp_path: Path) -> None:
+    """Before: the export wrote onnx/tokenizer.json from the vocabulary-less tokenizer transformers builds for a
+    folder missing its tokenizer files, and the ONNX runtime then read every prompt as the same tokens."""
+    folder = tmp_path / "no-tokenizer"
+    shutil.copytree(tiny_clipseg_dir, folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (folder / name).unlink()
+    with pytest.raises(ModelNotAvailableError, match="has no tokenizer"):
+        export(folder)
+    assert not onnx_dir(folder).exists()
+
+
 def test_export_of_a_non_clipseg_catalogue_model_is_refused(settings: Settings) -> None:
     with pytest.raises((UnknownModelError, ModelNotAvailableError)):
         export_onnx("subject", settings)
