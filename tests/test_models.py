@@ -309,3 +309,16 @@ def test_list_models(settings: Settings, monkeypatch: pytest.MonkeyPatch, online
 
 def test_repo_folder() -> None:
     assert models.repo_folder("IDEA-Research/grounding-dino-tiny") == "IDEA-Research--grounding-dino-tiny"
+
+
+@pytest.mark.parametrize("config", ["{", "[1, 2]", '{"architectures": ["CLIPSegForImageSegmentation"]}'])
+def test_a_folder_whose_config_json_names_no_model_type_says_so(tmp_path: Path, config: str) -> None:
+    """Before: a damaged config.json (cut short, not an object, or without model_type) was reported as "has model_type
+    'None', which automask cannot run", blaming an architecture instead of the file."""
+    (tmp_path / "config.json").write_text(config)
+    with pytest.raises(ModelNotAvailableError) as err:
+        models.detect_backend(tmp_path)
+    assert err.value.message == (
+        f"'{tmp_path / 'config.json'}' is damaged: it is not a JSON object naming a model_type. Save the model "
+        "again with save_pretrained, or pull one: automask models pull clipseg"
+    )

@@ -146,6 +146,11 @@ def detect_backend(path: Path) -> str:
         kind = model_type(path)
         if kind in _MODEL_TYPES:
             return _MODEL_TYPES[kind]
+        if kind is None:
+            raise ModelNotAvailableError(
+                f"'{path / 'config.json'}' is damaged: it is not a JSON object naming a model_type. Save the model "
+                "again with save_pretrained, or pull one: automask models pull clipseg"
+            )
         raise ModelNotAvailableError(
             f"The model in '{path}' has model_type '{kind}', which automask cannot run. "
             f"Supported: {', '.join(sorted(_MODEL_TYPES))}."
