@@ -190,6 +190,20 @@ def test_an_export_of_other_weights_is_not_used(exported: Path, tmp_path: Path) 
         choose_runtime(folder, Settings(runtime="onnx"))
 
 
+def test_an_export_of_other_weights_of_the_same_size_is_not_used(exported: Path, tmp_path: Path) -> None:
+    """Before: the fingerprint was config.json and the weight files' names and sizes, so weights retrained or
+    fine-tuned in place (same architecture, so same size and same config) kept using the old weights' graphs."""
+    folder = tmp_path / "clipseg"
+    shutil.copytree(exported, folder)
+    other = make_tiny_clipseg(tmp_path / "other", seed=7)
+    weights = folder / "model.safetensors"
+    assert (other / "model.safetensors").stat().st_size == weights.stat().st_size
+    assert (other / "model.safetensors").read_bytes() != weights.read_bytes()
+    shutil.copyfile(other / "model.safetensors", weights)
+    assert not has_onnx(folder)
+    assert choose_runtime(folder, Settings()) == "torch"
+
+
 def test_export_of_a_folder_without_a_checkpoint(tmp_path: Path, settings: Settings) -> None:
     with pytest.raises(ModelNotAvailableError):
         export_onnx(str(tmp_path), settings)
