@@ -518,3 +518,22 @@ def test_cli_instances_folder(gs_dir: Path, image: np.ndarray, tmp_path: Path) -
     for p in meta["instances"]:
         union |= np.asarray(Image.open(p)) > 0
     assert np.array_equal(union, np.asarray(Image.open(out)) > 0)
+
+
+@pytest.mark.parametrize("shape", [(3, 4), (1, 2), (3, 3)])
+def test_an_image_one_or_three_pixels_high_is_read_as_rgb_pixels(backend: GroundedSamBackend, shape: tuple) -> None:
+    """Before: transformers' image processors guess the channel axis and took an H×W×3 image of height 1 or 3 for
+    channels-first: a 3×4 red image became a 4×3 one with wrong colours (1-pixel-high ones raised an error)."""
+    h, w = shape
+    red = np.zeros((h, w, 3), np.uint8)
+    red[..., 0] = 255
+    features = backend.encode(red)
+    pixels = features.detector_inputs["pixel_values"][0]
+    valid = features.detector_inputs["pixel_mask"][0].bool()
+    rows, cols = int(valid.any(dim=1).sum()), int(valid.any(dim=0).sum())
+    assert pixels.shape[0] == 3
+    assert (rows < cols) == (h < w) and (rows == cols) == (h == w)
+    channel = pixels[:, valid].mean(dim=1)  # normalised: red high, green and blue low
+    assert channel[0] > 2 and channel[1] < -1 and channel[2] < -1
+    sam_h, sam_w = features.sam.input_size
+    assert (sam_h < sam_w) == (h < w) and (sam_h == sam_w) == (h == w)

@@ -176,7 +176,9 @@ class GroundedSamBackend:
 
     def encode(self, image: np.ndarray) -> GroundedFeatures:
         """Detector preprocessing and backbone, and SAM's image embedding, for an H×W×3 uint8 RGB image."""
-        inputs = self.processor.image_processor(images=image, size=self.detector_size, return_tensors="pt")
+        inputs = self.processor.image_processor(
+            images=image, size=self.detector_size, return_tensors="pt", input_data_format="channels_last"
+        )
         det = {k: inputs[k].to(self.device) for k in ("pixel_values", "pixel_mask")}
         with torch.inference_mode():
             backbone = self.backbone.inner(det["pixel_values"], det["pixel_mask"])

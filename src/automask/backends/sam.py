@@ -193,7 +193,7 @@ class SamSegmenter:
     def embed(self, image: np.ndarray) -> SamEmbedding:
         """Run the image encoder once on an H×W×3 uint8 RGB image (resized to the checkpoint's 1024 longest
         edge and padded, exactly as `SamProcessor` does)."""
-        inputs = self.image_processor(images=image, return_tensors="pt")
+        inputs = self.image_processor(images=image, return_tensors="pt", input_data_format="channels_last")
         pixels = inputs["pixel_values"].to(self.device, self.dtype)
         with torch.inference_mode():
             emb = self.model.vision_encoder(pixels)[0].float()
