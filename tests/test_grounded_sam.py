@@ -537,3 +537,19 @@ def test_an_image_one_or_three_pixels_high_is_read_as_rgb_pixels(backend: Ground
     assert channel[0] > 2 and channel[1] < -1 and channel[2] < -1
     sam_h, sam_w = features.sam.input_size
     assert (sam_h < sam_w) == (h < w) and (sam_h == sam_w) == (h == w)
+
+
+@pytest.mark.parametrize("shape", [(64, 5000), (5000, 64)])
+def test_a_panorama_is_masked(gs_dir: Path, settings: Settings, shape: tuple) -> None:
+    """Before: an image more than ~40 times wider than high (or higher than wide) left GroundingDINO's encoder fewer
+    positions than its queries (900; the tiny model's 30 at a smaller ratio), and its top-k raised "selected index k
+    out of range": an internal error."""
+    gen = MaskGenerator(str(gs_dir), settings)
+    image = np.random.default_rng(1).integers(0, 255, (*shape, 3), dtype=np.uint8)
+    result = gen.generate(image, "cat, dog", threshold=0.0, text_threshold=0.0, grow_mask=0)
+    assert result.mask.shape == shape
+    assert result.detections
+    for det in result.detections:
+        assert det.box is not None
+        x0, y0, x1, y1 = det.box
+        assert 0 <= x0 <= x1 <= shape[1] and 0 <= y0 <= y1 <= shape[0]

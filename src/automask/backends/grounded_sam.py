@@ -179,7 +179,7 @@ class GroundedSamBackend:
         inputs = self.processor.image_processor(
             images=image, size=self.detector_size, return_tensors="pt", input_data_format="channels_last"
         )
-        det = {k: inputs[k].to(self.device) for k in ("pixel_values", "pixel_mask")}
+        det = pad_narrow({k: inputs[k].to(self.device) for k in ("pixel_values", "pixel_mask")})
         with torch.inference_mode():
             backbone = self.backbone.inner(det["pixel_values"], det["pixel_mask"])
         sam = self.segmenter.embed(image)
@@ -251,6 +251,22 @@ class GroundedSamBackend:
         posmap = torch.zeros((len(dets.index), self.max_text_len), dtype=torch.bool)
         posmap[:, : len(ids)] = probs > text_threshold
         return list(self.processor.batch_decode(get_phrases_from_posmap(posmap, ids)))
+
+
+MAX_DETECTOR_ASPECT = 4
+"""The detector's input is padded (pixel_mask 0, as a batch pads its smaller images) to at most this ratio of long to
+short edge: a panorama otherwise leaves its encoder fewer positions than queries (900), whose top-k then fails."""
+
+
+def pad_narrow(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """GroundingDINO `pixel_values` 1×3×h×w and `pixel_mask` 1×h×w, zero-padded at the bottom or right to an aspect
+    ratio of at most `MAX_DETECTOR_ASPECT` (unchanged when within it). The boxes the detector predicts are relative
+    to the unpadded region (its `valid_ratios`), so nothing else changes."""
+    h, w = inputs["pixel_values"].shape[-2:]
+    pad_h, pad_w = max(0, -(-w // MAX_DETECTOR_ASPECT) - h), max(0, -(-h // MAX_DETECTOR_ASPECT) - w)
+    if not pad_h and not pad_w:
+        return inputs
+    return {k: nn.functional.pad(v, (0, pad_w, 0, pad_h)) for k, v in inputs.items()}
 
 
 def _detector_size(size: Any, cap: int | None = None) -> dict[str, int]:
