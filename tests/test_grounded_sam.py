@@ -553,3 +553,14 @@ def test_a_panorama_is_masked(gs_dir: Path, settings: Settings, shape: tuple) ->
         assert det.box is not None
         x0, y0, x1, y1 = det.box
         assert 0 <= x0 <= x1 <= shape[1] and 0 <= y0 <= y1 <= shape[0]
+
+
+@pytest.mark.parametrize("shape", [(1, 5000), (5000, 1), (2, 3000)])
+def test_a_strip_too_thin_to_resize_is_masked(gs_dir: Path, settings: Settings, shape: tuple) -> None:
+    """Before: an image whose short edge, scaled to the detector's longest edge, rounds to 0 pixels (over 192:1 for
+    the tiny model's 64/96 sizes; 2666:1 for the real 800/1333) made transformers' processor raise "Size must contain
+    'height' and 'width' keys": an internal error."""
+    gen = MaskGenerator(str(gs_dir), settings)
+    image = np.random.default_rng(2).integers(0, 255, (*shape, 3), dtype=np.uint8)
+    result = gen.generate(image, "cat", threshold=0.0, text_threshold=0.0, grow_mask=0)
+    assert result.mask.shape == shape and result.detections

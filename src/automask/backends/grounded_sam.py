@@ -177,7 +177,10 @@ class GroundedSamBackend:
     def encode(self, image: np.ndarray) -> GroundedFeatures:
         """Detector preprocessing and backbone, and SAM's image embedding, for an H×W×3 uint8 RGB image."""
         inputs = self.processor.image_processor(
-            images=image, size=self.detector_size, return_tensors="pt", input_data_format="channels_last"
+            images=image,
+            size=thin_size(self.detector_size, image.shape[:2]),
+            return_tensors="pt",
+            input_data_format="channels_last",
         )
         det = pad_narrow({k: inputs[k].to(self.device) for k in ("pixel_values", "pixel_mask")})
         with torch.inference_mode():
@@ -267,6 +270,16 @@ def pad_narrow(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     if not pad_h and not pad_w:
         return inputs
     return {k: nn.functional.pad(v, (0, pad_w, 0, pad_h)) for k, v in inputs.items()}
+
+
+def thin_size(size: dict[str, int], image_size: tuple[int, ...]) -> dict[str, int]:
+    """The detector `size` for an image of `image_size` (H, W): as is, except for a strip so thin that transformers'
+    processor would scale its short edge to 0 pixels (over 2666:1 at 800/1333), which gets 1 × the longest edge."""
+    h, w = image_size[:2]
+    long = size["longest_edge"]
+    if round(long * min(h, w) / max(h, w)) >= 1:
+        return size
+    return {"height": 1, "width": long} if h < w else {"height": long, "width": 1}
 
 
 def _detector_size(size: Any, cap: int | None = None) -> dict[str, int]:
