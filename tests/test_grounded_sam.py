@@ -564,3 +564,15 @@ def test_a_strip_too_thin_to_resize_is_masked(gs_dir: Path, settings: Settings, 
     image = np.random.default_rng(2).integers(0, 255, (*shape, 3), dtype=np.uint8)
     result = gen.generate(image, "cat", threshold=0.0, text_threshold=0.0, grow_mask=0)
     assert result.mask.shape == shape and result.detections
+
+
+def test_a_grounded_sam_folder_missing_its_mask_head_says_so(gs_dir: Path, settings: Settings, tmp_path: Path) -> None:
+    """Before: `--model` at a grounded-sam folder whose SAM subfolder is missing (a half-copied model) said it
+    "holds no model automask can load (no automask.json or config.json)", though its GroundingDINO was there."""
+    folder = tmp_path / "half"
+    shutil.copytree(gs_dir, folder, ignore=shutil.ignore_patterns(models.MARKER))
+    shutil.rmtree(folder / "facebook--sam-vit-base")
+    with pytest.raises(ModelNotAvailableError) as err:
+        MaskGenerator(str(folder), settings)
+    assert err.value.message.startswith(f"'{folder}' has no SAM, SAM 2 or EdgeTAM checkpoint.")
+    assert "automask models pull grounded-sam" in err.value.message

@@ -158,6 +158,8 @@ def detect_backend(path: Path) -> str:
     parts = frozenset(t for p in path.iterdir() if (t := model_type(p)))
     if parts in _PART_TYPES:
         return _PART_TYPES[parts]
+    if "grounding-dino" in parts:  # its mask head is missing: the grounded-sam loader says which part and the fix
+        return "grounded-sam"
     raise ModelNotAvailableError(
         f"'{path}' holds no model automask can load (no {MARKER} or config.json). "
         "Point --model at a folder saved with save_pretrained, or pull one: automask models pull clipseg"
