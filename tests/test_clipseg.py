@@ -258,9 +258,8 @@ def test_a_folder_without_its_tokenizer_is_a_clear_error(tiny_clipseg_dir: Path,
     with pytest.raises(ModelNotAvailableError) as err:
         load(folder, Settings())
     assert err.value.message == (
-        f"The CLIPSeg model in '{folder}' has no tokenizer (tokenizer.json, or vocab.json and merges.txt): it would "
-        "read every prompt as the same unknown words. Save it with CLIPSegProcessor.save_pretrained, or pull one: "
-        "automask models pull clipseg"
+        f"The CLIPSeg model in '{folder}' has no tokenizer (tokenizer.json or its vocabulary files are missing): it "
+        "would read every prompt as the same unknown words. Re-download it with: automask models pull clipseg"
     )
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from automask.errors import ModelNotAvailableError
 from automask.pipeline import MaskGenerator, nbytes
 from automask.settings import Settings
 from tiny_models import make_tiny_grounded_sam, make_tiny_sam3
@@ -35,3 +36,27 @@ def test_the_feature_cache_counts_every_array_of_the_features(make: Any, tmp_pat
     gen = MaskGenerator(str(make(tmp_path / "model")), Settings(data_dir=tmp_path / "data"))
     features = gen.backend.encode(np.zeros((96, 128, 3), np.uint8))
     assert nbytes(features) == array_bytes(features) > 0
+
+
+@pytest.mark.parametrize(
+    ("make", "part", "what", "pull"),
+    [
+        (make_tiny_sam3, "", "SAM 3", "sam3"),
+        (make_tiny_grounded_sam, "IDEA-Research--grounding-dino-tiny", "GroundingDINO", "grounded-sam"),
+    ],
+    ids=["sam3", "grounded-sam"],
+)
+def test_a_folder_without_its_tokenizer_is_a_clear_error(
+    make: Any, part: str, what: str, pull: str, tmp_path: Path
+) -> None:
+    """Before: without tokenizer.json and tokenizer_config.json, transformers built a tokenizer knowing only its
+    special tokens, so every prompt read as the same unknown words and got the same masks, silently."""
+    folder = make(tmp_path / "model") / part
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (folder / name).unlink()
+    with pytest.raises(ModelNotAvailableError) as err:
+        MaskGenerator(str(tmp_path / "model"), Settings(data_dir=tmp_path / "data"))
+    assert err.value.message == (
+        f"The {what} model in '{folder}' has no tokenizer (tokenizer.json or its vocabulary files are missing): it "
+        f"would read every prompt as the same unknown words. Re-download it with: automask models pull {pull}"
+    )

@@ -23,7 +23,7 @@ from PIL import Image
 
 from automask.backends.base import ScoreParams, Scores, sigmoid
 from automask.backends.interrupt import stop_at_layers
-from automask.backends.torch_loading import checkpoint_errors, prepare_torch
+from automask.backends.torch_loading import check_tokenizer, checkpoint_errors, prepare_torch
 from automask.errors import ModelNotAvailableError, require, stop_if_asked
 from automask.settings import Settings
 
@@ -281,20 +281,9 @@ def load(path: Path, settings: Settings) -> ClipSegBackend:
     with checkpoint_errors("CLIPSeg", path, pull="clipseg"):
         model = stop_at_layers(CLIPSegForImageSegmentation.from_pretrained(str(path)).eval().to(device))
         tokenizer = AutoTokenizer.from_pretrained(str(path))
-    check_tokenizer(tokenizer, path)
+    check_tokenizer(tokenizer, "CLIPSeg", path, pull="clipseg")
     _drop_unused_layers(model)
     return ClipSegBackend(model, tokenizer, prep, model_id=str(path), device=device)
-
-
-def check_tokenizer(tokenizer: Any, path: Path) -> None:
-    """`ModelNotAvailableError` when the tokenizer loaded from `path` knows no word, only its special tokens: what
-    transformers builds, without complaint, for a folder missing its tokenizer files."""
-    if len(tokenizer) <= len(set(tokenizer.all_special_ids)):
-        raise ModelNotAvailableError(
-            f"The CLIPSeg model in '{path}' has no tokenizer (tokenizer.json, or vocab.json and merges.txt): it would "
-            "read every prompt as the same unknown words. Save it with CLIPSegProcessor.save_pretrained, or pull "
-            "one: automask models pull clipseg"
-        )
 
 
 def _drop_unused_layers(model: Any) -> None:

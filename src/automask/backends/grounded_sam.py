@@ -51,7 +51,7 @@ from automask.backends.sam import (
     max_masks,
     preset_precision,
 )
-from automask.backends.torch_loading import checkpoint_errors, prepare_torch
+from automask.backends.torch_loading import check_tokenizer, checkpoint_errors, prepare_torch
 from automask.errors import InvalidOptionError, ModelNotAvailableError, stop_if_asked
 from automask.models import model_type
 from automask.settings import Settings
@@ -320,6 +320,7 @@ def load(path: Path, settings: Settings, precision: Precision | None = None) -> 
     with checkpoint_errors("GroundingDINO", detector_dir, pull="grounded-sam"):
         detector = stop_at_layers(GroundingDinoForObjectDetection.from_pretrained(str(detector_dir)).eval().to(device))
         processor = AutoProcessor.from_pretrained(str(detector_dir))
+    check_tokenizer(processor.tokenizer, "GroundingDINO", detector_dir, pull="grounded-sam")
     precision = precision or preset_precision(settings)
     segmenter = load_mask_head(sam_dir, settings, precision)
     dtype = choose_dtype(precision, device)

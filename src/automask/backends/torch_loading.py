@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from automask.errors import ModelNotAvailableError
 from automask.settings import Settings
@@ -70,3 +71,13 @@ def checkpoint_errors(what: str, folder: Path, pull: str) -> Iterator[None]:
             f"The {what} model in '{folder}' could not be loaded ({why}). "
             f"Re-download it with: automask models pull {pull}"
         ) from exc
+
+
+def check_tokenizer(tokenizer: Any, what: str, folder: Path, pull: str) -> None:
+    """`ModelNotAvailableError` when the tokenizer loaded from `folder` knows no word, only its special tokens: what
+    transformers builds, without complaint, for a checkpoint folder missing its tokenizer files."""
+    if len(tokenizer) <= len(set(tokenizer.all_special_ids)):
+        raise ModelNotAvailableError(
+            f"The {what} model in '{folder}' has no tokenizer (tokenizer.json or its vocabulary files are missing): "
+            f"it would read every prompt as the same unknown words. Re-download it with: automask models pull {pull}"
+        )
