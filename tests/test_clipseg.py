@@ -247,6 +247,35 @@ def test_incomplete_folder_is_a_clear_error(tiny_clipseg_dir: Path, tmp_path: Pa
         load(no_weights, Settings())
 
 
+def test_a_folder_without_its_tokenizer_is_a_clear_error(tiny_clipseg_dir: Path, tmp_path: Path) -> None:
+    """Before: without tokenizer.json and tokenizer_config.json, transformers built a CLIPTokenizer knowing only its
+    two special tokens, so every prompt became the same unknown tokens and every prompt got the same mask, silently
+    (`automask mask` wrote a mask; `models export` exported that tokenizer)."""
+    folder = tmp_path / "no-tokenizer"
+    shutil.copytree(tiny_clipseg_dir, folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (folder / name).unlink()
+    with pytest.raises(ModelNotAvailableError) as err:
+        load(folder, Settings())
+    assert err.value.message == (
+        f"The CLIPSeg model in '{folder}' has no tokenizer (tokenizer.json or its vocabulary files are missing): it "
+        "would read every prompt as the same unknown words. Re-download it with: automask models pull clipseg"
+    )
+
+
+def test_a_half_downloaded_weights_file_is_a_clear_error(tiny_clipseg_dir: Path, tmp_path: Path) -> None:
+    """Before: a truncated model.safetensors (an interrupted copy) raised safetensors' SafetensorError, which the
+    CLI reported as "internal error: SafetensorError: Error while deserializing header"."""
+    folder = tmp_path / "half"
+    shutil.copytree(tiny_clipseg_dir, folder)
+    with open(folder / "model.safetensors", "r+b") as f:
+        f.truncate(1000)
+    with pytest.raises(ModelNotAvailableError) as err:
+        load(folder, Settings())
+    assert err.value.message.startswith(f"The CLIPSeg model in '{folder}' could not be loaded (")
+    assert err.value.message.endswith("Re-download it with: automask models pull clipseg")
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
 def test_cuda_device_without_gpu_is_a_clear_error(tiny_clipseg_dir: Path) -> None:
     with pytest.raises(ModelNotAvailableError, match="no CUDA GPU"):

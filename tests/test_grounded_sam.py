@@ -518,3 +518,61 @@ def test_cli_instances_folder(gs_dir: Path, image: np.ndarray, tmp_path: Path) -
     for p in meta["instances"]:
         union |= np.asarray(Image.open(p)) > 0
     assert np.array_equal(union, np.asarray(Image.open(out)) > 0)
+
+
+@pytest.mark.parametrize("shape", [(3, 4), (1, 2), (3, 3)])
+def test_an_image_one_or_three_pixels_high_is_read_as_rgb_pixels(backend: GroundedSamBackend, shape: tuple) -> None:
+    """Before: transformers' image processors guess the channel axis and took an H×W×3 image of height 1 or 3 for
+    channels-first: a 3×4 red image became a 4×3 one with wrong colours (1-pixel-high ones raised an error)."""
+    h, w = shape
+    red = np.zeros((h, w, 3), np.uint8)
+    red[..., 0] = 255
+    features = backend.encode(red)
+    pixels = features.detector_inputs["pixel_values"][0]
+    valid = features.detector_inputs["pixel_mask"][0].bool()
+    rows, cols = int(valid.any(dim=1).sum()), int(valid.any(dim=0).sum())
+    assert pixels.shape[0] == 3
+    assert (rows < cols) == (h < w) and (rows == cols) == (h == w)
+    channel = pixels[:, valid].mean(dim=1)  # normalised: red high, green and blue low
+    assert channel[0] > 2 and channel[1] < -1 and channel[2] < -1
+    sam_h, sam_w = features.sam.input_size
+    assert (sam_h < sam_w) == (h < w) and (sam_h == sam_w) == (h == w)
+
+
+@pytest.mark.parametrize("shape", [(64, 5000), (5000, 64)])
+def test_a_panorama_is_masked(gs_dir: Path, settings: Settings, shape: tuple) -> None:
+    """Before: an image more than ~40 times wider than high (or higher than wide) left GroundingDINO's encoder fewer
+    positions than its queries (900; the tiny model's 30 at a smaller ratio), and its top-k raised "selected index k
+    out of range": an internal error."""
+    gen = MaskGenerator(str(gs_dir), settings)
+    image = np.random.default_rng(1).integers(0, 255, (*shape, 3), dtype=np.uint8)
+    result = gen.generate(image, "cat, dog", threshold=0.0, text_threshold=0.0, grow_mask=0)
+    assert result.mask.shape == shape
+    assert result.detections
+    for det in result.detections:
+        assert det.box is not None
+        x0, y0, x1, y1 = det.box
+        assert 0 <= x0 <= x1 <= shape[1] and 0 <= y0 <= y1 <= shape[0]
+
+
+@pytest.mark.parametrize("shape", [(1, 5000), (5000, 1), (2, 3000)])
+def test_a_strip_too_thin_to_resize_is_masked(gs_dir: Path, settings: Settings, shape: tuple) -> None:
+    """Before: an image whose short edge, scaled to the detector's longest edge, rounds to 0 pixels (over 192:1 for
+    the tiny model's 64/96 sizes; 2666:1 for the real 800/1333) made transformers' processor raise "Size must contain
+    'height' and 'width' keys": an internal error."""
+    gen = MaskGenerator(str(gs_dir), settings)
+    image = np.random.default_rng(2).integers(0, 255, (*shape, 3), dtype=np.uint8)
+    result = gen.generate(image, "cat", threshold=0.0, text_threshold=0.0, grow_mask=0)
+    assert result.mask.shape == shape and result.detections
+
+
+def test_a_grounded_sam_folder_missing_its_mask_head_says_so(gs_dir: Path, settings: Settings, tmp_path: Path) -> None:
+    """Before: `--model` at a grounded-sam folder whose SAM subfolder is missing (a half-copied model) said it
+    "holds no model automask can load (no automask.json or config.json)", though its GroundingDINO was there."""
+    folder = tmp_path / "half"
+    shutil.copytree(gs_dir, folder, ignore=shutil.ignore_patterns(models.MARKER))
+    shutil.rmtree(folder / "facebook--sam-vit-base")
+    with pytest.raises(ModelNotAvailableError) as err:
+        MaskGenerator(str(folder), settings)
+    assert err.value.message.startswith(f"'{folder}' has no SAM, SAM 2 or EdgeTAM checkpoint.")
+    assert "automask models pull grounded-sam" in err.value.message

@@ -309,3 +309,33 @@ def test_list_models(settings: Settings, monkeypatch: pytest.MonkeyPatch, online
 
 def test_repo_folder() -> None:
     assert models.repo_folder("IDEA-Research/grounding-dino-tiny") == "IDEA-Research--grounding-dino-tiny"
+
+
+@pytest.mark.parametrize("config", ["{", "[1, 2]", '{"architectures": ["CLIPSegForImageSegmentation"]}'])
+def test_a_folder_whose_config_json_names_no_model_type_says_so(tmp_path: Path, config: str) -> None:
+    """Before: a damaged config.json (cut short, not an object, or without model_type) was reported as "has model_type
+    'None', which automask cannot run", blaming an architecture instead of the file."""
+    (tmp_path / "config.json").write_text(config)
+    with pytest.raises(ModelNotAvailableError) as err:
+        models.detect_backend(tmp_path)
+    assert err.value.message == (
+        f"'{tmp_path / 'config.json'}' is damaged: it is not a JSON object naming a model_type. Save the model "
+        "again with save_pretrained, or pull one: automask models pull clipseg"
+    )
+
+
+@pytest.mark.parametrize("marked", [True, False], ids=["pulled", "save_pretrained"])
+def test_a_mask_head_folder_given_as_the_model_says_it_reads_no_prompt(tmp_path: Path, marked: bool) -> None:
+    """Before: `--model` at a SAM folder said "Unknown backend 'sam'. Valid backends: ..." (a pulled one) or "has
+    model_type 'sam', which automask cannot run" (a save_pretrained one), where `--model sam` says what SAM is for."""
+    folder = tmp_path / "sam"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "sam"}))
+    if marked:
+        (folder / models.MARKER).write_text(json.dumps({"name": "sam", "backend": "sam", "repos": []}))
+    with pytest.raises(UnknownModelError) as err:
+        models.resolve(str(folder), Settings(data_dir=tmp_path / "data"))
+    assert err.value.message == (
+        f"'{folder}' reads no text prompt: it sharpens CLIPSeg masks with refine=true (--refine). "
+        "Use --model clipseg with refine, or --model grounded-sam."
+    )

@@ -190,6 +190,20 @@ def test_an_export_of_other_weights_is_not_used(exported: Path, tmp_path: Path) 
         choose_runtime(folder, Settings(runtime="onnx"))
 
 
+def test_an_export_of_other_weights_of_the_same_size_is_not_used(exported: Path, tmp_path: Path) -> None:
+    """Before: the fingerprint was config.json and the weight files' names and sizes, so weights retrained or
+    fine-tuned in place (same architecture, so same size and same config) kept using the old weights' graphs."""
+    folder = tmp_path / "clipseg"
+    shutil.copytree(exported, folder)
+    other = make_tiny_clipseg(tmp_path / "other", seed=7)
+    weights = folder / "model.safetensors"
+    assert (other / "model.safetensors").stat().st_size == weights.stat().st_size
+    assert (other / "model.safetensors").read_bytes() != weights.read_bytes()
+    shutil.copyfile(other / "model.safetensors", weights)
+    assert not has_onnx(folder)
+    assert choose_runtime(folder, Settings()) == "torch"
+
+
 def test_export_of_a_folder_without_a_checkpoint(tmp_path: Path, settings: Settings) -> None:
     with pytest.raises(ModelNotAvailableError):
         export_onnx(str(tmp_path), settings)
@@ -197,6 +211,18 @@ def test_export_of_a_folder_without_a_checkpoint(tmp_path: Path, settings: Setti
     with pytest.raises(ModelNotAvailableError):
         export(tmp_path)
     assert not onnx_dir(tmp_path).exists()
+
+
+def test_export_of_a_folder_without_its_tokenizer_is_refused(tiny_clipseg_dir: Path, tmp_path: Path) -> None:
+    """Before: the export wrote onnx/tokenizer.json from the vocabulary-less tokenizer transformers builds for a
+    folder missing its tokenizer files, and the ONNX runtime then read every prompt as the same tokens."""
+    folder = tmp_path / "no-tokenizer"
+    shutil.copytree(tiny_clipseg_dir, folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (folder / name).unlink()
+    with pytest.raises(ModelNotAvailableError, match="has no tokenizer"):
+        export(folder)
+    assert not onnx_dir(folder).exists()
 
 
 def test_export_of_a_non_clipseg_catalogue_model_is_refused(settings: Settings) -> None:

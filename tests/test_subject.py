@@ -202,6 +202,35 @@ def test_background_scores_are_one_minus_the_subject(backend: SubjectBackend, co
     np.testing.assert_allclose(scores.maps[2], 1.0 - p, atol=1e-7)
 
 
+def test_many_words_on_a_large_image_hold_two_full_size_maps_at_most(gen: MaskGenerator) -> None:
+    """Before: `score` stacked one full-size float32 map per target, so a request naming the 40 vocabulary words on a
+    36-megapixel photo held 40 × 145 MB (5.8 GB) of identical maps; CLIPSeg's maps are made one at a time for the
+    same reason. Now every word's map is p or 1 - p, each held once."""
+    import tracemalloc
+
+    from automask.routing import VOCABULARY
+
+    image = np.full((1000, 1200, 3), 128, np.uint8)
+    image[300:700, 400:800] = (200, 40, 40)
+    words = list(VOCABULARY)
+    gen.generate(image, "person", grow_mask=0)  # encoded and cached: only scoring and post-processing are measured
+    one_map = image.shape[0] * image.shape[1] * 4
+    tracemalloc.start()
+    try:
+        result = gen.generate(image, words, threshold=0.3, grow_mask=0)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(result.detections) == len(words)
+    instance_masks = len(words) * image.shape[0] * image.shape[1]  # the result's uint8 mask per target
+    assert peak < instance_masks + 6 * one_map, (peak - instance_masks) / one_map
+    backend = gen.backend
+    scores = backend.score(backend.encode(image), ["subject", "background", "person"])
+    p = backend.encode(image)
+    np.testing.assert_array_equal(np.asarray(scores.maps), np.stack([p, 1.0 - p, p]))
+    assert [m.shape for m in scores.maps] == [p.shape] * 3 and scores.maps[np.array([1])].shape == (1, *p.shape)
+
+
 def test_backend_refuses_words_outside_its_vocabulary(backend: SubjectBackend) -> None:
     p = np.zeros((4, 4), np.float32)
     with pytest.raises(ModelNotAvailableError, match="automask models pull clipseg"):

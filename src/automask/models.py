@@ -105,6 +105,8 @@ EMBEDDED = "subject"
 
 # config.json `model_type` -> backend, for local folders holding a transformers checkpoint.
 _MODEL_TYPES = {"clipseg": "clipseg", "grounding-dino": "grounded-sam", "sam3": "sam3", "sam3_video": "sam3"}
+# config.json `model_type` -> catalogue refiner, for a local folder holding a mask head alone (it reads no prompt).
+_HEAD_TYPES = {"sam": "sam", "sam2": "sam2", "sam2_video": "sam2", "edgetam": "edgetam"}
 # subfolder config.json `model_type`s -> backend, for a local folder of one subfolder per model (as pulled).
 _PART_TYPES = {
     frozenset({"grounding-dino", "sam"}): "grounded-sam",
@@ -146,6 +148,13 @@ def detect_backend(path: Path) -> str:
         kind = model_type(path)
         if kind in _MODEL_TYPES:
             return _MODEL_TYPES[kind]
+        if kind in _HEAD_TYPES:
+            return _HEAD_TYPES[kind]
+        if kind is None:
+            raise ModelNotAvailableError(
+                f"'{path / 'config.json'}' is damaged: it is not a JSON object naming a model_type. Save the model "
+                "again with save_pretrained, or pull one: automask models pull clipseg"
+            )
         raise ModelNotAvailableError(
             f"The model in '{path}' has model_type '{kind}', which automask cannot run. "
             f"Supported: {', '.join(sorted(_MODEL_TYPES))}."
@@ -153,6 +162,8 @@ def detect_backend(path: Path) -> str:
     parts = frozenset(t for p in path.iterdir() if (t := model_type(p)))
     if parts in _PART_TYPES:
         return _PART_TYPES[parts]
+    if "grounding-dino" in parts:  # its mask head is missing: the grounded-sam loader says which part and the fix
+        return "grounded-sam"
     raise ModelNotAvailableError(
         f"'{path}' holds no model automask can load (no {MARKER} or config.json). "
         "Point --model at a folder saved with save_pretrained, or pull one: automask models pull clipseg"
@@ -211,14 +222,14 @@ def resolve(spec: str | None, settings: Settings) -> ResolvedModel:
     spec = spec or default_model(settings)
     path = Path(spec).expanduser()
     if spec not in CATALOGUE and path.is_dir():
-        return ResolvedModel(name=str(path), backend=detect_backend(path), path=path)
+        backend = detect_backend(path)
+        if backend in REFINERS:
+            raise UnknownModelError(_refiner_message(str(path), backend))
+        return ResolvedModel(name=str(path), backend=backend, path=path)
     if spec not in CATALOGUE:
         raise UnknownModelError(_unknown_message(spec))
     if spec in REFINERS:
-        raise UnknownModelError(
-            f"'{spec}' reads no text prompt: it sharpens CLIPSeg masks with refine=true (--refine). "
-            f"Use --model clipseg with refine, or --model grounded-{spec}."
-        )
+        raise UnknownModelError(_refiner_message(spec, spec))
     backend = CATALOGUE[spec].backend
     if is_installed(spec, settings):
         return ResolvedModel(name=spec, backend=backend, path=model_dir(spec, settings))
@@ -228,6 +239,14 @@ def resolve(spec: str | None, settings: Settings) -> ResolvedModel:
     raise ModelNotAvailableError(
         f"The model '{spec}' is not installed. Install it with: automask models pull {spec} "
         f"(or point --model / AUTOMASK_MODEL at a local model folder)."
+    )
+
+
+def _refiner_message(spec: str, refiner: str) -> str:
+    """The error for model `spec`, the mask head `refiner` (a name in `REFINERS`), asked to answer a prompt."""
+    return (
+        f"'{spec}' reads no text prompt: it sharpens CLIPSeg masks with refine=true (--refine). "
+        f"Use --model clipseg with refine, or --model grounded-{refiner}."
     )
 
 

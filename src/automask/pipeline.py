@@ -50,9 +50,14 @@ CACHE_BYTES = 256 * 1024 * 1024
 145 MB float32 map: a few of those must not pile up in a server)."""
 
 
+NBYTES_DEPTH = 8
+"""How deep `nbytes` looks for arrays: deeper than any backend's features nest them; a bound, not a cycle check."""
+
+
 def nbytes(value: Any) -> int:
-    """Bytes of the arrays (numpy or torch) in `value`, looked for in it, its fields and its tuples/lists/dicts, two
-    levels deep: what caching it costs, roughly."""
+    """Bytes of the arrays (numpy or torch) in `value`, looked for in it, its fields and its tuples/lists/dicts, up to
+    `NBYTES_DEPTH` levels deep (SAM 3's FPN maps sit three levels down, GroundingDINO's backbone maps four): what
+    caching it costs."""
 
     def size(v: Any, depth: int) -> int:
         if isinstance(v, np.ndarray):
@@ -68,7 +73,7 @@ def nbytes(value: Any) -> int:
         fields = getattr(v, "__dict__", None)
         return sum(size(x, depth - 1) for x in fields.values()) if isinstance(fields, dict) else 0
 
-    return size(value, 2)
+    return size(value, NBYTES_DEPTH)
 
 
 class FeatureCache:

@@ -23,7 +23,7 @@ from PIL import Image
 
 from automask.backends.base import ScoreParams, Scores, sigmoid
 from automask.backends.interrupt import stop_at_layers
-from automask.backends.torch_loading import checkpoint_errors, prepare_torch
+from automask.backends.torch_loading import check_tokenizer, checkpoint_errors, prepare_torch
 from automask.errors import ModelNotAvailableError, require, stop_if_asked
 from automask.settings import Settings
 
@@ -281,6 +281,7 @@ def load(path: Path, settings: Settings) -> ClipSegBackend:
     with checkpoint_errors("CLIPSeg", path, pull="clipseg"):
         model = stop_at_layers(CLIPSegForImageSegmentation.from_pretrained(str(path)).eval().to(device))
         tokenizer = AutoTokenizer.from_pretrained(str(path))
+    check_tokenizer(tokenizer, "CLIPSeg", path, pull="clipseg")
     _drop_unused_layers(model)
     return ClipSegBackend(model, tokenizer, prep, model_id=str(path), device=device)
 

@@ -62,15 +62,18 @@ def onnx_dir(model_path: Path) -> Path:
 
 
 def fingerprint(model_path: Path) -> str:
-    """A cheap identity of a checkpoint: its config.json and the names and sizes of its weight files.
+    """A cheap identity of a checkpoint: its config.json and the names, sizes and modification times (ns) of its
+    weight files (weights retrained in place keep their size and config).
 
-    Stored in the manifest so that artifacts exported from other weights are not used by mistake.
+    Stored in the manifest so that artifacts exported from other weights are not used by mistake; a copy that does
+    not keep modification times (`cp -r` without `-p`) needs a new export.
     """
     h = hashlib.sha256()
     config = Path(model_path) / "config.json"
     h.update(config.read_bytes() if config.is_file() else b"")
     for f in sorted(Path(model_path).glob("*.safetensors")) + sorted(Path(model_path).glob("*.bin")):
-        h.update(f"{f.name}:{f.stat().st_size};".encode())
+        stat = f.stat()
+        h.update(f"{f.name}:{stat.st_size}:{stat.st_mtime_ns};".encode())
     return h.hexdigest()[:16]
 
 

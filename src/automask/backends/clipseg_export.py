@@ -29,6 +29,7 @@ import numpy as np
 
 from automask.backends.clipseg import read_preprocessing
 from automask.backends.clipseg_common import FORMAT, MANIFEST, fingerprint, onnx_dir
+from automask.backends.torch_loading import check_tokenizer
 from automask.errors import AutomaskError, ModelNotAvailableError, require
 from automask.install import replace_dir
 
@@ -130,6 +131,7 @@ def _load(model_path: Path) -> tuple[Any, Any]:
             f"'{model_path}' holds no CLIPSeg checkpoint that can be exported ({exc}). "
             "Point at a folder saved with save_pretrained, or pull one: automask models pull clipseg"
         ) from exc
+    check_tokenizer(tokenizer, "CLIPSeg", model_path, pull="clipseg")
     if getattr(tokenizer, "backend_tokenizer", None) is None:
         raise ModelNotAvailableError(f"The tokenizer of '{model_path}' has no tokenizers backend to export.")
     return model.float().eval(), tokenizer

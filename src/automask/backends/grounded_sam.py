@@ -51,7 +51,7 @@ from automask.backends.sam import (
     max_masks,
     preset_precision,
 )
-from automask.backends.torch_loading import checkpoint_errors, prepare_torch
+from automask.backends.torch_loading import check_tokenizer, checkpoint_errors, prepare_torch
 from automask.errors import InvalidOptionError, ModelNotAvailableError, stop_if_asked
 from automask.models import model_type
 from automask.settings import Settings
@@ -176,8 +176,13 @@ class GroundedSamBackend:
 
     def encode(self, image: np.ndarray) -> GroundedFeatures:
         """Detector preprocessing and backbone, and SAM's image embedding, for an H×W×3 uint8 RGB image."""
-        inputs = self.processor.image_processor(images=image, size=self.detector_size, return_tensors="pt")
-        det = {k: inputs[k].to(self.device) for k in ("pixel_values", "pixel_mask")}
+        inputs = self.processor.image_processor(
+            images=image,
+            size=thin_size(self.detector_size, image.shape[:2]),
+            return_tensors="pt",
+            input_data_format="channels_last",
+        )
+        det = pad_narrow({k: inputs[k].to(self.device) for k in ("pixel_values", "pixel_mask")})
         with torch.inference_mode():
             backbone = self.backbone.inner(det["pixel_values"], det["pixel_mask"])
         sam = self.segmenter.embed(image)
@@ -251,6 +256,32 @@ class GroundedSamBackend:
         return list(self.processor.batch_decode(get_phrases_from_posmap(posmap, ids)))
 
 
+MAX_DETECTOR_ASPECT = 4
+"""The detector's input is padded (pixel_mask 0, as a batch pads its smaller images) to at most this ratio of long to
+short edge: a panorama otherwise leaves its encoder fewer positions than queries (900), whose top-k then fails."""
+
+
+def pad_narrow(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """GroundingDINO `pixel_values` 1×3×h×w and `pixel_mask` 1×h×w, zero-padded at the bottom or right to an aspect
+    ratio of at most `MAX_DETECTOR_ASPECT` (unchanged when within it). The boxes the detector predicts are relative
+    to the unpadded region (its `valid_ratios`), so nothing else changes."""
+    h, w = inputs["pixel_values"].shape[-2:]
+    pad_h, pad_w = max(0, -(-w // MAX_DETECTOR_ASPECT) - h), max(0, -(-h // MAX_DETECTOR_ASPECT) - w)
+    if not pad_h and not pad_w:
+        return inputs
+    return {k: nn.functional.pad(v, (0, pad_w, 0, pad_h)) for k, v in inputs.items()}
+
+
+def thin_size(size: dict[str, int], image_size: tuple[int, ...]) -> dict[str, int]:
+    """The detector `size` for an image of `image_size` (H, W): as is, except for a strip so thin that transformers'
+    processor would scale its short edge to 0 pixels (over 2666:1 at 800/1333), which gets 1 × the longest edge."""
+    h, w = image_size[:2]
+    long = size["longest_edge"]
+    if round(long * min(h, w) / max(h, w)) >= 1:
+        return size
+    return {"height": 1, "width": long} if h < w else {"height": long, "width": 1}
+
+
 def _detector_size(size: Any, cap: int | None = None) -> dict[str, int]:
     """The processor size dict with the shortest edge capped at `cap` (longest edge scaled alike); None: as is."""
     short = int(size.get("shortest_edge") or 800) if isinstance(size, dict) else int(size.shortest_edge or 800)
@@ -289,6 +320,7 @@ def load(path: Path, settings: Settings, precision: Precision | None = None) -> 
     with checkpoint_errors("GroundingDINO", detector_dir, pull="grounded-sam"):
         detector = stop_at_layers(GroundingDinoForObjectDetection.from_pretrained(str(detector_dir)).eval().to(device))
         processor = AutoProcessor.from_pretrained(str(detector_dir))
+    check_tokenizer(processor.tokenizer, "GroundingDINO", detector_dir, pull="grounded-sam")
     precision = precision or preset_precision(settings)
     segmenter = load_mask_head(sam_dir, settings, precision)
     dtype = choose_dtype(precision, device)

@@ -193,7 +193,9 @@ class SamSegmenter:
     def embed(self, image: np.ndarray) -> SamEmbedding:
         """Run the image encoder once on an H×W×3 uint8 RGB image (resized to the checkpoint's 1024 longest
         edge and padded, exactly as `SamProcessor` does)."""
-        inputs = self.image_processor(images=image, return_tensors="pt")
+        inputs = self.image_processor(
+            images=thicken(image, self.pad_size), return_tensors="pt", input_data_format="channels_last"
+        )
         pixels = inputs["pixel_values"].to(self.device, self.dtype)
         with torch.inference_mode():
             emb = self.model.vision_encoder(pixels)[0].float()
@@ -233,6 +235,19 @@ class SamSegmenter:
 
     def _tensor(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(array, np.float32)).to(self.device)
+
+
+def thicken(image: np.ndarray, pad_size: tuple[int, int]) -> np.ndarray:
+    """An H×W×3 image as SAM's processor can take it: as is, except a strip so thin that scaling its long edge to
+    the model's (`pad_size`) would leave its short edge 0 pixels (over 2048:1 for SAM), whose rows (or columns) are
+    repeated until it scales to 1 pixel. Boxes and masks are scaled per axis (`input_size` / `image_size`), so the
+    stretch changes nothing else."""
+    h, w = image.shape[:2]
+    if int(min(h, w) * max(pad_size) / max(h, w) + 0.5) >= 1:  # the processor's own rounding
+        return image
+    need = -(-max(h, w) // max(pad_size))  # a short edge this long scales to >= 1 pixel
+    repeat = -(-need // min(h, w))
+    return np.repeat(image, repeat, axis=0 if h < w else 1)
 
 
 def upscale_logits(

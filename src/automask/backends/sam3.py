@@ -36,7 +36,7 @@ from automask.backends.grounding import MAX_DETECTIONS
 from automask.backends.interrupt import stop_at_layers
 from automask.backends.sam import cpu_has_bf16, max_masks
 from automask.backends.sam2_processing import IMAGENET_STANDARD, ImageTransform, pixel_values, upscale
-from automask.backends.torch_loading import checkpoint_errors, prepare_torch
+from automask.backends.torch_loading import check_tokenizer, checkpoint_errors, prepare_torch
 from automask.errors import InvalidOptionError, ModelNotAvailableError, stop_if_asked
 from automask.models import model_type
 from automask.settings import Settings
@@ -183,5 +183,6 @@ def load(path: Path, settings: Settings) -> Sam3Backend:
     with checkpoint_errors("SAM 3", path, pull=NAME):
         model = stop_at_layers(Sam3Model.from_pretrained(str(path)).eval().to(device))
         tokenizer = AutoTokenizer.from_pretrained(str(path))
+    check_tokenizer(tokenizer, "SAM 3", path, pull=NAME)
     transform = ImageTransform.from_folder(path, DEFAULT_TRANSFORM)
     return Sam3Backend(model, tokenizer, transform, str(path), device, autocast=use_autocast(settings, device))

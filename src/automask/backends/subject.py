@@ -17,6 +17,7 @@ probability p, background words 1 - p; like any score, a pixel is selected where
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,35 @@ def upsample(prob: np.ndarray, height: int, width: int) -> np.ndarray:
     return np.clip(out, 0.0, 1.0)
 
 
+class SharedMaps:
+    """N×H×W float32 maps, each one of the K×H×W maps of `base` (`index`: N ints): the subject map p and 1 - p
+    stand for any number of words while held once each. Read like an array by iterating, `maps[i]`,
+    `maps[index_array]` (a subset) and `np.asarray(maps)` (a copy of them all)."""
+
+    dtype = np.dtype(np.float32)
+    ndim = 3
+
+    def __init__(self, base: np.ndarray, index: np.ndarray) -> None:
+        self.base = base
+        self.index = index
+        self.shape = (len(index), *base.shape[1:])
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return (self.base[i] for i in self.index)
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, (int, np.integer)):
+            return self.base[self.index[index]]
+        return SharedMaps(self.base, self.index[index])
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        out = self.base[self.index]
+        return out if dtype is None else out.astype(dtype)
+
+
 class SubjectBackend:
     """U²-Net-p in an ONNX Runtime session. `encode` returns the H×W float32 subject probability."""
 
@@ -79,9 +109,12 @@ class SubjectBackend:
         unknown = [p for p, t in zip(prompts, targets, strict=True) if t is None]
         if unknown:
             raise ModelNotAvailableError(unknown_words_message(unknown))
-        maps = np.stack([1.0 - features if t is Target.BACKGROUND else features for t in targets])
-        maps = maps.astype(np.float32, copy=False)
-        return Scores(maps=maps, labels=list(prompts), kind="dense", scores=maps.reshape(len(prompts), -1).max(1))
+        background = [t is Target.BACKGROUND for t in targets]
+        p = features.astype(np.float32, copy=False)
+        base = np.stack([p, 1.0 - p]) if any(background) else p[None]
+        maps = SharedMaps(base, np.array(background, np.int64))
+        peaks = base.reshape(len(base), -1).max(1)[maps.index]
+        return Scores(maps=maps, labels=list(prompts), kind="dense", scores=peaks)  # type: ignore[arg-type]
 
 
 def load(path: Path, settings: Settings) -> SubjectBackend:

@@ -9,12 +9,23 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from automask.errors import ModelNotAvailableError
 from automask.settings import Settings
 
 LOAD_ERRORS: tuple[type[Exception], ...] = (OSError, ValueError, KeyError, RuntimeError)
-"""What `from_pretrained` raises for a missing, partial or damaged checkpoint folder."""
+"""What `from_pretrained` raises for a missing, partial or damaged checkpoint folder (and, see `load_errors`,
+safetensors' `SafetensorError` for a truncated weights file)."""
+
+
+def load_errors() -> tuple[type[Exception], ...]:
+    """`LOAD_ERRORS` plus safetensors' `SafetensorError` (a half-written .safetensors file) when it is installed."""
+    try:
+        from safetensors import SafetensorError
+    except ImportError:
+        return LOAD_ERRORS
+    return (*LOAD_ERRORS, SafetensorError)
 
 
 def prepare_torch(settings: Settings) -> str:
@@ -50,13 +61,23 @@ def check_device(device: str) -> str:
 
 @contextlib.contextmanager
 def checkpoint_errors(what: str, folder: Path, pull: str) -> Iterator[None]:
-    """Turn `LOAD_ERRORS` raised in the block into a `ModelNotAvailableError` naming the `what` model in
+    """Turn `load_errors()` raised in the block into a `ModelNotAvailableError` naming the `what` model in
     `folder`, the first line of the cause, and `automask models pull <pull>` as the fix."""
     try:
         yield
-    except LOAD_ERRORS as exc:
+    except load_errors() as exc:
         why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ModelNotAvailableError(
             f"The {what} model in '{folder}' could not be loaded ({why}). "
             f"Re-download it with: automask models pull {pull}"
         ) from exc
+
+
+def check_tokenizer(tokenizer: Any, what: str, folder: Path, pull: str) -> None:
+    """`ModelNotAvailableError` when the tokenizer loaded from `folder` knows no word, only its special tokens: what
+    transformers builds, without complaint, for a checkpoint folder missing its tokenizer files."""
+    if len(tokenizer) <= len(set(tokenizer.all_special_ids)):
+        raise ModelNotAvailableError(
+            f"The {what} model in '{folder}' has no tokenizer (tokenizer.json or its vocabulary files are missing): "
+            f"it would read every prompt as the same unknown words. Re-download it with: automask models pull {pull}"
+        )
