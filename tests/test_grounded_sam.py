@@ -576,3 +576,19 @@ def test_a_grounded_sam_folder_missing_its_mask_head_says_so(gs_dir: Path, setti
         MaskGenerator(str(folder), settings)
     assert err.value.message.startswith(f"'{folder}' has no SAM, SAM 2 or EdgeTAM checkpoint.")
     assert "automask models pull grounded-sam" in err.value.message
+
+
+def test_a_grounded_sam_folder_with_two_mask_heads_is_refused_naming_them(
+    gs_dir: Path, settings: Settings, tmp_path: Path
+) -> None:
+    """Before: a GroundingDINO beside a SAM and a second head of another kind loaded the first subfolder in name order
+    and called the result grounded-sam, whichever head it was."""
+    folder = tmp_path / "two-heads"
+    shutil.copytree(gs_dir, folder, ignore=shutil.ignore_patterns(models.MARKER))
+    other = folder / "zz-other-head"
+    other.mkdir()
+    (other / "config.json").write_text('{"model_type": "edgetam"}')
+    with pytest.raises(ModelNotAvailableError) as err:
+        MaskGenerator(str(folder), settings)
+    assert err.value.message.startswith(f"'{folder}' holds a GroundingDINO and several mask heads (")
+    assert "facebook--sam-vit-base" in err.value.message and "zz-other-head" in err.value.message

@@ -162,8 +162,14 @@ def detect_backend(path: Path) -> str:
     parts = frozenset(t for p in path.iterdir() if (t := model_type(p)))
     if parts in _PART_TYPES:
         return _PART_TYPES[parts]
-    if "grounding-dino" in parts:  # its mask head is missing: the grounded-sam loader says which part and the fix
-        return "grounded-sam"
+    if "grounding-dino" in parts:
+        if len(parts) > 2:  # which mask head to pair the detector with would be a guess
+            subfolders = sorted(p.name for p in path.iterdir() if model_type(p))
+            raise ModelNotAvailableError(
+                f"'{path}' holds a GroundingDINO and several mask heads ({', '.join(subfolders)}): keep one SAM, SAM 2 "
+                "or EdgeTAM subfolder beside the detector, or give each pairing a folder of its own."
+            )
+        return "grounded-sam"  # its mask head is missing: the grounded-sam loader says which part and the fix
     raise ModelNotAvailableError(
         f"'{path}' holds no model automask can load (no {MARKER} or config.json). "
         "Point --model at a folder saved with save_pretrained, or pull one: automask models pull clipseg"
