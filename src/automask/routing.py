@@ -6,7 +6,8 @@ fixed vocabulary (`VOCABULARY`):
 - subject words ("subject", "foreground", "product", ...) -> the salient-object mask;
 - person words ("person", "people", "man", ...) -> the same salient mask: right when the people are the main
   subject of the photo (portraits, product shots with a model), wrong when they are not (a crowd behind a car);
-- background words ("background", "backdrop") -> exactly the pixels the subject mask does not select.
+- background words ("background", "backdrop") -> 1 - the subject probability, thresholded like any score (at 0.5
+  the exact complement of the subject mask; at the default 0.2 it also takes the subject's soft edge).
 
 Every other target needs an open-vocabulary model. With one available, only the vocabulary words go to the
 embedded model (`Settings.route_embedded`, default true) and the rest to the open-vocabulary model; the
