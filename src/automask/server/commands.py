@@ -211,12 +211,13 @@ def keys_list(ctx: click.Context, as_json: bool) -> None:
 @click.pass_context
 def keys_revoke(ctx: click.Context, key_id: str) -> None:
     """Revoke KEY_ID for good: its requests get 403."""
-    if not _keystore().revoke_key(_store(ctx), _key_id(key_id)):
+    key = _key_id(key_id)
+    if not _keystore().revoke_key(_store(ctx), key):
         raise click.BadParameter(f"no key {key_id!r} (see: automask keys list)", param_hint="KEY_ID")
-    click.echo(f"Revoked key {_key_id(key_id)}.", err=True)
+    click.echo(f"Revoked key {key}.", err=True)
     redis_url = _settings(ctx).redis_url
     if redis_url:
-        _forget_known(redis_url, _key_id(key_id))
+        _forget_known(redis_url, key)
 
 
 def _forget_known(redis_url: str, key_id: str) -> None:
@@ -251,9 +252,10 @@ def keys_update(
         raise click.UsageError("give --credits and/or --rate-limit")
     keystore = _keystore()
     credits, rate_limit = _unlimited_as(keystore.UNLIMITED, credits), _unlimited_as(keystore.UNLIMITED, rate_limit)
-    if not keystore.update_key(_store(ctx), _key_id(key_id), credits=credits, rate_limit=rate_limit):
+    key = _key_id(key_id)
+    if not keystore.update_key(_store(ctx), key, credits=credits, rate_limit=rate_limit):
         raise click.BadParameter(f"no key {key_id!r} (see: automask keys list)", param_hint="KEY_ID")
-    click.echo(f"Updated key {_key_id(key_id)}.", err=True)
+    click.echo(f"Updated key {key}.", err=True)
 
 
 def _unlimited_as(unlimited: Any, value: int | NoLimit | None) -> Any:
@@ -263,8 +265,8 @@ def _unlimited_as(unlimited: Any, value: int | NoLimit | None) -> Any:
 
 def _key_id(text: str) -> str:
     """Accept a key id, or a whole key `am_<id>_<secret>` (its id is used)."""
-    parts = text.split("_", 2)
-    return parts[1] if len(parts) == 3 and parts[0] == "am" else text  # keys.PREFIX
+    parts = _keystore().split_token(text)
+    return parts[0] if parts is not None else text
 
 
 def _or_unlimited(value: int | None) -> str:

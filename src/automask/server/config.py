@@ -74,7 +74,7 @@ class ServerSettings(BaseSettings):
     auth: bool = Field(
         True,
         description="Require an API key. False is allowed only on a loopback host, and then serves only requests to "
-        "this machine (Host and Origin checked: `routes.only_this_machine`).",
+        "this machine (Host and Origin checked: `this_machine.only_this_machine`).",
     )
     max_body_bytes: int | None = Field(
         None, gt=0, description="Largest request body; None: room for a base64 image of `max_image_bytes`."
