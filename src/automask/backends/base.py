@@ -5,11 +5,70 @@ Backends know nothing of HTTP, files, base64, thresholds, growing or rendering.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
+
+
+class LazyMaps:
+    """N×H×W float32 maps made one at a time when read (`one`). Reads like the array they stand for: `shape`,
+    `ndim`, `len`, iteration, `maps[i]`, `maps[index_array]` (a subset, still lazy: `subset`), `np.asarray(maps)`
+    (all at once: `whole`). Anything else (arithmetic, comparisons, `.max()`, `.reshape()`...) works on the whole
+    array, made at once: convenient for callers that want the array, at the memory cost the class exists to avoid."""
+
+    dtype = np.dtype(np.float32)
+    ndim = 3
+    shape: tuple[int, int, int]
+
+    def one(self, i: int) -> np.ndarray:
+        """Map `i` (H×W float32)."""
+        raise NotImplementedError
+
+    def subset(self, index: Any) -> LazyMaps:
+        """The maps `index` (a slice or an index array) selects, still lazy."""
+        raise NotImplementedError
+
+    def whole(self) -> np.ndarray:
+        """All the maps as one N×H×W array."""
+        return np.stack([self.one(i) for i in range(len(self))]) if len(self) else np.zeros(self.shape, np.float32)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return (self.one(i) for i in range(len(self)))
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, (int, np.integer)):
+            return self.one(int(index))
+        return self.subset(index)
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        out = self.whole()
+        return out if dtype is None else out.astype(dtype)
+
+    def __array_ufunc__(self, ufunc: Any, method: str, *inputs: Any, **kwargs: Any) -> Any:
+        args = [np.asarray(x) if isinstance(x, LazyMaps) else x for x in inputs]
+        return getattr(ufunc, method)(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(np.asarray(self), name)
+
+    def __sub__(self, other: Any) -> Any:
+        return np.subtract(np.asarray(self), other)
+
+    def __rsub__(self, other: Any) -> Any:
+        return np.subtract(other, np.asarray(self))
+
+    def __ge__(self, other: Any) -> Any:
+        return np.greater_equal(np.asarray(self), other)
+
+    def __lt__(self, other: Any) -> Any:
+        return np.less(np.asarray(self), other)
 
 
 @dataclass(frozen=True)
@@ -17,8 +76,8 @@ class Scores:
     """What a backend returns for one image and N targets (or N detected instances).
 
     maps:   N×H×W float32 in [0, 1], in original-image pixel coordinates (H, W of the input image): an array, or
-            an array-like that makes each map on demand (`clipseg.UpsampledMaps`: read it by iterating or
-            indexing, one map at a time, to keep memory to one full-size map).
+            an array-like that makes each map on demand (a `LazyMaps`: read it by iterating or indexing, one map at
+            a time, to keep memory to one full-size map).
     labels: N target or instance labels.
     kind:   "dense"     - a pixel of map i is selected iff maps[i] >= threshold (CLIPSeg-like score maps);
             "instances" - instance i is kept iff scores[i] >= threshold, and then its pixels with

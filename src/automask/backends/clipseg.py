@@ -12,7 +12,6 @@ are shared by the ONNX Runtime backend of the same checkpoint.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from automask.backends.base import ScoreParams, Scores, sigmoid
+from automask.backends.base import LazyMaps, ScoreParams, Scores, sigmoid
 from automask.backends.interrupt import stop_at_layers
 from automask.backends.torch_loading import check_tokenizer, checkpoint_errors, prepare_torch
 from automask.errors import ModelNotAvailableError, require, stop_if_asked
@@ -124,58 +123,24 @@ def upsample_one(low: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return cv2.resize(low.astype(np.float32, copy=False), (w, h), interpolation=cv2.INTER_LINEAR)
 
 
-class UpsampledMaps:
-    """N×H×W float32 maps that exist at full size one at a time: the N×s×s low-resolution maps, each upsampled
-    (`upsample_one`) when it is read. Reads like the array `upsample(low, size)` would be — `shape`, `ndim`,
-    `len`, iteration, `maps[i]`, `maps[index_array]` (a subset, still lazy), `np.asarray(maps)` (all at once) —
-    but a request naming 32 targets on a 36-megapixel photo holds one 145 MB map at a time, not 32."""
-
-    dtype = np.dtype(np.float32)
-    ndim = 3
+class UpsampledMaps(LazyMaps):
+    """The N×s×s low-resolution maps `low`, each upsampled to `size` (`upsample_one`) when it is read: a request naming
+    32 targets on a 36-megapixel photo holds one 145 MB map at a time, not 32."""
 
     def __init__(self, low: np.ndarray, size: tuple[int, int]) -> None:
         self.low = low
         self.size = size
         self.shape = (low.shape[0], *size)
 
-    def __len__(self) -> int:
-        return int(self.low.shape[0])
-
-    def __iter__(self) -> Iterator[np.ndarray]:
+    def one(self, i: int) -> np.ndarray:
         # made anew on each read (0.3 ms at 1 MP, 17 ms at 36 MP): keeping one would hold 145 MB at 36 MP
-        return (upsample_one(m, self.size) for m in self.low)
+        return upsample_one(self.low[i], self.size)
 
-    def __getitem__(self, index: Any) -> Any:
-        if isinstance(index, (int, np.integer)):
-            return upsample_one(self.low[index], self.size)
+    def subset(self, index: Any) -> UpsampledMaps:
         return UpsampledMaps(self.low[index], self.size)
 
-    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
-        out = upsample(self.low, self.size)
-        return out if dtype is None else out.astype(dtype)
-
-    # Anything else (arithmetic, comparisons, `.max()`, `.reshape()`...) works on the whole array, made at once:
-    # convenient for callers that want the array, at the memory cost the class exists to avoid.
-    def __array_ufunc__(self, ufunc: Any, method: str, *inputs: Any, **kwargs: Any) -> Any:
-        args = [np.asarray(x) if isinstance(x, UpsampledMaps) else x for x in inputs]
-        return getattr(ufunc, method)(*args, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("__"):
-            raise AttributeError(name)
-        return getattr(np.asarray(self), name)
-
-    def __sub__(self, other: Any) -> Any:
-        return np.subtract(np.asarray(self), other)
-
-    def __rsub__(self, other: Any) -> Any:
-        return np.subtract(other, np.asarray(self))
-
-    def __ge__(self, other: Any) -> Any:
-        return np.greater_equal(np.asarray(self), other)
-
-    def __lt__(self, other: Any) -> Any:
-        return np.less(np.asarray(self), other)
+    def whole(self) -> np.ndarray:
+        return upsample(self.low, self.size)
 
 
 @dataclass(frozen=True)

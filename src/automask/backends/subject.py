@@ -17,7 +17,6 @@ probability p, background words 1 - p; like any score, a pixel is selected where
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from automask.backends.base import Scores
+from automask.backends.base import LazyMaps, Scores
 from automask.backends.interrupt import run_session
 from automask.backends.onnx_runtime import load_errors
 from automask.errors import ModelNotAvailableError, require
@@ -53,33 +52,23 @@ def upsample(prob: np.ndarray, height: int, width: int) -> np.ndarray:
     return np.clip(out, 0.0, 1.0)
 
 
-class SharedMaps:
+class SharedMaps(LazyMaps):
     """N×H×W float32 maps, each one of the K×H×W maps of `base` (`index`: N ints): the subject map p and 1 - p
-    stand for any number of words while held once each. Read like an array by iterating, `maps[i]`,
-    `maps[index_array]` (a subset) and `np.asarray(maps)` (a copy of them all)."""
-
-    dtype = np.dtype(np.float32)
-    ndim = 3
+    stand for any number of words while held once each."""
 
     def __init__(self, base: np.ndarray, index: np.ndarray) -> None:
         self.base = base
         self.index = index
         self.shape = (len(index), *base.shape[1:])
 
-    def __len__(self) -> int:
-        return len(self.index)
+    def one(self, i: int) -> np.ndarray:
+        return self.base[self.index[i]]
 
-    def __iter__(self) -> Iterator[np.ndarray]:
-        return (self.base[i] for i in self.index)
-
-    def __getitem__(self, index: Any) -> Any:
-        if isinstance(index, (int, np.integer)):
-            return self.base[self.index[index]]
+    def subset(self, index: Any) -> SharedMaps:
         return SharedMaps(self.base, self.index[index])
 
-    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
-        out = self.base[self.index]
-        return out if dtype is None else out.astype(dtype)
+    def whole(self) -> np.ndarray:
+        return self.base[self.index]
 
 
 class SubjectBackend:
