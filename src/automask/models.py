@@ -105,16 +105,12 @@ EMBEDDED = "subject"
 
 # config.json `model_type` -> backend, for local folders holding a transformers checkpoint.
 _MODEL_TYPES = {"clipseg": "clipseg", "grounding-dino": "grounded-sam", "sam3": "sam3", "sam3_video": "sam3"}
-# config.json `model_type` -> catalogue refiner, for a local folder holding a mask head alone (it reads no prompt).
+# config.json `model_type` -> catalogue refiner, for a local folder holding a mask head alone (it reads no prompt);
+# 'sam2_video': the hub's SAM 2.1 checkpoints.
 _HEAD_TYPES = {"sam": "sam", "sam2": "sam2", "sam2_video": "sam2", "edgetam": "edgetam"}
 # subfolder config.json `model_type`s -> backend, for a local folder of one subfolder per model (as pulled).
-_PART_TYPES = {
-    frozenset({"grounding-dino", "sam"}): "grounded-sam",
-    frozenset({"grounding-dino", "edgetam"}): "grounded-edgetam",
-    frozenset({"grounding-dino", "sam2"}): "grounded-sam2",
-    frozenset({"grounding-dino", "sam2_video"}): "grounded-sam2",  # the hub's SAM 2.1 checkpoints
-}
-REFINERS = frozenset({"sam", "sam2", "edgetam"})
+_PART_TYPES = {frozenset({"grounding-dino", kind}): f"grounded-{head}" for kind, head in _HEAD_TYPES.items()}
+REFINERS = frozenset(_HEAD_TYPES.values())
 """Catalogue models that sharpen another model's masks (refine=true) and cannot answer a prompt alone."""
 
 MARKER = "automask.json"
