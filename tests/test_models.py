@@ -118,7 +118,8 @@ def test_pull_downloads_atomically_and_writes_the_marker(
     assert sorted(p.name for p in settings.models_dir.iterdir()) == ["clipseg"]  # no temp folder left
     found = models.resolve("clipseg", settings)
     assert (found.name, found.backend, found.path) == ("clipseg", "clipseg", target)
-    assert MaskGenerator("clipseg", settings).backend.name == "clipseg"
+    backend = MaskGenerator("clipseg", settings).backend
+    assert (backend.name, backend.model_id) == ("clipseg", "clipseg")  # results name it, not the folder
     # installed: a second pull is a no-op that does not reach the hub
     monkeypatch.setattr(huggingface_hub, "snapshot_download", _no_network)
     assert models.pull("clipseg", settings) == target
@@ -260,7 +261,7 @@ def test_resolve_falls_back_to_the_hf_cache(
     assert (found.name, found.backend, found.path) == ("clipseg", "clipseg", snapshot)
     info = _info(settings, "clipseg")
     assert info.installed and info.source == "hf-cache" and info.path == snapshot
-    assert MaskGenerator("clipseg", settings).backend.model_id == str(snapshot)
+    assert MaskGenerator("clipseg", settings).backend.model_id == "clipseg"  # its name, not the cache path
 
 
 def test_an_hf_cache_snapshot_without_weights_is_not_used(tiny_clipseg_dir: Path, settings: Settings) -> None:
@@ -305,6 +306,19 @@ def test_list_models(settings: Settings, monkeypatch: pytest.MonkeyPatch, online
     monkeypatch.setattr(huggingface_hub, "snapshot_download", _no_network)
     info = _info(settings, "clipseg")
     assert info.installed and info.source == "data-dir" and info.path == settings.models_dir / "clipseg"
+
+
+def test_results_name_a_model_by_its_catalogue_name_or_hub_repository(settings: Settings, tmp_path: Path) -> None:
+    pulled = settings.models_dir / "grounded-sam"
+    part = pulled / "facebook--sam-vit-base"
+    part.mkdir(parents=True)
+    (pulled / models.MARKER).write_text("{}")
+    assert models.name_of(pulled) == "grounded-sam"
+    assert models.name_of(part) == "facebook/sam-vit-base"  # the mask head of a pulled grounded model
+    cache = tmp_path / "hub"
+    assert models.name_of(cache / "models--facebook--sam-vit-base" / "snapshots" / "0abc") == "sam"
+    assert models.name_of(cache / "models--someone--my-clipseg" / "snapshots" / "0abc") == "someone/my-clipseg"
+    assert models.name_of(tmp_path / "clipseg") == str(tmp_path / "clipseg")  # a folder of the user's: its path
 
 
 def test_repo_folder() -> None:

@@ -144,9 +144,14 @@ def test_drop_anywhere_and_paste(tab: Tab, live: Live, photo: Path, photo_url: s
     )
     page.wait_for_function("(u) => document.getElementById('image-info').textContent.startsWith(u)", arg=photo_url)
     assert page.input_value("#image-url") == photo_url
-    wait_result(page, None, prompt=FIRST["prompt"])  # auto-update with the prompt already typed
+    shown = wait_result(page, None, prompt=FIRST["prompt"])  # auto-update with the prompt already typed
     assert tab.api_bodies[-1]["image"] == photo_url
     assert download(page, "#dl-mask") == live.api(photo_url, **FIRST).content
+    # Enter on the same URL loads it again (the picture there may have changed) and masks it again.
+    asked = len(tab.api_bodies)
+    page.press("#image-url", "Enter")
+    wait_result(page, shown, prompt=FIRST["prompt"])
+    assert len(tab.api_bodies) == asked + 1 and tab.api_bodies[-1]["image"] == photo_url
     # Another site's image: the page cannot read its pixels, so a cut-out is the server's (one more request).
     assert page.inner_text("#dl-alpha") == "Download cut-out (1 more request)"
     assert download(page, "#dl-alpha") == live.api(photo_url, **FIRST, return_alpha=True).content

@@ -131,6 +131,21 @@ def model_dir(name: str, settings: Settings) -> Path:
     return settings.models_dir / name
 
 
+def name_of(folder: Path) -> str:
+    """What results call the model in `folder`: its catalogue name when it is a pulled catalogue folder or a Hugging
+    Face cache snapshot of a catalogue repository; the hub repository ('owner/name') of one part of a pulled
+    multi-repository model or of another cached repository; else the folder's path as given."""
+    if folder.name in CATALOGUE and (folder / MARKER).is_file():
+        return folder.name
+    if folder.parent.name in CATALOGUE and (folder.parent / MARKER).is_file():
+        return folder.name.replace("--", "/", 1)
+    parts = folder.parts
+    if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
+        repo = parts[-3].removeprefix("models--").replace("--", "/", 1)
+        return next((spec.name for spec in CATALOGUE.values() if spec.repos == (repo,)), repo)
+    return str(folder)
+
+
 def is_installed(name: str, settings: Settings) -> bool:
     """True when the named model has been pulled into the data folder."""
     return (model_dir(name, settings) / MARKER).is_file()

@@ -24,6 +24,7 @@ from automask.backends.base import LazyMaps, ScoreParams, Scores, sigmoid
 from automask.backends.interrupt import stop_at_layers
 from automask.backends.torch_loading import check_tokenizer, checkpoint_errors, prepare_torch
 from automask.errors import ModelNotAvailableError, require, stop_if_asked
+from automask.models import name_of
 from automask.settings import Settings
 
 NAME = "clipseg"
@@ -248,7 +249,7 @@ def load(path: Path, settings: Settings) -> ClipSegBackend:
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     check_tokenizer(tokenizer, "CLIPSeg", path, pull="clipseg")
     _drop_unused_layers(model)
-    return ClipSegBackend(model, tokenizer, prep, model_id=str(path), device=device)
+    return ClipSegBackend(model, tokenizer, prep, model_id=name_of(path), device=device)
 
 
 def _drop_unused_layers(model: Any) -> None:

@@ -19,6 +19,7 @@ from automask.backends.clipseg_common import OnnxArtifacts, export_hint, find_ar
 from automask.backends.interrupt import run_session
 from automask.backends.onnx_runtime import load_errors, session_options
 from automask.errors import ModelNotAvailableError, require
+from automask.models import name_of
 from automask.settings import Settings
 
 NAME = "clipseg-onnx"
@@ -116,7 +117,7 @@ def load(path: Path, settings: Settings, warm_up: bool = True) -> ClipSegOnnxBac
             f"The ONNX export in '{artifacts.folder}' could not be loaded ({exc}). "
             f"Re-export it with: {export_hint(path, settings.int8)}"
         ) from exc
-    backend = ClipSegOnnxBackend(image, prompt, PromptTokenizer(artifacts), prep, str(path), artifacts.int8)
+    backend = ClipSegOnnxBackend(image, prompt, PromptTokenizer(artifacts), prep, name_of(path), artifacts.int8)
     if warm_up:
         backend.warm_up()
     return backend

@@ -53,7 +53,7 @@ from automask.backends.sam import (
 )
 from automask.backends.torch_loading import check_tokenizer, checkpoint_errors, prepare_torch
 from automask.errors import InvalidOptionError, ModelNotAvailableError, stop_if_asked
-from automask.models import model_type
+from automask.models import model_type, name_of
 from automask.settings import Settings
 
 NAME = "grounded-sam"
@@ -326,5 +326,5 @@ def load(path: Path, settings: Settings, precision: Precision | None = None) -> 
     dtype = choose_dtype(precision, device)
     edge = settings.detector_size or (FAST_DETECTOR_EDGE if settings.preset == "fast" else None)
     return GroundedSamBackend(
-        detector, processor, segmenter, str(path), device, detector_dtype=dtype, detector_edge=edge
+        detector, processor, segmenter, name_of(path), device, detector_dtype=dtype, detector_edge=edge
     )

@@ -390,4 +390,4 @@ def _load(folder: Path, settings: Settings, precision: Precision) -> SamSegmente
     dtype = choose_dtype(precision, device)
     model.vision_encoder.to(dtype)
     image_processor = getattr(processor, "image_processor", processor)
-    return SamSegmenter(model, image_processor, model_id=str(folder), device=device, dtype=dtype)
+    return SamSegmenter(model, image_processor, model_id=models.name_of(folder), device=device, dtype=dtype)

@@ -49,6 +49,7 @@ from automask.backends.sam2_processing import (
 )
 from automask.backends.torch_loading import checkpoint_errors, prepare_torch
 from automask.errors import ModelNotAvailableError
+from automask.models import name_of
 from automask.settings import Settings
 
 DEFAULT_TRANSFORM = ImageTransform((1024, 1024), IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
@@ -163,7 +164,7 @@ def _load(folder: Path, settings: Settings, precision: Precision) -> Sam2Segment
     stop_at_layers(model)
     transform = ImageTransform.from_folder(folder, DEFAULT_TRANSFORM)
     dtype = _dtype(kind, precision, device)
-    return Sam2Segmenter(model, kind, transform, model_id=str(folder), device=device, dtype=dtype)
+    return Sam2Segmenter(model, kind, transform, model_id=name_of(folder), device=device, dtype=dtype)
 
 
 def _dtype(kind: str, precision: Precision, device: str) -> torch.dtype:

@@ -38,7 +38,7 @@ from automask.backends.sam import cpu_has_bf16, max_masks
 from automask.backends.sam2_processing import IMAGENET_STANDARD, ImageTransform, pixel_values, upscale
 from automask.backends.torch_loading import check_tokenizer, checkpoint_errors, prepare_torch
 from automask.errors import InvalidOptionError, ModelNotAvailableError, stop_if_asked
-from automask.models import model_type
+from automask.models import model_type, name_of
 from automask.settings import Settings
 
 NAME = "sam3"
@@ -185,4 +185,4 @@ def load(path: Path, settings: Settings) -> Sam3Backend:
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     check_tokenizer(tokenizer, "SAM 3", path, pull=NAME)
     transform = ImageTransform.from_folder(path, DEFAULT_TRANSFORM)
-    return Sam3Backend(model, tokenizer, transform, str(path), device, autocast=use_autocast(settings, device))
+    return Sam3Backend(model, tokenizer, transform, name_of(path), device, autocast=use_autocast(settings, device))

@@ -28,6 +28,7 @@ from automask.backends.base import LazyMaps, Scores
 from automask.backends.interrupt import run_session
 from automask.backends.onnx_runtime import load_errors
 from automask.errors import ModelNotAvailableError, require
+from automask.models import name_of
 from automask.routing import Target, target_of, unknown_words_message
 from automask.settings import Settings
 
@@ -128,4 +129,4 @@ def load(path: Path, settings: Settings) -> SubjectBackend:
             f"{model} could not be loaded ({exc}). "
             "Reinstall it with: automask models pull subject (it re-checks the file)"
         ) from None
-    return SubjectBackend(session, model_id=str(path))
+    return SubjectBackend(session, model_id=name_of(path))

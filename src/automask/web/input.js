@@ -36,14 +36,14 @@ export function wireInput(app) {
     return true;
   }
 
-  async function useUrl(text, { auto = true } = {}) {
+  async function useUrl(text, { auto = true, again = false } = {}) {
     if (!text.trim()) return;
     const { url, problem } = parseImageUrl(text);
     if (problem) {
       app.showError(problem);
       return;
     }
-    if ($("source").dataset.url === url) return; // 'change' and Enter both fire for one URL
+    if (!again && $("source").dataset.url === url) return; // 'change' and Enter both fire for one URL
     $("file").value = "";
     $("source").dataset.url = url;
     const name = url.startsWith("data:") ? "pasted image" : url.split(/[?#]/)[0].split("/").pop() || "image";
@@ -65,7 +65,7 @@ export function wireInput(app) {
   $("image-url").addEventListener("keydown", (event) => {
     if (event.key === "Enter") {
       event.preventDefault(); // not the form's submit: the URL is the image, not a request yet
-      useUrl($("image-url").value);
+      useUrl($("image-url").value, { again: true }); // Enter on the same URL loads it again, as a browser does
     }
   });
 
