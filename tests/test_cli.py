@@ -196,6 +196,17 @@ def test_mask_reads_a_pipe_given_as_a_path(lib: Library, chelsea: np.ndarray, tm
     assert error_lines(proc.stderr) == [f"error: The image in '{fifo}' is over 100 bytes (AUTOMASK_MAX_IMAGE_BYTES)."]
 
 
+def test_python_dash_m_automask_runs_the_command_line(lib: Library) -> None:
+    """`python -m automask mask ...` (no console script on PATH: a venv not activated, `pip install --user`):
+    before, "No module named automask.__main__" (exit 1)."""
+    args = ["mask", lib.photo, "-o", "-", "-p", PROMPT, "--threshold", lib.threshold, "--model", lib.model]
+    proc = subprocess.run([sys.executable, "-m", "automask", *map(str, args)], capture_output=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert np.array_equal(np.asarray(read_png(proc.stdout)), lib.run(lib.photo).mask)
+    usage = subprocess.run([sys.executable, "-m", "automask", "mask", "--help"], capture_output=True, timeout=60)
+    assert usage.returncode == 0 and usage.stdout.decode().startswith("Usage: automask mask ")
+
+
 def test_mask_without_a_model_names_the_pull_command(lib: Library, tmp_path: Path) -> None:
     empty = tmp_path / "data"
     proc = run_cli("mask", lib.photo, "-p", "cat", "-o", tmp_path / "x.png", expect=4, AUTOMASK_DATA_DIR=str(empty))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import gzip
 import itertools
 import json
 import logging
@@ -231,6 +232,26 @@ def test_v1_bad_bodies_and_images_are_400(serve: Any, image: np.ndarray) -> None
     assert r.status_code == 400 and r.json()["error"].startswith("threshold: ")
     r = post(live, headers, data={"prompt": "sofa", "extra": "1"}, files={"image": ("a.png", png_bytes(image))})
     assert (r.status_code, r.json()["error"]) == (400, "extra: unknown field")
+
+
+def test_a_compressed_body_is_a_400_that_says_so_and_costs_nothing(serve: Any, image_b64: str) -> None:
+    """A gzip body (clients that compress what they send): before, "body: is not valid JSON ('utf-8' codec can't
+    decode byte 0x8b ...)" for a body that was valid JSON, and a form parser's error for a multipart one."""
+    live = serve()
+    key_id, headers = new_key(live, credits=5)
+    body = json.dumps({"image": image_b64, "prompt": "sofa"}).encode()
+    expected = {
+        "error": "body: is sent with Content-Encoding: gzip, which this API does not decode; send the request "
+        "uncompressed"
+    }
+    for version in ("v1", "v2"):
+        r = post(live, {**headers, "content-encoding": "gzip"}, version, content=gzip.compress(body))
+        assert (r.status_code, r.json()) == (400, expected)
+    r = post(live, {**headers, "content-encoding": "gzip"}, data={"prompt": "sofa"}, files={"image": ("a.png", b"x")})
+    assert (r.status_code, r.json()) == (400, expected)
+    assert keystore.get_key(live.store, key_id).credits == 5
+    r = post(live, {**headers, "content-encoding": "identity"}, content=body)
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
 
 
 def test_auth_401_403_and_unknown_endpoint_404(serve: Any, image_b64: str) -> None:

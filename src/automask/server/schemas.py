@@ -17,6 +17,7 @@ from starlette.requests import Request
 
 from automask.errors import InvalidOptionError
 from automask.options import MaskOptions, parse_prompt, validation_error
+from automask.server.errors import shown
 from automask.server.limits import Message, Receive
 
 MAX_MODEL_NAME = 200
@@ -154,7 +155,15 @@ def _check_text(name: str, value: object) -> None:
 
 
 async def read_request(request: Request, max_part_size: int) -> MaskRequest:
-    """Read a JSON or form (multipart / urlencoded) body into a `MaskRequest`."""
+    """Read a JSON or form (multipart / urlencoded) body into a `MaskRequest`. A compressed body (`Content-Encoding`
+    other than identity) is refused, unread: it is not decoded here, and read as JSON or a form it is neither."""
+    encoding = request.headers.get("content-encoding", "").strip().lower()
+    if encoding not in ("", "identity"):
+        raise InvalidOptionError(
+            "body",
+            f"is sent with Content-Encoding: {shown(encoding, 40)}, which this API does not decode; send the request "
+            "uncompressed",
+        )
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type in FORM_TYPES:
         return await _read_form(request, max_part_size)
