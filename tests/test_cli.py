@@ -157,6 +157,47 @@ def test_mask_flags_equal_the_library(
     assert sorted(p.name for p in out.parent.iterdir()) == ["out.png"]  # no temp file left beside it
 
 
+@pytest.mark.parametrize(
+    ("name", "flags", "fmt", "exact"),
+    [
+        ("m.JPG", [], "JPEG", False),
+        ("m.webp", [], "WEBP", True),
+        ("c.webp", ["--return-alpha"], "WEBP", True),
+        ("p.tiff", ["--preview"], "TIFF", True),
+        ("m.mask", [], "PNG", True),
+    ],
+)
+def test_mask_writes_the_format_its_output_name_asks_for(
+    lib: Library, tmp_path: Path, name: str, flags: list[str], fmt: str, exact: bool
+) -> None:
+    out = tmp_path / name
+    args = ["mask", lib.photo, "-p", PROMPT, "--threshold", lib.threshold, "--grow-mask", "0", "--model", lib.model]
+    result = invoke(*args, "-o", out, *flags)
+    assert result.exit_code == 0, result.output
+    kind = {"return_alpha": "--return-alpha" in flags, "return_mask": "--preview" not in flags}
+    expected = lib.run(lib.photo, grow_mask=0, **kind).output  # a partial mask: the cut-out's alpha is kept
+    assert 0 < np.count_nonzero(lib.run(lib.photo, grow_mask=0).mask) < 150 * 100
+    with Image.open(out) as img:
+        assert img.format == fmt and img.size == (150, 100)
+        got = np.asarray(img.convert({2: "L", 3: "RGBA" if expected.shape[-1] == 4 else "RGB"}[expected.ndim]))
+    assert got.shape == expected.shape
+    if exact:  # lossless formats keep every value
+        assert np.array_equal(got, expected)
+    else:  # JPEG: close to the mask, never another picture
+        assert np.abs(got.astype(int) - expected).mean() < 3
+
+
+@pytest.mark.parametrize(
+    ("name", "flags", "why"), [("c.jpg", ["--return-alpha"], "no transparency"), ("m.gif", [], "PNG, JPEG")]
+)
+def test_mask_refuses_an_output_format_it_cannot_write_before_any_work(
+    lib: Library, tmp_path: Path, name: str, flags: list[str], why: str
+) -> None:
+    result = invoke("mask", lib.photo, "-p", PROMPT, "--model", lib.model, "-o", tmp_path / name, *flags)
+    assert result.exit_code == 2 and why in result.stderr and "--output" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_mask_stdin_to_stdout(lib: Library, chelsea: np.ndarray) -> None:
     small = chelsea[::2, ::2]
     data = jpeg_bytes(small)

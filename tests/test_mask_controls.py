@@ -457,3 +457,18 @@ def test_cli_bad_values_are_named(photo: Path, tmp_path: Path, flags: list[str],
     for command in (["mask", photo, "-o", tmp_path / "x.png"], ["batch", photo.parent, "-o", tmp_path / "o"]):
         run = cli(*command, "-p", "cup", *flags)
         assert run.exit_code == 2 and f"error: {named}: " in run.output, run.output
+
+
+def test_a_result_encodes_lossless_formats_exactly_and_refuses_a_jpeg_cut_out() -> None:
+    rng = np.random.default_rng(4)
+    image = rng.integers(0, 256, (H, W, 3), dtype=np.uint8)
+    gen = MaskGenerator(MapBackend({"a": blobs(5).astype(np.float32)}))
+    cut = gen.generate(image, "a", threshold=0.5, grow_mask=1, feather=3, return_alpha=True)
+    for fmt in ("PNG", "WEBP", "TIFF"):
+        with Image.open(io.BytesIO(cut.encode(fmt))) as img:
+            assert img.format == fmt and np.array_equal(np.asarray(img.convert("RGBA")), cut.output)
+    with pytest.raises(ValueError, match="no transparency"):
+        cut.encode("JPEG")
+    mask = gen.generate(image, "a", threshold=0.5)
+    with Image.open(io.BytesIO(mask.encode("JPEG"))) as img:
+        assert img.format == "JPEG" and np.abs(np.asarray(img).astype(int) - mask.mask).mean() < 3

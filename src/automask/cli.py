@@ -26,6 +26,7 @@ from automask.cli_io import (
     Reporter,
     echo_json,
     find_images,
+    output_format,
     output_target,
     plan_outputs,
     read_source,
@@ -203,7 +204,8 @@ def mask(state: CliState, image: str, out: str | None, instances_dir: Path | Non
     """Mask what --prompt names in IMAGE: a file, an http(s) URL, or - (standard input).
 
     Writes a PNG: the mask (default), an RGBA cut-out (--return-alpha) or a preview (--preview), by
-    default beside the input as <stem>.mask.png / .alpha.png / .preview.png. --json cannot be combined
+    default beside the input as <stem>.mask.png / .alpha.png / .preview.png; -o NAME.jpg / .webp / .tif
+    writes that format instead (WebP lossless; a cut-out cannot be a JPEG). --json cannot be combined
     with -o - (standard output carries the PNG).
     """
     if out == "-" and job.as_json:
@@ -222,16 +224,16 @@ def _mask(settings: Settings, image: str, out: str | None, instances: Path | Non
     """`mask`'s work: every file it writes goes through `outputs` (the instances folder is checked first)."""
     source, path = read_source(image, settings)
     target = output_target(out, path, job.options.output_kind)
+    fmt = output_format(target, job.options.output_kind)
     if instances is not None:
         outputs.folder(instances)
     generator = load_generator(job, settings)
     with contextlib.redirect_stdout(sys.stderr):
         result = generator.generate(source, job.prompts, job.options)
-    png = result.to_png()
     if target is None:
-        write_stdout(png)
+        write_stdout(result.to_png())
     else:
-        outputs.write(target, png)
+        outputs.write(target, result.encode(fmt))
     meta = {"input": image, "output": str(target or "-"), "ok": True, **result.metadata()}
     if instances is not None:
         from automask.instances import save_instances

@@ -25,6 +25,9 @@ from automask.settings import Settings
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 """What `automask batch FOLDER` picks up (case-insensitive); a glob takes every file it matches."""
 
+OUTPUT_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".tif": "TIFF", ".tiff": "TIFF"}
+"""The formats `mask -o NAME` writes, by NAME's suffix (case-insensitive); any other name is written as PNG."""
+
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://|^data:")
 
 
@@ -203,6 +206,25 @@ def output_target(out: str | None, source: Path | None, kind: str) -> Path | Non
             "--output", f"'{target}' is the input image: writing the {kind} there would replace it. Name another file."
         )
     return target
+
+
+def output_format(target: Path | None, kind: str) -> str:
+    """The Pillow format `mask` writes `target` in (None: stdout, PNG): by its suffix (`OUTPUT_FORMATS`), PNG for a
+    name without an image suffix. A cut-out named .jpg (JPEG holds no transparency) and an image suffix automask
+    does not write (.gif, .bmp: no alpha or a palette of 256) are an `InvalidOptionError`, before any work."""
+    if target is None:
+        return "PNG"
+    suffix = target.suffix.lower()
+    fmt = OUTPUT_FORMATS.get(suffix)
+    if fmt is None and suffix in IMAGE_SUFFIXES:
+        raise InvalidOptionError(
+            "--output", f"'{target}': automask writes PNG, JPEG, WebP or TIFF files; name it {target.stem}.png"
+        )
+    if fmt == "JPEG" and kind == "alpha":
+        raise InvalidOptionError(
+            "--output", f"'{target}': JPEG holds no transparency, so a cut-out cannot be one; name it {target.stem}.png"
+        )
+    return fmt or "PNG"
 
 
 def _file_id(path: Path) -> tuple[int, int] | None:

@@ -68,6 +68,22 @@ class MaskResult:
         """The rendered output encoded as PNG bytes."""
         return encode_png(self.output)
 
+    def encode(self, fmt: str = "PNG") -> bytes:
+        """The rendered output in Pillow format `fmt`: PNG (fast compression), JPEG (quality 95; not for an RGBA
+        cut-out), WEBP (lossless and exact: every value kept, colour under transparency too) or TIFF (deflate)."""
+        if fmt == "PNG":
+            return self.to_png()
+        if fmt == "JPEG" and self.output.ndim == 3 and self.output.shape[2] == 4:
+            raise ValueError("JPEG holds no transparency: encode a cut-out as PNG, WEBP or TIFF")
+        params: dict[str, dict[str, Any]] = {
+            "JPEG": {"quality": 95},
+            "WEBP": {"lossless": True, "exact": True},
+            "TIFF": {"compression": "tiff_adobe_deflate"},
+        }
+        buf = io.BytesIO()
+        self.image.save(buf, format=fmt, **params.get(fmt, {}))
+        return buf.getvalue()
+
     def metadata(self) -> dict[str, Any]:
         """JSON-ready facts about the result (no image data). The automask extensions `negative_prompts`,
         `fill_holes`, `min_area` and `feather` are reported only when used (so default calls answer as before).
