@@ -21,7 +21,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +30,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from automask.errors import ServiceConfigError
 from automask.pipeline import MaskGenerator
 from automask.routing import plan_models
-from automask.server import deployment, nodes
+from automask.server import deployment, metrics, nodes
 from automask.server.config import ServerSettings
 from automask.server.deployment import FLEET, Guard
 from automask.server.execute import Outcome, compute, execute_job, unexpected_error
@@ -83,6 +83,8 @@ class _Worker:
     default: str | None
     generator_factory: Callable[[], MaskGenerator] | None
     process: _Process | None = None
+    metrics_inbox: str | None = None
+    """Where pool processes send their metrics (`metrics.Inbox`), when the worker serves them (--metrics-port)."""
 
 
 _WORKER: _Worker | None = None
@@ -95,6 +97,8 @@ def _process() -> _Process:
         import redis
 
         w = _WORKER
+        if w.metrics_inbox:
+            metrics.forward_to(w.metrics_inbox)  # its runs and charges are served by the main process
         generator = w.generator_factory() if w.generator_factory else None
         runner = Runner(w.settings, w.server, generator)
         runner.generator(w.model)  # load once, before the first task
@@ -285,6 +289,31 @@ def run_worker(
         plan_models(settings.model, settings)  # the model is installed here (else: the command that installs it)
     name = default_name(settings, generator_factory() if generator_factory else None)
     _WORKER = _Worker(settings, server, name, None if model else name, generator_factory)
+    with _served_metrics(settings) as inbox:
+        _WORKER.metrics_inbox = inbox
+        _run_celery(settings, server, name, concurrency, loglevel)
+
+
+@contextlib.contextmanager
+def _served_metrics(settings: Settings) -> Iterator[str | None]:
+    """When this process serves metrics (`automask worker --metrics-port`): an `Inbox` for the pool processes' records
+    (its path), and the fleet's v2 jobs by status read at each scrape; None otherwise."""
+    if not metrics.enabled():
+        yield None
+        return
+    inbox, store = metrics.Inbox(), Store(str(settings.database_url))
+    unwatch = metrics.watch(store)
+    try:
+        yield inbox.path
+    finally:
+        unwatch()
+        inbox.close()
+        store.close()
+
+
+def _run_celery(settings: Settings, server: ServerSettings, name: str, concurrency: int, loglevel: str) -> None:
+    """Run the Celery worker for model `name` until it stops; exit with its code, or `ServiceConfigError` when it
+    stopped because its database now serves a single server."""
 
     app = make_celery(str(settings.broker_url), server)
     request = _request_class()

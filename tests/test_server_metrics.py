@@ -1,0 +1,215 @@
+"""Prometheus metrics (`--metrics-port`): a listener of its own, counts that move with what the service did, bounded
+labels (no path, prompt or key), and a scrape that survives a database that is down or slow."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import multiprocessing
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from automask.server import keys as keystore
+from automask.server import metrics
+from automask.server.store import Store
+from server_helpers import loopback_socket, png_bytes, wait_for
+
+SLUG = "automatic-mask-generator"
+SERVING = re.compile(r"automask: serving on (http://127\.0\.0\.1:\d+) ")
+METRICS_AT = re.compile(r"automask: metrics at (http://127\.0\.0\.1:\d+/metrics)")
+PROMPT = "zebra-striped-teapot"
+"""A prompt no label may ever hold."""
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def scrape(url: str) -> Samples:
+    """Every sample of a scrape of `url`: (name, labels) -> value."""
+    r = httpx.get(url, timeout=10)
+    assert r.status_code == 200, r.text
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(r.text)
+        for s in family.samples
+    }
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def serve_cmd(data: Path, model: Path, *flags: str) -> list[str]:
+    cmd = [sys.executable, "-m", "automask.cli", "--data-dir", str(data), "serve", "--port", "0"]
+    return [*cmd, "--model", str(model), "--log-level", "warning", *flags]
+
+
+@contextlib.contextmanager
+def serving(cmd: list[str]) -> Iterator[tuple[str, str]]:
+    """Run `cmd` (an `automask serve` with --metrics-port 0); yield the API's and the metrics' URLs it names."""
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    try:
+        seen, api, scraped = "", None, None
+        while scraped is None and proc.poll() is None:  # "serving on", then "metrics at"
+            line = proc.stderr.readline()
+            seen += line
+            if found := SERVING.match(line):
+                api = found.group(1)
+            if found := METRICS_AT.match(line):
+                scraped = found.group(1)
+        assert api and scraped, seen
+        wait_for(lambda: httpx.get(f"{api}/readyz", timeout=5).status_code == 200, 60, interval=0.2)
+        yield api, scraped
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+@pytest.mark.slow
+def test_counts_move_with_requests_runs_credits_and_limits(tmp_path: Path, tiny_clipseg_dir: Path) -> None:
+    data = tmp_path / "data"
+    store = Store.in_data_dir(data)
+    _, token = keystore.create_key(store, credits=10)
+    _, limited = keystore.create_key(store, rate_limit=1)
+    store.close()
+    image = base64.b64encode(png_bytes(np.full((24, 32, 3), 120, np.uint8))).decode()
+    body = {"image": image, "prompt": PROMPT, "base64": True}
+    with serving(serve_cmd(data, tiny_clipseg_dir, "--metrics-port", "0")) as (api, scraped):
+        before = scrape(scraped)
+        model = httpx.get(f"{api}/readyz").json()["model"]
+        v1 = f"{api}/v1/{SLUG}"
+        assert httpx.post(v1, json=body, headers={"x-api-key": token}, timeout=60).status_code == 200
+        assert httpx.post(v1, json={**body, "threshold": 5}, headers={"x-api-key": token}).status_code == 400
+        assert httpx.post(v1, json=body, headers={"x-api-key": "am_nope_nope"}).status_code == 401
+        assert httpx.post(v1, json=body, headers={"x-api-key": limited}, timeout=60).status_code == 200
+        assert httpx.post(v1, json=body, headers={"x-api-key": limited}).status_code == 429
+        job = httpx.post(f"{api}/v2/{SLUG}", json=body, headers={"x-api-key": token}).json()["request_id"]
+        status = f"{api}/v2/requests/{job}/status"
+        wait_for(lambda: httpx.get(status, headers={"x-api-key": token}).json()["status"] == "COMPLETED", 60, 0.2)
+        assert httpx.get(f"{api}/metrics").status_code == 404  # never on the API's port
+        assert httpx.get(f"{api}/v2/requests/{PROMPT}/status", headers={"x-api-key": token}).status_code == 404
+        after = scrape(scraped)
+
+    def moved(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    route = f"/v1/{SLUG}"
+    requests = "automask_http_requests_total"
+    assert [moved(requests, route=route, method="POST", code=c) for c in ("200", "400", "401", "429")] == [2, 1, 1, 1]
+    assert moved(requests, route=f"/v2/{SLUG}", method="POST", code="200") == 1
+    assert moved(requests, route="/v2/requests/{request_id}/status", method="GET", code="404") == 1
+    assert moved(requests, route="unmatched", method="GET", code="404") == 1  # GET /metrics on the API's port
+    assert moved("automask_http_request_duration_seconds_count", route=route) == 5
+    assert value(after, "automask_http_requests_in_flight") == 0
+    assert moved("automask_mask_runs_total", model=model, outcome="ok") == 3  # two v1 answers, one v2 job
+    assert moved("automask_mask_run_seconds_count", model=model) == 3
+    assert moved("automask_mask_runs_total", model=model, outcome="error") == 0  # the 400 was refused before a run
+    assert moved("automask_credits_charged_total") == 3
+    assert moved("automask_rate_limited_total", limit="requests") == 1
+    assert moved("automask_auth_failures_total", code="401") == 1
+    assert value(after, "automask_metrics_db_up") == 1
+    assert value(after, "automask_v2_jobs", status="COMPLETED") == 1
+    assert value(after, "automask_v2_jobs", status="QUEUED") == 0
+    assert value(after, "automask_body_memory_bytes") == 0  # every body given back
+    assert value(after, "automask_body_memory_limit_bytes") == 1 << 30
+    labels = {v for _, pairs in after for _, v in pairs}
+    assert not [v for v in labels if PROMPT in v]  # the raw path that held it was counted by its route's template
+    assert not [v for v in labels if str(tmp_path) in v or str(tiny_clipseg_dir) in v or "am_" in v]
+
+
+def test_a_busy_metrics_port_is_one_line_and_exit_9_before_anything_starts(
+    tmp_path: Path, tiny_clipseg_dir: Path
+) -> None:
+    data = tmp_path / "data"
+    with contextlib.closing(loopback_socket()) as taken:
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = subprocess.run(
+            serve_cmd(data, tiny_clipseg_dir, "--metrics-port", str(port)), capture_output=True, text=True, timeout=60
+        )
+    assert proc.returncode == 9, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"error: Cannot listen on 127.0.0.1:{port}: the address is already in use. Choose another --metrics-port "
+        "(or stop the server that holds it)."
+    ], proc.stderr
+    assert not (data / "automask.db").exists()  # the app never started: no database was opened
+
+
+@pytest.fixture
+def listener() -> Iterator[str]:
+    """This process's metrics listener on a free loopback port (metrics stay on in this process afterwards)."""
+    yield metrics.listen("127.0.0.1", 0)
+
+
+class _SlowStore:
+    """A database that never answers in time."""
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[Any]:
+        time.sleep(3)
+        raise RuntimeError("not reached in time")
+        yield
+
+
+@pytest.mark.parametrize("down", ["refused", "slow"])
+def test_a_database_that_is_down_or_slow_gives_db_up_0_not_a_failed_scrape(
+    listener: str, down: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(metrics, "DB_TIMEOUT", 0.5)
+    with contextlib.closing(loopback_socket()) as closed:
+        port = closed.getsockname()[1]  # bound, never listening: connections are refused
+        store: Any = Store(f"postgresql://u:p@127.0.0.1:{port}/none") if down == "refused" else _SlowStore()
+        unwatch = metrics.watch(store)
+        try:
+            started = time.monotonic()
+            samples = scrape(listener)
+            assert time.monotonic() - started < 5
+        finally:
+            unwatch()
+    assert value(samples, "automask_metrics_db_up") == 0
+    assert not [name for name, _ in samples if name == "automask_v2_jobs"]
+
+
+def _pool_process(path: str) -> None:
+    metrics.forward_to(path)
+    with metrics.run("clipseg"):
+        pass
+    with contextlib.suppress(ValueError), metrics.run("clipseg"):
+        raise ValueError("a bug")
+    metrics.credit_charged()
+
+
+def test_a_pool_processs_records_are_served_by_the_main_process(listener: str) -> None:
+    """A worker's pool process forwards its runs and charges to the process that serves the metrics."""
+    before = scrape(listener)
+    inbox = metrics.Inbox()
+    try:
+        child = multiprocessing.get_context("fork").Process(target=_pool_process, args=(inbox.path,))
+        child.start()
+        child.join(30)
+        assert child.exitcode == 0
+
+        def moved(name: str, **labels: str) -> float:
+            return value(scrape(listener), name, **labels) - value(before, name, **labels)
+
+        wait_for(lambda: moved("automask_credits_charged_total") == 1, 10)
+        assert moved("automask_mask_runs_total", model="clipseg", outcome="ok") == 1
+        assert moved("automask_mask_runs_total", model="clipseg", outcome="error") == 1
+        assert moved("automask_mask_run_seconds_count", model="clipseg") == 2
+    finally:
+        inbox.close()
