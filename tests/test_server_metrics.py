@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import multiprocessing
+import os
 import re
 import signal
 import subprocess
@@ -26,8 +27,8 @@ from automask.server.store import Store
 from server_helpers import loopback_socket, png_bytes, wait_for
 
 SLUG = "automatic-mask-generator"
-SERVING = re.compile(r"automask: serving on (http://127\.0\.0\.1:\d+) ")
-METRICS_AT = re.compile(r"automask: metrics at (http://127\.0\.0\.1:\d+/metrics)")
+SERVING = re.compile(r"^automask: serving on (http://127\.0\.0\.1:\d+) ", re.M)
+METRICS_AT = re.compile(r"^automask: metrics at (http://127\.0\.0\.1:\d+/metrics)$", re.M)
 PROMPT = "zebra-striped-teapot"
 """A prompt no label may ever hold."""
 
@@ -55,29 +56,33 @@ def serve_cmd(data: Path, model: Path, *flags: str) -> list[str]:
 
 
 @contextlib.contextmanager
-def serving(cmd: list[str]) -> Iterator[tuple[str, str]]:
-    """Run `cmd` (an `automask serve` with --metrics-port 0); yield the API's and the metrics' URLs it names."""
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
-    assert proc.stderr is not None
+def running(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> Iterator[str]:
+    """Run `cmd` (an `automask serve` or `worker` with --metrics-port 0), its output in `log`; yield the metrics URL
+    it names once it has named it. SIGTERM (then SIGKILL) at the end."""
+    with log.open("ab") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
     try:
-        seen, api, scraped = "", None, None
-        while scraped is None and proc.poll() is None:  # "serving on", then "metrics at"
-            line = proc.stderr.readline()
-            seen += line
-            if found := SERVING.match(line):
-                api = found.group(1)
-            if found := METRICS_AT.match(line):
-                scraped = found.group(1)
-        assert api and scraped, seen
-        wait_for(lambda: httpx.get(f"{api}/readyz", timeout=5).status_code == 200, 60, interval=0.2)
-        yield api, scraped
+        found = wait_for(lambda: METRICS_AT.search(log.read_text()) or proc.poll() is not None, 90, 0.1)
+        assert isinstance(found, re.Match), log.read_text()[-3000:]
+        yield found.group(1)
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
-            proc.wait(timeout=20)
+            proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def serving(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> Iterator[tuple[str, str]]:
+    """`running` an `automask serve` (--port 0); yield its API's URL, once ready, and its metrics' URL."""
+    with running(cmd, log, env) as scraped:
+        found = SERVING.search(log.read_text())  # printed before the metrics' line
+        assert found is not None, log.read_text()[-3000:]
+        api = found.group(1)
+        wait_for(lambda: httpx.get(f"{api}/readyz", timeout=5).status_code == 200, 90, interval=0.2)
+        yield api, scraped
 
 
 @pytest.mark.slow
@@ -89,7 +94,7 @@ def test_counts_move_with_requests_runs_credits_and_limits(tmp_path: Path, tiny_
     store.close()
     image = base64.b64encode(png_bytes(np.full((24, 32, 3), 120, np.uint8))).decode()
     body = {"image": image, "prompt": PROMPT, "base64": True}
-    with serving(serve_cmd(data, tiny_clipseg_dir, "--metrics-port", "0")) as (api, scraped):
+    with serving(serve_cmd(data, tiny_clipseg_dir, "--metrics-port", "0"), tmp_path / "serve.log") as (api, scraped):
         before = scrape(scraped)
         model = httpx.get(f"{api}/readyz").json()["model"]
         v1 = f"{api}/v1/{SLUG}"
@@ -213,3 +218,47 @@ def test_a_pool_processs_records_are_served_by_the_main_process(listener: str) -
         assert moved("automask_mask_run_seconds_count", model="clipseg") == 2
     finally:
         inbox.close()
+
+
+@pytest.mark.slow
+def test_a_fleet_counts_runs_on_the_worker_and_requests_on_the_api_node(
+    tmp_path: Path, tiny_clipseg_dir: Path, postgres_db: str, redis_db: str, rabbitmq_vhost_url: str
+) -> None:
+    """The real `automask worker` (Celery, a pool process) serves the runs and the v2 charge its pool process made;
+    the API node serves the requests and the v1 charge; both report the fleet's v2 jobs from the database."""
+    pytest.importorskip("celery")
+    from automask.server.migrations import migrate
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AUTOMASK_")}
+    env |= {"AUTOMASK_DATABASE_URL": postgres_db, "AUTOMASK_BROKER_URL": rabbitmq_vhost_url,
+            "AUTOMASK_REDIS_URL": redis_db, "HF_HUB_OFFLINE": "1"}  # fmt: skip
+    store = Store(postgres_db)
+    migrate(store)
+    _, token = keystore.create_key(store, credits=10)
+    store.close()
+    cli = [sys.executable, "-m", "automask.cli", "--data-dir"]
+    worker = [*cli, str(tmp_path / "w"), "worker", "--model", str(tiny_clipseg_dir), "--metrics-port", "0"]
+    api_cmd = [*cli, str(tmp_path / "a"), "serve", "--port", "0", "--metrics-port", "0", "--log-level", "warning"]
+    image = base64.b64encode(png_bytes(np.full((24, 32, 3), 120, np.uint8))).decode()
+    body = {"image": image, "prompt": PROMPT}
+    with (
+        running(worker, tmp_path / "worker.log", env) as at_worker,
+        serving(api_cmd, tmp_path / "api.log", env) as (api, at_api),
+    ):
+        model = httpx.get(f"{api}/readyz").json()["model"]
+        headers = {"x-api-key": token}
+        assert httpx.post(f"{api}/v1/{SLUG}", json=body, headers=headers, timeout=60).status_code == 200
+        job = httpx.post(f"{api}/v2/{SLUG}", json=body, headers=headers).json()["request_id"]
+        status = f"{api}/v2/requests/{job}/status"
+        wait_for(lambda: httpx.get(status, headers=headers).json()["status"] == "COMPLETED", 60, 0.2)
+        wait_for(lambda: value(scrape(at_worker), "automask_credits_charged_total") == 1, 10, 0.2)
+        on_worker, on_api = scrape(at_worker), scrape(at_api)
+    assert value(on_worker, "automask_mask_runs_total", model=model, outcome="ok") == 2  # the v1 call and the job
+    assert value(on_worker, "automask_mask_run_seconds_count", model=model) == 2
+    assert value(on_api, "automask_mask_runs_total", model=model, outcome="ok") == 0  # an API node runs nothing
+    assert value(on_api, "automask_credits_charged_total") == 1  # the v1 call, settled by the API node
+    assert value(on_api, "automask_http_requests_total", route=f"/v1/{SLUG}", method="POST", code="200") == 1
+    for samples in (on_worker, on_api):
+        assert value(samples, "automask_metrics_db_up") == 1
+        assert value(samples, "automask_v2_jobs", status="COMPLETED") == 1
+    assert not [v for _, pairs in on_worker | on_api for _, v in pairs if PROMPT in v or str(tmp_path) in v]

@@ -19,11 +19,9 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, MutableMapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import TYPE_CHECKING, Any
-
-from sqlalchemy.exc import SQLAlchemyError
 
 from automask.errors import EmptyMaskError, StoppedError
 
@@ -213,7 +211,6 @@ class _StateCollector:
 
     def __init__(self) -> None:
         self.sources: list[tuple[Store, BodyBudget | None]] = []
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="automask-metrics")
         self._pending: Future[dict[str, int]] | None = None
 
     def describe(self) -> list[Any]:
@@ -222,9 +219,10 @@ class _StateCollector:
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import GaugeMetricFamily
 
-        if not self.sources:
+        try:
+            store, bodies = self.sources[-1]
+        except IndexError:  # nothing watched (yet, or any more)
             return
-        store, bodies = self.sources[-1]
         counts = self._counts(store)
         yield GaugeMetricFamily(
             "automask_metrics_db_up", "1 when this scrape read the job counts from the database, else 0.",
@@ -249,23 +247,33 @@ class _StateCollector:
     def _counts(self, store: Store) -> dict[str, int] | None:
         if self._pending is not None and not self._pending.done():
             return None  # the last read still waits on the database: do not pile up threads behind it
-        self._pending = self._pool.submit(_job_counts, store)
+        self._pending = pending = Future[dict[str, int]]()
+        # a daemon thread: a read stuck on a dead database never holds up the process's exit
+        threading.Thread(target=_job_counts, args=(store, pending), name="automask-metrics", daemon=True).start()
         try:
-            return self._pending.result(timeout=DB_TIMEOUT)
-        except (FutureTimeout, SQLAlchemyError, OSError) as exc:  # reported as db_up 0
+            return pending.result(timeout=DB_TIMEOUT)
+        except FutureTimeout:
+            log.warning("metrics: the database did not give the job counts within %g s", DB_TIMEOUT)
+            return None
+        except Exception as exc:  # noqa: BLE001 - whatever failed the read, the scrape answers (db_up 0)
             log.warning("metrics: could not read the job counts from the database: %s", exc)
             return None
 
 
-def _job_counts(store: Store) -> dict[str, int]:
+def _job_counts(store: Store, into: Future[dict[str, int]]) -> None:
+    """The number of v2 jobs by status in `store`, set as `into`'s result (or its exception)."""
     from sqlalchemy import func, select
 
     from automask.server.store import jobs_table
 
     status = jobs_table.c.status
-    with store.read() as conn:
-        rows = conn.execute(select(status, func.count()).group_by(status)).all()
-    return {str(row[0]): int(row[1]) for row in rows}
+    try:
+        with store.read() as conn:
+            rows = conn.execute(select(status, func.count()).group_by(status)).all()
+    except BaseException as exc:  # noqa: BLE001 - the scrape gets it through the future
+        into.set_exception(exc)
+    else:
+        into.set_result({str(row[0]): int(row[1]) for row in rows})
 
 
 class _Sink:
