@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import logging
 import multiprocessing
 import os
 import re
@@ -262,3 +263,17 @@ def test_a_fleet_counts_runs_on_the_worker_and_requests_on_the_api_node(
         assert value(samples, "automask_metrics_db_up") == 1
         assert value(samples, "automask_v2_jobs", status="COMPLETED") == 1
     assert not [v for _, pairs in on_worker | on_api for _, v in pairs if PROMPT in v or str(tmp_path) in v]
+
+
+def test_the_uvicorn_factory_serves_metrics_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from automask.server.app import app_from_env
+
+    monkeypatch.setenv("AUTOMASK_SERVER_METRICS_PORT", "0")
+    with caplog.at_level(logging.INFO, logger="automask.server"):
+        app = app_from_env()
+    found = re.search(r"metrics at (http://127\.0\.0\.1:\d+/metrics)", caplog.text)
+    assert found is not None, caplog.text
+    assert "automask_http_requests_in_flight" in httpx.get(found.group(1), timeout=10).text
+    app.state.automask.store.close()

@@ -125,8 +125,12 @@ def create_app(
 
 
 def app_from_env() -> FastAPI:
-    """`create_app()` with settings from the environment (for `uvicorn --factory`)."""
-    return create_app()
+    """`create_app()` with settings from the environment (for `uvicorn --factory`); with
+    `AUTOMASK_SERVER_METRICS_PORT`, the metrics listener too."""
+    server = ServerSettings()
+    if server.metrics_port is not None:
+        log.info("metrics at %s", metrics.listen(server.metrics_host, server.metrics_port))
+    return create_app(server=server)
 
 
 def _install_error_handlers(app: FastAPI) -> None:
