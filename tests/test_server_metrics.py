@@ -156,6 +156,20 @@ def test_a_busy_metrics_port_is_one_line_and_exit_9_before_anything_starts(
     assert not (data / "automask.db").exists()  # the app never started: no database was opened
 
 
+def test_a_busy_metrics_port_stops_a_worker_before_it_reaches_anything(tmp_path: Path) -> None:
+    env = {**os.environ, "AUTOMASK_BROKER_URL": "amqp://u:p@127.0.0.1:1/none", "AUTOMASK_REDIS_URL": "redis://x"}
+    with contextlib.closing(loopback_socket()) as taken:
+        taken.listen()
+        port = taken.getsockname()[1]
+        cmd = [sys.executable, "-m", "automask.cli", "--data-dir", str(tmp_path), "worker", "--metrics-port", str(port)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == 9, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"error: Cannot listen on 127.0.0.1:{port}: the address is already in use. Choose another --metrics-port "
+        "(or stop the server that holds it)."
+    ], proc.stderr
+
+
 @pytest.fixture
 def listener() -> Iterator[str]:
     """This process's metrics listener on a free loopback port (metrics stay on in this process afterwards)."""
