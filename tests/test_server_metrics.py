@@ -133,6 +133,8 @@ def test_counts_move_with_requests_runs_credits_and_limits(tmp_path: Path, tiny_
     assert value(after, "automask_v2_jobs", status="QUEUED") == 0
     assert value(after, "automask_body_memory_bytes") == 0  # every body given back
     assert value(after, "automask_body_memory_limit_bytes") == 1 << 30
+    assert value(after, "process_resident_memory_bytes") > 0  # the client's standard process metrics
+    assert [labels for name, labels in after if name == "automask_build_info"] != []
     labels = {v for _, pairs in after for _, v in pairs}
     assert not [v for v in labels if PROMPT in v]  # the raw path that held it was counted by its route's template
     assert not [v for v in labels if str(tmp_path) in v or str(tiny_clipseg_dir) in v or "am_" in v]

@@ -46,35 +46,46 @@ _RUN_SECONDS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120
 
 
 class _Metrics:
-    """The metric objects, in a registry of their own (`registry`), and the scrape-time gauges (`state`)."""
+    """The metric objects, in a registry of their own (`registry`) with the client's standard process and Python
+    collectors, and the scrape-time gauges (`state`)."""
 
     def __init__(self) -> None:
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+        import prometheus_client as prom
 
-        self.registry = r = CollectorRegistry()
-        self.requests = Counter(
+        from automask import __version__
+
+        self.registry = r = prom.CollectorRegistry()
+        prom.ProcessCollector(registry=r)  # process_* (memory, CPU, open file descriptors)
+        prom.PlatformCollector(registry=r)  # python_info
+        prom.GCCollector(registry=r)  # python_gc_*
+        prom.Info("automask_build", "The automask release this process runs.", registry=r).info(
+            {"version": __version__}
+        )
+        self.requests = prom.Counter(
             "automask_http_requests", "HTTP requests answered, by route template, method and status code.",
             ["route", "method", "code"], registry=r,
         )  # fmt: skip
-        self.duration = Histogram(
+        self.duration = prom.Histogram(
             "automask_http_request_duration_seconds", "Seconds from a request's arrival to its answer, by route.",
             ["route"], buckets=_DURATIONS, registry=r,
         )  # fmt: skip
-        self.in_flight = Gauge("automask_http_requests_in_flight", "HTTP requests being answered now.", registry=r)
-        self.runs = Counter(
+        self.in_flight = prom.Gauge("automask_http_requests_in_flight", "HTTP requests being answered now.", registry=r)
+        self.runs = prom.Counter(
             "automask_mask_runs", "Mask runs finished in this process (or its worker pool), by model and outcome "
             "(ok, empty, error, stopped).", ["model", "outcome"], registry=r,
         )  # fmt: skip
-        self.run_seconds = Histogram(
+        self.run_seconds = prom.Histogram(
             "automask_mask_run_seconds", "Seconds a mask run took (model loaded), by model.", ["model"],
             buckets=_RUN_SECONDS, registry=r,
         )  # fmt: skip
-        self.credits = Counter("automask_credits_charged", "Credits charged (successful keyed requests).", registry=r)
-        self.rate_limited = Counter(
+        self.credits = prom.Counter(
+            "automask_credits_charged", "Credits charged (successful keyed requests).", registry=r
+        )
+        self.rate_limited = prom.Counter(
             "automask_rate_limited", "Requests answered 429, by the limit that refused them (requests, polls, "
             "failed_auth, queued_jobs).", ["limit"], registry=r,
         )  # fmt: skip
-        self.auth_failures = Counter(
+        self.auth_failures = prom.Counter(
             "automask_auth_failures", "Failed authentications (missing, unknown or revoked key), by status code.",
             ["code"], registry=r,
         )  # fmt: skip

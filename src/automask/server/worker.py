@@ -302,6 +302,8 @@ def _served_metrics(settings: Settings) -> Iterator[str | None]:
         yield None
         return
     inbox, store = metrics.Inbox(), Store(str(settings.database_url))
+    # a pool process forked after a scrape must leave this process's pooled connections alone (SQLAlchemy's advice)
+    os.register_at_fork(after_in_child=functools.partial(store.engine.dispose, close=False))
     unwatch = metrics.watch(store)
     try:
         yield inbox.path
@@ -314,7 +316,6 @@ def _served_metrics(settings: Settings) -> Iterator[str | None]:
 def _run_celery(settings: Settings, server: ServerSettings, name: str, concurrency: int, loglevel: str) -> None:
     """Run the Celery worker for model `name` until it stops; exit with its code, or `ServiceConfigError` when it
     stopped because its database now serves a single server."""
-
     app = make_celery(str(settings.broker_url), server)
     request = _request_class()
     app.task(name="automask.v2", bind=True, Request=request)(v2_task)
