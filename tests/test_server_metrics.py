@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from automask.server import keys as keystore
 from automask.server import metrics
 from automask.server.store import Store
-from server_helpers import loopback_socket, png_bytes, wait_for
+from server_helpers import FakeBackend, live_server, loopback_socket, png_bytes, wait_for
 
 SLUG = "automatic-mask-generator"
 SERVING = re.compile(r"^automask: serving on (http://127\.0\.0\.1:\d+) ", re.M)
@@ -205,6 +205,33 @@ def test_a_database_that_is_down_or_slow_gives_db_up_0_not_a_failed_scrape(
             unwatch()
     assert value(samples, "automask_metrics_db_up") == 0
     assert not [name for name, _ in samples if name == "automask_v2_jobs"]
+
+
+def test_runs_are_counted_by_how_they_end(listener: str, tmp_path: Path) -> None:
+    """ok; empty (stop_on_empty_mask, nothing found: 422); error (a refused image URL, found inside the run: 400);
+    stopped (past the time limit: the 504 is answered, the run stops at its next stage boundary)."""
+    image = base64.b64encode(png_bytes(np.full((8, 8, 3), 50, np.uint8))).decode()
+    url = "/v1/automatic-mask-generator"
+    before = scrape(listener)
+
+    def moved(outcome: str) -> float:
+        name = "automask_mask_runs_total"
+        return value(scrape(listener), name, model="fake-gradient", outcome=outcome) - value(
+            before, name, model="fake-gradient", outcome=outcome
+        )
+
+    with live_server(tmp_path / "a", FakeBackend(), auth=False) as live:
+        assert httpx.post(live.url + url, json={"image": image, "prompt": "sofa"}).status_code == 200
+        empty = {"image": image, "prompt": "nothing", "stop_on_empty_mask": True}
+        assert httpx.post(live.url + url, json=empty).status_code == 422
+        refused = {"image": "http://127.0.0.1/secret.png", "prompt": PROMPT}
+        assert httpx.post(live.url + url, json=refused).status_code == 400
+    with live_server(tmp_path / "b", FakeBackend(delay=1.5), auth=False, timeout=0.5) as live:
+        assert httpx.post(live.url + url, json={"image": image, "prompt": "sofa"}, timeout=30).status_code == 504
+        wait_for(lambda: moved("stopped") == 1, 10)
+    assert [moved(outcome) for outcome in metrics.OUTCOMES] == [1, 1, 1, 1]
+    labels = {v for _, pairs in scrape(listener) for _, v in pairs}
+    assert not [v for v in labels if "secret" in v or PROMPT in v]
 
 
 def _pool_process(path: str) -> None:
