@@ -320,3 +320,42 @@ def test_the_uvicorn_factory_serves_metrics_from_the_environment(
     assert found is not None, caplog.text
     assert "automask_http_requests_in_flight" in httpx.get(found.group(1), timeout=10).text
     app.state.automask.store.close()
+
+
+@pytest.mark.slow
+def test_a_worker_counts_its_pool_processes_killed_or_left_hung(
+    tmp_path: Path, postgres_db: str, redis_db: str, rabbitmq_vhost_url: str
+) -> None:
+    """A job that kills its pool process each time it starts (SIGKILL) is counted `killed` each time; a model that
+    hangs past the time limit has its process replaced after its answer, counted `hung` (tests/fleet_worker.py)."""
+    pytest.importorskip("celery")
+    from automask.server.migrations import migrate
+
+    tests = str(Path(__file__).parent)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AUTOMASK_")}
+    env |= {"AUTOMASK_DATABASE_URL": postgres_db, "AUTOMASK_BROKER_URL": rabbitmq_vhost_url,
+            "AUTOMASK_REDIS_URL": redis_db, "HF_HUB_OFFLINE": "1", "AUTOMASK_SERVER_METRICS_PORT": "0",
+            "AUTOMASK_SERVER_NODE_TTL": "3", "AUTOMASK_SERVER_HEARTBEAT_INTERVAL": "0.5",
+            "AUTOMASK_SERVER_SWEEP_INTERVAL": "0.5", "AUTOMASK_SERVER_MAX_JOB_ATTEMPTS": "2",
+            "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])}  # fmt: skip
+    store = Store(postgres_db)
+    migrate(store)
+    store.close()
+    worker_env = {**env, "AUTOMASK_DATA_DIR": str(tmp_path / "w"), "AUTOMASK_SERVER_TIMEOUT": "2"}
+    api_cmd = [sys.executable, "-m", "automask.cli", "--data-dir", str(tmp_path / "a"), "serve", "--port", "0",
+               "--no-auth", "--log-level", "warning"]  # fmt: skip
+    image = base64.b64encode(png_bytes(np.full((8, 8, 3), 50, np.uint8))).decode()
+    with (
+        running([sys.executable, f"{tests}/fleet_worker.py"], tmp_path / "worker.log", worker_env) as at_worker,
+        serving(api_cmd, tmp_path / "api.log", env) as (api, _),
+    ):
+        jobs = [
+            httpx.post(f"{api}/v2/{SLUG}", json={"image": image, "prompt": prompt}, timeout=30).json()["request_id"]
+            for prompt in ("poison", "hang")
+        ]
+        for job in jobs:
+            done = lambda job=job: httpx.get(f"{api}/v2/requests/{job}/status", timeout=30).status_code == 422  # noqa: E731
+            wait_for(done, 120, 0.5)  # FAILED: started twice and never finished; past the time limit
+        lost = lambda reason: value(scrape(at_worker), "automask_worker_pool_processes_lost_total", reason=reason)  # noqa: E731
+        wait_for(lambda: lost("hung") == 1, 30, 0.2)  # its process leaves once the hung run had its grace
+        assert lost("killed") == 2, (tmp_path / "worker.log").read_text()[-3000:]

@@ -89,6 +89,10 @@ class _Metrics:
             "automask_auth_failures", "Failed authentications (missing, unknown or revoked key), by status code.",
             ["code"], registry=r,
         )  # fmt: skip
+        self.lost = prom.Counter(
+            "automask_worker_pool_processes_lost", "Worker pool processes that died during a task (killed: a signal, "
+            "the OOM killer, a crash) or left after one because their model hung (hung).", ["reason"], registry=r,
+        )  # fmt: skip
         self.state = _StateCollector()
         r.register(self.state)
 
@@ -130,6 +134,7 @@ _APPLY: dict[str, Callable[..., None]] = {
     "credit": lambda m: m.credits.inc(),
     "limited": lambda m, limit: m.rate_limited.labels(limit).inc(),
     "auth": lambda m, code: m.auth_failures.labels(code).inc(),
+    "lost": lambda m, reason: m.lost.labels(reason).inc(),
 }
 """What each record does; a record forwarded by a pool process (`Inbox`) can do nothing else."""
 
@@ -185,6 +190,11 @@ def rate_limited(limit: str) -> None:
 def auth_failed(status: int) -> None:
     """An authentication failed (401: missing or unknown key; 403: revoked)."""
     _record("auth", str(status))
+
+
+def pool_process_lost(reason: str) -> None:
+    """A worker's pool process died during a task (`killed`) or left after one because its model hung (`hung`)."""
+    _record("lost", reason)
 
 
 def watch(store: Store, bodies: BodyBudget | None = None) -> Callable[[], None]:

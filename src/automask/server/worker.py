@@ -248,7 +248,9 @@ def _leave_if_hung(proc: _Process) -> None:
 
 def _request_class() -> type:
     """Celery's request, but a pool process that leaves on purpose (`_leave_if_hung`) after its answer has its
-    message acknowledged (not handed back as a worker lost: there is nothing left to run)."""
+    message acknowledged (not handed back as a worker lost: there is nothing left to run). Either way, and when a
+    pool process died mid-task, `metrics` counts the process lost."""
+    from billiard.exceptions import WorkerLostError
     from celery.worker.request import Request
     from celery.worker.state import task_ready
 
@@ -256,9 +258,12 @@ def _request_class() -> type:
         def on_failure(self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False) -> None:
             exc = getattr(exc_info.exception, "exc", exc_info.exception)
             if isinstance(exc, SystemExit) and exc.code == RETIRING:
+                metrics.pool_process_lost("hung")
                 task_ready(self)
                 self.acknowledge()
                 return
+            if isinstance(exc, WorkerLostError):  # (in this, the main process: counted even though the pool's died)
+                metrics.pool_process_lost("killed")
             super().on_failure(exc_info, send_failed_event, return_ok)
 
     return _Request
