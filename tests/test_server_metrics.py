@@ -264,20 +264,28 @@ def test_a_pool_processs_records_are_served_by_the_main_process(listener: str) -
         inbox.close()
 
 
+def fleet_env(database: str, redis: str, broker: str) -> dict[str, str]:
+    """This process's environment without its AUTOMASK_* settings, pointed at a fleet's three servers (the database
+    migrated); skips without celery."""
+    pytest.importorskip("celery")
+    from automask.server.migrations import migrate
+
+    store = Store(database)
+    migrate(store)
+    store.close()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AUTOMASK_")}
+    return env | {"AUTOMASK_DATABASE_URL": database, "AUTOMASK_BROKER_URL": broker, "AUTOMASK_REDIS_URL": redis,
+                  "HF_HUB_OFFLINE": "1"}  # fmt: skip
+
+
 @pytest.mark.slow
 def test_a_fleet_counts_runs_on_the_worker_and_requests_on_the_api_node(
     tmp_path: Path, tiny_clipseg_dir: Path, postgres_db: str, redis_db: str, rabbitmq_vhost_url: str
 ) -> None:
     """The real `automask worker` (Celery, a pool process) serves the runs and the v2 charge its pool process made;
     the API node serves the requests and the v1 charge; both report the fleet's v2 jobs from the database."""
-    pytest.importorskip("celery")
-    from automask.server.migrations import migrate
-
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AUTOMASK_")}
-    env |= {"AUTOMASK_DATABASE_URL": postgres_db, "AUTOMASK_BROKER_URL": rabbitmq_vhost_url,
-            "AUTOMASK_REDIS_URL": redis_db, "HF_HUB_OFFLINE": "1"}  # fmt: skip
+    env = fleet_env(postgres_db, redis_db, rabbitmq_vhost_url)
     store = Store(postgres_db)
-    migrate(store)
     _, token = keystore.create_key(store, credits=10)
     store.close()
     cli = [sys.executable, "-m", "automask.cli", "--data-dir"]
@@ -328,19 +336,12 @@ def test_a_worker_counts_its_pool_processes_killed_or_left_hung(
 ) -> None:
     """A job that kills its pool process each time it starts (SIGKILL) is counted `killed` each time; a model that
     hangs past the time limit has its process replaced after its answer, counted `hung` (tests/fleet_worker.py)."""
-    pytest.importorskip("celery")
-    from automask.server.migrations import migrate
-
     tests = str(Path(__file__).parent)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AUTOMASK_")}
-    env |= {"AUTOMASK_DATABASE_URL": postgres_db, "AUTOMASK_BROKER_URL": rabbitmq_vhost_url,
-            "AUTOMASK_REDIS_URL": redis_db, "HF_HUB_OFFLINE": "1", "AUTOMASK_SERVER_METRICS_PORT": "0",
-            "AUTOMASK_SERVER_NODE_TTL": "3", "AUTOMASK_SERVER_HEARTBEAT_INTERVAL": "0.5",
-            "AUTOMASK_SERVER_SWEEP_INTERVAL": "0.5", "AUTOMASK_SERVER_MAX_JOB_ATTEMPTS": "2",
+    env = fleet_env(postgres_db, redis_db, rabbitmq_vhost_url)
+    env |= {"AUTOMASK_SERVER_METRICS_PORT": "0", "AUTOMASK_SERVER_NODE_TTL": "3",
+            "AUTOMASK_SERVER_HEARTBEAT_INTERVAL": "0.5", "AUTOMASK_SERVER_SWEEP_INTERVAL": "0.5",
+            "AUTOMASK_SERVER_MAX_JOB_ATTEMPTS": "2",
             "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])}  # fmt: skip
-    store = Store(postgres_db)
-    migrate(store)
-    store.close()
     worker_env = {**env, "AUTOMASK_DATA_DIR": str(tmp_path / "w"), "AUTOMASK_SERVER_TIMEOUT": "2"}
     api_cmd = [sys.executable, "-m", "automask.cli", "--data-dir", str(tmp_path / "a"), "serve", "--port", "0",
                "--no-auth", "--log-level", "warning"]  # fmt: skip
