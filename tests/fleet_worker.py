@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from automask.backends.base import Scores
 from automask.errors import ServiceConfigError
 from automask.pipeline import MaskGenerator
+from automask.server import metrics
 from automask.server.config import ServerSettings
 from automask.server.worker import run_worker
 from automask.settings import Settings
@@ -55,11 +56,14 @@ def staged(folder: Path, name: str) -> None:
 
 
 def main() -> None:
-    settings = Settings()
+    settings, server = Settings(), ServerSettings()
+    if server.metrics_port is not None:  # as `automask worker --metrics-port` does
+        url = metrics.listen(server.metrics_host, server.metrics_port)
+        print(f"automask: metrics at {url}", file=sys.stderr, flush=True)
     try:
         run_worker(
             settings,
-            ServerSettings(),
+            server,
             concurrency=int(os.environ.get("FLEET_CONCURRENCY", "1")),
             loglevel="info",
             generator_factory=lambda: MaskGenerator(FleetBackend(), settings),

@@ -187,13 +187,20 @@ def run_service(
     """Run the service's command as the image would (`automask` + command) under its environment (the data folder
     moved to `data_dir`). Logging is left as it is (serve and worker configure the root logger)."""
     import automask.server.commands
+    import automask.server.metrics
 
     monkeypatch.setattr(automask.server.commands, "_configure_logging", Recorder())
+    listen = Recorder(result="http://127.0.0.1:9100/metrics")  # not a real listener on 0.0.0.0:9100
+    monkeypatch.setattr(automask.server.metrics, "listen", listen)
     for name in [k for k in os.environ if k.startswith("AUTOMASK_")]:
         monkeypatch.delenv(name)
     env = {**dockerfile_env(), **service["environment"], "AUTOMASK_DATA_DIR": str(data_dir), **(extra_env or {})}
     result = CliRunner().invoke(main, service["command"], env=env, catch_exceptions=False)
     assert result.exit_code == 0, result.output
+    command = service["command"]
+    if "--metrics-port" in command:  # served where the flags say, on the compose network
+        where = (command[command.index("--metrics-host") + 1], int(command[command.index("--metrics-port") + 1]))
+        assert listen.calls == [(where, {})]
 
 
 @pytest.mark.parametrize("name", API)

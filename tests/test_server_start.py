@@ -77,6 +77,7 @@ def test_serve_on_port_0_names_the_bound_port_and_logs_no_alembic_chatter(
         rest = proc.stderr.read()
     assert proc.returncode in (0, -signal.SIGTERM), rest  # uvicorn re-raises the signal once it has stopped
     assert "alembic" not in first + rest, rest
+    assert "metrics" not in first + rest, rest  # off unless --metrics-port is given
 
 
 def _healthy(url: str) -> bool:

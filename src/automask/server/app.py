@@ -25,6 +25,7 @@ from starlette.requests import ClientDisconnect
 from automask import __version__, web
 from automask.errors import AutomaskError
 from automask.pipeline import MaskGenerator
+from automask.server import metrics
 from automask.server.auth_limit import failed_auth_for
 from automask.server.config import ServerSettings
 from automask.server.deployment import Guard
@@ -97,7 +98,9 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await dispatcher.start()
         sweeper.start()
+        unwatch = metrics.watch(store, bodies)  # with --metrics-port: jobs by status, body memory at each scrape
         yield
+        unwatch()
         await sweeper.stop()
         await dispatcher.stop()
         if state.background:  # credit settles still being retried get a last chance
@@ -122,13 +125,19 @@ def create_app(
 
 
 def app_from_env() -> FastAPI:
-    """`create_app()` with settings from the environment (for `uvicorn --factory`)."""
-    return create_app()
+    """`create_app()` with settings from the environment (for `uvicorn --factory`); with
+    `AUTOMASK_SERVER_METRICS_PORT`, the metrics listener too."""
+    server = ServerSettings()
+    if server.metrics_port is not None:
+        log.info("metrics at %s", metrics.listen(server.metrics_host, server.metrics_port))
+    return create_app(server=server)
 
 
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        if exc.status == 429:
+            metrics.rate_limited(exc.limit or "other")
         return error_response(exc.status, exc.message, exc.headers)
 
     @app.exception_handler(AutomaskError)
@@ -173,8 +182,8 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 class RequestContextMiddleware:
     """Outermost: gives every request an id (`x-request-id` on the response), writes one JSON access-log line
-    (request id, method, path, status, duration, key id), and turns an unexpected exception into a logged 500
-    whose body names the request id but no internals."""
+    (request id, method, path, status, duration, key id) and counts it (`metrics`), and turns an unexpected
+    exception into a logged 500 whose body names the request id but no internals."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -188,6 +197,7 @@ class RequestContextMiddleware:
         scope.setdefault("state", {})["request_id"] = request_id
         start, status = time.perf_counter(), 500
         started = False
+        metrics.request_started()
 
         async def send_with_id(message: Message) -> None:
             nonlocal status, started
@@ -207,7 +217,9 @@ class RequestContextMiddleware:
                 message = f"Unexpected server error (request id {request_id}); the server log has the details."
                 await error_response(500, message)(scope, receive, send_with_id)
         finally:
-            _log_access(scope, request_id, status, time.perf_counter() - start)
+            seconds = time.perf_counter() - start
+            _log_access(scope, request_id, status, seconds)
+            metrics.request_done(scope, status, seconds)
 
 
 def _log_access(scope: Scope, request_id: str, status: int, seconds: float) -> None:

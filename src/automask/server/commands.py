@@ -84,6 +84,14 @@ PER_MINUTE = Limit(1, MAX_KEY_COUNT)
 """A key's credits and rate limit: what the database's INTEGER columns hold, or `none` for unlimited."""
 
 
+_METRICS_PORT = click.option(
+    "--metrics-port",
+    type=click.IntRange(0, 65535),
+    help="Prometheus metrics at /metrics on this port, a listener of its own [off; AUTOMASK_SERVER_METRICS_PORT].",
+)
+_METRICS_HOST = click.option("--metrics-host", help="Interface of the metrics listener [127.0.0.1].")
+
+
 @click.command()
 @click.option("--host", help="Interface to listen on [default: 127.0.0.1; AUTOMASK_SERVER_HOST].")
 @click.option("--port", type=click.IntRange(0, 65535), help="Port [default: 8000; AUTOMASK_SERVER_PORT].")
@@ -105,6 +113,8 @@ PER_MINUTE = Limit(1, MAX_KEY_COUNT)
 @click.option("--shutdown-timeout", type=click.FloatRange(0, min_open=True), help="Seconds to finish on SIGTERM [10].")
 @click.option("--poll-rate-limit", type=Limit(), help="Polls a minute per key, or none [6000].")
 @click.option("--auth-fail-limit", type=Limit(), help="Failed authentications a minute per address, or none [60].")
+@_METRICS_PORT
+@_METRICS_HOST
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info")
 @click.pass_context
 def serve(ctx: click.Context, model: str | None, log_level: str, no_auth: bool, **flags: Any) -> None:
@@ -133,6 +143,7 @@ def serve(ctx: click.Context, model: str | None, log_level: str, no_auth: bool, 
     _configure_logging(log_level)
     sockets = http.listen(server)  # first: a busy port is one line, before the database or a model is touched
     try:
+        metrics_url = _serve_metrics(server)
         app = create_app(settings, server)
     except BaseException:
         for sock in sockets:
@@ -140,7 +151,18 @@ def serve(ctx: click.Context, model: str | None, log_level: str, no_auth: bool, 
         raise
     auth = "API keys required" if server.auth else "NO AUTH (loopback only)"
     click.echo(f"automask: serving on {http.address(sockets)} ({auth}); docs at /docs", err=True)
+    if metrics_url:
+        click.echo(f"automask: metrics at {metrics_url}", err=True)
     http.run(app, server, log_level=log_level, sockets=sockets)
+
+
+def _serve_metrics(server: ServerSettings) -> str | None:
+    """Start the metrics listener if `server.metrics_port` is set (a busy port: `ServiceConfigError`); its URL."""
+    if server.metrics_port is None:
+        return None
+    from automask.server import metrics
+
+    return metrics.listen(server.metrics_host, server.metrics_port)
 
 
 def _server_settings(overrides: dict[str, Any]) -> ServerSettings:
@@ -298,9 +320,13 @@ def _utc(timestamp: float) -> str:
     help="Pool processes, each with the model loaded (a GPU node: one worker per GPU).",
 )
 @click.option("--timeout", type=click.FloatRange(0, min_open=True), help="Seconds per inference [60; as serve].")
+@_METRICS_PORT
+@_METRICS_HOST
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info")
 @click.pass_context
-def worker(ctx: click.Context, model: str | None, concurrency: int, timeout: float | None, log_level: str) -> None:
+def worker(
+    ctx: click.Context, model: str | None, concurrency: int, log_level: str, **flags: float | int | str | None
+) -> None:
     """Run a worker: load one model, take its v1 and v2 queues from the broker.
 
     \b
@@ -316,12 +342,14 @@ def worker(ctx: click.Context, model: str | None, concurrency: int, timeout: flo
     settings = _settings(ctx)
     if not settings.broker_url:
         raise ServiceConfigError("automask worker needs AUTOMASK_BROKER_URL=amqp://USER:PASS@HOST:PORT/VHOST.")
-    overrides: dict[str, Any] = {"timeout": timeout} if timeout else {}
-    server = _server_settings(overrides)
+    server = _server_settings({k: v for k, v in flags.items() if v is not None})
     _configure_logging(log_level)
+    metrics_url = _serve_metrics(server)  # before the database or a model is touched, as serve's port
     click.echo(
         f"automask: worker for model {model or settings.model or 'the default'}, {concurrency} process(es)", err=True
     )
+    if metrics_url:
+        click.echo(f"automask: metrics at {metrics_url}", err=True)
     run_worker(settings, server, model=model, concurrency=concurrency, loglevel=log_level)
 
 

@@ -68,6 +68,10 @@ class ServerSettings(BaseSettings):
 
     host: str = Field("127.0.0.1", description="Interface to listen on.")
     port: int = Field(8000, ge=0, le=65535, description="TCP port to listen on.")
+    metrics_host: str = Field("127.0.0.1", description="Interface the Prometheus metrics listener binds.")
+    metrics_port: int | None = Field(
+        None, ge=0, le=65535, description="Port of a listener of its own serving Prometheus metrics; None: off."
+    )
     concurrency: int = Field(1, ge=1, le=64, description="Inference threads (v1 requests and v2 jobs share them).")
     job_workers: int | None = Field(None, ge=1, le=64, description="v2 jobs run at once; None: `concurrency`.")
     timeout: float = _seconds(60.0, MAX_TIMEOUT, "Seconds one inference may take (queueing included) -> 504")

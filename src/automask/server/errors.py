@@ -38,11 +38,15 @@ STATUS: dict[type[AutomaskError], int] = {
 class ApiError(Exception):
     """An error of the HTTP layer itself (keys, credits, limits, unknown ids): a status and a message."""
 
-    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, status: int, message: str, headers: dict[str, str] | None = None, *, limit: str | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.headers = headers or {}
+        self.limit = limit
+        """For a 429: the limit that refused the request (requests, polls, failed_auth, queued_jobs)."""
 
 
 def status_of(exc: AutomaskError) -> int:

@@ -356,17 +356,25 @@ def config_for(app: Any, server: ServerSettings, log_level: str = "info") -> uvi
 
 
 _LISTEN_HINTS = {
-    errno.EADDRINUSE: "the address is already in use. Choose another --port (or stop the server that holds it).",
-    errno.EACCES: "permission denied. Ports below 1024 need privileges: choose another --port.",
-    errno.EADDRNOTAVAIL: "no interface of this machine has that address. Check --host.",
+    errno.EADDRINUSE: "the address is already in use. Choose another {port} (or stop the server that holds it).",
+    errno.EACCES: "permission denied. Ports below 1024 need privileges: choose another {port}.",
+    errno.EADDRNOTAVAIL: "no interface of this machine has that address. Check {host}.",
 }
+
+
+def cannot_listen(host: str, port: int, exc: OSError, host_flag: str, port_flag: str) -> ServiceConfigError:
+    """The one-line error of an address that cannot be had (`exc` from binding `host:port`), naming the flags
+    (`host_flag`, `port_flag`) that change it."""
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    hint = _LISTEN_HINTS.get(exc.errno or 0) or f"{exc.strerror or exc}. Check {{host}} and {{port}}."
+    reason = hint.replace("{host}", host_flag).replace("{port}", port_flag)  # (strerror may hold braces)
+    return ServiceConfigError(f"Cannot listen on {where}: {reason}")
 
 
 def listen(server: ServerSettings) -> list[socket.socket]:
     """Bind and listen on `server.host:server.port` now, before the app starts (port 0: a free port, see
     `address`). Raises `ServiceConfigError` saying what to change when the address cannot be had."""
     family = socket.AF_INET6 if ":" in server.host else socket.AF_INET
-    where = f"[{server.host}]:{server.port}" if family == socket.AF_INET6 else f"{server.host}:{server.port}"
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: restart over TIME_WAIT
@@ -374,8 +382,7 @@ def listen(server: ServerSettings) -> list[socket.socket]:
         sock.listen(BACKLOG)  # the port is ours from here (another bind with SO_REUSEADDR fails too)
     except OSError as exc:
         sock.close()
-        reason = _LISTEN_HINTS.get(exc.errno or 0) or f"{exc.strerror or exc}. Check --host and --port."
-        raise ServiceConfigError(f"Cannot listen on {where}: {reason}") from None
+        raise cannot_listen(server.host, server.port, exc, "--host", "--port") from None
     return [sock]
 
 

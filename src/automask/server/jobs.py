@@ -21,7 +21,7 @@ from typing import Any
 
 from sqlalchemy import case, delete, func, insert, select, update
 
-from automask.server import keys, nodes
+from automask.server import keys, metrics, nodes
 from automask.server.errors import ApiError
 from automask.server.limits import retry_headers
 from automask.server.schemas import MaskRequest
@@ -156,6 +156,7 @@ class Jobs:
                     f"This key has {mine} v2 jobs waiting or running, the most one key may have "
                     f"({self.max_per_key}); wait for some to finish (poll their status_url), then submit again.",
                     retry_headers(now, now + KEY_CAP_RETRY_SECONDS),
+                    limit="queued_jobs",
                 )
         if self.max_total is not None and conn.execute(waiting).scalar_one() >= self.max_total:
             raise ApiError(503, "The server's job queue is full; try again in a minute.", {"Retry-After": "30"})
@@ -243,7 +244,9 @@ class Jobs:
             )
             if cur.rowcount != 1:
                 return False
-            keys.settle_in(conn, job_id, charge=True)
+            charged = keys.settle_in(conn, job_id, charge=True)
+        if charged:  # a keyed job (an unkeyed one, with --no-auth, holds no credit)
+            metrics.credit_charged()
         return True
 
     def fail(self, job_id: str, error: str, *, node: str | None = None) -> bool:

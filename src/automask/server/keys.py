@@ -19,6 +19,7 @@ from typing import Any
 
 from sqlalchemy import Connection, delete, insert, or_, select, update
 
+from automask.server import metrics
 from automask.server.config import MAX_KEY_COUNT
 from automask.server.errors import ApiError
 from automask.server.store import Store, holds_table, jobs_table, keys_table
@@ -212,7 +213,9 @@ def reserve_in(
 def settle(store: Store, hold_id: str, *, charge: bool) -> None:
     """End hold `hold_id`: keep its credit (`charge`, a success) or give it back (a failure)."""
     with store.transaction() as conn:
-        settle_in(conn, hold_id, charge=charge)
+        settled = settle_in(conn, hold_id, charge=charge)
+    if settled and charge:
+        metrics.credit_charged()
 
 
 def settle_in(conn: Connection, hold_id: str, *, charge: bool) -> bool:

@@ -184,6 +184,10 @@ def retry_headers(now: float, reset_at: float) -> dict[str, str]:
     return {"Retry-After": str(max(1, math.ceil(reset_at - now))), "x-rate-limit-reset-at-utc": stamp}
 
 
+LIMIT_LABELS = {"failed authentications": "failed_auth"}
+"""The metrics label (`ApiError.limit`) of a rate limit's `what`, where it differs."""
+
+
 def rate_limited(limit: int, now: float, reset_at: float, what: str = "requests") -> ApiError:
     """The 429 for a key over its `limit` of `what` per minute (`retry_headers`)."""
     headers = retry_headers(now, reset_at)
@@ -192,6 +196,7 @@ def rate_limited(limit: int, now: float, reset_at: float, what: str = "requests"
         f"Rate limit of {limit} {what} per minute reached; retry after {headers['Retry-After']} s "
         f"({headers['x-rate-limit-reset-at-utc']}).",
         headers,
+        limit=LIMIT_LABELS.get(what, what),
     )
 
 

@@ -21,7 +21,7 @@ from fastapi.security import APIKeyHeader
 
 from automask.errors import InvalidOptionError
 from automask.imageio.load import check_image, inline_size
-from automask.server import keys
+from automask.server import keys, metrics
 from automask.server.auth_limit import client_address
 from automask.server.dispatch import PUBLISH_TIMEOUT
 from automask.server.errors import ApiError, shown
@@ -137,7 +137,8 @@ async def current_key(request: Request, token: Annotated[str | None, Security(AP
     await state.failed_auth.admit(address, token)  # a locked-out address: 429 before the database is read
     try:
         key = await asyncio.to_thread(keys.authenticate, state.store, token)
-    except ApiError:
+    except ApiError as refused:
+        metrics.auth_failed(refused.status)
         await state.failed_auth.failed(address, token)
         raise
     await state.failed_auth.succeeded(token)

@@ -30,6 +30,7 @@ from automask.options import MaskOptions
 from automask.pipeline import MaskGenerator
 from automask.result import MaskResult
 from automask.routing import could_answer, installed_alternatives, plan_models, routed
+from automask.server import metrics
 from automask.server.config import ServerSettings
 from automask.settings import Settings
 
@@ -258,12 +259,13 @@ class Runner:
         self, image: ImageSource, prompt: str, options: MaskOptions, model: str | None, should_stop: Callable[[], bool]
     ) -> tuple[MaskResult, float]:
         generator = self.generator(model)
-        t0 = time.perf_counter()
-        if self.server.debug_delay:
-            time.sleep(self.server.debug_delay)
-        # a client's string: never a path
-        result = generator.generate(image, prompt, options, allow_paths=False, should_stop=should_stop)
-        return result, time.perf_counter() - t0
+        with metrics.run(self.name_of(model)):  # counted where it runs (a worker's pool process forwards it)
+            t0 = time.perf_counter()
+            if self.server.debug_delay:
+                time.sleep(self.server.debug_delay)
+            # a client's string: never a path
+            result = generator.generate(image, prompt, options, allow_paths=False, should_stop=should_stop)
+            return result, time.perf_counter() - t0
 
     async def run(
         self, image: ImageSource, prompt: str, options: MaskOptions, model: str | None = None

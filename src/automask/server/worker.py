@@ -21,7 +21,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +30,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from automask.errors import ServiceConfigError
 from automask.pipeline import MaskGenerator
 from automask.routing import plan_models
-from automask.server import deployment, nodes
+from automask.server import deployment, metrics, nodes
 from automask.server.config import ServerSettings
 from automask.server.deployment import FLEET, Guard
 from automask.server.execute import Outcome, compute, execute_job, unexpected_error
@@ -83,6 +83,8 @@ class _Worker:
     default: str | None
     generator_factory: Callable[[], MaskGenerator] | None
     process: _Process | None = None
+    metrics_inbox: str | None = None
+    """Where pool processes send their metrics (`metrics.Inbox`), when the worker serves them (--metrics-port)."""
 
 
 _WORKER: _Worker | None = None
@@ -95,6 +97,8 @@ def _process() -> _Process:
         import redis
 
         w = _WORKER
+        if w.metrics_inbox:
+            metrics.forward_to(w.metrics_inbox)  # its runs and charges are served by the main process
         generator = w.generator_factory() if w.generator_factory else None
         runner = Runner(w.settings, w.server, generator)
         runner.generator(w.model)  # load once, before the first task
@@ -244,7 +248,9 @@ def _leave_if_hung(proc: _Process) -> None:
 
 def _request_class() -> type:
     """Celery's request, but a pool process that leaves on purpose (`_leave_if_hung`) after its answer has its
-    message acknowledged (not handed back as a worker lost: there is nothing left to run)."""
+    message acknowledged (not handed back as a worker lost: there is nothing left to run). Either way, and when a
+    pool process died mid-task, `metrics` counts the process lost."""
+    from billiard.exceptions import WorkerLostError
     from celery.worker.request import Request
     from celery.worker.state import task_ready
 
@@ -252,9 +258,12 @@ def _request_class() -> type:
         def on_failure(self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False) -> None:
             exc = getattr(exc_info.exception, "exc", exc_info.exception)
             if isinstance(exc, SystemExit) and exc.code == RETIRING:
+                metrics.pool_process_lost("hung")
                 task_ready(self)
                 self.acknowledge()
                 return
+            if isinstance(exc, WorkerLostError):  # (in this, the main process: counted even though the pool's died)
+                metrics.pool_process_lost("killed")
             super().on_failure(exc_info, send_failed_event, return_ok)
 
     return _Request
@@ -285,7 +294,33 @@ def run_worker(
         plan_models(settings.model, settings)  # the model is installed here (else: the command that installs it)
     name = default_name(settings, generator_factory() if generator_factory else None)
     _WORKER = _Worker(settings, server, name, None if model else name, generator_factory)
+    with _served_metrics(settings) as inbox:
+        _WORKER.metrics_inbox = inbox
+        _run_celery(settings, server, name, concurrency, loglevel)
 
+
+@contextlib.contextmanager
+def _served_metrics(settings: Settings) -> Iterator[str | None]:
+    """When this process serves metrics (`automask worker --metrics-port`): an `Inbox` for the pool processes' records
+    (its path), and the fleet's v2 jobs by status read at each scrape; None otherwise."""
+    if not metrics.enabled():
+        yield None
+        return
+    inbox, store = metrics.Inbox(), Store(str(settings.database_url))
+    # a pool process forked after a scrape must leave this process's pooled connections alone (SQLAlchemy's advice)
+    os.register_at_fork(after_in_child=functools.partial(store.engine.dispose, close=False))
+    unwatch = metrics.watch(store)
+    try:
+        yield inbox.path
+    finally:
+        unwatch()
+        inbox.close()
+        store.close()
+
+
+def _run_celery(settings: Settings, server: ServerSettings, name: str, concurrency: int, loglevel: str) -> None:
+    """Run the Celery worker for model `name` until it stops; exit with its code, or `ServiceConfigError` when it
+    stopped because its database now serves a single server."""
     app = make_celery(str(settings.broker_url), server)
     request = _request_class()
     app.task(name="automask.v2", bind=True, Request=request)(v2_task)
