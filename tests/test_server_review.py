@@ -89,11 +89,12 @@ def test_a_slow_first_load_happens_before_the_credit_is_held(
     real = runner_module.MaskGenerator
 
     def slow_load(*args: Any, **kwargs: Any) -> MaskGenerator:
-        time.sleep(3.0)
+        time.sleep(4.5)  # past timeout + hold_grace by far
         return real(*args, **kwargs)
 
     monkeypatch.setattr(runner_module, "MaskGenerator", slow_load)
-    with live_server(data, FakeBackend(), timeout=1.0, hold_grace=0.0, sweep_interval=0.2) as live:
+    # timeout 2 s: the run after the load has room on a busy 2-core machine (1 s gave a 504 there)
+    with live_server(data, FakeBackend(), timeout=2.0, hold_grace=0.0, sweep_interval=0.2) as live:
         store = Store.in_data_dir(data)
         key, token = keystore.create_key(store, credits=3)
         body = {"image": image_b64, "prompt": "cat", "model": "clipseg"}
