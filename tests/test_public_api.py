@@ -1,0 +1,101 @@
+"""The library's public surface as a user writes against it: option and settings objects built by hand, options
+given as a dict, numpy scalars as option values, and signatures a type checker reads."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from automask import MaskGenerator, MaskOptions, Settings
+from automask.errors import InvalidOptionError
+
+
+@pytest.fixture(scope="module")
+def gen(tiny_clipseg_dir: Path) -> MaskGenerator:
+    return MaskGenerator(str(tiny_clipseg_dir))
+
+
+@pytest.fixture(scope="module")
+def image() -> np.ndarray:
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
+
+
+@pytest.mark.parametrize(
+    ("options", "field", "message"),
+    [
+        ({"grow_mak": 5}, "grow_mak", "grow_mak: unknown field"),
+        ({"threshold": 2}, "threshold", "threshold: Input should be less than or equal to 1"),
+        ({"threshold": "0.3"}, "threshold", "threshold: Input should be a valid number"),
+        ({"grow_mask": True}, "grow_mask", "grow_mask: must be an integer, not a boolean"),
+    ],
+)
+def test_building_mask_options_by_hand_raises_the_documented_error(
+    options: dict[str, Any], field: str, message: str
+) -> None:
+    """Before: `MaskOptions(grow_mak=5)` raised pydantic's multi-line ValidationError, while the README promises
+    `InvalidOptionError` naming the field (as `MaskOptions.parse` and `generate` raise)."""
+    with pytest.raises(InvalidOptionError) as err:
+        MaskOptions(**options)
+    assert (err.value.field, str(err.value)) == (field, message)
+    assert MaskOptions(threshold=0.3, grow_mask=2) == MaskOptions.parse({"threshold": 0.3, "grow_mask": 2})
+
+
+def test_mask_options_stay_frozen() -> None:
+    with pytest.raises(ValidationError):
+        MaskOptions().grow_mask = 6  # type: ignore[misc]
+
+
+def test_numpy_scalars_are_read_as_the_numbers_they_hold() -> None:
+    """Before: `grow_mask=np.int64(3)` was refused with "Input should be a valid integer" and
+    `invert_mask=np.bool_(True)` with "Input should be a valid boolean" (a float32 threshold was taken)."""
+    opts = MaskOptions.parse(
+        grow_mask=np.int64(3),
+        seed=np.uint32(7),
+        min_area=np.int16(4),
+        feather=np.uint8(2),
+        invert_mask=np.bool_(True),
+        fill_holes=np.True_,
+        return_mask=np.False_,
+    )
+    assert (opts.grow_mask, opts.seed, opts.min_area, opts.feather) == (3, 7, 4, 2)
+    assert all(type(v) is int for v in (opts.grow_mask, opts.seed, opts.min_area, opts.feather))
+    assert opts.invert_mask is True and opts.fill_holes is True and opts.return_mask is False
+    with pytest.raises(InvalidOptionError, match=r"^grow_mask: Input should be less than or equal to 100$"):
+        MaskOptions.parse(grow_mask=np.int64(101))
+    with pytest.raises(InvalidOptionError, match=r"^invert_mask: "):
+        MaskOptions.parse(invert_mask=np.int64(1))  # a number is not a boolean, numpy's or Python's
+
+
+def test_an_unknown_setting_is_an_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before: `Settings(max_image_pixel=10**8)` (a typo) was silently ignored and the default limit applied."""
+    with pytest.raises(ValidationError, match="max_image_pixel\n  Extra inputs are not permitted"):
+        Settings(data_dir=tmp_path, max_image_pixel=10**8)  # type: ignore[call-arg]
+    monkeypatch.setenv("AUTOMASK_SOMETHING_ELSE", "1")  # another tool's variable, or a server setting's
+    assert Settings(data_dir=tmp_path).max_image_pixels == 40_000_000
+
+
+@pytest.mark.parametrize("model", [MaskOptions, Settings])
+def test_field_defaults_are_keywords_a_type_checker_reads(model: type) -> None:
+    """Before: `Field(0.2, ...)` gave defaults positionally, which type checkers reading pydantic's
+    `dataclass_transform` do not see, so mypy in a user's code (without pydantic's plugin) reported
+    `MaskOptions(threshold=0.3)` as missing 11 required arguments and `Settings(data_dir=...)` 19."""
+    tree = ast.parse(inspect.getsource(model).lstrip())
+    fields = [
+        (node.target.id, node.value)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+    ]
+    calls = {
+        name: value for name, value in fields if isinstance(value, ast.Call) and ast.unparse(value.func) == "Field"
+    }
+    assert set(calls) == set(model.model_fields)  # type: ignore[attr-defined]
+    positional = sorted(name for name, call in calls.items() if call.args)
+    assert positional == []
+    assert all({"default", "default_factory"} & {k.arg for k in call.keywords} for call in calls.values())
