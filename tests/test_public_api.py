@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
+import automask
 from automask import MaskGenerator, MaskOptions, Settings
 from automask.errors import InvalidOptionError
 
@@ -71,6 +72,24 @@ def test_numpy_scalars_are_read_as_the_numbers_they_hold() -> None:
         MaskOptions.parse(grow_mask=np.int64(101))
     with pytest.raises(InvalidOptionError, match=r"^invert_mask: "):
         MaskOptions.parse(invert_mask=np.int64(1))  # a number is not a boolean, numpy's or Python's
+
+
+def test_options_may_be_a_dict(gen: MaskGenerator, image: np.ndarray) -> None:
+    """Before: `gen.generate(image, "cup", {"threshold": 0.5})` raised AttributeError ('dict' object has no
+    attribute 'scored_targets'), and `automask.generate(image, "cup", MaskOptions())` a TypeError."""
+    expected = gen.generate(image, "cup", threshold=0.5, grow_mask=0)
+    for result in (
+        gen.generate(image, "cup", {"threshold": 0.5, "grow_mask": 0}),
+        gen.generate(image, "cup", {"threshold": 0.9, "grow_mask": 0}, threshold=0.5),  # keywords win
+        gen.generate(image, "cup", MaskOptions(threshold=0.5, grow_mask=0)),
+        automask.generate(image, "cup", {"threshold": 0.5, "grow_mask": 0}, model=gen.backend.model_id),
+        automask.generate(image, "cup", MaskOptions(threshold=0.5), model=gen.backend.model_id, grow_mask=0),
+    ):
+        assert np.array_equal(result.mask, expected.mask)
+    with pytest.raises(InvalidOptionError, match=r"^thresold: unknown field$"):
+        gen.generate(image, "cup", {"thresold": 0.5})
+    with pytest.raises(InvalidOptionError, match=r"^options: must be a MaskOptions or a dict of options, not list$"):
+        gen.generate(image, "cup", [("threshold", 0.5)])  # type: ignore[arg-type]
 
 
 def test_an_unknown_setting_is_an_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -16,7 +16,7 @@ import math
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -26,7 +26,7 @@ from automask import embedded
 from automask import postprocess as pp
 from automask.backends import registry
 from automask.backends.base import Backend, ScoreParams, Scores, score_with
-from automask.errors import EmptyMaskError, ModelNotAvailableError, stop_if_asked
+from automask.errors import EmptyMaskError, InvalidOptionError, ModelNotAvailableError, stop_if_asked
 from automask.imageio import ImageSource, load_image
 from automask.imageio.decode import composite_on_white
 from automask.models import EMBEDDED, ResolvedModel
@@ -164,7 +164,7 @@ class MaskGenerator:
         self,
         image: ImageSource,
         prompt: str | list[str],
-        options: MaskOptions | None = None,
+        options: MaskOptions | Mapping[str, Any] | None = None,
         *,
         allow_paths: bool = True,
         should_stop: Callable[[], bool] | None = None,
@@ -172,7 +172,8 @@ class MaskGenerator:
     ) -> MaskResult:
         """Mask what `prompt` names in `image`.
 
-        `options` (or keyword options such as threshold=0.3, grow_mask=5) are validated here.
+        `options` (a `MaskOptions` or a dict of options) and keyword options such as threshold=0.3, grow_mask=5
+        (which win) are validated here.
         `allow_paths=False`: `image` is never read as a local file path (see `load_image`; for servers).
         `should_stop` (None: never) is asked at each stage boundary (after decoding, after each encode and score,
         inside the backends that have stages of their own, before rendering) and, at most every
@@ -182,9 +183,9 @@ class MaskGenerator:
         Raises `EmptyMaskError` when `stop_on_empty_mask` is set and nothing is selected, and
         `ModelNotAvailableError` for a target that none of the loaded models can serve.
         """
-        opts = MaskOptions.parse(options.model_dump() if options else None, **kwargs) if kwargs else options
+        opts = mask_options(options, kwargs)
         with stopping(should_stop) as check:
-            return self._generate(image, prompt, opts or MaskOptions(), allow_paths, check)
+            return self._generate(image, prompt, opts, allow_paths, check)
 
     def _generate(
         self,
@@ -261,6 +262,16 @@ class MaskGenerator:
         timings["score"] += time.perf_counter() - t
         stop_if_asked(params.should_stop)
         return scores
+
+
+def mask_options(options: MaskOptions | Mapping[str, Any] | None, overrides: dict[str, Any]) -> MaskOptions:
+    """`options` (a `MaskOptions`, a mapping of option names to values, or None) with the keyword `overrides`,
+    validated: `InvalidOptionError` naming the first bad field, or saying what `options` must be."""
+    if isinstance(options, MaskOptions):
+        return MaskOptions.parse(options.model_dump(), **overrides) if overrides else options
+    if options is not None and not isinstance(options, Mapping):
+        raise InvalidOptionError("options", f"must be a MaskOptions or a dict of options, not {type(options).__name__}")
+    return MaskOptions.parse(dict(options or {}), **overrides)
 
 
 class Decoded:
@@ -460,16 +471,17 @@ _DEFAULT_LOCK = threading.Lock()
 def generate(
     image: ImageSource,
     prompt: str | list[str],
+    options: MaskOptions | Mapping[str, Any] | None = None,
     *,
     model: str | None = None,
     settings: Settings | None = None,
-    **options: Any,
+    **kwargs: Any,
 ) -> MaskResult:
-    """One-shot helper: `MaskGenerator(model, settings).generate(image, prompt, **options)`, the generator
-    kept for later calls with the same model and settings."""
+    """One-shot helper: `MaskGenerator(model, settings).generate(image, prompt, options, **kwargs)`, the
+    generator kept for later calls with the same model and settings."""
     settings = settings or Settings()
     with _DEFAULT_LOCK:
         gen = _DEFAULT.get((model, settings))
         if gen is None:
             gen = _DEFAULT[(model, settings)] = MaskGenerator(model, settings)
-    return gen.generate(image, prompt, **options)
+    return gen.generate(image, prompt, options, **kwargs)
