@@ -471,6 +471,47 @@ def test_pil_inputs(settings: Settings, small_rgb: np.ndarray) -> None:
         load_image(Image.open(io.BytesIO(truncated)), settings)
 
 
+def test_a_closed_pil_image_is_a_clear_error(tmp_path: Path, settings: Settings, small_rgb: np.ndarray) -> None:
+    """Before: an image used after its `with Image.open(path)` block raised a bare AssertionError from Pillow (no
+    message, not an AutomaskError), and one loaded before closing was called "corrupt or truncated"."""
+    path = tmp_path / "a.png"
+    path.write_bytes(png_of(small_rgb))
+    with Image.open(path) as lazy:  # its pixels not read yet, and its file closed
+        pass
+    closed = Image.open(path)
+    closed.load()
+    closed.close()
+    in_memory = Image.fromarray(small_rgb)
+    in_memory.close()
+    for img in (lazy, closed, in_memory):
+        with pytest.raises(ImageDecodeError, match=r"^The PIL image was closed before automask read it"):
+            load_image(img, settings)
+    with Image.open(path) as img:  # open: read, whether loaded yet or not
+        assert np.array_equal(load_image(img, settings), small_rgb)
+    with Image.open(path) as loaded:
+        loaded.load()
+    assert np.array_equal(load_image(loaded, settings), small_rgb)  # its pixels were read before its file closed
+
+
+@pytest.mark.parametrize("size", [(0, 0), (0, 5), (5, 0)])
+def test_a_pil_image_without_pixels_is_a_clear_error(size: tuple[int, int], settings: Settings) -> None:
+    """Before: a 0-pixel-wide or -high PIL image reached the model and raised OpenCV's resize assertion."""
+    with pytest.raises(ImageDecodeError, match=rf"^The image is empty \({size[0]}×{size[1]} pixels\)\.$"):
+        load_image(Image.new("RGB", size), settings)
+
+
+def test_premultiplied_la_is_read_as_la(settings: Settings) -> None:
+    """Before: a PIL image in Pillow's premultiplied mode "La" was refused as "corrupt or truncated" (Pillow converts
+    it to LA only)."""
+    la = Image.fromarray(np.array([[[0, 255], [0, 0], [200, 128], [255, 255]]], np.uint8), "LA")
+    expected = load_image(la, settings)
+    out = load_image(la.convert("La"), settings)
+    assert [tuple(p) for p in expected[0]] == [(0, 0, 0), WHITE, (227, 227, 227), WHITE]
+    assert np.abs(out.astype(int) - expected).max() <= 1  # premultiplying rounds the gray of the half-transparent
+    rgba = load_image(la.convert("La"), settings, keep_alpha=True)
+    assert rgba.shape == (1, 4, 4) and rgba[0, :, 3].tolist() == [255, 0, 128, 255]
+
+
 # --- strings, paths, streams -------------------------------------------------------------------------------
 
 
