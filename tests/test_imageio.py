@@ -626,6 +626,28 @@ def test_paths_streams_and_bytes_like(tmp_path: Path, settings: Settings, small_
         assert np.array_equal(load_image(source, settings), small_rgb), type(source)
 
 
+class PathLike:
+    """An `os.PathLike` that is not a `pathlib.Path` (as pytest's `tmpdir` gives)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+
+def test_any_path_like_is_a_path(tmp_path: Path, settings: Settings, small_rgb: np.ndarray) -> None:
+    """Before: an `os.PathLike` other than `pathlib.Path` was "Unsupported image source of type ...", though the
+    README takes a file path."""
+    path = tmp_path / "img.png"
+    path.write_bytes(png_of(small_rgb))
+    assert np.array_equal(load_image(PathLike(path), settings), small_rgb)
+    with pytest.raises(ImageDecodeError, match=r"^No such file: .*nope\.png$"):
+        load_image(PathLike(tmp_path / "nope.png"), settings)
+    with pytest.raises(ImageDecodeError, match="cannot be read here"):
+        load_image(PathLike(path), settings, allow_paths=False)
+
+
 def test_allow_paths_false_never_reads_a_file(
     tmp_path: Path, settings: Settings, small_rgb: np.ndarray, monkeypatch: pytest.MonkeyPatch
 ) -> None:
