@@ -118,3 +118,15 @@ def test_field_defaults_are_keywords_a_type_checker_reads(model: type) -> None:
     positional = sorted(name for name, call in calls.items() if call.args)
     assert positional == []
     assert all({"default", "default_factory"} & {k.arg for k in call.keywords} for call in calls.values())
+
+
+def test_a_model_folder_may_be_a_path(gen: MaskGenerator, image: np.ndarray, tiny_clipseg_dir: Path) -> None:
+    """Before: `MaskGenerator(Path(folder))` was taken for a loaded backend, and every `generate` raised
+    AttributeError ('PosixPath' object has no attribute 'model_id'); so did `automask.generate(..., model=Path)`."""
+    expected = gen.generate(image, "cup").mask
+    by_path = MaskGenerator(tiny_clipseg_dir)
+    assert by_path.backend.model_id == str(tiny_clipseg_dir)
+    assert np.array_equal(by_path.generate(image, "cup").mask, expected)
+    assert np.array_equal(automask.generate(image, "cup", model=tiny_clipseg_dir).mask, expected)
+    with pytest.raises(InvalidOptionError, match=r"^model: must be a model name, a model folder or a loaded Backend"):
+        MaskGenerator(5)  # type: ignore[arg-type]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -119,18 +120,24 @@ class FeatureCache:
 class MaskGenerator:
     """Keeps its models loaded and answers any number of masking calls.
 
-    `model` is a catalogue name ('clipseg', 'subject'), a local model folder, an already loaded `Backend`
-    (used alone), or None for the default: AUTOMASK_MODEL, else the installed open-vocabulary model, else the
-    embedded 'subject' model. Beside an open-vocabulary model, the embedded model (when installed, and
-    `settings.route_embedded`) answers the words of `automask.routing.VOCABULARY`; see `automask.routing`.
+    `model` is a catalogue name ('clipseg', 'subject'), a local model folder (a str or `os.PathLike`), an
+    already loaded `Backend` (used alone), or None for the default: AUTOMASK_MODEL, else the installed
+    open-vocabulary model, else the embedded 'subject' model. Beside an open-vocabulary model, the embedded model
+    (when installed, and `settings.route_embedded`) answers the words of `automask.routing.VOCABULARY`; see
+    `automask.routing`.
     When the embedded model is the one to use and is missing, it is installed on first use unless downloads are
     off (`Settings.offline`, HF_HUB_OFFLINE; see `automask.embedded.install_if_needed`).
     """
 
     def __init__(
-        self, model: str | Backend | None = None, settings: Settings | None = None, cache_size: int = 4
+        self,
+        model: str | os.PathLike[str] | Backend | None = None,
+        settings: Settings | None = None,
+        cache_size: int = 4,
     ) -> None:
         self.settings = settings or Settings()
+        if isinstance(model, os.PathLike):
+            model = os.fspath(model)
         self.open: Backend | None = None
         """The open-vocabulary backend, or None (the embedded model alone)."""
         self.embedded: Backend | None = None
@@ -139,6 +146,10 @@ class MaskGenerator:
             plan = _plan(model, self.settings)
             self.open = _load(plan.open, self.settings)
             self.embedded = _load(plan.embedded, self.settings)
+        elif not isinstance(model, Backend):
+            raise InvalidOptionError(
+                "model", f"must be a model name, a model folder or a loaded Backend, not {type(model).__name__}"
+            )
         elif model.name == EMBEDDED:
             self.embedded = model
         else:
@@ -473,15 +484,16 @@ def generate(
     prompt: str | list[str],
     options: MaskOptions | Mapping[str, Any] | None = None,
     *,
-    model: str | None = None,
+    model: str | os.PathLike[str] | None = None,
     settings: Settings | None = None,
     **kwargs: Any,
 ) -> MaskResult:
     """One-shot helper: `MaskGenerator(model, settings).generate(image, prompt, options, **kwargs)`, the
     generator kept for later calls with the same model and settings."""
     settings = settings or Settings()
+    key = (None if model is None else os.fspath(model), settings)
     with _DEFAULT_LOCK:
-        gen = _DEFAULT.get((model, settings))
+        gen = _DEFAULT.get(key)
         if gen is None:
-            gen = _DEFAULT[(model, settings)] = MaskGenerator(model, settings)
+            gen = _DEFAULT[key] = MaskGenerator(key[0], settings)
     return gen.generate(image, prompt, options, **kwargs)
