@@ -94,10 +94,29 @@ def test_options_may_be_a_dict(gen: MaskGenerator, image: np.ndarray) -> None:
 
 def test_an_unknown_setting_is_an_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Before: `Settings(max_image_pixel=10**8)` (a typo) was silently ignored and the default limit applied."""
-    with pytest.raises(ValidationError, match="max_image_pixel\n  Extra inputs are not permitted"):
+    with pytest.raises(InvalidOptionError) as err:
         Settings(data_dir=tmp_path, max_image_pixel=10**8)  # type: ignore[call-arg]
+    assert err.value.field == "max_image_pixel"
+    assert str(err.value).startswith("max_image_pixel: unknown setting; the settings are: data_dir, model, device,")
     monkeypatch.setenv("AUTOMASK_SOMETHING_ELSE", "1")  # another tool's variable, or a server setting's
     assert Settings(data_dir=tmp_path).max_image_pixels == 40_000_000
+
+
+def test_a_bad_setting_is_an_automask_error_naming_its_variable(
+    image: np.ndarray, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before: a bad AUTOMASK_* variable made `automask.generate` (and `Settings(...)` given a bad value) raise
+    pydantic's ValidationError, which `except automask.AutomaskError` does not catch, not naming the variable."""
+    monkeypatch.setenv("AUTOMASK_MAX_IMAGE_PIXELS", "40MP")
+    with pytest.raises(automask.AutomaskError) as err:
+        automask.generate(image, "person")
+    assert isinstance(err.value, InvalidOptionError)
+    assert str(err.value) == (
+        "max_image_pixels (AUTOMASK_MAX_IMAGE_PIXELS): Input should be a valid integer, unable to parse string as an "
+        "integer"
+    )
+    with pytest.raises(InvalidOptionError, match=r"^max_image_pixels \(AUTOMASK_MAX_IMAGE_PIXELS\): Input should be "):
+        Settings(data_dir=tmp_path, max_image_pixels=-1)
 
 
 @pytest.mark.parametrize("model", [MaskOptions, Settings])

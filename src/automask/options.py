@@ -21,22 +21,23 @@ MIN_AREA_MAX = 1_000_000_000
 """min_area's upper bound (pixels): far above any image automask accepts, low enough to stay a plain integer."""
 
 
-if TYPE_CHECKING:  # type checkers keep the field-by-field signature pydantic gives MaskOptions
-    _RaisesInvalidOption = type
+if TYPE_CHECKING:  # type checkers keep the field-by-field signatures pydantic gives its models
+    RaisesInvalidOption = type
 else:
 
-    class _RaisesInvalidOption(type(BaseModel)):
-        """Pydantic's metaclass, with `MaskOptions(...)` raising `InvalidOptionError` as `MaskOptions.parse` does
-        (an `__init__` of its own would also be called by `model_validate`, with its `strict` lost)."""
+    class RaisesInvalidOption(type(BaseModel)):
+        """Pydantic's metaclass, with building an instance (`Model(...)`) raising `InvalidOptionError`, the class's
+        `invalid_option(exc)`, instead of pydantic's ValidationError (an `__init__` of the model's own would also
+        be called by `model_validate`, with its `strict` lost)."""
 
         def __call__(cls, *args: Any, **kwargs: Any) -> Any:
             try:
                 return super().__call__(*args, **kwargs)
             except ValidationError as exc:
-                raise validation_error(exc) from None
+                raise cls.invalid_option(exc) from None
 
 
-class MaskOptions(BaseModel, metaclass=_RaisesInvalidOption):
+class MaskOptions(BaseModel, metaclass=RaisesInvalidOption):
     """How a mask is selected and rendered.
 
     Order of operations: score -> threshold -> negative -> fill_holes -> min_area -> grow -> invert -> feather
@@ -95,6 +96,11 @@ class MaskOptions(BaseModel, metaclass=_RaisesInvalidOption):
         "than feather from the edge stay 255 or 0 and the mask (and the cut-out's alpha) becomes soft 8-bit. "
         "0: a hard 0/255 mask.",
     )
+
+    @staticmethod
+    def invalid_option(exc: ValidationError) -> InvalidOptionError:
+        """The error `MaskOptions(...)` raises for `exc`: `validation_error`."""
+        return validation_error(exc)
 
     @field_validator("threshold", "text_threshold", mode="before")
     @classmethod

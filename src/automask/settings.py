@@ -6,8 +6,11 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from automask.errors import InvalidOptionError
+from automask.options import RaisesInvalidOption, validation_error
 
 _DEVICE = re.compile(r"cpu|(cuda|mps|xpu|hpu|npu|mtia|xla)(:[0-9]+)?")
 """The torch devices automask runs on (whether this machine has them is checked when a torch model loads)."""
@@ -17,9 +20,10 @@ def _default_data_dir() -> Path:
     return Path.home() / ".cache" / "automask"
 
 
-class Settings(BaseSettings):
-    """Process-wide settings. Construct with `Settings()` to read the environment, or pass overrides (an unknown
-    name is an error, never ignored; unknown AUTOMASK_* environment variables are ignored)."""
+class Settings(BaseSettings, metaclass=RaisesInvalidOption):
+    """Process-wide settings. Construct with `Settings()` to read the environment, or pass overrides. A bad value
+    (given, or from its AUTOMASK_* variable) or an unknown name is an `InvalidOptionError` naming it; unknown
+    AUTOMASK_* environment variables are ignored."""
 
     model_config = SettingsConfigDict(env_prefix="AUTOMASK_", extra="forbid", frozen=True)
 
@@ -85,6 +89,18 @@ class Settings(BaseSettings):
     redis_url: str | None = Field(
         default=None, description="redis://HOST:PORT/N: rate limits shared by every API node, and the v1 hand-off."
     )
+
+    @staticmethod
+    def invalid_option(exc: ValidationError) -> InvalidOptionError:
+        """The error `Settings(...)` raises for `exc`: the setting named with its environment variable (a value may
+        come from either), or an unknown name with the known ones."""
+        err = validation_error(exc)
+        if err.field not in Settings.model_fields:
+            return InvalidOptionError(
+                err.field, f"unknown setting; the settings are: {', '.join(Settings.model_fields)}"
+            )
+        message = err.message.removeprefix(f"{err.field}: ")
+        return InvalidOptionError(f"{err.field} (AUTOMASK_{err.field.upper()})", message)
 
     @field_validator("device")
     @classmethod
