@@ -149,3 +149,25 @@ def test_a_model_folder_may_be_a_path(gen: MaskGenerator, image: np.ndarray, tin
     assert np.array_equal(automask.generate(image, "cup", model=tiny_clipseg_dir).mask, expected)
     with pytest.raises(InvalidOptionError, match=r"^model: must be a model name, a model folder or a loaded Backend"):
         MaskGenerator(5)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("update", "message"),
+    [
+        ({"threshold": 5}, "threshold: Input should be less than or equal to 1"),
+        ({"grow_mask": -3}, "grow_mask: Input should be greater than or equal to 0"),
+        ({"feather": 10**5}, "feather: Input should be less than or equal to 100"),
+        ({"threshold": "abc"}, "threshold: Input should be a valid number"),
+    ],
+)
+def test_options_changed_by_model_copy_are_validated(
+    gen: MaskGenerator, image: np.ndarray, update: dict[str, Any], message: str
+) -> None:
+    """Before: pydantic's `model_copy(update=...)`, the way to change a frozen MaskOptions, does not validate, and
+    `generate` took its result as valid: threshold 5 or grow_mask -3 masked silently, a threshold of "abc" raised
+    numpy's UFuncTypeError."""
+    changed = MaskOptions().model_copy(update=update)
+    with pytest.raises(InvalidOptionError) as err:
+        gen.generate(image, "cup", changed)
+    assert str(err.value) == message
+    assert gen.generate(image, "cup", MaskOptions().model_copy(update={"threshold": 0.5})).mask.shape == image.shape[:2]

@@ -277,9 +277,11 @@ class MaskGenerator:
 
 def mask_options(options: MaskOptions | Mapping[str, Any] | None, overrides: dict[str, Any]) -> MaskOptions:
     """`options` (a `MaskOptions`, a mapping of option names to values, or None) with the keyword `overrides`,
-    validated: `InvalidOptionError` naming the first bad field, or saying what `options` must be."""
+    validated: `InvalidOptionError` naming the first bad field, or saying what `options` must be. A `MaskOptions` is
+    validated again: pydantic's `model_copy(update=...)` (how a frozen model is changed) and `model_construct`
+    do not validate."""
     if isinstance(options, MaskOptions):
-        return MaskOptions.parse(options.model_dump(), **overrides) if overrides else options
+        return MaskOptions.parse(dict(options), **overrides)  # its fields as they are (no serializer warnings)
     if options is not None and not isinstance(options, Mapping):
         raise InvalidOptionError("options", f"must be a MaskOptions or a dict of options, not {type(options).__name__}")
     return MaskOptions.parse(dict(options or {}), **overrides)
