@@ -626,6 +626,39 @@ def test_paths_streams_and_bytes_like(tmp_path: Path, settings: Settings, small_
         assert np.array_equal(load_image(source, settings), small_rgb), type(source)
 
 
+class Trickle(io.RawIOBase):
+    """An unbuffered stream, as a pipe or socket opened with buffering=0 is: each read gives at most `chunk` bytes,
+    whatever was asked."""
+
+    def __init__(self, data: bytes, chunk: int) -> None:
+        self.data, self.chunk, self.pos = data, chunk, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        piece = self.data[self.pos : self.pos + min(self.chunk, len(buffer))]
+        buffer[: len(piece)] = piece
+        self.pos += len(piece)
+        return len(piece)
+
+
+def test_an_unbuffered_stream_is_read_to_its_end(settings: Settings) -> None:
+    """Before: one `read` was taken for the whole stream, so a pipe opened with buffering=0 gave the bytes arrived
+    so far and the image was "corrupt or truncated"."""
+    image = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    data = png_of(image)
+    assert len(data) > 4 * 1000
+    assert np.array_equal(load_image(Trickle(data, 1000), settings), image)
+    small = Settings(data_dir=settings.data_dir, max_image_bytes=len(data) - 1)
+    with pytest.raises(ImageTooLargeError, match=f"^The image is {len(data):,} bytes; the limit is"):
+        load_image(Trickle(data, 1000), small)
+    endless = Trickle(data * 100, 1000)
+    with pytest.raises(ImageTooLargeError):
+        load_image(endless, small)
+    assert endless.pos == len(data)  # it stopped reading one byte past the limit
+
+
 class PathLike:
     """An `os.PathLike` that is not a `pathlib.Path` (as pytest's `tmpdir` gives)."""
 

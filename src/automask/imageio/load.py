@@ -83,12 +83,24 @@ def load_image(
 
 
 def read_stream(stream: BinaryIO, settings: Settings) -> bytes:
-    """Read a binary stream, at most `settings.max_image_bytes` bytes (one more to detect overflow)."""
-    data = stream.read(settings.max_image_bytes + 1)
-    if not isinstance(data, bytes):
-        raise ImageDecodeError("The image stream must be opened in binary mode (it returned text).")
-    check_encoded_size(len(data), settings)
-    return data
+    """Read a binary stream to its end, at most `settings.max_image_bytes` bytes (one more to detect overflow).
+    An unbuffered stream (a pipe or socket opened with buffering=0) answers each `read` with what has arrived so
+    far, so it is read until it ends."""
+    limit = settings.max_image_bytes + 1
+    chunks: list[bytes] = []
+    size = 0
+    while size < limit:
+        data = stream.read(limit - size)
+        if isinstance(data, str):
+            raise ImageDecodeError("The image stream must be opened in binary mode (it returned text).")
+        if not data:  # the end (None: a non-blocking stream with nothing more to give)
+            break
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise ImageDecodeError(f"The image stream's read() returned {type(data).__name__}, not bytes.")
+        chunks.append(bytes(data))
+        size += len(data)
+    check_encoded_size(size, settings)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def read_file(path: Path, settings: Settings) -> bytes:
