@@ -471,6 +471,47 @@ def test_pil_inputs(settings: Settings, small_rgb: np.ndarray) -> None:
         load_image(Image.open(io.BytesIO(truncated)), settings)
 
 
+def test_a_closed_pil_image_is_a_clear_error(tmp_path: Path, settings: Settings, small_rgb: np.ndarray) -> None:
+    """Before: an image used after its `with Image.open(path)` block raised a bare AssertionError from Pillow (no
+    message, not an AutomaskError), and one loaded before closing was called "corrupt or truncated"."""
+    path = tmp_path / "a.png"
+    path.write_bytes(png_of(small_rgb))
+    with Image.open(path) as lazy:  # its pixels not read yet, and its file closed
+        pass
+    closed = Image.open(path)
+    closed.load()
+    closed.close()
+    in_memory = Image.fromarray(small_rgb)
+    in_memory.close()
+    for img in (lazy, closed, in_memory):
+        with pytest.raises(ImageDecodeError, match=r"^The PIL image was closed before automask read it"):
+            load_image(img, settings)
+    with Image.open(path) as img:  # open: read, whether loaded yet or not
+        assert np.array_equal(load_image(img, settings), small_rgb)
+    with Image.open(path) as loaded:
+        loaded.load()
+    assert np.array_equal(load_image(loaded, settings), small_rgb)  # its pixels were read before its file closed
+
+
+@pytest.mark.parametrize("size", [(0, 0), (0, 5), (5, 0)])
+def test_a_pil_image_without_pixels_is_a_clear_error(size: tuple[int, int], settings: Settings) -> None:
+    """Before: a 0-pixel-wide or -high PIL image reached the model and raised OpenCV's resize assertion."""
+    with pytest.raises(ImageDecodeError, match=rf"^The image is empty \({size[0]}×{size[1]} pixels\)\.$"):
+        load_image(Image.new("RGB", size), settings)
+
+
+def test_premultiplied_la_is_read_as_la(settings: Settings) -> None:
+    """Before: a PIL image in Pillow's premultiplied mode "La" was refused as "corrupt or truncated" (Pillow converts
+    it to LA only)."""
+    la = Image.fromarray(np.array([[[0, 255], [0, 0], [200, 128], [255, 255]]], np.uint8), "LA")
+    expected = load_image(la, settings)
+    out = load_image(la.convert("La"), settings)
+    assert [tuple(p) for p in expected[0]] == [(0, 0, 0), WHITE, (227, 227, 227), WHITE]
+    assert np.abs(out.astype(int) - expected).max() <= 1  # premultiplying rounds the gray of the half-transparent
+    rgba = load_image(la.convert("La"), settings, keep_alpha=True)
+    assert rgba.shape == (1, 4, 4) and rgba[0, :, 3].tolist() == [255, 0, 128, 255]
+
+
 # --- strings, paths, streams -------------------------------------------------------------------------------
 
 
@@ -583,6 +624,61 @@ def test_paths_streams_and_bytes_like(tmp_path: Path, settings: Settings, small_
     sources: list[ImageSource] = [path, str(path), io.BytesIO(data), bytearray(data), memoryview(data)]
     for source in sources:
         assert np.array_equal(load_image(source, settings), small_rgb), type(source)
+
+
+class Trickle(io.RawIOBase):
+    """An unbuffered stream, as a pipe or socket opened with buffering=0 is: each read gives at most `chunk` bytes,
+    whatever was asked."""
+
+    def __init__(self, data: bytes, chunk: int) -> None:
+        self.data, self.chunk, self.pos = data, chunk, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        piece = self.data[self.pos : self.pos + min(self.chunk, len(buffer))]
+        buffer[: len(piece)] = piece
+        self.pos += len(piece)
+        return len(piece)
+
+
+def test_an_unbuffered_stream_is_read_to_its_end(settings: Settings) -> None:
+    """Before: one `read` was taken for the whole stream, so a pipe opened with buffering=0 gave the bytes arrived
+    so far and the image was "corrupt or truncated"."""
+    image = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    data = png_of(image)
+    assert len(data) > 4 * 1000
+    assert np.array_equal(load_image(Trickle(data, 1000), settings), image)
+    small = Settings(data_dir=settings.data_dir, max_image_bytes=len(data) - 1)
+    with pytest.raises(ImageTooLargeError, match=f"^The image is {len(data):,} bytes; the limit is"):
+        load_image(Trickle(data, 1000), small)
+    endless = Trickle(data * 100, 1000)
+    with pytest.raises(ImageTooLargeError):
+        load_image(endless, small)
+    assert endless.pos == len(data)  # it stopped reading one byte past the limit
+
+
+class PathLike:
+    """An `os.PathLike` that is not a `pathlib.Path` (as pytest's `tmpdir` gives)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+
+def test_any_path_like_is_a_path(tmp_path: Path, settings: Settings, small_rgb: np.ndarray) -> None:
+    """Before: an `os.PathLike` other than `pathlib.Path` was "Unsupported image source of type ...", though the
+    README takes a file path."""
+    path = tmp_path / "img.png"
+    path.write_bytes(png_of(small_rgb))
+    assert np.array_equal(load_image(PathLike(path), settings), small_rgb)
+    with pytest.raises(ImageDecodeError, match=r"^No such file: .*nope\.png$"):
+        load_image(PathLike(tmp_path / "nope.png"), settings)
+    with pytest.raises(ImageDecodeError, match="cannot be read here"):
+        load_image(PathLike(path), settings, allow_paths=False)
 
 
 def test_allow_paths_false_never_reads_a_file(

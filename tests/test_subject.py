@@ -248,6 +248,16 @@ def test_threads_setting_reaches_the_session(subject_dir: Path) -> None:
     assert b.session.get_session_options().intra_op_num_threads == 1
 
 
+def test_generators_of_other_thread_counts_get_sessions_of_their_own(subject_dir: Path, tmp_path: Path) -> None:
+    """Before: the loaded-backend cache ignored `threads`, so a generator made with Settings(threads=2) after one
+    with threads=1 silently ran on the first one's 1-thread session."""
+    registry.clear_cache()
+    made = {n: MaskGenerator(str(subject_dir), Settings(data_dir=tmp_path, threads=n)).backend for n in (1, 2, 1)}
+    threads = {n: b.session.get_session_options().intra_op_num_threads for n, b in made.items()}  # type: ignore[attr-defined]
+    assert threads == {1: 1, 2: 2}
+    assert MaskGenerator(str(subject_dir), Settings(data_dir=tmp_path, threads=1)).backend is made[1]  # still reused
+
+
 @pytest.fixture()
 def rembg_reference(subject_wheel: Path, subject_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     """The wheel's own rembg code, imported from the wheel file (never installed), reading our installed model."""

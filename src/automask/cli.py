@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import click
-from pydantic import ValidationError
 
 from automask import errors
 from automask.cli_io import (
@@ -37,7 +36,6 @@ from automask.cli_io import (
 )
 from automask.cli_job import Job, load_generator, mask_options
 from automask.errors import AutomaskError, InvalidOptionError
-from automask.options import validation_error
 from automask.routing import quote_targets
 from automask.settings import Settings
 
@@ -146,12 +144,7 @@ class CliState:
     def settings(self) -> Settings:
         """One Settings object: AUTOMASK_* environment variables, then the global flags."""
         if self._settings is None:
-            try:
-                self._settings = Settings(**self.overrides)
-            except ValidationError as exc:
-                err = validation_error(exc)
-                name = f"{err.field} (AUTOMASK_{err.field.upper()})"
-                raise InvalidOptionError(name, err.message.removeprefix(f"{err.field}: ")) from None
+            self._settings = Settings(**self.overrides)  # a bad value: InvalidOptionError naming its variable
         return self._settings
 
 

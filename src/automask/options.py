@@ -5,10 +5,12 @@ Names, types, defaults and ranges are those of the hosted API (see CONTRACT.md).
 
 from __future__ import annotations
 
+import numbers
 import re
 import unicodedata
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from automask.errors import InvalidOptionError
@@ -19,53 +21,74 @@ MIN_AREA_MAX = 1_000_000_000
 """min_area's upper bound (pixels): far above any image automask accepts, low enough to stay a plain integer."""
 
 
-class MaskOptions(BaseModel):
+if TYPE_CHECKING:  # type checkers keep the field-by-field signatures pydantic gives its models
+    RaisesInvalidOption = type
+else:
+
+    class RaisesInvalidOption(type(BaseModel)):
+        """Pydantic's metaclass, with building an instance (`Model(...)`) raising `InvalidOptionError`, the class's
+        `invalid_option(exc)`, instead of pydantic's ValidationError (an `__init__` of the model's own would also
+        be called by `model_validate`, with its `strict` lost)."""
+
+        def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return super().__call__(*args, **kwargs)
+            except ValidationError as exc:
+                raise cls.invalid_option(exc) from None
+
+
+class MaskOptions(BaseModel, metaclass=RaisesInvalidOption):
     """How a mask is selected and rendered.
 
     Order of operations: score -> threshold -> negative -> fill_holes -> min_area -> grow -> invert -> feather
     -> render. `negative_prompt`, `fill_holes`, `min_area` and `feather` are automask extensions; their defaults
     change nothing.
+
+    `MaskOptions(...)` and `MaskOptions.parse(...)` raise `InvalidOptionError` naming the first bad field. Numpy
+    scalars are read as the Python numbers and booleans they hold (`np.int64(5)`, `np.bool_(True)`).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     threshold: float = Field(
-        0.2, ge=0.0, le=1.0, allow_inf_nan=False, description="Score below which nothing is selected."
+        default=0.2, ge=0.0, le=1.0, allow_inf_nan=False, description="Score below which nothing is selected."
     )
-    grow_mask: int = Field(10, ge=0, le=100, description="Grow the selection by this many original pixels.")
-    invert_mask: bool = Field(False, description="Invert the selection, after growing.")
-    return_mask: bool = Field(True, description="True: output the mask. False: output a tinted preview.")
-    return_alpha: bool = Field(False, description="Output an RGBA cut-out (takes precedence).")
-    stop_on_empty_mask: bool = Field(False, description="Fail with an error when nothing is selected.")
-    seed: int = Field(-1, ge=-1, le=SEED_MAX, description="Accepted and echoed; masking is deterministic.")
+    grow_mask: int = Field(default=10, ge=0, le=100, description="Grow the selection by this many original pixels.")
+    invert_mask: bool = Field(default=False, description="Invert the selection, after growing.")
+    return_mask: bool = Field(default=True, description="True: output the mask. False: output a tinted preview.")
+    return_alpha: bool = Field(default=False, description="Output an RGBA cut-out (takes precedence).")
+    stop_on_empty_mask: bool = Field(default=False, description="Fail with an error when nothing is selected.")
+    seed: int = Field(default=-1, ge=-1, le=SEED_MAX, description="Accepted and echoed; masking is deterministic.")
     text_threshold: float = Field(
-        0.25,
+        default=0.25,
         ge=0.0,
         le=1.0,
         allow_inf_nan=False,
         description="grounded-sam: a detection needs a prompt word scoring above this.",
     )
-    refine: bool = Field(False, description="clipseg: sharpen the mask's edges with SAM (needs the 'sam' model).")
+    refine: bool = Field(
+        default=False, description="clipseg: sharpen the mask's edges with SAM (needs the 'sam' model)."
+    )
     negative_prompt: str | None = Field(
-        None,
+        default=None,
         description="automask extension: what NOT to select, the same syntax as prompt ('hat, bag'). Pixels any "
         "negative target selects at the same threshold (for instance models: the pixels of its instances that pass "
         "the threshold) are removed, after the threshold and before fill_holes, min_area and grow_mask. Empty: none.",
     )
     fill_holes: bool = Field(
-        False,
+        default=False,
         description="automask extension: select the holes the selection encloses (unselected regions that do not "
         "touch the image border), after negative_prompt, before min_area and grow_mask.",
     )
     min_area: int = Field(
-        0,
+        default=0,
         ge=0,
         le=MIN_AREA_MAX,
         description="automask extension: drop selected regions (8-connected) of fewer than this many pixels, after "
         "fill_holes, before grow_mask. 0: keep all.",
     )
     feather: int = Field(
-        0,
+        default=0,
         ge=0,
         le=FEATHER_MAX,
         description="automask extension: soften the final mask's edge over this many pixels, after invert_mask: the "
@@ -73,6 +96,11 @@ class MaskOptions(BaseModel):
         "than feather from the edge stay 255 or 0 and the mask (and the cut-out's alpha) becomes soft 8-bit. "
         "0: a hard 0/255 mask.",
     )
+
+    @staticmethod
+    def invalid_option(exc: ValidationError) -> InvalidOptionError:
+        """The error `MaskOptions(...)` raises for `exc`: `validation_error`."""
+        return validation_error(exc)
 
     @field_validator("threshold", "text_threshold", mode="before")
     @classmethod
@@ -88,7 +116,16 @@ class MaskOptions(BaseModel):
             raise ValueError("must be an integer, not a boolean")
         if isinstance(v, float) and v.is_integer():
             return int(v)
+        if isinstance(v, numbers.Integral):  # numpy's integers
+            return int(v)
         return v
+
+    @field_validator(
+        "invert_mask", "return_mask", "return_alpha", "stop_on_empty_mask", "refine", "fill_holes", mode="before"
+    )
+    @classmethod
+    def _numpy_bool(cls, v: Any) -> Any:
+        return bool(v) if isinstance(v, np.bool_) else v
 
     @property
     def negative_targets(self) -> list[str]:

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -26,7 +27,7 @@ from automask import embedded
 from automask import postprocess as pp
 from automask.backends import registry
 from automask.backends.base import Backend, ScoreParams, Scores, score_with
-from automask.errors import EmptyMaskError, ModelNotAvailableError, stop_if_asked
+from automask.errors import EmptyMaskError, InvalidOptionError, ModelNotAvailableError, stop_if_asked
 from automask.imageio import ImageSource, load_image
 from automask.imageio.decode import composite_on_white
 from automask.models import EMBEDDED, ResolvedModel
@@ -119,18 +120,24 @@ class FeatureCache:
 class MaskGenerator:
     """Keeps its models loaded and answers any number of masking calls.
 
-    `model` is a catalogue name ('clipseg', 'subject'), a local model folder, an already loaded `Backend`
-    (used alone), or None for the default: AUTOMASK_MODEL, else the installed open-vocabulary model, else the
-    embedded 'subject' model. Beside an open-vocabulary model, the embedded model (when installed, and
-    `settings.route_embedded`) answers the words of `automask.routing.VOCABULARY`; see `automask.routing`.
+    `model` is a catalogue name ('clipseg', 'subject'), a local model folder (a str or `os.PathLike`), an
+    already loaded `Backend` (used alone), or None for the default: AUTOMASK_MODEL, else the installed
+    open-vocabulary model, else the embedded 'subject' model. Beside an open-vocabulary model, the embedded model
+    (when installed, and `settings.route_embedded`) answers the words of `automask.routing.VOCABULARY`; see
+    `automask.routing`.
     When the embedded model is the one to use and is missing, it is installed on first use unless downloads are
     off (`Settings.offline`, HF_HUB_OFFLINE; see `automask.embedded.install_if_needed`).
     """
 
     def __init__(
-        self, model: str | Backend | None = None, settings: Settings | None = None, cache_size: int = 4
+        self,
+        model: str | os.PathLike[str] | Backend | None = None,
+        settings: Settings | None = None,
+        cache_size: int = 4,
     ) -> None:
         self.settings = settings or Settings()
+        if isinstance(model, os.PathLike):
+            model = os.fspath(model)
         self.open: Backend | None = None
         """The open-vocabulary backend, or None (the embedded model alone)."""
         self.embedded: Backend | None = None
@@ -139,6 +146,10 @@ class MaskGenerator:
             plan = _plan(model, self.settings)
             self.open = _load(plan.open, self.settings)
             self.embedded = _load(plan.embedded, self.settings)
+        elif not isinstance(model, Backend):
+            raise InvalidOptionError(
+                "model", f"must be a model name, a model folder or a loaded Backend, not {type(model).__name__}"
+            )
         elif model.name == EMBEDDED:
             self.embedded = model
         else:
@@ -164,7 +175,7 @@ class MaskGenerator:
         self,
         image: ImageSource,
         prompt: str | list[str],
-        options: MaskOptions | None = None,
+        options: MaskOptions | Mapping[str, Any] | None = None,
         *,
         allow_paths: bool = True,
         should_stop: Callable[[], bool] | None = None,
@@ -172,7 +183,8 @@ class MaskGenerator:
     ) -> MaskResult:
         """Mask what `prompt` names in `image`.
 
-        `options` (or keyword options such as threshold=0.3, grow_mask=5) are validated here.
+        `options` (a `MaskOptions` or a dict of options) and keyword options such as threshold=0.3, grow_mask=5
+        (which win) are validated here.
         `allow_paths=False`: `image` is never read as a local file path (see `load_image`; for servers).
         `should_stop` (None: never) is asked at each stage boundary (after decoding, after each encode and score,
         inside the backends that have stages of their own, before rendering) and, at most every
@@ -182,9 +194,9 @@ class MaskGenerator:
         Raises `EmptyMaskError` when `stop_on_empty_mask` is set and nothing is selected, and
         `ModelNotAvailableError` for a target that none of the loaded models can serve.
         """
-        opts = MaskOptions.parse(options.model_dump() if options else None, **kwargs) if kwargs else options
+        opts = mask_options(options, kwargs)
         with stopping(should_stop) as check:
-            return self._generate(image, prompt, opts or MaskOptions(), allow_paths, check)
+            return self._generate(image, prompt, opts, allow_paths, check)
 
     def _generate(
         self,
@@ -261,6 +273,18 @@ class MaskGenerator:
         timings["score"] += time.perf_counter() - t
         stop_if_asked(params.should_stop)
         return scores
+
+
+def mask_options(options: MaskOptions | Mapping[str, Any] | None, overrides: dict[str, Any]) -> MaskOptions:
+    """`options` (a `MaskOptions`, a mapping of option names to values, or None) with the keyword `overrides`,
+    validated: `InvalidOptionError` naming the first bad field, or saying what `options` must be. A `MaskOptions` is
+    validated again: pydantic's `model_copy(update=...)` (how a frozen model is changed) and `model_construct`
+    do not validate."""
+    if isinstance(options, MaskOptions):
+        return MaskOptions.parse(dict(options), **overrides)  # its fields as they are (no serializer warnings)
+    if options is not None and not isinstance(options, Mapping):
+        raise InvalidOptionError("options", f"must be a MaskOptions or a dict of options, not {type(options).__name__}")
+    return MaskOptions.parse(dict(options or {}), **overrides)
 
 
 class Decoded:
@@ -460,16 +484,18 @@ _DEFAULT_LOCK = threading.Lock()
 def generate(
     image: ImageSource,
     prompt: str | list[str],
+    options: MaskOptions | Mapping[str, Any] | None = None,
     *,
-    model: str | None = None,
+    model: str | os.PathLike[str] | None = None,
     settings: Settings | None = None,
-    **options: Any,
+    **kwargs: Any,
 ) -> MaskResult:
-    """One-shot helper: `MaskGenerator(model, settings).generate(image, prompt, **options)`, the generator
-    kept for later calls with the same model and settings."""
+    """One-shot helper: `MaskGenerator(model, settings).generate(image, prompt, options, **kwargs)`, the
+    generator kept for later calls with the same model and settings."""
     settings = settings or Settings()
+    key = (None if model is None else os.fspath(model), settings)
     with _DEFAULT_LOCK:
-        gen = _DEFAULT.get((model, settings))
+        gen = _DEFAULT.get(key)
         if gen is None:
-            gen = _DEFAULT[(model, settings)] = MaskGenerator(model, settings)
-    return gen.generate(image, prompt, **options)
+            gen = _DEFAULT[key] = MaskGenerator(key[0], settings)
+    return gen.generate(image, prompt, options, **kwargs)

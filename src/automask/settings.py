@@ -6,8 +6,11 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from automask.errors import InvalidOptionError
+from automask.options import RaisesInvalidOption, validation_error
 
 _DEVICE = re.compile(r"cpu|(cuda|mps|xpu|hpu|npu|mtia|xla)(:[0-9]+)?")
 """The torch devices automask runs on (whether this machine has them is checked when a torch model loads)."""
@@ -17,66 +20,87 @@ def _default_data_dir() -> Path:
     return Path.home() / ".cache" / "automask"
 
 
-class Settings(BaseSettings):
-    """Process-wide settings. Construct with `Settings()` to read the environment, or pass overrides."""
+class Settings(BaseSettings, metaclass=RaisesInvalidOption):
+    """Process-wide settings. Construct with `Settings()` to read the environment, or pass overrides. A bad value
+    (given, or from its AUTOMASK_* variable) or an unknown name is an `InvalidOptionError` naming it; unknown
+    AUTOMASK_* environment variables are ignored."""
 
-    model_config = SettingsConfigDict(env_prefix="AUTOMASK_", extra="ignore", frozen=True)
+    model_config = SettingsConfigDict(env_prefix="AUTOMASK_", extra="forbid", frozen=True)
 
     data_dir: Path = Field(default_factory=_default_data_dir, description="Models, keys database, job results.")
-    model: str | None = Field(None, description="Model name (e.g. 'clipseg') or a local folder; None: the default.")
-    device: str = Field("cpu", description="Torch device for torch backends: 'cpu', 'cuda', 'cuda:N' or 'mps'.")
-    allow_private_urls: bool = Field(False, description="Let image URLs reach private/loopback addresses.")
+    model: str | None = Field(
+        default=None, description="Model name (e.g. 'clipseg') or a local folder; None: the default."
+    )
+    device: str = Field(default="cpu", description="Torch device for torch backends: 'cpu', 'cuda', 'cuda:N' or 'mps'.")
+    allow_private_urls: bool = Field(default=False, description="Let image URLs reach private/loopback addresses.")
     fetch_timeout: float = Field(
-        10.0,
+        default=10.0,
         gt=0,
         le=3600.0,
         description="Seconds allowed to fetch an image URL (an hour at most: a thread or socket cannot wait for inf).",
     )
-    max_image_bytes: int = Field(32 * 1024 * 1024, gt=0, description="Largest encoded image accepted, in bytes.")
-    max_image_pixels: int = Field(40_000_000, gt=0, description="Largest decoded image accepted, in pixels.")
-    max_redirects: int = Field(3, ge=0, le=10, description="Redirects followed when fetching an image URL.")
-    threads: int | None = Field(None, ge=1, description="CPU threads for inference; None: all cores.")
+    max_image_bytes: int = Field(
+        default=32 * 1024 * 1024, gt=0, description="Largest encoded image accepted, in bytes."
+    )
+    max_image_pixels: int = Field(default=40_000_000, gt=0, description="Largest decoded image accepted, in pixels.")
+    max_redirects: int = Field(default=3, ge=0, le=10, description="Redirects followed when fetching an image URL.")
+    threads: int | None = Field(default=None, ge=1, description="CPU threads for inference; None: all cores.")
     offline: bool = Field(
-        False,
+        default=False,
         description="Never download on its own (AUTOMASK_OFFLINE=1, HF_HUB_OFFLINE=1 or --no-download): the embedded "
         "'subject' model is then not installed on first use (automask models pull still downloads when asked).",
     )
     preset: Literal["reference", "fast"] = Field(
-        "reference",
+        default="reference",
         description="reference: the checkpoints' own settings (float32; GroundingDINO at its processor's shortest "
         "edge, 800). fast: GroundingDINO at 512 and SAM/SAM 2/GroundingDINO in bfloat16 on CPUs with native bf16 "
         "(faster; not validated on real weights).",
     )
     precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto",
+        default="auto",
         description="SAM/SAM 2/EdgeTAM/GroundingDINO/SAM 3 compute type. auto: per preset (reference: fp32, bf16 "
         "autocast for SAM 3 on CUDA as its reference code; fast: bf16 on CPUs with native bf16).",
     )
     detector_size: int | None = Field(
-        None,
+        default=None,
         ge=32,
         le=1333,
         description="GroundingDINO input shortest edge. None: per preset (reference: 800, fast: 512).",
     )
     mask_head: Literal["auto", "sam", "sam2", "edgetam"] = Field(
-        "auto", description="Mask head for refine=true: auto = SAM if installed, else SAM 2, else EdgeTAM."
+        default="auto", description="Mask head for refine=true: auto = SAM if installed, else SAM 2, else EdgeTAM."
     )
     route_embedded: bool = Field(
-        True, description="With an open-vocabulary model, send subject/person/background words to the embedded model."
+        default=True,
+        description="With an open-vocabulary model, send subject/person/background words to the embedded model.",
     )
     runtime: Literal["auto", "onnx", "torch"] = Field(
-        "auto", description="CLIPSeg runtime. auto: ONNX Runtime when the model has an ONNX export (CPU), else torch."
+        default="auto",
+        description="CLIPSeg runtime. auto: ONNX Runtime when the model has an ONNX export (CPU), else torch.",
     )
-    int8: bool = Field(False, description="Use the int8 (dynamically quantized) ONNX export; not validated.")
+    int8: bool = Field(default=False, description="Use the int8 (dynamically quantized) ONNX export; not validated.")
     database_url: str | None = Field(
-        None, description="sqlite:///PATH or postgresql://USER:PASS@HOST:PORT/DB; None: <data_dir>/automask.db."
+        default=None, description="sqlite:///PATH or postgresql://USER:PASS@HOST:PORT/DB; None: <data_dir>/automask.db."
     )
     broker_url: str | None = Field(
-        None, description="amqp://USER:PASS@HOST:PORT/VHOST (RabbitMQ): API nodes queue every request to workers."
+        default=None,
+        description="amqp://USER:PASS@HOST:PORT/VHOST (RabbitMQ): API nodes queue every request to workers.",
     )
     redis_url: str | None = Field(
-        None, description="redis://HOST:PORT/N: rate limits shared by every API node, and the v1 hand-off."
+        default=None, description="redis://HOST:PORT/N: rate limits shared by every API node, and the v1 hand-off."
     )
+
+    @staticmethod
+    def invalid_option(exc: ValidationError) -> InvalidOptionError:
+        """The error `Settings(...)` raises for `exc`: the setting named with its environment variable (a value may
+        come from either), or an unknown name with the known ones."""
+        err = validation_error(exc)
+        if err.field not in Settings.model_fields:
+            return InvalidOptionError(
+                err.field, f"unknown setting; the settings are: {', '.join(Settings.model_fields)}"
+            )
+        message = err.message.removeprefix(f"{err.field}: ")
+        return InvalidOptionError(f"{err.field} (AUTOMASK_{err.field.upper()})", message)
 
     @field_validator("device")
     @classmethod

@@ -31,7 +31,7 @@ def backend_names() -> list[str]:
 
 def create(name: str, path: Path, settings: Settings) -> Backend:
     """Load backend `name` from `path`, once per (backend, folder, device, runtime, int8, precision, detector size,
-    preset); later calls reuse it."""
+    preset, threads); later calls reuse it."""
     if name not in _FACTORIES:
         raise UnknownModelError(f"Unknown backend '{name}'. Valid backends: {', '.join(backend_names())}.")
     key = (
@@ -43,6 +43,7 @@ def create(name: str, path: Path, settings: Settings) -> Backend:
         settings.precision,
         str(settings.detector_size),
         settings.preset,
+        str(settings.threads),  # an ONNX Runtime session's own thread pool
     )
     with _LOCK:
         if key not in _LOADED:

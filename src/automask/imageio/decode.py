@@ -168,6 +168,7 @@ def pil_to_rgb(img: Image.Image, settings: Settings, *, keep_alpha: bool = False
     """A PIL image (its current frame) -> H×W×3 uint8 RGB, EXIF orientation applied, pixel limit checked
     (H×W×4 RGBA, straight alpha, for an image with transparency when `keep_alpha`)."""
     check_pixels(img.width, img.height, settings)
+    check_usable(img)
     try:
         img.load()
         rgb = _pil_pixels(img, keep_alpha)
@@ -176,9 +177,32 @@ def pil_to_rgb(img: Image.Image, settings: Settings, *, keep_alpha: bool = False
     except ImageDecodeError:  # ours: it says what is wrong (not corrupt, e.g. float samples out of range)
         raise
     except PIL_ERRORS as exc:
+        if str(exc) == _CLOSED:
+            raise _closed_error() from None
         raise ImageDecodeError(f"The image could not be decoded: it is corrupt or truncated ({exc}).") from None
     oriented = _ORIENT[exif_orientation(img)](rgb)
     return np.ascontiguousarray(oriented)
+
+
+def check_usable(img: Image.Image) -> None:
+    """`ImageDecodeError` for a PIL image without pixels to read: one of width or height 0, or closed before its
+    pixels were read from its file (as `with Image.open(path) as img:` leaves it; Pillow's `load` would fail an
+    assertion). One closed by `img.close()` is found when read (`_CLOSED`)."""
+    if img.width == 0 or img.height == 0:
+        raise ImageDecodeError(f"The image is empty ({img.width}×{img.height} pixels).")
+    if getattr(img, "tile", None) and getattr(img, "fp", True) is None:
+        raise _closed_error()
+
+
+_CLOSED = "Operation on closed image"
+"""Pillow's error for any use of an image after its `close()`."""
+
+
+def _closed_error() -> ImageDecodeError:
+    return ImageDecodeError(
+        "The PIL image was closed before automask read it (e.g. used after its `with Image.open(...)` block): "
+        "pass it while open, call its load() before closing it, or pass the file's path."
+    )
 
 
 def exif_orientation(img: Image.Image) -> int:
@@ -206,7 +230,8 @@ def _pil_pixels(img: Image.Image, keep_alpha: bool) -> np.ndarray:
             return flatten(np.dstack([gray, alpha]), keep_alpha)
         return gray
     if mode in _ALPHA_MODES or "transparency" in img.info:
-        return flatten(np.asarray(img.convert("RGBA")), keep_alpha)
+        straight = img.convert("LA") if mode == "La" else img  # Pillow converts premultiplied La to LA only
+        return flatten(np.asarray(straight.convert("RGBA")), keep_alpha)
     if mode == "I":
         values = np.asarray(img)
         return _gray(wide_to_uint8(values.view(np.uint32) if _unsigned_32(img) else values))

@@ -3,7 +3,8 @@
 A string is, in this order: a URL (http(s) is fetched through the guard in `fetch`; any other `scheme://` is
 refused there), a `data:` URI, an existing file, or bare base64 image data. Anything else is an error that
 names the kinds accepted ("No such file: ..." when it could be a path). With `allow_paths=False` (a server
-reading a client's string) no string is ever read as a file path, and `Path` sources are refused.
+reading a client's string) no string is ever read as a file path, and `Path` sources (any `os.PathLike`) are
+refused.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import binascii
 import contextlib
 import functools
+import os
 import re
 import sys
 from pathlib import Path
@@ -23,7 +25,7 @@ from automask.errors import ImageDecodeError
 from automask.imageio.decode import array_to_rgb, check_encoded_size, check_header, decode_image, pil_to_rgb
 from automask.settings import Settings
 
-ImageSource = str | Path | bytes | bytearray | memoryview | Image.Image | np.ndarray | BinaryIO
+ImageSource = str | os.PathLike[str] | bytes | bytearray | memoryview | Image.Image | np.ndarray | BinaryIO
 
 _SCHEME = re.compile(r"\s*[a-zA-Z][a-zA-Z0-9+.-]*://")
 _DATA_START = re.compile(r"\s*data:", re.IGNORECASE)
@@ -51,16 +53,16 @@ def load_image(
 ) -> np.ndarray:
     """Read `source` into an H×W×3 uint8 RGB array (rows top to bottom as displayed: EXIF orientation applied).
 
-    `source`: a path (str or Path), encoded bytes (bytes, bytearray, memoryview), a binary file object
-    (e.g. `sys.stdin.buffer` or an upload's file), a PIL image (its current frame), a numpy array (H×W, H×W×1,
-    H×W×3 RGB or H×W×4 RGBA), a bare base64 string, a `data:image/...;base64,` URI, or an http(s) URL.
-    `allow_paths=False`: a string is only a URL, a data URI or base64, never a file path, and a `Path` is
-    refused (for strings that come from an untrusted client). Transparency is composited onto white, unless
-    `keep_alpha`: then an image with transparency gives H×W×4 RGBA (straight alpha).
+    `source`: a path (str, Path or another `os.PathLike`), encoded bytes (bytes, bytearray, memoryview), a binary
+    file object (e.g. `sys.stdin.buffer` or an upload's file), a PIL image (its current frame), a numpy array
+    (H×W, H×W×1, H×W×3 RGB or H×W×4 RGBA), a bare base64 string, a `data:image/...;base64,` URI, or an http(s) URL.
+    `allow_paths=False`: a string is only a URL, a data URI or base64, never a file path, and a `Path` (any
+    `os.PathLike`) is refused (for strings that come from an untrusted client). Transparency is composited onto
+    white, unless `keep_alpha`: then an image with transparency gives H×W×4 RGBA (straight alpha).
     Raises ImageDecodeError, ImageTooLargeError, URLRefusedError, FetchError or FetchTimeoutError.
     """
     settings = settings or Settings()
-    if isinstance(source, Path) and not allow_paths:
+    if isinstance(source, os.PathLike) and not allow_paths:
         raise ImageDecodeError(f"Image files on this machine cannot be read here. {_KINDS_NO_PATHS}")
     if isinstance(source, np.ndarray):
         return array_to_rgb(source, settings, keep_alpha=keep_alpha)
@@ -68,8 +70,8 @@ def load_image(
         return pil_to_rgb(source, settings, keep_alpha=keep_alpha)
     if isinstance(source, (bytes, bytearray, memoryview)):
         return decode_image(bytes(source), settings, keep_alpha=keep_alpha)
-    if isinstance(source, Path):
-        return decode_image(read_file(source, settings), settings, keep_alpha=keep_alpha)
+    if isinstance(source, os.PathLike):
+        return decode_image(read_file(Path(os.fsdecode(source)), settings), settings, keep_alpha=keep_alpha)
     if isinstance(source, str):
         return _from_string(source, settings, allow_paths=allow_paths, keep_alpha=keep_alpha)
     if hasattr(source, "read"):
@@ -81,12 +83,24 @@ def load_image(
 
 
 def read_stream(stream: BinaryIO, settings: Settings) -> bytes:
-    """Read a binary stream, at most `settings.max_image_bytes` bytes (one more to detect overflow)."""
-    data = stream.read(settings.max_image_bytes + 1)
-    if not isinstance(data, bytes):
-        raise ImageDecodeError("The image stream must be opened in binary mode (it returned text).")
-    check_encoded_size(len(data), settings)
-    return data
+    """Read a binary stream to its end, at most `settings.max_image_bytes` bytes (one more to detect overflow).
+    An unbuffered stream (a pipe or socket opened with buffering=0) answers each `read` with what has arrived so
+    far, so it is read until it ends."""
+    limit = settings.max_image_bytes + 1
+    chunks: list[bytes] = []
+    size = 0
+    while size < limit:
+        data = stream.read(limit - size)
+        if isinstance(data, str):
+            raise ImageDecodeError("The image stream must be opened in binary mode (it returned text).")
+        if not data:  # the end (None: a non-blocking stream with nothing more to give)
+            break
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise ImageDecodeError(f"The image stream's read() returned {type(data).__name__}, not bytes.")
+        chunks.append(bytes(data))
+        size += len(data)
+    check_encoded_size(size, settings)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def read_file(path: Path, settings: Settings) -> bytes:
