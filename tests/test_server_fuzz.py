@@ -14,6 +14,7 @@ import json
 import logging
 import socket
 import tempfile
+import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from automask.options import parse_prompt
 from automask.server import keys as keystore
 from automask.server.app import create_app
 from automask.server.config import ServerSettings
-from automask.server.schemas import MAX_PROMPT_CHARS, MAX_PROMPT_TARGETS
+from automask.server.schemas import MAX_JSON_COMMAS, MAX_PROMPT_CHARS, MAX_PROMPT_TARGETS
 from automask.server.store import Store
 from server_helpers import FakeBackend, LiveServer, live_server, png_bytes, wait_for
 
@@ -265,6 +266,35 @@ def test_huge_and_non_finite_numbers_are_400_naming_the_field(served: Served, ra
     for version in ("v1", "v2"):
         assert_error(served.post(version, content=body_of(served, raw), headers=JSON), 400, f"{field}: ")
     assert_still_serves(served)
+
+
+@pytest.mark.parametrize(
+    "member",
+    [b"{}", b"[]", b"0.5", b'""', b'"k%d": 0'],
+    ids=["empty-objects", "empty-arrays", "floats", "empty-strings", "unknown-fields"],
+)
+def test_a_body_of_millions_of_tiny_values_is_refused_before_it_is_parsed(served: Served, member: bytes) -> None:
+    """Each value of `[{},{},...]` costs 3 bytes of body and ~60 of memory once parsed (40 MB in: 2 GB); a million
+    unknown fields take pydantic seconds to list. A request is one flat object: refused from its commas, unparsed."""
+    fields = b"%d" in member  # one more member of the object each, not of an array
+    values = b",".join(member % i if fields else member for i in range(2_000_000))
+    content = b'{"image": "x", "prompt": "sofa", ' + values + b"}" if fields else b'{"image": [' + values + b"]}"
+    tracemalloc.start()
+    try:
+        response = served.post(content=content, headers=JSON)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert_error(response, 400, "body: ", f"more than {MAX_JSON_COMMAS} values")
+    assert peak < 4 * len(content)  # the body in the client and in the server, no objects parsed from it
+    assert_still_serves(served)
+
+
+def test_commas_in_the_text_fields_are_not_counted_against_a_request(served: Served) -> None:
+    """The prompts and the model name may be nothing but commas: a valid request stays under `MAX_JSON_COMMAS`."""
+    commas = "," * (MAX_PROMPT_CHARS - len("sofa"))
+    fields = {"image": served.image_b64, "prompt": commas + "sofa", "negative_prompt": commas + "lamp"}
+    assert served.post(json=fields).status_code == 200
 
 
 def test_a_10_mb_prompt_and_too_many_targets_are_400(served: Served) -> None:

@@ -24,6 +24,10 @@ MAX_PROMPT_CHARS = 2000
 """Longest prompt the service accepts (text encoders read a few hundred characters per target at most)."""
 MAX_PROMPT_TARGETS = 32
 """Most targets one prompt may name: each is scored separately, so this bounds the work of one request."""
+MAX_JSON_COMMAS = 16_384
+"""Most commas a JSON body may hold. A request is one flat object of a few fields, so a body with more commas than
+its text fields can hold (the prompts, the model name, an image URL) is refused before it is parsed: each comma
+may separate one more value, and 40 MB of `[{},{},...]` would parse into 2 GB of objects."""
 FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
@@ -186,8 +190,14 @@ def _replay(body: bytearray, chunk: int = 1 << 16) -> Receive:
 
 
 def _from_json(body: bytearray) -> MaskRequest:
-    """Parse and validate a JSON body. `body` is emptied once it is decoded to text: the peak is twice the body (the
-    text, then the text and the values parsed from it), not three times."""
+    """Parse and validate a JSON body (at most `MAX_JSON_COMMAS` commas). `body` is emptied once it is decoded to
+    text: the peak is twice the body (the text, then the text and the values parsed from it), not three times."""
+    if body.count(b",") > MAX_JSON_COMMAS:  # counted before parsing: a scan of the bytes, no copy
+        raise InvalidOptionError(
+            "body",
+            f"holds more than {MAX_JSON_COMMAS} values; send one JSON object of the request's fields, each a string, "
+            "number or boolean",
+        )
     try:
         text = body.decode(json.detect_encoding(body), "surrogatepass")  # what json.loads(bytes) does
         body.clear()
