@@ -24,6 +24,7 @@ from PIL import Image
 
 from automask.errors import FetchError, FetchTimeoutError, ImageTooLargeError, URLRefusedError
 from automask.imageio import fetch, load_image
+from automask.imageio.content_coding import Inflater
 from automask.imageio.fetch import IPAddress, blocked_reason, fetch_url, never_fetched, resolve_host
 from automask.settings import Settings
 
@@ -495,6 +496,14 @@ def test_a_compressed_image_is_decoded(site: Site, coding: str, wbits: int) -> N
     packed = gzip_bytes(png_bytes(), wbits)
     site.routes["/img.gz"] = lambda h: send(h, 200, packed, Content_Type="image/png", Content_Encoding=coding)
     assert np.array_equal(load_image(site.url("/img.gz"), PRIVATE_OK), PIXELS)
+
+
+@pytest.mark.parametrize(("coding", "wbits"), [("gzip", 31), ("deflate", 15), ("deflate", -15)])
+def test_a_compressed_body_read_a_byte_at_a_time_is_decoded(coding: str, wbits: int) -> None:
+    """Network reads split a body anywhere, even inside deflate's two-byte zlib header."""
+    packed = gzip_bytes(png_bytes(), wbits)
+    inflater = Inflater(coding)
+    assert b"".join(inflater.decode(packed[i : i + 1], 1 << 20) for i in range(len(packed))) == png_bytes()
 
 
 @pytest.mark.parametrize(

@@ -25,8 +25,9 @@ class Inflater:
 
     def __init__(self, coding: str) -> None:
         self.coding = coding
-        self._zlib = zlib.decompressobj(WBITS[coding])
-        self._started = False
+        self._zlib = zlib.decompressobj(WBITS[coding]) if coding != "deflate" else None
+        self._head = b""
+        """deflate: its first bytes, until there are two to tell a zlib header from raw deflate data."""
 
     @classmethod
     def for_header(cls, header: str) -> Inflater | None:
@@ -43,15 +44,17 @@ class Inflater:
     def decode(self, data: bytes, room: int) -> bytes:
         """The bytes `data` decodes to, at most `room` (>= 1): past it the rest is dropped, and the caller, having
         received `room` bytes, stops. Data after the end of the compressed stream is ignored. Raises CodingError."""
+        if self._zlib is None:  # deflate, not started: a zlib header (RFC 1950) or, as some servers send, none
+            self._head += data
+            if len(self._head) < 2:
+                return b""
+            cmf, flg = self._head[0], self._head[1]
+            zlib_header = cmf & 0x0F == 8 and (cmf * 256 + flg) % 31 == 0
+            self._zlib = zlib.decompressobj(WBITS["deflate"] if zlib_header else -zlib.MAX_WBITS)
+            data, self._head = self._head, b""
         if self._zlib.eof:
             return b""
         try:
-            out = self._zlib.decompress(data, room)
+            return self._zlib.decompress(data, room)
         except zlib.error as exc:
-            if self.coding != "deflate" or self._started:
-                raise CodingError(f"it does not decompress as {self.coding} ({exc})") from None
-            self._zlib = zlib.decompressobj(-zlib.MAX_WBITS)  # raw deflate, without the zlib header
-            self._started = True
-            return self.decode(data, room)
-        self._started = True
-        return out
+            raise CodingError(f"it does not decompress as {self.coding} ({exc})") from None
