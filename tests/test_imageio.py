@@ -332,6 +332,43 @@ def test_damaged_files_never_escape_as_tracebacks(small_rgb: np.ndarray) -> None
             assert out.dtype == np.uint8 and out.ndim == 3 and out.shape[2] == 3
 
 
+TIFF_FIELDS = ((256, 3, 4), (257, 3, 4), (258, 3, 8), (259, 3, 1), (262, 3, 1), (273, 16, 0), (278, 3, 4), (279, 4, 16))
+"""A 4×4 8-bit grey uncompressed TIFF's fields: (tag, type, value); StripOffsets (273) is a LONG8 (type 16)."""
+TIFF_STRIP = 8 + 2 + 12 * len(TIFF_FIELDS) + 4 + 8
+"""Where the pixels of `tiff_with_strip_offset` are: after the header, the IFD and the LONG8 value."""
+
+
+def tiff_with_strip_offset(offset: int) -> bytes:
+    """A 4×4 black TIFF (`TIFF_FIELDS`) whose one strip is said to start at `offset` (up to 2**64 - 1)."""
+    out = b"II*\x00" + struct.pack("<IH", 8, len(TIFF_FIELDS))
+    for tag, kind, value in TIFF_FIELDS:
+        out += struct.pack("<HHII", tag, kind, 1, TIFF_STRIP - 8 if tag == 273 else value)
+    return out + struct.pack("<IQ", 0, offset) + bytes(16)
+
+
+def avif_damaged(small_rgb: np.ndarray, box: bytes) -> bytes:
+    """An AVIF of `small_rgb` with box `box` renamed (its image item lost), or with b"mdat": its coded pixels zeroed."""
+    data = bytearray(encode(Image.fromarray(small_rgb), "AVIF"))
+    at = data.index(box)
+    if box == b"mdat":
+        data[at + 4 :] = bytes(len(data) - at - 4)
+    else:
+        data[at : at + 4] = b"xxxx"
+    return bytes(data)
+
+
+def test_damaged_avif_and_tiff_are_decode_errors(settings: Settings, small_rgb: np.ndarray) -> None:
+    """Pillow's AVIF plugin raises RuntimeError on damaged files, and a TIFF strip past 2**63 bytes an OverflowError:
+    before, these escaped the decoder, and the server answered 500 instead of 400."""
+    assert np.array_equal(load_image(tiff_with_strip_offset(TIFF_STRIP), settings), np.zeros((4, 4, 3)))
+    damaged = [tiff_with_strip_offset(2**64 - 1)]
+    if "AVIF" in Image.SAVE:
+        damaged += [avif_damaged(small_rgb, b"iloc"), avif_damaged(small_rgb, b"mdat")]
+    for data in damaged:
+        with pytest.raises(ImageDecodeError, match="corrupt or truncated"):
+            load_image(data, settings)
+
+
 # --- size limits -------------------------------------------------------------------------------------------
 
 

@@ -33,10 +33,13 @@ from automask.settings import Settings
 
 ALLOWED_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF", "AVIF", "HEIF", "PPM", "TGA", "QOI")
 
-# What Pillow raises on damaged input (UnidentifiedImageError is an OSError).
+# What Pillow raises on damaged input (UnidentifiedImageError is an OSError; RuntimeError: the AVIF plugin's "Failed
+# to decode image"; OverflowError: a TIFF strip offset past 2**63).
 PIL_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
     ValueError,
+    RuntimeError,
+    OverflowError,
     SyntaxError,
     EOFError,
     IndexError,
