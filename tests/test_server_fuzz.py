@@ -31,7 +31,7 @@ from automask.options import parse_prompt
 from automask.server import keys as keystore
 from automask.server.app import create_app
 from automask.server.config import ServerSettings
-from automask.server.schemas import MAX_JSON_COMMAS, MAX_PROMPT_CHARS, MAX_PROMPT_TARGETS
+from automask.server.schemas import MAX_JSON_VALUES, MAX_PROMPT_CHARS, MAX_PROMPT_TARGETS
 from automask.server.store import Store
 from server_helpers import FakeBackend, LiveServer, live_server, png_bytes, wait_for
 
@@ -269,15 +269,25 @@ def test_huge_and_non_finite_numbers_are_400_naming_the_field(served: Served, ra
 
 
 @pytest.mark.parametrize(
-    "member",
-    [b"{}", b"[]", b"0.5", b'""', b'"k%d": 0'],
-    ids=["empty-objects", "empty-arrays", "floats", "empty-strings", "unknown-fields"],
+    ("member", "count"),
+    [
+        (b"{}", 2_000_000),
+        (b"[]", 2_000_000),
+        (b"0.5", 2_000_000),
+        (b'""', 2_000_000),
+        (b'"k%d": 0', 2_000_000),
+        (b"[" * 900 + b"]" * 900, 10_000),  # few commas: 9 million lists
+    ],
+    ids=["empty-objects", "empty-arrays", "floats", "empty-strings", "unknown-fields", "deep-arrays"],
 )
-def test_a_body_of_millions_of_tiny_values_is_refused_before_it_is_parsed(served: Served, member: bytes) -> None:
+def test_a_body_of_millions_of_tiny_values_is_refused_before_it_is_parsed(
+    served: Served, member: bytes, count: int
+) -> None:
     """Each value of `[{},{},...]` costs 3 bytes of body and ~60 of memory once parsed (40 MB in: 2 GB); a million
-    unknown fields take pydantic seconds to list. A request is one flat object: refused from its commas, unparsed."""
+    unknown fields take pydantic seconds to list. A request is one flat object: refused from its commas and
+    brackets, unparsed."""
     fields = b"%d" in member  # one more member of the object each, not of an array
-    values = b",".join(member % i if fields else member for i in range(2_000_000))
+    values = b",".join(member % i if fields else member for i in range(count))
     content = b'{"image": "x", "prompt": "sofa", ' + values + b"}" if fields else b'{"image": [' + values + b"]}"
     tracemalloc.start()
     try:
@@ -285,15 +295,15 @@ def test_a_body_of_millions_of_tiny_values_is_refused_before_it_is_parsed(served
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    assert_error(response, 400, "body: ", f"more than {MAX_JSON_COMMAS} values")
+    assert_error(response, 400, "body: ", f"more than {MAX_JSON_VALUES} values")
     assert peak < 4 * len(content)  # the body in the client and in the server, no objects parsed from it
     assert_still_serves(served)
 
 
-def test_commas_in_the_text_fields_are_not_counted_against_a_request(served: Served) -> None:
-    """The prompts and the model name may be nothing but commas: a valid request stays under `MAX_JSON_COMMAS`."""
-    commas = "," * (MAX_PROMPT_CHARS - len("sofa"))
-    fields = {"image": served.image_b64, "prompt": commas + "sofa", "negative_prompt": commas + "lamp"}
+def test_commas_and_brackets_in_the_text_fields_are_not_held_against_a_request(served: Served) -> None:
+    """The prompts may be nothing but commas and brackets: a valid request stays under `MAX_JSON_VALUES`."""
+    marks = ",[{" * ((MAX_PROMPT_CHARS - len("sofa")) // 3)
+    fields = {"image": served.image_b64, "prompt": marks + "sofa", "negative_prompt": marks + "lamp"}
     assert served.post(json=fields).status_code == 200
 
 

@@ -24,10 +24,10 @@ MAX_PROMPT_CHARS = 2000
 """Longest prompt the service accepts (text encoders read a few hundred characters per target at most)."""
 MAX_PROMPT_TARGETS = 32
 """Most targets one prompt may name: each is scored separately, so this bounds the work of one request."""
-MAX_JSON_COMMAS = 16_384
-"""Most commas a JSON body may hold. A request is one flat object of a few fields, so a body with more commas than
-its text fields can hold (the prompts, the model name, an image URL) is refused before it is parsed: each comma
-may separate one more value, and 40 MB of `[{},{},...]` would parse into 2 GB of objects."""
+MAX_JSON_VALUES = 16_384
+"""Most values a JSON body may hold, as counted by `json_values_at_most`. A request is one flat object of a few
+fields, so a body with more values than its text fields could account for (the prompts, the model name, an image
+URL) is refused before it is parsed: 40 MB of `[{},{},...]` would parse into 2 GB of objects."""
 FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
@@ -189,13 +189,20 @@ def _replay(body: bytearray, chunk: int = 1 << 16) -> Receive:
     return receive
 
 
+def json_values_at_most(body: bytes | bytearray) -> int:
+    """An upper bound on the values the JSON text `body` parses into (an object's keys: as many again at most), from
+    its bytes alone: each is the root, a container's first element or follows a comma, and the containers are
+    counted by their opening brackets (three scans of the bytes, no copy; those inside strings count too)."""
+    return 1 + body.count(b",") + body.count(b"[") + body.count(b"{")
+
+
 def _from_json(body: bytearray) -> MaskRequest:
-    """Parse and validate a JSON body (at most `MAX_JSON_COMMAS` commas). `body` is emptied once it is decoded to
+    """Parse and validate a JSON body (at most `MAX_JSON_VALUES` values). `body` is emptied once it is decoded to
     text: the peak is twice the body (the text, then the text and the values parsed from it), not three times."""
-    if body.count(b",") > MAX_JSON_COMMAS:  # counted before parsing: a scan of the bytes, no copy
+    if json_values_at_most(body) > MAX_JSON_VALUES:
         raise InvalidOptionError(
             "body",
-            f"holds more than {MAX_JSON_COMMAS} values; send one JSON object of the request's fields, each a string, "
+            f"holds more than {MAX_JSON_VALUES} values; send one JSON object of the request's fields, each a string, "
             "number or boolean",
         )
     try:
