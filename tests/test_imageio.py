@@ -416,6 +416,24 @@ def test_gif_header_claiming_huge_screen_is_refused(settings: Settings) -> None:
         load_image(bytes(data), settings)
 
 
+def tiled_tiff(side: int, tile: int) -> bytes:
+    """A black side×side RGB TIFF stored in deflated tile×tile tiles (a tile larger than the image is padded)."""
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, np.zeros((side, side, 3), np.uint8), tile=(tile, tile), compression="zlib")
+    return buf.getvalue()
+
+
+def test_tiff_tiles_over_the_pixel_limit_are_refused_before_decoding() -> None:
+    """libtiff decodes a tile whole whatever the image's size: a 16×16 image in one 65536×65536 tile is 12 MB of
+    deflate that takes 12 GB to decode. Before: decoded (its 16×16 pixels); now: over the limit, from the header."""
+    settings = Settings(max_image_pixels=1_000_000)
+    assert load_image(tiled_tiff(16, 512), settings).shape == (16, 16, 3)  # tiles of 262,144 pixels: fine
+    big_tile = tiled_tiff(16, 2048)  # 4,194,304 pixels a tile
+    for check in (load_image, check_image):
+        with pytest.raises(ImageTooLargeError, match="tiles of 2048×2048 = 4,194,304 pixels"):
+            check(big_tile, settings)
+
+
 def test_encoded_byte_limit_for_every_source_kind(tmp_path: Path, small_rgb: np.ndarray) -> None:
     data = png_of(np.tile(small_rgb, (10, 10, 1)))
     limit = Settings(max_image_bytes=len(data) - 1)

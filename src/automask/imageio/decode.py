@@ -24,6 +24,7 @@ import struct
 import warnings
 import zlib
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -52,6 +53,7 @@ PIL_ERRORS: tuple[type[BaseException], ...] = (
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 _ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 _EXIF_ORIENTATION = 0x0112
+_TILE_WIDTH, _TILE_LENGTH = 322, 323
 
 # EXIF orientation -> the transform that turns the stored pixels into the displayed ones (H×W×C arrays).
 _ORIENT: dict[int, Callable[[np.ndarray], np.ndarray]] = {
@@ -89,6 +91,31 @@ def check_pixels(width: int, height: int, settings: Settings) -> None:
             f"The image is {width}×{height} = {width * height:,} pixels; the limit is "
             f"{settings.max_image_pixels:,} pixels (AUTOMASK_MAX_IMAGE_PIXELS). Downscale it or raise the limit."
         )
+
+
+def check_decoded_pixels(img: Image.Image, settings: Settings) -> None:
+    """`check_pixels` for an opened image, and for a tiled TIFF its tiles too: libtiff decodes a tile whole, into a
+    buffer of the tile's size whatever the image's (a 16×16 image in one 65536×65536 tile of deflated zeros: 12 MB
+    that take 12 GB). Raises `ImageTooLargeError`, or `ImageDecodeError` for tile sizes that cannot be read."""
+    check_pixels(img.width, img.height, settings)
+    tags = getattr(img, "tag_v2", None)
+    if img.format != "TIFF" or tags is None:
+        return
+    try:  # whatever type the file gives them (libtiff reads any integer type)
+        width, length = (abs(int(_first(tags.get(tag, 0)))) for tag in (_TILE_WIDTH, _TILE_LENGTH))
+    except PIL_ERRORS as exc:
+        raise ImageDecodeError(f"The image could not be read: it is corrupt or truncated ({exc}).") from None
+    if width * length > settings.max_image_pixels:
+        raise ImageTooLargeError(
+            f"The TIFF image is stored in tiles of {width}×{length} = {width * length:,} pixels, each decoded whole; "
+            f"the limit is {settings.max_image_pixels:,} pixels (AUTOMASK_MAX_IMAGE_PIXELS). Save it with smaller "
+            "tiles (or none)."
+        )
+
+
+def _first(value: Any) -> Any:
+    """A TIFF tag's value, or the first of its values."""
+    return value[0] if isinstance(value, tuple) and value else value
 
 
 def decode_image(data: bytes, settings: Settings, *, keep_alpha: bool = False) -> np.ndarray:
@@ -129,10 +156,9 @@ def _open(data: bytes, settings: Settings) -> Image.Image:
         raise ImageDecodeError(_unidentified_message(data)) from None
     except PIL_ERRORS as exc:
         raise ImageDecodeError(f"The image could not be read: it is corrupt or truncated ({exc}).") from None
-    width, height = img.size
     try:
-        check_pixels(width, height, settings)
-    except ImageTooLargeError:
+        check_decoded_pixels(img, settings)
+    except (ImageTooLargeError, ImageDecodeError):
         img.close()
         raise
     return img
@@ -170,7 +196,7 @@ def _unidentified_message(data: bytes) -> str:
 def pil_to_rgb(img: Image.Image, settings: Settings, *, keep_alpha: bool = False) -> np.ndarray:
     """A PIL image (its current frame) -> H×W×3 uint8 RGB, EXIF orientation applied, pixel limit checked
     (H×W×4 RGBA, straight alpha, for an image with transparency when `keep_alpha`)."""
-    check_pixels(img.width, img.height, settings)
+    check_decoded_pixels(img, settings)
     try:
         img.load()
         rgb = _pil_pixels(img, keep_alpha)
@@ -227,9 +253,7 @@ def _unsigned_32(img: Image.Image) -> bool:
     tags = getattr(img, "tag_v2", None)
     if img.format != "TIFF" or tags is None:
         return False
-    bits, kind = tags.get(258, (1,)), tags.get(339, (1,))
-    first = [v[0] if isinstance(v, tuple) and v else v for v in (bits, kind)]
-    return first == [32, 1]
+    return [_first(tags.get(258, (1,))), _first(tags.get(339, (1,)))] == [32, 1]
 
 
 def wide_to_uint8(values: np.ndarray) -> np.ndarray:
