@@ -20,6 +20,7 @@ from skimage import data as skimage_data
 
 from automask.errors import AutomaskError, ImageDecodeError, ImageTooLargeError, URLRefusedError
 from automask.imageio import ImageSource, load_image
+from automask.imageio.bombs import MAX_JPEG_SCANS
 from automask.imageio.decode import composite_on_white, to_uint8
 from automask.imageio.load import BASE64_CHUNK, check_image, decode_base64, decode_data_uri
 from automask.settings import Settings
@@ -432,6 +433,28 @@ def test_tiff_tiles_over_the_pixel_limit_are_refused_before_decoding() -> None:
     for check in (load_image, check_image):
         with pytest.raises(ImageTooLargeError, match="tiles of 2048×2048 = 4,194,304 pixels"):
             check(big_tile, settings)
+
+
+def progressive_jpeg(extra_scans: int = 0, app1: bytes = b"", garbage: bytes = b"") -> bytes:
+    """A 256×256 progressive JPEG (libjpeg's script: 6 scans for gray), its last scan repeated `extra_scans` times
+    (each preceded by `garbage`), with an APP1 segment holding `app1` if given."""
+    data = encode(Image.new("L", (256, 256), 128), "JPEG", progressive=True)
+    last = data[data.rindex(b"\xff\xda") : -2]  # the last scan, up to the end-of-image marker
+    segment = b"\xff\xe1" + struct.pack(">H", len(app1) + 2) + app1 if app1 else b""
+    return data[:2] + segment + data[2:-2] + (garbage + last) * extra_scans + data[-2:]
+
+
+def test_a_jpeg_of_more_scans_than_an_encoder_writes_is_refused_before_decoding(settings: Settings) -> None:
+    """Each scan of a progressive JPEG is a pass over the whole image, for a dozen bytes: before, 1000 empty scans
+    of 40 megapixels (220 KB) took a minute to decode, uninterruptibly. Scans are counted as libjpeg reads them:
+    bytes between markers skipped, segments (an EXIF thumbnail's scans) skipped by their length."""
+    assert load_image(progressive_jpeg(), settings).shape == (256, 256, 3)
+    allowed = MAX_JPEG_SCANS - 6
+    assert load_image(progressive_jpeg(allowed, app1=b"\xff\xda\x00\x02" * 1000), settings).shape == (256, 256, 3)
+    for bomb in (progressive_jpeg(allowed + 1), progressive_jpeg(allowed + 1, garbage=b"junk\xff\x00")):
+        for check in (load_image, check_image):
+            with pytest.raises(ImageDecodeError, match=f"more than {MAX_JPEG_SCANS} scans"):
+                check(bomb, settings)
 
 
 def test_encoded_byte_limit_for_every_source_kind(tmp_path: Path, small_rgb: np.ndarray) -> None:

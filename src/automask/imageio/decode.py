@@ -12,7 +12,8 @@ Choices, the same for every source:
   image full-contrast and a tile decode unlike the whole.
 - **Animated images give their first frame** (GIF, WebP, APNG, multi-page TIFF).
 - **Limits come first**: the encoded size is checked before opening, the pixel count from the header before any
-  pixel is decoded; Pillow's own decompression-bomb error and warning become `ImageTooLargeError` too.
+  pixel is decoded (a TIFF's tile size and a JPEG's scan count too: `bombs`); Pillow's own decompression-bomb
+  error and warning become `ImageTooLargeError` too.
 - Only the raster formats in `ALLOWED_FORMATS` are opened (no EPS, which would start Ghostscript).
 """
 
@@ -24,12 +25,12 @@ import struct
 import warnings
 import zlib
 from collections.abc import Callable
-from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from automask.errors import ImageDecodeError, ImageTooLargeError
+from automask.imageio.bombs import check_jpeg_scans, check_tiff_tiles, tag_value
 from automask.settings import Settings
 
 ALLOWED_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF", "AVIF", "HEIF", "PPM", "TGA", "QOI")
@@ -53,7 +54,6 @@ PIL_ERRORS: tuple[type[BaseException], ...] = (
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 _ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 _EXIF_ORIENTATION = 0x0112
-_TILE_WIDTH, _TILE_LENGTH = 322, 323
 
 # EXIF orientation -> the transform that turns the stored pixels into the displayed ones (H×W×C arrays).
 _ORIENT: dict[int, Callable[[np.ndarray], np.ndarray]] = {
@@ -94,28 +94,9 @@ def check_pixels(width: int, height: int, settings: Settings) -> None:
 
 
 def check_decoded_pixels(img: Image.Image, settings: Settings) -> None:
-    """`check_pixels` for an opened image, and for a tiled TIFF its tiles too: libtiff decodes a tile whole, into a
-    buffer of the tile's size whatever the image's (a 16×16 image in one 65536×65536 tile of deflated zeros: 12 MB
-    that take 12 GB). Raises `ImageTooLargeError`, or `ImageDecodeError` for tile sizes that cannot be read."""
+    """`check_pixels` for an opened image, and for a tiled TIFF its tiles too (`bombs.check_tiff_tiles`)."""
     check_pixels(img.width, img.height, settings)
-    tags = getattr(img, "tag_v2", None)
-    if img.format != "TIFF" or tags is None:
-        return
-    try:  # whatever type the file gives them (libtiff reads any integer type)
-        width, length = (abs(int(_first(tags.get(tag, 0)))) for tag in (_TILE_WIDTH, _TILE_LENGTH))
-    except PIL_ERRORS as exc:
-        raise ImageDecodeError(f"The image could not be read: it is corrupt or truncated ({exc}).") from None
-    if width * length > settings.max_image_pixels:
-        raise ImageTooLargeError(
-            f"The TIFF image is stored in tiles of {width}×{length} = {width * length:,} pixels, each decoded whole; "
-            f"the limit is {settings.max_image_pixels:,} pixels (AUTOMASK_MAX_IMAGE_PIXELS). Save it with smaller "
-            "tiles (or none)."
-        )
-
-
-def _first(value: Any) -> Any:
-    """A TIFF tag's value, or the first of its values."""
-    return value[0] if isinstance(value, tuple) and value else value
+    check_tiff_tiles(img, settings)
 
 
 def decode_image(data: bytes, settings: Settings, *, keep_alpha: bool = False) -> np.ndarray:
@@ -158,6 +139,8 @@ def _open(data: bytes, settings: Settings) -> Image.Image:
         raise ImageDecodeError(f"The image could not be read: it is corrupt or truncated ({exc}).") from None
     try:
         check_decoded_pixels(img, settings)
+        if img.format in ("JPEG", "MPO"):
+            check_jpeg_scans(data)
     except (ImageTooLargeError, ImageDecodeError):
         img.close()
         raise
@@ -253,7 +236,7 @@ def _unsigned_32(img: Image.Image) -> bool:
     tags = getattr(img, "tag_v2", None)
     if img.format != "TIFF" or tags is None:
         return False
-    return [_first(tags.get(258, (1,))), _first(tags.get(339, (1,)))] == [32, 1]
+    return [tag_value(tags, 258, 1), tag_value(tags, 339, 1)] == [32, 1]
 
 
 def wide_to_uint8(values: np.ndarray) -> np.ndarray:
