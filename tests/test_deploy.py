@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import httpx
 import pytest
 import yaml
 from click.testing import CliRunner
@@ -25,7 +26,7 @@ from automask.cli import main
 from automask.models import CATALOGUE
 from automask.server.config import ServerSettings
 from automask.settings import Settings
-from server_helpers import loopback_socket
+from server_helpers import FakeBackend, live_server, loopback_socket
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -350,6 +351,35 @@ def test_nginx_forwards_to_both_api_nodes_with_room_for_the_largest_body(compose
     assert "non_idempotent" not in conf  # a POST a node received is never sent to the other one
     assert re.search(r"listen (\d+);", conf).group(1) == compose["services"]["nginx"]["ports"][0].split(":")[1]  # type: ignore[union-attr]
     assert compose["services"]["nginx"]["volumes"] == ["./nginx.conf:/etc/nginx/conf.d/default.conf:ro"]
+
+
+NGINX_FORWARDED_FOR = {
+    "$remote_addr": lambda sent, peer: peer,
+    "$proxy_add_x_forwarded_for": lambda sent, peer: f"{sent}, {peer}" if sent else peer,
+}
+"""The X-Forwarded-For nginx sends for each value nginx.conf may give it: (the client's header, its address) -> it."""
+
+
+def test_a_client_behind_nginx_cannot_pick_its_address_for_the_failed_authentication_limit(
+    compose: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """nginx sets X-Forwarded-For as nginx.conf says, the API nodes trust it as compose.yaml says (uvicorn's proxy
+    headers): a client sending a fresh X-Forwarded-For with each guessed key is still the one address nginx saw,
+    locked out past the limit."""
+    conf = (DEPLOY / "nginx.conf").read_text()
+    directive = re.search(r"proxy_set_header X-Forwarded-For (\S+);", conf)
+    assert directive and directive.group(1) in NGINX_FORWARDED_FOR
+    forwarded = NGINX_FORWARDED_FOR[directive.group(1)]
+    monkeypatch.setenv("FORWARDED_ALLOW_IPS", compose["services"]["api-1"]["environment"]["FORWARDED_ALLOW_IPS"])
+    with live_server(tmp_path, FakeBackend(), auth_fail_limit=3) as live:
+        codes = [
+            httpx.get(
+                f"{live.url}/v1/credits",
+                headers={"x-api-key": f"am_guess{i}_x", "x-forwarded-for": forwarded(f"203.0.113.{i}", "198.51.100.7")},
+            ).status_code
+            for i in range(5)
+        ]
+    assert codes == [401, 401, 401, 429, 429]
 
 
 def test_dockerfile_installs_the_cpu_torch_first_and_runs_automask() -> None:

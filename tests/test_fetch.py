@@ -11,6 +11,8 @@ import ssl
 import subprocess
 import threading
 import time
+import tracemalloc
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -22,6 +24,7 @@ from PIL import Image
 
 from automask.errors import FetchError, FetchTimeoutError, ImageTooLargeError, URLRefusedError
 from automask.imageio import fetch, load_image
+from automask.imageio.content_coding import Inflater
 from automask.imageio.fetch import IPAddress, blocked_reason, fetch_url, never_fetched, resolve_host
 from automask.settings import Settings
 
@@ -463,6 +466,59 @@ def test_streamed_body_over_the_cap_stops_reading(site: Site) -> None:
         fetch_url(site.url("/endless"), Settings(allow_private_urls=True, max_image_bytes=10_000))
     assert done.wait(5)
     assert sent[0] < total  # the client hung up long before the end
+
+
+def gzip_bytes(data: bytes, wbits: int = 31) -> bytes:
+    """`data` compressed as gzip (wbits 31), zlib (15) or raw deflate (-15)."""
+    packer = zlib.compressobj(9, zlib.DEFLATED, wbits)
+    return packer.compress(data) + packer.flush()
+
+
+def test_a_compression_bomb_is_capped_while_it_inflates(site: Site) -> None:
+    """A server that compresses though asked not to: 64 MB of zeros in ~64 KB of gzip. The cap holds on the
+    decoded bytes, and no more than it is ever inflated (httpx alone inflates each 64 KB read whole: 64 MB)."""
+    bomb = gzip_bytes(bytes(64 << 20))
+    site.routes["/bomb"] = lambda h: send(h, 200, bomb, Content_Type="image/png", Content_Encoding="gzip")
+    tracemalloc.start()
+    try:
+        with pytest.raises(ImageTooLargeError, match="more than 1,000,000 bytes"):
+            fetch_url(site.url("/bomb"), Settings(allow_private_urls=True, max_image_bytes=1_000_000))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20
+
+
+@pytest.mark.parametrize(("coding", "wbits"), [("gzip", 31), ("x-gzip", 31), ("deflate", 15), ("deflate", -15)])
+def test_a_compressed_image_is_decoded(site: Site, coding: str, wbits: int) -> None:
+    """S3 serves an object stored gzipped with Content-Encoding: gzip whatever the client asks; deflate comes with
+    a zlib header or (some servers) without."""
+    packed = gzip_bytes(png_bytes(), wbits)
+    site.routes["/img.gz"] = lambda h: send(h, 200, packed, Content_Type="image/png", Content_Encoding=coding)
+    assert np.array_equal(load_image(site.url("/img.gz"), PRIVATE_OK), PIXELS)
+
+
+@pytest.mark.parametrize(("coding", "wbits"), [("gzip", 31), ("deflate", 15), ("deflate", -15)])
+def test_a_compressed_body_read_a_byte_at_a_time_is_decoded(coding: str, wbits: int) -> None:
+    """Network reads split a body anywhere, even inside deflate's two-byte zlib header."""
+    packed = gzip_bytes(png_bytes(), wbits)
+    inflater = Inflater(coding)
+    assert b"".join(inflater.decode(packed[i : i + 1], 1 << 20) for i in range(len(packed))) == png_bytes()
+
+
+@pytest.mark.parametrize(
+    ("coding", "body", "phrase"),
+    [
+        ("br", b"x", "Content-Encoding 'br'; automask reads only gzip or deflate"),
+        ("gzip, gzip", gzip_bytes(gzip_bytes(b"x")), "Content-Encoding 'gzip, gzip'"),
+        ("gzip", b"not gzip at all", "does not decompress as gzip"),
+    ],
+    ids=["brotli", "gzip-twice", "broken-gzip"],
+)
+def test_other_or_broken_codings_are_fetch_errors(site: Site, coding: str, body: bytes, phrase: str) -> None:
+    site.routes["/odd"] = lambda h: send(h, 200, body, Content_Encoding=coding)
+    with pytest.raises(FetchError, match=re.escape(phrase)):
+        fetch_url(site.url("/odd"), PRIVATE_OK)
 
 
 def test_slow_server_times_out(site: Site) -> None:

@@ -20,6 +20,7 @@ from skimage import data as skimage_data
 
 from automask.errors import AutomaskError, ImageDecodeError, ImageTooLargeError, URLRefusedError
 from automask.imageio import ImageSource, load_image
+from automask.imageio.bombs import MAX_JPEG_SCANS
 from automask.imageio.decode import composite_on_white, to_uint8
 from automask.imageio.load import BASE64_CHUNK, check_image, decode_base64, decode_data_uri
 from automask.settings import Settings
@@ -332,6 +333,43 @@ def test_damaged_files_never_escape_as_tracebacks(small_rgb: np.ndarray) -> None
             assert out.dtype == np.uint8 and out.ndim == 3 and out.shape[2] == 3
 
 
+TIFF_FIELDS = ((256, 3, 4), (257, 3, 4), (258, 3, 8), (259, 3, 1), (262, 3, 1), (273, 16, 0), (278, 3, 4), (279, 4, 16))
+"""A 4×4 8-bit grey uncompressed TIFF's fields: (tag, type, value); StripOffsets (273) is a LONG8 (type 16)."""
+TIFF_STRIP = 8 + 2 + 12 * len(TIFF_FIELDS) + 4 + 8
+"""Where the pixels of `tiff_with_strip_offset` are: after the header, the IFD and the LONG8 value."""
+
+
+def tiff_with_strip_offset(offset: int) -> bytes:
+    """A 4×4 black TIFF (`TIFF_FIELDS`) whose one strip is said to start at `offset` (up to 2**64 - 1)."""
+    out = b"II*\x00" + struct.pack("<IH", 8, len(TIFF_FIELDS))
+    for tag, kind, value in TIFF_FIELDS:
+        out += struct.pack("<HHII", tag, kind, 1, TIFF_STRIP - 8 if tag == 273 else value)
+    return out + struct.pack("<IQ", 0, offset) + bytes(16)
+
+
+def avif_damaged(small_rgb: np.ndarray, box: bytes) -> bytes:
+    """An AVIF of `small_rgb` with box `box` renamed (its image item lost), or with b"mdat": its coded pixels zeroed."""
+    data = bytearray(encode(Image.fromarray(small_rgb), "AVIF"))
+    at = data.index(box)
+    if box == b"mdat":
+        data[at + 4 :] = bytes(len(data) - at - 4)
+    else:
+        data[at : at + 4] = b"xxxx"
+    return bytes(data)
+
+
+def test_damaged_avif_and_tiff_are_decode_errors(settings: Settings, small_rgb: np.ndarray) -> None:
+    """Pillow's AVIF plugin raises RuntimeError on damaged files, and a TIFF strip past 2**63 bytes an OverflowError:
+    before, these escaped the decoder, and the server answered 500 instead of 400."""
+    assert np.array_equal(load_image(tiff_with_strip_offset(TIFF_STRIP), settings), np.zeros((4, 4, 3)))
+    damaged = [tiff_with_strip_offset(2**64 - 1)]
+    if "AVIF" in Image.SAVE:
+        damaged += [avif_damaged(small_rgb, b"iloc"), avif_damaged(small_rgb, b"mdat")]
+    for data in damaged:
+        with pytest.raises(ImageDecodeError, match="corrupt or truncated"):
+            load_image(data, settings)
+
+
 # --- size limits -------------------------------------------------------------------------------------------
 
 
@@ -377,6 +415,46 @@ def test_gif_header_claiming_huge_screen_is_refused(settings: Settings) -> None:
     data[6:10] = struct.pack("<HH", 65535, 65535)  # logical screen: 4.3 gigapixels
     with pytest.raises(ImageTooLargeError):
         load_image(bytes(data), settings)
+
+
+def tiled_tiff(side: int, tile: int) -> bytes:
+    """A black side×side RGB TIFF stored in deflated tile×tile tiles (a tile larger than the image is padded)."""
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, np.zeros((side, side, 3), np.uint8), tile=(tile, tile), compression="zlib")
+    return buf.getvalue()
+
+
+def test_tiff_tiles_over_the_pixel_limit_are_refused_before_decoding() -> None:
+    """libtiff decodes a tile whole whatever the image's size: a 16×16 image in one 65536×65536 tile is 12 MB of
+    deflate that takes 12 GB to decode. Before: decoded (its 16×16 pixels); now: over the limit, from the header."""
+    settings = Settings(max_image_pixels=1_000_000)
+    assert load_image(tiled_tiff(16, 512), settings).shape == (16, 16, 3)  # tiles of 262,144 pixels: fine
+    big_tile = tiled_tiff(16, 2048)  # 4,194,304 pixels a tile
+    for check in (load_image, check_image):
+        with pytest.raises(ImageTooLargeError, match="tiles of 2048×2048 = 4,194,304 pixels"):
+            check(big_tile, settings)
+
+
+def progressive_jpeg(extra_scans: int = 0, app1: bytes = b"", garbage: bytes = b"") -> bytes:
+    """A 256×256 progressive JPEG (libjpeg's script: 6 scans for gray), its last scan repeated `extra_scans` times
+    (each preceded by `garbage`), with an APP1 segment holding `app1` if given."""
+    data = encode(Image.new("L", (256, 256), 128), "JPEG", progressive=True)
+    last = data[data.rindex(b"\xff\xda") : -2]  # the last scan, up to the end-of-image marker
+    segment = b"\xff\xe1" + struct.pack(">H", len(app1) + 2) + app1 if app1 else b""
+    return data[:2] + segment + data[2:-2] + (garbage + last) * extra_scans + data[-2:]
+
+
+def test_a_jpeg_of_more_scans_than_an_encoder_writes_is_refused_before_decoding(settings: Settings) -> None:
+    """Each scan of a progressive JPEG is a pass over the whole image, for a dozen bytes: before, 1000 empty scans
+    of 40 megapixels (220 KB) took a minute to decode, uninterruptibly. Scans are counted as libjpeg reads them:
+    bytes between markers skipped, segments (an EXIF thumbnail's scans) skipped by their length."""
+    assert load_image(progressive_jpeg(), settings).shape == (256, 256, 3)
+    allowed = MAX_JPEG_SCANS - 6
+    assert load_image(progressive_jpeg(allowed, app1=b"\xff\xda\x00\x02" * 1000), settings).shape == (256, 256, 3)
+    for bomb in (progressive_jpeg(allowed + 1), progressive_jpeg(allowed + 1, garbage=b"junk\xff\x00")):
+        for check in (load_image, check_image):
+            with pytest.raises(ImageDecodeError, match=f"more than {MAX_JPEG_SCANS} scans"):
+                check(bomb, settings)
 
 
 def test_encoded_byte_limit_for_every_source_kind(tmp_path: Path, small_rgb: np.ndarray) -> None:

@@ -14,6 +14,7 @@ import json
 import logging
 import socket
 import tempfile
+import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from automask.options import parse_prompt
 from automask.server import keys as keystore
 from automask.server.app import create_app
 from automask.server.config import ServerSettings
-from automask.server.schemas import MAX_PROMPT_CHARS, MAX_PROMPT_TARGETS
+from automask.server.schemas import MAX_JSON_VALUES, MAX_PROMPT_CHARS, MAX_PROMPT_TARGETS
 from automask.server.store import Store
 from server_helpers import FakeBackend, LiveServer, live_server, png_bytes, wait_for
 
@@ -265,6 +266,45 @@ def test_huge_and_non_finite_numbers_are_400_naming_the_field(served: Served, ra
     for version in ("v1", "v2"):
         assert_error(served.post(version, content=body_of(served, raw), headers=JSON), 400, f"{field}: ")
     assert_still_serves(served)
+
+
+@pytest.mark.parametrize(
+    ("member", "count", "phrase"),
+    [
+        (b"{}", 2_000_000, f"holds more than {MAX_JSON_VALUES} values"),
+        (b"[]", 2_000_000, f"holds more than {MAX_JSON_VALUES} values"),
+        (b"0.5", 2_000_000, f"holds more than {MAX_JSON_VALUES} values"),
+        (b'""', 2_000_000, f"holds more than {MAX_JSON_VALUES} values"),
+        (b'"k%d": 0', 2_000_000, f"holds more than {MAX_JSON_VALUES} values"),
+        (b"[" * 900 + b"]" * 900, 10_000, "nested too deeply"),  # few commas: 9 million lists
+    ],
+    ids=["empty-objects", "empty-arrays", "floats", "empty-strings", "unknown-fields", "deep-arrays"],
+)
+def test_a_body_of_millions_of_tiny_values_is_refused_before_it_is_parsed(
+    served: Served, member: bytes, count: int, phrase: str
+) -> None:
+    """Each value of `[{},{},...]` costs 3 bytes of body and ~60 of memory once parsed (40 MB in: 2 GB); a million
+    unknown fields take pydantic seconds to list. A request is one flat object: refused from its commas and
+    brackets (at most `MAX_JSON_VALUES` values), unparsed."""
+    fields = b"%d" in member  # one more member of the object each, not of an array
+    values = b",".join(member % i if fields else member for i in range(count))
+    content = b'{"image": "x", "prompt": "sofa", ' + values + b"}" if fields else b'{"image": [' + values + b"]}"
+    tracemalloc.start()
+    try:
+        response = served.post(content=content, headers=JSON)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert_error(response, 400, "body: ", phrase, "one flat JSON object")
+    assert peak < 4 * len(content)  # the body in the client and in the server, no objects parsed from it
+    assert_still_serves(served)
+
+
+def test_commas_and_brackets_in_the_text_fields_are_not_held_against_a_request(served: Served) -> None:
+    """The prompts may be nothing but commas and brackets: a valid request stays under `MAX_JSON_VALUES`."""
+    marks = ",[{" * ((MAX_PROMPT_CHARS - len("sofa")) // 3)
+    fields = {"image": served.image_b64, "prompt": marks + "sofa", "negative_prompt": marks + "lamp"}
+    assert served.post(json=fields).status_code == 200
 
 
 def test_a_10_mb_prompt_and_too_many_targets_are_400(served: Served) -> None:

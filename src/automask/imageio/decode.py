@@ -12,7 +12,8 @@ Choices, the same for every source:
   image full-contrast and a tile decode unlike the whole.
 - **Animated images give their first frame** (GIF, WebP, APNG, multi-page TIFF).
 - **Limits come first**: the encoded size is checked before opening, the pixel count from the header before any
-  pixel is decoded; Pillow's own decompression-bomb error and warning become `ImageTooLargeError` too.
+  pixel is decoded (a TIFF's tile size and a JPEG's scan count too: `bombs`); Pillow's own decompression-bomb
+  error and warning become `ImageTooLargeError` too.
 - Only the raster formats in `ALLOWED_FORMATS` are opened (no EPS, which would start Ghostscript).
 """
 
@@ -29,14 +30,18 @@ import numpy as np
 from PIL import Image
 
 from automask.errors import ImageDecodeError, ImageTooLargeError
+from automask.imageio.bombs import check_jpeg_scans, check_tiff_tiles, tag_value
 from automask.settings import Settings
 
 ALLOWED_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF", "AVIF", "HEIF", "PPM", "TGA", "QOI")
 
-# What Pillow raises on damaged input (UnidentifiedImageError is an OSError).
+# What Pillow raises on damaged input (UnidentifiedImageError is an OSError; RuntimeError: the AVIF plugin's "Failed
+# to decode image"; OverflowError: a TIFF strip offset past 2**63).
 PIL_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
     ValueError,
+    RuntimeError,
+    OverflowError,
     SyntaxError,
     EOFError,
     IndexError,
@@ -88,6 +93,12 @@ def check_pixels(width: int, height: int, settings: Settings) -> None:
         )
 
 
+def check_decoded_pixels(img: Image.Image, settings: Settings) -> None:
+    """`check_pixels` for an opened image, and for a tiled TIFF its tiles too (`bombs.check_tiff_tiles`)."""
+    check_pixels(img.width, img.height, settings)
+    check_tiff_tiles(img, settings)
+
+
 def decode_image(data: bytes, settings: Settings, *, keep_alpha: bool = False) -> np.ndarray:
     """Decode an encoded image (JPEG, PNG, WebP, ...) into an H×W×3 uint8 RGB array, EXIF orientation applied
     (H×W×4 RGBA for an image with transparency when `keep_alpha`)."""
@@ -126,10 +137,11 @@ def _open(data: bytes, settings: Settings) -> Image.Image:
         raise ImageDecodeError(_unidentified_message(data)) from None
     except PIL_ERRORS as exc:
         raise ImageDecodeError(f"The image could not be read: it is corrupt or truncated ({exc}).") from None
-    width, height = img.size
     try:
-        check_pixels(width, height, settings)
-    except ImageTooLargeError:
+        check_decoded_pixels(img, settings)
+        if img.format in ("JPEG", "MPO"):
+            check_jpeg_scans(data)
+    except (ImageTooLargeError, ImageDecodeError):
         img.close()
         raise
     return img
@@ -167,7 +179,7 @@ def _unidentified_message(data: bytes) -> str:
 def pil_to_rgb(img: Image.Image, settings: Settings, *, keep_alpha: bool = False) -> np.ndarray:
     """A PIL image (its current frame) -> H×W×3 uint8 RGB, EXIF orientation applied, pixel limit checked
     (H×W×4 RGBA, straight alpha, for an image with transparency when `keep_alpha`)."""
-    check_pixels(img.width, img.height, settings)
+    check_decoded_pixels(img, settings)
     check_usable(img)
     try:
         img.load()
@@ -249,9 +261,7 @@ def _unsigned_32(img: Image.Image) -> bool:
     tags = getattr(img, "tag_v2", None)
     if img.format != "TIFF" or tags is None:
         return False
-    bits, kind = tags.get(258, (1,)), tags.get(339, (1,))
-    first = [v[0] if isinstance(v, tuple) and v else v for v in (bits, kind)]
-    return first == [32, 1]
+    return [tag_value(tags, 258, 1), tag_value(tags, 339, 1)] == [32, 1]
 
 
 def wide_to_uint8(values: np.ndarray) -> np.ndarray:

@@ -12,7 +12,8 @@
   sent, and for https the TLS server name (SNI) and certificate check use the original host name
   (httpcore's `sni_hostname` request extension). No second DNS lookup happens.
 - Redirects are followed by hand, at most `settings.max_redirects`, each one resolved and checked again.
-- The body is streamed and reading stops past `settings.max_image_bytes`; one deadline of
+- The body is streamed and reading stops past `settings.max_image_bytes`, counted after undoing a gzip or
+  deflate `Content-Encoding` (`content_coding`, which never inflates more than that); one deadline of
   `settings.fetch_timeout` seconds covers every hop, each host name lookup included (the system resolver's own
   time limits are its own: seconds per try per name server; a lookup past the deadline is left to finish in its
   thread, at most `DNS_LOOKUPS` of them at once, then waited for).
@@ -41,6 +42,7 @@ from automask.errors import (
     PrivateAddressError,
     URLRefusedError,
 )
+from automask.imageio.content_coding import CodingError, Inflater
 from automask.settings import Settings
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -55,8 +57,8 @@ ever waits for another's lookup."""
 _LEFT_BEHIND = threading.BoundedSemaphore(DNS_LOOKUPS)
 _REDIRECTS = (301, 302, 303, 307, 308)
 _HEADERS = {"User-Agent": "automask", "Accept": "image/*,*/*;q=0.8", "Accept-Encoding": "identity"}
-"""Sent with every fetch. `identity`: the byte cap counts what is held in memory (a compressed body would be
-inflated in one piece per read, several times the cap)."""
+"""Sent with every fetch. `identity`: no compression wanted; a server that compresses anyway is read through
+`content_coding`, which keeps the byte cap on the decoded bytes."""
 _METADATA = (
     ipaddress.ip_network("169.254.169.254/32"),  # AWS, GCP, Azure, Oracle, DigitalOcean, OpenStack
     ipaddress.ip_network("169.254.170.2/32"),  # AWS ECS task credentials
@@ -388,17 +390,22 @@ class _Watchdog:
 
 
 def _read_capped(response: httpx.Response, url: httpx.URL, deadline: float, settings: Settings) -> bytes:
-    """Stream the body; stop past `max_image_bytes` (ImageTooLargeError) or past the deadline."""
+    """Stream the body, undoing a gzip or deflate `Content-Encoding` (`content_coding`: never more than the cap at a
+    time); stop past `max_image_bytes` decoded (ImageTooLargeError) or past the deadline."""
     limit = settings.max_image_bytes
     declared = response.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise _too_large(url, f"{int(declared):,} bytes", limit)
-    body = bytearray()
-    for chunk in response.iter_bytes():
-        body += chunk
-        if len(body) > limit:
-            raise _too_large(url, f"more than {limit:,} bytes", limit)
-        _remaining(deadline, url, settings)
+    try:
+        inflater = Inflater.for_header(response.headers.get("content-encoding", ""))
+        body = bytearray()
+        for chunk in response.iter_raw():  # as sent: httpx would inflate each read whole, unbounded
+            body += inflater.decode(chunk, limit + 1 - len(body)) if inflater else chunk
+            if len(body) > limit:
+                raise _too_large(url, f"more than {limit:,} bytes", limit)
+            _remaining(deadline, url, settings)
+    except CodingError as exc:
+        raise FetchError(f"The image at {_show(url)} could not be read: {exc}.") from None
     return bytes(body)
 
 

@@ -25,6 +25,10 @@ MAX_PROMPT_CHARS = 2000
 """Longest prompt the service accepts (text encoders read a few hundred characters per target at most)."""
 MAX_PROMPT_TARGETS = 32
 """Most targets one prompt may name: each is scored separately, so this bounds the work of one request."""
+MAX_JSON_VALUES = 16_384
+"""Most values a JSON body may hold, as counted by `check_json_values`. A request is one flat object of a few
+fields, so a body with more values than its text fields could account for (the prompts, the model name, an image
+URL) is refused before it is parsed: 40 MB of `[{},{},...]` would parse into 2 GB of objects."""
 FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
@@ -194,9 +198,23 @@ def _replay(body: bytearray, chunk: int = 1 << 16) -> Receive:
     return receive
 
 
+def check_json_values(body: bytes | bytearray) -> None:
+    """Raise `InvalidOptionError` when the JSON text `body` may parse into more than `MAX_JSON_VALUES` values, from its
+    bytes alone: each value is the root, a container's first element or follows a comma, and the containers are
+    counted by their opening brackets (three scans of the bytes, no copy; those inside strings count too). An
+    object's keys are as many as its values at most."""
+    commas, brackets = body.count(b","), body.count(b"[") + body.count(b"{")
+    if 1 + commas + brackets > MAX_JSON_VALUES:
+        what = "is nested too deeply" if brackets > 2 * commas else f"holds more than {MAX_JSON_VALUES} values"
+        raise InvalidOptionError(
+            "body", f"{what}; send one flat JSON object of the request's fields, each a string, number or boolean"
+        )
+
+
 def _from_json(body: bytearray) -> MaskRequest:
-    """Parse and validate a JSON body. `body` is emptied once it is decoded to text: the peak is twice the body (the
-    text, then the text and the values parsed from it), not three times."""
+    """Parse and validate a JSON body (`check_json_values` first). `body` is emptied once it is decoded to text: the
+    peak is twice the body (the text, then the text and the values parsed from it), not three times."""
+    check_json_values(body)
     try:
         text = body.decode(json.detect_encoding(body), "surrogatepass")  # what json.loads(bytes) does
         body.clear()
