@@ -17,7 +17,8 @@ from scipy.ndimage import distance_transform_edt
 
 import automask
 from automask.errors import EmptyMaskError, InvalidOptionError, StoppedError
-from automask.pipeline import FeatureCache, MaskGenerator
+from automask.feature_cache import FeatureCache
+from automask.pipeline import MaskGenerator
 
 STAGES = {"decode", "encode", "score", "postprocess", "render", "total"}
 

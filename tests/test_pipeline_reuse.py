@@ -78,7 +78,7 @@ def test_refine_finds_and_wraps_sam_once_per_generator(
 def test_the_feature_cache_keeps_a_byte_budget() -> None:
     """A few 36-megapixel feature maps (145 MB each) must not pile up: the cache drops the oldest past its budget
     and never keeps an entry larger than the whole budget."""
-    from automask.pipeline import FeatureCache, nbytes
+    from automask.feature_cache import FeatureCache, nbytes
 
     cache = FeatureCache(max_items=4, max_bytes=1000)
     arrays = {name: np.zeros(n, np.uint8) for name, n in (("a", 400), ("b", 400), ("c", 400), ("huge", 1001))}

@@ -11,12 +11,10 @@ positive or negative, fits it best.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
@@ -28,6 +26,7 @@ from automask import postprocess as pp
 from automask.backends import registry
 from automask.backends.base import Backend, ScoreParams, Scores, score_with
 from automask.errors import EmptyMaskError, InvalidOptionError, ModelNotAvailableError, stop_if_asked
+from automask.feature_cache import FeatureCache, image_digest
 from automask.imageio import ImageSource, load_image
 from automask.imageio.decode import composite_on_white
 from automask.models import EMBEDDED, ResolvedModel
@@ -36,85 +35,6 @@ from automask.result import Detection, MaskResult
 from automask.routing import ModelPlan, Route, installed_alternatives, plan_models, quote_targets, routed
 from automask.settings import Settings
 from automask.stopping import stopping
-
-
-def image_digest(image: np.ndarray) -> bytes:
-    """A 16-byte BLAKE2b digest of an image array's pixels and shape: the image half of a `FeatureCache` key.
-    Computed once per request (hashing a 12 MP image takes tens of milliseconds)."""
-    h = hashlib.blake2b(image.tobytes(), digest_size=16)
-    h.update(repr(image.shape).encode())
-    return h.digest()
-
-
-CACHE_BYTES = 256 * 1024 * 1024
-"""Most bytes of array data a `FeatureCache` keeps (the embedded model's features of a 36-megapixel photo are a
-145 MB float32 map: a few of those must not pile up in a server)."""
-
-
-NBYTES_DEPTH = 8
-"""How deep `nbytes` looks for arrays: deeper than any backend's features nest them; a bound, not a cycle check."""
-
-
-def nbytes(value: Any) -> int:
-    """Bytes of the arrays (numpy or torch) in `value`, looked for in it, its fields and its tuples/lists/dicts, up to
-    `NBYTES_DEPTH` levels deep (SAM 3's FPN maps sit three levels down, GroundingDINO's backbone maps four): what
-    caching it costs."""
-
-    def size(v: Any, depth: int) -> int:
-        if isinstance(v, np.ndarray):
-            return int(v.nbytes)
-        if hasattr(v, "element_size") and hasattr(v, "nelement"):  # a torch tensor, without importing torch
-            return int(v.element_size() * v.nelement())
-        if depth == 0:
-            return 0
-        if isinstance(v, (tuple, list)):
-            return sum(size(x, depth - 1) for x in v)
-        if isinstance(v, dict):
-            return sum(size(x, depth - 1) for x in v.values())
-        fields = getattr(v, "__dict__", None)
-        return sum(size(x, depth - 1) for x in fields.values()) if isinstance(fields, dict) else 0
-
-    return size(value, NBYTES_DEPTH)
-
-
-class FeatureCache:
-    """A small LRU of encoded image features keyed by (backend, image content), thread-safe: at most `max_items`
-    entries and `max_bytes` of their arrays (an entry larger than that alone is not kept)."""
-
-    def __init__(self, max_items: int = 4, max_bytes: int = CACHE_BYTES) -> None:
-        self.max_items = max_items
-        self.max_bytes = max_bytes
-        self._items: OrderedDict[tuple[str, bytes], Any] = OrderedDict()
-        self._sizes: dict[tuple[str, bytes], int] = {}
-        self._lock = threading.Lock()
-
-    @staticmethod
-    def key(backend: Backend, digest: bytes) -> tuple[str, bytes]:
-        """The key of `backend`'s features of the image with `image_digest` `digest`."""
-        return (f"{backend.name}:{backend.model_id}:{id(backend)}", digest)
-
-    def get(self, key: tuple[str, bytes]) -> Any | None:
-        """The features cached under `key` (now the most recently used), or None."""
-        with self._lock:
-            if key in self._items:
-                self._items.move_to_end(key)
-                return self._items[key]
-        return None
-
-    def put(self, key: tuple[str, bytes], value: Any) -> None:
-        """Cache `value` under `key`, dropping the least recently used entries past `max_items`."""
-        if self.max_items <= 0:
-            return
-        size = nbytes(value)
-        if size > self.max_bytes:
-            return
-        with self._lock:
-            self._items[key] = value
-            self._sizes[key] = size
-            self._items.move_to_end(key)
-            while len(self._items) > self.max_items or sum(self._sizes.values()) > self.max_bytes:
-                old, _ = self._items.popitem(last=False)
-                del self._sizes[old]
 
 
 class MaskGenerator:

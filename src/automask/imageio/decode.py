@@ -10,6 +10,8 @@ Choices, the same for every source:
 - **32-bit integer samples** (Pillow's mode "I": int32 TIFFs, uint32 ones, signed 16-bit ones) are scaled by their
   type's range too, once their values leave 0..65535 (`wide_to_uint8`): an image's own min..max would make every
   image full-contrast and a tile decode unlike the whole.
+- **Colour profiles**: an image embedding one other than sRGB (Display P3, Adobe RGB, a CMYK press profile) is
+  converted to sRGB (`profile.to_srgb`), what models were trained on and what a PNG without a profile shows.
 - **Animated images give their first frame** (GIF, WebP, APNG, multi-page TIFF).
 - **Limits come first**: the encoded size is checked before opening, the pixel count from the header before any
   pixel is decoded (a TIFF's tile size and a JPEG's scan count too: `bombs`); Pillow's own decompression-bomb
@@ -31,6 +33,7 @@ from PIL import Image
 
 from automask.errors import ImageDecodeError, ImageTooLargeError
 from automask.imageio.bombs import check_jpeg_scans, check_tiff_tiles, tag_value
+from automask.imageio.profile import to_srgb
 from automask.settings import Settings
 
 ALLOWED_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF", "AVIF", "HEIF", "PPM", "TGA", "QOI")
@@ -183,7 +186,7 @@ def pil_to_rgb(img: Image.Image, settings: Settings, *, keep_alpha: bool = False
     check_usable(img)
     try:
         img.load()
-        rgb = _pil_pixels(img, keep_alpha)
+        rgb = _pil_pixels(to_srgb(img), keep_alpha)
     except Image.DecompressionBombError as exc:
         raise ImageTooLargeError(f"The image is too large to decode safely ({exc}).") from None
     except ImageDecodeError:  # ours: it says what is wrong (not corrupt, e.g. float samples out of range)

@@ -1,0 +1,119 @@
+"""Images that embed a colour profile are decoded to sRGB (automask.imageio.profile), checked against LittleCMS
+through Pillow's ImageCms on a real photo; sRGB-tagged, damaged and mismatched profiles change nothing."""
+
+from __future__ import annotations
+
+import io
+import struct
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image, ImageCms
+
+from automask import MaskGenerator
+from automask.imageio import load_image
+from test_mask_controls import MapBackend
+
+D50 = (0.9642, 1.0, 0.8249)
+WIDE = ((0.5151, 0.2412, -0.0011), (0.2920, 0.6922, 0.0419), (0.1571, 0.0666, 0.7841))
+"""Display P3's primaries (D50-adapted XYZ, as in Apple's Display P3 profile): a gamut wider than sRGB's."""
+
+
+def rgb_profile(name: str, primaries: tuple[tuple[float, float, float], ...], gamma: float = 2.2) -> bytes:
+    """A minimal ICC v2 matrix/TRC display profile (ICC.1:2001-04: header, tag table, desc, wtpt, r/g/bXYZ,
+    r/g/bTRC as one gamma); no profile files ship on this machine."""
+
+    def s15(v: float) -> bytes:
+        return struct.pack(">i", round(v * 65536))
+
+    def xyz(v: tuple[float, ...]) -> bytes:
+        return b"XYZ " + bytes(4) + b"".join(s15(c) for c in v)
+
+    text = name.encode() + b"\0"
+    desc = b"desc" + bytes(4) + struct.pack(">I", len(text)) + text + bytes(78)  # no Unicode / ScriptCode names
+    curv = b"curv" + bytes(4) + struct.pack(">IH", 1, round(gamma * 256))
+    red, green, blue = primaries
+    tags = [(b"desc", desc), (b"wtpt", xyz(D50)), (b"rXYZ", xyz(red)), (b"gXYZ", xyz(green)), (b"bXYZ", xyz(blue))]
+    tags += [(b"rTRC", curv), (b"gTRC", curv), (b"bTRC", curv)]
+    start = 128 + 4 + 12 * len(tags)
+    table, body = b"", b""
+    for sig, content in tags:
+        content += bytes(-len(content) % 4)
+        table += sig + struct.pack(">II", start + len(body), len(content))
+        body += content
+    header = struct.pack(">I4sI", start + len(body), b"", 0x02100000) + b"mntrRGB XYZ " + bytes(12) + b"acsp"
+    header += bytes(28) + s15(D50[0]) + s15(D50[1]) + s15(D50[2]) + bytes(48)
+    return header + struct.pack(">I", len(tags)) + table + body
+
+
+WIDE_ICC = rgb_profile("Wide test RGB", WIDE)
+SRGB_ICC = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+
+
+def reference_srgb(pixels: np.ndarray, icc: bytes) -> np.ndarray:
+    """LittleCMS's conversion of `pixels` (H×W×3 or ×4 uint8) from profile `icc` to sRGB, relative colorimetric."""
+    mode = "RGBA" if pixels.shape[2] == 4 else "RGB"
+    out = ImageCms.profileToProfile(
+        Image.fromarray(pixels),
+        ImageCms.ImageCmsProfile(io.BytesIO(icc)),
+        ImageCms.createProfile("sRGB"),
+        renderingIntent=ImageCms.Intent.RELATIVE_COLORIMETRIC,
+        outputMode=mode,
+    )
+    assert out is not None
+    return np.asarray(out)
+
+
+def encoded(pixels: np.ndarray, fmt: str, icc: bytes | None, **kw: Any) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format=fmt, **({"icc_profile": icc} if icc else {}), **kw)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "WEBP", "TIFF"])
+def test_an_image_in_a_wide_gamut_profile_is_decoded_to_srgb(coffee: np.ndarray, fmt: str) -> None:
+    data = encoded(coffee, fmt, WIDE_ICC, **({"lossless": True} if fmt == "WEBP" else {}))
+    got = load_image(data)
+    expected = reference_srgb(coffee, WIDE_ICC)
+    assert np.array_equal(got, expected)
+    assert np.abs(got.astype(int) - coffee).mean() > 2  # the conversion is not a no-op on this photo
+
+
+def test_a_jpeg_in_a_wide_gamut_profile_is_decoded_to_srgb(coffee: np.ndarray) -> None:
+    data = encoded(coffee, "JPEG", WIDE_ICC, quality=95)
+    with Image.open(io.BytesIO(data)) as img:
+        stored = np.asarray(img.convert("RGB"))
+    assert np.array_equal(load_image(data), reference_srgb(stored, WIDE_ICC))
+
+
+def test_srgb_damaged_and_absent_profiles_keep_the_stored_values(coffee: np.ndarray) -> None:
+    for icc in (SRGB_ICC, b"not a profile", None):
+        assert np.array_equal(load_image(encoded(coffee, "PNG", icc)), coffee)
+    cmyk = Image.fromarray(coffee).convert("CMYK")
+    buf = io.BytesIO()
+    cmyk.save(buf, format="JPEG", quality=95, icc_profile=WIDE_ICC)  # an RGB profile in a CMYK image: ignored
+    with Image.open(io.BytesIO(buf.getvalue())) as img:
+        assert np.array_equal(load_image(buf.getvalue()), np.asarray(img.convert("RGB")))
+    gray = coffee[..., 0]
+    assert np.array_equal(load_image(encoded(gray, "PNG", WIDE_ICC))[..., 0], gray)  # RGB profile, gray image
+
+
+def test_transparency_is_kept_through_the_conversion(coffee: np.ndarray) -> None:
+    rgba = np.dstack([coffee, np.linspace(0, 255, coffee.shape[1], dtype=np.uint8)[None].repeat(len(coffee), 0)])
+    got = load_image(encoded(rgba, "PNG", WIDE_ICC), keep_alpha=True)
+    assert np.array_equal(got, reference_srgb(rgba, WIDE_ICC)) and np.array_equal(got[..., 3], rgba[..., 3])
+
+
+def test_a_users_pil_image_is_read_in_srgb_and_left_as_it_was(coffee: np.ndarray) -> None:
+    img = Image.fromarray(coffee)
+    img.info["icc_profile"] = WIDE_ICC
+    assert np.array_equal(load_image(img), reference_srgb(coffee, WIDE_ICC))
+    assert np.array_equal(np.asarray(img), coffee) and img.info["icc_profile"] == WIDE_ICC
+
+
+def test_a_cut_out_of_a_wide_gamut_photo_shows_its_colours_in_srgb(coffee: np.ndarray) -> None:
+    h, w = coffee.shape[:2]
+    gen = MaskGenerator(MapBackend({"cup": np.ones((h, w), np.float32)}))
+    cut = gen.generate(encoded(coffee, "PNG", WIDE_ICC), "cup", threshold=0.5, return_alpha=True)
+    assert np.array_equal(cut.output[..., :3], reference_srgb(coffee, WIDE_ICC))
