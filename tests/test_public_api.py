@@ -4,6 +4,7 @@ given as a dict, numpy scalars as option values, and signatures a type checker r
 from __future__ import annotations
 
 import ast
+import importlib
 import inspect
 from pathlib import Path
 from typing import Any
@@ -137,6 +138,14 @@ def test_field_defaults_are_keywords_a_type_checker_reads(model: type) -> None:
     positional = sorted(name for name, call in calls.items() if call.args)
     assert positional == []
     assert all({"default", "default_factory"} & {k.arg for k in call.keywords} for call in calls.values())
+
+
+@pytest.mark.parametrize("module", ["automask.server.config", "automask.server.schemas"])
+def test_server_models_give_field_defaults_as_keywords_too(module: str) -> None:
+    """`ServerSettings(port=0)` and `MaskRequest(...)` built in a user's code read by a type checker (see above)."""
+    tree = ast.parse(inspect.getsource(importlib.import_module(module)))
+    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and ast.unparse(n.func) == "Field"]
+    assert calls and [ast.unparse(c) for c in calls if c.args] == []
 
 
 def test_a_model_folder_may_be_a_path(gen: MaskGenerator, image: np.ndarray, tiny_clipseg_dir: Path) -> None:

@@ -51,7 +51,7 @@ def _seconds(default: float, most: float, description: str, *, zero: bool = Fals
     day), which its description states."""
     ceiling = "an hour" if most == MAX_WAIT else "a day"
     return Field(
-        default,
+        default=default,
         gt=None if zero else 0,
         ge=0 if zero else None,
         le=most,
@@ -66,38 +66,40 @@ class ServerSettings(BaseSettings):
         env_prefix="AUTOMASK_SERVER_", extra="ignore", frozen=True, env_parse_none_str="none"
     )
 
-    host: str = Field("127.0.0.1", description="Interface to listen on.")
-    port: int = Field(8000, ge=0, le=65535, description="TCP port to listen on.")
-    metrics_host: str = Field("127.0.0.1", description="Interface the Prometheus metrics listener binds.")
+    host: str = Field(default="127.0.0.1", description="Interface to listen on.")
+    port: int = Field(default=8000, ge=0, le=65535, description="TCP port to listen on.")
+    metrics_host: str = Field(default="127.0.0.1", description="Interface the Prometheus metrics listener binds.")
     metrics_port: int | None = Field(
-        None, ge=0, le=65535, description="Port of a listener of its own serving Prometheus metrics; None: off."
+        default=None, ge=0, le=65535, description="Port of a listener of its own serving Prometheus metrics; None: off."
     )
-    concurrency: int = Field(1, ge=1, le=64, description="Inference threads (v1 requests and v2 jobs share them).")
-    job_workers: int | None = Field(None, ge=1, le=64, description="v2 jobs run at once; None: `concurrency`.")
+    concurrency: int = Field(
+        default=1, ge=1, le=64, description="Inference threads (v1 requests and v2 jobs share them)."
+    )
+    job_workers: int | None = Field(default=None, ge=1, le=64, description="v2 jobs run at once; None: `concurrency`.")
     timeout: float = _seconds(60.0, MAX_TIMEOUT, "Seconds one inference may take (queueing included) -> 504")
     auth: bool = Field(
-        True,
+        default=True,
         description="Require an API key. False is allowed only on a loopback host, and then serves only requests to "
         "this machine (Host and Origin checked: `this_machine.only_this_machine`).",
     )
     max_body_bytes: int | None = Field(
-        None, gt=0, description="Largest request body; None: room for a base64 image of `max_image_bytes`."
+        default=None, gt=0, description="Largest request body; None: room for a base64 image of `max_image_bytes`."
     )
     body_memory: int = Field(
-        1 << 30,
+        default=1 << 30,
         gt=0,
         description="Bytes of request bodies held in memory at once (one key: a quarter of it, at least one "
         "largest body); a request past it is answered 503 before its body is read.",
     )
     poll_rate_limit: int | None = Field(
-        6000,
+        default=6000,
         ge=1,
         description="Requests per minute one key may make to the endpoints it polls (v2 status, response, output "
         "and cancel; /v1/credits, /v1/models), counted apart from its submits -> 429. The default leaves room for a "
         "key's most queued jobs (100) each polled every second, as the segmind SDK does; None: no limit.",
     )
     auth_fail_limit: int | None = Field(
-        60,
+        default=60,
         ge=1,
         description="Failed authentications (missing, unknown or revoked x-api-key) per minute from one client "
         "address (an IPv6 one: its /64); past it that address is answered 429 before any database read for the rest "
@@ -105,20 +107,24 @@ class ServerSettings(BaseSettings):
         "AUTOMASK_REDIS_URL, one any API node saw succeed within a day. None: no limit.",
     )
     result_ttl: float = Field(
-        3600.0,
+        default=3600.0,
         ge=RESULT_TTL_MIN,
         description="Seconds v2 results are kept after they finish: at least an hour, as CONTRACT.md promises clients.",
     )
     cleanup_interval: float = _seconds(60.0, MAX_WAIT, "Seconds between sweeps of expired v2 results")
-    max_job_attempts: int = Field(3, ge=1, description="Starts of one v2 job (restarts included) before FAILED.")
-    max_queued_per_key: int = Field(100, ge=1, description="Unfinished v2 jobs one key may have -> 429.")
-    max_queued: int = Field(10_000, ge=1, description="Unfinished v2 jobs in all -> 503.")
+    max_job_attempts: int = Field(
+        default=3, ge=1, description="Starts of one v2 job (restarts included) before FAILED."
+    )
+    max_queued_per_key: int = Field(default=100, ge=1, description="Unfinished v2 jobs one key may have -> 429.")
+    max_queued: int = Field(default=10_000, ge=1, description="Unfinished v2 jobs in all -> 503.")
     sweep_interval: float = _seconds(
         2.0, MAX_WAIT, "Seconds between sweeps: dead nodes' jobs, lost publishes, expired credit holds"
     )
     node_ttl: float = _seconds(10.0, MAX_WAIT, "A node silent this many seconds is dead: its jobs run elsewhere")
     heartbeat_interval: float | None = Field(
-        None, gt=0, description="Seconds between a node's heartbeats, at most a third of node_ttl; None: node_ttl / 5."
+        default=None,
+        gt=0,
+        description="Seconds between a node's heartbeats, at most a third of node_ttl; None: node_ttl / 5.",
     )
     republish_after: float = _seconds(
         30.0,
@@ -136,7 +142,7 @@ class ServerSettings(BaseSettings):
         30.0, MAX_TIMEOUT, "Seconds past `timeout` after which an unsettled v1 credit hold is given back", zero=True
     )
     public_url: str | None = Field(
-        None,
+        default=None,
         description="Base URL clients reach the service at (set it behind a proxy); None: the address and port "
         "each connection came in on (never the client's Host header).",
     )
@@ -147,19 +153,19 @@ class ServerSettings(BaseSettings):
         30.0, MAX_WAIT, "Seconds a client may pause while sending a request body -> 408, closed"
     )
     body_min_rate: float = Field(
-        1000.0,
+        default=1000.0,
         gt=0,
         description="Bytes per second a request body must arrive at on average: it gets `body_timeout` seconds, "
         "plus one second per this many bytes received -> 408, closed (a trickling client cannot hold memory).",
     )
     keepalive_timeout: float = _seconds(5.0, MAX_WAIT, "Seconds an idle keep-alive connection stays open")
     max_connections: int = Field(
-        512, ge=1, description="Open connections at most (also kept below the open-file limit); more get a 503."
+        default=512, ge=1, description="Open connections at most (also kept below the open-file limit); more get a 503."
     )
     shutdown_timeout: float = _seconds(
         10.0, MAX_TIMEOUT, "Seconds in-flight requests get to finish after SIGTERM before they are cut off"
     )
-    max_header_bytes: int = Field(16384, ge=1024, description="Largest request line plus headers -> 431.")
+    max_header_bytes: int = Field(default=16384, ge=1024, description="Largest request line plus headers -> 431.")
     debug_delay: float = _seconds(
         0.0, MAX_TIMEOUT, "TEST ONLY: seconds every inference sleeps, to exercise timeouts and restarts", zero=True
     )

@@ -49,13 +49,13 @@ class MaskRequest(MaskOptions):
         "(or written GroundingDINO-style, 'sofa. lamp.') are unioned.",
     )
     negative_prompt: str | None = Field(
-        None,
+        default=None,
         max_length=MAX_PROMPT_CHARS,
         description=MaskOptions.model_fields["negative_prompt"].description,
     )
-    base64: bool = Field(False, description='true: answer JSON {"image": "<base64 PNG>", ...metadata}.')
+    base64: bool = Field(default=False, description='true: answer JSON {"image": "<base64 PNG>", ...metadata}.')
     instance_masks: bool = Field(
-        False,
+        default=False,
         description='automask extension (the hosted API has no such field): true adds "instances" to the JSON '
         'answer, one {"label", "score", "box", "area", "mask"} per entry of "detections" (same order), "mask" '
         "being that instance's own mask as a base64 PNG (H×W 8-bit grayscale, 255 = selected; thresholded, "
@@ -64,7 +64,7 @@ class MaskRequest(MaskOptions):
         "GET /v2/requests/{id} whatever base64 is.",
     )
     model: str | None = Field(
-        None,
+        default=None,
         max_length=MAX_MODEL_NAME,
         description="automask extension (the hosted API has no such field): the name of a model installed on "
         "this server, as GET /v1/models lists them. Absent: the server's default model.",
