@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from automask.errors import ModelNotAvailableError
-from automask.pipeline import MaskGenerator, nbytes
+from automask.feature_cache import nbytes
+from automask.pipeline import MaskGenerator
 from automask.settings import Settings
 from tiny_models import make_tiny_grounded_sam, make_tiny_sam3
 

@@ -19,7 +19,8 @@ from automask.backends.base import Backend
 from automask.backends.interrupt import repeated_layers
 from automask.backends.refine import RefinedBackend
 from automask.errors import StoppedError
-from automask.pipeline import MaskGenerator, image_digest
+from automask.feature_cache import image_digest
+from automask.pipeline import MaskGenerator
 from automask.settings import Settings
 from automask.stopping import StopCheck, current, stopping
 from tiny_models import (

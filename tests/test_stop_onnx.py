@@ -14,7 +14,8 @@ import pytest
 import automask.stopping
 from automask.backends import subject
 from automask.errors import StoppedError
-from automask.pipeline import MaskGenerator, image_digest
+from automask.feature_cache import image_digest
+from automask.pipeline import MaskGenerator
 from automask.settings import Settings
 
 onnx = pytest.importorskip("onnx")
