@@ -1,0 +1,139 @@
+"""README.md (and deploy/README.md) checked against the code: every `automask ...` command they show parses with the
+real CLI, every flag, setting and environment variable the code accepts is documented and every documented one
+exists, the production table's defaults are the settings', and every benchmark command names a script and flags that
+exist. (The commands' behaviour is tested where each feature is; this keeps the front door from drifting.)"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from collections.abc import Iterator
+from pathlib import Path
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from automask.cli import EXIT_HELP, main
+from automask.server.config import ServerSettings
+from automask.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+DEPLOY_README = (ROOT / "deploy" / "README.md").read_text()
+TEST_ONLY = {"debug_delay"}
+"""Server settings that exist for the tests alone, on purpose undocumented."""
+
+
+def snippets(text: str) -> Iterator[str]:
+    """Each line of the fenced code blocks of `text`, and each inline code span outside them."""
+    blocks = re.findall(r"^```[^\n]*\n(.*?)^```", text, flags=re.S | re.M)
+    yield from (line for block in blocks for line in block.splitlines())
+    yield from re.findall(r"`([^`\n]+)`", re.sub(r"^```.*?^```", "", text, flags=re.S | re.M))
+
+
+def automask_argvs(text: str) -> list[list[str]]:
+    """The arguments of every `automask ...` command line in `text` (environment assignments before it, pipes,
+    `&&` chains, redirections, comments and `...` placeholders taken off)."""
+    argvs = []
+    for snippet in snippets(text):
+        for part in re.split(r" \| | && ", snippet):
+            try:
+                words = shlex.split(part, comments=True)
+            except ValueError:  # an unbalanced quote: prose, not a command
+                continue
+            while words and re.fullmatch(r"[A-Z_][A-Z0-9_]*=\S*", words[0]):
+                words = words[1:]
+            if words[:1] == ["automask"]:
+                cut = next((i for i, w in enumerate(words) if w[:1] in "<>"), len(words))
+                argvs.append([w for w in words[1:cut] if w != "..."])  # "...": the rest, left out
+    return argvs
+
+
+@pytest.mark.parametrize("name", ["README.md", "deploy/README.md"])
+def test_every_automask_command_shown_parses(name: str) -> None:
+    """No documented command uses a flag or subcommand the CLI lacks (`--help` stops each before it runs)."""
+    argvs = automask_argvs((ROOT / name).read_text())
+    assert len(argvs) >= (40 if name == "README.md" else 2)
+    for argv in argvs:
+        result = CliRunner().invoke(main, [*argv, "--help"])
+        # a reference such as `automask mask --instances` may lack its arguments, never name an unknown flag
+        wrong = re.search(r"No such (option|command)|unexpected extra argument", result.output)
+        assert result.exit_code in (0, 2) and not wrong, (argv, result.output)
+    check = CliRunner().invoke(main, ["mask", "a.jpg", "--no-such-flag", "--help"])  # the check works
+    assert check.exit_code == 2 and "No such option '--no-such-flag'" in check.output
+
+
+def commands(group: click.Group, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], click.Command]]:
+    """Every command under `group`, with the words that name it (() for the group itself)."""
+    yield path, group
+    for name, command in group.commands.items():
+        if isinstance(command, click.Group):
+            yield from commands(command, (*path, name))
+        else:
+            yield (*path, name), command
+
+
+def test_every_command_and_flag_is_documented() -> None:
+    """Each subcommand is named in README.md, and each long flag of each command appears there."""
+    for path, command in commands(main):
+        assert " ".join(("automask", *path)) in " ".join(README.split()), path  # a line break is a space
+        for param in command.params:
+            for flag in getattr(param, "opts", []) if isinstance(param, click.Option) else []:
+                if flag.startswith("--"):
+                    assert re.search(rf"{re.escape(flag)}(?![\w-])", README), (path, flag)
+
+
+def test_every_setting_is_documented_and_every_documented_variable_exists() -> None:
+    known = {f"AUTOMASK_{name.upper()}" for name in Settings.model_fields} | {"AUTOMASK_DEBUG"}
+    server = {f"AUTOMASK_SERVER_{name.upper()}" for name in set(ServerSettings.model_fields) - TEST_ONLY}
+    for variable in known - {"AUTOMASK_DEBUG"}:
+        assert variable in README, variable
+    for variable in server:  # the README shortens them: `_PORT`, or `HEADER_TIMEOUT` in the production table
+        short = variable.removeprefix("AUTOMASK_SERVER_")
+        assert variable in README or re.search(rf"`_?{short}`", README), variable
+    for text in (README, DEPLOY_README):
+        for variable in set(re.findall(r"AUTOMASK_[A-Z0-9_]*[A-Z0-9]", text)) - {"AUTOMASK_SERVER"}:
+            assert variable in known | server, variable
+    for short in re.findall(r"`_([A-Z][A-Z0-9_]*)`", README):
+        assert short.lower() in ServerSettings.model_fields, short
+
+
+def test_the_production_table_states_the_settings_defaults_and_ceilings() -> None:
+    """Each row `| --flag (NAME) | default (at most N) | ...` of "Running in production" against `ServerSettings`."""
+    rows = re.findall(r"^\| (?:`--[\w-]+` \()?`([A-Z_]+)`\)? \| ([^|]+) \|", README, flags=re.M)
+    assert len(rows) >= 10
+    units = {"GiB": 2**30, "s": 1, "a": 1}  # "1 GiB", "10 s", "6000 a minute"
+    for name, cell in rows:
+        field = ServerSettings.model_fields[name.lower()]
+        number, unit = re.match(r"(\d+)(?: (\w+))?", cell).groups()  # type: ignore[union-attr]
+        assert float(number) * units.get(unit or "s", 1) == field.default, (name, cell)
+        most = re.search(r"at most (\d+)", cell)
+        ceiling = [m.le for m in field.metadata if getattr(m, "le", None) is not None]
+        assert (float(most.group(1)) if most else None) == (ceiling[0] if ceiling else None), (name, cell)
+
+
+def test_exit_code_table_is_the_clis() -> None:
+    table = re.search(r"\| code \| meaning \|\n\| --- \| --- \|\n((?:\|.*\n)+)", README)
+    assert table is not None
+    codes = [int(row.split("|")[1]) for row in table.group(1).splitlines()]
+    assert codes == [code for code, _ in EXIT_HELP]
+
+
+def test_benchmark_commands_name_scripts_and_flags_that_exist() -> None:
+    found = re.findall(r"python (bench/[\w]+\.py)([^`\n]*)", README)
+    assert len(found) >= 8
+    for script, args in found:
+        source = (ROOT / script).read_text()
+        for flag in re.findall(r"(?<!\S)(--[\w-]+)", args):
+            assert f'"{flag}"' in source, (script, flag)
+
+
+def test_torch_install_commands_that_promise_the_cpu_wheel_use_pytorchs_cpu_index() -> None:
+    """PyPI's torch for Linux is a CUDA build whatever the version pin: the CPU wheel comes from PyTorch's index."""
+    cpu_index = "--index-url https://download.pytorch.org/whl/cpu"
+    ci = [ln for ln in (ROOT / ".ci" / "run").read_text().splitlines() if "pip install" in ln and "torch==" in ln]
+    assert ci and all(cpu_index in ln for ln in ci)
+    promise = next(p for p in README.split("\n\n") if "install torch's CPU wheel first" in p)
+    assert cpu_index in " ".join(promise.split())
+    assert "bash .ci/run" in README and "installs torch's CPU wheel" in README
