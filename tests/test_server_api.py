@@ -254,6 +254,19 @@ def test_a_compressed_body_is_a_400_that_says_so_and_costs_nothing(serve: Any, i
     assert r.status_code == 200 and r.headers["content-type"] == "image/png"
 
 
+def test_a_json_field_given_twice_is_a_400_as_in_a_form(serve: Any, image_b64: str) -> None:
+    """Before: json kept the last `prompt` silently (a form field given twice was already a 400)."""
+    live = serve()
+    key_id, headers = new_key(live, credits=5)
+    body = f'{{"image": "{image_b64}", "prompt": "sofa", "prompt": "lamp"}}'.encode()
+    for version in ("v1", "v2"):
+        r = post(live, {**headers, "content-type": "application/json"}, version, content=body)
+        assert (r.status_code, r.json()) == (400, {"error": "prompt: is given more than once"})
+    r = post(live, headers, data={"prompt": ["sofa", "lamp"]}, files={"image": ("a.png", base64.b64decode(image_b64))})
+    assert (r.status_code, r.json()) == (400, {"error": "prompt: is given more than once"})
+    assert keystore.get_key(live.store, key_id).credits == 5
+
+
 def test_auth_401_403_and_unknown_endpoint_404(serve: Any, image_b64: str) -> None:
     live = serve()
     key_id, headers = new_key(live)

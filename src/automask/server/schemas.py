@@ -211,6 +211,17 @@ def check_json_values(body: bytes | bytearray) -> None:
         )
 
 
+def _fields_once(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object's fields as a dict; a field given twice is an `InvalidOptionError`, as in a form (json alone
+    would keep the last, which a proxy or another parser in front of this server may read as the first)."""
+    fields: dict[str, Any] = {}
+    for name, value in pairs:
+        if name in fields:
+            raise InvalidOptionError(name, "is given more than once")
+        fields[name] = value
+    return fields
+
+
 def _from_json(body: bytearray) -> MaskRequest:
     """Parse and validate a JSON body (`check_json_values` first). `body` is emptied once it is decoded to text: the
     peak is twice the body (the text, then the text and the values parsed from it), not three times."""
@@ -218,13 +229,15 @@ def _from_json(body: bytearray) -> MaskRequest:
     try:
         text = body.decode(json.detect_encoding(body), "surrogatepass")  # what json.loads(bytes) does
         body.clear()
-        data = json.loads(text)
+        data = json.loads(text, object_pairs_hook=_fields_once)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InvalidOptionError(
             "body", f"is not valid JSON ({exc}); send a JSON object, or a multipart form with an 'image' file"
         ) from None
     except RecursionError:
         raise InvalidOptionError("body", "is nested too deeply; send a flat JSON object of the fields") from None
+    except InvalidOptionError:  # a field given twice (`_fields_once`)
+        raise
     except ValueError:  # json's other ValueError: an integer of more than 4300 digits (sys.get_int_max_str_digits)
         raise InvalidOptionError("body", "holds a number with too many digits to read") from None
     return validate_request(data, strict=True)
