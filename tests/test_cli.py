@@ -317,6 +317,17 @@ def invoke(*args: Any, **env: str) -> Any:
     return CliRunner().invoke(main, [str(a) for a in args], env=env or None)
 
 
+def test_integer_flags_read_number_text_as_the_api_does(lib: Library, tmp_path: Path) -> None:
+    """Before: --seed 1e3 exited 2, while the same text in a form field (and 1e3 in JSON) is 1000."""
+    out = tmp_path / "m.png"
+    args = ["mask", lib.photo, "-p", PROMPT, "--model", lib.model, "-o", out, "--json"]
+    result = invoke(*args, "--seed", "1e3", "--grow-mask", "2.0")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["seed"] == 1000
+    half = invoke(*args, "--grow-mask", "1.5")
+    assert half.exit_code == 2 and "--grow-mask" in half.stderr
+
+
 def test_mask_stop_on_empty_mask_exits_5_and_writes_nothing(lib: Library, tmp_path: Path) -> None:
     out = tmp_path / "empty.png"
     args = ["mask", lib.photo, "-p", PROMPT, "--threshold", "1", "--stop-on-empty-mask", "--model", lib.model]

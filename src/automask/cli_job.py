@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from automask.errors import InvalidOptionError
-from automask.options import MaskOptions, parse_prompt
+from automask.options import MaskOptions, number_text, parse_prompt
 from automask.settings import Settings
 
 
@@ -36,7 +36,7 @@ def _flag_error(exc: InvalidOptionError) -> InvalidOptionError:
 def build_job(raw: dict[str, Any]) -> Job:
     """Validate the raw flag values once, through `parse_prompt` and `MaskOptions.parse(strict=False)`."""
     valued = ("threshold", "grow_mask", "seed", "text_threshold", "negative_prompt", "feather", "min_area")
-    data = {k: raw[k] for k in valued if raw[k] is not None}
+    data = {k: number_text(k, raw[k]) for k in valued if raw[k] is not None}  # --seed 1e3 as the API reads it
     data |= {k: True for k in ("invert_mask", "return_alpha", "stop_on_empty_mask", "refine", "fill_holes") if raw[k]}
     if raw["preview"]:
         data["return_mask"] = False

@@ -5,6 +5,8 @@ Names, types, defaults and ranges are those of the hosted API (see CONTRACT.md).
 
 from __future__ import annotations
 
+import contextlib
+import math
 import numbers
 import re
 import unicodedata
@@ -230,3 +232,23 @@ def parse_prompt_parts(prompt: str) -> list[str]:
     parts = (p for chunk in prompt.split(",") for q in _STANDALONE_DOTS.split(chunk) for p in separators.split(q))
     targets = (" ".join(p.split()).removesuffix(".").rstrip() for p in parts)
     return [t for t in targets if not is_blank(t)]
+
+
+INTEGER_OPTIONS = frozenset(name for name, field in MaskOptions.model_fields.items() if field.annotation is int)
+"""The options that take an integer (seed, grow_mask, min_area, feather): `number_text` reads them as JSON does."""
+
+
+def number_text(name: str, text: str) -> str | float:
+    """Option `name` given as text (a form field, a CLI flag) as JSON reads the same text: for an integer option, a
+    number with an exponent or a fraction (`1e3`, `1.5`) is that float, which validation takes when it is whole (1000,
+    as JSON's `1e3`) and refuses when it is not; integer text is left to pydantic, which reads it exactly however
+    long. Any other text is left as it is."""
+    if name not in INTEGER_OPTIONS:
+        return text
+    try:
+        int(text)
+    except ValueError:
+        with contextlib.suppress(ValueError):
+            number = float(text)
+            return number if math.isfinite(number) else text
+    return text

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import math
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -16,7 +14,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 
 from automask.errors import InvalidOptionError
-from automask.options import MaskOptions, parse_prompt, validation_error
+from automask.options import MaskOptions, number_text, parse_prompt, validation_error
 from automask.server.errors import shown
 from automask.server.limits import Message, Receive
 
@@ -103,10 +101,6 @@ class MaskRequest(MaskOptions):
         if upload is not None:
             data["image"] = bytes(upload)
         return data
-
-
-_INTEGER_OPTIONS = frozenset(name for name, field in MaskRequest.model_fields.items() if field.annotation is int)
-"""The options that take an integer (seed, grow_mask, min_area, feather): `_form_number` reads them as JSON does."""
 
 
 def validate_request(data: Any, *, strict: bool) -> MaskRequest:
@@ -254,25 +248,10 @@ async def _read_form(request: Request, max_part_size: int) -> MaskRequest:
         for name, value in form.multi_items():
             if name in data:
                 raise InvalidOptionError(name, "is given more than once")
-            data[name] = await value.read() if isinstance(value, UploadFile) else _form_number(name, value)
+            data[name] = await value.read() if isinstance(value, UploadFile) else number_text(name, value)
     finally:
         await form.close()
     return validate_request(data, strict=False)
-
-
-def _form_number(name: str, text: str) -> str | float:
-    """Form field `name` as JSON reads the same text: for an integer option, a number with an exponent or a fraction
-    (`1e3`, `1.5`) is that float, which validation takes when it is whole (1000, as JSON's `1e3`) and refuses when it
-    is not; integer text is left to pydantic, which reads it exactly however long. Any other text is left as it is."""
-    if name not in _INTEGER_OPTIONS:
-        return text
-    try:
-        int(text)
-    except ValueError:
-        with contextlib.suppress(ValueError):
-            number = float(text)
-            return number if math.isfinite(number) else text
-    return text
 
 
 class SubmitResponse(BaseModel):
