@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import json
 import logging
 import multiprocessing
 import os
@@ -360,3 +361,21 @@ def test_a_worker_counts_its_pool_processes_killed_or_left_hung(
         lost = lambda reason: value(scrape(at_worker), "automask_worker_pool_processes_lost_total", reason=reason)  # noqa: E731
         wait_for(lambda: lost("hung") == 1, 30, 0.2)  # its process leaves once the hung run had its grace
         assert lost("killed") == 2, (tmp_path / "worker.log").read_text()[-3000:]
+
+
+def test_a_request_refused_before_routing_is_counted_by_its_routes_template(listener: str, tmp_path: Path) -> None:
+    """A body over the limit by Content-Length is answered 413 before the router runs: still counted under the
+    route its path names; an unknown path stays `unmatched`."""
+    before = scrape(listener)
+    big = json.dumps({"image": "A" * 8000, "prompt": PROMPT}).encode()
+    with live_server(tmp_path, FakeBackend(), auth=False, max_body_bytes=4096) as live:
+        headers = {"content-type": "application/json"}
+        assert httpx.post(f"{live.url}/v1/{SLUG}", content=big, headers=headers).status_code == 413
+        assert httpx.post(f"{live.url}/v1/{PROMPT}", content=big, headers=headers).status_code == 413
+    after = scrape(listener)
+
+    def moved(route: str) -> float:
+        name, labels = "automask_http_requests_total", {"route": route, "method": "POST", "code": "413"}
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert [moved(f"/v1/{SLUG}"), moved("unmatched")] == [1, 1]

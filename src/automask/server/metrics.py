@@ -18,7 +18,7 @@ import socket
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, MutableMapping
+from collections.abc import Callable, Iterable, Iterator, MutableMapping
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import TYPE_CHECKING, Any
@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Any
 from automask.errors import EmptyMaskError, StoppedError
 
 if TYPE_CHECKING:
+    from starlette.routing import BaseRoute
+
     from automask.server.limits import BodyBudget
     from automask.server.store import Store
 
@@ -151,13 +153,37 @@ def request_started() -> None:
     _record("started")
 
 
-def request_done(scope: MutableMapping[str, Any], status: int, seconds: float) -> None:
-    """Count a request answered with `status` after `seconds`: its route's template (the route the router matched,
-    `UNMATCHED` for none), its method (`METHODS`, else "other") and its status code."""
+def request_done(
+    scope: MutableMapping[str, Any], status: int, seconds: float, routes: Iterable[BaseRoute] = ()
+) -> None:
+    """Count a request answered with `status` after `seconds`: its route's template, its method (`METHODS`, else
+    "other") and its status code. The template is that of the route the router matched; for a request answered
+    before the router saw it (a 413 by Content-Length), that of the first of `routes` its path matches;
+    `UNMATCHED` for none."""
+    if _sink is None and _live is None:
+        return
     path = getattr(scope.get("route"), "path", None)
+    route = path if isinstance(path, str) else _template(scope, routes)
     method = scope.get("method", "")
-    route = path if isinstance(path, str) else UNMATCHED
     _record("request", route, method if method in METHODS else "other", str(status), seconds)
+
+
+def _template(scope: MutableMapping[str, Any], routes: Iterable[BaseRoute]) -> str:
+    """The path template of the first of `routes` that matches `scope` fully, else of the first that matches its
+    path but not its method; `UNMATCHED` for none."""
+    from starlette.routing import Match
+
+    partial = None
+    for route in routes:
+        path = getattr(route, "path", None)
+        if not isinstance(path, str):
+            continue
+        match, _ = route.matches(scope)
+        if match is Match.FULL:
+            return path
+        if match is Match.PARTIAL and partial is None:
+            partial = path
+    return partial or UNMATCHED
 
 
 @contextlib.contextmanager
