@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -379,3 +380,38 @@ def test_a_request_refused_before_routing_is_counted_by_its_routes_template(list
         return value(after, name, **labels) - value(before, name, **labels)
 
     assert [moved(f"/v1/{SLUG}"), moved("unmatched")] == [1, 1]
+
+
+class _DelayedStore:
+    """A database that answers, in 0.5 s; counts its reads."""
+
+    def __init__(self, store: Store) -> None:
+        self.store, self.reads = store, 0
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[Any]:
+        self.reads += 1
+        time.sleep(0.5)
+        with self.store.read() as conn:
+            yield conn
+
+
+def test_scrapes_at_once_share_one_database_read(listener: str, tmp_path: Path) -> None:
+    """Two Prometheus servers scraping at once: the second waits for the read the first started (one read, never
+    a pile of them), and both report the database up."""
+    store = Store.in_data_dir(tmp_path)
+    delayed: Any = _DelayedStore(store)
+    unwatch = metrics.watch(delayed)
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            first = pool.submit(scrape, listener)
+            time.sleep(0.2)  # the first scrape's read is under way
+            second = pool.submit(scrape, listener)
+            scraped = [first.result(), second.result()]
+    finally:
+        unwatch()
+        store.close()
+    assert [value(s, "automask_metrics_db_up") for s in scraped] == [1, 1]
+    assert [value(s, "automask_v2_jobs", status="QUEUED") for s in scraped] == [0, 0]
+    assert [n for n, _ in scraped[1] if n == "automask_v2_jobs"] != []
+    assert delayed.reads == 1

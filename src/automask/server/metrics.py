@@ -258,7 +258,9 @@ class _StateCollector:
 
     def __init__(self) -> None:
         self.sources: list[tuple[Store, BodyBudget | None]] = []
+        self._lock = threading.Lock()  # each scrape runs in a thread of its own (two Prometheus servers: at once)
         self._pending: Future[dict[str, int]] | None = None
+        self._started = 0.0
 
     def describe(self) -> list[Any]:
         return []  # nothing read at registration
@@ -292,13 +294,20 @@ class _StateCollector:
             )  # fmt: skip
 
     def _counts(self, store: Store) -> dict[str, int] | None:
-        if self._pending is not None and not self._pending.done():
-            return None  # the last read still waits on the database: do not pile up threads behind it
-        self._pending = pending = Future[dict[str, int]]()
-        # a daemon thread: a read stuck on a dead database never holds up the process's exit
-        threading.Thread(target=_job_counts, args=(store, pending), name="automask-metrics", daemon=True).start()
+        with self._lock:
+            pending = self._pending
+            if pending is None or pending.done():
+                self._pending = pending = Future[dict[str, int]]()
+                self._started = time.monotonic()
+                # a daemon thread: a read stuck on a dead database never holds up the process's exit
+                reader = threading.Thread(
+                    target=_job_counts, args=(store, pending), name="automask-metrics", daemon=True
+                )
+                reader.start()
+            # else a read is under way (another scrape's): wait for it, never pile up threads behind a dead database
+            left = self._started + DB_TIMEOUT - time.monotonic()
         try:
-            return pending.result(timeout=DB_TIMEOUT)
+            return pending.result(timeout=max(left, 0.0))
         except FutureTimeout:
             log.warning("metrics: the database did not give the job counts within %g s", DB_TIMEOUT)
             return None
