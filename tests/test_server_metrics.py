@@ -11,6 +11,7 @@ import multiprocessing
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -415,3 +416,23 @@ def test_scrapes_at_once_share_one_database_read(listener: str, tmp_path: Path) 
     assert [value(s, "automask_v2_jobs", status="QUEUED") for s in scraped] == [0, 0]
     assert [n for n, _ in scraped[1] if n == "automask_v2_jobs"] != []
     assert delayed.reads == 1
+
+
+def test_a_malformed_record_never_stops_the_inbox(listener: str) -> None:
+    """Records no pool process sends (nested past Python's recursion limit, a number no float holds, not JSON)
+    are dropped, and the inbox goes on serving the next ones."""
+    before = scrape(listener)
+    inbox = metrics.Inbox()
+    try:
+        with contextlib.closing(socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)) as sock:
+            for junk in (b"[" * 60000, b'["run", ["junk", "ok", 1' + b"0" * 400 + b"]]", b"\xff", b'["nope", []]'):
+                sock.sendto(junk, inbox.path)
+            sock.sendto(json.dumps(["lost", ["killed"]]).encode(), inbox.path)
+
+        def moved() -> float:
+            name = "automask_worker_pool_processes_lost_total"
+            return value(scrape(listener), name, reason="killed") - value(before, name, reason="killed")
+
+        assert wait_for(lambda: moved() == 1, 10)
+    finally:
+        inbox.close()

@@ -375,8 +375,8 @@ class Inbox:
                 name, args = json.loads(data)
                 if _live is not None:
                     _APPLY[name](_live, *args)
-            except (ValueError, TypeError, KeyError) as exc:
-                log.warning("metrics: a malformed record from a pool process was ignored: %s", exc)
+            except Exception as exc:  # noqa: BLE001 - (a RecursionError, an OverflowError...) the thread reads on
+                log.warning("metrics: a malformed record from a pool process was ignored: %.200r", exc)
 
     def close(self) -> None:
         self._sock.close()
