@@ -28,7 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from automask.server import keys as keystore
 from automask.server import metrics
 from automask.server.store import Store
-from server_helpers import FakeBackend, live_server, loopback_socket, png_bytes, wait_for
+from server_helpers import FakeBackend, free_port, live_server, loopback_socket, png_bytes, wait_for
 
 SLUG = "automatic-mask-generator"
 SERVING = re.compile(r"^automask: serving on (http://127\.0\.0\.1:\d+) ", re.M)
@@ -436,3 +436,15 @@ def test_a_malformed_record_never_stops_the_inbox(listener: str) -> None:
         assert wait_for(lambda: moved() == 1, 10)
     finally:
         inbox.close()
+
+
+def test_the_apis_own_port_as_metrics_port_says_so(tmp_path: Path, tiny_clipseg_dir: Path) -> None:
+    port = free_port()
+    cmd = serve_cmd(tmp_path / "data", tiny_clipseg_dir, "--metrics-port", str(port))
+    cmd[cmd.index("--port") + 1] = str(port)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 9, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"error: --metrics-port {port} is the API's port (--port): the metrics need a port of their own. Choose "
+        "another --metrics-port."
+    ], proc.stderr
