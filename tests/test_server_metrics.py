@@ -448,3 +448,35 @@ def test_the_apis_own_port_as_metrics_port_says_so(tmp_path: Path, tiny_clipseg_
         f"error: --metrics-port {port} is the API's port (--port): the metrics need a port of their own. Choose "
         "another --metrics-port."
     ], proc.stderr
+
+
+def _ports_held(conn: Any) -> None:
+    """Send the TCP ports this process's sockets are bound to."""
+    ports = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            sock = socket.socket(fileno=int(fd))
+        except OSError:  # not a socket (any more)
+            continue
+        with contextlib.suppress(OSError):
+            name = sock.getsockname()
+            if isinstance(name, tuple):
+                ports.append(name[1])
+        sock.detach()
+    conn.send(ports)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="lists open files through /proc")
+def test_a_forked_pool_process_leaves_the_metrics_port_alone(listener: str) -> None:
+    """A worker's pool process is forked from the process that serves the metrics: it must not keep the port, or one
+    that outlives its worker (killed with SIGKILL mid-task) keeps the restarted worker from serving them."""
+    port = int(listener.rsplit(":", 1)[1].removesuffix("/metrics"))
+    ctx = multiprocessing.get_context("fork")
+    here, there = ctx.Pipe()
+    with contextlib.closing(loopback_socket()) as other:  # any other socket: inherited, as fork does
+        child = ctx.Process(target=_ports_held, args=(there,))
+        child.start()
+        held = here.recv()
+        child.join(30)
+        assert other.getsockname()[1] in held
+    assert port not in held

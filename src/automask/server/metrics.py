@@ -246,6 +246,8 @@ def listen(host: str, port: int) -> str:
         httpd, _ = start_http_server(port, host, registry=_live.registry)
     except OSError as exc:
         raise cannot_listen(host, port, exc, "--metrics-host", "--metrics-port") from None
+    # a forked child (a worker's pool process) leaves the port alone: one that outlived this process would hold it
+    os.register_at_fork(after_in_child=httpd.socket.close)
     bound_host, bound_port = httpd.socket.getsockname()[:2]
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
     return f"http://{shown}:{bound_port}/metrics"
