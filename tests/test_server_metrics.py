@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import json
 import logging
 import multiprocessing
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from automask.server import keys as keystore
 from automask.server import metrics
 from automask.server.store import Store
-from server_helpers import FakeBackend, live_server, loopback_socket, png_bytes, wait_for
+from server_helpers import FakeBackend, free_port, live_server, loopback_socket, png_bytes, wait_for
 
 SLUG = "automatic-mask-generator"
 SERVING = re.compile(r"^automask: serving on (http://127\.0\.0\.1:\d+) ", re.M)
@@ -360,3 +363,120 @@ def test_a_worker_counts_its_pool_processes_killed_or_left_hung(
         lost = lambda reason: value(scrape(at_worker), "automask_worker_pool_processes_lost_total", reason=reason)  # noqa: E731
         wait_for(lambda: lost("hung") == 1, 30, 0.2)  # its process leaves once the hung run had its grace
         assert lost("killed") == 2, (tmp_path / "worker.log").read_text()[-3000:]
+
+
+def test_a_request_refused_before_routing_is_counted_by_its_routes_template(listener: str, tmp_path: Path) -> None:
+    """A body over the limit by Content-Length is answered 413 before the router runs: still counted under the
+    route its path names; an unknown path stays `unmatched`."""
+    before = scrape(listener)
+    big = json.dumps({"image": "A" * 8000, "prompt": PROMPT}).encode()
+    with live_server(tmp_path, FakeBackend(), auth=False, max_body_bytes=4096) as live:
+        headers = {"content-type": "application/json"}
+        assert httpx.post(f"{live.url}/v1/{SLUG}", content=big, headers=headers).status_code == 413
+        assert httpx.post(f"{live.url}/v1/{PROMPT}", content=big, headers=headers).status_code == 413
+    after = scrape(listener)
+
+    def moved(route: str) -> float:
+        name, labels = "automask_http_requests_total", {"route": route, "method": "POST", "code": "413"}
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert [moved(f"/v1/{SLUG}"), moved("unmatched")] == [1, 1]
+
+
+class _DelayedStore:
+    """A database that answers, in 0.5 s; counts its reads."""
+
+    def __init__(self, store: Store) -> None:
+        self.store, self.reads = store, 0
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[Any]:
+        self.reads += 1
+        time.sleep(0.5)
+        with self.store.read() as conn:
+            yield conn
+
+
+def test_scrapes_at_once_share_one_database_read(listener: str, tmp_path: Path) -> None:
+    """Two Prometheus servers scraping at once: the second waits for the read the first started (one read, never
+    a pile of them), and both report the database up."""
+    store = Store.in_data_dir(tmp_path)
+    delayed: Any = _DelayedStore(store)
+    unwatch = metrics.watch(delayed)
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            first = pool.submit(scrape, listener)
+            time.sleep(0.2)  # the first scrape's read is under way
+            second = pool.submit(scrape, listener)
+            scraped = [first.result(), second.result()]
+    finally:
+        unwatch()
+        store.close()
+    assert [value(s, "automask_metrics_db_up") for s in scraped] == [1, 1]
+    assert [value(s, "automask_v2_jobs", status="QUEUED") for s in scraped] == [0, 0]
+    assert [n for n, _ in scraped[1] if n == "automask_v2_jobs"] != []
+    assert delayed.reads == 1
+
+
+def test_a_malformed_record_never_stops_the_inbox(listener: str) -> None:
+    """Records no pool process sends (nested past Python's recursion limit, a number no float holds, not JSON)
+    are dropped, and the inbox goes on serving the next ones."""
+    before = scrape(listener)
+    inbox = metrics.Inbox()
+    try:
+        with contextlib.closing(socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)) as sock:
+            for junk in (b"[" * 60000, b'["run", ["junk", "ok", 1' + b"0" * 400 + b"]]", b"\xff", b'["nope", []]'):
+                sock.sendto(junk, inbox.path)
+            sock.sendto(json.dumps(["lost", ["killed"]]).encode(), inbox.path)
+
+        def moved() -> float:
+            name = "automask_worker_pool_processes_lost_total"
+            return value(scrape(listener), name, reason="killed") - value(before, name, reason="killed")
+
+        assert wait_for(lambda: moved() == 1, 10)
+    finally:
+        inbox.close()
+
+
+def test_the_apis_own_port_as_metrics_port_says_so(tmp_path: Path, tiny_clipseg_dir: Path) -> None:
+    port = free_port()
+    cmd = serve_cmd(tmp_path / "data", tiny_clipseg_dir, "--metrics-port", str(port))
+    cmd[cmd.index("--port") + 1] = str(port)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 9, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"error: --metrics-port {port} is the API's port (--port): the metrics need a port of their own. Choose "
+        "another --metrics-port."
+    ], proc.stderr
+
+
+def _ports_held(conn: Any) -> None:
+    """Send the TCP ports this process's sockets are bound to."""
+    ports = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            sock = socket.socket(fileno=int(fd))
+        except OSError:  # not a socket (any more)
+            continue
+        with contextlib.suppress(OSError):
+            name = sock.getsockname()
+            if isinstance(name, tuple):
+                ports.append(name[1])
+        sock.detach()
+    conn.send(ports)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="lists open files through /proc")
+def test_a_forked_pool_process_leaves_the_metrics_port_alone(listener: str) -> None:
+    """A worker's pool process is forked from the process that serves the metrics: it must not keep the port, or one
+    that outlives its worker (killed with SIGKILL mid-task) keeps the restarted worker from serving them."""
+    port = int(listener.rsplit(":", 1)[1].removesuffix("/metrics"))
+    ctx = multiprocessing.get_context("fork")
+    here, there = ctx.Pipe()
+    with contextlib.closing(loopback_socket()) as other:  # any other socket: inherited, as fork does
+        child = ctx.Process(target=_ports_held, args=(there,))
+        child.start()
+        held = here.recv()
+        child.join(30)
+        assert other.getsockname()[1] in held
+    assert port not in held

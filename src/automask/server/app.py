@@ -12,7 +12,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
+from starlette.routing import BaseRoute
 
 from automask import __version__, web
 from automask.errors import AutomaskError
@@ -219,7 +220,13 @@ class RequestContextMiddleware:
         finally:
             seconds = time.perf_counter() - start
             _log_access(scope, request_id, status, seconds)
-            metrics.request_done(scope, status, seconds)
+            metrics.request_done(scope, status, seconds, _routes(scope))
+
+
+def _routes(scope: Scope) -> Iterator[BaseRoute]:
+    """The routes of the app serving `scope`: the API's (`router`, which it includes) and its own (the page's)."""
+    yield from router.routes
+    yield from getattr(getattr(scope.get("app"), "router", None), "routes", ())
 
 
 def _log_access(scope: Scope, request_id: str, status: int, seconds: float) -> None:

@@ -143,7 +143,7 @@ def serve(ctx: click.Context, model: str | None, log_level: str, no_auth: bool, 
     _configure_logging(log_level)
     sockets = http.listen(server)  # first: a busy port is one line, before the database or a model is touched
     try:
-        metrics_url = _serve_metrics(server)
+        metrics_url = _serve_metrics(server, api_port=sockets[0].getsockname()[1])
         app = create_app(settings, server)
     except BaseException:
         for sock in sockets:
@@ -156,13 +156,23 @@ def serve(ctx: click.Context, model: str | None, log_level: str, no_auth: bool, 
     http.run(app, server, log_level=log_level, sockets=sockets)
 
 
-def _serve_metrics(server: ServerSettings) -> str | None:
-    """Start the metrics listener if `server.metrics_port` is set (a busy port: `ServiceConfigError`); its URL."""
+def _serve_metrics(server: ServerSettings, api_port: int | None = None) -> str | None:
+    """Start the metrics listener if `server.metrics_port` is set; its URL. `ServiceConfigError` for a port that
+    cannot be had, which says so when it is the API's own (`api_port`, bound already)."""
     if server.metrics_port is None:
         return None
+    from automask.errors import ServiceConfigError
     from automask.server import metrics
 
-    return metrics.listen(server.metrics_host, server.metrics_port)
+    try:
+        return metrics.listen(server.metrics_host, server.metrics_port)
+    except ServiceConfigError:
+        if server.metrics_port != api_port:
+            raise
+        raise ServiceConfigError(
+            f"--metrics-port {api_port} is the API's port (--port): the metrics need a port of their own. "
+            "Choose another --metrics-port."
+        ) from None
 
 
 def _server_settings(overrides: dict[str, Any]) -> ServerSettings:

@@ -18,7 +18,7 @@ import socket
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, MutableMapping
+from collections.abc import Callable, Iterable, Iterator, MutableMapping
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import TYPE_CHECKING, Any
@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Any
 from automask.errors import EmptyMaskError, StoppedError
 
 if TYPE_CHECKING:
+    from starlette.routing import BaseRoute
+
     from automask.server.limits import BodyBudget
     from automask.server.store import Store
 
@@ -151,13 +153,37 @@ def request_started() -> None:
     _record("started")
 
 
-def request_done(scope: MutableMapping[str, Any], status: int, seconds: float) -> None:
-    """Count a request answered with `status` after `seconds`: its route's template (the route the router matched,
-    `UNMATCHED` for none), its method (`METHODS`, else "other") and its status code."""
+def request_done(
+    scope: MutableMapping[str, Any], status: int, seconds: float, routes: Iterable[BaseRoute] = ()
+) -> None:
+    """Count a request answered with `status` after `seconds`: its route's template, its method (`METHODS`, else
+    "other") and its status code. The template is that of the route the router matched; for a request answered
+    before the router saw it (a 413 by Content-Length), that of the first of `routes` its path matches;
+    `UNMATCHED` for none."""
+    if _sink is None and _live is None:
+        return
     path = getattr(scope.get("route"), "path", None)
+    route = path if isinstance(path, str) else _template(scope, routes)
     method = scope.get("method", "")
-    route = path if isinstance(path, str) else UNMATCHED
     _record("request", route, method if method in METHODS else "other", str(status), seconds)
+
+
+def _template(scope: MutableMapping[str, Any], routes: Iterable[BaseRoute]) -> str:
+    """The path template of the first of `routes` that matches `scope` fully, else of the first that matches its
+    path but not its method; `UNMATCHED` for none."""
+    from starlette.routing import Match
+
+    partial = None
+    for route in routes:
+        path = getattr(route, "path", None)
+        if not isinstance(path, str):
+            continue
+        match, _ = route.matches(scope)
+        if match is Match.FULL:
+            return path
+        if match is Match.PARTIAL and partial is None:
+            partial = path
+    return partial or UNMATCHED
 
 
 @contextlib.contextmanager
@@ -220,6 +246,8 @@ def listen(host: str, port: int) -> str:
         httpd, _ = start_http_server(port, host, registry=_live.registry)
     except OSError as exc:
         raise cannot_listen(host, port, exc, "--metrics-host", "--metrics-port") from None
+    # a forked child (a worker's pool process) leaves the port alone: one that outlived this process would hold it
+    os.register_at_fork(after_in_child=httpd.socket.close)
     bound_host, bound_port = httpd.socket.getsockname()[:2]
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
     return f"http://{shown}:{bound_port}/metrics"
@@ -232,7 +260,9 @@ class _StateCollector:
 
     def __init__(self) -> None:
         self.sources: list[tuple[Store, BodyBudget | None]] = []
+        self._lock = threading.Lock()  # each scrape runs in a thread of its own (two Prometheus servers: at once)
         self._pending: Future[dict[str, int]] | None = None
+        self._started = 0.0
 
     def describe(self) -> list[Any]:
         return []  # nothing read at registration
@@ -266,13 +296,20 @@ class _StateCollector:
             )  # fmt: skip
 
     def _counts(self, store: Store) -> dict[str, int] | None:
-        if self._pending is not None and not self._pending.done():
-            return None  # the last read still waits on the database: do not pile up threads behind it
-        self._pending = pending = Future[dict[str, int]]()
-        # a daemon thread: a read stuck on a dead database never holds up the process's exit
-        threading.Thread(target=_job_counts, args=(store, pending), name="automask-metrics", daemon=True).start()
+        with self._lock:
+            pending = self._pending
+            if pending is None or pending.done():
+                self._pending = pending = Future[dict[str, int]]()
+                self._started = time.monotonic()
+                # a daemon thread: a read stuck on a dead database never holds up the process's exit
+                reader = threading.Thread(
+                    target=_job_counts, args=(store, pending), name="automask-metrics", daemon=True
+                )
+                reader.start()
+            # else a read is under way (another scrape's): wait for it, never pile up threads behind a dead database
+            left = self._started + DB_TIMEOUT - time.monotonic()
         try:
-            return pending.result(timeout=DB_TIMEOUT)
+            return pending.result(timeout=max(left, 0.0))
         except FutureTimeout:
             log.warning("metrics: the database did not give the job counts within %g s", DB_TIMEOUT)
             return None
@@ -340,8 +377,8 @@ class Inbox:
                 name, args = json.loads(data)
                 if _live is not None:
                     _APPLY[name](_live, *args)
-            except (ValueError, TypeError, KeyError) as exc:
-                log.warning("metrics: a malformed record from a pool process was ignored: %s", exc)
+            except Exception as exc:  # noqa: BLE001 - (a RecursionError, an OverflowError...) the thread reads on
+                log.warning("metrics: a malformed record from a pool process was ignored: %.200r", exc)
 
     def close(self) -> None:
         self._sock.close()
