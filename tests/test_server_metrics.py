@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -434,6 +435,28 @@ def test_a_malformed_record_never_stops_the_inbox(listener: str) -> None:
             return value(scrape(listener), name, reason="killed") - value(before, name, reason="killed")
 
         assert wait_for(lambda: moved() == 1, 10)
+    finally:
+        inbox.close()
+
+
+def test_an_inbox_under_a_long_tmpdir_still_binds(
+    listener: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before: a TMPDIR of more than ~75 characters made the worker fail at start (a Unix socket path holds 107)."""
+    deep = tmp_path / ("d" * 100)
+    deep.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(deep))
+    inbox = metrics.Inbox()
+    try:
+        assert len(inbox.path.encode()) <= 107 and not inbox.path.startswith(str(deep))
+        before = scrape(listener)
+        with contextlib.closing(socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)) as sock:
+            sock.sendto(json.dumps(["lost", ["hung"]]).encode(), inbox.path)
+        name = "automask_worker_pool_processes_lost_total"
+        assert wait_for(
+            lambda: value(scrape(listener), name, reason="hung") - value(before, name, reason="hung") == 1, 10
+        )
+        assert not any(name.endswith("_created") for name, _ in scrape(listener))  # no series per counter made
     finally:
         inbox.close()
 

@@ -110,6 +110,9 @@ def enable() -> None:
         from automask.errors import require
 
         require("prometheus_client", "server")
+        import prometheus_client
+
+        prometheus_client.disable_created_metrics()  # no *_created series: one per counter and label set, unused
         _live = _Metrics()
 
 
@@ -355,6 +358,10 @@ def forward_to(path: str) -> None:
     _sink = _Sink(path)
 
 
+_SOCKET_PATH_MAX = 107
+"""The longest Unix socket path Linux binds (sun_path is 108 bytes with its terminating NUL)."""
+
+
 class Inbox:
     """Where a worker's pool processes send their records (`forward_to(inbox.path)`): a Unix datagram socket in a
     private temporary folder, read by a daemon thread that records each as if it happened here. A datagram is
@@ -362,6 +369,9 @@ class Inbox:
 
     def __init__(self) -> None:
         self._dir = tempfile.mkdtemp(prefix="automask-metrics-")  # 0700: only this user can send
+        if len(os.path.join(self._dir, "inbox").encode()) > _SOCKET_PATH_MAX:  # a long TMPDIR: /tmp instead
+            os.rmdir(self._dir)
+            self._dir = tempfile.mkdtemp(prefix="automask-metrics-", dir="/tmp")
         self.path = os.path.join(self._dir, "inbox")
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self._sock.bind(self.path)
