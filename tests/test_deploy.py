@@ -190,7 +190,7 @@ def run_service(
     import automask.server.commands
     import automask.server.metrics
 
-    monkeypatch.setattr(automask.server.commands, "_configure_logging", Recorder())
+    monkeypatch.setattr(automask.server.commands, "configure_logging", Recorder())
     listen = Recorder(result="http://127.0.0.1:9100/metrics")  # not a real listener on 0.0.0.0:9100
     monkeypatch.setattr(automask.server.metrics, "listen", listen)
     for name in [k for k in os.environ if k.startswith("AUTOMASK_")]:

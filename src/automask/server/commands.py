@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import re
-import sys
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
@@ -15,6 +13,7 @@ from pydantic import ValidationError
 
 from automask.cli_io import root_settings
 from automask.server.config import MAX_KEY_COUNT, ServerSettings
+from automask.server.logs import configure_logging
 
 if TYPE_CHECKING:
     from automask.server.keys import ApiKey
@@ -140,7 +139,7 @@ def serve(ctx: click.Context, model: str | None, log_level: str, no_auth: bool, 
     if no_auth:
         overrides["auth"] = False
     server = _server_settings(overrides)
-    _configure_logging(log_level)
+    configure_logging(log_level)
     sockets = http.listen(server)  # first: a busy port is one line, before the database or a model is touched
     try:
         metrics_url = _serve_metrics(server, api_port=sockets[0].getsockname()[1])
@@ -183,18 +182,6 @@ def _server_settings(overrides: dict[str, Any]) -> ServerSettings:
         err = exc.errors()[0]
         where = f"{'.'.join(str(p) for p in err['loc'])}: " if err["loc"] else ""
         raise click.UsageError(where + str(err["msg"]).removeprefix("Value error, ")) from None
-
-
-def _configure_logging(level: str) -> None:
-    """Service logs as text on stderr; the access log as one JSON object per line."""
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    access = logging.getLogger("automask.server.access")
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    access.addHandler(handler)
-    access.propagate = False
-    if level != "debug":  # alembic says INFO on every start, a migration or not (`ensure_schema` logs one)
-        logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
 @click.group()
@@ -353,7 +340,7 @@ def worker(
     if not settings.broker_url:
         raise ServiceConfigError("automask worker needs AUTOMASK_BROKER_URL=amqp://USER:PASS@HOST:PORT/VHOST.")
     server = _server_settings({k: v for k, v in flags.items() if v is not None})
-    _configure_logging(log_level)
+    configure_logging(log_level)
     metrics_url = _serve_metrics(server)  # before the database or a model is touched, as serve's port
     click.echo(
         f"automask: worker for model {model or settings.model or 'the default'}, {concurrency} process(es)", err=True

@@ -1,0 +1,35 @@
+"""The service's logging: text lines on stderr, and the access log as one JSON object per line.
+
+A client chooses parts of what the service logs (a request's path, its method): control characters in a text line's
+message are escaped, so no client can end a line early and forge another. A traceback still follows its line.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F)} | {ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t"}
+
+
+class OneLineFormatter(logging.Formatter):
+    """`logging.Formatter` whose message stays on one line: control characters are escaped (`\\n`, `\\x1b`...)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = record.message.translate(_ESCAPES)
+        return super().formatMessage(record)
+
+
+def configure_logging(level: str) -> None:
+    """Service logs as text on stderr (one line per record, `OneLineFormatter`); the access log as one JSON object
+    per line; alembic's start-up INFO lines only at `debug`."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(OneLineFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler])
+    access = logging.getLogger("automask.server.access")
+    json_lines = logging.StreamHandler(sys.stderr)
+    json_lines.setFormatter(logging.Formatter("%(message)s"))
+    access.addHandler(json_lines)
+    access.propagate = False
+    if level != "debug":  # alembic says INFO on every start, a migration or not (`ensure_schema` logs one)
+        logging.getLogger("alembic").setLevel(logging.WARNING)
