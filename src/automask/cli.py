@@ -323,7 +323,8 @@ def batch(ctx: click.Context, source: str, out: str, recursive: bool, job: Job) 
 # -- the HTTP service (fastapi/uvicorn load only when `serve` runs) ------------------------------------
 
 from automask.cli_models import models  # noqa: E402 - the `models` group
-from automask.server.commands import db, keys, serve, worker  # noqa: E402 - click only; the rest loads inside
+from automask.server.commands import db, serve, worker  # noqa: E402 - click only; the rest loads inside
+from automask.server.keys_cli import keys  # noqa: E402
 
 main.add_command(models)
 main.add_command(serve)
