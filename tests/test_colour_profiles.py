@@ -105,6 +105,16 @@ def test_transparency_is_kept_through_the_conversion(coffee: np.ndarray) -> None
     assert np.array_equal(got, reference_srgb(rgba, WIDE_ICC)) and np.array_equal(got[..., 3], rgba[..., 3])
 
 
+def test_a_transparent_colour_key_survives_the_conversion(coffee: np.ndarray) -> None:
+    """An RGB PNG whose tRNS chunk makes one colour transparent: converted colours would no longer match the key."""
+    rgb = coffee.copy()
+    rgb[:50, :50] = (1, 2, 3)
+    got = load_image(encoded(rgb, "PNG", WIDE_ICC, transparency=(1, 2, 3)), keep_alpha=True)
+    alpha = np.where((rgb == (1, 2, 3)).all(axis=2), 0, 255).astype(np.uint8)
+    assert got.shape[2] == 4 and np.array_equal(got[..., 3], alpha)
+    assert np.array_equal(got, reference_srgb(np.dstack([rgb, alpha]), WIDE_ICC))
+
+
 def test_a_users_pil_image_is_read_in_srgb_and_left_as_it_was(coffee: np.ndarray) -> None:
     img = Image.fromarray(coffee)
     img.info["icc_profile"] = WIDE_ICC

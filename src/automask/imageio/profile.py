@@ -19,8 +19,8 @@ _CONVERTED = {"RGB": "RGB", "RGBA": "RGBA", "CMYK": "RGB"}
 
 
 def to_srgb(img: Image.Image) -> Image.Image:
-    """`img` in sRGB: a new image of mode RGB (RGBA for RGBA) when it embeds another colour profile, else `img`
-    itself (also for modes not in `_CONVERTED`: gray, palette, 16-bit)."""
+    """`img` in sRGB: a new image of mode RGB (RGBA for RGBA, and for RGB with a transparent colour key) when it
+    embeds another colour profile, else `img` itself (also for modes not in `_CONVERTED`: gray, palette, 16-bit)."""
     icc = img.info.get("icc_profile")
     if not icc or img.mode not in _CONVERTED:
         return img
@@ -28,6 +28,8 @@ def to_srgb(img: Image.Image) -> Image.Image:
         source = ImageCms.ImageCmsProfile(io.BytesIO(icc))
         if _is_srgb(source):
             return img
+        if img.mode == "RGB" and "transparency" in img.info:  # a colour key, which converted colours would miss
+            img = img.convert("RGBA")
         converted = ImageCms.profileToProfile(
             img,
             source,
