@@ -28,6 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from automask.server import keys as keystore
 from automask.server import metrics
+from automask.server.config import ServerSettings
 from automask.server.store import Store
 from server_helpers import FakeBackend, free_port, live_server, loopback_socket, png_bytes, wait_for
 
@@ -142,6 +143,22 @@ def test_counts_move_with_requests_runs_credits_and_limits(tmp_path: Path, tiny_
     labels = {v for _, pairs in after for _, v in pairs}
     assert not [v for v in labels if PROMPT in v]  # the raw path that held it was counted by its route's template
     assert not [v for v in labels if str(tmp_path) in v or str(tiny_clipseg_dir) in v or "am_" in v]
+
+
+def test_a_metrics_host_without_a_port_is_a_usage_error(tmp_path: Path, tiny_clipseg_dir: Path) -> None:
+    """Before: `--metrics-host 0.0.0.0` alone was silently ignored (metrics stayed off)."""
+    proc = subprocess.run(
+        serve_cmd(tmp_path / "data", tiny_clipseg_dir, "--metrics-host", "0.0.0.0"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (
+        proc.returncode == 2
+        and "--metrics-host 0.0.0.0 (AUTOMASK_SERVER_METRICS_HOST) needs --metrics-port" in proc.stderr
+    )
+    assert "Traceback" not in proc.stderr
+    assert ServerSettings(metrics_host="0.0.0.0", metrics_port=9100).metrics_port == 9100
 
 
 def test_a_busy_metrics_port_is_one_line_and_exit_9_before_anything_starts(

@@ -191,6 +191,15 @@ class ServerSettings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _metrics_host_with_a_port(self) -> ServerSettings:
+        if self.metrics_port is None and "metrics_host" in self.model_fields_set:
+            raise ValueError(
+                f"--metrics-host {self.metrics_host} (AUTOMASK_SERVER_METRICS_HOST) needs --metrics-port "
+                "(AUTOMASK_SERVER_METRICS_PORT): metrics are off without a port."
+            )
+        return self
+
+    @model_validator(mode="after")
     def _heartbeats_well_within_the_ttl(self) -> ServerSettings:
         if self.beat * 3 > self.node_ttl * (1 + 1e-9):  # (0.2 s fits 0.6 s, floats aside)
             raise ValueError(
