@@ -200,11 +200,9 @@ def mask_options(options: MaskOptions | Mapping[str, Any] | None, overrides: dic
     validated: `InvalidOptionError` naming the first bad field, or saying what `options` must be. A `MaskOptions` is
     validated again: pydantic's `model_copy(update=...)` (how a frozen model is changed) and `model_construct`
     do not validate."""
-    if isinstance(options, MaskOptions):
-        return MaskOptions.parse(dict(options), **overrides)  # its fields as they are (no serializer warnings)
-    if options is not None and not isinstance(options, Mapping):
+    if options is not None and not isinstance(options, (MaskOptions, Mapping)):
         raise InvalidOptionError("options", f"must be a MaskOptions or a dict of options, not {type(options).__name__}")
-    return MaskOptions.parse(dict(options or {}), **overrides)
+    return MaskOptions.parse(dict(options or {}), **overrides)  # a MaskOptions: its fields as they are
 
 
 class Decoded:

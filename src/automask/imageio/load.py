@@ -100,7 +100,7 @@ def read_stream(stream: BinaryIO, settings: Settings) -> bytes:
         chunks.append(bytes(data))
         size += len(data)
     check_encoded_size(size, settings)
-    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    return b"".join(chunks)
 
 
 def read_file(path: Path, settings: Settings) -> bytes:

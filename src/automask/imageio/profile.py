@@ -10,9 +10,14 @@ match the image's mode, is ignored as browsers ignore it.
 
 from __future__ import annotations
 
+import functools
 import io
+from typing import TYPE_CHECKING
 
-from PIL import Image, ImageCms
+from PIL import Image
+
+if TYPE_CHECKING:
+    from PIL import ImageCms
 
 _CONVERTED = {"RGB": "RGB", "RGBA": "RGBA", "CMYK": "RGB"}
 """Image modes converted, and the mode each becomes (alpha is carried through unchanged)."""
@@ -24,6 +29,8 @@ def to_srgb(img: Image.Image) -> Image.Image:
     icc = img.info.get("icc_profile")
     if not icc or img.mode not in _CONVERTED:
         return img
+    from PIL import ImageCms  # LittleCMS: loaded by the first image with a profile, not at import
+
     try:
         source = ImageCms.ImageCmsProfile(io.BytesIO(icc))
         if _is_srgb(source):
@@ -33,7 +40,7 @@ def to_srgb(img: Image.Image) -> Image.Image:
         converted = ImageCms.profileToProfile(
             img,
             source,
-            _SRGB,
+            _srgb(),
             renderingIntent=ImageCms.Intent.RELATIVE_COLORIMETRIC,
             outputMode=_CONVERTED[img.mode],
         )
@@ -44,10 +51,17 @@ def to_srgb(img: Image.Image) -> Image.Image:
 
 def _is_srgb(profile: ImageCms.ImageCmsProfile) -> bool:
     """True for an sRGB profile (its description says so: 'sRGB IEC61966-2.1', 'sRGB built-in', ...)."""
+    from PIL import ImageCms
+
     try:
         return "srgb" in ImageCms.getProfileDescription(profile).lower()
     except ImageCms.PyCMSError:
         return False
 
 
-_SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
+@functools.cache
+def _srgb() -> ImageCms.ImageCmsProfile:
+    """The sRGB profile images are converted to (LittleCMS's built-in)."""
+    from PIL import ImageCms
+
+    return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))

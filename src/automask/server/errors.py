@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+
 from automask.errors import (
     AutomaskError,
     EmptyMaskError,
@@ -13,6 +15,7 @@ from automask.errors import (
     InvalidOptionError,
     MissingDependencyError,
     ModelNotAvailableError,
+    ServiceConfigError,
     StoppedError,
     UnknownModelError,
     URLRefusedError,
@@ -60,3 +63,19 @@ def status_of(exc: AutomaskError) -> int:
 def shown(text: str, limit: int = 100) -> str:
     """`text` cut to `limit` characters (with '…'), to echo a client's string in an error message."""
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+_LISTEN_HINTS = {
+    errno.EADDRINUSE: "the address is already in use. Choose another {port} (or stop the server that holds it).",
+    errno.EACCES: "permission denied. Ports below 1024 need privileges: choose another {port}.",
+    errno.EADDRNOTAVAIL: "no interface of this machine has that address. Check {host}.",
+}
+
+
+def cannot_listen(host: str, port: int, exc: OSError, host_flag: str, port_flag: str) -> ServiceConfigError:
+    """The one-line error of an address that cannot be had (`exc` from binding `host:port`), naming the flags
+    (`host_flag`, `port_flag`) that change it."""
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    hint = _LISTEN_HINTS.get(exc.errno or 0) or f"{exc.strerror or exc}. Check {{host}} and {{port}}."
+    reason = hint.replace("{host}", host_flag).replace("{port}", port_flag)  # (strerror may hold braces)
+    return ServiceConfigError(f"Cannot listen on {where}: {reason}")

@@ -27,7 +27,6 @@ own clean-up hangs more than `SHUTDOWN_GRACE` seconds after that.
 from __future__ import annotations
 
 import asyncio
-import errno
 import json
 import logging
 import os
@@ -48,6 +47,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from automask.errors import ServiceConfigError
 from automask.server.config import ServerSettings
+from automask.server.errors import cannot_listen
 
 log = logging.getLogger("automask.server.http")
 
@@ -353,22 +353,6 @@ def config_for(app: Any, server: ServerSettings, log_level: str = "info") -> uvi
         backlog=BACKLOG,
         root_path=server.root_path,  # behind a proxy, under --public-url's path: the docs load from under it
     )
-
-
-_LISTEN_HINTS = {
-    errno.EADDRINUSE: "the address is already in use. Choose another {port} (or stop the server that holds it).",
-    errno.EACCES: "permission denied. Ports below 1024 need privileges: choose another {port}.",
-    errno.EADDRNOTAVAIL: "no interface of this machine has that address. Check {host}.",
-}
-
-
-def cannot_listen(host: str, port: int, exc: OSError, host_flag: str, port_flag: str) -> ServiceConfigError:
-    """The one-line error of an address that cannot be had (`exc` from binding `host:port`), naming the flags
-    (`host_flag`, `port_flag`) that change it."""
-    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    hint = _LISTEN_HINTS.get(exc.errno or 0) or f"{exc.strerror or exc}. Check {{host}} and {{port}}."
-    reason = hint.replace("{host}", host_flag).replace("{port}", port_flag)  # (strerror may hold braces)
-    return ServiceConfigError(f"Cannot listen on {where}: {reason}")
 
 
 def listen(server: ServerSettings) -> list[socket.socket]:

@@ -239,7 +239,7 @@ def watch(store: Store, bodies: BodyBudget | None = None) -> Callable[[], None]:
 def listen(host: str, port: int) -> str:
     """Turn recording on and serve it at `http://HOST:PORT/metrics` from a daemon thread (port 0: a free port);
     returns that URL. `ServiceConfigError` saying what to change when the address cannot be had."""
-    from automask.server.http import cannot_listen
+    from automask.server.errors import cannot_listen
 
     enable()
     assert _live is not None
