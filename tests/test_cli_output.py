@@ -7,6 +7,7 @@ import json
 import os
 import stat
 import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -166,3 +167,39 @@ def test_a_huge_prompt_is_not_echoed_whole(tiny_clipseg_dir: Path, photo: Path, 
         assert result.exit_code == (5 if stop else 0), result.output
         (line,) = [line for line in result.stderr.splitlines() if line.startswith(("error:", "note:"))]
         assert "cat" * 20 in line and "cat" * 40 not in line and "…" in line
+
+
+SIGNAL_ON_FSYNC = """
+import os, signal, sys
+from automask.cli import main
+calls, fsync = [], os.fsync
+def signal_on_fsync(fd):  # the N-th output file is being written: a signal arrives
+    calls.append(fd)
+    if len(calls) == int(sys.argv[1]):
+        os.kill(os.getpid(), getattr(signal, sys.argv[2]))
+    fsync(fd)
+os.fsync = signal_on_fsync
+main(sys.argv[3:], prog_name="automask")
+"""
+
+
+@pytest.mark.parametrize(("command", "signame", "code"), [("batch", "SIGTERM", 143), ("mask", "SIGHUP", 129)])
+def test_a_terminated_run_leaves_no_partial_file(
+    tiny_clipseg_dir: Path, photo: Path, tmp_path: Path, command: str, signame: str, code: int
+) -> None:
+    """Before: SIGTERM (`kill`, a scheduler's stop) or SIGHUP (a closed terminal) killed the process mid-write,
+    leaving OUTDIR/.automask-*.part behind, and no line saying why."""
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    for name in ("a", "b"):
+        (src / f"{name}.png").write_bytes(photo.read_bytes())
+    where = [src, "-o", out] if command == "batch" else [src / "a.png", "-o", out / "m.png", "--instances", out / "i"]
+    args = [command, *where, "-p", "cat", "--model", tiny_clipseg_dir]
+    proc = subprocess.run(
+        [sys.executable, "-c", SIGNAL_ON_FSYNC, "2", signame, *map(str, args)], capture_output=True, timeout=180
+    )
+    stderr = proc.stderr.decode()
+    assert proc.returncode == code, stderr
+    assert stderr.splitlines()[-1] == f"interrupted ({signame})" and "Traceback" not in stderr
+    left = sorted(str(p.relative_to(out)) for p in out.rglob("*")) if out.exists() else []
+    assert left == (["a.png"] if command == "batch" else [])  # a finished file stays; a mask's outputs all go

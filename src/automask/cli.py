@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
+import threading
 import traceback
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
@@ -76,7 +79,9 @@ EXIT_HELP = (
         "cannot listen on --host/--port (e.g. the port is in use) or start",
     ),
     (EXIT_INTERNAL, "internal error (run with --debug for the traceback)"),
+    (128 + signal.SIGHUP, "the terminal hung up (SIGHUP)"),
     (EXIT_INTERRUPTED, "interrupted (Ctrl-C)"),
+    (128 + signal.SIGTERM, "terminated (SIGTERM)"),
 )
 EPILOG = "\b\nExit codes:\n" + "\n".join(f"  {code:<4} {text}" for code, text in EXIT_HELP)
 EPILOG += "\n\n\bSettings come from AUTOMASK_* environment variables (AUTOMASK_MODEL, AUTOMASK_DATA_DIR...); flags win."
@@ -115,6 +120,8 @@ class AutomaskGroup(click.Group):
             raise
         except AutomaskError as exc:
             _fail(ctx, f"error: {error_message(exc)}", exit_code(exc), exc)
+        except Interrupted as exc:
+            _fail(ctx, f"interrupted ({exc.name})", 128 + exc.signum)
         except KeyboardInterrupt:
             _fail(ctx, "interrupted", EXIT_INTERRUPTED)
         except BrokenPipeError:
@@ -131,6 +138,38 @@ def _fail(ctx: click.Context, line: str, code: int, exc: BaseException | None = 
         traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
     click.echo(line, err=True)
     ctx.exit(code)
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where the command is (as Ctrl-C raises KeyboardInterrupt), so that it undoes what is
+    half-done (a temp file, a `mask`'s outputs) and exits 128 + the signal's number, instead of dying mid-write."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+        self.name = signal.Signals(signum).name
+
+
+@contextlib.contextmanager
+def signals_interrupt() -> Iterator[None]:
+    """While inside, SIGTERM and SIGHUP raise `Interrupted` (only where they would kill the process: a signal that
+    is ignored, as under `nohup`, or handled already stays so)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {}
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(signum) is signal.SIG_DFL:
+            previous[signum] = signal.signal(signum, _raise_interrupted)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _raise_interrupted(signum: int, frame: object) -> None:
+    raise Interrupted(signum)
 
 
 @dataclass
@@ -205,7 +244,8 @@ def mask(state: CliState, image: str, out: str | None, instances_dir: Path | Non
         raise InvalidOptionError("--json", "cannot be combined with -o - (stdout carries the PNG); use -o FILE.")
     outputs = Outputs()
     try:
-        _mask(state.settings, image, out, instances_dir, job, outputs)
+        with signals_interrupt():
+            _mask(state.settings, image, out, instances_dir, job, outputs)
     except BaseException as exc:
         outputs.discard()
         if job.as_json and isinstance(exc, AutomaskError):
@@ -294,7 +334,12 @@ def batch(ctx: click.Context, source: str, out: str, recursive: bool, job: Job) 
             "'-' is standard output, but batch writes one file per image into a folder: name a folder (./- for one "
             "called '-'). To stream one image: automask mask IMAGE -o -",
         )
-    outdir = Path(out)
+    with signals_interrupt():
+        _batch(ctx, source, Path(out), recursive, job)
+
+
+def _batch(ctx: click.Context, source: str, outdir: Path, recursive: bool, job: Job) -> None:
+    """`batch`'s work: plan the outputs, load the model once, mask the files one by one, print the summary."""
     files, base = find_images(source, recursive, outdir)
     plan = plan_outputs(files, outdir, base)
     generator = load_generator(job, root_settings(ctx))
