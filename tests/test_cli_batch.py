@@ -80,3 +80,22 @@ def test_batch_stops_at_a_model_level_error(tiny_clipseg_dir: Path, folder: Path
     assert [(Path(r["input"]).name, r["exit_code"]) for r in records] == [("0-broken.jpg", 3), ("a.jpg", 4)]
     assert records[1]["error"] == model.removeprefix("error: ")
     assert not out.exists() or list(out.iterdir()) == []  # b.png was not tried
+
+
+def test_batch_into_a_folder_it_cannot_write_stops_before_masking(
+    tiny_clipseg_dir: Path, folder: Path, tmp_path: Path
+) -> None:
+    """Before: every file was masked, then failed to be written, one error line each, exit 1."""
+    (tmp_path / "file.txt").write_text("a file, not a folder")
+    out = tmp_path / "file.txt" / "masks"
+    result = invoke("batch", folder, "-o", out, "-p", "cat", "--model", tiny_clipseg_dir, "--json")
+    assert result.exit_code == 8, result.output
+    assert result.stderr == f"error: Cannot write into '{out}': Not a directory.\n"
+    assert result.stdout == ""
+
+
+def test_batch_leaves_no_empty_folder_when_nothing_is_written(folder: Path, tmp_path: Path) -> None:
+    out = tmp_path / "new" / "masks"
+    result = invoke("batch", folder, "-o", out, "-p", "cat", "--model", tmp_path / "no-such-model")
+    assert result.exit_code == 4, result.output
+    assert not (tmp_path / "new").exists()

@@ -326,7 +326,8 @@ def batch(ctx: click.Context, source: str, out: str, recursive: bool, job: Job) 
 
     A file that fails is reported (one line naming it) and skipped; the others are done. Exit 0 when
     all succeeded, 1 when any failed. An error of the model (unknown, not installed, a prompt it cannot answer)
-    stops the run at once with exit 4. --json prints one JSON line per file on stdout.
+    stops the run at once with exit 4, an OUTDIR that cannot be written before any work with exit 8. --json prints
+    one JSON line per file on stdout.
     """
     if out == "-":
         raise InvalidOptionError(
@@ -339,9 +340,19 @@ def batch(ctx: click.Context, source: str, out: str, recursive: bool, job: Job) 
 
 
 def _batch(ctx: click.Context, source: str, outdir: Path, recursive: bool, job: Job) -> None:
-    """`batch`'s work: plan the outputs, load the model once, mask the files one by one, print the summary."""
+    """`batch`'s work: find the inputs, plan their outputs, check OUTDIR, then mask them."""
     files, base = find_images(source, recursive, outdir)
     plan = plan_outputs(files, outdir, base)
+    made = Outputs()
+    made.folder(outdir)  # an OUTDIR that cannot be written: exit 8 now, not once per file after its masking
+    try:
+        _mask_files(ctx, plan, job)
+    finally:
+        made.discard()  # only the folders it made, and only when they were left empty
+
+
+def _mask_files(ctx: click.Context, plan: list[tuple[Path, Path]], job: Job) -> None:
+    """Load the model once, mask the files of `plan` (input, output) one by one, print the summary."""
     generator = load_generator(job, root_settings(ctx))
     failed = 0
     with Reporter(len(plan)) as report:
