@@ -4,6 +4,9 @@ exist, and a model-level error that stops the run at once."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +14,7 @@ import pytest
 from PIL import Image
 
 from conftest import jpeg_bytes
-from test_cli import error_lines, invoke
+from test_cli import automask_command, error_lines, invoke
 
 
 @pytest.fixture()
@@ -99,3 +102,36 @@ def test_batch_leaves_no_empty_folder_when_nothing_is_written(folder: Path, tmp_
     result = invoke("batch", folder, "-o", out, "-p", "cat", "--model", tmp_path / "no-such-model")
     assert result.exit_code == 4, result.output
     assert not (tmp_path / "new").exists()
+
+
+def test_batch_takes_a_file_named_like_a_glob(tiny_clipseg_dir: Path, folder: Path, tmp_path: Path) -> None:
+    """Before: 'photo[1].jpg' was read as a glob (matching 'photo1.jpg'): 'no images found', exit 2."""
+    photo = folder / "photo[1].jpg"
+    (folder / "a.jpg").rename(photo)
+    result = invoke("batch", photo, "-o", tmp_path / "out", "-p", "cat", "--model", tiny_clipseg_dir)
+    assert result.exit_code == 0, result.output
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["photo[1].png"]
+
+
+def as_a_user(command: list[str]) -> list[str]:
+    """`command`, run so that file permissions apply to it: as root, without the capabilities that override them."""
+    if os.geteuid() != 0:
+        return command
+    if shutil.which("setpriv") is None:
+        pytest.skip("as root, file permissions apply only without CAP_DAC_OVERRIDE (setpriv drops it)")
+    return ["setpriv", "--bounding-set", "-dac_override,-dac_read_search", *command]
+
+
+@pytest.mark.parametrize("source", ["locked", "locked/*.jpg"])
+def test_batch_of_a_folder_it_cannot_read_says_so(tmp_path: Path, source: str) -> None:
+    """Before: 'internal error: PermissionError: [Errno 13] Permission denied: ...', exit 70."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    args = ["batch", tmp_path / source, "-o", tmp_path / "out", "-p", "cat", "--model", tmp_path / "no-such-model"]
+    locked.chmod(0)
+    try:
+        proc = subprocess.run(as_a_user([*automask_command(), *map(str, args)]), capture_output=True, timeout=120)
+    finally:
+        locked.chmod(0o755)
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stderr.decode() == f"error: Cannot read '{tmp_path / source}': Permission denied.\n"

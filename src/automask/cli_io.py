@@ -242,31 +242,41 @@ def find_images(source: str, recursive: bool, outdir: Path) -> tuple[list[Path],
 
     A folder gives its files with an image suffix (not hidden; `recursive`: subfolders too, except `outdir`
     when it is a subfolder: the outputs of an earlier run are not inputs); a glob gives every file it matches
-    (`recursive`: `**` spans folders). `outdir` may be the folder itself (`plan_outputs` never names an input).
+    (`recursive`: `**` spans folders); a file is taken as it is named, also when the name has glob characters
+    (`photo[1].jpg`). `outdir` may be the folder itself (`plan_outputs` never names an input). A source that cannot
+    be read (no permission) is an `ImageDecodeError`.
     """
-    root = Path(source)
-    if root.is_dir():
-        found = root.rglob("*") if recursive else root.iterdir()
-        skip = outdir.resolve()
-        apart = skip not in (root.resolve(), *root.resolve().parents)  # OUTDIR is not the folder nor above it
-        files = [
-            p
-            for p in found
-            if p.suffix.lower() in IMAGE_SUFFIXES
-            and p.is_file()
-            and not any(part.startswith(".") for part in p.relative_to(root).parts)
-            and not (apart and skip in p.resolve().parents)
-        ]
-        base: Path | None = root
-    elif not glob.has_magic(source) and not os.path.lexists(source):
-        raise InvalidOptionError("DIR_OR_GLOB", f"no such file or folder: '{source}'.")
-    else:
-        files = [Path(p) for p in glob.glob(source, recursive=recursive) if Path(p).is_file()]
-        base = None
+    root, base = Path(source), None
+    try:
+        if root.is_dir():
+            files, base = _folder_images(root, recursive, outdir), root
+        elif root.is_file():
+            files = [root]
+        elif not glob.has_magic(source) and not os.path.lexists(source):
+            raise InvalidOptionError("DIR_OR_GLOB", f"no such file or folder: '{source}'.")
+        else:
+            files = [Path(p) for p in glob.glob(source, recursive=recursive) if Path(p).is_file()]
+    except OSError as exc:
+        raise errors.ImageDecodeError(f"Cannot read '{source}': {exc.strerror or exc}.") from None
     if not files:
         looked = f" (files ending {', '.join(sorted(IMAGE_SUFFIXES))})" if base else ""
         raise InvalidOptionError("DIR_OR_GLOB", f"no images found in '{source}'{looked}.")
     return sorted(files), base
+
+
+def _folder_images(root: Path, recursive: bool, outdir: Path) -> list[Path]:
+    """The image files of the folder `root` (see `find_images`)."""
+    found = root.rglob("*") if recursive else root.iterdir()
+    skip = outdir.resolve()
+    apart = skip not in (root.resolve(), *root.resolve().parents)  # OUTDIR is not the folder nor above it
+    return [
+        p
+        for p in found
+        if p.suffix.lower() in IMAGE_SUFFIXES
+        and p.is_file()
+        and not any(part.startswith(".") for part in p.relative_to(root).parts)
+        and not (apart and skip in p.resolve().parents)
+    ]
 
 
 def plan_outputs(files: list[Path], outdir: Path, base: Path | None) -> list[tuple[Path, Path]]:
