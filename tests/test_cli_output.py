@@ -203,3 +203,19 @@ def test_a_terminated_run_leaves_no_partial_file(
     assert stderr.splitlines()[-1] == f"interrupted ({signame})" and "Traceback" not in stderr
     left = sorted(str(p.relative_to(out)) for p in out.rglob("*")) if out.exists() else []
     assert left == (["a.png"] if command == "batch" else [])  # a finished file stays; a mask's outputs all go
+
+
+@pytest.mark.parametrize(("name", "width"), [("m.webp", 16384), ("m.jpg", 65501)])
+def test_an_image_too_wide_for_its_format(tiny_clipseg_dir: Path, tmp_path: Path, name: str, width: int) -> None:
+    """Before: 'internal error: ValueError: encoding error 5: Image size exceeds WebP limit of 16383 pixels' (exit 70);
+    a JPEG: 'OSError: broken data stream'."""
+    image = tmp_path / "wide.png"
+    Image.fromarray(np.full((2, width), 9, np.uint8)).save(image)
+    out = tmp_path / "out" / name
+    result = invoke("mask", image, "-p", "cat", "--model", tiny_clipseg_dir, "-o", out)
+    assert result.exit_code == 8, result.output
+    fmt, most = ("WEBP", 16383) if name.endswith("webp") else ("JPEG", 65500)
+    why = f"a {fmt} image holds at most {most} pixels a side, this one is {width}×2; name it m.png or m.tif."
+    assert result.stderr == f"error: Cannot write '{out}': {why}\n"
+    assert not out.parent.exists()
+    assert invoke("mask", image, "-p", "cat", "--model", tiny_clipseg_dir, "-o", out.with_suffix(".tif")).exit_code == 0

@@ -26,6 +26,7 @@ from automask.cli_io import (
     OutputError,
     Outputs,
     Reporter,
+    check_fits,
     echo_json,
     find_images,
     output_format,
@@ -266,6 +267,7 @@ def _mask(settings: Settings, image: str, out: str | None, instances: Path | Non
     if target is None:
         write_stdout(result.to_png())
     else:
+        check_fits(target, fmt, result.width, result.height)
         outputs.write(target, result.encode(fmt))
     meta = {"input": image, "output": str(target or "-"), "ok": True, **result.metadata()}
     if instances is not None:

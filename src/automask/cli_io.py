@@ -28,6 +28,9 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".
 OUTPUT_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".tif": "TIFF", ".tiff": "TIFF"}
 """The formats `mask -o NAME` writes, by NAME's suffix (case-insensitive); any other name is written as PNG."""
 
+MAX_SIDE = {"JPEG": 65500, "WEBP": 16383}
+"""The longest side, in pixels, that a JPEG (libjpeg) and a WebP can hold."""
+
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://|^data:")
 
 
@@ -225,6 +228,16 @@ def output_format(target: Path | None, kind: str) -> str:
             "--output", f"'{target}': JPEG holds no transparency, so a cut-out cannot be one; name it {target.stem}.png"
         )
     return fmt or "PNG"
+
+
+def check_fits(target: Path, fmt: str, width: int, height: int) -> None:
+    """An `OutputError` when an image of `width`×`height` is too large for `fmt` (`MAX_SIDE`), before it is encoded."""
+    most = MAX_SIDE.get(fmt)
+    if most is not None and max(width, height) > most:
+        raise OutputError(
+            f"Cannot write '{target}': a {fmt} image holds at most {most} pixels a side, this one is "
+            f"{width}×{height}; name it {target.stem}.png or {target.stem}.tif."
+        )
 
 
 def _file_id(path: Path) -> tuple[int, int] | None:
