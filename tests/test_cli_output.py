@@ -219,3 +219,19 @@ def test_an_image_too_wide_for_its_format(tiny_clipseg_dir: Path, tmp_path: Path
     assert result.stderr == f"error: Cannot write '{out}': {why}\n"
     assert not out.parent.exists()
     assert invoke("mask", image, "-p", "cat", "--model", tiny_clipseg_dir, "-o", out.with_suffix(".tif")).exit_code == 0
+
+
+def test_an_interrupted_batch_says_what_it_did_and_left(tiny_clipseg_dir: Path, photo: Path, tmp_path: Path) -> None:
+    """Before: it ended with 'interrupted' only, not the summary line that tells what a re-run has left to do."""
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    for name in ("a", "b", "c", "d"):
+        (src / f"{name}.png").write_bytes(photo.read_bytes())
+    (src / "0-bad.png").write_bytes(b"not a png")
+    args = ["batch", src, "-o", out, "-p", "cat", "--model", tiny_clipseg_dir]
+    proc = subprocess.run(
+        [sys.executable, "-c", SIGNAL_ON_FSYNC, "3", "SIGTERM", *map(str, args)], capture_output=True, timeout=180
+    )
+    assert proc.returncode == 143, proc.stderr
+    assert proc.stderr.decode().splitlines()[-2:] == ["2 done, 1 failed, 2 not done", "interrupted (SIGTERM)"]
+    assert sorted(p.name for p in out.iterdir()) == ["a.png", "b.png"]

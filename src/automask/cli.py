@@ -358,23 +358,25 @@ def _mask_files(ctx: click.Context, plan: list[tuple[Path, Path]], job: Job) -> 
     generator = load_generator(job, root_settings(ctx))
     failed = 0
     with Reporter(len(plan)) as report:
-        for src, dst in plan:
-            report.start(src)
-            try:
-                record = process(generator, src, dst, job)
-            except AutomaskError as exc:  # stop: the group prints the error once and exits EXIT_MODEL
+        try:
+            for src, dst in plan:
+                report.start(src)
+                try:
+                    record = process(generator, src, dst, job)
+                except AutomaskError as exc:  # stop: the group prints the error once and exits EXIT_MODEL
+                    if job.as_json:
+                        echo_json(error_record(str(src), exc))
+                    raise
+                if not record["ok"]:
+                    failed += 1
+                    report.error(f"error: {src}: {record['error']}")
+                report.done(f"{src} -> {dst}" if record["ok"] else f"{src} failed")
                 if job.as_json:
-                    echo_json(error_record(str(src), exc))
-                raise
-            if record["ok"]:
-                report.done(f"{src} -> {dst}")
-            else:
-                failed += 1
-                report.error(f"error: {src}: {record['error']}")
-                report.done(f"{src} failed")
-            if job.as_json:
-                echo_json(record)
-    click.echo(f"{len(plan) - failed} done, {failed} failed", err=True)
+                    echo_json(record)
+        except KeyboardInterrupt:  # Ctrl-C, SIGTERM: what was done, and what is left for a re-run
+            report.summary(failed, interrupted=True)
+            raise
+    report.summary(failed)
     ctx.exit(EXIT_FAILED if failed else 0)
 
 

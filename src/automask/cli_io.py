@@ -355,6 +355,13 @@ class Reporter:
         """Print one error line (above the bar)."""
         self.console.print(line, markup=False, style="red" if self.bar else None)
 
+    def summary(self, failed: int, interrupted: bool = False) -> None:
+        """The last line: "12 done, 1 failed", and ", 30 not done" for a run `interrupted` (the bar stopped first)."""
+        if self.bar:
+            self.bar.stop()
+        left = f", {self.total - self.count} not done" if interrupted else ""
+        self.console.print(f"{self.count - failed} done, {failed} failed{left}", markup=False)
+
 
 def root_settings(ctx: click.Context) -> Settings:
     """The `automask` group's settings (AUTOMASK_* variables, then its global flags such as --data-dir)."""
