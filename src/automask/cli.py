@@ -12,9 +12,7 @@ import contextlib
 import os
 import signal
 import sys
-import threading
 import traceback
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
@@ -39,6 +37,7 @@ from automask.cli_io import (
     write_stdout,
 )
 from automask.cli_job import Job, load_generator, mask_options
+from automask.cli_signals import Interrupted, signals_interrupt
 from automask.errors import AutomaskError, InvalidOptionError
 from automask.routing import quote_targets
 from automask.settings import Settings
@@ -139,38 +138,6 @@ def _fail(ctx: click.Context, line: str, code: int, exc: BaseException | None = 
         traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
     click.echo(line, err=True)
     ctx.exit(code)
-
-
-class Interrupted(KeyboardInterrupt):
-    """SIGTERM or SIGHUP, raised where the command is (as Ctrl-C raises KeyboardInterrupt), so that it undoes what is
-    half-done (a temp file, a `mask`'s outputs) and exits 128 + the signal's number, instead of dying mid-write."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
-        self.name = signal.Signals(signum).name
-
-
-@contextlib.contextmanager
-def signals_interrupt() -> Iterator[None]:
-    """While inside, SIGTERM and SIGHUP raise `Interrupted` (only where they would kill the process: a signal that
-    is ignored, as under `nohup`, or handled already stays so)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {}
-    for signum in (signal.SIGTERM, signal.SIGHUP):
-        if signal.getsignal(signum) is signal.SIG_DFL:
-            previous[signum] = signal.signal(signum, _raise_interrupted)
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-
-
-def _raise_interrupted(signum: int, frame: object) -> None:
-    raise Interrupted(signum)
 
 
 @dataclass
