@@ -122,12 +122,14 @@ def as_a_user(command: list[str]) -> list[str]:
     return ["setpriv", "--bounding-set", "-dac_override,-dac_read_search", *command]
 
 
-@pytest.mark.parametrize("source", ["locked", "locked/*.jpg"])
-def test_batch_of_a_folder_it_cannot_read_says_so(tmp_path: Path, source: str) -> None:
-    """Before: 'internal error: PermissionError: [Errno 13] Permission denied: ...', exit 70."""
+@pytest.mark.parametrize(("source", "flags"), [("locked", []), ("locked/*.jpg", []), ("locked", ["-r"])])
+def test_batch_of_a_folder_it_cannot_read_says_so(tmp_path: Path, source: str, flags: list[str]) -> None:
+    """Before: 'internal error: PermissionError: [Errno 13] Permission denied: ...', exit 70 (with -r: 'no images
+    found')."""
     locked = tmp_path / "locked"
     locked.mkdir()
-    args = ["batch", tmp_path / source, "-o", tmp_path / "out", "-p", "cat", "--model", tmp_path / "no-such-model"]
+    out, model = tmp_path / "out", tmp_path / "no-such-model"
+    args = ["batch", tmp_path / source, *flags, "-o", out, "-p", "cat", "--model", model]
     locked.chmod(0)
     try:
         proc = subprocess.run(as_a_user([*automask_command(), *map(str, args)]), capture_output=True, timeout=120)
@@ -135,3 +137,26 @@ def test_batch_of_a_folder_it_cannot_read_says_so(tmp_path: Path, source: str) -
         locked.chmod(0o755)
     assert proc.returncode == 3, proc.stderr
     assert proc.stderr.decode() == f"error: Cannot read '{tmp_path / source}': Permission denied.\n"
+
+
+def test_batch_recursive_reports_a_subfolder_it_cannot_read(tiny_clipseg_dir: Path, folder: Path) -> None:
+    """Before: the images of an unreadable subfolder were skipped silently, and the run said '2 done, 0 failed'."""
+    locked = folder / "locked"
+    locked.mkdir()
+    (locked / "c.jpg").write_bytes((folder / "a.jpg").read_bytes())
+    out = folder.parent / "out"
+    args = ["batch", folder, "-r", "-o", out, "-p", "cat", "--model", tiny_clipseg_dir, "--json"]
+    locked.chmod(0)
+    try:
+        proc = subprocess.run(as_a_user([*automask_command(), *map(str, args)]), capture_output=True, timeout=120)
+    finally:
+        locked.chmod(0o755)
+    stderr = proc.stderr.decode()
+    assert proc.returncode == 1, stderr
+    why = f"Cannot read the folder '{locked}': Permission denied; its images were not masked."
+    assert error_lines(stderr) == [f"error: {locked}: {why}"]
+    assert stderr.splitlines()[-1] == "2 done, 1 failed"
+    records = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert records[0] == {"input": str(locked), "ok": False, "error": why, "exit_code": 3}
+    assert [r["ok"] for r in records[1:]] == [True, True]
+    assert sorted(p.name for p in out.iterdir()) == ["a.png", "b.png"]

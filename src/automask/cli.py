@@ -310,22 +310,31 @@ def batch(ctx: click.Context, source: str, out: str, recursive: bool, job: Job) 
 
 def _batch(ctx: click.Context, source: str, outdir: Path, recursive: bool, job: Job) -> None:
     """`batch`'s work: find the inputs, plan their outputs, check OUTDIR, then mask them."""
-    files, base = find_images(source, recursive, outdir)
+    files, base, unreadable = find_images(source, recursive, outdir)
     plan = plan_outputs(files, outdir, base)
     made = Outputs()
     made.folder(outdir)  # an OUTDIR that cannot be written: exit 8 now, not once per file after its masking
     try:
-        _mask_files(ctx, plan, job)
+        _mask_files(ctx, plan, [unread_record(exc) for exc in unreadable], job)
     finally:
         made.discard()  # only the folders it made, and only when they were left empty
 
 
-def _mask_files(ctx: click.Context, plan: list[tuple[Path, Path]], job: Job) -> None:
-    """Load the model once, mask the files of `plan` (input, output) one by one, print the summary."""
+def unread_record(exc: OSError) -> dict[str, Any]:
+    """The failure record of a subfolder that `batch --recursive` could not list (its files are not masked)."""
+    message = f"Cannot read the folder '{exc.filename}': {exc.strerror or exc}; its images were not masked."
+    return {"input": str(exc.filename), "ok": False, "error": message, "exit_code": 3}
+
+
+def _mask_files(ctx: click.Context, plan: list[tuple[Path, Path]], unread: list[dict[str, Any]], job: Job) -> None:
+    """Load the model once, report the folders it could not read (`unread`: failure records), mask the files of
+    `plan` (input, output) one by one, print the summary."""
     generator = load_generator(job, root_settings(ctx))
     failed = 0
-    with Reporter(len(plan)) as report:
+    with Reporter(len(unread) + len(plan)) as report:
         try:
+            for record in unread:
+                failed += _report(report, record, job)
             for src, dst in plan:
                 report.start(src)
                 try:
@@ -334,17 +343,22 @@ def _mask_files(ctx: click.Context, plan: list[tuple[Path, Path]], job: Job) -> 
                     if job.as_json:
                         echo_json(error_record(str(src), exc))
                     raise
-                if not record["ok"]:
-                    failed += 1
-                    report.error(f"error: {src}: {record['error']}")
-                report.done(f"{src} -> {dst}" if record["ok"] else f"{src} failed")
-                if job.as_json:
-                    echo_json(record)
+                failed += _report(report, record, job)
         except KeyboardInterrupt:  # Ctrl-C, SIGTERM: what was done, and what is left for a re-run
             report.summary(failed, interrupted=True)
             raise
     report.summary(failed)
     ctx.exit(EXIT_FAILED if failed else 0)
+
+
+def _report(report: Reporter, record: dict[str, Any], job: Job) -> int:
+    """Show one input's `record` (an error line when it failed; a JSON line with --json); 1 if it failed, else 0."""
+    if not record["ok"]:
+        report.error(f"error: {record['input']}: {record['error']}")
+    report.done(f"{record['input']} -> {record['output']}" if record["ok"] else f"{record['input']} failed")
+    if job.as_json:
+        echo_json(record)
+    return 0 if record["ok"] else 1
 
 
 # -- the HTTP service (fastapi/uvicorn load only when `serve` runs) ------------------------------------

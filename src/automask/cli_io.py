@@ -250,19 +250,21 @@ def _file_id(path: Path) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
-def find_images(source: str, recursive: bool, outdir: Path) -> tuple[list[Path], Path | None]:
-    """(input files, the folder their output paths mirror or None) for a folder, a glob or one file.
+def find_images(source: str, recursive: bool, outdir: Path) -> tuple[list[Path], Path | None, list[OSError]]:
+    """(input files, the folder their output paths mirror or None, the subfolders it could not read) for a folder,
+    a glob or one file.
 
     A folder gives its files with an image suffix (not hidden; `recursive`: subfolders too, except `outdir`
     when it is a subfolder: the outputs of an earlier run are not inputs); a glob gives every file it matches
     (`recursive`: `**` spans folders); a file is taken as it is named, also when the name has glob characters
     (`photo[1].jpg`). `outdir` may be the folder itself (`plan_outputs` never names an input). A source that cannot
-    be read (no permission) is an `ImageDecodeError`.
+    be read (no permission) is an `ImageDecodeError`; a subfolder that cannot be, an error in the list returned.
     """
     root, base = Path(source), None
+    unreadable: list[OSError] = []
     try:
         if root.is_dir():
-            files, base = _folder_images(root, recursive, outdir), root
+            (files, unreadable), base = _folder_images(root, recursive, outdir), root
         elif root.is_file():
             files = [root]
         elif not glob.has_magic(source) and not os.path.lexists(source):
@@ -271,18 +273,27 @@ def find_images(source: str, recursive: bool, outdir: Path) -> tuple[list[Path],
             files = [Path(p) for p in glob.glob(source, recursive=recursive) if Path(p).is_file()]
     except OSError as exc:
         raise errors.ImageDecodeError(f"Cannot read '{source}': {exc.strerror or exc}.") from None
-    if not files:
+    if not files and not unreadable:
         looked = f" (files ending {', '.join(sorted(IMAGE_SUFFIXES))})" if base else ""
         raise InvalidOptionError("DIR_OR_GLOB", f"no images found in '{source}'{looked}.")
-    return sorted(files), base
+    return sorted(files), base, unreadable
 
 
-def _folder_images(root: Path, recursive: bool, outdir: Path) -> list[Path]:
-    """The image files of the folder `root` (see `find_images`)."""
-    found = root.rglob("*") if recursive else root.iterdir()
+def _folder_images(root: Path, recursive: bool, outdir: Path) -> tuple[list[Path], list[OSError]]:
+    """The image files of the folder `root`, and the errors of the subfolders it could not list (see
+    `find_images`; a `root` it cannot list raises). Symlinks to folders are not followed."""
     skip = outdir.resolve()
     apart = skip not in (root.resolve(), *root.resolve().parents)  # OUTDIR is not the folder nor above it
-    return [
+    unreadable: list[OSError] = []
+    found: list[Path] = []
+    if not recursive:
+        found = list(root.iterdir())
+    for folder, subfolders, names in os.walk(root, onerror=unreadable.append) if recursive else ():
+        subfolders[:] = [d for d in subfolders if not d.startswith(".") and Path(folder, d).resolve() != skip]
+        found += [Path(folder, name) for name in names]
+    if unreadable and unreadable[0].filename == os.fspath(root):
+        raise unreadable[0]
+    files = [
         p
         for p in found
         if p.suffix.lower() in IMAGE_SUFFIXES
@@ -290,6 +301,7 @@ def _folder_images(root: Path, recursive: bool, outdir: Path) -> list[Path]:
         and not any(part.startswith(".") for part in p.relative_to(root).parts)
         and not (apart and skip in p.resolve().parents)
     ]
+    return files, unreadable
 
 
 def plan_outputs(files: list[Path], outdir: Path, base: Path | None) -> list[tuple[Path, Path]]:
