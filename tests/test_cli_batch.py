@@ -160,3 +160,16 @@ def test_batch_recursive_reports_a_subfolder_it_cannot_read(tiny_clipseg_dir: Pa
     assert records[0] == {"input": str(locked), "ok": False, "error": why, "exit_code": 3}
     assert [r["ok"] for r in records[1:]] == [True, True]
     assert sorted(p.name for p in out.iterdir()) == ["a.png", "b.png"]
+
+
+def test_batch_reports_a_file_with_a_line_break_in_its_name_on_one_line(
+    tiny_clipseg_dir: Path, folder: Path, tmp_path: Path
+) -> None:
+    """Before: 'error: .../bad' and 'name.jpg: <reason>' were two lines, breaking 'one line per failed file'."""
+    (folder / "bad\nname.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    result = invoke("batch", folder, "-o", tmp_path / "out", "-p", "cat", "--model", tiny_clipseg_dir)
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.splitlines()
+    assert len(lines) == 5 and lines[-1] == "2 done, 1 failed"
+    (error,) = error_lines(result.stderr)
+    assert error.startswith(f"error: {folder}/bad name.jpg: ") and lines[3] == f"[3/3] {folder}/bad name.jpg failed"

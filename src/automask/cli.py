@@ -27,6 +27,7 @@ from automask.cli_io import (
     check_fits,
     echo_json,
     find_images,
+    one_line,
     output_format,
     output_target,
     plan_outputs,
@@ -103,11 +104,6 @@ def error_message(exc: AutomaskError) -> str:
     if isinstance(exc, errors.PrivateAddressError):
         text += " On the command line: automask --allow-private-urls ..."
     return text
-
-
-def one_line(text: str) -> str:
-    """`text` with its line breaks folded, for one-line error reports."""
-    return " ".join(text.splitlines()).strip()
 
 
 class AutomaskGroup(click.Group):

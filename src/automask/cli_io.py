@@ -327,6 +327,11 @@ def plan_outputs(files: list[Path], outdir: Path, base: Path | None) -> list[tup
     return plan
 
 
+def one_line(text: str) -> str:
+    """`text` with its line breaks folded (also those of a file name), for one-line reports."""
+    return " ".join(text.splitlines()).strip()
+
+
 class Reporter:
     """Progress on stderr: a rich bar on a terminal, else one plain line per file."""
 
@@ -361,11 +366,11 @@ class Reporter:
         if self.bar is not None and self.task is not None:
             self.bar.update(self.task, advance=1)
         else:
-            self.console.print(f"[{self.count}/{self.total}] {line}", markup=False)
+            self.console.print(f"[{self.count}/{self.total}] {one_line(line)}", markup=False)
 
     def error(self, line: str) -> None:
-        """Print one error line (above the bar)."""
-        self.console.print(line, markup=False, style="red" if self.bar else None)
+        """Print one error line (above the bar), a line break in a file name folded."""
+        self.console.print(one_line(line), markup=False, style="red" if self.bar else None)
 
     def summary(self, failed: int, interrupted: bool = False) -> None:
         """The last line: "12 done, 1 failed", and ", 30 not done" for a run `interrupted` (the bar stopped first)."""
