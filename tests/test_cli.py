@@ -526,6 +526,18 @@ def test_plan_outputs_never_names_an_input_through_a_link(tmp_path: Path) -> Non
     assert plan_outputs([src / "x.jpg"], out, src) == [(src / "x.jpg", out / "x-2.png")]
 
 
+def test_plan_outputs_never_names_a_folder(tmp_path: Path) -> None:
+    """Before: in/a.jpg -> out/a.png, and in/a.png/x.jpg -> out/a.png/x.png failed: 'Not a directory'."""
+    src, out = tmp_path / "in", tmp_path / "out"
+    (out / "b.png").mkdir(parents=True)  # a folder already there
+    files = [src / "a.jpg", src / "a.png" / "x.jpg", src / "b.jpg"]
+    assert plan_outputs(files, out, src) == [
+        (src / "a.jpg", out / "a-2.png"),
+        (src / "a.png" / "x.jpg", out / "a.png" / "x.png"),
+        (src / "b.jpg", out / "b-2.png"),
+    ]
+
+
 def test_output_target_defaults(tmp_path: Path) -> None:
     photo = tmp_path / "p.jpg"
     assert output_target(None, photo, "alpha") == tmp_path / "p.alpha.png"

@@ -307,19 +307,20 @@ def _folder_images(root: Path, recursive: bool, outdir: Path) -> tuple[list[Path
 def plan_outputs(files: list[Path], outdir: Path, base: Path | None) -> list[tuple[Path, Path]]:
     """Pair every input with its output `<outdir>/<stem>.png` (subfolders of `base` mirrored).
 
-    Inputs sharing a stem (a.jpg, a.png) get `<stem>.<ext>.png`; a name still taken, or naming an input file
-    (also through a link), gets `-2`, `-3`...; names are compared case-insensitively (macOS, Windows).
+    Inputs sharing a stem (a.jpg, a.png) get `<stem>.<ext>.png`; a name still taken, naming an input file (also
+    through a link) or a folder (one there, or one the mirrored subfolders need: `a.png/`), gets `-2`, `-3`...;
+    names are compared case-insensitively (macOS, Windows).
     """
     folders = [outdir / f.parent.relative_to(base) if base else outdir for f in files]
     stems = [str(d / f.stem).lower() for d, f in zip(folders, files, strict=True)]
     shared = {stem for stem, n in Counter(stems).items() if n > 1}
-    taken = {str(f.resolve()).lower() for f in files}
+    taken = {str(p.resolve()).lower() for p in (*files, *{d for f in set(folders) for d in (f, *f.parents)})}
     inputs = {_file_id(f) for f in files} - {None}  # the same files by other names (hard links)
     plan = []
     for folder, f, stem in zip(folders, files, stems, strict=True):
         name = f"{f.stem}{f.suffix}" if stem in shared else f.stem
         target, n = folder / f"{name}.png", 1
-        while str(target.resolve()).lower() in taken or _file_id(target) in inputs:
+        while str(target.resolve()).lower() in taken or _file_id(target) in inputs or target.is_dir():
             n += 1
             target = folder / f"{name}-{n}.png"
         taken.add(str(target.resolve()).lower())
