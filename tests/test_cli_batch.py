@@ -173,3 +173,16 @@ def test_batch_reports_a_file_with_a_line_break_in_its_name_on_one_line(
     assert len(lines) == 5 and lines[-1] == "2 done, 1 failed"
     (error,) = error_lines(result.stderr)
     assert error.startswith(f"error: {folder}/bad name.jpg: ") and lines[3] == f"[3/3] {folder}/bad name.jpg failed"
+
+
+def test_a_glob_rerun_into_a_subfolder_skips_the_earlier_outputs(tiny_clipseg_dir: Path, folder: Path) -> None:
+    """Before: a second `batch 'b/**/*.png' -r -o b/masks` masked the first run's masks too, as b.png.png and
+    b.png-2.png (a folder source skipped them already)."""
+    Image.open(folder / "a.jpg").save(folder / "a.png")
+    out = folder / "masks"
+    args = ["batch", f"{folder}/**/*.png", "-r", "-o", out, "-p", "cat", "--model", tiny_clipseg_dir]
+    for _ in range(2):
+        result = invoke(*args)
+        assert result.exit_code == 0, result.output
+        assert result.stderr.rstrip().endswith("2 done, 0 failed")
+        assert sorted(p.name for p in out.iterdir()) == ["a.png", "b.png"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import itertools
 import json
 import os
 import re
@@ -12,6 +13,7 @@ import stat
 import sys
 import tempfile
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -256,9 +258,10 @@ def find_images(source: str, recursive: bool, outdir: Path) -> tuple[list[Path],
 
     A folder gives its files with an image suffix (not hidden; `recursive`: subfolders too, except `outdir`
     when it is a subfolder: the outputs of an earlier run are not inputs); a glob gives every file it matches
-    (`recursive`: `**` spans folders); a file is taken as it is named, also when the name has glob characters
-    (`photo[1].jpg`). `outdir` may be the folder itself (`plan_outputs` never names an input). A source that cannot
-    be read (no permission) is an `ImageDecodeError`; a subfolder that cannot be, an error in the list returned.
+    (`recursive`: `**` spans folders) except those in `outdir` when it is below the folder the glob searches; a
+    file is taken as it is named, also when the name has glob characters (`photo[1].jpg`). `outdir` may be the
+    folder itself (`plan_outputs` never names an input). A source that cannot be read (no permission) is an
+    `ImageDecodeError`; a subfolder that cannot be, an error in the list returned.
     """
     root, base = Path(source), None
     unreadable: list[OSError] = []
@@ -270,7 +273,9 @@ def find_images(source: str, recursive: bool, outdir: Path) -> tuple[list[Path],
         elif not glob.has_magic(source) and not os.path.lexists(source):
             raise InvalidOptionError("DIR_OR_GLOB", f"no such file or folder: '{source}'.")
         else:
+            earlier_output = _earlier_outputs(_glob_root(source), outdir)
             files = [Path(p) for p in glob.glob(source, recursive=recursive) if Path(p).is_file()]
+            files = [p for p in files if not earlier_output(p)]
     except OSError as exc:
         raise errors.ImageDecodeError(f"Cannot read '{source}': {exc.strerror or exc}.") from None
     if not files and not unreadable:
@@ -282,8 +287,7 @@ def find_images(source: str, recursive: bool, outdir: Path) -> tuple[list[Path],
 def _folder_images(root: Path, recursive: bool, outdir: Path) -> tuple[list[Path], list[OSError]]:
     """The image files of the folder `root`, and the errors of the subfolders it could not list (see
     `find_images`; a `root` it cannot list raises). Symlinks to folders are not followed."""
-    skip = outdir.resolve()
-    apart = skip not in (root.resolve(), *root.resolve().parents)  # OUTDIR is not the folder nor above it
+    skip, earlier_output = outdir.resolve(), _earlier_outputs(root, outdir)
     unreadable: list[OSError] = []
     found: list[Path] = []
     if not recursive:
@@ -299,9 +303,25 @@ def _folder_images(root: Path, recursive: bool, outdir: Path) -> tuple[list[Path
         if p.suffix.lower() in IMAGE_SUFFIXES
         and p.is_file()
         and not any(part.startswith(".") for part in p.relative_to(root).parts)
-        and not (apart and skip in p.resolve().parents)
+        and not earlier_output(p)
     ]
     return files, unreadable
+
+
+def _earlier_outputs(root: Path, outdir: Path) -> Callable[[Path], bool]:
+    """Whether a file found under `root` lies in `outdir`, when `outdir` is a subfolder of `root`: an output of an
+    earlier run, not an input (an `outdir` that is `root` or above it holds the inputs themselves)."""
+    skip = outdir.resolve()
+    if skip in (root.resolve(), *root.resolve().parents):
+        return lambda path: False
+    return lambda path: skip in path.resolve().parents
+
+
+def _glob_root(pattern: str) -> Path:
+    """The folder a glob searches: its leading parts without glob characters ('shots' for 'shots/**/*.png')."""
+    parts = Path(pattern).parts
+    literal = list(itertools.takewhile(lambda part: not glob.has_magic(part), parts[:-1]))
+    return Path(*literal) if literal else Path(".")
 
 
 def plan_outputs(files: list[Path], outdir: Path, base: Path | None) -> list[tuple[Path, Path]]:
