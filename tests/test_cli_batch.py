@@ -186,3 +186,15 @@ def test_a_glob_rerun_into_a_subfolder_skips_the_earlier_outputs(tiny_clipseg_di
         assert result.exit_code == 0, result.output
         assert result.stderr.rstrip().endswith("2 done, 0 failed")
         assert sorted(p.name for p in out.iterdir()) == ["a.png", "b.png"]
+
+
+def test_a_recursive_glob_does_not_follow_a_symlink_loop(tiny_clipseg_dir: Path, folder: Path, tmp_path: Path) -> None:
+    """Before: glob's '**' followed b/sub/up -> b about 40 times (until ELOOP), masking a.jpg and b.png 41 times each
+    (a.jpg.png, a.jpg-2.png, ...); with two such links the search never ended."""
+    (folder / "sub").mkdir()
+    (folder / "sub" / "up").symlink_to("..")
+    out = tmp_path / "out"
+    result = invoke("batch", f"{folder}/**/*.*", "-r", "-o", out, "-p", "cat", "--model", tiny_clipseg_dir)
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == ["a.png", "b.png"]
+    assert result.stderr.rstrip().endswith("2 done, 0 failed")

@@ -4,6 +4,7 @@ and progress reporting on stderr. No model code here."""
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import glob
 import itertools
 import json
@@ -273,9 +274,8 @@ def find_images(source: str, recursive: bool, outdir: Path) -> tuple[list[Path],
         elif not glob.has_magic(source) and not os.path.lexists(source):
             raise InvalidOptionError("DIR_OR_GLOB", f"no such file or folder: '{source}'.")
         else:
-            earlier_output = _earlier_outputs(_glob_root(source), outdir)
-            files = [Path(p) for p in glob.glob(source, recursive=recursive) if Path(p).is_file()]
-            files = [p for p in files if not earlier_output(p)]
+            earlier_output = _earlier_outputs(_split_glob(source)[0], outdir)
+            files = [p for p in _glob_files(source, recursive) if not earlier_output(p)]
     except OSError as exc:
         raise errors.ImageDecodeError(f"Cannot read '{source}': {exc.strerror or exc}.") from None
     if not files and not unreadable:
@@ -317,11 +317,28 @@ def _earlier_outputs(root: Path, outdir: Path) -> Callable[[Path], bool]:
     return lambda path: skip in path.resolve().parents
 
 
-def _glob_root(pattern: str) -> Path:
-    """The folder a glob searches: its leading parts without glob characters ('shots' for 'shots/**/*.png')."""
+def _split_glob(pattern: str) -> tuple[Path, str]:
+    """(the folder a glob searches, the rest of it): its leading parts without glob characters, and the others
+    ('shots', '**/*.png' for 'shots/**/*.png'; '.' when it starts with one)."""
     parts = Path(pattern).parts
-    literal = list(itertools.takewhile(lambda part: not glob.has_magic(part), parts[:-1]))
-    return Path(*literal) if literal else Path(".")
+    n = len(list(itertools.takewhile(lambda part: not glob.has_magic(part), parts[:-1])))
+    return Path(*parts[:n]) if n else Path("."), "/".join(parts[n:])
+
+
+def _glob_files(pattern: str, recursive: bool) -> list[Path]:
+    """The files `pattern` matches, each once. With `recursive`, `**` spans folders but never follows a symlink to
+    a folder (`glob.glob` does: a link to a folder above looped dozens of times, two of them for ever); names
+    starting with '.' are matched only by a pattern part that starts with '.', as `glob.glob` does."""
+    if not (recursive and "**" in pattern):
+        return [Path(p) for p in glob.glob(pattern) if Path(p).is_file()]
+    root, rest = _split_glob(pattern)
+    rest += "/*" if Path(rest).name == "**" else ""  # 'shots/**': every file below (pathlib's gives folders)
+    dotted = [part for part in Path(rest).parts if part.startswith(".")]
+
+    def hidden(name: str) -> bool:
+        return name.startswith(".") and not any(fnmatch.fnmatchcase(name, part) for part in dotted)
+
+    return [p for p in root.glob(rest) if p.is_file() and not any(map(hidden, p.relative_to(root).parts))]
 
 
 def plan_outputs(files: list[Path], outdir: Path, base: Path | None) -> list[tuple[Path, Path]]:
