@@ -24,7 +24,8 @@ from PIL import Image
 
 from automask import errors
 from automask.cli import EXIT_CODES, EXIT_HELP, OutputError, error_record, exit_code, main
-from automask.cli_io import output_target, plan_outputs, write_atomic
+from automask.cli_inputs import plan_outputs
+from automask.cli_io import output_target, write_atomic
 from automask.cli_job import ignored_flags
 from automask.imageio import load_image
 from automask.options import MaskOptions, parse_prompt

@@ -20,17 +20,16 @@ from typing import Any, NoReturn
 import click
 
 from automask import errors
+from automask.cli_inputs import find_images, plan_outputs
 from automask.cli_io import (
     OutputError,
     Outputs,
     Reporter,
     check_fits,
     echo_json,
-    find_images,
     one_line,
     output_format,
     output_target,
-    plan_outputs,
     read_source,
     root_settings,
     silence_stdout,
