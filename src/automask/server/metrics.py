@@ -237,16 +237,17 @@ def watch(store: Store, bodies: BodyBudget | None = None) -> Callable[[], None]:
 
 
 def listen(host: str, port: int) -> str:
-    """Turn recording on and serve it at `http://HOST:PORT/metrics` from a daemon thread (port 0: a free port);
-    returns that URL. `ServiceConfigError` saying what to change when the address cannot be had."""
+    """Turn recording on and serve it at `http://HOST:PORT/metrics` from a daemon thread (port 0: a free port;
+    connections bounded in number and idle time, `metrics_http`); returns that URL. `ServiceConfigError` saying
+    what to change when the address cannot be had."""
     from automask.server.errors import cannot_listen
 
     enable()
     assert _live is not None
-    from prometheus_client import start_http_server
+    from automask.server.metrics_http import serve
 
     try:
-        httpd, _ = start_http_server(port, host, registry=_live.registry)
+        httpd = serve(_live.registry, host, port)
     except OSError as exc:
         raise cannot_listen(host, port, exc, "--metrics-host", "--metrics-port") from None
     # a forked child (a worker's pool process) leaves the port alone: one that outlived this process would hold it
