@@ -10,7 +10,6 @@ import logging
 import multiprocessing
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -30,7 +29,17 @@ from automask.server import keys as keystore
 from automask.server import metrics
 from automask.server.config import ServerSettings
 from automask.server.store import Store
-from server_helpers import FakeBackend, free_port, live_server, loopback_socket, png_bytes, wait_for
+from server_helpers import (
+    FakeBackend,
+    free_port,
+    live_server,
+    loopback_socket,
+    png_bytes,
+    process,
+    serve_cmd,
+    wait_for,
+    wait_ready,
+)
 
 SLUG = "automatic-mask-generator"
 SERVING = re.compile(r"^automask: serving on (http://127\.0\.0\.1:\d+) ", re.M)
@@ -56,28 +65,14 @@ def value(samples: Samples, name: str, **labels: str) -> float:
     return samples.get((name, frozenset(labels.items())), 0.0)
 
 
-def serve_cmd(data: Path, model: Path, *flags: str) -> list[str]:
-    cmd = [sys.executable, "-m", "automask.cli", "--data-dir", str(data), "serve", "--port", "0"]
-    return [*cmd, "--model", str(model), "--log-level", "warning", *flags]
-
-
 @contextlib.contextmanager
 def running(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> Iterator[str]:
     """Run `cmd` (an `automask serve` or `worker` with --metrics-port 0), its output in `log`; yield the metrics URL
     it names once it has named it. SIGTERM (then SIGKILL) at the end."""
-    with log.open("ab") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-    try:
+    with process(cmd, log, env, graceful=True) as proc:
         found = wait_for(lambda: METRICS_AT.search(log.read_text()) or proc.poll() is not None, 90, 0.1)
         assert isinstance(found, re.Match), log.read_text()[-3000:]
         yield found.group(1)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
 
 
 @contextlib.contextmanager
@@ -87,7 +82,7 @@ def serving(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> Ite
         found = SERVING.search(log.read_text())  # printed before the metrics' line
         assert found is not None, log.read_text()[-3000:]
         api = found.group(1)
-        wait_for(lambda: httpx.get(f"{api}/readyz", timeout=5).status_code == 200, 90, interval=0.2)
+        wait_ready(api, 90)
         yield api, scraped
 
 
@@ -480,8 +475,7 @@ def test_an_inbox_under_a_long_tmpdir_still_binds(
 
 def test_the_apis_own_port_as_metrics_port_says_so(tmp_path: Path, tiny_clipseg_dir: Path) -> None:
     port = free_port()
-    cmd = serve_cmd(tmp_path / "data", tiny_clipseg_dir, "--metrics-port", str(port))
-    cmd[cmd.index("--port") + 1] = str(port)
+    cmd = serve_cmd(tmp_path / "data", tiny_clipseg_dir, "--metrics-port", str(port), port=port)
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 9, proc.stderr
     assert proc.stderr.strip().splitlines() == [
