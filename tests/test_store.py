@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -319,20 +324,14 @@ with postgres_server() as pg:
 
 
 @pytest.mark.slow
-def test_a_database_cut_off_by_the_network_fails_a_call_in_seconds(tmp_path: Any) -> None:
+def test_a_database_cut_off_by_the_network_fails_a_call_in_seconds(tmp_path: Path) -> None:
     """Before: with the PostgreSQL server's host unreachable (a partition, a failover that moved its address), a call
     on a pooled connection waited for the kernel's TCP retransmissions (about 15 minutes): requests hung instead of
     being answered 503, and /readyz never answered. A private network namespace (root, `unshare -n`) whose loopback
     goes down stands in for the partition."""
-    import os
-    import shutil
-    import subprocess
-    import sys
-    from pathlib import Path
-
     if os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("ip"):
         pytest.skip("needs root, unshare and ip (a private network namespace)")
-    script = Path(tmp_path) / "partition.py"
+    script = tmp_path / "partition.py"
     script.write_text(PARTITION)
     tests = str(Path(__file__).parent)
     run = subprocess.run(
