@@ -3,6 +3,7 @@ labels (no path, prompt or key), and a scrape that survives a database that is d
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import json
@@ -376,6 +377,39 @@ def test_a_worker_counts_its_pool_processes_killed_or_left_hung(
         lost = lambda reason: value(scrape(at_worker), "automask_worker_pool_processes_lost_total", reason=reason)  # noqa: E731
         wait_for(lambda: lost("hung") == 1, 30, 0.2)  # its process leaves once the hung run had its grace
         assert lost("killed") == 2, (tmp_path / "worker.log").read_text()[-3000:]
+
+
+@pytest.mark.slow
+def test_a_worker_counts_a_pool_process_celery_killed_at_the_hard_time_limit(
+    tmp_path: Path, postgres_db: str, redis_db: str, rabbitmq_vhost_url: str
+) -> None:
+    """Before: a task that ran past Celery's hard time limit (something outside the run's own limit hung) had its pool
+    process killed by Celery, and the worker counted nothing: not `time_limit`, not `killed`."""
+    from automask.server.fleet import CeleryDispatcher
+    from automask.server.jobs import Jobs
+    from automask.server.schemas import MaskRequest
+    from automask.settings import Settings
+
+    tests = str(Path(__file__).parent)
+    env = fleet_env(postgres_db, redis_db, rabbitmq_vhost_url) | {
+        "AUTOMASK_SERVER_METRICS_PORT": "0", "AUTOMASK_DATA_DIR": str(tmp_path / "w"),
+        "AUTOMASK_SERVER_TIMEOUT": "5", "FLEET_TIME_LIMIT_MARGIN": "-4",  # killed 1 s in, before its run's limit
+        "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")]),
+    }  # fmt: skip
+    settings = Settings(database_url=postgres_db, broker_url=rabbitmq_vhost_url, redis_url=redis_db)
+    store = Store(postgres_db)
+    dispatcher = CeleryDispatcher(settings, ServerSettings(), store)
+    image = base64.b64encode(png_bytes(np.full((8, 8, 3), 50, np.uint8))).decode()
+    try:
+        with running([sys.executable, f"{tests}/fleet_worker.py"], tmp_path / "worker.log", env) as at_worker:
+            job = Jobs(store).submit(None, MaskRequest(image=image, prompt="hang"), charge=False)
+            dispatcher.publish(job, "fake-gradient").result(timeout=30)
+            lost = lambda reason: value(scrape(at_worker), "automask_worker_pool_processes_lost_total", reason=reason)  # noqa: E731
+            wait_for(lambda: lost("time_limit") == 1, 60, 0.2)
+            assert lost("killed") == 0 and lost("hung") == 0
+    finally:
+        asyncio.run(dispatcher.stop())
+        store.close()
 
 
 def test_a_request_refused_before_routing_is_counted_by_its_routes_template(listener: str, tmp_path: Path) -> None:

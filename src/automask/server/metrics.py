@@ -93,7 +93,8 @@ class _Metrics:
         )  # fmt: skip
         self.lost = prom.Counter(
             "automask_worker_pool_processes_lost", "Worker pool processes that died during a task (killed: a signal, "
-            "the OOM killer, a crash) or left after one because their model hung (hung).", ["reason"], registry=r,
+            "the OOM killer, a crash), were killed by Celery at a task's hard time limit (time_limit), or left after "
+            "one because their model hung (hung).", ["reason"], registry=r,
         )  # fmt: skip
         self.state = _StateCollector()
         r.register(self.state)
@@ -222,7 +223,8 @@ def auth_failed(status: int) -> None:
 
 
 def pool_process_lost(reason: str) -> None:
-    """A worker's pool process died during a task (`killed`) or left after one because its model hung (`hung`)."""
+    """A worker's pool process died during a task (`killed`), was killed at a task's hard time limit (`time_limit`), or
+    left after one because its model hung (`hung`)."""
     _record("lost", reason)
 
 
