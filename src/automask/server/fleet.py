@@ -277,6 +277,11 @@ class CeleryDispatcher:
             return name
         if name != default and name not in CATALOGUE:
             raise unknown_model(name, self.models())
+        if not served and model is None and not self._configured_default:  # no worker to say which model is default
+            raise ModelNotAvailableError(
+                "No worker is running right now; start one with: automask worker --model NAME (its model becomes "
+                "the default; AUTOMASK_MODEL on the API nodes names it)"
+            )
         missing = ModelNotAvailableError(
             f"No worker serves the model {name!r} right now; start one with: automask worker --model {name}"
         )
