@@ -11,7 +11,7 @@ import { downloads } from "./downloads.js";
 import { wireInput } from "./input.js";
 import { choosingModel, chosenModel as chosenOf, fillModels, serverInfo, showModel } from "./models.js";
 import { KEY_STORAGE, applyControls, loadPrefs, readControls, savePrefs, vocabularyProblem } from "./prefs.js";
-import { base64Bytes, countSelected, decodeMask, withTargets } from "./render.js";
+import { base64Bytes, countSelected, dataUriBlob, decodeMask, imagePixels, withTargets } from "./render.js";
 import { clearError, formatMs, setBusy, setFacts, setStale, setStatus, showError as sayError } from "./status.js";
 import { ownerRadius, showTargets, targetMasks } from "./targets.js";
 import { Viewer } from "./viewer.js";
@@ -114,24 +114,14 @@ async function setImage(image, label) {
     viewer.clear();
     $("image-info").textContent = `${label} — this browser cannot show it; the server will say if it can read it.`;
   }
-  if (image.kind === "url") state.image.pixels = pixelsOfShownImage(img);
+  if (image.kind === "url" && state.image.shown) state.image.pixels = await urlPixels(image.src, img);
   bringIntoView($("stage"));
   setStatus("Image ready. Type a prompt and press Enter.");
 }
 
-function pixelsOfShownImage(img) {
-  // A URL image from another site taints the canvas: its pixels stay unreadable (null).
-  if (!state.image.shown) return null;
-  try {
-    const canvas = document.createElement("canvas");
-    canvas.width = img.naturalWidth;
-    canvas.height = img.naturalHeight;
-    const ctx = canvas.getContext("2d", { willReadFrequently: true });
-    ctx.drawImage(img, 0, 0);
-    return { data: ctx.getImageData(0, 0, canvas.width, canvas.height).data, width: canvas.width, height: canvas.height };
-  } catch {
-    return null;
-  }
+// A URL image's pixels (`imagePixels`): null when unreadable here, as those of an image on another site are.
+function urlPixels(url, img) {
+  return imagePixels(dataUriBlob(url) || img).catch(() => null);
 }
 
 function usePrompt(text, { runNow = true } = {}) {

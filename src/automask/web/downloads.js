@@ -1,5 +1,6 @@
 // Downloads and the clipboard, rendered in the page from the mask and the image: no request, no credit. Only an
-// image from another site (its pixels unreadable here) needs the server for a cut-out or preview.
+// image whose pixels the page cannot reproduce exactly (one from another site, unreadable here; one with a colour
+// profile or 16-bit grey samples: see render.imagePixels) needs the server for a cut-out or preview.
 
 import { requestImage } from "./api.js";
 import { cutoutPixels, encodePng, previewPixels } from "./render.js";
@@ -41,7 +42,7 @@ export function downloads(ctx) {
     }
     r.remote = r.remote || {};
     if (!r.remote[kind]) {
-      ctx.setStatus("Asking the server for it (this page cannot read the pixels of an image on another site)…");
+      ctx.setStatus("Asking the server for it (this page cannot reproduce the pixels of this image exactly)…");
       const body = { ...ctx.payload(r.opts), return_mask: kind !== "preview", return_alpha: kind === "alpha" };
       r.remote[kind] = await requestImage(body, { key: ctx.apiKey() });
       ctx.setStatus("Downloaded.");

@@ -2,7 +2,7 @@
 // field, and the one-click examples. Nothing that is not an image (or an http(s) URL) is sent to the server.
 
 import { fileProblem, formatBytes, parseImageUrl } from "./prefs.js";
-import { readPixels } from "./render.js";
+import { imagePixels } from "./render.js";
 
 const $ = (id) => document.getElementById(id);
 
@@ -29,7 +29,7 @@ export function wireInput(app) {
       return false;
     }
     $("image-url").value = "";
-    const [src, pixels] = await Promise.all([readDataUrl(file), readPixels(file).catch(() => null)]);
+    const [src, pixels] = await Promise.all([readDataUrl(file), imagePixels(file).catch(() => null)]);
     const name = file.name || "pasted image.png";
     await app.setImage({ kind: "file", name, src, pixels }, `${name} — ${formatBytes(file.size)}`);
     if (auto) app.autoRun();

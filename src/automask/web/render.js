@@ -17,15 +17,42 @@ function canvasOf(width, height) {
   return canvas;
 }
 
-// RGBA pixels of an image blob (a file, a PNG): {data, width, height}. EXIF orientation applied, as the server does.
-export async function readPixels(blob) {
-  const bitmap = await createImageBitmap(blob, DECODE);
+// RGBA pixels of an image (a blob, or a loaded <img>): {data, width, height}. EXIF orientation applied, as the
+// server does; `colours` "none": the stored values, "default": converted by the image's colour profile.
+export async function readPixels(source, colours = "none") {
+  const bitmap = await createImageBitmap(source, { ...DECODE, colorSpaceConversion: colours });
   const canvas = canvasOf(bitmap.width, bitmap.height);
   const ctx = canvas.getContext("2d", { willReadFrequently: true });
   ctx.drawImage(bitmap, 0, 0);
   bitmap.close();
   const { data } = ctx.getImageData(0, 0, canvas.width, canvas.height);
   return { data, width: canvas.width, height: canvas.height };
+}
+
+// The image's pixels as the server decodes them (`readPixels`), or null when this page cannot reproduce that
+// decode exactly: an embedded colour profile (the server converts to sRGB with LittleCMS, a browser with its own
+// engine, levels apart) or 16-bit grey samples (the server rounds them to 8 bits, a browser truncates).
+// A blob, or a loaded <img> (an image URL; its bytes unreadable here). Throws when a browser cannot decode it
+// or may not read its pixels (an image of another site).
+export async function imagePixels(source) {
+  if (source instanceof Blob && sixteenBitGrey(new Uint8Array(await source.slice(0, 26).arrayBuffer()))) return null;
+  const stored = await readPixels(source);
+  const managed = await readPixels(source, "default");
+  const [a, b] = [new Uint32Array(stored.data.buffer), new Uint32Array(managed.data.buffer)];
+  for (let i = 0; i < a.length; i += 1) if (a[i] !== b[i]) return null;
+  return stored;
+}
+
+// Whether PNG bytes (their first 26) describe 16-bit grey samples (IHDR: bit depth 16, colour type 0).
+function sixteenBitGrey(head) {
+  const png = [137, 80, 78, 71, 13, 10, 26, 10].every((b, i) => head[i] === b);
+  return png && head[24] === 16 && head[25] === 0;
+}
+
+// The bytes of a base64 data: URI as a blob (null for another kind of URL).
+export function dataUriBlob(uri) {
+  const found = /^data:([^;,]*)(?:;[^,]*)?;base64,/i.exec(uri);
+  return found ? new Blob([base64Bytes(uri.slice(found[0].length))], { type: found[1] }) : null;
 }
 
 export function base64Bytes(b64) {
