@@ -157,6 +157,35 @@ def test_drop_anywhere_and_paste(tab: Tab, live: Live, photo: Path, photo_url: s
     assert download(page, "#dl-alpha") == live.api(photo_url, **FIRST, return_alpha=True).content
 
 
+def test_the_image_chosen_last_is_the_one_masked(tab: Tab, live: Live, photo: Path, photo_url: str) -> None:
+    """An image URL and an example still loading when a file is chosen: the file stays the image, shown, masked and
+    cut out in the page. Before, the URL's aborted load hid the file's image and made its cut-out a paid request,
+    and the example, arriving late, replaced the file and its prompt."""
+    page = tab.page
+    held: list[Any] = []
+    page.route("**/held.png", lambda route: held.append(route))
+    page.route("**/static/examples/chelsea.jpg", lambda route: held.append(route))
+    page.fill("#prompt", FIRST["prompt"])
+    with page.expect_request("**/held.png"):
+        page.fill("#image-url", photo_url.replace(photo.name, "held.png"))
+        page.press("#image-url", "Enter")
+    with page.expect_request("**/chelsea.jpg"):
+        page.click("button.example[data-example=cat]")
+    set_first_options(page)
+    pick_photo(page, photo)
+    for route in held:  # the URL's image and the example arrive after the file was chosen
+        route.fulfill(path=EXAMPLES / "chelsea.jpg", content_type="image/jpeg")
+    submit_prompt(page, FIRST["prompt"])
+    page.wait_for_timeout(300)  # room for a late example to replace the file (it would mask the cat at once)
+    assert page.is_visible("#canvas-box") and page.evaluate("document.getElementById('source').naturalWidth") == 512
+    assert page.inner_text("#image-info").startswith(photo.name) and page.input_value("#prompt") == FIRST["prompt"]
+    assert [b["image"] for b in tab.api_bodies] == [data_uri(photo)]
+    assert page.inner_text("#dl-alpha") == "Download cut-out"
+    cutout = decode(download(page, "#dl-alpha"))
+    assert np.array_equal(cutout, decode(live.api(data_uri(photo), **FIRST, return_alpha=True).content))
+    assert len(tab.api_bodies) == 1
+
+
 def test_examples_work_in_one_click(tab: Tab, live: Live) -> None:
     page = tab.page
     page.click("button.example[data-example=coffee]")

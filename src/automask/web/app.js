@@ -101,20 +101,24 @@ async function setImage(image, label) {
   supersede();
   clearResult();
   clearError();
-  state.image = { id: ++nextImageId, shown: false, ...image };
+  const current = { id: ++nextImageId, shown: false, ...image };
+  state.image = current;
   const img = $("source");
   img.src = image.src;
   try {
     await img.decode();
-    state.image.shown = true;
+    if (state.image !== current) return; // a newer image replaced this one while it decoded
+    current.shown = true;
     viewer.setSize(img.naturalWidth, img.naturalHeight);
     $("viewport").setAttribute("aria-label", `The image ${image.name}`);
     $("image-info").textContent = `${label} — ${img.naturalWidth}×${img.naturalHeight}`;
   } catch {
+    if (state.image !== current) return;
     viewer.clear();
     $("image-info").textContent = `${label} — this browser cannot show it; the server will say if it can read it.`;
   }
-  if (image.kind === "url" && state.image.shown) state.image.pixels = await urlPixels(image.src, img);
+  if (image.kind === "url" && current.shown) current.pixels = await urlPixels(image.src, img);
+  if (state.image !== current) return;
   bringIntoView($("stage"));
   setStatus("Image ready. Type a prompt and press Enter.");
 }

@@ -22,7 +22,9 @@ function isTextField(el) {
 // `app` gives: setImage(image, label), showError(text), examples(), examplePrompt(example), usePrompt(text, opts),
 // run(), autoRun(), maxBytes().
 export function wireInput(app) {
-  async function useFile(file, { auto = true } = {}) {
+  let chosen = 0; // the image the user chose last: one still being read when another is chosen is dropped
+
+  async function useFile(file, { auto = true, choice = ++chosen } = {}) {
     const problem = fileProblem(file, app.maxBytes());
     if (problem) {
       app.showError(problem);
@@ -30,6 +32,7 @@ export function wireInput(app) {
     }
     $("image-url").value = "";
     const [src, pixels] = await Promise.all([readDataUrl(file), imagePixels(file).catch(() => null)]);
+    if (choice !== chosen) return false;
     const name = file.name || "pasted image.png";
     await app.setImage({ kind: "file", name, src, pixels }, `${name} — ${formatBytes(file.size)}`);
     if (auto) app.autoRun();
@@ -44,6 +47,7 @@ export function wireInput(app) {
       return;
     }
     if (!again && $("source").dataset.url === url) return; // 'change' and Enter both fire for one URL
+    chosen += 1;
     $("file").value = "";
     $("source").dataset.url = url;
     const name = url.startsWith("data:") ? "pasted image" : url.split(/[?#]/)[0].split("/").pop() || "image";
@@ -146,13 +150,15 @@ export function wireInput(app) {
   }
 
   async function useExample(ex) {
+    const choice = ++chosen;
     const res = await fetch(`static/examples/${ex.file}`);
-    if (!res.ok) throw new Error(`The example ${ex.file} is missing on this server (${res.status}).`);
-    const blob = await res.blob();
+    const blob = res.ok ? await res.blob() : null;
+    if (choice !== chosen) return;
+    if (!blob) throw new Error(`The example ${ex.file} is missing on this server (${res.status}).`);
     const file = new File([blob], ex.file, { type: blob.type || "image/jpeg" });
     delete $("source").dataset.url;
     app.usePrompt(app.examplePrompt(ex), { runNow: false });
-    if (await useFile(file, { auto: false })) app.run();
+    if (await useFile(file, { auto: false, choice })) app.run();
   }
 
   return { fillExamples };
