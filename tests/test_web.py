@@ -336,6 +336,34 @@ def test_superseded_and_cancelled_requests_are_not_charged(
         tab.check_console()
 
 
+@pytest.mark.browser
+def test_typing_the_key_does_not_lock_the_user_out(
+    context: Any, tiny_clipseg_dir: Path, tmp_path: Path, photo: Path
+) -> None:
+    """A key typed by hand: its balance is looked up once the field rests, not per keystroke. Before, each partial
+    key was a failed authentication: past the server's limit (here 10 a minute) the address was locked out, and the
+    user's first mask was refused with a 429."""
+    settings = Settings(data_dir=tmp_path / "data", model=str(tiny_clipseg_dir))
+    with (
+        serve(settings, auth=True, credits=5, auth_fail_limit=10) as strict,
+        open_tab(context, Live(strict.url, None)) as tab,  # a key the server has not seen yet
+    ):
+        page = tab.page
+        assert strict.key
+        lookups: list[int] = []
+        page.on("response", lambda res: lookups.append(res.status) if res.url.endswith("/v1/credits") else None)
+        page.type("#api-key", strict.key, delay=15)
+        page.wait_for_selector("#credits:not([hidden])")
+        assert page.get_attribute("#credits", "data-credits") == "5"
+        pick_photo(page, photo)
+        page.fill("#prompt", FIRST["prompt"])
+        page.press("#prompt", "Enter")
+        page.wait_for_selector("#result[data-ready], #error:not([hidden])")
+        assert page.is_hidden("#error"), page.inner_text("#error")
+        assert 401 not in lookups and len(lookups) <= 2, lookups
+        tab.check_console()
+
+
 # ---- errors --------------------------------------------------------------------------------------------
 
 

@@ -19,6 +19,9 @@ import { Viewer } from "./viewer.js";
 const $ = (id) => document.getElementById(id);
 const CACHE_SIZE = 16;
 const AUTO_DELAY_MS = 300;
+// The balance is looked up once the key field rests: a look-up per keystroke would send each partial key, and the
+// server counts each as a failed authentication (past AUTOMASK_SERVER_AUTH_FAIL_LIMIT a minute, a 429 lock-out).
+const KEY_LOOKUP_DELAY_MS = 800;
 
 const state = {
   config: { auth: true, models: [], vocabulary: {}, options: [], examples: [] },
@@ -30,6 +33,7 @@ const state = {
   inflight: null, // {controller, seq, started, loading, cancelled}
   timer: 0,
   ticker: 0,
+  keyTimer: 0,
   creditsSeq: 0,
   growAuto: false, // grow_mask / feather were set by the page for a cut-out, not by the user
 };
@@ -79,6 +83,14 @@ function showError(text) {
 
 function apiKey() {
   return state.config.auth ? $("api-key").value.trim() : "";
+}
+
+function keyEdited() {
+  localStorage.setItem(KEY_STORAGE, apiKey());
+  state.creditsSeq += 1; // a look-up of the key before this edit no longer answers
+  $("credits").hidden = true;
+  clearTimeout(state.keyTimer);
+  state.keyTimer = setTimeout(refreshCredits, KEY_LOOKUP_DELAY_MS);
 }
 
 async function refreshCredits() {
@@ -419,10 +431,7 @@ function wire() {
   $("zoom-out").addEventListener("click", () => viewer.zoomTo(viewer.zoom * 0.8));
   $("zoom-fit").addEventListener("click", () => viewer.fit());
   $("zoom-native").addEventListener("click", () => viewer.zoomTo(1));
-  $("api-key").addEventListener("input", () => {
-    localStorage.setItem(KEY_STORAGE, apiKey());
-    refreshCredits();
-  });
+  $("api-key").addEventListener("input", keyEdited);
   $("dl-mask").addEventListener("click", guarded(files.mask));
   $("dl-alpha").addEventListener("click", guarded(files.cutout));
   $("dl-preview").addEventListener("click", guarded(files.preview));
