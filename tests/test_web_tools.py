@@ -314,6 +314,30 @@ def test_local_server_without_auth_hides_the_key(
 # ---- the viewer ----------------------------------------------------------------------------------------
 
 
+def test_downloads_are_named_after_the_image(tab: Tab, photo: Path, photo_url: str, tmp_path: Path) -> None:
+    """Before, a name in another script lost every letter ("фото кота.png": "--mask.png") and a URL's name kept its
+    percent-encoding ("My%20photo.png": "My-20photo-mask.png")."""
+    page = tab.page
+
+    def saved_as(button: str) -> str:
+        with page.expect_download() as info:
+            page.click(button)
+        return str(info.value.suggested_filename)
+
+    named = tmp_path / "фото кота.png"
+    named.write_bytes(photo.read_bytes())
+    pick_photo(page, named)
+    shown = submit_prompt(page, FIRST["prompt"])
+    assert [saved_as("#dl-mask"), saved_as("#dl-alpha")] == ["фото-кота-mask.png", "фото-кота-cutout.png"]
+    (photo.parent / "My photo.png").write_bytes(photo.read_bytes())  # served at photo_url's folder
+    url = photo_url.replace(photo.name, "My%20photo.png?size=large")
+    page.fill("#image-url", url)
+    page.press("#image-url", "Enter")
+    wait_result(page, shown)
+    assert page.inner_text("#image-info").startswith(url)
+    assert saved_as("#dl-mask") == "My-photo-mask.png"
+
+
 def test_compare_slider_zoom_and_pan(tab: Tab, photo: Path, tmp_path: Path) -> None:
     page = tab.page
     pick_photo(page, photo)

@@ -10,9 +10,11 @@ import { targetMasks } from "./targets.js";
 export function downloads(ctx) {
   const { state } = ctx;
 
+  // The image's name without its extension, any script's letters and digits kept ("фото кота.jpg": "фото-кота").
   function baseName() {
     const name = state.image ? state.image.name : "image";
-    return name.replace(/\.[A-Za-z0-9]+$/, "").replace(/[^\w.-]+/g, "-") || "image";
+    const safe = name.replace(/\.[A-Za-z0-9]+$/, "").replace(/[^\p{L}\p{N}_.-]+/gu, "-");
+    return safe.replace(/^[-.]+|[-.]+$/g, "") || "image";
   }
 
   function save(blob, name) {

@@ -15,6 +15,16 @@ function readDataUrl(file) {
   });
 }
 
+// The file name at the end of an image URL's path, percent-decoded ("My%20photo.jpg": "My photo.jpg").
+function urlFileName(url) {
+  const last = new URL(url).pathname.split("/").pop();
+  try {
+    return decodeURIComponent(last) || "image";
+  } catch {
+    return last || "image"; // not valid percent-encoding: as written
+  }
+}
+
 function isTextField(el) {
   return Boolean(el && (el.tagName === "TEXTAREA" || (el.tagName === "INPUT" && !["file", "range", "checkbox", "radio", "color"].includes(el.type))));
 }
@@ -50,7 +60,7 @@ export function wireInput(app) {
     chosen += 1;
     $("file").value = "";
     $("source").dataset.url = url;
-    const name = url.startsWith("data:") ? "pasted image" : url.split(/[?#]/)[0].split("/").pop() || "image";
+    const name = url.startsWith("data:") ? "pasted image" : urlFileName(url);
     await app.setImage({ kind: "url", name, src: url, pixels: null }, url.startsWith("data:") ? name : url);
     if (auto) app.autoRun();
   }
