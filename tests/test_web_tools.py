@@ -186,6 +186,33 @@ def test_the_image_chosen_last_is_the_one_masked(tab: Tab, live: Live, photo: Pa
     assert len(tab.api_bodies) == 1
 
 
+def test_an_image_over_the_pixel_limit_is_refused_before_it_is_sent(tab: Tab, photo: Path, tmp_path: Path) -> None:
+    """The server's pixel limit (web/config, here lowered to 270,000) is checked in the page: nothing is sent, the
+    error names both sizes, and the next image works. Before, the page read all the pixels of a huge image (seconds
+    and hundreds of MB in the browser), then uploaded it only for the server to refuse it."""
+    page = tab.page
+
+    def lower_limit(route: Any) -> None:
+        route.fulfill(json={**route.fetch().json(), "max_image_pixels": 270_000})
+
+    page.route("**/web/config", lower_limit)
+    page.reload()
+    page.wait_for_selector("body[data-loaded=true]", state="attached")
+    large = tmp_path / "large.png"
+    Image.fromarray(np.zeros((600, 500, 3), np.uint8)).save(large)
+    page.fill("#prompt", FIRST["prompt"])
+    page.set_input_files("#file", str(large))
+    page.wait_for_selector("#error:not([hidden])")
+    expected = "large.png is 500×600 = 300,000 pixels; this server takes images up to 270,000 pixels."
+    assert page.inner_text("#error") == expected
+    page.wait_for_timeout(800)  # longer than the page waits before masking a new image by itself
+    assert not tab.api_bodies and page.is_hidden("#canvas-box")
+    set_first_options(page)
+    pick_photo(page, photo)  # 512×512: within the limit
+    submit_prompt(page, FIRST["prompt"])
+    assert page.is_hidden("#error") and len(tab.api_bodies) == 1
+
+
 def test_examples_work_in_one_click(tab: Tab, live: Live) -> None:
     page = tab.page
     page.click("button.example[data-example=coffee]")

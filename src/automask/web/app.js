@@ -445,6 +445,7 @@ function wire() {
     run: () => run(),
     autoRun: () => scheduleAuto(500),
     maxBytes: () => state.config.max_image_bytes,
+    maxPixels: () => state.config.max_image_pixels,
   });
 }
 

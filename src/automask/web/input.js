@@ -1,8 +1,8 @@
 // Where images come from: the file picker, a drop anywhere on the page, a paste (an image or its URL), the URL
 // field, and the one-click examples. Nothing that is not an image (or an http(s) URL) is sent to the server.
 
-import { fileProblem, formatBytes, parseImageUrl } from "./prefs.js";
-import { imagePixels } from "./render.js";
+import { fileProblem, formatBytes, parseImageUrl, pixelProblem } from "./prefs.js";
+import { TooManyPixels, imagePixels } from "./render.js";
 
 const $ = (id) => document.getElementById(id);
 
@@ -30,7 +30,7 @@ function isTextField(el) {
 }
 
 // `app` gives: setImage(image, label), showError(text), examples(), examplePrompt(example), usePrompt(text, opts),
-// run(), autoRun(), maxBytes().
+// run(), autoRun(), maxBytes(), maxPixels().
 export function wireInput(app) {
   let chosen = 0; // the image the user chose last: one still being read when another is chosen is dropped
 
@@ -40,11 +40,17 @@ export function wireInput(app) {
       app.showError(problem);
       return false;
     }
-    $("image-url").value = "";
-    const [src, pixels] = await Promise.all([readDataUrl(file), imagePixels(file).catch(() => null)]);
+    const limit = app.maxPixels() || Infinity;
+    const [src, pixels] = await Promise.all([readDataUrl(file), imagePixels(file, limit).catch((err) => err)]);
     if (choice !== chosen) return false;
+    if (pixels instanceof TooManyPixels) {
+      app.showError(pixelProblem(file.name, pixels, limit));
+      return false;
+    }
+    $("image-url").value = "";
     const name = file.name || "pasted image.png";
-    await app.setImage({ kind: "file", name, src, pixels }, `${name} — ${formatBytes(file.size)}`);
+    const readable = pixels instanceof Error ? null : pixels; // a browser that cannot decode it: the server may
+    await app.setImage({ kind: "file", name, src, pixels: readable }, `${name} — ${formatBytes(file.size)}`);
     if (auto) app.autoRun();
     return true;
   }

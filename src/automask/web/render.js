@@ -17,10 +17,25 @@ function canvasOf(width, height) {
   return canvas;
 }
 
+// An image over the server's pixel limit (which refuses it): found before its pixels are read.
+export class TooManyPixels extends Error {
+  constructor(width, height) {
+    super(`${width}×${height} pixels`);
+    this.width = width;
+    this.height = height;
+  }
+}
+
 // RGBA pixels of an image (a blob, or a loaded <img>): {data, width, height}. EXIF orientation applied, as the
 // server does; `colours` "none": the stored values, "default": converted by the image's colour profile.
-export async function readPixels(source, colours = "none") {
+// Throws TooManyPixels past `maxPixels`.
+export async function readPixels(source, colours = "none", maxPixels = Infinity) {
   const bitmap = await createImageBitmap(source, { ...DECODE, colorSpaceConversion: colours });
+  const { width, height } = bitmap;
+  if (width * height > maxPixels) {
+    bitmap.close();
+    throw new TooManyPixels(width, height);
+  }
   const canvas = canvasOf(bitmap.width, bitmap.height);
   const ctx = canvas.getContext("2d", { willReadFrequently: true });
   ctx.drawImage(bitmap, 0, 0);
@@ -33,10 +48,10 @@ export async function readPixels(source, colours = "none") {
 // decode exactly: an embedded colour profile (the server converts to sRGB with LittleCMS, a browser with its own
 // engine, levels apart) or 16-bit grey samples (the server rounds them to 8 bits, a browser truncates).
 // A blob, or a loaded <img> (an image URL; its bytes unreadable here). Throws when a browser cannot decode it
-// or may not read its pixels (an image of another site).
-export async function imagePixels(source) {
+// or may not read its pixels (an image of another site), and TooManyPixels past `maxPixels`.
+export async function imagePixels(source, maxPixels = Infinity) {
+  const stored = await readPixels(source, "none", maxPixels);
   if (source instanceof Blob && sixteenBitGrey(new Uint8Array(await source.slice(0, 26).arrayBuffer()))) return null;
-  const stored = await readPixels(source);
   const managed = await readPixels(source, "default");
   const [a, b] = [new Uint32Array(stored.data.buffer), new Uint32Array(managed.data.buffer)];
   for (let i = 0; i < a.length; i += 1) if (a[i] !== b[i]) return null;
