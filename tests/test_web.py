@@ -313,6 +313,10 @@ def test_superseded_and_cancelled_requests_are_not_charged(
         page.wait_for_selector("#result[aria-busy=true]")
         assert page.is_visible("#cancel")
         page.wait_for_function("() => /Working… \\d+\\.\\d s/.test(document.getElementById('status').textContent)")
+        spoken, shown = page.locator("#status").aria_snapshot(), page.inner_text("#status")
+        page.wait_for_timeout(300)  # the seconds tick on the screen, not in a screen reader's ear (a live region)
+        assert page.locator("#status").aria_snapshot() == spoken == "- status: Working…"
+        assert page.inner_text("#status") != shown
         page.fill("#prompt", "cup")  # ...but the user wants another prompt: that request is aborted
         t0 = time.monotonic()
         page.press("#prompt", "Enter")
