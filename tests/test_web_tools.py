@@ -213,6 +213,21 @@ def test_an_image_over_the_pixel_limit_is_refused_before_it_is_sent(tab: Tab, ph
     assert page.is_hidden("#error") and len(tab.api_bodies) == 1
 
 
+def test_back_to_the_page_shows_the_image_url_again(tab: Tab, photo_url: str) -> None:
+    """Away and back (the page reloaded): the browser restores the URL field, and the page shows that image again,
+    without a request. Before, the field showed the URL over "No image yet", and Make mask asked for an image."""
+    page = tab.page
+    page.fill("#image-url", photo_url)
+    page.press("#image-url", "Enter")
+    page.wait_for_selector("#canvas-box:not([hidden])")
+    page.goto("about:blank")
+    page.go_back()
+    page.wait_for_selector("body[data-loaded=true]", state="attached")
+    assert page.input_value("#image-url") == photo_url
+    page.wait_for_function("(u) => document.getElementById('image-info').textContent.startsWith(u)", arg=photo_url)
+    assert page.is_visible("#canvas-box") and not tab.api_bodies
+
+
 def test_examples_work_in_one_click(tab: Tab, live: Live) -> None:
     page = tab.page
     page.click("button.example[data-example=coffee]")

@@ -453,6 +453,7 @@ const input = wire();
 keepInView();
 setup().then(() => {
   input.fillExamples();
+  input.restoreUrl();
   growHint(currentShow(), state.config.options || []);
   document.body.setAttribute("data-loaded", "true");
 });

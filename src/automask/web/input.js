@@ -177,5 +177,12 @@ export function wireInput(app) {
     if (await useFile(file, { auto: false, choice })) app.run();
   }
 
-  return { fillExamples };
+  // Back to the page after the browser dropped it (no page cache): the browser restores the URL field, not the
+  // image; show that image again, not masked (nothing is sent until asked).
+  function restoreUrl() {
+    const text = $("image-url").value;
+    if (text && !$("source").getAttribute("src")) useUrl(text, { auto: false });
+  }
+
+  return { fillExamples, restoreUrl };
 }
