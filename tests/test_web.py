@@ -220,11 +220,12 @@ def test_downloads_of_photos_the_page_cannot_decode_as_the_server_does(
 ) -> None:
     """A wide-gamut photo (the server converts it to sRGB with LittleCMS, a browser with its own engine) and a 16-bit
     grey PNG (the server rounds its samples, a browser truncates them): the page's cut-out and preview come from the
-    server, one more request each (the buttons say so), and equal the API's.
+    server, one more request each (the buttons say so), and equal the API's. With a target left out, which only the
+    page can do, the page renders them itself (from the colours it shows), without a request.
 
     Before, the page rendered them from the stored values: up to 31 levels off on the photo, 1 on the grey PNG."""
     wide, grey = tmp_path / "wide-gamut.png", tmp_path / "grey-16-bit.png"
-    Image.fromarray(astronaut[:200, :300]).save(wide, icc_profile=WIDE_ICC)
+    Image.fromarray(astronaut).save(wide, icc_profile=WIDE_ICC)
     noise = np.random.default_rng(0).integers(0, 257, (200, 300), dtype=np.uint16)
     Image.fromarray(astronaut[:200, :300, 0].astype(np.uint16) * 257 + noise).save(grey)
     set_first_options(page)
@@ -238,6 +239,15 @@ def test_downloads_of_photos_the_page_cannot_decode_as_the_server_does(
         assert np.array_equal(cutout, decode(live.api(image, **FIRST, return_alpha=True).content)), path.name
         preview = decode(download(page, "#dl-preview"))
         assert np.array_equal(preview, decode(live.api(image, **FIRST, return_mask=False).content)), path.name
+    pick_photo(page, wide)
+    submit_prompt(page, "person, cup", previous)
+    page.uncheck("#instances li:nth-child(2) input")  # leave "cup" out
+    page.wait_for_selector("#result[data-targets='10']")
+    assert page.inner_text("#dl-alpha") == "Download cut-out"
+    sent: list[str] = []
+    page.on("request", lambda req: sent.append(req.url) if req.method == "POST" else None)
+    cutout = decode(download(page, "#dl-alpha"))
+    assert np.array_equal(cutout[..., 3], decode(download(page, "#dl-mask"))) and not sent
 
 
 @pytest.mark.browser

@@ -7,7 +7,7 @@
 
 import { ApiError, fetchCredits, loadConfig, requestMask } from "./api.js";
 import { bindSlider, cutoutPreset, growHint, keepInView } from "./controls.js";
-import { downloads } from "./downloads.js";
+import { downloads, fromServer } from "./downloads.js";
 import { wireInput } from "./input.js";
 import { choosingModel, chosenModel as chosenOf, fillModels, serverInfo, showModel } from "./models.js";
 import { KEY_STORAGE, applyControls, loadPrefs, readControls, savePrefs, vocabularyProblem } from "./prefs.js";
@@ -25,7 +25,7 @@ const KEY_LOOKUP_DELAY_MS = 800;
 
 const state = {
   config: { auth: true, models: [], vocabulary: {}, options: [], examples: [] },
-  image: null, // {id, kind: "file"|"url", name, src, pixels: {data, width, height}|null, shown: bool}
+  image: null, // {id, kind: "file"|"url", name, src, pixels: {data, width, height, exact}|null, shown: bool}
   result: null, // {opts, imageId, mask, width, height, blob, data, ms, serverMs, enabled: bool[], owners, fromCache}
   cache: new Map(), // `${imageId}|${options}` -> result: seen masks are shown again without a request
   seq: 0,
@@ -338,6 +338,7 @@ function renderTargets() {
         r.owners = owners;
         r.enabled[i] = on;
         draw();
+        setOutputsEnabled(true); // a target left out may change where the cut-out comes from
         setStatus(selectedText());
         $("result").dataset.targets = r.enabled.map(Number).join("");
       })(),
@@ -359,7 +360,7 @@ function clearResult() {
 
 function setOutputsEnabled(on) {
   for (const id of ["dl-mask", "dl-alpha", "dl-preview", "copy-mask"]) $(id).disabled = !on;
-  const remote = on && !state.image.pixels;
+  const remote = on && fromServer(state);
   $("dl-alpha").textContent = remote ? "Download cut-out (1 more request)" : "Download cut-out";
   $("dl-preview").textContent = remote ? "Download preview (1 more request)" : "Download preview";
 }

@@ -44,18 +44,21 @@ export async function readPixels(source, colours = "none", maxPixels = Infinity)
   return { data, width: canvas.width, height: canvas.height };
 }
 
-// The image's pixels as the server decodes them (`readPixels`), or null when this page cannot reproduce that
-// decode exactly: an embedded colour profile (the server converts to sRGB with LittleCMS, a browser with its own
-// engine, levels apart) or 16-bit grey samples (the server rounds them to 8 bits, a browser truncates).
+// The image's pixels ({data, width, height, exact}) for renderings in the page. exact: they are the server's
+// decode (`readPixels`); false when this page cannot reproduce that decode: an embedded colour profile (the
+// server converts to sRGB with LittleCMS, a browser with its own engine, levels apart: the pixels are then the
+// browser's conversion, as shown) or 16-bit grey samples (the server rounds them to 8 bits, a browser truncates).
 // A blob, or a loaded <img> (an image URL; its bytes unreadable here). Throws when a browser cannot decode it
 // or may not read its pixels (an image of another site), and TooManyPixels past `maxPixels`.
 export async function imagePixels(source, maxPixels = Infinity) {
   const stored = await readPixels(source, "none", maxPixels);
-  if (source instanceof Blob && sixteenBitGrey(new Uint8Array(await source.slice(0, 26).arrayBuffer()))) return null;
+  if (source instanceof Blob && sixteenBitGrey(new Uint8Array(await source.slice(0, 26).arrayBuffer()))) {
+    return { ...stored, exact: false };
+  }
   const managed = await readPixels(source, "default");
   const [a, b] = [new Uint32Array(stored.data.buffer), new Uint32Array(managed.data.buffer)];
-  for (let i = 0; i < a.length; i += 1) if (a[i] !== b[i]) return null;
-  return stored;
+  for (let i = 0; i < a.length; i += 1) if (a[i] !== b[i]) return { ...managed, exact: false };
+  return { ...stored, exact: true };
 }
 
 // Whether PNG bytes (their first 26) describe 16-bit grey samples (IHDR: bit depth 16, colour type 0).
