@@ -228,6 +228,25 @@ def test_back_to_the_page_shows_the_image_url_again(tab: Tab, photo_url: str) ->
     assert page.is_visible("#canvas-box") and not tab.api_bodies
 
 
+def test_a_model_loaded_by_the_first_request_is_no_longer_said_to_be_loading(tab: Tab, photo: Path) -> None:
+    """A page opened while the server loaded its model says so; once a mask came back, it no longer does (before,
+    "loading or not installed" stayed until a reload)."""
+    page = tab.page
+
+    def loading(route: Any) -> None:
+        config = route.fetch().json()
+        choices = [{**c, "loaded": False} for c in config["choices"]]
+        route.fulfill(json={**config, "ready": False, "choices": choices})
+
+    page.route("**/web/config", loading)
+    page.reload()
+    page.wait_for_selector("body[data-loaded=true]", state="attached")
+    assert "(loading or not installed)" in page.inner_text("#server-info")
+    pick_photo(page, photo)
+    submit_prompt(page, FIRST["prompt"])
+    assert "loading" not in page.inner_text("#server-info") and page.inner_text("#server-info").startswith("Model: ")
+
+
 def test_examples_work_in_one_click(tab: Tab, live: Live) -> None:
     page = tab.page
     page.click("button.example[data-example=coffee]")

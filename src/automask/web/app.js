@@ -244,7 +244,7 @@ async function run({ fromUser = true } = {}) {
     const result = { opts, imageId: state.image.id, ...decoded, ...answer };
     state.cache.set(cacheKey, result);
     if (state.cache.size > CACHE_SIZE) state.cache.delete(state.cache.keys().next().value);
-    if (model) model.loaded = true;
+    if (model && model.loaded === false) modelLoaded(model);
     await showResult(result);
   } catch (err) {
     if (err.name === "AbortError" || job.seq !== state.seq) return;
@@ -257,6 +257,14 @@ async function run({ fromUser = true } = {}) {
     }
     if (job.seq === state.seq) refreshCredits();
   }
+}
+
+// The model answered: it is loaded now; what the page says about it ("not loaded yet", "loading") no longer holds.
+function modelLoaded(model) {
+  model.loaded = true;
+  if (model.name === state.config.model) state.config.ready = true;
+  modelChanged();
+  serverInfo(state.config);
 }
 
 function scheduleAuto(delay = AUTO_DELAY_MS) {
