@@ -25,7 +25,7 @@ const KEY_LOOKUP_DELAY_MS = 800;
 
 const state = {
   config: { auth: true, models: [], vocabulary: {}, options: [], examples: [] },
-  image: null, // {id, kind: "file"|"url", name, src, pixels: {data, width, height, exact}|null, shown: bool}
+  image: null, // {id, kind: "file"|"url", name, src, pixels: {data, width, height, exact, opaque}|null, shown: bool}
   result: null, // {opts, imageId, mask, width, height, blob, data, ms, serverMs, enabled: bool[], owners, fromCache}
   cache: new Map(), // `${imageId}|${options}` -> result: seen masks are shown again without a request
   seq: 0,
@@ -368,9 +368,9 @@ function clearResult() {
 
 function setOutputsEnabled(on) {
   for (const id of ["dl-mask", "dl-alpha", "dl-preview", "copy-mask"]) $(id).disabled = !on;
-  const remote = on && fromServer(state);
-  $("dl-alpha").textContent = remote ? "Download cut-out (1 more request)" : "Download cut-out";
-  $("dl-preview").textContent = remote ? "Download preview (1 more request)" : "Download preview";
+  const more = (kind) => (on && fromServer(state, kind) ? " (1 more request)" : "");
+  $("dl-alpha").textContent = `Download cut-out${more("alpha")}`;
+  $("dl-preview").textContent = `Download preview${more("preview")}`;
 }
 
 function guarded(action) {

@@ -6,14 +6,16 @@ import { requestImage } from "./api.js";
 import { cutoutPixels, encodePng, previewPixels } from "./render.js";
 import { targetMasks } from "./targets.js";
 
-// Whether the shown result's cut-out and preview come from the server (one more request): the page cannot read
-// the image's pixels (another site's), or has not exactly the server's and every target is on (the server's
-// answer is then exact; with a target left out, which only the page can do, it renders from the browser's).
-export function fromServer(state) {
+// Whether the shown result's cut-out ("alpha") or preview comes from the server (one more request): the page
+// cannot read the image's pixels (another site's), or has not exactly the server's (for a cut-out, the colours
+// under transparency too: see render.imagePixels) and every target is on (the server's answer is then exact;
+// with a target left out, which only the page can do, it renders from the pixels it has).
+export function fromServer(state, kind) {
   const r = state.result;
   const px = state.image && state.image.pixels;
   if (!px || px.width !== r.width || px.height !== r.height) return true;
-  return !px.exact && r.enabled.every(Boolean);
+  const exact = px.exact && (kind !== "alpha" || px.opaque);
+  return !exact && r.enabled.every(Boolean);
 }
 
 // ctx: {state, shownMask(), payload(opts), apiKey(), refreshCredits(), setStatus(text)}
@@ -46,7 +48,7 @@ export function downloads(ctx) {
   async function rendered(kind) {
     const r = state.result;
     const px = state.image.pixels;
-    if (!fromServer(state)) {
+    if (!fromServer(state, kind)) {
       const mask = ctx.shownMask();
       return kind === "alpha"
         ? encodePng(cutoutPixels(px.data, mask), r.width, r.height, 4)

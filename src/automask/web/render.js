@@ -44,7 +44,7 @@ export async function readPixels(source, colours = "none", maxPixels = Infinity)
   return { data, width: canvas.width, height: canvas.height };
 }
 
-// The image's pixels ({data, width, height, exact}) for renderings in the page. exact: they are the server's
+// The image's pixels ({data, width, height, exact, opaque}) for renderings in the page. exact: they are the server's
 // decode (`readPixels`); false when this page cannot reproduce that decode: an embedded colour profile (the
 // server converts to sRGB with LittleCMS, a browser with its own engine, levels apart: the pixels are then the
 // browser's conversion, as shown) or 16-bit grey samples (the server rounds them to 8 bits, a browser truncates).
@@ -58,7 +58,14 @@ export async function imagePixels(source, maxPixels = Infinity) {
   const managed = await readPixels(source, "default");
   const [a, b] = [new Uint32Array(stored.data.buffer), new Uint32Array(managed.data.buffer)];
   for (let i = 0; i < a.length; i += 1) if (a[i] !== b[i]) return { ...managed, exact: false };
-  return { ...stored, exact: true };
+  return { ...stored, exact: true, opaque: opaque(stored.data) };
+}
+
+// Whether every pixel of RGBA bytes is opaque. A canvas stores colours premultiplied by alpha: under a pixel
+// that is not, the colour read back is off (all of it at alpha 0, up to half the range at alpha 1).
+function opaque(rgba) {
+  for (let i = 3; i < rgba.length; i += 4) if (rgba[i] !== 255) return false;
+  return true;
 }
 
 // Whether PNG bytes (their first 26) describe 16-bit grey samples (IHDR: bit depth 16, colour type 0).
