@@ -186,6 +186,26 @@ def test_the_image_chosen_last_is_the_one_masked(tab: Tab, live: Live, photo: Pa
     assert len(tab.api_bodies) == 1
 
 
+def test_nothing_is_masked_while_the_next_image_loads(tab: Tab, live: Live, photo: Path) -> None:
+    """A slider moved while a chosen example still loads: the page waits for the example, then masks it. Before,
+    it masked (and charged) the image shown before, which the user had just replaced."""
+    page = tab.page
+    pick_photo(page, photo)
+    set_first_options(page)
+    submit_prompt(page, FIRST["prompt"])
+    held: list[Any] = []
+    page.route("**/static/examples/chelsea.jpg", lambda route: held.append(route))
+    with page.expect_request("**/chelsea.jpg"):
+        page.click("button.example[data-example=cat]")
+    set_slider(page, "#threshold", "ArrowRight")  # the page would mask again by itself...
+    page.press("#prompt", "Enter")  # ...and so would Enter
+    assert page.inner_text("#status") == "Reading chelsea.jpg… it is masked once shown."
+    page.wait_for_timeout(500)  # longer than the page waits before masking by itself
+    held[0].fulfill(path=EXAMPLES / "chelsea.jpg", content_type="image/jpeg")
+    wait_result(page, None, prompt="cat")
+    assert [b["image"] == data_uri(photo) for b in tab.api_bodies] == [True, False]
+
+
 def test_an_image_over_the_pixel_limit_is_refused_before_it_is_sent(tab: Tab, photo: Path, tmp_path: Path) -> None:
     """The server's pixel limit (web/config, here lowered to 270,000) is checked in the page: nothing is sent, the
     error names both sizes, and the next image works. Before, the page read all the pixels of a huge image (seconds

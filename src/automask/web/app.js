@@ -35,6 +35,7 @@ const state = {
   ticker: 0,
   keyTimer: 0,
   creditsSeq: 0,
+  reading: null, // the name of an image being read (input.js): the one shown is no longer the one to mask
   growAuto: false, // grow_mask / feather were set by the page for a cut-out, not by the user
 };
 const viewer = new Viewer(
@@ -109,7 +110,17 @@ async function refreshCredits() {
 
 let nextImageId = 0;
 
+// input.js: an image is being read (name), or no longer (null). Until it is shown, nothing is masked: the request
+// for the image shown before, and any that would start, would mask (and charge) an image no longer wanted.
+function reading(name) {
+  state.reading = name;
+  if (!name) return;
+  supersede();
+  setStatus(`Reading ${name}…`);
+}
+
 async function setImage(image, label) {
+  state.reading = null;
   supersede();
   clearResult();
   clearError();
@@ -208,6 +219,10 @@ function cancel() {
 
 async function run({ fromUser = true } = {}) {
   clearTimeout(state.timer);
+  if (state.reading) {
+    if (fromUser) setStatus(`Reading ${state.reading}… it is masked once shown.`);
+    return;
+  }
   const problem = checkReady();
   if (problem) {
     if (fromUser) {
@@ -446,6 +461,7 @@ function wire() {
   $("dl-preview").addEventListener("click", guarded(files.preview));
   $("copy-mask").addEventListener("click", guarded(files.copy));
   return wireInput({
+    reading,
     setImage,
     showError,
     examples: () => state.config.examples || [],

@@ -29,7 +29,7 @@ function isTextField(el) {
   return Boolean(el && (el.tagName === "TEXTAREA" || (el.tagName === "INPUT" && !["file", "range", "checkbox", "radio", "color"].includes(el.type))));
 }
 
-// `app` gives: setImage(image, label), showError(text), examples(), examplePrompt(example), usePrompt(text, opts),
+// `app` gives: reading(name), setImage(image, label), showError(text), examples(), examplePrompt(example), usePrompt(text, opts),
 // run(), autoRun(), maxBytes(), maxPixels().
 export function wireInput(app) {
   let chosen = 0; // the image the user chose last: one still being read when another is chosen is dropped
@@ -41,7 +41,13 @@ export function wireInput(app) {
       return false;
     }
     const limit = app.maxPixels() || Infinity;
-    const [src, pixels] = await Promise.all([readDataUrl(file), imagePixels(file, limit).catch((err) => err)]);
+    app.reading(file.name || "the pasted image");
+    let src, pixels;
+    try {
+      [src, pixels] = await Promise.all([readDataUrl(file), imagePixels(file, limit).catch((err) => err)]);
+    } finally {
+      if (choice === chosen) app.reading(null);
+    }
     if (choice !== chosen) return false;
     if (pixels instanceof TooManyPixels) {
       app.showError(pixelProblem(file.name, pixels, limit));
@@ -167,8 +173,14 @@ export function wireInput(app) {
 
   async function useExample(ex) {
     const choice = ++chosen;
-    const res = await fetch(`static/examples/${ex.file}`);
-    const blob = res.ok ? await res.blob() : null;
+    app.reading(ex.file);
+    let res, blob;
+    try {
+      res = await fetch(`static/examples/${ex.file}`);
+      blob = res.ok ? await res.blob() : null;
+    } finally {
+      if (choice === chosen) app.reading(null);
+    }
     if (choice !== chosen) return;
     if (!blob) throw new Error(`The example ${ex.file} is missing on this server (${res.status}).`);
     const file = new File([blob], ex.file, { type: blob.type || "image/jpeg" });
