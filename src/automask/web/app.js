@@ -220,7 +220,7 @@ function cancel() {
 async function run({ fromUser = true } = {}) {
   clearTimeout(state.timer);
   if (state.reading) {
-    if (fromUser) setStatus(`Reading ${state.reading}… it is masked once shown.`);
+    if (fromUser) setStatus(`Still reading ${state.reading}…`);
     return;
   }
   const problem = checkReady();
