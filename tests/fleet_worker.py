@@ -4,7 +4,8 @@ The real worker (`automask.server.worker.run_worker`, settings from the environm
 processes) with `FakeBackend` scores, plus prompts that exercise failures: "slow" takes `FLEET_SLOW_SECONDS` (a
 worker can be killed mid-run), "hang" never returns (a hung model), and "poison" kills the pool process running it
 (SIGKILL), every time; a prompt "staged-NAME" creates the file `NAME.scoring` in the folder `FLEET_STAGES` as its
-score starts, then waits (30 s at most) for the test to create `NAME.go` there.
+score starts, then waits (30 s at most) for the test to create `NAME.go` there. `FLEET_TIME_LIMIT_MARGIN` (seconds,
+may be negative) replaces `fleet.TIME_LIMIT_MARGIN`, so that Celery's hard time limit can come before the run's own.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from automask.backends.base import Scores
 from automask.errors import ServiceConfigError
 from automask.pipeline import MaskGenerator
-from automask.server import metrics
+from automask.server import fleet, metrics
 from automask.server.config import ServerSettings
 from automask.server.worker import run_worker
 from automask.settings import Settings
@@ -57,6 +58,8 @@ def staged(folder: Path, name: str) -> None:
 
 def main() -> None:
     settings, server = Settings(), ServerSettings()
+    if "FLEET_TIME_LIMIT_MARGIN" in os.environ:  # Celery's hard limit is the timeout plus this
+        fleet.TIME_LIMIT_MARGIN = float(os.environ["FLEET_TIME_LIMIT_MARGIN"])
     if server.metrics_port is not None:  # as `automask worker --metrics-port` does
         url = metrics.listen(server.metrics_host, server.metrics_port)
         print(f"automask: metrics at {url}", file=sys.stderr, flush=True)

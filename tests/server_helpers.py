@@ -182,19 +182,40 @@ def wait_ready(url: str, seconds: float = 60.0, proc: subprocess.Popen[bytes] | 
     raise RuntimeError(f"{url} was not ready after {seconds} s")
 
 
+def serve_cmd(data_dir: Path, model: Path, *flags: str, port: int = 0) -> list[str]:
+    """The command line of `automask serve` on `port` (0: a free one) with `model`, data in `data_dir`, and `flags`."""
+    cmd = [sys.executable, "-m", "automask.cli", "--data-dir", str(data_dir), "serve", "--port", str(port)]
+    return [*cmd, "--model", str(model), "--log-level", "warning", *flags]
+
+
 @contextlib.contextmanager
-def server_process(data_dir: Path, model: Path, port: int, env: dict[str, str], log: Path) -> Iterator[Any]:
-    """`automask serve` as a subprocess (killed on exit if still running); yields the Popen."""
-    cmd = [sys.executable, "-m", "automask.cli", "--data-dir", str(data_dir), "serve"]
-    cmd += ["--port", str(port), "--model", str(model), "--log-level", "warning"]
+def process(
+    cmd: list[str], log: Path, env: dict[str, str] | None = None, *, graceful: bool = False
+) -> Iterator[subprocess.Popen[bytes]]:
+    """`cmd` as a subprocess, its output in `log`, with environment `env` (None: this process's); yields the Popen.
+    On exit, if it still runs: killed, or with `graceful` sent SIGTERM first and killed only after 30 s."""
     with log.open("ab") as out:
-        proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
         yield proc
     finally:
+        if graceful and proc.poll() is None:
+            proc.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=30)
         if proc.poll() is None:
             proc.kill()
         proc.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def server_process(
+    data_dir: Path, model: Path, port: int, env: dict[str, str], log: Path
+) -> Iterator[subprocess.Popen[bytes]]:
+    """`automask serve` as a subprocess, `env` added to this process's environment (killed on exit if still
+    running); yields the Popen."""
+    with process(serve_cmd(data_dir, model, port=port), log, {**os.environ, **env}) as proc:
+        yield proc
 
 
 def wait_for(predicate: Any, seconds: float, interval: float = 0.05) -> Any:

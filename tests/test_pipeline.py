@@ -16,6 +16,7 @@ from PIL import Image, ImageOps
 from scipy.ndimage import distance_transform_edt
 
 import automask
+import automask.combine
 from automask.errors import EmptyMaskError, InvalidOptionError, StoppedError
 from automask.feature_cache import FeatureCache
 from automask.pipeline import MaskGenerator
@@ -131,8 +132,8 @@ def test_a_run_told_to_stop_raises_at_the_next_stage_boundary(
     encode, score = backend.encode, backend.score
     monkeypatch.setattr(backend, "encode", lambda image: stages.append("encode") or encode(image))
     monkeypatch.setattr(backend, "score", lambda f, p, **kw: stages.append("score") or score(f, p, **kw))
-    render = automask.pipeline.pp.render
-    monkeypatch.setattr(automask.pipeline.pp, "render", lambda *a: stages.append("render") or render(*a))
+    render = automask.combine.pp.render
+    monkeypatch.setattr(automask.combine.pp, "render", lambda *a: stages.append("render") or render(*a))
     asked: list[list[str]] = []
 
     def should_stop() -> bool:

@@ -3,6 +3,7 @@ labels (no path, prompt or key), and a scrape that survives a database that is d
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import json
@@ -10,7 +11,6 @@ import logging
 import multiprocessing
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -30,7 +30,17 @@ from automask.server import keys as keystore
 from automask.server import metrics
 from automask.server.config import ServerSettings
 from automask.server.store import Store
-from server_helpers import FakeBackend, free_port, live_server, loopback_socket, png_bytes, wait_for
+from server_helpers import (
+    FakeBackend,
+    free_port,
+    live_server,
+    loopback_socket,
+    png_bytes,
+    process,
+    serve_cmd,
+    wait_for,
+    wait_ready,
+)
 
 SLUG = "automatic-mask-generator"
 SERVING = re.compile(r"^automask: serving on (http://127\.0\.0\.1:\d+) ", re.M)
@@ -56,28 +66,14 @@ def value(samples: Samples, name: str, **labels: str) -> float:
     return samples.get((name, frozenset(labels.items())), 0.0)
 
 
-def serve_cmd(data: Path, model: Path, *flags: str) -> list[str]:
-    cmd = [sys.executable, "-m", "automask.cli", "--data-dir", str(data), "serve", "--port", "0"]
-    return [*cmd, "--model", str(model), "--log-level", "warning", *flags]
-
-
 @contextlib.contextmanager
 def running(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> Iterator[str]:
     """Run `cmd` (an `automask serve` or `worker` with --metrics-port 0), its output in `log`; yield the metrics URL
     it names once it has named it. SIGTERM (then SIGKILL) at the end."""
-    with log.open("ab") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-    try:
+    with process(cmd, log, env, graceful=True) as proc:
         found = wait_for(lambda: METRICS_AT.search(log.read_text()) or proc.poll() is not None, 90, 0.1)
         assert isinstance(found, re.Match), log.read_text()[-3000:]
         yield found.group(1)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
 
 
 @contextlib.contextmanager
@@ -87,7 +83,7 @@ def serving(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> Ite
         found = SERVING.search(log.read_text())  # printed before the metrics' line
         assert found is not None, log.read_text()[-3000:]
         api = found.group(1)
-        wait_for(lambda: httpx.get(f"{api}/readyz", timeout=5).status_code == 200, 90, interval=0.2)
+        wait_ready(api, 90)
         yield api, scraped
 
 
@@ -383,6 +379,39 @@ def test_a_worker_counts_its_pool_processes_killed_or_left_hung(
         assert lost("killed") == 2, (tmp_path / "worker.log").read_text()[-3000:]
 
 
+@pytest.mark.slow
+def test_a_worker_counts_a_pool_process_celery_killed_at_the_hard_time_limit(
+    tmp_path: Path, postgres_db: str, redis_db: str, rabbitmq_vhost_url: str
+) -> None:
+    """Before: a task that ran past Celery's hard time limit (something outside the run's own limit hung) had its pool
+    process killed by Celery, and the worker counted nothing: not `time_limit`, not `killed`."""
+    from automask.server.fleet import CeleryDispatcher
+    from automask.server.jobs import Jobs
+    from automask.server.schemas import MaskRequest
+    from automask.settings import Settings
+
+    tests = str(Path(__file__).parent)
+    env = fleet_env(postgres_db, redis_db, rabbitmq_vhost_url) | {
+        "AUTOMASK_SERVER_METRICS_PORT": "0", "AUTOMASK_DATA_DIR": str(tmp_path / "w"),
+        "AUTOMASK_SERVER_TIMEOUT": "5", "FLEET_TIME_LIMIT_MARGIN": "-4",  # killed 1 s in, before its run's limit
+        "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")]),
+    }  # fmt: skip
+    settings = Settings(database_url=postgres_db, broker_url=rabbitmq_vhost_url, redis_url=redis_db)
+    store = Store(postgres_db)
+    dispatcher = CeleryDispatcher(settings, ServerSettings(), store)
+    image = base64.b64encode(png_bytes(np.full((8, 8, 3), 50, np.uint8))).decode()
+    try:
+        with running([sys.executable, f"{tests}/fleet_worker.py"], tmp_path / "worker.log", env) as at_worker:
+            job = Jobs(store).submit(None, MaskRequest(image=image, prompt="hang"), charge=False)
+            dispatcher.publish(job, "fake-gradient").result(timeout=30)
+            lost = lambda reason: value(scrape(at_worker), "automask_worker_pool_processes_lost_total", reason=reason)  # noqa: E731
+            wait_for(lambda: lost("time_limit") == 1, 60, 0.2)
+            assert lost("killed") == 0 and lost("hung") == 0
+    finally:
+        asyncio.run(dispatcher.stop())
+        store.close()
+
+
 def test_a_request_refused_before_routing_is_counted_by_its_routes_template(listener: str, tmp_path: Path) -> None:
     """A body over the limit by Content-Length is answered 413 before the router runs: still counted under the
     route its path names; an unknown path stays `unmatched`."""
@@ -480,8 +509,7 @@ def test_an_inbox_under_a_long_tmpdir_still_binds(
 
 def test_the_apis_own_port_as_metrics_port_says_so(tmp_path: Path, tiny_clipseg_dir: Path) -> None:
     port = free_port()
-    cmd = serve_cmd(tmp_path / "data", tiny_clipseg_dir, "--metrics-port", str(port))
-    cmd[cmd.index("--port") + 1] = str(port)
+    cmd = serve_cmd(tmp_path / "data", tiny_clipseg_dir, "--metrics-port", str(port), port=port)
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 9, proc.stderr
     assert proc.stderr.strip().splitlines() == [

@@ -75,3 +75,47 @@ def test_readyz_follows_redis_and_requests_are_refused_uncharged_while_it_is_dow
             assert ask("/v1/automatic-mask-generator").status_code == 200
             assert keystore.get_key(store, key.id).credits == 1  # type: ignore[union-attr]
         store.close()
+
+
+def test_a_v1_hand_off_to_a_frozen_redis_fails_in_seconds_not_at_the_request_timeout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis stopped answering (SIGSTOP: a hung server, or a network that drops its packets): a fleet's v1 request
+    fails with a RedisError (the app answers 503) within `REDIS_TIMEOUT`, not after the request timeout + 10 s that
+    the outcome's BLPOP waits (70 s by default, 130 s here)."""
+    import asyncio
+    import os
+    import signal
+    import time
+
+    from redis.exceptions import RedisError
+
+    from automask.server import fleet
+    from automask.server.schemas import MaskRequest
+
+    monkeypatch.setattr(fleet, "REDIS_TIMEOUT", 1.0)
+    store = Store.in_data_dir(tmp_path / "data")
+    with redis_server() as redis:
+        settings = Settings(
+            data_dir=tmp_path / "data",
+            database_url=store.url.render_as_string(hide_password=False),
+            broker_url=FLEET["AUTOMASK_BROKER_URL"],
+            redis_url=redis.url,
+        )
+        dispatcher = fleet.CeleryDispatcher(settings, ServerSettings(timeout=120), store)
+        request = MaskRequest(image=base64.b64encode(png_bytes(np.zeros((8, 8, 3), np.uint8))).decode(), prompt="cup")
+
+        async def hand_off() -> float:
+            await dispatcher.redis.ping()  # connected while Redis answered
+            os.kill(redis._main_pid(), signal.SIGSTOP)
+            started = time.monotonic()
+            try:
+                with pytest.raises(RedisError):
+                    await asyncio.wait_for(dispatcher.run_v1(request, "clipseg", "r-1"), 30)
+                return time.monotonic() - started
+            finally:
+                os.kill(redis._main_pid(), signal.SIGCONT)
+                await dispatcher.stop()
+
+        assert asyncio.run(hand_off()) < 10
+    store.close()

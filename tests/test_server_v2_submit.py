@@ -151,6 +151,23 @@ def api_node(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[
     store.close()
 
 
+def test_a_fleet_without_workers_says_so_not_that_the_embedded_model_is_missing(
+    api_node: tuple[CeleryDispatcher, Store],
+) -> None:
+    """No live worker and no AUTOMASK_MODEL: nothing names the default model, so the answer says no worker runs (it
+    named 'subject', the built-in fallback, which the operator may never have meant to serve)."""
+    dispatcher, store = api_node
+    with pytest.raises(ModelNotAvailableError) as err:
+        dispatcher.check(None, ["sofa"])
+    assert err.value.message.startswith("No worker is running right now; start one with: automask worker --model")
+    assert "subject" not in err.value.message
+    assert dispatcher.readiness() == err.value.message
+    with pytest.raises(ModelNotAvailableError, match="No worker serves the model 'clipseg' right now"):
+        dispatcher.check("clipseg", ["sofa"])  # a model asked for by name: named
+    nodes.register(store, "worker-a", "worker", ["clipseg"], "clipseg", 10.0)
+    assert dispatcher.check(None, ["sofa"]) == "clipseg" and dispatcher.readiness() is None
+
+
 def test_a_fleet_api_node_refuses_a_prompt_its_embedded_only_workers_cannot_answer(
     api_node: tuple[CeleryDispatcher, Store],
 ) -> None:

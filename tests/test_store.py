@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -287,3 +292,53 @@ def test_the_clock_never_waits_for_the_database() -> None:
         assert time.perf_counter() - start < 0.2
         assert all(abs(t - time.time()) < 1 for t in stamps)
     store.close()
+
+
+PARTITION = """
+import sys, threading, subprocess, time
+sys.path.insert(0, sys.argv[1])
+from services import postgres_server
+from sqlalchemy import text
+from automask.server.store import Store
+
+with postgres_server() as pg:
+    store = Store(pg.url)
+    with store.engine.connect() as conn:  # a pooled connection, as a running node has
+        conn.execute(text("SELECT 1"))
+    subprocess.run(["ip", "link", "set", "lo", "down"], check=True)  # packets go nowhere; nothing answers
+    start, failed = time.monotonic(), []
+    def ask():
+        try:
+            with store.engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+        except Exception as exc:
+            failed.append(type(exc).__name__)
+    asking = threading.Thread(target=ask, daemon=True)
+    asking.start()
+    asking.join(60)
+    print("failed" if failed else "waiting", failed, round(time.monotonic() - start, 1), flush=True)
+    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+    asking.join(30)
+    store.close()
+"""
+
+
+@pytest.mark.slow
+def test_a_database_cut_off_by_the_network_fails_a_call_in_seconds(tmp_path: Path) -> None:
+    """Before: with the PostgreSQL server's host unreachable (a partition, a failover that moved its address), a call
+    on a pooled connection waited for the kernel's TCP retransmissions (about 15 minutes): requests hung instead of
+    being answered 503, and /readyz never answered. A private network namespace (root, `unshare -n`) whose loopback
+    goes down stands in for the partition."""
+    if os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("ip"):
+        pytest.skip("needs root, unshare and ip (a private network namespace)")
+    script = tmp_path / "partition.py"
+    script.write_text(PARTITION)
+    tests = str(Path(__file__).parent)
+    run = subprocess.run(
+        ["unshare", "-n", "sh", "-c", f'ip link set lo up && exec "{sys.executable}" "{script}" "{tests}"'],
+        capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    outcome = run.stdout.strip().splitlines()[-1] if run.stdout.strip() else run.stderr[-2000:]
+    verdict, _, seconds = outcome.rpartition(" ")
+    assert verdict.startswith("failed ['OperationalError']"), outcome
+    assert float(seconds) < 30, outcome  # NETWORK_DEAD_AFTER (the ping) + the connect timeout (the new connection)

@@ -22,7 +22,7 @@ from PIL import Image
 
 from automask.backends.base import LazyMaps, ScoreParams, Scores, sigmoid
 from automask.backends.interrupt import stop_at_layers
-from automask.backends.torch_loading import check_tokenizer, checkpoint_errors, prepare_torch
+from automask.backends.torch_loading import checkpoint_errors, load_tokenizer, prepare_torch
 from automask.errors import ModelNotAvailableError, require, stop_if_asked
 from automask.models import name_of
 from automask.settings import Settings
@@ -240,14 +240,13 @@ def load(path: Path, settings: Settings) -> ClipSegBackend:
     """Load the CLIPSeg checkpoint in folder `path` (save_pretrained layout) on `settings.device`."""
     require("torch", "torch")
     require("transformers", "torch")
-    from transformers import AutoTokenizer, CLIPSegForImageSegmentation
+    from transformers import CLIPSegForImageSegmentation
 
     device = prepare_torch(settings)
     prep = read_preprocessing(path)
     with checkpoint_errors("CLIPSeg", path, pull="clipseg"):
         model = stop_at_layers(CLIPSegForImageSegmentation.from_pretrained(str(path)).eval().to(device))
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
-    check_tokenizer(tokenizer, "CLIPSeg", path, pull="clipseg")
+        tokenizer = load_tokenizer(path, "CLIPSeg", pull="clipseg")
     _drop_unused_layers(model)
     return ClipSegBackend(model, tokenizer, prep, model_id=name_of(path), device=device)
 

@@ -29,7 +29,7 @@ import numpy as np
 
 from automask.backends.clipseg import read_preprocessing
 from automask.backends.clipseg_common import FORMAT, MANIFEST, fingerprint, onnx_dir
-from automask.backends.torch_loading import check_tokenizer
+from automask.backends.torch_loading import load_tokenizer
 from automask.errors import AutomaskError, ModelNotAvailableError, require
 from automask.install import replace_dir
 
@@ -121,17 +121,16 @@ class _DropMessage(logging.Filter):
 
 def _load(model_path: Path) -> tuple[Any, Any]:
     """The checkpoint as an fp32 CPU model in eval mode (eager attention: the plainest graph) + its tokenizer."""
-    from transformers import AutoTokenizer, CLIPSegForImageSegmentation
+    from transformers import CLIPSegForImageSegmentation
 
     try:
         model = CLIPSegForImageSegmentation.from_pretrained(str(model_path), attn_implementation="eager")
-        tokenizer = AutoTokenizer.from_pretrained(str(model_path))
+        tokenizer = load_tokenizer(model_path, "CLIPSeg", pull="clipseg")
     except (OSError, ValueError, KeyError) as exc:
         raise ModelNotAvailableError(
             f"'{model_path}' holds no CLIPSeg checkpoint that can be exported ({exc}). "
             "Point at a folder saved with save_pretrained, or pull one: automask models pull clipseg"
         ) from exc
-    check_tokenizer(tokenizer, "CLIPSeg", model_path, pull="clipseg")
     if getattr(tokenizer, "backend_tokenizer", None) is None:
         raise ModelNotAvailableError(f"The tokenizer of '{model_path}' has no tokenizers backend to export.")
     return model.float().eval(), tokenizer

@@ -51,7 +51,7 @@ from automask.backends.sam import (
     max_masks,
     preset_precision,
 )
-from automask.backends.torch_loading import check_tokenizer, checkpoint_errors, prepare_torch
+from automask.backends.torch_loading import checkpoint_errors, load_tokenizer, prepare_torch
 from automask.errors import InvalidOptionError, ModelNotAvailableError, stop_if_asked
 from automask.models import model_type, name_of
 from automask.settings import Settings
@@ -313,14 +313,13 @@ def load(path: Path, settings: Settings, precision: Precision | None = None) -> 
 
     `precision` None: `preset_precision(settings)`; the detector edge: `settings.detector_size`, else the preset's
     (reference: the processor's own, fast: `FAST_DETECTOR_EDGE`)."""
-    from transformers import AutoProcessor, GroundingDinoForObjectDetection
+    from transformers import GroundingDinoForObjectDetection
 
     device = prepare_torch(settings)
     detector_dir, sam_dir = find_parts(path)
     with checkpoint_errors("GroundingDINO", detector_dir, pull="grounded-sam"):
         detector = stop_at_layers(GroundingDinoForObjectDetection.from_pretrained(str(detector_dir)).eval().to(device))
-        processor = AutoProcessor.from_pretrained(str(detector_dir))
-    check_tokenizer(processor.tokenizer, "GroundingDINO", detector_dir, pull="grounded-sam")
+        processor = load_tokenizer(detector_dir, "GroundingDINO", pull="grounded-sam", processor=True)
     precision = precision or preset_precision(settings)
     segmenter = load_mask_head(sam_dir, settings, precision)
     dtype = choose_dtype(precision, device)

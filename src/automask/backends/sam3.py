@@ -36,7 +36,7 @@ from automask.backends.grounding import MAX_DETECTIONS
 from automask.backends.interrupt import stop_at_layers
 from automask.backends.sam import cpu_has_bf16, max_masks
 from automask.backends.sam2_processing import IMAGENET_STANDARD, ImageTransform, pixel_values, upscale
-from automask.backends.torch_loading import check_tokenizer, checkpoint_errors, prepare_torch
+from automask.backends.torch_loading import checkpoint_errors, load_tokenizer, prepare_torch
 from automask.errors import InvalidOptionError, ModelNotAvailableError, stop_if_asked
 from automask.models import model_type, name_of
 from automask.settings import Settings
@@ -172,7 +172,7 @@ def use_autocast(settings: Settings, device: str) -> bool:
 def load(path: Path, settings: Settings) -> Sam3Backend:
     """Load the SAM 3 checkpoint in folder `path` (a save_pretrained folder: config.json 'sam3' or 'sam3_video',
     safetensors weights, the CLIP tokenizer files) on `settings.device`."""
-    from transformers import AutoTokenizer, Sam3Model
+    from transformers import Sam3Model
 
     if model_type(path) not in MODEL_TYPES:
         raise ModelNotAvailableError(
@@ -182,7 +182,6 @@ def load(path: Path, settings: Settings) -> Sam3Backend:
     device = prepare_torch(settings)
     with checkpoint_errors("SAM 3", path, pull=NAME):
         model = stop_at_layers(Sam3Model.from_pretrained(str(path)).eval().to(device))
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
-    check_tokenizer(tokenizer, "SAM 3", path, pull=NAME)
+        tokenizer = load_tokenizer(path, "SAM 3", pull=NAME)
     transform = ImageTransform.from_folder(path, DEFAULT_TRANSFORM)
     return Sam3Backend(model, tokenizer, transform, name_of(path), device, autocast=use_autocast(settings, device))

@@ -1,5 +1,5 @@
 """What the torch/transformers backends (clipseg, grounded-sam, SAM for refine) share when loading a checkpoint:
-torch's thread count and device, and one clear error for a checkpoint transformers cannot read.
+torch's thread count and device, the tokenizer, and one clear error for a checkpoint transformers cannot read.
 
 torch is imported inside the functions, so importing this module stays light.
 """
@@ -73,11 +73,19 @@ def checkpoint_errors(what: str, folder: Path, pull: str) -> Iterator[None]:
         ) from exc
 
 
-def check_tokenizer(tokenizer: Any, what: str, folder: Path, pull: str) -> None:
-    """`ModelNotAvailableError` when the tokenizer loaded from `folder` knows no word, only its special tokens: what
-    transformers builds, without complaint, for a checkpoint folder missing its tokenizer files."""
+def load_tokenizer(folder: Path, what: str, pull: str, *, processor: bool = False) -> Any:
+    """The tokenizer saved in `folder` (`processor`: the whole `AutoProcessor`, whose tokenizer is checked), loaded
+    with transformers' Auto class. `ModelNotAvailableError` naming the `what` model and `automask models pull
+    <pull>` when it knows no word, only its special tokens: what transformers builds, without complaint, for a
+    checkpoint folder missing its tokenizer files. Load errors are raised as they are (see `checkpoint_errors`)."""
+    import transformers  # (lazy: only the Auto class named below is imported)
+
+    auto = transformers.AutoProcessor if processor else transformers.AutoTokenizer
+    loaded = auto.from_pretrained(str(folder))
+    tokenizer = loaded.tokenizer if processor else loaded
     if len(tokenizer) <= len(set(tokenizer.all_special_ids)):
         raise ModelNotAvailableError(
             f"The {what} model in '{folder}' has no tokenizer (tokenizer.json or its vocabulary files are missing): "
             f"it would read every prompt as the same unknown words. Re-download it with: automask models pull {pull}"
         )
+    return loaded

@@ -22,7 +22,6 @@ from automask.settings import Settings
 
 MAX_JPEG_SCANS = 100
 """Most scans a JPEG's (first) image may have."""
-_TILE_WIDTH, _TILE_LENGTH = 322, 323
 _MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
 """A JPEG marker as libjpeg finds the next one: 0xFF, fill bytes, then a code that is not a stuffed zero (entropy
 data) or a restart marker (RSTn: no segment). Anything in between is skipped, as libjpeg skips it."""
@@ -41,8 +40,10 @@ def check_tiff_tiles(img: Image.Image, settings: Settings) -> None:
     tags = getattr(img, "tag_v2", None)
     if img.format != "TIFF" or tags is None:
         return
+    from PIL.TiffImagePlugin import TILELENGTH, TILEWIDTH  # (loaded already: the image was opened by it)
+
     try:  # whatever integer type the file gives them (libtiff reads any)
-        width, length = (abs(int(tag_value(tags, tag, 0))) for tag in (_TILE_WIDTH, _TILE_LENGTH))
+        width, length = (abs(int(tag_value(tags, tag, 0))) for tag in (TILEWIDTH, TILELENGTH))
     except (ValueError, TypeError, OverflowError, KeyError, OSError, SyntaxError) as exc:
         raise ImageDecodeError(f"The image could not be read: it is corrupt or truncated ({exc}).") from None
     if width * length > settings.max_image_pixels:

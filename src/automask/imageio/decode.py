@@ -29,7 +29,7 @@ import zlib
 from collections.abc import Callable
 
 import numpy as np
-from PIL import Image
+from PIL import ExifTags, Image
 
 from automask.errors import ImageDecodeError, ImageTooLargeError
 from automask.imageio.bombs import check_jpeg_scans, check_tiff_tiles, tag_value
@@ -56,7 +56,6 @@ PIL_ERRORS: tuple[type[BaseException], ...] = (
 
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 _ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
-_EXIF_ORIENTATION = 0x0112
 
 # EXIF orientation -> the transform that turns the stored pixels into the displayed ones (H×W×C arrays).
 _ORIENT: dict[int, Callable[[np.ndarray], np.ndarray]] = {
@@ -223,7 +222,7 @@ def _closed_error() -> ImageDecodeError:
 def exif_orientation(img: Image.Image) -> int:
     """The EXIF orientation (1–8) of `img`; 1 when absent or unreadable (a damaged EXIF block is ignored)."""
     try:
-        value = img.getexif().get(_EXIF_ORIENTATION, 1)
+        value = img.getexif().get(ExifTags.Base.Orientation, 1)
     except PIL_ERRORS:
         return 1
     return value if isinstance(value, int) and value in _ORIENT else 1
@@ -264,7 +263,9 @@ def _unsigned_32(img: Image.Image) -> bool:
     tags = getattr(img, "tag_v2", None)
     if img.format != "TIFF" or tags is None:
         return False
-    return [tag_value(tags, 258, 1), tag_value(tags, 339, 1)] == [32, 1]
+    from PIL.TiffImagePlugin import BITSPERSAMPLE, SAMPLEFORMAT  # (loaded already: the image was opened by it)
+
+    return [tag_value(tags, BITSPERSAMPLE, 1), tag_value(tags, SAMPLEFORMAT, 1)] == [32, 1]
 
 
 def wide_to_uint8(values: np.ndarray) -> np.ndarray:

@@ -47,6 +47,8 @@ TIME_LIMIT_MARGIN = 30.0
 """Seconds a task may run past the request timeout before Celery kills it (a hung model, a poison input)."""
 V1_TTL_MARGIN = 60.0
 """Seconds the v1 hand-off keys outlive the request timeout in Redis."""
+REDIS_TIMEOUT = 5.0
+"""Seconds a v1 hand-off's write to Redis (and its connect) may take before the request is answered 503."""
 NODES_CACHE_SECONDS = 1.0
 DELIVERY_LIMIT = 20
 """Deliveries of one message before RabbitMQ drops it (`x-delivery-limit`, RabbitMQ 4's default): a safety net
@@ -223,8 +225,11 @@ class CeleryDispatcher:
             "on_blocked": self.publisher.on_blocked,
             "on_unblocked": self.publisher.on_unblocked,
         }
-        # BLPOP waits up to `timeout`: the socket must wait longer (redis-py's default gives up after 5 s)
-        self.redis = aioredis.Redis.from_url(str(settings.redis_url), socket_timeout=server.timeout + 10)
+        url = str(settings.redis_url)
+        # the hand-off's writes: a Redis that stopped answering is a 503 within seconds, not at the request's timeout
+        self.redis = aioredis.Redis.from_url(url, socket_timeout=REDIS_TIMEOUT, socket_connect_timeout=REDIS_TIMEOUT)
+        # BLPOP waits up to `timeout` for the outcome: its socket must wait longer
+        self._waiting = aioredis.Redis.from_url(url, socket_timeout=server.timeout + 10)
         self._configured_default = default_name(settings) if settings.model else None
         self._nodes: list[nodes.Node] = []
         self._nodes_at = 0.0
@@ -234,6 +239,7 @@ class CeleryDispatcher:
 
     async def stop(self) -> None:
         await self.redis.aclose()
+        await self._waiting.aclose()
         self.publisher.close()
         if self.publisher.blocked is None:
             self.app.close()  # closing a blocked connection would wait for RabbitMQ, as its sends do
@@ -277,6 +283,11 @@ class CeleryDispatcher:
             return name
         if name != default and name not in CATALOGUE:
             raise unknown_model(name, self.models())
+        if not served and model is None and not self._configured_default:  # no worker to say which model is default
+            raise ModelNotAvailableError(
+                "No worker is running right now; start one with: automask worker --model NAME (its model becomes "
+                "the default; AUTOMASK_MODEL on the API nodes names it)"
+            )
         missing = ModelNotAvailableError(
             f"No worker serves the model {name!r} right now; start one with: automask worker --model {name}"
         )
@@ -350,7 +361,7 @@ class CeleryDispatcher:
                 log.error("could not queue v1 request %s: %s", request_id, repr(exc))
                 await self._cancel(keys, ttl)
                 raise ApiError(503, BROKER_DOWN, {"Retry-After": "5"}) from None
-            got = await self.redis.blpop([keys["outcome"]], timeout=max(0.01, local_deadline - time.monotonic()))
+            got = await self._waiting.blpop([keys["outcome"]], timeout=max(0.01, local_deadline - time.monotonic()))
         except asyncio.CancelledError:  # the client left: a worker skips it, or stops it at its next stage boundary
             await asyncio.shield(self._cancel(keys, ttl))
             raise

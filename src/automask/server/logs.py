@@ -33,3 +33,27 @@ def configure_logging(level: str) -> None:
     access.propagate = False
     if level != "debug":  # alembic says INFO on every start, a migration or not (`ensure_schema` logs one)
         logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+class Failures:
+    """The log of a loop that retries (a sweep, a heartbeat) while, say, the database is down: the first failure in a
+    row with its traceback, each next one as one line (the error, and how many in a row), and the first success after
+    them as one line, instead of a traceback of some 40 lines every few seconds for the whole outage."""
+
+    def __init__(self, logger: logging.Logger, what: str) -> None:
+        self.log, self.what, self.in_a_row = logger, what, 0
+
+    def failed(self, exc: BaseException) -> None:
+        """Log `exc`, the loop's latest failure."""
+        self.in_a_row += 1
+        if self.in_a_row == 1:
+            self.log.warning("%s failed; retrying", self.what, exc_info=exc)
+        else:
+            error = " ".join(str(exc).split())[:300] or type(exc).__name__
+            self.log.warning("%s failed again (%d in a row): %s", self.what, self.in_a_row, error)
+
+    def succeeded(self) -> None:
+        """The loop's latest attempt worked: say so once after failures."""
+        if self.in_a_row:
+            self.log.warning("%s works again after %d failure(s)", self.what, self.in_a_row)
+            self.in_a_row = 0

@@ -93,7 +93,8 @@ class _Metrics:
         )  # fmt: skip
         self.lost = prom.Counter(
             "automask_worker_pool_processes_lost", "Worker pool processes that died during a task (killed: a signal, "
-            "the OOM killer, a crash) or left after one because their model hung (hung).", ["reason"], registry=r,
+            "the OOM killer, a crash), were killed by Celery at a task's hard time limit (time_limit), or left after "
+            "one because their model hung (hung).", ["reason"], registry=r,
         )  # fmt: skip
         self.state = _StateCollector()
         r.register(self.state)
@@ -222,7 +223,8 @@ def auth_failed(status: int) -> None:
 
 
 def pool_process_lost(reason: str) -> None:
-    """A worker's pool process died during a task (`killed`) or left after one because its model hung (`hung`)."""
+    """A worker's pool process died during a task (`killed`), was killed at a task's hard time limit (`time_limit`), or
+    left after one because its model hung (`hung`)."""
     _record("lost", reason)
 
 
@@ -237,16 +239,17 @@ def watch(store: Store, bodies: BodyBudget | None = None) -> Callable[[], None]:
 
 
 def listen(host: str, port: int) -> str:
-    """Turn recording on and serve it at `http://HOST:PORT/metrics` from a daemon thread (port 0: a free port);
-    returns that URL. `ServiceConfigError` saying what to change when the address cannot be had."""
+    """Turn recording on and serve it at `http://HOST:PORT/metrics` from a daemon thread (port 0: a free port;
+    connections bounded in number and idle time, `metrics_http`); returns that URL. `ServiceConfigError` saying
+    what to change when the address cannot be had."""
     from automask.server.errors import cannot_listen
 
     enable()
     assert _live is not None
-    from prometheus_client import start_http_server
+    from automask.server.metrics_http import serve
 
     try:
-        httpd, _ = start_http_server(port, host, registry=_live.registry)
+        httpd = serve(_live.registry, host, port)
     except OSError as exc:
         raise cannot_listen(host, port, exc, "--metrics-host", "--metrics-port") from None
     # a forked child (a worker's pool process) leaves the port alone: one that outlived this process would hold it

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from sqlalchemy import ColumnElement, delete, func, insert, select, update
 
 from automask.errors import ServiceConfigError
+from automask.server.logs import Failures
 from automask.server.store import Store, nodes_table
 
 log = logging.getLogger("automask.server")
@@ -146,6 +147,7 @@ class Heartbeat:
         self.interval, self.dead_after, self.watch = interval, dead_after, watch
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="automask-heartbeat", daemon=True)
+        self._failures = Failures(log, "node heartbeat")
 
     def start(self) -> None:
         register(self.store, self.node_id, self.kind, self.models, self.default, self.dead_after)
@@ -158,8 +160,9 @@ class Heartbeat:
                     register(self.store, self.node_id, self.kind, self.models, self.default, self.dead_after)
                 if self.watch is not None:
                     self.watch()
-            except Exception:  # the database is briefly unreachable: the next beat tries again
-                log.warning("node heartbeat failed; retrying", exc_info=True)
+                self._failures.succeeded()
+            except Exception as exc:  # noqa: BLE001 (logged by Failures) the database is briefly down: the next beat retries
+                self._failures.failed(exc)
 
     def stop(self) -> None:
         self._stop.set()

@@ -169,6 +169,19 @@ CLOCK_REFRESH = 30.0
 """Seconds between two readings of the database server's clock (`Store.now`)."""
 CLOCK_SKEW_WARNING = 1.0
 """Seconds this host's clock may differ from the database server's before a warning is logged."""
+NETWORK_DEAD_AFTER = 10
+"""Seconds a PostgreSQL connection may go unanswered at the network level (data sent and never acknowledged, or no
+reply to keepalive probes: the server's host is gone, a partition, a failover that moved its address) before it is
+taken for broken: the call fails (a 503) instead of waiting for the kernel's retransmissions, about 15 minutes. A
+slow query is not affected (its packets are acknowledged)."""
+_PG_CONNECT_ARGS = {
+    "connect_timeout": 10,
+    "tcp_user_timeout": NETWORK_DEAD_AFTER * 1000,  # ms: sent data unacknowledged this long breaks the connection
+    "keepalives": 1,  # an idle connection, or one waiting for a reply, probes its peer
+    "keepalives_idle": NETWORK_DEAD_AFTER // 2,
+    "keepalives_interval": 2,
+    "keepalives_count": 3,
+}
 
 
 def advisory_lock_id(name: str) -> int:
@@ -271,7 +284,7 @@ class Store:
     def _engine(self) -> Engine:
         if not self.is_sqlite:
             return create_engine(
-                self.url, pool_pre_ping=True, pool_size=10, max_overflow=20, connect_args={"connect_timeout": 10}
+                self.url, pool_pre_ping=True, pool_size=10, max_overflow=20, connect_args=dict(_PG_CONNECT_ARGS)
             )
         if self.path is not None:
             _private_file(self.path)

@@ -32,6 +32,7 @@ from automask.server.config import ServerSettings
 from automask.server.deployment import Guard
 from automask.server.dispatch import PUBLISH_TIMEOUT, Dispatcher
 from automask.server.jobs import LONGEST_RUN_MARGIN, Jobs
+from automask.server.logs import Failures
 from automask.server.store import Store
 
 log = logging.getLogger("automask.server")
@@ -66,6 +67,7 @@ class Sweeper:
         self._last_expiry = 0.0
         self._task: asyncio.Task[None] | None = None
         self._outage = False  # the last sweep failed (the database was unreachable)
+        self._failures = Failures(log, "sweep")
         self._trust_after = 0.0  # time.monotonic() from which the nodes' heartbeats are current again
         self._resend_before = -math.inf  # a QUEUED job confirmed before this (the database's clock) goes out again
 
@@ -143,8 +145,9 @@ class Sweeper:
                 if self.guard is not None and not await asyncio.to_thread(self.guard.holds):
                     break
                 await asyncio.to_thread(self.sweep)
-            except Exception as exc:  # e.g. the database is briefly unreachable: the next sweep tries again
-                log.warning("sweep failed; retrying", exc_info=True)
+                self._failures.succeeded()
+            except Exception as exc:  # noqa: BLE001 (logged by Failures) e.g. the database is down: the next sweep retries
+                self._failures.failed(exc)
                 if isinstance(exc, SQLAlchemyError):
                     self.failed()
             await asyncio.sleep(min(self.server.sweep_interval, self.server.cleanup_interval))

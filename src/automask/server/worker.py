@@ -248,13 +248,20 @@ def _leave_if_hung(proc: _Process) -> None:
 
 def _request_class() -> type:
     """Celery's request, but a pool process that leaves on purpose (`_leave_if_hung`) after its answer has its
-    message acknowledged (not handed back as a worker lost: there is nothing left to run). Either way, and when a
-    pool process died mid-task, `metrics` counts the process lost."""
+    message acknowledged (not handed back as a worker lost: there is nothing left to run). Either way, when a pool
+    process died mid-task, and when Celery killed one at the task's hard time limit, `metrics` counts the process
+    lost."""
     from billiard.exceptions import WorkerLostError
+    from celery.worker import state
     from celery.worker.request import Request
     from celery.worker.state import task_ready
 
     class _Request(Request):
+        def on_timeout(self, soft: bool, timeout: float) -> None:
+            if not soft and not state.should_terminate:  # the pool kills the process running it (not reported lost)
+                metrics.pool_process_lost("time_limit")
+            super().on_timeout(soft, timeout)
+
         def on_failure(self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False) -> None:
             exc = getattr(exc_info.exception, "exc", exc_info.exception)
             if isinstance(exc, SystemExit) and exc.code == RETIRING:

@@ -1,0 +1,89 @@
+"""The metrics listener is bounded: silent connections are closed after the idle timeout and never more than
+`MAX_CONNECTIONS` are served at once, so a client that opens many and sends nothing cannot pile up threads."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+pytest.importorskip("prometheus_client")
+from prometheus_client import CollectorRegistry, Counter
+
+from automask.server import metrics_http
+
+
+@pytest.fixture
+def served(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, int]]:
+    """A listener (2 connections at most, idle 0.5 s) serving one counter, on a free loopback port."""
+    monkeypatch.setattr(metrics_http, "MAX_CONNECTIONS", 2)
+    monkeypatch.setattr(metrics_http, "IDLE_TIMEOUT", 0.5)
+    registry = CollectorRegistry()
+    Counter("automask_probe", "A counter to find in the scrape.", registry=registry).inc()
+    httpd = metrics_http.serve(registry, "127.0.0.1", 0)
+    try:
+        yield "127.0.0.1", httpd.server_address[1]
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def scrape(address: tuple[str, int]) -> str:
+    r = httpx.get(f"http://{address[0]}:{address[1]}/metrics", timeout=5)
+    assert r.status_code == 200
+    return r.text
+
+
+def closed_within(conn: socket.socket, seconds: float) -> bool:
+    """Whether the server closes `conn` (EOF or reset) within `seconds`."""
+    conn.settimeout(seconds)
+    try:
+        return conn.recv(1) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+def test_a_scrape_is_served(served: tuple[str, int]) -> None:
+    assert "automask_probe_total 1.0" in scrape(served)
+
+
+def test_a_silent_connection_is_closed_after_the_idle_timeout(served: tuple[str, int]) -> None:
+    with socket.create_connection(served) as silent:
+        started = time.monotonic()
+        assert closed_within(silent, 5)
+        assert 0.4 < time.monotonic() - started < 3
+
+
+def test_connections_past_the_cap_are_closed_and_scrapes_resume_when_slots_free(
+    served: tuple[str, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(metrics_http, "IDLE_TIMEOUT", 30.0)  # the held connections stay held (read at accept)
+    threads = threading.active_count()
+    held = [socket.create_connection(served) for _ in range(2)]
+    try:
+        time.sleep(0.1)  # both accepted and each waiting in a thread of its own
+        extra = [socket.create_connection(served) for _ in range(20)]
+        try:
+            assert all(closed_within(conn, 0.3) for conn in extra)  # closed at once, not left to the idle timeout
+            assert threading.active_count() <= threads + 2
+        finally:
+            for conn in extra:
+                conn.close()
+    finally:
+        for conn in held:
+            conn.close()
+    deadline = time.monotonic() + 5
+    while True:  # the held connections' threads end when the server sees them closed
+        try:
+            assert "automask_probe_total" in scrape(served)
+            break
+        except (httpx.HTTPError, AssertionError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
