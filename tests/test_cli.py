@@ -24,7 +24,8 @@ from PIL import Image
 
 from automask import errors
 from automask.cli import EXIT_CODES, EXIT_HELP, OutputError, error_record, exit_code, main
-from automask.cli_io import output_target, plan_outputs, write_atomic
+from automask.cli_inputs import plan_outputs
+from automask.cli_io import output_target, write_atomic
 from automask.cli_job import ignored_flags
 from automask.imageio import load_image
 from automask.options import MaskOptions, parse_prompt
@@ -524,6 +525,18 @@ def test_plan_outputs_never_names_an_input_through_a_link(tmp_path: Path) -> Non
     (src / "x.jpg").write_bytes(b"jpeg")
     os.link(src / "x.jpg", out / "x.png")  # out/x.png is the input file under another name
     assert plan_outputs([src / "x.jpg"], out, src) == [(src / "x.jpg", out / "x-2.png")]
+
+
+def test_plan_outputs_never_names_a_folder(tmp_path: Path) -> None:
+    """Before: in/a.jpg -> out/a.png, and in/a.png/x.jpg -> out/a.png/x.png failed: 'Not a directory'."""
+    src, out = tmp_path / "in", tmp_path / "out"
+    (out / "b.png").mkdir(parents=True)  # a folder already there
+    files = [src / "a.jpg", src / "a.png" / "x.jpg", src / "b.jpg"]
+    assert plan_outputs(files, out, src) == [
+        (src / "a.jpg", out / "a-2.png"),
+        (src / "a.png" / "x.jpg", out / "a.png" / "x.png"),
+        (src / "b.jpg", out / "b-2.png"),
+    ]
 
 
 def test_output_target_defaults(tmp_path: Path) -> None:

@@ -4,6 +4,9 @@ exist, and a model-level error that stops the run at once."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +14,7 @@ import pytest
 from PIL import Image
 
 from conftest import jpeg_bytes
-from test_cli import error_lines, invoke
+from test_cli import automask_command, error_lines, invoke
 
 
 @pytest.fixture()
@@ -80,3 +83,118 @@ def test_batch_stops_at_a_model_level_error(tiny_clipseg_dir: Path, folder: Path
     assert [(Path(r["input"]).name, r["exit_code"]) for r in records] == [("0-broken.jpg", 3), ("a.jpg", 4)]
     assert records[1]["error"] == model.removeprefix("error: ")
     assert not out.exists() or list(out.iterdir()) == []  # b.png was not tried
+
+
+def test_batch_into_a_folder_it_cannot_write_stops_before_masking(
+    tiny_clipseg_dir: Path, folder: Path, tmp_path: Path
+) -> None:
+    """Before: every file was masked, then failed to be written, one error line each, exit 1."""
+    (tmp_path / "file.txt").write_text("a file, not a folder")
+    out = tmp_path / "file.txt" / "masks"
+    result = invoke("batch", folder, "-o", out, "-p", "cat", "--model", tiny_clipseg_dir, "--json")
+    assert result.exit_code == 8, result.output
+    assert result.stderr == f"error: Cannot write into '{out}': Not a directory.\n"
+    assert result.stdout == ""
+
+
+def test_batch_leaves_no_empty_folder_when_nothing_is_written(folder: Path, tmp_path: Path) -> None:
+    out = tmp_path / "new" / "masks"
+    result = invoke("batch", folder, "-o", out, "-p", "cat", "--model", tmp_path / "no-such-model")
+    assert result.exit_code == 4, result.output
+    assert not (tmp_path / "new").exists()
+
+
+def test_batch_takes_a_file_named_like_a_glob(tiny_clipseg_dir: Path, folder: Path, tmp_path: Path) -> None:
+    """Before: 'photo[1].jpg' was read as a glob (matching 'photo1.jpg'): 'no images found', exit 2."""
+    photo = folder / "photo[1].jpg"
+    (folder / "a.jpg").rename(photo)
+    result = invoke("batch", photo, "-o", tmp_path / "out", "-p", "cat", "--model", tiny_clipseg_dir)
+    assert result.exit_code == 0, result.output
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["photo[1].png"]
+
+
+def as_a_user(command: list[str]) -> list[str]:
+    """`command`, run so that file permissions apply to it: as root, without the capabilities that override them."""
+    if os.geteuid() != 0:
+        return command
+    if shutil.which("setpriv") is None:
+        pytest.skip("as root, file permissions apply only without CAP_DAC_OVERRIDE (setpriv drops it)")
+    return ["setpriv", "--bounding-set", "-dac_override,-dac_read_search", *command]
+
+
+@pytest.mark.parametrize(("source", "flags"), [("locked", []), ("locked/*.jpg", []), ("locked", ["-r"])])
+def test_batch_of_a_folder_it_cannot_read_says_so(tmp_path: Path, source: str, flags: list[str]) -> None:
+    """Before: 'internal error: PermissionError: [Errno 13] Permission denied: ...', exit 70 (with -r: 'no images
+    found')."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    out, model = tmp_path / "out", tmp_path / "no-such-model"
+    args = ["batch", tmp_path / source, *flags, "-o", out, "-p", "cat", "--model", model]
+    locked.chmod(0)
+    try:
+        proc = subprocess.run(as_a_user([*automask_command(), *map(str, args)]), capture_output=True, timeout=120)
+    finally:
+        locked.chmod(0o755)
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stderr.decode() == f"error: Cannot read '{tmp_path / source}': Permission denied.\n"
+
+
+def test_batch_recursive_reports_a_subfolder_it_cannot_read(tiny_clipseg_dir: Path, folder: Path) -> None:
+    """Before: the images of an unreadable subfolder were skipped silently, and the run said '2 done, 0 failed'."""
+    locked = folder / "locked"
+    locked.mkdir()
+    (locked / "c.jpg").write_bytes((folder / "a.jpg").read_bytes())
+    out = folder.parent / "out"
+    args = ["batch", folder, "-r", "-o", out, "-p", "cat", "--model", tiny_clipseg_dir, "--json"]
+    locked.chmod(0)
+    try:
+        proc = subprocess.run(as_a_user([*automask_command(), *map(str, args)]), capture_output=True, timeout=120)
+    finally:
+        locked.chmod(0o755)
+    stderr = proc.stderr.decode()
+    assert proc.returncode == 1, stderr
+    why = f"Cannot read the folder '{locked}': Permission denied; its images were not masked."
+    assert error_lines(stderr) == [f"error: {locked}: {why}"]
+    assert stderr.splitlines()[-1] == "2 done, 1 failed"
+    records = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert records[0] == {"input": str(locked), "ok": False, "error": why, "exit_code": 3}
+    assert [r["ok"] for r in records[1:]] == [True, True]
+    assert sorted(p.name for p in out.iterdir()) == ["a.png", "b.png"]
+
+
+def test_batch_reports_a_file_with_a_line_break_in_its_name_on_one_line(
+    tiny_clipseg_dir: Path, folder: Path, tmp_path: Path
+) -> None:
+    """Before: 'error: .../bad' and 'name.jpg: <reason>' were two lines, breaking 'one line per failed file'."""
+    (folder / "bad\nname.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    result = invoke("batch", folder, "-o", tmp_path / "out", "-p", "cat", "--model", tiny_clipseg_dir)
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.splitlines()
+    assert len(lines) == 5 and lines[-1] == "2 done, 1 failed"
+    (error,) = error_lines(result.stderr)
+    assert error.startswith(f"error: {folder}/bad name.jpg: ") and lines[3] == f"[3/3] {folder}/bad name.jpg failed"
+
+
+def test_a_glob_rerun_into_a_subfolder_skips_the_earlier_outputs(tiny_clipseg_dir: Path, folder: Path) -> None:
+    """Before: a second `batch 'b/**/*.png' -r -o b/masks` masked the first run's masks too, as b.png.png and
+    b.png-2.png (a folder source skipped them already)."""
+    Image.open(folder / "a.jpg").save(folder / "a.png")
+    out = folder / "masks"
+    args = ["batch", f"{folder}/**/*.png", "-r", "-o", out, "-p", "cat", "--model", tiny_clipseg_dir]
+    for _ in range(2):
+        result = invoke(*args)
+        assert result.exit_code == 0, result.output
+        assert result.stderr.rstrip().endswith("2 done, 0 failed")
+        assert sorted(p.name for p in out.iterdir()) == ["a.png", "b.png"]
+
+
+def test_a_recursive_glob_does_not_follow_a_symlink_loop(tiny_clipseg_dir: Path, folder: Path, tmp_path: Path) -> None:
+    """Before: glob's '**' followed b/sub/up -> b about 40 times (until ELOOP), masking a.jpg and b.png 41 times each
+    (a.jpg.png, a.jpg-2.png, ...); with two such links the search never ended."""
+    (folder / "sub").mkdir()
+    (folder / "sub" / "up").symlink_to("..")
+    out = tmp_path / "out"
+    result = invoke("batch", f"{folder}/**/*.*", "-r", "-o", out, "-p", "cat", "--model", tiny_clipseg_dir)
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == ["a.png", "b.png"]
+    assert result.stderr.rstrip().endswith("2 done, 0 failed")

@@ -7,6 +7,7 @@ import json
 import os
 import stat
 import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -166,3 +167,71 @@ def test_a_huge_prompt_is_not_echoed_whole(tiny_clipseg_dir: Path, photo: Path, 
         assert result.exit_code == (5 if stop else 0), result.output
         (line,) = [line for line in result.stderr.splitlines() if line.startswith(("error:", "note:"))]
         assert "cat" * 20 in line and "cat" * 40 not in line and "…" in line
+
+
+SIGNAL_ON_FSYNC = """
+import os, signal, sys
+from automask.cli import main
+calls, fsync = [], os.fsync
+def signal_on_fsync(fd):  # the N-th output file is being written: a signal arrives
+    calls.append(fd)
+    if len(calls) == int(sys.argv[1]):
+        os.kill(os.getpid(), getattr(signal, sys.argv[2]))
+    fsync(fd)
+os.fsync = signal_on_fsync
+main(sys.argv[3:], prog_name="automask")
+"""
+
+
+@pytest.mark.parametrize(("command", "signame", "code"), [("batch", "SIGTERM", 143), ("mask", "SIGHUP", 129)])
+def test_a_terminated_run_leaves_no_partial_file(
+    tiny_clipseg_dir: Path, photo: Path, tmp_path: Path, command: str, signame: str, code: int
+) -> None:
+    """Before: SIGTERM (`kill`, a scheduler's stop) or SIGHUP (a closed terminal) killed the process mid-write,
+    leaving OUTDIR/.automask-*.part behind, and no line saying why."""
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    for name in ("a", "b"):
+        (src / f"{name}.png").write_bytes(photo.read_bytes())
+    where = [src, "-o", out] if command == "batch" else [src / "a.png", "-o", out / "m.png", "--instances", out / "i"]
+    args = [command, *where, "-p", "cat", "--model", tiny_clipseg_dir]
+    proc = subprocess.run(
+        [sys.executable, "-c", SIGNAL_ON_FSYNC, "2", signame, *map(str, args)], capture_output=True, timeout=180
+    )
+    stderr = proc.stderr.decode()
+    assert proc.returncode == code, stderr
+    assert stderr.splitlines()[-1] == f"interrupted ({signame})" and "Traceback" not in stderr
+    left = sorted(str(p.relative_to(out)) for p in out.rglob("*")) if out.exists() else []
+    assert left == (["a.png"] if command == "batch" else [])  # a finished file stays; a mask's outputs all go
+
+
+@pytest.mark.parametrize(("name", "width"), [("m.webp", 16384), ("m.jpg", 65501)])
+def test_an_image_too_wide_for_its_format(tiny_clipseg_dir: Path, tmp_path: Path, name: str, width: int) -> None:
+    """Before: 'internal error: ValueError: encoding error 5: Image size exceeds WebP limit of 16383 pixels' (exit 70);
+    a JPEG: 'OSError: broken data stream'."""
+    image = tmp_path / "wide.png"
+    Image.fromarray(np.full((2, width), 9, np.uint8)).save(image)
+    out = tmp_path / "out" / name
+    result = invoke("mask", image, "-p", "cat", "--model", tiny_clipseg_dir, "-o", out)
+    assert result.exit_code == 8, result.output
+    fmt, most = ("WEBP", 16383) if name.endswith("webp") else ("JPEG", 65500)
+    why = f"a {fmt} image holds at most {most} pixels a side, this one is {width}×2; name it m.png or m.tif."
+    assert result.stderr == f"error: Cannot write '{out}': {why}\n"
+    assert not out.parent.exists()
+    assert invoke("mask", image, "-p", "cat", "--model", tiny_clipseg_dir, "-o", out.with_suffix(".tif")).exit_code == 0
+
+
+def test_an_interrupted_batch_says_what_it_did_and_left(tiny_clipseg_dir: Path, photo: Path, tmp_path: Path) -> None:
+    """Before: it ended with 'interrupted' only, not the summary line that tells what a re-run has left to do."""
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    for name in ("a", "b", "c", "d"):
+        (src / f"{name}.png").write_bytes(photo.read_bytes())
+    (src / "0-bad.png").write_bytes(b"not a png")
+    args = ["batch", src, "-o", out, "-p", "cat", "--model", tiny_clipseg_dir]
+    proc = subprocess.run(
+        [sys.executable, "-c", SIGNAL_ON_FSYNC, "3", "SIGTERM", *map(str, args)], capture_output=True, timeout=180
+    )
+    assert proc.returncode == 143, proc.stderr
+    assert proc.stderr.decode().splitlines()[-2:] == ["2 done, 1 failed, 2 not done", "interrupted (SIGTERM)"]
+    assert sorted(p.name for p in out.iterdir()) == ["a.png", "b.png"]

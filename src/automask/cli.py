@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
 import traceback
 from dataclasses import dataclass, field
@@ -19,15 +20,16 @@ from typing import Any, NoReturn
 import click
 
 from automask import errors
+from automask.cli_inputs import find_images, plan_outputs
 from automask.cli_io import (
     OutputError,
     Outputs,
     Reporter,
+    check_fits,
     echo_json,
-    find_images,
+    one_line,
     output_format,
     output_target,
-    plan_outputs,
     read_source,
     root_settings,
     silence_stdout,
@@ -35,6 +37,7 @@ from automask.cli_io import (
     write_stdout,
 )
 from automask.cli_job import Job, load_generator, mask_options
+from automask.cli_signals import Interrupted, signals_interrupt
 from automask.errors import AutomaskError, InvalidOptionError
 from automask.routing import quote_targets
 from automask.settings import Settings
@@ -76,7 +79,9 @@ EXIT_HELP = (
         "cannot listen on --host/--port (e.g. the port is in use) or start",
     ),
     (EXIT_INTERNAL, "internal error (run with --debug for the traceback)"),
+    (128 + signal.SIGHUP, "the terminal hung up (SIGHUP)"),
     (EXIT_INTERRUPTED, "interrupted (Ctrl-C)"),
+    (128 + signal.SIGTERM, "terminated (SIGTERM)"),
 )
 EPILOG = "\b\nExit codes:\n" + "\n".join(f"  {code:<4} {text}" for code, text in EXIT_HELP)
 EPILOG += "\n\n\bSettings come from AUTOMASK_* environment variables (AUTOMASK_MODEL, AUTOMASK_DATA_DIR...); flags win."
@@ -100,11 +105,6 @@ def error_message(exc: AutomaskError) -> str:
     return text
 
 
-def one_line(text: str) -> str:
-    """`text` with its line breaks folded, for one-line error reports."""
-    return " ".join(text.splitlines()).strip()
-
-
 class AutomaskGroup(click.Group):
     """A click group that turns every error of its commands into one line on stderr and an exit code."""
 
@@ -115,6 +115,8 @@ class AutomaskGroup(click.Group):
             raise
         except AutomaskError as exc:
             _fail(ctx, f"error: {error_message(exc)}", exit_code(exc), exc)
+        except Interrupted as exc:
+            _fail(ctx, f"interrupted ({exc.name})", 128 + exc.signum)
         except KeyboardInterrupt:
             _fail(ctx, "interrupted", EXIT_INTERRUPTED)
         except BrokenPipeError:
@@ -205,7 +207,8 @@ def mask(state: CliState, image: str, out: str | None, instances_dir: Path | Non
         raise InvalidOptionError("--json", "cannot be combined with -o - (stdout carries the PNG); use -o FILE.")
     outputs = Outputs()
     try:
-        _mask(state.settings, image, out, instances_dir, job, outputs)
+        with signals_interrupt():
+            _mask(state.settings, image, out, instances_dir, job, outputs)
     except BaseException as exc:
         outputs.discard()
         if job.as_json and isinstance(exc, AutomaskError):
@@ -226,6 +229,7 @@ def _mask(settings: Settings, image: str, out: str | None, instances: Path | Non
     if target is None:
         write_stdout(result.to_png())
     else:
+        check_fits(target, fmt, result.width, result.height)
         outputs.write(target, result.encode(fmt))
     meta = {"input": image, "output": str(target or "-"), "ok": True, **result.metadata()}
     if instances is not None:
@@ -286,7 +290,8 @@ def batch(ctx: click.Context, source: str, out: str, recursive: bool, job: Job) 
 
     A file that fails is reported (one line naming it) and skipped; the others are done. Exit 0 when
     all succeeded, 1 when any failed. An error of the model (unknown, not installed, a prompt it cannot answer)
-    stops the run at once with exit 4. --json prints one JSON line per file on stdout.
+    stops the run at once with exit 4, an OUTDIR that cannot be written before any work with exit 8. --json prints
+    one JSON line per file on stdout.
     """
     if out == "-":
         raise InvalidOptionError(
@@ -294,30 +299,61 @@ def batch(ctx: click.Context, source: str, out: str, recursive: bool, job: Job) 
             "'-' is standard output, but batch writes one file per image into a folder: name a folder (./- for one "
             "called '-'). To stream one image: automask mask IMAGE -o -",
         )
-    outdir = Path(out)
-    files, base = find_images(source, recursive, outdir)
+    with signals_interrupt():
+        _batch(ctx, source, Path(out), recursive, job)
+
+
+def _batch(ctx: click.Context, source: str, outdir: Path, recursive: bool, job: Job) -> None:
+    """`batch`'s work: find the inputs, plan their outputs, check OUTDIR, then mask them."""
+    files, base, unreadable = find_images(source, recursive, outdir)
     plan = plan_outputs(files, outdir, base)
+    made = Outputs()
+    made.folder(outdir)  # an OUTDIR that cannot be written: exit 8 now, not once per file after its masking
+    try:
+        _mask_files(ctx, plan, [unread_record(exc) for exc in unreadable], job)
+    finally:
+        made.discard()  # only the folders it made, and only when they were left empty
+
+
+def unread_record(exc: OSError) -> dict[str, Any]:
+    """The failure record of a subfolder that `batch --recursive` could not list (its files are not masked)."""
+    message = f"Cannot read the folder '{exc.filename}': {exc.strerror or exc}; its images were not masked."
+    return {"input": str(exc.filename), "ok": False, "error": message, "exit_code": 3}
+
+
+def _mask_files(ctx: click.Context, plan: list[tuple[Path, Path]], unread: list[dict[str, Any]], job: Job) -> None:
+    """Load the model once, report the folders it could not read (`unread`: failure records), mask the files of
+    `plan` (input, output) one by one, print the summary."""
     generator = load_generator(job, root_settings(ctx))
     failed = 0
-    with Reporter(len(plan)) as report:
-        for src, dst in plan:
-            report.start(src)
-            try:
-                record = process(generator, src, dst, job)
-            except AutomaskError as exc:  # stop: the group prints the error once and exits EXIT_MODEL
-                if job.as_json:
-                    echo_json(error_record(str(src), exc))
-                raise
-            if record["ok"]:
-                report.done(f"{src} -> {dst}")
-            else:
-                failed += 1
-                report.error(f"error: {src}: {record['error']}")
-                report.done(f"{src} failed")
-            if job.as_json:
-                echo_json(record)
-    click.echo(f"{len(plan) - failed} done, {failed} failed", err=True)
+    with Reporter(len(unread) + len(plan)) as report:
+        try:
+            for record in unread:
+                failed += _report(report, record, job)
+            for src, dst in plan:
+                report.start(src)
+                try:
+                    record = process(generator, src, dst, job)
+                except AutomaskError as exc:  # stop: the group prints the error once and exits EXIT_MODEL
+                    if job.as_json:
+                        echo_json(error_record(str(src), exc))
+                    raise
+                failed += _report(report, record, job)
+        except KeyboardInterrupt:  # Ctrl-C, SIGTERM: what was done, and what is left for a re-run
+            report.summary(failed, interrupted=True)
+            raise
+    report.summary(failed)
     ctx.exit(EXIT_FAILED if failed else 0)
+
+
+def _report(report: Reporter, record: dict[str, Any], job: Job) -> int:
+    """Show one input's `record` (an error line when it failed; a JSON line with --json); 1 if it failed, else 0."""
+    if not record["ok"]:
+        report.error(f"error: {record['input']}: {record['error']}")
+    report.done(f"{record['input']} -> {record['output']}" if record["ok"] else f"{record['input']} failed")
+    if job.as_json:
+        echo_json(record)
+    return 0 if record["ok"] else 1
 
 
 # -- the HTTP service (fastapi/uvicorn load only when `serve` runs) ------------------------------------

@@ -1,17 +1,15 @@
-"""Files for the command line: reading IMAGE, naming and writing outputs atomically, finding batch inputs,
-and progress reporting on stderr. No model code here."""
+"""Files for the command line: reading IMAGE, naming and writing outputs atomically, and progress reporting on
+stderr (batch inputs are found in `automask.cli_inputs`). No model code here."""
 
 from __future__ import annotations
 
 import contextlib
-import glob
 import json
 import os
 import re
 import stat
 import sys
 import tempfile
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +25,9 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".
 
 OUTPUT_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".tif": "TIFF", ".tiff": "TIFF"}
 """The formats `mask -o NAME` writes, by NAME's suffix (case-insensitive); any other name is written as PNG."""
+
+MAX_SIDE = {"JPEG": 65500, "WEBP": 16383}
+"""The longest side, in pixels, that a JPEG (libjpeg) and a WebP can hold."""
 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://|^data:")
 
@@ -200,8 +201,8 @@ def output_target(out: str | None, source: Path | None, kind: str) -> Path | Non
     else:
         folder = Path(out).is_dir() or out.endswith(("/", os.sep))
         target = Path(out) / default if folder else Path(out)
-    source_id = _file_id(source) if source is not None else None
-    if source_id is not None and _file_id(target) == source_id:
+    source_id = file_id(source) if source is not None else None
+    if source_id is not None and file_id(target) == source_id:
         raise InvalidOptionError(
             "--output", f"'{target}' is the input image: writing the {kind} there would replace it. Name another file."
         )
@@ -227,7 +228,17 @@ def output_format(target: Path | None, kind: str) -> str:
     return fmt or "PNG"
 
 
-def _file_id(path: Path) -> tuple[int, int] | None:
+def check_fits(target: Path, fmt: str, width: int, height: int) -> None:
+    """An `OutputError` when an image of `width`×`height` is too large for `fmt` (`MAX_SIDE`), before it is encoded."""
+    most = MAX_SIDE.get(fmt)
+    if most is not None and max(width, height) > most:
+        raise OutputError(
+            f"Cannot write '{target}': a {fmt} image holds at most {most} pixels a side, this one is "
+            f"{width}×{height}; name it {target.stem}.png or {target.stem}.tif."
+        )
+
+
+def file_id(path: Path) -> tuple[int, int] | None:
     """(device, inode) of the file `path` names (links followed), None if there is none: two paths name the same
     file iff their ids are equal and not None (what `os.path.samefile` compares)."""
     try:
@@ -237,59 +248,9 @@ def _file_id(path: Path) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
-def find_images(source: str, recursive: bool, outdir: Path) -> tuple[list[Path], Path | None]:
-    """(input files, the folder their output paths mirror or None) for a folder, a glob or one file.
-
-    A folder gives its files with an image suffix (not hidden; `recursive`: subfolders too, except `outdir`
-    when it is a subfolder: the outputs of an earlier run are not inputs); a glob gives every file it matches
-    (`recursive`: `**` spans folders). `outdir` may be the folder itself (`plan_outputs` never names an input).
-    """
-    root = Path(source)
-    if root.is_dir():
-        found = root.rglob("*") if recursive else root.iterdir()
-        skip = outdir.resolve()
-        apart = skip not in (root.resolve(), *root.resolve().parents)  # OUTDIR is not the folder nor above it
-        files = [
-            p
-            for p in found
-            if p.suffix.lower() in IMAGE_SUFFIXES
-            and p.is_file()
-            and not any(part.startswith(".") for part in p.relative_to(root).parts)
-            and not (apart and skip in p.resolve().parents)
-        ]
-        base: Path | None = root
-    elif not glob.has_magic(source) and not os.path.lexists(source):
-        raise InvalidOptionError("DIR_OR_GLOB", f"no such file or folder: '{source}'.")
-    else:
-        files = [Path(p) for p in glob.glob(source, recursive=recursive) if Path(p).is_file()]
-        base = None
-    if not files:
-        looked = f" (files ending {', '.join(sorted(IMAGE_SUFFIXES))})" if base else ""
-        raise InvalidOptionError("DIR_OR_GLOB", f"no images found in '{source}'{looked}.")
-    return sorted(files), base
-
-
-def plan_outputs(files: list[Path], outdir: Path, base: Path | None) -> list[tuple[Path, Path]]:
-    """Pair every input with its output `<outdir>/<stem>.png` (subfolders of `base` mirrored).
-
-    Inputs sharing a stem (a.jpg, a.png) get `<stem>.<ext>.png`; a name still taken, or naming an input file
-    (also through a link), gets `-2`, `-3`...; names are compared case-insensitively (macOS, Windows).
-    """
-    folders = [outdir / f.parent.relative_to(base) if base else outdir for f in files]
-    stems = [str(d / f.stem).lower() for d, f in zip(folders, files, strict=True)]
-    shared = {stem for stem, n in Counter(stems).items() if n > 1}
-    taken = {str(f.resolve()).lower() for f in files}
-    inputs = {_file_id(f) for f in files} - {None}  # the same files by other names (hard links)
-    plan = []
-    for folder, f, stem in zip(folders, files, stems, strict=True):
-        name = f"{f.stem}{f.suffix}" if stem in shared else f.stem
-        target, n = folder / f"{name}.png", 1
-        while str(target.resolve()).lower() in taken or _file_id(target) in inputs:
-            n += 1
-            target = folder / f"{name}-{n}.png"
-        taken.add(str(target.resolve()).lower())
-        plan.append((f, target))
-    return plan
+def one_line(text: str) -> str:
+    """`text` with its line breaks folded (also those of a file name), for one-line reports."""
+    return " ".join(text.splitlines()).strip()
 
 
 class Reporter:
@@ -326,11 +287,18 @@ class Reporter:
         if self.bar is not None and self.task is not None:
             self.bar.update(self.task, advance=1)
         else:
-            self.console.print(f"[{self.count}/{self.total}] {line}", markup=False)
+            self.console.print(f"[{self.count}/{self.total}] {one_line(line)}", markup=False)
 
     def error(self, line: str) -> None:
-        """Print one error line (above the bar)."""
-        self.console.print(line, markup=False, style="red" if self.bar else None)
+        """Print one error line (above the bar), a line break in a file name folded."""
+        self.console.print(one_line(line), markup=False, style="red" if self.bar else None)
+
+    def summary(self, failed: int, interrupted: bool = False) -> None:
+        """The last line: "12 done, 1 failed", and ", 30 not done" for a run `interrupted` (the bar stopped first)."""
+        if self.bar:
+            self.bar.stop()
+        left = f", {self.total - self.count} not done" if interrupted else ""
+        self.console.print(f"{self.count - failed} done, {failed} failed{left}", markup=False)
 
 
 def root_settings(ctx: click.Context) -> Settings:

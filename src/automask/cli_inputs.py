@@ -1,0 +1,127 @@
+"""`automask batch`'s inputs: the image files of a folder or a glob, and the output path of each."""
+
+from __future__ import annotations
+
+import fnmatch
+import glob
+import itertools
+import os
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+from automask import errors
+from automask.cli_io import IMAGE_SUFFIXES, file_id
+from automask.errors import InvalidOptionError
+
+
+def find_images(source: str, recursive: bool, outdir: Path) -> tuple[list[Path], Path | None, list[OSError]]:
+    """(input files, the folder their output paths mirror or None, the subfolders it could not read) for a folder,
+    a glob or one file.
+
+    A folder gives its files with an image suffix (not hidden; `recursive`: subfolders too, except `outdir`
+    when it is a subfolder: the outputs of an earlier run are not inputs); a glob gives every file it matches
+    (`recursive`: `**` spans folders) except those in `outdir` when it is below the folder the glob searches; a
+    file is taken as it is named, also when the name has glob characters (`photo[1].jpg`). `outdir` may be the
+    folder itself (`plan_outputs` never names an input). A source that cannot be read (no permission) is an
+    `ImageDecodeError`; a subfolder that cannot be, an error in the list returned.
+    """
+    root, base = Path(source), None
+    unreadable: list[OSError] = []
+    try:
+        if root.is_dir():
+            (files, unreadable), base = _folder_images(root, recursive, outdir), root
+        elif root.is_file():
+            files = [root]
+        elif not glob.has_magic(source) and not os.path.lexists(source):
+            raise InvalidOptionError("DIR_OR_GLOB", f"no such file or folder: '{source}'.")
+        else:
+            earlier_output = _earlier_outputs(_split_glob(source)[0], outdir)
+            files = [p for p in _glob_files(source, recursive) if not earlier_output(p)]
+    except OSError as exc:
+        raise errors.ImageDecodeError(f"Cannot read '{source}': {exc.strerror or exc}.") from None
+    if not files and not unreadable:
+        looked = f" (files ending {', '.join(sorted(IMAGE_SUFFIXES))})" if base else ""
+        raise InvalidOptionError("DIR_OR_GLOB", f"no images found in '{source}'{looked}.")
+    return sorted(files), base, unreadable
+
+
+def _folder_images(root: Path, recursive: bool, outdir: Path) -> tuple[list[Path], list[OSError]]:
+    """The image files of the folder `root`, and the errors of the subfolders it could not list (see
+    `find_images`; a `root` it cannot list raises). Symlinks to folders are not followed."""
+    skip, earlier_output = outdir.resolve(), _earlier_outputs(root, outdir)
+    unreadable: list[OSError] = []
+    found: list[Path] = []
+    if not recursive:
+        found = list(root.iterdir())
+    for folder, subfolders, names in os.walk(root, onerror=unreadable.append) if recursive else ():
+        subfolders[:] = [d for d in subfolders if not d.startswith(".") and Path(folder, d).resolve() != skip]
+        found += [Path(folder, name) for name in names]
+    if unreadable and unreadable[0].filename == os.fspath(root):
+        raise unreadable[0]
+    files = [
+        p
+        for p in found
+        if p.suffix.lower() in IMAGE_SUFFIXES
+        and p.is_file()
+        and not any(part.startswith(".") for part in p.relative_to(root).parts)
+        and not earlier_output(p)
+    ]
+    return files, unreadable
+
+
+def _earlier_outputs(root: Path, outdir: Path) -> Callable[[Path], bool]:
+    """Whether a file found under `root` lies in `outdir`, when `outdir` is a subfolder of `root`: an output of an
+    earlier run, not an input (an `outdir` that is `root` or above it holds the inputs themselves)."""
+    skip = outdir.resolve()
+    if skip in (root.resolve(), *root.resolve().parents):
+        return lambda path: False
+    return lambda path: skip in path.resolve().parents
+
+
+def _split_glob(pattern: str) -> tuple[Path, str]:
+    """(the folder a glob searches, the rest of it): its leading parts without glob characters, and the others
+    ('shots', '**/*.png' for 'shots/**/*.png'; '.' when it starts with one)."""
+    parts = Path(pattern).parts
+    n = len(list(itertools.takewhile(lambda part: not glob.has_magic(part), parts[:-1])))
+    return Path(*parts[:n]) if n else Path("."), "/".join(parts[n:])
+
+
+def _glob_files(pattern: str, recursive: bool) -> list[Path]:
+    """The files `pattern` matches, each once. With `recursive`, `**` spans folders but never follows a symlink to
+    a folder (`glob.glob` does: a link to a folder above looped dozens of times, two of them for ever); names
+    starting with '.' are matched only by a pattern part that starts with '.', as `glob.glob` does."""
+    if not (recursive and "**" in pattern):
+        return [Path(p) for p in glob.glob(pattern) if Path(p).is_file()]
+    root, rest = _split_glob(pattern)
+    rest += "/*" if Path(rest).name == "**" else ""  # 'shots/**': every file below (pathlib's gives folders)
+    dotted = [part for part in Path(rest).parts if part.startswith(".")]
+
+    def hidden(name: str) -> bool:
+        return name.startswith(".") and not any(fnmatch.fnmatchcase(name, part) for part in dotted)
+
+    return [p for p in root.glob(rest) if p.is_file() and not any(map(hidden, p.relative_to(root).parts))]
+
+
+def plan_outputs(files: list[Path], outdir: Path, base: Path | None) -> list[tuple[Path, Path]]:
+    """Pair every input with its output `<outdir>/<stem>.png` (subfolders of `base` mirrored).
+
+    Inputs sharing a stem (a.jpg, a.png) get `<stem>.<ext>.png`; a name still taken, naming an input file (also
+    through a link) or a folder (one there, or one the mirrored subfolders need: `a.png/`), gets `-2`, `-3`...;
+    names are compared case-insensitively (macOS, Windows).
+    """
+    folders = [outdir / f.parent.relative_to(base) if base else outdir for f in files]
+    stems = [str(d / f.stem).lower() for d, f in zip(folders, files, strict=True)]
+    shared = {stem for stem, n in Counter(stems).items() if n > 1}
+    taken = {str(p.resolve()).lower() for p in (*files, *{d for f in set(folders) for d in (f, *f.parents)})}
+    inputs = {file_id(f) for f in files} - {None}  # the same files by other names (hard links)
+    plan = []
+    for folder, f, stem in zip(folders, files, stems, strict=True):
+        name = f"{f.stem}{f.suffix}" if stem in shared else f.stem
+        target, n = folder / f"{name}.png", 1
+        while str(target.resolve()).lower() in taken or file_id(target) in inputs or target.is_dir():
+            n += 1
+            target = folder / f"{name}-{n}.png"
+        taken.add(str(target.resolve()).lower())
+        plan.append((f, target))
+    return plan
