@@ -22,6 +22,7 @@ from scipy import ndimage
 
 from automask.settings import Settings
 from server_helpers import decode
+from test_colour_profiles import WIDE_ICC
 from web_helpers import (
     DESKTOP,
     FIRST,
@@ -194,23 +195,62 @@ def test_downloads_equal_the_api_answers(page: Any, live: Live, photo: Path) -> 
 def test_downloads_of_an_image_with_transparency_equal_the_api_answers(
     page: Any, live: Live, astronaut: np.ndarray, tmp_path: Path
 ) -> None:
-    """A PNG whose left part is transparent: the page's cut-out keeps that transparency and its preview shows it on
-    white, as the API's do. (A canvas forgets the colour under alpha 0, so colours compare where alpha > 0.)"""
+    """A PNG whose left part is transparent and whose top rows fade in: the cut-out keeps that transparency and the
+    preview shows it on white, as the API's do, byte for byte. A canvas stores colours premultiplied by alpha (those
+    under alpha 0 are lost, those under alpha 1 may be 127 levels off): the cut-out is the server's (one more
+    request); the preview, on white, is exact when rendered in the page. Before, the page rendered the cut-out."""
     rgba = np.dstack([astronaut, np.full(astronaut.shape[:2], 255, np.uint8)])
+    rgba[:64, :, 3] = np.arange(64, dtype=np.uint8)[:, None] * 4
     rgba[:, :200, 3] = 0
     path = tmp_path / "astronaut-transparent.png"
     Image.fromarray(rgba, "RGBA").save(path)
     pick_photo(page, path)
     set_first_options(page)
     submit_prompt(page, FIRST["prompt"])
+    assert page.inner_text("#dl-alpha") == "Download cut-out (1 more request)"
+    assert page.inner_text("#dl-preview") == "Download preview"
     image = data_uri(path)
     api = decode(live.api(image, **FIRST, return_alpha=True).content)
-    cutout = decode(download(page, "#dl-alpha"))
-    assert np.array_equal(cutout[..., 3], api[..., 3]) and not api[:, :200, 3].any() and api[:, 200:, 3].any()
-    shown = api[..., 3] > 0
-    assert np.array_equal(cutout[..., :3][shown], api[..., :3][shown])
+    assert not api[:, :200, 3].any() and api[:, 200:, 3].any()
+    assert np.array_equal(decode(download(page, "#dl-alpha")), api)
     preview = decode(download(page, "#dl-preview"))
     assert np.array_equal(preview, decode(live.api(image, **FIRST, return_mask=False).content))
+
+
+@pytest.mark.browser
+def test_downloads_of_photos_the_page_cannot_decode_as_the_server_does(
+    page: Any, live: Live, astronaut: np.ndarray, tmp_path: Path
+) -> None:
+    """A wide-gamut photo (the server converts it to sRGB with LittleCMS, a browser with its own engine) and a 16-bit
+    grey PNG (the server rounds its samples, a browser truncates them): the page's cut-out and preview come from the
+    server, one more request each (the buttons say so), and equal the API's. With a target left out, which only the
+    page can do, the page renders them itself (from the colours it shows), without a request.
+
+    Before, the page rendered them from the stored values: up to 31 levels off on the photo, 1 on the grey PNG."""
+    wide, grey = tmp_path / "wide-gamut.png", tmp_path / "grey-16-bit.png"
+    Image.fromarray(astronaut).save(wide, icc_profile=WIDE_ICC)
+    noise = np.random.default_rng(0).integers(0, 257, (200, 300), dtype=np.uint16)
+    Image.fromarray(astronaut[:200, :300, 0].astype(np.uint16) * 257 + noise).save(grey)
+    set_first_options(page)
+    previous = None
+    for path in (wide, grey):
+        pick_photo(page, path)
+        previous = submit_prompt(page, FIRST["prompt"], previous)
+        assert page.inner_text("#dl-alpha") == "Download cut-out (1 more request)"
+        image = data_uri(path)
+        cutout = decode(download(page, "#dl-alpha"))
+        assert np.array_equal(cutout, decode(live.api(image, **FIRST, return_alpha=True).content)), path.name
+        preview = decode(download(page, "#dl-preview"))
+        assert np.array_equal(preview, decode(live.api(image, **FIRST, return_mask=False).content)), path.name
+    pick_photo(page, wide)
+    submit_prompt(page, "person, cup", previous)
+    page.uncheck("#instances li:nth-child(2) input")  # leave "cup" out
+    page.wait_for_selector("#result[data-targets='10']")
+    assert page.inner_text("#dl-alpha") == "Download cut-out"
+    sent: list[str] = []
+    page.on("request", lambda req: sent.append(req.url) if req.method == "POST" else None)
+    cutout = decode(download(page, "#dl-alpha"))
+    assert np.array_equal(cutout[..., 3], decode(download(page, "#dl-mask"))) and not sent
 
 
 @pytest.mark.browser
@@ -286,6 +326,10 @@ def test_superseded_and_cancelled_requests_are_not_charged(
         page.wait_for_selector("#result[aria-busy=true]")
         assert page.is_visible("#cancel")
         page.wait_for_function("() => /Working… \\d+\\.\\d s/.test(document.getElementById('status').textContent)")
+        spoken, shown = page.locator("#status").aria_snapshot(), page.inner_text("#status")
+        page.wait_for_timeout(300)  # the seconds tick on the screen, not in a screen reader's ear (a live region)
+        assert page.locator("#status").aria_snapshot() == spoken == "- status: Working…"
+        assert page.inner_text("#status") != shown
         page.fill("#prompt", "cup")  # ...but the user wants another prompt: that request is aborted
         t0 = time.monotonic()
         page.press("#prompt", "Enter")
@@ -306,6 +350,34 @@ def test_superseded_and_cancelled_requests_are_not_charged(
         assert page.is_visible("#after") and not page.is_disabled("#dl-mask")
         time.sleep(2.0)  # the server finishes (or drops) the aborted work
         assert slow.settled_credits() == 49, "the cancelled request was charged"
+        tab.check_console()
+
+
+@pytest.mark.browser
+def test_typing_the_key_does_not_lock_the_user_out(
+    context: Any, tiny_clipseg_dir: Path, tmp_path: Path, photo: Path
+) -> None:
+    """A key typed by hand: its balance is looked up once the field rests, not per keystroke. Before, each partial
+    key was a failed authentication: past the server's limit (here 10 a minute) the address was locked out, and the
+    user's first mask was refused with a 429."""
+    settings = Settings(data_dir=tmp_path / "data", model=str(tiny_clipseg_dir))
+    with (
+        serve(settings, auth=True, credits=5, auth_fail_limit=10) as strict,
+        open_tab(context, Live(strict.url, None)) as tab,  # a key the server has not seen yet
+    ):
+        page = tab.page
+        assert strict.key
+        lookups: list[int] = []
+        page.on("response", lambda res: lookups.append(res.status) if res.url.endswith("/v1/credits") else None)
+        page.type("#api-key", strict.key, delay=15)
+        page.wait_for_selector("#credits:not([hidden])")
+        assert page.get_attribute("#credits", "data-credits") == "5"
+        pick_photo(page, photo)
+        page.fill("#prompt", FIRST["prompt"])
+        page.press("#prompt", "Enter")
+        page.wait_for_selector("#result[data-ready], #error:not([hidden])")
+        assert page.is_hidden("#error"), page.inner_text("#error")
+        assert 401 not in lookups and len(lookups) <= 2, lookups
         tab.check_console()
 
 

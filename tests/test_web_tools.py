@@ -157,6 +157,116 @@ def test_drop_anywhere_and_paste(tab: Tab, live: Live, photo: Path, photo_url: s
     assert download(page, "#dl-alpha") == live.api(photo_url, **FIRST, return_alpha=True).content
 
 
+def test_the_image_chosen_last_is_the_one_masked(tab: Tab, live: Live, photo: Path, photo_url: str) -> None:
+    """An image URL and an example still loading when a file is chosen: the file stays the image, shown, masked and
+    cut out in the page. Before, the URL's aborted load hid the file's image and made its cut-out a paid request,
+    and the example, arriving late, replaced the file and its prompt."""
+    page = tab.page
+    held: list[Any] = []
+    page.route("**/held.png", lambda route: held.append(route))
+    page.route("**/static/examples/chelsea.jpg", lambda route: held.append(route))
+    page.fill("#prompt", FIRST["prompt"])
+    with page.expect_request("**/held.png"):
+        page.fill("#image-url", photo_url.replace(photo.name, "held.png"))
+        page.press("#image-url", "Enter")
+    with page.expect_request("**/chelsea.jpg"):
+        page.click("button.example[data-example=cat]")
+    set_first_options(page)
+    pick_photo(page, photo)
+    for route in held:  # the URL's image and the example arrive after the file was chosen
+        route.fulfill(path=EXAMPLES / "chelsea.jpg", content_type="image/jpeg")
+    submit_prompt(page, FIRST["prompt"])
+    page.wait_for_timeout(300)  # room for a late example to replace the file (it would mask the cat at once)
+    assert page.is_visible("#canvas-box") and page.evaluate("document.getElementById('source').naturalWidth") == 512
+    assert page.inner_text("#image-info").startswith(photo.name) and page.input_value("#prompt") == FIRST["prompt"]
+    assert [b["image"] for b in tab.api_bodies] == [data_uri(photo)]
+    assert page.inner_text("#dl-alpha") == "Download cut-out"
+    cutout = decode(download(page, "#dl-alpha"))
+    assert np.array_equal(cutout, decode(live.api(data_uri(photo), **FIRST, return_alpha=True).content))
+    assert len(tab.api_bodies) == 1
+
+
+def test_nothing_is_masked_while_the_next_image_loads(tab: Tab, live: Live, photo: Path) -> None:
+    """A slider moved while a chosen example still loads: the page waits for the example, then masks it. Before,
+    it masked (and charged) the image shown before, which the user had just replaced."""
+    page = tab.page
+    pick_photo(page, photo)
+    set_first_options(page)
+    submit_prompt(page, FIRST["prompt"])
+    held: list[Any] = []
+    page.route("**/static/examples/chelsea.jpg", lambda route: held.append(route))
+    with page.expect_request("**/chelsea.jpg"):
+        page.click("button.example[data-example=cat]")
+    set_slider(page, "#threshold", "ArrowRight")  # the page would mask again by itself...
+    page.press("#prompt", "Enter")  # ...and so would Enter
+    assert page.inner_text("#status") == "Still reading chelsea.jpg…"
+    page.wait_for_timeout(500)  # longer than the page waits before masking by itself
+    held[0].fulfill(path=EXAMPLES / "chelsea.jpg", content_type="image/jpeg")
+    wait_result(page, None, prompt="cat")
+    assert [b["image"] == data_uri(photo) for b in tab.api_bodies] == [True, False]
+
+
+def test_an_image_over_the_pixel_limit_is_refused_before_it_is_sent(tab: Tab, photo: Path, tmp_path: Path) -> None:
+    """The server's pixel limit (web/config, here lowered to 270,000) is checked in the page: nothing is sent, the
+    error names both sizes, and the next image works. Before, the page read all the pixels of a huge image (seconds
+    and hundreds of MB in the browser), then uploaded it only for the server to refuse it."""
+    page = tab.page
+
+    def lower_limit(route: Any) -> None:
+        route.fulfill(json={**route.fetch().json(), "max_image_pixels": 270_000})
+
+    page.route("**/web/config", lower_limit)
+    page.reload()
+    page.wait_for_selector("body[data-loaded=true]", state="attached")
+    large = tmp_path / "large.png"
+    Image.fromarray(np.zeros((600, 500, 3), np.uint8)).save(large)
+    page.fill("#prompt", FIRST["prompt"])
+    page.set_input_files("#file", str(large))
+    page.wait_for_selector("#error:not([hidden])")
+    expected = "large.png is 500×600 = 300,000 pixels; this server takes images up to 270,000 pixels."
+    assert page.inner_text("#error") == expected
+    page.wait_for_timeout(800)  # longer than the page waits before masking a new image by itself
+    assert not tab.api_bodies and page.is_hidden("#canvas-box")
+    set_first_options(page)
+    pick_photo(page, photo)  # 512×512: within the limit
+    submit_prompt(page, FIRST["prompt"])
+    assert page.is_hidden("#error") and len(tab.api_bodies) == 1
+
+
+def test_back_to_the_page_shows_the_image_url_again(tab: Tab, photo_url: str) -> None:
+    """Away and back (the page reloaded): the browser restores the URL field, and the page shows that image again,
+    without a request. Before, the field showed the URL over "No image yet", and Make mask asked for an image."""
+    page = tab.page
+    page.fill("#image-url", photo_url)
+    page.press("#image-url", "Enter")
+    page.wait_for_selector("#canvas-box:not([hidden])")
+    page.goto("about:blank")
+    page.go_back()
+    page.wait_for_selector("body[data-loaded=true]", state="attached")
+    assert page.input_value("#image-url") == photo_url
+    page.wait_for_function("(u) => document.getElementById('image-info').textContent.startsWith(u)", arg=photo_url)
+    assert page.is_visible("#canvas-box") and not tab.api_bodies
+
+
+def test_a_model_loaded_by_the_first_request_is_no_longer_said_to_be_loading(tab: Tab, photo: Path) -> None:
+    """A page opened while the server loaded its model says so; once a mask came back, it no longer does (before,
+    "loading or not installed" stayed until a reload)."""
+    page = tab.page
+
+    def loading(route: Any) -> None:
+        config = route.fetch().json()
+        choices = [{**c, "loaded": False} for c in config["choices"]]
+        route.fulfill(json={**config, "ready": False, "choices": choices})
+
+    page.route("**/web/config", loading)
+    page.reload()
+    page.wait_for_selector("body[data-loaded=true]", state="attached")
+    assert "(loading or not installed)" in page.inner_text("#server-info")
+    pick_photo(page, photo)
+    submit_prompt(page, FIRST["prompt"])
+    assert "loading" not in page.inner_text("#server-info") and page.inner_text("#server-info").startswith("Model: ")
+
+
 def test_examples_work_in_one_click(tab: Tab, live: Live) -> None:
     page = tab.page
     page.click("button.example[data-example=coffee]")
@@ -283,6 +393,30 @@ def test_local_server_without_auth_hides_the_key(
 
 
 # ---- the viewer ----------------------------------------------------------------------------------------
+
+
+def test_downloads_are_named_after_the_image(tab: Tab, photo: Path, photo_url: str, tmp_path: Path) -> None:
+    """Before, a name in another script lost every letter ("фото кота.png": "--mask.png") and a URL's name kept its
+    percent-encoding ("My%20photo.png": "My-20photo-mask.png")."""
+    page = tab.page
+
+    def saved_as(button: str) -> str:
+        with page.expect_download() as info:
+            page.click(button)
+        return str(info.value.suggested_filename)
+
+    named = tmp_path / "фото кота.png"
+    named.write_bytes(photo.read_bytes())
+    pick_photo(page, named)
+    shown = submit_prompt(page, FIRST["prompt"])
+    assert [saved_as("#dl-mask"), saved_as("#dl-alpha")] == ["фото-кота-mask.png", "фото-кота-cutout.png"]
+    (photo.parent / "My photo.png").write_bytes(photo.read_bytes())  # served at photo_url's folder
+    url = photo_url.replace(photo.name, "My%20photo.png?size=large")
+    page.fill("#image-url", url)
+    page.press("#image-url", "Enter")
+    wait_result(page, shown)
+    assert page.inner_text("#image-info").startswith(url)
+    assert saved_as("#dl-mask") == "My-photo-mask.png"
 
 
 def test_compare_slider_zoom_and_pan(tab: Tab, photo: Path, tmp_path: Path) -> None:

@@ -7,11 +7,11 @@
 
 import { ApiError, fetchCredits, loadConfig, requestMask } from "./api.js";
 import { bindSlider, cutoutPreset, growHint, keepInView } from "./controls.js";
-import { downloads } from "./downloads.js";
+import { downloads, fromServer } from "./downloads.js";
 import { wireInput } from "./input.js";
 import { choosingModel, chosenModel as chosenOf, fillModels, serverInfo, showModel } from "./models.js";
 import { KEY_STORAGE, applyControls, loadPrefs, readControls, savePrefs, vocabularyProblem } from "./prefs.js";
-import { base64Bytes, countSelected, decodeMask, withTargets } from "./render.js";
+import { base64Bytes, countSelected, dataUriBlob, decodeMask, imagePixels, withTargets } from "./render.js";
 import { clearError, formatMs, setBusy, setFacts, setStale, setStatus, showError as sayError } from "./status.js";
 import { ownerRadius, showTargets, targetMasks } from "./targets.js";
 import { Viewer } from "./viewer.js";
@@ -19,10 +19,13 @@ import { Viewer } from "./viewer.js";
 const $ = (id) => document.getElementById(id);
 const CACHE_SIZE = 16;
 const AUTO_DELAY_MS = 300;
+// The balance is looked up once the key field rests: a look-up per keystroke would send each partial key, and the
+// server counts each as a failed authentication (past AUTOMASK_SERVER_AUTH_FAIL_LIMIT a minute, a 429 lock-out).
+const KEY_LOOKUP_DELAY_MS = 800;
 
 const state = {
   config: { auth: true, models: [], vocabulary: {}, options: [], examples: [] },
-  image: null, // {id, kind: "file"|"url", name, src, pixels: {data, width, height}|null, shown: bool}
+  image: null, // {id, kind: "file"|"url", name, src, pixels: {data, width, height, exact, opaque}|null, shown: bool}
   result: null, // {opts, imageId, mask, width, height, blob, data, ms, serverMs, enabled: bool[], owners, fromCache}
   cache: new Map(), // `${imageId}|${options}` -> result: seen masks are shown again without a request
   seq: 0,
@@ -30,7 +33,9 @@ const state = {
   inflight: null, // {controller, seq, started, loading, cancelled}
   timer: 0,
   ticker: 0,
+  keyTimer: 0,
   creditsSeq: 0,
+  reading: null, // the name of an image being read (input.js): the one shown is no longer the one to mask
   growAuto: false, // grow_mask / feather were set by the page for a cut-out, not by the user
 };
 const viewer = new Viewer(
@@ -81,6 +86,14 @@ function apiKey() {
   return state.config.auth ? $("api-key").value.trim() : "";
 }
 
+function keyEdited() {
+  localStorage.setItem(KEY_STORAGE, apiKey());
+  state.creditsSeq += 1; // a look-up of the key before this edit no longer answers
+  $("credits").hidden = true;
+  clearTimeout(state.keyTimer);
+  state.keyTimer = setTimeout(refreshCredits, KEY_LOOKUP_DELAY_MS);
+}
+
 async function refreshCredits() {
   const box = $("credits");
   const seq = ++state.creditsSeq;
@@ -97,41 +110,45 @@ async function refreshCredits() {
 
 let nextImageId = 0;
 
+// input.js: an image is being read (name), or no longer (null). Until it is shown, nothing is masked: the request
+// for the image shown before, and any that would start, would mask (and charge) an image no longer wanted.
+function reading(name) {
+  state.reading = name;
+  if (!name) return;
+  supersede();
+  setStatus(`Reading ${name}…`);
+}
+
 async function setImage(image, label) {
+  state.reading = null;
   supersede();
   clearResult();
   clearError();
-  state.image = { id: ++nextImageId, shown: false, ...image };
+  const current = { id: ++nextImageId, shown: false, ...image };
+  state.image = current;
   const img = $("source");
   img.src = image.src;
   try {
     await img.decode();
-    state.image.shown = true;
+    if (state.image !== current) return; // a newer image replaced this one while it decoded
+    current.shown = true;
     viewer.setSize(img.naturalWidth, img.naturalHeight);
     $("viewport").setAttribute("aria-label", `The image ${image.name}`);
     $("image-info").textContent = `${label} — ${img.naturalWidth}×${img.naturalHeight}`;
   } catch {
+    if (state.image !== current) return;
     viewer.clear();
     $("image-info").textContent = `${label} — this browser cannot show it; the server will say if it can read it.`;
   }
-  if (image.kind === "url") state.image.pixels = pixelsOfShownImage(img);
+  if (image.kind === "url" && current.shown) current.pixels = await urlPixels(image.src, img);
+  if (state.image !== current) return;
   bringIntoView($("stage"));
   setStatus("Image ready. Type a prompt and press Enter.");
 }
 
-function pixelsOfShownImage(img) {
-  // A URL image from another site taints the canvas: its pixels stay unreadable (null).
-  if (!state.image.shown) return null;
-  try {
-    const canvas = document.createElement("canvas");
-    canvas.width = img.naturalWidth;
-    canvas.height = img.naturalHeight;
-    const ctx = canvas.getContext("2d", { willReadFrequently: true });
-    ctx.drawImage(img, 0, 0);
-    return { data: ctx.getImageData(0, 0, canvas.width, canvas.height).data, width: canvas.width, height: canvas.height };
-  } catch {
-    return null;
-  }
+// A URL image's pixels (`imagePixels`): null when unreadable here, as those of an image on another site are.
+function urlPixels(url, img) {
+  return imagePixels(dataUriBlob(url) || img).catch(() => null);
 }
 
 function usePrompt(text, { runNow = true } = {}) {
@@ -202,6 +219,10 @@ function cancel() {
 
 async function run({ fromUser = true } = {}) {
   clearTimeout(state.timer);
+  if (state.reading) {
+    if (fromUser) setStatus(`Still reading ${state.reading}…`);
+    return;
+  }
   const problem = checkReady();
   if (problem) {
     if (fromUser) {
@@ -238,7 +259,7 @@ async function run({ fromUser = true } = {}) {
     const result = { opts, imageId: state.image.id, ...decoded, ...answer };
     state.cache.set(cacheKey, result);
     if (state.cache.size > CACHE_SIZE) state.cache.delete(state.cache.keys().next().value);
-    if (model) model.loaded = true;
+    if (model && model.loaded === false) modelLoaded(model);
     await showResult(result);
   } catch (err) {
     if (err.name === "AbortError" || job.seq !== state.seq) return;
@@ -251,6 +272,14 @@ async function run({ fromUser = true } = {}) {
     }
     if (job.seq === state.seq) refreshCredits();
   }
+}
+
+// The model answered: it is loaded now; what the page says about it ("not loaded yet", "loading") no longer holds.
+function modelLoaded(model) {
+  model.loaded = true;
+  if (model.name === state.config.model) state.config.ready = true;
+  modelChanged();
+  serverInfo(state.config);
 }
 
 function scheduleAuto(delay = AUTO_DELAY_MS) {
@@ -332,6 +361,7 @@ function renderTargets() {
         r.owners = owners;
         r.enabled[i] = on;
         draw();
+        setOutputsEnabled(true); // a target left out may change where the cut-out comes from
         setStatus(selectedText());
         $("result").dataset.targets = r.enabled.map(Number).join("");
       })(),
@@ -353,9 +383,9 @@ function clearResult() {
 
 function setOutputsEnabled(on) {
   for (const id of ["dl-mask", "dl-alpha", "dl-preview", "copy-mask"]) $(id).disabled = !on;
-  const remote = on && !state.image.pixels;
-  $("dl-alpha").textContent = remote ? "Download cut-out (1 more request)" : "Download cut-out";
-  $("dl-preview").textContent = remote ? "Download preview (1 more request)" : "Download preview";
+  const more = (kind) => (on && fromServer(state, kind) ? " (1 more request)" : "");
+  $("dl-alpha").textContent = `Download cut-out${more("alpha")}`;
+  $("dl-preview").textContent = `Download preview${more("preview")}`;
 }
 
 function guarded(action) {
@@ -425,15 +455,13 @@ function wire() {
   $("zoom-out").addEventListener("click", () => viewer.zoomTo(viewer.zoom * 0.8));
   $("zoom-fit").addEventListener("click", () => viewer.fit());
   $("zoom-native").addEventListener("click", () => viewer.zoomTo(1));
-  $("api-key").addEventListener("input", () => {
-    localStorage.setItem(KEY_STORAGE, apiKey());
-    refreshCredits();
-  });
+  $("api-key").addEventListener("input", keyEdited);
   $("dl-mask").addEventListener("click", guarded(files.mask));
   $("dl-alpha").addEventListener("click", guarded(files.cutout));
   $("dl-preview").addEventListener("click", guarded(files.preview));
   $("copy-mask").addEventListener("click", guarded(files.copy));
   return wireInput({
+    reading,
     setImage,
     showError,
     examples: () => state.config.examples || [],
@@ -442,6 +470,7 @@ function wire() {
     run: () => run(),
     autoRun: () => scheduleAuto(500),
     maxBytes: () => state.config.max_image_bytes,
+    maxPixels: () => state.config.max_image_pixels,
   });
 }
 
@@ -449,6 +478,7 @@ const input = wire();
 keepInView();
 setup().then(() => {
   input.fillExamples();
+  input.restoreUrl();
   growHint(currentShow(), state.config.options || []);
   document.body.setAttribute("data-loaded", "true");
 });

@@ -1,17 +1,32 @@
 // Downloads and the clipboard, rendered in the page from the mask and the image: no request, no credit. Only an
-// image from another site (its pixels unreadable here) needs the server for a cut-out or preview.
+// image whose pixels the page cannot reproduce exactly (one from another site, unreadable here; one with a colour
+// profile or 16-bit grey samples: see render.imagePixels) needs the server for a cut-out or preview.
 
 import { requestImage } from "./api.js";
 import { cutoutPixels, encodePng, previewPixels } from "./render.js";
 import { targetMasks } from "./targets.js";
 
+// Whether the shown result's cut-out ("alpha") or preview comes from the server (one more request): the page
+// cannot read the image's pixels (another site's), or has not exactly the server's (for a cut-out, the colours
+// under transparency too: see render.imagePixels) and every target is on (the server's answer is then exact;
+// with a target left out, which only the page can do, it renders from the pixels it has).
+export function fromServer(state, kind) {
+  const r = state.result;
+  const px = state.image && state.image.pixels;
+  if (!px || px.width !== r.width || px.height !== r.height) return true;
+  const exact = px.exact && (kind !== "alpha" || px.opaque);
+  return !exact && r.enabled.every(Boolean);
+}
+
 // ctx: {state, shownMask(), payload(opts), apiKey(), refreshCredits(), setStatus(text)}
 export function downloads(ctx) {
   const { state } = ctx;
 
+  // The image's name without its extension, any script's letters and digits kept ("фото кота.jpg": "фото-кота").
   function baseName() {
     const name = state.image ? state.image.name : "image";
-    return name.replace(/\.[A-Za-z0-9]+$/, "").replace(/[^\w.-]+/g, "-") || "image";
+    const safe = name.replace(/\.[A-Za-z0-9]+$/, "").replace(/[^\p{L}\p{N}_.-]+/gu, "-");
+    return safe.replace(/^[-.]+|[-.]+$/g, "") || "image";
   }
 
   function save(blob, name) {
@@ -33,7 +48,7 @@ export function downloads(ctx) {
   async function rendered(kind) {
     const r = state.result;
     const px = state.image.pixels;
-    if (px && px.width === r.width && px.height === r.height) {
+    if (!fromServer(state, kind)) {
       const mask = ctx.shownMask();
       return kind === "alpha"
         ? encodePng(cutoutPixels(px.data, mask), r.width, r.height, 4)
@@ -41,7 +56,7 @@ export function downloads(ctx) {
     }
     r.remote = r.remote || {};
     if (!r.remote[kind]) {
-      ctx.setStatus("Asking the server for it (this page cannot read the pixels of an image on another site)…");
+      ctx.setStatus("Asking the server for it (this page cannot reproduce the pixels of this image exactly)…");
       const body = { ...ctx.payload(r.opts), return_mask: kind !== "preview", return_alpha: kind === "alpha" };
       r.remote[kind] = await requestImage(body, { key: ctx.apiKey() });
       ctx.setStatus("Downloaded.");

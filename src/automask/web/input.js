@@ -1,8 +1,8 @@
 // Where images come from: the file picker, a drop anywhere on the page, a paste (an image or its URL), the URL
 // field, and the one-click examples. Nothing that is not an image (or an http(s) URL) is sent to the server.
 
-import { fileProblem, formatBytes, parseImageUrl } from "./prefs.js";
-import { readPixels } from "./render.js";
+import { fileProblem, formatBytes, parseImageUrl, pixelProblem } from "./prefs.js";
+import { TooManyPixels, imagePixels } from "./render.js";
 
 const $ = (id) => document.getElementById(id);
 
@@ -15,23 +15,48 @@ function readDataUrl(file) {
   });
 }
 
+// The file name at the end of an image URL's path, percent-decoded ("My%20photo.jpg": "My photo.jpg").
+function urlFileName(url) {
+  const last = new URL(url).pathname.split("/").pop();
+  try {
+    return decodeURIComponent(last) || "image";
+  } catch {
+    return last || "image"; // not valid percent-encoding: as written
+  }
+}
+
 function isTextField(el) {
   return Boolean(el && (el.tagName === "TEXTAREA" || (el.tagName === "INPUT" && !["file", "range", "checkbox", "radio", "color"].includes(el.type))));
 }
 
-// `app` gives: setImage(image, label), showError(text), examples(), examplePrompt(example), usePrompt(text, opts),
-// run(), autoRun(), maxBytes().
+// `app` gives: reading(name), setImage(image, label), showError(text), examples(), examplePrompt(example), usePrompt(text, opts),
+// run(), autoRun(), maxBytes(), maxPixels().
 export function wireInput(app) {
-  async function useFile(file, { auto = true } = {}) {
+  let chosen = 0; // the image the user chose last: one still being read when another is chosen is dropped
+
+  async function useFile(file, { auto = true, choice = ++chosen } = {}) {
     const problem = fileProblem(file, app.maxBytes());
     if (problem) {
       app.showError(problem);
       return false;
     }
+    const limit = app.maxPixels() || Infinity;
+    app.reading(file.name || "the pasted image");
+    let src, pixels;
+    try {
+      [src, pixels] = await Promise.all([readDataUrl(file), imagePixels(file, limit).catch((err) => err)]);
+    } finally {
+      if (choice === chosen) app.reading(null);
+    }
+    if (choice !== chosen) return false;
+    if (pixels instanceof TooManyPixels) {
+      app.showError(pixelProblem(file.name, pixels, limit));
+      return false;
+    }
     $("image-url").value = "";
-    const [src, pixels] = await Promise.all([readDataUrl(file), readPixels(file).catch(() => null)]);
     const name = file.name || "pasted image.png";
-    await app.setImage({ kind: "file", name, src, pixels }, `${name} — ${formatBytes(file.size)}`);
+    const readable = pixels instanceof Error ? null : pixels; // a browser that cannot decode it: the server may
+    await app.setImage({ kind: "file", name, src, pixels: readable }, `${name} — ${formatBytes(file.size)}`);
     if (auto) app.autoRun();
     return true;
   }
@@ -44,9 +69,10 @@ export function wireInput(app) {
       return;
     }
     if (!again && $("source").dataset.url === url) return; // 'change' and Enter both fire for one URL
+    chosen += 1;
     $("file").value = "";
     $("source").dataset.url = url;
-    const name = url.startsWith("data:") ? "pasted image" : url.split(/[?#]/)[0].split("/").pop() || "image";
+    const name = url.startsWith("data:") ? "pasted image" : urlFileName(url);
     await app.setImage({ kind: "url", name, src: url, pixels: null }, url.startsWith("data:") ? name : url);
     if (auto) app.autoRun();
   }
@@ -146,14 +172,29 @@ export function wireInput(app) {
   }
 
   async function useExample(ex) {
-    const res = await fetch(`static/examples/${ex.file}`);
-    if (!res.ok) throw new Error(`The example ${ex.file} is missing on this server (${res.status}).`);
-    const blob = await res.blob();
+    const choice = ++chosen;
+    app.reading(ex.file);
+    let res, blob;
+    try {
+      res = await fetch(`static/examples/${ex.file}`);
+      blob = res.ok ? await res.blob() : null;
+    } finally {
+      if (choice === chosen) app.reading(null);
+    }
+    if (choice !== chosen) return;
+    if (!blob) throw new Error(`The example ${ex.file} is missing on this server (${res.status}).`);
     const file = new File([blob], ex.file, { type: blob.type || "image/jpeg" });
     delete $("source").dataset.url;
     app.usePrompt(app.examplePrompt(ex), { runNow: false });
-    if (await useFile(file, { auto: false })) app.run();
+    if (await useFile(file, { auto: false, choice })) app.run();
   }
 
-  return { fillExamples };
+  // Back to the page after the browser dropped it (no page cache): the browser restores the URL field, not the
+  // image; show that image again, not masked (nothing is sent until asked).
+  function restoreUrl() {
+    const text = $("image-url").value;
+    if (text && !$("source").getAttribute("src")) useUrl(text, { auto: false });
+  }
+
+  return { fillExamples, restoreUrl };
 }

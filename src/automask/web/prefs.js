@@ -25,6 +25,12 @@ export function fileProblem(file, maxBytes) {
   return null;
 }
 
+// The sentence for an image of `size` ({width, height}) over the server's pixel limit.
+export function pixelProblem(name, { width, height }, maxPixels) {
+  const count = (width * height).toLocaleString();
+  return `${name} is ${width}×${height} = ${count} pixels; this server takes images up to ${maxPixels.toLocaleString()} pixels.`;
+}
+
 // {url} for an http(s) URL (or a data:image URI), else {problem: sentence}.
 export function parseImageUrl(text) {
   const value = text.trim();

@@ -17,15 +17,67 @@ function canvasOf(width, height) {
   return canvas;
 }
 
-// RGBA pixels of an image blob (a file, a PNG): {data, width, height}. EXIF orientation applied, as the server does.
-export async function readPixels(blob) {
-  const bitmap = await createImageBitmap(blob, DECODE);
+// An image over the server's pixel limit (which refuses it): found before its pixels are read.
+export class TooManyPixels extends Error {
+  constructor(width, height) {
+    super(`${width}×${height} pixels`);
+    this.width = width;
+    this.height = height;
+  }
+}
+
+// RGBA pixels of an image (a blob, or a loaded <img>): {data, width, height}. EXIF orientation applied, as the
+// server does; `colours` "none": the stored values, "default": converted by the image's colour profile.
+// Throws TooManyPixels past `maxPixels`.
+export async function readPixels(source, colours = "none", maxPixels = Infinity) {
+  const bitmap = await createImageBitmap(source, { ...DECODE, colorSpaceConversion: colours });
+  const { width, height } = bitmap;
+  if (width * height > maxPixels) {
+    bitmap.close();
+    throw new TooManyPixels(width, height);
+  }
   const canvas = canvasOf(bitmap.width, bitmap.height);
   const ctx = canvas.getContext("2d", { willReadFrequently: true });
   ctx.drawImage(bitmap, 0, 0);
   bitmap.close();
   const { data } = ctx.getImageData(0, 0, canvas.width, canvas.height);
   return { data, width: canvas.width, height: canvas.height };
+}
+
+// The image's pixels ({data, width, height, exact, opaque}) for renderings in the page. exact: they are the server's
+// decode (`readPixels`); false when this page cannot reproduce that decode: an embedded colour profile (the
+// server converts to sRGB with LittleCMS, a browser with its own engine, levels apart: the pixels are then the
+// browser's conversion, as shown) or 16-bit grey samples (the server rounds them to 8 bits, a browser truncates).
+// A blob, or a loaded <img> (an image URL; its bytes unreadable here). Throws when a browser cannot decode it
+// or may not read its pixels (an image of another site), and TooManyPixels past `maxPixels`.
+export async function imagePixels(source, maxPixels = Infinity) {
+  const stored = await readPixels(source, "none", maxPixels);
+  if (source instanceof Blob && sixteenBitGrey(new Uint8Array(await source.slice(0, 26).arrayBuffer()))) {
+    return { ...stored, exact: false };
+  }
+  const managed = await readPixels(source, "default");
+  const [a, b] = [new Uint32Array(stored.data.buffer), new Uint32Array(managed.data.buffer)];
+  for (let i = 0; i < a.length; i += 1) if (a[i] !== b[i]) return { ...managed, exact: false };
+  return { ...stored, exact: true, opaque: opaque(stored.data) };
+}
+
+// Whether every pixel of RGBA bytes is opaque. A canvas stores colours premultiplied by alpha: under a pixel
+// that is not, the colour read back is off (all of it at alpha 0, up to half the range at alpha 1).
+function opaque(rgba) {
+  for (let i = 3; i < rgba.length; i += 4) if (rgba[i] !== 255) return false;
+  return true;
+}
+
+// Whether PNG bytes (their first 26) describe 16-bit grey samples (IHDR: bit depth 16, colour type 0).
+function sixteenBitGrey(head) {
+  const png = [137, 80, 78, 71, 13, 10, 26, 10].every((b, i) => head[i] === b);
+  return png && head[24] === 16 && head[25] === 0;
+}
+
+// The bytes of a base64 data: URI as a blob (null for another kind of URL).
+export function dataUriBlob(uri) {
+  const found = /^data:([^;,]*)(?:;[^,]*)?;base64,/i.exec(uri);
+  return found ? new Blob([base64Bytes(uri.slice(found[0].length))], { type: found[1] }) : null;
 }
 
 export function base64Bytes(b64) {

@@ -37,10 +37,14 @@ export function setBusy(job) {
   $("cancel").hidden = !job;
   $("submit").textContent = job ? "Working… (Enter: ask again)" : "Make mask";
   if (!job) return;
+  // The status is a live region, read out on each change: the seconds, ticking ten times a second, are for the
+  // eye only (aria-hidden), or a screen reader would read them out without end.
+  const seconds = document.createElement("span");
+  seconds.setAttribute("aria-hidden", "true");
+  const note = job.loading ? " Loading the model on the server (its first request)…" : "";
+  $("status").replaceChildren("Working…", seconds, note);
   const tick = () => {
-    const s = ((performance.now() - job.started) / 1000).toFixed(1);
-    const note = job.loading ? " Loading the model on the server (its first request)…" : "";
-    setStatus(`Working… ${s} s.${note}`);
+    seconds.textContent = ` ${((performance.now() - job.started) / 1000).toFixed(1)} s.`;
   };
   tick();
   ticker = setInterval(tick, 100);
