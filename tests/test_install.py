@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -70,3 +71,15 @@ def test_staging_in_an_unwritable_place_names_the_setting(tmp_path: Path) -> Non
     (tmp_path / "data").write_text("a file where the data folder should be")
     with pytest.raises(ModelNotAvailableError, match="AUTOMASK_DATA_DIR"), staging(tmp_path / "data" / "models" / "m"):
         pass
+
+
+def test_an_installed_folder_follows_the_umask_not_0700(tmp_path: Path) -> None:
+    """A model folder is the staging folder renamed: it must be readable as the umask allows (a server running as
+    another user reads a shared AUTOMASK_DATA_DIR), not mkdtemp's owner-only 0700."""
+    old = os.umask(0o022)
+    try:
+        with staging(tmp_path / "models" / "m") as tmp:
+            mode = stat.S_IMODE(tmp.stat().st_mode)
+    finally:
+        os.umask(old)
+    assert mode == 0o755

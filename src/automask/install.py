@@ -11,7 +11,6 @@ import contextlib
 import os
 import shutil
 import sys
-import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,7 +27,8 @@ def staging(folder: Path) -> Iterator[Path]:
     with whatever is left in it after the block. `ModelNotAvailableError` when it cannot be created."""
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", suffix=".partial", dir=folder.parent))
+        tmp = folder.parent / f".{folder.name}-{uuid.uuid4().hex[:8]}.partial"
+        tmp.mkdir()  # not mkdtemp: its 0700 would stay on the installed folder; this follows the umask
     except OSError as exc:
         raise ModelNotAvailableError(
             f"Cannot write to the models folder '{folder.parent}' ({exc.strerror}). "
