@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import json
 import shutil
@@ -353,3 +354,16 @@ def test_a_mask_head_folder_given_as_the_model_says_it_reads_no_prompt(tmp_path:
         f"'{folder}' reads no text prompt: it sharpens CLIPSeg masks with refine=true (--refine). "
         "Use --model clipseg with refine, or --model grounded-sam."
     )
+
+
+def test_pull_onto_a_full_disk_says_to_free_space_not_to_check_the_network(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, online: None, tiny_clipseg_dir: Path
+) -> None:
+    full = OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", FakeHub(tiny_clipseg_dir, fail_after=1, error=full))
+    with pytest.raises(ModelNotAvailableError) as err:
+        models.pull("clipseg", settings, progress=False)
+    msg = err.value.message
+    assert "is full" in msg and "AUTOMASK_DATA_DIR" in msg and str(settings.models_dir) in msg
+    assert "Check the network" not in msg
+    assert list(settings.models_dir.iterdir()) == []

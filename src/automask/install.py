@@ -8,6 +8,7 @@ huggingface_hub is imported only inside the functions that talk to it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import sys
@@ -95,10 +96,32 @@ def download_repo(name: str, repo: str, dest: Path, files: tuple[str, ...], prog
             if "*.safetensors" in files and not any(dest.glob("*.safetensors")):
                 snapshot_download(repo, local_dir=dest, allow_patterns=list(FALLBACK_WEIGHTS))
     except errors as exc:
-        raise ModelNotAvailableError(offline_message(name, f"downloading {repo} failed: {_short(exc)}")) from exc
+        raise ModelNotAvailableError(download_failure(name, repo, dest, exc)) from exc
     shutil.rmtree(dest / ".cache", ignore_errors=True)  # the hub's download bookkeeping
     if not has_weights(dest):
         raise ModelNotAvailableError(f"The hub repository {repo} holds no model weights automask can load.")
+
+
+def download_failure(name: str, repo: str, dest: Path, exc: BaseException) -> str:
+    """The error for catalogue model `name` whose repository `repo` could not be downloaded into `dest` (`exc`),
+    naming the fix for the cause: a rejected token, a full disk, else the network."""
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    what = f"downloading {repo} failed: {_short(exc)}"
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    if status == 401 and not isinstance(exc, RepositoryNotFoundError):  # the hub's answer to a bad token
+        return (
+            f"Cannot download the model '{name}': {what}. The hub rejected the Hugging Face token (HF_TOKEN, or the "
+            "one saved by `hf auth login`): it is invalid or expired. Create a read token at "
+            f"https://huggingface.co/settings/tokens, then run: HF_TOKEN=<token> automask models pull {name} "
+            "(a public model needs no token: unset HF_TOKEN)."
+        )
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (
+            f"Cannot download the model '{name}': {what}. The disk holding '{dest.parent}' is full: free some "
+            f"space, or point AUTOMASK_DATA_DIR at a disk with room, then run again: automask models pull {name}."
+        )
+    return offline_message(name, what)
 
 
 def offline() -> bool:
