@@ -14,9 +14,10 @@ from typing import Any
 from automask.errors import ModelNotAvailableError
 from automask.settings import Settings
 
-LOAD_ERRORS: tuple[type[Exception], ...] = (OSError, ValueError, KeyError, RuntimeError)
-"""What `from_pretrained` raises for a missing, partial or damaged checkpoint folder (and, see `load_errors`,
-safetensors' `SafetensorError` for a truncated weights file)."""
+LOAD_ERRORS: tuple[type[Exception], ...] = (OSError, ValueError, KeyError, RuntimeError, AttributeError, TypeError)
+"""What `from_pretrained` raises for a missing, partial or damaged checkpoint folder, or one whose config.json names
+another architecture than its fields describe (AttributeError/TypeError); and, see `load_errors`, safetensors'
+`SafetensorError` for a truncated weights file."""
 
 
 def load_errors() -> tuple[type[Exception], ...]:
