@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 from pathlib import Path
 from typing import Any
@@ -83,3 +84,44 @@ def test_an_installed_folder_follows_the_umask_not_0700(tmp_path: Path) -> None:
     finally:
         os.umask(old)
     assert mode == 0o755
+
+
+def test_another_installer_finishing_at_the_same_moment_is_no_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two processes installing one model (workers starting together on a shared data folder): the other's folder
+    lands at `dest` between the check and the rename; that rename failed with ENOTEMPTY (an internal error)."""
+    dest = tmp_path / "models" / "m"
+    new = _folder(tmp_path / "models" / ".m-new", "new")
+    real = os.replace
+    raced: list[bool] = []
+
+    def other_installer_first(src: Any, dst: Any) -> None:
+        if Path(src) == new and not raced:
+            raced.append(True)
+            real(_folder(tmp_path / "models" / ".m-theirs", "theirs"), dest)
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", other_installer_first)
+    replace_dir(new, dest)
+    assert raced and (dest / "weights").read_text() == "new"
+    assert [p.name for p in dest.parent.iterdir()] == ["m"]
+
+
+def test_a_folder_another_installer_moves_aside_first_is_no_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The other process sets the old `dest` aside between this one's look and its own move."""
+    dest = _folder(tmp_path / "models" / "m", "old")
+    new = _folder(tmp_path / "models" / ".m-new", "new")
+    real = os.replace
+
+    def other_installer_first(src: Any, dst: Any) -> None:
+        if Path(src) == dest and dest.exists():
+            shutil.rmtree(dest)
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", other_installer_first)
+    replace_dir(new, dest)
+    assert (dest / "weights").read_text() == "new"
+    assert [p.name for p in dest.parent.iterdir()] == ["m"]

@@ -43,23 +43,40 @@ def staging(folder: Path) -> Iterator[Path]:
 
 def replace_dir(new: Path, dest: Path) -> None:
     """Rename the complete folder `new` to `dest` (the same file system). Whatever `dest` held (a folder or a
-    symlink) is moved aside first and deleted only once `new` is in place; if that rename fails it is put back."""
-    old = None
-    if os.path.lexists(dest):
-        old = dest.with_name(f".{dest.name}-{uuid.uuid4().hex[:8]}.old")
-        os.replace(dest, old)
-    try:
-        os.replace(new, dest)
-    except OSError:
-        if old is not None:
-            os.replace(old, dest)
-        raise
+    symlink) is moved aside first and deleted only once `new` is in place; if that rename fails it is put back.
+    Another process installing to `dest` at the same moment is no error: the last rename wins."""
+    for _ in range(_RACE_RETRIES):
+        old = _move_aside(dest)
+        try:
+            os.replace(new, dest)
+        except OSError as exc:
+            if old is not None:
+                os.replace(old, dest)
+            elif exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                continue  # another installer's folder landed at `dest` since it was moved aside: again
+            raise
+        break
+    else:
+        raise OSError(errno.EEXIST, f"'{dest}' kept being replaced by another installer")
     if old is None:
         return
     if old.is_symlink():
         old.unlink()
     else:
         shutil.rmtree(old, ignore_errors=True)
+
+
+_RACE_RETRIES = 10
+
+
+def _move_aside(dest: Path) -> Path | None:
+    """Rename `dest` to a unique hidden name beside it and return that; None when there is no `dest` (any more)."""
+    old = dest.with_name(f".{dest.name}-{uuid.uuid4().hex[:8]}.old")
+    try:
+        os.replace(dest, old)
+    except FileNotFoundError:
+        return None
+    return old
 
 
 def has_weights(folder: Path) -> bool:
