@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -32,6 +33,8 @@ class FakeHubServer:
     error: HubError | None = None
     cut: int | None = None
     """When set, a file download sends only this many bytes of the body, then drops the connection."""
+    pause: float = 0.0
+    """Seconds each file download waits before its body (time to interrupt a download)."""
     requests: list[str] = field(default_factory=list)
     url: str = ""
 
@@ -74,6 +77,8 @@ def _handler(hub: FakeHubServer) -> type[BaseHTTPRequestHandler]:
             if not file.is_file():
                 self._send(404, b"", {"X-Error-Code": "EntryNotFound"})
                 return
+            if body:
+                time.sleep(hub.pause)
             data = file.read_bytes()
             headers = {"X-Repo-Commit": SHA, "ETag": f'"{hashlib.sha256(data).hexdigest()}"'}
             sent = data if hub.cut is None else data[: hub.cut]
@@ -99,6 +104,7 @@ def fake_hub(repos: dict[str, Path]) -> Iterator[FakeHubServer]:
     """Serve `repos` on a free loopback port for the block; point HF_ENDPOINT at the yielded `.url`."""
     hub = FakeHubServer(repos)
     server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(hub))
+    server.daemon_threads = True  # a paused download does not hold up the shutdown
     hub.url = f"http://127.0.0.1:{server.server_address[1]}"
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()

@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import stat
+import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from fake_hub import FakeHubServer, HubError, fake_hub
-from test_first_use import clean_env, run
+from test_first_use import automask_command, clean_env, run
 
 REPO = "CIDAS/clipseg-rd64-refined"
 
@@ -65,3 +68,28 @@ def test_a_rejected_token_names_hf_token_not_the_network(tmp_path: Path, hub: Fa
     assert f"HF_TOKEN=<token> automask models pull {name}" in proc.stderr
     assert "Check the network" not in proc.stderr
     assert list((tmp_path / "data" / "models").iterdir()) == []
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_pull_stopped_midway_leaves_no_partial_folder(tmp_path: Path, hub: FakeHubServer, signum: int) -> None:
+    """SIGTERM (a service manager, `kill`) during `models pull` killed the process outright, leaving the
+    half-downloaded `.clipseg-*.partial` folder in the data folder for good; it now unwinds as Ctrl-C does."""
+    models = tmp_path / "data" / "models"
+    hub.pause = 30.0
+    proc = subprocess.Popen(
+        [*automask_command(), "models", "pull", "clipseg"],
+        env=_env(tmp_path, hub),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 60
+    while not (models.is_dir() and any(models.iterdir())) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    [partial] = list(models.iterdir())
+    assert partial.name.endswith(".partial")
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signum, err
+    assert "Traceback" not in err and "interrupted" in err
+    assert list(models.iterdir()) == []

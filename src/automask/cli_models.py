@@ -10,6 +10,7 @@ from typing import Any
 import click
 
 from automask.cli_io import root_settings
+from automask.cli_signals import signals_interrupt
 from automask.settings import Settings
 
 
@@ -61,9 +62,10 @@ def models_pull(ctx: click.Context, name: str) -> None:
     from automask.models import pull
 
     settings = root_settings(ctx)
-    path = pull(name, settings, progress=True)
-    click.echo(f"{name} installed in {path}")
-    _export_after_pull(name, path, settings)
+    with signals_interrupt():  # SIGTERM/SIGHUP unwind as Ctrl-C does: no half-downloaded folder is left behind
+        path = pull(name, settings, progress=True)
+        click.echo(f"{name} installed in {path}")
+        _export_after_pull(name, path, settings)
 
 
 def _export_after_pull(name: str, path: Path, settings: Settings) -> None:
@@ -89,7 +91,8 @@ def models_export(ctx: click.Context, model: str, int8: bool | None) -> None:
     from automask.models import export_onnx
 
     click.echo("Exporting the ONNX Runtime graphs (about a minute)...", err=True)
-    click.echo(f"ONNX Runtime graphs written to {export_onnx(model, root_settings(ctx), int8=int8)}")
+    with signals_interrupt():
+        click.echo(f"ONNX Runtime graphs written to {export_onnx(model, root_settings(ctx), int8=int8)}")
 
 
 def _onnx_exports(backend: str, path: Path) -> list[str] | None:
