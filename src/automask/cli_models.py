@@ -11,6 +11,7 @@ import click
 
 from automask.cli_io import root_settings
 from automask.cli_signals import signals_interrupt
+from automask.errors import AutomaskError
 from automask.settings import Settings
 
 
@@ -79,7 +80,12 @@ def _export_after_pull(name: str, path: Path, settings: Settings) -> None:
         click.echo(f'For the fast CPU runtime, run: pip install "automask[export]" && automask models export {name}')
         return
     click.echo("Exporting the ONNX Runtime graphs (once; about a minute)...", err=True)
-    click.echo(f"ONNX Runtime graphs written to {export_onnx(str(path), settings)}")
+    try:
+        folder = export_onnx(str(path), settings)
+    except AutomaskError as exc:  # the pull did its job: the model is installed and runs with torch
+        click.echo(f"note: {exc.message}", err=True)
+        return
+    click.echo(f"ONNX Runtime graphs written to {folder}")
 
 
 @models.command("export")
