@@ -367,3 +367,14 @@ def test_pull_onto_a_full_disk_says_to_free_space_not_to_check_the_network(
     assert "is full" in msg and "AUTOMASK_DATA_DIR" in msg and str(settings.models_dir) in msg
     assert "Check the network" not in msg
     assert list(settings.models_dir.iterdir()) == []
+
+
+def test_a_data_dir_given_with_a_tilde_is_under_the_home_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """AUTOMASK_DATA_DIR=~/automask from an env file, a service unit or `--data-dir=~/automask` (no shell expands
+    it): models were pulled into a folder literally named '~' under the current directory."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("AUTOMASK_DATA_DIR", "~/automask")
+    assert Settings().models_dir == tmp_path / "home" / "automask" / "models"
+    assert Settings(data_dir=Path("~/other")).data_dir == tmp_path / "home" / "other"
