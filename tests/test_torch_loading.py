@@ -53,7 +53,7 @@ def test_checkpoint_errors_name_the_model_the_cause_and_the_fix(tmp_path: Path) 
         raise OSError("model.safetensors is missing\nlong transformers advice")
     assert err.value.message == (
         f"The SAM model in '{tmp_path}' could not be loaded (model.safetensors is missing). "
-        "Re-download it with: automask models pull sam"
+        "Re-download it with: automask models pull sam --force"
     )
     assert isinstance(err.value.__cause__, OSError)
     with pytest.raises(ModelNotAvailableError, match=r"\(KeyError\)"), checkpoint_errors("SAM", tmp_path, "sam"):

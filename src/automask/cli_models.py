@@ -57,14 +57,15 @@ def models_list(ctx: click.Context, as_json: bool) -> None:
 
 @models.command("pull")
 @click.argument("name")
+@click.option("--force", is_flag=True, help="Download again even when installed (a damaged or incomplete model).")
 @click.pass_context
-def models_pull(ctx: click.Context, name: str) -> None:
+def models_pull(ctx: click.Context, name: str, force: bool) -> None:
     """Download model NAME (e.g. clipseg) into the data folder, with a progress bar."""
     from automask.models import pull
 
     settings = root_settings(ctx)
     with signals_interrupt():  # SIGTERM/SIGHUP unwind as Ctrl-C does: no half-downloaded folder is left behind
-        path = pull(name, settings, progress=True)
+        path = pull(name, settings, progress=True, force=force)
         click.echo(f"{name} installed in {path}")
         _export_after_pull(name, path, settings)
 

@@ -70,7 +70,7 @@ def checkpoint_errors(what: str, folder: Path, pull: str) -> Iterator[None]:
         why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ModelNotAvailableError(
             f"The {what} model in '{folder}' could not be loaded ({why}). "
-            f"Re-download it with: automask models pull {pull}"
+            f"Re-download it with: automask models pull {pull} --force"
         ) from exc
 
 
@@ -87,6 +87,7 @@ def load_tokenizer(folder: Path, what: str, pull: str, *, processor: bool = Fals
     if len(tokenizer) <= len(set(tokenizer.all_special_ids)):
         raise ModelNotAvailableError(
             f"The {what} model in '{folder}' has no tokenizer (tokenizer.json or its vocabulary files are missing): "
-            f"it would read every prompt as the same unknown words. Re-download it with: automask models pull {pull}"
+            "it would read every prompt as the same unknown words. "
+            f"Re-download it with: automask models pull {pull} --force"
         )
     return loaded
