@@ -125,3 +125,16 @@ def test_a_folder_another_installer_moves_aside_first_is_no_error(
     replace_dir(new, dest)
     assert (dest / "weights").read_text() == "new"
     assert [p.name for p in dest.parent.iterdir()] == ["m"]
+
+
+def test_staging_removes_folders_a_killed_install_left_and_keeps_live_ones(tmp_path: Path) -> None:
+    """A pull killed outright (SIGKILL, a power cut) leaves its `.NAME-*.partial` folder, GBs for sam3, which no
+    later pull removed. The next staging of that model removes it; one another process still fills is kept."""
+    target = tmp_path / "models" / "m"
+    dead = _folder(tmp_path / "models" / ".m-0dead000.partial", "half")
+    other = _folder(tmp_path / "models" / ".mm-0dead000.partial", "another model's")
+    with staging(target) as live:
+        assert not dead.exists() and other.exists()
+        with staging(target) as second:
+            assert live.is_dir() and second.is_dir()
+    assert sorted(p.name for p in target.parent.iterdir()) == [other.name]

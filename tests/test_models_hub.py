@@ -84,12 +84,28 @@ def test_a_pull_stopped_midway_leaves_no_partial_folder(tmp_path: Path, hub: Fak
         text=True,
     )
     deadline = time.monotonic() + 60
-    while not (models.is_dir() and any(models.iterdir())) and time.monotonic() < deadline:
+    while not any(p.is_dir() for p in models.glob("*.partial")) and time.monotonic() < deadline:
         time.sleep(0.1)
-    [partial] = list(models.iterdir())
+    [partial] = [p for p in models.iterdir() if p.is_dir()]
     assert partial.name.endswith(".partial")
     proc.send_signal(signum)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signum, err
     assert "Traceback" not in err and "interrupted" in err
     assert list(models.iterdir()) == []
+
+
+def test_a_pull_killed_outright_leaves_a_folder_the_next_pull_removes(tmp_path: Path, hub: FakeHubServer) -> None:
+    models = tmp_path / "data" / "models"
+    env = _env(tmp_path, hub)
+    hub.pause = 30.0
+    proc = subprocess.Popen([*automask_command(), "models", "pull", "clipseg"], env=env, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while not any(p.is_dir() for p in models.glob("*.partial")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    proc.kill()  # SIGKILL: nothing can clean up
+    proc.communicate(timeout=60)
+    assert [p.suffix for p in models.iterdir() if p.is_dir()] == [".partial"]
+    hub.pause = 0.0
+    assert run(["models", "pull", "clipseg"], env).returncode == 0
+    assert [p.name for p in models.iterdir()] == ["clipseg"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import os
 import shutil
 import sys
@@ -25,10 +26,15 @@ FALLBACK_WEIGHTS = ("pytorch_model*.bin",)
 @contextlib.contextmanager
 def staging(folder: Path) -> Iterator[Path]:
     """A new empty folder beside `folder` (the same file system, so `replace_dir` from it is a rename), removed
-    with whatever is left in it after the block. `ModelNotAvailableError` when it cannot be created."""
+    with whatever is left in it after the block. `ModelNotAvailableError` when it cannot be created.
+
+    While the block runs, the folder's `.lock` file beside it is locked; staging folders of `folder` whose lock
+    nobody holds (their process was killed: SIGKILL, a power cut) are removed first."""
+    tmp = folder.parent / f".{folder.name}-{uuid.uuid4().hex[:8]}.partial"
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = folder.parent / f".{folder.name}-{uuid.uuid4().hex[:8]}.partial"
+        _remove_abandoned(folder)
+        held = _lock(_lock_file(tmp), wait=True)
         tmp.mkdir()  # not mkdtemp: its 0700 would stay on the installed folder; this follows the umask
     except OSError as exc:
         raise ModelNotAvailableError(
@@ -39,6 +45,44 @@ def staging(folder: Path) -> Iterator[Path]:
         yield tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        _unlock(_lock_file(tmp), held)
+
+
+def _lock_file(tmp: Path) -> Path:
+    return tmp.with_name(f"{tmp.name}.lock")
+
+
+def _lock(path: Path, *, wait: bool) -> int | None:
+    """An open descriptor of `path` (created if need be) holding its exclusive lock; None when another process
+    holds it (and not `wait`). Where there is no `fcntl` (Windows) nothing is locked: -1."""
+    try:
+        import fcntl
+    except ImportError:
+        return -1
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _unlock(path: Path, fd: int | None) -> None:
+    with contextlib.suppress(OSError):
+        path.unlink()
+    if fd is not None and fd >= 0:
+        os.close(fd)
+
+
+def _remove_abandoned(folder: Path) -> None:
+    """Remove the staging folders of `folder` that no live process holds (see `staging`)."""
+    for old in folder.parent.glob(f".{glob.escape(folder.name)}-*.partial"):
+        fd = _lock(_lock_file(old), wait=False)
+        if fd is None or fd < 0:  # alive, or no locks to tell (Windows): keep it
+            continue
+        shutil.rmtree(old, ignore_errors=True)
+        _unlock(_lock_file(old), fd)
 
 
 def replace_dir(new: Path, dest: Path) -> None:
