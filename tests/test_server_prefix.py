@@ -88,7 +88,12 @@ def test_the_api_and_its_v2_urls_work_under_the_prefix(proxied: Proxied) -> None
     output = proxied.get(f"/v2/requests/{job['request_id']}").json()["output"]
     assert output == f"{PUBLIC}/v2/requests/{job['request_id']}/output"
     assert proxied.get(output.removeprefix(PUBLIC)).headers["content-type"] == "image/png"
-    assert proxied.get("/").status_code == 200 and 'src="static/app.js"' in proxied.get("/").text  # relative
+    page = proxied.get("/")  # its files from under the prefix, at /tools/masks as at /tools/masks/
+    assert page.status_code == 200 and 'src="/tools/masks/static/app.js"' in page.text, page.text
+    assert (
+        'href="/tools/masks/static/style.css"' in page.text
+        and "base-uri 'none'" in page.headers["content-security-policy"]
+    )
 
 
 def test_without_a_prefix_the_docs_stay_at_the_root(tmp_path: Path) -> None:
