@@ -3,10 +3,12 @@ exist, and a model-level error that stops the run at once."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -198,3 +200,38 @@ def test_a_recursive_glob_does_not_follow_a_symlink_loop(tiny_clipseg_dir: Path,
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in out.iterdir()) == ["a.png", "b.png"]
     assert result.stderr.rstrip().endswith("2 done, 0 failed")
+
+
+@pytest.fixture()
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 64 KiB tmpfs (mounting one needs root) with room left for two small files only."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", disk], capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        (disk / "room").write_bytes(b"x" * 8192)  # two pages, freed below for the first two masks
+        with contextlib.suppress(OSError), open(disk / "filler", "wb", buffering=0) as filler:
+            while True:
+                filler.write(b"x" * 1024)
+        (disk / "room").unlink()
+        yield disk
+    finally:
+        subprocess.run(["umount", disk], check=True)
+
+
+def test_batch_stops_at_a_full_disk(tiny_clipseg_dir: Path, chelsea: np.ndarray, small_disk: Path) -> None:
+    """Before: every remaining image was masked, then failed to write ('2 done, 3 failed', exit 1)."""
+    src, out = small_disk.parent / "in", small_disk / "out"
+    src.mkdir()
+    for name in "abcde":
+        Image.fromarray(chelsea[:40, :60]).save(src / f"{name}.png")
+    result = invoke("batch", src, "-o", out, "-p", "cat", "--model", tiny_clipseg_dir, "--json")
+    assert result.exit_code == 8, result.output
+    full = f"Cannot write '{out / 'c.png'}': No space left on device."
+    why = f"error: {full} Stopped: free some space, then run it again."
+    assert result.stderr.splitlines()[-2:] == ["2 done, 0 failed, 3 not done", why]
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [(r["input"], r["ok"]) for r in records] == [(str(src / f"{n}.png"), n != "c") for n in "abc"]
+    assert records[-1]["exit_code"] == 8
+    assert sorted(p.name for p in out.iterdir()) == ["a.png", "b.png"]  # no partial file

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from automask.cli import OutputError
-from automask.cli_io import write_atomic
+from automask.cli_io import NoSpaceError, write_atomic
 from test_cli import automask_command, invoke
 
 
@@ -235,3 +235,9 @@ def test_an_interrupted_batch_says_what_it_did_and_left(tiny_clipseg_dir: Path, 
     assert proc.returncode == 143, proc.stderr
     assert proc.stderr.decode().splitlines()[-2:] == ["2 done, 1 failed, 2 not done", "interrupted (SIGTERM)"]
     assert sorted(p.name for p in out.iterdir()) == ["a.png", "b.png"]
+
+
+def test_write_atomic_says_when_the_disk_is_full() -> None:
+    """A full disk (ENOSPC, here /dev/full) is a `NoSpaceError`, which stops a batch (see test_cli_batch)."""
+    with pytest.raises(NoSpaceError, match=r"Cannot write '/dev/full': No space left on device\."):
+        write_atomic(Path("/dev/full"), b"png")

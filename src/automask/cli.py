@@ -22,6 +22,7 @@ import click
 from automask import errors
 from automask.cli_inputs import find_images, plan_outputs
 from automask.cli_io import (
+    NoSpaceError,
     OutputError,
     Outputs,
     Reporter,
@@ -72,7 +73,7 @@ EXIT_HELP = (
     (5, "nothing was selected and --stop-on-empty-mask was given"),
     (6, "fetching the image URL failed or timed out"),
     (7, "inference ran past its time limit or was stopped"),
-    (8, "the output could not be written"),
+    (8, "the output could not be written (batch: a full disk or quota stops the run)"),
     (
         9,
         "serve/worker/keys: the database needs `automask db migrate`, a service setting is missing, or serve "
@@ -256,13 +257,13 @@ EXIT_MODEL = EXIT_CODES[errors.ModelNotAvailableError]
 
 def process(generator: Any, src: Path, dst: Path, job: Job) -> dict[str, Any]:
     """Mask one file and write it; a bad file gives {"ok": false, "error": ...} instead of raising. An error of
-    the model (`EXIT_MODEL`), which every file would meet, is raised."""
+    the model (`EXIT_MODEL`) and a full disk or quota (`NoSpaceError`), which every file would meet, are raised."""
     try:
         with contextlib.redirect_stdout(sys.stderr):
             result = generator.generate(src, job.prompts, job.options)
         write_atomic(dst, result.to_png())
     except AutomaskError as exc:
-        if exit_code(exc) == EXIT_MODEL:
+        if exit_code(exc) == EXIT_MODEL or isinstance(exc, NoSpaceError):
             raise
         return error_record(str(src), exc)
     except OSError as exc:  # the input could not be read (permissions, a vanished file)
@@ -290,8 +291,9 @@ def batch(ctx: click.Context, source: str, out: str, recursive: bool, job: Job) 
 
     A file that fails is reported (one line naming it) and skipped; the others are done. Exit 0 when
     all succeeded, 1 when any failed. An error of the model (unknown, not installed, a prompt it cannot answer)
-    stops the run at once with exit 4, an OUTDIR that cannot be written before any work with exit 8. --json prints
-    one JSON line per file on stdout.
+    stops the run at once with exit 4, an OUTDIR that cannot be written before any work with exit 8, and so does a
+    full disk or quota at the first file it cannot hold (after the summary). --json prints one JSON line per file
+    on stdout.
     """
     if out == "-":
         raise InvalidOptionError(
@@ -334,11 +336,14 @@ def _mask_files(ctx: click.Context, plan: list[tuple[Path, Path]], unread: list[
                 report.start(src)
                 try:
                     record = process(generator, src, dst, job)
-                except AutomaskError as exc:  # stop: the group prints the error once and exits EXIT_MODEL
+                except AutomaskError as exc:  # stop: the group prints the error once and exits (4, or 8)
                     if job.as_json:
                         echo_json(error_record(str(src), exc))
                     raise
                 failed += _report(report, record, job)
+        except NoSpaceError as exc:  # a full disk or quota: the next files would be masked only to fail too
+            report.summary(failed, interrupted=True)
+            raise NoSpaceError(f"{exc.message} Stopped: free some space, then run it again.") from None
         except KeyboardInterrupt:  # Ctrl-C, SIGTERM: what was done, and what is left for a re-run
             report.summary(failed, interrupted=True)
             raise

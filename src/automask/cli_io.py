@@ -4,6 +4,7 @@ stderr (batch inputs are found in `automask.cli_inputs`). No model code here."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -36,6 +37,19 @@ class OutputError(AutomaskError):
     """The output file or folder could not be written."""
 
 
+class NoSpaceError(OutputError):
+    """The output could not be written for want of space: the disk is full or a quota is reached (ENOSPC, EDQUOT)."""
+
+
+NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def write_error(path: Path, exc: OSError) -> OutputError:
+    """The `OutputError` for a failed write of `path` (a `NoSpaceError` when `exc` says the disk or quota is full)."""
+    cls = NoSpaceError if exc.errno in NO_SPACE else OutputError
+    return cls(f"Cannot write '{path}': {exc.strerror or exc}.")
+
+
 def write_atomic(path: Path, data: bytes) -> Path | None:
     """Write `data` to `path`, never half-written and never replacing what is not a regular file.
 
@@ -48,7 +62,7 @@ def write_atomic(path: Path, data: bytes) -> Path | None:
     except FileNotFoundError:  # a new file (or a dangling symlink: its target is created)
         mode = stat.S_IFREG
     except OSError as exc:
-        raise OutputError(f"Cannot write '{path}': {exc.strerror or exc}.") from None
+        raise write_error(path, exc) from None
     real = Path(os.path.realpath(path))
     if stat.S_ISREG(mode) and _same_file(path, real):
         _replace(real, data, shown=path)
@@ -57,7 +71,7 @@ def write_atomic(path: Path, data: bytes) -> Path | None:
         with open(path, "wb") as f:
             f.write(data)
     except OSError as exc:
-        raise OutputError(f"Cannot write '{path}': {exc.strerror or exc}.") from None
+        raise write_error(path, exc) from None
     return None
 
 
@@ -75,7 +89,7 @@ def _replace(path: Path, data: bytes, shown: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".automask-", suffix=".part")
     except OSError as exc:
-        raise OutputError(f"Cannot write '{shown}': {exc.strerror or exc}.") from None
+        raise write_error(shown, exc) from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -89,7 +103,7 @@ def _replace(path: Path, data: bytes, shown: Path) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         if isinstance(exc, OSError):
-            raise OutputError(f"Cannot write '{shown}': {exc.strerror or exc}.") from None
+            raise write_error(shown, exc) from None
         raise
 
 
