@@ -241,3 +241,25 @@ def test_write_atomic_says_when_the_disk_is_full() -> None:
     """A full disk (ENOSPC, here /dev/full) is a `NoSpaceError`, which stops a batch (see test_cli_batch)."""
     with pytest.raises(NoSpaceError, match=r"Cannot write '/dev/full': No space left on device\."):
         write_atomic(Path("/dev/full"), b"png")
+
+
+def test_mask_refuses_to_write_a_png_to_a_terminal(tiny_clipseg_dir: Path, photo: Path, tmp_path: Path) -> None:
+    """Before: `automask mask IMG -p x -o -` typed at a prompt wrote the PNG's bytes into the terminal."""
+    import pty
+    import select
+
+    leader, follower = pty.openpty()
+    args = ["mask", photo, "-p", "cat", "--model", tiny_clipseg_dir, "-o", "-"]
+    with os.fdopen(leader, "rb", buffering=0) as terminal:
+        proc = subprocess.run(
+            [*automask_command(), *map(str, args)], stdout=follower, stderr=subprocess.PIPE, cwd=tmp_path, timeout=180
+        )
+        os.close(follower)
+        try:  # what the command showed; EIO once the terminal's other side is closed and it showed nothing
+            shown = terminal.read(65536) if select.select([terminal], [], [], 0.5)[0] else b""
+        except OSError:
+            shown = b""
+    why = "'-' writes the PNG to standard output, which is a terminal: redirect it (-o - > mask.png, -o - | program)"
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.decode() == f"error: --output: {why} or name a file.\n"
+    assert shown == b"" and list(tmp_path.iterdir()) == []

@@ -202,10 +202,16 @@ def mask(state: CliState, image: str, out: str | None, instances_dir: Path | Non
     Writes a PNG: the mask (default), an RGBA cut-out (--return-alpha) or a preview (--preview), by
     default beside the input as <stem>.mask.png / .alpha.png / .preview.png; -o NAME.jpg / .webp / .tif
     writes that format instead (WebP lossless; a cut-out cannot be a JPEG). --json cannot be combined
-    with -o - (standard output carries the PNG).
+    with -o - (standard output carries the PNG), and -o - is refused when standard output is a terminal.
     """
     if out == "-" and job.as_json:
         raise InvalidOptionError("--json", "cannot be combined with -o - (stdout carries the PNG); use -o FILE.")
+    if out == "-" and sys.stdout.isatty():
+        raise InvalidOptionError(
+            "--output",
+            "'-' writes the PNG to standard output, which is a terminal: redirect it (-o - > mask.png, "
+            "-o - | program) or name a file.",
+        )
     outputs = Outputs()
     try:
         with signals_interrupt():
