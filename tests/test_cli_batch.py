@@ -3,6 +3,7 @@ exist, and a model-level error that stops the run at once."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -235,3 +236,26 @@ def test_batch_stops_at_a_full_disk(tiny_clipseg_dir: Path, chelsea: np.ndarray,
     assert [(r["input"], r["ok"]) for r in records] == [(str(src / f"{n}.png"), n != "c") for n in "abc"]
     assert records[-1]["exit_code"] == 8
     assert sorted(p.name for p in out.iterdir()) == ["a.png", "b.png"]  # no partial file
+
+
+def test_json_names_a_file_whose_name_is_not_utf8(tiny_clipseg_dir: Path, folder: Path, tmp_path: Path) -> None:
+    """Before: the records held lone surrogates ("caf\\udce9.png"), which strict JSON parsers reject."""
+    name = os.fsdecode(b"caf\xe9.png")
+    shutil.copy(folder / "b.png", folder / name)
+    (folder / "a.jpg").unlink()
+    (folder / "b.png").write_bytes(b"not a png")
+    out = tmp_path / os.fsdecode(b"out\xff")
+    result = invoke("batch", folder, "-o", out, "-p", "cat", "--model", tiny_clipseg_dir, "--json")
+    assert result.exit_code == 1, result.output
+    lines = result.stdout_bytes.splitlines()
+    for line in lines:
+        line.decode("utf-8")  # strict: a lone surrogate, even escaped as \\udce9, is not UTF-8 text
+        assert b"\\ud" not in line.lower()
+    bad, done = (json.loads(line) for line in lines)
+    assert bad["input"] == str(folder / "b.png") and "input_base64" not in bad
+    assert done["input"] == str(folder / "caf\\xe9.png") and done["output"] == str(
+        tmp_path / "out\\xff" / "caf\\xe9.png"
+    )
+    assert os.fsdecode(base64.b64decode(done["input_base64"])) == str(folder / name)
+    assert os.fsdecode(base64.b64decode(done["output_base64"])) == str(out / name)
+    assert (out / name).is_file()

@@ -3,6 +3,7 @@ stderr (batch inputs are found in `automask.cli_inputs`). No model code here."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import errno
 import json
@@ -143,8 +144,46 @@ class Outputs:
 
 
 def echo_json(record: dict[str, Any]) -> None:
-    """Print `record` as one JSON line on standard output (see `write_stdout`)."""
-    write_stdout(json.dumps(record).encode() + b"\n")
+    """Print `record` as one JSON line on standard output (see `write_stdout`), valid UTF-8 JSON (`json_safe`)."""
+    write_stdout(json.dumps(json_safe(record)).encode() + b"\n")
+
+
+def json_safe(record: dict[str, Any]) -> dict[str, Any]:
+    """`record` with no lone surrogate, which strict JSON parsers reject: a file name that is not UTF-8 (read as
+    surrogates, Python's "surrogateescape") has each such byte written as the text `\\xNN` (`caf\\xe9.png`); its
+    exact bytes are added, base64-encoded, as `input_base64` / `output_base64` for the `input` / `output` it names."""
+    safe = {key: _safe_value(value) for key, value in record.items()}
+    for key in ("input", "output"):
+        name = record.get(key)
+        if isinstance(name, str) and safe[key] != name and _escaped_only(name):
+            safe[f"{key}_base64"] = base64.b64encode(os.fsencode(name)).decode("ascii")
+    return safe
+
+
+def _safe_value(value: Any) -> Any:
+    """`value` (a JSON value) with every string made valid UTF-8 text, as `json_safe` says."""
+    if isinstance(value, str):
+        return safe_text(value)
+    if isinstance(value, list):
+        return [_safe_value(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _safe_value(v) for k, v in value.items()}
+    return value
+
+
+def safe_text(text: str) -> str:
+    """`text`, or when it holds lone surrogates, the same with each undecodable byte as `\\xNN` (valid UTF-8)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raw = text.encode("utf-8", "surrogateescape" if _escaped_only(text) else "surrogatepass")
+        return raw.decode("utf-8", "backslashreplace")
+    return text
+
+
+def _escaped_only(text: str) -> bool:
+    """Whether every surrogate of `text` is one that "surrogateescape" made of a byte (U+DC80..U+DCFF)."""
+    return all(not 0xD800 <= ord(c) <= 0xDFFF or 0xDC80 <= ord(c) <= 0xDCFF for c in text)
 
 
 def write_stdout(data: bytes) -> None:
