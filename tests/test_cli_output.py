@@ -263,3 +263,40 @@ def test_mask_refuses_to_write_a_png_to_a_terminal(tiny_clipseg_dir: Path, photo
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.decode() == f"error: --output: {why} or name a file.\n"
     assert shown == b"" and list(tmp_path.iterdir()) == []
+
+
+def test_instances_of_an_earlier_run_are_removed(tiny_clipseg_dir: Path, photo: Path, tmp_path: Path) -> None:
+    """Before: a run finding fewer instances left the earlier run's extra masks in DIR, read as this run's."""
+    folder = tmp_path / "inst"
+    args = ["mask", photo, "--model", tiny_clipseg_dir, "--threshold", "0", "-o", tmp_path / "m.png", "--json"]
+    first = json.loads(invoke(*args, "-p", "cat, grass", "--instances", folder).stdout)["instances"]
+    assert [Path(p).name for p in first] == ["00-cat.png", "01-grass.png"]
+    (folder / "notes.txt").write_text("the user's")
+    (folder / "07.png").write_bytes(b"the user's, not named like an instance")
+    result = invoke(*args, "-p", "dog", "--instances", folder)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["instances"] == [str(folder / "00-dog.png")]
+    assert sorted(p.name for p in folder.iterdir()) == ["00-dog.png", "07.png", "notes.txt"]
+    assert f"removed 2 instance masks of an earlier run from '{folder}'" in result.stderr.splitlines()
+
+
+@pytest.mark.parametrize("which", ["output", "input"])
+def test_an_instance_never_replaces_the_mask_or_the_input(
+    tiny_clipseg_dir: Path, photo: Path, tmp_path: Path, which: str
+) -> None:
+    """Before: `-o DIR/00-cat.png --instances DIR` wrote the first instance over the mask (an input there too)."""
+    folder = tmp_path / "inst"
+    folder.mkdir()
+    named = folder / "00-cat.png"
+    image, out = (photo, named) if which == "output" else (named, tmp_path / "m.png")
+    if which == "input":
+        named.write_bytes(photo.read_bytes())
+    args = ["mask", image, "-p", "cat", "--model", tiny_clipseg_dir, "--threshold", "0", "-o", out]
+    result = invoke(*args, "--instances", folder)
+    assert result.exit_code == 2, result.output
+    flag = "--output" if which == "output" else "IMAGE"
+    why = f"is named like an instance mask of --instances '{tmp_path / 'inst'}' (NN-label.png), which would replace it"
+    assert result.stderr == f"error: {flag}: '{named}' {why}: name it otherwise, or give --instances another folder.\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["inst"]
+    assert [p.name for p in folder.iterdir()] == ([] if which == "output" else ["00-cat.png"])
+    assert which == "output" or named.read_bytes() == photo.read_bytes()

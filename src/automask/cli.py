@@ -27,11 +27,13 @@ from automask.cli_io import (
     Outputs,
     Reporter,
     check_fits,
+    check_instances_folder,
     echo_json,
     one_line,
     output_format,
     output_target,
     read_source,
+    remove_stale_instances,
     root_settings,
     silence_stdout,
     write_atomic,
@@ -192,7 +194,8 @@ def main(
     "--instances",
     "instances_dir",
     type=click.Path(file_okay=False, path_type=Path),
-    help="Also write one mask PNG per detected instance into DIR (00-sofa.png, ...; grown, not inverted).",
+    help="Also write one mask PNG per detected instance into DIR (00-sofa.png, ...; grown, not inverted); the "
+    "NN-label.png files an earlier run left there are removed.",
 )
 @mask_options
 @click.pass_obj
@@ -229,6 +232,7 @@ def _mask(settings: Settings, image: str, out: str | None, instances: Path | Non
     target = output_target(out, path, job.options.output_kind)
     fmt = output_format(target, job.options.output_kind)
     if instances is not None:
+        check_instances_folder(instances, target, path)
         outputs.folder(instances)
     generator = load_generator(job, settings)
     with contextlib.redirect_stdout(sys.stderr):
@@ -247,6 +251,8 @@ def _mask(settings: Settings, image: str, out: str | None, instances: Path | Non
         click.echo(f"wrote {len(saved)} instance masks into '{instances}'", err=True)
     if job.as_json:
         echo_json(meta)
+    if instances is not None:
+        remove_stale_instances(instances, saved)
     where = "stdout" if target is None else f"'{target}'"
     share = 100.0 * meta["selected_pixels"] / max(1, result.width * result.height)
     click.echo(f"wrote {where}: {result.kind} {result.width}×{result.height}, {share:.1f}% selected", err=True)

@@ -291,6 +291,37 @@ def check_fits(target: Path, fmt: str, width: int, height: int) -> None:
         )
 
 
+def check_instances_folder(instances: Path, target: Path | None, source: Path | None) -> None:
+    """An `InvalidOptionError` when the output (`target`) or the input file (`source`) lies in the `--instances`
+    folder under a name an instance mask may take ('00-cat.png'), which it would overwrite (or remove as stale)."""
+    from automask.instances import is_instance_name
+
+    folder = os.path.realpath(instances)
+    for what, path in (("--output", target), ("IMAGE", source)):
+        if path is not None and is_instance_name(path.name) and os.path.realpath(path.parent) == folder:
+            raise InvalidOptionError(
+                what,
+                f"'{path}' is named like an instance mask of --instances '{instances}' (NN-label.png), which would "
+                "replace it: name it otherwise, or give --instances another folder.",
+            )
+
+
+def remove_stale_instances(instances: Path, saved: list[Path]) -> None:
+    """Remove the instance masks an earlier run left in `instances` that this run (`saved`) did not write, so that
+    the folder holds this run's instances only; a file that cannot be removed gets a note."""
+    from automask.instances import stale_instances
+
+    removed = 0
+    for path in stale_instances(instances, saved):
+        try:
+            path.unlink()
+            removed += 1
+        except OSError as exc:
+            click.echo(f"note: cannot remove the earlier instance mask '{path}': {exc.strerror or exc}", err=True)
+    if removed:
+        click.echo(f"removed {removed} instance masks of an earlier run from '{instances}'", err=True)
+
+
 def file_id(path: Path) -> tuple[int, int] | None:
     """(device, inode) of the file `path` names (links followed), None if there is none: two paths name the same
     file iff their ids are equal and not None (what `os.path.samefile` compares)."""

@@ -7,6 +7,7 @@ invert). `instance_masks` grows each one like the main mask, for inpainting one 
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -30,6 +31,26 @@ def instance_filename(index: int, detection: Detection) -> str:
     """'00-sofa.png', '01-floor-lamp.png': the index, then the label as lower-case ASCII words."""
     slug = re.sub(r"[^a-z0-9]+", "-", detection.label.lower()).strip("-") or "instance"
     return f"{index:02d}-{slug[:60]}.png"
+
+
+INSTANCE_NAME = re.compile(r"[0-9]{2,}-[a-z0-9]+(?:-[a-z0-9]+)*\.png")
+"""The names `instance_filename` gives (and only names of that shape)."""
+
+
+def is_instance_name(name: str) -> bool:
+    """Whether `name` has the shape of an instance mask's file name ('00-sofa.png')."""
+    return INSTANCE_NAME.fullmatch(name) is not None
+
+
+def stale_instances(folder: Path, keep: list[Path]) -> list[Path]:
+    """The files of `folder` named like instance masks ('NN-label.png') that are not in `keep`: those an earlier
+    run wrote there and this one did not (it found fewer instances, or others), sorted."""
+    kept = {path.name for path in keep}
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return []
+    return sorted(folder / n for n in names if is_instance_name(n) and n not in kept and (folder / n).is_file())
 
 
 def save_instances(
