@@ -259,3 +259,15 @@ def test_json_names_a_file_whose_name_is_not_utf8(tiny_clipseg_dir: Path, folder
     assert os.fsdecode(base64.b64decode(done["input_base64"])) == str(folder / name)
     assert os.fsdecode(base64.b64decode(done["output_base64"])) == str(out / name)
     assert (out / name).is_file()
+
+
+def test_error_lines_name_a_file_that_is_not_utf8_as_json_does(
+    tiny_clipseg_dir: Path, folder: Path, tmp_path: Path
+) -> None:
+    """Before: stderr showed 'caf\\udce9.png' (Python's escape of a surrogate), the JSON 'caf\\xe9.png'."""
+    (folder / os.fsdecode(b"caf\xe9.png")).write_bytes(b"not a png")
+    args = [*automask_command(), "batch", str(folder / "caf*.png"), "-o", str(tmp_path / "out"), "-p", "cat"]
+    proc = subprocess.run([*args, "--model", str(tiny_clipseg_dir)], capture_output=True, timeout=180)
+    shown = str(folder / "caf\\xe9.png")
+    assert f"[1/1] {shown} failed" in proc.stderr.decode(), proc.stderr
+    assert any(line.startswith(f"error: {shown}: ") for line in error_lines(proc.stderr)), proc.stderr

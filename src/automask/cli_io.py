@@ -333,8 +333,9 @@ def file_id(path: Path) -> tuple[int, int] | None:
 
 
 def one_line(text: str) -> str:
-    """`text` with its line breaks folded (also those of a file name), for one-line reports."""
-    return " ".join(text.splitlines()).strip()
+    """`text` with its line breaks folded (also those of a file name) and a name's bytes that are not UTF-8 as
+    `\\xNN` (`safe_text`, as the JSON has them), for one-line reports."""
+    return " ".join(safe_text(text).splitlines()).strip()
 
 
 class Reporter:
