@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -273,10 +274,11 @@ def test_instances_of_an_earlier_run_are_removed(tiny_clipseg_dir: Path, photo: 
     assert [Path(p).name for p in first] == ["00-cat.png", "01-grass.png"]
     (folder / "notes.txt").write_text("the user's")
     (folder / "07.png").write_bytes(b"the user's, not named like an instance")
+    shutil.copy(photo, folder / "05-beach.png")  # named like one, but a photo: kept
     result = invoke(*args, "-p", "dog", "--instances", folder)
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["instances"] == [str(folder / "00-dog.png")]
-    assert sorted(p.name for p in folder.iterdir()) == ["00-dog.png", "07.png", "notes.txt"]
+    assert sorted(p.name for p in folder.iterdir()) == ["00-dog.png", "05-beach.png", "07.png", "notes.txt"]
     assert f"removed 2 instance masks of an earlier run from '{folder}'" in result.stderr.splitlines()
 
 
@@ -300,3 +302,18 @@ def test_an_instance_never_replaces_the_mask_or_the_input(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["inst"]
     assert [p.name for p in folder.iterdir()] == ([] if which == "output" else ["00-cat.png"])
     assert which == "output" or named.read_bytes() == photo.read_bytes()
+
+
+def test_stale_instances_are_only_automask_instance_masks(tmp_path: Path) -> None:
+    from automask.instances import INSTANCE_TAG, stale_instances
+    from automask.result import encode_png
+
+    mask = np.zeros((4, 5), np.uint8)
+    for name in ("00-cat.png", "01-cat.png", "02-a-b.png", "100-cat.png", "1-cat.png", "03-Cat.png"):
+        (tmp_path / name).write_bytes(encode_png(mask, text=dict([INSTANCE_TAG])))
+    (tmp_path / "04-photo.png").write_bytes(encode_png(mask))  # named so, not tagged: the user's
+    (tmp_path / "05-broken.png").write_bytes(b"not a png")
+    os.mkfifo(tmp_path / "06-fifo.png")  # never opened (that would wait for a writer)
+    (tmp_path / "07-dir.png").mkdir()
+    stale = stale_instances(tmp_path, [tmp_path / "00-cat.png"])
+    assert [p.name for p in stale] == ["01-cat.png", "02-a-b.png", "100-cat.png"]

@@ -195,7 +195,7 @@ def main(
     "instances_dir",
     type=click.Path(file_okay=False, path_type=Path),
     help="Also write one mask PNG per detected instance into DIR (00-sofa.png, ...; grown, not inverted); the "
-    "NN-label.png files an earlier run left there are removed.",
+    "instance masks an earlier run wrote there are removed.",
 )
 @mask_options
 @click.pass_obj
