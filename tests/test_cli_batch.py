@@ -271,3 +271,14 @@ def test_error_lines_name_a_file_that_is_not_utf8_as_json_does(
     shown = str(folder / "caf\\xe9.png")
     assert f"[1/1] {shown} failed" in proc.stderr.decode(), proc.stderr
     assert any(line.startswith(f"error: {shown}: ") for line in error_lines(proc.stderr)), proc.stderr
+
+
+def test_batch_json_to_a_full_disk_says_what_it_did(tiny_clipseg_dir: Path, folder: Path, tmp_path: Path) -> None:
+    """Before: `batch --json > full-disk/log` ended with the error line alone, not the summary of what was done."""
+    args = ["batch", folder, "-o", tmp_path / "out", "-p", "cat", "--model", tiny_clipseg_dir, "--json"]
+    with open("/dev/full", "wb") as full:
+        proc = subprocess.run([*automask_command(), *map(str, args)], stdout=full, stderr=subprocess.PIPE, timeout=180)
+    assert proc.returncode == 8, proc.stderr
+    why = "error: Cannot write to standard output: No space left on device. Stopped: free some space, then run it"
+    assert proc.stderr.decode().splitlines()[-2:] == ["1 done, 0 failed, 1 not done", f"{why} again."]
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["a.png"]

@@ -198,7 +198,8 @@ def write_stdout(data: bytes) -> None:
         raise
     except OSError as exc:
         silence_stdout()
-        raise OutputError(f"Cannot write to standard output: {exc.strerror or exc}.") from None
+        cls = NoSpaceError if exc.errno in NO_SPACE else OutputError
+        raise cls(f"Cannot write to standard output: {exc.strerror or exc}.") from None
 
 
 def silence_stdout() -> None:
