@@ -244,26 +244,35 @@ def test_write_atomic_says_when_the_disk_is_full() -> None:
         write_atomic(Path("/dev/full"), b"png")
 
 
-def test_mask_refuses_to_write_a_png_to_a_terminal(tiny_clipseg_dir: Path, photo: Path, tmp_path: Path) -> None:
-    """Before: `automask mask IMG -p x -o -` typed at a prompt wrote the PNG's bytes into the terminal."""
+def on_a_terminal(args: list[Any], cwd: Path) -> tuple[Any, bytes]:
+    """Run `automask ARGS` with stdout on a pseudo-terminal: (the process, stderr piped; what the terminal got)."""
     import pty
     import select
 
     leader, follower = pty.openpty()
-    args = ["mask", photo, "-p", "cat", "--model", tiny_clipseg_dir, "-o", "-"]
     with os.fdopen(leader, "rb", buffering=0) as terminal:
         proc = subprocess.run(
-            [*automask_command(), *map(str, args)], stdout=follower, stderr=subprocess.PIPE, cwd=tmp_path, timeout=180
+            [*automask_command(), *map(str, args)], stdout=follower, stderr=subprocess.PIPE, cwd=cwd, timeout=180
         )
         os.close(follower)
-        try:  # what the command showed; EIO once the terminal's other side is closed and it showed nothing
+        try:  # EIO once the terminal's other side is closed and nothing is left to read
             shown = terminal.read(65536) if select.select([terminal], [], [], 0.5)[0] else b""
         except OSError:
             shown = b""
+    return proc, shown
+
+
+def test_mask_refuses_to_write_a_png_to_a_terminal(tiny_clipseg_dir: Path, photo: Path, tmp_path: Path) -> None:
+    """Before: `automask mask IMG -p x -o -` typed at a prompt wrote the PNG's bytes into the terminal."""
+    args = ["mask", photo, "-p", "cat", "--model", tiny_clipseg_dir, "-o", "-"]
+    proc, shown = on_a_terminal(args, tmp_path)
     why = "'-' writes the PNG to standard output, which is a terminal: redirect it (-o - > mask.png, -o - | program)"
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.decode() == f"error: --output: {why} or name a file.\n"
     assert shown == b"" and list(tmp_path.iterdir()) == []
+    proc, shown = on_a_terminal([*args[:-1], "/dev/stdout"], tmp_path)  # the user insists
+    assert proc.returncode == 0, proc.stderr
+    assert shown.startswith(b"\x89PNG") and list(tmp_path.iterdir()) == []
 
 
 def test_instances_of_an_earlier_run_are_removed(tiny_clipseg_dir: Path, photo: Path, tmp_path: Path) -> None:
