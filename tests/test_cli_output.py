@@ -326,3 +326,18 @@ def test_stale_instances_are_only_automask_instance_masks(tmp_path: Path) -> Non
     (tmp_path / "07-dir.png").mkdir()
     stale = stale_instances(tmp_path, [tmp_path / "00-cat.png"])
     assert [p.name for p in stale] == ["01-cat.png", "02-a-b.png", "100-cat.png"]
+
+
+def test_mask_names_a_file_that_is_not_utf8_as_json_does(tiny_clipseg_dir: Path, photo: Path, tmp_path: Path) -> None:
+    """Before: 'wrote .../caf\\udce9.mask.png' on stderr (Python's escape of a surrogate), 'caf\\xe9' in the JSON."""
+    image = tmp_path / os.fsdecode(b"caf\xe9.png")
+    shutil.copy(photo, image)
+    folder = tmp_path / os.fsdecode(b"inst\xff")
+    args = ["mask", image, "-p", "cat", "--model", tiny_clipseg_dir, "--threshold", "0", "--json"]
+    args += ["--instances", folder]
+    proc = subprocess.run([*automask_command(), *map(str, args)], capture_output=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads(proc.stdout.decode("utf-8"))
+    assert record["output"] == str(tmp_path / "caf\\xe9.mask.png")
+    assert f"wrote 1 instance masks into '{tmp_path / 'inst'}\\xff'" in proc.stderr.decode().splitlines()
+    assert proc.stderr.decode().splitlines()[-1].startswith(f"wrote '{record['output']}': mask 60×40")

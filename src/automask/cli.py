@@ -248,14 +248,15 @@ def _mask(settings: Settings, image: str, out: str | None, instances: Path | Non
 
         saved = save_instances(result, instances, job.options.grow_mask, write=outputs.write)
         meta["instances"] = [str(p) for p in saved]
-        click.echo(f"wrote {len(saved)} instance masks into '{instances}'", err=True)
+        click.echo(one_line(f"wrote {len(saved)} instance masks into '{instances}'"), err=True)
     if job.as_json:
         echo_json(meta)
     if instances is not None:
         remove_stale_instances(instances, saved)
     where = "stdout" if target is None else f"'{target}'"
     share = 100.0 * meta["selected_pixels"] / max(1, result.width * result.height)
-    click.echo(f"wrote {where}: {result.kind} {result.width}×{result.height}, {share:.1f}% selected", err=True)
+    shown = f"wrote {where}: {result.kind} {result.width}×{result.height}, {share:.1f}% selected"
+    click.echo(one_line(shown), err=True)
     if result.empty:
         click.echo(f"note: nothing matched {quote_targets(job.prompts)} at threshold {job.options.threshold}", err=True)
 

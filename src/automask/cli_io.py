@@ -318,9 +318,9 @@ def remove_stale_instances(instances: Path, saved: list[Path]) -> None:
             path.unlink()
             removed += 1
         except OSError as exc:
-            click.echo(f"note: cannot remove the earlier instance mask '{path}': {exc.strerror or exc}", err=True)
+            click.echo(one_line(f"note: cannot remove the earlier instance mask '{path}': {exc.strerror}"), err=True)
     if removed:
-        click.echo(f"removed {removed} instance masks of an earlier run from '{instances}'", err=True)
+        click.echo(one_line(f"removed {removed} instance masks of an earlier run from '{instances}'"), err=True)
 
 
 def file_id(path: Path) -> tuple[int, int] | None:
