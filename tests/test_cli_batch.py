@@ -3,10 +3,13 @@ exist, and a model-level error that stops the run at once."""
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import json
 import os
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -198,3 +201,84 @@ def test_a_recursive_glob_does_not_follow_a_symlink_loop(tiny_clipseg_dir: Path,
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in out.iterdir()) == ["a.png", "b.png"]
     assert result.stderr.rstrip().endswith("2 done, 0 failed")
+
+
+@pytest.fixture()
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 64 KiB tmpfs (mounting one needs root) with room left for two small files only."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", disk], capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        (disk / "room").write_bytes(b"x" * 8192)  # two pages, freed below for the first two masks
+        with contextlib.suppress(OSError), open(disk / "filler", "wb", buffering=0) as filler:
+            while True:
+                filler.write(b"x" * 1024)
+        (disk / "room").unlink()
+        yield disk
+    finally:
+        subprocess.run(["umount", disk], check=True)
+
+
+def test_batch_stops_at_a_full_disk(tiny_clipseg_dir: Path, chelsea: np.ndarray, small_disk: Path) -> None:
+    """Before: every remaining image was masked, then failed to write ('2 done, 3 failed', exit 1)."""
+    src, out = small_disk.parent / "in", small_disk / "out"
+    src.mkdir()
+    for name in "abcde":
+        Image.fromarray(chelsea[:40, :60]).save(src / f"{name}.png")
+    result = invoke("batch", src, "-o", out, "-p", "cat", "--model", tiny_clipseg_dir, "--json")
+    assert result.exit_code == 8, result.output
+    full = f"Cannot write '{out / 'c.png'}': No space left on device."
+    why = f"error: {full} Stopped: free some space, then run it again."
+    assert result.stderr.splitlines()[-2:] == ["2 done, 0 failed, 3 not done", why]
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [(r["input"], r["ok"]) for r in records] == [(str(src / f"{n}.png"), n != "c") for n in "abc"]
+    assert records[-1]["exit_code"] == 8
+    assert sorted(p.name for p in out.iterdir()) == ["a.png", "b.png"]  # no partial file
+
+
+def test_json_names_a_file_whose_name_is_not_utf8(tiny_clipseg_dir: Path, folder: Path, tmp_path: Path) -> None:
+    """Before: the records held lone surrogates ("caf\\udce9.png"), which strict JSON parsers reject."""
+    name = os.fsdecode(b"caf\xe9.png")
+    shutil.copy(folder / "b.png", folder / name)
+    (folder / "a.jpg").unlink()
+    (folder / "b.png").write_bytes(b"not a png")
+    out = tmp_path / os.fsdecode(b"out\xff")
+    result = invoke("batch", folder, "-o", out, "-p", "cat", "--model", tiny_clipseg_dir, "--json")
+    assert result.exit_code == 1, result.output
+    lines = result.stdout_bytes.splitlines()
+    for line in lines:
+        line.decode("utf-8")  # strict: a lone surrogate, even escaped as \\udce9, is not UTF-8 text
+        assert b"\\ud" not in line.lower()
+    bad, done = (json.loads(line) for line in lines)
+    assert bad["input"] == str(folder / "b.png") and "input_base64" not in bad
+    assert done["input"] == str(folder / "caf\\xe9.png") and done["output"] == str(
+        tmp_path / "out\\xff" / "caf\\xe9.png"
+    )
+    assert os.fsdecode(base64.b64decode(done["input_base64"])) == str(folder / name)
+    assert os.fsdecode(base64.b64decode(done["output_base64"])) == str(out / name)
+    assert (out / name).is_file()
+
+
+def test_error_lines_name_a_file_that_is_not_utf8_as_json_does(
+    tiny_clipseg_dir: Path, folder: Path, tmp_path: Path
+) -> None:
+    """Before: stderr showed 'caf\\udce9.png' (Python's escape of a surrogate), the JSON 'caf\\xe9.png'."""
+    (folder / os.fsdecode(b"caf\xe9.png")).write_bytes(b"not a png")
+    args = [*automask_command(), "batch", str(folder / "caf*.png"), "-o", str(tmp_path / "out"), "-p", "cat"]
+    proc = subprocess.run([*args, "--model", str(tiny_clipseg_dir)], capture_output=True, timeout=180)
+    shown = str(folder / "caf\\xe9.png")
+    assert f"[1/1] {shown} failed" in proc.stderr.decode(), proc.stderr
+    assert any(line.startswith(f"error: {shown}: ") for line in error_lines(proc.stderr)), proc.stderr
+
+
+def test_batch_json_to_a_full_disk_says_what_it_did(tiny_clipseg_dir: Path, folder: Path, tmp_path: Path) -> None:
+    """Before: `batch --json > full-disk/log` ended with the error line alone, not the summary of what was done."""
+    args = ["batch", folder, "-o", tmp_path / "out", "-p", "cat", "--model", tiny_clipseg_dir, "--json"]
+    with open("/dev/full", "wb") as full:
+        proc = subprocess.run([*automask_command(), *map(str, args)], stdout=full, stderr=subprocess.PIPE, timeout=180)
+    assert proc.returncode == 8, proc.stderr
+    why = "error: Cannot write to standard output: No space left on device. Stopped: free some space, then run it"
+    assert proc.stderr.decode().splitlines()[-2:] == ["1 done, 0 failed, 1 not done", f"{why} again."]
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["a.png"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import pytest
 from PIL import Image
 
 from automask.cli import OutputError
-from automask.cli_io import write_atomic
+from automask.cli_io import NoSpaceError, write_atomic
 from test_cli import automask_command, invoke
 
 
@@ -235,3 +236,108 @@ def test_an_interrupted_batch_says_what_it_did_and_left(tiny_clipseg_dir: Path, 
     assert proc.returncode == 143, proc.stderr
     assert proc.stderr.decode().splitlines()[-2:] == ["2 done, 1 failed, 2 not done", "interrupted (SIGTERM)"]
     assert sorted(p.name for p in out.iterdir()) == ["a.png", "b.png"]
+
+
+def test_write_atomic_says_when_the_disk_is_full() -> None:
+    """A full disk (ENOSPC, here /dev/full) is a `NoSpaceError`, which stops a batch (see test_cli_batch)."""
+    with pytest.raises(NoSpaceError, match=r"Cannot write '/dev/full': No space left on device\."):
+        write_atomic(Path("/dev/full"), b"png")
+
+
+def on_a_terminal(args: list[Any], cwd: Path) -> tuple[Any, bytes]:
+    """Run `automask ARGS` with stdout on a pseudo-terminal: (the process, stderr piped; what the terminal got)."""
+    import pty
+    import select
+
+    leader, follower = pty.openpty()
+    with os.fdopen(leader, "rb", buffering=0) as terminal:
+        proc = subprocess.run(
+            [*automask_command(), *map(str, args)], stdout=follower, stderr=subprocess.PIPE, cwd=cwd, timeout=180
+        )
+        os.close(follower)
+        try:  # EIO once the terminal's other side is closed and nothing is left to read
+            shown = terminal.read(65536) if select.select([terminal], [], [], 0.5)[0] else b""
+        except OSError:
+            shown = b""
+    return proc, shown
+
+
+def test_mask_refuses_to_write_a_png_to_a_terminal(tiny_clipseg_dir: Path, photo: Path, tmp_path: Path) -> None:
+    """Before: `automask mask IMG -p x -o -` typed at a prompt wrote the PNG's bytes into the terminal."""
+    args = ["mask", photo, "-p", "cat", "--model", tiny_clipseg_dir, "-o", "-"]
+    proc, shown = on_a_terminal(args, tmp_path)
+    why = "'-' writes the PNG to standard output, which is a terminal: redirect it (-o - > mask.png, -o - | program)"
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.decode() == f"error: --output: {why} or name a file.\n"
+    assert shown == b"" and list(tmp_path.iterdir()) == []
+    proc, shown = on_a_terminal([*args[:-1], "/dev/stdout"], tmp_path)  # the user insists
+    assert proc.returncode == 0, proc.stderr
+    assert shown.startswith(b"\x89PNG") and list(tmp_path.iterdir()) == []
+
+
+def test_instances_of_an_earlier_run_are_removed(tiny_clipseg_dir: Path, photo: Path, tmp_path: Path) -> None:
+    """Before: a run finding fewer instances left the earlier run's extra masks in DIR, read as this run's."""
+    folder = tmp_path / "inst"
+    args = ["mask", photo, "--model", tiny_clipseg_dir, "--threshold", "0", "-o", tmp_path / "m.png", "--json"]
+    first = json.loads(invoke(*args, "-p", "cat, grass", "--instances", folder).stdout)["instances"]
+    assert [Path(p).name for p in first] == ["00-cat.png", "01-grass.png"]
+    (folder / "notes.txt").write_text("the user's")
+    (folder / "07.png").write_bytes(b"the user's, not named like an instance")
+    shutil.copy(photo, folder / "05-beach.png")  # named like one, but a photo: kept
+    result = invoke(*args, "-p", "dog", "--instances", folder)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["instances"] == [str(folder / "00-dog.png")]
+    assert sorted(p.name for p in folder.iterdir()) == ["00-dog.png", "05-beach.png", "07.png", "notes.txt"]
+    assert f"removed 2 instance masks of an earlier run from '{folder}'" in result.stderr.splitlines()
+
+
+@pytest.mark.parametrize("which", ["output", "input"])
+def test_an_instance_never_replaces_the_mask_or_the_input(
+    tiny_clipseg_dir: Path, photo: Path, tmp_path: Path, which: str
+) -> None:
+    """Before: `-o DIR/00-cat.png --instances DIR` wrote the first instance over the mask (an input there too)."""
+    folder = tmp_path / "inst"
+    folder.mkdir()
+    named = folder / "00-cat.png"
+    image, out = (photo, named) if which == "output" else (named, tmp_path / "m.png")
+    if which == "input":
+        named.write_bytes(photo.read_bytes())
+    args = ["mask", image, "-p", "cat", "--model", tiny_clipseg_dir, "--threshold", "0", "-o", out]
+    result = invoke(*args, "--instances", folder)
+    assert result.exit_code == 2, result.output
+    flag = "--output" if which == "output" else "IMAGE"
+    why = f"is named like an instance mask of --instances '{tmp_path / 'inst'}' (NN-label.png), which would replace it"
+    assert result.stderr == f"error: {flag}: '{named}' {why}: name it otherwise, or give --instances another folder.\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["inst"]
+    assert [p.name for p in folder.iterdir()] == ([] if which == "output" else ["00-cat.png"])
+    assert which == "output" or named.read_bytes() == photo.read_bytes()
+
+
+def test_stale_instances_are_only_automask_instance_masks(tmp_path: Path) -> None:
+    from automask.instances import INSTANCE_TAG, stale_instances
+    from automask.result import encode_png
+
+    mask = np.zeros((4, 5), np.uint8)
+    for name in ("00-cat.png", "01-cat.png", "02-a-b.png", "100-cat.png", "1-cat.png", "03-Cat.png"):
+        (tmp_path / name).write_bytes(encode_png(mask, text=dict([INSTANCE_TAG])))
+    (tmp_path / "04-photo.png").write_bytes(encode_png(mask))  # named so, not tagged: the user's
+    (tmp_path / "05-broken.png").write_bytes(b"not a png")
+    os.mkfifo(tmp_path / "06-fifo.png")  # never opened (that would wait for a writer)
+    (tmp_path / "07-dir.png").mkdir()
+    stale = stale_instances(tmp_path, [tmp_path / "00-cat.png"])
+    assert [p.name for p in stale] == ["01-cat.png", "02-a-b.png", "100-cat.png"]
+
+
+def test_mask_names_a_file_that_is_not_utf8_as_json_does(tiny_clipseg_dir: Path, photo: Path, tmp_path: Path) -> None:
+    """Before: 'wrote .../caf\\udce9.mask.png' on stderr (Python's escape of a surrogate), 'caf\\xe9' in the JSON."""
+    image = tmp_path / os.fsdecode(b"caf\xe9.png")
+    shutil.copy(photo, image)
+    folder = tmp_path / os.fsdecode(b"inst\xff")
+    args = ["mask", image, "-p", "cat", "--model", tiny_clipseg_dir, "--threshold", "0", "--json"]
+    args += ["--instances", folder]
+    proc = subprocess.run([*automask_command(), *map(str, args)], capture_output=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads(proc.stdout.decode("utf-8"))
+    assert record["output"] == str(tmp_path / "caf\\xe9.mask.png")
+    assert f"wrote 1 instance masks into '{tmp_path / 'inst'}\\xff'" in proc.stderr.decode().splitlines()
+    assert proc.stderr.decode().splitlines()[-1].startswith(f"wrote '{record['output']}': mask 60×40")

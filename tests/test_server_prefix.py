@@ -66,6 +66,19 @@ def test_the_docs_load_everything_from_under_the_prefix(proxied: Proxied) -> Non
     assert missing.status_code == 404 and "/tools/masks/docs" in missing.json()["error"]
 
 
+def test_a_404_names_the_path_the_client_sent(proxied: Proxied) -> None:
+    """Before, a client asking the server directly under the prefix read "No endpoint GET /tools/masks/tools/masks/x":
+    the prefix twice, a path nobody sent."""
+    through_the_proxy = proxied.get("/v3/nothing").json()["error"]  # the proxy stripped /tools/masks
+    assert through_the_proxy.startswith("No endpoint GET /tools/masks/v3/nothing. "), through_the_proxy
+    direct = proxied.get("/tools/masks/x").json()["error"]
+    assert direct.startswith(
+        "No endpoint GET /tools/masks/x (this server is set up, by --public-url, for a proxy "
+        "that strips /tools/masks). "
+    ), direct
+    assert "/tools/masks/tools/masks" not in direct
+
+
 def test_the_api_and_its_v2_urls_work_under_the_prefix(proxied: Proxied) -> None:
     body = {"image": base64.b64encode(png_bytes(np.zeros((4, 6, 3), np.uint8))).decode(), "prompt": "x"}
     assert proxied.post("/v1/automatic-mask-generator", body).headers["content-type"] == "image/png"
@@ -75,7 +88,12 @@ def test_the_api_and_its_v2_urls_work_under_the_prefix(proxied: Proxied) -> None
     output = proxied.get(f"/v2/requests/{job['request_id']}").json()["output"]
     assert output == f"{PUBLIC}/v2/requests/{job['request_id']}/output"
     assert proxied.get(output.removeprefix(PUBLIC)).headers["content-type"] == "image/png"
-    assert proxied.get("/").status_code == 200 and 'src="static/app.js"' in proxied.get("/").text  # relative
+    page = proxied.get("/")  # its files from under the prefix, at /tools/masks as at /tools/masks/
+    assert page.status_code == 200 and 'src="/tools/masks/static/app.js"' in page.text, page.text
+    assert (
+        'href="/tools/masks/static/style.css"' in page.text
+        and "base-uri 'none'" in page.headers["content-security-policy"]
+    )
 
 
 def test_without_a_prefix_the_docs_stay_at_the_root(tmp_path: Path) -> None:

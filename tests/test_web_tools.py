@@ -634,3 +634,30 @@ def test_advanced_options_are_sent_only_when_set(tab: Tab, live: Live, photo: Pa
     sent = sent_options(tab)
     assert download(page, "#dl-mask") == live.api(**sent).content
     assert len(np.unique(decode(download(page, "#dl-mask")))) > 2, "a feathered mask has soft values"
+
+
+def test_bad_numbers_are_named_beside_their_field_and_not_sent(tab: Tab, photo: Path) -> None:
+    """Before, a negative min_area was quietly sent as 0 (left out) and a seed of 1.5 was sent (the API refused it):
+    now each is named beside its field, and nothing is sent until it is put right."""
+    page = tab.page
+    page.click("#advanced summary")
+    page.uncheck("#auto")  # only Make mask sends
+    pick_photo(page, photo)
+    set_first_options(page)
+    first = submit_prompt(page, FIRST["prompt"])
+    for field, typed, said, right in (
+        ("min_area", "-5", "Smallest region kept must be a whole number from 0 to 1,000,000,000, not -5.", "50"),
+        ("seed", "1.5", "Seed must be a whole number from -1 to 999,999,999,999,999, not 1.5.", "7"),
+    ):
+        page.fill(f"#{field}", typed)
+        assert page.inner_text(f"#{field}-error") == said and page.is_visible(f"#{field}-error")
+        assert page.get_attribute(f"#{field}", "aria-invalid") == "true"
+        page.click("#submit")
+        assert page.inner_text("#error") == said
+        assert page.evaluate("document.activeElement.id") == field
+        page.fill(f"#{field}", right)
+        assert page.is_hidden(f"#{field}-error") and page.get_attribute(f"#{field}", "aria-invalid") is None
+    assert len(tab.api_bodies) == 1, "a number the API refuses was sent"
+    page.click("#submit")
+    wait_result(page, first, min_area=50, seed=7)
+    assert page.is_hidden("#error")

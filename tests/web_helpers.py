@@ -121,8 +121,9 @@ def serve(
     token = None
     if auth:
         token = keys.create_key(Store.in_data_dir(settings.data_dir), name="web-test", credits=credits)[1]
-    app = create_app(settings, ServerSettings(host="127.0.0.1", auth=auth, **server), generator)
-    with LiveServer(app) as running:
+    config = ServerSettings(host="127.0.0.1", auth=auth, **server)
+    app = create_app(settings, config, generator)
+    with LiveServer(app, config if config.root_path else None) as running:  # a prefix: uvicorn's root_path
         wait_ready(running.url, 30)
         yield Live(running.url, token)
 
@@ -189,8 +190,8 @@ class Tab:
 
 
 @contextmanager
-def open_tab(context: Any, live: Live, size: dict[str, int] = DESKTOP) -> Iterator[Tab]:
-    """The page loaded from `live` at `size`, the test key typed in as a user would."""
+def open_tab(context: Any, live: Live, size: dict[str, int] = DESKTOP, path: str = "/") -> Iterator[Tab]:
+    """The page loaded from `live` (at `path` under its URL) at `size`, the test key typed in as a user would."""
     page = context.new_page()
     page.set_viewport_size(size)
     tab = Tab(page)
@@ -206,7 +207,7 @@ def open_tab(context: Any, live: Live, size: dict[str, int] = DESKTOP) -> Iterat
 
     page.on("console", console)
     page.on("request", request)
-    page.goto(f"{live.url}/")
+    page.goto(f"{live.url}{path}")
     page.evaluate("localStorage.removeItem('automask.settings')")  # each test starts from the defaults
     page.reload()
     page.wait_for_selector("body[data-loaded=true]", state="attached")

@@ -22,15 +22,18 @@ import click
 from automask import errors
 from automask.cli_inputs import find_images, plan_outputs
 from automask.cli_io import (
+    NoSpaceError,
     OutputError,
     Outputs,
     Reporter,
     check_fits,
+    check_instances_folder,
     echo_json,
     one_line,
     output_format,
     output_target,
     read_source,
+    remove_stale_instances,
     root_settings,
     silence_stdout,
     write_atomic,
@@ -72,7 +75,7 @@ EXIT_HELP = (
     (5, "nothing was selected and --stop-on-empty-mask was given"),
     (6, "fetching the image URL failed or timed out"),
     (7, "inference ran past its time limit or was stopped"),
-    (8, "the output could not be written"),
+    (8, "the output could not be written (batch: a full disk or quota stops the run)"),
     (
         9,
         "serve/worker/keys: the database needs `automask db migrate`, a service setting is missing, or serve "
@@ -191,7 +194,8 @@ def main(
     "--instances",
     "instances_dir",
     type=click.Path(file_okay=False, path_type=Path),
-    help="Also write one mask PNG per detected instance into DIR (00-sofa.png, ...; grown, not inverted).",
+    help="Also write one mask PNG per detected instance into DIR (00-sofa.png, ...; grown, not inverted); the "
+    "instance masks an earlier run wrote there are removed.",
 )
 @mask_options
 @click.pass_obj
@@ -201,10 +205,16 @@ def mask(state: CliState, image: str, out: str | None, instances_dir: Path | Non
     Writes a PNG: the mask (default), an RGBA cut-out (--return-alpha) or a preview (--preview), by
     default beside the input as <stem>.mask.png / .alpha.png / .preview.png; -o NAME.jpg / .webp / .tif
     writes that format instead (WebP lossless; a cut-out cannot be a JPEG). --json cannot be combined
-    with -o - (standard output carries the PNG).
+    with -o - (standard output carries the PNG), and -o - is refused when standard output is a terminal.
     """
     if out == "-" and job.as_json:
         raise InvalidOptionError("--json", "cannot be combined with -o - (stdout carries the PNG); use -o FILE.")
+    if out == "-" and sys.stdout.isatty():
+        raise InvalidOptionError(
+            "--output",
+            "'-' writes the PNG to standard output, which is a terminal: redirect it (-o - > mask.png, "
+            "-o - | program) or name a file.",
+        )
     outputs = Outputs()
     try:
         with signals_interrupt():
@@ -222,6 +232,7 @@ def _mask(settings: Settings, image: str, out: str | None, instances: Path | Non
     target = output_target(out, path, job.options.output_kind)
     fmt = output_format(target, job.options.output_kind)
     if instances is not None:
+        check_instances_folder(instances, target, path)
         outputs.folder(instances)
     generator = load_generator(job, settings)
     with contextlib.redirect_stdout(sys.stderr):
@@ -237,12 +248,15 @@ def _mask(settings: Settings, image: str, out: str | None, instances: Path | Non
 
         saved = save_instances(result, instances, job.options.grow_mask, write=outputs.write)
         meta["instances"] = [str(p) for p in saved]
-        click.echo(f"wrote {len(saved)} instance masks into '{instances}'", err=True)
+        click.echo(one_line(f"wrote {len(saved)} instance masks into '{instances}'"), err=True)
     if job.as_json:
         echo_json(meta)
+    if instances is not None:
+        remove_stale_instances(instances, saved)
     where = "stdout" if target is None else f"'{target}'"
     share = 100.0 * meta["selected_pixels"] / max(1, result.width * result.height)
-    click.echo(f"wrote {where}: {result.kind} {result.width}×{result.height}, {share:.1f}% selected", err=True)
+    shown = f"wrote {where}: {result.kind} {result.width}×{result.height}, {share:.1f}% selected"
+    click.echo(one_line(shown), err=True)
     if result.empty:
         click.echo(f"note: nothing matched {quote_targets(job.prompts)} at threshold {job.options.threshold}", err=True)
 
@@ -256,13 +270,13 @@ EXIT_MODEL = EXIT_CODES[errors.ModelNotAvailableError]
 
 def process(generator: Any, src: Path, dst: Path, job: Job) -> dict[str, Any]:
     """Mask one file and write it; a bad file gives {"ok": false, "error": ...} instead of raising. An error of
-    the model (`EXIT_MODEL`), which every file would meet, is raised."""
+    the model (`EXIT_MODEL`) and a full disk or quota (`NoSpaceError`), which every file would meet, are raised."""
     try:
         with contextlib.redirect_stdout(sys.stderr):
             result = generator.generate(src, job.prompts, job.options)
         write_atomic(dst, result.to_png())
     except AutomaskError as exc:
-        if exit_code(exc) == EXIT_MODEL:
+        if exit_code(exc) == EXIT_MODEL or isinstance(exc, NoSpaceError):
             raise
         return error_record(str(src), exc)
     except OSError as exc:  # the input could not be read (permissions, a vanished file)
@@ -290,8 +304,9 @@ def batch(ctx: click.Context, source: str, out: str, recursive: bool, job: Job) 
 
     A file that fails is reported (one line naming it) and skipped; the others are done. Exit 0 when
     all succeeded, 1 when any failed. An error of the model (unknown, not installed, a prompt it cannot answer)
-    stops the run at once with exit 4, an OUTDIR that cannot be written before any work with exit 8. --json prints
-    one JSON line per file on stdout.
+    stops the run at once with exit 4, an OUTDIR that cannot be written before any work with exit 8, and so does a
+    full disk or quota at the first file it cannot hold (after the summary). --json prints one JSON line per file
+    on stdout.
     """
     if out == "-":
         raise InvalidOptionError(
@@ -334,11 +349,14 @@ def _mask_files(ctx: click.Context, plan: list[tuple[Path, Path]], unread: list[
                 report.start(src)
                 try:
                     record = process(generator, src, dst, job)
-                except AutomaskError as exc:  # stop: the group prints the error once and exits EXIT_MODEL
+                except AutomaskError as exc:  # stop: the group prints the error once and exits (4, or 8)
                     if job.as_json:
                         echo_json(error_record(str(src), exc))
                     raise
                 failed += _report(report, record, job)
+        except NoSpaceError as exc:  # a full disk or quota: the next files would be masked only to fail too
+            report.summary(failed, interrupted=True)
+            raise NoSpaceError(f"{exc.message} Stopped: free some space, then run it again.") from None
         except KeyboardInterrupt:  # Ctrl-C, SIGTERM: what was done, and what is left for a re-run
             report.summary(failed, interrupted=True)
             raise

@@ -3,7 +3,9 @@ stderr (batch inputs are found in `automask.cli_inputs`). No model code here."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import errno
 import json
 import os
 import re
@@ -36,6 +38,19 @@ class OutputError(AutomaskError):
     """The output file or folder could not be written."""
 
 
+class NoSpaceError(OutputError):
+    """The output could not be written for want of space: the disk is full or a quota is reached (ENOSPC, EDQUOT)."""
+
+
+NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def write_error(path: Path, exc: OSError) -> OutputError:
+    """The `OutputError` for a failed write of `path` (a `NoSpaceError` when `exc` says the disk or quota is full)."""
+    cls = NoSpaceError if exc.errno in NO_SPACE else OutputError
+    return cls(f"Cannot write '{path}': {exc.strerror or exc}.")
+
+
 def write_atomic(path: Path, data: bytes) -> Path | None:
     """Write `data` to `path`, never half-written and never replacing what is not a regular file.
 
@@ -48,7 +63,7 @@ def write_atomic(path: Path, data: bytes) -> Path | None:
     except FileNotFoundError:  # a new file (or a dangling symlink: its target is created)
         mode = stat.S_IFREG
     except OSError as exc:
-        raise OutputError(f"Cannot write '{path}': {exc.strerror or exc}.") from None
+        raise write_error(path, exc) from None
     real = Path(os.path.realpath(path))
     if stat.S_ISREG(mode) and _same_file(path, real):
         _replace(real, data, shown=path)
@@ -57,7 +72,7 @@ def write_atomic(path: Path, data: bytes) -> Path | None:
         with open(path, "wb") as f:
             f.write(data)
     except OSError as exc:
-        raise OutputError(f"Cannot write '{path}': {exc.strerror or exc}.") from None
+        raise write_error(path, exc) from None
     return None
 
 
@@ -75,7 +90,7 @@ def _replace(path: Path, data: bytes, shown: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".automask-", suffix=".part")
     except OSError as exc:
-        raise OutputError(f"Cannot write '{shown}': {exc.strerror or exc}.") from None
+        raise write_error(shown, exc) from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -89,7 +104,7 @@ def _replace(path: Path, data: bytes, shown: Path) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         if isinstance(exc, OSError):
-            raise OutputError(f"Cannot write '{shown}': {exc.strerror or exc}.") from None
+            raise write_error(shown, exc) from None
         raise
 
 
@@ -129,8 +144,46 @@ class Outputs:
 
 
 def echo_json(record: dict[str, Any]) -> None:
-    """Print `record` as one JSON line on standard output (see `write_stdout`)."""
-    write_stdout(json.dumps(record).encode() + b"\n")
+    """Print `record` as one JSON line on standard output (see `write_stdout`), valid UTF-8 JSON (`json_safe`)."""
+    write_stdout(json.dumps(json_safe(record)).encode() + b"\n")
+
+
+def json_safe(record: dict[str, Any]) -> dict[str, Any]:
+    """`record` with no lone surrogate, which strict JSON parsers reject: a file name that is not UTF-8 (read as
+    surrogates, Python's "surrogateescape") has each such byte written as the text `\\xNN` (`caf\\xe9.png`); its
+    exact bytes are added, base64-encoded, as `input_base64` / `output_base64` for the `input` / `output` it names."""
+    safe = {key: _safe_value(value) for key, value in record.items()}
+    for key in ("input", "output"):
+        name = record.get(key)
+        if isinstance(name, str) and safe[key] != name and _escaped_only(name):
+            safe[f"{key}_base64"] = base64.b64encode(os.fsencode(name)).decode("ascii")
+    return safe
+
+
+def _safe_value(value: Any) -> Any:
+    """`value` (a JSON value) with every string made valid UTF-8 text, as `json_safe` says."""
+    if isinstance(value, str):
+        return safe_text(value)
+    if isinstance(value, list):
+        return [_safe_value(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _safe_value(v) for k, v in value.items()}
+    return value
+
+
+def safe_text(text: str) -> str:
+    """`text`, or when it holds lone surrogates, the same with each undecodable byte as `\\xNN` (valid UTF-8)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raw = text.encode("utf-8", "surrogateescape" if _escaped_only(text) else "surrogatepass")
+        return raw.decode("utf-8", "backslashreplace")
+    return text
+
+
+def _escaped_only(text: str) -> bool:
+    """Whether every surrogate of `text` is one that "surrogateescape" made of a byte (U+DC80..U+DCFF)."""
+    return all(not 0xD800 <= ord(c) <= 0xDFFF or 0xDC80 <= ord(c) <= 0xDCFF for c in text)
 
 
 def write_stdout(data: bytes) -> None:
@@ -145,7 +198,8 @@ def write_stdout(data: bytes) -> None:
         raise
     except OSError as exc:
         silence_stdout()
-        raise OutputError(f"Cannot write to standard output: {exc.strerror or exc}.") from None
+        cls = NoSpaceError if exc.errno in NO_SPACE else OutputError
+        raise cls(f"Cannot write to standard output: {exc.strerror or exc}.") from None
 
 
 def silence_stdout() -> None:
@@ -238,6 +292,37 @@ def check_fits(target: Path, fmt: str, width: int, height: int) -> None:
         )
 
 
+def check_instances_folder(instances: Path, target: Path | None, source: Path | None) -> None:
+    """An `InvalidOptionError` when the output (`target`) or the input file (`source`) lies in the `--instances`
+    folder under a name an instance mask may take ('00-cat.png'), which it would overwrite (or remove as stale)."""
+    from automask.instances import is_instance_name
+
+    folder = os.path.realpath(instances)
+    for what, path in (("--output", target), ("IMAGE", source)):
+        if path is not None and is_instance_name(path.name) and os.path.realpath(path.parent) == folder:
+            raise InvalidOptionError(
+                what,
+                f"'{path}' is named like an instance mask of --instances '{instances}' (NN-label.png), which would "
+                "replace it: name it otherwise, or give --instances another folder.",
+            )
+
+
+def remove_stale_instances(instances: Path, saved: list[Path]) -> None:
+    """Remove the instance masks an earlier run left in `instances` that this run (`saved`) did not write, so that
+    the folder holds this run's instances only; a file that cannot be removed gets a note."""
+    from automask.instances import stale_instances
+
+    removed = 0
+    for path in stale_instances(instances, saved):
+        try:
+            path.unlink()
+            removed += 1
+        except OSError as exc:
+            click.echo(one_line(f"note: cannot remove the earlier instance mask '{path}': {exc.strerror}"), err=True)
+    if removed:
+        click.echo(one_line(f"removed {removed} instance masks of an earlier run from '{instances}'"), err=True)
+
+
 def file_id(path: Path) -> tuple[int, int] | None:
     """(device, inode) of the file `path` names (links followed), None if there is none: two paths name the same
     file iff their ids are equal and not None (what `os.path.samefile` compares)."""
@@ -249,8 +334,9 @@ def file_id(path: Path) -> tuple[int, int] | None:
 
 
 def one_line(text: str) -> str:
-    """`text` with its line breaks folded (also those of a file name), for one-line reports."""
-    return " ".join(text.splitlines()).strip()
+    """`text` with its line breaks folded (also those of a file name) and a name's bytes that are not UTF-8 as
+    `\\xNN` (`safe_text`, as the JSON has them), for one-line reports."""
+    return " ".join(safe_text(text).splitlines()).strip()
 
 
 class Reporter:

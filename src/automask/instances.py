@@ -7,6 +7,7 @@ invert). `instance_masks` grows each one like the main mask, for inpainting one 
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -32,6 +33,44 @@ def instance_filename(index: int, detection: Detection) -> str:
     return f"{index:02d}-{slug[:60]}.png"
 
 
+INSTANCE_NAME = re.compile(r"[0-9]{2,}-[a-z0-9]+(?:-[a-z0-9]+)*\.png")
+"""The names `instance_filename` gives (and only names of that shape)."""
+
+
+def is_instance_name(name: str) -> bool:
+    """Whether `name` has the shape of an instance mask's file name ('00-sofa.png')."""
+    return INSTANCE_NAME.fullmatch(name) is not None
+
+
+INSTANCE_TAG = ("automask", "instance mask")
+"""The PNG text chunk (keyword, value) that marks a file `save_instances` wrote."""
+
+
+def stale_instances(folder: Path, keep: list[Path]) -> list[Path]:
+    """The instance masks of `folder` that are not in `keep`: those an earlier run wrote there and this one did
+    not (it found fewer instances, or others), sorted. Only files named like one ('NN-label.png') and carrying
+    `INSTANCE_TAG` count: a photo called '01-beach.png' is never taken for one."""
+    kept = {path.name for path in keep}
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return []
+    return sorted(folder / n for n in names if is_instance_name(n) and n not in kept and _tagged(folder / n))
+
+
+def _tagged(path: Path) -> bool:
+    """Whether `path` is a PNG file that `save_instances` wrote (its `INSTANCE_TAG`; only the header is read)."""
+    from PIL import Image
+
+    if not path.is_file():  # a folder, or a FIFO that opening would wait on
+        return False
+    try:
+        with Image.open(path, formats=["PNG"]) as img:  # the chunks before the pixels: nothing is decoded
+            return bool(img.info.get(INSTANCE_TAG[0]) == INSTANCE_TAG[1])
+    except (OSError, ValueError, Image.DecompressionBombError):  # not a PNG (UnidentifiedImageError), unreadable
+        return False
+
+
 def save_instances(
     result: MaskResult,
     folder: Path,
@@ -47,6 +86,6 @@ def save_instances(
     paths = []
     for i, (det, mask) in enumerate(instance_masks(result, grow_mask)):
         path = folder / instance_filename(i, det)
-        (write or Path.write_bytes)(path, encode_png(mask))
+        (write or Path.write_bytes)(path, encode_png(mask, text=dict([INSTANCE_TAG])))
         paths.append(path)
     return paths

@@ -111,8 +111,14 @@ class MaskResult:
         return meta
 
 
-def encode_png(array: np.ndarray, compress_level: int = 1) -> bytes:
-    """Encode an H×W, H×W×3 or H×W×4 uint8 array as PNG bytes (fast compression by default)."""
+def encode_png(array: np.ndarray, compress_level: int = 1, text: dict[str, str] | None = None) -> bytes:
+    """Encode an H×W, H×W×3 or H×W×4 uint8 array as PNG bytes (fast compression by default), with the PNG text
+    chunks `text` (keyword -> value) if given."""
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    for keyword, value in (text or {}).items():
+        info.add_text(keyword, value)
     buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG", compress_level=compress_level)
+    Image.fromarray(array).save(buf, format="PNG", compress_level=compress_level, pnginfo=info if text else None)
     return buf.getvalue()

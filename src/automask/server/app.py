@@ -172,13 +172,29 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         if exc.status_code in (404, 405):
-            path = request.url.path
+            root = request.scope.get("root_path", "")
+            path, direct = sent_path(request.url.path, root)
             hint = " (without the trailing slash?)" if len(path) > 1 and path.endswith("/") else ""
-            docs = request.scope.get("root_path", "") + "/docs"  # under the proxy's prefix, if any
+            if direct:  # asked under the prefix, which the proxy should have stripped
+                hint += f" (this server is set up, by --public-url, for a proxy that strips {root})"
+            docs = root + "/docs"  # under the proxy's prefix, if any
             return error_response(
                 404, f"No endpoint {request.method} {shown(path)}{hint}. The API is described at {docs}."
             )
         return error_response(exc.status_code, str(exc.detail))
+
+
+def sent_path(path: str, root: str) -> tuple[str, bool]:
+    """The path a client asked for, and whether it asked this server directly under the prefix `root`.
+
+    `path` is `root` plus the request line's path (uvicorn's `root_path`): through a proxy that strips the
+    prefix, that is what the client asked the proxy for; a client that sent the prefix itself (asking this
+    server directly, or through a proxy that does not strip it) asked for the request line's path alone.
+    """
+    line = path.removeprefix(root) if root and path.startswith(root) else path
+    if root and (line == root or line.startswith(root + "/")):
+        return line, True
+    return path, False
 
 
 class RequestContextMiddleware:

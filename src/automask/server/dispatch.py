@@ -25,8 +25,9 @@ from automask.server.deployment import SINGLE
 from automask.server.execute import Outcome, answer, execute_job
 from automask.server.jobs import FAILED, Jobs
 from automask.server.nodes import Heartbeat, new_node_id
-from automask.server.runner import ModelEntry, Runner
+from automask.server.runner import Runner
 from automask.server.schemas import MaskRequest
+from automask.server.served import ModelEntry
 from automask.server.store import Store
 from automask.settings import Settings
 

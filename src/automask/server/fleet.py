@@ -29,15 +29,9 @@ from automask.server.config import ServerSettings
 from automask.server.deployment import FLEET
 from automask.server.errors import ApiError
 from automask.server.execute import Outcome
-from automask.server.runner import (
-    ModelEntry,
-    answering,
-    default_name,
-    inference_timeout,
-    naming_alternatives,
-    unknown_model,
-)
+from automask.server.runner import default_name, inference_timeout
 from automask.server.schemas import MaskRequest
+from automask.server.served import ModelEntry, answering, naming_alternatives, unknown_model
 from automask.server.store import Store
 from automask.settings import Settings
 

@@ -15,14 +15,13 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request, Security
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
-from fastapi.security import APIKeyHeader
 
 from automask.errors import InvalidOptionError
 from automask.imageio.load import check_image, inline_size
-from automask.server import keys, metrics
-from automask.server.auth_limit import client_address
+from automask.server import keys
+from automask.server.caller import CallerKey, PollingKey
 from automask.server.dispatch import PUBLISH_TIMEOUT
 from automask.server.errors import ApiError, shown
 from automask.server.execute import Outcome
@@ -30,6 +29,7 @@ from automask.server.holds import credit_hold, unless_client_leaves
 from automask.server.jobs import CANCELLED, COMPLETED, FAILED, Job, no_credits
 from automask.server.keys import ApiKey
 from automask.server.limits import Hold, declared_size
+from automask.server.openapi_docs import JOB_ERRORS, REMAINING_CREDITS, REQUEST_BODY, errors
 from automask.server.schemas import (
     CreditsResponse,
     ErrorResponse,
@@ -51,113 +51,6 @@ router = APIRouter(dependencies=[Depends(only_this_machine)])
 def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     """`{"error": message}` with `status`."""
     return JSONResponse({"error": message}, status_code=status, headers=headers)
-
-
-_ERROR_TEXT = {
-    400: "Invalid parameters, an undecodable image, or a refused image URL.",
-    401: "Missing or unknown API key.",
-    403: "The key is revoked; or, on a server without keys (--no-auth), the request is not from this machine.",
-    404: "Unknown endpoint, model or request id.",
-    406: "Insufficient credits.",
-    413: "Request body or image over the limits.",
-    422: "stop_on_empty_mask and nothing was found.",
-    429: "Rate limited: the key's requests or polls per minute, or too many failed authentications (missing, unknown "
-    "or revoked keys) from the client's address, which is then refused for the rest of the minute unless its key "
-    "is one the server saw succeed lately.",
-    500: "Unexpected server error (the body names the request id the server log has).",
-    502: "The image URL's server failed.",
-    503: "The model is not installed or not loaded, or this node no longer serves its database (see the message).",
-    504: "The image fetch or the inference ran past its time limit.",
-}
-_RATE_HEADERS = {
-    "Retry-After": {"description": "Seconds to wait.", "required": True, "schema": {"type": "string"}},
-    "x-rate-limit-reset-at-utc": {
-        "description": "When the next request is allowed (ISO 8601, UTC).",
-        "required": True,
-        "schema": {"type": "string"},
-    },
-}
-REMAINING_CREDITS = "x-remaining-credits"
-"""v1 success header: the key's credits left once the request is charged (absent: unlimited, or no keys)."""
-
-
-def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
-    """The OpenAPI `responses` of the error `codes` an endpoint can answer: each `{"error": "..."}`."""
-    out: dict[int | str, dict[str, Any]] = {c: {"model": ErrorResponse, "description": _ERROR_TEXT[c]} for c in codes}
-    if 429 in out:
-        out[429]["headers"] = _RATE_HEADERS
-    return out
-
-
-EXAMPLE_IMAGE = (
-    "iVBORw0KGgoAAAANSUhEUgAAAAgAAAAICAIAAABLbSncAAAAF0lEQVR42mNkQAInTpyAs5kYcIDBKQEAuwcCaGIR0xsAAAAASUVORK5CYII="
-)
-"""An 8×8 PNG (left half black, right half grey) as base64: the request example of the API description."""
-_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "application/json": {
-                "schema": MaskRequest.model_json_schema(),
-                "example": {"image": EXAMPLE_IMAGE, "prompt": "sofa, lamp", "threshold": 0.2, "grow_mask": 10},
-            },
-            "multipart/form-data": {"schema": MaskRequest.model_json_schema()},
-        },
-    }
-}
-_JOB_ERRORS = {
-    **_errors(401, 403, 404, 429, 500),
-    422: {"model": StatusResponse, "description": "The job FAILED; `error` says why."},
-}
-"""What the `/v2/requests/{id}...` endpoints answer besides 200."""
-
-
-API_KEY = APIKeyHeader(
-    name="x-api-key", auto_error=False, description="A key made with `automask keys create` (am_<id>_<secret>)."
-)
-"""The `x-api-key` header, declared as the API's security scheme (checked by `current_key`, not here)."""
-
-
-async def current_key(request: Request, token: Annotated[str | None, Security(API_KEY)]) -> ApiKey | None:
-    """The caller's key from `x-api-key` (401/403 otherwise; 401 for the header given twice with different keys,
-    which one would count is anyone's guess); None when the server runs without auth. Every API endpoint asks for
-    it: first, 503 once this node no longer serves its database (`deployment.Guard`); 429 for a client address over
-    its failed authentications (`ServerSettings.auth_fail_limit`) unless the key is one known to be good."""
-    state = state_of(request)
-    if state.guard.refusal is not None:
-        raise ApiError(503, state.guard.refusal)
-    if not state.server.auth:
-        return None
-    given = request.headers.getlist("x-api-key")
-    if len({value.strip() for value in given}) > 1:
-        raise ApiError(
-            401, f"The x-api-key header is given {len(given)} times with different keys: send the request's key once."
-        )
-    address = client_address(request.client.host if request.client else None)
-    await state.failed_auth.admit(address, token)  # a locked-out address: 429 before the database is read
-    try:
-        key = await asyncio.to_thread(keys.authenticate, state.store, token)
-    except ApiError as refused:
-        metrics.auth_failed(refused.status)
-        await state.failed_auth.failed(address, token)
-        raise
-    await state.failed_auth.succeeded(token)
-    request.state.key_id = key.id
-    return key
-
-
-CallerKey = Annotated["ApiKey | None", Depends(current_key)]
-
-
-async def polling_key(request: Request, key: CallerKey) -> ApiKey | None:
-    """The caller's key (`current_key`), for an endpoint clients poll: at most `poll_rate_limit` such requests per
-    minute per key (429, with the headers of any rate limit), counted apart from the key's submits."""
-    if key is not None:
-        await state_of(request).limiter.hit(f"{key.id}:poll", state_of(request).server.poll_rate_limit, "polls")
-    return key
-
-
-PollingKey = Annotated["ApiKey | None", Depends(polling_key)]
 
 
 def render(outcome: Outcome, as_base64: bool, credits_left: int | None = None) -> Response:
@@ -196,7 +89,7 @@ async def accepted(request: Request, key: ApiKey | None) -> AsyncIterator[tuple[
 @router.post(
     f"/v1/{SLUG}",
     summary="Mask what the prompt names (one blocking call)",
-    openapi_extra=_BODY,
+    openapi_extra=REQUEST_BODY,
     responses={
         200: {
             "content": {"image/png": {}, "application/json": {}},
@@ -215,7 +108,7 @@ async def accepted(request: Request, key: ApiKey | None) -> AsyncIterator[tuple[
                 },
             },
         },
-        **_errors(400, 401, 403, 404, 406, 413, 422, 429, 500, 502, 503, 504),
+        **errors(400, 401, 403, 404, 406, 413, 422, 429, 500, 502, 503, 504),
     },
     tags=["v1"],
 )
@@ -238,9 +131,9 @@ async def v1_generate(request: Request, key: CallerKey) -> Response:
 @router.post(
     f"/v2/{SLUG}",
     summary="Queue a masking job; poll its status_url",
-    openapi_extra=_BODY,
+    openapi_extra=REQUEST_BODY,
     response_model=SubmitResponse,
-    responses=_errors(400, 401, 403, 404, 406, 413, 429, 500, 503),
+    responses=errors(400, 401, 403, 404, 406, 413, 429, 500, 503),
     tags=["v2"],
 )
 async def v2_submit(request: Request, key: CallerKey) -> SubmitResponse:
@@ -286,7 +179,7 @@ def _failed(job: Job) -> JSONResponse:
 @router.get(
     "/v2/requests/{request_id}/status",
     response_model=StatusResponse,
-    responses=_JOB_ERRORS,
+    responses=JOB_ERRORS,
     tags=["v2"],
     summary="A job's status: QUEUED, PROCESSING, COMPLETED or FAILED (422)",
 )
@@ -299,7 +192,7 @@ async def v2_status(job: OwnedJob) -> Response:
 @router.get(
     "/v2/requests/{request_id}",
     response_model=ResultResponse,
-    responses=_JOB_ERRORS,
+    responses=JOB_ERRORS,
     tags=["v2"],
     summary="A job's response: output (absolute URL, or base64), metrics and metadata",
 )
@@ -321,7 +214,7 @@ async def v2_response(request: Request, job: OwnedJob) -> Response:
     "/v2/requests/{request_id}/output",
     response_class=Response,
     tags=["v2"],
-    responses={200: {"content": {"image/png": {}}, "description": "The result PNG."}, **_JOB_ERRORS},
+    responses={200: {"content": {"image/png": {}}, "description": "The result PNG."}, **JOB_ERRORS},
     summary="A completed job's result image",
 )
 async def v2_output(request: Request, job: OwnedJob) -> Response:
@@ -345,7 +238,7 @@ async def result_png(request: Request, job: Job) -> bytes:
 @router.post(
     "/v2/requests/{request_id}/cancel",
     response_model=StatusResponse,
-    responses=_errors(401, 403, 404, 429, 500),
+    responses=errors(401, 403, 404, 429, 500),
     tags=["v2"],
     summary="Cancel a queued or running job: it is not charged (automask extension)",
     description=(
@@ -370,7 +263,7 @@ async def v2_cancel(request: Request, job: OwnedJob) -> Response:
 @router.get(
     "/v1/credits",
     response_model=CreditsResponse,
-    responses=_errors(401, 403, 429, 500),
+    responses=errors(401, 403, 429, 500),
     tags=["v1"],
     summary="The calling key's credits left (automask extension); null: unlimited",
 )
@@ -384,7 +277,7 @@ async def v1_credits(request: Request, key: PollingKey) -> CreditsResponse:
 @router.get(
     "/v1/models",
     response_model=ModelList,
-    responses=_errors(401, 403, 429, 500),
+    responses=errors(401, 403, 429, 500),
     tags=["v1"],
     summary="The models this server answers with (automask extension); send one's name as 'model'",
 )

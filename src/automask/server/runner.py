@@ -23,15 +23,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from automask.errors import AutomaskError, InferenceTimeoutError, ModelNotAvailableError, UnknownModelError
+from automask.errors import AutomaskError, InferenceTimeoutError, ModelNotAvailableError
 from automask.imageio import ImageSource
 from automask.models import CATALOGUE, REFINERS, list_models
 from automask.options import MaskOptions
 from automask.pipeline import MaskGenerator
 from automask.result import MaskResult
-from automask.routing import could_answer, installed_alternatives, plan_models, routed
+from automask.routing import installed_alternatives, plan_models, routed
 from automask.server import metrics
 from automask.server.config import ServerSettings
+from automask.server.served import ModelEntry, answering, naming_alternatives, unknown_model
 from automask.settings import Settings
 
 log = logging.getLogger("automask.server")
@@ -42,17 +43,6 @@ _PATH = re.compile(r"(?<![:/\w.~-])(?:/|~/|[A-Za-z]:\\)[^\s'\"]+")
 """A file system path in a message (not the path part of a URL)."""
 DEFAULT_ALIAS = "default"
 """The default model's name when it is a folder whose name is a catalogue name (or has no name)."""
-
-
-@dataclass(frozen=True)
-class ModelEntry:
-    """A model this server answers with, as `GET /v1/models` lists it."""
-
-    name: str
-    backend: str | None
-    description: str
-    default: bool
-    loaded: bool
 
 
 @dataclass
@@ -374,35 +364,6 @@ def inference_timeout(seconds: float) -> InferenceTimeoutError:
     return InferenceTimeoutError(
         f"Masking took longer than the server's limit of {seconds:g} s. "
         "Try a smaller image, or raise the limit with `automask serve --timeout`."
-    )
-
-
-def unknown_model(name: str, served: list[ModelEntry]) -> UnknownModelError:
-    """The 404 of a request naming a model the server does not have, listing the `served` ones."""
-    shown = name if len(name) <= 64 else name[:63] + "…"
-    names = ", ".join(e.name + (" (the default)" if e.default else "") for e in served) or "none"
-    return UnknownModelError(
-        f"Unknown model {shown!r}. This server has: {names} (GET /v1/models lists them); "
-        "leave 'model' out for the default."
-    )
-
-
-def answering(served: Sequence[ModelEntry], name: str, targets: Sequence[str]) -> list[str]:
-    """The names of the `served` models, besides `name`, that could answer `targets` (`routing.could_answer`: an
-    open-vocabulary backend, or the embedded model for its own words)."""
-    return [e.name for e in served if e.name != name and could_answer(e.backend, targets)]
-
-
-def naming_alternatives(error: AutomaskError, others: Sequence[str]) -> AutomaskError:
-    """`error` (a model that cannot answer: 503), its message followed by `others`, the server's models that could
-    answer the request instead (`answering`), when there are some."""
-    if not isinstance(error, ModelNotAvailableError) or not others:
-        return error
-    names = ", ".join(repr(n) for n in others)
-    first = error.message.rstrip()
-    return ModelNotAvailableError(
-        f"{first}{'' if first.endswith('.') else '.'} This server also has {names}, which can answer this "
-        "prompt: send one as the request's 'model' (GET /v1/models lists them)."
     )
 
 

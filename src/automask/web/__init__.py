@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from functools import partial
+from html import escape
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -177,6 +178,17 @@ def server_config(app: Starlette) -> PageConfig:
     )
 
 
+def page_html(root: str) -> str:
+    """index.html with its style sheet and script at `root`/static/ (`root`: the path prefix a proxy strips, as
+    `--public-url` gives it), so the page loads them from under the prefix whether it was asked for at `root` or
+    `root`/ (a proxy that strips the prefix without redirecting `root` to `root`/, as Traefik's StripPrefix and
+    Caddy's handle_path do). The scripts find the API from their own address (api.js)."""
+    text = (assets_dir() / "index.html").read_text(encoding="utf-8")
+    for attribute in ("href", "src"):
+        text = text.replace(f'{attribute}="static/', f'{attribute}="{escape(root)}/static/')
+    return text
+
+
 def mount(app: Starlette, config: Callable[[], PageConfig] | None = None) -> None:
     """Serve the page at `/`, its assets under `/static/`, and `config()` as JSON at `/web/config`.
 
@@ -194,7 +206,10 @@ def mount(app: Starlette, config: Callable[[], PageConfig] | None = None) -> Non
         return JSONResponse({"error": f"There is no page asset named {name!r}."}, status_code=404)
 
     async def page(request: Request) -> Response:
-        return FileResponse(folder / "index.html", media_type=MEDIA_TYPES[".html"], headers=PAGE_HEADERS)
+        root = request.scope.get("root_path", "")
+        if not root:
+            return FileResponse(folder / "index.html", media_type=MEDIA_TYPES[".html"], headers=PAGE_HEADERS)
+        return Response(page_html(root), media_type=MEDIA_TYPES[".html"], headers=PAGE_HEADERS)
 
     async def static(request: Request) -> Response:
         name = request.path_params["name"]

@@ -1,9 +1,11 @@
 // The page's calls to the server: the public v1 API, GET v1/credits (an automask extension) and web/config.
-// Paths are relative, so the page works behind a proxy under any prefix.
+// Paths are relative to where this script was loaded from (SERVER/static/api.js), not to the page's address, so
+// the page works behind a proxy under any prefix, at /prefix as well as /prefix/.
 
-export const API = "v1/automatic-mask-generator";
-const CREDITS = "v1/credits";
-const CONFIG = "web/config";
+const SERVER = new URL("../", import.meta.url);
+const API = new URL("v1/automatic-mask-generator", SERVER);
+const CREDITS = new URL("v1/credits", SERVER);
+const CONFIG = new URL("web/config", SERVER);
 
 export class ApiError extends Error {
   constructor(status, message) {

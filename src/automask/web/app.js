@@ -10,7 +10,15 @@ import { bindSlider, cutoutPreset, growHint, keepInView } from "./controls.js";
 import { downloads, fromServer } from "./downloads.js";
 import { wireInput } from "./input.js";
 import { choosingModel, chosenModel as chosenOf, fillModels, serverInfo, showModel } from "./models.js";
-import { KEY_STORAGE, applyControls, loadPrefs, readControls, savePrefs, vocabularyProblem } from "./prefs.js";
+import {
+  KEY_STORAGE,
+  applyControls,
+  loadPrefs,
+  numberProblem,
+  readControls,
+  savePrefs,
+  vocabularyProblem,
+} from "./prefs.js";
 import { base64Bytes, countSelected, dataUriBlob, decodeMask, imagePixels, withTargets } from "./render.js";
 import { clearError, formatMs, setBusy, setFacts, setStale, setStatus, showError as sayError } from "./status.js";
 import { ownerRadius, showTargets, targetMasks } from "./targets.js";
@@ -22,6 +30,8 @@ const AUTO_DELAY_MS = 300;
 // The balance is looked up once the key field rests: a look-up per keystroke would send each partial key, and the
 // server counts each as a failed authentication (past AUTOMASK_SERVER_AUTH_FAIL_LIMIT a minute, a 429 lock-out).
 const KEY_LOOKUP_DELAY_MS = 800;
+// Number fields checked before anything is sent (their min and max are the API's), with their labels.
+const NUMBER_FIELDS = { min_area: "Smallest region kept", seed: "Seed" };
 
 const state = {
   config: { auth: true, models: [], vocabulary: {}, options: [], examples: [] },
@@ -190,7 +200,28 @@ function payload(opts) {
   return { image: state.image.src, ...opts, return_mask: true, return_alpha: false };
 }
 
+// Says beside each number field what is wrong with it (nothing when it is right); returns the first problem as
+// [sentence, field], or null. A field the server does not offer (hidden) is not checked.
+function numberFieldsProblem() {
+  let first = null;
+  for (const [id, label] of Object.entries(NUMBER_FIELDS)) {
+    const input = $(id);
+    const problem = input.closest("[hidden]") ? null : numberProblem(input, label);
+    $(`${id}-error`).textContent = problem || "";
+    $(`${id}-error`).hidden = !problem;
+    if (problem) input.setAttribute("aria-invalid", "true");
+    else input.removeAttribute("aria-invalid");
+    if (problem && !first) first = [problem, input];
+  }
+  return first;
+}
+
 function checkReady() {
+  const numbers = numberFieldsProblem();
+  if (numbers) {
+    $("advanced").open = true; // the field in error is in view, and can take the focus
+    return numbers;
+  }
   if (!state.image) return ["Choose an image, drop or paste one, or try an example first.", $("file")];
   if (!$("prompt").value.trim()) return ["Type a prompt: what to select, e.g. “person”.", $("prompt")];
   if (state.config.auth && !apiKey()) {
@@ -441,6 +472,7 @@ function wire() {
       optionsChanged();
     });
   }
+  for (const id of Object.keys(NUMBER_FIELDS)) $(id).addEventListener("input", numberFieldsProblem);
   $("prompt").addEventListener("input", promptEdited);
   $("auto").addEventListener("change", () => savePrefs(readControls()));
   for (const id of ["opacity", "tint", "outline"]) {

@@ -6,6 +6,11 @@ import { TooManyPixels, imagePixels } from "./render.js";
 
 const $ = (id) => document.getElementById(id);
 
+// An example photo, served beside this script (static/examples/), wherever the page itself is.
+function exampleUrl(ex) {
+  return new URL(`examples/${encodeURIComponent(ex.file)}`, import.meta.url).href;
+}
+
 function readDataUrl(file) {
   return new Promise((resolve, reject) => {
     const reader = new FileReader();
@@ -162,7 +167,7 @@ export function wireInput(app) {
       button.className = "example";
       button.dataset.example = ex.name;
       const thumb = document.createElement("img");
-      thumb.src = `static/examples/${ex.file}`;
+      thumb.src = exampleUrl(ex);
       thumb.alt = "";
       button.append(thumb, ex.title);
       button.addEventListener("click", () => useExample(ex).catch((err) => app.showError(err.message)));
@@ -176,7 +181,7 @@ export function wireInput(app) {
     app.reading(ex.file);
     let res, blob;
     try {
-      res = await fetch(`static/examples/${ex.file}`);
+      res = await fetch(exampleUrl(ex));
       blob = res.ok ? await res.blob() : null;
     } finally {
       if (choice === chosen) app.reading(null);

@@ -31,6 +31,18 @@ export function pixelProblem(name, { width, height }, maxPixels) {
   return `${name} is ${width}×${height} = ${count} pixels; this server takes images up to ${maxPixels.toLocaleString()} pixels.`;
 }
 
+// null when a number field (`input`, with its min and max) is empty or holds a whole number in range, else the
+// sentence to show beside it: the API refuses the rest, and the page neither sends nor quietly changes them.
+export function numberProblem(input, label) {
+  const min = Number(input.min);
+  const max = Number(input.max);
+  const want = `${label} must be a whole number from ${min.toLocaleString()} to ${max.toLocaleString()}`;
+  if (input.validity.badInput) return `${want}; what is typed is not a number.`;
+  if (input.value === "") return null;
+  const n = Number(input.value);
+  return Number.isInteger(n) && n >= min && n <= max ? null : `${want}, not ${input.value}.`;
+}
+
 // {url} for an http(s) URL (or a data:image URI), else {problem: sentence}.
 export function parseImageUrl(text) {
   const value = text.trim();

@@ -1,0 +1,67 @@
+"""The OpenAPI description of the endpoints' answers: what each error code means, the rate-limit headers, the
+request body's schema and example. Documentation only: nothing here decides an answer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from automask.server.schemas import ErrorResponse, MaskRequest, StatusResponse
+
+_ERROR_TEXT = {
+    400: "Invalid parameters, an undecodable image, or a refused image URL.",
+    401: "Missing or unknown API key.",
+    403: "The key is revoked; or, on a server without keys (--no-auth), the request is not from this machine.",
+    404: "Unknown endpoint, model or request id.",
+    406: "Insufficient credits.",
+    413: "Request body or image over the limits.",
+    422: "stop_on_empty_mask and nothing was found.",
+    429: "Rate limited: the key's requests or polls per minute, or too many failed authentications (missing, unknown "
+    "or revoked keys) from the client's address, which is then refused for the rest of the minute unless its key "
+    "is one the server saw succeed lately.",
+    500: "Unexpected server error (the body names the request id the server log has).",
+    502: "The image URL's server failed.",
+    503: "The model is not installed or not loaded, or this node no longer serves its database (see the message).",
+    504: "The image fetch or the inference ran past its time limit.",
+}
+_RATE_HEADERS = {
+    "Retry-After": {"description": "Seconds to wait.", "required": True, "schema": {"type": "string"}},
+    "x-rate-limit-reset-at-utc": {
+        "description": "When the next request is allowed (ISO 8601, UTC).",
+        "required": True,
+        "schema": {"type": "string"},
+    },
+}
+REMAINING_CREDITS = "x-remaining-credits"
+"""v1 success header: the key's credits left once the request is charged (absent: unlimited, or no keys)."""
+
+
+def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """The OpenAPI `responses` of the error `codes` an endpoint can answer: each `{"error": "..."}`."""
+    out: dict[int | str, dict[str, Any]] = {c: {"model": ErrorResponse, "description": _ERROR_TEXT[c]} for c in codes}
+    if 429 in out:
+        out[429]["headers"] = _RATE_HEADERS
+    return out
+
+
+EXAMPLE_IMAGE = (
+    "iVBORw0KGgoAAAANSUhEUgAAAAgAAAAICAIAAABLbSncAAAAF0lEQVR42mNkQAInTpyAs5kYcIDBKQEAuwcCaGIR0xsAAAAASUVORK5CYII="
+)
+"""An 8×8 PNG (left half black, right half grey) as base64: the request example of the API description."""
+REQUEST_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": MaskRequest.model_json_schema(),
+                "example": {"image": EXAMPLE_IMAGE, "prompt": "sofa, lamp", "threshold": 0.2, "grow_mask": 10},
+            },
+            "multipart/form-data": {"schema": MaskRequest.model_json_schema()},
+        },
+    }
+}
+JOB_ERRORS = {
+    **errors(401, 403, 404, 429, 500),
+    422: {"model": StatusResponse, "description": "The job FAILED; `error` says why."},
+}
+"""What the `/v2/requests/{id}...` endpoints answer besides 200."""
