@@ -437,10 +437,10 @@ def test_models_list_and_pull_use_the_settings(monkeypatch: pytest.MonkeyPatch, 
     table = invoke("--data-dir", data, "models", "list")
     assert table.exit_code == 0 and "clipseg" in table.stdout and "no" in table.stdout
 
-    calls: list[tuple[str, Settings, bool]] = []
+    calls: list[tuple[str, Settings, bool, bool]] = []
 
-    def fake_pull(name: str, settings: Settings, *, progress: bool = True) -> Path:
-        calls.append((name, settings, progress))
+    def fake_pull(name: str, settings: Settings, *, progress: bool = True, force: bool = False) -> Path:
+        calls.append((name, settings, progress, force))
         return settings.models_dir / name
 
     exported: list[tuple[str, Path]] = []
@@ -448,9 +448,11 @@ def test_models_list_and_pull_use_the_settings(monkeypatch: pytest.MonkeyPatch, 
     monkeypatch.setattr("automask.cli_models._export_after_pull", lambda name, path, _: exported.append((name, path)))
     pulled = invoke("--data-dir", data, "models", "pull", "clipseg")
     assert pulled.exit_code == 0, pulled.output
-    assert [(n, s.data_dir, p) for n, s, p in calls] == [("clipseg", data, True)]
+    assert [(n, s.data_dir, p, f) for n, s, p, f in calls] == [("clipseg", data, True, False)]
     assert exported == [("clipseg", data / "models" / "clipseg")]
     assert str(data / "models" / "clipseg") in pulled.stdout
+    assert invoke("--data-dir", data, "models", "pull", "subject", "--force").exit_code == 0
+    assert calls[-1][0] == "subject" and calls[-1][3] is True
 
 
 def fake_onnx_export(model_path: Path, *, int8: bool) -> None:

@@ -259,7 +259,7 @@ def test_a_folder_without_its_tokenizer_is_a_clear_error(tiny_clipseg_dir: Path,
         load(folder, Settings())
     assert err.value.message == (
         f"The CLIPSeg model in '{folder}' has no tokenizer (tokenizer.json or its vocabulary files are missing): it "
-        "would read every prompt as the same unknown words. Re-download it with: automask models pull clipseg"
+        "would read every prompt as the same unknown words. Re-download it with: automask models pull clipseg --force"
     )
 
 
@@ -273,7 +273,7 @@ def test_a_half_downloaded_weights_file_is_a_clear_error(tiny_clipseg_dir: Path,
     with pytest.raises(ModelNotAvailableError) as err:
         load(folder, Settings())
     assert err.value.message.startswith(f"The CLIPSeg model in '{folder}' could not be loaded (")
-    assert err.value.message.endswith("Re-download it with: automask models pull clipseg")
+    assert err.value.message.endswith("Re-download it with: automask models pull clipseg --force")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -70,3 +72,69 @@ def test_staging_in_an_unwritable_place_names_the_setting(tmp_path: Path) -> Non
     (tmp_path / "data").write_text("a file where the data folder should be")
     with pytest.raises(ModelNotAvailableError, match="AUTOMASK_DATA_DIR"), staging(tmp_path / "data" / "models" / "m"):
         pass
+
+
+def test_an_installed_folder_follows_the_umask_not_0700(tmp_path: Path) -> None:
+    """A model folder is the staging folder renamed: it must be readable as the umask allows (a server running as
+    another user reads a shared AUTOMASK_DATA_DIR), not mkdtemp's owner-only 0700."""
+    old = os.umask(0o022)
+    try:
+        with staging(tmp_path / "models" / "m") as tmp:
+            mode = stat.S_IMODE(tmp.stat().st_mode)
+    finally:
+        os.umask(old)
+    assert mode == 0o755
+
+
+def test_another_installer_finishing_at_the_same_moment_is_no_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two processes installing one model (workers starting together on a shared data folder): the other's folder
+    lands at `dest` between the check and the rename; that rename failed with ENOTEMPTY (an internal error)."""
+    dest = tmp_path / "models" / "m"
+    new = _folder(tmp_path / "models" / ".m-new", "new")
+    real = os.replace
+    raced: list[bool] = []
+
+    def other_installer_first(src: Any, dst: Any) -> None:
+        if Path(src) == new and not raced:
+            raced.append(True)
+            real(_folder(tmp_path / "models" / ".m-theirs", "theirs"), dest)
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", other_installer_first)
+    replace_dir(new, dest)
+    assert raced and (dest / "weights").read_text() == "new"
+    assert [p.name for p in dest.parent.iterdir()] == ["m"]
+
+
+def test_a_folder_another_installer_moves_aside_first_is_no_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The other process sets the old `dest` aside between this one's look and its own move."""
+    dest = _folder(tmp_path / "models" / "m", "old")
+    new = _folder(tmp_path / "models" / ".m-new", "new")
+    real = os.replace
+
+    def other_installer_first(src: Any, dst: Any) -> None:
+        if Path(src) == dest and dest.exists():
+            shutil.rmtree(dest)
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", other_installer_first)
+    replace_dir(new, dest)
+    assert (dest / "weights").read_text() == "new"
+    assert [p.name for p in dest.parent.iterdir()] == ["m"]
+
+
+def test_staging_removes_folders_a_killed_install_left_and_keeps_live_ones(tmp_path: Path) -> None:
+    """A pull killed outright (SIGKILL, a power cut) leaves its `.NAME-*.partial` folder, GBs for sam3, which no
+    later pull removed. The next staging of that model removes it; one another process still fills is kept."""
+    target = tmp_path / "models" / "m"
+    dead = _folder(tmp_path / "models" / ".m-0dead000.partial", "half")
+    other = _folder(tmp_path / "models" / ".mm-0dead000.partial", "another model's")
+    with staging(target) as live:
+        assert not dead.exists() and other.exists()
+        with staging(target) as second:
+            assert live.is_dir() and second.is_dir()
+    assert sorted(p.name for p in target.parent.iterdir()) == [other.name]

@@ -59,5 +59,5 @@ def test_a_folder_without_its_tokenizer_is_a_clear_error(
         MaskGenerator(str(tmp_path / "model"), Settings(data_dir=tmp_path / "data"))
     assert err.value.message == (
         f"The {what} model in '{folder}' has no tokenizer (tokenizer.json or its vocabulary files are missing): it "
-        f"would read every prompt as the same unknown words. Re-download it with: automask models pull {pull}"
+        f"would read every prompt as the same unknown words. Re-download it with: automask models pull {pull} --force"
     )

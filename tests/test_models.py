@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import json
 import shutil
@@ -13,6 +14,7 @@ import httpx
 import huggingface_hub
 import huggingface_hub.constants
 import pytest
+from click.testing import CliRunner
 from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
 
 from automask import install, models
@@ -353,3 +355,49 @@ def test_a_mask_head_folder_given_as_the_model_says_it_reads_no_prompt(tmp_path:
         f"'{folder}' reads no text prompt: it sharpens CLIPSeg masks with refine=true (--refine). "
         "Use --model clipseg with refine, or --model grounded-sam."
     )
+
+
+def test_pull_onto_a_full_disk_says_to_free_space_not_to_check_the_network(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, online: None, tiny_clipseg_dir: Path
+) -> None:
+    full = OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", FakeHub(tiny_clipseg_dir, fail_after=1, error=full))
+    with pytest.raises(ModelNotAvailableError) as err:
+        models.pull("clipseg", settings, progress=False)
+    msg = err.value.message
+    assert "is full" in msg and "AUTOMASK_DATA_DIR" in msg and str(settings.models_dir) in msg
+    assert "Check the network" not in msg
+    assert list(settings.models_dir.iterdir()) == []
+
+
+def test_a_data_dir_given_with_a_tilde_is_under_the_home_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """AUTOMASK_DATA_DIR=~/automask from an env file, a service unit or `--data-dir=~/automask` (no shell expands
+    it): models were pulled into a folder literally named '~' under the current directory."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("AUTOMASK_DATA_DIR", "~/automask")
+    assert Settings().models_dir == tmp_path / "home" / "automask" / "models"
+    assert Settings(data_dir=Path("~/other")).data_dir == tmp_path / "home" / "other"
+
+
+def test_pull_force_repairs_a_damaged_install_the_load_error_points_at(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, online: None, tiny_clipseg_dir: Path
+) -> None:
+    """A pulled model whose weights were damaged (a disk error, a copy cut short) fails to load with 'Re-download it
+    with: automask models pull clipseg'; but that pull saw the marker and did nothing, and the CLI had no --force."""
+    from automask import cli_models
+    from automask.cli import main
+
+    monkeypatch.setattr(cli_models, "_export_after_pull", lambda *a: None)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", FakeHub(tiny_clipseg_dir))
+    target = models.pull("clipseg", settings, progress=False)
+    (target / "model.safetensors").write_bytes(b"\0" * 100)
+    with pytest.raises(ModelNotAvailableError) as err:
+        MaskGenerator("clipseg", settings)
+    fix = err.value.message.split("Re-download it with: ")[1]
+    assert fix == "automask models pull clipseg --force"
+    result = CliRunner().invoke(main, ["--data-dir", str(settings.data_dir), *fix.split()[1:]])
+    assert result.exit_code == 0, result.output
+    assert (target / "model.safetensors").read_bytes() == (tiny_clipseg_dir / "model.safetensors").read_bytes()
+    assert MaskGenerator("clipseg", settings).backend.model_id == "clipseg"

@@ -5,6 +5,7 @@ Every export goes into a temporary copy of a tiny random checkpoint; the shared 
 
 from __future__ import annotations
 
+import errno
 import json
 import shutil
 import subprocess
@@ -317,3 +318,29 @@ def test_a_damaged_graph_is_a_clear_error(exported: Path, tmp_path: Path) -> Non
     (onnx_dir(folder) / "image.onnx").write_bytes(b"not an onnx graph")
     with pytest.raises(ModelNotAvailableError, match=r"could not be loaded.*automask models export"):
         clipseg_onnx.load(folder, Settings())
+
+
+def test_an_export_onto_a_full_disk_is_a_clear_error_and_leaves_nothing(
+    tiny_clipseg_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ENOSPC while writing the graphs was 'internal error: OSError' (exit 70), and `models pull clipseg` failed
+    that way after installing the model. Now: a clear error from `models export`, a note after a pull (exit 0)."""
+    from automask import models
+    from automask.backends import clipseg_export
+    from automask.cli import main
+
+    def disk_full(*args: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    folder = tmp_path / "clipseg"
+    shutil.copytree(tiny_clipseg_dir, folder)
+    monkeypatch.setattr(clipseg_export, "_export_prompt", disk_full)
+    result = CliRunner().invoke(main, ["models", "export", str(folder)])
+    assert result.exit_code == 1, result.output
+    assert f"Cannot write the ONNX export into '{folder}' (No space left on device). Free some space" in result.output
+    assert "internal error" not in result.output
+    assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in tiny_clipseg_dir.iterdir())
+    monkeypatch.setattr(models, "pull", lambda *a, **kw: folder)
+    result = CliRunner().invoke(main, ["models", "pull", "clipseg"])
+    assert result.exit_code == 0, result.output
+    assert f"clipseg installed in {folder}" in result.output and "note: Cannot write the ONNX export" in result.output

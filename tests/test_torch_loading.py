@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
+from automask import MaskGenerator
 from automask.backends import grounded_sam, sam
 from automask.backends.torch_loading import check_device, checkpoint_errors
 from automask.errors import ModelNotAvailableError
@@ -50,7 +53,7 @@ def test_checkpoint_errors_name_the_model_the_cause_and_the_fix(tmp_path: Path) 
         raise OSError("model.safetensors is missing\nlong transformers advice")
     assert err.value.message == (
         f"The SAM model in '{tmp_path}' could not be loaded (model.safetensors is missing). "
-        "Re-download it with: automask models pull sam"
+        "Re-download it with: automask models pull sam --force"
     )
     assert isinstance(err.value.__cause__, OSError)
     with pytest.raises(ModelNotAvailableError, match=r"\(KeyError\)"), checkpoint_errors("SAM", tmp_path, "sam"):
@@ -68,3 +71,17 @@ def test_sam_for_refine_applies_the_thread_setting(tmp_path: Path) -> None:
         assert torch.get_num_threads() == wanted
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_folder_whose_config_names_another_architecture_is_a_clear_error(
+    tiny_clipseg_dir: Path, tmp_path: Path
+) -> None:
+    """A CLIPSeg checkpoint whose config.json says another model_type: transformers' constructor raises an
+    AttributeError/TypeError on the missing fields, which reached the user as an internal error (exit 70)."""
+    folder = tmp_path / "mislabelled"
+    shutil.copytree(tiny_clipseg_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "model_type": "sam3"}))
+    with pytest.raises(ModelNotAvailableError) as err:
+        MaskGenerator(str(folder), Settings(data_dir=tmp_path / "data"))
+    assert f"model in '{folder}' could not be loaded" in err.value.message

@@ -10,6 +10,8 @@ from typing import Any
 import click
 
 from automask.cli_io import root_settings
+from automask.cli_signals import signals_interrupt
+from automask.errors import AutomaskError
 from automask.settings import Settings
 
 
@@ -55,15 +57,17 @@ def models_list(ctx: click.Context, as_json: bool) -> None:
 
 @models.command("pull")
 @click.argument("name")
+@click.option("--force", is_flag=True, help="Download again even when installed (a damaged or incomplete model).")
 @click.pass_context
-def models_pull(ctx: click.Context, name: str) -> None:
+def models_pull(ctx: click.Context, name: str, force: bool) -> None:
     """Download model NAME (e.g. clipseg) into the data folder, with a progress bar."""
     from automask.models import pull
 
     settings = root_settings(ctx)
-    path = pull(name, settings, progress=True)
-    click.echo(f"{name} installed in {path}")
-    _export_after_pull(name, path, settings)
+    with signals_interrupt():  # SIGTERM/SIGHUP unwind as Ctrl-C does: no half-downloaded folder is left behind
+        path = pull(name, settings, progress=True, force=force)
+        click.echo(f"{name} installed in {path}")
+        _export_after_pull(name, path, settings)
 
 
 def _export_after_pull(name: str, path: Path, settings: Settings) -> None:
@@ -77,7 +81,12 @@ def _export_after_pull(name: str, path: Path, settings: Settings) -> None:
         click.echo(f'For the fast CPU runtime, run: pip install "automask[export]" && automask models export {name}')
         return
     click.echo("Exporting the ONNX Runtime graphs (once; about a minute)...", err=True)
-    click.echo(f"ONNX Runtime graphs written to {export_onnx(str(path), settings)}")
+    try:
+        folder = export_onnx(str(path), settings)
+    except AutomaskError as exc:  # the pull did its job: the model is installed and runs with torch
+        click.echo(f"note: {exc.message}", err=True)
+        return
+    click.echo(f"ONNX Runtime graphs written to {folder}")
 
 
 @models.command("export")
@@ -89,7 +98,8 @@ def models_export(ctx: click.Context, model: str, int8: bool | None) -> None:
     from automask.models import export_onnx
 
     click.echo("Exporting the ONNX Runtime graphs (about a minute)...", err=True)
-    click.echo(f"ONNX Runtime graphs written to {export_onnx(model, root_settings(ctx), int8=int8)}")
+    with signals_interrupt():
+        click.echo(f"ONNX Runtime graphs written to {export_onnx(model, root_settings(ctx), int8=int8)}")
 
 
 def _onnx_exports(backend: str, path: Path) -> list[str] | None:

@@ -8,10 +8,11 @@ huggingface_hub is imported only inside the functions that talk to it.
 from __future__ import annotations
 
 import contextlib
+import errno
+import glob
 import os
 import shutil
 import sys
-import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,10 +26,16 @@ FALLBACK_WEIGHTS = ("pytorch_model*.bin",)
 @contextlib.contextmanager
 def staging(folder: Path) -> Iterator[Path]:
     """A new empty folder beside `folder` (the same file system, so `replace_dir` from it is a rename), removed
-    with whatever is left in it after the block. `ModelNotAvailableError` when it cannot be created."""
+    with whatever is left in it after the block. `ModelNotAvailableError` when it cannot be created.
+
+    While the block runs, the folder's `.lock` file beside it is locked; staging folders of `folder` whose lock
+    nobody holds (their process was killed: SIGKILL, a power cut) are removed first."""
+    tmp = folder.parent / f".{folder.name}-{uuid.uuid4().hex[:8]}.partial"
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", suffix=".partial", dir=folder.parent))
+        _remove_abandoned(folder)
+        held = _lock(_lock_file(tmp), wait=True)
+        tmp.mkdir()  # not mkdtemp: its 0700 would stay on the installed folder; this follows the umask
     except OSError as exc:
         raise ModelNotAvailableError(
             f"Cannot write to the models folder '{folder.parent}' ({exc.strerror}). "
@@ -38,27 +45,82 @@ def staging(folder: Path) -> Iterator[Path]:
         yield tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        _unlock(_lock_file(tmp), held)
+
+
+def _lock_file(tmp: Path) -> Path:
+    return tmp.with_name(f"{tmp.name}.lock")
+
+
+def _lock(path: Path, *, wait: bool) -> int | None:
+    """An open descriptor of `path` (created if need be) holding its exclusive lock; None when another process
+    holds it (and not `wait`). Where there is no `fcntl` (Windows) nothing is locked: -1."""
+    try:
+        import fcntl
+    except ImportError:
+        return -1
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _unlock(path: Path, fd: int | None) -> None:
+    with contextlib.suppress(OSError):
+        path.unlink()
+    if fd is not None and fd >= 0:
+        os.close(fd)
+
+
+def _remove_abandoned(folder: Path) -> None:
+    """Remove the staging folders of `folder` that no live process holds (see `staging`)."""
+    for old in folder.parent.glob(f".{glob.escape(folder.name)}-*.partial"):
+        fd = _lock(_lock_file(old), wait=False)
+        if fd is None or fd < 0:  # alive, or no locks to tell (Windows): keep it
+            continue
+        shutil.rmtree(old, ignore_errors=True)
+        _unlock(_lock_file(old), fd)
 
 
 def replace_dir(new: Path, dest: Path) -> None:
     """Rename the complete folder `new` to `dest` (the same file system). Whatever `dest` held (a folder or a
-    symlink) is moved aside first and deleted only once `new` is in place; if that rename fails it is put back."""
-    old = None
-    if os.path.lexists(dest):
-        old = dest.with_name(f".{dest.name}-{uuid.uuid4().hex[:8]}.old")
-        os.replace(dest, old)
-    try:
-        os.replace(new, dest)
-    except OSError:
-        if old is not None:
-            os.replace(old, dest)
-        raise
+    symlink) is moved aside first and deleted only once `new` is in place; if that rename fails it is put back.
+    Another process installing to `dest` at the same moment is no error: the last rename wins."""
+    for _ in range(_RACE_RETRIES):
+        old = _move_aside(dest)
+        try:
+            os.replace(new, dest)
+        except OSError as exc:
+            if old is not None:
+                os.replace(old, dest)
+            elif exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                continue  # another installer's folder landed at `dest` since it was moved aside: again
+            raise
+        break
+    else:
+        raise OSError(errno.EEXIST, f"'{dest}' kept being replaced by another installer")
     if old is None:
         return
     if old.is_symlink():
         old.unlink()
     else:
         shutil.rmtree(old, ignore_errors=True)
+
+
+_RACE_RETRIES = 10
+
+
+def _move_aside(dest: Path) -> Path | None:
+    """Rename `dest` to a unique hidden name beside it and return that; None when there is no `dest` (any more)."""
+    old = dest.with_name(f".{dest.name}-{uuid.uuid4().hex[:8]}.old")
+    try:
+        os.replace(dest, old)
+    except FileNotFoundError:
+        return None
+    return old
 
 
 def has_weights(folder: Path) -> bool:
@@ -95,10 +157,32 @@ def download_repo(name: str, repo: str, dest: Path, files: tuple[str, ...], prog
             if "*.safetensors" in files and not any(dest.glob("*.safetensors")):
                 snapshot_download(repo, local_dir=dest, allow_patterns=list(FALLBACK_WEIGHTS))
     except errors as exc:
-        raise ModelNotAvailableError(offline_message(name, f"downloading {repo} failed: {_short(exc)}")) from exc
+        raise ModelNotAvailableError(download_failure(name, repo, dest, exc)) from exc
     shutil.rmtree(dest / ".cache", ignore_errors=True)  # the hub's download bookkeeping
     if not has_weights(dest):
         raise ModelNotAvailableError(f"The hub repository {repo} holds no model weights automask can load.")
+
+
+def download_failure(name: str, repo: str, dest: Path, exc: BaseException) -> str:
+    """The error for catalogue model `name` whose repository `repo` could not be downloaded into `dest` (`exc`),
+    naming the fix for the cause: a rejected token, a full disk, else the network."""
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    what = f"downloading {repo} failed: {_short(exc)}"
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    if status == 401 and not isinstance(exc, RepositoryNotFoundError):  # the hub's answer to a bad token
+        return (
+            f"Cannot download the model '{name}': {what}. The hub rejected the Hugging Face token (HF_TOKEN, or the "
+            "one saved by `hf auth login`): it is invalid or expired. Create a read token at "
+            f"https://huggingface.co/settings/tokens, then run: HF_TOKEN=<token> automask models pull {name} "
+            "(a public model needs no token: unset HF_TOKEN)."
+        )
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (
+            f"Cannot download the model '{name}': {what}. The disk holding '{dest.parent}' is full: free some "
+            f"space, or point AUTOMASK_DATA_DIR at a disk with room, then run again: automask models pull {name}."
+        )
+    return offline_message(name, what)
 
 
 def offline() -> bool:

@@ -102,6 +102,12 @@ class Settings(BaseSettings, metaclass=RaisesInvalidOption):
         message = err.message.removeprefix(f"{err.field}: ")
         return InvalidOptionError(f"{err.field} (AUTOMASK_{err.field.upper()})", message)
 
+    @field_validator("data_dir")
+    @classmethod
+    def _home_expanded(cls, v: Path) -> Path:
+        """'~' as the shell would expand it: an env file or a service unit (or --data-dir=~/x) passes it as is."""
+        return v.expanduser()
+
     @field_validator("device")
     @classmethod
     def _known_device(cls, v: str) -> str:

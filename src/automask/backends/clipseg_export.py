@@ -72,6 +72,11 @@ def export(model_path: Path, *, int8: bool = False, weight_type: str = "QInt8") 
             manifest["int8_weight_type"] = weight_type
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
         replace_dir(tmp, onnx_dir(model_path))
+    except OSError as exc:  # a full disk, mostly: the export is the size of the weights (twice with int8)
+        raise AutomaskError(
+            f"Cannot write the ONNX export into '{model_path}' ({exc.strerror or exc}). Free some space there "
+            "and run again: automask models export NAME_OR_PATH (the model still runs with torch meanwhile)."
+        ) from exc
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return onnx_dir(model_path)

@@ -14,9 +14,10 @@ from typing import Any
 from automask.errors import ModelNotAvailableError
 from automask.settings import Settings
 
-LOAD_ERRORS: tuple[type[Exception], ...] = (OSError, ValueError, KeyError, RuntimeError)
-"""What `from_pretrained` raises for a missing, partial or damaged checkpoint folder (and, see `load_errors`,
-safetensors' `SafetensorError` for a truncated weights file)."""
+LOAD_ERRORS: tuple[type[Exception], ...] = (OSError, ValueError, KeyError, RuntimeError, AttributeError, TypeError)
+"""What `from_pretrained` raises for a missing, partial or damaged checkpoint folder, or one whose config.json names
+another architecture than its fields describe (AttributeError/TypeError); and, see `load_errors`, safetensors'
+`SafetensorError` for a truncated weights file."""
 
 
 def load_errors() -> tuple[type[Exception], ...]:
@@ -69,7 +70,7 @@ def checkpoint_errors(what: str, folder: Path, pull: str) -> Iterator[None]:
         why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ModelNotAvailableError(
             f"The {what} model in '{folder}' could not be loaded ({why}). "
-            f"Re-download it with: automask models pull {pull}"
+            f"Re-download it with: automask models pull {pull} --force"
         ) from exc
 
 
@@ -86,6 +87,7 @@ def load_tokenizer(folder: Path, what: str, pull: str, *, processor: bool = Fals
     if len(tokenizer) <= len(set(tokenizer.all_special_ids)):
         raise ModelNotAvailableError(
             f"The {what} model in '{folder}' has no tokenizer (tokenizer.json or its vocabulary files are missing): "
-            f"it would read every prompt as the same unknown words. Re-download it with: automask models pull {pull}"
+            "it would read every prompt as the same unknown words. "
+            f"Re-download it with: automask models pull {pull} --force"
         )
     return loaded

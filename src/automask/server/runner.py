@@ -199,7 +199,7 @@ class Runner:
             log.error("model %s is not available: %s", slot.name, exc.message)
             return ModelNotAvailableError(
                 f"The server's model {slot.name!r} is not available: its files are missing or incomplete (the "
-                f"server log says which). Install it again with: automask models pull {slot.name}"
+                f"server log says which). Install it again with: automask models pull {slot.name} --force"
             )
         if slot.name == self.default:
             return ModelNotAvailableError(f"The server's model is not available. {exc.message}")

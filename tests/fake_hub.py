@@ -1,0 +1,115 @@
+"""A fake Hugging Face hub on loopback (for HF_ENDPOINT): serves the files of local folders as model repositories,
+with the headers huggingface_hub reads, and can answer a request with a hub error instead."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+SHA = "0" * 40
+
+
+@dataclass
+class HubError:
+    """What the fake hub answers instead of a file: an HTTP status with the hub's X-Error-* headers."""
+
+    status: int
+    code: str = ""
+    message: str = ""
+
+
+@dataclass
+class FakeHubServer:
+    """repos: hub repository ('owner/name') -> folder of its files. `error`: answered to every request when set."""
+
+    repos: dict[str, Path]
+    error: HubError | None = None
+    cut: int | None = None
+    """When set, a file download sends only this many bytes of the body, then drops the connection."""
+    pause: float = 0.0
+    """Seconds each file download waits before its body (time to interrupt a download)."""
+    requests: list[str] = field(default_factory=list)
+    url: str = ""
+
+
+def _handler(hub: FakeHubServer) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def do_HEAD(self) -> None:
+            self._answer(body=False)
+
+        def do_GET(self) -> None:
+            self._answer(body=True)
+
+        def _answer(self, body: bool) -> None:
+            hub.requests.append(f"{self.command} {self.path}")
+            if hub.error is not None:
+                headers = {"X-Error-Code": hub.error.code, "X-Error-Message": hub.error.message}
+                self._send(hub.error.status, b"{}", headers)
+                return
+            path = self.path.split("?")[0]
+            for repo, folder in hub.repos.items():
+                files = sorted(p.name for p in folder.iterdir() if p.is_file())
+                if path.startswith(f"/api/models/{repo}/tree/"):
+                    tree = [{"type": "file", "path": f, "size": (folder / f).stat().st_size, "oid": SHA} for f in files]
+                    self._send(200, json.dumps(tree).encode(), {"Content-Type": "application/json"})
+                    return
+                if path.startswith(f"/api/models/{repo}/"):
+                    info = {"id": repo, "sha": SHA, "siblings": [{"rfilename": f} for f in files]}
+                    self._send(200, json.dumps(info).encode(), {"Content-Type": "application/json"})
+                    return
+                if path.startswith(f"/{repo}/resolve/"):
+                    self._file(folder / path.removeprefix(f"/{repo}/resolve/").split("/", 1)[1], body)
+                    return
+            self._send(404, b"", {"X-Error-Code": "RepoNotFound"})
+
+        def _file(self, file: Path, body: bool) -> None:
+            """A file download (GET) or its metadata (HEAD); only `hub.cut` bytes of it when that is set."""
+            if not file.is_file():
+                self._send(404, b"", {"X-Error-Code": "EntryNotFound"})
+                return
+            if body:
+                time.sleep(hub.pause)
+            data = file.read_bytes()
+            headers = {"X-Repo-Commit": SHA, "ETag": f'"{hashlib.sha256(data).hexdigest()}"'}
+            sent = data if hub.cut is None else data[: hub.cut]
+            self._send(200, sent if body else b"", headers | {"Content-Type": "application/octet-stream"}, len(data))
+            if body and hub.cut is not None:
+                self.close_connection = True
+
+        def _send(self, status: int, data: bytes, headers: dict[str, str], length: int | None = None) -> None:
+            self.send_response(status)
+            for k, v in headers.items():
+                if v:
+                    self.send_header(k, v)
+            self.send_header("Content-Length", str(len(data) if length is None else length))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(data)
+
+    return Handler
+
+
+@contextmanager
+def fake_hub(repos: dict[str, Path]) -> Iterator[FakeHubServer]:
+    """Serve `repos` on a free loopback port for the block; point HF_ENDPOINT at the yielded `.url`."""
+    hub = FakeHubServer(repos)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(hub))
+    server.daemon_threads = True  # a paused download does not hold up the shutdown
+    hub.url = f"http://127.0.0.1:{server.server_address[1]}"
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield hub
+    finally:
+        server.shutdown()
+        server.server_close()

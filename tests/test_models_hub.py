@@ -1,0 +1,111 @@
+"""`automask models pull` against a fake Hugging Face hub on loopback (HF_ENDPOINT): the real huggingface_hub client
+downloads a tiny random CLIPSeg over HTTP, and the hub's failures (a dropped download, a rejected token) give errors
+that name the right fix and leave nothing behind. Never the network: the hub listens on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fake_hub import FakeHubServer, HubError, fake_hub
+from test_first_use import automask_command, clean_env, run
+
+REPO = "CIDAS/clipseg-rd64-refined"
+
+
+@pytest.fixture()
+def hub(tiny_clipseg_dir: Path) -> Iterator[FakeHubServer]:
+    """The tiny CLIPSeg served as both CLIPSeg's and SAM 3's repository (only the hub's answers matter here)."""
+    with fake_hub({REPO: tiny_clipseg_dir, "facebook/sam3": tiny_clipseg_dir}) as server:
+        yield server
+
+
+def _env(tmp_path: Path, hub: FakeHubServer, **extra: str) -> dict[str, str]:
+    env = clean_env(tmp_path, HF_ENDPOINT=hub.url, **extra)
+    env.pop("HF_TOKEN", None)
+    return env | extra
+
+
+def test_a_dropped_download_leaves_nothing_and_the_retry_installs_a_readable_model(
+    tmp_path: Path, hub: FakeHubServer
+) -> None:
+    env = _env(tmp_path, hub)
+    models = tmp_path / "data" / "models"
+    hub.cut = 100  # every file: 100 bytes, then the connection drops
+    proc = run(["models", "pull", "clipseg"], env)
+    assert proc.returncode == 4, proc.stderr
+    assert "RemoteProtocolError" in proc.stderr and "automask models pull clipseg" in proc.stderr
+    assert list(models.iterdir()) == []
+    hub.cut = None
+    old = os.umask(0o022)
+    try:
+        proc = run(["models", "pull", "clipseg"], env)
+    finally:
+        os.umask(old)
+    assert proc.returncode == 0, proc.stderr
+    folder = models / "clipseg"
+    assert f"clipseg installed in {folder}" in proc.stdout
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o755  # another user (a server) can read it
+    assert (folder / "model.safetensors").read_bytes() == (hub.repos[REPO] / "model.safetensors").read_bytes()
+    listed = json.loads(run(["models", "list", "--json"], env).stdout)
+    assert next(m for m in listed if m["name"] == "clipseg")["source"] == "data-dir"
+
+
+@pytest.mark.parametrize("name", ["clipseg", "sam3"])
+def test_a_rejected_token_names_hf_token_not_the_network(tmp_path: Path, hub: FakeHubServer, name: str) -> None:
+    hub.error = HubError(401, message="Invalid credentials in Authorization header")
+    proc = run(["models", "pull", name], _env(tmp_path, hub, HF_TOKEN="hf_expired"))
+    assert proc.returncode == 4, proc.stderr
+    assert "rejected the Hugging Face token" in proc.stderr and "https://huggingface.co/settings/tokens" in proc.stderr
+    assert f"HF_TOKEN=<token> automask models pull {name}" in proc.stderr
+    assert "Check the network" not in proc.stderr
+    assert list((tmp_path / "data" / "models").iterdir()) == []
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_pull_stopped_midway_leaves_no_partial_folder(tmp_path: Path, hub: FakeHubServer, signum: int) -> None:
+    """SIGTERM (a service manager, `kill`) during `models pull` killed the process outright, leaving the
+    half-downloaded `.clipseg-*.partial` folder in the data folder for good; it now unwinds as Ctrl-C does."""
+    models = tmp_path / "data" / "models"
+    hub.pause = 30.0
+    proc = subprocess.Popen(
+        [*automask_command(), "models", "pull", "clipseg"],
+        env=_env(tmp_path, hub),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 60
+    while not any(p.is_dir() for p in models.glob("*.partial")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    [partial] = [p for p in models.iterdir() if p.is_dir()]
+    assert partial.name.endswith(".partial")
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signum, err
+    assert "Traceback" not in err and "interrupted" in err
+    assert list(models.iterdir()) == []
+
+
+def test_a_pull_killed_outright_leaves_a_folder_the_next_pull_removes(tmp_path: Path, hub: FakeHubServer) -> None:
+    models = tmp_path / "data" / "models"
+    env = _env(tmp_path, hub)
+    hub.pause = 30.0
+    proc = subprocess.Popen([*automask_command(), "models", "pull", "clipseg"], env=env, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while not any(p.is_dir() for p in models.glob("*.partial")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    proc.kill()  # SIGKILL: nothing can clean up
+    proc.communicate(timeout=60)
+    assert [p.suffix for p in models.iterdir() if p.is_dir()] == [".partial"]
+    hub.pause = 0.0
+    assert run(["models", "pull", "clipseg"], env).returncode == 0
+    assert [p.name for p in models.iterdir()] == ["clipseg"]
