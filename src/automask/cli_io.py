@@ -47,8 +47,13 @@ NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 def write_error(path: Path, exc: OSError) -> OutputError:
     """The `OutputError` for a failed write of `path` (a `NoSpaceError` when `exc` says the disk or quota is full)."""
+    return _write_failure(f"Cannot write '{path}'", exc)
+
+
+def _write_failure(what: str, exc: OSError) -> OutputError:
+    """`what` failed because of `exc`: a `NoSpaceError` when the disk or quota is full, else an `OutputError`."""
     cls = NoSpaceError if exc.errno in NO_SPACE else OutputError
-    return cls(f"Cannot write '{path}': {exc.strerror or exc}.")
+    return cls(f"{what}: {exc.strerror or exc}.")
 
 
 def write_atomic(path: Path, data: bytes) -> Path | None:
@@ -198,8 +203,7 @@ def write_stdout(data: bytes) -> None:
         raise
     except OSError as exc:
         silence_stdout()
-        cls = NoSpaceError if exc.errno in NO_SPACE else OutputError
-        raise cls(f"Cannot write to standard output: {exc.strerror or exc}.") from None
+        raise _write_failure("Cannot write to standard output", exc) from None
 
 
 def silence_stdout() -> None:

@@ -191,7 +191,7 @@ def sent_path(path: str, root: str) -> tuple[str, bool]:
     prefix, that is what the client asked the proxy for; a client that sent the prefix itself (asking this
     server directly, or through a proxy that does not strip it) asked for the request line's path alone.
     """
-    line = path.removeprefix(root) if root and path.startswith(root) else path
+    line = path.removeprefix(root)
     if root and (line == root or line.startswith(root + "/")):
         return line, True
     return path, False

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from functools import partial
+from functools import cache, partial
 from html import escape
 from importlib import resources
 from pathlib import Path
@@ -178,6 +178,7 @@ def server_config(app: Starlette) -> PageConfig:
     )
 
 
+@cache  # one prefix per server: the file is read once, not at every page request
 def page_html(root: str) -> str:
     """index.html with its style sheet and script at `root`/static/ (`root`: the path prefix a proxy strips, as
     `--public-url` gives it), so the page loads them from under the prefix whether it was asked for at `root` or
