@@ -183,6 +183,18 @@ def test_render_preview_tints_selected_pixels_only(image_and_mask: tuple[np.ndar
     assert np.array_equal(pp.render_preview(image, mask, opacity=0.0), image)
 
 
+def test_render_preview_equals_the_float32_formula_for_every_mask_and_pixel_value() -> None:
+    """The preview's tables give, for all 256 × 256 (mask, value) pairs, exactly the float32 formula on each pixel."""
+    mask = np.repeat(np.arange(256, dtype=np.uint8), 256).reshape(256, 256)  # row = mask value
+    image = np.stack([mask.T, 255 - mask.T, mask.T // 2 + 40], axis=-1)  # column = pixel value, per channel
+    for tint, opacity in [(pp.PREVIEW_TINT, pp.PREVIEW_OPACITY), ((7, 200, 255), 0.83)]:
+        w = (mask.astype(np.float32) / 255.0 * opacity)[..., None]
+        formula = image.astype(np.float32) * (1.0 - w) + np.asarray(tint, np.float32) * w
+        expected = np.clip(np.rint(formula), 0, 255).astype(np.uint8)
+        assert np.array_equal(pp.render_preview(image, mask, tint, opacity), expected)
+    assert np.array_equal(pp.render_preview(image[:0], mask[:0]), image[:0])  # no pixels: an empty preview
+
+
 def test_render_unknown_kind(image_and_mask: tuple[np.ndarray, np.ndarray]) -> None:
     image, mask = image_and_mask
     with pytest.raises(ValueError, match="unknown output kind"):

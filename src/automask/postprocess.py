@@ -132,12 +132,22 @@ def render_alpha(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
 def render_preview(
     image: np.ndarray, mask: np.ndarray, tint: tuple[int, int, int] = PREVIEW_TINT, opacity: float = PREVIEW_OPACITY
 ) -> np.ndarray:
-    """Preview: H×W×3 uint8, the image blended towards `tint` by `opacity` × mask / 255 (a soft mask's edge fades)."""
-    out = image.astype(np.float32)
-    sel = mask > 0
-    weight = (mask[sel].astype(np.float32) / 255.0 * opacity)[:, None]
-    out[sel] = out[sel] * (1.0 - weight) + np.asarray(tint, np.float32) * weight
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+    """Preview: H×W×3 uint8, the image blended towards `tint` by `opacity` × mask / 255 (a soft mask's edge fades).
+
+    Per pixel and channel, in float32: rint(v · (1 − w) + tint · w) with w = mask / 255 · opacity; it depends only on
+    (mask, v), so it is read from a 256×256 table per channel (as fast for a fully selected 17 MP photo as for an
+    empty mask; the formula on every pixel took seconds there).
+    """
+    if not mask.any():
+        return image.copy()
+    weight = (np.arange(256, dtype=np.float32) / 255.0 * opacity)[:, None]  # row: the mask's value
+    value = np.arange(256, dtype=np.float32)[None, :]  # column: the image's value
+    index = mask.astype(np.uint16) << 8
+    out = np.empty((*image.shape[:2], 3), np.uint8)
+    for c in range(3):
+        table = np.clip(np.rint(value * (1.0 - weight) + np.float32(tint[c]) * weight), 0, 255).astype(np.uint8)
+        np.take(table.ravel(), index | image[..., c], out=out[..., c])
+    return out
 
 
 def render(image: np.ndarray, mask: np.ndarray, kind: str) -> np.ndarray:
