@@ -6,7 +6,8 @@ Choices, the same for every source:
   model would then try to segment; white is what a viewer shows on a light page. `keep_alpha=True` returns an
   image with transparency as H×W×4 RGBA instead (straight alpha, the stored colours), for cut-outs that keep it.
 - **EXIF orientation is applied** (all 8 values), so rows and columns are those of the image as displayed.
-- **16-bit samples are scaled, never clipped**: v -> round(v · 255 / 65535).
+- **16-bit samples are scaled, never clipped**: v -> round(v · 255 / 65535) for grayscale and arrays; 16-bit colour
+  PNG/TIFF keep their high byte (v >> 8), as Pillow decodes them: at most one level below the rounded scale.
 - **32-bit integer samples** (Pillow's mode "I": int32 TIFFs, uint32 ones, signed 16-bit ones) are scaled by their
   type's range too, once their values leave 0..65535 (`wide_to_uint8`): an image's own min..max would make every
   image full-contrast and a tile decode unlike the whole.
