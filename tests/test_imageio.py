@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import re
 import struct
 import time
 import tracemalloc
@@ -215,6 +216,15 @@ def test_32bit_int_and_float_tiff(settings: Settings) -> None:
     assert load_image(encode(Image.fromarray(ints), "TIFF"), settings)[0, :, 1].tolist() == [0, 255, 255]
     floats = np.array([[0.0, 0.5, 1.0]], np.float32)
     assert load_image(encode(Image.fromarray(floats), "TIFF"), settings)[0, :, 0].tolist() == [0, 128, 255]
+
+
+def test_a_float_tiff_out_of_range_is_told_about_its_samples_not_about_arrays(settings: Settings) -> None:
+    for values, words in [([0.0, 300.0], "Float images must hold samples in 0–1 or 0–255, got max 300"),
+                          ([-3.0, 1.0], "negative sample values (min -3)"),
+                          ([np.nan, 1.0], "NaN or infinite")]:  # fmt: skip
+        with pytest.raises(ImageDecodeError, match=re.escape(words)) as caught:
+            load_image(encode(Image.fromarray(np.array([values], np.float32)), "TIFF"), settings)
+        assert "array" not in str(caught.value)  # the user sent a file
 
 
 def tiff_of(array: np.ndarray) -> bytes:

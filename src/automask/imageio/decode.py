@@ -354,20 +354,20 @@ def to_uint8(a: np.ndarray) -> np.ndarray:
     if a.dtype.kind not in "uif":
         raise ImageDecodeError(f"Array images of dtype {a.dtype} are not supported; pass uint8 RGB.")
     if a.dtype.kind == "f" and not np.isfinite(a).all():
-        raise ImageDecodeError("The image array contains NaN or infinite values.")
+        raise ImageDecodeError("The image's samples contain NaN or infinite values.")
     lo, hi = float(a.min()), float(a.max())
     if lo < 0:
-        raise ImageDecodeError(f"The image array has negative values (min {lo:g}); pass values in 0–255.")
+        raise ImageDecodeError(f"The image has negative sample values (min {lo:g}); they must be in 0–255.")
     if a.dtype.kind == "f":
         if hi > 255:
-            raise ImageDecodeError(f"Float image arrays must hold 0–1 or 0–255 values, got max {hi:g}.")
+            raise ImageDecodeError(f"Float images must hold samples in 0–1 or 0–255, got max {hi:g}.")
         scale = 255.0 if hi <= 1.0 else 1.0
         return np.clip(np.rint(a * scale), 0, 255).astype(np.uint8)
     if hi <= 255:
         return a.astype(np.uint8)
     if hi <= 65535:
         return scale_16bit(a)
-    raise ImageDecodeError(f"Integer image arrays must hold 0–255 or 0–65535 values, got max {hi:g}.")
+    raise ImageDecodeError(f"Integer images must hold samples in 0–255 or 0–65535, got max {hi:g}.")
 
 
 def array_to_rgb(a: np.ndarray, settings: Settings, *, keep_alpha: bool = False) -> np.ndarray:
