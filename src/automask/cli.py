@@ -301,7 +301,7 @@ def process(generator: Any, src: Path, dst: Path, job: Job) -> dict[str, Any]:
     type=click.Path(file_okay=False),
     help="Folder to write into.",
 )
-@click.option("-r", "--recursive", is_flag=True, help="Include subfolders (a glob: let ** span folders).")
+@click.option("-r", "--recursive", is_flag=True, help="Include subfolders, linked ones too (a glob: ** spans folders).")
 @mask_options
 @click.pass_context
 def batch(ctx: click.Context, source: str, out: str, recursive: bool, job: Job) -> None:
