@@ -31,10 +31,11 @@ class DatabaseProbe:
 
     async def unreachable(self) -> str | None:
         """None when the database answers within `timeout` seconds, else why not (`DB_DOWN`)."""
-        if self._asking is None or self._asking.done():
-            self._asking = asyncio.ensure_future(asyncio.to_thread(self.store.ping))
+        asking = self._asking
+        if asking is None or asking.done() or asking.get_loop() is not asyncio.get_running_loop():
+            asking = self._asking = asyncio.ensure_future(asyncio.to_thread(self.store.ping))
         try:
-            answered = await asyncio.wait_for(asyncio.shield(self._asking), self.timeout)
+            answered = await asyncio.wait_for(asyncio.shield(asking), self.timeout)
         except TimeoutError:
             answered = False
         if answered:
