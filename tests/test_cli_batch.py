@@ -203,6 +203,29 @@ def test_a_recursive_glob_does_not_follow_a_symlink_loop(tiny_clipseg_dir: Path,
     assert result.stderr.rstrip().endswith("2 done, 0 failed")
 
 
+@pytest.mark.parametrize("source", ["folder", "glob"])
+def test_batch_follows_symlinked_folders_once_each(
+    tiny_clipseg_dir: Path, folder: Path, tmp_path: Path, source: str
+) -> None:
+    """Before: `-r` entered no symlinked folder, neither from a folder nor with a glob's '**' (which followed them
+    before the link-loop fix): photos kept on another disk and linked in were skipped without a word. Now both
+    follow them, each real folder once (two links to one folder, a link back into the tree or above it)."""
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "deep").mkdir(parents=True)
+    Image.open(folder / "b.png").save(elsewhere / "c.png")
+    Image.open(folder / "b.png").save(elsewhere / "deep" / "d.png")
+    (folder / "again").symlink_to(elsewhere)
+    (folder / "more").symlink_to(elsewhere)  # the same folder by another link: not read twice
+    (elsewhere / "back").symlink_to(folder)  # into the tree again: a loop
+    (elsewhere / "deep" / "top").symlink_to(tmp_path)  # above the tree: a loop
+    args = [folder] if source == "folder" else [f"{folder}/**/*.*"]
+    result = invoke("batch", *args, "-r", "-o", tmp_path / "out", "-p", "cat", "--model", tiny_clipseg_dir, "--json")
+    assert result.exit_code == 0, result.output
+    inputs = sorted(json.loads(line)["input"] for line in result.stdout.splitlines())
+    assert inputs == [str(folder / name) for name in ("a.jpg", "again/c.png", "again/deep/d.png", "b.png")]
+    assert result.stderr.rstrip().endswith("4 done, 0 failed")
+
+
 @pytest.fixture()
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A 64 KiB tmpfs (mounting one needs root) with room left for two small files only."""

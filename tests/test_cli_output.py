@@ -306,11 +306,57 @@ def test_an_instance_never_replaces_the_mask_or_the_input(
     result = invoke(*args, "--instances", folder)
     assert result.exit_code == 2, result.output
     flag = "--output" if which == "output" else "IMAGE"
-    why = f"is named like an instance mask of --instances '{tmp_path / 'inst'}' (NN-label.png), which would replace it"
+    why = f"is where --instances '{folder}' writes an instance mask (00-cat.png), which would replace it"
     assert result.stderr == f"error: {flag}: '{named}' {why}: name it otherwise, or give --instances another folder.\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["inst"]
     assert [p.name for p in folder.iterdir()] == ([] if which == "output" else ["00-cat.png"])
     assert which == "output" or named.read_bytes() == photo.read_bytes()
+
+
+def test_files_in_the_instances_folder_named_like_instances_are_decided_by_the_tag(
+    tiny_clipseg_dir: Path, photo: Path, tmp_path: Path
+) -> None:
+    """Before: any input or -o in DIR named like an instance ('01-beach.png', a photo) was refused by its name,
+    although no instance of the run would take it; and a tagged instance mask given as the input was then removed
+    as stale."""
+    folder = tmp_path / "inst"
+    folder.mkdir()
+    beach = folder / "01-beach.png"
+    shutil.copy(photo, beach)
+    args = ["--model", tiny_clipseg_dir, "--threshold", "0", "--instances", folder, "--json"]
+    result = invoke("mask", beach, "-p", "cat", "-o", folder / "05-mask.png", *args)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["instances"] == [str(folder / "00-cat.png")]
+    assert sorted(p.name for p in folder.iterdir()) == ["00-cat.png", "01-beach.png", "05-mask.png"]
+    assert beach.read_bytes() == photo.read_bytes()
+    again = invoke("mask", folder / "00-cat.png", "-p", "dog", "-o", tmp_path / "m.png", *args)  # an instance mask
+    assert again.exit_code == 0, again.output
+    assert sorted(p.name for p in folder.iterdir()) == ["00-cat.png", "00-dog.png", "01-beach.png", "05-mask.png"]
+
+
+def test_an_instance_never_replaces_a_file_without_the_tag(tiny_clipseg_dir: Path, photo: Path, tmp_path: Path) -> None:
+    """Instance masks written before the tag existed (or the user's files named so) are the user's: a run whose
+    instance would replace one is refused before it writes anything, and one it would not replace is kept."""
+    from automask.result import encode_png
+
+    folder = tmp_path / "inst"
+    folder.mkdir()
+    untagged = encode_png(np.zeros((40, 60), np.uint8))
+    for name in ("00-cat.png", "03-dog.png"):
+        (folder / name).write_bytes(untagged)
+    args = ["mask", photo, "--model", tiny_clipseg_dir, "--threshold", "0", "-o", tmp_path / "m.png"]
+    refused = invoke(*args, "-p", "cat", "--instances", folder)
+    assert refused.exit_code == 2, refused.output
+    assert refused.stderr == (
+        f"error: --instances: '{folder / '00-cat.png'}' is not an instance mask automask wrote (it carries no "
+        "automask tag), and an instance mask of this run would replace it: move it, or give --instances another "
+        "folder.\n"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["inst"]
+    assert all((folder / name).read_bytes() == untagged for name in ("00-cat.png", "03-dog.png"))
+    done = invoke(*args, "-p", "grass", "--instances", folder)
+    assert done.exit_code == 0, done.output
+    assert sorted(p.name for p in folder.iterdir()) == ["00-cat.png", "00-grass.png", "03-dog.png"]
 
 
 def test_stale_instances_are_only_automask_instance_masks(tmp_path: Path) -> None:

@@ -196,6 +196,22 @@ def test_serve_refuses_to_keep_v2_results_for_less_than_an_hour(tmp_path: Path) 
     assert ServerSettings(result_ttl=3600).result_ttl == ServerSettings().result_ttl == 3600
 
 
+@pytest.mark.parametrize("value", ["inf", "1e12", "31536001"])
+def test_v2_results_are_kept_a_year_at_most(value: str) -> None:
+    """Before: `inf` (or any number) was taken: finished results were never deleted and filled the database's disk."""
+    with pytest.raises(ValidationError, match=r"result_ttl\n  Input should be less than or equal to 31536000"):
+        ServerSettings(result_ttl=value)
+    assert ServerSettings(result_ttl=31536000).result_ttl == 365 * 86400  # a year is the longest
+
+
+def test_serve_refuses_to_keep_v2_results_for_ever(tmp_path: Path) -> None:
+    env = {"AUTOMASK_SERVER_RESULT_TTL": "inf"}
+    result = CliRunner().invoke(main, ["--data-dir", str(tmp_path), "serve", "--port", "0"], env=env)
+    assert result.exit_code == 2, result.output
+    assert "result_ttl: Input should be less than or equal to 31536000" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "automask.db").exists()
+
+
 @pytest.mark.parametrize(
     "url", ["masks.example.com", "masks.example.com:8000/api", "ftp://masks.example.com", "https://", "https://x/?a=1"]
 )

@@ -27,7 +27,7 @@ from automask.cli_io import (
     Outputs,
     Reporter,
     check_fits,
-    check_instances_folder,
+    check_instance_files,
     echo_json,
     one_line,
     output_format,
@@ -195,7 +195,9 @@ def main(
     "instances_dir",
     type=click.Path(file_okay=False, path_type=Path),
     help="Also write one mask PNG per detected instance into DIR (00-sofa.png, ...; grown, not inverted); the "
-    "instance masks an earlier run wrote there are removed.",
+    "instance masks an earlier run wrote there are removed. Only files automask tagged as instance masks are "
+    "replaced or removed: a run whose instance would take the name of another file (the input, -o, a photo, a mask "
+    "written before the tag existed) is refused.",
 )
 @mask_options
 @click.pass_obj
@@ -232,11 +234,14 @@ def _mask(settings: Settings, image: str, out: str | None, instances: Path | Non
     target = output_target(out, path, job.options.output_kind)
     fmt = output_format(target, job.options.output_kind)
     if instances is not None:
-        check_instances_folder(instances, target, path)
         outputs.folder(instances)
     generator = load_generator(job, settings)
     with contextlib.redirect_stdout(sys.stderr):
         result = generator.generate(source, job.prompts, job.options)
+    if instances is not None:
+        from automask.instances import instance_paths
+
+        check_instance_files(instance_paths(result, instances), instances, target, path)
     if target is None:
         write_stdout(result.to_png())
     else:
@@ -252,7 +257,7 @@ def _mask(settings: Settings, image: str, out: str | None, instances: Path | Non
     if job.as_json:
         echo_json(meta)
     if instances is not None:
-        remove_stale_instances(instances, saved)
+        remove_stale_instances(instances, saved, path)
     where = "stdout" if target is None else f"'{target}'"
     share = 100.0 * meta["selected_pixels"] / max(1, result.width * result.height)
     shown = f"wrote {where}: {result.kind} {result.width}×{result.height}, {share:.1f}% selected"
@@ -296,7 +301,7 @@ def process(generator: Any, src: Path, dst: Path, job: Job) -> dict[str, Any]:
     type=click.Path(file_okay=False),
     help="Folder to write into.",
 )
-@click.option("-r", "--recursive", is_flag=True, help="Include subfolders (a glob: let ** span folders).")
+@click.option("-r", "--recursive", is_flag=True, help="Include subfolders, linked ones too (a glob: ** spans folders).")
 @mask_options
 @click.pass_context
 def batch(ctx: click.Context, source: str, out: str, recursive: bool, job: Job) -> None:

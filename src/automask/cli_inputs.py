@@ -7,7 +7,7 @@ import glob
 import itertools
 import os
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from automask import errors
@@ -48,15 +48,17 @@ def find_images(source: str, recursive: bool, outdir: Path) -> tuple[list[Path],
 
 def _folder_images(root: Path, recursive: bool, outdir: Path) -> tuple[list[Path], list[OSError]]:
     """The image files of the folder `root`, and the errors of the subfolders it could not list (see
-    `find_images`; a `root` it cannot list raises). Symlinks to folders are not followed."""
+    `find_images`; a `root` it cannot list raises). Symlinks to folders are followed as `_walk` does."""
     skip, earlier_output = outdir.resolve(), _earlier_outputs(root, outdir)
     unreadable: list[OSError] = []
     found: list[Path] = []
     if not recursive:
         found = list(root.iterdir())
-    for folder, subfolders, names in os.walk(root, onerror=unreadable.append) if recursive else ():
-        subfolders[:] = [d for d in subfolders if not d.startswith(".") and Path(folder, d).resolve() != skip]
-        found += [Path(folder, name) for name in names]
+    else:
+        for folder, names in _walk(
+            root, unreadable.append, lambda d: not d.name.startswith(".") and d.resolve() != skip
+        ):
+            found += [folder / name for name in names]
     if unreadable and unreadable[0].filename == os.fspath(root):
         raise unreadable[0]
     files = [
@@ -68,6 +70,29 @@ def _folder_images(root: Path, recursive: bool, outdir: Path) -> tuple[list[Path
         and not earlier_output(p)
     ]
     return files, unreadable
+
+
+def _walk(
+    root: Path, onerror: Callable[[OSError], None] | None = None, enter: Callable[[Path], bool] = lambda d: True
+) -> Iterator[tuple[Path, list[str]]]:
+    """(folder, names of its files and of what is not a folder) for `root` and every folder below it that `enter`
+    accepts, through symlinks to folders too, each real folder once: a link to a folder that is reached anyway (one
+    below `root`, `root` itself, or one above it, which holds `root`: a loop) is not entered, and a folder reached
+    again by another link is not listed again. So no file is found twice through folder links, and a link loop ends."""
+    top = root.resolve()
+    seen = {top}
+    for folder, subfolders, names in os.walk(root, onerror=onerror, followlinks=True):
+        entered = []
+        for name in sorted(subfolders):  # of two links to one folder, the first by name is followed
+            path = Path(folder, name)
+            real = path.resolve()
+            if path.is_symlink() and (top in (real, *real.parents) or real in top.parents):
+                continue  # below `root` (reached by its own path) or above it (a loop)
+            if real not in seen and enter(path):
+                seen.add(real)
+                entered.append(name)
+        subfolders[:] = entered
+        yield Path(folder), names
 
 
 def _earlier_outputs(root: Path, outdir: Path) -> Callable[[Path], bool]:
@@ -88,19 +113,37 @@ def _split_glob(pattern: str) -> tuple[Path, str]:
 
 
 def _glob_files(pattern: str, recursive: bool) -> list[Path]:
-    """The files `pattern` matches, each once. With `recursive`, `**` spans folders but never follows a symlink to
-    a folder (`glob.glob` does: a link to a folder above looped dozens of times, two of them for ever); names
-    starting with '.' are matched only by a pattern part that starts with '.', as `glob.glob` does."""
+    """The files `pattern` matches, each once. With `recursive`, `**` spans folders, following symlinks to folders
+    as a folder source does (`_walk`: each real folder once, so a link loop ends; `glob.glob` looped dozens of times
+    through a link to a folder above, two of them for ever); names starting with '.' are matched only by a pattern
+    part that starts with '.', as `glob.glob` does."""
     if not (recursive and "**" in pattern):
         return [Path(p) for p in glob.glob(pattern) if Path(p).is_file()]
     root, rest = _split_glob(pattern)
-    rest += "/*" if Path(rest).name == "**" else ""  # 'shots/**': every file below (pathlib's gives folders)
-    dotted = [part for part in Path(rest).parts if part.startswith(".")]
+    parts = Path(rest).parts + (("*",) if Path(rest).name == "**" else ())  # 'shots/**': every file below
+    dotted = [part for part in parts if part.startswith(".")]
 
     def hidden(name: str) -> bool:
         return name.startswith(".") and not any(fnmatch.fnmatchcase(name, part) for part in dotted)
 
-    return [p for p in root.glob(rest) if p.is_file() and not any(map(hidden, p.relative_to(root).parts))]
+    found = (folder / name for folder, names in _walk(root) for name in names)
+    return [
+        p
+        for p in found
+        if _matches(p.relative_to(root).parts, parts)
+        and not any(map(hidden, p.relative_to(root).parts))
+        and p.is_file()
+    ]
+
+
+def _matches(names: tuple[str, ...], parts: tuple[str, ...]) -> bool:
+    """Whether the path `names` (its parts) matches the glob `parts`: '**' any number of folders, the others one
+    name each (`fnmatch`, case-sensitive)."""
+    if not parts:
+        return not names
+    if parts[0] == "**":
+        return any(_matches(names[i:], parts[1:]) for i in range(len(names) + 1))
+    return bool(names) and fnmatch.fnmatchcase(names[0], parts[0]) and _matches(names[1:], parts[1:])
 
 
 def plan_outputs(files: list[Path], outdir: Path, base: Path | None) -> list[tuple[Path, Path]]:

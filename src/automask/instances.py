@@ -49,16 +49,17 @@ INSTANCE_TAG = ("automask", "instance mask")
 def stale_instances(folder: Path, keep: list[Path]) -> list[Path]:
     """The instance masks of `folder` that are not in `keep`: those an earlier run wrote there and this one did
     not (it found fewer instances, or others), sorted. Only files named like one ('NN-label.png') and carrying
-    `INSTANCE_TAG` count: a photo called '01-beach.png' is never taken for one."""
+    `INSTANCE_TAG` count: a photo called '01-beach.png' is never taken for one, nor is a mask written before the
+    tag existed."""
     kept = {path.name for path in keep}
     try:
         names = os.listdir(folder)
     except OSError:
         return []
-    return sorted(folder / n for n in names if is_instance_name(n) and n not in kept and _tagged(folder / n))
+    return sorted(folder / n for n in names if is_instance_name(n) and n not in kept and is_instance_mask(folder / n))
 
 
-def _tagged(path: Path) -> bool:
+def is_instance_mask(path: Path) -> bool:
     """Whether `path` is a PNG file that `save_instances` wrote (its `INSTANCE_TAG`; only the header is read)."""
     from PIL import Image
 
@@ -69,6 +70,11 @@ def _tagged(path: Path) -> bool:
             return bool(img.info.get(INSTANCE_TAG[0]) == INSTANCE_TAG[1])
     except (OSError, ValueError, Image.DecompressionBombError):  # not a PNG (UnidentifiedImageError), unreadable
         return False
+
+
+def instance_paths(result: MaskResult, folder: Path) -> list[Path]:
+    """The file of each instance in `folder`, in order, as `save_instances` names them."""
+    return [folder / instance_filename(i, det) for i, det in enumerate(result.detections)]
 
 
 def save_instances(
@@ -83,9 +89,7 @@ def save_instances(
     """
     if write is None:
         folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i, (det, mask) in enumerate(instance_masks(result, grow_mask)):
-        path = folder / instance_filename(i, det)
+    paths = instance_paths(result, folder)
+    for path, (_, mask) in zip(paths, instance_masks(result, grow_mask), strict=True):
         (write or Path.write_bytes)(path, encode_png(mask, text=dict([INSTANCE_TAG])))
-        paths.append(path)
     return paths

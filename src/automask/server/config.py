@@ -44,6 +44,9 @@ MAX_WAIT = 3600.0
 can wait for (`inf`, 1e12: about 9.2e9 s on Linux) crashed the thread that waited, so none may be "no limit"."""
 RESULT_TTL_MIN = 3600.0
 """v2 results are kept at least an hour after they finish (the external contract's promise to clients)."""
+RESULT_TTL_MAX = 365 * 86400.0
+"""...and at most a year: no longer is "keep for ever" (`inf`), which fills the database's disk with results no
+client fetches."""
 
 
 def _seconds(default: float, most: float, description: str, *, zero: bool = False) -> Any:
@@ -109,7 +112,9 @@ class ServerSettings(BaseSettings):
     result_ttl: float = Field(
         default=3600.0,
         ge=RESULT_TTL_MIN,
-        description="Seconds v2 results are kept after they finish: at least an hour, as CONTRACT.md promises clients.",
+        le=RESULT_TTL_MAX,
+        description="Seconds v2 results are kept after they finish: at least an hour, as CONTRACT.md promises clients, "
+        "and at most a year (31536000).",
     )
     cleanup_interval: float = _seconds(60.0, MAX_WAIT, "Seconds between sweeps of expired v2 results")
     max_job_attempts: int = Field(

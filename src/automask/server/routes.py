@@ -301,15 +301,20 @@ async def healthz() -> dict[str, str]:
     responses={
         503: {
             "model": ErrorResponse,
-            "description": "The model is still loading or failed to load, the database now serves another kind "
-            "of deployment, or Redis (AUTOMASK_REDIS_URL) does not answer.",
+            "description": "The model is still loading or failed to load, the database does not answer or now "
+            "serves another kind of deployment, or Redis (AUTOMASK_REDIS_URL) does not answer.",
         }
     },
 )
 async def readyz(request: Request) -> Response:
     state = state_of(request)
     dispatcher = state.dispatcher
-    reason = state.guard.refusal or await state.limiter.unreachable() or await asyncio.to_thread(dispatcher.readiness)
+    reason = (
+        state.guard.refusal
+        or await state.limiter.unreachable()
+        or await state.database.unreachable()  # asked each time: the fleet's list of workers is cached for a second
+        or await asyncio.to_thread(dispatcher.readiness)
+    )
     if reason is None:
         return JSONResponse({"status": "ready", "model": dispatcher.default})  # its name: no server path
     return error_response(503, reason)

@@ -13,6 +13,7 @@ from automask.server.deployment import Guard
 from automask.server.dispatch import Dispatcher
 from automask.server.jobs import Jobs
 from automask.server.limits import BodyBudget, RateLimiter, RedisRateLimiter
+from automask.server.readiness import DatabaseProbe
 from automask.server.store import Store
 from automask.settings import Settings
 
@@ -21,7 +22,7 @@ from automask.settings import Settings
 class ServerState:
     """Everything the routes share; `app.state.automask`. `dispatcher`: where requests run (chosen once); `guard`:
     whether this node still serves its database (`automask.server.deployment`); `failed_auth`: the lock-out of
-    client addresses that send bad keys."""
+    client addresses that send bad keys; `database`: whether the database answers (/readyz)."""
 
     settings: Settings
     server: ServerSettings
@@ -34,6 +35,10 @@ class ServerState:
     bodies: BodyBudget
     failed_auth: FailedAuth
     background: set[asyncio.Task[None]] = field(default_factory=set)
+    database: DatabaseProbe = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.database = DatabaseProbe(self.store)
 
 
 def state_of(request: Request) -> ServerState:

@@ -30,7 +30,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from automask.errors import ServiceConfigError
 from automask.pipeline import MaskGenerator
 from automask.routing import plan_models
-from automask.server import deployment, metrics, nodes
+from automask.server import deployment, fleet, metrics, nodes
 from automask.server.config import ServerSettings
 from automask.server.deployment import FLEET, Guard
 from automask.server.execute import Outcome, compute, execute_job, unexpected_error
@@ -112,7 +112,9 @@ def _process() -> _Process:
             store, node, "worker", [w.model], w.default, interval=beat, dead_after=ttl, watch=watch
         )
         heartbeat.start()  # registers the node: API nodes count the model as served
-        client = redis.Redis.from_url(str(w.settings.redis_url))
+        # bounded as the API nodes' hand-off is: a frozen Redis fails a v1 task in seconds, not at Celery's hard limit
+        timeout = fleet.REDIS_TIMEOUT
+        client = redis.Redis.from_url(str(w.settings.redis_url), socket_timeout=timeout, socket_connect_timeout=timeout)
         w.process = _Process(node, heartbeat, Jobs(store), runner, client, guard)
         log.info("pool process %s ready with model %s", node, w.model)
     return _WORKER.process  # type: ignore[return-value]
@@ -192,9 +194,23 @@ def v1_task(task: Any, rid: str, model: str, deadline: float, request_id: str) -
     The run's time limit is what is left to `deadline` (the fleet's clock, `Store.now`: past it the API node has
     answered 504 already), at most this worker's own `timeout`. It stops at its next stage boundary or model layer once
     the API node cancels the hand-off (the client left, or it answered 504), and then pushes no outcome: nobody waits
-    for one (nor for one finished past the deadline)."""
+    for one (nor for one finished past the deadline). A Redis that does not answer (`fleet.REDIS_TIMEOUT` seconds per
+    call) ends the task with one error line: the API node, which gets no outcome, answers and charges nothing; this
+    process takes the next task."""
+    from redis.exceptions import RedisError
+
     proc = _process()
     _refuse_if_switched(proc)
+    try:
+        _answer_v1(proc, rid, model, deadline, request_id)
+    except RedisError as exc:
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        log.error("v1 request %s: Redis (AUTOMASK_REDIS_URL) does not answer (%s); left unanswered", request_id, reason)
+    _leave_if_hung(proc)
+
+
+def _answer_v1(proc: _Process, rid: str, model: str, deadline: float, request_id: str) -> None:
+    """`v1_task`'s work: read the hand-off, compute its `Outcome`, push it back (raises Redis's errors)."""
     keys = v1_keys(rid)
     if proc.jobs.store.now() > deadline or _cancelled(proc, keys["cancel"]):
         return
@@ -221,7 +237,6 @@ def v1_task(task: Any, rid: str, model: str, deadline: float, request_id: str) -
         pipe.expire(keys["outcome"], ttl)
     pipe.delete(keys["request"], keys["image"], keys["starts"])
     pipe.execute()
-    _leave_if_hung(proc)
 
 
 def _cancelled(proc: _Process, key: str) -> bool:

@@ -1,0 +1,44 @@
+"""/readyz's look at the database: whether it answers now, asked once however many probes arrive at once."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from automask.server.store import Store
+
+log = logging.getLogger("automask.server")
+
+DB_PING_TIMEOUT = 2.0
+"""Seconds the database has to answer a /readyz probe's `SELECT 1` before the node counts as not ready."""
+
+DB_DOWN = (
+    "The database (AUTOMASK_DATABASE_URL) does not answer: requests are refused (503) until it answers again; the "
+    "server log has the details."
+)
+"""The /readyz reason while the database does not answer (public: no address)."""
+
+
+class DatabaseProbe:
+    """Whether `store` answers a query now, for /readyz: never a cached answer (a load balancer must stop sending
+    at once when the database dies), but one query at a time: the probes that arrive while one is on its way share
+    its answer, so frequent or concurrent polling costs one `SELECT 1` at a time and one thread at most, also while
+    a frozen database leaves that query hanging."""
+
+    def __init__(self, store: Store, timeout: float = DB_PING_TIMEOUT) -> None:
+        self.store, self.timeout = store, timeout
+        self._asking: asyncio.Future[bool] | None = None
+
+    async def unreachable(self) -> str | None:
+        """None when the database answers within `timeout` seconds, else why not (`DB_DOWN`)."""
+        asking = self._asking
+        if asking is None or asking.done() or asking.get_loop() is not asyncio.get_running_loop():
+            asking = self._asking = asyncio.ensure_future(asyncio.to_thread(self.store.ping))
+        try:
+            answered = await asyncio.wait_for(asyncio.shield(asking), self.timeout)
+        except TimeoutError:
+            answered = False
+        if answered:
+            return None
+        log.warning("the database %s does not answer within %g s: not ready", self.store.describe(), self.timeout)
+        return DB_DOWN

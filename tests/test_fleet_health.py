@@ -1,0 +1,135 @@
+"""A fleet's parts stopping under it, with real PostgreSQL and Redis servers: /readyz follows the database at once
+(cheaply, however many probes), and a worker's hand-off to a frozen Redis fails in seconds."""
+
+from __future__ import annotations
+
+import base64
+import os
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from automask.pipeline import MaskGenerator
+from automask.server import nodes
+from automask.server.app import create_app
+from automask.server.config import ServerSettings
+from automask.server.store import Store
+from automask.settings import Settings
+from server_helpers import FakeBackend, LiveServer, png_bytes, wait_for
+from service_procs import process_tree
+from services import postgres_server, redis_server
+
+FLEET_BROKER = "amqp://guest:guest@127.0.0.1:9//"  # /readyz never publishes: no RabbitMQ needed
+
+
+def test_readyz_is_not_ready_as_soon_as_the_database_stops_answering(tmp_path: Path) -> None:
+    """Before: an API node answered "ready" for up to a second after its database died (it read only its cached
+    list of workers), so a load balancer kept sending it requests that failed. Now /readyz asks the database each
+    time, within `DB_PING_TIMEOUT`, and concurrent probes share one query."""
+    with postgres_server() as pg, redis_server() as rd:
+        settings = Settings(data_dir=tmp_path / "data", database_url=pg.url, broker_url=FLEET_BROKER, redis_url=rd.url)
+        store = Store.from_settings(settings)
+        nodes.register(store, "worker-test", "worker", ["clipseg"], "clipseg", dead_after=3600)
+        app = create_app(settings, ServerSettings())
+        state = app.state.automask
+        pings, ping = [], state.store.ping
+
+        def counted() -> bool:
+            pings.append(threading.get_ident())
+            return ping()
+
+        state.store.ping = counted
+        with LiveServer(app) as live:
+
+            def readyz() -> httpx.Response:
+                return httpx.get(f"{live.url}/readyz", timeout=30)
+
+            assert wait_for(lambda: readyz().status_code == 200, 30)
+            frozen = process_tree(pg._main_pid())  # the postmaster and its backends: connections open, silent
+            for pid in frozen:
+                os.kill(pid, signal.SIGSTOP)
+            try:
+                started, pings[:] = time.monotonic(), []
+                with ThreadPoolExecutor(12) as pool:
+                    answers = list(pool.map(lambda _: readyz(), range(12)))
+                took = time.monotonic() - started
+            finally:
+                for pid in frozen:
+                    os.kill(pid, signal.SIGCONT)
+            assert {r.status_code for r in answers} == {503}, [r.text for r in answers]
+            assert answers[0].json()["error"].startswith("The database (AUTOMASK_DATABASE_URL) does not answer")
+            assert "127.0.0.1" not in answers[0].text  # public: no address
+            assert took < 8 and len(pings) == 1  # within the probe's timeout; one query for twelve probes
+            assert wait_for(lambda: readyz().status_code == 200, 30)  # back once it answers
+            pg.stop()  # gone: refused at once
+            gone = readyz()
+            assert gone.status_code == 503 and "AUTOMASK_DATABASE_URL" in gone.json()["error"], gone.text
+        store.close()
+
+
+def test_a_worker_whose_redis_freezes_fails_the_v1_task_in_seconds_and_takes_the_next(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Before: a pool process's own Redis client had no socket timeout, so a frozen Redis (SIGSTOP: a hung server,
+    or a network dropping its packets) held the process in `mget` until Celery's hard time limit killed it. Now
+    the task ends within a few `REDIS_TIMEOUT`s with one error line, and the same process answers the next one."""
+    import redis
+
+    from automask.server import fleet, worker
+    from automask.server.execute import Outcome
+    from automask.server.runner import default_name
+    from automask.server.schemas import MaskRequest
+
+    monkeypatch.setattr(fleet, "REDIS_TIMEOUT", 1.0)
+    with redis_server() as rd:
+        url = f"sqlite:///{tmp_path / 'fleet.db'}"
+        settings = Settings(data_dir=tmp_path / "data", database_url=url, broker_url=FLEET_BROKER, redis_url=rd.url)
+        Store.from_settings(settings).close()  # the schema, as `automask db migrate` gives it
+
+        def generator() -> MaskGenerator:
+            return MaskGenerator(FakeBackend(), settings)
+
+        name = default_name(settings, generator())
+        monkeypatch.setattr(worker, "_WORKER", worker._Worker(settings, ServerSettings(), name, name, generator))
+        proc = worker._process()
+        api = redis.Redis.from_url(rd.url)  # what an API node writes (`CeleryDispatcher.run_v1`)
+        body, _ = MaskRequest(
+            image=base64.b64encode(png_bytes(np.zeros((8, 8, 3), np.uint8))).decode(), prompt="s"
+        ).stored()
+
+        def v1(rid: str) -> threading.Thread:
+            api.set(fleet.v1_keys(rid)["request"], body, ex=120)
+            run = threading.Thread(target=worker.v1_task, args=(None, rid, name, proc.jobs.store.now() + 60, rid))
+            run.start()
+            return run
+
+        try:
+            assert proc.redis.ping()  # connected while Redis answered
+            frozen = v1("frozen")
+            os.kill(rd._main_pid(), signal.SIGSTOP)
+            try:
+                started = time.monotonic()
+                frozen.join(timeout=10)
+                assert not frozen.is_alive()  # returned: no exception for Celery to report, no hard time limit
+                assert time.monotonic() - started < 5  # its cancel flag and its request: a second each
+            finally:
+                os.kill(rd._main_pid(), signal.SIGCONT)
+            errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+            assert errors == [
+                "v1 request frozen: Redis (AUTOMASK_REDIS_URL) does not answer (Timeout reading from socket); "
+                "left unanswered"
+            ]
+            nxt = v1("next")  # the same process, the same client: Redis answers again
+            nxt.join(timeout=30)
+            got = api.blpop([fleet.v1_keys("next")["outcome"]], timeout=10)
+            assert got is not None and Outcome.loads(got[1]).status == 200
+        finally:
+            proc.heartbeat.stop()
+            proc.jobs.store.close()
+            api.close()
