@@ -21,19 +21,18 @@ import click
 
 from automask import errors
 from automask.cli_inputs import find_images, plan_outputs
+from automask.cli_instances import check_instance_files, remove_stale_instances
 from automask.cli_io import (
     NoSpaceError,
     OutputError,
     Outputs,
     Reporter,
     check_fits,
-    check_instance_files,
     echo_json,
     one_line,
     output_format,
     output_target,
     read_source,
-    remove_stale_instances,
     root_settings,
     silence_stdout,
     write_atomic,
