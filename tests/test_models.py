@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import fnmatch
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -401,3 +402,16 @@ def test_pull_force_repairs_a_damaged_install_the_load_error_points_at(
     assert result.exit_code == 0, result.output
     assert (target / "model.safetensors").read_bytes() == (tiny_clipseg_dir / "model.safetensors").read_bytes()
     assert MaskGenerator("clipseg", settings).backend.model_id == "clipseg"
+
+
+def test_models_list_json_is_valid_utf8_json_for_a_data_dir_that_is_not_utf8(tmp_path: Path) -> None:
+    """A data folder whose name is not UTF-8 (read as surrogates) came out as lone-surrogate escapes ("\\udcff"),
+    which strict JSON parsers reject; other --json outputs write such a byte as the text \\xNN (`json_safe`)."""
+    from automask.cli import main
+
+    data = tmp_path / os.fsdecode(b"data\xff")
+    result = CliRunner().invoke(main, ["models", "list", "--json"], env={"AUTOMASK_DATA_DIR": str(data)})
+    assert result.exit_code == 0, result.output
+    assert "\\ud" not in result.stdout
+    rows = {row["name"]: row for row in json.loads(result.stdout)}
+    assert rows["clipseg"]["path"] == str(tmp_path / "data\\xff" / "models" / "clipseg")

@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from automask.cli_io import root_settings
+from automask.cli_io import json_safe, root_settings
 from automask.cli_signals import signals_interrupt
 from automask.errors import AutomaskError
 from automask.settings import Settings
@@ -31,8 +31,8 @@ def models_list(ctx: click.Context, as_json: bool) -> None:
     onnx = {m.name: _onnx_exports(m.backend, m.path) if m.installed else None for m in infos}
     if as_json:
         keys = ("name", "backend", "installed", "path", "description", "source")
-        rows = [{**{k: _jsonable(getattr(m, k)) for k in keys}, "onnx": onnx[m.name]} for m in infos]
-        click.echo(json.dumps(rows))
+        rows = [json_safe({**{k: _jsonable(getattr(m, k)) for k in keys}, "onnx": onnx[m.name]}) for m in infos]
+        click.echo(json.dumps(rows))  # json_safe: a path that is not UTF-8 is written \xNN, not a lone surrogate
         return
     from rich.console import Console
     from rich.table import Table
