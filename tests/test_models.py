@@ -415,3 +415,13 @@ def test_models_list_json_is_valid_utf8_json_for_a_data_dir_that_is_not_utf8(tmp
     assert "\\ud" not in result.stdout
     rows = {row["name"]: row for row in json.loads(result.stdout)}
     assert rows["clipseg"]["path"] == str(tmp_path / "data\\xff" / "models" / "clipseg")
+
+
+def test_an_uninstalled_model_in_offline_mode_says_both_facts_and_the_fix(settings: Settings) -> None:
+    """The suite runs with HF_HUB_OFFLINE=1: the error said only 'Install it with: automask models pull sam3',
+    which then failed naming HF_HUB_OFFLINE; the first message must already say downloads are off and how."""
+    with pytest.raises(ModelNotAvailableError) as err:
+        models.resolve("sam3", settings)
+    message = err.value.message
+    assert "'sam3' is not installed" in message and "HF_HUB_OFFLINE" in message
+    assert "automask models pull sam3" in message and "--model" in message
