@@ -38,11 +38,13 @@ def _no_network(*args: Any, **kwargs: Any) -> Any:
 
 @pytest.fixture()
 def online(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Lift the offline switches; every test using it replaces snapshot_download, so nothing can leave."""
+    """Lift the offline switches; every test using it replaces snapshot_download, so nothing can leave (the
+    resumable weights download before it, which lists the repository, is tested against tests/fake_hub.py)."""
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", _no_network)
+    monkeypatch.setattr(install, "fetch_weights", lambda *args: None)
 
 
 class FakeHub:
@@ -112,7 +114,7 @@ def test_pull_downloads_atomically_and_writes_the_marker(
     assert seen == [False]
     [call] = hub.calls
     assert call["repo_id"] == REPO
-    assert call["local_dir"].parent == settings.models_dir and call["local_dir"].name.startswith(".clipseg-")
+    assert call["local_dir"] == settings.models_dir / ".clipseg.partial"  # the same at every try: it resumes
     assert "*.safetensors" in call["allow_patterns"] and not any(p.endswith(".bin") for p in call["allow_patterns"])
     marker = json.loads((target / models.MARKER).read_text())
     assert marker == {"name": "clipseg", "backend": "clipseg", "repos": [REPO]}
@@ -158,18 +160,22 @@ def test_a_failure_midway_leaves_nothing_and_keeps_an_old_install(
     settings: Settings, monkeypatch: pytest.MonkeyPatch, online: None, tiny_clipseg_dir: Path
 ) -> None:
     monkeypatch.setattr(huggingface_hub, "snapshot_download", FakeHub(tiny_clipseg_dir, fail_after=2))
-    with pytest.raises(ModelNotAvailableError, match="ConnectError"):
+    with pytest.raises(ModelNotAvailableError, match="ConnectError") as err:
         models.pull("clipseg", settings, progress=False)
-    assert list(settings.models_dir.iterdir()) == []
+    partial = settings.models_dir / ".clipseg.partial"
+    assert f"kept in '{partial}': running the same command again resumes" in err.value.message
+    assert [p.name for p in settings.models_dir.iterdir()] == [partial.name]  # hidden: nothing loads it
+    assert not models.is_installed("clipseg", settings) and not (settings.models_dir / "clipseg").exists()
     # a complete install survives a failed forced re-pull untouched
     monkeypatch.setattr(huggingface_hub, "snapshot_download", FakeHub(tiny_clipseg_dir))
     target = models.pull("clipseg", settings, progress=False)
     before = sorted(p.name for p in target.iterdir())
+    assert [p.name for p in settings.models_dir.iterdir()] == ["clipseg"]
     monkeypatch.setattr(huggingface_hub, "snapshot_download", FakeHub(tiny_clipseg_dir, fail_after=1))
     with pytest.raises(ModelNotAvailableError):
         models.pull("clipseg", settings, progress=False, force=True)
     assert sorted(p.name for p in target.iterdir()) == before
-    assert [p.name for p in settings.models_dir.iterdir()] == ["clipseg"]
+    assert sorted(p.name for p in settings.models_dir.iterdir()) == [partial.name, "clipseg"]
     # and a forced re-pull that succeeds replaces it
     monkeypatch.setattr(huggingface_hub, "snapshot_download", FakeHub(tiny_clipseg_dir))
     assert models.pull("clipseg", settings, progress=False, force=True) == target
@@ -368,7 +374,9 @@ def test_pull_onto_a_full_disk_says_to_free_space_not_to_check_the_network(
     msg = err.value.message
     assert "is full" in msg and "AUTOMASK_DATA_DIR" in msg and str(settings.models_dir) in msg
     assert "Check the network" not in msg
-    assert list(settings.models_dir.iterdir()) == []
+    partial = settings.models_dir / ".clipseg.partial"  # kept, to resume once there is room; the message says so
+    assert f"kept in '{partial}'" in msg and "delete that folder to free the space" in msg
+    assert [p.name for p in settings.models_dir.iterdir()] == [partial.name]
 
 
 def test_a_data_dir_given_with_a_tilde_is_under_the_home_folder(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -13,8 +14,11 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from automask import MaskGenerator
+from automask.settings import Settings
 from fake_hub import FakeHubServer, HubError, fake_hub
 from test_first_use import automask_command, clean_env, run
 
@@ -109,3 +113,41 @@ def test_a_pull_killed_outright_leaves_a_folder_the_next_pull_removes(tmp_path: 
     hub.pause = 0.0
     assert run(["models", "pull", "clipseg"], env).returncode == 0
     assert [p.name for p in models.iterdir()] == ["clipseg"]
+
+
+def _padded(tiny: Path, folder: Path) -> Path:
+    """`tiny` with 14 MB more weights (an unused tensor): more than huggingface_hub's 10 MB download chunk, which is
+    all it writes of a file before a connection drops."""
+    from safetensors.numpy import load_file, save_file
+
+    shutil.copytree(tiny, folder)
+    weights = load_file(folder / "model.safetensors")
+    save_file({**weights, "padding": np.ones(3_500_000, np.float32)}, folder / "model.safetensors", {"format": "pt"})
+    return folder
+
+
+def test_an_interrupted_download_resumes_where_it_stopped(tmp_path: Path, tiny_clipseg_dir: Path) -> None:
+    """Every pull made a new staging folder, and huggingface_hub deletes a file cut off midway: a connection that
+    dropped at 3 GB of SAM 3's 3.4 GB started again from zero. The retry now asks only for the rest (Range)."""
+    repo = _padded(tiny_clipseg_dir, tmp_path / "repo")
+    size = (repo / "model.safetensors").stat().st_size
+    models = tmp_path / "data" / "models"
+    with fake_hub({REPO: repo}) as hub:
+        env = _env(tmp_path, hub)
+        hub.cut, hub.then = 12 << 20, HubError(503, message="the hub went away")
+        first = run(["models", "pull", "clipseg"], env)
+        assert first.returncode == 4, first.stderr
+        partial = models / ".clipseg.partial"
+        assert "automask models pull clipseg" in first.stderr and f"kept in '{partial}'" in first.stderr
+        assert [p.name for p in models.iterdir() if p.is_dir()] == [partial.name]  # nothing loads a half model
+        hub.cut = hub.error = None
+        hub.requests.clear()
+        second = run(["models", "pull", "clipseg"], env)
+        assert second.returncode == 0, second.stderr
+        weights = [r for r in hub.requests if r.startswith(f"GET /{REPO}/resolve/") and "model.safetensors" in r]
+    assert weights == [f"GET /{REPO}/resolve/main/model.safetensors Range: bytes={10 << 20}-"], hub.requests
+    assert [p.name for p in models.iterdir()] == ["clipseg"]
+    assert (models / "clipseg" / "model.safetensors").read_bytes() == (repo / "model.safetensors").read_bytes()
+    assert size > 12 << 20
+    generator = MaskGenerator("clipseg", Settings(data_dir=tmp_path / "data"))
+    assert generator.generate(np.zeros((32, 32, 3), np.uint8), "a cat").mask.shape == (32, 32)

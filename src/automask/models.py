@@ -237,8 +237,9 @@ def pull(name: str, settings: Settings, *, progress: bool = True, force: bool = 
     """Download catalogue model `name` into `<data_dir>/models/<name>` and return that folder.
 
     Single-repository models are stored directly in the folder, multi-repository ones in one subfolder per
-    repository (`repo_folder`). The download goes to a temporary folder beside it, renamed into place only when
-    complete, so nothing half-written is ever left. An installed model is kept unless `force`. Raises
+    repository (`repo_folder`). The download goes to a staging folder beside it, renamed into place only when
+    complete, so no half model is ever loaded; a failed or interrupted pull keeps that folder, and the next one
+    resumes it (`install.resumable_staging`). An installed model is kept unless `force`. Raises
     `ModelNotAvailableError` when the hub cannot be reached.
     """
     spec = catalogue_spec(name)
@@ -254,19 +255,30 @@ def pull(name: str, settings: Settings, *, progress: bool = True, force: bool = 
         raise ModelNotAvailableError(install.offline_message(name, "offline mode is on (HF_HUB_OFFLINE is set)"))
     if spec.gated:
         _check_token(spec)
-    with install.staging(target) as tmp:
-        for repo in spec.repos:
-            dest = tmp if len(spec.repos) == 1 else tmp / repo_folder(repo)
-            try:
-                install.download_repo(name, repo, dest, spec.files, progress)
-            except ModelNotAvailableError as exc:
-                if spec.gated and _is_gated_error(exc.__cause__):
-                    raise ModelNotAvailableError(gated_message(spec, "this token has no access to it yet")) from exc
-                raise
-        marker = {"name": spec.name, "backend": spec.backend, "repos": list(spec.repos)}
-        (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
-        install.replace_dir(tmp, target)
+    try:
+        with install.resumable_staging(target) as tmp:
+            if is_installed(name, settings) and not force:  # another pull installed it while this one waited
+                return target
+            for repo in spec.repos:
+                _download(spec, repo, tmp if len(spec.repos) == 1 else tmp / repo_folder(repo), progress)
+            marker = {"name": spec.name, "backend": spec.backend, "repos": list(spec.repos)}
+            (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+            install.replace_dir(tmp, target)
+    except ModelNotAvailableError as exc:
+        if note := install.partial_note(target):
+            raise ModelNotAvailableError(f"{exc.message} {note}") from exc.__cause__
+        raise
     return target
+
+
+def _download(spec: ModelSpec, repo: str, dest: Path, progress: bool) -> None:
+    """Download hub repository `repo` of catalogue model `spec` into `dest` (see `install.download_repo`)."""
+    try:
+        install.download_repo(spec.name, repo, dest, spec.files, progress)
+    except ModelNotAvailableError as exc:
+        if spec.gated and _is_gated_error(exc.__cause__):
+            raise ModelNotAvailableError(gated_message(spec, "this token has no access to it yet")) from exc
+        raise
 
 
 def gated_message(spec: ModelSpec, why: str) -> str:
