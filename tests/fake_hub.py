@@ -8,11 +8,14 @@ import json
 import re
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 SHA = "0" * 40
 
@@ -125,3 +128,21 @@ def fake_hub(repos: dict[str, Path]) -> Iterator[FakeHubServer]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def stub_hub(monkeypatch: pytest.MonkeyPatch, download: Callable[..., str]) -> None:
+    """Replace the hub client in this process: `download` stands in for `huggingface_hub.snapshot_download`, whose
+    look-ups in the Hugging Face cache (local_files_only) find nothing, and `automask.install.fetch_weights` (the
+    resumable weights download, tested over HTTP against `fake_hub`) does nothing: no request can leave."""
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    from automask import install
+
+    def snapshot_download(*args: Any, **kwargs: Any) -> str:
+        if kwargs.get("local_files_only"):
+            raise LocalEntryNotFoundError("not in the test's Hugging Face cache")
+        return download(*args, **kwargs)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(install, "fetch_weights", lambda *args: None)

@@ -54,7 +54,9 @@ class FakeHub:
         self.source, self.fail_after, self.error = source, fail_after, error
         self.calls: list[dict[str, Any]] = []
 
-    def __call__(self, repo_id: str, *, local_dir: Path, allow_patterns: list[str], **kw: Any) -> str:
+    def __call__(self, repo_id: str, *, allow_patterns: list[str], local_dir: Path | None = None, **kw: Any) -> str:
+        if local_dir is None:  # a look in the (empty) Hugging Face cache
+            return str(_no_network(repo_id, allow_patterns=allow_patterns, **kw))
         self.calls.append({"repo_id": repo_id, "local_dir": Path(local_dir), "allow_patterns": allow_patterns, **kw})
         Path(local_dir).mkdir(parents=True, exist_ok=True)
         (Path(local_dir) / ".cache" / "huggingface").mkdir(parents=True, exist_ok=True)  # the hub's bookkeeping
@@ -105,7 +107,8 @@ def test_pull_downloads_atomically_and_writes_the_marker(
 
     class Watching(FakeHub):
         def __call__(self, repo_id: str, **kw: Any) -> str:
-            seen.append(target.exists())  # the final folder must not exist while the download runs
+            if not kw.get("local_files_only"):
+                seen.append(target.exists())  # the final folder must not exist while the download runs
             return super().__call__(repo_id, **kw)
 
     hub = Watching(tiny_clipseg_dir)

@@ -10,6 +10,7 @@ import shutil
 import signal
 import stat
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +19,7 @@ import numpy as np
 import pytest
 
 from automask import MaskGenerator
+from automask.catalogue import DEFAULT_FILES
 from automask.settings import Settings
 from fake_hub import FakeHubServer, HubError, fake_hub
 from test_first_use import automask_command, clean_env, run
@@ -151,3 +153,28 @@ def test_an_interrupted_download_resumes_where_it_stopped(tmp_path: Path, tiny_c
     assert size > 12 << 20
     generator = MaskGenerator("clipseg", Settings(data_dir=tmp_path / "data"))
     assert generator.generate(np.zeros((32, 32, 3), np.uint8), "a cat").mask.shape == (32, 32)
+
+
+def test_pull_takes_a_model_complete_in_the_hf_cache_without_the_network(tmp_path: Path, hub: FakeHubServer) -> None:
+    """`models pull` downloaded again what the Hugging Face cache held complete (and failed offline), though
+    resolving the model uses that copy anyway. It now takes it from there, saying so; a partial cache is downloaded."""
+    env = _env(tmp_path, hub)
+    fetch = f"import huggingface_hub as h; h.snapshot_download({REPO!r}, allow_patterns={list(DEFAULT_FILES)!r})"
+    subprocess.run([sys.executable, "-c", fetch], env=env, check=True, capture_output=True, timeout=120)
+    [snapshot] = (tmp_path / "hf" / "hub" / f"models--{REPO.replace('/', '--')}" / "snapshots").iterdir()
+    hub.error, hub.requests[:] = HubError(503, message="the hub must not be asked"), []
+    proc = run(["models", "pull", "clipseg"], env | {"HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr
+    assert f"{REPO}: complete in the Hugging Face cache, taken from {snapshot} (no download)" in proc.stderr
+    assert hub.requests == []
+    folder = tmp_path / "data" / "models" / "clipseg"
+    for file in hub.repos[REPO].iterdir():
+        assert (folder / file.name).read_bytes() == file.read_bytes()
+    shutil.rmtree(folder)
+    (snapshot / "model.safetensors").unlink()  # a partial cache: the weights are downloaded
+    hub.error = None
+    proc = run(["models", "pull", "clipseg"], env)
+    assert proc.returncode == 0, proc.stderr
+    assert "Hugging Face cache" not in proc.stderr
+    assert any(r.startswith(f"GET /{REPO}/resolve/main/model.safetensors") for r in hub.requests), hub.requests
+    assert (folder / "model.safetensors").read_bytes() == (hub.repos[REPO] / "model.safetensors").read_bytes()

@@ -198,9 +198,10 @@ def has_weights(folder: Path) -> bool:
     return any(folder.rglob("*.safetensors")) or any(folder.rglob("pytorch_model*.bin"))
 
 
-def cached_snapshot(repo: str, files: tuple[str, ...]) -> Path | None:
+def cached_snapshot(repo: str, files: tuple[str, ...], *, complete: bool = False) -> Path | None:
     """The Hugging Face cache folder of hub repository `repo` holding its config.json and weights, or None.
-    Never uses the network; `files`: the patterns the model needs (others may be missing)."""
+    Never uses the network; `files`: the patterns the model needs (others may be missing, unless `complete`: then
+    every file of the cached repository listing that matches them must be there)."""
     from huggingface_hub import snapshot_download
 
     errors: tuple[type[BaseException], ...] = (OSError, ValueError, *hub_errors())
@@ -209,10 +210,33 @@ def cached_snapshot(repo: str, files: tuple[str, ...]) -> Path | None:
     except errors as exc:
         # a snapshot missing files we do not need (e.g. one fetched by from_pretrained) is still usable
         snapshot = getattr(exc, "snapshot_path", None)
-        if snapshot is None:
+        if snapshot is None or complete:
             return None
         folder = Path(snapshot)
     return folder if (folder / "config.json").is_file() and has_weights(folder) else None
+
+
+def copy_snapshot(name: str, repo: str, snapshot: Path, dest: Path, files: tuple[str, ...]) -> None:
+    """Put the `files` (patterns; its .bin weights when it has no safetensors) of Hugging Face cache folder
+    `snapshot` of hub repository `repo` into folder `dest`, for catalogue model `name`: hard links to the cache's
+    files where the file system allows (no second copy on disk), else copies. `ModelNotAvailableError` on failure."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    names = [p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.is_file()]
+    wanted = list(filter_repo_objects(names, allow_patterns=list(files)))
+    if not any(n.endswith(".safetensors") for n in wanted):
+        wanted += filter_repo_objects(names, allow_patterns=list(FALLBACK_WEIGHTS))
+    try:
+        for file in wanted:
+            source, out = (snapshot / file).resolve(), dest / file
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.unlink(missing_ok=True)  # a kept partial download's copy
+            try:
+                os.link(source, out)
+            except OSError:  # another file system, or one without hard links
+                shutil.copyfile(source, out)
+    except OSError as exc:
+        raise ModelNotAvailableError(download_failure(name, repo, dest, exc)) from exc
 
 
 def download_repo(name: str, repo: str, dest: Path, files: tuple[str, ...], progress: bool) -> None:
@@ -240,7 +264,7 @@ def fetch_weights(repo: str, dest: Path, files: tuple[str, ...]) -> None:
     """Download the weight files (safetensors, .bin) of hub repository `repo` among `files` (patterns) into folder
     `dest`, each resuming what an earlier, interrupted download left in `dest / RESUME` (huggingface_hub's
     `http_get` asks for the rest with an HTTP Range header). `snapshot_download`, run next, checks each against the
-    hub's sha256 and fetches the other files: since huggingface_hub 1.x it deletes a file cut off midway, so a
+    hub's sha256 and fetches the other files: recent huggingface_hub releases delete a file cut off midway, so a
     retry of a 3.4 GB download would start again from zero. Files already in `dest`, and files the hub gives no
     sha256 for (not LFS: small), are left to `snapshot_download`."""
     from huggingface_hub import HfApi, get_hf_file_metadata, hf_hub_url

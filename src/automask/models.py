@@ -239,7 +239,8 @@ def pull(name: str, settings: Settings, *, progress: bool = True, force: bool = 
     Single-repository models are stored directly in the folder, multi-repository ones in one subfolder per
     repository (`repo_folder`). The download goes to a staging folder beside it, renamed into place only when
     complete, so no half model is ever loaded; a failed or interrupted pull keeps that folder, and the next one
-    resumes it (`install.resumable_staging`). An installed model is kept unless `force`. Raises
+    resumes it (`install.resumable_staging`). A repository complete in the Hugging Face cache is taken from there,
+    without the network (unless `force`). An installed model is kept unless `force`. Raises
     `ModelNotAvailableError` when the hub cannot be reached.
     """
     spec = catalogue_spec(name)
@@ -251,16 +252,19 @@ def pull(name: str, settings: Settings, *, progress: bool = True, force: bool = 
     target = model_dir(name, settings)
     if is_installed(name, settings) and not force:
         return target
-    if install.offline():
-        raise ModelNotAvailableError(install.offline_message(name, "offline mode is on (HF_HUB_OFFLINE is set)"))
-    if spec.gated:
-        _check_token(spec)
+    cached = {} if force else {r: s for r in spec.repos if (s := install.cached_snapshot(r, spec.files, complete=True))}
+    if len(cached) < len(spec.repos):
+        if install.offline():
+            raise ModelNotAvailableError(install.offline_message(name, "offline mode is on (HF_HUB_OFFLINE is set)"))
+        if spec.gated:
+            _check_token(spec)
     try:
         with install.resumable_staging(target) as tmp:
             if is_installed(name, settings) and not force:  # another pull installed it while this one waited
                 return target
             for repo in spec.repos:
-                _download(spec, repo, tmp if len(spec.repos) == 1 else tmp / repo_folder(repo), progress)
+                dest = tmp if len(spec.repos) == 1 else tmp / repo_folder(repo)
+                _fetch(spec, repo, dest, cached.get(repo), progress)
             marker = {"name": spec.name, "backend": spec.backend, "repos": list(spec.repos)}
             (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
             install.replace_dir(tmp, target)
@@ -271,8 +275,14 @@ def pull(name: str, settings: Settings, *, progress: bool = True, force: bool = 
     return target
 
 
-def _download(spec: ModelSpec, repo: str, dest: Path, progress: bool) -> None:
-    """Download hub repository `repo` of catalogue model `spec` into `dest` (see `install.download_repo`)."""
+def _fetch(spec: ModelSpec, repo: str, dest: Path, cached: Path | None, progress: bool) -> None:
+    """Put hub repository `repo` of catalogue model `spec` into `dest`: from its complete Hugging Face cache folder
+    `cached` when there is one (saying so when `progress`), else downloaded (see `install.download_repo`)."""
+    if cached is not None:
+        install.copy_snapshot(spec.name, repo, cached, dest, spec.files)
+        if progress:
+            print(f"{repo}: complete in the Hugging Face cache, taken from {cached} (no download)", file=sys.stderr)
+        return
     try:
         install.download_repo(spec.name, repo, dest, spec.files, progress)
     except ModelNotAvailableError as exc:
