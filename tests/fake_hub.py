@@ -38,6 +38,8 @@ class FakeHubServer:
     cut: int | None = None
     """When set, a file download sends only this many bytes of the body, then drops the connection."""
     then: HubError | None = None
+    stall: float = 0.0
+    """Seconds a cut download waits after its `cut` bytes, before dropping the connection (time to interrupt it)."""
     """What `error` becomes once a download has been cut (a hub that stays away: no retry gets further)."""
     pause: float = 0.0
     """Seconds each file download waits before its body (time to interrupt a download)."""
@@ -98,6 +100,8 @@ def _handler(hub: FakeHubServer) -> type[BaseHTTPRequestHandler]:
             sent = rest if hub.cut is None else rest[: hub.cut]
             self._send(status, sent if body else b"", headers | {"Content-Type": "application/octet-stream"}, len(rest))
             if body and hub.cut is not None:
+                self.wfile.flush()
+                time.sleep(hub.stall)
                 self.close_connection = True
                 hub.error = hub.then
 

@@ -178,3 +178,26 @@ def test_pull_takes_a_model_complete_in_the_hf_cache_without_the_network(tmp_pat
     assert "Hugging Face cache" not in proc.stderr
     assert any(r.startswith(f"GET /{REPO}/resolve/main/model.safetensors") for r in hub.requests), hub.requests
     assert (folder / "model.safetensors").read_bytes() == (hub.repos[REPO] / "model.safetensors").read_bytes()
+
+
+def test_a_pull_interrupted_midway_says_where_its_download_waits(tmp_path: Path, tiny_clipseg_dir: Path) -> None:
+    """Ctrl-C at 3 GB of 3.4 GB said only 'interrupted': the bytes kept for the next pull to resume sat in a hidden
+    folder nobody was told about."""
+    repo = _padded(tiny_clipseg_dir, tmp_path / "repo")
+    partial = tmp_path / "data" / "models" / ".clipseg.partial"
+    with fake_hub({REPO: repo}) as hub:
+        hub.cut, hub.stall = 12 << 20, 30.0
+        proc = subprocess.Popen(
+            [*automask_command(), "models", "pull", "clipseg"],
+            env=_env(tmp_path, hub),
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        deadline = time.monotonic() + 60
+        while sum(p.stat().st_size for p in partial.rglob("*.incomplete")) < 10 << 20 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and f"10.5 MB downloaded so far are kept in '{partial}'" in err
+    assert partial.is_dir() and not (partial.parent / "clipseg").exists()
