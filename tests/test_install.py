@@ -168,14 +168,14 @@ def test_resumable_staging_lets_one_installer_in_at_a_time(tmp_path: Path) -> No
     order: list[str] = []
 
     def second() -> None:
-        with resumable_staging(target):
+        with resumable_staging(target, waiting=lambda: order.append("second waits")):
             order.append("second in")
 
-    with resumable_staging(target):
+    with resumable_staging(target, waiting=lambda: order.append("first waits")):
         thread = threading.Thread(target=second)
         thread.start()
         thread.join(0.5)
         order.append("first out")
     thread.join(10)
-    assert order == ["first out", "second in"]
+    assert order == ["second waits", "first out", "second in"]  # it said why nothing happened
     assert list(target.parent.iterdir()) == []

@@ -15,7 +15,7 @@ import re
 import shutil
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from automask.errors import ModelNotAvailableError
@@ -54,19 +54,20 @@ def staging(folder: Path) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def resumable_staging(folder: Path) -> Iterator[Path]:
+def resumable_staging(folder: Path, waiting: Callable[[], None] | None = None) -> Iterator[Path]:
     """The staging folder of `folder` that a failed or interrupted block keeps: `.NAME.partial` beside it, always
     the same, so the next install of `folder` resumes the files this one had downloaded. Removed when the block
     ends normally (after `replace_dir` moved it into place, or unused), or when it holds no file.
     `ModelNotAvailableError` when it cannot be created.
 
-    For the block, the folder's `.lock` file is locked, after waiting for another installer of `folder` to end:
-    one download into it at a time; a killed installer's lock is released by the system, and its folder reused."""
+    For the block, the folder's `.lock` file is locked, after waiting for another installer of `folder` to end
+    (`waiting` is called first, when there is one): one download into it at a time; a killed installer's lock is
+    released by the system, and its folder reused."""
     tmp = folder.parent / f".{folder.name}.partial"
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
         _remove_abandoned(folder)
-        held = _hold(_lock_file(tmp))
+        held = _hold(_lock_file(tmp), waiting)
         tmp.mkdir(exist_ok=True)
     except OSError as exc:
         raise ModelNotAvailableError(
@@ -103,12 +104,19 @@ def _downloaded(tmp: Path) -> int:
     return 0
 
 
-def _hold(path: Path) -> int | None:
-    """`_lock(path, wait=True)`, again until the locked file is still the one at `path` (the previous holder
-    deletes it as it lets go: a lock on that deleted file would hold nothing)."""
+def _hold(path: Path, waiting: Callable[[], None] | None) -> int | None:
+    """`_lock(path)`, waiting for it (calling `waiting` first) when another process holds it; again until the
+    locked file is still the one at `path` (the previous holder deletes it as it lets go: a lock on that deleted
+    file would hold nothing)."""
+    wait = False
     while True:
-        fd = _lock(path, wait=True)
-        if fd is None or fd < 0:
+        fd = _lock(path, wait=wait)
+        if fd is None:
+            if waiting is not None and not wait:
+                waiting()
+            wait = True
+            continue
+        if fd < 0:
             return fd
         try:
             if os.fstat(fd).st_ino == os.stat(path).st_ino:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -259,7 +260,9 @@ def pull(name: str, settings: Settings, *, progress: bool = True, force: bool = 
         if spec.gated:
             _check_token(spec)
     try:
-        with install.resumable_staging(target) as tmp:
+        with install.resumable_staging(
+            target, _say(f"Another pull of '{name}' is running: waiting for it to end...", progress)
+        ) as tmp:
             if is_installed(name, settings) and not force:  # another pull installed it while this one waited
                 return target
             for repo in spec.repos:
@@ -273,6 +276,11 @@ def pull(name: str, settings: Settings, *, progress: bool = True, force: bool = 
             raise ModelNotAvailableError(f"{exc.message} {note}") from exc.__cause__
         raise
     return target
+
+
+def _say(message: str, progress: bool) -> Callable[[], None] | None:
+    """A callback printing `message` on stderr, when `progress`."""
+    return (lambda: print(message, file=sys.stderr)) if progress else None
 
 
 def _fetch(spec: ModelSpec, repo: str, dest: Path, cached: Path | None, progress: bool) -> None:
