@@ -436,3 +436,18 @@ def test_an_uninstalled_model_in_offline_mode_says_both_facts_and_the_fix(settin
     message = err.value.message
     assert "'sam3' is not installed" in message and "HF_HUB_OFFLINE" in message
     assert "automask models pull sam3" in message and "--model" in message
+
+
+def test_pull_offline_takes_a_cached_model_over_a_download_a_failed_pull_kept(
+    tiny_clipseg_dir: Path, settings: Settings
+) -> None:
+    """The Hugging Face cache holds the model complete and a failed pull kept half a download: the pull (offline,
+    as the suite runs) takes the cache's files and leaves none of the half download in the installed folder."""
+    _fake_hf_cache(tiny_clipseg_dir)
+    kept = settings.models_dir / ".clipseg.partial" / ".cache" / "automask"
+    kept.mkdir(parents=True)
+    (kept / f"model.safetensors.{'0' * 64}.incomplete").write_bytes(b"half")
+    target = models.pull("clipseg", settings, progress=False)
+    assert (target / "model.safetensors").read_bytes() == (tiny_clipseg_dir / "model.safetensors").read_bytes()
+    assert not (target / ".cache").exists() and models.resolve("clipseg", settings).path == target
+    assert [p.name for p in settings.models_dir.iterdir()] == ["clipseg"]

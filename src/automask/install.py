@@ -245,6 +245,7 @@ def copy_snapshot(name: str, repo: str, snapshot: Path, dest: Path, files: tuple
                 shutil.copyfile(source, out)
     except OSError as exc:
         raise ModelNotAvailableError(download_failure(name, repo, dest, exc)) from exc
+    shutil.rmtree(dest / ".cache", ignore_errors=True)  # what an earlier, failed download of it had kept
 
 
 def download_repo(name: str, repo: str, dest: Path, files: tuple[str, ...], progress: bool) -> None:
