@@ -166,7 +166,7 @@ def test_a_failure_midway_leaves_nothing_and_keeps_an_old_install(
     with pytest.raises(ModelNotAvailableError, match="ConnectError") as err:
         models.pull("clipseg", settings, progress=False)
     partial = settings.models_dir / ".clipseg.partial"
-    assert f"kept in '{partial}': running the same command again resumes" in err.value.message
+    assert f"kept in '{partial}': automask models pull clipseg resumes" in err.value.message
     assert [p.name for p in settings.models_dir.iterdir()] == [partial.name]  # hidden: nothing loads it
     assert not models.is_installed("clipseg", settings) and not (settings.models_dir / "clipseg").exists()
     # a complete install survives a failed forced re-pull untouched
@@ -451,3 +451,15 @@ def test_pull_offline_takes_a_cached_model_over_a_download_a_failed_pull_kept(
     assert (target / "model.safetensors").read_bytes() == (tiny_clipseg_dir / "model.safetensors").read_bytes()
     assert not (target / ".cache").exists() and models.resolve("clipseg", settings).path == target
     assert [p.name for p in settings.models_dir.iterdir()] == ["clipseg"]
+
+
+def test_models_list_tells_of_a_download_a_failed_pull_kept(settings: Settings) -> None:
+    """What a failed pull kept to resume (GBs for sam3) is in a hidden folder: the listing says where."""
+    from automask.cli import main
+
+    kept = settings.models_dir / ".sam3.partial"
+    kept.mkdir(parents=True)
+    (kept / "model.safetensors").write_bytes(b"\0" * 2_000_000)
+    result = CliRunner().invoke(main, ["--data-dir", str(settings.data_dir), "models", "list"])
+    assert result.exit_code == 0, result.output
+    assert f"sam3: The 2.0 MB downloaded so far are kept in '{kept}'" in result.stderr

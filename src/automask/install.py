@@ -85,13 +85,14 @@ def resumable_staging(folder: Path, waiting: Callable[[], None] | None = None) -
 
 
 def partial_note(folder: Path) -> str:
-    """A sentence saying what `resumable_staging(folder)` kept after a failure ("" when nothing)."""
+    """A sentence saying what `resumable_staging(folder)` kept after a failure ("" when nothing), and that pulling
+    the catalogue model `folder.name` again resumes it."""
     tmp = folder.parent / f".{folder.name}.partial"
     size = _downloaded(tmp)
     if not size:
         return ""
     return (
-        f"The {size / 1e6:.1f} MB downloaded so far are kept in '{tmp}': running the same command again resumes "
+        f"The {size / 1e6:.1f} MB downloaded so far are kept in '{tmp}': automask models pull {folder.name} resumes "
         "from there (delete that folder to free the space)."
     )
 
