@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 SHA = "0" * 40
 
@@ -33,9 +37,14 @@ class FakeHubServer:
     error: HubError | None = None
     cut: int | None = None
     """When set, a file download sends only this many bytes of the body, then drops the connection."""
+    then: HubError | None = None
+    stall: float = 0.0
+    """Seconds a cut download waits after its `cut` bytes, before dropping the connection (time to interrupt it)."""
+    """What `error` becomes once a download has been cut (a hub that stays away: no retry gets further)."""
     pause: float = 0.0
     """Seconds each file download waits before its body (time to interrupt a download)."""
     requests: list[str] = field(default_factory=list)
+    """'METHOD /path' of each request, then ' Range: ...' when it asked for part of a file."""
     url: str = ""
 
 
@@ -51,7 +60,8 @@ def _handler(hub: FakeHubServer) -> type[BaseHTTPRequestHandler]:
             self._answer(body=True)
 
         def _answer(self, body: bool) -> None:
-            hub.requests.append(f"{self.command} {self.path}")
+            asked = self.headers.get("Range")
+            hub.requests.append(f"{self.command} {self.path}" + (f" Range: {asked}" if asked else ""))
             if hub.error is not None:
                 headers = {"X-Error-Code": hub.error.code, "X-Error-Message": hub.error.message}
                 self._send(hub.error.status, b"{}", headers)
@@ -73,7 +83,8 @@ def _handler(hub: FakeHubServer) -> type[BaseHTTPRequestHandler]:
             self._send(404, b"", {"X-Error-Code": "RepoNotFound"})
 
         def _file(self, file: Path, body: bool) -> None:
-            """A file download (GET) or its metadata (HEAD); only `hub.cut` bytes of it when that is set."""
+            """A file download (GET) or its metadata (HEAD); from the offset of a `Range: bytes=N-` header as the
+            hub's CDN does (206); only `hub.cut` bytes of it when that is set."""
             if not file.is_file():
                 self._send(404, b"", {"X-Error-Code": "EntryNotFound"})
                 return
@@ -81,10 +92,18 @@ def _handler(hub: FakeHubServer) -> type[BaseHTTPRequestHandler]:
                 time.sleep(hub.pause)
             data = file.read_bytes()
             headers = {"X-Repo-Commit": SHA, "ETag": f'"{hashlib.sha256(data).hexdigest()}"'}
-            sent = data if hub.cut is None else data[: hub.cut]
-            self._send(200, sent if body else b"", headers | {"Content-Type": "application/octet-stream"}, len(data))
+            status, start = 200, 0
+            if body and (asked := re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range", ""))):
+                status, start = 206, int(asked[1])
+                headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
+            rest = data[start:]
+            sent = rest if hub.cut is None else rest[: hub.cut]
+            self._send(status, sent if body else b"", headers | {"Content-Type": "application/octet-stream"}, len(rest))
             if body and hub.cut is not None:
+                self.wfile.flush()
+                time.sleep(hub.stall)
                 self.close_connection = True
+                hub.error = hub.then
 
         def _send(self, status: int, data: bytes, headers: dict[str, str], length: int | None = None) -> None:
             self.send_response(status)
@@ -113,3 +132,21 @@ def fake_hub(repos: dict[str, Path]) -> Iterator[FakeHubServer]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def stub_hub(monkeypatch: pytest.MonkeyPatch, download: Callable[..., str]) -> None:
+    """Replace the hub client in this process: `download` stands in for `huggingface_hub.snapshot_download`, whose
+    look-ups in the Hugging Face cache (local_files_only) find nothing, and `automask.install.fetch_weights` (the
+    resumable weights download, tested over HTTP against `fake_hub`) does nothing: no request can leave."""
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    from automask import install
+
+    def snapshot_download(*args: Any, **kwargs: Any) -> str:
+        if kwargs.get("local_files_only"):
+            raise LocalEntryNotFoundError("not in the test's Hugging Face cache")
+        return download(*args, **kwargs)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(install, "fetch_weights", lambda *args: None)

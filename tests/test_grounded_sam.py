@@ -32,6 +32,7 @@ from automask.errors import (
 from automask.options import MaskOptions
 from automask.pipeline import MaskGenerator
 from automask.settings import Settings
+from fake_hub import stub_hub
 from tiny_models import make_tiny_grounded_sam, make_tiny_grounding_dino
 
 H, W = 96, 128
@@ -438,7 +439,6 @@ def test_pull_offline_says_how_to_fix(settings: Settings) -> None:
 def test_pull_puts_each_repository_in_its_subfolder(
     monkeypatch: pytest.MonkeyPatch, gs_dir: Path, settings: Settings, image: np.ndarray
 ) -> None:
-    import huggingface_hub
 
     sources = {
         "IDEA-Research/grounding-dino-tiny": gs_dir / "IDEA-Research--grounding-dino-tiny",
@@ -450,7 +450,7 @@ def test_pull_puts_each_repository_in_its_subfolder(
         return str(local_dir)
 
     monkeypatch.setattr(install, "offline", lambda: False)
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+    stub_hub(monkeypatch, fake_download)
     folder = models.pull("grounded-sam", settings, progress=False)
     assert sorted(p.name for p in folder.iterdir()) == [
         "IDEA-Research--grounding-dino-tiny",

@@ -5,13 +5,14 @@ from __future__ import annotations
 import os
 import shutil
 import stat
+import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from automask.errors import ModelNotAvailableError
-from automask.install import replace_dir, staging
+from automask.install import partial_note, replace_dir, resumable_staging, staging
 
 
 def _folder(path: Path, content: str) -> Path:
@@ -138,3 +139,43 @@ def test_staging_removes_folders_a_killed_install_left_and_keeps_live_ones(tmp_p
         with staging(target) as second:
             assert live.is_dir() and second.is_dir()
     assert sorted(p.name for p in target.parent.iterdir()) == [other.name]
+
+
+def test_resumable_staging_keeps_what_a_failed_install_downloaded_for_the_next_one(tmp_path: Path) -> None:
+    """Every install made a new staging folder and deleted it on failure: a retry started from zero. The
+    resumable one is the same folder each time, kept after a failure that downloaded something, removed after
+    a success (or a failure that downloaded nothing)."""
+    target = tmp_path / "models" / "m"
+    with pytest.raises(RuntimeError), resumable_staging(target) as tmp:
+        (tmp / "weights").write_text("half")
+        raise RuntimeError("the connection dropped")
+    assert sorted(p.name for p in target.parent.iterdir()) == [".m.partial"]
+    assert "downloaded so far are kept in" in partial_note(target)
+    with resumable_staging(target) as again:
+        assert again == tmp and (again / "weights").read_text() == "half"
+    assert list(target.parent.iterdir()) == [] and partial_note(target) == ""
+    with pytest.raises(RuntimeError), resumable_staging(target) as tmp:
+        (tmp / ".cache" / "huggingface").mkdir(parents=True)
+        (tmp / ".cache" / "huggingface" / "x.lock").write_text("bookkeeping only")
+        raise RuntimeError("the hub refused")
+    assert list(target.parent.iterdir()) == []
+
+
+def test_resumable_staging_lets_one_installer_in_at_a_time(tmp_path: Path) -> None:
+    """Two pulls of one model share its staging folder: the second waits for the first to end (its lock file,
+    deleted as the first lets go, is not a lock the two could hold at once)."""
+    target = tmp_path / "models" / "m"
+    order: list[str] = []
+
+    def second() -> None:
+        with resumable_staging(target, waiting=lambda: order.append("second waits")):
+            order.append("second in")
+
+    with resumable_staging(target, waiting=lambda: order.append("first waits")):
+        thread = threading.Thread(target=second)
+        thread.start()
+        thread.join(0.5)
+        order.append("first out")
+    thread.join(10)
+    assert order == ["second waits", "first out", "second in"]  # it said why nothing happened
+    assert list(target.parent.iterdir()) == []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import fnmatch
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -37,11 +38,13 @@ def _no_network(*args: Any, **kwargs: Any) -> Any:
 
 @pytest.fixture()
 def online(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Lift the offline switches; every test using it replaces snapshot_download, so nothing can leave."""
+    """Lift the offline switches; every test using it replaces snapshot_download, so nothing can leave (the
+    resumable weights download before it, which lists the repository, is tested against tests/fake_hub.py)."""
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", _no_network)
+    monkeypatch.setattr(install, "fetch_weights", lambda *args: None)
 
 
 class FakeHub:
@@ -51,7 +54,9 @@ class FakeHub:
         self.source, self.fail_after, self.error = source, fail_after, error
         self.calls: list[dict[str, Any]] = []
 
-    def __call__(self, repo_id: str, *, local_dir: Path, allow_patterns: list[str], **kw: Any) -> str:
+    def __call__(self, repo_id: str, *, allow_patterns: list[str], local_dir: Path | None = None, **kw: Any) -> str:
+        if local_dir is None:  # a look in the (empty) Hugging Face cache
+            return str(_no_network(repo_id, allow_patterns=allow_patterns, **kw))
         self.calls.append({"repo_id": repo_id, "local_dir": Path(local_dir), "allow_patterns": allow_patterns, **kw})
         Path(local_dir).mkdir(parents=True, exist_ok=True)
         (Path(local_dir) / ".cache" / "huggingface").mkdir(parents=True, exist_ok=True)  # the hub's bookkeeping
@@ -102,7 +107,8 @@ def test_pull_downloads_atomically_and_writes_the_marker(
 
     class Watching(FakeHub):
         def __call__(self, repo_id: str, **kw: Any) -> str:
-            seen.append(target.exists())  # the final folder must not exist while the download runs
+            if not kw.get("local_files_only"):
+                seen.append(target.exists())  # the final folder must not exist while the download runs
             return super().__call__(repo_id, **kw)
 
     hub = Watching(tiny_clipseg_dir)
@@ -111,7 +117,7 @@ def test_pull_downloads_atomically_and_writes_the_marker(
     assert seen == [False]
     [call] = hub.calls
     assert call["repo_id"] == REPO
-    assert call["local_dir"].parent == settings.models_dir and call["local_dir"].name.startswith(".clipseg-")
+    assert call["local_dir"] == settings.models_dir / ".clipseg.partial"  # the same at every try: it resumes
     assert "*.safetensors" in call["allow_patterns"] and not any(p.endswith(".bin") for p in call["allow_patterns"])
     marker = json.loads((target / models.MARKER).read_text())
     assert marker == {"name": "clipseg", "backend": "clipseg", "repos": [REPO]}
@@ -157,18 +163,22 @@ def test_a_failure_midway_leaves_nothing_and_keeps_an_old_install(
     settings: Settings, monkeypatch: pytest.MonkeyPatch, online: None, tiny_clipseg_dir: Path
 ) -> None:
     monkeypatch.setattr(huggingface_hub, "snapshot_download", FakeHub(tiny_clipseg_dir, fail_after=2))
-    with pytest.raises(ModelNotAvailableError, match="ConnectError"):
+    with pytest.raises(ModelNotAvailableError, match="ConnectError") as err:
         models.pull("clipseg", settings, progress=False)
-    assert list(settings.models_dir.iterdir()) == []
+    partial = settings.models_dir / ".clipseg.partial"
+    assert f"kept in '{partial}': automask models pull clipseg resumes" in err.value.message
+    assert [p.name for p in settings.models_dir.iterdir()] == [partial.name]  # hidden: nothing loads it
+    assert not models.is_installed("clipseg", settings) and not (settings.models_dir / "clipseg").exists()
     # a complete install survives a failed forced re-pull untouched
     monkeypatch.setattr(huggingface_hub, "snapshot_download", FakeHub(tiny_clipseg_dir))
     target = models.pull("clipseg", settings, progress=False)
     before = sorted(p.name for p in target.iterdir())
+    assert [p.name for p in settings.models_dir.iterdir()] == ["clipseg"]
     monkeypatch.setattr(huggingface_hub, "snapshot_download", FakeHub(tiny_clipseg_dir, fail_after=1))
     with pytest.raises(ModelNotAvailableError):
         models.pull("clipseg", settings, progress=False, force=True)
     assert sorted(p.name for p in target.iterdir()) == before
-    assert [p.name for p in settings.models_dir.iterdir()] == ["clipseg"]
+    assert sorted(p.name for p in settings.models_dir.iterdir()) == [partial.name, "clipseg"]
     # and a forced re-pull that succeeds replaces it
     monkeypatch.setattr(huggingface_hub, "snapshot_download", FakeHub(tiny_clipseg_dir))
     assert models.pull("clipseg", settings, progress=False, force=True) == target
@@ -367,7 +377,9 @@ def test_pull_onto_a_full_disk_says_to_free_space_not_to_check_the_network(
     msg = err.value.message
     assert "is full" in msg and "AUTOMASK_DATA_DIR" in msg and str(settings.models_dir) in msg
     assert "Check the network" not in msg
-    assert list(settings.models_dir.iterdir()) == []
+    partial = settings.models_dir / ".clipseg.partial"  # kept, to resume once there is room; the message says so
+    assert f"kept in '{partial}'" in msg and "delete that folder to free the space" in msg
+    assert [p.name for p in settings.models_dir.iterdir()] == [partial.name]
 
 
 def test_a_data_dir_given_with_a_tilde_is_under_the_home_folder(
@@ -401,3 +413,53 @@ def test_pull_force_repairs_a_damaged_install_the_load_error_points_at(
     assert result.exit_code == 0, result.output
     assert (target / "model.safetensors").read_bytes() == (tiny_clipseg_dir / "model.safetensors").read_bytes()
     assert MaskGenerator("clipseg", settings).backend.model_id == "clipseg"
+
+
+def test_models_list_json_is_valid_utf8_json_for_a_data_dir_that_is_not_utf8(tmp_path: Path) -> None:
+    """A data folder whose name is not UTF-8 (read as surrogates) came out as lone-surrogate escapes ("\\udcff"),
+    which strict JSON parsers reject; other --json outputs write such a byte as the text \\xNN (`json_safe`)."""
+    from automask.cli import main
+
+    data = tmp_path / os.fsdecode(b"data\xff")
+    result = CliRunner().invoke(main, ["models", "list", "--json"], env={"AUTOMASK_DATA_DIR": str(data)})
+    assert result.exit_code == 0, result.output
+    assert "\\ud" not in result.stdout
+    rows = {row["name"]: row for row in json.loads(result.stdout)}
+    assert rows["clipseg"]["path"] == str(tmp_path / "data\\xff" / "models" / "clipseg")
+
+
+def test_an_uninstalled_model_in_offline_mode_says_both_facts_and_the_fix(settings: Settings) -> None:
+    """The suite runs with HF_HUB_OFFLINE=1: the error said only 'Install it with: automask models pull sam3',
+    which then failed naming HF_HUB_OFFLINE; the first message must already say downloads are off and how."""
+    with pytest.raises(ModelNotAvailableError) as err:
+        models.resolve("sam3", settings)
+    message = err.value.message
+    assert "'sam3' is not installed" in message and "HF_HUB_OFFLINE" in message
+    assert "automask models pull sam3" in message and "--model" in message
+
+
+def test_pull_offline_takes_a_cached_model_over_a_download_a_failed_pull_kept(
+    tiny_clipseg_dir: Path, settings: Settings
+) -> None:
+    """The Hugging Face cache holds the model complete and a failed pull kept half a download: the pull (offline,
+    as the suite runs) takes the cache's files and leaves none of the half download in the installed folder."""
+    _fake_hf_cache(tiny_clipseg_dir)
+    kept = settings.models_dir / ".clipseg.partial" / ".cache" / "automask"
+    kept.mkdir(parents=True)
+    (kept / f"model.safetensors.{'0' * 64}.incomplete").write_bytes(b"half")
+    target = models.pull("clipseg", settings, progress=False)
+    assert (target / "model.safetensors").read_bytes() == (tiny_clipseg_dir / "model.safetensors").read_bytes()
+    assert not (target / ".cache").exists() and models.resolve("clipseg", settings).path == target
+    assert [p.name for p in settings.models_dir.iterdir()] == ["clipseg"]
+
+
+def test_models_list_tells_of_a_download_a_failed_pull_kept(settings: Settings) -> None:
+    """What a failed pull kept to resume (GBs for sam3) is in a hidden folder: the listing says where."""
+    from automask.cli import main
+
+    kept = settings.models_dir / ".sam3.partial"
+    kept.mkdir(parents=True)
+    (kept / "model.safetensors").write_bytes(b"\0" * 2_000_000)
+    result = CliRunner().invoke(main, ["--data-dir", str(settings.data_dir), "models", "list"])
+    assert result.exit_code == 0, result.output
+    assert f"sam3: The 2.0 MB downloaded so far are kept in '{kept}'" in result.stderr

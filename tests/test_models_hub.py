@@ -6,15 +6,21 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import stat
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from automask import MaskGenerator
+from automask.catalogue import DEFAULT_FILES
+from automask.settings import Settings
 from fake_hub import FakeHubServer, HubError, fake_hub
 from test_first_use import automask_command, clean_env, run
 
@@ -109,3 +115,89 @@ def test_a_pull_killed_outright_leaves_a_folder_the_next_pull_removes(tmp_path: 
     hub.pause = 0.0
     assert run(["models", "pull", "clipseg"], env).returncode == 0
     assert [p.name for p in models.iterdir()] == ["clipseg"]
+
+
+def _padded(tiny: Path, folder: Path) -> Path:
+    """`tiny` with 14 MB more weights (an unused tensor): more than huggingface_hub's 10 MB download chunk, which is
+    all it writes of a file before a connection drops."""
+    from safetensors.numpy import load_file, save_file
+
+    shutil.copytree(tiny, folder)
+    weights = load_file(folder / "model.safetensors")
+    save_file({**weights, "padding": np.ones(3_500_000, np.float32)}, folder / "model.safetensors", {"format": "pt"})
+    return folder
+
+
+def test_an_interrupted_download_resumes_where_it_stopped(tmp_path: Path, tiny_clipseg_dir: Path) -> None:
+    """Every pull made a new staging folder, and huggingface_hub deletes a file cut off midway: a connection that
+    dropped at 3 GB of SAM 3's 3.4 GB started again from zero. The retry now asks only for the rest (Range)."""
+    repo = _padded(tiny_clipseg_dir, tmp_path / "repo")
+    size = (repo / "model.safetensors").stat().st_size
+    models = tmp_path / "data" / "models"
+    with fake_hub({REPO: repo}) as hub:
+        env = _env(tmp_path, hub)
+        hub.cut, hub.then = 12 << 20, HubError(503, message="the hub went away")
+        first = run(["models", "pull", "clipseg"], env)
+        assert first.returncode == 4, first.stderr
+        partial = models / ".clipseg.partial"
+        assert "automask models pull clipseg" in first.stderr and f"kept in '{partial}'" in first.stderr
+        assert [p.name for p in models.iterdir() if p.is_dir()] == [partial.name]  # nothing loads a half model
+        hub.cut = hub.error = None
+        hub.requests.clear()
+        second = run(["models", "pull", "clipseg"], env)
+        assert second.returncode == 0, second.stderr
+        weights = [r for r in hub.requests if r.startswith(f"GET /{REPO}/resolve/") and "model.safetensors" in r]
+    assert weights == [f"GET /{REPO}/resolve/main/model.safetensors Range: bytes={10 << 20}-"], hub.requests
+    assert [p.name for p in models.iterdir()] == ["clipseg"]
+    assert (models / "clipseg" / "model.safetensors").read_bytes() == (repo / "model.safetensors").read_bytes()
+    assert size > 12 << 20
+    generator = MaskGenerator("clipseg", Settings(data_dir=tmp_path / "data"))
+    assert generator.generate(np.zeros((32, 32, 3), np.uint8), "a cat").mask.shape == (32, 32)
+
+
+def test_pull_takes_a_model_complete_in_the_hf_cache_without_the_network(tmp_path: Path, hub: FakeHubServer) -> None:
+    """`models pull` downloaded again what the Hugging Face cache held complete (and failed offline), though
+    resolving the model uses that copy anyway. It now takes it from there, saying so; a partial cache is downloaded."""
+    env = _env(tmp_path, hub)
+    fetch = f"import huggingface_hub as h; h.snapshot_download({REPO!r}, allow_patterns={list(DEFAULT_FILES)!r})"
+    subprocess.run([sys.executable, "-c", fetch], env=env, check=True, capture_output=True, timeout=120)
+    [snapshot] = (tmp_path / "hf" / "hub" / f"models--{REPO.replace('/', '--')}" / "snapshots").iterdir()
+    hub.error, hub.requests[:] = HubError(503, message="the hub must not be asked"), []
+    proc = run(["models", "pull", "clipseg"], env | {"HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr
+    assert f"{REPO}: complete in the Hugging Face cache, taken from {snapshot} (no download)" in proc.stderr
+    assert hub.requests == []
+    folder = tmp_path / "data" / "models" / "clipseg"
+    for file in hub.repos[REPO].iterdir():
+        assert (folder / file.name).read_bytes() == file.read_bytes()
+    shutil.rmtree(folder)
+    (snapshot / "model.safetensors").unlink()  # a partial cache: the weights are downloaded
+    hub.error = None
+    proc = run(["models", "pull", "clipseg"], env)
+    assert proc.returncode == 0, proc.stderr
+    assert "Hugging Face cache" not in proc.stderr
+    assert any(r.startswith(f"GET /{REPO}/resolve/main/model.safetensors") for r in hub.requests), hub.requests
+    assert (folder / "model.safetensors").read_bytes() == (hub.repos[REPO] / "model.safetensors").read_bytes()
+
+
+def test_a_pull_interrupted_midway_says_where_its_download_waits(tmp_path: Path, tiny_clipseg_dir: Path) -> None:
+    """Ctrl-C at 3 GB of 3.4 GB said only 'interrupted': the bytes kept for the next pull to resume sat in a hidden
+    folder nobody was told about."""
+    repo = _padded(tiny_clipseg_dir, tmp_path / "repo")
+    partial = tmp_path / "data" / "models" / ".clipseg.partial"
+    with fake_hub({REPO: repo}) as hub:
+        hub.cut, hub.stall = 12 << 20, 30.0
+        proc = subprocess.Popen(
+            [*automask_command(), "models", "pull", "clipseg"],
+            env=_env(tmp_path, hub),
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        deadline = time.monotonic() + 60
+        while sum(p.stat().st_size for p in partial.rglob("*.incomplete")) < 10 << 20 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and f"10.5 MB downloaded so far are kept in '{partial}'" in err
+    assert partial.is_dir() and not (partial.parent / "clipseg").exists()

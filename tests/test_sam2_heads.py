@@ -25,6 +25,7 @@ from automask.backends.sam2 import DEFAULT_TRANSFORM, Sam2Segmenter, load_segmen
 from automask.errors import ModelNotAvailableError
 from automask.pipeline import MaskGenerator
 from automask.settings import Settings
+from fake_hub import stub_hub
 from sam_reference import (
     native_here,
     needs_reference_libs,
@@ -309,9 +310,8 @@ def test_catalogue_entries() -> None:
 
 
 def test_pull_offline_fails_at_once(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
-    import huggingface_hub
 
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: pytest.fail("no download offline"))
+    stub_hub(monkeypatch, lambda *a, **k: pytest.fail("no download offline"))
     for name in ("grounded-edgetam", "edgetam", "grounded-sam2", "sam2"):
         with pytest.raises(ModelNotAvailableError, match=f"offline.*automask models pull {name}"):
             models.pull(name, settings, progress=False)

@@ -29,6 +29,7 @@ from automask.backends.sam3 import DEFAULT_TRANSFORM, Sam3Backend, load, use_aut
 from automask.errors import InvalidOptionError, ModelNotAvailableError, StoppedError
 from automask.pipeline import MaskGenerator
 from automask.settings import Settings
+from fake_hub import stub_hub
 from sam_reference import (
     native_here,
     needs_reference_libs,
@@ -323,9 +324,8 @@ def test_catalogue_and_models_list(settings: Settings) -> None:
 
 
 def test_pull_offline_fails_at_once_with_the_fix(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
-    import huggingface_hub
 
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: pytest.fail("no download offline"))
+    stub_hub(monkeypatch, lambda *a, **k: pytest.fail("no download offline"))
     with pytest.raises(ModelNotAvailableError, match=r"offline.*automask models pull sam3"):
         models.pull("sam3", settings, progress=False)
 
@@ -335,7 +335,7 @@ def test_pull_without_a_token_says_how_to_get_access(settings: Settings, monkeyp
 
     monkeypatch.setattr(install, "offline", lambda: False)
     monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: pytest.fail("no token: no download"))
+    stub_hub(monkeypatch, lambda *a, **k: pytest.fail("no token: no download"))
     with pytest.raises(ModelNotAvailableError, match=r"gated.*huggingface.co/facebook/sam3.*HF_TOKEN=<token>"):
         models.pull("sam3", settings, progress=False)
 
@@ -351,7 +351,7 @@ def test_pull_with_a_token_without_access(settings: Settings, monkeypatch: pytes
 
     monkeypatch.setattr(install, "offline", lambda: False)
     monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_test")
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", refuse)
+    stub_hub(monkeypatch, refuse)
     with pytest.raises(ModelNotAvailableError, match=r"no access to it yet\. Request access at https://hug"):
         models.pull("sam3", settings, progress=False)
     assert not models.model_dir("sam3", settings).exists()

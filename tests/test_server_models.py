@@ -192,7 +192,8 @@ def test_a_missing_model_names_the_models_that_could_answer_the_prompt(tmp_path:
             with pytest.raises(ModelNotAvailableError) as err:
                 runner.check("grounded-sam", targets)
             message = err.value.message
-            assert message.startswith("The model 'grounded-sam' is not installed. Install it with: automask models")
+            assert message.startswith("The model 'grounded-sam' is not installed")
+            assert "automask models pull grounded-sam" in message
             assert message.endswith(
                 f"This server also has {named}, which can answer this prompt: send one as the request's 'model' "
                 "(GET /v1/models lists them)."

@@ -13,6 +13,7 @@ from automask import MaskGenerator
 from automask.backends import grounded_sam, sam
 from automask.backends.torch_loading import check_device, checkpoint_errors
 from automask.errors import ModelNotAvailableError
+from automask.models import MARKER
 from automask.settings import Settings
 from tiny_models import make_tiny_sam
 
@@ -52,8 +53,10 @@ def test_checkpoint_errors_name_the_model_the_cause_and_the_fix(tmp_path: Path) 
     with pytest.raises(ModelNotAvailableError) as err, checkpoint_errors("SAM", tmp_path, pull="sam"):
         raise OSError("model.safetensors is missing\nlong transformers advice")
     assert err.value.message == (
-        f"The SAM model in '{tmp_path}' could not be loaded (model.safetensors is missing). "
-        "Re-download it with: automask models pull sam --force"
+        f"The SAM model in '{tmp_path}' could not be loaded (model.safetensors is missing). It holds no readable "
+        "config.json, where a complete SAM checkpoint was expected: save one there with "
+        "save_pretrained (weights, tokenizer and processor files), or use the catalogue model instead: automask models "
+        "pull sam, then --model sam."
     )
     assert isinstance(err.value.__cause__, OSError)
     with pytest.raises(ModelNotAvailableError, match=r"\(KeyError\)"), checkpoint_errors("SAM", tmp_path, "sam"):
@@ -77,11 +80,25 @@ def test_a_folder_whose_config_names_another_architecture_is_a_clear_error(
     tiny_clipseg_dir: Path, tmp_path: Path
 ) -> None:
     """A CLIPSeg checkpoint whose config.json says another model_type: transformers' constructor raises an
-    AttributeError/TypeError on the missing fields, which reached the user as an internal error (exit 70)."""
+    AttributeError/TypeError on the missing fields, which reached the user as an internal error (exit 70). Then it
+    said 'Re-download it with: automask models pull sam3 --force', which rewrites the data folder's copy, not a folder
+    of the user's: it now names the folder, what its config.json says it holds and what was expected; a pulled
+    folder is still told to re-pull."""
     folder = tmp_path / "mislabelled"
     shutil.copytree(tiny_clipseg_dir, folder)
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, "model_type": "sam3"}))
+    settings = Settings(data_dir=tmp_path / "data")
     with pytest.raises(ModelNotAvailableError) as err:
-        MaskGenerator(str(folder), Settings(data_dir=tmp_path / "data"))
-    assert f"model in '{folder}' could not be loaded" in err.value.message
+        MaskGenerator(str(folder), settings)
+    message = err.value.message
+    assert f"The SAM 3 model in '{folder}' could not be loaded" in message and "--force" not in message
+    assert "model_type 'sam3', architectures ['CLIPSegForImageSegmentation']" in message
+    assert "a complete SAM 3 checkpoint was expected" in message
+    assert message.endswith("or use the catalogue model instead: automask models pull sam3, then --model sam3.")
+    pulled = settings.models_dir / "sam3"
+    shutil.copytree(folder, pulled)
+    (pulled / MARKER).write_text(json.dumps({"name": "sam3", "backend": "sam3", "repos": ["facebook/sam3"]}))
+    with pytest.raises(ModelNotAvailableError) as err:
+        MaskGenerator("sam3", settings)
+    assert err.value.message.endswith("Re-download it with: automask models pull sam3 --force")

@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from automask.cli_io import root_settings
+from automask.cli_io import json_safe, root_settings
 from automask.cli_signals import signals_interrupt
 from automask.errors import AutomaskError
 from automask.settings import Settings
@@ -31,8 +31,8 @@ def models_list(ctx: click.Context, as_json: bool) -> None:
     onnx = {m.name: _onnx_exports(m.backend, m.path) if m.installed else None for m in infos}
     if as_json:
         keys = ("name", "backend", "installed", "path", "description", "source")
-        rows = [{**{k: _jsonable(getattr(m, k)) for k in keys}, "onnx": onnx[m.name]} for m in infos]
-        click.echo(json.dumps(rows))
+        rows = [json_safe({**{k: _jsonable(getattr(m, k)) for k in keys}, "onnx": onnx[m.name]}) for m in infos]
+        click.echo(json.dumps(rows))  # json_safe: a path that is not UTF-8 is written \xNN, not a lone surrogate
         return
     from rich.console import Console
     from rich.table import Table
@@ -48,6 +48,13 @@ def models_list(ctx: click.Context, as_json: bool) -> None:
     Console(width=None if sys.stdout.isatty() else 160).print(table)
     if not all(m.installed for m in infos):
         click.echo("Install a model with: automask models pull NAME", err=True)
+    from automask.install import partial_note
+    from automask.models import model_dir
+
+    settings = root_settings(ctx)
+    for m in infos:  # a failed or interrupted pull's download, GBs maybe, waiting in a hidden folder
+        if note := partial_note(model_dir(m.name, settings)):
+            click.echo(f"{m.name}: {note}", err=True)
     from automask.routing import vocabulary_lines
 
     click.echo("\nThe embedded 'subject' model answers these prompt words (others need an open-vocabulary model):")
@@ -61,13 +68,19 @@ def models_list(ctx: click.Context, as_json: bool) -> None:
 @click.pass_context
 def models_pull(ctx: click.Context, name: str, force: bool) -> None:
     """Download model NAME (e.g. clipseg) into the data folder, with a progress bar."""
-    from automask.models import pull
+    from automask.install import partial_note
+    from automask.models import model_dir, pull
 
     settings = root_settings(ctx)
-    with signals_interrupt():  # SIGTERM/SIGHUP unwind as Ctrl-C does: no half-downloaded folder is left behind
-        path = pull(name, settings, progress=True, force=force)
-        click.echo(f"{name} installed in {path}")
-        _export_after_pull(name, path, settings)
+    try:
+        with signals_interrupt():  # SIGTERM/SIGHUP unwind as Ctrl-C does: no half-written model folder is left
+            path = pull(name, settings, progress=True, force=force)
+            click.echo(f"{name} installed in {path}")
+            _export_after_pull(name, path, settings)
+    except KeyboardInterrupt:
+        if note := partial_note(model_dir(name, settings)):  # where the bytes downloaded so far wait to be resumed
+            click.echo(note, err=True)
+        raise
 
 
 def _export_after_pull(name: str, path: Path, settings: Settings) -> None:

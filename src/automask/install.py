@@ -11,16 +11,21 @@ import contextlib
 import errno
 import glob
 import os
+import re
 import shutil
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from automask.errors import ModelNotAvailableError
 
 FALLBACK_WEIGHTS = ("pytorch_model*.bin",)
 """Downloaded only when a repository has no safetensors weights."""
+HUB_BOOKKEEPING = "huggingface"
+"""The subfolder of a download folder's `.cache` where huggingface_hub keeps its locks and metadata."""
+RESUME = Path(".cache") / "automask"
+"""Where, in a download folder, `fetch_weights` keeps the weight files it is still downloading."""
 
 
 @contextlib.contextmanager
@@ -46,6 +51,80 @@ def staging(folder: Path) -> Iterator[Path]:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         _unlock(_lock_file(tmp), held)
+
+
+@contextlib.contextmanager
+def resumable_staging(folder: Path, waiting: Callable[[], None] | None = None) -> Iterator[Path]:
+    """The staging folder of `folder` that a failed or interrupted block keeps: `.NAME.partial` beside it, always
+    the same, so the next install of `folder` resumes the files this one had downloaded. Removed when the block
+    ends normally (after `replace_dir` moved it into place, or unused), or when it holds no file.
+    `ModelNotAvailableError` when it cannot be created.
+
+    For the block, the folder's `.lock` file is locked, after waiting for another installer of `folder` to end
+    (`waiting` is called first, when there is one): one download into it at a time; a killed installer's lock is
+    released by the system, and its folder reused."""
+    tmp = folder.parent / f".{folder.name}.partial"
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        _remove_abandoned(folder)
+        held = _hold(_lock_file(tmp), waiting)
+        tmp.mkdir(exist_ok=True)
+    except OSError as exc:
+        raise ModelNotAvailableError(
+            f"Cannot write to the models folder '{folder.parent}' ({exc.strerror}). "
+            "Point AUTOMASK_DATA_DIR at a writable folder and run again."
+        ) from exc
+    keep = True
+    try:
+        yield tmp
+        keep = False
+    finally:
+        if not keep or not _downloaded(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+        _unlock(_lock_file(tmp), held)
+
+
+def partial_note(folder: Path) -> str:
+    """A sentence saying what `resumable_staging(folder)` kept after a failure ("" when nothing), and that pulling
+    the catalogue model `folder.name` again resumes it."""
+    tmp = folder.parent / f".{folder.name}.partial"
+    size = _downloaded(tmp)
+    if not size:
+        return ""
+    return (
+        f"The {size / 1e6:.1f} MB downloaded so far are kept in '{tmp}': automask models pull {folder.name} resumes "
+        "from there (delete that folder to free the space)."
+    )
+
+
+def _downloaded(tmp: Path) -> int:
+    """Bytes of model files in staging folder `tmp` (a part of one too), not counting the hub's bookkeeping."""
+    files = (p for p in tmp.rglob("*") if p.is_file() and HUB_BOOKKEEPING not in p.relative_to(tmp).parts)
+    with contextlib.suppress(OSError):
+        return sum(p.stat().st_size for p in files)
+    return 0
+
+
+def _hold(path: Path, waiting: Callable[[], None] | None) -> int | None:
+    """`_lock(path)`, waiting for it (calling `waiting` first) when another process holds it; again until the
+    locked file is still the one at `path` (the previous holder deletes it as it lets go: a lock on that deleted
+    file would hold nothing)."""
+    wait = False
+    while True:
+        fd = _lock(path, wait=wait)
+        if fd is None:
+            if waiting is not None and not wait:
+                waiting()
+            wait = True
+            continue
+        if fd < 0:
+            return fd
+        try:
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
 
 
 def _lock_file(tmp: Path) -> Path:
@@ -128,9 +207,10 @@ def has_weights(folder: Path) -> bool:
     return any(folder.rglob("*.safetensors")) or any(folder.rglob("pytorch_model*.bin"))
 
 
-def cached_snapshot(repo: str, files: tuple[str, ...]) -> Path | None:
+def cached_snapshot(repo: str, files: tuple[str, ...], *, complete: bool = False) -> Path | None:
     """The Hugging Face cache folder of hub repository `repo` holding its config.json and weights, or None.
-    Never uses the network; `files`: the patterns the model needs (others may be missing)."""
+    Never uses the network; `files`: the patterns the model needs (others may be missing, unless `complete`: then
+    every file of the cached repository listing that matches them must be there)."""
     from huggingface_hub import snapshot_download
 
     errors: tuple[type[BaseException], ...] = (OSError, ValueError, *hub_errors())
@@ -139,10 +219,34 @@ def cached_snapshot(repo: str, files: tuple[str, ...]) -> Path | None:
     except errors as exc:
         # a snapshot missing files we do not need (e.g. one fetched by from_pretrained) is still usable
         snapshot = getattr(exc, "snapshot_path", None)
-        if snapshot is None:
+        if snapshot is None or complete:
             return None
         folder = Path(snapshot)
     return folder if (folder / "config.json").is_file() and has_weights(folder) else None
+
+
+def copy_snapshot(name: str, repo: str, snapshot: Path, dest: Path, files: tuple[str, ...]) -> None:
+    """Put the `files` (patterns; its .bin weights when it has no safetensors) of Hugging Face cache folder
+    `snapshot` of hub repository `repo` into folder `dest`, for catalogue model `name`: hard links to the cache's
+    files where the file system allows (no second copy on disk), else copies. `ModelNotAvailableError` on failure."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    names = [p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.is_file()]
+    wanted = list(filter_repo_objects(names, allow_patterns=list(files)))
+    if not any(n.endswith(".safetensors") for n in wanted):
+        wanted += filter_repo_objects(names, allow_patterns=list(FALLBACK_WEIGHTS))
+    try:
+        for file in wanted:
+            source, out = (snapshot / file).resolve(), dest / file
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.unlink(missing_ok=True)  # a kept partial download's copy
+            try:
+                os.link(source, out)
+            except OSError:  # another file system, or one without hard links
+                shutil.copyfile(source, out)
+    except OSError as exc:
+        raise ModelNotAvailableError(download_failure(name, repo, dest, exc)) from exc
+    shutil.rmtree(dest / ".cache", ignore_errors=True)  # what an earlier, failed download of it had kept
 
 
 def download_repo(name: str, repo: str, dest: Path, files: tuple[str, ...], progress: bool) -> None:
@@ -153,14 +257,55 @@ def download_repo(name: str, repo: str, dest: Path, files: tuple[str, ...], prog
     errors: tuple[type[BaseException], ...] = (OSError, ConnectionError, TimeoutError, *hub_errors())
     try:
         with progress_bars(progress):
+            fetch_weights(repo, dest, files)
             snapshot_download(repo, local_dir=dest, allow_patterns=list(files))
             if "*.safetensors" in files and not any(dest.glob("*.safetensors")):
+                fetch_weights(repo, dest, FALLBACK_WEIGHTS)
                 snapshot_download(repo, local_dir=dest, allow_patterns=list(FALLBACK_WEIGHTS))
     except errors as exc:
         raise ModelNotAvailableError(download_failure(name, repo, dest, exc)) from exc
     shutil.rmtree(dest / ".cache", ignore_errors=True)  # the hub's download bookkeeping
     if not has_weights(dest):
+        shutil.rmtree(dest, ignore_errors=True)  # nothing worth resuming
         raise ModelNotAvailableError(f"The hub repository {repo} holds no model weights automask can load.")
+
+
+def fetch_weights(repo: str, dest: Path, files: tuple[str, ...]) -> None:
+    """Download the weight files (safetensors, .bin) of hub repository `repo` among `files` (patterns) into folder
+    `dest`, each resuming what an earlier, interrupted download left in `dest / RESUME` (huggingface_hub's
+    `http_get` asks for the rest with an HTTP Range header). `snapshot_download`, run next, checks each against the
+    hub's sha256 and fetches the other files: recent huggingface_hub releases delete a file cut off midway, so a
+    retry of a 3.4 GB download would start again from zero. Files already in `dest`, and files the hub gives no
+    sha256 for (not LFS: small), are left to `snapshot_download`."""
+    from huggingface_hub import HfApi, get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.file_download import http_get
+    from huggingface_hub.utils import build_hf_headers, filter_repo_objects
+
+    weights = [p for p in files if p.endswith((".safetensors", ".bin"))]
+    for filename in filter_repo_objects(HfApi().list_repo_files(repo), allow_patterns=weights) if weights else ():
+        final = dest / filename
+        if final.is_file():
+            continue
+        meta = get_hf_file_metadata(hf_hub_url(repo, filename))
+        if meta.etag is None or not re.fullmatch(r"[0-9a-f]{64}", meta.etag):
+            continue
+        partial = dest / RESUME / f"{filename}.{meta.etag}.incomplete"
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        for old in partial.parent.glob(f"{glob.escape(Path(filename).name)}.*.incomplete"):
+            if old != partial:  # the hub's file has changed since: those bytes are of no use
+                old.unlink()
+        with partial.open("ab") as f:
+            headers = build_hf_headers()
+            http_get(
+                meta.location,
+                f,
+                resume_size=f.tell(),
+                headers=headers,
+                expected_size=meta.size,
+                displayed_filename=filename,
+            )
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(partial, final)
 
 
 def download_failure(name: str, repo: str, dest: Path, exc: BaseException) -> str:

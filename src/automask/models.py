@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -168,6 +169,12 @@ def resolve(spec: str | None, settings: Settings) -> ResolvedModel:
     cached = hf_cached(spec)
     if cached is not None:
         return ResolvedModel(name=spec, backend=backend, path=cached)
+    if spec != EMBEDDED and install.offline():  # `models pull` would refuse: say so now, not one command later
+        raise ModelNotAvailableError(
+            f"The model '{spec}' is not installed, and Hugging Face offline mode is on (HF_HUB_OFFLINE or "
+            f"TRANSFORMERS_OFFLINE is set), so it cannot be downloaded. Unset it and run: automask models pull {spec} "
+            "(or point --model / AUTOMASK_MODEL at a local model folder)."
+        )
     raise ModelNotAvailableError(
         f"The model '{spec}' is not installed. Install it with: automask models pull {spec} "
         f"(or point --model / AUTOMASK_MODEL at a local model folder)."
@@ -231,8 +238,10 @@ def pull(name: str, settings: Settings, *, progress: bool = True, force: bool = 
     """Download catalogue model `name` into `<data_dir>/models/<name>` and return that folder.
 
     Single-repository models are stored directly in the folder, multi-repository ones in one subfolder per
-    repository (`repo_folder`). The download goes to a temporary folder beside it, renamed into place only when
-    complete, so nothing half-written is ever left. An installed model is kept unless `force`. Raises
+    repository (`repo_folder`). The download goes to a staging folder beside it, renamed into place only when
+    complete, so no half model is ever loaded; a failed or interrupted pull keeps that folder, and the next one
+    resumes it (`install.resumable_staging`). A repository complete in the Hugging Face cache is taken from there,
+    without the network (unless `force`). An installed model is kept unless `force`. Raises
     `ModelNotAvailableError` when the hub cannot be reached.
     """
     spec = catalogue_spec(name)
@@ -244,23 +253,50 @@ def pull(name: str, settings: Settings, *, progress: bool = True, force: bool = 
     target = model_dir(name, settings)
     if is_installed(name, settings) and not force:
         return target
-    if install.offline():
-        raise ModelNotAvailableError(install.offline_message(name, "offline mode is on (HF_HUB_OFFLINE is set)"))
-    if spec.gated:
-        _check_token(spec)
-    with install.staging(target) as tmp:
-        for repo in spec.repos:
-            dest = tmp if len(spec.repos) == 1 else tmp / repo_folder(repo)
-            try:
-                install.download_repo(name, repo, dest, spec.files, progress)
-            except ModelNotAvailableError as exc:
-                if spec.gated and _is_gated_error(exc.__cause__):
-                    raise ModelNotAvailableError(gated_message(spec, "this token has no access to it yet")) from exc
-                raise
-        marker = {"name": spec.name, "backend": spec.backend, "repos": list(spec.repos)}
-        (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
-        install.replace_dir(tmp, target)
+    cached = {} if force else {r: s for r in spec.repos if (s := install.cached_snapshot(r, spec.files, complete=True))}
+    if len(cached) < len(spec.repos):
+        if install.offline():
+            raise ModelNotAvailableError(install.offline_message(name, "offline mode is on (HF_HUB_OFFLINE is set)"))
+        if spec.gated:
+            _check_token(spec)
+    try:
+        with install.resumable_staging(
+            target, _say(f"Another pull of '{name}' is running: waiting for it to end...", progress)
+        ) as tmp:
+            if is_installed(name, settings) and not force:  # another pull installed it while this one waited
+                return target
+            for repo in spec.repos:
+                dest = tmp if len(spec.repos) == 1 else tmp / repo_folder(repo)
+                _fetch(spec, repo, dest, cached.get(repo), progress)
+            marker = {"name": spec.name, "backend": spec.backend, "repos": list(spec.repos)}
+            (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+            install.replace_dir(tmp, target)
+    except ModelNotAvailableError as exc:
+        if note := install.partial_note(target):
+            raise ModelNotAvailableError(f"{exc.message} {note}") from exc.__cause__
+        raise
     return target
+
+
+def _say(message: str, progress: bool) -> Callable[[], None] | None:
+    """A callback printing `message` on stderr, when `progress`."""
+    return (lambda: print(message, file=sys.stderr)) if progress else None
+
+
+def _fetch(spec: ModelSpec, repo: str, dest: Path, cached: Path | None, progress: bool) -> None:
+    """Put hub repository `repo` of catalogue model `spec` into `dest`: from its complete Hugging Face cache folder
+    `cached` when there is one (saying so when `progress`), else downloaded (see `install.download_repo`)."""
+    if cached is not None:
+        install.copy_snapshot(spec.name, repo, cached, dest, spec.files)
+        if progress:
+            print(f"{repo}: complete in the Hugging Face cache, taken from {cached} (no download)", file=sys.stderr)
+        return
+    try:
+        install.download_repo(spec.name, repo, dest, spec.files, progress)
+    except ModelNotAvailableError as exc:
+        if spec.gated and _is_gated_error(exc.__cause__):
+            raise ModelNotAvailableError(gated_message(spec, "this token has no access to it yet")) from exc
+        raise
 
 
 def gated_message(spec: ModelSpec, why: str) -> str:

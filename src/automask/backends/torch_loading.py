@@ -7,6 +7,7 @@ torch is imported inside the functions, so importing this module stays light.
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -69,9 +70,30 @@ def checkpoint_errors(what: str, folder: Path, pull: str) -> Iterator[None]:
     except load_errors() as exc:
         why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ModelNotAvailableError(
-            f"The {what} model in '{folder}' could not be loaded ({why}). "
-            f"Re-download it with: automask models pull {pull} --force"
+            f"The {what} model in '{folder}' could not be loaded ({why}). {repair(what, folder, pull)}"
         ) from exc
+
+
+def repair(what: str, folder: Path, pull: str) -> str:
+    """How to fix the `what` checkpoint in `folder` that cannot be used: `automask models pull <pull> --force` for
+    a pulled or Hugging Face cache folder; for a folder of the user's (which no pull rewrites), what its config.json
+    says it holds, against the `what` checkpoint that was expected."""
+    from automask.models import name_of
+
+    if name_of(folder) != str(folder):
+        return f"Re-download it with: automask models pull {pull} --force"
+    try:
+        config = json.loads((folder / "config.json").read_text())
+        holds = (
+            f"a config.json naming model_type {config.get('model_type')!r}, architectures {config.get('architectures')}"
+        )
+    except (OSError, ValueError, AttributeError):
+        holds = "no readable config.json"
+    return (
+        f"It holds {holds}, where a complete {what} checkpoint was expected: save one there "
+        f"with save_pretrained (weights, tokenizer and processor files), or use the catalogue model instead: "
+        f"automask models pull {pull}, then --model {pull}."
+    )
 
 
 def load_tokenizer(folder: Path, what: str, pull: str, *, processor: bool = False) -> Any:
@@ -87,7 +109,6 @@ def load_tokenizer(folder: Path, what: str, pull: str, *, processor: bool = Fals
     if len(tokenizer) <= len(set(tokenizer.all_special_ids)):
         raise ModelNotAvailableError(
             f"The {what} model in '{folder}' has no tokenizer (tokenizer.json or its vocabulary files are missing): "
-            "it would read every prompt as the same unknown words. "
-            f"Re-download it with: automask models pull {pull} --force"
+            f"it would read every prompt as the same unknown words. {repair(what, folder, pull)}"
         )
     return loaded
