@@ -157,7 +157,7 @@ def test_unknown_paths_and_missing_models_are_refused(
         r = post(live, "v1", token, json={"image": photo, **OPTIONS, "model": bad})
         assert r.status_code == 400 and r.json()["error"].startswith("model"), r.text
     assert keystore.get_key(live.store, key.id).credits == 5  # refused requests cost nothing
-    assert set(CountingGenerator.built) == {str(tiny_clipseg_dir), "clipseg"}  # nothing else was tried
+    assert set(CountingGenerator.built) <= {str(tiny_clipseg_dir), "clipseg"}  # nothing else was tried (alone too)
 
 
 def test_inference_time_header(live: Any, photo: str) -> None:
