@@ -254,6 +254,43 @@ def test_downloads_of_photos_the_page_cannot_decode_as_the_server_does(
 
 
 @pytest.mark.browser
+def test_an_exif_rotated_webp_is_shown_and_rendered_upright(
+    page: Any, live: Live, astronaut: np.ndarray, tmp_path: Path
+) -> None:
+    """A lossless WebP stored on its side, its EXIF saying turn it (6), and one upside down (3): Chromium does not
+    apply a WebP's EXIF orientation, the server does. The page turns it itself: it shows the photo upright, and its
+    cut-out and preview, rendered without a request, equal the API's pixel for pixel.
+
+    Before, the page showed the photo as stored under the server's upright mask; the cut-out and preview of the one
+    on its side came from the server (one more request), those of the upside-down one were rendered misaligned."""
+    upright = astronaut[:, 64:448]  # 512×384: a quarter turn swaps its sides
+    stored = {6: np.rot90(upright, 1), 3: upright[::-1, ::-1]}  # what turning by 6 / 3 makes upright
+    set_first_options(page)
+    previous, posts = None, list[str]()
+    page.on("request", lambda req: posts.append(req.url) if req.method == "POST" else None)
+    for orientation, pixels in stored.items():
+        path = tmp_path / f"astronaut-{orientation}.webp"
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        Image.fromarray(np.ascontiguousarray(pixels)).save(path, lossless=True, exif=exif)
+        pick_photo(page, path)
+        assert page.evaluate("[source.naturalWidth, source.naturalHeight]") == [384, 512]
+        shown = shot(page, "#canvas-box", f"webp-exif-{orientation}")
+        expected = np.asarray(Image.fromarray(upright).resize(shown.shape[1::-1], Image.Resampling.BILINEAR))
+        assert np.abs(shown.astype(int) - expected).mean() < 6, "the photo is not shown upright"
+        previous = submit_prompt(page, FIRST["prompt"], previous)
+        assert page.inner_text("#dl-alpha") == "Download cut-out"
+        posts.clear()
+        image = data_uri(path, "image/webp")
+        cutout = decode(download(page, "#dl-alpha"))
+        assert cutout.shape == (512, 384, 4)
+        assert np.array_equal(cutout, decode(live.api(image, **FIRST, return_alpha=True).content))
+        preview = decode(download(page, "#dl-preview"))
+        assert np.array_equal(preview, decode(live.api(image, **FIRST, return_mask=False).content))
+        assert not posts, "the page asked the server for a rendering"
+
+
+@pytest.mark.browser
 def test_slider_change_gives_a_new_result(page: Any, live: Live, photo: Path) -> None:
     pick_photo(page, photo)
     set_first_options(page)

@@ -37,6 +37,7 @@ ASSETS = (
     "downloads.js",
     "input.js",
     "models.js",
+    "orientation.js",
     "prefs.js",
     "render.js",
     "status.js",

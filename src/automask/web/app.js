@@ -35,7 +35,7 @@ const NUMBER_FIELDS = { min_area: "Smallest region kept", seed: "Seed" };
 
 const state = {
   config: { auth: true, models: [], vocabulary: {}, options: [], examples: [] },
-  image: null, // {id, kind: "file"|"url", name, src, pixels: {data, width, height, exact, opaque}|null, shown: bool}
+  image: null, // {id, kind: "file"|"url", name, src, display, pixels: {data, width, height, exact, opaque}|null, shown}
   result: null, // {opts, imageId, mask, width, height, blob, data, ms, serverMs, enabled: bool[], owners, fromCache}
   cache: new Map(), // `${imageId}|${options}` -> result: seen masks are shown again without a request
   seq: 0,
@@ -135,9 +135,10 @@ async function setImage(image, label) {
   clearResult();
   clearError();
   const current = { id: ++nextImageId, shown: false, ...image };
+  if (state.image && state.image.display) URL.revokeObjectURL(state.image.display);
   state.image = current;
   const img = $("source");
-  img.src = image.src;
+  img.src = image.display || image.src; // display: the image as the page turned it upright (input.js)
   try {
     await img.decode();
     if (state.image !== current) return; // a newer image replaced this one while it decoded
@@ -156,9 +157,11 @@ async function setImage(image, label) {
   setStatus("Image ready. Type a prompt and press Enter.");
 }
 
-// A URL image's pixels (`imagePixels`): null when unreadable here, as those of an image on another site are.
-function urlPixels(url, img) {
-  return imagePixels(dataUriBlob(url) || img).catch(() => null);
+// A URL image's pixels (`imagePixels`): null when unreadable here, as those of an image on another site are, or
+// when they are not the image as shown (a data: URI's WebP that the page turns upright, the browser not).
+async function urlPixels(url, img) {
+  const pixels = await imagePixels(dataUriBlob(url) || img).catch(() => null);
+  return pixels && pixels.orientation === 1 ? pixels : null;
 }
 
 function usePrompt(text, { runNow = true } = {}) {
