@@ -33,6 +33,7 @@ ASSETS = (
     "index.html",
     "app.js",
     "api.js",
+    "colours.js",
     "controls.js",
     "downloads.js",
     "input.js",

@@ -5,6 +5,7 @@
 // Conventions: a mask is a Uint8Array of width*height bytes, row-major, 255 = selected (soft values when
 // feathered); an image is RGBA bytes (ImageData.data) of the same size, in the image's upright orientation.
 
+import { mayCarryColours } from "./colours.js";
 import { orientationToApply, uprightTransform } from "./orientation.js";
 
 export const PREVIEW_TINT = [255, 0, 80]; // automask.postprocess.PREVIEW_TINT: the server's preview
@@ -65,6 +66,7 @@ export async function uprightPng(blob, orientation) {
 // decode (`readPixels`); false when this page cannot reproduce that decode: an embedded colour profile (the
 // server converts to sRGB with LittleCMS, a browser with its own engine, levels apart: the pixels are then the
 // browser's conversion, as shown) or 16-bit grey samples (the server rounds them to 8 bits, a browser truncates).
+// A file that declares no colour information (colours.js) is decoded once: its managed decode is the same.
 // A blob, or a loaded <img> (an image URL; its bytes unreadable here). `orientation`: the one applied here, which
 // the browser does not (orientation.js; 1: none). Throws when a browser cannot decode it or may not read its
 // pixels (an image of another site), and TooManyPixels past `maxPixels`.
@@ -73,6 +75,9 @@ export async function imagePixels(source, maxPixels = Infinity) {
   const stored = { ...(await readPixels(source, "none", maxPixels, orientation)), orientation };
   if (source instanceof Blob && sixteenBitGrey(new Uint8Array(await source.slice(0, 26).arrayBuffer()))) {
     return { ...stored, exact: false };
+  }
+  if (source instanceof Blob && !(await mayCarryColours(source))) {
+    return { ...stored, exact: true, opaque: opaque(stored.data) }; // the managed decode would be the same
   }
   const managed = await readPixels(source, "default", Infinity, orientation);
   const [a, b] = [new Uint32Array(stored.data.buffer), new Uint32Array(managed.data.buffer)];
