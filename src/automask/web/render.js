@@ -34,11 +34,11 @@ export class TooManyPixels extends Error {
 // values, "default": converted by the image's colour profile. Throws TooManyPixels past `maxPixels`.
 async function uprightCanvas(source, colours, maxPixels, orientation) {
   const bitmap = await createImageBitmap(source, { ...DECODE, colorSpaceConversion: colours });
-  if (bitmap.width * bitmap.height > maxPixels) {
-    bitmap.close();
-    throw new TooManyPixels(bitmap.width, bitmap.height);
-  }
   const { matrix, width, height } = uprightTransform(orientation, bitmap.width, bitmap.height);
+  if (width * height > maxPixels) {
+    bitmap.close(); // its size reads 0×0 from now on
+    throw new TooManyPixels(width, height);
+  }
   const canvas = canvasOf(width, height);
   const ctx = canvas.getContext("2d", { willReadFrequently: true });
   ctx.imageSmoothingEnabled = false; // quarter turns and mirrors only: each pixel copied, none blended
