@@ -9,6 +9,7 @@ they fail instead. Screenshots go to $WEB_SCREENSHOTS, else out/web-screenshots.
 from __future__ import annotations
 
 import base64
+import io
 import re
 import time
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
+from automask.imageio.decode import decode_image
 from automask.settings import Settings
 from server_helpers import decode
 from test_colour_profiles import WIDE_ICC
@@ -311,6 +313,20 @@ def test_an_exif_rotated_webp_is_shown_and_rendered_upright(
 
     Before, the page showed the photo as stored under the server's upright mask; the cut-out and preview of the one
     on its side came from the server (one more request), those of the upside-down one were rendered misaligned."""
+    small = np.ascontiguousarray(astronaut[:48, :80])
+    for orientation in range(1, 9):  # each of the 8: the page's pixels are the server's decode
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        webp = io.BytesIO()
+        Image.fromarray(small).save(webp, "WEBP", lossless=True, exif=exif)
+        found = page.evaluate(
+            """async (b64) => { const { imagePixels } = await import('./static/render.js');
+                 const px = await imagePixels(new Blob([Uint8Array.from(atob(b64), (c) => c.charCodeAt(0))]));
+                 return [px.height, px.width, Array.from(px.data)]; }""",
+            base64.b64encode(webp.getvalue()).decode(),
+        )
+        rgba = np.array(found[2], np.uint8).reshape(found[0], found[1], 4)
+        assert np.array_equal(rgba[..., :3], decode_image(webp.getvalue(), Settings())), orientation
     upright = astronaut[:, 64:448]  # 512×384: a quarter turn swaps its sides
     stored = {6: np.rot90(upright, 1), 3: upright[::-1, ::-1]}  # what turning by 6 / 3 makes upright
     set_first_options(page)
