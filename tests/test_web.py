@@ -232,6 +232,10 @@ def test_a_photo_without_colour_information_is_decoded_once(
     assert found == {name: carries for name, (carries, _) in files.items()}
 
 
+RDF = "http://www.w3.org/1999/02/22-rdf-syntax-ns#"
+TIFF = "http://ns.adobe.com/tiff/1.0/"
+
+
 def gamma_chunk() -> Any:
     """PNG text info with a gAMA chunk (1/2.2) before the pixels, which a browser applies."""
     from PIL import PngImagePlugin
@@ -313,20 +317,25 @@ def test_an_exif_rotated_webp_is_shown_and_rendered_upright(
 
     Before, the page showed the photo as stored under the server's upright mask; the cut-out and preview of the one
     on its side came from the server (one more request), those of the upside-down one were rendered misaligned."""
-    small = np.ascontiguousarray(astronaut[:48, :80])
+    small = Image.fromarray(np.ascontiguousarray(astronaut[:48, :80]))
+    xmp = f'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="{RDF}"><rdf:Description xmlns:tiff="{TIFF}"'
     for orientation in range(1, 9):  # each of the 8: the page's pixels are the server's decode
         exif = Image.Exif()
         exif[0x0112] = orientation
-        webp = io.BytesIO()
-        Image.fromarray(small).save(webp, "WEBP", lossless=True, exif=exif)
-        found = page.evaluate(
-            """async (b64) => { const { imagePixels } = await import('./static/render.js');
-                 const px = await imagePixels(new Blob([Uint8Array.from(atob(b64), (c) => c.charCodeAt(0))]));
-                 return [px.height, px.width, Array.from(px.data)]; }""",
-            base64.b64encode(webp.getvalue()).decode(),
-        )
-        rgba = np.array(found[2], np.uint8).reshape(found[0], found[1], 4)
-        assert np.array_equal(rgba[..., :3], decode_image(webp.getvalue(), Settings())), orientation
+        webp, jpeg = io.BytesIO(), io.BytesIO()
+        small.save(webp, "WEBP", lossless=True, exif=exif)
+        # a JPEG's orientation in XMP alone: Chromium ignores it, the server (Pillow) applies it
+        tag = f'tiff:Orientation="{orientation}"/></rdf:RDF></x:xmpmeta>'
+        small.save(jpeg, "JPEG", quality=95, xmp=f"{xmp} {tag}".encode())
+        for encoded in (webp, jpeg):
+            found = page.evaluate(
+                """async (b64) => { const { imagePixels } = await import('./static/render.js');
+                     const px = await imagePixels(new Blob([Uint8Array.from(atob(b64), (c) => c.charCodeAt(0))]));
+                     return [px.height, px.width, Array.from(px.data)]; }""",
+                base64.b64encode(encoded.getvalue()).decode(),
+            )
+            rgba = np.array(found[2], np.uint8).reshape(found[0], found[1], 4)
+            assert np.array_equal(rgba[..., :3], decode_image(encoded.getvalue(), Settings())), orientation
     upright = astronaut[:, 64:448]  # 512×384: a quarter turn swaps its sides
     stored = {6: np.rot90(upright, 1), 3: upright[::-1, ::-1]}  # what turning by 6 / 3 makes upright
     set_first_options(page)

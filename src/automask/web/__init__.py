@@ -44,6 +44,7 @@ ASSETS = (
     "prefs.js",
     "render.js",
     "results.js",
+    "segments.js",
     "status.js",
     "targets.js",
     "viewer.js",

@@ -3,8 +3,8 @@
 // render.imagePixels decode it a second time to compare. Read from the file's first bytes; any format or
 // structure not known here may carry some.
 
-const ascii = (bytes, at, n) => String.fromCharCode(...bytes.subarray(at, at + n));
-const HEAD_BYTES = 1 << 20; // JPEG's APPn segments and PNG's chunks before the pixels lie well within this
+import { HEAD_BYTES, ascii, jpegSegments } from "./segments.js";
+
 // PNG chunks that say nothing of colour (their presence before IDAT leaves the decode unmanaged).
 const PNG_PLAIN = new Set(["IHDR", "PLTE", "tRNS", "pHYs", "tEXt", "zTXt", "iTXt", "tIME", "bKGD", "sBIT", "eXIf"]);
 
@@ -19,19 +19,12 @@ export async function mayCarryColours(blob) {
 // A JPEG's segments up to its scan (where a decoder stops reading them): an APP2 ICC_PROFILE segment, a frame of
 // other than 1 or 3 components (CMYK, converted by each decoder its own way), or segments not read to their end.
 function jpegColours(head) {
-  const view = new DataView(head.buffer, head.byteOffset, head.byteLength);
-  for (let at = 2; at + 4 <= head.length; ) {
-    if (head[at] !== 0xff) return true;
-    const marker = head[at + 1];
-    if (marker === 0xff) {
-      at += 1; // fill byte
-      continue;
-    }
+  for (const { marker, at } of jpegSegments(head)) {
+    if (marker === null) return true;
     if (marker === 0xda) return false;
     const frame = marker >= 0xc0 && marker <= 0xcf && ![0xc4, 0xc8, 0xcc].includes(marker);
     if (frame && head[at + 9] !== 1 && head[at + 9] !== 3) return true;
     if (marker === 0xe2 && ascii(head, at + 4, 12) === "ICC_PROFILE\0") return true;
-    at += 2 + view.getUint16(at + 2);
   }
   return true;
 }

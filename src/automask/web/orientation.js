@@ -1,54 +1,69 @@
-// EXIF orientation that the server applies and a browser may not: a WebP's. Chromium turns a JPEG or PNG upright
-// when it decodes it, but not a WebP (neither for <img> nor for createImageBitmap), while the server turns every
-// image upright (automask.imageio.decode): the page turns such a WebP itself, so that what it shows and renders
-// has the server's rows and columns.
+// Orientation that the server applies and a browser may not. The server turns every image upright
+// (automask.imageio.decode: the EXIF Orientation, else XMP's tiff:Orientation, as Pillow reads them); Chromium
+// applies a JPEG's or PNG's EXIF orientation when it decodes it, but neither a WebP's nor any XMP one. The page
+// turns such an image itself, so that what it shows and renders has the server's rows and columns.
 
-// A 2×1 lossless WebP whose EXIF orientation is 6: a browser that applies WebP orientation decodes it as 1×2.
-const PROBE = "UklGRk4AAABXRUJQVlA4WAoAAAAIAAAAAQAAAAAAVlA4TA4AAAAvAQAAAAcQEf0PRET/A0VYSUYaAAAATU0AKgAAAAgAAQESAAMAAAABAAYAAAAAAAA=";
-let browserTurnsWebp = null;
+import { HEAD_BYTES, ascii, jpegSegments, webpChunks } from "./segments.js";
 
-async function turnsWebp() {
-  browserTurnsWebp ??= (async () => {
+// 2×1 images whose orientation is 6 (a lossless WebP's EXIF, a JPEG's XMP alone): a browser that applies it
+// decodes them as 1×2.
+const PROBES = {
+  webp: "UklGRk4AAABXRUJQVlA4WAoAAAAIAAAAAQAAAAAAVlA4TA4AAAAvAQAAAAcQEf0PRET/A0VYSUYaAAAATU0AKgAAAAgAAQESAAMAAAABAAYAAAAAAAA=",
+  jpeg:
+    "/9j/4AAQSkZJRgABAQAAAQABAAD/4QDsaHR0cDovL25zLmFkb2JlLmNvbS94YXAvMS4wLwA8eDp4bXBtZXRhIHhtbG5zOng9ImFkb2JlOm5zOm1ldGEvIj48cmRmOlJERiB4bWxuczpyZGY9Imh0dHA6Ly93d3cudzMub3JnLzE5OTkvMDIvMjItcmRmLXN5bnRheC1ucyMiPjxyZGY6RGVzY3JpcHRpb24geG1sbnM6dGlmZj0iaHR0cDovL25zLmFkb2JlLmNvbS90aWZmLzEuMC8iIHRpZmY6T3JpZW50YXRpb249IjYiLz48L3JkZjpSREY+PC94OnhtcG1ldGE+/9sAQwD//////////////////////////////////////////////////////////////////////////////////////8AACwgAAQACAQERAP/EABQAAQAAAAAAAAAAAAAAAAAAAAP/xAAUEAEAAAAAAAAAAAAAAAAAAAAA/9oACAEBAAA/ADf/2Q==",
+};
+const applies = {}; // kind -> Promise<bool>: whether this browser applies that kind of orientation itself
+
+function browserApplies(kind) {
+  applies[kind] ??= (async () => {
     try {
-      const bytes = Uint8Array.from(atob(PROBE), (c) => c.charCodeAt(0));
-      const bitmap = await createImageBitmap(new Blob([bytes], { type: "image/webp" }));
+      const bytes = Uint8Array.from(atob(PROBES[kind]), (c) => c.charCodeAt(0));
+      const bitmap = await createImageBitmap(new Blob([bytes], { type: `image/${kind}` }));
       bitmap.close();
       return bitmap.width === 1;
     } catch {
-      return true; // no WebP here at all: nothing to turn
+      return true; // not decodable here at all: nothing to turn
     }
   })();
-  return browserTurnsWebp;
+  return applies[kind];
 }
 
-const ascii = (bytes, at, n) => String.fromCharCode(...bytes.subarray(at, at + n));
+const XMP_ORIENTATION = /tiff:Orientation(="|>)([0-9])/; // Pillow's
+const XMP_APP1 = "http:\/\/ns.adobe.com/xap/1.0/\0"; // XMP's namespace (a name, not an address to load)
+
+function xmpOrientation(bytes) {
+  const found = XMP_ORIENTATION.exec(new TextDecoder("latin1").decode(bytes));
+  return found ? Number(found[2]) : null;
+}
 
 // The orientation (1–8) a blob's image has and this browser does not apply: a WebP's EXIF Orientation, else its
-// XMP tiff:Orientation (as Pillow reads it); 1 for anything else, or when unreadable.
+// XMP tiff:Orientation; a JPEG's XMP one when it has no EXIF one; 1 for anything else, or when unreadable.
 export async function orientationToApply(blob) {
-  const head = new Uint8Array(await blob.slice(0, 12).arrayBuffer());
-  if (head.length < 12 || ascii(head, 0, 4) !== "RIFF" || ascii(head, 8, 4) !== "WEBP") return 1;
-  const chunks = await webpChunks(blob, ["EXIF", "XMP "]);
-  let value = chunks.EXIF ? exifOrientation(chunks.EXIF) : null;
-  if (value === null && chunks["XMP "]) {
-    const found = /tiff:Orientation(="|>)([0-9])/.exec(new TextDecoder("latin1").decode(chunks["XMP "]));
-    value = found ? Number(found[2]) : null;
+  const head = new Uint8Array(await blob.slice(0, HEAD_BYTES).arrayBuffer());
+  let value = null;
+  let kind = null;
+  if (head.length >= 12 && ascii(head, 0, 4) === "RIFF" && ascii(head, 8, 4) === "WEBP") {
+    const chunks = await webpChunks(blob, ["EXIF", "XMP "]);
+    value = chunks.EXIF ? exifOrientation(chunks.EXIF) : null;
+    if (value === null && chunks["XMP "]) value = xmpOrientation(chunks["XMP "]);
+    kind = "webp";
+  } else if (head[0] === 0xff && head[1] === 0xd8) {
+    [value, kind] = [jpegXmpOrientation(head), "jpeg"];
   }
-  if (!(value >= 2 && value <= 8) || (await turnsWebp())) return 1;
+  if (!(value >= 2 && value <= 8) || (await browserApplies(kind))) return 1;
   return value;
 }
 
-// The data of a WebP's chunks named in `wanted` (RIFF: a fourcc, a little-endian size, the data, padded to even).
-async function webpChunks(blob, wanted) {
-  const found = {};
-  for (let at = 12; at + 8 <= blob.size; ) {
-    const head = new Uint8Array(await blob.slice(at, at + 8).arrayBuffer());
-    const name = ascii(head, 0, 4);
-    const size = new DataView(head.buffer).getUint32(4, true);
-    if (wanted.includes(name)) found[name] = new Uint8Array(await blob.slice(at + 8, at + 8 + size).arrayBuffer());
-    at += 8 + size + (size % 2);
+// A JPEG's XMP orientation, when its EXIF (which browsers apply) has none; null otherwise.
+function jpegXmpOrientation(head) {
+  let xmp = null;
+  for (const { marker, at, size } of jpegSegments(head)) {
+    if (marker !== 0xe1) continue;
+    const body = head.subarray(at + 4, at + 2 + size);
+    if (ascii(body, 0, 6) === "Exif\0\0" && exifOrientation(body) !== null) return null;
+    if (xmp === null && ascii(body, 0, XMP_APP1.length) === XMP_APP1) xmp = xmpOrientation(body);
   }
-  return found;
+  return xmp;
 }
 
 // Tag 0x0112 of a TIFF-structured EXIF block's first directory (with or without the "Exif\0\0" of JPEG's APP1);
