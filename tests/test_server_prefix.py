@@ -79,6 +79,25 @@ def test_a_404_names_the_path_the_client_sent(proxied: Proxied) -> None:
     assert "/tools/masks/tools/masks" not in direct
 
 
+def test_asked_directly_the_page_works_or_names_its_public_url(proxied: Proxied) -> None:
+    """The operator opening the server itself (no proxy in front): at `/` the page's files, rendered under the
+    prefix, are served there too; at the prefix a browser reads where to go, an API client the JSON 404.
+
+    Before, the page at `/` loaded nothing (its files under the prefix were a 404) and the prefix was JSON."""
+    assert 'src="/tools/masks/static/app.js"' in proxied.get("/").text
+    for asset in ("/tools/masks/static/app.js", "/tools/masks/static/examples/astronaut.jpg"):
+        found = proxied.get(asset)
+        assert found.status_code == 200 and found.content == proxied.get(asset.removeprefix("/tools/masks")).content
+    html = {"accept": "text/html,application/xhtml+xml,*/*;q=0.8"}
+    for path in ("/tools/masks", "/tools/masks/"):
+        told = httpx.get(proxied.live.url + path, headers=html, timeout=30)
+        assert told.status_code == 404 and told.headers["content-type"].startswith("text/html"), told.text
+        assert f'<a href="{PUBLIC}/">{PUBLIC}/</a>' in told.text and "strips <code>/tools/masks</code>" in told.text
+        assert "default-src 'self'" in told.headers["content-security-policy"]
+        assert "No endpoint GET /tools/masks" in proxied.get(path).json()["error"]  # not a browser: JSON
+    assert proxied.get("/tools/masks/static/nope.js").status_code == 404
+
+
 def test_the_api_and_its_v2_urls_work_under_the_prefix(proxied: Proxied) -> None:
     body = {"image": base64.b64encode(png_bytes(np.zeros((4, 6, 3), np.uint8))).decode(), "prompt": "x"}
     assert proxied.post("/v1/automatic-mask-generator", body).headers["content-type"] == "image/png"

@@ -82,3 +82,23 @@ def test_the_page_works_under_the_prefix_with_or_without_its_slash(context: Any,
         assert len(tab.api_bodies) == 1
         tab.check_console()  # a Content-Security-Policy violation is a console error
     assert StripProxy.outside == [], "the page asked for something outside its prefix"
+
+
+def test_the_server_asked_directly_shows_a_working_page_or_where_to_go(context: Any, proxied: Live) -> None:
+    """The operator opens the server itself, no proxy in front: at `/` the page works (its files from under the
+    prefix, the API at the server's root); at `/masks/` it says where the page is. Before, both were blank."""
+    direct = Live(StripProxy.upstream, proxied.key)
+    with open_tab(context, direct) as tab:
+        page = tab.page
+        page.wait_for_function("() => document.querySelector('.example img')?.naturalWidth > 0")
+        page.click("[data-example=astronaut]")
+        wait_result(page, None, prompt="person")
+        page.wait_for_selector("#credits[data-credits=unlimited]")  # GET v1/credits at the root too
+        tab.check_console()
+    page = context.new_page()
+    try:
+        page.goto(f"{direct.url}{PREFIX}/")
+        text = page.inner_text("body")
+        assert f"Open the page at {proxied.url}/, through the proxy, or at / on this server itself" in text, text
+    finally:
+        page.close()

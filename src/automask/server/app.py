@@ -121,7 +121,7 @@ def create_app(
     app.add_middleware(RequestContextMiddleware)
     app.add_middleware(EdgeMiddleware)  # outermost: nosniff / no-store on every answer; /docs served locally
     app.include_router(router)
-    web.mount(app)  # the try-it page at /, a client of the v1 API like any other
+    web.mount(app, public_url=server.public_url)  # the try-it page at /, a client of the v1 API like any other
     return app
 
 

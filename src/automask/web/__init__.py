@@ -7,6 +7,10 @@
 - `GET /static/examples/{file}`  the example photos (from scikit-image's data, see examples/LICENSE.md);
 - `GET /web/config`              what the page needs to know about this server (`PageConfig`, read on every call).
 
+A server set up for a proxy that strips a path prefix (`--public-url https://host/prefix`) also serves the page's
+files when asked for them under the prefix directly (the page opened on the server itself, at `/`, loads them
+from there), and answers a browser asking for `/prefix` or `/prefix/` itself with a page naming the public URL.
+
 The page itself only calls the public v1 API (and `GET /v1/credits`), like any other client: one charged
 request per mask; the overlay, cut-out and preview are rendered in the browser from that mask and the image.
 """
@@ -20,6 +24,7 @@ from html import escape
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 if TYPE_CHECKING:
     from starlette.applications import Starlette
@@ -28,12 +33,18 @@ ASSETS = (
     "index.html",
     "app.js",
     "api.js",
+    "colours.js",
     "controls.js",
+    "credits.js",
     "downloads.js",
+    "form.js",
     "input.js",
     "models.js",
+    "orientation.js",
     "prefs.js",
     "render.js",
+    "results.js",
+    "segments.js",
     "status.js",
     "targets.js",
     "viewer.js",
@@ -190,12 +201,31 @@ def page_html(root: str) -> str:
     return text
 
 
-def mount(app: Starlette, config: Callable[[], PageConfig] | None = None) -> None:
+@cache
+def misdirected_html(public_url: str) -> str:
+    """The page a browser gets asking a server set up for a stripping proxy (`--public-url` with a path) for that
+    path itself: it names the page's public address, and the server's own root, where the page works directly."""
+    public, root = escape(public_url.rstrip("/")), escape(urlsplit(public_url).path.rstrip("/"))
+    return (
+        '<!doctype html>\n<html lang="en">\n<head><meta charset="utf-8"><title>automask: not here</title></head>\n'
+        f"<body>\n<h1>automask: the page is not at {root}/ on this server</h1>\n"
+        f"<p>This server is set up (<code>--public-url {public}</code>) for a reverse proxy that strips "
+        f"<code>{root}</code> from the path before passing a request on, so it has nothing at <code>{root}/</code> "
+        "itself (a proxy that passes the prefix on needs to strip it).</p>\n"
+        f'<p>Open the page at <a href="{public}/">{public}/</a>, through the proxy, or at <code>/</code> on this '
+        "server itself (e.g. <code>http://127.0.0.1:8000/</code> on its machine).</p>\n</body>\n</html>\n"
+    )
+
+
+def mount(app: Starlette, config: Callable[[], PageConfig] | None = None, public_url: str | None = None) -> None:
     """Serve the page at `/`, its assets under `/static/`, and `config()` as JSON at `/web/config`.
 
-    `config` defaults to `server_config(app)`, for apps built by `create_app`.
+    `config` defaults to `server_config(app)`, for apps built by `create_app`. `public_url` (`--public-url`): its
+    path is the prefix a proxy strips; the page's assets are served under it too, and a browser asking for the
+    prefix itself is told where the page is (`misdirected_html`).
     """
     from starlette.concurrency import run_in_threadpool
+    from starlette.exceptions import HTTPException
     from starlette.requests import Request
     from starlette.responses import FileResponse, JSONResponse, Response
     from starlette.routing import Route
@@ -228,11 +258,24 @@ def mount(app: Starlette, config: Callable[[], PageConfig] | None = None) -> Non
         found = await run_in_threadpool(config or partial(server_config, app))
         return JSONResponse(asdict(found), headers={"cache-control": "no-store"})
 
-    app.router.routes.extend(
-        [
-            Route("/", page, methods=["GET", "HEAD"], name="web_page"),
-            Route("/static/examples/{name}", example, methods=["GET", "HEAD"], name="web_example"),
-            Route("/static/{name}", static, methods=["GET", "HEAD"], name="web_static"),
-            Route("/web/config", page_config, methods=["GET"], name="web_config"),
+    async def misdirected(request: Request) -> Response:
+        if public_url is None or "text/html" not in request.headers.get("accept", ""):
+            raise HTTPException(404)  # an API client: the JSON 404 of any unknown path
+        return Response(misdirected_html(public_url), 404, media_type=MEDIA_TYPES[".html"], headers=PAGE_HEADERS)
+
+    get = ["GET", "HEAD"]
+    routes = [
+        Route("/", page, methods=get, name="web_page"),
+        Route("/static/examples/{name}", example, methods=get, name="web_example"),
+        Route("/static/{name}", static, methods=get, name="web_static"),
+        Route("/web/config", page_config, methods=["GET"], name="web_config"),
+    ]
+    root = urlsplit(public_url).path.rstrip("/") if public_url else ""
+    if root:  # asked directly under the prefix (the proxy strips it): the page's files; the prefix itself
+        routes += [
+            Route(root + "/static/examples/{name}", example, methods=get, name="web_example_under_prefix"),
+            Route(root + "/static/{name}", static, methods=get, name="web_static_under_prefix"),
+            Route(root, misdirected, methods=get, name="web_prefix"),
+            Route(root + "/", misdirected, methods=get, name="web_prefix_slash"),
         ]
-    )
+    app.router.routes.extend(routes)

@@ -1,8 +1,13 @@
 // The page's calls to the server: the public v1 API, GET v1/credits (an automask extension) and web/config.
 // Paths are relative to where this script was loaded from (SERVER/static/api.js), not to the page's address, so
-// the page works behind a proxy under any prefix, at /prefix as well as /prefix/.
+// the page works behind a proxy under any prefix, at /prefix as well as /prefix/. A page opened on the server
+// itself, outside the prefix its --public-url names (at http://127.0.0.1:8000/, not through the proxy), loads its
+// scripts from under the prefix too (the server serves them there as well), but the API is at its own root.
 
-const SERVER = new URL("../", import.meta.url);
+const LOADED_FROM = new URL("../", import.meta.url);
+const PREFIX = LOADED_FROM.pathname.replace(/\/$/, "");
+const THROUGH_PROXY = location.pathname === PREFIX || location.pathname.startsWith(`${PREFIX}/`);
+const SERVER = THROUGH_PROXY ? LOADED_FROM : new URL("/", LOADED_FROM);
 const API = new URL("v1/automatic-mask-generator", SERVER);
 const CREDITS = new URL("v1/credits", SERVER);
 const CONFIG = new URL("web/config", SERVER);

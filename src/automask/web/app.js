@@ -5,21 +5,16 @@
 // that mask and the image. A request the user no longer wants (new image, new prompt, new settings, Cancel)
 // is aborted, and the server neither runs nor charges it. Results already seen are shown again from memory.
 
-import { ApiError, fetchCredits, loadConfig, requestMask } from "./api.js";
+import { ApiError, loadConfig, requestMask } from "./api.js";
 import { bindSlider, cutoutPreset, growHint, keepInView } from "./controls.js";
-import { downloads, fromServer } from "./downloads.js";
+import { keyAndCredits } from "./credits.js";
+import { downloads } from "./downloads.js";
+import { NUMBER_FIELDS, formOptions, numberFieldsProblem } from "./form.js";
 import { wireInput } from "./input.js";
 import { choosingModel, chosenModel as chosenOf, fillModels, serverInfo, showModel } from "./models.js";
-import {
-  KEY_STORAGE,
-  applyControls,
-  loadPrefs,
-  numberProblem,
-  readControls,
-  savePrefs,
-  vocabularyProblem,
-} from "./prefs.js";
-import { base64Bytes, countSelected, dataUriBlob, decodeMask, imagePixels, withTargets } from "./render.js";
+import { applyControls, loadPrefs, readControls, savePrefs, vocabularyProblem } from "./prefs.js";
+import { base64Bytes, dataUriBlob, decodeMask, imagePixels } from "./render.js";
+import { clearResult, currentShow, drawResult, selectedText, setOutputsEnabled, shownMask } from "./results.js";
 import { clearError, formatMs, setBusy, setFacts, setStale, setStatus, showError as sayError } from "./status.js";
 import { ownerRadius, showTargets, targetMasks } from "./targets.js";
 import { Viewer } from "./viewer.js";
@@ -27,15 +22,10 @@ import { Viewer } from "./viewer.js";
 const $ = (id) => document.getElementById(id);
 const CACHE_SIZE = 16;
 const AUTO_DELAY_MS = 300;
-// The balance is looked up once the key field rests: a look-up per keystroke would send each partial key, and the
-// server counts each as a failed authentication (past AUTOMASK_SERVER_AUTH_FAIL_LIMIT a minute, a 429 lock-out).
-const KEY_LOOKUP_DELAY_MS = 800;
-// Number fields checked before anything is sent (their min and max are the API's), with their labels.
-const NUMBER_FIELDS = { min_area: "Smallest region kept", seed: "Seed" };
 
 const state = {
   config: { auth: true, models: [], vocabulary: {}, options: [], examples: [] },
-  image: null, // {id, kind: "file"|"url", name, src, pixels: {data, width, height, exact, opaque}|null, shown: bool}
+  image: null, // {id, kind: "file"|"url", name, src, display, pixels: {data, width, height, exact, opaque}|null, shown}
   result: null, // {opts, imageId, mask, width, height, blob, data, ms, serverMs, enabled: bool[], owners, fromCache}
   cache: new Map(), // `${imageId}|${options}` -> result: seen masks are shown again without a request
   seq: 0,
@@ -43,11 +33,10 @@ const state = {
   inflight: null, // {controller, seq, started, loading, cancelled}
   timer: 0,
   ticker: 0,
-  keyTimer: 0,
-  creditsSeq: 0,
   reading: null, // the name of an image being read (input.js): the one shown is no longer the one to mask
   growAuto: false, // grow_mask / feather were set by the page for a cut-out, not by the user
 };
+const key = keyAndCredits(state.config);
 const viewer = new Viewer(
   {
     viewport: $("viewport"),
@@ -66,9 +55,7 @@ const viewer = new Viewer(
 
 async function setup() {
   Object.assign(state.config, await loadConfig());
-  const { auth } = state.config;
-  $("key-row").hidden = !auth;
-  $("api-key").value = auth ? localStorage.getItem(KEY_STORAGE) || "" : "";
+  key.restore();
   fillModels(state.config);
   for (const name of ["negative_prompt", "feather", "fill_holes", "min_area"]) {
     $(`opt-${name}`).hidden = !(state.config.options || []).includes(name);
@@ -77,7 +64,7 @@ async function setup() {
   for (const id of ["threshold", "grow_mask", "feather", "opacity", "compare"]) $(id).dispatchEvent(new Event("input"));
   modelChanged();
   serverInfo(state.config);
-  refreshCredits();
+  key.refresh();
 }
 
 function chosenModel() {
@@ -90,30 +77,6 @@ function modelChanged() {
 
 function showError(text) {
   sayError(text, Boolean(state.result));
-}
-
-function apiKey() {
-  return state.config.auth ? $("api-key").value.trim() : "";
-}
-
-function keyEdited() {
-  localStorage.setItem(KEY_STORAGE, apiKey());
-  state.creditsSeq += 1; // a look-up of the key before this edit no longer answers
-  $("credits").hidden = true;
-  clearTimeout(state.keyTimer);
-  state.keyTimer = setTimeout(refreshCredits, KEY_LOOKUP_DELAY_MS);
-}
-
-async function refreshCredits() {
-  const box = $("credits");
-  const seq = ++state.creditsSeq;
-  const found = state.config.auth && apiKey() ? await fetchCredits(apiKey()) : null;
-  if (seq !== state.creditsSeq) return; // a newer look-up answers
-  box.hidden = !found;
-  if (!found) return;
-  const { credits } = found;
-  box.dataset.credits = credits === null ? "unlimited" : String(credits);
-  box.textContent = credits === null ? "Credits: unlimited" : `Credits left: ${credits.toLocaleString()}`;
 }
 
 // ---- the image (from input.js) -------------------------------------------------------------------------
@@ -132,12 +95,13 @@ function reading(name) {
 async function setImage(image, label) {
   state.reading = null;
   supersede();
-  clearResult();
+  clearResult(state, viewer);
   clearError();
   const current = { id: ++nextImageId, shown: false, ...image };
+  if (state.image && state.image.display) URL.revokeObjectURL(state.image.display);
   state.image = current;
   const img = $("source");
-  img.src = image.src;
+  img.src = image.display || image.src; // display: the image as the page turned it upright (input.js)
   try {
     await img.decode();
     if (state.image !== current) return; // a newer image replaced this one while it decoded
@@ -156,9 +120,11 @@ async function setImage(image, label) {
   setStatus("Image ready. Type a prompt and press Enter.");
 }
 
-// A URL image's pixels (`imagePixels`): null when unreadable here, as those of an image on another site are.
-function urlPixels(url, img) {
-  return imagePixels(dataUriBlob(url) || img).catch(() => null);
+// A URL image's pixels (`imagePixels`): null when unreadable here, as those of an image on another site are, or
+// when they are not the image as shown (a data: URI's WebP that the page turns upright, the browser not).
+async function urlPixels(url, img) {
+  const pixels = await imagePixels(dataUriBlob(url) || img).catch(() => null);
+  return pixels && pixels.orientation === 1 ? pixels : null;
 }
 
 function usePrompt(text, { runNow = true } = {}) {
@@ -175,45 +141,8 @@ function bringIntoView(el) {
 
 // ---- options and running -------------------------------------------------------------------------------
 
-function formOptions() {
-  const opts = {
-    prompt: $("prompt").value.trim(),
-    threshold: Number($("threshold").value),
-    grow_mask: Math.round(Number($("grow_mask").value)),
-    invert_mask: $("invert_mask").checked,
-    stop_on_empty_mask: $("stop_on_empty_mask").checked,
-  };
-  const seed = $("seed").value === "" ? -1 : Number($("seed").value);
-  if (seed !== -1) opts.seed = seed;
-  if (choosingModel()) opts.model = $("model").value;
-  // automask extensions: sent only when the server has them and they are not at their default
-  const ext = state.config.options || [];
-  const negative = $("negative_prompt").value.trim();
-  if (ext.includes("negative_prompt") && negative) opts.negative_prompt = negative;
-  if (ext.includes("feather") && Number($("feather").value) > 0) opts.feather = Number($("feather").value);
-  if (ext.includes("fill_holes") && $("fill_holes").checked) opts.fill_holes = true;
-  if (ext.includes("min_area") && Number($("min_area").value) > 0) opts.min_area = Math.round(Number($("min_area").value));
-  return opts;
-}
-
 function payload(opts) {
   return { image: state.image.src, ...opts, return_mask: true, return_alpha: false };
-}
-
-// Says beside each number field what is wrong with it (nothing when it is right); returns the first problem as
-// [sentence, field], or null. A field the server does not offer (hidden) is not checked.
-function numberFieldsProblem() {
-  let first = null;
-  for (const [id, label] of Object.entries(NUMBER_FIELDS)) {
-    const input = $(id);
-    const problem = input.closest("[hidden]") ? null : numberProblem(input, label);
-    $(`${id}-error`).textContent = problem || "";
-    $(`${id}-error`).hidden = !problem;
-    if (problem) input.setAttribute("aria-invalid", "true");
-    else input.removeAttribute("aria-invalid");
-    if (problem && !first) first = [problem, input];
-  }
-  return first;
 }
 
 function checkReady() {
@@ -224,7 +153,7 @@ function checkReady() {
   }
   if (!state.image) return ["Choose an image, drop or paste one, or try an example first.", $("file")];
   if (!$("prompt").value.trim()) return ["Type a prompt: what to select, e.g. “person”.", $("prompt")];
-  if (state.config.auth && !apiKey()) {
+  if (state.config.auth && !key.apiKey()) {
     return ["Type your API key first (the server's admin makes one with: automask keys create).", $("api-key")];
   }
   return null;
@@ -245,7 +174,7 @@ function cancel() {
   if (!state.inflight) return;
   supersede();
   setStatus("Cancelled. The server does not run or charge a request the page cancels.");
-  refreshCredits();
+  key.refresh();
 }
 
 async function run({ fromUser = true } = {}) {
@@ -262,7 +191,7 @@ async function run({ fromUser = true } = {}) {
     }
     return;
   }
-  const opts = formOptions();
+  const opts = formOptions(state.config, choosingModel() ? $("model").value : null);
   const unanswerable = vocabularyProblem(opts.prompt, chosenModel(), state.config);
   if (unanswerable) {
     showError(unanswerable);
@@ -284,7 +213,7 @@ async function run({ fromUser = true } = {}) {
   state.inflight = job;
   setBusy(job);
   try {
-    const answer = await requestMask(payload(opts), { key: apiKey(), signal: job.controller.signal });
+    const answer = await requestMask(payload(opts), { key: key.apiKey(), signal: job.controller.signal });
     const decoded = await decodeMask(base64Bytes(answer.data.image));
     if (job.seq !== state.seq) return;
     const result = { opts, imageId: state.image.id, ...decoded, ...answer };
@@ -301,7 +230,7 @@ async function run({ fromUser = true } = {}) {
       state.inflight = null;
       setBusy(null);
     }
-    if (job.seq === state.seq) refreshCredits();
+    if (job.seq === state.seq) key.refresh();
   }
 }
 
@@ -335,51 +264,22 @@ function promptEdited() {
 
 // ---- results -------------------------------------------------------------------------------------------
 
-function currentShow() {
-  return document.querySelector("input[name=show]:checked").value;
-}
-
-// The shown mask: the server's mask without the pixels of the targets switched off in the list (`owners`: each
-// target's own mask, grown as the server grew the selection; loaded when a target is first switched off).
-function shownMask() {
-  const r = state.result;
-  return r.enabled.every(Boolean) ? r.mask : withTargets(r.mask, r.owners, r.enabled);
-}
-
 async function showResult(result) {
   state.result = { ...result, enabled: (result.data.detections || []).map(() => true), owners: null };
   clearError();
   setStale(null);
-  draw();
+  drawResult(state, viewer);
   renderTargets();
-  setOutputsEnabled(true);
+  setOutputsEnabled(state, true);
   const server = result.serverMs === null ? "" : ` (server ${formatMs(result.serverMs)})`;
   const done = result.fromCache
     ? "Shown again from this page's memory: no request, nothing charged."
     : `Done in ${formatMs(result.ms)}${server}.`;
-  setStatus(`${done} ${selectedText()}`);
+  setStatus(`${done} ${selectedText(state)}`);
   setFacts(result, server);
   $("result").dataset.options = JSON.stringify(result.opts);
   $("result").dataset.targets = state.result.enabled.map(Number).join("");
   $("result").dataset.ready = String(++state.shown);
-}
-
-function selectedText() {
-  const r = state.result;
-  const count = countSelected(shownMask());
-  const pct = ((100 * count) / (r.width * r.height || 1)).toFixed(1);
-  return `${count.toLocaleString()} pixels selected (${pct}%).`;
-}
-
-function draw() {
-  const r = state.result;
-  if (!r) return;
-  if (!state.image.shown && viewer.width !== r.width) viewer.setSize(r.width, r.height);
-  const show = state.image.shown ? currentShow() : "mask";
-  const look = { tint: $("tint").value, opacity: Number($("opacity").value) / 100, outline: $("outline").checked };
-  viewer.drawResult(shownMask(), show, look);
-  viewer.setCompare(Number($("compare").value));
-  $("stage").dataset.show = show;
 }
 
 function renderTargets() {
@@ -391,32 +291,13 @@ function renderTargets() {
         if (state.result !== r) return;
         r.owners = owners;
         r.enabled[i] = on;
-        draw();
-        setOutputsEnabled(true); // a target left out may change where the cut-out comes from
-        setStatus(selectedText());
+        drawResult(state, viewer);
+        setOutputsEnabled(state, true); // a target left out may change where the cut-out comes from
+        setStatus(selectedText(state));
         $("result").dataset.targets = r.enabled.map(Number).join("");
       })(),
     download: (i) => guarded(() => files.target(i))(),
   });
-}
-
-function clearResult() {
-  state.result = null;
-  viewer.hideResult();
-  setOutputsEnabled(false);
-  $("instances-box").hidden = true;
-  $("facts").replaceChildren();
-  setStale(null);
-  delete $("result").dataset.ready;
-  delete $("result").dataset.options;
-  delete $("result").dataset.targets;
-}
-
-function setOutputsEnabled(on) {
-  for (const id of ["dl-mask", "dl-alpha", "dl-preview", "copy-mask"]) $(id).disabled = !on;
-  const more = (kind) => (on && fromServer(state, kind) ? " (1 more request)" : "");
-  $("dl-alpha").textContent = `Download cut-out${more("alpha")}`;
-  $("dl-preview").textContent = `Download preview${more("preview")}`;
 }
 
 function guarded(action) {
@@ -437,15 +318,15 @@ function showChanged() {
   if (cutoutPreset(show, state, offered.includes("feather"))) optionsChanged();
   savePrefs(readControls());
   growHint(show, offered);
-  draw();
+  drawResult(state, viewer);
 }
 
 const files = downloads({
   state,
-  shownMask: () => shownMask(),
+  shownMask: () => shownMask(state),
   payload: (opts) => payload(opts),
-  apiKey: () => apiKey(),
-  refreshCredits: () => refreshCredits(),
+  apiKey: () => key.apiKey(),
+  refreshCredits: () => key.refresh(),
   setStatus,
 });
 
@@ -477,7 +358,7 @@ function wire() {
   $("auto").addEventListener("change", () => savePrefs(readControls()));
   for (const id of ["opacity", "tint", "outline"]) {
     $(id).addEventListener("input", () => {
-      requestAnimationFrame(draw);
+      requestAnimationFrame(() => drawResult(state, viewer));
       savePrefs(readControls());
     });
   }
@@ -487,7 +368,7 @@ function wire() {
   $("zoom-out").addEventListener("click", () => viewer.zoomTo(viewer.zoom * 0.8));
   $("zoom-fit").addEventListener("click", () => viewer.fit());
   $("zoom-native").addEventListener("click", () => viewer.zoomTo(1));
-  $("api-key").addEventListener("input", keyEdited);
+  $("api-key").addEventListener("input", key.edited);
   $("dl-mask").addEventListener("click", guarded(files.mask));
   $("dl-alpha").addEventListener("click", guarded(files.cutout));
   $("dl-preview").addEventListener("click", guarded(files.preview));

@@ -2,7 +2,7 @@
 // field, and the one-click examples. Nothing that is not an image (or an http(s) URL) is sent to the server.
 
 import { fileProblem, formatBytes, parseImageUrl, pixelProblem } from "./prefs.js";
-import { TooManyPixels, imagePixels } from "./render.js";
+import { TooManyPixels, imagePixels, uprightPng } from "./render.js";
 
 const $ = (id) => document.getElementById(id);
 
@@ -47,9 +47,11 @@ export function wireInput(app) {
     }
     const limit = app.maxPixels() || Infinity;
     app.reading(file.name || "the pasted image");
-    let src, pixels;
+    let src, pixels, turned;
     try {
       [src, pixels] = await Promise.all([readDataUrl(file), imagePixels(file, limit).catch((err) => err)]);
+      // an orientation the browser does not apply (a WebP's): shown as the page turned it, as the server will
+      if (pixels.orientation > 1 && choice === chosen) turned = await uprightPng(file, pixels.orientation);
     } finally {
       if (choice === chosen) app.reading(null);
     }
@@ -61,7 +63,8 @@ export function wireInput(app) {
     $("image-url").value = "";
     const name = file.name || "pasted image.png";
     const readable = pixels instanceof Error ? null : pixels; // a browser that cannot decode it: the server may
-    await app.setImage({ kind: "file", name, src, pixels: readable }, `${name} — ${formatBytes(file.size)}`);
+    const display = turned ? URL.createObjectURL(turned) : null;
+    await app.setImage({ kind: "file", name, src, display, pixels: readable }, `${name} — ${formatBytes(file.size)}`);
     if (auto) app.autoRun();
     return true;
   }

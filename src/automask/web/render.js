@@ -5,6 +5,9 @@
 // Conventions: a mask is a Uint8Array of width*height bytes, row-major, 255 = selected (soft values when
 // feathered); an image is RGBA bytes (ImageData.data) of the same size, in the image's upright orientation.
 
+import { mayCarryColours } from "./colours.js";
+import { orientationToApply, uprightTransform } from "./orientation.js";
+
 export const PREVIEW_TINT = [255, 0, 80]; // automask.postprocess.PREVIEW_TINT: the server's preview
 export const PREVIEW_OPACITY = 0.5; // automask.postprocess.PREVIEW_OPACITY
 
@@ -26,38 +29,59 @@ export class TooManyPixels extends Error {
   }
 }
 
-// RGBA pixels of an image (a blob, or a loaded <img>): {data, width, height}. EXIF orientation applied, as the
-// server does; `colours` "none": the stored values, "default": converted by the image's colour profile.
-// Throws TooManyPixels past `maxPixels`.
-export async function readPixels(source, colours = "none", maxPixels = Infinity) {
+// The image (a blob, or a loaded <img>) drawn upright on a canvas: EXIF orientation applied, as the server does
+// (the browser's own, then `orientation`, one it does not apply: see orientation.js); `colours` "none": the stored
+// values, "default": converted by the image's colour profile. Throws TooManyPixels past `maxPixels`.
+async function uprightCanvas(source, colours, maxPixels, orientation) {
   const bitmap = await createImageBitmap(source, { ...DECODE, colorSpaceConversion: colours });
-  const { width, height } = bitmap;
+  const { matrix, width, height } = uprightTransform(orientation, bitmap.width, bitmap.height);
   if (width * height > maxPixels) {
-    bitmap.close();
+    bitmap.close(); // its size reads 0×0 from now on
     throw new TooManyPixels(width, height);
   }
-  const canvas = canvasOf(bitmap.width, bitmap.height);
+  const canvas = canvasOf(width, height);
   const ctx = canvas.getContext("2d", { willReadFrequently: true });
+  ctx.imageSmoothingEnabled = false; // quarter turns and mirrors only: each pixel copied, none blended
+  ctx.setTransform(...matrix);
   ctx.drawImage(bitmap, 0, 0);
   bitmap.close();
-  const { data } = ctx.getImageData(0, 0, canvas.width, canvas.height);
+  return canvas;
+}
+
+// RGBA pixels of an image (see `uprightCanvas`): {data, width, height}.
+export async function readPixels(source, colours = "none", maxPixels = Infinity, orientation = 1) {
+  const canvas = await uprightCanvas(source, colours, maxPixels, orientation);
+  const { data } = canvas.getContext("2d").getImageData(0, 0, canvas.width, canvas.height);
   return { data, width: canvas.width, height: canvas.height };
+}
+
+// A PNG of the blob's image turned upright by `orientation` (one the browser does not apply), with the colours a
+// browser shows: what the page displays of it.
+export async function uprightPng(blob, orientation) {
+  const canvas = await uprightCanvas(blob, "default", Infinity, orientation);
+  return new Promise((resolve) => canvas.toBlob(resolve, "image/png"));
 }
 
 // The image's pixels ({data, width, height, exact, opaque}) for renderings in the page. exact: they are the server's
 // decode (`readPixels`); false when this page cannot reproduce that decode: an embedded colour profile (the
 // server converts to sRGB with LittleCMS, a browser with its own engine, levels apart: the pixels are then the
 // browser's conversion, as shown) or 16-bit grey samples (the server rounds them to 8 bits, a browser truncates).
-// A blob, or a loaded <img> (an image URL; its bytes unreadable here). Throws when a browser cannot decode it
-// or may not read its pixels (an image of another site), and TooManyPixels past `maxPixels`.
+// A file that declares no colour information (colours.js) is decoded once: its managed decode is the same.
+// A blob, or a loaded <img> (an image URL; its bytes unreadable here). `orientation`: the one applied here, which
+// the browser does not (orientation.js; 1: none). Throws when a browser cannot decode it or may not read its
+// pixels (an image of another site), and TooManyPixels past `maxPixels`.
 export async function imagePixels(source, maxPixels = Infinity) {
-  const stored = await readPixels(source, "none", maxPixels);
+  const orientation = source instanceof Blob ? await orientationToApply(source) : 1;
+  const stored = { ...(await readPixels(source, "none", maxPixels, orientation)), orientation };
   if (source instanceof Blob && sixteenBitGrey(new Uint8Array(await source.slice(0, 26).arrayBuffer()))) {
     return { ...stored, exact: false };
   }
-  const managed = await readPixels(source, "default");
+  if (source instanceof Blob && !(await mayCarryColours(source))) {
+    return { ...stored, exact: true, opaque: opaque(stored.data) }; // the managed decode would be the same
+  }
+  const managed = await readPixels(source, "default", Infinity, orientation);
   const [a, b] = [new Uint32Array(stored.data.buffer), new Uint32Array(managed.data.buffer)];
-  for (let i = 0; i < a.length; i += 1) if (a[i] !== b[i]) return { ...managed, exact: false };
+  for (let i = 0; i < a.length; i += 1) if (a[i] !== b[i]) return { ...stored, ...managed, exact: false };
   return { ...stored, exact: true, opaque: opaque(stored.data) };
 }
 
