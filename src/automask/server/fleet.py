@@ -231,7 +231,8 @@ class CeleryDispatcher:
     async def start(self) -> None:
         await asyncio.to_thread(self._live_workers)
 
-    async def stop(self) -> None:
+    async def stop(self, deadline: float | None = None) -> None:
+        """Close the connections (an API node runs no jobs: nothing to wait for)."""
         await self.redis.aclose()
         await self._waiting.aclose()
         self.publisher.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass, field
 
 from starlette.requests import Request
@@ -34,6 +35,14 @@ class ServerState:
     bodies: BodyBudget
     failed_auth: FailedAuth
     background: set[asyncio.Task[None]] = field(default_factory=set)
+    stop_asked: float | None = None
+    """When the server was told to stop (`time.monotonic()`; SIGTERM or SIGINT): the jobs running here get
+    `server.shutdown_timeout` from then to finish."""
+
+    def ask_stop(self) -> None:
+        """Note the first stop signal's time (`http.run`'s `on_signal`)."""
+        if self.stop_asked is None:
+            self.stop_asked = time.monotonic()
 
 
 def state_of(request: Request) -> ServerState:
