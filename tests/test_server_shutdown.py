@@ -100,6 +100,30 @@ def test_a_v2_job_still_running_at_the_shutdown_timeout_goes_back_to_the_queue_u
     store.close()
 
 
+def test_a_second_stop_signal_cuts_the_running_v2_jobs_off_at_once(tmp_path: Path, body: dict[str, Any]) -> None:
+    """As uvicorn stops waiting for the requests in flight at a second SIGINT/SIGTERM (Ctrl-C twice), the running
+    jobs go back to the queue at their next stage boundary instead of being waited for."""
+    data = tmp_path / "data"
+    backend = StagedBackend()
+    live = live_server(data, backend, job_workers=1, shutdown_timeout=20).__enter__()
+    state = live.app.state.automask
+    store = Store.in_data_dir(data)
+    _, token = keystore.create_key(store, credits=3)
+    job = submit(live, token, body)
+    assert backend.entered["encode"].wait(10)
+    state.ask_stop()  # the first signal
+    live.server.should_exit = True
+    state.ask_stop()  # the second
+    backend.release("encode")
+    live.thread.join(timeout=5)
+    stopped = not live.thread.is_alive()
+    backend.release()
+    live.__exit__(None, None, None)
+    assert stopped and job_row(store, job) == ("QUEUED", 0)
+    assert backend.seen == ["encode"]
+    store.close()
+
+
 @pytest.fixture()
 def body() -> dict[str, Any]:
     image = base64.b64encode(png_bytes(np.zeros((12, 16, 3), np.uint8))).decode()

@@ -65,6 +65,10 @@ class Dispatcher(Protocol):
         """Stop taking work; jobs running here get until `deadline` (`time.monotonic()`; None: no time) to finish;
         jobs not finished stay in the database and run again elsewhere or later."""
 
+    def cut(self) -> None:
+        """Cut the v2 jobs running here off now (a second stop signal): at their next stage boundary or model layer,
+        back to the queue, their attempts not counted."""
+
     def check(self, model: str | None, targets: Sequence[str] = ()) -> str:
         """The name of the model a request asks for, once it is known to be served and to answer `targets` (the
         request's scored targets, `MaskRequest.targets`) (404 unknown, 503 not available or no served model
@@ -147,7 +151,8 @@ class LocalDispatcher:
         self._tasks = [asyncio.create_task(self._work()) for _ in range(self.server.workers_for_jobs)]
 
     async def stop(self, deadline: float | None = None) -> None:
-        """No job starts any more; those running get until `deadline` to finish, then are cut off (`CUT_WAIT`)."""
+        """No job starts any more (one still waiting for an inference thread goes back to the queue); those running
+        get until `deadline` to finish, then are cut off (`CUT_WAIT`)."""
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
@@ -155,10 +160,10 @@ class LocalDispatcher:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
+        self.runner.close()
         await self._finish_runs(deadline)
         if self._heartbeat is not None:
             await asyncio.to_thread(self._heartbeat.stop)
-        self.runner.close()
         self._threads.shutdown(wait=False, cancel_futures=True)
 
     async def _finish_runs(self, deadline: float | None) -> None:
@@ -175,6 +180,9 @@ class LocalDispatcher:
             )
             self._cut.set()
             await asyncio.wait(running, timeout=CUT_WAIT)
+
+    def cut(self) -> None:
+        self._cut.set()
 
     def check(self, model: str | None, targets: Sequence[str] = ()) -> str:
         return self.runner.check(model, targets)

@@ -239,6 +239,9 @@ class CeleryDispatcher:
         if self.publisher.blocked is None:
             self.app.close()  # closing a blocked connection would wait for RabbitMQ, as its sends do
 
+    def cut(self) -> None:
+        """Nothing: an API node runs no jobs."""
+
     @property
     def node(self) -> str | None:
         return None  # an API node runs no jobs

@@ -45,9 +45,9 @@ class _Server(uvicorn.Server):
         self._watchdog: threading.Timer | None = None
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.on_signal is not None:
+            self.on_signal()
         if self._watchdog is None:
-            if self.on_signal is not None:
-                self.on_signal()
             self._watchdog = threading.Timer(self.deadline, _hard_exit, args=(self.deadline,))
             self._watchdog.daemon = True
             self._watchdog.start()

@@ -40,9 +40,12 @@ class ServerState:
     `server.shutdown_timeout` from then to finish."""
 
     def ask_stop(self) -> None:
-        """Note the first stop signal's time (`http.run`'s `on_signal`)."""
+        """A stop signal came (`http.run`'s `on_signal`): note the first one's time; at another, the jobs running here
+        are cut off now (put back in the queue), as uvicorn stops waiting for the requests in flight."""
         if self.stop_asked is None:
             self.stop_asked = time.monotonic()
+        else:
+            self.dispatcher.cut()
 
 
 def state_of(request: Request) -> ServerState:
