@@ -265,7 +265,7 @@ def test_serve_flags_set_the_poll_and_auth_fail_limits(
 
     served: list[Any] = []
     monkeypatch.setattr(http, "listen", lambda server: [loopback_socket()])  # not 127.0.0.1:8000 itself
-    monkeypatch.setattr(http, "run", lambda app, server, log_level="info", sockets=(): served.append(app))
+    monkeypatch.setattr(http, "run", lambda app, server, log_level="info", sockets=(), **_: served.append(app))
     result = CliRunner().invoke(main, ["--data-dir", str(tmp_path / "data"), "serve", *flags], env=env)
     assert result.exit_code == 0, result.output
     state = served[0].state.automask

@@ -292,7 +292,7 @@ def test_serve_flags_reach_the_server(monkeypatch: pytest.MonkeyPatch, tmp_path:
 
     seen: list[ServerSettings] = []
     monkeypatch.setattr(http, "listen", lambda server: [loopback_socket()])  # not 127.0.0.1:8000 itself
-    monkeypatch.setattr(http, "run", lambda app, server, log_level="info", sockets=(): seen.append(server))
+    monkeypatch.setattr(http, "run", lambda app, server, log_level="info", sockets=(), **_: seen.append(server))
     flags = ["--header-timeout", "3", "--body-timeout", "4", "--keepalive-timeout", "2"]
     flags += ["--max-connections", "7", "--shutdown-timeout", "6"]
     result = CliRunner().invoke(main, ["--data-dir", str(tmp_path / "data"), "serve", "--no-auth", *flags])

@@ -103,7 +103,8 @@ def create_app(
         yield
         unwatch()
         await sweeper.stop()
-        await dispatcher.stop()
+        asked = state.stop_asked if state.stop_asked is not None else time.monotonic()
+        await dispatcher.stop(deadline=asked + server.shutdown_timeout)
         if state.background:  # credit settles still being retried get a last chance
             await asyncio.wait(state.background, timeout=5)
         if isinstance(limiter, RedisRateLimiter):

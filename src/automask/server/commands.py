@@ -137,7 +137,7 @@ def serve(ctx: click.Context, model: str | None, log_level: str, no_auth: bool, 
     click.echo(f"automask: serving on {http.address(sockets)} ({auth}); docs at /docs", err=True)
     if metrics_url:
         click.echo(f"automask: metrics at {metrics_url}", err=True)
-    http.run(app, server, log_level=log_level, sockets=sockets)
+    http.run(app, server, log_level=log_level, sockets=sockets, on_signal=app.state.automask.ask_stop)
 
 
 def _serve_metrics(server: ServerSettings, api_port: int | None = None) -> str | None:

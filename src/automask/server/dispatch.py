@@ -13,8 +13,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
+import time
 from collections.abc import Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Protocol
 
 from automask.errors import AutomaskError, ModelNotAvailableError
@@ -37,6 +39,9 @@ RETRY = "RETRY"
 """`LocalDispatcher._run`'s answer when the database failed it: try the job again later."""
 MODEL_RETRY_SECONDS = 5.0
 """How long a job whose model is not available waits before it is looked at again."""
+CUT_WAIT = 3.0
+"""Seconds the v2 jobs cut off at a stop have to reach their next stage boundary and go back to the queue (within
+`automask.server.http.SHUTDOWN_GRACE`); one still running then (a hung model) is left PROCESSING, for the sweeper."""
 PUBLISH_TIMEOUT = 5.0
 """Seconds a v2 submit, or a sweep, waits for its jobs' hand-offs (`Dispatcher.publish`) before giving up on them
 (the job is stored: a later sweep hands it out again)."""
@@ -56,8 +61,13 @@ class Dispatcher(Protocol):
     async def start(self) -> None:
         """Start taking work (load models, connect, start the in-process job workers)."""
 
-    async def stop(self) -> None:
-        """Stop taking work; jobs not finished stay in the database and run again elsewhere or later."""
+    async def stop(self, deadline: float | None = None) -> None:
+        """Stop taking work; jobs running here get until `deadline` (`time.monotonic()`; None: no time) to finish;
+        jobs not finished stay in the database and run again elsewhere or later."""
+
+    def cut(self) -> None:
+        """Cut the v2 jobs running here off now (a second stop signal): at their next stage boundary or model layer,
+        back to the queue, their attempts not counted."""
 
     def check(self, model: str | None, targets: Sequence[str] = ()) -> str:
         """The name of the model a request asks for, once it is known to be served and to answer `targets` (the
@@ -117,6 +127,11 @@ class LocalDispatcher:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._heartbeat: Heartbeat | None = None
+        self._threads = ThreadPoolExecutor(server.workers_for_jobs, thread_name_prefix="automask-job")
+        self._running: set[Future[str | None]] = set()
+        """The job runs in `_threads` (each until it ends: a stop waits for them)."""
+        self._cut = threading.Event()
+        """Set when a stop's time is up: the runs still going stop and put their jobs back in the queue."""
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -135,7 +150,9 @@ class LocalDispatcher:
             self._enqueue(job_id, model)
         self._tasks = [asyncio.create_task(self._work()) for _ in range(self.server.workers_for_jobs)]
 
-    async def stop(self) -> None:
+    async def stop(self, deadline: float | None = None) -> None:
+        """No job starts any more (one still waiting for an inference thread goes back to the queue); those running
+        get until `deadline` to finish, then are cut off (`CUT_WAIT`)."""
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
@@ -143,9 +160,29 @@ class LocalDispatcher:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
+        self.runner.close()
+        await self._finish_runs(deadline)
         if self._heartbeat is not None:
             await asyncio.to_thread(self._heartbeat.stop)
-        self.runner.close()
+        self._threads.shutdown(wait=False, cancel_futures=True)
+
+    async def _finish_runs(self, deadline: float | None) -> None:
+        """Wait for the job runs in progress until `deadline`; then cut those left off and wait `CUT_WAIT` for them."""
+        running = [asyncio.wrap_future(run) for run in list(self._running)]
+        left = (deadline if deadline is not None else -1.0) - time.monotonic()
+        if running and left > 0:
+            log.info("stopping: waiting up to %.0f s for %d running v2 job(s) to finish", left, len(running))
+            _, late = await asyncio.wait(running, timeout=left)
+            running = list(late)
+        if running:
+            log.warning(
+                "stopping: %d v2 job(s) still running are cut off; they run again after the restart", len(running)
+            )
+            self._cut.set()
+            await asyncio.wait(running, timeout=CUT_WAIT)
+
+    def cut(self) -> None:
+        self._cut.set()
 
     def check(self, model: str | None, targets: Sequence[str] = ()) -> str:
         return self.runner.check(model, targets)
@@ -209,7 +246,7 @@ class LocalDispatcher:
             await asyncio.to_thread(self.jobs.fail, job_id, exc.message)
             return FAILED
         try:
-            return await asyncio.to_thread(
+            run = self._threads.submit(
                 execute_job,
                 self.jobs,
                 self.runner,
@@ -217,7 +254,12 @@ class LocalDispatcher:
                 self.node,
                 max_attempts=self.server.max_job_attempts,
                 timeout=self.server.timeout,
+                cut=self._cut.is_set,
             )
+            self._running.add(run)
+            run.add_done_callback(self._running.discard)
+            # a stop cancels the wait, not a run in progress (`_finish_runs` waits for it)
+            return await asyncio.wrap_future(run)
         except Exception:  # the database failed us: the job stays where it was (PROCESSING: `orphaned` recovers it)
             log.exception("could not run v2 job %s; it will be retried", job_id)
             return RETRY

@@ -125,6 +125,7 @@ def execute_job(
     max_attempts: int,
     takeover_ttl: float | None = None,
     timeout: float | None = None,
+    cut: Callable[[], bool] | None = None,
 ) -> str | None:
     """Run v2 job `job_id` on `node` to its end, in this thread; returns its new status, or None when it was not
     there to take (finished, cancelled, or running on a live node; `takeover_ttl`: see `Jobs.claim`) or was taken
@@ -135,6 +136,8 @@ def execute_job(
     A job whose model is not available here goes back to QUEUED, its attempt not counted, to run once the model is back.
     A job cancelled while it runs (`Jobs.cancel`, from any node) stops at its next stage boundary or model layer
     (`still_held`); one that finishes first is neither stored nor charged (`Jobs.complete` no longer matches it).
+    Once `cut` says True (the server stops and the job's time to finish is up), the run stops at its next stage
+    boundary or model layer and the job goes back to QUEUED, its attempt not counted, to run after the restart.
 
     A database error (`SQLAlchemyError`, from claiming, completing, failing or releasing the job) is raised, never
     turned into a FAILED job: the job stays as the database last had it (PROCESSING on `node` once claimed) for the
@@ -154,13 +157,16 @@ def execute_job(
             runner.generator(model)
         except ModelNotAvailableError:
             return QUEUED if jobs.release(job_id, node) else None
-        stop = still_held(jobs, job_id, node)
+        held = still_held(jobs, job_id, node)
+        stop = held if cut is None else lambda: cut() or held()
         result, seconds = runner.run_blocking(req.image, req.prompt, req.options(), model, should_stop=stop)
         done = answer(result, req, model)
         if jobs.complete(job_id, node, done.png, done.metadata, seconds):
             return "COMPLETED"
         return None
-    except StoppedError:  # cancelled (or taken over) while it ran: whoever took the job has settled it
+    except StoppedError:  # cut off: back in the queue; cancelled (or taken over): whoever took it has settled it
+        if cut is not None and cut():
+            return QUEUED if jobs.release(job_id, node) else None
         log.info("v2 job %s stopped: it was cancelled, or taken over by another node", job_id)
         return None
     except RunnerClosed:  # stopping before it ran: it runs after the restart, or on another node

@@ -231,12 +231,16 @@ class CeleryDispatcher:
     async def start(self) -> None:
         await asyncio.to_thread(self._live_workers)
 
-    async def stop(self) -> None:
+    async def stop(self, deadline: float | None = None) -> None:
+        """Close the connections (an API node runs no jobs: nothing to wait for)."""
         await self.redis.aclose()
         await self._waiting.aclose()
         self.publisher.close()
         if self.publisher.blocked is None:
             self.app.close()  # closing a blocked connection would wait for RabbitMQ, as its sends do
+
+    def cut(self) -> None:
+        """Nothing: an API node runs no jobs."""
 
     @property
     def node(self) -> str | None:

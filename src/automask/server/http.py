@@ -13,6 +13,7 @@ import logging
 import os
 import socket
 import threading
+from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
@@ -37,12 +38,15 @@ SHUTDOWN_GRACE = 5.0
 class _Server(uvicorn.Server):
     """uvicorn's server, with a watchdog that ends the process if a graceful stop overruns its deadline."""
 
-    def __init__(self, config: uvicorn.Config, deadline: float) -> None:
+    def __init__(self, config: uvicorn.Config, deadline: float, on_signal: Callable[[], None] | None = None) -> None:
         super().__init__(config)
         self.deadline = deadline
+        self.on_signal = on_signal
         self._watchdog: threading.Timer | None = None
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.on_signal is not None:
+            self.on_signal()
         if self._watchdog is None:
             self._watchdog = threading.Timer(self.deadline, _hard_exit, args=(self.deadline,))
             self._watchdog.daemon = True
@@ -97,12 +101,20 @@ def address(sockets: list[socket.socket]) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-def run(app: Any, server: ServerSettings, log_level: str = "info", *, sockets: list[socket.socket]) -> None:
-    """Serve the ASGI `app` on `sockets` (from `listen`) until SIGINT/SIGTERM (see the module docstring); the
-    sockets are closed on return. The app's start-up failing raises `ServiceConfigError` (uvicorn logged why)."""
+def run(
+    app: Any,
+    server: ServerSettings,
+    log_level: str = "info",
+    *,
+    sockets: list[socket.socket],
+    on_signal: Callable[[], None] | None = None,
+) -> None:
+    """Serve the ASGI `app` on `sockets` (from `listen`) until SIGINT/SIGTERM (see the module docstring; `on_signal`
+    is called at the first); the sockets are closed on return. The app's start-up failing raises
+    `ServiceConfigError` (uvicorn logged why)."""
     config = config_for(app, server, log_level)
     try:
-        _Server(config, deadline=server.shutdown_timeout + SHUTDOWN_GRACE).run(sockets=sockets)
+        _Server(config, deadline=server.shutdown_timeout + SHUTDOWN_GRACE, on_signal=on_signal).run(sockets=sockets)
     except SystemExit as exc:
         if exc.code != STARTUP_FAILURE:
             raise

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass, field
 
 from starlette.requests import Request
@@ -36,9 +37,20 @@ class ServerState:
     failed_auth: FailedAuth
     background: set[asyncio.Task[None]] = field(default_factory=set)
     database: DatabaseProbe = field(init=False)
+    stop_asked: float | None = None
+    """When the server was told to stop (`time.monotonic()`; SIGTERM or SIGINT): the jobs running here get
+    `server.shutdown_timeout` from then to finish."""
 
     def __post_init__(self) -> None:
         self.database = DatabaseProbe(self.store)
+
+    def ask_stop(self) -> None:
+        """A stop signal came (`http.run`'s `on_signal`): note the first one's time; at another, the jobs running here
+        are cut off now (put back in the queue), as uvicorn stops waiting for the requests in flight."""
+        if self.stop_asked is None:
+            self.stop_asked = time.monotonic()
+        else:
+            self.dispatcher.cut()
 
 
 def state_of(request: Request) -> ServerState:

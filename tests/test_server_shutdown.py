@@ -1,0 +1,130 @@
+"""A server stopping with v2 jobs running (in-process models): a job running when the stop begins (SIGTERM) gets
+`shutdown_timeout` to finish; one still running then is cut off at its next stage boundary and put back in the
+queue, its attempt not counted, and the next start runs it."""
+
+from __future__ import annotations
+
+import base64
+import signal
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from sqlalchemy import select
+
+from automask.server import keys as keystore
+from automask.server.store import Store, jobs_table
+from server_helpers import (
+    LiveServer,
+    StagedBackend,
+    free_port,
+    live_server,
+    png_bytes,
+    server_process,
+    wait_for,
+    wait_ready,
+)
+
+SLUG = "automatic-mask-generator"
+
+
+def submit(live: LiveServer, token: str, body: dict[str, Any]) -> str:
+    r = httpx.post(f"{live.url}/v2/{SLUG}", json=body, headers={"x-api-key": token}, timeout=30)
+    assert r.status_code == 200, r.text
+    return str(r.json()["request_id"])
+
+
+def stop_while(live: LiveServer, backend: StagedBackend, seconds: float, *stages: str) -> bool:
+    """Begin the server's stop, wait up to `seconds` for it to end, then let the backend through `stages`; whether
+    the stop was still waiting by then. The server is stopped on return."""
+    live.server.should_exit = True
+    live.thread.join(timeout=seconds)
+    waited = live.thread.is_alive()
+    backend.release(*stages)
+    live.__exit__(None, None, None)
+    return waited
+
+
+def job_row(store: Store, job_id: str) -> tuple[str, int]:
+    with store.read() as conn:
+        row = conn.execute(select(jobs_table.c.status, jobs_table.c.attempts).where(jobs_table.c.id == job_id)).one()
+    return str(row.status), int(row.attempts)
+
+
+def test_sigterm_lets_a_running_v2_job_finish_and_charges_it(tmp_path: Path, tiny_clipseg_dir: Path) -> None:
+    """`automask serve` sent SIGTERM while a v2 job runs (an inference of 2 s). Before: it died 0.2 s later, of its
+    own re-raised SIGTERM, mid-run: the job was left PROCESSING with its attempt counted (run again after the
+    restart; after `max_job_attempts` restarts in a row, the job, always the oldest in the queue, ended FAILED for
+    nothing it did), though README promises requests in flight `--shutdown-timeout` (10 s) to finish."""
+    data = tmp_path / "data"
+    store = Store.in_data_dir(data)
+    key, token = keystore.create_key(store, credits=3)
+    body = {"image": base64.b64encode(png_bytes(np.zeros((12, 16, 3), np.uint8))).decode(), "prompt": "cat"}
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    slow = {"AUTOMASK_SERVER_DEBUG_DELAY": "2"}  # test-only hook: every inference sleeps 2 s
+    with server_process(data, tiny_clipseg_dir, port, slow, tmp_path / "server.log") as proc:
+        wait_ready(url, 60, proc)
+        job = httpx.post(f"{url}/v2/{SLUG}", json=body, headers={"x-api-key": token}, timeout=30).json()["request_id"]
+        wait_for(lambda: job_row(store, job)[0] == "PROCESSING", 20)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    assert job_row(store, job) == ("COMPLETED", 1), (tmp_path / "server.log").read_text()[-2000:]
+    assert keystore.get_key(store, key.id).credits == 2  # type: ignore[union-attr]
+    store.close()
+
+
+def test_a_v2_job_still_running_at_the_shutdown_timeout_goes_back_to_the_queue_uncounted(
+    tmp_path: Path, body: dict[str, Any]
+) -> None:
+    """Cut off at its next stage boundary: QUEUED again, attempt not counted, never scored; the next start runs it
+    and charges it once. Before: left PROCESSING with its attempt counted."""
+    data = tmp_path / "data"
+    backend = StagedBackend()
+    live = live_server(data, backend, job_workers=1, shutdown_timeout=0.5).__enter__()
+    store = Store.in_data_dir(data)
+    key, token = keystore.create_key(store, credits=3)
+    job = submit(live, token, body)
+    assert backend.entered["encode"].wait(10)
+    stop_while(live, backend, 1.5, "encode")  # past the timeout: it may leave its encode, not go on to score
+    assert job_row(store, job) == ("QUEUED", 0)
+    assert backend.seen == ["encode"]
+    again = StagedBackend()
+    again.release()
+    with live_server(data, again, job_workers=1):
+        wait_for(lambda: job_row(store, job)[0] == "COMPLETED", 20)
+    assert job_row(store, job) == ("COMPLETED", 1)
+    assert keystore.get_key(store, key.id).credits == 2  # type: ignore[union-attr]
+    store.close()
+
+
+def test_a_second_stop_signal_cuts_the_running_v2_jobs_off_at_once(tmp_path: Path, body: dict[str, Any]) -> None:
+    """As uvicorn stops waiting for the requests in flight at a second SIGINT/SIGTERM (Ctrl-C twice), the running
+    jobs go back to the queue at their next stage boundary instead of being waited for."""
+    data = tmp_path / "data"
+    backend = StagedBackend()
+    live = live_server(data, backend, job_workers=1, shutdown_timeout=20).__enter__()
+    state = live.app.state.automask
+    store = Store.in_data_dir(data)
+    _, token = keystore.create_key(store, credits=3)
+    job = submit(live, token, body)
+    assert backend.entered["encode"].wait(10)
+    state.ask_stop()  # the first signal
+    live.server.should_exit = True
+    state.ask_stop()  # the second
+    backend.release("encode")
+    live.thread.join(timeout=5)
+    stopped = not live.thread.is_alive()
+    backend.release()
+    live.__exit__(None, None, None)
+    assert stopped and job_row(store, job) == ("QUEUED", 0)
+    assert backend.seen == ["encode"]
+    store.close()
+
+
+@pytest.fixture()
+def body() -> dict[str, Any]:
+    image = base64.b64encode(png_bytes(np.zeros((12, 16, 3), np.uint8))).decode()
+    return {"image": image, "prompt": "sofa"}
