@@ -175,7 +175,7 @@ class LocalDispatcher:
     async def _finish_runs(self, deadline: float | None) -> None:
         """Wait for the job runs in progress until `deadline`; then cut those left off and wait `CUT_WAIT` for them."""
         running = [asyncio.wrap_future(run) for run in list(self._running)]
-        left = (deadline if deadline is not None else -1.0) - time.monotonic()
+        left = 0.0 if deadline is None else deadline - time.monotonic()
         if running and left > 0:
             log.info("stopping: waiting up to %.0f s for %d running v2 job(s) to finish", left, len(running))
             _, late = await asyncio.wait(running, timeout=left)
