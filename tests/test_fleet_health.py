@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import os
 import signal
@@ -133,3 +134,24 @@ def test_a_worker_whose_redis_freezes_fails_the_v1_task_in_seconds_and_takes_the
             proc.heartbeat.stop()
             proc.jobs.store.close()
             api.close()
+
+
+def test_a_database_ping_that_raises_is_not_ready_not_an_error(tmp_path: Path) -> None:
+    """A ping failing with something other than SQLAlchemy's errors (a driver's own, a server message it cannot
+    decode): /readyz says the database does not answer (503), for every probe sharing it. Before: the exception
+    reached the route (a 500) and, once the probes had timed out, was logged as never retrieved."""
+    from automask.server.readiness import DB_DOWN, DatabaseProbe
+
+    store = Store.in_data_dir(tmp_path)
+
+    def ping() -> bool:
+        raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")
+
+    store.ping = ping  # type: ignore[method-assign]
+    probe = DatabaseProbe(store, timeout=5)
+
+    async def probes() -> list[str | None]:
+        return list(await asyncio.gather(*(probe.unreachable() for _ in range(3))))
+
+    assert asyncio.run(probes()) == [DB_DOWN] * 3
+    store.close()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,16 @@ def stop_while(live: LiveServer, backend: StagedBackend, seconds: float, *stages
     return waited
 
 
+def started(
+    data: Path, body: dict[str, Any], shutdown_timeout: float
+) -> tuple[LiveServer, StagedBackend, Store, tuple[Any, str]]:
+    """A started server on `data` (one job worker, the stages driven by the test) and (key, token) of a new key."""
+    backend = StagedBackend()
+    live = live_server(data, backend, job_workers=1, shutdown_timeout=shutdown_timeout).__enter__()
+    store = Store.in_data_dir(data)
+    return live, backend, store, keystore.create_key(store, credits=3)
+
+
 def job_row(store: Store, job_id: str) -> tuple[str, int]:
     with store.read() as conn:
         row = conn.execute(select(jobs_table.c.status, jobs_table.c.attempts).where(jobs_table.c.id == job_id)).one()
@@ -82,10 +93,7 @@ def test_a_v2_job_still_running_at_the_shutdown_timeout_goes_back_to_the_queue_u
     """Cut off at its next stage boundary: QUEUED again, attempt not counted, never scored; the next start runs it
     and charges it once. Before: left PROCESSING with its attempt counted."""
     data = tmp_path / "data"
-    backend = StagedBackend()
-    live = live_server(data, backend, job_workers=1, shutdown_timeout=0.5).__enter__()
-    store = Store.in_data_dir(data)
-    key, token = keystore.create_key(store, credits=3)
+    live, backend, store, (key, token) = started(data, body, 0.5)
     job = submit(live, token, body)
     assert backend.entered["encode"].wait(10)
     stop_while(live, backend, 1.5, "encode")  # past the timeout: it may leave its encode, not go on to score
@@ -103,14 +111,10 @@ def test_a_v2_job_still_running_at_the_shutdown_timeout_goes_back_to_the_queue_u
 def test_a_second_stop_signal_cuts_the_running_v2_jobs_off_at_once(tmp_path: Path, body: dict[str, Any]) -> None:
     """As uvicorn stops waiting for the requests in flight at a second SIGINT/SIGTERM (Ctrl-C twice), the running
     jobs go back to the queue at their next stage boundary instead of being waited for."""
-    data = tmp_path / "data"
-    backend = StagedBackend()
-    live = live_server(data, backend, job_workers=1, shutdown_timeout=20).__enter__()
-    state = live.app.state.automask
-    store = Store.in_data_dir(data)
-    _, token = keystore.create_key(store, credits=3)
+    live, backend, store, (_, token) = started(tmp_path / "data", body, 20)
     job = submit(live, token, body)
     assert backend.entered["encode"].wait(10)
+    state = live.app.state.automask
     state.ask_stop()  # the first signal
     live.server.should_exit = True
     state.ask_stop()  # the second
@@ -121,6 +125,36 @@ def test_a_second_stop_signal_cuts_the_running_v2_jobs_off_at_once(tmp_path: Pat
     live.__exit__(None, None, None)
     assert stopped and job_row(store, job) == ("QUEUED", 0)
     assert backend.seen == ["encode"]
+    store.close()
+
+
+@pytest.mark.parametrize("signals", [1, 2])
+def test_no_v2_job_starts_once_a_stop_signal_came(
+    tmp_path: Path, body: dict[str, Any], signals: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job queued here, behind a running one, while uvicorn still waits for the requests in flight after SIGTERM:
+    it is not started (it stays QUEUED, attempt not counted, for another node or the restart). Before: it was claimed
+    and run after the signal (cut off later, its work lost; after a second signal, claimed and cut over and over)."""
+    live, backend, store, (_, token) = started(tmp_path / "data", body, 20)
+    first = submit(live, token, body)
+    assert backend.entered["encode"].wait(10)
+    state = live.app.state.automask
+    jobs = state.dispatcher.jobs
+    claims: list[str] = []
+    claim = jobs.claim
+    monkeypatch.setattr(jobs, "claim", lambda job_id, *a, **kw: claims.append(job_id) or claim(job_id, *a, **kw))
+    second = submit(live, token, body)
+    for _ in range(signals):
+        state.ask_stop()  # uvicorn is still waiting for the connections in flight: the app is not stopped yet
+    backend.release()
+    wait_for(lambda: job_row(store, first)[0] != "PROCESSING", 10)
+    time.sleep(0.5)  # time for the job worker to take the next job, if it would
+    try:
+        assert second not in claims and job_row(store, second) == ("QUEUED", 0)
+        assert backend.seen.count("encode") == 1
+    finally:
+        live.__exit__(None, None, None)
+    assert job_row(store, second) == ("QUEUED", 0)
     store.close()
 
 

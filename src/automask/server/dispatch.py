@@ -65,6 +65,10 @@ class Dispatcher(Protocol):
         """Stop taking work; jobs running here get until `deadline` (`time.monotonic()`; None: no time) to finish;
         jobs not finished stay in the database and run again elsewhere or later."""
 
+    def drain(self) -> None:
+        """Start no more v2 jobs here (a stop signal came): those not started stay QUEUED, for another node or the
+        restart; those running go on."""
+
     def cut(self) -> None:
         """Cut the v2 jobs running here off now (a second stop signal): at their next stage boundary or model layer,
         back to the queue, their attempts not counted."""
@@ -130,6 +134,8 @@ class LocalDispatcher:
         self._threads = ThreadPoolExecutor(server.workers_for_jobs, thread_name_prefix="automask-job")
         self._running: set[Future[str | None]] = set()
         """The job runs in `_threads` (each until it ends: a stop waits for them)."""
+        self._draining = threading.Event()
+        """Set at a stop signal: no job starts any more (`drain`)."""
         self._cut = threading.Event()
         """Set when a stop's time is up: the runs still going stop and put their jobs back in the queue."""
 
@@ -169,7 +175,7 @@ class LocalDispatcher:
     async def _finish_runs(self, deadline: float | None) -> None:
         """Wait for the job runs in progress until `deadline`; then cut those left off and wait `CUT_WAIT` for them."""
         running = [asyncio.wrap_future(run) for run in list(self._running)]
-        left = (deadline if deadline is not None else -1.0) - time.monotonic()
+        left = 0.0 if deadline is None else deadline - time.monotonic()
         if running and left > 0:
             log.info("stopping: waiting up to %.0f s for %d running v2 job(s) to finish", left, len(running))
             _, late = await asyncio.wait(running, timeout=left)
@@ -180,6 +186,9 @@ class LocalDispatcher:
             )
             self._cut.set()
             await asyncio.wait(running, timeout=CUT_WAIT)
+
+    def drain(self) -> None:
+        self._draining.set()
 
     def cut(self) -> None:
         self._cut.set()
@@ -245,6 +254,8 @@ class LocalDispatcher:
         except AutomaskError as exc:  # e.g. a model this server no longer has
             await asyncio.to_thread(self.jobs.fail, job_id, exc.message)
             return FAILED
+        if self._draining.is_set() or self._cut.is_set():  # stopping: the job stays QUEUED, out of this node's hands
+            return None
         try:
             run = self._threads.submit(
                 execute_job,

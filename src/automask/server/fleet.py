@@ -239,6 +239,9 @@ class CeleryDispatcher:
         if self.publisher.blocked is None:
             self.app.close()  # closing a blocked connection would wait for RabbitMQ, as its sends do
 
+    def drain(self) -> None:
+        """Nothing: an API node runs no jobs."""
+
     def cut(self) -> None:
         """Nothing: an API node runs no jobs."""
 

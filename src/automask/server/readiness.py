@@ -33,7 +33,7 @@ class DatabaseProbe:
         """None when the database answers within `timeout` seconds, else why not (`DB_DOWN`)."""
         asking = self._asking
         if asking is None or asking.done() or asking.get_loop() is not asyncio.get_running_loop():
-            asking = self._asking = asyncio.ensure_future(asyncio.to_thread(self.store.ping))
+            asking = self._asking = asyncio.ensure_future(asyncio.to_thread(self._ping))
         try:
             answered = await asyncio.wait_for(asyncio.shield(asking), self.timeout)
         except TimeoutError:
@@ -42,3 +42,12 @@ class DatabaseProbe:
             return None
         log.warning("the database %s does not answer within %g s: not ready", self.store.describe(), self.timeout)
         return DB_DOWN
+
+    def _ping(self) -> bool:
+        """`store.ping()`, False (logged) when it raises (a driver's own error, not SQLAlchemy's): never an exception
+        for the probes sharing it."""
+        try:
+            return self.store.ping()
+        except Exception:
+            log.exception("the database %s could not be asked whether it answers", self.store.describe())
+            return False

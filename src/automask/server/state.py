@@ -45,10 +45,12 @@ class ServerState:
         self.database = DatabaseProbe(self.store)
 
     def ask_stop(self) -> None:
-        """A stop signal came (`http.run`'s `on_signal`): note the first one's time; at another, the jobs running here
-        are cut off now (put back in the queue), as uvicorn stops waiting for the requests in flight."""
+        """A stop signal came (`http.run`'s `on_signal`): note the first one's time, and no v2 job starts here any
+        more; at another, the jobs running here are cut off now (put back in the queue), as uvicorn stops waiting for
+        the requests in flight."""
         if self.stop_asked is None:
             self.stop_asked = time.monotonic()
+            self.dispatcher.drain()
         else:
             self.dispatcher.cut()
 
