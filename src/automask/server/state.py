@@ -46,8 +46,8 @@ class ServerState:
 
     def ask_stop(self) -> None:
         """A stop signal came (`http.run`'s `on_signal`): note the first one's time, and no v2 job starts here any
-        more; at another, the jobs running here are cut off now (put back in the queue), as uvicorn stops waiting for
-        the requests in flight."""
+        more; at another, the v2 jobs running here are cut off now (put back in the queue), as uvicorn stops waiting
+        for the requests in flight at a second SIGINT (not at a second SIGTERM: v1 requests then keep their time)."""
         if self.stop_asked is None:
             self.stop_asked = time.monotonic()
             self.dispatcher.drain()
