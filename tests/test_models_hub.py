@@ -4,6 +4,7 @@ that name the right fix and leave nothing behind. Never the network: the hub lis
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -20,6 +21,7 @@ import pytest
 
 from automask import MaskGenerator
 from automask.catalogue import DEFAULT_FILES
+from automask.install import RESUME
 from automask.settings import Settings
 from fake_hub import FakeHubServer, HubError, fake_hub
 from test_first_use import automask_command, clean_env, run
@@ -201,3 +203,30 @@ def test_a_pull_interrupted_midway_says_where_its_download_waits(tmp_path: Path,
     assert proc.returncode == 130, err
     assert "Traceback" not in err and f"10.5 MB downloaded so far are kept in '{partial}'" in err
     assert partial.is_dir() and not (partial.parent / "clipseg").exists()
+
+
+def _kept(tmp_path: Path, repo: Path, data: bytes) -> Path:
+    """A kept partial download of `repo`'s model.safetensors holding `data`, where a failed pull leaves one."""
+    sha = hashlib.sha256((repo / "model.safetensors").read_bytes()).hexdigest()
+    partial = tmp_path / "data" / "models" / ".clipseg.partial" / RESUME / f"model.safetensors.{sha}.incomplete"
+    partial.parent.mkdir(parents=True)
+    partial.write_bytes(data)
+    return partial
+
+
+@pytest.mark.parametrize("extra", [-1000, 0, 1000], ids=["shorter", "as-long", "longer"])
+def test_a_corrupt_kept_partial_download_is_fetched_again_not_installed(
+    tmp_path: Path, hub: FakeHubServer, extra: int
+) -> None:
+    """The bytes a failed pull kept are checked against the hub's sha256 once resumed: damaged ones (a disk error,
+    another program) are downloaded again. One longer than the file made every retry fail (the hub answers 416 to a
+    Range past its end) with a network error, for good."""
+    weights = (hub.repos[REPO] / "model.safetensors").read_bytes()
+    _kept(tmp_path, hub.repos[REPO], b"\xff" * (len(weights) + extra))
+    proc = run(["models", "pull", "clipseg"], _env(tmp_path, hub))
+    assert proc.returncode == 0, proc.stderr
+    models = tmp_path / "data" / "models"
+    assert (models / "clipseg" / "model.safetensors").read_bytes() == weights
+    assert [p.name for p in models.iterdir()] == ["clipseg"]
+    gets = [r.split("/resolve/")[1] for r in hub.requests if r.startswith(f"GET /{REPO}/resolve/")]
+    assert [r.split("/", 1)[1] for r in gets if "model.safetensors" in r][-1] == "model.safetensors", hub.requests

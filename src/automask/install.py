@@ -282,6 +282,7 @@ def fetch_weights(repo: str, dest: Path, files: tuple[str, ...]) -> None:
     from huggingface_hub.utils import build_hf_headers, filter_repo_objects
 
     weights = [p for p in files if p.endswith((".safetensors", ".bin"))]
+    todo = []
     for filename in filter_repo_objects(HfApi().list_repo_files(repo), allow_patterns=weights) if weights else ():
         final = dest / filename
         if final.is_file():
@@ -294,16 +295,21 @@ def fetch_weights(repo: str, dest: Path, files: tuple[str, ...]) -> None:
         for old in partial.parent.glob(f"{glob.escape(Path(filename).name)}.*.incomplete"):
             if old != partial:  # the hub's file has changed since: those bytes are of no use
                 old.unlink()
+        if meta.size is not None and partial.is_file() and partial.stat().st_size > meta.size:
+            partial.unlink()  # longer than the file: damaged (the hub refuses a Range past its end), start again
+        todo.append((filename, meta, partial))
+    for filename, meta, partial in todo:
         with partial.open("ab") as f:
-            headers = build_hf_headers()
-            http_get(
-                meta.location,
-                f,
-                resume_size=f.tell(),
-                headers=headers,
-                expected_size=meta.size,
-                displayed_filename=filename,
-            )
+            if meta.size is None or f.tell() < meta.size:  # all there: no request (a Range at its end is refused)
+                http_get(
+                    meta.location,
+                    f,
+                    resume_size=f.tell(),
+                    headers=build_hf_headers(),
+                    expected_size=meta.size,
+                    displayed_filename=filename,
+                )
+        final = dest / filename
         final.parent.mkdir(parents=True, exist_ok=True)
         os.replace(partial, final)
 
