@@ -230,3 +230,29 @@ def test_a_corrupt_kept_partial_download_is_fetched_again_not_installed(
     assert [p.name for p in models.iterdir()] == ["clipseg"]
     gets = [r.split("/resolve/")[1] for r in hub.requests if r.startswith(f"GET /{REPO}/resolve/")]
     assert [r.split("/", 1)[1] for r in gets if "model.safetensors" in r][-1] == "model.safetensors", hub.requests
+
+
+def test_a_pull_onto_a_disk_without_room_says_so_before_downloading(tmp_path: Path, hub: FakeHubServer) -> None:
+    """A 3.4 GB pull onto a disk with 1 GB free failed only once the disk was full, after the download had filled
+    it. The free space is now compared with the bytes still to download first (what a kept partial holds counts)."""
+    weights = (hub.repos[REPO] / "model.safetensors").read_bytes()
+    _kept(tmp_path, hub.repos[REPO], weights[:1000])
+    free = len(weights) - 2000  # room for less than the rest
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import shutil\n"
+        "usage = shutil.disk_usage\n"
+        f"shutil.disk_usage = lambda path: usage(path)._replace(free={free})\n"
+    )
+    env = _env(tmp_path, hub)
+    env["PYTHONPATH"] = os.pathsep.join([str(site), env.get("PYTHONPATH", "")])
+    proc = run(["models", "pull", "clipseg"], env)
+    assert proc.returncode == 4, proc.stderr
+    models = tmp_path / "data" / "models"
+    rest, room = f"{(len(weights) - 1000) / 1e6:.1f} MB", f"{free / 1e6:.1f} MB"
+    assert f"{rest} are still to download, and the disk holding '{models}'" in proc.stderr
+    assert f"has {room} free. Free some space, or point AUTOMASK_DATA_DIR at a disk with room" in proc.stderr
+    assert "automask models pull clipseg" in proc.stderr and "Check the network" not in proc.stderr
+    assert not [r for r in hub.requests if r.startswith("GET") and "model.safetensors" in r], hub.requests
+    assert not (models / "clipseg").exists()

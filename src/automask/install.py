@@ -298,6 +298,9 @@ def fetch_weights(repo: str, dest: Path, files: tuple[str, ...]) -> None:
         if meta.size is not None and partial.is_file() and partial.stat().st_size > meta.size:
             partial.unlink()  # longer than the file: damaged (the hub refuses a Range past its end), start again
         todo.append((filename, meta, partial))
+    if todo:
+        needed = sum(max((m.size or 0) - (p.stat().st_size if p.is_file() else 0), 0) for _, m, p in todo)
+        check_room(todo[0][2].parent, needed)
     for filename, meta, partial in todo:
         with partial.open("ab") as f:
             if meta.size is None or f.tell() < meta.size:  # all there: no request (a Range at its end is refused)
@@ -314,6 +317,34 @@ def fetch_weights(repo: str, dest: Path, files: tuple[str, ...]) -> None:
         os.replace(partial, final)
 
 
+class NoRoomError(OSError):
+    """The disk a download goes to has less free space than the download still needs."""
+
+    def __init__(self, folder: Path, needed: int, free: int) -> None:
+        super().__init__(errno.ENOSPC, f"{_size(needed)} still to download, {_size(free)} free")
+        self.folder, self.needed, self.free = folder, needed, free
+
+
+def check_room(folder: Path, needed: int) -> None:
+    """`NoRoomError` when the disk holding `folder` (which exists) has less than `needed` bytes free."""
+    free = shutil.disk_usage(folder).free
+    if needed > free:
+        raise NoRoomError(folder, needed, free)
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 100_000_000 else f"{n / 1e6:.1f} MB"
+
+
+def _mount(path: Path) -> Path:
+    """The mount point of the file system holding `path` (which exists)."""
+    path = path.resolve()
+    device = path.stat().st_dev
+    while path.parent != path and path.parent.stat().st_dev == device:
+        path = path.parent
+    return path
+
+
 def download_failure(name: str, repo: str, dest: Path, exc: BaseException) -> str:
     """The error for catalogue model `name` whose repository `repo` could not be downloaded into `dest` (`exc`),
     naming the fix for the cause: a rejected token, a full disk, else the network."""
@@ -327,6 +358,12 @@ def download_failure(name: str, repo: str, dest: Path, exc: BaseException) -> st
             "one saved by `hf auth login`): it is invalid or expired. Create a read token at "
             f"https://huggingface.co/settings/tokens, then run: HF_TOKEN=<token> automask models pull {name} "
             "(a public model needs no token: unset HF_TOKEN)."
+        )
+    if isinstance(exc, NoRoomError):
+        return (
+            f"Cannot download the model '{name}': {_size(exc.needed)} are still to download, and the disk holding "
+            f"'{dest.parent}' (mounted at '{_mount(exc.folder)}') has {_size(exc.free)} free. Free some space, or "
+            f"point AUTOMASK_DATA_DIR at a disk with room, then run again: automask models pull {name}."
         )
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return (
