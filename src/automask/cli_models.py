@@ -110,9 +110,12 @@ def models_export(ctx: click.Context, model: str, int8: bool | None) -> None:
     """Export CLIPSeg model NAME_OR_PATH to ONNX Runtime graphs (the fast CPU path; needs torch once)."""
     from automask.models import export_onnx
 
-    click.echo("Exporting the ONNX Runtime graphs (about a minute)...", err=True)
+    def starting() -> None:
+        click.echo("Exporting the ONNX Runtime graphs (about a minute)...", err=True)
+
     with signals_interrupt():
-        click.echo(f"ONNX Runtime graphs written to {export_onnx(model, root_settings(ctx), int8=int8)}")
+        folder = export_onnx(model, root_settings(ctx), int8=int8, starting=starting)
+        click.echo(f"ONNX Runtime graphs written to {folder}")
 
 
 def _onnx_exports(backend: str, path: Path) -> list[str] | None:
