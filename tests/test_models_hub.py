@@ -103,20 +103,37 @@ def test_a_pull_stopped_midway_leaves_no_partial_folder(tmp_path: Path, hub: Fak
     assert list(models.iterdir()) == []
 
 
-def test_a_pull_killed_outright_leaves_a_folder_the_next_pull_removes(tmp_path: Path, hub: FakeHubServer) -> None:
-    models = tmp_path / "data" / "models"
-    env = _env(tmp_path, hub)
+def _kill_a_pull(models: Path, env: dict[str, str], hub: FakeHubServer) -> None:
+    """Start `models pull clipseg`, and SIGKILL it (nothing can clean up) as its weights download begins."""
     hub.pause = 30.0
     proc = subprocess.Popen([*automask_command(), "models", "pull", "clipseg"], env=env, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 60
     while not any(p.is_dir() for p in models.glob("*.partial")) and time.monotonic() < deadline:
         time.sleep(0.1)
-    proc.kill()  # SIGKILL: nothing can clean up
+    proc.kill()
     proc.communicate(timeout=60)
-    assert [p.suffix for p in models.iterdir() if p.is_dir()] == [".partial"]
     hub.pause = 0.0
+
+
+def test_a_pull_killed_outright_leaves_a_folder_the_next_pull_removes(tmp_path: Path, hub: FakeHubServer) -> None:
+    models = tmp_path / "data" / "models"
+    env = _env(tmp_path, hub)
+    _kill_a_pull(models, env, hub)
+    assert [p.suffix for p in models.iterdir() if p.is_dir()] == [".partial"]
     assert run(["models", "pull", "clipseg"], env).returncode == 0
     assert [p.name for p in models.iterdir()] == ["clipseg"]
+
+
+def test_models_list_removes_what_a_killed_pull_left_and_nobody_resumes(tmp_path: Path, hub: FakeHubServer) -> None:
+    """A pull killed outright (SIGKILL) left '.clipseg.partial.lock' (and a staging folder with no downloaded byte)
+    in the models folder until the next pull of that model; `models list` now removes them."""
+    models = tmp_path / "data" / "models"
+    env = _env(tmp_path, hub)
+    _kill_a_pull(models, env, hub)
+    assert sorted(p.name for p in models.iterdir()) == [".clipseg.partial", ".clipseg.partial.lock"]
+    listed = run(["models", "list"], env)
+    assert listed.returncode == 0 and "partial" not in listed.stdout + listed.stderr, listed.stderr
+    assert list(models.iterdir()) == []
 
 
 def _padded(tiny: Path, folder: Path) -> Path:

@@ -97,6 +97,23 @@ def partial_note(folder: Path) -> str:
     )
 
 
+def tidy(folder: Path) -> None:
+    """Remove what killed installers of `folder` (SIGKILL, a power cut) left and no pull resumes: their staging
+    folders, and `resumable_staging`'s lock file, with its folder when that holds no downloaded byte. Nothing
+    while an installer is running, nor when the models folder cannot be written."""
+    tmp = folder.parent / f".{folder.name}.partial"
+    with contextlib.suppress(OSError):
+        _remove_abandoned(folder)
+        if not _lock_file(tmp).exists():
+            return
+        fd = _lock(_lock_file(tmp), wait=False)
+        if fd is None or fd < 0:  # a pull is running, or no locks to tell (Windows)
+            return
+        if not _downloaded(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+        _unlock(_lock_file(tmp), fd)
+
+
 def _downloaded(tmp: Path) -> int:
     """Bytes of model files in staging folder `tmp` (a part of one too), not counting the hub's bookkeeping."""
     files = (p for p in tmp.rglob("*") if p.is_file() and HUB_BOOKKEEPING not in p.relative_to(tmp).parts)
