@@ -365,11 +365,9 @@ def _mount(path: Path) -> Path:
 def download_failure(name: str, repo: str, dest: Path, exc: BaseException) -> str:
     """The error for catalogue model `name` whose repository `repo` could not be downloaded into `dest` (`exc`),
     naming the fix for the cause: a rejected token, a full disk, else the network."""
-    from huggingface_hub.errors import RepositoryNotFoundError
-
     what = f"downloading {repo} failed: {_short(exc)}"
     status = getattr(getattr(exc, "response", None), "status_code", None)
-    if status == 401 and not isinstance(exc, RepositoryNotFoundError):  # the hub's answer to a bad token
+    if status == 401 and not isinstance(exc, hub_error("RepositoryNotFoundError")):  # the hub's answer to a bad token
         return (
             f"Cannot download the model '{name}': {what}. The hub rejected the Hugging Face token (HF_TOKEN, or the "
             "one saved by `hf auth login`): it is invalid or expired. Create a read token at "
@@ -413,11 +411,22 @@ def _short(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
+def hub_error(name: str) -> type[BaseException]:
+    """huggingface_hub's exception class `name`: in `huggingface_hub.errors` since its 0.25 release, only in
+    `huggingface_hub.utils` before (pyproject allows 0.23)."""
+    import importlib
+
+    for module in ("huggingface_hub.errors", "huggingface_hub.utils"):
+        with contextlib.suppress(ImportError):
+            cls = getattr(importlib.import_module(module), name, None)
+            if isinstance(cls, type) and issubclass(cls, BaseException):
+                return cls
+    raise ImportError(f"huggingface_hub has no {name}: upgrade it (pip install -U huggingface_hub)")
+
+
 def hub_errors() -> tuple[type[BaseException], ...]:
     """Exception classes the hub client raises for network and HTTP failures (whichever HTTP library it uses)."""
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
-
-    errors: list[type[BaseException]] = [HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled]
+    errors = [hub_error(n) for n in ("HfHubHTTPError", "LocalEntryNotFoundError", "OfflineModeIsEnabled")]
     for module, attr in (("httpx", "HTTPError"), ("httpx2", "HTTPError"), ("requests", "RequestException")):
         cls = getattr(sys.modules.get(module), attr, None)
         if isinstance(cls, type) and issubclass(cls, BaseException):

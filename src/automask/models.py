@@ -319,9 +319,7 @@ def _check_token(spec: ModelSpec) -> None:
 
 def _is_gated_error(exc: BaseException | None) -> bool:
     """True for the hub's answer to a token without access to a gated repository (403/401 GatedRepoError)."""
-    from huggingface_hub.errors import GatedRepoError
-
-    return isinstance(exc, GatedRepoError)
+    return isinstance(exc, install.hub_error("GatedRepoError"))
 
 
 def can_export() -> bool:
