@@ -12,6 +12,7 @@ import signal
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -255,6 +256,15 @@ def test_a_pull_onto_a_disk_without_room_says_so_before_downloading(tmp_path: Pa
     weights = (hub.repos[REPO] / "model.safetensors").read_bytes()
     _kept(tmp_path, hub.repos[REPO], weights[:1000])
     free = len(weights) - 2000  # room for less than the rest
+    proc = run(["models", "pull", "clipseg"], _with_free_space(tmp_path, _env(tmp_path, hub), free))
+    models = tmp_path / "data" / "models"
+    _says_no_room(proc, models, len(weights) - 1000, free)
+    assert not [r for r in hub.requests if r.startswith("GET") and "model.safetensors" in r], hub.requests
+    assert not (models / "clipseg").exists()
+
+
+def _with_free_space(tmp_path: Path, env: dict[str, str], free: int) -> dict[str, str]:
+    """`env` for an automask process whose disks all have `free` bytes free (shutil.disk_usage says so)."""
     site = tmp_path / "site"
     site.mkdir()
     (site / "sitecustomize.py").write_text(
@@ -262,14 +272,33 @@ def test_a_pull_onto_a_disk_without_room_says_so_before_downloading(tmp_path: Pa
         "usage = shutil.disk_usage\n"
         f"shutil.disk_usage = lambda path: usage(path)._replace(free={free})\n"
     )
-    env = _env(tmp_path, hub)
-    env["PYTHONPATH"] = os.pathsep.join([str(site), env.get("PYTHONPATH", "")])
-    proc = run(["models", "pull", "clipseg"], env)
+    return env | {"PYTHONPATH": os.pathsep.join([str(site), env.get("PYTHONPATH", "")])}
+
+
+def _says_no_room(proc: subprocess.CompletedProcess[str], models: Path, needed: int, free: int) -> None:
     assert proc.returncode == 4, proc.stderr
-    models = tmp_path / "data" / "models"
-    rest, room = f"{(len(weights) - 1000) / 1e6:.1f} MB", f"{free / 1e6:.1f} MB"
-    assert f"{rest} are still to download, and the disk holding '{models}'" in proc.stderr
-    assert f"has {room} free. Free some space, or point AUTOMASK_DATA_DIR at a disk with room" in proc.stderr
+    assert f"it needs {needed / 1e6:.1f} MB more on the disk holding '{models}'" in proc.stderr
+    assert f"which has {free / 1e6:.1f} MB free. Free some space, or point AUTOMASK_DATA_DIR at" in proc.stderr
     assert "automask models pull clipseg" in proc.stderr and "Check the network" not in proc.stderr
-    assert not [r for r in hub.requests if r.startswith("GET") and "model.safetensors" in r], hub.requests
-    assert not (models / "clipseg").exists()
+
+
+def test_a_pull_copying_from_the_hf_cache_on_another_disk_checks_its_room_first(
+    tmp_path: Path, hub: FakeHubServer
+) -> None:
+    """With AUTOMASK_DATA_DIR on another disk than the Hugging Face cache, a pull copies the cached model (no hard
+    links across disks): onto a disk without room for it, it failed only once the disk was full."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or shm.stat().st_dev == tmp_path.stat().st_dev:
+        pytest.skip("no second file system (/dev/shm) here")
+    env = _env(tmp_path, hub)
+    fetch = f"import huggingface_hub as h; h.snapshot_download({REPO!r}, allow_patterns={list(DEFAULT_FILES)!r})"
+    subprocess.run([sys.executable, "-c", fetch], env=env, check=True, capture_output=True, timeout=120)
+    needed = sum(f.stat().st_size for f in hub.repos[REPO].iterdir())
+    data = Path(tempfile.mkdtemp(dir=shm))
+    try:
+        env = _with_free_space(tmp_path, env | {"AUTOMASK_DATA_DIR": str(data), "HF_HUB_OFFLINE": "1"}, needed - 1)
+        proc = run(["models", "pull", "clipseg"], env)
+        _says_no_room(proc, data / "models", needed, needed - 1)
+        assert list((data / "models").iterdir()) == []
+    finally:
+        shutil.rmtree(data)

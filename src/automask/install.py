@@ -252,9 +252,13 @@ def copy_snapshot(name: str, repo: str, snapshot: Path, dest: Path, files: tuple
     wanted = list(filter_repo_objects(names, allow_patterns=list(files)))
     if not any(n.endswith(".safetensors") for n in wanted):
         wanted += filter_repo_objects(names, allow_patterns=list(FALLBACK_WEIGHTS))
+    sources = {file: (snapshot / file).resolve() for file in wanted}
     try:
-        for file in wanted:
-            source, out = (snapshot / file).resolve(), dest / file
+        dest.mkdir(parents=True, exist_ok=True)
+        if any(p.stat().st_dev != dest.stat().st_dev for p in sources.values()):  # copies, not hard links
+            check_room(dest, sum(p.stat().st_size for p in sources.values()))
+        for file, source in sources.items():
+            out = dest / file
             out.parent.mkdir(parents=True, exist_ok=True)
             out.unlink(missing_ok=True)  # a kept partial download's copy
             try:
@@ -335,10 +339,10 @@ def fetch_weights(repo: str, dest: Path, files: tuple[str, ...]) -> None:
 
 
 class NoRoomError(OSError):
-    """The disk a download goes to has less free space than the download still needs."""
+    """The disk a download (or a copy) goes to has less free space than it still needs."""
 
     def __init__(self, folder: Path, needed: int, free: int) -> None:
-        super().__init__(errno.ENOSPC, f"{_size(needed)} still to download, {_size(free)} free")
+        super().__init__(errno.ENOSPC, f"{_size(needed)} needed, {_size(free)} free")
         self.folder, self.needed, self.free = folder, needed, free
 
 
@@ -376,9 +380,9 @@ def download_failure(name: str, repo: str, dest: Path, exc: BaseException) -> st
         )
     if isinstance(exc, NoRoomError):
         return (
-            f"Cannot download the model '{name}': {_size(exc.needed)} are still to download, and the disk holding "
-            f"'{dest.parent}' (mounted at '{_mount(exc.folder)}') has {_size(exc.free)} free. Free some space, or "
-            f"point AUTOMASK_DATA_DIR at a disk with room, then run again: automask models pull {name}."
+            f"Cannot download the model '{name}': it needs {_size(exc.needed)} more on the disk holding "
+            f"'{dest.parent}' (mounted at '{_mount(exc.folder)}'), which has {_size(exc.free)} free. Free some "
+            f"space, or point AUTOMASK_DATA_DIR at a disk with room, then run again: automask models pull {name}."
         )
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return (
