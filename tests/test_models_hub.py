@@ -263,6 +263,19 @@ def test_a_pull_onto_a_disk_without_room_says_so_before_downloading(tmp_path: Pa
     assert not (models / "clipseg").exists()
 
 
+def test_a_kept_partial_of_a_file_the_hub_has_changed_since_is_dropped(tmp_path: Path, hub: FakeHubServer) -> None:
+    """The bytes kept of an older version of a file (another sha256) are not resumed: the file is fetched whole."""
+    weights = (hub.repos[REPO] / "model.safetensors").read_bytes()
+    kept = _kept(tmp_path, hub.repos[REPO], weights[:1000])
+    older = kept.with_name(f"model.safetensors.{'a' * 64}.incomplete")
+    kept.rename(older)
+    proc = run(["models", "pull", "clipseg"], _env(tmp_path, hub))
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "data" / "models" / "clipseg" / "model.safetensors").read_bytes() == weights
+    assert not any("Range" in r for r in hub.requests), hub.requests
+    assert not older.exists()
+
+
 def _with_free_space(tmp_path: Path, env: dict[str, str], free: int) -> dict[str, str]:
     """`env` for an automask process whose disks all have `free` bytes free (shutil.disk_usage says so)."""
     site = tmp_path / "site"
