@@ -95,6 +95,9 @@ def _handler(hub: FakeHubServer) -> type[BaseHTTPRequestHandler]:
             status, start = 200, 0
             if body and (asked := re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range", ""))):
                 status, start = 206, int(asked[1])
+                if start >= len(data):  # past the end: the hub's CDN refuses the range
+                    self._send(416, b"", {"Content-Range": f"bytes */{len(data)}"})
+                    return
                 headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
             rest = data[start:]
             sent = rest if hub.cut is None else rest[: hub.cut]

@@ -455,6 +455,14 @@ def test_models_list_and_pull_use_the_settings(monkeypatch: pytest.MonkeyPatch, 
     assert calls[-1][0] == "subject" and calls[-1][3] is True
 
 
+@pytest.mark.parametrize("model", ["nope", "sam"])
+def test_models_export_of_a_model_it_cannot_export_errs_before_saying_it_exports(tmp_path: Path, model: str) -> None:
+    """`automask models export nope` printed "Exporting the ONNX Runtime graphs (about a minute)..." first."""
+    result = invoke("--data-dir", tmp_path, "models", "export", model)
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert "Exporting" not in result.output and "error:" in result.output, result.output
+
+
 def fake_onnx_export(model_path: Path, *, int8: bool) -> None:
     """Write the files `has_onnx` looks for (manifest naming this checkpoint, graphs, tokenizer); not runnable."""
     from automask.backends.clipseg_common import FORMAT, MANIFEST, fingerprint, onnx_dir

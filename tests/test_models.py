@@ -463,3 +463,32 @@ def test_models_list_tells_of_a_download_a_failed_pull_kept(settings: Settings) 
     result = CliRunner().invoke(main, ["--data-dir", str(settings.data_dir), "models", "list"])
     assert result.exit_code == 0, result.output
     assert f"sam3: The 2.0 MB downloaded so far are kept in '{kept}'" in result.stderr
+
+
+def test_huggingface_hub_releases_before_0_25_with_their_errors_in_utils(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pyproject allows huggingface_hub 0.23, whose HTTP errors are in `huggingface_hub.utils` alone (moved to
+    `huggingface_hub.errors` in 0.25): `models list` and `models pull` failed there with an ImportError."""
+    import sys
+    import types
+    from types import SimpleNamespace
+
+    import huggingface_hub.errors as errors
+
+    models.list_models(settings)  # the hub's own modules imported before its errors module is swapped
+    names = ("HfHubHTTPError", "LocalEntryNotFoundError", "RepositoryNotFoundError", "GatedRepoError")
+    utils = types.ModuleType("huggingface_hub.utils")
+    for name in (*names, "OfflineModeIsEnabled"):
+        setattr(utils, name, getattr(errors, name))
+    before_0_25 = types.ModuleType("huggingface_hub.errors")
+    before_0_25.OfflineModeIsEnabled = errors.OfflineModeIsEnabled  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "huggingface_hub.errors", before_0_25)
+    monkeypatch.setitem(sys.modules, "huggingface_hub.utils", utils)
+    assert {"HfHubHTTPError", "LocalEntryNotFoundError"} <= {c.__name__ for c in install.hub_errors()}
+    assert [m.name for m in models.list_models(settings)] == list(models.CATALOGUE)
+    assert not models._is_gated_error(OSError("no"))
+    rejected = OSError("401 Client Error")
+    rejected.response = SimpleNamespace(status_code=401)  # type: ignore[attr-defined]
+    message = install.download_failure("clipseg", "x/y", settings.models_dir, rejected)
+    assert "rejected the Hugging Face token" in message

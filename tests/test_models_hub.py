@@ -4,6 +4,7 @@ that name the right fix and leave nothing behind. Never the network: the hub lis
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -11,6 +12,7 @@ import signal
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +22,7 @@ import pytest
 
 from automask import MaskGenerator
 from automask.catalogue import DEFAULT_FILES
+from automask.install import RESUME
 from automask.settings import Settings
 from fake_hub import FakeHubServer, HubError, fake_hub
 from test_first_use import automask_command, clean_env, run
@@ -101,20 +104,37 @@ def test_a_pull_stopped_midway_leaves_no_partial_folder(tmp_path: Path, hub: Fak
     assert list(models.iterdir()) == []
 
 
-def test_a_pull_killed_outright_leaves_a_folder_the_next_pull_removes(tmp_path: Path, hub: FakeHubServer) -> None:
-    models = tmp_path / "data" / "models"
-    env = _env(tmp_path, hub)
+def _kill_a_pull(models: Path, env: dict[str, str], hub: FakeHubServer) -> None:
+    """Start `models pull clipseg`, and SIGKILL it (nothing can clean up) as its weights download begins."""
     hub.pause = 30.0
     proc = subprocess.Popen([*automask_command(), "models", "pull", "clipseg"], env=env, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 60
     while not any(p.is_dir() for p in models.glob("*.partial")) and time.monotonic() < deadline:
         time.sleep(0.1)
-    proc.kill()  # SIGKILL: nothing can clean up
+    proc.kill()
     proc.communicate(timeout=60)
-    assert [p.suffix for p in models.iterdir() if p.is_dir()] == [".partial"]
     hub.pause = 0.0
+
+
+def test_a_pull_killed_outright_leaves_a_folder_the_next_pull_removes(tmp_path: Path, hub: FakeHubServer) -> None:
+    models = tmp_path / "data" / "models"
+    env = _env(tmp_path, hub)
+    _kill_a_pull(models, env, hub)
+    assert [p.suffix for p in models.iterdir() if p.is_dir()] == [".partial"]
     assert run(["models", "pull", "clipseg"], env).returncode == 0
     assert [p.name for p in models.iterdir()] == ["clipseg"]
+
+
+def test_models_list_removes_what_a_killed_pull_left_and_nobody_resumes(tmp_path: Path, hub: FakeHubServer) -> None:
+    """A pull killed outright (SIGKILL) left '.clipseg.partial.lock' (and a staging folder with no downloaded byte)
+    in the models folder until the next pull of that model; `models list` now removes them."""
+    models = tmp_path / "data" / "models"
+    env = _env(tmp_path, hub)
+    _kill_a_pull(models, env, hub)
+    assert sorted(p.name for p in models.iterdir()) == [".clipseg.partial", ".clipseg.partial.lock"]
+    listed = run(["models", "list"], env)
+    assert listed.returncode == 0 and "partial" not in listed.stdout + listed.stderr, listed.stderr
+    assert list(models.iterdir()) == []
 
 
 def _padded(tiny: Path, folder: Path) -> Path:
@@ -201,3 +221,97 @@ def test_a_pull_interrupted_midway_says_where_its_download_waits(tmp_path: Path,
     assert proc.returncode == 130, err
     assert "Traceback" not in err and f"10.5 MB downloaded so far are kept in '{partial}'" in err
     assert partial.is_dir() and not (partial.parent / "clipseg").exists()
+
+
+def _kept(tmp_path: Path, repo: Path, data: bytes) -> Path:
+    """A kept partial download of `repo`'s model.safetensors holding `data`, where a failed pull leaves one."""
+    sha = hashlib.sha256((repo / "model.safetensors").read_bytes()).hexdigest()
+    partial = tmp_path / "data" / "models" / ".clipseg.partial" / RESUME / f"model.safetensors.{sha}.incomplete"
+    partial.parent.mkdir(parents=True)
+    partial.write_bytes(data)
+    return partial
+
+
+@pytest.mark.parametrize("extra", [-1000, 0, 1000], ids=["shorter", "as-long", "longer"])
+def test_a_corrupt_kept_partial_download_is_fetched_again_not_installed(
+    tmp_path: Path, hub: FakeHubServer, extra: int
+) -> None:
+    """The bytes a failed pull kept are checked against the hub's sha256 once resumed: damaged ones (a disk error,
+    another program) are downloaded again. One longer than the file made every retry fail (the hub answers 416 to a
+    Range past its end) with a network error, for good."""
+    weights = (hub.repos[REPO] / "model.safetensors").read_bytes()
+    _kept(tmp_path, hub.repos[REPO], b"\xff" * (len(weights) + extra))
+    proc = run(["models", "pull", "clipseg"], _env(tmp_path, hub))
+    assert proc.returncode == 0, proc.stderr
+    models = tmp_path / "data" / "models"
+    assert (models / "clipseg" / "model.safetensors").read_bytes() == weights
+    assert [p.name for p in models.iterdir()] == ["clipseg"]
+    gets = [r.split("/resolve/")[1] for r in hub.requests if r.startswith(f"GET /{REPO}/resolve/")]
+    assert [r.split("/", 1)[1] for r in gets if "model.safetensors" in r][-1] == "model.safetensors", hub.requests
+
+
+def test_a_pull_onto_a_disk_without_room_says_so_before_downloading(tmp_path: Path, hub: FakeHubServer) -> None:
+    """A 3.4 GB pull onto a disk with 1 GB free failed only once the disk was full, after the download had filled
+    it. The free space is now compared with the bytes still to download first (what a kept partial holds counts)."""
+    weights = (hub.repos[REPO] / "model.safetensors").read_bytes()
+    _kept(tmp_path, hub.repos[REPO], weights[:1000])
+    free = len(weights) - 2000  # room for less than the rest
+    proc = run(["models", "pull", "clipseg"], _with_free_space(tmp_path, _env(tmp_path, hub), free))
+    models = tmp_path / "data" / "models"
+    _says_no_room(proc, models, len(weights) - 1000, free)
+    assert not [r for r in hub.requests if r.startswith("GET") and "model.safetensors" in r], hub.requests
+    assert not (models / "clipseg").exists()
+
+
+def test_a_kept_partial_of_a_file_the_hub_has_changed_since_is_dropped(tmp_path: Path, hub: FakeHubServer) -> None:
+    """The bytes kept of an older version of a file (another sha256) are not resumed: the file is fetched whole."""
+    weights = (hub.repos[REPO] / "model.safetensors").read_bytes()
+    kept = _kept(tmp_path, hub.repos[REPO], weights[:1000])
+    older = kept.with_name(f"model.safetensors.{'a' * 64}.incomplete")
+    kept.rename(older)
+    proc = run(["models", "pull", "clipseg"], _env(tmp_path, hub))
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "data" / "models" / "clipseg" / "model.safetensors").read_bytes() == weights
+    assert not any("Range" in r for r in hub.requests), hub.requests
+    assert not older.exists()
+
+
+def _with_free_space(tmp_path: Path, env: dict[str, str], free: int) -> dict[str, str]:
+    """`env` for an automask process whose disks all have `free` bytes free (shutil.disk_usage says so)."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import shutil\n"
+        "usage = shutil.disk_usage\n"
+        f"shutil.disk_usage = lambda path: usage(path)._replace(free={free})\n"
+    )
+    return env | {"PYTHONPATH": os.pathsep.join([str(site), env.get("PYTHONPATH", "")])}
+
+
+def _says_no_room(proc: subprocess.CompletedProcess[str], models: Path, needed: int, free: int) -> None:
+    assert proc.returncode == 4, proc.stderr
+    assert f"it needs {needed / 1e6:.1f} MB more on the disk holding '{models}'" in proc.stderr
+    assert f"which has {free / 1e6:.1f} MB free. Free some space, or point AUTOMASK_DATA_DIR at" in proc.stderr
+    assert "automask models pull clipseg" in proc.stderr and "Check the network" not in proc.stderr
+
+
+def test_a_pull_copying_from_the_hf_cache_on_another_disk_checks_its_room_first(
+    tmp_path: Path, hub: FakeHubServer
+) -> None:
+    """With AUTOMASK_DATA_DIR on another disk than the Hugging Face cache, a pull copies the cached model (no hard
+    links across disks): onto a disk without room for it, it failed only once the disk was full."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or shm.stat().st_dev == tmp_path.stat().st_dev:
+        pytest.skip("no second file system (/dev/shm) here")
+    env = _env(tmp_path, hub)
+    fetch = f"import huggingface_hub as h; h.snapshot_download({REPO!r}, allow_patterns={list(DEFAULT_FILES)!r})"
+    subprocess.run([sys.executable, "-c", fetch], env=env, check=True, capture_output=True, timeout=120)
+    needed = sum(f.stat().st_size for f in hub.repos[REPO].iterdir())
+    data = Path(tempfile.mkdtemp(dir=shm))
+    try:
+        env = _with_free_space(tmp_path, env | {"AUTOMASK_DATA_DIR": str(data), "HF_HUB_OFFLINE": "1"}, needed - 1)
+        proc = run(["models", "pull", "clipseg"], env)
+        _says_no_room(proc, data / "models", needed, needed - 1)
+        assert list((data / "models").iterdir()) == []
+    finally:
+        shutil.rmtree(data)

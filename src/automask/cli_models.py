@@ -48,11 +48,12 @@ def models_list(ctx: click.Context, as_json: bool) -> None:
     Console(width=None if sys.stdout.isatty() else 160).print(table)
     if not all(m.installed for m in infos):
         click.echo("Install a model with: automask models pull NAME", err=True)
-    from automask.install import partial_note
+    from automask.install import partial_note, tidy
     from automask.models import model_dir
 
     settings = root_settings(ctx)
     for m in infos:  # a failed or interrupted pull's download, GBs maybe, waiting in a hidden folder
+        tidy(model_dir(m.name, settings))
         if note := partial_note(model_dir(m.name, settings)):
             click.echo(f"{m.name}: {note}", err=True)
     from automask.routing import vocabulary_lines
@@ -110,9 +111,12 @@ def models_export(ctx: click.Context, model: str, int8: bool | None) -> None:
     """Export CLIPSeg model NAME_OR_PATH to ONNX Runtime graphs (the fast CPU path; needs torch once)."""
     from automask.models import export_onnx
 
-    click.echo("Exporting the ONNX Runtime graphs (about a minute)...", err=True)
+    def starting() -> None:
+        click.echo("Exporting the ONNX Runtime graphs (about a minute)...", err=True)
+
     with signals_interrupt():
-        click.echo(f"ONNX Runtime graphs written to {export_onnx(model, root_settings(ctx), int8=int8)}")
+        folder = export_onnx(model, root_settings(ctx), int8=int8, starting=starting)
+        click.echo(f"ONNX Runtime graphs written to {folder}")
 
 
 def _onnx_exports(backend: str, path: Path) -> list[str] | None:

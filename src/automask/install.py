@@ -97,6 +97,23 @@ def partial_note(folder: Path) -> str:
     )
 
 
+def tidy(folder: Path) -> None:
+    """Remove what killed installers of `folder` (SIGKILL, a power cut) left and no pull resumes: their staging
+    folders, and `resumable_staging`'s lock file, with its folder when that holds no downloaded byte. Nothing
+    while an installer is running, nor when the models folder cannot be written."""
+    tmp = folder.parent / f".{folder.name}.partial"
+    with contextlib.suppress(OSError):
+        _remove_abandoned(folder)
+        if not _lock_file(tmp).exists():
+            return
+        fd = _lock(_lock_file(tmp), wait=False)
+        if fd is None or fd < 0:  # a pull is running, or no locks to tell (Windows)
+            return
+        if not _downloaded(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+        _unlock(_lock_file(tmp), fd)
+
+
 def _downloaded(tmp: Path) -> int:
     """Bytes of model files in staging folder `tmp` (a part of one too), not counting the hub's bookkeeping."""
     files = (p for p in tmp.rglob("*") if p.is_file() and HUB_BOOKKEEPING not in p.relative_to(tmp).parts)
@@ -235,9 +252,13 @@ def copy_snapshot(name: str, repo: str, snapshot: Path, dest: Path, files: tuple
     wanted = list(filter_repo_objects(names, allow_patterns=list(files)))
     if not any(n.endswith(".safetensors") for n in wanted):
         wanted += filter_repo_objects(names, allow_patterns=list(FALLBACK_WEIGHTS))
+    sources = {file: (snapshot / file).resolve() for file in wanted}
     try:
-        for file in wanted:
-            source, out = (snapshot / file).resolve(), dest / file
+        dest.mkdir(parents=True, exist_ok=True)
+        if any(p.stat().st_dev != dest.stat().st_dev for p in sources.values()):  # copies, not hard links
+            check_room(dest, sum(p.stat().st_size for p in sources.values()))
+        for file, source in sources.items():
+            out = dest / file
             out.parent.mkdir(parents=True, exist_ok=True)
             out.unlink(missing_ok=True)  # a kept partial download's copy
             try:
@@ -282,6 +303,7 @@ def fetch_weights(repo: str, dest: Path, files: tuple[str, ...]) -> None:
     from huggingface_hub.utils import build_hf_headers, filter_repo_objects
 
     weights = [p for p in files if p.endswith((".safetensors", ".bin"))]
+    todo = []
     for filename in filter_repo_objects(HfApi().list_repo_files(repo), allow_patterns=weights) if weights else ():
         final = dest / filename
         if final.is_file():
@@ -294,33 +316,73 @@ def fetch_weights(repo: str, dest: Path, files: tuple[str, ...]) -> None:
         for old in partial.parent.glob(f"{glob.escape(Path(filename).name)}.*.incomplete"):
             if old != partial:  # the hub's file has changed since: those bytes are of no use
                 old.unlink()
+        if meta.size is not None and partial.is_file() and partial.stat().st_size > meta.size:
+            partial.unlink()  # longer than the file: damaged (the hub refuses a Range past its end), start again
+        todo.append((filename, meta, partial))
+    if todo:
+        needed = sum(max((m.size or 0) - (p.stat().st_size if p.is_file() else 0), 0) for _, m, p in todo)
+        check_room(todo[0][2].parent, needed)
+    for filename, meta, partial in todo:
         with partial.open("ab") as f:
-            headers = build_hf_headers()
-            http_get(
-                meta.location,
-                f,
-                resume_size=f.tell(),
-                headers=headers,
-                expected_size=meta.size,
-                displayed_filename=filename,
-            )
+            if meta.size is None or f.tell() < meta.size:  # all there: no request (a Range at its end is refused)
+                http_get(
+                    meta.location,
+                    f,
+                    resume_size=f.tell(),
+                    headers=build_hf_headers(),
+                    expected_size=meta.size,
+                    displayed_filename=filename,
+                )
+        final = dest / filename
         final.parent.mkdir(parents=True, exist_ok=True)
         os.replace(partial, final)
+
+
+class NoRoomError(OSError):
+    """The disk a download (or a copy) goes to has less free space than it still needs."""
+
+    def __init__(self, folder: Path, needed: int, free: int) -> None:
+        super().__init__(errno.ENOSPC, f"{_size(needed)} needed, {_size(free)} free")
+        self.folder, self.needed, self.free = folder, needed, free
+
+
+def check_room(folder: Path, needed: int) -> None:
+    """`NoRoomError` when the disk holding `folder` (which exists) has less than `needed` bytes free."""
+    free = shutil.disk_usage(folder).free
+    if needed > free:
+        raise NoRoomError(folder, needed, free)
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 100_000_000 else f"{n / 1e6:.1f} MB"
+
+
+def _mount(path: Path) -> Path:
+    """The mount point of the file system holding `path` (which exists)."""
+    path = path.resolve()
+    device = path.stat().st_dev
+    while path.parent != path and path.parent.stat().st_dev == device:
+        path = path.parent
+    return path
 
 
 def download_failure(name: str, repo: str, dest: Path, exc: BaseException) -> str:
     """The error for catalogue model `name` whose repository `repo` could not be downloaded into `dest` (`exc`),
     naming the fix for the cause: a rejected token, a full disk, else the network."""
-    from huggingface_hub.errors import RepositoryNotFoundError
-
     what = f"downloading {repo} failed: {_short(exc)}"
     status = getattr(getattr(exc, "response", None), "status_code", None)
-    if status == 401 and not isinstance(exc, RepositoryNotFoundError):  # the hub's answer to a bad token
+    if status == 401 and not isinstance(exc, hub_error("RepositoryNotFoundError")):  # the hub's answer to a bad token
         return (
             f"Cannot download the model '{name}': {what}. The hub rejected the Hugging Face token (HF_TOKEN, or the "
             "one saved by `hf auth login`): it is invalid or expired. Create a read token at "
             f"https://huggingface.co/settings/tokens, then run: HF_TOKEN=<token> automask models pull {name} "
             "(a public model needs no token: unset HF_TOKEN)."
+        )
+    if isinstance(exc, NoRoomError):
+        return (
+            f"Cannot download the model '{name}': it needs {_size(exc.needed)} more on the disk holding "
+            f"'{dest.parent}' (mounted at '{_mount(exc.folder)}'), which has {_size(exc.free)} free. Free some "
+            f"space, or point AUTOMASK_DATA_DIR at a disk with room, then run again: automask models pull {name}."
         )
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return (
@@ -353,11 +415,22 @@ def _short(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
+def hub_error(name: str) -> type[BaseException]:
+    """huggingface_hub's exception class `name`: in `huggingface_hub.errors` since its 0.25 release, only in
+    `huggingface_hub.utils` before (pyproject allows 0.23)."""
+    import importlib
+
+    for module in ("huggingface_hub.errors", "huggingface_hub.utils"):
+        with contextlib.suppress(ImportError):
+            cls = getattr(importlib.import_module(module), name, None)
+            if isinstance(cls, type) and issubclass(cls, BaseException):
+                return cls
+    raise ImportError(f"huggingface_hub has no {name}: upgrade it (pip install -U huggingface_hub)")
+
+
 def hub_errors() -> tuple[type[BaseException], ...]:
     """Exception classes the hub client raises for network and HTTP failures (whichever HTTP library it uses)."""
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
-
-    errors: list[type[BaseException]] = [HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled]
+    errors = [hub_error(n) for n in ("HfHubHTTPError", "LocalEntryNotFoundError", "OfflineModeIsEnabled")]
     for module, attr in (("httpx", "HTTPError"), ("httpx2", "HTTPError"), ("requests", "RequestException")):
         cls = getattr(sys.modules.get(module), attr, None)
         if isinstance(cls, type) and issubclass(cls, BaseException):

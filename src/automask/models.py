@@ -29,7 +29,7 @@ from automask.catalogue import (  # the catalogue was first defined here: its na
 from automask.catalogue import DEFAULT_FILES as DEFAULT_FILES
 from automask.catalogue import EDGETAM_REPO as EDGETAM_REPO
 from automask.catalogue import SAM2_REPO as SAM2_REPO
-from automask.errors import ModelNotAvailableError, UnknownModelError
+from automask.errors import ModelNotAvailableError, UnknownModelError, require
 from automask.settings import Settings
 
 
@@ -319,21 +319,25 @@ def _check_token(spec: ModelSpec) -> None:
 
 def _is_gated_error(exc: BaseException | None) -> bool:
     """True for the hub's answer to a token without access to a gated repository (403/401 GatedRepoError)."""
-    from huggingface_hub.errors import GatedRepoError
-
-    return isinstance(exc, GatedRepoError)
+    return isinstance(exc, install.hub_error("GatedRepoError"))
 
 
 def can_export() -> bool:
     """True when the packages `export_onnx` needs (torch, transformers, onnx, onnxruntime) are installed."""
     import importlib.util
 
-    return all(importlib.util.find_spec(m) is not None for m in ("torch", "transformers", "onnx", "onnxruntime"))
+    return all(importlib.util.find_spec(m) is not None for m in EXPORT_MODULES)
 
 
-def export_onnx(spec: str | None, settings: Settings, *, int8: bool | None = None) -> Path:
+EXPORT_MODULES = ("torch", "transformers", "onnx", "onnxruntime")
+
+
+def export_onnx(
+    spec: str | None, settings: Settings, *, int8: bool | None = None, starting: Callable[[], None] | None = None
+) -> Path:
     """Export CLIPSeg model `spec` (a catalogue name or a local folder) to the ONNX Runtime artifacts in
     `<model folder>/onnx` (the int8 copies too when `int8`, default `settings.int8`); return that folder.
+    `starting` is called once the model and the packages are found, before the (long) export begins.
 
     Needs `pip install "automask[export]"`; the runtime that uses the artifacts needs no torch.
     """
@@ -343,6 +347,10 @@ def export_onnx(spec: str | None, settings: Settings, *, int8: bool | None = Non
             f"The model '{found.name}' runs on the '{found.backend}' backend, which has no ONNX export. "
             "Only CLIPSeg models are exported (e.g. automask models export clipseg)."
         )
+    for module in EXPORT_MODULES:
+        require(module, "export")
+    if starting is not None:
+        starting()
     from automask.backends.clipseg_export import export
 
     return export(found.path, int8=settings.int8 if int8 is None else int8)
