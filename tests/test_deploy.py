@@ -14,6 +14,7 @@ import sys
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -211,7 +212,11 @@ def test_api_nodes_serve_on_all_interfaces_with_keys(
     import automask.server.app
     import automask.server.http
 
-    create_app = Recorder(result=lambda settings, server: ("app", settings, server))
+    def fake_app(settings: Any, server: Any) -> SimpleNamespace:  # what serve reads of an app: its stop hook
+        hooks = SimpleNamespace(ask_stop=lambda: None)
+        return SimpleNamespace(made=(settings, server), state=SimpleNamespace(automask=hooks))
+
+    create_app = Recorder(result=fake_app)
     run = Recorder()
     monkeypatch.setattr(automask.server.app, "create_app", create_app)
     monkeypatch.setattr(automask.server.http, "run", run)
@@ -219,8 +224,10 @@ def test_api_nodes_serve_on_all_interfaces_with_keys(
     service = compose["services"][name]
     assert "--no-auth" not in service["command"]
     run_service(service, monkeypatch, tmp_path)
-    ((tag, settings, app_server), server), kwargs = run.calls[0]
-    assert tag == "app" and app_server is server and kwargs["log_level"] == "info"
+    (app, server), kwargs = run.calls[0]
+    settings, app_server = app.made
+    assert app_server is server and kwargs["log_level"] == "info"
+    assert kwargs["on_signal"] is app.state.automask.ask_stop  # a stop signal reaches the app's jobs
     assert (server.host, server.port, server.auth) == ("0.0.0.0", 8000, True)
     assert server.public_url == "http://localhost:8080"
     assert settings.database_url == "postgresql://automask:automask@postgres:5432/automask"
