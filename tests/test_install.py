@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from automask.errors import ModelNotAvailableError
-from automask.install import partial_note, replace_dir, resumable_staging, staging
+from automask.staging import partial_note, replace_dir, resumable_staging, staging
 
 
 def _folder(path: Path, content: str) -> Path:

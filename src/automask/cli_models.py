@@ -48,8 +48,8 @@ def models_list(ctx: click.Context, as_json: bool) -> None:
     Console(width=None if sys.stdout.isatty() else 160).print(table)
     if not all(m.installed for m in infos):
         click.echo("Install a model with: automask models pull NAME", err=True)
-    from automask.install import partial_note, tidy
     from automask.models import model_dir
+    from automask.staging import partial_note, tidy
 
     settings = root_settings(ctx)
     for m in infos:  # a failed or interrupted pull's download, GBs maybe, waiting in a hidden folder
@@ -69,8 +69,8 @@ def models_list(ctx: click.Context, as_json: bool) -> None:
 @click.pass_context
 def models_pull(ctx: click.Context, name: str, force: bool) -> None:
     """Download model NAME (e.g. clipseg) into the data folder, with a progress bar."""
-    from automask.install import partial_note
     from automask.models import model_dir, pull
+    from automask.staging import partial_note
 
     settings = root_settings(ctx)
     try:

@@ -31,9 +31,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from automask.errors import ModelNotAvailableError
-from automask.install import offline, replace_dir, staging
+from automask.install import offline
 from automask.models import EMBEDDED, MARKER, default_model, is_installed, model_dir
 from automask.settings import Settings
+from automask.staging import replace_dir, staging
 
 if TYPE_CHECKING:
     from rich.progress import Progress as RichProgress

@@ -1,6 +1,6 @@
-"""Putting model files on disk: downloads from the Hugging Face hub, and the staging folder and atomic swap that
-every installer uses (hub models in `models.pull`, the embedded model in `embedded.install`, ONNX exports), so
-that nothing half-written is ever left where a model is looked for.
+"""Putting model files on disk from the Hugging Face hub: downloads that resume, copies of a complete cached
+snapshot, room checked first, and the errors that name the fix. Where they are written, and the atomic swap into
+place, is `automask.staging`.
 
 huggingface_hub is imported only inside the functions that talk to it.
 """
@@ -14,209 +14,15 @@ import os
 import re
 import shutil
 import sys
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 from automask.errors import ModelNotAvailableError
 
 FALLBACK_WEIGHTS = ("pytorch_model*.bin",)
 """Downloaded only when a repository has no safetensors weights."""
-HUB_BOOKKEEPING = "huggingface"
-"""The subfolder of a download folder's `.cache` where huggingface_hub keeps its locks and metadata."""
 RESUME = Path(".cache") / "automask"
 """Where, in a download folder, `fetch_weights` keeps the weight files it is still downloading."""
-
-
-@contextlib.contextmanager
-def staging(folder: Path) -> Iterator[Path]:
-    """A new empty folder beside `folder` (the same file system, so `replace_dir` from it is a rename), removed
-    with whatever is left in it after the block. `ModelNotAvailableError` when it cannot be created.
-
-    While the block runs, the folder's `.lock` file beside it is locked; staging folders of `folder` whose lock
-    nobody holds (their process was killed: SIGKILL, a power cut) are removed first."""
-    tmp = folder.parent / f".{folder.name}-{uuid.uuid4().hex[:8]}.partial"
-    try:
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        _remove_abandoned(folder)
-        held = _lock(_lock_file(tmp), wait=True)
-        tmp.mkdir()  # not mkdtemp: its 0700 would stay on the installed folder; this follows the umask
-    except OSError as exc:
-        raise ModelNotAvailableError(
-            f"Cannot write to the models folder '{folder.parent}' ({exc.strerror}). "
-            "Point AUTOMASK_DATA_DIR at a writable folder and run again."
-        ) from exc
-    try:
-        yield tmp
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        _unlock(_lock_file(tmp), held)
-
-
-@contextlib.contextmanager
-def resumable_staging(folder: Path, waiting: Callable[[], None] | None = None) -> Iterator[Path]:
-    """The staging folder of `folder` that a failed or interrupted block keeps: `.NAME.partial` beside it, always
-    the same, so the next install of `folder` resumes the files this one had downloaded. Removed when the block
-    ends normally (after `replace_dir` moved it into place, or unused), or when it holds no file.
-    `ModelNotAvailableError` when it cannot be created.
-
-    For the block, the folder's `.lock` file is locked, after waiting for another installer of `folder` to end
-    (`waiting` is called first, when there is one): one download into it at a time; a killed installer's lock is
-    released by the system, and its folder reused."""
-    tmp = folder.parent / f".{folder.name}.partial"
-    try:
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        _remove_abandoned(folder)
-        held = _hold(_lock_file(tmp), waiting)
-        tmp.mkdir(exist_ok=True)
-    except OSError as exc:
-        raise ModelNotAvailableError(
-            f"Cannot write to the models folder '{folder.parent}' ({exc.strerror}). "
-            "Point AUTOMASK_DATA_DIR at a writable folder and run again."
-        ) from exc
-    keep = True
-    try:
-        yield tmp
-        keep = False
-    finally:
-        if not keep or not _downloaded(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
-        _unlock(_lock_file(tmp), held)
-
-
-def partial_note(folder: Path) -> str:
-    """A sentence saying what `resumable_staging(folder)` kept after a failure ("" when nothing), and that pulling
-    the catalogue model `folder.name` again resumes it."""
-    tmp = folder.parent / f".{folder.name}.partial"
-    size = _downloaded(tmp)
-    if not size:
-        return ""
-    return (
-        f"The {size / 1e6:.1f} MB downloaded so far are kept in '{tmp}': automask models pull {folder.name} resumes "
-        "from there (delete that folder to free the space)."
-    )
-
-
-def tidy(folder: Path) -> None:
-    """Remove what killed installers of `folder` (SIGKILL, a power cut) left and no pull resumes: their staging
-    folders, and `resumable_staging`'s lock file, with its folder when that holds no downloaded byte. Nothing
-    while an installer is running, nor when the models folder cannot be written."""
-    tmp = folder.parent / f".{folder.name}.partial"
-    with contextlib.suppress(OSError):
-        _remove_abandoned(folder)
-        if not _lock_file(tmp).exists():
-            return
-        fd = _lock(_lock_file(tmp), wait=False)
-        if fd is None or fd < 0:  # a pull is running, or no locks to tell (Windows)
-            return
-        if not _downloaded(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
-        _unlock(_lock_file(tmp), fd)
-
-
-def _downloaded(tmp: Path) -> int:
-    """Bytes of model files in staging folder `tmp` (a part of one too), not counting the hub's bookkeeping."""
-    files = (p for p in tmp.rglob("*") if p.is_file() and HUB_BOOKKEEPING not in p.relative_to(tmp).parts)
-    with contextlib.suppress(OSError):
-        return sum(p.stat().st_size for p in files)
-    return 0
-
-
-def _hold(path: Path, waiting: Callable[[], None] | None) -> int | None:
-    """`_lock(path)`, waiting for it (calling `waiting` first) when another process holds it; again until the
-    locked file is still the one at `path` (the previous holder deletes it as it lets go: a lock on that deleted
-    file would hold nothing)."""
-    wait = False
-    while True:
-        fd = _lock(path, wait=wait)
-        if fd is None:
-            if waiting is not None and not wait:
-                waiting()
-            wait = True
-            continue
-        if fd < 0:
-            return fd
-        try:
-            if os.fstat(fd).st_ino == os.stat(path).st_ino:
-                return fd
-        except FileNotFoundError:
-            pass
-        os.close(fd)
-
-
-def _lock_file(tmp: Path) -> Path:
-    return tmp.with_name(f"{tmp.name}.lock")
-
-
-def _lock(path: Path, *, wait: bool) -> int | None:
-    """An open descriptor of `path` (created if need be) holding its exclusive lock; None when another process
-    holds it (and not `wait`). Where there is no `fcntl` (Windows) nothing is locked: -1."""
-    try:
-        import fcntl
-    except ImportError:
-        return -1
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return None
-    return fd
-
-
-def _unlock(path: Path, fd: int | None) -> None:
-    with contextlib.suppress(OSError):
-        path.unlink()
-    if fd is not None and fd >= 0:
-        os.close(fd)
-
-
-def _remove_abandoned(folder: Path) -> None:
-    """Remove the staging folders of `folder` that no live process holds (see `staging`)."""
-    for old in folder.parent.glob(f".{glob.escape(folder.name)}-*.partial"):
-        fd = _lock(_lock_file(old), wait=False)
-        if fd is None or fd < 0:  # alive, or no locks to tell (Windows): keep it
-            continue
-        shutil.rmtree(old, ignore_errors=True)
-        _unlock(_lock_file(old), fd)
-
-
-def replace_dir(new: Path, dest: Path) -> None:
-    """Rename the complete folder `new` to `dest` (the same file system). Whatever `dest` held (a folder or a
-    symlink) is moved aside first and deleted only once `new` is in place; if that rename fails it is put back.
-    Another process installing to `dest` at the same moment is no error: the last rename wins."""
-    for _ in range(_RACE_RETRIES):
-        old = _move_aside(dest)
-        try:
-            os.replace(new, dest)
-        except OSError as exc:
-            if old is not None:
-                os.replace(old, dest)
-            elif exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
-                continue  # another installer's folder landed at `dest` since it was moved aside: again
-            raise
-        break
-    else:
-        raise OSError(errno.EEXIST, f"'{dest}' kept being replaced by another installer")
-    if old is None:
-        return
-    if old.is_symlink():
-        old.unlink()
-    else:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-_RACE_RETRIES = 10
-
-
-def _move_aside(dest: Path) -> Path | None:
-    """Rename `dest` to a unique hidden name beside it and return that; None when there is no `dest` (any more)."""
-    old = dest.with_name(f".{dest.name}-{uuid.uuid4().hex[:8]}.old")
-    try:
-        os.replace(dest, old)
-    except FileNotFoundError:
-        return None
-    return old
 
 
 def has_weights(folder: Path) -> bool:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from automask import install
+from automask import install, staging
 from automask.catalogue import (  # the catalogue was first defined here: its names are still imported from here
     CATALOGUE,
     EMBEDDED,
@@ -240,7 +240,7 @@ def pull(name: str, settings: Settings, *, progress: bool = True, force: bool = 
     Single-repository models are stored directly in the folder, multi-repository ones in one subfolder per
     repository (`repo_folder`). The download goes to a staging folder beside it, renamed into place only when
     complete, so no half model is ever loaded; a failed or interrupted pull keeps that folder, and the next one
-    resumes it (`install.resumable_staging`). A repository complete in the Hugging Face cache is taken from there,
+    resumes it (`staging.resumable_staging`). A repository complete in the Hugging Face cache is taken from there,
     without the network (unless `force`). An installed model is kept unless `force`. Raises
     `ModelNotAvailableError` when the hub cannot be reached.
     """
@@ -260,7 +260,7 @@ def pull(name: str, settings: Settings, *, progress: bool = True, force: bool = 
         if spec.gated:
             _check_token(spec)
     try:
-        with install.resumable_staging(
+        with staging.resumable_staging(
             target, _say(f"Another pull of '{name}' is running: waiting for it to end...", progress)
         ) as tmp:
             if is_installed(name, settings) and not force:  # another pull installed it while this one waited
@@ -270,9 +270,9 @@ def pull(name: str, settings: Settings, *, progress: bool = True, force: bool = 
                 _fetch(spec, repo, dest, cached.get(repo), progress)
             marker = {"name": spec.name, "backend": spec.backend, "repos": list(spec.repos)}
             (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
-            install.replace_dir(tmp, target)
+            staging.replace_dir(tmp, target)
     except ModelNotAvailableError as exc:
-        if note := install.partial_note(target):
+        if note := staging.partial_note(target):
             raise ModelNotAvailableError(f"{exc.message} {note}") from exc.__cause__
         raise
     return target

@@ -31,7 +31,7 @@ from automask.backends.clipseg import read_preprocessing
 from automask.backends.clipseg_common import FORMAT, MANIFEST, fingerprint, onnx_dir
 from automask.backends.torch_loading import load_tokenizer
 from automask.errors import AutomaskError, ModelNotAvailableError, require
-from automask.install import replace_dir
+from automask.staging import replace_dir
 
 OPSET = 17
 EXPORT_TOLERANCE = 1e-4
