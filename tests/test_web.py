@@ -44,6 +44,7 @@ from web_helpers import (
     set_slider,
     shot,
     submit_prompt,
+    try_the_docs,
     wait_result,
 )
 
@@ -143,6 +144,11 @@ def test_config_describes_models_vocabulary_and_examples(live: Live, tiny_clipse
 
 
 @pytest.mark.browser
+def test_the_docs_work_at_the_root(context: Any, live: Live) -> None:
+    """Swagger UI at /docs of a server without a prefix: it renders and "Try it out" reaches the API."""
+    try_the_docs(context, live.url, live.url)
+
+
 def test_overlay_appears_over_the_photo(page: Any, live: Live, photo: Path) -> None:
     pick_photo(page, photo)
     set_first_options(page)

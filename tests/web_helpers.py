@@ -219,6 +219,25 @@ def open_tab(context: Any, live: Live, size: dict[str, int] = DESKTOP, path: str
         page.close()
 
 
+def try_the_docs(context: Any, base: str, api: str) -> None:
+    """Open `base`/docs, run "Try it out" on GET /healthz, and check it was asked of `api` and answered."""
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
+    try:
+        page.goto(f"{base}/docs")
+        page.click("#operations-health-healthz_healthz_get")
+        page.click(".try-out__btn")
+        with page.expect_response(lambda r: r.url.endswith("/healthz")) as answer:
+            page.click(".execute")
+        assert answer.value.url == f"{api}/healthz" and answer.value.status == 200, answer.value.url
+        assert "automask" in page.inner_text(".info .title")
+        assert not errors, f"{base}/docs: {errors}"
+    finally:
+        page.close()
+
+
 # ---- the page's controls -------------------------------------------------------------------------------
 
 

@@ -8,7 +8,10 @@ but revalidate with ETag / Last-Modified, so an upgrade is never served stale), 
 Docs: FastAPI's `/docs` page loads Swagger UI from a CDN. When the `fastapi-offline` package (MIT; a copy of
 swagger-ui-dist 5) is installed, as the `server` extra does, `GET /docs` is answered here with a page that
 loads Swagger UI from `/docs/assets/` instead, so the docs work on a host with no internet and leak nothing
-to a CDN. Without that package, FastAPI's own `/docs` (CDN) answers.
+to a CDN. Without that package, FastAPI's own `/docs` (CDN) answers. On a server set up for a proxy that strips a
+prefix (`--public-url` with a path), the docs load everything from under the prefix; asked for there directly (the
+docs opened on the server itself), Swagger UI's files are served too, and the OpenAPI document without the prefix in
+its `servers`, so "Try it out" calls the API at this server's root.
 """
 
 from __future__ import annotations
@@ -66,10 +69,15 @@ class EdgeMiddleware:
         await self._route(scope, receive, send_with_headers)
 
     async def _route(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path, method = scope["path"], scope["method"]
         root = scope.get("root_path", "")
-        local = path.removeprefix(root) if root and path.startswith(root) else path
-        if self.assets is None or method not in ("GET", "HEAD"):
+        local, direct = local_path(scope["path"], root)
+        app = scope.get("app")
+        if scope["method"] not in ("GET", "HEAD"):
+            await self.app(scope, receive, send)
+        elif direct and app is not None and local == app.openapi_url:
+            # the docs opened on this server itself (no proxy): their "Try it out" calls the API here, at the root
+            await JSONResponse(app.openapi())(scope, receive, send)
+        elif self.assets is None:
             await self.app(scope, receive, send)
         elif local == DOCS:
             await _docs_page(scope, root)(scope, receive, send)
@@ -82,6 +90,16 @@ class EdgeMiddleware:
                 await JSONResponse({"error": message}, status_code=404)(scope, receive, send)
         else:
             await self.app(scope, receive, send)
+
+
+def local_path(path: str, root: str) -> tuple[str, bool]:
+    """The path `path` names under this server's root (uvicorn's `root_path`, `root`, taken off), and whether the
+    client sent the prefix `root` itself: it asked this server directly, not through the proxy that strips it (the
+    docs at `/docs` on the server itself load their files and OpenAPI document from under the prefix)."""
+    local = path.removeprefix(root) if root and path.startswith(root) else path
+    if root and (local == root or local.startswith(root + "/")):
+        return local.removeprefix(root), True
+    return local, False
 
 
 def _docs_page(scope: Scope, root: str) -> Any:
