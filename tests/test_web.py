@@ -460,8 +460,11 @@ def test_superseded_and_cancelled_requests_are_not_charged(
         # Cancel: the request is aborted, the result stays, nothing is charged.
         set_slider(page, "#threshold", "ArrowRight", 5)
         page.wait_for_selector("#result[aria-busy=true]")
-        page.click("#cancel")
+        page.focus("#submit")
+        page.keyboard.press("Tab")  # Cancel comes next, with the keyboard as with the mouse
+        page.keyboard.press("Enter")
         assert "Cancelled" in page.inner_text("#status")
+        assert page.evaluate("document.activeElement.id") == "submit", "the focus left with the hidden Cancel"
         assert page.get_attribute("#result", "aria-busy") == "false" and not page.is_visible("#cancel")
         assert page.is_visible("#after") and not page.is_disabled("#dl-mask")
         time.sleep(2.0)  # the server finishes (or drops) the aborted work

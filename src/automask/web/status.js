@@ -34,6 +34,9 @@ export function setStale(text) {
 export function setBusy(job) {
   clearInterval(ticker);
   $("result").setAttribute("aria-busy", String(Boolean(job)));
+  // Cancel pressed with the keyboard (or the request done while it has the focus): the focus goes to the button
+  // beside it, not, with Cancel hidden, to the page's top, losing the user's place.
+  if (!job && document.activeElement === $("cancel")) $("submit").focus();
   $("cancel").hidden = !job;
   $("submit").textContent = job ? "Working… (Enter: ask again)" : "Make mask";
   if (!job) return;
