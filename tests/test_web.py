@@ -27,6 +27,7 @@ from automask.settings import Settings
 from server_helpers import decode
 from test_colour_profiles import WIDE_ICC
 from web_helpers import (
+    API_PATH,
     DESKTOP,
     FIRST,
     PHONE,
@@ -311,6 +312,30 @@ def test_downloads_of_photos_the_page_cannot_decode_as_the_server_does(
     page.on("request", lambda req: sent.append(req.url) if req.method == "POST" else None)
     cutout = decode(download(page, "#dl-alpha"))
     assert np.array_equal(cutout[..., 3], decode(download(page, "#dl-mask"))) and not sent
+
+
+@pytest.mark.browser
+def test_clicking_a_server_download_again_while_it_runs_sends_one_request(
+    page: Any, live: Live, astronaut: np.ndarray, tmp_path: Path
+) -> None:
+    """On a slow network, the cut-out of a photo the page cannot render exactly (it comes from the server) is
+    clicked again before it arrives: one request, one charge. Before, each click sent (and paid for) its own."""
+    wide = tmp_path / "wide-gamut.png"
+    Image.fromarray(astronaut).save(wide, icc_profile=WIDE_ICC)
+    pick_photo(page, wide)
+    set_first_options(page)
+    submit_prompt(page, FIRST["prompt"])
+    held: list[Any] = []
+    page.route(f"**{API_PATH}", lambda route: held.append(route))  # the answers wait, as on a slow network
+    page.click("#dl-alpha")
+    page.wait_for_function("() => document.getElementById('status').textContent.startsWith('Asking the server')")
+    page.click("#dl-alpha")
+    page.wait_for_timeout(300)
+    assert len(held) == 1, "a second request for the same cut-out"
+    with page.expect_download() as saved:
+        held[0].continue_()
+    assert decode(Path(saved.value.path()).read_bytes()).shape == (512, 512, 4)
+    page.unroute(f"**{API_PATH}")
 
 
 @pytest.mark.browser
