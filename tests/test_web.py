@@ -316,26 +316,41 @@ def test_downloads_of_photos_the_page_cannot_decode_as_the_server_does(
 
 @pytest.mark.browser
 def test_clicking_a_server_download_again_while_it_runs_sends_one_request(
-    page: Any, live: Live, astronaut: np.ndarray, tmp_path: Path
+    context: Any, live: Live, astronaut: np.ndarray, tmp_path: Path
 ) -> None:
     """On a slow network, the cut-out of a photo the page cannot render exactly (it comes from the server) is
-    clicked again before it arrives: one request, one charge. Before, each click sent (and paid for) its own."""
+    clicked again before it arrives: one request, one charge. Before, each click sent (and paid for) its own.
+
+    Its failure (no credits left) is said, the result staying as it is, not greyed (it still holds), and goes once
+    the download works. Before, the result was greyed as if stale, and stayed so, with the error, after it worked."""
     wide = tmp_path / "wide-gamut.png"
     Image.fromarray(astronaut).save(wide, icc_profile=WIDE_ICC)
-    pick_photo(page, wide)
-    set_first_options(page)
-    submit_prompt(page, FIRST["prompt"])
-    held: list[Any] = []
-    page.route(f"**{API_PATH}", lambda route: held.append(route))  # the answers wait, as on a slow network
-    page.click("#dl-alpha")
-    page.wait_for_function("() => document.getElementById('status').textContent.startsWith('Asking the server')")
-    page.click("#dl-alpha")
-    page.wait_for_timeout(300)
-    assert len(held) == 1, "a second request for the same cut-out"
-    with page.expect_download() as saved:
-        held[0].continue_()
-    assert decode(Path(saved.value.path()).read_bytes()).shape == (512, 512, 4)
-    page.unroute(f"**{API_PATH}")
+    with open_tab(context, live) as tab:
+        page = tab.page
+        pick_photo(page, wide)
+        set_first_options(page)
+        submit_prompt(page, FIRST["prompt"])
+        refused = '{"error": "Insufficient credits."}'
+        page.route(f"**{API_PATH}", lambda route: route.fulfill(status=406, body=refused))
+        page.click("#dl-alpha")
+        page.wait_for_selector("#error:not([hidden])")
+        assert page.inner_text("#error") == "Insufficient credits."
+        assert "still holds" in page.inner_text("#status")
+        assert "stale" not in (page.get_attribute("#stage", "class") or ""), "the result, still good, was greyed"
+        page.unroute(f"**{API_PATH}")
+        held: list[Any] = []
+        page.route(f"**{API_PATH}", lambda route: held.append(route))  # the answers wait, as on a slow network
+        page.click("#dl-alpha")
+        page.wait_for_function("() => document.getElementById('status').textContent.startsWith('Asking the server')")
+        page.click("#dl-alpha")
+        page.wait_for_timeout(300)
+        assert len(held) == 1, "a second request for the same cut-out"
+        with page.expect_download() as saved:
+            held[0].continue_()
+        assert decode(Path(saved.value.path()).read_bytes()).shape == (512, 512, 4)
+        page.unroute(f"**{API_PATH}")
+        page.wait_for_selector("#error", state="hidden")
+        tab.check_console(allow_http_errors=True)  # the 406
 
 
 @pytest.mark.browser
