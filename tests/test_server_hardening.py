@@ -11,6 +11,7 @@ import base64
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -348,6 +349,15 @@ def test_docs_load_swagger_ui_from_this_server(client: TestClient) -> None:
         assert r.status_code == 200 and len(r.content) > 10_000
         assert r.headers["cache-control"] == "no-cache"
     assert client.get("/docs/assets/no-such-file.js").status_code == 404
+
+
+def test_redoc_loads_from_this_server(client: TestClient) -> None:
+    """Before, /redoc loaded ReDoc from a CDN and its fonts from Google: blank on a host with no internet."""
+    page = client.get("/redoc")
+    assert page.status_code == 200 and page.headers["cache-control"] == "no-cache"
+    assert not re.findall(r"(?:src|href)=\"(?:https?:)?//", page.text), "ReDoc loads something from elsewhere"
+    assert '"/docs/assets/redoc.standalone.js"' in page.text and 'spec-url="/openapi.json"' in page.text
+    assert len(client.get("/docs/assets/redoc.standalone.js").content) > 100_000
 
 
 @pytest.fixture()

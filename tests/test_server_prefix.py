@@ -96,6 +96,13 @@ def test_asked_directly_the_page_works_or_names_its_public_url(proxied: Proxied)
         assert "default-src 'self'" in told.headers["content-security-policy"]
         assert "No endpoint GET /tools/masks" in proxied.get(path).json()["error"]  # not a browser: JSON
     assert proxied.get("/tools/masks/static/nope.js").status_code == 404
+    # the docs at /docs load these: their files, and the OpenAPI document, whose API is at this server's root
+    assert (
+        proxied.get("/tools/masks/docs/assets/swagger-ui.css").content
+        == proxied.get("/docs/assets/swagger-ui.css").content
+    )
+    schema = proxied.get("/tools/masks/openapi.json").json()
+    assert "servers" not in schema and "/v1/automatic-mask-generator" in schema["paths"]
 
 
 def test_the_api_and_its_v2_urls_work_under_the_prefix(proxied: Proxied) -> None:

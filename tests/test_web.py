@@ -27,6 +27,7 @@ from automask.settings import Settings
 from server_helpers import decode
 from test_colour_profiles import WIDE_ICC
 from web_helpers import (
+    API_PATH,
     DESKTOP,
     FIRST,
     PHONE,
@@ -44,6 +45,7 @@ from web_helpers import (
     set_slider,
     shot,
     submit_prompt,
+    try_the_docs,
     wait_result,
 )
 
@@ -143,6 +145,11 @@ def test_config_describes_models_vocabulary_and_examples(live: Live, tiny_clipse
 
 
 @pytest.mark.browser
+def test_the_docs_work_at_the_root(context: Any, live: Live) -> None:
+    """Swagger UI at /docs of a server without a prefix: it renders and "Try it out" reaches the API."""
+    try_the_docs(context, live.url, live.url)
+
+
 def test_overlay_appears_over_the_photo(page: Any, live: Live, photo: Path) -> None:
     pick_photo(page, photo)
     set_first_options(page)
@@ -308,6 +315,45 @@ def test_downloads_of_photos_the_page_cannot_decode_as_the_server_does(
 
 
 @pytest.mark.browser
+def test_clicking_a_server_download_again_while_it_runs_sends_one_request(
+    context: Any, live: Live, astronaut: np.ndarray, tmp_path: Path
+) -> None:
+    """On a slow network, the cut-out of a photo the page cannot render exactly (it comes from the server) is
+    clicked again before it arrives: one request, one charge. Before, each click sent (and paid for) its own.
+
+    Its failure (no credits left) is said, the result staying as it is, not greyed (it still holds), and goes once
+    the download works. Before, the result was greyed as if stale, and stayed so, with the error, after it worked."""
+    wide = tmp_path / "wide-gamut.png"
+    Image.fromarray(astronaut).save(wide, icc_profile=WIDE_ICC)
+    with open_tab(context, live) as tab:
+        page = tab.page
+        pick_photo(page, wide)
+        set_first_options(page)
+        submit_prompt(page, FIRST["prompt"])
+        refused = '{"error": "Insufficient credits."}'
+        page.route(f"**{API_PATH}", lambda route: route.fulfill(status=406, body=refused))
+        page.click("#dl-alpha")
+        page.wait_for_selector("#error:not([hidden])")
+        assert page.inner_text("#error") == "Insufficient credits."
+        assert "still holds" in page.inner_text("#status")
+        assert "stale" not in (page.get_attribute("#stage", "class") or ""), "the result, still good, was greyed"
+        page.unroute(f"**{API_PATH}")
+        held: list[Any] = []
+        page.route(f"**{API_PATH}", lambda route: held.append(route))  # the answers wait, as on a slow network
+        page.click("#dl-alpha")
+        page.wait_for_function("() => document.getElementById('status').textContent.startsWith('Asking the server')")
+        page.click("#dl-alpha")
+        page.wait_for_timeout(300)
+        assert len(held) == 1, "a second request for the same cut-out"
+        with page.expect_download() as saved:
+            held[0].continue_()
+        assert decode(Path(saved.value.path()).read_bytes()).shape == (512, 512, 4)
+        page.unroute(f"**{API_PATH}")
+        page.wait_for_selector("#error", state="hidden")
+        tab.check_console(allow_http_errors=True)  # the 406
+
+
+@pytest.mark.browser
 def test_an_exif_rotated_webp_is_shown_and_rendered_upright(
     page: Any, live: Live, astronaut: np.ndarray, tmp_path: Path
 ) -> None:
@@ -454,8 +500,11 @@ def test_superseded_and_cancelled_requests_are_not_charged(
         # Cancel: the request is aborted, the result stays, nothing is charged.
         set_slider(page, "#threshold", "ArrowRight", 5)
         page.wait_for_selector("#result[aria-busy=true]")
-        page.click("#cancel")
+        page.focus("#submit")
+        page.keyboard.press("Tab")  # Cancel comes next, with the keyboard as with the mouse
+        page.keyboard.press("Enter")
         assert "Cancelled" in page.inner_text("#status")
+        assert page.evaluate("document.activeElement.id") == "submit", "the focus left with the hidden Cancel"
         assert page.get_attribute("#result", "aria-busy") == "false" and not page.is_visible("#cancel")
         assert page.is_visible("#after") and not page.is_disabled("#dl-mask")
         time.sleep(2.0)  # the server finishes (or drops) the aborted work

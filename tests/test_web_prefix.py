@@ -17,7 +17,7 @@ import pytest
 
 from automask.settings import Settings
 from loopback import QuietHandler, serve_http
-from web_helpers import Live, browser, open_tab, serve, wait_result
+from web_helpers import Live, browser, open_tab, serve, try_the_docs, wait_result
 
 pytest.importorskip("fastapi")
 pytestmark = pytest.mark.browser
@@ -102,3 +102,14 @@ def test_the_server_asked_directly_shows_a_working_page_or_where_to_go(context: 
         assert f"Open the page at {proxied.url}/, through the proxy, or at / on this server itself" in text, text
     finally:
         page.close()
+
+
+def test_the_docs_work_through_the_proxy_and_on_the_server_itself(context: Any, proxied: Live) -> None:
+    """Swagger UI renders and its "Try it out" reaches the API, at `/masks/docs` through the proxy and at `/docs`
+    (or `/masks/docs`) on the server itself, where the API is at the root. Before, asked directly, the docs loaded
+    their files and OpenAPI document from under the prefix, which the server answered with 404s: a blank page."""
+    StripProxy.outside.clear()
+    direct = StripProxy.upstream
+    for docs, api in ((proxied.url, proxied.url), (direct, direct), (direct + PREFIX, direct)):
+        try_the_docs(context, docs, api)
+    assert StripProxy.outside == [], "the docs asked for something outside the proxy's prefix"

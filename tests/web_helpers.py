@@ -219,6 +219,32 @@ def open_tab(context: Any, live: Live, size: dict[str, int] = DESKTOP, path: str
         page.close()
 
 
+def try_the_docs(context: Any, base: str, api: str) -> None:
+    """Open `base`/docs, run "Try it out" on GET /healthz, and check it was asked of `api` and answered; then
+    `base`/redoc, and check it shows the API (loaded from this server alone: the browser has no internet)."""
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
+    try:
+        page.goto(f"{base}/docs")
+        page.click("#operations-health-healthz_healthz_get")
+        page.click(".try-out__btn")
+        with page.expect_response(lambda r: r.url.endswith("/healthz")) as answer:
+            page.click(".execute")
+        assert answer.value.url == f"{api}/healthz" and answer.value.status == 200, answer.value.url
+        assert "automask" in page.inner_text(".info .title")
+        assert not errors, f"{base}/docs: {errors}"
+        elsewhere: list[Any] = []  # ReDoc's own logo (an image from its site) aside, nothing
+        page.route(lambda url: not url.startswith(base), lambda route: (elsewhere.append(route.request), route.abort()))
+        page.goto(f"{base}/redoc")
+        page.wait_for_selector("h1:has-text('automask')")
+        assert [r.url for r in elsewhere if r.resource_type != "image"] == [], "ReDoc needs the internet"
+        assert not [e for e in errors if "ERR_FAILED" not in e], f"{base}/redoc: {errors}"
+    finally:
+        page.close()
+
+
 # ---- the page's controls -------------------------------------------------------------------------------
 
 

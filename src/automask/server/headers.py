@@ -5,10 +5,14 @@ own gets `cache-control: no-store` (API answers hold results, keys' data and per
 shared cache may keep them). The try-it page and its files keep the `no-cache` they set (browsers store them
 but revalidate with ETag / Last-Modified, so an upgrade is never served stale), and so do Swagger UI's files.
 
-Docs: FastAPI's `/docs` page loads Swagger UI from a CDN. When the `fastapi-offline` package (MIT; a copy of
-swagger-ui-dist 5) is installed, as the `server` extra does, `GET /docs` is answered here with a page that
-loads Swagger UI from `/docs/assets/` instead, so the docs work on a host with no internet and leak nothing
-to a CDN. Without that package, FastAPI's own `/docs` (CDN) answers.
+Docs: FastAPI's `/docs` and `/redoc` pages load Swagger UI and ReDoc from a CDN (and ReDoc Google's fonts). When
+the `fastapi-offline` package (MIT; a copy of swagger-ui-dist 5 and of ReDoc) is installed, as the `server` extra
+does, `GET /docs` and `GET /redoc` are answered here with pages that load them from `/docs/assets/` instead, so the
+docs work on a host with no internet and leak nothing to a CDN. Without that package, FastAPI's own pages (CDN)
+answer. On a server set up for a proxy that strips a
+prefix (`--public-url` with a path), the docs load everything from under the prefix; asked for there directly (the
+docs opened on the server itself), Swagger UI's files are served too, and the OpenAPI document without the prefix in
+its `servers`, so "Try it out" calls the API at this server's root.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
 from starlette.staticfiles import StaticFiles
@@ -28,6 +32,7 @@ from automask.server.limits import ASGIApp, Message, Receive, Scope, Send
 NOSNIFF = (b"x-content-type-options", b"nosniff")
 NO_STORE = (b"cache-control", b"no-store")
 DOCS = "/docs"
+REDOC = "/redoc"
 DOCS_ASSETS = "/docs/assets"
 
 
@@ -66,13 +71,20 @@ class EdgeMiddleware:
         await self._route(scope, receive, send_with_headers)
 
     async def _route(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path, method = scope["path"], scope["method"]
         root = scope.get("root_path", "")
-        local = path.removeprefix(root) if root and path.startswith(root) else path
-        if self.assets is None or method not in ("GET", "HEAD"):
+        local, direct = local_path(scope["path"], root)
+        app = scope.get("app")
+        if scope["method"] not in ("GET", "HEAD"):
+            await self.app(scope, receive, send)
+        elif direct and app is not None and local == app.openapi_url:
+            # the docs opened on this server itself (no proxy): their "Try it out" calls the API here, at the root
+            await JSONResponse(app.openapi())(scope, receive, send)
+        elif self.assets is None:
             await self.app(scope, receive, send)
         elif local == DOCS:
             await _docs_page(scope, root)(scope, receive, send)
+        elif local == REDOC:
+            await _redoc_page(scope, root)(scope, receive, send)
         elif local.startswith(DOCS_ASSETS + "/"):
             try:
                 files = {**scope, "path": root + local, "root_path": root + DOCS_ASSETS}  # the path under the root
@@ -82,6 +94,16 @@ class EdgeMiddleware:
                 await JSONResponse({"error": message}, status_code=404)(scope, receive, send)
         else:
             await self.app(scope, receive, send)
+
+
+def local_path(path: str, root: str) -> tuple[str, bool]:
+    """The path `path` names under this server's root (uvicorn's `root_path`, `root`, taken off), and whether the
+    client sent the prefix `root` itself: it asked this server directly, not through the proxy that strips it (the
+    docs at `/docs` on the server itself load their files and OpenAPI document from under the prefix)."""
+    local = path.removeprefix(root) if root and path.startswith(root) else path
+    if root and (local == root or local.startswith(root + "/")):
+        return local.removeprefix(root), True
+    return local, False
 
 
 def _docs_page(scope: Scope, root: str) -> Any:
@@ -96,6 +118,20 @@ def _docs_page(scope: Scope, root: str) -> Any:
         swagger_favicon_url=f"{root}{DOCS_ASSETS}/favicon.png",
         oauth2_redirect_url=getattr(app, "swagger_ui_oauth2_redirect_url", None),
         swagger_ui_parameters=getattr(app, "swagger_ui_parameters", None),
+    )
+    response.headers["cache-control"] = "no-cache"
+    return response
+
+
+def _redoc_page(scope: Scope, root: str) -> Any:
+    """FastAPI's ReDoc page, pointed at this server's copy of ReDoc, without Google's fonts."""
+    app = scope.get("app")
+    response = get_redoc_html(
+        openapi_url=root + (getattr(app, "openapi_url", None) or "/openapi.json"),
+        title=f"{getattr(app, 'title', 'automask')} - ReDoc",
+        redoc_js_url=f"{root}{DOCS_ASSETS}/redoc.standalone.js",
+        redoc_favicon_url=f"{root}{DOCS_ASSETS}/favicon.png",
+        with_google_fonts=False,
     )
     response.headers["cache-control"] = "no-cache"
     return response

@@ -15,7 +15,8 @@ import { choosingModel, chosenModel as chosenOf, fillModels, serverInfo, showMod
 import { applyControls, loadPrefs, readControls, savePrefs, vocabularyProblem } from "./prefs.js";
 import { base64Bytes, dataUriBlob, decodeMask, imagePixels } from "./render.js";
 import { clearResult, currentShow, drawResult, selectedText, setOutputsEnabled, shownMask } from "./results.js";
-import { clearError, formatMs, setBusy, setFacts, setStale, setStatus, showError as sayError } from "./status.js";
+import { actionDone, clearError, formatMs, setBusy, setFacts, setStale, setStatus } from "./status.js";
+import { showActionError, showError as sayError } from "./status.js";
 import { ownerRadius, showTargets, targetMasks } from "./targets.js";
 import { Viewer } from "./viewer.js";
 
@@ -303,8 +304,8 @@ function renderTargets() {
 function guarded(action) {
   return () => {
     if (!state.result) return Promise.resolve();
-    return action().catch((err) => {
-      showError(err instanceof ApiError ? err.message : `That did not work: ${err.message}`);
+    return action().then(actionDone, (err) => {
+      showActionError(err instanceof ApiError ? err.message : `That did not work: ${err.message}`);
     });
   };
 }

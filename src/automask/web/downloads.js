@@ -54,15 +54,29 @@ export function downloads(ctx) {
         ? encodePng(cutoutPixels(px.data, mask), r.width, r.height, 4)
         : encodePng(previewPixels(px.data, mask), r.width, r.height, 3);
     }
+    // The request itself is kept: a second click while it runs (a slow network) waits for it, not for another
+    // charged request. A failed one is forgotten, so the next click asks again.
     r.remote = r.remote || {};
     if (!r.remote[kind]) {
-      ctx.setStatus("Asking the server for it (this page cannot reproduce the pixels of this image exactly)…");
-      const body = { ...ctx.payload(r.opts), return_mask: kind !== "preview", return_alpha: kind === "alpha" };
-      r.remote[kind] = await requestImage(body, { key: ctx.apiKey() });
-      ctx.setStatus("Downloaded.");
-      ctx.refreshCredits();
+      const asked = ask(r, kind);
+      r.remote[kind] = asked;
+      asked.catch(() => {
+        if (r.remote[kind] === asked) delete r.remote[kind];
+      });
     }
     return r.remote[kind];
+  }
+
+  async function ask(r, kind) {
+    ctx.setStatus("Asking the server for it (this page cannot reproduce the pixels of this image exactly)…");
+    const body = { ...ctx.payload(r.opts), return_mask: kind !== "preview", return_alpha: kind === "alpha" };
+    try {
+      const blob = await requestImage(body, { key: ctx.apiKey() });
+      ctx.setStatus("Downloaded.");
+      return blob;
+    } finally {
+      ctx.refreshCredits();
+    }
   }
 
   return {

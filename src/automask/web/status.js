@@ -8,16 +8,35 @@ export function setStatus(text) {
   $("status").textContent = text;
 }
 
+let actionFailed = false; // the error shown is that of an action on the result (showActionError)
+
 // Show an error; when a result is shown (`kept`), it stays visible, greyed.
 export function showError(text, kept) {
-  const box = $("error");
-  box.textContent = text;
-  box.hidden = false;
-  setStatus(kept ? "Failed: the last result is kept below, greyed." : "Failed: see the message below.");
+  sayError(text, kept ? "Failed: the last result is kept below, greyed." : "Failed: see the message below.");
   $("stage").classList.toggle("stale", kept);
 }
 
+// Show the error of an action on the shown result (a download, a copy): the result still holds, so it stays as
+// it is, not greyed; the error goes once such an action works (`actionDone`).
+export function showActionError(text) {
+  sayError(text, "Failed: see the message below. The result shown still holds.");
+  actionFailed = true;
+}
+
+export function actionDone() {
+  if (actionFailed) clearError();
+}
+
+function sayError(text, status) {
+  const box = $("error");
+  box.textContent = text;
+  box.hidden = false;
+  setStatus(status);
+  actionFailed = false;
+}
+
 export function clearError() {
+  actionFailed = false;
   $("error").hidden = true;
   $("error").textContent = "";
   $("stage").classList.toggle("stale", !$("stale-note").hidden);
@@ -34,6 +53,9 @@ export function setStale(text) {
 export function setBusy(job) {
   clearInterval(ticker);
   $("result").setAttribute("aria-busy", String(Boolean(job)));
+  // Cancel pressed with the keyboard (or the request done while it has the focus): the focus goes to the button
+  // beside it, not, with Cancel hidden, to the page's top, losing the user's place.
+  if (!job && document.activeElement === $("cancel")) $("submit").focus();
   $("cancel").hidden = !job;
   $("submit").textContent = job ? "Working… (Enter: ask again)" : "Make mask";
   if (!job) return;
