@@ -110,7 +110,7 @@ def run(
     on_signal: Callable[[], None] | None = None,
 ) -> None:
     """Serve the ASGI `app` on `sockets` (from `listen`) until SIGINT/SIGTERM (see the module docstring; `on_signal`
-    is called at the first); the sockets are closed on return. The app's start-up failing raises
+    is called at each); the sockets are closed on return. The app's start-up failing raises
     `ServiceConfigError` (uvicorn logged why)."""
     config = config_for(app, server, log_level)
     try:
