@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -134,10 +133,12 @@ class LocalDispatcher:
         self._threads = ThreadPoolExecutor(server.workers_for_jobs, thread_name_prefix="automask-job")
         self._running: set[Future[str | None]] = set()
         """The job runs in `_threads` (each until it ends: a stop waits for them)."""
-        self._draining = threading.Event()
-        """Set at a stop signal: no job starts any more (`drain`)."""
-        self._cut = threading.Event()
-        """Set when a stop's time is up: the runs still going stop and put their jobs back in the queue."""
+        self._draining = False
+        """True from a stop signal on: no job starts any more (`drain`)."""
+        self._cut = False
+        """True once a stop's time is up: the runs still going stop and put their jobs back in the queue. Plain
+        flags, not `threading.Event`s: `drain` and `cut` run in a signal handler, which could interrupt an
+        `Event.set` on the same thread and then wait for its lock for ever."""
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -184,14 +185,17 @@ class LocalDispatcher:
             log.warning(
                 "stopping: %d v2 job(s) still running are cut off; they run again after the restart", len(running)
             )
-            self._cut.set()
+            self._cut = True
             await asyncio.wait(running, timeout=CUT_WAIT)
 
     def drain(self) -> None:
-        self._draining.set()
+        self._draining = True
 
     def cut(self) -> None:
-        self._cut.set()
+        self._cut = True
+
+    def _is_cut(self) -> bool:
+        return self._cut
 
     def check(self, model: str | None, targets: Sequence[str] = ()) -> str:
         return self.runner.check(model, targets)
@@ -254,7 +258,7 @@ class LocalDispatcher:
         except AutomaskError as exc:  # e.g. a model this server no longer has
             await asyncio.to_thread(self.jobs.fail, job_id, exc.message)
             return FAILED
-        if self._draining.is_set() or self._cut.is_set():  # stopping: the job stays QUEUED, out of this node's hands
+        if self._draining or self._cut:  # stopping: the job stays QUEUED, out of this node's hands
             return None
         try:
             run = self._threads.submit(
@@ -265,7 +269,7 @@ class LocalDispatcher:
                 self.node,
                 max_attempts=self.server.max_job_attempts,
                 timeout=self.server.timeout,
-                cut=self._cut.is_set,
+                cut=self._is_cut,
             )
             self._running.add(run)
             run.add_done_callback(self._running.discard)
