@@ -1,9 +1,10 @@
-"""automask.install: the staging folder and atomic folder swap every model installer uses."""
+"""automask.staging (and automask.install): the staging folder and atomic folder swap every model installer uses."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import signal
 import stat
 import threading
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from automask import staging as staging_module
 from automask.errors import ModelNotAvailableError
 from automask.staging import partial_note, replace_dir, resumable_staging, staging
 
@@ -28,6 +30,25 @@ def test_replace_dir_swaps_in_the_new_folder_and_removes_the_old(tmp_path: Path)
     assert [p.name for p in dest.parent.iterdir()] == ["m"]
     replace_dir(_folder(tmp_path / "models" / ".m-fresh", "fresh"), tmp_path / "models" / "n")  # nothing to replace
     assert (tmp_path / "models" / "n" / "weights").read_text() == "fresh"
+
+
+def test_ctrl_c_between_the_two_renames_never_leaves_the_model_moved_aside(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A `models pull --force` interrupted after the old model was moved aside, before the new one was renamed in,
+    left no model at all (only a hidden `.m-xxxx.old`). The interrupt now takes effect after both renames."""
+    dest = _folder(tmp_path / "models" / "m", "old")
+    move_aside = staging_module._move_aside
+
+    def interrupted(path: Path) -> Path | None:
+        moved = move_aside(path)
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C right between the renames
+        return moved
+
+    monkeypatch.setattr(staging_module, "_move_aside", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        replace_dir(_folder(tmp_path / "models" / ".m-new", "new"), dest)
+    assert (dest / "weights").read_text() == "new"
 
 
 def test_replace_dir_over_a_symlink_replaces_the_link_not_its_target(tmp_path: Path) -> None:

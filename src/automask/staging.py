@@ -10,6 +10,7 @@ import errno
 import glob
 import os
 import shutil
+import signal
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -176,20 +177,22 @@ def _remove_abandoned(folder: Path) -> None:
 def replace_dir(new: Path, dest: Path) -> None:
     """Rename the complete folder `new` to `dest` (the same file system). Whatever `dest` held (a folder or a
     symlink) is moved aside first and deleted only once `new` is in place; if that rename fails it is put back.
-    Another process installing to `dest` at the same moment is no error: the last rename wins."""
-    for _ in range(_RACE_RETRIES):
-        old = _move_aside(dest)
-        try:
-            os.replace(new, dest)
-        except OSError as exc:
-            if old is not None:
-                os.replace(old, dest)
-            elif exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
-                continue  # another installer's folder landed at `dest` since it was moved aside: again
-            raise
-        break
-    else:
-        raise OSError(errno.EEXIST, f"'{dest}' kept being replaced by another installer")
+    Another process installing to `dest` at the same moment is no error: the last rename wins. Ctrl-C, SIGTERM or
+    SIGHUP during the two renames take effect after them (a model is never left moved aside, hidden)."""
+    with _signals_held():
+        for _ in range(_RACE_RETRIES):
+            old = _move_aside(dest)
+            try:
+                os.replace(new, dest)
+            except OSError as exc:
+                if old is not None:
+                    os.replace(old, dest)
+                elif exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                    continue  # another installer's folder landed at `dest` since it was moved aside: again
+                raise
+            break
+        else:
+            raise OSError(errno.EEXIST, f"'{dest}' kept being replaced by another installer")
     if old is None:
         return
     if old.is_symlink():
@@ -199,6 +202,18 @@ def replace_dir(new: Path, dest: Path) -> None:
 
 
 _RACE_RETRIES = 10
+_HELD = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Hold SIGINT, SIGTERM and SIGHUP back from this thread for the block; one that came meanwhile is delivered
+    (its handler runs: KeyboardInterrupt...) as the block ends."""
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
 def _move_aside(dest: Path) -> Path | None:
