@@ -492,3 +492,13 @@ def test_huggingface_hub_releases_before_0_25_with_their_errors_in_utils(
     rejected.response = SimpleNamespace(status_code=401)  # type: ignore[attr-defined]
     message = install.download_failure("clipseg", "x/y", settings.models_dir, rejected)
     assert "rejected the Hugging Face token" in message
+
+
+def test_a_pulled_model_left_moved_aside_by_a_killed_pull_resolves_again(settings: Settings) -> None:
+    """A `models pull --force` killed (SIGKILL) between the two renames of its swap left the installed model hidden
+    as `.NAME-xxxx.old`: resolve and `models list` said it was not installed. The next look puts it back."""
+    hidden = settings.models_dir / ".clipseg-0123abcd.old"
+    hidden.mkdir(parents=True)
+    (hidden / models.MARKER).write_text(json.dumps({"name": "clipseg", "backend": "clipseg", "repos": []}))
+    assert models.resolve("clipseg", settings).path == settings.models_dir / "clipseg"
+    assert _info(settings, "clipseg").installed and not hidden.exists()

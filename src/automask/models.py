@@ -63,7 +63,9 @@ def name_of(folder: Path) -> str:
 
 
 def is_installed(name: str, settings: Settings) -> bool:
-    """True when the named model has been pulled into the data folder."""
+    """True when the named model has been pulled into the data folder (put back first if a killed installer left
+    it moved aside: `staging.recover`)."""
+    staging.recover(model_dir(name, settings))
     return (model_dir(name, settings) / MARKER).is_file()
 
 

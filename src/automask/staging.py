@@ -95,6 +95,7 @@ def tidy(folder: Path) -> None:
     folders, and `resumable_staging`'s lock file, with its folder when that holds no downloaded byte. Nothing
     while an installer is running, nor when the models folder cannot be written."""
     tmp = folder.parent / f".{folder.name}.partial"
+    recover(folder)
     with contextlib.suppress(OSError):
         _remove_abandoned(folder)
         if not _lock_file(tmp).exists():
@@ -105,6 +106,47 @@ def tidy(folder: Path) -> None:
         if not _downloaded(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
         _unlock(_lock_file(tmp), fd)
+
+
+def recover(folder: Path) -> None:
+    """Put back the model that an installer killed inside `replace_dir` (SIGKILL, a power cut) left moved aside:
+    the newest `.NAME-xxxx.old` beside `folder` is renamed to `folder` when that is missing, and the others (all,
+    when `folder` is there) are removed. Nothing while an installer of `folder` holds its lock (its `replace_dir`
+    may be between its renames), nor where locks cannot tell (Windows) or the models folder cannot be written."""
+    with contextlib.suppress(OSError):
+        olds = sorted(folder.parent.glob(_unique(folder, ".old")), key=lambda p: p.lstat().st_ctime_ns)
+        if not olds:
+            return
+        hub = _lock_file(folder.parent / f".{folder.name}.partial")
+        fd = _lock(hub, wait=False)
+        if fd is None or fd < 0:
+            return
+        try:
+            if any(_held(lock) for lock in folder.parent.glob(_unique(folder, ".partial.lock"))):
+                return
+            if not os.path.lexists(folder):
+                os.rename(olds.pop(), folder)
+            for old in olds:
+                if old.is_symlink():
+                    old.unlink()
+                else:
+                    shutil.rmtree(old, ignore_errors=True)
+        finally:
+            _unlock(hub, fd)
+
+
+def _unique(folder: Path, suffix: str) -> str:
+    """The glob pattern of the names `_move_aside` and `staging` give beside `folder`: `.NAME-xxxxxxxx` + `suffix`
+    (not `.NAME-more-xxxxxxxx`: another model's)."""
+    return f".{glob.escape(folder.name)}-{'[0-9a-f]' * 8}{suffix}"
+
+
+def _held(path: Path) -> bool:
+    """True when a live process holds the lock of lock file `path`."""
+    fd = _lock(path, wait=False)
+    if fd is not None and fd >= 0:
+        os.close(fd)
+    return fd is None
 
 
 def _downloaded(tmp: Path) -> int:
