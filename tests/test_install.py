@@ -52,6 +52,37 @@ def test_ctrl_c_between_the_two_renames_never_leaves_the_model_moved_aside(
     assert (dest / "weights").read_text() == "new"
 
 
+def test_ctrl_c_received_by_another_thread_still_waits_for_the_two_renames(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The kernel gives a process's SIGINT to any thread not blocking it (a pull has the hub's and tqdm's threads):
+    blocking it in the installing thread only did not stop Python running the handler between the renames."""
+    dest = _folder(tmp_path / "models" / "m", "old")
+    move_aside = staging_module._move_aside
+
+    go, sent = threading.Event(), threading.Event()
+
+    def send() -> None:  # started before replace_dir: a thread starts with its creator's blocked signals
+        go.wait()
+        signal.pthread_kill(threading.get_ident(), signal.SIGINT)
+        sent.set()
+
+    def interrupted(path: Path) -> Path | None:
+        moved = move_aside(path)
+        go.set()
+        sent.wait()
+        return moved
+
+    other = threading.Thread(target=send)
+    other.start()
+
+    monkeypatch.setattr(staging_module, "_move_aside", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        replace_dir(_folder(tmp_path / "models" / ".m-new", "new"), dest)
+    other.join()
+    assert (dest / "weights").read_text() == "new"
+
+
 def test_replace_dir_over_a_symlink_replaces_the_link_not_its_target(tmp_path: Path) -> None:
     shared = _folder(tmp_path / "shared", "shared")
     dest = tmp_path / "models" / "m"

@@ -11,9 +11,11 @@ import glob
 import os
 import shutil
 import signal
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from automask.errors import ModelNotAvailableError
 
@@ -249,13 +251,23 @@ _HELD = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
 
 @contextlib.contextmanager
 def _signals_held() -> Iterator[None]:
-    """Hold SIGINT, SIGTERM and SIGHUP back from this thread for the block; one that came meanwhile is delivered
-    (its handler runs: KeyboardInterrupt...) as the block ends."""
-    before = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD)
+    """Hold SIGINT, SIGTERM and SIGHUP back for the block; one that came meanwhile is delivered (its handler runs:
+    KeyboardInterrupt...) as the block ends. In the main thread their Python handlers are swapped for one that only
+    notes the signal: the kernel may give it to any other thread (the hub's, tqdm's), and Python then runs the
+    handler in the main thread whatever this thread blocks."""
+    came: list[int] = []
+    before: dict[signal.Signals, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        before = {s: signal.signal(s, lambda signum, _frame: came.append(signum)) for s in _HELD}
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD)
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        for sig, handler in before.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+        for signum in came:
+            signal.raise_signal(signum)
 
 
 def _move_aside(dest: Path) -> Path | None:
