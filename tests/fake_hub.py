@@ -153,3 +153,4 @@ def stub_hub(monkeypatch: pytest.MonkeyPatch, download: Callable[..., str]) -> N
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
     monkeypatch.setattr(install, "fetch_weights", lambda *args: None)
+    monkeypatch.setattr(install, "plan_weights", lambda *args: [])

@@ -7,6 +7,7 @@ import shutil
 import signal
 import stat
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,37 @@ def test_ctrl_c_between_the_two_renames_never_leaves_the_model_moved_aside(
     monkeypatch.setattr(staging_module, "_move_aside", interrupted)
     with pytest.raises(KeyboardInterrupt):
         replace_dir(_folder(tmp_path / "models" / ".m-new", "new"), dest)
+    assert (dest / "weights").read_text() == "new"
+
+
+def test_ctrl_c_received_by_another_thread_still_waits_for_the_two_renames(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The kernel gives a process's SIGINT to any thread not blocking it (a pull has the hub's and tqdm's threads):
+    blocking it in the installing thread only did not stop Python running the handler between the renames."""
+    dest = _folder(tmp_path / "models" / "m", "old")
+    move_aside = staging_module._move_aside
+
+    go, sent = threading.Event(), threading.Event()
+
+    def send() -> None:  # started before replace_dir: a thread starts with its creator's blocked signals
+        go.wait()
+        signal.pthread_kill(threading.get_ident(), signal.SIGINT)
+        sent.set()
+
+    def interrupted(path: Path) -> Path | None:
+        moved = move_aside(path)
+        go.set()
+        sent.wait()
+        return moved
+
+    other = threading.Thread(target=send)
+    other.start()
+
+    monkeypatch.setattr(staging_module, "_move_aside", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        replace_dir(_folder(tmp_path / "models" / ".m-new", "new"), dest)
+    other.join()
     assert (dest / "weights").read_text() == "new"
 
 
@@ -200,3 +232,35 @@ def test_resumable_staging_lets_one_installer_in_at_a_time(tmp_path: Path) -> No
     thread.join(10)
     assert order == ["second waits", "first out", "second in"]  # it said why nothing happened
     assert list(target.parent.iterdir()) == []
+
+
+def test_a_model_left_moved_aside_by_a_killed_replace_dir_is_put_back_at_the_next_look(tmp_path: Path) -> None:
+    """SIGKILL (or a power cut) inside `replace_dir`, after the old model was moved aside and before the new one
+    was renamed in, left the model hidden as `.m-xxxx.old` and nothing at `m`, for ever. The next look at the
+    models folder puts the newest one back; older ones, and all once `m` is there, are removed."""
+    models = tmp_path / "models"
+    _folder(models / ".m-0000000a.old", "older")
+    time.sleep(0.05)
+    _folder(models / ".m-0000000b.old", "newest")
+    _folder(models / ".m-more-0000000c.old", "another model's")
+    staging_module.tidy(models / "m")
+    assert (models / "m" / "weights").read_text() == "newest"
+    assert sorted(p.name for p in models.iterdir()) == [".m-more-0000000c.old", "m"]
+    _folder(models / ".m-0000000d.old", "killed while deleting it")
+    staging_module.tidy(models / "m")
+    assert (models / "m" / "weights").read_text() == "newest"
+    assert sorted(p.name for p in models.iterdir()) == [".m-more-0000000c.old", "m"]
+
+
+def test_a_model_moved_aside_is_left_alone_while_an_installer_holds_its_lock(tmp_path: Path) -> None:
+    """An installer between the two renames of its `replace_dir` holds its lock: what it moved aside stays."""
+    models = tmp_path / "models"
+    _folder(models / ".m-0000000a.old", "old")
+    with resumable_staging(models / "m"):
+        staging_module.tidy(models / "m")
+        assert not (models / "m").exists()
+    with staging(models / "m"):
+        staging_module.recover(models / "m")
+        assert not (models / "m").exists()
+    staging_module.recover(models / "m")
+    assert (models / "m" / "weights").read_text() == "old"

@@ -45,6 +45,7 @@ def online(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", _no_network)
     monkeypatch.setattr(install, "fetch_weights", lambda *args: None)
+    monkeypatch.setattr(install, "plan_weights", lambda *args: [])
 
 
 class FakeHub:
@@ -492,3 +493,22 @@ def test_huggingface_hub_releases_before_0_25_with_their_errors_in_utils(
     rejected.response = SimpleNamespace(status_code=401)  # type: ignore[attr-defined]
     message = install.download_failure("clipseg", "x/y", settings.models_dir, rejected)
     assert "rejected the Hugging Face token" in message
+
+
+def test_a_pulled_model_left_moved_aside_by_a_killed_pull_resolves_again(settings: Settings) -> None:
+    """A `models pull --force` killed (SIGKILL) between the two renames of its swap left the installed model hidden
+    as `.NAME-xxxx.old`: resolve and `models list` said it was not installed. The next look puts it back."""
+    hidden = settings.models_dir / ".clipseg-0123abcd.old"
+    hidden.mkdir(parents=True)
+    (hidden / models.MARKER).write_text(json.dumps({"name": "clipseg", "backend": "clipseg", "repos": []}))
+    assert models.resolve("clipseg", settings).path == settings.models_dir / "clipseg"
+    assert _info(settings, "clipseg").installed and not hidden.exists()
+
+
+def test_a_full_disk_while_downloading_one_part_of_a_model_names_the_models_folder(settings: Settings) -> None:
+    """A multi-repository model downloads each part into a subfolder of its staging folder: a full disk named that
+    hidden `.grounded-sam.partial` folder instead of the models folder the user can move (AUTOMASK_DATA_DIR)."""
+    part = settings.models_dir / ".grounded-sam.partial" / "facebook--sam-vit-base"
+    full = OSError(errno.ENOSPC, "No space left on device")
+    message = install.download_failure("grounded-sam", "facebook/sam-vit-base", part, full)
+    assert f"The disk holding '{settings.models_dir}' is full" in message

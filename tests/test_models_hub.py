@@ -315,3 +315,21 @@ def test_a_pull_copying_from_the_hf_cache_on_another_disk_checks_its_room_first(
         assert list((data / "models").iterdir()) == []
     finally:
         shutil.rmtree(data)
+
+
+def test_a_model_of_two_repositories_checks_the_room_for_both_before_downloading(
+    tmp_path: Path, tiny_clipseg_dir: Path
+) -> None:
+    """grounded-sam (detector + SAM) checked the free space one repository at a time: with room for one only, the
+    first was downloaded before the second found no room; and the message named the hidden staging folder
+    `.grounded-sam.partial`, not the models folder."""
+    repos = {"IDEA-Research/grounding-dino-tiny": tiny_clipseg_dir, "facebook/sam-vit-base": tiny_clipseg_dir}
+    weights = (tiny_clipseg_dir / "model.safetensors").stat().st_size
+    with fake_hub(repos) as server:
+        env = _with_free_space(tmp_path, _env(tmp_path, server), weights + 1000)  # room for one repository's
+        proc = run(["models", "pull", "grounded-sam"], env)
+    models = tmp_path / "data" / "models"
+    assert proc.returncode == 4, proc.stderr
+    assert f"it needs {2 * weights / 1e6:.1f} MB more on the disk holding '{models}'" in proc.stderr
+    assert not [r for r in server.requests if r.startswith("GET") and "model.safetensors" in r], server.requests
+    assert not (models / "grounded-sam").exists()

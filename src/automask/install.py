@@ -16,6 +16,7 @@ import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from automask.errors import ModelNotAvailableError
 
@@ -76,15 +77,39 @@ def copy_snapshot(name: str, repo: str, snapshot: Path, dest: Path, files: tuple
     shutil.rmtree(dest / ".cache", ignore_errors=True)  # what an earlier, failed download of it had kept
 
 
-def download_repo(name: str, repo: str, dest: Path, files: tuple[str, ...], progress: bool) -> None:
+Todo = list[tuple[str, Any, Path]]
+"""The weight files `fetch_weights` downloads: name in the repository, the hub's metadata, the partial file."""
+
+
+def plan_model(name: str, parts: dict[str, Path], files: tuple[str, ...]) -> dict[str, Todo]:
+    """The weight files of each hub repository of catalogue model `name` (repository -> its folder in the staging
+    folder) still to download (`plan_weights`), once the disk is found to have room for all of them together.
+    `ModelNotAvailableError` when it has not, or the hub fails."""
+    errors: tuple[type[BaseException], ...] = (OSError, ConnectionError, TimeoutError, *hub_errors())
+    plans: dict[str, Todo] = {}
+    for repo, dest in parts.items():
+        try:
+            dest.mkdir(parents=True, exist_ok=True)
+            plans[repo] = plan_weights(repo, dest, files)
+            if len(plans) == len(parts):
+                check_room(dest, sum(_needed(todo) for todo in plans.values()))
+        except errors as exc:
+            raise ModelNotAvailableError(download_failure(name, repo, dest, exc)) from exc
+    return plans
+
+
+def download_repo(
+    name: str, repo: str, dest: Path, files: tuple[str, ...], progress: bool, todo: Todo | None = None
+) -> None:
     """Download the `files` of hub repository `repo` into folder `dest` (safetensors, else .bin weights), for
-    catalogue model `name`. `ModelNotAvailableError` when the hub fails or the repository has no weights."""
+    catalogue model `name` (`todo`: its weights, planned by `plan_model`). `ModelNotAvailableError` when the hub
+    fails or the repository has no weights."""
     from huggingface_hub import snapshot_download
 
     errors: tuple[type[BaseException], ...] = (OSError, ConnectionError, TimeoutError, *hub_errors())
     try:
         with progress_bars(progress):
-            fetch_weights(repo, dest, files)
+            fetch_weights(repo, dest, files, todo)
             snapshot_download(repo, local_dir=dest, allow_patterns=list(files))
             if "*.safetensors" in files and not any(dest.glob("*.safetensors")):
                 fetch_weights(repo, dest, FALLBACK_WEIGHTS)
@@ -97,16 +122,42 @@ def download_repo(name: str, repo: str, dest: Path, files: tuple[str, ...], prog
         raise ModelNotAvailableError(f"The hub repository {repo} holds no model weights automask can load.")
 
 
-def fetch_weights(repo: str, dest: Path, files: tuple[str, ...]) -> None:
+def fetch_weights(repo: str, dest: Path, files: tuple[str, ...], todo: Todo | None = None) -> None:
     """Download the weight files (safetensors, .bin) of hub repository `repo` among `files` (patterns) into folder
     `dest`, each resuming what an earlier, interrupted download left in `dest / RESUME` (huggingface_hub's
     `http_get` asks for the rest with an HTTP Range header). `snapshot_download`, run next, checks each against the
     hub's sha256 and fetches the other files: recent huggingface_hub releases delete a file cut off midway, so a
-    retry of a 3.4 GB download would start again from zero. Files already in `dest`, and files the hub gives no
-    sha256 for (not LFS: small), are left to `snapshot_download`."""
-    from huggingface_hub import HfApi, get_hf_file_metadata, hf_hub_url
+    retry of a 3.4 GB download would start again from zero. `todo`: `plan_weights`'s answer, its room checked
+    (else both are done here)."""
     from huggingface_hub.file_download import http_get
-    from huggingface_hub.utils import build_hf_headers, filter_repo_objects
+    from huggingface_hub.utils import build_hf_headers
+
+    if todo is None:
+        todo = plan_weights(repo, dest, files)
+        if todo:
+            check_room(dest, _needed(todo))
+    for filename, meta, partial in todo:
+        with partial.open("ab") as f:
+            if meta.size is None or f.tell() < meta.size:  # all there: no request (a Range at its end is refused)
+                http_get(
+                    meta.location,
+                    f,
+                    resume_size=f.tell(),
+                    headers=build_hf_headers(),
+                    expected_size=meta.size,
+                    displayed_filename=filename,
+                )
+        final = dest / filename
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(partial, final)
+
+
+def plan_weights(repo: str, dest: Path, files: tuple[str, ...]) -> Todo:
+    """The weight files of hub repository `repo` among `files` that `fetch_weights` downloads into `dest`: files
+    already in `dest`, and files the hub gives no sha256 for (not LFS: small), are left to `snapshot_download`.
+    Kept partials of an older version of a file, or longer than it (damaged), are deleted."""
+    from huggingface_hub import HfApi, get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.utils import filter_repo_objects
 
     weights = [p for p in files if p.endswith((".safetensors", ".bin"))]
     todo = []
@@ -125,23 +176,12 @@ def fetch_weights(repo: str, dest: Path, files: tuple[str, ...]) -> None:
         if meta.size is not None and partial.is_file() and partial.stat().st_size > meta.size:
             partial.unlink()  # longer than the file: damaged (the hub refuses a Range past its end), start again
         todo.append((filename, meta, partial))
-    if todo:
-        needed = sum(max((m.size or 0) - (p.stat().st_size if p.is_file() else 0), 0) for _, m, p in todo)
-        check_room(todo[0][2].parent, needed)
-    for filename, meta, partial in todo:
-        with partial.open("ab") as f:
-            if meta.size is None or f.tell() < meta.size:  # all there: no request (a Range at its end is refused)
-                http_get(
-                    meta.location,
-                    f,
-                    resume_size=f.tell(),
-                    headers=build_hf_headers(),
-                    expected_size=meta.size,
-                    displayed_filename=filename,
-                )
-        final = dest / filename
-        final.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(partial, final)
+    return todo
+
+
+def _needed(todo: Todo) -> int:
+    """Bytes still to download of `todo` (what its partial files hold is there already)."""
+    return sum(max((m.size or 0) - (p.stat().st_size if p.is_file() else 0), 0) for _, m, p in todo)
 
 
 class NoRoomError(OSError):
@@ -176,6 +216,7 @@ def download_failure(name: str, repo: str, dest: Path, exc: BaseException) -> st
     """The error for catalogue model `name` whose repository `repo` could not be downloaded into `dest` (`exc`),
     naming the fix for the cause: a rejected token, a full disk, else the network."""
     what = f"downloading {repo} failed: {_short(exc)}"
+    models = next(p for p in dest.parents if not p.name.endswith(".partial"))  # not the staging folder
     status = getattr(getattr(exc, "response", None), "status_code", None)
     if status == 401 and not isinstance(exc, hub_error("RepositoryNotFoundError")):  # the hub's answer to a bad token
         return (
@@ -187,12 +228,12 @@ def download_failure(name: str, repo: str, dest: Path, exc: BaseException) -> st
     if isinstance(exc, NoRoomError):
         return (
             f"Cannot download the model '{name}': it needs {_size(exc.needed)} more on the disk holding "
-            f"'{dest.parent}' (mounted at '{_mount(exc.folder)}'), which has {_size(exc.free)} free. Free some "
+            f"'{models}' (mounted at '{_mount(exc.folder)}'), which has {_size(exc.free)} free. Free some "
             f"space, or point AUTOMASK_DATA_DIR at a disk with room, then run again: automask models pull {name}."
         )
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return (
-            f"Cannot download the model '{name}': {what}. The disk holding '{dest.parent}' is full: free some "
+            f"Cannot download the model '{name}': {what}. The disk holding '{models}' is full: free some "
             f"space, or point AUTOMASK_DATA_DIR at a disk with room, then run again: automask models pull {name}."
         )
     return offline_message(name, what)

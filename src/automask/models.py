@@ -6,10 +6,11 @@ A model is either a name from the catalogue (installed under `<data_dir>/models/
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,7 +64,9 @@ def name_of(folder: Path) -> str:
 
 
 def is_installed(name: str, settings: Settings) -> bool:
-    """True when the named model has been pulled into the data folder."""
+    """True when the named model has been pulled into the data folder (put back first if a killed installer left
+    it moved aside: `staging.recover`)."""
+    staging.recover(model_dir(name, settings))
     return (model_dir(name, settings) / MARKER).is_file()
 
 
@@ -265,9 +268,11 @@ def pull(name: str, settings: Settings, *, progress: bool = True, force: bool = 
         ) as tmp:
             if is_installed(name, settings) and not force:  # another pull installed it while this one waited
                 return target
-            for repo in spec.repos:
-                dest = tmp if len(spec.repos) == 1 else tmp / repo_folder(repo)
-                _fetch(spec, repo, dest, cached.get(repo), progress)
+            parts = {repo: tmp if len(spec.repos) == 1 else tmp / repo_folder(repo) for repo in spec.repos}
+            with _gated(spec):  # room for the whole model is checked before its first download
+                todo = install.plan_model(name, {r: d for r, d in parts.items() if r not in cached}, spec.files)
+            for repo, dest in parts.items():
+                _fetch(spec, repo, dest, cached.get(repo), progress, todo.get(repo))
             marker = {"name": spec.name, "backend": spec.backend, "repos": list(spec.repos)}
             (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
             staging.replace_dir(tmp, target)
@@ -283,16 +288,26 @@ def _say(message: str, progress: bool) -> Callable[[], None] | None:
     return (lambda: print(message, file=sys.stderr)) if progress else None
 
 
-def _fetch(spec: ModelSpec, repo: str, dest: Path, cached: Path | None, progress: bool) -> None:
+def _fetch(
+    spec: ModelSpec, repo: str, dest: Path, cached: Path | None, progress: bool, todo: install.Todo | None
+) -> None:
     """Put hub repository `repo` of catalogue model `spec` into `dest`: from its complete Hugging Face cache folder
-    `cached` when there is one (saying so when `progress`), else downloaded (see `install.download_repo`)."""
+    `cached` when there is one (saying so when `progress`), else downloaded (see `install.download_repo`; `todo`:
+    its weights to download, from `install.plan_model`)."""
     if cached is not None:
         install.copy_snapshot(spec.name, repo, cached, dest, spec.files)
         if progress:
             print(f"{repo}: complete in the Hugging Face cache, taken from {cached} (no download)", file=sys.stderr)
         return
+    with _gated(spec):
+        install.download_repo(spec.name, repo, dest, spec.files, progress, todo)
+
+
+@contextlib.contextmanager
+def _gated(spec: ModelSpec) -> Iterator[None]:
+    """Turn the hub's refusal of a gated model's repository to this token into the message with the steps."""
     try:
-        install.download_repo(spec.name, repo, dest, spec.files, progress)
+        yield
     except ModelNotAvailableError as exc:
         if spec.gated and _is_gated_error(exc.__cause__):
             raise ModelNotAvailableError(gated_message(spec, "this token has no access to it yet")) from exc

@@ -11,9 +11,11 @@ import glob
 import os
 import shutil
 import signal
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from automask.errors import ModelNotAvailableError
 
@@ -95,6 +97,7 @@ def tidy(folder: Path) -> None:
     folders, and `resumable_staging`'s lock file, with its folder when that holds no downloaded byte. Nothing
     while an installer is running, nor when the models folder cannot be written."""
     tmp = folder.parent / f".{folder.name}.partial"
+    recover(folder)
     with contextlib.suppress(OSError):
         _remove_abandoned(folder)
         if not _lock_file(tmp).exists():
@@ -105,6 +108,47 @@ def tidy(folder: Path) -> None:
         if not _downloaded(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
         _unlock(_lock_file(tmp), fd)
+
+
+def recover(folder: Path) -> None:
+    """Put back the model that an installer killed inside `replace_dir` (SIGKILL, a power cut) left moved aside:
+    the newest `.NAME-xxxx.old` beside `folder` is renamed to `folder` when that is missing, and the others (all,
+    when `folder` is there) are removed. Nothing while an installer of `folder` holds its lock (its `replace_dir`
+    may be between its renames), nor where locks cannot tell (Windows) or the models folder cannot be written."""
+    with contextlib.suppress(OSError):
+        olds = sorted(folder.parent.glob(_unique(folder, ".old")), key=lambda p: p.lstat().st_ctime_ns)
+        if not olds:
+            return
+        hub = _lock_file(folder.parent / f".{folder.name}.partial")
+        fd = _lock(hub, wait=False)
+        if fd is None or fd < 0:
+            return
+        try:
+            if any(_held(lock) for lock in folder.parent.glob(_unique(folder, ".partial.lock"))):
+                return
+            if not os.path.lexists(folder):
+                os.rename(olds.pop(), folder)
+            for old in olds:
+                if old.is_symlink():
+                    old.unlink()
+                else:
+                    shutil.rmtree(old, ignore_errors=True)
+        finally:
+            _unlock(hub, fd)
+
+
+def _unique(folder: Path, suffix: str) -> str:
+    """The glob pattern of the names `_move_aside` and `staging` give beside `folder`: `.NAME-xxxxxxxx` + `suffix`
+    (not `.NAME-more-xxxxxxxx`: another model's)."""
+    return f".{glob.escape(folder.name)}-{'[0-9a-f]' * 8}{suffix}"
+
+
+def _held(path: Path) -> bool:
+    """True when a live process holds the lock of lock file `path`."""
+    fd = _lock(path, wait=False)
+    if fd is not None and fd >= 0:
+        os.close(fd)
+    return fd is None
 
 
 def _downloaded(tmp: Path) -> int:
@@ -207,13 +251,23 @@ _HELD = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
 
 @contextlib.contextmanager
 def _signals_held() -> Iterator[None]:
-    """Hold SIGINT, SIGTERM and SIGHUP back from this thread for the block; one that came meanwhile is delivered
-    (its handler runs: KeyboardInterrupt...) as the block ends."""
-    before = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD)
+    """Hold SIGINT, SIGTERM and SIGHUP back for the block; one that came meanwhile is delivered (its handler runs:
+    KeyboardInterrupt...) as the block ends. In the main thread their Python handlers are swapped for one that only
+    notes the signal: the kernel may give it to any other thread (the hub's, tqdm's), and Python then runs the
+    handler in the main thread whatever this thread blocks."""
+    came: list[int] = []
+    before: dict[signal.Signals, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        before = {s: signal.signal(s, lambda signum, _frame: came.append(signum)) for s in _HELD}
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD)
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        for sig, handler in before.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+        for signum in came:
+            signal.raise_signal(signum)
 
 
 def _move_aside(dest: Path) -> Path | None:
