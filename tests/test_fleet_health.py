@@ -205,6 +205,44 @@ def test_a_v1_run_asks_a_frozen_redis_for_its_cancel_flag_once(tmp_path: Path, m
             api.close()
 
 
+def test_a_request_whose_rate_limit_redis_freezes_is_refused_in_seconds_uncharged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before: the shared rate limiter's Redis client had no socket timeout of its own, so with Redis frozen
+    (SIGSTOP) every request of a key with a rate limit hung until its client gave up (redis-py before 8; 8 waits its
+    own default, 5 s). Now it is refused 503 within about `REDIS_TIMEOUT` (once: the first Redis error ends the
+    request), charged nothing, and served once Redis answers."""
+    from automask.server import keys as keystore
+    from automask.server import limits
+
+    monkeypatch.setattr(limits, "REDIS_TIMEOUT", 1.0)
+    with redis_server() as rd:
+        settings = Settings(data_dir=tmp_path / "data", redis_url=rd.url)
+        app = create_app(settings, ServerSettings(), MaskGenerator(FakeBackend(), settings))
+        store = Store.in_data_dir(settings.data_dir)
+        key, token = keystore.create_key(store, rate_limit=5, credits=2)
+        body = {"image": base64.b64encode(png_bytes(np.zeros((8, 8, 3), np.uint8))).decode(), "prompt": "s"}
+        with LiveServer(app) as live:
+
+            def post() -> httpx.Response:
+                headers = {"x-api-key": token}
+                return httpx.post(live.url + "/v1/automatic-mask-generator", json=body, headers=headers, timeout=15)
+
+            assert post().status_code == 200  # connected while Redis answered
+            os.kill(rd._main_pid(), signal.SIGSTOP)
+            try:
+                started = time.monotonic()
+                refused = post()
+                took = time.monotonic() - started
+            finally:
+                os.kill(rd._main_pid(), signal.SIGCONT)
+            assert refused.status_code == 503 and "shared state is unreachable" in refused.json()["error"]
+            assert took < 4  # before: no answer (the client's 15 s timeout), or redis-py 8's 5 s
+            assert keystore.get_key(store, key.id).credits == 1  # type: ignore[union-attr]
+            assert post().status_code == 200  # the same client: Redis answers again
+        store.close()
+
+
 def test_a_database_ping_that_raises_is_not_ready_not_an_error(tmp_path: Path) -> None:
     """A ping failing with something other than SQLAlchemy's errors (a driver's own, a server message it cannot
     decode): /readyz says the database does not answer (503), for every probe sharing it. Before: the exception

@@ -29,6 +29,7 @@ from automask.server.config import ServerSettings
 from automask.server.deployment import FLEET
 from automask.server.errors import ApiError
 from automask.server.execute import Outcome
+from automask.server.limits import REDIS_TIMEOUT
 from automask.server.runner import default_name, inference_timeout
 from automask.server.schemas import MaskRequest
 from automask.server.served import ModelEntry, answering, naming_alternatives, unknown_model
@@ -41,8 +42,6 @@ TIME_LIMIT_MARGIN = 30.0
 """Seconds a task may run past the request timeout before Celery kills it (a hung model, a poison input)."""
 V1_TTL_MARGIN = 60.0
 """Seconds the v1 hand-off keys outlive the request timeout in Redis."""
-REDIS_TIMEOUT = 5.0
-"""Seconds a v1 hand-off's write to Redis (and its connect) may take before the request is answered 503."""
 NODES_CACHE_SECONDS = 1.0
 DELIVERY_LIMIT = 20
 """Deliveries of one message before RabbitMQ drops it (`x-delivery-limit`, RabbitMQ 4's default): a safety net
