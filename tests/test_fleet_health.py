@@ -11,11 +11,13 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
 import pytest
 
+from automask.backends.base import Scores
 from automask.pipeline import MaskGenerator
 from automask.server import nodes
 from automask.server.app import create_app
@@ -134,6 +136,111 @@ def test_a_worker_whose_redis_freezes_fails_the_v1_task_in_seconds_and_takes_the
             proc.heartbeat.stop()
             proc.jobs.store.close()
             api.close()
+
+
+def test_a_v1_run_asks_a_frozen_redis_for_its_cancel_flag_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before: a v1 run asked Redis for its cancel flag every `INSIDE_EVERY` (0.5 s) from inside its model stage,
+    and each asking of a frozen Redis cost `REDIS_TIMEOUT`: a 2 s run took ten times longer and hit its own time
+    limit. Now the first failed asking is the last: the run goes on at its own pace."""
+    import redis
+
+    from automask.server import fleet, worker
+    from automask.server.runner import default_name
+    from automask.server.schemas import MaskRequest
+    from automask.stopping import stop_inside
+
+    monkeypatch.setattr(fleet, "REDIS_TIMEOUT", 1.0)
+    with redis_server() as rd:
+        url = f"sqlite:///{tmp_path / 'fleet.db'}"
+        settings = Settings(data_dir=tmp_path / "data", database_url=url, broker_url=FLEET_BROKER, redis_url=rd.url)
+        Store.from_settings(settings).close()  # the schema, as `automask db migrate` gives it
+        frozen = threading.Event()
+
+        class FreezingBackend(FakeBackend):
+            """Freezes Redis once the run has its request, then works 2 s, asking its stop check as a model does."""
+
+            def score(self, features: Any, prompts: list[str], *, min_score: float = 0.0) -> Scores:
+                if not frozen.is_set():
+                    os.kill(rd._main_pid(), signal.SIGSTOP)
+                    frozen.set()
+                for _ in range(20):
+                    time.sleep(0.1)
+                    stop_inside()
+                return super().score(features, prompts, min_score=min_score)
+
+        def generator() -> MaskGenerator:
+            return MaskGenerator(FreezingBackend(), settings)
+
+        name = default_name(settings, generator())
+        server = ServerSettings(timeout=8)
+        monkeypatch.setattr(worker, "_WORKER", worker._Worker(settings, server, name, name, generator))
+        proc = worker._process()
+        asked: list[bool] = []  # one per asking while Redis is frozen
+        exists = proc.redis.exists
+
+        def counted(*keys: str) -> int:
+            asked.append(frozen.is_set())
+            return int(exists(*keys))
+
+        monkeypatch.setattr(proc.redis, "exists", counted)
+        api = redis.Redis.from_url(rd.url)  # what an API node writes (`CeleryDispatcher.run_v1`)
+        body, _ = MaskRequest(
+            image=base64.b64encode(png_bytes(np.zeros((8, 8, 3), np.uint8))).decode(), prompt="s"
+        ).stored()
+        api.set(fleet.v1_keys("r")["request"], body, ex=120)
+        try:
+            started = time.monotonic()
+            run = threading.Thread(target=worker.v1_task, args=(None, "r", name, proc.jobs.store.now() + 60, "r"))
+            run.start()
+            run.join(timeout=30)
+            took = time.monotonic() - started
+            assert not run.is_alive()
+            assert frozen.is_set()
+            assert asked.count(True) == 1  # before: one per 1.1 s of the run, until its time limit
+            assert took < 6.5  # 2 s of work, one asking and the outcome's push (a second each); before: past 8
+        finally:
+            os.kill(rd._main_pid(), signal.SIGCONT)
+            proc.heartbeat.stop()
+            proc.jobs.store.close()
+            api.close()
+
+
+def test_a_request_whose_rate_limit_redis_freezes_is_refused_in_seconds_uncharged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before: the shared rate limiter's Redis client had no socket timeout of its own, so with Redis frozen
+    (SIGSTOP) every request of a key with a rate limit hung until its client gave up (redis-py before 8; 8 waits its
+    own default, 5 s). Now it is refused 503 within about `REDIS_TIMEOUT` (once: the first Redis error ends the
+    request), charged nothing, and served once Redis answers."""
+    from automask.server import keys as keystore
+    from automask.server import limits
+
+    monkeypatch.setattr(limits, "REDIS_TIMEOUT", 1.0)
+    with redis_server() as rd:
+        settings = Settings(data_dir=tmp_path / "data", redis_url=rd.url)
+        app = create_app(settings, ServerSettings(), MaskGenerator(FakeBackend(), settings))
+        store = Store.in_data_dir(settings.data_dir)
+        key, token = keystore.create_key(store, rate_limit=5, credits=2)
+        body = {"image": base64.b64encode(png_bytes(np.zeros((8, 8, 3), np.uint8))).decode(), "prompt": "s"}
+        with LiveServer(app) as live:
+
+            def post() -> httpx.Response:
+                headers = {"x-api-key": token}
+                return httpx.post(live.url + "/v1/automatic-mask-generator", json=body, headers=headers, timeout=15)
+
+            assert post().status_code == 200  # connected while Redis answered
+            os.kill(rd._main_pid(), signal.SIGSTOP)
+            try:
+                started = time.monotonic()
+                refused = post()
+                took = time.monotonic() - started
+            finally:
+                os.kill(rd._main_pid(), signal.SIGCONT)
+            assert refused.status_code == 503 and "shared state is unreachable" in refused.json()["error"]
+            assert took < 4  # before: no answer (the client's 15 s timeout), or redis-py 8's 5 s
+            assert keystore.get_key(store, key.id).credits == 1  # type: ignore[union-attr]
+            assert post().status_code == 200  # the same client: Redis answers again
+        store.close()
 
 
 def test_a_database_ping_that_raises_is_not_ready_not_an_error(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -77,6 +78,43 @@ def test_readyz_follows_redis_and_requests_are_refused_uncharged_while_it_is_dow
         store.close()
 
 
+def _hand_off_parts(tmp_path: Path, store: Store, redis_url: str, timeout: float) -> tuple[Any, Any]:
+    """An API node's `CeleryDispatcher` on `store` and the Redis at `redis_url` (RabbitMQ never reached), with a
+    request timeout of `timeout` seconds, and a v1 request to hand off."""
+    from automask.server import fleet
+    from automask.server.schemas import MaskRequest
+
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        database_url=store.url.render_as_string(hide_password=False),
+        broker_url=FLEET["AUTOMASK_BROKER_URL"],
+        redis_url=redis_url,
+    )
+    dispatcher = fleet.CeleryDispatcher(settings, ServerSettings(timeout=timeout), store)
+    request = MaskRequest(image=base64.b64encode(png_bytes(np.zeros((8, 8, 3), np.uint8))).decode(), prompt="cup")
+    return dispatcher, request
+
+
+async def _failing_hand_off(dispatcher: Any, request: Any, redis_pid: int) -> float:
+    """Seconds `dispatcher.run_v1(request)` took to raise a `RedisError`; then Redis (`redis_pid`) goes on (SIGCONT)
+    and the dispatcher stops."""
+    import asyncio
+    import os
+    import signal
+    import time
+
+    from redis.exceptions import RedisError
+
+    started = time.monotonic()
+    try:
+        with pytest.raises(RedisError):
+            await asyncio.wait_for(dispatcher.run_v1(request, "clipseg", "r-1"), 30)
+        return time.monotonic() - started
+    finally:
+        os.kill(redis_pid, signal.SIGCONT)
+        await dispatcher.stop()
+
+
 def test_a_v1_hand_off_to_a_frozen_redis_fails_in_seconds_not_at_the_request_timeout(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -86,36 +124,49 @@ def test_a_v1_hand_off_to_a_frozen_redis_fails_in_seconds_not_at_the_request_tim
     import asyncio
     import os
     import signal
-    import time
-
-    from redis.exceptions import RedisError
 
     from automask.server import fleet
-    from automask.server.schemas import MaskRequest
 
     monkeypatch.setattr(fleet, "REDIS_TIMEOUT", 1.0)
     store = Store.in_data_dir(tmp_path / "data")
     with redis_server() as redis:
-        settings = Settings(
-            data_dir=tmp_path / "data",
-            database_url=store.url.render_as_string(hide_password=False),
-            broker_url=FLEET["AUTOMASK_BROKER_URL"],
-            redis_url=redis.url,
-        )
-        dispatcher = fleet.CeleryDispatcher(settings, ServerSettings(timeout=120), store)
-        request = MaskRequest(image=base64.b64encode(png_bytes(np.zeros((8, 8, 3), np.uint8))).decode(), prompt="cup")
+        dispatcher, request = _hand_off_parts(tmp_path, store, redis.url, timeout=120)
 
         async def hand_off() -> float:
             await dispatcher.redis.ping()  # connected while Redis answered
             os.kill(redis._main_pid(), signal.SIGSTOP)
-            started = time.monotonic()
-            try:
-                with pytest.raises(RedisError):
-                    await asyncio.wait_for(dispatcher.run_v1(request, "clipseg", "r-1"), 30)
-                return time.monotonic() - started
-            finally:
-                os.kill(redis._main_pid(), signal.SIGCONT)
-                await dispatcher.stop()
+            return await _failing_hand_off(dispatcher, request, redis._main_pid())
 
         assert asyncio.run(hand_off()) < 10
+    store.close()
+
+
+def test_a_v1_hand_off_whose_redis_freezes_while_it_waits_for_the_outcome_fails_at_its_timeout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis froze after the hand-off was queued, while the API node waits for its outcome (BLPOP, whose socket
+    waits the request timeout + 10 s). Before: the request failed only that socket timeout later (10 s past its own
+    limit; 70 s by default). Now it fails (503) within `REDIS_TIMEOUT` of its limit."""
+    import asyncio
+    import os
+    import signal
+    from concurrent.futures import Future
+
+    from automask.server import fleet
+
+    monkeypatch.setattr(fleet, "REDIS_TIMEOUT", 1.0)
+    store = Store.in_data_dir(tmp_path / "data")
+    with redis_server() as redis:
+        dispatcher, request = _hand_off_parts(tmp_path, store, redis.url, timeout=3)
+
+        def queued(send: object) -> Future[None]:  # RabbitMQ took the task; then Redis froze
+            os.kill(redis._main_pid(), signal.SIGSTOP)
+            done: Future[None] = Future()
+            done.set_result(None)
+            return done
+
+        monkeypatch.setattr(dispatcher.publisher, "submit", queued)
+
+        took = asyncio.run(_failing_hand_off(dispatcher, request, redis._main_pid()))
+        assert took < 6  # its 3 s limit and a second; before: 13 s
     store.close()

@@ -29,6 +29,7 @@ from automask.server.config import ServerSettings
 from automask.server.deployment import FLEET
 from automask.server.errors import ApiError
 from automask.server.execute import Outcome
+from automask.server.limits import REDIS_TIMEOUT
 from automask.server.runner import default_name, inference_timeout
 from automask.server.schemas import MaskRequest
 from automask.server.served import ModelEntry, answering, naming_alternatives, unknown_model
@@ -41,8 +42,6 @@ TIME_LIMIT_MARGIN = 30.0
 """Seconds a task may run past the request timeout before Celery kills it (a hung model, a poison input)."""
 V1_TTL_MARGIN = 60.0
 """Seconds the v1 hand-off keys outlive the request timeout in Redis."""
-REDIS_TIMEOUT = 5.0
-"""Seconds a v1 hand-off's write to Redis (and its connect) may take before the request is answered 503."""
 NODES_CACHE_SECONDS = 1.0
 DELIVERY_LIMIT = 20
 """Deliveries of one message before RabbitMQ drops it (`x-delivery-limit`, RabbitMQ 4's default): a safety net
@@ -362,7 +361,7 @@ class CeleryDispatcher:
                 log.error("could not queue v1 request %s: %s", request_id, repr(exc))
                 await self._cancel(keys, ttl)
                 raise ApiError(503, BROKER_DOWN, {"Retry-After": "5"}) from None
-            got = await self._waiting.blpop([keys["outcome"]], timeout=max(0.01, local_deadline - time.monotonic()))
+            got = await self._wait_outcome(keys["outcome"], max(0.01, local_deadline - time.monotonic()))
         except asyncio.CancelledError:  # the client left: a worker skips it, or stops it at its next stage boundary
             await asyncio.shield(self._cancel(keys, ttl))
             raise
@@ -371,6 +370,17 @@ class CeleryDispatcher:
             raise inference_timeout(self.server.timeout)
         data = got[1]
         return Outcome.loads(data if isinstance(data, bytes) else data.encode())
+
+    async def _wait_outcome(self, key: str, left: float) -> Any:
+        """BLPOP `key` for `left` seconds (None: no outcome by then). A Redis that froze meanwhile does not answer:
+        raise `redis.exceptions.TimeoutError` (503) `REDIS_TIMEOUT` seconds past `left`, not at the socket's own
+        timeout (the request timeout + 10 s, which a BLPOP needs)."""
+        from redis.exceptions import TimeoutError as RedisTimeout
+
+        try:
+            return await asyncio.wait_for(self._waiting.blpop([key], timeout=left), left + REDIS_TIMEOUT)
+        except asyncio.TimeoutError:
+            raise RedisTimeout(f"no answer to BLPOP within {left + REDIS_TIMEOUT:.0f} s") from None
 
     async def _cancel(self, keys: dict[str, str], ttl: int) -> None:
         try:

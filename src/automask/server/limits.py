@@ -30,6 +30,10 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 WINDOW = 60.0
 """Rate limits count requests in the last 60 seconds."""
 
+REDIS_TIMEOUT = 5.0
+"""Seconds one call to Redis (and its connect) may take before it fails: a rate-limit count, a v1 hand-off's write
+(the request is answered 503), a worker's read. Explicit, as redis-py before 8 waits for ever by default: a frozen
+Redis would hold every request."""
 PING_TIMEOUT = 3.0
 """Seconds Redis has to answer a PING (at start-up, and on every /readyz) before it counts as unreachable."""
 
@@ -125,7 +129,9 @@ class RedisRateLimiter:
     def __init__(self, redis_url: str, prefix: str = "automask:rate:") -> None:
         import redis.asyncio as aioredis
 
-        self.client = aioredis.Redis.from_url(redis_url)
+        self.client = aioredis.Redis.from_url(
+            redis_url, socket_timeout=REDIS_TIMEOUT, socket_connect_timeout=REDIS_TIMEOUT
+        )
         self.prefix = prefix
         self._script = self.client.register_script(_SLIDING_WINDOW)
 

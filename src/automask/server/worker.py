@@ -212,7 +212,8 @@ def v1_task(task: Any, rid: str, model: str, deadline: float, request_id: str) -
 def _answer_v1(proc: _Process, rid: str, model: str, deadline: float, request_id: str) -> None:
     """`v1_task`'s work: read the hand-off, compute its `Outcome`, push it back (raises Redis's errors)."""
     keys = v1_keys(rid)
-    if proc.jobs.store.now() > deadline or _cancelled(proc, keys["cancel"]):
+    cancelled = _CancelFlag(proc, keys["cancel"])
+    if proc.jobs.store.now() > deadline or cancelled():
         return
     body, image = proc.redis.mget([keys["request"], keys["image"]])
     if body is None:
@@ -227,8 +228,7 @@ def _answer_v1(proc: _Process, rid: str, model: str, deadline: float, request_id
         outcome = Outcome(500, error=unexpected_error(request_id))
     else:
         left = min(_WORKER.server.timeout, max(0.0, deadline - proc.jobs.store.now()))  # and never past ours
-        stop = functools.partial(_cancelled, proc, keys["cancel"])
-        outcome = compute(proc.runner, parse_v1(body, image), model, request_id, timeout=left, should_stop=stop)
+        outcome = compute(proc.runner, parse_v1(body, image), model, request_id, timeout=left, should_stop=cancelled)
     pipe = proc.redis.pipeline(transaction=True)
     if outcome is None or proc.jobs.store.now() > deadline:  # the API node answered 504 already
         log.info("v1 request %s stopped: nobody waits for its answer any more", request_id)
@@ -239,16 +239,31 @@ def _answer_v1(proc: _Process, rid: str, model: str, deadline: float, request_id
     pipe.execute()
 
 
-def _cancelled(proc: _Process, key: str) -> bool:
-    """Whether the API node cancelled a v1 hand-off (its cancel `key` is set); False while Redis does not answer
-    (the run goes on: its outcome may still be read)."""
-    from redis.exceptions import RedisError
+class _CancelFlag:
+    """A v1 hand-off's `should_stop`: whether the API node cancelled it (its cancel `key` is set).
 
-    try:
-        return bool(proc.redis.exists(key))
-    except RedisError:
-        log.warning("could not read a v1 cancel flag; the run goes on", exc_info=True)
-        return False
+    A check that Redis does not answer says "not cancelled" (the run goes on: its outcome may still be read), and
+    the hand-off asks no more for the rest of its run: each asking of a frozen Redis costs `fleet.REDIS_TIMEOUT`
+    seconds, and a run asks every `stopping.INSIDE_EVERY` seconds, so a 3 s run took ten times longer and hit its
+    own time limit. A frozen Redis costs a run one timeout at most."""
+
+    def __init__(self, proc: _Process, key: str) -> None:
+        self.proc = proc
+        self.key = key
+        self.blind = False
+        """True once a check failed: the run no longer asks."""
+
+    def __call__(self) -> bool:
+        from redis.exceptions import RedisError
+
+        if self.blind:
+            return False
+        try:
+            return bool(self.proc.redis.exists(self.key))
+        except RedisError:
+            self.blind = True
+            log.warning("could not read a v1 cancel flag; the run goes on and asks no more", exc_info=True)
+            return False
 
 
 def _leave_if_hung(proc: _Process) -> None:
