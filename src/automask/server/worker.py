@@ -36,12 +36,7 @@ from automask.server.deployment import FLEET, Guard
 from automask.server.execute import Outcome, compute, execute_job, unexpected_error
 from automask.server.fleet import (
     TIME_LIMIT_MARGIN,
-    V1_TTL_MARGIN,
-    make_celery,
-    parse_v1,
     queue,
-    require_fleet_settings,
-    v1_keys,
 )
 from automask.server.jobs import Jobs
 from automask.server.runner import Runner, default_name
@@ -211,7 +206,7 @@ def v1_task(task: Any, rid: str, model: str, deadline: float, request_id: str) -
 
 def _answer_v1(proc: _Process, rid: str, model: str, deadline: float, request_id: str) -> None:
     """`v1_task`'s work: read the hand-off, compute its `Outcome`, push it back (raises Redis's errors)."""
-    keys = v1_keys(rid)
+    keys = fleet.v1_keys(rid)
     cancelled = _CancelFlag(proc, keys["cancel"])
     if proc.jobs.store.now() > deadline or cancelled():
         return
@@ -219,7 +214,7 @@ def _answer_v1(proc: _Process, rid: str, model: str, deadline: float, request_id
     if body is None:
         return  # expired or cancelled
     assert _WORKER is not None
-    ttl = int(_WORKER.server.timeout + V1_TTL_MARGIN)
+    ttl = int(_WORKER.server.timeout + fleet.V1_TTL_MARGIN)
     starts = int(proc.redis.incr(keys["starts"]))
     proc.redis.expire(keys["starts"], ttl)
     outcome: Outcome | None
@@ -228,7 +223,9 @@ def _answer_v1(proc: _Process, rid: str, model: str, deadline: float, request_id
         outcome = Outcome(500, error=unexpected_error(request_id))
     else:
         left = min(_WORKER.server.timeout, max(0.0, deadline - proc.jobs.store.now()))  # and never past ours
-        outcome = compute(proc.runner, parse_v1(body, image), model, request_id, timeout=left, should_stop=cancelled)
+        outcome = compute(
+            proc.runner, fleet.parse_v1(body, image), model, request_id, timeout=left, should_stop=cancelled
+        )
     pipe = proc.redis.pipeline(transaction=True)
     if outcome is None or proc.jobs.store.now() > deadline:  # the API node answered 504 already
         log.info("v1 request %s stopped: nobody waits for its answer any more", request_id)
@@ -245,19 +242,16 @@ class _CancelFlag:
     A check that Redis does not answer says "not cancelled" (the run goes on: its outcome may still be read), and
     the hand-off asks no more for the rest of its run: each asking of a frozen Redis costs `fleet.REDIS_TIMEOUT`
     seconds, and a run asks every `stopping.INSIDE_EVERY` seconds, so a 3 s run took ten times longer and hit its
-    own time limit. A frozen Redis costs a run one timeout at most."""
+    own time limit. A frozen Redis costs a run one timeout at most (`blind`: a check failed, the run asks no more)."""
 
     def __init__(self, proc: _Process, key: str) -> None:
-        self.proc = proc
-        self.key = key
-        self.blind = False
-        """True once a check failed: the run no longer asks."""
+        self.proc, self.key, self.blind = proc, key, False
 
     def __call__(self) -> bool:
-        from redis.exceptions import RedisError
-
         if self.blind:
             return False
+        from redis.exceptions import RedisError
+
         try:
             return bool(self.proc.redis.exists(self.key))
         except RedisError:
@@ -318,7 +312,7 @@ def run_worker(
     """Run a worker until it is stopped (SIGTERM: warm shutdown, running tasks finish), or until its database
     serves a single server (then the same warm shutdown, and `ServiceConfigError` saying why)."""
     global _WORKER
-    require_fleet_settings(settings)
+    fleet.require_fleet_settings(settings)
     store = Store.from_settings(settings, create=False)  # an older schema: refuse, say `automask db migrate`
     try:
         nodes.refuse_mixed(store, "server")
@@ -358,7 +352,7 @@ def _served_metrics(settings: Settings) -> Iterator[str | None]:
 def _run_celery(settings: Settings, server: ServerSettings, name: str, concurrency: int, loglevel: str) -> None:
     """Run the Celery worker for model `name` until it stops; exit with its code, or `ServiceConfigError` when it
     stopped because its database now serves a single server."""
-    app = make_celery(str(settings.broker_url), server)
+    app = fleet.make_celery(str(settings.broker_url), server)
     request = _request_class()
     app.task(name="automask.v2", bind=True, Request=request)(v2_task)
     app.task(name="automask.v1", bind=True, Request=request)(v1_task)
