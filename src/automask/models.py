@@ -65,9 +65,11 @@ def name_of(folder: Path) -> str:
 
 def is_installed(name: str, settings: Settings) -> bool:
     """True when the named model has been pulled into the data folder (put back first if a killed installer left
-    it moved aside: `staging.recover`)."""
-    staging.recover(model_dir(name, settings))
-    return (model_dir(name, settings) / MARKER).is_file()
+    it moved aside: `staging.recover`, looked for only when the model is missing, not on every call)."""
+    folder = model_dir(name, settings)
+    if not (folder / MARKER).is_file():
+        staging.recover(folder)
+    return (folder / MARKER).is_file()
 
 
 def detect_backend(path: Path) -> str:
@@ -337,14 +339,15 @@ def _is_gated_error(exc: BaseException | None) -> bool:
     return isinstance(exc, install.hub_error("GatedRepoError"))
 
 
+EXPORT_MODULES = ("torch", "transformers", "onnx", "onnxruntime")
+"""The packages `export_onnx` needs (the `export` extra)."""
+
+
 def can_export() -> bool:
     """True when the packages `export_onnx` needs (torch, transformers, onnx, onnxruntime) are installed."""
     import importlib.util
 
     return all(importlib.util.find_spec(m) is not None for m in EXPORT_MODULES)
-
-
-EXPORT_MODULES = ("torch", "transformers", "onnx", "onnxruntime")
 
 
 def export_onnx(
