@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import os
 import signal
 import threading
@@ -41,13 +42,13 @@ def test_readyz_is_not_ready_as_soon_as_the_database_stops_answering(tmp_path: P
         nodes.register(store, "worker-test", "worker", ["clipseg"], "clipseg", dead_after=3600)
         app = create_app(settings, ServerSettings())
         state = app.state.automask
-        pings, ping = [], state.store.ping
+        pings, ping = [], state.store.ping_error
 
-        def counted() -> bool:
+        def counted() -> str | None:
             pings.append(threading.get_ident())
             return ping()
 
-        state.store.ping = counted
+        state.store.ping_error = counted
         with LiveServer(app) as live:
 
             def readyz() -> httpx.Response:
@@ -251,14 +252,41 @@ def test_a_database_ping_that_raises_is_not_ready_not_an_error(tmp_path: Path) -
 
     store = Store.in_data_dir(tmp_path)
 
-    def ping() -> bool:
+    def ping() -> str | None:
         raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")
 
-    store.ping = ping  # type: ignore[method-assign]
+    store.ping_error = ping  # type: ignore[method-assign]
     probe = DatabaseProbe(store, timeout=5)
 
     async def probes() -> list[str | None]:
         return list(await asyncio.gather(*(probe.unreachable() for _ in range(3))))
 
     assert asyncio.run(probes()) == [DB_DOWN] * 3
+    store.close()
+
+
+def test_readyz_logs_when_the_database_stops_and_starts_answering_not_every_probe(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Before: every probe of a node whose database was down logged a warning (a load balancer probing every second
+    from three nodes: three lines a second for the whole outage). Now one line when it stops answering, with why,
+    and one when it answers again."""
+    from automask.server.readiness import DB_DOWN, DatabaseProbe
+
+    store = Store.in_data_dir(tmp_path)
+    answers = iter(["connection refused"] * 5 + [None] * 3 + ["server closed the connection"] * 2)
+    store.ping_error = lambda: next(answers)  # type: ignore[method-assign]
+    probe = DatabaseProbe(store, timeout=5)
+
+    async def probes() -> list[str | None]:
+        return [await probe.unreachable() for _ in range(10)]
+
+    with caplog.at_level(logging.WARNING, logger="automask.server"):
+        assert asyncio.run(probes()) == [DB_DOWN] * 5 + [None] * 3 + [DB_DOWN] * 2
+    lines = [r.getMessage() for r in caplog.records if r.name == "automask.server"]
+    assert lines == [
+        f"the database {store.describe()} does not answer (connection refused): not ready",
+        f"the database {store.describe()} answers again: ready",
+        f"the database {store.describe()} does not answer (server closed the connection): not ready",
+    ]
     store.close()

@@ -329,12 +329,16 @@ class Store:
 
     def ping(self) -> bool:
         """Whether the database answers a query now."""
+        return self.ping_error() is None
+
+    def ping_error(self) -> str | None:
+        """None when the database answers a query now, else why not (the driver's error, on one line)."""
         try:
             with self.engine.connect() as conn:
                 conn.execute(text("SELECT 1"))
-        except SQLAlchemyError:
-            return False
-        return True
+        except SQLAlchemyError as exc:
+            return " ".join(str(getattr(exc, "orig", None) or exc).split())[:300] or type(exc).__name__
+        return None
 
     def close(self) -> None:
         """Close every pooled connection."""
