@@ -15,7 +15,7 @@ import pytest
 from automask.server import keys as keystore
 from automask.server.auth_limit import FailedAuth, Known, client_address
 from automask.server.errors import ApiError
-from automask.server.limits import WINDOW, RateLimiter, RedisRateLimiter
+from automask.server.limits import MAX_COUNTED, WINDOW, RateLimiter, RedisRateLimiter
 from automask.server.store import Store
 from server_helpers import FakeBackend, LiveServer, live_server
 
@@ -163,6 +163,30 @@ def test_the_in_process_limiter_keeps_at_most_max_keys() -> None:
     assert len(limiter) == 1  # keys whose requests all left the window are dropped
     limiter.check("peek", 5, count=False)
     assert len(limiter) == 1  # looking counts nothing and keeps nothing
+
+
+def test_a_flood_of_failing_ipv6_networks_costs_the_limiter_tens_of_megabytes_not_a_hundred() -> None:
+    """Before: each client address counted held a deque (~760 bytes even for one failure): a flood of failed
+    authentications from 100,000 IPv6 /64s (`MAX_COUNTED`) held ~95 MB. Now each holds its times as 8-byte doubles:
+    under 40 MB, the counts and the lock-out unchanged."""
+    import ipaddress
+    import tracemalloc
+
+    limiter = RateLimiter(clock=Clock())
+    networks = [client_address(str(ipaddress.IPv6Address((0x20010DB8 << 96) | (n << 64) | 1))) for n in range(100_000)]
+    tracemalloc.start()
+    try:
+        for network in networks:
+            limiter.check(f"auth-fail:{network}", 60, "failed authentications")
+        held = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert len(limiter) == MAX_COUNTED and held < 40_000_000, held  # before: ~95 MB
+    for _ in range(59):
+        limiter.check(f"auth-fail:{networks[0]}", 60, "failed authentications")
+    with pytest.raises(ApiError) as refused:
+        limiter.check(f"auth-fail:{networks[0]}", 60, "failed authentications")
+    assert refused.value.status == 429 and refused.value.headers["Retry-After"] == "60"
 
 
 def test_known_keys_are_digests_and_bounded() -> None:
