@@ -290,3 +290,63 @@ def test_readyz_logs_when_the_database_stops_and_starts_answering_not_every_prob
         f"the database {store.describe()} does not answer (server closed the connection): not ready",
     ]
     store.close()
+
+
+def test_background_queries_to_a_frozen_postgresql_fail_in_seconds_and_retry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before: with PostgreSQL frozen (SIGSTOP: its kernel still acknowledges every packet, so no network timeout
+    fires), a sweep, a node heartbeat and a /readyz ping each held their thread until it thawed: for ever, if it never
+    did. Now each statement of theirs waits `BACKGROUND_QUERY_TIMEOUT` at most (plus a new connection's
+    `connect_timeout`): the loops log a failure, try again, and work again once the server answers."""
+    from automask.server import bounded
+    from automask.server.jobs import Jobs
+    from automask.server.readiness import DB_DOWN, DatabaseProbe
+    from automask.server.sweeper import Sweeper
+
+    class Idle:
+        """A dispatcher with nothing to hand out."""
+
+        node = None
+
+        def serving(self) -> list[str] | None:
+            return None
+
+    monkeypatch.setattr(bounded, "BACKGROUND_QUERY_TIMEOUT", 1.0)
+    with postgres_server() as pg:
+        store = Store.at_schema(pg.url, create=True)
+        sweeper = Sweeper(store, Jobs(store), Idle(), ServerSettings(sweep_interval=0.2))  # type: ignore[arg-type]
+        beat = nodes.Heartbeat(store, "server-a", "server", ["m"], "m", interval=0.2, dead_after=3600)
+        probe = DatabaseProbe(store, timeout=0.5)
+
+        async def frozen_then_thawed() -> tuple[float, float, bool, bool]:
+            sweeper.start()
+            beat.start()
+            await asyncio.sleep(0.5)  # a few sweeps and beats: their connections are pooled
+            assert sweeper._failures.in_a_row == 0 and beat._failures.in_a_row == 0
+            stopped = process_tree(pg._main_pid())
+            for pid in stopped:
+                os.kill(pid, signal.SIGSTOP)
+            try:
+                started = time.monotonic()
+                assert await probe.unreachable() == DB_DOWN
+                while not (sweeper._failures.in_a_row and beat._failures.in_a_row) and time.monotonic() < started + 40:
+                    await asyncio.sleep(0.1)
+                failed = time.monotonic() - started
+                ping = probe._asking
+                while ping is not None and not ping.done() and time.monotonic() < started + 40:
+                    await asyncio.sleep(0.1)
+                freed = time.monotonic() - started
+            finally:
+                for pid in stopped:
+                    os.kill(pid, signal.SIGCONT)
+            assert await asyncio.to_thread(wait_for, lambda: sweeper._failures.in_a_row == 0, 30)
+            assert await asyncio.to_thread(wait_for, lambda: beat._failures.in_a_row == 0, 30)
+            await sweeper.stop()
+            return failed, freed, await probe.unreachable() is None, bool(nodes.live(store, 3600))
+
+        failed, freed, ready, alive = asyncio.run(frozen_then_thawed())
+        beat.stop()
+        store.close()
+    assert failed < 25 and freed < 25  # before: held until SIGCONT (the 40 s here)
+    assert ready and alive  # thawed: the same pool answers again

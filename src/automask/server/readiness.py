@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from automask.server.bounded import bounded
 from automask.server.store import Store
 
 log = logging.getLogger("automask.server")
@@ -54,6 +55,7 @@ class DatabaseProbe:
         """`store.ping_error()`; the exception's text when it raises (a driver's own error, not SQLAlchemy's): never
         an exception for the probes sharing it."""
         try:
-            return self.store.ping_error()
+            with bounded():  # a frozen database: the thread comes back (the probes answered 503 long before)
+                return self.store.ping_error()
         except Exception as exc:  # noqa: BLE001 (its text is the reason logged)
             return " ".join(str(exc).split())[:300] or type(exc).__name__

@@ -46,6 +46,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
 
 from automask.errors import ServiceConfigError
+from automask.server.bounded import bounded, connect_bounded
 
 log = logging.getLogger("automask.server")
 metadata = MetaData()
@@ -235,7 +236,7 @@ class Store:
     def _read_clock(self) -> None:
         try:
             before = self.host_clock()
-            with self.engine.connect() as conn:
+            with bounded(), self.engine.connect() as conn:
                 server = float(conn.execute(text("SELECT extract(epoch FROM clock_timestamp())")).scalar_one())
             skew = server - (before + self.host_clock()) / 2
         except SQLAlchemyError:  # unreachable now: keep the last difference, read again in a second
@@ -290,9 +291,11 @@ class Store:
 
     def _engine(self) -> Engine:
         if not self.is_sqlite:
-            return create_engine(
+            engine = create_engine(
                 self.url, pool_pre_ping=True, pool_size=10, max_overflow=20, connect_args=dict(_PG_CONNECT_ARGS)
             )
+            event.listen(engine, "do_connect", connect_bounded)
+            return engine
         if self.path is not None:
             _private_file(self.path)
         engine = create_engine(self.url, connect_args={"timeout": 10.0, "check_same_thread": False})

@@ -30,6 +30,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
 from automask.server import keys, nodes
+from automask.server.bounded import bounded
 from automask.server.config import ServerSettings
 from automask.server.deployment import Guard
 from automask.server.dispatch import PUBLISH_TIMEOUT, Dispatcher
@@ -154,6 +155,12 @@ class Sweeper:
         return handed
 
     async def _loop(self) -> None:
+        with bounded():  # a frozen database fails a sweep (tried again), never holds it until it thaws
+            await self._sweep_while_guarded()
+        log.error("another kind of deployment took the database: this node stops sweeping and running jobs")
+        await self.dispatcher.stop()
+
+    async def _sweep_while_guarded(self) -> None:
         while True:
             try:
                 if self.guard is not None and not await asyncio.to_thread(self.guard.holds):
@@ -165,8 +172,6 @@ class Sweeper:
                 if isinstance(exc, SQLAlchemyError):
                     self.failed()
             await asyncio.sleep(min(self.server.sweep_interval, self.server.cleanup_interval))
-        log.error("another kind of deployment took the database: this node stops sweeping and running jobs")
-        await self.dispatcher.stop()
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop())
