@@ -16,7 +16,7 @@ import pytest
 from sqlalchemy import select
 
 from automask.server import keys as keystore
-from automask.server.store import Store, jobs_table
+from automask.server.store import Store, holds_table, jobs_table
 from server_helpers import (
     LiveServer,
     StagedBackend,
@@ -162,3 +162,30 @@ def test_no_v2_job_starts_once_a_stop_signal_came(
 def body() -> dict[str, Any]:
     image = base64.b64encode(png_bytes(np.zeros((12, 16, 3), np.uint8))).decode()
     return {"image": image, "prompt": "sofa"}
+
+
+def test_ctrl_c_twice_on_serve_puts_the_running_v2_job_back_uncounted(tmp_path: Path, tiny_clipseg_dir: Path) -> None:
+    """Ctrl-C twice on `automask serve` while a v2 job runs (an inference of 3 s): uvicorn exits at the second SIGINT
+    without the app's shutdown step (no `Dispatcher.stop`). The job still goes back to the queue, its attempt not
+    counted, its credit held (not charged): the signal handler cut it off (`ServerState.ask_stop`) and the process's
+    exit waits for its thread, which puts it back at its next stage boundary. Exit 130, as a Ctrl-C."""
+    data = tmp_path / "data"
+    store = Store.in_data_dir(data)
+    key, token = keystore.create_key(store, credits=3)
+    body = {"image": base64.b64encode(png_bytes(np.zeros((12, 16, 3), np.uint8))).decode(), "prompt": "cat"}
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    slow = {"AUTOMASK_SERVER_DEBUG_DELAY": "3"}  # test-only hook: every inference sleeps 3 s
+    with server_process(data, tiny_clipseg_dir, port, slow, tmp_path / "server.log") as proc:
+        wait_ready(url, 60, proc)
+        job = httpx.post(f"{url}/v2/{SLUG}", json=body, headers={"x-api-key": token}, timeout=30).json()["request_id"]
+        wait_for(lambda: job_row(store, job)[0] == "PROCESSING", 20)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 130
+    assert job_row(store, job) == ("QUEUED", 0), (tmp_path / "server.log").read_text()[-2000:]
+    with store.read() as conn:  # held for the job (given back if it fails after the restart), not charged
+        assert conn.execute(select(holds_table.c.key_id).where(holds_table.c.id == job)).scalar() == key.id
+    assert keystore.get_key(store, key.id).credits == 2  # type: ignore[union-attr]
+    store.close()
