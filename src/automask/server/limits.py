@@ -19,6 +19,7 @@ from typing import Any
 
 from automask.errors import ServiceConfigError
 from automask.server.errors import ApiError
+from automask.server.logs import Outage
 
 log = logging.getLogger("automask.server")
 
@@ -138,6 +139,7 @@ class RedisRateLimiter:
         )
         self.prefix = prefix
         self._script = self.client.register_script(_SLIDING_WINDOW)
+        self._outage = Outage(log, "Redis (AUTOMASK_REDIS_URL)")
 
     async def hit(self, key_id: str, limit: int | None, what: str = "requests", count: bool = True) -> None:
         """Count one request of `key_id` (only look, with `count=False`); raise a 429 `ApiError` (nothing counted)
@@ -162,8 +164,9 @@ class RedisRateLimiter:
         try:
             await asyncio.wait_for(self.client.ping(), PING_TIMEOUT)
         except (RedisError, OSError, TimeoutError) as exc:
-            log.warning("redis does not answer: %s", " ".join(str(exc).split()) or type(exc).__name__)
+            self._outage.failed(" ".join(str(exc).split()) or type(exc).__name__)
             return REDIS_DOWN
+        self._outage.answered()
         return None
 
     async def close(self) -> None:

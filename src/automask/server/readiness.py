@@ -6,6 +6,7 @@ import asyncio
 import logging
 
 from automask.server.bounded import bounded
+from automask.server.logs import Outage
 from automask.server.store import Store
 
 log = logging.getLogger("automask.server")
@@ -30,7 +31,7 @@ class DatabaseProbe:
     def __init__(self, store: Store, timeout: float = DB_PING_TIMEOUT) -> None:
         self.store, self.timeout = store, timeout
         self._asking: asyncio.Future[str | None] | None = None
-        self._down = False  # the last probe found the database not answering (logged once)
+        self._outage = Outage(log, f"the database {store.describe()}")
 
     async def unreachable(self) -> str | None:
         """None when the database answers within `timeout` seconds, else why not (`DB_DOWN`)."""
@@ -42,13 +43,9 @@ class DatabaseProbe:
         except TimeoutError:
             error = f"no answer within {self.timeout:g} s"
         if error is None:
-            if self._down:
-                self._down = False
-                log.warning("the database %s answers again: ready", self.store.describe())
+            self._outage.answered()
             return None
-        if not self._down:
-            self._down = True
-            log.warning("the database %s does not answer (%s): not ready", self.store.describe(), error)
+        self._outage.failed(error)
         return DB_DOWN
 
     def _ping(self) -> str | None:
