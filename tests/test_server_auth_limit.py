@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from automask.server import keys as keystore
-from automask.server.auth_limit import FailedAuth, Known, client_address
+from automask.server.auth_limit import SITE_FACTOR, FailedAuth, Known, client_address
 from automask.server.errors import ApiError
 from automask.server.limits import MAX_COUNTED, WINDOW, RateLimiter, RedisRateLimiter
 from automask.server.store import Store
@@ -187,6 +187,35 @@ def test_a_flood_of_failing_ipv6_networks_costs_the_limiter_tens_of_megabytes_no
     with pytest.raises(ApiError) as refused:
         limiter.check(f"auth-fail:{networks[0]}", 60, "failed authentications")
     assert refused.value.status == 429 and refused.value.headers["Retry-After"] == "60"
+
+
+def test_a_flood_from_many_ipv6_64s_of_one_site_is_locked_out_as_the_site() -> None:
+    """Before: each /64 was counted apart, so one site (a /48: 65,536 /64s) got 65,536 times the limit of guesses a
+    minute, each a database read, and as many entries in the limiter. Now its /64s together get `SITE_FACTOR` times
+    the limit; another site, an IPv4 client and a key known to be good are not affected."""
+    limiter = RateLimiter(clock=Clock())
+    auth = FailedAuth(limiter, 3)
+    site = [client_address(f"2001:db8:1:{n:x}::1") for n in range(100)]
+
+    async def guesses(addresses: list[str], token: str) -> int:
+        """How many of 3 guesses from each address got to the database (each failing)."""
+        read = 0
+        for address in addresses:
+            for _ in range(3):
+                try:
+                    await auth.admit(address, token)
+                except ApiError as refused:
+                    assert refused.status == 429
+                    continue
+                read += 1
+                await auth.failed(address, token)
+        return read
+
+    assert asyncio.run(guesses(site, "am_x_guess")) == 3 * SITE_FACTOR  # before: 300
+    assert len(limiter) == SITE_FACTOR + 1  # the /64s that guessed, and their /48
+    assert asyncio.run(guesses([client_address("2001:db8:2::1"), "192.0.2.1"], "am_x_guess")) == 6
+    asyncio.run(auth.succeeded("am_good_key"))
+    asyncio.run(auth.admit(site[-1], "am_good_key"))  # passes the site's lock-out
 
 
 def test_known_keys_are_digests_and_bounded() -> None:
