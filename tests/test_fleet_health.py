@@ -350,3 +350,37 @@ def test_background_queries_to_a_frozen_postgresql_fail_in_seconds_and_retry(
         store.close()
     assert failed < 25 and freed < 25  # before: held until SIGCONT (the 40 s here)
     assert ready and alive  # thawed: the same pool answers again
+
+
+def test_an_api_node_reads_its_list_of_workers_off_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before: /readyz and /v1/models read the default model (`CeleryDispatcher.default`) on the event loop; when the
+    list of live workers' one-second cache had run out in between, the database was read there, and a slow or frozen
+    database held every request of the node meanwhile. Now every reading of the list runs in a thread."""
+    from automask.server import fleet
+    from automask.server import keys as keystore
+
+    monkeypatch.setattr(fleet, "NODES_CACHE_SECONDS", 0.0)  # every look at the list reads the database
+    with redis_server() as rd:
+        url = f"sqlite:///{tmp_path / 'fleet.db'}"
+        settings = Settings(data_dir=tmp_path / "data", database_url=url, broker_url=FLEET_BROKER, redis_url=rd.url)
+        store = Store.from_settings(settings)
+        nodes.register(store, "worker-test", "worker", ["clipseg"], "clipseg", dead_after=3600)
+        _, token = keystore.create_key(store)
+        app = create_app(settings, ServerSettings())
+        readers: list[str] = []
+        live_nodes = nodes.live
+
+        def recorded(*args: Any, **kwargs: Any) -> list[nodes.Node]:
+            readers.append(threading.current_thread().name)
+            return live_nodes(*args, **kwargs)
+
+        monkeypatch.setattr(nodes, "live", recorded)
+        with LiveServer(app) as live:
+            ready = httpx.get(f"{live.url}/readyz", timeout=30)
+            models = httpx.get(f"{live.url}/v1/models", headers={"x-api-key": token}, timeout=30)
+        store.close()
+    assert ready.status_code == 200 and ready.json()["model"] == "clipseg", ready.text
+    assert models.status_code == 200 and models.json()["default"] == "clipseg", models.text
+    assert readers and all(name.startswith("asyncio_") for name in readers), readers  # before: the loop's thread too
