@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import os
 import signal
 import threading
@@ -41,13 +42,13 @@ def test_readyz_is_not_ready_as_soon_as_the_database_stops_answering(tmp_path: P
         nodes.register(store, "worker-test", "worker", ["clipseg"], "clipseg", dead_after=3600)
         app = create_app(settings, ServerSettings())
         state = app.state.automask
-        pings, ping = [], state.store.ping
+        pings, ping = [], state.store.ping_error
 
-        def counted() -> bool:
+        def counted() -> str | None:
             pings.append(threading.get_ident())
             return ping()
 
-        state.store.ping = counted
+        state.store.ping_error = counted
         with LiveServer(app) as live:
 
             def readyz() -> httpx.Response:
@@ -251,10 +252,10 @@ def test_a_database_ping_that_raises_is_not_ready_not_an_error(tmp_path: Path) -
 
     store = Store.in_data_dir(tmp_path)
 
-    def ping() -> bool:
+    def ping() -> str | None:
         raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")
 
-    store.ping = ping  # type: ignore[method-assign]
+    store.ping_error = ping  # type: ignore[method-assign]
     probe = DatabaseProbe(store, timeout=5)
 
     async def probes() -> list[str | None]:
@@ -262,3 +263,124 @@ def test_a_database_ping_that_raises_is_not_ready_not_an_error(tmp_path: Path) -
 
     assert asyncio.run(probes()) == [DB_DOWN] * 3
     store.close()
+
+
+def test_readyz_logs_when_the_database_stops_and_starts_answering_not_every_probe(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Before: every probe of a node whose database was down logged a warning (a load balancer probing every second
+    from three nodes: three lines a second for the whole outage). Now one line when it stops answering, with why,
+    and one when it answers again."""
+    from automask.server.readiness import DB_DOWN, DatabaseProbe
+
+    store = Store.in_data_dir(tmp_path)
+    answers = iter(["connection refused"] * 5 + [None] * 3 + ["server closed the connection"] * 2)
+    store.ping_error = lambda: next(answers)  # type: ignore[method-assign]
+    probe = DatabaseProbe(store, timeout=5)
+
+    async def probes() -> list[str | None]:
+        return [await probe.unreachable() for _ in range(10)]
+
+    with caplog.at_level(logging.WARNING, logger="automask.server"):
+        assert asyncio.run(probes()) == [DB_DOWN] * 5 + [None] * 3 + [DB_DOWN] * 2
+    lines = [r.getMessage() for r in caplog.records if r.name == "automask.server"]
+    assert lines == [
+        f"the database {store.describe()} does not answer (connection refused): not ready",
+        f"the database {store.describe()} answers again: ready",
+        f"the database {store.describe()} does not answer (server closed the connection): not ready",
+    ]
+    store.close()
+
+
+def test_background_queries_to_a_frozen_postgresql_fail_in_seconds_and_retry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before: with PostgreSQL frozen (SIGSTOP: its kernel still acknowledges every packet, so no network timeout
+    fires), a sweep, a node heartbeat and a /readyz ping each held their thread until it thawed: for ever, if it never
+    did. Now each statement of theirs waits `BACKGROUND_QUERY_TIMEOUT` at most (plus a new connection's
+    `connect_timeout`): the loops log a failure, try again, and work again once the server answers."""
+    from automask.server import bounded
+    from automask.server.jobs import Jobs
+    from automask.server.readiness import DB_DOWN, DatabaseProbe
+    from automask.server.sweeper import Sweeper
+
+    class Idle:
+        """A dispatcher with nothing to hand out."""
+
+        node = None
+
+        def serving(self) -> list[str] | None:
+            return None
+
+    monkeypatch.setattr(bounded, "BACKGROUND_QUERY_TIMEOUT", 1.0)
+    with postgres_server() as pg:
+        store = Store.at_schema(pg.url, create=True)
+        sweeper = Sweeper(store, Jobs(store), Idle(), ServerSettings(sweep_interval=0.2))  # type: ignore[arg-type]
+        beat = nodes.Heartbeat(store, "server-a", "server", ["m"], "m", interval=0.2, dead_after=3600)
+        probe = DatabaseProbe(store, timeout=0.5)
+
+        async def frozen_then_thawed() -> tuple[float, float, bool, bool]:
+            sweeper.start()
+            beat.start()
+            await asyncio.sleep(0.5)  # a few sweeps and beats: their connections are pooled
+            assert sweeper._failures.in_a_row == 0 and beat._failures.in_a_row == 0
+            stopped = process_tree(pg._main_pid())
+            for pid in stopped:
+                os.kill(pid, signal.SIGSTOP)
+            try:
+                started = time.monotonic()
+                assert await probe.unreachable() == DB_DOWN
+                while not (sweeper._failures.in_a_row and beat._failures.in_a_row) and time.monotonic() < started + 40:
+                    await asyncio.sleep(0.1)
+                failed = time.monotonic() - started
+                ping = probe._asking
+                while ping is not None and not ping.done() and time.monotonic() < started + 40:
+                    await asyncio.sleep(0.1)
+                freed = time.monotonic() - started
+            finally:
+                for pid in stopped:
+                    os.kill(pid, signal.SIGCONT)
+            assert await asyncio.to_thread(wait_for, lambda: sweeper._failures.in_a_row == 0, 30)
+            assert await asyncio.to_thread(wait_for, lambda: beat._failures.in_a_row == 0, 30)
+            await sweeper.stop()
+            return failed, freed, await probe.unreachable() is None, bool(nodes.live(store, 3600))
+
+        failed, freed, ready, alive = asyncio.run(frozen_then_thawed())
+        beat.stop()
+        store.close()
+    assert failed < 25 and freed < 25  # before: held until SIGCONT (the 40 s here)
+    assert ready and alive  # thawed: the same pool answers again
+
+
+def test_an_api_node_reads_its_list_of_workers_off_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before: /readyz and /v1/models read the default model (`CeleryDispatcher.default`) on the event loop; when the
+    list of live workers' one-second cache had run out in between, the database was read there, and a slow or frozen
+    database held every request of the node meanwhile. Now every reading of the list runs in a thread."""
+    from automask.server import fleet
+    from automask.server import keys as keystore
+
+    monkeypatch.setattr(fleet, "NODES_CACHE_SECONDS", 0.0)  # every look at the list reads the database
+    with redis_server() as rd:
+        url = f"sqlite:///{tmp_path / 'fleet.db'}"
+        settings = Settings(data_dir=tmp_path / "data", database_url=url, broker_url=FLEET_BROKER, redis_url=rd.url)
+        store = Store.from_settings(settings)
+        nodes.register(store, "worker-test", "worker", ["clipseg"], "clipseg", dead_after=3600)
+        _, token = keystore.create_key(store)
+        app = create_app(settings, ServerSettings())
+        readers: list[str] = []
+        live_nodes = nodes.live
+
+        def recorded(*args: Any, **kwargs: Any) -> list[nodes.Node]:
+            readers.append(threading.current_thread().name)
+            return live_nodes(*args, **kwargs)
+
+        monkeypatch.setattr(nodes, "live", recorded)
+        with LiveServer(app) as live:
+            ready = httpx.get(f"{live.url}/readyz", timeout=30)
+            models = httpx.get(f"{live.url}/v1/models", headers={"x-api-key": token}, timeout=30)
+        store.close()
+    assert ready.status_code == 200 and ready.json()["model"] == "clipseg", ready.text
+    assert models.status_code == 200 and models.json()["default"] == "clipseg", models.text
+    assert readers and all(name.startswith("asyncio_") for name in readers), readers  # before: the loop's thread too

@@ -20,7 +20,7 @@ from automask.errors import ServiceConfigError
 from automask.server import keys as keystore
 from automask.server.jobs import Jobs
 from automask.server.migrations import ensure_schema, head, migrate
-from automask.server.store import Store
+from automask.server.store import Store, embedded_url
 from automask.settings import Settings
 
 RELEASE_0_1_SCHEMA = """
@@ -124,6 +124,35 @@ def test_release_0_1_database_migrates_in_place(tmp_path: Path) -> None:
     assert not (data / "results" / "done.png").exists()  # ...and off the disk
     assert keystore.release_orphan_holds(store) == 1  # the crashed v1 hold (no expiry in 0.1); the job's stays
     assert keystore.get_key(store, "abc123").credits == 5  # type: ignore[union-attr]
+
+
+def test_db_migrate_makes_an_older_sqlite_file_give_space_back(tmp_path: Path) -> None:
+    """A file written at revision 0004 had no auto-vacuum: results deleted left their pages in it for good. `automask
+    db migrate` to 0005 vacuums it once (outside its transaction): the file shrinks at once, and gives the space of
+    results that expire later back (`Store.reclaim_space`, run by the sweeper)."""
+    data = tmp_path / "data"
+    path = data / "automask.db"
+    store = Store(embedded_url(data))
+    migrate(store, "0004")
+    store.close()
+    raw = sqlite3.connect(path, isolation_level=None)
+    raw.executescript("PRAGMA auto_vacuum=NONE; VACUUM;")  # as a file written before 0005 was
+    raw.execute("CREATE TABLE bulk (b BLOB)")
+    raw.executemany("INSERT INTO bulk VALUES (?)", [(os.urandom(64 * 1024),) for _ in range(300)])
+    raw.executescript("DROP TABLE bulk; PRAGMA wal_checkpoint(TRUNCATE);")  # 20 MB of free pages
+    assert raw.execute("PRAGMA auto_vacuum").fetchone() == (0,) and path.stat().st_size > 19_000_000
+    raw.close()
+
+    done = CliRunner().invoke(main, ["--data-dir", str(data), "db", "migrate"])
+    assert done.exit_code == 0 and "schema revision 0005" in done.output, done.output
+    store = Store.from_settings(Settings(data_dir=data))
+    try:
+        with store.read() as conn:
+            assert conn.exec_driver_sql("PRAGMA auto_vacuum").scalar() == 2  # INCREMENTAL
+        store.engine.dispose()
+        assert path.stat().st_size < 1_000_000  # before: 20 MB, and never less
+    finally:
+        store.close()
 
 
 def test_an_empty_database_is_created_but_an_unknown_revision_is_refused(tmp_path: Path) -> None:

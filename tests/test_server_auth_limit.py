@@ -13,9 +13,9 @@ import httpx
 import pytest
 
 from automask.server import keys as keystore
-from automask.server.auth_limit import FailedAuth, Known, client_address
+from automask.server.auth_limit import SITE_FACTOR, FailedAuth, Known, client_address
 from automask.server.errors import ApiError
-from automask.server.limits import WINDOW, RateLimiter, RedisRateLimiter
+from automask.server.limits import MAX_COUNTED, WINDOW, RateLimiter, RedisRateLimiter
 from automask.server.store import Store
 from server_helpers import FakeBackend, LiveServer, live_server
 
@@ -163,6 +163,59 @@ def test_the_in_process_limiter_keeps_at_most_max_keys() -> None:
     assert len(limiter) == 1  # keys whose requests all left the window are dropped
     limiter.check("peek", 5, count=False)
     assert len(limiter) == 1  # looking counts nothing and keeps nothing
+
+
+def test_a_flood_of_failing_ipv6_networks_costs_the_limiter_tens_of_megabytes_not_a_hundred() -> None:
+    """Before: each client address counted held a deque (~760 bytes even for one failure): a flood of failed
+    authentications from 100,000 IPv6 /64s (`MAX_COUNTED`) held ~95 MB. Now each holds its times as 8-byte doubles:
+    under 40 MB, the counts and the lock-out unchanged."""
+    import ipaddress
+    import tracemalloc
+
+    limiter = RateLimiter(clock=Clock())
+    networks = [client_address(str(ipaddress.IPv6Address((0x20010DB8 << 96) | (n << 64) | 1))) for n in range(100_000)]
+    tracemalloc.start()
+    try:
+        for network in networks:
+            limiter.check(f"auth-fail:{network}", 60, "failed authentications")
+        held = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert len(limiter) == MAX_COUNTED and held < 40_000_000, held  # before: ~95 MB
+    for _ in range(59):
+        limiter.check(f"auth-fail:{networks[0]}", 60, "failed authentications")
+    with pytest.raises(ApiError) as refused:
+        limiter.check(f"auth-fail:{networks[0]}", 60, "failed authentications")
+    assert refused.value.status == 429 and refused.value.headers["Retry-After"] == "60"
+
+
+def test_a_flood_from_many_ipv6_64s_of_one_site_is_locked_out_as_the_site() -> None:
+    """Before: each /64 was counted apart, so one site (a /48: 65,536 /64s) got 65,536 times the limit of guesses a
+    minute, each a database read, and as many entries in the limiter. Now its /64s together get `SITE_FACTOR` times
+    the limit; another site, an IPv4 client and a key known to be good are not affected."""
+    limiter = RateLimiter(clock=Clock())
+    auth = FailedAuth(limiter, 3)
+    site = [client_address(f"2001:db8:1:{n:x}::1") for n in range(100)]
+
+    async def guesses(addresses: list[str], token: str) -> int:
+        """How many of 3 guesses from each address got to the database (each failing)."""
+        read = 0
+        for address in addresses:
+            for _ in range(3):
+                try:
+                    await auth.admit(address, token)
+                except ApiError as refused:
+                    assert refused.status == 429
+                    continue
+                read += 1
+                await auth.failed(address, token)
+        return read
+
+    assert asyncio.run(guesses(site, "am_x_guess")) == 3 * SITE_FACTOR  # before: 300
+    assert len(limiter) == SITE_FACTOR + 1  # the /64s that guessed, and their /48
+    assert asyncio.run(guesses([client_address("2001:db8:2::1"), "192.0.2.1"], "am_x_guess")) == 6
+    asyncio.run(auth.succeeded("am_good_key"))
+    asyncio.run(auth.admit(site[-1], "am_good_key"))  # passes the site's lock-out
 
 
 def test_known_keys_are_digests_and_bounded() -> None:

@@ -42,8 +42,10 @@ def test_serve_refuses_to_start_when_redis_is_unreachable(tmp_path: Path, kind: 
 
 @pytest.mark.services
 def test_readyz_follows_redis_and_requests_are_refused_uncharged_while_it_is_down(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """Also: the log says once that Redis stopped answering, and once that it answers again (before: a warning per
+    /readyz probe for the whole outage)."""
     import services
 
     settings_dir = tmp_path / "data"
@@ -67,6 +69,7 @@ def test_readyz_follows_redis_and_requests_are_refused_uncharged_while_it_is_dow
             ready = ask()
             assert ready.status_code == 503 and "AUTOMASK_REDIS_URL" in ready.json()["error"], ready.text
             assert "127.0.0.1" not in ready.text  # public: no address
+            assert [ask().status_code for _ in range(3)] == [503] * 3
             refused = ask("/v1/automatic-mask-generator")
             assert refused.status_code == 503 and "shared state is unreachable" in refused.json()["error"]
             assert keystore.get_key(store, key.id).credits == 2  # type: ignore[union-attr]
@@ -76,6 +79,9 @@ def test_readyz_follows_redis_and_requests_are_refused_uncharged_while_it_is_dow
             assert ask("/v1/automatic-mask-generator").status_code == 200
             assert keystore.get_key(store, key.id).credits == 1  # type: ignore[union-attr]
         store.close()
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Redis (AUTOMASK_REDIS_URL) ")]
+    assert len(said) == 2 and "does not answer (" in said[0], said
+    assert said[1] == "Redis (AUTOMASK_REDIS_URL) answers again: ready"
 
 
 def _hand_off_parts(tmp_path: Path, store: Store, redis_url: str, timeout: float) -> tuple[Any, Any]:

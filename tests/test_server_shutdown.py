@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import base64
 import signal
+import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +19,7 @@ import pytest
 from sqlalchemy import select
 
 from automask.server import keys as keystore
-from automask.server.store import Store, jobs_table
+from automask.server.store import Store, holds_table, jobs_table
 from server_helpers import (
     LiveServer,
     StagedBackend,
@@ -64,27 +67,49 @@ def job_row(store: Store, job_id: str) -> tuple[str, int]:
     return str(row.status), int(row.attempts)
 
 
+@contextmanager
+def serving_a_job(tmp_path: Path, model: Path, delay: float) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """`automask serve` (every inference sleeps `delay` s: a test-only hook) running a v2 job of a key with 3
+    credits, in `tmp_path / "data"`; yields the process and the job's id once the job is PROCESSING."""
+    store = Store.in_data_dir(tmp_path / "data")
+    _, token = keystore.create_key(store, credits=3)
+    body = {"image": base64.b64encode(png_bytes(np.zeros((12, 16, 3), np.uint8))).decode(), "prompt": "cat"}
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    slow = {"AUTOMASK_SERVER_DEBUG_DELAY": str(delay)}
+    try:
+        with server_process(tmp_path / "data", model, port, slow, tmp_path / "server.log") as proc:
+            wait_ready(url, 60, proc)
+            r = httpx.post(f"{url}/v2/{SLUG}", json=body, headers={"x-api-key": token}, timeout=30)
+            job = r.json()["request_id"]
+            wait_for(lambda: job_row(store, job)[0] == "PROCESSING", 20)
+            yield proc, job
+    finally:
+        store.close()
+
+
+def job_and_credits(tmp_path: Path, job: str) -> tuple[tuple[str, int], int | None, bool]:
+    """The job's (status, attempts), its key's credits, and whether a credit of that key is held for it."""
+    store = Store.in_data_dir(tmp_path / "data")
+    try:
+        with store.read() as conn:
+            held = conn.execute(select(holds_table.c.key_id).where(holds_table.c.id == job)).scalar()
+            key = conn.execute(select(jobs_table.c.key_id).where(jobs_table.c.id == job)).scalar_one()
+        return job_row(store, job), keystore.get_key(store, key).credits, held == key  # type: ignore[union-attr]
+    finally:
+        store.close()
+
+
 def test_sigterm_lets_a_running_v2_job_finish_and_charges_it(tmp_path: Path, tiny_clipseg_dir: Path) -> None:
     """`automask serve` sent SIGTERM while a v2 job runs (an inference of 2 s). Before: it died 0.2 s later, of its
     own re-raised SIGTERM, mid-run: the job was left PROCESSING with its attempt counted (run again after the
     restart; after `max_job_attempts` restarts in a row, the job, always the oldest in the queue, ended FAILED for
     nothing it did), though README promises requests in flight `--shutdown-timeout` (10 s) to finish."""
-    data = tmp_path / "data"
-    store = Store.in_data_dir(data)
-    key, token = keystore.create_key(store, credits=3)
-    body = {"image": base64.b64encode(png_bytes(np.zeros((12, 16, 3), np.uint8))).decode(), "prompt": "cat"}
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    slow = {"AUTOMASK_SERVER_DEBUG_DELAY": "2"}  # test-only hook: every inference sleeps 2 s
-    with server_process(data, tiny_clipseg_dir, port, slow, tmp_path / "server.log") as proc:
-        wait_ready(url, 60, proc)
-        job = httpx.post(f"{url}/v2/{SLUG}", json=body, headers={"x-api-key": token}, timeout=30).json()["request_id"]
-        wait_for(lambda: job_row(store, job)[0] == "PROCESSING", 20)
+    with serving_a_job(tmp_path, tiny_clipseg_dir, 2) as (proc, job):
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
-    assert job_row(store, job) == ("COMPLETED", 1), (tmp_path / "server.log").read_text()[-2000:]
-    assert keystore.get_key(store, key.id).credits == 2  # type: ignore[union-attr]
-    store.close()
+    log = (tmp_path / "server.log").read_text()[-2000:]
+    assert job_and_credits(tmp_path, job) == (("COMPLETED", 1), 2, False), log  # charged once
 
 
 def test_a_v2_job_still_running_at_the_shutdown_timeout_goes_back_to_the_queue_uncounted(
@@ -162,3 +187,17 @@ def test_no_v2_job_starts_once_a_stop_signal_came(
 def body() -> dict[str, Any]:
     image = base64.b64encode(png_bytes(np.zeros((12, 16, 3), np.uint8))).decode()
     return {"image": image, "prompt": "sofa"}
+
+
+def test_ctrl_c_twice_on_serve_puts_the_running_v2_job_back_uncounted(tmp_path: Path, tiny_clipseg_dir: Path) -> None:
+    """Ctrl-C twice on `automask serve` while a v2 job runs (an inference of 3 s): uvicorn exits at the second SIGINT
+    without the app's shutdown step (no `Dispatcher.stop`). The job still goes back to the queue, its attempt not
+    counted, its credit held (not charged): the signal handler cut it off (`ServerState.ask_stop`) and the process's
+    exit waits for its thread, which puts it back at its next stage boundary. Exit 130, as a Ctrl-C."""
+    with serving_a_job(tmp_path, tiny_clipseg_dir, 3) as (proc, job):
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 130
+    log = (tmp_path / "server.log").read_text()[-2000:]
+    assert job_and_credits(tmp_path, job) == (("QUEUED", 0), 2, True), log  # held for the restart, not charged

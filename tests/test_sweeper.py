@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
-from sqlalchemy import text, update
+from sqlalchemy import insert, text, update
 
 from automask.server import fleet, nodes
 from automask.server.config import ServerSettings
@@ -248,3 +249,34 @@ def test_after_an_outage_a_job_goes_out_again_once_a_worker_serves_its_model(sto
     dispatcher.served = ["m"]  # a worker for m beats again
     assert sweeper.sweep()["republished"] == 1 and dispatcher.published == [job]
     assert sweeper.sweep()["republished"] == 0  # once
+
+
+def finished_results(store: Store, prefix: str, count: int, age: float) -> None:
+    """`count` COMPLETED jobs `prefix-N` with a random 64 KiB result each, finished `age` seconds ago."""
+    done_at = time.time() - age
+    rows = [
+        {"id": f"{prefix}-{i}", "status": "COMPLETED", "created_at": done_at, "finished_at": done_at}
+        | {"result": os.urandom(64 * 1024)}
+        for i in range(count)
+    ]
+    with store.transaction() as conn:
+        conn.execute(insert(jobs_table), rows)
+
+
+def test_an_sqlite_file_shrinks_once_its_results_expire(tmp_path: Path) -> None:
+    """Before: deleting expired results freed pages inside the file for reuse, but the file kept the size of the
+    largest burst for good. Now a new file has incremental auto-vacuum, and the sweep that expires results gives
+    their pages back (in short transactions) and checkpoints: the file shrinks."""
+    store = Store.in_data_dir(tmp_path)
+    jobs = Jobs(store)
+    sweeper = Sweeper(store, jobs, Recording(), ServerSettings(result_ttl=3600.0))  # type: ignore[arg-type]
+    try:
+        finished_results(store, "old", 400, age=7200.0)  # ~26 MB of results, expired an hour ago
+        finished_results(store, "new", 2, age=60.0)
+        store.engine.dispose()  # (the last connection checkpoints: the file holds the results)
+        assert store.path is not None and store.path.stat().st_size > 26_000_000
+        assert sweeper.sweep()["expired"] == 400
+        assert store.path.stat().st_size < 1_000_000  # before: unchanged
+        assert jobs.get("new-0") is not None and jobs.get("new-1") is not None and jobs.get("old-0") is None
+    finally:
+        store.close()

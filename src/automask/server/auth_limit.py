@@ -47,6 +47,11 @@ TIMEOUT = 1.0
 SECRET_ROW = "known-keys"
 """The database `settings` row that holds the fleet's HMAC secret (hex)."""
 
+SITE_FACTOR = 16
+"""An IPv6 /48 (one site's allocation: 65,536 /64s) is locked out as a whole once its /64s together failed this many
+times the per-address limit within the window: a flood of guesses from many /64s of one site gets as far as 16
+addresses would, and holds as many counts at most (before: each /64 counted apart, 65,536 times the limit)."""
+
 _FORGET = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
@@ -72,22 +77,35 @@ class FailedAuth:
         if self.limit is None or self.known.has(token):
             return
         try:
-            await self.limiter.hit(f"auth-fail:{address}", self.limit, "failed authentications", count=False)
+            for counted, limit in _counted_as(address, self.limit):
+                await self.limiter.hit(counted, limit, "failed authentications", count=False)
         except ApiError as refused:
             if refused.status != 429 or not await self.known.vouched(token):
                 raise
 
     async def failed(self, address: str, token: str | None) -> None:
-        """Count one failed authentication of `address` (`token` is no longer known to be good)."""
+        """Count one failed authentication of `address`, and of its IPv6 site (`token` is no longer known to be
+        good)."""
         if self.limit is not None:
             await self.known.failed(token)
-            with _suppress_429():
-                await self.limiter.hit(f"auth-fail:{address}", self.limit, "failed authentications")
+            for counted, limit in _counted_as(address, self.limit):
+                with _suppress_429():
+                    await self.limiter.hit(counted, limit, "failed authentications")
 
     async def succeeded(self, token: str | None) -> None:
         """`token` authenticated: from now on it passes a lock-out of its address."""
         if self.limit is not None:
             await self.known.succeeded(token)
+
+
+def _counted_as(address: str, limit: int) -> list[tuple[str, int]]:
+    """The limiter keys a failed authentication from `address` (`client_address`) counts under, with their limits:
+    the address's own, and for an IPv6 /64 its /48's, `SITE_FACTOR` times as many."""
+    counted = [(f"auth-fail:{address}", limit)]
+    if address.endswith("/64"):
+        site = ipaddress.IPv6Network(address).supernet(new_prefix=48)
+        counted.append((f"auth-fail:{site}", limit * SITE_FACTOR))
+    return counted
 
 
 @contextmanager

@@ -105,9 +105,10 @@ class ServerSettings(BaseSettings):
         default=60,
         ge=1,
         description="Failed authentications (missing, unknown or revoked x-api-key) per minute from one client "
-        "address (an IPv6 one: its /64); past it that address is answered 429 before any database read for the rest "
-        "of the minute, except requests with a key known to be good: one this process saw succeed lately or, with "
-        "AUTOMASK_REDIS_URL, one any API node saw succeed within a day. None: no limit.",
+        "address (an IPv6 one: its /64; the /64s of a /48 together: 16 times as many); past it that address is "
+        "answered 429 before any database read for the rest of the minute, except requests with a key known to be "
+        "good: one this process saw succeed lately or, with AUTOMASK_REDIS_URL, one any API node saw succeed within "
+        "a day. None: no limit.",
     )
     result_ttl: float = Field(
         default=3600.0,

@@ -10,7 +10,8 @@ import math
 import re
 import threading
 import time
-from collections import OrderedDict, deque
+from array import array
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -18,6 +19,7 @@ from typing import Any
 
 from automask.errors import ServiceConfigError
 from automask.server.errors import ApiError
+from automask.server.logs import Outage
 
 log = logging.getLogger("automask.server")
 
@@ -57,7 +59,9 @@ class RateLimiter:
     def __init__(self, clock: Callable[[], float] = time.time, max_keys: int = MAX_COUNTED) -> None:
         self._clock = clock
         self.max_keys = max_keys
-        self._seen: OrderedDict[str, deque[float]] = OrderedDict()
+        # each key's request times, oldest first, as 8-byte doubles (a deque of floats took ~800 bytes for one: a
+        # flood of client addresses failing authentication grew 100,000 of them to ~95 MB)
+        self._seen: OrderedDict[str, array[float]] = OrderedDict()
         self._lock = threading.Lock()
 
     def check(self, key_id: str, limit: int | None, what: str = "requests", count: bool = True) -> None:
@@ -69,11 +73,12 @@ class RateLimiter:
         with self._lock:
             self._forget_old(now)
             seen = self._seen.get(key_id)
-            while seen and seen[0] <= now - WINDOW:
-                seen.popleft()
+            if seen:
+                left = next((i for i, t in enumerate(seen) if t > now - WINDOW), len(seen))
+                del seen[:left]
             if seen is None or len(seen) < limit:
                 if count:
-                    self._seen.setdefault(key_id, deque()).append(now)
+                    self._seen.setdefault(key_id, array("d")).append(now)
                     self._seen.move_to_end(key_id)
                     self._forget_old(now)
                 return
@@ -134,6 +139,7 @@ class RedisRateLimiter:
         )
         self.prefix = prefix
         self._script = self.client.register_script(_SLIDING_WINDOW)
+        self._outage = Outage(log, "Redis (AUTOMASK_REDIS_URL)")
 
     async def hit(self, key_id: str, limit: int | None, what: str = "requests", count: bool = True) -> None:
         """Count one request of `key_id` (only look, with `count=False`); raise a 429 `ApiError` (nothing counted)
@@ -158,8 +164,9 @@ class RedisRateLimiter:
         try:
             await asyncio.wait_for(self.client.ping(), PING_TIMEOUT)
         except (RedisError, OSError, TimeoutError) as exc:
-            log.warning("redis does not answer: %s", " ".join(str(exc).split()) or type(exc).__name__)
+            self._outage.failed(" ".join(str(exc).split()) or type(exc).__name__)
             return REDIS_DOWN
+        self._outage.answered()
         return None
 
     async def close(self) -> None:

@@ -57,3 +57,24 @@ class Failures:
         if self.in_a_row:
             self.log.warning("%s works again after %d failure(s)", self.what, self.in_a_row)
             self.in_a_row = 0
+
+
+class Outage:
+    """The log of a dependency that /readyz probes again and again (the database, Redis): one line when it stops
+    answering, with why, and one when it answers again, instead of a line per probe (a load balancer probing every
+    second from each node) for the whole outage."""
+
+    def __init__(self, logger: logging.Logger, what: str) -> None:
+        self.log, self.what, self.down = logger, what, False
+
+    def failed(self, reason: str) -> None:
+        """The latest probe found it not answering, for `reason`."""
+        if not self.down:
+            self.down = True
+            self.log.warning("%s does not answer (%s): not ready", self.what, reason)
+
+    def answered(self) -> None:
+        """The latest probe found it answering."""
+        if self.down:
+            self.down = False
+            self.log.warning("%s answers again: ready", self.what)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from sqlalchemy import ColumnElement, delete, func, insert, select, update
 
 from automask.errors import ServiceConfigError
+from automask.server.bounded import bounded
 from automask.server.logs import Failures
 from automask.server.store import Store, nodes_table
 
@@ -154,6 +155,10 @@ class Heartbeat:
         self._thread.start()
 
     def _run(self) -> None:
+        with bounded():  # a frozen database fails a beat (tried again), never holds the thread until it thaws
+            self._beat_until_stopped()
+
+    def _beat_until_stopped(self) -> None:
         while not self._stop.wait(self.interval):
             try:
                 if not heartbeat(self.store, self.node_id):

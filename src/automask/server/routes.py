@@ -283,8 +283,8 @@ async def v1_credits(request: Request, key: PollingKey) -> CreditsResponse:
 )
 async def v1_models(request: Request, key: PollingKey) -> ModelList:
     dispatcher = state_of(request).dispatcher
-    entries = await asyncio.to_thread(dispatcher.models)
-    return ModelList.of(dispatcher.default, entries)
+    default, entries = await asyncio.to_thread(lambda: (dispatcher.default, dispatcher.models()))
+    return ModelList.of(default, entries)
 
 
 @router.head("/healthz", include_in_schema=False)  # load balancers' health checks probe with HEAD or GET
@@ -313,10 +313,11 @@ async def readyz(request: Request) -> Response:
         state.guard.refusal
         or await state.limiter.unreachable()
         or await state.database.unreachable()  # asked each time: the fleet's list of workers is cached for a second
-        or await asyncio.to_thread(dispatcher.readiness)
     )
+    if reason is None:  # both may read the fleet's list of workers (the database): off the loop
+        reason, model = await asyncio.to_thread(lambda: (dispatcher.readiness(), dispatcher.default))
     if reason is None:
-        return JSONResponse({"status": "ready", "model": dispatcher.default})  # its name: no server path
+        return JSONResponse({"status": "ready", "model": model})  # its name: no server path
     return error_response(503, reason)
 
 

@@ -46,6 +46,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
 
 from automask.errors import ServiceConfigError
+from automask.server.bounded import bounded, connect_bounded
 
 log = logging.getLogger("automask.server")
 metadata = MetaData()
@@ -184,6 +185,13 @@ _PG_CONNECT_ARGS = {
 }
 
 
+RECLAIM_PAGES = 2048
+"""Free pages of an SQLite file given back to the file system per write transaction (`Store.reclaim_space`): 8 MiB
+at the default 4 KiB page, a few milliseconds of the write lock, so requests' writes go on in between."""
+WAL_SIZE_LIMIT = 64 * 1024 * 1024
+"""Bytes an SQLite write-ahead log is cut back to once checkpointed: a burst of writes does not leave it large."""
+
+
 def advisory_lock_id(name: str) -> int:
     """The PostgreSQL advisory lock key (a signed 64-bit integer) of lock `name`: a stable hash."""
     return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "big", signed=True)
@@ -228,7 +236,7 @@ class Store:
     def _read_clock(self) -> None:
         try:
             before = self.host_clock()
-            with self.engine.connect() as conn:
+            with bounded(), self.engine.connect() as conn:
                 server = float(conn.execute(text("SELECT extract(epoch FROM clock_timestamp())")).scalar_one())
             skew = server - (before + self.host_clock()) / 2
         except SQLAlchemyError:  # unreachable now: keep the last difference, read again in a second
@@ -283,9 +291,11 @@ class Store:
 
     def _engine(self) -> Engine:
         if not self.is_sqlite:
-            return create_engine(
+            engine = create_engine(
                 self.url, pool_pre_ping=True, pool_size=10, max_overflow=20, connect_args=dict(_PG_CONNECT_ARGS)
             )
+            event.listen(engine, "do_connect", connect_bounded)
+            return engine
         if self.path is not None:
             _private_file(self.path)
         engine = create_engine(self.url, connect_args={"timeout": 10.0, "check_same_thread": False})
@@ -294,7 +304,10 @@ class Store:
         def _on_connect(dbapi_conn: Any, _record: Any) -> None:
             dbapi_conn.isolation_level = None  # SQLAlchemy emits BEGIN itself (below)
             cur = dbapi_conn.cursor()
+            # a new file gives freed pages back (`reclaim_space`); an older one once `automask db migrate` vacuums it
+            cur.execute("PRAGMA auto_vacuum=INCREMENTAL")
             cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.close()
@@ -329,11 +342,54 @@ class Store:
 
     def ping(self) -> bool:
         """Whether the database answers a query now."""
+        return self.ping_error() is None
+
+    def ping_error(self) -> str | None:
+        """None when the database answers a query now, else why not (the driver's error, on one line)."""
         try:
             with self.engine.connect() as conn:
                 conn.execute(text("SELECT 1"))
-        except SQLAlchemyError:
+        except SQLAlchemyError as exc:
+            return " ".join(str(getattr(exc, "orig", None) or exc).split())[:300] or type(exc).__name__
+        return None
+
+    def reclaim_space(self) -> int:
+        """SQLite: give the file's free pages (left by deleted jobs and results) back to the file system,
+        `RECLAIM_PAGES` per short write transaction, then checkpoint the WAL without waiting for anyone, which
+        shrinks the file; returns how many pages. 0 for a file without incremental auto-vacuum (one written before
+        schema revision 0005 that `automask db migrate` has not vacuumed yet), and for PostgreSQL (its autovacuum reuses
+        them)."""
+        if not self.is_sqlite:
+            return 0
+        freed = 0
+        with self.engine.connect() as conn:
+            raw = conn.connection.dbapi_connection
+            assert raw is not None
+            if raw.execute("PRAGMA auto_vacuum").fetchone()[0] != 2:  # 2: INCREMENTAL
+                return 0
+            free = int(raw.execute("PRAGMA freelist_count").fetchone()[0])
+            for _ in range(math.ceil(free / RECLAIM_PAGES)):
+                # a script: Python's execute would step the pragma once, giving back one page
+                raw.executescript(f"BEGIN IMMEDIATE; PRAGMA incremental_vacuum({RECLAIM_PAGES}); COMMIT;")
+            if free:
+                freed = free - int(raw.execute("PRAGMA freelist_count").fetchone()[0])
+                raw.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        return freed
+
+    def vacuum_once(self) -> bool:
+        """SQLite: turn incremental auto-vacuum on in a file written without it (`VACUUM`: the file is rewritten
+        without its free pages, holding the write lock meanwhile; needs its size again in free disk space); True when
+        it did. Nothing for a file that has it, or for PostgreSQL. `automask db migrate` runs it."""
+        if not self.is_sqlite:
             return False
+        with self.engine.connect() as conn:
+            raw = conn.connection.dbapi_connection
+            assert raw is not None
+            if raw.execute("PRAGMA auto_vacuum").fetchone()[0] == 2:
+                return False
+            raw.execute("PRAGMA auto_vacuum=INCREMENTAL")
+            raw.execute("VACUUM")
+            raw.execute("PRAGMA wal_checkpoint(PASSIVE)")
         return True
 
     def close(self) -> None:

@@ -7,7 +7,8 @@ they were put back) are handed out again, once something serves their model (`Di
 live worker); a job whose message RabbitMQ confirmed is never sent twice, however long it waits behind others (a
 message lost after that is covered by dead nodes' jobs and the attempts cap); credit holds that no live request owns
 are given back;
-every `cleanup_interval`, finished jobs older than `result_ttl` are deleted.
+every `cleanup_interval`, finished jobs older than `result_ttl` are deleted (an SQLite file then gives the space
+back, `Store.reclaim_space`).
 
 Before each sweep it reads again which kind of deployment the database serves (`deployment.Guard`): once another
 kind has taken it, this node stops sweeping and stops its dispatcher (no job runs here any more); its routes answer
@@ -21,6 +22,7 @@ import concurrent.futures
 import contextlib
 import logging
 import math
+import sqlite3
 import time
 from collections.abc import Iterator
 
@@ -28,6 +30,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
 from automask.server import keys, nodes
+from automask.server.bounded import bounded
 from automask.server.config import ServerSettings
 from automask.server.deployment import Guard
 from automask.server.dispatch import PUBLISH_TIMEOUT, Dispatcher
@@ -110,7 +113,8 @@ class Sweeper:
             pending = self.jobs.unpublished(now - self.server.republish_after, models=served, confirmed_before=resend)
             due = [job for job in pending if job[0] not in back]
             done["holds"] = keys.release_orphan_holds(self.store)
-            if time.monotonic() - self._last_expiry >= self.server.cleanup_interval:
+            cleanup = time.monotonic() - self._last_expiry >= self.server.cleanup_interval
+            if cleanup:
                 self._last_expiry = time.monotonic()
                 done["expired"] = self.jobs.expire(self.server.result_ttl)
                 nodes.forget_dead(self.store, max(60.0, 10 * self.server.node_ttl))
@@ -121,7 +125,18 @@ class Sweeper:
         done["republished"] = sum(job_id in handed for job_id, _ in due)
         if any(done.values()):
             log.info("sweep: %s", ", ".join(f"{v} {k}" for k, v in done.items() if v))
+        if cleanup:
+            self.reclaim()
         return done
+
+    def reclaim(self) -> None:
+        """Give the database file's free pages back (`Store.reclaim_space`), after the hand-outs: a failure (the
+        file locked for longer than its busy timeout) is logged and left to the next cleanup."""
+        try:
+            if pages := self.store.reclaim_space():
+                log.info("sweep: %d free pages of the database file given back to the file system", pages)
+        except (sqlite3.Error, SQLAlchemyError) as exc:
+            log.warning("sweep: the database file's free space was not given back (%s); the next cleanup tries", exc)
 
     def hand_out(self, due: list[tuple[str, str | None]]) -> set[str]:
         """Publish the jobs `due` ((id, model) pairs) and wait `PUBLISH_TIMEOUT` seconds at most for them (the
@@ -140,6 +155,12 @@ class Sweeper:
         return handed
 
     async def _loop(self) -> None:
+        with bounded():  # a frozen database fails a sweep (tried again), never holds it until it thaws
+            await self._sweep_while_guarded()
+        log.error("another kind of deployment took the database: this node stops sweeping and running jobs")
+        await self.dispatcher.stop()
+
+    async def _sweep_while_guarded(self) -> None:
         while True:
             try:
                 if self.guard is not None and not await asyncio.to_thread(self.guard.holds):
@@ -151,8 +172,6 @@ class Sweeper:
                 if isinstance(exc, SQLAlchemyError):
                     self.failed()
             await asyncio.sleep(min(self.server.sweep_interval, self.server.cleanup_interval))
-        log.error("another kind of deployment took the database: this node stops sweeping and running jobs")
-        await self.dispatcher.stop()
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop())

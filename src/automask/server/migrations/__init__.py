@@ -16,6 +16,7 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, inspect, text
+from sqlalchemy.exc import SQLAlchemyError
 
 from automask.errors import ServiceConfigError
 from automask.server.store import Store, metadata
@@ -63,7 +64,20 @@ def migrate(store: Store, revision: str = "head") -> tuple[str | None, str]:
         after = current(conn) or ""
     for path in cfg.attributes.get("delete_after_commit", []):  # result files now held by the database
         path.unlink(missing_ok=True)
+    _vacuum(store)
     return before, after
+
+
+def _vacuum(store: Store) -> None:
+    """SQLite written before revision 0005: rewrite the file once so that it gives freed pages back from now on
+    (`Store.reclaim_space`). Outside the migration's transaction (VACUUM cannot run in one); one that fails (the
+    disk is full) leaves the file as it was, to be vacuumed by the next `automask db migrate`."""
+    try:
+        if store.vacuum_once():
+            log.info("the database %s now gives the space of expired results back", store.describe())
+    except SQLAlchemyError as exc:
+        reason = " ".join(str(getattr(exc, "orig", None) or exc).split())
+        log.warning("could not vacuum the database %s (%s): run automask db migrate again", store.describe(), reason)
 
 
 def ensure_schema(store: Store, *, create: bool) -> None:

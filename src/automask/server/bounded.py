@@ -1,0 +1,62 @@
+"""A bound on how long a background loop's statement waits for PostgreSQL's answer (`bounded`), which no network
+timeout gives when the server is frozen but its host's kernel still acknowledges every packet."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any
+
+BACKGROUND_QUERY_TIMEOUT = 30.0
+"""Seconds one statement of a background loop (a sweep, a node heartbeat, the fleet's list of live workers, a reading
+of the server's clock, a /readyz ping) may wait for PostgreSQL's answer (`bounded`): past it its connection is
+closed and the statement fails, and the loop tries again. A server that is frozen (stopped, hung on its disk) while
+its host's kernel still acknowledges every packet is seen by no network timeout (`store.NETWORK_DEAD_AFTER`), and held
+those threads until it thawed, for ever if it never did."""
+_QUERY_BOUND: ContextVar[float | None] = ContextVar("automask_query_bound", default=None)
+
+
+@contextmanager
+def bounded(seconds: float | None = None) -> Iterator[None]:
+    """Within the block (in this thread, or this task and the threads it starts with `asyncio.to_thread`), each wait
+    for PostgreSQL's answer lasts `seconds` at most (default `BACKGROUND_QUERY_TIMEOUT`): then the connection is
+    closed and the statement raises SQLAlchemy's `OperationalError`. SQLite: no effect (a local file)."""
+    token = _QUERY_BOUND.set(BACKGROUND_QUERY_TIMEOUT if seconds is None else seconds)
+    try:
+        yield
+    finally:
+        _QUERY_BOUND.reset(token)
+
+
+def connect_bounded(_dialect: Any, _record: Any, cargs: Any, cparams: dict[str, Any]) -> Any:
+    """SQLAlchemy's `do_connect` event of a PostgreSQL engine: `psycopg.connect`, for a connection whose waits for
+    the server honour `bounded`."""
+    return _bounded_connection().connect(*cargs, **cparams)
+
+
+@functools.cache
+def _bounded_connection() -> Any:
+    """psycopg's `Connection`, its waits for the server bounded by `bounded` (psycopg is imported only here)."""
+    import psycopg
+
+    try:
+        from psycopg.errors import _WaitTimeout  # with the `timeout` of `Connection.wait`
+    except ImportError:  # an older psycopg: no bound
+        return psycopg.Connection
+
+    class BoundedConnection(psycopg.Connection[Any]):
+        def wait(self, gen: Any, interval: float = 0.1, timeout: float | None = None) -> Any:
+            bound = _QUERY_BOUND.get() if timeout is None else None
+            try:
+                return super().wait(gen, interval=interval, timeout=timeout if bound is None else bound)
+            except _WaitTimeout:
+                if bound is None:
+                    raise
+                self.close()  # mid-statement: unusable, and taken for a disconnect (the pool drops it)
+                raise psycopg.OperationalError(
+                    f"the database server did not answer within {bound:g} s (frozen or overloaded)"
+                ) from None
+
+    return BoundedConnection
