@@ -333,3 +333,31 @@ def test_a_model_of_two_repositories_checks_the_room_for_both_before_downloading
     assert f"it needs {2 * weights / 1e6:.1f} MB more on the disk holding '{models}'" in proc.stderr
     assert not [r for r in server.requests if r.startswith("GET") and "model.safetensors" in r], server.requests
     assert not (models / "grounded-sam").exists()
+
+
+def test_a_repository_with_only_bin_weights_counts_them_in_the_room_check_of_the_model(
+    tmp_path: Path, tiny_clipseg_dir: Path
+) -> None:
+    """A repository with no safetensors (its pytorch_model.bin is what is downloaded) checked its room on its own,
+    after the other repository of the model was downloaded: with room for one, the pull went ahead. The room check
+    is one sum for the whole model, the .bin weights included, before any download."""
+    bin_only = tmp_path / "bin-only"
+    shutil.copytree(tiny_clipseg_dir, bin_only)
+    (bin_only / "model.safetensors").rename(bin_only / "pytorch_model.bin")
+    repos = {"IDEA-Research/grounding-dino-tiny": tiny_clipseg_dir, "facebook/sam-vit-base": bin_only}
+    weights = (tiny_clipseg_dir / "model.safetensors").stat().st_size
+    with fake_hub(repos) as server:
+        env = _with_free_space(tmp_path, _env(tmp_path, server), weights + 1000)  # room for one repository's
+        proc = run(["models", "pull", "grounded-sam"], env)
+        gets = [r for r in server.requests if r.startswith("GET") and r.endswith((".safetensors", ".bin"))]
+        server.requests.clear()
+        again = run(["models", "pull", "grounded-sam"], _env(tmp_path, server))  # with room: the .bin once
+        bins = [r for r in server.requests if r.startswith("GET") and r.endswith(".bin")]
+    models = tmp_path / "data" / "models"
+    assert proc.returncode == 4, proc.stderr
+    assert f"it needs {2 * weights / 1e6:.1f} MB more on the disk holding '{models}'" in proc.stderr
+    assert gets == [], server.requests
+    assert again.returncode == 0, again.stderr
+    assert bins == ["GET /facebook/sam-vit-base/resolve/main/pytorch_model.bin"], server.requests
+    part = models / "grounded-sam" / "facebook--sam-vit-base"
+    assert (part / "pytorch_model.bin").read_bytes() == (bin_only / "pytorch_model.bin").read_bytes()

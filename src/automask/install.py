@@ -153,15 +153,20 @@ def fetch_weights(repo: str, dest: Path, files: tuple[str, ...], todo: Todo | No
 
 
 def plan_weights(repo: str, dest: Path, files: tuple[str, ...]) -> Todo:
-    """The weight files of hub repository `repo` among `files` that `fetch_weights` downloads into `dest`: files
-    already in `dest`, and files the hub gives no sha256 for (not LFS: small), are left to `snapshot_download`.
+    """The weight files of hub repository `repo` among `files` (its .bin weights when it has no safetensors) that
+    `fetch_weights` downloads into `dest`: files already in `dest`, and files the hub gives no sha256 for (not LFS:
+    small), are left to `snapshot_download`.
     Kept partials of an older version of a file, or longer than it (damaged), are deleted."""
     from huggingface_hub import HfApi, get_hf_file_metadata, hf_hub_url
     from huggingface_hub.utils import filter_repo_objects
 
     weights = [p for p in files if p.endswith((".safetensors", ".bin"))]
+    listing = HfApi().list_repo_files(repo) if weights else []
+    wanted = list(filter_repo_objects(listing, allow_patterns=weights))
+    if "*.safetensors" in files and not any(n.endswith(".safetensors") for n in wanted):
+        wanted += filter_repo_objects(listing, allow_patterns=list(FALLBACK_WEIGHTS))  # what `download_repo` takes
     todo = []
-    for filename in filter_repo_objects(HfApi().list_repo_files(repo), allow_patterns=weights) if weights else ():
+    for filename in wanted:
         final = dest / filename
         if final.is_file():
             continue
