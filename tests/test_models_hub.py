@@ -24,6 +24,7 @@ from automask import MaskGenerator
 from automask.catalogue import DEFAULT_FILES
 from automask.install import RESUME
 from automask.settings import Settings
+from automask.staging import resumable_staging
 from fake_hub import FakeHubServer, HubError, fake_hub
 from test_first_use import automask_command, clean_env, run
 
@@ -221,6 +222,31 @@ def test_a_pull_interrupted_midway_says_where_its_download_waits(tmp_path: Path,
     assert proc.returncode == 130, err
     assert "Traceback" not in err and f"10.5 MB downloaded so far are kept in '{partial}'" in err
     assert partial.is_dir() and not (partial.parent / "clipseg").exists()
+
+
+def test_ctrl_c_while_waiting_for_another_pull_does_not_claim_its_download(tmp_path: Path, hub: FakeHubServer) -> None:
+    """Ctrl-C while a pull waited for another process's pull of the same model printed 'The 0.0 MB downloaded so
+    far are kept in ...': the other pull's bytes, which this one never downloaded and that pull may yet install."""
+    target = tmp_path / "data" / "models" / "clipseg"
+    with resumable_staging(target) as other:  # the other pull, midway
+        (other / "model.safetensors").write_bytes(b"\0" * 2_000_000)
+        proc = subprocess.Popen(
+            [*automask_command(), "models", "pull", "clipseg"],
+            env=_env(tmp_path, hub),
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert proc.stderr is not None
+        said = ""
+        while "waiting for it to end" not in said and proc.poll() is None:
+            said += proc.stderr.readline()
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        assert (other / "model.safetensors").is_file()  # left alone
+    assert proc.returncode == 130, said + err
+    assert "Stopped waiting: this pull downloaded nothing; the other pull of 'clipseg' goes on." in err
+    assert "kept in" not in err and "Traceback" not in err
+    assert hub.requests == []
 
 
 def _kept(tmp_path: Path, repo: Path, data: bytes) -> Path:
