@@ -117,8 +117,10 @@ def _onnx_exports(backend: str, path: Path) -> list[str] | None:
     """The ONNX Runtime graph sets present for a CLIPSeg model ("fp32", "int8"); None for other backends."""
     if backend != "clipseg":
         return None
-    from automask.backends.clipseg_common import has_onnx
+    from automask.backends.clipseg_common import has_onnx, onnx_dir
+    from automask.staging import tidy
 
+    tidy(onnx_dir(path))  # what a killed `models export` left: its staging folder, the export it moved aside
     return [kind for kind, int8 in (("fp32", False), ("int8", True)) if has_onnx(path, int8)]
 
 
