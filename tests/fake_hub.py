@@ -43,6 +43,9 @@ class FakeHubServer:
     """What `error` becomes once a download has been cut (a hub that stays away: no retry gets further)."""
     pause: float = 0.0
     """Seconds each file download waits before its body (time to interrupt a download)."""
+    xet: bool = False
+    """When set, weight files (.safetensors) are announced as Xet-backed (X-Xet-Hash), as the real hub does; no Xet
+    server is behind it: its token route is not found, so a download that went the Xet way fails."""
     requests: list[str] = field(default_factory=list)
     """'METHOD /path' of each request, then ' Range: ...' when it asked for part of a file."""
     url: str = ""
@@ -92,6 +95,8 @@ def _handler(hub: FakeHubServer) -> type[BaseHTTPRequestHandler]:
                 time.sleep(hub.pause)
             data = file.read_bytes()
             headers = {"X-Repo-Commit": SHA, "ETag": f'"{hashlib.sha256(data).hexdigest()}"'}
+            if hub.xet and file.suffix == ".safetensors":
+                headers |= {"X-Xet-Hash": "f" * 64, "X-Xet-Refresh-Route": f"{hub.url}/api/xet-token-unavailable"}
             status, start = 200, 0
             if body and (asked := re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range", ""))):
                 status, start = 206, int(asked[1])

@@ -149,13 +149,16 @@ def _padded(tiny: Path, folder: Path) -> Path:
     return folder
 
 
-def test_an_interrupted_download_resumes_where_it_stopped(tmp_path: Path, tiny_clipseg_dir: Path) -> None:
+@pytest.mark.parametrize("xet", [False, True], ids=["lfs", "xet"])
+def test_an_interrupted_download_resumes_where_it_stopped(tmp_path: Path, tiny_clipseg_dir: Path, xet: bool) -> None:
     """Every pull made a new staging folder, and huggingface_hub deletes a file cut off midway: a connection that
-    dropped at 3 GB of SAM 3's 3.4 GB started again from zero. The retry now asks only for the rest (Range)."""
+    dropped at 3 GB of SAM 3's 3.4 GB started again from zero. The retry now asks only for the rest (Range); for a
+    Xet-backed file too (the hub's Xet download deletes a cut-off file as well, and hf_xet keeps no chunk cache)."""
     repo = _padded(tiny_clipseg_dir, tmp_path / "repo")
     size = (repo / "model.safetensors").stat().st_size
     models = tmp_path / "data" / "models"
     with fake_hub({REPO: repo}) as hub:
+        hub.xet = xet
         env = _env(tmp_path, hub)
         hub.cut, hub.then = 12 << 20, HubError(503, message="the hub went away")
         first = run(["models", "pull", "clipseg"], env)

@@ -127,8 +127,9 @@ def fetch_weights(repo: str, dest: Path, files: tuple[str, ...], todo: Todo | No
     `dest`, each resuming what an earlier, interrupted download left in `dest / RESUME` (huggingface_hub's
     `http_get` asks for the rest with an HTTP Range header). `snapshot_download`, run next, checks each against the
     hub's sha256 and fetches the other files: recent huggingface_hub releases delete a file cut off midway, so a
-    retry of a 3.4 GB download would start again from zero. `todo`: `plan_weights`'s answer, its room checked
-    (else both are done here)."""
+    retry of a 3.4 GB download would start again from zero. Xet-backed files too, though hf_xet is faster: the
+    hub's Xet download also deletes a cut-off file, and hf_xet keeps no chunk cache by default. `todo`:
+    `plan_weights`'s answer, its room checked (else both are done here)."""
     from huggingface_hub.file_download import http_get
     from huggingface_hub.utils import build_hf_headers
 
