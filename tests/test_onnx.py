@@ -376,3 +376,21 @@ def test_an_export_killed_inside_its_swap_is_put_back_and_its_leftovers_removed(
     assert [p.name for p in folder.glob(".onnx-*.old")] == []
     export(folder)
     assert has_onnx(folder) and [p.name for p in folder.iterdir() if p.name.startswith(".")] == []
+
+
+def test_models_list_removes_what_a_killed_export_left(exported: Path, settings: Settings) -> None:
+    """A killed export's staging folder (the size of the weights) and an older export it had moved aside and not
+    yet deleted stayed in the model folder for good: `models list` (which tidies a killed pull's) removes them."""
+    import automask.models
+    from automask.cli import main
+
+    folder = automask.models.model_dir("clipseg", settings)
+    shutil.copytree(exported, folder)
+    (folder / automask.models.MARKER).write_text(json.dumps({"name": "clipseg", "backend": "clipseg", "repos": []}))
+    shutil.copytree(onnx_dir(folder), folder / ".onnx-0000000a.partial")  # its lock died with it
+    shutil.copytree(onnx_dir(folder), folder / ".onnx-0000000b.old")
+    result = CliRunner().invoke(main, ["--data-dir", str(settings.data_dir), "models", "list", "--json"])
+    assert result.exit_code == 0, result.output
+    row = next(r for r in json.loads(result.stdout) if r["name"] == "clipseg")
+    assert row["onnx"] == ["fp32", "int8"]
+    assert [p.name for p in folder.iterdir() if p.name.startswith(".")] == []
