@@ -25,7 +25,7 @@ from automask.catalogue import DEFAULT_FILES
 from automask.install import RESUME
 from automask.settings import Settings
 from automask.staging import resumable_staging
-from fake_hub import FakeHubServer, HubError, fake_hub
+from fake_hub import SHA, FakeHubServer, HubError, fake_hub
 from test_first_use import automask_command, clean_env, run
 
 REPO = "CIDAS/clipseg-rd64-refined"
@@ -171,7 +171,7 @@ def test_an_interrupted_download_resumes_where_it_stopped(tmp_path: Path, tiny_c
         second = run(["models", "pull", "clipseg"], env)
         assert second.returncode == 0, second.stderr
         weights = [r for r in hub.requests if r.startswith(f"GET /{REPO}/resolve/") and "model.safetensors" in r]
-    assert weights == [f"GET /{REPO}/resolve/main/model.safetensors Range: bytes={10 << 20}-"], hub.requests
+    assert weights == [f"GET /{REPO}/resolve/{SHA}/model.safetensors Range: bytes={10 << 20}-"], hub.requests
     assert [p.name for p in models.iterdir()] == ["clipseg"]
     assert (models / "clipseg" / "model.safetensors").read_bytes() == (repo / "model.safetensors").read_bytes()
     assert size > 12 << 20
@@ -200,7 +200,7 @@ def test_pull_takes_a_model_complete_in_the_hf_cache_without_the_network(tmp_pat
     proc = run(["models", "pull", "clipseg"], env)
     assert proc.returncode == 0, proc.stderr
     assert "Hugging Face cache" not in proc.stderr
-    assert any(r.startswith(f"GET /{REPO}/resolve/main/model.safetensors") for r in hub.requests), hub.requests
+    assert any(r.startswith(f"GET /{REPO}/resolve/{SHA}/model.safetensors") for r in hub.requests), hub.requests
     assert (folder / "model.safetensors").read_bytes() == (hub.repos[REPO] / "model.safetensors").read_bytes()
 
 
@@ -387,6 +387,23 @@ def test_a_repository_with_only_bin_weights_counts_them_in_the_room_check_of_the
     assert f"it needs {2 * weights / 1e6:.1f} MB more on the disk holding '{models}'" in proc.stderr
     assert gets == [], server.requests
     assert again.returncode == 0, again.stderr
-    assert bins == ["GET /facebook/sam-vit-base/resolve/main/pytorch_model.bin"], server.requests
+    assert bins == [f"GET /facebook/sam-vit-base/resolve/{SHA}/pytorch_model.bin"], server.requests
     part = models / "grounded-sam" / "facebook--sam-vit-base"
     assert (part / "pytorch_model.bin").read_bytes() == (bin_only / "pytorch_model.bin").read_bytes()
+
+
+def test_a_weight_download_asks_the_hub_for_a_fresh_link(tmp_path: Path, tiny_clipseg_dir: Path) -> None:
+    """The hub answers a weight file with a redirect to a signed CDN link that expires. The links of every weight
+    file of a model were asked for at once, before the first download (the room check): a weight downloaded after
+    the others had taken longer than a link lives was refused (403), and the pull failed. Each download now asks
+    the hub for its link as it starts."""
+    repos = {"IDEA-Research/grounding-dino-tiny": tiny_clipseg_dir, "facebook/sam-vit-base": tiny_clipseg_dir}
+    with fake_hub(repos) as server:
+        server.cdn_link_life, server.pause = 1.0, 1.2  # the first download outlives the second one's first link
+        proc = run(["models", "pull", "grounded-sam"], _env(tmp_path, server))
+        weights = [r for r in server.requests if r.startswith("GET /cdn/")]
+    assert proc.returncode == 0, proc.stderr
+    assert len(weights) == 2, server.requests
+    for part in ("IDEA-Research--grounding-dino-tiny", "facebook--sam-vit-base"):
+        model = tmp_path / "data" / "models" / "grounded-sam" / part / "model.safetensors"
+        assert model.read_bytes() == (tiny_clipseg_dir / "model.safetensors").read_bytes()

@@ -130,6 +130,7 @@ def fetch_weights(repo: str, dest: Path, files: tuple[str, ...], todo: Todo | No
     retry of a 3.4 GB download would start again from zero. Xet-backed files too, though hf_xet is faster: the
     hub's Xet download also deletes a cut-off file, and hf_xet keeps no chunk cache by default. `todo`:
     `plan_weights`'s answer, its room checked (else both are done here)."""
+    from huggingface_hub import hf_hub_url
     from huggingface_hub.file_download import http_get
     from huggingface_hub.utils import build_hf_headers
 
@@ -140,8 +141,8 @@ def fetch_weights(repo: str, dest: Path, files: tuple[str, ...], todo: Todo | No
     for filename, meta, partial in todo:
         with partial.open("ab") as f:
             if meta.size is None or f.tell() < meta.size:  # all there: no request (a Range at its end is refused)
-                http_get(
-                    meta.location,
+                http_get(  # the hub's URL, not `meta.location`: the CDN link it redirects to expires
+                    hf_hub_url(repo, filename, revision=meta.commit_hash),
                     f,
                     resume_size=f.tell(),
                     headers=build_hf_headers(),
