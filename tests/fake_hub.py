@@ -43,6 +43,12 @@ class FakeHubServer:
     """What `error` becomes once a download has been cut (a hub that stays away: no retry gets further)."""
     pause: float = 0.0
     """Seconds each file download waits before its body (time to interrupt a download)."""
+    xet: bool = False
+    """When set, weight files (.safetensors) are announced as Xet-backed (X-Xet-Hash), as the real hub does; no Xet
+    server is behind it: its token route is not found, so a download that went the Xet way fails."""
+    cdn_link_life: float | None = None
+    """When set, weight files (.safetensors) are served as the hub serves LFS and Xet files: /resolve/ answers a
+    redirect to another host (a CDN; here `localhost`) whose signed link is refused this many seconds later."""
     requests: list[str] = field(default_factory=list)
     """'METHOD /path' of each request, then ' Range: ...' when it asked for part of a file."""
     url: str = ""
@@ -66,7 +72,14 @@ def _handler(hub: FakeHubServer) -> type[BaseHTTPRequestHandler]:
                 headers = {"X-Error-Code": hub.error.code, "X-Error-Message": hub.error.message}
                 self._send(hub.error.status, b"{}", headers)
                 return
-            path = self.path.split("?")[0]
+            path, _, query = self.path.partition("?")
+            if path.startswith("/cdn/"):  # a signed CDN link: refused once it has expired
+                if time.time() > float(query.removeprefix("expires=")):
+                    self._send(403, b"Request has expired", {})
+                    return
+                repo, file = path.removeprefix("/cdn/").rsplit("/", 1)
+                self._file(hub.repos[repo] / file, body)
+                return
             for repo, folder in hub.repos.items():
                 files = sorted(p.name for p in folder.iterdir() if p.is_file())
                 if path.startswith(f"/api/models/{repo}/tree/"):
@@ -78,7 +91,11 @@ def _handler(hub: FakeHubServer) -> type[BaseHTTPRequestHandler]:
                     self._send(200, json.dumps(info).encode(), {"Content-Type": "application/json"})
                     return
                 if path.startswith(f"/{repo}/resolve/"):
-                    self._file(folder / path.removeprefix(f"/{repo}/resolve/").split("/", 1)[1], body)
+                    file = folder / path.removeprefix(f"/{repo}/resolve/").split("/", 1)[1]
+                    if hub.cdn_link_life is not None and file.suffix == ".safetensors" and file.is_file():
+                        self._redirect(repo, file)
+                    else:
+                        self._file(file, body)
                     return
             self._send(404, b"", {"X-Error-Code": "RepoNotFound"})
 
@@ -92,6 +109,8 @@ def _handler(hub: FakeHubServer) -> type[BaseHTTPRequestHandler]:
                 time.sleep(hub.pause)
             data = file.read_bytes()
             headers = {"X-Repo-Commit": SHA, "ETag": f'"{hashlib.sha256(data).hexdigest()}"'}
+            if hub.xet and file.suffix == ".safetensors":
+                headers |= {"X-Xet-Hash": "f" * 64, "X-Xet-Refresh-Route": f"{hub.url}/api/xet-token-unavailable"}
             status, start = 200, 0
             if body and (asked := re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range", ""))):
                 status, start = 206, int(asked[1])
@@ -107,6 +126,15 @@ def _handler(hub: FakeHubServer) -> type[BaseHTTPRequestHandler]:
                 time.sleep(hub.stall)
                 self.close_connection = True
                 hub.error = hub.then
+
+        def _redirect(self, repo: str, file: Path) -> None:
+            """The hub's answer for an LFS file: its metadata, and a link to the CDN that expires."""
+            assert hub.cdn_link_life is not None
+            expires = time.time() + hub.cdn_link_life
+            location = f"{hub.url.replace('127.0.0.1', 'localhost')}/cdn/{repo}/{file.name}?expires={expires}"
+            sha = hashlib.sha256(file.read_bytes()).hexdigest()
+            headers = {"X-Repo-Commit": SHA, "X-Linked-Etag": f'"{sha}"', "X-Linked-Size": str(file.stat().st_size)}
+            self._send(302, b"", headers | {"Location": location})
 
         def _send(self, status: int, data: bytes, headers: dict[str, str], length: int | None = None) -> None:
             self.send_response(status)

@@ -264,3 +264,13 @@ def test_a_model_moved_aside_is_left_alone_while_an_installer_holds_its_lock(tmp
         assert not (models / "m").exists()
     staging_module.recover(models / "m")
     assert (models / "m" / "weights").read_text() == "old"
+
+
+def test_the_note_on_a_running_pull_does_not_call_its_download_kept(tmp_path: Path) -> None:
+    """`models list` during a pull in another terminal said its bytes were 'kept ... (delete that folder to free the
+    space)': the folder a live pull was writing to. It now says a pull is running."""
+    target = tmp_path / "models" / "m"
+    with resumable_staging(target) as tmp:
+        (tmp / "weights").write_bytes(b"\0" * 3_000_000)
+        assert partial_note(target) == f"A pull of m is running: 3.0 MB downloaded so far, in '{tmp}'."
+    assert list(target.parent.iterdir()) == []

@@ -24,7 +24,8 @@ from automask import MaskGenerator
 from automask.catalogue import DEFAULT_FILES
 from automask.install import RESUME
 from automask.settings import Settings
-from fake_hub import FakeHubServer, HubError, fake_hub
+from automask.staging import resumable_staging
+from fake_hub import SHA, FakeHubServer, HubError, fake_hub
 from test_first_use import automask_command, clean_env, run
 
 REPO = "CIDAS/clipseg-rd64-refined"
@@ -148,13 +149,16 @@ def _padded(tiny: Path, folder: Path) -> Path:
     return folder
 
 
-def test_an_interrupted_download_resumes_where_it_stopped(tmp_path: Path, tiny_clipseg_dir: Path) -> None:
+@pytest.mark.parametrize("xet", [False, True], ids=["lfs", "xet"])
+def test_an_interrupted_download_resumes_where_it_stopped(tmp_path: Path, tiny_clipseg_dir: Path, xet: bool) -> None:
     """Every pull made a new staging folder, and huggingface_hub deletes a file cut off midway: a connection that
-    dropped at 3 GB of SAM 3's 3.4 GB started again from zero. The retry now asks only for the rest (Range)."""
+    dropped at 3 GB of SAM 3's 3.4 GB started again from zero. The retry now asks only for the rest (Range); for a
+    Xet-backed file too (the hub's Xet download deletes a cut-off file as well, and hf_xet keeps no chunk cache)."""
     repo = _padded(tiny_clipseg_dir, tmp_path / "repo")
     size = (repo / "model.safetensors").stat().st_size
     models = tmp_path / "data" / "models"
     with fake_hub({REPO: repo}) as hub:
+        hub.xet = xet
         env = _env(tmp_path, hub)
         hub.cut, hub.then = 12 << 20, HubError(503, message="the hub went away")
         first = run(["models", "pull", "clipseg"], env)
@@ -167,7 +171,7 @@ def test_an_interrupted_download_resumes_where_it_stopped(tmp_path: Path, tiny_c
         second = run(["models", "pull", "clipseg"], env)
         assert second.returncode == 0, second.stderr
         weights = [r for r in hub.requests if r.startswith(f"GET /{REPO}/resolve/") and "model.safetensors" in r]
-    assert weights == [f"GET /{REPO}/resolve/main/model.safetensors Range: bytes={10 << 20}-"], hub.requests
+    assert weights == [f"GET /{REPO}/resolve/{SHA}/model.safetensors Range: bytes={10 << 20}-"], hub.requests
     assert [p.name for p in models.iterdir()] == ["clipseg"]
     assert (models / "clipseg" / "model.safetensors").read_bytes() == (repo / "model.safetensors").read_bytes()
     assert size > 12 << 20
@@ -196,7 +200,7 @@ def test_pull_takes_a_model_complete_in_the_hf_cache_without_the_network(tmp_pat
     proc = run(["models", "pull", "clipseg"], env)
     assert proc.returncode == 0, proc.stderr
     assert "Hugging Face cache" not in proc.stderr
-    assert any(r.startswith(f"GET /{REPO}/resolve/main/model.safetensors") for r in hub.requests), hub.requests
+    assert any(r.startswith(f"GET /{REPO}/resolve/{SHA}/model.safetensors") for r in hub.requests), hub.requests
     assert (folder / "model.safetensors").read_bytes() == (hub.repos[REPO] / "model.safetensors").read_bytes()
 
 
@@ -221,6 +225,31 @@ def test_a_pull_interrupted_midway_says_where_its_download_waits(tmp_path: Path,
     assert proc.returncode == 130, err
     assert "Traceback" not in err and f"10.5 MB downloaded so far are kept in '{partial}'" in err
     assert partial.is_dir() and not (partial.parent / "clipseg").exists()
+
+
+def test_ctrl_c_while_waiting_for_another_pull_does_not_claim_its_download(tmp_path: Path, hub: FakeHubServer) -> None:
+    """Ctrl-C while a pull waited for another process's pull of the same model printed 'The 0.0 MB downloaded so
+    far are kept in ...': the other pull's bytes, which this one never downloaded and that pull may yet install."""
+    target = tmp_path / "data" / "models" / "clipseg"
+    with resumable_staging(target) as other:  # the other pull, midway
+        (other / "model.safetensors").write_bytes(b"\0" * 2_000_000)
+        proc = subprocess.Popen(
+            [*automask_command(), "models", "pull", "clipseg"],
+            env=_env(tmp_path, hub),
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert proc.stderr is not None
+        said = ""
+        while "waiting for it to end" not in said and proc.poll() is None:
+            said += proc.stderr.readline()
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        assert (other / "model.safetensors").is_file()  # left alone
+    assert proc.returncode == 130, said + err
+    assert "Stopped waiting: this pull downloaded nothing; the other pull of 'clipseg' goes on." in err
+    assert "kept in" not in err and "Traceback" not in err
+    assert hub.requests == []
 
 
 def _kept(tmp_path: Path, repo: Path, data: bytes) -> Path:
@@ -333,3 +362,48 @@ def test_a_model_of_two_repositories_checks_the_room_for_both_before_downloading
     assert f"it needs {2 * weights / 1e6:.1f} MB more on the disk holding '{models}'" in proc.stderr
     assert not [r for r in server.requests if r.startswith("GET") and "model.safetensors" in r], server.requests
     assert not (models / "grounded-sam").exists()
+
+
+def test_a_repository_with_only_bin_weights_counts_them_in_the_room_check_of_the_model(
+    tmp_path: Path, tiny_clipseg_dir: Path
+) -> None:
+    """A repository with no safetensors (its pytorch_model.bin is what is downloaded) checked its room on its own,
+    after the other repository of the model was downloaded: with room for one, the pull went ahead. The room check
+    is one sum for the whole model, the .bin weights included, before any download."""
+    bin_only = tmp_path / "bin-only"
+    shutil.copytree(tiny_clipseg_dir, bin_only)
+    (bin_only / "model.safetensors").rename(bin_only / "pytorch_model.bin")
+    repos = {"IDEA-Research/grounding-dino-tiny": tiny_clipseg_dir, "facebook/sam-vit-base": bin_only}
+    weights = (tiny_clipseg_dir / "model.safetensors").stat().st_size
+    with fake_hub(repos) as server:
+        env = _with_free_space(tmp_path, _env(tmp_path, server), weights + 1000)  # room for one repository's
+        proc = run(["models", "pull", "grounded-sam"], env)
+        gets = [r for r in server.requests if r.startswith("GET") and r.endswith((".safetensors", ".bin"))]
+        server.requests.clear()
+        again = run(["models", "pull", "grounded-sam"], _env(tmp_path, server))  # with room: the .bin once
+        bins = [r for r in server.requests if r.startswith("GET") and r.endswith(".bin")]
+    models = tmp_path / "data" / "models"
+    assert proc.returncode == 4, proc.stderr
+    assert f"it needs {2 * weights / 1e6:.1f} MB more on the disk holding '{models}'" in proc.stderr
+    assert gets == [], server.requests
+    assert again.returncode == 0, again.stderr
+    assert bins == [f"GET /facebook/sam-vit-base/resolve/{SHA}/pytorch_model.bin"], server.requests
+    part = models / "grounded-sam" / "facebook--sam-vit-base"
+    assert (part / "pytorch_model.bin").read_bytes() == (bin_only / "pytorch_model.bin").read_bytes()
+
+
+def test_a_weight_download_asks_the_hub_for_a_fresh_link(tmp_path: Path, tiny_clipseg_dir: Path) -> None:
+    """The hub answers a weight file with a redirect to a signed CDN link that expires. The links of every weight
+    file of a model were asked for at once, before the first download (the room check): a weight downloaded after
+    the others had taken longer than a link lives was refused (403), and the pull failed. Each download now asks
+    the hub for its link as it starts."""
+    repos = {"IDEA-Research/grounding-dino-tiny": tiny_clipseg_dir, "facebook/sam-vit-base": tiny_clipseg_dir}
+    with fake_hub(repos) as server:
+        server.cdn_link_life, server.pause = 1.0, 1.2  # the first download outlives the second one's first link
+        proc = run(["models", "pull", "grounded-sam"], _env(tmp_path, server))
+        weights = [r for r in server.requests if r.startswith("GET /cdn/")]
+    assert proc.returncode == 0, proc.stderr
+    assert len(weights) == 2, server.requests
+    for part in ("IDEA-Research--grounding-dino-tiny", "facebook--sam-vit-base"):
+        model = tmp_path / "data" / "models" / "grounded-sam" / part / "model.safetensors"
+        assert model.read_bytes() == (tiny_clipseg_dir / "model.safetensors").read_bytes()

@@ -344,3 +344,53 @@ def test_an_export_onto_a_full_disk_is_a_clear_error_and_leaves_nothing(
     result = CliRunner().invoke(main, ["models", "pull", "clipseg"])
     assert result.exit_code == 0, result.output
     assert f"clipseg installed in {folder}" in result.output and "note: Cannot write the ONNX export" in result.output
+
+
+def test_an_export_killed_inside_its_swap_is_put_back_and_its_leftovers_removed(exported: Path, tmp_path: Path) -> None:
+    """`models export` killed (SIGKILL, a power cut) between the two renames of its swap left the previous export
+    hidden as `<model>/.onnx-xxxx.old`, with no `onnx` folder: the model ran with torch for ever after, and the new
+    export's staging folder stayed too. The next look puts the export back; the next export removes the rest."""
+    from automask import staging
+
+    folder = tmp_path / "clipseg"
+    shutil.copytree(exported, folder)
+    before = (onnx_dir(folder) / "manifest.json").read_text()
+    kill = textwrap.dedent(
+        """
+        import os, signal, sys
+        from pathlib import Path
+        from automask import staging
+        from automask.backends.clipseg_export import export
+        move_aside = staging._move_aside
+        staging._move_aside = lambda dest: (move_aside(dest), os.kill(os.getpid(), signal.SIGKILL))
+        export(Path(sys.argv[1]))
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", kill, str(folder)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr
+    assert not onnx_dir(folder).exists() and list(folder.glob(".onnx-*.old")), sorted(folder.iterdir())
+    with staging.staging(onnx_dir(folder)):  # an export between its renames: what it moved aside stays
+        assert not has_onnx(folder) and not onnx_dir(folder).exists()
+    assert has_onnx(folder) and has_onnx(folder, int8=True)
+    assert (onnx_dir(folder) / "manifest.json").read_text() == before
+    assert [p.name for p in folder.glob(".onnx-*.old")] == []
+    export(folder)
+    assert has_onnx(folder) and [p.name for p in folder.iterdir() if p.name.startswith(".")] == []
+
+
+def test_models_list_removes_what_a_killed_export_left(exported: Path, settings: Settings) -> None:
+    """A killed export's staging folder (the size of the weights) and an older export it had moved aside and not
+    yet deleted stayed in the model folder for good: `models list` (which tidies a killed pull's) removes them."""
+    import automask.models
+    from automask.cli import main
+
+    folder = automask.models.model_dir("clipseg", settings)
+    shutil.copytree(exported, folder)
+    (folder / automask.models.MARKER).write_text(json.dumps({"name": "clipseg", "backend": "clipseg", "repos": []}))
+    shutil.copytree(onnx_dir(folder), folder / ".onnx-0000000a.partial")  # its lock died with it
+    shutil.copytree(onnx_dir(folder), folder / ".onnx-0000000b.old")
+    result = CliRunner().invoke(main, ["--data-dir", str(settings.data_dir), "models", "list", "--json"])
+    assert result.exit_code == 0, result.output
+    row = next(r for r in json.loads(result.stdout) if r["name"] == "clipseg")
+    assert row["onnx"] == ["fp32", "int8"]
+    assert [p.name for p in folder.iterdir() if p.name.startswith(".")] == []

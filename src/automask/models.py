@@ -247,7 +247,8 @@ def pull(name: str, settings: Settings, *, progress: bool = True, force: bool = 
     complete, so no half model is ever loaded; a failed or interrupted pull keeps that folder, and the next one
     resumes it (`staging.resumable_staging`). A repository complete in the Hugging Face cache is taken from there,
     without the network (unless `force`). An installed model is kept unless `force`. Raises
-    `ModelNotAvailableError` when the hub cannot be reached.
+    `ModelNotAvailableError` when the hub cannot be reached. With `progress`, an interrupted pull (Ctrl-C) says
+    where the bytes it downloaded wait, or that it only waited for another pull of the model.
     """
     spec = catalogue_spec(name)
     if spec.backend == EMBEDDED:  # from a PyPI wheel, not the hub
@@ -264,10 +265,10 @@ def pull(name: str, settings: Settings, *, progress: bool = True, force: bool = 
             raise ModelNotAvailableError(install.offline_message(name, "offline mode is on (HF_HUB_OFFLINE is set)"))
         if spec.gated:
             _check_token(spec)
+    waiting = _Waiting(name, progress)
     try:
-        with staging.resumable_staging(
-            target, _say(f"Another pull of '{name}' is running: waiting for it to end...", progress)
-        ) as tmp:
+        with staging.resumable_staging(target, waiting) as tmp:
+            waiting.over = True
             if is_installed(name, settings) and not force:  # another pull installed it while this one waited
                 return target
             parts = {repo: tmp if len(spec.repos) == 1 else tmp / repo_folder(repo) for repo in spec.repos}
@@ -282,12 +283,27 @@ def pull(name: str, settings: Settings, *, progress: bool = True, force: bool = 
         if note := staging.partial_note(target):
             raise ModelNotAvailableError(f"{exc.message} {note}") from exc.__cause__
         raise
+    except KeyboardInterrupt:  # Ctrl-C (SIGTERM, SIGHUP under `signals_interrupt`)
+        if progress and waiting.began and not waiting.over:  # the other pull's bytes are not this one's to announce
+            stopped = f"Stopped waiting: this pull downloaded nothing; the other pull of '{name}' goes on."
+            print(stopped, file=sys.stderr)
+        elif progress and (note := staging.partial_note(target)):  # where the bytes wait to be resumed
+            print(note, file=sys.stderr)
+        raise
     return target
 
 
-def _say(message: str, progress: bool) -> Callable[[], None] | None:
-    """A callback printing `message` on stderr, when `progress`."""
-    return (lambda: print(message, file=sys.stderr)) if progress else None
+class _Waiting:
+    """`pull`'s `waiting` callback: says (when `progress`) that another pull of model `name` is running, and
+    notes that this one waited (`began`) until it was let in (`over`)."""
+
+    def __init__(self, name: str, progress: bool) -> None:
+        self.name, self.progress, self.began, self.over = name, progress, False, False
+
+    def __call__(self) -> None:
+        self.began = True
+        if self.progress:
+            print(f"Another pull of '{self.name}' is running: waiting for it to end...", file=sys.stderr)
 
 
 def _fetch(

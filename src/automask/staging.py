@@ -81,11 +81,13 @@ def resumable_staging(folder: Path, waiting: Callable[[], None] | None = None) -
 
 def partial_note(folder: Path) -> str:
     """A sentence saying what `resumable_staging(folder)` kept after a failure ("" when nothing), and that pulling
-    the catalogue model `folder.name` again resumes it."""
+    the catalogue model `folder.name` again resumes it; or, while a pull of it runs, that it is downloading there."""
     tmp = folder.parent / f".{folder.name}.partial"
     size = _downloaded(tmp)
     if not size:
         return ""
+    if _lock_file(tmp).exists() and _held(_lock_file(tmp)):  # not kept: a live pull's, not to be deleted
+        return f"A pull of {folder.name} is running: {size / 1e6:.1f} MB downloaded so far, in '{tmp}'."
     return (
         f"The {size / 1e6:.1f} MB downloaded so far are kept in '{tmp}': automask models pull {folder.name} resumes "
         "from there (delete that folder to free the space)."

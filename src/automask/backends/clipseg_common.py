@@ -19,10 +19,12 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from automask import staging
 from automask.backends.base import Backend
 from automask.errors import ModelNotAvailableError
 from automask.settings import Settings
@@ -91,13 +93,16 @@ def find_artifacts(model_path: Path, int8: bool = False) -> OnnxArtifacts | None
     """The usable ONNX artifacts of the checkpoint in `model_path` (the int8 set when `int8`), else None.
 
     None when there is no export, when a file is missing, when the manifest is damaged (missing or malformed
-    keys), or when the export was made from other weights: `automask models export` writes a fresh one.
+    keys), or when the export was made from other weights: `automask models export` writes a fresh one. An export
+    left moved aside by a killed `automask models export` is put back first (`staging.recover`).
     """
+    folder = onnx_dir(model_path)
+    if not os.path.lexists(folder):
+        staging.recover(folder)  # an export killed inside its swap (SIGKILL) left it moved aside
     data = read_manifest(model_path)
     if data is None or data.get("fingerprint") != fingerprint(model_path):
         return None
     files = data.get("int8_files" if int8 else "files") or {}
-    folder = onnx_dir(model_path)
     paths = {g: folder / str(files.get(g, "")) for g in GRAPHS}
     tok = data.get("tokenizer", {})
     tokenizer = folder / str(tok.get("file", ""))

@@ -18,8 +18,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import shutil
-import uuid
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,7 +29,7 @@ from automask.backends.clipseg import read_preprocessing
 from automask.backends.clipseg_common import FORMAT, MANIFEST, fingerprint, onnx_dir
 from automask.backends.torch_loading import load_tokenizer
 from automask.errors import AutomaskError, ModelNotAvailableError, require
-from automask.staging import replace_dir
+from automask.staging import recover, replace_dir, staging
 
 OPSET = 17
 EXPORT_TOLERANCE = 1e-4
@@ -51,14 +49,23 @@ def export(model_path: Path, *, int8: bool = False, weight_type: str = "QInt8") 
     model_path = Path(model_path)
     model, tokenizer = _load(model_path)
     size = read_preprocessing(model_path).size
-    tmp = model_path / f".onnx-tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        tmp.mkdir()
-    except OSError as exc:
-        raise AutomaskError(
-            f"Cannot write the ONNX export into '{model_path}' ({exc}). Copy the model folder "
-            "somewhere writable and export that copy."
-        ) from exc
+    recover(onnx_dir(model_path))  # an export killed inside its swap (SIGKILL) left the last one moved aside
+    with contextlib.ExitStack() as stack:
+        try:  # locked while it lasts: `recover` leaves what its `replace_dir` moves aside alone
+            tmp = stack.enter_context(staging(onnx_dir(model_path)))
+        except ModelNotAvailableError as exc:
+            raise AutomaskError(
+                f"Cannot write the ONNX export into '{model_path}' ({exc.__cause__}). Copy the model folder "
+                "somewhere writable and export that copy."
+            ) from exc.__cause__
+        _export_into(tmp, model_path, model, tokenizer, size, int8, weight_type)
+    return onnx_dir(model_path)
+
+
+def _export_into(
+    tmp: Path, model_path: Path, model: Any, tokenizer: Any, size: tuple[int, int], int8: bool, weight_type: str
+) -> None:
+    """`export`'s work: the graphs written into staging folder `tmp`, checked, then swapped into place."""
     try:
         pixels, ids, mask = _example_inputs(tokenizer, size)
         _export_image(model, size, pixels, tmp / "image.onnx")
@@ -77,9 +84,6 @@ def export(model_path: Path, *, int8: bool = False, weight_type: str = "QInt8") 
             f"Cannot write the ONNX export into '{model_path}' ({exc.strerror or exc}). Free some space there "
             "and run again: automask models export NAME_OR_PATH (the model still runs with torch meanwhile)."
         ) from exc
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return onnx_dir(model_path)
 
 
 def quantize(folder: Path, weight_type: str = "QInt8") -> dict[str, str]:
