@@ -31,7 +31,7 @@ const state = {
   cache: new Map(), // `${imageId}|${options}` -> result: seen masks are shown again without a request
   seq: 0,
   shown: 0,
-  inflight: null, // {controller, seq, started, loading, cancelled}
+  inflight: null, // {controller, seq, started, cacheKey, loading}
   timer: 0,
   ticker: 0,
   reading: null, // the name of an image being read (input.js): the one shown is no longer the one to mask
@@ -199,8 +199,11 @@ async function run({ fromUser = true } = {}) {
     if (fromUser) (choosingModel() ? $("model") : $("prompt")).focus();
     return;
   }
-  supersede();
   const cacheKey = `${state.image.id}|${JSON.stringify(opts)}`;
+  // The same request is running (Enter pressed again by habit): it goes on, not cancelled and sent (and charged)
+  // again. A changed option asks anew; Cancel (or Esc) stops it.
+  if (state.inflight && state.inflight.cacheKey === cacheKey) return;
+  supersede();
   if (state.cache.has(cacheKey)) {
     const seen = state.cache.get(cacheKey);
     state.cache.delete(cacheKey);
@@ -209,7 +212,7 @@ async function run({ fromUser = true } = {}) {
     return;
   }
   const model = chosenModel();
-  const job = { controller: new AbortController(), seq: state.seq, started: performance.now() };
+  const job = { controller: new AbortController(), seq: state.seq, started: performance.now(), cacheKey };
   job.loading = Boolean(model && model.loaded === false);
   state.inflight = job;
   setBusy(job);

@@ -57,7 +57,7 @@ export function setBusy(job) {
   // beside it, not, with Cancel hidden, to the page's top, losing the user's place.
   if (!job && document.activeElement === $("cancel")) $("submit").focus();
   $("cancel").hidden = !job;
-  $("submit").textContent = job ? "Working… (Enter: ask again)" : "Make mask";
+  $("submit").textContent = job ? "Working…" : "Make mask"; // pressed again, it asks anew only for changed options
   if (!job) return;
   // The status is a live region, read out on each change: the seconds, ticking ten times a second, are for the
   // eye only (aria-hidden), or a screen reader would read them out without end.
