@@ -1,8 +1,9 @@
-"""The try-it page while the server works (part 3): a slow server (each mask takes SLOW_S), Enter pressed again.
-See test_web.py for how the tests run."""
+"""The try-it page while the server works (part 3): a slow server (each mask takes SLOW_S), Enter pressed again,
+the downloads the server renders, and their Cancel. See test_web.py for how the tests run."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,9 @@ import pytest
 from PIL import Image
 
 from automask.settings import Settings
-from web_helpers import API_PATH, FIRST, Live, Tab, browser, open_tab, pick_photo, serve, set_slider
+from server_helpers import decode
+from test_colour_profiles import WIDE_ICC
+from web_helpers import API_PATH, FIRST, Live, Tab, browser, download, open_tab, pick_photo, serve, set_slider
 
 pytest.importorskip("fastapi")
 pytestmark = pytest.mark.browser
@@ -101,3 +104,46 @@ def test_enter_again_while_working_does_not_ask_again(
     assert [b["threshold"] for b in tab.api_bodies[1:]] == [0.5, 0.51]
     assert [b["threshold"] for b in aborted] == [0.5]
     assert slow.settled_credits() == start - 2
+
+
+def test_a_download_the_server_renders_shows_its_time_and_can_be_cancelled(
+    tab: Tab, slow: Live, astronaut: np.ndarray, tmp_path: Path
+) -> None:
+    """A cut-out the page cannot render (a wide-gamut photo's: the server's, one more request) on a slow server:
+    the seconds it takes are shown, and a Cancel beside the downloads (or Esc) aborts it: nothing saved, nothing
+    charged, the result still shown and usable; asked again, it comes. Before, the page said only "Asking the
+    server for it…", with no time, and nothing could stop it."""
+    wide = tmp_path / "wide-gamut.png"
+    Image.fromarray(astronaut).save(wide, icc_profile=WIDE_ICC)
+    page = tab.page
+    pick_photo(page, wide)
+    first_options(page)
+    page.fill("#prompt", FIRST["prompt"])
+    page.press("#prompt", "Enter")
+    wait_shown(page, 0.5)
+    start = slow.settled_credits()
+    assert start is not None
+    saved: list[Any] = []
+    page.on("download", lambda d: saved.append(d))
+    for stop in ("click", "Escape"):
+        page.click("#dl-alpha")
+        page.wait_for_selector("#dl-cancel:visible")
+        page.wait_for_function(TICKING)
+        shown = page.inner_text("#status")
+        page.wait_for_timeout(300)
+        assert page.inner_text("#status") != shown, "the seconds do not tick"
+        if stop == "click":
+            page.focus("#dl-cancel")
+            page.keyboard.press("Enter")
+        else:
+            page.keyboard.press("Escape")
+        page.wait_for_selector("#dl-cancel", state="hidden")
+        assert page.inner_text("#status").startswith("Download cancelled.")
+        assert page.is_hidden("#error") and "stale" not in (page.get_attribute("#stage", "class") or "")
+        assert not page.is_disabled("#dl-alpha") and page.is_visible("#after")
+    assert page.evaluate("document.activeElement.id") == "dl-alpha", "the focus left with the hidden Cancel"
+    time.sleep(SLOW_S + 0.5)  # the server finishes (or drops) the aborted work
+    assert slow.settled_credits() == start and saved == [], "a cancelled download was charged or saved"
+    assert decode(download(page, "#dl-alpha")).shape == (512, 512, 4)
+    assert page.inner_text("#status") == "Downloaded." and page.is_hidden("#dl-cancel")
+    assert slow.settled_credits() == start - 1

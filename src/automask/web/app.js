@@ -23,6 +23,7 @@ import { Viewer } from "./viewer.js";
 const $ = (id) => document.getElementById(id);
 const CACHE_SIZE = 16;
 const AUTO_DELAY_MS = 300;
+const CANCELLED = "The server does not run or charge a request the page cancels.";
 
 const state = {
   config: { auth: true, models: [], vocabulary: {}, options: [], examples: [] },
@@ -174,7 +175,7 @@ function supersede() {
 function cancel() {
   if (!state.inflight) return;
   supersede();
-  setStatus("Cancelled. The server does not run or charge a request the page cancels.");
+  setStatus(`Cancelled. ${CANCELLED}`);
   key.refresh();
 }
 
@@ -308,7 +309,8 @@ function guarded(action) {
   return () => {
     if (!state.result) return Promise.resolve();
     return action().then(actionDone, (err) => {
-      showActionError(err instanceof ApiError ? err.message : `That did not work: ${err.message}`);
+      if (err.name === "AbortError") setStatus(`Download cancelled. ${CANCELLED}`);
+      else showActionError(err instanceof ApiError ? err.message : `That did not work: ${err.message}`);
     });
   };
 }
@@ -342,7 +344,9 @@ function wire() {
   $("cancel").addEventListener("click", cancel);
   document.addEventListener("keydown", (event) => {
     if (event.key === "Escape" && state.inflight) cancel();
+    else if (event.key === "Escape") files.cancel();
   });
+  $("dl-cancel").addEventListener("click", () => files.cancel());
   bindSlider("threshold", (v) => v.toFixed(2));
   bindSlider("grow_mask", String);
   bindSlider("feather", String);
