@@ -248,6 +248,42 @@ def test_back_to_the_page_shows_the_image_url_again(tab: Tab, photo_url: str) ->
     assert page.is_visible("#canvas-box") and not tab.api_bodies
 
 
+def test_a_turned_webp_by_url_is_shown_as_the_server_reads_it(
+    tab: Tab, live: Live, astronaut: np.ndarray, photo: Path, photo_url: str
+) -> None:
+    """A WebP stored on its side, its EXIF saying turn it (6), given by URL: Chromium shows it as stored, the server
+    turns it. Pasted as a data: URI (its bytes in the page), it is shown upright, its overlay drawn over it and its
+    cut-out rendered in the page, equal to the API's. On another site (its bytes unreadable here, so its turn
+    unknown), the mask, the server's way up, is shown alone, and the page says why.
+
+    Before, both were shown on their side, and the mask, upright, was drawn over them row by row as if it were not:
+    a garbled overlay of the wrong size."""
+    page = tab.page
+    upright = astronaut[:, 64:448]  # 512×384
+    path = photo.parent / "turned.webp"  # served at photo_url's folder
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(np.ascontiguousarray(np.rot90(upright, 1))).save(path, lossless=True, exif=exif)
+    page.fill("#prompt", FIRST["prompt"])
+    set_first_options(page)
+    previous = None
+    for url in (data_uri(path, "image/webp"), photo_url.replace(photo.name, path.name)):
+        page.fill("#image-url", url)
+        page.press("#image-url", "Enter")
+        previous = wait_result(page, previous, prompt=FIRST["prompt"])
+        assert page.evaluate("[after.width, after.height]") == [384, 512], "the mask drawn at the stored size"
+        if url.startswith("data:"):
+            assert page.evaluate("[source.naturalWidth, source.naturalHeight]") == [384, 512]
+            assert page.get_attribute("#stage", "data-show") == "overlay"
+            assert page.inner_text("#dl-alpha") == "Download cut-out"
+            cutout = decode(download(page, "#dl-alpha"))
+            assert np.array_equal(cutout, decode(live.api(url, **FIRST, return_alpha=True).content))
+        else:
+            assert page.get_attribute("#stage", "data-show") == "mask"
+            assert page.inner_text("#status").endswith("which this browser does not show: the mask is shown alone.")
+    tab.check_console(allow_http_errors=True)
+
+
 def test_a_model_loaded_by_the_first_request_is_no_longer_said_to_be_loading(tab: Tab, photo: Path) -> None:
     """A page opened while the server loaded its model says so; once a mask came back, it no longer does (before,
     "loading or not installed" stayed until a reload)."""

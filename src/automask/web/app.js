@@ -14,7 +14,7 @@ import { wireInput } from "./input.js";
 import { choosingModel, chosenModel as chosenOf, fillModels, serverInfo, showModel } from "./models.js";
 import { applyControls, loadPrefs, readControls, savePrefs, vocabularyProblem } from "./prefs.js";
 import { base64Bytes, dataUriBlob, decodeMask, imagePixels } from "./render.js";
-import { clearResult, currentShow, drawResult, selectedText, setOutputsEnabled, shownMask } from "./results.js";
+import { clearResult, currentShow, drawResult, imageFits, selectedText, setOutputsEnabled, shownMask } from "./results.js";
 import { actionDone, clearError, formatMs, setBusy, setFacts, setStale, setStatus } from "./status.js";
 import { showActionError, showError as sayError } from "./status.js";
 import { ownerRadius, showTargets, targetMasks } from "./targets.js";
@@ -24,6 +24,8 @@ const $ = (id) => document.getElementById(id);
 const CACHE_SIZE = 16;
 const AUTO_DELAY_MS = 300;
 const CANCELLED = "The server does not run or charge a request the page cancels.";
+const UNTURNED =
+  "The server turned this image by its orientation (EXIF), which this browser does not show: the mask is shown alone.";
 
 const state = {
   config: { auth: true, models: [], vocabulary: {}, options: [], examples: [] },
@@ -116,17 +118,18 @@ async function setImage(image, label) {
     viewer.clear();
     $("image-info").textContent = `${label} — this browser cannot show it; the server will say if it can read it.`;
   }
-  if (image.kind === "url" && current.shown) current.pixels = await urlPixels(image.src, img);
+  if (image.kind === "url" && current.shown) current.pixels = await urlPixels(image.src, img, Boolean(image.display));
   if (state.image !== current) return;
   bringIntoView($("stage"));
   setStatus("Image ready. Type a prompt and press Enter.");
 }
 
 // A URL image's pixels (`imagePixels`): null when unreadable here, as those of an image on another site are, or
-// when they are not the image as shown (a data: URI's WebP that the page turns upright, the browser not).
-async function urlPixels(url, img) {
+// when they are not the image as shown (turned upright by the page, which shows it unturned). `turned`: the image
+// shown is the page's upright copy (input.js: a data: URI's WebP with an EXIF orientation).
+async function urlPixels(url, img, turned) {
   const pixels = await imagePixels(dataUriBlob(url) || img).catch(() => null);
-  return pixels && pixels.orientation === 1 ? pixels : null;
+  return pixels && (pixels.orientation === 1 || turned) ? pixels : null;
 }
 
 function usePrompt(text, { runNow = true } = {}) {
@@ -280,7 +283,8 @@ async function showResult(result) {
   const done = result.fromCache
     ? "Shown again from this page's memory: no request, nothing charged."
     : `Done in ${formatMs(result.ms)}${server}.`;
-  setStatus(`${done} ${selectedText(state)}`);
+  const unturned = state.image.shown && !imageFits(state) ? ` ${UNTURNED}` : "";
+  setStatus(`${done} ${selectedText(state)}${unturned}`);
   setFacts(result, server);
   $("result").dataset.options = JSON.stringify(result.opts);
   $("result").dataset.targets = state.result.enabled.map(Number).join("");
