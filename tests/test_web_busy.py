@@ -71,7 +71,7 @@ def test_enter_again_while_working_does_not_ask_again(
 ) -> None:
     """Enter pressed twice by habit: the request goes on, one charge. Before, each Enter cancelled the request
     and sent it again ("Working… (Enter: ask again)"), the user waiting (and, for a request the server had
-    finished, paying) again. With an option changed since (auto-update off), Enter asks anew, for the new one."""
+    finished, paying) again. With an option changed since (auto-update off), or the key, Enter asks anew."""
     page = tab.page
     aborted = aborted_posts(page)
     start = slow.settled_credits()
@@ -104,6 +104,18 @@ def test_enter_again_while_working_does_not_ask_again(
     assert [b["threshold"] for b in tab.api_bodies[1:]] == [0.5, 0.51]
     assert [b["threshold"] for b in aborted] == [0.5]
     assert slow.settled_credits() == start - 2
+    # So does another key typed in while it runs.
+    set_slider(page, "#threshold", "ArrowRight")
+    page.press("#prompt", "Enter")
+    page.wait_for_selector("#result[aria-busy=true]")
+    page.fill("#api-key", "not-a-key")
+    page.press("#prompt", "Enter")
+    page.wait_for_selector("#error:not([hidden])")
+    assert len(tab.api_bodies) == 5 and len(aborted) == 2 and "key" in page.inner_text("#error").lower()
+    page.wait_for_timeout(1000)  # the page looks the key's balance up once the field rests: another 401
+    page.fill("#api-key", str(slow.key))  # kept in this browser: the next tab's would start with the wrong one
+    page.wait_for_selector("#credits:not([hidden])")
+    tab.http_errors.clear()  # the 401s this asked for
 
 
 def test_a_download_the_server_renders_shows_its_time_and_can_be_cancelled(

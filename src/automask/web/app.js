@@ -34,7 +34,7 @@ const state = {
   cache: new Map(), // `${imageId}|${options}` -> result: seen masks are shown again without a request
   seq: 0,
   shown: 0,
-  inflight: null, // {controller, seq, started, cacheKey, loading}
+  inflight: null, // {controller, seq, started, cacheKey, apiKey, loading}
   timer: 0,
   ticker: 0,
   reading: null, // the name of an image being read (input.js): the one shown is no longer the one to mask
@@ -205,8 +205,9 @@ async function run({ fromUser = true } = {}) {
   }
   const cacheKey = `${state.image.id}|${JSON.stringify(opts)}`;
   // The same request is running (Enter pressed again by habit): it goes on, not cancelled and sent (and charged)
-  // again. A changed option asks anew; Cancel (or Esc) stops it.
-  if (state.inflight && state.inflight.cacheKey === cacheKey) return;
+  // again. A changed option (or key) asks anew; Cancel (or Esc) stops it.
+  const same = state.inflight && state.inflight.cacheKey === cacheKey && state.inflight.apiKey === key.apiKey();
+  if (same) return;
   supersede();
   if (state.cache.has(cacheKey)) {
     const seen = state.cache.get(cacheKey);
@@ -217,11 +218,12 @@ async function run({ fromUser = true } = {}) {
   }
   const model = chosenModel();
   const job = { controller: new AbortController(), seq: state.seq, started: performance.now(), cacheKey };
+  job.apiKey = key.apiKey();
   job.loading = Boolean(model && model.loaded === false);
   state.inflight = job;
   setBusy(job);
   try {
-    const answer = await requestMask(payload(opts), { key: key.apiKey(), signal: job.controller.signal });
+    const answer = await requestMask(payload(opts), { key: job.apiKey, signal: job.controller.signal });
     const decoded = await decodeMask(base64Bytes(answer.data.image));
     if (job.seq !== state.seq) return;
     const result = { opts, imageId: state.image.id, ...decoded, ...answer };
