@@ -23,6 +23,7 @@ from loopback import serve_http
 from server_helpers import decode, install_as_catalogue
 from web_helpers import (
     FIRST,
+    HTTP_STATUS_NOISE,
     FakeSubject,
     Live,
     Tab,
@@ -281,7 +282,13 @@ def test_a_turned_webp_by_url_is_shown_as_the_server_reads_it(
         else:
             assert page.get_attribute("#stage", "data-show") == "mask"
             assert page.inner_text("#status").endswith("which this browser does not show: the mask is shown alone.")
-    tab.check_console(allow_http_errors=True)
+    page.fill("#image-url", "data:image/webp;base64,UklGR!")  # not base64: said, by the browser, then the server
+    page.press("#image-url", "Enter")
+    page.wait_for_selector("#error:not([hidden])")
+    assert "cannot show it" in page.inner_text("#image-info") and "not valid base64" in page.inner_text("#error")
+    tab.errors.remove("Failed to load resource: net::ERR_INVALID_URL")  # the browser's, loading it into the <img>
+    assert tab.http_errors == [f"{HTTP_STATUS_NOISE} 400 (Bad Request)"]
+    tab.http_errors.clear()
 
 
 def test_a_model_loaded_by_the_first_request_is_no_longer_said_to_be_loading(tab: Tab, photo: Path) -> None:

@@ -35,11 +35,13 @@ function urlFileName(url) {
 // upright, as the server reads it, to show; null for any other (and for another site's image, whose bytes are
 // not readable here).
 async function turnedDataUri(url) {
-  const blob = dataUriBlob(url);
-  const orientation = blob ? await orientationToApply(blob).catch(() => 1) : 1;
-  if (orientation === 1) return null;
-  const png = await uprightPng(blob, orientation).catch(() => null);
-  return png && URL.createObjectURL(png);
+  try {
+    const blob = dataUriBlob(url);
+    const orientation = blob ? await orientationToApply(blob) : 1;
+    return orientation === 1 ? null : URL.createObjectURL(await uprightPng(blob, orientation));
+  } catch {
+    return null; // not base64, or not an image this browser decodes: shown (or not) as it is; the server will say
+  }
 }
 
 function isTextField(el) {
