@@ -268,11 +268,14 @@ def test_a_turned_webp_by_url_is_shown_as_the_server_reads_it(
     page.fill("#prompt", FIRST["prompt"])
     set_first_options(page)
     previous = None
-    for url in (data_uri(path, "image/webp"), photo_url.replace(photo.name, path.name)):
+    pasted = data_uri(path, "image/webp")
+    for url in (pasted, photo_url.replace(photo.name, path.name), pasted):
         page.fill("#image-url", url)
         page.press("#image-url", "Enter")
         previous = wait_result(page, previous, prompt=FIRST["prompt"])
         assert page.evaluate("[after.width, after.height]") == [384, 512], "the mask drawn at the stored size"
+        hidden = page.evaluate("getComputedStyle(source).visibility") == "hidden"  # beside the mask, compared
+        assert hidden == (url != pasted), "the image, stretched to the mask's size, shown beside it"
         if url.startswith("data:"):
             assert page.evaluate("[source.naturalWidth, source.naturalHeight]") == [384, 512]
             assert page.get_attribute("#stage", "data-show") == "overlay"

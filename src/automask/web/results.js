@@ -40,6 +40,7 @@ export function drawResult(state, viewer) {
   const fits = imageFits(state);
   if (!fits && (viewer.width !== r.width || viewer.height !== r.height)) viewer.setSize(r.width, r.height);
   const show = fits ? currentShow() : "mask"; // the mask alone, not drawn over an image it does not fit
+  $("source").style.visibility = fits ? "" : "hidden"; // nor that image, stretched, beside it (compare slider)
   const look = { tint: $("tint").value, opacity: Number($("opacity").value) / 100, outline: $("outline").checked };
   viewer.drawResult(shownMask(state), show, look);
   viewer.setCompare(Number($("compare").value));
@@ -49,6 +50,7 @@ export function drawResult(state, viewer) {
 export function clearResult(state, viewer) {
   state.result = null;
   viewer.hideResult();
+  $("source").style.visibility = "";
   setOutputsEnabled(state, false);
   $("instances-box").hidden = true;
   $("facts").replaceChildren();
