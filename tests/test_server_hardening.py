@@ -357,7 +357,14 @@ def test_redoc_loads_from_this_server(client: TestClient) -> None:
     assert page.status_code == 200 and page.headers["cache-control"] == "no-cache"
     assert not re.findall(r"(?:src|href)=\"(?:https?:)?//", page.text), "ReDoc loads something from elsewhere"
     assert '"/docs/assets/redoc.standalone.js"' in page.text and 'spec-url="/openapi.json"' in page.text
-    assert len(client.get("/docs/assets/redoc.standalone.js").content) > 100_000
+    script = client.get("/docs/assets/redoc.standalone.js")
+    assert script.status_code == 200 and len(script.content) > 100_000
+    assert b"cdn.redoc.ly" not in script.content, "ReDoc loads its maker's logo from its site"
+    assert (
+        script.headers["content-type"].startswith("text/javascript") and script.headers["cache-control"] == "no-cache"
+    )
+    again = client.get("/docs/assets/redoc.standalone.js", headers={"if-none-match": script.headers["etag"]})
+    assert again.status_code == 304 and again.content == b""  # revalidated, not sent again
 
 
 @pytest.fixture()

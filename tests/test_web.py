@@ -146,7 +146,8 @@ def test_config_describes_models_vocabulary_and_examples(live: Live, tiny_clipse
 
 @pytest.mark.browser
 def test_the_docs_work_at_the_root(context: Any, live: Live) -> None:
-    """Swagger UI at /docs of a server without a prefix: it renders and "Try it out" reaches the API."""
+    """Swagger UI at /docs and ReDoc at /redoc of a server without a prefix: they render, "Try it out" reaches the
+    API, and they ask no other host for anything. Before, ReDoc loaded its maker's logo from cdn.redoc.ly."""
     try_the_docs(context, live.url, live.url)
 
 

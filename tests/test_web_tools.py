@@ -23,6 +23,7 @@ from loopback import serve_http
 from server_helpers import decode, install_as_catalogue
 from web_helpers import (
     FIRST,
+    HTTP_STATUS_NOISE,
     FakeSubject,
     Live,
     Tab,
@@ -246,6 +247,51 @@ def test_back_to_the_page_shows_the_image_url_again(tab: Tab, photo_url: str) ->
     assert page.input_value("#image-url") == photo_url
     page.wait_for_function("(u) => document.getElementById('image-info').textContent.startsWith(u)", arg=photo_url)
     assert page.is_visible("#canvas-box") and not tab.api_bodies
+
+
+def test_a_turned_webp_by_url_is_shown_as_the_server_reads_it(
+    tab: Tab, live: Live, astronaut: np.ndarray, photo: Path, photo_url: str
+) -> None:
+    """A WebP stored on its side, its EXIF saying turn it (6), given by URL: Chromium shows it as stored, the server
+    turns it. Pasted as a data: URI (its bytes in the page), it is shown upright, its overlay drawn over it and its
+    cut-out rendered in the page, equal to the API's. On another site (its bytes unreadable here, so its turn
+    unknown), the mask, the server's way up, is shown alone, and the page says why.
+
+    Before, both were shown on their side, and the mask, upright, was drawn over them row by row as if it were not:
+    a garbled overlay of the wrong size."""
+    page = tab.page
+    upright = astronaut[:, 64:448]  # 512×384
+    path = photo.parent / "turned.webp"  # served at photo_url's folder
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(np.ascontiguousarray(np.rot90(upright, 1))).save(path, lossless=True, exif=exif)
+    page.fill("#prompt", FIRST["prompt"])
+    set_first_options(page)
+    previous = None
+    pasted = data_uri(path, "image/webp")
+    for url in (pasted, photo_url.replace(photo.name, path.name), pasted):
+        page.fill("#image-url", url)
+        page.press("#image-url", "Enter")
+        previous = wait_result(page, previous, prompt=FIRST["prompt"])
+        assert page.evaluate("[after.width, after.height]") == [384, 512], "the mask drawn at the stored size"
+        hidden = page.evaluate("getComputedStyle(source).visibility") == "hidden"  # beside the mask, compared
+        assert hidden == (url != pasted), "the image, stretched to the mask's size, shown beside it"
+        if url.startswith("data:"):
+            assert page.evaluate("[source.naturalWidth, source.naturalHeight]") == [384, 512]
+            assert page.get_attribute("#stage", "data-show") == "overlay"
+            assert page.inner_text("#dl-alpha") == "Download cut-out"
+            cutout = decode(download(page, "#dl-alpha"))
+            assert np.array_equal(cutout, decode(live.api(url, **FIRST, return_alpha=True).content))
+        else:
+            assert page.get_attribute("#stage", "data-show") == "mask"
+            assert page.inner_text("#status").endswith("which this browser does not show: the mask is shown alone.")
+    page.fill("#image-url", "data:image/webp;base64,UklGR!")  # not base64: said, by the browser, then the server
+    page.press("#image-url", "Enter")
+    page.wait_for_selector("#error:not([hidden])")
+    assert "cannot show it" in page.inner_text("#image-info") and "not valid base64" in page.inner_text("#error")
+    tab.errors.remove("Failed to load resource: net::ERR_INVALID_URL")  # the browser's, loading it into the <img>
+    assert tab.http_errors == [f"{HTTP_STATUS_NOISE} 400 (Bad Request)"]
+    tab.http_errors.clear()
 
 
 def test_a_model_loaded_by_the_first_request_is_no_longer_said_to_be_loading(tab: Tab, photo: Path) -> None:

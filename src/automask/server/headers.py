@@ -8,23 +8,24 @@ but revalidate with ETag / Last-Modified, so an upgrade is never served stale), 
 Docs: FastAPI's `/docs` and `/redoc` pages load Swagger UI and ReDoc from a CDN (and ReDoc Google's fonts). When
 the `fastapi-offline` package (MIT; a copy of swagger-ui-dist 5 and of ReDoc) is installed, as the `server` extra
 does, `GET /docs` and `GET /redoc` are answered here with pages that load them from `/docs/assets/` instead, so the
-docs work on a host with no internet and leak nothing to a CDN. Without that package, FastAPI's own pages (CDN)
-answer. On a server set up for a proxy that strips a
-prefix (`--public-url` with a path), the docs load everything from under the prefix; asked for there directly (the
-docs opened on the server itself), Swagger UI's files are served too, and the OpenAPI document without the prefix in
-its `servers`, so "Try it out" calls the API at this server's root.
+docs work on a host with no internet and leak nothing to a CDN (ReDoc's script is served without the address of its
+maker's logo, on cdn.redoc.ly). Without that package, FastAPI's own pages (CDN) answer. On a server set up for a
+proxy that strips a prefix (`--public-url` with a path), the docs load everything from under the prefix; asked for
+there directly (the docs opened on the server itself), Swagger UI's files are served too, and the OpenAPI document
+without the prefix in its `servers`, so "Try it out" calls the API at this server's root.
 """
 
 from __future__ import annotations
 
 from functools import cache
+from hashlib import sha256
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from starlette.exceptions import HTTPException
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.staticfiles import StaticFiles
 
 from automask.server.limits import ASGIApp, Message, Receive, Scope, Send
@@ -34,6 +35,17 @@ NO_STORE = (b"cache-control", b"no-store")
 DOCS = "/docs"
 REDOC = "/redoc"
 DOCS_ASSETS = "/docs/assets"
+REDOC_JS = "redoc.standalone.js"
+REDOC_LOGO = b'"https://cdn.redoc.ly/redoc/logo-mini.svg"'
+"""ReDoc's image beside "API docs by Redocly", loaded from its maker's site; without it (an image that fails to
+load, here `data:,`), ReDoc leaves the link's text alone."""
+
+
+@cache
+def redoc_script(folder: Path) -> tuple[bytes, str]:
+    """ReDoc's script without the address of its maker's logo (`REDOC_LOGO`), and its ETag."""
+    body = (folder / REDOC_JS).read_bytes().replace(REDOC_LOGO, b'"data:,"')
+    return body, f'"{sha256(body).hexdigest()[:32]}"'
 
 
 @cache
@@ -52,6 +64,7 @@ class EdgeMiddleware:
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
         folder = swagger_assets()
+        self.folder = folder
         self.assets = StaticFiles(directory=folder) if folder else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -85,6 +98,8 @@ class EdgeMiddleware:
             await _docs_page(scope, root)(scope, receive, send)
         elif local == REDOC:
             await _redoc_page(scope, root)(scope, receive, send)
+        elif local == f"{DOCS_ASSETS}/{REDOC_JS}" and self.folder is not None:
+            await _redoc_script(scope, self.folder)(scope, receive, send)
         elif local.startswith(DOCS_ASSETS + "/"):
             try:
                 files = {**scope, "path": root + local, "root_path": root + DOCS_ASSETS}  # the path under the root
@@ -135,6 +150,16 @@ def _redoc_page(scope: Scope, root: str) -> Any:
     )
     response.headers["cache-control"] = "no-cache"
     return response
+
+
+def _redoc_script(scope: Scope, folder: Path) -> Response:
+    """`redoc_script`, revalidated by ETag like the other docs' files (304 when the browser has it)."""
+    body, etag = redoc_script(folder)
+    headers = {"etag": etag, "cache-control": "no-cache"}
+    asked = dict(scope["headers"]).get(b"if-none-match", b"").decode("latin-1")
+    if etag in (tag.strip() for tag in asked.split(",")):
+        return Response(status_code=304, headers=headers)
+    return Response(body, headers=headers, media_type="text/javascript")
 
 
 def _no_cache(send: Send) -> Send:

@@ -14,7 +14,7 @@ import { wireInput } from "./input.js";
 import { choosingModel, chosenModel as chosenOf, fillModels, serverInfo, showModel } from "./models.js";
 import { applyControls, loadPrefs, readControls, savePrefs, vocabularyProblem } from "./prefs.js";
 import { base64Bytes, dataUriBlob, decodeMask, imagePixels } from "./render.js";
-import { clearResult, currentShow, drawResult, selectedText, setOutputsEnabled, shownMask } from "./results.js";
+import { clearResult, currentShow, drawResult, imageFits, selectedText, setOutputsEnabled, shownMask } from "./results.js";
 import { actionDone, clearError, formatMs, setBusy, setFacts, setStale, setStatus } from "./status.js";
 import { showActionError, showError as sayError } from "./status.js";
 import { ownerRadius, showTargets, targetMasks } from "./targets.js";
@@ -23,6 +23,9 @@ import { Viewer } from "./viewer.js";
 const $ = (id) => document.getElementById(id);
 const CACHE_SIZE = 16;
 const AUTO_DELAY_MS = 300;
+const CANCELLED = "The server does not run or charge a request the page cancels.";
+const UNTURNED =
+  "The server turned this image by its orientation (EXIF), which this browser does not show: the mask is shown alone.";
 
 const state = {
   config: { auth: true, models: [], vocabulary: {}, options: [], examples: [] },
@@ -31,7 +34,7 @@ const state = {
   cache: new Map(), // `${imageId}|${options}` -> result: seen masks are shown again without a request
   seq: 0,
   shown: 0,
-  inflight: null, // {controller, seq, started, loading, cancelled}
+  inflight: null, // {controller, seq, started, cacheKey, apiKey, loading}
   timer: 0,
   ticker: 0,
   reading: null, // the name of an image being read (input.js): the one shown is no longer the one to mask
@@ -115,17 +118,18 @@ async function setImage(image, label) {
     viewer.clear();
     $("image-info").textContent = `${label} — this browser cannot show it; the server will say if it can read it.`;
   }
-  if (image.kind === "url" && current.shown) current.pixels = await urlPixels(image.src, img);
+  if (image.kind === "url" && current.shown) current.pixels = await urlPixels(image.src, img, Boolean(image.display));
   if (state.image !== current) return;
   bringIntoView($("stage"));
   setStatus("Image ready. Type a prompt and press Enter.");
 }
 
 // A URL image's pixels (`imagePixels`): null when unreadable here, as those of an image on another site are, or
-// when they are not the image as shown (a data: URI's WebP that the page turns upright, the browser not).
-async function urlPixels(url, img) {
+// when they are not the image as shown (turned upright by the page, which shows it unturned). `turned`: the image
+// shown is the page's upright copy (input.js: a data: URI's WebP with an EXIF orientation).
+async function urlPixels(url, img, turned) {
   const pixels = await imagePixels(dataUriBlob(url) || img).catch(() => null);
-  return pixels && pixels.orientation === 1 ? pixels : null;
+  return pixels && (pixels.orientation === 1 || turned) ? pixels : null;
 }
 
 function usePrompt(text, { runNow = true } = {}) {
@@ -174,7 +178,7 @@ function supersede() {
 function cancel() {
   if (!state.inflight) return;
   supersede();
-  setStatus("Cancelled. The server does not run or charge a request the page cancels.");
+  setStatus(`Cancelled. ${CANCELLED}`);
   key.refresh();
 }
 
@@ -199,8 +203,12 @@ async function run({ fromUser = true } = {}) {
     if (fromUser) (choosingModel() ? $("model") : $("prompt")).focus();
     return;
   }
-  supersede();
   const cacheKey = `${state.image.id}|${JSON.stringify(opts)}`;
+  // The same request is running (Enter pressed again by habit): it goes on, not cancelled and sent (and charged)
+  // again. A changed option (or key) asks anew; Cancel (or Esc) stops it.
+  const same = state.inflight && state.inflight.cacheKey === cacheKey && state.inflight.apiKey === key.apiKey();
+  if (same) return;
+  supersede();
   if (state.cache.has(cacheKey)) {
     const seen = state.cache.get(cacheKey);
     state.cache.delete(cacheKey);
@@ -209,12 +217,13 @@ async function run({ fromUser = true } = {}) {
     return;
   }
   const model = chosenModel();
-  const job = { controller: new AbortController(), seq: state.seq, started: performance.now() };
+  const job = { controller: new AbortController(), seq: state.seq, started: performance.now(), cacheKey };
+  job.apiKey = key.apiKey();
   job.loading = Boolean(model && model.loaded === false);
   state.inflight = job;
   setBusy(job);
   try {
-    const answer = await requestMask(payload(opts), { key: key.apiKey(), signal: job.controller.signal });
+    const answer = await requestMask(payload(opts), { key: job.apiKey, signal: job.controller.signal });
     const decoded = await decodeMask(base64Bytes(answer.data.image));
     if (job.seq !== state.seq) return;
     const result = { opts, imageId: state.image.id, ...decoded, ...answer };
@@ -276,7 +285,8 @@ async function showResult(result) {
   const done = result.fromCache
     ? "Shown again from this page's memory: no request, nothing charged."
     : `Done in ${formatMs(result.ms)}${server}.`;
-  setStatus(`${done} ${selectedText(state)}`);
+  const unturned = state.image.shown && !imageFits(state) ? ` ${UNTURNED}` : "";
+  setStatus(`${done} ${selectedText(state)}${unturned}`);
   setFacts(result, server);
   $("result").dataset.options = JSON.stringify(result.opts);
   $("result").dataset.targets = state.result.enabled.map(Number).join("");
@@ -305,7 +315,8 @@ function guarded(action) {
   return () => {
     if (!state.result) return Promise.resolve();
     return action().then(actionDone, (err) => {
-      showActionError(err instanceof ApiError ? err.message : `That did not work: ${err.message}`);
+      if (err.name === "AbortError") setStatus(`Download cancelled. ${CANCELLED}`);
+      else showActionError(err instanceof ApiError ? err.message : `That did not work: ${err.message}`);
     });
   };
 }
@@ -339,7 +350,9 @@ function wire() {
   $("cancel").addEventListener("click", cancel);
   document.addEventListener("keydown", (event) => {
     if (event.key === "Escape" && state.inflight) cancel();
+    else if (event.key === "Escape") files.cancel();
   });
+  $("dl-cancel").addEventListener("click", () => files.cancel());
   bindSlider("threshold", (v) => v.toFixed(2));
   bindSlider("grow_mask", String);
   bindSlider("feather", String);

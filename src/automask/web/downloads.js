@@ -4,6 +4,7 @@
 
 import { requestImage } from "./api.js";
 import { cutoutPixels, encodePng, previewPixels } from "./render.js";
+import { setFetching } from "./status.js";
 import { targetMasks } from "./targets.js";
 
 // Whether the shown result's cut-out ("alpha") or preview comes from the server (one more request): the page
@@ -18,9 +19,17 @@ export function fromServer(state, kind) {
   return !exact && r.enabled.every(Boolean);
 }
 
+const RENDERED = { alpha: ["cut-out", "dl-alpha"], preview: ["preview", "dl-preview"] }; // kind -> [what, button]
+
 // ctx: {state, shownMask(), payload(opts), apiKey(), refreshCredits(), setStatus(text)}
 export function downloads(ctx) {
   const { state } = ctx;
+  const running = new Set(); // {controller, started, kind}: the renderings asked of the server, not yet answered
+
+  function showRunning() {
+    const job = [...running].at(-1);
+    setFetching(job ? { what: RENDERED[job.kind][0], started: job.started, button: RENDERED[job.kind][1] } : null);
+  }
 
   // The image's name without its extension, any script's letters and digits kept ("фото кота.jpg": "фото-кота").
   function baseName() {
@@ -67,19 +76,29 @@ export function downloads(ctx) {
     return r.remote[kind];
   }
 
+  // Cancel (`cancel`) aborts the request: the server neither runs nor charges it; the result shown stays.
   async function ask(r, kind) {
-    ctx.setStatus("Asking the server for it (this page cannot reproduce the pixels of this image exactly)…");
+    const job = { controller: new AbortController(), started: performance.now(), kind };
+    running.add(job);
+    showRunning();
     const body = { ...ctx.payload(r.opts), return_mask: kind !== "preview", return_alpha: kind === "alpha" };
     try {
-      const blob = await requestImage(body, { key: ctx.apiKey() });
+      const blob = await requestImage(body, { key: ctx.apiKey(), signal: job.controller.signal });
       ctx.setStatus("Downloaded.");
       return blob;
     } finally {
+      running.delete(job);
+      showRunning();
       ctx.refreshCredits();
     }
   }
 
   return {
+    // Abort the renderings asked of the server; whether there were any.
+    cancel() {
+      for (const job of running) job.controller.abort();
+      return running.size > 0;
+    },
     mask: async () => save(await maskPng(), `${baseName()}-mask.png`),
     cutout: async () => save(await rendered("alpha"), `${baseName()}-cutout.png`),
     preview: async () => save(await rendered("preview"), `${baseName()}-preview.png`),

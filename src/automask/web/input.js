@@ -1,8 +1,9 @@
 // Where images come from: the file picker, a drop anywhere on the page, a paste (an image or its URL), the URL
 // field, and the one-click examples. Nothing that is not an image (or an http(s) URL) is sent to the server.
 
+import { orientationToApply } from "./orientation.js";
 import { fileProblem, formatBytes, parseImageUrl, pixelProblem } from "./prefs.js";
-import { TooManyPixels, imagePixels, uprightPng } from "./render.js";
+import { TooManyPixels, dataUriBlob, imagePixels, uprightPng } from "./render.js";
 
 const $ = (id) => document.getElementById(id);
 
@@ -27,6 +28,19 @@ function urlFileName(url) {
     return decodeURIComponent(last) || "image";
   } catch {
     return last || "image"; // not valid percent-encoding: as written
+  }
+}
+
+// A data: URI's image with an orientation the browser does not apply (orientation.js): a blob URL of it turned
+// upright, as the server reads it, to show; null for any other (and for another site's image, whose bytes are
+// not readable here).
+async function turnedDataUri(url) {
+  try {
+    const blob = dataUriBlob(url);
+    const orientation = blob ? await orientationToApply(blob) : 1;
+    return orientation === 1 ? null : URL.createObjectURL(await uprightPng(blob, orientation));
+  } catch {
+    return null; // not base64, or not an image this browser decodes: shown (or not) as it is; the server will say
   }
 }
 
@@ -77,11 +91,16 @@ export function wireInput(app) {
       return;
     }
     if (!again && $("source").dataset.url === url) return; // 'change' and Enter both fire for one URL
-    chosen += 1;
+    const choice = ++chosen;
     $("file").value = "";
     $("source").dataset.url = url;
     const name = url.startsWith("data:") ? "pasted image" : urlFileName(url);
-    await app.setImage({ kind: "url", name, src: url, pixels: null }, url.startsWith("data:") ? name : url);
+    const display = await turnedDataUri(url);
+    if (choice !== chosen) {
+      if (display) URL.revokeObjectURL(display);
+      return;
+    }
+    await app.setImage({ kind: "url", name, src: url, display, pixels: null }, url.startsWith("data:") ? name : url);
     if (auto) app.autoRun();
   }
 

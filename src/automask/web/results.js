@@ -25,11 +25,22 @@ export function selectedText(state) {
   return `${count.toLocaleString()} pixels selected (${pct}%).`;
 }
 
+// Whether the image is shown as the server read it, its rows and columns those of the mask. Not so for one the
+// browser cannot show, nor for one it shows unturned where the server turns it (another site's WebP whose EXIF
+// orientation says to turn it: its bytes, and so its orientation, are not readable here).
+export function imageFits(state) {
+  const img = $("source");
+  const r = state.result;
+  return state.image.shown && img.naturalWidth === r.width && img.naturalHeight === r.height;
+}
+
 export function drawResult(state, viewer) {
   const r = state.result;
   if (!r) return;
-  if (!state.image.shown && viewer.width !== r.width) viewer.setSize(r.width, r.height);
-  const show = state.image.shown ? currentShow() : "mask";
+  const fits = imageFits(state);
+  if (!fits && (viewer.width !== r.width || viewer.height !== r.height)) viewer.setSize(r.width, r.height);
+  const show = fits ? currentShow() : "mask"; // the mask alone, not drawn over an image it does not fit
+  $("source").style.visibility = fits ? "" : "hidden"; // nor that image, stretched, beside it (compare slider)
   const look = { tint: $("tint").value, opacity: Number($("opacity").value) / 100, outline: $("outline").checked };
   viewer.drawResult(shownMask(state), show, look);
   viewer.setCompare(Number($("compare").value));
@@ -39,6 +50,7 @@ export function drawResult(state, viewer) {
 export function clearResult(state, viewer) {
   state.result = null;
   viewer.hideResult();
+  $("source").style.visibility = "";
   setOutputsEnabled(state, false);
   $("instances-box").hidden = true;
   $("facts").replaceChildren();

@@ -1,5 +1,5 @@
 // What the page says: the status line, the error (the last result stays, greyed), the stale-result note, the
-// busy state with the elapsed time and Cancel, and the facts of a result.
+// busy state with the elapsed time and Cancel (of a mask; of a download the server renders), and a result's facts.
 
 const $ = (id) => document.getElementById(id);
 let ticker = 0;
@@ -57,19 +57,38 @@ export function setBusy(job) {
   // beside it, not, with Cancel hidden, to the page's top, losing the user's place.
   if (!job && document.activeElement === $("cancel")) $("submit").focus();
   $("cancel").hidden = !job;
-  $("submit").textContent = job ? "Working… (Enter: ask again)" : "Make mask";
+  $("submit").textContent = job ? "Working…" : "Make mask"; // pressed again, it asks anew only for changed options
   if (!job) return;
-  // The status is a live region, read out on each change: the seconds, ticking ten times a second, are for the
-  // eye only (aria-hidden), or a screen reader would read them out without end.
+  const note = job.loading ? " Loading the model on the server (its first request)…" : "";
+  ticker = ticking("Working…", job.started, note);
+}
+
+let fetching = { ticker: 0, button: null };
+
+// A download the server renders, running ({what: "cut-out"|"preview", started, button: the id of its button}), or
+// none (null): its elapsed time in the status line, and the Cancel beside the downloads.
+export function setFetching(job) {
+  clearInterval(fetching.ticker);
+  const cancel = $("dl-cancel");
+  if (!job && document.activeElement === cancel && fetching.button) $(fetching.button).focus();
+  cancel.hidden = !job;
+  if (!job) return;
+  const why = " (this page cannot reproduce this image's pixels exactly)…";
+  fetching = { ticker: ticking(`Asking the server for the ${job.what}${why}`, job.started), button: job.button };
+}
+
+// Show `text`, the seconds since `started` (performance.now()) and `note` in the status line; returns the interval
+// that ticks the seconds. The status is a live region, read out on each change: the seconds, ticking ten times a
+// second, are for the eye only (aria-hidden), or a screen reader would read them out without end.
+function ticking(text, started, note = "") {
   const seconds = document.createElement("span");
   seconds.setAttribute("aria-hidden", "true");
-  const note = job.loading ? " Loading the model on the server (its first request)…" : "";
-  $("status").replaceChildren("Working…", seconds, note);
+  $("status").replaceChildren(text, seconds, note);
   const tick = () => {
-    seconds.textContent = ` ${((performance.now() - job.started) / 1000).toFixed(1)} s.`;
+    seconds.textContent = ` ${((performance.now() - started) / 1000).toFixed(1)} s.`;
   };
   tick();
-  ticker = setInterval(tick, 100);
+  return setInterval(tick, 100);
 }
 
 export function formatMs(ms) {

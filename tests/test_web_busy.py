@@ -1,0 +1,161 @@
+"""The try-it page while the server works (part 3): a slow server (each mask takes SLOW_S), Enter pressed again,
+the downloads the server renders, and their Cancel. See test_web.py for how the tests run."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from automask.settings import Settings
+from server_helpers import decode
+from test_colour_profiles import WIDE_ICC
+from web_helpers import API_PATH, FIRST, Live, Tab, browser, download, open_tab, pick_photo, serve, set_slider
+
+pytest.importorskip("fastapi")
+pytestmark = pytest.mark.browser
+SLOW_S = 1.5
+TICKING = (  # the status line while the server renders a cut-out: what, and the seconds it has taken so far
+    "() => /^Asking the server for the cut-out.*… \\d+\\.\\d s\\.$/.test(document.getElementById('status').textContent)"
+)
+
+
+@pytest.fixture(scope="module")
+def slow(tiny_clipseg_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
+    settings = Settings(data_dir=tmp_path_factory.mktemp("web-data"), model=str(tiny_clipseg_dir))
+    with serve(settings, auth=True, credits=100, debug_delay=SLOW_S) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def context(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    with browser(tmp_path_factory.mktemp("chromium-profile")) as ctx:
+        yield ctx
+
+
+@pytest.fixture()
+def tab(context: Any, slow: Live) -> Iterator[Tab]:
+    with open_tab(context, slow) as opened:
+        yield opened
+        opened.check_console()
+
+
+def aborted_posts(page: Any) -> list[dict[str, Any]]:
+    """The bodies of the API requests the page aborts from now on (filled in as it does)."""
+    aborted: list[dict[str, Any]] = []
+    page.on("requestfailed", lambda req: aborted.append(req.post_data_json) if req.url.endswith(API_PATH) else None)
+    return aborted
+
+
+def first_options(page: Any) -> None:
+    set_slider(page, "#threshold", "ArrowRight", 30)  # 0.20 -> 0.50
+    set_slider(page, "#grow_mask", "Home")  # 10 -> 0
+
+
+def wait_shown(page: Any, threshold: float) -> None:
+    page.wait_for_function(
+        """(t) => { const r = document.getElementById('result');
+                    return r.getAttribute('aria-busy') === 'false' && r.dataset.options
+                      && JSON.parse(r.dataset.options).threshold === t; }""",
+        arg=threshold,
+    )
+
+
+def test_enter_again_while_working_does_not_ask_again(
+    tab: Tab, slow: Live, astronaut: np.ndarray, tmp_path: Path
+) -> None:
+    """Enter pressed twice by habit: the request goes on, one charge. Before, each Enter cancelled the request
+    and sent it again ("Working… (Enter: ask again)"), the user waiting (and, for a request the server had
+    finished, paying) again. With an option changed since (auto-update off), or the key, Enter asks anew."""
+    page = tab.page
+    aborted = aborted_posts(page)
+    start = slow.settled_credits()
+    assert start is not None
+    photo = tmp_path / "astronaut.png"
+    Image.fromarray(astronaut).save(photo)
+    pick_photo(page, photo)
+    first_options(page)
+    page.fill("#prompt", FIRST["prompt"])
+    page.press("#prompt", "Enter")
+    page.wait_for_selector("#result[aria-busy=true]")
+    assert page.inner_text("#submit") == "Working…"
+    for _ in range(2):
+        page.wait_for_timeout(300)
+        page.press("#prompt", "Enter")
+    page.click("#submit")
+    wait_shown(page, 0.5)
+    assert [b["threshold"] for b in tab.api_bodies] == [0.5] and aborted == []
+    assert page.inner_text("#submit") == "Make mask"
+    assert slow.settled_credits() == start - 1
+    # Auto-update off: an option changed while the request runs, then Enter, asks for the new option.
+    page.click("#advanced summary")
+    page.uncheck("#auto")
+    page.fill("#prompt", "cup")
+    page.press("#prompt", "Enter")
+    page.wait_for_selector("#result[aria-busy=true]")
+    set_slider(page, "#threshold", "ArrowRight")
+    page.press("#prompt", "Enter")
+    wait_shown(page, 0.51)
+    assert [b["threshold"] for b in tab.api_bodies[1:]] == [0.5, 0.51]
+    assert [b["threshold"] for b in aborted] == [0.5]
+    assert slow.settled_credits() == start - 2
+    # So does another key typed in while it runs.
+    set_slider(page, "#threshold", "ArrowRight")
+    page.press("#prompt", "Enter")
+    page.wait_for_selector("#result[aria-busy=true]")
+    page.fill("#api-key", "not-a-key")
+    page.press("#prompt", "Enter")
+    page.wait_for_selector("#error:not([hidden])")
+    assert len(tab.api_bodies) == 5 and len(aborted) == 2 and "key" in page.inner_text("#error").lower()
+    page.wait_for_timeout(1000)  # the page looks the key's balance up once the field rests: another 401
+    page.fill("#api-key", str(slow.key))  # kept in this browser: the next tab's would start with the wrong one
+    page.wait_for_selector("#credits:not([hidden])")
+    tab.http_errors.clear()  # the 401s this asked for
+
+
+def test_a_download_the_server_renders_shows_its_time_and_can_be_cancelled(
+    tab: Tab, slow: Live, astronaut: np.ndarray, tmp_path: Path
+) -> None:
+    """A cut-out the page cannot render (a wide-gamut photo's: the server's, one more request) on a slow server:
+    the seconds it takes are shown, and a Cancel beside the downloads (or Esc) aborts it: nothing saved, nothing
+    charged, the result still shown and usable; asked again, it comes. Before, the page said only "Asking the
+    server for it…", with no time, and nothing could stop it."""
+    wide = tmp_path / "wide-gamut.png"
+    Image.fromarray(astronaut).save(wide, icc_profile=WIDE_ICC)
+    page = tab.page
+    pick_photo(page, wide)
+    first_options(page)
+    page.fill("#prompt", FIRST["prompt"])
+    page.press("#prompt", "Enter")
+    wait_shown(page, 0.5)
+    start = slow.settled_credits()
+    assert start is not None
+    saved: list[Any] = []
+    page.on("download", lambda d: saved.append(d))
+    for stop in ("click", "Escape"):
+        page.click("#dl-alpha")
+        page.wait_for_selector("#dl-cancel:visible")
+        page.wait_for_function(TICKING)
+        shown = page.inner_text("#status")
+        page.wait_for_timeout(300)
+        assert page.inner_text("#status") != shown, "the seconds do not tick"
+        if stop == "click":
+            page.focus("#dl-cancel")
+            page.keyboard.press("Enter")
+        else:
+            page.keyboard.press("Escape")
+        page.wait_for_selector("#dl-cancel", state="hidden")
+        assert page.inner_text("#status").startswith("Download cancelled.")
+        assert page.is_hidden("#error") and "stale" not in (page.get_attribute("#stage", "class") or "")
+        assert not page.is_disabled("#dl-alpha") and page.is_visible("#after")
+    assert page.evaluate("document.activeElement.id") == "dl-alpha", "the focus left with the hidden Cancel"
+    time.sleep(SLOW_S + 0.5)  # the server finishes (or drops) the aborted work
+    assert slow.settled_credits() == start and saved == [], "a cancelled download was charged or saved"
+    assert decode(download(page, "#dl-alpha")).shape == (512, 512, 4)
+    assert page.inner_text("#status") == "Downloaded." and page.is_hidden("#dl-cancel")
+    assert slow.settled_credits() == start - 1
