@@ -20,7 +20,7 @@ from typing import Any, NoReturn
 import click
 
 from automask import errors
-from automask.cli_inputs import find_images, plan_outputs
+from automask.cli_inputs import find_images, once_each, plan_outputs
 from automask.cli_instances import check_instance_files, remove_stale_instances
 from automask.cli_io import (
     NoSpaceError,
@@ -325,6 +325,9 @@ def batch(ctx: click.Context, source: str, out: str, recursive: bool, job: Job) 
 def _batch(ctx: click.Context, source: str, outdir: Path, recursive: bool, job: Job) -> None:
     """`batch`'s work: find the inputs, plan their outputs, check OUTDIR, then mask them."""
     files, base, unreadable = find_images(source, recursive, outdir)
+    files, skipped = once_each(files)
+    if skipped:
+        _note_links(skipped)
     plan = plan_outputs(files, outdir, base)
     made = Outputs()
     made.folder(outdir)  # an OUTDIR that cannot be written: exit 8 now, not once per file after its masking
@@ -332,6 +335,14 @@ def _batch(ctx: click.Context, source: str, outdir: Path, recursive: bool, job: 
         _mask_files(ctx, plan, [unread_record(exc) for exc in unreadable], job)
     finally:
         made.discard()  # only the folders it made, and only when they were left empty
+
+
+def _note_links(skipped: list[tuple[Path, Path]]) -> None:
+    """One note on stderr for the links `once_each` skipped (link, the path its file is masked by): the first three."""
+    shown = ", ".join(f"'{link}' (is '{kept}')" for link, kept in skipped[:3]) + (", ..." if skipped[3:] else "")
+    links = "1 link" if len(skipped) == 1 else f"{len(skipped)} links"
+    note = f"note: {links} to an image found by another path skipped (each file is masked once): {shown}"
+    click.echo(one_line(note), err=True)
 
 
 def unread_record(exc: OSError) -> dict[str, Any]:

@@ -46,6 +46,20 @@ def find_images(source: str, recursive: bool, outdir: Path) -> tuple[list[Path],
     return sorted(files), base, unreadable
 
 
+def once_each(files: list[Path]) -> tuple[list[Path], list[tuple[Path, Path]]]:
+    """(`files` with each real file once, (link skipped, the path kept for its file) for the others), as `_walk`
+    reads each real folder once: a file is kept by its own name when that was found (not a link), else by its first
+    path in `files`' order; so two links to one photo, or a photo and a link to it, give one mask, not two."""
+    kept: dict[str, Path] = {}
+    for path in files:
+        real = os.path.realpath(path)
+        if real not in kept or (kept[real].is_symlink() and not path.is_symlink()):
+            kept[real] = path
+    chosen = set(kept.values())
+    skipped = [(path, kept[os.path.realpath(path)]) for path in files if path not in chosen]
+    return [path for path in files if path in chosen], skipped
+
+
 def _folder_images(root: Path, recursive: bool, outdir: Path) -> tuple[list[Path], list[OSError]]:
     """The image files of the folder `root`, and the errors of the subfolders it could not list (see
     `find_images`; a `root` it cannot list raises). Symlinks to folders are followed as `_walk` does."""
