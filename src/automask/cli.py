@@ -20,8 +20,8 @@ from typing import Any, NoReturn
 import click
 
 from automask import errors
-from automask.cli_inputs import find_images, once_each, plan_outputs
-from automask.cli_instances import check_instance_files, remove_stale_instances
+from automask.cli_inputs import find_images, links_note, once_each, plan_outputs
+from automask.cli_instances import check_before_inference, check_instance_files, remove_stale_instances
 from automask.cli_io import (
     NoSpaceError,
     OutputError,
@@ -195,8 +195,8 @@ def main(
     type=click.Path(file_okay=False, path_type=Path),
     help="Also write one mask PNG per detected instance into DIR (00-sofa.png, ...; grown, not inverted); the "
     "instance masks an earlier run wrote there are removed. Only files automask tagged as instance masks are "
-    "replaced or removed: a run whose instance would take the name of another file (the input, -o, a photo, a mask "
-    "written before the tag existed) is refused.",
+    "replaced or removed: a run whose instances could take the name of another file (the input, -o, a photo, a mask "
+    "written before the tag existed: NN-cat.png for -p cat) is refused before the model runs.",
 )
 @mask_options
 @click.pass_obj
@@ -232,8 +232,10 @@ def _mask(settings: Settings, image: str, out: str | None, instances: Path | Non
     source, path = read_source(image, settings)
     target = output_target(out, path, job.options.output_kind)
     fmt = output_format(target, job.options.output_kind)
+    outputs.target(target)
     if instances is not None:
         outputs.folder(instances)
+        check_before_inference(instances, job.prompts, target, path)
     generator = load_generator(job, settings)
     with contextlib.redirect_stdout(sys.stderr):
         result = generator.generate(source, job.prompts, job.options)
@@ -327,7 +329,7 @@ def _batch(ctx: click.Context, source: str, outdir: Path, recursive: bool, job: 
     files, base, unreadable = find_images(source, recursive, outdir)
     files, skipped = once_each(files)
     if skipped:
-        _note_links(skipped)
+        click.echo(one_line(links_note(skipped)), err=True)
     plan = plan_outputs(files, outdir, base)
     made = Outputs()
     made.folder(outdir)  # an OUTDIR that cannot be written: exit 8 now, not once per file after its masking
@@ -335,14 +337,6 @@ def _batch(ctx: click.Context, source: str, outdir: Path, recursive: bool, job: 
         _mask_files(ctx, plan, [unread_record(exc) for exc in unreadable], job)
     finally:
         made.discard()  # only the folders it made, and only when they were left empty
-
-
-def _note_links(skipped: list[tuple[Path, Path]]) -> None:
-    """One note on stderr for the links `once_each` skipped (link, the path its file is masked by): the first three."""
-    shown = ", ".join(f"'{link}' (is '{kept}')" for link, kept in skipped[:3]) + (", ..." if skipped[3:] else "")
-    links = "1 link" if len(skipped) == 1 else f"{len(skipped)} links"
-    note = f"note: {links} to an image found by another path skipped (each file is masked once): {shown}"
-    click.echo(one_line(note), err=True)
 
 
 def unread_record(exc: OSError) -> dict[str, Any]:

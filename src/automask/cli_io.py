@@ -124,12 +124,27 @@ class Outputs:
         """Create the folder `path` (and its missing parents) and check that a file can be made in it."""
         self.folders += [p for p in (path, *path.parents) if not p.exists()]
         try:
+            if os.path.lexists(path) and not path.is_dir():  # mkdir would say 'File exists'
+                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
             path.mkdir(parents=True, exist_ok=True)
             fd, probe = tempfile.mkstemp(dir=path, prefix=".automask-", suffix=".part")
             os.close(fd)
             os.unlink(probe)
         except OSError as exc:
             raise OutputError(f"Cannot write into '{path}': {exc.strerror or exc}.") from None
+
+    def target(self, path: Path | None) -> None:
+        """`folder` for the folder `write` will write the file `path` in (through links), so that a target that
+        cannot be written fails before the work; nothing for a device, FIFO or socket, written in place, or None
+        (standard output)."""
+        if path is None:
+            return
+        try:
+            mode = os.stat(path).st_mode
+        except OSError:  # a new file, or one `folder` will say why it cannot be made
+            mode = stat.S_IFREG
+        if stat.S_ISREG(mode):
+            self.folder(Path(os.path.realpath(path)).parent)
 
     def write(self, path: Path, data: bytes) -> None:
         """`write_atomic`, remembering the regular file written."""
