@@ -298,6 +298,49 @@ def test_animated_gives_first_frame(fmt: str, settings: Settings) -> None:
     assert close(out[3, 4], RED, 8)
 
 
+def apng_with_a_fallback(blend: int) -> bytes:
+    """An 8×6 RGBA APNG written by hand whose default image (IDAT: opaque red, what a viewer without APNG shows) is
+    not part of the animation: its one frame is a 4×3 green rectangle at (2, 1) (`blend`: 0 source, 1 over); the
+    rest of the canvas is transparent, as every animation starts (APNG spec)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    def rows(width: int, height: int, rgba: tuple[int, ...]) -> bytes:
+        return zlib.compress((b"\x00" + bytes(rgba) * width) * height)
+
+    ihdr = struct.pack(">IIBBBBB", 8, 6, 8, 6, 0, 0, 0)
+    fctl = struct.pack(">IIIIIHHBB", 0, 4, 3, 2, 1, 1, 10, 0, blend)
+    return b"".join(
+        [
+            b"\x89PNG\r\n\x1a\n",
+            chunk(b"IHDR", ihdr),
+            chunk(b"acTL", struct.pack(">II", 1, 0)),
+            chunk(b"IDAT", rows(8, 6, (*RED, 255))),
+            chunk(b"fcTL", fctl),
+            chunk(b"fdAT", struct.pack(">I", 1) + rows(4, 3, (*GREEN, 255))),
+            chunk(b"IEND", b""),
+        ]
+    )
+
+
+@pytest.mark.parametrize("blend", [0, 1])
+def test_an_apng_whose_default_image_is_a_fallback_gives_its_first_frame(blend: int, settings: Settings) -> None:
+    """Before: the default image (a fallback for viewers without APNG, which browsers never show) was masked. Now
+    the animation's first frame, as browsers show it: on a transparent canvas, not over the fallback."""
+    data = apng_with_a_fallback(blend)
+    assert Image.open(io.BytesIO(data)).info.get("default_image") is True
+    shown = np.full((6, 8, 3), 255, np.uint8)  # transparent: on white
+    shown[1:4, 2:6] = GREEN
+    assert load_image(data, settings).tolist() == shown.tolist()
+    cutout = load_image(data, settings, keep_alpha=True)
+    assert cutout.shape == (6, 8, 4) and cutout[..., 3].sum() == 255 * 12 and cutout[2, 3].tolist() == [*GREEN, 255]
+    red, green, blue = (Image.new("RGB", (8, 6), colour) for colour in (RED, GREEN, BLUE))  # as Pillow writes them
+    assert load_image(encode(red, "PNG", save_all=True, append_images=[green, blue], default_image=True), settings)[
+        3, 4
+    ].tolist() == list(GREEN)
+
+
 # --- bad input ---------------------------------------------------------------------------------------------
 
 

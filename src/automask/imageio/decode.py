@@ -13,7 +13,8 @@ Choices, the same for every source:
   image full-contrast and a tile decode unlike the whole.
 - **Colour profiles**: an image embedding one other than sRGB (Display P3, Adobe RGB, a CMYK press profile) is
   converted to sRGB (`profile.to_srgb`), what models were trained on and what a PNG without a profile shows.
-- **Animated images give their first frame** (GIF, WebP, APNG, multi-page TIFF).
+- **Animated images give their first frame** (GIF, WebP, APNG, multi-page TIFF): the first frame shown, so an
+  APNG's first animation frame, not a default image that is not part of the animation (a fallback).
 - **Limits come first**: the encoded size is checked before opening, the pixel count from the header before any
   pixel is decoded (a TIFF's tile size and a JPEG's scan count too: `bombs`); Pillow's own decompression-bomb
   error and warning become `ImageTooLargeError` too.
@@ -106,7 +107,23 @@ def decode_image(data: bytes, settings: Settings, *, keep_alpha: bool = False) -
     """Decode an encoded image (JPEG, PNG, WebP, ...) into an H×W×3 uint8 RGB array, EXIF orientation applied
     (H×W×4 RGBA for an image with transparency when `keep_alpha`)."""
     with _open(data, settings) as img:
-        return pil_to_rgb(img, settings, keep_alpha=keep_alpha)
+        return pil_to_rgb(_first_shown_frame(img), settings, keep_alpha=keep_alpha)
+
+
+def _first_shown_frame(img: Image.Image) -> Image.Image:
+    """`img`, or for an APNG whose default image is not part of the animation (a fallback for viewers without APNG,
+    which browsers never show) the animation's first frame, drawn as browsers draw it: on a transparent canvas (APNG
+    spec), not over the fallback (Pillow's frame 1). A frame of an APNG without alpha that leaves part of the canvas
+    uncovered shows black there."""
+    if img.format != "PNG" or not img.info.get("default_image") or getattr(img, "n_frames", 1) < 2:
+        return img
+    try:
+        img.load()
+        img.im = Image.core.fill(img.mode, img.size)  # transparent black, where the mode has alpha
+        img.seek(1)
+    except PIL_ERRORS as exc:
+        raise ImageDecodeError(f"The image could not be decoded: it is corrupt or truncated ({exc}).") from None
+    return img
 
 
 def check_header(data: bytes, settings: Settings) -> None:
