@@ -272,6 +272,44 @@ def test_32bit_int_tiff_masks_at_the_image_size(tiny_clipseg_dir: Path, tmp_path
     assert result.mask.shape == CAMERA.shape and (result.width, result.height) == (171, 128)
 
 
+def test_a_32bit_tiff_just_over_65535_is_scaled_by_its_type_as_documented(settings: Settings) -> None:
+    """README: a 32-bit TIFF's values all in 0–65535 are read as 16-bit; one value above, and the type's maximum
+    scales them all (int32: 2**31 - 1; uint32: 2**32 - 1), so 65536 is black: no guess from the image's own range."""
+    assert load_image(tiff_of(np.array([[0, 32768, 65535]], np.int32)), settings)[0, :, 0].tolist() == [0, 128, 255]
+    for dtype in (np.int32, np.uint32):
+        just_over = np.array([[0, 32768, 65535, 65536, 2**24]], dtype)
+        assert load_image(tiff_of(just_over), settings)[0, :, 0].tolist() == [0, 0, 0, 0, 2 if dtype == np.int32 else 1]
+
+
+@pytest.mark.parametrize(
+    ("samples", "told"),
+    [
+        (np.zeros((4, 5), np.int64), "1 sample per pixel of 64-bit signed integers"),
+        (np.zeros((4, 5), np.float64), "1 sample per pixel of 64-bit floats"),
+        (np.zeros((4, 5, 3), np.int32), "3 samples per pixel of 32-bit signed integers"),
+        (np.zeros((4, 5, 3), np.uint32), "3 samples per pixel of 32-bit unsigned integers"),
+    ],
+)
+def test_a_tiff_of_samples_pillow_cannot_read_is_not_called_corrupt(
+    samples: np.ndarray, told: str, settings: Settings
+) -> None:
+    """Before: "starts like a TIFF file but could not be read: it is corrupt or truncated" for a sound TIFF of a
+    sample layout Pillow has no mode for (64-bit, or 32-bit colour: a 32-bit TIFF of 65536 in RGB, say)."""
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, samples, photometric="rgb" if samples.ndim == 3 else "minisblack")
+    with pytest.raises(ImageDecodeError) as caught:
+        load_image(buf.getvalue(), settings)
+    assert str(caught.value) == (
+        f"The TIFF image has {told}, which automask cannot read: save it with 8- or 16-bit samples (or one 32-bit "
+        "sample per pixel)."
+    )
+    damaged = bytearray(buf.getvalue())
+    damaged[4:8] = struct.pack("<I", len(damaged) + 100)  # its first directory past the end: damaged
+    with warnings.catch_warnings(), pytest.raises(ImageDecodeError, match="starts like a TIFF file but could not"):
+        warnings.simplefilter("ignore")  # Pillow's "Corrupt EXIF data"
+        load_image(bytes(damaged), settings)
+
+
 def test_float_tiff_out_of_range_is_not_called_corrupt(settings: Settings) -> None:
     with pytest.raises(ImageDecodeError, match="0–1 or 0–255") as err:
         load_image(tiff_of(CAMERA.astype(np.float32) * 1000), settings)

@@ -36,6 +36,7 @@ from PIL import ExifTags, Image
 from automask.errors import ImageDecodeError, ImageTooLargeError
 from automask.imageio.bombs import check_jpeg_scans, check_tiff_tiles, tag_value
 from automask.imageio.profile import to_srgb
+from automask.imageio.unreadable import unidentified_message
 from automask.settings import Settings
 
 ALLOWED_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF", "AVIF", "HEIF", "PPM", "TGA", "QOI")
@@ -154,7 +155,7 @@ def _open(data: bytes, settings: Settings) -> Image.Image:
             f"{settings.max_image_pixels:,} pixels (AUTOMASK_MAX_IMAGE_PIXELS). Downscale it or raise the limit."
         ) from None
     except Image.UnidentifiedImageError:
-        raise ImageDecodeError(_unidentified_message(data)) from None
+        raise ImageDecodeError(unidentified_message(data, _formats())) from None
     except PIL_ERRORS as exc:
         raise ImageDecodeError(f"The image could not be read: it is corrupt or truncated ({exc}).") from None
     try:
@@ -171,29 +172,6 @@ def _raise_pillow_limit(pixels: int) -> None:
     """Let Pillow open images of up to `pixels` pixels (a process-wide setting of Pillow's; only ever raised)."""
     if Image.MAX_IMAGE_PIXELS is not None and pixels > Image.MAX_IMAGE_PIXELS:
         Image.MAX_IMAGE_PIXELS = pixels
-
-
-_SIGNATURES = (
-    (b"\x89PNG\r\n\x1a\n", "PNG"),
-    (b"\xff\xd8\xff", "JPEG"),
-    (b"GIF8", "GIF"),
-    (b"BM", "BMP"),
-    (b"II*\x00", "TIFF"),
-    (b"MM\x00*", "TIFF"),
-)
-
-
-def _unidentified_message(data: bytes) -> str:
-    known = next((name for sig, name in _SIGNATURES if data.startswith(sig)), None)
-    if known is None and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        known = "WebP"
-    if known:
-        return f"The input starts like a {known} file but could not be read: it is corrupt or truncated."
-    head = data[:512]
-    printable = sum(32 <= b < 127 or b in (9, 10, 13) for b in head)
-    kind = "looks like text (HTML, JSON or similar)" if printable >= 0.95 * len(head) else "is not in a known format"
-    supported = ", ".join(_formats())
-    return f"The input {kind}, not an image automask can read. Supported formats: {supported}."
 
 
 def pil_to_rgb(img: Image.Image, settings: Settings, *, keep_alpha: bool = False) -> np.ndarray:
