@@ -332,3 +332,29 @@ def test_batch_masks_a_file_reached_by_several_links_once(
         f"note: 2 links to an image found by another path skipped (each file is masked once): "
         f"'{folder / 'cover.jpg'}' (is '{folder / 'a.jpg'}'), '{folder / 'y.png'}' (is '{folder / 'x.png'}')"
     ) in result.stderr.splitlines()
+
+
+def test_batch_takes_the_files_of_a_glob_the_shell_expanded(
+    tiny_clipseg_dir: Path, folder: Path, tmp_path: Path
+) -> None:
+    """Before: `automask batch photos/*.jpg -o out` (unquoted: the shell gives one name per file) exited 2 with
+    "Got unexpected extra arguments (...)" listing every name (90 KB for 5000 files). Now several files are masked
+    as the quoted glob masks them; a folder or a missing path among them is a usage error that says why."""
+    out = tmp_path / "out"
+    (folder / "cover.jpg").symlink_to("a.jpg")
+    names = [folder / "b.png", folder / "a.jpg", folder / "cover.jpg"]
+    result = invoke("batch", *names, "-o", out, "-p", "cat", "--model", tiny_clipseg_dir, "--json")
+    assert result.exit_code == 0, result.output
+    assert [json.loads(line)["input"] for line in result.stdout.splitlines()] == [
+        str(folder / n) for n in ("a.jpg", "b.png")
+    ]
+    assert sorted(p.name for p in out.iterdir()) == ["a.png", "b.png"]
+    (folder / "sub").mkdir()
+    for extra, why in [
+        (folder / "sub", f"'{folder / 'sub'}' is a folder: give batch one folder, or files"),
+        (folder / "gone.png", f"no such file: '{folder / 'gone.png'}'"),
+    ]:
+        refused = invoke("batch", *names, extra, "-o", tmp_path / "none", "-p", "cat", "--model", tiny_clipseg_dir)
+        assert refused.exit_code == 2, refused.output
+        assert refused.stderr.startswith(f"error: DIR_OR_GLOB: {why}")
+        assert not (tmp_path / "none").exists()

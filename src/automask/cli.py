@@ -20,7 +20,7 @@ from typing import Any, NoReturn
 import click
 
 from automask import errors
-from automask.cli_inputs import find_images, links_note, once_each, plan_outputs
+from automask.cli_inputs import find_inputs, links_note, once_each, plan_outputs
 from automask.cli_instances import check_before_inference, check_instance_files, remove_stale_instances
 from automask.cli_io import (
     NoSpaceError,
@@ -292,7 +292,7 @@ def process(generator: Any, src: Path, dst: Path, job: Job) -> dict[str, Any]:
 
 
 @main.command(epilog=EPILOG)
-@click.argument("source", metavar="DIR_OR_GLOB")
+@click.argument("sources", metavar="DIR_OR_GLOB | FILE...", nargs=-1, required=True)
 @click.option(
     "-o",
     "--output",
@@ -305,8 +305,8 @@ def process(generator: Any, src: Path, dst: Path, job: Job) -> dict[str, Any]:
 @click.option("-r", "--recursive", is_flag=True, help="Include subfolders, linked ones too (a glob: ** spans folders).")
 @mask_options
 @click.pass_context
-def batch(ctx: click.Context, source: str, out: str, recursive: bool, job: Job) -> None:
-    """Mask every image of a folder (or a quoted glob such as 'photos/*.jpg') into OUTDIR/<stem>.png.
+def batch(ctx: click.Context, sources: tuple[str, ...], out: str, recursive: bool, job: Job) -> None:
+    """Mask every image of a folder (or a quoted glob such as 'photos/*.jpg', or files) into OUTDIR/<stem>.png.
 
     A file that fails is reported (one line naming it) and skipped; the others are done. Exit 0 when
     all succeeded, 1 when any failed. An error of the model (unknown, not installed, a prompt it cannot answer)
@@ -321,12 +321,12 @@ def batch(ctx: click.Context, source: str, out: str, recursive: bool, job: Job) 
             "called '-'). To stream one image: automask mask IMAGE -o -",
         )
     with signals_interrupt():
-        _batch(ctx, source, Path(out), recursive, job)
+        _batch(ctx, sources, Path(out), recursive, job)
 
 
-def _batch(ctx: click.Context, source: str, outdir: Path, recursive: bool, job: Job) -> None:
+def _batch(ctx: click.Context, sources: tuple[str, ...], outdir: Path, recursive: bool, job: Job) -> None:
     """`batch`'s work: find the inputs, plan their outputs, check OUTDIR, then mask them."""
-    files, base, unreadable = find_images(source, recursive, outdir)
+    files, base, unreadable = find_inputs(sources, recursive, outdir)
     files, skipped = once_each(files)
     if skipped:
         click.echo(one_line(links_note(skipped)), err=True)

@@ -15,6 +15,15 @@ from automask.cli_io import IMAGE_SUFFIXES, file_id
 from automask.errors import InvalidOptionError
 
 
+def find_inputs(
+    sources: tuple[str, ...], recursive: bool, outdir: Path
+) -> tuple[list[Path], Path | None, list[OSError]]:
+    """`find_images` of one source (a folder, a glob or a file); `given_files` of several."""
+    if len(sources) == 1:
+        return find_images(sources[0], recursive, outdir)
+    return given_files(sources), None, []
+
+
 def find_images(source: str, recursive: bool, outdir: Path) -> tuple[list[Path], Path | None, list[OSError]]:
     """(input files, the folder their output paths mirror or None, the subfolders it could not read) for a folder,
     a glob or one file.
@@ -46,6 +55,22 @@ def find_images(source: str, recursive: bool, outdir: Path) -> tuple[list[Path],
     return sorted(files), base, unreadable
 
 
+def given_files(paths: tuple[str, ...]) -> list[Path]:
+    """The files named by several `paths` (what the shell makes of an unquoted glob, `photos/*.jpg`), sorted: each
+    taken as a glob takes the files it matches. A folder among them, or a path that does not exist, is an
+    `InvalidOptionError`: batch takes one folder (or one quoted glob), or files."""
+    for path in map(Path, paths):
+        if path.is_dir():
+            raise InvalidOptionError(
+                "DIR_OR_GLOB",
+                f"'{path}' is a folder: give batch one folder, or files (a glob the shell expands names folders "
+                "too: quote it, 'photos/*', and batch takes its files only).",
+            )
+        if not path.is_file():
+            raise InvalidOptionError("DIR_OR_GLOB", f"no such file: '{path}'.")
+    return sorted(map(Path, paths))
+
+
 def once_each(files: list[Path]) -> tuple[list[Path], list[tuple[Path, Path]]]:
     """(`files` with each real file once, (link skipped, the path kept for its file) for the others), as `_walk`
     reads each real folder once: a file is kept by its own name when that was found (not a link), else by its first
@@ -58,6 +83,13 @@ def once_each(files: list[Path]) -> tuple[list[Path], list[tuple[Path, Path]]]:
     chosen = set(kept.values())
     skipped = [(path, kept[os.path.realpath(path)]) for path in files if path not in chosen]
     return [path for path in files if path in chosen], skipped
+
+
+def links_note(skipped: list[tuple[Path, Path]]) -> str:
+    """The note on the links `once_each` skipped (link, the path its file is masked by), naming the first three."""
+    shown = ", ".join(f"'{link}' (is '{kept}')" for link, kept in skipped[:3]) + (", ..." if skipped[3:] else "")
+    links = "1 link" if len(skipped) == 1 else f"{len(skipped)} links"
+    return f"note: {links} to an image found by another path skipped (each file is masked once): {shown}"
 
 
 def _folder_images(root: Path, recursive: bool, outdir: Path) -> tuple[list[Path], list[OSError]]:
