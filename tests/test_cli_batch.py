@@ -342,7 +342,7 @@ def test_batch_takes_the_files_of_a_glob_the_shell_expanded(
     as the quoted glob masks them; a folder or a missing path among them is a usage error that says why."""
     out = tmp_path / "out"
     (folder / "cover.jpg").symlink_to("a.jpg")
-    names = [folder / "b.png", folder / "a.jpg", folder / "cover.jpg"]
+    names = [folder / "b.png", folder / "a.jpg", folder / "cover.jpg", folder / "b.png"]
     result = invoke("batch", *names, "-o", out, "-p", "cat", "--model", tiny_clipseg_dir, "--json")
     assert result.exit_code == 0, result.output
     assert [json.loads(line)["input"] for line in result.stdout.splitlines()] == [

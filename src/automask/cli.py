@@ -20,7 +20,7 @@ from typing import Any, NoReturn
 import click
 
 from automask import errors
-from automask.cli_inputs import find_inputs, links_note, once_each, plan_outputs
+from automask.cli_inputs import find_inputs, links_note, once_each, plan_outputs, unread_record
 from automask.cli_instances import check_before_inference, check_instance_files, remove_stale_instances
 from automask.cli_io import (
     NoSpaceError,
@@ -29,6 +29,7 @@ from automask.cli_io import (
     Reporter,
     check_fits,
     echo_json,
+    one_image,
     one_line,
     output_format,
     output_target,
@@ -187,7 +188,7 @@ def main(
 
 
 @main.command(epilog=EPILOG)
-@click.argument("image")
+@click.argument("images", metavar="IMAGE", nargs=-1, required=True)
 @click.option("-o", "--output", "out", metavar="OUT", help="Output PNG, a folder, or - for stdout.")
 @click.option(
     "--instances",
@@ -200,7 +201,7 @@ def main(
 )
 @mask_options
 @click.pass_obj
-def mask(state: CliState, image: str, out: str | None, instances_dir: Path | None, job: Job) -> None:
+def mask(state: CliState, images: tuple[str, ...], out: str | None, instances_dir: Path | None, job: Job) -> None:
     """Mask what --prompt names in IMAGE: a file, an http(s) URL, or - (standard input).
 
     Writes a PNG: the mask (default), an RGBA cut-out (--return-alpha) or a preview (--preview), by
@@ -208,6 +209,7 @@ def mask(state: CliState, image: str, out: str | None, instances_dir: Path | Non
     writes that format instead (WebP lossless; a cut-out cannot be a JPEG). --json cannot be combined
     with -o - (standard output carries the PNG), and -o - is refused when standard output is a terminal.
     """
+    image = one_image(images)
     if out == "-" and job.as_json:
         raise InvalidOptionError("--json", "cannot be combined with -o - (stdout carries the PNG); use -o FILE.")
     if out == "-" and sys.stdout.isatty():
@@ -337,12 +339,6 @@ def _batch(ctx: click.Context, sources: tuple[str, ...], outdir: Path, recursive
         _mask_files(ctx, plan, [unread_record(exc) for exc in unreadable], job)
     finally:
         made.discard()  # only the folders it made, and only when they were left empty
-
-
-def unread_record(exc: OSError) -> dict[str, Any]:
-    """The failure record of a subfolder that `batch --recursive` could not list (its files are not masked)."""
-    message = f"Cannot read the folder '{exc.filename}': {exc.strerror or exc}; its images were not masked."
-    return {"input": str(exc.filename), "ok": False, "error": message, "exit_code": 3}
 
 
 def _mask_files(ctx: click.Context, plan: list[tuple[Path, Path]], unread: list[dict[str, Any]], job: Job) -> None:

@@ -9,6 +9,7 @@ import os
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from automask import errors
 from automask.cli_io import IMAGE_SUFFIXES, file_id
@@ -68,7 +69,7 @@ def given_files(paths: tuple[str, ...]) -> list[Path]:
             )
         if not path.is_file():
             raise InvalidOptionError("DIR_OR_GLOB", f"no such file: '{path}'.")
-    return sorted(map(Path, paths))
+    return sorted(set(map(Path, paths)))  # a file named twice is masked once
 
 
 def once_each(files: list[Path]) -> tuple[list[Path], list[tuple[Path, Path]]]:
@@ -190,6 +191,12 @@ def _matches(names: tuple[str, ...], parts: tuple[str, ...]) -> bool:
     if parts[0] == "**":
         return any(_matches(names[i:], parts[1:]) for i in range(len(names) + 1))
     return bool(names) and fnmatch.fnmatchcase(names[0], parts[0]) and _matches(names[1:], parts[1:])
+
+
+def unread_record(exc: OSError) -> dict[str, Any]:
+    """The failure record of a subfolder that `batch --recursive` could not list (its files are not masked)."""
+    message = f"Cannot read the folder '{exc.filename}': {exc.strerror or exc}; its images were not masked."
+    return {"input": str(exc.filename), "ok": False, "error": message, "exit_code": 3}
 
 
 def plan_outputs(files: list[Path], outdir: Path, base: Path | None) -> list[tuple[Path, Path]]:

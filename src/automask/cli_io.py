@@ -236,7 +236,7 @@ def read_source(image: str, settings: Settings) -> tuple[ImageSource, Path | Non
         if not data:
             raise errors.ImageDecodeError("Standard input was empty: pipe an image in, e.g. automask mask - < a.jpg")
         return data, None
-    if _URL.match(image):
+    if _URL.match(image) and not os.path.isfile(image):  # a file named 'data:x.png' is that file
         return image, None
     path = Path(image)
     if path.is_dir() or not path.exists():
@@ -249,6 +249,18 @@ def read_source(image: str, settings: Settings) -> tuple[ImageSource, Path | Non
         except OSError as exc:
             raise errors.ImageDecodeError(f"Cannot read '{image}': {exc.strerror or exc}.") from None
     return path, path
+
+
+def one_image(images: tuple[str, ...]) -> str:
+    """`mask`'s IMAGE: an `InvalidOptionError` that points to `batch` when it was given several (an unquoted glob)."""
+    if len(images) == 1:
+        return images[0]
+    shown = ", ".join(f"'{image}'" for image in images[:2]) + (", ..." if images[2:] else "")
+    raise InvalidOptionError(
+        "IMAGE",
+        f"mask takes one image, and was given {len(images)} ({shown}); to mask several: automask batch IMAGES... "
+        "-o OUTDIR -p ...",
+    )
 
 
 def _read_stream(stream: Any, where: str, settings: Settings) -> bytes:
