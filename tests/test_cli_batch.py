@@ -349,6 +349,9 @@ def test_batch_takes_the_files_of_a_glob_the_shell_expanded(
         str(folder / n) for n in ("a.jpg", "b.png")
     ]
     assert sorted(p.name for p in out.iterdir()) == ["a.png", "b.png"]
+    again = invoke("batch", *names, out, "-o", out, "-p", "cat", "--model", tiny_clipseg_dir)  # `b/* -o b/out` rerun
+    assert again.exit_code == 0, again.output
+    assert sorted(p.name for p in out.iterdir()) == ["a.png", "b.png"]
     (folder / "sub").mkdir()
     for extra, why in [
         (folder / "sub", f"'{folder / 'sub'}' is a folder: give batch one folder, or files"),

@@ -22,7 +22,7 @@ def find_inputs(
     """`find_images` of one source (a folder, a glob or a file); `given_files` of several."""
     if len(sources) == 1:
         return find_images(sources[0], recursive, outdir)
-    return given_files(sources), None, []
+    return given_files(sources, outdir), None, []
 
 
 def find_images(source: str, recursive: bool, outdir: Path) -> tuple[list[Path], Path | None, list[OSError]]:
@@ -56,10 +56,15 @@ def find_images(source: str, recursive: bool, outdir: Path) -> tuple[list[Path],
     return sorted(files), base, unreadable
 
 
-def given_files(paths: tuple[str, ...]) -> list[Path]:
+def given_files(paths: tuple[str, ...], outdir: Path) -> list[Path]:
     """The files named by several `paths` (what the shell makes of an unquoted glob, `photos/*.jpg`), sorted: each
     taken as a glob takes the files it matches. A folder among them, or a path that does not exist, is an
-    `InvalidOptionError`: batch takes one folder (or one quoted glob), or files."""
+    `InvalidOptionError`: batch takes one folder (or one quoted glob), or files; but `outdir` (`photos/*` of
+    `-o photos/masks` run again) is skipped, as a folder source skips it."""
+    skip = outdir.resolve()
+    paths = tuple(path for path in paths if Path(path).resolve() != skip)
+    if not paths:
+        raise InvalidOptionError("DIR_OR_GLOB", f"no images given: only the output folder '{outdir}'.")
     for path in map(Path, paths):
         if path.is_dir():
             raise InvalidOptionError(
