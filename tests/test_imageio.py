@@ -403,6 +403,23 @@ def test_corrupt_inputs_give_clear_errors(settings: Settings, small_rgb: np.ndar
         assert phrase in str(info.value), (data[:20], str(info.value))
 
 
+@pytest.mark.parametrize(
+    ("data", "told"),
+    [
+        (b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(64), "a HEIC/HEIF image (an iPhone's photo)"),
+        (b"\x00\x00\x00\x1cftypmif1\x00\x00\x00\x00mif1heicmiaf" + bytes(64), "a HEIC/HEIF image (an iPhone's photo)"),
+        (b'<?xml version="1.0"?>\n<svg xmlns="http://www.w3.org/2000/svg" width="4"/>', "an SVG (vector) image"),
+        (b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n1 0 obj", "a PDF document"),
+    ],
+)
+def test_a_common_format_automask_cannot_read_is_named(data: bytes, told: str, settings: Settings) -> None:
+    """Before: an iPhone's HEIC photo was "not in a known format", an SVG "looks like text (HTML, JSON or similar)":
+    the user was not told what they sent. Now it is named, with what to do."""
+    with pytest.raises(ImageDecodeError) as caught:
+        load_image(data, settings)
+    assert str(caught.value).startswith(f"The input is {told}, which automask cannot read: convert it to PNG or JPEG")
+
+
 def test_damaged_files_never_escape_as_tracebacks(small_rgb: np.ndarray) -> None:
     """Truncations and byte flips of every format: an RGB array or an AutomaskError, nothing else."""
     settings = Settings(max_image_pixels=1_000_000)

@@ -33,10 +33,31 @@ def unidentified_message(data: bytes, formats: tuple[str, ...]) -> str:
         )
     if known:
         return f"The input starts like a {known} file but could not be read: it is corrupt or truncated."
+    if other := _other_format(data):
+        return f"The input is {other}, which automask cannot read: convert it to PNG or JPEG and send that."
     head = data[:512]
     printable = sum(32 <= b < 127 or b in (9, 10, 13) for b in head)
     kind = "looks like text (HTML, JSON or similar)" if printable >= 0.95 * len(head) else "is not in a known format"
     return f"The input {kind}, not an image automask can read. Supported formats: {', '.join(formats)}."
+
+
+_HEIF_BRANDS = frozenset({b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1"})
+"""ISO base media `ftyp` brands of HEIF files (an AVIF names `avif` too: it is not one)."""
+
+
+def _other_format(data: bytes) -> str | None:
+    """What `data` is when it is a common file a user mistakes for an image automask reads: an iPhone's HEIC photo,
+    an SVG drawing, a PDF; else None."""
+    if data[4:8] == b"ftyp":
+        end = min(int.from_bytes(data[:4], "big"), len(data), 256)
+        brands = {data[8:12]} | {data[i : i + 4] for i in range(16, end - 3, 4)}
+        if brands & _HEIF_BRANDS and not brands & {b"avif", b"avis"}:
+            return "a HEIC/HEIF image (an iPhone's photo)"
+    if data.startswith(b"%PDF-"):
+        return "a PDF document"
+    if b"<svg" in data[:1024].lower():
+        return "an SVG (vector) image"
+    return None
 
 
 def _unreadable_tiff_layout(data: bytes) -> str | None:
