@@ -373,6 +373,9 @@ def test_an_apng_whose_default_image_is_a_fallback_gives_its_first_frame(blend: 
     assert load_image(data, settings).tolist() == shown.tolist()
     cutout = load_image(data, settings, keep_alpha=True)
     assert cutout.shape == (6, 8, 4) and cutout[..., 3].sum() == 255 * 12 and cutout[2, 3].tolist() == [*GREEN, 255]
+    frame = data.index(b"fdAT") - 4
+    for damaged in (data[:frame] + data[-12:], data[: frame + 20]):  # no frame, a truncated one: the default image
+        assert load_image(damaged, settings)[0, 0].tolist() == list(RED)
     red, green, blue = (Image.new("RGB", (8, 6), colour) for colour in (RED, GREEN, BLUE))  # as Pillow writes them
     assert load_image(encode(red, "PNG", save_all=True, append_images=[green, blue], default_image=True), settings)[
         3, 4

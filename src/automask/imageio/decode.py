@@ -108,23 +108,28 @@ def decode_image(data: bytes, settings: Settings, *, keep_alpha: bool = False) -
     """Decode an encoded image (JPEG, PNG, WebP, ...) into an H×W×3 uint8 RGB array, EXIF orientation applied
     (H×W×4 RGBA for an image with transparency when `keep_alpha`)."""
     with _open(data, settings) as img:
-        return pil_to_rgb(_first_shown_frame(img), settings, keep_alpha=keep_alpha)
+        if _first_shown_frame(img):
+            return pil_to_rgb(img, settings, keep_alpha=keep_alpha)
+    with _open(data, settings) as img:  # an APNG whose animation is damaged: its default image, as a viewer shows
+        return pil_to_rgb(img, settings, keep_alpha=keep_alpha)
 
 
-def _first_shown_frame(img: Image.Image) -> Image.Image:
-    """`img`, or for an APNG whose default image is not part of the animation (a fallback for viewers without APNG,
-    which browsers never show) the animation's first frame, drawn as browsers draw it: on a transparent canvas (APNG
-    spec), not over the fallback (Pillow's frame 1). A frame of an APNG without alpha that leaves part of the canvas
-    uncovered shows black there."""
+def _first_shown_frame(img: Image.Image) -> bool:
+    """Move `img` to the frame a browser shows first: for an APNG whose default image is not part of the animation
+    (a fallback for viewers without APNG, which browsers never show), the animation's first frame, drawn on a
+    transparent canvas as the APNG spec says (Pillow draws it over the fallback); where a mode has no alpha
+    (RGB, palette), value 0 shows where that frame does not cover the canvas. False when that frame cannot be read
+    (then the default image is what a viewer shows); True for any other image, left as it is."""
     if img.format != "PNG" or not img.info.get("default_image") or getattr(img, "n_frames", 1) < 2:
-        return img
+        return True
     try:
         img.load()
         img.im = Image.core.fill(img.mode, img.size)  # transparent black, where the mode has alpha
         img.seek(1)
-    except PIL_ERRORS as exc:
-        raise ImageDecodeError(f"The image could not be decoded: it is corrupt or truncated ({exc}).") from None
-    return img
+        img.load()
+    except PIL_ERRORS:
+        return False
+    return True
 
 
 def check_header(data: bytes, settings: Settings) -> None:
