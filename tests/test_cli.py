@@ -638,3 +638,29 @@ def test_a_file_named_like_a_data_uri_is_read_as_the_file(
     assert (tmp_path / "data:x.mask.png").is_file()
     uri = invoke("mask", "data:image/png;base64,AAAA", "-p", "cat", "--model", lib.model)
     assert uri.exit_code == 3 and "not an image automask can read" in uri.stderr, uri.output  # decoded: a data: URI
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["mask", "", "-p", "cat"], "'IMAGE'"),
+        (["mask", "{photo}", "-p", "cat", "-o", ""], "'-o' / '--output'"),
+        (["mask", "{photo}", "-p", "cat", "--instances", ""], "'--instances'"),
+        (["batch", "", "-p", "cat", "-o", "out"], "'DIR_OR_GLOB | FILE...'"),
+        (["batch", "{folder}", "-p", "cat", "-o", ""], "'-o' / '--output'"),
+    ],
+)
+def test_an_empty_path_is_a_usage_error(
+    lib: Library, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, args: list[str], named: str
+) -> None:
+    """Before: '' (a script's unset variable: `automask batch "$SRC" -o "$OUT"`) was read as '.': batch masked every
+    image of the current folder, or wrote the masks and instance masks into it."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    shutil.copy(lib.photo, folder / "a.png")
+    monkeypatch.chdir(folder)
+    given = [a.format(photo=folder / "a.png", folder=folder) for a in args]
+    result = invoke(*given, "--model", lib.model)
+    assert result.exit_code == 2, result.output
+    assert f"Invalid value for {named}: the path is empty (an unset variable?): name a file or folder" in result.stderr
+    assert sorted(p.name for p in folder.iterdir()) == ["a.png"]

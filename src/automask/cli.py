@@ -41,6 +41,7 @@ from automask.cli_io import (
 )
 from automask.cli_job import Job, load_generator, mask_options
 from automask.cli_signals import Interrupted, signals_interrupt
+from automask.cli_types import NonEmptyPath, NonEmptyText
 from automask.errors import AutomaskError, InvalidOptionError
 from automask.routing import quote_targets
 from automask.settings import Settings
@@ -154,7 +155,7 @@ class CliState:
 
 
 @click.group(cls=AutomaskGroup, epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), help="Models, keys, results.")
+@click.option("--data-dir", type=NonEmptyPath(file_okay=False, path_type=Path), help="Models, keys, results.")
 @click.option("--device", metavar="DEVICE", help="Torch device: cpu, cuda[:N], mps, xpu[:N], ... [AUTOMASK_DEVICE].")
 @click.option(
     "--allow-private-urls/--no-allow-private-urls", default=None, help="Let image URLs reach private addresses."
@@ -188,12 +189,14 @@ def main(
 
 
 @main.command(epilog=EPILOG)
-@click.argument("images", metavar="IMAGE", nargs=-1, required=True)
-@click.option("-o", "--output", "out", metavar="OUT", help="Output PNG, a folder, or - for stdout.")
+@click.argument("images", metavar="IMAGE", nargs=-1, required=True, type=NonEmptyText())
+@click.option(
+    "-o", "--output", "out", metavar="OUT", type=NonEmptyText(), help="Output PNG, a folder, or - for stdout."
+)
 @click.option(
     "--instances",
     "instances_dir",
-    type=click.Path(file_okay=False, path_type=Path),
+    type=NonEmptyPath(file_okay=False, path_type=Path),
     help="Also write one mask PNG per detected instance into DIR (00-sofa.png, ...; grown, not inverted); the "
     "instance masks an earlier run wrote there are removed. Only files automask tagged as instance masks are "
     "replaced or removed: a run whose instances could take the name of another file (the input, -o, a photo, a mask "
@@ -294,14 +297,14 @@ def process(generator: Any, src: Path, dst: Path, job: Job) -> dict[str, Any]:
 
 
 @main.command(epilog=EPILOG)
-@click.argument("sources", metavar="DIR_OR_GLOB | FILE...", nargs=-1, required=True)
+@click.argument("sources", metavar="DIR_OR_GLOB | FILE...", nargs=-1, required=True, type=NonEmptyText())
 @click.option(
     "-o",
     "--output",
     "out",
     metavar="OUTDIR",
     required=True,
-    type=click.Path(file_okay=False),
+    type=NonEmptyPath(file_okay=False),
     help="Folder to write into.",
 )
 @click.option("-r", "--recursive", is_flag=True, help="Include subfolders, linked ones too (a glob: ** spans folders).")
