@@ -612,3 +612,55 @@ def test_an_invalid_device_is_a_usage_error(tmp_path: Path, device: str) -> None
     )
     valid = ("cpu", "cuda", "cuda:1", "mps", "mps:0", "xpu", "xpu:1")  # every torch device type, with an index
     assert [Settings(device=d).device for d in valid] == list(valid)
+
+
+def test_mask_of_several_images_points_to_batch(lib: Library, tmp_path: Path) -> None:
+    """Before: `automask mask *.jpg -p cat` (the shell gives one name per file) exited 2 with "Got unexpected extra
+    argument (...)", listing every name but the first, and no word of `batch`."""
+    names = [tmp_path / f"{n}.png" for n in range(5)]
+    result = invoke("mask", *names, "-p", "cat", "--model", lib.model, "--json")
+    assert result.exit_code == 2, result.output
+    assert result.stderr == (
+        f"error: IMAGE: mask takes one image, and was given 5 ('{names[0]}', '{names[1]}', ...); to mask several: "
+        f"automask batch IMAGES... -o OUTDIR -p ...\n"
+    )
+    assert result.stdout == "" and list(tmp_path.iterdir()) == []
+
+
+def test_a_file_named_like_a_data_uri_is_read_as_the_file(
+    lib: Library, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before: `automask mask data:x.png` (a file of that name) was taken for a data: URI: "malformed", exit 3."""
+    shutil.copy(lib.photo, tmp_path / "data:x.png")
+    monkeypatch.chdir(tmp_path)
+    result = invoke("mask", "data:x.png", "-p", "cat", "--model", lib.model)
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "data:x.mask.png").is_file()
+    uri = invoke("mask", "data:image/png;base64,AAAA", "-p", "cat", "--model", lib.model)
+    assert uri.exit_code == 3 and "not an image automask can read" in uri.stderr, uri.output  # decoded: a data: URI
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["mask", "", "-p", "cat"], "'IMAGE'"),
+        (["mask", "{photo}", "-p", "cat", "-o", ""], "'-o' / '--output'"),
+        (["mask", "{photo}", "-p", "cat", "--instances", ""], "'--instances'"),
+        (["batch", "", "-p", "cat", "-o", "out"], "'DIR_OR_GLOB | FILE...'"),
+        (["batch", "{folder}", "-p", "cat", "-o", ""], "'-o' / '--output'"),
+    ],
+)
+def test_an_empty_path_is_a_usage_error(
+    lib: Library, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, args: list[str], named: str
+) -> None:
+    """Before: '' (a script's unset variable: `automask batch "$SRC" -o "$OUT"`) was read as '.': batch masked every
+    image of the current folder, or wrote the masks and instance masks into it."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    shutil.copy(lib.photo, folder / "a.png")
+    monkeypatch.chdir(folder)
+    given = [a.format(photo=folder / "a.png", folder=folder) for a in args]
+    result = invoke(*given, "--model", lib.model)
+    assert result.exit_code == 2, result.output
+    assert f"Invalid value for {named}: the path is empty (an unset variable?): name a file or folder" in result.stderr
+    assert sorted(p.name for p in folder.iterdir()) == ["a.png"]

@@ -305,3 +305,59 @@ def test_batch_json_to_a_full_disk_says_what_it_did(tiny_clipseg_dir: Path, fold
     why = "error: Cannot write to standard output: No space left on device. Stopped: free some space, then run it"
     assert proc.stderr.decode().splitlines()[-2:] == ["1 done, 0 failed, 1 not done", f"{why} again."]
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["a.png"]
+
+
+@pytest.mark.parametrize("source", ["folder", "glob"])
+def test_batch_masks_a_file_reached_by_several_links_once(
+    tiny_clipseg_dir: Path, folder: Path, tmp_path: Path, source: str
+) -> None:
+    """Before: every symlink to a file was masked as a file of its own: a.jpg and its link cover.jpg gave a.png and
+    cover.png (the same mask twice), and two links to one photo kept elsewhere two masks of it. Now a file is masked
+    once, as folder links are read once: by its own name when the search finds it so, else by its first link."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    Image.open(folder / "b.png").save(elsewhere / "c.png")
+    (folder / "cover.jpg").symlink_to("a.jpg")  # a link and the file itself
+    (folder / "x.png").symlink_to(elsewhere / "c.png")  # two links to one file outside the tree
+    (folder / "y.png").symlink_to(elsewhere / "c.png")
+    out = tmp_path / "out"
+    args = [folder] if source == "folder" else [f"{folder}/*.*"]
+    result = invoke("batch", *args, "-o", out, "-p", "cat", "--model", tiny_clipseg_dir, "--json")
+    assert result.exit_code == 0, result.output
+    inputs = [json.loads(line)["input"] for line in result.stdout.splitlines()]
+    assert inputs == [str(folder / name) for name in ("a.jpg", "b.png", "x.png")]
+    assert sorted(p.name for p in out.iterdir()) == ["a.png", "b.png", "x.png"]
+    assert result.stderr.rstrip().endswith("3 done, 0 failed")
+    assert (
+        f"note: 2 links to an image found by another path skipped (each file is masked once): "
+        f"'{folder / 'cover.jpg'}' (is '{folder / 'a.jpg'}'), '{folder / 'y.png'}' (is '{folder / 'x.png'}')"
+    ) in result.stderr.splitlines()
+
+
+def test_batch_takes_the_files_of_a_glob_the_shell_expanded(
+    tiny_clipseg_dir: Path, folder: Path, tmp_path: Path
+) -> None:
+    """Before: `automask batch photos/*.jpg -o out` (unquoted: the shell gives one name per file) exited 2 with
+    "Got unexpected extra arguments (...)" listing every name (90 KB for 5000 files). Now several files are masked
+    as the quoted glob masks them; a folder or a missing path among them is a usage error that says why."""
+    out = tmp_path / "out"
+    (folder / "cover.jpg").symlink_to("a.jpg")
+    names = [folder / "b.png", folder / "a.jpg", folder / "cover.jpg", folder / "b.png"]
+    result = invoke("batch", *names, "-o", out, "-p", "cat", "--model", tiny_clipseg_dir, "--json")
+    assert result.exit_code == 0, result.output
+    assert [json.loads(line)["input"] for line in result.stdout.splitlines()] == [
+        str(folder / n) for n in ("a.jpg", "b.png")
+    ]
+    assert sorted(p.name for p in out.iterdir()) == ["a.png", "b.png"]
+    again = invoke("batch", *names, out, "-o", out, "-p", "cat", "--model", tiny_clipseg_dir)  # `b/* -o b/out` rerun
+    assert again.exit_code == 0, again.output
+    assert sorted(p.name for p in out.iterdir()) == ["a.png", "b.png"]
+    (folder / "sub").mkdir()
+    for extra, why in [
+        (folder / "sub", f"'{folder / 'sub'}' is a folder: give batch one folder, or files"),
+        (folder / "gone.png", f"no such file: '{folder / 'gone.png'}'"),
+    ]:
+        refused = invoke("batch", *names, extra, "-o", tmp_path / "none", "-p", "cat", "--model", tiny_clipseg_dir)
+        assert refused.exit_code == 2, refused.output
+        assert refused.stderr.startswith(f"error: DIR_OR_GLOB: {why}")
+        assert not (tmp_path / "none").exists()

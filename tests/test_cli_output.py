@@ -306,7 +306,7 @@ def test_an_instance_never_replaces_the_mask_or_the_input(
     result = invoke(*args, "--instances", folder)
     assert result.exit_code == 2, result.output
     flag = "--output" if which == "output" else "IMAGE"
-    why = f"is where --instances '{folder}' writes an instance mask (00-cat.png), which would replace it"
+    why = f"is where --instances '{folder}' could write an instance mask (00-cat.png), which would replace it"
     assert result.stderr == f"error: {flag}: '{named}' {why}: name it otherwise, or give --instances another folder.\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["inst"]
     assert [p.name for p in folder.iterdir()] == ([] if which == "output" else ["00-cat.png"])
@@ -349,7 +349,7 @@ def test_an_instance_never_replaces_a_file_without_the_tag(tiny_clipseg_dir: Pat
     assert refused.exit_code == 2, refused.output
     assert refused.stderr == (
         f"error: --instances: '{folder / '00-cat.png'}' is not an instance mask automask wrote (it carries no "
-        "automask tag), and an instance mask of this run would replace it: move it, or give --instances another "
+        "automask tag), and an instance mask of this prompt could replace it: move it, or give --instances another "
         "folder.\n"
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["inst"]
@@ -387,3 +387,62 @@ def test_mask_names_a_file_that_is_not_utf8_as_json_does(tiny_clipseg_dir: Path,
     assert record["output"] == str(tmp_path / "caf\\xe9.mask.png")
     assert f"wrote 1 instance masks into '{tmp_path / 'inst'}\\xff'" in proc.stderr.decode().splitlines()
     assert proc.stderr.decode().splitlines()[-1].startswith(f"wrote '{record['output']}': mask 60×40")
+
+
+@pytest.fixture()
+def no_model(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """`automask.cli.load_generator` replaced: the list of the models a run loaded (a refusal before inference
+    loads none)."""
+    loaded: list[str] = []
+
+    def load(job: Any, settings: Any) -> Any:
+        loaded.append(job.model)
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr("automask.cli.load_generator", load)
+    return loaded
+
+
+@pytest.mark.parametrize("which", ["output", "input", "untagged"])
+def test_instance_clashes_are_refused_before_the_model_runs(
+    no_model: list[str], photo: Path, tmp_path: Path, which: str
+) -> None:
+    """Before: `-o DIR/02-cat.png --instances DIR -p cat` (the input there, or a file without automask's tag) was
+    refused only once the model had run, after the wait, and only when it found that many cats. Now a file an
+    instance of the prompt may take (`NN-cat.png`, `NN-grass.png`) is refused before the model loads."""
+    folder = tmp_path / "inst"
+    folder.mkdir()
+    named = folder / "02-grass.png"
+    image, out = (photo, named) if which == "output" else (named, tmp_path / "m.png")
+    if which != "output":
+        shutil.copy(photo, named)
+    if which == "untagged":
+        image = photo
+    shutil.copy(photo, folder / "03-dog.png")  # no instance of this prompt takes it: fine
+    result = invoke("mask", image, "-p", "cat, grass", "--model", "clipseg", "-o", out, "--instances", folder)
+    assert result.exit_code == 2, result.output
+    assert no_model == []
+    if which == "untagged":
+        assert result.stderr == (
+            f"error: --instances: '{named}' is not an instance mask automask wrote (it carries no automask tag), and "
+            "an instance mask of this prompt could replace it: move it, or give --instances another folder.\n"
+        )
+    else:
+        flag = "--output" if which == "output" else "IMAGE"
+        why = f"is where --instances '{folder}' could write an instance mask (02-grass.png), which would replace it"
+        fix = "name it otherwise, or give --instances another folder"
+        assert result.stderr == f"error: {flag}: '{named}' {why}: {fix}.\n"
+    assert sorted(p.name for p in folder.iterdir()) == ([] if which == "output" else [named.name]) + ["03-dog.png"]
+
+
+def test_an_output_that_cannot_be_written_is_refused_before_the_model_runs(
+    no_model: list[str], photo: Path, tmp_path: Path
+) -> None:
+    """Before: `mask -o FILE/m.png` (a file on the output's path) loaded the model and masked, then exited 8."""
+    (tmp_path / "file.txt").write_text("a file, not a folder")
+    out = tmp_path / "file.txt" / "m.png"
+    result = invoke("mask", photo, "-p", "cat", "--model", "clipseg", "-o", out)
+    assert result.exit_code == 8, result.output
+    assert no_model == []
+    assert result.stderr == f"error: Cannot write into '{out.parent}': Not a directory.\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt"]

@@ -272,6 +272,44 @@ def test_32bit_int_tiff_masks_at_the_image_size(tiny_clipseg_dir: Path, tmp_path
     assert result.mask.shape == CAMERA.shape and (result.width, result.height) == (171, 128)
 
 
+def test_a_32bit_tiff_just_over_65535_is_scaled_by_its_type_as_documented(settings: Settings) -> None:
+    """README: a 32-bit TIFF's values all in 0–65535 are read as 16-bit; one value above, and the type's maximum
+    scales them all (int32: 2**31 - 1; uint32: 2**32 - 1), so 65536 is black: no guess from the image's own range."""
+    assert load_image(tiff_of(np.array([[0, 32768, 65535]], np.int32)), settings)[0, :, 0].tolist() == [0, 128, 255]
+    for dtype in (np.int32, np.uint32):
+        just_over = np.array([[0, 32768, 65535, 65536, 2**24]], dtype)
+        assert load_image(tiff_of(just_over), settings)[0, :, 0].tolist() == [0, 0, 0, 0, 2 if dtype == np.int32 else 1]
+
+
+@pytest.mark.parametrize(
+    ("samples", "told"),
+    [
+        (np.zeros((4, 5), np.int64), "1 sample per pixel of 64-bit signed integers"),
+        (np.zeros((4, 5), np.float64), "1 sample per pixel of 64-bit floats"),
+        (np.zeros((4, 5, 3), np.int32), "3 samples per pixel of 32-bit signed integers"),
+        (np.zeros((4, 5, 3), np.uint32), "3 samples per pixel of 32-bit unsigned integers"),
+    ],
+)
+def test_a_tiff_of_samples_pillow_cannot_read_is_not_called_corrupt(
+    samples: np.ndarray, told: str, settings: Settings
+) -> None:
+    """Before: "starts like a TIFF file but could not be read: it is corrupt or truncated" for a sound TIFF of a
+    sample layout Pillow has no mode for (64-bit, or 32-bit colour: a 32-bit TIFF of 65536 in RGB, say)."""
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, samples, photometric="rgb" if samples.ndim == 3 else "minisblack")
+    with pytest.raises(ImageDecodeError) as caught:
+        load_image(buf.getvalue(), settings)
+    assert str(caught.value) == (
+        f"The TIFF image has {told}, which automask cannot read: save it with 8- or 16-bit samples (or one 32-bit "
+        "sample per pixel)."
+    )
+    damaged = bytearray(buf.getvalue())
+    damaged[4:8] = struct.pack("<I", len(damaged) + 100)  # its first directory past the end: damaged
+    with warnings.catch_warnings(), pytest.raises(ImageDecodeError, match="starts like a TIFF file but could not"):
+        warnings.simplefilter("ignore")  # Pillow's "Corrupt EXIF data"
+        load_image(bytes(damaged), settings)
+
+
 def test_float_tiff_out_of_range_is_not_called_corrupt(settings: Settings) -> None:
     with pytest.raises(ImageDecodeError, match="0–1 or 0–255") as err:
         load_image(tiff_of(CAMERA.astype(np.float32) * 1000), settings)
@@ -298,6 +336,52 @@ def test_animated_gives_first_frame(fmt: str, settings: Settings) -> None:
     assert close(out[3, 4], RED, 8)
 
 
+def apng_with_a_fallback(blend: int) -> bytes:
+    """An 8×6 RGBA APNG written by hand whose default image (IDAT: opaque red, what a viewer without APNG shows) is
+    not part of the animation: its one frame is a 4×3 green rectangle at (2, 1) (`blend`: 0 source, 1 over); the
+    rest of the canvas is transparent, as every animation starts (APNG spec)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    def rows(width: int, height: int, rgba: tuple[int, ...]) -> bytes:
+        return zlib.compress((b"\x00" + bytes(rgba) * width) * height)
+
+    ihdr = struct.pack(">IIBBBBB", 8, 6, 8, 6, 0, 0, 0)
+    fctl = struct.pack(">IIIIIHHBB", 0, 4, 3, 2, 1, 1, 10, 0, blend)
+    return b"".join(
+        [
+            b"\x89PNG\r\n\x1a\n",
+            chunk(b"IHDR", ihdr),
+            chunk(b"acTL", struct.pack(">II", 1, 0)),
+            chunk(b"IDAT", rows(8, 6, (*RED, 255))),
+            chunk(b"fcTL", fctl),
+            chunk(b"fdAT", struct.pack(">I", 1) + rows(4, 3, (*GREEN, 255))),
+            chunk(b"IEND", b""),
+        ]
+    )
+
+
+@pytest.mark.parametrize("blend", [0, 1])
+def test_an_apng_whose_default_image_is_a_fallback_gives_its_first_frame(blend: int, settings: Settings) -> None:
+    """Before: the default image (a fallback for viewers without APNG, which browsers never show) was masked. Now
+    the animation's first frame, as browsers show it: on a transparent canvas, not over the fallback."""
+    data = apng_with_a_fallback(blend)
+    assert Image.open(io.BytesIO(data)).info.get("default_image") is True
+    shown = np.full((6, 8, 3), 255, np.uint8)  # transparent: on white
+    shown[1:4, 2:6] = GREEN
+    assert load_image(data, settings).tolist() == shown.tolist()
+    cutout = load_image(data, settings, keep_alpha=True)
+    assert cutout.shape == (6, 8, 4) and cutout[..., 3].sum() == 255 * 12 and cutout[2, 3].tolist() == [*GREEN, 255]
+    frame = data.index(b"fdAT") - 4
+    for damaged in (data[:frame] + data[-12:], data[: frame + 20]):  # no frame, a truncated one: the default image
+        assert load_image(damaged, settings)[0, 0].tolist() == list(RED)
+    red, green, blue = (Image.new("RGB", (8, 6), colour) for colour in (RED, GREEN, BLUE))  # as Pillow writes them
+    assert load_image(encode(red, "PNG", save_all=True, append_images=[green, blue], default_image=True), settings)[
+        3, 4
+    ].tolist() == list(GREEN)
+
+
 # --- bad input ---------------------------------------------------------------------------------------------
 
 
@@ -320,6 +404,23 @@ def test_corrupt_inputs_give_clear_errors(settings: Settings, small_rgb: np.ndar
         with pytest.raises(ImageDecodeError) as info:
             load_image(data, settings)
         assert phrase in str(info.value), (data[:20], str(info.value))
+
+
+@pytest.mark.parametrize(
+    ("data", "told"),
+    [
+        (b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(64), "a HEIC/HEIF image (an iPhone's photo)"),
+        (b"\x00\x00\x00\x1cftypmif1\x00\x00\x00\x00mif1heicmiaf" + bytes(64), "a HEIC/HEIF image (an iPhone's photo)"),
+        (b'<?xml version="1.0"?>\n<svg xmlns="http://www.w3.org/2000/svg" width="4"/>', "an SVG (vector) image"),
+        (b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n1 0 obj", "a PDF document"),
+    ],
+)
+def test_a_common_format_automask_cannot_read_is_named(data: bytes, told: str, settings: Settings) -> None:
+    """Before: an iPhone's HEIC photo was "not in a known format", an SVG "looks like text (HTML, JSON or similar)":
+    the user was not told what they sent. Now it is named, with what to do."""
+    with pytest.raises(ImageDecodeError) as caught:
+        load_image(data, settings)
+    assert str(caught.value).startswith(f"The input is {told}, which automask cannot read: convert it to PNG or JPEG")
 
 
 def test_damaged_files_never_escape_as_tracebacks(small_rgb: np.ndarray) -> None:

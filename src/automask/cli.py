@@ -20,8 +20,8 @@ from typing import Any, NoReturn
 import click
 
 from automask import errors
-from automask.cli_inputs import find_images, plan_outputs
-from automask.cli_instances import check_instance_files, remove_stale_instances
+from automask.cli_inputs import find_inputs, links_note, once_each, plan_outputs, unread_record
+from automask.cli_instances import check_before_inference, check_instance_files, remove_stale_instances
 from automask.cli_io import (
     NoSpaceError,
     OutputError,
@@ -29,6 +29,7 @@ from automask.cli_io import (
     Reporter,
     check_fits,
     echo_json,
+    one_image,
     one_line,
     output_format,
     output_target,
@@ -40,6 +41,7 @@ from automask.cli_io import (
 )
 from automask.cli_job import Job, load_generator, mask_options
 from automask.cli_signals import Interrupted, signals_interrupt
+from automask.cli_types import NonEmptyPath, NonEmptyText
 from automask.errors import AutomaskError, InvalidOptionError
 from automask.routing import quote_targets
 from automask.settings import Settings
@@ -153,7 +155,7 @@ class CliState:
 
 
 @click.group(cls=AutomaskGroup, epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), help="Models, keys, results.")
+@click.option("--data-dir", type=NonEmptyPath(file_okay=False, path_type=Path), help="Models, keys, results.")
 @click.option("--device", metavar="DEVICE", help="Torch device: cpu, cuda[:N], mps, xpu[:N], ... [AUTOMASK_DEVICE].")
 @click.option(
     "--allow-private-urls/--no-allow-private-urls", default=None, help="Let image URLs reach private addresses."
@@ -187,20 +189,22 @@ def main(
 
 
 @main.command(epilog=EPILOG)
-@click.argument("image")
-@click.option("-o", "--output", "out", metavar="OUT", help="Output PNG, a folder, or - for stdout.")
+@click.argument("images", metavar="IMAGE", nargs=-1, required=True, type=NonEmptyText())
+@click.option(
+    "-o", "--output", "out", metavar="OUT", type=NonEmptyText(), help="Output PNG, a folder, or - for stdout."
+)
 @click.option(
     "--instances",
     "instances_dir",
-    type=click.Path(file_okay=False, path_type=Path),
+    type=NonEmptyPath(file_okay=False, path_type=Path),
     help="Also write one mask PNG per detected instance into DIR (00-sofa.png, ...; grown, not inverted); the "
     "instance masks an earlier run wrote there are removed. Only files automask tagged as instance masks are "
-    "replaced or removed: a run whose instance would take the name of another file (the input, -o, a photo, a mask "
-    "written before the tag existed) is refused.",
+    "replaced or removed: a run whose instances could take the name of another file (the input, -o, a photo, a mask "
+    "written before the tag existed: NN-cat.png for -p cat) is refused before the model runs.",
 )
 @mask_options
 @click.pass_obj
-def mask(state: CliState, image: str, out: str | None, instances_dir: Path | None, job: Job) -> None:
+def mask(state: CliState, images: tuple[str, ...], out: str | None, instances_dir: Path | None, job: Job) -> None:
     """Mask what --prompt names in IMAGE: a file, an http(s) URL, or - (standard input).
 
     Writes a PNG: the mask (default), an RGBA cut-out (--return-alpha) or a preview (--preview), by
@@ -208,6 +212,7 @@ def mask(state: CliState, image: str, out: str | None, instances_dir: Path | Non
     writes that format instead (WebP lossless; a cut-out cannot be a JPEG). --json cannot be combined
     with -o - (standard output carries the PNG), and -o - is refused when standard output is a terminal.
     """
+    image = one_image(images)
     if out == "-" and job.as_json:
         raise InvalidOptionError("--json", "cannot be combined with -o - (stdout carries the PNG); use -o FILE.")
     if out == "-" and sys.stdout.isatty():
@@ -232,8 +237,10 @@ def _mask(settings: Settings, image: str, out: str | None, instances: Path | Non
     source, path = read_source(image, settings)
     target = output_target(out, path, job.options.output_kind)
     fmt = output_format(target, job.options.output_kind)
+    outputs.target(target)
     if instances is not None:
         outputs.folder(instances)
+        check_before_inference(instances, job.prompts, target, path)
     generator = load_generator(job, settings)
     with contextlib.redirect_stdout(sys.stderr):
         result = generator.generate(source, job.prompts, job.options)
@@ -290,21 +297,21 @@ def process(generator: Any, src: Path, dst: Path, job: Job) -> dict[str, Any]:
 
 
 @main.command(epilog=EPILOG)
-@click.argument("source", metavar="DIR_OR_GLOB")
+@click.argument("sources", metavar="DIR_OR_GLOB | FILE...", nargs=-1, required=True, type=NonEmptyText())
 @click.option(
     "-o",
     "--output",
     "out",
     metavar="OUTDIR",
     required=True,
-    type=click.Path(file_okay=False),
+    type=NonEmptyPath(file_okay=False),
     help="Folder to write into.",
 )
 @click.option("-r", "--recursive", is_flag=True, help="Include subfolders, linked ones too (a glob: ** spans folders).")
 @mask_options
 @click.pass_context
-def batch(ctx: click.Context, source: str, out: str, recursive: bool, job: Job) -> None:
-    """Mask every image of a folder (or a quoted glob such as 'photos/*.jpg') into OUTDIR/<stem>.png.
+def batch(ctx: click.Context, sources: tuple[str, ...], out: str, recursive: bool, job: Job) -> None:
+    """Mask every image of a folder (or a quoted glob such as 'photos/*.jpg', or files) into OUTDIR/<stem>.png.
 
     A file that fails is reported (one line naming it) and skipped; the others are done. Exit 0 when
     all succeeded, 1 when any failed. An error of the model (unknown, not installed, a prompt it cannot answer)
@@ -319,12 +326,15 @@ def batch(ctx: click.Context, source: str, out: str, recursive: bool, job: Job) 
             "called '-'). To stream one image: automask mask IMAGE -o -",
         )
     with signals_interrupt():
-        _batch(ctx, source, Path(out), recursive, job)
+        _batch(ctx, sources, Path(out), recursive, job)
 
 
-def _batch(ctx: click.Context, source: str, outdir: Path, recursive: bool, job: Job) -> None:
+def _batch(ctx: click.Context, sources: tuple[str, ...], outdir: Path, recursive: bool, job: Job) -> None:
     """`batch`'s work: find the inputs, plan their outputs, check OUTDIR, then mask them."""
-    files, base, unreadable = find_images(source, recursive, outdir)
+    files, base, unreadable = find_inputs(sources, recursive, outdir)
+    files, skipped = once_each(files)
+    if skipped:
+        click.echo(one_line(links_note(skipped)), err=True)
     plan = plan_outputs(files, outdir, base)
     made = Outputs()
     made.folder(outdir)  # an OUTDIR that cannot be written: exit 8 now, not once per file after its masking
@@ -332,12 +342,6 @@ def _batch(ctx: click.Context, source: str, outdir: Path, recursive: bool, job: 
         _mask_files(ctx, plan, [unread_record(exc) for exc in unreadable], job)
     finally:
         made.discard()  # only the folders it made, and only when they were left empty
-
-
-def unread_record(exc: OSError) -> dict[str, Any]:
-    """The failure record of a subfolder that `batch --recursive` could not list (its files are not masked)."""
-    message = f"Cannot read the folder '{exc.filename}': {exc.strerror or exc}; its images were not masked."
-    return {"input": str(exc.filename), "ok": False, "error": message, "exit_code": 3}
 
 
 def _mask_files(ctx: click.Context, plan: list[tuple[Path, Path]], unread: list[dict[str, Any]], job: Job) -> None:

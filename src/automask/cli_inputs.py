@@ -9,10 +9,20 @@ import os
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from automask import errors
 from automask.cli_io import IMAGE_SUFFIXES, file_id
 from automask.errors import InvalidOptionError
+
+
+def find_inputs(
+    sources: tuple[str, ...], recursive: bool, outdir: Path
+) -> tuple[list[Path], Path | None, list[OSError]]:
+    """`find_images` of one source (a folder, a glob or a file); `given_files` of several."""
+    if len(sources) == 1:
+        return find_images(sources[0], recursive, outdir)
+    return given_files(sources, outdir), None, []
 
 
 def find_images(source: str, recursive: bool, outdir: Path) -> tuple[list[Path], Path | None, list[OSError]]:
@@ -44,6 +54,48 @@ def find_images(source: str, recursive: bool, outdir: Path) -> tuple[list[Path],
         looked = f" (files ending {', '.join(sorted(IMAGE_SUFFIXES))})" if base else ""
         raise InvalidOptionError("DIR_OR_GLOB", f"no images found in '{source}'{looked}.")
     return sorted(files), base, unreadable
+
+
+def given_files(paths: tuple[str, ...], outdir: Path) -> list[Path]:
+    """The files named by several `paths` (what the shell makes of an unquoted glob, `photos/*.jpg`), sorted: each
+    taken as a glob takes the files it matches. A folder among them, or a path that does not exist, is an
+    `InvalidOptionError`: batch takes one folder (or one quoted glob), or files; but `outdir` (`photos/*` of
+    `-o photos/masks` run again) is skipped, as a folder source skips it."""
+    skip = outdir.resolve()
+    paths = tuple(path for path in paths if Path(path).resolve() != skip)
+    if not paths:
+        raise InvalidOptionError("DIR_OR_GLOB", f"no images given: only the output folder '{outdir}'.")
+    for path in map(Path, paths):
+        if path.is_dir():
+            raise InvalidOptionError(
+                "DIR_OR_GLOB",
+                f"'{path}' is a folder: give batch one folder, or files (a glob the shell expands names folders "
+                "too: quote it, 'photos/*', and batch takes its files only).",
+            )
+        if not path.is_file():
+            raise InvalidOptionError("DIR_OR_GLOB", f"no such file: '{path}'.")
+    return sorted(set(map(Path, paths)))  # a file named twice is masked once
+
+
+def once_each(files: list[Path]) -> tuple[list[Path], list[tuple[Path, Path]]]:
+    """(`files` with each real file once, (link skipped, the path kept for its file) for the others), as `_walk`
+    reads each real folder once: a file is kept by its own name when that was found (not a link), else by its first
+    path in `files`' order; so two links to one photo, or a photo and a link to it, give one mask, not two."""
+    kept: dict[str, Path] = {}
+    for path in files:
+        real = os.path.realpath(path)
+        if real not in kept or (kept[real].is_symlink() and not path.is_symlink()):
+            kept[real] = path
+    chosen = set(kept.values())
+    skipped = [(path, kept[os.path.realpath(path)]) for path in files if path not in chosen]
+    return [path for path in files if path in chosen], skipped
+
+
+def links_note(skipped: list[tuple[Path, Path]]) -> str:
+    """The note on the links `once_each` skipped (link, the path its file is masked by), naming the first three."""
+    shown = ", ".join(f"'{link}' (is '{kept}')" for link, kept in skipped[:3]) + (", ..." if skipped[3:] else "")
+    links = "1 link" if len(skipped) == 1 else f"{len(skipped)} links"
+    return f"note: {links} to an image found by another path skipped (each file is masked once): {shown}"
 
 
 def _folder_images(root: Path, recursive: bool, outdir: Path) -> tuple[list[Path], list[OSError]]:
@@ -144,6 +196,12 @@ def _matches(names: tuple[str, ...], parts: tuple[str, ...]) -> bool:
     if parts[0] == "**":
         return any(_matches(names[i:], parts[1:]) for i in range(len(names) + 1))
     return bool(names) and fnmatch.fnmatchcase(names[0], parts[0]) and _matches(names[1:], parts[1:])
+
+
+def unread_record(exc: OSError) -> dict[str, Any]:
+    """The failure record of a subfolder that `batch --recursive` could not list (its files are not masked)."""
+    message = f"Cannot read the folder '{exc.filename}': {exc.strerror or exc}; its images were not masked."
+    return {"input": str(exc.filename), "ok": False, "error": message, "exit_code": 3}
 
 
 def plan_outputs(files: list[Path], outdir: Path, base: Path | None) -> list[tuple[Path, Path]]:

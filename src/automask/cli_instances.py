@@ -12,8 +12,22 @@ from automask.cli_io import file_id, one_line
 from automask.errors import InvalidOptionError
 
 
+def check_before_inference(instances: Path, labels: list[str], target: Path | None, source: Path | None) -> None:
+    """`check_instance_files` for every name in `instances` an instance mask of `labels` (the prompt's targets) may
+    take, whatever the model finds: the output, the input or a file there named so is refused before it runs."""
+    from automask.instances import may_take
+
+    try:
+        names = os.listdir(instances)
+    except OSError:  # `Outputs.folder` has made and checked it: nothing there to replace
+        names = []
+    mine = [path for path in (target, source) if path is not None and _same_path(path.parent, instances)]
+    found = [instances / name for name in names] + [instances / path.name for path in mine]
+    check_instance_files([path for path in found if may_take(path.name, labels)], instances, target, source)
+
+
 def check_instance_files(planned: list[Path], instances: Path, target: Path | None, source: Path | None) -> None:
-    """An `InvalidOptionError` when an instance mask about to be written (`planned`, in `instances`) would replace
+    """An `InvalidOptionError` when an instance mask that may be written (`planned`, in `instances`) would replace
     the output (`target`), the input file (`source`) or any file that is not an instance mask automask wrote (its
     PNG tag, not its name, says so: a photo or a mask written before the tag existed is the user's)."""
     from automask.instances import is_instance_mask
@@ -23,14 +37,14 @@ def check_instance_files(planned: list[Path], instances: Path, target: Path | No
             if mine is not None and _same_path(path, mine):
                 raise InvalidOptionError(
                     what,
-                    f"'{mine}' is where --instances '{instances}' writes an instance mask ({path.name}), which would "
-                    "replace it: name it otherwise, or give --instances another folder.",
+                    f"'{mine}' is where --instances '{instances}' could write an instance mask ({path.name}), "
+                    "which would replace it: name it otherwise, or give --instances another folder.",
                 )
         if os.path.lexists(path) and not is_instance_mask(path):
             raise InvalidOptionError(
                 "--instances",
                 f"'{path}' is not an instance mask automask wrote (it carries no automask tag), and an instance mask "
-                "of this run would replace it: move it, or give --instances another folder.",
+                "of this prompt could replace it: move it, or give --instances another folder.",
             )
 
 

@@ -124,12 +124,27 @@ class Outputs:
         """Create the folder `path` (and its missing parents) and check that a file can be made in it."""
         self.folders += [p for p in (path, *path.parents) if not p.exists()]
         try:
+            if os.path.lexists(path) and not path.is_dir():  # mkdir would say 'File exists'
+                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
             path.mkdir(parents=True, exist_ok=True)
             fd, probe = tempfile.mkstemp(dir=path, prefix=".automask-", suffix=".part")
             os.close(fd)
             os.unlink(probe)
         except OSError as exc:
             raise OutputError(f"Cannot write into '{path}': {exc.strerror or exc}.") from None
+
+    def target(self, path: Path | None) -> None:
+        """`folder` for the folder `write` will write the file `path` in (through links), so that a target that
+        cannot be written fails before the work; nothing for a device, FIFO or socket, written in place, or None
+        (standard output)."""
+        if path is None:
+            return
+        try:
+            mode = os.stat(path).st_mode
+        except OSError:  # a new file, or one `folder` will say why it cannot be made
+            mode = stat.S_IFREG
+        if stat.S_ISREG(mode):
+            self.folder(Path(os.path.realpath(path)).parent)
 
     def write(self, path: Path, data: bytes) -> None:
         """`write_atomic`, remembering the regular file written."""
@@ -221,7 +236,7 @@ def read_source(image: str, settings: Settings) -> tuple[ImageSource, Path | Non
         if not data:
             raise errors.ImageDecodeError("Standard input was empty: pipe an image in, e.g. automask mask - < a.jpg")
         return data, None
-    if _URL.match(image):
+    if _URL.match(image) and not os.path.isfile(image):  # a file named 'data:x.png' is that file
         return image, None
     path = Path(image)
     if path.is_dir() or not path.exists():
@@ -234,6 +249,18 @@ def read_source(image: str, settings: Settings) -> tuple[ImageSource, Path | Non
         except OSError as exc:
             raise errors.ImageDecodeError(f"Cannot read '{image}': {exc.strerror or exc}.") from None
     return path, path
+
+
+def one_image(images: tuple[str, ...]) -> str:
+    """`mask`'s IMAGE: an `InvalidOptionError` that points to `batch` when it was given several (an unquoted glob)."""
+    if len(images) == 1:
+        return images[0]
+    shown = ", ".join(f"'{image}'" for image in images[:2]) + (", ..." if images[2:] else "")
+    raise InvalidOptionError(
+        "IMAGE",
+        f"mask takes one image, and was given {len(images)} ({shown}); to mask several: automask batch IMAGES... "
+        "-o OUTDIR -p ...",
+    )
 
 
 def _read_stream(stream: Any, where: str, settings: Settings) -> bytes:

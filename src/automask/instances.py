@@ -29,8 +29,20 @@ def instance_masks(result: MaskResult, grow_mask: int = 0) -> list[tuple[Detecti
 
 def instance_filename(index: int, detection: Detection) -> str:
     """'00-sofa.png', '01-floor-lamp.png': the index, then the label as lower-case ASCII words."""
-    slug = re.sub(r"[^a-z0-9]+", "-", detection.label.lower()).strip("-") or "instance"
-    return f"{index:02d}-{slug[:60]}.png"
+    return f"{index:02d}-{instance_slug(detection.label)}.png"
+
+
+def instance_slug(label: str) -> str:
+    """The label part of an instance mask's name: 'floor-lamp' for 'Floor lamp' (at most 60 characters)."""
+    return (re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-") or "instance")[:60]
+
+
+def may_take(name: str, labels: list[str]) -> bool:
+    """Whether an instance mask of one of `labels` may be named `name` ('02-cat.png' for 'cat': the third instance,
+    if the model finds three), whatever the image."""
+    index, _, rest = name.partition("-")
+    slugs = {instance_slug(label) for label in labels}
+    return is_instance_name(name) and f"{int(index):02d}" == index and rest.removesuffix(".png") in slugs
 
 
 INSTANCE_NAME = re.compile(r"[0-9]{2,}-[a-z0-9]+(?:-[a-z0-9]+)*\.png")

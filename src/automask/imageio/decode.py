@@ -13,7 +13,8 @@ Choices, the same for every source:
   image full-contrast and a tile decode unlike the whole.
 - **Colour profiles**: an image embedding one other than sRGB (Display P3, Adobe RGB, a CMYK press profile) is
   converted to sRGB (`profile.to_srgb`), what models were trained on and what a PNG without a profile shows.
-- **Animated images give their first frame** (GIF, WebP, APNG, multi-page TIFF).
+- **Animated images give their first frame** (GIF, WebP, APNG, multi-page TIFF): the first frame shown, so an
+  APNG's first animation frame, not a default image that is not part of the animation (a fallback).
 - **Limits come first**: the encoded size is checked before opening, the pixel count from the header before any
   pixel is decoded (a TIFF's tile size and a JPEG's scan count too: `bombs`); Pillow's own decompression-bomb
   error and warning become `ImageTooLargeError` too.
@@ -35,6 +36,7 @@ from PIL import ExifTags, Image
 from automask.errors import ImageDecodeError, ImageTooLargeError
 from automask.imageio.bombs import check_jpeg_scans, check_tiff_tiles, tag_value
 from automask.imageio.profile import to_srgb
+from automask.imageio.unreadable import unidentified_message
 from automask.settings import Settings
 
 ALLOWED_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF", "AVIF", "HEIF", "PPM", "TGA", "QOI")
@@ -106,7 +108,28 @@ def decode_image(data: bytes, settings: Settings, *, keep_alpha: bool = False) -
     """Decode an encoded image (JPEG, PNG, WebP, ...) into an H×W×3 uint8 RGB array, EXIF orientation applied
     (H×W×4 RGBA for an image with transparency when `keep_alpha`)."""
     with _open(data, settings) as img:
+        if _first_shown_frame(img):
+            return pil_to_rgb(img, settings, keep_alpha=keep_alpha)
+    with _open(data, settings) as img:  # an APNG whose animation is damaged: its default image, as a viewer shows
         return pil_to_rgb(img, settings, keep_alpha=keep_alpha)
+
+
+def _first_shown_frame(img: Image.Image) -> bool:
+    """Move `img` to the frame a browser shows first: for an APNG whose default image is not part of the animation
+    (a fallback for viewers without APNG, which browsers never show), the animation's first frame, drawn on a
+    transparent canvas as the APNG spec says (Pillow draws it over the fallback); where a mode has no alpha
+    (RGB, palette), value 0 shows where that frame does not cover the canvas. False when that frame cannot be read
+    (then the default image is what a viewer shows); True for any other image, left as it is."""
+    if img.format != "PNG" or not img.info.get("default_image") or getattr(img, "n_frames", 1) < 2:
+        return True
+    try:
+        img.load()
+        img.im = Image.core.fill(img.mode, img.size)  # transparent black, where the mode has alpha
+        img.seek(1)
+        img.load()
+    except PIL_ERRORS:
+        return False
+    return True
 
 
 def check_header(data: bytes, settings: Settings) -> None:
@@ -137,7 +160,7 @@ def _open(data: bytes, settings: Settings) -> Image.Image:
             f"{settings.max_image_pixels:,} pixels (AUTOMASK_MAX_IMAGE_PIXELS). Downscale it or raise the limit."
         ) from None
     except Image.UnidentifiedImageError:
-        raise ImageDecodeError(_unidentified_message(data)) from None
+        raise ImageDecodeError(unidentified_message(data, _formats())) from None
     except PIL_ERRORS as exc:
         raise ImageDecodeError(f"The image could not be read: it is corrupt or truncated ({exc}).") from None
     try:
@@ -154,29 +177,6 @@ def _raise_pillow_limit(pixels: int) -> None:
     """Let Pillow open images of up to `pixels` pixels (a process-wide setting of Pillow's; only ever raised)."""
     if Image.MAX_IMAGE_PIXELS is not None and pixels > Image.MAX_IMAGE_PIXELS:
         Image.MAX_IMAGE_PIXELS = pixels
-
-
-_SIGNATURES = (
-    (b"\x89PNG\r\n\x1a\n", "PNG"),
-    (b"\xff\xd8\xff", "JPEG"),
-    (b"GIF8", "GIF"),
-    (b"BM", "BMP"),
-    (b"II*\x00", "TIFF"),
-    (b"MM\x00*", "TIFF"),
-)
-
-
-def _unidentified_message(data: bytes) -> str:
-    known = next((name for sig, name in _SIGNATURES if data.startswith(sig)), None)
-    if known is None and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        known = "WebP"
-    if known:
-        return f"The input starts like a {known} file but could not be read: it is corrupt or truncated."
-    head = data[:512]
-    printable = sum(32 <= b < 127 or b in (9, 10, 13) for b in head)
-    kind = "looks like text (HTML, JSON or similar)" if printable >= 0.95 * len(head) else "is not in a known format"
-    supported = ", ".join(_formats())
-    return f"The input {kind}, not an image automask can read. Supported formats: {supported}."
 
 
 def pil_to_rgb(img: Image.Image, settings: Settings, *, keep_alpha: bool = False) -> np.ndarray:
