@@ -20,6 +20,7 @@ from sqlalchemy import Connection, inspect, text
 from sqlalchemy.exc import SQLAlchemyError
 
 from automask.errors import ServiceConfigError
+from automask.server.logs import one_line
 from automask.server.store import Store, metadata
 
 log = logging.getLogger("automask.server")
@@ -78,8 +79,9 @@ def _vacuum(store: Store) -> None:
         if store.vacuum_once():
             log.info("the database %s now gives the space of expired results back", store.describe())
     except (sqlite3.Error, SQLAlchemyError) as exc:
-        reason = " ".join(str(getattr(exc, "orig", None) or exc).split())
-        log.warning("could not vacuum the database %s (%s): run automask db migrate again", store.describe(), reason)
+        log.warning(
+            "could not vacuum the database %s (%s): run automask db migrate again", store.describe(), one_line(exc)
+        )
 
 
 def ensure_schema(store: Store, *, create: bool) -> None:
