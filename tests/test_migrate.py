@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from sqlalchemy import inspect
+from sqlalchemy import event, inspect
 
 from automask.cli import main
 from automask.errors import ServiceConfigError
@@ -151,6 +151,46 @@ def test_db_migrate_makes_an_older_sqlite_file_give_space_back(tmp_path: Path) -
             assert conn.exec_driver_sql("PRAGMA auto_vacuum").scalar() == 2  # INCREMENTAL
         store.engine.dispose()
         assert path.stat().st_size < 1_000_000  # before: 20 MB, and never less
+    finally:
+        store.close()
+
+
+def test_a_vacuum_that_fails_leaves_db_migrate_a_warning_not_a_traceback(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The VACUUM after the migration runs on the raw sqlite3 connection: its error (the file locked by a server
+    that is writing, the disk full) is sqlite3's, not SQLAlchemy's. Before, it escaped `automask db migrate` as a
+    traceback (exit 70) although the migration had committed; now a warning says to run it again."""
+    data = tmp_path / "data"
+    path = data / "automask.db"
+    store = Store(embedded_url(data))
+    migrate(store)
+    store.close()
+    raw = sqlite3.connect(path, isolation_level=None)
+    raw.executescript("PRAGMA auto_vacuum=NONE; VACUUM;")  # as a file migrated while the VACUUM failed
+    store = Store(embedded_url(data))
+    event.listen(store.engine, "connect", lambda conn, _record: conn.execute("PRAGMA busy_timeout=100"))
+    vacuum_once = Store.vacuum_once
+
+    def a_server_writes_meanwhile(self: Store) -> bool:
+        raw.execute("BEGIN IMMEDIATE")  # after the migration's transaction, before the VACUUM
+        return vacuum_once(self)
+
+    monkeypatch.setattr(Store, "vacuum_once", a_server_writes_meanwhile)
+    try:
+        assert migrate(store) == (head(), head())
+    finally:
+        raw.execute("ROLLBACK")
+        store.close()
+    monkeypatch.undo()
+    assert "could not vacuum" in caplog.text and "database is locked" in caplog.text
+    assert raw.execute("PRAGMA auto_vacuum").fetchone() == (0,)  # as it was: the next `db migrate` vacuums it
+    raw.close()
+    store = Store(embedded_url(data))
+    try:
+        migrate(store)
+        with store.read() as conn:
+            assert conn.exec_driver_sql("PRAGMA auto_vacuum").scalar() == 2
     finally:
         store.close()
 

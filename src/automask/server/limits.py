@@ -19,7 +19,7 @@ from typing import Any
 
 from automask.errors import ServiceConfigError
 from automask.server.errors import ApiError
-from automask.server.logs import Outage
+from automask.server.logs import Outage, one_line
 
 log = logging.getLogger("automask.server")
 
@@ -164,7 +164,7 @@ class RedisRateLimiter:
         try:
             await asyncio.wait_for(self.client.ping(), PING_TIMEOUT)
         except (RedisError, OSError, TimeoutError) as exc:
-            self._outage.failed(" ".join(str(exc).split()) or type(exc).__name__)
+            self._outage.failed(one_line(exc))
             return REDIS_DOWN
         self._outage.answered()
         return None

@@ -35,6 +35,12 @@ def configure_logging(level: str) -> None:
         logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
+def one_line(exc: BaseException) -> str:
+    """`exc`'s text on one line, at most 300 characters, for a log line or a reason (SQLAlchemy's: the driver's own
+    error, without the statement); its class's name when it has none."""
+    return " ".join(str(getattr(exc, "orig", None) or exc).split())[:300] or type(exc).__name__
+
+
 class Failures:
     """The log of a loop that retries (a sweep, a heartbeat) while, say, the database is down: the first failure in a
     row with its traceback, each next one as one line (the error, and how many in a row), and the first success after

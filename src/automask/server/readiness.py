@@ -6,7 +6,7 @@ import asyncio
 import logging
 
 from automask.server.bounded import bounded
-from automask.server.logs import Outage
+from automask.server.logs import Outage, one_line
 from automask.server.store import Store
 
 log = logging.getLogger("automask.server")
@@ -55,4 +55,4 @@ class DatabaseProbe:
             with bounded():  # a frozen database: the thread comes back (the probes answered 503 long before)
                 return self.store.ping_error()
         except Exception as exc:  # noqa: BLE001 (its text is the reason logged)
-            return " ".join(str(exc).split())[:300] or type(exc).__name__
+            return one_line(exc)

@@ -47,6 +47,7 @@ from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
 
 from automask.errors import ServiceConfigError
 from automask.server.bounded import bounded, connect_bounded
+from automask.server.logs import one_line
 
 log = logging.getLogger("automask.server")
 metadata = MetaData()
@@ -350,7 +351,7 @@ class Store:
             with self.engine.connect() as conn:
                 conn.execute(text("SELECT 1"))
         except SQLAlchemyError as exc:
-            return " ".join(str(getattr(exc, "orig", None) or exc).split())[:300] or type(exc).__name__
+            return one_line(exc)
         return None
 
     def reclaim_space(self) -> int:

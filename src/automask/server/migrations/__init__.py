@@ -9,6 +9,7 @@ schema directly (`metadata.create_all`, then stamped), which a test proves equal
 from __future__ import annotations
 
 import logging
+import sqlite3
 from pathlib import Path
 
 from alembic import command
@@ -19,6 +20,7 @@ from sqlalchemy import Connection, inspect, text
 from sqlalchemy.exc import SQLAlchemyError
 
 from automask.errors import ServiceConfigError
+from automask.server.logs import one_line
 from automask.server.store import Store, metadata
 
 log = logging.getLogger("automask.server")
@@ -71,13 +73,15 @@ def migrate(store: Store, revision: str = "head") -> tuple[str | None, str]:
 def _vacuum(store: Store) -> None:
     """SQLite written before revision 0005: rewrite the file once so that it gives freed pages back from now on
     (`Store.reclaim_space`). Outside the migration's transaction (VACUUM cannot run in one); one that fails (the
-    disk is full) leaves the file as it was, to be vacuumed by the next `automask db migrate`."""
+    disk is full, the file locked by a server writing) leaves the file as it was, to be vacuumed by the next
+    `automask db migrate` (the error is sqlite3's own: the VACUUM runs on the raw connection)."""
     try:
         if store.vacuum_once():
             log.info("the database %s now gives the space of expired results back", store.describe())
-    except SQLAlchemyError as exc:
-        reason = " ".join(str(getattr(exc, "orig", None) or exc).split())
-        log.warning("could not vacuum the database %s (%s): run automask db migrate again", store.describe(), reason)
+    except (sqlite3.Error, SQLAlchemyError) as exc:
+        log.warning(
+            "could not vacuum the database %s (%s): run automask db migrate again", store.describe(), one_line(exc)
+        )
 
 
 def ensure_schema(store: Store, *, create: bool) -> None:
