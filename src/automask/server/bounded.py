@@ -4,6 +4,7 @@ timeout gives when the server is frozen but its host's kernel still acknowledges
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -45,6 +46,8 @@ def _bounded_connection() -> Any:
         from psycopg.errors import _WaitTimeout  # with the `timeout` of `Connection.wait`
     except ImportError:  # an older psycopg: no bound
         return psycopg.Connection
+    if not {"interval", "timeout"} <= inspect.signature(psycopg.Connection.wait).parameters.keys():
+        return psycopg.Connection  # a psycopg whose `wait` takes other arguments: no bound, rather than a TypeError
 
     class BoundedConnection(psycopg.Connection[Any]):
         def wait(self, gen: Any, interval: float = 0.1, timeout: float | None = None) -> Any:
