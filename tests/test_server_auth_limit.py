@@ -235,6 +235,15 @@ def test_the_client_address() -> None:
     assert client_address(None) == "unknown"
 
 
+def test_a_port_forwarded_with_the_address_is_not_part_of_it() -> None:
+    """Before: a trusted proxy that forwards "ip:port" in X-Forwarded-For (some load balancers do) had each of a
+    guesser's connections counted apart, so the lock-out never came."""
+    assert client_address("192.0.2.1:5678") == client_address("192.0.2.1:40000") == "192.0.2.1"
+    assert client_address("[2001:db8:1:2::9]:443") == client_address("[2001:db8:1:2::7]") == "2001:db8:1:2::/64"
+    assert client_address("[::ffff:192.0.2.1]:80") == "192.0.2.1"
+    assert client_address("not-an-ip") == "not-an-ip"
+
+
 @pytest.mark.services
 def test_failed_authentications_are_counted_across_the_fleet(redis_db: str) -> None:
     """The fleet's limiter (Redis) keeps the counts: the same lock-out on every node, each count expiring with its

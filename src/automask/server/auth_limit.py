@@ -259,11 +259,15 @@ def client_address(peer: str | None) -> str:
     """The address failed authentications are counted for: the client's IP (the socket peer, or the one a trusted
     proxy forwarded in X-Forwarded-For: uvicorn's proxy headers, trusted from FORWARDED_ALLOW_IPS, by default
     127.0.0.1 and ::1), an IPv6 one as its /64 (what one host is usually given;
-    an IPv4-mapped one as the IPv4 address), or "unknown"."""
+    an IPv4-mapped one as the IPv4 address), or "unknown". A port a proxy forwarded with the address ("192.0.2.1:5678",
+    "[2001:db8::1]:443") is dropped: counted per port, each new connection of a guesser would count anew."""
     if not peer:
         return "unknown"
+    host = peer[1:].partition("]")[0] if peer.startswith("[") else peer
+    if host.count(":") == 1:  # IPv4 with a port (an IPv6 address has at least two colons)
+        host = host.partition(":")[0]
     try:
-        ip = ipaddress.ip_address(peer.strip("[]"))
+        ip = ipaddress.ip_address(host)
     except ValueError:
         return peer
     if isinstance(ip, ipaddress.IPv6Address):
