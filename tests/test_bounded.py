@@ -25,3 +25,21 @@ def test_the_bounded_connection_is_used_only_with_a_wait_that_takes_interval_and
 
     monkeypatch.setattr(psycopg.Connection, "wait", older_wait)
     assert make() is psycopg.Connection
+
+
+def test_a_worker_waiting_for_the_database_bounds_each_ping_by_its_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before: a worker whose job failed on the database pinged it with no bound while waiting to hand the task
+    back; a frozen PostgreSQL (its kernel still acking) held the ping past Celery's hard time limit, which then killed
+    the process mid-wait and the message was acknowledged, not handed back. Now each ping waits until the deadline."""
+    from automask.server import bounded, worker
+
+    monkeypatch.setattr(worker, "RETRY_PAUSE", 0.01)
+    bounds: list[float | None] = []
+
+    class Down:
+        def ping(self) -> bool:
+            bounds.append(bounded._QUERY_BOUND.get())
+            return len(bounds) == 3
+
+    worker._wait_for_database(Down(), 5.0)  # type: ignore[arg-type]
+    assert len(bounds) == 3 and all(b is not None and 0.5 <= b <= 5.0 for b in bounds)

@@ -31,6 +31,7 @@ from automask.errors import ServiceConfigError
 from automask.pipeline import MaskGenerator
 from automask.routing import plan_models
 from automask.server import deployment, fleet, metrics, nodes
+from automask.server.bounded import bounded
 from automask.server.config import ServerSettings
 from automask.server.deployment import FLEET, Guard
 from automask.server.execute import Outcome, compute, execute_job, unexpected_error
@@ -163,8 +164,8 @@ def v2_task(task: Any, job_id: str) -> str | None:
         # process mid-wait and the message is acknowledged, not handed back
         left = _WORKER.server.timeout + TIME_LIMIT_MARGIN - (time.monotonic() - started) - HAND_BACK_MARGIN
         _wait_for_database(proc.jobs.store, min(_WORKER.server.timeout, left))
-        with contextlib.suppress(SQLAlchemyError):  # if the job is ours, put it back: any process may take it
-            proc.jobs.release(job_id, proc.node)  # (else a live node's job waits for `orphaned`)
+        with contextlib.suppress(SQLAlchemyError), bounded(HAND_BACK_MARGIN / 2):  # if the job is ours, put it
+            proc.jobs.release(job_id, proc.node)  # back: any process may take it (else it waits for `orphaned`)
         raise Reject(str(exc), requeue=True) from None
     if status is None and redelivered:
         log.info("v2 job %s: redelivered, left to the node running it (or finished)", job_id)
@@ -179,8 +180,9 @@ def _wait_for_database(store: Store, limit: float) -> None:
     deadline = time.monotonic() + limit
     while True:
         time.sleep(max(0.0, min(RETRY_PAUSE, deadline - time.monotonic())))
-        if time.monotonic() >= deadline or store.ping():
-            return
+        with bounded(max(0.5, deadline - time.monotonic())):  # a frozen PostgreSQL holds no ping past the deadline
+            if time.monotonic() >= deadline or store.ping():
+                return
 
 
 def v1_task(task: Any, rid: str, model: str, deadline: float, request_id: str) -> None:
