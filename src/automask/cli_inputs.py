@@ -60,11 +60,15 @@ def given_files(paths: tuple[str, ...], outdir: Path) -> list[Path]:
     """The files named by several `paths` (what the shell makes of an unquoted glob, `photos/*.jpg`), sorted: each
     taken as a glob takes the files it matches. A folder among them, or a path that does not exist, is an
     `InvalidOptionError`: batch takes one folder (or one quoted glob), or files; but `outdir` (`photos/*` of
-    `-o photos/masks` run again) is skipped, as a folder source skips it."""
+    `-o photos/masks` run again) is skipped, and so are the files in it when it lies below the folder holding all
+    the others (`photos/**/*.png` of `-o photos/masks` run again: earlier outputs), as a quoted glob skips them."""
     skip = outdir.resolve()
-    paths = tuple(path for path in paths if Path(path).resolve() != skip)
+    earlier_output = _earlier_outputs(Path(os.path.commonpath([Path(p).absolute().parent for p in paths])), outdir)
+    paths = tuple(path for path in paths if Path(path).resolve() != skip and not earlier_output(Path(path)))
     if not paths:
-        raise InvalidOptionError("DIR_OR_GLOB", f"no images given: only the output folder '{outdir}'.")
+        raise InvalidOptionError(
+            "DIR_OR_GLOB", f"no images given: only the output folder '{outdir}' or the outputs of a run into it."
+        )
     for path in map(Path, paths):
         if path.is_dir():
             raise InvalidOptionError(
