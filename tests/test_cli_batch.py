@@ -381,3 +381,17 @@ def test_a_shell_expanded_glob_rerun_into_a_subfolder_skips_the_earlier_outputs(
     result = invoke("batch", *inputs, "-o", folder, "-p", "cat", "--model", tiny_clipseg_dir)
     assert result.exit_code == 0, result.output
     assert result.stderr.rstrip().endswith("2 done, 0 failed")
+
+
+def test_batch_takes_several_quoted_globs(tiny_clipseg_dir: Path, folder: Path, tmp_path: Path) -> None:
+    """Before: `batch 'b/*.jpg' 'b/*.png' -o out` exited 2 with "no such file: 'b/*.jpg'" (one quoted glob is taken,
+    and several paths are each taken as a glob). A glob that matches nothing (as bash passes an unmatched one) is
+    named as such."""
+    out = tmp_path / "out"
+    result = invoke("batch", f"{folder}/*.jpg", f"{folder}/*.png", "-o", out, "-p", "cat", "--model", tiny_clipseg_dir)
+    assert result.exit_code == 0, result.output
+    assert result.stderr.rstrip().endswith("2 done, 0 failed")
+    assert sorted(p.name for p in out.iterdir()) == ["a.png", "b.png"]
+    refused = invoke("batch", f"{folder}/*.png", f"{folder}/*.gif", "-o", out, "-p", "cat", "--model", tiny_clipseg_dir)
+    assert refused.exit_code == 2, refused.output
+    assert refused.stderr.startswith(f"error: DIR_OR_GLOB: no images found in '{folder}/*.gif'.")
