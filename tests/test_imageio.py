@@ -382,6 +382,15 @@ def test_an_apng_whose_default_image_is_a_fallback_gives_its_first_frame(blend: 
     ].tolist() == list(GREEN)
 
 
+def test_a_palette_apng_whose_default_image_is_a_fallback_keeps_its_colours(settings: Settings) -> None:
+    """Before: a palette APNG (as GIF converters and optimisers write them) whose default image is a fallback gave
+    its first frame black: the blank canvas it is drawn on had no palette, so every index read as black."""
+    red, green = (Image.new("RGB", (8, 6), colour).convert("P") for colour in (RED, GREEN))
+    data = encode(red, "PNG", save_all=True, append_images=[green], default_image=True)
+    assert Image.open(io.BytesIO(data)).mode == "P"
+    assert np.unique(load_image(data, settings).reshape(-1, 3), axis=0).tolist() == [list(GREEN)]
+
+
 # --- bad input ---------------------------------------------------------------------------------------------
 
 
