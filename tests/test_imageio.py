@@ -432,6 +432,15 @@ def test_a_common_format_automask_cannot_read_is_named(data: bytes, told: str, s
     assert str(caught.value).startswith(f"The input is {told}, which automask cannot read: convert it to PNG or JPEG")
 
 
+def test_a_web_page_with_an_inline_svg_is_not_called_an_svg(settings: Settings) -> None:
+    """Before: a web page (a page's URL given for its image's, a login or error page) showing an inline icon near its
+    top was "an SVG (vector) image ... convert it to PNG": the user was told to convert a page. It is text again."""
+    page = b'<!DOCTYPE html>\n<html lang="en"><head><title>Sign in</title></head><body><svg viewBox="0 0 8 8"></svg>'
+    with pytest.raises(ImageDecodeError) as caught:
+        load_image(page + b"</body></html>", settings)
+    assert str(caught.value).startswith("The input looks like text (HTML, JSON or similar), not an image")
+
+
 def test_damaged_files_never_escape_as_tracebacks(small_rgb: np.ndarray) -> None:
     """Truncations and byte flips of every format: an RGB array or an AutomaskError, nothing else."""
     settings = Settings(max_image_pixels=1_000_000)
