@@ -664,3 +664,17 @@ def test_an_empty_path_is_a_usage_error(
     assert result.exit_code == 2, result.output
     assert f"Invalid value for {named}: the path is empty (an unset variable?): name a file or folder" in result.stderr
     assert sorted(p.name for p in folder.iterdir()) == ["a.png"]
+
+
+def test_an_empty_data_dir_variable_is_a_usage_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before: AUTOMASK_DATA_DIR='' (a unit's or compose file's unset variable: `AUTOMASK_DATA_DIR=${DATA}`) was read
+    as '.': models, keys and results went into whatever folder automask ran in, as --data-dir '' did before it was
+    refused."""
+    monkeypatch.chdir(tmp_path)
+    result = invoke("models", "list", "--json", AUTOMASK_DATA_DIR="")
+    assert result.exit_code == 2, result.output
+    assert result.stderr == (
+        "error: data_dir (AUTOMASK_DATA_DIR): the path is empty (an unset variable?): name a folder, or leave the "
+        "variable out for the default (~/.cache/automask).\n"
+    )
+    assert list(tmp_path.iterdir()) == []

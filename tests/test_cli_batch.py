@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import glob
 import json
 import os
 import shutil
@@ -361,3 +362,36 @@ def test_batch_takes_the_files_of_a_glob_the_shell_expanded(
         assert refused.exit_code == 2, refused.output
         assert refused.stderr.startswith(f"error: DIR_OR_GLOB: {why}")
         assert not (tmp_path / "none").exists()
+
+
+def test_a_shell_expanded_glob_rerun_into_a_subfolder_skips_the_earlier_outputs(
+    tiny_clipseg_dir: Path, folder: Path
+) -> None:
+    """Before: `batch b/**/*.png -o b/masks` run again (zsh, or bash's globstar, expands the glob: b/masks/a.png is
+    one of its names) masked the first run's masks too, as a-2.png and b-2.png, where the quoted glob skips them."""
+    Image.open(folder / "a.jpg").save(folder / "a.png")
+    out = folder / "masks"
+    for _ in range(2):
+        expanded = sorted(glob.glob(f"{folder}/**/*.png", recursive=True))  # what the shell gives batch
+        result = invoke("batch", *expanded, "-o", out, "-p", "cat", "--model", tiny_clipseg_dir)
+        assert result.exit_code == 0, result.output
+        assert result.stderr.rstrip().endswith("2 done, 0 failed")
+        assert sorted(p.name for p in out.iterdir()) == ["a.png", "b.png"]
+    inputs = [folder / "a.jpg", folder / "b.png"]  # `batch b/*.* -o b`: OUTDIR holds the inputs, which are masked
+    result = invoke("batch", *inputs, "-o", folder, "-p", "cat", "--model", tiny_clipseg_dir)
+    assert result.exit_code == 0, result.output
+    assert result.stderr.rstrip().endswith("2 done, 0 failed")
+
+
+def test_batch_takes_several_quoted_globs(tiny_clipseg_dir: Path, folder: Path, tmp_path: Path) -> None:
+    """Before: `batch 'b/*.jpg' 'b/*.png' -o out` exited 2 with "no such file: 'b/*.jpg'" (one quoted glob is taken,
+    and several paths are each taken as a glob). A glob that matches nothing (as bash passes an unmatched one) is
+    named as such."""
+    out = tmp_path / "out"
+    result = invoke("batch", f"{folder}/*.jpg", f"{folder}/*.png", "-o", out, "-p", "cat", "--model", tiny_clipseg_dir)
+    assert result.exit_code == 0, result.output
+    assert result.stderr.rstrip().endswith("2 done, 0 failed")
+    assert sorted(p.name for p in out.iterdir()) == ["a.png", "b.png"]
+    refused = invoke("batch", f"{folder}/*.png", f"{folder}/*.gif", "-o", out, "-p", "cat", "--model", tiny_clipseg_dir)
+    assert refused.exit_code == 2, refused.output
+    assert refused.stderr.startswith(f"error: DIR_OR_GLOB: no images found in '{folder}/*.gif'.")

@@ -382,6 +382,15 @@ def test_an_apng_whose_default_image_is_a_fallback_gives_its_first_frame(blend: 
     ].tolist() == list(GREEN)
 
 
+def test_a_palette_apng_whose_default_image_is_a_fallback_keeps_its_colours(settings: Settings) -> None:
+    """Before: a palette APNG (as GIF converters and optimisers write them) whose default image is a fallback gave
+    its first frame black: the blank canvas it is drawn on had no palette, so every index read as black."""
+    red, green = (Image.new("RGB", (8, 6), colour).convert("P") for colour in (RED, GREEN))
+    data = encode(red, "PNG", save_all=True, append_images=[green], default_image=True)
+    assert Image.open(io.BytesIO(data)).mode == "P"
+    assert np.unique(load_image(data, settings).reshape(-1, 3), axis=0).tolist() == [list(GREEN)]
+
+
 # --- bad input ---------------------------------------------------------------------------------------------
 
 
@@ -421,6 +430,15 @@ def test_a_common_format_automask_cannot_read_is_named(data: bytes, told: str, s
     with pytest.raises(ImageDecodeError) as caught:
         load_image(data, settings)
     assert str(caught.value).startswith(f"The input is {told}, which automask cannot read: convert it to PNG or JPEG")
+
+
+def test_a_web_page_with_an_inline_svg_is_not_called_an_svg(settings: Settings) -> None:
+    """Before: a web page (a page's URL given for its image's, a login or error page) showing an inline icon near its
+    top was "an SVG (vector) image ... convert it to PNG": the user was told to convert a page. It is text again."""
+    page = b'<!DOCTYPE html>\n<html lang="en"><head><title>Sign in</title></head><body><svg viewBox="0 0 8 8"></svg>'
+    with pytest.raises(ImageDecodeError) as caught:
+        load_image(page + b"</body></html>", settings)
+    assert str(caught.value).startswith("The input looks like text (HTML, JSON or similar), not an image")
 
 
 def test_damaged_files_never_escape_as_tracebacks(small_rgb: np.ndarray) -> None:

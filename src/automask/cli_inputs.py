@@ -22,7 +22,7 @@ def find_inputs(
     """`find_images` of one source (a folder, a glob or a file); `given_files` of several."""
     if len(sources) == 1:
         return find_images(sources[0], recursive, outdir)
-    return given_files(sources, outdir), None, []
+    return given_files(sources, recursive, outdir), None, []
 
 
 def find_images(source: str, recursive: bool, outdir: Path) -> tuple[list[Path], Path | None, list[OSError]]:
@@ -56,25 +56,36 @@ def find_images(source: str, recursive: bool, outdir: Path) -> tuple[list[Path],
     return sorted(files), base, unreadable
 
 
-def given_files(paths: tuple[str, ...], outdir: Path) -> list[Path]:
-    """The files named by several `paths` (what the shell makes of an unquoted glob, `photos/*.jpg`), sorted: each
-    taken as a glob takes the files it matches. A folder among them, or a path that does not exist, is an
+def given_files(paths: tuple[str, ...], recursive: bool, outdir: Path) -> list[Path]:
+    """The files named by several `paths` (what the shell makes of an unquoted glob, `photos/*.jpg`), sorted: a path
+    that is no file but a glob (quoted, or one bash left as typed: it matched nothing) takes the files it matches,
+    as `find_images` does. A folder among them, a path that does not exist or a glob that matches no file is an
     `InvalidOptionError`: batch takes one folder (or one quoted glob), or files; but `outdir` (`photos/*` of
-    `-o photos/masks` run again) is skipped, as a folder source skips it."""
+    `-o photos/masks` run again) is skipped, and so are the files in it when it lies below the folder holding all
+    the others (`photos/**/*.png` of `-o photos/masks` run again: earlier outputs), as a quoted glob skips them."""
     skip = outdir.resolve()
-    paths = tuple(path for path in paths if Path(path).resolve() != skip)
-    if not paths:
-        raise InvalidOptionError("DIR_OR_GLOB", f"no images given: only the output folder '{outdir}'.")
-    for path in map(Path, paths):
-        if path.is_dir():
+    files = []
+    for path in (path for path in paths if Path(path).resolve() != skip):
+        if Path(path).is_dir():
             raise InvalidOptionError(
                 "DIR_OR_GLOB",
                 f"'{path}' is a folder: give batch one folder, or files (a glob the shell expands names folders "
                 "too: quote it, 'photos/*', and batch takes its files only).",
             )
-        if not path.is_file():
+        if Path(path).is_file():
+            files.append(Path(path))
+        elif not glob.has_magic(path) or os.path.lexists(path):
             raise InvalidOptionError("DIR_OR_GLOB", f"no such file: '{path}'.")
-    return sorted(set(map(Path, paths)))  # a file named twice is masked once
+        else:
+            files += find_images(path, recursive, outdir)[0]
+    if files:
+        earlier_output = _earlier_outputs(Path(os.path.commonpath([f.absolute().parent for f in files])), outdir)
+        files = [f for f in files if not earlier_output(f)]
+    if not files:
+        raise InvalidOptionError(
+            "DIR_OR_GLOB", f"no images given: only the output folder '{outdir}' or the outputs of a run into it."
+        )
+    return sorted(set(files))  # a file named twice is masked once
 
 
 def once_each(files: list[Path]) -> tuple[list[Path], list[tuple[Path, Path]]]:

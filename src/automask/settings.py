@@ -102,6 +102,18 @@ class Settings(BaseSettings, metaclass=RaisesInvalidOption):
         message = err.message.removeprefix(f"{err.field}: ")
         return InvalidOptionError(f"{err.field} (AUTOMASK_{err.field.upper()})", message)
 
+    @field_validator("data_dir", mode="before")
+    @classmethod
+    def _not_empty(cls, v: object) -> object:
+        """'' refused (an unset variable of a unit or compose file), which `Path('')` reads as '.': the folder the
+        process runs in would hold the models, keys and results."""
+        if v == "":
+            raise ValueError(
+                "the path is empty (an unset variable?): name a folder, or leave the variable out for the default "
+                "(~/.cache/automask)."
+            )
+        return v
+
     @field_validator("data_dir")
     @classmethod
     def _home_expanded(cls, v: Path) -> Path:

@@ -118,13 +118,14 @@ def _first_shown_frame(img: Image.Image) -> bool:
     """Move `img` to the frame a browser shows first: for an APNG whose default image is not part of the animation
     (a fallback for viewers without APNG, which browsers never show), the animation's first frame, drawn on a
     transparent canvas as the APNG spec says (Pillow draws it over the fallback); where a mode has no alpha
-    (RGB, palette), value 0 shows where that frame does not cover the canvas. False when that frame cannot be read
-    (then the default image is what a viewer shows); True for any other image, left as it is."""
+    (RGB, palette: its colour 0), value 0 shows where that frame does not cover the canvas. False when that frame
+    cannot be read (then the default image is what a viewer shows); True for any other image, left as it is."""
     if img.format != "PNG" or not img.info.get("default_image") or getattr(img, "n_frames", 1) < 2:
         return True
     try:
         img.load()
-        img.im = Image.core.fill(img.mode, img.size)  # transparent black, where the mode has alpha
+        img.im = img.im.copy()  # a copy keeps a palette image's palette (a new core has none: all black)
+        img.im.paste(0, (0, 0, *img.size))  # cleared: transparent black, where the mode has alpha
         img.seek(1)
         img.load()
     except PIL_ERRORS:

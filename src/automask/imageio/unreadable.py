@@ -55,7 +55,8 @@ def _other_format(data: bytes) -> str | None:
             return "a HEIC/HEIF image (an iPhone's photo)"
     if data.startswith(b"%PDF-"):
         return "a PDF document"
-    if b"<svg" in data[:1024].lower():
+    head = data[:1024].lower()
+    if b"<svg" in head and b"<html" not in head and b"<!doctype html" not in head:  # a page showing an icon: text
         return "an SVG (vector) image"
     return None
 
