@@ -159,3 +159,13 @@ def test_a_download_the_server_renders_shows_its_time_and_can_be_cancelled(
     assert decode(download(page, "#dl-alpha")).shape == (512, 512, 4)
     assert page.inner_text("#status") == "Downloaded." and page.is_hidden("#dl-cancel")
     assert slow.settled_credits() == start - 1
+    # Another image chosen while the server renders the preview: the file is still this photo's, and named so
+    # (before: named after the image chosen since, "astronaut-preview.png").
+    other = tmp_path / "astronaut.png"
+    Image.fromarray(astronaut).save(other)
+    with page.expect_download() as info:
+        page.click("#dl-preview")
+        page.wait_for_selector("#dl-cancel:visible")
+        pick_photo(page, other)
+    assert info.value.suggested_filename == "wide-gamut-preview.png"
+    assert decode(Path(info.value.path()).read_bytes()).shape == (512, 512, 3)
