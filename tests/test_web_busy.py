@@ -57,6 +57,21 @@ def first_options(page: Any) -> None:
     set_slider(page, "#grow_mask", "Home")  # 10 -> 0
 
 
+def wide_gamut_result(page: Any, slow: Live, astronaut: np.ndarray, folder: Path) -> int:
+    """Mask a wide-gamut photo (its cut-out and preview the server's: one more request each), threshold 0.5;
+    return the key's credits then."""
+    wide = folder / "wide-gamut.png"
+    Image.fromarray(astronaut).save(wide, icc_profile=WIDE_ICC)
+    pick_photo(page, wide)
+    first_options(page)
+    page.fill("#prompt", FIRST["prompt"])
+    page.press("#prompt", "Enter")
+    wait_shown(page, 0.5)
+    start = slow.settled_credits()
+    assert start is not None
+    return start
+
+
 def wait_shown(page: Any, threshold: float) -> None:
     page.wait_for_function(
         """(t) => { const r = document.getElementById('result');
@@ -125,16 +140,8 @@ def test_a_download_the_server_renders_shows_its_time_and_can_be_cancelled(
     the seconds it takes are shown, and a Cancel beside the downloads (or Esc) aborts it: nothing saved, nothing
     charged, the result still shown and usable; asked again, it comes. Before, the page said only "Asking the
     server for it…", with no time, and nothing could stop it."""
-    wide = tmp_path / "wide-gamut.png"
-    Image.fromarray(astronaut).save(wide, icc_profile=WIDE_ICC)
     page = tab.page
-    pick_photo(page, wide)
-    first_options(page)
-    page.fill("#prompt", FIRST["prompt"])
-    page.press("#prompt", "Enter")
-    wait_shown(page, 0.5)
-    start = slow.settled_credits()
-    assert start is not None
+    start = wide_gamut_result(page, slow, astronaut, tmp_path)
     saved: list[Any] = []
     page.on("download", lambda d: saved.append(d))
     for stop in ("click", "Escape"):
@@ -169,3 +176,23 @@ def test_a_download_the_server_renders_shows_its_time_and_can_be_cancelled(
         pick_photo(page, other)
     assert info.value.suggested_filename == "wide-gamut-preview.png"
     assert decode(Path(info.value.path()).read_bytes()).shape == (512, 512, 3)
+
+
+def test_esc_stops_what_began_last(tab: Tab, slow: Live, astronaut: np.ndarray, tmp_path: Path) -> None:
+    """A mask request for changed options runs, then the shown result's cut-out is asked of the server: the status
+    line shows the download's seconds, and Esc stops the download, the mask request going on (one charge). Before,
+    Esc stopped the mask request whenever one ran, the download (which the status line spoke of) going on."""
+    page = tab.page
+    start = wide_gamut_result(page, slow, astronaut, tmp_path)
+    aborted = aborted_posts(page)
+    set_slider(page, "#threshold", "ArrowRight")
+    page.press("#prompt", "Enter")
+    page.wait_for_selector("#result[aria-busy=true]")
+    page.click("#dl-alpha")
+    page.wait_for_function(TICKING)
+    page.keyboard.press("Escape")
+    page.wait_for_selector("#dl-cancel", state="hidden")
+    assert page.get_attribute("#result", "aria-busy") == "true", "Esc stopped the mask request"
+    wait_shown(page, 0.51)
+    assert [b["return_alpha"] for b in aborted] == [True]
+    assert slow.settled_credits() == start - 1

@@ -299,9 +299,12 @@ function wire() {
     run();
   });
   $("cancel").addEventListener("click", cancel);
+  // Esc stops what the status line shows: the mask request or the server's download, whichever began last.
   document.addEventListener("keydown", (event) => {
-    if (event.key === "Escape" && state.inflight) cancel();
-    else if (event.key === "Escape") files.cancel();
+    if (event.key !== "Escape") return;
+    const download = files.startedLast();
+    if (state.inflight && (download === null || download < state.inflight.started)) cancel();
+    else files.cancel();
   });
   $("dl-cancel").addEventListener("click", () => files.cancel());
   bindSlider("threshold", (v) => v.toFixed(2));

@@ -101,6 +101,11 @@ export function downloads(ctx) {
       for (const job of running) job.controller.abort();
       return running.size > 0;
     },
+    // When the last of the renderings still asked of the server began (performance.now()); null when none runs.
+    startedLast() {
+      const job = [...running].at(-1);
+      return job ? job.started : null;
+    },
     mask: () => save(maskPng(), `${baseName()}-mask.png`),
     cutout: () => save(rendered("alpha"), `${baseName()}-cutout.png`),
     preview: () => save(rendered("preview"), `${baseName()}-preview.png`),
