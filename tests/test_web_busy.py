@@ -15,7 +15,7 @@ from PIL import Image
 from automask.settings import Settings
 from server_helpers import decode
 from test_colour_profiles import WIDE_ICC
-from web_helpers import API_PATH, FIRST, Live, Tab, browser, download, open_tab, pick_photo, serve, set_slider
+from web_helpers import API_PATH, FIRST, Live, Tab, browser, data_uri, download, open_tab, pick_photo, serve, set_slider
 
 pytest.importorskip("fastapi")
 pytestmark = pytest.mark.browser
@@ -196,3 +196,34 @@ def test_esc_stops_what_began_last(tab: Tab, slow: Live, astronaut: np.ndarray, 
     wait_shown(page, 0.51)
     assert [b["return_alpha"] for b in aborted] == [True]
     assert slow.settled_credits() == start - 1
+
+
+def test_a_turned_webp_pasted_as_a_url_drops_the_request_for_the_image_before(
+    tab: Tab, slow: Live, astronaut: np.ndarray, tmp_path: Path
+) -> None:
+    """A WebP data: URI whose EXIF says turn it is pasted while a mask request for the photo shown runs: the page
+    turns it upright before showing it (slowed here), and the request for the photo no longer wanted is dropped at
+    once, as for a file, uncharged. Before, it ran on while the page turned the WebP, and was charged if it ended."""
+    page = tab.page
+    photo = tmp_path / "astronaut.png"
+    Image.fromarray(astronaut).save(photo)
+    turned = tmp_path / "turned.webp"
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(np.ascontiguousarray(np.rot90(astronaut, 1))).save(turned, lossless=True, exif=exif)
+    pick_photo(page, photo)
+    first_options(page)
+    page.evaluate(  # the page's upright copy takes longer than the server's mask
+        """(ms) => { const toBlob = HTMLCanvasElement.prototype.toBlob;
+                     HTMLCanvasElement.prototype.toBlob = function (done, ...args) {
+                       toBlob.call(this, (blob) => setTimeout(() => done(blob), ms), ...args); }; }""",
+        2500 * SLOW_S,
+    )
+    aborted = aborted_posts(page)
+    page.fill("#prompt", FIRST["prompt"])
+    page.press("#prompt", "Enter")
+    page.wait_for_selector("#result[aria-busy=true]")
+    page.fill("#image-url", data_uri(turned, "image/webp"))
+    page.press("#image-url", "Enter")
+    page.wait_for_function("() => document.getElementById('image-info').textContent.startsWith('pasted image')")
+    assert len(aborted) == 1 and aborted[0]["image"].startswith("data:image/png"), "the photo's request ran on"
