@@ -15,7 +15,7 @@ from PIL import Image
 from automask.settings import Settings
 from server_helpers import decode
 from test_colour_profiles import WIDE_ICC
-from web_helpers import API_PATH, FIRST, Live, Tab, browser, download, open_tab, pick_photo, serve, set_slider
+from web_helpers import API_PATH, FIRST, Live, Tab, browser, data_uri, download, open_tab, pick_photo, serve, set_slider
 
 pytest.importorskip("fastapi")
 pytestmark = pytest.mark.browser
@@ -55,6 +55,21 @@ def aborted_posts(page: Any) -> list[dict[str, Any]]:
 def first_options(page: Any) -> None:
     set_slider(page, "#threshold", "ArrowRight", 30)  # 0.20 -> 0.50
     set_slider(page, "#grow_mask", "Home")  # 10 -> 0
+
+
+def wide_gamut_result(page: Any, slow: Live, astronaut: np.ndarray, folder: Path) -> int:
+    """Mask a wide-gamut photo (its cut-out and preview the server's: one more request each), threshold 0.5;
+    return the key's credits then."""
+    wide = folder / "wide-gamut.png"
+    Image.fromarray(astronaut).save(wide, icc_profile=WIDE_ICC)
+    pick_photo(page, wide)
+    first_options(page)
+    page.fill("#prompt", FIRST["prompt"])
+    page.press("#prompt", "Enter")
+    wait_shown(page, 0.5)
+    start = slow.settled_credits()
+    assert start is not None
+    return start
 
 
 def wait_shown(page: Any, threshold: float) -> None:
@@ -125,16 +140,8 @@ def test_a_download_the_server_renders_shows_its_time_and_can_be_cancelled(
     the seconds it takes are shown, and a Cancel beside the downloads (or Esc) aborts it: nothing saved, nothing
     charged, the result still shown and usable; asked again, it comes. Before, the page said only "Asking the
     server for it…", with no time, and nothing could stop it."""
-    wide = tmp_path / "wide-gamut.png"
-    Image.fromarray(astronaut).save(wide, icc_profile=WIDE_ICC)
     page = tab.page
-    pick_photo(page, wide)
-    first_options(page)
-    page.fill("#prompt", FIRST["prompt"])
-    page.press("#prompt", "Enter")
-    wait_shown(page, 0.5)
-    start = slow.settled_credits()
-    assert start is not None
+    start = wide_gamut_result(page, slow, astronaut, tmp_path)
     saved: list[Any] = []
     page.on("download", lambda d: saved.append(d))
     for stop in ("click", "Escape"):
@@ -159,3 +166,64 @@ def test_a_download_the_server_renders_shows_its_time_and_can_be_cancelled(
     assert decode(download(page, "#dl-alpha")).shape == (512, 512, 4)
     assert page.inner_text("#status") == "Downloaded." and page.is_hidden("#dl-cancel")
     assert slow.settled_credits() == start - 1
+    # Another image chosen while the server renders the preview: the file is still this photo's, and named so
+    # (before: named after the image chosen since, "astronaut-preview.png").
+    other = tmp_path / "astronaut.png"
+    Image.fromarray(astronaut).save(other)
+    with page.expect_download() as info:
+        page.click("#dl-preview")
+        page.wait_for_selector("#dl-cancel:visible")
+        pick_photo(page, other)
+    assert info.value.suggested_filename == "wide-gamut-preview.png"
+    assert decode(Path(info.value.path()).read_bytes()).shape == (512, 512, 3)
+
+
+def test_esc_stops_what_began_last(tab: Tab, slow: Live, astronaut: np.ndarray, tmp_path: Path) -> None:
+    """A mask request for changed options runs, then the shown result's cut-out is asked of the server: the status
+    line shows the download's seconds, and Esc stops the download, the mask request going on (one charge). Before,
+    Esc stopped the mask request whenever one ran, the download (which the status line spoke of) going on."""
+    page = tab.page
+    start = wide_gamut_result(page, slow, astronaut, tmp_path)
+    aborted = aborted_posts(page)
+    set_slider(page, "#threshold", "ArrowRight")
+    page.press("#prompt", "Enter")
+    page.wait_for_selector("#result[aria-busy=true]")
+    page.click("#dl-alpha")
+    page.wait_for_function(TICKING)
+    page.keyboard.press("Escape")
+    page.wait_for_selector("#dl-cancel", state="hidden")
+    assert page.get_attribute("#result", "aria-busy") == "true", "Esc stopped the mask request"
+    wait_shown(page, 0.51)
+    assert [b["return_alpha"] for b in aborted] == [True]
+    assert slow.settled_credits() == start - 1
+
+
+def test_a_turned_webp_pasted_as_a_url_drops_the_request_for_the_image_before(
+    tab: Tab, slow: Live, astronaut: np.ndarray, tmp_path: Path
+) -> None:
+    """A WebP data: URI whose EXIF says turn it is pasted while a mask request for the photo shown runs: the page
+    turns it upright before showing it (slowed here), and the request for the photo no longer wanted is dropped at
+    once, as for a file, uncharged. Before, it ran on while the page turned the WebP, and was charged if it ended."""
+    page = tab.page
+    photo = tmp_path / "astronaut.png"
+    Image.fromarray(astronaut).save(photo)
+    turned = tmp_path / "turned.webp"
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(np.ascontiguousarray(np.rot90(astronaut, 1))).save(turned, lossless=True, exif=exif)
+    pick_photo(page, photo)
+    first_options(page)
+    page.evaluate(  # the page's upright copy takes longer than the server's mask
+        """(ms) => { const toBlob = HTMLCanvasElement.prototype.toBlob;
+                     HTMLCanvasElement.prototype.toBlob = function (done, ...args) {
+                       toBlob.call(this, (blob) => setTimeout(() => done(blob), ms), ...args); }; }""",
+        2500 * SLOW_S,
+    )
+    aborted = aborted_posts(page)
+    page.fill("#prompt", FIRST["prompt"])
+    page.press("#prompt", "Enter")
+    page.wait_for_selector("#result[aria-busy=true]")
+    page.fill("#image-url", data_uri(turned, "image/webp"))
+    page.press("#image-url", "Enter")
+    page.wait_for_function("() => document.getElementById('image-info').textContent.startsWith('pasted image')")
+    assert len(aborted) == 1 and aborted[0]["image"].startswith("data:image/png"), "the photo's request ran on"

@@ -153,11 +153,12 @@ def _redoc_page(scope: Scope, root: str) -> Any:
 
 
 def _redoc_script(scope: Scope, folder: Path) -> Response:
-    """`redoc_script`, revalidated by ETag like the other docs' files (304 when the browser has it)."""
+    """`redoc_script`, revalidated by ETag like the other docs' files (304 when the browser has it). The tags asked
+    for compare weakly (RFC 9110 13.1.2): a compressing proxy's `W/"…"` of this ETag matches too."""
     body, etag = redoc_script(folder)
     headers = {"etag": etag, "cache-control": "no-cache"}
     asked = dict(scope["headers"]).get(b"if-none-match", b"").decode("latin-1")
-    if etag in (tag.strip() for tag in asked.split(",")):
+    if etag in (tag.strip().removeprefix("W/") for tag in asked.split(",")):
         return Response(status_code=304, headers=headers)
     return Response(body, headers=headers, media_type="text/javascript")
 

@@ -38,6 +38,7 @@ ASSETS = (
     "credits.js",
     "downloads.js",
     "form.js",
+    "image.js",
     "input.js",
     "models.js",
     "orientation.js",

@@ -10,11 +10,12 @@ import { bindSlider, cutoutPreset, growHint, keepInView } from "./controls.js";
 import { keyAndCredits } from "./credits.js";
 import { downloads } from "./downloads.js";
 import { NUMBER_FIELDS, formOptions, numberFieldsProblem } from "./form.js";
+import { images } from "./image.js";
 import { wireInput } from "./input.js";
 import { choosingModel, chosenModel as chosenOf, fillModels, serverInfo, showModel } from "./models.js";
 import { applyControls, loadPrefs, readControls, savePrefs, vocabularyProblem } from "./prefs.js";
-import { base64Bytes, dataUriBlob, decodeMask, imagePixels } from "./render.js";
-import { clearResult, currentShow, drawResult, imageFits, selectedText, setOutputsEnabled, shownMask } from "./results.js";
+import { base64Bytes, decodeMask } from "./render.js";
+import { currentShow, drawResult, imageFits, selectedText, setOutputsEnabled, shownMask } from "./results.js";
 import { actionDone, clearError, formatMs, setBusy, setFacts, setStale, setStatus } from "./status.js";
 import { showActionError, showError as sayError } from "./status.js";
 import { ownerRadius, showTargets, targetMasks } from "./targets.js";
@@ -85,63 +86,13 @@ function showError(text) {
 
 // ---- the image (from input.js) -------------------------------------------------------------------------
 
-let nextImageId = 0;
-
-// input.js: an image is being read (name), or no longer (null). Until it is shown, nothing is masked: the request
-// for the image shown before, and any that would start, would mask (and charge) an image no longer wanted.
-function reading(name) {
-  state.reading = name;
-  if (!name) return;
-  supersede();
-  setStatus(`Reading ${name}…`);
-}
-
-async function setImage(image, label) {
-  state.reading = null;
-  supersede();
-  clearResult(state, viewer);
-  clearError();
-  const current = { id: ++nextImageId, shown: false, ...image };
-  if (state.image && state.image.display) URL.revokeObjectURL(state.image.display);
-  state.image = current;
-  const img = $("source");
-  img.src = image.display || image.src; // display: the image as the page turned it upright (input.js)
-  try {
-    await img.decode();
-    if (state.image !== current) return; // a newer image replaced this one while it decoded
-    current.shown = true;
-    viewer.setSize(img.naturalWidth, img.naturalHeight);
-    $("viewport").setAttribute("aria-label", `The image ${image.name}`);
-    $("image-info").textContent = `${label} — ${img.naturalWidth}×${img.naturalHeight}`;
-  } catch {
-    if (state.image !== current) return;
-    viewer.clear();
-    $("image-info").textContent = `${label} — this browser cannot show it; the server will say if it can read it.`;
-  }
-  if (image.kind === "url" && current.shown) current.pixels = await urlPixels(image.src, img, Boolean(image.display));
-  if (state.image !== current) return;
-  bringIntoView($("stage"));
-  setStatus("Image ready. Type a prompt and press Enter.");
-}
-
-// A URL image's pixels (`imagePixels`): null when unreadable here, as those of an image on another site are, or
-// when they are not the image as shown (turned upright by the page, which shows it unturned). `turned`: the image
-// shown is the page's upright copy (input.js: a data: URI's WebP with an EXIF orientation).
-async function urlPixels(url, img, turned) {
-  const pixels = await imagePixels(dataUriBlob(url) || img).catch(() => null);
-  return pixels && (pixels.orientation === 1 || turned) ? pixels : null;
-}
+const { reading, setImage } = images({ state, viewer, supersede });
 
 function usePrompt(text, { runNow = true } = {}) {
   $("prompt").value = text;
   savePrefs(readControls());
   if (runNow && state.image) run();
   else if (runNow) setStatus(`Prompt “${text}”: now choose an image, or try an example.`);
-}
-
-function bringIntoView(el) {
-  const box = el.getBoundingClientRect();
-  if (box.top < 0 || box.bottom > window.innerHeight) el.scrollIntoView({ block: "nearest" });
 }
 
 // ---- options and running -------------------------------------------------------------------------------
@@ -348,9 +299,12 @@ function wire() {
     run();
   });
   $("cancel").addEventListener("click", cancel);
+  // Esc stops what the status line shows: the mask request or the server's download, whichever began last.
   document.addEventListener("keydown", (event) => {
-    if (event.key === "Escape" && state.inflight) cancel();
-    else if (event.key === "Escape") files.cancel();
+    if (event.key !== "Escape") return;
+    const download = files.startedLast();
+    if (state.inflight && (download === null || download < state.inflight.started)) cancel();
+    else files.cancel();
   });
   $("dl-cancel").addEventListener("click", () => files.cancel());
   bindSlider("threshold", (v) => v.toFixed(2));

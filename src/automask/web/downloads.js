@@ -38,9 +38,11 @@ export function downloads(ctx) {
     return safe.replace(/^[-.]+|[-.]+$/g, "") || "image";
   }
 
-  function save(blob, name) {
+  // Save `blob` (a Blob, or a promise of one) as `name`, named as asked for: another image chosen while the server
+  // renders it does not rename it.
+  async function save(blob, name) {
     const a = document.createElement("a");
-    a.href = URL.createObjectURL(blob);
+    a.href = URL.createObjectURL(await blob);
     a.download = name;
     document.body.append(a);
     a.click();
@@ -99,17 +101,22 @@ export function downloads(ctx) {
       for (const job of running) job.controller.abort();
       return running.size > 0;
     },
-    mask: async () => save(await maskPng(), `${baseName()}-mask.png`),
-    cutout: async () => save(await rendered("alpha"), `${baseName()}-cutout.png`),
-    preview: async () => save(await rendered("preview"), `${baseName()}-preview.png`),
+    // When the last of the renderings still asked of the server began (performance.now()); null when none runs.
+    startedLast() {
+      const job = [...running].at(-1);
+      return job ? job.started : null;
+    },
+    mask: () => save(maskPng(), `${baseName()}-mask.png`),
+    cutout: () => save(rendered("alpha"), `${baseName()}-cutout.png`),
+    preview: () => save(rendered("preview"), `${baseName()}-preview.png`),
     // Target i's own mask from the server, grown by grow_mask (never inverted), as `automask mask --instances`.
     async target(i) {
       const r = state.result;
       const det = r.data.detections[i];
       const slug = String(det.label).toLowerCase().replace(/[^a-z0-9]+/g, "-").replace(/^-|-$/g, "") || "target";
+      const name = `${baseName()}-${String(i).padStart(2, "0")}-${slug}.png`;
       const mask = (await targetMasks(r, r.opts.grow_mask || 0))[i];
-      const blob = await encodePng(mask, r.width, r.height, 1);
-      save(blob, `${baseName()}-${String(i).padStart(2, "0")}-${slug}.png`);
+      await save(encodePng(mask, r.width, r.height, 1), name);
     },
     async copy() {
       if (!navigator.clipboard || !window.ClipboardItem) {

@@ -95,7 +95,10 @@ export function wireInput(app) {
     $("file").value = "";
     $("source").dataset.url = url;
     const name = url.startsWith("data:") ? "pasted image" : urlFileName(url);
-    const display = await turnedDataUri(url);
+    // A data: URI is read (and maybe turned upright) first: meanwhile, as for a file, nothing is masked.
+    if (url.startsWith("data:")) app.reading(name);
+    const display = await turnedDataUri(url); // never throws
+    if (choice === chosen) app.reading(null);
     if (choice !== chosen) {
       if (display) URL.revokeObjectURL(display);
       return;
