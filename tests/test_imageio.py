@@ -747,6 +747,22 @@ def test_an_unbuffered_stream_is_read_to_its_end(settings: Settings) -> None:
     assert endless.pos == len(data)  # it stopped reading one byte past the limit
 
 
+def test_a_file_opened_in_text_mode_closed_or_write_only_is_a_clear_error(tmp_path: Path, settings: Settings) -> None:
+    """Before: a file opened with open(path) instead of open(path, "rb") raised UnicodeDecodeError from inside
+    `read`, a closed one ValueError ("read of closed file") and a write-only one io.UnsupportedOperation: raw
+    tracebacks, not the documented ImageDecodeError saying what to do."""
+    path = tmp_path / "img.png"
+    path.write_bytes(png_of(np.zeros((4, 4, 3), np.uint8)))
+    with open(path) as text, pytest.raises(ImageDecodeError, match=r"binary mode \('rb'\)"):
+        load_image(text, settings)  # type: ignore[arg-type]
+    with open(path, "rb") as closed:
+        pass
+    with pytest.raises(ImageDecodeError, match="closed before automask read it"):
+        load_image(closed, settings)
+    with open(tmp_path / "out.png", "wb") as write_only, pytest.raises(ImageDecodeError, match="cannot be read"):
+        load_image(write_only, settings)
+
+
 class PathLike:
     """An `os.PathLike` that is not a `pathlib.Path` (as pytest's `tmpdir` gives)."""
 

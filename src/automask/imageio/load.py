@@ -43,6 +43,7 @@ _URLSAFE = str.maketrans("-_", "+/")
 BASE64_CHUNK = 1 << 18
 """Characters of base64 text decoded at a time when it cannot be decoded in one call (a data: URI, URL-safe or
 unpadded base64)."""
+_TEXT_STREAM = "The image stream must be opened in binary mode ('rb'): it is a text stream."
 _MAX_PATH_CHARS = 1024
 _KINDS = "An image string must be an existing file, an http(s) URL, a data:image/...;base64, URI or base64 image data."
 _KINDS_NO_PATHS = "An image string must be an http(s) URL, a data:image/...;base64, URI or base64 image data."
@@ -86,13 +87,22 @@ def read_stream(stream: BinaryIO, settings: Settings) -> bytes:
     """Read a binary stream to its end, at most `settings.max_image_bytes` bytes (one more to detect overflow).
     An unbuffered stream (a pipe or socket opened with buffering=0) answers each `read` with what has arrived so
     far, so it is read until it ends."""
+    if getattr(stream, "closed", False) is True:
+        raise ImageDecodeError(
+            "The image file was closed before automask read it: pass it while open, or pass the file's path."
+        )
     limit = settings.max_image_bytes + 1
     chunks: list[bytes] = []
     size = 0
     while size < limit:
-        data = stream.read(limit - size)
+        try:
+            data = stream.read(limit - size)
+        except UnicodeDecodeError:  # a text stream decoding the image's bytes
+            raise ImageDecodeError(_TEXT_STREAM) from None
+        except (OSError, ValueError) as exc:  # write-only (io.UnsupportedOperation), a failing device...
+            raise ImageDecodeError(f"The image stream cannot be read: {exc}.") from None
         if isinstance(data, str):
-            raise ImageDecodeError("The image stream must be opened in binary mode (it returned text).")
+            raise ImageDecodeError(_TEXT_STREAM)
         if not data:  # the end (None: a non-blocking stream with nothing more to give)
             break
         if not isinstance(data, (bytes, bytearray, memoryview)):
