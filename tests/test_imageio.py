@@ -695,6 +695,21 @@ def test_text_with_spaces_is_not_taken_for_spaced_base64(text: str, settings: Se
     assert "became spaces" not in str(err.value)
 
 
+@pytest.mark.parametrize("spaced", ["{}\n", "{}\r\n", " {}", "{}\t "])
+def test_a_path_with_whitespace_around_it_says_to_strip_it(
+    spaced: str, tmp_path: Path, settings: Settings, small_rgb: np.ndarray
+) -> None:
+    """Before: a path read from a list file (`for line in open("list.txt")`) kept its newline and was reported as
+    "not valid base64", a space around it as "No such file" with the space unseen."""
+    path = tmp_path / "img.png"
+    path.write_bytes(png_of(small_rgb))
+    with pytest.raises(ImageDecodeError, match=r"^No such file: '.*img\.png\s*'.*strip the whitespace") as err:
+        load_image(spaced.format(path), settings)
+    assert repr(str(path)) in err.value.message
+    with pytest.raises(ImageDecodeError, match="not valid base64"):  # never a path for a server's client
+        load_image(spaced.format(path), settings, allow_paths=False)
+
+
 @pytest.mark.parametrize("name", ["missing.png", "photos/cat.jpg", "abcd", "C:\\images\\x.jpg"])
 def test_missing_path_says_no_such_file(name: str, settings: Settings, tmp_path: Path) -> None:
     target = str(tmp_path / name) if "/" in name else name

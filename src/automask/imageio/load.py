@@ -139,6 +139,10 @@ def _from_string(text: str, settings: Settings, *, allow_paths: bool, keep_alpha
     inline = not text or text.isspace() or _DATA_START.match(text) is not None
     if allow_paths and not inline and _is_existing_path(text):
         return decode(read_file(Path(text), settings))
+    if allow_paths and not inline and (stripped := _padded_path(text)):
+        raise ImageDecodeError(
+            f"No such file: {_short(text)!r}, but {_short(stripped)!r} exists: strip the whitespace around the path."
+        )
     data = _inline_bytes(text, settings, allow_paths=allow_paths)
     try:
         return decode(data)
@@ -278,6 +282,15 @@ def _decode_base64_chunks(text: str, start: int, settings: Settings) -> bytes | 
 def _may_be_path(text: str) -> bool:
     """Whether `text` could name a file (short, one line); base64 and data URIs are long."""
     return 0 < len(text) <= _MAX_PATH_CHARS and "\n" not in text and "\x00" not in text
+
+
+def _padded_path(text: str) -> str | None:
+    """`text` without the whitespace around it (a line read from a file keeps its newline) when that is an existing
+    path and `text` is not; None otherwise. Long text (base64) is never copied."""
+    if len(text) > 2 * _MAX_PATH_CHARS:
+        return None
+    stripped = text.strip(_ASCII_SPACE)
+    return stripped if stripped != text and _is_existing_path(stripped) else None
 
 
 def _is_existing_path(text: str) -> bool:
