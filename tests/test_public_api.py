@@ -75,6 +75,16 @@ def test_numpy_scalars_are_read_as_the_numbers_they_hold() -> None:
         MaskOptions.parse(invert_mask=np.int64(1))  # a number is not a boolean, numpy's or Python's
 
 
+def test_a_whole_numpy_float_is_an_integer_option_as_a_whole_python_float_is() -> None:
+    """Before: `grow_mask=5.0` was taken but `grow_mask=np.float32(5.0)` (a number computed with float32 arrays)
+    refused with "Input should be a valid integer"."""
+    opts = MaskOptions.parse(grow_mask=np.float32(5.0), feather=np.float16(2.0), min_area=np.float64(9.0))
+    assert (opts.grow_mask, opts.feather, opts.min_area) == (5, 2, 9)
+    assert all(type(v) is int for v in (opts.grow_mask, opts.feather, opts.min_area))
+    with pytest.raises(InvalidOptionError, match=r"^grow_mask: Input should be a valid integer"):
+        MaskOptions.parse(grow_mask=np.float32(2.5))
+
+
 def test_options_may_be_a_dict(gen: MaskGenerator, image: np.ndarray) -> None:
     """Before: `gen.generate(image, "cup", {"threshold": 0.5})` raised AttributeError ('dict' object has no
     attribute 'scored_targets'), and `automask.generate(image, "cup", MaskOptions())` a TypeError."""
