@@ -6,10 +6,12 @@ import base64
 import io
 import re
 import struct
+import threading
 import time
 import tracemalloc
 import warnings
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -776,6 +778,32 @@ def test_a_file_opened_in_text_mode_closed_or_write_only_is_a_clear_error(tmp_pa
         load_image(closed, settings)
     with open(tmp_path / "out.png", "wb") as write_only, pytest.raises(ImageDecodeError, match="cannot be read"):
         load_image(write_only, settings)
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_one_lazily_opened_pil_image_read_by_several_threads_at_once(
+    fmt: str, tmp_path: Path, settings: Settings
+) -> None:
+    """Before: Pillow's `load` of an image opened from a path is not thread-safe, so a PIL image a web app opened
+    once and masked from several request threads failed at random: "corrupt or truncated (I/O operation on closed
+    file)" or a raw AttributeError from inside Pillow."""
+    pixels = np.random.default_rng(3).integers(0, 256, (256, 256, 3), dtype=np.uint8)
+    path = tmp_path / f"shared.{fmt.lower()}"
+    Image.fromarray(pixels).save(path, fmt)
+    with Image.open(path) as img:
+        expected = load_image(img, settings)
+    for _trial in range(10):
+        shared = Image.open(path)
+        start = threading.Barrier(8)
+
+        def read(shared: Image.Image = shared, start: threading.Barrier = start) -> np.ndarray:
+            start.wait()
+            return load_image(shared, settings)
+
+        with ThreadPoolExecutor(8) as pool:
+            results = [pool.submit(read) for _ in range(8)]
+            assert all(np.array_equal(r.result(), expected) for r in results)
+        shared.close()
 
 
 class PathLike:

@@ -22,9 +22,11 @@ Choices, the same for every source:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import struct
+import threading
 import warnings
 import zlib
 from collections.abc import Callable
@@ -179,13 +181,20 @@ def _unidentified_message(data: bytes) -> str:
     return f"The input {kind}, not an image automask can read. Supported formats: {supported}."
 
 
-def pil_to_rgb(img: Image.Image, settings: Settings, *, keep_alpha: bool = False) -> np.ndarray:
+_SHARED_LOAD = threading.Lock()
+"""Held while a caller's PIL image is loaded: Pillow's `load` of a lazily opened image is not thread-safe, and
+the same image object may be passed from several threads at once."""
+
+
+def pil_to_rgb(img: Image.Image, settings: Settings, *, keep_alpha: bool = False, shared: bool = False) -> np.ndarray:
     """A PIL image (its current frame) -> H×W×3 uint8 RGB, EXIF orientation applied, pixel limit checked
-    (H×W×4 RGBA, straight alpha, for an image with transparency when `keep_alpha`)."""
+    (H×W×4 RGBA, straight alpha, for an image with transparency when `keep_alpha`). `shared`: the image is the
+    caller's, so other threads may be reading it too (its pixels are then loaded under `_SHARED_LOAD`)."""
     check_decoded_pixels(img, settings)
-    check_usable(img)
     try:
-        img.load()
+        with _SHARED_LOAD if shared else contextlib.nullcontext():
+            check_usable(img)
+            img.load()
         rgb = _pil_pixels(to_srgb(img), keep_alpha)
     except Image.DecompressionBombError as exc:
         raise ImageTooLargeError(f"The image is too large to decode safely ({exc}).") from None

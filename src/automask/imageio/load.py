@@ -68,7 +68,7 @@ def load_image(
     if isinstance(source, np.ndarray):
         return array_to_rgb(source, settings, keep_alpha=keep_alpha)
     if isinstance(source, Image.Image):
-        return pil_to_rgb(source, settings, keep_alpha=keep_alpha)
+        return pil_to_rgb(source, settings, keep_alpha=keep_alpha, shared=True)
     if isinstance(source, (bytes, bytearray, memoryview)):
         return decode_image(bytes(source), settings, keep_alpha=keep_alpha)
     if isinstance(source, os.PathLike):
