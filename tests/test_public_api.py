@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import importlib
 import inspect
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +84,16 @@ def test_a_whole_numpy_float_is_an_integer_option_as_a_whole_python_float_is() -
     assert all(type(v) is int for v in (opts.grow_mask, opts.feather, opts.min_area))
     with pytest.raises(InvalidOptionError, match=r"^grow_mask: Input should be a valid integer"):
         MaskOptions.parse(grow_mask=np.float32(2.5))
+
+
+@pytest.mark.parametrize("wrong", [threading.Event(), True, "yes"], ids=["event", "bool", "str"])
+def test_a_should_stop_that_is_not_a_function_is_a_clear_error(
+    wrong: Any, gen: MaskGenerator, image: np.ndarray
+) -> None:
+    """Before: `should_stop=stop_event` (the Event, not its is_set) decoded the image, then raised a raw
+    "TypeError: 'Event' object is not callable" at the first stage boundary."""
+    with pytest.raises(InvalidOptionError, match=r"^should_stop: must be a function .*e\.g\. event\.is_set"):
+        gen.generate(image, "cup", should_stop=wrong)
 
 
 def test_options_may_be_a_dict(gen: MaskGenerator, image: np.ndarray) -> None:

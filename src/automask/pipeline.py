@@ -113,6 +113,11 @@ class MaskGenerator:
         `ModelNotAvailableError` for a target that none of the loaded models can serve.
         """
         opts = mask_options(options, kwargs)
+        if should_stop is not None and not callable(should_stop):
+            raise InvalidOptionError(
+                "should_stop",
+                f"must be a function that returns True to stop (e.g. event.is_set), not {type(should_stop).__name__}",
+            )
         with stopping(should_stop) as check:
             return self._generate(image, prompt, opts, allow_paths, check)
 
