@@ -96,6 +96,20 @@ def test_a_should_stop_that_is_not_a_function_is_a_clear_error(
         gen.generate(image, "cup", should_stop=wrong)
 
 
+def test_settings_and_cache_size_of_the_wrong_type_are_clear_errors(tiny_clipseg_dir: Path, image: np.ndarray) -> None:
+    """Before: `MaskGenerator(model, {"offline": True})` raised a raw AttributeError ('dict' object has no attribute
+    'models_dir'), `automask.generate(..., settings={...})` a TypeError (unhashable type: 'dict'), and
+    `cache_size="4"` a TypeError from the first call, after its encode."""
+    model = str(tiny_clipseg_dir)
+    with pytest.raises(InvalidOptionError, match=r"^settings: must be an automask\.Settings .*not dict"):
+        MaskGenerator(model, {"offline": True})  # type: ignore[arg-type]
+    with pytest.raises(InvalidOptionError, match=r"^settings: must be an automask\.Settings .*not dict"):
+        automask.generate(image, "cup", model=model, settings={"offline": True})  # type: ignore[arg-type]
+    for size in ("4", -1, 2.5, True):
+        with pytest.raises(InvalidOptionError, match=r"^cache_size: must be a whole number of images, 0 or more"):
+            MaskGenerator(model, cache_size=size)  # type: ignore[arg-type]
+
+
 def test_options_may_be_a_dict(gen: MaskGenerator, image: np.ndarray) -> None:
     """Before: `gen.generate(image, "cup", {"threshold": 0.5})` raised AttributeError ('dict' object has no
     attribute 'scored_targets'), and `automask.generate(image, "cup", MaskOptions())` a TypeError."""
