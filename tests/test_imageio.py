@@ -324,6 +324,18 @@ def test_corrupt_inputs_give_clear_errors(settings: Settings, small_rgb: np.ndar
         assert phrase in str(info.value), (data[:20], str(info.value))
 
 
+def test_base64_text_or_a_url_given_as_bytes_says_so(settings: Settings, small_rgb: np.ndarray) -> None:
+    """Before: `base64.b64encode(data)` (which returns bytes, not str) and a URL as bytes were "text (HTML, JSON or
+    similar), not an image": nothing said that the same text given as a string is read."""
+    encoded = base64.b64encode(png_of(small_rgb))
+    for data in (encoded, encoded + b"\n", b"data:image/png;base64," + encoded):
+        with pytest.raises(ImageDecodeError, match=r"^The input is base64 text .*give it as a string \(str\)"):
+            load_image(data, settings)
+        assert np.array_equal(load_image(data.decode(), settings), small_rgb)
+    with pytest.raises(ImageDecodeError, match=r"^The input is a URL .*give it as a string \(str\)"):
+        load_image(b"https://example.com/photo.jpg", settings)
+
+
 def test_damaged_files_never_escape_as_tracebacks(small_rgb: np.ndarray) -> None:
     """Truncations and byte flips of every format: an RGB array or an AutomaskError, nothing else."""
     settings = Settings(max_image_pixels=1_000_000)

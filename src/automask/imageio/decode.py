@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
+import re
 import struct
 import threading
 import warnings
@@ -175,6 +176,9 @@ def _unidentified_message(data: bytes) -> str:
     if known:
         return f"The input starts like a {known} file but could not be read: it is corrupt or truncated."
     head = data[:512]
+    text_kind = _text_source(head)
+    if text_kind:
+        return f"The input is {text_kind} in bytes, not an image's bytes: give it as a string (str) to have it read."
     printable = sum(32 <= b < 127 or b in (9, 10, 13) for b in head)
     kind = "looks like text (HTML, JSON or similar)" if printable >= 0.95 * len(head) else "is not in a known format"
     supported = ", ".join(_formats())
@@ -184,6 +188,17 @@ def _unidentified_message(data: bytes) -> str:
 _SHARED_LOAD = threading.Lock()
 """Held while a caller's PIL image is loaded: Pillow's `load` of a lazily opened image is not thread-safe, and
 the same image object may be passed from several threads at once."""
+
+
+_BASE64_HEAD = re.compile(rb"\s*(?:data:[^,]{0,200},)?[A-Za-z0-9+/_-]{16}[A-Za-z0-9+/_=\s-]*", re.IGNORECASE)
+
+
+def _text_source(head: bytes) -> str | None:
+    """What the first bytes of an undecodable input say it is when it is an image source `load_image` reads from a
+    string (base64 text, a data: URI or a URL), given as bytes (`base64.b64encode` returns bytes); else None."""
+    if re.match(rb"\s*https?://", head, re.IGNORECASE):
+        return "a URL"
+    return "base64 text (or a data: URI)" if _BASE64_HEAD.fullmatch(head) else None
 
 
 def pil_to_rgb(img: Image.Image, settings: Settings, *, keep_alpha: bool = False, shared: bool = False) -> np.ndarray:
