@@ -549,6 +549,10 @@ def test_numpy_other_dtypes_by_range(array: np.ndarray, expected: list[int], set
         (np.array([[0, 70000]], np.int64), "0–65535"),
         (np.zeros((2, 2), np.complex64), "complex64"),
         (np.array([["a", "b"]]), "<U1"),
+        # before: no hint that a torch-style channels-first array is read as H×W×C
+        (np.zeros((3, 40, 60), np.float32), r"channels-first \(C×H×W, as torch.*a\.transpose\(1, 2, 0\)"),
+        (np.zeros((1, 3, 40, 60), np.float32), r"a batch of one C×H×W image.*a\[0\]\.transpose\(1, 2, 0\)"),
+        (np.zeros((1, 40, 60, 3), np.uint8), r"a batch of one image: pass a\[0\]\.$"),
     ],
 )
 def test_numpy_bad_arrays_are_refused(array: np.ndarray, phrase: str, settings: Settings) -> None:

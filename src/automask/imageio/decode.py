@@ -398,7 +398,7 @@ def array_to_rgb(a: np.ndarray, settings: Settings, *, keep_alpha: bool = False)
     """An H×W, H×W×1, H×W×3 (RGB) or H×W×4 (RGBA) array -> a new H×W×3 uint8 RGB array (alpha over white; kept,
     H×W×4, when `keep_alpha` and some pixel is not opaque)."""
     if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] not in (1, 3, 4)):
-        raise ImageDecodeError(f"Array images must be H×W, H×W×1, H×W×3 or H×W×4; got shape {a.shape}.")
+        raise ImageDecodeError(f"Array images must be H×W, H×W×1, H×W×3 or H×W×4; got shape {a.shape}.{_layout(a)}")
     height, width = a.shape[:2]
     if height == 0 or width == 0:
         raise ImageDecodeError(f"The image array is empty (shape {a.shape}).")
@@ -409,6 +409,18 @@ def array_to_rgb(a: np.ndarray, settings: Settings, *, keep_alpha: bool = False)
     if pixels.shape[2] == 4:
         return flatten(pixels, keep_alpha)
     return np.array(pixels, dtype=np.uint8, order="C", copy=True)
+
+
+def _layout(a: np.ndarray) -> str:
+    """A hint for an array of another shape that holds one image: channels-first (as torch stores it), or in a
+    batch of one; else ''."""
+    if a.ndim == 3 and a.shape[0] in (1, 3, 4):
+        return " It looks channels-first (C×H×W, as torch stores images): pass a.transpose(1, 2, 0)."
+    if a.ndim == 4 and a.shape[0] == 1 and a.shape[1] in (1, 3, 4):
+        return " It looks like a batch of one C×H×W image: pass a[0].transpose(1, 2, 0)."
+    if a.ndim == 4 and a.shape[0] == 1 and a.shape[3] in (1, 3, 4):
+        return " It looks like a batch of one image: pass a[0]."
+    return ""
 
 
 def _gray(values: np.ndarray) -> np.ndarray:
