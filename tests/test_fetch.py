@@ -147,6 +147,9 @@ def test_the_listener_does_count_connections(listeners: tuple[Listener, Listener
         ("//example.com/a.png", "only http:// and https://"),
         ("http:///a.png", "no host"),
         ("http://999.1.1.1/", "not a valid URL"),
+        # before: httpx takes any port; the resolver kept its low 16 bits (99999 -> 34463) and port 0 became 80
+        ("http://127.0.0.1:99999/a.png", r"port 99999 is not a TCP port \(1–65535\)"),
+        ("http://127.0.0.1:0/a.png", r"port 0 is not a TCP port"),
     ],
 )
 def test_bad_urls_are_refused(url: str, phrase: str) -> None:

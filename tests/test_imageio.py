@@ -6,10 +6,12 @@ import base64
 import io
 import re
 import struct
+import threading
 import time
 import tracemalloc
 import warnings
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -441,6 +443,18 @@ def test_a_web_page_with_an_inline_svg_is_not_called_an_svg(settings: Settings) 
     assert str(caught.value).startswith("The input looks like text (HTML, JSON or similar), not an image")
 
 
+def test_base64_text_or_a_url_given_as_bytes_says_so(settings: Settings, small_rgb: np.ndarray) -> None:
+    """Before: `base64.b64encode(data)` (which returns bytes, not str) and a URL as bytes were "text (HTML, JSON or
+    similar), not an image": nothing said that the same text given as a string is read."""
+    encoded = base64.b64encode(png_of(small_rgb))
+    for data in (encoded, encoded + b"\n", b"data:image/png;base64," + encoded):
+        with pytest.raises(ImageDecodeError, match=r"^The input is base64 text .*give it as a string \(str\)"):
+            load_image(data, settings)
+        assert np.array_equal(load_image(data.decode(), settings), small_rgb)
+    with pytest.raises(ImageDecodeError, match=r"^The input is a URL .*give it as a string \(str\)"):
+        load_image(b"https://example.com/photo.jpg", settings)
+
+
 def test_damaged_files_never_escape_as_tracebacks(small_rgb: np.ndarray) -> None:
     """Truncations and byte flips of every format: an RGB array or an AutomaskError, nothing else."""
     settings = Settings(max_image_pixels=1_000_000)
@@ -654,6 +668,10 @@ def test_numpy_other_dtypes_by_range(array: np.ndarray, expected: list[int], set
         (np.array([[0, 70000]], np.int64), "0–65535"),
         (np.zeros((2, 2), np.complex64), "complex64"),
         (np.array([["a", "b"]]), "<U1"),
+        # before: no hint that a torch-style channels-first array is read as H×W×C
+        (np.zeros((3, 40, 60), np.float32), r"channels-first \(C×H×W, as torch.*a\.transpose\(1, 2, 0\)"),
+        (np.zeros((1, 3, 40, 60), np.float32), r"a batch of one C×H×W image.*a\[0\]\.transpose\(1, 2, 0\)"),
+        (np.zeros((1, 40, 60, 3), np.uint8), r"a batch of one image: pass a\[0\]\.$"),
     ],
 )
 def test_numpy_bad_arrays_are_refused(array: np.ndarray, phrase: str, settings: Settings) -> None:
@@ -814,6 +832,21 @@ def test_text_with_spaces_is_not_taken_for_spaced_base64(text: str, settings: Se
     assert "became spaces" not in str(err.value)
 
 
+@pytest.mark.parametrize("spaced", ["{}\n", "{}\r\n", " {}", "{}\t "])
+def test_a_path_with_whitespace_around_it_says_to_strip_it(
+    spaced: str, tmp_path: Path, settings: Settings, small_rgb: np.ndarray
+) -> None:
+    """Before: a path read from a list file (`for line in open("list.txt")`) kept its newline and was reported as
+    "not valid base64", a space around it as "No such file" with the space unseen."""
+    path = tmp_path / "img.png"
+    path.write_bytes(png_of(small_rgb))
+    with pytest.raises(ImageDecodeError, match=r"^No such file: '.*img\.png\s*'.*strip the whitespace") as err:
+        load_image(spaced.format(path), settings)
+    assert repr(str(path)) in err.value.message
+    with pytest.raises(ImageDecodeError, match="not valid base64"):  # never a path for a server's client
+        load_image(spaced.format(path), settings, allow_paths=False)
+
+
 @pytest.mark.parametrize("name", ["missing.png", "photos/cat.jpg", "abcd", "C:\\images\\x.jpg"])
 def test_missing_path_says_no_such_file(name: str, settings: Settings, tmp_path: Path) -> None:
     target = str(tmp_path / name) if "/" in name else name
@@ -864,6 +897,48 @@ def test_an_unbuffered_stream_is_read_to_its_end(settings: Settings) -> None:
     with pytest.raises(ImageTooLargeError):
         load_image(endless, small)
     assert endless.pos == len(data)  # it stopped reading one byte past the limit
+
+
+def test_a_file_opened_in_text_mode_closed_or_write_only_is_a_clear_error(tmp_path: Path, settings: Settings) -> None:
+    """Before: a file opened with open(path) instead of open(path, "rb") raised UnicodeDecodeError from inside
+    `read`, a closed one ValueError ("read of closed file") and a write-only one io.UnsupportedOperation: raw
+    tracebacks, not the documented ImageDecodeError saying what to do."""
+    path = tmp_path / "img.png"
+    path.write_bytes(png_of(np.zeros((4, 4, 3), np.uint8)))
+    with open(path) as text, pytest.raises(ImageDecodeError, match=r"binary mode \('rb'\)"):
+        load_image(text, settings)  # type: ignore[arg-type]
+    with open(path, "rb") as closed:
+        pass
+    with pytest.raises(ImageDecodeError, match="closed before automask read it"):
+        load_image(closed, settings)
+    with open(tmp_path / "out.png", "wb") as write_only, pytest.raises(ImageDecodeError, match="cannot be read"):
+        load_image(write_only, settings)
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_one_lazily_opened_pil_image_read_by_several_threads_at_once(
+    fmt: str, tmp_path: Path, settings: Settings
+) -> None:
+    """Before: Pillow's `load` of an image opened from a path is not thread-safe, so a PIL image a web app opened
+    once and masked from several request threads failed at random: "corrupt or truncated (I/O operation on closed
+    file)" or a raw AttributeError from inside Pillow."""
+    pixels = np.random.default_rng(3).integers(0, 256, (256, 256, 3), dtype=np.uint8)
+    path = tmp_path / f"shared.{fmt.lower()}"
+    Image.fromarray(pixels).save(path, fmt)
+    with Image.open(path) as img:
+        expected = load_image(img, settings)
+    for _trial in range(10):
+        shared = Image.open(path)
+        start = threading.Barrier(8)
+
+        def read(shared: Image.Image = shared, start: threading.Barrier = start) -> np.ndarray:
+            start.wait()
+            return load_image(shared, settings)
+
+        with ThreadPoolExecutor(8) as pool:
+            results = [pool.submit(read) for _ in range(8)]
+            assert all(np.array_equal(r.result(), expected) for r in results)
+        shared.close()
 
 
 class PathLike:

@@ -19,7 +19,7 @@ from click.testing import CliRunner
 from PIL import Image
 from scipy import ndimage, signal
 
-from automask import MaskGenerator
+from automask import MaskGenerator, MaskResult
 from automask import postprocess as pp
 from automask.backends.base import Scores
 from automask.cli import main
@@ -472,3 +472,33 @@ def test_a_result_encodes_lossless_formats_exactly_and_refuses_a_jpeg_cut_out() 
     mask = gen.generate(image, "a", threshold=0.5)
     with Image.open(io.BytesIO(mask.encode("JPEG"))) as img:
         assert img.format == "JPEG" and np.abs(np.asarray(img).astype(int) - mask.mask).mean() < 3
+
+
+def result_of(output: np.ndarray) -> MaskResult:
+    """A `MaskResult` whose rendered output is `output` (its mask: the alpha of a cut-out, else all zeros)."""
+    mask = output[..., 3].copy() if output.ndim == 3 and output.shape[2] == 4 else np.zeros(output.shape[:2], np.uint8)
+    kind = "mask" if output.ndim == 2 else ("alpha" if output.shape[2] == 4 else "preview")
+    return MaskResult(mask, output, kind, ["a"], "test", "test", [], [], {}, empty=False)
+
+
+def test_a_result_encodes_by_any_spelling_of_its_format_and_refuses_others_clearly() -> None:
+    """Before: `encode` compared the name as given, so `encode("webp")` wrote a lossy WebP (the lossless settings
+    are keyed "WEBP"), `encode("jpeg")` of a cut-out raised Pillow's OSError past the "no transparency" check,
+    `encode("jpg")` and `encode("tif")` a KeyError, and a WebP too wide for the format Pillow's "encoding error"."""
+    rng = np.random.default_rng(5)
+    cut = result_of(rng.integers(0, 256, (H, W, 4), dtype=np.uint8))
+    for name, fmt in [("webp", "WEBP"), ("Webp", "WEBP"), ("png", "PNG"), ("tif", "TIFF"), ("tiff", "TIFF")]:
+        with Image.open(io.BytesIO(cut.encode(name))) as img:
+            assert img.format == fmt and np.array_equal(np.asarray(img.convert("RGBA")), cut.output), name
+    assert cut.encode("webp") == cut.encode("WEBP") and cut.encode("png") == cut.encode("PNG")
+    for name in ("jpeg", "jpg", "JPG"):
+        with pytest.raises(InvalidOptionError, match="JPEG holds no transparency"):
+            cut.encode(name)
+    mask = result_of(blobs(6))
+    assert mask.encode("jpg") == mask.encode("jpeg") == mask.encode("JPEG")
+    for name in ("GIF", "xyz", ""):
+        with pytest.raises(InvalidOptionError, match=r"^format: must be PNG, JPEG, WEBP or TIFF"):
+            mask.encode(name)
+    wide = result_of(np.zeros((1, 16384), np.uint8))
+    with pytest.raises(InvalidOptionError, match=r"at most 16383 pixels a side.*as PNG or TIFF"):
+        wide.encode("webp")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import importlib
 import inspect
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +74,40 @@ def test_numpy_scalars_are_read_as_the_numbers_they_hold() -> None:
         MaskOptions.parse(grow_mask=np.int64(101))
     with pytest.raises(InvalidOptionError, match=r"^invert_mask: "):
         MaskOptions.parse(invert_mask=np.int64(1))  # a number is not a boolean, numpy's or Python's
+
+
+def test_a_whole_numpy_float_is_an_integer_option_as_a_whole_python_float_is() -> None:
+    """Before: `grow_mask=5.0` was taken but `grow_mask=np.float32(5.0)` (a number computed with float32 arrays)
+    refused with "Input should be a valid integer"."""
+    opts = MaskOptions.parse(grow_mask=np.float32(5.0), feather=np.float16(2.0), min_area=np.float64(9.0))
+    assert (opts.grow_mask, opts.feather, opts.min_area) == (5, 2, 9)
+    assert all(type(v) is int for v in (opts.grow_mask, opts.feather, opts.min_area))
+    with pytest.raises(InvalidOptionError, match=r"^grow_mask: Input should be a valid integer"):
+        MaskOptions.parse(grow_mask=np.float32(2.5))
+
+
+@pytest.mark.parametrize("wrong", [threading.Event(), True, "yes"], ids=["event", "bool", "str"])
+def test_a_should_stop_that_is_not_a_function_is_a_clear_error(
+    wrong: Any, gen: MaskGenerator, image: np.ndarray
+) -> None:
+    """Before: `should_stop=stop_event` (the Event, not its is_set) decoded the image, then raised a raw
+    "TypeError: 'Event' object is not callable" at the first stage boundary."""
+    with pytest.raises(InvalidOptionError, match=r"^should_stop: must be a function .*e\.g\. event\.is_set"):
+        gen.generate(image, "cup", should_stop=wrong)
+
+
+def test_settings_and_cache_size_of_the_wrong_type_are_clear_errors(tiny_clipseg_dir: Path, image: np.ndarray) -> None:
+    """Before: `MaskGenerator(model, {"offline": True})` raised a raw AttributeError ('dict' object has no attribute
+    'models_dir'), `automask.generate(..., settings={...})` a TypeError (unhashable type: 'dict'), and
+    `cache_size="4"` a TypeError from the first call, after its encode."""
+    model = str(tiny_clipseg_dir)
+    with pytest.raises(InvalidOptionError, match=r"^settings: must be an automask\.Settings .*not dict"):
+        MaskGenerator(model, {"offline": True})  # type: ignore[arg-type]
+    with pytest.raises(InvalidOptionError, match=r"^settings: must be an automask\.Settings .*not dict"):
+        automask.generate(image, "cup", model=model, settings={"offline": True})  # type: ignore[arg-type]
+    for size in ("4", -1, 2.5, True):
+        with pytest.raises(InvalidOptionError, match=r"^cache_size: must be a whole number of images, 0 or more"):
+            MaskGenerator(model, cache_size=size)  # type: ignore[arg-type]
 
 
 def test_options_may_be_a_dict(gen: MaskGenerator, image: np.ndarray) -> None:

@@ -20,6 +20,7 @@ import click
 from automask import errors
 from automask.errors import AutomaskError, InvalidOptionError
 from automask.imageio import ImageSource
+from automask.result import MAX_SIDE
 from automask.settings import Settings
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
@@ -27,9 +28,6 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".
 
 OUTPUT_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".tif": "TIFF", ".tiff": "TIFF"}
 """The formats `mask -o NAME` writes, by NAME's suffix (case-insensitive); any other name is written as PNG."""
-
-MAX_SIDE = {"JPEG": 65500, "WEBP": 16383}
-"""The longest side, in pixels, that a JPEG (libjpeg) and a WebP can hold."""
 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://|^data:")
 

@@ -53,7 +53,9 @@ class MaskGenerator:
         settings: Settings | None = None,
         cache_size: int = 4,
     ) -> None:
-        self.settings = settings or Settings()
+        self.settings = _settings(settings)
+        if isinstance(cache_size, bool) or not isinstance(cache_size, int) or cache_size < 0:
+            raise InvalidOptionError("cache_size", f"must be a whole number of images, 0 or more, not {cache_size!r}")
         if isinstance(model, os.PathLike):
             model = os.fspath(model)
         self.open: Backend | None = None
@@ -113,6 +115,11 @@ class MaskGenerator:
         `ModelNotAvailableError` for a target that none of the loaded models can serve.
         """
         opts = mask_options(options, kwargs)
+        if should_stop is not None and not callable(should_stop):
+            raise InvalidOptionError(
+                "should_stop",
+                f"must be a function that returns True to stop (e.g. event.is_set), not {type(should_stop).__name__}",
+            )
         with stopping(should_stop) as check:
             return self._generate(image, prompt, opts, allow_paths, check)
 
@@ -231,6 +238,17 @@ def _plan(spec: str | None, settings: Settings) -> ModelPlan:
         raise
 
 
+def _settings(settings: Settings | None) -> Settings:
+    """`settings`, or `Settings()` (from the environment) for None; `InvalidOptionError` for anything else."""
+    if settings is None:
+        return Settings()
+    if not isinstance(settings, Settings):
+        raise InvalidOptionError(
+            "settings", f"must be an automask.Settings (e.g. Settings(offline=True)), not {type(settings).__name__}"
+        )
+    return settings
+
+
 def _load(found: ResolvedModel | None, settings: Settings) -> Backend | None:
     return registry.create(found.backend, found.path, settings) if found is not None else None
 
@@ -250,7 +268,7 @@ def generate(
 ) -> MaskResult:
     """One-shot helper: `MaskGenerator(model, settings).generate(image, prompt, options, **kwargs)`, the
     generator kept for later calls with the same model and settings."""
-    settings = settings or Settings()
+    settings = _settings(settings)
     key = (None if model is None else os.fspath(model), settings)
     with _DEFAULT_LOCK:
         gen = _DEFAULT.get(key)

@@ -9,6 +9,14 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from automask.errors import InvalidOptionError
+
+FORMATS = {"PNG": "PNG", "JPEG": "JPEG", "JPG": "JPEG", "WEBP": "WEBP", "TIFF": "TIFF", "TIF": "TIFF"}
+"""The formats `MaskResult.encode` writes, by the names it takes (upper-cased)."""
+
+MAX_SIDE = {"JPEG": 65500, "WEBP": 16383}
+"""The longest side, in pixels, that a JPEG (libjpeg) and a WebP can hold."""
+
 
 @dataclass(frozen=True)
 class Detection:
@@ -69,19 +77,30 @@ class MaskResult:
         return encode_png(self.output)
 
     def encode(self, fmt: str = "PNG") -> bytes:
-        """The rendered output in Pillow format `fmt`: PNG (fast compression), JPEG (quality 95; not for an RGBA
-        cut-out), WEBP (lossless and exact: every value kept, colour under transparency too) or TIFF (deflate)."""
-        if fmt == "PNG":
+        """The rendered output in format `fmt` (any case; JPG and TIF too): PNG (fast compression), JPEG (quality
+        95; not for an RGBA cut-out), WEBP (lossless and exact: every value kept, colour under transparency too) or
+        TIFF (deflate). `InvalidOptionError` for another format, a JPEG cut-out, or a side the format cannot hold."""
+        name = FORMATS.get(fmt.strip().upper()) if isinstance(fmt, str) else None
+        if name is None:
+            raise InvalidOptionError("format", f"must be PNG, JPEG, WEBP or TIFF, not {fmt!r}")
+        if name == "PNG":
             return self.to_png()
-        if fmt == "JPEG" and self.output.ndim == 3 and self.output.shape[2] == 4:
-            raise ValueError("JPEG holds no transparency: encode a cut-out as PNG, WEBP or TIFF")
+        if name == "JPEG" and self.output.ndim == 3 and self.output.shape[2] == 4:
+            raise InvalidOptionError("format", "JPEG holds no transparency: encode a cut-out as PNG, WEBP or TIFF")
+        most = MAX_SIDE.get(name)
+        if most is not None and max(self.width, self.height) > most:
+            raise InvalidOptionError(
+                "format",
+                f"a {name} image holds at most {most} pixels a side, this one is {self.width}×{self.height}: "
+                "encode it as PNG or TIFF",
+            )
         params: dict[str, dict[str, Any]] = {
             "JPEG": {"quality": 95},
             "WEBP": {"lossless": True, "exact": True},
             "TIFF": {"compression": "tiff_adobe_deflate"},
         }
         buf = io.BytesIO()
-        self.image.save(buf, format=fmt, **params.get(fmt, {}))
+        self.image.save(buf, format=name, **params[name])
         return buf.getvalue()
 
     def metadata(self) -> dict[str, Any]:

@@ -13,8 +13,8 @@ Choices, the same for every source:
   image full-contrast and a tile decode unlike the whole.
 - **Colour profiles**: an image embedding one other than sRGB (Display P3, Adobe RGB, a CMYK press profile) is
   converted to sRGB (`profile.to_srgb`), what models were trained on and what a PNG without a profile shows.
-- **Animated images give their first frame** (GIF, WebP, APNG, multi-page TIFF): the first frame shown, so an
-  APNG's first animation frame, not a default image that is not part of the animation (a fallback).
+- **Animated images give the first frame shown** (GIF, WebP, multi-page TIFF; an APNG's first animation frame,
+  not a fallback default image: `apng`).
 - **Limits come first**: the encoded size is checked before opening, the pixel count from the header before any
   pixel is decoded (a TIFF's tile size and a JPEG's scan count too: `bombs`); Pillow's own decompression-bomb
   error and warning become `ImageTooLargeError` too.
@@ -23,9 +23,11 @@ Choices, the same for every source:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import struct
+import threading
 import warnings
 import zlib
 from collections.abc import Callable
@@ -34,6 +36,7 @@ import numpy as np
 from PIL import ExifTags, Image
 
 from automask.errors import ImageDecodeError, ImageTooLargeError
+from automask.imageio import apng
 from automask.imageio.bombs import check_jpeg_scans, check_tiff_tiles, tag_value
 from automask.imageio.profile import to_srgb
 from automask.imageio.unreadable import unidentified_message
@@ -108,29 +111,14 @@ def decode_image(data: bytes, settings: Settings, *, keep_alpha: bool = False) -
     """Decode an encoded image (JPEG, PNG, WebP, ...) into an H×W×3 uint8 RGB array, EXIF orientation applied
     (H×W×4 RGBA for an image with transparency when `keep_alpha`)."""
     with _open(data, settings) as img:
-        if _first_shown_frame(img):
+        try:
+            apng.to_first_shown_frame(img)
+        except PIL_ERRORS:
+            pass  # that frame cannot be read
+        else:
             return pil_to_rgb(img, settings, keep_alpha=keep_alpha)
     with _open(data, settings) as img:  # an APNG whose animation is damaged: its default image, as a viewer shows
         return pil_to_rgb(img, settings, keep_alpha=keep_alpha)
-
-
-def _first_shown_frame(img: Image.Image) -> bool:
-    """Move `img` to the frame a browser shows first: for an APNG whose default image is not part of the animation
-    (a fallback for viewers without APNG, which browsers never show), the animation's first frame, drawn on a
-    transparent canvas as the APNG spec says (Pillow draws it over the fallback); where a mode has no alpha
-    (RGB, palette: its colour 0), value 0 shows where that frame does not cover the canvas. False when that frame
-    cannot be read (then the default image is what a viewer shows); True for any other image, left as it is."""
-    if img.format != "PNG" or not img.info.get("default_image") or getattr(img, "n_frames", 1) < 2:
-        return True
-    try:
-        img.load()
-        img.im = img.im.copy()  # a copy keeps a palette image's palette (a new core has none: all black)
-        img.im.paste(0, (0, 0, *img.size))  # cleared: transparent black, where the mode has alpha
-        img.seek(1)
-        img.load()
-    except PIL_ERRORS:
-        return False
-    return True
 
 
 def check_header(data: bytes, settings: Settings) -> None:
@@ -180,13 +168,18 @@ def _raise_pillow_limit(pixels: int) -> None:
         Image.MAX_IMAGE_PIXELS = pixels
 
 
-def pil_to_rgb(img: Image.Image, settings: Settings, *, keep_alpha: bool = False) -> np.ndarray:
+_SHARED_LOAD = threading.Lock()  # held while a caller's PIL image loads: Pillow's lazy `load` is not thread-safe
+
+
+def pil_to_rgb(img: Image.Image, settings: Settings, *, keep_alpha: bool = False, shared: bool = False) -> np.ndarray:
     """A PIL image (its current frame) -> H×W×3 uint8 RGB, EXIF orientation applied, pixel limit checked
-    (H×W×4 RGBA, straight alpha, for an image with transparency when `keep_alpha`)."""
+    (H×W×4 RGBA, straight alpha, for an image with transparency when `keep_alpha`). `shared`: the image is the
+    caller's, so other threads may be reading it too (its pixels are then loaded under `_SHARED_LOAD`)."""
     check_decoded_pixels(img, settings)
-    check_usable(img)
     try:
-        img.load()
+        with _SHARED_LOAD if shared else contextlib.nullcontext():
+            check_usable(img)
+            img.load()
         rgb = _pil_pixels(to_srgb(img), keep_alpha)
     except Image.DecompressionBombError as exc:
         raise ImageTooLargeError(f"The image is too large to decode safely ({exc}).") from None
@@ -375,7 +368,7 @@ def array_to_rgb(a: np.ndarray, settings: Settings, *, keep_alpha: bool = False)
     """An H×W, H×W×1, H×W×3 (RGB) or H×W×4 (RGBA) array -> a new H×W×3 uint8 RGB array (alpha over white; kept,
     H×W×4, when `keep_alpha` and some pixel is not opaque)."""
     if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] not in (1, 3, 4)):
-        raise ImageDecodeError(f"Array images must be H×W, H×W×1, H×W×3 or H×W×4; got shape {a.shape}.")
+        raise ImageDecodeError(f"Array images must be H×W, H×W×1, H×W×3 or H×W×4; got shape {a.shape}.{_layout(a)}")
     height, width = a.shape[:2]
     if height == 0 or width == 0:
         raise ImageDecodeError(f"The image array is empty (shape {a.shape}).")
@@ -386,6 +379,18 @@ def array_to_rgb(a: np.ndarray, settings: Settings, *, keep_alpha: bool = False)
     if pixels.shape[2] == 4:
         return flatten(pixels, keep_alpha)
     return np.array(pixels, dtype=np.uint8, order="C", copy=True)
+
+
+def _layout(a: np.ndarray) -> str:
+    """A hint for an array of another shape that holds one image: channels-first (as torch stores it), or in a
+    batch of one; else ''."""
+    if a.ndim == 3 and a.shape[0] in (1, 3, 4):
+        return " It looks channels-first (C×H×W, as torch stores images): pass a.transpose(1, 2, 0)."
+    if a.ndim == 4 and a.shape[0] == 1 and a.shape[1] in (1, 3, 4):
+        return " It looks like a batch of one C×H×W image: pass a[0].transpose(1, 2, 0)."
+    if a.ndim == 4 and a.shape[0] == 1 and a.shape[3] in (1, 3, 4):
+        return " It looks like a batch of one image: pass a[0]."
+    return ""
 
 
 def _gray(values: np.ndarray) -> np.ndarray:

@@ -112,6 +112,8 @@ def parse_url(url: str) -> httpx.URL:
         )
     if not parsed.raw_host:
         raise URLRefusedError(f"Refused the image URL {_show(parsed)}: it has no host.")
+    if parsed.port is not None and not 0 < parsed.port <= 65535:  # httpx takes any number
+        raise URLRefusedError(f"Refused the image URL {_show(parsed)}: port {parsed.port} is not a TCP port (1–65535).")
     return parsed
 
 

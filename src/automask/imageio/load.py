@@ -43,6 +43,7 @@ _URLSAFE = str.maketrans("-_", "+/")
 BASE64_CHUNK = 1 << 18
 """Characters of base64 text decoded at a time when it cannot be decoded in one call (a data: URI, URL-safe or
 unpadded base64)."""
+_TEXT_STREAM = "The image stream must be opened in binary mode ('rb'): it is a text stream."
 _MAX_PATH_CHARS = 1024
 _KINDS = "An image string must be an existing file, an http(s) URL, a data:image/...;base64, URI or base64 image data."
 _KINDS_NO_PATHS = "An image string must be an http(s) URL, a data:image/...;base64, URI or base64 image data."
@@ -67,7 +68,7 @@ def load_image(
     if isinstance(source, np.ndarray):
         return array_to_rgb(source, settings, keep_alpha=keep_alpha)
     if isinstance(source, Image.Image):
-        return pil_to_rgb(source, settings, keep_alpha=keep_alpha)
+        return pil_to_rgb(source, settings, keep_alpha=keep_alpha, shared=True)
     if isinstance(source, (bytes, bytearray, memoryview)):
         return decode_image(bytes(source), settings, keep_alpha=keep_alpha)
     if isinstance(source, os.PathLike):
@@ -86,13 +87,22 @@ def read_stream(stream: BinaryIO, settings: Settings) -> bytes:
     """Read a binary stream to its end, at most `settings.max_image_bytes` bytes (one more to detect overflow).
     An unbuffered stream (a pipe or socket opened with buffering=0) answers each `read` with what has arrived so
     far, so it is read until it ends."""
+    if getattr(stream, "closed", False) is True:
+        raise ImageDecodeError(
+            "The image file was closed before automask read it: pass it while open, or pass the file's path."
+        )
     limit = settings.max_image_bytes + 1
     chunks: list[bytes] = []
     size = 0
     while size < limit:
-        data = stream.read(limit - size)
+        try:
+            data = stream.read(limit - size)
+        except UnicodeDecodeError:  # a text stream decoding the image's bytes
+            raise ImageDecodeError(_TEXT_STREAM) from None
+        except (OSError, ValueError) as exc:  # write-only (io.UnsupportedOperation), a failing device...
+            raise ImageDecodeError(f"The image stream cannot be read: {exc}.") from None
         if isinstance(data, str):
-            raise ImageDecodeError("The image stream must be opened in binary mode (it returned text).")
+            raise ImageDecodeError(_TEXT_STREAM)
         if not data:  # the end (None: a non-blocking stream with nothing more to give)
             break
         if not isinstance(data, (bytes, bytearray, memoryview)):
@@ -129,6 +139,10 @@ def _from_string(text: str, settings: Settings, *, allow_paths: bool, keep_alpha
     inline = not text or text.isspace() or _DATA_START.match(text) is not None
     if allow_paths and not inline and _is_existing_path(text):
         return decode(read_file(Path(text), settings))
+    if allow_paths and not inline and (stripped := _padded_path(text)):
+        raise ImageDecodeError(
+            f"No such file: {_short(text)!r}, but {_short(stripped)!r} exists: strip the whitespace around the path."
+        )
     data = _inline_bytes(text, settings, allow_paths=allow_paths)
     try:
         return decode(data)
@@ -268,6 +282,15 @@ def _decode_base64_chunks(text: str, start: int, settings: Settings) -> bytes | 
 def _may_be_path(text: str) -> bool:
     """Whether `text` could name a file (short, one line); base64 and data URIs are long."""
     return 0 < len(text) <= _MAX_PATH_CHARS and "\n" not in text and "\x00" not in text
+
+
+def _padded_path(text: str) -> str | None:
+    """`text` without the whitespace around it (a line read from a file keeps its newline) when that is an existing
+    path and `text` is not; None otherwise. Long text (base64) is never copied."""
+    if len(text) > 2 * _MAX_PATH_CHARS:
+        return None
+    stripped = text.strip(_ASCII_SPACE)
+    return stripped if stripped != text and _is_existing_path(stripped) else None
 
 
 def _is_existing_path(text: str) -> bool:

@@ -4,6 +4,7 @@ mode for (64-bit samples, 32-bit colour), so that the message says what to chang
 from __future__ import annotations
 
 import io
+import re
 import warnings
 
 from automask.imageio.bombs import tag_value
@@ -36,9 +37,22 @@ def unidentified_message(data: bytes, formats: tuple[str, ...]) -> str:
     if other := _other_format(data):
         return f"The input is {other}, which automask cannot read: convert it to PNG or JPEG and send that."
     head = data[:512]
+    if text_kind := _text_source(head):
+        return f"The input is {text_kind} in bytes, not an image's bytes: give it as a string (str) to have it read."
     printable = sum(32 <= b < 127 or b in (9, 10, 13) for b in head)
     kind = "looks like text (HTML, JSON or similar)" if printable >= 0.95 * len(head) else "is not in a known format"
     return f"The input {kind}, not an image automask can read. Supported formats: {', '.join(formats)}."
+
+
+_BASE64_HEAD = re.compile(rb"\s*(?:data:[^,]{0,200},)?[A-Za-z0-9+/_-]{16}[A-Za-z0-9+/_=\s-]*", re.IGNORECASE)
+
+
+def _text_source(head: bytes) -> str | None:
+    """What the first bytes of an undecodable input say it is when it is an image source `load_image` reads from a
+    string (base64 text, a data: URI or a URL), given as bytes (`base64.b64encode` returns bytes); else None."""
+    if re.match(rb"\s*https?://", head, re.IGNORECASE):
+        return "a URL"
+    return "base64 text (or a data: URI)" if _BASE64_HEAD.fullmatch(head) else None
 
 
 _HEIF_BRANDS = frozenset({b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1"})
