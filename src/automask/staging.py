@@ -131,10 +131,7 @@ def recover(folder: Path) -> None:
             if not os.path.lexists(folder):
                 os.rename(olds.pop(), folder)
             for old in olds:
-                if old.is_symlink():
-                    old.unlink()
-                else:
-                    shutil.rmtree(old, ignore_errors=True)
+                _discard(old)
         finally:
             _unlock(hub, fd)
 
@@ -221,8 +218,8 @@ def _remove_abandoned(folder: Path) -> None:
 
 
 def replace_dir(new: Path, dest: Path) -> None:
-    """Rename the complete folder `new` to `dest` (the same file system). Whatever `dest` held (a folder or a
-    symlink) is moved aside first and deleted only once `new` is in place; if that rename fails it is put back.
+    """Rename the complete folder `new` to `dest` (the same file system). Whatever `dest` held (a folder, a symlink
+    or a file) is moved aside first and deleted only once `new` is in place; if that rename fails it is put back.
     Another process installing to `dest` at the same moment is no error: the last rename wins. Ctrl-C, SIGTERM or
     SIGHUP during the two renames take effect after them (a model is never left moved aside, hidden)."""
     with _signals_held():
@@ -239,12 +236,18 @@ def replace_dir(new: Path, dest: Path) -> None:
             break
         else:
             raise OSError(errno.EEXIST, f"'{dest}' kept being replaced by another installer")
-    if old is None:
-        return
-    if old.is_symlink():
-        old.unlink()
-    else:
+    if old is not None:
+        _discard(old)
+
+
+def _discard(old: Path) -> None:
+    """Delete what `_move_aside` moved to `old`: a folder with its files, or a symlink or file (`rmtree` fails on
+    those, silently here); an error is ignored (what is left is a hidden leftover that `recover` retries)."""
+    if old.is_dir() and not old.is_symlink():
         shutil.rmtree(old, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            old.unlink()
 
 
 _RACE_RETRIES = 10
