@@ -346,6 +346,36 @@ def test_an_export_onto_a_full_disk_is_a_clear_error_and_leaves_nothing(
     assert f"clipseg installed in {folder}" in result.output and "note: Cannot write the ONNX export" in result.output
 
 
+@pytest.mark.parametrize("during", ["_export_prompt", "_check"])
+def test_an_export_whose_model_a_pull_replaced_says_so(
+    tiny_clipseg_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, during: str
+) -> None:
+    """`models pull --force clipseg` while `models export clipseg` ran: the pull's swap took the export's staging
+    folder away with the old model folder, and the export failed with 'Free some space there' (or an internal
+    error, from ONNX Runtime). It now says the model was replaced, and leaves nothing in the new folder."""
+    from automask import staging
+    from automask.backends import clipseg_export
+    from automask.cli import main
+
+    folder = tmp_path / "clipseg"
+    shutil.copytree(tiny_clipseg_dir, folder)
+    step = getattr(clipseg_export, during)
+
+    def then_pulled(*args: object) -> None:
+        step(*args)
+        with staging.resumable_staging(folder) as new:  # what `models.pull` does, force or not
+            shutil.copytree(tiny_clipseg_dir, new, dirs_exist_ok=True)
+            staging.replace_dir(new, folder)
+
+    monkeypatch.setattr(clipseg_export, during, then_pulled)
+    result = CliRunner().invoke(main, ["models", "export", str(folder)])
+    assert result.exit_code == 1, result.output
+    assert f"'{folder}' was replaced while it was being exported" in result.output, result.output
+    assert "Free some space" not in result.output and "internal error" not in result.output
+    assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in tiny_clipseg_dir.iterdir())
+    assert [p.name for p in tmp_path.iterdir()] == ["clipseg"]
+
+
 def test_an_export_killed_inside_its_swap_is_put_back_and_its_leftovers_removed(exported: Path, tmp_path: Path) -> None:
     """`models export` killed (SIGKILL, a power cut) between the two renames of its swap left the previous export
     hidden as `<model>/.onnx-xxxx.old`, with no `onnx` folder: the model ran with torch for ever after, and the new
