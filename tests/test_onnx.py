@@ -424,3 +424,28 @@ def test_models_list_removes_what_a_killed_export_left(exported: Path, settings:
     row = next(r for r in json.loads(result.stdout) if r["name"] == "clipseg")
     assert row["onnx"] == ["fp32", "int8"]
     assert [p.name for p in folder.iterdir() if p.name.startswith(".")] == []
+
+
+def test_models_list_removes_the_staging_folders_of_exports_killed_before_they_were_locked(
+    exported: Path, settings: Settings
+) -> None:
+    """Exports before the locked staging folders staged in `<model>/.onnx-tmp-xxxxxxxx`; one killed there (SIGKILL,
+    a power cut) left that folder, the size of the weights, for good: nothing looked for that name. `models list`
+    removes it, only while no export holds its lock."""
+    import automask.models
+    from automask import staging
+    from automask.cli import main
+
+    folder = automask.models.model_dir("clipseg", settings)
+    shutil.copytree(exported, folder)
+    (folder / automask.models.MARKER).write_text(json.dumps({"name": "clipseg", "backend": "clipseg", "repos": []}))
+    shutil.copytree(onnx_dir(folder), folder / ".onnx-tmp-0000000a")
+    (folder / ".onnx-tmp-notmine").mkdir()  # not a name an export gave
+    listing = ["--data-dir", str(settings.data_dir), "models", "list", "--json"]
+    with staging.staging(onnx_dir(folder)):  # while an export runs, export folders are left alone
+        assert CliRunner().invoke(main, listing).exit_code == 0
+        assert (folder / ".onnx-tmp-0000000a").is_dir()
+    result = CliRunner().invoke(main, listing)
+    assert result.exit_code == 0, result.output
+    assert next(r for r in json.loads(result.stdout) if r["name"] == "clipseg")["onnx"] == ["fp32", "int8"]
+    assert sorted(p.name for p in folder.iterdir() if p.name.startswith(".")) == [".onnx-tmp-notmine"]

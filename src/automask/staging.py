@@ -112,6 +112,16 @@ def tidy(folder: Path) -> None:
         _unlock(_lock_file(tmp), fd)
 
 
+def installing(folder: Path) -> bool:
+    """True while an installer of `folder` holds its lock: a pull (`resumable_staging`) or a `staging` block (an
+    export). False where locks cannot tell (Windows)."""
+    locks = [
+        _lock_file(folder.parent / f".{folder.name}.partial"),
+        *folder.parent.glob(_unique(folder, ".partial.lock")),
+    ]
+    return any(lock.exists() and _held(lock) for lock in locks)
+
+
 def recover(folder: Path) -> None:
     """Put back the model that an installer killed inside `replace_dir` (SIGKILL, a power cut) left moved aside:
     the newest `.NAME-xxxx.old` beside `folder` is renamed to `folder` when that is missing, and the others (all,
