@@ -395,3 +395,39 @@ def test_batch_takes_several_quoted_globs(tiny_clipseg_dir: Path, folder: Path, 
     refused = invoke("batch", f"{folder}/*.png", f"{folder}/*.gif", "-o", out, "-p", "cat", "--model", tiny_clipseg_dir)
     assert refused.exit_code == 2, refused.output
     assert refused.stderr.startswith(f"error: DIR_OR_GLOB: no images found in '{folder}/*.gif'.")
+
+
+def test_batch_of_a_folder_says_how_many_images_it_cannot_read(
+    tiny_clipseg_dir: Path, folder: Path, tmp_path: Path, chelsea: np.ndarray
+) -> None:
+    """Before: iPhone photos (.heic), drawings (.svg), PDFs and raw photos in the folder were skipped without a word:
+    the run said '2 done, 0 failed'. One note now counts them and says what to do; other files (.txt, .json,
+    .DS_Store) are not named. An AVIF, which this Pillow reads, is masked (it was skipped too)."""
+    from automask.imageio.decode import readable_formats
+
+    for name in ("IMG_0001.HEIC", "IMG_0002.heic", "logo.svg", "scan.pdf", "DSC_0003.NEF", "notes.txt", "a.json"):
+        (folder / name).write_bytes(b"\0" * 64)
+    (folder / ".DS_Store").write_bytes(b"\0" * 64)
+    avif = ["c.avif"] if "AVIF" in readable_formats() else []  # masked where Pillow reads it
+    for name in avif:
+        Image.fromarray(chelsea[:20, :30]).save(folder / name)
+    out = tmp_path / "out"
+    result = invoke("batch", folder, "-o", out, "-p", "cat", "--model", tiny_clipseg_dir)
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == sorted(["a.png", "b.png", *[Path(n).stem + ".png" for n in avif]])
+    notes = [line for line in result.stderr.splitlines() if line.startswith("note:")]
+    assert notes == [
+        "note: 5 files skipped: images automask cannot read (.heic 2, .nef 1, .pdf 1, .svg 1); convert them to PNG "
+        "or JPEG to mask them."
+    ], result.stderr
+    assert result.stderr.rstrip().endswith(f"{2 + len(avif)} done, 0 failed")
+
+
+def test_batch_of_a_folder_of_images_it_cannot_read_says_what_they_are(tmp_path: Path) -> None:
+    """Before: 'no images found in ... (files ending .bmp, ...)' for a folder of iPhone photos, with no word on them."""
+    folder = tmp_path / "phone"
+    folder.mkdir()
+    (folder / "IMG_0001.HEIC").write_bytes(b"\0" * 64)
+    result = invoke("batch", folder, "-o", tmp_path / "out", "-p", "cat")
+    assert result.exit_code == 2, result.output
+    assert "1 file skipped: images automask cannot read (.heic 1); convert them to PNG or JPEG" in result.stderr

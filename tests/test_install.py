@@ -94,6 +94,20 @@ def test_replace_dir_over_a_symlink_replaces_the_link_not_its_target(tmp_path: P
     assert [p.name for p in dest.parent.iterdir()] == ["m"]
 
 
+def test_replace_dir_over_a_file_removes_the_file_moved_aside(tmp_path: Path) -> None:
+    """A regular file where the model folder goes was moved aside, then `rmtree` failed on it silently: a hidden
+    `.m-xxxx.old` file stayed beside the model for good, and `recover` (which removes such leftovers) kept it too."""
+    dest = tmp_path / "models" / "m"
+    dest.parent.mkdir()
+    dest.write_text("not a model")
+    replace_dir(_folder(tmp_path / "models" / ".m-new", "new"), dest)
+    assert (dest / "weights").read_text() == "new"
+    assert [p.name for p in dest.parent.iterdir()] == ["m"]
+    (dest.parent / ".m-0000000a.old").write_text("a file a killed installer moved aside")
+    staging_module.recover(dest)
+    assert [p.name for p in dest.parent.iterdir()] == ["m"]
+
+
 def test_a_failed_swap_puts_the_old_folder_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     dest = _folder(tmp_path / "models" / "m", "old")
     new = _folder(tmp_path / "models" / ".m-new", "new")

@@ -346,6 +346,36 @@ def test_an_export_onto_a_full_disk_is_a_clear_error_and_leaves_nothing(
     assert f"clipseg installed in {folder}" in result.output and "note: Cannot write the ONNX export" in result.output
 
 
+@pytest.mark.parametrize("during", ["_export_prompt", "_check"])
+def test_an_export_whose_model_a_pull_replaced_says_so(
+    tiny_clipseg_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, during: str
+) -> None:
+    """`models pull --force clipseg` while `models export clipseg` ran: the pull's swap took the export's staging
+    folder away with the old model folder, and the export failed with 'Free some space there' (or an internal
+    error, from ONNX Runtime). It now says the model was replaced, and leaves nothing in the new folder."""
+    from automask import staging
+    from automask.backends import clipseg_export
+    from automask.cli import main
+
+    folder = tmp_path / "clipseg"
+    shutil.copytree(tiny_clipseg_dir, folder)
+    step = getattr(clipseg_export, during)
+
+    def then_pulled(*args: object) -> None:
+        step(*args)
+        with staging.resumable_staging(folder) as new:  # what `models.pull` does, force or not
+            shutil.copytree(tiny_clipseg_dir, new, dirs_exist_ok=True)
+            staging.replace_dir(new, folder)
+
+    monkeypatch.setattr(clipseg_export, during, then_pulled)
+    result = CliRunner().invoke(main, ["models", "export", str(folder)])
+    assert result.exit_code == 1, result.output
+    assert f"'{folder}' was replaced while it was being exported" in result.output, result.output
+    assert "Free some space" not in result.output and "internal error" not in result.output
+    assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in tiny_clipseg_dir.iterdir())
+    assert [p.name for p in tmp_path.iterdir()] == ["clipseg"]
+
+
 def test_an_export_killed_inside_its_swap_is_put_back_and_its_leftovers_removed(exported: Path, tmp_path: Path) -> None:
     """`models export` killed (SIGKILL, a power cut) between the two renames of its swap left the previous export
     hidden as `<model>/.onnx-xxxx.old`, with no `onnx` folder: the model ran with torch for ever after, and the new
@@ -394,3 +424,28 @@ def test_models_list_removes_what_a_killed_export_left(exported: Path, settings:
     row = next(r for r in json.loads(result.stdout) if r["name"] == "clipseg")
     assert row["onnx"] == ["fp32", "int8"]
     assert [p.name for p in folder.iterdir() if p.name.startswith(".")] == []
+
+
+def test_models_list_removes_the_staging_folders_of_exports_killed_before_they_were_locked(
+    exported: Path, settings: Settings
+) -> None:
+    """Exports before the locked staging folders staged in `<model>/.onnx-tmp-xxxxxxxx`; one killed there (SIGKILL,
+    a power cut) left that folder, the size of the weights, for good: nothing looked for that name. `models list`
+    removes it, only while no export holds its lock."""
+    import automask.models
+    from automask import staging
+    from automask.cli import main
+
+    folder = automask.models.model_dir("clipseg", settings)
+    shutil.copytree(exported, folder)
+    (folder / automask.models.MARKER).write_text(json.dumps({"name": "clipseg", "backend": "clipseg", "repos": []}))
+    shutil.copytree(onnx_dir(folder), folder / ".onnx-tmp-0000000a")
+    (folder / ".onnx-tmp-notmine").mkdir()  # not a name an export gave
+    listing = ["--data-dir", str(settings.data_dir), "models", "list", "--json"]
+    with staging.staging(onnx_dir(folder)):  # while an export runs, export folders are left alone
+        assert CliRunner().invoke(main, listing).exit_code == 0
+        assert (folder / ".onnx-tmp-0000000a").is_dir()
+    result = CliRunner().invoke(main, listing)
+    assert result.exit_code == 0, result.output
+    assert next(r for r in json.loads(result.stdout) if r["name"] == "clipseg")["onnx"] == ["fp32", "int8"]
+    assert sorted(p.name for p in folder.iterdir() if p.name.startswith(".")) == [".onnx-tmp-notmine"]

@@ -20,7 +20,7 @@ from typing import Any, NoReturn
 import click
 
 from automask import errors
-from automask.cli_inputs import find_inputs, links_note, once_each, plan_outputs, unread_record
+from automask.cli_inputs import find_inputs, inputs_once, plan_outputs, unread_record
 from automask.cli_instances import check_before_inference, check_instance_files, remove_stale_instances
 from automask.cli_io import (
     NoSpaceError,
@@ -331,15 +331,15 @@ def batch(ctx: click.Context, sources: tuple[str, ...], out: str, recursive: boo
 
 def _batch(ctx: click.Context, sources: tuple[str, ...], outdir: Path, recursive: bool, job: Job) -> None:
     """`batch`'s work: find the inputs, plan their outputs, check OUTDIR, then mask them."""
-    files, base, unreadable = find_inputs(sources, recursive, outdir)
-    files, skipped = once_each(files)
-    if skipped:
-        click.echo(one_line(links_note(skipped)), err=True)
-    plan = plan_outputs(files, outdir, base)
+    found = find_inputs(sources, recursive, outdir)
+    files, notes = inputs_once(found)
+    for note in notes:
+        click.echo(note, err=True)
+    plan = plan_outputs(files, outdir, found.base)
     made = Outputs()
     made.folder(outdir)  # an OUTDIR that cannot be written: exit 8 now, not once per file after its masking
     try:
-        _mask_files(ctx, plan, [unread_record(exc) for exc in unreadable], job)
+        _mask_files(ctx, plan, [unread_record(exc) for exc in found.unreadable], job)
     finally:
         made.discard()  # only the folders it made, and only when they were left empty
 

@@ -9,27 +9,46 @@ import os
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from automask import errors
-from automask.cli_io import IMAGE_SUFFIXES, file_id
+from automask.cli_io import IMAGE_SUFFIXES, file_id, one_line
 from automask.errors import InvalidOptionError
+from automask.imageio.decode import readable_formats
+
+READ_IF_PILLOW_CAN = {".avif": "AVIF", ".heic": "HEIF", ".heif": "HEIF"}
+"""Suffixes a folder source takes besides `IMAGE_SUFFIXES` when this Pillow reads their format (else unreadable)."""
+
+UNREADABLE_IMAGES = frozenset(
+    {".svg", ".pdf", ".psd", ".jxl", ".jp2", ".eps", ".ai", ".xcf", ".exr", ".hdr", ".dng", ".raw"}
+    | {".cr2", ".cr3", ".nef", ".nrw", ".arw", ".orf", ".rw2", ".raf", ".srw", ".pef", ".rwl", ".3fr", ".x3f"}
+)
+"""Suffixes of images and drawings automask cannot read (raw photos among them), which a folder source skips and
+counts in `skipped_note`; with those of `READ_IF_PILLOW_CAN` that Pillow cannot read here."""
 
 
-def find_inputs(
-    sources: tuple[str, ...], recursive: bool, outdir: Path
-) -> tuple[list[Path], Path | None, list[OSError]]:
+class Found(NamedTuple):
+    """What `find_inputs` found: the input files, the folder their output paths mirror (or None), the subfolders
+    it could not read, and the files of a folder source skipped as images automask cannot read."""
+
+    files: list[Path]
+    base: Path | None
+    unreadable: list[OSError]
+    skipped: list[Path]
+
+
+def find_inputs(sources: tuple[str, ...], recursive: bool, outdir: Path) -> Found:
     """`find_images` of one source (a folder, a glob or a file); `given_files` of several."""
     if len(sources) == 1:
         return find_images(sources[0], recursive, outdir)
-    return given_files(sources, recursive, outdir), None, []
+    return Found(given_files(sources, recursive, outdir), None, [], [])
 
 
-def find_images(source: str, recursive: bool, outdir: Path) -> tuple[list[Path], Path | None, list[OSError]]:
-    """(input files, the folder their output paths mirror or None, the subfolders it could not read) for a folder,
-    a glob or one file.
+def find_images(source: str, recursive: bool, outdir: Path) -> Found:
+    """The inputs of a folder, a glob or one file (see `Found`).
 
-    A folder gives its files with an image suffix (not hidden; `recursive`: subfolders too, except `outdir`
+    A folder gives its files with an image suffix it reads (not hidden; the images it cannot read by their suffix,
+    `UNREADABLE_IMAGES`, are returned as skipped; `recursive`: subfolders too, except `outdir`
     when it is a subfolder: the outputs of an earlier run are not inputs); a glob gives every file it matches
     (`recursive`: `**` spans folders) except those in `outdir` when it is below the folder the glob searches; a
     file is taken as it is named, also when the name has glob characters (`photo[1].jpg`). `outdir` may be the
@@ -38,9 +57,10 @@ def find_images(source: str, recursive: bool, outdir: Path) -> tuple[list[Path],
     """
     root, base = Path(source), None
     unreadable: list[OSError] = []
+    skipped: list[Path] = []
     try:
         if root.is_dir():
-            (files, unreadable), base = _folder_images(root, recursive, outdir), root
+            (files, skipped, unreadable), base = _folder_images(root, recursive, outdir), root
         elif root.is_file():
             files = [root]
         elif not glob.has_magic(source) and not os.path.lexists(source):
@@ -51,9 +71,19 @@ def find_images(source: str, recursive: bool, outdir: Path) -> tuple[list[Path],
     except OSError as exc:
         raise errors.ImageDecodeError(f"Cannot read '{source}': {exc.strerror or exc}.") from None
     if not files and not unreadable:
-        looked = f" (files ending {', '.join(sorted(IMAGE_SUFFIXES))})" if base else ""
-        raise InvalidOptionError("DIR_OR_GLOB", f"no images found in '{source}'{looked}.")
-    return sorted(files), base, unreadable
+        looked = f" (files ending {', '.join(sorted(_folder_suffixes()))})" if base else ""
+        raise InvalidOptionError(
+            "DIR_OR_GLOB", f"no images found in '{source}'{looked}." + (f" {skipped_note(skipped)}" if skipped else "")
+        )
+    return Found(sorted(files), base, unreadable, skipped)
+
+
+def skipped_note(skipped: list[Path]) -> str:
+    """The note on the files a folder source skipped as images automask cannot read, counted by suffix."""
+    counts = Counter(p.suffix.lower() for p in skipped)
+    kinds = ", ".join(f"{suffix} {n}" for suffix, n in sorted(counts.items()))
+    files = "1 file" if len(skipped) == 1 else f"{len(skipped)} files"
+    return f"{files} skipped: images automask cannot read ({kinds}); convert them to PNG or JPEG to mask them."
 
 
 def given_files(paths: tuple[str, ...], recursive: bool, outdir: Path) -> list[Path]:
@@ -77,7 +107,7 @@ def given_files(paths: tuple[str, ...], recursive: bool, outdir: Path) -> list[P
         elif not glob.has_magic(path) or os.path.lexists(path):
             raise InvalidOptionError("DIR_OR_GLOB", f"no such file: '{path}'.")
         else:
-            files += find_images(path, recursive, outdir)[0]
+            files += find_images(path, recursive, outdir).files
     if files:
         earlier_output = _earlier_outputs(Path(os.path.commonpath([f.absolute().parent for f in files])), outdir)
         files = [f for f in files if not earlier_output(f)]
@@ -86,6 +116,13 @@ def given_files(paths: tuple[str, ...], recursive: bool, outdir: Path) -> list[P
             "DIR_OR_GLOB", f"no images given: only the output folder '{outdir}' or the outputs of a run into it."
         )
     return sorted(set(files))  # a file named twice is masked once
+
+
+def inputs_once(found: Found) -> tuple[list[Path], list[str]]:
+    """`found`'s files, each real file once (`once_each`), and the notes (one line each) on what was skipped."""
+    files, links = once_each(found.files)
+    notes = [f"note: {skipped_note(found.skipped)}"] * bool(found.skipped) + [one_line(links_note(links))] * bool(links)
+    return files, notes
 
 
 def once_each(files: list[Path]) -> tuple[list[Path], list[tuple[Path, Path]]]:
@@ -109,9 +146,10 @@ def links_note(skipped: list[tuple[Path, Path]]) -> str:
     return f"note: {links} to an image found by another path skipped (each file is masked once): {shown}"
 
 
-def _folder_images(root: Path, recursive: bool, outdir: Path) -> tuple[list[Path], list[OSError]]:
-    """The image files of the folder `root`, and the errors of the subfolders it could not list (see
-    `find_images`; a `root` it cannot list raises). Symlinks to folders are followed as `_walk` does."""
+def _folder_images(root: Path, recursive: bool, outdir: Path) -> tuple[list[Path], list[Path], list[OSError]]:
+    """The image files of the folder `root`, those skipped as images it cannot read, and the errors of the
+    subfolders it could not list (see `find_images`; a `root` it cannot list raises). Symlinks to folders are
+    followed as `_walk` does."""
     skip, earlier_output = outdir.resolve(), _earlier_outputs(root, outdir)
     unreadable: list[OSError] = []
     found: list[Path] = []
@@ -124,15 +162,28 @@ def _folder_images(root: Path, recursive: bool, outdir: Path) -> tuple[list[Path
             found += [folder / name for name in names]
     if unreadable and unreadable[0].filename == os.fspath(root):
         raise unreadable[0]
+    suffixes = _folder_suffixes()
+    images = suffixes | UNREADABLE_IMAGES | set(READ_IF_PILLOW_CAN)
     files = [
         p
         for p in found
-        if p.suffix.lower() in IMAGE_SUFFIXES
+        if p.suffix.lower() in images
         and p.is_file()
         and not any(part.startswith(".") for part in p.relative_to(root).parts)
         and not earlier_output(p)
     ]
-    return files, unreadable
+    return (
+        [p for p in files if p.suffix.lower() in suffixes],
+        [p for p in files if p.suffix.lower() not in suffixes],
+        unreadable,
+    )
+
+
+def _folder_suffixes() -> frozenset[str]:
+    """The suffixes (lower case) of the files a folder source takes: `IMAGE_SUFFIXES`, and those of
+    `READ_IF_PILLOW_CAN` whose format this Pillow reads."""
+    readable = readable_formats()
+    return IMAGE_SUFFIXES | {suffix for suffix, fmt in READ_IF_PILLOW_CAN.items() if fmt in readable}
 
 
 def _walk(

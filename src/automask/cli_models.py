@@ -117,10 +117,9 @@ def _onnx_exports(backend: str, path: Path) -> list[str] | None:
     """The ONNX Runtime graph sets present for a CLIPSeg model ("fp32", "int8"); None for other backends."""
     if backend != "clipseg":
         return None
-    from automask.backends.clipseg_common import has_onnx, onnx_dir
-    from automask.staging import tidy
+    from automask.backends.clipseg_common import has_onnx, tidy_exports
 
-    tidy(onnx_dir(path))  # what a killed `models export` left: its staging folder, the export it moved aside
+    tidy_exports(path)  # what a killed `models export` left: its staging folder, the export it moved aside
     return [kind for kind, int8 in (("fp32", False), ("int8", True)) if has_onnx(path, int8)]
 
 

@@ -112,6 +112,16 @@ def tidy(folder: Path) -> None:
         _unlock(_lock_file(tmp), fd)
 
 
+def installing(folder: Path) -> bool:
+    """True while an installer of `folder` holds its lock: a pull (`resumable_staging`) or a `staging` block (an
+    export). False where locks cannot tell (Windows)."""
+    locks = [
+        _lock_file(folder.parent / f".{folder.name}.partial"),
+        *folder.parent.glob(_unique(folder, ".partial.lock")),
+    ]
+    return any(lock.exists() and _held(lock) for lock in locks)
+
+
 def recover(folder: Path) -> None:
     """Put back the model that an installer killed inside `replace_dir` (SIGKILL, a power cut) left moved aside:
     the newest `.NAME-xxxx.old` beside `folder` is renamed to `folder` when that is missing, and the others (all,
@@ -131,10 +141,7 @@ def recover(folder: Path) -> None:
             if not os.path.lexists(folder):
                 os.rename(olds.pop(), folder)
             for old in olds:
-                if old.is_symlink():
-                    old.unlink()
-                else:
-                    shutil.rmtree(old, ignore_errors=True)
+                _discard(old)
         finally:
             _unlock(hub, fd)
 
@@ -221,8 +228,8 @@ def _remove_abandoned(folder: Path) -> None:
 
 
 def replace_dir(new: Path, dest: Path) -> None:
-    """Rename the complete folder `new` to `dest` (the same file system). Whatever `dest` held (a folder or a
-    symlink) is moved aside first and deleted only once `new` is in place; if that rename fails it is put back.
+    """Rename the complete folder `new` to `dest` (the same file system). Whatever `dest` held (a folder, a symlink
+    or a file) is moved aside first and deleted only once `new` is in place; if that rename fails it is put back.
     Another process installing to `dest` at the same moment is no error: the last rename wins. Ctrl-C, SIGTERM or
     SIGHUP during the two renames take effect after them (a model is never left moved aside, hidden)."""
     with _signals_held():
@@ -239,12 +246,18 @@ def replace_dir(new: Path, dest: Path) -> None:
             break
         else:
             raise OSError(errno.EEXIST, f"'{dest}' kept being replaced by another installer")
-    if old is None:
-        return
-    if old.is_symlink():
-        old.unlink()
-    else:
+    if old is not None:
+        _discard(old)
+
+
+def _discard(old: Path) -> None:
+    """Delete what `_move_aside` moved to `old`: a folder with its files, or a symlink or file (`rmtree` fails on
+    those, silently here); an error is ignored (what is left is a hidden leftover that `recover` retries)."""
+    if old.is_dir() and not old.is_symlink():
         shutil.rmtree(old, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            old.unlink()
 
 
 _RACE_RETRIES = 10

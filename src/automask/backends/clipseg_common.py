@@ -20,6 +20,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -61,6 +62,18 @@ class OnnxArtifacts:
 def onnx_dir(model_path: Path) -> Path:
     """Where the ONNX artifacts of the checkpoint in `model_path` live."""
     return Path(model_path) / ONNX_DIR
+
+
+def tidy_exports(model_path: Path) -> None:
+    """Remove what killed `automask models export`s (SIGKILL, a power cut) left in `model_path`: their staging
+    folders and the export one moved aside (`staging.tidy`), and the `.onnx-tmp-xxxxxxxx` staging folders of
+    exports made before these were locked, while no export of `model_path` holds its lock."""
+    folder = onnx_dir(model_path)
+    staging.tidy(folder)
+    unlocked = list(Path(model_path).glob(f".{ONNX_DIR}-tmp-{'[0-9a-f]' * 8}"))
+    if unlocked and not staging.installing(folder):
+        for tmp in unlocked:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def fingerprint(model_path: Path) -> str:

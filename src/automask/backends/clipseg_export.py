@@ -79,11 +79,28 @@ def _export_into(
             manifest["int8_weight_type"] = weight_type
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
         replace_dir(tmp, onnx_dir(model_path))
-    except OSError as exc:  # a full disk, mostly: the export is the size of the weights (twice with int8)
-        raise AutomaskError(
+    except Exception as exc:
+        error = _failure(exc, tmp, model_path)
+        if error is None:
+            raise
+        raise error from exc
+
+
+def _failure(exc: Exception, tmp: Path, model_path: Path) -> AutomaskError | None:
+    """The error to show for `exc`, raised while exporting `model_path` into staging folder `tmp`; None when `exc`
+    itself says it best."""
+    if not tmp.is_dir():  # gone with the folder: ONNX Runtime and tokenizers raise their own errors for its files
+        return AutomaskError(
+            f"'{model_path}' was replaced while it was being exported (by a models pull --force, most likely): "
+            "nothing was installed. Export again once the pull is over: automask models export NAME_OR_PATH "
+            "(a pull exports the graphs itself when it can)."
+        )
+    if isinstance(exc, OSError):  # a full disk, mostly: the export is the size of the weights (twice with int8)
+        return AutomaskError(
             f"Cannot write the ONNX export into '{model_path}' ({exc.strerror or exc}). Free some space there "
             "and run again: automask models export NAME_OR_PATH (the model still runs with torch meanwhile)."
-        ) from exc
+        )
+    return None
 
 
 def quantize(folder: Path, weight_type: str = "QInt8") -> dict[str, str]:

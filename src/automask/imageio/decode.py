@@ -77,7 +77,7 @@ _ORIENT: dict[int, Callable[[np.ndarray], np.ndarray]] = {
 
 
 @functools.cache
-def _formats() -> tuple[str, ...]:
+def readable_formats() -> tuple[str, ...]:
     """The allowed formats this Pillow build can open (plugins are registered on first use)."""
     Image.init()
     return tuple(f for f in ALLOWED_FORMATS if f in Image.OPEN)
@@ -142,14 +142,14 @@ def _open(data: bytes, settings: Settings) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data), formats=_formats())
+            img = Image.open(io.BytesIO(data), formats=readable_formats())
     except Image.DecompressionBombError:
         raise ImageTooLargeError(
             f"The image has more than {2 * (Image.MAX_IMAGE_PIXELS or 0):,} pixels; the limit is "
             f"{settings.max_image_pixels:,} pixels (AUTOMASK_MAX_IMAGE_PIXELS). Downscale it or raise the limit."
         ) from None
     except Image.UnidentifiedImageError:
-        raise ImageDecodeError(unidentified_message(data, _formats())) from None
+        raise ImageDecodeError(unidentified_message(data, readable_formats())) from None
     except PIL_ERRORS as exc:
         raise ImageDecodeError(f"The image could not be read: it is corrupt or truncated ({exc}).") from None
     try:
