@@ -1,6 +1,7 @@
 """Fetch an image URL safely: the guard against server-side request forgery. Returns bytes, decodes nothing.
 
-- Only `http` and `https` URLs are fetched.
+- Only `http` and `https` URLs are fetched, their host written plainly (`parse_url`: no '%', which httpx keeps
+  and no resolver reads: a percent-encoded name, an IPv6 zone such as `%25eth0`).
 - The host is resolved once, here, and EVERY address it resolves to is checked (`automask.imageio.addresses`:
   private, loopback, link-local, cloud metadata and every other address that is not globally reachable are refused,
   and so are IPv6 forms that embed one).
@@ -112,6 +113,11 @@ def parse_url(url: str) -> httpx.URL:
         )
     if not parsed.raw_host:
         raise URLRefusedError(f"Refused the image URL {_show(parsed)}: it has no host.")
+    if b"%" in parsed.raw_host:  # httpx keeps it as sent; no resolver reads it (was: 502 "could not resolve")
+        raise URLRefusedError(
+            f"Refused the image URL {_show(parsed)}: its host holds '%' (a percent-encoded name, or an IPv6 zone "
+            "such as %25eth0, which names a local network interface). Write the host name or address plainly."
+        )
     return parsed
 
 
