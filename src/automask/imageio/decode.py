@@ -326,11 +326,21 @@ def flatten(rgba: np.ndarray, keep_alpha: bool = False) -> np.ndarray:
 
 
 def composite_on_white(rgba: np.ndarray) -> np.ndarray:
-    """H×W×4 uint8 RGBA (straight alpha) -> H×W×3 uint8 RGB over a white background, rounded."""
-    alpha = rgba[..., 3:4].astype(np.uint16)
-    rgb = rgba[..., :3].astype(np.uint16)
-    out = (rgb * alpha + 255 * (255 - alpha) + 127) // 255
-    return out.astype(np.uint8)
+    """H×W×4 uint8 RGBA (straight alpha) -> H×W×3 uint8 RGB over a white background, rounded:
+    round((rgb·a + 255·(255 - a)) / 255), `STRIP_PIXELS` at a time (the uint16 products of a whole 40 MP image took
+    ~700 MB more), divided by 255 exactly with shifts (numpy's integer division took ~9 s for 40 MP)."""
+    height, width = rgba.shape[:2]
+    out = np.empty((height, width, 3), np.uint8)
+    rows = max(1, STRIP_PIXELS // max(width, 1))
+    for top in range(0, height, rows):
+        strip = rgba[top : top + rows]
+        alpha = strip[..., 3:4].astype(np.uint16)
+        total = strip[..., :3] * alpha  # with the white below, at most 255·a + 255·(255 - a) = 65025: uint16
+        total += (255 - alpha) * 255
+        total += 128  # round(x / 255) == (x + 128 + ((x + 128) >> 8)) >> 8 for 0 <= x <= 65535
+        total += total >> 8
+        out[top : top + rows] = total >> 8
+    return out
 
 
 def scale_16bit(values: np.ndarray) -> np.ndarray:
