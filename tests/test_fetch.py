@@ -431,6 +431,16 @@ def test_redirect_to_another_scheme_is_refused(site: Site) -> None:
         fetch_url(site.url("/hop"), PRIVATE_OK)
 
 
+@pytest.mark.parametrize("location", ["http:img.png", "https:x/y.png", "http:169.254.169.254/"])
+def test_redirect_to_a_scheme_without_a_host_is_a_fetch_error(site: Site, location: str) -> None:
+    """Was httpx.InvalidURL, raised as httpx built the redirect's next request: the server's 500 "unexpected error",
+    with a traceback in its log, for any public page that answers so."""
+    site.routes["/hop"] = redirect_route(location)
+    with pytest.raises(FetchError, match="redirected to an invalid URL"):
+        fetch_url(site.url("/hop"), PRIVATE_OK)
+    assert [path for path, _ in site.log] == ["/hop"]
+
+
 def test_at_most_three_redirects(site: Site) -> None:
     for i in range(4):
         site.routes[f"/r{i}"] = redirect_route(f"/r{i + 1}")

@@ -211,7 +211,7 @@ def test_a_cut_out_keeps_the_images_transparency_and_the_models_see_it_on_white(
     rgba[:200, 300:, 3] = 128  # top right half-transparent
     png = io.BytesIO()
     Image.fromarray(rgba, "RGBA").save(png, format="PNG")
-    flat = automask.imageio.decode.composite_on_white(rgba)
+    flat = automask.imageio.pixels.composite_on_white(rgba)
     t = median_threshold(maps_of(gen, flat, ["cup"]))
     cut = gen.generate(png.getvalue(), "cup", threshold=t, return_alpha=True)
     assert np.array_equal(cut.mask, gen.generate(flat, "cup", threshold=t).mask)

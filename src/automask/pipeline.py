@@ -26,7 +26,7 @@ from automask.combine import Part, finish
 from automask.errors import InvalidOptionError, ModelNotAvailableError, stop_if_asked
 from automask.feature_cache import FeatureCache, image_digest
 from automask.imageio import ImageSource, load_image
-from automask.imageio.decode import composite_on_white
+from automask.imageio.pixels import composite_on_white
 from automask.models import EMBEDDED, ResolvedModel
 from automask.options import MaskOptions, parse_prompt
 from automask.result import MaskResult

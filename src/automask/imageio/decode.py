@@ -38,6 +38,7 @@ from PIL import ExifTags, Image
 from automask.errors import ImageDecodeError, ImageTooLargeError
 from automask.imageio import apng
 from automask.imageio.bombs import check_jpeg_scans, check_tiff_tiles, tag_value
+from automask.imageio.pixels import flatten, rgb_array
 from automask.imageio.profile import to_srgb
 from automask.imageio.unreadable import unidentified_message
 from automask.settings import Settings
@@ -287,42 +288,6 @@ def _stretch(values: np.ndarray, lo: int, hi: int) -> np.ndarray:
     out -= lo
     out *= 255 / (hi - lo)
     np.rint(out, out=out)
-    return out.astype(np.uint8)
-
-
-STRIP_PIXELS = 1 << 20
-"""Pixels copied at a time out of a decoded PIL image (about 1 MP: ~4 MB of Pillow's buffer)."""
-
-
-def rgb_array(img: Image.Image) -> np.ndarray:
-    """A loaded RGB PIL image -> H×W×3 uint8, copied a strip of rows at a time.
-
-    `np.array(img)` goes through `img.tobytes()`: a second full-size buffer (W·H·3 bytes) on top of the array
-    and Pillow's own (W·H·4 bytes). Strips keep that extra to ~`STRIP_PIXELS`·3 bytes: 36 MP costs ~250 MB
-    to decode instead of ~360 MB.
-    """
-    width, height = img.size
-    out = np.empty((height, width, 3), np.uint8)
-    rows = max(1, STRIP_PIXELS // max(width, 1))
-    for top in range(0, height, rows):
-        bottom = min(height, top + rows)
-        out[top:bottom] = np.asarray(img.crop((0, top, width, bottom)))
-    return out
-
-
-def flatten(rgba: np.ndarray, keep_alpha: bool = False) -> np.ndarray:
-    """H×W×4 uint8 RGBA -> composited on white (`composite_on_white`), or, if `keep_alpha` and some pixel is not
-    opaque, the RGBA pixels themselves (a new contiguous array)."""
-    if keep_alpha and rgba[..., 3].min() < 255:
-        return np.array(rgba, dtype=np.uint8, order="C", copy=True)
-    return composite_on_white(rgba)
-
-
-def composite_on_white(rgba: np.ndarray) -> np.ndarray:
-    """H×W×4 uint8 RGBA (straight alpha) -> H×W×3 uint8 RGB over a white background, rounded."""
-    alpha = rgba[..., 3:4].astype(np.uint16)
-    rgb = rgba[..., :3].astype(np.uint16)
-    out = (rgb * alpha + 255 * (255 - alpha) + 127) // 255
     return out.astype(np.uint8)
 
 

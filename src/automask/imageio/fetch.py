@@ -1,6 +1,7 @@
 """Fetch an image URL safely: the guard against server-side request forgery. Returns bytes, decodes nothing.
 
-- Only `http` and `https` URLs are fetched.
+- Only `http` and `https` URLs are fetched, their host written plainly (`parse_url`: no '%', which httpx keeps
+  and no resolver reads: a percent-encoded name, an IPv6 zone such as `%25eth0`).
 - The host is resolved once, here, and EVERY address it resolves to is checked (`automask.imageio.addresses`:
   private, loopback, link-local, cloud metadata and every other address that is not globally reachable are refused,
   and so are IPv6 forms that embed one).
@@ -114,6 +115,11 @@ def parse_url(url: str) -> httpx.URL:
         raise URLRefusedError(f"Refused the image URL {_show(parsed)}: it has no host.")
     if parsed.port is not None and not 0 < parsed.port <= 65535:  # httpx takes any number
         raise URLRefusedError(f"Refused the image URL {_show(parsed)}: port {parsed.port} is not a TCP port (1–65535).")
+    if b"%" in parsed.raw_host:  # httpx keeps it as sent; no resolver reads it (was: 502 "could not resolve")
+        raise URLRefusedError(
+            f"Refused the image URL {_show(parsed)}: its host holds '%' (a percent-encoded name, or an IPv6 zone "
+            "such as %25eth0, which names a local network interface). Write the host name or address plainly."
+        )
     return parsed
 
 
@@ -188,6 +194,9 @@ def _get(url: httpx.URL, addresses: list[IPAddress], deadline: float, settings: 
                     raise FetchError(f"Could not connect to the image URL's server {url.host} ({exc}).") from None
                 continue
             raise FetchError(f"Fetching the image URL {_show(url)} failed: {exc}.") from None
+        except httpx.InvalidURL as exc:  # httpx builds a redirect's next request (unused here) and may fail to
+            # ("Location: http:x.png": a scheme, no host); not an HTTPError: it was a 500 "unexpected server error"
+            raise FetchError(f"The image URL {_show(url)} redirected to an invalid URL ({exc}).") from None
     raise AssertionError("unreachable: addresses is never empty")
 
 
