@@ -372,6 +372,16 @@ def test_redoc_loads_from_this_server(client: TestClient) -> None:
     assert client.get("/docs/assets/redoc.standalone.js", headers={"if-none-match": '"other"'}).status_code == 200
 
 
+def test_the_docs_pages_are_shown_in_no_other_sites_frame(client: TestClient) -> None:
+    """Before: /docs and /redoc could be framed by any site (the web page could not): a disguised frame could have a
+    user click "Authorize" (which takes an API key) or "Try it out" on this server."""
+    for page in ("/docs", "/redoc"):
+        answer = client.get(page)
+        assert answer.status_code == 200
+        assert answer.headers["content-security-policy"] == "frame-ancestors 'none'", page
+        assert answer.headers["x-frame-options"] == "DENY", page
+
+
 @pytest.fixture()
 def keyed(tmp_path: Path) -> Iterator[TestClient]:
     """A server with keys (any Host is served: the key decides), as a client that sends one."""

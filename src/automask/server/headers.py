@@ -134,7 +134,15 @@ def _docs_page(scope: Scope, root: str) -> Any:
         oauth2_redirect_url=getattr(app, "swagger_ui_oauth2_redirect_url", None),
         swagger_ui_parameters=getattr(app, "swagger_ui_parameters", None),
     )
+    return _unframed(response)
+
+
+def _unframed(response: Any) -> Any:
+    """A docs page revalidated each time, and shown in no other site's frame (where "Try it out" and "Authorize",
+    which takes an API key, could be clicked through a disguise: clickjacking), as the web page is not."""
     response.headers["cache-control"] = "no-cache"
+    response.headers["content-security-policy"] = "frame-ancestors 'none'"
+    response.headers["x-frame-options"] = "DENY"
     return response
 
 
@@ -148,8 +156,7 @@ def _redoc_page(scope: Scope, root: str) -> Any:
         redoc_favicon_url=f"{root}{DOCS_ASSETS}/favicon.png",
         with_google_fonts=False,
     )
-    response.headers["cache-control"] = "no-cache"
-    return response
+    return _unframed(response)
 
 
 def _redoc_script(scope: Scope, folder: Path) -> Response:
