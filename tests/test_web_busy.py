@@ -3,7 +3,6 @@ the downloads the server renders, and their Cancel. See test_web.py for how the 
 
 from __future__ import annotations
 
-import base64
 import re
 import time
 from collections.abc import Iterator
@@ -14,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import web_helpers
 from automask.settings import Settings
 from server_helpers import decode
 from test_colour_profiles import WIDE_ICC
@@ -273,15 +273,9 @@ def test_a_mask_request_and_a_download_each_keep_their_time(
     page.click("#dl-alpha")
     page.wait_for_selector("#dl-cancel:visible")
     page.focus("#dl-cancel")
-    page.evaluate(  # Ctrl+V: the paste event goes to the element with the focus
-        """(b64) => { const data = new DataTransfer();
-                      const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
-                      data.items.add(new File([bytes], 'pasted.png', { type: 'image/png' }));
-                      document.activeElement.dispatchEvent(
-                        new ClipboardEvent('paste', { clipboardData: data, bubbles: true })); }""",
-        base64.b64encode((tmp_path / "wide-gamut.png").read_bytes()).decode(),
-    )
-    page.wait_for_function("() => document.getElementById('image-info').textContent.includes('pasted.png')")
+    pasted = tmp_path / "pasted.png"
+    Image.fromarray(astronaut).save(pasted)
+    web_helpers.paste_file(page, pasted)
     assert page.is_disabled("#dl-alpha")
     page.wait_for_selector("#dl-cancel", state="hidden")
     assert page.evaluate("document.activeElement.id") == "viewport", "the focus fell to the page top"
