@@ -3,6 +3,7 @@ the downloads the server renders, and their Cancel. See test_web.py for how the 
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import web_helpers
 from automask.settings import Settings
 from server_helpers import decode
 from test_colour_profiles import WIDE_ICC
@@ -227,3 +229,53 @@ def test_a_turned_webp_pasted_as_a_url_drops_the_request_for_the_image_before(
     page.press("#image-url", "Enter")
     page.wait_for_function("() => document.getElementById('image-info').textContent.startsWith('pasted image')")
     assert len(aborted) == 1 and aborted[0]["image"].startswith("data:image/png"), "the photo's request ran on"
+
+
+def ticks(page: Any, line: str) -> None:
+    """Assert that the status line shows `line` (a regex) with its seconds, that they tick, and that a screen
+    reader is read the line without them."""
+    seconds = f"{line}… (\\d+\\.\\d) s\\."
+    first = re.search(seconds, page.inner_text("#status"))
+    assert first, page.inner_text("#status")
+    page.wait_for_timeout(300)
+    later = re.search(seconds, page.inner_text("#status"))
+    assert later and later[1] != first[1], "the seconds do not tick"
+    assert not re.search(r"\d\.\d s\.", page.locator("#status").aria_snapshot()), "the seconds are read out"
+
+
+def test_a_mask_request_and_a_download_each_keep_their_time(
+    tab: Tab, slow: Live, astronaut: np.ndarray, tmp_path: Path
+) -> None:
+    """A mask request and a download the server renders run at once: when one ends or is cancelled, the other's
+    ticking seconds stay in the status line beside what ended. Before, "Cancelled." or "Downloaded." replaced the
+    other's "Working… 1.2 s." until it ended too. Then Ctrl+V pastes another image while "Cancel download" has the
+    focus: when the download ends, the focus goes to the new image, not (its button now disabled) to the page top."""
+    page = tab.page
+    wide_gamut_result(page, slow, astronaut, tmp_path)
+    set_slider(page, "#threshold", "ArrowRight")  # auto-update: a mask request for 0.51
+    page.wait_for_selector("#result[aria-busy=true]")
+    page.click("#dl-alpha")
+    page.wait_for_function(TICKING)
+    page.click("#cancel")
+    assert page.inner_text("#status").startswith("Cancelled.")
+    ticks(page, "Asking the server for the cut-out.*")
+    page.wait_for_selector("#dl-cancel", state="hidden")
+    assert page.inner_text("#status") == "Downloaded."
+    page.click("#dl-preview")  # the download first, then a mask request: the download ends first
+    page.wait_for_selector("#dl-cancel:visible")
+    page.press("#prompt", "Enter")
+    page.wait_for_selector("#result[aria-busy=true]")
+    page.wait_for_selector("#dl-cancel", state="hidden")
+    assert page.inner_text("#status").startswith("Downloaded.")
+    ticks(page, "Working")
+    wait_shown(page, 0.51)
+    assert page.inner_text("#status").startswith("Done in")
+    page.click("#dl-alpha")
+    page.wait_for_selector("#dl-cancel:visible")
+    page.focus("#dl-cancel")
+    pasted = tmp_path / "pasted.png"
+    Image.fromarray(astronaut).save(pasted)
+    web_helpers.paste_file(page, pasted)
+    assert page.is_disabled("#dl-alpha")
+    page.wait_for_selector("#dl-cancel", state="hidden")
+    assert page.evaluate("document.activeElement.id") == "viewport", "the focus fell to the page top"

@@ -31,6 +31,7 @@ from web_helpers import (
     data_uri,
     download,
     open_tab,
+    paste_file,
     pick_photo,
     serve,
     set_first_options,
@@ -563,6 +564,28 @@ GROW = """async ([bytes, width, height, radius]) => {
   const { growMask } = await import('/static/render.js');
   return Array.from(growMask(Uint8Array.from(bytes), width, height, radius));
 }"""
+
+
+def test_the_focus_keeps_its_place_when_the_result_changes(tab: Tab, photo: Path, tmp_path: Path) -> None:
+    """A new result replaces the targets list under the focus: it stays on the same row's control. Ctrl+V pastes
+    another image while a download button or a target's control has the focus: disabled or hidden with the result,
+    they lose it; it goes to the new image. Before, it fell to the page's top each time."""
+    page = tab.page
+    pick_photo(page, photo)
+    set_first_options(page)
+    shown = submit_prompt(page, "person, cup")
+    page.focus("#instances li:nth-child(2) input")
+    # the slider moved (with the mouse, say) while the focus stays in the list
+    page.eval_on_selector("#threshold", "(t) => { t.value = 0.51; t.dispatchEvent(new Event('change')); }")
+    shown = wait_result(page, shown, threshold=0.51)
+    assert page.evaluate("document.activeElement === document.querySelector('#instances li:nth-child(2) input')")
+    for i, control in enumerate(("#dl-mask", "#instances li:nth-child(1) button")):
+        page.focus(control)
+        pasted = tmp_path / f"pasted-{i}.png"
+        pasted.write_bytes(photo.read_bytes())
+        paste_file(page, pasted)
+        assert page.evaluate("document.activeElement.id") == "viewport", f"the focus on {control} fell to the top"
+        shown = wait_result(page, shown)  # auto-update: the pasted image is masked
 
 
 def test_the_page_grows_a_target_as_the_library_does(tab: Tab) -> None:

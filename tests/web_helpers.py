@@ -274,6 +274,19 @@ def pick_photo(page: Any, path: Path) -> None:
     page.wait_for_selector("#canvas-box:not([hidden])")
 
 
+def paste_file(page: Any, path: Path) -> None:
+    """Ctrl+V with `path` on the clipboard: the paste event goes to the element with the focus."""
+    page.evaluate(
+        """([b64, name]) => { const data = new DataTransfer();
+                              const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+                              data.items.add(new File([bytes], name, { type: 'image/png' }));
+                              document.activeElement.dispatchEvent(
+                                new ClipboardEvent('paste', { clipboardData: data, bubbles: true })); }""",
+        [base64.b64encode(path.read_bytes()).decode(), path.name],
+    )
+    page.wait_for_function("(n) => document.getElementById('image-info').textContent.includes(n)", arg=path.name)
+
+
 def set_slider(page: Any, selector: str, key: str, times: int = 1) -> None:
     """Move a slider with the keyboard, as a keyboard user would."""
     page.focus(selector)

@@ -4,7 +4,7 @@
 
 import { requestImage } from "./api.js";
 import { cutoutPixels, encodePng, previewPixels } from "./render.js";
-import { setFetching } from "./status.js";
+import { fetchEnded, fetchStarted } from "./status.js";
 import { targetMasks } from "./targets.js";
 
 // Whether the shown result's cut-out ("alpha") or preview comes from the server (one more request): the page
@@ -24,12 +24,8 @@ const RENDERED = { alpha: ["cut-out", "dl-alpha"], preview: ["preview", "dl-prev
 // ctx: {state, shownMask(), payload(opts), apiKey(), refreshCredits(), setStatus(text)}
 export function downloads(ctx) {
   const { state } = ctx;
-  const running = new Set(); // {controller, started, kind}: the renderings asked of the server, not yet answered
-
-  function showRunning() {
-    const job = [...running].at(-1);
-    setFetching(job ? { what: RENDERED[job.kind][0], started: job.started, button: RENDERED[job.kind][1] } : null);
-  }
+  // {controller, started, kind, what, button}: the renderings asked of the server, not yet answered
+  const running = new Set();
 
   // The image's name without its extension, any script's letters and digits kept ("фото кота.jpg": "фото-кота").
   function baseName() {
@@ -80,9 +76,10 @@ export function downloads(ctx) {
 
   // Cancel (`cancel`) aborts the request: the server neither runs nor charges it; the result shown stays.
   async function ask(r, kind) {
-    const job = { controller: new AbortController(), started: performance.now(), kind };
+    const [what, button] = RENDERED[kind];
+    const job = { controller: new AbortController(), started: performance.now(), kind, what, button };
     running.add(job);
-    showRunning();
+    fetchStarted(job);
     const body = { ...ctx.payload(r.opts), return_mask: kind !== "preview", return_alpha: kind === "alpha" };
     try {
       const blob = await requestImage(body, { key: ctx.apiKey(), signal: job.controller.signal });
@@ -90,7 +87,7 @@ export function downloads(ctx) {
       return blob;
     } finally {
       running.delete(job);
-      showRunning();
+      fetchEnded(job, running.size > 0);
       ctx.refreshCredits();
     }
   }

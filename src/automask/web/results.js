@@ -48,6 +48,7 @@ export function drawResult(state, viewer) {
 }
 
 export function clearResult(state, viewer) {
+  const focused = document.activeElement;
   state.result = null;
   viewer.hideResult();
   $("source").style.visibility = "";
@@ -58,6 +59,9 @@ export function clearResult(state, viewer) {
   delete $("result").dataset.ready;
   delete $("result").dataset.options;
   delete $("result").dataset.targets;
+  // The focus on a control this disables or hides (a download, a target's: Ctrl+V pastes an image anywhere) would
+  // fall to the page's top: it goes to the image that replaces the result.
+  if (focused.disabled || focused.closest("[hidden]")) $("viewport").focus();
 }
 
 // The download buttons: enabled with a result; a cut-out or preview the server must render says it costs a request.

@@ -2,10 +2,10 @@
 // busy state with the elapsed time and Cancel (of a mask; of a download the server renders), and a result's facts.
 
 const $ = (id) => document.getElementById(id);
-let ticker = 0;
-
+// Say `text` in the status line, above the lines of what still runs (see startJob).
 export function setStatus(text) {
-  $("status").textContent = text;
+  $("said").textContent = text;
+  $("said").hidden = !text;
 }
 
 let actionFailed = false; // the error shown is that of an action on the result (showActionError)
@@ -51,44 +51,63 @@ export function setStale(text) {
 
 // job: {started (performance.now()), loading (the model is not loaded yet)} while a request runs; null after.
 export function setBusy(job) {
-  clearInterval(ticker);
   $("result").setAttribute("aria-busy", String(Boolean(job)));
   // Cancel pressed with the keyboard (or the request done while it has the focus): the focus goes to the button
   // beside it, not, with Cancel hidden, to the page's top, losing the user's place.
   if (!job && document.activeElement === $("cancel")) $("submit").focus();
   $("cancel").hidden = !job;
   $("submit").textContent = job ? "Working…" : "Make mask"; // pressed again, it asks anew only for changed options
-  if (!job) return;
+  if (!job) return endJob("mask");
   const note = job.loading ? " Loading the model on the server (its first request)…" : "";
-  ticker = ticking("Working…", job.started, note);
+  startJob("mask", "Working…", job.started, note);
 }
 
-let fetching = { ticker: 0, button: null };
-
-// A download the server renders, running ({what: "cut-out"|"preview", started, button: the id of its button}), or
-// none (null): its elapsed time in the status line, and the Cancel beside the downloads.
-export function setFetching(job) {
-  clearInterval(fetching.ticker);
-  const cancel = $("dl-cancel");
-  if (!job && document.activeElement === cancel && fetching.button) $(fetching.button).focus();
-  cancel.hidden = !job;
-  if (!job) return;
+// A download the server renders began ({what: "cut-out"|"preview", started, button: the id of its button}): its
+// own line, with its elapsed time, in the status line, and the Cancel beside the downloads.
+export function fetchStarted(job) {
   const why = " (this page cannot reproduce this image's pixels exactly)…";
-  fetching = { ticker: ticking(`Asking the server for the ${job.what}${why}`, job.started), button: job.button };
+  startJob(job, `Asking the server for the ${job.what}${why}`, job.started);
+  $("dl-cancel").hidden = false;
 }
 
-// Show `text`, the seconds since `started` (performance.now()) and `note` in the status line; returns the interval
-// that ticks the seconds. The status is a live region, read out on each change: the seconds, ticking ten times a
-// second, are for the eye only (aria-hidden), or a screen reader would read them out without end.
-function ticking(text, started, note = "") {
+// The download `job` ended; `more`: others still run. Cancel, hidden with the last, leaves the focus on the
+// download's button, or, that disabled (another image chosen since), on the image: not on the page's top.
+export function fetchEnded(job, more) {
+  endJob(job);
+  const cancel = $("dl-cancel");
+  if (more) return;
+  if (document.activeElement === cancel) ($(job.button).disabled ? $("viewport") : $(job.button)).focus();
+  cancel.hidden = true;
+}
+
+const jobs = new Map(); // what runs ("mask", or a download's job) -> {node: its line in the status, ticker}
+
+// Show `text`, the seconds since `started` (performance.now()) and `note` on a line of its own in the status line,
+// under what was said last and above what began before (Esc stops the topmost), until `endJob(key)`. The status is
+// a live region: a line added is read out, one removed is not, and the seconds, ticking ten times a second, are for
+// the eye only (aria-hidden), or a screen reader would read them out without end.
+function startJob(key, text, started, note = "") {
+  endJob(key);
+  setStatus(""); // what was said last was of what went before
   const seconds = document.createElement("span");
   seconds.setAttribute("aria-hidden", "true");
-  $("status").replaceChildren(text, seconds, note);
+  const node = document.createElement("span");
+  node.className = "job";
+  node.append(text, seconds, note);
+  $("said").after(node);
   const tick = () => {
     seconds.textContent = ` ${((performance.now() - started) / 1000).toFixed(1)} s.`;
   };
   tick();
-  return setInterval(tick, 100);
+  jobs.set(key, { node, ticker: setInterval(tick, 100) });
+}
+
+function endJob(key) {
+  const job = jobs.get(key);
+  if (!job) return;
+  clearInterval(job.ticker);
+  job.node.remove();
+  jobs.delete(key);
 }
 
 export function formatMs(ms) {

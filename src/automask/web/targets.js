@@ -36,6 +36,8 @@ export function ownerRadius(opts) {
 // on: {toggle(i, on), download(i)}.
 export function showTargets(result, on) {
   const dets = (result && result.data.detections) || [];
+  const controls = () => [...$("instances").querySelectorAll("input, button")];
+  const focused = controls().indexOf(document.activeElement); // a new result replaces the list under the focus
   $("instances-box").hidden = !dets.length;
   $("instances").replaceChildren(
     ...dets.map((det, i) => {
@@ -60,4 +62,7 @@ export function showTargets(result, on) {
       return item;
     }),
   );
+  // The focus stays on the same row's control, or, with none (fewer targets found), goes to the image.
+  const same = controls()[focused];
+  if (focused >= 0) (same && !same.disabled && dets.length ? same : $("viewport")).focus();
 }
