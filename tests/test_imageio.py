@@ -448,10 +448,12 @@ def test_base64_text_or_a_url_given_as_bytes_says_so(settings: Settings, small_r
     similar), not an image": nothing said that the same text given as a string is read."""
     encoded = base64.b64encode(png_of(small_rgb))
     for data in (encoded, encoded + b"\n", b"data:image/png;base64," + encoded):
-        with pytest.raises(ImageDecodeError, match=r"^The input is base64 text .*give it as a string \(str\)"):
+        with pytest.raises(
+            ImageDecodeError, match=r"^The input is base64 text .*decode it first, or pass it as text .*a Python str"
+        ):
             load_image(data, settings)
         assert np.array_equal(load_image(data.decode(), settings), small_rgb)
-    with pytest.raises(ImageDecodeError, match=r"^The input is a URL .*give it as a string \(str\)"):
+    with pytest.raises(ImageDecodeError, match=r"^The input is a URL, .*pass the URL itself as text .*a Python str"):
         load_image(b"https://example.com/photo.jpg", settings)
 
 
