@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import time
 from typing import Any
 
 import pytest
@@ -43,3 +46,33 @@ def test_a_worker_waiting_for_the_database_bounds_each_ping_by_its_deadline(monk
 
     worker._wait_for_database(Down(), 5.0)  # type: ignore[arg-type]
     assert len(bounds) == 3 and all(b is not None and 0.5 <= b <= 5.0 for b in bounds)
+
+
+def test_a_bounded_statement_needing_a_new_connection_to_a_frozen_postgresql_gives_up_within_its_bound() -> None:
+    """Before: `bounded` held each wait for an answer, but not the wait of a new connection, which lasted the store's
+    `connect_timeout` (10 s): a worker handing a task back to a frozen PostgreSQL (its connection closed by an earlier
+    bound, so the release opens a new one) waited 10 s, its whole `HAND_BACK_MARGIN`, and was killed by Celery's hard
+    time limit with the task acknowledged, not handed back."""
+    from automask.server.bounded import bounded
+    from automask.server.store import Store
+    from server_helpers import wait_for
+    from service_procs import process_tree
+    from services import postgres_server
+
+    with postgres_server() as pg:
+        store = Store.at_schema(pg.url, create=True)
+        store.engine.dispose()  # no pooled connection: the next statement connects
+        stopped = process_tree(pg._main_pid())
+        for pid in stopped:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            with bounded(1.0):
+                answered = store.ping()
+            waited = time.monotonic() - started
+        finally:
+            for pid in stopped:
+                os.kill(pid, signal.SIGCONT)
+        assert not answered and waited < 5.0, waited  # psycopg waits 2 s at least for a connection
+        assert wait_for(store.ping, 30)  # thawed: it answers again
+        store.close()

@@ -449,10 +449,12 @@ def test_base64_text_or_a_url_given_as_bytes_says_so(settings: Settings, small_r
     similar), not an image": nothing said that the same text given as a string is read."""
     encoded = base64.b64encode(png_of(small_rgb))
     for data in (encoded, encoded + b"\n", b"data:image/png;base64," + encoded):
-        with pytest.raises(ImageDecodeError, match=r"^The input is base64 text .*give it as a string \(str\)"):
+        with pytest.raises(
+            ImageDecodeError, match=r"^The input is base64 text .*decode it first, or pass it as text .*a Python str"
+        ):
             load_image(data, settings)
         assert np.array_equal(load_image(data.decode(), settings), small_rgb)
-    with pytest.raises(ImageDecodeError, match=r"^The input is a URL .*give it as a string \(str\)"):
+    with pytest.raises(ImageDecodeError, match=r"^The input is a URL, .*pass the URL itself as text .*a Python str"):
         load_image(b"https://example.com/photo.jpg", settings)
 
 
@@ -940,6 +942,35 @@ def test_one_lazily_opened_pil_image_read_by_several_threads_at_once(
             results = [pool.submit(read) for _ in range(8)]
             assert all(np.array_equal(r.result(), expected) for r in results)
         shared.close()
+
+
+def test_different_pil_images_load_at_once(tmp_path: Path, settings: Settings) -> None:
+    """Before: one lock for every caller's PIL image, so a web app's request threads, each masking its own lazily
+    opened upload, decoded them one at a time: one slow (large) image held up all the others."""
+    pixels = np.random.default_rng(4).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    for name in ("a.png", "b.png"):
+        Image.fromarray(pixels).save(tmp_path / name)
+    slow, other = Image.open(tmp_path / "a.png"), Image.open(tmp_path / "b.png")
+    loading, other_done = threading.Event(), threading.Event()
+    waited: list[bool] = []
+    load = slow.load
+
+    def slow_load() -> Any:
+        if not loading.is_set():  # its first load (Pillow calls it again once loaded)
+            loading.set()
+            waited.append(other_done.wait(5))  # the other image is read meanwhile
+        return load()
+
+    slow.load = slow_load  # type: ignore[method-assign]
+    with ThreadPoolExecutor(1) as pool:
+        first = pool.submit(load_image, slow, settings)
+        assert loading.wait(5)
+        assert np.array_equal(load_image(other, settings), pixels)
+        other_done.set()
+        assert np.array_equal(first.result(), pixels)
+    assert waited == [True]
+    slow.close()
+    other.close()
 
 
 class PathLike:

@@ -110,6 +110,15 @@ def test_settings_and_cache_size_of_the_wrong_type_are_clear_errors(tiny_clipseg
             MaskGenerator(model, cache_size=size)  # type: ignore[arg-type]
 
 
+def test_a_numpy_integer_cache_size_is_taken(tiny_clipseg_dir: Path) -> None:
+    """Before: `cache_size=np.int64(2)` (read from a config array) was "must be a whole number of images, 0 or more,
+    not np.int64(2)", though it is one, as numpy integers are taken for every integer option."""
+    gen = MaskGenerator(str(tiny_clipseg_dir), cache_size=np.int64(2))  # type: ignore[arg-type]
+    assert gen.cache.max_items == 2 and type(gen.cache.max_items) is int
+    with pytest.raises(InvalidOptionError, match=r"^cache_size: must be a whole number of images, 0 or more"):
+        MaskGenerator(str(tiny_clipseg_dir), cache_size=np.int64(-1))  # type: ignore[arg-type]
+
+
 def test_options_may_be_a_dict(gen: MaskGenerator, image: np.ndarray) -> None:
     """Before: `gen.generate(image, "cup", {"threshold": 0.5})` raised AttributeError ('dict' object has no
     attribute 'scored_targets'), and `automask.generate(image, "cup", MaskOptions())` a TypeError."""

@@ -267,6 +267,18 @@ def test_a_json_field_given_twice_is_a_400_as_in_a_form(serve: Any, image_b64: s
     assert keystore.get_key(live.store, key_id).credits == 5
 
 
+def test_an_uploaded_file_of_base64_text_says_what_to_send(serve: Any, image_b64: str) -> None:
+    """Before: "give it as a string (str) to have it read", Python advice an HTTP client cannot follow."""
+    live = serve()
+    key_id, headers = new_key(live, credits=5)
+    for version in ("v1", "v2"):
+        r = post(live, headers, version, data={"prompt": "sofa"}, files={"image": ("a.txt", image_b64.encode())})
+        assert r.status_code == 400
+        assert r.json()["error"].startswith("The input is base64 text (or a data: URI), not an image's own bytes")
+        assert "(str)" not in r.json()["error"] and "the 'image' field as text, not a file" in r.json()["error"]
+    assert keystore.get_key(live.store, key_id).credits == 5
+
+
 def test_auth_401_403_and_unknown_endpoint_404(serve: Any, image_b64: str) -> None:
     live = serve()
     key_id, headers = new_key(live)

@@ -116,10 +116,10 @@ class MaskOptions(BaseModel, metaclass=RaisesInvalidOption):
     def _integral(cls, v: Any) -> Any:
         if isinstance(v, bool):
             raise ValueError("must be an integer, not a boolean")
-        if isinstance(v, numbers.Real) and not isinstance(v, numbers.Integral) and float(v).is_integer():
-            return int(float(v))  # 5.0, numpy's np.float32(5.0) too
         if isinstance(v, numbers.Integral):  # numpy's integers
             return int(v)
+        if isinstance(v, numbers.Real) and float(v).is_integer():
+            return int(float(v))  # 5.0, numpy's np.float32(5.0) too
         return v
 
     @field_validator(

@@ -54,7 +54,7 @@ class MaskGenerator:
         cache_size: int = 4,
     ) -> None:
         self.settings = _settings(settings)
-        if isinstance(cache_size, bool) or not isinstance(cache_size, int) or cache_size < 0:
+        if isinstance(cache_size, bool) or not isinstance(cache_size, (int, np.integer)) or cache_size < 0:
             raise InvalidOptionError("cache_size", f"must be a whole number of images, 0 or more, not {cache_size!r}")
         if isinstance(model, os.PathLike):
             model = os.fspath(model)
@@ -78,7 +78,7 @@ class MaskGenerator:
         assert primary is not None
         self.backend: Backend = primary
         """The main backend: the open-vocabulary one when there is one."""
-        self.cache = FeatureCache(cache_size)
+        self.cache = FeatureCache(int(cache_size))  # numpy's integers too
         self._refined: Backend | None = None
 
     def route(self, targets: list[str]) -> Route:

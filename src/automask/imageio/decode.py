@@ -27,7 +27,6 @@ import contextlib
 import functools
 import io
 import struct
-import threading
 import warnings
 import zlib
 from collections.abc import Callable
@@ -38,6 +37,7 @@ from PIL import ExifTags, Image
 from automask.errors import ImageDecodeError, ImageTooLargeError
 from automask.imageio import apng
 from automask.imageio.bombs import check_jpeg_scans, check_tiff_tiles, tag_value
+from automask.imageio.loading import loading
 from automask.imageio.pixels import flatten, rgb_array
 from automask.imageio.profile import to_srgb
 from automask.imageio.unreadable import unidentified_message
@@ -169,16 +169,13 @@ def _raise_pillow_limit(pixels: int) -> None:
         Image.MAX_IMAGE_PIXELS = pixels
 
 
-_SHARED_LOAD = threading.Lock()  # held while a caller's PIL image loads: Pillow's lazy `load` is not thread-safe
-
-
 def pil_to_rgb(img: Image.Image, settings: Settings, *, keep_alpha: bool = False, shared: bool = False) -> np.ndarray:
     """A PIL image (its current frame) -> H×W×3 uint8 RGB, EXIF orientation applied, pixel limit checked
     (H×W×4 RGBA, straight alpha, for an image with transparency when `keep_alpha`). `shared`: the image is the
-    caller's, so other threads may be reading it too (its pixels are then loaded under `_SHARED_LOAD`)."""
+    caller's, so other threads may be reading it too (its pixels are then loaded under its lock: `loading`)."""
     check_decoded_pixels(img, settings)
     try:
-        with _SHARED_LOAD if shared else contextlib.nullcontext():
+        with loading(img) if shared else contextlib.nullcontext():
             check_usable(img)
             img.load()
         rgb = _pil_pixels(to_srgb(img), keep_alpha)

@@ -38,13 +38,21 @@ def unidentified_message(data: bytes, formats: tuple[str, ...]) -> str:
         return f"The input is {other}, which automask cannot read: convert it to PNG or JPEG and send that."
     head = data[:512]
     if text_kind := _text_source(head):
-        return f"The input is {text_kind} in bytes, not an image's bytes: give it as a string (str) to have it read."
+        return f"The input is {text_kind}, not an image's own bytes: {_AS_TEXT[text_kind]}."
     printable = sum(32 <= b < 127 or b in (9, 10, 13) for b in head)
     kind = "looks like text (HTML, JSON or similar)" if printable >= 0.95 * len(head) else "is not in a known format"
     return f"The input {kind}, not an image automask can read. Supported formats: {', '.join(formats)}."
 
 
 _BASE64_HEAD = re.compile(rb"\s*(?:data:[^,]{0,200},)?[A-Za-z0-9+/_-]{16}[A-Za-z0-9+/_=\s-]*", re.IGNORECASE)
+
+
+_TEXT_PLACES = "a Python str; over HTTP, the 'image' field as text, not a file"
+_AS_TEXT = {
+    "a URL": f"pass the URL itself as text ({_TEXT_PLACES}; on the command line, IMAGE)",
+    "base64 text (or a data: URI)": f"decode it first, or pass it as text ({_TEXT_PLACES})",
+}
+"""What to do with an image source given as bytes (`_text_source`), in words for the library, HTTP and CLI alike."""
 
 
 def _text_source(head: bytes) -> str | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -22,8 +23,9 @@ _QUERY_BOUND: ContextVar[float | None] = ContextVar("automask_query_bound", defa
 @contextmanager
 def bounded(seconds: float | None = None) -> Iterator[None]:
     """Within the block (in this thread, or this task and the threads it starts with `asyncio.to_thread`), each wait
-    for PostgreSQL's answer lasts `seconds` at most (default `BACKGROUND_QUERY_TIMEOUT`): then the connection is
-    closed and the statement raises SQLAlchemy's `OperationalError`. SQLite: no effect (a local file)."""
+    for PostgreSQL's answer lasts `seconds` at most (default `BACKGROUND_QUERY_TIMEOUT`; a new connection's set-up
+    too, in whole seconds, 2 at least: `connect_bounded`): then the connection is closed and the statement raises
+    SQLAlchemy's `OperationalError`. SQLite: no effect (a local file)."""
     token = _QUERY_BOUND.set(BACKGROUND_QUERY_TIMEOUT if seconds is None else seconds)
     try:
         yield
@@ -33,7 +35,12 @@ def bounded(seconds: float | None = None) -> Iterator[None]:
 
 def connect_bounded(_dialect: Any, _record: Any, cargs: Any, cparams: dict[str, Any]) -> Any:
     """SQLAlchemy's `do_connect` event of a PostgreSQL engine: `psycopg.connect`, for a connection whose waits for
-    the server honour `bounded`."""
+    the server honour `bounded`, and which, opened within `bounded`, waits no longer than it to be set up (whole
+    seconds, 2 at least: psycopg's `connect_timeout`)."""
+    bound = _QUERY_BOUND.get()
+    if bound is not None:
+        given = int(cparams.get("connect_timeout") or 0)
+        cparams = {**cparams, "connect_timeout": min(given or math.inf, max(2, math.ceil(bound)))}
     return _bounded_connection().connect(*cargs, **cparams)
 
 
