@@ -24,7 +24,8 @@ from automask.result import MAX_SIDE
 from automask.settings import Settings
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
-"""What `automask batch FOLDER` picks up (case-insensitive); a glob takes every file it matches."""
+"""Image suffixes (case-insensitive) `automask batch FOLDER` always takes (it takes every suffix of a format automask
+reads too: `cli_inputs`); a glob takes every file it matches."""
 
 OUTPUT_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".tif": "TIFF", ".tiff": "TIFF"}
 """The formats `mask -o NAME` writes, by NAME's suffix (case-insensitive); any other name is written as PNG."""
