@@ -189,11 +189,15 @@ def test_mask_writes_the_format_its_output_name_asks_for(
 
 
 @pytest.mark.parametrize(
-    ("name", "flags", "why"), [("c.jpg", ["--return-alpha"], "no transparency"), ("m.gif", [], "PNG, JPEG")]
+    ("name", "flags", "why"),
+    [("c.jpg", ["--return-alpha"], "no transparency"), ("m.gif", [], "PNG, JPEG")]
+    + [(f"m.{suffix}", [], "PNG, JPEG") for suffix in ("tga", "PPM", "qoi", "jpe", "apng", "ico", "pdf")],
 )
 def test_mask_refuses_an_output_format_it_cannot_write_before_any_work(
     lib: Library, tmp_path: Path, name: str, flags: list[str], why: str
 ) -> None:
+    """Before: an image suffix outside .jpg .jpeg .png .webp .bmp .gif .tif .tiff (.tga, .ppm, .qoi, .pdf...) was
+    written as PNG bytes under that name."""
     result = invoke("mask", lib.photo, "-p", PROMPT, "--model", lib.model, "-o", tmp_path / name, *flags)
     assert result.exit_code == 2 and why in result.stderr and "--output" in result.stderr
     assert list(tmp_path.iterdir()) == []

@@ -423,6 +423,26 @@ def test_batch_of_a_folder_says_how_many_images_it_cannot_read(
     assert result.stderr.rstrip().endswith(f"{2 + len(avif)} done, 0 failed")
 
 
+def test_batch_of_a_folder_takes_every_suffix_of_a_format_automask_reads(
+    tiny_clipseg_dir: Path, tmp_path: Path, chelsea: np.ndarray
+) -> None:
+    """Before: a folder's .ppm/.pgm/.pbm/.pnm, .tga, .qoi, .jfif, .jpe and .apng images were skipped without a word,
+    though automask reads them (a quoted glob took them)."""
+    folder = tmp_path / "formats"
+    folder.mkdir()
+    photo = Image.fromarray(chelsea[:20, :30])
+    saves = {"a.ppm": ("PPM", photo), "b.pgm": ("PPM", photo.convert("L")), "c.pbm": ("PPM", photo.convert("1"))}
+    saves |= {"d.PNM": ("PPM", photo), "e.tga": ("TGA", photo), "f.qoi": ("QOI", photo), "g.jfif": ("JPEG", photo)}
+    saves |= {"h.jpe": ("JPEG", photo), "i.apng": ("PNG", photo)}
+    for name, (fmt, img) in saves.items():
+        img.save(folder / name, format=fmt)
+    out = tmp_path / "out"
+    result = invoke("batch", folder, "-o", out, "-p", "cat", "--model", tiny_clipseg_dir)
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == sorted(Path(n).stem + ".png" for n in saves)
+    assert "note:" not in result.stderr and result.stderr.rstrip().endswith(f"{len(saves)} done, 0 failed")
+
+
 def test_batch_of_a_folder_of_images_it_cannot_read_says_what_they_are(tmp_path: Path) -> None:
     """Before: 'no images found in ... (files ending .bmp, ...)' for a folder of iPhone photos, with no word on them."""
     folder = tmp_path / "phone"

@@ -83,9 +83,9 @@ def test_first_mask_installs_the_embedded_model_and_writes_the_mask(tmp_path: Pa
 @pytest.mark.parametrize(
     ("extra_env", "flags", "reason"),
     [
-        ({"AUTOMASK_OFFLINE": "1"}, [], "AUTOMASK_OFFLINE=1 or --no-download"),
+        ({"AUTOMASK_OFFLINE": "1"}, [], "AUTOMASK_OFFLINE=1"),
         ({"HF_HUB_OFFLINE": "1"}, [], "HF_HUB_OFFLINE=1"),
-        ({}, ["--no-download"], "AUTOMASK_OFFLINE=1 or --no-download"),
+        ({}, ["--no-download"], "Settings(offline=True) or --no-download"),
     ],
 )
 def test_offline_first_use_fails_naming_the_fix(
@@ -155,9 +155,30 @@ def test_the_library_and_the_server_install_only_when_the_embedded_model_is_the_
         MaskGenerator("clipseg", settings)  # a hub model is never pulled on its own
     assert attempts == [folder] * 4
     offline = settings.model_copy(update={"offline": True})
-    with pytest.raises(ModelNotAvailableError, match=r"downloads are off \(AUTOMASK_OFFLINE=1 or --no-download\)"):
+    with pytest.raises(
+        ModelNotAvailableError, match=r"downloads are off \(Settings\(offline=True\) or --no-download\)"
+    ):
         MaskGenerator(settings=offline)
     assert attempts == [folder] * 4
+
+
+def test_the_offline_error_names_what_turned_downloads_off_in_the_library(
+    settings: Settings, attempts: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before: a library user who passed Settings(offline=True) was told "AUTOMASK_OFFLINE=1 or --no-download"."""
+    monkeypatch.delenv("AUTOMASK_OFFLINE", raising=False)
+    with pytest.raises(ModelNotAvailableError) as caught:
+        MaskGenerator(settings=Settings(data_dir=settings.data_dir, offline=True))
+    assert "downloads are off (Settings(offline=True) or --no-download)" in caught.value.message
+    assert "AUTOMASK_OFFLINE" not in caught.value.message
+    with pytest.raises(ModelNotAvailableError) as caught:
+        MaskGenerator("clipseg", settings)
+    assert "point --model, AUTOMASK_MODEL or MaskGenerator(model=...) at a local model folder" in caught.value.message
+    monkeypatch.setenv("AUTOMASK_OFFLINE", "true")
+    with pytest.raises(ModelNotAvailableError) as caught:
+        MaskGenerator(settings=Settings(data_dir=settings.data_dir))
+    assert "downloads are off (AUTOMASK_OFFLINE=1)" in caught.value.message
+    assert attempts == []
 
 
 def test_first_use_in_the_library_prints_a_notice_and_a_progress_bar(

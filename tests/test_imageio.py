@@ -222,8 +222,8 @@ def test_32bit_int_and_float_tiff(settings: Settings) -> None:
 
 
 def test_a_float_tiff_out_of_range_is_told_about_its_samples_not_about_arrays(settings: Settings) -> None:
-    for values, words in [([0.0, 300.0], "Float images must hold samples in 0–1 or 0–255, got max 300"),
-                          ([-3.0, 1.0], "negative sample values (min -3)"),
+    for values, words in [([0.0, 300.0], "Float images must hold samples in 0–1 or 0–255, got 0 to 300"),
+                          ([-3.0, 1.0], "Float images must hold samples in 0–1 or 0–255, got -3 to 1"),
                           ([np.nan, 1.0], "NaN or infinite")]:  # fmt: skip
         with pytest.raises(ImageDecodeError, match=re.escape(words)) as caught:
             load_image(encode(Image.fromarray(np.array([values], np.float32)), "TIFF"), settings)
@@ -657,6 +657,32 @@ def test_numpy_rgba_composites_like_files(settings: Settings) -> None:
 def test_numpy_other_dtypes_by_range(array: np.ndarray, expected: list[int], settings: Settings) -> None:
     out = load_image(array, settings)
     assert out.shape == (*array.shape, 3) and out[0, :, 0].tolist() == expected
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        ([-0.04, 0.5, 1.06], [0, 128, 255]),  # cubic resampling's over- and undershoot: 0–1, clipped
+        ([-0.5, 0.2, 1.5], [0, 51, 255]),  # the edges of the 0–1 range
+        ([0.0, 1.0, 1.6], [0, 1, 2]),  # past 1.5: a (very dark) 0–255 image
+        ([-0.5, 100.4, 255.5], [0, 100, 255]),  # a 0–255 image's rounding edges
+        ([0.0, 0.0, 0.0], [0, 0, 0]),  # all black: the same either way
+    ],
+)
+def test_a_float_image_that_overshoots_1_a_little_is_still_0_to_1(
+    values: list[float], expected: list[int], settings: Settings
+) -> None:
+    """Before: a 0–1 image resized with cubic interpolation (max 1.06) was read as 0–255 and came out black, and one
+    that undershot 0 was refused as negative."""
+    for dtype in (np.float32, np.float64):
+        assert load_image(np.array([values], dtype), settings)[0, :, 0].tolist() == expected
+    assert load_image(tiff_of(np.array([values], np.float32)), settings)[0, :, 0].tolist() == expected
+
+
+@pytest.mark.parametrize("values", [[-0.6, 0.5], [-0.6, 200.0], [0.0, 255.6]])
+def test_a_float_image_past_both_ranges_is_refused(values: list[float], settings: Settings) -> None:
+    with pytest.raises(ImageDecodeError, match="Float images must hold samples in 0–1 or 0–255"):
+        load_image(np.array([values], np.float32), settings)
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,10 @@ and every expectation is computed from those maps with an independent reference.
 
 from __future__ import annotations
 
+import gc
 import io
+import weakref
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +20,11 @@ from scipy.ndimage import distance_transform_edt
 
 import automask
 import automask.combine
+from automask import pipeline
 from automask.errors import EmptyMaskError, InvalidOptionError, StoppedError
 from automask.feature_cache import FeatureCache
 from automask.pipeline import MaskGenerator
+from automask.settings import Settings
 
 STAGES = {"decode", "encode", "score", "postprocess", "render", "total"}
 
@@ -62,6 +67,26 @@ def test_the_one_shot_function_equals_the_generator(
     t = median_threshold(maps_of(gen, coffee, ["saucer"]))
     one_shot = automask.generate(coffee, "saucer", model=str(tiny_clipseg_dir), threshold=t, grow_mask=3)
     np.testing.assert_array_equal(one_shot.mask, gen.generate(coffee, "saucer", threshold=t, grow_mask=3).mask)
+
+
+def test_the_one_shot_function_keeps_only_the_last_generators(
+    settings: Settings, coffee: np.ndarray, tiny_clipseg_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before: one loaded generator per distinct (model, settings) was kept for ever: many settings, many models."""
+    monkeypatch.setattr(pipeline, "_DEFAULT", OrderedDict())
+    kept: dict[float, weakref.ref[MaskGenerator]] = {}
+
+    def one_shot(timeout: float) -> None:
+        variant = settings.model_copy(update={"fetch_timeout": timeout})
+        automask.generate(coffee, "cup", model=tiny_clipseg_dir, settings=variant, grow_mask=0)
+        (gen,) = [g for (_, s), g in pipeline._DEFAULT.items() if s == variant]
+        assert kept.setdefault(timeout, weakref.ref(gen))() is gen  # a kept generator is reused, not reloaded
+
+    for timeout in (1.0, 2.0, 1.0, 3.0, 1.0, 4.0, 5.0):
+        one_shot(timeout)
+        assert len(pipeline._DEFAULT) <= pipeline.ONE_SHOT_KEPT
+    gc.collect()
+    assert [t for t, ref in kept.items() if ref() is not None] == [4.0, 5.0]  # 1.0, used often, went when unused
 
 
 def _exif_rotated_jpeg(image: np.ndarray, orientation: int) -> bytes:

@@ -11,6 +11,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from PIL import Image
+
 from automask import errors
 from automask.cli_io import IMAGE_SUFFIXES, file_id, one_line
 from automask.errors import InvalidOptionError
@@ -180,10 +182,13 @@ def _folder_images(root: Path, recursive: bool, outdir: Path) -> tuple[list[Path
 
 
 def _folder_suffixes() -> frozenset[str]:
-    """The suffixes (lower case) of the files a folder source takes: `IMAGE_SUFFIXES`, and those of
+    """The suffixes (lower case) of the files a folder source takes: `IMAGE_SUFFIXES`, every suffix Pillow registers
+    for a format automask reads here (.jpe .jfif .apng .ppm .pgm .pbm .pnm .pfm .tga .qoi .avif...), and those of
     `READ_IF_PILLOW_CAN` whose format this Pillow reads."""
     readable = readable_formats()
-    return IMAGE_SUFFIXES | {suffix for suffix, fmt in READ_IF_PILLOW_CAN.items() if fmt in readable}
+    registered = Image.registered_extensions().items()
+    extra = [*registered, *READ_IF_PILLOW_CAN.items()]
+    return IMAGE_SUFFIXES | {suffix.lower() for suffix, fmt in extra if fmt in readable}
 
 
 def _walk(

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+from PIL import Image
 
 from automask import errors
 from automask.errors import AutomaskError, InvalidOptionError
@@ -24,7 +25,8 @@ from automask.result import MAX_SIDE
 from automask.settings import Settings
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
-"""What `automask batch FOLDER` picks up (case-insensitive); a glob takes every file it matches."""
+"""Image suffixes (case-insensitive) `automask batch FOLDER` always takes (it takes every suffix of a format automask
+reads too: `cli_inputs`); a glob takes every file it matches."""
 
 OUTPUT_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".tif": "TIFF", ".tiff": "TIFF"}
 """The formats `mask -o NAME` writes, by NAME's suffix (case-insensitive); any other name is written as PNG."""
@@ -295,12 +297,13 @@ def output_target(out: str | None, source: Path | None, kind: str) -> Path | Non
 def output_format(target: Path | None, kind: str) -> str:
     """The Pillow format `mask` writes `target` in (None: stdout, PNG): by its suffix (`OUTPUT_FORMATS`), PNG for a
     name without an image suffix. A cut-out named .jpg (JPEG holds no transparency) and an image suffix automask
-    does not write (.gif, .bmp: no alpha or a palette of 256) are an `InvalidOptionError`, before any work."""
+    does not write (.gif, .bmp: no alpha or a palette of 256; .tga, .ppm, .pdf: any Pillow knows) are an
+    `InvalidOptionError`, before any work."""
     if target is None:
         return "PNG"
     suffix = target.suffix.lower()
     fmt = OUTPUT_FORMATS.get(suffix)
-    if fmt is None and suffix in IMAGE_SUFFIXES:
+    if fmt is None and (suffix in IMAGE_SUFFIXES or suffix in Image.registered_extensions()):
         raise InvalidOptionError(
             "--output", f"'{target}': automask writes PNG, JPEG, WebP or TIFF files; name it {target.stem}.png"
         )

