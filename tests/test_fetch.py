@@ -431,8 +431,18 @@ def test_redirect_to_another_scheme_is_refused(site: Site) -> None:
         fetch_url(site.url("/hop"), PRIVATE_OK)
 
 
-@pytest.mark.parametrize("location", ["http:img.png", "https:x/y.png", "http:169.254.169.254/"])
-def test_redirect_to_a_scheme_without_a_host_is_a_fetch_error(site: Site, location: str) -> None:
+@pytest.mark.parametrize(
+    "location",
+    [
+        "http:img.png",
+        "https:x/y.png",
+        "http:169.254.169.254/",
+        # an invalid IDNA (punycode) host: idna's UnicodeError as httpx built the next request (was also a 500)
+        "http://xn--a.com/x.png",
+        "http://xn--ls8h.la/",
+    ],
+)
+def test_redirect_to_an_invalid_url_is_a_fetch_error(site: Site, location: str) -> None:
     """Was httpx.InvalidURL, raised as httpx built the redirect's next request: the server's 500 "unexpected error",
     with a traceback in its log, for any public page that answers so."""
     site.routes["/hop"] = redirect_route(location)

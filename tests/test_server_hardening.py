@@ -27,7 +27,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from automask import MaskGenerator, Settings
-from automask.server import keys
+from automask.server import headers, keys
 from automask.server.app import create_app
 from automask.server.config import ServerSettings
 from automask.server.http import connection_cap, error_bytes
@@ -380,6 +380,22 @@ def test_the_docs_pages_are_shown_in_no_other_sites_frame(client: TestClient) ->
         assert answer.status_code == 200
         assert answer.headers["content-security-policy"] == "frame-ancestors 'none'", page
         assert answer.headers["x-frame-options"] == "DENY", page
+
+
+def test_fastapis_own_docs_pages_are_shown_in_no_other_sites_frame(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without fastapi-offline, FastAPI's own /docs and /redoc answer (loading from a CDN): they were framable."""
+    monkeypatch.setattr(headers, "swagger_assets", lambda: None)
+    settings = Settings(data_dir=tmp_path / "data")
+    app = create_app(settings, ServerSettings(auth=False), MaskGenerator(FakeBackend(), settings))
+    with TestClient(app, base_url="http://127.0.0.1") as c:
+        for page in ("/docs", "/redoc"):
+            answer = c.get(page)
+            assert answer.status_code == 200 and "cdn" in answer.text.lower(), page
+            assert answer.headers["content-security-policy"] == "frame-ancestors 'none'", page
+            assert answer.headers["x-frame-options"] == "DENY", page
+        assert "x-frame-options" not in c.get("/openapi.json").headers
 
 
 @pytest.fixture()

@@ -194,8 +194,9 @@ def _get(url: httpx.URL, addresses: list[IPAddress], deadline: float, settings: 
                     raise FetchError(f"Could not connect to the image URL's server {url.host} ({exc}).") from None
                 continue
             raise FetchError(f"Fetching the image URL {_show(url)} failed: {exc}.") from None
-        except httpx.InvalidURL as exc:  # httpx builds a redirect's next request (unused here) and may fail to
-            # ("Location: http:x.png": a scheme, no host); not an HTTPError: it was a 500 "unexpected server error"
+        except (httpx.InvalidURL, UnicodeError) as exc:  # httpx builds a redirect's next request (unused here)
+            # and may fail to ("Location: http:x.png": a scheme, no host; "http://xn--a.com/": idna's UnicodeError);
+            # neither is an HTTPError: each was a 500 "unexpected server error"
             raise FetchError(f"The image URL {_show(url)} redirected to an invalid URL ({exc}).") from None
     raise AssertionError("unreachable: addresses is never empty")
 

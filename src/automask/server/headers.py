@@ -9,10 +9,11 @@ Docs: FastAPI's `/docs` and `/redoc` pages load Swagger UI and ReDoc from a CDN 
 the `fastapi-offline` package (MIT; a copy of swagger-ui-dist 5 and of ReDoc) is installed, as the `server` extra
 does, `GET /docs` and `GET /redoc` are answered here with pages that load them from `/docs/assets/` instead, so the
 docs work on a host with no internet and leak nothing to a CDN (ReDoc's script is served without the address of its
-maker's logo, on cdn.redoc.ly). Without that package, FastAPI's own pages (CDN) answer. On a server set up for a
-proxy that strips a prefix (`--public-url` with a path), the docs load everything from under the prefix; asked for
-there directly (the docs opened on the server itself), Swagger UI's files are served too, and the OpenAPI document
-without the prefix in its `servers`, so "Try it out" calls the API at this server's root.
+maker's logo, on cdn.redoc.ly). Without that package, FastAPI's own pages (CDN) answer, in no frame either (as
+here: `UNFRAMED`). On a server set up for a proxy that strips a prefix (`--public-url` with a path), the docs load
+everything from under the prefix; asked for there directly (the docs opened on the server itself), Swagger UI's
+files are served too, and the OpenAPI document without the prefix in its `servers`, so "Try it out" calls the API
+at this server's root.
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ from automask.server.limits import ASGIApp, Message, Receive, Scope, Send
 
 NOSNIFF = (b"x-content-type-options", b"nosniff")
 NO_STORE = (b"cache-control", b"no-store")
+UNFRAMED = ((b"content-security-policy", b"frame-ancestors 'none'"), (b"x-frame-options", b"DENY"))
+"""The docs pages are shown in no other site's frame (where "Try it out" and "Authorize", which takes an API key,
+could be clicked through a disguise: clickjacking), as the web page is not."""
 DOCS = "/docs"
 REDOC = "/redoc"
 DOCS_ASSETS = "/docs/assets"
@@ -92,8 +96,8 @@ class EdgeMiddleware:
         elif direct and app is not None and local == app.openapi_url:
             # the docs opened on this server itself (no proxy): their "Try it out" calls the API here, at the root
             await JSONResponse(app.openapi())(scope, receive, send)
-        elif self.assets is None:
-            await self.app(scope, receive, send)
+        elif self.assets is None:  # FastAPI's own pages (CDN), framed nowhere all the same
+            await self.app(scope, receive, _adding(send, *UNFRAMED) if local in (DOCS, REDOC) else send)
         elif local == DOCS:
             await _docs_page(scope, root)(scope, receive, send)
         elif local == REDOC:
@@ -103,7 +107,7 @@ class EdgeMiddleware:
         elif local.startswith(DOCS_ASSETS + "/"):
             try:
                 files = {**scope, "path": root + local, "root_path": root + DOCS_ASSETS}  # the path under the root
-                await self.assets(files, receive, _no_cache(send))
+                await self.assets(files, receive, _adding(send, (b"cache-control", b"no-cache")))
             except HTTPException:
                 message = f"No file {local.removeprefix(DOCS_ASSETS + '/')[:100]!r} in the API docs' assets."
                 await JSONResponse({"error": message}, status_code=404)(scope, receive, send)
@@ -138,11 +142,10 @@ def _docs_page(scope: Scope, root: str) -> Any:
 
 
 def _unframed(response: Any) -> Any:
-    """A docs page revalidated each time, and shown in no other site's frame (where "Try it out" and "Authorize",
-    which takes an API key, could be clicked through a disguise: clickjacking), as the web page is not."""
+    """A docs page revalidated each time, and shown in no other site's frame (`UNFRAMED`)."""
     response.headers["cache-control"] = "no-cache"
-    response.headers["content-security-policy"] = "frame-ancestors 'none'"
-    response.headers["x-frame-options"] = "DENY"
+    for name, value in UNFRAMED:
+        response.headers[name.decode()] = value.decode()
     return response
 
 
@@ -170,12 +173,13 @@ def _redoc_script(scope: Scope, folder: Path) -> Response:
     return Response(body, headers=headers, media_type="text/javascript")
 
 
-def _no_cache(send: Send) -> Send:
-    """Mark Swagger UI's files `no-cache` (revalidated by ETag), like the page's own files."""
+def _adding(send: Send, *headers: tuple[bytes, bytes]) -> Send:
+    """`send`, adding `headers` to the answer: `no-cache` to Swagger UI's files (revalidated by ETag, like the page's
+    own files), `UNFRAMED` to FastAPI's own docs pages."""
 
     async def wrapped(message: Message) -> None:
         if message["type"] == "http.response.start":
-            message["headers"] = [*message.get("headers", []), (b"cache-control", b"no-cache")]
+            message["headers"] = [*message.get("headers", []), *headers]
         await send(message)
 
     return wrapped
