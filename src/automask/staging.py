@@ -169,25 +169,13 @@ def _downloaded(tmp: Path) -> int:
 
 
 def _hold(path: Path, waiting: Callable[[], None] | None) -> int | None:
-    """`_lock(path)`, waiting for it (calling `waiting` first) when another process holds it; again until the
-    locked file is still the one at `path` (the previous holder deletes it as it lets go: a lock on that deleted
-    file would hold nothing)."""
-    wait = False
-    while True:
-        fd = _lock(path, wait=wait)
-        if fd is None:
-            if waiting is not None and not wait:
-                waiting()
-            wait = True
-            continue
-        if fd < 0:
-            return fd
-        try:
-            if os.fstat(fd).st_ino == os.stat(path).st_ino:
-                return fd
-        except FileNotFoundError:
-            pass
-        os.close(fd)
+    """`_lock(path)`, waiting for it (calling `waiting` first) when another process holds it."""
+    fd = _lock(path, wait=False)
+    if fd is None:
+        if waiting is not None:
+            waiting()
+        fd = _lock(path, wait=True)
+    return fd
 
 
 def _lock_file(tmp: Path) -> Path:
@@ -196,18 +184,29 @@ def _lock_file(tmp: Path) -> Path:
 
 def _lock(path: Path, *, wait: bool) -> int | None:
     """An open descriptor of `path` (created if need be) holding its exclusive lock; None when another process
-    holds it (and not `wait`). Where there is no `fcntl` (Windows) nothing is locked: -1."""
+    holds it (and not `wait`). Where there is no `fcntl` (Windows) nothing is locked: -1.
+
+    Again until the locked file is still the one at `path`: a holder deletes it as it lets go (`_unlock`), and a
+    lock taken meanwhile on that deleted file would hold nothing (another process locks the new file there)."""
     try:
         import fcntl
     except ImportError:
         return -1
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                return fd
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        except FileNotFoundError:
+            pass
+        except BaseException:
+            os.close(fd)
+            raise
         os.close(fd)
-        return None
-    return fd
 
 
 def _unlock(path: Path, fd: int | None) -> None:
