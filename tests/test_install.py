@@ -6,6 +6,7 @@ import os
 import shutil
 import signal
 import stat
+import sys
 import threading
 import time
 from pathlib import Path
@@ -321,3 +322,13 @@ def test_a_lock_let_go_while_another_waits_for_it_has_one_holder_at_a_time(
         assert os.fstat(got[0]).st_ino == os.stat(path).st_ino
     finally:
         staging_module._unlock(path, got[0])
+
+
+def test_installing_is_false_where_locks_cannot_tell(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without `fcntl` (Windows) no lock tells of an installer: `installing` is False, as it says, not True."""
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / ".m.partial.lock").touch()
+    (models / ".m-0000000a.partial.lock").touch()
+    monkeypatch.setitem(sys.modules, "fcntl", None)
+    assert not staging_module.installing(models / "m")

@@ -153,7 +153,7 @@ def _unique(folder: Path, suffix: str) -> str:
 
 
 def _held(path: Path) -> bool:
-    """True when a live process holds the lock of lock file `path`."""
+    """True when a live process holds the lock of lock file `path`; False where locks cannot tell (Windows)."""
     fd = _lock(path, wait=False)
     if fd is not None and fd >= 0:
         os.close(fd)
