@@ -332,3 +332,11 @@ def test_installing_is_false_where_locks_cannot_tell(tmp_path: Path, monkeypatch
     (models / ".m-0000000a.partial.lock").touch()
     monkeypatch.setitem(sys.modules, "fcntl", None)
     assert not staging_module.installing(models / "m")
+
+
+def test_asking_whether_a_lock_is_held_leaves_no_lock_file(tmp_path: Path) -> None:
+    """`recover` (and `installing`, `models list`) asked of a lock file an export had just deleted as it ended:
+    asking created it again, a stray `.m-xxxxxxxx.partial.lock` that nothing removed. Now it only says not held."""
+    lock = tmp_path / ".m-0000000a.partial.lock"
+    assert not staging_module._held(lock)
+    assert not lock.exists()

@@ -154,7 +154,10 @@ def _unique(folder: Path, suffix: str) -> str:
 
 def _held(path: Path) -> bool:
     """True when a live process holds the lock of lock file `path`; False where locks cannot tell (Windows)."""
-    fd = _lock(path, wait=False)
+    try:
+        fd = _lock(path, wait=False, create=False)
+    except FileNotFoundError:  # its holder deleted it as it let go (not created again: a stray file nobody tidies)
+        return False
     if fd is not None and fd >= 0:
         os.close(fd)
     return fd is None
@@ -182,9 +185,10 @@ def _lock_file(tmp: Path) -> Path:
     return tmp.with_name(f"{tmp.name}.lock")
 
 
-def _lock(path: Path, *, wait: bool) -> int | None:
-    """An open descriptor of `path` (created if need be) holding its exclusive lock; None when another process
-    holds it (and not `wait`). Where there is no `fcntl` (Windows) nothing is locked: -1.
+def _lock(path: Path, *, wait: bool, create: bool = True) -> int | None:
+    """An open descriptor of `path` (created if need be, if `create`: else FileNotFoundError) holding its exclusive
+    lock; None when another process holds it (and not `wait`). Where there is no `fcntl` (Windows) nothing is
+    locked: -1.
 
     Again until the locked file is still the one at `path`: a holder deletes it as it lets go (`_unlock`), and a
     lock taken meanwhile on that deleted file would hold nothing (another process locks the new file there)."""
@@ -193,7 +197,7 @@ def _lock(path: Path, *, wait: bool) -> int | None:
     except ImportError:
         return -1
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
             if os.fstat(fd).st_ino == os.stat(path).st_ino:
