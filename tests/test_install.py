@@ -6,6 +6,7 @@ import os
 import shutil
 import signal
 import stat
+import sys
 import threading
 import time
 from pathlib import Path
@@ -288,3 +289,54 @@ def test_the_note_on_a_running_pull_does_not_call_its_download_kept(tmp_path: Pa
         (tmp / "weights").write_bytes(b"\0" * 3_000_000)
         assert partial_note(target) == f"A pull of m is running: 3.0 MB downloaded so far, in '{tmp}'."
     assert list(target.parent.iterdir()) == []
+
+
+def test_a_lock_let_go_while_another_waits_for_it_has_one_holder_at_a_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A waiter blocked on a lock file that its holder then deleted and let go locked that deleted file, while a
+    third installer locked a new file at the path: two holders at once (two pulls writing one staging folder, or
+    `recover` moving a folder an installer was renaming). The waiter now locks the file at the path."""
+    import fcntl
+
+    path = tmp_path / ".m.partial.lock"
+    holder = staging_module._lock(path, wait=True)
+    opened = threading.Event()
+    real_flock = fcntl.flock
+
+    def flock(fd: int, op: int) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            opened.set()  # the waiter has opened the holder's file: it is let go only now
+        real_flock(fd, op)
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+    got: list[int | None] = []
+    waiter = threading.Thread(target=lambda: got.append(staging_module._lock(path, wait=True)))
+    waiter.start()
+    assert opened.wait(10)
+    staging_module._unlock(path, holder)
+    waiter.join(10)
+    assert got and got[0] is not None
+    try:
+        assert staging_module._lock(path, wait=False) is None  # a third installer waits
+        assert os.fstat(got[0]).st_ino == os.stat(path).st_ino
+    finally:
+        staging_module._unlock(path, got[0])
+
+
+def test_installing_is_false_where_locks_cannot_tell(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without `fcntl` (Windows) no lock tells of an installer: `installing` is False, as it says, not True."""
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / ".m.partial.lock").touch()
+    (models / ".m-0000000a.partial.lock").touch()
+    monkeypatch.setitem(sys.modules, "fcntl", None)
+    assert not staging_module.installing(models / "m")
+
+
+def test_asking_whether_a_lock_is_held_leaves_no_lock_file(tmp_path: Path) -> None:
+    """`recover` (and `installing`, `models list`) asked of a lock file an export had just deleted as it ended:
+    asking created it again, a stray `.m-xxxxxxxx.partial.lock` that nothing removed. Now it only says not held."""
+    lock = tmp_path / ".m-0000000a.partial.lock"
+    assert not staging_module._held(lock)
+    assert not lock.exists()

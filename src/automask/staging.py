@@ -153,8 +153,11 @@ def _unique(folder: Path, suffix: str) -> str:
 
 
 def _held(path: Path) -> bool:
-    """True when a live process holds the lock of lock file `path`."""
-    fd = _lock(path, wait=False)
+    """True when a live process holds the lock of lock file `path`; False where locks cannot tell (Windows)."""
+    try:
+        fd = _lock(path, wait=False, create=False)
+    except FileNotFoundError:  # its holder deleted it as it let go (not created again: a stray file nobody tidies)
+        return False
     if fd is not None and fd >= 0:
         os.close(fd)
     return fd is None
@@ -169,45 +172,45 @@ def _downloaded(tmp: Path) -> int:
 
 
 def _hold(path: Path, waiting: Callable[[], None] | None) -> int | None:
-    """`_lock(path)`, waiting for it (calling `waiting` first) when another process holds it; again until the
-    locked file is still the one at `path` (the previous holder deletes it as it lets go: a lock on that deleted
-    file would hold nothing)."""
-    wait = False
-    while True:
-        fd = _lock(path, wait=wait)
-        if fd is None:
-            if waiting is not None and not wait:
-                waiting()
-            wait = True
-            continue
-        if fd < 0:
-            return fd
-        try:
-            if os.fstat(fd).st_ino == os.stat(path).st_ino:
-                return fd
-        except FileNotFoundError:
-            pass
-        os.close(fd)
+    """`_lock(path)`, waiting for it (calling `waiting` first) when another process holds it."""
+    fd = _lock(path, wait=False)
+    if fd is None:
+        if waiting is not None:
+            waiting()
+        fd = _lock(path, wait=True)
+    return fd
 
 
 def _lock_file(tmp: Path) -> Path:
     return tmp.with_name(f"{tmp.name}.lock")
 
 
-def _lock(path: Path, *, wait: bool) -> int | None:
-    """An open descriptor of `path` (created if need be) holding its exclusive lock; None when another process
-    holds it (and not `wait`). Where there is no `fcntl` (Windows) nothing is locked: -1."""
+def _lock(path: Path, *, wait: bool, create: bool = True) -> int | None:
+    """An open descriptor of `path` (created if need be, if `create`: else FileNotFoundError) holding its exclusive
+    lock; None when another process holds it (and not `wait`). Where there is no `fcntl` (Windows) nothing is
+    locked: -1.
+
+    Again until the locked file is still the one at `path`: a holder deletes it as it lets go (`_unlock`), and a
+    lock taken meanwhile on that deleted file would hold nothing (another process locks the new file there)."""
     try:
         import fcntl
     except ImportError:
         return -1
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    while True:
+        fd = os.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                return fd
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        except FileNotFoundError:
+            pass
+        except BaseException:
+            os.close(fd)
+            raise
         os.close(fd)
-        return None
-    return fd
 
 
 def _unlock(path: Path, fd: int | None) -> None:
