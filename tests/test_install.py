@@ -340,3 +340,18 @@ def test_asking_whether_a_lock_is_held_leaves_no_lock_file(tmp_path: Path) -> No
     lock = tmp_path / ".m-0000000a.partial.lock"
     assert not staging_module._held(lock)
     assert not lock.exists()
+
+
+def test_staging_a_model_leaves_another_models_kept_download_alone(tmp_path: Path) -> None:
+    """Before: staging for model 'm' removed every unlocked `.m-*.partial` beside it, which also matched the kept
+    (resumable) download of a model named 'm-more' (`.m-more.partial`): its downloaded bytes were deleted. Only the
+    names `staging` gives ('.m-' + 8 hex digits) are its own."""
+    models = tmp_path / "models"
+    kept = models / ".m-more.partial"
+    (kept / "weights").mkdir(parents=True)
+    abandoned = models / ".m-0000000a.partial"
+    abandoned.mkdir()
+    with staging(models / "m"):
+        pass
+    assert (kept / "weights").is_dir()
+    assert not abandoned.exists()

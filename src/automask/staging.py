@@ -222,7 +222,7 @@ def _unlock(path: Path, fd: int | None) -> None:
 
 def _remove_abandoned(folder: Path) -> None:
     """Remove the staging folders of `folder` that no live process holds (see `staging`)."""
-    for old in folder.parent.glob(f".{glob.escape(folder.name)}-*.partial"):
+    for old in folder.parent.glob(_unique(folder, ".partial")):
         fd = _lock(_lock_file(old), wait=False)
         if fd is None or fd < 0:  # alive, or no locks to tell (Windows): keep it
             continue
