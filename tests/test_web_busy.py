@@ -77,7 +77,7 @@ def wide_gamut_result(page: Any, slow: Live, astronaut: np.ndarray, folder: Path
 def wait_shown(page: Any, threshold: float) -> None:
     page.wait_for_function(
         """(t) => { const r = document.getElementById('result');
-                    return r.getAttribute('aria-busy') === 'false' && r.dataset.options
+                    return document.getElementById('stage').getAttribute('aria-busy') === 'false' && r.dataset.options
                       && JSON.parse(r.dataset.options).threshold === t; }""",
         arg=threshold,
     )
@@ -99,7 +99,7 @@ def test_enter_again_while_working_does_not_ask_again(
     first_options(page)
     page.fill("#prompt", FIRST["prompt"])
     page.press("#prompt", "Enter")
-    page.wait_for_selector("#result[aria-busy=true]")
+    page.wait_for_selector("#stage[aria-busy=true]")
     assert page.inner_text("#submit") == "Working…"
     for _ in range(2):
         page.wait_for_timeout(300)
@@ -114,7 +114,7 @@ def test_enter_again_while_working_does_not_ask_again(
     page.uncheck("#auto")
     page.fill("#prompt", "cup")
     page.press("#prompt", "Enter")
-    page.wait_for_selector("#result[aria-busy=true]")
+    page.wait_for_selector("#stage[aria-busy=true]")
     set_slider(page, "#threshold", "ArrowRight")
     page.press("#prompt", "Enter")
     wait_shown(page, 0.51)
@@ -124,7 +124,7 @@ def test_enter_again_while_working_does_not_ask_again(
     # So does another key typed in while it runs.
     set_slider(page, "#threshold", "ArrowRight")
     page.press("#prompt", "Enter")
-    page.wait_for_selector("#result[aria-busy=true]")
+    page.wait_for_selector("#stage[aria-busy=true]")
     page.fill("#api-key", "not-a-key")
     page.press("#prompt", "Enter")
     page.wait_for_selector("#error:not([hidden])")
@@ -189,12 +189,12 @@ def test_esc_stops_what_began_last(tab: Tab, slow: Live, astronaut: np.ndarray, 
     aborted = aborted_posts(page)
     set_slider(page, "#threshold", "ArrowRight")
     page.press("#prompt", "Enter")
-    page.wait_for_selector("#result[aria-busy=true]")
+    page.wait_for_selector("#stage[aria-busy=true]")
     page.click("#dl-alpha")
     page.wait_for_function(TICKING)
     page.keyboard.press("Escape")
     page.wait_for_selector("#dl-cancel", state="hidden")
-    assert page.get_attribute("#result", "aria-busy") == "true", "Esc stopped the mask request"
+    assert page.get_attribute("#stage", "aria-busy") == "true", "Esc stopped the mask request"
     wait_shown(page, 0.51)
     assert [b["return_alpha"] for b in aborted] == [True]
     assert slow.settled_credits() == start - 1
@@ -224,7 +224,7 @@ def test_a_turned_webp_pasted_as_a_url_drops_the_request_for_the_image_before(
     aborted = aborted_posts(page)
     page.fill("#prompt", FIRST["prompt"])
     page.press("#prompt", "Enter")
-    page.wait_for_selector("#result[aria-busy=true]")
+    page.wait_for_selector("#stage[aria-busy=true]")
     page.fill("#image-url", data_uri(turned, "image/webp"))
     page.press("#image-url", "Enter")
     page.wait_for_function("() => document.getElementById('image-info').textContent.startsWith('pasted image')")
@@ -253,7 +253,7 @@ def test_a_mask_request_and_a_download_each_keep_their_time(
     page = tab.page
     wide_gamut_result(page, slow, astronaut, tmp_path)
     set_slider(page, "#threshold", "ArrowRight")  # auto-update: a mask request for 0.51
-    page.wait_for_selector("#result[aria-busy=true]")
+    page.wait_for_selector("#stage[aria-busy=true]")
     page.click("#dl-alpha")
     page.wait_for_function(TICKING)
     page.click("#cancel")
@@ -264,7 +264,7 @@ def test_a_mask_request_and_a_download_each_keep_their_time(
     page.click("#dl-preview")  # the download first, then a mask request: the download ends first
     page.wait_for_selector("#dl-cancel:visible")
     page.press("#prompt", "Enter")
-    page.wait_for_selector("#result[aria-busy=true]")
+    page.wait_for_selector("#stage[aria-busy=true]")
     page.wait_for_selector("#dl-cancel", state="hidden")
     assert page.inner_text("#status").startswith("Downloaded.")
     ticks(page, "Working")
