@@ -483,9 +483,10 @@ def test_superseded_and_cancelled_requests_are_not_charged(
         page.wait_for_selector("#stage[aria-busy=true]")
         assert page.is_visible("#cancel")
         # Busy is the image and targets being replaced, not the section holding the status and error (whose
-        # announcements a screen reader may hold back).
+        # announcements a screen reader may hold back); Cancel says what it cancels ("Cancel download" is too).
         held = "() => ['status', 'error'].some((id) => document.getElementById(id).closest('[aria-busy=true]'))"
         assert not page.evaluate(held), "the status line is inside a busy region"
+        assert page.get_by_role("button", name="Cancel the mask request", exact=True).is_visible()
         page.wait_for_function("() => /Working… \\d+\\.\\d s/.test(document.getElementById('status').textContent)")
         spoken, shown = page.locator("#status").aria_snapshot(), page.inner_text("#status")
         page.wait_for_timeout(300)  # the seconds tick on the screen, not in a screen reader's ear (a live region)
