@@ -59,15 +59,20 @@ def first_options(page: Any) -> None:
     set_slider(page, "#grow_mask", "Home")  # 10 -> 0
 
 
+def ask_first(page: Any, photo: Path) -> None:
+    """Choose `photo`, set the first options, and ask for the first prompt's mask (Enter)."""
+    pick_photo(page, photo)
+    first_options(page)
+    page.fill("#prompt", FIRST["prompt"])
+    page.press("#prompt", "Enter")
+
+
 def wide_gamut_result(page: Any, slow: Live, astronaut: np.ndarray, folder: Path) -> int:
     """Mask a wide-gamut photo (its cut-out and preview the server's: one more request each), threshold 0.5;
     return the key's credits then."""
     wide = folder / "wide-gamut.png"
     Image.fromarray(astronaut).save(wide, icc_profile=WIDE_ICC)
-    pick_photo(page, wide)
-    first_options(page)
-    page.fill("#prompt", FIRST["prompt"])
-    page.press("#prompt", "Enter")
+    ask_first(page, wide)
     wait_shown(page, 0.5)
     start = slow.settled_credits()
     assert start is not None
@@ -95,10 +100,7 @@ def test_enter_again_while_working_does_not_ask_again(
     assert start is not None
     photo = tmp_path / "astronaut.png"
     Image.fromarray(astronaut).save(photo)
-    pick_photo(page, photo)
-    first_options(page)
-    page.fill("#prompt", FIRST["prompt"])
-    page.press("#prompt", "Enter")
+    ask_first(page, photo)
     page.wait_for_selector("#stage[aria-busy=true]")
     assert page.inner_text("#submit") == "Working…"
     for _ in range(2):
@@ -229,6 +231,23 @@ def test_a_turned_webp_pasted_as_a_url_drops_the_request_for_the_image_before(
     page.press("#image-url", "Enter")
     page.wait_for_function("() => document.getElementById('image-info').textContent.startsWith('pasted image')")
     assert len(aborted) == 1 and aborted[0]["image"].startswith("data:image/png"), "the photo's request ran on"
+
+
+def test_esc_cancels_the_update_not_yet_sent(tab: Tab, slow: Live, astronaut: np.ndarray, tmp_path: Path) -> None:
+    """A slider moved (auto-update), then Esc within the ~300 ms before the request goes out: nothing is sent, the
+    page says so and that the result shown is for the previous settings. Before, Esc did nothing then and the
+    request went out (and was charged) anyway."""
+    page = tab.page
+    photo = tmp_path / "astronaut.png"
+    Image.fromarray(astronaut).save(photo)
+    ask_first(page, photo)
+    wait_shown(page, 0.5)
+    set_slider(page, "#threshold", "ArrowRight")
+    page.keyboard.press("Escape")
+    page.wait_for_timeout(600)
+    assert [b["threshold"] for b in tab.api_bodies] == [0.5], "the update went out after Esc"
+    assert page.inner_text("#status") == "Update cancelled: nothing was sent."
+    assert page.is_visible("#stale-note") and page.get_attribute("#stage", "aria-busy") == "false"
 
 
 def ticks(page: Any, line: str) -> None:
