@@ -480,8 +480,13 @@ def test_superseded_and_cancelled_requests_are_not_charged(
         page = tab.page
         page.fill("#prompt", "person")
         pick_photo(page, photo)  # the page masks the new photo with the prompt it has...
-        page.wait_for_selector("#result[aria-busy=true]")
+        page.wait_for_selector("#stage[aria-busy=true]")
         assert page.is_visible("#cancel")
+        # Busy is the image and targets being replaced, not the section holding the status and error (whose
+        # announcements a screen reader may hold back); Cancel says what it cancels ("Cancel download" is too).
+        held = "() => ['status', 'error'].some((id) => document.getElementById(id).closest('[aria-busy=true]'))"
+        assert not page.evaluate(held), "the status line is inside a busy region"
+        assert page.get_by_role("button", name="Cancel the mask request", exact=True).is_visible()
         page.wait_for_function("() => /Working… \\d+\\.\\d s/.test(document.getElementById('status').textContent)")
         spoken, shown = page.locator("#status").aria_snapshot(), page.inner_text("#status")
         page.wait_for_timeout(300)  # the seconds tick on the screen, not in a screen reader's ear (a live region)
@@ -500,13 +505,13 @@ def test_superseded_and_cancelled_requests_are_not_charged(
         assert 1400 <= shown_ms <= wall_ms + 50, (shown_ms, wall_ms)
         # Cancel: the request is aborted, the result stays, nothing is charged.
         set_slider(page, "#threshold", "ArrowRight", 5)
-        page.wait_for_selector("#result[aria-busy=true]")
+        page.wait_for_selector("#stage[aria-busy=true]")
         page.focus("#submit")
         page.keyboard.press("Tab")  # Cancel comes next, with the keyboard as with the mouse
         page.keyboard.press("Enter")
         assert "Cancelled" in page.inner_text("#status")
         assert page.evaluate("document.activeElement.id") == "submit", "the focus left with the hidden Cancel"
-        assert page.get_attribute("#result", "aria-busy") == "false" and not page.is_visible("#cancel")
+        assert page.get_attribute("#stage", "aria-busy") == "false" and not page.is_visible("#cancel")
         assert page.is_visible("#after") and not page.is_disabled("#dl-mask")
         time.sleep(2.0)  # the server finishes (or drops) the aborted work
         assert slow.settled_credits() == 49, "the cancelled request was charged"

@@ -59,15 +59,20 @@ def first_options(page: Any) -> None:
     set_slider(page, "#grow_mask", "Home")  # 10 -> 0
 
 
+def ask_first(page: Any, photo: Path) -> None:
+    """Choose `photo`, set the first options, and ask for the first prompt's mask (Enter)."""
+    pick_photo(page, photo)
+    first_options(page)
+    page.fill("#prompt", FIRST["prompt"])
+    page.press("#prompt", "Enter")
+
+
 def wide_gamut_result(page: Any, slow: Live, astronaut: np.ndarray, folder: Path) -> int:
     """Mask a wide-gamut photo (its cut-out and preview the server's: one more request each), threshold 0.5;
     return the key's credits then."""
     wide = folder / "wide-gamut.png"
     Image.fromarray(astronaut).save(wide, icc_profile=WIDE_ICC)
-    pick_photo(page, wide)
-    first_options(page)
-    page.fill("#prompt", FIRST["prompt"])
-    page.press("#prompt", "Enter")
+    ask_first(page, wide)
     wait_shown(page, 0.5)
     start = slow.settled_credits()
     assert start is not None
@@ -77,7 +82,7 @@ def wide_gamut_result(page: Any, slow: Live, astronaut: np.ndarray, folder: Path
 def wait_shown(page: Any, threshold: float) -> None:
     page.wait_for_function(
         """(t) => { const r = document.getElementById('result');
-                    return r.getAttribute('aria-busy') === 'false' && r.dataset.options
+                    return document.getElementById('stage').getAttribute('aria-busy') === 'false' && r.dataset.options
                       && JSON.parse(r.dataset.options).threshold === t; }""",
         arg=threshold,
     )
@@ -95,11 +100,8 @@ def test_enter_again_while_working_does_not_ask_again(
     assert start is not None
     photo = tmp_path / "astronaut.png"
     Image.fromarray(astronaut).save(photo)
-    pick_photo(page, photo)
-    first_options(page)
-    page.fill("#prompt", FIRST["prompt"])
-    page.press("#prompt", "Enter")
-    page.wait_for_selector("#result[aria-busy=true]")
+    ask_first(page, photo)
+    page.wait_for_selector("#stage[aria-busy=true]")
     assert page.inner_text("#submit") == "Working…"
     for _ in range(2):
         page.wait_for_timeout(300)
@@ -114,7 +116,7 @@ def test_enter_again_while_working_does_not_ask_again(
     page.uncheck("#auto")
     page.fill("#prompt", "cup")
     page.press("#prompt", "Enter")
-    page.wait_for_selector("#result[aria-busy=true]")
+    page.wait_for_selector("#stage[aria-busy=true]")
     set_slider(page, "#threshold", "ArrowRight")
     page.press("#prompt", "Enter")
     wait_shown(page, 0.51)
@@ -124,7 +126,7 @@ def test_enter_again_while_working_does_not_ask_again(
     # So does another key typed in while it runs.
     set_slider(page, "#threshold", "ArrowRight")
     page.press("#prompt", "Enter")
-    page.wait_for_selector("#result[aria-busy=true]")
+    page.wait_for_selector("#stage[aria-busy=true]")
     page.fill("#api-key", "not-a-key")
     page.press("#prompt", "Enter")
     page.wait_for_selector("#error:not([hidden])")
@@ -189,12 +191,12 @@ def test_esc_stops_what_began_last(tab: Tab, slow: Live, astronaut: np.ndarray, 
     aborted = aborted_posts(page)
     set_slider(page, "#threshold", "ArrowRight")
     page.press("#prompt", "Enter")
-    page.wait_for_selector("#result[aria-busy=true]")
+    page.wait_for_selector("#stage[aria-busy=true]")
     page.click("#dl-alpha")
     page.wait_for_function(TICKING)
     page.keyboard.press("Escape")
     page.wait_for_selector("#dl-cancel", state="hidden")
-    assert page.get_attribute("#result", "aria-busy") == "true", "Esc stopped the mask request"
+    assert page.get_attribute("#stage", "aria-busy") == "true", "Esc stopped the mask request"
     wait_shown(page, 0.51)
     assert [b["return_alpha"] for b in aborted] == [True]
     assert slow.settled_credits() == start - 1
@@ -224,11 +226,28 @@ def test_a_turned_webp_pasted_as_a_url_drops_the_request_for_the_image_before(
     aborted = aborted_posts(page)
     page.fill("#prompt", FIRST["prompt"])
     page.press("#prompt", "Enter")
-    page.wait_for_selector("#result[aria-busy=true]")
+    page.wait_for_selector("#stage[aria-busy=true]")
     page.fill("#image-url", data_uri(turned, "image/webp"))
     page.press("#image-url", "Enter")
     page.wait_for_function("() => document.getElementById('image-info').textContent.startsWith('pasted image')")
     assert len(aborted) == 1 and aborted[0]["image"].startswith("data:image/png"), "the photo's request ran on"
+
+
+def test_esc_cancels_the_update_not_yet_sent(tab: Tab, slow: Live, astronaut: np.ndarray, tmp_path: Path) -> None:
+    """A slider moved (auto-update), then Esc within the ~300 ms before the request goes out: nothing is sent, the
+    page says so and that the result shown is for the previous settings. Before, Esc did nothing then and the
+    request went out (and was charged) anyway."""
+    page = tab.page
+    photo = tmp_path / "astronaut.png"
+    Image.fromarray(astronaut).save(photo)
+    ask_first(page, photo)
+    wait_shown(page, 0.5)
+    set_slider(page, "#threshold", "ArrowRight")
+    page.keyboard.press("Escape")
+    page.wait_for_timeout(600)
+    assert [b["threshold"] for b in tab.api_bodies] == [0.5], "the update went out after Esc"
+    assert page.inner_text("#status") == "Update cancelled: nothing was sent."
+    assert page.is_visible("#stale-note") and page.get_attribute("#stage", "aria-busy") == "false"
 
 
 def ticks(page: Any, line: str) -> None:
@@ -253,7 +272,7 @@ def test_a_mask_request_and_a_download_each_keep_their_time(
     page = tab.page
     wide_gamut_result(page, slow, astronaut, tmp_path)
     set_slider(page, "#threshold", "ArrowRight")  # auto-update: a mask request for 0.51
-    page.wait_for_selector("#result[aria-busy=true]")
+    page.wait_for_selector("#stage[aria-busy=true]")
     page.click("#dl-alpha")
     page.wait_for_function(TICKING)
     page.click("#cancel")
@@ -264,7 +283,7 @@ def test_a_mask_request_and_a_download_each_keep_their_time(
     page.click("#dl-preview")  # the download first, then a mask request: the download ends first
     page.wait_for_selector("#dl-cancel:visible")
     page.press("#prompt", "Enter")
-    page.wait_for_selector("#result[aria-busy=true]")
+    page.wait_for_selector("#stage[aria-busy=true]")
     page.wait_for_selector("#dl-cancel", state="hidden")
     assert page.inner_text("#status").startswith("Downloaded.")
     ticks(page, "Working")

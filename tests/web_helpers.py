@@ -313,7 +313,8 @@ def wait_result(page: Any, previous: str | None, **options: Any) -> str:
     page.wait_for_function(
         """([prev, want]) => {
              const r = document.getElementById('result');
-             if (!r.dataset.ready || r.dataset.ready === prev || r.getAttribute('aria-busy') === 'true') return false;
+             const busy = document.getElementById('stage').getAttribute('aria-busy') === 'true';
+             if (!r.dataset.ready || r.dataset.ready === prev || busy) return false;
              const used = JSON.parse(r.dataset.options);
              return Object.entries(want).every(([k, v]) => used[k] === v);
            }""",

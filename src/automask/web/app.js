@@ -37,6 +37,7 @@ const state = {
   shown: 0,
   inflight: null, // {controller, seq, started, cacheKey, apiKey, loading}
   timer: 0,
+  pending: null, // when (performance.now()) the automatic request waiting for its delay was scheduled; null: none
   ticker: 0,
   reading: null, // the name of an image being read (input.js): the one shown is no longer the one to mask
   growAuto: false, // grow_mask / feather were set by the page for a cut-out, not by the user
@@ -117,7 +118,7 @@ function checkReady() {
 
 // Abort the request in flight and any pending automatic one: their results are no longer wanted.
 function supersede() {
-  clearTimeout(state.timer);
+  stopPending();
   state.seq += 1;
   if (state.inflight) {
     state.inflight.controller.abort();
@@ -126,15 +127,27 @@ function supersede() {
   }
 }
 
+function stopPending() {
+  clearTimeout(state.timer);
+  state.pending = null;
+}
+
+// Cancel (or Esc): stop the mask request in flight, and the automatic one waiting for its delay (nothing sent yet).
 function cancel() {
-  if (!state.inflight) return;
+  if (!state.inflight && state.pending === null) return;
+  const sent = Boolean(state.inflight);
   supersede();
+  if (!sent) {
+    setStatus("Update cancelled: nothing was sent.");
+    if (state.result) setStale("The result is for the previous settings: press Make mask (or Enter) to update it.");
+    return;
+  }
   setStatus(`Cancelled. ${CANCELLED}`);
   key.refresh();
 }
 
 async function run({ fromUser = true } = {}) {
-  clearTimeout(state.timer);
+  stopPending();
   if (state.reading) {
     if (fromUser) setStatus(`Still reading ${state.reading}…`);
     return;
@@ -204,8 +217,9 @@ function modelLoaded(model) {
 }
 
 function scheduleAuto(delay = AUTO_DELAY_MS) {
-  clearTimeout(state.timer);
+  stopPending();
   if (!$("auto").checked || checkReady()) return;
+  state.pending = performance.now();
   state.timer = setTimeout(() => run({ fromUser: false }), delay);
 }
 
@@ -219,7 +233,7 @@ function optionsChanged() {
 
 function promptEdited() {
   savePrefs(readControls());
-  if (state.inflight || state.timer) supersede(); // the request for the old prompt is no longer wanted
+  if (state.inflight || state.pending !== null) supersede(); // the request for the old prompt is no longer wanted
   if (state.result) setStale("Press Enter (or Make mask) to mask the new prompt.");
 }
 
@@ -299,11 +313,12 @@ function wire() {
     run();
   });
   $("cancel").addEventListener("click", cancel);
-  // Esc stops what the status line shows: the mask request or the server's download, whichever began last.
+  // Esc stops what began last: the mask request (or the automatic one waiting for its delay) or the server's download.
   document.addEventListener("keydown", (event) => {
     if (event.key !== "Escape") return;
     const download = files.startedLast();
-    if (state.inflight && (download === null || download < state.inflight.started)) cancel();
+    const mask = state.pending ?? (state.inflight ? state.inflight.started : null);
+    if (mask !== null && (download === null || download < mask)) cancel();
     else files.cancel();
   });
   $("dl-cancel").addEventListener("click", () => files.cancel());

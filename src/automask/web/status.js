@@ -51,7 +51,9 @@ export function setStale(text) {
 
 // job: {started (performance.now()), loading (the model is not loaded yet)} while a request runs; null after.
 export function setBusy(job) {
-  $("result").setAttribute("aria-busy", String(Boolean(job)));
+  // Busy: what a result replaces (the image, the targets found), not the whole section: a screen reader may hold
+  // back what the status line and the error alert in it announce while a region around them is busy.
+  for (const id of ["stage", "instances-box"]) $(id).setAttribute("aria-busy", String(Boolean(job)));
   // Cancel pressed with the keyboard (or the request done while it has the focus): the focus goes to the button
   // beside it, not, with Cancel hidden, to the page's top, losing the user's place.
   if (!job && document.activeElement === $("cancel")) $("submit").focus();
