@@ -126,3 +126,12 @@ def jpeg_bytes(image: np.ndarray, quality: int = 90) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format="JPEG", quality=quality)
     return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def context(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """One Chromium (a fresh profile) for a web test module; each test opens its own tab (`web_helpers.open_tab`)."""
+    from web_helpers import browser
+
+    with browser(tmp_path_factory.mktemp("chromium-profile")) as ctx:
+        yield ctx

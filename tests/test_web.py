@@ -32,7 +32,6 @@ from web_helpers import (
     FIRST,
     PHONE,
     Live,
-    browser,
     check_overlay,
     data_uri,
     download,
@@ -69,12 +68,6 @@ def photo(astronaut: np.ndarray, tmp_path_factory: pytest.TempPathFactory) -> Pa
     path = tmp_path_factory.mktemp("photos") / "astronaut.png"
     Image.fromarray(astronaut).save(path)
     return path
-
-
-@pytest.fixture(scope="module")
-def context(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    with browser(tmp_path_factory.mktemp("chromium-profile")) as ctx:
-        yield ctx
 
 
 @pytest.fixture()

@@ -17,7 +17,7 @@ import web_helpers
 from automask.settings import Settings
 from server_helpers import decode
 from test_colour_profiles import WIDE_ICC
-from web_helpers import API_PATH, FIRST, Live, Tab, browser, data_uri, download, open_tab, pick_photo, serve, set_slider
+from web_helpers import API_PATH, FIRST, Live, Tab, data_uri, download, open_tab, pick_photo, serve, set_slider
 
 pytest.importorskip("fastapi")
 pytestmark = pytest.mark.browser
@@ -32,12 +32,6 @@ def slow(tiny_clipseg_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
     settings = Settings(data_dir=tmp_path_factory.mktemp("web-data"), model=str(tiny_clipseg_dir))
     with serve(settings, auth=True, credits=100, debug_delay=SLOW_S) as running:
         yield running
-
-
-@pytest.fixture(scope="module")
-def context(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    with browser(tmp_path_factory.mktemp("chromium-profile")) as ctx:
-        yield ctx
 
 
 @pytest.fixture()

@@ -17,7 +17,7 @@ import pytest
 
 from automask.settings import Settings
 from loopback import QuietHandler, serve_http
-from web_helpers import Live, browser, open_tab, serve, try_the_docs, wait_result
+from web_helpers import Live, open_tab, serve, try_the_docs, wait_result
 
 pytest.importorskip("fastapi")
 pytestmark = pytest.mark.browser
@@ -63,12 +63,6 @@ def proxied(tiny_clipseg_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
         with serve(settings, auth=True, public_url=proxy + PREFIX) as live:
             StripProxy.upstream = live.url
             yield Live(proxy + PREFIX, live.key)
-
-
-@pytest.fixture(scope="module")
-def context(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    with browser(tmp_path_factory.mktemp("chromium-profile")) as ctx:
-        yield ctx
 
 
 @pytest.mark.parametrize("path", ["", "/"])

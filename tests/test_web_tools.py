@@ -27,7 +27,6 @@ from web_helpers import (
     FakeSubject,
     Live,
     Tab,
-    browser,
     data_uri,
     download,
     open_tab,
@@ -73,12 +72,6 @@ def photo_url(photo: Path) -> Iterator[str]:
 
     with serve_http(partial(Quiet, directory=str(photo.parent))) as base:
         yield f"{base}/{photo.name}"
-
-
-@pytest.fixture(scope="module")
-def context(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    with browser(tmp_path_factory.mktemp("chromium-profile")) as ctx:
-        yield ctx
 
 
 @pytest.fixture()
