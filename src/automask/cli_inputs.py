@@ -131,13 +131,13 @@ def once_each(files: list[Path]) -> tuple[list[Path], list[tuple[Path, Path]]]:
     """(`files` with each real file once, (link skipped, the path kept for its file) for the others), as `_walk`
     reads each real folder once: a file is kept by its own name when that was found (not a link), else by its first
     path in `files`' order; so two links to one photo, or a photo and a link to it, give one mask, not two."""
+    reals = [os.path.realpath(path) for path in files]  # once each: a look-up per folder of the path
     kept: dict[str, Path] = {}
-    for path in files:
-        real = os.path.realpath(path)
+    for path, real in zip(files, reals, strict=True):
         if real not in kept or (kept[real].is_symlink() and not path.is_symlink()):
             kept[real] = path
     chosen = set(kept.values())
-    skipped = [(path, kept[os.path.realpath(path)]) for path in files if path not in chosen]
+    skipped = [(path, kept[real]) for path, real in zip(files, reals, strict=True) if path not in chosen]
     return [path for path in files if path in chosen], skipped
 
 
