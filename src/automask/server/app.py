@@ -78,7 +78,13 @@ def create_app(
     settings = settings or Settings()
     server = server or ServerSettings()
     store = Store.from_settings(settings, create=True)  # an older schema: refuse, say `automask db migrate`
-    jobs = Jobs(store, max_per_key=server.max_queued_per_key, max_total=server.max_queued)
+    jobs = Jobs(
+        store,
+        max_per_key=server.max_queued_per_key,
+        max_total=server.max_queued,
+        max_bytes_per_key=server.max_queued_bytes_per_key,
+        max_bytes_total=server.max_queued_bytes,
+    )
     try:
         dispatcher = make_dispatcher(settings, server, store, jobs, generator)
         guard = Guard(store, dispatcher.deployment)
