@@ -28,6 +28,7 @@ from automask.errors import AutomaskError
 from automask.pipeline import MaskGenerator
 from automask.server import metrics
 from automask.server.auth_limit import failed_auth_for
+from automask.server.bounded import request_bound
 from automask.server.config import ServerSettings
 from automask.server.deployment import Guard
 from automask.server.dispatch import make_dispatcher
@@ -231,7 +232,8 @@ class RequestContextMiddleware:
             await send(message)
 
         try:
-            await self.app(scope, receive, send_with_id)
+            with request_bound():  # a frozen PostgreSQL: a 503 in seconds, not a request held until it thaws
+                await self.app(scope, receive, send_with_id)
         except ClientDisconnect:  # the client left before its body was read: no one to answer, nothing broke
             status = CLIENT_CLOSED
             log.info("client left before sending its body: %s %s %s", request_id, scope["method"], scope["path"])
