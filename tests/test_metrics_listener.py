@@ -53,11 +53,15 @@ def test_a_scrape_is_served(served: tuple[str, int]) -> None:
     assert "automask_probe_total 1.0" in scrape(served)
 
 
-def test_a_silent_connection_is_closed_after_the_idle_timeout(served: tuple[str, int]) -> None:
+def test_a_silent_connection_is_closed_after_the_idle_timeout(
+    served: tuple[str, int], capfd: pytest.CaptureFixture[str]
+) -> None:
     with socket.create_connection(served) as silent:
         started = time.monotonic()
         assert closed_within(silent, 5)
         assert 0.4 < time.monotonic() - started < 3
+    time.sleep(0.2)  # (the server's thread ends after the close)
+    assert "Traceback" not in capfd.readouterr().err  # before: socketserver printed one for each on stderr
 
 
 def test_connections_past_the_cap_are_closed_and_scrapes_resume_when_slots_free(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import sys
 import threading
 from socketserver import ThreadingMixIn
 from typing import Any
@@ -71,6 +72,12 @@ class _Server(ThreadingMixIn, WSGIServer):
         except BaseException:
             self._slots.release()
             raise
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that went silent (the idle timeout), left or was cut is no error: nothing printed (socketserver
+        printed a traceback on stderr for each); anything else is printed as before."""
+        if not isinstance(sys.exc_info()[1], OSError):
+            super().handle_error(request, client_address)
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
