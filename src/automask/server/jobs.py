@@ -105,11 +105,6 @@ def no_credits(key_id: str) -> ApiError:
     )
 
 
-def _stored_size() -> Any:
-    """SQL: the bytes a job's row holds until it finishes (its request JSON and its upload; NULL once finished)."""
-    return func.coalesce(func.length(J.request), 0) + func.coalesce(func.length(J.upload), 0)
-
-
 def _mib(size: int) -> str:
     return f"{size / (1 << 20):,.1f} MiB"
 
@@ -144,9 +139,10 @@ class Jobs:
         bytes. Nothing is stored or charged then."""
         job_id = uuid.uuid4().hex
         body, upload = request.stored()
+        size = len(body.encode()) + len(upload or b"")
         now = self.store.now()
         with self.store.transaction() as conn:
-            self._check_room(conn, key_id, len(body) + len(upload or b""))
+            self._check_room(conn, key_id, size)
             if charge and key_id is not None and keys.reserve_in(conn, key_id, job_id, now=now) is None:
                 raise no_credits(key_id)
             conn.execute(
@@ -159,6 +155,7 @@ class Jobs:
                     base64=int(request.base64),
                     created_at=now,
                     model=model,
+                    stored_bytes=size,
                 )
             )
         return job_id
@@ -171,7 +168,8 @@ class Jobs:
             self.store.lock(conn, "jobs.submit")
         elif key_id is not None and (self.max_per_key is not None or self.max_bytes_per_key is not None):
             self.store.lock(conn, f"jobs.submit.{key_id}")
-        waiting = select(func.count(), func.coalesce(func.sum(_stored_size()), 0)).where(J.status.in_(UNFINISHED))
+        # the sizes recorded at submit: measuring the requests (length()) would read every queued image
+        waiting = select(func.count(), func.coalesce(func.sum(J.stored_bytes), 0)).where(J.status.in_(UNFINISHED))
         if key_id is not None and (self.max_per_key is not None or self.max_bytes_per_key is not None):
             mine, held = conn.execute(waiting.where(J.key_id == key_id)).one()
             if self.max_per_key is not None and mine >= self.max_per_key:
