@@ -25,7 +25,7 @@ from PIL import Image
 from automask.errors import FetchError, FetchTimeoutError, ImageTooLargeError, URLRefusedError
 from automask.imageio import fetch, load_image
 from automask.imageio.content_coding import Inflater
-from automask.imageio.fetch import IPAddress, blocked_reason, fetch_url, never_fetched, resolve_host
+from automask.imageio.fetch import IPAddress, blocked_reason, check_url, fetch_url, never_fetched, resolve_host
 from automask.settings import Settings
 
 LOOPBACK = ipaddress.ip_address("127.0.0.1")
@@ -167,6 +167,14 @@ def test_bad_urls_are_refused(url: str, phrase: str) -> None:
         ("::ffff:169.254.169.254", "IPv4-mapped cloud metadata"),
         ("2002:a9fe:a9fe::1", "6to4 tunnel to a cloud metadata"),
         ("64:ff9b::a9fe:a9fe", "NAT64"),  # 169.254.169.254 through a NAT64 gateway
+        # these were reachable with private URLs allowed: only the forms above were unwrapped
+        ("::169.254.169.254", "reserved"),  # IPv4-compatible
+        ("::a9fe:1", "reserved"),  # IPv4-compatible link-local
+        ("::ffff:0:a9fe:a9fe", "reserved"),  # IPv4-translated (SIIT)
+        ("64:ff9b:1::a9fe:a9fe", "NAT64 (local)"),
+        ("64:ff9b:1::100.100.100.200", "NAT64 (local)"),
+        ("2001:0:a9fe:a9fe::1", "Teredo"),  # Teredo server
+        ("2001:0:4136:e378:8000:63bf:5601:5601", "Teredo"),  # Teredo client (obfuscated)
         ("169.254.1.1", "link-local"),
         ("fe80::1", "link-local"),
     ],
@@ -179,7 +187,17 @@ def test_metadata_and_link_local_are_refused_even_with_private_urls_allowed(addr
     assert never_fetched(ipaddress.ip_address(address))
 
 
-@pytest.mark.parametrize("address", ["127.0.0.1", "10.0.0.1", "192.168.1.1", "fd12:3456::1", "::1", "100.64.0.1"])
+@pytest.mark.parametrize("host", ["[::169.254.169.254]", "[::a9fe:a9fe]", "[64:ff9b:1::a9fe:a9fe]"])
+def test_literal_ipv6_embedding_metadata_is_refused_with_private_urls_allowed(host: str) -> None:
+    """Through the real (numeric) resolver, at submit time too (`check_url`): no connection is tried."""
+    for call in (fetch_url, check_url):
+        with pytest.raises(URLRefusedError, match="never fetches from cloud metadata"):
+            call(f"http://{host}/latest/meta-data/", Settings(allow_private_urls=True, fetch_timeout=1.0))
+
+
+@pytest.mark.parametrize(
+    "address", ["127.0.0.1", "10.0.0.1", "192.168.1.1", "fd12:3456::1", "::1", "100.64.0.1", "::7f00:1", "::"]
+)
 def test_private_addresses_are_not_never_fetched(address: str) -> None:
     assert not never_fetched(ipaddress.ip_address(address))  # (the control: allow_private_urls reaches these)
 
@@ -440,6 +458,10 @@ def test_redirect_to_another_scheme_is_refused(site: Site) -> None:
         # an invalid IDNA (punycode) host: idna's UnicodeError as httpx built the next request (was also a 500)
         "http://xn--a.com/x.png",
         "http://xn--ls8h.la/",
+        # these were URLRefusedError (400, "refused the image URL") while the ones above were 502
+        "http://127.0.0.1:99999/a.png",
+        "http://127.0.0.1:0/a.png",
+        "http://%65xample.com/",
     ],
 )
 def test_redirect_to_an_invalid_url_is_a_fetch_error(site: Site, location: str) -> None:

@@ -22,7 +22,7 @@ def test_keys_and_migrations_act_on_the_configured_postgresql(postgres_db: str, 
     cli = CliRunner()
     migrated = cli.invoke(main, ["db", "migrate"], env=env)
     assert migrated.exit_code == 0 and "postgresql+psycopg://automask:***@" in migrated.output  # no password shown
-    assert "Migrated" in migrated.output and "schema revision 0005" in migrated.output
+    assert "Migrated" in migrated.output and "schema revision 0006" in migrated.output
     created = cli.invoke(main, ["keys", "create", "--credits", "7", "--name", "fleet"], env=env)
     assert created.exit_code == 0, created.output
     token = created.stdout.strip()
@@ -33,7 +33,7 @@ def test_keys_and_migrations_act_on_the_configured_postgresql(postgres_db: str, 
     assert [k["id"] for k in listed] == [key.id]
     assert not (tmp_path / "data" / "automask.db").exists()  # nothing went to the data folder's SQLite
     status = cli.invoke(main, ["db", "status"], env=env)
-    assert status.exit_code == 0 and "schema revision 0005; this release: 0005" in status.output
+    assert status.exit_code == 0 and "schema revision 0006; this release: 0006" in status.output
 
 
 @pytest.mark.parametrize(

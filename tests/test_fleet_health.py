@@ -384,3 +384,63 @@ def test_an_api_node_reads_its_list_of_workers_off_the_event_loop(
     assert ready.status_code == 200 and ready.json()["model"] == "clipseg", ready.text
     assert models.status_code == 200 and models.json()["default"] == "clipseg", models.text
     assert readers and all(name.startswith("asyncio_") for name in readers), readers  # before: the loop's thread too
+
+
+def test_requests_to_a_frozen_postgresql_are_answered_503_in_seconds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before: only the background loops were bounded (`BACKGROUND_QUERY_TIMEOUT`); with PostgreSQL frozen (SIGSTOP:
+    its kernel still acknowledges every packet, so no network timeout fires) every request that read or wrote the
+    database (a key's authentication, a v2 submit or poll, /v1/credits) waited until it thawed, for ever if it never
+    did. Now each statement of a request waits `REQUEST_QUERY_TIMEOUT` at most: a 503 with Retry-After. A submit
+    waiting for the queue's advisory lock (held a while by another transaction) still waits for it."""
+    from sqlalchemy import func, select
+
+    from automask.server import bounded, keys
+    from automask.server.store import jobs_table
+
+    monkeypatch.setattr(bounded, "REQUEST_QUERY_TIMEOUT", 3.0, raising=False)
+    image = base64.b64encode(png_bytes(np.zeros((8, 8, 3), np.uint8))).decode()
+    with postgres_server() as pg:
+        settings = Settings(data_dir=tmp_path / "data", database_url=pg.url)
+        app = create_app(settings, ServerSettings(), MaskGenerator(FakeBackend(), settings))
+        store = app.state.automask.store
+        key, token = keys.create_key(store, credits=5)
+        headers = {"x-api-key": token}
+        with LiveServer(app) as live, store.engine.connect() as other:
+            store.lock(other, "jobs.submit")  # held by another submit's transaction for 1.5 s
+            threading.Timer(1.5, other.rollback).start()
+            asked = time.monotonic()
+            sub = httpx.post(f"{live.url}/v2/automatic-mask-generator", headers=headers, json={"image": image,
+                             "prompt": "sofa"}, timeout=30).json()  # fmt: skip
+            assert time.monotonic() - asked > 1.4 and sub["status"] == "QUEUED"  # it waited for the lock, then ran
+            assert wait_for(lambda: httpx.get(sub["status_url"], headers=headers).json()["status"] == "COMPLETED", 30)
+            frozen = process_tree(pg._main_pid())
+            for pid in frozen:
+                os.kill(pid, signal.SIGSTOP)
+            try:
+                started = time.monotonic()
+                with ThreadPoolExecutor(3) as pool:
+                    calls = [
+                        lambda: httpx.get(sub["status_url"], headers=headers, timeout=30),
+                        lambda: httpx.get(f"{live.url}/v1/credits", headers=headers, timeout=30),
+                        lambda: httpx.post(
+                            f"{live.url}/v2/automatic-mask-generator",
+                            headers=headers,
+                            json={"image": image, "prompt": "sofa"},
+                            timeout=30,
+                        ),
+                    ]
+                    answers = list(pool.map(lambda call: call(), calls))
+                took = time.monotonic() - started
+            finally:
+                for pid in frozen:
+                    os.kill(pid, signal.SIGCONT)
+            assert [r.status_code for r in answers] == [503, 503, 503], [r.text for r in answers]
+            assert all(r.headers["retry-after"] == "5" and "database" in r.json()["error"] for r in answers)
+            assert took < 15, took  # before: held until SIGCONT (the clients' 30 s here)
+            again = wait_for(lambda: httpx.get(sub["status_url"], headers=headers, timeout=20).status_code == 200, 30)
+            assert again  # thawed: the same pool answers again
+            with store.read() as conn:  # the refused submit: neither stored nor charged
+                assert conn.execute(select(func.count()).select_from(jobs_table)).scalar_one() == 1
+            assert keys.balance(store, key.id) == 4

@@ -53,11 +53,15 @@ def test_a_scrape_is_served(served: tuple[str, int]) -> None:
     assert "automask_probe_total 1.0" in scrape(served)
 
 
-def test_a_silent_connection_is_closed_after_the_idle_timeout(served: tuple[str, int]) -> None:
+def test_a_silent_connection_is_closed_after_the_idle_timeout(
+    served: tuple[str, int], capfd: pytest.CaptureFixture[str]
+) -> None:
     with socket.create_connection(served) as silent:
         started = time.monotonic()
         assert closed_within(silent, 5)
         assert 0.4 < time.monotonic() - started < 3
+    time.sleep(0.2)  # (the server's thread ends after the close)
+    assert "Traceback" not in capfd.readouterr().err  # before: socketserver printed one for each on stderr
 
 
 def test_connections_past_the_cap_are_closed_and_scrapes_resume_when_slots_free(
@@ -71,7 +75,7 @@ def test_connections_past_the_cap_are_closed_and_scrapes_resume_when_slots_free(
         extra = [socket.create_connection(served) for _ in range(20)]
         try:
             assert all(closed_within(conn, 0.3) for conn in extra)  # closed at once, not left to the idle timeout
-            assert threading.active_count() <= threads + 2
+            assert threading.active_count() <= threads + 4  # each held one's thread and its deadline timer
         finally:
             for conn in extra:
                 conn.close()
@@ -87,3 +91,24 @@ def test_connections_past_the_cap_are_closed_and_scrapes_resume_when_slots_free(
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.05)
+
+
+def test_a_trickling_connection_is_cut_at_the_deadline_and_others_are_served_meanwhile(
+    served: tuple[str, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A byte every 0.2 s is never idle for 0.5 s: before, it held its slot (and thread) for as long as it kept on."""
+    monkeypatch.setattr(metrics_http, "REQUEST_DEADLINE", 1.0, raising=False)
+    with socket.create_connection(served) as trickle:
+        started = time.monotonic()
+        trickle.sendall(b"GET /metrics HTTP/1.1\r\n")
+        cut = False
+        while time.monotonic() - started < 4 and not cut:
+            assert "automask_probe_total 1.0" in scrape(served)  # the other slot serves scrapes meanwhile
+            time.sleep(0.2)
+            try:
+                trickle.sendall(b"X")
+            except OSError:  # reset by the server
+                cut = True
+            cut = cut or closed_within(trickle, 0.01)
+        assert cut, "the trickling connection was still open after 4 s"
+        assert 0.8 < time.monotonic() - started < 3

@@ -144,7 +144,7 @@ def test_db_migrate_makes_an_older_sqlite_file_give_space_back(tmp_path: Path) -
     raw.close()
 
     done = CliRunner().invoke(main, ["--data-dir", str(data), "db", "migrate"])
-    assert done.exit_code == 0 and "schema revision 0005" in done.output, done.output
+    assert done.exit_code == 0 and "schema revision 0006" in done.output, done.output
     store = Store.from_settings(Settings(data_dir=data))
     try:
         with store.read() as conn:

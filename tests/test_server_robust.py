@@ -154,6 +154,29 @@ def test_v2_refuses_an_oversized_image_at_once_and_caps_the_queue(tmp_path: Path
         assert keystore.get_key(store, a.id).credits == 8  # type: ignore[union-attr]  # refused submits are free
 
 
+def test_v2_caps_the_bytes_queued_jobs_store_in_the_database(tmp_path: Path) -> None:
+    """Before, 100 queued jobs of a largest upload each, per key, went into the database: the body budget bounds
+    memory, not storage. Past a key's bytes: 429 with Retry-After, in the contract's shape, nothing stored or held."""
+    data = tmp_path / "data"
+    settings = Settings(data_dir=data)
+    server = ServerSettings(max_queued_bytes_per_key=50_000, max_queued_bytes=10**9, job_workers=1)
+    with LiveServer(create_app(settings, server, MaskGenerator(FakeBackend(delay=5.0), settings))) as live:
+        store = Store.in_data_dir(data)
+        key, token = keystore.create_key(store, credits=10)
+        upload = {"data": {"prompt": "sofa"}, "files": {"image": ("a.png", png_bytes(np.zeros((8, 8, 3), np.uint8)))}}
+        pixels = np.random.default_rng(2).integers(0, 256, (100, 80, 3), dtype=np.uint8)
+        big = {"data": {"prompt": "sofa"}, "files": {"image": ("b.png", png_bytes(pixels))}}  # ~24 kB each
+        answers = [httpx.post(f"{live.url}/v2/{SLUG}", headers={"x-api-key": token}, **big) for _ in range(3)]
+        assert [r.status_code for r in answers] == [200, 200, 429], answers[-1].text
+        assert answers[2].headers["retry-after"] == "5" and answers[2].headers["x-rate-limit-reset-at-utc"]
+        assert list(answers[2].json()) == ["error"] and "MAX_QUEUED_BYTES_PER_KEY" in answers[2].json()["error"]
+        with sqlite3.connect(data / "automask.db") as conn:
+            assert conn.execute("SELECT count(*) FROM jobs").fetchone()[0] == 2  # nothing stored for the third
+        assert keystore.get_key(store, key.id).credits == 8  # type: ignore[union-attr]  # the refused one is free
+        small = httpx.post(f"{live.url}/v2/{SLUG}", headers={"x-api-key": token}, **upload)
+        assert small.status_code == 200  # a small one still fits
+
+
 def test_data_folder_and_database_are_private_whatever_the_umask(tmp_path: Path, image_b64: str) -> None:
     old = os.umask(0o022)
     try:

@@ -344,3 +344,33 @@ def test_a_database_cut_off_by_the_network_fails_a_call_in_seconds(tmp_path: Pat
     verdict, _, seconds = outcome.rpartition(" ")
     assert verdict.startswith("failed ['OperationalError']"), outcome
     assert float(seconds) < 30, outcome  # NETWORK_DEAD_AFTER (the ping) + the connect timeout (the new connection)
+
+
+def test_queue_caps_the_bytes_queued_jobs_store(store: Store) -> None:
+    """Before, only the number of jobs was capped: 100 queued jobs of a 32 MB upload each, per key, went into the
+    database. A submit past the bytes a key (429) or everyone (503) may store is refused, nothing stored or held."""
+    a, _ = keystore.create_key(store, credits=10)
+    b, _ = keystore.create_key(store, credits=10)
+    jobs = Jobs(store, max_bytes_per_key=25_000, max_bytes_total=35_000)
+    upload = request_of(image=os.urandom(10_000))  # a multipart upload: kept as bytes, apart from the JSON
+    text = request_of(image="QUJD" * 2_500)  # a base64 string: kept in the JSON
+    ids = [jobs.submit(a.id, upload, charge=True), jobs.submit(a.id, text, charge=True)]
+    with pytest.raises(ApiError) as err:
+        jobs.submit(a.id, upload, charge=True)
+    assert err.value.status == 429 and err.value.limit == "queued_jobs"
+    assert "AUTOMASK_SERVER_MAX_QUEUED_BYTES_PER_KEY" in err.value.message and err.value.headers["Retry-After"] == "5"
+    jobs.submit(a.id, request_of(image="https://example.com/a.png"), charge=True)  # a URL is small: still taken
+    jobs.submit(b.id, upload, charge=True)
+    with pytest.raises(ApiError) as err:
+        jobs.submit(b.id, upload, charge=True)
+    assert err.value.status == 503 and err.value.headers["Retry-After"] == "30"
+    assert "AUTOMASK_SERVER_MAX_QUEUED_BYTES" in err.value.message
+    assert len(jobs.queued()) == 4 and credits(store, a.id) == 7 and credits(store, b.id) == 9  # refused: not held
+    assert jobs.claim(ids[0], "n") is not None and jobs.complete(ids[0], "n", b"x", {}, 0.1)  # finished: room again
+    jobs.submit(b.id, upload, charge=True)
+    alone = Jobs(store, max_bytes_per_key=100, max_bytes_total=100)
+    c, _ = keystore.create_key(store)
+    with pytest.raises(ApiError):
+        alone.submit(c.id, upload, charge=False)  # the queue holds jobs: over the total
+    empty = Jobs(store, max_bytes_per_key=100)  # a key with nothing queued may always submit one
+    empty.submit(c.id, upload, charge=False)

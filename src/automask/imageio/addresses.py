@@ -4,8 +4,9 @@
   `0177.0.0.1`) resolve to the address they denote and are checked like any other.
 - `blocked_reason` refuses private, loopback, link-local (169.254.169.254 included), multicast, reserved,
   unspecified, shared (100.64.0.0/10), unique-local (fc00::/7) and site-local addresses, and IPv6 forms that embed
-  one (IPv4-mapped, 6to4, NAT64, Teredo). Every range of IANA's IPv4 and IPv6 special-purpose registries that is not
-  globally reachable is listed in `SPECIAL_PURPOSE` and refused whatever Python's `ipaddress` version says.
+  one (IPv4-mapped, IPv4-compatible, 6to4, NAT64, Teredo). Every range of IANA's IPv4 and IPv6 special-purpose
+  registries that is not globally reachable is listed in `SPECIAL_PURPOSE` and refused whatever Python's
+  `ipaddress` version says.
 - `settings.allow_private_urls` turns that check off, for local use, except for `NEVER_FETCHED` (cloud metadata
   services and link-local addresses, refused whatever the settings): `default_policy`.
 """
@@ -28,14 +29,18 @@ _METADATA = (
     ipaddress.ip_network("100.100.100.200/32"),  # Alibaba Cloud
     ipaddress.ip_network("fd00:ec2::254/128"),  # AWS over IPv6
 )
-_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_CARRY_LOW_32_BITS = tuple(
+    ipaddress.ip_network(net)
+    for net in ("::/96", "::ffff:0:0:0/96", "64:ff9b::/96", "64:ff9b:1::/48")  # compatible, translated, NAT64
+)
 NEVER_FETCHED = (
     *_METADATA,
     ipaddress.ip_network("169.254.0.0/16"),
     ipaddress.ip_network("fe80::/10"),
 )
-"""Refused even with `allow_private_urls` (and in every IPv4-mapped or 6to4 spelling): cloud metadata services,
-which hand out the machine's credentials, and the link-local ranges they live in; no image is served from there."""
+"""Refused even with `allow_private_urls` (and in every IPv6 spelling that embeds one, `embedded_ipv4`): cloud
+metadata services, which hand out the machine's credentials, and the link-local ranges they live in; no image is
+served from there."""
 _NAMED_NETWORKS = (
     *((network, "cloud metadata") for network in _METADATA),
     (ipaddress.ip_network("255.255.255.255/32"), "broadcast"),
@@ -145,14 +150,21 @@ def resolve_host(host: str, port: int, *, numeric_only: bool = False) -> list[IP
     return addresses
 
 
+def embedded_ipv4(ip: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """The IPv4 addresses an IPv6 address carries, each of which it may reach: IPv4-mapped (::ffff:a.b.c.d),
+    IPv4-compatible (::a.b.c.d), IPv4-translated (::ffff:0:a.b.c.d), NAT64 (64:ff9b::/96, 64:ff9b:1::/48),
+    6to4 (2002::/16) and Teredo (2001::/32: its server and its client). [] for any other."""
+    low = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    found = [ip.ipv4_mapped, ip.sixtofour, *(ip.teredo or ())]
+    if any(ip in network for network in _CARRY_LOW_32_BITS):
+        found.append(low)
+    return [inner for inner in found if inner is not None]
+
+
 def never_fetched(ip: IPAddress) -> bool:
-    """Whether `ip` (or the IPv4 address an IPv4-mapped, 6to4 or NAT64 address embeds) is in `NEVER_FETCHED`."""
-    if isinstance(ip, ipaddress.IPv6Address):
-        inner = ip.ipv4_mapped or ip.sixtofour
-        if inner is None and ip in _NAT64:
-            inner = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
-        if inner is not None:
-            return never_fetched(inner)
+    """Whether `ip`, or an IPv4 address it embeds (`embedded_ipv4`), is in `NEVER_FETCHED`."""
+    if isinstance(ip, ipaddress.IPv6Address) and any(never_fetched(inner) for inner in embedded_ipv4(ip)):
+        return True
     return any(ip.version == network.version and ip in network for network in NEVER_FETCHED)
 
 

@@ -111,24 +111,39 @@ def parse_url(url: str) -> httpx.URL:
             f"Refused the image URL {_show(parsed)}: only http:// and https:// URLs are fetched "
             f"(got {parsed.scheme + '://' if parsed.scheme else 'no scheme'}). Send the image data instead."
         )
-    if not parsed.raw_host:
-        raise URLRefusedError(f"Refused the image URL {_show(parsed)}: it has no host.")
-    if parsed.port is not None and not 0 < parsed.port <= 65535:  # httpx takes any number
-        raise URLRefusedError(f"Refused the image URL {_show(parsed)}: port {parsed.port} is not a TCP port (1–65535).")
-    if b"%" in parsed.raw_host:  # httpx keeps it as sent; no resolver reads it (was: 502 "could not resolve")
-        raise URLRefusedError(
-            f"Refused the image URL {_show(parsed)}: its host holds '%' (a percent-encoded name, or an IPv6 zone "
-            "such as %25eth0, which names a local network interface). Write the host name or address plainly."
-        )
+    flaw = _flaw(parsed)
+    if flaw:
+        raise URLRefusedError(f"Refused the image URL {_show(parsed)}: {flaw}")
     return parsed
 
 
+def _flaw(parsed: httpx.URL) -> str | None:
+    """What makes an http(s) URL unusable (a sentence), or None."""
+    if not parsed.raw_host:
+        return "it has no host."
+    if parsed.port is not None and not 0 < parsed.port <= 65535:  # httpx takes any number
+        return f"port {parsed.port} is not a TCP port (1–65535)."
+    if b"%" in parsed.raw_host:  # httpx keeps it as sent; no resolver reads it (was: 502 "could not resolve")
+        return (
+            "its host holds '%' (a percent-encoded name, or an IPv6 zone such as %25eth0, which names a local "
+            "network interface). Write the host name or address plainly."
+        )
+    return None
+
+
 def _redirect_target(current: httpx.URL, location: str) -> httpx.URL:
-    """The URL a redirect's Location points to (relative to `current`), checked like the first one."""
+    """The URL a redirect's Location points to (relative to `current`), checked like the first one. An invalid
+    one (no host, a bad port, ...) is the server's fault, FetchError (502) as any other invalid Location (was: some
+    400, some 502); one to another scheme is refused (URLRefusedError, 400) as a first URL would be."""
     try:
         target = current.join(location)
+        flaw = _flaw(target) if target.scheme in ("http", "https") else None
     except (httpx.InvalidURL, UnicodeError) as exc:
-        raise FetchError(f"The image URL {_show(current)} redirected to an invalid URL ({exc}).") from None
+        flaw = f"{exc}."
+    if flaw:
+        raise FetchError(
+            f"The image URL {_show(current)} redirected to an invalid URL ({_short(location, 80)}: {flaw[:-1]})."
+        )
     return parse_url(str(target))
 
 

@@ -28,6 +28,7 @@ from automask.errors import AutomaskError
 from automask.pipeline import MaskGenerator
 from automask.server import metrics
 from automask.server.auth_limit import failed_auth_for
+from automask.server.bounded import request_bound
 from automask.server.config import ServerSettings
 from automask.server.deployment import Guard
 from automask.server.dispatch import make_dispatcher
@@ -78,7 +79,13 @@ def create_app(
     settings = settings or Settings()
     server = server or ServerSettings()
     store = Store.from_settings(settings, create=True)  # an older schema: refuse, say `automask db migrate`
-    jobs = Jobs(store, max_per_key=server.max_queued_per_key, max_total=server.max_queued)
+    jobs = Jobs(
+        store,
+        max_per_key=server.max_queued_per_key,
+        max_total=server.max_queued,
+        max_bytes_per_key=server.max_queued_bytes_per_key,
+        max_bytes_total=server.max_queued_bytes,
+    )
     try:
         dispatcher = make_dispatcher(settings, server, store, jobs, generator)
         guard = Guard(store, dispatcher.deployment)
@@ -225,7 +232,8 @@ class RequestContextMiddleware:
             await send(message)
 
         try:
-            await self.app(scope, receive, send_with_id)
+            with request_bound():  # a frozen PostgreSQL: a 503 in seconds, not a request held until it thaws
+                await self.app(scope, receive, send_with_id)
         except ClientDisconnect:  # the client left before its body was read: no one to answer, nothing broke
             status = CLIENT_CLOSED
             log.info("client left before sending its body: %s %s %s", request_id, scope["method"], scope["path"])

@@ -1,5 +1,6 @@
-"""A bound on how long a background loop's statement waits for PostgreSQL's answer (`bounded`), which no network
-timeout gives when the server is frozen but its host's kernel still acknowledges every packet."""
+"""A bound on how long a background loop's or an HTTP request's statement waits for PostgreSQL's answer (`bounded`,
+`request_bound`), which no network timeout gives when the server is frozen but its host's kernel still acknowledges
+every packet."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import functools
 import inspect
 import math
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from contextvars import ContextVar
 from typing import Any
 
@@ -17,6 +18,12 @@ of the server's clock, a /readyz ping) may wait for PostgreSQL's answer (`bounde
 closed and the statement fails, and the loop tries again. A server that is frozen (stopped, hung on its disk) while
 its host's kernel still acknowledges every packet is seen by no network timeout (`store.NETWORK_DEAD_AFTER`), and held
 those threads until it thawed, for ever if it never did."""
+REQUEST_QUERY_TIMEOUT = 10.0
+"""Seconds one statement run for an HTTP request (authenticating its key, holding a credit, storing or reading a
+v2 job) may wait for PostgreSQL's answer (`request_bound`): past it the request is answered 503 with `Retry-After`
+(the database error handler) instead of waiting for a frozen server to thaw. Its statements take milliseconds, and
+an advisory lock (`Store.lock`) is held only for one such short transaction, so a healthy server never comes near
+it. Start-up work (migrations and their lock) runs outside any request, unbounded."""
 _QUERY_BOUND: ContextVar[float | None] = ContextVar("automask_query_bound", default=None)
 
 
@@ -31,6 +38,12 @@ def bounded(seconds: float | None = None) -> Iterator[None]:
         yield
     finally:
         _QUERY_BOUND.reset(token)
+
+
+def request_bound() -> AbstractContextManager[None]:
+    """`bounded` by `REQUEST_QUERY_TIMEOUT`: around an HTTP request, for every statement it runs (in the threads
+    and tasks it starts too)."""
+    return bounded(REQUEST_QUERY_TIMEOUT)
 
 
 def connect_bounded(_dialect: Any, _record: Any, cargs: Any, cparams: dict[str, Any]) -> Any:

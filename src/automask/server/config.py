@@ -123,6 +123,18 @@ class ServerSettings(BaseSettings):
     )
     max_queued_per_key: int = Field(default=100, ge=1, description="Unfinished v2 jobs one key may have -> 429.")
     max_queued: int = Field(default=10_000, ge=1, description="Unfinished v2 jobs in all -> 503.")
+    max_queued_bytes_per_key: int = Field(
+        default=256 << 20,
+        gt=0,
+        description="Bytes of requests (uploaded or base64 images included) one key's unfinished v2 jobs may hold in "
+        "the database -> 429; a key with none queued may always submit one.",
+    )
+    max_queued_bytes: int = Field(
+        default=4 << 30,
+        gt=0,
+        description="Bytes of requests all unfinished v2 jobs together may hold in the database -> 503; an empty "
+        "queue always takes one.",
+    )
     sweep_interval: float = _seconds(
         2.0, MAX_WAIT, "Seconds between sweeps: dead nodes' jobs, lost publishes, expired credit holds"
     )

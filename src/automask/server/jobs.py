@@ -105,24 +105,44 @@ def no_credits(key_id: str) -> ApiError:
     )
 
 
-class Jobs:
-    """The jobs table. `max_per_key` / `max_total`: how many unfinished jobs one key / everyone may have."""
+def _mib(size: int) -> str:
+    return f"{size / (1 << 20):,.1f} MiB"
 
-    def __init__(self, store: Store, *, max_per_key: int | None = None, max_total: int | None = None) -> None:
+
+class Jobs:
+    """The jobs table. `max_per_key` / `max_total`: how many unfinished jobs one key / everyone may have;
+    `max_bytes_per_key` / `max_bytes_total`: how many bytes of stored requests (uploads, base64 images) they may
+    hold in the database (one job is always taken when there are none: a cap below one largest request blocks none).
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        max_per_key: int | None = None,
+        max_total: int | None = None,
+        max_bytes_per_key: int | None = None,
+        max_bytes_total: int | None = None,
+    ) -> None:
         self.store = store
         self.max_per_key = max_per_key
         self.max_total = max_total
+        self.max_bytes_per_key = max_bytes_per_key
+        self.max_bytes_total = max_bytes_total
 
     def submit(self, key_id: str | None, request: MaskRequest, *, charge: bool, model: str | None = None) -> str:
         """Store a new QUEUED job (taking one credit of `key_id` when `charge`), not yet handed out (`published`
         records it once the dispatcher confirmed its hand-off); return its id.
 
-        406: no credits; 429: the key has `max_per_key` unfinished jobs; 503: the queue holds `max_total`."""
+        406: no credits; 429: the key has `max_per_key` unfinished jobs, or this one would take its stored bytes
+        past `max_bytes_per_key`; 503: the queue holds `max_total` jobs, or would hold more than `max_bytes_total`
+        bytes. Nothing is stored or charged then."""
         job_id = uuid.uuid4().hex
         body, upload = request.stored()
+        size = len(body.encode()) + len(upload or b"")
         now = self.store.now()
         with self.store.transaction() as conn:
-            self._check_room(conn, key_id)
+            self._check_room(conn, key_id, size)
             if charge and key_id is not None and keys.reserve_in(conn, key_id, job_id, now=now) is None:
                 raise no_credits(key_id)
             conn.execute(
@@ -135,31 +155,56 @@ class Jobs:
                     base64=int(request.base64),
                     created_at=now,
                     model=model,
+                    stored_bytes=size,
                 )
             )
         return job_id
 
-    def _check_room(self, conn: Any, key_id: str | None) -> None:
-        """Raise the 429 / 503 when the caps are reached. The counts hold until the job is inserted: concurrent
-        submits take a lock first (one for everyone when there is a total cap, else one per key)."""
-        if self.max_total is not None:
+    def _check_room(self, conn: Any, key_id: str | None, size: int) -> None:
+        """Raise the 429 / 503 when the caps are reached (`size`: the new job's stored bytes). The counts hold until
+        the job is inserted: concurrent submits take a lock first (one for everyone when there is a total cap, else
+        one per key)."""
+        if self.max_total is not None or self.max_bytes_total is not None:
             self.store.lock(conn, "jobs.submit")
-        elif self.max_per_key is not None and key_id is not None:
+        elif key_id is not None and (self.max_per_key is not None or self.max_bytes_per_key is not None):
             self.store.lock(conn, f"jobs.submit.{key_id}")
-        waiting = select(func.count()).select_from(jobs_table).where(J.status.in_(UNFINISHED))
-        if self.max_per_key is not None and key_id is not None:
-            mine = conn.execute(waiting.where(J.key_id == key_id)).scalar_one()
-            if mine >= self.max_per_key:
-                now = self.store.now()
-                raise ApiError(
-                    429,
-                    f"This key has {mine} v2 jobs waiting or running, the most one key may have "
-                    f"({self.max_per_key}); wait for some to finish (poll their status_url), then submit again.",
-                    retry_headers(now, now + KEY_CAP_RETRY_SECONDS),
-                    limit="queued_jobs",
+        # the sizes recorded at submit: measuring the requests (length()) would read every queued image
+        waiting = select(func.count(), func.coalesce(func.sum(J.stored_bytes), 0)).where(J.status.in_(UNFINISHED))
+        if key_id is not None and (self.max_per_key is not None or self.max_bytes_per_key is not None):
+            mine, held = conn.execute(waiting.where(J.key_id == key_id)).one()
+            if self.max_per_key is not None and mine >= self.max_per_key:
+                self._key_full(
+                    f"This key has {mine} v2 jobs waiting or running, the most one key may have ({self.max_per_key})"
                 )
-        if self.max_total is not None and conn.execute(waiting).scalar_one() >= self.max_total:
+            if self.max_bytes_per_key is not None and mine and held + size > self.max_bytes_per_key:
+                self._key_full(
+                    f"This key's v2 jobs waiting or running hold {_mib(held)} of requests, and this one "
+                    f"{_mib(size)}: more than one key may store ({_mib(self.max_bytes_per_key)}, "
+                    "AUTOMASK_SERVER_MAX_QUEUED_BYTES_PER_KEY)",
+                    "send image URLs instead of image data, or ",
+                )
+        if self.max_total is None and self.max_bytes_total is None:
+            return
+        count, stored = conn.execute(waiting).one()
+        if self.max_total is not None and count >= self.max_total:
             raise ApiError(503, "The server's job queue is full; try again in a minute.", {"Retry-After": "30"})
+        if self.max_bytes_total is not None and count and stored + size > self.max_bytes_total:
+            raise ApiError(
+                503,
+                f"The server's job queue is full: its requests take {_mib(stored)} of the "
+                f"{_mib(self.max_bytes_total)} it may store (AUTOMASK_SERVER_MAX_QUEUED_BYTES); try again in a minute.",
+                {"Retry-After": "30"},
+            )
+
+    def _key_full(self, why: str, instead: str = "") -> None:
+        """Raise the 429 of a key at one of its caps: `why`, then what to do (`instead`, or wait)."""
+        now = self.store.now()
+        raise ApiError(
+            429,
+            f"{why}; {instead}wait for some to finish (poll their status_url), then submit again.",
+            retry_headers(now, now + KEY_CAP_RETRY_SECONDS),
+            limit="queued_jobs",
+        )
 
     def get(self, job_id: str) -> Job | None:
         """Job `job_id`, or None (unknown or expired). An id holding NUL is no job's, and not looked up: PostgreSQL
