@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 import tifffile
-from PIL import Image, features
+from PIL import ExifTags, Image, ImageOps, features
 from skimage import data as skimage_data
 
 from automask.errors import AutomaskError, ImageDecodeError, ImageTooLargeError, URLRefusedError
@@ -116,6 +116,22 @@ def test_exif_orientation_applies_to_pil_input(settings: Settings) -> None:
     out = load_image(opened, settings)
     assert out.shape == (64, 40, 3)
     assert close(corner(out, "TR"), RED, 40)
+
+
+def test_a_pil_images_exif_orientation_is_applied_as_pillow_keeps_it(settings: Settings) -> None:
+    """The documented rule for PIL images: Pillow keeps the source's EXIF Orientation through `convert`, `crop`,
+    `rotate` and `transpose` alike (it cannot tell an edit that keeps the stored orientation from one that turns the
+    image), and automask applies the tag it finds, as it does for a file; `ImageOps.exif_transpose` removes it. So
+    an image turned upright by hand is turned again, unless its tag is deleted, as the README says to."""
+    opened = Image.open(io.BytesIO(marked_jpeg(6)))
+    upright = load_image(opened, settings)
+    assert np.array_equal(load_image(opened.convert("RGB"), settings), upright)
+    assert np.array_equal(load_image(ImageOps.exif_transpose(opened), settings), upright)
+    by_hand = opened.rotate(-90, expand=True)  # what orientation 6 asks for, done by hand
+    assert by_hand.size == (40, 64) and by_hand.getexif()[ExifTags.Base.Orientation] == 6  # Pillow kept the tag
+    assert load_image(by_hand, settings).shape == (40, 64, 3)  # so it is turned again: the stored orientation
+    del by_hand.getexif()[ExifTags.Base.Orientation]
+    assert np.array_equal(load_image(by_hand, settings), upright)
 
 
 def test_damaged_exif_is_ignored_not_fatal(settings: Settings) -> None:
