@@ -238,7 +238,7 @@ def test_32bit_int_and_float_tiff(settings: Settings) -> None:
 
 
 def test_a_float_tiff_out_of_range_is_told_about_its_samples_not_about_arrays(settings: Settings) -> None:
-    for values, words in [([0.0, 300.0], "Float images must hold samples in 0–1 or 0–255, got 0 to 300"),
+    for values, words in [([0.0, 400.0], "Float images must hold samples in 0–1 or 0–255, got 0 to 400"),
                           ([-3.0, 1.0], "Float images must hold samples in 0–1 or 0–255, got -3 to 1"),
                           ([np.nan, 1.0], "NaN or infinite")]:  # fmt: skip
         with pytest.raises(ImageDecodeError, match=re.escape(words)) as caught:
@@ -695,7 +695,25 @@ def test_a_float_image_that_overshoots_1_a_little_is_still_0_to_1(
     assert load_image(tiff_of(np.array([values], np.float32)), settings)[0, :, 0].tolist() == expected
 
 
-@pytest.mark.parametrize("values", [[-0.6, 0.5], [-0.6, 200.0], [0.0, 255.6]])
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        ([0.0, 100.4, 257.3], [0, 100, 255]),  # Lanczos past a white edge: clipped, not refused
+        ([-12.7, 128.0, 255.0], [0, 128, 255]),  # and past a black one
+        ([-127.5, 1.6, 382.5], [0, 2, 255]),  # the edges of the 0–255 range: the 0–1 range's, ×255
+    ],
+)
+def test_a_float_0_to_255_image_that_overshoots_a_little_is_clipped(
+    values: list[float], expected: list[int], settings: Settings
+) -> None:
+    """Before: a 0–255 float image resampled with Lanczos (max 257.3, or min -12.7) was refused, while a 0–1 image's
+    overshoot was clipped; now both are, by the same share of their range."""
+    for dtype in (np.float32, np.float64):
+        assert load_image(np.array([values], dtype), settings)[0, :, 0].tolist() == expected
+    assert load_image(tiff_of(np.array([values], np.float32)), settings)[0, :, 0].tolist() == expected
+
+
+@pytest.mark.parametrize("values", [[-0.6, 0.5], [-0.6, 1.5], [-127.6, 200.0], [0.0, 382.6], [0.0, 65535.0]])
 def test_a_float_image_past_both_ranges_is_refused(values: list[float], settings: Settings) -> None:
     with pytest.raises(ImageDecodeError, match="Float images must hold samples in 0–1 or 0–255"):
         load_image(np.array([values], np.float32), settings)
@@ -882,12 +900,14 @@ def test_a_path_with_whitespace_around_it_says_to_strip_it(
     spaced: str, tmp_path: Path, settings: Settings, small_rgb: np.ndarray
 ) -> None:
     """Before: a path read from a list file (`for line in open("list.txt")`) kept its newline and was reported as
-    "not valid base64", a space around it as "No such file" with the space unseen."""
+    "not valid base64", a space around it as "No such file" with the space unseen; a `pathlib.Path` so made
+    (`Path(line)`) still was."""
     path = tmp_path / "img.png"
     path.write_bytes(png_of(small_rgb))
-    with pytest.raises(ImageDecodeError, match=r"^No such file: '.*img\.png\s*'.*strip the whitespace") as err:
-        load_image(spaced.format(path), settings)
-    assert repr(str(path)) in err.value.message
+    for source in (spaced.format(path), Path(spaced.format(path))):
+        with pytest.raises(ImageDecodeError, match=r"^No such file: '.*img\.png\s*'.*strip the whitespace") as err:
+            load_image(source, settings)
+        assert repr(str(path)) in err.value.message
     with pytest.raises(ImageDecodeError, match="not valid base64"):  # never a path for a server's client
         load_image(spaced.format(path), settings, allow_paths=False)
 
