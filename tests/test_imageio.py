@@ -727,7 +727,7 @@ def test_a_float_image_past_both_ranges_is_refused(values: list[float], settings
         (np.zeros((0, 5, 3), np.uint8), "empty"),
         (np.array([[-1, 5]], np.int16), "negative"),
         (np.array([[np.nan, 0.5]]), "NaN"),
-        (np.array([[0.5, 300.0]]), "0–255"),
+        (np.array([[0.5, 400.0]]), "0–255"),
         (np.array([[0, 70000]], np.int64), "0–65535"),
         (np.zeros((2, 2), np.complex64), "complex64"),
         (np.array([["a", "b"]]), "<U1"),
