@@ -355,27 +355,41 @@ def test_animated_gives_first_frame(fmt: str, settings: Settings) -> None:
     assert close(out[3, 4], RED, 8)
 
 
-def apng_with_a_fallback(blend: int) -> bytes:
-    """An 8×6 RGBA APNG written by hand whose default image (IDAT: opaque red, what a viewer without APNG shows) is
-    not part of the animation: its one frame is a 4×3 green rectangle at (2, 1) (`blend`: 0 source, 1 over); the
-    rest of the canvas is transparent, as every animation starts (APNG spec)."""
+def apng_with_a_fallback(blend: int, colour_type: int = 6, key: tuple[int, int, int] | None = None) -> bytes:
+    """An 8×6 APNG written by hand whose default image (IDAT: opaque red, what a viewer without APNG shows) is not
+    part of the animation: its one frame is a 4×3 green rectangle at (2, 1) (`blend`: 0 source, 1 over); the rest
+    of the canvas is transparent, as every animation starts (APNG spec). `colour_type` 6 is RGBA, 2 RGB (no alpha
+    channel) and 3 palette; with `key`, a tRNS chunk makes that RGB colour transparent, and the frame's first
+    column is that colour."""
 
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
-    def rows(width: int, height: int, rgba: tuple[int, ...]) -> bytes:
-        return zlib.compress((b"\x00" + bytes(rgba) * width) * height)
+    palette = [RED, GREEN, *([key] if key else [])]
 
-    ihdr = struct.pack(">IIBBBBB", 8, 6, 8, 6, 0, 0, 0)
+    def pixel(rgb: tuple[int, ...]) -> bytes:
+        return {6: bytes((*rgb, 255)), 2: bytes(rgb), 3: bytes([palette.index(rgb)])}[colour_type]
+
+    def rows(width: int, height: int, rgb: tuple[int, ...], first: tuple[int, ...] | None = None) -> bytes:
+        return zlib.compress((b"\x00" + pixel(first or rgb) + pixel(rgb) * (width - 1)) * height)
+
+    ihdr = struct.pack(">IIBBBBB", 8, 6, 8, colour_type, 0, 0, 0)
     fctl = struct.pack(">IIIIIHHBB", 0, 4, 3, 2, 1, 1, 10, 0, blend)
+    trns = b""
+    if key and colour_type == 2:
+        trns = chunk(b"tRNS", struct.pack(">HHH", *key))
+    elif key:
+        trns = chunk(b"tRNS", bytes([255] * (len(palette) - 1) + [0]))
     return b"".join(
         [
             b"\x89PNG\r\n\x1a\n",
             chunk(b"IHDR", ihdr),
+            chunk(b"PLTE", b"".join(bytes(c) for c in palette)) if colour_type == 3 else b"",
+            trns,
             chunk(b"acTL", struct.pack(">II", 1, 0)),
-            chunk(b"IDAT", rows(8, 6, (*RED, 255))),
+            chunk(b"IDAT", rows(8, 6, RED)),
             chunk(b"fcTL", fctl),
-            chunk(b"fdAT", struct.pack(">I", 1) + rows(4, 3, (*GREEN, 255))),
+            chunk(b"fdAT", struct.pack(">I", 1) + rows(4, 3, GREEN, key)),
             chunk(b"IEND", b""),
         ]
     )
@@ -399,6 +413,26 @@ def test_an_apng_whose_default_image_is_a_fallback_gives_its_first_frame(blend: 
     assert load_image(encode(red, "PNG", save_all=True, append_images=[green, blue], default_image=True), settings)[
         3, 4
     ].tolist() == list(GREEN)
+
+
+@pytest.mark.parametrize("blend", [0, 1])
+@pytest.mark.parametrize(("colour_type", "key"), [(2, None), (3, None), (2, BLUE), (3, BLUE)])
+def test_an_apng_without_alpha_shows_the_canvas_its_first_frame_leaves_transparent(
+    blend: int, colour_type: int, key: tuple[int, int, int] | None, settings: Settings
+) -> None:
+    """Before: an RGB or palette APNG (no alpha channel) whose fallback default image is followed by a first frame
+    smaller than the canvas gave black (value 0, or palette colour 0: here red) around that frame, where browsers
+    show the page through (the APNG canvas starts transparent); and a colour-keyed (tRNS) pixel of a frame blended
+    "over" came out black. Now both are transparent: white for the models, alpha 0 in a cut-out."""
+    data = apng_with_a_fallback(blend, colour_type, key)
+    assert Image.open(io.BytesIO(data)).mode == {2: "RGB", 3: "P"}[colour_type]
+    shown = np.full((6, 8, 3), 255, np.uint8)  # transparent: on white
+    shown[1:4, 2 if key is None else 3 : 6] = GREEN
+    assert load_image(data, settings).tolist() == shown.tolist()
+    cutout = load_image(data, settings, keep_alpha=True)
+    alpha = np.zeros((6, 8), np.uint8)
+    alpha[1:4, 2 if key is None else 3 : 6] = 255
+    assert cutout.shape == (6, 8, 4) and cutout[..., 3].tolist() == alpha.tolist()
 
 
 def test_a_palette_apng_whose_default_image_is_a_fallback_keeps_its_colours(settings: Settings) -> None:
