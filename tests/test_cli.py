@@ -162,6 +162,8 @@ def test_mask_flags_equal_the_library(
     ("name", "flags", "fmt", "exact"),
     [
         ("m.JPG", [], "JPEG", False),
+        ("m.jpe", [], "JPEG", False),
+        ("m.JFIF", [], "JPEG", False),
         ("m.webp", [], "WEBP", True),
         ("c.webp", ["--return-alpha"], "WEBP", True),
         ("p.tiff", ["--preview"], "TIFF", True),
@@ -190,8 +192,8 @@ def test_mask_writes_the_format_its_output_name_asks_for(
 
 @pytest.mark.parametrize(
     ("name", "flags", "why"),
-    [("c.jpg", ["--return-alpha"], "no transparency"), ("m.gif", [], "PNG, JPEG")]
-    + [(f"m.{suffix}", [], "PNG, JPEG") for suffix in ("tga", "PPM", "qoi", "jpe", "apng", "ico", "pdf")],
+    [(f"c.{suffix}", ["--return-alpha"], "no transparency") for suffix in ("jpg", "jpe", "JFIF")]
+    + [(f"m.{suffix}", [], "PNG, JPEG") for suffix in ("gif", "tga", "PPM", "qoi", "apng", "ico", "pdf")],
 )
 def test_mask_refuses_an_output_format_it_cannot_write_before_any_work(
     lib: Library, tmp_path: Path, name: str, flags: list[str], why: str

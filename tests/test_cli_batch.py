@@ -335,6 +335,26 @@ def test_batch_masks_a_file_reached_by_several_links_once(
     ) in result.stderr.splitlines()
 
 
+def test_batch_names_a_path_spelled_twice_apart_from_a_link(
+    tiny_clipseg_dir: Path, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before: `batch b/../b/a.jpg b/a.jpg` noted "1 link to an image found by another path skipped: 'b/a.jpg'
+    (is 'b/../b/a.jpg')", though neither is a link: the same path spelled two ways. Now the note says so, and a
+    real link in the same run is still called one."""
+    monkeypatch.chdir(tmp_path)
+    (folder / "cover.jpg").symlink_to("a.jpg")
+    out = tmp_path / "out"
+    names = ["b/../b/a.jpg", "b/a.jpg", "b/cover.jpg", str(folder / "b.png"), "b/b.png"]
+    result = invoke("batch", *names, "-o", out, "-p", "cat", "--model", tiny_clipseg_dir)
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == ["a.png", "b.png"]
+    assert (
+        "note: 1 link to an image found by another path and 2 paths naming an image again, spelled another way "
+        f"skipped (each file is masked once): 'b/a.jpg' (the same path as 'b/../b/a.jpg'), "
+        f"'b/b.png' (the same path as '{folder / 'b.png'}'), 'b/cover.jpg' (is 'b/../b/a.jpg')"
+    ) in result.stderr.splitlines(), result.stderr
+
+
 def test_batch_takes_the_files_of_a_glob_the_shell_expanded(
     tiny_clipseg_dir: Path, folder: Path, tmp_path: Path
 ) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 import tifffile
-from PIL import Image, features
+from PIL import ExifTags, Image, ImageOps, features
 from skimage import data as skimage_data
 
 from automask.errors import AutomaskError, ImageDecodeError, ImageTooLargeError, URLRefusedError
@@ -116,6 +116,22 @@ def test_exif_orientation_applies_to_pil_input(settings: Settings) -> None:
     out = load_image(opened, settings)
     assert out.shape == (64, 40, 3)
     assert close(corner(out, "TR"), RED, 40)
+
+
+def test_a_pil_images_exif_orientation_is_applied_as_pillow_keeps_it(settings: Settings) -> None:
+    """The documented rule for PIL images: Pillow keeps the source's EXIF Orientation through `convert`, `crop`,
+    `rotate` and `transpose` alike (it cannot tell an edit that keeps the stored orientation from one that turns the
+    image), and automask applies the tag it finds, as it does for a file; `ImageOps.exif_transpose` removes it. So
+    an image turned upright by hand is turned again, unless its tag is deleted, as the README says to."""
+    opened = Image.open(io.BytesIO(marked_jpeg(6)))
+    upright = load_image(opened, settings)
+    assert np.array_equal(load_image(opened.convert("RGB"), settings), upright)
+    assert np.array_equal(load_image(ImageOps.exif_transpose(opened), settings), upright)
+    by_hand = opened.rotate(-90, expand=True)  # what orientation 6 asks for, done by hand
+    assert by_hand.size == (40, 64) and by_hand.getexif()[ExifTags.Base.Orientation] == 6  # Pillow kept the tag
+    assert load_image(by_hand, settings).shape == (40, 64, 3)  # so it is turned again: the stored orientation
+    del by_hand.getexif()[ExifTags.Base.Orientation]
+    assert np.array_equal(load_image(by_hand, settings), upright)
 
 
 def test_damaged_exif_is_ignored_not_fatal(settings: Settings) -> None:
@@ -222,7 +238,7 @@ def test_32bit_int_and_float_tiff(settings: Settings) -> None:
 
 
 def test_a_float_tiff_out_of_range_is_told_about_its_samples_not_about_arrays(settings: Settings) -> None:
-    for values, words in [([0.0, 300.0], "Float images must hold samples in 0–1 or 0–255, got 0 to 300"),
+    for values, words in [([0.0, 400.0], "Float images must hold samples in 0–1 or 0–255, got 0 to 400"),
                           ([-3.0, 1.0], "Float images must hold samples in 0–1 or 0–255, got -3 to 1"),
                           ([np.nan, 1.0], "NaN or infinite")]:  # fmt: skip
         with pytest.raises(ImageDecodeError, match=re.escape(words)) as caught:
@@ -339,27 +355,41 @@ def test_animated_gives_first_frame(fmt: str, settings: Settings) -> None:
     assert close(out[3, 4], RED, 8)
 
 
-def apng_with_a_fallback(blend: int) -> bytes:
-    """An 8×6 RGBA APNG written by hand whose default image (IDAT: opaque red, what a viewer without APNG shows) is
-    not part of the animation: its one frame is a 4×3 green rectangle at (2, 1) (`blend`: 0 source, 1 over); the
-    rest of the canvas is transparent, as every animation starts (APNG spec)."""
+def apng_with_a_fallback(blend: int, colour_type: int = 6, key: tuple[int, int, int] | None = None) -> bytes:
+    """An 8×6 APNG written by hand whose default image (IDAT: opaque red, what a viewer without APNG shows) is not
+    part of the animation: its one frame is a 4×3 green rectangle at (2, 1) (`blend`: 0 source, 1 over); the rest
+    of the canvas is transparent, as every animation starts (APNG spec). `colour_type` 6 is RGBA, 2 RGB (no alpha
+    channel) and 3 palette; with `key`, a tRNS chunk makes that RGB colour transparent, and the frame's first
+    column is that colour."""
 
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
-    def rows(width: int, height: int, rgba: tuple[int, ...]) -> bytes:
-        return zlib.compress((b"\x00" + bytes(rgba) * width) * height)
+    palette = [RED, GREEN, *([key] if key else [])]
 
-    ihdr = struct.pack(">IIBBBBB", 8, 6, 8, 6, 0, 0, 0)
+    def pixel(rgb: tuple[int, ...]) -> bytes:
+        return {6: bytes((*rgb, 255)), 2: bytes(rgb), 3: bytes([palette.index(rgb)])}[colour_type]
+
+    def rows(width: int, height: int, rgb: tuple[int, ...], first: tuple[int, ...] | None = None) -> bytes:
+        return zlib.compress((b"\x00" + pixel(first or rgb) + pixel(rgb) * (width - 1)) * height)
+
+    ihdr = struct.pack(">IIBBBBB", 8, 6, 8, colour_type, 0, 0, 0)
     fctl = struct.pack(">IIIIIHHBB", 0, 4, 3, 2, 1, 1, 10, 0, blend)
+    trns = b""
+    if key and colour_type == 2:
+        trns = chunk(b"tRNS", struct.pack(">HHH", *key))
+    elif key:
+        trns = chunk(b"tRNS", bytes([255] * (len(palette) - 1) + [0]))
     return b"".join(
         [
             b"\x89PNG\r\n\x1a\n",
             chunk(b"IHDR", ihdr),
+            chunk(b"PLTE", b"".join(bytes(c) for c in palette)) if colour_type == 3 else b"",
+            trns,
             chunk(b"acTL", struct.pack(">II", 1, 0)),
-            chunk(b"IDAT", rows(8, 6, (*RED, 255))),
+            chunk(b"IDAT", rows(8, 6, RED)),
             chunk(b"fcTL", fctl),
-            chunk(b"fdAT", struct.pack(">I", 1) + rows(4, 3, (*GREEN, 255))),
+            chunk(b"fdAT", struct.pack(">I", 1) + rows(4, 3, GREEN, key)),
             chunk(b"IEND", b""),
         ]
     )
@@ -383,6 +413,26 @@ def test_an_apng_whose_default_image_is_a_fallback_gives_its_first_frame(blend: 
     assert load_image(encode(red, "PNG", save_all=True, append_images=[green, blue], default_image=True), settings)[
         3, 4
     ].tolist() == list(GREEN)
+
+
+@pytest.mark.parametrize("blend", [0, 1])
+@pytest.mark.parametrize(("colour_type", "key"), [(2, None), (3, None), (2, BLUE), (3, BLUE)])
+def test_an_apng_without_alpha_shows_the_canvas_its_first_frame_leaves_transparent(
+    blend: int, colour_type: int, key: tuple[int, int, int] | None, settings: Settings
+) -> None:
+    """Before: an RGB or palette APNG (no alpha channel) whose fallback default image is followed by a first frame
+    smaller than the canvas gave black (value 0, or palette colour 0: here red) around that frame, where browsers
+    show the page through (the APNG canvas starts transparent); and a colour-keyed (tRNS) pixel of a frame blended
+    "over" came out black. Now both are transparent: white for the models, alpha 0 in a cut-out."""
+    data = apng_with_a_fallback(blend, colour_type, key)
+    assert Image.open(io.BytesIO(data)).mode == {2: "RGB", 3: "P"}[colour_type]
+    shown = np.full((6, 8, 3), 255, np.uint8)  # transparent: on white
+    shown[1:4, 2 if key is None else 3 : 6] = GREEN
+    assert load_image(data, settings).tolist() == shown.tolist()
+    cutout = load_image(data, settings, keep_alpha=True)
+    alpha = np.zeros((6, 8), np.uint8)
+    alpha[1:4, 2 if key is None else 3 : 6] = 255
+    assert cutout.shape == (6, 8, 4) and cutout[..., 3].tolist() == alpha.tolist()
 
 
 def test_a_palette_apng_whose_default_image_is_a_fallback_keeps_its_colours(settings: Settings) -> None:
@@ -679,7 +729,25 @@ def test_a_float_image_that_overshoots_1_a_little_is_still_0_to_1(
     assert load_image(tiff_of(np.array([values], np.float32)), settings)[0, :, 0].tolist() == expected
 
 
-@pytest.mark.parametrize("values", [[-0.6, 0.5], [-0.6, 200.0], [0.0, 255.6]])
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        ([0.0, 100.4, 257.3], [0, 100, 255]),  # Lanczos past a white edge: clipped, not refused
+        ([-12.7, 128.0, 255.0], [0, 128, 255]),  # and past a black one
+        ([-127.5, 1.6, 382.5], [0, 2, 255]),  # the edges of the 0–255 range: the 0–1 range's, ×255
+    ],
+)
+def test_a_float_0_to_255_image_that_overshoots_a_little_is_clipped(
+    values: list[float], expected: list[int], settings: Settings
+) -> None:
+    """Before: a 0–255 float image resampled with Lanczos (max 257.3, or min -12.7) was refused, while a 0–1 image's
+    overshoot was clipped; now both are, by the same share of their range."""
+    for dtype in (np.float32, np.float64):
+        assert load_image(np.array([values], dtype), settings)[0, :, 0].tolist() == expected
+    assert load_image(tiff_of(np.array([values], np.float32)), settings)[0, :, 0].tolist() == expected
+
+
+@pytest.mark.parametrize("values", [[-0.6, 0.5], [-0.6, 1.5], [-127.6, 200.0], [0.0, 382.6], [0.0, 65535.0]])
 def test_a_float_image_past_both_ranges_is_refused(values: list[float], settings: Settings) -> None:
     with pytest.raises(ImageDecodeError, match="Float images must hold samples in 0–1 or 0–255"):
         load_image(np.array([values], np.float32), settings)
@@ -693,7 +761,7 @@ def test_a_float_image_past_both_ranges_is_refused(values: list[float], settings
         (np.zeros((0, 5, 3), np.uint8), "empty"),
         (np.array([[-1, 5]], np.int16), "negative"),
         (np.array([[np.nan, 0.5]]), "NaN"),
-        (np.array([[0.5, 300.0]]), "0–255"),
+        (np.array([[0.5, 400.0]]), "0–255"),
         (np.array([[0, 70000]], np.int64), "0–65535"),
         (np.zeros((2, 2), np.complex64), "complex64"),
         (np.array([["a", "b"]]), "<U1"),
@@ -866,12 +934,14 @@ def test_a_path_with_whitespace_around_it_says_to_strip_it(
     spaced: str, tmp_path: Path, settings: Settings, small_rgb: np.ndarray
 ) -> None:
     """Before: a path read from a list file (`for line in open("list.txt")`) kept its newline and was reported as
-    "not valid base64", a space around it as "No such file" with the space unseen."""
+    "not valid base64", a space around it as "No such file" with the space unseen; a `pathlib.Path` so made
+    (`Path(line)`) still was."""
     path = tmp_path / "img.png"
     path.write_bytes(png_of(small_rgb))
-    with pytest.raises(ImageDecodeError, match=r"^No such file: '.*img\.png\s*'.*strip the whitespace") as err:
-        load_image(spaced.format(path), settings)
-    assert repr(str(path)) in err.value.message
+    for source in (spaced.format(path), Path(spaced.format(path))):
+        with pytest.raises(ImageDecodeError, match=r"^No such file: '.*img\.png\s*'.*strip the whitespace") as err:
+            load_image(source, settings)
+        assert repr(str(path)) in err.value.message
     with pytest.raises(ImageDecodeError, match="not valid base64"):  # never a path for a server's client
         load_image(spaced.format(path), settings, allow_paths=False)
 

@@ -54,11 +54,25 @@ def test_mask_has_the_input_size_and_is_binary(gen: MaskGenerator, coffee: np.nd
     result = gen.generate(coffee, "cup", threshold=t, grow_mask=0)
     assert result.mask.shape == (400, 600) and result.mask.dtype == np.uint8
     assert set(np.unique(result.mask).tolist()) == {0, 255}  # the median threshold selects about half
-    assert result.kind == "mask" and result.output is result.mask
+    assert result.kind == "mask" and np.array_equal(result.output, result.mask)
     assert (result.width, result.height) == (600, 400)
     assert result.backend == "clipseg" and result.model == str(tiny_clipseg_dir)
     assert result.prompts == ["cup"] and not result.empty
     assert [d.label for d in result.detections] == ["cup"]
+
+
+@pytest.mark.parametrize("kind", [{}, {"return_alpha": True}, {"return_mask": False}])
+def test_a_results_mask_and_output_are_separate_arrays(
+    gen: MaskGenerator, coffee: np.ndarray, kind: dict[str, bool]
+) -> None:
+    """Before: for a mask, `result.output` was `result.mask` itself, so a caller who changed the mask (to 0/1, say)
+    changed the output, and the PNG `to_png` gave, too; a cut-out's or preview's output never moved with it."""
+    result = gen.generate(coffee, "cup", grow_mask=0, **kind)
+    output, png = result.output.copy(), result.to_png()
+    result.mask[:] = 1
+    assert np.array_equal(result.output, output) and result.to_png() == png
+    result.output[:] = 7
+    assert np.all(result.mask == 1)
 
 
 def test_the_one_shot_function_equals_the_generator(

@@ -142,10 +142,29 @@ def once_each(files: list[Path]) -> tuple[list[Path], list[tuple[Path, Path]]]:
 
 
 def links_note(skipped: list[tuple[Path, Path]]) -> str:
-    """The note on the links `once_each` skipped (link, the path its file is masked by), naming the first three."""
-    shown = ", ".join(f"'{link}' (is '{kept}')" for link, kept in skipped[:3]) + (", ..." if skipped[3:] else "")
-    links = "1 link" if len(skipped) == 1 else f"{len(skipped)} links"
-    return f"note: {links} to an image found by another path skipped (each file is masked once): {shown}"
+    """The note on the paths `once_each` skipped (path, the path its file is masked by), naming the first three: a
+    link (a symlink, or a path through a linked folder) is told apart from the same path spelled another way
+    (`b/../b/a.jpg` and `b/a.jpg`, a relative and an absolute path), which is no link."""
+    same = [_same_path(path, kept) for path, kept in skipped]
+    shown = ", ".join(
+        f"'{path}' ({'the same path as' if twice else 'is'} '{kept}')"
+        for (path, kept), twice in zip(skipped[:3], same, strict=False)
+    )
+    links, spellings = same.count(False), same.count(True)
+    what = [f"{_count(links, 'link')} to an image found by another path"] * bool(links)
+    what += [f"{_count(spellings, 'path')} naming an image again, spelled another way"] * bool(spellings)
+    more = ", ..." if skipped[3:] else ""
+    return f"note: {' and '.join(what)} skipped (each file is masked once): {shown}{more}"
+
+
+def _same_path(path: Path, other: Path) -> bool:
+    """Whether `path` and `other` are one path spelled two ways ('..', relative or absolute), no link between."""
+    return os.path.normpath(os.path.abspath(path)) == os.path.normpath(os.path.abspath(other))
+
+
+def _count(n: int, noun: str) -> str:
+    """'1 link', '2 links'."""
+    return f"{n} {noun}" + ("s" if n != 1 else "")
 
 
 def _folder_images(root: Path, recursive: bool, outdir: Path) -> tuple[list[Path], list[Path], list[OSError]]:

@@ -28,7 +28,13 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".
 """Image suffixes (case-insensitive) `automask batch FOLDER` always takes (it takes every suffix of a format automask
 reads too: `cli_inputs`); a glob takes every file it matches."""
 
-OUTPUT_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".tif": "TIFF", ".tiff": "TIFF"}
+OUTPUT_FORMATS = {
+    ".png": "PNG",
+    **dict.fromkeys((".jpg", ".jpeg", ".jpe", ".jfif"), "JPEG"),  # every JPEG suffix Pillow registers
+    ".webp": "WEBP",
+    ".tif": "TIFF",
+    ".tiff": "TIFF",
+}
 """The formats `mask -o NAME` writes, by NAME's suffix (case-insensitive); any other name is written as PNG."""
 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://|^data:")
@@ -296,9 +302,9 @@ def output_target(out: str | None, source: Path | None, kind: str) -> Path | Non
 
 def output_format(target: Path | None, kind: str) -> str:
     """The Pillow format `mask` writes `target` in (None: stdout, PNG): by its suffix (`OUTPUT_FORMATS`), PNG for a
-    name without an image suffix. A cut-out named .jpg (JPEG holds no transparency) and an image suffix automask
-    does not write (.gif, .bmp: no alpha or a palette of 256; .tga, .ppm, .pdf: any Pillow knows) are an
-    `InvalidOptionError`, before any work."""
+    name without an image suffix. A cut-out named .jpg / .jpeg / .jpe / .jfif (JPEG holds no transparency) and an
+    image suffix automask does not write (.gif, .bmp: no alpha or a palette of 256; .tga, .ppm, .pdf: any Pillow
+    knows) are an `InvalidOptionError`, before any work."""
     if target is None:
         return "PNG"
     suffix = target.suffix.lower()

@@ -152,9 +152,9 @@ def render_preview(
 
 def render(image: np.ndarray, mask: np.ndarray, kind: str) -> np.ndarray:
     """Render the output array for `kind` in {'mask', 'alpha', 'preview'} from an H×W uint8 mask; `image` H×W×3
-    RGB (H×W×4 RGBA only for 'alpha', see `render_alpha`)."""
+    RGB (H×W×4 RGBA only for 'alpha', see `render_alpha`). Always a new array, never `mask` itself."""
     if kind == "mask":
-        return mask
+        return mask.copy()
     if kind == "alpha":
         return render_alpha(image, mask)
     if kind == "preview":

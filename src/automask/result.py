@@ -39,6 +39,8 @@ class MaskResult:
     kind:   'mask', 'alpha' or 'preview'.
     instance_masks: one H×W uint8 mask per detection (thresholded, before negative_prompt and grow/invert).
     timings: seconds per stage ('decode', 'encode', 'score', 'postprocess', 'render', 'total').
+    The arrays are the caller's to change: `mask` and `output` are separate arrays (also for kind 'mask'), so
+    changing one leaves the other, and what `image`, `to_png` and `encode` give, as it was.
     """
 
     mask: np.ndarray

@@ -1,21 +1,36 @@
-"""The frame of an APNG that a browser shows first (`to_first_shown_frame`)."""
+"""The frame of an APNG that a browser shows first (`first_shown_frame`)."""
 
 from __future__ import annotations
 
-from PIL import Image
+from PIL import Image, PngImagePlugin
+
+_NO_ALPHA = ("1", "L", "P", "RGB")
+"""The 8-bit (and less) modes Pillow reads a PNG without an alpha channel in: their blank canvas is value 0, not
+transparent, so the frame is given as RGBA. (RGBA and LA: the canvas is transparent already; 16-bit gray, I;16,
+would be clipped by Pillow's conversion to RGBA, so it keeps 0 there.)"""
 
 
-def to_first_shown_frame(img: Image.Image) -> None:
-    """Move `img` to the frame a browser shows first: for an APNG whose default image is not part of the animation
-    (a fallback for viewers without APNG, which browsers never show), the animation's first frame, drawn on a
-    transparent canvas as the APNG spec says (Pillow draws it over the fallback); where a mode has no alpha
-    (RGB, palette: its colour 0), value 0 shows where that frame does not cover the canvas. Any other image is left
-    as it is. Raises Pillow's error when that frame cannot be read (then the default image is what a viewer shows:
-    the caller opens the file again)."""
-    if img.format != "PNG" or not img.info.get("default_image") or getattr(img, "n_frames", 1) < 2:
-        return
+def first_shown_frame(img: Image.Image) -> Image.Image:
+    """The frame a browser shows first of `img`: for an APNG whose default image is not part of the animation (a
+    fallback for viewers without APNG, which browsers never show), the animation's first frame, drawn on a
+    transparent black canvas as the APNG spec says (Pillow draws it over the fallback): `img` moved to that frame,
+    or for an 8-bit mode without an alpha channel (RGB, gray, palette) a new RGBA image of it, transparent where that
+    frame does not cover the canvas (and where a transparent colour key, tRNS, says so). Any other image: `img`.
+    Raises Pillow's error when that frame cannot be read (then the default image is what a viewer shows: the caller
+    opens the file again)."""
+    if not isinstance(img, PngImagePlugin.PngImageFile) or not img.info.get("default_image") or img.n_frames < 2:
+        return img
     img.load()
     img.im = img.im.copy()  # a copy keeps a palette image's palette (a new core has none: all black)
     img.im.paste(0, (0, 0, *img.size))  # cleared: transparent black, where the mode has alpha
     img.seek(1)
+    img.blend_op = PngImagePlugin.Blend.OP_SOURCE  # over a transparent canvas, "over" is "source": so a frame's
+    # colour-keyed (tRNS) pixels stay transparent, which Pillow's "over" of a mode without alpha makes value 0
     img.load()
+    if img.mode not in _NO_ALPHA:
+        return img
+    x0, y0, x1, y1 = (int(v) for v in img.dispose_extent)
+    shown = Image.new("RGBA", img.size, (0, 0, 0, 0))
+    shown.paste(img.convert("RGBA").crop((x0, y0, x1, y1)), (x0, y0))
+    shown.info = {k: v for k, v in img.info.items() if k != "transparency"}  # its colour profile, EXIF...
+    return shown

@@ -114,11 +114,11 @@ def decode_image(data: bytes, settings: Settings, *, keep_alpha: bool = False) -
     (H×W×4 RGBA for an image with transparency when `keep_alpha`)."""
     with _open(data, settings) as img:
         try:
-            apng.to_first_shown_frame(img)
+            shown = apng.first_shown_frame(img)
         except PIL_ERRORS:
             pass  # that frame cannot be read
         else:
-            return pil_to_rgb(img, settings, keep_alpha=keep_alpha)
+            return pil_to_rgb(shown, settings, keep_alpha=keep_alpha)
     with _open(data, settings) as img:  # an APNG whose animation is damaged: its default image, as a viewer shows
         return pil_to_rgb(img, settings, keep_alpha=keep_alpha)
 

@@ -114,13 +114,14 @@ def read_stream(stream: BinaryIO, settings: Settings) -> bytes:
 
 
 def read_file(path: Path, settings: Settings) -> bytes:
-    """The bytes of the image file at `path` (size checked before reading); clear errors for missing files."""
-    path = path.expanduser()
+    """The bytes of the image file at `path` (size checked before reading); clear errors for missing files (one
+    that exists without the whitespace around its name says so, as for a string)."""
+    given, path = path, path.expanduser()
     try:
         check_encoded_size(path.stat().st_size, settings)
         return path.read_bytes()
     except FileNotFoundError:
-        raise ImageDecodeError(f"No such file: {_short(str(path))}") from None
+        raise _padded_path_error(str(given)) or ImageDecodeError(f"No such file: {_short(str(path))}") from None
     except IsADirectoryError:
         raise ImageDecodeError(f"{_short(str(path))} is a folder, not an image file.") from None
     except PermissionError:
@@ -139,10 +140,8 @@ def _from_string(text: str, settings: Settings, *, allow_paths: bool, keep_alpha
     inline = not text or text.isspace() or _DATA_START.match(text) is not None
     if allow_paths and not inline and _is_existing_path(text):
         return decode(read_file(Path(text), settings))
-    if allow_paths and not inline and (stripped := _padded_path(text)):
-        raise ImageDecodeError(
-            f"No such file: {_short(text)!r}, but {_short(stripped)!r} exists: strip the whitespace around the path."
-        )
+    if allow_paths and not inline and (hint := _padded_path_error(text)):
+        raise hint
     data = _inline_bytes(text, settings, allow_paths=allow_paths)
     try:
         return decode(data)
@@ -282,6 +281,17 @@ def _decode_base64_chunks(text: str, start: int, settings: Settings) -> bytes | 
 def _may_be_path(text: str) -> bool:
     """Whether `text` could name a file (short, one line); base64 and data URIs are long."""
     return 0 < len(text) <= _MAX_PATH_CHARS and "\n" not in text and "\x00" not in text
+
+
+def _padded_path_error(text: str) -> ImageDecodeError | None:
+    """The "No such file" error for the path `text` when it is an existing path once the whitespace around it is
+    stripped (`_padded_path`), saying so; None otherwise."""
+    stripped = _padded_path(text)
+    if stripped is None:
+        return None
+    return ImageDecodeError(
+        f"No such file: {_short(text)!r}, but {_short(stripped)!r} exists: strip the whitespace around the path."
+    )
 
 
 def _padded_path(text: str) -> str | None:

@@ -2,7 +2,8 @@
 
 - 16-bit samples are scaled, never clipped: v -> round(v · 255 / 65535).
 - 32-bit integer samples are scaled by their type's range once they leave 0..65535 (`wide_to_uint8`).
-- Float samples are a 0–1 image when they lie within `FLOAT_UNIT_RANGE` (resampling overshoot clipped), else 0–255.
+- Float samples are a 0–1 image when they lie within `FLOAT_UNIT_RANGE`, else 0–255 within `FLOAT_BYTE_RANGE`
+  (resampling's overshoot clipped either way).
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def to_uint8(a: np.ndarray) -> np.ndarray:
 
     bool: 0/255. uint16: always the 16-bit range (scaled). Other integers: 0..255 kept, 0..65535 scaled as
     16-bit, anything else refused. Floats: 0..1 (within `FLOAT_UNIT_RANGE`, clipped) scaled by 255, 0..255
-    rounded, anything else (or NaN/inf) refused. Negative integers are refused.
+    (within `FLOAT_BYTE_RANGE`, clipped) rounded, anything else (or NaN/inf) refused. Negative integers are refused.
     """
     if a.dtype == np.uint8:
         return a
@@ -78,14 +79,19 @@ FLOAT_UNIT_RANGE = (-0.5, 1.5)
 """A float image whose samples all lie in this range is a 0–1 image: the over- and undershoot of cubic or Lanczos
 resampling (about ±0.1) is clipped, not read as 0–255 (a 0–255 image with no sample above 1.5 is black either way)."""
 
+FLOAT_BYTE_RANGE = (FLOAT_UNIT_RANGE[0] * 255, FLOAT_UNIT_RANGE[1] * 255)
+"""A float image with a sample above 1.5 whose samples all lie in this range (-127.5 to 382.5) is a 0–255 image:
+resampling's over- and undershoot (about ±25) is clipped, as for a 0–1 image (the same share of the range)."""
+
 
 def _float_to_uint8(a: np.ndarray, lo: float, hi: float) -> np.ndarray:
     """Finite float samples (min `lo`, max `hi`) -> uint8: a 0–1 image (`FLOAT_UNIT_RANGE`) clipped to 0..1 and
-    ×255, else a 0–255 image rounded (samples from -0.5 to 255.5, which round into 0..255)."""
+    ×255, else a 0–255 image (`FLOAT_BYTE_RANGE`, a sample above 1.5) rounded and clipped to 0..255."""
     unit_lo, unit_hi = FLOAT_UNIT_RANGE
     if unit_lo <= lo and hi <= unit_hi:
         return np.rint(np.clip(a, 0.0, 1.0) * 255.0).astype(np.uint8)
-    if lo < unit_lo or hi > 255.5:
+    byte_lo, byte_hi = FLOAT_BYTE_RANGE
+    if hi <= unit_hi or lo < byte_lo or hi > byte_hi:
         raise ImageDecodeError(
             f"Float images must hold samples in 0–1 or 0–255, got {lo:g} to {hi:g}; clip or rescale them first."
         )
