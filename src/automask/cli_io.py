@@ -28,13 +28,10 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".
 """Image suffixes (case-insensitive) `automask batch FOLDER` always takes (it takes every suffix of a format automask
 reads too: `cli_inputs`); a glob takes every file it matches."""
 
-OUTPUT_FORMATS = {
-    ".png": "PNG",
-    **dict.fromkeys((".jpg", ".jpeg", ".jpe", ".jfif"), "JPEG"),  # every JPEG suffix Pillow registers
-    ".webp": "WEBP",
-    ".tif": "TIFF",
-    ".tiff": "TIFF",
-}
+OUTPUT_FORMATS = {".png": "PNG", ".webp": "WEBP", ".tif": "TIFF", ".tiff": "TIFF"} | dict.fromkeys(
+    (".jpg", ".jpeg", ".jpe", ".jfif"),
+    "JPEG",  # every JPEG suffix Pillow registers
+)
 """The formats `mask -o NAME` writes, by NAME's suffix (case-insensitive); any other name is written as PNG."""
 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://|^data:")
