@@ -272,8 +272,8 @@ def pull(name: str, settings: Settings, *, progress: bool = True, force: bool = 
             if is_installed(name, settings) and not force:  # another pull installed it while this one waited
                 return target
             parts = {repo: tmp if len(spec.repos) == 1 else tmp / repo_folder(repo) for repo in spec.repos}
-            with _gated(spec):  # room for the whole model is checked before its first download
-                todo = install.plan_model(name, {r: d for r, d in parts.items() if r not in cached}, spec.files)
+            with _gated(spec):  # room for the whole model (copies from the cache too) is checked before any byte
+                todo = install.plan_model(name, parts, spec.files, cached)
             for repo, dest in parts.items():
                 _fetch(spec, repo, dest, cached.get(repo), progress, todo.get(repo))
             marker = {"name": spec.name, "backend": spec.backend, "repos": list(spec.repos)}
