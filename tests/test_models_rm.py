@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -74,6 +75,17 @@ def test_rm_refuses_while_a_pull_or_an_export_of_the_model_runs(settings: Settin
     assert "an export of it is running" in busy.stderr
     assert sorted(p.relative_to(pulled) for p in pulled.rglob("*")) == before
     assert [p.name for p in settings.models_dir.iterdir() if p.name.startswith(".")] == []
+
+
+def test_rm_waits_for_a_brief_holder_of_the_lock(settings: Settings, pulled: Path) -> None:
+    """`models list` (tidying, putting back) holds the model's lock for a moment: an rm at that moment said a pull was
+    running and removed nothing. It waits for such a brief holder."""
+    hub = settings.models_dir / ".clipseg.partial.lock"
+    fd = staging._lock(hub, wait=False)
+    threading.Timer(0.3, staging._unlock, (hub, fd)).start()
+    result = _rm(settings, "clipseg")
+    assert result.exit_code == 0, result.output
+    assert not pulled.exists()
 
 
 def test_rm_puts_the_model_back_when_an_export_began_as_it_was_moved_aside(

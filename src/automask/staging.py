@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -130,7 +131,7 @@ def remove(folder: Path, inner: tuple[Path, ...] = ()) -> list[Path]:
         return []
     hub = _lock_file(folder.parent / f".{folder.name}.partial")
     try:
-        fd = _lock(hub, wait=False)
+        fd = _lock_soon(hub)
     except OSError as exc:
         raise ModelNotAvailableError(
             f"Cannot remove from the models folder '{folder.parent}' ({exc.strerror})."
@@ -151,6 +152,15 @@ def remove(folder: Path, inner: tuple[Path, ...] = ()) -> list[Path]:
         return found
     finally:
         _unlock(hub, fd)
+
+
+def _lock_soon(path: Path, patience: float = 2.0) -> int | None:
+    """`_lock(path)`, waiting up to `patience` seconds for a brief holder (`models list` tidying, `recover`) to let
+    go; None when it is still held then (a pull, which holds it for minutes)."""
+    deadline = time.monotonic() + patience
+    while (fd := _lock(path, wait=False)) is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return fd
 
 
 def _rename_aside(paths: list[Path], folder: Path) -> dict[Path, Path]:
