@@ -119,10 +119,14 @@ def _snapshot_files(snapshot: Path, files: tuple[str, ...]) -> dict[str, Path]:
 
 
 def _copied(snapshot: Path, dest: Path, files: tuple[str, ...]) -> int:
-    """Bytes `copy_snapshot` writes into folder `dest` (which exists) from `snapshot`: the files on another disk
-    (those on the same one are hard-linked)."""
-    stats = [p.stat() for p in _snapshot_files(snapshot, files).values()]
-    return sum(st.st_size for st in stats if st.st_dev != dest.stat().st_dev)
+    """Bytes more that `copy_snapshot` puts on the disk of folder `dest` (which exists) from `snapshot`: the files on
+    another disk (those on the same one are hard-linked), less what the copies it replaces (a failed pull's) hold."""
+    needed = 0
+    for file, source in _snapshot_files(snapshot, files).items():
+        size, out = source.stat(), dest / file
+        if size.st_dev != dest.stat().st_dev:
+            needed += max(size.st_size - (out.stat().st_size if out.is_file() else 0), 0)
+    return needed
 
 
 def download_repo(
