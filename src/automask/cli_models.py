@@ -83,7 +83,7 @@ def models_pull(ctx: click.Context, name: str, force: bool) -> None:
 @click.pass_context
 def models_rm(ctx: click.Context, name: str) -> None:
     """Delete model NAME (and its ONNX export) from the data folder; never the Hugging Face cache."""
-    from automask.models import CATALOGUE, remove
+    from automask.models import CATALOGUE, hf_cache_rm, remove
 
     if name not in CATALOGUE:
         raise click.BadParameter(f"no model '{name}': automask models list shows the models.", param_hint="NAME")
@@ -93,7 +93,7 @@ def models_rm(ctx: click.Context, name: str) -> None:
     if removed.cached is not None:
         click.echo(
             f"note: {name} is still installed from the Hugging Face cache, '{removed.cached}' (not deleted: other "
-            f"programs share it; delete it there with: hf cache rm model/{CATALOGUE[name].repos[0]})",
+            f"programs share it; to delete it there: {hf_cache_rm(CATALOGUE[name])})",
             err=True,
         )
 

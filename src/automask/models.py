@@ -320,12 +320,17 @@ def remove(name: str, settings: Settings) -> Removed:
         raise ModelNotAvailableError(
             f"The model '{name}' is not in the data folder ('{settings.models_dir}'): it is read from the Hugging Face "
             f"cache, '{cached}', which other programs share; automask does not delete it. To delete it there: "
-            f"hf cache rm model/{spec.repos[0]}"
+            f"{hf_cache_rm(spec)}"
         )
     raise ModelNotAvailableError(
         f"The model '{name}' is not installed in '{settings.models_dir}': nothing to remove (automask models list "
         "shows what is installed)."
     )
+
+
+def hf_cache_rm(spec: ModelSpec) -> str:
+    """The command that deletes single-repository catalogue model `spec` from the Hugging Face cache."""
+    return f"hf cache rm model/{spec.repos[0]} (older huggingface_hub releases: huggingface-cli delete-cache)"
 
 
 class _Waiting:
