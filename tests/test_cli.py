@@ -417,6 +417,7 @@ def test_internal_errors_are_one_line_unless_debug(monkeypatch: pytest.MonkeyPat
         (errors.InferenceTimeoutError("x"), 7),
         (errors.StoppedError("x"), 7),
         (OutputError("x"), 8),
+        (errors.ModelBusyError("x"), 10),
         (errors.AutomaskError("x"), 1),
     ],
 )

@@ -7,6 +7,7 @@ import shutil
 import signal
 import stat
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -355,3 +356,36 @@ def test_staging_a_model_leaves_another_models_kept_download_alone(tmp_path: Pat
         pass
     assert (kept / "weights").is_dir()
     assert not abandoned.exists()
+
+
+def test_the_room_check_does_not_count_again_the_copies_a_failed_pull_kept(
+    tmp_path: Path, tiny_clipseg_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A repository copied from the Hugging Face cache on another disk into a pull's staging folder, kept when the pull
+    failed: the retry replaces those copies, so they need no more room. They were counted again: on a disk without
+    room for a second copy, the retry failed saying so."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or shm.stat().st_dev == tmp_path.stat().st_dev:
+        pytest.skip("no second file system (/dev/shm) here")
+    from automask import install
+    from automask.catalogue import DEFAULT_FILES
+
+    snapshot = Path(tempfile.mkdtemp(dir=shm))
+    try:
+        shutil.copytree(tiny_clipseg_dir, snapshot, dirs_exist_ok=True)
+        usage = shutil.disk_usage
+        monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(path)._replace(free=1000))
+        dest = tmp_path / ".grounded-sam.partial" / "facebook--sam-vit-base"
+        with pytest.raises(ModelNotAvailableError, match="it needs"):  # no room for the copy
+            install.plan_model(
+                "grounded-sam", {"facebook/sam-vit-base": dest}, DEFAULT_FILES, {"facebook/sam-vit-base": snapshot}
+            )
+        shutil.copytree(snapshot, dest, dirs_exist_ok=True)  # what the failed pull had copied
+        assert (
+            install.plan_model(
+                "grounded-sam", {"facebook/sam-vit-base": dest}, DEFAULT_FILES, {"facebook/sam-vit-base": snapshot}
+            )
+            == {}
+        )
+    finally:
+        shutil.rmtree(snapshot)

@@ -364,6 +364,46 @@ def test_a_model_of_two_repositories_checks_the_room_for_both_before_downloading
     assert not (models / "grounded-sam").exists()
 
 
+def test_a_model_part_copied_from_the_hf_cache_counts_in_the_one_room_check_of_the_model(
+    tmp_path: Path, tiny_clipseg_dir: Path
+) -> None:
+    """grounded-sam with its detector complete in the Hugging Face cache (on another disk than the data folder, so
+    copied) and its SAM to download checked the room twice, each for its own part: with room for one part, both
+    checks passed and the pull filled the disk. It is one check of the disk for the copy and the download together;
+    on the cache's own disk the copy (hard links) needs no room."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or shm.stat().st_dev == tmp_path.stat().st_dev:
+        pytest.skip("no second file system (/dev/shm) here")
+    detector = "IDEA-Research/grounding-dino-tiny"
+    repos = {detector: tiny_clipseg_dir, "facebook/sam-vit-base": tiny_clipseg_dir}
+    weights = (tiny_clipseg_dir / "model.safetensors").stat().st_size
+    copied = sum(f.stat().st_size for f in tiny_clipseg_dir.iterdir())
+    data = Path(tempfile.mkdtemp(dir=shm))
+    try:
+        with fake_hub(repos) as server:
+            env = _env(tmp_path, server)
+            fetch = f"import huggingface_hub as h; h.snapshot_download({detector!r}, allow_patterns={DEFAULT_FILES!r})"
+            subprocess.run([sys.executable, "-c", fetch], env=env, check=True, capture_output=True, timeout=120)
+            server.requests.clear()
+            free = max(copied, weights) + 1000  # room for either part, not for both
+            proc = run(
+                ["models", "pull", "grounded-sam"],
+                _with_free_space(tmp_path, env | {"AUTOMASK_DATA_DIR": str(data)}, free),
+            )
+            gets = [r for r in server.requests if r.startswith("GET") and r.endswith(".safetensors")]
+            (tmp_path / "same").mkdir()
+            same_disk = run(
+                ["models", "pull", "grounded-sam"], _with_free_space(tmp_path / "same", env, weights + 1000)
+            )
+        assert proc.returncode == 4, proc.stderr
+        assert f"it needs {(copied + weights) / 1e6:.1f} MB more on the disk holding '{data / 'models'}'" in proc.stderr
+        assert gets == [], server.requests
+        assert list((data / "models").iterdir()) == []
+        assert same_disk.returncode == 0, same_disk.stderr  # the cached part hard-linked: room for the download only
+    finally:
+        shutil.rmtree(data)
+
+
 def test_a_repository_with_only_bin_weights_counts_them_in_the_room_check_of_the_model(
     tmp_path: Path, tiny_clipseg_dir: Path
 ) -> None:

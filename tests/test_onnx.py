@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import shutil
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -440,6 +442,7 @@ def test_models_list_removes_the_staging_folders_of_exports_killed_before_they_w
     shutil.copytree(exported, folder)
     (folder / automask.models.MARKER).write_text(json.dumps({"name": "clipseg", "backend": "clipseg", "repos": []}))
     shutil.copytree(onnx_dir(folder), folder / ".onnx-tmp-0000000a")
+    _age(folder / ".onnx-tmp-0000000a", 2 * 3600)  # nothing written in it for two hours: a killed export's
     (folder / ".onnx-tmp-notmine").mkdir()  # not a name an export gave
     listing = ["--data-dir", str(settings.data_dir), "models", "list", "--json"]
     with staging.staging(onnx_dir(folder)):  # while an export runs, export folders are left alone
@@ -449,3 +452,34 @@ def test_models_list_removes_the_staging_folders_of_exports_killed_before_they_w
     assert result.exit_code == 0, result.output
     assert next(r for r in json.loads(result.stdout) if r["name"] == "clipseg")["onnx"] == ["fp32", "int8"]
     assert sorted(p.name for p in folder.iterdir() if p.name.startswith(".")) == [".onnx-tmp-notmine"]
+
+
+def test_models_list_leaves_the_unlocked_staging_folder_of_a_running_older_export_alone(
+    exported: Path, settings: Settings
+) -> None:
+    """An export by an older automask sharing the data folder stages in `<model>/.onnx-tmp-xxxxxxxx` without a lock:
+    `models list` deleted that folder under the running export (it failed, or wrote nothing). One written into
+    within the last hour is kept; only one left untouched longer (its export was killed) is removed."""
+    import automask.models
+    from automask.cli import main
+
+    folder = automask.models.model_dir("clipseg", settings)
+    shutil.copytree(exported, folder)
+    (folder / automask.models.MARKER).write_text(json.dumps({"name": "clipseg", "backend": "clipseg", "repos": []}))
+    running = folder / ".onnx-tmp-0000000c"
+    shutil.copytree(onnx_dir(folder), running)
+    _age(running, 2 * 3600)
+    (running / "prompt.onnx").touch()  # the export is still writing: its newest file is recent
+    listing = ["--data-dir", str(settings.data_dir), "models", "list", "--json"]
+    assert CliRunner().invoke(main, listing).exit_code == 0
+    assert (running / "image.onnx").read_bytes() == (onnx_dir(folder) / "image.onnx").read_bytes()
+    _age(running, 2 * 3600)
+    assert CliRunner().invoke(main, listing).exit_code == 0
+    assert not running.exists()
+
+
+def _age(folder: Path, seconds: float) -> None:
+    """Set the times of `folder` and everything in it `seconds` in the past."""
+    then = time.time() - seconds
+    for path in [*folder.rglob("*"), folder]:
+        os.utime(path, (then, then))

@@ -64,6 +64,7 @@ EXIT_CODES: dict[type[AutomaskError], int] = {
     errors.StoppedError: 7,
     OutputError: 8,
     errors.ServiceConfigError: 9,
+    errors.ModelBusyError: 10,
 }
 """Error class -> exit code; a subclass gets its nearest listed base's code, any other AutomaskError 1."""
 
@@ -82,6 +83,7 @@ EXIT_HELP = (
         "serve/worker/keys: the database needs `automask db migrate`, a service setting is missing, or serve "
         "cannot listen on --host/--port (e.g. the port is in use) or start",
     ),
+    (10, "models rm: a pull or an export of the model is running"),
     (EXIT_INTERNAL, "internal error (run with --debug for the traceback)"),
     (128 + signal.SIGHUP, "the terminal hung up (SIGHUP)"),
     (EXIT_INTERRUPTED, "interrupted (Ctrl-C)"),

@@ -1,4 +1,4 @@
-"""`automask models list|pull|export`: the model catalogue on the command line (added to `main` in cli.py)."""
+"""`automask models list|pull|rm|export`: the model catalogue on the command line (added to `main` in cli.py)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from automask.settings import Settings
 
 @click.group()
 def models() -> None:
-    """List and download models."""
+    """List, download and remove models."""
 
 
 @models.command("list")
@@ -76,6 +76,26 @@ def models_pull(ctx: click.Context, name: str, force: bool) -> None:
         path = pull(name, settings, progress=True, force=force)  # on Ctrl-C, says where its bytes wait
         click.echo(f"{name} installed in {path}")
         _export_after_pull(name, path, settings)
+
+
+@models.command("rm")
+@click.argument("name")
+@click.pass_context
+def models_rm(ctx: click.Context, name: str) -> None:
+    """Delete model NAME (and its ONNX export) from the data folder; never the Hugging Face cache."""
+    from automask.models import CATALOGUE, hf_cache_rm, remove
+
+    if name not in CATALOGUE:
+        raise click.BadParameter(f"no model '{name}': automask models list shows the models.", param_hint="NAME")
+    removed = remove(name, root_settings(ctx))
+    for path in removed.paths:
+        click.echo(f"removed {path}")
+    if removed.cached is not None:
+        click.echo(
+            f"note: {name} is still installed from the Hugging Face cache, '{removed.cached}' (not deleted: other "
+            f"programs share it; to delete it there: {hf_cache_rm(CATALOGUE[name])})",
+            err=True,
+        )
 
 
 def _export_after_pull(name: str, path: Path, settings: Settings) -> None:

@@ -73,6 +73,10 @@ class ModelNotAvailableError(AutomaskError):
     """A known model that is not installed or cannot be loaded (the message says how to install it)."""
 
 
+class ModelBusyError(AutomaskError):
+    """A model cannot be changed (removed) now: a pull or an export of it is running (the message says which)."""
+
+
 class ServiceConfigError(AutomaskError):
     """The service cannot start as configured: a database at an older schema, an unreachable broker, a missing
     setting (the message names the fix)."""

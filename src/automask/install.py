@@ -52,18 +52,11 @@ def cached_snapshot(repo: str, files: tuple[str, ...], *, complete: bool = False
 def copy_snapshot(name: str, repo: str, snapshot: Path, dest: Path, files: tuple[str, ...]) -> None:
     """Put the `files` (patterns; its .bin weights when it has no safetensors) of Hugging Face cache folder
     `snapshot` of hub repository `repo` into folder `dest`, for catalogue model `name`: hard links to the cache's
-    files where the file system allows (no second copy on disk), else copies. `ModelNotAvailableError` on failure."""
-    from huggingface_hub.utils import filter_repo_objects
-
-    names = [p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.is_file()]
-    wanted = list(filter_repo_objects(names, allow_patterns=list(files)))
-    if not any(n.endswith(".safetensors") for n in wanted):
-        wanted += filter_repo_objects(names, allow_patterns=list(FALLBACK_WEIGHTS))
-    sources = {file: (snapshot / file).resolve() for file in wanted}
+    files where the file system allows (no second copy on disk), else copies (their room checked by `plan_model`).
+    `ModelNotAvailableError` on failure."""
+    sources = _snapshot_files(snapshot, files)
     try:
         dest.mkdir(parents=True, exist_ok=True)
-        if any(p.stat().st_dev != dest.stat().st_dev for p in sources.values()):  # copies, not hard links
-            check_room(dest, sum(p.stat().st_size for p in sources.values()))
         for file, source in sources.items():
             out = dest / file
             out.parent.mkdir(parents=True, exist_ok=True)
@@ -81,21 +74,59 @@ Todo = list[tuple[str, Any, Path]]
 """The weight files `fetch_weights` downloads: name in the repository, the hub's metadata, the partial file."""
 
 
-def plan_model(name: str, parts: dict[str, Path], files: tuple[str, ...]) -> dict[str, Todo]:
+def plan_model(
+    name: str, parts: dict[str, Path], files: tuple[str, ...], cached: dict[str, Path] | None = None
+) -> dict[str, Todo]:
     """The weight files of each hub repository of catalogue model `name` (repository -> its folder in the staging
-    folder) still to download (`plan_weights`), once the disk is found to have room for all of them together.
-    `ModelNotAvailableError` when it has not, or the hub fails."""
+    folder) still to download (`plan_weights`), once each disk they go to is found to have room for all of them
+    together, and for the copies of the repositories taken from their Hugging Face cache folder (`cached`: repository
+    -> snapshot; see `copy_snapshot`: not downloaded). `ModelNotAvailableError` when it has not, or the hub fails."""
     errors: tuple[type[BaseException], ...] = (OSError, ConnectionError, TimeoutError, *hub_errors())
+    cached = cached or {}
     plans: dict[str, Todo] = {}
+    room: dict[int, tuple[str, Path, int]] = {}  # disk -> a repository going there, its folder, bytes they all need
     for repo, dest in parts.items():
         try:
             dest.mkdir(parents=True, exist_ok=True)
-            plans[repo] = plan_weights(repo, dest, files)
-            if len(plans) == len(parts):
-                check_room(dest, sum(_needed(todo) for todo in plans.values()))
+            if repo in cached:
+                needed = _copied(cached[repo], dest, files)
+            else:
+                plans[repo] = plan_weights(repo, dest, files)
+                needed = _needed(plans[repo])
+            disk = dest.stat().st_dev
+            _, _, before = room.get(disk, (repo, dest, 0))
+            room[disk] = (repo, dest, before + needed)
         except errors as exc:
             raise ModelNotAvailableError(download_failure(name, repo, dest, exc)) from exc
+    for repo, dest, needed in room.values():
+        try:
+            check_room(dest, needed)
+        except NoRoomError as exc:
+            raise ModelNotAvailableError(download_failure(name, repo, dest, exc)) from exc
     return plans
+
+
+def _snapshot_files(snapshot: Path, files: tuple[str, ...]) -> dict[str, Path]:
+    """The files `copy_snapshot` takes from Hugging Face cache folder `snapshot` (name in it -> the blob it links to):
+    those matching `files` (patterns), and its .bin weights when they hold no safetensors."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    names = [p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.is_file()]
+    wanted = list(filter_repo_objects(names, allow_patterns=list(files)))
+    if not any(n.endswith(".safetensors") for n in wanted):
+        wanted += filter_repo_objects(names, allow_patterns=list(FALLBACK_WEIGHTS))
+    return {file: (snapshot / file).resolve() for file in wanted}
+
+
+def _copied(snapshot: Path, dest: Path, files: tuple[str, ...]) -> int:
+    """Bytes more that `copy_snapshot` puts on the disk of folder `dest` (which exists) from `snapshot`: the files on
+    another disk (those on the same one are hard-linked), less what the copies it replaces (a failed pull's) hold."""
+    needed = 0
+    for file, source in _snapshot_files(snapshot, files).items():
+        size, out = source.stat(), dest / file
+        if size.st_dev != dest.stat().st_dev:
+            needed += max(size.st_size - (out.stat().st_size if out.is_file() else 0), 0)
+    return needed
 
 
 def download_repo(

@@ -12,12 +12,13 @@ import os
 import shutil
 import signal
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from automask.errors import ModelNotAvailableError
+from automask.errors import ModelBusyError, ModelNotAvailableError
 
 HUB_BOOKKEEPING = "huggingface"
 """The subfolder of a download folder's `.cache` where huggingface_hub keeps its locks and metadata."""
@@ -96,30 +97,114 @@ def partial_note(folder: Path) -> str:
 
 def tidy(folder: Path) -> None:
     """Remove what killed installers of `folder` (SIGKILL, a power cut) left and no pull resumes: their staging
-    folders, and `resumable_staging`'s lock file, with its folder when that holds no downloaded byte. Nothing
-    while an installer is running, nor when the models folder cannot be written."""
+    folders, and `resumable_staging`'s lock file, with its folder when that holds no downloaded byte; and what a
+    killed `remove` of it had moved aside. Nothing while an installer is running, nor when the models folder cannot
+    be written."""
     tmp = folder.parent / f".{folder.name}.partial"
     recover(folder)
     with contextlib.suppress(OSError):
         _remove_abandoned(folder)
-        if not _lock_file(tmp).exists():
+        removing = list(folder.parent.glob(_unique(folder, REMOVING)))
+        if not _lock_file(tmp).exists() and not removing:
             return
         fd = _lock(_lock_file(tmp), wait=False)
-        if fd is None or fd < 0:  # a pull is running, or no locks to tell (Windows)
+        if fd is None or fd < 0:  # a pull (or a removal) is running, or no locks to tell (Windows)
             return
         if not _downloaded(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
+        for leftover in removing:
+            _discard(leftover)
         _unlock(_lock_file(tmp), fd)
+
+
+REMOVING = ".removing"
+"""The suffix of what `remove` renamed aside to delete: `.NAME-xxxxxxxx.removing`, which nothing takes for a model."""
+
+
+def remove(folder: Path, inner: tuple[Path, ...] = ()) -> list[Path]:
+    """Delete installed model folder `folder`, what killed installers left of it moved aside (`.NAME-xxxxxxxx.old`,
+    which `recover` would put back) and a failed pull's kept download (`.NAME.partial`); return those that were
+    there. Under the lock of its pulls, all are renamed aside first (`REMOVING`: a kill midway leaves no model half
+    deleted where one is looked for, and `tidy` deletes the rest), then deleted. `ModelBusyError` while an installer
+    of `folder`, or of a folder of `inner` (inside `folder`: its ONNX export), holds its lock; nothing is removed."""
+    if not folder.parent.is_dir():
+        return []
+    hub = _lock_file(folder.parent / f".{folder.name}.partial")
+    try:
+        fd = _lock_soon(hub)
+    except OSError as exc:
+        raise ModelNotAvailableError(
+            f"Cannot remove from the models folder '{folder.parent}' ({exc.strerror})."
+        ) from exc
+    try:
+        busy = [f for f in inner if installing(f)]
+        if fd is None or _staging_held(folder) or busy:
+            raise ModelBusyError(_busy_message(folder, (busy or [folder])[0]))
+        olds = sorted(folder.parent.glob(_unique(folder, ".old")))  # first: `recover` would put one back
+        found = [p for p in (*olds, folder, folder.parent / f".{folder.name}.partial") if os.path.lexists(p)]
+        moved = _rename_aside(found, folder)
+        busy = [f for f in inner if installing(moved.get(folder, folder) / f.relative_to(folder))]
+        if busy:  # an export began before the rename
+            _put_back(moved)
+            raise ModelBusyError(_busy_message(folder, busy[0]))
+        for leftover in folder.parent.glob(_unique(folder, REMOVING)):  # and those of a killed removal
+            _discard(leftover)
+        return found
+    finally:
+        _unlock(hub, fd)
+
+
+def _lock_soon(path: Path, patience: float = 2.0) -> int | None:
+    """`_lock(path)`, waiting up to `patience` seconds for a brief holder (`models list` tidying, `recover`) to let
+    go; None when it is still held then (a pull, which holds it for minutes)."""
+    deadline = time.monotonic() + patience
+    while (fd := _lock(path, wait=False)) is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return fd
+
+
+def _rename_aside(paths: list[Path], folder: Path) -> dict[Path, Path]:
+    """Rename each of `paths` to a `REMOVING` name beside `folder`; path -> its new name. Signals wait for the
+    renames; on a failure, those done are put back and `ModelNotAvailableError` is raised."""
+    moved: dict[Path, Path] = {}
+    with _signals_held():
+        try:
+            for path in paths:
+                moved[path] = folder.with_name(f".{folder.name}-{uuid.uuid4().hex[:8]}{REMOVING}")
+                os.rename(path, moved[path])
+        except OSError as exc:
+            moved.pop(path)
+            _put_back(moved)
+            raise ModelNotAvailableError(f"Cannot remove '{path}' ({exc.strerror}): nothing was removed.") from exc
+    return moved
+
+
+def _put_back(moved: dict[Path, Path]) -> None:
+    """Undo `_rename_aside`."""
+    with _signals_held():
+        for path, aside in reversed(moved.items()):
+            with contextlib.suppress(OSError):
+                os.rename(aside, path)
+
+
+def _busy_message(folder: Path, busy: Path) -> str:
+    what = "a pull" if busy == folder else "an export"
+    return (
+        f"The model '{folder.name}' is not removed: {what} of it is running. Run this again once it has ended "
+        "(Ctrl-C it to stop it)."
+    )
 
 
 def installing(folder: Path) -> bool:
     """True while an installer of `folder` holds its lock: a pull (`resumable_staging`) or a `staging` block (an
     export). False where locks cannot tell (Windows)."""
-    locks = [
-        _lock_file(folder.parent / f".{folder.name}.partial"),
-        *folder.parent.glob(_unique(folder, ".partial.lock")),
-    ]
-    return any(lock.exists() and _held(lock) for lock in locks)
+    hub = _lock_file(folder.parent / f".{folder.name}.partial")
+    return (hub.exists() and _held(hub)) or _staging_held(folder)
+
+
+def _staging_held(folder: Path) -> bool:
+    """True while a `staging` block of `folder` holds its lock (an export, the embedded model's install)."""
+    return any(_held(lock) for lock in folder.parent.glob(_unique(folder, ".partial.lock")))
 
 
 def recover(folder: Path) -> None:
@@ -136,7 +221,7 @@ def recover(folder: Path) -> None:
         if fd is None or fd < 0:
             return
         try:
-            if any(_held(lock) for lock in folder.parent.glob(_unique(folder, ".partial.lock"))):
+            if _staging_held(folder):
                 return
             if not os.path.lexists(folder):
                 os.rename(olds.pop(), folder)

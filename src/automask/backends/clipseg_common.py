@@ -21,6 +21,7 @@ import importlib.util
 import json
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -64,16 +65,31 @@ def onnx_dir(model_path: Path) -> Path:
     return Path(model_path) / ONNX_DIR
 
 
+UNLOCKED_EXPORT_AGE_S = 3600.0
+"""How long after its last write a `.onnx-tmp-xxxxxxxx` folder is taken for a killed export's leftover: an export by
+an older automask staged there without a lock (so none tells it is running), and writes into it every minute or so."""
+
+
 def tidy_exports(model_path: Path) -> None:
     """Remove what killed `automask models export`s (SIGKILL, a power cut) left in `model_path`: their staging
     folders and the export one moved aside (`staging.tidy`), and the `.onnx-tmp-xxxxxxxx` staging folders of
-    exports made before these were locked, while no export of `model_path` holds its lock."""
+    exports made before these were locked, while no export of `model_path` holds its lock, once nothing was written
+    in them for `UNLOCKED_EXPORT_AGE_S` (an older automask sharing the data folder may be exporting into one)."""
     folder = onnx_dir(model_path)
     staging.tidy(folder)
     unlocked = list(Path(model_path).glob(f".{ONNX_DIR}-tmp-{'[0-9a-f]' * 8}"))
     if unlocked and not staging.installing(folder):
         for tmp in unlocked:
-            shutil.rmtree(tmp, ignore_errors=True)
+            if time.time() - _last_write(tmp) > UNLOCKED_EXPORT_AGE_S:
+                shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _last_write(folder: Path) -> float:
+    """The newest modification time (seconds since the epoch) of `folder` and what it holds; now when unreadable."""
+    try:
+        return max(p.lstat().st_mtime for p in [folder, *folder.rglob("*")])
+    except OSError:
+        return time.time()
 
 
 def fingerprint(model_path: Path) -> str:

@@ -1,0 +1,158 @@
+"""`automask models rm NAME`: deletes a model from the data folder, atomically, under its installers' lock; never
+the Hugging Face cache. Through the real CLI (CliRunner, a subprocess for a kill midway)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+
+from automask import models, staging
+from automask.backends.clipseg_common import onnx_dir
+from automask.cli import main
+from automask.settings import Settings
+from test_models import _fake_hf_cache
+
+
+def _rm(settings: Settings, *args: str) -> Result:
+    return CliRunner().invoke(main, ["--data-dir", str(settings.data_dir), "models", "rm", *args])
+
+
+def _installed(settings: Settings) -> dict[str, dict[str, object]]:
+    result = CliRunner().invoke(main, ["--data-dir", str(settings.data_dir), "models", "list", "--json"])
+    assert result.exit_code == 0, result.output
+    return {row["name"]: row for row in json.loads(result.stdout)}
+
+
+@pytest.fixture()
+def pulled(settings: Settings, tiny_clipseg_dir: Path) -> Iterator[Path]:
+    """clipseg as `models pull` installs it in the data folder, with an ONNX export (its files, not real graphs)."""
+    folder = models.model_dir("clipseg", settings)
+    shutil.copytree(tiny_clipseg_dir, folder)
+    (folder / models.MARKER).write_text(json.dumps({"name": "clipseg", "backend": "clipseg", "repos": []}))
+    onnx_dir(folder).mkdir()
+    (onnx_dir(folder) / "image.onnx").write_bytes(b"graph")
+    yield folder
+
+
+def test_rm_deletes_the_model_its_export_and_what_failed_pulls_left(settings: Settings, pulled: Path) -> None:
+    """There was no `models rm`: users deleted folders by hand, and a stale `.clipseg-xxxxxxxx.old` that a killed
+    pull had left came back as the installed model at the next look (`staging.recover`)."""
+    models_dir = settings.models_dir
+    stale = models_dir / ".clipseg-0123abcd.old"
+    shutil.copytree(pulled, stale)
+    kept = models_dir / ".clipseg.partial"
+    kept.mkdir()
+    (kept / "model.safetensors").write_bytes(b"\0" * 1000)  # a failed pull's kept download
+    assert _installed(settings)["clipseg"]["installed"] is True
+    result = _rm(settings, "clipseg")
+    assert result.exit_code == 0, result.output
+    assert f"removed {pulled}" in result.stdout and f"removed {kept}" in result.stdout
+    assert sorted(p.name for p in models_dir.iterdir()) == []
+    assert _installed(settings)["clipseg"]["installed"] is False
+    again = _rm(settings, "clipseg")
+    assert again.exit_code == 4
+    assert f"The model 'clipseg' is not installed in '{models_dir}': nothing to remove" in again.stderr
+
+
+def test_rm_refuses_while_a_pull_or_an_export_of_the_model_runs(settings: Settings, pulled: Path) -> None:
+    before = sorted(p.relative_to(pulled) for p in pulled.rglob("*"))
+    with staging.resumable_staging(pulled):
+        busy = _rm(settings, "clipseg")
+    assert busy.exit_code == 10, busy.output
+    assert "error: The model 'clipseg' is not removed: a pull of it is running." in busy.stderr
+    with staging.staging(onnx_dir(pulled)):
+        busy = _rm(settings, "clipseg")
+    assert busy.exit_code == 10, busy.output
+    assert "an export of it is running" in busy.stderr
+    assert sorted(p.relative_to(pulled) for p in pulled.rglob("*")) == before
+    assert [p.name for p in settings.models_dir.iterdir() if p.name.startswith(".")] == []
+
+
+def test_rm_waits_for_a_brief_holder_of_the_lock(settings: Settings, pulled: Path) -> None:
+    """`models list` (tidying, putting back) holds the model's lock for a moment: an rm at that moment said a pull was
+    running and removed nothing. It waits for such a brief holder."""
+    hub = settings.models_dir / ".clipseg.partial.lock"
+    fd = staging._lock(hub, wait=False)
+    threading.Timer(0.3, staging._unlock, (hub, fd)).start()
+    result = _rm(settings, "clipseg")
+    assert result.exit_code == 0, result.output
+    assert not pulled.exists()
+
+
+def test_rm_puts_the_model_back_when_an_export_began_as_it_was_moved_aside(
+    settings: Settings, pulled: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An export that takes its lock between rm's look and its rename: the model is put back, untouched."""
+    rename_aside = staging._rename_aside
+    exports = []
+
+    def export_begins(paths: list[Path], folder: Path) -> dict[Path, Path]:
+        moved = rename_aside(paths, folder)
+        exports.append(staging.staging(onnx_dir(moved[folder])))
+        exports[-1].__enter__()
+        return moved
+
+    monkeypatch.setattr(staging, "_rename_aside", export_begins)
+    busy = _rm(settings, "clipseg")
+    exports[0].__exit__(None, None, None)
+    assert busy.exit_code == 10 and "an export of it is running" in busy.stderr
+    assert (onnx_dir(pulled) / "image.onnx").read_bytes() == b"graph"
+    assert _installed(settings)["clipseg"]["installed"] is True
+
+
+def test_rm_killed_midway_leaves_no_half_model_that_list_shows(settings: Settings, pulled: Path) -> None:
+    """Killed (SIGKILL) while deleting: `models list` shows the model not installed (not a half folder, nor the
+    stale `.old` put back), and removes what the removal had moved aside."""
+    shutil.copytree(pulled, settings.models_dir / ".clipseg-0123abcd.old")
+    kill = textwrap.dedent(
+        """
+        import os, signal, sys
+        from automask import staging
+        from automask.cli import main
+        staging._discard = lambda old: os.kill(os.getpid(), signal.SIGKILL)
+        main(["--data-dir", sys.argv[1], "models", "rm", "clipseg"])
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", kill, str(settings.data_dir)], capture_output=True, timeout=120)
+    assert proc.returncode == -9, proc.stderr
+    left = sorted(p.name for p in settings.models_dir.iterdir())
+    assert [n for n in left if n.endswith(staging.REMOVING)] == left[:2] and left[2:] == [".clipseg.partial.lock"]
+    assert _installed(settings)["clipseg"]["installed"] is False
+    listing = CliRunner().invoke(main, ["--data-dir", str(settings.data_dir), "models", "list"])
+    assert listing.exit_code == 0, listing.output
+    assert list(settings.models_dir.iterdir()) == []
+
+
+def test_rm_of_a_model_read_from_the_hf_cache_deletes_nothing_there(
+    settings: Settings, tiny_clipseg_dir: Path, pulled: Path
+) -> None:
+    """The Hugging Face cache is shared with other programs: rm says where the model is and how to delete it there;
+    the data folder's copy is deleted, with a note that the cache still holds it."""
+    snapshot = _fake_hf_cache(tiny_clipseg_dir)
+    result = _rm(settings, "clipseg")
+    assert result.exit_code == 0, result.output
+    assert f"note: clipseg is still installed from the Hugging Face cache, '{snapshot}'" in result.stderr
+    refused = _rm(settings, "clipseg")
+    assert refused.exit_code == 4, refused.output
+    assert f"it is read from the Hugging Face cache, '{snapshot}'" in refused.stderr
+    assert "automask does not delete it. To delete it there: hf cache rm model/CIDAS/clipseg-rd64-refined" in (
+        refused.stderr
+    )
+    assert (snapshot / "model.safetensors").read_bytes() == (tiny_clipseg_dir / "model.safetensors").read_bytes()
+    assert _installed(settings)["clipseg"]["source"] == "hf-cache"
+
+
+@pytest.mark.parametrize("name", ["nope", "./clipseg"])
+def test_rm_of_an_unknown_name_is_a_usage_error_naming_models_list(settings: Settings, name: str) -> None:
+    result = _rm(settings, name)
+    assert result.exit_code == 2, result.output
+    assert f"no model '{name}': automask models list shows the models." in result.stderr
