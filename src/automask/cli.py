@@ -46,9 +46,7 @@ from automask.errors import AutomaskError, InvalidOptionError
 from automask.routing import quote_targets
 from automask.settings import Settings
 
-EXIT_FAILED = 1
-EXIT_INTERNAL = 70
-EXIT_INTERRUPTED = 130
+EXIT_FAILED, EXIT_INTERNAL, EXIT_INTERRUPTED = 1, 70, 130
 EXIT_CODES: dict[type[AutomaskError], int] = {
     InvalidOptionError: 2,
     errors.ImageDecodeError: 3,

@@ -83,7 +83,8 @@ def models_pull(ctx: click.Context, name: str, force: bool) -> None:
 @click.pass_context
 def models_rm(ctx: click.Context, name: str) -> None:
     """Delete model NAME (and its ONNX export) from the data folder; never the Hugging Face cache."""
-    from automask.models import CATALOGUE, hf_cache_rm, remove
+    from automask.models import CATALOGUE
+    from automask.models_rm import hf_cache_rm, remove
 
     if name not in CATALOGUE:
         raise click.BadParameter(f"no model '{name}': automask models list shows the models.", param_hint="NAME")
