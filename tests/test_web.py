@@ -112,6 +112,7 @@ def test_static_serves_only_the_page_assets(live: Live) -> None:
 def test_config_describes_models_vocabulary_and_examples(live: Live, tiny_clipseg_dir: Path) -> None:
     from automask.options import MaskOptions
     from automask.routing import VOCABULARY
+    from automask.server.config import ServerSettings
 
     config = httpx.get(f"{live.url}/web/config").json()
     assert config["auth"] is True
@@ -122,6 +123,7 @@ def test_config_describes_models_vocabulary_and_examples(live: Live, tiny_clipse
     assert model["open_vocabulary"] is True and model["loaded"] is True and model["default"] is True
     assert config["ready"] is True
     assert config["max_image_bytes"] == Settings().max_image_bytes
+    assert config["max_body_bytes"] == ServerSettings().body_limit(Settings().max_image_bytes)
     assert sorted(w for words in config["vocabulary"].values() for w in words) == sorted(VOCABULARY)
     assert set(config["vocabulary"]["background"]) == {"background", "backdrop"}
     assert config["options"] == [

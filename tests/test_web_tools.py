@@ -228,6 +228,47 @@ def test_an_image_over_the_pixel_limit_is_refused_before_it_is_sent(tab: Tab, ph
     assert page.is_hidden("#error") and len(tab.api_bodies) == 1
 
 
+def test_a_pasted_image_over_the_size_limits_is_refused_before_it_is_sent(
+    tab: Tab, photo: Path, tmp_path: Path
+) -> None:
+    """A data: URI pasted (or typed) over the server's image limit, or too long for its request limit (web/config's
+    max_image_bytes and max_body_bytes, here lowered), and a file too long to send: nothing is sent, the error names
+    both sizes, and an image within the limits works. Before, the page uploaded all of it (60 MB for a 60 MB data:
+    URI) for the server to answer 413."""
+    page = tab.page
+    pasted = data_uri(photo)
+    limits: dict[str, int] = {}
+
+    def lower_limits(route: Any) -> None:
+        route.fulfill(json={**route.fetch().json(), **limits})
+
+    page.route("**/web/config", lower_limits)
+    small = tmp_path / "small.png"
+    Image.fromarray(np.full((64, 64, 3), 200, np.uint8)).save(small)
+    for lowered, expected in (
+        ({"max_image_bytes": 100_000}, "; this server takes images up to 98 KB."),
+        ({"max_body_bytes": len(pasted)}, f"takes {len(pasted) / 1024:.0f} KB to send; this server takes requests"),
+    ):
+        limits.clear()
+        limits.update(lowered)
+        page.reload()
+        page.wait_for_selector("body[data-loaded=true]", state="attached")
+        page.fill("#prompt", FIRST["prompt"])
+        page.fill("#image-url", pasted)
+        page.press("#image-url", "Enter")
+        page.wait_for_selector("#error:not([hidden])")
+        assert page.inner_text("#error").startswith("The pasted image ") and expected in page.inner_text("#error")
+        page.set_input_files("#file", str(photo))
+        page.wait_for_function("() => document.getElementById('error').textContent.startsWith('astronaut.png ')")
+        assert expected.split(";")[1] in page.inner_text("#error")
+        page.wait_for_timeout(800)  # longer than the page waits before masking a new image by itself
+        assert not tab.api_bodies and page.is_hidden("#canvas-box")
+    set_first_options(page)
+    pick_photo(page, small)  # within both limits
+    submit_prompt(page, FIRST["prompt"])
+    assert page.is_hidden("#error") and len(tab.api_bodies) == 1
+
+
 def test_back_to_the_page_shows_the_image_url_again(tab: Tab, photo_url: str) -> None:
     """Away and back (the page reloaded): the browser restores the URL field, and the page shows that image again,
     without a request. Before, the field showed the URL over "No image yet", and Make mask asked for an image."""

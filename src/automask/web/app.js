@@ -365,7 +365,7 @@ function wire() {
     usePrompt,
     run: () => run(),
     autoRun: () => scheduleAuto(500),
-    maxBytes: () => state.config.max_image_bytes,
+    limits: () => ({ maxBytes: state.config.max_image_bytes, maxBody: state.config.max_body_bytes }),
     maxPixels: () => state.config.max_image_pixels,
   });
 }
