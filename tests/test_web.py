@@ -687,6 +687,31 @@ def test_phone_width_is_usable_and_labelled(context: Any, live: Live, photo: Pat
 
 
 @pytest.mark.browser
+def test_the_whole_image_is_shown_inside_the_frame(page: Any, tmp_path: Path) -> None:
+    """A small image, a very wide one and a very tall one, fitted: each is shown whole inside the viewport's border,
+    undistorted. Before, the viewport's height counted its 1 px borders (box-sizing: border-box) but the image's
+    did not: its bottom 2 rows were always cut off."""
+    inner = """() => { const v = document.getElementById('viewport'); const r = v.getBoundingClientRect();
+                       return [r.left + v.clientLeft, r.top + v.clientTop, v.clientWidth, v.clientHeight]; }"""
+    for width, height in ((96, 128), (2400, 300), (300, 2400)):
+        path = tmp_path / f"{width}x{height}.png"
+        ramp = np.linspace(0, 255, width * height).reshape(height, width).astype(np.uint8)
+        Image.fromarray(ramp).save(path)
+        page.set_input_files("#file", str(path))
+        page.wait_for_function(
+            "(s) => document.getElementById('image-info').textContent.endsWith(s)", arg=f"{width}×{height}"
+        )
+        x, y, w, h = page.evaluate(inner)
+        box = page.locator("#canvas-box").bounding_box()
+        assert box is not None
+        assert box["x"] >= x - 0.5 and box["x"] + box["width"] <= x + w + 0.5, (width, height, box, w)
+        assert box["y"] >= y - 0.5 and box["y"] + box["height"] <= y + h + 0.5, (width, height, box, h)
+        assert abs(box["width"] / box["height"] - width / height) < 0.02 * width / height
+        if width < 200:
+            assert (box["width"], box["height"]) == (width, height), "a small image not at its own size"
+
+
+@pytest.mark.browser
 def test_large_photo_fits_and_the_overlay_covers_it(page: Any, coffee: np.ndarray, tmp_path: Path) -> None:
     big = tmp_path / "coffee-big.jpg"
     Image.fromarray(coffee).resize((1800, 1200)).save(big, quality=90)

@@ -45,9 +45,15 @@ export class Viewer {
     return Number.isFinite(value) ? value : 600;
   }
 
+  // The viewport's borders, top and bottom (its height and max-height count them: box-sizing is border-box).
+  frame() {
+    const vp = this.els.viewport;
+    return vp.offsetHeight - vp.clientHeight;
+  }
+
   fitZoom() {
     const vw = this.els.viewport.clientWidth || 1;
-    return Math.min(1, vw / this.width, this.maxHeight() / this.height);
+    return Math.min(1, vw / this.width, (this.maxHeight() - this.frame()) / this.height);
   }
 
   fit() {
@@ -79,7 +85,7 @@ export class Viewer {
     if (!this.width) return;
     const vp = this.els.viewport;
     const fit = this.fitZoom();
-    vp.style.height = `${Math.ceil(this.height * fit)}px`;
+    vp.style.height = `${Math.ceil(this.height * fit) + this.frame()}px`; // all of the image inside its borders
     if (this.fitted) this.zoom = fit;
     const vw = vp.clientWidth;
     const vh = vp.clientHeight;
