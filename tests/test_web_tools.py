@@ -372,6 +372,7 @@ def test_another_sites_image_is_shown_turned_as_the_server_turned_it(
         set_slider(page, "#compare", "Home")  # the overlay over all of it
         check_overlay(image, shot(page, "#canvas-box", f"turned-{orientation}-{fmt}-overlay"), mask, opacity=0.6)
         assert "does not show" not in page.inner_text("#status")
+        assert page.inner_text("#image-info") == f"{url} — 384×512", "the size as stored, not as shown"
 
 
 def test_a_model_loaded_by_the_first_request_is_no_longer_said_to_be_loading(tab: Tab, photo: Path) -> None:

@@ -27,7 +27,7 @@ export function images({ state, viewer, supersede }) {
     supersede();
     clearResult(state, viewer);
     clearError();
-    const current = { id: ++nextImageId, shown: false, ...image };
+    const current = { id: ++nextImageId, shown: false, label, ...image };
     if (state.image && state.image.display) URL.revokeObjectURL(state.image.display);
     state.image = current;
     const img = $("source");
@@ -64,6 +64,7 @@ export function images({ state, viewer, supersede }) {
     const img = $("source");
     const { width, height } = uprightTransform(turn, img.naturalWidth, img.naturalHeight);
     viewer.setSize(width, height, turn);
+    $("image-info").textContent = `${image.label} — ${width}×${height}`; // its size as shown, as the server reads it
   }
 
   return { reading, setImage, turnAsServer };
