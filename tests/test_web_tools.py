@@ -22,6 +22,7 @@ from automask.imageio.decode import _ORIENT as ORIENT
 from automask.settings import Settings
 from loopback import serve_http
 from server_helpers import decode, install_as_catalogue
+from test_web import RDF, TIFF
 from web_helpers import (
     FIRST,
     HTTP_STATUS_NOISE,
@@ -334,9 +335,9 @@ def test_another_sites_image_is_shown_turned_as_the_server_turned_it(
     tab: Tab, live: Live, astronaut: np.ndarray, photo: Path, photo_url: str
 ) -> None:
     """Another site's image (its bytes unreadable by the page) with each of the 8 EXIF orientations: a WebP's, which
-    Chromium does not apply, and a JPEG's (180°), which it does. The server says how it turned the image (the v1
-    header x-image-orientation; the JSON body is unchanged), and the page shows it turned the same way: the image
-    upright, the overlay over what the mask selects.
+    Chromium does not apply; a JPEG's and a PNG's, which it does; a JPEG's in XMP alone, which it does not. The
+    server says how it turned the image (the v1 header x-image-orientation; the JSON body is unchanged), and the page
+    shows it turned the same way where the browser did not: the image upright, the overlay over what the mask selects.
 
     Before, a flipped or upside-down WebP (2, 3, 4) was shown as stored under the upright mask, its overlay over the
     wrong pixels; one on its side (5-8) was not shown, the mask alone in its place."""
@@ -346,18 +347,23 @@ def test_another_sites_image_is_shown_turned_as_the_server_turned_it(
     set_first_options(page)
     page.fill("#prompt", FIRST["prompt"])
     previous = None
-    for orientation, fmt in [(o, "WEBP") for o in range(1, 9)] + [(3, "JPEG")]:
-        name = f"turned-{orientation}.{fmt.lower()}"
+    xmp = f'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="{RDF}"><rdf:Description xmlns:tiff="{TIFF}"'
+    cases = [(o, "WEBP", "exif") for o in range(1, 9)] + [(3, "JPEG", "exif"), (3, "PNG", "exif"), (6, "PNG", "exif")]
+    for orientation, fmt, tag in [*cases, (2, "JPEG", "xmp"), (6, "JPEG", "xmp")]:  # XMP: applied by no browser
+        name = f"turned-{orientation}-{tag}.{fmt.lower()}"
         exif = Image.Exif()
         exif[0x0112] = orientation
-        stored = ORIENT[inverse.get(orientation, orientation)](upright)
-        Image.fromarray(np.ascontiguousarray(stored)).save(
-            photo.parent / name, fmt, lossless=True, quality=95, exif=exif
+        meta = (
+            {"exif": exif}
+            if tag == "exif"
+            else {"xmp": f'{xmp} tiff:Orientation="{orientation}"/></rdf:RDF></x:xmpmeta>'.encode()}
         )
+        stored = ORIENT[inverse.get(orientation, orientation)](upright)
+        Image.fromarray(np.ascontiguousarray(stored)).save(photo.parent / name, fmt, lossless=True, quality=95, **meta)
         url = photo_url.replace(photo.name, name)
         answer = live.api(url, **FIRST)
         said = answer.headers.get("x-image-orientation")
-        assert said == (None if orientation == 1 else f"{orientation}; format={fmt.lower()}; from=exif"), said
+        assert said == (None if orientation == 1 else f"{orientation}; format={fmt.lower()}; from={tag}"), said
         mask = decode(answer.content)
         assert mask.shape == upright.shape[:2]
         assert "orientation" not in live.api(url, **FIRST, base64=True).json()  # the body the SDK reads: unchanged
@@ -366,11 +372,11 @@ def test_another_sites_image_is_shown_turned_as_the_server_turned_it(
         previous = wait_result(page, previous, prompt=FIRST["prompt"])
         assert page.get_attribute("#stage", "data-show") == "overlay", orientation
         set_slider(page, "#compare", "End")  # the image alone
-        image = shot(page, "#canvas-box", f"turned-{orientation}-{fmt}-image")
+        image = shot(page, "#canvas-box", f"turned-{orientation}-{tag}-{fmt}-image")
         assert image.shape == upright.shape, orientation
-        assert np.abs(image.astype(int) - upright).mean() < (1 if fmt == "WEBP" else 4), "not shown upright"
+        assert np.abs(image.astype(int) - upright).mean() < (4 if fmt == "JPEG" else 1), "not shown upright"
         set_slider(page, "#compare", "Home")  # the overlay over all of it
-        check_overlay(image, shot(page, "#canvas-box", f"turned-{orientation}-{fmt}-overlay"), mask, opacity=0.6)
+        check_overlay(image, shot(page, "#canvas-box", f"turned-{orientation}-{tag}-{fmt}-overlay"), mask, opacity=0.6)
         assert "does not show" not in page.inner_text("#status")
         assert page.inner_text("#image-info") == f"{url} — 384×512", "the size as stored, not as shown"
 
