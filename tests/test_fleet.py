@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import io
 import os
 import signal
 import subprocess
@@ -21,6 +22,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+from PIL import Image
 from sqlalchemy import select
 
 from automask.pipeline import MaskGenerator
@@ -140,6 +142,16 @@ def image_b64(h: int = 30, w: int = 40) -> str:
     return base64.b64encode(png_bytes(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))).decode()
 
 
+def turned_webp_b64() -> str:
+    """A 40×30 lossless WebP whose EXIF orientation (6) says to turn it a quarter (30×40 upright)."""
+    rng = np.random.default_rng(8)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    out = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(out, "WEBP", lossless=True, exif=exif)
+    return base64.b64encode(out.getvalue()).decode()
+
+
 def processing(store: Store, ids: list[str]) -> list[tuple[str, str]]:
     """(job id, node) of the jobs among `ids` that are PROCESSING now."""
     with store.read() as conn:
@@ -181,6 +193,11 @@ def test_v1_through_both_nodes_answers_as_the_single_process_does(fleet: Fleet, 
             assert set(r.headers) >= {"x-inference-time", "x-request-id", "content-type"}
             assert r.headers["x-remaining-credits"] == str(credits(fleet.store, key.id))  # as the single process
             assert "x-remaining-credits" not in one.headers  # its key has unlimited credits
+            turned = {**body, "image": turned_webp_b64()}  # how the image was turned: said by a worker as here
+            mine = httpx.post(f"{fleet.urls[node]}/v1/{SLUG}", json=turned, headers={"x-api-key": token})
+            theirs = httpx.post(f"{single.url}/v1/{SLUG}", json=turned, headers={"x-api-key": single_token})
+            said = {mine.headers.get("x-image-orientation"), theirs.headers.get("x-image-orientation")}
+            assert said == {"6; format=webp; from=exif"} and mine.content == theirs.content
             as_json = fleet.sdk(node, token).run_sync(SLUG, **body, base64=True).json()
             single_json = httpx.post(f"{single.url}/v1/{SLUG}", json={**body, "base64": True},
                                      headers={"x-api-key": single_token}).json()  # fmt: skip
@@ -203,7 +220,7 @@ def test_v1_through_both_nodes_answers_as_the_single_process_does(fleet: Fleet, 
         sub.wait(timeout=60, interval=0.2)
         v2 = httpx.get(f"{fleet.urls['api-b']}/v2/requests/{sub.request_id}", headers={"x-api-key": token}).json()
         assert v2["instances"] == single_instances["instances"]
-    assert credits(fleet.store, key.id) == 20 - 7  # two PNGs, four JSON answers, one v2 job; errors are free
+    assert credits(fleet.store, key.id) == 20 - 9  # four PNGs, four JSON answers, one v2 job; errors are free
 
 
 def test_a_key_limited_to_n_per_minute_gets_n_answers_across_both_nodes(fleet: Fleet) -> None:

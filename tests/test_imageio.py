@@ -1181,3 +1181,29 @@ def test_composite_and_to_uint8_helpers() -> None:
     assert np.abs(composite_on_white(rgba)[0, 0] - expected).max() <= 1
     same = np.zeros((2, 2), np.uint8)
     assert to_uint8(same) is same
+
+
+def test_the_orientation_applied_is_noted_with_its_format_and_tag() -> None:
+    """`orientation.noting()` gets how each image decoded in its block was turned, and where that was read: a WebP's
+    EXIF, a JPEG's XMP alone (which Pillow reads when its EXIF has none); none when not turned; nothing outside."""
+    from automask.imageio.orientation import Orientation, noting
+
+    small = Image.fromarray(np.zeros((4, 6, 3), np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 3
+    webp, jpeg, plain = io.BytesIO(), io.BytesIO(), io.BytesIO()
+    small.save(webp, "WEBP", lossless=True, exif=exif)
+    xmp = (
+        '<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+        '<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>'
+    )
+    small.save(jpeg, "JPEG", xmp=xmp.encode())
+    small.save(plain, "PNG")
+    with noting() as notes:
+        shapes = [load_image(b.getvalue()).shape for b in (webp, jpeg, plain)]
+    assert shapes == [(4, 6, 3), (6, 4, 3), (4, 6, 3)]
+    assert notes == [Orientation(3, "exif", "WEBP"), Orientation(6, "xmp", "JPEG"), Orientation(1, "exif", "PNG")]
+    with noting() as outer:
+        load_image(webp.getvalue())
+    load_image(webp.getvalue())  # outside any block: noted nowhere
+    assert outer == [Orientation(3, "exif", "WEBP")]

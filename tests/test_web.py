@@ -112,6 +112,7 @@ def test_static_serves_only_the_page_assets(live: Live) -> None:
 def test_config_describes_models_vocabulary_and_examples(live: Live, tiny_clipseg_dir: Path) -> None:
     from automask.options import MaskOptions
     from automask.routing import VOCABULARY
+    from automask.server.config import ServerSettings
 
     config = httpx.get(f"{live.url}/web/config").json()
     assert config["auth"] is True
@@ -122,6 +123,7 @@ def test_config_describes_models_vocabulary_and_examples(live: Live, tiny_clipse
     assert model["open_vocabulary"] is True and model["loaded"] is True and model["default"] is True
     assert config["ready"] is True
     assert config["max_image_bytes"] == Settings().max_image_bytes
+    assert config["max_body_bytes"] == ServerSettings().body_limit(Settings().max_image_bytes)
     assert sorted(w for words in config["vocabulary"].values() for w in words) == sorted(VOCABULARY)
     assert set(config["vocabulary"]["background"]) == {"background", "backdrop"}
     assert config["options"] == [
@@ -682,6 +684,31 @@ def test_phone_width_is_usable_and_labelled(context: Any, live: Live, photo: Pat
         page.keyboard.press("Tab")
         assert page.evaluate("getComputedStyle(document.activeElement).outlineStyle") != "none"
         tab.check_console()
+
+
+@pytest.mark.browser
+def test_the_whole_image_is_shown_inside_the_frame(page: Any, tmp_path: Path) -> None:
+    """A small image, a very wide one and a very tall one, fitted: each is shown whole inside the viewport's border,
+    undistorted. Before, the viewport's height counted its 1 px borders (box-sizing: border-box) but the image's
+    did not: its bottom 2 rows were always cut off."""
+    inner = """() => { const v = document.getElementById('viewport'); const r = v.getBoundingClientRect();
+                       return [r.left + v.clientLeft, r.top + v.clientTop, v.clientWidth, v.clientHeight]; }"""
+    for width, height in ((96, 128), (2400, 300), (300, 2400)):
+        path = tmp_path / f"{width}x{height}.png"
+        ramp = np.linspace(0, 255, width * height).reshape(height, width).astype(np.uint8)
+        Image.fromarray(ramp).save(path)
+        page.set_input_files("#file", str(path))
+        page.wait_for_function(
+            "(s) => document.getElementById('image-info').textContent.endsWith(s)", arg=f"{width}×{height}"
+        )
+        x, y, w, h = page.evaluate(inner)
+        box = page.locator("#canvas-box").bounding_box()
+        assert box is not None
+        assert box["x"] >= x - 0.5 and box["x"] + box["width"] <= x + w + 0.5, (width, height, box, w)
+        assert box["y"] >= y - 0.5 and box["y"] + box["height"] <= y + h + 0.5, (width, height, box, h)
+        assert abs(box["width"] / box["height"] - width / height) < 0.02 * width / height
+        if width < 200:
+            assert (box["width"], box["height"]) == (width, height), "a small image not at its own size"
 
 
 @pytest.mark.browser

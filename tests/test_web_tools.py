@@ -18,15 +18,18 @@ from PIL import Image
 from scipy import ndimage
 
 from automask import postprocess as pp
+from automask.imageio.decode import _ORIENT as ORIENT
 from automask.settings import Settings
 from loopback import serve_http
 from server_helpers import decode, install_as_catalogue
+from test_web import RDF, TIFF
 from web_helpers import (
     FIRST,
     HTTP_STATUS_NOISE,
     FakeSubject,
     Live,
     Tab,
+    check_overlay,
     data_uri,
     download,
     open_tab,
@@ -228,6 +231,47 @@ def test_an_image_over_the_pixel_limit_is_refused_before_it_is_sent(tab: Tab, ph
     assert page.is_hidden("#error") and len(tab.api_bodies) == 1
 
 
+def test_a_pasted_image_over_the_size_limits_is_refused_before_it_is_sent(
+    tab: Tab, photo: Path, tmp_path: Path
+) -> None:
+    """A data: URI pasted (or typed) over the server's image limit, or too long for its request limit (web/config's
+    max_image_bytes and max_body_bytes, here lowered), and a file too long to send: nothing is sent, the error names
+    both sizes, and an image within the limits works. Before, the page uploaded all of it (60 MB for a 60 MB data:
+    URI) for the server to answer 413."""
+    page = tab.page
+    pasted = data_uri(photo)
+    limits: dict[str, int] = {}
+
+    def lower_limits(route: Any) -> None:
+        route.fulfill(json={**route.fetch().json(), **limits})
+
+    page.route("**/web/config", lower_limits)
+    small = tmp_path / "small.png"
+    Image.fromarray(np.full((64, 64, 3), 200, np.uint8)).save(small)
+    for lowered, expected in (
+        ({"max_image_bytes": 100_000}, "; this server takes images up to 98 KB."),
+        ({"max_body_bytes": len(pasted)}, f"takes {len(pasted) / 1024:.0f} KB to send; this server takes requests"),
+    ):
+        limits.clear()
+        limits.update(lowered)
+        page.reload()
+        page.wait_for_selector("body[data-loaded=true]", state="attached")
+        page.fill("#prompt", FIRST["prompt"])
+        page.fill("#image-url", pasted)
+        page.press("#image-url", "Enter")
+        page.wait_for_selector("#error:not([hidden])")
+        assert page.inner_text("#error").startswith("The pasted image ") and expected in page.inner_text("#error")
+        page.set_input_files("#file", str(photo))
+        page.wait_for_function("() => document.getElementById('error').textContent.startsWith('astronaut.png ')")
+        assert expected.split(";")[1] in page.inner_text("#error")
+        page.wait_for_timeout(800)  # longer than the page waits before masking a new image by itself
+        assert not tab.api_bodies and page.is_hidden("#canvas-box")
+    set_first_options(page)
+    pick_photo(page, small)  # within both limits
+    submit_prompt(page, FIRST["prompt"])
+    assert page.is_hidden("#error") and len(tab.api_bodies) == 1
+
+
 def test_back_to_the_page_shows_the_image_url_again(tab: Tab, photo_url: str) -> None:
     """Away and back (the page reloaded): the browser restores the URL field, and the page shows that image again,
     without a request. Before, the field showed the URL over "No image yet", and Make mask asked for an image."""
@@ -248,8 +292,8 @@ def test_a_turned_webp_by_url_is_shown_as_the_server_reads_it(
 ) -> None:
     """A WebP stored on its side, its EXIF saying turn it (6), given by URL: Chromium shows it as stored, the server
     turns it. Pasted as a data: URI (its bytes in the page), it is shown upright, its overlay drawn over it and its
-    cut-out rendered in the page, equal to the API's. On another site (its bytes unreadable here, so its turn
-    unknown), the mask, the server's way up, is shown alone, and the page says why.
+    cut-out rendered in the page, equal to the API's. On another site (its bytes unreadable here), it is shown turned
+    as the server says it turned it (test_another_sites_image_is_shown_turned_as_the_server_turned_it).
 
     Before, both were shown on their side, and the mask, upright, was drawn over them row by row as if it were not:
     a garbled overlay of the wrong size."""
@@ -268,8 +312,7 @@ def test_a_turned_webp_by_url_is_shown_as_the_server_reads_it(
         page.press("#image-url", "Enter")
         previous = wait_result(page, previous, prompt=FIRST["prompt"])
         assert page.evaluate("[after.width, after.height]") == [384, 512], "the mask drawn at the stored size"
-        hidden = page.evaluate("getComputedStyle(source).visibility") == "hidden"  # beside the mask, compared
-        assert hidden == (url != pasted), "the image, stretched to the mask's size, shown beside it"
+        assert page.evaluate("getComputedStyle(source).visibility") == "visible"
         if url.startswith("data:"):
             assert page.evaluate("[source.naturalWidth, source.naturalHeight]") == [384, 512]
             assert page.get_attribute("#stage", "data-show") == "overlay"
@@ -277,8 +320,8 @@ def test_a_turned_webp_by_url_is_shown_as_the_server_reads_it(
             cutout = decode(download(page, "#dl-alpha"))
             assert np.array_equal(cutout, decode(live.api(url, **FIRST, return_alpha=True).content))
         else:
-            assert page.get_attribute("#stage", "data-show") == "mask"
-            assert page.inner_text("#status").endswith("which this browser does not show: the mask is shown alone.")
+            assert page.get_attribute("#stage", "data-show") == "overlay"
+            assert "does not show" not in page.inner_text("#status")
     page.fill("#image-url", "data:image/webp;base64,UklGR!")  # not base64: said, by the browser, then the server
     page.press("#image-url", "Enter")
     page.wait_for_selector("#error:not([hidden])")
@@ -286,6 +329,56 @@ def test_a_turned_webp_by_url_is_shown_as_the_server_reads_it(
     tab.errors.remove("Failed to load resource: net::ERR_INVALID_URL")  # the browser's, loading it into the <img>
     assert tab.http_errors == [f"{HTTP_STATUS_NOISE} 400 (Bad Request)"]
     tab.http_errors.clear()
+
+
+def test_another_sites_image_is_shown_turned_as_the_server_turned_it(
+    tab: Tab, live: Live, astronaut: np.ndarray, photo: Path, photo_url: str
+) -> None:
+    """Another site's image (its bytes unreadable by the page) with each of the 8 EXIF orientations: a WebP's, which
+    Chromium does not apply; a JPEG's and a PNG's, which it does; a JPEG's in XMP alone, which it does not. The
+    server says how it turned the image (the v1 header x-image-orientation; the JSON body is unchanged), and the page
+    shows it turned the same way where the browser did not: the image upright, the overlay over what the mask selects.
+
+    Before, a flipped or upside-down WebP (2, 3, 4) was shown as stored under the upright mask, its overlay over the
+    wrong pixels; one on its side (5-8) was not shown, the mask alone in its place."""
+    page = tab.page
+    upright = np.ascontiguousarray(astronaut[:, 64:448])  # 512×384: not square, shown at its own size
+    inverse = {6: 8, 8: 6}  # the other turns undo themselves
+    set_first_options(page)
+    page.fill("#prompt", FIRST["prompt"])
+    previous = None
+    xmp = f'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="{RDF}"><rdf:Description xmlns:tiff="{TIFF}"'
+    cases = [(o, "WEBP", "exif") for o in range(1, 9)] + [(3, "JPEG", "exif"), (3, "PNG", "exif"), (6, "PNG", "exif")]
+    for orientation, fmt, tag in [*cases, (2, "JPEG", "xmp"), (6, "JPEG", "xmp")]:  # XMP: applied by no browser
+        name = f"turned-{orientation}-{tag}.{fmt.lower()}"
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        meta = (
+            {"exif": exif}
+            if tag == "exif"
+            else {"xmp": f'{xmp} tiff:Orientation="{orientation}"/></rdf:RDF></x:xmpmeta>'.encode()}
+        )
+        stored = ORIENT[inverse.get(orientation, orientation)](upright)
+        Image.fromarray(np.ascontiguousarray(stored)).save(photo.parent / name, fmt, lossless=True, quality=95, **meta)
+        url = photo_url.replace(photo.name, name)
+        answer = live.api(url, **FIRST)
+        said = answer.headers.get("x-image-orientation")
+        assert said == (None if orientation == 1 else f"{orientation}; format={fmt.lower()}; from={tag}"), said
+        mask = decode(answer.content)
+        assert mask.shape == upright.shape[:2]
+        assert "orientation" not in live.api(url, **FIRST, base64=True).json()  # the body the SDK reads: unchanged
+        page.fill("#image-url", url)
+        page.press("#image-url", "Enter")
+        previous = wait_result(page, previous, prompt=FIRST["prompt"])
+        assert page.get_attribute("#stage", "data-show") == "overlay", orientation
+        set_slider(page, "#compare", "End")  # the image alone
+        image = shot(page, "#canvas-box", f"turned-{orientation}-{tag}-{fmt}-image")
+        assert image.shape == upright.shape, orientation
+        assert np.abs(image.astype(int) - upright).mean() < (4 if fmt == "JPEG" else 1), "not shown upright"
+        set_slider(page, "#compare", "Home")  # the overlay over all of it
+        check_overlay(image, shot(page, "#canvas-box", f"turned-{orientation}-{tag}-{fmt}-overlay"), mask, opacity=0.6)
+        assert "does not show" not in page.inner_text("#status")
+        assert page.inner_text("#image-info") == f"{url} — 384×512", "the size as stored, not as shown"
 
 
 def test_a_model_loaded_by_the_first_request_is_no_longer_said_to_be_loading(tab: Tab, photo: Path) -> None:

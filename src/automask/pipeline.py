@@ -16,6 +16,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -27,6 +28,7 @@ from automask.combine import Part, finish
 from automask.errors import InvalidOptionError, ModelNotAvailableError, stop_if_asked
 from automask.feature_cache import FeatureCache, image_digest
 from automask.imageio import ImageSource, load_image
+from automask.imageio.orientation import noting
 from automask.imageio.pixels import composite_on_white
 from automask.models import EMBEDDED, ResolvedModel
 from automask.options import MaskOptions, parse_prompt
@@ -137,7 +139,8 @@ class MaskGenerator:
         plan = self.route(opts.scored_targets(prompts))
         t0 = time.perf_counter()
         keep_alpha = opts.output_kind == "alpha"  # a cut-out keeps the image's own transparency
-        decoded = Decoded(load_image(image, self.settings, allow_paths=allow_paths, keep_alpha=keep_alpha))
+        with noting() as turned:  # how decoding turned the image (a client showing it itself needs to know)
+            decoded = Decoded(load_image(image, self.settings, allow_paths=allow_paths, keep_alpha=keep_alpha))
         timings: dict[str, float] = {"encode": 0.0, "score": 0.0, "decode": time.perf_counter() - t0}
         stop_if_asked(should_stop)
         params = ScoreParams(text_threshold=opts.text_threshold, should_stop=should_stop)
@@ -148,9 +151,10 @@ class MaskGenerator:
             parts.append(Part(self._score(backend, decoded, list(plan.open), opts.threshold, timings, params), backend))
         if plan.embedded or plan.background:
             parts += self._embedded_parts(decoded, plan, opts.threshold, timings, params)
-        return finish(
+        result = finish(
             decoded.rgb, parts, prompts, opts, self.backend, timings, t0, rgba=decoded.rgba, should_stop=should_stop
         )
+        return replace(result, orientation=turned[-1]) if turned else result
 
     def _embedded_parts(
         self, image: Decoded, plan: Route, threshold: float, timings: dict[str, float], params: ScoreParams

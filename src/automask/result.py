@@ -10,6 +10,7 @@ import numpy as np
 from PIL import Image
 
 from automask.errors import InvalidOptionError
+from automask.imageio.orientation import Orientation
 
 FORMATS = {"PNG": "PNG", "JPEG": "JPEG", "JPG": "JPEG", "WEBP": "WEBP", "TIFF": "TIFF", "TIF": "TIFF"}
 """The formats `MaskResult.encode` writes, by the names it takes (upper-cased)."""
@@ -60,6 +61,8 @@ class MaskResult:
     fill_holes: bool = False
     min_area: int = 0
     feather: int = 0
+    orientation: Orientation = field(default_factory=Orientation)
+    """The EXIF orientation decoding applied to the image (not in `metadata()`: the v1/v2 bodies stay as they are)."""
 
     @property
     def width(self) -> int:

@@ -38,6 +38,7 @@ from automask.errors import ImageDecodeError, ImageTooLargeError
 from automask.imageio import apng
 from automask.imageio.bombs import check_jpeg_scans, check_tiff_tiles, tag_value
 from automask.imageio.loading import loading
+from automask.imageio.orientation import note
 from automask.imageio.pixels import flatten, rgb_array
 from automask.imageio.profile import to_srgb
 from automask.imageio.samples import scale_16bit, to_uint8, wide_to_uint8
@@ -188,7 +189,9 @@ def pil_to_rgb(img: Image.Image, settings: Settings, *, keep_alpha: bool = False
         if str(exc) == _CLOSED:
             raise _closed_error() from None
         raise ImageDecodeError(f"The image could not be decoded: it is corrupt or truncated ({exc}).") from None
-    oriented = _ORIENT[exif_orientation(img)](rgb)
+    orientation = exif_orientation(img)
+    note(img, orientation)
+    oriented = _ORIENT[orientation](rgb)
     return np.ascontiguousarray(oriented)
 
 

@@ -30,13 +30,14 @@ log = logging.getLogger("automask.server")
 @dataclass
 class Outcome:
     """A v1 answer: `status` 200 with `png`, the served `metadata` and `inference_time` (seconds), or an error
-    `status` with its `error` message."""
+    `status` with its `error` message. `orientation`: how the image was turned (`orientation_header`; '': not)."""
 
     status: int
     png: bytes = b""
     metadata: dict[str, Any] = field(default_factory=dict)
     inference_time: float = 0.0
     error: str | None = None
+    orientation: str = ""
 
     def dumps(self) -> bytes:
         """One bytes value: a JSON header line, then the PNG."""
@@ -56,7 +57,17 @@ def answer(result: MaskResult, request: MaskRequest, model: str) -> Outcome:
     metadata = served_metadata(result, model)
     if request.instance_masks:
         metadata["instances"] = instances(result)
-    return Outcome(200, result.to_png(), metadata, inference_time(result))
+    return Outcome(200, result.to_png(), metadata, inference_time(result), orientation=orientation_header(result))
+
+
+def orientation_header(result: MaskResult) -> str:
+    """The `x-image-orientation` header of a v1 answer: how decoding turned the image, e.g. '3; format=webp;
+    from=exif' (EXIF orientation 3, read from a WebP's EXIF; `automask.imageio.orientation`); '' when it did not.
+    The web page reads it to show another site's image (its bytes unreadable there) the way the mask is."""
+    turned = result.orientation
+    if turned.value == 1:
+        return ""
+    return f"{turned.value}; format={turned.format.lower() or 'unknown'}; from={turned.tag}"
 
 
 def instances(result: MaskResult) -> list[dict[str, Any]]:

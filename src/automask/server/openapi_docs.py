@@ -34,6 +34,8 @@ _RATE_HEADERS = {
 }
 REMAINING_CREDITS = "x-remaining-credits"
 """v1 success header: the key's credits left once the request is charged (absent: unlimited, or no keys)."""
+IMAGE_ORIENTATION = "x-image-orientation"
+"""v1 success header (automask extension): how the image was turned upright, e.g. '6; format=webp; from=exif'."""
 
 
 def errors(*codes: int) -> dict[int | str, dict[str, Any]]:

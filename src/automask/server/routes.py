@@ -29,7 +29,7 @@ from automask.server.holds import credit_hold, unless_client_leaves
 from automask.server.jobs import CANCELLED, COMPLETED, FAILED, Job, no_credits
 from automask.server.keys import ApiKey
 from automask.server.limits import Hold, declared_size
-from automask.server.openapi_docs import JOB_ERRORS, REMAINING_CREDITS, REQUEST_BODY, errors
+from automask.server.openapi_docs import IMAGE_ORIENTATION, JOB_ERRORS, REMAINING_CREDITS, REQUEST_BODY, errors
 from automask.server.schemas import (
     CreditsResponse,
     ErrorResponse,
@@ -55,8 +55,11 @@ def error_response(status: int, message: str, headers: dict[str, str] | None = N
 
 def render(outcome: Outcome, as_base64: bool, credits_left: int | None = None) -> Response:
     """The v1 answer: the PNG itself, or JSON {"image": base64 PNG, ...metadata}; headers `x-inference-time`
-    (seconds the library call took) and, for a key with limited credits, `x-remaining-credits`."""
+    (seconds the library call took), `x-image-orientation` when the image was turned (`execute.orientation_header`)
+    and, for a key with limited credits, `x-remaining-credits`."""
     headers = {"x-inference-time": f"{outcome.inference_time:.6f}"}
+    if outcome.orientation:
+        headers[IMAGE_ORIENTATION] = outcome.orientation
     if credits_left is not None:
         headers[REMAINING_CREDITS] = str(credits_left)
     if as_base64:
@@ -105,6 +108,13 @@ async def accepted(request: Request, key: ApiKey | None) -> AsyncIterator[tuple[
                     "API sends them. Absent for a key with unlimited credits and on a server run with --no-auth.",
                     "required": False,
                     "schema": {"type": "integer", "minimum": 0},
+                },
+                IMAGE_ORIENTATION: {
+                    "description": "How the image was turned upright (automask extension): its EXIF orientation "
+                    "1-8, its format and where the orientation was read, e.g. `3; format=webp; from=exif`. Absent "
+                    "when it was not turned.",
+                    "required": False,
+                    "schema": {"type": "string"},
                 },
             },
         },

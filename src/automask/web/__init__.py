@@ -116,7 +116,8 @@ class PageConfig:
            there are several.
     choices: the same models, described (`ModelChoice`).
     ready: the default model is loaded (False: requests will wait for it or fail with a 503).
-    max_image_bytes / max_image_pixels: the server's image limits, shown as a hint.
+    max_image_bytes / max_image_pixels: the server's image limits, shown as a hint and checked before sending.
+    max_body_bytes: the largest request body the server reads (a bigger one is a 413), checked before sending.
     vocabulary: the embedded model's words, per target ('subject', 'person', 'background').
     embedded_words: beside an open-vocabulary model, the vocabulary words go to the embedded model.
     options: the extension fields (of `EXTENSION_FIELDS`) this server accepts.
@@ -130,6 +131,7 @@ class PageConfig:
     ready: bool | None = None
     max_image_bytes: int | None = None
     max_image_pixels: int | None = None
+    max_body_bytes: int | None = None
     vocabulary: dict[str, list[str]] = field(default_factory=dict)
     embedded_words: bool = False
     options: tuple[str, ...] = ()
@@ -184,6 +186,7 @@ def server_config(app: Starlette) -> PageConfig:
         ready=dispatcher.readiness() is None,
         max_image_bytes=state.settings.max_image_bytes,
         max_image_pixels=state.settings.max_image_pixels,
+        max_body_bytes=state.body_limit,
         vocabulary=vocabulary(),
         embedded_words=bool(state.settings.route_embedded and is_installed(EMBEDDED, state.settings)),
         options=supported_options(),

@@ -37,12 +37,14 @@ function headersFor(key, accept) {
 
 // POST the v1 call with `base64: true` and `instance_masks: true` (an automask extension): the answer is JSON
 // {image: base64 PNG, ...metadata, instances: [{label, score, box, area, mask: base64 PNG}]}.
-// Returns {data, ms, serverMs}; `ms` is this request's own round trip.
+// Returns {data, ms, serverMs, orientation}; `ms` is this request's own round trip, `orientation` how the server
+// turned the image (its x-image-orientation header, e.g. "3; format=webp; from=exif"; null: not turned).
 export async function requestMask(body, { key, signal }) {
   const t0 = performance.now();
   const res = await post({ ...body, base64: true, instance_masks: true }, key, signal, "application/json");
   const data = await res.json();
-  return { data, ms: performance.now() - t0, serverMs: serverTime(res.headers, data) };
+  const orientation = res.headers.get("x-image-orientation");
+  return { data, ms: performance.now() - t0, serverMs: serverTime(res.headers, data), orientation };
 }
 
 // POST the v1 call for the image itself (a cut-out or preview of an image the page cannot read).

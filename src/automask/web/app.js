@@ -87,7 +87,7 @@ function showError(text) {
 
 // ---- the image (from input.js) -------------------------------------------------------------------------
 
-const { reading, setImage } = images({ state, viewer, supersede });
+const { reading, setImage, turnAsServer } = images({ state, viewer, supersede });
 
 function usePrompt(text, { runNow = true } = {}) {
   $("prompt").value = text;
@@ -189,6 +189,7 @@ async function run({ fromUser = true } = {}) {
   try {
     const answer = await requestMask(payload(opts), { key: job.apiKey, signal: job.controller.signal });
     const decoded = await decodeMask(base64Bytes(answer.data.image));
+    if (job.seq === state.seq) await turnAsServer(answer.orientation);
     if (job.seq !== state.seq) return;
     const result = { opts, imageId: state.image.id, ...decoded, ...answer };
     state.cache.set(cacheKey, result);
@@ -365,7 +366,7 @@ function wire() {
     usePrompt,
     run: () => run(),
     autoRun: () => scheduleAuto(500),
-    maxBytes: () => state.config.max_image_bytes,
+    limits: () => ({ maxBytes: state.config.max_image_bytes, maxBody: state.config.max_body_bytes }),
     maxPixels: () => state.config.max_image_pixels,
   });
 }

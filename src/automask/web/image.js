@@ -1,6 +1,7 @@
 // The image to mask, as input.js hands it over (a file, a URL, a paste, an example): shown in the viewer, its
 // pixels read where the page can (see render.imagePixels), the result of the image before cleared.
 
+import { orientationFromServer, uprightTransform } from "./orientation.js";
 import { dataUriBlob, imagePixels } from "./render.js";
 import { clearResult } from "./results.js";
 import { clearError, setStatus } from "./status.js";
@@ -8,7 +9,7 @@ import { clearError, setStatus } from "./status.js";
 const $ = (id) => document.getElementById(id);
 
 // ctx: {state (app.js's: its `image`, `reading`, `result`), viewer (a Viewer), supersede() (app.js: drops the
-// request running and any pending one)}. Returns input.js's `reading` and `setImage`.
+// request running and any pending one)}. Returns input.js's `reading` and `setImage`, and `turnAsServer`.
 export function images({ state, viewer, supersede }) {
   let nextImageId = 0;
 
@@ -26,7 +27,7 @@ export function images({ state, viewer, supersede }) {
     supersede();
     clearResult(state, viewer);
     clearError();
-    const current = { id: ++nextImageId, shown: false, ...image };
+    const current = { id: ++nextImageId, shown: false, label, ...image };
     if (state.image && state.image.display) URL.revokeObjectURL(state.image.display);
     state.image = current;
     const img = $("source");
@@ -49,7 +50,24 @@ export function images({ state, viewer, supersede }) {
     setStatus("Image ready. Type a prompt and press Enter.");
   }
 
-  return { reading, setImage };
+  // A mask's answer said how the server turned the image (api.js: `orientation`): one this browser shows unturned
+  // (another site's WebP with an EXIF orientation, an XMP one; its bytes unreadable here) is shown turned the same
+  // way, so the overlay lies over what it selects. Pixels the page read of it (as shown) are not the server's.
+  async function turnAsServer(header) {
+    const image = state.image;
+    if (!image || image.kind !== "url" || image.display || !image.shown || image.turn !== undefined) return;
+    const turn = await orientationFromServer(header);
+    if (state.image !== image || image.turn !== undefined) return;
+    image.turn = turn;
+    if (turn === 1) return;
+    image.pixels = null;
+    const img = $("source");
+    const { width, height } = uprightTransform(turn, img.naturalWidth, img.naturalHeight);
+    viewer.setSize(width, height, turn);
+    $("image-info").textContent = `${image.label} — ${width}×${height}`; // its size as shown, as the server reads it
+  }
+
+  return { reading, setImage, turnAsServer };
 }
 
 // A URL image's pixels (`imagePixels`): null when unreadable here, as those of an image on another site are, or

@@ -2,7 +2,7 @@
 // field, and the one-click examples. Nothing that is not an image (or an http(s) URL) is sent to the server.
 
 import { orientationToApply } from "./orientation.js";
-import { fileProblem, formatBytes, parseImageUrl, pixelProblem } from "./prefs.js";
+import { dataUriBytes, fileProblem, formatBytes, parseImageUrl, pixelProblem, sizeProblem } from "./prefs.js";
 import { TooManyPixels, dataUriBlob, imagePixels, uprightPng } from "./render.js";
 
 const $ = (id) => document.getElementById(id);
@@ -49,12 +49,12 @@ function isTextField(el) {
 }
 
 // `app` gives: reading(name), setImage(image, label), showError(text), examples(), examplePrompt(example), usePrompt(text, opts),
-// run(), autoRun(), maxBytes(), maxPixels().
+// run(), autoRun(), limits() ({maxBytes, maxBody}: prefs.sizeProblem), maxPixels().
 export function wireInput(app) {
   let chosen = 0; // the image the user chose last: one still being read when another is chosen is dropped
 
   async function useFile(file, { auto = true, choice = ++chosen } = {}) {
-    const problem = fileProblem(file, app.maxBytes());
+    const problem = fileProblem(file, app.limits());
     if (problem) {
       app.showError(problem);
       return false;
@@ -90,11 +90,19 @@ export function wireInput(app) {
       app.showError(problem);
       return;
     }
+    const pasted = url.startsWith("data:");
+    const name = pasted ? "pasted image" : urlFileName(url);
+    // Too large for the server: said now, not after uploading all of it for a 413 (the image shown stays).
+    const bytes = pasted ? dataUriBytes(url) : 0;
+    const tooLarge = sizeProblem(pasted ? "The pasted image" : "This URL", bytes, url.length, app.limits());
+    if (tooLarge) {
+      app.showError(tooLarge);
+      return;
+    }
     if (!again && $("source").dataset.url === url) return; // 'change' and Enter both fire for one URL
     const choice = ++chosen;
     $("file").value = "";
     $("source").dataset.url = url;
-    const name = url.startsWith("data:") ? "pasted image" : urlFileName(url);
     // A data: URI is read (and maybe turned upright) first: meanwhile, as for a file, nothing is masked.
     if (url.startsWith("data:")) app.reading(name);
     const display = await turnedDataUri(url); // never throws

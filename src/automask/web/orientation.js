@@ -54,6 +54,18 @@ export async function orientationToApply(blob) {
   return value;
 }
 
+// The orientation (1–8) to apply to an image this browser shows as it decodes it (one of another site, whose bytes
+// are unreadable here), from how the server turned it (api.js: "3; format=webp; from=exif"; null: not turned):
+// 1 when the browser applies that orientation itself (a JPEG's or PNG's EXIF one).
+export async function orientationFromServer(header) {
+  const found = /^([1-8]);\s*format=([a-z0-9]+);\s*from=(exif|xmp)$/i.exec((header || "").trim());
+  if (!found) return 1;
+  const [value, format, from] = [Number(found[1]), found[2].toLowerCase(), found[3].toLowerCase()];
+  const kind = format === "webp" ? "webp" : format === "jpeg" && from === "xmp" ? "jpeg" : null;
+  if (kind) return (await browserApplies(kind)) ? 1 : value;
+  return from === "xmp" ? value : 1; // no browser applies an XMP orientation; the EXIF one of other formats, yes
+}
+
 // A JPEG's XMP orientation, when its EXIF (which browsers apply) has none; null otherwise.
 function jpegXmpOrientation(head) {
   let xmp = null;

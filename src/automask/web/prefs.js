@@ -12,17 +12,39 @@ export const KEPT = [
 
 const IMAGE_NAME = /\.(png|jpe?g|webp|gif|bmp|tiff?|avif|heic|heif)$/i;
 
-// null when `file` looks like an image, else the sentence to show.
-export function fileProblem(file, maxBytes) {
+const ROOM_FOR_FIELDS = 64 * 1024; // a request's other fields (prompt, options), beside its image
+
+// null when `file` looks like an image within the server's `limits` (`sizeProblem`), else the sentence to show.
+export function fileProblem(file, limits) {
   const typed = file.type ? file.type.startsWith("image/") : IMAGE_NAME.test(file.name);
   if (!typed) {
     const kind = file.type ? ` (${file.type})` : "";
     return `${file.name} is not an image${kind}. Choose a photo: PNG, JPEG, WebP, GIF, BMP or TIFF.`;
   }
-  if (maxBytes && file.size > maxBytes) {
-    return `${file.name} is ${formatBytes(file.size)}; this server takes images up to ${formatBytes(maxBytes)}.`;
+  return sizeProblem(file.name, file.size, Math.ceil(file.size / 3) * 4 + 64, limits); // sent as a data: URI
+}
+
+// null when an image of `bytes` bytes, sent as `sent` bytes of text (its data: URI or URL), is within the server's
+// limits ({maxBytes, maxBody}: web/config's max_image_bytes and max_body_bytes; unset: not known), else the sentence
+// to show: the server would refuse it (413) once the whole of it was uploaded.
+export function sizeProblem(name, bytes, sent, { maxBytes, maxBody }) {
+  if (maxBytes && bytes > maxBytes) {
+    return `${name} is ${formatBytes(bytes)}; this server takes images up to ${formatBytes(maxBytes)}.`;
+  }
+  if (maxBody && sent + ROOM_FOR_FIELDS > maxBody) {
+    const room = formatBytes(Math.max(0, maxBody - ROOM_FOR_FIELDS));
+    return `${name} takes ${formatBytes(sent)} to send; this server takes requests up to ${room} for the image.`;
   }
   return null;
+}
+
+// The size in bytes of a data: URI's image: its base64 decoded (or its text, for another encoding).
+export function dataUriBytes(uri) {
+  const comma = uri.indexOf(",");
+  const length = uri.length - comma - 1;
+  if (!/;base64$/i.test(uri.slice(0, comma))) return length;
+  const padding = uri.endsWith("==") ? 2 : uri.endsWith("=") ? 1 : 0;
+  return Math.max(0, Math.floor((length * 3) / 4) - padding);
 }
 
 // The sentence for an image of `size` ({width, height}) over the server's pixel limit.

@@ -26,12 +26,14 @@ export function selectedText(state) {
 }
 
 // Whether the image is shown as the server read it, its rows and columns those of the mask. Not so for one the
-// browser cannot show, nor for one it shows unturned where the server turns it (another site's WebP whose EXIF
-// orientation says to turn it: its bytes, and so its orientation, are not readable here).
+// browser cannot show, nor for one it shows unturned where the server turns it and did not say so (an older
+// server: another site's WebP whose EXIF orientation says to turn it, its bytes unreadable here; image.js).
 export function imageFits(state) {
   const img = $("source");
   const r = state.result;
-  return state.image.shown && img.naturalWidth === r.width && img.naturalHeight === r.height;
+  const size = [img.naturalWidth, img.naturalHeight];
+  const [width, height] = state.image.turn >= 5 ? size.reverse() : size; // turned as the server turned it (image.js)
+  return state.image.shown && width === r.width && height === r.height;
 }
 
 export function drawResult(state, viewer) {

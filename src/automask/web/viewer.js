@@ -5,6 +5,7 @@
 // (the canvas the page renders); #after is clipped from the left by the compare share, #divider marks the edge.
 // "Fit" shows the whole image, never larger than its native size.
 
+import { uprightTransform } from "./orientation.js";
 import { maskLayer, tintLayer } from "./render.js";
 
 const MAX_ZOOM = 16;
@@ -16,6 +17,7 @@ export class Viewer {
     this.onChange = onChange;
     this.width = 0;
     this.height = 0;
+    this.turn = 1; // the orientation (1–8) #source is shown turned by (orientation.js), its size then upright
     this.zoom = 1;
     this.tx = 0;
     this.ty = 0;
@@ -25,9 +27,11 @@ export class Viewer {
 
   // ---- geometry ------------------------------------------------------------------------------------------
 
-  setSize(width, height) {
+  // The image's size as shown: `turn` (orientation.js) turns #source (stored the other way up) to it.
+  setSize(width, height, turn = 1) {
     this.width = width;
     this.height = height;
+    this.turn = turn;
     this.els.box.hidden = false;
     this.els.placeholder.hidden = true;
     this.fit();
@@ -45,9 +49,15 @@ export class Viewer {
     return Number.isFinite(value) ? value : 600;
   }
 
+  // The viewport's borders, top and bottom (its height and max-height count them: box-sizing is border-box).
+  frame() {
+    const vp = this.els.viewport;
+    return vp.offsetHeight - vp.clientHeight;
+  }
+
   fitZoom() {
     const vw = this.els.viewport.clientWidth || 1;
-    return Math.min(1, vw / this.width, this.maxHeight() / this.height);
+    return Math.min(1, vw / this.width, (this.maxHeight() - this.frame()) / this.height);
   }
 
   fit() {
@@ -79,7 +89,7 @@ export class Viewer {
     if (!this.width) return;
     const vp = this.els.viewport;
     const fit = this.fitZoom();
-    vp.style.height = `${Math.ceil(this.height * fit)}px`;
+    vp.style.height = `${Math.ceil(this.height * fit) + this.frame()}px`; // all of the image inside its borders
     if (this.fitted) this.zoom = fit;
     const vw = vp.clientWidth;
     const vh = vp.clientHeight;
@@ -95,8 +105,30 @@ export class Viewer {
     const x = Math.round(r.left + vp.clientLeft + this.tx) - (r.left + vp.clientLeft);
     const y = Math.round(r.top + vp.clientTop + this.ty) - (r.top + vp.clientTop);
     box.style.transform = `translate(${x}px, ${y}px)`;
+    this.placeImage(bw, bh);
     vp.classList.toggle("zoomed", !this.fitted);
     this.onChange(this.zoom);
+  }
+
+  // #source, as stored (its box turned the other way for a quarter turn), turned upright over the bw×bh box.
+  placeImage(bw, bh) {
+    const { style } = this.els.img;
+    if (this.turn === 1) {
+      style.width = style.height = style.transform = style.transformOrigin = "";
+      return;
+    }
+    const [w, h] = this.turn >= 5 ? [bh, bw] : [bw, bh];
+    [style.width, style.height, style.transformOrigin] = [`${w}px`, `${h}px`, "0 0"];
+    style.transform = `matrix(${uprightTransform(this.turn, w, h).matrix.join(", ")})`;
+  }
+
+  // #source drawn upright over the whole of the canvas `ctx`.
+  drawImage(ctx) {
+    const [w, h] = this.turn >= 5 ? [this.height, this.width] : [this.width, this.height];
+    ctx.save();
+    ctx.setTransform(...uprightTransform(this.turn, w, h).matrix);
+    ctx.drawImage(this.els.img, 0, 0, w, h);
+    ctx.restore();
   }
 
   setCompare(share) {
@@ -111,7 +143,7 @@ export class Viewer {
   // Draw the result over the image: show = "overlay" (tint layer over the image), "cutout" (the image where the
   // mask is, on a checkerboard) or "mask" (the mask in grey). `layers` are ImageData made by render.js.
   draw(show, layers) {
-    const { canvas, img } = this.els;
+    const { canvas } = this.els;
     canvas.width = this.width;
     canvas.height = this.height;
     const ctx = canvas.getContext("2d");
@@ -122,12 +154,12 @@ export class Viewer {
       ctx.fillRect(0, 0, this.width, this.height);
       const cut = scratch(this.width, this.height);
       const c = cut.getContext("2d");
-      c.drawImage(img, 0, 0, this.width, this.height);
+      this.drawImage(c);
       c.globalCompositeOperation = "destination-in";
       c.drawImage(fromImageData(layers.alpha), 0, 0);
       ctx.drawImage(cut, 0, 0);
     } else {
-      ctx.drawImage(img, 0, 0, this.width, this.height);
+      this.drawImage(ctx);
       ctx.drawImage(fromImageData(layers.tint), 0, 0);
     }
     canvas.hidden = false;
