@@ -444,3 +444,19 @@ def test_requests_to_a_frozen_postgresql_are_answered_503_in_seconds(
             with store.read() as conn:  # the refused submit: neither stored nor charged
                 assert conn.execute(select(func.count()).select_from(jobs_table)).scalar_one() == 1
             assert keys.balance(store, key.id) == 4
+
+
+def test_an_answer_from_a_newer_node_with_a_field_this_release_lacks_is_still_read() -> None:
+    """Nodes of a fleet upgraded one by one hand v1 answers to each other: an unknown header field is ignored."""
+    from automask.server.execute import Outcome
+
+    newer = Outcome(200, b"\x89PNG...", {"width": 4}, 0.5, orientation="6; format=jpeg; from=exif").dumps()
+    head, _, png = newer.partition(b"\n")
+    newer = head[:-1] + b', "added_later": [1, 2]}\n' + png
+    got = Outcome.loads(newer)
+    assert (got.status, got.png, got.metadata, got.orientation) == (
+        200,
+        b"\x89PNG...",
+        {"width": 4},
+        "6; format=jpeg; from=exif",
+    )

@@ -12,7 +12,7 @@ import base64
 import json
 import logging
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
@@ -46,8 +46,11 @@ class Outcome:
 
     @classmethod
     def loads(cls, data: bytes) -> Outcome:
+        """The `Outcome` `dumps` wrote; fields this release does not know (a newer node's) are ignored, so the nodes
+        of a fleet being upgraded one by one still read each other's answers."""
         head, _, png = data.partition(b"\n")
-        return cls(png=png, **json.loads(head))
+        known = {f.name for f in fields(cls)}
+        return cls(png=png, **{k: v for k, v in json.loads(head).items() if k in known})
 
 
 def answer(result: MaskResult, request: MaskRequest, model: str) -> Outcome:
