@@ -332,9 +332,14 @@ class Store:
     def lock(self, conn: Connection, name: str) -> None:
         """Inside `transaction()`: wait for the lock `name`, held until the transaction ends, so a count followed by
         an insert holds against every other transaction that takes it first. PostgreSQL: a transaction advisory
-        lock; SQLite: nothing to do, its write transaction already runs alone."""
-        if not self.is_sqlite:
-            conn.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": advisory_lock_id(name)})
+        lock, asked for until free (each ask answered at once: a request's bound on a statement, `bounded`, cuts a
+        frozen server, never a wait for other submits' uploads); SQLite: its write transaction runs alone already."""
+        if self.is_sqlite:
+            return
+        ask, pause = text("SELECT pg_try_advisory_xact_lock(:id)"), 0.005
+        while not conn.execute(ask, {"id": advisory_lock_id(name)}).scalar_one():
+            time.sleep(pause)
+            pause = min(pause * 2, 0.1)  # seconds between asks
 
     @contextmanager
     def read(self) -> Iterator[Connection]:
