@@ -99,7 +99,7 @@ jobs_table = Table(
     Column("published_at", Float),  # when it was last handed to the dispatcher
     Column("node", String),  # the node running it (PROCESSING)
     Column("run_deadline", Float),  # PROCESSING: after this (the database's clock) the run can no longer be going
-    Column("stored_bytes", Integer),  # the bytes of `request` and `upload` when stored (NULL: written before 0006)
+    Column("stored_bytes", Integer),  # the bytes of `request` and `upload` when stored (NULL: finished before 0006)
 )
 Index("jobs_by_status", jobs_table.c.status, jobs_table.c.created_at)
 
