@@ -355,12 +355,16 @@ def test_animated_gives_first_frame(fmt: str, settings: Settings) -> None:
     assert close(out[3, 4], RED, 8)
 
 
+GRAY16 = {RED: 20_000, GREEN: 60_000, BLUE: 40_000}
+"""The 16-bit gray level `apng_with_a_fallback` writes for each colour (colour type 0)."""
+
+
 def apng_with_a_fallback(blend: int, colour_type: int = 6, key: tuple[int, int, int] | None = None) -> bytes:
     """An 8×6 APNG written by hand whose default image (IDAT: opaque red, what a viewer without APNG shows) is not
     part of the animation: its one frame is a 4×3 green rectangle at (2, 1) (`blend`: 0 source, 1 over); the rest
     of the canvas is transparent, as every animation starts (APNG spec). `colour_type` 6 is RGBA, 2 RGB (no alpha
-    channel) and 3 palette; with `key`, a tRNS chunk makes that RGB colour transparent, and the frame's first
-    column is that colour."""
+    channel), 3 palette and 0 16-bit gray (`GRAY16` gives each colour's level); with `key`, a tRNS chunk makes that
+    RGB colour transparent, and the frame's first column is that colour."""
 
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
@@ -368,15 +372,19 @@ def apng_with_a_fallback(blend: int, colour_type: int = 6, key: tuple[int, int, 
     palette = [RED, GREEN, *([key] if key else [])]
 
     def pixel(rgb: tuple[int, ...]) -> bytes:
+        if colour_type == 0:
+            return struct.pack(">H", GRAY16[rgb])
         return {6: bytes((*rgb, 255)), 2: bytes(rgb), 3: bytes([palette.index(rgb)])}[colour_type]
 
     def rows(width: int, height: int, rgb: tuple[int, ...], first: tuple[int, ...] | None = None) -> bytes:
         return zlib.compress((b"\x00" + pixel(first or rgb) + pixel(rgb) * (width - 1)) * height)
 
-    ihdr = struct.pack(">IIBBBBB", 8, 6, 8, colour_type, 0, 0, 0)
+    ihdr = struct.pack(">IIBBBBB", 8, 6, 16 if colour_type == 0 else 8, colour_type, 0, 0, 0)
     fctl = struct.pack(">IIIIIHHBB", 0, 4, 3, 2, 1, 1, 10, 0, blend)
     trns = b""
-    if key and colour_type == 2:
+    if key and colour_type == 0:
+        trns = chunk(b"tRNS", struct.pack(">H", GRAY16[key]))
+    elif key and colour_type == 2:
         trns = chunk(b"tRNS", struct.pack(">HHH", *key))
     elif key:
         trns = chunk(b"tRNS", bytes([255] * (len(palette) - 1) + [0]))
@@ -433,6 +441,27 @@ def test_an_apng_without_alpha_shows_the_canvas_its_first_frame_leaves_transpare
     alpha = np.zeros((6, 8), np.uint8)
     alpha[1:4, 2 if key is None else 3 : 6] = 255
     assert cutout.shape == (6, 8, 4) and cutout[..., 3].tolist() == alpha.tolist()
+
+
+@pytest.mark.parametrize("blend", [0, 1])
+@pytest.mark.parametrize("key", [None, BLUE])
+def test_a_16_bit_gray_apng_shows_the_canvas_its_first_frame_leaves_transparent(
+    blend: int, key: tuple[int, int, int] | None, settings: Settings
+) -> None:
+    """Before: a 16-bit gray APNG (mode I;16) whose fallback default image is followed by a first frame smaller than
+    the canvas gave black around that frame, opaque in a cut-out, where browsers show the page through, as they do
+    for 8-bit gray, RGB and palette APNGs, which automask shows transparent (white for the models, alpha 0)."""
+    data = apng_with_a_fallback(blend, 0, key)
+    assert Image.open(io.BytesIO(data)).mode == "I;16"
+    left = 2 if key is None else 3  # a colour-keyed first column is transparent too
+    shown = np.full((6, 8), 255, np.uint8)  # transparent: on white
+    shown[1:4, left:6] = round(GRAY16[GREEN] * 255 / 65535)
+    assert load_image(data, settings)[..., 0].tolist() == shown.tolist()
+    cutout = load_image(data, settings, keep_alpha=True)
+    alpha = np.zeros((6, 8), np.uint8)
+    alpha[1:4, left:6] = 255
+    assert cutout.shape == (6, 8, 4) and cutout[..., 3].tolist() == alpha.tolist()
+    assert cutout[2, 4].tolist() == [233, 233, 233, 255]
 
 
 def test_a_palette_apng_whose_default_image_is_a_fallback_keeps_its_colours(settings: Settings) -> None:

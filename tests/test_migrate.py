@@ -252,3 +252,37 @@ def test_created_schema_equals_the_migrated_one(kind: str, tmp_path: Path, reque
     assert migrate(migrated) == (head(), head())  # idempotent
     assert _schema(created) == _schema(migrated)
     assert {"keys", "holds", "jobs", "nodes", "alembic_version"} <= set(_schema(created))
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_jobs_queued_before_0006_count_against_the_bytes_cap(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Before: revision 0006 left `stored_bytes` NULL in the jobs queued at the upgrade, counted as nothing, so a key
+    whose queue was full of uploads then could store as much again past `AUTOMASK_SERVER_MAX_QUEUED_BYTES_PER_KEY`.
+    The upgrade measures the unfinished jobs' requests once (bytes: a request's JSON as UTF-8, its upload)."""
+    from sqlalchemy import text
+
+    from automask.server.errors import ApiError
+    from automask.server.schemas import MaskRequest
+
+    store = Store(f"sqlite:///{tmp_path / 'a.db'}" if kind == "sqlite" else request.getfixturevalue("postgres_db"))
+    request.addfinalizer(store.close)
+    migrate(store, "0005")
+    insert = text(
+        "INSERT INTO jobs (id, key_id, status, request, upload, base64, created_at, attempts) "
+        "VALUES (:id, 'k', :status, :request, :upload, 0, 1, 0)"
+    )
+    body = json.dumps({"image": "é" * 1000, "prompt": "sofa"}, ensure_ascii=False)  # 2 bytes a character
+    with store.transaction() as conn:
+        conn.execute(insert, {"id": "queued", "status": "QUEUED", "request": body, "upload": os.urandom(5000)})
+        conn.execute(insert, {"id": "text", "status": "PROCESSING", "request": body, "upload": None})
+        conn.execute(insert, {"id": "done", "status": "COMPLETED", "request": None, "upload": None})
+    migrate(store)
+    with store.read() as conn:
+        sizes = dict(conn.execute(text("SELECT id, stored_bytes FROM jobs")).all())
+    assert sizes == {"queued": len(body.encode()) + 5000, "text": len(body.encode()), "done": None}
+    jobs = Jobs(store, max_bytes_per_key=sizes["queued"] + sizes["text"] + 100)
+    with pytest.raises(ApiError) as refused:
+        jobs.submit("k", MaskRequest.model_validate({"image": os.urandom(3000), "prompt": "sofa"}), charge=False)
+    assert refused.value.status == 429

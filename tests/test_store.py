@@ -374,3 +374,25 @@ def test_queue_caps_the_bytes_queued_jobs_store(store: Store) -> None:
         alone.submit(c.id, upload, charge=False)  # the queue holds jobs: over the total
     empty = Jobs(store, max_bytes_per_key=100)  # a key with nothing queued may always submit one
     empty.submit(c.id, upload, charge=False)
+
+
+def test_a_submit_waits_for_the_queue_lock_longer_than_a_request_statement_may(postgres_db: str) -> None:
+    """Before: a request's statements are bounded (`REQUEST_QUERY_TIMEOUT`, to answer 503 on a frozen server), and
+    the wait for the queue's advisory lock was one such statement: a healthy server with a burst of large submits
+    queued behind one another (each holds the lock while its upload is written) answered the ones that waited past
+    the bound 503 "database unreachable". The lock is now asked for again and again, each ask bounded: the submit
+    waits for it however long other submits hold it."""
+    from automask.server.bounded import bounded
+
+    store = Store(postgres_db)
+    ensure_schema(store, create=True)
+    jobs = Jobs(store, max_total=10)
+    with store.engine.connect() as other:
+        store.lock(other, "jobs.submit")  # held by another submit's transaction for 1.5 s
+        threading.Timer(1.5, other.rollback).start()
+        asked = time.monotonic()
+        with bounded(0.5):  # each statement of this request answered within 0.5 s
+            job_id = jobs.submit(None, request_of(), charge=False)
+        assert time.monotonic() - asked > 1.4  # it waited for the lock, then ran
+    assert [job for job, _ in jobs.queued()] == [job_id]
+    store.close()

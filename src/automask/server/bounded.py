@@ -21,9 +21,9 @@ those threads until it thawed, for ever if it never did."""
 REQUEST_QUERY_TIMEOUT = 10.0
 """Seconds one statement run for an HTTP request (authenticating its key, holding a credit, storing or reading a
 v2 job) may wait for PostgreSQL's answer (`request_bound`): past it the request is answered 503 with `Retry-After`
-(the database error handler) instead of waiting for a frozen server to thaw. Its statements take milliseconds, and
-an advisory lock (`Store.lock`) is held only for one such short transaction, so a healthy server never comes near
-it. Start-up work (migrations and their lock) runs outside any request, unbounded."""
+(the database error handler) instead of waiting for a frozen server to thaw. Its statements take milliseconds; an
+advisory lock (`Store.lock`) other submits hold is asked for again and again, each ask answered at once, so a
+healthy server never comes near it. Start-up work (migrations and their lock) runs outside any request, unbounded."""
 _QUERY_BOUND: ContextVar[float | None] = ContextVar("automask_query_bound", default=None)
 
 

@@ -99,7 +99,7 @@ jobs_table = Table(
     Column("published_at", Float),  # when it was last handed to the dispatcher
     Column("node", String),  # the node running it (PROCESSING)
     Column("run_deadline", Float),  # PROCESSING: after this (the database's clock) the run can no longer be going
-    Column("stored_bytes", Integer),  # the bytes of `request` and `upload` when stored (NULL: written before 0006)
+    Column("stored_bytes", Integer),  # the bytes of `request` and `upload` when stored (NULL: finished before 0006)
 )
 Index("jobs_by_status", jobs_table.c.status, jobs_table.c.created_at)
 
@@ -332,9 +332,14 @@ class Store:
     def lock(self, conn: Connection, name: str) -> None:
         """Inside `transaction()`: wait for the lock `name`, held until the transaction ends, so a count followed by
         an insert holds against every other transaction that takes it first. PostgreSQL: a transaction advisory
-        lock; SQLite: nothing to do, its write transaction already runs alone."""
-        if not self.is_sqlite:
-            conn.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": advisory_lock_id(name)})
+        lock, asked for until free (each ask answered at once: a request's bound on a statement, `bounded`, cuts a
+        frozen server, never a wait for other submits' uploads); SQLite: its write transaction runs alone already."""
+        if self.is_sqlite:
+            return
+        ask, pause = text("SELECT pg_try_advisory_xact_lock(:id)"), 0.005
+        while not conn.execute(ask, {"id": advisory_lock_id(name)}).scalar_one():
+            time.sleep(pause)
+            pause = min(pause * 2, 0.1)  # seconds between asks
 
     @contextmanager
     def read(self) -> Iterator[Connection]:
