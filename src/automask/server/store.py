@@ -13,8 +13,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import os
-import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -38,20 +36,21 @@ from sqlalchemy import (
     Text,
     create_engine,
     event,
-    make_url,
     text,
     true,
 )
 from sqlalchemy.engine import URL
-from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from automask.errors import ServiceConfigError
 from automask.server.bounded import bounded, connect_bounded
+from automask.server.db_url import database_url as database_url
+from automask.server.db_url import embedded_url as embedded_url
+from automask.server.db_url import normalize_url, private_file
 from automask.server.logs import one_line
 
 log = logging.getLogger("automask.server")
 metadata = MetaData()
-_URL_FORMS = "sqlite:///PATH or postgresql://USER:PASS@HOST:PORT/DB"
 
 keys_table = Table(
     "keys",
@@ -122,50 +121,6 @@ settings_table = Table(
     Column("value", Text, nullable=False),
     Column("updated_at", Float, nullable=False),
 )
-
-
-def normalize_url(url: str) -> URL:
-    """A database URL as SQLAlchemy takes it: `postgresql://` (and `postgres://`) use psycopg 3. `ServiceConfigError`
-    for one that is not a URL, or names another kind of database."""
-    try:
-        parsed = make_url(url)
-    except ArgumentError:
-        raise ServiceConfigError(f"AUTOMASK_DATABASE_URL is not a database URL: use {_URL_FORMS}.") from None
-    if parsed.drivername in ("postgresql", "postgres"):
-        parsed = parsed.set(drivername="postgresql+psycopg")
-    if not (parsed.drivername.startswith("sqlite") or parsed.drivername.startswith("postgresql")):
-        raise ServiceConfigError(
-            f"AUTOMASK_DATABASE_URL: unsupported database URL scheme {parsed.drivername!r}: use {_URL_FORMS}."
-        )
-    return parsed
-
-
-def _private_file(path: Path) -> None:
-    """Create `path` (and its folder) readable by this user only: 0700 folder, 0600 file, whatever the umask."""
-    folder = path.parent
-    try:
-        if not folder.exists():
-            folder.mkdir(parents=True, exist_ok=True)
-            os.chmod(folder, 0o700)
-        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
-    except OSError as exc:
-        raise ServiceConfigError(
-            f"Cannot create the database file {path}: {exc.strerror or exc}. Check --data-dir / AUTOMASK_DATA_DIR "
-            "(or AUTOMASK_DATABASE_URL)."
-        ) from None
-    for file in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
-        if file.exists() and stat.S_IMODE(file.stat().st_mode) & 0o077:  # e.g. written by release 0.1 (0644)
-            os.chmod(file, 0o600)
-
-
-def embedded_url(data_dir: Path) -> str:
-    """The URL of the data folder's embedded SQLite database."""
-    return f"sqlite:///{Path(data_dir) / 'automask.db'}"
-
-
-def database_url(settings: Any) -> str:
-    """`settings.database_url` (AUTOMASK_DATABASE_URL), else the data folder's embedded database."""
-    return str(settings.database_url or embedded_url(settings.data_dir))
 
 
 CLOCK_REFRESH = 30.0
@@ -299,7 +254,7 @@ class Store:
             event.listen(engine, "do_connect", connect_bounded)
             return engine
         if self.path is not None:
-            _private_file(self.path)
+            private_file(self.path)
         engine = create_engine(self.url, connect_args={"timeout": 10.0, "check_same_thread": False})
 
         @event.listens_for(engine, "connect")
