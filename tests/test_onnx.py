@@ -271,8 +271,10 @@ def test_export_of_a_model_read_from_the_hf_cache_writes_nothing_there(
 def test_export_of_another_hf_cache_snapshot_path_is_refused(tiny_clipseg_dir: Path, tmp_path: Path) -> None:
     snapshot = tmp_path / "hub" / "models--someone--clipseg" / "snapshots" / "0123abcd"
     shutil.copytree(tiny_clipseg_dir, snapshot)
-    with pytest.raises(AutomaskError, match="is in the Hugging Face cache: copy it out"):
-        export_onnx(str(snapshot), Settings(data_dir=tmp_path / "data"))
+    (tmp_path / "link").symlink_to(snapshot)
+    for path in (snapshot, tmp_path / "link"):
+        with pytest.raises(AutomaskError, match="is in the Hugging Face cache: copy it out"):
+            export_onnx(str(path), Settings(data_dir=tmp_path / "data"))
     assert sorted(p.name for p in snapshot.iterdir()) == sorted(p.name for p in tiny_clipseg_dir.iterdir())
 
 

@@ -400,8 +400,8 @@ def export_onnx(
 def _export_folder(found: ResolvedModel, settings: Settings) -> Path:
     """Where to export `found`: never into the Hugging Face cache (shared, managed by huggingface_hub); a catalogue
     model read from there is installed in the data folder first, by hard links as `pull` does."""
-    if _snapshot_repo(found.path) is None:
+    if _snapshot_repo(real := found.path.resolve()) is None:  # resolved: a link to a snapshot is one too
         return found.path
-    if (name := name_of(found.path)) not in CATALOGUE:
+    if (name := name_of(real)) not in CATALOGUE:
         raise AutomaskError(f"'{found.path}' is in the Hugging Face cache: copy it out (cp -rL) and export the copy.")
     return pull(name, settings)
