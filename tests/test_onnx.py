@@ -24,7 +24,7 @@ from transformers import CLIPSegForImageSegmentation, CLIPSegProcessor
 from automask.backends import clipseg, clipseg_onnx, onnx_runtime, registry
 from automask.backends.clipseg_common import choose_runtime, find_artifacts, has_onnx, onnx_dir, read_manifest
 from automask.backends.clipseg_export import export
-from automask.errors import ModelNotAvailableError, UnknownModelError
+from automask.errors import AutomaskError, ModelNotAvailableError, UnknownModelError
 from automask.models import export_onnx
 from automask.pipeline import MaskGenerator
 from automask.settings import Settings
@@ -231,6 +231,51 @@ def test_export_of_a_folder_without_its_tokenizer_is_refused(tiny_clipseg_dir: P
 def test_export_of_a_non_clipseg_catalogue_model_is_refused(settings: Settings) -> None:
     with pytest.raises((UnknownModelError, ModelNotAvailableError)):
         export_onnx("subject", settings)
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(f.relative_to(folder)): f.read_bytes() for f in sorted(folder.rglob("*")) if f.is_file()}
+
+
+def test_export_of_a_model_read_from_the_hf_cache_writes_nothing_there(
+    tiny_clipseg_dir: Path, settings: Settings
+) -> None:
+    """`models export clipseg` wrote `onnx/` into the Hugging Face cache's snapshot (shared with other programs,
+    managed by huggingface_hub). The model is now installed in the data folder (hard links) and exported there;
+    list, the runtime and rm agree on it, and the cache is left as it was."""
+    from automask.cli import main
+    from automask.models import model_dir
+    from test_models import _fake_hf_cache
+
+    snapshot = _fake_hf_cache(tiny_clipseg_dir)
+    before = _tree(snapshot.parents[1])
+
+    def cli(*args: str) -> str:
+        result = CliRunner().invoke(main, ["--data-dir", str(settings.data_dir), "models", *args])
+        assert result.exit_code == 0, result.output
+        return result.stdout
+
+    out = cli("export", "clipseg")
+    folder = model_dir("clipseg", settings)
+    assert f"ONNX Runtime graphs written to {onnx_dir(folder)}" in out
+    assert _tree(snapshot.parents[1]) == before and not onnx_dir(snapshot).exists()
+    [row] = [r for r in json.loads(cli("list", "--json")) if r["name"] == "clipseg"]
+    assert (row["source"], row["path"], row["onnx"]) == ("data-dir", str(folder), ["fp32"])
+    assert MaskGenerator("clipseg", settings).backend.name == "clipseg-onnx"
+    assert f"removed {folder}" in cli("rm", "clipseg")
+    [row] = [r for r in json.loads(cli("list", "--json")) if r["name"] == "clipseg"]
+    assert (row["source"], row["path"], row["onnx"]) == ("hf-cache", str(snapshot), [])
+    assert _tree(snapshot.parents[1]) == before
+
+
+def test_export_of_another_hf_cache_snapshot_path_is_refused(tiny_clipseg_dir: Path, tmp_path: Path) -> None:
+    snapshot = tmp_path / "hub" / "models--someone--clipseg" / "snapshots" / "0123abcd"
+    shutil.copytree(tiny_clipseg_dir, snapshot)
+    (tmp_path / "link").symlink_to(snapshot)
+    for path in (snapshot, tmp_path / "link"):
+        with pytest.raises(AutomaskError, match="is in the Hugging Face cache: copy it out"):
+            export_onnx(str(path), Settings(data_dir=tmp_path / "data"))
+    assert sorted(p.name for p in snapshot.iterdir()) == sorted(p.name for p in tiny_clipseg_dir.iterdir())
 
 
 def test_session_settings_for_small_cpus() -> None:

@@ -294,13 +294,13 @@ def test_serve_flags_reach_the_server(monkeypatch: pytest.MonkeyPatch, tmp_path:
     seen: list[ServerSettings] = []
     monkeypatch.setattr(http, "listen", lambda server: [loopback_socket()])  # not 127.0.0.1:8000 itself
     monkeypatch.setattr(http, "run", lambda app, server, log_level="info", sockets=(), **_: seen.append(server))
-    flags = ["--header-timeout", "3", "--body-timeout", "4", "--keepalive-timeout", "2"]
+    flags = ["--header-timeout", "3", "--body-timeout", "4", "--body-deadline", "9", "--keepalive-timeout", "2"]
     flags += ["--max-connections", "7", "--shutdown-timeout", "6"]
     result = CliRunner().invoke(main, ["--data-dir", str(tmp_path / "data"), "serve", "--no-auth", *flags])
     assert result.exit_code == 0, result.output
     server = seen[0]
     got = (server.header_timeout, server.body_timeout, server.keepalive_timeout, server.max_connections)
-    assert (*got, server.shutdown_timeout) == (3, 4, 2, 7, 6)
+    assert (*got, server.shutdown_timeout, server.body_deadline) == (3, 4, 2, 7, 6, 9)
 
 
 # --- response headers and v2 URLs (in process) ----------------------------------------------------------

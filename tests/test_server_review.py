@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import socket
 import threading
 import time
@@ -254,3 +255,45 @@ def test_a_database_error_before_a_job_runs_is_retried_in_process(
         jobs = Jobs(live.app.state.automask.store)
         wait_for(lambda: jobs.get(job_id).status == "COMPLETED", 10)  # type: ignore[union-attr]
         assert not failures
+
+
+def test_a_steady_trickle_holds_its_room_in_the_body_budget_no_longer_than_the_body_deadline(
+    tmp_path: Path, image_b64: str
+) -> None:
+    """A valid key trickling a large body just above `body_min_rate` held its room in `body_memory` for as long as
+    the body took (hours for 44 MB at a few kB/s), every other key answered 503 meanwhile. The body now has
+    `body_deadline` seconds in all: then 408, closed, its room given back, nothing charged."""
+    data, size = tmp_path / "data", 100_000
+    settings = Settings(data_dir=data)
+    server = ServerSettings(max_body_bytes=size, body_memory=size, body_timeout=1, body_min_rate=100, body_deadline=2)
+    store = Store.in_data_dir(data)
+    (slow_key, slow), (_, other) = (keystore.create_key(store, credits=5) for _ in range(2))
+    app = create_app(settings, server, MaskGenerator(FakeBackend(), settings))
+    with LiveServer(app, server) as live:
+        bodies = live.app.state.automask.bodies
+        host, port = live.url.removeprefix("http://").split(":")
+        sock = socket.create_connection((host, int(port)), timeout=10)
+        head = f"POST {URL} HTTP/1.1\r\nHost: x\r\nx-api-key: {slow}\r\ncontent-type: application/json\r\n"
+        sock.sendall(f"{head}content-length: {size}\r\n\r\n".encode())
+        start, answer, refused = time.monotonic(), b"", None
+
+        def post_other() -> httpx.Response:
+            body = {"image": image_b64, "prompt": "x"}
+            return httpx.post(f"{live.url}{URL}", json=body, headers={"x-api-key": other}, timeout=10)
+
+        with sock, contextlib.suppress(OSError):  # 500 B/s: five times the minimum rate, never a pause
+            sock.settimeout(0.2)
+            while not answer and time.monotonic() - start < 8:
+                sock.sendall(b" " * 100)
+                if refused is None and bodies.used == size:  # the whole budget held: another key waits
+                    refused = post_other()
+                with contextlib.suppress(TimeoutError):
+                    answer = sock.recv(65536)
+        took = time.monotonic() - start
+        assert refused is not None and refused.status_code == 503, refused
+        assert "too many large requests" in refused.text
+        assert answer.startswith(b"HTTP/1.1 408"), answer
+        assert b"took longer than 2 s to arrive" in answer and 1.8 <= took <= 5, took
+        wait_for(lambda: bodies.used == 0, 5)
+        assert post_other().status_code == 200
+    assert keystore.get_key(store, slow_key.id).credits == 5

@@ -30,7 +30,7 @@ from automask.catalogue import (  # the catalogue was first defined here: its na
 from automask.catalogue import DEFAULT_FILES as DEFAULT_FILES
 from automask.catalogue import EDGETAM_REPO as EDGETAM_REPO
 from automask.catalogue import SAM2_REPO as SAM2_REPO
-from automask.errors import ModelNotAvailableError, UnknownModelError, require
+from automask.errors import AutomaskError, ModelNotAvailableError, UnknownModelError, require
 from automask.settings import Settings
 
 
@@ -56,11 +56,17 @@ def name_of(folder: Path) -> str:
         return folder.name
     if folder.parent.name in CATALOGUE and (folder.parent / MARKER).is_file():
         return folder.name.replace("--", "/", 1)
-    parts = folder.parts
-    if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
-        repo = parts[-3].removeprefix("models--").replace("--", "/", 1)
+    if (repo := _snapshot_repo(folder)) is not None:
         return next((spec.name for spec in CATALOGUE.values() if spec.repos == (repo,)), repo)
     return str(folder)
+
+
+def _snapshot_repo(folder: Path) -> str | None:
+    """The hub repository ('owner/name') whose Hugging Face cache snapshot `folder` is, or None."""
+    parts = folder.parts
+    if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
+        return parts[-3].removeprefix("models--").replace("--", "/", 1)
+    return None
 
 
 def is_installed(name: str, settings: Settings) -> bool:
@@ -383,8 +389,19 @@ def export_onnx(
         )
     for module in EXPORT_MODULES:
         require(module, "export")
+    path = _export_folder(found, settings)
     if starting is not None:
         starting()
     from automask.backends.clipseg_export import export
 
-    return export(found.path, int8=settings.int8 if int8 is None else int8)
+    return export(path, int8=settings.int8 if int8 is None else int8)
+
+
+def _export_folder(found: ResolvedModel, settings: Settings) -> Path:
+    """Where to export `found`: never into the Hugging Face cache (shared, managed by huggingface_hub); a catalogue
+    model read from there is installed in the data folder first, by hard links as `pull` does."""
+    if _snapshot_repo(real := found.path.resolve()) is None:  # resolved: a link to a snapshot is one too
+        return found.path
+    if (name := name_of(real)) not in CATALOGUE:
+        raise AutomaskError(f"'{found.path}' is in the Hugging Face cache: copy it out (cp -rL) and export the copy.")
+    return pull(name, settings)

@@ -176,6 +176,11 @@ class ServerSettings(BaseSettings):
         description="Bytes per second a request body must arrive at on average: it gets `body_timeout` seconds, "
         "plus one second per this many bytes received -> 408, closed (a trickling client cannot hold memory).",
     )
+    body_deadline: float = _seconds(
+        120.0,
+        MAX_WAIT,
+        "Seconds a request body may take in all -> 408, closed (its room in `body_memory` no longer held)",
+    )
     keepalive_timeout: float = _seconds(5.0, MAX_WAIT, "Seconds an idle keep-alive connection stays open")
     max_connections: int = Field(
         default=512, ge=1, description="Open connections at most (also kept below the open-file limit); more get a 503."

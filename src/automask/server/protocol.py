@@ -10,8 +10,10 @@ except while the app works on its request:
 - body: the client may pause at most `body_timeout` seconds between pieces of the body, and the whole body
   must arrive within `body_timeout` seconds plus one second per `body_min_rate` bytes received (a client
   trickling a byte now and then is cut off, as Apache's mod_reqtimeout MinRate does) -> 408 JSON; time the
-  app spends not reading does not count. The same pause bound on reading and discarding the rest of a body the
-  app answered early (e.g. 413), and on a client that stops reading its answer;
+  app spends not reading does not count; and at most `body_deadline` seconds in all, however steadily it
+  trickles (its room in the body memory budget is held no longer) -> 408 JSON. The same pause bound on reading
+  and discarding the rest of a body the app answered early (e.g. 413), and on a client that stops reading its
+  answer;
 - keep-alive: `keepalive_timeout` seconds idle between requests -> closed;
 - at most `max_connections` open (kept below the process's open-file limit): a connection past it is
   answered 503 JSON and closed at once, so it never pins a descriptor;
@@ -55,6 +57,7 @@ class Limits:
     header_timeout: float
     body_timeout: float
     body_min_rate: float
+    body_deadline: float
     keepalive_timeout: float
     max_connections: int
 
@@ -64,6 +67,7 @@ class Limits:
             header_timeout=server.header_timeout,
             body_timeout=server.body_timeout,
             body_min_rate=server.body_min_rate,
+            body_deadline=server.body_deadline,
             keepalive_timeout=server.keepalive_timeout,
             max_connections=connection_cap(server.max_connections),
         )
@@ -149,6 +153,8 @@ class GuardedH11Protocol(H11Protocol):
         self._refused = False
         self._body_deadline: float | None = None
         """When the body being received must be complete (loop time): extended by each piece that arrives."""
+        self._body_cap: float | None = None
+        """When it must be complete however fast it arrives (loop time): `body_deadline` after it began."""
 
     # --- connection lifecycle ---------------------------------------------------------------------------
 
@@ -213,7 +219,7 @@ class GuardedH11Protocol(H11Protocol):
             return
         theirs, ours = self.conn.their_state, self.conn.our_state
         if theirs is not h11.SEND_BODY:
-            self._body_deadline = None
+            self._body_deadline = self._body_cap = None
         if theirs is h11.IDLE:
             if self.conn.trailing_data[0]:  # part of a request's headers is here
                 if self._phase != "headers":
@@ -228,9 +234,11 @@ class GuardedH11Protocol(H11Protocol):
                     self._arm("linger", self.limits.body_timeout, self._on_linger)
             elif got_data or self._phase != "body":
                 now = self.loop.time()
-                if self._body_deadline is None:
+                if self._body_deadline is None or self._body_cap is None:
                     self._body_deadline = now + self.limits.body_timeout
-                wait = min(self.limits.body_timeout, max(0.0, self._body_deadline - now))
+                    self._body_cap = now + self.limits.body_deadline
+                due = min(self._body_deadline, self._body_cap)
+                wait = min(self.limits.body_timeout, max(0.0, due - now))
                 self._arm("body", wait, self._on_body_timeout)
         elif self._phase != "write":
             self._disarm()  # the request is in: the app's own time limit applies
@@ -257,11 +265,15 @@ class GuardedH11Protocol(H11Protocol):
         self._timer = None
         t = self.limits.body_timeout
         if self.flow.read_paused:  # the app is not reading yet: the client is not the slow one
-            if self._body_deadline is not None:
+            if self._body_deadline is not None and self._body_cap is not None:
                 self._body_deadline = max(self._body_deadline, self.loop.time()) + t
+                self._body_cap = max(self._body_cap, self.loop.time()) + t
             self._arm("body", t, self._on_body_timeout)
             return
-        if self._body_deadline is not None and self.loop.time() >= self._body_deadline - 1e-3:
+        if self._body_cap is not None and self.loop.time() >= self._body_cap - 1e-3:
+            d = self.limits.body_deadline
+            message = f"The request body took longer than {d:g} s to arrive. Send it faster, or a smaller image."
+        elif self._body_deadline is not None and self.loop.time() >= self._body_deadline - 1e-3:
             rate = self.limits.body_min_rate
             message = f"The request body arrived too slowly (under {rate:g} bytes/s). Send it at a steady pace."
         else:
