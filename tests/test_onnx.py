@@ -25,7 +25,7 @@ from automask.backends import clipseg, clipseg_onnx, onnx_runtime, registry
 from automask.backends.clipseg_common import choose_runtime, find_artifacts, has_onnx, onnx_dir, read_manifest
 from automask.backends.clipseg_export import export
 from automask.errors import AutomaskError, ModelNotAvailableError, UnknownModelError
-from automask.models import export_onnx
+from automask.models_export import export_onnx
 from automask.pipeline import MaskGenerator
 from automask.settings import Settings
 from tiny_models import make_tiny_clipseg
@@ -323,6 +323,7 @@ def test_cli_pull_exports_the_onnx_graphs_when_it_can(
     tools: bool, tiny_clipseg_dir: Path, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import automask.models
+    import automask.models_export
     from automask.cli import main
 
     def fake_pull(name: str, settings: Settings, **_: object) -> Path:  # the download itself is test_models' job
@@ -332,7 +333,7 @@ def test_cli_pull_exports_the_onnx_graphs_when_it_can(
         return target
 
     monkeypatch.setattr(automask.models, "pull", fake_pull)
-    monkeypatch.setattr(automask.models, "can_export", lambda: tools)
+    monkeypatch.setattr(automask.models_export, "can_export", lambda: tools)
     result = CliRunner().invoke(main, ["--data-dir", str(settings.data_dir), "models", "pull", "clipseg"])
     assert result.exit_code == 0, result.output
     folder = automask.models.model_dir("clipseg", settings)

@@ -102,7 +102,8 @@ def models_rm(ctx: click.Context, name: str) -> None:
 def _export_after_pull(name: str, path: Path, settings: Settings) -> None:
     """Give a pulled CLIPSeg model its fast ONNX Runtime graphs when torch is here to export them."""
     from automask.backends.clipseg_common import has_onnx
-    from automask.models import CATALOGUE, can_export, export_onnx
+    from automask.models import CATALOGUE
+    from automask.models_export import can_export, export_onnx
 
     if CATALOGUE[name].backend != "clipseg" or has_onnx(path, settings.int8):
         return
@@ -124,7 +125,7 @@ def _export_after_pull(name: str, path: Path, settings: Settings) -> None:
 @click.pass_context
 def models_export(ctx: click.Context, model: str, int8: bool | None) -> None:
     """Export CLIPSeg model NAME_OR_PATH to ONNX Runtime graphs (the fast CPU path; needs torch once)."""
-    from automask.models import export_onnx
+    from automask.models_export import export_onnx
 
     def starting() -> None:
         click.echo("Exporting the ONNX Runtime graphs (about a minute)...", err=True)

@@ -10,7 +10,7 @@ import contextlib
 import json
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +30,7 @@ from automask.catalogue import (  # the catalogue was first defined here: its na
 from automask.catalogue import DEFAULT_FILES as DEFAULT_FILES
 from automask.catalogue import EDGETAM_REPO as EDGETAM_REPO
 from automask.catalogue import SAM2_REPO as SAM2_REPO
-from automask.errors import AutomaskError, ModelNotAvailableError, UnknownModelError, require
+from automask.errors import ModelNotAvailableError, UnknownModelError
 from automask.settings import Settings
 
 
@@ -56,12 +56,12 @@ def name_of(folder: Path) -> str:
         return folder.name
     if folder.parent.name in CATALOGUE and (folder.parent / MARKER).is_file():
         return folder.name.replace("--", "/", 1)
-    if (repo := _snapshot_repo(folder)) is not None:
+    if (repo := snapshot_repo(folder)) is not None:
         return next((spec.name for spec in CATALOGUE.values() if spec.repos == (repo,)), repo)
     return str(folder)
 
 
-def _snapshot_repo(folder: Path) -> str | None:
+def snapshot_repo(folder: Path) -> str | None:
     """The hub repository ('owner/name') whose Hugging Face cache snapshot `folder` is, or None."""
     parts = folder.parts
     if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
@@ -359,49 +359,3 @@ def _check_token(spec: ModelSpec) -> None:
 def _is_gated_error(exc: BaseException | None) -> bool:
     """True for the hub's answer to a token without access to a gated repository (403/401 GatedRepoError)."""
     return isinstance(exc, install.hub_error("GatedRepoError"))
-
-
-EXPORT_MODULES = ("torch", "transformers", "onnx", "onnxruntime")
-"""The packages `export_onnx` needs (the `export` extra)."""
-
-
-def can_export() -> bool:
-    """True when the packages `export_onnx` needs (torch, transformers, onnx, onnxruntime) are installed."""
-    import importlib.util
-
-    return all(importlib.util.find_spec(m) is not None for m in EXPORT_MODULES)
-
-
-def export_onnx(
-    spec: str | None, settings: Settings, *, int8: bool | None = None, starting: Callable[[], None] | None = None
-) -> Path:
-    """Export CLIPSeg model `spec` (a catalogue name or a local folder) to the ONNX Runtime artifacts in
-    `<model folder>/onnx` (the int8 copies too when `int8`, default `settings.int8`); return that folder.
-    `starting` is called once the model and the packages are found, before the (long) export begins.
-
-    Needs `pip install "automask[export]"`; the runtime that uses the artifacts needs no torch.
-    """
-    found = resolve(spec, settings)
-    if found.backend != "clipseg":
-        raise UnknownModelError(
-            f"The model '{found.name}' runs on the '{found.backend}' backend, which has no ONNX export. "
-            "Only CLIPSeg models are exported (e.g. automask models export clipseg)."
-        )
-    for module in EXPORT_MODULES:
-        require(module, "export")
-    path = _export_folder(found, settings)
-    if starting is not None:
-        starting()
-    from automask.backends.clipseg_export import export
-
-    return export(path, int8=settings.int8 if int8 is None else int8)
-
-
-def _export_folder(found: ResolvedModel, settings: Settings) -> Path:
-    """Where to export `found`: never into the Hugging Face cache (shared, managed by huggingface_hub); a catalogue
-    model read from there is installed in the data folder first, by hard links as `pull` does."""
-    if _snapshot_repo(real := found.path.resolve()) is None:  # resolved: a link to a snapshot is one too
-        return found.path
-    if (name := name_of(real)) not in CATALOGUE:
-        raise AutomaskError(f"'{found.path}' is in the Hugging Face cache: copy it out (cp -rL) and export the copy.")
-    return pull(name, settings)

@@ -1,0 +1,56 @@
+"""`automask models export`: a CLIPSeg model's ONNX Runtime artifacts, written beside it in the data folder (never
+into the Hugging Face cache)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from automask import models
+from automask.errors import AutomaskError, UnknownModelError, require
+from automask.settings import Settings
+
+EXPORT_MODULES = ("torch", "transformers", "onnx", "onnxruntime")
+"""The packages `export_onnx` needs (the `export` extra)."""
+
+
+def can_export() -> bool:
+    """True when the packages `export_onnx` needs (torch, transformers, onnx, onnxruntime) are installed."""
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in EXPORT_MODULES)
+
+
+def export_onnx(
+    spec: str | None, settings: Settings, *, int8: bool | None = None, starting: Callable[[], None] | None = None
+) -> Path:
+    """Export CLIPSeg model `spec` (a catalogue name or a local folder) to the ONNX Runtime artifacts in
+    `<model folder>/onnx` (the int8 copies too when `int8`, default `settings.int8`); return that folder.
+    `starting` is called once the model and the packages are found, before the (long) export begins.
+
+    Needs `pip install "automask[export]"`; the runtime that uses the artifacts needs no torch.
+    """
+    found = models.resolve(spec, settings)
+    if found.backend != "clipseg":
+        raise UnknownModelError(
+            f"The model '{found.name}' runs on the '{found.backend}' backend, which has no ONNX export. "
+            "Only CLIPSeg models are exported (e.g. automask models export clipseg)."
+        )
+    for module in EXPORT_MODULES:
+        require(module, "export")
+    path = _export_folder(found, settings)
+    if starting is not None:
+        starting()
+    from automask.backends.clipseg_export import export
+
+    return export(path, int8=settings.int8 if int8 is None else int8)
+
+
+def _export_folder(found: models.ResolvedModel, settings: Settings) -> Path:
+    """Where to export `found`: never into the Hugging Face cache (shared, managed by huggingface_hub); a catalogue
+    model read from there is installed in the data folder first, by hard links as `pull` does."""
+    if models.snapshot_repo(real := found.path.resolve()) is None:  # resolved: a link to a snapshot is one too
+        return found.path
+    if (name := models.name_of(real)) not in models.CATALOGUE:
+        raise AutomaskError(f"'{found.path}' is in the Hugging Face cache: copy it out (cp -rL) and export the copy.")
+    return models.pull(name, settings)
