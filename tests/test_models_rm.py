@@ -175,3 +175,6 @@ def test_rm_of_a_model_folder_that_is_a_link_says_the_folder_it_points_to_is_kep
     assert f"removed {link}" in result.stdout
     assert f"note: '{link}' was a link: the folder it points to, '{target}', is kept" in result.stderr
     assert (target / "model.safetensors").is_file() and not os.path.lexists(link)
+    link.symlink_to(tmp_path / "gone")  # a dangling link: nothing is kept
+    dangling = _rm(settings, "clipseg")
+    assert dangling.exit_code == 0 and f"removed {link}" in dangling.stdout and "note:" not in dangling.stderr

@@ -33,7 +33,7 @@ def remove(name: str, settings: Settings) -> Removed:
 
     spec = catalogue_spec(name)
     folder = model_dir(name, settings)
-    link = folder.resolve() if folder.is_symlink() else None
+    link = folder.resolve() if folder.is_symlink() and folder.exists() else None  # not a dangling one's
     paths = staging.remove(folder, inner=(onnx_dir(folder),))
     cached = hf_cached(name)
     if paths:
