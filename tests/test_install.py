@@ -389,3 +389,30 @@ def test_the_room_check_does_not_count_again_the_copies_a_failed_pull_kept(
         )
     finally:
         shutil.rmtree(snapshot)
+
+
+def test_the_room_check_counts_the_copies_of_a_cache_on_the_same_disk_that_refuses_hard_links(
+    tmp_path: Path, tiny_clipseg_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Hugging Face cache and the data folder on one disk but two mounts (Docker volumes of one host disk:
+    `link` fails, EXDEV) or on one without hard links (exFAT): the files are copied, yet the room check took them
+    for hard links (the same device) and let the pull fill the disk."""
+    from automask import install
+    from automask.catalogue import DEFAULT_FILES
+
+    snapshot = tmp_path / "hf-cache"
+    shutil.copytree(tiny_clipseg_dir, snapshot)
+
+    def no_links(_source: Any, _dest: Any) -> None:
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "link", no_links)
+    usage = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(path)._replace(free=1000))
+    dest = tmp_path / ".clipseg.partial"
+    repo = "CIDAS/clipseg-rd64-refined"
+    with pytest.raises(ModelNotAvailableError, match="it needs"):
+        install.plan_model("clipseg", {repo: dest}, DEFAULT_FILES, {repo: snapshot})
+    monkeypatch.undo()
+    assert install.plan_model("clipseg", {repo: dest}, DEFAULT_FILES, {repo: snapshot}) == {}  # hard links: no room
+    assert sorted(p.name for p in dest.iterdir()) == []  # nothing left of the look

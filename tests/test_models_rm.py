@@ -4,6 +4,7 @@ the Hugging Face cache. Through the real CLI (CliRunner, a subprocess for a kill
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -156,3 +157,24 @@ def test_rm_of_an_unknown_name_is_a_usage_error_naming_models_list(settings: Set
     result = _rm(settings, name)
     assert result.exit_code == 2, result.output
     assert f"no model '{name}': automask models list shows the models." in result.stderr
+
+
+def test_rm_of_a_model_folder_that_is_a_link_says_the_folder_it_points_to_is_kept(
+    settings: Settings, tiny_clipseg_dir: Path, tmp_path: Path
+) -> None:
+    """A model folder that is a symbolic link (the weights on a bigger disk): rm deletes the link, not the folder it
+    points to, yet said only "removed <link>": the user took the space for freed, and the model for deleted."""
+    target = tmp_path / "big-disk" / "clipseg"
+    shutil.copytree(tiny_clipseg_dir, target)
+    (target / models.MARKER).write_text(json.dumps({"name": "clipseg", "backend": "clipseg", "repos": []}))
+    link = models.model_dir("clipseg", settings)
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(target)
+    result = _rm(settings, "clipseg")
+    assert result.exit_code == 0, result.output
+    assert f"removed {link}" in result.stdout
+    assert f"note: '{link}' was a link: the folder it points to, '{target}', is kept" in result.stderr
+    assert (target / "model.safetensors").is_file() and not os.path.lexists(link)
+    link.symlink_to(tmp_path / "gone")  # a dangling link: nothing is kept
+    dangling = _rm(settings, "clipseg")
+    assert dangling.exit_code == 0 and f"removed {link}" in dangling.stdout and "note:" not in dangling.stderr

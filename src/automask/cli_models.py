@@ -83,14 +83,21 @@ def models_pull(ctx: click.Context, name: str, force: bool) -> None:
 @click.pass_context
 def models_rm(ctx: click.Context, name: str) -> None:
     """Delete model NAME (and its ONNX export) from the data folder; never the Hugging Face cache."""
-    from automask.models import CATALOGUE
+    from automask.models import CATALOGUE, model_dir
     from automask.models_rm import hf_cache_rm, remove
 
     if name not in CATALOGUE:
         raise click.BadParameter(f"no model '{name}': automask models list shows the models.", param_hint="NAME")
-    removed = remove(name, root_settings(ctx))
+    settings = root_settings(ctx)
+    removed = remove(name, settings)
     for path in removed.paths:
         click.echo(f"removed {path}")
+    if removed.kept is not None:
+        click.echo(
+            f"note: '{model_dir(name, settings)}' was a link: the folder it points to, '{removed.kept}', is kept "
+            "(delete it yourself if nothing else uses it)",
+            err=True,
+        )
     if removed.cached is not None:
         click.echo(
             f"note: {name} is still installed from the Hugging Face cache, '{removed.cached}' (not deleted: other "

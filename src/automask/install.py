@@ -119,14 +119,32 @@ def _snapshot_files(snapshot: Path, files: tuple[str, ...]) -> dict[str, Path]:
 
 
 def _copied(snapshot: Path, dest: Path, files: tuple[str, ...]) -> int:
-    """Bytes more that `copy_snapshot` puts on the disk of folder `dest` (which exists) from `snapshot`: the files on
-    another disk (those on the same one are hard-linked), less what the copies it replaces (a failed pull's) hold."""
+    """Bytes more that `copy_snapshot` puts on the disk of folder `dest` (which exists) from `snapshot`: the files it
+    cannot hard-link there (`_links`), less what the copies it replaces (a failed pull's) hold."""
     needed = 0
     for file, source in _snapshot_files(snapshot, files).items():
-        size, out = source.stat(), dest / file
-        if size.st_dev != dest.stat().st_dev:
-            needed += max(size.st_size - (out.stat().st_size if out.is_file() else 0), 0)
+        out = dest / file
+        if not _links(source, dest):
+            needed += max(source.stat().st_size - (out.stat().st_size if out.is_file() else 0), 0)
     return needed
+
+
+def _links(source: Path, dest: Path) -> bool:
+    """True when `copy_snapshot` can hard-link file `source` into folder `dest`, tried: not across disks, nor across
+    two mounts of one disk (Docker volumes: the same device, EXDEV), nor on a file system without hard links."""
+    if source.stat().st_dev != dest.stat().st_dev:
+        return False
+    probe = dest / ".cache" / f"link-{os.getpid()}"  # `.cache`: what `copy_snapshot` deletes, were it left
+    try:
+        probe.parent.mkdir(exist_ok=True)
+        probe.unlink(missing_ok=True)
+        os.link(source, probe)
+    except OSError:
+        return False
+    probe.unlink()
+    with contextlib.suppress(OSError):
+        probe.parent.rmdir()
+    return True
 
 
 def download_repo(

@@ -14,12 +14,14 @@ from automask.settings import Settings
 
 @dataclass(frozen=True)
 class Removed:
-    """What `remove` deleted of a catalogue model (the paths they had), and the Hugging Face cache folder that still
-    holds it complete (`models list` shows it installed from there), or None."""
+    """What `remove` deleted of a catalogue model (the paths they had), the Hugging Face cache folder that still
+    holds it complete (`models list` shows it installed from there) or None, and, when the model folder it deleted
+    was a symbolic link, the folder that link pointed to (kept: not automask's to delete) or None."""
 
     name: str
     paths: list[Path]
     cached: Path | None
+    kept: Path | None = None
 
 
 def remove(name: str, settings: Settings) -> Removed:
@@ -31,10 +33,11 @@ def remove(name: str, settings: Settings) -> Removed:
 
     spec = catalogue_spec(name)
     folder = model_dir(name, settings)
+    link = folder.resolve() if folder.is_symlink() and folder.exists() else None  # not a dangling one's
     paths = staging.remove(folder, inner=(onnx_dir(folder),))
     cached = hf_cached(name)
     if paths:
-        return Removed(name, paths, cached)
+        return Removed(name, paths, cached, link if folder in paths else None)
     if cached is not None:
         raise ModelNotAvailableError(
             f"The model '{name}' is not in the data folder ('{settings.models_dir}'): it is read from the Hugging Face "
