@@ -277,12 +277,20 @@ PASTE_TEXT = """(text) => { document.activeElement.blur(); const data = new Data
                             data.setData('text/plain', text);
                             const paste = new ClipboardEvent('paste', { clipboardData: data, bubbles: true });
                             document.body.dispatchEvent(paste); }"""
+DROP_TEXT = """(text) => { const data = new DataTransfer(); data.setData('text/plain', text);
+                           const h1 = document.querySelector('h1');
+                           for (const type of ['dragover', 'drop']) {
+                             const init = { dataTransfer: data, bubbles: true, cancelable: true };
+                             h1.dispatchEvent(new DragEvent(type, init));
+                           } }"""
 
 
-def test_a_pasted_data_uri_wrapped_in_lines_is_sized_without_them(tab: Tab, live: Live, photo: Path) -> None:
-    """A base64 data: URI pasted as many tools write it, in lines of 76 characters: its size is that of its image,
-    the line breaks not counted, and it is sent without them. Before, an image just under the server's limit was
-    refused ("The pasted image is ...; this server takes images up to ...") for its line breaks."""
+def test_a_pasted_data_uri_wrapped_in_lines_is_sized_without_them(
+    tab: Tab, live: Live, photo: Path, tmp_path: Path
+) -> None:
+    """A base64 data: URI pasted (or dropped) as many tools write it, in lines of 76 characters: its size is that of
+    its image, the line breaks not counted, and it is sent without them. Before, an image just under the server's
+    limit was refused ("The pasted image is ...; this server takes images up to ...") for its line breaks."""
     page = tab.page
     image = photo.read_bytes()
     b64 = base64.b64encode(image).decode()
@@ -294,10 +302,18 @@ def test_a_pasted_data_uri_wrapped_in_lines_is_sized_without_them(tab: Tab, live
     set_first_options(page)
     page.fill("#prompt", FIRST["prompt"])
     page.evaluate(PASTE_TEXT, wrapped)
-    wait_result(page, None, prompt=FIRST["prompt"])
+    shown = wait_result(page, None, prompt=FIRST["prompt"])
     assert page.is_hidden("#error"), page.inner_text("#error")
     assert tab.api_bodies[-1]["image"] == data_uri(photo), "sent with its line breaks"
     assert download(page, "#dl-mask") == live.api(data_uri(photo), **FIRST).content
+    # Dropped as text, the same: all of it, not its first line alone (before: "data:image/png;base64," was sent).
+    small = tmp_path / "small.png"
+    Image.fromarray(np.full((64, 64, 3), 200, np.uint8)).save(small)
+    b64 = base64.b64encode(small.read_bytes()).decode()
+    page.evaluate(DROP_TEXT, "data:image/png;base64,\n" + "\n".join(b64[i : i + 76] for i in range(0, len(b64), 76)))
+    wait_result(page, shown, prompt=FIRST["prompt"])
+    assert page.is_hidden("#error"), page.inner_text("#error")
+    assert tab.api_bodies[-1]["image"] == data_uri(small)
 
 
 def test_a_size_error_stays_when_the_request_before_it_answers(tab: Tab, photo: Path, tmp_path: Path) -> None:
