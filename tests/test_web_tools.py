@@ -343,6 +343,16 @@ def test_a_size_error_stays_when_the_request_before_it_answers(tab: Tab, photo: 
     wait_result(page, None, prompt=FIRST["prompt"])  # the answer for the small image, shown
     assert page.is_visible("#error") and page.inner_text("#error") == said, "the newer message was cleared"
     assert page.inner_text("#image-info").startswith("small.png")
+    # The same when the request is not sent yet, only scheduled (a slider moved: the page masks again after a pause).
+    page.unroute(f"**{API_PATH}")
+    shown = page.get_attribute("#result", "data-ready")
+    page.evaluate(
+        """() => { const t = document.getElementById('threshold'); t.value = 0.55;
+                   t.dispatchEvent(new Event('change', { bubbles: true })); }"""
+    )
+    page.evaluate(PASTE_TEXT, data_uri(photo))
+    wait_result(page, shown, threshold=0.55)
+    assert page.is_visible("#error") and page.inner_text("#error") == said, "cleared by the scheduled request's answer"
 
 
 def test_back_to_the_page_shows_the_image_url_again(tab: Tab, photo_url: str) -> None:

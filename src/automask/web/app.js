@@ -41,7 +41,8 @@ const state = {
   ticker: 0,
   reading: null, // the name of an image being read (input.js): the one shown is no longer the one to mask
   growAuto: false, // grow_mask / feather were set by the page for a cut-out, not by the user
-  said: 0, // errors shown so far: one shown while a request ran is newer than its answer, which leaves it
+  said: 0, // errors shown so far: one shown while a request ran (or waited for its delay) is newer than its answer
+  pendingSaid: 0, // `said` when the automatic request waiting for its delay was scheduled
 };
 const key = keyAndCredits(state.config);
 const viewer = new Viewer(
@@ -184,7 +185,7 @@ async function run({ fromUser = true } = {}) {
   }
   const model = chosenModel();
   const job = { controller: new AbortController(), seq: state.seq, started: performance.now(), cacheKey };
-  job.said = state.said;
+  job.said = fromUser ? state.said : state.pendingSaid;
   job.apiKey = key.apiKey();
   job.loading = Boolean(model && model.loaded === false);
   state.inflight = job;
@@ -224,6 +225,7 @@ function scheduleAuto(delay = AUTO_DELAY_MS) {
   stopPending();
   if (!$("auto").checked || checkReady()) return;
   state.pending = performance.now();
+  state.pendingSaid = state.said;
   state.timer = setTimeout(() => run({ fromUser: false }), delay);
 }
 
