@@ -24,6 +24,7 @@ from loopback import serve_http
 from server_helpers import decode, install_as_catalogue
 from test_web import RDF, TIFF
 from web_helpers import (
+    API_PATH,
     FIRST,
     HTTP_STATUS_NOISE,
     FakeSubject,
@@ -270,6 +271,88 @@ def test_a_pasted_image_over_the_size_limits_is_refused_before_it_is_sent(
     pick_photo(page, small)  # within both limits
     submit_prompt(page, FIRST["prompt"])
     assert page.is_hidden("#error") and len(tab.api_bodies) == 1
+
+
+PASTE_TEXT = """(text) => { document.activeElement.blur(); const data = new DataTransfer();
+                            data.setData('text/plain', text);
+                            const paste = new ClipboardEvent('paste', { clipboardData: data, bubbles: true });
+                            document.body.dispatchEvent(paste); }"""
+DROP_TEXT = """(text) => { const data = new DataTransfer(); data.setData('text/plain', text);
+                           const h1 = document.querySelector('h1');
+                           for (const type of ['dragover', 'drop']) {
+                             const init = { dataTransfer: data, bubbles: true, cancelable: true };
+                             h1.dispatchEvent(new DragEvent(type, init));
+                           } }"""
+
+
+def test_a_pasted_data_uri_wrapped_in_lines_is_sized_without_them(
+    tab: Tab, live: Live, photo: Path, tmp_path: Path
+) -> None:
+    """A base64 data: URI pasted (or dropped) as many tools write it, in lines of 76 characters: its size is that of
+    its image, the line breaks not counted, and it is sent without them. Before, an image just under the server's
+    limit was refused ("The pasted image is ...; this server takes images up to ...") for its line breaks."""
+    page = tab.page
+    image = photo.read_bytes()
+    b64 = base64.b64encode(image).decode()
+    wrapped = "data:image/png;base64,\r\n" + "\r\n".join(b64[i : i + 76] for i in range(0, len(b64), 76))
+    limit = {"max_image_bytes": len(image)}  # the image just fits; with its line breaks counted, it did not
+    page.route("**/web/config", lambda route: route.fulfill(json={**route.fetch().json(), **limit}))
+    page.reload()
+    page.wait_for_selector("body[data-loaded=true]", state="attached")
+    set_first_options(page)
+    page.fill("#prompt", FIRST["prompt"])
+    page.evaluate(PASTE_TEXT, wrapped)
+    shown = wait_result(page, None, prompt=FIRST["prompt"])
+    assert page.is_hidden("#error"), page.inner_text("#error")
+    assert tab.api_bodies[-1]["image"] == data_uri(photo), "sent with its line breaks"
+    assert download(page, "#dl-mask") == live.api(data_uri(photo), **FIRST).content
+    # Dropped as text, the same: all of it, not its first line alone (before: "data:image/png;base64," was sent).
+    small = tmp_path / "small.png"
+    Image.fromarray(np.full((64, 64, 3), 200, np.uint8)).save(small)
+    b64 = base64.b64encode(small.read_bytes()).decode()
+    page.evaluate(DROP_TEXT, "data:image/png;base64,\n" + "\n".join(b64[i : i + 76] for i in range(0, len(b64), 76)))
+    wait_result(page, shown, prompt=FIRST["prompt"])
+    assert page.is_hidden("#error"), page.inner_text("#error")
+    assert tab.api_bodies[-1]["image"] == data_uri(small)
+
+
+def test_a_size_error_stays_when_the_request_before_it_answers(tab: Tab, photo: Path, tmp_path: Path) -> None:
+    """A mask being made when an image too large for the server is pasted: the page says so at once, and the
+    answer of the request for the image shown (which stays) arriving after does not take that message away.
+    Before, the answer cleared it: the pasted image seemed taken, and nothing said why it was not shown."""
+    page = tab.page
+    limit = {"max_image_bytes": 100_000}
+    page.route("**/web/config", lambda route: route.fulfill(json={**route.fetch().json(), **limit}))
+    page.reload()
+    page.wait_for_selector("body[data-loaded=true]", state="attached")
+    small = tmp_path / "small.png"
+    Image.fromarray(np.full((64, 64, 3), 200, np.uint8)).save(small)
+    set_first_options(page)
+    pick_photo(page, small)
+    held: list[Any] = []
+    page.route(f"**{API_PATH}", lambda route: held.append(route))  # the answer waits, as on a slow network
+    page.fill("#prompt", FIRST["prompt"])
+    page.press("#prompt", "Enter")
+    page.wait_for_function("() => document.getElementById('stage').getAttribute('aria-busy') === 'true'")
+    page.evaluate(PASTE_TEXT, data_uri(photo))  # 100 KB and more: over the lowered limit
+    page.wait_for_selector("#error:not([hidden])")
+    said = page.inner_text("#error")
+    assert said.startswith("The pasted image ") and "this server takes images up to 98 KB" in said
+    assert len(held) == 1
+    held[0].continue_()
+    wait_result(page, None, prompt=FIRST["prompt"])  # the answer for the small image, shown
+    assert page.is_visible("#error") and page.inner_text("#error") == said, "the newer message was cleared"
+    assert page.inner_text("#image-info").startswith("small.png")
+    # The same when the request is not sent yet, only scheduled (a slider moved: the page masks again after a pause).
+    page.unroute(f"**{API_PATH}")
+    shown = page.get_attribute("#result", "data-ready")
+    page.evaluate(
+        """() => { const t = document.getElementById('threshold'); t.value = 0.55;
+                   t.dispatchEvent(new Event('change', { bubbles: true })); }"""
+    )
+    page.evaluate(PASTE_TEXT, data_uri(photo))
+    wait_result(page, shown, threshold=0.55)
+    assert page.is_visible("#error") and page.inner_text("#error") == said, "cleared by the scheduled request's answer"
 
 
 def test_back_to_the_page_shows_the_image_url_again(tab: Tab, photo_url: str) -> None:

@@ -41,6 +41,8 @@ const state = {
   ticker: 0,
   reading: null, // the name of an image being read (input.js): the one shown is no longer the one to mask
   growAuto: false, // grow_mask / feather were set by the page for a cut-out, not by the user
+  said: 0, // errors shown so far: one shown while a request ran (or waited for its delay) is newer than its answer
+  pendingSaid: 0, // `said` when the automatic request waiting for its delay was scheduled
 };
 const key = keyAndCredits(state.config);
 const viewer = new Viewer(
@@ -82,6 +84,7 @@ function modelChanged() {
 }
 
 function showError(text) {
+  state.said += 1;
   sayError(text, Boolean(state.result));
 }
 
@@ -182,6 +185,7 @@ async function run({ fromUser = true } = {}) {
   }
   const model = chosenModel();
   const job = { controller: new AbortController(), seq: state.seq, started: performance.now(), cacheKey };
+  job.said = fromUser ? state.said : state.pendingSaid;
   job.apiKey = key.apiKey();
   job.loading = Boolean(model && model.loaded === false);
   state.inflight = job;
@@ -195,7 +199,7 @@ async function run({ fromUser = true } = {}) {
     state.cache.set(cacheKey, result);
     if (state.cache.size > CACHE_SIZE) state.cache.delete(state.cache.keys().next().value);
     if (model && model.loaded === false) modelLoaded(model);
-    await showResult(result);
+    await showResult(result, state.said !== job.said);
   } catch (err) {
     if (err.name === "AbortError" || job.seq !== state.seq) return;
     showError(err instanceof ApiError ? err.message : `Something went wrong in the page: ${err.message}`);
@@ -221,6 +225,7 @@ function scheduleAuto(delay = AUTO_DELAY_MS) {
   stopPending();
   if (!$("auto").checked || checkReady()) return;
   state.pending = performance.now();
+  state.pendingSaid = state.said;
   state.timer = setTimeout(() => run({ fromUser: false }), delay);
 }
 
@@ -240,10 +245,12 @@ function promptEdited() {
 
 // ---- results -------------------------------------------------------------------------------------------
 
-async function showResult(result) {
+// keepError: an error shown since the request was sent (a refused new image) stays; the result is not greyed.
+async function showResult(result, keepError = false) {
   state.result = { ...result, enabled: (result.data.detections || []).map(() => true), owners: null };
-  clearError();
+  if (!keepError) clearError();
   setStale(null);
+  if (keepError) $("stage").classList.remove("stale");
   drawResult(state, viewer);
   renderTargets();
   setOutputsEnabled(state, true);

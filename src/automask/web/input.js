@@ -164,7 +164,9 @@ export function wireInput(app) {
     event.preventDefault();
     const data = event.dataTransfer;
     if (takeFiles(data.files)) return;
-    const text = (data.getData("text/uri-list") || data.getData("text/plain")).split("\n")[0].trim();
+    // The first URL of a list or text; a data: URI as text whole (its base64 may be wrapped: parseImageUrl unwraps it).
+    const [list, plain] = [data.getData("text/uri-list"), data.getData("text/plain")];
+    const text = (list ? list.split("\n")[0] : /^\s*data:/i.test(plain) ? plain : plain.split("\n")[0]).trim();
     if (text) {
       $("image-url").value = text;
       useUrl(text);

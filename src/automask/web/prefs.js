@@ -65,10 +65,15 @@ export function numberProblem(input, label) {
   return Number.isInteger(n) && n >= min && n <= max ? null : `${want}, not ${input.value}.`;
 }
 
-// {url} for an http(s) URL (or a data:image URI), else {problem: sentence}.
+// {url} for an http(s) URL (or a data:image URI: a base64 one without the line breaks and spaces it may be pasted
+// with, which neither its size nor the request counts), else {problem: sentence}.
 export function parseImageUrl(text) {
   const value = text.trim();
-  if (/^data:image\//i.test(value)) return { url: value };
+  if (/^data:image\//i.test(value)) {
+    const comma = value.indexOf(",");
+    const base64 = comma > 0 && /;base64$/i.test(value.slice(0, comma).trim());
+    return { url: base64 ? value.slice(0, comma).trim() + "," + value.slice(comma + 1).replace(/\s+/g, "") : value };
+  }
   let url = null;
   try {
     url = new URL(value);
