@@ -278,6 +278,22 @@ def test_export_of_another_hf_cache_snapshot_path_is_refused(tiny_clipseg_dir: P
     assert sorted(p.name for p in snapshot.iterdir()) == sorted(p.name for p in tiny_clipseg_dir.iterdir())
 
 
+def test_export_of_a_catalogue_snapshot_outside_the_hf_cache_is_refused(
+    tiny_clipseg_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A CIDAS/clipseg-rd64-refined snapshot in another cache (a copied or mounted one, or another revision) was
+    taken for `clipseg` and pulled instead: offline, "Cannot download the model 'clipseg'" for a complete folder;
+    online, the hub's model downloaded and exported in place of the one named. It is refused as any snapshot."""
+    snapshot = tmp_path / "other" / "models--CIDAS--clipseg-rd64-refined" / "snapshots" / "0123abcd"
+    shutil.copytree(tiny_clipseg_dir, snapshot)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    settings = Settings(data_dir=tmp_path / "data")
+    with pytest.raises(AutomaskError, match="is in the Hugging Face cache: copy it out") as info:
+        export_onnx(str(snapshot), settings)
+    assert not isinstance(info.value, ModelNotAvailableError)
+    assert not onnx_dir(snapshot).exists() and not (tmp_path / "data" / "models" / "clipseg").exists()
+
+
 def test_session_settings_for_small_cpus() -> None:
     import onnxruntime as ort
 

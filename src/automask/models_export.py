@@ -48,9 +48,11 @@ def export_onnx(
 
 def _export_folder(found: models.ResolvedModel, settings: Settings) -> Path:
     """Where to export `found`: never into the Hugging Face cache (shared, managed by huggingface_hub); a catalogue
-    model read from there is installed in the data folder first, by hard links as `pull` does."""
+    model read from there is installed in the data folder first, by hard links as `pull` does. Any other snapshot
+    (not a catalogue model's, or not the one `pull` takes: another cache or revision) is refused."""
     if models.snapshot_repo(real := found.path.resolve()) is None:  # resolved: a link to a snapshot is one too
         return found.path
-    if (name := models.name_of(real)) not in models.CATALOGUE:
+    name = models.name_of(real)
+    if name not in models.CATALOGUE or (cached := models.hf_cached(name)) is None or cached.resolve() != real:
         raise AutomaskError(f"'{found.path}' is in the Hugging Face cache: copy it out (cp -rL) and export the copy.")
     return models.pull(name, settings)
