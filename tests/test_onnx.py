@@ -294,6 +294,42 @@ def test_export_of_a_catalogue_snapshot_outside_the_hf_cache_is_refused(
     assert not onnx_dir(snapshot).exists() and not (tmp_path / "data" / "models" / "clipseg").exists()
 
 
+@pytest.mark.parametrize("switch", ["--no-download", "HF_HUB_OFFLINE"])
+def test_export_of_an_incomplete_hf_cache_model_downloads_nothing_when_downloads_are_off(
+    switch: str, tiny_clipseg_dir: Path, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A snapshot made by from_pretrained (no merges.txt) runs from the cache, but the pull that installs it for the
+    export wants it complete: `--no-download` was ignored (the whole model downloaded), and offline the error said
+    to pull it. Now refused, nothing downloaded, naming the switch and the copy that exports offline."""
+    import huggingface_hub
+    from huggingface_hub.errors import IncompleteSnapshotError
+
+    import automask.install
+    from automask.cli import main
+    from test_models import _fake_hf_cache
+
+    snapshot = _fake_hf_cache(tiny_clipseg_dir)
+
+    def incomplete(*args: object, **kwargs: object) -> object:
+        assert kwargs.get("local_files_only")
+        raise IncompleteSnapshotError("1 file(s) are missing (merges.txt)", snapshot_path=str(snapshot))
+
+    def download(*args: object, **kwargs: object) -> None:
+        raise AssertionError("downloaded")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", incomplete)
+    monkeypatch.setattr(automask.install, "download_repo", download)
+    flags = ["--no-download"] if switch == "--no-download" else []
+    if switch == "HF_HUB_OFFLINE":
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    args = ["--data-dir", str(settings.data_dir), *flags, "models", "export", "clipseg"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 4, result.output
+    assert "incomplete" in result.stderr and f"cp -rL {snapshot}" in result.stderr, result.stderr
+    assert "automask models export" in result.stderr
+    assert not onnx_dir(snapshot).exists() and not (settings.data_dir / "models" / "clipseg").exists()
+
+
 def test_session_settings_for_small_cpus() -> None:
     import onnxruntime as ort
 
