@@ -278,6 +278,58 @@ def test_export_of_another_hf_cache_snapshot_path_is_refused(tiny_clipseg_dir: P
     assert sorted(p.name for p in snapshot.iterdir()) == sorted(p.name for p in tiny_clipseg_dir.iterdir())
 
 
+def test_export_of_a_catalogue_snapshot_outside_the_hf_cache_is_refused(
+    tiny_clipseg_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A CIDAS/clipseg-rd64-refined snapshot in another cache (a copied or mounted one, or another revision) was
+    taken for `clipseg` and pulled instead: offline, "Cannot download the model 'clipseg'" for a complete folder;
+    online, the hub's model downloaded and exported in place of the one named. It is refused as any snapshot."""
+    snapshot = tmp_path / "other" / "models--CIDAS--clipseg-rd64-refined" / "snapshots" / "0123abcd"
+    shutil.copytree(tiny_clipseg_dir, snapshot)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    settings = Settings(data_dir=tmp_path / "data")
+    with pytest.raises(AutomaskError, match="is in the Hugging Face cache: copy it out") as info:
+        export_onnx(str(snapshot), settings)
+    assert not isinstance(info.value, ModelNotAvailableError)
+    assert not onnx_dir(snapshot).exists() and not (tmp_path / "data" / "models" / "clipseg").exists()
+
+
+@pytest.mark.parametrize("switch", ["--no-download", "HF_HUB_OFFLINE"])
+def test_export_of_an_incomplete_hf_cache_model_downloads_nothing_when_downloads_are_off(
+    switch: str, tiny_clipseg_dir: Path, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A snapshot made by from_pretrained (no merges.txt) runs from the cache, but the pull that installs it for the
+    export wants it complete: `--no-download` was ignored (the whole model downloaded), and offline the error said
+    to pull it. Now refused, nothing downloaded, naming the switch and the copy that exports offline."""
+    import huggingface_hub
+    from huggingface_hub.errors import IncompleteSnapshotError
+
+    import automask.install
+    from automask.cli import main
+    from test_models import _fake_hf_cache
+
+    snapshot = _fake_hf_cache(tiny_clipseg_dir)
+
+    def incomplete(*args: object, **kwargs: object) -> object:
+        assert kwargs.get("local_files_only")
+        raise IncompleteSnapshotError("1 file(s) are missing (merges.txt)", snapshot_path=str(snapshot))
+
+    def download(*args: object, **kwargs: object) -> None:
+        raise AssertionError("downloaded")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", incomplete)
+    monkeypatch.setattr(automask.install, "download_repo", download)
+    flags = ["--no-download"] if switch == "--no-download" else []
+    if switch == "HF_HUB_OFFLINE":
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    args = ["--data-dir", str(settings.data_dir), *flags, "models", "export", "clipseg"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 4, result.output
+    assert "incomplete" in result.stderr and f"cp -rL {snapshot}" in result.stderr, result.stderr
+    assert "automask models export" in result.stderr
+    assert not onnx_dir(snapshot).exists() and not (settings.data_dir / "models" / "clipseg").exists()
+
+
 def test_session_settings_for_small_cpus() -> None:
     import onnxruntime as ort
 

@@ -6,8 +6,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from automask import models
-from automask.errors import AutomaskError, UnknownModelError, require
+from automask import install, models
+from automask.embedded import downloads_off
+from automask.errors import AutomaskError, ModelNotAvailableError, UnknownModelError, require
 from automask.settings import Settings
 
 EXPORT_MODULES = ("torch", "transformers", "onnx", "onnxruntime")
@@ -48,9 +49,25 @@ def export_onnx(
 
 def _export_folder(found: models.ResolvedModel, settings: Settings) -> Path:
     """Where to export `found`: never into the Hugging Face cache (shared, managed by huggingface_hub); a catalogue
-    model read from there is installed in the data folder first, by hard links as `pull` does."""
+    model read from there is installed in the data folder first, by hard links as `pull` does. Any other snapshot
+    (not a catalogue model's, or not the one `pull` takes: another cache or revision) is refused."""
     if models.snapshot_repo(real := found.path.resolve()) is None:  # resolved: a link to a snapshot is one too
         return found.path
-    if (name := models.name_of(real)) not in models.CATALOGUE:
+    name = models.name_of(real)
+    if name not in models.CATALOGUE or (cached := models.hf_cached(name)) is None or cached.resolve() != real:
         raise AutomaskError(f"'{found.path}' is in the Hugging Face cache: copy it out (cp -rL) and export the copy.")
+    spec = models.CATALOGUE[name]
+    why = downloads_off(settings)
+    if why and not models.is_installed(name, settings) and not _complete(spec):  # `pull` would download it
+        raise ModelNotAvailableError(
+            f"The model '{name}' is read from the Hugging Face cache '{found.path}', which is incomplete (made by "
+            f"from_pretrained, most likely), and downloads are off ({why}): nothing was exported. Copy it out "
+            f"(cp -rL {found.path} DIR) and export the copy (automask models export DIR), or pull it once online "
+            f"(automask models pull {name})."
+        )
     return models.pull(name, settings)
+
+
+def _complete(spec: models.ModelSpec) -> bool:
+    """True when the Hugging Face cache holds single-repository model `spec` whole: `pull` copies it, offline."""
+    return install.cached_snapshot(spec.repos[0], spec.files, complete=True) is not None
