@@ -357,8 +357,10 @@ def test_an_api_node_reads_its_list_of_workers_off_the_event_loop(
 ) -> None:
     """Before: /readyz and /v1/models read the default model (`CeleryDispatcher.default`) on the event loop; when the
     list of live workers' one-second cache had run out in between, the database was read there, and a slow or frozen
-    database held every request of the node meanwhile. Now every reading of the list runs in a thread."""
-    from automask.server import fleet
+    database held every request of the node meanwhile. Now every reading of the list runs in a thread. And it waits
+    for the database as long as the request's other statements do (before: `BACKGROUND_QUERY_TIMEOUT`, 30 s, not
+    `REQUEST_QUERY_TIMEOUT`); at start-up, outside any request, the background's bound."""
+    from automask.server import bounded, fleet
     from automask.server import keys as keystore
 
     monkeypatch.setattr(fleet, "NODES_CACHE_SECONDS", 0.0)  # every look at the list reads the database
@@ -370,20 +372,26 @@ def test_an_api_node_reads_its_list_of_workers_off_the_event_loop(
         _, token = keystore.create_key(store)
         app = create_app(settings, ServerSettings())
         readers: list[str] = []
+        bounds: list[float | None] = []  # the bound on each wait for the database while the list is read
         live_nodes = nodes.live
 
         def recorded(*args: Any, **kwargs: Any) -> list[nodes.Node]:
             readers.append(threading.current_thread().name)
+            bounds.append(bounded._QUERY_BOUND.get())
             return live_nodes(*args, **kwargs)
 
         monkeypatch.setattr(nodes, "live", recorded)
         with LiveServer(app) as live:
+            assert bounds and set(bounds) == {bounded.BACKGROUND_QUERY_TIMEOUT}, bounds  # start-up
+            readers.clear()
+            bounds.clear()
             ready = httpx.get(f"{live.url}/readyz", timeout=30)
             models = httpx.get(f"{live.url}/v1/models", headers={"x-api-key": token}, timeout=30)
         store.close()
     assert ready.status_code == 200 and ready.json()["model"] == "clipseg", ready.text
     assert models.status_code == 200 and models.json()["default"] == "clipseg", models.text
     assert readers and all(name.startswith("asyncio_") for name in readers), readers  # before: the loop's thread too
+    assert bounds == [bounded.REQUEST_QUERY_TIMEOUT] * len(readers), bounds  # before: BACKGROUND_QUERY_TIMEOUT
 
 
 def _single_node_on(url: str, tmp_path: Path) -> tuple[Any, Store, Any, dict[str, str]]:

@@ -50,6 +50,12 @@ def request_bound() -> AbstractContextManager[None]:
     return bounded(REQUEST_QUERY_TIMEOUT)
 
 
+def bounded_unless_request() -> AbstractContextManager[None]:
+    """`bounded()` (the background bound) unless a bound is in force already (an HTTP request's: `request_bound`),
+    which then stays: for work done both in the background and for requests."""
+    return bounded() if _QUERY_BOUND.get() is None else nullcontext()
+
+
 def sized(nbytes: int) -> AbstractContextManager[None]:
     """Within the block, the bound in force (if any: `bounded`) is longer by `nbytes` / `SLOWEST_TRANSFER` seconds:
     around one statement that sends or reads `nbytes` bytes. A frozen server is still given up on, just later."""
