@@ -473,6 +473,25 @@ def test_redirect_to_an_invalid_url_is_a_fetch_error(site: Site, location: str) 
     assert [path for path, _ in site.log] == ["/hop"]
 
 
+@pytest.mark.parametrize(
+    ("location", "words"),
+    [
+        ("http://exa mple.com/x.png", "its host holds a space"),
+        ("http://a<b>.com/x.png", "its host holds '<', '>'"),
+        ("http://ex%61mple.com/x.png", "its host holds '%'"),  # a '%' it does hold: that message stays
+    ],
+)
+def test_a_redirect_to_a_host_with_a_space_says_so(site: Site, location: str, words: str) -> None:
+    """Before: httpx percent-encodes a space in the Location's host (%20), and the 502 said the host held a '%' (a
+    percent-encoded name, or an IPv6 zone), which the server never wrote. Now it names the character itself."""
+    site.routes["/hop"] = redirect_route(location)
+    with pytest.raises(FetchError, match="redirected to an invalid URL") as caught:
+        fetch_url(site.url("/hop"), PRIVATE_OK)
+    assert words in str(caught.value), caught.value
+    assert ("'%'" in str(caught.value)) == ("%" in location), caught.value
+    assert [path for path, _ in site.log] == ["/hop"]
+
+
 def test_at_most_three_redirects(site: Site) -> None:
     for i in range(4):
         site.routes[f"/r{i}"] = redirect_route(f"/r{i + 1}")

@@ -357,8 +357,10 @@ def test_an_api_node_reads_its_list_of_workers_off_the_event_loop(
 ) -> None:
     """Before: /readyz and /v1/models read the default model (`CeleryDispatcher.default`) on the event loop; when the
     list of live workers' one-second cache had run out in between, the database was read there, and a slow or frozen
-    database held every request of the node meanwhile. Now every reading of the list runs in a thread."""
-    from automask.server import fleet
+    database held every request of the node meanwhile. Now every reading of the list runs in a thread. And it waits
+    for the database as long as the request's other statements do (before: `BACKGROUND_QUERY_TIMEOUT`, 30 s, not
+    `REQUEST_QUERY_TIMEOUT`); at start-up, outside any request, the background's bound."""
+    from automask.server import bounded, fleet
     from automask.server import keys as keystore
 
     monkeypatch.setattr(fleet, "NODES_CACHE_SECONDS", 0.0)  # every look at the list reads the database
@@ -370,20 +372,37 @@ def test_an_api_node_reads_its_list_of_workers_off_the_event_loop(
         _, token = keystore.create_key(store)
         app = create_app(settings, ServerSettings())
         readers: list[str] = []
+        bounds: list[float | None] = []  # the bound on each wait for the database while the list is read
         live_nodes = nodes.live
 
         def recorded(*args: Any, **kwargs: Any) -> list[nodes.Node]:
             readers.append(threading.current_thread().name)
+            bounds.append(bounded._QUERY_BOUND.get())
             return live_nodes(*args, **kwargs)
 
         monkeypatch.setattr(nodes, "live", recorded)
         with LiveServer(app) as live:
+            assert bounds and set(bounds) == {bounded.BACKGROUND_QUERY_TIMEOUT}, bounds  # start-up
+            readers.clear()
+            bounds.clear()
             ready = httpx.get(f"{live.url}/readyz", timeout=30)
             models = httpx.get(f"{live.url}/v1/models", headers={"x-api-key": token}, timeout=30)
         store.close()
     assert ready.status_code == 200 and ready.json()["model"] == "clipseg", ready.text
     assert models.status_code == 200 and models.json()["default"] == "clipseg", models.text
     assert readers and all(name.startswith("asyncio_") for name in readers), readers  # before: the loop's thread too
+    assert bounds == [bounded.REQUEST_QUERY_TIMEOUT] * len(readers), bounds  # before: BACKGROUND_QUERY_TIMEOUT
+
+
+def _single_node_on(url: str, tmp_path: Path) -> tuple[Any, Store, Any, dict[str, str]]:
+    """A single-node app on database `url` (a fake model), its store, a key with 5 credits and its headers."""
+    from automask.server import keys
+
+    settings = Settings(data_dir=tmp_path / "data", database_url=url)
+    app = create_app(settings, ServerSettings(), MaskGenerator(FakeBackend(), settings))
+    store = app.state.automask.store
+    key, token = keys.create_key(store, credits=5)
+    return app, store, key, {"x-api-key": token}
 
 
 def test_requests_to_a_frozen_postgresql_are_answered_503_in_seconds(
@@ -402,11 +421,7 @@ def test_requests_to_a_frozen_postgresql_are_answered_503_in_seconds(
     monkeypatch.setattr(bounded, "REQUEST_QUERY_TIMEOUT", 3.0, raising=False)
     image = base64.b64encode(png_bytes(np.zeros((8, 8, 3), np.uint8))).decode()
     with postgres_server() as pg:
-        settings = Settings(data_dir=tmp_path / "data", database_url=pg.url)
-        app = create_app(settings, ServerSettings(), MaskGenerator(FakeBackend(), settings))
-        store = app.state.automask.store
-        key, token = keys.create_key(store, credits=5)
-        headers = {"x-api-key": token}
+        app, store, key, headers = _single_node_on(pg.url, tmp_path)
         with LiveServer(app) as live, store.engine.connect() as other:
             store.lock(other, "jobs.submit")  # held by another submit's transaction for 1.5 s
             threading.Timer(1.5, other.rollback).start()
@@ -460,3 +475,65 @@ def test_an_answer_from_a_newer_node_with_a_field_this_release_lacks_is_still_re
         {"width": 4},
         "6; format=jpeg; from=exif",
     )
+
+
+def test_a_large_upload_or_result_over_a_slow_link_to_postgresql_is_given_time_by_its_size(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before: sending a v2 submit's upload to PostgreSQL (one INSERT of up to ~32 MB) and reading its result were
+    bounded by `REQUEST_QUERY_TIMEOUT` as a tiny statement is: over a slow link to a remote database they took longer
+    and were answered 503. Now their bound grows by their size (`SLOWEST_TRANSFER`); a server frozen for longer than
+    that is still given up on. The slow link is a server paused while the statement is sent (bound and rate small)."""
+    from sqlalchemy import event, func, select
+
+    from automask.server import bounded, keys
+    from automask.server.store import jobs_table
+
+    monkeypatch.setattr(bounded, "REQUEST_QUERY_TIMEOUT", 1.0, raising=False)
+    image_png = png_bytes(np.random.default_rng(0).integers(0, 256, (48, 48, 3), np.uint8))
+    monkeypatch.setattr(bounded, "SLOWEST_TRANSFER", len(image_png) / 4.0, raising=False)  # the upload: +4 s or more
+    image = base64.b64encode(image_png).decode()
+    with postgres_server() as pg:
+        app, store, key, headers = _single_node_on(pg.url, tmp_path)
+        slow: dict[str, float] = {}  # statement start -> seconds the server is paused once it is sent
+
+        def paused(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+            for start in [s for s in slow if statement.lstrip().startswith(s)]:
+                frozen = process_tree(pg._main_pid())
+                for pid in frozen:
+                    os.kill(pid, signal.SIGSTOP)
+                threading.Timer(slow.pop(start), thaw, [frozen]).start()
+
+        def thaw(frozen: list[int]) -> None:
+            for pid in frozen:
+                os.kill(pid, signal.SIGCONT)
+
+        event.listen(store.engine, "before_cursor_execute", paused)
+        with LiveServer(app) as live:
+
+            def submit() -> httpx.Response:
+                body = {"image": image, "prompt": "sofa"}
+                return httpx.post(f"{live.url}/v2/automatic-mask-generator", headers=headers, json=body, timeout=60)
+
+            slow["INSERT INTO jobs"] = 2.5
+            sub = submit()
+            assert sub.status_code == 200 and sub.json()["status"] == "QUEUED", sub.text  # before: 503
+            status_url = sub.json()["status_url"]
+            assert wait_for(lambda: httpx.get(status_url, headers=headers).json()["status"] == "COMPLETED", 30)
+            output = f"{live.url}/v2/requests/{sub.json()['request_id']}/output"
+            expected = httpx.get(output, headers=headers, timeout=30)
+            assert expected.status_code == 200 and expected.content.startswith(b"\x89PNG"), expected.text
+            monkeypatch.setattr(bounded, "SLOWEST_TRANSFER", len(expected.content) / 4.0, raising=False)
+            slow["SELECT jobs.result"] = 2.5
+            got = httpx.get(output, headers=headers, timeout=60)
+            assert got.status_code == 200 and got.content == expected.content, got.text  # before: 503
+            monkeypatch.setattr(bounded, "SLOWEST_TRANSFER", len(image_png) / 1.0, raising=False)  # +1 s or more
+            slow["INSERT INTO jobs"] = 8.0  # frozen well past the grown bound: still a 503, nothing kept
+            started = time.monotonic()
+            refused = submit()
+            took = time.monotonic() - started
+            assert refused.status_code == 503 and "database" in refused.json()["error"], refused.text
+            assert took < 7, took
+        with store.read() as conn:  # the refused submit: neither stored nor charged
+            assert conn.execute(select(func.count()).select_from(jobs_table)).scalar_one() == 1
+        assert keys.balance(store, key.id) == 4

@@ -24,6 +24,7 @@ import contextlib
 import socket
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as WaitedTooLong
@@ -124,11 +125,21 @@ def _flaw(parsed: httpx.URL) -> str | None:
     if parsed.port is not None and not 0 < parsed.port <= 65535:  # httpx takes any number
         return f"port {parsed.port} is not a TCP port (1–65535)."
     if b"%" in parsed.raw_host:  # httpx keeps it as sent; no resolver reads it (was: 502 "could not resolve")
+        odd = _unfit_in_host(urllib.parse.unquote(parsed.raw_host.decode("ascii")))
+        if odd:  # written so, or sent so and percent-encoded by httpx (was: a message about a '%' not written)
+            return f"its host holds {odd}, which no host name or address has. Correct the host name."
         return (
             "its host holds '%' (a percent-encoded name, or an IPv6 zone such as %25eth0, which names a local "
             "network interface). Write the host name or address plainly."
         )
     return None
+
+
+def _unfit_in_host(host: str) -> str | None:
+    """The characters of `host` (percent-escapes decoded) that httpx percent-encodes in a host and no host name or
+    address holds, described ("a space, '<'"), or None."""
+    odd = dict.fromkeys(c for c in host if c.isspace() or c in "<>[]^")
+    return ", ".join("a space" if c == " " else repr(c) for c in odd) or None
 
 
 def _redirect_target(current: httpx.URL, location: str) -> httpx.URL:

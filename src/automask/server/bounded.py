@@ -8,7 +8,7 @@ import functools
 import inspect
 import math
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from contextvars import ContextVar
 from typing import Any
 
@@ -23,7 +23,11 @@ REQUEST_QUERY_TIMEOUT = 10.0
 v2 job) may wait for PostgreSQL's answer (`request_bound`): past it the request is answered 503 with `Retry-After`
 (the database error handler) instead of waiting for a frozen server to thaw. Its statements take milliseconds; an
 advisory lock (`Store.lock`) other submits hold is asked for again and again, each ask answered at once, so a
-healthy server never comes near it. Start-up work (migrations and their lock) runs outside any request, unbounded."""
+healthy server never comes near it. Start-up work (migrations and their lock) runs outside any request, unbounded.
+A statement that carries a large value (a v2 upload sent, a result read) waits longer, by its size (`sized`)."""
+SLOWEST_TRANSFER = 1_000_000.0
+"""Bytes per second a bounded statement carrying a large value is allowed (`sized`): over a slow link to a remote
+database (~10 Mbit/s) sending a 32 MB upload takes far more than `REQUEST_QUERY_TIMEOUT`, which cut it with a 503."""
 _QUERY_BOUND: ContextVar[float | None] = ContextVar("automask_query_bound", default=None)
 
 
@@ -44,6 +48,19 @@ def request_bound() -> AbstractContextManager[None]:
     """`bounded` by `REQUEST_QUERY_TIMEOUT`: around an HTTP request, for every statement it runs (in the threads
     and tasks it starts too)."""
     return bounded(REQUEST_QUERY_TIMEOUT)
+
+
+def bounded_unless_request() -> AbstractContextManager[None]:
+    """`bounded()` (the background bound) unless a bound is in force already (an HTTP request's: `request_bound`),
+    which then stays: for work done both in the background and for requests."""
+    return bounded() if _QUERY_BOUND.get() is None else nullcontext()
+
+
+def sized(nbytes: int) -> AbstractContextManager[None]:
+    """Within the block, the bound in force (if any: `bounded`) is longer by `nbytes` / `SLOWEST_TRANSFER` seconds:
+    around one statement that sends or reads `nbytes` bytes. A frozen server is still given up on, just later."""
+    bound = _QUERY_BOUND.get()
+    return nullcontext() if bound is None else bounded(bound + nbytes / SLOWEST_TRANSFER)
 
 
 def connect_bounded(_dialect: Any, _record: Any, cargs: Any, cparams: dict[str, Any]) -> Any:

@@ -25,7 +25,7 @@ from automask.errors import ModelNotAvailableError, ServiceConfigError, UnknownM
 from automask.models import CATALOGUE, EMBEDDED
 from automask.routing import open_vocabulary, routed
 from automask.server import nodes
-from automask.server.bounded import bounded
+from automask.server.bounded import bounded_unless_request
 from automask.server.config import ServerSettings
 from automask.server.deployment import FLEET
 from automask.server.errors import ApiError
@@ -253,7 +253,7 @@ class CeleryDispatcher:
 
     def _live_workers(self) -> list[nodes.Node]:
         if time.monotonic() - self._nodes_at > NODES_CACHE_SECONDS:
-            with bounded():  # a frozen database: a 503 (no worker known) in seconds, not a thread held until it thaws
+            with bounded_unless_request():  # a frozen database: a 503 in seconds, not a thread held until it thaws
                 self._nodes = [n for n in nodes.live(self.store, self.server.node_ttl) if n.kind == "worker"]
             self._nodes_at = time.monotonic()
         return self._nodes

@@ -22,6 +22,7 @@ from typing import Any
 from sqlalchemy import case, delete, func, insert, select, update
 
 from automask.server import keys, metrics, nodes
+from automask.server.bounded import sized
 from automask.server.errors import ApiError
 from automask.server.limits import retry_headers
 from automask.server.schemas import MaskRequest
@@ -145,19 +146,20 @@ class Jobs:
             self._check_room(conn, key_id, size)
             if charge and key_id is not None and keys.reserve_in(conn, key_id, job_id, now=now) is None:
                 raise no_credits(key_id)
-            conn.execute(
-                insert(jobs_table).values(
-                    id=job_id,
-                    key_id=key_id,
-                    status=QUEUED,
-                    request=body,
-                    upload=upload,
-                    base64=int(request.base64),
-                    created_at=now,
-                    model=model,
-                    stored_bytes=size,
+            with sized(size):  # a slow link to the database may take a while to carry a large upload
+                conn.execute(
+                    insert(jobs_table).values(
+                        id=job_id,
+                        key_id=key_id,
+                        status=QUEUED,
+                        request=body,
+                        upload=upload,
+                        base64=int(request.base64),
+                        created_at=now,
+                        model=model,
+                        stored_bytes=size,
+                    )
                 )
-            )
         return job_id
 
     def _check_room(self, conn: Any, key_id: str | None, size: int) -> None:
@@ -221,8 +223,13 @@ class Jobs:
 
     def result(self, job_id: str) -> bytes | None:
         """The result PNG of COMPLETED job `job_id` (None: unknown, not completed or expired)."""
+        where = (J.id == job_id, J.status == COMPLETED)
         with self.store.read() as conn:
-            row = conn.execute(select(J.result).where(J.id == job_id, J.status == COMPLETED)).first()
+            size = conn.execute(select(func.length(J.result)).where(*where)).scalar()
+            if size is None:
+                return None
+            with sized(size):  # a slow link to the database may take a while to carry a large result
+                row = conn.execute(select(J.result).where(*where)).first()
         return bytes(row.result) if row is not None and row.result is not None else None
 
     def claim(
