@@ -146,20 +146,10 @@ class Jobs:
             self._check_room(conn, key_id, size)
             if charge and key_id is not None and keys.reserve_in(conn, key_id, job_id, now=now) is None:
                 raise no_credits(key_id)
+            row: dict[str, Any] = {"id": job_id, "key_id": key_id, "status": QUEUED, "request": body, "upload": upload}
+            row |= {"base64": int(request.base64), "created_at": now, "model": model, "stored_bytes": size}
             with sized(size):  # a slow link to the database may take a while to carry a large upload
-                conn.execute(
-                    insert(jobs_table).values(
-                        id=job_id,
-                        key_id=key_id,
-                        status=QUEUED,
-                        request=body,
-                        upload=upload,
-                        base64=int(request.base64),
-                        created_at=now,
-                        model=model,
-                        stored_bytes=size,
-                    )
-                )
+                conn.execute(insert(jobs_table).values(**row))
         return job_id
 
     def _check_room(self, conn: Any, key_id: str | None, size: int) -> None:
