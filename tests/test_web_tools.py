@@ -316,6 +316,16 @@ def test_a_pasted_data_uri_wrapped_in_lines_is_sized_without_them(
     assert tab.api_bodies[-1]["image"] == data_uri(small)
 
 
+def ask_held(page: Any) -> list[Any]:
+    """Ask for the first prompt's mask, its request held (as on a slow network): the routes held, once it is sent."""
+    held: list[Any] = []
+    page.route(f"**{API_PATH}", lambda route: held.append(route))
+    page.fill("#prompt", FIRST["prompt"])
+    page.press("#prompt", "Enter")
+    page.wait_for_function("() => document.getElementById('stage').getAttribute('aria-busy') === 'true'")
+    return held
+
+
 def test_a_size_error_stays_when_the_request_before_it_answers(tab: Tab, photo: Path, tmp_path: Path) -> None:
     """A mask being made when an image too large for the server is pasted: the page says so at once, and the
     answer of the request for the image shown (which stays) arriving after does not take that message away.
@@ -329,11 +339,7 @@ def test_a_size_error_stays_when_the_request_before_it_answers(tab: Tab, photo: 
     Image.fromarray(np.full((64, 64, 3), 200, np.uint8)).save(small)
     set_first_options(page)
     pick_photo(page, small)
-    held: list[Any] = []
-    page.route(f"**{API_PATH}", lambda route: held.append(route))  # the answer waits, as on a slow network
-    page.fill("#prompt", FIRST["prompt"])
-    page.press("#prompt", "Enter")
-    page.wait_for_function("() => document.getElementById('stage').getAttribute('aria-busy') === 'true'")
+    held = ask_held(page)
     page.evaluate(PASTE_TEXT, data_uri(photo))  # 100 KB and more: over the lowered limit
     page.wait_for_selector("#error:not([hidden])")
     said = page.inner_text("#error")
@@ -353,6 +359,41 @@ def test_a_size_error_stays_when_the_request_before_it_answers(tab: Tab, photo: 
     page.evaluate(PASTE_TEXT, data_uri(photo))
     wait_result(page, shown, threshold=0.55)
     assert page.is_visible("#error") and page.inner_text("#error") == said, "cleared by the scheduled request's answer"
+    # The same when the scheduled request is answered from the page's memory (the slider back to a setting shown).
+    shown = page.get_attribute("#result", "data-ready")
+    page.evaluate(
+        """() => { const t = document.getElementById('threshold'); t.value = 0.5;
+                   t.dispatchEvent(new Event('change', { bubbles: true })); }"""
+    )
+    page.evaluate(PASTE_TEXT, data_uri(photo))
+    wait_result(page, shown, threshold=0.5)
+    assert page.inner_text("#status").startswith("Shown again from this page's memory")
+    assert page.is_visible("#error") and page.inner_text("#error") == said, "cleared by the answer from memory"
+
+
+def test_an_earlier_requests_error_goes_when_the_scheduled_one_answers(tab: Tab, photo: Path) -> None:
+    """A slider moved while a mask is being made, and that request then refused (429): the error is shown, and the
+    request for the new setting, sent after its pause, answering well takes it away, as any newer answer does.
+    Before, the error (counted as newer than the scheduled request) stayed up over the good result, not greyed."""
+    page = tab.page
+    set_first_options(page)
+    pick_photo(page, photo)
+    held = ask_held(page)
+    # The automatic request's pause held until released: the first request answers within it, whatever the load.
+    page.evaluate(
+        """() => { const later = window.setTimeout; window.paused = [];
+                   window.setTimeout = (f, ms, ...a) => ms === 300 ? (window.paused.push(f), 0) : later(f, ms, ...a);
+                   const t = document.getElementById('threshold'); t.value = 0.55;
+                   t.dispatchEvent(new Event('change', { bubbles: true })); }"""
+    )
+    held[0].fulfill(status=429, json={"error": "Too many requests: try again in a minute."})
+    page.wait_for_selector("#error:not([hidden])")
+    page.unroute(f"**{API_PATH}")
+    page.evaluate("() => window.paused.splice(0).forEach((f) => f())")
+    wait_result(page, None, threshold=0.55)
+    assert page.is_hidden("#error"), f"a stale error stayed up: {page.inner_text('#error')}"
+    assert tab.http_errors == [f"{HTTP_STATUS_NOISE} 429 (Too Many Requests)"]
+    tab.http_errors.clear()
 
 
 def test_back_to_the_page_shows_the_image_url_again(tab: Tab, photo_url: str) -> None:

@@ -83,8 +83,9 @@ function modelChanged() {
   showModel(state.config, usePrompt);
 }
 
-function showError(text) {
-  state.said += 1;
+// `request`: a mask request's own error, which the answer of a newer request takes away (not counted in `said`).
+function showError(text, { request = false } = {}) {
+  if (!request) state.said += 1;
   sayError(text, Boolean(state.result));
 }
 
@@ -176,16 +177,16 @@ async function run({ fromUser = true } = {}) {
   const same = state.inflight && state.inflight.cacheKey === cacheKey && state.inflight.apiKey === key.apiKey();
   if (same) return;
   supersede();
+  const said = fromUser ? state.said : state.pendingSaid; // errors shown before this request was asked for
   if (state.cache.has(cacheKey)) {
     const seen = state.cache.get(cacheKey);
     state.cache.delete(cacheKey);
     state.cache.set(cacheKey, seen);
-    await showResult({ ...seen, fromCache: true });
+    await showResult({ ...seen, fromCache: true }, state.said !== said);
     return;
   }
   const model = chosenModel();
-  const job = { controller: new AbortController(), seq: state.seq, started: performance.now(), cacheKey };
-  job.said = fromUser ? state.said : state.pendingSaid;
+  const job = { controller: new AbortController(), seq: state.seq, started: performance.now(), cacheKey, said };
   job.apiKey = key.apiKey();
   job.loading = Boolean(model && model.loaded === false);
   state.inflight = job;
@@ -202,7 +203,8 @@ async function run({ fromUser = true } = {}) {
     await showResult(result, state.said !== job.said);
   } catch (err) {
     if (err.name === "AbortError" || job.seq !== state.seq) return;
-    showError(err instanceof ApiError ? err.message : `Something went wrong in the page: ${err.message}`);
+    const text = err instanceof ApiError ? err.message : `Something went wrong in the page: ${err.message}`;
+    showError(text, { request: true });
     if (err.status === 401 || err.status === 403) $("api-key").focus();
   } finally {
     if (state.inflight === job) {
