@@ -303,6 +303,18 @@ def test_serve_flags_reach_the_server(monkeypatch: pytest.MonkeyPatch, tmp_path:
     assert (*got, server.shutdown_timeout, server.body_deadline) == (3, 4, 2, 7, 6, 9)
 
 
+def test_serve_help_shows_the_defaults_the_server_uses() -> None:
+    """Before: `automask serve --help` said `--body-deadline` defaults to 120 s after the default became 600 s: an
+    operator sizing uploads for a slow uplink read the old limit. A "[N]" in a flag's help is its setting's default."""
+    from automask.server.commands import serve
+
+    fields = ServerSettings.model_fields
+    shown = {p.name: re.search(r"\[(?:default: )?(\d+(?:\.\d+)?)[\];]", p.help or "") for p in serve.params if p.name}
+    checked = {name: float(m.group(1)) for name, m in shown.items() if m and name in fields}  # numbers only
+    assert "body_deadline" in checked, checked
+    assert checked == {name: float(fields[name].default) for name in checked}
+
+
 # --- response headers and v2 URLs (in process) ----------------------------------------------------------
 
 

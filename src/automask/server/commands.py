@@ -91,7 +91,7 @@ _METRICS_HOST = click.option("--metrics-host", help="Interface of the metrics li
 @click.option("--header-timeout", type=click.FloatRange(0, min_open=True), help="Seconds to send headers [10].")
 @click.option("--body-timeout", type=click.FloatRange(0, min_open=True), help="Longest pause in a body, s [30].")
 @click.option("--body-min-rate", type=click.FloatRange(0, min_open=True), help="Slowest body, bytes/s [1000].")
-@click.option("--body-deadline", type=click.FloatRange(0, min_open=True), help="Longest body in all, s [120].")
+@click.option("--body-deadline", type=click.FloatRange(0, min_open=True), help="Longest body in all, s [600].")
 @click.option("--body-memory", type=click.IntRange(1), help="Bytes of bodies held at once [1 GiB].")
 @click.option("--keepalive-timeout", type=click.FloatRange(0, min_open=True), help="Idle keep-alive, s [5].")
 @click.option("--max-connections", type=click.IntRange(1), help="Open connections at most [512].")

@@ -177,7 +177,7 @@ class ServerSettings(BaseSettings):
         "plus one second per this many bytes received -> 408, closed (a trickling client cannot hold memory).",
     )
     body_deadline: float = _seconds(
-        600.0,  # the largest body by default (~46 MB) arrives in it at 0.6 Mbit/s
+        600.0,  # the largest body by default (~46 MB) arrives in it at 0.65 Mbit/s (at 0.6: ~610 s)
         MAX_WAIT,
         "Seconds a request body may take in all -> 408, closed (its room in `body_memory` no longer held)",
     )
