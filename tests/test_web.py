@@ -729,3 +729,33 @@ def test_large_photo_fits_and_the_overlay_covers_it(page: Any, coffee: np.ndarra
         assert image["width"] <= frame["width"] + 1 and image["height"] <= frame["height"] + 1
         assert abs(image["width"] / image["height"] - 1.5) < 0.01  # not distorted
         assert page.evaluate("document.documentElement.scrollWidth") <= size["width"]
+
+
+# A browser that applies a WebP's XMP orientation and not its EXIF one (Chromium applies neither).
+XMP_NOT_EXIF = """() => { const decode = window.createImageBitmap;
+  window.createImageBitmap = async (blob, ...rest) => {
+    const text = new TextDecoder('latin1').decode(new Uint8Array(await blob.arrayBuffer()));
+    const xmpAlone = text.startsWith('RIFF') && text.includes('XMP ') && !text.includes('EXIF');
+    return xmpAlone ? { width: 1, height: 2, close() {} } : decode(blob, ...rest); }; }"""
+ORIENTATIONS = """async ([module, b64]) => {
+  const { orientationFromServer, orientationToApply } = await import(`./static/orientation.js?${module}`);
+  const blob = new Blob([Uint8Array.from(atob(b64), (c) => c.charCodeAt(0))]);
+  const fromServer = (from) => orientationFromServer(`6; format=webp; from=${from}`);
+  return [await fromServer('xmp'), await fromServer('exif'), await orientationToApply(blob)]; }"""
+
+
+@pytest.mark.browser
+def test_a_webp_xmp_orientation_is_probed_with_a_webp_xmp_image(page: Any, live: Live) -> None:
+    """Whether the browser applies a WebP's XMP-only orientation is asked of a WebP with that orientation in XMP
+    alone (as the server reads it: turned to 1×2), not of one with it in EXIF: a browser that applies one and not
+    the other gets each right. Before, the EXIF probe answered for both: such a browser's XMP-turned WebP was
+    turned twice by the page."""
+    script = (Path(__file__).parents[1] / "src/automask/web/orientation.js").read_text()
+    found = re.search(r'webpXmp:\s*"([^"]+)"', script)
+    assert found, "no WebP-with-XMP probe"
+    probe = base64.b64decode(found[1])
+    assert b"XMP " in probe and b"EXIF" not in probe
+    assert decode_image(probe, Settings()).shape[:2] == (2, 1)  # the server turns it by its XMP: 6
+    assert page.evaluate(ORIENTATIONS, ["chromium", found[1]]) == [6, 6, 6]  # Chromium applies neither
+    page.evaluate(XMP_NOT_EXIF)
+    assert page.evaluate(ORIENTATIONS, ["xmp-not-exif", found[1]]) == [1, 6, 1]

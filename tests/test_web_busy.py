@@ -292,3 +292,26 @@ def test_a_mask_request_and_a_download_each_keep_their_time(
     assert page.is_disabled("#dl-alpha")
     page.wait_for_selector("#dl-cancel", state="hidden")
     assert page.evaluate("document.activeElement.id") == "viewport", "the focus fell to the page top"
+
+
+def test_a_late_answer_for_the_previous_settings_stays_marked_stale(
+    tab: Tab, slow: Live, astronaut: np.ndarray, tmp_path: Path
+) -> None:
+    """Auto-update off, an option changed while the mask request runs: the page says the result will be for the
+    previous settings, and, once it answers, still says so, until a request for the current settings answers.
+    Before, the late answer took the note away, showing the old settings' result as if current."""
+    page = tab.page
+    photo = tmp_path / "astronaut.png"
+    Image.fromarray(astronaut).save(photo)
+    page.click("#advanced summary")
+    page.uncheck("#auto")
+    ask_first(page, photo)
+    page.wait_for_selector("#stage[aria-busy=true]")
+    set_slider(page, "#threshold", "ArrowRight", 5)
+    page.wait_for_selector("#stale-note:not([hidden])")
+    wait_shown(page, 0.5)
+    assert page.is_visible("#stale-note"), "the result for the previous settings is shown as current"
+    assert "previous settings" in page.inner_text("#stale-note")
+    page.click("#submit")
+    wait_shown(page, 0.55)
+    assert page.is_hidden("#stale-note")

@@ -940,3 +940,37 @@ def test_bad_numbers_are_named_beside_their_field_and_not_sent(tab: Tab, photo: 
     page.click("#submit")
     wait_result(page, first, min_area=50, seed=7)
     assert page.is_hidden("#error")
+
+
+HOLD_READS = """() => { window.heldReads = [];
+                        const read = (window.readAsDataURL = FileReader.prototype.readAsDataURL);
+                        FileReader.prototype.readAsDataURL = function (file) {
+                          window.heldReads.push(() => read.call(this, file)); }; }"""
+
+
+def test_a_refused_paste_wins_over_a_file_still_being_read(tab: Tab, photo: Path, tmp_path: Path) -> None:
+    """A file still being read (a large one, on a slow disk), then a data: URI too large for the server pasted: the
+    paste, the user's last act, wins: its error stays, and the file read after it is not shown (nor masked); the
+    next image chosen is read and shown. Before, the file, once read, replaced what the paste showed and cleared
+    its error."""
+    page = tab.page
+    limit = {"max_image_bytes": 100_000}
+    page.route("**/web/config", lambda route: route.fulfill(json={**route.fetch().json(), **limit}))
+    page.reload()
+    page.wait_for_selector("body[data-loaded=true]", state="attached")
+    page.evaluate(HOLD_READS)
+    small = tmp_path / "small.png"
+    Image.fromarray(np.full((64, 64, 3), 200, np.uint8)).save(small)
+    page.set_input_files("#file", str(small))
+    page.wait_for_function("() => window.heldReads.length === 1")
+    page.evaluate(PASTE_TEXT, data_uri(photo))  # 100 KB and more: over the lowered limit
+    page.wait_for_selector("#error:not([hidden])")
+    said = page.inner_text("#error")
+    assert said.startswith("The pasted image ")
+    page.evaluate("() => window.heldReads.forEach((read) => read())")
+    page.wait_for_timeout(800)  # longer than the page waits before masking a new image by itself
+    assert page.is_visible("#error") and page.inner_text("#error") == said, "the file read replaced the paste"
+    assert page.is_hidden("#canvas-box") and not tab.api_bodies
+    page.evaluate("() => { FileReader.prototype.readAsDataURL = window.readAsDataURL; }")
+    pick_photo(page, small.rename(tmp_path / "next.png"))  # another file: the page is not stuck "reading"
+    assert page.is_hidden("#error") and page.inner_text("#image-info").startswith("next.png")

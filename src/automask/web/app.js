@@ -25,6 +25,7 @@ const $ = (id) => document.getElementById(id);
 const CACHE_SIZE = 16;
 const AUTO_DELAY_MS = 300;
 const CANCELLED = "The server does not run or charge a request the page cancels.";
+const STALE = "The result is for the previous settings: press Make mask (or Enter) to update it.";
 const UNTURNED =
   "The server turned this image by its orientation (EXIF), which this browser does not show: the mask is shown alone.";
 
@@ -143,7 +144,7 @@ function cancel() {
   supersede();
   if (!sent) {
     setStatus("Update cancelled: nothing was sent.");
-    if (state.result) setStale("The result is for the previous settings: press Make mask (or Enter) to update it.");
+    if (state.result) setStale(STALE);
     return;
   }
   setStatus(`Cancelled. ${CANCELLED}`);
@@ -164,7 +165,7 @@ async function run({ fromUser = true } = {}) {
     }
     return;
   }
-  const opts = formOptions(state.config, choosingModel() ? $("model").value : null);
+  const opts = currentOptions();
   const unanswerable = vocabularyProblem(opts.prompt, chosenModel(), state.config);
   if (unanswerable) {
     showError(unanswerable);
@@ -236,7 +237,7 @@ function optionsChanged() {
   savePrefs(readControls());
   if (!state.image) return;
   if ($("auto").checked) scheduleAuto();
-  else if (state.result) setStale("The result is for the previous settings: press Make mask (or Enter) to update it.");
+  else if (state.result) setStale(STALE);
 }
 
 function promptEdited() {
@@ -247,12 +248,18 @@ function promptEdited() {
 
 // ---- results -------------------------------------------------------------------------------------------
 
+function currentOptions() {
+  return formOptions(state.config, choosingModel() ? $("model").value : null);
+}
+
 // keepError: an error shown since the request was sent (a refused new image) stays; the result is not greyed.
+// An option changed while the request ran (auto-update off): the result is for the previous settings, and says so.
 async function showResult(result, keepError = false) {
   state.result = { ...result, enabled: (result.data.detections || []).map(() => true), owners: null };
   if (!keepError) clearError();
-  setStale(null);
-  if (keepError) $("stage").classList.remove("stale");
+  const outdated = !$("auto").checked && JSON.stringify(result.opts) !== JSON.stringify(currentOptions());
+  setStale(outdated ? STALE : null);
+  if (keepError && !outdated) $("stage").classList.remove("stale");
   drawResult(state, viewer);
   renderTargets();
   setOutputsEnabled(state, true);

@@ -53,10 +53,18 @@ function isTextField(el) {
 export function wireInput(app) {
   let chosen = 0; // the image the user chose last: one still being read when another is chosen is dropped
 
+  // A file or URL refused: the user's last act, it still supersedes an image being read, which would otherwise be
+  // shown over its error (and clear it) once read, and leaves nothing "being read".
+  function refuse(text) {
+    chosen += 1;
+    app.reading(null);
+    app.showError(text);
+  }
+
   async function useFile(file, { auto = true, choice = ++chosen } = {}) {
     const problem = fileProblem(file, app.limits());
     if (problem) {
-      app.showError(problem);
+      refuse(problem);
       return false;
     }
     const limit = app.maxPixels() || Infinity;
@@ -87,7 +95,7 @@ export function wireInput(app) {
     if (!text.trim()) return;
     const { url, problem } = parseImageUrl(text);
     if (problem) {
-      app.showError(problem);
+      refuse(problem);
       return;
     }
     const pasted = url.startsWith("data:");
@@ -96,7 +104,7 @@ export function wireInput(app) {
     const bytes = pasted ? dataUriBytes(url) : 0;
     const tooLarge = sizeProblem(pasted ? "The pasted image" : "This URL", bytes, url.length, app.limits());
     if (tooLarge) {
-      app.showError(tooLarge);
+      refuse(tooLarge);
       return;
     }
     if (!again && $("source").dataset.url === url) return; // 'change' and Enter both fire for one URL

@@ -5,10 +5,12 @@
 
 import { HEAD_BYTES, ascii, jpegSegments, webpChunks } from "./segments.js";
 
-// 2×1 images whose orientation is 6 (a lossless WebP's EXIF, a JPEG's XMP alone): a browser that applies it
-// decodes them as 1×2.
+// 2×1 images whose orientation is 6 (a lossless WebP's EXIF; a lossless WebP's XMP alone; a JPEG's XMP alone): a
+// browser that applies it decodes them as 1×2. A browser may apply one kind and not another: each has its probe.
 const PROBES = {
   webp: "UklGRk4AAABXRUJQVlA4WAoAAAAIAAAAAQAAAAAAVlA4TA4AAAAvAQAAAAcQEf0PRET/A0VYSUYaAAAATU0AKgAAAAgAAQESAAMAAAABAAYAAAAAAAA=",
+  webpXmp:
+    "UklGRgIBAABXRUJQVlA4WAoAAAAEAAAAAQAAAAAAVlA4TA4AAAAvAQAAAAcQEf0PRET/A1hNUCDNAAAAPHg6eG1wbWV0YSB4bWxuczp4PSJhZG9iZTpuczptZXRhLyI+PHJkZjpSREYgeG1sbnM6cmRmPSJodHRwOi8vd3d3LnczLm9yZy8xOTk5LzAyLzIyLXJkZi1zeW50YXgtbnMjIj48cmRmOkRlc2NyaXB0aW9uIHhtbG5zOnRpZmY9Imh0dHA6Ly9ucy5hZG9iZS5jb20vdGlmZi8xLjAvIiB0aWZmOk9yaWVudGF0aW9uPSI2Ii8+PC9yZGY6UkRGPjwveDp4bXBtZXRhPgA=",
   jpeg:
     "/9j/4AAQSkZJRgABAQAAAQABAAD/4QDsaHR0cDovL25zLmFkb2JlLmNvbS94YXAvMS4wLwA8eDp4bXBtZXRhIHhtbG5zOng9ImFkb2JlOm5zOm1ldGEvIj48cmRmOlJERiB4bWxuczpyZGY9Imh0dHA6Ly93d3cudzMub3JnLzE5OTkvMDIvMjItcmRmLXN5bnRheC1ucyMiPjxyZGY6RGVzY3JpcHRpb24geG1sbnM6dGlmZj0iaHR0cDovL25zLmFkb2JlLmNvbS90aWZmLzEuMC8iIHRpZmY6T3JpZW50YXRpb249IjYiLz48L3JkZjpSREY+PC94OnhtcG1ldGE+/9sAQwD//////////////////////////////////////////////////////////////////////////////////////8AACwgAAQACAQERAP/EABQAAQAAAAAAAAAAAAAAAAAAAAP/xAAUEAEAAAAAAAAAAAAAAAAAAAAA/9oACAEBAAA/ADf/2Q==",
 };
@@ -18,7 +20,8 @@ function browserApplies(kind) {
   applies[kind] ??= (async () => {
     try {
       const bytes = Uint8Array.from(atob(PROBES[kind]), (c) => c.charCodeAt(0));
-      const bitmap = await createImageBitmap(new Blob([bytes], { type: `image/${kind}` }));
+      const type = kind === "jpeg" ? "image/jpeg" : "image/webp";
+      const bitmap = await createImageBitmap(new Blob([bytes], { type }));
       bitmap.close();
       return bitmap.width === 1;
     } catch {
@@ -45,8 +48,8 @@ export async function orientationToApply(blob) {
   if (head.length >= 12 && ascii(head, 0, 4) === "RIFF" && ascii(head, 8, 4) === "WEBP") {
     const chunks = await webpChunks(blob, ["EXIF", "XMP "]);
     value = chunks.EXIF ? exifOrientation(chunks.EXIF) : null;
-    if (value === null && chunks["XMP "]) value = xmpOrientation(chunks["XMP "]);
     kind = "webp";
+    if (value === null && chunks["XMP "]) [value, kind] = [xmpOrientation(chunks["XMP "]), "webpXmp"];
   } else if (head[0] === 0xff && head[1] === 0xd8) {
     [value, kind] = [jpegXmpOrientation(head), "jpeg"];
   }
@@ -61,7 +64,8 @@ export async function orientationFromServer(header) {
   const found = /^([1-8]);\s*format=([a-z0-9]+);\s*from=(exif|xmp)$/i.exec((header || "").trim());
   if (!found) return 1;
   const [value, format, from] = [Number(found[1]), found[2].toLowerCase(), found[3].toLowerCase()];
-  const kind = format === "webp" ? "webp" : format === "jpeg" && from === "xmp" ? "jpeg" : null;
+  const webp = format === "webp" ? (from === "xmp" ? "webpXmp" : "webp") : null;
+  const kind = webp || (format === "jpeg" && from === "xmp" ? "jpeg" : null);
   if (kind) return (await browserApplies(kind)) ? 1 : value;
   return from === "xmp" ? value : 1; // no browser applies an XMP orientation; the EXIF one of other formats, yes
 }
