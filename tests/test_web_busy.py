@@ -294,6 +294,17 @@ def test_a_mask_request_and_a_download_each_keep_their_time(
     assert page.evaluate("document.activeElement.id") == "viewport", "the focus fell to the page top"
 
 
+def change_while_asking(page: Any, astronaut: np.ndarray, folder: Path) -> None:
+    """Auto-update off: ask for the first mask (threshold 0.5), and, while it runs, set the threshold to 0.55."""
+    photo = folder / "astronaut.png"
+    Image.fromarray(astronaut).save(photo)
+    page.click("#advanced summary")
+    page.uncheck("#auto")
+    ask_first(page, photo)
+    page.wait_for_selector("#stage[aria-busy=true]")
+    set_slider(page, "#threshold", "ArrowRight", 5)
+
+
 def test_a_late_answer_for_the_previous_settings_stays_marked_stale(
     tab: Tab, slow: Live, astronaut: np.ndarray, tmp_path: Path
 ) -> None:
@@ -301,17 +312,28 @@ def test_a_late_answer_for_the_previous_settings_stays_marked_stale(
     previous settings, and, once it answers, still says so, until a request for the current settings answers.
     Before, the late answer took the note away, showing the old settings' result as if current."""
     page = tab.page
-    photo = tmp_path / "astronaut.png"
-    Image.fromarray(astronaut).save(photo)
-    page.click("#advanced summary")
-    page.uncheck("#auto")
-    ask_first(page, photo)
-    page.wait_for_selector("#stage[aria-busy=true]")
-    set_slider(page, "#threshold", "ArrowRight", 5)
+    change_while_asking(page, astronaut, tmp_path)
     page.wait_for_selector("#stale-note:not([hidden])")
     wait_shown(page, 0.5)
     assert page.is_visible("#stale-note"), "the result for the previous settings is shown as current"
     assert "previous settings" in page.inner_text("#stale-note")
+    page.click("#submit")
+    wait_shown(page, 0.55)
+    assert page.is_hidden("#stale-note")
+
+
+def test_a_late_answer_stays_stale_when_auto_update_is_ticked_meanwhile(
+    tab: Tab, slow: Live, astronaut: np.ndarray, tmp_path: Path
+) -> None:
+    """Auto-update off, an option changed while the mask request runs, then auto-update ticked on (which asks
+    nothing by itself): the late answer, for the previous settings, is marked stale. Before, with the box ticked
+    it was shown as current, and nothing asked for the current settings."""
+    page = tab.page
+    change_while_asking(page, astronaut, tmp_path)
+    page.evaluate("() => document.getElementById('auto').click()")  # ticked on at once, the request still running
+    assert page.is_checked("#auto") and page.get_attribute("#stage", "aria-busy") == "true"
+    wait_shown(page, 0.5)
+    assert page.is_visible("#stale-note"), "the result for the previous settings is shown as current"
     page.click("#submit")
     wait_shown(page, 0.55)
     assert page.is_hidden("#stale-note")

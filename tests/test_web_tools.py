@@ -974,3 +974,28 @@ def test_a_refused_paste_wins_over_a_file_still_being_read(tab: Tab, photo: Path
     page.evaluate("() => { FileReader.prototype.readAsDataURL = window.readAsDataURL; }")
     pick_photo(page, small.rename(tmp_path / "next.png"))  # another file: the page is not stuck "reading"
     assert page.is_hidden("#error") and page.inner_text("#image-info").startswith("next.png")
+
+
+HOLD_BLOB_READS = """() => { window.heldReads = [];
+                             const read = (window.blobRead = Blob.prototype.arrayBuffer);
+                             Blob.prototype.arrayBuffer = function () {
+                               return new Promise((done) => window.heldReads.push(() => done(read.call(this)))); }; }"""
+
+
+def test_a_pasted_image_dropped_for_a_refused_act_can_be_pasted_again(tab: Tab, photo: Path) -> None:
+    """A data: URI pasted and still being read, then text that is not an image URL pasted (refused: it wins, the
+    image is dropped), then the same data: URI pasted again: it is read and shown. Before, the page took it for the
+    image already shown and did nothing."""
+    page = tab.page
+    page.evaluate(HOLD_BLOB_READS)
+    image = data_uri(photo)
+    page.evaluate(PASTE_TEXT, image)
+    page.wait_for_function("() => window.heldReads.length > 0")
+    page.evaluate(PASTE_TEXT, "not an image")
+    page.wait_for_selector("#error:not([hidden])")
+    page.evaluate("() => { Blob.prototype.arrayBuffer = window.blobRead; window.heldReads.forEach((read) => read()); }")
+    page.wait_for_timeout(300)
+    assert page.is_hidden("#canvas-box"), "the image the refused paste superseded was shown"
+    page.evaluate(PASTE_TEXT, image)
+    page.wait_for_selector("#canvas-box", state="visible", timeout=5000)
+    assert page.inner_text("#image-info").startswith("pasted image")

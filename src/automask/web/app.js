@@ -253,11 +253,13 @@ function currentOptions() {
 }
 
 // keepError: an error shown since the request was sent (a refused new image) stays; the result is not greyed.
-// An option changed while the request ran (auto-update off): the result is for the previous settings, and says so.
+// An option changed while the request ran, and no automatic request for the new settings waits (auto-update off,
+// or ticked on since): the result is for the previous settings, and says so.
 async function showResult(result, keepError = false) {
   state.result = { ...result, enabled: (result.data.detections || []).map(() => true), owners: null };
   if (!keepError) clearError();
-  const outdated = !$("auto").checked && JSON.stringify(result.opts) !== JSON.stringify(currentOptions());
+  const changed = JSON.stringify(result.opts) !== JSON.stringify(currentOptions());
+  const outdated = changed && state.pending === null;
   setStale(outdated ? STALE : null);
   if (keepError && !outdated) $("stage").classList.remove("stale");
   drawResult(state, viewer);

@@ -52,6 +52,7 @@ function isTextField(el) {
 // run(), autoRun(), limits() ({maxBytes, maxBody}: prefs.sizeProblem), maxPixels().
 export function wireInput(app) {
   let chosen = 0; // the image the user chose last: one still being read when another is chosen is dropped
+  let urlChoice = 0; // the choice that named the URL in source.dataset.url
 
   // A file or URL refused: the user's last act, it still supersedes an image being read, which would otherwise be
   // shown over its error (and clear it) once read, and leaves nothing "being read".
@@ -111,12 +112,15 @@ export function wireInput(app) {
     const choice = ++chosen;
     $("file").value = "";
     $("source").dataset.url = url;
+    urlChoice = choice;
     // A data: URI is read (and maybe turned upright) first: meanwhile, as for a file, nothing is masked.
     if (url.startsWith("data:")) app.reading(name);
     const display = await turnedDataUri(url); // never throws
     if (choice === chosen) app.reading(null);
     if (choice !== chosen) {
       if (display) URL.revokeObjectURL(display);
+      // dropped for a refused act, not for another URL: not the image shown, so asking for it again loads it
+      if (urlChoice === choice) delete $("source").dataset.url;
       return;
     }
     await app.setImage({ kind: "url", name, src: url, display, pixels: null }, url.startsWith("data:") ? name : url);
