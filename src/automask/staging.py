@@ -59,7 +59,7 @@ def resumable_staging(folder: Path, waiting: Callable[[], None] | None = None) -
     For the block, the folder's `.lock` file is locked, after waiting for another installer of `folder` to end
     (`waiting` is called first, when there is one): one download into it at a time; a killed installer's lock is
     released by the system, and its folder reused."""
-    tmp = folder.parent / f".{folder.name}.partial"
+    tmp = _kept(folder)
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
         _remove_abandoned(folder)
@@ -83,7 +83,7 @@ def resumable_staging(folder: Path, waiting: Callable[[], None] | None = None) -
 def partial_note(folder: Path) -> str:
     """A sentence saying what `resumable_staging(folder)` kept after a failure ("" when nothing), and that pulling
     the catalogue model `folder.name` again resumes it; or, while a pull of it runs, that it is downloading there."""
-    tmp = folder.parent / f".{folder.name}.partial"
+    tmp = _kept(folder)
     size = _downloaded(tmp)
     if not size:
         return ""
@@ -95,12 +95,17 @@ def partial_note(folder: Path) -> str:
     )
 
 
+def _kept(folder: Path) -> Path:
+    """The download folder a pull of `folder` keeps to resume (`resumable_staging`): `.NAME.partial` beside it."""
+    return folder.parent / f".{folder.name}.partial"
+
+
 def tidy(folder: Path) -> None:
     """Remove what killed installers of `folder` (SIGKILL, a power cut) left and no pull resumes: their staging
     folders, and `resumable_staging`'s lock file, with its folder when that holds no downloaded byte; and what a
     killed `remove` of it had moved aside. Nothing while an installer is running, nor when the models folder cannot
     be written."""
-    tmp = folder.parent / f".{folder.name}.partial"
+    tmp = _kept(folder)
     recover(folder)
     with contextlib.suppress(OSError):
         _remove_abandoned(folder)
@@ -129,7 +134,7 @@ def remove(folder: Path, inner: tuple[Path, ...] = ()) -> list[Path]:
     of `folder`, or of a folder of `inner` (inside `folder`: its ONNX export), holds its lock; nothing is removed."""
     if not folder.parent.is_dir():
         return []
-    hub = _lock_file(folder.parent / f".{folder.name}.partial")
+    hub = _lock_file(_kept(folder))
     try:
         fd = _lock_soon(hub)
     except OSError as exc:
@@ -141,7 +146,7 @@ def remove(folder: Path, inner: tuple[Path, ...] = ()) -> list[Path]:
         if fd is None or _staging_held(folder) or busy:
             raise ModelBusyError(_busy_message(folder, (busy or [folder])[0]))
         olds = sorted(folder.parent.glob(_unique(folder, ".old")))  # first: `recover` would put one back
-        found = [p for p in (*olds, folder, folder.parent / f".{folder.name}.partial") if os.path.lexists(p)]
+        found = [p for p in (*olds, folder, _kept(folder)) if os.path.lexists(p)]
         moved = _rename_aside(found, folder)
         busy = [f for f in inner if installing(moved.get(folder, folder) / f.relative_to(folder))]
         if busy:  # an export began before the rename
@@ -198,7 +203,7 @@ def _busy_message(folder: Path, busy: Path) -> str:
 def installing(folder: Path) -> bool:
     """True while an installer of `folder` holds its lock: a pull (`resumable_staging`) or a `staging` block (an
     export). False where locks cannot tell (Windows)."""
-    hub = _lock_file(folder.parent / f".{folder.name}.partial")
+    hub = _lock_file(_kept(folder))
     return (hub.exists() and _held(hub)) or _staging_held(folder)
 
 
@@ -216,7 +221,7 @@ def recover(folder: Path) -> None:
         olds = sorted(folder.parent.glob(_unique(folder, ".old")), key=lambda p: p.lstat().st_ctime_ns)
         if not olds:
             return
-        hub = _lock_file(folder.parent / f".{folder.name}.partial")
+        hub = _lock_file(_kept(folder))
         fd = _lock(hub, wait=False)
         if fd is None or fd < 0:
             return
