@@ -95,6 +95,13 @@ def process_tree(root: int) -> list[int]:
     return tree
 
 
+def signal_all(pids: list[int], sig: int) -> None:
+    """Send `sig` to each of `pids`, skipping one that has ended since it was listed (a backend closing)."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+
+
 def tail(path: Path, lines: int = 40) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])

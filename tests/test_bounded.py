@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
 import signal
 import time
 from typing import Any
@@ -57,25 +55,21 @@ def test_a_bounded_statement_needing_a_new_connection_to_a_frozen_postgresql_giv
     from automask.server.bounded import bounded
     from automask.server.store import Store
     from server_helpers import wait_for
-    from service_procs import process_tree
+    from service_procs import process_tree, signal_all
     from services import postgres_server
 
     with postgres_server() as pg:
         store = Store.at_schema(pg.url, create=True)
         store.engine.dispose()  # no pooled connection: the next statement connects
         stopped = process_tree(pg._main_pid())
-        for pid in stopped:
-            with contextlib.suppress(ProcessLookupError):  # a backend ending as the tree was read
-                os.kill(pid, signal.SIGSTOP)
+        signal_all(stopped, signal.SIGSTOP)
         try:
             started = time.monotonic()
             with bounded(1.0):
                 answered = store.ping()
             waited = time.monotonic() - started
         finally:
-            for pid in stopped:
-                with contextlib.suppress(ProcessLookupError):  # one that ended meanwhile
-                    os.kill(pid, signal.SIGCONT)
+            signal_all(stopped, signal.SIGCONT)
         assert not answered and waited < 5.0, waited  # psycopg waits 2 s at least for a connection
         assert wait_for(store.ping, 30)  # thawed: it answers again
         store.close()

@@ -26,7 +26,7 @@ from automask.server.config import ServerSettings
 from automask.server.store import Store
 from automask.settings import Settings
 from server_helpers import FakeBackend, LiveServer, png_bytes, wait_for
-from service_procs import process_tree
+from service_procs import process_tree, signal_all
 from services import postgres_server, redis_server
 
 FLEET_BROKER = "amqp://guest:guest@127.0.0.1:9//"  # /readyz never publishes: no RabbitMQ needed
@@ -56,16 +56,14 @@ def test_readyz_is_not_ready_as_soon_as_the_database_stops_answering(tmp_path: P
 
             assert wait_for(lambda: readyz().status_code == 200, 30)
             frozen = process_tree(pg._main_pid())  # the postmaster and its backends: connections open, silent
-            for pid in frozen:
-                os.kill(pid, signal.SIGSTOP)
+            signal_all(frozen, signal.SIGSTOP)
             try:
                 started, pings[:] = time.monotonic(), []
                 with ThreadPoolExecutor(12) as pool:
                     answers = list(pool.map(lambda _: readyz(), range(12)))
                 took = time.monotonic() - started
             finally:
-                for pid in frozen:
-                    os.kill(pid, signal.SIGCONT)
+                signal_all(frozen, signal.SIGCONT)
             assert {r.status_code for r in answers} == {503}, [r.text for r in answers]
             assert answers[0].json()["error"].startswith("The database (AUTOMASK_DATABASE_URL) does not answer")
             assert "127.0.0.1" not in answers[0].text  # public: no address
@@ -325,8 +323,7 @@ def test_background_queries_to_a_frozen_postgresql_fail_in_seconds_and_retry(
             await asyncio.sleep(0.5)  # a few sweeps and beats: their connections are pooled
             assert sweeper._failures.in_a_row == 0 and beat._failures.in_a_row == 0
             stopped = process_tree(pg._main_pid())
-            for pid in stopped:
-                os.kill(pid, signal.SIGSTOP)
+            signal_all(stopped, signal.SIGSTOP)
             try:
                 started = time.monotonic()
                 assert await probe.unreachable() == DB_DOWN
@@ -338,8 +335,7 @@ def test_background_queries_to_a_frozen_postgresql_fail_in_seconds_and_retry(
                     await asyncio.sleep(0.1)
                 freed = time.monotonic() - started
             finally:
-                for pid in stopped:
-                    os.kill(pid, signal.SIGCONT)
+                signal_all(stopped, signal.SIGCONT)
             assert await asyncio.to_thread(wait_for, lambda: sweeper._failures.in_a_row == 0, 30)
             assert await asyncio.to_thread(wait_for, lambda: beat._failures.in_a_row == 0, 30)
             await sweeper.stop()
@@ -431,8 +427,7 @@ def test_requests_to_a_frozen_postgresql_are_answered_503_in_seconds(
             assert time.monotonic() - asked > 1.4 and sub["status"] == "QUEUED"  # it waited for the lock, then ran
             assert wait_for(lambda: httpx.get(sub["status_url"], headers=headers).json()["status"] == "COMPLETED", 30)
             frozen = process_tree(pg._main_pid())
-            for pid in frozen:
-                os.kill(pid, signal.SIGSTOP)
+            signal_all(frozen, signal.SIGSTOP)
             try:
                 started = time.monotonic()
                 with ThreadPoolExecutor(3) as pool:
@@ -449,8 +444,7 @@ def test_requests_to_a_frozen_postgresql_are_answered_503_in_seconds(
                     answers = list(pool.map(lambda call: call(), calls))
                 took = time.monotonic() - started
             finally:
-                for pid in frozen:
-                    os.kill(pid, signal.SIGCONT)
+                signal_all(frozen, signal.SIGCONT)
             assert [r.status_code for r in answers] == [503, 503, 503], [r.text for r in answers]
             assert all(r.headers["retry-after"] == "5" and "database" in r.json()["error"] for r in answers)
             assert took < 15, took  # before: held until SIGCONT (the clients' 30 s here)
@@ -500,13 +494,11 @@ def test_a_large_upload_or_result_over_a_slow_link_to_postgresql_is_given_time_b
         def paused(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
             for start in [s for s in slow if statement.lstrip().startswith(s)]:
                 frozen = process_tree(pg._main_pid())
-                for pid in frozen:
-                    os.kill(pid, signal.SIGSTOP)
+                signal_all(frozen, signal.SIGSTOP)
                 threading.Timer(slow.pop(start), thaw, [frozen]).start()
 
         def thaw(frozen: list[int]) -> None:
-            for pid in frozen:
-                os.kill(pid, signal.SIGCONT)
+            signal_all(frozen, signal.SIGCONT)
 
         event.listen(store.engine, "before_cursor_execute", paused)
         with LiveServer(app) as live:
