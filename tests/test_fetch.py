@@ -195,6 +195,55 @@ def test_literal_ipv6_embedding_metadata_is_refused_with_private_urls_allowed(ho
             call(f"http://{host}/latest/meta-data/", Settings(allow_private_urls=True, fetch_timeout=1.0))
 
 
+def rfc6052(prefix: str, ipv4: str) -> ipaddress.IPv6Address:
+    """`ipv4` embedded in network-specific prefix `prefix` (/32 /40 /48 /56 /64 /96) as RFC 6052 section 2.2 lays
+    it out: its 32 bits after the prefix, skipping bits 64-71 (the "u" octet, zero)."""
+    net = ipaddress.ip_network(prefix)
+    bits = [int(b) for b in format(int(ipaddress.ip_address(ipv4)), "032b")]
+    layout = [int(b) for b in format(int(net.network_address), "0128b")]
+    at = net.prefixlen
+    for bit in bits:
+        at = 72 if at == 64 else at  # bits 64-71: the u octet
+        layout[at] = bit
+        at += 1
+    return ipaddress.IPv6Address(int("".join(map(str, layout)), 2))
+
+
+def test_rfc6052_layout_matches_the_rfc_examples() -> None:
+    """The helper above, checked against RFC 6052's own table (section 2.4) for 192.0.2.33."""
+    examples = {
+        "2001:db8::/32": "2001:db8:c000:221::",
+        "2001:db8:100::/40": "2001:db8:1c0:2:21::",
+        "2001:db8:122::/48": "2001:db8:122:c000:2:2100::",
+        "2001:db8:122:300::/56": "2001:db8:122:3c0:0:221::",
+        "2001:db8:122:344::/64": "2001:db8:122:344:c0:2:2100:0",
+        "2001:db8:122:344::/96": "2001:db8:122:344::c000:221",
+    }
+    for prefix, address in examples.items():
+        assert rfc6052(prefix, "192.0.2.33") == ipaddress.ip_address(address), prefix
+
+
+@pytest.mark.parametrize("prefix", ["64:ff9b:1::/48", "64:ff9b:1:100::/56", "64:ff9b:1:1234::/64"])
+@pytest.mark.parametrize("ipv4", ["169.254.169.254", "100.100.100.200", "169.254.1.1"])
+def test_nat64_local_prefixes_of_every_rfc6052_length_are_unwrapped(prefix: str, ipv4: str) -> None:
+    """Before: 64:ff9b:1::/48 was read by its low 32 bits only (the /96 layout); a local NAT64 gateway with a /48,
+    /56 or /64 prefix reached the metadata service through an address like 64:ff9b:1:a9fe:a9:fe00:: with private
+    URLs allowed. Now every position RFC 6052 allows is checked against the always-refused list."""
+    address = str(rfc6052(prefix, ipv4))
+    resolve = fake_resolver({"images.test": [address]})
+    with pytest.raises(URLRefusedError, match=r"NAT64 \(local\).* never fetches from cloud metadata"):
+        fetch_url("http://images.test/a.png", Settings(allow_private_urls=True), resolve=resolve)
+    assert never_fetched(ipaddress.ip_address(address))
+    with pytest.raises(URLRefusedError, match="never fetches from cloud metadata"):
+        check_url(f"http://[{address}]/", Settings(allow_private_urls=True))
+
+
+@pytest.mark.parametrize("prefix", ["64:ff9b:1::/48", "64:ff9b:1:100::/56", "64:ff9b:1:1234::/64"])
+def test_nat64_local_prefixes_embedding_a_private_address_are_not_never_fetched(prefix: str) -> None:
+    """The control: the same layouts around a private address stay reachable with private URLs allowed."""
+    assert not never_fetched(rfc6052(prefix, "10.0.0.1"))
+
+
 @pytest.mark.parametrize(
     "address", ["127.0.0.1", "10.0.0.1", "192.168.1.1", "fd12:3456::1", "::1", "100.64.0.1", "::7f00:1", "::"]
 )
