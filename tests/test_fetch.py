@@ -541,6 +541,56 @@ def test_a_redirect_to_a_host_with_a_space_says_so(site: Site, location: str, wo
     assert [path for path, _ in site.log] == ["/hop"]
 
 
+ODD_HOSTS = [
+    ('http://a"b.com/x.png', "its host holds '\"'"),
+    ("http://a{b}.com/x.png", "its host holds '{', '}'"),
+    ("http://a|b.com/x.png", "its host holds '|'"),
+    ("http://a`b.com/x.png", "its host holds '`'"),
+    ("http://a\\b.com/x.png", "its host holds '\\\\'"),
+    ("http://a*b;c.com/x.png", "its host holds '*', ';'"),
+    ("http://a%22b.com/x.png", "its host holds '\"'"),  # percent-encoded: the character it stands for is named
+    # a non-ASCII (IDNA) host: httpx's own error was "Invalid IDNA hostname", which did not say what was wrong
+    ('http://bücher"x.de/x.png', "its host holds '\"'"),
+    ("http://bücher x.de/x.png", "its host holds a space"),
+    ("http://bücher<x>.de/x.png", "its host holds '<', '>'"),
+]
+
+
+@pytest.mark.parametrize(("url", "words"), ODD_HOSTS)
+def test_a_host_with_a_character_no_host_name_has_is_refused_naming_it(url: str, words: str) -> None:
+    """Before: `"`, `{`, `|` (kept by httpx as written) went to the resolver, and the 502 said the host could not be
+    resolved (after a DNS query that could never succeed); in a non-ASCII host, any of them gave httpx's generic
+    "Invalid IDNA hostname". Now the URL is refused (400) naming the character, as for a space; nothing is looked up."""
+    looked_up: list[str] = []
+
+    def resolve(host: str, port: int) -> list[IPAddress]:
+        looked_up.append(host)
+        return [LOOPBACK]
+
+    for call in (lambda: fetch_url(url, PRIVATE_OK, resolve=resolve), lambda: check_url(url, PRIVATE_OK)):
+        with pytest.raises(URLRefusedError, match="Refused the image URL") as caught:
+            call()
+        assert f"{words}, which no host name or address has" in str(caught.value), caught.value
+    assert looked_up == []
+
+
+@pytest.mark.parametrize(("url", "words"), ODD_HOSTS)
+def test_a_redirect_to_a_host_with_an_odd_character_names_it(site: Site, url: str, words: str) -> None:
+    site.routes["/hop"] = redirect_route(url)
+    with pytest.raises(FetchError, match="redirected to an invalid URL") as caught:
+        fetch_url(site.url("/hop"), PRIVATE_OK)
+    assert words in str(caught.value), caught.value
+    assert [path for path, _ in site.log] == ["/hop"]
+
+
+@pytest.mark.parametrize("host", ["images_1.example.com", "xn--bcher-kva.de", "bücher.de", "a-b.c0m"])
+def test_hosts_with_ordinary_characters_are_looked_up(host: str) -> None:
+    """The control: letters, digits, '-', '.', '_' and IDNA names go on to the resolver."""
+    resolve = fake_resolver({host.encode("idna").decode(): ["10.0.0.1"]})
+    with pytest.raises(URLRefusedError, match=r"10\.0\.0\.1, a private"):
+        fetch_url(f"http://{host}/x.png", Settings(), resolve=resolve)
+
+
 def test_at_most_three_redirects(site: Site) -> None:
     for i in range(4):
         site.routes[f"/r{i}"] = redirect_route(f"/r{i + 1}")
