@@ -237,10 +237,10 @@ def test_resumable_staging_lets_one_installer_in_at_a_time(tmp_path: Path) -> No
     order: list[str] = []
 
     def second() -> None:
-        with resumable_staging(target, waiting=lambda: order.append("second waits")):
+        with resumable_staging(target, waiting=lambda _holder: order.append("second waits")):
             order.append("second in")
 
-    with resumable_staging(target, waiting=lambda: order.append("first waits")):
+    with resumable_staging(target, waiting=lambda _holder: order.append("first waits")):
         thread = threading.Thread(target=second)
         thread.start()
         thread.join(0.5)

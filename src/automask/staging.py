@@ -22,6 +22,9 @@ from automask.errors import ModelBusyError, ModelNotAvailableError
 
 HUB_BOOKKEEPING = "huggingface"
 """The subfolder of a download folder's `.cache` where huggingface_hub keeps its locks and metadata."""
+PULL, REMOVAL, TIDYING = "pull", "removal", "tidying"
+"""What holds a model's lock (`resumable_staging`, `remove`, `tidy` / `recover`), written in its lock file for one
+that waits for it to say (`holder`)."""
 
 
 @contextlib.contextmanager
@@ -50,20 +53,21 @@ def staging(folder: Path) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def resumable_staging(folder: Path, waiting: Callable[[], None] | None = None) -> Iterator[Path]:
+def resumable_staging(folder: Path, waiting: Callable[[str], None] | None = None) -> Iterator[Path]:
     """The staging folder of `folder` that a failed or interrupted block keeps: `.NAME.partial` beside it, always
     the same, so the next install of `folder` resumes the files this one had downloaded. Removed when the block
     ends normally (after `replace_dir` moved it into place, or unused), or when it holds no file.
     `ModelNotAvailableError` when it cannot be created.
 
-    For the block, the folder's `.lock` file is locked, after waiting for another installer of `folder` to end
-    (`waiting` is called first, when there is one): one download into it at a time; a killed installer's lock is
-    released by the system, and its folder reused."""
+    For the block, the folder's `.lock` file is locked, after waiting for another installer of `folder` (or a
+    removal, or a tidying) to end (`waiting` is called first, when there is one, with what its lock file says holds
+    it: `PULL`, `REMOVAL`, `TIDYING`, or "" when it does not say): one download into it at a time; a killed
+    installer's lock is released by the system, and its folder reused."""
     tmp = _kept(folder)
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
         _remove_abandoned(folder)
-        held = _hold(_lock_file(tmp), waiting)
+        held = _hold(_lock_file(tmp), waiting, PULL)
         tmp.mkdir(exist_ok=True)
     except OSError as exc:
         raise ModelNotAvailableError(
@@ -112,7 +116,7 @@ def tidy(folder: Path) -> None:
         removing = list(folder.parent.glob(_unique(folder, REMOVING)))
         if not _lock_file(tmp).exists() and not removing:
             return
-        fd = _lock(_lock_file(tmp), wait=False)
+        fd = _lock(_lock_file(tmp), wait=False, by=TIDYING)
         if fd is None or fd < 0:  # a pull (or a removal) is running, or no locks to tell (Windows)
             return
         if not _downloaded(tmp):
@@ -136,7 +140,7 @@ def remove(folder: Path, inner: tuple[Path, ...] = ()) -> list[Path]:
         return []
     hub = _lock_file(_kept(folder))
     try:
-        fd = _lock_soon(hub)
+        fd = _lock_soon(hub, REMOVAL)
     except OSError as exc:
         raise ModelNotAvailableError(
             f"Cannot remove from the models folder '{folder.parent}' ({exc.strerror})."
@@ -144,7 +148,7 @@ def remove(folder: Path, inner: tuple[Path, ...] = ()) -> list[Path]:
     try:
         busy = [f for f in inner if installing(f)]
         if fd is None or _staging_held(folder) or busy:
-            raise ModelBusyError(_busy_message(folder, (busy or [folder])[0]))
+            raise ModelBusyError(_busy_message(folder, (busy or [folder])[0], holder(hub) if fd is None else PULL))
         olds = sorted(folder.parent.glob(_unique(folder, ".old")))  # first: `recover` would put one back
         found = [p for p in (*olds, folder, _kept(folder)) if os.path.lexists(p)]
         moved = _rename_aside(found, folder)
@@ -159,11 +163,11 @@ def remove(folder: Path, inner: tuple[Path, ...] = ()) -> list[Path]:
         _unlock(hub, fd)
 
 
-def _lock_soon(path: Path, patience: float = 2.0) -> int | None:
-    """`_lock(path)`, waiting up to `patience` seconds for a brief holder (`models list` tidying, `recover`) to let
-    go; None when it is still held then (a pull, which holds it for minutes)."""
+def _lock_soon(path: Path, what: str, patience: float = 2.0) -> int | None:
+    """`_lock(path)` for `what`, waiting up to `patience` seconds for a brief holder (`models list` tidying,
+    `recover`) to let go; None when it is still held then (a pull, which holds it for minutes)."""
     deadline = time.monotonic() + patience
-    while (fd := _lock(path, wait=False)) is None and time.monotonic() < deadline:
+    while (fd := _lock(path, wait=False, by=what)) is None and time.monotonic() < deadline:
         time.sleep(0.05)
     return fd
 
@@ -192,8 +196,8 @@ def _put_back(moved: dict[Path, Path]) -> None:
                 os.rename(aside, path)
 
 
-def _busy_message(folder: Path, busy: Path) -> str:
-    what = "a pull" if busy == folder else "an export"
+def _busy_message(folder: Path, busy: Path, held_by: str = PULL) -> str:
+    what = ("another removal" if held_by == REMOVAL else "a pull") if busy == folder else "an export"
     return (
         f"The model '{folder.name}' is not removed: {what} of it is running. Run this again once it has ended "
         "(Ctrl-C it to stop it)."
@@ -222,7 +226,7 @@ def recover(folder: Path) -> None:
         if not olds:
             return
         hub = _lock_file(_kept(folder))
-        fd = _lock(hub, wait=False)
+        fd = _lock(hub, wait=False, by=TIDYING)
         if fd is None or fd < 0:
             return
         try:
@@ -261,24 +265,36 @@ def _downloaded(tmp: Path) -> int:
     return 0
 
 
-def _hold(path: Path, waiting: Callable[[], None] | None) -> int | None:
-    """`_lock(path)`, waiting for it (calling `waiting` first) when another process holds it."""
-    fd = _lock(path, wait=False)
+def _hold(path: Path, waiting: Callable[[str], None] | None, what: str) -> int | None:
+    """`_lock(path)` for `what`, waiting for it when another process holds it (calling `waiting` first, with what
+    holds it: `holder`)."""
+    fd = _lock(path, wait=False, by=what)
     if fd is None:
         if waiting is not None:
-            waiting()
-        fd = _lock(path, wait=True)
+            waiting(holder(path))
+        fd = _lock(path, wait=True, by=what)
     return fd
+
+
+def holder(path: Path) -> str:
+    """What holds lock file `path`, as its holder wrote it (`PULL`, `REMOVAL`, `TIDYING`); "" when it does not say
+    (an older automask's, or read before its holder wrote it) or cannot be read."""
+    try:
+        with open(path, "rb") as file:
+            said = file.read(16).decode("ascii", "replace")
+    except OSError:
+        return ""
+    return said if said in (PULL, REMOVAL, TIDYING) else ""
 
 
 def _lock_file(tmp: Path) -> Path:
     return tmp.with_name(f"{tmp.name}.lock")
 
 
-def _lock(path: Path, *, wait: bool, create: bool = True) -> int | None:
+def _lock(path: Path, *, wait: bool, create: bool = True, by: str = "") -> int | None:
     """An open descriptor of `path` (created if need be, if `create`: else FileNotFoundError) holding its exclusive
-    lock; None when another process holds it (and not `wait`). Where there is no `fcntl` (Windows) nothing is
-    locked: -1.
+    lock, `by` written in it (what holds it, read by `holder`) when given; None when another process holds it
+    (and not `wait`). Where there is no `fcntl` (Windows) nothing is locked: -1.
 
     Again until the locked file is still the one at `path`: a holder deletes it as it lets go (`_unlock`), and a
     lock taken meanwhile on that deleted file would hold nothing (another process locks the new file there)."""
@@ -291,6 +307,9 @@ def _lock(path: Path, *, wait: bool, create: bool = True) -> int | None:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
             if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                if by:
+                    os.ftruncate(fd, 0)
+                    os.pwrite(fd, by.encode("ascii"), 0)
                 return fd
         except BlockingIOError:
             os.close(fd)
