@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
-from automask import models, staging
+from automask import lockfiles, models, staging
 from automask.backends.clipseg_common import onnx_dir
 from automask.cli import main
 from automask.settings import Settings
@@ -83,8 +83,8 @@ def test_rm_waits_for_a_brief_holder_of_the_lock(settings: Settings, pulled: Pat
     """`models list` (tidying, putting back) holds the model's lock for a moment: an rm at that moment said a pull was
     running and removed nothing. It waits for such a brief holder."""
     hub = settings.models_dir / ".clipseg.partial.lock"
-    fd = staging._lock(hub, wait=False)
-    threading.Timer(0.3, staging._unlock, (hub, fd)).start()
+    fd = lockfiles.lock(hub, wait=False)
+    threading.Timer(0.3, lockfiles.unlock, (hub, fd)).start()
     result = _rm(settings, "clipseg")
     assert result.exit_code == 0, result.output
     assert not pulled.exists()

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from automask import install, staging
+from automask import install, lockfiles, staging
 from automask.catalogue import (  # the catalogue was first defined here: its names are still imported from here
     CATALOGUE,
     EMBEDDED,
@@ -300,7 +300,7 @@ def pull(name: str, settings: Settings, *, progress: bool = True, force: bool = 
 
 class _Waiting:
     """`pull`'s `waiting` callback: says (when `progress`) what holds model `name`'s lock (another pull, a removal,
-    `models list` tidying: `staging.holder`; another pull when the lock does not say), and notes that this pull
+    `models list` tidying: `lockfiles.holder`; another pull when the lock does not say), and notes that this pull
     waited (`began`) until it was let in (`over`)."""
 
     def __init__(self, name: str, progress: bool) -> None:
@@ -309,10 +309,10 @@ class _Waiting:
 
     def __call__(self, holder: str) -> None:
         self.began = True
-        if holder == staging.REMOVAL:
+        if holder == lockfiles.REMOVAL:
             self.other = f"the removal of '{self.name}'"
             said = f"A removal of '{self.name}' (automask models rm) is running"
-        elif holder == staging.TIDYING:
+        elif holder == lockfiles.TIDYING:
             self.other = f"the tidying of '{self.name}'"
             said = f"automask is tidying what earlier pulls or removals of '{self.name}' left"
         else:
