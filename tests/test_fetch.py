@@ -195,6 +195,55 @@ def test_literal_ipv6_embedding_metadata_is_refused_with_private_urls_allowed(ho
             call(f"http://{host}/latest/meta-data/", Settings(allow_private_urls=True, fetch_timeout=1.0))
 
 
+def rfc6052(prefix: str, ipv4: str) -> ipaddress.IPv6Address:
+    """`ipv4` embedded in network-specific prefix `prefix` (/32 /40 /48 /56 /64 /96) as RFC 6052 section 2.2 lays
+    it out: its 32 bits after the prefix, skipping bits 64-71 (the "u" octet, zero)."""
+    net = ipaddress.ip_network(prefix)
+    bits = [int(b) for b in format(int(ipaddress.ip_address(ipv4)), "032b")]
+    layout = [int(b) for b in format(int(net.network_address), "0128b")]
+    at = net.prefixlen
+    for bit in bits:
+        at = 72 if at == 64 else at  # bits 64-71: the u octet
+        layout[at] = bit
+        at += 1
+    return ipaddress.IPv6Address(int("".join(map(str, layout)), 2))
+
+
+def test_rfc6052_layout_matches_the_rfc_examples() -> None:
+    """The helper above, checked against RFC 6052's own table (section 2.4) for 192.0.2.33."""
+    examples = {
+        "2001:db8::/32": "2001:db8:c000:221::",
+        "2001:db8:100::/40": "2001:db8:1c0:2:21::",
+        "2001:db8:122::/48": "2001:db8:122:c000:2:2100::",
+        "2001:db8:122:300::/56": "2001:db8:122:3c0:0:221::",
+        "2001:db8:122:344::/64": "2001:db8:122:344:c0:2:2100:0",
+        "2001:db8:122:344::/96": "2001:db8:122:344::c000:221",
+    }
+    for prefix, address in examples.items():
+        assert rfc6052(prefix, "192.0.2.33") == ipaddress.ip_address(address), prefix
+
+
+@pytest.mark.parametrize("prefix", ["64:ff9b:1::/48", "64:ff9b:1:100::/56", "64:ff9b:1:1234::/64"])
+@pytest.mark.parametrize("ipv4", ["169.254.169.254", "100.100.100.200", "169.254.1.1"])
+def test_nat64_local_prefixes_of_every_rfc6052_length_are_unwrapped(prefix: str, ipv4: str) -> None:
+    """Before: 64:ff9b:1::/48 was read by its low 32 bits only (the /96 layout); a local NAT64 gateway with a /48,
+    /56 or /64 prefix reached the metadata service through an address like 64:ff9b:1:a9fe:a9:fe00:: with private
+    URLs allowed. Now every position RFC 6052 allows is checked against the always-refused list."""
+    address = str(rfc6052(prefix, ipv4))
+    resolve = fake_resolver({"images.test": [address]})
+    with pytest.raises(URLRefusedError, match=r"NAT64 \(local\).* never fetches from cloud metadata"):
+        fetch_url("http://images.test/a.png", Settings(allow_private_urls=True), resolve=resolve)
+    assert never_fetched(ipaddress.ip_address(address))
+    with pytest.raises(URLRefusedError, match="never fetches from cloud metadata"):
+        check_url(f"http://[{address}]/", Settings(allow_private_urls=True))
+
+
+@pytest.mark.parametrize("prefix", ["64:ff9b:1::/48", "64:ff9b:1:100::/56", "64:ff9b:1:1234::/64"])
+def test_nat64_local_prefixes_embedding_a_private_address_are_not_never_fetched(prefix: str) -> None:
+    """The control: the same layouts around a private address stay reachable with private URLs allowed."""
+    assert not never_fetched(rfc6052(prefix, "10.0.0.1"))
+
+
 @pytest.mark.parametrize(
     "address", ["127.0.0.1", "10.0.0.1", "192.168.1.1", "fd12:3456::1", "::1", "100.64.0.1", "::7f00:1", "::"]
 )
@@ -490,6 +539,56 @@ def test_a_redirect_to_a_host_with_a_space_says_so(site: Site, location: str, wo
     assert words in str(caught.value), caught.value
     assert ("'%'" in str(caught.value)) == ("%" in location), caught.value
     assert [path for path, _ in site.log] == ["/hop"]
+
+
+ODD_HOSTS = [
+    ('http://a"b.com/x.png', "its host holds '\"'"),
+    ("http://a{b}.com/x.png", "its host holds '{', '}'"),
+    ("http://a|b.com/x.png", "its host holds '|'"),
+    ("http://a`b.com/x.png", "its host holds '`'"),
+    ("http://a\\b.com/x.png", "its host holds '\\\\'"),
+    ("http://a*b;c.com/x.png", "its host holds '*', ';'"),
+    ("http://a%22b.com/x.png", "its host holds '\"'"),  # percent-encoded: the character it stands for is named
+    # a non-ASCII (IDNA) host: httpx's own error was "Invalid IDNA hostname", which did not say what was wrong
+    ('http://bücher"x.de/x.png', "its host holds '\"'"),
+    ("http://bücher x.de/x.png", "its host holds a space"),
+    ("http://bücher<x>.de/x.png", "its host holds '<', '>'"),
+]
+
+
+@pytest.mark.parametrize(("url", "words"), ODD_HOSTS)
+def test_a_host_with_a_character_no_host_name_has_is_refused_naming_it(url: str, words: str) -> None:
+    """Before: `"`, `{`, `|` (kept by httpx as written) went to the resolver, and the 502 said the host could not be
+    resolved (after a DNS query that could never succeed); in a non-ASCII host, any of them gave httpx's generic
+    "Invalid IDNA hostname". Now the URL is refused (400) naming the character, as for a space; nothing is looked up."""
+    looked_up: list[str] = []
+
+    def resolve(host: str, port: int) -> list[IPAddress]:
+        looked_up.append(host)
+        return [LOOPBACK]
+
+    for call in (lambda: fetch_url(url, PRIVATE_OK, resolve=resolve), lambda: check_url(url, PRIVATE_OK)):
+        with pytest.raises(URLRefusedError, match="Refused the image URL") as caught:
+            call()
+        assert f"{words}, which no host name or address has" in str(caught.value), caught.value
+    assert looked_up == []
+
+
+@pytest.mark.parametrize(("url", "words"), ODD_HOSTS)
+def test_a_redirect_to_a_host_with_an_odd_character_names_it(site: Site, url: str, words: str) -> None:
+    site.routes["/hop"] = redirect_route(url)
+    with pytest.raises(FetchError, match="redirected to an invalid URL") as caught:
+        fetch_url(site.url("/hop"), PRIVATE_OK)
+    assert words in str(caught.value), caught.value
+    assert [path for path, _ in site.log] == ["/hop"]
+
+
+@pytest.mark.parametrize("host", ["images_1.example.com", "xn--bcher-kva.de", "bücher.de", "a-b.c0m"])
+def test_hosts_with_ordinary_characters_are_looked_up(host: str) -> None:
+    """The control: letters, digits, '-', '.', '_' and IDNA names go on to the resolver."""
+    resolve = fake_resolver({host.encode("idna").decode(): ["10.0.0.1"]})
+    with pytest.raises(URLRefusedError, match=r"10\.0\.0\.1, a private"):
+        fetch_url(f"http://{host}/x.png", Settings(), resolve=resolve)
 
 
 def test_at_most_three_redirects(site: Site) -> None:

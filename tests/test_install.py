@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from automask import lockfiles
 from automask import staging as staging_module
 from automask.errors import ModelNotAvailableError
 from automask.staging import partial_note, replace_dir, resumable_staging, staging
@@ -237,10 +238,10 @@ def test_resumable_staging_lets_one_installer_in_at_a_time(tmp_path: Path) -> No
     order: list[str] = []
 
     def second() -> None:
-        with resumable_staging(target, waiting=lambda: order.append("second waits")):
+        with resumable_staging(target, waiting=lambda _holder: order.append("second waits")):
             order.append("second in")
 
-    with resumable_staging(target, waiting=lambda: order.append("first waits")):
+    with resumable_staging(target, waiting=lambda _holder: order.append("first waits")):
         thread = threading.Thread(target=second)
         thread.start()
         thread.join(0.5)
@@ -301,7 +302,7 @@ def test_a_lock_let_go_while_another_waits_for_it_has_one_holder_at_a_time(
     import fcntl
 
     path = tmp_path / ".m.partial.lock"
-    holder = staging_module._lock(path, wait=True)
+    holder = lockfiles.lock(path, wait=True)
     opened = threading.Event()
     real_flock = fcntl.flock
 
@@ -312,17 +313,17 @@ def test_a_lock_let_go_while_another_waits_for_it_has_one_holder_at_a_time(
 
     monkeypatch.setattr(fcntl, "flock", flock)
     got: list[int | None] = []
-    waiter = threading.Thread(target=lambda: got.append(staging_module._lock(path, wait=True)))
+    waiter = threading.Thread(target=lambda: got.append(lockfiles.lock(path, wait=True)))
     waiter.start()
     assert opened.wait(10)
-    staging_module._unlock(path, holder)
+    lockfiles.unlock(path, holder)
     waiter.join(10)
     assert got and got[0] is not None
     try:
-        assert staging_module._lock(path, wait=False) is None  # a third installer waits
+        assert lockfiles.lock(path, wait=False) is None  # a third installer waits
         assert os.fstat(got[0]).st_ino == os.stat(path).st_ino
     finally:
-        staging_module._unlock(path, got[0])
+        lockfiles.unlock(path, got[0])
 
 
 def test_installing_is_false_where_locks_cannot_tell(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -339,7 +340,7 @@ def test_asking_whether_a_lock_is_held_leaves_no_lock_file(tmp_path: Path) -> No
     """`recover` (and `installing`, `models list`) asked of a lock file an export had just deleted as it ended:
     asking created it again, a stray `.m-xxxxxxxx.partial.lock` that nothing removed. Now it only says not held."""
     lock = tmp_path / ".m-0000000a.partial.lock"
-    assert not staging_module._held(lock)
+    assert not lockfiles.held(lock)
     assert not lock.exists()
 
 

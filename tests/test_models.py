@@ -466,6 +466,31 @@ def test_models_list_tells_of_a_download_a_failed_pull_kept(settings: Settings) 
     assert f"sam3: The 2.0 MB downloaded so far are kept in '{kept}'" in result.stderr
 
 
+@pytest.mark.parametrize("form", [[], ["--json"]], ids=["table", "json"])
+def test_models_list_tidies_what_killed_installers_left_in_either_form(settings: Settings, form: list[str]) -> None:
+    """The table form removes what killed pulls and removals left (an abandoned staging folder, an empty kept one
+    and its lock, a removal's `.removing` folder: GBs, for good) and says where a failed pull's download waits.
+    Before: `--json` (what scripts call) did neither, so those stayed until someone ran
+    the table form. Now both forms tidy and tell alike; the JSON on standard output is unchanged."""
+    from automask.cli import main
+
+    models_dir = settings.models_dir
+    models_dir.mkdir(parents=True)
+    for leftover in (".clipseg-0dead000.partial", ".clipseg-0dead001.removing", ".clipseg.partial"):
+        (models_dir / leftover).mkdir()
+    (models_dir / ".clipseg-0dead001.removing" / "model.safetensors").write_bytes(b"\0" * 1000)
+    (models_dir / ".clipseg.partial.lock").touch()
+    kept = models_dir / ".sam3.partial"
+    kept.mkdir()
+    (kept / "model.safetensors").write_bytes(b"\0" * 2_000_000)
+    result = CliRunner().invoke(main, ["--data-dir", str(settings.data_dir), "models", "list", *form])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in models_dir.iterdir()) == [".sam3.partial"]
+    assert f"sam3: The 2.0 MB downloaded so far are kept in '{kept}'" in result.stderr
+    if form:
+        assert {row["name"] for row in json.loads(result.stdout)} == set(models.CATALOGUE)
+
+
 def test_huggingface_hub_releases_before_0_25_with_their_errors_in_utils(
     settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -4,6 +4,7 @@ that name the right fix and leave nothing behind. Never the network: the hub lis
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -250,6 +251,82 @@ def test_ctrl_c_while_waiting_for_another_pull_does_not_claim_its_download(tmp_p
     assert "Stopped waiting: this pull downloaded nothing; the other pull of 'clipseg' goes on." in err
     assert "kept in" not in err and "Traceback" not in err
     assert hub.requests == []
+
+
+REMOVAL_HELD = """
+import pathlib, sys, time
+from automask import staging
+from automask.cli import main
+discard = staging._discard
+
+def held(old):  # deleting what it moved aside, under the model's lock, until told to go on
+    print("deleting", flush=True)
+    while not pathlib.Path(sys.argv[2]).exists():
+        time.sleep(0.05)
+    discard(old)
+
+staging._discard = held
+main(["--data-dir", sys.argv[1], "models", "rm", "clipseg"])
+"""
+
+
+@contextlib.contextmanager
+def _removal_held(tmp_path: Path, env: dict[str, str]) -> Iterator[subprocess.Popen[str]]:
+    """`models rm clipseg` in a process of its own, held midway (deleting, under the model's lock) for the block."""
+    go_on = tmp_path / "go-on"
+    rm = subprocess.Popen(
+        [sys.executable, "-c", REMOVAL_HELD, str(tmp_path / "data"), str(go_on)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert rm.stdout is not None and rm.stdout.readline() == "deleting\n", rm.communicate(timeout=60)
+        yield rm
+    finally:
+        go_on.touch()
+        rm.wait(timeout=60)
+
+
+def _installed_clipseg(tmp_path: Path, tiny_clipseg_dir: Path) -> Path:
+    folder = tmp_path / "data" / "models" / "clipseg"
+    shutil.copytree(tiny_clipseg_dir, folder)
+    (folder / "automask.json").write_text(json.dumps({"name": "clipseg", "backend": "clipseg", "repos": [REPO]}))
+    return folder
+
+
+def test_a_pull_waiting_for_a_removal_says_a_removal_is_running(
+    tmp_path: Path, hub: FakeHubServer, tiny_clipseg_dir: Path
+) -> None:
+    """Before: a pull that waited for `models rm` of the same model said "Another pull of 'clipseg' is running", and
+    Ctrl-C said that other pull went on. The lock now tells who holds it: a removal; once it has ended, the pull
+    goes on and installs the model again."""
+    folder = _installed_clipseg(tmp_path, tiny_clipseg_dir)
+    env = _env(tmp_path, hub)
+    with _removal_held(tmp_path, env) as rm:
+        pull = subprocess.Popen(
+            [*automask_command(), "models", "pull", "clipseg"], env=env, stderr=subprocess.PIPE, text=True
+        )
+        assert pull.stderr is not None
+        said = pull.stderr.readline()
+    _, err = pull.communicate(timeout=120)
+    assert rm.returncode == 0 and rm.stdout is not None and f"removed {folder}" in rm.stdout.read()
+    assert said == "A removal of 'clipseg' (automask models rm) is running: waiting for it to end...\n", said + err
+    assert pull.returncode == 0, said + err
+    assert (folder / "model.safetensors").read_bytes() == (hub.repos[REPO] / "model.safetensors").read_bytes()
+
+
+def test_a_removal_refused_for_another_removal_says_so(
+    tmp_path: Path, hub: FakeHubServer, tiny_clipseg_dir: Path
+) -> None:
+    """Before: a second `models rm` while one was deleting said a pull of the model was running."""
+    _installed_clipseg(tmp_path, tiny_clipseg_dir)
+    env = _env(tmp_path, hub)
+    with _removal_held(tmp_path, env):
+        again = run(["models", "rm", "clipseg"], env)
+    assert again.returncode == 10, again.stderr
+    assert "The model 'clipseg' is not removed: another removal of it is running." in again.stderr
 
 
 def _kept(tmp_path: Path, repo: Path, data: bytes) -> Path:

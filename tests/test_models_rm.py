@@ -10,13 +10,14 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
 
-from automask import models, staging
+from automask import lockfiles, models, staging
 from automask.backends.clipseg_common import onnx_dir
 from automask.cli import main
 from automask.settings import Settings
@@ -82,8 +83,8 @@ def test_rm_waits_for_a_brief_holder_of_the_lock(settings: Settings, pulled: Pat
     """`models list` (tidying, putting back) holds the model's lock for a moment: an rm at that moment said a pull was
     running and removed nothing. It waits for such a brief holder."""
     hub = settings.models_dir / ".clipseg.partial.lock"
-    fd = staging._lock(hub, wait=False)
-    threading.Timer(0.3, staging._unlock, (hub, fd)).start()
+    fd = lockfiles.lock(hub, wait=False)
+    threading.Timer(0.3, lockfiles.unlock, (hub, fd)).start()
     result = _rm(settings, "clipseg")
     assert result.exit_code == 0, result.output
     assert not pulled.exists()
@@ -108,6 +109,27 @@ def test_rm_puts_the_model_back_when_an_export_began_as_it_was_moved_aside(
     assert busy.exit_code == 10 and "an export of it is running" in busy.stderr
     assert (onnx_dir(pulled) / "image.onnx").read_bytes() == b"graph"
     assert _installed(settings)["clipseg"]["installed"] is True
+
+
+def test_rm_refuses_while_an_older_automask_may_be_exporting_without_a_lock(settings: Settings, pulled: Path) -> None:
+    """An export by an older automask stages in `.onnx-tmp-xxxxxxxx` and takes no lock: rm deleted the model folder
+    under it (the export failed, its minutes lost). Now rm refuses while such a folder was written in the last hour
+    (the rule `models list` keeps it by), and says which one; an older one is a killed export's, removed with the
+    model."""
+    unlocked = pulled / ".onnx-tmp-0123abcd"
+    unlocked.mkdir()
+    (unlocked / "image.onnx").write_bytes(b"half a graph")
+    busy = _rm(settings, "clipseg")
+    assert busy.exit_code == 10, busy.output
+    assert "The model 'clipseg' is not removed: an export of it by an older automask may be running" in busy.stderr
+    assert f"'{unlocked}' was written" in busy.stderr
+    assert (unlocked / "image.onnx").read_bytes() == b"half a graph" and models.is_installed("clipseg", settings)
+    two_hours_ago = time.time() - 7200
+    for path in (unlocked / "image.onnx", unlocked):
+        os.utime(path, (two_hours_ago, two_hours_ago))
+    result = _rm(settings, "clipseg")
+    assert result.exit_code == 0, result.output
+    assert not pulled.exists()
 
 
 def test_rm_killed_midway_leaves_no_half_model_that_list_shows(settings: Settings, pulled: Path) -> None:

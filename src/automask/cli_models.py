@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -13,6 +13,9 @@ from automask.cli_io import json_safe, root_settings
 from automask.cli_signals import signals_interrupt
 from automask.errors import AutomaskError
 from automask.settings import Settings
+
+if TYPE_CHECKING:
+    from automask.models import ModelInfo
 
 
 @click.group()
@@ -27,13 +30,45 @@ def models_list(ctx: click.Context, as_json: bool) -> None:
     """The models automask knows: name, backend, whether installed, and where."""
     from automask.models import list_models
 
-    infos = list_models(root_settings(ctx))
+    settings = root_settings(ctx)
+    notes = _tidy(settings)  # either form: a script's `--json` tidies as a person's table does
+    infos = list_models(settings)
     onnx = {m.name: _onnx_exports(m.backend, m.path) if m.installed else None for m in infos}
     if as_json:
         keys = ("name", "backend", "installed", "path", "description", "source")
         rows = [json_safe({**{k: _jsonable(getattr(m, k)) for k in keys}, "onnx": onnx[m.name]}) for m in infos]
         click.echo(json.dumps(rows))  # json_safe: a path that is not UTF-8 is written \xNN, not a lone surrogate
+    else:
+        _table(infos, onnx)
+    if not all(m.installed for m in infos):
+        click.echo("Install a model with: automask models pull NAME", err=True)
+    for note in notes:
+        click.echo(note, err=True)
+    if as_json:
         return
+    from automask.routing import vocabulary_lines
+
+    click.echo("\nThe embedded 'subject' model answers these prompt words (others need an open-vocabulary model):")
+    for line in vocabulary_lines():
+        click.echo(f"  {line}")
+
+
+def _tidy(settings: Settings) -> list[str]:
+    """Remove what killed pulls and removals of the catalogue models left (`staging.tidy`: hidden folders, GBs
+    maybe, that nothing else deletes); return a note ("NAME: ...") for each failed pull's download kept to resume."""
+    from automask.models import CATALOGUE, model_dir
+    from automask.staging import partial_note, tidy
+
+    notes = []
+    for name in CATALOGUE:
+        tidy(model_dir(name, settings))
+        if note := partial_note(model_dir(name, settings)):
+            notes.append(f"{name}: {note}")
+    return notes
+
+
+def _table(infos: list[ModelInfo], onnx: dict[str, list[str] | None]) -> None:
+    """Print `models list`'s table (`onnx`: each model's ONNX exports, `_onnx_exports`)."""
     from rich.console import Console
     from rich.table import Table
 
@@ -46,21 +81,6 @@ def models_list(ctx: click.Context, as_json: bool) -> None:
         shown = "" if exports is None else ", ".join(exports) or "no"
         table.add_row(m.name, m.backend, installed, shown, str(m.path), m.description)
     Console(width=None if sys.stdout.isatty() else 160).print(table)
-    if not all(m.installed for m in infos):
-        click.echo("Install a model with: automask models pull NAME", err=True)
-    from automask.models import model_dir
-    from automask.staging import partial_note, tidy
-
-    settings = root_settings(ctx)
-    for m in infos:  # a failed or interrupted pull's download, GBs maybe, waiting in a hidden folder
-        tidy(model_dir(m.name, settings))
-        if note := partial_note(model_dir(m.name, settings)):
-            click.echo(f"{m.name}: {note}", err=True)
-    from automask.routing import vocabulary_lines
-
-    click.echo("\nThe embedded 'subject' model answers these prompt words (others need an open-vocabulary model):")
-    for line in vocabulary_lines():
-        click.echo(f"  {line}")
 
 
 @models.command("pull")

@@ -74,7 +74,8 @@ class ModelNotAvailableError(AutomaskError):
 
 
 class ModelBusyError(AutomaskError):
-    """A model cannot be changed (removed) now: a pull or an export of it is running (the message says which)."""
+    """A model cannot be changed (removed) now: a pull, an export or a removal of it is running (the message says
+    which)."""
 
 
 class ServiceConfigError(AutomaskError):

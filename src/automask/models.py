@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from automask import install, staging
+from automask import install, lockfiles, staging
 from automask.catalogue import (  # the catalogue was first defined here: its names are still imported from here
     CATALOGUE,
     EMBEDDED,
@@ -291,8 +291,7 @@ def pull(name: str, settings: Settings, *, progress: bool = True, force: bool = 
         raise
     except KeyboardInterrupt:  # Ctrl-C (SIGTERM, SIGHUP under `signals_interrupt`)
         if progress and waiting.began and not waiting.over:  # the other pull's bytes are not this one's to announce
-            stopped = f"Stopped waiting: this pull downloaded nothing; the other pull of '{name}' goes on."
-            print(stopped, file=sys.stderr)
+            print(f"Stopped waiting: this pull downloaded nothing; {waiting.other} goes on.", file=sys.stderr)
         elif progress and (note := staging.partial_note(target)):  # where the bytes wait to be resumed
             print(note, file=sys.stderr)
         raise
@@ -300,16 +299,26 @@ def pull(name: str, settings: Settings, *, progress: bool = True, force: bool = 
 
 
 class _Waiting:
-    """`pull`'s `waiting` callback: says (when `progress`) that another pull of model `name` is running, and
-    notes that this one waited (`began`) until it was let in (`over`)."""
+    """`pull`'s `waiting` callback: says (when `progress`) what holds model `name`'s lock (another pull, a removal,
+    `models list` tidying: `lockfiles.holder`; another pull when the lock does not say), and notes that this pull
+    waited (`began`) until it was let in (`over`)."""
 
     def __init__(self, name: str, progress: bool) -> None:
         self.name, self.progress, self.began, self.over = name, progress, False, False
+        self.other = f"the other pull of '{name}'"
 
-    def __call__(self) -> None:
+    def __call__(self, holder: str) -> None:
         self.began = True
+        if holder == lockfiles.REMOVAL:
+            self.other = f"the removal of '{self.name}'"
+            said = f"A removal of '{self.name}' (automask models rm) is running"
+        elif holder == lockfiles.TIDYING:
+            self.other = f"the tidying of '{self.name}'"
+            said = f"automask is tidying what earlier pulls or removals of '{self.name}' left"
+        else:
+            said = f"Another pull of '{self.name}' is running"
         if self.progress:
-            print(f"Another pull of '{self.name}' is running: waiting for it to end...", file=sys.stderr)
+            print(f"{said}: waiting for it to end...", file=sys.stderr)
 
 
 def _fetch(

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from automask import staging
 from automask.catalogue import ModelSpec, catalogue_spec
-from automask.errors import ModelNotAvailableError
+from automask.errors import ModelBusyError, ModelNotAvailableError
 from automask.models import hf_cached, model_dir
 from automask.settings import Settings
 
@@ -33,6 +33,7 @@ def remove(name: str, settings: Settings) -> Removed:
 
     spec = catalogue_spec(name)
     folder = model_dir(name, settings)
+    _refuse_under_an_unlocked_export(name, folder)
     link = folder.resolve() if folder.is_symlink() and folder.exists() else None  # not a dangling one's
     paths = staging.remove(folder, inner=(onnx_dir(folder),))
     cached = hf_cached(name)
@@ -48,6 +49,21 @@ def remove(name: str, settings: Settings) -> Removed:
         f"The model '{name}' is not installed in '{settings.models_dir}': nothing to remove (automask models list "
         "shows what is installed)."
     )
+
+
+def _refuse_under_an_unlocked_export(name: str, folder: Path) -> None:
+    """`ModelBusyError` when an export by an older automask, which takes no lock, may be writing into `folder`: one
+    of its staging folders was written in the last hour (`unlocked_exports`, the rule `models list` tidies by).
+    Looked at before `staging.remove` takes the lock: such an export would not wait for it anyway."""
+    from automask.backends.clipseg_common import UNLOCKED_EXPORT_AGE_S, unlocked_exports
+
+    live = unlocked_exports(folder, live=True)
+    if live:
+        raise ModelBusyError(
+            f"The model '{name}' is not removed: an export of it by an older automask may be running ('{live[0]}' "
+            f"was written in the last {UNLOCKED_EXPORT_AGE_S / 60:.0f} minutes; such an export takes no lock). Run "
+            "this again once it has ended; if none is running, delete that folder first."
+        )
 
 
 def hf_cache_rm(spec: ModelSpec) -> str:

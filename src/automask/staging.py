@@ -12,13 +12,14 @@ import os
 import shutil
 import signal
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from automask import lockfiles
 from automask.errors import ModelBusyError, ModelNotAvailableError
+from automask.lockfiles import PULL, REMOVAL, TIDYING
 
 HUB_BOOKKEEPING = "huggingface"
 """The subfolder of a download folder's `.cache` where huggingface_hub keeps its locks and metadata."""
@@ -35,7 +36,7 @@ def staging(folder: Path) -> Iterator[Path]:
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
         _remove_abandoned(folder)
-        held = _lock(_lock_file(tmp), wait=True)
+        held = lockfiles.lock(lockfiles.lock_file(tmp), wait=True)
         tmp.mkdir()  # not mkdtemp: its 0700 would stay on the installed folder; this follows the umask
     except OSError as exc:
         raise ModelNotAvailableError(
@@ -46,24 +47,25 @@ def staging(folder: Path) -> Iterator[Path]:
         yield tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        _unlock(_lock_file(tmp), held)
+        lockfiles.unlock(lockfiles.lock_file(tmp), held)
 
 
 @contextlib.contextmanager
-def resumable_staging(folder: Path, waiting: Callable[[], None] | None = None) -> Iterator[Path]:
+def resumable_staging(folder: Path, waiting: Callable[[str], None] | None = None) -> Iterator[Path]:
     """The staging folder of `folder` that a failed or interrupted block keeps: `.NAME.partial` beside it, always
     the same, so the next install of `folder` resumes the files this one had downloaded. Removed when the block
     ends normally (after `replace_dir` moved it into place, or unused), or when it holds no file.
     `ModelNotAvailableError` when it cannot be created.
 
-    For the block, the folder's `.lock` file is locked, after waiting for another installer of `folder` to end
-    (`waiting` is called first, when there is one): one download into it at a time; a killed installer's lock is
-    released by the system, and its folder reused."""
+    For the block, the folder's `.lock` file is locked, after waiting for another installer of `folder` (or a
+    removal, or a tidying) to end (`waiting` is called first, when there is one, with what its lock file says holds
+    it: `PULL`, `REMOVAL`, `TIDYING`, or "" when it does not say): one download into it at a time; a killed
+    installer's lock is released by the system, and its folder reused."""
     tmp = _kept(folder)
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
         _remove_abandoned(folder)
-        held = _hold(_lock_file(tmp), waiting)
+        held = lockfiles.hold(lockfiles.lock_file(tmp), waiting, PULL)
         tmp.mkdir(exist_ok=True)
     except OSError as exc:
         raise ModelNotAvailableError(
@@ -77,7 +79,7 @@ def resumable_staging(folder: Path, waiting: Callable[[], None] | None = None) -
     finally:
         if not keep or not _downloaded(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
-        _unlock(_lock_file(tmp), held)
+        lockfiles.unlock(lockfiles.lock_file(tmp), held)
 
 
 def partial_note(folder: Path) -> str:
@@ -87,7 +89,9 @@ def partial_note(folder: Path) -> str:
     size = _downloaded(tmp)
     if not size:
         return ""
-    if _lock_file(tmp).exists() and _held(_lock_file(tmp)):  # not kept: a live pull's, not to be deleted
+    if lockfiles.lock_file(tmp).exists() and lockfiles.held(
+        lockfiles.lock_file(tmp)
+    ):  # not kept: a live pull's, not to be deleted
         return f"A pull of {folder.name} is running: {size / 1e6:.1f} MB downloaded so far, in '{tmp}'."
     return (
         f"The {size / 1e6:.1f} MB downloaded so far are kept in '{tmp}': automask models pull {folder.name} resumes "
@@ -110,16 +114,16 @@ def tidy(folder: Path) -> None:
     with contextlib.suppress(OSError):
         _remove_abandoned(folder)
         removing = list(folder.parent.glob(_unique(folder, REMOVING)))
-        if not _lock_file(tmp).exists() and not removing:
+        if not lockfiles.lock_file(tmp).exists() and not removing:
             return
-        fd = _lock(_lock_file(tmp), wait=False)
+        fd = lockfiles.lock(lockfiles.lock_file(tmp), wait=False, by=TIDYING)
         if fd is None or fd < 0:  # a pull (or a removal) is running, or no locks to tell (Windows)
             return
         if not _downloaded(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
         for leftover in removing:
             _discard(leftover)
-        _unlock(_lock_file(tmp), fd)
+        lockfiles.unlock(lockfiles.lock_file(tmp), fd)
 
 
 REMOVING = ".removing"
@@ -134,9 +138,9 @@ def remove(folder: Path, inner: tuple[Path, ...] = ()) -> list[Path]:
     of `folder`, or of a folder of `inner` (inside `folder`: its ONNX export), holds its lock; nothing is removed."""
     if not folder.parent.is_dir():
         return []
-    hub = _lock_file(_kept(folder))
+    hub = lockfiles.lock_file(_kept(folder))
     try:
-        fd = _lock_soon(hub)
+        fd = lockfiles.lock_soon(hub, REMOVAL)
     except OSError as exc:
         raise ModelNotAvailableError(
             f"Cannot remove from the models folder '{folder.parent}' ({exc.strerror})."
@@ -144,7 +148,9 @@ def remove(folder: Path, inner: tuple[Path, ...] = ()) -> list[Path]:
     try:
         busy = [f for f in inner if installing(f)]
         if fd is None or _staging_held(folder) or busy:
-            raise ModelBusyError(_busy_message(folder, (busy or [folder])[0]))
+            raise ModelBusyError(
+                _busy_message(folder, (busy or [folder])[0], lockfiles.holder(hub) if fd is None else PULL)
+            )
         olds = sorted(folder.parent.glob(_unique(folder, ".old")))  # first: `recover` would put one back
         found = [p for p in (*olds, folder, _kept(folder)) if os.path.lexists(p)]
         moved = _rename_aside(found, folder)
@@ -156,16 +162,7 @@ def remove(folder: Path, inner: tuple[Path, ...] = ()) -> list[Path]:
             _discard(leftover)
         return found
     finally:
-        _unlock(hub, fd)
-
-
-def _lock_soon(path: Path, patience: float = 2.0) -> int | None:
-    """`_lock(path)`, waiting up to `patience` seconds for a brief holder (`models list` tidying, `recover`) to let
-    go; None when it is still held then (a pull, which holds it for minutes)."""
-    deadline = time.monotonic() + patience
-    while (fd := _lock(path, wait=False)) is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return fd
+        lockfiles.unlock(hub, fd)
 
 
 def _rename_aside(paths: list[Path], folder: Path) -> dict[Path, Path]:
@@ -192,8 +189,8 @@ def _put_back(moved: dict[Path, Path]) -> None:
                 os.rename(aside, path)
 
 
-def _busy_message(folder: Path, busy: Path) -> str:
-    what = "a pull" if busy == folder else "an export"
+def _busy_message(folder: Path, busy: Path, held_by: str = PULL) -> str:
+    what = ("another removal" if held_by == REMOVAL else "a pull") if busy == folder else "an export"
     return (
         f"The model '{folder.name}' is not removed: {what} of it is running. Run this again once it has ended "
         "(Ctrl-C it to stop it)."
@@ -203,13 +200,13 @@ def _busy_message(folder: Path, busy: Path) -> str:
 def installing(folder: Path) -> bool:
     """True while an installer of `folder` holds its lock: a pull (`resumable_staging`) or a `staging` block (an
     export). False where locks cannot tell (Windows)."""
-    hub = _lock_file(_kept(folder))
-    return (hub.exists() and _held(hub)) or _staging_held(folder)
+    hub = lockfiles.lock_file(_kept(folder))
+    return (hub.exists() and lockfiles.held(hub)) or _staging_held(folder)
 
 
 def _staging_held(folder: Path) -> bool:
     """True while a `staging` block of `folder` holds its lock (an export, the embedded model's install)."""
-    return any(_held(lock) for lock in folder.parent.glob(_unique(folder, ".partial.lock")))
+    return any(lockfiles.held(lock) for lock in folder.parent.glob(_unique(folder, ".partial.lock")))
 
 
 def recover(folder: Path) -> None:
@@ -221,8 +218,8 @@ def recover(folder: Path) -> None:
         olds = sorted(folder.parent.glob(_unique(folder, ".old")), key=lambda p: p.lstat().st_ctime_ns)
         if not olds:
             return
-        hub = _lock_file(_kept(folder))
-        fd = _lock(hub, wait=False)
+        hub = lockfiles.lock_file(_kept(folder))
+        fd = lockfiles.lock(hub, wait=False, by=TIDYING)
         if fd is None or fd < 0:
             return
         try:
@@ -233,24 +230,13 @@ def recover(folder: Path) -> None:
             for old in olds:
                 _discard(old)
         finally:
-            _unlock(hub, fd)
+            lockfiles.unlock(hub, fd)
 
 
 def _unique(folder: Path, suffix: str) -> str:
     """The glob pattern of the names `_move_aside` and `staging` give beside `folder`: `.NAME-xxxxxxxx` + `suffix`
     (not `.NAME-more-xxxxxxxx`: another model's)."""
     return f".{glob.escape(folder.name)}-{'[0-9a-f]' * 8}{suffix}"
-
-
-def _held(path: Path) -> bool:
-    """True when a live process holds the lock of lock file `path`; False where locks cannot tell (Windows)."""
-    try:
-        fd = _lock(path, wait=False, create=False)
-    except FileNotFoundError:  # its holder deleted it as it let go (not created again: a stray file nobody tidies)
-        return False
-    if fd is not None and fd >= 0:
-        os.close(fd)
-    return fd is None
 
 
 def _downloaded(tmp: Path) -> int:
@@ -261,63 +247,14 @@ def _downloaded(tmp: Path) -> int:
     return 0
 
 
-def _hold(path: Path, waiting: Callable[[], None] | None) -> int | None:
-    """`_lock(path)`, waiting for it (calling `waiting` first) when another process holds it."""
-    fd = _lock(path, wait=False)
-    if fd is None:
-        if waiting is not None:
-            waiting()
-        fd = _lock(path, wait=True)
-    return fd
-
-
-def _lock_file(tmp: Path) -> Path:
-    return tmp.with_name(f"{tmp.name}.lock")
-
-
-def _lock(path: Path, *, wait: bool, create: bool = True) -> int | None:
-    """An open descriptor of `path` (created if need be, if `create`: else FileNotFoundError) holding its exclusive
-    lock; None when another process holds it (and not `wait`). Where there is no `fcntl` (Windows) nothing is
-    locked: -1.
-
-    Again until the locked file is still the one at `path`: a holder deletes it as it lets go (`_unlock`), and a
-    lock taken meanwhile on that deleted file would hold nothing (another process locks the new file there)."""
-    try:
-        import fcntl
-    except ImportError:
-        return -1
-    while True:
-        fd = os.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
-            if os.fstat(fd).st_ino == os.stat(path).st_ino:
-                return fd
-        except BlockingIOError:
-            os.close(fd)
-            return None
-        except FileNotFoundError:
-            pass
-        except BaseException:
-            os.close(fd)
-            raise
-        os.close(fd)
-
-
-def _unlock(path: Path, fd: int | None) -> None:
-    with contextlib.suppress(OSError):
-        path.unlink()
-    if fd is not None and fd >= 0:
-        os.close(fd)
-
-
 def _remove_abandoned(folder: Path) -> None:
     """Remove the staging folders of `folder` that no live process holds (see `staging`)."""
     for old in folder.parent.glob(_unique(folder, ".partial")):
-        fd = _lock(_lock_file(old), wait=False)
+        fd = lockfiles.lock(lockfiles.lock_file(old), wait=False)
         if fd is None or fd < 0:  # alive, or no locks to tell (Windows): keep it
             continue
         shutil.rmtree(old, ignore_errors=True)
-        _unlock(_lock_file(old), fd)
+        lockfiles.unlock(lockfiles.lock_file(old), fd)
 
 
 def replace_dir(new: Path, dest: Path) -> None:

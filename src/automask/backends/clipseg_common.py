@@ -77,11 +77,18 @@ def tidy_exports(model_path: Path) -> None:
     in them for `UNLOCKED_EXPORT_AGE_S` (an older automask sharing the data folder may be exporting into one)."""
     folder = onnx_dir(model_path)
     staging.tidy(folder)
-    unlocked = list(Path(model_path).glob(f".{ONNX_DIR}-tmp-{'[0-9a-f]' * 8}"))
-    if unlocked and not staging.installing(folder):
-        for tmp in unlocked:
-            if time.time() - _last_write(tmp) > UNLOCKED_EXPORT_AGE_S:
-                shutil.rmtree(tmp, ignore_errors=True)
+    stale = unlocked_exports(model_path, live=False)
+    if stale and not staging.installing(folder):
+        for tmp in stale:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def unlocked_exports(model_path: Path, *, live: bool) -> list[Path]:
+    """The `.onnx-tmp-xxxxxxxx` staging folders in `model_path` of exports made before these were locked: when
+    `live`, those written in the last `UNLOCKED_EXPORT_AGE_S` (an older automask may be exporting into one); else
+    the others (a killed export's)."""
+    found = Path(model_path).glob(f".{ONNX_DIR}-tmp-{'[0-9a-f]' * 8}")
+    return [tmp for tmp in found if (time.time() - _last_write(tmp) <= UNLOCKED_EXPORT_AGE_S) == live]
 
 
 def _last_write(folder: Path) -> float:

@@ -31,8 +31,12 @@ _METADATA = (
 )
 _CARRY_LOW_32_BITS = tuple(
     ipaddress.ip_network(net)
-    for net in ("::/96", "::ffff:0:0:0/96", "64:ff9b::/96", "64:ff9b:1::/48")  # compatible, translated, NAT64
+    for net in ("::/96", "::ffff:0:0:0/96", "64:ff9b::/96")  # compatible, translated, NAT64
 )
+_NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")
+"""RFC 8215's local-use NAT64 range: a gateway may take any network-specific prefix of it, of a length RFC 6052
+allows, so the IPv4 address may sit at any of `_RFC6052_LENGTHS`' positions."""
+_RFC6052_LENGTHS = (32, 40, 48, 56, 64, 96)
 NEVER_FETCHED = (
     *_METADATA,
     ipaddress.ip_network("169.254.0.0/16"),
@@ -152,13 +156,29 @@ def resolve_host(host: str, port: int, *, numeric_only: bool = False) -> list[IP
 
 def embedded_ipv4(ip: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
     """The IPv4 addresses an IPv6 address carries, each of which it may reach: IPv4-mapped (::ffff:a.b.c.d),
-    IPv4-compatible (::a.b.c.d), IPv4-translated (::ffff:0:a.b.c.d), NAT64 (64:ff9b::/96, 64:ff9b:1::/48),
-    6to4 (2002::/16) and Teredo (2001::/32: its server and its client). [] for any other."""
-    low = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    IPv4-compatible (::a.b.c.d), IPv4-translated (::ffff:0:a.b.c.d), NAT64 (64:ff9b::/96; 64:ff9b:1::/48 read at
+    every position RFC 6052 allows, `rfc6052_ipv4`), 6to4 (2002::/16) and Teredo (2001::/32: its server and its
+    client). [] for any other."""
     found = [ip.ipv4_mapped, ip.sixtofour, *(ip.teredo or ())]
     if any(ip in network for network in _CARRY_LOW_32_BITS):
-        found.append(low)
+        found.append(rfc6052_ipv4(ip, 96))
+    if ip in _NAT64_LOCAL:
+        found += [rfc6052_ipv4(ip, length) for length in _RFC6052_LENGTHS]
     return [inner for inner in found if inner is not None]
+
+
+def rfc6052_ipv4(ip: ipaddress.IPv6Address, prefix_length: int) -> ipaddress.IPv4Address:
+    """The IPv4 address that IPv4-embedded IPv6 address `ip` carries behind a prefix of `prefix_length` bits (one
+    of 32, 40, 48, 56, 64, 96): the 32 bits after the prefix, bits 64-71 (the "u" octet) skipped (RFC 6052 2.2)."""
+    value = int(ip)
+
+    def bits(first: int, end: int) -> int:  # bits first..end-1, counted from the most significant
+        return (value >> (128 - end)) & ((1 << (end - first)) - 1)
+
+    if prefix_length == 96:
+        return ipaddress.IPv4Address(bits(96, 128))
+    head = 64 - prefix_length  # the bits before the u octet
+    return ipaddress.IPv4Address((bits(prefix_length, 64) << (32 - head)) | bits(72, 104 - head))
 
 
 def never_fetched(ip: IPAddress) -> bool:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import string
 import threading
 import time
 import urllib.parse
@@ -106,7 +107,8 @@ def parse_url(url: str) -> httpx.URL:
     try:
         parsed = httpx.URL(url)
     except (httpx.InvalidURL, TypeError, UnicodeError) as exc:
-        raise URLRefusedError(f"Refused the image URL {_short(url)}: it is not a valid URL ({exc}).") from None
+        why = (_host_flaw(url) if isinstance(url, str) else None) or f"it is not a valid URL ({exc})."
+        raise URLRefusedError(f"Refused the image URL {_short(url)}: {why}") from None
     if parsed.scheme not in ("http", "https"):
         raise URLRefusedError(
             f"Refused the image URL {_show(parsed)}: only http:// and https:// URLs are fetched "
@@ -124,10 +126,10 @@ def _flaw(parsed: httpx.URL) -> str | None:
         return "it has no host."
     if parsed.port is not None and not 0 < parsed.port <= 65535:  # httpx takes any number
         return f"port {parsed.port} is not a TCP port (1–65535)."
+    host = urllib.parse.unquote(parsed.raw_host.decode("ascii"))
+    if odd := _unfit_in_host(host):  # written so, or percent-encoded (by httpx: a space; or in the URL: %22)
+        return _holds(odd)  # (was: a '%' not written; or, for '"', '{', '|', 502 "could not resolve")
     if b"%" in parsed.raw_host:  # httpx keeps it as sent; no resolver reads it (was: 502 "could not resolve")
-        odd = _unfit_in_host(urllib.parse.unquote(parsed.raw_host.decode("ascii")))
-        if odd:  # written so, or sent so and percent-encoded by httpx (was: a message about a '%' not written)
-            return f"its host holds {odd}, which no host name or address has. Correct the host name."
         return (
             "its host holds '%' (a percent-encoded name, or an IPv6 zone such as %25eth0, which names a local "
             "network interface). Write the host name or address plainly."
@@ -135,22 +137,47 @@ def _flaw(parsed: httpx.URL) -> str | None:
     return None
 
 
+_HOST_ASCII = frozenset(string.ascii_letters + string.digits + "-._:%")
+"""The ASCII characters a host may hold: a name's letters, digits, '-', '.' and '_', an IPv6 address's ':' (`%` is
+`_flaw`'s own case)."""
+
+
 def _unfit_in_host(host: str) -> str | None:
-    """The characters of `host` (percent-escapes decoded) that httpx percent-encodes in a host and no host name or
-    address holds, described ("a space, '<'"), or None."""
-    odd = dict.fromkeys(c for c in host if c.isspace() or c in "<>[]^")
+    """The characters of `host` (percent-escapes decoded) that no host name or address holds (ASCII ones but
+    `_HOST_ASCII`, and white space), described ("a space, '<'"), or None. httpx keeps `"`, `{`, `|` ... in a host,
+    percent-encodes a space, `<`, `^` ..., and refuses any of them beside a non-ASCII letter (IDNA)."""
+    odd = dict.fromkeys(c for c in host if c.isspace() or (c.isascii() and c not in _HOST_ASCII))
     return ", ".join("a space" if c == " " else repr(c) for c in odd) or None
+
+
+def _host_flaw(url: str) -> str | None:
+    """The sentence naming what no host holds in the host of `url`, a URL httpx refused (an IDNA name with such a
+    character); None when it has none (httpx's own message then says what is wrong)."""
+    try:
+        host = urllib.parse.urlsplit(url).hostname or ""
+    except ValueError:
+        return None
+    odd = _unfit_in_host(urllib.parse.unquote(host))
+    return _holds(odd) if odd else None
+
+
+def _holds(odd: str) -> str:
+    return f"its host holds {odd}, which no host name or address has. Correct the host name."
 
 
 def _redirect_target(current: httpx.URL, location: str) -> httpx.URL:
     """The URL a redirect's Location points to (relative to `current`), checked like the first one. An invalid
     one (no host, a bad port, ...) is the server's fault, FetchError (502) as any other invalid Location (was: some
     400, some 502); one to another scheme is refused (URLRefusedError, 400) as a first URL would be."""
-    try:
-        target = current.join(location)
-        flaw = _flaw(target) if target.scheme in ("http", "https") else None
+    try:  # as httpx reads a Location (`Client._redirect_url`), which it did before `_stop_at_redirect`
+        written, target = httpx.URL(location), current.join(location)
+        web = target.scheme in ("http", "https")
+        no_host = web and bool(written.scheme) and not written.raw_host  # "http:x.png": not taken for "x.png"
+        flaw = "it has a scheme but no host." if no_host else _flaw(target) if web else None
+        if flaw is None and web:
+            target.host  # noqa: B018 (decodes the IDNA name: "http://xn--a.com/" raises UnicodeError)
     except (httpx.InvalidURL, UnicodeError) as exc:
-        flaw = f"{exc}."
+        flaw = _host_flaw(location) or f"{exc}."
     if flaw:
         raise FetchError(
             f"The image URL {_show(current)} redirected to an invalid URL ({_short(location, 80)}: {flaw[:-1]})."
@@ -220,10 +247,6 @@ def _get(url: httpx.URL, addresses: list[IPAddress], deadline: float, settings: 
                     raise FetchError(f"Could not connect to the image URL's server {url.host} ({exc}).") from None
                 continue
             raise FetchError(f"Fetching the image URL {_show(url)} failed: {exc}.") from None
-        except (httpx.InvalidURL, UnicodeError) as exc:  # httpx builds a redirect's next request (unused here)
-            # and may fail to ("Location: http:x.png": a scheme, no host; "http://xn--a.com/": idna's UnicodeError);
-            # neither is an HTTPError: each was a 500 "unexpected server error"
-            raise FetchError(f"The image URL {_show(url)} redirected to an invalid URL ({exc}).") from None
     raise AssertionError("unreachable: addresses is never empty")
 
 
@@ -240,18 +263,37 @@ def _get_from(url: httpx.URL, ip: IPAddress, deadline: float, settings: Settings
     # honoured. Plain http has no TLS to verify (False skips loading the CA bundle, ~40 ms).
     # A client per hop: no connection (or TLS session) is ever reused for another host name.
     verify = httpx.create_ssl_context(trust_env=True) if url.scheme == "https" else False
-    with (
-        watchdog,
-        httpx.Client(trust_env=False, verify=verify, follow_redirects=False, timeout=timeout) as client,
-        client.stream("GET", pinned, headers=headers, extensions=extensions) as response,
-    ):
-        if response.status_code in _REDIRECTS and "location" in response.headers:
-            return response.headers["location"]
-        if not 200 <= response.status_code < 300:
-            raise FetchError(
-                f"The image URL {_show(url)} answered HTTP {response.status_code} {response.reason_phrase}."
-            )
-        return _read_capped(response, url, deadline, settings)
+    hooks = {"response": [_stop_at_redirect]}
+    try:
+        with (
+            watchdog,
+            httpx.Client(
+                trust_env=False, verify=verify, follow_redirects=False, timeout=timeout, event_hooks=hooks
+            ) as c,
+            c.stream("GET", pinned, headers=headers, extensions=extensions) as response,
+        ):
+            if not 200 <= response.status_code < 300:
+                raise FetchError(
+                    f"The image URL {_show(url)} answered HTTP {response.status_code} {response.reason_phrase}."
+                )
+            return _read_capped(response, url, deadline, settings)
+    except _Redirected as redirect:
+        return redirect.location
+
+
+class _Redirected(Exception):
+    """Not an error: how `_stop_at_redirect` hands a redirect's Location over to `_get_from`."""
+
+    def __init__(self, location: str) -> None:
+        self.location = location
+
+
+def _stop_at_redirect(response: httpx.Response) -> None:
+    """httpx's response hook: a redirect ends the request here, its Location handed over as it was sent (httpx
+    would next parse it for a request that is never made, and refuse some with its own generic message: "Invalid
+    URL in location header: Invalid IDNA hostname"); `_redirect_target` reads and checks it."""
+    if response.status_code in _REDIRECTS and "location" in response.headers:
+        raise _Redirected(response.headers["location"])
 
 
 class _Watchdog:
