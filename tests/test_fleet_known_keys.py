@@ -17,7 +17,16 @@ from click.testing import CliRunner
 
 from automask.cli import main
 from automask.server import keys as keystore
-from automask.server.auth_limit import KNOWN_PREFIX, KNOWN_TTL, REFRESH, TIMEOUT, FailedAuth, FleetKnown, fleet_secret
+from automask.server.auth_limit import (
+    KNOWN_PREFIX,
+    KNOWN_TTL,
+    REFRESH,
+    TIMEOUT,
+    Attempt,
+    FailedAuth,
+    FleetKnown,
+    fleet_secret,
+)
 from automask.server.errors import ApiError
 from automask.server.limits import RedisRateLimiter
 from automask.server.store import Store
@@ -137,7 +146,7 @@ def test_the_known_lookup_failing_keeps_the_lock_out(redis_db: str, redis_fails:
 
     async def run() -> float:
         try:
-            await failed_auth.failed("192.0.2.1", "am_x_y")
+            await failed_auth.failed(Attempt("192.0.2.1"), "am_x_y")
             start = time.monotonic()
             with pytest.raises(ApiError) as refused:
                 await failed_auth.admit("192.0.2.1", "am_abc_secret")

@@ -249,6 +249,10 @@ def test_a_compressed_body_is_a_400_that_says_so_and_costs_nothing(serve: Any, i
         assert (r.status_code, r.json()) == (400, expected)
     r = post(live, {**headers, "content-encoding": "gzip"}, data={"prompt": "sofa"}, files={"image": ("a.png", b"x")})
     assert (r.status_code, r.json()) == (400, expected)
+    # before: with the encodings in two headers, identity first, only the first was read ("is not valid JSON")
+    twice = [*headers.items(), ("content-encoding", "identity"), ("content-encoding", "gzip")]
+    r = httpx.post(f"{live.url}/v1/{SLUG}", headers=twice, content=gzip.compress(body), timeout=30)
+    assert (r.status_code, r.json()) == (400, {"error": expected["error"].replace("gzip", "identity, gzip")})
     assert keystore.get_key(live.store, key_id).credits == 5
     r = post(live, {**headers, "content-encoding": "identity"}, content=body)
     assert r.status_code == 200 and r.headers["content-type"] == "image/png"

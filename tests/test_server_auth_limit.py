@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from automask.server import keys as keystore
-from automask.server.auth_limit import SITE_FACTOR, FailedAuth, Known, client_address
+from automask.server.auth_limit import SITE_FACTOR, Attempt, FailedAuth, Known, client_address
 from automask.server.errors import ApiError
 from automask.server.limits import MAX_COUNTED, WINDOW, RateLimiter, RedisRateLimiter
 from automask.server.store import Store
@@ -95,6 +95,55 @@ def test_successful_requests_do_not_count(tmp_path: Path) -> None:
         limited(live, 2, clock)
         assert [get(live.url, good).status_code for _ in range(5)] == [200] * 5
         assert [get(live.url, "am_x_y").status_code for _ in range(3)] == [401, 401, 429]
+        store.close()
+
+
+def test_guesses_sent_at_once_are_read_no_more_than_the_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before: an address's failures were counted only once the database had refused them, so guesses sent together
+    all passed the look at the count first: 150 at once with a limit of 5 had about 50 read (as many as were in flight).
+    Now each guess takes its place in the count before the database is read: at most the limit are read, however
+    many come at once. A valid key's requests take their place only while the database reads them: none is left."""
+    clock = Clock()
+    with live_server(tmp_path / "data", FakeBackend()) as live:
+        store = Store.in_data_dir(tmp_path / "data")
+        _, good = keystore.create_key(store)
+        limited(live, 5, clock)
+        calls = counting_authenticate(monkeypatch)
+
+        async def flood() -> list[int]:
+            async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=150)) as client:
+                sent = [
+                    client.get(f"{live.url}{MODELS}", headers={"x-api-key": f"am_{n:012x}_guess"}) for n in range(150)
+                ]
+                return [r.status_code for r in await asyncio.gather(*sent)]
+
+        codes = asyncio.run(flood())
+        assert codes.count(401) == 5 and codes.count(429) == 145 and len(calls) == 5
+        clock.now += WINDOW
+        assert [get(live.url, good).status_code for _ in range(7)] == [200] * 7  # none of them counted
+        assert [get(live.url, "am_x_y").status_code for _ in range(6)] == [401] * 5 + [429]
+        store.close()
+
+
+def test_a_new_keys_first_requests_sent_at_once_are_all_served(tmp_path: Path) -> None:
+    """A valid key's requests take their place in the count of failures only while the database reads them; the
+    ones that find no room wait for those in flight (the first to succeed makes the key known to be good), rather than
+    being refused 429 for failures that never happened. Guesses among them still find no room."""
+    clock = Clock()
+    with live_server(tmp_path / "data", FakeBackend()) as live:
+        store = Store.in_data_dir(tmp_path / "data")
+        _, fresh = keystore.create_key(store)
+        failed_auth = limited(live, 3, clock)
+
+        async def burst(tokens: list[str]) -> list[int]:
+            async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=len(tokens))) as client:
+                sent = [client.get(f"{live.url}{MODELS}", headers={"x-api-key": token}) for token in tokens]
+                return [r.status_code for r in await asyncio.gather(*sent)]
+
+        assert asyncio.run(burst([fresh] * 40)) == [200] * 40
+        assert failed_auth.known.has(fresh) and len(failed_auth.limiter) == 0  # nothing left counted
+        codes = asyncio.run(burst(["am_x_guess"] * 20))
+        assert codes.count(401) == 3 and codes.count(429) == 17
         store.close()
 
 
@@ -203,18 +252,18 @@ def test_a_flood_from_many_ipv6_64s_of_one_site_is_locked_out_as_the_site() -> N
         for address in addresses:
             for _ in range(3):
                 try:
-                    await auth.admit(address, token)
+                    attempt = await auth.admit(address, token)
                 except ApiError as refused:
                     assert refused.status == 429
                     continue
                 read += 1
-                await auth.failed(address, token)
+                await auth.failed(attempt, token)
         return read
 
     assert asyncio.run(guesses(site, "am_x_guess")) == 3 * SITE_FACTOR  # before: 300
     assert len(limiter) == SITE_FACTOR + 1  # the /64s that guessed, and their /48
     assert asyncio.run(guesses([client_address("2001:db8:2::1"), "192.0.2.1"], "am_x_guess")) == 6
-    asyncio.run(auth.succeeded("am_good_key"))
+    asyncio.run(auth.succeeded(Attempt("192.0.2.9"), "am_good_key"))
     asyncio.run(auth.admit(site[-1], "am_good_key"))  # passes the site's lock-out
 
 
@@ -255,15 +304,15 @@ def test_failed_authentications_are_counted_across_the_fleet(redis_db: str) -> N
 
     async def run() -> None:
         try:
-            await failed_auth.admit("192.0.2.1", "am_x_y")
-            for _ in range(3):  # the third (in flight with the others) finds the limit reached: no error
-                await failed_auth.failed("192.0.2.1", "am_x_y")
+            for _ in range(2):
+                await failed_auth.failed(await failed_auth.admit("192.0.2.1", "am_x_y"), "am_x_y")
             with pytest.raises(ApiError, match="Rate limit of 2 failed authentications per minute") as refused:
                 await failed_auth.admit("192.0.2.1", "am_x_y")
             assert refused.value.status == 429 and 1 <= int(refused.value.headers["Retry-After"]) <= 60
-            await failed_auth.admit("192.0.2.2", "am_x_y")  # per address
-            await failed_auth.succeeded("am_good")
+            good = await failed_auth.admit("192.0.2.2", "am_good")  # per address
+            await failed_auth.succeeded(good, "am_good")  # its count given back
             await failed_auth.admit("192.0.2.1", "am_good")  # a known key passes
+            await failed_auth.failed(Attempt("192.0.2.1"), "am_good")  # revoked in flight: limit reached, no error
         finally:
             await limiter.close()
 
@@ -271,7 +320,7 @@ def test_failed_authentications_are_counted_across_the_fleet(redis_db: str) -> N
     client = redis.Redis.from_url(redis_db)
     assert client.zcard("automask:rate:auth-fail:192.0.2.1") == 2
     assert 0 < client.pttl("automask:rate:auth-fail:192.0.2.1") <= WINDOW * 1000
-    assert not client.exists("automask:rate:auth-fail:192.0.2.2")  # looking counts nothing
+    assert not client.exists("automask:rate:auth-fail:192.0.2.2")  # a key that authenticated counts nothing
     client.close()
 
 
@@ -287,7 +336,7 @@ def test_the_limit_is_60_a_minute_and_none_turns_it_off(monkeypatch: pytest.Monk
 
     async def run() -> None:
         for _ in range(100):
-            await failed_auth.failed("192.0.2.1", "am_x_y")
+            await failed_auth.failed(Attempt("192.0.2.1"), "am_x_y")
         await failed_auth.admit("192.0.2.1", "am_x_y")
 
     asyncio.run(run())

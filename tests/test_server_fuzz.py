@@ -483,6 +483,23 @@ def test_very_long_paths_and_request_ids_are_404_with_a_short_message(served: Se
     assert_still_serves(served)
 
 
+def test_a_long_field_name_or_media_type_is_echoed_cut_short(served: Served) -> None:
+    """Before: an unknown field's name, a field given twice and a data: URI's media type were echoed whole: a 200 kB
+    name made a 200 kB error (40 MB at the body limit). Now each is cut to a short quote, as paths and ids are."""
+    name, image = "n" * 200_000, served.image_b64
+    fields = {"image": image, "prompt": "sofa"}
+    twice = json.dumps(fields)[:-1] + f', "{name}": 1, "{name}": 2}}'
+    for version in ("v1", "v2"):
+        assert_error(served.post(version, json={**fields, name: 1}), 400, "unknown field", "…")
+        assert_error(served.post(version, data={**fields, name: "1"}), 400, "unknown field", "…")
+        kind = {"content-type": "application/json"}
+        assert_error(served.post(version, content=twice.encode(), headers=kind), 400, "more than once", "…")
+        assert_error(served.post(version, data={**fields, name: ["1", "2"]}), 400, "more than once", "…")
+        media = {**fields, "image": f"data:text/{name};base64,{image}"}
+        assert_error(served.post(version, json=media), 400, "not an image", "…")
+    assert_still_serves(served)
+
+
 def test_an_expired_result_file_is_404_not_500(served: Served, monkeypatch: pytest.MonkeyPatch) -> None:
     """Before: the sweeper deleting a result between the row lookup and the read made /output a 500."""
     jobs = served.live.app.state.automask.jobs

@@ -63,6 +63,42 @@ def test_health_checks_answer_head_as_get(tmp_path: Path) -> None:
             assert head.headers["content-length"] == str(len(get.content))
 
 
+def test_the_v2_urls_and_the_key_endpoints_answer_head_as_get(tmp_path: Path) -> None:
+    """Before: HEAD on a job's status_url, response_url or output URL (a download manager's or `curl -I`'s check that
+    the result is there), or on /v1/credits and /v1/models, was 404 "No endpoint HEAD ...", as if the result were
+    gone. Now each answers as GET does, without the body; another key's job is 404 as with GET."""
+    import httpx
+
+    from server_helpers import live_server, wait_for
+
+    with live_server(tmp_path / "data", FakeBackend()) as live:
+        store = Store.in_data_dir(tmp_path / "data")
+        headers = {"x-api-key": keystore.create_key(store)[1]}
+        image = base64.b64encode(png_bytes(np.full((6, 8, 3), 128, np.uint8))).decode()
+        job = httpx.post(
+            f"{live.url}/v2/automatic-mask-generator", json={"image": image, "prompt": "x"}, headers=headers
+        )
+        status_url, response_url = job.json()["status_url"], job.json()["response_url"]
+        wait_for(lambda: httpx.get(status_url, headers=headers).json()["status"] == "COMPLETED", 20)
+        for url in (
+            status_url,
+            response_url,
+            response_url + "/output",
+            live.url + "/v1/credits",
+            live.url + "/v1/models",
+        ):
+            get, head = httpx.get(url, headers=headers), httpx.head(url, headers=headers)
+            assert head.status_code == get.status_code == 200, (url, head.status_code)
+            assert head.content == b"" and head.headers["content-type"] == get.headers["content-type"]
+            assert head.headers["content-length"] == str(len(get.content))
+        other = {"x-api-key": keystore.create_key(store)[1]}
+        assert (
+            httpx.head(status_url, headers=other).status_code == httpx.get(status_url, headers=other).status_code == 404
+        )
+        assert httpx.head(status_url).status_code == 401
+        store.close()
+
+
 def test_the_inference_time_limit_is_at_most_a_day_and_v2_jobs_run_under_the_longest(tmp_path: Path) -> None:
     """Before: `serve --timeout inf` (or 1e10: "no limit") was taken; v1 answered, but every v2 job ended FAILED
     "Unexpected server error" (OverflowError: a thread cannot wait that long), and the fleet's hand-off TTLs overflow

@@ -17,11 +17,17 @@ class AutomaskError(Exception):
         self.message = message
 
 
+def shown(text: str, limit: int = 100) -> str:
+    """`text` cut to `limit` characters (with '…'), to echo a client's string in an error message."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 class InvalidOptionError(AutomaskError, ValueError):
-    """An option or parameter is missing, of the wrong type, or out of range (names the field)."""
+    """An option or parameter is missing, of the wrong type, or out of range (names the field: a name a client
+    made up, such as an unknown field's, is quoted cut short)."""
 
     def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}" if field else message)
+        super().__init__(f"{shown(field)}: {message}" if field else message)
         self.field = field
 
 

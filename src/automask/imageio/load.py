@@ -211,7 +211,7 @@ def decode_data_uri(uri: str, settings: Settings) -> bytes:
     if "base64" not in params:
         raise ImageDecodeError("The data: URI must be base64-encoded (data:image/png;base64,<data>).")
     if media_type and not media_type.startswith("image/") and media_type != "application/octet-stream":
-        raise ImageDecodeError(f"The data: URI holds {media_type!r}, not an image.")
+        raise ImageDecodeError(f"The data: URI holds {_short(media_type, 100)!r}, not an image.")
     data = decode_base64(uri, settings, start=match.end())
     if data is None:
         raise ImageDecodeError("The data: URI's payload is not valid base64.")

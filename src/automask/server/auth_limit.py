@@ -19,13 +19,14 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from sqlalchemy import insert, select
 
 from automask.server.errors import ApiError
 from automask.server.keys import split_token
-from automask.server.limits import RateLimiter, RedisRateLimiter
+from automask.server.limits import RateLimiter, Receipt, RedisRateLimiter
 from automask.server.store import Store, settings_table
 
 log = logging.getLogger("automask.server")
@@ -59,43 +60,109 @@ return 0
 """Delete a known key's entry only if it is this key's (a forged key with the same id clears nothing)."""
 
 
+@dataclass
+class Attempt:
+    """One authentication from `address` (`FailedAuth.admit`): the failure counts it took before the database was
+    read, each as the limiter's key and the `Receipt` that gives it back once the key is good; `in_flight` until
+    `FailedAuth` learns how it ended."""
+
+    address: str
+    taken: list[tuple[str, Receipt]] = field(default_factory=list)
+    in_flight: bool = False
+
+
 class FailedAuth:
     """Failed authentications per client address (`limit` a minute; None: no limit), counted in the server's rate
     limiter (`RateLimiter` or `RedisRateLimiter`) under `auth-fail:<address>`. Past the limit the address is locked
     out for the rest of the window: its requests are answered 429 before the database is read, except those that
     carry a key known to be good (`known`): brute force gets nowhere (a guess is refused unread), while a client with
-    a valid key behind the same address keeps working."""
+    a valid key behind the same address keeps working.
+
+    A key not known to be good is counted as a failure before the database is read (`admit`), and the count is given
+    back if it authenticates (`succeeded`): keys sent together cannot all pass the look at the count that none of them
+    is in yet, so at most `limit` are read a minute, however many come at once. One that finds no room while keys of
+    its address are in flight in this process waits for them to end and looks again (the first of a new valid key's
+    requests to succeed makes it known): only failures refuse it."""
 
     def __init__(self, limiter: RateLimiter | RedisRateLimiter, limit: int | None, known: Known | None = None) -> None:
         self.limiter = limiter
         self.limit = limit
         self.known = known if known is not None else Known()  # (an empty one is falsy)
+        self._in_flight: dict[str, int] = {}
+        """Attempts of each address counted and not yet ended, in this process."""
+        self._ended: dict[str, asyncio.Event] = {}
+        """Set when one of the address's attempts in flight ends (then replaced): the requests waiting for room."""
 
-    async def admit(self, address: str, token: str | None) -> None:
-        """429 when `address` is locked out and `token` is not a key known to be good; otherwise nothing. A key this
-        process knows costs no I/O; the fleet is asked about another only when its address is locked out."""
-        if self.limit is None or self.known.has(token):
-            return
+    async def admit(self, address: str, token: str | None) -> Attempt:
+        """429 when `address` is locked out and `token` is not a key known to be good; otherwise the `Attempt`, which
+        counts as a failure (of `address`, and of its IPv6 site) until `succeeded` gives it back. End it with
+        `failed`, `succeeded` or `give_back`. A key this process knows costs no I/O and is not counted; the fleet is
+        asked about another only when its address is locked out."""
+        while True:
+            attempt = Attempt(address)
+            if self.limit is None or self.known.has(token):
+                return attempt
+            try:
+                for counted, limit in _counted_as(address, self.limit):
+                    receipt = await self.limiter.hit(counted, limit, "failed authentications")
+                    if receipt is not None:
+                        attempt.taken.append((counted, receipt))
+            except ApiError as refused:
+                await self._uncount(attempt)  # (the address's count, when its site's refused it)
+                if refused.status == 429 and self._in_flight.get(address):
+                    await self._ended.setdefault(address, asyncio.Event()).wait()
+                    continue  # one of them ended: look again
+                if refused.status != 429 or not await self.known.vouched(token):
+                    raise
+                return attempt
+            attempt.in_flight = True
+            self._in_flight[address] = self._in_flight.get(address, 0) + 1
+            return attempt
+
+    async def failed(self, attempt: Attempt, token: str | None) -> None:
+        """`attempt` failed to authenticate (`token` is no longer known to be good): it stays counted, or, if `admit`
+        counted nothing (the key was known to be good), is counted now."""
         try:
-            for counted, limit in _counted_as(address, self.limit):
-                await self.limiter.hit(counted, limit, "failed authentications", count=False)
-        except ApiError as refused:
-            if refused.status != 429 or not await self.known.vouched(token):
-                raise
+            if self.limit is not None:
+                await self.known.failed(token)
+                if not attempt.taken:
+                    for counted, limit in _counted_as(attempt.address, self.limit):
+                        with _suppress_429():
+                            await self.limiter.hit(counted, limit, "failed authentications")
+        finally:
+            self._end(attempt)
 
-    async def failed(self, address: str, token: str | None) -> None:
-        """Count one failed authentication of `address`, and of its IPv6 site (`token` is no longer known to be
-        good)."""
-        if self.limit is not None:
-            await self.known.failed(token)
-            for counted, limit in _counted_as(address, self.limit):
-                with _suppress_429():
-                    await self.limiter.hit(counted, limit, "failed authentications")
+    async def succeeded(self, attempt: Attempt, token: str | None) -> None:
+        """`token` authenticated: `attempt` is not a failure, and from now on the key passes a lock-out of its
+        address."""
+        try:
+            await self._uncount(attempt)
+            if self.limit is not None:
+                await self.known.succeeded(token)
+        finally:
+            self._end(attempt)  # the requests waiting for room look again, and find the key known
 
-    async def succeeded(self, token: str | None) -> None:
-        """`token` authenticated: from now on it passes a lock-out of its address."""
-        if self.limit is not None:
-            await self.known.succeeded(token)
+    async def give_back(self, attempt: Attempt) -> None:
+        """End `attempt` without counting it (the database could not tell whether its key is good)."""
+        try:
+            await self._uncount(attempt)
+        finally:
+            self._end(attempt)
+
+    async def _uncount(self, attempt: Attempt) -> None:
+        while attempt.taken:
+            await self.limiter.uncount(*attempt.taken.pop())
+
+    def _end(self, attempt: Attempt) -> None:
+        """`attempt` is no longer in flight: wake the requests of its address waiting for room."""
+        if attempt.in_flight:
+            attempt.in_flight = False
+            left = self._in_flight.pop(attempt.address) - 1
+            if left:
+                self._in_flight[attempt.address] = left
+            ended = self._ended.pop(attempt.address, None)
+            if ended is not None:
+                ended.set()
 
 
 def _counted_as(address: str, limit: int) -> list[tuple[str, int]]:

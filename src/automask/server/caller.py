@@ -38,14 +38,17 @@ async def current_key(request: Request, token: Annotated[str | None, Security(AP
             401, f"The x-api-key header is given {len(given)} times with different keys: send the request's key once."
         )
     address = client_address(request.client.host if request.client else None)
-    await state.failed_auth.admit(address, token)  # a locked-out address: 429 before the database is read
+    attempt = await state.failed_auth.admit(address, token)  # a locked-out address: 429 before the database is read
     try:
         key = await asyncio.to_thread(keys.authenticate, state.store, token)
     except ApiError as refused:
         metrics.auth_failed(refused.status)
-        await state.failed_auth.failed(address, token)
+        await state.failed_auth.failed(attempt, token)
         raise
-    await state.failed_auth.succeeded(token)
+    except BaseException:  # the database could not tell (503), or the request was cancelled: not a failure
+        await state.failed_auth.give_back(attempt)
+        raise
+    await state.failed_auth.succeeded(attempt, token)
     request.state.key_id = key.id
     return key
 

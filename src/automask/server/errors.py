@@ -20,6 +20,7 @@ from automask.errors import (
     UnknownModelError,
     URLRefusedError,
 )
+from automask.errors import shown as shown  # (first defined here: still importable)
 
 STATUS: dict[type[AutomaskError], int] = {
     InvalidOptionError: 400,
@@ -58,11 +59,6 @@ def status_of(exc: AutomaskError) -> int:
         if cls in STATUS:
             return STATUS[cls]
     return 400
-
-
-def shown(text: str, limit: int = 100) -> str:
-    """`text` cut to `limit` characters (with '…'), to echo a client's string in an error message."""
-    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 _LISTEN_HINTS = {

@@ -46,6 +46,10 @@ REDIS_DOWN = (
 """The /readyz reason while Redis does not answer (public: no address)."""
 
 
+Receipt = float | str
+"""What a limiter's `hit` answers for a request it counted, to take that count back (`uncount`): the time it was
+counted at (in memory), or its member of the key's sorted set (Redis)."""
+
 MAX_COUNTED = 100_000
 """Keys (or client addresses) the in-process limiter keeps counts for at most; past it the least recently counted
 is forgotten, so many addresses cannot grow its memory without bound."""
@@ -64,11 +68,12 @@ class RateLimiter:
         self._seen: OrderedDict[str, array[float]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def check(self, key_id: str, limit: int | None, what: str = "requests", count: bool = True) -> None:
+    def check(self, key_id: str, limit: int | None, what: str = "requests", count: bool = True) -> Receipt | None:
         """Count one request of `key_id` (only look, with `count=False`); raise a 429 `ApiError` (nothing counted,
-        the limit named as `limit` `what` per minute) when `limit` are counted already."""
+        the limit named as `limit` `what` per minute) when `limit` are counted already. Returns the count's `Receipt`
+        (for `uncount`), None when nothing was counted."""
         if limit is None:
-            return
+            return None
         now = self._clock()
         with self._lock:
             self._forget_old(now)
@@ -77,11 +82,12 @@ class RateLimiter:
                 left = next((i for i, t in enumerate(seen) if t > now - WINDOW), len(seen))
                 del seen[:left]
             if seen is None or len(seen) < limit:
-                if count:
-                    self._seen.setdefault(key_id, array("d")).append(now)
-                    self._seen.move_to_end(key_id)
-                    self._forget_old(now)
-                return
+                if not count:
+                    return None
+                self._seen.setdefault(key_id, array("d")).append(now)
+                self._seen.move_to_end(key_id)
+                self._forget_old(now)
+                return now
             reset_at = seen[len(seen) - limit] + WINDOW
         raise rate_limited(limit, now, reset_at, what)
 
@@ -98,9 +104,18 @@ class RateLimiter:
         """Keys counted now."""
         return len(self._seen)
 
-    async def hit(self, key_id: str, limit: int | None, what: str = "requests", count: bool = True) -> None:
+    async def hit(self, key_id: str, limit: int | None, what: str = "requests", count: bool = True) -> Receipt | None:
         """`check` for the event loop (in memory: no I/O)."""
-        self.check(key_id, limit, what, count)
+        return self.check(key_id, limit, what, count)
+
+    async def uncount(self, key_id: str, receipt: Receipt) -> None:
+        """Take back the count of `key_id` that `hit` answered with `receipt` (gone already: nothing)."""
+        with self._lock:
+            seen = self._seen.get(key_id)
+            if seen is not None and receipt in seen:
+                seen.remove(float(receipt))
+                if not seen:  # nothing left to count: as if never counted
+                    del self._seen[key_id]
 
     async def unreachable(self) -> str | None:
         """None: in memory, it is always there."""
@@ -141,21 +156,26 @@ class RedisRateLimiter:
         self._script = self.client.register_script(_SLIDING_WINDOW)
         self._outage = Outage(log, "Redis (AUTOMASK_REDIS_URL)")
 
-    async def hit(self, key_id: str, limit: int | None, what: str = "requests", count: bool = True) -> None:
+    async def hit(self, key_id: str, limit: int | None, what: str = "requests", count: bool = True) -> Receipt | None:
         """Count one request of `key_id` (only look, with `count=False`); raise a 429 `ApiError` (nothing counted)
-        when `limit` are counted already. A key expires with its window."""
+        when `limit` are counted already. A key expires with its window. Returns the count's `Receipt` (its member
+        of the sorted set), None when nothing was counted."""
         if limit is None:
-            return
+            return None
         import uuid
 
-        window_us = int(WINDOW * 1_000_000)
+        window_us, member = int(WINDOW * 1_000_000), uuid.uuid4().hex
         allowed, now, oldest = await self._script(
-            keys=[self.prefix + key_id], args=[window_us, limit, uuid.uuid4().hex, "1" if count else "0"]
+            keys=[self.prefix + key_id], args=[window_us, limit, member, "1" if count else "0"]
         )
         if int(allowed):
-            return
+            return member if count else None
         now_s = float(now) / 1e6
         raise rate_limited(limit, now_s, float(oldest) / 1e6 + WINDOW, what)
+
+    async def uncount(self, key_id: str, receipt: Receipt) -> None:
+        """Take back the count of `key_id` that `hit` answered with `receipt` (gone already: nothing)."""
+        await self.client.zrem(self.prefix + key_id, str(receipt))
 
     async def unreachable(self) -> str | None:
         """None when Redis answers a PING within `PING_TIMEOUT` seconds, else why not (`REDIS_DOWN`, for /readyz)."""

@@ -186,6 +186,7 @@ def _failed(job: Job) -> JSONResponse:
     return JSONResponse({"request_id": job.id, "status": job.status, "error": job.error}, status_code=422)
 
 
+@router.head("/v2/requests/{request_id}/status", include_in_schema=False)  # HEAD: as GET, without the body
 @router.get(
     "/v2/requests/{request_id}/status",
     response_model=StatusResponse,
@@ -199,6 +200,7 @@ async def v2_status(job: OwnedJob) -> Response:
     return JSONResponse({"request_id": job.id, "status": job.shown_status})
 
 
+@router.head("/v2/requests/{request_id}", include_in_schema=False)
 @router.get(
     "/v2/requests/{request_id}",
     response_model=ResultResponse,
@@ -220,6 +222,7 @@ async def v2_response(request: Request, job: OwnedJob) -> Response:
     return JSONResponse(body)
 
 
+@router.head("/v2/requests/{request_id}/output", include_in_schema=False)
 @router.get(
     "/v2/requests/{request_id}/output",
     response_class=Response,
@@ -270,6 +273,7 @@ async def v2_cancel(request: Request, job: OwnedJob) -> Response:
     return JSONResponse({"request_id": job.id, "status": current})
 
 
+@router.head("/v1/credits", include_in_schema=False)
 @router.get(
     "/v1/credits",
     response_model=CreditsResponse,
@@ -284,6 +288,7 @@ async def v1_credits(request: Request, key: PollingKey) -> CreditsResponse:
     return CreditsResponse(key_id=key.id, credits=credits)
 
 
+@router.head("/v1/models", include_in_schema=False)
 @router.get(
     "/v1/models",
     response_model=ModelList,

@@ -154,9 +154,10 @@ def _check_text(name: str, value: object) -> None:
 
 async def read_request(request: Request, max_part_size: int) -> MaskRequest:
     """Read a JSON or form (multipart / urlencoded) body into a `MaskRequest`. A compressed body (`Content-Encoding`
-    other than identity) is refused, unread: it is not decoded here, and read as JSON or a form it is neither."""
-    encoding = request.headers.get("content-encoding", "").strip().lower()
-    if encoding not in ("", "identity"):
+    other than identity, in any of its headers) is refused, unread: it is not decoded here, and read as JSON or a form
+    it is neither."""
+    encoding = ", ".join(value.strip() for value in request.headers.getlist("content-encoding")).lower()
+    if any(coding.strip() not in ("", "identity") for coding in encoding.split(",")):
         raise InvalidOptionError(
             "body",
             f"is sent with Content-Encoding: {shown(encoding, 40)}, which this API does not decode; send the request "
