@@ -25,6 +25,15 @@ v2 job) may wait for PostgreSQL's answer (`request_bound`): past it the request 
 advisory lock (`Store.lock`) other submits hold is asked for again and again, each ask answered at once, so a
 healthy server never comes near it. Start-up work (migrations and their lock) runs outside any request, unbounded.
 A statement that carries a large value (a v2 upload sent, a result read) waits longer, by its size (`sized`)."""
+JOB_QUERY_TIMEOUT = 10.0
+"""Seconds one statement of a v2 job's run (its claim, the checks whether it is still its own, its completion,
+failure or release: `Jobs`, wherever it runs) may wait for PostgreSQL's answer (`job_bound`): past it the statement
+fails as on a lost connection, and the run ends on the database error path (the job stays as the database last had
+it, for the retry machinery: a worker hands its task back, the sweeper takes back a run past its deadline). Before,
+a frozen server held the thread (an in-process job thread, a Celery pool process) until it thawed. Small enough that
+a worker's completion that times out still hands its task back within Celery's hard limit (the request timeout plus
+`fleet.TIME_LIMIT_MARGIN`, less `worker.HAND_BACK_MARGIN`); claiming an upload and storing a result wait longer, by
+their size (`sized`)."""
 SLOWEST_TRANSFER = 1_000_000.0
 """Bytes per second a bounded statement carrying a large value is allowed (`sized`): over a slow link to a remote
 database (~10 Mbit/s) sending a 32 MB upload takes far more than `REQUEST_QUERY_TIMEOUT`, which cut it with a 503."""
@@ -50,10 +59,17 @@ def request_bound() -> AbstractContextManager[None]:
     return bounded(REQUEST_QUERY_TIMEOUT)
 
 
-def bounded_unless_request() -> AbstractContextManager[None]:
-    """`bounded()` (the background bound) unless a bound is in force already (an HTTP request's: `request_bound`),
-    which then stays: for work done both in the background and for requests."""
-    return bounded() if _QUERY_BOUND.get() is None else nullcontext()
+def bounded_unless_request(seconds: float | None = None) -> AbstractContextManager[None]:
+    """`bounded(seconds)` (default: the background bound) unless a bound is in force already (an HTTP request's:
+    `request_bound`; a caller's own), which then stays: for work done both in the background and for requests."""
+    return bounded(seconds) if _QUERY_BOUND.get() is None else nullcontext()
+
+
+def job_bound() -> AbstractContextManager[None]:
+    """`bounded` by `JOB_QUERY_TIMEOUT` around a statement of a v2 job's run, unless a bound is in force already
+    (a worker handing its task back bounds its release by what is left before Celery's hard limit). Set by the
+    statement itself (`Jobs`): a run's checks are asked from the model's own thread, which inherits no bound."""
+    return bounded_unless_request(JOB_QUERY_TIMEOUT)
 
 
 def sized(nbytes: int) -> AbstractContextManager[None]:
