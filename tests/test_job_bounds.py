@@ -23,7 +23,7 @@ from automask.pipeline import MaskGenerator
 from automask.server import bounded, keys
 from automask.server.config import ServerSettings
 from automask.server.execute import execute_job, still_held
-from automask.server.jobs import COMPLETED, LONGEST_RUN_MARGIN, PROCESSING, QUEUED, Jobs
+from automask.server.jobs import COMPLETED, FAILED, LONGEST_RUN_MARGIN, PROCESSING, QUEUED, Jobs
 from automask.server.runner import Runner
 from automask.server.schemas import MaskRequest
 from automask.server.store import Store, holds_table
@@ -205,3 +205,51 @@ def test_a_runs_check_whether_its_job_is_still_its_own_gives_up_on_a_frozen_serv
     assert asked[0][1] < 6 and asked[1][1] < 0.2, asked  # the second check did not wait for the server again
     assert wait_for(store.ping, 30) and jobs.cancel(job_id)
     assert wait_for(stop, 10)  # the pause over, the cancel is seen
+
+
+def test_an_in_process_job_worker_survives_a_database_error_failing_a_job_it_cannot_run(tmp_path: Path) -> None:
+    """Before: the in-process pool failed a job whose model it does not serve outside its guard for database errors:
+    one that failed (a bound firing on a frozen server) ended that job worker's task for good, and the job stayed in
+    the process's hands, QUEUED, never run nor failed (the sweeper's re-sends of it were taken for duplicates). Now
+    it is tried again later, as any job the database failed is, and the worker goes on."""
+    import asyncio
+
+    from automask.server import dispatch
+
+    class FailsOnce(Jobs):
+        failures = 1
+
+        def fail(self, job_id: str, error: str, *, node: str | None = None) -> bool:
+            if self.failures:
+                self.failures -= 1
+                raise OperationalError("UPDATE jobs", {}, Exception("the database server did not answer within 10 s"))
+            return super().fail(job_id, error, node=node)
+
+    store = Store.in_data_dir(tmp_path / "data")
+    jobs = FailsOnce(store)
+    settings = Settings(data_dir=tmp_path / "models")
+    local = dispatch.LocalDispatcher(settings, ServerSettings(), store, jobs, MaskGenerator(FakeBackend(), settings))
+    _, job_id = submitted(store, jobs)
+
+    def failed() -> bool:
+        job = jobs.get(job_id)
+        return job is not None and job.status == FAILED
+
+    async def run() -> tuple[bool, bool]:
+        worker = asyncio.create_task(local._work())
+        local._enqueue(job_id, "no-such-model")
+        ended = await asyncio.to_thread(wait_for, failed, 10)  # before: the task ended, the job QUEUED
+        alive = not worker.done()
+        worker.cancel()
+        return bool(ended), alive
+
+    original = dispatch.MODEL_RETRY_SECONDS
+    dispatch.MODEL_RETRY_SECONDS = 0.1
+    try:
+        ended, alive = asyncio.run(run())
+    finally:
+        dispatch.MODEL_RETRY_SECONDS = original
+        local.runner.close()
+        store.close()
+    assert ended and alive and jobs.failures == 0
+    assert job_id not in local._held  # out of its hands: a re-sent job would be taken again
