@@ -37,6 +37,10 @@ their size (`sized`)."""
 SLOWEST_TRANSFER = 1_000_000.0
 """Bytes per second a bounded statement carrying a large value is allowed (`sized`): over a slow link to a remote
 database (~10 Mbit/s) sending a 32 MB upload takes far more than `REQUEST_QUERY_TIMEOUT`, which cut it with a 503."""
+LOCK_SLICE = 5.0
+"""Seconds one ask for an advisory lock (`Store.lock`, taken by v2 submits under a cap) waits in PostgreSQL's queue
+for it before it is asked again (`lock_slice`): half the bound in force, if shorter, so a healthy server that makes
+a submit wait behind others' uploads answers before the bound takes it for frozen."""
 _QUERY_BOUND: ContextVar[float | None] = ContextVar("automask_query_bound", default=None)
 
 
@@ -77,6 +81,12 @@ def sized(nbytes: int) -> AbstractContextManager[None]:
     around one statement that sends or reads `nbytes` bytes. A frozen server is still given up on, just later."""
     bound = _QUERY_BOUND.get()
     return nullcontext() if bound is None else bounded(bound + nbytes / SLOWEST_TRANSFER)
+
+
+def lock_slice() -> float:
+    """`LOCK_SLICE`, or half the bound in force if that is shorter (`Store.lock`)."""
+    bound = _QUERY_BOUND.get()
+    return LOCK_SLICE if bound is None else min(LOCK_SLICE, bound / 2)
 
 
 def connect_bounded(_dialect: Any, _record: Any, cargs: Any, cparams: dict[str, Any]) -> Any:
