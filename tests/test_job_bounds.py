@@ -207,6 +207,46 @@ def test_a_runs_check_whether_its_job_is_still_its_own_gives_up_on_a_frozen_serv
     assert wait_for(stop, 10)  # the pause over, the cancel is seen
 
 
+def test_an_in_process_run_whose_completion_a_frozen_server_never_stores_completes_after_it_thaws(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """End to end on a single node (the in-process pool and its sweeper): before, the job thread storing the result
+    waited for the frozen PostgreSQL until it thawed; now it gives up within its bound and the thread is free while
+    the server is still frozen; once it answers, the sweeper takes the run back (past its deadline) and the job runs
+    again to COMPLETED, charged once."""
+    import base64
+
+    import httpx
+
+    from automask.server import dispatch, execute
+    from automask.server.app import create_app
+    from server_helpers import LiveServer
+
+    monkeypatch.setattr(bounded, "JOB_QUERY_TIMEOUT", 1.0, raising=False)
+    monkeypatch.setattr(bounded, "BACKGROUND_QUERY_TIMEOUT", 1.0)
+    monkeypatch.setattr(execute, "LONGEST_RUN_MARGIN", 0.0)  # a run's deadline: its 2 s timeout
+    monkeypatch.setattr(dispatch, "MODEL_RETRY_SECONDS", 0.2)
+    with postgres_server() as pg:
+        settings = Settings(data_dir=tmp_path / "data", database_url=pg.url)
+        server = ServerSettings(timeout=2.0, sweep_interval=0.2, node_ttl=1.0)
+        app = create_app(settings, server, MaskGenerator(FakeBackend(), settings))
+        state = app.state.automask
+        key, token = keys.create_key(state.store, credits=5)
+        headers = {"x-api-key": token}
+        body = {"image": base64.b64encode(IMAGE).decode(), "prompt": "sofa"}
+        with LiveServer(app) as live:
+            with frozen_at(pg, state.store, completing, 12.0):
+                sub = httpx.post(f"{live.url}/v2/automatic-mask-generator", headers=headers, json=body, timeout=30)
+                assert sub.status_code == 200, sub.text
+                assert wait_for(lambda: state.dispatcher._running, 10)  # running: its completion freezes the server
+                assert wait_for(lambda: not state.dispatcher._running, 8)  # before: the thread held until the thaw
+            status_url = sub.json()["status_url"]
+            done = wait_for(
+                lambda: httpx.get(status_url, headers=headers, timeout=10).json()["status"] == COMPLETED, 40
+            )
+            assert done and keys.balance(state.store, key.id) == 4  # charged once
+
+
 def test_an_in_process_job_worker_survives_a_database_error_failing_a_job_it_cannot_run(tmp_path: Path) -> None:
     """Before: the in-process pool failed a job whose model it does not serve outside its guard for database errors:
     one that failed (a bound firing on a frozen server) ended that job worker's task for good, and the job stayed in
