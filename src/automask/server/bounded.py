@@ -22,9 +22,10 @@ REQUEST_QUERY_TIMEOUT = 10.0
 """Seconds one statement run for an HTTP request (authenticating its key, holding a credit, storing or reading a
 v2 job) may wait for PostgreSQL's answer (`request_bound`): past it the request is answered 503 with `Retry-After`
 (the database error handler) instead of waiting for a frozen server to thaw. Its statements take milliseconds; an
-advisory lock (`Store.lock`) other submits hold is asked for again and again, each ask answered at once, so a
-healthy server never comes near it. Start-up work (migrations and their lock) runs outside any request, unbounded.
-A statement that carries a large value (a v2 upload sent, a result read) waits longer, by its size (`sized`)."""
+advisory lock (`Store.lock`) other submits hold is waited for in slices of half of it at most (`lock_slice`), each
+answered by a healthy server before the bound, so only a frozen server is cut. Start-up work (migrations and their
+lock) runs outside any request, unbounded. A statement that carries a large value (a v2 upload sent, a result read)
+waits longer, by its size (`sized`)."""
 JOB_QUERY_TIMEOUT = 10.0
 """Seconds one statement of a v2 job's run (its claim, the checks whether it is still its own, its completion,
 failure or release: `Jobs`, wherever it runs) may wait for PostgreSQL's answer (`job_bound`): past it the statement
