@@ -367,3 +367,63 @@ def test_a_cancel_and_a_completion_waiting_on_one_row_leave_one_winner(pg_store:
     job = jobs.get(job_id)
     assert job is not None and job.status == (COMPLETED if first == "complete" else CANCELLED)
     assert credits(pg_store, key.id) == (0 if first == "complete" else 1)
+
+
+def test_submits_waiting_for_the_queue_lock_are_served_in_arrival_order(pg_store: Store) -> None:
+    """Before: `Store.lock` asked for the advisory lock with instant tries, a waiter's pauses between them growing to
+    0.1 s, so under a sustained burst (16 clients submitting back to back) the newest submits, still asking every few
+    milliseconds, took the lock before the oldest again and again: one submit waited seconds while hundreds of later
+    ones went through (measured: p50 13 ms, max 3 s with 8 clients; it grows with the burst's length). Now each
+    waits in PostgreSQL's own queue for the lock, in arrival order: a submit is overtaken by a few at most."""
+    jobs = Jobs(pg_store, max_total=10**6)  # a total cap: every submit takes the one lock
+    request = request_of(image=b"\x89PNG" + b"x" * 20_000)
+    spans: list[tuple[float, float]] = []
+    stop = time.monotonic() + 4.0
+    clients = 16
+
+    def client() -> None:
+        while time.monotonic() < stop:
+            started = time.monotonic()
+            jobs.submit(None, request, charge=False)
+            spans.append((started, time.monotonic()))
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    spans.sort()
+    ends = np.array([end for _, end in spans])
+    # for each submit: how many submits that started after it had ended before it did
+    overtaken = max(int(np.sum(ends[i + 1 :] < end)) for i, (_, end) in enumerate(spans))
+    assert len(spans) > 5 * clients and overtaken <= 2 * clients, (len(spans), overtaken)
+
+
+def test_a_lock_waited_for_in_slices_is_taken_once_free_and_leaves_lock_timeout_as_it_was(
+    pg_store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A wait for the queue lock longer than one slice (`LOCK_SLICE`: each ask is answered before a request's bound
+    could take a healthy server for frozen) asks again and gets the lock once its holder ends; the transaction's
+    own `lock_timeout` is then as it was."""
+    from automask.server import bounded
+
+    monkeypatch.setattr(bounded, "LOCK_SLICE", 0.2)
+    holding, done = threading.Event(), threading.Event()
+
+    def holder() -> None:
+        with pg_store.transaction() as conn:
+            pg_store.lock(conn, "jobs.submit")
+            holding.set()
+            done.wait(1.0)
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    assert holding.wait(10)
+    started = time.monotonic()
+    with pg_store.transaction() as conn:
+        conn.execute(text("SET LOCAL lock_timeout = '7s'"))
+        pg_store.lock(conn, "jobs.submit")
+        waited = time.monotonic() - started
+        after = conn.execute(text("SELECT current_setting('lock_timeout')")).scalar_one()
+    thread.join(10)
+    assert 0.6 < waited < 5 and after == "7s", (waited, after)

@@ -22,12 +22,26 @@ REQUEST_QUERY_TIMEOUT = 10.0
 """Seconds one statement run for an HTTP request (authenticating its key, holding a credit, storing or reading a
 v2 job) may wait for PostgreSQL's answer (`request_bound`): past it the request is answered 503 with `Retry-After`
 (the database error handler) instead of waiting for a frozen server to thaw. Its statements take milliseconds; an
-advisory lock (`Store.lock`) other submits hold is asked for again and again, each ask answered at once, so a
-healthy server never comes near it. Start-up work (migrations and their lock) runs outside any request, unbounded.
-A statement that carries a large value (a v2 upload sent, a result read) waits longer, by its size (`sized`)."""
+advisory lock (`Store.lock`) other submits hold is waited for in slices of half of it at most (`lock_slice`), each
+answered by a healthy server before the bound, so only a frozen server is cut. Start-up work (migrations and their
+lock) runs outside any request, unbounded. A statement that carries a large value (a v2 upload sent, a result read)
+waits longer, by its size (`sized`)."""
+JOB_QUERY_TIMEOUT = 10.0
+"""Seconds one statement of a v2 job's run (its claim, the checks whether it is still its own, its completion,
+failure or release: `Jobs`, wherever it runs) may wait for PostgreSQL's answer (`job_bound`): past it the statement
+fails as on a lost connection, and the run ends on the database error path (the job stays as the database last had
+it, for the retry machinery: a worker hands its task back, the sweeper takes back a run past its deadline). Before,
+a frozen server held the thread (an in-process job thread, a Celery pool process) until it thawed. Small enough that
+a worker's completion that times out still hands its task back within Celery's hard limit (the request timeout plus
+`fleet.TIME_LIMIT_MARGIN`, less `worker.HAND_BACK_MARGIN`); claiming an upload and storing a result wait longer, by
+their size (`sized`)."""
 SLOWEST_TRANSFER = 1_000_000.0
 """Bytes per second a bounded statement carrying a large value is allowed (`sized`): over a slow link to a remote
 database (~10 Mbit/s) sending a 32 MB upload takes far more than `REQUEST_QUERY_TIMEOUT`, which cut it with a 503."""
+LOCK_SLICE = 5.0
+"""Seconds one ask for an advisory lock (`Store.lock`, taken by v2 submits under a cap) waits in PostgreSQL's queue
+for it before it is asked again (`lock_slice`): half the bound in force, if shorter, so a healthy server that makes
+a submit wait behind others' uploads answers before the bound takes it for frozen."""
 _QUERY_BOUND: ContextVar[float | None] = ContextVar("automask_query_bound", default=None)
 
 
@@ -50,10 +64,17 @@ def request_bound() -> AbstractContextManager[None]:
     return bounded(REQUEST_QUERY_TIMEOUT)
 
 
-def bounded_unless_request() -> AbstractContextManager[None]:
-    """`bounded()` (the background bound) unless a bound is in force already (an HTTP request's: `request_bound`),
-    which then stays: for work done both in the background and for requests."""
-    return bounded() if _QUERY_BOUND.get() is None else nullcontext()
+def bounded_unless_request(seconds: float | None = None) -> AbstractContextManager[None]:
+    """`bounded(seconds)` (default: the background bound) unless a bound is in force already (an HTTP request's:
+    `request_bound`; a caller's own), which then stays: for work done both in the background and for requests."""
+    return bounded(seconds) if _QUERY_BOUND.get() is None else nullcontext()
+
+
+def job_bound() -> AbstractContextManager[None]:
+    """`bounded` by `JOB_QUERY_TIMEOUT` around a statement of a v2 job's run, unless a bound is in force already
+    (a worker handing its task back bounds its release by what is left before Celery's hard limit). Set by the
+    statement itself (`Jobs`): a run's checks are asked from the model's own thread, which inherits no bound."""
+    return bounded_unless_request(JOB_QUERY_TIMEOUT)
 
 
 def sized(nbytes: int) -> AbstractContextManager[None]:
@@ -61,6 +82,12 @@ def sized(nbytes: int) -> AbstractContextManager[None]:
     around one statement that sends or reads `nbytes` bytes. A frozen server is still given up on, just later."""
     bound = _QUERY_BOUND.get()
     return nullcontext() if bound is None else bounded(bound + nbytes / SLOWEST_TRANSFER)
+
+
+def lock_slice() -> float:
+    """`LOCK_SLICE`, or half the bound in force if that is shorter (`Store.lock`)."""
+    bound = _QUERY_BOUND.get()
+    return LOCK_SLICE if bound is None else min(LOCK_SLICE, bound / 2)
 
 
 def connect_bounded(_dialect: Any, _record: Any, cargs: Any, cparams: dict[str, Any]) -> Any:

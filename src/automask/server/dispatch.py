@@ -241,7 +241,11 @@ class LocalDispatcher:
     async def _work(self) -> None:
         while True:
             job_id, model = await self._queue.get()
-            status = await self._run(job_id, model)
+            try:
+                status = await self._run(job_id, model)
+            except Exception:  # the database failed us: the job stays where it was (PROCESSING: `orphaned` recovers it)
+                log.exception("could not run v2 job %s; it will be retried", job_id)
+                status = RETRY
             if status == "QUEUED":  # its model is not available (yet): the job waits, QUEUED, for it to be
                 self._park(job_id, model)
             elif status == RETRY:  # the database failed us: the job stays in hand and is tried again
@@ -250,7 +254,8 @@ class LocalDispatcher:
                 self._held.discard(job_id)
 
     async def _run(self, job_id: str, model: str | None) -> str | None:
-        """Run one job; "QUEUED" when its model is not available (the job stays QUEUED)."""
+        """Run one job; "QUEUED" when its model is not available (the job stays QUEUED). Raises the database's
+        errors (claiming, completing, failing it: a statement's bound fired on a frozen server, ...)."""
         try:
             await asyncio.to_thread(self.runner.check, model)
         except ModelNotAvailableError:
@@ -260,24 +265,20 @@ class LocalDispatcher:
             return FAILED
         if self._draining or self._cut:  # stopping: the job stays QUEUED, out of this node's hands
             return None
-        try:
-            run = self._threads.submit(
-                execute_job,
-                self.jobs,
-                self.runner,
-                job_id,
-                self.node,
-                max_attempts=self.server.max_job_attempts,
-                timeout=self.server.timeout,
-                cut=self._is_cut,
-            )
-            self._running.add(run)
-            run.add_done_callback(self._running.discard)
-            # a stop cancels the wait, not a run in progress (`_finish_runs` waits for it)
-            return await asyncio.wrap_future(run)
-        except Exception:  # the database failed us: the job stays where it was (PROCESSING: `orphaned` recovers it)
-            log.exception("could not run v2 job %s; it will be retried", job_id)
-            return RETRY
+        run = self._threads.submit(
+            execute_job,
+            self.jobs,
+            self.runner,
+            job_id,
+            self.node,
+            max_attempts=self.server.max_job_attempts,
+            timeout=self.server.timeout,
+            cut=self._is_cut,
+        )
+        self._running.add(run)
+        run.add_done_callback(self._running.discard)
+        # a stop cancels the wait, not a run in progress (`_finish_runs` waits for it)
+        return await asyncio.wrap_future(run)
 
     def _park(self, job_id: str, model: str | None) -> None:
         waiting = self._parked.setdefault(model, set())

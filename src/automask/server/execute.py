@@ -11,6 +11,8 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import math
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -25,6 +27,9 @@ from automask.server.runner import Runner, RunnerClosed, inference_time, served_
 from automask.server.schemas import MaskRequest
 
 log = logging.getLogger("automask.server")
+UNANSWERED_PAUSE = 30.0
+"""Seconds a v2 run goes on without asking whether its job is still its own after the database failed to answer
+that (`still_held`): a cancel made meanwhile is seen at the first check after them (its result is not stored)."""
 
 
 @dataclass
@@ -118,13 +123,20 @@ def still_held(jobs: Jobs, job_id: str, node: str) -> Callable[[], bool]:
     """The `should_stop` of a v2 run: True once job `job_id` no longer runs on `node` (its owner cancelled it, or the
     sweeper gave it to another node), read from the database at each stage boundary (and, inside a running model, at
     most every `automask.stopping.INSIDE_EVERY` seconds), wherever the run is (the in-process pool, a Celery worker) and
-    whichever node took the cancel. While the database does not answer, the run goes on (its `complete` decides)."""
+    whichever node took the cancel. While the database does not answer, the run goes on (its `complete` decides): a
+    read that failed (after its bound, `JOB_QUERY_TIMEOUT`, on a frozen server) is not tried again for
+    `UNANSWERED_PAUSE` seconds, so a server that does not answer holds the model once, not at every check."""
+    quiet_until = -math.inf
 
     def stop() -> bool:
+        nonlocal quiet_until
+        if time.monotonic() < quiet_until:
+            return False
         try:
             return not jobs.held(job_id, node)
         except SQLAlchemyError:
             log.warning("v2 job %s: could not read whether it was cancelled; the run goes on", job_id, exc_info=True)
+            quiet_until = time.monotonic() + UNANSWERED_PAUSE
             return False
 
     return stop

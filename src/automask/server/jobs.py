@@ -22,7 +22,7 @@ from typing import Any
 from sqlalchemy import case, delete, func, insert, select, update
 
 from automask.server import keys, metrics, nodes
-from automask.server.bounded import sized
+from automask.server.bounded import job_bound, sized
 from automask.server.errors import ApiError
 from automask.server.limits import retry_headers
 from automask.server.schemas import MaskRequest
@@ -242,23 +242,25 @@ class Jobs:
             lost = J.node.is_(None) | (J.node == node) | J.node.not_in(live)
             takeable = takeable | ((J.status == PROCESSING) & lost)
         deadline = None if run_limit is None else now + run_limit
-        with self.store.transaction() as conn:
+        with job_bound(), self.store.transaction() as conn:
             row = conn.execute(
                 update(jobs_table)
                 .where(J.id == job_id, takeable)
                 .values(status=PROCESSING, started_at=now, attempts=J.attempts + 1, node=node, run_deadline=deadline)
-                .returning(J.id, J.request, J.upload, J.attempts, J.model)
+                .returning(J.id, J.attempts, J.model, J.stored_bytes)
             ).first()
-        if row is None:
-            return None
-        data = MaskRequest.unstored(row.request, row.upload)
+            if row is None:
+                return None
+            with sized(row.stored_bytes or 0):  # a slow link to the database may take a while to carry an upload
+                stored = conn.execute(select(J.request, J.upload).where(J.id == job_id)).one()
+        data = MaskRequest.unstored(stored.request, stored.upload)
         return Claimed(id=row.id, request=data, model=row.model, attempts=row.attempts)
 
     def release(self, job_id: str, node: str) -> bool:
         """Put a job PROCESSING on `node` back in the queue without counting the attempt (its model is not
         available, or the server stopped before it ran), to be handed out again (its message is gone: it counts as
         never handed out); False when it no longer runs there (taken over, or finished)."""
-        with self.store.transaction() as conn:
+        with job_bound(), self.store.transaction() as conn:
             cur = conn.execute(
                 update(jobs_table)
                 .where(_running_on(job_id, node))
@@ -268,8 +270,9 @@ class Jobs:
 
     def complete(self, job_id: str, node: str, png: bytes, metadata: dict[str, Any], seconds: float) -> bool:
         """Store the result and mark the job COMPLETED, keeping its credit, only if it is still PROCESSING on
-        `node` (False: another run took it over or finished it first, nothing changed)."""
-        with self.store.transaction() as conn:
+        `node` (False: another run took it over or finished it first, nothing changed). Its bound grows by the
+        result's size (`sized`)."""
+        with job_bound(), sized(len(png)), self.store.transaction() as conn:
             cur = conn.execute(
                 update(jobs_table)
                 .where(_running_on(job_id, node))
@@ -295,7 +298,8 @@ class Jobs:
         """Mark a job FAILED with `error`, giving its credit back: a job PROCESSING on `node` (the run that claimed
         it), or with `node` None a QUEUED one (it never ran). False otherwise, nothing changed."""
         owned = _running_on(job_id, node) if node is not None else (J.id == job_id) & (J.status == QUEUED)
-        return self._end(owned, FAILED, error, job_id)
+        with job_bound():
+            return self._end(owned, FAILED, error, job_id)
 
     def _end(self, where: Any, status: str, error: Any, job_id: str) -> bool:
         """Finish job `job_id` as `status` with `error` (a value or SQL expression) if its row matches `where`,
@@ -323,7 +327,7 @@ class Jobs:
         """Whether job `job_id` still runs on `node` (PROCESSING there): False once it was cancelled, or taken over by
         another node, so the run there may stop. A read by primary key, asked at each stage boundary (inside a running
         model: at most every `automask.stopping.INSIDE_EVERY` seconds)."""
-        with self.store.read() as conn:
+        with job_bound(), self.store.read() as conn:
             return conn.execute(select(J.id).where(_running_on(job_id, node))).first() is not None
 
     def expire(self, ttl: float) -> int:

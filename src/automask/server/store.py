@@ -43,7 +43,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from automask.errors import ServiceConfigError
-from automask.server.bounded import bounded, connect_bounded
+from automask.server.bounded import bounded, connect_bounded, lock_slice
 from automask.server.db_url import database_url as database_url
 from automask.server.db_url import embedded_url as embedded_url
 from automask.server.db_url import normalize_url, private_file
@@ -140,6 +140,10 @@ _PG_CONNECT_ARGS = {
     "keepalives_interval": 2,
     "keepalives_count": 3,
 }
+
+
+LOCK_NOT_AVAILABLE = "55P03"
+"""PostgreSQL's SQLSTATE of a lock wait past `lock_timeout` (`Store.lock`: a slice of the wait ran out)."""
 
 
 RECLAIM_PAGES = 2048
@@ -287,14 +291,24 @@ class Store:
     def lock(self, conn: Connection, name: str) -> None:
         """Inside `transaction()`: wait for the lock `name`, held until the transaction ends, so a count followed by
         an insert holds against every other transaction that takes it first. PostgreSQL: a transaction advisory
-        lock, asked for until free (each ask answered at once: a request's bound on a statement, `bounded`, cuts a
-        frozen server, never a wait for other submits' uploads); SQLite: its write transaction runs alone already."""
+        lock, waited for in PostgreSQL's own queue (waiters are served in arrival order), in slices of `lock_slice`
+        seconds, each within a savepoint and asked again (at the back of the queue) once it runs out, so a request's
+        bound on a statement (`bounded`) cuts a frozen server, never a wait for other submits' uploads; SQLite: its
+        write transaction runs alone already."""
         if self.is_sqlite:
             return
-        ask, pause = text("SELECT pg_try_advisory_xact_lock(:id)"), 0.005
-        while not conn.execute(ask, {"id": advisory_lock_id(name)}).scalar_one():
-            time.sleep(pause)
-            pause = min(pause * 2, 0.1)  # seconds between asks
+        ms = {"ms": str(max(1, round(lock_slice() * 1000)))}
+        before = conn.execute(text("SELECT current_setting('lock_timeout')")).scalar_one()
+        while True:
+            try:
+                with conn.begin_nested():  # a slice that runs out rolls back to here (its lock_timeout too)
+                    conn.execute(text("SELECT set_config('lock_timeout', :ms, true)"), ms)
+                    conn.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": advisory_lock_id(name)})
+                    break
+            except DBAPIError as exc:
+                if getattr(exc.orig, "sqlstate", None) != LOCK_NOT_AVAILABLE:
+                    raise
+        conn.execute(text("SELECT set_config('lock_timeout', :ms, true)"), {"ms": before})  # the rest: as it was
 
     @contextmanager
     def read(self) -> Iterator[Connection]:
