@@ -1,0 +1,136 @@
+"""The try-it page's state (part 4): whether the result shown is said to be for the current settings, auto-update
+ticked on and off, and late answers. See test_web.py for how the tests run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import test_web_tools
+from web_helpers import (
+    API_PATH,
+    FIRST,
+    Tab,
+    pick_photo,
+    set_first_options,
+    set_slider,
+    submit_prompt,
+    wait_result,
+)
+
+pytest.importorskip("fastapi")
+pytestmark = pytest.mark.browser
+live, photo, tab = test_web_tools.live, test_web_tools.photo, test_web_tools.tab  # its fixtures: server, photo, page
+# The automatic request's pause (AUTO_DELAY_MS) held until released with RELEASE_PAUSED.
+PAUSE_AUTO = """() => { const later = window.setTimeout; window.paused = [];
+                        window.setTimeout = (f, ms, ...a) =>
+                          ms === 300 ? (window.paused.push(f), 0) : later(f, ms, ...a); }"""
+RELEASE_PAUSED = "() => window.paused.splice(0).forEach((f) => f())"
+THRESHOLD_055 = """() => { const t = document.getElementById('threshold'); t.value = 0.55;
+                           t.dispatchEvent(new Event('change', { bubbles: true })); }"""
+
+
+def first_result(page: Any, photo: Path, *, auto: bool) -> str:
+    """The photo masked with the first options, auto-update on or off; the result's sequence number."""
+    page.click("#advanced summary")
+    page.set_checked("#auto", auto)
+    pick_photo(page, photo)
+    set_first_options(page)
+    return submit_prompt(page, FIRST["prompt"])
+
+
+def stale(page: Any) -> bool:
+    return bool(page.is_visible("#stale-note"))
+
+
+def test_ticking_auto_update_on_asks_for_the_current_settings(tab: Tab, photo: Path) -> None:
+    """Auto-update off, an option changed: the result says it is for the previous settings. Ticking auto-update on
+    asks for the current settings at once, as any change does with it on. With a number field the API refuses, it
+    asks nothing, the note stays and the field says why; put right, the field's change asks. Before, ticking it on
+    did nothing: the note stayed until Make mask was pressed."""
+    page = tab.page
+    first = first_result(page, photo, auto=False)
+    set_slider(page, "#threshold", "ArrowRight", 5)
+    assert stale(page)
+    page.check("#auto")
+    shown = wait_result(page, first, threshold=0.55)
+    assert not stale(page) and len(tab.api_bodies) == 2
+    page.uncheck("#auto")
+    page.fill("#seed", "1.5")
+    page.press("#seed", "Tab")
+    set_slider(page, "#threshold", "ArrowRight")
+    assert stale(page)
+    page.check("#auto")
+    page.wait_for_timeout(600)
+    assert len(tab.api_bodies) == 2, "a seed the API refuses was sent"
+    assert stale(page) and page.is_visible("#seed-error")
+    page.fill("#seed", "7")
+    page.press("#seed", "Tab")
+    wait_result(page, shown, threshold=0.56, seed=7)
+    assert not stale(page)
+
+
+def test_a_result_auto_update_cannot_replace_says_it_is_stale(tab: Tab, photo: Path) -> None:
+    """Auto-update on, and a number field the API refuses: a change cannot ask anew, so the result shown, for the
+    settings before, says so. And an answer arriving in the pause before the automatic request for newer settings,
+    which then cannot go out (a field put wrong meanwhile), says so too. Before, neither was marked stale."""
+    page = tab.page
+    first_result(page, photo, auto=True)
+    page.fill("#seed", "1.5")
+    page.press("#seed", "Tab")
+    page.wait_for_timeout(400)
+    assert stale(page), "the result for seed -1 is shown as current with seed 1.5"
+    assert page.is_visible("#seed-error") and len(tab.api_bodies) == 1
+    page.fill("#seed", "")
+    page.press("#seed", "Tab")
+    page.wait_for_function("() => document.getElementById('stale-note').hidden")  # back to the result's settings
+    held: list[Any] = []
+    page.route(f"**{API_PATH}", lambda route: held.append(route))
+    page.fill("#prompt", "cup")
+    page.press("#prompt", "Enter")
+    page.wait_for_function("() => document.getElementById('stage').getAttribute('aria-busy') === 'true'")
+    page.evaluate(PAUSE_AUTO)
+    page.evaluate(THRESHOLD_055)
+    held[0].continue_()
+    page.wait_for_function("() => document.getElementById('stage').getAttribute('aria-busy') === 'false'")
+    page.fill("#seed", "1.5")  # typed, not yet left: no change event, nothing scheduled
+    page.evaluate(RELEASE_PAUSED)
+    page.wait_for_timeout(300)
+    assert len(tab.api_bodies) == 2 and len(held) == 1
+    assert stale(page), "the answer for threshold 0.5 is shown as current with 0.55"
+
+
+def test_unticking_auto_update_stops_the_update_waiting(tab: Tab, photo: Path) -> None:
+    """A slider moved (auto-update on), then auto-update ticked off within the ~300 ms before the automatic request
+    goes out: nothing is sent, and the result says it is for the previous settings. Before, the request went out
+    (and was charged) after the user had turned automatic requests off."""
+    page = tab.page
+    first_result(page, photo, auto=True)
+    set_slider(page, "#threshold", "ArrowRight")
+    page.evaluate("() => document.getElementById('auto').click()")  # at once, the update still waiting
+    assert not page.is_checked("#auto")
+    page.wait_for_timeout(600)
+    assert [b["threshold"] for b in tab.api_bodies] == [0.5], "the update went out with auto-update off"
+    assert stale(page)
+
+
+def test_the_stale_note_goes_when_the_settings_are_those_of_the_result(tab: Tab, photo: Path) -> None:
+    """The note says the result is for the previous settings only while it is: a slider moved and moved back (auto-
+    update off) takes it away, and Esc in the pause before an automatic update for settings moved back adds none.
+    Before, both left "The result is for the previous settings" over the result for the settings shown."""
+    page = tab.page
+    first_result(page, photo, auto=False)
+    set_slider(page, "#threshold", "ArrowRight")
+    assert stale(page)
+    set_slider(page, "#threshold", "ArrowLeft")
+    assert not stale(page), "the result for threshold 0.5 is said to be stale with 0.5"
+    page.check("#auto")
+    set_slider(page, "#threshold", "ArrowRight")
+    set_slider(page, "#threshold", "ArrowLeft")
+    page.keyboard.press("Escape")
+    assert page.inner_text("#status") == "Update cancelled: nothing was sent."
+    assert not stale(page), "the result for threshold 0.5 is said to be stale with 0.5"
+    page.wait_for_timeout(600)
+    assert len(tab.api_bodies) == 1
