@@ -1,18 +1,24 @@
 """The try-it page's state (part 4): whether the result shown is said to be for the current settings, auto-update
-ticked on and off, and late answers. See test_web.py for how the tests run."""
+ticked on and off, late answers, and data: URIs dropped or pasted with other text. See test_web.py for how the tests
+run."""
 
 from __future__ import annotations
 
+import base64
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+from PIL import Image
 
 import test_web_tools
+from test_web_tools import DROP_TEXT, PASTE_TEXT
 from web_helpers import (
     API_PATH,
     FIRST,
     Tab,
+    data_uri,
     pick_photo,
     set_first_options,
     set_slider,
@@ -134,3 +140,36 @@ def test_the_stale_note_goes_when_the_settings_are_those_of_the_result(tab: Tab,
     assert not stale(page), "the result for threshold 0.5 is said to be stale with 0.5"
     page.wait_for_timeout(600)
     assert len(tab.api_bodies) == 1
+
+
+def wrapped(b64: str, width: int = 76) -> str:
+    return "\n".join(b64[i : i + width] for i in range(0, len(b64), width))
+
+
+def test_a_data_uri_with_a_note_after_it_sends_the_image_alone(tab: Tab, photo: Path, tmp_path: Path) -> None:
+    """A data: URI dropped or pasted as text with more after it (a note on the same line, a line of prose, a blank
+    line and a paragraph): the image's data alone is sent, its wrapped base64 lines joined (a line break between
+    lines of base64 alone, as tools wrap it); the rest is not the image's. Before, all of it was joined into the
+    base64 and the server refused it (400)."""
+    page = tab.page
+    set_first_options(page)
+    page.fill("#prompt", FIRST["prompt"])
+    b64 = base64.b64encode(photo.read_bytes()).decode()
+    page.evaluate(DROP_TEXT, f"data:image/png;base64,{b64} see above")
+    shown = wait_result(page, None, prompt=FIRST["prompt"])
+    assert page.is_hidden("#error"), page.inner_text("#error")
+    assert tab.api_bodies[-1]["image"] == data_uri(photo)
+    for grey, text in (
+        (150, "data:image/png;base64,\n{}\nsee the attached photo"),
+        (170, "data:image/png;base64,{}\n\nThanks,\nAnn"),
+        (190, "data:image/png;base64,\r\n{} (from the clipboard)"),
+    ):
+        small = tmp_path / f"grey{grey}.png"
+        Image.fromarray(np.full((64, 64, 3), grey, np.uint8)).save(small)
+        small_b64 = base64.b64encode(small.read_bytes()).decode()
+        assert grey != 190 or small_b64.endswith("="), "a note on the last line follows its = padding"
+        page.evaluate(PASTE_TEXT, text.format(wrapped(small_b64)))
+        shown = wait_result(page, shown, prompt=FIRST["prompt"])
+        assert page.is_hidden("#error"), page.inner_text("#error")
+        assert tab.api_bodies[-1]["image"] == data_uri(small), text
+    assert len(tab.api_bodies) == 4
