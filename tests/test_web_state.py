@@ -54,8 +54,8 @@ def stale(page: Any) -> bool:
 def test_ticking_auto_update_on_asks_for_the_current_settings(tab: Tab, photo: Path) -> None:
     """Auto-update off, an option changed: the result says it is for the previous settings. Ticking auto-update on
     asks for the current settings at once, as any change does with it on. With a number field the API refuses, it
-    asks nothing, the note stays and the field says why; put right, the field's change asks. Before, ticking it on
-    did nothing: the note stayed until Make mask was pressed."""
+    asks nothing, the note stays, and the status line and the field say why; put right, the field's change asks.
+    Before, ticking it on did nothing: the note stayed until Make mask was pressed."""
     page = tab.page
     first = first_result(page, photo, auto=False)
     set_slider(page, "#threshold", "ArrowRight", 5)
@@ -72,6 +72,8 @@ def test_ticking_auto_update_on_asks_for_the_current_settings(tab: Tab, photo: P
     page.wait_for_timeout(600)
     assert len(tab.api_bodies) == 2, "a seed the API refuses was sent"
     assert stale(page) and page.is_visible("#seed-error")
+    said = page.inner_text("#status")
+    assert "nothing asked yet" in said and "Seed must be a whole number" in said, said
     page.fill("#seed", "7")
     page.press("#seed", "Tab")
     wait_result(page, shown, threshold=0.56, seed=7)
@@ -124,8 +126,9 @@ def test_unticking_auto_update_stops_the_update_waiting(tab: Tab, photo: Path) -
 
 def test_the_stale_note_goes_when_the_settings_are_those_of_the_result(tab: Tab, photo: Path) -> None:
     """The note says the result is for the previous settings only while it is: a slider moved and moved back (auto-
-    update off) takes it away, and Esc in the pause before an automatic update for settings moved back adds none.
-    Before, both left "The result is for the previous settings" over the result for the settings shown."""
+    update off) takes it away, Esc in the pause before an automatic update for settings moved back adds none, and
+    the prompt edited back to the result's takes away the note for a new prompt. Before, each left its note over
+    the result for the settings shown."""
     page = tab.page
     first_result(page, photo, auto=False)
     set_slider(page, "#threshold", "ArrowRight")
@@ -140,6 +143,10 @@ def test_the_stale_note_goes_when_the_settings_are_those_of_the_result(tab: Tab,
     assert not stale(page), "the result for threshold 0.5 is said to be stale with 0.5"
     page.wait_for_timeout(600)
     assert len(tab.api_bodies) == 1
+    page.fill("#prompt", "persons")
+    assert stale(page) and "new prompt" in page.inner_text("#stale-note")
+    page.fill("#prompt", "person ")  # back to the result's prompt (as sent: trimmed)
+    assert not stale(page), "the result for “person” is said to be for another prompt"
 
 
 def wrapped(b64: str, width: int = 76) -> str:

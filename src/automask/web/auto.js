@@ -3,11 +3,12 @@
 // current settings (the stale note).
 
 import { readControls, savePrefs } from "./prefs.js";
-import { setStale } from "./status.js";
+import { setStale, setStatus } from "./status.js";
 
 const $ = (id) => document.getElementById(id);
 const AUTO_DELAY_MS = 300;
 export const STALE = "The result is for the previous settings: press Make mask (or Enter) to update it.";
+const NEW_PROMPT = "Press Enter (or Make mask) to mask the new prompt.";
 
 // app: {state (app.js's: image, result, inflight, pending, timer, said, pendingSaid), run() (the automatic request,
 // now), supersede() (drops the request in flight and the one waiting), checkReady() ([sentence, field] when the
@@ -52,20 +53,30 @@ export function autoUpdate({ state, run, supersede, checkReady, currentOptions }
   }
 
   // Auto-update ticked on: a result not for the current settings (or none) is asked for at once, as a change would
-  // ask; ticked off: the automatic request waiting for its delay is not sent.
+  // ask, or the status line says why it cannot be yet; ticked off: the automatic request waiting is not sent.
   function toggled() {
     savePrefs(readControls());
-    if ($("auto").checked && state.image && !resultCurrent()) schedule(0);
-    else if (!$("auto").checked && state.pending !== null) {
+    if (!$("auto").checked) {
+      if (state.pending === null) return;
       stopPending();
-      markStale();
+      return markStale();
     }
+    if (!state.image || resultCurrent()) return;
+    const problem = checkReady();
+    if (!problem) return schedule(0);
+    markStale();
+    setStatus(`Auto-update is on; nothing asked yet. ${problem[0]}`);
   }
 
+  // The prompt typed: nothing is asked until Enter (or Make mask); the note says so while it differs from the
+  // result's, and, typed back to it, whether the result is stale for other settings.
   function promptEdited() {
     savePrefs(readControls());
     if (state.inflight || state.pending !== null) supersede(); // the request for the old prompt is no longer wanted
-    if (state.result) setStale("Press Enter (or Make mask) to mask the new prompt.");
+    if (!state.result) return;
+    if (state.result.opts.prompt !== currentOptions().prompt) return setStale(NEW_PROMPT);
+    setStale(null);
+    markStale();
   }
 
   return { stopPending, markStale, schedule, optionsChanged, toggled, promptEdited };
