@@ -28,7 +28,8 @@ from web_helpers import (
 
 pytest.importorskip("fastapi")
 pytestmark = pytest.mark.browser
-live, photo, tab = test_web_tools.live, test_web_tools.photo, test_web_tools.tab  # its fixtures: server, photo, page
+# test_web_tools' fixtures: the server, the photo (and its URL on another origin), the page
+live, photo, photo_url, tab = test_web_tools.live, test_web_tools.photo, test_web_tools.photo_url, test_web_tools.tab
 # The automatic request's pause (AUTO_DELAY_MS) held until released with RELEASE_PAUSED.
 PAUSE_AUTO = """() => { const later = window.setTimeout; window.paused = [];
                         window.setTimeout = (f, ms, ...a) =>
@@ -180,3 +181,26 @@ def test_a_data_uri_with_a_note_after_it_sends_the_image_alone(tab: Tab, photo: 
         assert page.is_hidden("#error"), page.inner_text("#error")
         assert tab.api_bodies[-1]["image"] == data_uri(small), text
     assert len(tab.api_bodies) == 4
+
+
+DROP_URI_LIST = DROP_TEXT.replace("'text/plain'", "'text/uri-list'")  # a list of URIs dropped
+
+
+def test_an_image_url_with_a_note_after_it_is_loaded(tab: Tab, photo_url: str) -> None:
+    """An image URL pasted or dropped as text with a note after it ("… see above"): the URL alone is loaded (a URL
+    copied from a browser has no spaces: they are %20); a URI list dropped with a comment line first (RFC 2483: lines
+    starting with #) loads its first URL. Before, the note was percent-encoded into the URL's path (the server could
+    not fetch it), and the comment was refused as "not an image URL"."""
+    page = tab.page
+    for way, text in (
+        (PASTE_TEXT, f"{photo_url} see above"),
+        (DROP_TEXT, f"{photo_url}\tthe astronaut\nmore notes"),
+        (DROP_URI_LIST, f"# the astronaut\r\n{photo_url}\r\n"),
+    ):
+        page.evaluate("() => { const i = document.getElementById('source'); delete i.dataset.url; }")
+        page.evaluate("() => { document.getElementById('image-info').textContent = ''; }")
+        page.evaluate(way, text)
+        page.wait_for_function("() => document.getElementById('image-info').textContent", timeout=5000)
+        assert page.is_hidden("#error"), page.inner_text("#error")
+        assert page.inner_text("#image-info").startswith(f"{photo_url} — 512×512"), text
+        assert page.input_value("#image-url") == photo_url
