@@ -204,3 +204,26 @@ def test_an_image_url_with_a_note_after_it_is_loaded(tab: Tab, photo_url: str) -
         assert page.is_hidden("#error"), page.inner_text("#error")
         assert page.inner_text("#image-info").startswith(f"{photo_url} — 512×512"), text
         assert page.input_value("#image-url") == photo_url
+
+
+def test_an_input_error_goes_once_put_right(tab: Tab, photo: Path) -> None:
+    """Make mask pressed with an input the page cannot send (a seed the API refuses, no prompt): the error says why,
+    the result greyed; once the input is put right, the error goes, the result is no longer greyed, and the status
+    line no longer says "Failed". Before, the error stayed (beside a field that no longer showed one) until the next
+    request answered."""
+    page = tab.page
+    first_result(page, photo, auto=False)
+    for field, wrong, right, said in (
+        ("#seed", "1.5", "7", "Seed must be a whole number"),
+        ("#prompt", "", "person", "Type a prompt"),
+    ):
+        page.fill(field, wrong)
+        page.click("#submit")
+        assert page.inner_text("#error").startswith(said) and "stale" in page.get_attribute("#stage", "class")
+        page.fill(field, right)
+        assert page.is_hidden("#error"), f"the error stayed: {page.inner_text('#error')}"
+        assert not page.inner_text("#status").startswith("Failed"), page.inner_text("#status")
+        page.fill("#seed", "")  # the result's settings again: not greyed
+        page.press("#seed", "Tab")
+        assert "stale" not in page.get_attribute("#stage", "class")
+    assert len(tab.api_bodies) == 1

@@ -43,6 +43,7 @@ const state = {
   growAuto: false, // grow_mask / feather were set by the page for a cut-out, not by the user
   said: 0, // errors shown so far: one shown while a request ran (or waited for its delay) is newer than its answer
   pendingSaid: 0, // `said` when the automatic request waiting for its delay was scheduled
+  unready: null, // [sentence, field] of the input check whose error Make mask showed (goes once put right)
 };
 const key = keyAndCredits(state.config);
 const auto = autoUpdate({ state, run: () => run({ fromUser: false }), supersede, checkReady, currentOptions });
@@ -158,6 +159,7 @@ async function run({ fromUser = true } = {}) {
     if (fromUser) {
       showError(problem[0]);
       problem[1].focus();
+      state.unready = problem;
     }
     return;
   }
@@ -219,6 +221,17 @@ function modelLoaded(model) {
   if (model.name === state.config.model) state.config.ready = true;
   modelChanged();
   serverInfo(state.config);
+}
+
+// An input check's error, shown when Make mask was pressed, goes once its field is put right (and greys no more).
+function inputPutRight() {
+  const shown = state.unready;
+  if (!shown || $("error").hidden || $("error").textContent !== shown[0]) return;
+  const problem = checkReady();
+  if (problem && problem[1] === shown[1]) return;
+  state.unready = null;
+  clearError();
+  setStatus(problem ? "" : "Ready: press Make mask (or Enter).");
 }
 
 // ---- results -------------------------------------------------------------------------------------------
@@ -330,6 +343,7 @@ function wire() {
   }
   for (const id of Object.keys(NUMBER_FIELDS)) $(id).addEventListener("input", numberFieldsProblem);
   $("prompt").addEventListener("input", auto.promptEdited);
+  $("form").addEventListener("input", inputPutRight);
   $("auto").addEventListener("change", auto.toggled);
   wireView(viewer, () => drawResult(state, viewer), () => savePrefs(readControls()));
   for (const radio of document.querySelectorAll("input[name=show]")) radio.addEventListener("change", showChanged);
