@@ -227,3 +227,17 @@ def test_an_input_error_goes_once_put_right(tab: Tab, photo: Path) -> None:
         page.press("#seed", "Tab")
         assert "stale" not in page.get_attribute("#stage", "class")
     assert len(tab.api_bodies) == 1
+
+
+def test_a_cancelled_update_leaves_the_result_marked_stale(tab: Tab, photo: Path) -> None:
+    """Auto-update on, a slider moved, and its request, sent, cancelled (Cancel or Esc): the result shown, for the
+    settings before, says so. Before, it was shown as current (only an update not yet sent, stopped, said so)."""
+    page = tab.page
+    first_result(page, photo, auto=True)
+    held: list[Any] = []
+    page.route(f"**{API_PATH}", lambda route: held.append(route))
+    set_slider(page, "#threshold", "ArrowRight")
+    page.wait_for_selector("#stage[aria-busy=true]")
+    page.click("#cancel")
+    assert page.inner_text("#status").startswith("Cancelled.") and len(held) == 1
+    assert stale(page), "the result for threshold 0.5 is shown as current with 0.51"

@@ -138,11 +138,8 @@ function cancel() {
   if (!state.inflight && state.pending === null) return;
   const sent = Boolean(state.inflight);
   supersede();
-  if (!sent) {
-    setStatus("Update cancelled: nothing was sent.");
-    auto.markStale();
-    return;
-  }
+  auto.markStale(); // the result shown stays: is it for the current settings?
+  if (!sent) return setStatus("Update cancelled: nothing was sent.");
   setStatus(`Cancelled. ${CANCELLED}`);
   key.refresh();
 }
