@@ -322,18 +322,21 @@ def test_a_late_answer_for_the_previous_settings_stays_marked_stale(
     assert page.is_hidden("#stale-note")
 
 
-def test_a_late_answer_stays_stale_when_auto_update_is_ticked_meanwhile(
+def test_auto_update_ticked_on_while_an_outdated_request_runs_asks_for_the_current_settings(
     tab: Tab, slow: Live, astronaut: np.ndarray, tmp_path: Path
 ) -> None:
-    """Auto-update off, an option changed while the mask request runs, then auto-update ticked on (which asks
-    nothing by itself): the late answer, for the previous settings, is marked stale. Before, with the box ticked
-    it was shown as current, and nothing asked for the current settings."""
+    """Auto-update off, an option changed while the mask request runs, then auto-update ticked on: the request for
+    the previous settings, no longer wanted, is aborted (uncharged) and the current settings are asked for at once,
+    as any change with auto-update on asks; their result is shown, not stale. Before, ticking it on asked nothing:
+    the late answer for the previous settings stayed (marked stale) until Make mask was pressed."""
     page = tab.page
+    start = slow.settled_credits()
+    assert start is not None
+    aborted = aborted_posts(page)
     change_while_asking(page, astronaut, tmp_path)
     page.evaluate("() => document.getElementById('auto').click()")  # ticked on at once, the request still running
-    assert page.is_checked("#auto") and page.get_attribute("#stage", "aria-busy") == "true"
-    wait_shown(page, 0.5)
-    assert page.is_visible("#stale-note"), "the result for the previous settings is shown as current"
-    page.click("#submit")
+    assert page.is_checked("#auto")
     wait_shown(page, 0.55)
     assert page.is_hidden("#stale-note")
+    assert [b["threshold"] for b in tab.api_bodies] == [0.5, 0.55] and [b["threshold"] for b in aborted] == [0.5]
+    assert slow.settled_credits() == start - 1

@@ -33,6 +33,7 @@ ASSETS = (
     "index.html",
     "app.js",
     "api.js",
+    "auto.js",
     "colours.js",
     "controls.js",
     "credits.js",

@@ -6,7 +6,8 @@
 // is aborted, and the server neither runs nor charges it. Results already seen are shown again from memory.
 
 import { ApiError, loadConfig, requestMask } from "./api.js";
-import { bindSlider, cutoutPreset, growHint, keepInView } from "./controls.js";
+import { STALE, autoUpdate } from "./auto.js";
+import { bindSlider, cutoutPreset, growHint, keepInView, wireView } from "./controls.js";
 import { keyAndCredits } from "./credits.js";
 import { downloads } from "./downloads.js";
 import { NUMBER_FIELDS, formOptions, numberFieldsProblem } from "./form.js";
@@ -23,9 +24,7 @@ import { Viewer } from "./viewer.js";
 
 const $ = (id) => document.getElementById(id);
 const CACHE_SIZE = 16;
-const AUTO_DELAY_MS = 300;
 const CANCELLED = "The server does not run or charge a request the page cancels.";
-const STALE = "The result is for the previous settings: press Make mask (or Enter) to update it.";
 const UNTURNED =
   "The server turned this image by its orientation (EXIF), which this browser does not show: the mask is shown alone.";
 
@@ -44,8 +43,10 @@ const state = {
   growAuto: false, // grow_mask / feather were set by the page for a cut-out, not by the user
   said: 0, // errors shown so far: one shown while a request ran (or waited for its delay) is newer than its answer
   pendingSaid: 0, // `said` when the automatic request waiting for its delay was scheduled
+  unready: null, // [sentence, field] of the input check whose error Make mask showed (goes once put right)
 };
 const key = keyAndCredits(state.config);
+const auto = autoUpdate({ state, run: () => run({ fromUser: false }), supersede, checkReady, currentOptions });
 const viewer = new Viewer(
   {
     viewport: $("viewport"),
@@ -123,7 +124,7 @@ function checkReady() {
 
 // Abort the request in flight and any pending automatic one: their results are no longer wanted.
 function supersede() {
-  stopPending();
+  auto.stopPending();
   state.seq += 1;
   if (state.inflight) {
     state.inflight.controller.abort();
@@ -132,42 +133,37 @@ function supersede() {
   }
 }
 
-function stopPending() {
-  clearTimeout(state.timer);
-  state.pending = null;
-}
-
 // Cancel (or Esc): stop the mask request in flight, and the automatic one waiting for its delay (nothing sent yet).
 function cancel() {
   if (!state.inflight && state.pending === null) return;
   const sent = Boolean(state.inflight);
   supersede();
-  if (!sent) {
-    setStatus("Update cancelled: nothing was sent.");
-    if (state.result) setStale(STALE);
-    return;
-  }
+  auto.markStale(); // the result shown stays: is it for the current settings?
+  if (!sent) return setStatus("Update cancelled: nothing was sent.");
   setStatus(`Cancelled. ${CANCELLED}`);
   key.refresh();
 }
 
 async function run({ fromUser = true } = {}) {
-  stopPending();
+  auto.stopPending();
   if (state.reading) {
     if (fromUser) setStatus(`Still reading ${state.reading}…`);
     return;
   }
   const problem = checkReady();
   if (problem) {
+    auto.markStale();
     if (fromUser) {
       showError(problem[0]);
       problem[1].focus();
+      state.unready = problem;
     }
     return;
   }
   const opts = currentOptions();
   const unanswerable = vocabularyProblem(opts.prompt, chosenModel(), state.config);
   if (unanswerable) {
+    auto.markStale();
     showError(unanswerable);
     if (fromUser) (choosingModel() ? $("model") : $("prompt")).focus();
     return;
@@ -224,26 +220,15 @@ function modelLoaded(model) {
   serverInfo(state.config);
 }
 
-function scheduleAuto(delay = AUTO_DELAY_MS) {
-  stopPending();
-  if (!$("auto").checked || checkReady()) return;
-  state.pending = performance.now();
-  state.pendingSaid = state.said;
-  state.timer = setTimeout(() => run({ fromUser: false }), delay);
-}
-
-// A request option changed: ask again (auto-update), or say the shown result is stale.
-function optionsChanged() {
-  savePrefs(readControls());
-  if (!state.image) return;
-  if ($("auto").checked) scheduleAuto();
-  else if (state.result) setStale(STALE);
-}
-
-function promptEdited() {
-  savePrefs(readControls());
-  if (state.inflight || state.pending !== null) supersede(); // the request for the old prompt is no longer wanted
-  if (state.result) setStale("Press Enter (or Make mask) to mask the new prompt.");
+// An input check's error, shown when Make mask was pressed, goes once its field is put right (and greys no more).
+function inputPutRight() {
+  const shown = state.unready;
+  if (!shown || $("error").hidden || $("error").textContent !== shown[0]) return;
+  const problem = checkReady();
+  if (problem && problem[1] === shown[1]) return;
+  state.unready = null;
+  clearError();
+  setStatus(problem ? "" : "Ready: press Make mask (or Enter).");
 }
 
 // ---- results -------------------------------------------------------------------------------------------
@@ -311,7 +296,7 @@ function guarded(action) {
 function showChanged() {
   const show = currentShow();
   const offered = state.config.options || [];
-  if (cutoutPreset(show, state, offered.includes("feather"))) optionsChanged();
+  if (cutoutPreset(show, state, offered.includes("feather"))) auto.optionsChanged();
   savePrefs(readControls());
   growHint(show, offered);
   drawResult(state, viewer);
@@ -344,32 +329,21 @@ function wire() {
   bindSlider("threshold", (v) => v.toFixed(2));
   bindSlider("grow_mask", String);
   bindSlider("feather", String);
-  bindSlider("opacity", (v) => `${v}%`);
-  bindSlider("compare", (v) => `${v}%`);
   const requestInputs = ["threshold", "grow_mask", "invert_mask", "stop_on_empty_mask", "model", "feather"];
   for (const id of [...requestInputs, "fill_holes", "min_area", "seed", "negative_prompt"]) {
     $(id).addEventListener("change", () => {
       if (id === "grow_mask" || id === "feather") state.growAuto = false;
       if (id === "model") modelChanged();
       if (id === "grow_mask") growHint(currentShow(), state.config.options || []);
-      optionsChanged();
+      auto.optionsChanged();
     });
   }
   for (const id of Object.keys(NUMBER_FIELDS)) $(id).addEventListener("input", numberFieldsProblem);
-  $("prompt").addEventListener("input", promptEdited);
-  $("auto").addEventListener("change", () => savePrefs(readControls()));
-  for (const id of ["opacity", "tint", "outline"]) {
-    $(id).addEventListener("input", () => {
-      requestAnimationFrame(() => drawResult(state, viewer));
-      savePrefs(readControls());
-    });
-  }
-  $("compare").addEventListener("input", () => viewer.setCompare(Number($("compare").value)));
+  $("prompt").addEventListener("input", auto.promptEdited);
+  $("form").addEventListener("input", inputPutRight);
+  $("auto").addEventListener("change", auto.toggled);
+  wireView(viewer, () => drawResult(state, viewer), () => savePrefs(readControls()));
   for (const radio of document.querySelectorAll("input[name=show]")) radio.addEventListener("change", showChanged);
-  $("zoom-in").addEventListener("click", () => viewer.zoomTo(viewer.zoom * 1.25));
-  $("zoom-out").addEventListener("click", () => viewer.zoomTo(viewer.zoom * 0.8));
-  $("zoom-fit").addEventListener("click", () => viewer.fit());
-  $("zoom-native").addEventListener("click", () => viewer.zoomTo(1));
   $("api-key").addEventListener("input", key.edited);
   $("dl-mask").addEventListener("click", guarded(files.mask));
   $("dl-alpha").addEventListener("click", guarded(files.cutout));
@@ -383,7 +357,7 @@ function wire() {
     examplePrompt: (ex) => (chosenModel()?.open_vocabulary === false ? ex.embedded_prompt : ex.open_prompt),
     usePrompt,
     run: () => run(),
-    autoRun: () => scheduleAuto(500),
+    autoRun: () => auto.schedule(500),
     limits: () => ({ maxBytes: state.config.max_image_bytes, maxBody: state.config.max_body_bytes }),
     maxPixels: () => state.config.max_image_pixels,
   });

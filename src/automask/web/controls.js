@@ -1,5 +1,5 @@
-// Small behaviours of the controls: slider read-outs, the cut-out's edge defaults and their hint, and keeping
-// focused controls visible under the phone layout's sticky image.
+// Small behaviours of the controls: slider read-outs, the cut-out's edge defaults and their hint, the controls of
+// the view alone (no request), and keeping focused controls visible under the phone layout's sticky image.
 
 const $ = (id) => document.getElementById(id);
 const DEFAULT_GROW = 10; // the API's grow_mask default: right for inpainting masks
@@ -11,6 +11,24 @@ export function bindSlider(id, format) {
   input.addEventListener("input", () => {
     out.textContent = format(Number(input.value));
   });
+}
+
+// The controls that change only how the result is shown, never a request: the overlay's look (`redraw`, then
+// `save` the settings), the before/after compare slider, and zoom (`viewer`: a Viewer).
+export function wireView(viewer, redraw, save) {
+  bindSlider("opacity", (v) => `${v}%`);
+  bindSlider("compare", (v) => `${v}%`);
+  for (const id of ["opacity", "tint", "outline"]) {
+    $(id).addEventListener("input", () => {
+      requestAnimationFrame(redraw);
+      save();
+    });
+  }
+  $("compare").addEventListener("input", () => viewer.setCompare(Number($("compare").value)));
+  $("zoom-in").addEventListener("click", () => viewer.zoomTo(viewer.zoom * 1.25));
+  $("zoom-out").addEventListener("click", () => viewer.zoomTo(viewer.zoom * 0.8));
+  $("zoom-fit").addEventListener("click", () => viewer.fit());
+  $("zoom-native").addEventListener("click", () => viewer.zoomTo(1));
 }
 
 function setRange(id, value) {

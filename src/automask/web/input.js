@@ -44,6 +44,17 @@ async function turnedDataUri(url) {
   }
 }
 
+// The image URL that text pasted or dropped begins with: a data: URI whole (parseImageUrl reads its base64, leaving
+// out what follows), an http(s) URL up to the first whitespace (one copied from a browser has none: a space is %20),
+// a note after it left out; else the first line, as it is (the page says why it is not an image URL).
+function urlInText(text) {
+  const value = text.trim();
+  if (/^data:/i.test(value)) return value;
+  const line = value.split(/\r?\n/)[0].trim();
+  const word = line.split(/\s/)[0];
+  return /^https?:\/\//i.test(word) ? word : line;
+}
+
 function isTextField(el) {
   return Boolean(el && (el.tagName === "TEXTAREA" || (el.tagName === "INPUT" && !["file", "range", "checkbox", "radio", "color"].includes(el.type))));
 }
@@ -176,9 +187,10 @@ export function wireInput(app) {
     event.preventDefault();
     const data = event.dataTransfer;
     if (takeFiles(data.files)) return;
-    // The first URL of a list or text; a data: URI as text whole (its base64 may be wrapped: parseImageUrl unwraps it).
+    // The first URL of a list (its # lines are comments, RFC 2483), or the URL the text begins with.
     const [list, plain] = [data.getData("text/uri-list"), data.getData("text/plain")];
-    const text = (list ? list.split("\n")[0] : /^\s*data:/i.test(plain) ? plain : plain.split("\n")[0]).trim();
+    const uris = list.split(/\r?\n/).filter((line) => line.trim() && !line.startsWith("#"));
+    const text = list ? (uris[0] || "").trim() : urlInText(plain);
     if (text) {
       $("image-url").value = text;
       useUrl(text);
@@ -195,7 +207,7 @@ export function wireInput(app) {
       return;
     }
     if (isTextField(document.activeElement)) return;
-    const text = data.getData("text/plain").trim();
+    const text = urlInText(data.getData("text/plain"));
     if (!text) return;
     event.preventDefault();
     $("image-url").value = text;

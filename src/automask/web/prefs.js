@@ -65,14 +65,14 @@ export function numberProblem(input, label) {
   return Number.isInteger(n) && n >= min && n <= max ? null : `${want}, not ${input.value}.`;
 }
 
-// {url} for an http(s) URL (or a data:image URI: a base64 one without the line breaks and spaces it may be pasted
-// with, which neither its size nor the request counts), else {problem: sentence}.
+// {url} for an http(s) URL (or a data:image URI: a base64 one as `base64Data` reads it, without the line breaks it
+// may be pasted with, which neither its size nor the request counts), else {problem: sentence}.
 export function parseImageUrl(text) {
   const value = text.trim();
   if (/^data:image\//i.test(value)) {
     const comma = value.indexOf(",");
     const base64 = comma > 0 && /;base64$/i.test(value.slice(0, comma).trim());
-    return { url: base64 ? value.slice(0, comma).trim() + "," + value.slice(comma + 1).replace(/\s+/g, "") : value };
+    return { url: base64 ? value.slice(0, comma).trim() + "," + base64Data(value.slice(comma + 1)) : value };
   }
   let url = null;
   try {
@@ -87,6 +87,28 @@ export function parseImageUrl(text) {
     };
   }
   return { url: url.href };
+}
+
+const BASE64_WORD = /^[A-Za-z0-9+/_-]+=*$/;
+
+// The base64 data of a data: URI pasted or dropped as text (what follows its comma): its lines, wrapped as tools
+// wrap base64 (each line of base64 alone, as long as the first whole one, the last no longer, padding only at the
+// end), joined. It ends at any other whitespace: a note after it ("… see above", on its last line when that ends
+// in = padding), a line that is not base64 alone, a blank line, are not the image's.
+export function base64Data(text) {
+  const [first, ...lines] = text.trimStart().split(/[ \t]*(?:\r\n?|\n)[ \t]*/);
+  let data = first.split(/\s/)[0];
+  if (data !== first) return data; // more on the line after the data
+  let width = 0;
+  for (const line of lines) {
+    const word = line.split(/\s/)[0];
+    const whole = word === line || word.endsWith("="); // a word with more after it: base64's end, padded
+    if (!whole || !BASE64_WORD.test(word) || data.endsWith("=") || (width && word.length > width)) break;
+    data += word;
+    if (word !== line || word.length < width) break; // the last line
+    width ||= word.length;
+  }
+  return data;
 }
 
 export function formatBytes(n) {

@@ -1,0 +1,243 @@
+"""The try-it page's state (part 4): whether the result shown is said to be for the current settings, auto-update
+ticked on and off, late answers, and data: URIs dropped or pasted with other text. See test_web.py for how the tests
+run."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import test_web_tools
+from test_web_tools import DROP_TEXT, PASTE_TEXT
+from web_helpers import (
+    API_PATH,
+    FIRST,
+    Tab,
+    data_uri,
+    pick_photo,
+    set_first_options,
+    set_slider,
+    submit_prompt,
+    wait_result,
+)
+
+pytest.importorskip("fastapi")
+pytestmark = pytest.mark.browser
+# test_web_tools' fixtures: the server, the photo (and its URL on another origin), the page
+live, photo, photo_url, tab = test_web_tools.live, test_web_tools.photo, test_web_tools.photo_url, test_web_tools.tab
+# The automatic request's pause (AUTO_DELAY_MS) held until released with RELEASE_PAUSED.
+PAUSE_AUTO = """() => { const later = window.setTimeout; window.paused = [];
+                        window.setTimeout = (f, ms, ...a) =>
+                          ms === 300 ? (window.paused.push(f), 0) : later(f, ms, ...a); }"""
+RELEASE_PAUSED = "() => window.paused.splice(0).forEach((f) => f())"
+THRESHOLD_055 = """() => { const t = document.getElementById('threshold'); t.value = 0.55;
+                           t.dispatchEvent(new Event('change', { bubbles: true })); }"""
+
+
+def first_result(page: Any, photo: Path, *, auto: bool) -> str:
+    """The photo masked with the first options, auto-update on or off; the result's sequence number."""
+    page.click("#advanced summary")
+    page.set_checked("#auto", auto)
+    pick_photo(page, photo)
+    set_first_options(page)
+    return submit_prompt(page, FIRST["prompt"])
+
+
+def stale(page: Any) -> bool:
+    return bool(page.is_visible("#stale-note"))
+
+
+def test_ticking_auto_update_on_asks_for_the_current_settings(tab: Tab, photo: Path) -> None:
+    """Auto-update off, an option changed: the result says it is for the previous settings. Ticking auto-update on
+    asks for the current settings at once, as any change does with it on. With a number field the API refuses, it
+    asks nothing, the note stays, and the status line and the field say why; put right, the field's change asks.
+    Before, ticking it on did nothing: the note stayed until Make mask was pressed."""
+    page = tab.page
+    first = first_result(page, photo, auto=False)
+    set_slider(page, "#threshold", "ArrowRight", 5)
+    assert stale(page)
+    page.check("#auto")
+    shown = wait_result(page, first, threshold=0.55)
+    assert not stale(page) and len(tab.api_bodies) == 2
+    page.uncheck("#auto")
+    page.fill("#seed", "1.5")
+    page.press("#seed", "Tab")
+    set_slider(page, "#threshold", "ArrowRight")
+    assert stale(page)
+    page.check("#auto")
+    page.wait_for_timeout(600)
+    assert len(tab.api_bodies) == 2, "a seed the API refuses was sent"
+    assert stale(page) and page.is_visible("#seed-error")
+    said = page.inner_text("#status")
+    assert "nothing asked yet" in said and "Seed must be a whole number" in said, said
+    page.fill("#seed", "7")
+    page.press("#seed", "Tab")
+    wait_result(page, shown, threshold=0.56, seed=7)
+    assert not stale(page)
+
+
+def test_a_result_auto_update_cannot_replace_says_it_is_stale(tab: Tab, photo: Path) -> None:
+    """Auto-update on, and a number field the API refuses: a change cannot ask anew, so the result shown, for the
+    settings before, says so. And an answer arriving in the pause before the automatic request for newer settings,
+    which then cannot go out (a field put wrong meanwhile), says so too. Before, neither was marked stale."""
+    page = tab.page
+    first_result(page, photo, auto=True)
+    page.fill("#seed", "1.5")
+    page.press("#seed", "Tab")
+    page.wait_for_timeout(400)
+    assert stale(page), "the result for seed -1 is shown as current with seed 1.5"
+    assert page.is_visible("#seed-error") and len(tab.api_bodies) == 1
+    page.fill("#seed", "")
+    page.press("#seed", "Tab")
+    page.wait_for_function("() => document.getElementById('stale-note').hidden")  # back to the result's settings
+    held: list[Any] = []
+    page.route(f"**{API_PATH}", lambda route: held.append(route))
+    page.fill("#prompt", "cup")
+    page.press("#prompt", "Enter")
+    page.wait_for_function("() => document.getElementById('stage').getAttribute('aria-busy') === 'true'")
+    page.evaluate(PAUSE_AUTO)
+    page.evaluate(THRESHOLD_055)
+    held[0].continue_()
+    page.wait_for_function("() => document.getElementById('stage').getAttribute('aria-busy') === 'false'")
+    page.fill("#seed", "1.5")  # typed, not yet left: no change event, nothing scheduled
+    page.evaluate(RELEASE_PAUSED)
+    page.wait_for_timeout(300)
+    assert len(tab.api_bodies) == 2 and len(held) == 1
+    assert stale(page), "the answer for threshold 0.5 is shown as current with 0.55"
+
+
+def test_unticking_auto_update_stops_the_update_waiting(tab: Tab, photo: Path) -> None:
+    """A slider moved (auto-update on), then auto-update ticked off within the ~300 ms before the automatic request
+    goes out: nothing is sent, and the result says it is for the previous settings. Before, the request went out
+    (and was charged) after the user had turned automatic requests off."""
+    page = tab.page
+    first_result(page, photo, auto=True)
+    set_slider(page, "#threshold", "ArrowRight")
+    page.evaluate("() => document.getElementById('auto').click()")  # at once, the update still waiting
+    assert not page.is_checked("#auto")
+    page.wait_for_timeout(600)
+    assert [b["threshold"] for b in tab.api_bodies] == [0.5], "the update went out with auto-update off"
+    assert stale(page)
+
+
+def test_the_stale_note_goes_when_the_settings_are_those_of_the_result(tab: Tab, photo: Path) -> None:
+    """The note says the result is for the previous settings only while it is: a slider moved and moved back (auto-
+    update off) takes it away, Esc in the pause before an automatic update for settings moved back adds none, and
+    the prompt edited back to the result's takes away the note for a new prompt. Before, each left its note over
+    the result for the settings shown."""
+    page = tab.page
+    first_result(page, photo, auto=False)
+    set_slider(page, "#threshold", "ArrowRight")
+    assert stale(page)
+    set_slider(page, "#threshold", "ArrowLeft")
+    assert not stale(page), "the result for threshold 0.5 is said to be stale with 0.5"
+    page.check("#auto")
+    set_slider(page, "#threshold", "ArrowRight")
+    set_slider(page, "#threshold", "ArrowLeft")
+    page.keyboard.press("Escape")
+    assert page.inner_text("#status") == "Update cancelled: nothing was sent."
+    assert not stale(page), "the result for threshold 0.5 is said to be stale with 0.5"
+    page.wait_for_timeout(600)
+    assert len(tab.api_bodies) == 1
+    page.fill("#prompt", "persons")
+    assert stale(page) and "new prompt" in page.inner_text("#stale-note")
+    page.fill("#prompt", "person ")  # back to the result's prompt (as sent: trimmed)
+    assert not stale(page), "the result for “person” is said to be for another prompt"
+
+
+def wrapped(b64: str, width: int = 76) -> str:
+    return "\n".join(b64[i : i + width] for i in range(0, len(b64), width))
+
+
+def test_a_data_uri_with_a_note_after_it_sends_the_image_alone(tab: Tab, photo: Path, tmp_path: Path) -> None:
+    """A data: URI dropped or pasted as text with more after it (a note on the same line, a line of prose, a blank
+    line and a paragraph): the image's data alone is sent, its wrapped base64 lines joined (a line break between
+    lines of base64 alone, as tools wrap it); the rest is not the image's. Before, all of it was joined into the
+    base64 and the server refused it (400)."""
+    page = tab.page
+    set_first_options(page)
+    page.fill("#prompt", FIRST["prompt"])
+    b64 = base64.b64encode(photo.read_bytes()).decode()
+    page.evaluate(DROP_TEXT, f"data:image/png;base64,{b64} see above")
+    shown = wait_result(page, None, prompt=FIRST["prompt"])
+    assert page.is_hidden("#error"), page.inner_text("#error")
+    assert tab.api_bodies[-1]["image"] == data_uri(photo)
+    for grey, text in (
+        (150, "data:image/png;base64,\n{}\nsee the attached photo"),
+        (170, "data:image/png;base64,{}\n\nThanks,\nAnn"),
+        (190, "data:image/png;base64,\r\n{} (from the clipboard)"),
+    ):
+        small = tmp_path / f"grey{grey}.png"
+        Image.fromarray(np.full((64, 64, 3), grey, np.uint8)).save(small)
+        small_b64 = base64.b64encode(small.read_bytes()).decode()
+        assert grey != 190 or small_b64.endswith("="), "a note on the last line follows its = padding"
+        page.evaluate(PASTE_TEXT, text.format(wrapped(small_b64)))
+        shown = wait_result(page, shown, prompt=FIRST["prompt"])
+        assert page.is_hidden("#error"), page.inner_text("#error")
+        assert tab.api_bodies[-1]["image"] == data_uri(small), text
+    assert len(tab.api_bodies) == 4
+
+
+DROP_URI_LIST = DROP_TEXT.replace("'text/plain'", "'text/uri-list'")  # a list of URIs dropped
+
+
+def test_an_image_url_with_a_note_after_it_is_loaded(tab: Tab, photo_url: str) -> None:
+    """An image URL pasted or dropped as text with a note after it ("… see above"): the URL alone is loaded (a URL
+    copied from a browser has no spaces: they are %20); a URI list dropped with a comment line first (RFC 2483: lines
+    starting with #) loads its first URL. Before, the note was percent-encoded into the URL's path (the server could
+    not fetch it), and the comment was refused as "not an image URL"."""
+    page = tab.page
+    for way, text in (
+        (PASTE_TEXT, f"{photo_url} see above"),
+        (DROP_TEXT, f"{photo_url}\tthe astronaut\nmore notes"),
+        (DROP_URI_LIST, f"# the astronaut\r\n{photo_url}\r\n"),
+    ):
+        page.evaluate("() => { const i = document.getElementById('source'); delete i.dataset.url; }")
+        page.evaluate("() => { document.getElementById('image-info').textContent = ''; }")
+        page.evaluate(way, text)
+        page.wait_for_function("() => document.getElementById('image-info').textContent", timeout=5000)
+        assert page.is_hidden("#error"), page.inner_text("#error")
+        assert page.inner_text("#image-info").startswith(f"{photo_url} — 512×512"), text
+        assert page.input_value("#image-url") == photo_url
+
+
+def test_an_input_error_goes_once_put_right(tab: Tab, photo: Path) -> None:
+    """Make mask pressed with an input the page cannot send (a seed the API refuses, no prompt): the error says why,
+    the result greyed; once the input is put right, the error goes, the result is no longer greyed, and the status
+    line no longer says "Failed". Before, the error stayed (beside a field that no longer showed one) until the next
+    request answered."""
+    page = tab.page
+    first_result(page, photo, auto=False)
+    for field, wrong, right, said in (
+        ("#seed", "1.5", "7", "Seed must be a whole number"),
+        ("#prompt", "", "person", "Type a prompt"),
+    ):
+        page.fill(field, wrong)
+        page.click("#submit")
+        assert page.inner_text("#error").startswith(said) and "stale" in page.get_attribute("#stage", "class")
+        page.fill(field, right)
+        assert page.is_hidden("#error"), f"the error stayed: {page.inner_text('#error')}"
+        assert not page.inner_text("#status").startswith("Failed"), page.inner_text("#status")
+        page.fill("#seed", "")  # the result's settings again: not greyed
+        page.press("#seed", "Tab")
+        assert "stale" not in page.get_attribute("#stage", "class")
+    assert len(tab.api_bodies) == 1
+
+
+def test_a_cancelled_update_leaves_the_result_marked_stale(tab: Tab, photo: Path) -> None:
+    """Auto-update on, a slider moved, and its request, sent, cancelled (Cancel or Esc): the result shown, for the
+    settings before, says so. Before, it was shown as current (only an update not yet sent, stopped, said so)."""
+    page = tab.page
+    first_result(page, photo, auto=True)
+    held: list[Any] = []
+    page.route(f"**{API_PATH}", lambda route: held.append(route))
+    set_slider(page, "#threshold", "ArrowRight")
+    page.wait_for_selector("#stage[aria-busy=true]")
+    page.click("#cancel")
+    assert page.inner_text("#status").startswith("Cancelled.") and len(held) == 1
+    assert stale(page), "the result for threshold 0.5 is shown as current with 0.51"
