@@ -293,3 +293,30 @@ def test_an_in_process_job_worker_survives_a_database_error_failing_a_job_it_can
         store.close()
     assert ended and alive and jobs.failures == 0
     assert job_id not in local._held  # out of its hands: a re-sent job would be taken again
+
+
+def test_a_completion_is_given_time_by_the_metadata_it_stores_too(tmp_path: Path) -> None:
+    """Before: a completion's bound grew by the result PNG alone, while the same statement also stores the metadata,
+    which with `instance_masks` holds a base64 PNG per instance (up to 100: megabytes, often more than the PNG): on
+    a slow link to the database a healthy server was taken for frozen and the computed result thrown away. Now its
+    bound grows by both."""
+    store = Store.in_data_dir(tmp_path / "data")
+    jobs = Jobs(store)
+    bounds: list[float | None] = []
+
+    def seen(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if completing(statement):
+            bounds.append(bounded._QUERY_BOUND.get())
+
+    try:
+        _, job_id = submitted(store, jobs)
+        assert jobs.claim(job_id, "node-a") is not None
+        metadata = {"instances": [{"label": "sofa", "mask": "A" * 1_000_000} for _ in range(4)]}
+        event.listen(store.engine, "before_cursor_execute", seen)
+        assert jobs.complete(job_id, "node-a", b"\x89PNG" + b"x" * 1000, metadata, 0.1)
+    finally:
+        event.remove(store.engine, "before_cursor_execute", seen)
+        store.close()
+    assert len(bounds) == 1 and bounds[0] is not None, bounds
+    wanted = bounded.JOB_QUERY_TIMEOUT + 4_000_000 / bounded.SLOWEST_TRANSFER
+    assert bounds[0] >= wanted, (bounds, wanted)  # before: 10.001 s, for 4 MB of metadata

@@ -269,17 +269,17 @@ class Jobs:
         return cur.rowcount == 1
 
     def complete(self, job_id: str, node: str, png: bytes, metadata: dict[str, Any], seconds: float) -> bool:
-        """Store the result and mark the job COMPLETED, keeping its credit, only if it is still PROCESSING on
-        `node` (False: another run took it over or finished it first, nothing changed). Its bound grows by the
-        result's size (`sized`)."""
-        with job_bound(), sized(len(png)), self.store.transaction() as conn:
+        """Store the result and mark the job COMPLETED, keeping its credit, only if still PROCESSING on `node` (False:
+        taken over or finished first, nothing changed); its bound grows by the PNG and metadata it stores (`sized`)."""
+        stored = json.dumps(metadata)
+        with job_bound(), sized(len(png) + len(stored)), self.store.transaction() as conn:
             cur = conn.execute(
                 update(jobs_table)
                 .where(_running_on(job_id, node))
                 .values(
                     status=COMPLETED,
                     result=png,
-                    metadata=json.dumps(metadata),
+                    metadata=stored,
                     inference_time=seconds,
                     finished_at=self.store.now(),
                     request=None,
