@@ -27,6 +27,7 @@ from automask.cli_io import (
     OutputError,
     Outputs,
     check_fits,
+    check_lookup,
     check_stdout,
     check_stdout_use,
     echo_json,
@@ -328,6 +329,7 @@ def batch(ctx: click.Context, sources: tuple[str, ...], out: str, recursive: boo
 
 def _batch(ctx: click.Context, sources: tuple[str, ...], outdir: Path, recursive: bool, job: Job) -> None:
     """`batch`'s work: find the inputs, plan their outputs, check OUTDIR, then mask them."""
+    check_lookup(outdir)  # a link loop, a name too long...: the paths below could not be resolved
     found = find_inputs(sources, recursive, outdir)
     files, notes = inputs_once(found)
     for note in notes:

@@ -116,6 +116,17 @@ def _replace(path: Path, data: bytes, shown: Path) -> None:
         raise
 
 
+def check_lookup(folder: Path) -> None:
+    """An `OutputError` when the system cannot look `folder` up for a reason other than its absence (a symbolic link
+    loop, a name too long, a folder on its path that may not be searched)."""
+    try:
+        os.stat(folder)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise OutputError(f"Cannot write into '{folder}': {exc.strerror or exc}.") from None
+
+
 class Outputs:
     """What one command writes, undone by `discard` when it fails: no partial result is left behind."""
 
@@ -125,7 +136,7 @@ class Outputs:
 
     def folder(self, path: Path) -> None:
         """Create the folder `path` (and its missing parents) and check that a file can be made in it."""
-        self.folders += [p for p in (path, *path.parents) if not p.exists()]
+        self.folders += [p for p in (path, *path.parents) if not os.path.lexists(p)]
         try:
             if os.path.lexists(path) and not path.is_dir():  # mkdir would say 'File exists'
                 raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
@@ -151,7 +162,7 @@ class Outputs:
 
     def write(self, path: Path, data: bytes) -> None:
         """`write_atomic`, remembering the regular file written."""
-        self.folders += [p for p in path.parents if not p.exists()]
+        self.folders += [p for p in path.parents if not os.path.lexists(p)]
         written = write_atomic(path, data)
         if written is not None:
             self.files.append(written)
@@ -274,10 +285,14 @@ def read_source(image: str, settings: Settings) -> tuple[ImageSource, Path | Non
     if _URL.match(image) and not os.path.isfile(image):  # a file named 'data:x.png' is that file
         return image, None
     path = Path(image)
-    if path.is_dir() or not path.exists():
-        why = "it is a folder (use automask batch)" if path.is_dir() else "no such file"
-        raise errors.ImageDecodeError(f"Cannot read '{image}': {why}.")
-    if not path.is_file():  # a pipe (`<(curl ...)`, /dev/stdin) or a device: read as standard input is
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:  # missing; or a folder on its path may not be searched, a link loop...
+        why = "no such file" if exc.errno in (errno.ENOENT, errno.ENOTDIR) else exc.strerror or str(exc)
+        raise errors.ImageDecodeError(f"Cannot read '{image}': {why}.") from None
+    if stat.S_ISDIR(mode):
+        raise errors.ImageDecodeError(f"Cannot read '{image}': it is a folder (use automask batch).")
+    if not stat.S_ISREG(mode):  # a pipe (`<(curl ...)`, /dev/stdin) or a device: read as standard input is
         try:
             with path.open("rb") as stream:
                 return _read_stream(stream, f"in '{image}'", settings), None
@@ -319,7 +334,7 @@ def output_target(out: str | None, source: Path | None, kind: str) -> Path | Non
     if out is None:
         target = source.parent / default if source else Path(default)
     else:
-        folder = Path(out).is_dir() or out.endswith(("/", os.sep))
+        folder = os.path.isdir(out) or out.endswith(("/", os.sep))  # (False where a folder may not be searched)
         target = Path(out) / default if folder else Path(out)
     source_id = file_id(source) if source is not None else None
     if source_id is not None and file_id(target) == source_id:
