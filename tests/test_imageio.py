@@ -1121,6 +1121,17 @@ class PathLike:
         return str(self.path)
 
 
+def test_a_path_string_to_a_link_loop_says_so(tmp_path: Path, settings: Settings) -> None:
+    """Before: a path given as a string that is a symbolic link loop was 'No such file' (and read as base64 first),
+    though it is there; a Path said why. Now both say why it cannot be read."""
+    loop = tmp_path / "loop.jpg"
+    loop.symlink_to("loop2.jpg")
+    (tmp_path / "loop2.jpg").symlink_to("loop.jpg")
+    for source in (str(loop), loop):
+        with pytest.raises(ImageDecodeError, match=r"^Cannot read .*loop\.jpg: Too many levels of symbolic links\.$"):
+            load_image(source, settings)
+
+
 def test_any_path_like_is_a_path(tmp_path: Path, settings: Settings, small_rgb: np.ndarray) -> None:
     """Before: an `os.PathLike` other than `pathlib.Path` was "Unsupported image source of type ...", though the
     README takes a file path."""
