@@ -479,3 +479,20 @@ def test_a_closed_standard_stream_is_an_error_before_the_work(
     assert proc.returncode == code, stderr
     assert stderr == f"error: {error}\n"
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("name", "why"), [("loop.png", "Too many levels of symbolic links"), ("a" * 300 + ".png", "File name too long")]
+)
+def test_an_output_name_the_system_refuses_is_refused_before_the_model_runs(
+    no_model: list[str], photo: Path, tmp_path: Path, name: str, why: str
+) -> None:
+    """Before: `-o` naming a symbolic link loop, or a name too long for the file system, loaded the model and
+    masked, then exited 8. Now it exits 8 before the model loads."""
+    (tmp_path / "loop.png").symlink_to("loop.png")
+    out = tmp_path / name
+    result = invoke("mask", photo, "-p", "cat", "--model", "clipseg", "-o", out)
+    assert result.exit_code == 8, result.output
+    assert no_model == []
+    assert result.stderr == f"error: Cannot write '{out}': {why}.\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["loop.png"]

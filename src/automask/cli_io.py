@@ -155,7 +155,9 @@ class Outputs:
             return
         try:
             mode = os.stat(path).st_mode
-        except OSError:  # a new file, or one `folder` will say why it cannot be made
+        except OSError as exc:  # a new file, or one `folder` will say why it cannot be made
+            if exc.errno in (errno.ELOOP, errno.ENAMETOOLONG):  # a name no folder could hold
+                raise write_error(path, exc) from None
             mode = stat.S_IFREG
         if stat.S_ISREG(mode):
             self.folder(Path(os.path.realpath(path)).parent)
