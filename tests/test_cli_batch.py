@@ -143,6 +143,58 @@ def test_batch_of_a_folder_it_cannot_read_says_so(tmp_path: Path, source: str, f
     assert proc.stderr.decode() == f"error: Cannot read '{tmp_path / source}': Permission denied.\n"
 
 
+@pytest.mark.parametrize(
+    ("args", "code", "error"),
+    [
+        (["mask", "locked/c.jpg", "-o", "m.png"], 3, "Cannot read 'locked/c.jpg': Permission denied."),
+        (["mask", "a.jpg", "-o", "locked/m.png"], 8, "Cannot write into '{tmp}/locked': Permission denied."),
+        (["batch", "locked/c.jpg", "a.jpg", "-o", "out"], 3, "Cannot read 'locked/c.jpg': Permission denied."),
+        (["batch", "a.jpg", "-o", "locked/out"], 8, "Cannot write into 'locked/out': Permission denied."),
+        (["batch", "a.jpg", "-o", "loop"], 8, "Cannot write into 'loop': Too many levels of symbolic links."),
+    ],
+)
+def test_a_path_through_a_folder_it_cannot_search_says_so(
+    tmp_path: Path, args: list[str], code: int, error: str
+) -> None:
+    """Before: an IMAGE or `-o` inside a folder without search permission (mode 0), where `Path.exists` and
+    `Path.is_dir` raise instead of answering, was 'internal error: PermissionError: [Errno 13] Permission denied:
+    ...', exit 70; so was such a file among several given to batch, and a batch OUTDIR there (or a link loop:
+    RuntimeError). Now: the image cannot be read (exit 3), the output cannot be written (exit 8), before the
+    model loads (none is installed)."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    (tmp_path / "a.jpg").write_bytes(b"not read: the run stops before")
+    (locked / "c.jpg").write_bytes(b"not read either")
+    (tmp_path / "loop").symlink_to("loop")
+    command = [*automask_command(), *args, "-p", "cat", "--model", str(tmp_path / "no-such-model")]
+    locked.chmod(0)
+    try:
+        proc = subprocess.run(as_a_user(command), capture_output=True, timeout=120, cwd=tmp_path)
+    finally:
+        locked.chmod(0o755)
+    assert proc.returncode == code, proc.stderr
+    assert proc.stderr.decode() == f"error: {error.format(tmp=tmp_path)}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jpg", "locked", "loop"]
+
+
+@pytest.mark.parametrize("command", ["mask", "batch"])
+@pytest.mark.parametrize(
+    ("name", "why"), [("loop.jpg", "Too many levels of symbolic links"), ("a" * 300, "File name too long")]
+)
+def test_an_image_path_the_system_cannot_look_up_says_why(tmp_path: Path, command: str, name: str, why: str) -> None:
+    """Before: an IMAGE that is a symbolic link loop was 'no such file' (though `ls` lists it); one whose name is too
+    long for the file system, also among several files given to batch, was 'internal error: OSError: [Errno 36] File
+    name too long', exit 70. Now both are an image that cannot be read, exit 3, with the system's reason."""
+    (tmp_path / "loop.jpg").symlink_to("loop2.jpg")
+    (tmp_path / "loop2.jpg").symlink_to("loop.jpg")
+    (tmp_path / "a.jpg").write_bytes(b"not read: the run stops before")
+    image = tmp_path / name
+    given = [image] if command == "mask" else [image, tmp_path / "a.jpg", "-o", tmp_path / "out"]
+    result = invoke(command, *given, "-p", "cat", "--model", tmp_path / "no-such-model")
+    assert result.exit_code == 3, result.output
+    assert result.stderr == f"error: Cannot read '{image}': {why}.\n"
+
+
 def test_batch_recursive_reports_a_subfolder_it_cannot_read(tiny_clipseg_dir: Path, folder: Path) -> None:
     """Before: the images of an unreadable subfolder were skipped silently, and the run said '2 done, 0 failed'."""
     locked = folder / "locked"

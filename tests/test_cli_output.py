@@ -446,3 +446,53 @@ def test_an_output_that_cannot_be_written_is_refused_before_the_model_runs(
     assert no_model == []
     assert result.stderr == f"error: Cannot write into '{out.parent}': Not a directory.\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt"]
+
+
+@pytest.mark.parametrize(
+    ("closed", "args", "code", "error"),
+    [
+        (0, ["mask", "-"], 3, "Standard input is closed: pipe an image in, e.g. automask mask - < a.jpg"),
+        (1, ["mask", "{photo}", "-o", "-"], 8, "Cannot write to standard output: it is closed."),
+        (1, ["mask", "{photo}", "-o", "{tmp}/m.png", "--json"], 8, "Cannot write to standard output: it is closed."),
+        (1, ["batch", "{photo}", "-o", "{tmp}/out", "--json"], 8, "Cannot write to standard output: it is closed."),
+    ],
+)
+def test_a_closed_standard_stream_is_an_error_before_the_work(
+    tiny_clipseg_dir: Path, photo: Path, tmp_path: Path, closed: int, args: list[str], code: int, error: str
+) -> None:
+    """Before: `mask - <&-`, `mask -o - >&-` and `--json >&-` (a closed standard input or output, as a service
+    manager or a script can leave it) were internal errors (exit 70: "AttributeError: 'NoneType' object has no
+    attribute 'buffer'", 'isatty', 'flush'), the last after masking. Now standard input closed is an image that
+    cannot be read (exit 3), standard output closed one that cannot be written (exit 8), said before any work:
+    nothing is written."""
+    filled = [a.format(photo=photo, tmp=tmp_path) for a in args]
+    command = [*automask_command(), *filled, "-p", "cat", "--model", str(tiny_clipseg_dir)]
+    proc = subprocess.run(
+        command,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        timeout=180,
+        preexec_fn=lambda: os.close(closed),
+    )
+    stderr = proc.stderr.decode()
+    assert proc.returncode == code, stderr
+    assert stderr == f"error: {error}\n"
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("name", "why"), [("loop.png", "Too many levels of symbolic links"), ("a" * 300 + ".png", "File name too long")]
+)
+def test_an_output_name_the_system_refuses_is_refused_before_the_model_runs(
+    no_model: list[str], photo: Path, tmp_path: Path, name: str, why: str
+) -> None:
+    """Before: `-o` naming a symbolic link loop, or a name too long for the file system, loaded the model and
+    masked, then exited 8. Now it exits 8 before the model loads."""
+    (tmp_path / "loop.png").symlink_to("loop.png")
+    out = tmp_path / name
+    result = invoke("mask", photo, "-p", "cat", "--model", "clipseg", "-o", out)
+    assert result.exit_code == 8, result.output
+    assert no_model == []
+    assert result.stderr == f"error: Cannot write '{out}': {why}.\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["loop.png"]

@@ -714,6 +714,19 @@ def test_numpy_gray_and_single_channel(settings: Settings) -> None:
         assert out.shape == (2, 2, 3) and all(np.array_equal(out[..., c], gray) for c in range(3))
 
 
+def test_numpy_subclasses_are_read_as_plain_arrays(settings: Settings) -> None:
+    """Before: an `np.matrix` (an ndarray subclass, always 2-D) escaped as a traceback (ValueError: shape too large
+    to be a matrix), and a masked gray array came back as a MaskedArray. Now both are read by their samples, as the
+    plain array they hold, into a plain H×W×3 uint8 ndarray."""
+    gray = np.array([[0, 10], [200, 255]], np.uint8)
+    for source in (np.asmatrix(gray), np.ma.masked_array(gray, mask=[[0, 1], [0, 0]])):
+        out = load_image(source, settings)
+        assert type(out) is np.ndarray and out.shape == (2, 2, 3)
+        assert all(np.array_equal(out[..., c], gray) for c in range(3))
+    rgb = np.ma.masked_array(np.arange(12, dtype=np.uint8).reshape(2, 2, 3))
+    assert type(load_image(rgb, settings)) is np.ndarray
+
+
 def test_numpy_rgba_composites_like_files(settings: Settings) -> None:
     rgba = np.array([[[255, 0, 0, 255], [10, 20, 30, 0], [0, 0, 0, 128]]], np.uint8)
     from_array = load_image(rgba, settings)
@@ -1106,6 +1119,17 @@ class PathLike:
 
     def __fspath__(self) -> str:
         return str(self.path)
+
+
+def test_a_path_string_to_a_link_loop_says_so(tmp_path: Path, settings: Settings) -> None:
+    """Before: a path given as a string that is a symbolic link loop was 'No such file' (and read as base64 first),
+    though it is there; a Path said why. Now both say why it cannot be read."""
+    loop = tmp_path / "loop.jpg"
+    loop.symlink_to("loop2.jpg")
+    (tmp_path / "loop2.jpg").symlink_to("loop.jpg")
+    for source in (str(loop), loop):
+        with pytest.raises(ImageDecodeError, match=r"^Cannot read .*loop\.jpg: Too many levels of symbolic links\.$"):
+            load_image(source, settings)
 
 
 def test_any_path_like_is_a_path(tmp_path: Path, settings: Settings, small_rgb: np.ndarray) -> None:

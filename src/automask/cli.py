@@ -26,8 +26,10 @@ from automask.cli_io import (
     NoSpaceError,
     OutputError,
     Outputs,
-    Reporter,
     check_fits,
+    check_lookup,
+    check_stdout,
+    check_stdout_use,
     echo_json,
     one_image,
     one_line,
@@ -40,6 +42,7 @@ from automask.cli_io import (
     write_stdout,
 )
 from automask.cli_job import Job, load_generator, mask_options
+from automask.cli_report import Reporter
 from automask.cli_signals import Interrupted, signals_interrupt
 from automask.cli_types import NonEmptyPath, NonEmptyText
 from automask.errors import AutomaskError, InvalidOptionError
@@ -213,14 +216,7 @@ def mask(state: CliState, images: tuple[str, ...], out: str | None, instances_di
     with -o - (standard output carries the PNG), and -o - is refused when standard output is a terminal.
     """
     image = one_image(images)
-    if out == "-" and job.as_json:
-        raise InvalidOptionError("--json", "cannot be combined with -o - (stdout carries the PNG); use -o FILE.")
-    if out == "-" and sys.stdout.isatty():
-        raise InvalidOptionError(
-            "--output",
-            "'-' writes the PNG to standard output, which is a terminal: redirect it (-o - > mask.png, "
-            "-o - | program) or name a file.",
-        )
+    check_stdout_use(out, job.as_json)
     outputs = Outputs()
     try:
         with signals_interrupt():
@@ -325,12 +321,15 @@ def batch(ctx: click.Context, sources: tuple[str, ...], out: str, recursive: boo
             "'-' is standard output, but batch writes one file per image into a folder: name a folder (./- for one "
             "called '-'). To stream one image: automask mask IMAGE -o -",
         )
+    if job.as_json:
+        check_stdout()
     with signals_interrupt():
         _batch(ctx, sources, Path(out), recursive, job)
 
 
 def _batch(ctx: click.Context, sources: tuple[str, ...], outdir: Path, recursive: bool, job: Job) -> None:
     """`batch`'s work: find the inputs, plan their outputs, check OUTDIR, then mask them."""
+    check_lookup(outdir)  # a link loop, a name too long...: the paths below could not be resolved
     found = find_inputs(sources, recursive, outdir)
     files, notes = inputs_once(found)
     for note in notes:

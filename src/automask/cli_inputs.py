@@ -97,7 +97,15 @@ def given_files(paths: tuple[str, ...], recursive: bool, outdir: Path) -> list[P
     the others (`photos/**/*.png` of `-o photos/masks` run again: earlier outputs), as a quoted glob skips them."""
     skip = outdir.resolve()
     files = []
-    for path in (path for path in paths if Path(path).resolve() != skip):
+    for path in paths:
+        try:
+            os.stat(path)
+        except FileNotFoundError:
+            pass  # a glob, or a usage error below
+        except OSError as exc:  # a folder on its path may not be searched, a link loop, a name too long...
+            raise errors.ImageDecodeError(f"Cannot read '{path}': {exc.strerror or exc}.") from None
+        if Path(path).resolve() == skip:
+            continue
         if Path(path).is_dir():
             raise InvalidOptionError(
                 "DIR_OR_GLOB",
@@ -306,7 +314,7 @@ def plan_outputs(files: list[Path], outdir: Path, base: Path | None) -> list[tup
     for folder, f, stem in zip(folders, files, stems, strict=True):
         name = f"{f.stem}{f.suffix}" if stem in shared else f.stem
         target, n = folder / f"{name}.png", 1
-        while str(target.resolve()).lower() in taken or file_id(target) in inputs or target.is_dir():
+        while str(target.resolve()).lower() in taken or file_id(target) in inputs or os.path.isdir(target):
             n += 1
             target = folder / f"{name}-{n}.png"
         taken.add(str(target.resolve()).lower())

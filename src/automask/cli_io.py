@@ -116,6 +116,17 @@ def _replace(path: Path, data: bytes, shown: Path) -> None:
         raise
 
 
+def check_lookup(folder: Path) -> None:
+    """An `OutputError` when the system cannot look `folder` up for a reason other than its absence (a symbolic link
+    loop, a name too long, a folder on its path that may not be searched)."""
+    try:
+        os.stat(folder)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise OutputError(f"Cannot write into '{folder}': {exc.strerror or exc}.") from None
+
+
 class Outputs:
     """What one command writes, undone by `discard` when it fails: no partial result is left behind."""
 
@@ -125,7 +136,7 @@ class Outputs:
 
     def folder(self, path: Path) -> None:
         """Create the folder `path` (and its missing parents) and check that a file can be made in it."""
-        self.folders += [p for p in (path, *path.parents) if not p.exists()]
+        self.folders += [p for p in (path, *path.parents) if not os.path.lexists(p)]
         try:
             if os.path.lexists(path) and not path.is_dir():  # mkdir would say 'File exists'
                 raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
@@ -144,14 +155,16 @@ class Outputs:
             return
         try:
             mode = os.stat(path).st_mode
-        except OSError:  # a new file, or one `folder` will say why it cannot be made
+        except OSError as exc:  # a new file, or one `folder` will say why it cannot be made
+            if exc.errno in (errno.ELOOP, errno.ENAMETOOLONG):  # a name no folder could hold
+                raise write_error(path, exc) from None
             mode = stat.S_IFREG
         if stat.S_ISREG(mode):
             self.folder(Path(os.path.realpath(path)).parent)
 
     def write(self, path: Path, data: bytes) -> None:
         """`write_atomic`, remembering the regular file written."""
-        self.folders += [p for p in path.parents if not p.exists()]
+        self.folders += [p for p in path.parents if not os.path.lexists(p)]
         written = write_atomic(path, data)
         if written is not None:
             self.files.append(written)
@@ -209,9 +222,37 @@ def _escaped_only(text: str) -> bool:
     return all(not 0xD800 <= ord(c) <= 0xDFFF or 0xDC80 <= ord(c) <= 0xDCFF for c in text)
 
 
+STDOUT_CLOSED = "Cannot write to standard output: it is closed."
+
+
+def check_stdout() -> None:
+    """An `OutputError` when standard output is closed (`>&-`, which leaves Python's `sys.stdout` None): for a
+    command that will write there, before its work."""
+    if sys.stdout is None:
+        raise OutputError(STDOUT_CLOSED)
+
+
+def check_stdout_use(out: str | None, as_json: bool) -> None:
+    """What `mask -o OUT [--json]` needs of standard output, checked before any work: `--json` with `-o -` is an
+    `InvalidOptionError` (stdout carries the PNG), and so is `-o -` on a terminal; a closed standard output that
+    either would write to is an `OutputError` (`check_stdout`)."""
+    if out == "-" and as_json:
+        raise InvalidOptionError("--json", "cannot be combined with -o - (stdout carries the PNG); use -o FILE.")
+    if out == "-" or as_json:
+        check_stdout()
+    if out == "-" and sys.stdout.isatty():
+        raise InvalidOptionError(
+            "--output",
+            "'-' writes the PNG to standard output, which is a terminal: redirect it (-o - > mask.png, "
+            "-o - | program) or name a file.",
+        )
+
+
 def write_stdout(data: bytes) -> None:
-    """Write `data` to standard output and flush it. A failure (a full disk: `-o - > /dev/full`) is an
-    `OutputError`; a reader that went away (`| head`) raises `BrokenPipeError`, for the caller to stop quietly."""
+    """Write `data` to standard output and flush it. A failure (a full disk: `-o - > /dev/full`; a closed standard
+    output) is an `OutputError`; a reader that went away (`| head`) raises `BrokenPipeError`, for the caller to stop
+    quietly."""
+    check_stdout()
     try:
         sys.stdout.flush()  # what click.echo may have left in the text layer goes first
         sys.stdout.buffer.write(data)
@@ -226,12 +267,16 @@ def write_stdout(data: bytes) -> None:
 
 def silence_stdout() -> None:
     """Point standard output at the null device, so that what is still buffered cannot fail again at exit."""
+    if sys.stdout is None:  # closed: nothing is buffered
+        return
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def read_source(image: str, settings: Settings) -> tuple[ImageSource, Path | None]:
     """The IMAGE argument -> (what `load_image` takes, the input file or None for stdin and URLs)."""
     if image == "-":
+        if sys.stdin is None:  # closed (`<&-`)
+            raise errors.ImageDecodeError("Standard input is closed: pipe an image in, e.g. automask mask - < a.jpg")
         stdin = sys.stdin.buffer
         if stdin.isatty():
             raise InvalidOptionError("IMAGE", "'-' reads the image from standard input, but nothing is piped in.")
@@ -242,10 +287,14 @@ def read_source(image: str, settings: Settings) -> tuple[ImageSource, Path | Non
     if _URL.match(image) and not os.path.isfile(image):  # a file named 'data:x.png' is that file
         return image, None
     path = Path(image)
-    if path.is_dir() or not path.exists():
-        why = "it is a folder (use automask batch)" if path.is_dir() else "no such file"
-        raise errors.ImageDecodeError(f"Cannot read '{image}': {why}.")
-    if not path.is_file():  # a pipe (`<(curl ...)`, /dev/stdin) or a device: read as standard input is
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:  # missing; or a folder on its path may not be searched, a link loop...
+        why = "no such file" if exc.errno in (errno.ENOENT, errno.ENOTDIR) else exc.strerror or str(exc)
+        raise errors.ImageDecodeError(f"Cannot read '{image}': {why}.") from None
+    if stat.S_ISDIR(mode):
+        raise errors.ImageDecodeError(f"Cannot read '{image}': it is a folder (use automask batch).")
+    if not stat.S_ISREG(mode):  # a pipe (`<(curl ...)`, /dev/stdin) or a device: read as standard input is
         try:
             with path.open("rb") as stream:
                 return _read_stream(stream, f"in '{image}'", settings), None
@@ -287,7 +336,7 @@ def output_target(out: str | None, source: Path | None, kind: str) -> Path | Non
     if out is None:
         target = source.parent / default if source else Path(default)
     else:
-        folder = Path(out).is_dir() or out.endswith(("/", os.sep))
+        folder = os.path.isdir(out) or out.endswith(("/", os.sep))  # (False where a folder may not be searched)
         target = Path(out) / default if folder else Path(out)
     source_id = file_id(source) if source is not None else None
     if source_id is not None and file_id(target) == source_id:
@@ -341,54 +390,6 @@ def one_line(text: str) -> str:
     """`text` with its line breaks folded (also those of a file name) and a name's bytes that are not UTF-8 as
     `\\xNN` (`safe_text`, as the JSON has them), for one-line reports."""
     return " ".join(safe_text(text).splitlines()).strip()
-
-
-class Reporter:
-    """Progress on stderr: a rich bar on a terminal, else one plain line per file."""
-
-    def __init__(self, total: int) -> None:
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.total, self.count = total, 0
-        self.console = Console(stderr=True, highlight=False, soft_wrap=True)
-        text = TextColumn("{task.description}", markup=False)
-        columns = (text, BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-        self.bar = Progress(*columns, console=self.console) if self.console.is_terminal else None
-        self.task = self.bar.add_task("masking", total=total) if self.bar else None
-
-    def __enter__(self) -> Reporter:
-        if self.bar:
-            self.bar.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.bar:
-            self.bar.stop()
-
-    def start(self, src: Path) -> None:
-        """Show `src` as the file being worked on."""
-        if self.bar is not None and self.task is not None:
-            self.bar.update(self.task, description=src.name)
-
-    def done(self, line: str) -> None:
-        """Count one file as handled; `line` is printed when there is no bar."""
-        self.count += 1
-        if self.bar is not None and self.task is not None:
-            self.bar.update(self.task, advance=1)
-        else:
-            self.console.print(f"[{self.count}/{self.total}] {one_line(line)}", markup=False)
-
-    def error(self, line: str) -> None:
-        """Print one error line (above the bar), a line break in a file name folded."""
-        self.console.print(one_line(line), markup=False, style="red" if self.bar else None)
-
-    def summary(self, failed: int, interrupted: bool = False) -> None:
-        """The last line: "12 done, 1 failed", and ", 30 not done" for a run `interrupted` (the bar stopped first)."""
-        if self.bar:
-            self.bar.stop()
-        left = f", {self.total - self.count} not done" if interrupted else ""
-        self.console.print(f"{self.count - failed} done, {failed} failed{left}", markup=False)
 
 
 def root_settings(ctx: click.Context) -> Settings:

@@ -267,7 +267,9 @@ def _unsigned_32(img: Image.Image) -> bool:
 
 def array_to_rgb(a: np.ndarray, settings: Settings, *, keep_alpha: bool = False) -> np.ndarray:
     """An H×W, H×W×1, H×W×3 (RGB) or H×W×4 (RGBA) array -> a new H×W×3 uint8 RGB array (alpha over white; kept,
-    H×W×4, when `keep_alpha` and some pixel is not opaque)."""
+    H×W×4, when `keep_alpha` and some pixel is not opaque). A subclass (`np.matrix`, a masked array) is read as the
+    plain array of its samples."""
+    a = np.asarray(a)
     if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] not in (1, 3, 4)):
         raise ImageDecodeError(f"Array images must be H×W, H×W×1, H×W×3 or H×W×4; got shape {a.shape}.{_layout(a)}")
     height, width = a.shape[:2]

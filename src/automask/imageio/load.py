@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import binascii
 import contextlib
+import errno
 import functools
 import os
 import re
@@ -304,12 +305,17 @@ def _padded_path(text: str) -> str | None:
 
 
 def _is_existing_path(text: str) -> bool:
+    """Whether `text` names something on this machine: an existing path, or one there that cannot be looked up (a
+    link loop, a folder on its path that may not be searched), for `read_file` to say why."""
     if not _may_be_path(text):
         return False
     try:
-        return Path(text).expanduser().exists()
-    except (OSError, ValueError):
+        os.stat(Path(text).expanduser())
+    except OSError as exc:
+        return exc.errno in (errno.ELOOP, errno.EACCES)
+    except ValueError:
         return False
+    return True
 
 
 def _short(text: str, limit: int = 120) -> str:
