@@ -63,12 +63,23 @@ return 0
 @dataclass
 class Attempt:
     """One authentication from `address` (`FailedAuth.admit`): the failure counts it took before the database was
-    read, each as the limiter's key and the `Receipt` that gives it back once the key is good; `in_flight` until
-    `FailedAuth` learns how it ended."""
+    read, each as the limiter's key and the `Receipt` that gives it back once the key is good; `in_flight` from when
+    its count is asked for until `FailedAuth` learns how it ended; `admitted` once counted (its database read may
+    free room, or make its key known)."""
 
     address: str
     taken: list[tuple[str, Receipt]] = field(default_factory=list)
     in_flight: bool = False
+    admitted: bool = False
+
+
+class _Wake:
+    """Set when an attempt in flight of an address ends (then replaced): `look` when it was admitted (look at the
+    count again), else it was the address's last one in flight."""
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+        self.look = False
 
 
 class FailedAuth:
@@ -81,17 +92,18 @@ class FailedAuth:
     A key not known to be good is counted as a failure before the database is read (`admit`), and the count is given
     back if it authenticates (`succeeded`): keys sent together cannot all pass the look at the count that none of them
     is in yet, so at most `limit` are read a minute, however many come at once. One that finds no room while keys of
-    its address are in flight in this process waits for them to end and looks again (the first of a new valid key's
-    requests to succeed makes it known): only failures refuse it."""
+    its address are in flight in this process (being counted, or read) waits for them and looks again each time an
+    admitted one ends (the first of a new valid key's requests to succeed makes it known): only failures refuse it.
+    A limiter's answers may arrive in any order (Redis): a request is in flight from the moment it asks."""
 
     def __init__(self, limiter: RateLimiter | RedisRateLimiter, limit: int | None, known: Known | None = None) -> None:
         self.limiter = limiter
         self.limit = limit
         self.known = known if known is not None else Known()  # (an empty one is falsy)
         self._in_flight: dict[str, int] = {}
-        """Attempts of each address counted and not yet ended, in this process."""
-        self._ended: dict[str, asyncio.Event] = {}
-        """Set when one of the address's attempts in flight ends (then replaced): the requests waiting for room."""
+        """Attempts of each address being counted or counted and not yet ended, in this process."""
+        self._ended: dict[str, _Wake] = {}
+        """The requests of each address waiting for room (`_Wake`)."""
 
     async def admit(self, address: str, token: str | None) -> Attempt:
         """429 when `address` is locked out and `token` is not a key known to be good; otherwise the `Attempt`, which
@@ -99,24 +111,25 @@ class FailedAuth:
         `failed`, `succeeded` or `give_back`. A key this process knows costs no I/O and is not counted; the fleet is
         asked about another only when its address is locked out."""
         while True:
-            attempt = Attempt(address)
             if self.limit is None or self.known.has(token):
-                return attempt
+                return Attempt(address)
+            attempt = self._begin(address)
             try:
                 for counted, limit in _counted_as(address, self.limit):
                     receipt = await self.limiter.hit(counted, limit, "failed authentications")
                     if receipt is not None:
                         attempt.taken.append((counted, receipt))
             except ApiError as refused:
-                await self._uncount(attempt)  # (the address's count, when its site's refused it)
-                if refused.status == 429 and self._in_flight.get(address):
-                    await self._ended.setdefault(address, asyncio.Event()).wait()
-                    continue  # one of them ended: look again
+                await self.give_back(attempt)  # (the address's count, when its site's refused it)
+                if refused.status == 429 and (self.known.has(token) or await self._room_may_be_free(address)):
+                    continue  # made known, or one in flight ended: look again
                 if refused.status != 429 or not await self.known.vouched(token):
                     raise
-                return attempt
-            attempt.in_flight = True
-            self._in_flight[address] = self._in_flight.get(address, 0) + 1
+                return Attempt(address)
+            except BaseException:  # (cancelled, or the limiter failed)
+                await self.give_back(attempt)
+                raise
+            attempt.admitted = True
             return attempt
 
     async def failed(self, attempt: Attempt, token: str | None) -> None:
@@ -153,16 +166,34 @@ class FailedAuth:
         while attempt.taken:
             await self.limiter.uncount(*attempt.taken.pop())
 
+    def _begin(self, address: str) -> Attempt:
+        """A new attempt of `address`, in flight from now (before its count is asked for)."""
+        self._in_flight[address] = self._in_flight.get(address, 0) + 1
+        return Attempt(address, in_flight=True)
+
+    async def _room_may_be_free(self, address: str) -> bool:
+        """Wait while attempts of `address` are in flight: True once an admitted one ends (look again), False when
+        none is left (at once if none is), without looking at the count for every refused one that ends."""
+        while self._in_flight.get(address):
+            wake = self._ended.setdefault(address, _Wake())
+            await wake.event.wait()
+            if wake.look:
+                return True
+        return False
+
     def _end(self, attempt: Attempt) -> None:
-        """`attempt` is no longer in flight: wake the requests of its address waiting for room."""
+        """`attempt` is no longer in flight: wake the requests of its address waiting for room when it was admitted,
+        or was the last."""
         if attempt.in_flight:
             attempt.in_flight = False
             left = self._in_flight.pop(attempt.address) - 1
             if left:
                 self._in_flight[attempt.address] = left
-            ended = self._ended.pop(attempt.address, None)
-            if ended is not None:
-                ended.set()
+            if attempt.admitted or not left:
+                wake = self._ended.pop(attempt.address, None)
+                if wake is not None:
+                    wake.look = attempt.admitted
+                    wake.event.set()
 
 
 def _counted_as(address: str, limit: int) -> list[tuple[str, int]]:
