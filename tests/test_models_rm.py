@@ -200,3 +200,39 @@ def test_rm_of_a_model_folder_that_is_a_link_says_the_folder_it_points_to_is_kep
     link.symlink_to(tmp_path / "gone")  # a dangling link: nothing is kept
     dangling = _rm(settings, "clipseg")
     assert dangling.exit_code == 0 and f"removed {link}" in dangling.stdout and "note:" not in dangling.stderr
+
+
+def _disk_full(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every write of a byte into a file fails as on a full disk (ENOSPC); creating, renaming, deleting still work."""
+    import errno
+
+    def full(*_args: object) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "pwrite", full)
+    monkeypatch.setattr(os, "write", full)
+
+
+def test_rm_frees_a_full_disk(settings: Settings, pulled: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before: the lock taken to remove wrote its holder's name ("removal") into the lock file, and on a full disk
+    (or a full quota) that write failed: `models rm`, what one runs to free the space, said "Cannot remove from the
+    models folder (No space left on device)" and removed nothing. The name is a courtesy to a waiting pull: now a
+    lock is taken without it when it cannot be written."""
+    _disk_full(monkeypatch)
+    result = _rm(settings, "clipseg")
+    assert result.exit_code == 0, result.output
+    assert f"removed {pulled}" in result.stdout
+    assert not pulled.exists()
+    assert sorted(p.name for p in settings.models_dir.iterdir()) == []
+
+
+def test_models_list_tidies_on_a_full_disk(settings: Settings, pulled: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Likewise `models list` tidying (its lock says "tidying"): on a full disk it silently left a killed removal's
+    `.removing` folder (GBs) in place."""
+    leftover = settings.models_dir / ".clipseg-0dead001.removing"
+    leftover.mkdir()
+    (leftover / "model.safetensors").write_bytes(b"\0" * 1000)
+    _disk_full(monkeypatch)
+    assert _installed(settings)["clipseg"]["installed"] is True
+    assert not leftover.exists()
+    assert sorted(p.name for p in settings.models_dir.iterdir()) == ["clipseg"]
