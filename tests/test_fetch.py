@@ -799,6 +799,22 @@ def test_connection_refused_is_a_fetch_error() -> None:
         fetch_url(f"http://127.0.0.1:{port}/", PRIVATE_OK)
 
 
+@pytest.mark.parametrize(
+    ("host", "shown"), [("xn--ls8h.la", "xn--ls8h.la"), ("xn--a.com", "xn--a.com"), ("bücher.de", "bücher.de")]
+)
+def test_connection_refused_names_a_host_idna_cannot_decode(host: str, shown: str) -> None:
+    """A punycode name that IDNA 2008 does not decode (an emoji domain, registered under IDNA 2003: 💩.la; a broken
+    one) is looked up and fetched as written. Before: when its server refused the connection, the message decoded the
+    name (httpx's `URL.host`), and idna's UnicodeError escaped: the server's 500, the CLI's internal error (exit 70).
+    Now the message names the host as written (a name IDNA decodes, as a person wrote it)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # closed again before the fetch: nothing listens there
+    resolve = fake_resolver({host.encode("idna").decode() if not host.isascii() else host: ["127.0.0.1"]})
+    with pytest.raises(FetchError, match=f"Could not connect to the image URL's server {re.escape(shown)} "):
+        fetch_url(f"http://{host}:{port}/x.png", PRIVATE_OK, resolve=resolve)
+
+
 def test_connection_goes_to_the_checked_address(site: Site, monkeypatch: pytest.MonkeyPatch) -> None:
     """A made-up name resolved once; the request reaches that IP and still says `Host: images.test`."""
     real = socket.getaddrinfo

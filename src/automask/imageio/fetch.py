@@ -244,7 +244,7 @@ def _get(url: httpx.URL, addresses: list[IPAddress], deadline: float, settings: 
                 raise _timeout(url, settings) from None
             if isinstance(exc, httpx.ConnectError):
                 if index == len(addresses) - 1:
-                    raise FetchError(f"Could not connect to the image URL's server {url.host} ({exc}).") from None
+                    raise FetchError(f"Could not connect to the image URL's server {_host(url)} ({exc}).") from None
                 continue
             raise FetchError(f"Fetching the image URL {_show(url)} failed: {exc}.") from None
     raise AssertionError("unreachable: addresses is never empty")
@@ -372,6 +372,15 @@ def _too_large(url: httpx.URL, size: str, limit: int) -> ImageTooLargeError:
     return ImageTooLargeError(
         f"The image at {_show(url)} is {size}; the limit is {limit:,} bytes (AUTOMASK_MAX_IMAGE_BYTES)."
     )
+
+
+def _host(url: httpx.URL) -> str:
+    """`url`'s host for a message: as a person writes it (an IDNA name decoded), or as sent when IDNA 2008 does not
+    decode it (an emoji domain such as xn--ls8h.la, registered under IDNA 2003, is looked up and fetched so)."""
+    try:
+        return url.host
+    except UnicodeError:
+        return url.raw_host.decode("ascii")
 
 
 def _show(url: httpx.URL) -> str:
