@@ -90,6 +90,21 @@ def test_rm_waits_for_a_brief_holder_of_the_lock(settings: Settings, pulled: Pat
     assert not pulled.exists()
 
 
+def test_rm_refused_for_a_long_tidying_does_not_say_a_pull_runs(settings: Settings, pulled: Path) -> None:
+    """A tidying (`models list`, or putting back what a killed installer moved aside) deleting a killed removal's
+    GBs on a slow disk may hold the model's lock past rm's patience. Before: rm then said "a pull of it is running"
+    (what an unnamed holder is taken for), though the lock file said "tidying". Now it says what holds it."""
+    hub = settings.models_dir / ".clipseg.partial.lock"
+    fd = lockfiles.lock(hub, wait=False, by=lockfiles.TIDYING)
+    try:
+        busy = _rm(settings, "clipseg")
+    finally:
+        lockfiles.unlock(hub, fd)
+    assert busy.exit_code == 10, busy.output
+    assert "The model 'clipseg' is not removed: automask's tidying of it is running." in busy.stderr
+    assert "pull" not in busy.stderr and pulled.exists()
+
+
 def test_rm_puts_the_model_back_when_an_export_began_as_it_was_moved_aside(
     settings: Settings, pulled: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
