@@ -583,12 +583,25 @@ def test_a_redirect_to_a_host_with_an_odd_character_names_it(site: Site, url: st
     assert [path for path, _ in site.log] == ["/hop"]
 
 
-@pytest.mark.parametrize("host", ["images_1.example.com", "xn--bcher-kva.de", "bücher.de", "a-b.c0m"])
+@pytest.mark.parametrize(
+    "host", ["images_1.example.com", "xn--bcher-kva.de", "bücher.de", "a-b.c0m", "images.example.com.", "xn--ls8h.la"]
+)
 def test_hosts_with_ordinary_characters_are_looked_up(host: str) -> None:
     """The control: letters, digits, '-', '.', '_' and IDNA names go on to the resolver."""
     resolve = fake_resolver({host.encode("idna").decode(): ["10.0.0.1"]})
     with pytest.raises(URLRefusedError, match=r"10\.0\.0\.1, a private"):
         fetch_url(f"http://{host}/x.png", Settings(), resolve=resolve)
+
+
+@pytest.mark.parametrize(("host", "address"), [("[::1]", "::1"), ("[::ffff:127.0.0.1]", "::ffff:7f00:1")])
+def test_an_ipv6_literal_in_brackets_reaches_the_address_check(host: str, address: str) -> None:
+    """The control for odd characters: an IPv6 literal's brackets and colons are no character a host cannot have."""
+    for call in (
+        lambda: fetch_url(f"http://{host}:8080/x.png", Settings()),
+        lambda: check_url(f"http://{host}/", Settings()),
+    ):
+        with pytest.raises(URLRefusedError, match=f"{re.escape(address)}.* loopback address"):
+            call()
 
 
 def test_at_most_three_redirects(site: Site) -> None:
