@@ -303,6 +303,24 @@ def test_classifier_lets_public_addresses_through(address: str) -> None:
     assert blocked_reason(ipaddress.ip_address(address)) is None
 
 
+@pytest.mark.parametrize(
+    ("address", "reason"), [("64:ff9b::808:808", None), ("64:ff9b::a00:1", "NAT64 form of a private")]
+)
+def test_a_dns64_address_of_a_public_ipv4_is_public(address: str, reason: str | None) -> None:
+    """64:ff9b::/96, NAT64's well-known prefix, is globally reachable (IANA), and RFC 6052 keeps it for global IPv4
+    addresses: an IPv6-only network's DNS64 gives every IPv4-only host such an address (beside its A record).
+    Before: all of it was refused ("a NAT64 address"), so on such a network (an IPv6-only cloud subnet) no image URL
+    of an IPv4-only host could be fetched, while the README said only NAT64 forms of refused addresses were. Now the
+    IPv4 address it carries is checked, as for IPv4-mapped and 6to4 ones."""
+    found = blocked_reason(ipaddress.ip_address(address))
+    assert found == reason, found
+    if reason is None:
+        check_url(f"http://[{address}]/a.png", Settings())
+    else:
+        with pytest.raises(URLRefusedError, match=reason):
+            check_url(f"http://[{address}]/a.png", Settings())
+
+
 # Every range of IANA's IPv4 and IPv6 special-purpose address registries that is not globally reachable, as
 # (an address inside it, the RFC): written out here from the registries, independently of fetch.SPECIAL_PURPOSE.
 IANA_NOT_GLOBAL = [
