@@ -6,6 +6,7 @@ holder dies; where there is none (Windows) nothing is locked."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import time
 from collections.abc import Callable
@@ -105,6 +106,28 @@ def held(path: Path) -> bool:
         fd = lock(path, wait=False, create=False)
     except FileNotFoundError:  # its holder deleted it as it let go (not created again: a stray file nobody tidies)
         return False
+    except OSError as exc:  # not to be opened for writing: another user's folder, a read-only file system
+        if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        return _held_read_only(path)
     if fd is not None and fd >= 0:
         os.close(fd)
     return fd is None
+
+
+def _held_read_only(path: Path) -> bool:
+    """`held` for a lock file that cannot be opened for writing: a shared lock, which a read-only descriptor may
+    take, is refused while another process holds the exclusive one."""
+    import fcntl
+
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
