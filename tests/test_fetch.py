@@ -303,6 +303,24 @@ def test_classifier_lets_public_addresses_through(address: str) -> None:
     assert blocked_reason(ipaddress.ip_address(address)) is None
 
 
+@pytest.mark.parametrize(
+    ("address", "reason"), [("64:ff9b::808:808", None), ("64:ff9b::a00:1", "NAT64 form of a private")]
+)
+def test_a_dns64_address_of_a_public_ipv4_is_public(address: str, reason: str | None) -> None:
+    """64:ff9b::/96, NAT64's well-known prefix, is globally reachable (IANA), and RFC 6052 keeps it for global IPv4
+    addresses: an IPv6-only network's DNS64 gives every IPv4-only host such an address (beside its A record).
+    Before: all of it was refused ("a NAT64 address"), so on such a network (an IPv6-only cloud subnet) no image URL
+    of an IPv4-only host could be fetched, while the README said only NAT64 forms of refused addresses were. Now the
+    IPv4 address it carries is checked, as for IPv4-mapped and 6to4 ones."""
+    found = blocked_reason(ipaddress.ip_address(address))
+    assert found == reason, found
+    if reason is None:
+        check_url(f"http://[{address}]/a.png", Settings())
+    else:
+        with pytest.raises(URLRefusedError, match=reason):
+            check_url(f"http://[{address}]/a.png", Settings())
+
+
 # Every range of IANA's IPv4 and IPv6 special-purpose address registries that is not globally reachable, as
 # (an address inside it, the RFC): written out here from the registries, independently of fetch.SPECIAL_PURPOSE.
 IANA_NOT_GLOBAL = [
@@ -504,9 +522,6 @@ def test_redirect_to_another_scheme_is_refused(site: Site) -> None:
         "http:img.png",
         "https:x/y.png",
         "http:169.254.169.254/",
-        # an invalid IDNA (punycode) host: idna's UnicodeError as httpx built the next request (was also a 500)
-        "http://xn--a.com/x.png",
-        "http://xn--ls8h.la/",
         # these were URLRefusedError (400, "refused the image URL") while the ones above were 502
         "http://127.0.0.1:99999/a.png",
         "http://127.0.0.1:0/a.png",
@@ -520,6 +535,26 @@ def test_redirect_to_an_invalid_url_is_a_fetch_error(site: Site, location: str) 
     with pytest.raises(FetchError, match="redirected to an invalid URL"):
         fetch_url(site.url("/hop"), PRIVATE_OK)
     assert [path for path, _ in site.log] == ["/hop"]
+
+
+@pytest.mark.parametrize("host", ["xn--ls8h.la", "xn--a.com"])
+def test_a_redirect_to_a_punycode_host_idna_does_not_decode_is_followed_as_a_first_url_is(
+    site: Site, host: str
+) -> None:
+    """An emoji domain (💩.la, registered under IDNA 2003) is fetched as written when it is the first URL. Before: a
+    redirect to it was "an invalid URL" (502), because httpx decoded the name as it built the next request, and
+    then because the fetcher decoded it to keep that refusal. Now a redirect is followed to any host a first URL may
+    name (its address checked as ever)."""
+    site.routes["/hop"] = redirect_route(site.url("/img.png", host=host))
+    looked_up: list[str] = []
+
+    def resolve(name: str, port: int) -> list[IPAddress]:
+        looked_up.append(name)
+        return [LOOPBACK]
+
+    assert fetch_url(site.url("/hop"), PRIVATE_OK, resolve=resolve) == png_bytes()
+    assert looked_up == ["127.0.0.1", host]
+    assert site.log == [("/hop", f"127.0.0.1:{site.port}"), ("/img.png", f"{host}:{site.port}")]
 
 
 @pytest.mark.parametrize(
@@ -583,12 +618,25 @@ def test_a_redirect_to_a_host_with_an_odd_character_names_it(site: Site, url: st
     assert [path for path, _ in site.log] == ["/hop"]
 
 
-@pytest.mark.parametrize("host", ["images_1.example.com", "xn--bcher-kva.de", "bücher.de", "a-b.c0m"])
+@pytest.mark.parametrize(
+    "host", ["images_1.example.com", "xn--bcher-kva.de", "bücher.de", "a-b.c0m", "images.example.com.", "xn--ls8h.la"]
+)
 def test_hosts_with_ordinary_characters_are_looked_up(host: str) -> None:
     """The control: letters, digits, '-', '.', '_' and IDNA names go on to the resolver."""
     resolve = fake_resolver({host.encode("idna").decode(): ["10.0.0.1"]})
     with pytest.raises(URLRefusedError, match=r"10\.0\.0\.1, a private"):
         fetch_url(f"http://{host}/x.png", Settings(), resolve=resolve)
+
+
+@pytest.mark.parametrize(("host", "address"), [("[::1]", "::1"), ("[::ffff:127.0.0.1]", "::ffff:7f00:1")])
+def test_an_ipv6_literal_in_brackets_reaches_the_address_check(host: str, address: str) -> None:
+    """The control for odd characters: an IPv6 literal's brackets and colons are no character a host cannot have."""
+    for call in (
+        lambda: fetch_url(f"http://{host}:8080/x.png", Settings()),
+        lambda: check_url(f"http://{host}/", Settings()),
+    ):
+        with pytest.raises(URLRefusedError, match=f"{re.escape(address)}.* loopback address"):
+            call()
 
 
 def test_at_most_three_redirects(site: Site) -> None:
@@ -797,6 +845,22 @@ def test_connection_refused_is_a_fetch_error() -> None:
         port = probe.getsockname()[1]  # closed again before the fetch: nothing listens there
     with pytest.raises(FetchError, match="Could not connect"):
         fetch_url(f"http://127.0.0.1:{port}/", PRIVATE_OK)
+
+
+@pytest.mark.parametrize(
+    ("host", "shown"), [("xn--ls8h.la", "xn--ls8h.la"), ("xn--a.com", "xn--a.com"), ("bücher.de", "bücher.de")]
+)
+def test_connection_refused_names_a_host_idna_cannot_decode(host: str, shown: str) -> None:
+    """A punycode name that IDNA 2008 does not decode (an emoji domain, registered under IDNA 2003: 💩.la; a broken
+    one) is looked up and fetched as written. Before: when its server refused the connection, the message decoded the
+    name (httpx's `URL.host`), and idna's UnicodeError escaped: the server's 500, the CLI's internal error (exit 70).
+    Now the message names the host as written (a name IDNA decodes, as a person wrote it)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # closed again before the fetch: nothing listens there
+    resolve = fake_resolver({host.encode("idna").decode() if not host.isascii() else host: ["127.0.0.1"]})
+    with pytest.raises(FetchError, match=f"Could not connect to the image URL's server {re.escape(shown)} "):
+        fetch_url(f"http://{host}:{port}/x.png", PRIVATE_OK, resolve=resolve)
 
 
 def test_connection_goes_to_the_checked_address(site: Site, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import signal
@@ -334,6 +335,26 @@ def test_installing_is_false_where_locks_cannot_tell(tmp_path: Path, monkeypatch
     (models / ".m-0000000a.partial.lock").touch()
     monkeypatch.setitem(sys.modules, "fcntl", None)
     assert not staging_module.installing(models / "m")
+
+
+def test_a_lock_file_that_cannot_be_opened_for_writing_still_tells_whether_it_is_held(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`held` of a lock file in a read-only folder (`models list` asks it of a killed pull's): it opened the file
+    for writing, and the EROFS / EACCES escaped. Now it asks with a shared lock on a read-only descriptor."""
+    path = tmp_path / ".m.partial.lock"
+    fd = lockfiles.lock(path, wait=False)
+    real_open = os.open
+
+    def read_only(file: Any, flags: int, *args: Any) -> int:
+        if flags & (os.O_RDWR | os.O_WRONLY | os.O_CREAT):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(file))
+        return real_open(file, flags, *args)
+
+    monkeypatch.setattr(os, "open", read_only)
+    assert lockfiles.held(path)
+    os.close(fd if fd is not None else -1)  # let go, the file left behind as a killed holder leaves it
+    assert path.exists() and not lockfiles.held(path)
 
 
 def test_asking_whether_a_lock_is_held_leaves_no_lock_file(tmp_path: Path) -> None:

@@ -491,6 +491,35 @@ def test_models_list_tidies_what_killed_installers_left_in_either_form(settings:
         assert {row["name"] for row in json.loads(result.stdout)} == set(models.CATALOGUE)
 
 
+@pytest.mark.parametrize("form", [[], ["--json"]], ids=["table", "json"])
+def test_models_list_reads_a_models_folder_it_cannot_write(
+    settings: Settings, form: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read-only models folder (a read-only volume, or one another user pulled into) holding a killed pull's kept
+    download and its lock file. Before: asking whether a pull held that lock opened the file for writing, and the
+    EROFS / EACCES escaped: `models list` (now its `--json` too) was an internal error (exit 70). Now it asks
+    through a read-only descriptor, and says the download is kept."""
+    from automask.cli import main
+
+    kept = settings.models_dir / ".sam3.partial"
+    kept.mkdir(parents=True)
+    (kept / "model.safetensors").write_bytes(b"\0" * 2_000_000)
+    lock = settings.models_dir / ".sam3.partial.lock"
+    lock.touch()
+    real_open = os.open
+
+    def read_only(path: Any, flags: int, *args: Any) -> int:  # the file system answers as a read-only one
+        if Path(path).parent == settings.models_dir and flags & (os.O_RDWR | os.O_WRONLY | os.O_CREAT):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", read_only)
+    result = CliRunner().invoke(main, ["--data-dir", str(settings.data_dir), "models", "list", *form])
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert f"sam3: The 2.0 MB downloaded so far are kept in '{kept}'" in result.stderr
+    assert lock.exists() and kept.is_dir()
+
+
 def test_huggingface_hub_releases_before_0_25_with_their_errors_in_utils(
     settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:

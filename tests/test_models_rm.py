@@ -90,6 +90,21 @@ def test_rm_waits_for_a_brief_holder_of_the_lock(settings: Settings, pulled: Pat
     assert not pulled.exists()
 
 
+def test_rm_refused_for_a_long_tidying_does_not_say_a_pull_runs(settings: Settings, pulled: Path) -> None:
+    """A tidying (`models list`, or putting back what a killed installer moved aside) deleting a killed removal's
+    GBs on a slow disk may hold the model's lock past rm's patience. Before: rm then said "a pull of it is running"
+    (what an unnamed holder is taken for), though the lock file said "tidying". Now it says what holds it."""
+    hub = settings.models_dir / ".clipseg.partial.lock"
+    fd = lockfiles.lock(hub, wait=False, by=lockfiles.TIDYING)
+    try:
+        busy = _rm(settings, "clipseg")
+    finally:
+        lockfiles.unlock(hub, fd)
+    assert busy.exit_code == 10, busy.output
+    assert "The model 'clipseg' is not removed: automask's tidying of it is running." in busy.stderr
+    assert "pull" not in busy.stderr and pulled.exists()
+
+
 def test_rm_puts_the_model_back_when_an_export_began_as_it_was_moved_aside(
     settings: Settings, pulled: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -200,3 +215,39 @@ def test_rm_of_a_model_folder_that_is_a_link_says_the_folder_it_points_to_is_kep
     link.symlink_to(tmp_path / "gone")  # a dangling link: nothing is kept
     dangling = _rm(settings, "clipseg")
     assert dangling.exit_code == 0 and f"removed {link}" in dangling.stdout and "note:" not in dangling.stderr
+
+
+def _disk_full(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every write of a byte into a file fails as on a full disk (ENOSPC); creating, renaming, deleting still work."""
+    import errno
+
+    def full(*_args: object) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "pwrite", full)
+    monkeypatch.setattr(os, "write", full)
+
+
+def test_rm_frees_a_full_disk(settings: Settings, pulled: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before: the lock taken to remove wrote its holder's name ("removal") into the lock file, and on a full disk
+    (or a full quota) that write failed: `models rm`, what one runs to free the space, said "Cannot remove from the
+    models folder (No space left on device)" and removed nothing. The name is a courtesy to a waiting pull: now a
+    lock is taken without it when it cannot be written."""
+    _disk_full(monkeypatch)
+    result = _rm(settings, "clipseg")
+    assert result.exit_code == 0, result.output
+    assert f"removed {pulled}" in result.stdout
+    assert not pulled.exists()
+    assert sorted(p.name for p in settings.models_dir.iterdir()) == []
+
+
+def test_models_list_tidies_on_a_full_disk(settings: Settings, pulled: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Likewise `models list` tidying (its lock says "tidying"): on a full disk it silently left a killed removal's
+    `.removing` folder (GBs) in place."""
+    leftover = settings.models_dir / ".clipseg-0dead001.removing"
+    leftover.mkdir()
+    (leftover / "model.safetensors").write_bytes(b"\0" * 1000)
+    _disk_full(monkeypatch)
+    assert _installed(settings)["clipseg"]["installed"] is True
+    assert not leftover.exists()
+    assert sorted(p.name for p in settings.models_dir.iterdir()) == ["clipseg"]

@@ -6,6 +6,7 @@ holder dies; where there is none (Windows) nothing is locked."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import time
 from collections.abc import Callable
@@ -44,8 +45,8 @@ def lock_file(tmp: Path) -> Path:
 
 def lock(path: Path, *, wait: bool, create: bool = True, by: str = "") -> int | None:
     """An open descriptor of `path` (created if need be, if `create`: else FileNotFoundError) holding its exclusive
-    lock, `by` written in it (what holds it, read by `holder`) when given; None when another process holds it
-    (and not `wait`). Where there is no `fcntl` (Windows) nothing is locked: -1.
+    lock, `by` written in it (what holds it, read by `holder`) when given and it can be (`_say`); None when another
+    process holds it (and not `wait`). Where there is no `fcntl` (Windows) nothing is locked: -1.
 
     Again until the locked file is still the one at `path`: a holder deletes it as it lets go (`unlock`), and a
     lock taken meanwhile on that deleted file would hold nothing (another process locks the new file there)."""
@@ -59,8 +60,7 @@ def lock(path: Path, *, wait: bool, create: bool = True, by: str = "") -> int | 
             fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
             if os.fstat(fd).st_ino == os.stat(path).st_ino:
                 if by:
-                    os.ftruncate(fd, 0)
-                    os.pwrite(fd, by.encode("ascii"), 0)
+                    _say(fd, by)
                 return fd
         except BlockingIOError:
             os.close(fd)
@@ -71,6 +71,17 @@ def lock(path: Path, *, wait: bool, create: bool = True, by: str = "") -> int | 
             os.close(fd)
             raise
         os.close(fd)
+
+
+def _say(fd: int, by: str) -> None:
+    """Write `by` in the locked file `fd`, for `holder`: a courtesy, not the lock, so one that cannot be written
+    (a full disk or quota: what `models rm` and tidying run to free) leaves it saying nothing ("")."""
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, by.encode("ascii"), 0)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)  # not a part of it, nor what an earlier holder wrote
 
 
 def unlock(path: Path, fd: int | None) -> None:
@@ -95,6 +106,28 @@ def held(path: Path) -> bool:
         fd = lock(path, wait=False, create=False)
     except FileNotFoundError:  # its holder deleted it as it let go (not created again: a stray file nobody tidies)
         return False
+    except OSError as exc:  # not to be opened for writing: another user's folder, a read-only file system
+        if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        return _held_read_only(path)
     if fd is not None and fd >= 0:
         os.close(fd)
     return fd is None
+
+
+def _held_read_only(path: Path) -> bool:
+    """`held` for a lock file that cannot be opened for writing: a shared lock, which a read-only descriptor may
+    take, is refused while another process holds the exclusive one."""
+    import fcntl
+
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False

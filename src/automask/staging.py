@@ -190,7 +190,8 @@ def _put_back(moved: dict[Path, Path]) -> None:
 
 
 def _busy_message(folder: Path, busy: Path, held_by: str = PULL) -> str:
-    what = ("another removal" if held_by == REMOVAL else "a pull") if busy == folder else "an export"
+    holders = {REMOVAL: "another removal", TIDYING: "automask's tidying"}
+    what = holders.get(held_by, "a pull") if busy == folder else "an export"  # "": an older automask's pull
     return (
         f"The model '{folder.name}' is not removed: {what} of it is running. Run this again once it has ended "
         "(Ctrl-C it to stop it)."

@@ -33,6 +33,9 @@ _CARRY_LOW_32_BITS = tuple(
     ipaddress.ip_network(net)
     for net in ("::/96", "::ffff:0:0:0/96", "64:ff9b::/96")  # compatible, translated, NAT64
 )
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+"""RFC 6052's well-known NAT64 prefix: globally reachable, for global IPv4 addresses only (a DNS64 resolver gives
+an IPv4-only host such an address), so the IPv4 address it carries is checked, not the prefix."""
 _NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")
 """RFC 8215's local-use NAT64 range: a gateway may take any network-specific prefix of it, of a length RFC 6052
 allows, so the IPv4 address may sit at any of `_RFC6052_LENGTHS`' positions."""
@@ -51,7 +54,6 @@ _NAMED_NETWORKS = (
     (ipaddress.ip_network("100.64.0.0/10"), "shared (carrier-grade NAT)"),
     (ipaddress.ip_network("fc00::/7"), "unique-local"),
     (ipaddress.ip_network("fec0::/10"), "site-local"),
-    (ipaddress.ip_network("64:ff9b::/96"), "NAT64"),
     (ipaddress.ip_network("64:ff9b:1::/48"), "NAT64 (local)"),
 )
 SPECIAL_PURPOSE: tuple[tuple[str, str, str], ...] = (
@@ -78,7 +80,6 @@ SPECIAL_PURPOSE: tuple[tuple[str, str, str], ...] = (
     ("::1/128", "loopback", "RFC 4291"),
     ("::/96", "IPv4-compatible (deprecated)", "RFC 4291"),
     ("::ffff:0:0/96", "IPv4-mapped", "RFC 4291"),
-    ("64:ff9b::/96", "NAT64", "RFC 6052"),
     ("64:ff9b:1::/48", "local-use IPv4/IPv6 translation", "RFC 8215"),
     ("100::/64", "discard-only", "RFC 6666"),
     ("100:0:0:1::/64", "dummy IPv6 prefix", "RFC 9780"),
@@ -99,7 +100,8 @@ SPECIAL_PURPOSE: tuple[tuple[str, str, str], ...] = (
 )
 """(network, what it is, where it is defined): address ranges that are not globally reachable, checked whatever
 Python's `ipaddress` tables say (3.11.7's miss 192.0.0.0/24 outside the /29, 192.88.99.0/24 and 3fff::/20).
-IPv4-mapped and 6to4 addresses never reach this table: the IPv4 address they embed is checked instead."""
+IPv4-mapped, 6to4 and NAT64 (64:ff9b::/96) addresses never reach this table: the IPv4 address they embed is checked
+instead."""
 _SPECIAL = tuple((ipaddress.ip_network(net), f"{name} ({rfc})") for net, name, rfc in SPECIAL_PURPOSE)
 _FLAGS = (
     ("is_unspecified", "unspecified"),
@@ -122,6 +124,9 @@ def blocked_reason(ip: IPAddress) -> str | None:
             return f"6to4 tunnel to a {inner}" if inner else None
         if ip.teredo is not None:
             return "Teredo tunnel"
+        if ip in _NAT64:
+            inner = blocked_reason(rfc6052_ipv4(ip, 96))
+            return f"NAT64 form of a {inner}" if inner else None
     for network, name in _NAMED_NETWORKS:
         if ip.version == network.version and ip in network:
             return name

@@ -174,8 +174,8 @@ def _redirect_target(current: httpx.URL, location: str) -> httpx.URL:
         web = target.scheme in ("http", "https")
         no_host = web and bool(written.scheme) and not written.raw_host  # "http:x.png": not taken for "x.png"
         flaw = "it has a scheme but no host." if no_host else _flaw(target) if web else None
-        if flaw is None and web:
-            target.host  # noqa: B018 (decodes the IDNA name: "http://xn--a.com/" raises UnicodeError)
+        # an IDNA name is not decoded (httpx's `URL.host`): one IDNA 2008 refuses (xn--ls8h.la, an emoji domain
+        # registered under IDNA 2003) is followed as written, as the first URL is fetched
     except (httpx.InvalidURL, UnicodeError) as exc:
         flaw = _host_flaw(location) or f"{exc}."
     if flaw:
@@ -244,7 +244,7 @@ def _get(url: httpx.URL, addresses: list[IPAddress], deadline: float, settings: 
                 raise _timeout(url, settings) from None
             if isinstance(exc, httpx.ConnectError):
                 if index == len(addresses) - 1:
-                    raise FetchError(f"Could not connect to the image URL's server {url.host} ({exc}).") from None
+                    raise FetchError(f"Could not connect to the image URL's server {_host(url)} ({exc}).") from None
                 continue
             raise FetchError(f"Fetching the image URL {_show(url)} failed: {exc}.") from None
     raise AssertionError("unreachable: addresses is never empty")
@@ -372,6 +372,15 @@ def _too_large(url: httpx.URL, size: str, limit: int) -> ImageTooLargeError:
     return ImageTooLargeError(
         f"The image at {_show(url)} is {size}; the limit is {limit:,} bytes (AUTOMASK_MAX_IMAGE_BYTES)."
     )
+
+
+def _host(url: httpx.URL) -> str:
+    """`url`'s host for a message: as a person writes it (an IDNA name decoded), or as sent when IDNA 2008 does not
+    decode it (an emoji domain such as xn--ls8h.la, registered under IDNA 2003, is looked up and fetched so)."""
+    try:
+        return url.host
+    except UnicodeError:
+        return url.raw_host.decode("ascii")
 
 
 def _show(url: httpx.URL) -> str:
