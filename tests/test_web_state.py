@@ -243,6 +243,27 @@ def test_an_image_url_with_a_note_after_it_is_loaded(tab: Tab, photo_url: str) -
         assert page.input_value("#image-url") == photo_url
 
 
+def test_an_image_url_in_angle_brackets_or_quotes_is_loaded(tab: Tab, photo_url: str) -> None:
+    """An image URL pasted or dropped as text in the angle brackets or quotes that set a URL apart in prose (RFC 3986,
+    appendix C), a note after them, or with a query: the URL alone is loaded. Before, "<https://…>" and the quoted
+    URL were refused as "not an image URL"."""
+    page = tab.page
+    for way, text in (
+        (PASTE_TEXT, f"<{photo_url}>"),
+        (DROP_TEXT, f'"{photo_url}" (the astronaut)'),
+        (PASTE_TEXT, f"“{photo_url}”"),
+        (PASTE_TEXT, f"'{photo_url}?size=512&v=2'"),
+    ):
+        page.evaluate("() => { const i = document.getElementById('source'); delete i.dataset.url; }")
+        page.evaluate("() => { document.getElementById('image-info').textContent = ''; }")
+        page.evaluate(way, text)
+        page.wait_for_function("() => document.getElementById('image-info').textContent", timeout=5000)
+        assert page.is_hidden("#error"), page.inner_text("#error")
+        url = text.split()[0].strip("<>\"“”'")
+        assert page.inner_text("#image-info").startswith(f"{url} — 512×512"), text
+        assert page.input_value("#image-url") == url
+
+
 def test_an_input_error_goes_once_put_right(tab: Tab, photo: Path) -> None:
     """Make mask pressed with an input the page cannot send (a seed the API refuses, no prompt): the error says why,
     the result greyed; once the input is put right, the error goes, the result is no longer greyed, and the status
