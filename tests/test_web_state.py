@@ -223,6 +223,17 @@ def test_wrapped_base64_keeps_its_last_line_and_padding(tab: Tab, photo: Path, t
 DROP_URI_LIST = DROP_TEXT.replace("'text/plain'", "'text/uri-list'")  # a list of URIs dropped
 
 
+def url_loaded(page: Any, way: str, text: str, url: str) -> None:
+    """`text` pasted or dropped (`way`) loads the image at `url` (512×512), with no error."""
+    page.evaluate("() => { const i = document.getElementById('source'); delete i.dataset.url; }")
+    page.evaluate("() => { document.getElementById('image-info').textContent = ''; }")
+    page.evaluate(way, text)
+    page.wait_for_function("() => document.getElementById('image-info').textContent", timeout=5000)
+    assert page.is_hidden("#error"), page.inner_text("#error")
+    assert page.inner_text("#image-info").startswith(f"{url} — 512×512"), text
+    assert page.input_value("#image-url") == url
+
+
 def test_an_image_url_with_a_note_after_it_is_loaded(tab: Tab, photo_url: str) -> None:
     """An image URL pasted or dropped as text with a note after it ("… see above"): the URL alone is loaded (a URL
     copied from a browser has no spaces: they are %20); a URI list dropped with a comment line first (RFC 2483: lines
@@ -234,13 +245,7 @@ def test_an_image_url_with_a_note_after_it_is_loaded(tab: Tab, photo_url: str) -
         (DROP_TEXT, f"{photo_url}\tthe astronaut\nmore notes"),
         (DROP_URI_LIST, f"# the astronaut\r\n{photo_url}\r\n"),
     ):
-        page.evaluate("() => { const i = document.getElementById('source'); delete i.dataset.url; }")
-        page.evaluate("() => { document.getElementById('image-info').textContent = ''; }")
-        page.evaluate(way, text)
-        page.wait_for_function("() => document.getElementById('image-info').textContent", timeout=5000)
-        assert page.is_hidden("#error"), page.inner_text("#error")
-        assert page.inner_text("#image-info").startswith(f"{photo_url} — 512×512"), text
-        assert page.input_value("#image-url") == photo_url
+        url_loaded(page, way, text, photo_url)
 
 
 def test_an_image_url_in_angle_brackets_or_quotes_is_loaded(tab: Tab, photo_url: str) -> None:
@@ -254,14 +259,7 @@ def test_an_image_url_in_angle_brackets_or_quotes_is_loaded(tab: Tab, photo_url:
         (PASTE_TEXT, f"“{photo_url}”"),
         (PASTE_TEXT, f"'{photo_url}?size=512&v=2'"),
     ):
-        page.evaluate("() => { const i = document.getElementById('source'); delete i.dataset.url; }")
-        page.evaluate("() => { document.getElementById('image-info').textContent = ''; }")
-        page.evaluate(way, text)
-        page.wait_for_function("() => document.getElementById('image-info').textContent", timeout=5000)
-        assert page.is_hidden("#error"), page.inner_text("#error")
-        url = text.split()[0].strip("<>\"“”'")
-        assert page.inner_text("#image-info").startswith(f"{url} — 512×512"), text
-        assert page.input_value("#image-url") == url
+        url_loaded(page, way, text, text.split()[0].strip("<>\"“”'"))
 
 
 def test_an_input_error_goes_once_put_right(tab: Tab, photo: Path) -> None:
