@@ -183,7 +183,55 @@ def test_a_data_uri_with_a_note_after_it_sends_the_image_alone(tab: Tab, photo: 
     assert len(tab.api_bodies) == 4
 
 
+def unpadded_png(tmp_path: Path, start: int) -> Path:
+    """A small PNG whose base64 has no = padding (its size a multiple of 3 bytes), of a grey from `start` up."""
+    for grey in range(start, 250):
+        path = tmp_path / f"unpadded{grey}.png"
+        Image.fromarray(np.full((40, 56, 3), grey, np.uint8)).save(path)
+        if path.stat().st_size % 3 == 0:
+            return path
+    raise AssertionError("no grey gave a PNG of a multiple of 3 bytes")
+
+
+def test_wrapped_base64_keeps_its_last_line_and_padding(tab: Tab, photo: Path, tmp_path: Path) -> None:
+    """A wrapped data: URI's last line is the image's too when it has no = padding and a note follows it after a
+    space (a third of the images base64 tools wrap), and when it is the padding alone (the URI wrapped whole, its
+    header on the first line). Before, that last line was left out: the image was sent cut short."""
+    page = tab.page
+    set_first_options(page)
+    page.fill("#prompt", FIRST["prompt"])
+    shown = None
+    unpadded = unpadded_png(tmp_path, 100)
+    other = unpadded_png(tmp_path, int(np.asarray(Image.open(unpadded))[0, 0, 0]) + 1)
+    b64, b64_other = (base64.b64encode(p.read_bytes()).decode() for p in (unpadded, other))
+    assert len(b64) % 76 and len(b64_other) % 64, "the last lines are shorter than the others, without padding"
+    padded = tmp_path / "padded.png"
+    Image.fromarray(np.full((48, 48, 3), 77, np.uint8)).save(padded)
+    uri = data_uri(padded)
+    cut = next(w for w in range(60, 200) if len(uri) % w == uri.count("=") and uri.endswith("="))
+    for path, text in (
+        (unpadded, f"data:image/png;base64,{wrapped(b64)} see above"),
+        (other, "data:image/png;base64,\r\n" + wrapped(b64_other, 64).replace("\n", "\r\n") + "\tthe photo"),
+        (padded, wrapped(uri, cut)),  # its last line: "=" or "=="
+    ):
+        page.evaluate(PASTE_TEXT, text)
+        shown = wait_result(page, shown, prompt=FIRST["prompt"])
+        assert page.is_hidden("#error"), page.inner_text("#error")
+        assert tab.api_bodies[-1]["image"] == data_uri(path), text[-40:]
+
+
 DROP_URI_LIST = DROP_TEXT.replace("'text/plain'", "'text/uri-list'")  # a list of URIs dropped
+
+
+def url_loaded(page: Any, way: str, text: str, url: str) -> None:
+    """`text` pasted or dropped (`way`) loads the image at `url` (512×512), with no error."""
+    page.evaluate("() => { const i = document.getElementById('source'); delete i.dataset.url; }")
+    page.evaluate("() => { document.getElementById('image-info').textContent = ''; }")
+    page.evaluate(way, text)
+    page.wait_for_function("() => document.getElementById('image-info').textContent", timeout=5000)
+    assert page.is_hidden("#error"), page.inner_text("#error")
+    assert page.inner_text("#image-info").startswith(f"{url} — 512×512"), text
+    assert page.input_value("#image-url") == url
 
 
 def test_an_image_url_with_a_note_after_it_is_loaded(tab: Tab, photo_url: str) -> None:
@@ -197,13 +245,21 @@ def test_an_image_url_with_a_note_after_it_is_loaded(tab: Tab, photo_url: str) -
         (DROP_TEXT, f"{photo_url}\tthe astronaut\nmore notes"),
         (DROP_URI_LIST, f"# the astronaut\r\n{photo_url}\r\n"),
     ):
-        page.evaluate("() => { const i = document.getElementById('source'); delete i.dataset.url; }")
-        page.evaluate("() => { document.getElementById('image-info').textContent = ''; }")
-        page.evaluate(way, text)
-        page.wait_for_function("() => document.getElementById('image-info').textContent", timeout=5000)
-        assert page.is_hidden("#error"), page.inner_text("#error")
-        assert page.inner_text("#image-info").startswith(f"{photo_url} — 512×512"), text
-        assert page.input_value("#image-url") == photo_url
+        url_loaded(page, way, text, photo_url)
+
+
+def test_an_image_url_in_angle_brackets_or_quotes_is_loaded(tab: Tab, photo_url: str) -> None:
+    """An image URL pasted or dropped as text in the angle brackets or quotes that set a URL apart in prose (RFC 3986,
+    appendix C), a note after them, or with a query: the URL alone is loaded. Before, "<https://…>" and the quoted
+    URL were refused as "not an image URL"."""
+    page = tab.page
+    for way, text in (
+        (PASTE_TEXT, f"<{photo_url}>"),
+        (DROP_TEXT, f'"{photo_url}" (the astronaut)'),
+        (PASTE_TEXT, f"“{photo_url}”"),
+        (PASTE_TEXT, f"'{photo_url}?size=512&v=2'"),
+    ):
+        url_loaded(page, way, text, text.split()[0].strip("<>\"“”'"))
 
 
 def test_an_input_error_goes_once_put_right(tab: Tab, photo: Path) -> None:

@@ -46,13 +46,18 @@ async function turnedDataUri(url) {
 
 // The image URL that text pasted or dropped begins with: a data: URI whole (parseImageUrl reads its base64, leaving
 // out what follows), an http(s) URL up to the first whitespace (one copied from a browser has none: a space is %20),
-// a note after it left out; else the first line, as it is (the page says why it is not an image URL).
+// or within the angle brackets or quotes that set it apart in prose, a note after it left out; else the first line,
+// as it is (the page says why it is not an image URL).
+const CLOSING = { "<": ">", '"': '"', "'": "'", "“": "”", "‘": "’", "«": "»" };
+
 function urlInText(text) {
   const value = text.trim();
   if (/^data:/i.test(value)) return value;
   const line = value.split(/\r?\n/)[0].trim();
-  const word = line.split(/\s/)[0];
-  return /^https?:\/\//i.test(word) ? word : line;
+  const close = CLOSING[line[0]];
+  const end = close ? line.indexOf(close, 1) : -1;
+  const word = end > 0 ? line.slice(1, end).trim() : line.split(/\s/)[0];
+  return /^https?:\/\/\S+$/i.test(word) ? word : line;
 }
 
 function isTextField(el) {

@@ -89,12 +89,14 @@ export function parseImageUrl(text) {
   return { url: url.href };
 }
 
-const BASE64_WORD = /^[A-Za-z0-9+/_-]+=*$/;
+const BASE64_WORD = /^(?:[A-Za-z0-9+/_-]+=*|={1,2})$/; // a line of base64, or its padding alone (a wrap put there)
+const WRAP_MAX = 1000; // no tool wraps base64 in longer lines: a first line longer is the data whole, on one line
 
 // The base64 data of a data: URI pasted or dropped as text (what follows its comma): its lines, wrapped as tools
 // wrap base64 (each line of base64 alone, as long as the first whole one, the last no longer, padding only at the
-// end), joined. It ends at any other whitespace: a note after it ("… see above", on its last line when that ends
-// in = padding), a line that is not base64 alone, a blank line, are not the image's.
+// end), joined. It ends at any other whitespace: a note after it ("… see above", on its last line after a space),
+// a line that is not base64 alone, a blank line, are not the image's. The last line of wrapped data, with a note
+// after it, is the data's when it ends in = padding or leaves whole groups of 4 (as tools write base64).
 export function base64Data(text) {
   const [first, ...lines] = text.trimStart().split(/[ \t]*(?:\r\n?|\n)[ \t]*/);
   let data = first.split(/\s/)[0];
@@ -102,10 +104,12 @@ export function base64Data(text) {
   let width = 0;
   for (const line of lines) {
     const word = line.split(/\s/)[0];
-    const whole = word === line || word.endsWith("="); // a word with more after it: base64's end, padded
+    const wrapped = width > 0 || first.length <= WRAP_MAX;
+    const last = word.endsWith("=") || (wrapped && (data.length + word.length) % 4 === 0); // base64's end
+    const whole = word === line || last; // a word with more after it: the data's last line, then a note
     if (!whole || !BASE64_WORD.test(word) || data.endsWith("=") || (width && word.length > width)) break;
     data += word;
-    if (word !== line || word.length < width) break; // the last line
+    if (word !== line || word.length < (width || first.length)) break; // the last line
     width ||= word.length;
   }
   return data;
