@@ -72,8 +72,9 @@ def test_a_locked_database_never_stalls_the_loop_fails_a_mask_or_leaves_a_hold(t
             thread.join(timeout=1)
             assert answer["status"] == 200 and answer["type"] == "image/png"  # the finished mask is delivered
             assert answer["at"] - locked_at < 5  # within ~1 s of inference + 2 s of waiting for the settle
-            # before: every request stalled for the 10 s SQLite waits (the CPU here is shared: a median, and a bound)
-            assert float(np.median(seconds)) < 0.1 and max(seconds) < 1.0, seconds
+            # before: every request stalled for the 10 s SQLite waits (the CPU here is shared: a median, and a bound;
+            # CI once measured a median of 0.103 s with other test processes on its 2 cores)
+            assert float(np.median(seconds)) < 0.5 and max(seconds) < 1.0, seconds
             assert holds(data)  # not settled yet: the database is still locked
         finally:
             locker.execute("ROLLBACK")
