@@ -496,3 +496,19 @@ def test_an_output_name_the_system_refuses_is_refused_before_the_model_runs(
     assert no_model == []
     assert result.stderr == f"error: Cannot write '{out}': {why}.\n"
     assert [p.name for p in tmp_path.iterdir()] == ["loop.png"]
+
+
+@pytest.mark.parametrize("flags", [[], ["--json"]])
+def test_models_list_with_standard_output_closed_exits_8(tmp_path: Path, flags: list[str]) -> None:
+    """Before: `models list >&-` was 'internal error: AttributeError: ... isatty', exit 70 (and `--json >&-`
+    printed nothing and exited 0). Now it is an output that cannot be written, exit 8, as for mask and batch."""
+    proc = subprocess.run(
+        [*automask_command(), "--data-dir", str(tmp_path), "models", "list", *flags],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        timeout=120,
+        preexec_fn=lambda: os.close(1),
+    )
+    assert proc.returncode == 8, proc.stderr
+    assert proc.stderr.decode() == "error: Cannot write to standard output: it is closed.\n"
