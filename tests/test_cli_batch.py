@@ -523,3 +523,22 @@ def test_batch_of_a_folder_of_images_it_cannot_read_says_what_they_are(tmp_path:
     result = invoke("batch", folder, "-o", tmp_path / "out", "-p", "cat")
     assert result.exit_code == 2, result.output
     assert "1 file skipped: images automask cannot read (.heic 1); convert them to PNG or JPEG" in result.stderr
+
+
+def test_batch_into_an_outdir_it_may_not_open_exits_8(folder: Path, tmp_path: Path) -> None:
+    """Before: an OUTDIR that exists with mode 0 was refused by click's path check ("Directory ... is not
+    readable"), a usage error, exit 2. Now it is an output that cannot be written: exit 8 with the system's reason,
+    before the model loads (none is installed)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    command = [*automask_command(), "batch", str(folder), "-o", str(out), "-p", "cat"]
+    out.chmod(0)
+    try:
+        proc = subprocess.run(
+            as_a_user([*command, "--model", str(tmp_path / "no-such-model")]), capture_output=True, timeout=120
+        )
+    finally:
+        out.chmod(0o755)
+    assert proc.returncode == 8, proc.stderr
+    assert proc.stderr.decode() == f"error: Cannot write into '{out}': Permission denied.\n"
+    assert list(out.iterdir()) == []

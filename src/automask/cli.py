@@ -300,7 +300,7 @@ def process(generator: Any, src: Path, dst: Path, job: Job) -> dict[str, Any]:
     "out",
     metavar="OUTDIR",
     required=True,
-    type=NonEmptyPath(file_okay=False),
+    type=NonEmptyPath(file_okay=False, readable=False),  # one it cannot write: exit 8 with the system's reason
     help="Folder to write into.",
 )
 @click.option("-r", "--recursive", is_flag=True, help="Include subfolders, linked ones too (a glob: ** spans folders).")
