@@ -25,7 +25,6 @@ from automask.cli_instances import check_before_inference, check_instance_files,
 from automask.cli_io import (
     NoSpaceError,
     OutputError,
-    Outputs,
     check_fits,
     check_lookup,
     check_stdout,
@@ -42,6 +41,7 @@ from automask.cli_io import (
     write_stdout,
 )
 from automask.cli_job import Job, load_generator, mask_options
+from automask.cli_outputs import Outputs
 from automask.cli_report import Reporter
 from automask.cli_signals import Interrupted, signals_interrupt
 from automask.cli_types import NonEmptyPath, NonEmptyText
@@ -221,6 +221,7 @@ def mask(state: CliState, images: tuple[str, ...], out: str | None, instances_di
     try:
         with signals_interrupt():
             _mask(state.settings, image, out, instances_dir, job, outputs)
+            outputs.keep()
     except BaseException as exc:
         outputs.discard()
         if job.as_json and isinstance(exc, AutomaskError):
