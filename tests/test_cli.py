@@ -23,9 +23,10 @@ from click.testing import CliRunner
 from PIL import Image
 
 from automask import errors
-from automask.cli import EXIT_CODES, EXIT_HELP, OutputError, error_record, exit_code, main
+from automask.cli import error_record, main
+from automask.cli_exits import EXIT_CODES, EXIT_HELP, exit_code
 from automask.cli_inputs import plan_outputs
-from automask.cli_io import output_target, write_atomic
+from automask.cli_io import OutputError, output_target, write_atomic
 from automask.cli_job import ignored_flags
 from automask.imageio import load_image
 from automask.options import MaskOptions, parse_prompt

@@ -523,3 +523,53 @@ def test_batch_of_a_folder_of_images_it_cannot_read_says_what_they_are(tmp_path:
     result = invoke("batch", folder, "-o", tmp_path / "out", "-p", "cat")
     assert result.exit_code == 2, result.output
     assert "1 file skipped: images automask cannot read (.heic 1); convert them to PNG or JPEG" in result.stderr
+
+
+def test_batch_into_an_outdir_it_may_not_open_exits_8(folder: Path, tmp_path: Path) -> None:
+    """Before: an OUTDIR that exists with mode 0 was refused by click's path check ("Directory ... is not
+    readable"), a usage error, exit 2. Now it is an output that cannot be written: exit 8 with the system's reason,
+    before the model loads (none is installed)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    command = [*automask_command(), "batch", str(folder), "-o", str(out), "-p", "cat"]
+    out.chmod(0)
+    try:
+        proc = subprocess.run(
+            as_a_user([*command, "--model", str(tmp_path / "no-such-model")]), capture_output=True, timeout=120
+        )
+    finally:
+        out.chmod(0o755)
+    assert proc.returncode == 8, proc.stderr
+    assert proc.stderr.decode() == f"error: Cannot write into '{out}': Permission denied.\n"
+    assert list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize("flags", [[], ["-r"]])
+def test_batch_of_a_folder_notes_the_links_that_lead_to_no_file(
+    tiny_clipseg_dir: Path, folder: Path, tmp_path: Path, flags: list[str]
+) -> None:
+    """Before: a link with an image's name that leads nowhere (dangling, or a link loop) was skipped without a word.
+    Now one note counts and names them, as batch notes the images it cannot read; the other files are masked."""
+    (folder / "gone.jpg").symlink_to("no-such-photo.jpg")
+    (folder / "loop.png").symlink_to("loop.png")
+    (folder / "notes.txt").symlink_to("no-such-file.txt")  # no image's name: not an input either way
+    out = tmp_path / "out"
+    result = invoke("batch", folder, *flags, "-o", out, "-p", "cat", "--model", tiny_clipseg_dir)
+    assert result.exit_code == 0, result.output
+    notes = [line for line in result.stderr.splitlines() if line.startswith("note: ")]
+    assert notes == [
+        f"note: 2 links skipped: they lead to no file (dangling, or a link loop): '{folder / 'gone.jpg'}', "
+        f"'{folder / 'loop.png'}'."
+    ]
+    assert sorted(p.name for p in out.iterdir()) == ["a.png", "b.png"]
+
+
+def test_batch_of_a_folder_of_broken_links_only_says_why_nothing_was_found(folder: Path, tmp_path: Path) -> None:
+    for photo in folder.iterdir():
+        photo.unlink()
+    (folder / "gone.jpg").symlink_to("no-such-photo.jpg")
+    result = invoke("batch", folder, "-o", tmp_path / "out", "-p", "cat", "--model", tmp_path / "no-such-model")
+    assert result.exit_code == 2, result.output
+    assert result.stderr.rstrip().endswith(
+        f"1 link skipped: it leads to no file (dangling, or a link loop): '{folder / 'gone.jpg'}'."
+    )

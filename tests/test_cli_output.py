@@ -17,8 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from automask.cli import OutputError
-from automask.cli_io import NoSpaceError, write_atomic
+from automask.cli_io import NoSpaceError, OutputError, write_atomic
 from test_cli import automask_command, invoke
 
 
@@ -118,6 +117,41 @@ def test_a_failed_write_to_stdout_leaves_no_output(
     assert "Exception ignored" not in stderr and "Traceback" not in stderr
     assert stat.S_ISCHR(os.stat("/dev/full").st_mode)
     assert list(tmp_path.iterdir()) == []  # the mask written before the JSON failed is removed
+
+
+@pytest.mark.parametrize("through", ["file", "symlink"])
+def test_a_failed_mask_puts_back_the_file_it_replaced(
+    tiny_clipseg_dir: Path, photo: Path, tmp_path: Path, through: str
+) -> None:
+    """Before: `mask -o m.png --json > /dev/full` replaced an existing m.png with the new mask, then removed that
+    when the JSON could not be written: the user's file was gone. Now a mask that fails leaves the file there as it
+    was (its inode, so its hard links and mode too), and no copy of it behind."""
+    old = tmp_path / "m.png"
+    old.write_bytes(b"the user's earlier mask")
+    old.chmod(0o640)
+    inode = old.stat().st_ino
+    out = old if through == "file" else tmp_path / "link.png"
+    if through == "symlink":
+        out.symlink_to("m.png")
+    args = ["mask", photo, "-p", "cat", "--model", tiny_clipseg_dir, "-o", out, "--json"]
+    with open("/dev/full", "wb") as full:
+        proc = subprocess.run([*automask_command(), *map(str, args)], stdout=full, stderr=subprocess.PIPE, timeout=180)
+    assert proc.returncode == 8, proc.stderr
+    assert proc.stderr.decode().splitlines()[-1] == "error: Cannot write to standard output: No space left on device."
+    assert old.read_bytes() == b"the user's earlier mask"
+    assert (old.stat().st_ino, stat.S_IMODE(old.stat().st_mode)) == (inode, 0o640)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted({"m.png", out.name})
+
+
+def test_a_mask_that_succeeds_replaces_the_file_and_keeps_no_copy(
+    tiny_clipseg_dir: Path, photo: Path, tmp_path: Path
+) -> None:
+    old = tmp_path / "m.png"
+    old.write_bytes(b"the user's earlier mask")
+    result = invoke("mask", photo, "-p", "cat", "--model", tiny_clipseg_dir, "-o", old)
+    assert result.exit_code == 0, result.output
+    assert Image.open(old).size == Image.open(photo).size
+    assert [p.name for p in tmp_path.iterdir()] == ["m.png"]
 
 
 def test_an_unusable_instances_folder_fails_before_anything_is_written(
@@ -496,3 +530,19 @@ def test_an_output_name_the_system_refuses_is_refused_before_the_model_runs(
     assert no_model == []
     assert result.stderr == f"error: Cannot write '{out}': {why}.\n"
     assert [p.name for p in tmp_path.iterdir()] == ["loop.png"]
+
+
+@pytest.mark.parametrize("flags", [[], ["--json"]])
+def test_models_list_with_standard_output_closed_exits_8(tmp_path: Path, flags: list[str]) -> None:
+    """Before: `models list >&-` was 'internal error: AttributeError: ... isatty', exit 70 (and `--json >&-`
+    printed nothing and exited 0). Now it is an output that cannot be written, exit 8, as for mask and batch."""
+    proc = subprocess.run(
+        [*automask_command(), "--data-dir", str(tmp_path), "models", "list", *flags],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        timeout=120,
+        preexec_fn=lambda: os.close(1),
+    )
+    assert proc.returncode == 8, proc.stderr
+    assert proc.stderr.decode() == "error: Cannot write to standard output: it is closed.\n"

@@ -14,7 +14,8 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from automask.cli import EXIT_HELP, main
+from automask.cli import main
+from automask.cli_exits import EXIT_HELP
 from automask.server.config import ServerSettings
 from automask.settings import Settings
 

@@ -102,3 +102,41 @@ def test_a_folder_whose_config_names_another_architecture_is_a_clear_error(
     with pytest.raises(ModelNotAvailableError) as err:
         MaskGenerator("sam3", settings)
     assert err.value.message.endswith("Re-download it with: automask models pull sam3 --force")
+
+
+@pytest.mark.parametrize(
+    ("flags", "env", "name"),
+    [(["--device", "cuda"], {}, "--device"), ([], {"AUTOMASK_DEVICE": "cuda"}, "AUTOMASK_DEVICE")],
+)
+def test_a_missing_gpu_is_named_as_the_user_asked_for_it(
+    tiny_clipseg_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flags: list[str], env: dict, name: str
+) -> None:
+    """Before: `automask --device cuda ...` without a GPU said "AUTOMASK_DEVICE is 'cuda' ... Use
+    AUTOMASK_DEVICE=cpu", a variable the user never set. Now the error names the flag or the variable, as given."""
+    from PIL import Image
+
+    from test_cli import invoke
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    Image.new("RGB", (40, 30)).save(tmp_path / "a.png")
+    args = ["mask", tmp_path / "a.png", "-p", "cat", "--model", tiny_clipseg_dir, "-o", tmp_path / "m.png"]
+    result = invoke(*flags, *args, **env)
+    assert result.exit_code == 4, result.output
+    assert result.stderr == (
+        f"error: {name} is 'cuda' but torch sees no CUDA GPU. Use {name}=cpu, or install a CUDA build of torch.\n"
+    )
+
+
+def test_the_cpu_device_takes_an_index_as_torch_does(tiny_clipseg_dir: Path, tmp_path: Path) -> None:
+    """Before: `--device cpu:0`, which torch takes, exited 2 ('must be cpu, cuda, ...'). Now it is the CPU (read as
+    'cpu', so every "on the CPU?" check of the backends holds)."""
+    from PIL import Image
+
+    from test_cli import invoke
+
+    assert Settings(device="cpu:0").device == "cpu"
+    Image.new("RGB", (40, 30)).save(tmp_path / "a.png")
+    args = ["mask", tmp_path / "a.png", "-p", "cat", "--model", tiny_clipseg_dir, "-o", tmp_path / "m.png"]
+    result = invoke("--device", "cpu:0", *args)
+    assert result.exit_code == 0, result.output
+    assert Image.open(tmp_path / "m.png").size == (40, 30)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import sys
 import traceback
 from dataclasses import dataclass, field
@@ -20,12 +19,11 @@ from typing import Any, NoReturn
 import click
 
 from automask import errors
+from automask.cli_exits import EPILOG, EXIT_CODES, EXIT_FAILED, EXIT_INTERNAL, EXIT_INTERRUPTED, exit_code
 from automask.cli_inputs import find_inputs, inputs_once, plan_outputs, unread_record
 from automask.cli_instances import check_before_inference, check_instance_files, remove_stale_instances
 from automask.cli_io import (
     NoSpaceError,
-    OutputError,
-    Outputs,
     check_fits,
     check_lookup,
     check_stdout,
@@ -42,61 +40,13 @@ from automask.cli_io import (
     write_stdout,
 )
 from automask.cli_job import Job, load_generator, mask_options
+from automask.cli_outputs import Outputs
 from automask.cli_report import Reporter
 from automask.cli_signals import Interrupted, signals_interrupt
 from automask.cli_types import NonEmptyPath, NonEmptyText
 from automask.errors import AutomaskError, InvalidOptionError
 from automask.routing import quote_targets
 from automask.settings import Settings
-
-EXIT_FAILED, EXIT_INTERNAL, EXIT_INTERRUPTED = 1, 70, 130
-EXIT_CODES: dict[type[AutomaskError], int] = {
-    InvalidOptionError: 2,
-    errors.ImageDecodeError: 3,
-    errors.ImageTooLargeError: 3,
-    errors.URLRefusedError: 3,
-    errors.UnknownModelError: 4,
-    errors.ModelNotAvailableError: 4,
-    errors.MissingDependencyError: 4,
-    errors.EmptyMaskError: 5,
-    errors.FetchError: 6,
-    errors.FetchTimeoutError: 6,
-    errors.InferenceTimeoutError: 7,
-    errors.StoppedError: 7,
-    OutputError: 8,
-    errors.ServiceConfigError: 9,
-    errors.ModelBusyError: 10,
-}
-"""Error class -> exit code; a subclass gets its nearest listed base's code, any other AutomaskError 1."""
-
-EXIT_HELP = (
-    (0, "success"),
-    (1, "batch: one or more files failed (any other error: see below)"),
-    (2, "usage error or invalid option"),
-    (3, "the image cannot be read or decoded, its URL is refused, or it is too large"),
-    (4, "the model is unknown, not installed, or needs a package that is missing"),
-    (5, "nothing was selected and --stop-on-empty-mask was given"),
-    (6, "fetching the image URL failed or timed out"),
-    (7, "inference ran past its time limit or was stopped"),
-    (8, "the output could not be written (batch: a full disk or quota stops the run)"),
-    (
-        9,
-        "serve/worker/keys: the database needs `automask db migrate`, a service setting is missing, or serve "
-        "cannot listen on --host/--port (e.g. the port is in use) or start",
-    ),
-    (10, "models rm: a pull, an export or another removal of the model is running"),
-    (EXIT_INTERNAL, "internal error (run with --debug for the traceback)"),
-    (128 + signal.SIGHUP, "the terminal hung up (SIGHUP)"),
-    (EXIT_INTERRUPTED, "interrupted (Ctrl-C)"),
-    (128 + signal.SIGTERM, "terminated (SIGTERM)"),
-)
-EPILOG = "\b\nExit codes:\n" + "\n".join(f"  {code:<4} {text}" for code, text in EXIT_HELP)
-EPILOG += "\n\n\bSettings come from AUTOMASK_* environment variables (AUTOMASK_MODEL, AUTOMASK_DATA_DIR...); flags win."
-
-
-def exit_code(exc: AutomaskError) -> int:
-    """The exit code for `exc` (see `EXIT_CODES`)."""
-    return next((EXIT_CODES[c] for c in type(exc).__mro__ if c in EXIT_CODES), EXIT_FAILED)
 
 
 def error_record(image: str, exc: AutomaskError) -> dict[str, Any]:
@@ -151,9 +101,11 @@ class CliState:
 
     @property
     def settings(self) -> Settings:
-        """One Settings object: AUTOMASK_* environment variables, then the global flags."""
-        if self._settings is None:
-            self._settings = Settings(**self.overrides)  # a bad value: InvalidOptionError naming its variable
+        """One Settings object: AUTOMASK_* environment variables, then the global flags (errors name --device)."""
+        if self._settings is None:  # a bad value: InvalidOptionError naming its variable
+            self._settings = Settings(**self.overrides).given_as(
+                {k: "--device" for k in self.overrides if k == "device"}
+            )
         return self._settings
 
 
@@ -221,6 +173,7 @@ def mask(state: CliState, images: tuple[str, ...], out: str | None, instances_di
     try:
         with signals_interrupt():
             _mask(state.settings, image, out, instances_dir, job, outputs)
+            outputs.keep()
     except BaseException as exc:
         outputs.discard()
         if job.as_json and isinstance(exc, AutomaskError):
@@ -300,7 +253,7 @@ def process(generator: Any, src: Path, dst: Path, job: Job) -> dict[str, Any]:
     "out",
     metavar="OUTDIR",
     required=True,
-    type=NonEmptyPath(file_okay=False),
+    type=NonEmptyPath(file_okay=False, readable=False),  # one it cannot write: exit 8 with the system's reason
     help="Folder to write into.",
 )
 @click.option("-r", "--recursive", is_flag=True, help="Include subfolders, linked ones too (a glob: ** spans folders).")

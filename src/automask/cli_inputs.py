@@ -31,19 +31,21 @@ counts in `skipped_note`; with those of `READ_IF_PILLOW_CAN` that Pillow cannot 
 
 class Found(NamedTuple):
     """What `find_inputs` found: the input files, the folder their output paths mirror (or None), the subfolders
-    it could not read, and the files of a folder source skipped as images automask cannot read."""
+    it could not read, the files of a folder source skipped as images automask cannot read, and its links with an
+    image's name that lead to no file (dangling, or a link loop)."""
 
     files: list[Path]
     base: Path | None
     unreadable: list[OSError]
     skipped: list[Path]
+    broken: list[Path]
 
 
 def find_inputs(sources: tuple[str, ...], recursive: bool, outdir: Path) -> Found:
     """`find_images` of one source (a folder, a glob or a file); `given_files` of several."""
     if len(sources) == 1:
         return find_images(sources[0], recursive, outdir)
-    return Found(given_files(sources, recursive, outdir), None, [], [])
+    return Found(given_files(sources, recursive, outdir), None, [], [], [])
 
 
 def find_images(source: str, recursive: bool, outdir: Path) -> Found:
@@ -60,9 +62,10 @@ def find_images(source: str, recursive: bool, outdir: Path) -> Found:
     root, base = Path(source), None
     unreadable: list[OSError] = []
     skipped: list[Path] = []
+    broken: list[Path] = []
     try:
         if root.is_dir():
-            (files, skipped, unreadable), base = _folder_images(root, recursive, outdir), root
+            (files, skipped, unreadable, broken), base = _folder_images(root, recursive, outdir), root
         elif root.is_file():
             files = [root]
         elif not glob.has_magic(source) and not os.path.lexists(source):
@@ -75,9 +78,12 @@ def find_images(source: str, recursive: bool, outdir: Path) -> Found:
     if not files and not unreadable:
         looked = f" (files ending {', '.join(sorted(_folder_suffixes()))})" if base else ""
         raise InvalidOptionError(
-            "DIR_OR_GLOB", f"no images found in '{source}'{looked}." + (f" {skipped_note(skipped)}" if skipped else "")
+            "DIR_OR_GLOB",
+            f"no images found in '{source}'{looked}."
+            + (f" {skipped_note(skipped)}" if skipped else "")
+            + (f" {broken_note(broken)}" if broken else ""),
         )
-    return Found(sorted(files), base, unreadable, skipped)
+    return Found(sorted(files), base, unreadable, skipped, sorted(broken))
 
 
 def skipped_note(skipped: list[Path]) -> str:
@@ -86,6 +92,14 @@ def skipped_note(skipped: list[Path]) -> str:
     kinds = ", ".join(f"{suffix} {n}" for suffix, n in sorted(counts.items()))
     files = "1 file" if len(skipped) == 1 else f"{len(skipped)} files"
     return f"{files} skipped: images automask cannot read ({kinds}); convert them to PNG or JPEG to mask them."
+
+
+def broken_note(broken: list[Path]) -> str:
+    """The note on the links with an image's name a folder source skipped as leading to no file, naming the first
+    three."""
+    shown = ", ".join(f"'{path}'" for path in broken[:3]) + (", ..." if broken[3:] else "")
+    what = "it leads" if len(broken) == 1 else "they lead"
+    return f"{_count(len(broken), 'link')} skipped: {what} to no file (dangling, or a link loop): {shown}."
 
 
 def given_files(paths: tuple[str, ...], recursive: bool, outdir: Path) -> list[Path]:
@@ -131,8 +145,9 @@ def given_files(paths: tuple[str, ...], recursive: bool, outdir: Path) -> list[P
 def inputs_once(found: Found) -> tuple[list[Path], list[str]]:
     """`found`'s files, each real file once (`once_each`), and the notes (one line each) on what was skipped."""
     files, links = once_each(found.files)
-    notes = [f"note: {skipped_note(found.skipped)}"] * bool(found.skipped) + [one_line(links_note(links))] * bool(links)
-    return files, notes
+    notes = [f"note: {skipped_note(found.skipped)}"] * bool(found.skipped)
+    notes += [one_line(f"note: {broken_note(found.broken)}")] * bool(found.broken)
+    return files, notes + [one_line(links_note(links))] * bool(links)
 
 
 def once_each(files: list[Path]) -> tuple[list[Path], list[tuple[Path, Path]]]:
@@ -175,10 +190,12 @@ def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" + ("s" if n != 1 else "")
 
 
-def _folder_images(root: Path, recursive: bool, outdir: Path) -> tuple[list[Path], list[Path], list[OSError]]:
-    """The image files of the folder `root`, those skipped as images it cannot read, and the errors of the
-    subfolders it could not list (see `find_images`; a `root` it cannot list raises). Symlinks to folders are
-    followed as `_walk` does."""
+def _folder_images(
+    root: Path, recursive: bool, outdir: Path
+) -> tuple[list[Path], list[Path], list[OSError], list[Path]]:
+    """The image files of the folder `root`, those skipped as images it cannot read, the errors of the subfolders
+    it could not list (see `find_images`; a `root` it cannot list raises), and the links with an image's name that
+    lead to no file. Symlinks to folders are followed as `_walk` does."""
     skip, earlier_output = outdir.resolve(), _earlier_outputs(root, outdir)
     unreadable: list[OSError] = []
     found: list[Path] = []
@@ -193,18 +210,18 @@ def _folder_images(root: Path, recursive: bool, outdir: Path) -> tuple[list[Path
         raise unreadable[0]
     suffixes = _folder_suffixes()
     images = suffixes | UNREADABLE_IMAGES | set(READ_IF_PILLOW_CAN)
-    files = [
+    named = [
         p
         for p in found
-        if p.suffix.lower() in images
-        and p.is_file()
-        and not any(part.startswith(".") for part in p.relative_to(root).parts)
-        and not earlier_output(p)
+        if p.suffix.lower() in images and not any(part.startswith(".") for part in p.relative_to(root).parts)
     ]
+    files = [p for p in named if p.is_file() and not earlier_output(p)]
+    broken = [p for p in named if p.is_symlink() and not os.path.exists(p)]  # dangling, or a loop (no resolve)
     return (
         [p for p in files if p.suffix.lower() in suffixes],
         [p for p in files if p.suffix.lower() not in suffixes],
         unreadable,
+        broken,
     )
 
 

@@ -127,58 +127,6 @@ def check_lookup(folder: Path) -> None:
         raise OutputError(f"Cannot write into '{folder}': {exc.strerror or exc}.") from None
 
 
-class Outputs:
-    """What one command writes, undone by `discard` when it fails: no partial result is left behind."""
-
-    def __init__(self) -> None:
-        self.files: list[Path] = []
-        self.folders: list[Path] = []
-
-    def folder(self, path: Path) -> None:
-        """Create the folder `path` (and its missing parents) and check that a file can be made in it."""
-        self.folders += [p for p in (path, *path.parents) if not os.path.lexists(p)]
-        try:
-            if os.path.lexists(path) and not path.is_dir():  # mkdir would say 'File exists'
-                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
-            path.mkdir(parents=True, exist_ok=True)
-            fd, probe = tempfile.mkstemp(dir=path, prefix=".automask-", suffix=".part")
-            os.close(fd)
-            os.unlink(probe)
-        except OSError as exc:
-            raise OutputError(f"Cannot write into '{path}': {exc.strerror or exc}.") from None
-
-    def target(self, path: Path | None) -> None:
-        """`folder` for the folder `write` will write the file `path` in (through links), so that a target that
-        cannot be written fails before the work; nothing for a device, FIFO or socket, written in place, or None
-        (standard output)."""
-        if path is None:
-            return
-        try:
-            mode = os.stat(path).st_mode
-        except OSError as exc:  # a new file, or one `folder` will say why it cannot be made
-            if exc.errno in (errno.ELOOP, errno.ENAMETOOLONG):  # a name no folder could hold
-                raise write_error(path, exc) from None
-            mode = stat.S_IFREG
-        if stat.S_ISREG(mode):
-            self.folder(Path(os.path.realpath(path)).parent)
-
-    def write(self, path: Path, data: bytes) -> None:
-        """`write_atomic`, remembering the regular file written."""
-        self.folders += [p for p in path.parents if not os.path.lexists(p)]
-        written = write_atomic(path, data)
-        if written is not None:
-            self.files.append(written)
-
-    def discard(self) -> None:
-        """Remove the files written and the (then empty) folders made."""
-        for path in self.files:
-            with contextlib.suppress(OSError):
-                path.unlink()
-        for folder in sorted(set(self.folders), key=lambda f: len(f.parts), reverse=True):
-            with contextlib.suppress(OSError):
-                folder.rmdir()
-
-
 def echo_json(record: dict[str, Any]) -> None:
     """Print `record` as one JSON line on standard output (see `write_stdout`), valid UTF-8 JSON (`json_safe`)."""
     write_stdout(json.dumps(json_safe(record)).encode() + b"\n")

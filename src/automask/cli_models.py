@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from automask.cli_io import json_safe, root_settings
+from automask.cli_io import check_stdout, json_safe, root_settings
 from automask.cli_signals import signals_interrupt
 from automask.errors import AutomaskError
 from automask.settings import Settings
@@ -30,6 +30,7 @@ def models_list(ctx: click.Context, as_json: bool) -> None:
     """The models automask knows: name, backend, whether installed, and where."""
     from automask.models import list_models
 
+    check_stdout()  # closed (`>&-`): exit 8 before the work, as mask and batch do
     settings = root_settings(ctx)
     notes = _tidy(settings)  # either form: a script's `--json` tidies as a person's table does
     infos = list_models(settings)

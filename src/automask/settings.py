@@ -6,13 +6,13 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, PrivateAttr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from automask.errors import InvalidOptionError
 from automask.options import RaisesInvalidOption, validation_error
 
-_DEVICE = re.compile(r"cpu|(cuda|mps|xpu|hpu|npu|mtia|xla)(:[0-9]+)?")
+_DEVICE = re.compile(r"(cpu|cuda|mps|xpu|hpu|npu|mtia|xla)(:[0-9]+)?")
 """The torch devices automask runs on (whether this machine has them is checked when a torch model loads)."""
 
 
@@ -26,6 +26,7 @@ class Settings(BaseSettings, metaclass=RaisesInvalidOption):
     AUTOMASK_* environment variables are ignored."""
 
     model_config = SettingsConfigDict(env_prefix="AUTOMASK_", extra="forbid", frozen=True)
+    _names: dict[str, str] = PrivateAttr(default_factory=dict)  # `given_as`
 
     data_dir: Path = Field(default_factory=_default_data_dir, description="Models, keys database, job results.")
     model: str | None = Field(
@@ -125,7 +126,18 @@ class Settings(BaseSettings, metaclass=RaisesInvalidOption):
     def _known_device(cls, v: str) -> str:
         if not _DEVICE.fullmatch(v):
             raise ValueError(f"must be cpu, cuda, cuda:N (a GPU's index), mps or another torch device type, not {v!r}")
-        return v
+        return "cpu" if v.startswith("cpu") else v  # torch takes cpu:N as cpu (one CPU device)
+
+    def name_of(self, setting: str) -> str:
+        """How the user gave `setting` (for messages): the name `given_as` recorded, else its AUTOMASK_* variable."""
+        return self._names.get(setting, f"AUTOMASK_{setting.upper()}")
+
+    def given_as(self, names: dict[str, str]) -> Settings:
+        """These settings, recording how some of them were given (setting -> a name such as a flag's) for
+        `name_of`: messages about a value then name what the user set."""
+        copy = self.model_copy()
+        copy._names = {**self._names, **names}
+        return copy
 
     @property
     def models_dir(self) -> Path:

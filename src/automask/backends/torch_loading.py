@@ -36,27 +36,27 @@ def prepare_torch(settings: Settings) -> str:
 
     if settings.threads:
         torch.set_num_threads(settings.threads)
-    return check_device(settings.device)
+    return check_device(settings.device, settings.name_of("device"))
 
 
-def check_device(device: str) -> str:
-    """Validate a torch device string ('cpu', 'cuda', 'cuda:1') against what this machine has; return it."""
+def check_device(device: str, name: str = "AUTOMASK_DEVICE") -> str:
+    """Validate a torch device string ('cpu', 'cuda', 'cuda:1') against what this machine has; return it. Errors
+    name the setting as `name` (how it was given: `Settings.name_of`)."""
     import torch
 
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ModelNotAvailableError(
-            f"AUTOMASK_DEVICE is '{device}' but torch sees no CUDA GPU. Use AUTOMASK_DEVICE=cpu, or install a "
-            "CUDA build of torch."
+            f"{name} is '{device}' but torch sees no CUDA GPU. Use {name}=cpu, or install a CUDA build of torch."
         )
     try:
         kind = torch.device(device).type
     except RuntimeError as exc:
-        raise ModelNotAvailableError(f"Invalid AUTOMASK_DEVICE '{device}': {exc}") from exc
+        raise ModelNotAvailableError(f"Invalid {name} '{device}': {exc}") from exc
     available = getattr(getattr(torch, kind, None), "is_available", None)  # torch.mps, torch.xpu...
     if kind != "cpu" and callable(available) and not available():
         raise ModelNotAvailableError(
-            f"AUTOMASK_DEVICE is '{device}' but torch sees no {kind} device. Use AUTOMASK_DEVICE=cpu, or install a "
-            f"build of torch with {kind} support."
+            f"{name} is '{device}' but torch sees no {kind} device. Use {name}=cpu, or install a build of torch "
+            f"with {kind} support."
         )
     return device
 

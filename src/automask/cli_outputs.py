@@ -1,0 +1,105 @@
+"""What one command writes (`Outputs`): its files and folders, undone when it fails, and the files it replaced
+put back. The writing itself is `automask.cli_io.write_atomic`'s."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+import stat
+import tempfile
+from pathlib import Path
+
+from automask.cli_io import OutputError, write_atomic, write_error
+
+
+class Outputs:
+    """What one command writes, undone by `discard` when it fails: no partial result is left behind, and a file it
+    replaced is put back as it was (`keep` once the command succeeded drops the copies kept for that)."""
+
+    def __init__(self) -> None:
+        self.files: list[tuple[Path, Path | None]] = []  # (a file written, the copy of the file it replaced)
+        self.folders: list[Path] = []
+
+    def folder(self, path: Path) -> None:
+        """Create the folder `path` (and its missing parents) and check that a file can be made in it."""
+        self.folders += [p for p in (path, *path.parents) if not os.path.lexists(p)]
+        try:
+            if os.path.lexists(path) and not path.is_dir():  # mkdir would say 'File exists'
+                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+            path.mkdir(parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(dir=path, prefix=".automask-", suffix=".part")
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:
+            raise OutputError(f"Cannot write into '{path}': {exc.strerror or exc}.") from None
+
+    def target(self, path: Path | None) -> None:
+        """`folder` for the folder `write` will write the file `path` in (through links), so that a target that
+        cannot be written fails before the work; nothing for a device, FIFO or socket, written in place, or None
+        (standard output)."""
+        if path is None:
+            return
+        try:
+            mode = os.stat(path).st_mode
+        except OSError as exc:  # a new file, or one `folder` will say why it cannot be made
+            if exc.errno in (errno.ELOOP, errno.ENAMETOOLONG):  # a name no folder could hold
+                raise write_error(path, exc) from None
+            mode = stat.S_IFREG
+        if stat.S_ISREG(mode):
+            self.folder(Path(os.path.realpath(path)).parent)
+
+    def write(self, path: Path, data: bytes) -> None:
+        """`write_atomic`, remembering the regular file written and keeping the file it replaces (`_kept`)."""
+        self.folders += [p for p in path.parents if not os.path.lexists(p)]
+        kept = _kept(path)
+        try:
+            written = write_atomic(path, data)
+        except BaseException:
+            if kept is not None:
+                kept.unlink(missing_ok=True)
+            raise
+        if written is not None:
+            self.files.append((written, kept))
+        elif kept is not None:  # written in place: nothing was replaced
+            kept.unlink(missing_ok=True)
+
+    def keep(self) -> None:
+        """The command succeeded: drop the copies of the files it replaced."""
+        for _, kept in self.files:
+            if kept is not None:
+                with contextlib.suppress(OSError):
+                    kept.unlink()
+        self.files = []
+
+    def discard(self) -> None:
+        """Remove the files written (putting back those they replaced) and the (then empty) folders made."""
+        for path, kept in self.files:
+            with contextlib.suppress(OSError):
+                if kept is not None:
+                    os.replace(kept, path)
+                else:
+                    path.unlink()
+        for folder in sorted(set(self.folders), key=lambda f: len(f.parts), reverse=True):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+
+
+def _kept(path: Path) -> Path | None:
+    """A hidden hard link (a copy where the file system has none) beside the regular file `path` names (through
+    links), for `Outputs.discard` to put it back after `write_atomic` replaced it; None for no such file."""
+    real = Path(os.path.realpath(path))
+    if not real.is_file():
+        return None
+    try:
+        fd, name = tempfile.mkstemp(dir=real.parent, prefix=".automask-", suffix=".old")
+        os.close(fd)
+        os.unlink(name)
+        try:
+            os.link(real, name)
+        except OSError:  # no hard links here (FAT, some network shares): a copy
+            shutil.copy2(real, name)
+    except OSError as exc:
+        raise write_error(path, exc) from None
+    return Path(name)
