@@ -211,6 +211,22 @@ def test_a_path_below_a_file_among_several_is_a_usage_error(tmp_path: Path, sour
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jpg"]
 
 
+def test_an_outdir_below_a_file_is_checked_after_the_inputs(tmp_path: Path) -> None:
+    """Before (since batch checked first that OUTDIR could be looked up): an OUTDIR below a file (`a.jpg/out`, 'Not
+    a directory': one that does not exist yet, which `-o` creates) was refused before the inputs were looked for, so
+    a source that does not exist, a usage error (exit 2), became exit 8. Now the inputs come first, as they did; the
+    OUTDIR is then refused as before any work."""
+    (tmp_path / "a.jpg").write_bytes(b"not read: the run stops before")
+    out = tmp_path / "a.jpg" / "out"
+    args = ["-o", out, "-p", "cat", "--model", tmp_path / "m"]
+    missing = invoke("batch", tmp_path / "missing.jpg", *args)
+    assert missing.exit_code == 2, missing.output
+    assert missing.stderr == f"error: DIR_OR_GLOB: no such file or folder: '{tmp_path / 'missing.jpg'}'.\n"
+    found = invoke("batch", tmp_path / "a.jpg", *args)
+    assert found.exit_code == 8, found.output
+    assert found.stderr == f"error: Cannot write into '{out}': Not a directory.\n"
+
+
 def test_batch_recursive_reports_a_subfolder_it_cannot_read(tiny_clipseg_dir: Path, folder: Path) -> None:
     """Before: the images of an unreadable subfolder were skipped silently, and the run said '2 done, 0 failed'."""
     locked = folder / "locked"
