@@ -195,6 +195,38 @@ def test_an_image_path_the_system_cannot_look_up_says_why(tmp_path: Path, comman
     assert result.stderr == f"error: Cannot read '{image}': {why}.\n"
 
 
+@pytest.mark.parametrize(
+    ("source", "error"),
+    [("a.jpg/x.jpg", "no such file: '{source}'."), ("a.jpg/*.jpg", "no images found in '{source}'.")],
+)
+def test_a_path_below_a_file_among_several_is_a_usage_error(tmp_path: Path, source: str, error: str) -> None:
+    """Before (since batch said why it could not look a path up): a file, or a quoted glob, below a file (`a.jpg/x.jpg`:
+    'Not a directory', which is a path that does not exist) among several was 'Cannot read ...: Not a directory.',
+    exit 3. Now it is what a path that does not exist is, a usage error (exit 2), as it was and as alone."""
+    (tmp_path / "a.jpg").write_bytes(b"not read: the run stops before")
+    given = str(tmp_path / source)
+    result = invoke("batch", given, tmp_path / "a.jpg", "-o", tmp_path / "out", "-p", "cat", "--model", tmp_path / "m")
+    assert result.exit_code == 2, result.output
+    assert result.stderr == f"error: DIR_OR_GLOB: {error.format(source=given)}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jpg"]
+
+
+def test_an_outdir_below_a_file_is_checked_after_the_inputs(tmp_path: Path) -> None:
+    """Before (since batch checked first that OUTDIR could be looked up): an OUTDIR below a file (`a.jpg/out`, 'Not
+    a directory': one that does not exist yet, which `-o` creates) was refused before the inputs were looked for, so
+    a source that does not exist, a usage error (exit 2), became exit 8. Now the inputs come first, as they did; the
+    OUTDIR is then refused as before any work."""
+    (tmp_path / "a.jpg").write_bytes(b"not read: the run stops before")
+    out = tmp_path / "a.jpg" / "out"
+    args = ["-o", out, "-p", "cat", "--model", tmp_path / "m"]
+    missing = invoke("batch", tmp_path / "missing.jpg", *args)
+    assert missing.exit_code == 2, missing.output
+    assert missing.stderr == f"error: DIR_OR_GLOB: no such file or folder: '{tmp_path / 'missing.jpg'}'.\n"
+    found = invoke("batch", tmp_path / "a.jpg", *args)
+    assert found.exit_code == 8, found.output
+    assert found.stderr == f"error: Cannot write into '{out}': Not a directory.\n"
+
+
 def test_batch_recursive_reports_a_subfolder_it_cannot_read(tiny_clipseg_dir: Path, folder: Path) -> None:
     """Before: the images of an unreadable subfolder were skipped silently, and the run said '2 done, 0 failed'."""
     locked = folder / "locked"

@@ -6,6 +6,8 @@ import base64
 import io
 import re
 import struct
+import subprocess
+import sys
 import threading
 import time
 import tracemalloc
@@ -1130,6 +1132,43 @@ def test_a_path_string_to_a_link_loop_says_so(tmp_path: Path, settings: Settings
     for source in (str(loop), loop):
         with pytest.raises(ImageDecodeError, match=r"^Cannot read .*loop\.jpg: Too many levels of symbolic links\.$"):
             load_image(source, settings)
+
+
+_BASE64_IN_LOCKED_CWD = """
+import base64, io, sys
+import numpy as np
+from PIL import Image
+from automask.errors import ImageDecodeError
+from automask.imageio import load_image
+png = io.BytesIO()
+Image.fromarray(np.random.default_rng(0).integers(0, 256, (4, 4, 3), dtype=np.uint8)).save(png, "PNG")
+text = base64.b64encode(png.getvalue()).decode()
+assert "/" in text and len(text) < 1024  # a relative path to the system, in a folder it may not search
+print(load_image(text).tolist() == np.asarray(Image.open(png)).tolist())
+try:
+    load_image("locked/photo")
+except ImageDecodeError as exc:
+    print(exc)
+"""
+
+
+def test_base64_text_is_read_as_base64_where_paths_cannot_be_looked_up(tmp_path: Path) -> None:
+    """Before (since a path string that cannot be looked up said why): in a current folder that may not be searched
+    (`sudo -u svc` from a private home), short base64 text holding a '/' was taken for such a path: 'Cannot read
+    iVBOR...: permission denied.'. Now base64 text is read as base64; text that is neither a file nor base64 of an
+    image still says why it cannot be read as a path."""
+    from test_cli_batch import as_a_user
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0)
+    try:
+        command = as_a_user([sys.executable, "-c", _BASE64_IN_LOCKED_CWD])
+        proc = subprocess.run(command, capture_output=True, timeout=120, cwd=locked)
+    finally:
+        locked.chmod(0o755)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.decode().splitlines() == ["True", "Cannot read locked/photo: permission denied."]
 
 
 def test_any_path_like_is_a_path(tmp_path: Path, settings: Settings, small_rgb: np.ndarray) -> None:

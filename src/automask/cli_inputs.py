@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import glob
 import itertools
@@ -27,6 +28,11 @@ UNREADABLE_IMAGES = frozenset(
 )
 """Suffixes of images and drawings automask cannot read (raw photos among them), which a folder source skips and
 counts in `skipped_note`; with those of `READ_IF_PILLOW_CAN` that Pillow cannot read here."""
+
+
+_ABSENT = frozenset({errno.ENOENT, errno.ENOTDIR, errno.EINVAL})
+"""Why `os.stat` fails for a path that is not there: missing, below a file (`a.jpg/x.jpg`), or, on Windows, a name
+with glob characters (WinError 123, EINVAL)."""
 
 
 class Found(NamedTuple):
@@ -114,10 +120,9 @@ def given_files(paths: tuple[str, ...], recursive: bool, outdir: Path) -> list[P
     for path in paths:
         try:
             os.stat(path)
-        except FileNotFoundError:
-            pass  # a glob, or a usage error below
         except OSError as exc:  # a folder on its path may not be searched, a link loop, a name too long...
-            raise errors.ImageDecodeError(f"Cannot read '{path}': {exc.strerror or exc}.") from None
+            if exc.errno not in _ABSENT:  # (absent: a glob, or a usage error below)
+                raise errors.ImageDecodeError(f"Cannot read '{path}': {exc.strerror or exc}.") from None
         if Path(path).resolve() == skip:
             continue
         if Path(path).is_dir():

@@ -118,10 +118,10 @@ def _replace(path: Path, data: bytes, shown: Path) -> None:
 
 def check_lookup(folder: Path) -> None:
     """An `OutputError` when the system cannot look `folder` up for a reason other than its absence (a symbolic link
-    loop, a name too long, a folder on its path that may not be searched)."""
+    loop, a name too long, a folder on its path that may not be searched); not yet one below a file (`Outputs`)."""
     try:
         os.stat(folder)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         pass
     except OSError as exc:
         raise OutputError(f"Cannot write into '{folder}': {exc.strerror or exc}.") from None

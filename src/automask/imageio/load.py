@@ -2,7 +2,8 @@
 
 A string is, in this order: a URL (http(s) is fetched through the guard in `fetch`; any other `scheme://` is
 refused there), a `data:` URI, an existing file, or bare base64 image data. Anything else is an error that
-names the kinds accepted ("No such file: ..." when it could be a path). With `allow_paths=False` (a server
+names the kinds accepted ("No such file: ..." when it could be a path; why it cannot be read when it is a path
+here the system cannot look up: a link loop, a folder it may not search). With `allow_paths=False` (a server
 reading a client's string) no string is ever read as a file path, and `Path` sources (any `os.PathLike`) are
 refused.
 """
@@ -147,6 +148,8 @@ def _from_string(text: str, settings: Settings, *, allow_paths: bool, keep_alpha
     try:
         return decode(data)
     except ImageDecodeError as exc:
+        if allow_paths and not inline and _unreachable_path(text):
+            return decode(read_file(Path(text), settings))  # says why it cannot be read
         if allow_paths and not inline and _may_be_path(text) and len(text) < 64:  # too short for base64: a path
             raise ImageDecodeError(f"No such file: {_short(text)}. {kinds}") from None
         raise _plus_hint(exc, text) from None
@@ -166,6 +169,8 @@ def _inline_bytes(text: str, settings: Settings, *, allow_paths: bool) -> bytes:
             raise _plus_hint(exc, text) from None
     data = decode_base64(text, settings)
     if data is None:
+        if allow_paths and _unreachable_path(text):
+            return read_file(Path(text), settings)  # says why it cannot be read
         if allow_paths and _may_be_path(text):
             raise ImageDecodeError(f"No such file: {_short(text)}. {kinds}")
         raise _plus_hint(ImageDecodeError(f"The image string is not valid base64. {kinds}"), text)
@@ -305,17 +310,27 @@ def _padded_path(text: str) -> str | None:
 
 
 def _is_existing_path(text: str) -> bool:
-    """Whether `text` names something on this machine: an existing path, or one there that cannot be looked up (a
-    link loop, a folder on its path that may not be searched), for `read_file` to say why."""
+    return _lookup(text) == 0
+
+
+def _unreachable_path(text: str) -> bool:
+    """Whether `text`, neither a file nor base64 of an image, names a path here that the system cannot look up (a
+    link loop, a folder on its path that may not be searched), for `read_file` to say why. Base64 is read first:
+    in a current folder that may not be searched, base64 text holding a '/' is such a path to the system."""
+    return _lookup(text) in (errno.ELOOP, errno.EACCES)
+
+
+def _lookup(text: str) -> int | None:
+    """0 when `text` names an existing path, the errno when looking it up fails, None when it cannot be a path."""
     if not _may_be_path(text):
-        return False
+        return None
     try:
         os.stat(Path(text).expanduser())
     except OSError as exc:
-        return exc.errno in (errno.ELOOP, errno.EACCES)
+        return exc.errno
     except ValueError:
-        return False
-    return True
+        return None
+    return 0
 
 
 def _short(text: str, limit: int = 120) -> str:
