@@ -532,12 +532,10 @@ def test_an_output_name_the_system_refuses_is_refused_before_the_model_runs(
     assert [p.name for p in tmp_path.iterdir()] == ["loop.png"]
 
 
-@pytest.mark.parametrize("flags", [[], ["--json"]])
-def test_models_list_with_standard_output_closed_exits_8(tmp_path: Path, flags: list[str]) -> None:
-    """Before: `models list >&-` was 'internal error: AttributeError: ... isatty', exit 70 (and `--json >&-`
-    printed nothing and exited 0). Now it is an output that cannot be written, exit 8, as for mask and batch."""
+def _exits_8_with_stdout_closed(tmp_path: Path, command: list[str]) -> None:
+    """`automask --data-dir TMP COMMAND` run with its standard output closed: exit 8 with the closed-stdout error."""
     proc = subprocess.run(
-        [*automask_command(), "--data-dir", str(tmp_path), "models", "list", *flags],
+        [*automask_command(), "--data-dir", str(tmp_path), *command],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -546,3 +544,21 @@ def test_models_list_with_standard_output_closed_exits_8(tmp_path: Path, flags: 
     )
     assert proc.returncode == 8, proc.stderr
     assert proc.stderr.decode() == "error: Cannot write to standard output: it is closed.\n"
+
+
+@pytest.mark.parametrize("flags", [[], ["--json"]])
+def test_models_list_with_standard_output_closed_exits_8(tmp_path: Path, flags: list[str]) -> None:
+    """Before: `models list >&-` was 'internal error: AttributeError: ... isatty', exit 70 (and `--json >&-`
+    printed nothing and exited 0). Now it is an output that cannot be written, exit 8, as for mask and batch."""
+    _exits_8_with_stdout_closed(tmp_path, ["models", "list", *flags])
+
+
+@pytest.mark.parametrize("command", [["keys", "create"], ["keys", "list"], ["keys", "list", "--json"]])
+def test_keys_commands_with_standard_output_closed_exit_8_before_the_work(tmp_path: Path, command: list[str]) -> None:
+    """Before: `keys create >&-` created the key and lost its token (printed once, to a closed stdout), exit 0;
+    `keys list >&-` printed nothing, exit 0. Now: exit 8 before the work, no key created, as for mask and batch."""
+    _exits_8_with_stdout_closed(tmp_path, command)
+    listed = subprocess.run(
+        [*automask_command(), "--data-dir", str(tmp_path), "keys", "list", "--json"], capture_output=True, timeout=120
+    )
+    assert listed.returncode == 0 and json.loads(listed.stdout) == [], listed.stderr  # no key was created

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from automask.cli_io import root_settings
+from automask.cli_io import check_stdout, root_settings
 from automask.server.commands import CREDITS, PER_MINUTE, NoLimit, store_of
 
 if TYPE_CHECKING:
@@ -41,6 +41,7 @@ def keys() -> None:
 @click.pass_context
 def keys_create(ctx: click.Context, name: str, credits: int | NoLimit | None, rate_limit: int | NoLimit | None) -> None:
     """Create a key and print it (on stdout, once: only its hash is stored)."""
+    check_stdout()  # closed (`>&-`): exit 8 before a key is made whose token would be lost
     credits, rate_limit = _unlimited_as(None, credits), _unlimited_as(None, rate_limit)
     key, token = _keystore().create_key(store_of(ctx), name=name, credits=credits, rate_limit=rate_limit)
     click.echo(token)
@@ -56,6 +57,7 @@ def keys_create(ctx: click.Context, name: str, credits: int | NoLimit | None, ra
 @click.pass_context
 def keys_list(ctx: click.Context, as_json: bool) -> None:
     """Every key: id, name, credits, rate limit, created, revoked (never the secret)."""
+    check_stdout()
     found = _keystore().list_keys(store_of(ctx))
     if as_json:
         click.echo(json.dumps([dataclasses.asdict(k) for k in found]))
