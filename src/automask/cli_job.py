@@ -30,7 +30,7 @@ class Job:
 def _flag_error(exc: InvalidOptionError) -> InvalidOptionError:
     """Re-spell a library field name as its flag: 'grow_mask: ...' -> '--grow-mask: ...'."""
     flag = "--" + exc.field.replace("_", "-")
-    return InvalidOptionError(flag, exc.message.removeprefix(f"{exc.field}: "))
+    return InvalidOptionError(flag, exc.reason)
 
 
 def build_job(raw: dict[str, Any]) -> Job:

@@ -28,7 +28,7 @@ class InvalidOptionError(AutomaskError, ValueError):
 
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"{shown(field)}: {message}" if field else message)
-        self.field = field
+        self.field, self.reason = field, message
 
 
 class ImageDecodeError(AutomaskError, ValueError):

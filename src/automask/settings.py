@@ -100,8 +100,7 @@ class Settings(BaseSettings, metaclass=RaisesInvalidOption):
             return InvalidOptionError(
                 err.field, f"unknown setting; the settings are: {', '.join(Settings.model_fields)}"
             )
-        message = err.message.removeprefix(f"{err.field}: ")
-        return InvalidOptionError(f"{err.field} (AUTOMASK_{err.field.upper()})", message)
+        return InvalidOptionError(f"{err.field} (AUTOMASK_{err.field.upper()})", err.reason)
 
     @field_validator("data_dir", mode="before")
     @classmethod

@@ -23,7 +23,7 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image
 
-from automask.errors import ImageDecodeError
+from automask.errors import ImageDecodeError, shown
 from automask.imageio.decode import array_to_rgb, check_encoded_size, check_header, decode_image, pil_to_rgb
 from automask.settings import Settings
 
@@ -47,6 +47,8 @@ BASE64_CHUNK = 1 << 18
 unpadded base64)."""
 _TEXT_STREAM = "The image stream must be opened in binary mode ('rb'): it is a text stream."
 _MAX_PATH_CHARS = 1024
+_PATH_SHOWN = 120
+"""Characters of a path (or of text read as one) echoed in an error (`shown`)."""
 _KINDS = "An image string must be an existing file, an http(s) URL, a data:image/...;base64, URI or base64 image data."
 _KINDS_NO_PATHS = "An image string must be an http(s) URL, a data:image/...;base64, URI or base64 image data."
 
@@ -123,13 +125,15 @@ def read_file(path: Path, settings: Settings) -> bytes:
         check_encoded_size(path.stat().st_size, settings)
         return path.read_bytes()
     except FileNotFoundError:
-        raise _padded_path_error(str(given)) or ImageDecodeError(f"No such file: {_short(str(path))}") from None
+        raise _padded_path_error(str(given)) or ImageDecodeError(
+            f"No such file: {shown(str(path), _PATH_SHOWN)}"
+        ) from None
     except IsADirectoryError:
-        raise ImageDecodeError(f"{_short(str(path))} is a folder, not an image file.") from None
+        raise ImageDecodeError(f"{shown(str(path), _PATH_SHOWN)} is a folder, not an image file.") from None
     except PermissionError:
-        raise ImageDecodeError(f"Cannot read {_short(str(path))}: permission denied.") from None
+        raise ImageDecodeError(f"Cannot read {shown(str(path), _PATH_SHOWN)}: permission denied.") from None
     except OSError as exc:
-        raise ImageDecodeError(f"Cannot read {_short(str(path))}: {exc.strerror or exc}.") from None
+        raise ImageDecodeError(f"Cannot read {shown(str(path), _PATH_SHOWN)}: {exc.strerror or exc}.") from None
 
 
 def _from_string(text: str, settings: Settings, *, allow_paths: bool, keep_alpha: bool) -> np.ndarray:
@@ -151,7 +155,7 @@ def _from_string(text: str, settings: Settings, *, allow_paths: bool, keep_alpha
         if allow_paths and not inline and _unreachable_path(text):
             return decode(read_file(Path(text), settings))  # says why it cannot be read
         if allow_paths and not inline and _may_be_path(text) and len(text) < 64:  # too short for base64: a path
-            raise ImageDecodeError(f"No such file: {_short(text)}. {kinds}") from None
+            raise ImageDecodeError(f"No such file: {shown(text, _PATH_SHOWN)}. {kinds}") from None
         raise _plus_hint(exc, text) from None
 
 
@@ -172,7 +176,7 @@ def _inline_bytes(text: str, settings: Settings, *, allow_paths: bool) -> bytes:
         if allow_paths and _unreachable_path(text):
             return read_file(Path(text), settings)  # says why it cannot be read
         if allow_paths and _may_be_path(text):
-            raise ImageDecodeError(f"No such file: {_short(text)}. {kinds}")
+            raise ImageDecodeError(f"No such file: {shown(text, _PATH_SHOWN)}. {kinds}")
         raise _plus_hint(ImageDecodeError(f"The image string is not valid base64. {kinds}"), text)
     return data
 
@@ -217,7 +221,7 @@ def decode_data_uri(uri: str, settings: Settings) -> bytes:
     if "base64" not in params:
         raise ImageDecodeError("The data: URI must be base64-encoded (data:image/png;base64,<data>).")
     if media_type and not media_type.startswith("image/") and media_type != "application/octet-stream":
-        raise ImageDecodeError(f"The data: URI holds {_short(media_type, 100)!r}, not an image.")
+        raise ImageDecodeError(f"The data: URI holds {shown(media_type)!r}, not an image.")
     data = decode_base64(uri, settings, start=match.end())
     if data is None:
         raise ImageDecodeError("The data: URI's payload is not valid base64.")
@@ -296,7 +300,8 @@ def _padded_path_error(text: str) -> ImageDecodeError | None:
     if stripped is None:
         return None
     return ImageDecodeError(
-        f"No such file: {_short(text)!r}, but {_short(stripped)!r} exists: strip the whitespace around the path."
+        f"No such file: {shown(text, _PATH_SHOWN)!r}, but {shown(stripped, _PATH_SHOWN)!r} exists: "
+        "strip the whitespace around the path."
     )
 
 
@@ -331,7 +336,3 @@ def _lookup(text: str) -> int | None:
     except ValueError:
         return None
     return 0
-
-
-def _short(text: str, limit: int = 120) -> str:
-    return text if len(text) <= limit else text[: limit - 1] + "…"
