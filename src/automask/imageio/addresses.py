@@ -121,12 +121,12 @@ def blocked_reason(ip: IPAddress) -> str | None:
             return f"IPv4-mapped {inner}" if inner else None
         if ip.sixtofour is not None:
             inner = blocked_reason(ip.sixtofour)
-            return f"6to4 tunnel to a {inner}" if inner else None
+            return f"6to4 tunnel to {with_article(inner)}" if inner else None
         if ip.teredo is not None:
             return "Teredo tunnel"
         if ip in _NAT64:
             inner = blocked_reason(rfc6052_ipv4(ip, 96))
-            return f"NAT64 form of a {inner}" if inner else None
+            return f"NAT64 form of {with_article(inner)}" if inner else None
     for network, name in _NAMED_NETWORKS:
         if ip.version == network.version and ip in network:
             return name
@@ -137,6 +137,14 @@ def blocked_reason(ip: IPAddress) -> str | None:
         if ip.version == network.version and ip in network:
             return name
     return None if ip.is_global else "not globally routable"
+
+
+def with_article(phrase: str) -> str:
+    """`phrase` after "a" or "an", as it is read aloud: "an IPv4-mapped ...", "an unspecified", "an IETF ...", but
+    "a unique-local", "a 6to4 ...", "a NAT64 ...", "a 'this network'"."""
+    word = phrase.lstrip("'\"(").lower()
+    vowel = word[:1] in ("a", "e", "i", "o") or (word.startswith("u") and not word.startswith("uni"))
+    return f"{'an' if vowel else 'a'} {phrase}"
 
 
 def resolve_host(host: str, port: int, *, numeric_only: bool = False) -> list[IPAddress]:

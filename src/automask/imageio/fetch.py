@@ -49,6 +49,7 @@ from automask.imageio.addresses import (  # the address checks were first define
     default_policy,
     never_fetched,
     resolve_host,
+    with_article,
 )
 from automask.imageio.content_coding import CodingError, Inflater
 from automask.settings import Settings
@@ -194,7 +195,8 @@ def _checked_addresses(url: httpx.URL, resolve: Resolver, check: AddressCheck) -
     for ip in addresses:
         if not check(ip):
             where = f"{host} is" if host == str(ip) else f"{host} resolves to {ip},"
-            message = f"Refused the image URL {_show(url)}: {where} a {blocked_reason(ip) or 'refused'} address."
+            reason = with_article(blocked_reason(ip) or "refused")
+            message = f"Refused the image URL {_show(url)}: {where} {reason} address."
             if never_fetched(ip):  # whatever the settings
                 raise URLRefusedError(f"{message} automask never fetches from cloud metadata or link-local addresses.")
             raise PrivateAddressError(
