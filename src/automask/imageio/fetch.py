@@ -4,7 +4,7 @@
   and no resolver reads: a percent-encoded name, an IPv6 zone such as `%25eth0`).
 - The host is resolved once, here, and EVERY address it resolves to is checked (`automask.imageio.addresses`:
   private, loopback, link-local, cloud metadata and every other address that is not globally reachable are refused,
-  and so are IPv6 forms that embed one).
+  and so are IPv6 forms that embed one, NAT64 through `settings.nat64_prefixes` included).
 - The connection goes to the checked address: the URL is rewritten to the IP, the original `Host` header is
   sent, and for https the TLS server name (SNI) and certificate check use the original host name
   (httpcore's `sni_hostname` request extension). No second DNS lookup happens.
@@ -45,6 +45,7 @@ from automask.imageio.addresses import SPECIAL_PURPOSE as SPECIAL_PURPOSE
 from automask.imageio.addresses import (  # the address checks were first defined here: still importable from here
     AddressCheck,
     IPAddress,
+    Prefixes,
     blocked_reason,
     default_policy,
     never_fetched,
@@ -85,7 +86,8 @@ def fetch_url(
     deadline = time.monotonic() + settings.fetch_timeout
     current = first = parse_url(url)
     for _hop in range(settings.max_redirects + 1):
-        addresses = _checked_addresses(current, _by_deadline(resolve, deadline, current, settings), check)
+        resolving = _by_deadline(resolve, deadline, current, settings)
+        addresses = _checked_addresses(current, resolving, check, settings.nat64_prefixes)
         outcome = _get(current, addresses, deadline, settings)
         if isinstance(outcome, bytes):
             return outcome
@@ -100,7 +102,7 @@ def check_url(url: str, settings: Settings) -> None:
     parsed = parse_url(url)
     addresses = resolve_host(parsed.raw_host.decode("ascii"), _port(parsed), numeric_only=True)
     if addresses:
-        _checked_addresses(parsed, lambda _host, _port: addresses, default_policy(settings))
+        _checked_addresses(parsed, lambda _h, _p: addresses, default_policy(settings), settings.nat64_prefixes)
 
 
 def parse_url(url: str) -> httpx.URL:
@@ -186,8 +188,9 @@ def _redirect_target(current: httpx.URL, location: str) -> httpx.URL:
     return parse_url(str(target))
 
 
-def _checked_addresses(url: httpx.URL, resolve: Resolver, check: AddressCheck) -> list[IPAddress]:
-    """Resolve the URL's host once; refuse it if ANY of its addresses is refused by `check`."""
+def _checked_addresses(url: httpx.URL, resolve: Resolver, check: AddressCheck, nat64: Prefixes) -> list[IPAddress]:
+    """Resolve the URL's host once; refuse it if ANY of its addresses is refused by `check` (the refusal says why,
+    reading the NAT64 prefixes `nat64` as `check` does)."""
     host = url.raw_host.decode("ascii")
     addresses = list(resolve(host, _port(url)))
     if not addresses:
@@ -195,9 +198,9 @@ def _checked_addresses(url: httpx.URL, resolve: Resolver, check: AddressCheck) -
     for ip in addresses:
         if not check(ip):
             where = f"{host} is" if host == str(ip) else f"{host} resolves to {ip},"
-            reason = with_article(blocked_reason(ip) or "refused")
+            reason = with_article(blocked_reason(ip, nat64) or "refused")
             message = f"Refused the image URL {_show(url)}: {where} {reason} address."
-            if never_fetched(ip):  # whatever the settings
+            if never_fetched(ip, nat64):  # whatever the settings
                 raise URLRefusedError(f"{message} automask never fetches from cloud metadata or link-local addresses.")
             raise PrivateAddressError(
                 f"{message} automask fetches only public addresses; for local use set AUTOMASK_ALLOW_PRIVATE_URLS=true."
