@@ -526,6 +526,7 @@ def test_redirect_to_another_scheme_is_refused(site: Site) -> None:
         "http://127.0.0.1:99999/a.png",
         "http://127.0.0.1:0/a.png",
         "http://%65xample.com/",
+        "http://images..example.com/a.png",  # was "Could not resolve ... (label empty or too long)"
     ],
 )
 def test_redirect_to_an_invalid_url_is_a_fetch_error(site: Site, location: str) -> None:

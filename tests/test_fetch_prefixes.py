@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -149,3 +150,44 @@ def test_the_command_line_takes_nat64_prefixes_and_refuses_bad_ones(tmp_path: Pa
     assert bad_env.exit_code == 2, bad_env.output  # at start-up, before anything listens
     assert "error: nat64_prefixes (AUTOMASK_NAT64_PREFIXES): 'fe80::/64' is within fe80::/10" in bad_env.stderr
     assert not (tmp_path / "automask.db").exists()
+
+
+# --- host names no resolver takes ---------------------------------------------------------------------------
+
+LONG_NAME = ".".join(["a" * 63] * 4)  # 255 characters
+
+
+@pytest.mark.parametrize(
+    ("host", "words"),
+    [
+        ("a" * 64 + ".example.com", "its host name has a label of 64 characters; a label is at most 63"),
+        ("images..example.com", "its host name has an empty label"),
+        (".example.com", "its host name has an empty label"),
+        (LONG_NAME, "its host name is 255 characters long; a host name is at most 253"),
+    ],
+)
+def test_a_host_name_no_resolver_takes_is_refused_at_once(host: str, words: str) -> None:
+    """Before: accepted at submit time (`check_url`), then a 502 when fetched: "Could not resolve the image URL's
+    host ...: encoding with 'idna' codec failed (UnicodeError: label empty or too long)", the server blamed for the
+    client's URL. Now a 400 naming what is wrong, before any lookup."""
+    called: list[str] = []
+
+    def resolve(name: str, port: int) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+        called.append(name)
+        return [ipaddress.ip_address("8.8.8.8")]
+
+    for attempt in (lambda: check_url(f"http://{host}/a.png", Settings()), lambda: _fetch(host, resolve)):
+        with pytest.raises(URLRefusedError, match=re.escape(words)):
+            attempt()
+    assert called == []
+
+
+def _fetch(host: str, resolve: Callable[[str, int], list[ipaddress.IPv4Address | ipaddress.IPv6Address]]) -> None:
+    fetch_url(f"http://{host}/a.png", Settings(fetch_timeout=1.0), resolve=resolve)
+
+
+@pytest.mark.parametrize(
+    "host", ["a" * 63 + ".example.com", "example.com.", ".".join(["a" * 63] * 3 + ["a" * 61]), "xn--bcher-kva.example"]
+)
+def test_host_names_at_the_limits_pass_the_check(host: str) -> None:
+    check_url(f"http://{host}/a.png", Settings())

@@ -44,6 +44,24 @@ def _flaw(parsed: httpx.URL) -> str | None:
             "its host holds '%' (a percent-encoded name, or an IPv6 zone such as %25eth0, which names a local "
             "network interface). Write the host name or address plainly."
         )
+    return _name_flaw(host)
+
+
+def _name_flaw(host: str) -> str | None:
+    """What makes host name `host` one no resolver looks up (RFC 1035: labels of 1 to 63 characters, at most 253 in
+    all, a final '.' aside), a sentence; None for a name that has none, or an IPv6 address. (Was: the resolver's
+    "encoding with 'idna' codec failed (UnicodeError: label empty or too long)", a 502 blaming the server.)"""
+    if ":" in host:
+        return None
+    name = host.removesuffix(".")
+    if len(name) > 253:
+        return f"its host name is {len(name)} characters long; a host name is at most 253. Correct the host name."
+    labels = name.split(".")
+    if "" in labels:
+        return "its host name has an empty label (two dots in a row, or a dot first). Correct the host name."
+    longest = max(len(label) for label in labels)
+    if longest > 63:
+        return f"its host name has a label of {longest} characters; a label is at most 63. Correct the host name."
     return None
 
 
