@@ -646,9 +646,17 @@ def test_at_most_three_redirects(site: Site) -> None:
     site.routes["/r4"] = redirect_route("/img.png")
     assert fetch_url(site.url("/r2"), PRIVATE_OK) == png_bytes()  # three redirects: fine
     site.log.clear()
-    with pytest.raises(FetchError, match="redirected more than 3 times"):
+    with pytest.raises(FetchError, match=r"redirected more than 3 times \(AUTOMASK_MAX_REDIRECTS\)\.$"):
         fetch_url(site.url("/r0"), PRIVATE_OK)
     assert [path for path, _ in site.log] == ["/r0", "/r1", "/r2", "/r3"]
+
+
+def test_with_redirects_off_a_redirect_says_so_and_names_the_setting(site: Site) -> None:
+    """Before: "The image URL ... redirected more than 0 times.", naming no setting (as the time and size limits
+    do), so the one who could raise it was not told how."""
+    site.routes["/r0"] = redirect_route("/img.png")
+    with pytest.raises(FetchError, match=r"redirected, and redirects are not followed \(AUTOMASK_MAX_REDIRECTS=0\)"):
+        fetch_url(site.url("/r0"), Settings(allow_private_urls=True, max_redirects=0))
 
 
 def test_declared_body_over_the_cap(site: Site) -> None:

@@ -91,7 +91,10 @@ def fetch_url(
         if isinstance(outcome, bytes):
             return outcome
         current = redirect_target(current, outcome)
-    raise FetchError(f"The image URL {show(first)} redirected more than {settings.max_redirects} times.")
+    setting = settings.name_of("max_redirects")
+    if not settings.max_redirects:
+        raise FetchError(f"The image URL {show(first)} redirected, and redirects are not followed ({setting}=0).")
+    raise FetchError(f"The image URL {show(first)} redirected more than {settings.max_redirects} times ({setting}).")
 
 
 def check_url(url: str, settings: Settings) -> None:
