@@ -191,3 +191,15 @@ def _fetch(host: str, resolve: Callable[[str, int], list[ipaddress.IPv4Address |
 )
 def test_host_names_at_the_limits_pass_the_check(host: str) -> None:
     check_url(f"http://{host}/a.png", Settings())
+
+
+def test_a_named_prefix_of_the_local_use_range_is_read_at_its_own_position_only() -> None:
+    """64:ff9b:1::/48 is read at every RFC 6052 position while no prefix is named; a named one says where its IPv4
+    address is. Before: 8.8.8.8 through 64:ff9b:1:a9fe:a9fe::/96 (whose /48 reading is 169.254.169.254) was fetched
+    by default but refused with private URLs allowed."""
+    settings = Settings(nat64_prefixes="64:ff9b:1:a9fe:a9fe::/96", allow_private_urls=True)
+    address = rfc6052("64:ff9b:1:a9fe:a9fe::/96", "8.8.8.8")
+    assert never_fetched(address)  # unnamed: read at every position
+    assert not never_fetched(address, settings.nat64_prefixes)
+    check_url(f"http://[{address}]/a.png", settings)
+    check_url(f"http://[{address}]/a.png", Settings(nat64_prefixes=settings.nat64_prefixes))

@@ -175,14 +175,15 @@ def resolve_host(host: str, port: int, *, numeric_only: bool = False) -> list[IP
 def embedded_ipv4(ip: ipaddress.IPv6Address, nat64: Prefixes = ()) -> list[ipaddress.IPv4Address]:
     """The IPv4 addresses an IPv6 address carries, each of which it may reach: IPv4-mapped (::ffff:a.b.c.d),
     IPv4-compatible (::a.b.c.d), IPv4-translated (::ffff:0:a.b.c.d), NAT64 (64:ff9b::/96; 64:ff9b:1::/48 read at
-    every position RFC 6052 allows, `rfc6052_ipv4`; a prefix of `nat64` at its own), 6to4 (2002::/16) and Teredo
+    every position RFC 6052 allows, `rfc6052_ipv4`; a prefix of `nat64` at its own only), 6to4 (2002::/16) and Teredo
     (2001::/32: its server and its client). [] for any other."""
     found = [ip.ipv4_mapped, ip.sixtofour, *(ip.teredo or ())]
     if any(ip in network for network in _CARRY_LOW_32_BITS):
         found.append(rfc6052_ipv4(ip, 96))
-    if ip in _NAT64_LOCAL:
+    if (named := carried_ipv4(ip, nat64)) is not None:  # its position known
+        found.append(named)
+    elif ip in _NAT64_LOCAL:
         found += [rfc6052_ipv4(ip, length) for length in RFC6052_LENGTHS]
-    found += [rfc6052_ipv4(ip, prefix.prefixlen) for prefix in nat64 if ip in prefix]
     return [inner for inner in found if inner is not None]
 
 
