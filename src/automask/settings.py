@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, PrivateAttr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from automask.errors import InvalidOptionError
+from automask.nat64 import parse_prefixes
 from automask.options import RaisesInvalidOption, validation_error
 
 _DEVICE = re.compile(r"(cpu|cuda|mps|xpu|hpu|npu|mtia|xla)(:[0-9]+)?")
@@ -34,6 +36,12 @@ class Settings(BaseSettings, metaclass=RaisesInvalidOption):
     )
     device: str = Field(default="cpu", description="Torch device for torch backends: 'cpu', 'cuda', 'cuda:N' or 'mps'.")
     allow_private_urls: bool = Field(default=False, description="Let image URLs reach private/loopback addresses.")
+    nat64_prefixes: Annotated[tuple[ipaddress.IPv6Network, ...], NoDecode] = Field(
+        default=(),
+        description="This network's own NAT64 prefixes (/32, /40, /48, /56, /64 or /96; comma-separated in "
+        "AUTOMASK_NAT64_PREFIXES): an image URL's address in one is judged by the IPv4 address it carries, as one of "
+        "64:ff9b::/96 is.",
+    )
     fetch_timeout: float = Field(
         default=10.0,
         gt=0,
@@ -119,6 +127,11 @@ class Settings(BaseSettings, metaclass=RaisesInvalidOption):
     def _home_expanded(cls, v: Path) -> Path:
         """'~' as the shell would expand it: an env file or a service unit (or --data-dir=~/x) passes it as is."""
         return v.expanduser()
+
+    @field_validator("nat64_prefixes", mode="before")
+    @classmethod
+    def _nat64_prefixes(cls, v: object) -> tuple[ipaddress.IPv6Network, ...]:
+        return parse_prefixes(v)
 
     @field_validator("device")
     @classmethod

@@ -4,7 +4,8 @@
   `0177.0.0.1`) resolve to the address they denote and are checked like any other.
 - `blocked_reason` refuses private, loopback, link-local (169.254.169.254 included), multicast, reserved,
   unspecified, shared (100.64.0.0/10), unique-local (fc00::/7) and site-local addresses, and IPv6 forms that embed
-  one (IPv4-mapped, IPv4-compatible, 6to4, NAT64, Teredo). Every range of IANA's IPv4 and IPv6 special-purpose
+  one (IPv4-mapped, IPv4-compatible, 6to4, NAT64, Teredo; NAT64 through the operator's own prefixes too,
+  `settings.nat64_prefixes`). Every range of IANA's IPv4 and IPv6 special-purpose
   registries that is not globally reachable is listed in `SPECIAL_PURPOSE` and refused whatever Python's
   `ipaddress` version says.
 - `settings.allow_private_urls` turns that check off, for local use, except for `NEVER_FETCHED` (cloud metadata
@@ -15,13 +16,17 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from automask.errors import FetchError
+from automask.nat64 import RFC6052_LENGTHS, WELL_KNOWN, carried_ipv4, rfc6052_ipv4
 from automask.settings import Settings
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 AddressCheck = Callable[[IPAddress], bool]
+Prefixes = Sequence[ipaddress.IPv6Network]
+"""The operator's own NAT64 prefixes (`Settings.nat64_prefixes`): an address in one is judged by the IPv4 address it
+carries at that prefix's RFC 6052 position, as one of the well-known 64:ff9b::/96 is."""
 
 _METADATA = (
     ipaddress.ip_network("169.254.169.254/32"),  # AWS, GCP, Azure, Oracle, DigitalOcean, OpenStack
@@ -33,13 +38,12 @@ _CARRY_LOW_32_BITS = tuple(
     ipaddress.ip_network(net)
     for net in ("::/96", "::ffff:0:0:0/96", "64:ff9b::/96")  # compatible, translated, NAT64
 )
-_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_NAT64 = WELL_KNOWN
 """RFC 6052's well-known NAT64 prefix: globally reachable, for global IPv4 addresses only (a DNS64 resolver gives
 an IPv4-only host such an address), so the IPv4 address it carries is checked, not the prefix."""
 _NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")
 """RFC 8215's local-use NAT64 range: a gateway may take any network-specific prefix of it, of a length RFC 6052
-allows, so the IPv4 address may sit at any of `_RFC6052_LENGTHS`' positions."""
-_RFC6052_LENGTHS = (32, 40, 48, 56, 64, 96)
+allows, so the IPv4 address may sit at any of `RFC6052_LENGTHS`' positions."""
 NEVER_FETCHED = (
     *_METADATA,
     ipaddress.ip_network("169.254.0.0/16"),
@@ -113,20 +117,21 @@ _FLAGS = (
 )
 
 
-def blocked_reason(ip: IPAddress) -> str | None:
-    """Why `ip` must not be fetched from (e.g. "loopback"), or None for a public, globally routable address."""
+def blocked_reason(ip: IPAddress, nat64: Prefixes = ()) -> str | None:
+    """Why `ip` must not be fetched from (e.g. "loopback"), or None for a public, globally routable address (an
+    address of 64:ff9b::/96 or of a prefix of `nat64`: when the IPv4 address it carries is one)."""
     if isinstance(ip, ipaddress.IPv6Address):
         if ip.ipv4_mapped is not None:
             inner = blocked_reason(ip.ipv4_mapped)
             return f"IPv4-mapped {inner}" if inner else None
         if ip.sixtofour is not None:
             inner = blocked_reason(ip.sixtofour)
-            return f"6to4 tunnel to a {inner}" if inner else None
+            return f"6to4 tunnel to {with_article(inner)}" if inner else None
         if ip.teredo is not None:
             return "Teredo tunnel"
-        if ip in _NAT64:
-            inner = blocked_reason(rfc6052_ipv4(ip, 96))
-            return f"NAT64 form of a {inner}" if inner else None
+        if (carried := carried_ipv4(ip, (_NAT64, *nat64))) is not None:
+            inner = blocked_reason(carried)
+            return f"NAT64 form of {with_article(inner)}" if inner else None
     for network, name in _NAMED_NETWORKS:
         if ip.version == network.version and ip in network:
             return name
@@ -137,6 +142,14 @@ def blocked_reason(ip: IPAddress) -> str | None:
         if ip.version == network.version and ip in network:
             return name
     return None if ip.is_global else "not globally routable"
+
+
+def with_article(phrase: str) -> str:
+    """`phrase` after "a" or "an", as it is read aloud: "an IPv4-mapped ...", "an unspecified", "an IETF ...", but
+    "a unique-local", "a 6to4 ...", "a NAT64 ...", "a 'this network'"."""
+    word = phrase.lstrip("'\"(").lower()
+    vowel = word[:1] in ("a", "e", "i", "o") or (word.startswith("u") and not word.startswith("uni"))
+    return f"{'an' if vowel else 'a'} {phrase}"
 
 
 def resolve_host(host: str, port: int, *, numeric_only: bool = False) -> list[IPAddress]:
@@ -159,42 +172,32 @@ def resolve_host(host: str, port: int, *, numeric_only: bool = False) -> list[IP
     return addresses
 
 
-def embedded_ipv4(ip: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+def embedded_ipv4(ip: ipaddress.IPv6Address, nat64: Prefixes = ()) -> list[ipaddress.IPv4Address]:
     """The IPv4 addresses an IPv6 address carries, each of which it may reach: IPv4-mapped (::ffff:a.b.c.d),
     IPv4-compatible (::a.b.c.d), IPv4-translated (::ffff:0:a.b.c.d), NAT64 (64:ff9b::/96; 64:ff9b:1::/48 read at
-    every position RFC 6052 allows, `rfc6052_ipv4`), 6to4 (2002::/16) and Teredo (2001::/32: its server and its
-    client). [] for any other."""
+    every position RFC 6052 allows, `rfc6052_ipv4`; a prefix of `nat64` at its own only), 6to4 (2002::/16) and Teredo
+    (2001::/32: its server and its client). [] for any other."""
     found = [ip.ipv4_mapped, ip.sixtofour, *(ip.teredo or ())]
     if any(ip in network for network in _CARRY_LOW_32_BITS):
         found.append(rfc6052_ipv4(ip, 96))
-    if ip in _NAT64_LOCAL:
-        found += [rfc6052_ipv4(ip, length) for length in _RFC6052_LENGTHS]
+    if (named := carried_ipv4(ip, nat64)) is not None:  # its position known
+        found.append(named)
+    elif ip in _NAT64_LOCAL:
+        found += [rfc6052_ipv4(ip, length) for length in RFC6052_LENGTHS]
     return [inner for inner in found if inner is not None]
 
 
-def rfc6052_ipv4(ip: ipaddress.IPv6Address, prefix_length: int) -> ipaddress.IPv4Address:
-    """The IPv4 address that IPv4-embedded IPv6 address `ip` carries behind a prefix of `prefix_length` bits (one
-    of 32, 40, 48, 56, 64, 96): the 32 bits after the prefix, bits 64-71 (the "u" octet) skipped (RFC 6052 2.2)."""
-    value = int(ip)
-
-    def bits(first: int, end: int) -> int:  # bits first..end-1, counted from the most significant
-        return (value >> (128 - end)) & ((1 << (end - first)) - 1)
-
-    if prefix_length == 96:
-        return ipaddress.IPv4Address(bits(96, 128))
-    head = 64 - prefix_length  # the bits before the u octet
-    return ipaddress.IPv4Address((bits(prefix_length, 64) << (32 - head)) | bits(72, 104 - head))
-
-
-def never_fetched(ip: IPAddress) -> bool:
-    """Whether `ip`, or an IPv4 address it embeds (`embedded_ipv4`), is in `NEVER_FETCHED`."""
-    if isinstance(ip, ipaddress.IPv6Address) and any(never_fetched(inner) for inner in embedded_ipv4(ip)):
+def never_fetched(ip: IPAddress, nat64: Prefixes = ()) -> bool:
+    """Whether `ip`, or an IPv4 address it embeds (`embedded_ipv4`, `nat64` included), is in `NEVER_FETCHED`."""
+    if isinstance(ip, ipaddress.IPv6Address) and any(never_fetched(inner) for inner in embedded_ipv4(ip, nat64)):
         return True
     return any(ip.version == network.version and ip in network for network in NEVER_FETCHED)
 
 
 def default_policy(settings: Settings) -> AddressCheck:
-    """Public addresses only (`blocked_reason`), or with `settings.allow_private_urls` any but `NEVER_FETCHED`."""
+    """Public addresses only (`blocked_reason`), or with `settings.allow_private_urls` any but `NEVER_FETCHED`;
+    `settings.nat64_prefixes` read as NAT64 prefixes."""
+    nat64 = settings.nat64_prefixes
     if settings.allow_private_urls:
-        return lambda ip: not never_fetched(ip)
-    return lambda ip: blocked_reason(ip) is None
+        return lambda ip: not never_fetched(ip, nat64)
+    return lambda ip: blocked_reason(ip, nat64) is None

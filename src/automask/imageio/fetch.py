@@ -1,10 +1,10 @@
 """Fetch an image URL safely: the guard against server-side request forgery. Returns bytes, decodes nothing.
 
-- Only `http` and `https` URLs are fetched, their host written plainly (`parse_url`: no '%', which httpx keeps
+- Only `http` and `https` URLs are fetched, their host written plainly (`urls.parse_url`: no '%', which httpx keeps
   and no resolver reads: a percent-encoded name, an IPv6 zone such as `%25eth0`).
 - The host is resolved once, here, and EVERY address it resolves to is checked (`automask.imageio.addresses`:
   private, loopback, link-local, cloud metadata and every other address that is not globally reachable are refused,
-  and so are IPv6 forms that embed one).
+  and so are IPv6 forms that embed one, NAT64 through `settings.nat64_prefixes` included).
 - The connection goes to the checked address: the URL is rewritten to the IP, the original `Host` header is
   sent, and for https the TLS server name (SNI) and certificate check use the original host name
   (httpcore's `sni_hostname` request extension). No second DNS lookup happens.
@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import contextlib
 import socket
-import string
 import threading
 import time
-import urllib.parse
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as WaitedTooLong
@@ -45,12 +43,15 @@ from automask.imageio.addresses import SPECIAL_PURPOSE as SPECIAL_PURPOSE
 from automask.imageio.addresses import (  # the address checks were first defined here: still importable from here
     AddressCheck,
     IPAddress,
+    Prefixes,
     blocked_reason,
     default_policy,
     never_fetched,
     resolve_host,
+    with_article,
 )
 from automask.imageio.content_coding import CodingError, Inflater
+from automask.imageio.urls import parse_url, port_of, redirect_target, show, shown_host
 from automask.settings import Settings
 
 Resolver = Callable[[str, int], Sequence[IPAddress]]
@@ -84,12 +85,16 @@ def fetch_url(
     deadline = time.monotonic() + settings.fetch_timeout
     current = first = parse_url(url)
     for _hop in range(settings.max_redirects + 1):
-        addresses = _checked_addresses(current, _by_deadline(resolve, deadline, current, settings), check)
+        resolving = _by_deadline(resolve, deadline, current, settings)
+        addresses = _checked_addresses(current, resolving, check, settings.nat64_prefixes)
         outcome = _get(current, addresses, deadline, settings)
         if isinstance(outcome, bytes):
             return outcome
-        current = _redirect_target(current, outcome)
-    raise FetchError(f"The image URL {_show(first)} redirected more than {settings.max_redirects} times.")
+        current = redirect_target(current, outcome)
+    setting = settings.name_of("max_redirects")
+    if not settings.max_redirects:
+        raise FetchError(f"The image URL {show(first)} redirected, and redirects are not followed ({setting}=0).")
+    raise FetchError(f"The image URL {show(first)} redirected more than {settings.max_redirects} times ({setting}).")
 
 
 def check_url(url: str, settings: Settings) -> None:
@@ -97,105 +102,24 @@ def check_url(url: str, settings: Settings) -> None:
     host (`parse_url`) and, for a host spelled as an address, that address. Raises URLRefusedError. A host name is
     not looked up here: its addresses are checked when it is fetched."""
     parsed = parse_url(url)
-    addresses = resolve_host(parsed.raw_host.decode("ascii"), _port(parsed), numeric_only=True)
+    addresses = resolve_host(parsed.raw_host.decode("ascii"), port_of(parsed), numeric_only=True)
     if addresses:
-        _checked_addresses(parsed, lambda _host, _port: addresses, default_policy(settings))
+        _checked_addresses(parsed, lambda _h, _p: addresses, default_policy(settings), settings.nat64_prefixes)
 
 
-def parse_url(url: str) -> httpx.URL:
-    """Parse an http(s) URL with a host; anything else raises URLRefusedError."""
-    try:
-        parsed = httpx.URL(url)
-    except (httpx.InvalidURL, TypeError, UnicodeError) as exc:
-        why = (_host_flaw(url) if isinstance(url, str) else None) or f"it is not a valid URL ({exc})."
-        raise URLRefusedError(f"Refused the image URL {_short(url)}: {why}") from None
-    if parsed.scheme not in ("http", "https"):
-        raise URLRefusedError(
-            f"Refused the image URL {_show(parsed)}: only http:// and https:// URLs are fetched "
-            f"(got {parsed.scheme + '://' if parsed.scheme else 'no scheme'}). Send the image data instead."
-        )
-    flaw = _flaw(parsed)
-    if flaw:
-        raise URLRefusedError(f"Refused the image URL {_show(parsed)}: {flaw}")
-    return parsed
-
-
-def _flaw(parsed: httpx.URL) -> str | None:
-    """What makes an http(s) URL unusable (a sentence), or None."""
-    if not parsed.raw_host:
-        return "it has no host."
-    if parsed.port is not None and not 0 < parsed.port <= 65535:  # httpx takes any number
-        return f"port {parsed.port} is not a TCP port (1–65535)."
-    host = urllib.parse.unquote(parsed.raw_host.decode("ascii"))
-    if odd := _unfit_in_host(host):  # written so, or percent-encoded (by httpx: a space; or in the URL: %22)
-        return _holds(odd)  # (was: a '%' not written; or, for '"', '{', '|', 502 "could not resolve")
-    if b"%" in parsed.raw_host:  # httpx keeps it as sent; no resolver reads it (was: 502 "could not resolve")
-        return (
-            "its host holds '%' (a percent-encoded name, or an IPv6 zone such as %25eth0, which names a local "
-            "network interface). Write the host name or address plainly."
-        )
-    return None
-
-
-_HOST_ASCII = frozenset(string.ascii_letters + string.digits + "-._:%")
-"""The ASCII characters a host may hold: a name's letters, digits, '-', '.' and '_', an IPv6 address's ':' (`%` is
-`_flaw`'s own case)."""
-
-
-def _unfit_in_host(host: str) -> str | None:
-    """The characters of `host` (percent-escapes decoded) that no host name or address holds (ASCII ones but
-    `_HOST_ASCII`, and white space), described ("a space, '<'"), or None. httpx keeps `"`, `{`, `|` ... in a host,
-    percent-encodes a space, `<`, `^` ..., and refuses any of them beside a non-ASCII letter (IDNA)."""
-    odd = dict.fromkeys(c for c in host if c.isspace() or (c.isascii() and c not in _HOST_ASCII))
-    return ", ".join("a space" if c == " " else repr(c) for c in odd) or None
-
-
-def _host_flaw(url: str) -> str | None:
-    """The sentence naming what no host holds in the host of `url`, a URL httpx refused (an IDNA name with such a
-    character); None when it has none (httpx's own message then says what is wrong)."""
-    try:
-        host = urllib.parse.urlsplit(url).hostname or ""
-    except ValueError:
-        return None
-    odd = _unfit_in_host(urllib.parse.unquote(host))
-    return _holds(odd) if odd else None
-
-
-def _holds(odd: str) -> str:
-    return f"its host holds {odd}, which no host name or address has. Correct the host name."
-
-
-def _redirect_target(current: httpx.URL, location: str) -> httpx.URL:
-    """The URL a redirect's Location points to (relative to `current`), checked like the first one. An invalid
-    one (no host, a bad port, ...) is the server's fault, FetchError (502) as any other invalid Location (was: some
-    400, some 502); one to another scheme is refused (URLRefusedError, 400) as a first URL would be."""
-    try:  # as httpx reads a Location (`Client._redirect_url`), which it did before `_stop_at_redirect`
-        written, target = httpx.URL(location), current.join(location)
-        web = target.scheme in ("http", "https")
-        no_host = web and bool(written.scheme) and not written.raw_host  # "http:x.png": not taken for "x.png"
-        flaw = "it has a scheme but no host." if no_host else _flaw(target) if web else None
-        # an IDNA name is not decoded (httpx's `URL.host`): one IDNA 2008 refuses (xn--ls8h.la, an emoji domain
-        # registered under IDNA 2003) is followed as written, as the first URL is fetched
-    except (httpx.InvalidURL, UnicodeError) as exc:
-        flaw = _host_flaw(location) or f"{exc}."
-    if flaw:
-        raise FetchError(
-            f"The image URL {_show(current)} redirected to an invalid URL ({_short(location, 80)}: {flaw[:-1]})."
-        )
-    return parse_url(str(target))
-
-
-def _checked_addresses(url: httpx.URL, resolve: Resolver, check: AddressCheck) -> list[IPAddress]:
-    """Resolve the URL's host once; refuse it if ANY of its addresses is refused by `check`."""
+def _checked_addresses(url: httpx.URL, resolve: Resolver, check: AddressCheck, nat64: Prefixes) -> list[IPAddress]:
+    """Resolve the URL's host once; refuse it if ANY of its addresses is refused by `check` (the refusal says why,
+    reading the NAT64 prefixes `nat64` as `check` does)."""
     host = url.raw_host.decode("ascii")
-    addresses = list(resolve(host, _port(url)))
+    addresses = list(resolve(host, port_of(url)))
     if not addresses:
         raise FetchError(f"The image URL's host {host!r} resolves to no address.")
     for ip in addresses:
         if not check(ip):
             where = f"{host} is" if host == str(ip) else f"{host} resolves to {ip},"
-            message = f"Refused the image URL {_show(url)}: {where} a {blocked_reason(ip) or 'refused'} address."
-            if never_fetched(ip):  # whatever the settings
+            reason = with_article(blocked_reason(ip, nat64) or "refused")
+            message = f"Refused the image URL {show(url)}: {where} {reason} address."
+            if never_fetched(ip, nat64):  # whatever the settings
                 raise URLRefusedError(f"{message} automask never fetches from cloud metadata or link-local addresses.")
             raise PrivateAddressError(
                 f"{message} automask fetches only public addresses; for local use set AUTOMASK_ALLOW_PRIVATE_URLS=true."
@@ -230,10 +154,6 @@ def _by_deadline(resolve: Resolver, deadline: float, url: httpx.URL, settings: S
     return within
 
 
-def _port(url: httpx.URL) -> int:
-    return url.port or (443 if url.scheme == "https" else 80)
-
-
 def _get(url: httpx.URL, addresses: list[IPAddress], deadline: float, settings: Settings) -> bytes | str:
     """One GET to the first checked address that accepts a connection: the body, or a redirect's Location."""
     for index, ip in enumerate(addresses):
@@ -244,9 +164,10 @@ def _get(url: httpx.URL, addresses: list[IPAddress], deadline: float, settings: 
                 raise _timeout(url, settings) from None
             if isinstance(exc, httpx.ConnectError):
                 if index == len(addresses) - 1:
-                    raise FetchError(f"Could not connect to the image URL's server {_host(url)} ({exc}).") from None
+                    where = shown_host(url)
+                    raise FetchError(f"Could not connect to the image URL's server {where} ({exc}).") from None
                 continue
-            raise FetchError(f"Fetching the image URL {_show(url)} failed: {exc}.") from None
+            raise FetchError(f"Fetching the image URL {show(url)} failed: {exc}.") from None
     raise AssertionError("unreachable: addresses is never empty")
 
 
@@ -274,7 +195,7 @@ def _get_from(url: httpx.URL, ip: IPAddress, deadline: float, settings: Settings
         ):
             if not 200 <= response.status_code < 300:
                 raise FetchError(
-                    f"The image URL {_show(url)} answered HTTP {response.status_code} {response.reason_phrase}."
+                    f"The image URL {show(url)} answered HTTP {response.status_code} {response.reason_phrase}."
                 )
             return _read_capped(response, url, deadline, settings)
     except _Redirected as redirect:
@@ -350,7 +271,7 @@ def _read_capped(response: httpx.Response, url: httpx.URL, deadline: float, sett
                 raise _too_large(url, f"more than {limit:,} bytes", limit)
             _remaining(deadline, url, settings)
     except CodingError as exc:
-        raise FetchError(f"The image at {_show(url)} could not be read: {exc}.") from None
+        raise FetchError(f"The image at {show(url)} could not be read: {exc}.") from None
     return bytes(body)
 
 
@@ -363,30 +284,12 @@ def _remaining(deadline: float, url: httpx.URL, settings: Settings) -> float:
 
 def _timeout(url: httpx.URL, settings: Settings) -> FetchTimeoutError:
     return FetchTimeoutError(
-        f"Fetching the image URL {_show(url)} took longer than {settings.fetch_timeout:g} s "
+        f"Fetching the image URL {show(url)} took longer than {settings.fetch_timeout:g} s "
         "(AUTOMASK_FETCH_TIMEOUT). Try again, or send the image data instead."
     )
 
 
 def _too_large(url: httpx.URL, size: str, limit: int) -> ImageTooLargeError:
     return ImageTooLargeError(
-        f"The image at {_show(url)} is {size}; the limit is {limit:,} bytes (AUTOMASK_MAX_IMAGE_BYTES)."
+        f"The image at {show(url)} is {size}; the limit is {limit:,} bytes (AUTOMASK_MAX_IMAGE_BYTES)."
     )
-
-
-def _host(url: httpx.URL) -> str:
-    """`url`'s host for a message: as a person writes it (an IDNA name decoded), or as sent when IDNA 2008 does not
-    decode it (an emoji domain such as xn--ls8h.la, registered under IDNA 2003, is looked up and fetched so)."""
-    try:
-        return url.host
-    except UnicodeError:
-        return url.raw_host.decode("ascii")
-
-
-def _show(url: httpx.URL) -> str:
-    """`url` for an error message: credentials left out, shortened."""
-    return _short(str(url.copy_with(username=None, password=None)) if url.userinfo else str(url))
-
-
-def _short(text: str, limit: int = 120) -> str:
-    return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -1,0 +1,128 @@
+"""What a model's lock file says holds it (`lockfiles.holder`), once that holder is gone: real processes, killed
+with SIGKILL (their lock released by the system, their words left in the file)."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from automask import lockfiles, models
+from automask.cli import main
+from automask.settings import Settings
+
+_HOLD = """
+import sys, time
+from pathlib import Path
+from automask import lockfiles
+fd = lockfiles.lock(Path(sys.argv[1]), wait=False, by=sys.argv[2])
+print("held" if fd is not None else "busy", flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.fixture()
+def holders() -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Processes started by `_hold`; any still running at the end are killed."""
+    procs: list[subprocess.Popen[bytes]] = []
+    yield procs
+    for proc in procs:
+        proc.kill()
+        proc.wait()
+
+
+def _hold(path: Path, what: str, procs: list[subprocess.Popen[bytes]]) -> subprocess.Popen[bytes]:
+    """A process that takes the lock of `path` for `what` (as a pull, a removal or a tidying does) and keeps it."""
+    proc = subprocess.Popen([sys.executable, "-c", _HOLD, str(path), what], stdout=subprocess.PIPE)
+    procs.append(proc)
+    assert proc.stdout is not None and proc.stdout.readline() == b"held\n"
+    return proc
+
+
+def _killed(path: Path, what: str, procs: list[subprocess.Popen[bytes]]) -> None:
+    """`_hold`, then SIGKILL: the system lets the lock go, and what the holder wrote stays in the file."""
+    proc = _hold(path, what, procs)
+    assert lockfiles.holder(path) == what  # alive: it says so
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert path.read_bytes().startswith(what.encode())  # its words are still there
+    assert not lockfiles.held(path)
+
+
+@pytest.mark.parametrize("what", [lockfiles.PULL, lockfiles.REMOVAL, lockfiles.TIDYING])
+def test_a_killed_holder_is_not_reported_once_the_lock_is_free(
+    tmp_path: Path, what: str, holders: list[subprocess.Popen[bytes]]
+) -> None:
+    """Before: `holder` read the file alone, and named the killed process's work as what held a free lock."""
+    path = tmp_path / ".m.partial.lock"
+    _killed(path, what, holders)
+    assert lockfiles.holder(path) == ""
+
+
+@pytest.mark.parametrize("what", [lockfiles.REMOVAL, lockfiles.TIDYING])
+def test_a_killed_holder_is_not_reported_while_one_that_says_nothing_holds_the_lock(
+    tmp_path: Path, what: str, holders: list[subprocess.Popen[bytes]]
+) -> None:
+    """The lock taken again by one that writes nothing in it (another process asking whether it is held, or an
+    older automask's pull): before, the dead process's work was reported as what held it."""
+    path = tmp_path / ".m.partial.lock"
+    _killed(path, what, holders)
+    _hold(path, "", holders)
+    assert lockfiles.held(path)
+    assert lockfiles.holder(path) == ""
+
+
+def test_a_live_holder_in_another_process_is_still_reported(
+    tmp_path: Path, holders: list[subprocess.Popen[bytes]]
+) -> None:
+    path = tmp_path / ".m.partial.lock"
+    _killed(path, lockfiles.TIDYING, holders)
+    _hold(path, lockfiles.REMOVAL, holders)
+    assert lockfiles.holder(path) == lockfiles.REMOVAL
+
+
+def test_a_lock_file_of_an_older_automask_is_still_read(tmp_path: Path) -> None:
+    """An older automask wrote what it was alone ("removal"), no process id: taken at its word while held."""
+    path = tmp_path / ".m.partial.lock"
+    path.write_bytes(b"removal")
+    assert lockfiles.holder(path) == ""  # free: nothing holds it
+    fd = lockfiles.lock(path, wait=False)
+    try:
+        assert lockfiles.holder(path) == lockfiles.REMOVAL
+    finally:
+        lockfiles.unlock(path, fd)
+
+
+def test_a_pull_waiting_behind_a_lock_does_not_name_a_killed_holder(
+    tmp_path: Path, holders: list[subprocess.Popen[bytes]]
+) -> None:
+    """`hold` (a pull's "waiting for ..." line): the lock held by one that says nothing, the file naming a killed
+    removal. Before: "A removal of 'm' (automask models rm) is running"."""
+    path = tmp_path / ".m.partial.lock"
+    _killed(path, lockfiles.REMOVAL, holders)
+    fd = lockfiles.lock(path, wait=False)  # held in this process, as `held` holds it for a moment
+    said: list[str] = []
+    threading.Timer(0.3, lockfiles.unlock, (path, fd)).start()
+    got = lockfiles.hold(path, said.append, lockfiles.PULL)
+    lockfiles.unlock(path, got)
+    assert said == [""]
+
+
+def test_models_rm_does_not_name_a_killed_removal_as_what_holds_the_lock(
+    settings: Settings, holders: list[subprocess.Popen[bytes]]
+) -> None:
+    folder = models.model_dir("clipseg", settings)
+    folder.parent.mkdir(parents=True)
+    hub = folder.parent / ".clipseg.partial.lock"
+    _killed(hub, lockfiles.REMOVAL, holders)
+    _hold(hub, "", holders)  # an older automask's pull, which says nothing
+    busy = CliRunner().invoke(main, ["--data-dir", str(settings.data_dir), "models", "rm", "clipseg"])
+    assert busy.exit_code == 10, busy.output
+    assert "The model 'clipseg' is not removed: a pull of it is running." in busy.stderr
+    assert "removal" not in busy.stderr
