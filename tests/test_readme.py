@@ -141,3 +141,16 @@ def test_torch_is_installed_as_its_cpu_wheel_before_the_project() -> None:
     promise = next(p for p in README.split("\n\n") if "install torch's CPU wheel first" in p)
     assert f"--index-url {cpu_index}" in " ".join(promise.split())
     assert f"PIP_EXTRA_INDEX_URL={cpu_index}" in README.split("bash .ci/run")[0]
+
+
+def test_refine_help_names_the_mask_heads_readme_names() -> None:
+    """Before: `--refine`'s help and the API field's description said refine used SAM ('needs the sam model'), while
+    README (and the code) take any installed mask head: sam, sam2 or edgetam, chosen by AUTOMASK_MASK_HEAD."""
+    from automask.options import MaskOptions
+
+    assert "(`AUTOMASK_MASK_HEAD`: `sam`, `sam2`, `edgetam`, or `auto`" in README
+    assert Settings(mask_head="edgetam").mask_head == "edgetam"  # each head README names is a setting's value
+    refine = next(p for p in main.commands["mask"].params if p.name == "refine")
+    for text in (refine.help or "", MaskOptions.model_fields["refine"].description or ""):
+        assert "AUTOMASK_MASK_HEAD" in text and all(re.search(rf"\b{h}\b", text) for h in ("sam", "sam2", "edgetam"))
+
