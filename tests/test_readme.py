@@ -154,3 +154,13 @@ def test_refine_help_names_the_mask_heads_readme_names() -> None:
     for text in (refine.help or "", MaskOptions.model_fields["refine"].description or ""):
         assert "AUTOMASK_MASK_HEAD" in text and all(re.search(rf"\b{h}\b", text) for h in ("sam", "sam2", "edgetam"))
 
+
+def test_every_torch_install_line_says_which_build() -> None:
+    """Before: the Grounded-SAM, Models and Scaling out lines ran a plain `pip install torch==2.13.0`, which on Linux
+    takes PyPI's multi-GB CUDA build, while README's first section says to take the CPU wheel from PyTorch's index.
+    Each line (or code span) that installs torch takes the CPU index or says it is the CUDA build, for a GPU."""
+    cpu = "--index-url https://download.pytorch.org/whl/cpu"
+    lines = [line for line in (*README.splitlines(), *snippets(README)) if "pip install torch" in line]
+    assert len(lines) >= 5
+    for line in lines:
+        assert cpu in line or "CUDA" in line, line
