@@ -164,3 +164,17 @@ def test_every_torch_install_line_says_which_build() -> None:
     assert len(lines) >= 5
     for line in lines:
         assert cpu in line or "CUDA" in line, line
+
+
+def test_exit_code_9_names_every_command_and_cause_that_gives_it(tmp_path: Path) -> None:
+    """Before: README's row 9 and `--help` said exit 9 was `serve`/`worker`/`keys` and a database needing a migration,
+    while `automask db status` (and `db migrate`, `db deployment`, `keys list`) with a database that cannot be reached
+    exit 9 too."""
+    env = {"AUTOMASK_DATA_DIR": str(tmp_path), "AUTOMASK_DATABASE_URL": "postgresql://u@127.0.0.1:1/db"}
+    for command in (["db", "status"], ["keys", "list"]):
+        result = CliRunner().invoke(main, command, env=env)
+        assert result.exit_code == 9 and "Cannot connect to the database" in result.stderr, result.output
+    row = re.search(r"^\| 9 \| (.*) \|$", README, flags=re.M)
+    assert row is not None
+    for text in (row.group(1), dict(EXIT_HELP)[9]):
+        assert "db" in re.split(r"[:]", text)[0] and "cannot be reached" in text, text
