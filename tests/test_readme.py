@@ -178,3 +178,24 @@ def test_exit_code_9_names_every_command_and_cause_that_gives_it(tmp_path: Path)
     assert row is not None
     for text in (row.group(1), dict(EXIT_HELP)[9]):
         assert "db" in re.split(r"[:]", text)[0] and "cannot be reached" in text, text
+
+
+OTHER_TOOLS_FLAGS = {"--check": "ruff format", "--factory": "uvicorn", "--root-path": "uvicorn", "--index-url": "pip"}
+"""Flags README names that belong to other programs than automask and its benchmarks."""
+
+
+def test_every_flag_readme_names_exists() -> None:
+    """Each `--flag` README names anywhere, prose included (not only in `automask ...` lines), is a flag of an automask
+    command, of a benchmark script, or of one of the other tools README shows (`OTHER_TOOLS_FLAGS`)."""
+    cli = {
+        opt
+        for _, command in commands(main)
+        for param in command.params
+        if isinstance(param, click.Option)
+        for opt in (*param.opts, *param.secondary_opts)
+    }
+    bench = "".join(p.read_text() for p in (ROOT / "bench").glob("*.py"))
+    named = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", README))
+    assert len(named & cli) >= 40
+    unknown = {f for f in named - cli - set(OTHER_TOOLS_FLAGS) if f'"{f}"' not in bench}
+    assert not unknown, unknown
