@@ -199,3 +199,41 @@ def test_every_flag_readme_names_exists() -> None:
     assert len(named & cli) >= 40
     unknown = {f for f in named - cli - set(OTHER_TOOLS_FLAGS) if f'"{f}"' not in bench}
     assert not unknown, unknown
+
+
+def python_blocks(text: str) -> list[str]:
+    """The fenced ```python blocks of `text`."""
+    return re.findall(r"^```python\n(.*?)^```", text, flags=re.S | re.M)
+
+
+@pytest.mark.slow
+def test_the_python_examples_run_as_shown(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_clipseg_dir: Path
+) -> None:
+    """README's Library and Grounded-SAM examples, run as written (tiny random models installed as `clipseg` and
+    `grounded-sam`, a photo as room.jpg): each name they use exists and returns what the comments say. (The SDK's
+    example needs a server: tests/test_server_sdk.py runs the same calls.)"""
+    import numpy as np
+    from PIL import Image
+
+    from server_helpers import install_as_catalogue
+    from tiny_models import make_tiny_grounded_sam
+
+    data = tmp_path / "data"
+    monkeypatch.setenv("AUTOMASK_DATA_DIR", str(data))
+    install_as_catalogue(data, "clipseg", seed=0)
+    grounded = make_tiny_grounded_sam(data / "models" / "grounded-sam")
+    (grounded / "automask.json").write_text('{"name": "grounded-sam", "backend": "grounded-sam", "repos": []}')
+    Image.open(ROOT / "examples" / "coffee.jpg").save(tmp_path / "room.jpg")
+    monkeypatch.chdir(tmp_path)
+    blocks = [b for b in python_blocks(README) if "segmind" not in b]
+    assert len(blocks) == 2
+    library: dict[str, object] = {}
+    exec(compile(blocks[0], "README.md (Library)", "exec"), library)
+    result, cutout, preview = library["result"], library["cutout"], library["preview"]
+    mask = result.mask  # type: ignore[attr-defined]
+    assert mask.shape == (400, 600) and mask.dtype == np.uint8
+    assert result.to_png()[:8] == b"\x89PNG\r\n\x1a\n" and result.encode("WEBP")[8:12] == b"WEBP"  # type: ignore[attr-defined]
+    assert cutout.mode == "RGBA" and preview.mode == "RGB" and cutout.size == preview.size == (600, 400)  # type: ignore[attr-defined]
+    exec(compile(blocks[1], "README.md (Grounded-SAM)", "exec"), {})
+    assert sorted(p.name for p in (tmp_path / "room-instances").iterdir())[0].startswith("00-")
