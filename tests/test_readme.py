@@ -237,3 +237,22 @@ def test_the_python_examples_run_as_shown(
     assert cutout.mode == "RGBA" and preview.mode == "RGB" and cutout.size == preview.size == (600, 400)  # type: ignore[attr-defined]
     exec(compile(blocks[1], "README.md (Grounded-SAM)", "exec"), {})
     assert sorted(p.name for p in (tmp_path / "room-instances").iterdir())[0].startswith("00-")
+
+
+def test_defaults_stated_in_prose_are_the_settings() -> None:
+    """Each "`VARIABLE` ... default N" of README's prose (`AUTOMASK_*`, or the `_NAME` shorthand of a server setting)
+    states its setting's default, in the unit written after it (MiB, megapixels, s, min)."""
+    text = " ".join(README.split())
+    found = re.findall(
+        r"`(AUTOMASK_[A-Z0-9_]+|_[A-Z0-9_]+)`[^`]{0,90}?\bdefault (\d[\d.]*\d|\d)( MiB| megapixels| s\b| min\b)?", text
+    )
+    assert len(found) >= 15
+    units = {" MiB": 2**20, " megapixels": 10**6, " s": 1, " min": 60, "": 1}
+    for name, number, unit in found:
+        if name.startswith("AUTOMASK_SERVER_") or name.startswith("_"):
+            field = ServerSettings.model_fields[name.removeprefix("AUTOMASK_SERVER").removeprefix("_").lower()]
+        else:
+            field = Settings.model_fields[name.removeprefix("AUTOMASK_").lower()]
+        default = field.get_default(call_default_factory=True)
+        stated = number if isinstance(default, str) else float(number) * units[unit]
+        assert stated == default, (name, number, unit, default)
