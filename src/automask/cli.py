@@ -103,7 +103,8 @@ class CliState:
     def settings(self) -> Settings:
         """One Settings object: AUTOMASK_* environment variables, then the global flags (errors name --device)."""
         if self._settings is None:  # a bad value: InvalidOptionError naming its flag, else its variable
-            flags = {k: "--device" for k in self.overrides if k == "device"}
+            named = {"device": "--device", "offline": "--no-download"}
+            flags = {k: flag for k, flag in named.items() if k in self.overrides}
             try:
                 self._settings = Settings(**self.overrides).given_as(flags)
             except InvalidOptionError as exc:
