@@ -611,13 +611,16 @@ def test_flags_the_model_ignores_get_a_note(lib: Library, tmp_path: Path) -> Non
 
 
 @pytest.mark.parametrize("device", ["tpu", "cuda:x", "gpu0", ""])
-def test_an_invalid_device_is_a_usage_error(tmp_path: Path, device: str) -> None:
-    result = invoke("--device", device, "models", "list")
+def test_an_invalid_device_is_a_usage_error_naming_what_was_set(tmp_path: Path, device: str) -> None:
+    """Before: `--device tpu` said 'device (AUTOMASK_DEVICE): ...', a variable the user never set, while README's
+    exit code 2 is a message naming the flag; the variable is named when it is what was set."""
+    why = f"must be cpu, cuda, cuda:N (a GPU's index), mps or another torch device type, not {device!r}\n"
+    result = invoke("--device", device, "models", "list", AUTOMASK_DEVICE="cpu")
     assert result.exit_code == 2, result.output
-    assert result.stderr == (
-        f"error: device (AUTOMASK_DEVICE): must be cpu, cuda, cuda:N (a GPU's index), mps or another torch device "
-        f"type, not {device!r}\n"
-    )
+    assert result.stderr == f"error: --device: {why}"
+    result = invoke("models", "list", AUTOMASK_DEVICE=device) if device else result
+    assert result.exit_code == 2, result.output
+    assert result.stderr == (f"error: device (AUTOMASK_DEVICE): {why}" if device else f"error: --device: {why}")
     valid = ("cpu", "cuda", "cuda:1", "mps", "mps:0", "xpu", "xpu:1")  # every torch device type, with an index
     assert [Settings(device=d).device for d in valid] == list(valid)
 

@@ -141,3 +141,118 @@ def test_torch_is_installed_as_its_cpu_wheel_before_the_project() -> None:
     promise = next(p for p in README.split("\n\n") if "install torch's CPU wheel first" in p)
     assert f"--index-url {cpu_index}" in " ".join(promise.split())
     assert f"PIP_EXTRA_INDEX_URL={cpu_index}" in README.split("bash .ci/run")[0]
+
+
+def test_refine_help_names_the_mask_heads_readme_names() -> None:
+    """Before: `--refine`'s help and the API field's description said refine used SAM ('needs the sam model'), while
+    README (and the code) take any installed mask head: sam, sam2 or edgetam, chosen by AUTOMASK_MASK_HEAD."""
+    from automask.options import MaskOptions
+
+    assert "(`AUTOMASK_MASK_HEAD`: `sam`, `sam2`, `edgetam`, or `auto`" in README
+    assert Settings(mask_head="edgetam").mask_head == "edgetam"  # each head README names is a setting's value
+    refine = next(p for p in main.commands["mask"].params if p.name == "refine")
+    for text in (refine.help or "", MaskOptions.model_fields["refine"].description or ""):
+        assert "AUTOMASK_MASK_HEAD" in text and all(re.search(rf"\b{h}\b", text) for h in ("sam", "sam2", "edgetam"))
+
+
+def test_every_torch_install_line_says_which_build() -> None:
+    """Before: the Grounded-SAM, Models and Scaling out lines ran a plain `pip install torch==2.13.0`, which on Linux
+    takes PyPI's multi-GB CUDA build, while README's first section says to take the CPU wheel from PyTorch's index.
+    Each line (or code span) that installs torch takes the CPU index or says it is the CUDA build, for a GPU."""
+    cpu = "--index-url https://download.pytorch.org/whl/cpu"
+    lines = [line for line in (*README.splitlines(), *snippets(README)) if "pip install torch" in line]
+    assert len(lines) >= 5
+    for line in lines:
+        assert cpu in line or "CUDA" in line, line
+
+
+def test_exit_code_9_names_every_command_and_cause_that_gives_it(tmp_path: Path) -> None:
+    """Before: README's row 9 and `--help` said exit 9 was `serve`/`worker`/`keys` and a database needing a migration,
+    while `automask db status` (and `db migrate`, `db deployment`, `keys list`) with a database that cannot be reached
+    exit 9 too."""
+    env = {"AUTOMASK_DATA_DIR": str(tmp_path), "AUTOMASK_DATABASE_URL": "postgresql://u@127.0.0.1:1/db"}
+    for command in (["db", "status"], ["keys", "list"]):
+        result = CliRunner().invoke(main, command, env=env)
+        assert result.exit_code == 9 and "Cannot connect to the database" in result.stderr, result.output
+    row = re.search(r"^\| 9 \| (.*) \|$", README, flags=re.M)
+    assert row is not None
+    for text in (row.group(1), dict(EXIT_HELP)[9]):
+        assert "db" in re.split(r"[:]", text)[0] and "cannot be reached" in text, text
+
+
+OTHER_TOOLS_FLAGS = {"--check": "ruff format", "--factory": "uvicorn", "--root-path": "uvicorn", "--index-url": "pip"}
+"""Flags README names that belong to other programs than automask and its benchmarks."""
+
+
+def test_every_flag_readme_names_exists() -> None:
+    """Each `--flag` README names anywhere, prose included (not only in `automask ...` lines), is a flag of an automask
+    command, of a benchmark script, or of one of the other tools README shows (`OTHER_TOOLS_FLAGS`)."""
+    cli = {
+        opt
+        for _, command in commands(main)
+        for param in command.params
+        if isinstance(param, click.Option)
+        for opt in (*param.opts, *param.secondary_opts)
+    }
+    bench = "".join(p.read_text() for p in (ROOT / "bench").glob("*.py"))
+    named = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", README))
+    assert len(named & cli) >= 40
+    unknown = {f for f in named - cli - set(OTHER_TOOLS_FLAGS) if f'"{f}"' not in bench}
+    assert not unknown, unknown
+
+
+def python_blocks(text: str) -> list[str]:
+    """The fenced ```python blocks of `text`."""
+    return re.findall(r"^```python\n(.*?)^```", text, flags=re.S | re.M)
+
+
+@pytest.mark.slow
+def test_the_python_examples_run_as_shown(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_clipseg_dir: Path
+) -> None:
+    """README's Library and Grounded-SAM examples, run as written (tiny random models installed as `clipseg` and
+    `grounded-sam`, a photo as room.jpg): each name they use exists and returns what the comments say. (The SDK's
+    example needs a server: tests/test_server_sdk.py runs the same calls.)"""
+    import numpy as np
+    from PIL import Image
+
+    from server_helpers import install_as_catalogue
+    from tiny_models import make_tiny_grounded_sam
+
+    data = tmp_path / "data"
+    monkeypatch.setenv("AUTOMASK_DATA_DIR", str(data))
+    install_as_catalogue(data, "clipseg", seed=0)
+    grounded = make_tiny_grounded_sam(data / "models" / "grounded-sam")
+    (grounded / "automask.json").write_text('{"name": "grounded-sam", "backend": "grounded-sam", "repos": []}')
+    Image.open(ROOT / "examples" / "coffee.jpg").save(tmp_path / "room.jpg")
+    monkeypatch.chdir(tmp_path)
+    blocks = [b for b in python_blocks(README) if "segmind" not in b]
+    assert len(blocks) == 2
+    library: dict[str, object] = {}
+    exec(compile(blocks[0], "README.md (Library)", "exec"), library)
+    result, cutout, preview = library["result"], library["cutout"], library["preview"]
+    mask = result.mask  # type: ignore[attr-defined]
+    assert mask.shape == (400, 600) and mask.dtype == np.uint8
+    assert result.to_png()[:8] == b"\x89PNG\r\n\x1a\n" and result.encode("WEBP")[8:12] == b"WEBP"  # type: ignore[attr-defined]
+    assert cutout.mode == "RGBA" and preview.mode == "RGB" and cutout.size == preview.size == (600, 400)  # type: ignore[attr-defined]
+    exec(compile(blocks[1], "README.md (Grounded-SAM)", "exec"), {})
+    assert sorted(p.name for p in (tmp_path / "room-instances").iterdir())[0].startswith("00-")
+
+
+def test_defaults_stated_in_prose_are_the_settings() -> None:
+    """Each "`VARIABLE` ... default N" of README's prose (`AUTOMASK_*`, or the `_NAME` shorthand of a server setting)
+    states its setting's default, in the unit written after it (MiB, megapixels, s, min)."""
+    text = " ".join(README.split())
+    found = re.findall(
+        r"`(AUTOMASK_[A-Z0-9_]+|_[A-Z0-9_]+)`[^`]{0,90}?\bdefault (\d[\d.]*\d|\d)( MiB| megapixels| s\b| min\b)?", text
+    )
+    assert len(found) >= 15
+    units = {" MiB": 2**20, " megapixels": 10**6, " s": 1, " min": 60, "": 1}
+    for name, number, unit in found:
+        if name.startswith("AUTOMASK_SERVER_") or name.startswith("_"):
+            field = ServerSettings.model_fields[name.removeprefix("AUTOMASK_SERVER").removeprefix("_").lower()]
+        else:
+            field = Settings.model_fields[name.removeprefix("AUTOMASK_").lower()]
+        default = field.get_default(call_default_factory=True)
+        stated = number if isinstance(default, str) else float(number) * units[unit]
+        assert stated == default, (name, number, unit, default)

@@ -103,10 +103,16 @@ class CliState:
     @property
     def settings(self) -> Settings:
         """One Settings object: AUTOMASK_* environment variables, then the global flags (errors name --device)."""
-        if self._settings is None:  # a bad value: InvalidOptionError naming its variable
-            self._settings = Settings(**self.overrides).given_as(
-                {k: "--device" for k in self.overrides if k == "device"}
-            )
+        if self._settings is None:  # a bad value: InvalidOptionError naming its flag, else its variable
+            named = {"device": "--device", "offline": "--no-download"}
+            flags = {k: flag for k, flag in named.items() if k in self.overrides}
+            try:
+                self._settings = Settings(**self.overrides).given_as(flags)
+            except InvalidOptionError as exc:
+                setting = exc.field.split(" ", 1)[0]  # "device (AUTOMASK_DEVICE)"
+                if setting in flags:
+                    raise InvalidOptionError(flags[setting], exc.reason) from None
+                raise
         return self._settings
 
 

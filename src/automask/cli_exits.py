@@ -41,8 +41,8 @@ EXIT_HELP = (
     (8, "the output could not be written (batch: a full disk or quota stops the run)"),
     (
         9,
-        "serve/worker/keys: the database needs `automask db migrate`, a service setting is missing, or serve "
-        "cannot listen on --host/--port (e.g. the port is in use) or start",
+        "serve/worker/keys/db: the database cannot be reached or needs `automask db migrate`, a service setting is "
+        "missing, or serve cannot listen on --host/--port (e.g. the port is in use) or start",
     ),
     (10, "models rm: a pull, an export or another removal of the model is running"),
     (EXIT_INTERNAL, "internal error (run with --debug for the traceback)"),

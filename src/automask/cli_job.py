@@ -58,7 +58,11 @@ _MASK_FLAGS = (
     click.option("--stop-on-empty-mask", is_flag=True, help="Fail (exit 5) when nothing is selected."),
     click.option("--seed", metavar="N", help="Accepted and echoed; masking is deterministic."),
     click.option("--text-threshold", metavar="F", help="grounded-sam: word score a detection needs.  [default: 0.25]"),
-    click.option("--refine", is_flag=True, help="clipseg: sharpen the mask's edges with SAM (model 'sam')."),
+    click.option(
+        "--refine",
+        is_flag=True,
+        help="clipseg: sharpen the mask's edges with a mask head: sam, sam2 or edgetam [AUTOMASK_MASK_HEAD].",
+    ),
     click.option("--negative-prompt", metavar="TEXT", help="What NOT to select ('hat, bag'): removed after threshold."),
     click.option("--fill-holes", is_flag=True, help="Select the holes the selection encloses (before growing)."),
     click.option("--min-area", metavar="N", help="Drop selected regions under N pixels (before growing)."),

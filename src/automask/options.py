@@ -69,7 +69,9 @@ class MaskOptions(BaseModel, metaclass=RaisesInvalidOption):
         description="grounded-sam: a detection needs a prompt word scoring above this.",
     )
     refine: bool = Field(
-        default=False, description="clipseg: sharpen the mask's edges with SAM (needs the 'sam' model)."
+        default=False,
+        description="clipseg: sharpen the mask's edges with a mask head: sam, sam2 or edgetam (AUTOMASK_MASK_HEAD; "
+        "auto: the first installed, a grounded model's own included).",
     )
     negative_prompt: str | None = Field(
         default=None,
