@@ -1,6 +1,7 @@
 """A Celery pool process on a frozen PostgreSQL (SIGSTOP: no network timeout fires): registering its node and storing
 a large result give up in time for the task to be handed back before Celery's hard time limit kills the process
 (which acknowledges the message: the job then waits for the sweeper); the redelivery completes the job, charged once.
+A node that stops gives up removing its row within its bound too.
 """
 
 from __future__ import annotations
@@ -128,3 +129,20 @@ def test_a_large_results_completion_on_a_frozen_server_is_handed_back_before_the
 def store_of(worker: Any) -> Store:
     """The pool process's own store (its statements are the ones frozen)."""
     return worker._WORKER.process.jobs.store  # type: ignore[no-any-return]
+
+
+def test_a_node_that_stops_on_a_frozen_server_stops_within_its_bound(
+    served: tuple[Any, Store, Jobs, Runner], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before: a node that stopped (a worker's pool process at a warm shutdown, a server at its stop) removed its row
+    with no bound: a frozen PostgreSQL held it, and so the worker's shutdown, until the server thawed. Now it gives
+    up after `UNREGISTER_TIMEOUT` with a warning; its row stays, and the node is dead once its TTL has passed."""
+    pg, store, _, _ = served
+    monkeypatch.setattr(nodes, "UNREGISTER_TIMEOUT", 1.0, raising=False)
+    beat = nodes.Heartbeat(store, "worker-x", "worker", ["fake-gradient"], None, interval=0.2, dead_after=1.0)
+    beat.start()
+    with frozen_at(pg, store, lambda s: s.startswith("DELETE FROM nodes"), 10.0):
+        _, took = timed(beat.stop)
+    assert took < 7, took  # the beat's join (5 s at most) and the bound; before: 10 s, the thaw
+    assert wait_for(store.ping, 30)
+    assert wait_for(lambda: "worker-x" not in [n.id for n in nodes.live(store, 1.0)], 5)  # dead by its TTL

@@ -28,6 +28,10 @@ from automask.server.store import Store, nodes_table
 
 log = logging.getLogger("automask.server")
 N = nodes_table.c
+UNREGISTER_TIMEOUT = 5.0
+"""Seconds a node that stops waits for the database to remove its row (`Heartbeat.stop`): past them it stops all the
+same, and is taken for dead once its TTL has passed. Before, a frozen database held a stopping worker's pool process
+(and so the worker's warm shutdown) until it thawed."""
 
 
 def new_node_id(kind: str) -> str:
@@ -202,6 +206,7 @@ class Heartbeat:
             return  # never started
         self._thread.join(timeout=5)
         try:
-            unregister(self.store, self.node_id)
+            with bounded(UNREGISTER_TIMEOUT):  # a frozen database holds no stopping process (its node dies by its TTL)
+                unregister(self.store, self.node_id)
         except Exception:
             log.warning("could not unregister node %s", self.node_id, exc_info=True)
