@@ -358,7 +358,9 @@ def _run_celery(settings: Settings, server: ServerSettings, name: str, concurren
 
     from celery.signals import worker_process_init, worker_process_shutdown
 
-    worker_process_init.connect(lambda **_: _process(), weak=False)
+    worker_process_init.connect(
+        lambda **_: _process(registered=False), weak=False
+    )  # (failed: its heartbeat registers it)
     worker_process_shutdown.connect(lambda **_: _process_exits(), weak=False)
     worker = app.Worker(
         queues=[q.name for q in queues],
