@@ -174,7 +174,7 @@ def v2_task(task: Any, job_id: str) -> str | None:
     proc: _Process | None = None
     try:
         with bounds.until(hand_back_at):
-            proc = _process()  # its node registered: a first task may have to
+            proc = _process()  # registers its node if the process start could not (the database did not answer)
             _refuse_if_switched(proc)
             status = execute_job(
                 proc.jobs, proc.runner, job_id, proc.node, max_attempts=server.max_job_attempts,
