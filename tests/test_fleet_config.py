@@ -4,6 +4,10 @@ when a setting the fleet needs is missing (no server is started for those)."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -15,6 +19,7 @@ from automask.cli import main
 from automask.errors import ServiceConfigError
 from automask.server import keys as keystore
 from automask.server.store import Store, nodes_table
+from service_procs import free_port
 
 
 def test_keys_and_migrations_act_on_the_configured_postgresql(postgres_db: str, tmp_path: Path) -> None:
@@ -181,3 +186,49 @@ def test_an_api_node_without_a_broker_refuses_a_fleets_database(postgres_db: str
     nodes.unregister(store, "server-y")  # a clean stop removes the row: the database is free for a fleet
     nodes.refuse_mixed(store, "server")
     store.close()
+
+
+def started_worker(env: dict[str, str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    """`automask worker` (tests/fleet_worker.py: its model needs no download) run with `env` (the fleet's settings),
+    60 s at most (then killed: it never gave up)."""
+    tests = Path(__file__).parent
+    cmd = [sys.executable, str(tests / "fleet_worker.py")]
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("AUTOMASK_")}
+    clean["PYTHONPATH"] = os.pathsep.join([str(tests), os.environ.get("PYTHONPATH", "")])
+    clean["AUTOMASK_DATA_DIR"] = str(tmp_path / "worker")
+    with subprocess.Popen(cmd, env={**clean, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          start_new_session=True) as proc:  # fmt: skip
+        try:
+            out, _ = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, _ = proc.communicate()
+            pytest.fail(f"automask worker still running after 60 s:\n{out[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out)
+
+
+def test_a_worker_started_without_redis_or_rabbitmq_exits_9_naming_the_setting(
+    postgres_db: str, redis_db: str, rabbitmq_url: str, tmp_path: Path
+) -> None:
+    """Before: a worker checked the database at start-up, but not Redis (it started, and failed every v1 task), nor
+    RabbitMQ: Celery retried the connection 100 times, for the best part of an hour, then ended with a traceback
+    (exit 1). Now each refuses the start at once, naming its setting and the fix (exit 9, as for the database)."""
+    from automask.server.migrations import migrate
+
+    store = Store(postgres_db)
+    migrate(store)
+    store.close()
+    closed = f"127.0.0.1:{free_port()}"
+    env = {"AUTOMASK_DATABASE_URL": postgres_db, "AUTOMASK_REDIS_URL": f"redis://{closed}/0"}
+    no_redis = started_worker({**env, "AUTOMASK_BROKER_URL": rabbitmq_url}, tmp_path)
+    assert no_redis.returncode == 9 and f"Cannot connect to Redis at redis://{closed}/0" in no_redis.stdout
+    env["AUTOMASK_REDIS_URL"] = redis_db
+    wrong = rabbitmq_url.replace("guest:guest@", "guest:not-the-password@")
+    for url, why in [(f"amqp://u:secret@{closed}/vh", "Connection refused"), (wrong, "ACCESS_REFUSED")]:
+        refused = started_worker({**env, "AUTOMASK_BROKER_URL": url}, tmp_path)
+        assert refused.returncode == 9, refused.stdout
+        assert "Cannot connect to the broker at amqp://" in refused.stdout and why in refused.stdout, refused.stdout
+        assert "Check AUTOMASK_BROKER_URL" in refused.stdout and "secret" not in refused.stdout
+        assert "not-the-password" not in refused.stdout
+    for run in (no_redis, refused):
+        assert "Traceback" not in run.stdout, run.stdout

@@ -276,3 +276,40 @@ def test_a_running_worker_stops_once_its_database_serves_a_single_server(service
     assert "automask db deployment fleet --force" in log
     with services.store.read() as conn:  # its pool processes left cleanly: their nodes are gone
         assert conn.execute(nodes.nodes_table.select()).all() == [], log
+
+
+def test_sigterm_during_a_task_lets_it_finish_and_leaves_the_queue_to_the_next_worker(
+    services: Services, tmp_path: Path
+) -> None:
+    """`automask worker` sent SIGTERM while a v2 job runs (a warm shutdown, as its --help and deploy/compose.yaml's
+    stop_grace_period say): the running job completes, charged once, its message acknowledged; the worker exits 0
+    with its node removed; a job queued meanwhile is not started here, and the next worker runs it."""
+    stages = tmp_path / "stages"
+    stages.mkdir()
+    services.env |= {"FLEET_STAGES": str(stages), "AUTOMASK_SERVER_TIMEOUT": "20"}
+    jobs = Jobs(services.store)
+    key, _ = keystore.create_key(services.store, credits=5)
+    dispatcher = CeleryDispatcher(services.settings, ServerSettings(timeout=20), services.store)
+    try:
+        with worker(services, concurrency=1) as proc:
+            wait_for(lambda: "@automask ready." in services.log.read_text(), 60)
+            running = jobs.submit(key.id, request_of("staged-term"), charge=True, model=MODEL)
+            dispatcher.publish(running, MODEL).result(timeout=30)
+            assert wait_for((stages / "term.scoring").exists, 30), services.log.read_text()
+            proc.send_signal(signal.SIGTERM)
+            waiting = jobs.submit(key.id, request_of("sofa"), charge=True, model=MODEL)
+            dispatcher.publish(waiting, MODEL).result(timeout=30)
+            time.sleep(1.0)  # the worker, stopping, takes no new task
+            (stages / "term.go").touch()
+            assert proc.wait(timeout=30) == 0, services.log.read_text()
+        done, queued = jobs.get(running), jobs.get(waiting)
+        assert done is not None and (done.status, done.has_result) == (COMPLETED, True), services.log.read_text()
+        assert queued is not None and (queued.status, queued.started) == ("QUEUED", False)
+        assert keystore.balance(services.store, key.id) == 3  # one charged, one held
+        with services.store.read() as conn:
+            assert conn.execute(nodes.nodes_table.select()).all() == []  # its node left with it
+        with worker(services, concurrency=1):  # the next worker takes the message handed back
+            assert wait_for(lambda: jobs.get(waiting).status == COMPLETED, 60), services.log.read_text()  # type: ignore[union-attr]
+        assert keystore.balance(services.store, key.id) == 3 and jobs.get(running).status == COMPLETED  # type: ignore[union-attr]
+    finally:
+        asyncio.run(dispatcher.stop())

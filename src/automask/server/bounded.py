@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from contextvars import ContextVar
@@ -31,10 +32,10 @@ JOB_QUERY_TIMEOUT = 10.0
 failure or release: `Jobs`, wherever it runs) may wait for PostgreSQL's answer (`job_bound`): past it the statement
 fails as on a lost connection, and the run ends on the database error path (the job stays as the database last had
 it, for the retry machinery: a worker hands its task back, the sweeper takes back a run past its deadline). Before,
-a frozen server held the thread (an in-process job thread, a Celery pool process) until it thawed. Small enough that
-a worker's completion that times out still hands its task back within Celery's hard limit (the request timeout plus
-`fleet.TIME_LIMIT_MARGIN`, less `worker.HAND_BACK_MARGIN`); claiming an upload and storing a result wait longer, by
-their size (`sized`)."""
+a frozen server held the thread (an in-process job thread, a Celery pool process) until it thawed. Claiming an upload
+and storing a result wait longer, by their size (`sized`); in a Celery worker every statement of a task (registering
+its pool process's node too) also ends `worker.HAND_BACK_MARGIN` before Celery's hard limit (the request timeout plus
+`fleet.TIME_LIMIT_MARGIN`: `until`), so the worker hands its task back itself, a large result's completion included."""
 SLOWEST_TRANSFER = 1_000_000.0
 """Bytes per second a bounded statement carrying a large value is allowed (`sized`): over a slow link to a remote
 database (~10 Mbit/s) sending a 32 MB upload takes far more than `REQUEST_QUERY_TIMEOUT`, which cut it with a 503."""
@@ -42,7 +43,10 @@ LOCK_SLICE = 5.0
 """Seconds one ask for an advisory lock (`Store.lock`, taken by v2 submits under a cap) waits in PostgreSQL's queue
 for it before it is asked again (`lock_slice`): half the bound in force, if shorter, so a healthy server that makes
 a submit wait behind others' uploads answers before the bound takes it for frozen."""
+DEADLINE_FLOOR = 0.5
+"""Seconds a statement run past its block's deadline (`until`) still waits: it fails soon, not at once mid-send."""
 _QUERY_BOUND: ContextVar[float | None] = ContextVar("automask_query_bound", default=None)
+_QUERY_DEADLINE: ContextVar[float | None] = ContextVar("automask_query_deadline", default=None)
 
 
 @contextmanager
@@ -56,6 +60,29 @@ def bounded(seconds: float | None = None) -> Iterator[None]:
         yield
     finally:
         _QUERY_BOUND.reset(token)
+
+
+@contextmanager
+def until(deadline: float) -> Iterator[None]:
+    """Within the block (as `bounded`), each bounded wait for PostgreSQL's answer (`bounded`, `job_bound`, grown by
+    `sized`) also ends by `deadline` (`time.monotonic()`; `DEADLINE_FLOOR` seconds at least): for work that must end
+    before a limit it cannot outlive (a Celery task's hard time limit, which kills its pool process); within an earlier
+    deadline, that one stays. A statement without a bound stays so."""
+    earlier = _QUERY_DEADLINE.get()
+    token = _QUERY_DEADLINE.set(deadline if earlier is None else min(earlier, deadline))
+    try:
+        yield
+    finally:
+        _QUERY_DEADLINE.reset(token)
+
+
+def current_bound() -> float | None:
+    """Seconds the next wait for PostgreSQL's answer may last here: the bound in force (None: none), cut to what is
+    left before the deadline in force (`until`)."""
+    bound, deadline = _QUERY_BOUND.get(), _QUERY_DEADLINE.get()
+    if bound is None or deadline is None:
+        return bound
+    return min(bound, max(DEADLINE_FLOOR, deadline - time.monotonic()))
 
 
 def request_bound() -> AbstractContextManager[None]:
@@ -94,7 +121,7 @@ def connect_bounded(_dialect: Any, _record: Any, cargs: Any, cparams: dict[str, 
     """SQLAlchemy's `do_connect` event of a PostgreSQL engine: `psycopg.connect`, for a connection whose waits for
     the server honour `bounded`, and which, opened within `bounded`, waits no longer than it to be set up (whole
     seconds, 2 at least: psycopg's `connect_timeout`)."""
-    bound = _QUERY_BOUND.get()
+    bound = current_bound()
     if bound is not None:
         given = int(cparams.get("connect_timeout") or 0)
         cparams = {**cparams, "connect_timeout": min(given or math.inf, max(2, math.ceil(bound)))}
@@ -115,7 +142,7 @@ def _bounded_connection() -> Any:
 
     class BoundedConnection(psycopg.Connection[Any]):
         def wait(self, gen: Any, interval: float = 0.1, timeout: float | None = None) -> Any:
-            bound = _QUERY_BOUND.get() if timeout is None else None
+            bound = current_bound() if timeout is None else None
             try:
                 return super().wait(gen, interval=interval, timeout=timeout if bound is None else bound)
             except _WaitTimeout:

@@ -19,14 +19,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from sqlalchemy import ColumnElement, delete, func, insert, select, update
+from sqlalchemy.exc import TimeoutError as SQLTimeoutError
 
 from automask.errors import ServiceConfigError
-from automask.server.bounded import bounded
+from automask.server.bounded import bounded, current_bound
 from automask.server.logs import Failures
 from automask.server.store import Store, nodes_table
 
 log = logging.getLogger("automask.server")
 N = nodes_table.c
+UNREGISTER_TIMEOUT = 5.0
+"""Seconds a node that stops waits for the database to remove its row (`Heartbeat.stop`): past them it stops all the
+same, and is taken for dead once its TTL has passed. Before, a frozen database held a stopping worker's pool process
+(and so the worker's warm shutdown) until it thawed."""
 
 
 def new_node_id(kind: str) -> str:
@@ -130,7 +135,9 @@ class Heartbeat:
     """A daemon thread that keeps node `node_id` alive every `interval` seconds (re-registering if it was
     declared dead after a long pause), until `stop()`, which removes the node. The node is alive as long as the
     process that started the thread: a killed process stops beating. `watch` (None: nothing) is called after each
-    beat, in that thread: a check the node repeats as long as it lives (a worker's deployment guard)."""
+    beat, in that thread: a check the node repeats as long as it lives (a worker's deployment guard). A node whose
+    first registration failed (`start(retry=True)`) is registered by the next beat that reaches the database, or
+    by `register` (`registered` says whether it was)."""
 
     def __init__(
         self,
@@ -146,13 +153,35 @@ class Heartbeat:
     ) -> None:
         self.store, self.node_id, self.kind, self.models, self.default = store, node_id, kind, models, default
         self.interval, self.dead_after, self.watch = interval, dead_after, watch
+        self.registered = False
         self._stop = threading.Event()
+        self._registering = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="automask-heartbeat", daemon=True)
         self._failures = Failures(log, "node heartbeat")
 
-    def start(self) -> None:
-        register(self.store, self.node_id, self.kind, self.models, self.default, self.dead_after)
+    def start(self, *, retry: bool = False) -> None:
+        """Register the node (raising the database's errors), then beat. `retry`: a registration that fails is
+        logged instead, and tried again at each beat until one succeeds (or `register` does)."""
+        try:
+            self.register()
+        except Exception as exc:
+            if not retry:
+                raise
+            self._failures.failed(exc)
         self._thread.start()
+
+    def register(self) -> None:
+        """Register the node unless it is registered already (raises the database's errors). A registration the beat
+        has in progress is waited for as long as this thread's bound on the database (`bounded`) allows, if any."""
+        bound = current_bound()
+        if not self._registering.acquire(timeout=-1 if bound is None else bound):
+            raise SQLTimeoutError(f"node {self.node_id}: its registration in progress did not end within {bound:g} s")
+        try:
+            if not self.registered:
+                register(self.store, self.node_id, self.kind, self.models, self.default, self.dead_after)
+                self.registered = True
+        finally:
+            self._registering.release()
 
     def _run(self) -> None:
         with bounded():  # a frozen database fails a beat (tried again), never holds the thread until it thaws
@@ -161,7 +190,9 @@ class Heartbeat:
     def _beat_until_stopped(self) -> None:
         while not self._stop.wait(self.interval):
             try:
-                if not heartbeat(self.store, self.node_id):
+                if not self.registered:
+                    self.register()
+                elif not heartbeat(self.store, self.node_id):
                     register(self.store, self.node_id, self.kind, self.models, self.default, self.dead_after)
                 if self.watch is not None:
                     self.watch()
@@ -175,6 +206,7 @@ class Heartbeat:
             return  # never started
         self._thread.join(timeout=5)
         try:
-            unregister(self.store, self.node_id)
+            with bounded(UNREGISTER_TIMEOUT):  # a frozen database holds no stopping process (its node dies by its TTL)
+                unregister(self.store, self.node_id)
         except Exception:
             log.warning("could not unregister node %s", self.node_id, exc_info=True)

@@ -23,25 +23,28 @@ import signal
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 from sqlalchemy.exc import SQLAlchemyError
 
 from automask.errors import ServiceConfigError
 from automask.pipeline import MaskGenerator
 from automask.routing import plan_models
+from automask.server import bounded as bounds
 from automask.server import deployment, fleet, metrics, nodes
-from automask.server.bounded import bounded
+from automask.server.bounded import bounded, job_bound
 from automask.server.config import ServerSettings
 from automask.server.deployment import FLEET, Guard
-from automask.server.execute import Outcome, compute, execute_job, unexpected_error
+from automask.server.execute import execute_job
 from automask.server.fleet import (
     TIME_LIMIT_MARGIN,
     queue,
 )
 from automask.server.jobs import Jobs
+from automask.server.limits import check_redis
 from automask.server.runner import Runner, default_name
 from automask.server.store import Store
+from automask.server.worker_v1 import answer_v1
 from automask.settings import Settings
 
 log = logging.getLogger("automask.worker")
@@ -51,6 +54,9 @@ HAND_BACK_MARGIN = 10.0
 """Seconds before Celery's hard time limit by which a task waiting for the database hands itself back."""
 RETIRING = 75
 """The exit code of a pool process that leaves after its answer because its model hung (`_leave_if_hung`)."""
+UNREGISTERED = " (its node not registered yet: the database does not answer; its next heartbeat registers it)"
+BROKER_CONNECT_TIMEOUT = 5.0
+"""Seconds a worker starting waits for RabbitMQ to accept its connection (`check_broker`)."""
 STOP_GRACE = 5.0
 """Seconds a pool process waits for a call it gave up on (past its time limit) to stop at its next stage boundary
 or model layer before it takes the model for hung and replaces itself."""
@@ -86,34 +92,46 @@ class _Worker:
 _WORKER: _Worker | None = None
 
 
-def _process() -> _Process:
-    """This pool process's state, created (and the model loaded) on first use."""
+def _process(*, registered: bool = True) -> _Process:
+    """This pool process's state, created (and the model loaded) on first use (when the process starts). With
+    `registered`, its node is registered in the database too, as a v2 run needs (else the sweeper takes its jobs for
+    orphans): a node whose registration failed when the process started (the database did not answer) is registered
+    now, within `job_bound` (and the task's deadline: `bounds.until`), raising the database's errors."""
     assert _WORKER is not None, "not inside automask worker"
     if _WORKER.process is None:
-        import redis
+        _WORKER.process = _new_process(_WORKER)
+    proc = _WORKER.process
+    if registered and not proc.heartbeat.registered:
+        with job_bound():
+            proc.heartbeat.register()
+    return proc
 
-        w = _WORKER
-        if w.metrics_inbox:
-            metrics.forward_to(w.metrics_inbox)  # its runs and charges are served by the main process
-        generator = w.generator_factory() if w.generator_factory else None
-        runner = Runner(w.settings, w.server, generator)
-        runner.generator(w.model)  # load once, before the first task
-        store = Store(str(w.settings.database_url))
+
+def _new_process(w: _Worker) -> _Process:
+    """Load the model, connect, register the node and start its heartbeat. Its database calls wait
+    `JOB_QUERY_TIMEOUT` seconds in all: a database that does not answer (down, frozen) leaves the node unregistered,
+    to its next beat (or its first v2 task), rather than holding the process until it answers."""
+    import redis
+
+    if w.metrics_inbox:
+        metrics.forward_to(w.metrics_inbox)  # its runs and charges are served by the main process
+    generator = w.generator_factory() if w.generator_factory else None
+    runner = Runner(w.settings, w.server, generator)
+    runner.generator(w.model)  # load once, before the first task
+    store = Store(str(w.settings.database_url))
+    node = nodes.new_node_id("worker")  # this process's pid: its jobs are its own
+    beat, ttl = w.server.beat, w.server.node_ttl
+    guard = Guard(store, FLEET, worker=True)
+    watch = functools.partial(_watch, guard, os.getppid())
+    heartbeat = nodes.Heartbeat(store, node, "worker", [w.model], w.default, interval=beat, dead_after=ttl, watch=watch)
+    with bounds.until(time.monotonic() + bounds.JOB_QUERY_TIMEOUT), job_bound():
         store.read_clock()  # its first beat and claim are on the fleet's clock
-        node = nodes.new_node_id("worker")  # this process's pid: its jobs are its own
-        beat, ttl = w.server.beat, w.server.node_ttl
-        guard = Guard(store, FLEET, worker=True)
-        watch = functools.partial(_watch, guard, os.getppid())
-        heartbeat = nodes.Heartbeat(
-            store, node, "worker", [w.model], w.default, interval=beat, dead_after=ttl, watch=watch
-        )
-        heartbeat.start()  # registers the node: API nodes count the model as served
-        # bounded as the API nodes' hand-off is: a frozen Redis fails a v1 task in seconds, not at Celery's hard limit
-        timeout = fleet.REDIS_TIMEOUT
-        client = redis.Redis.from_url(str(w.settings.redis_url), socket_timeout=timeout, socket_connect_timeout=timeout)
-        w.process = _Process(node, heartbeat, Jobs(store), runner, client, guard)
-        log.info("pool process %s ready with model %s", node, w.model)
-    return _WORKER.process  # type: ignore[return-value]
+        heartbeat.start(retry=True)  # registers the node: API nodes count the model as served
+    # bounded as the API nodes' hand-off is: a frozen Redis fails a v1 task in seconds, not at Celery's hard limit
+    timeout = fleet.REDIS_TIMEOUT
+    client = redis.Redis.from_url(str(w.settings.redis_url), socket_timeout=timeout, socket_connect_timeout=timeout)
+    log.info("pool process %s ready with model %s%s", node, w.model, "" if heartbeat.registered else UNREGISTERED)
+    return _Process(node, heartbeat, Jobs(store), runner, client, guard)
 
 
 def _watch(guard: Guard, main_pid: int) -> None:
@@ -147,30 +165,41 @@ def v2_task(task: Any, job_id: str) -> str | None:
     message of a process killed so recently that its heartbeat has not expired yet; the sweeper puts such a job
     back in the queue once its node is dead (`Jobs.orphaned`)."""
     assert _WORKER is not None
-    started = time.monotonic()
-    proc = _process()
-    _refuse_if_switched(proc)
+    server = _WORKER.server
+    # Celery's hard time limit (timeout + TIME_LIMIT_MARGIN from the task's start) kills this process, and the message
+    # is acknowledged, not handed back: every statement of the run (a large result's completion too) ends
+    # HAND_BACK_MARGIN before it, leaving time to put the job back and hand the message back
+    hand_back_at = time.monotonic() + server.timeout + TIME_LIMIT_MARGIN - HAND_BACK_MARGIN
     redelivered = bool((task.request.delivery_info or {}).get("redelivered"))
+    proc: _Process | None = None
     try:
-        status = execute_job(
-            proc.jobs, proc.runner, job_id, proc.node, max_attempts=_WORKER.server.max_job_attempts,
-            takeover_ttl=_WORKER.server.node_ttl if redelivered else None, timeout=_WORKER.server.timeout,
-        )  # fmt: skip
+        with bounds.until(hand_back_at):
+            proc = _process()  # registers its node if the process start could not (the database did not answer)
+            _refuse_if_switched(proc)
+            status = execute_job(
+                proc.jobs, proc.runner, job_id, proc.node, max_attempts=server.max_job_attempts,
+                takeover_ttl=server.node_ttl if redelivered else None, timeout=server.timeout,
+            )  # fmt: skip
     except SQLAlchemyError as exc:  # the database is unreachable: hand the message back, after a pause
-        from celery.exceptions import Reject
-
-        log.warning("v2 job %s: database error (%s); returning it to the queue once it answers", job_id, exc)
-        # within Celery's hard time limit (timeout + TIME_LIMIT_MARGIN from the task's start), or it kills this
-        # process mid-wait and the message is acknowledged, not handed back
-        left = _WORKER.server.timeout + TIME_LIMIT_MARGIN - (time.monotonic() - started) - HAND_BACK_MARGIN
-        _wait_for_database(proc.jobs.store, min(_WORKER.server.timeout, left))
-        with contextlib.suppress(SQLAlchemyError), bounded(HAND_BACK_MARGIN / 2):  # if the job is ours, put it
-            proc.jobs.release(job_id, proc.node)  # back: any process may take it (else it waits for `orphaned`)
-        raise Reject(str(exc), requeue=True) from None
+        _hand_back(proc or _WORKER.process, job_id, exc, hand_back_at)
     if status is None and redelivered:
         log.info("v2 job %s: redelivered, left to the node running it (or finished)", job_id)
     _leave_if_hung(proc)
     return status
+
+
+def _hand_back(proc: _Process | None, job_id: str, exc: SQLAlchemyError, hand_back_at: float) -> NoReturn:
+    """v2 job `job_id`'s run in `proc` failed on the database: wait for it to answer (until `hand_back_at`, a monotonic
+    time before Celery's hard limit), put the job back if `proc` holds it (any process may take it, else it waits for
+    `Jobs.orphaned`), and hand the message back to the queue (`Reject`)."""
+    from celery.exceptions import Reject
+
+    assert _WORKER is not None and proc is not None  # created: only its registration or a statement failed
+    log.warning("v2 job %s: database error (%s); returning it to the queue once it answers", job_id, exc)
+    _wait_for_database(proc.jobs.store, min(_WORKER.server.timeout, hand_back_at - time.monotonic()))
+    with contextlib.suppress(SQLAlchemyError), bounded(HAND_BACK_MARGIN / 2):
+        proc.jobs.release(job_id, proc.node)
+    raise Reject(str(exc), requeue=True) from None
 
 
 def _wait_for_database(store: Store, limit: float) -> None:
@@ -196,70 +225,15 @@ def v1_task(task: Any, rid: str, model: str, deadline: float, request_id: str) -
     process takes the next task."""
     from redis.exceptions import RedisError
 
-    proc = _process()
+    assert _WORKER is not None
+    proc = _process(registered=False)  # answering needs no node: an unregistered one is registered by its beat
     _refuse_if_switched(proc)
     try:
-        _answer_v1(proc, rid, model, deadline, request_id)
+        answer_v1(proc.redis, proc.jobs.store, proc.runner, _WORKER.server, rid, model, deadline, request_id)
     except RedisError as exc:
         reason = " ".join(str(exc).split()) or type(exc).__name__
         log.error("v1 request %s: Redis (AUTOMASK_REDIS_URL) does not answer (%s); left unanswered", request_id, reason)
     _leave_if_hung(proc)
-
-
-def _answer_v1(proc: _Process, rid: str, model: str, deadline: float, request_id: str) -> None:
-    """`v1_task`'s work: read the hand-off, compute its `Outcome`, push it back (raises Redis's errors)."""
-    keys = fleet.v1_keys(rid)
-    cancelled = _CancelFlag(proc, keys["cancel"])
-    if proc.jobs.store.now() > deadline or cancelled():
-        return
-    body, image = proc.redis.mget([keys["request"], keys["image"]])
-    if body is None:
-        return  # expired or cancelled
-    assert _WORKER is not None
-    ttl = int(_WORKER.server.timeout + fleet.V1_TTL_MARGIN)
-    starts = int(proc.redis.incr(keys["starts"]))
-    proc.redis.expire(keys["starts"], ttl)
-    outcome: Outcome | None
-    if starts > _WORKER.server.max_job_attempts:  # it killed the worker running it every time: a poison input
-        log.error("v1 request %s was started %d times and never finished; answering 500", request_id, starts - 1)
-        outcome = Outcome(500, error=unexpected_error(request_id))
-    else:
-        left = min(_WORKER.server.timeout, max(0.0, deadline - proc.jobs.store.now()))  # and never past ours
-        outcome = compute(
-            proc.runner, fleet.parse_v1(body, image), model, request_id, timeout=left, should_stop=cancelled
-        )
-    pipe = proc.redis.pipeline(transaction=True)
-    if outcome is None or proc.jobs.store.now() > deadline:  # the API node answered 504 already
-        log.info("v1 request %s stopped: nobody waits for its answer any more", request_id)
-    else:
-        pipe.rpush(keys["outcome"], outcome.dumps())
-        pipe.expire(keys["outcome"], ttl)
-    pipe.delete(keys["request"], keys["image"], keys["starts"])
-    pipe.execute()
-
-
-class _CancelFlag:
-    """A v1 hand-off's `should_stop`: whether the API node cancelled it (its cancel `key` is set).
-
-    A check that Redis does not answer says "not cancelled" (the run goes on: its outcome may still be read), and
-    the hand-off asks no more for the rest of its run: each asking of a frozen Redis costs `fleet.REDIS_TIMEOUT`
-    seconds, and a run asks every `stopping.INSIDE_EVERY` seconds, so a 3 s run took ten times longer and hit its
-    own time limit. A frozen Redis costs a run one timeout at most (`blind`: a check failed, the run asks no more)."""
-
-    def __init__(self, proc: _Process, key: str) -> None:
-        self.proc, self.key, self.blind = proc, key, False
-
-    def __call__(self) -> bool:
-        if self.blind:
-            return False
-        from redis.exceptions import RedisError
-
-        try:
-            return bool(self.proc.redis.exists(self.key))
-        except RedisError:
-            self.blind = True
-            log.warning("could not read a v1 cancel flag; the run goes on and asks no more", exc_info=True)
-            return False
 
 
 def _leave_if_hung(proc: _Process) -> None:
@@ -321,6 +295,8 @@ def run_worker(
         Guard(store, FLEET).claim()  # a database serving a single server: refuse, naming the fix
     finally:
         store.close()
+    check_redis(str(settings.redis_url))  # unreachable: refuse to start, naming the setting (as the database)
+    check_broker(str(settings.broker_url))
     if model:
         settings = settings.model_copy(update={"model": model})
     if generator_factory is None:
@@ -330,6 +306,24 @@ def run_worker(
     with _served_metrics(settings) as inbox:
         _WORKER.metrics_inbox = inbox
         _run_celery(settings, server, name, concurrency, loglevel)
+
+
+def check_broker(url: str) -> None:
+    """Connect to RabbitMQ once: `ServiceConfigError` naming AUTOMASK_BROKER_URL (without its password) and the fix
+    when it cannot be reached or refuses this user or vhost (a start-up check: Celery would retry for the best part
+    of an hour, then end with a traceback)."""
+    from kombu import Connection
+    from kombu.exceptions import KombuError
+
+    with Connection(url, connect_timeout=BROKER_CONNECT_TIMEOUT) as conn:
+        try:
+            conn.ensure_connection(max_retries=1)
+        except (OSError, KombuError, *conn.connection_errors, *conn.channel_errors) as exc:
+            reason = " ".join(str(exc).split()) or type(exc).__name__
+            raise ServiceConfigError(
+                f"Cannot connect to the broker at {conn.as_uri()}: {reason}. Check AUTOMASK_BROKER_URL, and that "
+                "RabbitMQ is running and lets this user in."
+            ) from None
 
 
 @contextlib.contextmanager
@@ -364,7 +358,9 @@ def _run_celery(settings: Settings, server: ServerSettings, name: str, concurren
 
     from celery.signals import worker_process_init, worker_process_shutdown
 
-    worker_process_init.connect(lambda **_: _process(), weak=False)
+    worker_process_init.connect(
+        lambda **_: _process(registered=False), weak=False
+    )  # (failed: its heartbeat registers it)
     worker_process_shutdown.connect(lambda **_: _process_exits(), weak=False)
     worker = app.Worker(
         queues=[q.name for q in queues],
