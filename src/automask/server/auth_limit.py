@@ -67,7 +67,9 @@ class FailedAuth:
     is in yet, so at most `limit` are read a minute, however many come at once. One that finds no room while keys of
     its address are in flight in this process (being counted, or read) waits for them and looks again each time an
     admitted one ends (the first of a new valid key's requests to succeed makes it known): only failures refuse it.
-    A limiter's answers may arrive in any order (Redis): a request is in flight from the moment it asks."""
+    A limiter's answers may arrive in any order (Redis): a request is in flight from the moment it asks. In a fleet
+    (Redis) a count is also pending until its read ends, on whichever node: a request refused while counts of its
+    address are pending looks again every few milliseconds (`_Polling`), for `PENDING` seconds at most."""
 
     def __init__(self, limiter: RateLimiter | RedisRateLimiter, limit: int | None, known: Known | None = None) -> None:
         self.limiter = limiter
