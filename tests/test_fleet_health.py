@@ -531,3 +531,56 @@ def test_a_large_upload_or_result_over_a_slow_link_to_postgresql_is_given_time_b
         with store.read() as conn:  # the refused submit: neither stored nor charged
             assert conn.execute(select(func.count()).select_from(jobs_table)).scalar_one() == 1
         assert keys.balance(store, key.id) == 4
+
+
+def test_a_poll_of_a_job_with_large_metadata_is_given_time_by_its_size_and_a_frozen_one_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before: a v2 poll (status or response) read the job's metadata (an instance mask's can be megabytes) bounded
+    by `REQUEST_QUERY_TIMEOUT` as a tiny statement is: over a slow link to a remote database it was answered 503. Now
+    the read's bound grows by the metadata's size (`SLOWEST_TRANSFER`), as a result's does; a server frozen for longer
+    than that is still given up on: a 503 in bounded time. The slow link is a server paused while the read is sent."""
+    import json
+
+    from sqlalchemy import event, update
+
+    from automask.server import bounded
+    from automask.server.store import jobs_table
+
+    monkeypatch.setattr(bounded, "REQUEST_QUERY_TIMEOUT", 1.0, raising=False)
+    image = base64.b64encode(png_bytes(np.zeros((8, 8, 3), np.uint8))).decode()
+    read_job = "SELECT jobs.id, jobs.key_id, jobs.status, jobs.base64, jobs.error, jobs.metadata"
+    with postgres_server() as pg:
+        app, store, _, headers = _single_node_on(pg.url, tmp_path)
+        slow: list[float] = []  # seconds the server is paused once the next read of a job is sent
+
+        def paused(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+            if slow and statement.lstrip().startswith(read_job):
+                frozen = process_tree(pg._main_pid())
+                signal_all(frozen, signal.SIGSTOP)
+                threading.Timer(slow.pop(), signal_all, [frozen, signal.SIGCONT]).start()
+
+        with LiveServer(app) as live:
+            body = {"image": image, "prompt": "sofa"}
+            sub = httpx.post(f"{live.url}/v2/automatic-mask-generator", headers=headers, json=body, timeout=30).json()
+            status_url, response_url = sub["status_url"], sub["response_url"]
+            assert wait_for(lambda: httpx.get(status_url, headers=headers).json()["status"] == "COMPLETED", 30)
+            large = {**httpx.get(response_url, headers=headers).json(), "instances": ["x" * 1000] * 2000}  # ~2 MB
+            stored = json.dumps({k: v for k, v in large.items() if k not in ("request_id", "status", "output")})
+            with store.transaction() as conn:
+                conn.execute(update(jobs_table).where(jobs_table.c.id == sub["request_id"]).values(metadata=stored))
+            monkeypatch.setattr(bounded, "SLOWEST_TRANSFER", len(stored) / 4.0, raising=False)  # +4 s
+            event.listen(store.engine, "before_cursor_execute", paused)
+            for url in (status_url, response_url):
+                slow.append(2.5)
+                got = httpx.get(url, headers=headers, timeout=60)
+                assert got.status_code == 200 and got.json()["status"] == "COMPLETED", got.text[:200]  # before: 503
+            assert len(httpx.get(response_url, headers=headers).json()["instances"]) == 2000
+            monkeypatch.setattr(bounded, "SLOWEST_TRANSFER", len(stored) / 1.0, raising=False)  # +1 s
+            slow.append(8.0)  # frozen well past the grown bound: a 503
+            started = time.monotonic()
+            refused = httpx.get(status_url, headers=headers, timeout=60)
+            took = time.monotonic() - started
+            assert refused.status_code == 503 and "database" in refused.json()["error"], refused.text
+            assert took < 6, took
+            assert wait_for(lambda: httpx.get(status_url, headers=headers, timeout=20).status_code == 200, 30)

@@ -5,7 +5,10 @@ never admits. Two API nodes (two apps on one database) share one real Redis serv
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import os
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,20 +20,12 @@ from click.testing import CliRunner
 
 from automask.cli import main
 from automask.server import keys as keystore
-from automask.server.auth_limit import (
-    KNOWN_PREFIX,
-    KNOWN_TTL,
-    REFRESH,
-    TIMEOUT,
-    Attempt,
-    FailedAuth,
-    FleetKnown,
-    fleet_secret,
-)
+from automask.server.auth_limit import Attempt, FailedAuth
 from automask.server.errors import ApiError
+from automask.server.known_keys import KNOWN_PREFIX, KNOWN_TTL, REFRESH, TIMEOUT, FleetKnown, fleet_secret
 from automask.server.limits import RedisRateLimiter
 from automask.server.store import Store
-from server_helpers import FakeBackend, LiveServer, free_port, loopback_socket
+from server_helpers import FakeBackend, LiveServer, free_port, loopback_socket, process, wait_ready
 from services import redis_server
 
 MODELS = "/v1/models"
@@ -210,4 +205,65 @@ def test_keys_revoke_with_redis_down_revokes_and_warns(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "warning: Redis (AUTOMASK_REDIS_URL) did not answer" in result.output and "hunter2" not in result.output
     assert keystore.get_key(store, key.id).disabled  # type: ignore[union-attr]
+    store.close()
+
+
+@contextmanager
+def node_processes(tmp_path: Path, database: str, redis_url: str, limit: int) -> Iterator[list[str]]:
+    """Two API node processes (`tests/api_node.py`) on `database` and Redis at `redis_url`: their URLs."""
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("AUTOMASK_")},
+        "AUTOMASK_DATABASE_URL": database,
+        "AUTOMASK_REDIS_URL": redis_url,
+        "AUTOMASK_SERVER_AUTH_FAIL_LIMIT": str(limit),
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]),
+    }
+    urls: list[str] = []
+    with contextlib.ExitStack() as stack:
+        for name in ("a", "b"):
+            port, data = free_port(), tmp_path / name
+            env_node = {**env, "AUTOMASK_DATA_DIR": str(data)}
+            cmd = [sys.executable, str(Path(__file__).parent / "api_node.py"), str(port)]
+            proc = stack.enter_context(process(cmd, tmp_path / f"{name}.log", env_node))
+            urls.append(f"http://127.0.0.1:{port}")
+            wait_ready(urls[-1], 60, proc)
+        yield urls
+
+
+def test_a_new_keys_burst_over_two_node_processes_is_all_served(
+    tmp_path: Path, postgres_db: str, redis_db: str
+) -> None:
+    """Before: a new valid key's requests sent at once to two API processes (one database, one Redis) were in part
+    answered 429: a node's request finding no room waited only for the requests in flight on its own node, while the
+    room was held by the other node's, still being read. Now the requests being read are known fleet-wide, and a
+    refused one waits for them (here: node A's reads held by a lock on the keys table while node B is asked). Guesses
+    still find no room past the limit."""
+    import psycopg
+
+    from automask.server.migrations import migrate
+
+    store = Store(postgres_db)
+    migrate(store)
+    with node_processes(tmp_path, postgres_db, redis_db, 3) as (a, b):
+
+        async def burst(token: str) -> list[int]:
+            async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=20)) as client:
+
+                def send(url: str, n: int) -> list[asyncio.Future[httpx.Response]]:
+                    headers = {"x-api-key": token}
+                    return [asyncio.ensure_future(client.get(f"{url}{MODELS}", headers=headers)) for _ in range(n)]
+
+                with psycopg.connect(postgres_db) as locker:
+                    locker.execute("LOCK TABLE keys IN ACCESS EXCLUSIVE MODE")  # A's reads wait for it
+                    first = send(a, 5)
+                    await asyncio.sleep(1.0)  # A's first three counted and reading: no room left
+                    then = send(b, 10)
+                    await asyncio.sleep(1.0)
+                    locker.rollback()
+                return [r.status_code for r in await asyncio.gather(*first, *then)]
+
+        _, fresh = keystore.create_key(store)
+        assert asyncio.run(burst(fresh)) == [200] * 15
+        codes = [get(b, f"am_x_guess{n}") for n in range(5)]
+        assert codes == [401] * 3 + [429] * 2, codes
     store.close()

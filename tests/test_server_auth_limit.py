@@ -13,8 +13,9 @@ import httpx
 import pytest
 
 from automask.server import keys as keystore
-from automask.server.auth_limit import SITE_FACTOR, Attempt, FailedAuth, Known, client_address
+from automask.server.auth_limit import SITE_FACTOR, Attempt, FailedAuth, client_address
 from automask.server.errors import ApiError
+from automask.server.known_keys import Known
 from automask.server.limits import MAX_COUNTED, WINDOW, RateLimiter, RedisRateLimiter
 from automask.server.store import Store
 from server_helpers import FakeBackend, LiveServer, live_server
@@ -155,7 +156,7 @@ class Answered(RateLimiter):
         super().__init__(clock=clock)
         self.gates: list[asyncio.Event] = []
 
-    async def hit(self, key_id: str, limit: int | None, what: str = "requests", count: bool = True) -> Any:
+    async def hit(self, key_id: str, limit: int | None, what: str = "requests", count: bool = True, **_: Any) -> Any:
         gate = asyncio.Event()
         self.gates.append(gate)
         try:
@@ -501,3 +502,49 @@ def test_bad_limit_flags_are_usage_errors(tmp_path: Path, flag: str, value: str)
     result = CliRunner().invoke(main, ["--data-dir", str(tmp_path / "data"), "serve", flag, value])
     assert result.exit_code == 2, result.output
     assert f"Invalid value for '{flag}': '{value}': give a whole number a minute, 1 or more, or 'none'" in result.output
+
+
+@pytest.mark.services
+def test_counts_pending_on_other_nodes_are_waited_for_boundedly(redis_db: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A count taken with `pending` is pending until settled (a failure: it stays) or taken back, atomically with
+    the count; a request refused meanwhile is told how many are pending. One refused while another node's count is
+    pending waits for it, and is answered 429 once it settles; one pending for ever (its node died) is waited for
+    `PENDING` seconds at most."""
+    from automask.server import auth_limit
+    from automask.server.limits import RateLimited
+
+    async def run() -> None:
+        limiter = RedisRateLimiter(redis_db)
+        try:
+            receipt = await limiter.hit("k", 1, pending=30)
+            assert receipt is not None
+            with pytest.raises(RateLimited) as refused:
+                await limiter.hit("k", 1, pending=30)
+            assert refused.value.pending == 1
+            await limiter.settle("k", receipt)
+            with pytest.raises(RateLimited) as refused:
+                await limiter.hit("k", 1, pending=30)
+            assert refused.value.pending == 0  # settled: counted, no longer pending
+            await limiter.uncount("k", receipt)
+            assert await limiter.hit("k", 1) is not None
+
+            other, here = FailedAuth(limiter, 1), FailedAuth(limiter, 1)  # two nodes
+            held = await other.admit("192.0.2.9", "am_x_a")  # being read on the other node
+            waiting = asyncio.create_task(here.admit("192.0.2.9", "am_x_b"))
+            await asyncio.sleep(0.3)
+            assert not waiting.done()  # waits for the other node's count
+            await other.failed(held, "am_x_a")
+            with pytest.raises(ApiError) as refused_429:
+                await asyncio.wait_for(waiting, 2)
+            assert refused_429.value.status == 429
+
+            monkeypatch.setattr(auth_limit, "PENDING", 0.5)
+            await other.admit("192.0.2.10", "am_x_c")  # never ends: its node died
+            start = asyncio.get_running_loop().time()
+            with pytest.raises(ApiError) as refused_429:
+                await here.admit("192.0.2.10", "am_x_d")
+            assert refused_429.value.status == 429 and asyncio.get_running_loop().time() - start < 2
+        finally:
+            await limiter.close()
+
+    asyncio.run(run())

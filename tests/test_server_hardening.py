@@ -442,3 +442,57 @@ def test_v2_urls_use_the_public_url(tmp_path: Path) -> None:
         job = r.json()["request_id"]
         wait_for(lambda: c.get(f"/v2/requests/{job}/status").json()["status"] == "COMPLETED", 30)
     assert r.json()["status_url"] == f"https://masks.example.com/api/v2/requests/{job}/status"
+
+
+def send_until_closed(url: str, head: bytes, piece: bytes, seconds: float) -> tuple[bytes, float | None, float, int]:
+    """Send `head`, then `piece` over and over as fast as the server takes it, reading what it answers, until it
+    closes the connection or `seconds` pass: its answer, when it came and when the connection ended (seconds from
+    the start), and the bytes sent after the answer."""
+    port = int(url.rsplit(":", 1)[1])
+    got, sent, after, answered = bytearray(), 0, 0, None
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(head)
+        sock.setblocking(False)
+        start = time.monotonic()
+        while time.monotonic() - start < seconds:
+            try:
+                data = sock.recv(65536)
+            except BlockingIOError:
+                data = None
+            except ConnectionResetError:
+                break
+            if data is not None:
+                if not data:
+                    break
+                got += data
+                answered = answered if answered is not None or b"\r\n\r\n" not in got else time.monotonic() - start
+            try:
+                n = sock.send(piece[sent % len(piece) :])
+            except BlockingIOError:
+                time.sleep(0.001)
+                continue
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            sent += n
+            after += n if answered is not None else 0
+        return bytes(got), answered, time.monotonic() - start, after
+
+
+def test_an_early_answer_closes_the_connection_instead_of_reading_the_rest_of_the_body(live: tuple[str, int]) -> None:
+    """Before: a body over the limit (by Content-Length, or streamed) was answered 413 at once, but the server then
+    read and threw away the rest for up to `body_timeout` (30 s by default): gigabytes over loopback, the connection
+    held (measured with a 5 s timeout: 2.2 GB by length, 1.5 GB streamed). Now an answer sent before the request's
+    body is in carries `Connection: close`, and the connection is closed once it is sent; the server keeps
+    serving."""
+    url, _ = live
+    start = f"POST /v1/{SLUG} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+    chunk = b"10000\r\n" + b"a" * 0x10000 + b"\r\n"
+    for head, piece in [(start + "Content-Length: 100000000000\r\n\r\n", b"a" * 65536),
+                        (start + "Transfer-Encoding: chunked\r\n\r\n", chunk)]:  # fmt: skip
+        answer, answered, ended, after = send_until_closed(url, head.encode(), piece, T + SLACK + 3)
+        status, body, answer_headers = status_and_json(answer)
+        assert status == 413 and "over the limit" in body["error"], answer[:300]
+        assert answer_headers.get("connection") == "close", answer_headers
+        assert answered is not None and ended - answered < T, (answered, ended)  # before: the body timeout
+        assert after < 20 << 20, after  # before: a gigabyte a second
+    assert healthy(url)

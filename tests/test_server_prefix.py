@@ -128,3 +128,15 @@ def test_without_a_prefix_the_docs_stay_at_the_root(tmp_path: Path) -> None:
     with LiveServer(create_app(settings, server, MaskGenerator(FakeBackend(), settings)), server) as live:
         assert "url: '/openapi.json'" in httpx.get(f"{live.url}/docs").text
         assert "servers" not in httpx.get(f"{live.url}/openapi.json").json()
+
+
+def test_the_docs_answers_carry_a_request_id(proxied: Proxied) -> None:
+    """Before: the docs pages, their files and the OpenAPI document asked directly were answered by the edge
+    middleware, outside the one that gives every answer an `x-request-id` (and logs it): none carried one. Now every
+    answer does, and they keep their edge headers."""
+    paths = ["/docs", "/redoc", "/openapi.json", "/tools/masks/openapi.json", "/docs/assets/swagger-ui.css"]
+    paths += ["/docs/assets/redoc.standalone.js", "/docs/assets/nothing.js", "/v1/models"]
+    for path in paths:
+        r = httpx.get(proxied.live.url + path, headers={**proxied.headers, "x-request-id": "docs-1"}, timeout=30)
+        assert r.status_code in (200, 404) and r.headers.get("x-request-id") == "docs-1", (path, r.status_code)
+        assert r.headers["x-content-type-options"] == "nosniff" and "cache-control" in r.headers, path

@@ -33,7 +33,7 @@ from automask.server.config import ServerSettings
 from automask.server.deployment import Guard
 from automask.server.dispatch import make_dispatcher
 from automask.server.errors import ApiError, shown, status_of
-from automask.server.headers import EdgeMiddleware
+from automask.server.headers import DocsMiddleware, EdgeMiddleware
 from automask.server.jobs import Jobs
 from automask.server.limits import (
     ASGIApp,
@@ -126,8 +126,9 @@ def create_app(
     app.state.automask = state
     _install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, limit=state.body_limit)
+    app.add_middleware(DocsMiddleware)  # /docs served locally, its answers with a request id like every other
     app.add_middleware(RequestContextMiddleware)
-    app.add_middleware(EdgeMiddleware)  # outermost: nosniff / no-store on every answer; /docs served locally
+    app.add_middleware(EdgeMiddleware)  # outermost: nosniff / no-store on every answer
     app.include_router(router)
     web.mount(app, public_url=server.public_url)  # the try-it page at /, a client of the v1 API like any other
     return app
@@ -206,9 +207,10 @@ def sent_path(path: str, root: str) -> tuple[str, bool]:
 
 
 class RequestContextMiddleware:
-    """Outermost: gives every request an id (`x-request-id` on the response), writes one JSON access-log line
-    (request id, method, path, status, duration, key id) and counts it (`metrics`), and turns an unexpected
-    exception into a logged 500 whose body names the request id but no internals."""
+    """Outermost but for the edge headers: gives every request an id (`x-request-id` on every response, the docs'
+    too), writes one JSON access-log line (request id, method, path, status, duration, key id) and counts it
+    (`metrics`), and turns an unexpected exception into a logged 500 whose body names the request id but no
+    internals."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app

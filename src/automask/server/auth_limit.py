@@ -1,63 +1,36 @@
 """The failed-authentication limit: failed authentications are counted per client address, and past the limit the
 address is locked out (429 before the database is read), except for keys known to be good.
 
-Which keys are known is chosen once at start-up (`failed_auth_for`). One process: those it saw authenticate
-(`Known`). A fleet (AUTOMASK_REDIS_URL): those any API node saw (`FleetKnown`), recorded in Redis under the key's id
-as an HMAC of the whole key, keyed by a secret the fleet keeps in its database (`fleet_secret`); never the key.
+Which keys are known is chosen once at start-up (`failed_auth_for`): those this process saw authenticate, or in a
+fleet (AUTOMASK_REDIS_URL) those any API node saw (`automask.server.known_keys`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import ipaddress
-import logging
-import math
-import secrets
 import time
-from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
-
-from sqlalchemy import insert, select
 
 from automask.server.errors import ApiError
-from automask.server.keys import split_token
-from automask.server.limits import RateLimiter, Receipt, RedisRateLimiter
-from automask.server.store import Store, settings_table
-
-log = logging.getLogger("automask.server")
-T = TypeVar("T")
-
-KNOWN_PREFIX = "automask:known:"
-"""A known key's Redis key: this prefix and the key's id (one entry per key, so at most as many as there are keys)."""
-KNOWN_TTL = 86_400
-"""Seconds a key stays known fleet-wide after a node last recorded it: a day. A client that used its key within a
-day passes a lock-out of its address on every node; one idle for longer waits out the window once, as a new key
-does. It also bounds how long an entry that a revocation could not clear (Redis down) lasts; meanwhile the revoked
-key's first request on a node is let through to the database, refused 403, and clears it."""
-REFRESH = 3600.0
-"""A node records a key it already knows again once this many seconds have passed since it last did: a key stays
-known for a day after it last authenticated, to within an hour, at one Redis write per key and node an hour at most
-(not one per request)."""
-TIMEOUT = 1.0
-"""Seconds one known-key read or write in Redis may take; past it, or on any Redis error, the key counts as unknown."""
-SECRET_ROW = "known-keys"
-"""The database `settings` row that holds the fleet's HMAC secret (hex)."""
+from automask.server.known_keys import FleetKnown, Known, fleet_secret
+from automask.server.limits import RateLimited, RateLimiter, Receipt, RedisRateLimiter
+from automask.server.store import Store
 
 SITE_FACTOR = 16
 """An IPv6 /48 (one site's allocation: 65,536 /64s) is locked out as a whole once its /64s together failed this many
 times the per-address limit within the window: a flood of guesses from many /64s of one site gets as far as 16
 addresses would, and holds as many counts at most (before: each /64 counted apart, 65,536 times the limit)."""
 
-_FORGET = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
-"""Delete a known key's entry only if it is this key's (a forged key with the same id clears nothing)."""
+PENDING = 10.0
+"""Seconds a key's count stays pending in a fleet (`RedisRateLimiter.hit`) while the database reads it, at most (a
+node that died meanwhile never ends it): a request of its address refused meanwhile, on any node, waits for it at
+most this long, then is answered 429."""
+POLL_FIRST, POLL_MAX = 0.01, 0.2
+"""Seconds between two looks of a request waiting for counts pending on other nodes: the first pause, doubled up to
+the longest."""
 
 
 @dataclass
@@ -94,7 +67,9 @@ class FailedAuth:
     is in yet, so at most `limit` are read a minute, however many come at once. One that finds no room while keys of
     its address are in flight in this process (being counted, or read) waits for them and looks again each time an
     admitted one ends (the first of a new valid key's requests to succeed makes it known): only failures refuse it.
-    A limiter's answers may arrive in any order (Redis): a request is in flight from the moment it asks."""
+    A limiter's answers may arrive in any order (Redis): a request is in flight from the moment it asks. In a fleet
+    (Redis) a count is also pending until its read ends, on whichever node: a request refused while counts of its
+    address are pending looks again every few milliseconds (`_Polling`), for `PENDING` seconds at most."""
 
     def __init__(self, limiter: RateLimiter | RedisRateLimiter, limit: int | None, known: Known | None = None) -> None:
         self.limiter = limiter
@@ -110,19 +85,22 @@ class FailedAuth:
         counts as a failure (of `address`, and of its IPv6 site) until `succeeded` gives it back. End it with
         `failed`, `succeeded` or `give_back`. A key this process knows costs no I/O and is not counted; the fleet is
         asked about another only when its address is locked out."""
+        waiting = _Polling(time.monotonic() + PENDING)
         while True:
             if self.limit is None or self.known.has(token):
                 return Attempt(address)
             attempt = self._begin(address)
             try:
                 for counted, limit in _counted_as(address, self.limit):
-                    receipt = await self.limiter.hit(counted, limit, "failed authentications")
+                    receipt = await self.limiter.hit(counted, limit, "failed authentications", pending=PENDING)
                     if receipt is not None:
                         attempt.taken.append((counted, receipt))
             except ApiError as refused:
                 await self.give_back(attempt)  # (the address's count, when its site's refused it)
-                if refused.status == 429 and (self.known.has(token) or await self._room_may_be_free(address)):
-                    continue  # made known, or one in flight ended: look again
+                if refused.status == 429 and (
+                    self.known.has(token) or await self._room_may_be_free(address) or await waiting.may_look(refused)
+                ):
+                    continue  # made known, or one in flight ended (here or, soon maybe, on another node): look again
                 if refused.status != 429 or not await self.known.vouched(token):
                     raise
                 return Attempt(address)
@@ -138,6 +116,8 @@ class FailedAuth:
         try:
             if self.limit is not None:
                 await self.known.failed(token)
+                for counted, receipt in attempt.taken:  # they stay: no longer pending
+                    await self.limiter.settle(counted, receipt)
                 if not attempt.taken:
                     for counted, limit in _counted_as(attempt.address, self.limit):
                         with _suppress_429():
@@ -149,9 +129,9 @@ class FailedAuth:
         """`token` authenticated: `attempt` is not a failure, and from now on the key passes a lock-out of its
         address."""
         try:
-            await self._uncount(attempt)
-            if self.limit is not None:
+            if self.limit is not None:  # known (fleet-wide) before its count ends: those waiting for it find it known
                 await self.known.succeeded(token)
+            await self._uncount(attempt)
         finally:
             self._end(attempt)  # the requests waiting for room look again, and find the key known
 
@@ -196,6 +176,24 @@ class FailedAuth:
                     wake.event.set()
 
 
+class _Polling:
+    """How a request refused while counts of its address are pending on other nodes (`RateLimited.pending`) waits
+    for them: it looks again after a short sleep (doubling from `POLL_FIRST` to `POLL_MAX` seconds), until
+    `deadline` (monotonic seconds)."""
+
+    def __init__(self, deadline: float) -> None:
+        self.deadline = deadline
+        self.pause = POLL_FIRST
+
+    async def may_look(self, refused: ApiError) -> bool:
+        """True after a pause when `refused` found counts pending and there is time left; False at once otherwise."""
+        if not isinstance(refused, RateLimited) or not refused.pending or time.monotonic() >= self.deadline:
+            return False
+        await asyncio.sleep(min(self.pause, max(0.0, self.deadline - time.monotonic())))
+        self.pause = min(self.pause * 2, POLL_MAX)
+        return True
+
+
 def _counted_as(address: str, limit: int) -> list[tuple[str, int]]:
     """The limiter keys a failed authentication from `address` (`client_address`) counts under, with their limits:
     the address's own, and for an IPv6 /64 its /48's, `SITE_FACTOR` times as many."""
@@ -216,125 +214,6 @@ def _suppress_429() -> Iterator[None]:
             raise
 
 
-class Known:
-    """Keys that authenticated lately in this process: SHA-256 digests (never the keys) of the `capacity` most recent,
-    each with when the fleet last recorded it (monotonic seconds; -inf: never)."""
-
-    def __init__(self, capacity: int = 10_000) -> None:
-        self.capacity = capacity
-        self._digests: OrderedDict[bytes, float] = OrderedDict()
-
-    @staticmethod
-    def _digest(token: str | None) -> bytes | None:
-        return hashlib.sha256(token.strip().encode()).digest() if token else None
-
-    def has(self, token: str | None) -> bool:
-        return self.recorded(token) is not None
-
-    def recorded(self, token: str | None) -> float | None:
-        """When the fleet last recorded `token` (-inf: never); None when this process does not know it."""
-        digest = self._digest(token)
-        return None if digest is None else self._digests.get(digest)
-
-    def add(self, token: str | None, recorded: float = -math.inf) -> None:
-        digest = self._digest(token)
-        if digest is not None:
-            self._digests[digest] = recorded
-            self._digests.move_to_end(digest)
-            while len(self._digests) > self.capacity:
-                self._digests.popitem(last=False)
-
-    def forget(self, token: str | None) -> None:
-        digest = self._digest(token)
-        if digest is not None:
-            self._digests.pop(digest, None)
-
-    def __len__(self) -> int:
-        return len(self._digests)
-
-    async def vouched(self, token: str | None) -> bool:
-        """Whether another node knows `token` to be good (asked only when `has` says no): in one process, none."""
-        return False
-
-    async def succeeded(self, token: str | None) -> None:
-        """`token` authenticated."""
-        self.add(token)
-
-    async def failed(self, token: str | None) -> None:
-        """`token` failed to authenticate (e.g. revoked): no longer known to be good."""
-        self.forget(token)
-
-
-class FleetKnown(Known):
-    """`Known` shared by the API nodes: a key that authenticated on any node within `ttl` seconds passes a lock-out
-    on every node. Redis (`client`, a `redis.asyncio` client) holds `KNOWN_PREFIX<key id>` = HMAC-SHA256(`secret`,
-    key), written when a key this node does not know yet authenticates (then at most every `REFRESH` seconds while it
-    does), read only for a locked-out address, and cleared when that very key fails (revoked). Redis failing or
-    slower than `TIMEOUT`: the key counts as unknown (the lock-out holds) and is not recorded."""
-
-    def __init__(
-        self,
-        client: Any,
-        secret: bytes,
-        capacity: int = 10_000,
-        ttl: int = KNOWN_TTL,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        super().__init__(capacity)
-        self.client, self.ttl, self._secret, self._clock = client, ttl, secret, clock
-        self._forget = client.register_script(_FORGET)
-
-    def _entry(self, token: str | None) -> tuple[str, bytes] | None:
-        """The Redis key and value that record `token`; None for what is not a key's form."""
-        parts = split_token(token)
-        if parts is None or token is None:
-            return None
-        return KNOWN_PREFIX + parts[0], hmac.new(self._secret, token.strip().encode(), hashlib.sha256).digest()
-
-    async def vouched(self, token: str | None) -> bool:
-        entry = self._entry(token)
-        if entry is None:
-            return False
-        stored = await self._redis(self.client.get(entry[0]), "look up a known key (it counts as unknown)")
-        return isinstance(stored, bytes) and hmac.compare_digest(stored, entry[1])
-
-    async def succeeded(self, token: str | None) -> None:
-        recorded, now, entry = self.recorded(token), self._clock(), self._entry(token)
-        if entry is not None and (recorded is None or now - recorded >= REFRESH):
-            written = await self._redis(self.client.set(*entry, ex=self.ttl), "record a known key (tried again)")
-            recorded = now if written else recorded
-        self.add(token, -math.inf if recorded is None else recorded)
-
-    async def failed(self, token: str | None) -> None:
-        self.forget(token)
-        entry = self._entry(token)
-        if entry is not None:
-            await self._redis(self._forget(keys=[entry[0]], args=[entry[1]]), "forget a key (it expires in a day)")
-
-    @staticmethod
-    async def _redis(call: Awaitable[T], what: str) -> T | None:
-        """`call`'s answer; None (logged) when Redis fails or takes longer than `TIMEOUT`."""
-        from redis.exceptions import RedisError
-
-        try:
-            return await asyncio.wait_for(call, TIMEOUT)
-        except (RedisError, asyncio.TimeoutError) as exc:
-            log.warning("Redis did not %s: %s", what, str(exc) or f"no answer in {TIMEOUT:g} s")
-            return None
-
-
-def fleet_secret(store: Store) -> bytes:
-    """The fleet's key for `FleetKnown`'s HMACs: random, made by the first node to start and kept in the database
-    (`settings` row `known-keys`), which every node shares and Redis does not hold."""
-    with store.transaction() as conn:
-        store.lock(conn, "settings." + SECRET_ROW)  # nodes starting at once: one makes it, the others read it
-        value = conn.execute(select(settings_table.c.value).where(settings_table.c.name == SECRET_ROW)).scalar()
-        if value is None:
-            value = secrets.token_hex(32)
-            conn.execute(insert(settings_table).values(name=SECRET_ROW, value=value, updated_at=store.now()))
-    return bytes.fromhex(str(value))
-
-
 def failed_auth_for(limiter: RateLimiter | RedisRateLimiter, store: Store, limit: int | None) -> FailedAuth:
     """The failed-authentication limit of a server whose per-key limiter is `limiter`: a fleet's (Redis) shares the
     counts and the known keys through it; one process keeps both in memory (a limiter of its own: client addresses
@@ -342,15 +221,6 @@ def failed_auth_for(limiter: RateLimiter | RedisRateLimiter, store: Store, limit
     if isinstance(limiter, RedisRateLimiter):
         return FailedAuth(limiter, limit, FleetKnown(limiter.client, fleet_secret(store)))
     return FailedAuth(RateLimiter(), limit, Known())
-
-
-def forget_everywhere(redis_url: str, key_id: str) -> None:
-    """No API node may take key `key_id` for known from Redis any more (after it was revoked). A node that knows it
-    in its own memory still reads the database for it once, is refused 403, and forgets it. Raises `RedisError`."""
-    import redis
-
-    with redis.Redis.from_url(redis_url, socket_timeout=5, socket_connect_timeout=5) as client:
-        client.delete(KNOWN_PREFIX + key_id)
 
 
 def client_address(peer: str | None) -> str:

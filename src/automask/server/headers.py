@@ -1,4 +1,4 @@
-"""`EdgeMiddleware`: the response headers every answer carries, and Swagger UI served from this server.
+"""`EdgeMiddleware`: the response headers every answer carries; `DocsMiddleware`: Swagger UI served from this server.
 
 Headers: every answer gets `x-content-type-options: nosniff`; every answer that sets no `cache-control` of its
 own gets `cache-control: no-store` (API answers hold results, keys' data and per-key errors: no browser or
@@ -63,13 +63,11 @@ def swagger_assets() -> Path | None:
 
 
 class EdgeMiddleware:
-    """Adds `nosniff` and (unless set) `cache-control: no-store` to every HTTP answer; serves `/docs` locally."""
+    """Adds `nosniff` and (unless set) `cache-control: no-store` to every HTTP answer (outermost: the answers of
+    every middleware within, the request id's 500 and the docs included)."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
-        folder = swagger_assets()
-        self.folder = folder
-        self.assets = StaticFiles(directory=folder) if folder else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -85,7 +83,25 @@ class EdgeMiddleware:
                 message["headers"] = headers
             await send(message)
 
-        await self._route(scope, receive, send_with_headers)
+        await self.app(scope, receive, send_with_headers)
+
+
+class DocsMiddleware:
+    """Serves `/docs`, `/redoc`, their files and (asked directly under the prefix) the OpenAPI document locally;
+    passes everything else on. Within the request id's middleware, so that these answers carry an `x-request-id`
+    and are logged as every other answer is."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        folder = swagger_assets()
+        self.folder = folder
+        self.assets = StaticFiles(directory=folder) if folder else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        await self._route(scope, receive, send)
 
     async def _route(self, scope: Scope, receive: Receive, send: Send) -> None:
         root = scope.get("root_path", "")

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import uuid
-from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import case, delete, func, insert, select, update
@@ -24,13 +23,22 @@ from sqlalchemy import case, delete, func, insert, select, update
 from automask.server import keys, metrics, nodes
 from automask.server.bounded import job_bound, sized
 from automask.server.errors import ApiError
+from automask.server.job_view import (
+    CANCELLED,
+    COMPLETED,
+    FAILED,
+    FINISHED,
+    PROCESSING,
+    QUEUED,
+    UNFINISHED,
+    Claimed,
+    Job,
+    read_job,
+)
 from automask.server.limits import retry_headers
 from automask.server.schemas import MaskRequest
 from automask.server.store import Store, jobs_table, nodes_table
 
-QUEUED, PROCESSING, COMPLETED, FAILED, CANCELLED = "QUEUED", "PROCESSING", "COMPLETED", "FAILED", "CANCELLED"
-UNFINISHED = (QUEUED, PROCESSING)
-FINISHED = (COMPLETED, FAILED, CANCELLED)
 J = jobs_table.c
 N = nodes_table.c
 CANCELLED_QUEUED = "Cancelled by the client before it ran."
@@ -40,58 +48,6 @@ KEY_CAP_RETRY_SECONDS = 5
 LONGEST_RUN_MARGIN = 120.0
 """Seconds past the request timeout after which a PROCESSING job is taken as lost even though its node is alive
 (Celery's hard limit is timeout + 30 s; model loading in-process does not count against the timeout)."""
-
-
-@dataclass(frozen=True)
-class Job:
-    """A job as its owner sees it (never its upload or result bytes). `metadata`: the served metadata once
-    COMPLETED."""
-
-    id: str
-    key_id: str | None
-    status: str
-    base64: bool
-    error: str | None
-    metadata: dict[str, Any] | None
-    inference_time: float | None
-    model: str | None
-    has_result: bool
-    started: bool = False
-    """Claimed at least once (by a run that may have been lost since: the job is then QUEUED again)."""
-
-    @property
-    def shown_status(self) -> str:
-        """The status its owner is shown: QUEUED -> PROCESSING -> COMPLETED | FAILED, never back. A job put back in
-        the queue after it started (its worker died, its run was lost, its server stopped) stays PROCESSING."""
-        return PROCESSING if self.status == QUEUED and self.started else self.status
-
-
-@dataclass(frozen=True)
-class Claimed:
-    """A job a worker has just taken: its stored request, its model and how many times it was started."""
-
-    id: str
-    request: dict[str, Any]
-    model: str | None
-    attempts: int
-
-
-_JOB_COLUMNS = (J.id, J.key_id, J.status, J.base64, J.error, J.metadata, J.inference_time, J.model)
-
-
-def _to_job(row: Any) -> Job:
-    return Job(
-        id=row.id,
-        key_id=row.key_id,
-        status=row.status,
-        base64=bool(row.base64),
-        error=row.error,
-        metadata=json.loads(row.metadata) if row.metadata else None,
-        inference_time=row.inference_time,
-        model=row.model,
-        has_result=bool(row.has_result),
-        started=bool(row.started),
-    )
 
 
 def _running_on(job_id: str, node: str) -> Any:
@@ -199,17 +155,8 @@ class Jobs:
         )
 
     def get(self, job_id: str) -> Job | None:
-        """Job `job_id`, or None (unknown or expired). An id holding NUL is no job's, and not looked up: PostgreSQL
-        text cannot hold it (the query would fail as if the database were down)."""
-        if "\x00" in job_id:
-            return None
-        with self.store.read() as conn:
-            row = conn.execute(
-                select(
-                    *_JOB_COLUMNS, J.result.is_not(None).label("has_result"), J.started_at.is_not(None).label("started")
-                ).where(J.id == job_id)
-            ).first()
-        return _to_job(row) if row else None
+        """Job `job_id`, or None (unknown or expired): `read_job`."""
+        return read_job(self.store, job_id)
 
     def result(self, job_id: str) -> bytes | None:
         """The result PNG of COMPLETED job `job_id` (None: unknown, not completed or expired)."""

@@ -93,7 +93,7 @@ def _forget_known(redis_url: str, key_id: str) -> None:
     require("redis", "scale")
     from redis.exceptions import RedisError
 
-    from automask.server.auth_limit import forget_everywhere
+    from automask.server.known_keys import forget_everywhere
 
     try:
         forget_everywhere(redis_url, key_id)

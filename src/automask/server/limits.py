@@ -50,6 +50,10 @@ Receipt = float | str
 """What a limiter's `hit` answers for a request it counted, to take that count back (`uncount`): the time it was
 counted at (in memory), or its member of the key's sorted set (Redis)."""
 
+PENDING_SUFFIX = ":pending"
+"""A Redis limiter key's counts still pending (`RedisRateLimiter.hit`): a sorted set of their members, each scored
+with when it stops being pending (microseconds, Redis's clock) if nothing ended it."""
+
 MAX_COUNTED = 100_000
 """Keys (or client addresses) the in-process limiter keeps counts for at most; past it the least recently counted
 is forgotten, so many addresses cannot grow its memory without bound."""
@@ -104,9 +108,15 @@ class RateLimiter:
         """Keys counted now."""
         return len(self._seen)
 
-    async def hit(self, key_id: str, limit: int | None, what: str = "requests", count: bool = True) -> Receipt | None:
-        """`check` for the event loop (in memory: no I/O)."""
+    async def hit(
+        self, key_id: str, limit: int | None, what: str = "requests", count: bool = True, pending: float = 0.0
+    ) -> Receipt | None:
+        """`check` for the event loop (in memory: no I/O). `pending` is for a fleet's limiter (`RedisRateLimiter`):
+        one process knows its own requests in flight."""
         return self.check(key_id, limit, what, count)
+
+    async def settle(self, key_id: str, receipt: Receipt) -> None:
+        """The count `receipt` stays (`RedisRateLimiter.settle`): nothing to do in memory."""
 
     async def uncount(self, key_id: str, receipt: Receipt) -> None:
         """Take back the count of `key_id` that `hit` answered with `receipt` (gone already: nothing)."""
@@ -125,21 +135,27 @@ class RateLimiter:
 _SLIDING_WINDOW = """
 local now = redis.call('TIME')
 local t = tonumber(now[1]) * 1000000 + tonumber(now[2])
-local window, limit = tonumber(ARGV[1]), tonumber(ARGV[2])
+local window, limit, pending = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[5])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', t - window)
 local n = redis.call('ZCARD', KEYS[1])
 if n < limit then
   if ARGV[4] == '1' then
     redis.call('ZADD', KEYS[1], t, ARGV[3])
     redis.call('PEXPIRE', KEYS[1], math.ceil(window / 1000))
+    if pending > 0 then
+      redis.call('ZADD', KEYS[2], t + pending, ARGV[3])
+      redis.call('PEXPIRE', KEYS[2], math.ceil(pending / 1000))
+    end
   end
-  return {1, tostring(t), '0'}
+  return {1, tostring(t), '0', 0}
 end
 local oldest = redis.call('ZRANGE', KEYS[1], n - limit, n - limit, 'WITHSCORES')
-return {0, tostring(t), oldest[2]}
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', t)
+return {0, tostring(t), oldest[2], redis.call('ZCARD', KEYS[2])}
 """
 """One atomic sliding-window step on the Redis server's clock (microseconds): drop what left the window, then
-count the request if there is room (and ARGV[4] is '1'), else answer when the oldest counted request leaves it."""
+count the request if there is room (and ARGV[4] is '1'; with ARGV[5] > 0, also as pending in KEYS[2] for that many
+microseconds at most), else answer when the oldest counted request leaves it, and how many counts are pending."""
 
 
 class RedisRateLimiter:
@@ -156,26 +172,41 @@ class RedisRateLimiter:
         self._script = self.client.register_script(_SLIDING_WINDOW)
         self._outage = Outage(log, "Redis (AUTOMASK_REDIS_URL)")
 
-    async def hit(self, key_id: str, limit: int | None, what: str = "requests", count: bool = True) -> Receipt | None:
-        """Count one request of `key_id` (only look, with `count=False`); raise a 429 `ApiError` (nothing counted)
+    async def hit(
+        self, key_id: str, limit: int | None, what: str = "requests", count: bool = True, pending: float = 0.0
+    ) -> Receipt | None:
+        """Count one request of `key_id` (only look, with `count=False`); raise a 429 `RateLimited` (nothing counted)
         when `limit` are counted already. A key expires with its window. Returns the count's `Receipt` (its member
-        of the sorted set), None when nothing was counted."""
+        of the sorted set), None when nothing was counted.
+
+        `pending` > 0: the count is also pending, for that many seconds at most, until `settle` or `uncount` ends
+        it (whether it stays is not known yet: a failed authentication being checked, on any node); a 429 says how
+        many of the key's counts are pending (`RateLimited.pending`), in the same atomic step."""
         if limit is None:
             return None
         import uuid
 
         window_us, member = int(WINDOW * 1_000_000), uuid.uuid4().hex
-        allowed, now, oldest = await self._script(
-            keys=[self.prefix + key_id], args=[window_us, limit, member, "1" if count else "0"]
+        allowed, now, oldest, held = await self._script(
+            keys=[self.prefix + key_id, self.prefix + key_id + PENDING_SUFFIX],
+            args=[window_us, limit, member, "1" if count else "0", int(pending * 1_000_000)],
         )
         if int(allowed):
             return member if count else None
         now_s = float(now) / 1e6
-        raise rate_limited(limit, now_s, float(oldest) / 1e6 + WINDOW, what)
+        raise rate_limited(limit, now_s, float(oldest) / 1e6 + WINDOW, what, pending=int(held))
+
+    async def settle(self, key_id: str, receipt: Receipt) -> None:
+        """The count `receipt` (counted with `pending`) stays: it is no longer pending."""
+        await self.client.zrem(self.prefix + key_id + PENDING_SUFFIX, str(receipt))
 
     async def uncount(self, key_id: str, receipt: Receipt) -> None:
-        """Take back the count of `key_id` that `hit` answered with `receipt` (gone already: nothing)."""
-        await self.client.zrem(self.prefix + key_id, str(receipt))
+        """Take back the count of `key_id` that `hit` answered with `receipt` (gone already: nothing), pending or
+        not: both at once (MULTI), so no one sees it pending without its count or counted and no longer pending."""
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.zrem(self.prefix + key_id, str(receipt))
+            pipe.zrem(self.prefix + key_id + PENDING_SUFFIX, str(receipt))
+            await pipe.execute()
 
     async def unreachable(self) -> str | None:
         """None when Redis answers a PING within `PING_TIMEOUT` seconds, else why not (`REDIS_DOWN`, for /readyz)."""
@@ -221,15 +252,24 @@ LIMIT_LABELS = {"failed authentications": "failed_auth"}
 """The metrics label (`ApiError.limit`) of a rate limit's `what`, where it differs."""
 
 
-def rate_limited(limit: int, now: float, reset_at: float, what: str = "requests") -> ApiError:
+class RateLimited(ApiError):
+    """A 429 of a rate limit; `pending`: how many of the key's counts were pending (`RedisRateLimiter.hit`) when it
+    was refused: room may come free once they end."""
+
+    def __init__(self, message: str, headers: dict[str, str], limit: str, pending: int = 0) -> None:
+        super().__init__(429, message, headers, limit=limit)
+        self.pending = pending
+
+
+def rate_limited(limit: int, now: float, reset_at: float, what: str = "requests", pending: int = 0) -> RateLimited:
     """The 429 for a key over its `limit` of `what` per minute (`retry_headers`)."""
     headers = retry_headers(now, reset_at)
-    return ApiError(
-        429,
+    return RateLimited(
         f"Rate limit of {limit} {what} per minute reached; retry after {headers['Retry-After']} s "
         f"({headers['x-rate-limit-reset-at-utc']}).",
         headers,
-        limit=LIMIT_LABELS.get(what, what),
+        LIMIT_LABELS.get(what, what),
+        pending,
     )
 
 

@@ -11,9 +11,10 @@ except while the app works on its request:
   must arrive within `body_timeout` seconds plus one second per `body_min_rate` bytes received (a client
   trickling a byte now and then is cut off, as Apache's mod_reqtimeout MinRate does) -> 408 JSON; time the
   app spends not reading does not count; and at most `body_deadline` seconds in all, however steadily it
-  trickles (its room in the body memory budget is held no longer) -> 408 JSON. The same pause bound on reading
-  and discarding the rest of a body the app answered early (e.g. 413), and on a client that stops reading its
-  answer;
+  trickles (its room in the body memory budget is held no longer) -> 408 JSON. An answer sent before the body
+  is all in (e.g. 413) says `Connection: close` and the connection is closed once it is sent: the rest of the
+  body is not read (before: read and thrown away for up to `body_timeout` seconds, gigabytes over a fast link).
+  The same pause bound on a client that stops reading its answer;
 - keep-alive: `keepalive_timeout` seconds idle between requests -> closed;
 - at most `max_connections` open (kept below the process's open-file limit): a connection past it is
   answered 503 JSON and closed at once, so it never pins a descriptor;
@@ -114,6 +115,20 @@ class StrictConnection(h11.Connection):
             if b"content-length" in names and b"transfer-encoding" in names:
                 raise h11.RemoteProtocolError("both Content-Length and Transfer-Encoding", error_status_hint=400)
         return event
+
+    def send_with_data_passthrough(self, event: h11.Event) -> list[bytes] | None:  # (what `send` calls)
+        """An answer begun before the request's body is all in (a 413, a refused key) says `Connection: close`, so
+        that the connection ends once it is sent (uvicorn closes it): the rest of the body is not read and thrown
+        away for as long as the client keeps sending."""
+        if isinstance(event, h11.Response) and self.their_state is h11.SEND_BODY and not _closing(event.headers):
+            headers = [*event.headers, (b"connection", b"close")]
+            event = h11.Response(status_code=event.status_code, headers=headers, reason=event.reason)
+        return super().send_with_data_passthrough(event)
+
+
+def _closing(headers: Any) -> bool:
+    """Whether an answer's `headers` say `Connection: close` already."""
+    return any(name.lower() == b"connection" and b"close" in value.lower() for name, value in headers)
 
 
 class _CapWarning:
@@ -229,9 +244,8 @@ class GuardedH11Protocol(H11Protocol):
                 if self.timeout_keep_alive_task is None:  # uvicorn's own keep-alive timer is not running
                     self._arm("keepalive", self.limits.keepalive_timeout, self._on_keepalive)
         elif theirs is h11.SEND_BODY:
-            if ours in (h11.DONE, h11.MUST_CLOSE):  # answered early: read and discard the rest, for a while
-                if self._phase != "linger":
-                    self._arm("linger", self.limits.body_timeout, self._on_linger)
+            if ours in (h11.DONE, h11.MUST_CLOSE):  # answered early (`StrictConnection.send`): nothing more to read
+                self._close_silently()
             elif got_data or self._phase != "body":
                 now = self.loop.time()
                 if self._body_deadline is None or self._body_cap is None:
@@ -286,10 +300,6 @@ class GuardedH11Protocol(H11Protocol):
     def _on_keepalive(self) -> None:
         self._timer = None
         self._close_silently()
-
-    def _on_linger(self) -> None:
-        self._timer = None
-        self.transport.close()
 
     def _on_write_stall(self) -> None:
         self._timer = None
