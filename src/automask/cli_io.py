@@ -19,6 +19,7 @@ import click
 from PIL import Image
 
 from automask import errors
+from automask.cli_links import link_note
 from automask.errors import AutomaskError, InvalidOptionError
 from automask.imageio import ImageSource
 from automask.result import MAX_SIDE
@@ -239,7 +240,7 @@ def read_source(image: str, settings: Settings) -> tuple[ImageSource, Path | Non
         mode = os.stat(path).st_mode
     except OSError as exc:  # missing; or a folder on its path may not be searched, a link loop...
         why = "no such file" if exc.errno in (errno.ENOENT, errno.ENOTDIR) else exc.strerror or str(exc)
-        raise errors.ImageDecodeError(f"Cannot read '{image}': {why}.") from None
+        raise errors.ImageDecodeError(f"Cannot read '{image}': {why}{link_note(image)}.") from None
     if stat.S_ISDIR(mode):
         raise errors.ImageDecodeError(f"Cannot read '{image}': it is a folder (use automask batch).")
     if not stat.S_ISREG(mode):  # a pipe (`<(curl ...)`, /dev/stdin) or a device: read as standard input is
