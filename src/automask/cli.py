@@ -290,6 +290,8 @@ def _batch(ctx: click.Context, sources: tuple[str, ...], outdir: Path, recursive
     plan = plan_outputs(files, outdir, found.base)
     made = Outputs()
     made.folder(outdir)  # an OUTDIR that cannot be written: exit 8 now, not once per file after its masking
+    for folder in sorted({dst.parent for _, dst in plan if dst.parent.is_dir()}):  # mirrored subfolders too
+        made.tidy(folder)
     try:
         _mask_files(ctx, plan, [unread_record(exc) for exc in found.unreadable], job)
     finally:

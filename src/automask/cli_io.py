@@ -19,6 +19,7 @@ import click
 from PIL import Image
 
 from automask import errors
+from automask.cli_leftovers import PREFIX, hold_part
 from automask.cli_links import link_note
 from automask.errors import AutomaskError, InvalidOptionError
 from automask.imageio import ImageSource
@@ -97,11 +98,12 @@ def _replace(path: Path, data: bytes, shown: Path) -> None:
     """Write the regular file `path` through a temp file beside it and `os.replace`; errors name `shown`."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".automask-", suffix=".part")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=PREFIX, suffix=".part")
     except OSError as exc:
         raise write_error(shown, exc) from None
     try:
         with os.fdopen(fd, "wb") as f:
+            hold_part(fd)  # not a killed writer's, which a later run tidies (`cli_leftovers.tidy`)
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
