@@ -3,6 +3,7 @@ lock of the run that keeps them), and the tidying of it by a later run: only wha
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import subprocess
@@ -112,3 +113,24 @@ def test_what_a_live_run_holds_is_left_alone(
     finally:
         os.close(part)
         lockfiles.unlock(held_lock, fd)
+
+
+def test_a_file_system_without_locks_still_takes_outputs(
+    tiny_clipseg_dir: Path, photo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where `flock` fails (ENOLCK: some network file systems), a mask replacing a file and instance masks are still
+    written, as before the locks, and leave nothing hidden; what no lock can tell about is never tidied."""
+
+    def no_locks(fd: int, operation: int) -> None:
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "m.png").write_bytes(b"the user's earlier mask")
+    (out / ".automask-dead_one.part").write_bytes(b"a killed writer's, or a live one's: no lock tells")
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    monkeypatch.setattr(cli_leftovers, "PART_AGE_S", 0.0)
+    result = invoke("mask", photo, "-o", out / "m.png", "--instances", out, "-p", "cat", "--model", tiny_clipseg_dir)
+    assert result.exit_code == 0, result.output
+    assert Image.open(out / "m.png").size == (60, 40)
+    assert hidden(out) == [".automask-dead_one.part"]

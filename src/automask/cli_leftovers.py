@@ -6,6 +6,7 @@ released by the system when their holder dies; where there are none (Windows) no
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import stat
@@ -32,7 +33,8 @@ def hold_part(fd: int) -> None:
         import fcntl
     except ImportError:
         return
-    fcntl.flock(fd, fcntl.LOCK_EX)
+    with contextlib.suppress(OSError):  # a file system without locks (ENOLCK): `tidy` cannot take it either
+        fcntl.flock(fd, fcntl.LOCK_EX)
 
 
 class Holds:
@@ -46,8 +48,14 @@ class Holds:
     def prefix(self, folder: Path) -> str:
         """The name prefix of this run's `.old` files in `folder`, its lock there taken first (OSError when it
         cannot be made)."""
+        lock = folder / f"{PREFIX}{self.token}.lock"
         if folder not in self.held:
-            self.held[folder] = lockfiles.lock(folder / f"{PREFIX}{self.token}.lock", wait=True)
+            try:
+                self.held[folder] = lockfiles.lock(lock, wait=True)
+            except OSError:  # a file system without locks (ENOLCK): `tidy` cannot take it either, while it is there
+                if not os.path.lexists(lock):
+                    raise
+                self.held[folder] = None
         return f"{PREFIX}{self.token}-"
 
     def release(self) -> None:
