@@ -659,3 +659,19 @@ def test_a_lone_batch_source_that_is_a_dangling_link_says_where_it_leads(tmp_pat
         f"error: DIR_OR_GLOB: no such file or folder: '{tmp_path / 'gone.jpg'}' (a link to 'no-such-photo.jpg', "
         "which leads to no file).\n"
     )
+
+
+def test_batch_of_standard_input_points_to_mask(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before: `cat a.jpg | automask batch - -o out`, '-' read as the CLI's standard input elsewhere, said "no such
+    file or folder: '-'". Now it says batch reads files, and how to mask an image piped in; a file named '-' is
+    still taken, as ./- too."""
+    monkeypatch.chdir(tmp_path)
+    result = invoke("batch", "-", "-o", "out", "-p", "cat", "--model", tmp_path / "no-such-model")
+    assert result.exit_code == 2, result.output
+    assert result.stderr == (
+        "error: DIR_OR_GLOB: '-' is standard input, but batch reads files: name a folder, a quoted glob or files "
+        "(./- for a file called '-'). To mask an image piped in: automask mask - -o OUT -p ...\n"
+    )
+    (tmp_path / "-").write_bytes(b"not an image")
+    taken = invoke("batch", "-", "-o", "out", "-p", "cat", "--model", tmp_path / "no-such-model")
+    assert taken.exit_code == 4, taken.output  # the model: the file was taken

@@ -31,6 +31,12 @@ UNREADABLE_IMAGES = frozenset(
 counts in `skipped_note`; with those of `READ_IF_PILLOW_CAN` that Pillow cannot read here."""
 
 
+STDIN = (
+    "'-' is standard input, but batch reads files: name a folder, a quoted glob or files (./- for a file called '-'). "
+    "To mask an image piped in: automask mask - -o OUT -p ..."
+)
+"""What `batch -` says when no file is called '-'."""
+
 _ABSENT = frozenset({errno.ENOENT, errno.ENOTDIR, errno.EINVAL})
 """Why `os.stat` fails for a path that is not there: missing, below a file (`a.jpg/x.jpg`), or, on Windows, a name
 with glob characters (WinError 123, EINVAL)."""
@@ -78,6 +84,8 @@ def find_images(source: str, recursive: bool, outdir: Path) -> Found:
             (files, skipped, unreadable, broken), base = _folder_images(root, recursive, outdir), root
         elif root.is_file():
             files = [root]
+        elif source == "-" and not os.path.lexists(source):
+            raise InvalidOptionError("DIR_OR_GLOB", STDIN)
         elif not glob.has_magic(source) and not os.path.exists(source):  # missing, or a link to no file
             raise InvalidOptionError("DIR_OR_GLOB", f"no such file or folder: '{source}'{link_note(source)}.")
         else:
