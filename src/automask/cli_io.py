@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import errno
+import glob
 import json
 import os
 import re
@@ -241,6 +242,8 @@ def read_source(image: str, settings: Settings) -> tuple[ImageSource, Path | Non
     try:
         mode = os.stat(path).st_mode
     except OSError as exc:  # missing; or a folder on its path may not be searched, a link loop...
+        if exc.errno == errno.ENOENT:
+            _not_a_glob(image)
         why = "no such file" if exc.errno in (errno.ENOENT, errno.ENOTDIR) else exc.strerror or str(exc)
         raise errors.ImageDecodeError(f"Cannot read '{image}': {why}{link_note(image)}.") from None
     if stat.S_ISDIR(mode):
@@ -252,6 +255,19 @@ def read_source(image: str, settings: Settings) -> tuple[ImageSource, Path | Non
         except OSError as exc:
             raise errors.ImageDecodeError(f"Cannot read '{image}': {exc.strerror or exc}.") from None
     return path, path
+
+
+def _not_a_glob(image: str) -> None:
+    """An `InvalidOptionError` pointing to `batch` when IMAGE, a path to no file, is a glob that matches files (one
+    the shell left as typed: quoted)."""
+    matched = len(glob.glob(image)) if glob.has_magic(image) else 0
+    if matched:
+        files = "1 file" if matched == 1 else f"{matched} files"
+        raise InvalidOptionError(
+            "IMAGE",
+            f"'{image}' is a glob matching {files}, and mask takes one image; to mask them: automask batch "
+            f"'{image}' -o OUTDIR -p ...",
+        )
 
 
 def one_image(images: tuple[str, ...]) -> str:
