@@ -562,3 +562,18 @@ def test_keys_commands_with_standard_output_closed_exit_8_before_the_work(tmp_pa
         [*automask_command(), "--data-dir", str(tmp_path), "keys", "list", "--json"], capture_output=True, timeout=120
     )
     assert listed.returncode == 0 and json.loads(listed.stdout) == [], listed.stderr  # no key was created
+
+
+def test_an_output_folder_that_cannot_be_written_is_named_as_given(
+    tiny_clipseg_dir: Path, photo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before: `mask a.jpg -o notes.txt/m.png` (a file on the path) said "Cannot write into '/home/me/.../notes.txt'",
+    the absolute path resolved, where batch names OUTDIR as given. Now mask names it as given too (a link as -o is
+    still followed: its target's folder is checked)."""
+    monkeypatch.chdir(tmp_path)
+    Path("notes.txt").write_text("a file, not a folder")
+    Path("link.png").symlink_to("notes.txt/m.png")
+    for out, folder in (("notes.txt/m.png", "notes.txt"), ("link.png", str(tmp_path / "notes.txt"))):
+        result = invoke("mask", photo, "-p", "cat", "--model", tiny_clipseg_dir, "-o", out)
+        assert result.exit_code == 8, result.output
+        assert result.stderr == f"error: Cannot write into '{folder}': Not a directory.\n"

@@ -67,8 +67,8 @@ class Outputs:
             if exc.errno in (errno.ELOOP, errno.ENAMETOOLONG):  # a name no folder could hold
                 raise write_error(path, exc) from None
             mode = stat.S_IFREG
-        if stat.S_ISREG(mode):
-            self.folder(Path(os.path.realpath(path)).parent)
+        if stat.S_ISREG(mode):  # the folder as given (in errors), but a link's target's
+            self.folder(Path(os.path.realpath(path)).parent if os.path.islink(path) else path.parent)
 
     def write(self, path: Path, data: bytes) -> None:
         """`write_atomic`, remembering the regular file written and keeping the file it replaces (`_kept`)."""
