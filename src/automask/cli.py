@@ -29,6 +29,7 @@ from automask.cli_io import (
     check_stdout,
     check_stdout_use,
     echo_json,
+    input_id,
     one_image,
     one_line,
     output_format,
@@ -184,7 +185,7 @@ def mask(state: CliState, images: tuple[str, ...], out: str | None, instances_di
 def _mask(settings: Settings, image: str, out: str | None, instances: Path | None, job: Job, outputs: Outputs) -> None:
     """`mask`'s work: every file it writes goes through `outputs` (the instances folder is checked first)."""
     source, path = read_source(image, settings)
-    target = output_target(out, path, job.options.output_kind)
+    target = output_target(out, path, job.options.output_kind, input_id(image))
     fmt = output_format(target, job.options.output_kind)
     outputs.target(target)
     if instances is not None:
