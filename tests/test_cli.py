@@ -638,6 +638,24 @@ def test_mask_of_several_images_points_to_batch(lib: Library, tmp_path: Path) ->
     assert result.stdout == "" and list(tmp_path.iterdir()) == []
 
 
+def test_mask_of_a_quoted_glob_points_to_batch(lib: Library, tmp_path: Path) -> None:
+    """Before: `automask mask 'photos/*.png' -p cat` (a glob the shell left as typed) said "Cannot read
+    'photos/*.png': no such file.", exit 3, though it matches files. Now it is a usage error that says how many it
+    matches and points to batch, as several images given do; a glob matching nothing, or a file named like one,
+    is as before."""
+    for n in range(3):
+        (tmp_path / f"{n}.png").write_bytes(b"not read")
+    pattern = f"{tmp_path}/*.png"
+    result = invoke("mask", pattern, "-p", "cat", "--model", lib.model)
+    assert result.exit_code == 2, result.output
+    assert result.stderr == (
+        f"error: IMAGE: '{pattern}' is a glob matching 3 files, and mask takes one image; to mask them: automask "
+        f"batch '{pattern}' -o OUTDIR -p ...\n"
+    )
+    none = invoke("mask", f"{tmp_path}/*.jpg", "-p", "cat", "--model", lib.model)
+    assert (none.exit_code, none.stderr) == (3, f"error: Cannot read '{tmp_path}/*.jpg': no such file.\n")
+
+
 def test_a_file_named_like_a_data_uri_is_read_as_the_file(
     lib: Library, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -147,7 +147,7 @@ def test_batch_of_a_folder_it_cannot_read_says_so(tmp_path: Path, source: str, f
     ("args", "code", "error"),
     [
         (["mask", "locked/c.jpg", "-o", "m.png"], 3, "Cannot read 'locked/c.jpg': Permission denied."),
-        (["mask", "a.jpg", "-o", "locked/m.png"], 8, "Cannot write into '{tmp}/locked': Permission denied."),
+        (["mask", "a.jpg", "-o", "locked/m.png"], 8, "Cannot write into 'locked': Permission denied."),
         (["batch", "locked/c.jpg", "a.jpg", "-o", "out"], 3, "Cannot read 'locked/c.jpg': Permission denied."),
         (["batch", "a.jpg", "-o", "locked/out"], 8, "Cannot write into 'locked/out': Permission denied."),
         (["batch", "a.jpg", "-o", "loop"], 8, "Cannot write into 'loop': Too many levels of symbolic links."),
@@ -184,7 +184,8 @@ def test_a_path_through_a_folder_it_cannot_search_says_so(
 def test_an_image_path_the_system_cannot_look_up_says_why(tmp_path: Path, command: str, name: str, why: str) -> None:
     """Before: an IMAGE that is a symbolic link loop was 'no such file' (though `ls` lists it); one whose name is too
     long for the file system, also among several files given to batch, was 'internal error: OSError: [Errno 36] File
-    name too long', exit 70. Now both are an image that cannot be read, exit 3, with the system's reason."""
+    name too long', exit 70. Now both are an image that cannot be read, exit 3, with the system's reason (and the
+    links of a loop)."""
     (tmp_path / "loop.jpg").symlink_to("loop2.jpg")
     (tmp_path / "loop2.jpg").symlink_to("loop.jpg")
     (tmp_path / "a.jpg").write_bytes(b"not read: the run stops before")
@@ -192,7 +193,8 @@ def test_an_image_path_the_system_cannot_look_up_says_why(tmp_path: Path, comman
     given = [image] if command == "mask" else [image, tmp_path / "a.jpg", "-o", tmp_path / "out"]
     result = invoke(command, *given, "-p", "cat", "--model", tmp_path / "no-such-model")
     assert result.exit_code == 3, result.output
-    assert result.stderr == f"error: Cannot read '{image}': {why}.\n"
+    loop = f" (a link loop: '{image}' -> 'loop2.jpg' -> 'loop.jpg')" if name == "loop.jpg" else ""
+    assert result.stderr == f"error: Cannot read '{image}': {why}{loop}.\n"
 
 
 @pytest.mark.parametrize(
@@ -576,17 +578,18 @@ def test_batch_into_an_outdir_it_may_not_open_exits_8(folder: Path, tmp_path: Pa
     assert list(out.iterdir()) == []
 
 
-@pytest.mark.parametrize("flags", [[], ["-r"]])
+@pytest.mark.parametrize(("pattern", "flags"), [("", []), ("", ["-r"]), ("/*.*g", []), ("/**/*.*g", ["-r"])])
 def test_batch_of_a_folder_notes_the_links_that_lead_to_no_file(
-    tiny_clipseg_dir: Path, folder: Path, tmp_path: Path, flags: list[str]
+    tiny_clipseg_dir: Path, folder: Path, tmp_path: Path, pattern: str, flags: list[str]
 ) -> None:
-    """Before: a link with an image's name that leads nowhere (dangling, or a link loop) was skipped without a word.
-    Now one note counts and names them, as batch notes the images it cannot read; the other files are masked."""
+    """Before: a link with an image's name that leads nowhere (dangling, or a link loop) was skipped without a word;
+    and a glob skipped those it matched so, after folder sources noted them. Now one note counts and names them, as
+    batch notes the images it cannot read; the other files are masked."""
     (folder / "gone.jpg").symlink_to("no-such-photo.jpg")
     (folder / "loop.png").symlink_to("loop.png")
-    (folder / "notes.txt").symlink_to("no-such-file.txt")  # no image's name: not an input either way
+    (folder / "notes.txt").symlink_to("no-such-file.txt")  # no image's name (nor matched): not an input either way
     out = tmp_path / "out"
-    result = invoke("batch", folder, *flags, "-o", out, "-p", "cat", "--model", tiny_clipseg_dir)
+    result = invoke("batch", f"{folder}{pattern}", *flags, "-o", out, "-p", "cat", "--model", tiny_clipseg_dir)
     assert result.exit_code == 0, result.output
     notes = [line for line in result.stderr.splitlines() if line.startswith("note: ")]
     assert notes == [
@@ -605,3 +608,70 @@ def test_batch_of_a_folder_of_broken_links_only_says_why_nothing_was_found(folde
     assert result.stderr.rstrip().endswith(
         f"1 link skipped: it leads to no file (dangling, or a link loop): '{folder / 'gone.jpg'}'."
     )
+
+
+def test_batch_of_a_glob_of_broken_links_only_says_why_nothing_was_found(folder: Path, tmp_path: Path) -> None:
+    """A glob among several files notes its broken links too; a glob that matched only broken links says so."""
+    (folder / "gone.jpg").symlink_to("no-such-photo.jpg")
+    model = tmp_path / "no-such-model"
+    alone = invoke("batch", f"{folder}/g*.jpg", "-o", tmp_path / "out", "-p", "cat", "--model", model)
+    assert alone.exit_code == 2, alone.output
+    assert alone.stderr == (
+        f"error: DIR_OR_GLOB: no images found in '{folder}/g*.jpg'. 1 link skipped: it leads to no file (dangling, "
+        f"or a link loop): '{folder / 'gone.jpg'}'.\n"
+    )
+    several = invoke(
+        "batch", f"{folder}/*.jpg", folder / "b.png", "-o", tmp_path / "out", "-p", "cat", "--model", model
+    )
+    assert several.exit_code == 4, several.output  # the model, after the inputs were found
+    assert several.stderr.startswith(
+        f"note: 1 link skipped: it leads to no file (dangling, or a link loop): '{folder / 'gone.jpg'}'.\n"
+    )
+
+
+@pytest.mark.parametrize("command", ["mask", "batch"])
+def test_a_lone_image_that_is_a_link_loop_names_the_loop(tmp_path: Path, command: str) -> None:
+    """Before: `batch loop.jpg` (a link loop) said "no images found in 'loop.jpg'", exit 2, and `mask` only the
+    system's "Too many levels of symbolic links". Now both say it cannot be read, exit 3, and name the links of the
+    loop; a loop in a folder of the path is named so too."""
+    (tmp_path / "loop.jpg").symlink_to("loop2.jpg")
+    (tmp_path / "loop2.jpg").symlink_to("loop.jpg")
+    (tmp_path / "self").symlink_to("self")
+    out = ["-o", tmp_path / "out"] if command == "batch" else []
+    for image, loop in (
+        (tmp_path / "loop.jpg", f"'{tmp_path / 'loop.jpg'}' -> 'loop2.jpg' -> 'loop.jpg'"),
+        (tmp_path / "self" / "a.jpg", f"'{tmp_path / 'self'}' -> 'self'"),
+    ):
+        result = invoke(command, image, *out, "-p", "cat", "--model", tmp_path / "no-such-model")
+        assert result.exit_code == 3, result.output
+        assert (
+            result.stderr == f"error: Cannot read '{image}': Too many levels of symbolic links (a link loop: {loop}).\n"
+        )
+
+
+def test_a_lone_batch_source_that_is_a_dangling_link_says_where_it_leads(tmp_path: Path) -> None:
+    """Before: `batch gone.jpg`, a link to a file that is not there, said "no images found in 'gone.jpg'". Now it is
+    a source that does not exist, as a missing one is, and says where the link leads."""
+    (tmp_path / "gone.jpg").symlink_to("no-such-photo.jpg")
+    result = invoke("batch", tmp_path / "gone.jpg", "-o", tmp_path / "out", "-p", "cat", "--model", tmp_path / "m")
+    assert result.exit_code == 2, result.output
+    assert result.stderr == (
+        f"error: DIR_OR_GLOB: no such file or folder: '{tmp_path / 'gone.jpg'}' (a link to 'no-such-photo.jpg', "
+        "which leads to no file).\n"
+    )
+
+
+def test_batch_of_standard_input_points_to_mask(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before: `cat a.jpg | automask batch - -o out`, '-' read as the CLI's standard input elsewhere, said "no such
+    file or folder: '-'". Now it says batch reads files, and how to mask an image piped in; a file named '-' is
+    still taken, as ./- too."""
+    monkeypatch.chdir(tmp_path)
+    result = invoke("batch", "-", "-o", "out", "-p", "cat", "--model", tmp_path / "no-such-model")
+    assert result.exit_code == 2, result.output
+    assert result.stderr == (
+        "error: DIR_OR_GLOB: '-' is standard input, but batch reads files: name a folder, a quoted glob or files "
+        "(./- for a file called '-'). To mask an image piped in: automask mask - -o OUT -p ...\n"
+    )
+    (tmp_path / "-").write_bytes(b"not an image")
+    taken = invoke("batch", "-", "-o", "out", "-p", "cat", "--model", tmp_path / "no-such-model")
+    assert taken.exit_code == 4, taken.output  # the model: the file was taken

@@ -562,3 +562,63 @@ def test_keys_commands_with_standard_output_closed_exit_8_before_the_work(tmp_pa
         [*automask_command(), "--data-dir", str(tmp_path), "keys", "list", "--json"], capture_output=True, timeout=120
     )
     assert listed.returncode == 0 and json.loads(listed.stdout) == [], listed.stderr  # no key was created
+
+
+def test_an_output_folder_that_cannot_be_written_is_named_as_given(
+    tiny_clipseg_dir: Path, photo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before: `mask a.jpg -o notes.txt/m.png` (a file on the path) said "Cannot write into '/home/me/.../notes.txt'",
+    the absolute path resolved, where batch names OUTDIR as given. Now mask names it as given too (a link as -o is
+    still followed: its target's folder is checked)."""
+    monkeypatch.chdir(tmp_path)
+    Path("notes.txt").write_text("a file, not a folder")
+    Path("link.png").symlink_to("notes.txt/m.png")
+    for out, folder in (("notes.txt/m.png", "notes.txt"), ("link.png", str(tmp_path / "notes.txt"))):
+        result = invoke("mask", photo, "-p", "cat", "--model", tiny_clipseg_dir, "-o", out)
+        assert result.exit_code == 8, result.output
+        assert result.stderr == f"error: Cannot write into '{folder}': Not a directory.\n"
+
+
+def mask_from_a_file_on_stdin(image: str, photo: Path, cwd: Path, model: Path, *out: object) -> Any:
+    """`automask mask IMAGE ... < photo` run in `cwd`."""
+    with open(photo, "rb") as stdin:
+        return subprocess.run(
+            [*automask_command(), "mask", image, "-p", "cat", "--model", str(model), *map(str, out)],
+            stdin=stdin,
+            capture_output=True,
+            cwd=cwd,
+            timeout=180,
+        )
+
+
+def test_dev_stdin_redirected_from_a_file_writes_as_standard_input_does(
+    tiny_clipseg_dir: Path, photo: Path, tmp_path: Path
+) -> None:
+    """Before: `automask mask /dev/stdin -p cat < photo.png` wrote '/dev/stdin.mask.png' (beside the name given: into
+    /dev, as root; exit 8 for anyone else). Now /dev/stdin, /dev/fd/N and /proc/self/fd/N are read as standard
+    input is, and write ./mask.png by default."""
+    stray = Path("/dev/stdin.mask.png")
+    try:
+        for name in ("/dev/stdin", "/dev/fd/0", "/proc/self/fd/0"):
+            proc = mask_from_a_file_on_stdin(name, photo, tmp_path, tiny_clipseg_dir)
+            assert proc.returncode == 0, proc.stderr.decode()
+            assert proc.stderr.decode().splitlines()[-1].startswith("wrote 'mask.png': mask 60×40")
+            assert Image.open(tmp_path / "mask.png").size == (60, 40) and not stray.exists()
+            (tmp_path / "mask.png").unlink()
+    finally:
+        stray.unlink(missing_ok=True)
+
+
+@pytest.mark.parametrize("image", ["-", "/dev/stdin"])
+def test_standard_input_read_from_the_output_file_is_never_replaced(
+    tiny_clipseg_dir: Path, photo: Path, tmp_path: Path, image: str
+) -> None:
+    """Before: `automask mask - -p cat -o photo.png < photo.png` replaced the photo with its mask. Now standard input
+    redirected from a file is that input file: an -o naming it is refused, as for a path, before any work."""
+    mine = tmp_path / "photo.png"
+    mine.write_bytes(photo.read_bytes())
+    proc = mask_from_a_file_on_stdin(image, mine, tmp_path, tiny_clipseg_dir, "-o", "photo.png")
+    assert proc.returncode == 2, proc.stderr.decode()
+    why = "is the input image: writing the mask there would replace it. Name another file."
+    assert proc.stderr.decode().splitlines()[-1] == f"error: --output: 'photo.png' {why}"
+    assert mine.read_bytes() == photo.read_bytes()

@@ -252,13 +252,18 @@ def test_an_image_url_in_angle_brackets_or_quotes_is_loaded(tab: Tab, photo_url:
     """An image URL pasted or dropped as text in the angle brackets or quotes that set a URL apart in prose (RFC 3986,
     appendix C), a note after them, or with a query: the URL alone is loaded. Before, "<https://…>" and the quoted
     URL were refused as "not an image URL"."""
-    page = tab.page
-    for way, text in (
+    set_apart_urls_loaded(
+        tab.page,
         (PASTE_TEXT, f"<{photo_url}>"),
         (DROP_TEXT, f'"{photo_url}" (the astronaut)'),
         (PASTE_TEXT, f"“{photo_url}”"),
         (PASTE_TEXT, f"'{photo_url}?size=512&v=2'"),
-    ):
+    )
+
+
+def set_apart_urls_loaded(page: Any, *cases: tuple[str, str]) -> None:
+    """Each (way, text) of `cases` loads the URL that `text` begins with, within the brackets or quotes around it."""
+    for way, text in cases:
         url_loaded(page, way, text, text.split()[0].strip("<>\"“”'"))
 
 
@@ -297,3 +302,25 @@ def test_a_cancelled_update_leaves_the_result_marked_stale(tab: Tab, photo: Path
     page.click("#cancel")
     assert page.inner_text("#status").startswith("Cancelled.") and len(held) == 1
     assert stale(page), "the result for threshold 0.5 is shown as current with 0.51"
+
+
+TYPE_IN_FIELD = """(text) => { const field = document.getElementById('image-url'); field.focus(); field.value = text;
+                               field.dispatchEvent(new Event('change', { bubbles: true })); }"""
+ENTER_IN_FIELD = """(text) => { const field = document.getElementById('image-url'); field.focus(); field.value = text;
+                                const init = { key: 'Enter', bubbles: true, cancelable: true };
+                                field.dispatchEvent(new KeyboardEvent('keydown', init)); }"""
+
+
+def test_an_image_url_typed_or_pasted_into_the_field_in_quotes_or_brackets_is_loaded(tab: Tab, photo_url: str) -> None:
+    """The image URL field takes a URL in the angle brackets or quotes that set it apart in prose, with spaces around
+    it, as a paste or a drop on the page does: the URL alone is loaded and the field then shows it. Before, the field
+    refused `"https://…"`, `<https://…>` and `'https://…'` as "not an image URL" (a paste into the field is the
+    browser's, which keeps them)."""
+    set_apart_urls_loaded(
+        tab.page,
+        (TYPE_IN_FIELD, f'"{photo_url}"'),
+        (ENTER_IN_FIELD, f"<{photo_url}>"),
+        (TYPE_IN_FIELD, f"'{photo_url}?size=512'"),
+        (ENTER_IN_FIELD, f"  “{photo_url}”  "),
+        (TYPE_IN_FIELD, f"{photo_url} the astronaut"),
+    )

@@ -30,6 +30,7 @@ from automask.cli_io import (
     check_stdout,
     check_stdout_use,
     echo_json,
+    input_id,
     one_image,
     one_line,
     output_format,
@@ -202,7 +203,7 @@ def mask(state: CliState, images: tuple[str, ...], out: str | None, instances_di
 def _mask(settings: Settings, image: str, out: str | None, instances: Path | None, job: Job, outputs: Outputs) -> None:
     """`mask`'s work: every file it writes goes through `outputs` (the instances folder is checked first)."""
     source, path = read_source(image, settings)
-    target = output_target(out, path, job.options.output_kind)
+    target = output_target(out, path, job.options.output_kind, input_id(image))
     fmt = output_format(target, job.options.output_kind)
     outputs.target(target)
     if instances is not None:
@@ -308,6 +309,8 @@ def _batch(ctx: click.Context, sources: tuple[str, ...], outdir: Path, recursive
     plan = plan_outputs(files, outdir, found.base)
     made = Outputs()
     made.folder(outdir)  # an OUTDIR that cannot be written: exit 8 now, not once per file after its masking
+    for folder in sorted({dst.parent for _, dst in plan if dst.parent.is_dir()}):  # mirrored subfolders too
+        made.tidy(folder)
     try:
         _mask_files(ctx, plan, [unread_record(exc) for exc in found.unreadable], job)
     finally:

@@ -16,6 +16,7 @@ from PIL import Image
 
 from automask import errors
 from automask.cli_io import IMAGE_SUFFIXES, file_id, one_line
+from automask.cli_links import link_note
 from automask.errors import InvalidOptionError
 from automask.imageio.decode import readable_formats
 
@@ -29,6 +30,12 @@ UNREADABLE_IMAGES = frozenset(
 """Suffixes of images and drawings automask cannot read (raw photos among them), which a folder source skips and
 counts in `skipped_note`; with those of `READ_IF_PILLOW_CAN` that Pillow cannot read here."""
 
+
+STDIN = (
+    "'-' is standard input, but batch reads files: name a folder, a quoted glob or files (./- for a file called '-'). "
+    "To mask an image piped in: automask mask - -o OUT -p ..."
+)
+"""What `batch -` says when no file is called '-'."""
 
 _ABSENT = frozenset({errno.ENOENT, errno.ENOTDIR, errno.EINVAL})
 """Why `os.stat` fails for a path that is not there: missing, below a file (`a.jpg/x.jpg`), or, on Windows, a name
@@ -51,7 +58,8 @@ def find_inputs(sources: tuple[str, ...], recursive: bool, outdir: Path) -> Foun
     """`find_images` of one source (a folder, a glob or a file); `given_files` of several."""
     if len(sources) == 1:
         return find_images(sources[0], recursive, outdir)
-    return Found(given_files(sources, recursive, outdir), None, [], [], [])
+    files, broken = given_files(sources, recursive, outdir)
+    return Found(files, None, [], [], broken)
 
 
 def find_images(source: str, recursive: bool, outdir: Path) -> Found:
@@ -62,25 +70,31 @@ def find_images(source: str, recursive: bool, outdir: Path) -> Found:
     when it is a subfolder: the outputs of an earlier run are not inputs); a glob gives every file it matches
     (`recursive`: `**` spans folders) except those in `outdir` when it is below the folder the glob searches; a
     file is taken as it is named, also when the name has glob characters (`photo[1].jpg`). `outdir` may be the
-    folder itself (`plan_outputs` never names an input). A source that cannot be read (no permission) is an
-    `ImageDecodeError`; a subfolder that cannot be, an error in the list returned.
+    folder itself (`plan_outputs` never names an input). A source that cannot be read (no permission, a link loop)
+    is an `ImageDecodeError`; a subfolder that cannot be, an error in the list returned. A glob's links that lead to
+    no file are returned as broken, as a folder's are.
     """
     root, base = Path(source), None
     unreadable: list[OSError] = []
     skipped: list[Path] = []
     broken: list[Path] = []
     try:
+        _look_up(source)
         if root.is_dir():
             (files, skipped, unreadable, broken), base = _folder_images(root, recursive, outdir), root
         elif root.is_file():
             files = [root]
-        elif not glob.has_magic(source) and not os.path.lexists(source):
-            raise InvalidOptionError("DIR_OR_GLOB", f"no such file or folder: '{source}'.")
+        elif source == "-" and not os.path.lexists(source):
+            raise InvalidOptionError("DIR_OR_GLOB", STDIN)
+        elif not glob.has_magic(source) and not os.path.exists(source):  # missing, or a link to no file
+            raise InvalidOptionError("DIR_OR_GLOB", f"no such file or folder: '{source}'{link_note(source)}.")
         else:
+            matched = _glob_files(source, recursive)
+            broken = [p for p in matched if p.is_symlink() and not os.path.exists(p)]  # no resolve: a loop
             earlier_output = _earlier_outputs(_split_glob(source)[0], outdir)
-            files = [p for p in _glob_files(source, recursive) if not earlier_output(p)]
+            files = [p for p in matched if p.is_file() and not earlier_output(p)]
     except OSError as exc:
-        raise errors.ImageDecodeError(f"Cannot read '{source}': {exc.strerror or exc}.") from None
+        raise errors.ImageDecodeError(f"Cannot read '{source}': {exc.strerror or exc}{link_note(source)}.") from None
     if not files and not unreadable:
         looked = f" (files ending {', '.join(sorted(_folder_suffixes()))})" if base else ""
         raise InvalidOptionError(
@@ -90,6 +104,16 @@ def find_images(source: str, recursive: bool, outdir: Path) -> Found:
             + (f" {broken_note(broken)}" if broken else ""),
         )
     return Found(sorted(files), base, unreadable, skipped, sorted(broken))
+
+
+def _look_up(path: str) -> None:
+    """`os.stat(path)`, raising its error unless it says `path` is not there (`_ABSENT`: a glob, or a usage error
+    for the caller to name): a folder on it that may not be searched, a link loop, a name too long..."""
+    try:
+        os.stat(path)
+    except OSError as exc:
+        if exc.errno not in _ABSENT:
+            raise
 
 
 def skipped_note(skipped: list[Path]) -> str:
@@ -108,21 +132,22 @@ def broken_note(broken: list[Path]) -> str:
     return f"{_count(len(broken), 'link')} skipped: {what} to no file (dangling, or a link loop): {shown}."
 
 
-def given_files(paths: tuple[str, ...], recursive: bool, outdir: Path) -> list[Path]:
+def given_files(paths: tuple[str, ...], recursive: bool, outdir: Path) -> tuple[list[Path], list[Path]]:
     """The files named by several `paths` (what the shell makes of an unquoted glob, `photos/*.jpg`), sorted: a path
     that is no file but a glob (quoted, or one bash left as typed: it matched nothing) takes the files it matches,
     as `find_images` does. A folder among them, a path that does not exist or a glob that matches no file is an
     `InvalidOptionError`: batch takes one folder (or one quoted glob), or files; but `outdir` (`photos/*` of
     `-o photos/masks` run again) is skipped, and so are the files in it when it lies below the folder holding all
-    the others (`photos/**/*.png` of `-o photos/masks` run again: earlier outputs), as a quoted glob skips them."""
+    the others (`photos/**/*.png` of `-o photos/masks` run again: earlier outputs), as a quoted glob skips them.
+    Returns the files, and the links that lead to no file its globs matched (noted as a folder's are)."""
     skip = outdir.resolve()
-    files = []
+    files: list[Path] = []
+    broken: list[Path] = []
     for path in paths:
         try:
-            os.stat(path)
+            _look_up(path)
         except OSError as exc:  # a folder on its path may not be searched, a link loop, a name too long...
-            if exc.errno not in _ABSENT:  # (absent: a glob, or a usage error below)
-                raise errors.ImageDecodeError(f"Cannot read '{path}': {exc.strerror or exc}.") from None
+            raise errors.ImageDecodeError(f"Cannot read '{path}': {exc.strerror or exc}{link_note(path)}.") from None
         if Path(path).resolve() == skip:
             continue
         if Path(path).is_dir():
@@ -136,7 +161,8 @@ def given_files(paths: tuple[str, ...], recursive: bool, outdir: Path) -> list[P
         elif not glob.has_magic(path) or os.path.lexists(path):
             raise InvalidOptionError("DIR_OR_GLOB", f"no such file: '{path}'.")
         else:
-            files += find_images(path, recursive, outdir).files
+            found = find_images(path, recursive, outdir)
+            files, broken = files + found.files, broken + found.broken
     if files:
         earlier_output = _earlier_outputs(Path(os.path.commonpath([f.absolute().parent for f in files])), outdir)
         files = [f for f in files if not earlier_output(f)]
@@ -144,7 +170,7 @@ def given_files(paths: tuple[str, ...], recursive: bool, outdir: Path) -> list[P
         raise InvalidOptionError(
             "DIR_OR_GLOB", f"no images given: only the output folder '{outdir}' or the outputs of a run into it."
         )
-    return sorted(set(files))  # a file named twice is masked once
+    return sorted(set(files)), sorted(set(broken))  # a file named twice is masked once
 
 
 def inputs_once(found: Found) -> tuple[list[Path], list[str]]:
@@ -281,12 +307,13 @@ def _split_glob(pattern: str) -> tuple[Path, str]:
 
 
 def _glob_files(pattern: str, recursive: bool) -> list[Path]:
-    """The files `pattern` matches, each once. With `recursive`, `**` spans folders, following symlinks to folders
-    as a folder source does (`_walk`: each real folder once, so a link loop ends; `glob.glob` looped dozens of times
-    through a link to a folder above, two of them for ever); names starting with '.' are matched only by a pattern
-    part that starts with '.', as `glob.glob` does."""
+    """What `pattern` matches that is no folder (files, and links that lead to no file), each once. With
+    `recursive`, `**` spans folders, following symlinks to folders as a folder source does (`_walk`: each real
+    folder once, so a link loop ends; `glob.glob` looped dozens of times through a link to a folder above, two of
+    them for ever); names starting with '.' are matched only by a pattern part that starts with '.', as `glob.glob`
+    does."""
     if not (recursive and "**" in pattern):
-        return [Path(p) for p in glob.glob(pattern) if Path(p).is_file()]
+        return [Path(p) for p in glob.glob(pattern) if not Path(p).is_dir()]
     root, rest = _split_glob(pattern)
     parts = Path(rest).parts + (("*",) if Path(rest).name == "**" else ())  # 'shots/**': every file below
     dotted = [part for part in parts if part.startswith(".")]
@@ -298,9 +325,7 @@ def _glob_files(pattern: str, recursive: bool) -> list[Path]:
     return [
         p
         for p in found
-        if _matches(p.relative_to(root).parts, parts)
-        and not any(map(hidden, p.relative_to(root).parts))
-        and p.is_file()
+        if _matches(p.relative_to(root).parts, parts) and not any(map(hidden, p.relative_to(root).parts))
     ]
 
 

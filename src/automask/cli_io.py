@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import errno
+import glob
 import json
 import os
 import re
@@ -19,6 +20,8 @@ import click
 from PIL import Image
 
 from automask import errors
+from automask.cli_leftovers import PREFIX, hold_part
+from automask.cli_links import link_note
 from automask.errors import AutomaskError, InvalidOptionError
 from automask.imageio import ImageSource
 from automask.result import MAX_SIDE
@@ -35,6 +38,8 @@ OUTPUT_FORMATS = {".png": "PNG", ".webp": "WEBP", ".tif": "TIFF", ".tiff": "TIFF
 """The formats `mask -o NAME` writes, by NAME's suffix (case-insensitive); any other name is written as PNG."""
 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://|^data:")
+_STDIN_NAMES = re.compile(r"/dev/(stdin|fd/\d+)|/proc/[^/]+/fd/\d+")
+"""Names of an open file of the process (standard input): read as a stream, and no name for outputs beside it."""
 
 
 class OutputError(AutomaskError):
@@ -96,11 +101,12 @@ def _replace(path: Path, data: bytes, shown: Path) -> None:
     """Write the regular file `path` through a temp file beside it and `os.replace`; errors name `shown`."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".automask-", suffix=".part")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=PREFIX, suffix=".part")
     except OSError as exc:
         raise write_error(shown, exc) from None
     try:
         with os.fdopen(fd, "wb") as f:
+            hold_part(fd)  # not a killed writer's, which a later run tidies (`cli_leftovers.tidy`)
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -234,21 +240,56 @@ def read_source(image: str, settings: Settings) -> tuple[ImageSource, Path | Non
         return data, None
     if _URL.match(image) and not os.path.isfile(image):  # a file named 'data:x.png' is that file
         return image, None
+    if _STDIN_NAMES.fullmatch(os.path.abspath(image)):  # `< photo.jpg` makes it a regular file: not beside it
+        return _read_named_stream(image, settings), None
     path = Path(image)
     try:
         mode = os.stat(path).st_mode
     except OSError as exc:  # missing; or a folder on its path may not be searched, a link loop...
+        if exc.errno == errno.ENOENT:
+            _not_a_glob(image)
         why = "no such file" if exc.errno in (errno.ENOENT, errno.ENOTDIR) else exc.strerror or str(exc)
-        raise errors.ImageDecodeError(f"Cannot read '{image}': {why}.") from None
+        raise errors.ImageDecodeError(f"Cannot read '{image}': {why}{link_note(image)}.") from None
     if stat.S_ISDIR(mode):
         raise errors.ImageDecodeError(f"Cannot read '{image}': it is a folder (use automask batch).")
     if not stat.S_ISREG(mode):  # a pipe (`<(curl ...)`, /dev/stdin) or a device: read as standard input is
-        try:
-            with path.open("rb") as stream:
-                return _read_stream(stream, f"in '{image}'", settings), None
-        except OSError as exc:
-            raise errors.ImageDecodeError(f"Cannot read '{image}': {exc.strerror or exc}.") from None
+        return _read_named_stream(image, settings), None
     return path, path
+
+
+def _read_named_stream(image: str, settings: Settings) -> bytes:
+    """The bytes of the pipe, device or open file `image` names, read as standard input is (`_read_stream`)."""
+    try:
+        with open(image, "rb") as stream:
+            return _read_stream(stream, f"in '{image}'", settings)
+    except OSError as exc:
+        why = "no such file" if exc.errno in (errno.ENOENT, errno.ENOTDIR) else exc.strerror or str(exc)
+        raise errors.ImageDecodeError(f"Cannot read '{image}': {why}.") from None
+
+
+def input_id(image: str) -> tuple[int, int] | None:
+    """(device, inode) of the file IMAGE reads (`file_id`): a path's, standard input's for '-' (redirected from a
+    file: `< photo.jpg`); None for a URL or a closed standard input."""
+    if image == "-":
+        try:
+            st = os.fstat(sys.stdin.fileno())
+        except (AttributeError, OSError, ValueError):
+            return None
+        return st.st_dev, st.st_ino
+    return None if _URL.match(image) and not os.path.isfile(image) else file_id(Path(image))
+
+
+def _not_a_glob(image: str) -> None:
+    """An `InvalidOptionError` pointing to `batch` when IMAGE, a path to no file, is a glob that matches files (one
+    the shell left as typed: quoted)."""
+    matched = len(glob.glob(image)) if glob.has_magic(image) else 0
+    if matched:
+        files = "1 file" if matched == 1 else f"{matched} files"
+        raise InvalidOptionError(
+            "IMAGE",
+            f"'{image}' is a glob matching {files}, and mask takes one image; to mask them: automask batch "
+            f"'{image}' -o OUTDIR -p ...",
+        )
 
 
 def one_image(images: tuple[str, ...]) -> str:
@@ -273,11 +314,14 @@ def _read_stream(stream: Any, where: str, settings: Settings) -> bytes:
     return data
 
 
-def output_target(out: str | None, source: Path | None, kind: str) -> Path | None:
+def output_target(
+    out: str | None, source: Path | None, kind: str, source_id: tuple[int, int] | None = None
+) -> Path | None:
     """Where `mask` writes: None for stdout ('-'); by default `<stem>.<kind>.png` beside the input file,
     or `<kind>.png` in the current folder for stdin and URLs; a folder (an existing one, or any path ending in
-    '/', created when written) gets that name inside. A target that is the input file itself (by any path or link)
-    is an `InvalidOptionError`: the input is never replaced."""
+    '/', created when written) gets that name inside. A target that is the input file itself (`source_id`, of
+    `input_id`, else `source`'s: by any path or link, or the file standard input reads) is an `InvalidOptionError`:
+    the input is never replaced."""
     if out == "-":
         return None
     default = f"{source.stem}.{kind}.png" if source else f"{kind}.png"
@@ -286,7 +330,7 @@ def output_target(out: str | None, source: Path | None, kind: str) -> Path | Non
     else:
         folder = os.path.isdir(out) or out.endswith(("/", os.sep))  # (False where a folder may not be searched)
         target = Path(out) / default if folder else Path(out)
-    source_id = file_id(source) if source is not None else None
+    source_id = source_id or (file_id(source) if source is not None else None)
     if source_id is not None and file_id(target) == source_id:
         raise InvalidOptionError(
             "--output", f"'{target}' is the input image: writing the {kind} there would replace it. Name another file."

@@ -11,16 +11,22 @@ import stat
 import tempfile
 from pathlib import Path
 
-from automask.cli_io import OutputError, write_atomic, write_error
+import click
+
+from automask.cli_io import OutputError, one_line, write_atomic, write_error
+from automask.cli_leftovers import PREFIX, Holds, tidy
 
 
 class Outputs:
     """What one command writes, undone by `discard` when it fails: no partial result is left behind, and a file it
-    replaced is put back as it was (`keep` once the command succeeded drops the copies kept for that)."""
+    replaced is put back as it was (`keep` once the command succeeded drops the copies kept for that). What killed
+    runs left in the folders it writes in is tidied first (`cli_leftovers.tidy`), and said on stderr."""
 
     def __init__(self) -> None:
         self.files: list[tuple[Path, Path | None]] = []  # (a file written, the copy of the file it replaced)
         self.folders: list[Path] = []
+        self.holds = Holds()  # the locks of the copies kept (`_kept`), for another run's tidying to leave them be
+        self.tidied: set[Path] = set()
 
     def folder(self, path: Path) -> None:
         """Create the folder `path` (and its missing parents) and check that a file can be made in it."""
@@ -29,11 +35,25 @@ class Outputs:
             if os.path.lexists(path) and not path.is_dir():  # mkdir would say 'File exists'
                 raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
             path.mkdir(parents=True, exist_ok=True)
-            fd, probe = tempfile.mkstemp(dir=path, prefix=".automask-", suffix=".part")
+            fd, probe = tempfile.mkstemp(dir=path, prefix=PREFIX, suffix=".part")
             os.close(fd)
             os.unlink(probe)
         except OSError as exc:
             raise OutputError(f"Cannot write into '{path}': {exc.strerror or exc}.") from None
+        self.tidy(path)
+
+    def tidy(self, folder: Path) -> None:
+        """Remove what killed automask runs left in `folder` (`cli_leftovers.tidy`), once, with a note on stderr."""
+        real = Path(os.path.realpath(folder))
+        if real in self.tidied:
+            return
+        self.tidied.add(real)
+        gone = tidy(real)
+        if gone:
+            shown = ", ".join(f"'{p.name}'" for p in gone[:3]) + (", ..." if gone[3:] else "")
+            files = "1 file" if len(gone) == 1 else f"{len(gone)} files"
+            note = f"note: removed {files} that killed automask runs left in '{folder}': {shown}"
+            click.echo(one_line(note), err=True)
 
     def target(self, path: Path | None) -> None:
         """`folder` for the folder `write` will write the file `path` in (through links), so that a target that
@@ -47,13 +67,13 @@ class Outputs:
             if exc.errno in (errno.ELOOP, errno.ENAMETOOLONG):  # a name no folder could hold
                 raise write_error(path, exc) from None
             mode = stat.S_IFREG
-        if stat.S_ISREG(mode):
-            self.folder(Path(os.path.realpath(path)).parent)
+        if stat.S_ISREG(mode):  # the folder as given (in errors), but a link's target's
+            self.folder(Path(os.path.realpath(path)).parent if os.path.islink(path) else path.parent)
 
     def write(self, path: Path, data: bytes) -> None:
         """`write_atomic`, remembering the regular file written and keeping the file it replaces (`_kept`)."""
         self.folders += [p for p in path.parents if not os.path.lexists(p)]
-        kept = _kept(path)
+        kept = _kept(path, self.holds)
         try:
             written = write_atomic(path, data)
         except BaseException:
@@ -72,6 +92,7 @@ class Outputs:
                 with contextlib.suppress(OSError):
                     kept.unlink()
         self.files = []
+        self.holds.release()
 
     def discard(self) -> None:
         """Remove the files written (putting back those they replaced) and the (then empty) folders made."""
@@ -81,19 +102,21 @@ class Outputs:
                     os.replace(kept, path)
                 else:
                     path.unlink()
+        self.holds.release()
         for folder in sorted(set(self.folders), key=lambda f: len(f.parts), reverse=True):
             with contextlib.suppress(OSError):
                 folder.rmdir()
 
 
-def _kept(path: Path) -> Path | None:
+def _kept(path: Path, holds: Holds) -> Path | None:
     """A hidden hard link (a copy where the file system has none) beside the regular file `path` names (through
-    links), for `Outputs.discard` to put it back after `write_atomic` replaced it; None for no such file."""
+    links), for `Outputs.discard` to put it back after `write_atomic` replaced it, named and locked by `holds`; None
+    for no such file."""
     real = Path(os.path.realpath(path))
     if not real.is_file():
         return None
     try:
-        fd, name = tempfile.mkstemp(dir=real.parent, prefix=".automask-", suffix=".old")
+        fd, name = tempfile.mkstemp(dir=real.parent, prefix=holds.prefix(real.parent), suffix=".old")
         os.close(fd)
         os.unlink(name)
         try:

@@ -44,10 +44,10 @@ async function turnedDataUri(url) {
   }
 }
 
-// The image URL that text pasted or dropped begins with: a data: URI whole (parseImageUrl reads its base64, leaving
-// out what follows), an http(s) URL up to the first whitespace (one copied from a browser has none: a space is %20),
-// or within the angle brackets or quotes that set it apart in prose, a note after it left out; else the first line,
-// as it is (the page says why it is not an image URL).
+// The image URL that text pasted, dropped or put in the URL field begins with: a data: URI whole (parseImageUrl
+// reads its base64, leaving out what follows), an http(s) URL up to the first whitespace (one copied from a browser
+// has none: a space is %20), or within the angle brackets or quotes that set it apart in prose, a note after it left
+// out; else the first line, as it is (the page says why it is not an image URL).
 const CLOSING = { "<": ">", '"': '"', "'": "'", "“": "”", "‘": "’", "«": "»" };
 
 function urlInText(text) {
@@ -153,11 +153,20 @@ export function wireInput(app) {
   }
 
   $("file").addEventListener("change", () => takeFiles($("file").files));
-  $("image-url").addEventListener("change", () => useUrl($("image-url").value));
+  // What the URL field holds, taken as a paste or a drop takes text (`urlInText`: the URL within the quotes or
+  // brackets it was copied with), and shown so in the field.
+  function fieldUrl() {
+    const field = $("image-url");
+    const text = urlInText(field.value);
+    if (text !== field.value) field.value = text;
+    return text;
+  }
+
+  $("image-url").addEventListener("change", () => useUrl(fieldUrl()));
   $("image-url").addEventListener("keydown", (event) => {
     if (event.key === "Enter") {
       event.preventDefault(); // not the form's submit: the URL is the image, not a request yet
-      useUrl($("image-url").value, { again: true }); // Enter on the same URL loads it again, as a browser does
+      useUrl(fieldUrl(), { again: true }); // Enter on the same URL loads it again, as a browser does
     }
   });
 
@@ -261,7 +270,7 @@ export function wireInput(app) {
   // Back to the page after the browser dropped it (no page cache): the browser restores the URL field, not the
   // image; show that image again, not masked (nothing is sent until asked).
   function restoreUrl() {
-    const text = $("image-url").value;
+    const text = fieldUrl();
     if (text && !$("source").getAttribute("src")) useUrl(text, { auto: false });
   }
 

@@ -1,0 +1,136 @@
+"""What a killed `automask mask` / `batch` leaves beside its outputs (`.automask-*.part`, `.automask-*.old` and the
+lock of the run that keeps them), and the tidying of it by a later run: only what no live automask holds."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from automask import cli_leftovers, lockfiles
+from test_cli import invoke
+from test_cli_output import SIGNAL_ON_FSYNC
+
+
+@pytest.fixture()
+def photo(chelsea: np.ndarray, tmp_path: Path) -> Path:
+    path = tmp_path / "photo.png"
+    Image.fromarray(chelsea).resize((60, 40)).save(path)
+    return path
+
+
+def hidden(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(".automask-"))
+
+
+def killed_at_fsync(n: int, *args: object) -> None:
+    """Run `automask ARGS`, SIGKILLed while it writes its N-th output file (after the data, before the rename)."""
+    proc = subprocess.run(
+        [sys.executable, "-c", SIGNAL_ON_FSYNC, str(n), "SIGKILL", *map(str, args)], capture_output=True, timeout=180
+    )
+    assert proc.returncode == -9, proc.stderr.decode()
+
+
+def test_a_later_run_tidies_what_a_killed_mask_left(
+    tiny_clipseg_dir: Path, photo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before: a mask SIGKILLed while writing its instance masks, after it had replaced -o's file, left that file's
+    hidden copy (`.automask-*.old`, a hard link) beside it and the instance being written (`.automask-*.part`) in the
+    instances folder, for good: no run removed them. Now the next run writing there removes both (and the lock of the
+    killed run), a minute after their last change for a `.part`, and says so."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "m.png").write_bytes(b"the user's earlier mask")
+    args = ["mask", photo, "-o", out / "m.png", "--instances", out / "i", "-p", "cat", "--model", tiny_clipseg_dir]
+    killed_at_fsync(2, *args)  # the first instance mask, after m.png
+    old, part = hidden(out), hidden(out / "i")
+    assert [name.rsplit(".", 1)[-1] for name in old] == ["old", "lock"] and len(part) == 1, (old, part)
+    assert (out / old[0]).read_bytes() == b"the user's earlier mask"
+
+    again = invoke(*args)
+    assert again.exit_code == 0, again.output
+    assert hidden(out) == [] and hidden(out / "i") == [part[0]]  # written a moment ago: it may be a live writer's
+    assert again.stderr.splitlines()[0] == (
+        f"note: removed 2 files that killed automask runs left in '{out}': '{old[0]}', '{old[1]}'"
+    )
+    monkeypatch.setattr(cli_leftovers, "PART_AGE_S", 0.0)  # a minute later
+    third = invoke(*args)
+    assert third.exit_code == 0, third.output
+    assert hidden(out) == [] and hidden(out / "i") == []
+    assert f"note: removed 1 file that killed automask runs left in '{out / 'i'}': '{part[0]}'" in third.stderr
+
+
+def test_a_killed_batch_leaves_a_part_the_next_batch_removes(
+    tiny_clipseg_dir: Path, photo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch killed mid-write left `OUTDIR/.automask-*.part` for good; a later batch into OUTDIR removes it."""
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    (src / "a.png").write_bytes(photo.read_bytes())
+    args = ["batch", src, "-o", out, "-p", "cat", "--model", tiny_clipseg_dir]
+    killed_at_fsync(1, *args)
+    assert len(hidden(out)) == 1 and hidden(out)[0].endswith(".part")
+    monkeypatch.setattr(cli_leftovers, "PART_AGE_S", 0.0)
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == ["a.png"]
+
+
+def test_what_a_live_run_holds_is_left_alone(
+    tiny_clipseg_dir: Path, photo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The copy a running mask keeps (its run's lock held) and a `.part` being written (locked) stay; so do a file
+    that is not one of automask's names, and a `.part` changed within the last minute; a link is never followed."""
+    out = tmp_path / "out"
+    out.mkdir()
+    held_lock = out / ".automask-0123abcd.lock"
+    fd = lockfiles.lock(held_lock, wait=True)
+    kept = [held_lock.name, ".automask-0123abcd-k2j4_x9a.old", ".automask-notmine.old", ".automask-live_one.part"]
+    for name in kept[1:]:
+        (out / name).write_bytes(b"x")
+    part = os.open(out / ".automask-live_one.part", os.O_RDWR)
+    fcntl.flock(part, fcntl.LOCK_EX)
+    (out / ".automask-sym_link.part").symlink_to(photo)
+    (out / ".automask-deadbeef-abcd_123.old").write_bytes(b"a killed run's, whose lock is gone")
+    (out / ".automask-dead_one.part").write_bytes(b"a killed writer's")
+    args = ["mask", photo, "-o", out / "m.png", "-p", "cat", "--model", tiny_clipseg_dir]
+    try:
+        fresh = invoke(*args)
+        assert fresh.exit_code == 0, fresh.output
+        assert ".automask-dead_one.part" in hidden(out)  # changed a moment ago
+        monkeypatch.setattr(cli_leftovers, "PART_AGE_S", 0.0)
+        later = invoke(*args)
+        assert later.exit_code == 0, later.output
+        assert hidden(out) == sorted([*kept, ".automask-sym_link.part"])
+        assert photo.exists()
+    finally:
+        os.close(part)
+        lockfiles.unlock(held_lock, fd)
+
+
+def test_a_file_system_without_locks_still_takes_outputs(
+    tiny_clipseg_dir: Path, photo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where `flock` fails (ENOLCK: some network file systems), a mask replacing a file and instance masks are still
+    written, as before the locks, and leave nothing hidden; what no lock can tell about is never tidied."""
+
+    def no_locks(fd: int, operation: int) -> None:
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "m.png").write_bytes(b"the user's earlier mask")
+    (out / ".automask-dead_one.part").write_bytes(b"a killed writer's, or a live one's: no lock tells")
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    monkeypatch.setattr(cli_leftovers, "PART_AGE_S", 0.0)
+    result = invoke("mask", photo, "-o", out / "m.png", "--instances", out, "-p", "cat", "--model", tiny_clipseg_dir)
+    assert result.exit_code == 0, result.output
+    assert Image.open(out / "m.png").size == (60, 40)
+    assert hidden(out) == [".automask-dead_one.part"]
