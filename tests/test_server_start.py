@@ -136,3 +136,5 @@ def test_a_database_that_cannot_be_reached_or_used_is_exit_9_naming_the_fix(tmp_
         assert result.output.startswith(f"error: {expected}"), result.output
         assert "AUTOMASK_DATABASE_URL" in result.output and "s3cret" not in result.output
         assert "internal error" not in result.output and len(result.output.strip().splitlines()) == 1
+        assert not re.search(r"[?.!]\. ", result.output), result.output  # before: "...TCP/IP connections?. Check"
+        assert "refused Is" not in result.output, result.output  # before: the driver's two lines run together

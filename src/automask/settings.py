@@ -53,7 +53,11 @@ class Settings(BaseSettings, metaclass=RaisesInvalidOption):
     )
     max_image_pixels: int = Field(default=40_000_000, gt=0, description="Largest decoded image accepted, in pixels.")
     max_redirects: int = Field(default=3, ge=0, le=10, description="Redirects followed when fetching an image URL.")
-    threads: int | None = Field(default=None, ge=1, description="CPU threads for inference; None: all cores.")
+    threads: int | None = Field(
+        default=None,
+        ge=1,
+        description="CPU threads for inference; None: one per physical core (the runtimes' default).",
+    )
     offline: bool = Field(
         default=False,
         description="Never download on its own (AUTOMASK_OFFLINE=1, HF_HUB_OFFLINE=1 or --no-download): the embedded "

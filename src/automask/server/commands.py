@@ -76,6 +76,15 @@ _METRICS_PORT = click.option(
 _METRICS_HOST = click.option("--metrics-host", help="Interface of the metrics listener [127.0.0.1].")
 
 
+_LOG_LEVEL = click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    default="info",
+    show_default=True,
+    help="Least severe log records written to standard error.",
+)
+
+
 @click.command()
 @click.option("--host", help="Interface to listen on [default: 127.0.0.1; AUTOMASK_SERVER_HOST].")
 @click.option("--port", type=click.IntRange(0, 65535), help="Port [default: 8000; AUTOMASK_SERVER_PORT].")
@@ -100,7 +109,7 @@ _METRICS_HOST = click.option("--metrics-host", help="Interface of the metrics li
 @click.option("--auth-fail-limit", type=Limit(), help="Failed authentications a minute per address, or none [60].")
 @_METRICS_PORT
 @_METRICS_HOST
-@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info")
+@_LOG_LEVEL
 @click.pass_context
 def serve(ctx: click.Context, model: str | None, log_level: str, no_auth: bool, **flags: Any) -> None:
     """Run the HTTP service: a drop-in replacement for the hosted automatic-mask-generator API.
@@ -182,7 +191,7 @@ def _server_settings(overrides: dict[str, Any]) -> ServerSettings:
 @click.option("--timeout", type=click.FloatRange(0, min_open=True), help="Seconds per inference [60; as serve].")
 @_METRICS_PORT
 @_METRICS_HOST
-@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info")
+@_LOG_LEVEL
 @click.pass_context
 def worker(
     ctx: click.Context, model: str | None, concurrency: int, log_level: str, **flags: float | int | str | None

@@ -158,6 +158,13 @@ def advisory_lock_id(name: str) -> int:
     return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "big", signed=True)
 
 
+def _sentences(text: str) -> str:
+    """A driver's message of several lines as one line of sentences, ending with a stop: psycopg's "...Connection
+    refused\n\tIs the server running ... connections?" reads "...Connection refused. Is ... connections?"."""
+    lines = [" ".join(line.split()) for line in text.splitlines() if line.strip()]
+    return " ".join(line if line.endswith((".", "?", "!")) else line + "." for line in lines)
+
+
 class Store:
     """The database at `url`. SQLite files (and their WAL) are created private (0600 in a 0700 folder)."""
 
@@ -240,9 +247,9 @@ class Store:
             with self.engine.connect():
                 pass
         except DBAPIError as exc:  # refused, a wrong password, not a database (SQLite), ...
-            reason = " ".join(str(exc.orig or exc).split())
+            reason = _sentences(str(exc.orig or exc))
             raise ServiceConfigError(
-                f"Cannot connect to the database {self.describe()}: {reason}. Check AUTOMASK_DATABASE_URL, and that "
+                f"Cannot connect to the database {self.describe()}: {reason} Check AUTOMASK_DATABASE_URL, and that "
                 "the database server is running and lets this user in."
             ) from None
 
