@@ -47,14 +47,20 @@ def holder(path: Path) -> str:
     return said[0]  # (a live holder's; or an older automask's, which wrote no process id, taken at its word)
 
 
+_BOOT_ID = "/proc/sys/kernel/random/boot_id"
+"""Linux's id of this boot of this machine's kernel, which its containers share."""
+
+
 def _this_host() -> str:
-    """This host, as a holder writes it beside its process id: the host name and the process id namespace (two
-    containers sharing a data folder may have the same name, not the same process ids)."""
-    try:
-        namespace = os.readlink("/proc/self/ns/pid")
-    except OSError:
-        namespace = ""
-    host = "".join(f"{socket.gethostname()}/{namespace}".split())  # one word, in ASCII, as `_say` writes it
+    """This host, as a holder writes it beside its process id: the host name, the process id namespace (two
+    containers sharing a data folder may have the same name, not the same process ids) and the boot id (two machines
+    sharing one over NFS may have the same name, and their initial namespace has the same id on every machine)."""
+    ids = [socket.gethostname()]
+    with contextlib.suppress(OSError):
+        ids.append(os.readlink("/proc/self/ns/pid"))
+    with contextlib.suppress(OSError), open(_BOOT_ID, "rb") as file:
+        ids.append(file.read(64).decode("ascii", "replace"))
+    host = "".join("/".join(ids).split())  # one word, in ASCII, as `_say` writes it
     return host.encode("ascii", "replace").decode("ascii")
 
 
