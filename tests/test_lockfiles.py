@@ -145,3 +145,18 @@ def test_a_live_holder_on_another_machine_of_the_same_host_name_is_still_reporte
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, check=True)
     path.write_text(f"{lockfiles.REMOVAL} {int(dead.stdout)} {remote}")  # a process id no process here has
     assert lockfiles.holder(path) == lockfiles.REMOVAL
+
+
+def test_a_killed_holder_whose_process_id_was_taken_again_is_not_reported(
+    tmp_path: Path, holders: list[subprocess.Popen[bytes]]
+) -> None:
+    """A removal SIGKILLed, its process id handed to a new process since (here: the one that holds the lock now and
+    says nothing, an older automask's pull). Before: that id alive, the dead removal was named. Now a holder also
+    writes when its process started, and a process of that id started at another time is not it."""
+    path = tmp_path / ".m.partial.lock"
+    _killed(path, lockfiles.REMOVAL, holders)
+    started_then = path.read_text().split()[3:]  # the killed process's start time (from this version on)
+    now = _hold(path, "", holders)
+    assert lockfiles.holder(path) == ""
+    path.write_text(" ".join([lockfiles.REMOVAL, str(now.pid), lockfiles._this_host(), *started_then]))
+    assert lockfiles.holder(path) == ""  # its id, another process
