@@ -203,3 +203,26 @@ def test_a_named_prefix_of_the_local_use_range_is_read_at_its_own_position_only(
     assert not never_fetched(address, settings.nat64_prefixes)
     check_url(f"http://[{address}]/a.png", settings)
     check_url(f"http://[{address}]/a.png", Settings(nat64_prefixes=settings.nat64_prefixes))
+
+
+@pytest.mark.parametrize("order", [1, -1])
+@pytest.mark.parametrize("allow_private", [False, True])
+def test_an_address_in_nested_named_prefixes_is_judged_at_each_of_their_positions(
+    order: int, allow_private: bool
+) -> None:
+    """Two named prefixes, one inside the other (a /32 and a /48 of it: two gateways, the longer one routed to).
+    Before: the address was read at the first one named only, so 169.254.169.254 or 10.0.0.1 behind the /48
+    (2a00:1:808:a9fe:a9:fe00::, whose /32 reading is 8.8.169.254, a public address) was fetched, private URLs
+    allowed or not. Now an address is refused when any of its readings is."""
+    prefixes = ["2a00:1::/32", "2a00:1:808::/48"][::order]
+    settings = Settings(nat64_prefixes=prefixes, allow_private_urls=allow_private, fetch_timeout=1.0)
+    for prefix in prefixes:
+        address = rfc6052(prefix, "169.254.169.254")
+        assert never_fetched(address, settings.nat64_prefixes), (prefix, address)
+        assert "NAT64 form of a cloud metadata" in str(blocked_reason(address, settings.nat64_prefixes)), address
+        with pytest.raises(URLRefusedError, match="a NAT64 form of a cloud metadata address"):
+            check_url(f"http://[{address}]/a.png", settings)
+    private = rfc6052("2a00:1:808::/48", "10.0.0.1")
+    assert "NAT64 form of a private" in str(blocked_reason(private, settings.nat64_prefixes)), private
+    public = rfc6052("2a00:1:808::/48", "8.8.8.8")  # both readings public: 8.8.8.8, and 8.8.8.8 at the /32
+    check_url(f"http://[{public}]/a.png", settings)

@@ -126,3 +126,37 @@ def test_models_rm_does_not_name_a_killed_removal_as_what_holds_the_lock(
     assert busy.exit_code == 10, busy.output
     assert "The model 'clipseg' is not removed: a pull of it is running." in busy.stderr
     assert "removal" not in busy.stderr
+
+
+def test_a_live_holder_on_another_machine_of_the_same_host_name_is_still_reported(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, holders: list[subprocess.Popen[bytes]]
+) -> None:
+    """A data folder shared over NFS by two machines of the same host name (cloned VMs, containers run with one
+    `--hostname` on several hosts): both in their initial process id namespace, whose id is the same on every
+    Linux machine. Before: the other machine's removal (its process id not one of this machine's) was taken for a
+    killed one of this machine's, and not reported. Now a holder also writes its machine's boot id."""
+    path = tmp_path / ".m.partial.lock"
+    _hold(path, "", holders)  # the lock, held (over NFS: by the other machine)
+    other_boot = tmp_path / "boot_id"
+    other_boot.write_text("0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0\n")
+    with monkeypatch.context() as other_machine:
+        other_machine.setattr(lockfiles, "_BOOT_ID", str(other_boot), raising=False)
+        remote = lockfiles._this_host()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, check=True)
+    path.write_text(f"{lockfiles.REMOVAL} {int(dead.stdout)} {remote}")  # a process id no process here has
+    assert lockfiles.holder(path) == lockfiles.REMOVAL
+
+
+def test_a_killed_holder_whose_process_id_was_taken_again_is_not_reported(
+    tmp_path: Path, holders: list[subprocess.Popen[bytes]]
+) -> None:
+    """A removal SIGKILLed, its process id handed to a new process since (here: the one that holds the lock now and
+    says nothing, an older automask's pull). Before: that id alive, the dead removal was named. Now a holder also
+    writes when its process started, and a process of that id started at another time is not it."""
+    path = tmp_path / ".m.partial.lock"
+    _killed(path, lockfiles.REMOVAL, holders)
+    started_then = path.read_text().split()[3:]  # the killed process's start time (from this version on)
+    now = _hold(path, "", holders)
+    assert lockfiles.holder(path) == ""
+    path.write_text(" ".join([lockfiles.REMOVAL, str(now.pid), lockfiles._this_host(), *started_then]))
+    assert lockfiles.holder(path) == ""  # its id, another process

@@ -1,8 +1,8 @@
 """The lock files that keep a model's installers and removers apart (`automask.staging`): `.NAME.partial.lock`
-beside a model folder, held by a pull, a removal or a tidying, which writes what it is in it (with its process id and
-host) for one that waits to say; `.NAME-xxxxxxxx.partial.lock` beside a staging folder. An exclusive `flock`,
-released by the system when its holder dies (what it wrote stays: `holder` then says nothing); where there is none
-(Windows) nothing is locked."""
+beside a model folder, held by a pull, a removal or a tidying, which writes what it is in it (with its process id,
+start time and host) for one that waits to say; `.NAME-xxxxxxxx.partial.lock` beside a staging folder. An exclusive
+`flock`, released by the system when its holder dies (what it wrote stays: `holder` then says nothing); where there is
+none (Windows) nothing is locked."""
 
 from __future__ import annotations
 
@@ -42,24 +42,32 @@ def holder(path: Path) -> str:
             return ""
     except OSError:
         return ""
-    if len(said) == 3 and said[2] == _this_host() and said[1].isdigit() and not _alive(int(said[1])):
+    if len(said) in (3, 4) and said[2] == _this_host() and said[1].isdigit() and not _alive(int(said[1]), said[3:]):
         return ""
     return said[0]  # (a live holder's; or an older automask's, which wrote no process id, taken at its word)
 
 
+_BOOT_ID = "/proc/sys/kernel/random/boot_id"
+"""Linux's id of this boot of this machine's kernel, which its containers share."""
+
+
 def _this_host() -> str:
-    """This host, as a holder writes it beside its process id: the host name and the process id namespace (two
-    containers sharing a data folder may have the same name, not the same process ids)."""
-    try:
-        namespace = os.readlink("/proc/self/ns/pid")
-    except OSError:
-        namespace = ""
-    host = "".join(f"{socket.gethostname()}/{namespace}".split())  # one word, in ASCII, as `_say` writes it
+    """This host, as a holder writes it beside its process id: the host name, the process id namespace (two
+    containers sharing a data folder may have the same name, not the same process ids) and the boot id (two machines
+    sharing one over NFS may have the same name, and their initial namespace has the same id on every machine)."""
+    ids = [socket.gethostname()]
+    with contextlib.suppress(OSError):
+        ids.append(os.readlink("/proc/self/ns/pid"))
+    with contextlib.suppress(OSError), open(_BOOT_ID, "rb") as file:
+        ids.append(file.read(64).decode("ascii", "replace"))
+    host = "".join("/".join(ids).split())  # one word, in ASCII, as `_say` writes it
     return host.encode("ascii", "replace").decode("ascii")
 
 
-def _alive(pid: int) -> bool:
-    """Whether process `pid` of this host runs (a zombie, killed and not yet reaped by its parent, holds no lock)."""
+def _alive(pid: int, started: list[str]) -> bool:
+    """Whether process `pid` of this host runs (a zombie, killed and not yet reaped by its parent, holds no lock),
+    and, when `started` names when the holder started (`_started`), is the process that started then (a process id
+    is handed out again once its process is gone)."""
     if pid <= 0:
         return True  # not a process id a holder writes: not taken for a dead one
     try:
@@ -68,11 +76,25 @@ def _alive(pid: int) -> bool:
         return False
     except OSError:  # another user's process: alive
         return True
+    stat = _stat(pid)
+    if not stat:  # no /proc (macOS, BSD): taken for alive
+        return True
+    return stat[0] != "Z" and started[:1] in ([], ["-"], stat[19:20])
+
+
+def _stat(pid: int) -> list[str] | None:
+    """The fields of `/proc/PID/stat` after the command name (`state` first, `starttime` at 19), or None."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as file:
-            return file.read().rpartition(b")")[2].split()[:1] != [b"Z"]
+            return file.read().rpartition(b")")[2].decode("ascii", "replace").split()
     except OSError:
-        return True
+        return None
+
+
+def _started(pid: int) -> str:
+    """When process `pid` started, as `/proc/PID/stat` says (clock ticks after boot); "-" where it cannot tell."""
+    stat = _stat(pid)
+    return stat[19] if stat is not None and len(stat) > 19 else "-"
 
 
 def lock_file(tmp: Path) -> Path:
@@ -110,12 +132,12 @@ def lock(path: Path, *, wait: bool, create: bool = True, by: str = "") -> int | 
 
 
 def _say(fd: int, by: str) -> None:
-    """Write `by`, this process's id and host in the locked file `fd`, for `holder`: a courtesy, not the lock, so
-    one that cannot be written (a full disk or quota: what `models rm` and tidying run to free) leaves it saying
-    nothing ("")."""
+    """Write `by`, this process's id, host and start time in the locked file `fd`, for `holder`: a courtesy, not
+    the lock, so one that cannot be written (a full disk or quota: what `models rm` and tidying run to free) leaves
+    it saying nothing ("")."""
     try:
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{by} {os.getpid()} {_this_host()}".encode("ascii"), 0)
+        os.pwrite(fd, f"{by} {os.getpid()} {_this_host()} {_started(os.getpid())}".encode("ascii"), 0)
     except OSError:
         with contextlib.suppress(OSError):
             os.ftruncate(fd, 0)  # not a part of it, nor what an earlier holder wrote

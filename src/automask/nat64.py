@@ -44,12 +44,12 @@ def rfc6052_ipv4(ip: ipaddress.IPv6Address, prefix_length: int) -> ipaddress.IPv
     return ipaddress.IPv4Address((bits(prefix_length, 64) << (32 - head)) | bits(72, 104 - head))
 
 
-def carried_ipv4(ip: ipaddress.IPv6Address, prefixes: Iterable[ipaddress.IPv6Network]) -> ipaddress.IPv4Address | None:
-    """The IPv4 address `ip` carries when it is in one of `prefixes` (read at that prefix's length), else None."""
-    for prefix in prefixes:
-        if ip in prefix:
-            return rfc6052_ipv4(ip, prefix.prefixlen)
-    return None
+def carried_ipv4(ip: ipaddress.IPv6Address, prefixes: Iterable[ipaddress.IPv6Network]) -> list[ipaddress.IPv4Address]:
+    """The IPv4 addresses `ip` carries, one for each of `prefixes` that holds it (read at that prefix's length), the
+    longest prefix's first; [] when none does. Every one, not the first named: of two nested prefixes (a /32 and a
+    /48 of it, two gateways) the longer is the one routed to."""
+    holding = sorted((prefix for prefix in prefixes if ip in prefix), key=lambda prefix: -prefix.prefixlen)
+    return [rfc6052_ipv4(ip, prefix.prefixlen) for prefix in holding]
 
 
 def parse_prefixes(value: object) -> tuple[ipaddress.IPv6Network, ...]:

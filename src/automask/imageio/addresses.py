@@ -129,8 +129,8 @@ def blocked_reason(ip: IPAddress, nat64: Prefixes = ()) -> str | None:
             return f"6to4 tunnel to {with_article(inner)}" if inner else None
         if ip.teredo is not None:
             return "Teredo tunnel"
-        if (carried := carried_ipv4(ip, (_NAT64, *nat64))) is not None:
-            inner = blocked_reason(carried)
+        if carried := carried_ipv4(ip, (_NAT64, *nat64)):
+            inner = next(filter(None, map(blocked_reason, carried)), None)  # refused if any reading is
             return f"NAT64 form of {with_article(inner)}" if inner else None
     for network, name in _NAMED_NETWORKS:
         if ip.version == network.version and ip in network:
@@ -180,8 +180,8 @@ def embedded_ipv4(ip: ipaddress.IPv6Address, nat64: Prefixes = ()) -> list[ipadd
     found = [ip.ipv4_mapped, ip.sixtofour, *(ip.teredo or ())]
     if any(ip in network for network in _CARRY_LOW_32_BITS):
         found.append(rfc6052_ipv4(ip, 96))
-    if (named := carried_ipv4(ip, nat64)) is not None:  # its position known
-        found.append(named)
+    if named := carried_ipv4(ip, nat64):  # its position known (each named prefix that holds it)
+        found += named
     elif ip in _NAT64_LOCAL:
         found += [rfc6052_ipv4(ip, length) for length in RFC6052_LENGTHS]
     return [inner for inner in found if inner is not None]
