@@ -229,6 +229,7 @@ def test_a_worker_started_without_redis_or_rabbitmq_exits_9_naming_the_setting(
         assert refused.returncode == 9, refused.stdout
         assert "Cannot connect to the broker at amqp://" in refused.stdout and why in refused.stdout, refused.stdout
         assert "Check AUTOMASK_BROKER_URL" in refused.stdout and "secret" not in refused.stdout
+        assert ".." not in refused.stdout.split("Cannot connect", 1)[1], refused.stdout  # RabbitMQ's '... logfile.'
         assert "not-the-password" not in refused.stdout
     for run in (no_redis, refused):
         assert "Traceback" not in run.stdout, run.stdout

@@ -28,7 +28,7 @@ def check_broker(url: str) -> None:
         try:
             conn.ensure_connection(max_retries=0)  # one try (1: two, with a 2 s pause between)
         except (OSError, KombuError, *conn.connection_errors, *conn.channel_errors) as exc:
-            reason = " ".join(str(exc).split()) or type(exc).__name__
+            reason = " ".join(str(exc).split()).rstrip(".") or type(exc).__name__  # RabbitMQ's end with one
             raise ServiceConfigError(
                 f"Cannot connect to the broker at {conn.as_uri()}: {reason}. Check AUTOMASK_BROKER_URL, and that "
                 "RabbitMQ is running and lets this user in."
