@@ -73,3 +73,44 @@ def test_a_bounded_statement_needing_a_new_connection_to_a_frozen_postgresql_giv
         assert not answered and waited < 5.0, waited  # psycopg waits 2 s at least for a connection
         assert wait_for(store.ping, 30)  # thawed: it answers again
         store.close()
+
+
+def test_a_connection_tried_at_several_addresses_ends_by_the_deadline_in_force() -> None:
+    """Before: a new connection's `connect_timeout` was the bound in force, and psycopg gives it to each address it
+    tries in turn (several hosts in AUTOMASK_DATABASE_URL, a name with both an IPv4 and an IPv6 address): a task's
+    statement near its deadline (`until`) connecting to a frozen PostgreSQL at two addresses waited twice what was
+    left, past Celery's hard time limit. Now the addresses share it: none is tried once it is spent; an address that
+    refuses at once still leaves the rest of it to the next (the fleet's failover)."""
+    from sqlalchemy.engine import make_url
+
+    from automask.server import bounded
+    from automask.server.store import Store
+    from server_helpers import wait_for
+    from service_procs import free_port, process_tree, signal_all
+    from services import postgres_server
+
+    with postgres_server() as pg:
+        Store.at_schema(pg.url, create=True).close()
+        url = make_url(pg.url)
+
+        def at(*ports: int) -> Store:
+            hosts = [f"{url.host}:{port}" for port in ports]
+            return Store(url.set(host=None, port=None, query={"host": hosts}).render_as_string(hide_password=False))
+
+        failover = at(free_port(), url.port or 5432)  # the first refuses: the second answers
+        with bounded.until(time.monotonic() + 3.0), bounded.bounded(10.0):
+            assert failover.ping()
+        failover.close()
+        twice = at(url.port or 5432, url.port or 5432)  # the same frozen server, twice
+        stopped = process_tree(pg._main_pid())
+        signal_all(stopped, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            with bounded.until(time.monotonic() + 3.0), bounded.bounded(10.0):
+                answered = twice.ping()
+            waited = time.monotonic() - started
+        finally:
+            signal_all(stopped, signal.SIGCONT)
+        assert not answered and 2.5 < waited < 4.5, waited  # before: 6 s (3 s at each address)
+        assert wait_for(twice.ping, 30)
+        twice.close()

@@ -229,6 +229,65 @@ def test_a_worker_started_without_redis_or_rabbitmq_exits_9_naming_the_setting(
         assert refused.returncode == 9, refused.stdout
         assert "Cannot connect to the broker at amqp://" in refused.stdout and why in refused.stdout, refused.stdout
         assert "Check AUTOMASK_BROKER_URL" in refused.stdout and "secret" not in refused.stdout
+        assert ".." not in refused.stdout.split("Cannot connect", 1)[1], refused.stdout  # RabbitMQ's '... logfile.'
         assert "not-the-password" not in refused.stdout
     for run in (no_redis, refused):
         assert "Traceback" not in run.stdout, run.stdout
+
+
+def test_a_worker_checks_a_frozen_broker_once_within_its_connect_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before: `check_broker` (`ensure_connection(max_retries=1)`) tried twice with Celery's 2 s pause between, so a
+    frozen RabbitMQ (its host's kernel accepts the connection, nothing answers: as under SIGSTOP) held a worker's
+    start 2 × BROKER_CONNECT_TIMEOUT + 2 s, 12 s, where its docstring and README say once, 5 s. Now one try."""
+    import socket
+
+    from automask.server import broker_check
+
+    monkeypatch.setattr(broker_check, "BROKER_CONNECT_TIMEOUT", 1.0)
+    with socket.create_server(("127.0.0.1", 0), backlog=8) as frozen:  # never accepted: no AMQP greeting ever
+        url = f"amqp://u:secret@127.0.0.1:{frozen.getsockname()[1]}/vh"
+        started = time.monotonic()
+        with pytest.raises(ServiceConfigError) as refused:
+            broker_check.check_broker(url)
+        took = time.monotonic() - started
+    assert "Cannot connect to the broker at amqp://u:**@127.0.0.1:" in str(refused.value) and "secret" not in str(
+        refused.value
+    )
+    assert 0.9 < took < 2.5, took  # before: 4 s (1 + 2 + 1)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "amqp://u:se/cret@127.0.0.1/vh",  # a / in the password, not percent-encoded: read as port 'se'
+        "amqp://u:secret@127.0.0.1:56x2/vh",
+        "amqp://u:secret@[::1/vh",
+        "amqq://u:secret@127.0.0.1/vh",
+    ],
+)
+def test_a_broker_url_that_cannot_be_read_is_refused_naming_the_setting(url: str) -> None:
+    """Before: `check_broker` built kombu's Connection outside its try: a URL kombu cannot read raised ValueError or
+    KeyError, which `automask worker` reported as "internal error: ValueError: Port could not be cast to integer
+    value as 'se'" (exit 70), quoting a piece of the password. Now a `ServiceConfigError` (exit 9) names
+    AUTOMASK_BROKER_URL and its form, quoting nothing of the URL."""
+    from automask.server.broker_check import check_broker
+
+    with pytest.raises(ServiceConfigError) as refused:
+        check_broker(url)
+    message = str(refused.value)
+    assert "AUTOMASK_BROKER_URL" in message and "amqp://USER:PASS@HOST:PORT/VHOST" in message, message
+    assert not any(part in message for part in ("secret", "cret", "'se'", "56x2")), message
+
+
+def test_a_worker_given_a_broker_url_it_cannot_read_exits_9(postgres_db: str, redis_db: str, tmp_path: Path) -> None:
+    """`automask worker` with AUTOMASK_BROKER_URL unreadable (a / in the password): before, exit 70 "internal error"
+    quoting part of the password; now exit 9 naming the setting, as an unreachable broker."""
+    from automask.server.migrations import migrate
+
+    store = Store(postgres_db)
+    migrate(store)
+    store.close()
+    env = {"AUTOMASK_DATABASE_URL": postgres_db, "AUTOMASK_REDIS_URL": redis_db}
+    run = started_worker({**env, "AUTOMASK_BROKER_URL": "amqp://u:se/cret@127.0.0.1/vh"}, tmp_path)
+    assert run.returncode == 9 and "AUTOMASK_BROKER_URL" in run.stdout, run.stdout
+    assert "internal error" not in run.stdout and "cret" not in run.stdout and "Traceback" not in run.stdout

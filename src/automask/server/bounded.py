@@ -120,12 +120,42 @@ def lock_slice() -> float:
 def connect_bounded(_dialect: Any, _record: Any, cargs: Any, cparams: dict[str, Any]) -> Any:
     """SQLAlchemy's `do_connect` event of a PostgreSQL engine: `psycopg.connect`, for a connection whose waits for
     the server honour `bounded`, and which, opened within `bounded`, waits no longer than it to be set up (whole
-    seconds, 2 at least: psycopg's `connect_timeout`)."""
+    seconds, 2 at least: psycopg's `connect_timeout`), all the addresses it tries together (`_connect_within`)."""
     bound = current_bound()
-    if bound is not None:
-        given = int(cparams.get("connect_timeout") or 0)
-        cparams = {**cparams, "connect_timeout": min(given or math.inf, max(2, math.ceil(bound)))}
-    return _bounded_connection().connect(*cargs, **cparams)
+    if bound is None:
+        return _bounded_connection().connect(*cargs, **cparams)
+    given = float(cparams.get("connect_timeout") or 0)
+    return _connect_within(time.monotonic() + min(given or math.inf, bound), cargs, cparams)
+
+
+def _connect_within(deadline: float, cargs: Any, cparams: dict[str, Any]) -> Any:
+    """Connect by `deadline` (`time.monotonic()`; 2 s at least, psycopg's least `connect_timeout`): each address of
+    the server (several hosts, a name with several addresses) is tried in turn with what is left, and none once it
+    is spent. psycopg gives each the whole `connect_timeout`: two frozen addresses waited twice the bound."""
+    import psycopg
+    from psycopg.conninfo import conninfo_to_dict
+
+    connection = _bounded_connection()
+    options = {k: v for k, v in cparams.items() if k in _NOT_CONNINFO}
+    params = conninfo_to_dict(*cargs, **{k: v for k, v in cparams.items() if k not in options})
+    try:
+        from psycopg.conninfo import conninfo_attempts  # psycopg 3.2+
+    except ImportError:  # psycopg 3.1: libpq tries the addresses itself, each with the whole timeout
+        attempts = [params]
+    else:
+        attempts = conninfo_attempts(params)
+    for tried, attempt in enumerate(attempts, 1):
+        timeout = max(2, math.ceil(deadline - time.monotonic()))
+        try:
+            return connection.connect(**{**attempt, "connect_timeout": timeout}, **options)
+        except psycopg.OperationalError:
+            if tried == len(attempts) or time.monotonic() >= deadline:
+                raise
+    raise AssertionError("unreachable: psycopg resolves at least one address or raises")
+
+
+_NOT_CONNINFO = {"autocommit", "prepare_threshold", "context", "row_factory", "cursor_factory"}
+"""`psycopg.Connection.connect`'s own arguments: the others are the connection string's (`conninfo_to_dict`)."""
 
 
 @functools.cache

@@ -33,6 +33,7 @@ from automask.routing import plan_models
 from automask.server import bounded as bounds
 from automask.server import deployment, fleet, metrics, nodes
 from automask.server.bounded import bounded, job_bound
+from automask.server.broker_check import check_broker
 from automask.server.config import ServerSettings
 from automask.server.deployment import FLEET, Guard
 from automask.server.execute import execute_job
@@ -55,8 +56,6 @@ HAND_BACK_MARGIN = 10.0
 RETIRING = 75
 """The exit code of a pool process that leaves after its answer because its model hung (`_leave_if_hung`)."""
 UNREGISTERED = " (its node not registered yet: the database does not answer; its next heartbeat registers it)"
-BROKER_CONNECT_TIMEOUT = 5.0
-"""Seconds a worker starting waits for RabbitMQ to accept its connection (`check_broker`)."""
 STOP_GRACE = 5.0
 """Seconds a pool process waits for a call it gave up on (past its time limit) to stop at its next stage boundary
 or model layer before it takes the model for hung and replaces itself."""
@@ -306,24 +305,6 @@ def run_worker(
     with _served_metrics(settings) as inbox:
         _WORKER.metrics_inbox = inbox
         _run_celery(settings, server, name, concurrency, loglevel)
-
-
-def check_broker(url: str) -> None:
-    """Connect to RabbitMQ once: `ServiceConfigError` naming AUTOMASK_BROKER_URL (without its password) and the fix
-    when it cannot be reached or refuses this user or vhost (a start-up check: Celery would retry for the best part
-    of an hour, then end with a traceback)."""
-    from kombu import Connection
-    from kombu.exceptions import KombuError
-
-    with Connection(url, connect_timeout=BROKER_CONNECT_TIMEOUT) as conn:
-        try:
-            conn.ensure_connection(max_retries=1)
-        except (OSError, KombuError, *conn.connection_errors, *conn.channel_errors) as exc:
-            reason = " ".join(str(exc).split()) or type(exc).__name__
-            raise ServiceConfigError(
-                f"Cannot connect to the broker at {conn.as_uri()}: {reason}. Check AUTOMASK_BROKER_URL, and that "
-                "RabbitMQ is running and lets this user in."
-            ) from None
 
 
 @contextlib.contextmanager

@@ -1,0 +1,35 @@
+"""A worker's start-up check of RabbitMQ (`check_broker`): refused at once, naming AUTOMASK_BROKER_URL and the fix,
+rather than after Celery's hour of retries ending in a traceback."""
+
+from __future__ import annotations
+
+from automask.errors import ServiceConfigError
+
+BROKER_CONNECT_TIMEOUT = 5.0
+"""Seconds a worker starting waits for RabbitMQ to accept its connection (`check_broker`)."""
+UNREADABLE_BROKER_URL = (
+    "AUTOMASK_BROKER_URL is not a broker URL: write it as amqp://USER:PASS@HOST:PORT/VHOST, with any / : @ % in USER "
+    "or PASS percent-encoded (/ as %2F)."
+)
+
+
+def check_broker(url: str) -> None:
+    """Connect to RabbitMQ once (`BROKER_CONNECT_TIMEOUT`): `ServiceConfigError` naming AUTOMASK_BROKER_URL (without
+    its password) and the fix when it cannot be reached or refuses this user or vhost, or when it is no URL the broker
+    client can read (a start-up check: Celery would retry for the best part of an hour, then end with a traceback)."""
+    from kombu import Connection
+    from kombu.exceptions import KombuError
+
+    try:
+        conn = Connection(url, connect_timeout=BROKER_CONNECT_TIMEOUT)
+    except (ValueError, LookupError):  # its reason may quote the URL: a misread password's pieces
+        raise ServiceConfigError(UNREADABLE_BROKER_URL) from None
+    with conn:
+        try:
+            conn.ensure_connection(max_retries=0)  # one try (1: two, with a 2 s pause between)
+        except (OSError, KombuError, *conn.connection_errors, *conn.channel_errors) as exc:
+            reason = " ".join(str(exc).split()).rstrip(".") or type(exc).__name__  # RabbitMQ's end with one
+            raise ServiceConfigError(
+                f"Cannot connect to the broker at {conn.as_uri()}: {reason}. Check AUTOMASK_BROKER_URL, and that "
+                "RabbitMQ is running and lets this user in."
+            ) from None
