@@ -577,3 +577,21 @@ def test_a_flood_refused_while_a_count_is_pending_waits_only_so_many_at_once(red
             await limiter.close()
 
     asyncio.run(run())
+
+
+@pytest.mark.services
+def test_more_redis_calls_at_once_than_its_pool_holds_wait_for_a_connection(redis_db: str) -> None:
+    """Before: redis-py's asyncio pool opens 100 connections at most and fails the next call at once
+    (MaxConnectionsError, a `RedisError`), so a node counting more than 100 requests at once in Redis (a burst of
+    them, or requests waiting for pending counts) answered some of them 503 "shared state unreachable" with Redis
+    healthy. Now a call waits for a free connection, `REDIS_TIMEOUT` at most."""
+
+    async def run() -> None:
+        limiter = RedisRateLimiter(redis_db)
+        try:
+            got = await asyncio.gather(*(limiter.hit(f"burst-{n % 7}", 10_000) for n in range(400)))
+            assert all(isinstance(receipt, str) for receipt in got)
+        finally:
+            await limiter.close()
+
+    asyncio.run(run())
