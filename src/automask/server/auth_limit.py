@@ -74,7 +74,8 @@ class FailedAuth:
     admitted one ends (the first of a new valid key's requests to succeed makes it known): only failures refuse it.
     A limiter's answers may arrive in any order (Redis): a request is in flight from the moment it asks. In a fleet
     (Redis) a count is also pending until its read ends, on whichever node: a request refused while counts of its
-    address are pending looks again every few milliseconds (`_Polling`), for `PENDING` seconds at most."""
+    address are pending looks again every few milliseconds (`_Polling`), for `PENDING` seconds at most, unless its
+    key is known fleet-wide (`Known.vouched`, asked first)."""
 
     def __init__(self, limiter: RateLimiter | RedisRateLimiter, limit: int | None, known: Known | None = None) -> None:
         self.limiter = limiter
@@ -110,13 +111,13 @@ class FailedAuth:
                         attempt.taken.append((counted, receipt))
             except ApiError as refused:
                 await self.give_back(attempt)  # (the address's count, when its site's refused it)
-                if refused.status == 429 and (
-                    self.known.has(token) or await self._room_may_be_free(address) or await waiting.may_look(refused)
-                ):
-                    continue  # made known, or one in flight ended (here or, soon maybe, on another node): look again
-                if refused.status != 429 or not await self.known.vouched(token):
+                if refused.status != 429:
                     raise
-                return Attempt(address)
+                if not self.known.has(token) and await self.known.vouched(token):
+                    return Attempt(address)  # known fleet-wide: nothing to wait for
+                if self.known.has(token) or await self._room_may_be_free(address) or await waiting.may_look(refused):
+                    continue  # made known, or one in flight ended (here or, soon maybe, on another node): look again
+                raise
             except BaseException:  # (cancelled, or the limiter failed)
                 await self.give_back(attempt)
                 raise
