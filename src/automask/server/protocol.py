@@ -126,8 +126,8 @@ class StrictConnection(h11.Connection):
 
     def send_with_data_passthrough(self, event: h11.Event) -> list[bytes] | None:  # (what `send` calls)
         """An answer begun before the request's body is all in (a 413, a refused key) says `Connection: close`, so
-        that the connection ends once it is sent (uvicorn closes it): the rest of the body is not read and thrown
-        away for as long as the client keeps sending."""
+        that the connection ends once it is sent (uvicorn closes it: `GuardedH11Protocol.close_gently`, which reads
+        the rest for `LINGER_TIME` at most): the rest of the body is not read for as long as the client sends it."""
         if isinstance(event, h11.Response) and self.their_state is h11.SEND_BODY and not _closing(event.headers):
             headers = [*event.headers, (b"connection", b"close")]
             event = h11.Response(status_code=event.status_code, headers=headers, reason=event.reason)
