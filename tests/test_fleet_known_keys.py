@@ -267,3 +267,28 @@ def test_a_new_keys_burst_over_two_node_processes_is_all_served(
         codes = [get(b, f"am_x_guess{n}") for n in range(5)]
         assert codes == [401] * 3 + [429] * 2, codes
     store.close()
+
+
+@pytest.mark.services
+def test_a_key_known_fleet_wide_does_not_wait_for_pending_counts(redis_db: str) -> None:
+    """Before: a request of a locked-out address with a key another node knows to be good (`vouched`) first waited
+    for every count of its address pending on any node (up to `PENDING`, 10 s: a guess's slow read, a dead node's
+    count), and only then was let through. Now a refused request asks the fleet about its key before it waits."""
+
+    async def run() -> None:
+        limiter = RedisRateLimiter(redis_db)
+        try:
+            secret = b"s" * 32
+            other = FailedAuth(limiter, 1, FleetKnown(limiter.client, secret))  # another node
+            here = FailedAuth(limiter, 1, FleetKnown(limiter.client, secret))
+            good = "am_goodkey_secret"
+            await other.known.succeeded(good)  # known fleet-wide, not by this node
+            held = await other.admit("192.0.2.12", "am_x_guess")  # a guess being read on the other node
+            start = time.monotonic()
+            attempt = await asyncio.wait_for(here.admit("192.0.2.12", good), 15)
+            assert attempt.taken == [] and time.monotonic() - start < 1.0, time.monotonic() - start  # before: 10 s
+            await other.failed(held, "am_x_guess")
+        finally:
+            await limiter.close()
+
+    asyncio.run(run())

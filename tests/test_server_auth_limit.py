@@ -548,3 +548,50 @@ def test_counts_pending_on_other_nodes_are_waited_for_boundedly(redis_db: str, m
             await limiter.close()
 
     asyncio.run(run())
+
+
+@pytest.mark.services
+def test_a_flood_refused_while_a_count_is_pending_waits_only_so_many_at_once(redis_db: str) -> None:
+    """Before: every request of a locked-out address refused while one of its counts was pending (on another node:
+    its read slow, or its node dead) waited for it, up to `PENDING` seconds, looking at Redis every 10 to 200 ms: a
+    flood of guesses held as many connections, each with its Redis looks, as it sent. Now at most `MAX_POLLING` of
+    one address wait so at once in a process; the others are answered 429 at once, and the waiting ones once the
+    count ends."""
+    from automask.server.auth_limit import MAX_POLLING
+
+    async def run() -> None:
+        limiter = RedisRateLimiter(redis_db)
+        try:
+            other, here = FailedAuth(limiter, 1), FailedAuth(limiter, 1)  # two nodes
+            held = await other.admit("192.0.2.11", "am_x_a")  # being read on the other node
+            flood = [asyncio.create_task(here.admit("192.0.2.11", f"am_x_g{n}")) for n in range(MAX_POLLING + 20)]
+            await asyncio.sleep(1.0)
+            refused = [task for task in flood if task.done()]
+            assert len(refused) == 20, len(refused)  # before: 0, all waiting
+            assert all(getattr(task.exception(), "status", None) == 429 for task in refused)
+            await other.failed(held, "am_x_a")
+            ended = await asyncio.wait_for(asyncio.gather(*flood, return_exceptions=True), 5)
+            assert all(isinstance(e, ApiError) and e.status == 429 for e in ended)
+            assert here._polling == {} and here._in_flight == {}  # none left counted as waiting
+        finally:
+            await limiter.close()
+
+    asyncio.run(run())
+
+
+@pytest.mark.services
+def test_more_redis_calls_at_once_than_its_pool_holds_wait_for_a_connection(redis_db: str) -> None:
+    """Before: redis-py's asyncio pool opens 100 connections at most and fails the next call at once
+    (MaxConnectionsError, a `RedisError`), so a node counting more than 100 requests at once in Redis (a burst of
+    them, or requests waiting for pending counts) answered some of them 503 "shared state unreachable" with Redis
+    healthy. Now a call waits for a free connection, `REDIS_TIMEOUT` at most."""
+
+    async def run() -> None:
+        limiter = RedisRateLimiter(redis_db)
+        try:
+            got = await asyncio.gather(*(limiter.hit(f"burst-{n % 7}", 10_000) for n in range(400)))
+            assert all(isinstance(receipt, str) for receipt in got)
+        finally:
+            await limiter.close()
+
+    asyncio.run(run())

@@ -31,6 +31,11 @@ most this long, then is answered 429."""
 POLL_FIRST, POLL_MAX = 0.01, 0.2
 """Seconds between two looks of a request waiting for counts pending on other nodes: the first pause, doubled up to
 the longest."""
+MAX_POLLING = 64
+"""Requests of one client address that may wait for its pending counts at once, in one process; the others are
+answered 429 at once. A flood of guesses from an address whose count is pending (its read slow, its node dead) holds
+no more connections, nor Redis looks, than these; a new key's burst from one address is served up to the limit's
+worth being read plus these waiting on each node."""
 
 
 @dataclass
@@ -69,7 +74,8 @@ class FailedAuth:
     admitted one ends (the first of a new valid key's requests to succeed makes it known): only failures refuse it.
     A limiter's answers may arrive in any order (Redis): a request is in flight from the moment it asks. In a fleet
     (Redis) a count is also pending until its read ends, on whichever node: a request refused while counts of its
-    address are pending looks again every few milliseconds (`_Polling`), for `PENDING` seconds at most."""
+    address are pending looks again every few milliseconds (`_Polling`), for `PENDING` seconds at most, unless its
+    key is known fleet-wide (`Known.vouched`, asked first)."""
 
     def __init__(self, limiter: RateLimiter | RedisRateLimiter, limit: int | None, known: Known | None = None) -> None:
         self.limiter = limiter
@@ -79,13 +85,21 @@ class FailedAuth:
         """Attempts of each address being counted or counted and not yet ended, in this process."""
         self._ended: dict[str, _Wake] = {}
         """The requests of each address waiting for room (`_Wake`)."""
+        self._polling: dict[str, int] = {}
+        """Requests of each address waiting for its pending counts (`_Polling`), in this process."""
 
     async def admit(self, address: str, token: str | None) -> Attempt:
         """429 when `address` is locked out and `token` is not a key known to be good; otherwise the `Attempt`, which
         counts as a failure (of `address`, and of its IPv6 site) until `succeeded` gives it back. End it with
         `failed`, `succeeded` or `give_back`. A key this process knows costs no I/O and is not counted; the fleet is
         asked about another only when its address is locked out."""
-        waiting = _Polling(time.monotonic() + PENDING)
+        waiting = _Polling(time.monotonic() + PENDING, self._polling, address)
+        try:
+            return await self._admit(address, token, waiting)
+        finally:
+            waiting.leave()
+
+    async def _admit(self, address: str, token: str | None, waiting: _Polling) -> Attempt:
         while True:
             if self.limit is None or self.known.has(token):
                 return Attempt(address)
@@ -97,13 +111,13 @@ class FailedAuth:
                         attempt.taken.append((counted, receipt))
             except ApiError as refused:
                 await self.give_back(attempt)  # (the address's count, when its site's refused it)
-                if refused.status == 429 and (
-                    self.known.has(token) or await self._room_may_be_free(address) or await waiting.may_look(refused)
-                ):
-                    continue  # made known, or one in flight ended (here or, soon maybe, on another node): look again
-                if refused.status != 429 or not await self.known.vouched(token):
+                if refused.status != 429:
                     raise
-                return Attempt(address)
+                if not self.known.has(token) and await self.known.vouched(token):
+                    return Attempt(address)  # known fleet-wide: nothing to wait for
+                if self.known.has(token) or await self._room_may_be_free(address) or await waiting.may_look(refused):
+                    continue  # made known, or one in flight ended (here or, soon maybe, on another node): look again
+                raise
             except BaseException:  # (cancelled, or the limiter failed)
                 await self.give_back(attempt)
                 raise
@@ -177,21 +191,36 @@ class FailedAuth:
 
 
 class _Polling:
-    """How a request refused while counts of its address are pending on other nodes (`RateLimited.pending`) waits
-    for them: it looks again after a short sleep (doubling from `POLL_FIRST` to `POLL_MAX` seconds), until
-    `deadline` (monotonic seconds)."""
+    """How a request of `address` refused while counts of its address are pending on other nodes
+    (`RateLimited.pending`) waits for them: it looks again after a short sleep (doubling from `POLL_FIRST` to
+    `POLL_MAX` seconds), until `deadline` (monotonic seconds), if it finds a place among the `MAX_POLLING` of its
+    address (`polling`, the process's count of them) that may wait so; `leave` gives the place back."""
 
-    def __init__(self, deadline: float) -> None:
+    def __init__(self, deadline: float, polling: dict[str, int], address: str) -> None:
         self.deadline = deadline
         self.pause = POLL_FIRST
+        self.polling, self.address, self.joined = polling, address, False
 
     async def may_look(self, refused: ApiError) -> bool:
         """True after a pause when `refused` found counts pending and there is time left; False at once otherwise."""
         if not isinstance(refused, RateLimited) or not refused.pending or time.monotonic() >= self.deadline:
             return False
+        if not self.joined:
+            if self.polling.get(self.address, 0) >= MAX_POLLING:
+                return False
+            self.polling[self.address] = self.polling.get(self.address, 0) + 1
+            self.joined = True
         await asyncio.sleep(min(self.pause, max(0.0, self.deadline - time.monotonic())))
         self.pause = min(self.pause * 2, POLL_MAX)
         return True
+
+    def leave(self) -> None:
+        """No longer waiting: its place is free."""
+        if self.joined:
+            self.joined = False
+            left = self.polling.pop(self.address) - 1
+            if left:
+                self.polling[self.address] = left
 
 
 def _counted_as(address: str, limit: int) -> list[tuple[str, int]]:

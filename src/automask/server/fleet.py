@@ -208,7 +208,7 @@ class CeleryDispatcher:
 
     def __init__(self, settings: Settings, server: ServerSettings, store: Store) -> None:
         require_fleet_settings(settings)
-        import redis.asyncio as aioredis
+        from automask.server.redis_client import async_redis
 
         self.settings, self.server, self.store = settings, server, store
         self.app = make_celery(str(settings.broker_url), server)
@@ -221,9 +221,9 @@ class CeleryDispatcher:
         }
         url = str(settings.redis_url)
         # the hand-off's writes: a Redis that stopped answering is a 503 within seconds, not at the request's timeout
-        self.redis = aioredis.Redis.from_url(url, socket_timeout=REDIS_TIMEOUT, socket_connect_timeout=REDIS_TIMEOUT)
-        # BLPOP waits up to `timeout` for the outcome: its socket must wait longer
-        self._waiting = aioredis.Redis.from_url(url, socket_timeout=server.timeout + 10)
+        self.redis = async_redis(url, REDIS_TIMEOUT, REDIS_TIMEOUT)
+        # BLPOP waits up to `timeout` for the outcome: its socket must wait longer; one per connection at most
+        self._waiting = async_redis(url, server.timeout + 10, REDIS_TIMEOUT, server.max_connections)
         self._configured_default = default_name(settings) if settings.model else None
         self._nodes: list[nodes.Node] = []
         self._nodes_at = 0.0

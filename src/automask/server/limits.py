@@ -163,11 +163,9 @@ class RedisRateLimiter:
     updated by an atomic Lua script on the Redis server's clock."""
 
     def __init__(self, redis_url: str, prefix: str = "automask:rate:") -> None:
-        import redis.asyncio as aioredis
+        from automask.server.redis_client import async_redis
 
-        self.client = aioredis.Redis.from_url(
-            redis_url, socket_timeout=REDIS_TIMEOUT, socket_connect_timeout=REDIS_TIMEOUT
-        )
+        self.client = async_redis(redis_url, REDIS_TIMEOUT, REDIS_TIMEOUT)  # a burst waits for a connection
         self.prefix = prefix
         self._script = self.client.register_script(_SLIDING_WINDOW)
         self._outage = Outage(log, "Redis (AUTOMASK_REDIS_URL)")

@@ -11,10 +11,13 @@ except while the app works on its request:
   must arrive within `body_timeout` seconds plus one second per `body_min_rate` bytes received (a client
   trickling a byte now and then is cut off, as Apache's mod_reqtimeout MinRate does) -> 408 JSON; time the
   app spends not reading does not count; and at most `body_deadline` seconds in all, however steadily it
-  trickles (its room in the body memory budget is held no longer) -> 408 JSON. An answer sent before the body
-  is all in (e.g. 413) says `Connection: close` and the connection is closed once it is sent: the rest of the
-  body is not read (before: read and thrown away for up to `body_timeout` seconds, gigabytes over a fast link).
-  The same pause bound on a client that stops reading its answer;
+  trickles (its room in the body memory budget is held no longer) -> 408 JSON. The same pause bound on a client
+  that stops reading its answer;
+- an answer sent before the body is all in (a 413, a 408) says `Connection: close`; the server's side then ends
+  (FIN) and the rest of the body is read and thrown away for `LINGER_TIME` seconds at most, less once nothing
+  arrives for `LINGER_PAUSE`, before the connection is closed (nginx's lingering close): closing at once with
+  the body still arriving makes the kernel answer with a reset, which over a real network can destroy the answer
+  before the client reads it, while reading on for long lets a client push gigabytes through one connection;
 - keep-alive: `keepalive_timeout` seconds idle between requests -> closed;
 - at most `max_connections` open (kept below the process's open-file limit): a connection past it is
   answered 503 JSON and closed at once, so it never pins a descriptor;
@@ -32,7 +35,7 @@ import sys
 import time
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -43,6 +46,11 @@ log = logging.getLogger("automask.server.http")  # the name these warnings had b
 
 RESERVED_FDS = 64
 """File descriptors kept free of client connections: the database, models, logs, threads' pipes."""
+LINGER_TIME = 2.0
+"""After an answer sent before its request's body is all in, the longest the rest is read and thrown away (seconds):
+long enough for the client to see its answer, short enough that a huge upload cannot hold the connection."""
+LINGER_PAUSE = 0.5
+"""... and that reading ends sooner once nothing arrives for this long (seconds): the client has stopped sending."""
 _ERROR_HEADERS = (
     "content-type: application/json",
     "connection: close",
@@ -118,8 +126,8 @@ class StrictConnection(h11.Connection):
 
     def send_with_data_passthrough(self, event: h11.Event) -> list[bytes] | None:  # (what `send` calls)
         """An answer begun before the request's body is all in (a 413, a refused key) says `Connection: close`, so
-        that the connection ends once it is sent (uvicorn closes it): the rest of the body is not read and thrown
-        away for as long as the client keeps sending."""
+        that the connection ends once it is sent (uvicorn closes it: `GuardedH11Protocol.close_gently`, which reads
+        the rest for `LINGER_TIME` at most): the rest of the body is not read for as long as the client sends it."""
         if isinstance(event, h11.Response) and self.their_state is h11.SEND_BODY and not _closing(event.headers):
             headers = [*event.headers, (b"connection", b"close")]
             event = h11.Response(status_code=event.status_code, headers=headers, reason=event.reason)
@@ -129,6 +137,24 @@ class StrictConnection(h11.Connection):
 def _closing(headers: Any) -> bool:
     """Whether an answer's `headers` say `Connection: close` already."""
     return any(name.lower() == b"connection" and b"close" in value.lower() for name, value in headers)
+
+
+class _Transport:
+    """A connection's transport as uvicorn sees it: all passed through but `close`, which `GuardedH11Protocol` turns
+    into a lingering close while the request's body is still arriving, and `is_closing`, true from then on."""
+
+    def __init__(self, transport: asyncio.Transport, protocol: GuardedH11Protocol) -> None:
+        self.wire = transport
+        self.protocol = protocol
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.wire, name)
+
+    def close(self) -> None:
+        self.protocol.close_gently()
+
+    def is_closing(self) -> bool:
+        return self.protocol.lingering or self.wire.is_closing()
 
 
 class _CapWarning:
@@ -154,6 +180,8 @@ class GuardedH11Protocol(H11Protocol):
     """
 
     limits: ClassVar[Limits]
+    wire: asyncio.Transport
+    """The connection's own transport (`self.transport` is uvicorn's view of it, `_Transport`)."""
 
     @classmethod
     def with_limits(cls, limits: Limits) -> type[GuardedH11Protocol]:
@@ -170,11 +198,15 @@ class GuardedH11Protocol(H11Protocol):
         """When the body being received must be complete (loop time): extended by each piece that arrives."""
         self._body_cap: float | None = None
         """When it must be complete however fast it arrives (loop time): `body_deadline` after it began."""
+        self.lingering = False
+        """Whether the connection is reading the rest of a body answered early before it closes (`close_gently`)."""
+        self._linger_end = self._last_data = 0.0
 
     # --- connection lifecycle ---------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+        self.wire = transport
+        super().connection_made(cast(asyncio.Transport, _Transport(transport, self)))
         if len(self.connections) > self.limits.max_connections:
             self._refused = True
             _CapWarning.note(self.limits.max_connections)
@@ -190,6 +222,9 @@ class GuardedH11Protocol(H11Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self._refused:
+            return
+        if self.lingering:  # the rest of a body answered early: thrown away
+            self._last_data = self.loop.time()
             return
         self._got_data = True
         if self._body_deadline is not None:
@@ -229,6 +264,8 @@ class GuardedH11Protocol(H11Protocol):
     def _update_deadline(self) -> None:
         """Re-arm the connection's one timer for the state h11 is in now (see the module docstring)."""
         got_data, self._got_data = self._got_data, False
+        if self.lingering:
+            return
         if self._refused or self.transport is None or self.transport.is_closing():
             self._disarm()
             return
@@ -244,8 +281,8 @@ class GuardedH11Protocol(H11Protocol):
                 if self.timeout_keep_alive_task is None:  # uvicorn's own keep-alive timer is not running
                     self._arm("keepalive", self.limits.keepalive_timeout, self._on_keepalive)
         elif theirs is h11.SEND_BODY:
-            if ours in (h11.DONE, h11.MUST_CLOSE):  # answered early (`StrictConnection.send`): nothing more to read
-                self._close_silently()
+            if ours in (h11.DONE, h11.MUST_CLOSE):  # answered early (`StrictConnection.send`)
+                self._close_silently()  # (a lingering close: `close_gently`)
             elif got_data or self._phase != "body":
                 now = self.loop.time()
                 if self._body_deadline is None or self._body_cap is None:
@@ -256,6 +293,37 @@ class GuardedH11Protocol(H11Protocol):
                 self._arm("body", wait, self._on_body_timeout)
         elif self._phase != "write":
             self._disarm()  # the request is in: the app's own time limit applies
+
+    # --- closing ------------------------------------------------------------------------------------------
+
+    def close_gently(self) -> None:
+        """Close the connection (what `transport.close()` does here): at once, unless the request's body is still
+        arriving; then end the server's side (the answer is all sent first), read and throw away what arrives, and
+        close `LINGER_TIME` seconds later, or sooner once nothing arrives for `LINGER_PAUSE` (`_on_linger`)."""
+        if self.lingering or self.wire.is_closing():
+            return
+        if self.conn.their_state is not h11.SEND_BODY:
+            self._disarm()
+            self.wire.close()
+            return
+        self.lingering = True
+        self._linger_end = self._last_data = self.loop.time()
+        self._linger_end += LINGER_TIME
+        if self.wire.can_write_eof():
+            self.wire.write_eof()
+        self.wire.resume_reading()  # uvicorn stops reading while the app does not read the body
+        self._arm("linger", LINGER_PAUSE, self._on_linger)
+
+    def _on_linger(self) -> None:
+        self._timer = None
+        now = self.loop.time()
+        due = min(self._linger_end, self._last_data + LINGER_PAUSE)
+        if now < due:
+            self._arm("linger", due - now, self._on_linger)
+        elif self.wire.get_write_buffer_size():  # the client has not taken its answer in all that time
+            self.wire.abort()
+        else:
+            self.wire.close()
 
     def _arm(self, phase: str, seconds: float, callback: Any) -> None:
         self._disarm()
