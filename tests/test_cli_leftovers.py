@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from automask import cli_leftovers, lockfiles
+from automask import cli_io, cli_leftovers, lockfiles
 from test_cli import invoke
 from test_cli_output import SIGNAL_ON_FSYNC
 
@@ -134,3 +134,22 @@ def test_a_file_system_without_locks_still_takes_outputs(
     assert result.exit_code == 0, result.output
     assert Image.open(out / "m.png").size == (60, 40)
     assert hidden(out) == [".automask-dead_one.part"]
+
+
+def test_a_part_is_held_until_it_is_renamed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A `.part` stays locked until its rename, so a tidying run that takes it for a killed writer's by its age (the
+    writer stopped, Ctrl-Z, for over a minute, or a network file system's clock behind this one) leaves it. Before:
+    its lock went with its closing, before its chmod and rename; a tidying then removed it, and the write failed,
+    'Cannot write ...: No such file or directory', exit 8."""
+    rename = os.replace
+    tidied: list[list[Path]] = []
+
+    def tidy_then_rename(src: str, dst: str) -> None:
+        tidied.append(cli_leftovers.tidy(tmp_path))
+        rename(src, dst)
+
+    monkeypatch.setattr(cli_leftovers, "PART_AGE_S", -1.0)  # every .part old enough
+    monkeypatch.setattr(os, "replace", tidy_then_rename)
+    cli_io.write_atomic(tmp_path / "m.png", b"the mask")
+    assert tidied == [[]] and (tmp_path / "m.png").read_bytes() == b"the mask"
+    assert hidden(tmp_path) == []

@@ -104,9 +104,10 @@ def _replace(path: Path, data: bytes, shown: Path) -> None:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=PREFIX, suffix=".part")
     except OSError as exc:
         raise write_error(shown, exc) from None
+    held = None
     try:
         with os.fdopen(fd, "wb") as f:
-            hold_part(fd)  # not a killed writer's, which a later run tidies (`cli_leftovers.tidy`)
+            held = hold_part(fd)  # not a killed writer's, which a later run tidies (`cli_leftovers.tidy`)
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -120,6 +121,9 @@ def _replace(path: Path, data: bytes, shown: Path) -> None:
         if isinstance(exc, OSError):
             raise write_error(shown, exc) from None
         raise
+    finally:
+        if held is not None:
+            os.close(held)
 
 
 def check_lookup(folder: Path) -> None:

@@ -6,7 +6,6 @@ released by the system when their holder dies; where there are none (Windows) no
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import stat
@@ -19,22 +18,27 @@ from automask import lockfiles
 PREFIX = ".automask-"
 PART_AGE_S = 60.0
 """How long after its last change a `.part` no process holds is taken for a killed writer's: its writer holds no lock
-for a moment after creating it and after closing it (its chmod, then its rename), and older automasks did not lock it
-(they wrote it in seconds)."""
+for a moment after creating it (until `hold_part`; it holds it then until the rename), and older automasks did not
+lock it (they wrote it in seconds)."""
 
 _PART = re.compile(r"\.automask-[a-z0-9_]{8}\.part")  # tempfile.mkstemp's names
 _OLD = re.compile(r"\.automask-([0-9a-f]{8})-[a-z0-9_]{8}\.old")
 _LOCK = re.compile(r"\.automask-([0-9a-f]{8})\.lock")
 
 
-def hold_part(fd: int) -> None:
-    """Lock the `.part` file open as `fd`, for `tidy` to leave it alone while it is written (nothing on Windows)."""
+def hold_part(fd: int) -> int | None:
+    """Lock the `.part` file open as `fd`, for `tidy` to leave it alone until it is renamed: returns a duplicate of
+    `fd`, which keeps the lock once `fd` is closed, for the writer to close after the rename (its chmod and rename
+    come after its closing); None where nothing is locked (Windows, a file system without locks)."""
     try:
         import fcntl
     except ImportError:
-        return
-    with contextlib.suppress(OSError):  # a file system without locks (ENOLCK): `tidy` cannot take it either
+        return None
+    try:
         fcntl.flock(fd, fcntl.LOCK_EX)
+        return os.dup(fd)
+    except OSError:  # a file system without locks (ENOLCK): `tidy` cannot take it either
+        return None
 
 
 class Holds:
