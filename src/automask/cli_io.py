@@ -262,9 +262,12 @@ def read_source(image: str, settings: Settings) -> tuple[ImageSource, Path | Non
 
 
 def _read_named_stream(image: str, settings: Settings) -> bytes:
-    """The bytes of the pipe, device or open file `image` names, read as standard input is (`_read_stream`)."""
+    """The bytes of the pipe, device or open file `image` names, read as standard input is (`_read_stream`; a terminal
+    is an `InvalidOptionError`, as for '-')."""
     try:
         with open(image, "rb") as stream:
+            if stream.isatty():  # `mask /dev/stdin` with nothing piped in, as `mask -`
+                raise InvalidOptionError("IMAGE", f"'{image}' reads the image from a terminal: nothing is piped in.")
             return _read_stream(stream, f"in '{image}'", settings)
     except OSError as exc:
         why = "no such file" if exc.errno in (errno.ENOENT, errno.ENOTDIR) else exc.strerror or str(exc)
