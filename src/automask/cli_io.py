@@ -288,8 +288,8 @@ def input_id(image: str) -> tuple[int, int] | None:
 
 def _not_a_glob(image: str) -> None:
     """An `InvalidOptionError` pointing to `batch` when IMAGE, a path to no file, is a glob that matches files (one
-    the shell left as typed: quoted)."""
-    matched = len(glob.glob(image)) if glob.has_magic(image) else 0
+    the shell left as typed: quoted), counted as batch takes them: not folders, nor links that lead to no file."""
+    matched = sum(os.path.isfile(p) for p in glob.glob(image)) if glob.has_magic(image) else 0
     if matched:
         files = "1 file" if matched == 1 else f"{matched} files"
         raise InvalidOptionError(
