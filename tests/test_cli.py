@@ -656,6 +656,21 @@ def test_mask_of_a_quoted_glob_points_to_batch(lib: Library, tmp_path: Path) -> 
     assert (none.exit_code, none.stderr) == (3, f"error: Cannot read '{tmp_path}/*.jpg': no such file.\n")
 
 
+def test_mask_of_a_quoted_glob_counts_the_files_it_matches(lib: Library, tmp_path: Path) -> None:
+    """A quoted glob is counted by the files it matches, as batch takes them: not its folders, nor links that lead
+    to no file. Before: `mask 'shots/*.png'` matching one photo, a folder and a dangling link said "a glob matching 3
+    files", and one matching only dangling links pointed to batch, which then said "no images found"."""
+    (tmp_path / "a.png").write_bytes(b"not read")
+    (tmp_path / "b.png").mkdir()
+    (tmp_path / "c.png").symlink_to("gone.png")
+    pattern = f"{tmp_path}/*.png"
+    result = invoke("mask", pattern, "-p", "cat", "--model", lib.model)
+    assert result.exit_code == 2, result.output
+    assert f"'{pattern}' is a glob matching 1 file, and mask takes one image" in result.stderr
+    only_links = invoke("mask", f"{tmp_path}/c*", "-p", "cat", "--model", lib.model)
+    assert (only_links.exit_code, only_links.stderr) == (3, f"error: Cannot read '{tmp_path}/c*': no such file.\n")
+
+
 def test_a_file_named_like_a_data_uri_is_read_as_the_file(
     lib: Library, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -622,3 +622,27 @@ def test_standard_input_read_from_the_output_file_is_never_replaced(
     why = "is the input image: writing the mask there would replace it. Name another file."
     assert proc.stderr.decode().splitlines()[-1] == f"error: --output: 'photo.png' {why}"
     assert mine.read_bytes() == photo.read_bytes()
+
+
+@pytest.mark.parametrize("image", ["-", "/dev/stdin", "/dev/fd/0"])
+def test_stdin_on_a_terminal_is_refused_by_any_name(tiny_clipseg_dir: Path, tmp_path: Path, image: str) -> None:
+    """`automask mask - ...` with nothing piped in (standard input a terminal) is a usage error, exit 2; so are its
+    other names, read as standard input is. Before: `mask /dev/stdin -p cat` waited for an image typed on the
+    terminal (until Ctrl-D, then 'cannot identify image file'), where `mask -` said nothing is piped in."""
+    import pty
+
+    parent, child = pty.openpty()
+    try:
+        proc = subprocess.run(
+            [*automask_command(), "mask", image, "-p", "cat", "--model", str(tiny_clipseg_dir)],
+            stdin=child,
+            capture_output=True,
+            cwd=tmp_path,
+            timeout=30,
+        )
+    finally:
+        os.close(child)
+        os.close(parent)
+    assert proc.returncode == 2, proc.stderr.decode()
+    assert "nothing is piped in" in proc.stderr.decode().splitlines()[-1], proc.stderr.decode()
+    assert list(tmp_path.iterdir()) == []

@@ -5,6 +5,7 @@ run."""
 from __future__ import annotations
 
 import base64
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -324,3 +325,13 @@ def test_an_image_url_typed_or_pasted_into_the_field_in_quotes_or_brackets_is_lo
         (ENTER_IN_FIELD, f"  “{photo_url}”  "),
         (TYPE_IN_FIELD, f"{photo_url} the astronaut"),
     )
+
+
+def test_a_quoted_image_url_with_an_apostrophe_in_it_is_loaded_whole(tab: Tab, photo: Path, photo_url: str) -> None:
+    """A URL in single quotes whose path has an apostrophe (`'https://…/it's.png'`: browsers leave ' as it is in a
+    path): the quote that closes it is the one not followed by a letter or digit. Before, the URL ended at the
+    apostrophe (`https://…/it`), which was loaded, and the URL field was rewritten to it."""
+    shutil.copy(photo, photo.parent / "it's here.png")
+    url = photo_url.rsplit("/", 1)[0] + "/it's%20here.png"
+    for way, text in ((PASTE_TEXT, f"'{url}' (the astronaut)"), (TYPE_IN_FIELD, f"'{url}'"), (DROP_TEXT, f"'{url}',")):
+        url_loaded(tab.page, way, text, url)

@@ -104,9 +104,10 @@ def _replace(path: Path, data: bytes, shown: Path) -> None:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=PREFIX, suffix=".part")
     except OSError as exc:
         raise write_error(shown, exc) from None
+    held = None
     try:
         with os.fdopen(fd, "wb") as f:
-            hold_part(fd)  # not a killed writer's, which a later run tidies (`cli_leftovers.tidy`)
+            held = hold_part(fd)  # not a killed writer's, which a later run tidies (`cli_leftovers.tidy`)
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -120,6 +121,9 @@ def _replace(path: Path, data: bytes, shown: Path) -> None:
         if isinstance(exc, OSError):
             raise write_error(shown, exc) from None
         raise
+    finally:
+        if held is not None:
+            os.close(held)
 
 
 def check_lookup(folder: Path) -> None:
@@ -258,9 +262,12 @@ def read_source(image: str, settings: Settings) -> tuple[ImageSource, Path | Non
 
 
 def _read_named_stream(image: str, settings: Settings) -> bytes:
-    """The bytes of the pipe, device or open file `image` names, read as standard input is (`_read_stream`)."""
+    """The bytes of the pipe, device or open file `image` names, read as standard input is (`_read_stream`; a terminal
+    is an `InvalidOptionError`, as for '-')."""
     try:
         with open(image, "rb") as stream:
+            if stream.isatty():  # `mask /dev/stdin` with nothing piped in, as `mask -`
+                raise InvalidOptionError("IMAGE", f"'{image}' reads the image from a terminal: nothing is piped in.")
             return _read_stream(stream, f"in '{image}'", settings)
     except OSError as exc:
         why = "no such file" if exc.errno in (errno.ENOENT, errno.ENOTDIR) else exc.strerror or str(exc)
@@ -281,8 +288,8 @@ def input_id(image: str) -> tuple[int, int] | None:
 
 def _not_a_glob(image: str) -> None:
     """An `InvalidOptionError` pointing to `batch` when IMAGE, a path to no file, is a glob that matches files (one
-    the shell left as typed: quoted)."""
-    matched = len(glob.glob(image)) if glob.has_magic(image) else 0
+    the shell left as typed: quoted), counted as batch takes them: not folders, nor links that lead to no file."""
+    matched = sum(os.path.isfile(p) for p in glob.glob(image)) if glob.has_magic(image) else 0
     if matched:
         files = "1 file" if matched == 1 else f"{matched} files"
         raise InvalidOptionError(

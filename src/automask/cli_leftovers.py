@@ -6,7 +6,6 @@ released by the system when their holder dies; where there are none (Windows) no
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import stat
@@ -18,23 +17,30 @@ from automask import lockfiles
 
 PREFIX = ".automask-"
 PART_AGE_S = 60.0
-"""How long after its last change a `.part` no process holds is taken for a killed writer's: its writer holds no lock
-for a moment after creating it and after closing it (its chmod, then its rename), and older automasks did not lock it
-(they wrote it in seconds)."""
+"""How long after its last change a file no process holds is taken for a killed run's: a `.part`'s writer holds no
+lock for a moment after creating it (until `hold_part`; it holds it then until the rename), and older automasks did
+not lock it (they wrote it in seconds); a run's lock file and `.old` files are left as long after the last change of
+any of them, for a run on another host where a network file system's locks are not shared (NFS mounted nolock or
+local_lock), alive though its lock looks free here (a `mask` keeps its copies for seconds)."""
 
 _PART = re.compile(r"\.automask-[a-z0-9_]{8}\.part")  # tempfile.mkstemp's names
 _OLD = re.compile(r"\.automask-([0-9a-f]{8})-[a-z0-9_]{8}\.old")
 _LOCK = re.compile(r"\.automask-([0-9a-f]{8})\.lock")
 
 
-def hold_part(fd: int) -> None:
-    """Lock the `.part` file open as `fd`, for `tidy` to leave it alone while it is written (nothing on Windows)."""
+def hold_part(fd: int) -> int | None:
+    """Lock the `.part` file open as `fd`, for `tidy` to leave it alone until it is renamed: returns a duplicate of
+    `fd`, which keeps the lock once `fd` is closed, for the writer to close after the rename (its chmod and rename
+    come after its closing); None where nothing is locked (Windows, a file system without locks)."""
     try:
         import fcntl
     except ImportError:
-        return
-    with contextlib.suppress(OSError):  # a file system without locks (ENOLCK): `tidy` cannot take it either
+        return None
+    try:
         fcntl.flock(fd, fcntl.LOCK_EX)
+        return os.dup(fd)
+    except OSError:  # a file system without locks (ENOLCK): `tidy` cannot take it either
+        return None
 
 
 class Holds:
@@ -67,7 +73,7 @@ class Holds:
 
 def tidy(folder: Path) -> list[Path]:
     """Remove the hidden files that killed automask runs left in `folder` (see the module), and return them: an `.old`
-    whose run's lock no live process holds (with that lock file), a `.part` no process holds and unwritten for
+    whose run's lock no live process holds (with that lock file), a `.part` no process holds, each unchanged for
     `PART_AGE_S`. Only regular files of this user, by those exact names; nothing where locks cannot tell (Windows),
     nor what cannot be removed (left as it is)."""
     try:
@@ -92,6 +98,8 @@ def _tidy_run(folder: Path, token: str, names: list[str]) -> list[Path]:
     that lock (the lock file deleted as its holder would), and return them; nothing when one does."""
     olds = [folder / name for name in names if _OLD.fullmatch(name) and _ours(folder / name)]
     lock = folder / f"{PREFIX}{token}.lock"
+    if any(_recent(path) for path in (*olds, lock)):  # perhaps a live run's whose lock is not seen (`PART_AGE_S`)
+        return []
     try:
         fd = lockfiles.lock(lock, wait=False, create=False) if _ours(lock) or not os.path.lexists(lock) else None
     except FileNotFoundError:  # its run ended (or was killed before it locked)
@@ -120,12 +128,21 @@ def _stale_part(path: Path) -> bool:
         st = path.lstat()
     except OSError:
         return False
-    if not _ours(path, st) or time.time() - max(st.st_mtime, st.st_ctime) < PART_AGE_S:  # ctime: its chmod
+    if not _ours(path, st) or _recent(path, st):
         return False
     try:
         return not lockfiles.held(path)
     except OSError:
         return False
+
+
+def _recent(path: Path, st: os.stat_result | None = None) -> bool:
+    """Whether `path` changed within `PART_AGE_S` (its data, or its inode: a `.part`'s chmod, an `.old`'s link)."""
+    try:
+        st = st or path.lstat()
+    except OSError:
+        return False
+    return time.time() - max(st.st_mtime, st.st_ctime) < PART_AGE_S
 
 
 def _ours(path: Path, st: os.stat_result | None = None) -> bool:

@@ -47,15 +47,24 @@ async function turnedDataUri(url) {
 // The image URL that text pasted, dropped or put in the URL field begins with: a data: URI whole (parseImageUrl
 // reads its base64, leaving out what follows), an http(s) URL up to the first whitespace (one copied from a browser
 // has none: a space is %20), or within the angle brackets or quotes that set it apart in prose, a note after it left
-// out; else the first line, as it is (the page says why it is not an image URL).
+// out; else the first line, as it is (the page says why it is not an image URL). The closing quote is the first one
+// not followed by a letter or digit: an apostrophe in a quoted URL's path (it's.png: browsers leave it as it is in
+// a path) does not end it.
 const CLOSING = { "<": ">", '"': '"', "'": "'", "“": "”", "‘": "’", "«": "»" };
+
+function closingAt(line, close) {
+  for (let at = line.indexOf(close, 1); at > 0; at = line.indexOf(close, at + 1)) {
+    if (!/^[\p{L}\p{N}]/u.test(line.slice(at + 1))) return at;
+  }
+  return line.indexOf(close, 1);
+}
 
 function urlInText(text) {
   const value = text.trim();
   if (/^data:/i.test(value)) return value;
   const line = value.split(/\r?\n/)[0].trim();
   const close = CLOSING[line[0]];
-  const end = close ? line.indexOf(close, 1) : -1;
+  const end = close ? closingAt(line, close) : -1;
   const word = end > 0 ? line.slice(1, end).trim() : line.split(/\s/)[0];
   return /^https?:\/\/\S+$/i.test(word) ? word : line;
 }
