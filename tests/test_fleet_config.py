@@ -291,3 +291,33 @@ def test_a_worker_given_a_broker_url_it_cannot_read_exits_9(postgres_db: str, re
     run = started_worker({**env, "AUTOMASK_BROKER_URL": "amqp://u:se/cret@127.0.0.1/vh"}, tmp_path)
     assert run.returncode == 9 and "AUTOMASK_BROKER_URL" in run.stdout, run.stdout
     assert "internal error" not in run.stdout and "cret" not in run.stdout and "Traceback" not in run.stdout
+
+
+def test_an_api_node_given_a_broker_url_it_cannot_read_refuses_to_start(tmp_path: Path) -> None:
+    """`automask serve` with AUTOMASK_BROKER_URL unreadable (a / in the password): before, it started and every request
+    handed to the workers then failed inside kombu ("Port could not be cast to integer value as 'se'", quoting a piece
+    of the password); now it refuses to start, naming the setting and its form (exit 9), as a worker does."""
+    from automask.server.app import create_app
+    from automask.settings import Settings
+
+    settings = Settings(
+        data_dir=tmp_path,
+        database_url=f"sqlite:///{tmp_path / 'a.db'}",
+        broker_url="amqp://u:se/cret@127.0.0.1/vh",
+        redis_url="redis://127.0.0.1:1/0",
+    )
+    with pytest.raises(ServiceConfigError) as refused:
+        create_app(settings)
+    message = str(refused.value)
+    assert "AUTOMASK_BROKER_URL" in message and "amqp://USER:PASS@HOST:PORT/VHOST" in message, message
+    assert "cret" not in message and "'se'" not in message, message
+
+
+def test_an_unreachable_redis_is_refused_in_sentences() -> None:
+    """Before: "...Connection refused.. Check AUTOMASK_REDIS_URL" (redis-py's reason ends with a full stop)."""
+    from automask.server.limits import check_redis
+    from server_helpers import free_port
+
+    with pytest.raises(ServiceConfigError) as refused:
+        check_redis(f"redis://127.0.0.1:{free_port()}/0")
+    assert "AUTOMASK_REDIS_URL" in str(refused.value) and ".." not in str(refused.value), refused.value

@@ -3,6 +3,8 @@ rather than after Celery's hour of retries ending in a traceback."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from automask.errors import ServiceConfigError
 
 BROKER_CONNECT_TIMEOUT = 5.0
@@ -13,18 +15,25 @@ UNREADABLE_BROKER_URL = (
 )
 
 
+def broker_connection(url: str) -> Any:
+    """kombu's `Connection` to `url`, not yet connected: `ServiceConfigError` naming AUTOMASK_BROKER_URL and its form
+    when the broker client cannot read it (checked at every start-up, API node or worker: a request handed over
+    would otherwise fail inside kombu, whose reason may quote a misread password's pieces)."""
+    from kombu import Connection
+
+    try:
+        return Connection(url, connect_timeout=BROKER_CONNECT_TIMEOUT)
+    except (ValueError, LookupError):
+        raise ServiceConfigError(UNREADABLE_BROKER_URL) from None
+
+
 def check_broker(url: str) -> None:
     """Connect to RabbitMQ once (`BROKER_CONNECT_TIMEOUT`): `ServiceConfigError` naming AUTOMASK_BROKER_URL (without
     its password) and the fix when it cannot be reached or refuses this user or vhost, or when it is no URL the broker
     client can read (a start-up check: Celery would retry for the best part of an hour, then end with a traceback)."""
-    from kombu import Connection
     from kombu.exceptions import KombuError
 
-    try:
-        conn = Connection(url, connect_timeout=BROKER_CONNECT_TIMEOUT)
-    except (ValueError, LookupError):  # its reason may quote the URL: a misread password's pieces
-        raise ServiceConfigError(UNREADABLE_BROKER_URL) from None
-    with conn:
+    with broker_connection(url) as conn:
         try:
             conn.ensure_connection(max_retries=0)  # one try (1: two, with a 2 s pause between)
         except (OSError, KombuError, *conn.connection_errors, *conn.channel_errors) as exc:

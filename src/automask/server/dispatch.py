@@ -309,8 +309,10 @@ def make_dispatcher(
     """The in-process pool, or Celery workers when `settings.broker_url` is set: chosen once, here. An in-process
     pool on a database that live Celery workers use is refused (`ServiceConfigError`): it would take their jobs."""
     if settings.broker_url:
+        from automask.server.broker_check import broker_connection
         from automask.server.fleet import CeleryDispatcher
 
+        broker_connection(settings.broker_url).release()  # unreadable: refuse to start, naming the setting
         return CeleryDispatcher(settings, server, store)
     nodes.refuse_mixed(store, "worker")
     return LocalDispatcher(settings, server, store, jobs, generator)

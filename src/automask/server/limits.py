@@ -232,7 +232,7 @@ def check_redis(url: str) -> None:
         with redis.Redis.from_url(url, socket_timeout=PING_TIMEOUT, socket_connect_timeout=PING_TIMEOUT) as client:
             client.ping()
     except (redis.RedisError, ValueError) as exc:
-        reason = " ".join(str(exc).split())
+        reason = " ".join(str(exc).split()).rstrip(".")  # redis-py's end with one
         raise ServiceConfigError(
             f"Cannot connect to Redis at {shown}: {reason}. Check AUTOMASK_REDIS_URL, and that the Redis server is "
             "running and lets this client in."
