@@ -165,6 +165,7 @@ class RedisServer(Service):
         cmd += ["--appendonly", "no", "--daemonize", "no", "--logfile", str(self.log)]
         if self.cluster:
             cmd += ["--cluster-enabled", "yes", "--cluster-config-file", str(workdir / "nodes.conf")]
+            cmd += ["--cluster-port", str(free_port())]  # (by default the port + 10000: none above 55535)
         self._proc = spawn(cmd, workdir / "stdout.log")
         self._wait(self._ping, "redis-server", self._proc)
         if self.cluster:
