@@ -153,14 +153,29 @@ class RedisServer(Service):
     def url(self) -> str:
         return f"redis://{LOOPBACK}:{self.port}/0"
 
+    cluster = False
+    """Run as a Redis Cluster of this one node, holding every slot: a command or script whose keys are in different
+    slots is refused (CROSSSLOT), as on a real cluster."""
+
     def _start(self, workdir: Path) -> None:
         binary = require_binary("redis-server")
         require_module("redis", "redis")
         self.port = free_port()
         cmd = [binary, "--bind", LOOPBACK, "--port", str(self.port), "--dir", str(workdir), "--save", ""]
         cmd += ["--appendonly", "no", "--daemonize", "no", "--logfile", str(self.log)]
+        if self.cluster:
+            cmd += ["--cluster-enabled", "yes", "--cluster-config-file", str(workdir / "nodes.conf")]
+            cmd += ["--cluster-port", str(free_port())]  # (by default the port + 10000: none above 55535)
         self._proc = spawn(cmd, workdir / "stdout.log")
         self._wait(self._ping, "redis-server", self._proc)
+        if self.cluster:
+            import redis
+
+            with redis.Redis(host=LOOPBACK, port=self.port, socket_timeout=5) as client:
+                client.execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 16383)
+                self._wait(
+                    lambda: b"cluster_state:ok" in client.execute_command("CLUSTER", "INFO"), "cluster", self._proc
+                )
 
     def _ping(self) -> bool:
         import redis
@@ -288,9 +303,11 @@ def postgres_server(**kwargs: Any) -> contextlib.AbstractContextManager[Postgres
     return _serving(PostgresServer(**kwargs))
 
 
-def redis_server(timeout: float = 60.0) -> contextlib.AbstractContextManager[RedisServer]:
-    """A started `RedisServer` for the `with` block."""
-    return _serving(RedisServer(timeout))
+def redis_server(timeout: float = 60.0, cluster: bool = False) -> contextlib.AbstractContextManager[RedisServer]:
+    """A started `RedisServer` for the `with` block (`cluster`: a one-node Redis Cluster, `RedisServer.cluster`)."""
+    server = RedisServer(timeout)
+    server.cluster = cluster
+    return _serving(server)
 
 
 def rabbitmq_server(timeout: float = 90.0) -> contextlib.AbstractContextManager[RabbitMQServer]:

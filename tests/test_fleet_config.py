@@ -321,3 +321,30 @@ def test_an_unreachable_redis_is_refused_in_sentences() -> None:
     with pytest.raises(ServiceConfigError) as refused:
         check_redis(f"redis://127.0.0.1:{free_port()}/0")
     assert "AUTOMASK_REDIS_URL" in str(refused.value) and ".." not in str(refused.value), refused.value
+
+
+@pytest.mark.parametrize("scheme", ["amqp", "redis"])
+def test_an_api_node_whose_broker_cannot_be_reached_refuses_to_start(
+    tmp_path: Path, redis_db: str, monkeypatch: pytest.MonkeyPatch, scheme: str
+) -> None:
+    """Before: `automask serve` with AUTOMASK_BROKER_URL checked that the URL could be read, not that the broker
+    answered: it started, and every request handed to the workers then failed. Now it connects once at start, as a
+    worker does (`check_broker`), and refuses to start (exit 9) naming the setting, without the password."""
+    from automask.server import http
+
+    served: list[object] = []
+    monkeypatch.setattr(http, "run", lambda app, *args, **kwargs: served.append(app))  # (before: it served)
+    closed = f"127.0.0.1:{free_port()}"
+    broker = f"amqp://u:hunter2@{closed}/vh" if scheme == "amqp" else f"redis://:hunter2@{closed}/0"
+    env = {
+        "AUTOMASK_DATABASE_URL": f"sqlite:///{tmp_path / 'fleet.db'}",
+        "AUTOMASK_REDIS_URL": redis_db,
+        "AUTOMASK_BROKER_URL": broker,
+    }
+    result = CliRunner().invoke(main, ["--data-dir", str(tmp_path / "data"), "serve", "--port", "0"], env=env)
+    assert result.exit_code == 9 and not served, result.output
+    assert f"Cannot connect to the broker at {scheme}://" in result.output, result.output
+    assert (
+        "Check AUTOMASK_BROKER_URL" in result.output and ("RabbitMQ" if scheme == "amqp" else "Redis") in result.output
+    )
+    assert "hunter2" not in result.output and "Traceback" not in result.output

@@ -320,3 +320,48 @@ def test_a_completion_is_given_time_by_the_metadata_it_stores_too(tmp_path: Path
     assert len(bounds) == 1 and bounds[0] is not None, bounds
     wanted = bounded.JOB_QUERY_TIMEOUT + 4_000_000 / bounded.SLOWEST_TRANSFER
     assert bounds[0] >= wanted, (bounds, wanted)  # before: 10.001 s, for 4 MB of metadata
+
+
+def test_a_poll_of_a_job_that_completes_while_it_is_read_is_bounded_by_the_row_it_reads(
+    served: tuple[Any, Store, Jobs, Runner], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before: `read_job` asked the metadata's size, then read the row bounded by it; a job that completed between
+    the two (its metadata megabytes now) was read under the bound of none, so over a slow link the poll failed (a
+    503). Now the bound of a read follows the row it reads: the job as the first read found it, and its metadata,
+    once there, read under a bound grown by its size. The slow link is a server paused while the read is sent."""
+    import json
+    import re
+
+    from sqlalchemy import update
+
+    from automask.server.job_view import read_job
+    from automask.server.store import jobs_table
+
+    pg, store, jobs, _ = served
+    _, job_id = submitted(store, jobs)
+    stored = json.dumps({"instances": ["x" * 1000] * 2000})  # ~2 MB
+    monkeypatch.setattr(bounded, "SLOWEST_TRANSFER", len(stored) / 4.0, raising=False)  # its read: +4 s
+    completing_now = [True]
+
+    def completes_after_the_size_read(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if completing_now and "length(jobs.metadata)" in statement:
+            completing_now.pop()
+            with store.transaction() as conn:  # the job completes on another node, just then
+                conn.execute(
+                    update(jobs_table).where(jobs_table.c.id == job_id).values(status=COMPLETED, metadata=stored)
+                )
+
+    carries_metadata = re.compile(r"jobs\.metadata(?!\))")  # the metadata itself, not its length
+    event.listen(store.engine, "after_cursor_execute", completes_after_the_size_read)
+    try:
+        with frozen_at(pg, store, lambda s: bool(carries_metadata.search(s)), 2.5):
+            got, took = timed(lambda: read_job(store, job_id))
+        assert not isinstance(got, Exception), (got, took)  # before: OperationalError after 1 s
+        assert got is not None and got.status in (QUEUED, COMPLETED)
+        assert got.status == QUEUED or got.metadata == json.loads(stored)
+        with frozen_at(pg, store, lambda s: bool(carries_metadata.search(s)), 2.5):
+            again, took = timed(lambda: read_job(store, job_id))
+        assert not isinstance(again, Exception), (again, took)
+        assert again is not None and again.status == COMPLETED and again.metadata == json.loads(stored)
+    finally:
+        event.remove(store.engine, "after_cursor_execute", completes_after_the_size_read)

@@ -256,6 +256,33 @@ def test_a_guess_refused_while_others_are_counted_waits_only_while_they_are_in_f
     asyncio.run(run())
 
 
+def test_a_guess_refused_while_another_read_is_stuck_waits_pending_seconds_at_most(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Before: a request refused while another of its address was in flight waited for it with no bound of its own:
+    each database read is bounded, but a read queued behind others for a database thread is not, so the refused one
+    hung as long. Now the whole wait ends `PENDING` seconds after the request came (as the fleet's wait for pending
+    counts does), and it is answered 429; the request in flight is left as it was."""
+    from automask.server import auth_limit
+
+    monkeypatch.setattr(auth_limit, "PENDING", 0.3)
+
+    async def run() -> None:
+        auth = FailedAuth(RateLimiter(clock=Clock()), 1)
+        held = await auth.admit("192.0.2.1", "am_x_guess0")  # admitted, its read never ends
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(ApiError) as refused:
+            await asyncio.wait_for(auth.admit("192.0.2.1", "am_x_guess1"), 5)  # before: waited until cut here
+        assert refused.value.status == 429 and "Retry-After" in refused.value.headers
+        assert 0.25 < loop.time() - started < 2
+        assert auth._in_flight == {"192.0.2.1": 1}
+        await auth.failed(held, "am_x_guess0")
+        assert not auth._in_flight and not auth._ended
+
+    asyncio.run(run())
+
+
 def test_a_revoked_key_is_no_longer_known_to_be_good(tmp_path: Path) -> None:
     clock = Clock()
     with live_server(tmp_path / "data", FakeBackend()) as live:
@@ -427,9 +454,9 @@ def test_failed_authentications_are_counted_across_the_fleet(redis_db: str) -> N
 
     asyncio.run(run())
     client = redis.Redis.from_url(redis_db)
-    assert client.zcard("automask:rate:auth-fail:192.0.2.1") == 2
-    assert 0 < client.pttl("automask:rate:auth-fail:192.0.2.1") <= WINDOW * 1000
-    assert not client.exists("automask:rate:auth-fail:192.0.2.2")  # a key that authenticated counts nothing
+    assert client.zcard("automask:rate:{auth-fail:192.0.2.1}") == 2
+    assert 0 < client.pttl("automask:rate:{auth-fail:192.0.2.1}") <= WINDOW * 1000
+    assert not client.exists("automask:rate:{auth-fail:192.0.2.2}")  # a key that authenticated counts nothing
     client.close()
 
 

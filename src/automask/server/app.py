@@ -29,6 +29,7 @@ from automask.pipeline import MaskGenerator
 from automask.server import metrics
 from automask.server.auth_limit import failed_auth_for
 from automask.server.bounded import request_bound
+from automask.server.broker_check import check_broker
 from automask.server.config import ServerSettings
 from automask.server.deployment import Guard
 from automask.server.dispatch import make_dispatcher
@@ -134,13 +135,29 @@ def create_app(
     return app
 
 
+def serving_app(settings: Settings | None = None, server: ServerSettings | None = None) -> FastAPI:
+    """`create_app` for a process about to serve it (`automask serve`, `app_from_env`): an API node of a fleet also
+    connects to its broker once, after the database and Redis, as a worker does (`check_broker`): one it cannot reach
+    refuses the start (`ServiceConfigError` naming AUTOMASK_BROKER_URL, without its password), rather than failing
+    every request handed to the workers."""
+    app = create_app(settings, server)
+    state: ServerState = app.state.automask
+    if state.settings.broker_url:
+        try:
+            check_broker(str(state.settings.broker_url))
+        except BaseException:
+            state.store.close()
+            raise
+    return app
+
+
 def app_from_env() -> FastAPI:
-    """`create_app()` with settings from the environment (for `uvicorn --factory`); with
+    """`serving_app()` with settings from the environment (for `uvicorn --factory`); with
     `AUTOMASK_SERVER_METRICS_PORT`, the metrics listener too."""
     server = ServerSettings()
     if server.metrics_port is not None:
         log.info("metrics at %s", metrics.listen(server.metrics_host, server.metrics_port))
-    return create_app(server=server)
+    return serving_app(server=server)
 
 
 def _install_error_handlers(app: FastAPI) -> None:

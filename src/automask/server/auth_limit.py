@@ -27,7 +27,8 @@ addresses would, and holds as many counts at most (before: each /64 counted apar
 PENDING = 10.0
 """Seconds a key's count stays pending in a fleet (`RedisRateLimiter.hit`) while the database reads it, at most (a
 node that died meanwhile never ends it): a request of its address refused meanwhile, on any node, waits for it at
-most this long, then is answered 429."""
+most this long, then is answered 429. It also bounds the whole wait of a request refused while others of its address
+are in flight in this process (their reads may queue for a database thread): then it is answered 429 as well."""
 POLL_FIRST, POLL_MAX = 0.01, 0.2
 """Seconds between two looks of a request waiting for counts pending on other nodes: the first pause, doubled up to
 the longest."""
@@ -71,7 +72,8 @@ class FailedAuth:
     back if it authenticates (`succeeded`): keys sent together cannot all pass the look at the count that none of them
     is in yet, so at most `limit` are read a minute, however many come at once. One that finds no room while keys of
     its address are in flight in this process (being counted, or read) waits for them and looks again each time an
-    admitted one ends (the first of a new valid key's requests to succeed makes it known): only failures refuse it.
+    admitted one ends (the first of a new valid key's requests to succeed makes it known), `PENDING` seconds at most
+    in all: only failures, or that wait's end, refuse it.
     A limiter's answers may arrive in any order (Redis): a request is in flight from the moment it asks. In a fleet
     (Redis) a count is also pending until its read ends, on whichever node: a request refused while counts of its
     address are pending looks again every few milliseconds (`_Polling`), for `PENDING` seconds at most, unless its
@@ -115,8 +117,10 @@ class FailedAuth:
                     raise
                 if not self.known.has(token) and await self.known.vouched(token):
                     return Attempt(address)  # known fleet-wide: nothing to wait for
-                if self.known.has(token) or await self._room_may_be_free(address) or await waiting.may_look(refused):
-                    continue  # made known, or one in flight ended (here or, soon maybe, on another node): look again
+                if self.known.has(token) or await self._room_may_be_free(address, waiting.deadline):
+                    continue  # made known, or an admitted one ended here: look again
+                if await waiting.may_look(refused):
+                    continue  # counts pending on another node: look again
                 raise
             except BaseException:  # (cancelled, or the limiter failed)
                 await self.give_back(attempt)
@@ -165,12 +169,17 @@ class FailedAuth:
         self._in_flight[address] = self._in_flight.get(address, 0) + 1
         return Attempt(address, in_flight=True)
 
-    async def _room_may_be_free(self, address: str) -> bool:
-        """Wait while attempts of `address` are in flight: True once an admitted one ends (look again), False when
-        none is left (at once if none is), without looking at the count for every refused one that ends."""
+    async def _room_may_be_free(self, address: str, deadline: float) -> bool:
+        """Wait while attempts of `address` are in flight, until `deadline` (monotonic seconds) at most: True once an
+        admitted one ends (look again), False when none is left (at once if none is) or the deadline passed (their
+        reads may wait behind others for a database thread: the whole wait is bounded, not each read), without
+        looking at the count for every refused one that ends."""
         while self._in_flight.get(address):
             wake = self._ended.setdefault(address, _Wake())
-            await wake.event.wait()
+            try:
+                await asyncio.wait_for(wake.event.wait(), max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                return False
             if wake.look:
                 return True
         return False

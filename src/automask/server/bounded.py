@@ -7,8 +7,11 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from contextvars import ContextVar
 from typing import Any
@@ -120,7 +123,8 @@ def lock_slice() -> float:
 def connect_bounded(_dialect: Any, _record: Any, cargs: Any, cparams: dict[str, Any]) -> Any:
     """SQLAlchemy's `do_connect` event of a PostgreSQL engine: `psycopg.connect`, for a connection whose waits for
     the server honour `bounded`, and which, opened within `bounded`, waits no longer than it to be set up (whole
-    seconds, 2 at least: psycopg's `connect_timeout`), all the addresses it tries together (`_connect_within`)."""
+    seconds, 2 at least: psycopg's `connect_timeout`), the lookup of its host names and all the addresses it tries
+    together (`_connect_within`)."""
     bound = current_bound()
     if bound is None:
         return _bounded_connection().connect(*cargs, **cparams)
@@ -143,7 +147,7 @@ def _connect_within(deadline: float, cargs: Any, cparams: dict[str, Any]) -> Any
     except ImportError:  # psycopg 3.1: libpq tries the addresses itself, each with the whole timeout
         attempts = [params]
     else:
-        attempts = conninfo_attempts(params)
+        attempts = _resolved_by(deadline, conninfo_attempts, params)
     for tried, attempt in enumerate(attempts, 1):
         timeout = max(2, math.ceil(deadline - time.monotonic()))
         try:
@@ -154,6 +158,39 @@ def _connect_within(deadline: float, cargs: Any, cparams: dict[str, Any]) -> Any
     raise AssertionError("unreachable: psycopg resolves at least one address or raises")
 
 
+def _resolved_by(deadline: float, conninfo_attempts: Callable[[Any], list[Any]], params: dict[str, Any]) -> list[Any]:
+    """psycopg's `conninfo_attempts(params)`, given until `deadline` (`time.monotonic()`; 2 s at least, as a connect):
+    the addresses of the server's host names (`hostaddr`, the name kept as `host` for TLS's host check), looked up in
+    a daemon thread, as `getaddrinfo` cannot be interrupted: a resolver that hangs fails the connect in time (psycopg
+    looked them up in the caller's thread, unbounded). At most `DNS_LOOKUPS` lookups are left running past their
+    deadline; past that, a connect fails at once while they hang."""
+    import psycopg
+
+    answer: Future[list[Any]] = Future()
+
+    def lookup() -> None:
+        try:
+            answer.set_result(conninfo_attempts(params))
+        except BaseException as exc:  # noqa: BLE001 (raised again in the connecting thread)
+            answer.set_exception(exc)
+
+    if not _LEFT_BEHIND.acquire(blocking=False):  # as many hang already: the resolver does not answer
+        raise psycopg.OperationalError(f"{DNS_LOOKUPS} lookups of the database host name hang already")
+    _LEFT_BEHIND.release()
+    threading.Thread(target=lookup, name="automask-db-dns", daemon=True).start()
+    wait = max(2.0, deadline - time.monotonic())
+    try:
+        return answer.result(timeout=wait)
+    except FutureTimeout:
+        if _LEFT_BEHIND.acquire(blocking=False):
+            answer.add_done_callback(lambda _: _LEFT_BEHIND.release())
+        raise psycopg.OperationalError(f"the database host name was not looked up within {wait:g} s") from None
+
+
+DNS_LOOKUPS = 16
+"""Database host name lookups (`_resolved_by`) that may be left hanging past their connect's deadline: a resolver
+that never answers holds at most about this many threads; then a connect fails at once, starting none."""
+_LEFT_BEHIND = threading.BoundedSemaphore(DNS_LOOKUPS)
 _NOT_CONNINFO = {"autocommit", "prepare_threshold", "context", "row_factory", "cursor_factory"}
 """`psycopg.Connection.connect`'s own arguments: the others are the connection string's (`conninfo_to_dict`)."""
 

@@ -1,5 +1,6 @@
-"""A worker's start-up check of RabbitMQ (`check_broker`): refused at once, naming AUTOMASK_BROKER_URL and the fix,
-rather than after Celery's hour of retries ending in a traceback."""
+"""The start-up check of the broker (`check_broker`), a worker's and an API node's: refused at once, naming
+AUTOMASK_BROKER_URL and the fix, rather than after Celery's hour of retries ending in a traceback (a worker) or with
+every request handed to the workers failing (an API node)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Any
 from automask.errors import ServiceConfigError
 
 BROKER_CONNECT_TIMEOUT = 5.0
-"""Seconds a worker starting waits for RabbitMQ to accept its connection (`check_broker`)."""
+"""Seconds a worker or API node starting waits for the broker to accept its connection (`check_broker`)."""
 UNREADABLE_BROKER_URL = (
     "AUTOMASK_BROKER_URL is not a broker URL: write it as amqp://USER:PASS@HOST:PORT/VHOST, with any / : @ % in USER "
     "or PASS percent-encoded (/ as %2F)."
@@ -28,9 +29,10 @@ def broker_connection(url: str) -> Any:
 
 
 def check_broker(url: str) -> None:
-    """Connect to RabbitMQ once (`BROKER_CONNECT_TIMEOUT`): `ServiceConfigError` naming AUTOMASK_BROKER_URL (without
-    its password) and the fix when it cannot be reached or refuses this user or vhost, or when it is no URL the broker
-    client can read (a start-up check: Celery would retry for the best part of an hour, then end with a traceback)."""
+    """Connect to the broker (RabbitMQ, or Redis with a redis:// URL) once (`BROKER_CONNECT_TIMEOUT`):
+    `ServiceConfigError` naming AUTOMASK_BROKER_URL (without its password) and the fix when it cannot be reached or
+    refuses this user or vhost, or when it is no URL the broker client can read (a start-up check: Celery would retry
+    for the best part of an hour, then end with a traceback)."""
     from kombu.exceptions import KombuError
 
     with broker_connection(url) as conn:
@@ -40,5 +42,10 @@ def check_broker(url: str) -> None:
             reason = " ".join(str(exc).split()).rstrip(".") or type(exc).__name__  # RabbitMQ's end with one
             raise ServiceConfigError(
                 f"Cannot connect to the broker at {conn.as_uri()}: {reason}. Check AUTOMASK_BROKER_URL, and that "
-                "RabbitMQ is running and lets this user in."
+                f"{_broker_name(url)} is running and lets this user in."
             ) from None
+
+
+def _broker_name(url: str) -> str:
+    """The broker server `url` names, for messages: Redis for a redis:// (rediss://) URL, else RabbitMQ."""
+    return "Redis" if url.lower().startswith(("redis:", "rediss:")) else "RabbitMQ"

@@ -125,7 +125,7 @@ def serve(ctx: click.Context, model: str | None, log_level: str, no_auth: bool, 
     require("fastapi", "server")
     require("uvicorn", "server")
     from automask.server import http
-    from automask.server.app import create_app
+    from automask.server.app import serving_app
 
     settings = _settings(ctx)
     if model:
@@ -138,7 +138,7 @@ def serve(ctx: click.Context, model: str | None, log_level: str, no_auth: bool, 
     sockets = http.listen(server)  # first: a busy port is one line, before the database or a model is touched
     try:
         metrics_url = _serve_metrics(server, api_port=sockets[0].getsockname()[1])
-        app = create_app(settings, server)
+        app = serving_app(settings, server)
     except BaseException:
         for sock in sockets:
             sock.close()

@@ -138,10 +138,12 @@ def queue_name(kind: str, model: str) -> str:
     return f"automask.{kind}.{model}"
 
 
-def v1_keys(request_id: str) -> dict[str, str]:
+def v1_keys(request_id: str, tagged: bool = True) -> dict[str, str]:
     """The Redis keys of one v1 hand-off: the request, its image, the outcome list, the cancel flag, and how many
-    times a worker started it."""
-    base = f"automask:v1:{request_id}:"
+    times a worker started it: `automask:v1:{<id>}:<part>`, one hash tag, so that each transaction over them touches
+    one Redis Cluster slot. Not `tagged`: the names of releases before (`automask:v1:<id>:<part>`, refused CROSSSLOT
+    on a cluster), whose API nodes may still hand requests off during a rolling upgrade (`worker_v1.answer_v1`)."""
+    base = f"automask:v1:{{{request_id}}}:" if tagged else f"automask:v1:{request_id}:"
     return {name: base + name for name in ("request", "image", "outcome", "cancel", "starts")}
 
 
@@ -392,8 +394,3 @@ class CeleryDispatcher:
                 await pipe.execute()
         except Exception:  # Redis is down: the hand-off keys expire on their own
             log.warning("could not cancel a v1 hand-off", exc_info=True)
-
-
-def parse_v1(body: bytes, image: bytes | None) -> MaskRequest:
-    """The request a v1 hand-off carries (its image apart when it was an uploaded file)."""
-    return MaskRequest.model_validate(MaskRequest.unstored(body, image))

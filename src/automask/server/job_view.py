@@ -52,17 +52,18 @@ class Claimed:
     attempts: int
 
 
-_JOB_COLUMNS = (J.id, J.key_id, J.status, J.base64, J.error, J.metadata, J.inference_time, J.model)
+_JOB_COLUMNS = (J.id, J.key_id, J.status, J.base64, J.error, J.inference_time, J.model)
 
 
-def _to_job(row: Any) -> Job:
+def _to_job(row: Any, metadata: str | None) -> Job:
+    """The `Job` of `row` (`_JOB_COLUMNS`, `has_result`, `started`) and its stored `metadata` (JSON text)."""
     return Job(
         id=row.id,
         key_id=row.key_id,
         status=row.status,
         base64=bool(row.base64),
         error=row.error,
-        metadata=json.loads(row.metadata) if row.metadata else None,
+        metadata=json.loads(metadata) if metadata else None,
         inference_time=row.inference_time,
         model=row.model,
         has_result=bool(row.has_result),
@@ -74,20 +75,24 @@ def read_job(store: Store, job_id: str) -> Job | None:
     """Job `job_id`, or None (unknown or expired). An id holding NUL is no job's, and not looked up: PostgreSQL text
     cannot hold it (the query would fail as if the database were down).
 
-    Each statement waits for the database as long as the bound in force (an HTTP request's, else `job_bound`), the
-    read of the job longer by the size of its metadata (`sized`: an instance mask's can be megabytes, which a slow
-    link to the database takes a while to carry), which is asked first: a frozen server is given up on, a healthy
-    large read is not cut off."""
+    Each statement waits for the database as long as the bound in force (an HTTP request's, else `job_bound`): the
+    job without its metadata first, with the metadata's size, then, if it has any, the metadata, its read longer by
+    that size (`sized`: an instance mask's can be megabytes, which a slow link to the database takes a while to carry).
+    So a frozen server is given up on, a healthy large read is not cut off, and the bound follows the row read: a job
+    that completes between the two reads is the job the first found (its metadata, once stored, never changes)."""
     if "\x00" in job_id:
         return None
+    size = func.coalesce(func.length(J.metadata), 0).label("size")
+    flags = J.result.is_not(None).label("has_result"), J.started_at.is_not(None).label("started")
     with job_bound(), store.read() as conn:
-        size = conn.execute(select(func.coalesce(func.length(J.metadata), 0)).where(J.id == job_id)).scalar()
-        if size is None:
+        row = conn.execute(select(*_JOB_COLUMNS, size, *flags).where(J.id == job_id)).first()
+        if row is None:
             return None
-        with sized(size):
-            row = conn.execute(
-                select(
-                    *_JOB_COLUMNS, J.result.is_not(None).label("has_result"), J.started_at.is_not(None).label("started")
-                ).where(J.id == job_id)
-            ).first()
-    return _to_job(row) if row else None
+        metadata = None
+        if row.size:
+            with sized(row.size):
+                found = conn.execute(select(J.metadata).where(J.id == job_id)).first()
+            if found is None:
+                return None  # expired meanwhile
+            metadata = found[0]
+    return _to_job(row, metadata)

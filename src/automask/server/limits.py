@@ -52,7 +52,8 @@ counted at (in memory), or its member of the key's sorted set (Redis)."""
 
 PENDING_SUFFIX = ":pending"
 """A Redis limiter key's counts still pending (`RedisRateLimiter.hit`): a sorted set of their members, each scored
-with when it stops being pending (microseconds, Redis's clock) if nothing ended it."""
+with when it stops being pending (microseconds, Redis's clock) if nothing ended it. A key's counts and its pending
+marks are `<prefix>{<key>}` and `<prefix>{<key>}:pending`: one hash tag, one Redis Cluster slot (`_tagged`)."""
 
 MAX_COUNTED = 100_000
 """Keys (or client addresses) the in-process limiter keeps counts for at most; past it the least recently counted
@@ -186,7 +187,7 @@ class RedisRateLimiter:
 
         window_us, member = int(WINDOW * 1_000_000), uuid.uuid4().hex
         allowed, now, oldest, held = await self._script(
-            keys=[self.prefix + key_id, self.prefix + key_id + PENDING_SUFFIX],
+            keys=self._keys(key_id),
             args=[window_us, limit, member, "1" if count else "0", int(pending * 1_000_000)],
         )
         if int(allowed):
@@ -196,15 +197,21 @@ class RedisRateLimiter:
 
     async def settle(self, key_id: str, receipt: Receipt) -> None:
         """The count `receipt` (counted with `pending`) stays: it is no longer pending."""
-        await self.client.zrem(self.prefix + key_id + PENDING_SUFFIX, str(receipt))
+        await self.client.zrem(self._keys(key_id)[1], str(receipt))
 
     async def uncount(self, key_id: str, receipt: Receipt) -> None:
         """Take back the count of `key_id` that `hit` answered with `receipt` (gone already: nothing), pending or
         not: both at once (MULTI), so no one sees it pending without its count or counted and no longer pending."""
         async with self.client.pipeline(transaction=True) as pipe:
-            pipe.zrem(self.prefix + key_id, str(receipt))
-            pipe.zrem(self.prefix + key_id + PENDING_SUFFIX, str(receipt))
+            for key in self._keys(key_id):
+                pipe.zrem(key, str(receipt))
             await pipe.execute()
+
+    def _keys(self, key_id: str) -> list[str]:
+        """`key_id`'s counts and pending marks, one hash tag (its own braces escaped: an empty or cut tag would hash
+        each whole name to its own slot, refused CROSSSLOT on Redis Cluster, as `<prefix><key>[:pending]` were)."""
+        tagged = self.prefix + "{" + key_id.replace("%", "%25").replace("{", "%7B").replace("}", "%7D") + "}"
+        return [tagged, tagged + PENDING_SUFFIX]
 
     async def unreachable(self) -> str | None:
         """None when Redis answers a PING within `PING_TIMEOUT` seconds, else why not (`REDIS_DOWN`, for /readyz)."""

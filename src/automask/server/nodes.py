@@ -14,6 +14,7 @@ import logging
 import os
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,16 +23,19 @@ from sqlalchemy import ColumnElement, delete, func, insert, select, update
 from sqlalchemy.exc import TimeoutError as SQLTimeoutError
 
 from automask.errors import ServiceConfigError
-from automask.server.bounded import bounded, current_bound
+from automask.server.bounded import DEADLINE_FLOOR, bounded, current_bound
 from automask.server.logs import Failures
 from automask.server.store import Store, nodes_table
 
 log = logging.getLogger("automask.server")
 N = nodes_table.c
 UNREGISTER_TIMEOUT = 5.0
-"""Seconds a node that stops waits for the database to remove its row (`Heartbeat.stop`): past them it stops all the
-same, and is taken for dead once its TTL has passed. Before, a frozen database held a stopping worker's pool process
-(and so the worker's warm shutdown) until it thawed."""
+"""Seconds a node that stops waits for the database to remove its row (`Heartbeat.stop`), a registration of its own in
+progress first: past them it stops all the same, and is taken for dead once its TTL has passed (a registration still
+in progress removes the row it makes itself). Before, a frozen database held a stopping worker's pool process (and so
+the worker's warm shutdown) until it thawed."""
+STOP_WAIT = 5.0
+"""Seconds a node that stops waits for its heartbeat thread's beat in progress to end (`Heartbeat.stop`)."""
 
 
 def new_node_id(kind: str) -> str:
@@ -137,7 +141,11 @@ class Heartbeat:
     process that started the thread: a killed process stops beating. `watch` (None: nothing) is called after each
     beat, in that thread: a check the node repeats as long as it lives (a worker's deployment guard). A node whose
     first registration failed (`start(retry=True)`) is registered by the next beat that reaches the database, or
-    by `register` (`registered` says whether it was)."""
+    by `register` (`registered` says whether it was).
+
+    A registration (the start's, a beat's, a task's) and the removal at `stop` take turns (`_registering`): none
+    registers once the node stops, and one still in progress when `stop` gave up waiting for it removes the row it
+    made, so a stopped node is not counted alive until its TTL."""
 
     def __init__(
         self,
@@ -170,18 +178,26 @@ class Heartbeat:
             self._failures.failed(exc)
         self._thread.start()
 
-    def register(self) -> None:
-        """Register the node unless it is registered already (raises the database's errors). A registration the beat
-        has in progress is waited for as long as this thread's bound on the database (`bounded`) allows, if any."""
+    def register(self, *, again: bool = False) -> None:
+        """Register the node unless it is registered already (`again`: its row is gone, register it anew) or stopped
+        (raises the database's errors). A registration the beat has in progress is waited for as long as this
+        thread's bound on the database (`bounded`) allows, if any. One that ends after `stop` removes its row."""
         bound = current_bound()
         if not self._registering.acquire(timeout=-1 if bound is None else bound):
             raise SQLTimeoutError(f"node {self.node_id}: its registration in progress did not end within {bound:g} s")
         try:
-            if not self.registered:
+            if (again or not self.registered) and not self._stop.is_set():
                 register(self.store, self.node_id, self.kind, self.models, self.default, self.dead_after)
                 self.registered = True
+                if self._stop.is_set():  # stopped meanwhile, its removal perhaps done already: undo this one
+                    self._unregister()
         finally:
             self._registering.release()
+
+    def _unregister(self) -> None:
+        """Remove the node's row (with `_registering` held)."""
+        unregister(self.store, self.node_id)
+        self.registered = False
 
     def _run(self) -> None:
         with bounded():  # a frozen database fails a beat (tried again), never holds the thread until it thaws
@@ -193,7 +209,7 @@ class Heartbeat:
                 if not self.registered:
                     self.register()
                 elif not heartbeat(self.store, self.node_id):
-                    register(self.store, self.node_id, self.kind, self.models, self.default, self.dead_after)
+                    self.register(again=True)
                 if self.watch is not None:
                     self.watch()
                 self._failures.succeeded()
@@ -201,12 +217,20 @@ class Heartbeat:
                 self._failures.failed(exc)
 
     def stop(self) -> None:
+        """Stop beating and remove the node, `STOP_WAIT` + `UNREGISTER_TIMEOUT` seconds at most: a registration in
+        progress is waited for first (one that takes longer removes its row itself once it ends)."""
         self._stop.set()
         if not self._thread.is_alive():
             return  # never started
-        self._thread.join(timeout=5)
-        try:
-            with bounded(UNREGISTER_TIMEOUT):  # a frozen database holds no stopping process (its node dies by its TTL)
-                unregister(self.store, self.node_id)
+        self._thread.join(timeout=STOP_WAIT)
+        deadline = time.monotonic() + UNREGISTER_TIMEOUT
+        if not self._registering.acquire(timeout=UNREGISTER_TIMEOUT):
+            log.warning("node %s: a registration in progress removes the node once it ends", self.node_id)
+            return
+        try:  # a frozen database holds no stopping process (its node dies by its TTL)
+            with bounded(max(DEADLINE_FLOOR, deadline - time.monotonic())):
+                self._unregister()
         except Exception:
             log.warning("could not unregister node %s", self.node_id, exc_info=True)
+        finally:
+            self._registering.release()

@@ -10,6 +10,7 @@ from automask.server import fleet
 from automask.server.config import ServerSettings
 from automask.server.execute import Outcome, compute, unexpected_error
 from automask.server.runner import Runner
+from automask.server.schemas import MaskRequest
 from automask.server.store import Store
 
 log = logging.getLogger("automask.worker")
@@ -27,12 +28,11 @@ def answer_v1(
 ) -> None:
     """Read hand-off `rid`, compute its `Outcome` with `runner`, push it back (raises Redis's errors). `deadline`: the
     request's, on the fleet's clock (`store.now`); `server`: this worker's settings (its timeout, its attempts cap)."""
-    keys = fleet.v1_keys(rid)
-    cancelled = CancelFlag(redis, keys["cancel"])
-    if store.now() > deadline or cancelled():
+    if store.now() > deadline:
         return
-    body, image = redis.mget([keys["request"], keys["image"]])
-    if body is None:
+    keys, body, image = _read_v1(redis, rid)
+    cancelled = CancelFlag(redis, keys["cancel"])
+    if body is None or cancelled():
         return  # expired or cancelled
     ttl = int(server.timeout + fleet.V1_TTL_MARGIN)
     starts = int(redis.incr(keys["starts"]))
@@ -43,7 +43,7 @@ def answer_v1(
         outcome = Outcome(500, error=unexpected_error(request_id))
     else:
         left = min(server.timeout, max(0.0, deadline - store.now()))  # and never past ours
-        outcome = compute(runner, fleet.parse_v1(body, image), model, request_id, timeout=left, should_stop=cancelled)
+        outcome = compute(runner, parse_v1(body, image), model, request_id, timeout=left, should_stop=cancelled)
     pipe = redis.pipeline(transaction=True)
     if outcome is None or store.now() > deadline:  # the API node answered 504 already
         log.info("v1 request %s stopped: nobody waits for its answer any more", request_id)
@@ -52,6 +52,24 @@ def answer_v1(
         pipe.expire(keys["outcome"], ttl)
     pipe.delete(keys["request"], keys["image"], keys["starts"])
     pipe.execute()
+
+
+def _read_v1(redis: Any, rid: str) -> tuple[dict[str, str], bytes | None, bytes | None]:
+    """Hand-off `rid`'s keys, request and image: under its names (`fleet.v1_keys`), else under those an API node of
+    an earlier release wrote (untagged: read one key at a time, as they are in different slots), answered there."""
+    keys = fleet.v1_keys(rid)
+    body, image = redis.mget([keys["request"], keys["image"]])
+    if body is None:
+        older = fleet.v1_keys(rid, tagged=False)
+        body = redis.get(older["request"])
+        if body is not None:
+            return older, body, redis.get(older["image"])
+    return keys, body, image
+
+
+def parse_v1(body: bytes, image: bytes | None) -> MaskRequest:
+    """The request a v1 hand-off carries (its image apart when it was an uploaded file)."""
+    return MaskRequest.model_validate(MaskRequest.unstored(body, image))
 
 
 class CancelFlag:
