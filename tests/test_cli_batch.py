@@ -185,13 +185,19 @@ def test_an_image_path_the_system_cannot_look_up_says_why(tmp_path: Path, comman
     """Before: an IMAGE that is a symbolic link loop was 'no such file' (though `ls` lists it); one whose name is too
     long for the file system, also among several files given to batch, was 'internal error: OSError: [Errno 36] File
     name too long', exit 70. Now both are an image that cannot be read, exit 3, with the system's reason (and the
-    links of a loop)."""
+    links of a loop). A loop among several files given to batch is noted and skipped instead, as a glob's is (see
+    `test_batch_of_several_files_notes_a_link_among_them_that_leads_to_no_file`)."""
     (tmp_path / "loop.jpg").symlink_to("loop2.jpg")
     (tmp_path / "loop2.jpg").symlink_to("loop.jpg")
     (tmp_path / "a.jpg").write_bytes(b"not read: the run stops before")
     image = tmp_path / name
     given = [image] if command == "mask" else [image, tmp_path / "a.jpg", "-o", tmp_path / "out"]
     result = invoke(command, *given, "-p", "cat", "--model", tmp_path / "no-such-model")
+    if command == "batch" and name == "loop.jpg":
+        assert result.exit_code == 4, result.output  # the model, after the inputs were found
+        noted = f"note: 1 link skipped: it leads to no file (dangling, or a link loop): '{image}'."
+        assert result.stderr.startswith(noted)
+        return
     assert result.exit_code == 3, result.output
     loop = f" (a link loop: '{image}' -> 'loop2.jpg' -> 'loop.jpg')" if name == "loop.jpg" else ""
     assert result.stderr == f"error: Cannot read '{image}': {why}{loop}.\n"
@@ -675,3 +681,34 @@ def test_batch_of_standard_input_points_to_mask(tmp_path: Path, monkeypatch: pyt
     (tmp_path / "-").write_bytes(b"not an image")
     taken = invoke("batch", "-", "-o", "out", "-p", "cat", "--model", tmp_path / "no-such-model")
     assert taken.exit_code == 4, taken.output  # the model: the file was taken
+
+
+def test_batch_of_several_files_notes_a_link_among_them_that_leads_to_no_file(
+    tiny_clipseg_dir: Path, folder: Path, tmp_path: Path
+) -> None:
+    """Before: `automask batch b/*` (unquoted: the shell names each file) stopped with exit 2, "no such file", at a
+    dangling link among the files, and exit 3 at a link loop, while the quoted glob `'b/*'` and the folder `b` noted
+    such links and masked the others. Now several files note them the same way (one note, exit 0) and mask the others;
+    several files that are all such links are a usage error that says why, as such a glob is."""
+    (folder / "gone.jpg").symlink_to("no-such-photo.jpg")
+    (folder / "loop.png").symlink_to("loop.png")
+    out = tmp_path / "out"
+    names = sorted(folder.iterdir())  # what the shell makes of b/*
+    result = invoke("batch", *names, "-o", out, "-p", "cat", "--model", tiny_clipseg_dir, "--json")
+    assert result.exit_code == 0, result.output
+    notes = [line for line in result.stderr.splitlines() if line.startswith("note: ")]
+    assert notes == [
+        f"note: 2 links skipped: they lead to no file (dangling, or a link loop): '{folder / 'gone.jpg'}', "
+        f"'{folder / 'loop.png'}'."
+    ]
+    assert [json.loads(line)["input"] for line in result.stdout.splitlines()] == [
+        str(folder / n) for n in ("a.jpg", "b.png")
+    ]
+    assert sorted(p.name for p in out.iterdir()) == ["a.png", "b.png"]
+    only = invoke("batch", folder / "gone.jpg", folder / "loop.png", "-o", tmp_path / "none", "-p", "cat")
+    assert only.exit_code == 2, only.output
+    assert only.stderr == (
+        "error: DIR_OR_GLOB: no images given. 2 links skipped: they lead to no file (dangling, or a link loop): "
+        f"'{folder / 'gone.jpg'}', '{folder / 'loop.png'}'.\n"
+    )
+    assert not (tmp_path / "none").exists()

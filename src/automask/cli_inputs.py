@@ -139,11 +139,16 @@ def given_files(paths: tuple[str, ...], recursive: bool, outdir: Path) -> tuple[
     `InvalidOptionError`: batch takes one folder (or one quoted glob), or files; but `outdir` (`photos/*` of
     `-o photos/masks` run again) is skipped, and so are the files in it when it lies below the folder holding all
     the others (`photos/**/*.png` of `-o photos/masks` run again: earlier outputs), as a quoted glob skips them.
-    Returns the files, and the links that lead to no file its globs matched (noted as a folder's are)."""
+    A link among them that leads to no file (dangling, or a link loop: what an unquoted glob names as the quoted one
+    matches it) is skipped and returned, to be noted as a folder's are; when there is nothing else, that is the
+    `InvalidOptionError`. Returns the files, and those links with the ones its globs matched."""
     skip = outdir.resolve()
     files: list[Path] = []
     broken: list[Path] = []
     for path in paths:
+        if os.path.islink(path) and not os.path.exists(path):  # dangling, or a loop: as the quoted glob notes it
+            broken.append(Path(path))
+            continue
         try:
             _look_up(path)
         except OSError as exc:  # a folder on its path may not be searched, a link loop, a name too long...
@@ -166,6 +171,8 @@ def given_files(paths: tuple[str, ...], recursive: bool, outdir: Path) -> tuple[
     if files:
         earlier_output = _earlier_outputs(Path(os.path.commonpath([f.absolute().parent for f in files])), outdir)
         files = [f for f in files if not earlier_output(f)]
+    if not files and broken:
+        raise InvalidOptionError("DIR_OR_GLOB", f"no images given. {broken_note(sorted(set(broken)))}")
     if not files:
         raise InvalidOptionError(
             "DIR_OR_GLOB", f"no images given: only the output folder '{outdir}' or the outputs of a run into it."
