@@ -30,12 +30,9 @@ from automask.cli_io import (
     check_stdout,
     check_stdout_use,
     echo_json,
-    input_id,
-    one_image,
     one_line,
     output_format,
     output_target,
-    read_source,
     root_settings,
     silence_stdout,
     write_atomic,
@@ -45,6 +42,7 @@ from automask.cli_job import Job, load_generator, mask_options
 from automask.cli_outputs import Outputs
 from automask.cli_report import Reporter
 from automask.cli_signals import Interrupted, signals_interrupt
+from automask.cli_source import input_id, one_image, read_source
 from automask.cli_types import Nat64Prefixes, NonEmptyPath, NonEmptyText
 from automask.errors import AutomaskError, InvalidOptionError
 from automask.routing import quote_targets
