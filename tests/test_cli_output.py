@@ -208,10 +208,11 @@ SIGNAL_ON_FSYNC = """
 import os, signal, sys
 from automask.cli import main
 calls, fsync = [], os.fsync
-def signal_on_fsync(fd):  # the N-th output file is being written: a signal arrives
-    calls.append(fd)
-    if len(calls) == int(sys.argv[1]):
-        os.kill(os.getpid(), getattr(signal, sys.argv[2]))
+def signal_on_fsync(fd):  # the N-th output file is being written (not a lock's record): a signal arrives
+    if os.readlink(f"/proc/self/fd/{fd}").endswith(".part"):
+        calls.append(fd)
+        if len(calls) == int(sys.argv[1]):
+            os.kill(os.getpid(), getattr(signal, sys.argv[2]))
     fsync(fd)
 os.fsync = signal_on_fsync
 main(sys.argv[3:], prog_name="automask")
