@@ -19,6 +19,7 @@ from PIL import Image
 
 from automask.cli_io import NoSpaceError, OutputError, write_atomic
 from test_cli import automask_command, invoke
+from test_readme import README
 
 
 def test_write_atomic_takes_a_long_file_name(tmp_path: Path) -> None:
@@ -674,3 +675,16 @@ def test_an_empty_stream_by_name_is_refused_as_empty_standard_input_is(tmp_path:
     proc = mask_reading(image, subprocess.DEVNULL, tmp_path, tmp_path / "no-such-model")
     assert proc.returncode == 3, proc.stderr.decode()
     assert proc.stderr.decode() == f"error: '{image}' was empty: pipe an image in, e.g. automask mask - < a.jpg\n"
+
+
+def test_standard_input_from_a_folder_stops_python_as_readme_says(tmp_path: Path) -> None:
+    """`automask mask - < photos` (standard input a folder): CPython refuses it before any of automask runs, so no
+    exit code of automask's can answer it; README says what the user sees instead, and this holds it to that."""
+    folder = os.open(tmp_path, os.O_RDONLY)
+    try:
+        proc = mask_reading("-", folder, tmp_path, tmp_path / "no-such-model")
+    finally:
+        os.close(folder)
+    said = "Fatal Python error: init_sys_streams: <stdin> is a directory, cannot continue"
+    assert proc.returncode == 1 and proc.stderr.decode().startswith(said), proc.stderr.decode()
+    assert f"`{said}` and exits 1" in " ".join(README.split())
