@@ -712,3 +712,31 @@ def test_batch_of_several_files_notes_a_link_among_them_that_leads_to_no_file(
         f"'{folder / 'gone.jpg'}', '{folder / 'loop.png'}'.\n"
     )
     assert not (tmp_path / "none").exists()
+
+
+def test_batch_json_to_a_reader_that_went_away_says_what_it_did(
+    tiny_clipseg_dir: Path, folder: Path, tmp_path: Path
+) -> None:
+    """Before: `automask batch b -o out --json | head -1` stopped at the first JSON line the closed pipe refused, with
+    no summary nor a word of why (exit 1): the user saw '[1/2] ...' and nothing more. Now it stops the same way (the
+    next files are not masked only for their records to be lost), with the summary and a line saying why."""
+    out = tmp_path / "out"
+    args = ["batch", folder, "-o", out, "-p", "cat", "--model", tiny_clipseg_dir, "--json"]
+    reader, writer = os.pipe()
+    os.close(reader)  # the reader went away
+    try:
+        proc = subprocess.run(
+            [*automask_command(), *map(str, args)],
+            stdout=writer,
+            stderr=subprocess.PIPE,
+            timeout=180,
+        )
+    finally:
+        os.close(writer)
+    stderr = proc.stderr.decode()
+    assert proc.returncode == 1, stderr
+    assert stderr.splitlines()[-2:] == [
+        "1 done, 0 failed, 1 not done",
+        "stopped: standard output's reader went away (--json): the next files were not masked.",
+    ], stderr
+    assert [p.name for p in out.iterdir()] == ["a.png"]

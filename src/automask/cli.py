@@ -241,6 +241,8 @@ def _mask(settings: Settings, image: str, out: str | None, instances: Path | Non
 # -- batch -------------------------------------------------------------------------------------------
 
 
+STDOUT_GONE = "stopped: standard output's reader went away (--json): the next files were not masked."
+"""What `batch --json` says, after its summary, when the reader of its JSON lines went away (`| head -1`)."""
 EXIT_MODEL = EXIT_CODES[errors.ModelNotAvailableError]
 """The exit code of errors of the model, not of a file (unknown, not installed, a prompt it cannot answer)."""
 
@@ -338,6 +340,12 @@ def _mask_files(ctx: click.Context, plan: list[tuple[Path, Path]], unread: list[
             raise NoSpaceError(f"{exc.message} Stopped: free some space, then run it again.") from None
         except KeyboardInterrupt:  # Ctrl-C, SIGTERM: what was done, and what is left for a re-run
             report.summary(failed, interrupted=True)
+            raise
+        except BrokenPipeError:  # --json's reader went away (`| head -1`): the group stops quietly, exit 1
+            report.summary(failed, interrupted=True)
+            click.echo(
+                "stopped: standard output's reader went away (--json): the next files were not masked.", err=True
+            )
             raise
     report.summary(failed)
     ctx.exit(EXIT_FAILED if failed else 0)
