@@ -740,3 +740,19 @@ def test_batch_json_to_a_reader_that_went_away_says_what_it_did(
         "stopped: standard output's reader went away (--json): the next files were not masked.",
     ], stderr
     assert [p.name for p in out.iterdir()] == ["a.png"]
+
+
+def test_batch_names_a_pipe_given_as_a_source_for_what_it_is(folder: Path, tmp_path: Path) -> None:
+    """Before: a named pipe given to batch (alone, or among files: `batch b/*` of a folder holding one) said "no images
+    found in 'b/in.png'" or "no such file: 'b/in.png'", of a path that is there. Now it says it is no regular file and
+    that mask reads a pipe; still a usage error (exit 2), before the model loads."""
+    fifo = folder / "in.png"
+    os.mkfifo(fifo)
+    why = (
+        f"error: DIR_OR_GLOB: '{fifo}' is no regular file (a named pipe, a socket or a device): batch reads image "
+        f"files; to mask what a pipe gives: automask mask '{fifo}' -o OUT -p ...\n"
+    )
+    for sources in ([fifo], [folder / "a.jpg", fifo]):
+        result = invoke("batch", *sources, "-o", tmp_path / "out", "-p", "cat", "--model", tmp_path / "no-such-model")
+        assert result.exit_code == 2, result.output
+        assert result.stderr == why

@@ -86,6 +86,8 @@ def find_images(source: str, recursive: bool, outdir: Path) -> Found:
             files = [root]
         elif source == "-" and not os.path.lexists(source):
             raise InvalidOptionError("DIR_OR_GLOB", STDIN)
+        elif os.path.exists(source):  # a named pipe, a socket, a device
+            raise _no_file(source)
         elif not glob.has_magic(source) and not os.path.exists(source):  # missing, or a link to no file
             raise InvalidOptionError("DIR_OR_GLOB", f"no such file or folder: '{source}'{link_note(source)}.")
         else:
@@ -104,6 +106,15 @@ def find_images(source: str, recursive: bool, outdir: Path) -> Found:
             + (f" {broken_note(broken)}" if broken else ""),
         )
     return Found(sorted(files), base, unreadable, skipped, sorted(broken))
+
+
+def _no_file(path: str) -> InvalidOptionError:
+    """The usage error for a source that is there but is no folder nor regular file: batch reads files."""
+    return InvalidOptionError(
+        "DIR_OR_GLOB",
+        f"'{path}' is no regular file (a named pipe, a socket or a device): batch reads image files; to mask what a "
+        f"pipe gives: automask mask '{path}' -o OUT -p ...",
+    )
 
 
 def _look_up(path: str) -> None:
@@ -163,6 +174,8 @@ def given_files(paths: tuple[str, ...], recursive: bool, outdir: Path) -> tuple[
             )
         if Path(path).is_file():
             files.append(Path(path))
+        elif os.path.exists(path):
+            raise _no_file(path)
         elif not glob.has_magic(path) or os.path.lexists(path):
             raise InvalidOptionError("DIR_OR_GLOB", f"no such file: '{path}'.")
         else:
