@@ -185,13 +185,19 @@ def test_an_image_path_the_system_cannot_look_up_says_why(tmp_path: Path, comman
     """Before: an IMAGE that is a symbolic link loop was 'no such file' (though `ls` lists it); one whose name is too
     long for the file system, also among several files given to batch, was 'internal error: OSError: [Errno 36] File
     name too long', exit 70. Now both are an image that cannot be read, exit 3, with the system's reason (and the
-    links of a loop)."""
+    links of a loop). A loop among several files given to batch is noted and skipped instead, as a glob's is (see
+    `test_batch_of_several_files_notes_a_link_among_them_that_leads_to_no_file`)."""
     (tmp_path / "loop.jpg").symlink_to("loop2.jpg")
     (tmp_path / "loop2.jpg").symlink_to("loop.jpg")
     (tmp_path / "a.jpg").write_bytes(b"not read: the run stops before")
     image = tmp_path / name
     given = [image] if command == "mask" else [image, tmp_path / "a.jpg", "-o", tmp_path / "out"]
     result = invoke(command, *given, "-p", "cat", "--model", tmp_path / "no-such-model")
+    if command == "batch" and name == "loop.jpg":
+        assert result.exit_code == 4, result.output  # the model, after the inputs were found
+        noted = f"note: 1 link skipped: it leads to no file (dangling, or a link loop): '{image}'."
+        assert result.stderr.startswith(noted)
+        return
     assert result.exit_code == 3, result.output
     loop = f" (a link loop: '{image}' -> 'loop2.jpg' -> 'loop.jpg')" if name == "loop.jpg" else ""
     assert result.stderr == f"error: Cannot read '{image}': {why}{loop}.\n"
@@ -675,3 +681,78 @@ def test_batch_of_standard_input_points_to_mask(tmp_path: Path, monkeypatch: pyt
     (tmp_path / "-").write_bytes(b"not an image")
     taken = invoke("batch", "-", "-o", "out", "-p", "cat", "--model", tmp_path / "no-such-model")
     assert taken.exit_code == 4, taken.output  # the model: the file was taken
+
+
+def test_batch_of_several_files_notes_a_link_among_them_that_leads_to_no_file(
+    tiny_clipseg_dir: Path, folder: Path, tmp_path: Path
+) -> None:
+    """Before: `automask batch b/*` (unquoted: the shell names each file) stopped with exit 2, "no such file", at a
+    dangling link among the files, and exit 3 at a link loop, while the quoted glob `'b/*'` and the folder `b` noted
+    such links and masked the others. Now several files note them the same way (one note, exit 0) and mask the others;
+    several files that are all such links are a usage error that says why, as such a glob is."""
+    (folder / "gone.jpg").symlink_to("no-such-photo.jpg")
+    (folder / "loop.png").symlink_to("loop.png")
+    out = tmp_path / "out"
+    names = sorted(folder.iterdir())  # what the shell makes of b/*
+    result = invoke("batch", *names, "-o", out, "-p", "cat", "--model", tiny_clipseg_dir, "--json")
+    assert result.exit_code == 0, result.output
+    notes = [line for line in result.stderr.splitlines() if line.startswith("note: ")]
+    assert notes == [
+        f"note: 2 links skipped: they lead to no file (dangling, or a link loop): '{folder / 'gone.jpg'}', "
+        f"'{folder / 'loop.png'}'."
+    ]
+    assert [json.loads(line)["input"] for line in result.stdout.splitlines()] == [
+        str(folder / n) for n in ("a.jpg", "b.png")
+    ]
+    assert sorted(p.name for p in out.iterdir()) == ["a.png", "b.png"]
+    only = invoke("batch", folder / "gone.jpg", folder / "loop.png", "-o", tmp_path / "none", "-p", "cat")
+    assert only.exit_code == 2, only.output
+    assert only.stderr == (
+        "error: DIR_OR_GLOB: no images given. 2 links skipped: they lead to no file (dangling, or a link loop): "
+        f"'{folder / 'gone.jpg'}', '{folder / 'loop.png'}'.\n"
+    )
+    assert not (tmp_path / "none").exists()
+
+
+def test_batch_json_to_a_reader_that_went_away_says_what_it_did(
+    tiny_clipseg_dir: Path, folder: Path, tmp_path: Path
+) -> None:
+    """Before: `automask batch b -o out --json | head -1` stopped at the first JSON line the closed pipe refused, with
+    no summary nor a word of why (exit 1): the user saw '[1/2] ...' and nothing more. Now it stops the same way (the
+    next files are not masked only for their records to be lost), with the summary and a line saying why."""
+    out = tmp_path / "out"
+    args = ["batch", folder, "-o", out, "-p", "cat", "--model", tiny_clipseg_dir, "--json"]
+    reader, writer = os.pipe()
+    os.close(reader)  # the reader went away
+    try:
+        proc = subprocess.run(
+            [*automask_command(), *map(str, args)],
+            stdout=writer,
+            stderr=subprocess.PIPE,
+            timeout=180,
+        )
+    finally:
+        os.close(writer)
+    stderr = proc.stderr.decode()
+    assert proc.returncode == 1, stderr
+    assert stderr.splitlines()[-2:] == [
+        "1 done, 0 failed, 1 not done",
+        "stopped: standard output's reader went away (--json): the next files were not masked.",
+    ], stderr
+    assert [p.name for p in out.iterdir()] == ["a.png"]
+
+
+def test_batch_names_a_pipe_given_as_a_source_for_what_it_is(folder: Path, tmp_path: Path) -> None:
+    """Before: a named pipe given to batch (alone, or among files: `batch b/*` of a folder holding one) said "no images
+    found in 'b/in.png'" or "no such file: 'b/in.png'", of a path that is there. Now it says it is no regular file and
+    that mask reads a pipe; still a usage error (exit 2), before the model loads."""
+    fifo = folder / "in.png"
+    os.mkfifo(fifo)
+    why = (
+        f"error: DIR_OR_GLOB: '{fifo}' is no regular file (a named pipe, a socket or a device): batch reads image "
+        f"files; to mask what a pipe gives: automask mask '{fifo}' -o OUT -p ...\n"
+    )
+    for sources in ([fifo], [folder / "a.jpg", fifo]):
+        result = invoke("batch", *sources, "-o", tmp_path / "out", "-p", "cat", "--model", tmp_path / "no-such-model")
+        assert result.exit_code == 2, result.output
+        assert result.stderr == why

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from automask import cli_io, cli_leftovers, lockfiles
+from automask import cli_io, cli_leftovers, cli_outputs, lockfiles
 from test_cli import invoke
 from test_cli_output import SIGNAL_ON_FSYNC
 
@@ -43,8 +43,9 @@ def test_a_later_run_tidies_what_a_killed_mask_left(
 ) -> None:
     """Before: a mask SIGKILLed while writing its instance masks, after it had replaced -o's file, left that file's
     hidden copy (`.automask-*.old`, a hard link) beside it and the instance being written (`.automask-*.part`) in the
-    instances folder, for good: no run removed them. Now the next run writing there removes both (and the lock of the
-    killed run), a minute after their last change, and says so."""
+    instances folder, for good: no run removed them. Now the next run writing there puts m.png back from its copy (the
+    killed run did not succeed) and removes the `.part` and the lock of the killed run, a minute after their last
+    change, and says so."""
     out = tmp_path / "out"
     out.mkdir()
     (out / "m.png").write_bytes(b"the user's earlier mask")
@@ -62,9 +63,10 @@ def test_a_later_run_tidies_what_a_killed_mask_left(
     third = invoke(*args)
     assert third.exit_code == 0, third.output
     assert hidden(out) == [] and hidden(out / "i") == []
-    assert third.stderr.splitlines()[0] == (
-        f"note: removed 2 files that killed automask runs left in '{out}': '{old[0]}', '{old[1]}'"
-    )
+    assert third.stderr.splitlines()[:2] == [  # m.png put back (the killed run failed), then masked again
+        f"note: put back 1 file that a killed automask run had replaced in '{out}': 'm.png'",
+        f"note: removed 1 file that killed automask runs left in '{out}': '{old[1]}'",
+    ]
     assert f"note: removed 1 file that killed automask runs left in '{out / 'i'}': '{part[0]}'" in third.stderr
 
 
@@ -143,7 +145,7 @@ def test_a_part_is_held_until_it_is_renamed(tmp_path: Path, monkeypatch: pytest.
     its lock went with its closing, before its chmod and rename; a tidying then removed it, and the write failed,
     'Cannot write ...: No such file or directory', exit 8."""
     rename = os.replace
-    tidied: list[list[Path]] = []
+    tidied: list[cli_leftovers.Tidied] = []
 
     def tidy_then_rename(src: str, dst: str) -> None:
         tidied.append(cli_leftovers.tidy(tmp_path))
@@ -152,7 +154,7 @@ def test_a_part_is_held_until_it_is_renamed(tmp_path: Path, monkeypatch: pytest.
     monkeypatch.setattr(cli_leftovers, "PART_AGE_S", -1.0)  # every .part old enough
     monkeypatch.setattr(os, "replace", tidy_then_rename)
     cli_io.write_atomic(tmp_path / "m.png", b"the mask")
-    assert tidied == [[]] and (tmp_path / "m.png").read_bytes() == b"the mask"
+    assert tidied == [cli_leftovers.Tidied([], [], [])] and (tmp_path / "m.png").read_bytes() == b"the mask"
     assert hidden(tmp_path) == []
 
 
@@ -164,7 +166,101 @@ def test_a_run_whose_lock_is_not_seen_is_left_for_a_minute(tmp_path: Path, monke
     names = [".automask-0123abcd.lock", ".automask-0123abcd-k2j4_x9a.old", ".automask-4567cdef-k2j4_x9a.old"]
     for name in names:  # the second run's lock file not seen yet (or gone): its copy is as fresh
         (tmp_path / name).write_bytes(b"x")
-    assert cli_leftovers.tidy(tmp_path) == [] and hidden(tmp_path) == sorted(names)
+    assert cli_leftovers.tidy(tmp_path).gone == [] and hidden(tmp_path) == sorted(names)
     monkeypatch.setattr(cli_leftovers, "PART_AGE_S", 0.0)  # a minute later: a killed run's
-    assert sorted(p.name for p in cli_leftovers.tidy(tmp_path)) == sorted(names)
+    assert sorted(p.name for p in cli_leftovers.tidy(tmp_path).gone) == sorted(names)
     assert hidden(tmp_path) == []
+
+
+def killed(outputs: cli_outputs.Outputs) -> None:
+    """What SIGKILL leaves of `outputs`' run: its copies and lock files as they are, the locks let go."""
+    for fd in outputs.holds.held.values():
+        if fd is not None:
+            os.close(fd)
+    outputs.holds.held = {}
+
+
+def test_a_file_a_killed_run_had_replaced_is_put_back_never_removed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before: a mask killed after it had replaced the user's files (or while it put them back after a failure) left
+    their only copies, `.automask-*.old`, and the next run into that folder deleted them: the user's files were gone,
+    the killed run's outputs in their place. Now each copy's run records in its lock file which file it was kept
+    for, and the tidying puts it back over that file (a file never replaced, its copy a second link to it, keeps
+    its place); nothing of the user's is lost, and a note says what was put back."""
+    monkeypatch.setattr(cli_leftovers, "PART_AGE_S", 0.0)  # a minute later
+    names = ["m.png", "00-cat.png", "odd\nname \xe9.png"]
+    for name in names:
+        (tmp_path / name).write_bytes(f"the user's {name}".encode())
+    run = cli_outputs.Outputs()
+    for name in names[:2]:
+        run.write(tmp_path / name, b"the killed run's output")
+    cli_outputs._kept(tmp_path / names[2], run.holds)  # killed before it replaced the third file
+    run.files[0], kept = (run.files[0][0], None), run.files[0][1]
+    assert kept is not None
+    os.replace(kept, tmp_path / names[0])  # the first put back (`discard`), then killed
+    killed(run)
+    assert len(hidden(tmp_path)) == 3  # a copy of the second and the third file, and the run's lock
+    tidied = cli_leftovers.tidy(tmp_path)
+    assert [p.name for p in tidied.restored] == [names[1]]
+    assert hidden(tmp_path) == []
+    for name in names:
+        assert (tmp_path / name).read_bytes() == f"the user's {name}".encode()
+
+
+def test_the_copies_of_a_run_killed_once_it_succeeded_are_removed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run killed while it drops its copies (`keep`: it succeeded) leaves its outputs: the copies left are removed,
+    never put back over them."""
+    monkeypatch.setattr(cli_leftovers, "PART_AGE_S", 0.0)
+    (tmp_path / "m.png").write_bytes(b"the user's earlier mask")
+    run = cli_outputs.Outputs()
+    run.write(tmp_path / "m.png", b"the new mask")
+    run.holds.settle()  # what `keep` does first
+    killed(run)
+    tidied = cli_leftovers.tidy(tmp_path)
+    assert tidied.restored == [] and len(tidied.gone) == 2
+    assert hidden(tmp_path) == [] and (tmp_path / "m.png").read_bytes() == b"the new mask"
+
+
+def test_a_copy_whose_file_cannot_be_put_back_is_left(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A copy whose file is now no regular file (a folder, a link made there since) is neither put back nor removed:
+    it stays, with the record of the file it was kept for, for a later tidying or the user."""
+    monkeypatch.setattr(cli_leftovers, "PART_AGE_S", 0.0)
+    (tmp_path / "m.png").write_bytes(b"the user's earlier mask")
+    run = cli_outputs.Outputs()
+    run.write(tmp_path / "m.png", b"the new mask")
+    killed(run)
+    (tmp_path / "m.png").unlink()
+    (tmp_path / "m.png").mkdir()
+    left = hidden(tmp_path)
+    assert cli_leftovers.tidy(tmp_path) == cli_leftovers.Tidied([], [], []) and hidden(tmp_path) == left
+    (tmp_path / "m.png").rmdir()
+    assert [p.name for p in cli_leftovers.tidy(tmp_path).restored] == ["m.png"]
+    assert (tmp_path / "m.png").read_bytes() == b"the user's earlier mask" and hidden(tmp_path) == []
+
+
+def test_an_older_automasks_copies_are_removed_only_when_their_data_has_another_name(
+    tiny_clipseg_dir: Path, photo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Builds before the run locks named a replaced file's copy `.automask-xxxxxxxx.old`, with no lock nor record of
+    the file it kept; before, no run ever tidied them. Now, a minute after their last change, such a copy that is a
+    second name of a file's data (a hard link to a file that was never replaced) is removed; one that may be the only
+    copy of a user's file is left, and a note names it and says what to do; a link is never followed."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "m.png").write_bytes(b"the user's mask, never replaced")
+    os.link(out / "m.png", out / ".automask-abcd_123.old")
+    (out / ".automask-only_one.old").write_bytes(b"the user's earlier mask, replaced")
+    (out / ".automask-sym_link.old").symlink_to(out / "m.png")
+    monkeypatch.setattr(cli_leftovers, "PART_AGE_S", 0.0)
+    result = invoke("mask", photo, "-o", out / "n.png", "-p", "cat", "--model", tiny_clipseg_dir)
+    assert result.exit_code == 0, result.output
+    assert hidden(out) == [".automask-only_one.old", ".automask-sym_link.old"]
+    assert (out / "m.png").read_bytes() == b"the user's mask, never replaced"
+    assert result.stderr.splitlines()[:2] == [
+        f"note: removed 1 file that killed automask runs left in '{out}': '.automask-abcd_123.old'",
+        f"note: left 1 file in '{out}' that an older automask, killed, kept of files it had replaced, perhaps their "
+        "only copies: '.automask-only_one.old' (rename each back over its file, or delete it)",
+    ]

@@ -19,6 +19,7 @@ from PIL import Image
 
 from automask.cli_io import NoSpaceError, OutputError, write_atomic
 from test_cli import automask_command, invoke
+from test_readme import README
 
 
 def test_write_atomic_takes_a_long_file_name(tmp_path: Path) -> None:
@@ -208,10 +209,11 @@ SIGNAL_ON_FSYNC = """
 import os, signal, sys
 from automask.cli import main
 calls, fsync = [], os.fsync
-def signal_on_fsync(fd):  # the N-th output file is being written: a signal arrives
-    calls.append(fd)
-    if len(calls) == int(sys.argv[1]):
-        os.kill(os.getpid(), getattr(signal, sys.argv[2]))
+def signal_on_fsync(fd):  # the N-th output file is being written (not a lock's record): a signal arrives
+    if os.readlink(f"/proc/self/fd/{fd}").endswith(".part"):
+        calls.append(fd)
+        if len(calls) == int(sys.argv[1]):
+            os.kill(os.getpid(), getattr(signal, sys.argv[2]))
     fsync(fd)
 os.fsync = signal_on_fsync
 main(sys.argv[3:], prog_name="automask")
@@ -579,16 +581,21 @@ def test_an_output_folder_that_cannot_be_written_is_named_as_given(
         assert result.stderr == f"error: Cannot write into '{folder}': Not a directory.\n"
 
 
+def mask_reading(image: str, stdin: Any, cwd: Path, model: Path, *out: object) -> Any:
+    """`automask mask IMAGE -p cat --model MODEL OUT...` run in `cwd` with standard input `stdin`."""
+    return subprocess.run(
+        [*automask_command(), "mask", image, "-p", "cat", "--model", str(model), *map(str, out)],
+        stdin=stdin,
+        capture_output=True,
+        cwd=cwd,
+        timeout=180,
+    )
+
+
 def mask_from_a_file_on_stdin(image: str, photo: Path, cwd: Path, model: Path, *out: object) -> Any:
     """`automask mask IMAGE ... < photo` run in `cwd`."""
     with open(photo, "rb") as stdin:
-        return subprocess.run(
-            [*automask_command(), "mask", image, "-p", "cat", "--model", str(model), *map(str, out)],
-            stdin=stdin,
-            capture_output=True,
-            cwd=cwd,
-            timeout=180,
-        )
+        return mask_reading(image, stdin, cwd, model, *out)
 
 
 def test_dev_stdin_redirected_from_a_file_writes_as_standard_input_does(
@@ -633,16 +640,51 @@ def test_stdin_on_a_terminal_is_refused_by_any_name(tiny_clipseg_dir: Path, tmp_
 
     parent, child = pty.openpty()
     try:
-        proc = subprocess.run(
-            [*automask_command(), "mask", image, "-p", "cat", "--model", str(tiny_clipseg_dir)],
-            stdin=child,
-            capture_output=True,
-            cwd=tmp_path,
-            timeout=30,
-        )
+        proc = mask_reading(image, child, tmp_path, tiny_clipseg_dir)
     finally:
         os.close(child)
         os.close(parent)
     assert proc.returncode == 2, proc.stderr.decode()
     assert "nothing is piped in" in proc.stderr.decode().splitlines()[-1], proc.stderr.decode()
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("image", ["-", "/dev/stdin", "/dev/fd/0", "/proc/self/fd/0"])
+def test_standard_input_that_is_a_socket_is_read_by_any_name(
+    tiny_clipseg_dir: Path, photo: Path, tmp_path: Path, image: str
+) -> None:
+    """Before: `automask mask /dev/stdin` with standard input a socket (a service's inetd/systemd socket, `ssh host
+    automask ...` under some set-ups) exited 3, "Cannot read '/dev/stdin': No such device or address" (Linux cannot
+    open a socket by its /proc name), where `mask -` read it. Now every name of standard input reads the socket."""
+    import socket
+
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        ours.sendall(photo.read_bytes())
+        ours.shutdown(socket.SHUT_WR)
+        proc = mask_reading(image, theirs, tmp_path, tiny_clipseg_dir)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert Image.open(tmp_path / "mask.png").size == (60, 40)
+
+
+@pytest.mark.parametrize("image", ["/dev/stdin", "/dev/fd/0"])
+def test_an_empty_stream_by_name_is_refused_as_empty_standard_input_is(tmp_path: Path, image: str) -> None:
+    """Before: `automask mask /dev/stdin -p cat < /dev/null` went on to load the model (exit 4 without one, else the
+    decoder's 'cannot identify image file'), where `mask - < /dev/null` said standard input was empty, exit 3, before
+    any work. Now a stream by any name that gives no byte says so the same way."""
+    proc = mask_reading(image, subprocess.DEVNULL, tmp_path, tmp_path / "no-such-model")
+    assert proc.returncode == 3, proc.stderr.decode()
+    assert proc.stderr.decode() == f"error: '{image}' was empty: pipe an image in, e.g. automask mask - < a.jpg\n"
+
+
+def test_standard_input_from_a_folder_stops_python_as_readme_says(tmp_path: Path) -> None:
+    """`automask mask - < photos` (standard input a folder): CPython refuses it before any of automask runs, so no
+    exit code of automask's can answer it; README says what the user sees instead, and this holds it to that."""
+    folder = os.open(tmp_path, os.O_RDONLY)
+    try:
+        proc = mask_reading("-", folder, tmp_path, tmp_path / "no-such-model")
+    finally:
+        os.close(folder)
+    said = "Fatal Python error: init_sys_streams: <stdin> is a directory, cannot continue"
+    assert proc.returncode == 1 and proc.stderr.decode().startswith(said), proc.stderr.decode()
+    assert f"`{said}` and exits 1" in " ".join(README.split())

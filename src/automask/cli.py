@@ -30,12 +30,9 @@ from automask.cli_io import (
     check_stdout,
     check_stdout_use,
     echo_json,
-    input_id,
-    one_image,
     one_line,
     output_format,
     output_target,
-    read_source,
     root_settings,
     silence_stdout,
     write_atomic,
@@ -45,6 +42,7 @@ from automask.cli_job import Job, load_generator, mask_options
 from automask.cli_outputs import Outputs
 from automask.cli_report import Reporter
 from automask.cli_signals import Interrupted, signals_interrupt
+from automask.cli_source import input_id, one_image, read_source
 from automask.cli_types import Nat64Prefixes, NonEmptyPath, NonEmptyText
 from automask.errors import AutomaskError, InvalidOptionError
 from automask.routing import quote_targets
@@ -243,6 +241,8 @@ def _mask(settings: Settings, image: str, out: str | None, instances: Path | Non
 # -- batch -------------------------------------------------------------------------------------------
 
 
+STDOUT_GONE = "stopped: standard output's reader went away (--json): the next files were not masked."
+"""What `batch --json` says, after its summary, when the reader of its JSON lines went away (`| head -1`)."""
 EXIT_MODEL = EXIT_CODES[errors.ModelNotAvailableError]
 """The exit code of errors of the model, not of a file (unknown, not installed, a prompt it cannot answer)."""
 
@@ -340,6 +340,12 @@ def _mask_files(ctx: click.Context, plan: list[tuple[Path, Path]], unread: list[
             raise NoSpaceError(f"{exc.message} Stopped: free some space, then run it again.") from None
         except KeyboardInterrupt:  # Ctrl-C, SIGTERM: what was done, and what is left for a re-run
             report.summary(failed, interrupted=True)
+            raise
+        except BrokenPipeError:  # --json's reader went away (`| head -1`): the group stops quietly, exit 1
+            report.summary(failed, interrupted=True)
+            click.echo(
+                "stopped: standard output's reader went away (--json): the next files were not masked.", err=True
+            )
             raise
     report.summary(failed)
     ctx.exit(EXIT_FAILED if failed else 0)

@@ -86,6 +86,8 @@ def find_images(source: str, recursive: bool, outdir: Path) -> Found:
             files = [root]
         elif source == "-" and not os.path.lexists(source):
             raise InvalidOptionError("DIR_OR_GLOB", STDIN)
+        elif os.path.exists(source):  # a named pipe, a socket, a device
+            raise _no_file(source)
         elif not glob.has_magic(source) and not os.path.exists(source):  # missing, or a link to no file
             raise InvalidOptionError("DIR_OR_GLOB", f"no such file or folder: '{source}'{link_note(source)}.")
         else:
@@ -104,6 +106,15 @@ def find_images(source: str, recursive: bool, outdir: Path) -> Found:
             + (f" {broken_note(broken)}" if broken else ""),
         )
     return Found(sorted(files), base, unreadable, skipped, sorted(broken))
+
+
+def _no_file(path: str) -> InvalidOptionError:
+    """The usage error for a source that is there but is no folder nor regular file: batch reads files."""
+    return InvalidOptionError(
+        "DIR_OR_GLOB",
+        f"'{path}' is no regular file (a named pipe, a socket or a device): batch reads image files; to mask what a "
+        f"pipe gives: automask mask '{path}' -o OUT -p ...",
+    )
 
 
 def _look_up(path: str) -> None:
@@ -139,11 +150,16 @@ def given_files(paths: tuple[str, ...], recursive: bool, outdir: Path) -> tuple[
     `InvalidOptionError`: batch takes one folder (or one quoted glob), or files; but `outdir` (`photos/*` of
     `-o photos/masks` run again) is skipped, and so are the files in it when it lies below the folder holding all
     the others (`photos/**/*.png` of `-o photos/masks` run again: earlier outputs), as a quoted glob skips them.
-    Returns the files, and the links that lead to no file its globs matched (noted as a folder's are)."""
+    A link among them that leads to no file (dangling, or a link loop: what an unquoted glob names as the quoted one
+    matches it) is skipped and returned, to be noted as a folder's are; when there is nothing else, that is the
+    `InvalidOptionError`. Returns the files, and those links with the ones its globs matched."""
     skip = outdir.resolve()
     files: list[Path] = []
     broken: list[Path] = []
     for path in paths:
+        if os.path.islink(path) and not os.path.exists(path):  # dangling, or a loop: as the quoted glob notes it
+            broken.append(Path(path))
+            continue
         try:
             _look_up(path)
         except OSError as exc:  # a folder on its path may not be searched, a link loop, a name too long...
@@ -158,6 +174,8 @@ def given_files(paths: tuple[str, ...], recursive: bool, outdir: Path) -> tuple[
             )
         if Path(path).is_file():
             files.append(Path(path))
+        elif os.path.exists(path):
+            raise _no_file(path)
         elif not glob.has_magic(path) or os.path.lexists(path):
             raise InvalidOptionError("DIR_OR_GLOB", f"no such file: '{path}'.")
         else:
@@ -166,6 +184,8 @@ def given_files(paths: tuple[str, ...], recursive: bool, outdir: Path) -> tuple[
     if files:
         earlier_output = _earlier_outputs(Path(os.path.commonpath([f.absolute().parent for f in files])), outdir)
         files = [f for f in files if not earlier_output(f)]
+    if not files and broken:
+        raise InvalidOptionError("DIR_OR_GLOB", f"no images given. {broken_note(sorted(set(broken)))}")
     if not files:
         raise InvalidOptionError(
             "DIR_OR_GLOB", f"no images given: only the output folder '{outdir}' or the outputs of a run into it."

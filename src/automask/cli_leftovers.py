@@ -1,17 +1,22 @@
 """The hidden files the command line writes beside its outputs, and the tidying of those a killed run left (SIGKILL, a
 power cut): `.automask-xxxxxxxx.part`, a file being written (`automask.cli_io.write_atomic`), locked by its writer;
 `.automask-TTTTTTTT-xxxxxxxx.old`, a file `mask` replaced, kept until it ends (`automask.cli_outputs.Outputs`), under
-the lock file `.automask-TTTTTTTT.lock` its run holds in that folder. Locks are `flock`s (`automask.lockfiles`),
-released by the system when their holder dies; where there are none (Windows) nothing is tidied."""
+the lock file `.automask-TTTTTTTT.lock` its run holds in that folder, which records the file each copy was kept for
+until the run succeeds: the tidying puts such a copy back over its file (the run was killed before it succeeded, or
+while it put its files back), and removes the others. Locks are `flock`s (`automask.lockfiles`), released by the
+system when their holder dies; where there are none (Windows) nothing is tidied. An older automask's copies,
+`.automask-xxxxxxxx.old`, say neither their run nor their file: removed only when the same data has another name."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import stat
 import time
 import uuid
 from pathlib import Path
+from typing import NamedTuple
 
 from automask import lockfiles
 
@@ -26,6 +31,15 @@ local_lock), alive though its lock looks free here (a `mask` keeps its copies fo
 _PART = re.compile(r"\.automask-[a-z0-9_]{8}\.part")  # tempfile.mkstemp's names
 _OLD = re.compile(r"\.automask-([0-9a-f]{8})-[a-z0-9_]{8}\.old")
 _LOCK = re.compile(r"\.automask-([0-9a-f]{8})\.lock")
+_UNLOCKED_OLD = re.compile(r"\.automask-[a-z0-9_]{8}\.old")  # an older automask's, which took no lock
+
+
+class Tidied(NamedTuple):
+    """What `tidy` did in a folder: the files it removed, and the files it put back from a killed run's copies."""
+
+    gone: list[Path]
+    restored: list[Path]
+    kept_old: list[Path]
 
 
 def hold_part(fd: int) -> int | None:
@@ -45,7 +59,8 @@ def hold_part(fd: int) -> int | None:
 
 class Holds:
     """One run's lock files, `.automask-TTTTTTTT.lock` in each folder it keeps `.old` files in (`prefix`), held until
-    `release`: `tidy` removes an `.old` only when no live process holds the lock of its run."""
+    `release`: `tidy` touches an `.old` only when no live process holds the lock of its run. Each lock file records
+    the file each of the run's copies there was kept for (`record`), until the run succeeds (`settle`)."""
 
     def __init__(self) -> None:
         self.token = uuid.uuid4().hex[:8]
@@ -64,6 +79,24 @@ class Holds:
                 self.held[folder] = None
         return f"{PREFIX}{self.token}-"
 
+    def record(self, folder: Path, old: str, target: str) -> None:
+        """Write down, on disk before the copy `old` is made, that it keeps the file `target` (both names in
+        `folder`, whose lock `prefix` took), for `tidy` to put it back should this run be killed before it
+        succeeds; OSError when it cannot be written (nothing is replaced then). Nothing where no lock is held."""
+        fd = self.held.get(folder)
+        if fd is not None and fd >= 0:
+            os.write(fd, os.fsencode(old) + b"\0" + os.fsencode(target) + b"\0")
+            os.fsync(fd)
+
+    def settle(self) -> None:
+        """The run succeeded: its records are dropped (before its copies are), so that `tidy` removes the copies
+        that a kill leaves from here on instead of putting them back over its outputs."""
+        for fd in self.held.values():
+            if fd is not None and fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, 0)
+                    os.fsync(fd)
+
     def release(self) -> None:
         """Let go of (and delete) this run's lock files: for when its `.old` files are gone."""
         for folder, fd in self.held.items():
@@ -71,46 +104,112 @@ class Holds:
         self.held = {}
 
 
-def tidy(folder: Path) -> list[Path]:
-    """Remove the hidden files that killed automask runs left in `folder` (see the module), and return them: an `.old`
-    whose run's lock no live process holds (with that lock file), a `.part` no process holds, each unchanged for
-    `PART_AGE_S`. Only regular files of this user, by those exact names; nothing where locks cannot tell (Windows),
-    nor what cannot be removed (left as it is)."""
+def tidy(folder: Path) -> Tidied:
+    """Tidy what killed automask runs left in `folder` (see the module), and say what: an `.old` whose run's lock no
+    live process holds is put back over the file its run recorded it for, unless that file is the copy's own data
+    (never replaced) or the run succeeded, when it is removed (with the lock file); a `.part` no process holds is
+    removed; each unchanged for `PART_AGE_S`. An older automask's `.old` (`_UNLOCKED_OLD`) is removed only when its
+    data has another name, else left (`kept_old`). Only regular files of this user, by those exact names; nothing
+    where locks cannot tell (Windows), nor what cannot be removed or put back (left as it is, with its record)."""
+    tidied = Tidied([], [], [])
     try:
         import fcntl  # noqa: F401 - only whether locks tell
     except ImportError:
-        return []
+        return tidied
     try:
         names = [entry.name for entry in os.scandir(folder) if entry.name.startswith(PREFIX)]
     except OSError:
-        return []
-    gone = []
+        return tidied
     for path in (folder / name for name in names if _PART.fullmatch(name)):
         if _stale_part(path) and _removed(path):
-            gone.append(path)
+            tidied.gone.append(path)
+    for path in (folder / name for name in names if _UNLOCKED_OLD.fullmatch(name)):
+        _tidy_unlocked_old(path, tidied)
     for token in sorted({m.group(1) for name in names if (m := _OLD.fullmatch(name) or _LOCK.fullmatch(name))}):
-        gone += _tidy_run(folder, token, [name for name in names if name.startswith(f"{PREFIX}{token}-")])
-    return gone
+        _tidy_run(folder, token, [name for name in names if name.startswith(f"{PREFIX}{token}-")], tidied)
+    return tidied
 
 
-def _tidy_run(folder: Path, token: str, names: list[str]) -> list[Path]:
-    """Remove the `.old` files of run `token` in `folder` (of `names`) and its lock file when no live process holds
-    that lock (the lock file deleted as its holder would), and return them; nothing when one does."""
+def _tidy_unlocked_old(path: Path, tidied: Tidied) -> None:
+    """An older automask's copy `path`: removed when its data has another name as well (a hard link to a file that
+    was never replaced), else left and listed in `tidied.kept_old`, for it may be the only copy of a user's file."""
+    try:
+        st = path.lstat()
+    except OSError:
+        return
+    if not _ours(path, st) or _recent(path, st):
+        return
+    if st.st_nlink > 1 and _removed(path):
+        tidied.gone.append(path)
+    else:
+        tidied.kept_old.append(path)
+
+
+def _tidy_run(folder: Path, token: str, names: list[str], tidied: Tidied) -> None:
+    """Put back or remove the `.old` files of run `token` in `folder` (of `names`), and remove its lock file, when no
+    live process holds that lock (the lock file deleted as its holder would, unless a copy is left); nothing when
+    one does. What it did goes into `tidied`."""
     olds = [folder / name for name in names if _OLD.fullmatch(name) and _ours(folder / name)]
     lock = folder / f"{PREFIX}{token}.lock"
     if any(_recent(path) for path in (*olds, lock)):  # perhaps a live run's whose lock is not seen (`PART_AGE_S`)
-        return []
+        return
     try:
         fd = lockfiles.lock(lock, wait=False, create=False) if _ours(lock) or not os.path.lexists(lock) else None
-    except FileNotFoundError:  # its run ended (or was killed before it locked)
-        return [old for old in olds if _removed(old)]
+    except FileNotFoundError:  # its run ended (or was killed before it locked): no record of any copy
+        tidied.gone.extend(old for old in olds if _removed(old))
+        return
     except OSError:
-        return []
+        return
     if fd is None:  # a live run holds it (or the lock file is another user's)
-        return []
-    gone = [old for old in olds if _removed(old)]  # while the lock is held: no run of this token can be writing
+        return
+    kept_for = _records(fd)  # while the lock is held: no run of this token can be writing
+    left = [old for old in olds if not _settle_old(old, kept_for.get(old.name), tidied)]
+    if left:  # their records stay for a later tidying
+        os.close(fd)
+        return
     lockfiles.unlock(lock, fd)
-    return [*gone, lock]
+    tidied.gone.append(lock)
+
+
+def _records(fd: int) -> dict[str, str]:
+    """The records of the lock file open as `fd` (`Holds.record`): copy's name -> the name of the file it keeps; an
+    unfinished last record (a run killed while writing it: its copy was not made yet) is left out."""
+    data = b""
+    with contextlib.suppress(OSError):
+        while chunk := os.pread(fd, 65536, len(data)):
+            data += chunk
+    fields = [os.fsdecode(field) for field in data.split(b"\0")[:-1]]
+    return {old: target for old, target in zip(fields[0::2], fields[1::2], strict=False) if "/" not in target + old}
+
+
+def _settle_old(old: Path, target: str | None, tidied: Tidied) -> bool:
+    """Put the copy `old` back over the file `target` beside it (its record), or remove it when there is no record
+    (its run succeeded) or `target` still is its data (never replaced); whether it is gone. A `target` that is no
+    regular file now (a folder, a link), or a failure, leaves it."""
+    path = old.parent / target if target not in (None, "", ".", "..") else None
+    try:
+        st = path.lstat() if path is not None else None
+    except FileNotFoundError:  # gone: it is put back
+        st = None
+    except OSError:
+        return False
+    try:
+        never_replaced = st is not None and os.path.samestat(st, old.lstat())
+    except OSError:
+        return False
+    if path is None or never_replaced:
+        if not _removed(old):
+            return False
+        tidied.gone.append(old)
+        return True
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        return False
+    try:
+        os.replace(old, path)
+    except OSError:
+        return False
+    tidied.restored.append(path)
+    return True
 
 
 def _removed(path: Path) -> bool:

@@ -16,6 +16,11 @@ import click
 from automask.cli_io import OutputError, one_line, write_atomic, write_error
 from automask.cli_leftovers import PREFIX, Holds, tidy
 
+_KEPT_OLD = (
+    "left {} in '{}' that an older automask, killed, kept of files it had replaced, perhaps their only copies: {} "
+    "(rename each back over its file, or delete it)"
+)
+
 
 class Outputs:
     """What one command writes, undone by `discard` when it fails: no partial result is left behind, and a file it
@@ -48,12 +53,15 @@ class Outputs:
         if real in self.tidied:
             return
         self.tidied.add(real)
-        gone = tidy(real)
-        if gone:
-            shown = ", ".join(f"'{p.name}'" for p in gone[:3]) + (", ..." if gone[3:] else "")
-            files = "1 file" if len(gone) == 1 else f"{len(gone)} files"
-            note = f"note: removed {files} that killed automask runs left in '{folder}': {shown}"
-            click.echo(one_line(note), err=True)
+        tidied = tidy(real)
+        notes = [(tidied.restored, "put back {} that a killed automask run had replaced in '{}': {}")]
+        notes += [(tidied.gone, "removed {} that killed automask runs left in '{}': {}")]
+        notes += [(tidied.kept_old, _KEPT_OLD)]
+        for paths, note in notes:
+            if paths:
+                shown = ", ".join(f"'{p.name}'" for p in paths[:3]) + (", ..." if paths[3:] else "")
+                files = "1 file" if len(paths) == 1 else f"{len(paths)} files"
+                click.echo(one_line(f"note: {note.format(files, folder, shown)}"), err=True)
 
     def target(self, path: Path | None) -> None:
         """`folder` for the folder `write` will write the file `path` in (through links), so that a target that
@@ -86,7 +94,8 @@ class Outputs:
             kept.unlink(missing_ok=True)
 
     def keep(self) -> None:
-        """The command succeeded: drop the copies of the files it replaced."""
+        """The command succeeded: drop the copies of the files it replaced (their records first: `Holds.settle`)."""
+        self.holds.settle()
         for _, kept in self.files:
             if kept is not None:
                 with contextlib.suppress(OSError):
@@ -110,8 +119,8 @@ class Outputs:
 
 def _kept(path: Path, holds: Holds) -> Path | None:
     """A hidden hard link (a copy where the file system has none) beside the regular file `path` names (through
-    links), for `Outputs.discard` to put it back after `write_atomic` replaced it, named and locked by `holds`; None
-    for no such file."""
+    links), for `Outputs.discard` to put it back after `write_atomic` replaced it, named, locked and recorded by
+    `holds` (for `tidy` to put it back should the run be killed); None for no such file."""
     real = Path(os.path.realpath(path))
     if not real.is_file():
         return None
@@ -119,6 +128,7 @@ def _kept(path: Path, holds: Holds) -> Path | None:
         fd, name = tempfile.mkstemp(dir=real.parent, prefix=holds.prefix(real.parent), suffix=".old")
         os.close(fd)
         os.unlink(name)
+        holds.record(real.parent, os.path.basename(name), real.name)  # for a killed run's to be put back
         try:
             os.link(real, name)
         except OSError:  # no hard links here (FAT, some network shares): a copy
