@@ -84,14 +84,20 @@ def resumable_staging(folder: Path, waiting: Callable[[str], None] | None = None
 
 def partial_note(folder: Path) -> str:
     """A sentence saying what `resumable_staging(folder)` kept after a failure ("" when nothing), and that pulling
-    the catalogue model `folder.name` again resumes it; or, while a pull of it runs, that it is downloading there."""
+    the catalogue model `folder.name` again resumes it; or, while a pull of it runs, that it is downloading there;
+    while a removal holds its lock, that it deletes it (what holds the lock: `lockfiles.holder`; a tidying keeps it)."""
     tmp = _kept(folder)
     size = _downloaded(tmp)
     if not size:
         return ""
-    if lockfiles.lock_file(tmp).exists() and lockfiles.held(
-        lockfiles.lock_file(tmp)
-    ):  # not kept: a live pull's, not to be deleted
+    hub = lockfiles.lock_file(tmp)
+    running = lockfiles.holder(hub) if hub.exists() and lockfiles.held(hub) else None
+    if running == REMOVAL:  # `remove`, before it renames the folder aside
+        return (
+            f"A removal of {folder.name} (automask models rm) is running: it deletes the {size / 1e6:.1f} MB a failed "
+            f"pull downloaded, in '{tmp}'."
+        )
+    if running not in (None, TIDYING):  # a pull ("": one that does not say, an older automask's): not to be deleted
         return f"A pull of {folder.name} is running: {size / 1e6:.1f} MB downloaded so far, in '{tmp}'."
     return (
         f"The {size / 1e6:.1f} MB downloaded so far are kept in '{tmp}': automask models pull {folder.name} resumes "
