@@ -224,15 +224,16 @@ def test_wrapped_base64_keeps_its_last_line_and_padding(tab: Tab, photo: Path, t
 DROP_URI_LIST = DROP_TEXT.replace("'text/plain'", "'text/uri-list'")  # a list of URIs dropped
 
 
-def url_loaded(page: Any, way: str, text: str, url: str) -> None:
-    """`text` pasted or dropped (`way`) loads the image at `url` (512×512), with no error."""
+def url_loaded(page: Any, way: str, text: str, url: str, shown: str | None = None) -> None:
+    """`text` pasted, dropped or typed in the URL field (`way`) loads the image at `url` (512×512), with no error;
+    the URL field then shows `shown` (default `url`)."""
     page.evaluate("() => { const i = document.getElementById('source'); delete i.dataset.url; }")
     page.evaluate("() => { document.getElementById('image-info').textContent = ''; }")
     page.evaluate(way, text)
     page.wait_for_function("() => document.getElementById('image-info').textContent", timeout=5000)
     assert page.is_hidden("#error"), page.inner_text("#error")
     assert page.inner_text("#image-info").startswith(f"{url} — 512×512"), text
-    assert page.input_value("#image-url") == url
+    assert page.input_value("#image-url") == (url if shown is None else shown)
 
 
 def test_an_image_url_with_a_note_after_it_is_loaded(tab: Tab, photo_url: str) -> None:
@@ -323,15 +324,39 @@ def test_an_image_url_typed_or_pasted_into_the_field_in_quotes_or_brackets_is_lo
         (ENTER_IN_FIELD, f"<{photo_url}>"),
         (TYPE_IN_FIELD, f"'{photo_url}?size=512'"),
         (ENTER_IN_FIELD, f"  “{photo_url}”  "),
-        (TYPE_IN_FIELD, f"{photo_url} the astronaut"),
+        (TYPE_IN_FIELD, f'"{photo_url}" the astronaut'),
     )
 
 
-def test_a_quoted_image_url_with_an_apostrophe_in_it_is_loaded_whole(tab: Tab, photo: Path, photo_url: str) -> None:
-    """A URL in single quotes whose path has an apostrophe (`'https://…/it's.png'`: browsers leave ' as it is in a
-    path): the quote that closes it is the one not followed by a letter or digit. Before, the URL ended at the
-    apostrophe (`https://…/it`), which was loaded, and the URL field was rewritten to it."""
-    shutil.copy(photo, photo.parent / "it's here.png")
-    url = photo_url.rsplit("/", 1)[0] + "/it's%20here.png"
-    for way, text in ((PASTE_TEXT, f"'{url}' (the astronaut)"), (TYPE_IN_FIELD, f"'{url}'"), (DROP_TEXT, f"'{url}',")):
+def test_an_image_url_typed_in_the_field_with_spaces_loads_as_the_address_bar_would(
+    tab: Tab, photo: Path, photo_url: str
+) -> None:
+    """The image URL field holds one URL: a space typed in it is part of it, sent as %20, as a browser's address bar
+    does (`https://…/my photo.png` loads `my%20photo.png`), the spaces around it, its quotes or brackets left out.
+    Before, the field read its text as a paste does and loaded the URL up to the first space (`https://…/my`)."""
+    shutil.copy(photo, photo.parent / "my photo.png")
+    spaced = photo_url.rsplit("/", 1)[0] + "/my photo.png"
+    url = spaced.replace(" ", "%20")
+    for way, text in ((TYPE_IN_FIELD, spaced), (ENTER_IN_FIELD, f"  {spaced} "), (TYPE_IN_FIELD, f"<{spaced}>")):
+        url_loaded(tab.page, way, text, url, spaced)  # the field shows it as typed, less what is around it
+    url_loaded(tab.page, PASTE_TEXT, f'"{spaced}" (the astronaut)', url, spaced)  # within quotes pasted: the same
+
+
+def test_an_image_url_in_parentheses_or_square_brackets_is_loaded(tab: Tab, photo: Path, photo_url: str) -> None:
+    """`(https://…)` and `[https://…]` (as prose and Markdown set a URL apart) pasted, dropped or typed in the field:
+    the URL within them is loaded; a URL whose path has parentheses (`…/Foo_(bar).png`, as Wikipedia's files are
+    named) is kept whole, bare or within them. Before, the brackets were taken into the URL (`(https:` is not one:
+    refused) and a closing parenthesis of the path ended a wrapped URL."""
+    shutil.copy(photo, photo.parent / "Foo_(bar).png")
+    paren = photo_url.rsplit("/", 1)[0] + "/Foo_(bar).png"
+    for way, text, url in (
+        (PASTE_TEXT, f"({photo_url})", photo_url),
+        (DROP_TEXT, f"[{photo_url}] the astronaut", photo_url),
+        (TYPE_IN_FIELD, f" ({photo_url}) ", photo_url),
+        (ENTER_IN_FIELD, f"[{photo_url}]", photo_url),
+        (PASTE_TEXT, paren, paren),
+        (TYPE_IN_FIELD, paren, paren),
+        (DROP_TEXT, f"({paren}), see", paren),
+        (ENTER_IN_FIELD, f"({paren})", paren),
+    ):
         url_loaded(tab.page, way, text, url)
