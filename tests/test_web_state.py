@@ -5,6 +5,7 @@ run."""
 from __future__ import annotations
 
 import base64
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -360,3 +361,54 @@ def test_an_image_url_in_parentheses_or_square_brackets_is_loaded(tab: Tab, phot
         (ENTER_IN_FIELD, f"({paren})", paren),
     ):
         url_loaded(tab.page, way, text, url)
+
+
+# The API's answer cut off after its headers (the server stopped, a proxy timed out): the body's stream fails, as a
+# browser's does when the connection drops midway (a real cut cannot be made here: the page's CSP lets it reach its
+# own server only, and a route hands the page whole answers).
+CUT_ANSWERS = """() => { const real = window.fetch; window.fetch = async (url, init) => {
+  if (!String(url).endsWith('/v1/automatic-mask-generator')) return real(url, init);
+  const body = new ReadableStream({ start(c) { c.enqueue(new TextEncoder().encode('{"image": "iVBOR'));
+                                             c.error(new TypeError('network error')); } });
+  return new Response(body, { status: 200, headers: { 'content-type': 'application/json' } }); }; }"""
+
+
+def test_an_answer_cut_off_or_not_automasks_says_what_happened(tab: Tab, photo: Path) -> None:
+    """The server's answer cut off midway, or a 200 that is not the API's JSON (a proxy's or another site's page at
+    the server's address): the error says so, with the start of the page that came. Before, both were called the
+    page's own fault ("Something went wrong in the page: network error", "…: Unexpected token '<'…"), the result
+    kept, greyed."""
+    page = tab.page
+    first_result(page, photo, auto=False)
+    page.route(f"**{API_PATH}", lambda route: route.fulfill(status=200, content_type="text/html", body=NGINX))
+    page.fill("#prompt", "person, background")
+    page.press("#prompt", "Enter")
+    page.wait_for_selector("#error:not([hidden])")
+    said = page.inner_text("#error")
+    assert said.startswith("The server answered 200 OK with something other than automask's answer: Welcome to"), said
+    assert stale(page)
+    page.unroute(f"**{API_PATH}")
+    page.evaluate(CUT_ANSWERS)
+    page.fill("#prompt", "background")
+    page.press("#prompt", "Enter")
+    page.wait_for_function("() => document.getElementById('error').textContent.includes('cut off')")
+    said = page.inner_text("#error")
+    assert re.fullmatch(r"The server's answer was cut off \(.+\)\. Is automask serve still running\?", said), said
+    assert stale(page)
+
+
+NGINX = "<html><head><title>Welcome to nginx!</title></head><body><h1>Welcome to nginx!</h1></body></html>"
+
+
+def test_an_example_clicked_with_the_server_gone_says_so(tab: Tab) -> None:
+    """An example photo clicked once the server has stopped (its photo cannot be fetched): the error says the server
+    cannot be reached. Before, it said the browser's bare "Failed to fetch"."""
+    page = tab.page
+    page.route("**/examples/**", lambda route: route.abort("connectionrefused"))
+    page.click("button.example[data-example=coffee]")
+    page.wait_for_selector("#error:not([hidden])")
+    said = page.inner_text("#error")
+    assert said.startswith("Could not fetch the example coffee.jpg from the server ("), said
+    assert said.endswith("). Is automask serve still running?"), said
+    assert not tab.api_bodies
+    tab.errors.remove("Failed to load resource: net::ERR_CONNECTION_REFUSED")  # the fetch refused, as provoked

@@ -274,6 +274,9 @@ export function wireInput(app) {
     try {
       res = await fetch(exampleUrl(ex));
       blob = res.ok ? await res.blob() : null;
+    } catch (err) {
+      const why = `Could not fetch the example ${ex.file} from the server (${err.message}).`;
+      throw new Error(`${why} Is automask serve still running?`);
     } finally {
       if (choice === chosen) app.reading(null);
     }
