@@ -19,8 +19,10 @@ from test_web_tools import DROP_TEXT, PASTE_TEXT
 from web_helpers import (
     API_PATH,
     FIRST,
+    PHONE,
     Tab,
     data_uri,
+    open_tab,
     pick_photo,
     set_first_options,
     set_slider,
@@ -412,3 +414,22 @@ def test_an_example_clicked_with_the_server_gone_says_so(tab: Tab) -> None:
     assert said.endswith("). Is automask serve still running?"), said
     assert not tab.api_bodies
     tab.errors.remove("Failed to load resource: net::ERR_CONNECTION_REFUSED")  # the fetch refused, as provoked
+
+
+def test_a_long_image_url_wraps_at_phone_width(context: Any, live: Any, photo: Path, photo_url: str) -> None:
+    """A long image URL (a signed link: hundreds of characters, no space) loaded on a phone: the page does not scroll
+    sideways and the URL shown under the field wraps within the page. Before, the line of the URL widened the whole
+    page (1640 px wide at 320), every panel with it."""
+    shutil.copy(photo, photo.parent / ("a" * 150 + ".png"))
+    url = photo_url.rsplit("/", 1)[0] + "/" + "a" * 150 + ".png?" + "X-Amz-Signature=0123456789abcdef" * 12
+    for size in (PHONE, {"width": 320, "height": 640}):
+        with open_tab(context, live, size) as phone:
+            page = phone.page
+            page.fill("#image-url", url)
+            page.press("#image-url", "Enter")
+            page.wait_for_function("() => document.getElementById('image-info').textContent.includes('512×512')")
+            width = page.evaluate("document.documentElement.scrollWidth")
+            assert width <= size["width"], f"the page scrolls sideways at {size['width']} px ({width} px)"
+            box = page.locator("#image-info").bounding_box()
+            assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= size["width"]
+            phone.check_console()
