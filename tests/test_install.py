@@ -438,3 +438,15 @@ def test_the_room_check_counts_the_copies_of_a_cache_on_the_same_disk_that_refus
     monkeypatch.undo()
     assert install.plan_model("clipseg", {repo: dest}, DEFAULT_FILES, {repo: snapshot}) == {}  # hard links: no room
     assert sorted(p.name for p in dest.iterdir()) == []  # nothing left of the look
+
+
+@pytest.mark.parametrize("make", [staging, resumable_staging])
+def test_a_models_folder_that_is_a_file_is_named_as_one(tmp_path: Path, make: Any) -> None:
+    """The models folder (or a folder above it) is a file: a pull said "Cannot write to the models folder '…'
+    (File exists)" or "(Not a directory)", which names no file. Now the message says which path is a file."""
+    (tmp_path / "data").write_text("not a folder")
+    for folder in (tmp_path / "data" / "m", tmp_path / "data" / "models" / "m"):
+        with pytest.raises(ModelNotAvailableError) as err, make(folder):
+            pass
+        assert f"'{tmp_path / 'data'}' is a file, not a folder: move it away" in err.value.message, err.value.message
+    assert (tmp_path / "data").read_text() == "not a folder"

@@ -97,6 +97,7 @@ def test_pull_with_the_hub_unreachable(
     with pytest.raises(ModelNotAvailableError) as err:
         models.pull("clipseg", settings, progress=False)
     assert "automask models pull clipseg" in err.value.message and type(error).__name__ in err.value.message
+    assert "HF_HUB_OFFLINE" not in err.value.message  # not set: before, the message said to unset it
     assert list(settings.models_dir.iterdir()) == []
 
 

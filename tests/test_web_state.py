@@ -5,6 +5,7 @@ run."""
 from __future__ import annotations
 
 import base64
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -18,8 +19,10 @@ from test_web_tools import DROP_TEXT, PASTE_TEXT
 from web_helpers import (
     API_PATH,
     FIRST,
+    PHONE,
     Tab,
     data_uri,
+    open_tab,
     pick_photo,
     set_first_options,
     set_slider,
@@ -224,15 +227,16 @@ def test_wrapped_base64_keeps_its_last_line_and_padding(tab: Tab, photo: Path, t
 DROP_URI_LIST = DROP_TEXT.replace("'text/plain'", "'text/uri-list'")  # a list of URIs dropped
 
 
-def url_loaded(page: Any, way: str, text: str, url: str) -> None:
-    """`text` pasted or dropped (`way`) loads the image at `url` (512×512), with no error."""
+def url_loaded(page: Any, way: str, text: str, url: str, shown: str | None = None) -> None:
+    """`text` pasted, dropped or typed in the URL field (`way`) loads the image at `url` (512×512), with no error;
+    the URL field then shows `shown` (default `url`)."""
     page.evaluate("() => { const i = document.getElementById('source'); delete i.dataset.url; }")
     page.evaluate("() => { document.getElementById('image-info').textContent = ''; }")
     page.evaluate(way, text)
     page.wait_for_function("() => document.getElementById('image-info').textContent", timeout=5000)
     assert page.is_hidden("#error"), page.inner_text("#error")
     assert page.inner_text("#image-info").startswith(f"{url} — 512×512"), text
-    assert page.input_value("#image-url") == url
+    assert page.input_value("#image-url") == (url if shown is None else shown)
 
 
 def test_an_image_url_with_a_note_after_it_is_loaded(tab: Tab, photo_url: str) -> None:
@@ -323,15 +327,109 @@ def test_an_image_url_typed_or_pasted_into_the_field_in_quotes_or_brackets_is_lo
         (ENTER_IN_FIELD, f"<{photo_url}>"),
         (TYPE_IN_FIELD, f"'{photo_url}?size=512'"),
         (ENTER_IN_FIELD, f"  “{photo_url}”  "),
-        (TYPE_IN_FIELD, f"{photo_url} the astronaut"),
+        (TYPE_IN_FIELD, f'"{photo_url}" the astronaut'),
     )
 
 
-def test_a_quoted_image_url_with_an_apostrophe_in_it_is_loaded_whole(tab: Tab, photo: Path, photo_url: str) -> None:
-    """A URL in single quotes whose path has an apostrophe (`'https://…/it's.png'`: browsers leave ' as it is in a
-    path): the quote that closes it is the one not followed by a letter or digit. Before, the URL ended at the
-    apostrophe (`https://…/it`), which was loaded, and the URL field was rewritten to it."""
-    shutil.copy(photo, photo.parent / "it's here.png")
-    url = photo_url.rsplit("/", 1)[0] + "/it's%20here.png"
-    for way, text in ((PASTE_TEXT, f"'{url}' (the astronaut)"), (TYPE_IN_FIELD, f"'{url}'"), (DROP_TEXT, f"'{url}',")):
+def test_an_image_url_typed_in_the_field_with_spaces_loads_as_the_address_bar_would(
+    tab: Tab, photo: Path, photo_url: str
+) -> None:
+    """The image URL field holds one URL: a space typed in it is part of it, sent as %20, as a browser's address bar
+    does (`https://…/my photo.png` loads `my%20photo.png`), the spaces around it, its quotes or brackets left out.
+    Before, the field read its text as a paste does and loaded the URL up to the first space (`https://…/my`)."""
+    shutil.copy(photo, photo.parent / "my photo.png")
+    spaced = photo_url.rsplit("/", 1)[0] + "/my photo.png"
+    url = spaced.replace(" ", "%20")
+    for way, text in ((TYPE_IN_FIELD, spaced), (ENTER_IN_FIELD, f"  {spaced} "), (TYPE_IN_FIELD, f"<{spaced}>")):
+        url_loaded(tab.page, way, text, url, spaced)  # the field shows it as typed, less what is around it
+    url_loaded(tab.page, PASTE_TEXT, f'"{spaced}" (the astronaut)', url, spaced)  # within quotes pasted: the same
+
+
+def test_an_image_url_in_parentheses_or_square_brackets_is_loaded(tab: Tab, photo: Path, photo_url: str) -> None:
+    """`(https://…)` and `[https://…]` (as prose and Markdown set a URL apart) pasted, dropped or typed in the field:
+    the URL within them is loaded; a URL whose path has parentheses (`…/Foo_(bar).png`, as Wikipedia's files are
+    named) is kept whole, bare or within them. Before, the brackets were taken into the URL (`(https:` is not one:
+    refused) and a closing parenthesis of the path ended a wrapped URL."""
+    shutil.copy(photo, photo.parent / "Foo_(bar).png")
+    paren = photo_url.rsplit("/", 1)[0] + "/Foo_(bar).png"
+    for way, text, url in (
+        (PASTE_TEXT, f"({photo_url})", photo_url),
+        (DROP_TEXT, f"[{photo_url}] the astronaut", photo_url),
+        (TYPE_IN_FIELD, f" ({photo_url}) ", photo_url),
+        (ENTER_IN_FIELD, f"[{photo_url}]", photo_url),
+        (PASTE_TEXT, paren, paren),
+        (TYPE_IN_FIELD, paren, paren),
+        (DROP_TEXT, f"({paren}), see", paren),
+        (ENTER_IN_FIELD, f"({paren})", paren),
+    ):
         url_loaded(tab.page, way, text, url)
+
+
+# The API's answer cut off after its headers (the server stopped, a proxy timed out): the body's stream fails, as a
+# browser's does when the connection drops midway (a real cut cannot be made here: the page's CSP lets it reach its
+# own server only, and a route hands the page whole answers).
+CUT_ANSWERS = """() => { const real = window.fetch; window.fetch = async (url, init) => {
+  if (!String(url).endsWith('/v1/automatic-mask-generator')) return real(url, init);
+  const body = new ReadableStream({ start(c) { c.enqueue(new TextEncoder().encode('{"image": "iVBOR'));
+                                             c.error(new TypeError('network error')); } });
+  return new Response(body, { status: 200, headers: { 'content-type': 'application/json' } }); }; }"""
+
+
+def test_an_answer_cut_off_or_not_automasks_says_what_happened(tab: Tab, photo: Path) -> None:
+    """The server's answer cut off midway, or a 200 that is not the API's JSON (a proxy's or another site's page at
+    the server's address): the error says so, with the start of the page that came. Before, both were called the
+    page's own fault ("Something went wrong in the page: network error", "…: Unexpected token '<'…"), the result
+    kept, greyed."""
+    page = tab.page
+    first_result(page, photo, auto=False)
+    page.route(f"**{API_PATH}", lambda route: route.fulfill(status=200, content_type="text/html", body=NGINX))
+    page.fill("#prompt", "person, background")
+    page.press("#prompt", "Enter")
+    page.wait_for_selector("#error:not([hidden])")
+    said = page.inner_text("#error")
+    assert said.startswith("The server answered 200 OK with something other than automask's answer: Welcome to"), said
+    assert stale(page)
+    page.unroute(f"**{API_PATH}")
+    page.evaluate(CUT_ANSWERS)
+    page.fill("#prompt", "background")
+    page.press("#prompt", "Enter")
+    page.wait_for_function("() => document.getElementById('error').textContent.includes('cut off')")
+    said = page.inner_text("#error")
+    assert re.fullmatch(r"The server's answer was cut off \(.+\)\. Is automask serve still running\?", said), said
+    assert stale(page)
+
+
+NGINX = "<html><head><title>Welcome to nginx!</title></head><body><h1>Welcome to nginx!</h1></body></html>"
+
+
+def test_an_example_clicked_with_the_server_gone_says_so(tab: Tab) -> None:
+    """An example photo clicked once the server has stopped (its photo cannot be fetched): the error says the server
+    cannot be reached. Before, it said the browser's bare "Failed to fetch"."""
+    page = tab.page
+    page.route("**/examples/**", lambda route: route.abort("connectionrefused"))
+    page.click("button.example[data-example=coffee]")
+    page.wait_for_selector("#error:not([hidden])")
+    said = page.inner_text("#error")
+    assert said.startswith("Could not fetch the example coffee.jpg from the server ("), said
+    assert said.endswith("). Is automask serve still running?"), said
+    assert not tab.api_bodies
+    tab.errors.remove("Failed to load resource: net::ERR_CONNECTION_REFUSED")  # the fetch refused, as provoked
+
+
+def test_a_long_image_url_wraps_at_phone_width(context: Any, live: Any, photo: Path, photo_url: str) -> None:
+    """A long image URL (a signed link: hundreds of characters, no space) loaded on a phone: the page does not scroll
+    sideways and the URL shown under the field wraps within the page. Before, the line of the URL widened the whole
+    page (1640 px wide at 320), every panel with it."""
+    shutil.copy(photo, photo.parent / ("a" * 150 + ".png"))
+    url = photo_url.rsplit("/", 1)[0] + "/" + "a" * 150 + ".png?" + "X-Amz-Signature=0123456789abcdef" * 12
+    for size in (PHONE, {"width": 320, "height": 640}):
+        with open_tab(context, live, size) as phone:
+            page = phone.page
+            page.fill("#image-url", url)
+            page.press("#image-url", "Enter")
+            page.wait_for_function("() => document.getElementById('image-info').textContent.includes('512×512')")
+            width = page.evaluate("document.documentElement.scrollWidth")
+            assert width <= size["width"], f"the page scrolls sideways at {size['width']} px ({width} px)"
+            box = page.locator("#image-info").bounding_box()
+            assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= size["width"]
+            phone.check_console()

@@ -297,11 +297,17 @@ def download_failure(name: str, repo: str, dest: Path, exc: BaseException) -> st
 
 def offline() -> bool:
     """True when Hugging Face offline mode is on (environment, or as the hub library read it at import)."""
+    return bool(_offline_switch())
+
+
+def _offline_switch() -> str:
+    """The environment variable that turns Hugging Face offline mode on (as the hub library read it at import:
+    HF_HUB_OFFLINE); "" when it is off."""
     for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
         if os.environ.get(var, "").strip().upper() in {"1", "ON", "YES", "TRUE"}:
-            return True
+            return var
     hub = sys.modules.get("huggingface_hub.constants")
-    return bool(getattr(hub, "HF_HUB_OFFLINE", False))
+    return "HF_HUB_OFFLINE" if getattr(hub, "HF_HUB_OFFLINE", False) else ""
 
 
 MODEL_CHOICE = "--model, AUTOMASK_MODEL or MaskGenerator(model=...)"
@@ -309,11 +315,13 @@ MODEL_CHOICE = "--model, AUTOMASK_MODEL or MaskGenerator(model=...)"
 
 
 def offline_message(name: str, why: str) -> str:
-    """The error for catalogue model `name` that cannot be downloaded, saying `why` and what to do instead."""
+    """The error for catalogue model `name` that cannot be downloaded, saying `why` and what to do instead (to unset
+    the variable that turns offline mode on, only when one does)."""
+    switch = _offline_switch()
+    check = f"Unset {switch}" if switch else "Check the network connection"
     return (
-        f"Cannot download the model '{name}': {why}. Check the network connection (and unset HF_HUB_OFFLINE) "
-        f"and run again: automask models pull {name}. Or copy a model folder saved with save_pretrained to this "
-        f"machine and point {MODEL_CHOICE} at it."
+        f"Cannot download the model '{name}': {why}. {check} and run again: automask models pull "
+        f"{name}. Or copy a model folder saved with save_pretrained to this machine and point {MODEL_CHOICE} at it."
     )
 
 

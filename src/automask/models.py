@@ -268,7 +268,7 @@ def pull(name: str, settings: Settings, *, progress: bool = True, force: bool = 
     cached = {} if force else {r: s for r in spec.repos if (s := install.cached_snapshot(r, spec.files, complete=True))}
     if len(cached) < len(spec.repos):
         if install.offline():
-            raise ModelNotAvailableError(install.offline_message(name, "offline mode is on (HF_HUB_OFFLINE is set)"))
+            raise ModelNotAvailableError(install.offline_message(name, "offline mode is on"))
         if spec.gated:
             _check_token(spec)
     waiting = _Waiting(name, progress)

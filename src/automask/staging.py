@@ -39,15 +39,25 @@ def staging(folder: Path) -> Iterator[Path]:
         held = lockfiles.lock(lockfiles.lock_file(tmp), wait=True)
         tmp.mkdir()  # not mkdtemp: its 0700 would stay on the installed folder; this follows the umask
     except OSError as exc:
-        raise ModelNotAvailableError(
-            f"Cannot write to the models folder '{folder.parent}' ({exc.strerror}). "
-            "Point AUTOMASK_DATA_DIR at a writable folder and run again."
-        ) from exc
+        raise _unwritable(folder.parent, exc) from exc
     try:
         yield tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         lockfiles.unlock(lockfiles.lock_file(tmp), held)
+
+
+def _unwritable(models: Path, exc: OSError) -> ModelNotAvailableError:
+    """The error for models folder `models` that cannot be created or written (`exc`), naming the file that stands
+    where it, or a folder above it, should be."""
+    why = f"({exc.strerror})"
+    if isinstance(exc, (FileExistsError, NotADirectoryError)):
+        file = next((p for p in (models, *models.parents) if p.exists() and not p.is_dir()), None)
+        why = f"('{file}' is a file, not a folder: move it away)" if file is not None else why
+    return ModelNotAvailableError(
+        f"Cannot write to the models folder '{models}' {why}. Point AUTOMASK_DATA_DIR at a writable folder and run "
+        "again."
+    )
 
 
 @contextlib.contextmanager
@@ -68,10 +78,7 @@ def resumable_staging(folder: Path, waiting: Callable[[str], None] | None = None
         held = lockfiles.hold(lockfiles.lock_file(tmp), waiting, PULL)
         tmp.mkdir(exist_ok=True)
     except OSError as exc:
-        raise ModelNotAvailableError(
-            f"Cannot write to the models folder '{folder.parent}' ({exc.strerror}). "
-            "Point AUTOMASK_DATA_DIR at a writable folder and run again."
-        ) from exc
+        raise _unwritable(folder.parent, exc) from exc
     keep = True
     try:
         yield tmp
@@ -84,14 +91,20 @@ def resumable_staging(folder: Path, waiting: Callable[[str], None] | None = None
 
 def partial_note(folder: Path) -> str:
     """A sentence saying what `resumable_staging(folder)` kept after a failure ("" when nothing), and that pulling
-    the catalogue model `folder.name` again resumes it; or, while a pull of it runs, that it is downloading there."""
+    the catalogue model `folder.name` again resumes it; or, while a pull of it runs, that it is downloading there;
+    while a removal holds its lock, that it deletes it (what holds the lock: `lockfiles.holder`; a tidying keeps it)."""
     tmp = _kept(folder)
     size = _downloaded(tmp)
     if not size:
         return ""
-    if lockfiles.lock_file(tmp).exists() and lockfiles.held(
-        lockfiles.lock_file(tmp)
-    ):  # not kept: a live pull's, not to be deleted
+    hub = lockfiles.lock_file(tmp)
+    running = lockfiles.holder(hub) if hub.exists() and lockfiles.held(hub) else None
+    if running == REMOVAL:  # `remove`, before it renames the folder aside
+        return (
+            f"A removal of {folder.name} (automask models rm) is running: it deletes the {size / 1e6:.1f} MB a failed "
+            f"pull downloaded, in '{tmp}'."
+        )
+    if running not in (None, TIDYING):  # a pull ("": one that does not say, an older automask's): not to be deleted
         return f"A pull of {folder.name} is running: {size / 1e6:.1f} MB downloaded so far, in '{tmp}'."
     return (
         f"The {size / 1e6:.1f} MB downloaded so far are kept in '{tmp}': automask models pull {folder.name} resumes "

@@ -42,7 +42,14 @@ function headersFor(key, accept) {
 export async function requestMask(body, { key, signal }) {
   const t0 = performance.now();
   const res = await post({ ...body, base64: true, instance_masks: true }, key, signal, "application/json");
-  const data = await res.json();
+  const text = await bodyOf(res, (r) => r.text());
+  let data;
+  try {
+    data = JSON.parse(text);
+  } catch {
+    const what = `The server answered ${res.status} ${res.statusText} with something other than automask's answer`;
+    throw new ApiError(res.status, `${what}${snippetOf(text, ":")} Is this the address of automask serve?`);
+  }
   const orientation = res.headers.get("x-image-orientation");
   return { data, ms: performance.now() - t0, serverMs: serverTime(res.headers, data), orientation };
 }
@@ -50,7 +57,18 @@ export async function requestMask(body, { key, signal }) {
 // POST the v1 call for the image itself (a cut-out or preview of an image the page cannot read).
 export async function requestImage(body, { key, signal }) {
   const res = await post({ ...body, base64: false }, key, signal, "image/png, application/json");
-  return res.blob();
+  return bodyOf(res, (r) => r.blob());
+}
+
+// `read(res)`: the answer's body. A connection cut midway (the server stopped, a proxy gave up) is said as such, not
+// as the page's fault; Cancel (an AbortError) stays one.
+async function bodyOf(res, read) {
+  try {
+    return await read(res);
+  } catch (err) {
+    if (err.name === "AbortError") throw err;
+    throw new ApiError(0, `The server's answer was cut off (${err.message}). Is automask serve still running?`);
+  }
 }
 
 async function post(body, key, signal, accept) {
@@ -87,8 +105,14 @@ export async function errorSentence(res) {
   } catch {
     // Not JSON: a proxy's page or a plain-text error; show its start below.
   }
+  return `The server answered ${res.status} ${res.statusText}${snippetOf(text, ":")}`;
+}
+
+// The start of a page that is not the API's JSON (a proxy's error page, plain text), its tags left out: after
+// `lead`, ending in a full stop; "." when there is no text.
+function snippetOf(text, lead) {
   const snippet = text.replace(/<[^>]*>/g, " ").replace(/\s+/g, " ").trim().slice(0, 200);
-  return `The server answered ${res.status} ${res.statusText}${snippet ? `: ${snippet}` : "."}`;
+  return snippet ? `${lead} ${snippet}${/[.!?]$/.test(snippet) ? "" : "."}` : ".";
 }
 
 function serverTime(headers, data) {

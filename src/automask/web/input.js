@@ -45,28 +45,37 @@ async function turnedDataUri(url) {
 }
 
 // The image URL that text pasted, dropped or put in the URL field begins with: a data: URI whole (parseImageUrl
-// reads its base64, leaving out what follows), an http(s) URL up to the first whitespace (one copied from a browser
-// has none: a space is %20), or within the angle brackets or quotes that set it apart in prose, a note after it left
-// out; else the first line, as it is (the page says why it is not an image URL). The closing quote is the first one
-// not followed by a letter or digit: an apostrophe in a quoted URL's path (it's.png: browsers leave it as it is in
-// a path) does not end it.
-const CLOSING = { "<": ">", '"': '"', "'": "'", "“": "”", "‘": "’", "«": "»" };
+// reads its base64, leaving out what follows); an http(s) URL within the angle brackets, quotes, parentheses or
+// square brackets that set it apart in prose, all that is within them (spaces too: %20), a note after them left
+// out; else, pasted or dropped, up to the first whitespace (one copied from a browser has none: a space is %20), and
+// in the URL field (`whole`) the line whole, as a browser's address bar takes it (a space in it is %20); else the
+// first line, as it is (the page says why it is not an image URL). The closing quote is the first one not followed
+// by a letter or digit: an apostrophe in a quoted URL's path (it's.png: browsers leave it as it is in a path) does
+// not end it; the closing parenthesis or bracket is the one that balances it: a URL's own (Foo_(bar).jpg) do not.
+const CLOSING = { "<": ">", '"': '"', "'": "'", "“": "”", "‘": "’", "«": "»", "(": ")", "[": "]" };
 
 function closingAt(line, close) {
+  if (close === ")" || close === "]") {
+    for (let at = 0, depth = 0; at < line.length; at += 1) {
+      depth += line[at] === line[0] ? 1 : line[at] === close ? -1 : 0;
+      if (depth === 0) return at;
+    }
+    return -1;
+  }
   for (let at = line.indexOf(close, 1); at > 0; at = line.indexOf(close, at + 1)) {
     if (!/^[\p{L}\p{N}]/u.test(line.slice(at + 1))) return at;
   }
   return line.indexOf(close, 1);
 }
 
-function urlInText(text) {
+function urlInText(text, { whole = false } = {}) {
   const value = text.trim();
   if (/^data:/i.test(value)) return value;
   const line = value.split(/\r?\n/)[0].trim();
   const close = CLOSING[line[0]];
   const end = close ? closingAt(line, close) : -1;
-  const word = end > 0 ? line.slice(1, end).trim() : line.split(/\s/)[0];
-  return /^https?:\/\/\S+$/i.test(word) ? word : line;
+  const word = end > 0 ? line.slice(1, end).trim() : whole ? line : line.split(/\s/)[0];
+  return /^https?:\/\/\S/i.test(word) ? word : line;
 }
 
 function isTextField(el) {
@@ -162,11 +171,11 @@ export function wireInput(app) {
   }
 
   $("file").addEventListener("change", () => takeFiles($("file").files));
-  // What the URL field holds, taken as a paste or a drop takes text (`urlInText`: the URL within the quotes or
-  // brackets it was copied with), and shown so in the field.
+  // What the URL field holds: one URL, spaces and all, as in a browser's address bar (`urlInText`: the URL within
+  // the quotes or brackets it was copied with), and shown so in the field.
   function fieldUrl() {
     const field = $("image-url");
-    const text = urlInText(field.value);
+    const text = urlInText(field.value, { whole: true });
     if (text !== field.value) field.value = text;
     return text;
   }
@@ -265,6 +274,9 @@ export function wireInput(app) {
     try {
       res = await fetch(exampleUrl(ex));
       blob = res.ok ? await res.blob() : null;
+    } catch (err) {
+      const why = `Could not fetch the example ${ex.file} from the server (${err.message}).`;
+      throw new Error(`${why} Is automask serve still running?`);
     } finally {
       if (choice === chosen) app.reading(null);
     }
