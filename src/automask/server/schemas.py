@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import codecs
 import json
 import re
 from collections.abc import Sequence
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from python_multipart.multipart import parse_options_header
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -29,6 +31,8 @@ fields, so a body with more values than its text fields could account for (the p
 URL) is refused before it is parsed: 40 MB of `[{},{},...]` would parse into 2 GB of objects."""
 FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 _SURROGATE = re.compile("[\ud800-\udfff]")
+_BINARY = re.compile("[\x00-\x08\x0e-\x1f\x7f]")
+"""A control character that is no whitespace: in no URL, data URI or base64 text, in nearly every image file."""
 
 
 class MaskRequest(MaskOptions):
@@ -245,14 +249,48 @@ async def _read_form(request: Request, max_part_size: int) -> MaskRequest:
     except HTTPException as exc:  # starlette's answer to a malformed form
         raise InvalidOptionError("body", f"is not a valid form: {exc.detail}") from None
     data: dict[str, Any] = {}
+    multipart = request.headers.get("content-type", "").split(";")[0].strip().lower() == FORM_TYPES[0]
     try:
         for name, value in form.multi_items():
             if name in data:
                 raise InvalidOptionError(name, "is given more than once")
-            data[name] = await value.read() if isinstance(value, UploadFile) else number_text(name, value)
+            if isinstance(value, UploadFile):
+                data[name] = await value.read()
+            elif name == "image" and multipart:
+                data[name] = _field_image(value, _part_charset(request.headers.get("content-type", "")))
+            else:
+                data[name] = number_text(name, value)
     finally:
         await form.close()
     return validate_request(data, strict=False)
+
+
+def _part_charset(content_type: str) -> str:
+    """The codec starlette's multipart parser decodes a part without a filename with: the body's `charset`
+    parameter, else UTF-8; latin-1 for a charset Python does not know."""
+    _, params = parse_options_header(content_type)
+    charset = params.get(b"charset", b"utf-8")
+    try:
+        return codecs.lookup(charset.decode("latin-1")).name
+    except LookupError:
+        return "latin-1"
+
+
+def _field_image(text: str, charset: str) -> str | bytes:
+    """A multipart `image` part without a filename (`curl -F 'image=<photo.png'`), which the parser decoded to `text`:
+    the part's bytes when it holds binary (`_BINARY`), else the text (a URL, a data URI or base64). The bytes are the
+    text's latin-1 encoding where that is not valid in `charset` (the parser fell back to latin-1, as it does for
+    nearly every image file), else its encoding in `charset`."""
+    if not _BINARY.search(text):
+        return text
+    try:
+        raw = text.encode("latin-1")
+        raw.decode(charset)
+    except UnicodeEncodeError:  # a character past U+00FF: decoded with `charset`
+        return text.encode(charset)
+    except UnicodeDecodeError:  # the parser fell back to latin-1: these are the part's bytes
+        return raw
+    return text.encode(charset)
 
 
 class SubmitResponse(BaseModel):
