@@ -31,6 +31,9 @@ fields, so a body with more values than its text fields could account for (the p
 URL) is refused before it is parsed: 40 MB of `[{},{},...]` would parse into 2 GB of objects."""
 FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 _SURROGATE = re.compile("[\ud800-\udfff]")
+_JSON_OBJECT = re.compile(rb"[ \t\r\n]*\{")
+"""An application/x-www-form-urlencoded body starting as a JSON object does is read as JSON: `curl -d '{...}'`
+without a Content-Type labels JSON so, and no form of this API's fields starts with '{'."""
 _BINARY = re.compile("[\x00-\x08\x0e-\x1f\x7f]")
 """A control character that is no whitespace: in no URL, data URI or base64 text, in nearly every image file."""
 
@@ -168,9 +171,9 @@ async def read_request(request: Request, max_part_size: int) -> MaskRequest:
             "uncompressed",
         )
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if content_type in FORM_TYPES:
-        return await _read_form(request, max_part_size)
-    body = await _read_body(request)
+    body = await _read_body(request)  # whole first: the body limit applies before the form parser sees it
+    if content_type == FORM_TYPES[0] or (content_type == FORM_TYPES[1] and not _JSON_OBJECT.match(body)):
+        return await _read_form(request, body, max_part_size)
     return await asyncio.to_thread(_from_json, body)  # a base64 image may be tens of MB: off the event loop
 
 
@@ -242,8 +245,7 @@ def _from_json(body: bytearray) -> MaskRequest:
     return validate_request(data, strict=True)
 
 
-async def _read_form(request: Request, max_part_size: int) -> MaskRequest:
-    body = await _read_body(request)  # whole first: the body limit applies before the form parser sees it
+async def _read_form(request: Request, body: bytearray, max_part_size: int) -> MaskRequest:
     try:  # parsed from a request of its own, which keeps no copy of the body once this returns
         form = await Request(request.scope, _replay(body)).form(max_files=1, max_fields=32, max_part_size=max_part_size)
     except HTTPException as exc:  # starlette's answer to a malformed form
