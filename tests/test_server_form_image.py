@@ -113,6 +113,10 @@ def test_a_plain_form_field_of_base64_or_a_url_is_still_read_as_text(live: Any) 
     assert not_base64.status_code == 400 and "not valid base64" in not_base64.json()["error"]
     url = send(live, "v1", *multipart(b"http://127.0.0.1:1/x.png", filename=None, part_type=None, charset=None))
     assert url.status_code == 400 and "loopback" in url.json()["error"]
+    flawed = send(live, "v1", *multipart(b"http://example.com/a\x01.png", filename=None, part_type=None, charset=None))
+    assert flawed.status_code == 400 and "not a valid URL" in flawed.json()["error"], flawed.text
+    data_uri = send(live, "v1", *multipart(b"data:image/png;base64,\x01", filename=None, part_type=None, charset=None))
+    assert data_uri.status_code == 400 and "base64" in data_uri.json()["error"], data_uri.text
 
 
 def test_binary_that_is_no_image_in_a_plain_form_field_is_a_400_saying_so(live: Any) -> None:
