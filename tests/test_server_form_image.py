@@ -125,3 +125,25 @@ def test_binary_that_is_no_image_in_a_plain_form_field_is_a_400_saying_so(live: 
         answer = send(live, version, *multipart(garbage, filename=None, part_type=None, charset=None))
         assert answer.status_code == 400, answer.text
         assert "not in a known format" in answer.json()["error"], answer.text
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_a_second_file_is_named_as_a_second_field_is(live: Any, version: str) -> None:
+    """Before: any second file part was a 400 "body: is not a valid form: Too many files. Maximum number of files is
+    1.", naming no field, where a form field given twice or unknown is named (README, CONTRACT)."""
+    png = encoded("PNG")
+    url = f"{live.url}/{version}/{SLUG}"
+    for files, field, why in [
+        ([("image", ("a.png", png, "image/png")), ("image", ("b.png", png, "image/png"))], "image", "more than once"),
+        ([("image", ("a.png", png, "image/png")), ("mask", ("m.png", png, "image/png"))], "mask", "unknown field"),
+        ([("mask", ("m.png", png, "image/png")), ("image", ("a.png", png, "image/png"))], "mask", "unknown field"),
+        ([("image", ("a.png", png, "image/png")), ("prompt", ("p.txt", b"sofa", "text/plain"))], "", ""),
+    ]:
+        answer = httpx.post(
+            url, data={"threshold": "0.5"} | ({} if not field else FIELDS), files=files, headers=live.headers
+        )
+        if not field:  # a field's value uploaded as a file is that field
+            assert answer.status_code == 200, answer.text
+            continue
+        assert answer.status_code == 400, answer.text
+        assert answer.json()["error"].startswith(f"{field}: ") and why in answer.json()["error"], answer.text

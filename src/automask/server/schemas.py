@@ -29,6 +29,9 @@ MAX_JSON_VALUES = 16_384
 """Most values a JSON body may hold, as counted by `check_json_values`. A request is one flat object of a few
 fields, so a body with more values than its text fields could account for (the prompts, the model name, an image
 URL) is refused before it is parsed: 40 MB of `[{},{},...]` would parse into 2 GB of objects."""
+MAX_FORM_PARTS = 32
+"""Most files, and most other fields, a form may hold: each is then named when it is unknown or given twice (the body's
+size is bounded apart)."""
 FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _JSON_OBJECT = re.compile(rb"[ \t\r\n]*\{")
@@ -249,7 +252,9 @@ def _from_json(body: bytearray) -> MaskRequest:
 
 async def _read_form(request: Request, body: bytearray, max_part_size: int) -> MaskRequest:
     try:  # parsed from a request of its own, which keeps no copy of the body once this returns
-        form = await Request(request.scope, _replay(body)).form(max_files=1, max_fields=32, max_part_size=max_part_size)
+        form = await Request(request.scope, _replay(body)).form(
+            max_files=MAX_FORM_PARTS, max_fields=MAX_FORM_PARTS, max_part_size=max_part_size
+        )
     except HTTPException as exc:  # starlette's answer to a malformed form
         raise InvalidOptionError("body", f"is not a valid form: {exc.detail}") from None
     data: dict[str, Any] = {}
@@ -259,6 +264,8 @@ async def _read_form(request: Request, body: bytearray, max_part_size: int) -> M
             if name in data:
                 raise InvalidOptionError(name, "is given more than once")
             if isinstance(value, UploadFile):
+                if name not in MaskRequest.model_fields:  # named before it is read
+                    raise InvalidOptionError(name, "unknown field")
                 data[name] = await value.read()
             elif name == "image" and multipart:
                 data[name] = _field_image(value, _part_charset(request.headers.get("content-type", "")))
