@@ -39,6 +39,9 @@ _JSON_OBJECT = re.compile(rb"[ \t\r\n]*\{")
 without a Content-Type labels JSON so, and no form of this API's fields starts with '{'."""
 _BINARY = re.compile("[\x00-\x08\x0e-\x1f\x7f]")
 """A control character that is no whitespace: in no URL, data URI or base64 text, in nearly every image file."""
+_BINARY_HEAD = 1 << 16
+"""Characters of a plain `image` form field searched for `_BINARY`: an image file's header holds one (a length or
+size field's zero byte), and text that holds one further on is no image string either way."""
 _TEXT_SOURCE = re.compile(r"\s*(?:[a-zA-Z][a-zA-Z0-9+.-]*://|data:)", re.IGNORECASE)
 """How a URL or a data URI starts, and no image file: such a part is text, its control characters a flaw to name."""
 
@@ -289,10 +292,10 @@ def _part_charset(content_type: str) -> str:
 
 def _field_image(text: str, charset: str) -> str | bytes:
     """A multipart `image` part without a filename (`curl -F 'image=<photo.png'`), which the parser decoded to `text`:
-    the part's bytes when it holds binary (`_BINARY`) and does not start as a URL or data URI does, else the text.
-    The bytes are the text's latin-1 encoding where that is not valid in `charset` (the parser fell back to latin-1,
-    as it does for nearly every image file), else its encoding in `charset`."""
-    if not _BINARY.search(text) or _TEXT_SOURCE.match(text):
+    the part's bytes when its head holds binary (`_BINARY`) and it does not start as a URL or data URI does, else the
+    text. The bytes are the text's latin-1 encoding where that is not valid in `charset` (the parser fell back to
+    latin-1, as it does for nearly every image file), else its encoding in `charset`."""
+    if not _BINARY.search(text, 0, _BINARY_HEAD) or _TEXT_SOURCE.match(text):  # on the event loop: the head alone
         return text
     try:
         raw = text.encode("latin-1")
