@@ -181,7 +181,7 @@ async def read_request(request: Request, max_part_size: int) -> MaskRequest:
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     body = await _read_body(request)  # whole first: the body limit applies before the form parser sees it
     if content_type == FORM_TYPES[0] or (content_type == FORM_TYPES[1] and not _JSON_OBJECT.match(body)):
-        return await _read_form(request, body, max_part_size)
+        return await _read_form(request, body, max_part_size, multipart=content_type == FORM_TYPES[0])
     return await asyncio.to_thread(_from_json, body)  # a base64 image may be tens of MB: off the event loop
 
 
@@ -253,7 +253,7 @@ def _from_json(body: bytearray) -> MaskRequest:
     return validate_request(data, strict=True)
 
 
-async def _read_form(request: Request, body: bytearray, max_part_size: int) -> MaskRequest:
+async def _read_form(request: Request, body: bytearray, max_part_size: int, *, multipart: bool) -> MaskRequest:
     try:  # parsed from a request of its own, which keeps no copy of the body once this returns
         form = await Request(request.scope, _replay(body)).form(
             max_files=MAX_FORM_PARTS, max_fields=MAX_FORM_PARTS, max_part_size=max_part_size
@@ -261,7 +261,6 @@ async def _read_form(request: Request, body: bytearray, max_part_size: int) -> M
     except HTTPException as exc:  # starlette's answer to a malformed form
         raise InvalidOptionError("body", f"is not a valid form: {exc.detail}") from None
     data: dict[str, Any] = {}
-    multipart = request.headers.get("content-type", "").split(";")[0].strip().lower() == FORM_TYPES[0]
     try:
         for name, value in form.multi_items():
             if name in data:
