@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import codecs
 import json
 import re
 from collections.abc import Sequence
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-from python_multipart.multipart import parse_options_header
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -18,6 +16,7 @@ from starlette.requests import Request
 from automask.errors import InvalidOptionError
 from automask.options import MaskOptions, number_text, parse_prompt, validation_error
 from automask.server.errors import shown
+from automask.server.form_parts import MAX_FORM_PARTS, field_image, is_json_object, part_charset
 from automask.server.limits import Message, Receive
 
 MAX_MODEL_NAME = 200
@@ -29,21 +28,8 @@ MAX_JSON_VALUES = 16_384
 """Most values a JSON body may hold, as counted by `check_json_values`. A request is one flat object of a few
 fields, so a body with more values than its text fields could account for (the prompts, the model name, an image
 URL) is refused before it is parsed: 40 MB of `[{},{},...]` would parse into 2 GB of objects."""
-MAX_FORM_PARTS = 32
-"""Most files, and most other fields, a form may hold: each is then named when it is unknown or given twice (the body's
-size is bounded apart)."""
 FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 _SURROGATE = re.compile("[\ud800-\udfff]")
-_JSON_OBJECT = re.compile(rb"[ \t\r\n]*\{")
-"""An application/x-www-form-urlencoded body starting as a JSON object does is read as JSON: `curl -d '{...}'`
-without a Content-Type labels JSON so, and no form of this API's fields starts with '{'."""
-_BINARY = re.compile("[\x00-\x08\x0e-\x1f\x7f]")
-"""A control character that is no whitespace: in no URL, data URI or base64 text, in nearly every image file."""
-_BINARY_HEAD = 1 << 16
-"""Characters of a plain `image` form field searched for `_BINARY`: an image file's header holds one (a length or
-size field's zero byte), and text that holds one further on is no image string either way."""
-_TEXT_SOURCE = re.compile(r"\s*(?:[a-zA-Z][a-zA-Z0-9+.-]*://|data:)", re.IGNORECASE)
-"""How a URL or a data URI starts, and no image file: such a part is text, its control characters a flaw to name."""
 
 
 class MaskRequest(MaskOptions):
@@ -180,7 +166,7 @@ async def read_request(request: Request, max_part_size: int) -> MaskRequest:
         )
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     body = await _read_body(request)  # whole first: the body limit applies before the form parser sees it
-    if content_type == FORM_TYPES[0] or (content_type == FORM_TYPES[1] and not _JSON_OBJECT.match(body)):
+    if content_type == FORM_TYPES[0] or (content_type == FORM_TYPES[1] and not is_json_object(body)):
         return await _read_form(request, body, max_part_size, multipart=content_type == FORM_TYPES[0])
     return await asyncio.to_thread(_from_json, body)  # a base64 image may be tens of MB: off the event loop
 
@@ -270,40 +256,12 @@ async def _read_form(request: Request, body: bytearray, max_part_size: int, *, m
                     raise InvalidOptionError(name, "unknown field")
                 data[name] = await value.read()
             elif name == "image" and multipart:
-                data[name] = _field_image(value, _part_charset(request.headers.get("content-type", "")))
+                data[name] = field_image(value, part_charset(request.headers.get("content-type", "")))
             else:
                 data[name] = number_text(name, value)
     finally:
         await form.close()
     return validate_request(data, strict=False)
-
-
-def _part_charset(content_type: str) -> str:
-    """The codec starlette's multipart parser decodes a part without a filename with: the body's `charset`
-    parameter, else UTF-8; latin-1 for a charset Python does not know."""
-    _, params = parse_options_header(content_type)
-    charset = params.get(b"charset", b"utf-8")
-    try:
-        return codecs.lookup(charset.decode("latin-1")).name
-    except LookupError:
-        return "latin-1"
-
-
-def _field_image(text: str, charset: str) -> str | bytes:
-    """A multipart `image` part without a filename (`curl -F 'image=<photo.png'`), which the parser decoded to `text`:
-    the part's bytes when its head holds binary (`_BINARY`) and it does not start as a URL or data URI does, else the
-    text. The bytes are the text's latin-1 encoding where that is not valid in `charset` (the parser fell back to
-    latin-1, as it does for nearly every image file), else its encoding in `charset`."""
-    if not _BINARY.search(text, 0, _BINARY_HEAD) or _TEXT_SOURCE.match(text):  # on the event loop: the head alone
-        return text
-    try:
-        raw = text.encode("latin-1")
-        raw.decode(charset)
-    except UnicodeEncodeError:  # a character past U+00FF: decoded with `charset`
-        return text.encode(charset)
-    except UnicodeDecodeError:  # the parser fell back to latin-1: these are the part's bytes
-        return raw
-    return text.encode(charset)
 
 
 class SubmitResponse(BaseModel):
