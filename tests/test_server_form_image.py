@@ -21,13 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from automask.pipeline import MaskGenerator
-from automask.server import keys as keystore
-from automask.server.app import create_app
-from automask.server.config import ServerSettings
-from automask.server.store import Store
-from automask.settings import Settings
-from server_helpers import FakeBackend, LiveServer, decode
+from server_helpers import decode, keyed_server
 
 SLUG = "automatic-mask-generator"
 BOUNDARY = "automask-test-boundary"
@@ -57,15 +51,8 @@ def multipart(image: bytes, *, filename: str | None, part_type: str | None, char
 
 @pytest.fixture()
 def live(tmp_path: Path) -> Iterator[Any]:
-    settings = Settings(data_dir=tmp_path / "data")
-    generator = MaskGenerator(FakeBackend(), settings)
-    with LiveServer(create_app(settings, ServerSettings(), generator)) as server:
-        store = Store.from_settings(settings)
-        _, token = keystore.create_key(store, credits=100)
-        server.headers = {"x-api-key": token}
-        server.store = store
+    with keyed_server(tmp_path / "data", credits=100) as server:
         yield server
-        store.close()
 
 
 def send(live: Any, version: str, body: bytes, content_type: str) -> httpx.Response:

@@ -18,13 +18,7 @@ import httpx
 import numpy as np
 import pytest
 
-from automask.pipeline import MaskGenerator
-from automask.server import keys as keystore
-from automask.server.app import create_app
-from automask.server.config import ServerSettings
-from automask.server.store import Store
-from automask.settings import Settings
-from server_helpers import FakeBackend, LiveServer, decode, png_bytes
+from server_helpers import decode, keyed_server, png_bytes
 
 SLUG = "automatic-mask-generator"
 FORM = "application/x-www-form-urlencoded"
@@ -33,13 +27,8 @@ IMAGE = base64.b64encode(png_bytes(np.full((30, 40, 3), 90, np.uint8))).decode()
 
 @pytest.fixture()
 def live(tmp_path: Path) -> Iterator[Any]:
-    settings = Settings(data_dir=tmp_path / "data")
-    with LiveServer(create_app(settings, ServerSettings(), MaskGenerator(FakeBackend(), settings))) as server:
-        store = Store.from_settings(settings)
-        _, token = keystore.create_key(store, credits=10)
-        server.headers = {"x-api-key": token}
+    with keyed_server(tmp_path / "data", credits=10) as server:
         yield server
-        store.close()
 
 
 def send(live: Any, version: str, body: str, content_type: str) -> httpx.Response:
