@@ -227,3 +227,21 @@ def wait_for(predicate: Any, seconds: float, interval: float = 0.05) -> Any:
             return value
         time.sleep(interval)
     raise AssertionError(f"condition not met within {seconds} s")
+
+
+@contextlib.contextmanager
+def keyed_server(data_dir: Path, credits: int | None = None) -> Iterator[LiveServer]:
+    """A started `live_server` answering with `FakeBackend`, and a key of `credits` in its database: the server has
+    `.headers` (that key's x-api-key), `.key` (its `ApiKey`) and `.store` (its database)."""
+    from automask.server import keys
+    from automask.server.store import Store
+    from automask.settings import Settings
+
+    with live_server(data_dir, FakeBackend()) as server:
+        store = Store.from_settings(Settings(data_dir=data_dir))
+        try:
+            key, token = keys.create_key(store, credits=credits)
+            server.headers, server.key, server.store = {"x-api-key": token}, key, store  # type: ignore[attr-defined]
+            yield server
+        finally:
+            store.close()

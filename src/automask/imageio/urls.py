@@ -4,6 +4,7 @@ them (credentials left out, shortened: `show`)."""
 
 from __future__ import annotations
 
+import re
 import string
 import urllib.parse
 
@@ -11,14 +12,16 @@ import httpx
 
 from automask.errors import FetchError, URLRefusedError
 
+_CREDENTIALS = re.compile(r"(\s*[a-zA-Z][a-zA-Z0-9+.-]*://).*@", re.DOTALL)
+"""A URL's scheme, and all up to its last '@': what may be a user name and password."""
+
 
 def parse_url(url: str) -> httpx.URL:
     """Parse an http(s) URL with a host; anything else raises URLRefusedError."""
     try:
         parsed = httpx.URL(url)
     except (httpx.InvalidURL, TypeError, UnicodeError) as exc:
-        why = (_host_flaw(url) if isinstance(url, str) else None) or f"it is not a valid URL ({exc})."
-        raise URLRefusedError(f"Refused the image URL {short(url)}: {why}") from None
+        raise URLRefusedError(_unreadable(url, exc)) from None
     if parsed.scheme not in ("http", "https"):
         raise URLRefusedError(
             f"Refused the image URL {show(parsed)}: only http:// and https:// URLs are fetched "
@@ -28,6 +31,21 @@ def parse_url(url: str) -> httpx.URL:
     if flaw:
         raise URLRefusedError(f"Refused the image URL {show(parsed)}: {flaw}")
     return parsed
+
+
+def _unreadable(url: str, exc: Exception) -> str:
+    """The refusal of `url`, which httpx cannot read. One that may hold a user name or password (an '@' after its
+    scheme) is shown without them, and httpx's reason, which may quote a piece of one ("Invalid port: 'secret'" for a
+    '/' in the password), is left out."""
+    flaw = _host_flaw(url) if isinstance(url, str) else None
+    hidden = _CREDENTIALS.match(url) if isinstance(url, str) else None
+    if hidden is None:
+        return f"Refused the image URL {short(url)}: {flaw or f'it is not a valid URL ({exc}).'}"
+    why = flaw or (
+        "it is not a valid URL (check the user name and password in it: a '/', '?', '#' or '@' in them must be "
+        "percent-encoded)."
+    )
+    return f"Refused the image URL {short(hidden.group(1) + '…@' + url[hidden.end() :])}: {why}"
 
 
 def _flaw(parsed: httpx.URL) -> str | None:

@@ -48,6 +48,7 @@ from automask.server.limits import (
     Send,
     check_redis,
 )
+from automask.server.openapi_docs import without_validation_errors
 from automask.server.routes import error_response, router
 from automask.server.state import ServerState
 from automask.server.store import Store
@@ -131,6 +132,7 @@ def create_app(
     app.add_middleware(RequestContextMiddleware)
     app.add_middleware(EdgeMiddleware)  # outermost: nosniff / no-store on every answer
     app.include_router(router)
+    without_validation_errors(app)
     web.mount(app, public_url=server.public_url)  # the try-it page at /, a client of the v1 API like any other
     return app
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from fastapi import FastAPI
+
 from automask.server.schemas import ErrorResponse, MaskRequest, StatusResponse
 
 _ERROR_TEXT = {
@@ -67,3 +69,25 @@ JOB_ERRORS = {
     422: {"model": StatusResponse, "description": "The job FAILED; `error` says why."},
 }
 """What the `/v2/requests/{id}...` endpoints answer besides 200."""
+
+
+_VALIDATION_ERROR = "#/components/schemas/HTTPValidationError"
+
+
+def without_validation_errors(app: FastAPI) -> None:
+    """Make `app.openapi()` leave out the 422 "Validation Error" (`{"detail": [...]}`) FastAPI documents for every
+    operation with parameters: this service answers a bad parameter 400 `{"error": ...}`, never that body."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            spec = build()  # kept as app.openapi_schema: changed in place, once
+            for operation in (op for path in spec.get("paths", {}).values() for op in path.values()):
+                answer = operation.get("responses", {}).get("422", {})
+                if answer.get("content", {}).get("application/json", {}).get("schema") == {"$ref": _VALIDATION_ERROR}:
+                    del operation["responses"]["422"]
+            for name in ("HTTPValidationError", "ValidationError"):
+                spec.get("components", {}).get("schemas", {}).pop(name, None)
+        return app.openapi_schema or build()
+
+    app.openapi = openapi  # type: ignore[method-assign]

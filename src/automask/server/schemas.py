@@ -16,6 +16,7 @@ from starlette.requests import Request
 from automask.errors import InvalidOptionError
 from automask.options import MaskOptions, number_text, parse_prompt, validation_error
 from automask.server.errors import shown
+from automask.server.form_parts import MAX_FORM_PARTS, field_image, is_json_object, part_charset
 from automask.server.limits import Message, Receive
 
 MAX_MODEL_NAME = 200
@@ -164,9 +165,9 @@ async def read_request(request: Request, max_part_size: int) -> MaskRequest:
             "uncompressed",
         )
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if content_type in FORM_TYPES:
-        return await _read_form(request, max_part_size)
-    body = await _read_body(request)
+    body = await _read_body(request)  # whole first: the body limit applies before the form parser sees it
+    if content_type == FORM_TYPES[0] or (content_type == FORM_TYPES[1] and not is_json_object(body)):
+        return await _read_form(request, body, max_part_size, multipart=content_type == FORM_TYPES[0])
     return await asyncio.to_thread(_from_json, body)  # a base64 image may be tens of MB: off the event loop
 
 
@@ -238,10 +239,11 @@ def _from_json(body: bytearray) -> MaskRequest:
     return validate_request(data, strict=True)
 
 
-async def _read_form(request: Request, max_part_size: int) -> MaskRequest:
-    body = await _read_body(request)  # whole first: the body limit applies before the form parser sees it
+async def _read_form(request: Request, body: bytearray, max_part_size: int, *, multipart: bool) -> MaskRequest:
     try:  # parsed from a request of its own, which keeps no copy of the body once this returns
-        form = await Request(request.scope, _replay(body)).form(max_files=1, max_fields=32, max_part_size=max_part_size)
+        form = await Request(request.scope, _replay(body)).form(
+            max_files=MAX_FORM_PARTS, max_fields=MAX_FORM_PARTS, max_part_size=max_part_size
+        )
     except HTTPException as exc:  # starlette's answer to a malformed form
         raise InvalidOptionError("body", f"is not a valid form: {exc.detail}") from None
     data: dict[str, Any] = {}
@@ -249,7 +251,14 @@ async def _read_form(request: Request, max_part_size: int) -> MaskRequest:
         for name, value in form.multi_items():
             if name in data:
                 raise InvalidOptionError(name, "is given more than once")
-            data[name] = await value.read() if isinstance(value, UploadFile) else number_text(name, value)
+            if isinstance(value, UploadFile):
+                if name not in MaskRequest.model_fields:  # named before it is read
+                    raise InvalidOptionError(name, "unknown field")
+                data[name] = await value.read()
+            elif name == "image" and multipart:
+                data[name] = field_image(value, part_charset(request.headers.get("content-type", "")))
+            else:
+                data[name] = number_text(name, value)
     finally:
         await form.close()
     return validate_request(data, strict=False)
