@@ -1,0 +1,58 @@
+"""Findings of an adversarial pass over the library call (odd prompts, images and options), each a failing-before
+test."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from automask.cli import main
+from automask.errors import InvalidOptionError
+from automask.options import MaskOptions, parse_prompt
+from automask.pipeline import MaskGenerator
+
+
+@pytest.fixture()
+def gen(tiny_clipseg_dir: Path) -> MaskGenerator:
+    return MaskGenerator(str(tiny_clipseg_dir))
+
+
+IMAGE = np.random.default_rng(0).integers(0, 256, (24, 32, 3), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("text", ["so\ud800fa", "caf\udce9", "\udfff, lamp"])
+def test_a_prompt_holding_an_unpaired_surrogate_is_an_invalid_option(gen: MaskGenerator, text: str) -> None:
+    """Before: a lone surrogate (JSON's "\\ud800" escape alone; a byte that is not UTF-8 on a command line, read as
+    "\\udce9") reached the tokenizer, which raised TypeError: a traceback from the library, 'internal error' exit 70
+    from the command line."""
+    for field, call in [
+        ("prompt", lambda: gen.generate(IMAGE, text)),
+        ("prompt", lambda: gen.generate(IMAGE, ["cup", text])),
+        ("negative_prompt", lambda: gen.generate(IMAGE, "cup", negative_prompt=text)),
+        ("negative_prompt", lambda: MaskOptions(negative_prompt=text)),
+        ("prompt", lambda: parse_prompt(text)),
+    ]:
+        with pytest.raises(InvalidOptionError) as err:
+            call()
+        assert err.value.field == field
+        assert "is not valid text: it holds an unpaired surrogate" in err.value.message
+
+
+def test_a_prompt_byte_that_is_not_utf8_on_the_command_line_is_a_usage_error(
+    tiny_clipseg_dir: Path, tmp_path: Path
+) -> None:
+    """Before: `automask mask photo.png --prompt $'caf\\xe9'` (a Latin-1 terminal) ended 'internal error: TypeError',
+    exit 70."""
+    photo = tmp_path / "photo.png"
+    Image.fromarray(IMAGE).save(photo)
+    for flag in ("--prompt", "--negative-prompt"):
+        args = [str(photo), "-o", str(tmp_path / "out.png"), "--model", str(tiny_clipseg_dir)]
+        args += ["--prompt", "cup"] if flag == "--negative-prompt" else []
+        run = CliRunner().invoke(main, ["mask", *args, flag, "caf\udce9"])
+        assert run.exit_code == 2, run.output
+        assert f"error: {flag}: is not valid text: it holds an unpaired surrogate" in run.output
+        assert not (tmp_path / "out.png").exists()
