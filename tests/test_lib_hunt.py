@@ -3,6 +3,8 @@ test."""
 
 from __future__ import annotations
 
+import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -11,9 +13,11 @@ from click.testing import CliRunner
 from PIL import Image
 
 from automask.cli import main
-from automask.errors import InvalidOptionError
+from automask.errors import ImageTooLargeError, InvalidOptionError
+from automask.imageio import load_image
 from automask.options import MaskOptions, parse_prompt
 from automask.pipeline import MaskGenerator
+from automask.settings import Settings
 
 
 @pytest.fixture()
@@ -56,3 +60,34 @@ def test_a_prompt_byte_that_is_not_utf8_on_the_command_line_is_a_usage_error(
         assert run.exit_code == 2, run.output
         assert f"error: {flag}: is not valid text: it holds an unpaired surrogate" in run.output
         assert not (tmp_path / "out.png").exists()
+
+
+def feed(fifo: Path, size: int) -> threading.Thread:
+    """A thread writing `size` zero bytes into the named pipe `fifo`, then closing it (its reader may stop first)."""
+
+    def write() -> None:
+        try:
+            with open(fifo, "wb") as out:
+                out.write(bytes(size))
+        except BrokenPipeError:
+            pass
+
+    thread = threading.Thread(target=write, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.parametrize("as_path", [True, False], ids=["Path", "str"])
+def test_a_path_to_a_pipe_or_device_reads_no_more_than_the_byte_limit(tmp_path: Path, as_path: bool) -> None:
+    """Before: a path's size was checked from stat() and the file then read whole, so a path to a pipe or a device
+    (stat() size 0: /dev/zero, /dev/urandom, a named pipe) was read to its end past AUTOMASK_MAX_IMAGE_BYTES:
+    `load_image("/dev/zero")` filled the memory (the command line reads such a path bounded, the library did not)."""
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    settings = Settings(max_image_bytes=10_000)
+    writer = feed(fifo, 50 * settings.max_image_bytes)
+    with pytest.raises(ImageTooLargeError) as err:
+        load_image(fifo if as_path else str(fifo), settings)
+    assert err.value.message.startswith("The image is over 10,000 bytes; the limit is 10,000 bytes")
+    writer.join(10)
+    assert not writer.is_alive()

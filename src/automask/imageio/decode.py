@@ -86,11 +86,13 @@ def readable_formats() -> tuple[str, ...]:
     return tuple(f for f in ALLOWED_FORMATS if f in Image.OPEN)
 
 
-def check_encoded_size(size: int, settings: Settings) -> None:
-    """Raise `ImageTooLargeError` if `size` bytes of encoded image exceed `settings.max_image_bytes`."""
+def check_encoded_size(size: int, settings: Settings, *, read: bool = False) -> None:
+    """Raise `ImageTooLargeError` if `size` bytes of encoded image exceed `settings.max_image_bytes`. `read`: `size`
+    is what was read of a source read no further than one byte past the limit, so the image is over the limit."""
     if size > settings.max_image_bytes:
+        told = f"over {settings.max_image_bytes:,}" if read else f"{size:,}"
         raise ImageTooLargeError(
-            f"The image is {size:,} bytes; the limit is {settings.max_image_bytes:,} bytes "
+            f"The image is {told} bytes; the limit is {settings.max_image_bytes:,} bytes "
             "(AUTOMASK_MAX_IMAGE_BYTES). Send a smaller file or raise the limit."
         )
 
