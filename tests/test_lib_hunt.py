@@ -3,21 +3,31 @@ test."""
 
 from __future__ import annotations
 
+import gc
+import json
 import os
+import shutil
 import threading
+import weakref
+from collections import OrderedDict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+import automask
+from automask import models, pipeline
+from automask.backends.refine import RefinedBackend
 from automask.cli import main
 from automask.errors import ImageTooLargeError, InvalidOptionError
 from automask.imageio import load_image
 from automask.options import MaskOptions, parse_prompt
 from automask.pipeline import MaskGenerator
 from automask.settings import Settings
+from tiny_models import make_tiny_sam
 
 
 @pytest.fixture()
@@ -91,3 +101,59 @@ def test_a_path_to_a_pipe_or_device_reads_no_more_than_the_byte_limit(tmp_path: 
     assert err.value.message.startswith("The image is over 10,000 bytes; the limit is 10,000 bytes")
     writer.join(10)
     assert not writer.is_alive()
+
+
+def alive(refs: list[weakref.ref[Any]]) -> list[bool]:
+    gc.collect()
+    return [ref() is not None for ref in refs]
+
+
+def test_a_dropped_generators_models_are_freed(tiny_clipseg_dir: Path, tmp_path: Path) -> None:
+    """Before: every backend ever loaded stayed in the registry's cache for the life of the process, so deleting a
+    MaskGenerator freed none of its models, and the one-shot `generate`, which keeps only its last generators and
+    says an older one's models are freed, kept every model it had loaded."""
+    settings = Settings(data_dir=tmp_path / "data")
+    gen = MaskGenerator(str(tiny_clipseg_dir), settings)
+    same = MaskGenerator(str(tiny_clipseg_dir), settings)
+    assert same.backend is gen.backend  # loaded once while in use
+    refs = [weakref.ref(gen.backend)]
+    del gen
+    assert alive(refs) == [True]  # `same` still uses it
+    del same
+    assert alive(refs) == [False]
+    again = MaskGenerator(str(tiny_clipseg_dir), settings)
+    assert again.generate(IMAGE, "cup", grow_mask=0).mask.shape == IMAGE.shape[:2]  # loaded again when asked for
+
+
+def test_the_one_shot_function_frees_the_models_of_the_generators_it_drops(
+    tiny_clipseg_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(pipeline, "_DEFAULT", OrderedDict())
+    settings = Settings(data_dir=tmp_path / "data")
+    refs = []
+    for i in range(pipeline.ONE_SHOT_KEPT + 1):
+        folder = shutil.copytree(tiny_clipseg_dir, tmp_path / f"model-{i}")
+        automask.generate(IMAGE, "cup", model=folder, settings=settings, grow_mask=0)
+        refs.append(weakref.ref(pipeline._DEFAULT[(str(folder), settings)].backend))
+    assert alive(refs) == [False] + [True] * pipeline.ONE_SHOT_KEPT
+
+
+@pytest.fixture()
+def sam_settings(tmp_path: Path) -> Settings:
+    """Settings whose data folder has a tiny SAM installed as the 'sam' model (refine's mask head)."""
+    settings = Settings(data_dir=tmp_path / "data")
+    target = models.model_dir("sam", settings)
+    make_tiny_sam(target)
+    (target / models.MARKER).write_text(json.dumps({"name": "sam", "backend": "sam", "repos": []}))
+    return settings
+
+
+def test_a_dropped_generators_refine_mask_head_is_freed(tiny_clipseg_dir: Path, sam_settings: Settings) -> None:
+    """Before: `refined` kept every refined backend, and with it the CLIPSeg it wraps and its SAM, for ever."""
+    gen = MaskGenerator(str(tiny_clipseg_dir), sam_settings)
+    gen.generate(IMAGE, "cup", refine=True, threshold=0.0)
+    refined = gen._refined
+    assert isinstance(refined, RefinedBackend)
+    refs = [weakref.ref(refined), weakref.ref(refined.segmenter), weakref.ref(refined.inner)]
+    del gen, refined
+    assert alive(refs) == [False, False, False]
