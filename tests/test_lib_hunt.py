@@ -4,6 +4,7 @@ test."""
 from __future__ import annotations
 
 import gc
+import io
 import json
 import os
 import shutil
@@ -24,6 +25,7 @@ from automask.backends.refine import RefinedBackend
 from automask.cli import main
 from automask.errors import ImageTooLargeError, InvalidOptionError
 from automask.imageio import load_image
+from automask.imageio.pixels import composite_on_white
 from automask.options import MaskOptions, parse_prompt
 from automask.pipeline import MaskGenerator
 from automask.settings import Settings
@@ -157,3 +159,28 @@ def test_a_dropped_generators_refine_mask_head_is_freed(tiny_clipseg_dir: Path, 
     refs = [weakref.ref(refined), weakref.ref(refined.segmenter), weakref.ref(refined.inner)]
     del gen, refined
     assert alive(refs) == [False, False, False]
+
+
+@pytest.mark.parametrize("make", ["quantize", "convert", "putpalette"])
+def test_a_pil_palette_image_whose_palette_holds_alpha_keeps_its_transparency(make: str) -> None:
+    """Before: a PIL palette image whose palette is RGBA (what `quantize()` or `convert("P")` of an RGBA image and
+    `putpalette(..., "RGBA")` make in memory; a PNG file of it is read with its transparency as `info`) was read
+    without its alpha: models saw the colours stored under transparent pixels instead of white, and a cut-out lost
+    the image's transparency. The same image saved as PNG was read right."""
+    rgba = np.random.default_rng(1).integers(0, 256, (16, 20, 4), dtype=np.uint8)
+    rgba[:8, :, 3] = 0
+    rgba[8:, :10, 3] = 255
+    if make == "putpalette":
+        img = Image.fromarray(np.arange(16 * 20, dtype=np.uint8).reshape(16, 20) % 6, mode="L").convert("P")
+        img.putpalette([0, 0, 0, 0, 255, 0, 0, 255, 0, 255, 0, 128] + [10, 20, 30, 255] * 3, "RGBA")
+    else:
+        img = Image.fromarray(rgba).quantize() if make == "quantize" else Image.fromarray(rgba).convert("P")
+    assert img.mode == "P" and img.palette is not None and img.palette.mode == "RGBA" and not img.info
+    png = io.BytesIO()
+    img.save(png, format="PNG")
+    stored = np.asarray(img.convert("RGBA"))
+    assert stored[..., 3].min() == 0  # transparent pixels, whatever colour lies under them
+    for keep_alpha in (False, True):
+        got = load_image(img, Settings(), keep_alpha=keep_alpha)
+        assert np.array_equal(got, load_image(png.getvalue(), Settings(), keep_alpha=keep_alpha))
+        assert np.array_equal(got, stored if keep_alpha else composite_on_white(stored))

@@ -242,7 +242,7 @@ def _pil_pixels(img: Image.Image, keep_alpha: bool) -> np.ndarray:
             alpha = np.where(values == transparent, 0, 255).astype(np.uint8)
             return flatten(np.dstack([gray, alpha]), keep_alpha)
         return gray
-    if mode in _ALPHA_MODES or "transparency" in img.info:
+    if mode in _ALPHA_MODES or "transparency" in img.info or _palette_alpha(img):
         straight = img.convert("LA") if mode == "La" else img  # Pillow converts premultiplied La to LA only
         return flatten(np.asarray(straight.convert("RGBA")), keep_alpha)
     if mode == "I":
@@ -254,6 +254,12 @@ def _pil_pixels(img: Image.Image, keep_alpha: bool) -> np.ndarray:
         return np.array(img.convert("RGB"))
     except ValueError:
         raise ImageDecodeError(f"Images in colour mode {mode!r} are not supported; convert it to RGB.") from None
+
+
+def _palette_alpha(img: Image.Image) -> bool:
+    """Whether `img` is a palette image whose palette holds alpha: what `quantize()` or `convert("P")` of an RGBA
+    image and `putpalette(..., "RGBA")` make in memory (a PNG file says so in `info["transparency"]`)."""
+    return img.mode == "P" and img.palette is not None and img.palette.mode == "RGBA"
 
 
 def _unsigned_32(img: Image.Image) -> bool:
