@@ -23,7 +23,7 @@ import automask
 from automask import models, pipeline
 from automask.backends.refine import RefinedBackend
 from automask.cli import main
-from automask.errors import ImageTooLargeError, InvalidOptionError
+from automask.errors import ImageDecodeError, ImageTooLargeError, InvalidOptionError
 from automask.imageio import load_image
 from automask.imageio.pixels import composite_on_white
 from automask.options import MaskOptions, parse_prompt
@@ -184,3 +184,25 @@ def test_a_pil_palette_image_whose_palette_holds_alpha_keeps_its_transparency(ma
         got = load_image(img, Settings(), keep_alpha=keep_alpha)
         assert np.array_equal(got, load_image(png.getvalue(), Settings(), keep_alpha=keep_alpha))
         assert np.array_equal(got, stored if keep_alpha else composite_on_white(stored))
+
+
+def test_a_stream_already_read_to_its_end_says_to_rewind_it(tmp_path: Path) -> None:
+    """Before: an image written into a BytesIO and passed without seek(0) (or a file whose bytes were read already)
+    was 'The image is empty (0 bytes)', which it is not."""
+    buf = io.BytesIO()
+    Image.fromarray(IMAGE).save(buf, format="PNG")
+    path = tmp_path / "a.png"
+    path.write_bytes(buf.getvalue())
+    with path.open("rb") as file:
+        file.read()
+        for stream in (buf, file):
+            with pytest.raises(ImageDecodeError) as err:
+                load_image(stream, Settings())  # type: ignore[arg-type]
+            assert err.value.message == (
+                f"The image stream is at its end (byte {path.stat().st_size:,}), so nothing is left to read: rewind "
+                "it with seek(0) before passing it (e.g. after saving an image into a BytesIO)."
+            )
+    buf.seek(0)
+    assert np.array_equal(load_image(buf, Settings()), IMAGE)
+    with pytest.raises(ImageDecodeError, match=r"^The image is empty \(0 bytes\)"):
+        load_image(io.BytesIO(), Settings())  # an empty stream is still empty

@@ -114,7 +114,20 @@ def read_stream(stream: BinaryIO, settings: Settings) -> bytes:
         chunks.append(bytes(data))
         size += len(data)
     check_encoded_size(size, settings, read=True)
+    if not size and (end := _position(stream)):
+        raise ImageDecodeError(
+            f"The image stream is at its end (byte {end:,}), so nothing is left to read: rewind it with seek(0) "
+            "before passing it (e.g. after saving an image into a BytesIO)."
+        )
     return b"".join(chunks)
+
+
+def _position(stream: BinaryIO) -> int:
+    """Where a seekable `stream` stands (bytes from its start); 0 when it cannot say."""
+    try:
+        return int(stream.tell()) if stream.seekable() else 0
+    except (AttributeError, OSError, ValueError, TypeError):
+        return 0
 
 
 def read_file(path: Path, settings: Settings) -> bytes:
