@@ -206,3 +206,24 @@ def test_a_stream_already_read_to_its_end_says_to_rewind_it(tmp_path: Path) -> N
     assert np.array_equal(load_image(buf, Settings()), IMAGE)
     with pytest.raises(ImageDecodeError, match=r"^The image is empty \(0 bytes\)"):
         load_image(io.BytesIO(), Settings())  # an empty stream is still empty
+
+
+def test_the_feature_cache_never_answers_for_another_image(gen: MaskGenerator, tiny_clipseg_dir: Path) -> None:
+    """Guard (right before this pass): features are cached by the image's content, not by the array object, so an
+    array changed in place, or a new array of the same shape that takes a freed one's id(), gets its own features."""
+    fresh = MaskGenerator(str(tiny_clipseg_dir), cache_size=0)
+    threshold = float(np.median(gen.backend.score(gen.backend.encode(IMAGE), ["cup"]).maps[0]))
+
+    def check(image: np.ndarray) -> None:
+        want = fresh.generate(image.copy(), "cup", threshold=threshold, grow_mask=0).mask
+        assert np.array_equal(gen.generate(image, "cup", threshold=threshold, grow_mask=0).mask, want)
+
+    image = IMAGE.copy()
+    check(image)
+    image[:] = 255 - image  # changed in place: same object, same id
+    check(image)
+    for seed in range(4):  # freed and made again: ids are reused
+        other = np.random.default_rng(seed).integers(0, 256, IMAGE.shape, dtype=np.uint8)
+        check(other)
+        del other
+    assert len(gen.cache._items) == gen.cache.max_items
