@@ -11,6 +11,7 @@ import shutil
 import threading
 import weakref
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ import automask
 from automask import models, pipeline
 from automask.backends.refine import RefinedBackend
 from automask.cli import main
-from automask.errors import ImageDecodeError, ImageTooLargeError, InvalidOptionError
+from automask.errors import ImageDecodeError, ImageTooLargeError, InvalidOptionError, StoppedError
 from automask.imageio import load_image
 from automask.imageio.pixels import composite_on_white
 from automask.options import MaskOptions, parse_prompt
@@ -227,3 +228,29 @@ def test_the_feature_cache_never_answers_for_another_image(gen: MaskGenerator, t
         check(other)
         del other
     assert len(gen.cache._items) == gen.cache.max_items
+
+
+def test_threads_calling_one_generator_at_once_get_the_answers_of_calls_one_at_a_time(tiny_clipseg_dir: Path) -> None:
+    """Guard (right before this pass): one generator answering calls from many threads at once (the feature cache
+    evicting meanwhile, a call told to stop among them) answers each as a call alone does."""
+    shared = MaskGenerator(str(tiny_clipseg_dir), cache_size=2)
+    alone = MaskGenerator(str(tiny_clipseg_dir), cache_size=0)
+    rng = np.random.default_rng(3)
+    images = [rng.integers(0, 256, (20 + 3 * i, 30 + 2 * i, 3), dtype=np.uint8) for i in range(5)]
+    calls = [
+        (i % 5, ["cup", "dog, car", "tree . sky"][i % 3], {"threshold": 0.3 + 0.1 * (i % 3), "feather": i % 2})
+        for i in range(30)
+    ]
+    want = [alone.generate(images[n], p, **opts).mask for n, p, opts in calls]
+
+    def run(i: int) -> np.ndarray | None:
+        n, prompt, opts = calls[i]
+        try:
+            return shared.generate(images[n], prompt, should_stop=lambda: i % 7 == 0, **opts).mask
+        except StoppedError:
+            return None
+
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(run, range(len(calls))))
+    assert [g is None for g in got] == [i % 7 == 0 for i in range(len(calls))]
+    assert all(np.array_equal(g, w) for g, w in zip(got, want, strict=True) if g is not None)
