@@ -131,6 +131,13 @@ class MaskOptions(BaseModel, metaclass=RaisesInvalidOption):
     def _numpy_bool(cls, v: Any) -> Any:
         return bool(v) if isinstance(v, np.bool_) else v
 
+    @field_validator("negative_prompt", mode="after")
+    @classmethod
+    def _text(cls, v: str | None) -> str | None:
+        if v is not None and (problem := text_problem(v)):
+            raise ValueError(problem)
+        return v
+
     @property
     def negative_targets(self) -> list[str]:
         """The targets of `negative_prompt` (split as `parse_prompt` splits a prompt); [] when it names none."""
@@ -172,6 +179,28 @@ def validation_error(exc: ValidationError) -> InvalidOptionError:
         return InvalidOptionError(field, "this field is required")
     msg = str(err["msg"]).removeprefix("Value error, ")
     return InvalidOptionError(field, msg)
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def text_problem(text: str) -> str | None:
+    """Why the str `text` is not text, or None: it holds an unpaired surrogate, which no encoding can write and a
+    tokenizer refuses (JSON's "\\ud800" escape alone; a byte that is not UTF-8 on a command line, which Python reads
+    as "\\udce9"). Searched for, never encoded: the string may be tens of MB of base64."""
+    found = None if text.isascii() else _SURROGATE.search(text)
+    if found is None:
+        return None
+    return (
+        f"is not valid text: it holds an unpaired surrogate (\\u{ord(found.group()):04x}), as a lone JSON escape "
+        "such as \\ud800 or a byte that is not UTF-8 (a command line or file in another encoding) gives"
+    )
+
+
+def check_text(field: str, text: object) -> None:
+    """`InvalidOptionError` naming `field` when `text` is a str that is not text (`text_problem`)."""
+    if isinstance(text, str) and (problem := text_problem(text)):
+        raise InvalidOptionError(field, problem)
 
 
 _STANDALONE_DOTS = re.compile(r"(?<!\S)\.+(?!\S)")
@@ -229,6 +258,7 @@ def parse_prompt_parts(prompt: str) -> list[str]:
     """
     if not isinstance(prompt, str):
         raise InvalidOptionError("prompt", "must be a string")
+    check_text("prompt", prompt)
     caption = "," not in prompt and _CAPTION_END.search(prompt) is not None
     separators = _ENDING_DOTS if caption else _STANDALONE_DOTS
     parts = (p for chunk in prompt.split(",") for q in _STANDALONE_DOTS.split(chunk) for p in separators.split(q))

@@ -15,6 +15,7 @@ grounded-edgetam, sam3) are returned unchanged by `refined`.
 from __future__ import annotations
 
 import threading
+import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -136,12 +137,14 @@ class RefinedBackend:
         )
 
 
-_REFINED: dict[tuple[int, str, str], RefinedBackend] = {}
+_REFINED: weakref.WeakValueDictionary[tuple[int, str, str], RefinedBackend] = weakref.WeakValueDictionary()
+"""The refined backends, while something (a `MaskGenerator`) holds them: each holds its backend and mask head loaded."""
 _LOCK = threading.Lock()
 
 
 def refined(backend: Backend, settings: Settings) -> Backend:
-    """`backend` refined by a mask head (from `find_mask_head_folder`); kept per (backend, folder, device).
+    """`backend` refined by a mask head (from `find_mask_head_folder`); kept per (backend, folder, device) while
+    something holds it.
 
     A backend that already returns instances (`INSTANCE_BACKENDS`) or is already refined comes back unchanged.
     Raises `ModelNotAvailableError` (saying what to pull) when no mask head is installed.

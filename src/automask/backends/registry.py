@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import threading
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,7 +16,8 @@ Factory = Callable[[Path, Settings], Backend]
 """Builds a loaded backend from a local model folder and the settings."""
 
 _FACTORIES: dict[str, Callable[[], Factory]] = {}
-_LOADED: dict[tuple[str, ...], Backend] = {}
+_LOADED: weakref.WeakValueDictionary[tuple[str, ...], Backend] = weakref.WeakValueDictionary()
+"""The loaded backends, while something (a `MaskGenerator`) holds them: shared, never kept for ever."""
 _LOCK = threading.Lock()
 
 
@@ -31,7 +33,8 @@ def backend_names() -> list[str]:
 
 def create(name: str, path: Path, settings: Settings) -> Backend:
     """Load backend `name` from `path`, once per (backend, folder, device, runtime, int8, precision, detector size,
-    preset, threads); later calls reuse it."""
+    preset, threads) while it is in use: later calls reuse it until nothing holds it any more (its memory is then
+    freed, and a later call loads it again)."""
     if name not in _FACTORIES:
         raise UnknownModelError(f"Unknown backend '{name}'. Valid backends: {', '.join(backend_names())}.")
     key = (
@@ -46,9 +49,10 @@ def create(name: str, path: Path, settings: Settings) -> Backend:
         str(settings.threads),  # an ONNX Runtime session's own thread pool
     )
     with _LOCK:
-        if key not in _LOADED:
-            _LOADED[key] = _FACTORIES[name]()(Path(path), settings)
-        return _LOADED[key]
+        backend = _LOADED.get(key)
+        if backend is None:
+            backend = _LOADED[key] = _FACTORIES[name]()(Path(path), settings)
+        return backend
 
 
 def clear_cache() -> None:

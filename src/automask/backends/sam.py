@@ -14,6 +14,7 @@ Coordinates: boxes XYXY and points XY in original-image pixels; masks H×W at th
 from __future__ import annotations
 
 import threading
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -353,7 +354,8 @@ def load_mask_head(folder: Path, settings: Settings, precision: Precision | None
     return load_segmenter(folder, settings, precision)
 
 
-_LOADED: dict[tuple[str, str, str], Any] = {}
+_LOADED: weakref.WeakValueDictionary[tuple[str, str, str], Any] = weakref.WeakValueDictionary()
+"""The loaded mask heads, while a backend holds them (see `registry._LOADED`)."""
 _LOCK = threading.Lock()
 H = TypeVar("H", bound=MaskHead)
 
@@ -361,14 +363,15 @@ H = TypeVar("H", bound=MaskHead)
 def load_once(
     folder: Path, settings: Settings, precision: Precision | None, load: Callable[[Path, Settings, Precision], H]
 ) -> H:
-    """`load(folder, settings, precision)`, once per (folder, device, precision) for every kind of mask head;
-    `precision` None: `preset_precision(settings)`."""
+    """`load(folder, settings, precision)`, once per (folder, device, precision) for every kind of mask head while
+    it is in use (freed once nothing holds it); `precision` None: `preset_precision(settings)`."""
     precision = precision or preset_precision(settings)
     key = (str(folder.resolve()), settings.device, precision)
     with _LOCK:
-        if key not in _LOADED:
-            _LOADED[key] = load(folder, settings, precision)
-        return cast(H, _LOADED[key])
+        head = _LOADED.get(key)
+        if head is None:
+            head = _LOADED[key] = load(folder, settings, precision)
+        return cast(H, head)
 
 
 def load_segmenter(folder: Path, settings: Settings, precision: Precision | None = None) -> SamSegmenter:

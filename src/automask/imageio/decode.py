@@ -86,11 +86,13 @@ def readable_formats() -> tuple[str, ...]:
     return tuple(f for f in ALLOWED_FORMATS if f in Image.OPEN)
 
 
-def check_encoded_size(size: int, settings: Settings) -> None:
-    """Raise `ImageTooLargeError` if `size` bytes of encoded image exceed `settings.max_image_bytes`."""
+def check_encoded_size(size: int, settings: Settings, *, read: bool = False) -> None:
+    """Raise `ImageTooLargeError` if `size` bytes of encoded image exceed `settings.max_image_bytes`. `read`: `size`
+    is what was read of a source read no further than one byte past the limit, so the image is over the limit."""
     if size > settings.max_image_bytes:
+        told = f"over {settings.max_image_bytes:,}" if read else f"{size:,}"
         raise ImageTooLargeError(
-            f"The image is {size:,} bytes; the limit is {settings.max_image_bytes:,} bytes "
+            f"The image is {told} bytes; the limit is {settings.max_image_bytes:,} bytes "
             "(AUTOMASK_MAX_IMAGE_BYTES). Send a smaller file or raise the limit."
         )
 
@@ -240,7 +242,7 @@ def _pil_pixels(img: Image.Image, keep_alpha: bool) -> np.ndarray:
             alpha = np.where(values == transparent, 0, 255).astype(np.uint8)
             return flatten(np.dstack([gray, alpha]), keep_alpha)
         return gray
-    if mode in _ALPHA_MODES or "transparency" in img.info:
+    if mode in _ALPHA_MODES or "transparency" in img.info or _palette_alpha(img):
         straight = img.convert("LA") if mode == "La" else img  # Pillow converts premultiplied La to LA only
         return flatten(np.asarray(straight.convert("RGBA")), keep_alpha)
     if mode == "I":
@@ -252,6 +254,12 @@ def _pil_pixels(img: Image.Image, keep_alpha: bool) -> np.ndarray:
         return np.array(img.convert("RGB"))
     except ValueError:
         raise ImageDecodeError(f"Images in colour mode {mode!r} are not supported; convert it to RGB.") from None
+
+
+def _palette_alpha(img: Image.Image) -> bool:
+    """Whether `img` is a palette image whose palette holds alpha: what `quantize()` or `convert("P")` of an RGBA
+    image and `putpalette(..., "RGBA")` make in memory (a PNG file says so in `info["transparency"]`)."""
+    return img.mode == "P" and img.palette is not None and img.palette.mode == "RGBA"
 
 
 def _unsigned_32(img: Image.Image) -> bool:

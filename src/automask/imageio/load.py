@@ -113,17 +113,34 @@ def read_stream(stream: BinaryIO, settings: Settings) -> bytes:
             raise ImageDecodeError(f"The image stream's read() returned {type(data).__name__}, not bytes.")
         chunks.append(bytes(data))
         size += len(data)
-    check_encoded_size(size, settings)
+    check_encoded_size(size, settings, read=True)
+    if not size and (end := _position(stream)):
+        raise ImageDecodeError(
+            f"The image stream is at its end (byte {end:,}), so nothing is left to read: rewind it with seek(0) "
+            "before passing it (e.g. after saving an image into a BytesIO)."
+        )
     return b"".join(chunks)
 
 
+def _position(stream: BinaryIO) -> int:
+    """Where a seekable `stream` stands (bytes from its start); 0 when it cannot say."""
+    try:
+        return int(stream.tell()) if stream.seekable() else 0
+    except (AttributeError, OSError, ValueError, TypeError):
+        return 0
+
+
 def read_file(path: Path, settings: Settings) -> bytes:
-    """The bytes of the image file at `path` (size checked before reading); clear errors for missing files (one
-    that exists without the whitespace around its name says so, as for a string)."""
+    """The bytes of the image file at `path` (size checked before reading, and no more read than one byte past the
+    limit: a pipe or a device, /dev/zero, has no size); clear errors for missing files (one that exists without the
+    whitespace around its name says so, as for a string)."""
     given, path = path, path.expanduser()
     try:
         check_encoded_size(path.stat().st_size, settings)
-        return path.read_bytes()
+        with path.open("rb") as file:
+            data = file.read(settings.max_image_bytes + 1)
+        check_encoded_size(len(data), settings, read=True)
+        return data
     except FileNotFoundError:
         raise _padded_path_error(str(given)) or ImageDecodeError(
             f"No such file: {shown(str(path), _PATH_SHOWN)}"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -14,7 +13,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 
 from automask.errors import InvalidOptionError
-from automask.options import MaskOptions, number_text, parse_prompt, validation_error
+from automask.options import MaskOptions, check_text, number_text, parse_prompt, validation_error
 from automask.server.errors import shown
 from automask.server.form_parts import MAX_FORM_PARTS, field_image, is_json_object, part_charset
 from automask.server.limits import Message, Receive
@@ -29,7 +28,6 @@ MAX_JSON_VALUES = 16_384
 fields, so a body with more values than its text fields could account for (the prompts, the model name, an image
 URL) is refused before it is parsed: 40 MB of `[{},{},...]` would parse into 2 GB of objects."""
 FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
-_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class MaskRequest(MaskOptions):
@@ -114,7 +112,7 @@ def validate_request(data: Any, *, strict: bool) -> MaskRequest:
     except ValidationError as exc:
         raise validation_error(exc) from None
     for name in ("image", "prompt", "negative_prompt", "model"):
-        _check_text(name, getattr(req, name))
+        check_text(name, getattr(req, name))  # a JSON "\\ud800" escape alone
     if (isinstance(req.image, str) and not req.image.strip()) or (isinstance(req.image, bytes) and not req.image):
         raise InvalidOptionError("image", "is empty: send an image URL, base64 data or a file")
     if req.model is not None and not req.model.strip():
@@ -144,13 +142,6 @@ def _json_type(value: object) -> str:
     if isinstance(value, (list, tuple)):
         return "an array"
     return "an object" if isinstance(value, dict) else f"a {type(value).__name__}"
-
-
-def _check_text(name: str, value: object) -> None:
-    """A JSON string may hold an unpaired surrogate escape ("\\ud800"): valid JSON, but no text (it cannot be
-    encoded, stored or sent on); refuse it. Searched for, not encoded: the string may be tens of MB of base64."""
-    if isinstance(value, str) and not value.isascii() and _SURROGATE.search(value):
-        raise InvalidOptionError(name, "is not valid text: it holds an unpaired surrogate such as \\ud800")
 
 
 async def read_request(request: Request, max_part_size: int) -> MaskRequest:
