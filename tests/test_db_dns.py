@@ -80,3 +80,27 @@ def test_a_name_that_resolves_is_connected_to_at_its_address_keeping_the_name(
         assert resolver["asked"] == [NAME]
     finally:
         store.close()
+
+
+def test_a_psycopg_whose_conninfo_attempts_is_a_generator_still_connects_within_a_bound(
+    postgres_db: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """psycopg 3.1 (pyproject allows >=3.1) has a `conninfo_attempts` that yields the attempts (a generator, host
+    names not looked up), 3.2+ one that answers a list. Before: a bounded connect took its `len()` once an attempt
+    failed (a host of several down): a TypeError, never trying the next. Now the attempts are a list."""
+    import psycopg.conninfo
+
+    real = psycopg.conninfo.conninfo_attempts
+
+    def yielding(params: Any) -> Any:
+        attempts = real(params)
+        yield {**attempts[0], "port": "1"}  # a first host that is down
+        yield from attempts
+
+    monkeypatch.setattr(psycopg.conninfo, "conninfo_attempts", yielding)
+    store = Store(postgres_db)
+    try:
+        with bounded.bounded(5.0), store.engine.connect() as conn:
+            assert conn.execute(text("SELECT 1")).scalar() == 1
+    finally:
+        store.close()

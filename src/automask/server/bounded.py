@@ -9,7 +9,7 @@ import inspect
 import math
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -158,7 +158,9 @@ def _connect_within(deadline: float, cargs: Any, cparams: dict[str, Any]) -> Any
     raise AssertionError("unreachable: psycopg resolves at least one address or raises")
 
 
-def _resolved_by(deadline: float, conninfo_attempts: Callable[[Any], list[Any]], params: dict[str, Any]) -> list[Any]:
+def _resolved_by(
+    deadline: float, conninfo_attempts: Callable[[Any], Iterable[Any]], params: dict[str, Any]
+) -> list[Any]:
     """psycopg's `conninfo_attempts(params)`, given until `deadline` (`time.monotonic()`; 2 s at least, as a connect):
     the addresses of the server's host names (`hostaddr`, the name kept as `host` for TLS's host check), looked up in
     a daemon thread, as `getaddrinfo` cannot be interrupted: a resolver that hangs fails the connect in time (psycopg
@@ -170,7 +172,7 @@ def _resolved_by(deadline: float, conninfo_attempts: Callable[[Any], list[Any]],
 
     def lookup() -> None:
         try:
-            answer.set_result(conninfo_attempts(params))
+            answer.set_result(list(conninfo_attempts(params)))  # psycopg 3.1's yields them (its lookups lazy)
         except BaseException as exc:  # noqa: BLE001 (raised again in the connecting thread)
             answer.set_exception(exc)
 

@@ -219,7 +219,7 @@ class RedisRateLimiter:
 
         try:
             await asyncio.wait_for(self.client.ping(), PING_TIMEOUT)
-        except (RedisError, OSError, TimeoutError) as exc:
+        except (RedisError, OSError, asyncio.TimeoutError) as exc:  # 3.10: asyncio's, not the built-in one
             self._outage.failed(one_line(exc))
             return REDIS_DOWN
         self._outage.answered()

@@ -40,7 +40,7 @@ class DatabaseProbe:
             asking = self._asking = asyncio.ensure_future(asyncio.to_thread(self._ping))
         try:
             error = await asyncio.wait_for(asyncio.shield(asking), self.timeout)
-        except TimeoutError:
+        except asyncio.TimeoutError:  # 3.10: not the built-in TimeoutError (one class from 3.11)
             error = f"no answer within {self.timeout:g} s"
         if error is None:
             self._outage.answered()
