@@ -106,6 +106,21 @@ def test_a_path_to_a_pipe_or_device_reads_no_more_than_the_byte_limit(tmp_path: 
     assert not writer.is_alive()
 
 
+@pytest.mark.parametrize("kind", ["path", "file"])
+def test_a_high_byte_limit_costs_a_small_file_no_more_memory_than_its_size(tmp_path: Path, kind: str) -> None:
+    """Before: a path (and a file object) was read with read(AUTOMASK_MAX_IMAGE_BYTES + 1), which allocates that many
+    bytes up front whatever the file holds: a limit raised to 'no limit' (2**50) made every image a MemoryError, and
+    the default 32 MiB was set aside for each small file. Now it is read in bounded pieces, to its end or the limit."""
+    path = tmp_path / "a.png"
+    Image.fromarray(IMAGE).save(path)
+    settings = Settings(max_image_bytes=1 << 50)
+    if kind == "path":
+        assert np.array_equal(load_image(path, settings), IMAGE)
+    else:
+        with path.open("rb") as file:
+            assert np.array_equal(load_image(file, settings), IMAGE)  # type: ignore[arg-type]
+
+
 def alive(refs: list[weakref.ref[Any]]) -> list[bool]:
     gc.collect()
     return [ref() is not None for ref in refs]
