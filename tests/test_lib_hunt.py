@@ -269,3 +269,15 @@ def test_threads_calling_one_generator_at_once_get_the_answers_of_calls_one_at_a
         got = list(pool.map(run, range(len(calls))))
     assert [g is None for g in got] == [i % 7 == 0 for i in range(len(calls))]
     assert all(np.array_equal(g, w) for g, w in zip(got, want, strict=True) if g is not None)
+
+
+def test_batch_given_an_image_url_names_it_without_its_password(tmp_path: Path) -> None:
+    """Before: `automask batch http://alice:s3cr3t@host/x.png` answered "no such file or folder:
+    'http://alice:s3cr3t@host/x.png'", the password shown (an error naming an image URL never shows it: README)."""
+    run = CliRunner().invoke(
+        main, ["batch", "http://alice:s3cr3t@example.com/x.png", "-p", "subject", "-o", str(tmp_path / "out")]
+    )
+    assert run.exit_code == 2, run.output
+    assert "s3cr3t" not in run.output and "alice" not in run.output
+    assert "http://…@example.com/x.png" in run.output
+    assert "mask IMAGE" in run.output
