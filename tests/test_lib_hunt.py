@@ -106,6 +106,21 @@ def test_a_path_to_a_pipe_or_device_reads_no_more_than_the_byte_limit(tmp_path: 
     assert not writer.is_alive()
 
 
+@pytest.mark.parametrize("kind", ["path", "file"])
+def test_a_high_byte_limit_costs_a_small_file_no_more_memory_than_its_size(tmp_path: Path, kind: str) -> None:
+    """Before: a path (and a file object) was read with read(AUTOMASK_MAX_IMAGE_BYTES + 1), which allocates that many
+    bytes up front whatever the file holds: a limit raised to 'no limit' (2**50) made every image a MemoryError, and
+    the default 32 MiB was set aside for each small file. Now it is read in bounded pieces, to its end or the limit."""
+    path = tmp_path / "a.png"
+    Image.fromarray(IMAGE).save(path)
+    settings = Settings(max_image_bytes=1 << 50)
+    if kind == "path":
+        assert np.array_equal(load_image(path, settings), IMAGE)
+    else:
+        with path.open("rb") as file:
+            assert np.array_equal(load_image(file, settings), IMAGE)  # type: ignore[arg-type]
+
+
 def alive(refs: list[weakref.ref[Any]]) -> list[bool]:
     gc.collect()
     return [ref() is not None for ref in refs]
@@ -254,3 +269,15 @@ def test_threads_calling_one_generator_at_once_get_the_answers_of_calls_one_at_a
         got = list(pool.map(run, range(len(calls))))
     assert [g is None for g in got] == [i % 7 == 0 for i in range(len(calls))]
     assert all(np.array_equal(g, w) for g, w in zip(got, want, strict=True) if g is not None)
+
+
+def test_batch_given_an_image_url_names_it_without_its_password(tmp_path: Path) -> None:
+    """Before: `automask batch http://alice:s3cr3t@host/x.png` answered "no such file or folder:
+    'http://alice:s3cr3t@host/x.png'", the password shown (an error naming an image URL never shows it: README)."""
+    run = CliRunner().invoke(
+        main, ["batch", "http://alice:s3cr3t@example.com/x.png", "-p", "subject", "-o", str(tmp_path / "out")]
+    )
+    assert run.exit_code == 2, run.output
+    assert "s3cr3t" not in run.output and "alice" not in run.output
+    assert "http://…@example.com/x.png" in run.output
+    assert "mask IMAGE" in run.output

@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 from PIL import Image
 
 from automask import errors
-from automask.cli_io import IMAGE_SUFFIXES, file_id, one_line
+from automask.cli_io import IMAGE_SUFFIXES, URL_START, file_id, one_line, shown_url
 from automask.cli_links import link_note
 from automask.errors import InvalidOptionError
 from automask.imageio.decode import readable_formats
@@ -88,6 +88,11 @@ def find_images(source: str, recursive: bool, outdir: Path) -> Found:
             raise InvalidOptionError("DIR_OR_GLOB", STDIN)
         elif os.path.exists(source):  # a named pipe, a socket, a device
             raise _no_file(source)
+        elif URL_START.match(source) and not os.path.lexists(source):
+            raise InvalidOptionError(
+                "DIR_OR_GLOB",
+                f"{shown_url(source)} is a URL: batch reads files and folders (mask IMAGE reads an image URL).",
+            )
         elif not glob.has_magic(source) and not os.path.exists(source):  # missing, or a link to no file
             raise InvalidOptionError("DIR_OR_GLOB", f"no such file or folder: '{source}'{link_note(source)}.")
         else:

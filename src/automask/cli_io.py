@@ -8,6 +8,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import stat
 import sys
 import tempfile
@@ -295,3 +296,15 @@ def root_settings(ctx: click.Context) -> Settings:
     """The `automask` group's settings (AUTOMASK_* variables, then its global flags such as --data-dir)."""
     settings = getattr(ctx.find_root().obj, "settings", None)
     return settings if isinstance(settings, Settings) else Settings()
+
+
+URL_START = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*://)(?:(.*)@)?", re.DOTALL)
+"""A URL's scheme, and all up to its last '@' (a user name and password, never shown)."""
+
+
+def shown_url(source: str) -> str:
+    """`source`, a URL, quoted for a message: what may be its user name and password shown as '…'."""
+    found = URL_START.match(source)
+    assert found is not None
+    hidden = source if found.group(2) is None else f"{found.group(1)}…@{source[found.end() :]}"
+    return f"'{one_line(hidden)}'"

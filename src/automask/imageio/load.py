@@ -100,7 +100,7 @@ def read_stream(stream: BinaryIO, settings: Settings) -> bytes:
     size = 0
     while size < limit:
         try:
-            data = stream.read(limit - size)
+            data = stream.read(min(limit - size, READ_PIECE))
         except UnicodeDecodeError:  # a text stream decoding the image's bytes
             raise ImageDecodeError(_TEXT_STREAM) from None
         except (OSError, ValueError) as exc:  # write-only (io.UnsupportedOperation), a failing device...
@@ -122,6 +122,25 @@ def read_stream(stream: BinaryIO, settings: Settings) -> bytes:
     return b"".join(chunks)
 
 
+READ_PIECE = 1 << 20
+"""Most bytes asked of one `read`: a buffered file's read(n) sets n bytes aside before it reads, so asking for the
+whole limit (AUTOMASK_MAX_IMAGE_BYTES + 1) at once cost that much memory for any file, and a raised limit (2**50)
+was a MemoryError for every image."""
+
+
+def _read_at_most(file: BinaryIO, limit: int, stated: int) -> bytes:
+    """Up to `limit` bytes of the binary `file`: first as many as its `stated` size (+1) in one read (one buffer for
+    a regular file), then any more (a pipe or device states 0) in pieces of at most `READ_PIECE`."""
+    chunks: list[bytes] = []
+    size = 0
+    want = min(limit, max(stated, 1))
+    while size < limit and (data := file.read(want)):
+        chunks.append(data)
+        size += len(data)
+        want = min(limit - size, READ_PIECE)
+    return b"".join(chunks)
+
+
 def _position(stream: BinaryIO) -> int:
     """Where a seekable `stream` stands (bytes from its start); 0 when it cannot say."""
     try:
@@ -136,9 +155,10 @@ def read_file(path: Path, settings: Settings) -> bytes:
     whitespace around its name says so, as for a string)."""
     given, path = path, path.expanduser()
     try:
-        check_encoded_size(path.stat().st_size, settings)
+        stated = path.stat().st_size
+        check_encoded_size(stated, settings)
         with path.open("rb") as file:
-            data = file.read(settings.max_image_bytes + 1)
+            data = _read_at_most(file, settings.max_image_bytes + 1, stated + 1)
         check_encoded_size(len(data), settings, read=True)
         return data
     except FileNotFoundError:
