@@ -279,6 +279,24 @@ def test_a_file_changed_since_the_kill_is_never_put_back_over(tmp_path: Path, mo
         assert (tmp_path / copy).read_bytes() == b"the user's earlier mask"
 
 
+def test_two_runs_killed_over_one_file_put_back_the_first_ones_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two runs killed after replacing the same file, one after the other: the second's copy holds the first's output,
+    the first's the user's file. Whatever order the tidying takes them in, the user's file is put back (before the
+    second's put-back, the first's file looks changed since its kill: it is taken again once that is put back)."""
+    monkeypatch.setattr(cli_leftovers, "PART_AGE_S", 0.0)
+    (tmp_path / "m.png").write_bytes(b"the user's earlier mask")
+    for token in ("00000000", "ffffffff"):  # the first run's lock is tidied first
+        run = cli_outputs.Outputs()
+        run.holds.token = token
+        run.write(tmp_path / "m.png", f"run {token}'s mask".encode())
+        killed(run)
+    tidied = cli_leftovers.tidy(tmp_path)
+    assert (tmp_path / "m.png").read_bytes() == b"the user's earlier mask"
+    assert hidden(tmp_path) == [] and tidied.changed == [] and len(tidied.restored) == 2
+
+
 def test_an_older_automasks_copies_are_removed_only_when_their_data_has_another_name(
     tiny_clipseg_dir: Path, photo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

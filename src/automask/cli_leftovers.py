@@ -137,8 +137,15 @@ def tidy(folder: Path) -> Tidied:
             tidied.gone.append(path)
     for path in (folder / name for name in names if _UNLOCKED_OLD.fullmatch(name)):
         _tidy_unlocked_old(path, tidied)
-    for token in sorted({m.group(1) for name in names if (m := _OLD.fullmatch(name) or _LOCK.fullmatch(name))}):
-        _tidy_run(folder, token, [name for name in names if name.startswith(f"{PREFIX}{token}-")], tidied)
+    tokens = sorted({m.group(1) for name in names if (m := _OLD.fullmatch(name) or _LOCK.fullmatch(name))})
+    while tokens:  # again those whose file changed since their kill, while a put-back may have made it theirs again
+        restored, retry = len(tidied.restored), []
+        tidied.changed.clear()
+        for token in tokens:
+            changed = len(tidied.changed)
+            _tidy_run(folder, token, [name for name in names if name.startswith(f"{PREFIX}{token}-")], tidied)
+            retry += [token] if len(tidied.changed) > changed else []
+        tokens = retry if len(tidied.restored) > restored else []
     return tidied
 
 
