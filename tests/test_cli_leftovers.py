@@ -45,7 +45,8 @@ def test_a_later_run_tidies_what_a_killed_mask_left(
     hidden copy (`.automask-*.old`, a hard link) beside it and the instance being written (`.automask-*.part`) in the
     instances folder, for good: no run removed them. Now the next run writing there puts m.png back from its copy (the
     killed run did not succeed) and removes the `.part` and the lock of the killed run, a minute after their last
-    change, and says so."""
+    change, and says so; unless m.png changed since the kill (here a second run wrote it while the killed run's lock
+    was not a minute old): its copy is then left, and named, never put back over the later run's mask."""
     out = tmp_path / "out"
     out.mkdir()
     (out / "m.png").write_bytes(b"the user's earlier mask")
@@ -62,8 +63,16 @@ def test_a_later_run_tidies_what_a_killed_mask_left(
     monkeypatch.setattr(cli_leftovers, "PART_AGE_S", 0.0)  # a minute later
     third = invoke(*args)
     assert third.exit_code == 0, third.output
-    assert hidden(out) == [] and hidden(out / "i") == []
-    assert third.stderr.splitlines()[:2] == [  # m.png put back (the killed run failed), then masked again
+    assert hidden(out) == old and hidden(out / "i") == []  # m.png is the second run's mask: its copy is left
+    assert (out / old[0]).read_bytes() == b"the user's earlier mask"
+    assert third.stderr.splitlines()[0].startswith(
+        f"note: left the copies a killed automask run kept of 1 file in '{out}', changed since: 'm.png' ("
+    )
+    (out / "m.png").unlink()  # gone: the copy is put back
+    fourth = invoke(*args)
+    assert fourth.exit_code == 0, fourth.output
+    assert hidden(out) == []
+    assert fourth.stderr.splitlines()[:2] == [  # m.png put back (the killed run failed), then masked again
         f"note: put back 1 file that a killed automask run had replaced in '{out}': 'm.png'",
         f"note: removed 1 file that killed automask runs left in '{out}': '{old[1]}'",
     ]
@@ -154,7 +163,7 @@ def test_a_part_is_held_until_it_is_renamed(tmp_path: Path, monkeypatch: pytest.
     monkeypatch.setattr(cli_leftovers, "PART_AGE_S", -1.0)  # every .part old enough
     monkeypatch.setattr(os, "replace", tidy_then_rename)
     cli_io.write_atomic(tmp_path / "m.png", b"the mask")
-    assert tidied == [cli_leftovers.Tidied([], [], [])] and (tmp_path / "m.png").read_bytes() == b"the mask"
+    assert tidied == [cli_leftovers.Tidied([], [], [], [])] and (tmp_path / "m.png").read_bytes() == b"the mask"
     assert hidden(tmp_path) == []
 
 
@@ -235,10 +244,57 @@ def test_a_copy_whose_file_cannot_be_put_back_is_left(tmp_path: Path, monkeypatc
     (tmp_path / "m.png").unlink()
     (tmp_path / "m.png").mkdir()
     left = hidden(tmp_path)
-    assert cli_leftovers.tidy(tmp_path) == cli_leftovers.Tidied([], [], []) and hidden(tmp_path) == left
+    assert cli_leftovers.tidy(tmp_path) == cli_leftovers.Tidied([], [], [], []) and hidden(tmp_path) == left
     (tmp_path / "m.png").rmdir()
     assert [p.name for p in cli_leftovers.tidy(tmp_path).restored] == ["m.png"]
     assert (tmp_path / "m.png").read_bytes() == b"the user's earlier mask" and hidden(tmp_path) == []
+
+
+def test_a_file_changed_since_the_kill_is_never_put_back_over(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before: the tidying put a killed run's copy back over its file whatever that file had become since: a file the
+    user wrote there after the kill (by hand, or a later run that succeeded while the killed run's lock was not a
+    minute old) was overwritten with the data from before the killed run, lost. Now each run records what it wrote
+    over the file (inode, size, mtime), and the copy is put back only over that; else it is left, and named."""
+    monkeypatch.setattr(cli_leftovers, "PART_AGE_S", 0.0)
+    for name in ("edited.png", "rewritten.png", "same.png"):
+        (tmp_path / name).write_bytes(b"the user's earlier mask")
+    run = cli_outputs.Outputs()
+    for name in ("edited.png", "rewritten.png", "same.png"):
+        run.write(tmp_path / name, b"the killed run's mask")
+    killed(run)
+    with open(tmp_path / "edited.png", "r+b") as f:  # in place: the same inode, the same size
+        f.write(b"THE USER'S NEW MASK!!")
+    os.utime(tmp_path / "edited.png", ns=(0, 10**9))
+    (tmp_path / "new").write_bytes(b"a later run's mask")
+    os.replace(tmp_path / "new", tmp_path / "rewritten.png")
+    left = hidden(tmp_path)
+    tidied = cli_leftovers.tidy(tmp_path)
+    assert [p.name for p in tidied.restored] == ["same.png"] and tidied.gone == []
+    assert sorted(p.name for p in tidied.changed) == ["edited.png", "rewritten.png"]
+    assert (tmp_path / "edited.png").read_bytes() == b"THE USER'S NEW MASK!!"
+    assert (tmp_path / "rewritten.png").read_bytes() == b"a later run's mask"
+    assert (tmp_path / "same.png").read_bytes() == b"the user's earlier mask"
+    assert len(hidden(tmp_path)) == len(left) - 1  # the two copies and the lock stay, for the user
+    for copy in hidden(tmp_path)[:-1]:
+        assert (tmp_path / copy).read_bytes() == b"the user's earlier mask"
+
+
+def test_two_runs_killed_over_one_file_put_back_the_first_ones_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two runs killed after replacing the same file, one after the other: the second's copy holds the first's output,
+    the first's the user's file. Whatever order the tidying takes them in, the user's file is put back (before the
+    second's put-back, the first's file looks changed since its kill: it is taken again once that is put back)."""
+    monkeypatch.setattr(cli_leftovers, "PART_AGE_S", 0.0)
+    (tmp_path / "m.png").write_bytes(b"the user's earlier mask")
+    for token in ("00000000", "ffffffff"):  # the first run's lock is tidied first
+        run = cli_outputs.Outputs()
+        run.holds.token = token
+        run.write(tmp_path / "m.png", f"run {token}'s mask".encode())
+        killed(run)
+    tidied = cli_leftovers.tidy(tmp_path)
+    assert (tmp_path / "m.png").read_bytes() == b"the user's earlier mask"
+    assert hidden(tmp_path) == [] and tidied.changed == [] and len(tidied.restored) == 2
 
 
 def test_an_older_automasks_copies_are_removed_only_when_their_data_has_another_name(

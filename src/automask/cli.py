@@ -343,9 +343,7 @@ def _mask_files(ctx: click.Context, plan: list[tuple[Path, Path]], unread: list[
             raise
         except BrokenPipeError:  # --json's reader went away (`| head -1`): the group stops quietly, exit 1
             report.summary(failed, interrupted=True)
-            click.echo(
-                "stopped: standard output's reader went away (--json): the next files were not masked.", err=True
-            )
+            click.echo(STDOUT_GONE, err=True)
             raise
     report.summary(failed)
     ctx.exit(EXIT_FAILED if failed else 0)

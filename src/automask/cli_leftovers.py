@@ -31,15 +31,18 @@ local_lock), alive though its lock looks free here (a `mask` keeps its copies fo
 _PART = re.compile(r"\.automask-[a-z0-9_]{8}\.part")  # tempfile.mkstemp's names
 _OLD = re.compile(r"\.automask-([0-9a-f]{8})-[a-z0-9_]{8}\.old")
 _LOCK = re.compile(r"\.automask-([0-9a-f]{8})\.lock")
+_WROTE = ":wrote"  # a record's key: the copy's name and this, for what its run wrote over its file (`Holds.wrote`)
 _UNLOCKED_OLD = re.compile(r"\.automask-[a-z0-9_]{8}\.old")  # an older automask's, which took no lock
 
 
 class Tidied(NamedTuple):
-    """What `tidy` did in a folder: the files it removed, and the files it put back from a killed run's copies."""
+    """What `tidy` did in a folder: the files it removed, the files it put back from a killed run's copies, the
+    older automasks' copies it left, and the files changed since their run was killed, whose copies it left."""
 
     gone: list[Path]
     restored: list[Path]
     kept_old: list[Path]
+    changed: list[Path]
 
 
 def hold_part(fd: int) -> int | None:
@@ -88,6 +91,15 @@ class Holds:
             os.write(fd, os.fsencode(old) + b"\0" + os.fsencode(target) + b"\0")
             os.fsync(fd)
 
+    def wrote(self, folder: Path, old: str, st: os.stat_result) -> None:
+        """Write down that the file the copy `old` keeps (`record`) is now the one this run wrote, `st`: `tidy` puts
+        the copy back only over that file, never over one changed since (by the user, another run). A run killed
+        before this record is made (just after its rename) has its copy put back over whatever the file is."""
+        fd = self.held.get(folder)
+        if fd is not None and fd >= 0:
+            os.write(fd, os.fsencode(old + _WROTE) + b"\0" + _identity(st).encode() + b"\0")
+            os.fsync(fd)
+
     def settle(self) -> None:
         """The run succeeded: its records are dropped (before its copies are), so that `tidy` removes the copies
         that a kill leaves from here on instead of putting them back over its outputs."""
@@ -111,7 +123,7 @@ def tidy(folder: Path) -> Tidied:
     removed; each unchanged for `PART_AGE_S`. An older automask's `.old` (`_UNLOCKED_OLD`) is removed only when its
     data has another name, else left (`kept_old`). Only regular files of this user, by those exact names; nothing
     where locks cannot tell (Windows), nor what cannot be removed or put back (left as it is, with its record)."""
-    tidied = Tidied([], [], [])
+    tidied = Tidied([], [], [], [])
     try:
         import fcntl  # noqa: F401 - only whether locks tell
     except ImportError:
@@ -125,8 +137,15 @@ def tidy(folder: Path) -> Tidied:
             tidied.gone.append(path)
     for path in (folder / name for name in names if _UNLOCKED_OLD.fullmatch(name)):
         _tidy_unlocked_old(path, tidied)
-    for token in sorted({m.group(1) for name in names if (m := _OLD.fullmatch(name) or _LOCK.fullmatch(name))}):
-        _tidy_run(folder, token, [name for name in names if name.startswith(f"{PREFIX}{token}-")], tidied)
+    tokens = sorted({m.group(1) for name in names if (m := _OLD.fullmatch(name) or _LOCK.fullmatch(name))})
+    while tokens:  # again those whose file changed since their kill, while a put-back may have made it theirs again
+        restored, retry = len(tidied.restored), []
+        tidied.changed.clear()
+        for token in tokens:
+            changed = len(tidied.changed)
+            _tidy_run(folder, token, [name for name in names if name.startswith(f"{PREFIX}{token}-")], tidied)
+            retry += [token] if len(tidied.changed) > changed else []
+        tokens = retry if len(tidied.restored) > restored else []
     return tidied
 
 
@@ -163,7 +182,9 @@ def _tidy_run(folder: Path, token: str, names: list[str], tidied: Tidied) -> Non
     if fd is None:  # a live run holds it (or the lock file is another user's)
         return
     kept_for = _records(fd)  # while the lock is held: no run of this token can be writing
-    left = [old for old in olds if not _settle_old(old, kept_for.get(old.name), tidied)]
+    left = [
+        old for old in olds if not _settle_old(old, kept_for.get(old.name), kept_for.get(old.name + _WROTE), tidied)
+    ]
     if left:  # their records stay for a later tidying
         os.close(fd)
         return
@@ -182,10 +203,11 @@ def _records(fd: int) -> dict[str, str]:
     return {old: target for old, target in zip(fields[0::2], fields[1::2], strict=False) if "/" not in target + old}
 
 
-def _settle_old(old: Path, target: str | None, tidied: Tidied) -> bool:
+def _settle_old(old: Path, target: str | None, wrote: str | None, tidied: Tidied) -> bool:
     """Put the copy `old` back over the file `target` beside it (its record), or remove it when there is no record
     (its run succeeded) or `target` still is its data (never replaced); whether it is gone. A `target` that is no
-    regular file now (a folder, a link), or a failure, leaves it."""
+    regular file now (a folder, a link), or a failure, leaves it; so does one that is no longer what the run wrote
+    there (`wrote`, `Holds.wrote`: changed since the kill), named in `tidied.changed`."""
     path = old.parent / target if target not in (None, "", ".", "..") else None
     try:
         st = path.lstat() if path is not None else None
@@ -204,12 +226,20 @@ def _settle_old(old: Path, target: str | None, tidied: Tidied) -> bool:
         return True
     if st is not None and not stat.S_ISREG(st.st_mode):
         return False
+    if st is not None and wrote is not None and _identity(st) != wrote:
+        tidied.changed.append(path)
+        return False
     try:
         os.replace(old, path)
     except OSError:
         return False
     tidied.restored.append(path)
     return True
+
+
+def _identity(st: os.stat_result) -> str:
+    """What tells a file from one written over it or in its place since: its inode, size and time of change."""
+    return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
 
 
 def _removed(path: Path) -> bool:

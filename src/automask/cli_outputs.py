@@ -21,6 +21,11 @@ _KEPT_OLD = (
     "(rename each back over its file, or delete it)"
 )
 
+_CHANGED = (
+    "left the copies a killed automask run kept of {} in '{}', changed since: {} (the copies, '.automask-*.old' there "
+    "with its lock file, hold the data from before that run: rename one back over its file, or delete them)"
+)
+
 
 class Outputs:
     """What one command writes, undone by `discard` when it fails: no partial result is left behind, and a file it
@@ -56,7 +61,7 @@ class Outputs:
         tidied = tidy(real)
         notes = [(tidied.restored, "put back {} that a killed automask run had replaced in '{}': {}")]
         notes += [(tidied.gone, "removed {} that killed automask runs left in '{}': {}")]
-        notes += [(tidied.kept_old, _KEPT_OLD)]
+        notes += [(tidied.kept_old, _KEPT_OLD), (tidied.changed, _CHANGED)]
         for paths, note in notes:
             if paths:
                 shown = ", ".join(f"'{p.name}'" for p in paths[:3]) + (", ..." if paths[3:] else "")
@@ -90,6 +95,9 @@ class Outputs:
             raise
         if written is not None:
             self.files.append((written, kept))
+            if kept is not None:  # for a killed run's copy to be put back only over what it wrote
+                with contextlib.suppress(OSError):
+                    self.holds.wrote(kept.parent, kept.name, written.lstat())
         elif kept is not None:  # written in place: nothing was replaced
             kept.unlink(missing_ok=True)
 
