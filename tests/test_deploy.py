@@ -212,13 +212,15 @@ def test_api_nodes_serve_on_all_interfaces_with_keys(
     import automask.server.app
     import automask.server.http
 
-    def fake_app(settings: Any, server: Any) -> SimpleNamespace:  # what serve reads of an app: its stop hook
-        hooks = SimpleNamespace(ask_stop=lambda: None)
+    def fake_app(settings: Any, server: Any) -> SimpleNamespace:  # what serve reads of an app: stop hook, settings
+        hooks = SimpleNamespace(ask_stop=lambda: None, settings=settings, store=SimpleNamespace(close=lambda: None))
         return SimpleNamespace(made=(settings, server), state=SimpleNamespace(automask=hooks))
 
     create_app = Recorder(result=fake_app)
     run = Recorder()
+    check_broker = Recorder()  # no RabbitMQ named `rabbitmq` here
     monkeypatch.setattr(automask.server.app, "create_app", create_app)
+    monkeypatch.setattr(automask.server.app, "check_broker", check_broker)
     monkeypatch.setattr(automask.server.http, "run", run)
     monkeypatch.setattr(automask.server.http, "listen", lambda server: [loopback_socket()])  # not 0.0.0.0:8000
     service = compose["services"][name]
@@ -232,6 +234,7 @@ def test_api_nodes_serve_on_all_interfaces_with_keys(
     assert server.public_url == "http://localhost:8080"
     assert settings.database_url == "postgresql://automask:automask@postgres:5432/automask"
     assert settings.broker_url == "amqp://automask:automask@rabbitmq:5672/automask"
+    assert check_broker.calls == [((str(settings.broker_url),), {})]  # reached once at start
     assert settings.redis_url == "redis://redis:6379/0"
     assert settings.model == "clipseg"
     # the port nginx and the healthcheck use is the one served
