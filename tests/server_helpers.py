@@ -245,3 +245,10 @@ def keyed_server(data_dir: Path, credits: int | None = None) -> Iterator[LiveSer
             yield server
         finally:
             store.close()
+
+
+def post_body(server: Any, version: str, body: bytes, content_type: str) -> httpx.Response:
+    """POST `body` as it is, labelled `content_type`, to `server`'s automatic-mask-generator endpoint of `version`
+    (v1, v2) with its key (`keyed_server`)."""
+    headers = {**server.headers, "content-type": content_type}
+    return httpx.post(f"{server.url}/{version}/automatic-mask-generator", content=body, headers=headers, timeout=30)

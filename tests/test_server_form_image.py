@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from server_helpers import decode, keyed_server
+from server_helpers import decode, keyed_server, post_body
 
 SLUG = "automatic-mask-generator"
 BOUNDARY = "automask-test-boundary"
@@ -55,9 +55,7 @@ def live(tmp_path: Path) -> Iterator[Any]:
         yield server
 
 
-def send(live: Any, version: str, body: bytes, content_type: str) -> httpx.Response:
-    headers = {**live.headers, "content-type": content_type}
-    return httpx.post(f"{live.url}/{version}/{SLUG}", content=body, headers=headers, timeout=30)
+send = post_body
 
 
 def v2_output(live: Any, submitted: httpx.Response) -> bytes:

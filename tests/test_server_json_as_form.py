@@ -18,7 +18,7 @@ import httpx
 import numpy as np
 import pytest
 
-from server_helpers import decode, keyed_server, png_bytes
+from server_helpers import decode, keyed_server, png_bytes, post_body
 
 SLUG = "automatic-mask-generator"
 FORM = "application/x-www-form-urlencoded"
@@ -32,8 +32,7 @@ def live(tmp_path: Path) -> Iterator[Any]:
 
 
 def send(live: Any, version: str, body: str, content_type: str) -> httpx.Response:
-    headers = {**live.headers, "content-type": content_type}
-    return httpx.post(f"{live.url}/{version}/{SLUG}", content=body.encode(), headers=headers, timeout=30)
+    return post_body(live, version, body.encode(), content_type)
 
 
 @pytest.mark.parametrize("lead", ["", " \r\n\t"])
