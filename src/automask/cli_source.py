@@ -17,6 +17,7 @@ from automask.cli_io import file_id
 from automask.cli_links import link_note
 from automask.errors import InvalidOptionError
 from automask.imageio import ImageSource
+from automask.imageio.load import read_at_most
 from automask.settings import Settings
 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://|^data:")
@@ -133,7 +134,7 @@ def one_image(images: tuple[str, ...]) -> str:
 
 def _read_stream(stream: Any, where: str, settings: Settings) -> bytes:
     """At most `settings.max_image_bytes` of `stream` (an `ImageTooLargeError` naming `where` past them)."""
-    data: bytes = stream.read(settings.max_image_bytes + 1)
+    data = read_at_most(stream, settings.max_image_bytes + 1, 0)  # in pieces: no limit-sized buffer set aside
     if len(data) > settings.max_image_bytes:
         raise errors.ImageTooLargeError(
             f"The image {where} is over {settings.max_image_bytes} bytes (AUTOMASK_MAX_IMAGE_BYTES)."

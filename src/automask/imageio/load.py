@@ -128,7 +128,7 @@ whole limit (AUTOMASK_MAX_IMAGE_BYTES + 1) at once cost that much memory for any
 was a MemoryError for every image."""
 
 
-def _read_at_most(file: BinaryIO, limit: int, stated: int) -> bytes:
+def read_at_most(file: BinaryIO, limit: int, stated: int) -> bytes:
     """Up to `limit` bytes of the binary `file`: first as many as its `stated` size (+1) in one read (one buffer for
     a regular file), then any more (a pipe or device states 0) in pieces of at most `READ_PIECE`."""
     chunks: list[bytes] = []
@@ -158,7 +158,7 @@ def read_file(path: Path, settings: Settings) -> bytes:
         stated = path.stat().st_size
         check_encoded_size(stated, settings)
         with path.open("rb") as file:
-            data = _read_at_most(file, settings.max_image_bytes + 1, stated + 1)
+            data = read_at_most(file, settings.max_image_bytes + 1, stated + 1)
         check_encoded_size(len(data), settings, read=True)
         return data
     except FileNotFoundError:
