@@ -1,5 +1,6 @@
 """The text-prompted instance backends on a CUDA GPU: SAM 3 (float32 and its default bfloat16 autocast),
-Grounded-SAM (SAM ViT-B), Grounded-SAM-2 (SAM 2.1 Hiera-L) and Grounded-EdgeTAM at the reference settings.
+Grounded-SAM (SAM ViT-B), Grounded-SAM-2 (SAM 2.1 Hiera-L) and Grounded-EdgeTAM at the reference settings and
+under the `fast` preset (on CUDA: the detector at 512).
 
     python bench/bench_gpu.py [--runs 5] [--warmup 2] [--boxes 3] [--out DIR] [--device cuda]
 
@@ -29,11 +30,12 @@ from bench_grounded_sam import build_models, images, machine  # noqa: E402
 from bench_sam3 import Stages, build_edgetam, build_sam2, build_sam3, flow, flow_table, measure  # noqa: E402
 
 
-def grounded_on_gpu(m: dict[str, Any], head: str, device: str) -> Any:
-    """automask's grounded backend in float32 (what precision 'auto' picks on CUDA: `sam.choose_dtype`)."""
+def grounded_on_gpu(m: dict[str, Any], head: str, device: str, fast: bool = False) -> Any:
+    """automask's grounded backend in float32 (what precision 'auto' picks on CUDA: `sam.choose_dtype`); `fast`: the
+    `fast` preset, which on CUDA only moves the detector's shortest edge from 800 to 512 (bf16 is for CPUs)."""
     import torch
 
-    from automask.backends.grounded_sam import GroundedSamBackend
+    from automask.backends.grounded_sam import FAST_DETECTOR_EDGE, GroundedSamBackend
     from automask.backends.sam import SamSegmenter
     from automask.backends.sam2 import DEFAULT_TRANSFORM, Sam2Segmenter
 
@@ -43,8 +45,9 @@ def grounded_on_gpu(m: dict[str, Any], head: str, device: str) -> Any:
         segmenter: Any = SamSegmenter(sam, m["sam_processor"].image_processor, "sam-vit-b (random)", device, dtype)
     else:  # 'sam2' or 'edgetam'
         segmenter = Sam2Segmenter(m[head].to(device), head, DEFAULT_TRANSFORM, f"{head} (random)", device, dtype)
-    detector = copy.deepcopy(m["detector"]).to(device)
-    return GroundedSamBackend(detector, m["dino_processor"], segmenter, "grounding-dino-t (random)", device, dtype)
+    detector, processor = copy.deepcopy(m["detector"]).to(device), copy.copy(m["dino_processor"])
+    edge = FAST_DETECTOR_EDGE if fast else None
+    return GroundedSamBackend(detector, processor, segmenter, "grounding-dino-t (random)", device, dtype, edge)
 
 
 def sam3_on_gpu(autocast: bool, device: str) -> Any:
@@ -82,6 +85,9 @@ def main() -> None:
         "grounded-sam (fp32)": grounded_on_gpu(m, "sam", device),
         "grounded-sam2 (fp32)": grounded_on_gpu(m, "sam2", device),
         "grounded-edgetam (fp32)": grounded_on_gpu(m, "edgetam", device),
+        "grounded-sam, fast (fp32, detector 512)": grounded_on_gpu(m, "sam", device, fast=True),
+        "grounded-sam2, fast (fp32, detector 512)": grounded_on_gpu(m, "sam2", device, fast=True),
+        "grounded-edgetam, fast (fp32, detector 512)": grounded_on_gpu(m, "edgetam", device, fast=True),
         "sam3 (bf16 autocast: the CUDA default)": sam3_on_gpu(True, device),
         "sam3 (fp32: AUTOMASK_PRECISION=fp32)": sam3_on_gpu(False, device),
     }
