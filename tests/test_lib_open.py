@@ -6,8 +6,11 @@ import hashlib
 import tracemalloc
 
 import numpy as np
+import pytest
 
+from automask.errors import ImageDecodeError
 from automask.feature_cache import image_digest
+from automask.imageio import load_image
 
 
 def _old_digest(image: np.ndarray) -> bytes:
@@ -43,3 +46,36 @@ def test_image_digest_hashes_without_a_full_size_copy() -> None:
         finally:
             tracemalloc.stop()
         assert peak < array.nbytes // 8, (peak, array.nbytes)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "values", "named"),
+    [
+        ("uint32", [0, 3_000_000_000, 4_000_000_000], "uint32"),
+        ("uint32", [0, 70_000, 2**31 - 1], "uint32"),
+        ("int64", [0, 70_000, 2**40], "int64"),
+        ("uint64", [0, 1, 2**63 + 5], "uint64"),
+        ("int8", [-5, 0, 100], "int8"),
+        ("int16", [-300, 0, 100], "int16"),
+        (">i4", [-1, 0, 100], "int32"),
+    ],
+)
+def test_integer_arrays_out_of_range_are_refused_naming_the_dtype_and_the_ranges(
+    dtype: str, values: list[int], named: str
+) -> None:
+    """No wrap-around (as Pillow's mode "I" does for uint32 above 2**31 - 1, or its int8 read as unsigned): an
+    integer array outside 0–65535 is refused, and the message says which dtype and what is accepted."""
+    array = np.array([values, values], dtype=dtype)
+    with pytest.raises(ImageDecodeError) as caught:
+        load_image(array)
+    message = str(caught.value)
+    assert named in message and "0–255" in message and "0–65535" in message, message
+
+
+@pytest.mark.parametrize("dtype", ["uint32", "int8", "int16", "int64", "uint64", ">i4"])
+def test_integer_arrays_in_range_are_read_by_value(dtype: str) -> None:
+    small = np.array([[0, 100, 127]], dtype=dtype)
+    assert load_image(small)[..., 0].tolist() == [[0, 100, 127]]
+    if np.iinfo(np.dtype(dtype)).max >= 65535:
+        wide = np.array([[0, 1000, 65535]], dtype=dtype)
+        assert load_image(wide)[..., 0].tolist() == [[0, 4, 255]]  # scaled as 16-bit
