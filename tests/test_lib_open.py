@@ -8,9 +8,10 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from automask.errors import ImageDecodeError
+from automask.errors import ImageDecodeError, InvalidOptionError
 from automask.feature_cache import image_digest
 from automask.imageio import load_image
+from automask.options import MaskOptions
 
 
 def _old_digest(image: np.ndarray) -> bytes:
@@ -79,3 +80,47 @@ def test_integer_arrays_in_range_are_read_by_value(dtype: str) -> None:
     if np.iinfo(np.dtype(dtype)).max >= 65535:
         wide = np.array([[0, 1000, 65535]], dtype=dtype)
         assert load_image(wide)[..., 0].tolist() == [[0, 4, 255]]  # scaled as 16-bit
+
+
+NUMPY_OPTIONS = [  # (field, Python value, its numpy scalar and 0-d array forms)
+    ("threshold", 0.5, [np.float64(0.5), np.array(0.5), np.array(0.5, np.float32)]),
+    ("text_threshold", 0.25, [np.float32(0.25), np.array(0.25)]),
+    ("grow_mask", 5, [np.int64(5), np.array(5), np.array(5, np.uint8), np.array(5.0)]),
+    ("seed", 7, [np.array(7, np.int32)]),
+    ("min_area", 9, [np.array(9)]),
+    ("feather", 3, [np.array(3)]),
+    ("invert_mask", True, [np.bool_(True), np.array(True)]),
+    ("fill_holes", True, [np.array(True)]),
+    ("negative_prompt", "hat", [np.str_("hat"), np.array("hat")]),
+]
+
+
+@pytest.mark.parametrize("strict", [True, False])
+@pytest.mark.parametrize(("field", "plain", "forms"), NUMPY_OPTIONS)
+def test_numpy_scalars_and_0d_arrays_are_read_as_the_python_scalars_they_hold(
+    field: str, plain: object, forms: list[object], strict: bool
+) -> None:
+    expected = getattr(MaskOptions.parse({field: plain}), field)
+    for value in forms:
+        got = getattr(MaskOptions.parse({field: value}, strict=strict), field)
+        assert got == expected and type(got) is type(expected), (value, got)
+        assert getattr(MaskOptions(**{field: value}), field) == expected
+
+
+@pytest.mark.parametrize("strict", [True, False])
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("threshold", np.bool_(True)),  # a Python True is refused for a number: so are numpy's
+        ("threshold", np.array(True)),
+        ("text_threshold", np.array(False)),
+        ("grow_mask", np.array(True)),
+        ("grow_mask", np.array(2.5)),
+        ("threshold", np.array([0.5])),  # not a scalar
+        ("threshold", np.array(np.nan)),
+    ],
+)
+def test_numpy_values_a_python_scalar_would_be_refused_for_are_refused(field: str, value: object, strict: bool) -> None:
+    with pytest.raises(InvalidOptionError) as caught:
+        MaskOptions.parse({field: value}, strict=strict)
+    assert caught.value.field == field
