@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import hashlib
+import threading
+import time
 import tracemalloc
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 
-from automask.errors import ImageDecodeError, InvalidOptionError
+from automask import MaskGenerator
+from automask.errors import ImageDecodeError, InvalidOptionError, StoppedError
 from automask.feature_cache import image_digest
 from automask.imageio import load_image
 from automask.options import MaskOptions
+from test_mask_controls import MapBackend
 
 
 def _old_digest(image: np.ndarray) -> bytes:
@@ -124,3 +130,105 @@ def test_numpy_values_a_python_scalar_would_be_refused_for_are_refused(field: st
     with pytest.raises(InvalidOptionError) as caught:
         MaskOptions.parse({field: value}, strict=strict)
     assert caught.value.field == field
+
+
+class SlowCountingBackend(MapBackend):
+    """A dense backend whose encode takes `delay` seconds and counts its calls per image size (thread-safe)."""
+
+    def __init__(self, delay: float) -> None:
+        super().__init__({})
+        self.delay = delay
+        self.encodes: list[tuple[int, int]] = []
+        self.running = 0
+        self.most_at_once = 0
+        self._lock = threading.Lock()
+
+    def encode(self, image: np.ndarray) -> tuple[int, int]:
+        with self._lock:
+            self.encodes.append(image.shape[:2])
+            self.running += 1
+            self.most_at_once = max(self.most_at_once, self.running)
+        time.sleep(self.delay)
+        with self._lock:
+            self.running -= 1
+        return super().encode(image)
+
+
+def _run_together(calls: list[Callable[[], object]]) -> list[object]:
+    barrier = threading.Barrier(len(calls))
+
+    def run(call: Callable[[], object]) -> object:
+        barrier.wait()
+        return call()
+
+    with ThreadPoolExecutor(len(calls)) as pool:
+        return [f.result(timeout=30) for f in [pool.submit(run, c) for c in calls]]
+
+
+def test_threads_on_one_uncached_image_encode_it_once() -> None:
+    backend = SlowCountingBackend(0.3)
+    gen = MaskGenerator(backend)
+    image = np.full((20, 30, 3), 120, np.uint8)
+    started = time.monotonic()
+    results = _run_together([lambda: gen.generate(image.copy(), "x", threshold=0.5) for _ in range(4)])
+    assert backend.encodes == [(20, 30)]  # the others waited for the first's features
+    assert all(r.mask.shape == (20, 30) for r in results)  # type: ignore[attr-defined]
+    assert time.monotonic() - started < 5
+
+
+def test_threads_on_different_images_encode_at_once() -> None:
+    backend = SlowCountingBackend(0.5)
+    gen = MaskGenerator(backend)
+    images = [np.full((20 + i, 30, 3), 120, np.uint8) for i in range(3)]
+    _run_together([lambda im=im: gen.generate(im, "x") for im in images])
+    assert sorted(backend.encodes) == [(20, 30), (21, 30), (22, 30)]
+    assert backend.most_at_once == 3  # not serialised
+
+
+def test_a_waiting_thread_encodes_itself_when_the_first_encode_fails() -> None:
+    class FailsOnce(SlowCountingBackend):
+        def encode(self, image: np.ndarray) -> tuple[int, int]:
+            first = not self.encodes
+            got = super().encode(image)
+            if first:
+                raise RuntimeError("first encode fails")
+            return got
+
+    backend = FailsOnce(0.3)
+    gen = MaskGenerator(backend)
+    image = np.full((20, 30, 3), 120, np.uint8)
+    outcomes = []
+    for outcome in _run_together_outcomes([lambda: gen.generate(image, "x") for _ in range(2)]):
+        outcomes.append(type(outcome).__name__)
+    assert sorted(outcomes) == ["MaskResult", "RuntimeError"] and len(backend.encodes) == 2
+
+
+def _run_together_outcomes(calls: list[Callable[[], object]]) -> list[object]:
+    def caught(call: Callable[[], object]) -> object:
+        try:
+            return call()
+        except RuntimeError as exc:
+            return exc
+
+    return _run_together([lambda c=c: caught(c) for c in calls])
+
+
+def test_a_thread_waiting_for_anothers_encode_stops_when_asked() -> None:
+    backend = SlowCountingBackend(2.0)
+    gen = MaskGenerator(backend)
+    image = np.full((20, 30, 3), 120, np.uint8)
+    stop = threading.Event()
+
+    def waiter() -> object:
+        time.sleep(0.3)  # the first thread is encoding by now
+        threading.Timer(0.2, stop.set).start()
+        started = time.monotonic()
+        try:
+            gen.generate(image, "x", should_stop=stop.is_set)
+        except StoppedError:
+            return time.monotonic() - started
+        return None
+
+    _, waited = _run_together([lambda: gen.generate(image, "x"), waiter])
+    assert isinstance(waited, float) and waited < 1.5, waited
+    assert len(backend.encodes) == 1
