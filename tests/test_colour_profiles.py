@@ -178,3 +178,13 @@ def test_a_palette_image_with_a_wide_gamut_profile_is_decoded_to_srgb(coffee: np
     rgba = np.asarray(palette.convert("RGBA"))
     assert got.shape[2] == 4 and np.array_equal(got[..., 3], rgba[..., 3])
     assert np.array_equal(got, reference_srgb(rgba, WIDE_ICC))
+
+
+def test_a_gray_colour_key_survives_the_conversion() -> None:
+    """A gray PNG whose tRNS makes one level transparent keeps that transparency when its profile is converted."""
+    gray = np.full((4, 6), 100, np.uint8)
+    gray[0, :2] = 7
+    got = load_image(encoded(gray, "PNG", GRAY_18_ICC, transparency=7), keep_alpha=True)
+    alpha = np.where(gray == 7, 0, 255).astype(np.uint8)
+    assert got.shape == (4, 6, 4) and np.array_equal(got[..., 3], alpha)
+    assert abs(int(got[1, 1, 0]) - int(srgb_of_gamma(np.array([100]), 1.8)[0])) <= 1

@@ -29,7 +29,7 @@ _PREPARED = {"P", "LA"}
 
 
 def to_srgb(img: Image.Image) -> Image.Image:
-    """`img` in sRGB: a new image of mode RGB (RGBA for RGBA, LA, a palette with transparency, and RGB with a
+    """`img` in sRGB: a new image of mode RGB (RGBA for RGBA, LA, a palette with transparency, and RGB or L with a
     transparent colour key) when it embeds another colour profile, else `img` itself (also for modes not converted:
     16-bit, 32-bit, float)."""
     icc = img.info.get("icc_profile")
@@ -63,6 +63,8 @@ def _prepared(img: Image.Image) -> tuple[Image.Image, Image.Image | None]:
     if img.mode == "P":  # the palette's colours, transparency (tRNS or an RGBA palette) as alpha
         transparent = "transparency" in img.info or (img.palette is not None and img.palette.mode == "RGBA")
         return img.convert("RGBA" if transparent else "RGB"), None
+    if img.mode == "L" and "transparency" in img.info:  # a gray colour key, as for RGB below
+        img = img.convert("LA")
     if img.mode == "LA":
         return img.getchannel("L"), img.getchannel("A")
     if img.mode == "RGB" and "transparency" in img.info:  # a colour key, which converted colours would miss
