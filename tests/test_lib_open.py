@@ -16,7 +16,7 @@ from automask import MaskGenerator
 from automask.errors import ImageDecodeError, InvalidOptionError, StoppedError
 from automask.feature_cache import image_digest
 from automask.imageio import load_image
-from automask.options import MaskOptions
+from automask.options import MaskOptions, parse_prompt
 from test_mask_controls import MapBackend
 
 
@@ -232,3 +232,12 @@ def test_a_thread_waiting_for_anothers_encode_stops_when_asked() -> None:
     _, waited = _run_together([lambda: gen.generate(image, "x"), waiter])
     assert isinstance(waited, float) and waited < 1.5, waited
     assert len(backend.encodes) == 1
+
+
+@pytest.mark.parametrize("prompt", [("cup", "hat"), b"cup", np.array(["cup"]), ["cup", 5], 5])
+def test_a_prompt_of_another_type_is_refused_saying_what_is_accepted(prompt: object) -> None:
+    with pytest.raises(InvalidOptionError) as caught:
+        parse_prompt(prompt)  # type: ignore[arg-type]
+    message = str(caught.value)
+    assert caught.value.field == "prompt" and "a string or a list of strings" in message, message
+    assert type(prompt).__name__ in message or "item" in message, message

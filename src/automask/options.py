@@ -223,12 +223,16 @@ def parse_prompt(prompt: str | list[str]) -> list[str]:
 
     Duplicates are dropped, order is kept. Raises `InvalidOptionError` if nothing is left.
     """
+    accepted = "must be a string or a list of strings"
     if isinstance(prompt, list):
+        wrong = next((i for i, item in enumerate(prompt) if not isinstance(item, str)), None)
+        if wrong is not None:
+            raise InvalidOptionError("prompt", f"{accepted}; item {wrong} is {type(prompt[wrong]).__name__}")
         parts = [p for item in prompt for p in parse_prompt_parts(item)]
     elif isinstance(prompt, str):
         parts = parse_prompt_parts(prompt)
     else:
-        raise InvalidOptionError("prompt", "must be a string")
+        raise InvalidOptionError("prompt", f"{accepted}, not {type(prompt).__name__}")
     targets = list(dict.fromkeys(parts))
     if not targets:
         raise InvalidOptionError("prompt", "must name at least one thing to select, e.g. 'sofa' or 'sofa, lamp'")
