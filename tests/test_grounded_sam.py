@@ -592,3 +592,13 @@ def test_a_grounded_sam_folder_with_two_mask_heads_is_refused_naming_them(
         MaskGenerator(str(folder), settings)
     assert err.value.message.startswith(f"'{folder}' holds a GroundingDINO and several mask heads (")
     assert "facebook--sam-vit-base" in err.value.message and "zz-other-head" in err.value.message
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (2, 2), (64, 64), (1, 300)])
+def test_tiny_and_square_images_are_masked(backend: GroundedSamBackend, shape: tuple[int, int]) -> None:
+    """A 1×1 (or any square) image reaches the detector's coarsest level as a 1×1 map: its GroupNorm(32, d_model)
+    needs two values a group, which a d_model of 32 (one channel a group) lacked there; the real 256 has eight."""
+    gen = MaskGenerator(backend)
+    out = gen.generate(np.full((*shape, 3), 128, np.uint8), "sofa", threshold=0.0, grow_mask=0)
+    assert out.mask.shape == shape and out.mask.dtype == np.uint8
+    assert set(np.unique(out.mask)) <= {0, 255}

@@ -149,7 +149,7 @@ def make_tiny_grounding_dino(folder: Path, seed: int = 0, num_queries: int = 30,
     config = GroundingDinoConfig(
         backbone_config=swin,
         text_config=text,
-        d_model=32,
+        d_model=64,  # GroupNorm(32, d_model) on a 1×1 map (any square image's coarsest level) needs 2 channels a group
         encoder_layers=1,
         decoder_layers=2,
         encoder_attention_heads=4,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -14,11 +15,27 @@ from automask.backends.base import Backend
 
 
 def image_digest(image: np.ndarray) -> bytes:
-    """A 16-byte BLAKE2b digest of an image array's pixels and shape: the image half of a `FeatureCache` key.
-    Computed once per request (hashing a 12 MP image takes tens of milliseconds)."""
-    h = hashlib.blake2b(image.tobytes(), digest_size=16)
+    """A 16-byte BLAKE2b digest of an image array's pixels (in C order, whatever its strides) and shape: the image
+    half of a `FeatureCache` key. Computed once per request (hashing a 12 MP image takes tens of milliseconds).
+
+    A C-contiguous array is hashed in place; another (a crop, a flipped or strided view) a block of rows at a time
+    (`DIGEST_BLOCK` bytes), so no full-size copy is made (36 MP: ~106 MB of `tobytes()` before)."""
+    h = hashlib.blake2b(digest_size=16)
+    if image.flags.c_contiguous:
+        h.update(image.data.cast("B"))
+    elif image.ndim == 0 or image.size == 0:
+        h.update(image.tobytes())
+    else:
+        row = image[0].nbytes
+        rows = max(1, DIGEST_BLOCK // max(row, 1))
+        for top in range(0, image.shape[0], rows):
+            h.update(np.ascontiguousarray(image[top : top + rows]).data.cast("B"))
     h.update(repr(image.shape).encode())
     return h.digest()
+
+
+DIGEST_BLOCK = 1 << 20
+"""Bytes of a non-contiguous image copied at a time to hash it (`image_digest`)."""
 
 
 CACHE_BYTES = 256 * 1024 * 1024
@@ -52,21 +69,72 @@ def nbytes(value: Any) -> int:
     return size(value, NBYTES_DEPTH)
 
 
+WAIT_STEP = 0.05
+"""Seconds between two looks at a waiting caller's stop check while another thread encodes its image."""
+
+
+class _Flight:
+    """One encode in progress: waiters block on `done`; `value` is set when it succeeded."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.ok = False
+        self.value: Any = None
+
+
 class FeatureCache:
     """A small LRU of encoded image features keyed by (backend, image content), thread-safe: at most `max_items`
-    entries and `max_bytes` of their arrays (an entry larger than that alone is not kept)."""
+    entries and `max_bytes` of their arrays (an entry larger than that alone is not kept). `get_or_compute` runs
+    one encode per key at a time: callers that want the same features meanwhile wait for them."""
 
     def __init__(self, max_items: int = 4, max_bytes: int = CACHE_BYTES) -> None:
         self.max_items = max_items
         self.max_bytes = max_bytes
         self._items: OrderedDict[tuple[str, bytes], Any] = OrderedDict()
         self._sizes: dict[tuple[str, bytes], int] = {}
+        self._flights: dict[tuple[str, bytes], _Flight] = {}
         self._lock = threading.Lock()
 
     @staticmethod
     def key(backend: Backend, digest: bytes) -> tuple[str, bytes]:
         """The key of `backend`'s features of the image with `image_digest` `digest`."""
         return (f"{backend.name}:{backend.model_id}:{id(backend)}", digest)
+
+    def get_or_compute(
+        self, key: tuple[str, bytes], compute: Callable[[], Any], waiting: Callable[[], None] | None = None
+    ) -> tuple[Any, bool]:
+        """(the features under `key`, whether they were not cached yet): from the cache; else from `compute()`, run
+        here and cached, or, while another thread computes them, that thread's result once it has it (single flight:
+        other keys are not held up). `waiting` (raising to give up) is called every `WAIT_STEP` seconds meanwhile;
+        when the other thread's `compute` raises, this one computes itself. `compute`'s own errors propagate."""
+        while True:
+            with self._lock:
+                if key in self._items:
+                    self._items.move_to_end(key)
+                    return self._items[key], False
+                flight = self._flights.get(key)
+                leader = flight is None
+                if flight is None:
+                    flight = self._flights[key] = _Flight()
+            if leader:
+                return self._compute(key, flight, compute), True
+            while not flight.done.wait(WAIT_STEP):
+                if waiting is not None:
+                    waiting()
+            if flight.ok:
+                return flight.value, True
+
+    def _compute(self, key: tuple[str, bytes], flight: _Flight, compute: Callable[[], Any]) -> Any:
+        """`compute()` for `flight`, cached under `key`; its waiters released whether it succeeds or raises."""
+        try:
+            flight.value = compute()
+            flight.ok = True
+            self.put(key, flight.value)
+            return flight.value
+        finally:
+            with self._lock:
+                del self._flights[key]
+            flight.done.set()
 
     def get(self, key: tuple[str, bytes]) -> Any | None:
         """The features cached under `key` (now the most recently used), or None."""

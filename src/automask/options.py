@@ -13,7 +13,7 @@ import unicodedata
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from automask.errors import InvalidOptionError
 
@@ -47,7 +47,8 @@ class MaskOptions(BaseModel, metaclass=RaisesInvalidOption):
     change nothing.
 
     `MaskOptions(...)` and `MaskOptions.parse(...)` raise `InvalidOptionError` naming the first bad field. Numpy
-    scalars are read as the Python numbers and booleans they hold (`np.int64(5)`, `np.bool_(True)`).
+    scalars and 0-d arrays are read as the Python numbers, booleans and strings they hold (`np.int64(5)`,
+    `np.bool_(True)`, `np.array(0.5)`), and refused where those would be.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
@@ -124,12 +125,14 @@ class MaskOptions(BaseModel, metaclass=RaisesInvalidOption):
             return int(float(v))  # 5.0, numpy's np.float32(5.0) too
         return v
 
-    @field_validator(
-        "invert_mask", "return_mask", "return_alpha", "stop_on_empty_mask", "refine", "fill_holes", mode="before"
-    )
+    @model_validator(mode="before")
     @classmethod
-    def _numpy_bool(cls, v: Any) -> Any:
-        return bool(v) if isinstance(v, np.bool_) else v
+    def _numpy_scalars(cls, data: Any) -> Any:
+        """Numpy scalars and 0-d arrays (`np.float64(0.5)`, `np.array(5)`, `np.array(True)`) -> the Python scalars
+        they hold, so every option reads them as it reads those (a boolean is refused for a number either way)."""
+        if not isinstance(data, dict):
+            return data
+        return {k: python_scalar(v) for k, v in data.items()}
 
     @field_validator("negative_prompt", mode="after")
     @classmethod
@@ -166,6 +169,14 @@ class MaskOptions(BaseModel, metaclass=RaisesInvalidOption):
             return cls.model_validate(merged, strict=strict)
         except ValidationError as exc:
             raise validation_error(exc) from None
+
+
+def python_scalar(value: Any) -> Any:
+    """A numpy scalar or 0-d array -> the Python scalar it holds (`.item()`: float, int, bool, str); anything else
+    (a longer array included, which validation then refuses) unchanged."""
+    if isinstance(value, np.generic) or (isinstance(value, np.ndarray) and value.ndim == 0):
+        return value.item()
+    return value
 
 
 def validation_error(exc: ValidationError) -> InvalidOptionError:
@@ -212,12 +223,16 @@ def parse_prompt(prompt: str | list[str]) -> list[str]:
 
     Duplicates are dropped, order is kept. Raises `InvalidOptionError` if nothing is left.
     """
+    accepted = "must be a string or a list of strings"
     if isinstance(prompt, list):
+        wrong = next((i for i, item in enumerate(prompt) if not isinstance(item, str)), None)
+        if wrong is not None:
+            raise InvalidOptionError("prompt", f"{accepted}; item {wrong} is {type(prompt[wrong]).__name__}")
         parts = [p for item in prompt for p in parse_prompt_parts(item)]
     elif isinstance(prompt, str):
         parts = parse_prompt_parts(prompt)
     else:
-        raise InvalidOptionError("prompt", "must be a string")
+        raise InvalidOptionError("prompt", f"{accepted}, not {type(prompt).__name__}")
     targets = list(dict.fromkeys(parts))
     if not targets:
         raise InvalidOptionError("prompt", "must name at least one thing to select, e.g. 'sofa' or 'sofa, lamp'")

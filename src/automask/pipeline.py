@@ -188,14 +188,15 @@ class MaskGenerator:
         timings: dict[str, float],
         params: ScoreParams,
     ) -> Scores:
-        """`backend`'s scores of `prompts`, its features of `image` taken from the cache when there;
+        """`backend`'s scores of `prompts`, its features of `image` taken from the cache when there (or from another
+        thread encoding the same image meanwhile: one encode per image at a time);
         `params.should_stop` is asked after the encode and after the score."""
         t = time.perf_counter()
         key = self.cache.key(backend, image.digest)
-        features = self.cache.get(key)
-        if features is None:
-            features = backend.encode(image.rgb)
-            self.cache.put(key, features)
+        features, fresh = self.cache.get_or_compute(
+            key, lambda: backend.encode(image.rgb), lambda: stop_if_asked(params.should_stop)
+        )
+        if fresh:  # encoded here, or by another thread on the same image while this one waited
             timings["encode"] += time.perf_counter() - t
             stop_if_asked(params.should_stop)
         t = time.perf_counter()

@@ -49,9 +49,10 @@ def scale_16bit(values: np.ndarray) -> np.ndarray:
 def to_uint8(a: np.ndarray) -> np.ndarray:
     """Samples of any numeric dtype -> uint8, by their range.
 
-    bool: 0/255. uint16: always the 16-bit range (scaled). Other integers: 0..255 kept, 0..65535 scaled as
-    16-bit, anything else refused. Floats: 0..1 (within `FLOAT_UNIT_RANGE`, clipped) scaled by 255, 0..255
-    (within `FLOAT_BYTE_RANGE`, clipped) rounded, anything else (or NaN/inf) refused. Negative integers are refused.
+    bool: 0/255. uint16: always the 16-bit range (scaled). Other integers (int8 to uint64): 0..255 kept, 0..65535
+    scaled as 16-bit, anything else (a negative value too) refused with a message naming the dtype, never wrapped.
+    Floats: 0..1 (within `FLOAT_UNIT_RANGE`, clipped) scaled by 255, 0..255 (within `FLOAT_BYTE_RANGE`, clipped)
+    rounded, anything else (or NaN/inf) refused.
     """
     if a.dtype == np.uint8:
         return a
@@ -63,16 +64,16 @@ def to_uint8(a: np.ndarray) -> np.ndarray:
         raise ImageDecodeError(f"Array images of dtype {a.dtype} are not supported; pass uint8 RGB.")
     if a.dtype.kind == "f" and not np.isfinite(a).all():
         raise ImageDecodeError("The image's samples contain NaN or infinite values.")
-    lo, hi = float(a.min()), float(a.max())
     if a.dtype.kind == "f":
-        return _float_to_uint8(a, lo, hi)
-    if lo < 0:
-        raise ImageDecodeError(f"The image has negative sample values (min {lo:g}); they must be in 0–255.")
-    if hi <= 255:
-        return a.astype(np.uint8)
-    if hi <= 65535:
-        return scale_16bit(a)
-    raise ImageDecodeError(f"Integer images must hold samples in 0–255 or 0–65535, got max {hi:g}.")
+        return _float_to_uint8(a, float(a.min()), float(a.max()))
+    lo, hi = int(a.min()), int(a.max())  # exact: a float would round 2**63 + 5
+    if lo < 0 or hi > 65535:
+        found = f"a negative sample ({lo})" if lo < 0 else f"max {hi}"
+        raise ImageDecodeError(
+            f"Integer images ({a.dtype.name} here) must hold samples in 0–255 (kept) or 0–65535 (scaled as 16-bit), "
+            f"got {found}; rescale them to uint8 or uint16 first."
+        )
+    return a.astype(np.uint8) if hi <= 255 else scale_16bit(a)
 
 
 FLOAT_UNIT_RANGE = (-0.5, 1.5)
