@@ -93,3 +93,28 @@ def test_a_form_refuses_the_numbers_json_refuses(
     answers = [post(client, version, form, field, text) for form in (False, True)]
     assert [a.status_code for a in answers] == [400, 400], [a.text for a in answers]
     assert all(a.json()["error"].startswith(f"{field}: ") for a in answers)
+
+
+NOT_JSON_NUMBERS = [("seed", "1_0"), ("grow_mask", "+5"), ("threshold", "+0.5"), ("min_area", "05"), ("feather", "5.")]
+NOT_JSON_NUMBERS += [("threshold", ".5"), ("text_threshold", "0x1"), ("seed", "1e1_0"), ("grow_mask", "١")]
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+@pytest.mark.parametrize(("field", "text"), NOT_JSON_NUMBERS)
+def test_a_form_refuses_numbers_json_cannot_write_naming_the_field(
+    client: tuple[TestClient, dict[str, str]], version: str, field: str, text: str
+) -> None:
+    """Before: a form took what Python's int()/float() take (`seed=1_0` was 10, `grow_mask=+5` was 5, `min_area=05`
+    was 5), text that is no JSON number: the JSON body refuses it, so one value meant something in one encoding only.
+    Now multipart and urlencoded forms refuse it with a 400 naming the field and how to write the number."""
+    as_json = post(client, version, False, field, text)
+    assert as_json.status_code == 400 and as_json.json()["error"].startswith("body: is not valid JSON"), as_json.text
+    test_client, headers = client
+    url = f"/{version}/automatic-mask-generator"
+    data = {"prompt": "x", "base64": "true", field: text}
+    multipart = post(client, version, True, field, text)
+    urlencoded = test_client.post(url, data={**data, "image": base64.b64encode(PNG).decode()}, headers=headers)
+    for answer in (multipart, urlencoded):
+        assert answer.status_code == 400, answer.text
+        error = answer.json()["error"]
+        assert error.startswith(f"{field}: must be a number written as JSON writes one") and repr(text) in error, error

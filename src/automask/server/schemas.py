@@ -10,12 +10,13 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException
 from starlette.requests import Request
 
 from automask.errors import InvalidOptionError
-from automask.options import MaskOptions, check_text, number_text, parse_prompt, validation_error
+from automask.options import MaskOptions, check_text, parse_prompt, validation_error
 from automask.server.errors import shown
-from automask.server.form_parts import MAX_FORM_PARTS, field_image, is_json_object, part_charset
+from automask.server.form_parts import MAX_FORM_PARTS, field_image, form_value, is_json_object, parse_multipart
 from automask.server.limits import Message, Receive
 
 MAX_MODEL_NAME = 200
@@ -231,12 +232,19 @@ def _from_json(body: bytearray) -> MaskRequest:
 
 
 async def _read_form(request: Request, body: bytearray, max_part_size: int, *, multipart: bool) -> MaskRequest:
+    raw_image: bytearray | None = None
     try:  # parsed from a request of its own, which keeps no copy of the body once this returns
-        form = await Request(request.scope, _replay(body)).form(
-            max_files=MAX_FORM_PARTS, max_fields=MAX_FORM_PARTS, max_part_size=max_part_size
-        )
-    except HTTPException as exc:  # starlette's answer to a malformed form
-        raise InvalidOptionError("body", f"is not a valid form: {exc.detail}") from None
+        if multipart:
+            form, raw_image = await parse_multipart(
+                request.headers, body, max_parts=MAX_FORM_PARTS, max_part_size=max_part_size
+            )
+        else:
+            form = await Request(request.scope, _replay(body)).form(
+                max_files=MAX_FORM_PARTS, max_fields=MAX_FORM_PARTS, max_part_size=max_part_size
+            )
+    except (HTTPException, MultiPartException) as exc:  # starlette's answer to a malformed form
+        detail = exc.detail if isinstance(exc, HTTPException) else exc.message
+        raise InvalidOptionError("body", f"is not a valid form: {detail}") from None
     data: dict[str, Any] = {}
     try:
         for name, value in form.multi_items():
@@ -246,10 +254,10 @@ async def _read_form(request: Request, body: bytearray, max_part_size: int, *, m
                 if name not in MaskRequest.model_fields:  # named before it is read
                     raise InvalidOptionError(name, "unknown field")
                 data[name] = await value.read()
-            elif name == "image" and multipart:
-                data[name] = field_image(value, part_charset(request.headers.get("content-type", "")))
+            elif name == "image" and raw_image is not None:
+                data[name] = field_image(value, raw_image)
             else:
-                data[name] = number_text(name, value)
+                data[name] = form_value(name, value)
     finally:
         await form.close()
     return validate_request(data, strict=False)
