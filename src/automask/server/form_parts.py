@@ -13,6 +13,7 @@ from starlette.datastructures import FormData, Headers
 from starlette.formparsers import MultiPartParser
 
 from automask.errors import InvalidOptionError, shown
+from automask.imageio.unreadable import known_format
 from automask.options import MaskOptions
 
 MAX_FORM_PARTS = 32
@@ -51,6 +52,22 @@ def form_value(name: str, text: str) -> Any:
         return json.loads(text)
     except ValueError:  # an integer of more than 4300 digits (sys.get_int_max_str_digits)
         raise InvalidOptionError(name, "is a number with too many digits to read") from None
+
+
+def check_not_an_image(body: bytes | bytearray, content_type: str) -> None:
+    """Raise `InvalidOptionError` saying what to send instead when `body`, sent as `content_type` (lower case, no
+    parameters) for JSON, is an image file itself (`curl --data-binary @photo.png`): it starts as an image format
+    does, or it is labelled image/* and does not start as a JSON object does (a JSON body labelled so is read)."""
+    known = known_format(body)
+    if known is None and not (content_type.startswith("image/") and not is_json_object(body)):
+        return
+    what = ", ".join(filter(None, [known and f"a {known} file", content_type and f"sent as {shown(content_type, 60)}"]))
+    raise InvalidOptionError(
+        "body",
+        f"is an image file's own bytes ({what}), which this endpoint does not take as the body: send a JSON object "
+        '{"image": "<the image as base64, a data: URI or an http(s) URL>", "prompt": "..."}, or a multipart form '
+        "with the image as its 'image' file (curl -F image=@photo.png -F prompt=sofa)",
+    )
 
 
 def is_json_object(body: bytes | bytearray) -> bool:

@@ -16,7 +16,14 @@ from starlette.requests import Request
 from automask.errors import InvalidOptionError
 from automask.options import MaskOptions, check_text, parse_prompt, validation_error
 from automask.server.errors import shown
-from automask.server.form_parts import MAX_FORM_PARTS, field_image, form_value, is_json_object, parse_multipart
+from automask.server.form_parts import (
+    MAX_FORM_PARTS,
+    check_not_an_image,
+    field_image,
+    form_value,
+    is_json_object,
+    parse_multipart,
+)
 from automask.server.limits import Message, Receive
 
 MAX_MODEL_NAME = 200
@@ -160,6 +167,7 @@ async def read_request(request: Request, max_part_size: int) -> MaskRequest:
     body = await _read_body(request)  # whole first: the body limit applies before the form parser sees it
     if content_type == FORM_TYPES[0] or (content_type == FORM_TYPES[1] and not is_json_object(body)):
         return await _read_form(request, body, max_part_size, multipart=content_type == FORM_TYPES[0])
+    check_not_an_image(body, content_type)
     return await asyncio.to_thread(_from_json, body)  # a base64 image may be tens of MB: off the event loop
 
 
