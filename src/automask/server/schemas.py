@@ -221,6 +221,12 @@ def _fields_once(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 def _from_json(body: bytearray) -> MaskRequest:
     """Parse and validate a JSON body (`check_json_values` first). `body` is emptied once it is decoded to text: the
     peak is twice the body (the text, then the text and the values parsed from it), not three times."""
+    if not body or body.isspace():
+        raise InvalidOptionError(
+            "body",
+            'is empty; send a JSON object such as {"image": "<base64, a data: URI or an http(s) URL>", "prompt": '
+            "\"sofa\"}, or a multipart form with an 'image' file",
+        )
     check_json_values(body)
     try:
         text = body.decode(json.detect_encoding(body), "surrogatepass")  # what json.loads(bytes) does
@@ -261,7 +267,8 @@ async def _read_form(request: Request, body: bytearray, max_part_size: int, *, m
             if isinstance(value, UploadFile):
                 if name not in MaskRequest.model_fields:  # named before it is read
                     raise InvalidOptionError(name, "unknown field")
-                data[name] = await value.read()
+                content = await value.read()
+                data[name] = content if name == "image" else form_value(name, _file_text(name, content))
             elif name == "image" and raw_image is not None:
                 data[name] = field_image(value, raw_image)
             else:
@@ -269,6 +276,14 @@ async def _read_form(request: Request, body: bytearray, max_part_size: int, *, m
     finally:
         await form.close()
     return validate_request(data, strict=False)
+
+
+def _file_text(name: str, content: bytes) -> str:
+    """The text of field `name` sent as a file part (a filename given): its bytes as UTF-8."""
+    try:
+        return content.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidOptionError(name, "is not UTF-8 text (it was sent as a file part)") from None
 
 
 class SubmitResponse(BaseModel):
