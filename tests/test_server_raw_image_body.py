@@ -43,6 +43,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
         ("GIF", "application/json"),
         ("WEBP", ""),
         ("BMP", "image/bmp"),
+        ("PNG", "application/x-www-form-urlencoded"),  # curl --data-binary @photo.png, no Content-Type given
     ],
 )
 def test_a_raw_image_body_is_a_400_saying_what_to_send(live: Any, version: str, fmt: str, content_type: str) -> None:
