@@ -224,7 +224,7 @@ def body_of(served: Served, raw: str, **fields: Any) -> bytes:
         (b"42", ["must be a JSON object"]),
         (b"null", ["must be a JSON object"]),
         (b'"sofa"', ["must be a JSON object"]),
-        (b"", ["not valid JSON"]),
+        (b"", ["is empty", "JSON object"]),
         (b"[" * 100_000 + b"]" * 100_000, ["nested too deeply"]),
         (b'{"a":' * 100_000 + b"1" + b"}" * 100_000, ["nested too deeply"]),
         (b'{"image": "x", "prompt": "sofa", "seed": ' + b"9" * 5000 + b"}", ["too many digits"]),
