@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from automask.errors import FetchError, FetchTimeoutError, ImageTooLargeError, URLRefusedError
+from automask.errors import FetchError, FetchTimeoutError, ImageDecodeError, ImageTooLargeError, URLRefusedError
 from automask.imageio import fetch, load_image
 from automask.imageio.content_coding import Inflater
 from automask.imageio.fetch import IPAddress, blocked_reason, check_url, fetch_url, never_fetched, resolve_host
@@ -960,3 +960,42 @@ def test_https_trickled_headers_hit_the_overall_deadline(tls_site: Site) -> None
     with pytest.raises(FetchTimeoutError):
         fetch_url(url, Settings(fetch_timeout=0.8), resolve=resolve, is_allowed=loopback_is_public)
     assert time.monotonic() - start < 2.5
+
+
+@pytest.mark.parametrize("media_type", ["text/html; charset=utf-8", "application/xhtml+xml", "TEXT/HTML"])
+def test_a_url_that_answers_a_web_page_says_so(site: Site, media_type: str) -> None:
+    """Before: "The input looks like text (HTML, JSON or similar), not an image automask can read", which does not
+    say that the URL is a page's, not its image's, as when a user pastes the link of the page that shows the image."""
+    page = b"\xef\xbb\xbf\n <!doctype html><html><body><img src='/img.png'></body></html>"
+    site.routes["/photo"] = lambda handler: send(handler, 200, page, Content_Type=media_type)
+    with pytest.raises(ImageDecodeError) as caught:
+        load_image(site.url("/photo"), PRIVATE_OK)
+    message = str(caught.value)
+    shown = media_type.split(";")[0].lower()
+    assert f"{site.url('/photo')} answered a web page ({shown}), not an image" in message, message
+    assert "copy the image's own address" in message, message
+
+
+def test_an_image_labelled_text_html_is_still_read(site: Site) -> None:
+    site.routes["/mislabelled"] = lambda handler: send(handler, 200, png_bytes(), Content_Type="text/html")
+    assert np.array_equal(load_image(site.url("/mislabelled"), PRIVATE_OK), PIXELS)
+
+
+@pytest.mark.parametrize(
+    "location",
+    [
+        "http://alice:s3cret@127.0.0.1:99999/a.png",
+        "http://alice:s3cret@images..example.com/a.png",
+        "http://alice:s3/cret@127.0.0.1/a.png",
+        "//alice:s3cret@127.0.0.1:0/a.png",
+    ],
+)
+def test_an_invalid_redirect_location_is_shown_without_its_credentials(site: Site, location: str) -> None:
+    """Before: the Location was quoted as the remote wrote it, its user name and password with it (a first URL's are
+    left out: `urls.show`)."""
+    site.routes["/hop"] = redirect_route(location)
+    with pytest.raises(FetchError, match="redirected to an invalid URL") as caught:
+        fetch_url(site.url("/hop"), PRIVATE_OK)
+    message = str(caught.value)
+    assert "s3" not in message and "cret" not in message and "alice" not in message, message
+    assert "…@" in message, message

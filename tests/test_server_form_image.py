@@ -132,3 +132,39 @@ def test_a_second_file_is_named_as_a_second_field_is(live: Any, version: str) ->
             continue
         assert answer.status_code == 400, answer.text
         assert answer.json()["error"].startswith(f"{field}: ") and why in answer.json()["error"], answer.text
+
+
+def utf8_bmp(width: int = 4, height: int = 4) -> bytes:
+    """A 24-bit BMP whose every byte sequence is valid UTF-8 and holds characters U+0080-U+00FF (its pixel bytes are
+    ASCII or two-byte sequences C2/C3 80-BF; its header's numbers are small, its zero bytes the control characters an
+    image file has): a form parser decodes it as UTF-8 text without a fallback."""
+    rng = np.random.default_rng(5)
+    pixels = bytearray()
+    while len(pixels) < width * height * 3:
+        pixels += bytes([rng.integers(0x20, 0x7F)]) if rng.random() < 0.4 else bytes([0xC3, rng.integers(0x80, 0xC0)])
+    pixels = pixels[: width * height * 3]
+    if pixels[-1] in (0xC2, 0xC3):  # no sequence cut in two
+        pixels[-1] = 0x41
+    size = 54 + len(pixels)
+    header = b"BM" + size.to_bytes(4, "little") + bytes(4) + (54).to_bytes(4, "little")
+    dib = (40).to_bytes(4, "little") + width.to_bytes(4, "little") + height.to_bytes(4, "little")
+    dib += (1).to_bytes(2, "little") + (24).to_bytes(2, "little") + bytes(4) + len(pixels).to_bytes(4, "little")
+    dib += bytes(16)
+    return header + dib + bytes(pixels)
+
+
+@pytest.mark.parametrize("charset", [None, "utf-8"])
+def test_an_image_field_whose_bytes_are_valid_utf8_is_read_as_those_bytes(live: Any, charset: str | None) -> None:
+    """Before: the parser decoded the part as UTF-8 and the service turned the text back into bytes with latin-1, so
+    each two-byte character became one byte: 400 (the image was cut short) where the same bytes as a file were read."""
+    image = utf8_bmp()
+    text = image.decode("utf-8")
+    assert any("\x80" <= c <= "\xff" for c in text) and "\x00" in text
+    assert np.asarray(Image.open(io.BytesIO(image))).shape == (4, 4, 3)
+    as_file = send(live, "v1", *multipart(image, filename="photo.bmp", part_type=None, charset=charset))
+    assert as_file.status_code == 200, as_file.text
+    as_field = send(live, "v1", *multipart(image, filename=None, part_type=None, charset=charset))
+    assert as_field.status_code == 200, as_field.text
+    assert np.array_equal(decode(as_field.content), decode(as_file.content))
+    submitted = send(live, "v2", *multipart(image, filename=None, part_type=None, charset=charset))
+    assert np.array_equal(decode(v2_output(live, submitted)), decode(as_file.content))

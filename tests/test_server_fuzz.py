@@ -224,7 +224,7 @@ def body_of(served: Served, raw: str, **fields: Any) -> bytes:
         (b"42", ["must be a JSON object"]),
         (b"null", ["must be a JSON object"]),
         (b'"sofa"', ["must be a JSON object"]),
-        (b"", ["not valid JSON"]),
+        (b"", ["is empty", "JSON object"]),
         (b"[" * 100_000 + b"]" * 100_000, ["nested too deeply"]),
         (b'{"a":' * 100_000 + b"1" + b"}" * 100_000, ["nested too deeply"]),
         (b'{"image": "x", "prompt": "sofa", "seed": ' + b"9" * 5000 + b"}", ["too many digits"]),
@@ -355,8 +355,8 @@ def test_a_content_type_lying_about_the_body_is_400(served: Served) -> None:
         ("multipart/form-data", as_json, ["body: ", "not a valid form"]),  # and no boundary
         ("multipart/form-data; boundary=zz", as_json, ["body: ", "not a valid form"]),
         ("application/json", form, ["body: ", "not valid JSON"]),
-        ("application/x-www-form-urlencoded", png_file(served), ["image: ", "required"]),
-        ("image/png", png_file(served), ["body: ", "not valid JSON"]),
+        ("application/x-www-form-urlencoded", png_file(served), ["body: ", "image file's own bytes", "JSON object"]),
+        ("image/png", png_file(served), ["body: ", "image file's own bytes", "multipart form"]),
         ("text/plain", b"image=x&prompt=sofa", ["body: ", "not valid JSON"]),
     ]
     for content_type, content, words in cases:

@@ -58,4 +58,27 @@ def test_every_documented_error_is_a_body_the_service_sends(spec: dict[str, Any]
 
 def test_cancel_documents_the_errors_it_answers(spec: dict[str, Any]) -> None:
     responses = spec["paths"]["/v2/requests/{request_id}/cancel"]["post"]["responses"]
-    assert set(responses) == {"200", "401", "403", "404", "429", "500"}
+    assert set(responses) == {"200", "401", "403", "404", "429", "500", "503"}
+
+
+def test_every_keyed_endpoint_documents_the_503_it_answers(tmp_path: Path) -> None:
+    """Before: the v2 job endpoints, cancel, /v1/credits and /v1/models documented no 503, though each asks for the
+    caller's key first, which is a 503 when the node no longer serves its database (and when the database or Redis
+    does not answer). Each such endpoint is called on a node in that state: it answers 503 and documents it."""
+    settings = Settings(data_dir=tmp_path / "data")
+    app = create_app(settings, ServerSettings(), MaskGenerator(FakeBackend(), settings))
+    with TestClient(app) as client:
+        spec = client.get("/openapi.json").json()
+        app.state.automask.guard.refusal = "This server no longer serves requests: its database was switched."
+        keyed = [
+            (path, method, operation)
+            for path, operations in spec["paths"].items()
+            for method, operation in operations.items()
+            if operation.get("security")
+        ]
+        assert len(keyed) >= 8
+        for path, method, operation in keyed:
+            answer = client.request(method, path.replace("{request_id}", "0" * 32), headers={"x-api-key": "am_x_y"})
+            assert answer.status_code == 503 and "no longer serves" in answer.json()["error"], (path, answer.text)
+            assert "503" in operation["responses"], (path, method)
+            assert "Retry-After" in operation["responses"]["503"].get("headers", {}), (path, method)

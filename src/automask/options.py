@@ -286,7 +286,7 @@ INTEGER_OPTIONS = frozenset(name for name, field in MaskOptions.model_fields.ite
 
 
 def number_text(name: str, text: str) -> str | float:
-    """Option `name` given as text (a form field, a CLI flag) as JSON reads the same text: for an integer option, a
+    """Option `name` given as text (a CLI flag) as JSON reads the same text: for an integer option, a
     number with an exponent or a fraction (`1e3`, `1.5`) is that float, which validation takes when it is whole (1000,
     as JSON's `1e3`) and refuses when it is not; integer text is left to pydantic, which reads it exactly however
     long. Any other text is left as it is."""

@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 import socket
 import threading
 import time
@@ -34,6 +35,7 @@ import httpx
 from automask.errors import (
     FetchError,
     FetchTimeoutError,
+    ImageDecodeError,
     ImageTooLargeError,
     PrivateAddressError,
     URLRefusedError,
@@ -197,9 +199,28 @@ def _get_from(url: httpx.URL, ip: IPAddress, deadline: float, settings: Settings
                 raise FetchError(
                     f"The image URL {show(url)} answered HTTP {response.status_code} {response.reason_phrase}."
                 )
-            return _read_capped(response, url, deadline, settings)
+            body = _read_capped(response, url, deadline, settings)
+            _check_not_a_page(response, body, url)
+            return body
     except _Redirected as redirect:
         return redirect.location
+
+
+_PAGE_TYPES = ("text/html", "application/xhtml+xml")
+_PAGE_START = re.compile(rb"(?:\xef\xbb\xbf)?[ \t\r\n]*<")
+"""How a web page's text starts (a UTF-8 byte order mark and white space aside), and no image file automask reads."""
+
+
+def _check_not_a_page(response: httpx.Response, body: bytes, url: httpx.URL) -> None:
+    """Raise `ImageDecodeError` saying so when `url` answered a web page (an HTML media type, and a body that starts
+    as markup does: an image mislabelled text/html is still read), as the link of the page that shows an image does."""
+    media_type = response.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type in _PAGE_TYPES and _PAGE_START.match(body):
+        raise ImageDecodeError(
+            f"The image URL {show(url)} answered a web page ({media_type}), not an image: open the page in a "
+            "browser, right-click the image and copy the image's own address (it often ends in .jpg, .png or "
+            ".webp), or send the image's data."
+        )
 
 
 class _Redirected(Exception):

@@ -22,11 +22,17 @@ _SAMPLE_KINDS = {1: "unsigned integers", 2: "signed integers", 3: "floats"}
 """TIFF SampleFormat -> what its samples are."""
 
 
-def unidentified_message(data: bytes, formats: tuple[str, ...]) -> str:
-    """The error for `data` that Pillow could not identify as an image of `formats` (the ones it may open)."""
+def known_format(data: bytes | bytearray) -> str | None:
+    """The image format whose signature `data` starts with ('PNG', 'JPEG', 'GIF', 'BMP', 'TIFF', 'WebP'), or None."""
     known = next((name for sig, name in _SIGNATURES if data.startswith(sig)), None)
     if known is None and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         known = "WebP"
+    return known
+
+
+def unidentified_message(data: bytes, formats: tuple[str, ...]) -> str:
+    """The error for `data` that Pillow could not identify as an image of `formats` (the ones it may open)."""
+    known = known_format(data)
     if known == "TIFF" and (layout := _unreadable_tiff_layout(data)):
         return (
             f"The TIFF image has {layout}, which automask cannot read: save it with 8- or 16-bit samples (or one "

@@ -12,8 +12,9 @@ import httpx
 
 from automask.errors import FetchError, URLRefusedError
 
-_CREDENTIALS = re.compile(r"(\s*[a-zA-Z][a-zA-Z0-9+.-]*://).*@", re.DOTALL)
-"""A URL's scheme, and all up to its last '@': what may be a user name and password."""
+_CREDENTIALS = re.compile(r"(\s*(?:[a-zA-Z][a-zA-Z0-9+.-]*:)?//).*@", re.DOTALL)
+"""A URL's scheme (or the '//' of a Location relative to it), and all up to its last '@': what may be a user name and
+password."""
 
 
 def parse_url(url: str) -> httpx.URL:
@@ -114,7 +115,9 @@ def _holds(odd: str) -> str:
 def redirect_target(current: httpx.URL, location: str) -> httpx.URL:
     """The URL a redirect's Location points to (relative to `current`), checked like the first one. An invalid
     one (no host, a bad port, ...) is the server's fault, FetchError (502) as any other invalid Location (was: some
-    400, some 502); one to another scheme is refused (URLRefusedError, 400) as a first URL would be."""
+    400, some 502), shown without the user name and password it may hold (`_shown_location`); one to another scheme
+    is refused (URLRefusedError, 400) as a first URL would be."""
+    httpx_reason = None
     try:  # as httpx reads a Location (`Client._redirect_url`), which it did before `_stop_at_redirect`
         written, target = httpx.URL(location), current.join(location)
         web = target.scheme in ("http", "https")
@@ -123,12 +126,23 @@ def redirect_target(current: httpx.URL, location: str) -> httpx.URL:
         # an IDNA name is not decoded (httpx's `URL.host`): one IDNA 2008 refuses (xn--ls8h.la, an emoji domain
         # registered under IDNA 2003) is followed as written, as the first URL is fetched
     except (httpx.InvalidURL, UnicodeError) as exc:
-        flaw = _host_flaw(location) or f"{exc}."
-    if flaw:
-        raise FetchError(
-            f"The image URL {show(current)} redirected to an invalid URL ({short(location, 80)}: {flaw[:-1]})."
-        )
+        flaw, httpx_reason = _host_flaw(location), f"{exc}."
+    if flaw or httpx_reason:
+        shown = _shown_location(location, flaw, httpx_reason)
+        raise FetchError(f"The image URL {show(current)} redirected to an invalid URL ({shown}).")
     return parse_url(str(target))
+
+
+def _shown_location(location: str, flaw: str | None, httpx_reason: str | None) -> str:
+    """'LOCATION: WHY' for the message refusing an invalid redirect: the Location shortened, its user name and
+    password left out when it may hold them (an '@' after its '//'), and then httpx's reason too, which may quote a
+    piece of one ("Invalid port: 's3'" for a '/' in the password)."""
+    why = flaw or httpx_reason or ""
+    hidden = _CREDENTIALS.match(location)
+    if hidden is not None:
+        location = hidden.group(1) + "…@" + location[hidden.end() :]
+        why = flaw or "it is not a valid URL (a '/', '?', '#' or '@' in its user name or password is not escaped)."
+    return f"{short(location, 80)}: {why[:-1]}"
 
 
 def port_of(url: httpx.URL) -> int:

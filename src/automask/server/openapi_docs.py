@@ -23,7 +23,9 @@ _ERROR_TEXT = {
     "is one the server saw succeed lately.",
     500: "Unexpected server error (the body names the request id the server log has).",
     502: "The image URL's server failed.",
-    503: "The model is not installed or not loaded, or this node no longer serves its database (see the message).",
+    503: "Try again later, or fix what the message names: the model is not installed or not loaded; the database, "
+    "Redis (AUTOMASK_REDIS_URL) or the broker does not answer; the v2 job queue or the memory for request bodies is "
+    "full; or this node no longer serves its database. Retry-After, when sent, says how many seconds to wait.",
     504: "The image fetch or the inference ran past its time limit.",
 }
 _RATE_HEADERS = {
@@ -45,6 +47,8 @@ def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     out: dict[int | str, dict[str, Any]] = {c: {"model": ErrorResponse, "description": _ERROR_TEXT[c]} for c in codes}
     if 429 in out:
         out[429]["headers"] = _RATE_HEADERS
+    if 503 in out:
+        out[503]["headers"] = {"Retry-After": {**_RATE_HEADERS["Retry-After"], "required": False}}
     return out
 
 
@@ -65,7 +69,7 @@ REQUEST_BODY = {
     }
 }
 JOB_ERRORS = {
-    **errors(401, 403, 404, 429, 500),
+    **errors(401, 403, 404, 429, 500, 503),
     422: {"model": StatusResponse, "description": "The job FAILED; `error` says why."},
 }
 """What the `/v2/requests/{id}...` endpoints answer besides 200."""

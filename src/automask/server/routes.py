@@ -251,7 +251,7 @@ async def result_png(request: Request, job: Job) -> bytes:
 @router.post(
     "/v2/requests/{request_id}/cancel",
     response_model=StatusResponse,
-    responses=errors(401, 403, 404, 429, 500),
+    responses=errors(401, 403, 404, 429, 500, 503),
     tags=["v2"],
     summary="Cancel a queued or running job: it is not charged (automask extension)",
     description=(
@@ -277,7 +277,7 @@ async def v2_cancel(request: Request, job: OwnedJob) -> Response:
 @router.get(
     "/v1/credits",
     response_model=CreditsResponse,
-    responses=errors(401, 403, 429, 500),
+    responses=errors(401, 403, 429, 500, 503),
     tags=["v1"],
     summary="The calling key's credits left (automask extension); null: unlimited",
 )
@@ -292,7 +292,7 @@ async def v1_credits(request: Request, key: PollingKey) -> CreditsResponse:
 @router.get(
     "/v1/models",
     response_model=ModelList,
-    responses=errors(401, 403, 429, 500),
+    responses=errors(401, 403, 429, 500, 503),
     tags=["v1"],
     summary="The models this server answers with (automask extension); send one's name as 'model'",
 )

@@ -10,12 +10,20 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException
 from starlette.requests import Request
 
 from automask.errors import InvalidOptionError
-from automask.options import MaskOptions, check_text, number_text, parse_prompt, validation_error
+from automask.options import MaskOptions, check_text, parse_prompt, validation_error
 from automask.server.errors import shown
-from automask.server.form_parts import MAX_FORM_PARTS, field_image, is_json_object, part_charset
+from automask.server.form_parts import (
+    MAX_FORM_PARTS,
+    check_not_an_image,
+    field_image,
+    form_value,
+    is_json_object,
+    parse_multipart,
+)
 from automask.server.limits import Message, Receive
 
 MAX_MODEL_NAME = 200
@@ -157,6 +165,8 @@ async def read_request(request: Request, max_part_size: int) -> MaskRequest:
         )
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     body = await _read_body(request)  # whole first: the body limit applies before the form parser sees it
+    if content_type != FORM_TYPES[0]:  # curl --data-binary @photo.png labels it a urlencoded form
+        check_not_an_image(body, content_type)
     if content_type == FORM_TYPES[0] or (content_type == FORM_TYPES[1] and not is_json_object(body)):
         return await _read_form(request, body, max_part_size, multipart=content_type == FORM_TYPES[0])
     return await asyncio.to_thread(_from_json, body)  # a base64 image may be tens of MB: off the event loop
@@ -212,6 +222,12 @@ def _fields_once(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 def _from_json(body: bytearray) -> MaskRequest:
     """Parse and validate a JSON body (`check_json_values` first). `body` is emptied once it is decoded to text: the
     peak is twice the body (the text, then the text and the values parsed from it), not three times."""
+    if not body or body.isspace():
+        raise InvalidOptionError(
+            "body",
+            'is empty; send a JSON object such as {"image": "<base64, a data: URI or an http(s) URL>", "prompt": '
+            "\"sofa\"}, or a multipart form with an 'image' file",
+        )
     check_json_values(body)
     try:
         text = body.decode(json.detect_encoding(body), "surrogatepass")  # what json.loads(bytes) does
@@ -231,12 +247,19 @@ def _from_json(body: bytearray) -> MaskRequest:
 
 
 async def _read_form(request: Request, body: bytearray, max_part_size: int, *, multipart: bool) -> MaskRequest:
+    raw_image: bytearray | None = None
     try:  # parsed from a request of its own, which keeps no copy of the body once this returns
-        form = await Request(request.scope, _replay(body)).form(
-            max_files=MAX_FORM_PARTS, max_fields=MAX_FORM_PARTS, max_part_size=max_part_size
-        )
-    except HTTPException as exc:  # starlette's answer to a malformed form
-        raise InvalidOptionError("body", f"is not a valid form: {exc.detail}") from None
+        if multipart:
+            form, raw_image = await parse_multipart(
+                request.headers, body, max_parts=MAX_FORM_PARTS, max_part_size=max_part_size
+            )
+        else:
+            form = await Request(request.scope, _replay(body)).form(
+                max_files=MAX_FORM_PARTS, max_fields=MAX_FORM_PARTS, max_part_size=max_part_size
+            )
+    except (HTTPException, MultiPartException) as exc:  # starlette's answer to a malformed form
+        detail = exc.detail if isinstance(exc, HTTPException) else exc.message
+        raise InvalidOptionError("body", f"is not a valid form: {detail}") from None
     data: dict[str, Any] = {}
     try:
         for name, value in form.multi_items():
@@ -245,14 +268,23 @@ async def _read_form(request: Request, body: bytearray, max_part_size: int, *, m
             if isinstance(value, UploadFile):
                 if name not in MaskRequest.model_fields:  # named before it is read
                     raise InvalidOptionError(name, "unknown field")
-                data[name] = await value.read()
-            elif name == "image" and multipart:
-                data[name] = field_image(value, part_charset(request.headers.get("content-type", "")))
+                content = await value.read()
+                data[name] = content if name == "image" else form_value(name, _file_text(name, content))
+            elif name == "image" and raw_image is not None:
+                data[name] = field_image(value, raw_image)
             else:
-                data[name] = number_text(name, value)
+                data[name] = form_value(name, value)
     finally:
         await form.close()
     return validate_request(data, strict=False)
+
+
+def _file_text(name: str, content: bytes) -> str:
+    """The text of field `name` sent as a file part (a filename given): its bytes as UTF-8."""
+    try:
+        return content.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidOptionError(name, "is not UTF-8 text (it was sent as a file part)") from None
 
 
 class SubmitResponse(BaseModel):
