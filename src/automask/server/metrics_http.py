@@ -86,6 +86,23 @@ class _Server(ThreadingMixIn, WSGIServer):
             self._slots.release()
 
 
+class Listener:
+    """A metrics listener serving from its daemon thread: its `url`, and `close` to stop it and free its port."""
+
+    def __init__(self, server: WSGIServer) -> None:
+        self.server = server
+        host, port = server.socket.getsockname()[:2]
+        self.url = f"http://{f'[{host}]' if ':' in host else host}:{port}/metrics"
+        self._closed = threading.Event()
+
+    def close(self) -> None:
+        """Stop serving and close the listening socket (idempotent): the port is free once this returns."""
+        if not self._closed.is_set():
+            self._closed.set()
+            self.server.shutdown()
+            self.server.server_close()
+
+
 def serve(registry: Any, host: str, port: int) -> WSGIServer:
     """Serve `registry` at `http://HOST:PORT/metrics` (any path, as prometheus_client) from a daemon thread; `OSError`
     when the address cannot be had. IPv6 hosts (`::`, `::1`) are served as IPv6."""
