@@ -28,6 +28,7 @@ from automask.errors import AutomaskError
 from automask.pipeline import MaskGenerator
 from automask.server import metrics
 from automask.server.auth_limit import failed_auth_for
+from automask.server.bodies import ASGIApp, BodyBudget, BodyLimitMiddleware, Message, Receive, Scope, Send
 from automask.server.bounded import request_bound
 from automask.server.broker_check import check_broker
 from automask.server.config import ServerSettings
@@ -36,18 +37,7 @@ from automask.server.dispatch import make_dispatcher
 from automask.server.errors import ApiError, shown, status_of
 from automask.server.headers import DocsMiddleware, EdgeMiddleware
 from automask.server.jobs import Jobs
-from automask.server.limits import (
-    ASGIApp,
-    BodyBudget,
-    BodyLimitMiddleware,
-    Message,
-    RateLimiter,
-    Receive,
-    RedisRateLimiter,
-    Scope,
-    Send,
-    check_redis,
-)
+from automask.server.limits import RateLimiter, RedisRateLimiter, check_redis
 from automask.server.openapi_docs import without_validation_errors
 from automask.server.routes import error_response, router
 from automask.server.state import ServerState

@@ -28,7 +28,7 @@ from automask.errors import EmptyMaskError, StoppedError
 if TYPE_CHECKING:
     from starlette.routing import BaseRoute
 
-    from automask.server.limits import BodyBudget
+    from automask.server.bodies import BodyBudget
     from automask.server.metrics_http import Listener
     from automask.server.store import Store
 
