@@ -134,8 +134,9 @@ def connect_bounded(_dialect: Any, _record: Any, cargs: Any, cparams: dict[str, 
 
 def _connect_within(deadline: float, cargs: Any, cparams: dict[str, Any]) -> Any:
     """Connect by `deadline` (`time.monotonic()`; 2 s at least, psycopg's least `connect_timeout`): each address of
-    the server (several hosts, a name with several addresses) is tried in turn with what is left, and none once it
-    is spent. psycopg gives each the whole `connect_timeout`: two frozen addresses waited twice the bound."""
+    the server (several hosts, a name with several addresses) is tried in turn with its share of what is left
+    (`_share`), and none once less than about `MIN_CONNECT` is left. psycopg gives each the whole `connect_timeout`: two
+    frozen addresses waited twice the bound; given all that was left, one that hangs spent it, the next never tried."""
     import psycopg
     from psycopg.conninfo import conninfo_to_dict
 
@@ -149,13 +150,25 @@ def _connect_within(deadline: float, cargs: Any, cparams: dict[str, Any]) -> Any
     else:
         attempts = _resolved_by(deadline, conninfo_attempts, params)
     for tried, attempt in enumerate(attempts, 1):
-        timeout = max(2, math.ceil(deadline - time.monotonic()))
+        timeout = _share(deadline - time.monotonic(), len(attempts) - tried + 1)
         try:
             return connection.connect(**{**attempt, "connect_timeout": timeout}, **options)
         except psycopg.OperationalError:
-            if tried == len(attempts) or time.monotonic() >= deadline:
+            if tried == len(attempts) or deadline - time.monotonic() < MIN_CONNECT - DEADLINE_FLOOR:
                 raise
     raise AssertionError("unreachable: psycopg resolves at least one address or raises")
+
+
+MIN_CONNECT = 2
+"""psycopg's least `connect_timeout`, seconds: an address is tried only while about this much is left (all of it but
+`DEADLINE_FLOOR`, as a share's wait ends a little after its whole seconds), the first always."""
+
+
+def _share(left: float, attempts: int) -> int:
+    """The `connect_timeout` (whole seconds, `MIN_CONNECT` at least) of the next of `attempts` addresses still to try
+    with `left` seconds: an equal share, rounded down so the others keep theirs; the last one gets all that is left."""
+    share = left if attempts == 1 else left / attempts
+    return max(MIN_CONNECT, math.ceil(share) if attempts == 1 else math.floor(share))
 
 
 def _resolved_by(
