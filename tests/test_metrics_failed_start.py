@@ -65,6 +65,28 @@ def test_the_uvicorn_factory_closes_the_metrics_port_when_the_app_stops(
     assert refused(port)
 
 
+def test_the_uvicorn_factory_closes_the_metrics_port_when_the_app_start_up_fails(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The app's own start-up (its lifespan: the dispatcher, the sweeper) failing, as uvicorn runs it."""
+    from fastapi.testclient import TestClient
+
+    from automask.server.app import app_from_env
+    from automask.server.sweeper import Sweeper
+
+    def fails(self: Sweeper) -> None:
+        raise RuntimeError("the sweeper could not start")
+
+    port = free_port()
+    monkeypatch.setenv("AUTOMASK_SERVER_METRICS_PORT", str(port))
+    monkeypatch.setenv("AUTOMASK_DATA_DIR", str(tmp_path))
+    monkeypatch.setattr(Sweeper, "start", fails)
+    app = app_from_env()
+    with pytest.raises(RuntimeError, match="could not start"), TestClient(app):
+        pass
+    assert refused(port)
+
+
 @pytest.mark.parametrize("command", [["serve", "--port", "0"], ["worker"]])
 def test_a_failed_start_of_the_cli_closes_the_metrics_port(tmp_path: Path, command: list[str]) -> None:
     """Before: `automask serve` closed its API port but not the metrics one; `automask worker` closed neither (the
