@@ -180,3 +180,27 @@ def test_several_hosts_that_all_hang_fail_within_the_bound(hanging_port: int) ->
         assert 3.5 < took < 6.0, took  # two 2 s shares; the third is not started with 1 s left
     finally:
         store.close()
+
+
+def test_the_database_urls_own_connection_settings_are_kept(hanging_port: int, postgres_db: str) -> None:
+    """Before: the store's built-in connection settings (connect_timeout 10, the keepalives, tcp_user_timeout)
+    replaced those AUTOMASK_DATABASE_URL gives (`?connect_timeout=2`, as libpq documents them): a start-up check
+    against a host that hangs waited 10 s, not the 2 s asked for. Now the URL's own win; the others stay."""
+    from automask.errors import ServiceConfigError
+    from automask.server.store import Store
+
+    store = Store(f"postgresql://someone:secret@127.0.0.1:{hanging_port}/automask?connect_timeout=2")
+    try:
+        started = time.monotonic()
+        with pytest.raises(ServiceConfigError, match="Cannot connect to the database"):
+            store.check_connection()
+        assert time.monotonic() - started < 5  # before: 10 s
+    finally:
+        store.close()
+    store = Store(postgres_db + "?keepalives_idle=60")
+    try:
+        with store.engine.connect() as conn:
+            given = conn.connection.dbapi_connection.info.get_parameters()  # type: ignore[union-attr]
+        assert (given["keepalives_idle"], given["tcp_user_timeout"]) == ("60", "10000"), given
+    finally:
+        store.close()
