@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import re
 import socket
+import threading
 from pathlib import Path
 
 import httpx
@@ -124,3 +125,25 @@ def test_a_closed_listener_frees_its_port_and_closing_twice_is_harmless() -> Non
     with contextlib.closing(socket.socket()) as again:  # bindable at once (no listener left in the way)
         again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         again.bind(("127.0.0.1", port))
+
+
+def test_closing_the_listener_in_a_forked_child_returns_at_once_and_leaves_the_parents_port() -> None:
+    """A worker's pool process is forked from inside the block that closes the listener: were it to unwind there,
+    its close must neither wait for a serving thread it does not have (before: for ever) nor touch the parent's."""
+    import os
+
+    from automask.server import metrics
+
+    listener = metrics.listen("127.0.0.1", 0)
+    try:
+        pid = os.fork()
+        if pid == 0:  # the child: close, then exit at once either way
+            done = threading.Thread(target=listener.close, daemon=True)
+            done.start()
+            done.join(5)
+            os._exit(1 if done.is_alive() else 0)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert "automask_http_requests_in_flight" in httpx.get(listener.url, timeout=10).text
+    finally:
+        listener.close()
