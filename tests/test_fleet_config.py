@@ -323,6 +323,28 @@ def test_an_unreachable_redis_is_refused_in_sentences() -> None:
     assert "AUTOMASK_REDIS_URL" in str(refused.value) and ".." not in str(refused.value), refused.value
 
 
+@pytest.mark.parametrize(
+    ("password", "secret_parts"),
+    [("se/cret", ["cret", "'se'", "se/"]), ("p@ss:w/rd", ["ss:w", "p@ss", "w/rd", "rd@"]), ("pa@ss", ["pa@", "ss@"])],
+)
+def test_a_redis_url_whose_password_is_not_percent_encoded_is_refused_without_showing_it(
+    password: str, secret_parts: list[str]
+) -> None:
+    """Before: a Redis password with an unencoded / or @ was shown in the start-up refusal, whole ("Cannot connect to
+    Redis at redis://:se/cret@...: Port could not be cast to integer value as 'se'") or its end ("redis://ss@..."):
+    the password was hidden only when it had neither. Now nothing before the host is shown, and a URL redis-py
+    cannot read is said to be so, with the form and the encoding to use, quoting none of it."""
+    from automask.server.limits import check_redis
+
+    with pytest.raises(ServiceConfigError) as refused:
+        check_redis(f"redis://user:{password}@127.0.0.1:{free_port()}/0")
+    message = str(refused.value)
+    assert "AUTOMASK_REDIS_URL" in message, message
+    assert not [part for part in secret_parts if part in message], message
+    if "/" in password:
+        assert "percent-encoded (/ as %2F)" in message, message
+
+
 @pytest.mark.parametrize("scheme", ["amqp", "redis"])
 def test_an_api_node_whose_broker_cannot_be_reached_refuses_to_start(
     tmp_path: Path, redis_db: str, monkeypatch: pytest.MonkeyPatch, scheme: str

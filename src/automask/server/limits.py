@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import re
 import threading
 import time
 from array import array
@@ -222,19 +221,21 @@ class RedisRateLimiter:
 
 
 def check_redis(url: str) -> None:
-    """Connect once and PING: `ServiceConfigError` naming AUTOMASK_REDIS_URL (without its password) and the fix when
-    Redis cannot be reached (a start-up check, as `Store.check_connection` is for the database)."""
+    """Connect once and PING: `ServiceConfigError` naming AUTOMASK_REDIS_URL (without its user and password) and the
+    fix when the URL cannot be read or Redis cannot be reached (a start-up check, as `Store.check_connection` is for
+    the database)."""
     import redis
 
-    shown = re.sub(r"//[^@/]*@", "//", url)
+    from automask.server.redis_client import redis_shown, sync_redis
+
     try:
-        with redis.Redis.from_url(url, socket_timeout=PING_TIMEOUT, socket_connect_timeout=PING_TIMEOUT) as client:
+        with sync_redis(url, PING_TIMEOUT) as client:  # a URL it cannot read: refused, quoting none of it
             client.ping()
-    except (redis.RedisError, ValueError) as exc:
+    except redis.RedisError as exc:
         reason = " ".join(str(exc).split()).rstrip(".")  # redis-py's end with one
         raise ServiceConfigError(
-            f"Cannot connect to Redis at {shown}: {reason}. Check AUTOMASK_REDIS_URL, and that the Redis server is "
-            "running and lets this client in."
+            f"Cannot connect to Redis at {redis_shown(url)}: {reason}. Check AUTOMASK_REDIS_URL, and that the Redis "
+            "server is running and lets this client in."
         ) from None
 
 
