@@ -345,6 +345,24 @@ def test_a_redis_url_whose_password_is_not_percent_encoded_is_refused_without_sh
         assert "percent-encoded (/ as %2F)" in message, message
 
 
+def test_an_api_node_of_a_fleet_with_an_unreadable_redis_url_is_refused_without_the_password(tmp_path: Path) -> None:
+    """Before: the fleet's dispatcher opened its Redis clients first: redis-py's ValueError, "internal error:
+    ValueError: Port could not be cast to integer value as 'se'", exit 70. Now the same refusal as the start-up
+    check's."""
+    result = CliRunner().invoke(
+        main,
+        ["--data-dir", str(tmp_path / "data"), "serve", "--port", "0"],
+        env={
+            "AUTOMASK_DATABASE_URL": f"sqlite:///{tmp_path / 'fleet.db'}",
+            "AUTOMASK_BROKER_URL": f"amqp://u:p@127.0.0.1:{free_port()}/vh",
+            "AUTOMASK_REDIS_URL": f"redis://:se/cret@127.0.0.1:{free_port()}/0",
+        },
+    )
+    assert result.exit_code == 9, result.output
+    assert "AUTOMASK_REDIS_URL is not a Redis URL" in result.output, result.output
+    assert "cret" not in result.output and "'se'" not in result.output, result.output
+
+
 @pytest.mark.parametrize("scheme", ["amqp", "redis"])
 def test_an_api_node_whose_broker_cannot_be_reached_refuses_to_start(
     tmp_path: Path, redis_db: str, monkeypatch: pytest.MonkeyPatch, scheme: str

@@ -26,12 +26,15 @@ REDIS_CONNECTIONS = 100
 def async_redis(url: str, timeout: float | None, wait: float, connections: int = REDIS_CONNECTIONS) -> Any:
     """A `redis.asyncio.Redis` of `url`: each call's socket waits `timeout` seconds at most (None: for ever), its
     connect and a call waiting for a free connection among `connections` `wait` seconds at most (then a
-    `redis.exceptions.ConnectionError`)."""
+    `redis.exceptions.ConnectionError`). `ServiceConfigError` (`UNREADABLE_REDIS_URL`) for a URL it cannot read."""
     import redis.asyncio as aioredis
 
-    pool = aioredis.BlockingConnectionPool.from_url(
-        url, max_connections=connections, timeout=wait, socket_timeout=timeout, socket_connect_timeout=wait
-    )
+    try:
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=connections, timeout=wait, socket_timeout=timeout, socket_connect_timeout=wait
+        )
+    except ValueError:
+        raise ServiceConfigError(UNREADABLE_REDIS_URL) from None
     return aioredis.Redis.from_pool(pool)
 
 
