@@ -61,7 +61,7 @@ def main() -> None:
     if "FLEET_TIME_LIMIT_MARGIN" in os.environ:  # Celery's hard limit is the timeout plus this
         fleet.TIME_LIMIT_MARGIN = float(os.environ["FLEET_TIME_LIMIT_MARGIN"])
     if server.metrics_port is not None:  # as `automask worker --metrics-port` does
-        url = metrics.listen(server.metrics_host, server.metrics_port)
+        url = metrics.listen(server.metrics_host, server.metrics_port).url
         print(f"automask: metrics at {url}", file=sys.stderr, flush=True)
     try:
         run_worker(

@@ -46,7 +46,7 @@ def test_a_hanging_resolver_fails_a_bounded_connect_within_its_bound(
     request (and its database thread) past every bound, as long as the lookup took. Now the lookup shares the
     connect's bound; then the connect fails (the request is answered 503). Once `DNS_LOOKUPS` hang, a connect fails
     at once, starting no other."""
-    monkeypatch.setattr(bounded, "_LEFT_BEHIND", threading.BoundedSemaphore(1))
+    monkeypatch.setattr(bounded, "_LOOKUPS", bounded._Lookups(1))
     resolver["answers"].clear()
     store = Store(postgres_db.replace("127.0.0.1", NAME))
     try:
@@ -104,3 +104,85 @@ def test_a_psycopg_whose_conninfo_attempts_is_a_generator_still_connects_within_
             assert conn.execute(text("SELECT 1")).scalar() == 1
     finally:
         store.close()
+
+
+def burst(store: Store, n: int, bound: float) -> list[tuple[str, float]]:
+    """`n` bounded connects to `store` at once, each in a thread of its own: each one's error and seconds taken."""
+    failed: list[tuple[str, float]] = []
+    go = threading.Barrier(n)
+
+    def connect() -> None:
+        go.wait()
+        started = time.monotonic()
+        try:
+            with bounded.bounded(bound), store.engine.connect():
+                pass
+        except OperationalError as exc:
+            failed.append((str(exc.orig), time.monotonic() - started))
+
+    threads = [threading.Thread(target=connect) for _ in range(n)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert not any(thread.is_alive() for thread in threads)
+    return failed
+
+
+def lookup_threads() -> int:
+    return sum(t.name == "automask-db-dns" for t in threading.enumerate())
+
+
+def test_a_burst_of_connects_while_the_resolver_hangs_starts_at_most_dns_lookups(resolver: dict[str, Any]) -> None:
+    """Before: each connect checked for a free slot, gave it back and then started its lookup: a burst of connects
+    at once all passed the check, and each left a thread hanging in the resolver (25 here, as many as the burst: no
+    bound). Now a lookup holds its slot until it ends: at most `DNS_LOOKUPS` run at once, a connect past them waits
+    for one within its own bound, then fails saying why; once they all hang, a connect fails at once."""
+    from server_helpers import free_port
+
+    resolver["answers"].clear()
+    store = Store(f"postgresql://someone:secret@{NAME}:{free_port()}/automask")
+    try:
+        failed = burst(store, 25, 2.0)
+        assert len(failed) == 25
+        assert len(resolver["asked"]) <= bounded.DNS_LOOKUPS, len(resolver["asked"])  # before: 25
+        assert lookup_threads() <= bounded.DNS_LOOKUPS
+        assert all("database host name" in why and took < 4 for why, took in failed), failed
+        started = time.monotonic()
+        with pytest.raises(OperationalError, match="hang already"), bounded.bounded(2.0), store.engine.connect():
+            pass
+        assert time.monotonic() - started < 1 and len(resolver["asked"]) <= bounded.DNS_LOOKUPS
+    finally:
+        resolver["answers"].set()
+    deadline = time.monotonic() + 10
+    while lookup_threads() and time.monotonic() < deadline:  # the resolver answers: the hung lookups end
+        time.sleep(0.05)
+    try:  # and their slots are free again: the next connect looks its name up (and is refused: nothing listens)
+        with pytest.raises(OperationalError, match="refused"), bounded.bounded(2.0), store.engine.connect():
+            pass
+    finally:
+        store.close()
+
+
+def test_a_burst_of_connects_with_a_slow_resolver_that_answers_is_looked_up_for_each(
+    resolver: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """More connects at once than `DNS_LOOKUPS`, the resolver answering each in 0.3 s: every one is looked up (some
+    waiting for a slot) and reaches the server (refused here), none failed for want of a slot."""
+    from server_helpers import free_port
+
+    real = socket.getaddrinfo
+
+    def slow(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
+        if host == NAME:
+            time.sleep(0.3)
+        return real(host, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", slow)
+    store = Store(f"postgresql://someone:secret@{NAME}:{free_port()}/automask")
+    try:
+        failed = burst(store, 25, 5.0)
+    finally:
+        store.close()
+    assert len(failed) == 25
+    assert all("refused" in why for why, _ in failed), failed

@@ -323,6 +323,46 @@ def test_an_unreachable_redis_is_refused_in_sentences() -> None:
     assert "AUTOMASK_REDIS_URL" in str(refused.value) and ".." not in str(refused.value), refused.value
 
 
+@pytest.mark.parametrize(
+    ("password", "secret_parts"),
+    [("se/cret", ["cret", "'se'", "se/"]), ("p@ss:w/rd", ["ss:w", "p@ss", "w/rd", "rd@"]), ("pa@ss", ["pa@", "ss@"])],
+)
+def test_a_redis_url_whose_password_is_not_percent_encoded_is_refused_without_showing_it(
+    password: str, secret_parts: list[str]
+) -> None:
+    """Before: a Redis password with an unencoded / or @ was shown in the start-up refusal, whole ("Cannot connect to
+    Redis at redis://:se/cret@...: Port could not be cast to integer value as 'se'") or its end ("redis://ss@..."):
+    the password was hidden only when it had neither. Now nothing before the host is shown, and a URL redis-py
+    cannot read is said to be so, with the form and the encoding to use, quoting none of it."""
+    from automask.server.limits import check_redis
+
+    with pytest.raises(ServiceConfigError) as refused:
+        check_redis(f"redis://user:{password}@127.0.0.1:{free_port()}/0")
+    message = str(refused.value)
+    assert "AUTOMASK_REDIS_URL" in message, message
+    assert not [part for part in secret_parts if part in message], message
+    if "/" in password:
+        assert "percent-encoded (/ as %2F)" in message, message
+
+
+def test_an_api_node_of_a_fleet_with_an_unreadable_redis_url_is_refused_without_the_password(tmp_path: Path) -> None:
+    """Before: the fleet's dispatcher opened its Redis clients first: redis-py's ValueError, "internal error:
+    ValueError: Port could not be cast to integer value as 'se'", exit 70. Now the same refusal as the start-up
+    check's."""
+    result = CliRunner().invoke(
+        main,
+        ["--data-dir", str(tmp_path / "data"), "serve", "--port", "0"],
+        env={
+            "AUTOMASK_DATABASE_URL": f"sqlite:///{tmp_path / 'fleet.db'}",
+            "AUTOMASK_BROKER_URL": f"amqp://u:p@127.0.0.1:{free_port()}/vh",
+            "AUTOMASK_REDIS_URL": f"redis://:se/cret@127.0.0.1:{free_port()}/0",
+        },
+    )
+    assert result.exit_code == 9, result.output
+    assert "AUTOMASK_REDIS_URL is not a Redis URL" in result.output, result.output
+    assert "cret" not in result.output and "'se'" not in result.output, result.output
+
+
 @pytest.mark.parametrize("scheme", ["amqp", "redis"])
 def test_an_api_node_whose_broker_cannot_be_reached_refuses_to_start(
     tmp_path: Path, redis_db: str, monkeypatch: pytest.MonkeyPatch, scheme: str

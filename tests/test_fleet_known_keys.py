@@ -208,6 +208,20 @@ def test_keys_revoke_with_redis_down_revokes_and_warns(tmp_path: Path) -> None:
     store.close()
 
 
+def test_keys_revoke_with_an_unreadable_redis_url_revokes_and_warns_without_the_password(tmp_path: Path) -> None:
+    """Before: a password with an unencoded / made redis-py raise ValueError, which was not caught: "internal error"
+    (exit 70) quoting a piece of the password, after the key was revoked. Now the same warning as Redis down."""
+    store = Store.in_data_dir(tmp_path / "data")
+    key, _ = keystore.create_key(store)
+    env = {"AUTOMASK_REDIS_URL": f"redis://:hun/ter2@127.0.0.1:{free_port()}/0"}
+    result = CliRunner().invoke(main, ["--data-dir", str(tmp_path / "data"), "keys", "revoke", key.id], env=env)
+    assert result.exit_code == 0, result.output
+    assert "warning: Redis (AUTOMASK_REDIS_URL)" in result.output, result.output
+    assert "percent-encoded" in result.output and "hun" not in result.output and "ter2" not in result.output
+    assert keystore.get_key(store, key.id).disabled  # type: ignore[union-attr]
+    store.close()
+
+
 @contextmanager
 def node_processes(tmp_path: Path, database: str, redis_url: str, limit: int) -> Iterator[list[str]]:
     """Two API node processes (`tests/api_node.py`) on `database` and Redis at `redis_url`: their URLs."""

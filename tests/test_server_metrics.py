@@ -192,7 +192,9 @@ def test_a_busy_metrics_port_stops_a_worker_before_it_reaches_anything(tmp_path:
 @pytest.fixture
 def listener() -> Iterator[str]:
     """This process's metrics listener on a free loopback port (metrics stay on in this process afterwards)."""
-    yield metrics.listen("127.0.0.1", 0)
+    served = metrics.listen("127.0.0.1", 0)
+    yield served.url
+    served.close()
 
 
 class _SlowStore:

@@ -20,8 +20,9 @@ from automask.errors import InvalidOptionError
 from automask.imageio.load import inline_size
 from automask.server import keys as keystore
 from automask.server import routes
+from automask.server.bodies import BodyBudget
 from automask.server.errors import ApiError
-from automask.server.limits import BodyBudget, RedisRateLimiter
+from automask.server.limits import RedisRateLimiter
 from automask.server.schemas import validate_request
 from automask.server.store import Store
 from server_helpers import FakeBackend, live_server, png_bytes, wait_for

@@ -28,6 +28,7 @@ from automask.errors import AutomaskError
 from automask.pipeline import MaskGenerator
 from automask.server import metrics
 from automask.server.auth_limit import failed_auth_for
+from automask.server.bodies import ASGIApp, BodyBudget, BodyLimitMiddleware, Message, Receive, Scope, Send
 from automask.server.bounded import request_bound
 from automask.server.broker_check import check_broker
 from automask.server.config import ServerSettings
@@ -36,18 +37,7 @@ from automask.server.dispatch import make_dispatcher
 from automask.server.errors import ApiError, shown, status_of
 from automask.server.headers import DocsMiddleware, EdgeMiddleware
 from automask.server.jobs import Jobs
-from automask.server.limits import (
-    ASGIApp,
-    BodyBudget,
-    BodyLimitMiddleware,
-    Message,
-    RateLimiter,
-    Receive,
-    RedisRateLimiter,
-    Scope,
-    Send,
-    check_redis,
-)
+from automask.server.limits import RateLimiter, RedisRateLimiter, check_redis
 from automask.server.openapi_docs import without_validation_errors
 from automask.server.routes import error_response, router
 from automask.server.state import ServerState
@@ -155,11 +145,29 @@ def serving_app(settings: Settings | None = None, server: ServerSettings | None 
 
 def app_from_env() -> FastAPI:
     """`serving_app()` with settings from the environment (for `uvicorn --factory`); with
-    `AUTOMASK_SERVER_METRICS_PORT`, the metrics listener too."""
+    `AUTOMASK_SERVER_METRICS_PORT`, the metrics listener too, closed when the start fails or the app stops."""
     server = ServerSettings()
-    if server.metrics_port is not None:
-        log.info("metrics at %s", metrics.listen(server.metrics_host, server.metrics_port))
-    return serving_app(server=server)
+    if server.metrics_port is None:
+        return serving_app(server=server)
+    listener = metrics.listen(server.metrics_host, server.metrics_port)
+    log.info("metrics at %s", listener.url)
+    try:
+        app = serving_app(server=server)
+    except BaseException:
+        listener.close()  # the port is free for the next try, in this process too
+        raise
+    served = app.router.lifespan_context
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        try:
+            async with served(app):
+                yield
+        finally:  # a start-up that fails, or the app stopping: the listener goes with the app it was opened for
+            listener.close()
+
+    app.router.lifespan_context = lifespan
+    return app
 
 
 def _install_error_handlers(app: FastAPI) -> None:

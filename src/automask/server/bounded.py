@@ -134,8 +134,9 @@ def connect_bounded(_dialect: Any, _record: Any, cargs: Any, cparams: dict[str, 
 
 def _connect_within(deadline: float, cargs: Any, cparams: dict[str, Any]) -> Any:
     """Connect by `deadline` (`time.monotonic()`; 2 s at least, psycopg's least `connect_timeout`): each address of
-    the server (several hosts, a name with several addresses) is tried in turn with what is left, and none once it
-    is spent. psycopg gives each the whole `connect_timeout`: two frozen addresses waited twice the bound."""
+    the server (several hosts, a name with several addresses) is tried in turn with its share of what is left
+    (`_share`), and none once less than about `MIN_CONNECT` is left. psycopg gives each the whole `connect_timeout`: two
+    frozen addresses waited twice the bound; given all that was left, one that hangs spent it, the next never tried."""
     import psycopg
     from psycopg.conninfo import conninfo_to_dict
 
@@ -149,13 +150,25 @@ def _connect_within(deadline: float, cargs: Any, cparams: dict[str, Any]) -> Any
     else:
         attempts = _resolved_by(deadline, conninfo_attempts, params)
     for tried, attempt in enumerate(attempts, 1):
-        timeout = max(2, math.ceil(deadline - time.monotonic()))
+        timeout = _share(deadline - time.monotonic(), len(attempts) - tried + 1)
         try:
             return connection.connect(**{**attempt, "connect_timeout": timeout}, **options)
         except psycopg.OperationalError:
-            if tried == len(attempts) or time.monotonic() >= deadline:
+            if tried == len(attempts) or deadline - time.monotonic() < MIN_CONNECT - DEADLINE_FLOOR:
                 raise
     raise AssertionError("unreachable: psycopg resolves at least one address or raises")
+
+
+MIN_CONNECT = 2
+"""psycopg's least `connect_timeout`, seconds: an address is tried only while about this much is left (all of it but
+`DEADLINE_FLOOR`, as a share's wait ends a little after its whole seconds), the first always."""
+
+
+def _share(left: float, attempts: int) -> int:
+    """The `connect_timeout` (whole seconds, `MIN_CONNECT` at least) of the next of `attempts` addresses still to try
+    with `left` seconds: an equal share, rounded down so the others keep theirs; the last one gets all that is left."""
+    share = left if attempts == 1 else left / attempts
+    return max(MIN_CONNECT, math.ceil(share) if attempts == 1 else math.floor(share))
 
 
 def _resolved_by(
@@ -164,10 +177,20 @@ def _resolved_by(
     """psycopg's `conninfo_attempts(params)`, given until `deadline` (`time.monotonic()`; 2 s at least, as a connect):
     the addresses of the server's host names (`hostaddr`, the name kept as `host` for TLS's host check), looked up in
     a daemon thread, as `getaddrinfo` cannot be interrupted: a resolver that hangs fails the connect in time (psycopg
-    looked them up in the caller's thread, unbounded). At most `DNS_LOOKUPS` lookups are left running past their
-    deadline; past that, a connect fails at once while they hang."""
+    looked them up in the caller's thread, unbounded). At most `DNS_LOOKUPS` lookups run at once (`_Lookups`): a
+    connect past them waits for one to end, within the same time; once that many hang, a connect fails at once."""
     import psycopg
 
+    wait = max(2.0, deadline - time.monotonic())
+    until = time.monotonic() + wait
+    lookups = _LOOKUPS
+    if lookups.behind >= lookups.size:  # every slot held by a lookup given up on: the resolver does not answer
+        raise psycopg.OperationalError(f"{lookups.size} lookups of the database host name hang already")
+    if not lookups.slots.acquire(timeout=wait):
+        raise psycopg.OperationalError(
+            f"the database host name was not looked up within {wait:g} s: {lookups.size} lookups of it were running "
+            "already (a slow resolver)"
+        )
     answer: Future[list[Any]] = Future()
 
     def lookup() -> None:
@@ -175,24 +198,47 @@ def _resolved_by(
             answer.set_result(list(conninfo_attempts(params)))  # psycopg 3.1's yields them (its lookups lazy)
         except BaseException as exc:  # noqa: BLE001 (raised again in the connecting thread)
             answer.set_exception(exc)
+        finally:
+            lookups.slots.release()
 
-    if not _LEFT_BEHIND.acquire(blocking=False):  # as many hang already: the resolver does not answer
-        raise psycopg.OperationalError(f"{DNS_LOOKUPS} lookups of the database host name hang already")
-    _LEFT_BEHIND.release()
-    threading.Thread(target=lookup, name="automask-db-dns", daemon=True).start()
-    wait = max(2.0, deadline - time.monotonic())
     try:
-        return answer.result(timeout=wait)
+        threading.Thread(target=lookup, name="automask-db-dns", daemon=True).start()
+    except BaseException:
+        lookups.slots.release()
+        raise
+    try:
+        return answer.result(timeout=max(0.0, until - time.monotonic()))
     except FutureTimeout:
-        if _LEFT_BEHIND.acquire(blocking=False):
-            answer.add_done_callback(lambda _: _LEFT_BEHIND.release())
+        lookups.give_up(answer)
         raise psycopg.OperationalError(f"the database host name was not looked up within {wait:g} s") from None
 
 
+class _Lookups:
+    """The database host name lookups running (`_resolved_by`): at most `size` at once, each holding one of the
+    `slots` until it ends (one that hangs: until the resolver answers), so a burst of connects never piles up
+    threads; `behind`: how many of them their connect gave up on (still running)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.slots = threading.BoundedSemaphore(size)
+        self.behind = 0
+        self._lock = threading.Lock()
+
+    def give_up(self, answer: Future[list[Any]]) -> None:
+        """The connect waiting for `answer` gives up on it: counted `behind` until it ends."""
+        with self._lock:
+            self.behind += 1
+        answer.add_done_callback(self._ended)  # at once if it has ended meanwhile
+
+    def _ended(self, _answer: Future[list[Any]]) -> None:
+        with self._lock:
+            self.behind -= 1
+
+
 DNS_LOOKUPS = 16
-"""Database host name lookups (`_resolved_by`) that may be left hanging past their connect's deadline: a resolver
-that never answers holds at most about this many threads; then a connect fails at once, starting none."""
-_LEFT_BEHIND = threading.BoundedSemaphore(DNS_LOOKUPS)
+"""Database host name lookups (`_resolved_by`) that run at once at most: a resolver that never answers holds at most
+this many threads; then a connect fails at once, starting none."""
+_LOOKUPS = _Lookups(DNS_LOOKUPS)
 _NOT_CONNINFO = {"autocommit", "prepare_threshold", "context", "row_factory", "cursor_factory"}
 """`psycopg.Connection.connect`'s own arguments: the others are the connection string's (`conninfo_to_dict`)."""
 

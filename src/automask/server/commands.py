@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -137,29 +139,32 @@ def serve(ctx: click.Context, model: str | None, log_level: str, no_auth: bool, 
     configure_logging(log_level)
     sockets = http.listen(server)  # first: a busy port is one line, before the database or a model is touched
     try:
-        metrics_url = _serve_metrics(server, api_port=sockets[0].getsockname()[1])
-        app = serving_app(settings, server)
+        with _serve_metrics(server, api_port=sockets[0].getsockname()[1]) as metrics_url:
+            app = serving_app(settings, server)
+            auth = "API keys required" if server.auth else "NO AUTH (loopback only)"
+            click.echo(f"automask: serving on {http.address(sockets)} ({auth}); docs at /docs", err=True)
+            if metrics_url:
+                click.echo(f"automask: metrics at {metrics_url}", err=True)
+            http.run(app, server, log_level=log_level, sockets=sockets, on_signal=app.state.automask.ask_stop)
     except BaseException:
         for sock in sockets:
             sock.close()
         raise
-    auth = "API keys required" if server.auth else "NO AUTH (loopback only)"
-    click.echo(f"automask: serving on {http.address(sockets)} ({auth}); docs at /docs", err=True)
-    if metrics_url:
-        click.echo(f"automask: metrics at {metrics_url}", err=True)
-    http.run(app, server, log_level=log_level, sockets=sockets, on_signal=app.state.automask.ask_stop)
 
 
-def _serve_metrics(server: ServerSettings, api_port: int | None = None) -> str | None:
-    """Start the metrics listener if `server.metrics_port` is set; its URL. `ServiceConfigError` for a port that
-    cannot be had, which says so when it is the API's own (`api_port`, bound already)."""
+@contextlib.contextmanager
+def _serve_metrics(server: ServerSettings, api_port: int | None = None) -> Iterator[str | None]:
+    """The metrics listener while the block runs, if `server.metrics_port` is set: its URL (else None), its port
+    freed when the block ends, a failed start included. `ServiceConfigError` for a port that cannot be had, which
+    says so when it is the API's own (`api_port`, bound already)."""
     if server.metrics_port is None:
-        return None
+        yield None
+        return
     from automask.errors import ServiceConfigError
     from automask.server import metrics
 
     try:
-        return metrics.listen(server.metrics_host, server.metrics_port)
+        listener = metrics.listen(server.metrics_host, server.metrics_port)
     except ServiceConfigError:
         if server.metrics_port != api_port:
             raise
@@ -167,6 +172,10 @@ def _serve_metrics(server: ServerSettings, api_port: int | None = None) -> str |
             f"--metrics-port {api_port} is the API's port (--port): the metrics need a port of their own. "
             "Choose another --metrics-port."
         ) from None
+    try:
+        yield listener.url
+    finally:
+        listener.close()
 
 
 def _server_settings(overrides: dict[str, Any]) -> ServerSettings:
@@ -213,13 +222,14 @@ def worker(
         raise ServiceConfigError("automask worker needs AUTOMASK_BROKER_URL=amqp://USER:PASS@HOST:PORT/VHOST.")
     server = _server_settings({k: v for k, v in flags.items() if v is not None})
     configure_logging(log_level)
-    metrics_url = _serve_metrics(server)  # before the database or a model is touched, as serve's port
-    click.echo(
-        f"automask: worker for model {model or settings.model or 'the default'}, {concurrency} process(es)", err=True
-    )
-    if metrics_url:
-        click.echo(f"automask: metrics at {metrics_url}", err=True)
-    run_worker(settings, server, model=model, concurrency=concurrency, loglevel=log_level)
+    with _serve_metrics(server) as metrics_url:  # before the database or a model is touched, as serve's port
+        click.echo(
+            f"automask: worker for model {model or settings.model or 'the default'}, {concurrency} process(es)",
+            err=True,
+        )
+        if metrics_url:
+            click.echo(f"automask: metrics at {metrics_url}", err=True)
+        run_worker(settings, server, model=model, concurrency=concurrency, loglevel=log_level)
 
 
 @click.group()

@@ -88,7 +88,7 @@ def keys_revoke(ctx: click.Context, key_id: str) -> None:
 
 def _forget_known(redis_url: str, key_id: str) -> None:
     """Tell the fleet (Redis) that revoked `key_id` is no longer known to be good; a warning if Redis is not there."""
-    from automask.errors import require
+    from automask.errors import ServiceConfigError, require
 
     require("redis", "scale")
     from redis.exceptions import RedisError
@@ -97,10 +97,11 @@ def _forget_known(redis_url: str, key_id: str) -> None:
 
     try:
         forget_everywhere(redis_url, key_id)
-    except RedisError as exc:  # the key is revoked all the same: say what is left undone
+    except (RedisError, ServiceConfigError) as exc:  # the key is revoked all the same: say what is left undone
+        why = f"was not told: {exc.message}" if isinstance(exc, ServiceConfigError) else f"did not answer ({exc})."
         click.echo(
-            f"warning: Redis (AUTOMASK_REDIS_URL) did not answer ({exc}): until each API node has refused the key "
-            "once (403), it may still let it past a failed-authentication lock-out.",
+            f"warning: Redis (AUTOMASK_REDIS_URL) {why} Until each API node has refused the key once (403), it may "
+            "still let it past a failed-authentication lock-out.",
             err=True,
         )
 

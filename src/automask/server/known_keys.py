@@ -170,8 +170,9 @@ def fleet_secret(store: Store) -> bytes:
 
 def forget_everywhere(redis_url: str, key_id: str) -> None:
     """No API node may take key `key_id` for known from Redis any more (after it was revoked). A node that knows it
-    in its own memory still reads the database for it once, is refused 403, and forgets it. Raises `RedisError`."""
-    import redis
+    in its own memory still reads the database for it once, is refused 403, and forgets it. Raises `RedisError`, or
+    `ServiceConfigError` for a URL that cannot be read (`sync_redis`)."""
+    from automask.server.redis_client import sync_redis
 
-    with redis.Redis.from_url(redis_url, socket_timeout=5, socket_connect_timeout=5) as client:
+    with sync_redis(redis_url, 5.0) as client:
         client.delete(KNOWN_PREFIX + key_id)

@@ -28,7 +28,8 @@ from automask.errors import EmptyMaskError, StoppedError
 if TYPE_CHECKING:
     from starlette.routing import BaseRoute
 
-    from automask.server.limits import BodyBudget
+    from automask.server.bodies import BodyBudget
+    from automask.server.metrics_http import Listener
     from automask.server.store import Store
 
 log = logging.getLogger("automask.server.metrics")
@@ -238,25 +239,22 @@ def watch(store: Store, bodies: BodyBudget | None = None) -> Callable[[], None]:
     return lambda: state.sources.remove(source)
 
 
-def listen(host: str, port: int) -> str:
+def listen(host: str, port: int) -> Listener:
     """Turn recording on and serve it at `http://HOST:PORT/metrics` from a daemon thread (port 0: a free port;
-    connections bounded in number and idle time, `metrics_http`); returns that URL. `ServiceConfigError` saying
-    what to change when the address cannot be had."""
+    connections bounded in number and idle time, `metrics_http`); returns the listener (its `url`; `close()` frees the
+    port). `ServiceConfigError` saying what to change when the address cannot be had."""
     from automask.server.errors import cannot_listen
+    from automask.server.metrics_http import Listener, serve
 
     enable()
     assert _live is not None
-    from automask.server.metrics_http import serve
-
     try:
         httpd = serve(_live.registry, host, port)
     except OSError as exc:
         raise cannot_listen(host, port, exc, "--metrics-host", "--metrics-port") from None
     # a forked child (a worker's pool process) leaves the port alone: one that outlived this process would hold it
     os.register_at_fork(after_in_child=httpd.socket.close)
-    bound_host, bound_port = httpd.socket.getsockname()[:2]
-    shown = f"[{bound_host}]" if ":" in bound_host else bound_host
-    return f"http://{shown}:{bound_port}/metrics"
+    return Listener(httpd)
 
 
 class _StateCollector:

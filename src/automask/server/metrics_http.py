@@ -8,6 +8,7 @@ slots in the API node or worker that serves them. The cost is to scrapes only, n
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import sys
 import threading
@@ -84,6 +85,26 @@ class _Server(ThreadingMixIn, WSGIServer):
             super().process_request_thread(request, client_address)
         finally:
             self._slots.release()
+
+
+class Listener:
+    """A metrics listener serving from its daemon thread: its `url`, and `close` to stop it and free its port."""
+
+    def __init__(self, server: WSGIServer) -> None:
+        self.server = server
+        host, port = server.socket.getsockname()[:2]
+        self.url = f"http://{f'[{host}]' if ':' in host else host}:{port}/metrics"
+        self._closed = threading.Event()
+        self._pid = os.getpid()
+
+    def close(self) -> None:
+        """Stop serving and close the listening socket (idempotent): the port is free once this returns. Nothing in a
+        forked child (a worker's pool process), which serves nothing and closed its copy of the socket at the fork:
+        waiting there for a serving thread it does not have would never end."""
+        if os.getpid() == self._pid and not self._closed.is_set():
+            self._closed.set()
+            self.server.shutdown()
+            self.server.server_close()
 
 
 def serve(registry: Any, host: str, port: int) -> WSGIServer:

@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse, Response
 from automask.errors import InvalidOptionError
 from automask.imageio.load import check_image, inline_size
 from automask.server import keys
+from automask.server.bodies import Hold, declared_size
 from automask.server.caller import CallerKey, PollingKey
 from automask.server.dispatch import PUBLISH_TIMEOUT
 from automask.server.errors import ApiError, shown
@@ -28,7 +29,6 @@ from automask.server.execute import Outcome
 from automask.server.holds import credit_hold, unless_client_leaves
 from automask.server.jobs import CANCELLED, COMPLETED, FAILED, Job, no_credits
 from automask.server.keys import ApiKey
-from automask.server.limits import Hold, declared_size
 from automask.server.openapi_docs import IMAGE_ORIENTATION, JOB_ERRORS, REMAINING_CREDITS, REQUEST_BODY, errors
 from automask.server.schemas import (
     CreditsResponse,

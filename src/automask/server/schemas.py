@@ -15,6 +15,7 @@ from starlette.requests import Request
 
 from automask.errors import InvalidOptionError
 from automask.options import MaskOptions, check_text, parse_prompt, validation_error
+from automask.server.bodies import Message, Receive
 from automask.server.errors import shown
 from automask.server.form_parts import (
     MAX_FORM_PARTS,
@@ -24,7 +25,6 @@ from automask.server.form_parts import (
     is_json_object,
     parse_multipart,
 )
-from automask.server.limits import Message, Receive
 
 MAX_MODEL_NAME = 200
 MAX_PROMPT_CHARS = 2000

@@ -9,11 +9,12 @@ from dataclasses import dataclass, field
 from starlette.requests import Request
 
 from automask.server.auth_limit import FailedAuth
+from automask.server.bodies import BodyBudget
 from automask.server.config import ServerSettings
 from automask.server.deployment import Guard
 from automask.server.dispatch import Dispatcher
 from automask.server.jobs import Jobs
-from automask.server.limits import BodyBudget, RateLimiter, RedisRateLimiter
+from automask.server.limits import RateLimiter, RedisRateLimiter
 from automask.server.readiness import DatabaseProbe
 from automask.server.store import Store
 from automask.settings import Settings

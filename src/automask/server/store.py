@@ -132,7 +132,7 @@ NETWORK_DEAD_AFTER = 10
 reply to keepalive probes: the server's host is gone, a partition, a failover that moved its address) before it is
 taken for broken: the call fails (a 503) instead of waiting for the kernel's retransmissions, about 15 minutes. A
 slow query is not affected (its packets are acknowledged)."""
-_PG_CONNECT_ARGS = {
+_PG_CONNECT_ARGS = {  # each unless AUTOMASK_DATABASE_URL gives its own (`?connect_timeout=30`)
     "connect_timeout": 10,
     "tcp_user_timeout": NETWORK_DEAD_AFTER * 1000,  # ms: sent data unacknowledged this long breaks the connection
     "keepalives": 1,  # an idle connection, or one waiting for a reply, probes its peer
@@ -259,9 +259,8 @@ class Store:
 
     def _engine(self) -> Engine:
         if not self.is_sqlite:
-            engine = create_engine(
-                self.url, pool_pre_ping=True, pool_size=10, max_overflow=20, connect_args=dict(_PG_CONNECT_ARGS)
-            )
+            given = {k: v for k, v in _PG_CONNECT_ARGS.items() if k not in self.url.query}  # the URL's own win
+            engine = create_engine(self.url, pool_pre_ping=True, pool_size=10, max_overflow=20, connect_args=given)
             event.listen(engine, "do_connect", connect_bounded)
             return engine
         if self.path is not None:
