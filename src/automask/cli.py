@@ -42,7 +42,7 @@ from automask.cli_job import Job, load_generator, mask_options
 from automask.cli_outputs import Outputs
 from automask.cli_report import Reporter
 from automask.cli_signals import Interrupted, signals_interrupt
-from automask.cli_source import input_id, one_image, read_source
+from automask.cli_source import input_id, one_image, read_source, shown_input
 from automask.cli_types import Nat64Prefixes, NonEmptyPath, NonEmptyText
 from automask.errors import AutomaskError, InvalidOptionError
 from automask.routing import quote_targets
@@ -194,7 +194,7 @@ def mask(state: CliState, images: tuple[str, ...], out: str | None, instances_di
     except BaseException as exc:
         outputs.discard()
         if job.as_json and isinstance(exc, AutomaskError):
-            echo_json(error_record(image, exc))
+            echo_json(error_record(shown_input(image), exc))
         raise
 
 
@@ -219,7 +219,7 @@ def _mask(settings: Settings, image: str, out: str | None, instances: Path | Non
     else:
         check_fits(target, fmt, result.width, result.height)
         outputs.write(target, result.encode(fmt))
-    meta = {"input": image, "output": str(target or "-"), "ok": True, **result.metadata()}
+    meta = {"input": shown_input(image), "output": str(target or "-"), "ok": True, **result.metadata()}
     if instances is not None:
         from automask.instances import save_instances
 
