@@ -61,3 +61,13 @@ def test_mask_json_hides_the_password_of_an_image_url(site: str, tiny_clipseg_di
     assert two.exit_code == 2 and "alice" not in two.output
     for result in (done, failed, two):
         assert SECRET not in result.output and SECRET not in result.stderr
+
+
+def test_models_list_says_the_models_folder_is_a_file(tmp_path: Path) -> None:
+    """Before: every model listed "no" (not installed), exit 0, as if the folder were empty."""
+    (tmp_path / "models").write_text("not a folder")
+    for flags in ([], ["--json"]):
+        result = invoke("--data-dir", tmp_path, "models", "list", *flags)
+        assert result.exit_code == 4, result.output
+        assert result.stdout == ""
+        assert f"'{tmp_path / 'models'}' is a file, not a folder" in result.stderr

@@ -29,9 +29,11 @@ def models() -> None:
 def models_list(ctx: click.Context, as_json: bool) -> None:
     """The models automask knows: name, backend, whether installed, and where."""
     from automask.models import list_models
+    from automask.staging import check_models_folder
 
     check_stdout()  # closed (`>&-`): exit 8 before the work, as mask and batch do
     settings = root_settings(ctx)
+    check_models_folder(settings.models_dir)  # a file there: every model would show as not installed
     notes = _tidy(settings)  # either form: a script's `--json` tidies as a person's table does
     infos = list_models(settings)
     onnx = {m.name: _onnx_exports(m.backend, m.path) if m.installed else None for m in infos}

@@ -47,12 +47,28 @@ def staging(folder: Path) -> Iterator[Path]:
         lockfiles.unlock(lockfiles.lock_file(tmp), held)
 
 
+def check_models_folder(models: Path) -> None:
+    """`ModelNotAvailableError` when a file stands where models folder `models`, or a folder above it, should be:
+    no model could be installed there, nor read from it (a missing folder is fine: it is made on the first pull)."""
+    file = _file_in_the_way(models)
+    if file is not None:
+        raise ModelNotAvailableError(
+            f"The models folder '{models}' cannot be read ('{file}' is a file, not a folder: move it away). Point "
+            "AUTOMASK_DATA_DIR at another folder and run again."
+        )
+
+
+def _file_in_the_way(models: Path) -> Path | None:
+    """The first of `models` and the folders above it that exists and is not a folder, or None."""
+    return next((p for p in (models, *models.parents) if p.exists() and not p.is_dir()), None)
+
+
 def _unwritable(models: Path, exc: OSError) -> ModelNotAvailableError:
     """The error for models folder `models` that cannot be created or written (`exc`), naming the file that stands
     where it, or a folder above it, should be."""
     why = f"({exc.strerror})"
     if isinstance(exc, (FileExistsError, NotADirectoryError)):
-        file = next((p for p in (models, *models.parents) if p.exists() and not p.is_dir()), None)
+        file = _file_in_the_way(models)
         why = f"('{file}' is a file, not a folder: move it away)" if file is not None else why
     return ModelNotAvailableError(
         f"Cannot write to the models folder '{models}' {why}. Point AUTOMASK_DATA_DIR at a writable folder and run "
