@@ -1,10 +1,13 @@
-"""The command line's open defects found by earlier hunts: what it echoes of an input, and `models` on a data folder
-that is not one."""
+"""The command line's open defects found by earlier hunts: what it echoes of an input, `models` on a data folder that
+is not one, a signal between the lines that report a file."""
 
 from __future__ import annotations
 
 import io
 import json
+import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
@@ -71,3 +74,80 @@ def test_models_list_says_the_models_folder_is_a_file(tmp_path: Path) -> None:
         assert result.exit_code == 4, result.output
         assert result.stdout == ""
         assert f"'{tmp_path / 'models'}' is a file, not a folder" in result.stderr
+
+
+_SIGNAL_AFTER_FIRST_LINE = """
+import os, signal, sys
+from automask import cli_report
+
+done = cli_report.Reporter.done
+signum = int(sys.argv.pop(1))
+
+
+def done_then_signal(self, line):  # the signal lands right after the first file's progress line
+    done(self, line)
+    if self.count == 1:
+        os.kill(os.getpid(), signum)
+
+
+cli_report.Reporter.done = done_then_signal
+from automask.cli import main
+
+sys.argv[0] = "automask"
+main()
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_after_a_files_progress_line_still_gives_its_json_line(
+    signum: int, chelsea: np.ndarray, tiny_clipseg_dir: Path, tmp_path: Path
+) -> None:
+    """A real signal, sent by the CLI process to itself just after `[1/3] a.png -> ...`. Before: the run stopped
+    there, so the terminal had reported a.png done while --json printed no line for it (a script re-ran it)."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("a", "b", "c"):
+        Image.fromarray(chelsea).resize((40, 30)).save(photos / f"{name}.png")
+    args = ["batch", photos, "-o", tmp_path / "out", "-p", "cat", "--model", tiny_clipseg_dir, "--json"]
+    command = [sys.executable, "-c", _SIGNAL_AFTER_FIRST_LINE, str(int(signum)), *map(str, args)]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=180, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 128 + signum, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "[1/3] " in proc.stderr and "1 done, 0 failed, 2 not done" in proc.stderr
+    records = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [Path(r["input"]).name for r in records] == ["a.png"] and records[0]["ok"] is True
+    assert (tmp_path / "out" / "a.png").is_file() and not (tmp_path / "out" / "b.png").exists()
+
+
+_SIGNAL_AFTER_JSON_LINE = """
+import os, sys
+from automask import cli
+
+echo_json = cli.echo_json
+signum = int(sys.argv.pop(1))
+
+
+def echo_then_signal(record):  # the signal lands right after the JSON line
+    echo_json(record)
+    os.kill(os.getpid(), signum)
+
+
+cli.echo_json = echo_then_signal
+sys.argv[0] = "automask"
+cli.main()
+"""
+
+
+def test_mask_stopped_after_its_json_line_keeps_what_the_line_names(
+    chelsea: np.ndarray, tiny_clipseg_dir: Path, tmp_path: Path
+) -> None:
+    """Before: a Ctrl-C just after mask's `{"ok": true, "output": ...}` line removed that output (the run's files
+    are undone when it is interrupted): the line named a file that was not there."""
+    photo, out = tmp_path / "a.png", tmp_path / "a.mask.png"
+    Image.fromarray(chelsea).resize((40, 30)).save(photo)
+    args = ["mask", photo, "-o", out, "-p", "cat", "--model", tiny_clipseg_dir, "--json"]
+    command = [sys.executable, "-c", _SIGNAL_AFTER_JSON_LINE, str(int(signal.SIGINT)), *map(str, args)]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=180, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 130 and "Traceback" not in proc.stderr, proc.stderr
+    assert json.loads(proc.stdout)["output"] == str(out) and out.is_file()
+    assert f"wrote '{out}'" in proc.stderr

@@ -198,7 +198,7 @@ def _rename_aside(paths: list[Path], folder: Path) -> dict[Path, Path]:
     """Rename each of `paths` to a `REMOVING` name beside `folder`; path -> its new name. Signals wait for the
     renames; on a failure, those done are put back and `ModelNotAvailableError` is raised."""
     moved: dict[Path, Path] = {}
-    with _signals_held():
+    with signals_held():
         try:
             for path in paths:
                 moved[path] = folder.with_name(f".{folder.name}-{uuid.uuid4().hex[:8]}{REMOVING}")
@@ -212,7 +212,7 @@ def _rename_aside(paths: list[Path], folder: Path) -> dict[Path, Path]:
 
 def _put_back(moved: dict[Path, Path]) -> None:
     """Undo `_rename_aside`."""
-    with _signals_held():
+    with signals_held():
         for path, aside in reversed(moved.items()):
             with contextlib.suppress(OSError):
                 os.rename(aside, path)
@@ -292,7 +292,7 @@ def replace_dir(new: Path, dest: Path) -> None:
     or a file) is moved aside first and deleted only once `new` is in place; if that rename fails it is put back.
     Another process installing to `dest` at the same moment is no error: the last rename wins. Ctrl-C, SIGTERM or
     SIGHUP during the two renames take effect after them (a model is never left moved aside, hidden)."""
-    with _signals_held():
+    with signals_held():
         for _ in range(_RACE_RETRIES):
             old = _move_aside(dest)
             try:
@@ -325,7 +325,7 @@ _HELD = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
 
 
 @contextlib.contextmanager
-def _signals_held() -> Iterator[None]:
+def signals_held() -> Iterator[None]:
     """Hold SIGINT, SIGTERM and SIGHUP back for the block; one that came meanwhile is delivered (its handler runs:
     KeyboardInterrupt...) as the block ends. In the main thread their Python handlers are swapped for one that only
     notes the signal: the kernel may give it to any other thread (the hub's, tqdm's), and Python then runs the
