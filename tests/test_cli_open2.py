@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
@@ -18,7 +20,9 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+from automask.catalogue import MARKER
 from automask.cli import main
+from automask.cli_source import shown_input
 from loopback import QuietHandler, serve_http
 
 SECRET = "s3cret-pw"
@@ -66,6 +70,19 @@ def test_mask_json_hides_the_password_of_an_image_url(site: str, tiny_clipseg_di
         assert SECRET not in result.output and SECRET not in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("typed", "shown"),
+    [
+        ("https://u:pw@example.com/a.png?x=1", "https://example.com/a.png?x=1"),
+        ("http://u:p/w@example.com/a.png", "http://…@example.com/a.png"),  # httpx cannot read it: all before '@' hidden
+        ("https://example.com/a@b.png", "https://example.com/a@b.png"),
+        ("photo:1@2.png", "photo:1@2.png"),  # not a URL: a file's name
+    ],
+)
+def test_an_echoed_input_shows_no_credentials(typed: str, shown: str) -> None:
+    assert shown_input(typed) == shown
+
+
 def test_models_list_says_the_models_folder_is_a_file(tmp_path: Path) -> None:
     """Before: every model listed "no" (not installed), exit 0, as if the folder were empty."""
     (tmp_path / "models").write_text("not a folder")
@@ -91,6 +108,7 @@ def done_then_signal(self, line):  # the signal lands right after the first file
 
 
 cli_report.Reporter.done = done_then_signal
+from automask.catalogue import MARKER
 from automask.cli import main
 
 sys.argv[0] = "automask"
@@ -151,3 +169,75 @@ def test_mask_stopped_after_its_json_line_keeps_what_the_line_names(
     assert proc.returncode == 130 and "Traceback" not in proc.stderr, proc.stderr
     assert json.loads(proc.stdout)["output"] == str(out) and out.is_file()
     assert f"wrote '{out}'" in proc.stderr
+
+
+_LOADING_WAITS = """
+import os, sys, time
+from pathlib import Path
+from automask.backends import registry
+
+create, marks = registry.create, Path(sys.argv.pop(1))
+
+
+def create_slowly(name, path, settings):  # the weights are being read: until the test lets it go on (bounded)
+    (marks / "loading").write_text(str(path))
+    deadline = time.monotonic() + 60
+    while not (marks / "go").exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return create(name, path, settings)
+
+
+registry.create = create_slowly
+from automask.catalogue import MARKER
+from automask.cli import main
+
+sys.argv[0] = "automask"
+main()
+"""
+
+
+def test_models_rm_refuses_a_model_a_run_is_loading(
+    chelsea: np.ndarray, tiny_clipseg_dir: Path, tmp_path: Path
+) -> None:
+    """Two real processes: a `mask` run held inside its model's loading, then `models rm` of that model. Before: the
+    removal deleted the folder under the loading run (which then failed, or ran on half a model)."""
+    data, marks = tmp_path / "data", tmp_path / "marks"
+    marks.mkdir()
+    folder = data / "models" / "clipseg"
+    shutil.copytree(tiny_clipseg_dir, folder)
+    (folder / MARKER).write_text(json.dumps({"name": "clipseg", "backend": "clipseg", "repos": []}))
+    photo = tmp_path / "a.png"
+    Image.fromarray(chelsea).resize((40, 30)).save(photo)
+    args = ["--data-dir", data, "mask", photo, "-p", "cat", "--model", "clipseg", "-o", tmp_path / "m.png"]
+    run = subprocess.Popen(
+        [sys.executable, "-c", _LOADING_WAITS, str(marks), *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not (marks / "loading").exists() and run.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert (marks / "loading").read_text() == str(folder)
+        rm = subprocess.run(
+            [sys.executable, "-m", "automask", "--data-dir", data, "models", "rm", "clipseg"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert rm.returncode == 10, rm.stdout + rm.stderr
+        assert "a run is loading it" in rm.stderr and (folder / MARKER).is_file()
+    finally:
+        (marks / "go").touch()
+        _, stderr = run.communicate(timeout=120)
+    assert run.returncode == 0, stderr
+    assert (tmp_path / "m.png").is_file()
+    after = subprocess.run(
+        [sys.executable, "-m", "automask", "--data-dir", data, "models", "rm", "clipseg"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert after.returncode == 0, after.stderr
+    assert not folder.exists()

@@ -19,7 +19,7 @@ from typing import Any
 
 from automask import lockfiles
 from automask.errors import ModelBusyError, ModelNotAvailableError
-from automask.lockfiles import PULL, REMOVAL, TIDYING
+from automask.lockfiles import LOADING, PULL, REMOVAL, TIDYING
 
 HUB_BOOKKEEPING = "huggingface"
 """The subfolder of a download folder's `.cache` where huggingface_hub keeps its locks and metadata."""
@@ -219,12 +219,44 @@ def _put_back(moved: dict[Path, Path]) -> None:
 
 
 def _busy_message(folder: Path, busy: Path, held_by: str = PULL) -> str:
+    if held_by == LOADING:
+        return (
+            f"The model '{folder.name}' is not removed: a run is loading it (automask mask, batch, serve...). Run this "
+            "again once it has loaded."
+        )
     holders = {REMOVAL: "another removal", TIDYING: "automask's tidying"}
     what = holders.get(held_by, "a pull") if busy == folder else "an export"  # "": an older automask's pull
     return (
         f"The model '{folder.name}' is not removed: {what} of it is running. Run this again once it has ended "
         "(Ctrl-C it to stop it)."
     )
+
+
+@contextlib.contextmanager
+def reading(folder: Path) -> Iterator[None]:
+    """For the block, hold installed model `folder` against its removal and replacement: a shared lock on the lock
+    file of its pulls, which `remove` (and a pull, a tidying) waits for or refuses under; readers hold it together,
+    and wait while one of those holds it. `ModelNotAvailableError` when a removal took `folder` meanwhile. Where the
+    lock cannot be taken (a read-only models folder, Windows), nothing is held."""
+    hub = lockfiles.lock_file(_kept(folder))
+    try:
+        fd = lockfiles.lock(hub, wait=True, shared=True)
+    except OSError:
+        fd = None
+    try:
+        if not folder.is_dir():
+            raise ModelNotAvailableError(
+                f"The model '{folder.name}' was removed as it was about to be loaded (automask models rm). Install it "
+                f"again with: automask models pull {folder.name}"
+            )
+        yield
+    finally:
+        if fd is not None and fd >= 0:
+            os.close(fd)
+            with contextlib.suppress(OSError):  # the last reader deletes the lock file, as an exclusive holder does
+                last = lockfiles.lock(hub, wait=False, create=False)
+                if last is not None:
+                    lockfiles.unlock(hub, last)
 
 
 def installing(folder: Path) -> bool:
