@@ -241,3 +241,21 @@ def test_models_rm_refuses_a_model_a_run_is_loading(
     )
     assert after.returncode == 0, after.stderr
     assert not folder.exists()
+
+
+def test_batch_progress_bar_keeps_its_count_beside_a_long_file_name(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The bar on an 80-column terminal, the file being masked named with 200 characters. Before: the name took the
+    whole line (cut with '…'), and the bar, the count and the time left were not shown at all."""
+    from automask.cli_report import Reporter
+
+    monkeypatch.setenv("FORCE_COLOR", "1")  # rich: a terminal
+    monkeypatch.setenv("COLUMNS", "80")
+    with Reporter(3) as report:
+        assert report.bar is not None
+        report.start(Path("IMG_" + "0123456789" * 20 + ".jpg"))
+        report.done("")
+        report.bar.refresh()
+    shown = [line for line in capsys.readouterr().err.replace("\r", "\n").split("\n") if "IMG_" in line]
+    assert shown and all("1/3" in line and "…" in line for line in shown[-1:]), shown

@@ -16,7 +16,11 @@ class Reporter:
 
         self.total, self.count = total, 0
         self.console = Console(stderr=True, highlight=False, soft_wrap=True)
-        text = TextColumn("{task.description}", markup=False)
+        from rich.table import Column
+
+        # a long file name is cut ('…'), not given the whole line: the bar, the count and the time left stay shown
+        name = Column(ratio=1, min_width=10, max_width=40, no_wrap=True, overflow="ellipsis")
+        text = TextColumn("{task.description}", markup=False, table_column=name)
         columns = (text, BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
         self.bar = Progress(*columns, console=self.console) if self.console.is_terminal else None
         self.task = self.bar.add_task("masking", total=total) if self.bar else None
