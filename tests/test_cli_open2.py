@@ -91,6 +91,8 @@ def test_models_list_says_the_models_folder_is_a_file(tmp_path: Path) -> None:
         assert result.exit_code == 4, result.output
         assert result.stdout == ""
         assert f"'{tmp_path / 'models'}' is a file, not a folder" in result.stderr
+    removed = invoke("--data-dir", tmp_path, "models", "rm", "clipseg")  # before: "not installed ... nothing to remove"
+    assert removed.exit_code == 4 and "is a file, not a folder" in removed.stderr, removed.output
 
 
 _SIGNAL_AFTER_FIRST_LINE = """

@@ -108,10 +108,12 @@ def models_rm(ctx: click.Context, name: str) -> None:
     """Delete model NAME (and its ONNX export) from the data folder; never the Hugging Face cache."""
     from automask.models import CATALOGUE, model_dir
     from automask.models_rm import hf_cache_rm, remove
+    from automask.staging import check_models_folder
 
     if name not in CATALOGUE:
         raise click.BadParameter(f"no model '{name}': automask models list shows the models.", param_hint="NAME")
     settings = root_settings(ctx)
+    check_models_folder(settings.models_dir)  # a file there: not "not installed"
     removed = remove(name, settings)
     for path in removed.paths:
         click.echo(f"removed {path}")
