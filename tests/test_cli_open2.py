@@ -261,3 +261,29 @@ def test_batch_progress_bar_keeps_its_count_beside_a_long_file_name(
         report.bar.refresh()
     shown = [line for line in capsys.readouterr().err.replace("\r", "\n").split("\n") if "IMG_" in line]
     assert shown and all("1/3" in line and "…" in line for line in shown[-1:]), shown
+
+
+def test_a_file_name_with_a_line_break_or_an_escape_stays_one_plain_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A file name may hold any byte but '/' and NUL. Before: the bar split over two lines at a line break in the
+    name, and an escape sequence in it (ESC [31m) went to the terminal as is (it turned the terminal's text red);
+    so did the plain progress lines. Now they are written \\x1b, as the error lines write what is not UTF-8."""
+    from automask.cli_report import Reporter
+
+    name = "a\nb\x1b[31mred.png"
+    monkeypatch.setenv("COLUMNS", "80")
+    for terminal in ("1", None):
+        if terminal:
+            monkeypatch.setenv("FORCE_COLOR", terminal)
+        else:
+            monkeypatch.delenv("FORCE_COLOR", raising=False)
+            monkeypatch.setenv("TERM", "dumb")
+        with Reporter(1) as report:
+            report.start(Path(name))
+            report.done(f"{name} -> out.png")
+            if report.bar is not None:
+                report.bar.refresh()
+        err = capsys.readouterr().err
+        assert "\x1b[31m" not in err and "b\\x1b[31mred.png" in err, err
+        assert not [line for line in err.replace("\r", "\n").split("\n") if line.startswith("b")], err

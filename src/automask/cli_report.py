@@ -37,7 +37,7 @@ class Reporter:
     def start(self, src: Path) -> None:
         """Show `src` as the file being worked on."""
         if self.bar is not None and self.task is not None:
-            self.bar.update(self.task, description=src.name)
+            self.bar.update(self.task, description=one_line(src.name))
 
     def done(self, line: str) -> None:
         """Count one file as handled; `line` is printed when there is no bar."""
