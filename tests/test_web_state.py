@@ -433,3 +433,19 @@ def test_a_long_image_url_wraps_at_phone_width(context: Any, live: Any, photo: P
             box = page.locator("#image-info").bounding_box()
             assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= size["width"]
             phone.check_console()
+
+
+def test_a_long_file_name_in_the_status_line_wraps_at_phone_width(context: Any, live: Any) -> None:
+    """The status line says the name of the file being read ("Reading NAME…", "Still reading NAME…"): a long one (no
+    space: 200 characters) at phone width wraps within the page. Before, the line widened the whole page."""
+    name = "IMG_" + "0123456789" * 20 + ".jpg"
+    for size in (PHONE, {"width": 320, "height": 640}):
+        with open_tab(context, live, size) as phone:
+            page = phone.page
+            page.evaluate("async (n) => (await import('./static/status.js')).setStatus(`Reading ${n}…`)", name)
+            assert page.inner_text("#said") == f"Reading {name}…"
+            width = page.evaluate("document.documentElement.scrollWidth")
+            assert width <= size["width"], f"the page scrolls sideways at {size['width']} px ({width} px)"
+            box = page.locator("#status").bounding_box()
+            assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= size["width"]
+            phone.check_console()

@@ -42,11 +42,12 @@ from automask.cli_job import Job, load_generator, mask_options
 from automask.cli_outputs import Outputs
 from automask.cli_report import Reporter
 from automask.cli_signals import Interrupted, signals_interrupt
-from automask.cli_source import input_id, one_image, read_source
+from automask.cli_source import input_id, one_image, read_source, shown_input
 from automask.cli_types import Nat64Prefixes, NonEmptyPath, NonEmptyText
 from automask.errors import AutomaskError, InvalidOptionError
 from automask.routing import quote_targets
 from automask.settings import Settings
+from automask.staging import signals_held
 
 
 def error_record(image: str, exc: AutomaskError) -> dict[str, Any]:
@@ -190,11 +191,10 @@ def mask(state: CliState, images: tuple[str, ...], out: str | None, instances_di
     try:
         with signals_interrupt():
             _mask(state.settings, image, out, instances_dir, job, outputs)
-            outputs.keep()
     except BaseException as exc:
         outputs.discard()
         if job.as_json and isinstance(exc, AutomaskError):
-            echo_json(error_record(image, exc))
+            echo_json(error_record(shown_input(image), exc))
         raise
 
 
@@ -219,23 +219,28 @@ def _mask(settings: Settings, image: str, out: str | None, instances: Path | Non
     else:
         check_fits(target, fmt, result.width, result.height)
         outputs.write(target, result.encode(fmt))
-    meta = {"input": image, "output": str(target or "-"), "ok": True, **result.metadata()}
+    meta = {"input": shown_input(image), "output": str(target or "-"), "ok": True, **result.metadata()}
     if instances is not None:
         from automask.instances import save_instances
 
         saved = save_instances(result, instances, job.options.grow_mask, write=outputs.write)
         meta["instances"] = [str(p) for p in saved]
         click.echo(one_line(f"wrote {len(saved)} instance masks into '{instances}'"), err=True)
-    if job.as_json:
-        echo_json(meta)
-    if instances is not None:
-        remove_stale_instances(instances, saved, path)
-    where = "stdout" if target is None else f"'{target}'"
-    share = 100.0 * meta["selected_pixels"] / max(1, result.width * result.height)
-    shown = f"wrote {where}: {result.kind} {result.width}×{result.height}, {share:.1f}% selected"
-    click.echo(one_line(shown), err=True)
-    if result.empty:
-        click.echo(f"note: nothing matched {quote_targets(job.prompts)} at threshold {job.options.threshold}", err=True)
+    with signals_held():  # the JSON line, the 'wrote' line and the files kept: a Ctrl-C stops all or none
+        if job.as_json:
+            echo_json(meta)
+        if instances is not None:
+            remove_stale_instances(instances, saved, path)
+        where = "stdout" if target is None else f"'{target}'"
+        share = 100.0 * meta["selected_pixels"] / max(1, result.width * result.height)
+        click.echo(
+            one_line(f"wrote {where}: {result.kind} {result.width}×{result.height}, {share:.1f}% selected"), err=True
+        )
+        if result.empty:
+            click.echo(
+                f"note: nothing matched {quote_targets(job.prompts)} at threshold {job.options.threshold}", err=True
+            )
+        outputs.keep()
 
 
 # -- batch -------------------------------------------------------------------------------------------
@@ -351,11 +356,12 @@ def _mask_files(ctx: click.Context, plan: list[tuple[Path, Path]], unread: list[
 
 def _report(report: Reporter, record: dict[str, Any], job: Job) -> int:
     """Show one input's `record` (an error line when it failed; a JSON line with --json); 1 if it failed, else 0."""
-    if not record["ok"]:
-        report.error(f"error: {record['input']}: {record['error']}")
-    report.done(f"{record['input']} -> {record['output']}" if record["ok"] else f"{record['input']} failed")
-    if job.as_json:
-        echo_json(record)
+    with signals_held():  # a Ctrl-C between the two lines would report the file on one only
+        if not record["ok"]:
+            report.error(f"error: {record['input']}: {record['error']}")
+        report.done(f"{record['input']} -> {record['output']}" if record["ok"] else f"{record['input']} failed")
+        if job.as_json:
+            echo_json(record)
     return 0 if record["ok"] else 1
 
 

@@ -44,7 +44,7 @@ EXIT_HELP = (
         "serve/worker/keys/db: the database cannot be reached or needs `automask db migrate`, a service setting is "
         "missing, or serve cannot listen on --host/--port (e.g. the port is in use) or start",
     ),
-    (10, "models rm: a pull, an export or another removal of the model is running"),
+    (10, "models rm: a pull, an export or another removal of the model is running, or a run is loading it"),
     (EXIT_INTERNAL, "internal error (run with --debug for the traceback)"),
     (128 + signal.SIGHUP, "the terminal hung up (SIGHUP)"),
     (EXIT_INTERRUPTED, "interrupted (Ctrl-C)"),

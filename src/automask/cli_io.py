@@ -286,10 +286,15 @@ def file_id(path: Path) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+"""What a terminal acts on rather than shows (ESC starts a colour or a cursor move): written `\\xNN` in reports."""
+
+
 def one_line(text: str) -> str:
-    """`text` with its line breaks folded (also those of a file name) and a name's bytes that are not UTF-8 as
-    `\\xNN` (`safe_text`, as the JSON has them), for one-line reports."""
-    return " ".join(safe_text(text).splitlines()).strip()
+    """`text` with its line breaks folded (also those of a file name), a name's bytes that are not UTF-8 as `\\xNN`
+    (`safe_text`, as the JSON has them) and any other control character so too, for one-line reports."""
+    folded = " ".join(safe_text(text).splitlines()).strip()
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", folded)
 
 
 def root_settings(ctx: click.Context) -> Settings:

@@ -29,9 +29,11 @@ def models() -> None:
 def models_list(ctx: click.Context, as_json: bool) -> None:
     """The models automask knows: name, backend, whether installed, and where."""
     from automask.models import list_models
+    from automask.staging import check_models_folder
 
     check_stdout()  # closed (`>&-`): exit 8 before the work, as mask and batch do
     settings = root_settings(ctx)
+    check_models_folder(settings.models_dir)  # a file there: every model would show as not installed
     notes = _tidy(settings)  # either form: a script's `--json` tidies as a person's table does
     infos = list_models(settings)
     onnx = {m.name: _onnx_exports(m.backend, m.path) if m.installed else None for m in infos}
@@ -106,10 +108,12 @@ def models_rm(ctx: click.Context, name: str) -> None:
     """Delete model NAME (and its ONNX export) from the data folder; never the Hugging Face cache."""
     from automask.models import CATALOGUE, model_dir
     from automask.models_rm import hf_cache_rm, remove
+    from automask.staging import check_models_folder
 
     if name not in CATALOGUE:
         raise click.BadParameter(f"no model '{name}': automask models list shows the models.", param_hint="NAME")
     settings = root_settings(ctx)
+    check_models_folder(settings.models_dir)  # a file there: not "not installed"
     removed = remove(name, settings)
     for path in removed.paths:
         click.echo(f"removed {path}")

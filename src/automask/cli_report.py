@@ -16,7 +16,11 @@ class Reporter:
 
         self.total, self.count = total, 0
         self.console = Console(stderr=True, highlight=False, soft_wrap=True)
-        text = TextColumn("{task.description}", markup=False)
+        from rich.table import Column
+
+        # a long file name is cut ('…'), not given the whole line: the bar, the count and the time left stay shown
+        name = Column(ratio=1, min_width=10, max_width=40, no_wrap=True, overflow="ellipsis")
+        text = TextColumn("{task.description}", markup=False, table_column=name)
         columns = (text, BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
         self.bar = Progress(*columns, console=self.console) if self.console.is_terminal else None
         self.task = self.bar.add_task("masking", total=total) if self.bar else None
@@ -33,7 +37,7 @@ class Reporter:
     def start(self, src: Path) -> None:
         """Show `src` as the file being worked on."""
         if self.bar is not None and self.task is not None:
-            self.bar.update(self.task, description=src.name)
+            self.bar.update(self.task, description=one_line(src.name))
 
     def done(self, line: str) -> None:
         """Count one file as handled; `line` is printed when there is no bar."""

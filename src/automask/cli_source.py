@@ -95,6 +95,15 @@ def _own_descriptor(image: str) -> int | None:
     return int(own.group(1) or own.group(2)) if own else None
 
 
+def shown_input(image: str) -> str:
+    """IMAGE as the command echoes it (`--json`'s "input", messages): a URL without its user name and password."""
+    if not _URL.match(image) or os.path.isfile(image):
+        return image
+    from automask.imageio.urls import without_credentials  # (httpx: loaded only for a URL)
+
+    return without_credentials(image)
+
+
 def input_id(image: str) -> tuple[int, int] | None:
     """(device, inode) of the file IMAGE reads (`file_id`): a path's, standard input's for '-' (redirected from a
     file: `< photo.jpg`); None for a URL or a closed standard input."""
@@ -124,7 +133,7 @@ def one_image(images: tuple[str, ...]) -> str:
     """`mask`'s IMAGE: an `InvalidOptionError` that points to `batch` when it was given several (an unquoted glob)."""
     if len(images) == 1:
         return images[0]
-    shown = ", ".join(f"'{image}'" for image in images[:2]) + (", ..." if images[2:] else "")
+    shown = ", ".join(f"'{shown_input(image)}'" for image in images[:2]) + (", ..." if images[2:] else "")
     raise InvalidOptionError(
         "IMAGE",
         f"mask takes one image, and was given {len(images)} ({shown}); to mask several: automask batch IMAGES... "

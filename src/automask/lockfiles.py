@@ -17,6 +17,8 @@ from pathlib import Path
 PULL, REMOVAL, TIDYING = "pull", "removal", "tidying"
 """What holds a model's lock (`resumable_staging`, `remove`, `tidy` / `recover`), written in its lock file for one
 that waits for it to say (`holder`)."""
+LOADING = "loading"
+"""What `holder` says of a model's lock held shared: runs loading the model (`staging.reading`), which write nothing."""
 
 
 def hold(path: Path, waiting: Callable[[str], None] | None, what: str) -> int | None:
@@ -36,6 +38,8 @@ def holder(path: Path) -> str:
     of a holder that is gone: the lock is free, or the process it names, on this host, is dead (killed: SIGKILL, an
     out-of-memory kill, and the lock taken again by one that writes nothing)."""
     try:
+        if _shared_only(path):
+            return LOADING
         with open(path, "rb") as file:
             said = file.read(512).decode("ascii", "replace").split()
         if not said or said[0] not in (PULL, REMOVAL, TIDYING) or not held(path):
@@ -101,10 +105,11 @@ def lock_file(tmp: Path) -> Path:
     return tmp.with_name(f"{tmp.name}.lock")
 
 
-def lock(path: Path, *, wait: bool, create: bool = True, by: str = "") -> int | None:
+def lock(path: Path, *, wait: bool, create: bool = True, by: str = "", shared: bool = False) -> int | None:
     """An open descriptor of `path` (created if need be, if `create`: else FileNotFoundError) holding its exclusive
-    lock, `by` written in it (what holds it, read by `holder`) when given and it can be (`_say`); None when another
-    process holds it (and not `wait`). Where there is no `fcntl` (Windows) nothing is locked: -1.
+    lock (its shared one if `shared`: readers hold it together, and write nothing), `by` written in it (what holds
+    it, read by `holder`) when given and it can be (`_say`); None when another process holds it (and not `wait`).
+    Where there is no `fcntl` (Windows) nothing is locked: -1.
 
     Again until the locked file is still the one at `path`: a holder deletes it as it lets go (`unlock`), and a
     lock taken meanwhile on that deleted file would hold nothing (another process locks the new file there)."""
@@ -115,7 +120,7 @@ def lock(path: Path, *, wait: bool, create: bool = True, by: str = "") -> int | 
     while True:
         fd = os.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if wait else fcntl.LOCK_NB))
             if os.fstat(fd).st_ino == os.stat(path).st_ino:
                 if by:
                     _say(fd, by)
@@ -172,6 +177,11 @@ def held(path: Path) -> bool:
     if fd is not None and fd >= 0:
         os.close(fd)
     return fd is None
+
+
+def _shared_only(path: Path) -> bool:
+    """True when `path`'s lock is held, by shared holders alone: an exclusive one is refused, a shared one let in."""
+    return held(path) and not _held_read_only(path)
 
 
 def _held_read_only(path: Path) -> bool:

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from automask import embedded
+from automask import embedded, staging
 from automask.backends import registry
 from automask.backends.base import Backend, ScoreParams, Scores, score_with
 from automask.combine import Part, finish
@@ -256,7 +256,14 @@ def _settings(settings: Settings | None) -> Settings:
 
 
 def _load(found: ResolvedModel | None, settings: Settings) -> Backend | None:
-    return registry.create(found.backend, found.path, settings) if found is not None else None
+    """The backend of `found`; a model of the data folder is read under its lock (`staging.reading`): `automask
+    models rm` waits for the loading, or refuses, instead of deleting the files being read."""
+    if found is None:
+        return None
+    if found.path.parent != settings.models_dir:  # a folder of the user's, the Hugging Face cache
+        return registry.create(found.backend, found.path, settings)
+    with staging.reading(found.path):
+        return registry.create(found.backend, found.path, settings)
 
 
 ONE_SHOT_KEPT = 2

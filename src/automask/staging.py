@@ -19,7 +19,7 @@ from typing import Any
 
 from automask import lockfiles
 from automask.errors import ModelBusyError, ModelNotAvailableError
-from automask.lockfiles import PULL, REMOVAL, TIDYING
+from automask.lockfiles import LOADING, PULL, REMOVAL, TIDYING
 
 HUB_BOOKKEEPING = "huggingface"
 """The subfolder of a download folder's `.cache` where huggingface_hub keeps its locks and metadata."""
@@ -47,12 +47,28 @@ def staging(folder: Path) -> Iterator[Path]:
         lockfiles.unlock(lockfiles.lock_file(tmp), held)
 
 
+def check_models_folder(models: Path) -> None:
+    """`ModelNotAvailableError` when a file stands where models folder `models`, or a folder above it, should be:
+    no model could be installed there, nor read from it (a missing folder is fine: it is made on the first pull)."""
+    file = _file_in_the_way(models)
+    if file is not None:
+        raise ModelNotAvailableError(
+            f"The models folder '{models}' cannot be read ('{file}' is a file, not a folder: move it away). Point "
+            "AUTOMASK_DATA_DIR at another folder and run again."
+        )
+
+
+def _file_in_the_way(models: Path) -> Path | None:
+    """The first of `models` and the folders above it that exists and is not a folder, or None."""
+    return next((p for p in (models, *models.parents) if p.exists() and not p.is_dir()), None)
+
+
 def _unwritable(models: Path, exc: OSError) -> ModelNotAvailableError:
     """The error for models folder `models` that cannot be created or written (`exc`), naming the file that stands
     where it, or a folder above it, should be."""
     why = f"({exc.strerror})"
     if isinstance(exc, (FileExistsError, NotADirectoryError)):
-        file = next((p for p in (models, *models.parents) if p.exists() and not p.is_dir()), None)
+        file = _file_in_the_way(models)
         why = f"('{file}' is a file, not a folder: move it away)" if file is not None else why
     return ModelNotAvailableError(
         f"Cannot write to the models folder '{models}' {why}. Point AUTOMASK_DATA_DIR at a writable folder and run "
@@ -182,7 +198,7 @@ def _rename_aside(paths: list[Path], folder: Path) -> dict[Path, Path]:
     """Rename each of `paths` to a `REMOVING` name beside `folder`; path -> its new name. Signals wait for the
     renames; on a failure, those done are put back and `ModelNotAvailableError` is raised."""
     moved: dict[Path, Path] = {}
-    with _signals_held():
+    with signals_held():
         try:
             for path in paths:
                 moved[path] = folder.with_name(f".{folder.name}-{uuid.uuid4().hex[:8]}{REMOVING}")
@@ -196,19 +212,51 @@ def _rename_aside(paths: list[Path], folder: Path) -> dict[Path, Path]:
 
 def _put_back(moved: dict[Path, Path]) -> None:
     """Undo `_rename_aside`."""
-    with _signals_held():
+    with signals_held():
         for path, aside in reversed(moved.items()):
             with contextlib.suppress(OSError):
                 os.rename(aside, path)
 
 
 def _busy_message(folder: Path, busy: Path, held_by: str = PULL) -> str:
+    if held_by == LOADING:
+        return (
+            f"The model '{folder.name}' is not removed: a run is loading it (automask mask, batch, serve...). Run this "
+            "again once it has loaded."
+        )
     holders = {REMOVAL: "another removal", TIDYING: "automask's tidying"}
     what = holders.get(held_by, "a pull") if busy == folder else "an export"  # "": an older automask's pull
     return (
         f"The model '{folder.name}' is not removed: {what} of it is running. Run this again once it has ended "
         "(Ctrl-C it to stop it)."
     )
+
+
+@contextlib.contextmanager
+def reading(folder: Path) -> Iterator[None]:
+    """For the block, hold installed model `folder` against its removal and replacement: a shared lock on the lock
+    file of its pulls, which `remove` (and a pull, a tidying) waits for or refuses under; readers hold it together,
+    and wait while one of those holds it. `ModelNotAvailableError` when a removal took `folder` meanwhile. Where the
+    lock cannot be taken (a read-only models folder, Windows), nothing is held."""
+    hub = lockfiles.lock_file(_kept(folder))
+    try:
+        fd = lockfiles.lock(hub, wait=True, shared=True)
+    except OSError:
+        fd = None
+    try:
+        if not folder.is_dir():
+            raise ModelNotAvailableError(
+                f"The model '{folder.name}' was removed as it was about to be loaded (automask models rm). Install it "
+                f"again with: automask models pull {folder.name}"
+            )
+        yield
+    finally:
+        if fd is not None and fd >= 0:
+            os.close(fd)
+            with contextlib.suppress(OSError):  # the last reader deletes the lock file, as an exclusive holder does
+                last = lockfiles.lock(hub, wait=False, create=False)
+                if last is not None:
+                    lockfiles.unlock(hub, last)
 
 
 def installing(folder: Path) -> bool:
@@ -276,7 +324,7 @@ def replace_dir(new: Path, dest: Path) -> None:
     or a file) is moved aside first and deleted only once `new` is in place; if that rename fails it is put back.
     Another process installing to `dest` at the same moment is no error: the last rename wins. Ctrl-C, SIGTERM or
     SIGHUP during the two renames take effect after them (a model is never left moved aside, hidden)."""
-    with _signals_held():
+    with signals_held():
         for _ in range(_RACE_RETRIES):
             old = _move_aside(dest)
             try:
@@ -309,7 +357,7 @@ _HELD = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
 
 
 @contextlib.contextmanager
-def _signals_held() -> Iterator[None]:
+def signals_held() -> Iterator[None]:
     """Hold SIGINT, SIGTERM and SIGHUP back for the block; one that came meanwhile is delivered (its handler runs:
     KeyboardInterrupt...) as the block ends. In the main thread their Python handlers are swapped for one that only
     notes the signal: the kernel may give it to any other thread (the hub's, tqdm's), and Python then runs the

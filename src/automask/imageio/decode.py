@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
+import re
 import struct
 import warnings
 import zlib
@@ -148,11 +149,8 @@ def _open(data: bytes, settings: Settings) -> Image.Image:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data), formats=readable_formats())
-    except Image.DecompressionBombError:
-        raise ImageTooLargeError(
-            f"The image has more than {2 * (Image.MAX_IMAGE_PIXELS or 0):,} pixels; the limit is "
-            f"{settings.max_image_pixels:,} pixels (AUTOMASK_MAX_IMAGE_PIXELS). Downscale it or raise the limit."
-        ) from None
+    except Image.DecompressionBombError as exc:
+        raise _bomb_error(exc, settings) from None
     except Image.UnidentifiedImageError:
         raise ImageDecodeError(unidentified_message(data, readable_formats())) from None
     except PIL_ERRORS as exc:
@@ -165,6 +163,17 @@ def _open(data: bytes, settings: Settings) -> Image.Image:
         img.close()
         raise
     return img
+
+
+def _bomb_error(exc: Image.DecompressionBombError, settings: Settings) -> ImageTooLargeError:
+    """Pillow's refusal `exc` of an image past twice its own limit (which is at least ours: `_raise_pillow_limit`)
+    told with our limit and its setting; Pillow's threshold, which no setting of ours names, is left out."""
+    size = re.search(r"\((\d+) pixels\)", str(exc))
+    told = f"{int(size.group(1)):,} pixels" if size else "more pixels than that"
+    return ImageTooLargeError(
+        f"The image is {told}; the limit is {settings.max_image_pixels:,} pixels (AUTOMASK_MAX_IMAGE_PIXELS). "
+        "Downscale it or raise the limit."
+    )
 
 
 def _raise_pillow_limit(pixels: int) -> None:
@@ -183,8 +192,8 @@ def pil_to_rgb(img: Image.Image, settings: Settings, *, keep_alpha: bool = False
             check_usable(img)
             img.load()
         rgb = _pil_pixels(to_srgb(img), keep_alpha)
-    except Image.DecompressionBombError as exc:
-        raise ImageTooLargeError(f"The image is too large to decode safely ({exc}).") from None
+    except Image.DecompressionBombError as exc:  # a GIF frame that widens the canvas: Pillow checks it on load
+        raise _bomb_error(exc, settings) from None
     except ImageDecodeError:  # ours: it says what is wrong (not corrupt, e.g. float samples out of range)
         raise
     except PIL_ERRORS as exc:

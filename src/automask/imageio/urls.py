@@ -164,5 +164,16 @@ def show(url: httpx.URL) -> str:
     return short(str(url.copy_with(username=None, password=None)) if url.userinfo else str(url))
 
 
+def without_credentials(url: str) -> str:
+    """`url` as typed, but for its user name and password, left out (unshortened, as a record's "input"). One httpx
+    cannot read keeps its scheme and all after its last '@' (`_CREDENTIALS`)."""
+    try:
+        parsed = httpx.URL(url)
+    except (httpx.InvalidURL, TypeError, UnicodeError):
+        hidden = _CREDENTIALS.match(url)
+        return url if hidden is None else hidden.group(1) + "…@" + url[hidden.end() :]
+    return str(parsed.copy_with(username=None, password=None)) if parsed.userinfo else url
+
+
 def short(text: str, limit: int = 120) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
