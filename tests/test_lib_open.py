@@ -41,6 +41,38 @@ def test_image_digest_same_for_contiguous_and_strided_views_of_the_same_pixels()
     assert image_digest(big) != image_digest(big[:, :, ::-1])  # other pixels, another key
 
 
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: np.zeros((0, 4, 3), np.uint8),  # empty, C-contiguous
+        lambda: np.zeros((5, 0, 3), np.uint8)[::2],  # empty, strided
+        lambda: np.zeros((3, 4, 0), np.float32),
+        lambda: np.array(7, np.uint16),  # 0-d
+        lambda: np.arange(12).astype("datetime64[s]").reshape(3, 4),  # no buffer export
+        lambda: np.arange(12).astype("timedelta64[ms]").reshape(4, 3)[::-1],
+        lambda: np.zeros(6, [("a", "u1"), ("b", "<f4")])[::2],
+        lambda: np.array(list("abcdef"))[::-1],
+        lambda: np.arange(20, dtype=">u2").reshape(4, 5)[:, 1:4],
+    ],
+)
+def test_image_digest_equals_the_old_formula_for_any_array(make: Callable[[], np.ndarray]) -> None:
+    """Before (since the no-copy digest): an empty C-contiguous array raised TypeError ('cannot cast view with zeros
+    in shape'), a datetime or timedelta array ValueError ('cannot include dtype in a buffer'), where the old
+    `tobytes()` formula hashed them."""
+    array = make()
+    assert image_digest(array) == _old_digest(array)
+    assert image_digest(array) == image_digest(array.copy())
+
+
+def test_image_digest_tells_strided_views_of_different_regions_apart() -> None:
+    big = np.random.default_rng(4).integers(0, 256, (60, 80, 3), np.uint8)
+    views = [big[::2], big[1::2], big[:, ::2][:30], big[30:, 1::2], big[::-2], big[:, :, ::-1][::2]]
+    digests = [image_digest(v) for v in views]
+    assert len(set(digests)) == len(views)
+    assert digests == [_old_digest(np.ascontiguousarray(v)) for v in views]
+    assert image_digest(big[::2].copy()) == digests[0]  # equal pixels, equal key
+
+
 def test_image_digest_hashes_without_a_full_size_copy() -> None:
     image = np.zeros((2000, 3000, 3), np.uint8)  # 18 MB
     image[::7, ::5] = 200
