@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from automask import MaskGenerator
+from automask import MaskGenerator, stopping
 from automask.errors import ImageDecodeError, InvalidOptionError, StoppedError
 from automask.feature_cache import image_digest
 from automask.imageio import load_image
@@ -273,3 +273,30 @@ def test_a_prompt_of_another_type_is_refused_saying_what_is_accepted(prompt: obj
     message = str(caught.value)
     assert caught.value.field == "prompt" and "a string or a list of strings" in message, message
     assert type(prompt).__name__ in message or "item" in message, message
+
+
+def test_a_thread_waiting_for_anothers_encode_asks_its_stop_check_as_a_running_encode_does() -> None:
+    """Before: a waiting thread asked its `should_stop` every `WAIT_STEP` (0.05 s), ten times as often as a running
+    model stage may (`INSIDE_EVERY`, 0.5 s: a check may cost a database read, a v2 job's); now it asks as the encode
+    it waits for would, throttled the same, and still stops within that bound."""
+    backend = SlowCountingBackend(1.5)
+    gen = MaskGenerator(backend)
+    image = np.full((20, 30, 3), 120, np.uint8)
+    asked = []
+
+    def waiter() -> object:
+        time.sleep(0.2)  # the first thread is encoding by now
+
+        def should_stop() -> bool:
+            asked.append(time.monotonic())
+            return False
+
+        return gen.generate(image, "x", should_stop=should_stop)
+
+    _run_together([lambda: gen.generate(image, "x"), waiter])
+    boundaries = len(asked)
+    asked.clear()
+    gen.generate(image, "x", should_stop=lambda: bool(asked.append(time.monotonic())))  # cached: no wait
+    assert len(backend.encodes) == 1
+    waiting_asks = boundaries - len(asked) - 1  # less the after-encode boundary, which a cached run has not
+    assert waiting_asks <= 1.3 / stopping.INSIDE_EVERY + 1, (boundaries, len(asked))  # ~1.3 s waited
