@@ -126,20 +126,28 @@ def alive(refs: list[weakref.ref[Any]]) -> list[bool]:
     return [ref() is not None for ref in refs]
 
 
+def own_copy(model_dir: Path, tmp_path: Path) -> str:
+    """A copy of `model_dir` for one test: the registry shares a backend by folder, so a test watching one be freed
+    loads its own, which nothing else in the session (a one-shot `generate`'s kept generators, another test's
+    objects) can hold."""
+    return str(shutil.copytree(model_dir, tmp_path / "own-model"))
+
+
 def test_a_dropped_generators_models_are_freed(tiny_clipseg_dir: Path, tmp_path: Path) -> None:
     """Before: every backend ever loaded stayed in the registry's cache for the life of the process, so deleting a
     MaskGenerator freed none of its models, and the one-shot `generate`, which keeps only its last generators and
     says an older one's models are freed, kept every model it had loaded."""
     settings = Settings(data_dir=tmp_path / "data")
-    gen = MaskGenerator(str(tiny_clipseg_dir), settings)
-    same = MaskGenerator(str(tiny_clipseg_dir), settings)
+    model = own_copy(tiny_clipseg_dir, tmp_path)
+    gen = MaskGenerator(model, settings)
+    same = MaskGenerator(model, settings)
     assert same.backend is gen.backend  # loaded once while in use
     refs = [weakref.ref(gen.backend)]
     del gen
     assert alive(refs) == [True]  # `same` still uses it
     del same
     assert alive(refs) == [False]
-    again = MaskGenerator(str(tiny_clipseg_dir), settings)
+    again = MaskGenerator(model, settings)
     assert again.generate(IMAGE, "cup", grow_mask=0).mask.shape == IMAGE.shape[:2]  # loaded again when asked for
 
 
@@ -166,9 +174,11 @@ def sam_settings(tmp_path: Path) -> Settings:
     return settings
 
 
-def test_a_dropped_generators_refine_mask_head_is_freed(tiny_clipseg_dir: Path, sam_settings: Settings) -> None:
+def test_a_dropped_generators_refine_mask_head_is_freed(
+    tiny_clipseg_dir: Path, sam_settings: Settings, tmp_path: Path
+) -> None:
     """Before: `refined` kept every refined backend, and with it the CLIPSeg it wraps and its SAM, for ever."""
-    gen = MaskGenerator(str(tiny_clipseg_dir), sam_settings)
+    gen = MaskGenerator(own_copy(tiny_clipseg_dir, tmp_path), sam_settings)
     gen.generate(IMAGE, "cup", refine=True, threshold=0.0)
     refined = gen._refined
     assert isinstance(refined, RefinedBackend)

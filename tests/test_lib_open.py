@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from automask import MaskGenerator
+from automask import MaskGenerator, stopping
 from automask.errors import ImageDecodeError, InvalidOptionError, StoppedError
 from automask.feature_cache import image_digest
 from automask.imageio import load_image
@@ -39,6 +39,38 @@ def test_image_digest_same_for_contiguous_and_strided_views_of_the_same_pixels()
     fortran = np.asfortranarray(big)
     assert image_digest(fortran) == _old_digest(big)
     assert image_digest(big) != image_digest(big[:, :, ::-1])  # other pixels, another key
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: np.zeros((0, 4, 3), np.uint8),  # empty, C-contiguous
+        lambda: np.zeros((5, 0, 3), np.uint8)[::2],  # empty, strided
+        lambda: np.zeros((3, 4, 0), np.float32),
+        lambda: np.array(7, np.uint16),  # 0-d
+        lambda: np.arange(12).astype("datetime64[s]").reshape(3, 4),  # no buffer export
+        lambda: np.arange(12).astype("timedelta64[ms]").reshape(4, 3)[::-1],
+        lambda: np.zeros(6, [("a", "u1"), ("b", "<f4")])[::2],
+        lambda: np.array(list("abcdef"))[::-1],
+        lambda: np.arange(20, dtype=">u2").reshape(4, 5)[:, 1:4],
+    ],
+)
+def test_image_digest_equals_the_old_formula_for_any_array(make: Callable[[], np.ndarray]) -> None:
+    """Before (since the no-copy digest): an empty C-contiguous array raised TypeError ('cannot cast view with zeros
+    in shape'), a datetime or timedelta array ValueError ('cannot include dtype in a buffer'), where the old
+    `tobytes()` formula hashed them."""
+    array = make()
+    assert image_digest(array) == _old_digest(array)
+    assert image_digest(array) == image_digest(array.copy())
+
+
+def test_image_digest_tells_strided_views_of_different_regions_apart() -> None:
+    big = np.random.default_rng(4).integers(0, 256, (60, 80, 3), np.uint8)
+    views = [big[::2], big[1::2], big[:, ::2][:30], big[30:, 1::2], big[::-2], big[:, :, ::-1][::2]]
+    digests = [image_digest(v) for v in views]
+    assert len(set(digests)) == len(views)
+    assert digests == [_old_digest(np.ascontiguousarray(v)) for v in views]
+    assert image_digest(big[::2].copy()) == digests[0]  # equal pixels, equal key
 
 
 def test_image_digest_hashes_without_a_full_size_copy() -> None:
@@ -241,3 +273,30 @@ def test_a_prompt_of_another_type_is_refused_saying_what_is_accepted(prompt: obj
     message = str(caught.value)
     assert caught.value.field == "prompt" and "a string or a list of strings" in message, message
     assert type(prompt).__name__ in message or "item" in message, message
+
+
+def test_a_thread_waiting_for_anothers_encode_asks_its_stop_check_as_a_running_encode_does() -> None:
+    """Before: a waiting thread asked its `should_stop` every `WAIT_STEP` (0.05 s), ten times as often as a running
+    model stage may (`INSIDE_EVERY`, 0.5 s: a check may cost a database read, a v2 job's); now it asks as the encode
+    it waits for would, throttled the same, and still stops within that bound."""
+    backend = SlowCountingBackend(1.5)
+    gen = MaskGenerator(backend)
+    image = np.full((20, 30, 3), 120, np.uint8)
+    asked = []
+
+    def waiter() -> object:
+        time.sleep(0.2)  # the first thread is encoding by now
+
+        def should_stop() -> bool:
+            asked.append(time.monotonic())
+            return False
+
+        return gen.generate(image, "x", should_stop=should_stop)
+
+    _run_together([lambda: gen.generate(image, "x"), waiter])
+    boundaries = len(asked)
+    asked.clear()
+    gen.generate(image, "x", should_stop=lambda: bool(asked.append(time.monotonic())))  # cached: no wait
+    assert len(backend.encodes) == 1
+    waiting_asks = boundaries - len(asked) - 1  # less the after-encode boundary, which a cached run has not
+    assert waiting_asks <= 1.3 / stopping.INSIDE_EVERY + 1, (boundaries, len(asked))  # ~1.3 s waited

@@ -76,8 +76,9 @@ def test_a_results_mask_and_output_are_separate_arrays(
 
 
 def test_the_one_shot_function_equals_the_generator(
-    gen: MaskGenerator, coffee: np.ndarray, tiny_clipseg_dir: Path
+    gen: MaskGenerator, coffee: np.ndarray, tiny_clipseg_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(pipeline, "_DEFAULT", OrderedDict())  # the generator it keeps goes with this test
     t = median_threshold(maps_of(gen, coffee, ["saucer"]))
     one_shot = automask.generate(coffee, "saucer", model=str(tiny_clipseg_dir), threshold=t, grow_mask=3)
     np.testing.assert_array_equal(one_shot.mask, gen.generate(coffee, "saucer", threshold=t, grow_mask=3).mask)
@@ -304,8 +305,14 @@ def test_timings_are_present(gen: MaskGenerator, coffee: np.ndarray) -> None:
     ],
 )
 def test_invalid_options_name_the_field(
-    gen: MaskGenerator, coffee: np.ndarray, prompt: str, options: dict[str, Any], field: str
+    gen: MaskGenerator,
+    coffee: np.ndarray,
+    prompt: str,
+    options: dict[str, Any],
+    field: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.setattr(pipeline, "_DEFAULT", OrderedDict())  # the generator it keeps goes with this test
     with pytest.raises(InvalidOptionError) as err:
         gen.generate(coffee, prompt, **options)
     assert err.value.field == field and field in str(err.value)

@@ -35,7 +35,7 @@ from automask.options import MaskOptions, parse_prompt
 from automask.result import MaskResult
 from automask.routing import ModelPlan, Route, installed_alternatives, plan_models, routed
 from automask.settings import Settings
-from automask.stopping import stopping
+from automask.stopping import stop_inside, stopping
 
 
 class MaskGenerator:
@@ -189,13 +189,12 @@ class MaskGenerator:
         params: ScoreParams,
     ) -> Scores:
         """`backend`'s scores of `prompts`, its features of `image` taken from the cache when there (or from another
-        thread encoding the same image meanwhile: one encode per image at a time);
+        thread encoding the same image meanwhile: one encode per image at a time; waiting for it, this run's stop
+        check is asked as from inside a running encode, throttled: `stop_inside`);
         `params.should_stop` is asked after the encode and after the score."""
         t = time.perf_counter()
         key = self.cache.key(backend, image.digest)
-        features, fresh = self.cache.get_or_compute(
-            key, lambda: backend.encode(image.rgb), lambda: stop_if_asked(params.should_stop)
-        )
+        features, fresh = self.cache.get_or_compute(key, lambda: backend.encode(image.rgb), stop_inside)
         if fresh:  # encoded here, or by another thread on the same image while this one waited
             timings["encode"] += time.perf_counter() - t
             stop_if_asked(params.should_stop)
