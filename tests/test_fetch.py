@@ -988,6 +988,9 @@ def test_an_image_labelled_text_html_is_still_read(site: Site) -> None:
         "http://alice:s3cret@images..example.com/a.png",
         "http://alice:s3/cret@127.0.0.1/a.png",
         "//alice:s3cret@127.0.0.1:0/a.png",
+        "http:\\\\alice:s3cret@127.0.0.1/a.png",  # a browser reads these three as http://alice:s3cret@127.0.0.1
+        "http:/alice:s3cret@127.0.0.1/a.png",
+        "http:alice:s3cret@127.0.0.1/a.png",
     ],
 )
 def test_an_invalid_redirect_location_is_shown_without_its_credentials(site: Site, location: str) -> None:
