@@ -19,7 +19,7 @@ from automask.options import MaskOptions
 MAX_FORM_PARTS = 32
 """Most files, and most other fields, a form may hold: each is then named when it is unknown or given twice (the
 body's size is bounded apart)."""
-_JSON_OBJECT = re.compile(rb"[ \t\r\n]*\{")
+_JSON_OBJECT = re.compile(rb"(?:\xef\xbb\xbf)?[ \t\r\n]*\{")
 _BINARY = re.compile("[\x00-\x08\x0e-\x1f\x7f]")
 """A control character that is no whitespace: in no URL, data URI or base64 text, in nearly every image file."""
 _BINARY_HEAD = 1 << 16
@@ -72,8 +72,9 @@ def check_not_an_image(body: bytes | bytearray, content_type: str) -> None:
 
 
 def is_json_object(body: bytes | bytearray) -> bool:
-    """Whether `body` starts as a JSON object does. An application/x-www-form-urlencoded body that does is read as
-    JSON: `curl -d '{...}'` without a Content-Type labels JSON so, and no form of this API's fields starts with '{'."""
+    """Whether `body` starts as a JSON object does (after a UTF-8 byte order mark, which JSON bodies read past). An
+    application/x-www-form-urlencoded body that does is read as JSON: `curl -d '{...}'` or `curl -d @body.json`
+    without a Content-Type labels JSON so, and no form of this API's fields starts with '{'."""
     return _JSON_OBJECT.match(body) is not None
 
 
