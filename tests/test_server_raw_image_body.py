@@ -44,6 +44,8 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
         ("WEBP", ""),
         ("BMP", "image/bmp"),
         ("PNG", "application/x-www-form-urlencoded"),  # curl --data-binary @photo.png, no Content-Type given
+        ("JPEG", "multipart/form-data"),  # before: 'body: is not a valid form: Missing boundary in multipart.'
+        ("PNG", "multipart/form-data; boundary=x"),  # before: 'body: is not a valid form: Invalid multipart data.'
     ],
 )
 def test_a_raw_image_body_is_a_400_saying_what_to_send(live: Any, version: str, fmt: str, content_type: str) -> None:

@@ -56,9 +56,9 @@ def form_value(name: str, text: str) -> Any:
 
 def check_not_an_image(body: bytes | bytearray, content_type: str) -> None:
     """Raise `InvalidOptionError` saying what to send instead when `body`, sent as `content_type` (lower case, no
-    parameters) for JSON or a urlencoded form, is an image file itself (`curl --data-binary @photo.png`): it starts
-    as an image format does, or it is labelled image/* and does not start as a JSON object does (a JSON body labelled
-    so is read)."""
+    parameters), is an image file itself (`curl --data-binary @photo.png`): it starts as an image format does (a
+    multipart form starts with its boundary's '--'), or it is labelled image/* and does not start as a JSON object
+    does (a JSON body labelled so is read)."""
     known = known_format(body)
     if known is None and not (content_type.startswith("image/") and not is_json_object(body)):
         return
