@@ -105,6 +105,9 @@ async def parse_multipart(
 
     parser = ImageFieldParser(headers, stream(), max_files=max_parts, max_fields=max_parts, max_part_size=max_part_size)
     form = await parser.parse()
+    if parser.raw_image is None and isinstance(form.get("image"), str):  # (a 500, logged; never the decoded text)
+        await form.close()
+        raise RuntimeError("ImageFieldParser kept no plain 'image' part's bytes: starlette's MultiPartParser changed")
     return form, parser.raw_image
 
 
