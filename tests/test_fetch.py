@@ -988,6 +988,9 @@ def test_an_image_labelled_text_html_is_still_read(site: Site) -> None:
         "http://alice:s3cret@images..example.com/a.png",
         "http://alice:s3/cret@127.0.0.1/a.png",
         "//alice:s3cret@127.0.0.1:0/a.png",
+        "http:\\\\alice:s3cret@127.0.0.1/a.png",  # a browser reads these three as http://alice:s3cret@127.0.0.1
+        "http:/alice:s3cret@127.0.0.1/a.png",
+        "http:alice:s3cret@127.0.0.1/a.png",
     ],
 )
 def test_an_invalid_redirect_location_is_shown_without_its_credentials(site: Site, location: str) -> None:
@@ -999,3 +1002,18 @@ def test_an_invalid_redirect_location_is_shown_without_its_credentials(site: Sit
     message = str(caught.value)
     assert "s3" not in message and "cret" not in message and "alice" not in message, message
     assert "…@" in message, message
+
+
+def test_an_svg_labelled_text_html_is_named_an_svg_not_a_web_page(site: Site) -> None:
+    """Before: an SVG drawing its server labels text/html (a body that starts with '<' too) was 'answered a web page
+    ... copy the image's own address', though the URL is the drawing's own; it is named an SVG as when labelled
+    image/svg+xml."""
+    svg = b'<?xml version="1.0"?>\n<svg xmlns="http://www.w3.org/2000/svg" width="4" height="4"/>'
+    for path, label in (("/drawing.svg", "text/html; charset=utf-8"), ("/labelled.svg", "image/svg+xml")):
+        site.routes[path] = lambda handler, label=label: send(handler, 200, svg, Content_Type=label)
+    messages = []
+    for path in ("/drawing.svg", "/labelled.svg"):
+        with pytest.raises(ImageDecodeError) as caught:
+            load_image(site.url(path), PRIVATE_OK)
+        messages.append(str(caught.value))
+    assert all("an SVG (vector) image" in m and "web page" not in m for m in messages), messages

@@ -44,6 +44,8 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
         ("WEBP", ""),
         ("BMP", "image/bmp"),
         ("PNG", "application/x-www-form-urlencoded"),  # curl --data-binary @photo.png, no Content-Type given
+        ("JPEG", "multipart/form-data"),  # before: 'body: is not a valid form: Missing boundary in multipart.'
+        ("PNG", "multipart/form-data; boundary=x"),  # before: 'body: is not a valid form: Invalid multipart data.'
     ],
 )
 def test_a_raw_image_body_is_a_400_saying_what_to_send(live: Any, version: str, fmt: str, content_type: str) -> None:
@@ -67,3 +69,16 @@ def test_a_json_body_labelled_as_an_image_is_still_read(live: Any) -> None:
     body = json.dumps({"image": base64.b64encode(encoded("PNG")).decode(), "prompt": "sofa"}).encode()
     answer = post_body(live, "v1", body, "image/png")
     assert answer.status_code == 200 and answer.headers["content-type"] == "image/png", answer.text
+
+
+@pytest.mark.parametrize("content_type", ["image/png", "application/x-www-form-urlencoded"])
+def test_a_json_body_that_starts_with_a_byte_order_mark_is_read_whatever_its_label(
+    live: Any, content_type: str
+) -> None:
+    """A JSON file saved with a UTF-8 byte order mark (Windows editors), sent as `curl -d @body.json` (labelled a
+    urlencoded form) or mislabelled image/*, is read as the same body labelled application/json is. Before: a 400,
+    'body: is an image file's own bytes (sent as image/png)' and 'image: this field is required'."""
+    body = json.dumps({"image": base64.b64encode(encoded("PNG")).decode(), "prompt": "sofa"}).encode()
+    answers = [post_body(live, "v1", b"\xef\xbb\xbf" + body, label) for label in ("application/json", content_type)]
+    assert [a.status_code for a in answers] == [200, 200], [a.text for a in answers]
+    assert answers[1].headers["content-type"] == "image/png"

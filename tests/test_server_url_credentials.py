@@ -24,6 +24,7 @@ URLS = [
     "http://user\x00:secret@example.com/x.png",
     "https://user:se\tsecret@exa mple.com/x.png",  # a host flaw named, the password not
     " HTTP://user:secret?x@example.com/x.png",
+    "http:///user:secret@example.com/x.png",  # no host (a browser reads it as http://user:secret@example.com/x.png)
 ]
 
 

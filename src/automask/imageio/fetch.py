@@ -53,6 +53,7 @@ from automask.imageio.addresses import (  # the address checks were first define
     with_article,
 )
 from automask.imageio.content_coding import CodingError, Inflater
+from automask.imageio.unreadable import other_format
 from automask.imageio.urls import parse_url, port_of, redirect_target, show, shown_host
 from automask.settings import Settings
 
@@ -213,9 +214,10 @@ _PAGE_START = re.compile(rb"(?:\xef\xbb\xbf)?[ \t\r\n]*<")
 
 def _check_not_a_page(response: httpx.Response, body: bytes, url: httpx.URL) -> None:
     """Raise `ImageDecodeError` saying so when `url` answered a web page (an HTML media type, and a body that starts
-    as markup does: an image mislabelled text/html is still read), as the link of the page that shows an image does."""
+    as markup does: an image mislabelled text/html is still read, an SVG drawing so labelled is named as one by
+    `unidentified_message`), as the link of the page that shows an image does."""
     media_type = response.headers.get("content-type", "").split(";")[0].strip().lower()
-    if media_type in _PAGE_TYPES and _PAGE_START.match(body):
+    if media_type in _PAGE_TYPES and _PAGE_START.match(body) and other_format(body) is None:
         raise ImageDecodeError(
             f"The image URL {show(url)} answered a web page ({media_type}), not an image: open the page in a "
             "browser, right-click the image and copy the image's own address (it often ends in .jpg, .png or "

@@ -40,7 +40,7 @@ def unidentified_message(data: bytes, formats: tuple[str, ...]) -> str:
         )
     if known:
         return f"The input starts like a {known} file but could not be read: it is corrupt or truncated."
-    if other := _other_format(data):
+    if other := other_format(data):
         return f"The input is {other}, which automask cannot read: convert it to PNG or JPEG and send that."
     head = data[:512]
     if text_kind := _text_source(head):
@@ -73,7 +73,7 @@ _HEIF_BRANDS = frozenset({b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", 
 """ISO base media `ftyp` brands of HEIF files (an AVIF names `avif` too: it is not one)."""
 
 
-def _other_format(data: bytes) -> str | None:
+def other_format(data: bytes) -> str | None:
     """What `data` is when it is a common file a user mistakes for an image automask reads: an iPhone's HEIC photo,
     an SVG drawing, a PDF; else None."""
     if data[4:8] == b"ftyp":

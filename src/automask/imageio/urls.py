@@ -12,9 +12,17 @@ import httpx
 
 from automask.errors import FetchError, URLRefusedError
 
-_CREDENTIALS = re.compile(r"(\s*(?:[a-zA-Z][a-zA-Z0-9+.-]*:)?//).*@", re.DOTALL)
-"""A URL's scheme (or the '//' of a Location relative to it), and all up to its last '@': what may be a user name and
-password."""
+_CREDENTIALS = re.compile(r"([\s\x00-\x20]*(?:[a-zA-Z][a-zA-Z0-9+.-]*:[/\\]*|[/\\]{2})).*@", re.DOTALL)
+"""A URL's scheme and the slashes after it (or the '//' of a Location relative to it), and all up to its last '@':
+what may be a user name and password. The slashes may be backslashes, or one or none: a browser reads
+`http:\\\\user:pw@host`, `http:/user:pw@host` and `http:user:pw@host` as `http://user:pw@host`."""
+
+
+def _without_credentials(text: str) -> str | None:
+    """`text`, a URL as written, with what may be its user name and password (`_CREDENTIALS`) replaced by '…', or
+    None when it holds none."""
+    hidden = _CREDENTIALS.match(text)
+    return None if hidden is None else hidden.group(1) + "…@" + text[hidden.end() :]
 
 
 def parse_url(url: str) -> httpx.URL:
@@ -39,14 +47,14 @@ def _unreadable(url: str, exc: Exception) -> str:
     scheme) is shown without them, and httpx's reason, which may quote a piece of one ("Invalid port: 'secret'" for a
     '/' in the password), is left out."""
     flaw = _host_flaw(url) if isinstance(url, str) else None
-    hidden = _CREDENTIALS.match(url) if isinstance(url, str) else None
+    hidden = _without_credentials(url) if isinstance(url, str) else None
     if hidden is None:
         return f"Refused the image URL {short(url)}: {flaw or f'it is not a valid URL ({exc}).'}"
     why = flaw or (
         "it is not a valid URL (check the user name and password in it: a '/', '?', '#' or '@' in them must be "
         "percent-encoded)."
     )
-    return f"Refused the image URL {short(hidden.group(1) + '…@' + url[hidden.end() :])}: {why}"
+    return f"Refused the image URL {short(hidden)}: {why}"
 
 
 def _flaw(parsed: httpx.URL) -> str | None:
@@ -138,9 +146,9 @@ def _shown_location(location: str, flaw: str | None, httpx_reason: str | None) -
     password left out when it may hold them (an '@' after its '//'), and then httpx's reason too, which may quote a
     piece of one ("Invalid port: 's3'" for a '/' in the password)."""
     why = flaw or httpx_reason or ""
-    hidden = _CREDENTIALS.match(location)
+    hidden = _without_credentials(location)
     if hidden is not None:
-        location = hidden.group(1) + "…@" + location[hidden.end() :]
+        location = hidden
         why = flaw or "it is not a valid URL (a '/', '?', '#' or '@' in its user name or password is not escaped)."
     return f"{short(location, 80)}: {why[:-1]}"
 
@@ -161,7 +169,10 @@ def shown_host(url: httpx.URL) -> str:
 
 def show(url: httpx.URL) -> str:
     """`url` for an error message: credentials left out, shortened."""
-    return short(str(url.copy_with(username=None, password=None)) if url.userinfo else str(url))
+    if url.userinfo:
+        return short(str(url.copy_with(username=None, password=None)))
+    hidden = None if url.raw_host else _without_credentials(str(url))  # `http:/user:pw@host`: no host, a path
+    return short(hidden or str(url))
 
 
 def without_credentials(url: str) -> str:

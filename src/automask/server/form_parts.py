@@ -19,7 +19,7 @@ from automask.options import MaskOptions
 MAX_FORM_PARTS = 32
 """Most files, and most other fields, a form may hold: each is then named when it is unknown or given twice (the
 body's size is bounded apart)."""
-_JSON_OBJECT = re.compile(rb"[ \t\r\n]*\{")
+_JSON_OBJECT = re.compile(rb"(?:\xef\xbb\xbf)?[ \t\r\n]*\{")
 _BINARY = re.compile("[\x00-\x08\x0e-\x1f\x7f]")
 """A control character that is no whitespace: in no URL, data URI or base64 text, in nearly every image file."""
 _BINARY_HEAD = 1 << 16
@@ -56,9 +56,9 @@ def form_value(name: str, text: str) -> Any:
 
 def check_not_an_image(body: bytes | bytearray, content_type: str) -> None:
     """Raise `InvalidOptionError` saying what to send instead when `body`, sent as `content_type` (lower case, no
-    parameters) for JSON or a urlencoded form, is an image file itself (`curl --data-binary @photo.png`): it starts
-    as an image format does, or it is labelled image/* and does not start as a JSON object does (a JSON body labelled
-    so is read)."""
+    parameters), is an image file itself (`curl --data-binary @photo.png`): it starts as an image format does (a
+    multipart form starts with its boundary's '--'), or it is labelled image/* and does not start as a JSON object
+    does (a JSON body labelled so is read)."""
     known = known_format(body)
     if known is None and not (content_type.startswith("image/") and not is_json_object(body)):
         return
@@ -72,8 +72,9 @@ def check_not_an_image(body: bytes | bytearray, content_type: str) -> None:
 
 
 def is_json_object(body: bytes | bytearray) -> bool:
-    """Whether `body` starts as a JSON object does. An application/x-www-form-urlencoded body that does is read as
-    JSON: `curl -d '{...}'` without a Content-Type labels JSON so, and no form of this API's fields starts with '{'."""
+    """Whether `body` starts as a JSON object does (after a UTF-8 byte order mark, which JSON bodies read past). An
+    application/x-www-form-urlencoded body that does is read as JSON: `curl -d '{...}'` or `curl -d @body.json`
+    without a Content-Type labels JSON so, and no form of this API's fields starts with '{'."""
     return _JSON_OBJECT.match(body) is not None
 
 
@@ -104,6 +105,9 @@ async def parse_multipart(
 
     parser = ImageFieldParser(headers, stream(), max_files=max_parts, max_fields=max_parts, max_part_size=max_part_size)
     form = await parser.parse()
+    if parser.raw_image is None and isinstance(form.get("image"), str):  # (a 500, logged; never the decoded text)
+        await form.close()
+        raise RuntimeError("ImageFieldParser kept no plain 'image' part's bytes: starlette's MultiPartParser changed")
     return form, parser.raw_image
 
 

@@ -165,8 +165,7 @@ async def read_request(request: Request, max_part_size: int) -> MaskRequest:
         )
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     body = await _read_body(request)  # whole first: the body limit applies before the form parser sees it
-    if content_type != FORM_TYPES[0]:  # curl --data-binary @photo.png labels it a urlencoded form
-        check_not_an_image(body, content_type)
+    check_not_an_image(body, content_type)  # curl --data-binary @photo.png labels it a urlencoded form
     if content_type == FORM_TYPES[0] or (content_type == FORM_TYPES[1] and not is_json_object(body)):
         return await _read_form(request, body, max_part_size, multipart=content_type == FORM_TYPES[0])
     return await asyncio.to_thread(_from_json, body)  # a base64 image may be tens of MB: off the event loop
