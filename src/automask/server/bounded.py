@@ -128,8 +128,24 @@ def connect_bounded(_dialect: Any, _record: Any, cargs: Any, cparams: dict[str, 
     bound = current_bound()
     if bound is None:
         return _bounded_connection().connect(*cargs, **cparams)
-    given = float(cparams.get("connect_timeout") or 0)
-    return _connect_within(time.monotonic() + min(given or math.inf, bound), cargs, cparams)
+    return _connect_within(
+        time.monotonic() + min(_given_timeout(cparams.get("connect_timeout")), bound), cargs, cparams
+    )
+
+
+def _given_timeout(value: Any) -> float:
+    """A connection's own `connect_timeout` (the store's, or AUTOMASK_DATABASE_URL's) as libpq and psycopg read it:
+    seconds, `MIN_CONNECT` at least; none given, 0 or less: no limit (`math.inf`, the bound in force decides). One that
+    is no number: psycopg's own refusal (`psycopg.ProgrammingError`), as an unbounded connect gets it."""
+    import psycopg
+
+    if value is None:
+        return math.inf
+    try:
+        seconds = int(float(value))
+    except (ValueError, OverflowError):
+        raise psycopg.ProgrammingError(f"bad value for connect_timeout: {value!r}") from None
+    return math.inf if seconds <= 0 else max(MIN_CONNECT, seconds)
 
 
 def _connect_within(deadline: float, cargs: Any, cparams: dict[str, Any]) -> Any:
