@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -199,7 +200,7 @@ def _resolved_by(
 
     wait = max(2.0, deadline - time.monotonic())
     until = time.monotonic() + wait
-    lookups = _LOOKUPS
+    lookups = _lookups()
     if lookups.behind >= lookups.size:  # every slot held by a lookup given up on: the resolver does not answer
         raise psycopg.OperationalError(f"{lookups.size} lookups of the database host name hang already")
     if not lookups.slots.acquire(timeout=wait):
@@ -236,6 +237,7 @@ class _Lookups:
 
     def __init__(self, size: int) -> None:
         self.size = size
+        self.pid = os.getpid()
         self.slots = threading.BoundedSemaphore(size)
         self.behind = 0
         self._lock = threading.Lock()
@@ -255,6 +257,17 @@ DNS_LOOKUPS = 16
 """Database host name lookups (`_resolved_by`) that run at once at most: a resolver that never answers holds at most
 this many threads; then a connect fails at once, starting none."""
 _LOOKUPS = _Lookups(DNS_LOOKUPS)
+
+
+def _lookups() -> _Lookups:
+    """`_LOOKUPS`, made anew in a forked process (a worker's pool process): the parent's copy counts slots held by
+    lookups whose threads the child does not have, which would never be given back there."""
+    global _LOOKUPS
+    if _LOOKUPS.pid != os.getpid():
+        _LOOKUPS = _Lookups(_LOOKUPS.size)
+    return _LOOKUPS
+
+
 _NOT_CONNINFO = {"autocommit", "prepare_threshold", "context", "row_factory", "cursor_factory"}
 """`psycopg.Connection.connect`'s own arguments: the others are the connection string's (`conninfo_to_dict`)."""
 
