@@ -231,12 +231,12 @@ def test_a_url_connect_timeout_read_as_libpq_reads_it_leaves_the_next_host_its_t
         store.close()
 
 
-@pytest.mark.parametrize("given", ["soon", "nan", "inf"])
+@pytest.mark.parametrize("given", ["soon", "nan", "inf", "3&connect_timeout=4"])
 def test_a_url_connect_timeout_that_is_no_number_is_a_database_error_not_a_crash(given: str) -> None:
     """Before: a bounded connect read the URL's `connect_timeout` with `float()`: "soon" raised a bare ValueError
-    (a request's generic 500, a traceback in a background loop), "nan" one from `math.ceil`, and "inf" was taken
-    (psycopg refuses it). Now each is psycopg's own refusal, as an unbounded connect gets it: a database error that
-    names the setting."""
+    (a request's generic 500, a traceback in a background loop), "nan" one from `math.ceil`, one given twice (a
+    tuple) a TypeError, and "inf" was taken (psycopg refuses it). Now each is psycopg's own refusal, as an unbounded
+    connect gets it: a database error that names the setting."""
     from sqlalchemy.exc import DBAPIError
 
     from automask.server import bounded

@@ -144,7 +144,7 @@ def _given_timeout(value: Any) -> float:
         return math.inf
     try:
         seconds = int(float(value))
-    except (ValueError, OverflowError):
+    except (ValueError, OverflowError, TypeError):  # TypeError: given twice in the URL (a tuple)
         raise psycopg.ProgrammingError(f"bad value for connect_timeout: {value!r}") from None
     return math.inf if seconds <= 0 else max(MIN_CONNECT, seconds)
 
