@@ -389,6 +389,30 @@ def test_an_api_node_of_a_fleet_with_an_unreadable_redis_url_is_refused_without_
     assert "cret" not in result.output and "'se'" not in result.output, result.output
 
 
+def test_a_fleet_app_refused_for_an_unreadable_redis_url_leaves_no_thread_behind(tmp_path: Path) -> None:
+    """Before: the fleet's dispatcher started its publish threads, then made its Redis clients: a URL redis-py cannot
+    read refused the start (exit 9) with those threads left running, idle for ever, in a process that builds the app
+    again (tests, an embedding program, `uvicorn --factory` retried). Now the URL is refused before any is started."""
+    import threading
+
+    from automask.server.app import create_app
+    from automask.settings import Settings
+
+    def publishers() -> int:
+        return sum(t.name.startswith("automask-publish-") for t in threading.enumerate())
+
+    before = publishers()
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        database_url=f"sqlite:///{tmp_path / 'fleet.db'}",
+        broker_url=f"amqp://u:p@127.0.0.1:{free_port()}/vh",
+        redis_url=f"redis://:se/cret@127.0.0.1:{free_port()}/0",
+    )
+    with pytest.raises(ServiceConfigError, match="AUTOMASK_REDIS_URL is not a Redis URL"):
+        create_app(settings)
+    assert publishers() == before
+
+
 @pytest.mark.parametrize("scheme", ["amqp", "redis"])
 def test_an_api_node_whose_broker_cannot_be_reached_refuses_to_start(
     tmp_path: Path, redis_db: str, monkeypatch: pytest.MonkeyPatch, scheme: str
