@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import time
+from contextlib import nullcontext
 from typing import Any
 
 import pytest
@@ -204,3 +205,47 @@ def test_the_database_urls_own_connection_settings_are_kept(hanging_port: int, p
         assert (given["keepalives_idle"], given["tcp_user_timeout"]) == ("60", "10000"), given
     finally:
         store.close()
+
+
+@pytest.mark.parametrize("given", ["1", "-1", "0"])
+def test_a_url_connect_timeout_read_as_libpq_reads_it_leaves_the_next_host_its_try(
+    postgres_db: str, given: str
+) -> None:
+    """Before: a `connect_timeout` of the URL (now kept) was taken as the whole connect's bound as written: 1 (libpq:
+    2), or 0 and less (libpq: no limit; -1 gave a deadline already past), so a first host that refused at once left
+    less than a try's 2 s and the healthy host after it was never tried: every new connection failed. Now it is read
+    as libpq reads it: 2 s at least, none at 0 or less (the bound in force stays)."""
+    from sqlalchemy import text
+
+    from automask.server import bounded
+    from automask.server.store import Store
+    from server_helpers import free_port
+
+    healthy = int(postgres_db.rsplit(":", 1)[1].split("/")[0])
+    url = several_hosts(postgres_db, free_port(), healthy)
+    store = Store(f"{url}&connect_timeout={given}")
+    try:
+        with bounded.bounded(10.0), store.engine.connect() as conn:
+            assert conn.execute(text("SELECT 1")).scalar() == 1
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("given", ["soon", "nan", "inf", "3&connect_timeout=4"])
+def test_a_url_connect_timeout_that_is_no_number_is_a_database_error_not_a_crash(given: str) -> None:
+    """Before: a bounded connect read the URL's `connect_timeout` with `float()`: "soon" raised a bare ValueError
+    (a request's generic 500, a traceback in a background loop), "nan" one from `math.ceil`, one given twice (a
+    tuple) a TypeError, and "inf" was taken (psycopg refuses it). Now each is psycopg's own refusal, as an unbounded
+    connect gets it: a database error that names the setting."""
+    from sqlalchemy.exc import DBAPIError
+
+    from automask.server import bounded
+    from automask.server.store import Store
+
+    for bound in (None, 5.0):
+        store = Store(f"postgresql://u:p@127.0.0.1:1/db?connect_timeout={given}")
+        try:
+            with pytest.raises(DBAPIError, match="connect_timeout"), bounded.bounded(bound) if bound else nullcontext():
+                store.engine.connect()
+        finally:
+            store.close()

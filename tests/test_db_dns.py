@@ -186,3 +186,34 @@ def test_a_burst_of_connects_with_a_slow_resolver_that_answers_is_looked_up_for_
         store.close()
     assert len(failed) == 25
     assert all("refused" in why for why, _ in failed), failed
+
+
+def test_a_forked_process_starts_with_every_lookup_slot_free(
+    postgres_db: str, resolver: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker's pool process is forked from a parent that may be looking the host name up (a metrics scrape's
+    connect). Before: the child's copy of the slots kept those held by lookups whose threads it does not have, for
+    ever: forked while `DNS_LOOKUPS` hung, every connect of the child failed at once ("hang already"), long after the
+    resolver was back. Now a forked process starts with all of them free."""
+    import os
+
+    monkeypatch.setattr(bounded, "_LOOKUPS", bounded._Lookups(1))
+    resolver["answers"].clear()
+    hanging = Store(postgres_db.replace("127.0.0.1", NAME))
+    try:
+        with pytest.raises(OperationalError, match="not looked up"), bounded.bounded(2.0), hanging.engine.connect():
+            pass
+        pid = os.fork()
+        if pid == 0:  # the child: a connect to an address (its lookup needs no resolver), then exit at once
+            code = 1
+            try:
+                store = Store(postgres_db)
+                with bounded.bounded(5.0), store.engine.connect() as conn:
+                    code = 0 if conn.execute(text("SELECT 1")).scalar() == 1 else 1
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0  # before: 1, "1 lookups of the database host name hang already"
+    finally:
+        resolver["answers"].set()
+        hanging.close()

@@ -345,6 +345,32 @@ def test_a_redis_url_whose_password_is_not_percent_encoded_is_refused_without_sh
         assert "percent-encoded (/ as %2F)" in message, message
 
 
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://127.0.0.1:{port}/0?password=hun%40ter2", "redis://127.0.0.1:{port}/0"),
+        ("redis://127.0.0.1:{port}/0?password=hun@ter2", "redis://(its address not shown)"),
+        ("redis://someone:hunter2@127.0.0.1:{port}/0?db=0&password=hunter2", "redis://127.0.0.1:{port}/0"),
+        ("unix://{tmp}/redis.sock?db=0&password=hunter2", "unix://{tmp}/redis.sock"),
+        ("unix://:hunter2@{tmp}/redis.sock", "unix://{tmp}/redis.sock"),
+    ],
+)
+def test_a_redis_password_in_the_urls_query_is_never_shown(tmp_path: Path, url: str, shown: str) -> None:
+    """redis-py reads a password from the URL's query too (`?password=`, the usual form for a unix socket). Before:
+    the start-up refusal showed the URL whole but for what came before an @: "Cannot connect to Redis at
+    redis://127.0.0.1:P/0?password=hunter2", or "redis://ter2" for one with an @ in it. Now the query (its options,
+    the password among them) is never shown: the scheme, host, port and database or socket path (none of them where an
+    @ in the query leaves it unclear whether it ends a password)."""
+    from automask.server.limits import check_redis
+
+    port = free_port()
+    with pytest.raises(ServiceConfigError) as refused:
+        check_redis(url.format(port=port, tmp=tmp_path))
+    message = str(refused.value)
+    assert "hun" not in message and "ter2" not in message, message
+    assert f"Cannot connect to Redis at {shown.format(port=port, tmp=tmp_path)}: " in message, message
+
+
 def test_an_api_node_of_a_fleet_with_an_unreadable_redis_url_is_refused_without_the_password(tmp_path: Path) -> None:
     """Before: the fleet's dispatcher opened its Redis clients first: redis-py's ValueError, "internal error:
     ValueError: Port could not be cast to integer value as 'se'", exit 70. Now the same refusal as the start-up
@@ -361,6 +387,30 @@ def test_an_api_node_of_a_fleet_with_an_unreadable_redis_url_is_refused_without_
     assert result.exit_code == 9, result.output
     assert "AUTOMASK_REDIS_URL is not a Redis URL" in result.output, result.output
     assert "cret" not in result.output and "'se'" not in result.output, result.output
+
+
+def test_a_fleet_app_refused_for_an_unreadable_redis_url_leaves_no_thread_behind(tmp_path: Path) -> None:
+    """Before: the fleet's dispatcher started its publish threads, then made its Redis clients: a URL redis-py cannot
+    read refused the start (exit 9) with those threads left running, idle for ever, in a process that builds the app
+    again (tests, an embedding program, `uvicorn --factory` retried). Now the URL is refused before any is started."""
+    import threading
+
+    from automask.server.app import create_app
+    from automask.settings import Settings
+
+    def publishers() -> int:
+        return sum(t.name.startswith("automask-publish-") for t in threading.enumerate())
+
+    before = publishers()
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        database_url=f"sqlite:///{tmp_path / 'fleet.db'}",
+        broker_url=f"amqp://u:p@127.0.0.1:{free_port()}/vh",
+        redis_url=f"redis://:se/cret@127.0.0.1:{free_port()}/0",
+    )
+    with pytest.raises(ServiceConfigError, match="AUTOMASK_REDIS_URL is not a Redis URL"):
+        create_app(settings)
+    assert publishers() == before
 
 
 @pytest.mark.parametrize("scheme", ["amqp", "redis"])

@@ -109,6 +109,26 @@ def test_listen_names_the_address_and_the_fix() -> None:
             http.listen(ServerSettings(host="127.0.0.1", port=port))
 
 
+@pytest.mark.parametrize("secret", ["password", "sslpassword"])
+def test_a_database_password_given_in_the_urls_query_is_never_shown(tmp_path: Path, secret: str) -> None:
+    """libpq reads `?password=` (and the client key's `?sslpassword=`) from the URL's query too. Before: the database
+    was described with only the password before the host hidden, so the start-up refusal (and `automask db migrate`,
+    `db status`, the logs) printed "postgresql+psycopg://someone@127.0.0.1:P/automask?password=s3cret". Now its
+    value is hidden as the other's is."""
+    from click.testing import CliRunner
+
+    from automask.cli import main
+    from server_helpers import free_port
+
+    port = free_port()
+    url = f"postgresql://someone@127.0.0.1:{port}/automask?sslmode=disable&{secret}=s3cret"
+    result = CliRunner().invoke(main, ["--data-dir", str(tmp_path), "db", "status"], env={"AUTOMASK_DATABASE_URL": url})
+    assert result.exit_code == 9, result.output
+    assert "s3cret" not in result.output, result.output
+    assert f"postgresql+psycopg://someone@127.0.0.1:{port}/automask?" in result.output, result.output
+    assert f"{secret}=***" in result.output and "sslmode=disable" in result.output, result.output
+
+
 @pytest.mark.parametrize(
     "command", [["keys", "list"], ["keys", "create"], ["db", "migrate"], ["db", "status"], ["serve", "--port", "0"]]
 )

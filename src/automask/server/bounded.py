@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -128,8 +129,24 @@ def connect_bounded(_dialect: Any, _record: Any, cargs: Any, cparams: dict[str, 
     bound = current_bound()
     if bound is None:
         return _bounded_connection().connect(*cargs, **cparams)
-    given = float(cparams.get("connect_timeout") or 0)
-    return _connect_within(time.monotonic() + min(given or math.inf, bound), cargs, cparams)
+    return _connect_within(
+        time.monotonic() + min(_given_timeout(cparams.get("connect_timeout")), bound), cargs, cparams
+    )
+
+
+def _given_timeout(value: Any) -> float:
+    """A connection's own `connect_timeout` (the store's, or AUTOMASK_DATABASE_URL's) as libpq and psycopg read it:
+    seconds, `MIN_CONNECT` at least; none given, 0 or less: no limit (`math.inf`, the bound in force decides). One that
+    is no number: psycopg's own refusal (`psycopg.ProgrammingError`), as an unbounded connect gets it."""
+    import psycopg
+
+    if value is None:
+        return math.inf
+    try:
+        seconds = int(float(value))
+    except (ValueError, OverflowError, TypeError):  # TypeError: given twice in the URL (a tuple)
+        raise psycopg.ProgrammingError(f"bad value for connect_timeout: {value!r}") from None
+    return math.inf if seconds <= 0 else max(MIN_CONNECT, seconds)
 
 
 def _connect_within(deadline: float, cargs: Any, cparams: dict[str, Any]) -> Any:
@@ -183,7 +200,7 @@ def _resolved_by(
 
     wait = max(2.0, deadline - time.monotonic())
     until = time.monotonic() + wait
-    lookups = _LOOKUPS
+    lookups = _lookups()
     if lookups.behind >= lookups.size:  # every slot held by a lookup given up on: the resolver does not answer
         raise psycopg.OperationalError(f"{lookups.size} lookups of the database host name hang already")
     if not lookups.slots.acquire(timeout=wait):
@@ -220,6 +237,7 @@ class _Lookups:
 
     def __init__(self, size: int) -> None:
         self.size = size
+        self.pid = os.getpid()
         self.slots = threading.BoundedSemaphore(size)
         self.behind = 0
         self._lock = threading.Lock()
@@ -239,6 +257,17 @@ DNS_LOOKUPS = 16
 """Database host name lookups (`_resolved_by`) that run at once at most: a resolver that never answers holds at most
 this many threads; then a connect fails at once, starting none."""
 _LOOKUPS = _Lookups(DNS_LOOKUPS)
+
+
+def _lookups() -> _Lookups:
+    """`_LOOKUPS`, made anew in a forked process (a worker's pool process): the parent's copy counts slots held by
+    lookups whose threads the child does not have, which would never be given back there."""
+    global _LOOKUPS
+    if _LOOKUPS.pid != os.getpid():
+        _LOOKUPS = _Lookups(_LOOKUPS.size)
+    return _LOOKUPS
+
+
 _NOT_CONNINFO = {"autocommit", "prepare_threshold", "context", "row_factory", "cursor_factory"}
 """`psycopg.Connection.connect`'s own arguments: the others are the connection string's (`conninfo_to_dict`)."""
 

@@ -213,6 +213,11 @@ class CeleryDispatcher:
         from automask.server.redis_client import async_redis
 
         self.settings, self.server, self.store = settings, server, store
+        url = str(settings.redis_url)  # its clients first: a URL redis-py cannot read is refused, starting no thread
+        # the hand-off's writes: a Redis that stopped answering is a 503 within seconds, not at the request's timeout
+        self.redis = async_redis(url, REDIS_TIMEOUT, REDIS_TIMEOUT)
+        # BLPOP waits up to `timeout` for the outcome: its socket must wait longer; one per connection at most
+        self._waiting = async_redis(url, server.timeout + 10, REDIS_TIMEOUT, server.max_connections)
         self.app = make_celery(str(settings.broker_url), server)
         self.publisher = Publisher()
         # py-amqp calls these on RabbitMQ's connection.blocked / connection.unblocked notices
@@ -221,11 +226,6 @@ class CeleryDispatcher:
             "on_blocked": self.publisher.on_blocked,
             "on_unblocked": self.publisher.on_unblocked,
         }
-        url = str(settings.redis_url)
-        # the hand-off's writes: a Redis that stopped answering is a 503 within seconds, not at the request's timeout
-        self.redis = async_redis(url, REDIS_TIMEOUT, REDIS_TIMEOUT)
-        # BLPOP waits up to `timeout` for the outcome: its socket must wait longer; one per connection at most
-        self._waiting = async_redis(url, server.timeout + 10, REDIS_TIMEOUT, server.max_connections)
         self._configured_default = default_name(settings) if settings.model else None
         self._nodes: list[nodes.Node] = []
         self._nodes_at = 0.0

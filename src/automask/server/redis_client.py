@@ -10,6 +10,7 @@ with Redis healthy.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from automask.errors import ServiceConfigError
@@ -39,10 +40,16 @@ def async_redis(url: str, timeout: float | None, wait: float, connections: int =
 
 
 def redis_shown(url: str) -> str:
-    """`url` for messages: nothing between its scheme and its last `@` (a user and password, however written: one
-    with an unencoded `/` or `@` is not where a URL parser looks for it)."""
+    """`url` for messages: its host, port and database (or socket path), never a user and password, however written
+    (one with an unencoded `/` or `@` is not where a URL parser looks for it), nor its query (redis-py reads
+    `?password=` too). Where an `@` and a `?` or `#` leave it unclear which is the password's (`redis://:p?w@host`,
+    `redis://host/0?password=p@w`), no place is shown."""
     scheme, sep, rest = url.partition("://")
-    return scheme + sep + rest.rpartition("@")[2] if sep else "(not a URL)"
+    if not sep:
+        return "(not a URL)"
+    after_user = re.split("[?#]", rest.rpartition("@")[2], maxsplit=1)[0]
+    before_query = re.split("[?#]", rest, maxsplit=1)[0].rpartition("@")[2]
+    return scheme + sep + (after_user if after_user == before_query else "(its address not shown)")
 
 
 def sync_redis(url: str, timeout: float) -> Any:

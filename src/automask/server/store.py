@@ -254,8 +254,13 @@ class Store:
             ) from None
 
     def describe(self) -> str:
-        """The database for messages and logs: the SQLite path, or the server URL without its password."""
-        return str(self.path) if self.path is not None else self.url.render_as_string(hide_password=True)
+        """The database for messages and logs: the SQLite path, or the server URL without its password (nor one in
+        its query: libpq reads `?password=` and `?sslpassword=` too)."""
+        if self.path is not None:
+            return str(self.path)
+        hidden = {name: "***" for name in ("password", "sslpassword") if name in self.url.query}
+        shown = self.url.update_query_dict(hidden).render_as_string(hide_password=True)
+        return shown.replace("=%2A%2A%2A", "=***")  # (the query's values are percent-encoded)
 
     def _engine(self) -> Engine:
         if not self.is_sqlite:
