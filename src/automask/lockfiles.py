@@ -149,6 +149,11 @@ def _say(fd: int, by: str) -> None:
 
 
 def unlock(path: Path, fd: int | None) -> None:
+    """Delete lock file `path` and let go of its lock `fd`; nothing when `fd` is None: the lock was not got, and the
+    file is its holder's (deleted, that holder would hold a lock on a file no one else opens: a second taker of
+    `path` would get a new one, as if the lock were free)."""
+    if fd is None:
+        return
     with contextlib.suppress(OSError):
         path.unlink()
     if fd is not None and fd >= 0:
