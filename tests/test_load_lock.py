@@ -4,16 +4,25 @@ what the second look at branch cliopen2 found. Locks are taken on their own open
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner, Result
+from PIL import Image
 
 from automask import lockfiles, models, staging
 from automask.cli import main
+from automask.cli_signals import HELD_FOR_S
 from automask.errors import ModelBusyError
 from automask.settings import Settings
 
@@ -49,3 +58,55 @@ def test_a_refused_rm_leaves_the_lock_to_its_holder(settings: Settings, installe
     assert first.exit_code == 10 and second.exit_code == 10, first.output + second.output
     assert (installed / models.MARKER).is_file()
     assert _rm(settings).exit_code == 0 and not installed.exists()
+
+
+def _full_pipe() -> tuple[int, int]:
+    """A pipe whose buffer is full: a blocking write to its write end waits until the read end is read."""
+    read, write = os.pipe()
+    os.set_blocking(write, False)
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            os.write(write, b"\0" * 4096)
+    os.set_blocking(write, True)
+    return read, write
+
+
+def _blocked_writing(pid: int, deadline: float) -> bool:
+    """Whether process `pid` waits in a write to a full pipe (Linux's /proc/PID/wchan), looked at until `deadline`."""
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/wchan") as wchan:
+            if "pipe_write" in wchan.read():
+                return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/wchan").exists(), reason="needs Linux's /proc/PID/wchan")
+@pytest.mark.parametrize("signals", [2, 1])
+def test_a_signal_stops_mask_stuck_writing_its_json_line(
+    chelsea: np.ndarray, tiny_clipseg_dir: Path, tmp_path: Path, signals: int
+) -> None:
+    """`mask --json` into a pipe nobody reads (a stopped consumer, a full buffer), its JSON line held under
+    `signals_held`. Before: SIGINT and SIGTERM were blocked for as long as the write waited, for ever: neither a second
+    Ctrl-C nor `timeout`'s SIGTERM stopped it, only SIGKILL. Now a second signal acts at once, and a first one once it
+    has waited `HELD_FOR_S`."""
+    photo, out = tmp_path / "a.png", tmp_path / "a.mask.png"
+    Image.fromarray(chelsea).resize((40, 30)).save(photo)
+    read, write = _full_pipe()
+    args = ["mask", photo, "-o", out, "-p", "cat", "--model", tiny_clipseg_dir, "--json"]
+    run = subprocess.Popen([sys.executable, "-m", "automask", *map(str, args)], stdout=write, stderr=subprocess.PIPE)
+    os.close(write)
+    try:
+        assert _blocked_writing(run.pid, time.monotonic() + 120)
+        run.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        assert run.poll() is None  # the first waits for the line
+        if signals == 2:
+            run.send_signal(signal.SIGTERM)
+        _, stderr = run.communicate(timeout=3 if signals == 2 else HELD_FOR_S + 10)
+    finally:
+        run.kill()
+        run.wait()
+        os.close(read)
+    assert run.returncode == 128 + signal.SIGTERM, stderr
+    assert b"Traceback" not in stderr and not out.exists()
