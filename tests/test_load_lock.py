@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -110,3 +111,19 @@ def test_a_signal_stops_mask_stuck_writing_its_json_line(
         os.close(read)
     assert run.returncode == 128 + signal.SIGTERM, stderr
     assert b"Traceback" not in stderr and not out.exists()
+
+
+def test_a_pull_waiting_for_a_run_loading_the_model_says_so(
+    settings: Settings, installed: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`models pull --force` while a run loads the model waits for it. Before: it said "Another pull of 'clipseg' is
+    running: waiting for it to end..." (any holder but a removal or a tidying was taken for a pull)."""
+    hub = lockfiles.lock_file(staging._kept(installed))
+    fd = lockfiles.lock(hub, wait=True, shared=True)
+    threading.Timer(0.3, os.close, (fd,)).start()
+    waiting = models._Waiting("clipseg", progress=True)
+    got = lockfiles.hold(hub, waiting, lockfiles.PULL)
+    lockfiles.unlock(hub, got)
+    said = capsys.readouterr().err
+    assert "A run is loading 'clipseg' (automask mask, batch, serve...): waiting for it to end..." in said, said
+    assert "pull" not in said and waiting.other == "the run loading 'clipseg'"

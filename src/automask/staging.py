@@ -108,7 +108,8 @@ def resumable_staging(folder: Path, waiting: Callable[[str], None] | None = None
 def partial_note(folder: Path) -> str:
     """A sentence saying what `resumable_staging(folder)` kept after a failure ("" when nothing), and that pulling
     the catalogue model `folder.name` again resumes it; or, while a pull of it runs, that it is downloading there;
-    while a removal holds its lock, that it deletes it (what holds the lock: `lockfiles.holder`; a tidying keeps it)."""
+    while a removal holds its lock, that it deletes it (what holds the lock: `lockfiles.holder`; a tidying, or runs
+    loading the installed model, keep it)."""
     tmp = _kept(folder)
     size = _downloaded(tmp)
     if not size:
@@ -120,7 +121,7 @@ def partial_note(folder: Path) -> str:
             f"A removal of {folder.name} (automask models rm) is running: it deletes the {size / 1e6:.1f} MB a failed "
             f"pull downloaded, in '{tmp}'."
         )
-    if running not in (None, TIDYING):  # a pull ("": one that does not say, an older automask's): not to be deleted
+    if running not in (None, TIDYING, LOADING):  # a pull ("": one that does not say, an older automask's)
         return f"A pull of {folder.name} is running: {size / 1e6:.1f} MB downloaded so far, in '{tmp}'."
     return (
         f"The {size / 1e6:.1f} MB downloaded so far are kept in '{tmp}': automask models pull {folder.name} resumes "
