@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -127,3 +128,30 @@ def test_a_pull_waiting_for_a_run_loading_the_model_says_so(
     said = capsys.readouterr().err
     assert "A run is loading 'clipseg' (automask mask, batch, serve...): waiting for it to end..." in said, said
     assert "pull" not in said and waiting.other == "the run loading 'clipseg'"
+
+
+@pytest.mark.parametrize("where", ["sam", "grounded-sam/sam"])
+def test_refine_loads_its_mask_head_under_the_models_lock(
+    settings: Settings, where: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """refine=true loads its mask head on first use, from `models pull sam` (or a grounded model's subfolder) in the
+    data folder. Before: without the lock a loading run holds (`staging.reading`), so `models rm sam` deleted the
+    weights under it. (The mask head modules need torch: they are stood in for; `refined` is the real one.)"""
+    from automask.backends import refine
+
+    folder = settings.models_dir / where
+    folder.mkdir(parents=True)
+    hub = lockfiles.lock_file(staging._kept(settings.models_dir / where.split("/")[0]))
+    seen: list[str] = []
+
+    def load_mask_head(path: Path, _settings: Settings) -> SimpleNamespace:
+        seen.append(lockfiles.holder(hub))
+        return SimpleNamespace(kind="sam", model_id=path.name)
+
+    fake = SimpleNamespace(find_mask_head_folder=lambda _s: folder, load_mask_head=load_mask_head)
+    monkeypatch.setitem(sys.modules, "automask.backends.sam", fake)
+    monkeypatch.setattr(refine, "require", lambda *_a: None)
+    inner = SimpleNamespace(name="clipseg", model_id="clipseg")
+    backend = refine.refined(inner, settings)  # type: ignore[arg-type]
+    assert seen == [lockfiles.LOADING] and backend.segmenter.model_id == "sam"  # type: ignore[attr-defined]
+    assert not hub.exists()  # the last reader deleted it

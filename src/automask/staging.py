@@ -260,6 +260,13 @@ def reading(folder: Path) -> Iterator[None]:
                     lockfiles.unlock(hub, last)
 
 
+def reading_model(path: Path, models: Path) -> contextlib.AbstractContextManager[None]:
+    """`reading` of the model folder of models folder `models` that `path` is or is in (a grounded model's mask
+    head); nothing is held for a folder elsewhere (the user's own, the Hugging Face cache)."""
+    inner = path.relative_to(models).parts if path.is_relative_to(models) else ()
+    return reading(models / inner[0]) if inner else contextlib.nullcontext()
+
+
 def installing(folder: Path) -> bool:
     """True while an installer of `folder` holds its lock: a pull (`resumable_staging`) or a `staging` block (an
     export). False where locks cannot tell (Windows)."""
