@@ -176,3 +176,15 @@ def test_installing_the_embedded_model_again_waits_for_a_run_loading_it(
         assert again.is_alive() and folder.stat().st_ino == before  # waiting: the run reads the same folder
     again.join(timeout=60)
     assert not again.is_alive() and folder.stat().st_ino != before and embedded.is_complete(folder)
+
+
+def test_a_data_folder_model_given_by_a_relative_path_is_read_under_its_lock(
+    settings: Settings, installed: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--model data/models/clipseg` (the data folder's model, named by a path from the working folder). Before: it
+    was not taken for the data folder's model (not under `settings.models_dir` as typed), so no lock was held."""
+    monkeypatch.chdir(settings.data_dir.parent)
+    hub = lockfiles.lock_file(staging._kept(installed))
+    with staging.reading_model(Path("data/models/clipseg"), settings.models_dir):
+        assert lockfiles.holder(hub) == lockfiles.LOADING
+    assert not hub.exists()

@@ -263,6 +263,7 @@ def reading(folder: Path) -> Iterator[None]:
 def reading_model(path: Path, models: Path) -> contextlib.AbstractContextManager[None]:
     """`reading` of the model folder of models folder `models` that `path` is or is in (a grounded model's mask
     head); nothing is held for a folder elsewhere (the user's own, the Hugging Face cache)."""
+    path, models = path.absolute(), models.absolute()  # (links left as they are: a linked model is the data folder's)
     inner = path.relative_to(models).parts if path.is_relative_to(models) else ()
     return reading(models / inner[0]) if inner else contextlib.nullcontext()
 
