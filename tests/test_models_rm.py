@@ -259,18 +259,21 @@ def test_models_list_tidies_on_a_full_disk(settings: Settings, pulled: Path, mon
         (lockfiles.TIDYING, "clipseg: The 3.0 MB downloaded so far are kept in '{kept}': automask models pull clipseg"),
         (lockfiles.REMOVAL, "clipseg: A removal of clipseg (automask models rm) is running: it deletes the 3.0 MB"),
         (lockfiles.PULL, "clipseg: A pull of clipseg is running: 3.0 MB downloaded so far, in '{kept}'."),
+        (lockfiles.LOADING, "clipseg: The 3.0 MB downloaded so far are kept in '{kept}': automask models pull clipseg"),
     ],
 )
 def test_models_list_says_what_holds_a_kept_download(settings: Settings, by: str, said: str) -> None:
     """A failed pull's kept download while the model's lock is held by a tidying (another `models list` putting back
     or deleting what killed installers left: GBs maybe), a removal (`models rm`, before it renames it aside) or a
     pull. Before: `models list` said "A pull of clipseg is running" whichever held it; the lock file names its
-    holder: now the note says what really runs (a tidying keeps the download: the usual note)."""
+    holder: now the note says what really runs (a tidying keeps the download: the usual note). A run loading the
+    installed model (its shared lock) was taken for a pull too; it keeps the download: the usual note."""
     kept = settings.models_dir / ".clipseg.partial"
     kept.mkdir(parents=True)
     (kept / "model.safetensors").write_bytes(b"\0" * 3_000_000)
     hub = lockfiles.lock_file(kept)
-    fd = lockfiles.lock(hub, wait=False, by=by)
+    loading = by == lockfiles.LOADING
+    fd = lockfiles.lock(hub, wait=False, by="" if loading else by, shared=loading)
     try:
         listing = CliRunner().invoke(main, ["--data-dir", str(settings.data_dir), "models", "list", "--json"])
     finally:

@@ -41,13 +41,12 @@ from automask.cli_io import (
 from automask.cli_job import Job, load_generator, mask_options
 from automask.cli_outputs import Outputs
 from automask.cli_report import Reporter
-from automask.cli_signals import Interrupted, signals_interrupt
+from automask.cli_signals import Interrupted, lines_held, signals_interrupt
 from automask.cli_source import input_id, one_image, read_source, shown_input
 from automask.cli_types import Nat64Prefixes, NonEmptyPath, NonEmptyText
 from automask.errors import AutomaskError, InvalidOptionError
 from automask.routing import quote_targets
 from automask.settings import Settings
-from automask.staging import signals_held
 
 
 def error_record(image: str, exc: AutomaskError) -> dict[str, Any]:
@@ -226,7 +225,7 @@ def _mask(settings: Settings, image: str, out: str | None, instances: Path | Non
         saved = save_instances(result, instances, job.options.grow_mask, write=outputs.write)
         meta["instances"] = [str(p) for p in saved]
         click.echo(one_line(f"wrote {len(saved)} instance masks into '{instances}'"), err=True)
-    with signals_held():  # the JSON line, the 'wrote' line and the files kept: a Ctrl-C stops all or none
+    with lines_held():  # the JSON line, the 'wrote' line and the files kept: a Ctrl-C stops all or none
         if job.as_json:
             echo_json(meta)
         if instances is not None:
@@ -356,7 +355,7 @@ def _mask_files(ctx: click.Context, plan: list[tuple[Path, Path]], unread: list[
 
 def _report(report: Reporter, record: dict[str, Any], job: Job) -> int:
     """Show one input's `record` (an error line when it failed; a JSON line with --json); 1 if it failed, else 0."""
-    with signals_held():  # a Ctrl-C between the two lines would report the file on one only
+    with lines_held():  # a Ctrl-C between the two lines would report the file on one only
         if not record["ok"]:
             report.error(f"error: {record['input']}: {record['error']}")
         report.done(f"{record['input']} -> {record['output']}" if record["ok"] else f"{record['input']} failed")

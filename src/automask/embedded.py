@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from automask import lockfiles
 from automask.errors import InvalidOptionError, ModelNotAvailableError
 from automask.install import offline
 from automask.models import EMBEDDED, MARKER, default_model, is_installed, model_dir
@@ -131,7 +132,9 @@ def install(
             "licence": asset.licence,
         }
         (new / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
-        replace_dir(new, folder)
+        pulls = lockfiles.lock_file(folder.with_name(f".{folder.name}.partial"))  # `staging.reading`'s, a pull's
+        with lockfiles.holding(pulls, lockfiles.PULL):  # not swapped under a run loading it, nor a removal
+            replace_dir(new, folder)
     say(f"Installed '{name}' into {folder}")
     return folder
 

@@ -11,7 +11,7 @@ import errno
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 PULL, REMOVAL, TIDYING = "pull", "removal", "tidying"
@@ -30,6 +30,20 @@ def hold(path: Path, waiting: Callable[[str], None] | None, what: str) -> int | 
             waiting(holder(path))
         fd = lock(path, wait=True, by=what)
     return fd
+
+
+@contextlib.contextmanager
+def holding(path: Path, what: str) -> Iterator[None]:
+    """`hold(path)` for `what` for the block (after waiting for its holders: runs loading the model too), deleted and
+    let go of after it; nothing is held where the lock file cannot be made (a read-only folder)."""
+    try:
+        fd = hold(path, None, what)
+    except OSError:
+        fd = None
+    try:
+        yield
+    finally:
+        unlock(path, fd)
 
 
 def holder(path: Path) -> str:
@@ -149,6 +163,11 @@ def _say(fd: int, by: str) -> None:
 
 
 def unlock(path: Path, fd: int | None) -> None:
+    """Delete lock file `path` and let go of its lock `fd`; nothing when `fd` is None: the lock was not got, and the
+    file is its holder's (deleted, that holder would hold a lock on a file no one else opens: a second taker of
+    `path` would get a new one, as if the lock were free)."""
+    if fd is None:
+        return
     with contextlib.suppress(OSError):
         path.unlink()
     if fd is not None and fd >= 0:

@@ -300,8 +300,8 @@ def pull(name: str, settings: Settings, *, progress: bool = True, force: bool = 
 
 class _Waiting:
     """`pull`'s `waiting` callback: says (when `progress`) what holds model `name`'s lock (another pull, a removal,
-    `models list` tidying: `lockfiles.holder`; another pull when the lock does not say), and notes that this pull
-    waited (`began`) until it was let in (`over`)."""
+    `models list` tidying, runs loading it: `lockfiles.holder`; another pull when the lock does not say), and notes
+    that this pull waited (`began`) until it was let in (`over`)."""
 
     def __init__(self, name: str, progress: bool) -> None:
         self.name, self.progress, self.began, self.over = name, progress, False, False
@@ -312,6 +312,9 @@ class _Waiting:
         if holder == lockfiles.REMOVAL:
             self.other = f"the removal of '{self.name}'"
             said = f"A removal of '{self.name}' (automask models rm) is running"
+        elif holder == lockfiles.LOADING:  # `pull --force` of the installed model a run is loading
+            self.other = f"the run loading '{self.name}'"
+            said = f"A run is loading '{self.name}' (automask mask, batch, serve...)"
         elif holder == lockfiles.TIDYING:
             self.other = f"the tidying of '{self.name}'"
             said = f"automask is tidying what earlier pulls or removals of '{self.name}' left"

@@ -259,9 +259,7 @@ def _load(found: ResolvedModel | None, settings: Settings) -> Backend | None:
     models rm` waits for the loading, or refuses, instead of deleting the files being read."""
     if found is None:
         return None
-    if found.path.parent != settings.models_dir:  # a folder of the user's, the Hugging Face cache
-        return registry.create(found.backend, found.path, settings)
-    with staging.reading(found.path):
+    with staging.reading_model(found.path, settings.models_dir):
         return registry.create(found.backend, found.path, settings)
 
 

@@ -108,7 +108,8 @@ def resumable_staging(folder: Path, waiting: Callable[[str], None] | None = None
 def partial_note(folder: Path) -> str:
     """A sentence saying what `resumable_staging(folder)` kept after a failure ("" when nothing), and that pulling
     the catalogue model `folder.name` again resumes it; or, while a pull of it runs, that it is downloading there;
-    while a removal holds its lock, that it deletes it (what holds the lock: `lockfiles.holder`; a tidying keeps it)."""
+    while a removal holds its lock, that it deletes it (what holds the lock: `lockfiles.holder`; a tidying, or runs
+    loading the installed model, keep it)."""
     tmp = _kept(folder)
     size = _downloaded(tmp)
     if not size:
@@ -120,7 +121,7 @@ def partial_note(folder: Path) -> str:
             f"A removal of {folder.name} (automask models rm) is running: it deletes the {size / 1e6:.1f} MB a failed "
             f"pull downloaded, in '{tmp}'."
         )
-    if running not in (None, TIDYING):  # a pull ("": one that does not say, an older automask's): not to be deleted
+    if running not in (None, TIDYING, LOADING):  # a pull ("": one that does not say, an older automask's)
         return f"A pull of {folder.name} is running: {size / 1e6:.1f} MB downloaded so far, in '{tmp}'."
     return (
         f"The {size / 1e6:.1f} MB downloaded so far are kept in '{tmp}': automask models pull {folder.name} resumes "
@@ -257,6 +258,14 @@ def reading(folder: Path) -> Iterator[None]:
                 last = lockfiles.lock(hub, wait=False, create=False)
                 if last is not None:
                     lockfiles.unlock(hub, last)
+
+
+def reading_model(path: Path, models: Path) -> contextlib.AbstractContextManager[None]:
+    """`reading` of the model folder of models folder `models` that `path` is or is in (a grounded model's mask
+    head); nothing is held for a folder elsewhere (the user's own, the Hugging Face cache)."""
+    path, models = path.absolute(), models.absolute()  # (links left as they are: a linked model is the data folder's)
+    inner = path.relative_to(models).parts if path.is_relative_to(models) else ()
+    return reading(models / inner[0]) if inner else contextlib.nullcontext()
 
 
 def installing(folder: Path) -> bool:

@@ -154,10 +154,11 @@ def refined(backend: Backend, settings: Settings) -> Backend:
     require("torch", "torch")
     require("transformers", "torch")
     from automask.backends.sam import find_mask_head_folder, load_mask_head
+    from automask.staging import reading_model
 
     folder = find_mask_head_folder(settings)
     key = (id(backend), str(folder.resolve()), settings.device)
-    with _LOCK:
+    with reading_model(folder, settings.models_dir), _LOCK:  # `models rm` waits, or refuses: the lock, then _LOCK
         cached = _REFINED.get(key)
         if cached is None or cached.inner is not backend:
             cached = _REFINED[key] = RefinedBackend(backend, load_mask_head(folder, settings))
