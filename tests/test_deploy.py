@@ -192,7 +192,8 @@ def run_service(
     import automask.server.metrics
 
     monkeypatch.setattr(automask.server.commands, "configure_logging", Recorder())
-    listen = Recorder(result="http://127.0.0.1:9100/metrics")  # not a real listener on 0.0.0.0:9100
+    closed = Recorder()  # not a real listener on 0.0.0.0:9100: its url, and close, which the command calls at its end
+    listen = Recorder(result=SimpleNamespace(url="http://127.0.0.1:9100/metrics", close=closed))
     monkeypatch.setattr(automask.server.metrics, "listen", listen)
     for name in [k for k in os.environ if k.startswith("AUTOMASK_")]:
         monkeypatch.delenv(name)
@@ -202,7 +203,7 @@ def run_service(
     command = service["command"]
     if "--metrics-port" in command:  # served where the flags say, on the compose network
         where = (command[command.index("--metrics-host") + 1], int(command[command.index("--metrics-port") + 1]))
-        assert listen.calls == [(where, {})]
+        assert listen.calls == [(where, {})] and len(closed.calls) == 1
 
 
 @pytest.mark.parametrize("name", API)

@@ -57,6 +57,8 @@ def test_a_heartbeat_through_an_outage_logs_one_traceback_then_one_line_per_fail
     beat_once, calls = nodes.heartbeat, []
 
     def flaky(store: Store, node_id: str) -> bool:
+        if node_id != "server-x":  # another test's node still beating in this process is not this one's outage
+            return beat_once(store, node_id)
         calls.append(node_id)
         if 2 <= len(calls) <= 5:  # the outage: four beats in a row fail
             raise OperationalError("UPDATE nodes", {}, Exception("connection refused\n\tis the server running?"))
