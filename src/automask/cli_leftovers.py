@@ -79,7 +79,7 @@ class Holds:
             except OSError:  # a file system without locks (ENOLCK): `tidy` cannot take it either, while it is there
                 if not os.path.lexists(lock):
                     raise
-                self.held[folder] = None
+                self.held[folder] = -1  # nothing locked (as where there is no fcntl), the file this run's to delete
         return f"{PREFIX}{self.token}-"
 
     def record(self, folder: Path, old: str, target: str) -> None:
