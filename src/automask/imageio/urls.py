@@ -181,8 +181,7 @@ def without_credentials(url: str) -> str:
     try:
         parsed = httpx.URL(url)
     except (httpx.InvalidURL, TypeError, UnicodeError):
-        hidden = _CREDENTIALS.match(url)
-        return url if hidden is None else hidden.group(1) + "…@" + url[hidden.end() :]
+        return _without_credentials(url) or url
     return str(parsed.copy_with(username=None, password=None)) if parsed.userinfo else url
 
 
